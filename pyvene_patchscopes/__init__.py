@@ -1,0 +1,15 @@
+"""pyvene-patchscopes: ask a language model, in words, what one of its hidden states encodes."""
+from .engine import run
+from .errors import PatchscopeError, SpecError, UnknownNameError
+from .models import ModelHandle, load_model, wrap_model
+from .positions import SinkPositionWarning
+from .pyvene_config import PyvenePlan, to_pyvene
+from .result import PatchscopeResult, TokenProb
+from .spec import Patchscope, Source, Target
+
+__all__ = [
+    "Patchscope", "Source", "Target", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
+    "SinkPositionWarning",
+]
+__version__ = "0.1.0"

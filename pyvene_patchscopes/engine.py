@@ -1,0 +1,167 @@
+"""The engine: collect at the source -> map with f -> patch at the target, all through pyvene.IntervenableModel.
+
+Rows are batched: every distinct (source prompt, position) is read once for all its source layers in
+one forward pass, and target rows that share a target site are patched together, left-padded.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from .compat import Site, base_locations, intervenable, per_intervention_locations, pyvene_guard
+from .mappings import build_mapping
+from .models import ModelHandle
+from .positions import warn_if_sink
+from .pyvene_config import Resolved, collect_config, patch_config, resolve
+from .result import PatchscopeResult, top_k
+from .spec import Patchscope
+
+Models = Mapping[str, ModelHandle]
+
+
+def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, ModelHandle]:
+    """Accept one handle, a list of handles or a name -> handle mapping."""
+    if isinstance(model, ModelHandle):
+        return {model.name: model}
+    if isinstance(model, Mapping):
+        return dict(model)
+    return {handle.name: handle for handle in model}
+
+
+@dataclass
+class Batch:
+    """Left-padded token ids for some prompts, with explicit position ids so padding changes nothing."""
+
+    inputs: dict[str, torch.Tensor]
+    pad: list[int]  # left-padding per row: unpadded index i sits at pad + i
+
+    @classmethod
+    def encode(cls, handle: ModelHandle, prompts: Sequence[str]) -> "Batch":
+        encoded = handle.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
+        mask = encoded["attention_mask"]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        pad = (mask.shape[1] - mask.sum(-1)).tolist()
+        inputs = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": position_ids}
+        return cls({k: v.to(handle.device) for k, v in inputs.items()}, pad)
+
+
+def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# ---- collect -----------------------------------------------------------------------------------------
+def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
+            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
+    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
+    out: dict[tuple[int, Site], torch.Tensor] = {}
+    sites = list(dict.fromkeys(sites))
+    rows = list(range(len(prompts)))
+    with pyvene_guard(handle.model), torch.no_grad():
+        pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
+        for chunk in chunks(rows, batch_size):
+            batch = Batch.encode(handle, [prompts[r] for r in chunk])
+            where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
+            (_, collected), _ = pvm(base=batch.inputs,
+                                    unit_locations=per_intervention_locations([where] * len(sites)))
+            # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
+            for site, states in zip(sites, collected):
+                states = states.reshape(len(chunk), -1)
+                for k, r in enumerate(chunk):
+                    out[(r, site)] = states[k].detach().clone()
+    return out
+
+
+# ---- patch -------------------------------------------------------------------------------------------
+def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
+          vectors: torch.Tensor, max_new_tokens: int = 0) -> tuple[torch.Tensor, list[str] | None]:
+    """Write vectors[r] at (prompts[r], positions[r], site); return last-position logits and generations."""
+    batch = Batch.encode(handle, prompts)
+    where = [pad + position for pad, position in zip(batch.pad, positions)]
+    representation = vectors.to(handle.device, handle.dtype).unsqueeze(1)  # [B, 1, d]
+    with pyvene_guard(handle.model), torch.no_grad():
+        pvm = intervenable(patch_config(site, handle.hidden_size), handle.model)
+        key = pvm.sorted_keys[0]
+        if max_new_tokens == 0:
+            _, output = pvm(base=batch.inputs, unit_locations=base_locations(where),
+                            source_representations={key: representation})
+            return output.logits[:, -1].float(), None
+        base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
+        _, output = pvm.generate(
+            base, unit_locations=base_locations(where), source_representations={key: representation},
+            intervene_on_prompt=True, generation_config=greedy_config(handle, max_new_tokens),
+        )
+    new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
+    texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return output.logits[0].float(), texts
+
+
+def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding with raw first-step logits returned, as the paper's readout uses."""
+    tokenizer = handle.tokenizer
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            return_dict_in_generate=True, output_logits=True)
+
+
+# ---- run ---------------------------------------------------------------------------------------------
+def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
+        top: int = 10, batch_size: int = 32, progress: bool | None = None) -> list[PatchscopeResult]:
+    """Run Patchscopes (one or many) and return one result per scope, in order."""
+    single = isinstance(scopes, Patchscope)
+    scope_list = [scopes] if single else list(scopes)
+    models = as_models(model)
+    resolved = [resolve(scope, models) for scope in scope_list]
+    states = _collect_all(resolved, models, batch_size)
+    results = _patch_all(resolved, states, models, top, batch_size, progress)
+    return results
+
+
+def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
+    """f(h) for every row, h read at its source: one collect pass per source model."""
+    mapped: list[torch.Tensor | None] = [None] * len(resolved)
+    by_model: dict[str, list[int]] = defaultdict(list)
+    for row, item in enumerate(resolved):
+        by_model[item.scope.source.model].append(row)
+    for name, rows in by_model.items():
+        handle = models[name]
+        units = list(dict.fromkeys((resolved[r].scope.source.prompt, resolved[r].source_position) for r in rows))
+        for prompt, position in units:
+            warn_if_sink(position, handle.tokenizer, prompt)
+        unit_index = {unit: k for k, unit in enumerate(units)}
+        states = collect(handle, [u[0] for u in units], [u[1] for u in units],
+                         [resolved[r].source_site for r in rows], batch_size)
+        for r in rows:
+            item = resolved[r]
+            hidden = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
+            target = models[item.scope.target_model]
+            mapping = build_mapping(item.scope.mapping, handle.hidden_size, target.hidden_size)
+            mapped[r] = mapping(hidden.float().unsqueeze(0)).squeeze(0)
+    return mapped  # type: ignore[return-value]
+
+
+def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
+               batch_size: int, progress: bool | None) -> list[PatchscopeResult]:
+    groups: dict[tuple[str, Site, int], list[int]] = defaultdict(list)
+    for row, item in enumerate(resolved):
+        groups[(item.scope.target_model, item.target_site, item.scope.max_new_tokens)].append(row)
+    work = [(key, chunk) for key, rows in groups.items() for chunk in chunks(rows, batch_size)]
+    show = progress if progress is not None else len(work) > 8
+    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    for (name, site, max_new_tokens), chunk in tqdm(work, desc="patchscopes", unit="batch", disable=not show):
+        handle = models[name]
+        logits, texts = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
+                              [resolved[r].target_position for r in chunk],
+                              torch.stack([states[r] for r in chunk]), max_new_tokens)
+        for k, r in enumerate(chunk):
+            results[r] = PatchscopeResult(
+                scope=resolved[r].scope, source_position=resolved[r].source_position,
+                target_position=resolved[r].target_position, logits=logits[k].cpu(),
+                top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
+            )
+    return results  # type: ignore[return-value]

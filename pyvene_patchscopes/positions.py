@@ -1,0 +1,67 @@
+"""Resolve a spec position (int, substring or placeholder word) to a token index in a tokenized prompt."""
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+from .errors import SpecError
+from .spec import Position
+
+
+class SinkPositionWarning(UserWarning):
+    """The source position is token 0: the attention sink, whose huge activations wreck the target."""
+
+
+def token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def _last_occurrence(prompt: str, text: str) -> int:
+    """Start of the last whole-word occurrence of `text`, else of the last plain occurrence, else -1."""
+    pattern = re.escape(text)
+    if re.match(r"\w", text[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.match(r"\w", text[-1]):
+        pattern = pattern + r"(?!\w)"
+    starts = [m.start() for m in re.finditer(pattern, prompt)]
+    return starts[-1] if starts else prompt.rfind(text)
+
+
+def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str) -> int:
+    """The non-negative token index that `position` names in `prompt`.
+
+    `owner` is "Source" or "Target", used in error messages.
+    """
+    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    n_tokens = len(encoding["input_ids"])
+    if isinstance(position, int):
+        if not -n_tokens <= position < n_tokens:
+            raise SpecError(f"{owner}.position={position} is out of range for {owner}.prompt={prompt!r} of "
+                            f"{n_tokens} tokens (allowed: {-n_tokens}..{n_tokens - 1})")
+        return position % n_tokens
+    text = position.strip() or position
+    start = _last_occurrence(prompt, text)
+    if start < 0:
+        what = "placeholder" if owner == "Target" else "token"
+        raise SpecError(f"{owner}.position={position!r}: the {what} is not in {owner}.prompt={prompt!r} "
+                        f"(allowed: an int in {-n_tokens}..{n_tokens - 1}, or a substring of the prompt)")
+    last_char = start + len(text) - 1
+    for index in range(n_tokens - 1, -1, -1):
+        begin, end = encoding["offset_mapping"][index]
+        if begin <= last_char < end:
+            return index
+    raise SpecError(f"{owner}.position={position!r} was found in the prompt text but maps to no token "
+                    f"(the tokenizer gives no character offsets for it)")
+
+
+def warn_if_sink(index: int, tokenizer: Any, prompt: str) -> None:
+    """Warn when a source state would be read at position 0 (see README, 'Position 0')."""
+    if index == 0:
+        first = tokenizer.convert_ids_to_tokens(token_ids(tokenizer, prompt)[:1])
+        warnings.warn(
+            f"Source.position resolves to token 0 ({first[0]!r}) of {prompt!r}. The first token is the "
+            "attention sink: its hidden state has outsized norms and patching it usually wrecks the target. "
+            "Put the word after a short context, e.g. Source(prompt='Here is a word: Paris', position='Paris').",
+            SinkPositionWarning, stacklevel=3,
+        )

@@ -1,0 +1,113 @@
+"""Spec -> pyvene: resolve a Patchscope against its models and express it as pyvene intervention configs.
+
+pyvene's getter and setter for one representation share a hook point, so a Patchscope whose source
+and target differ in layer, prompt or model is two pyvene configs run in turn:
+
+1. **collect**: a ``CollectIntervention`` at the source site (S, i, M, l);
+2. **patch**:   a ``VanillaIntervention`` at the target site (T, i*, M*, l*) fed with
+   ``source_representations = f(collected)``.
+
+`PyvenePlan` holds both configs with their canonical ``unit_locations``; `engine` runs them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import pyvene as pv
+
+from .compat import Site, base_locations, hidden_state_site
+from .errors import SpecError, UnknownNameError
+from .mappings import build_mapping
+from .models import ModelHandle
+from .positions import resolve_position
+from .spec import Patchscope
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A Patchscope with every index made concrete for the models it runs on."""
+
+    scope: Patchscope
+    source_position: int
+    target_position: int
+    source_layer: int
+    target_layer: int
+    source_site: Site
+    target_site: Site
+
+
+def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
+    n = handle.n_layers
+    if not -n <= layer < n:
+        raise SpecError(f"{owner}.layer={layer} is out of range for {handle.name} (allowed: {-n}..{n - 1})")
+    return layer % n
+
+
+def pick_model(models: Mapping[str, ModelHandle], name: str, owner: str) -> ModelHandle:
+    if name in models:
+        return models[name]
+    raise UnknownNameError(f"{owner}.model={name!r} is not among the loaded models "
+                           f"(allowed: {', '.join(sorted(models))})")
+
+
+def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
+    """Check `scope` against its models (layers, positions, hidden sizes) and make every index concrete."""
+    source_model = pick_model(models, scope.source.model, "Source")
+    target_model = pick_model(models, scope.target_model, "Target")
+    build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
+    source_layer = _layer("Source", scope.source.layer, source_model)
+    target_layer = _layer("Target", scope.target.layer, target_model)
+    source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position, "Source")
+    target_position = resolve_position(target_model.tokenizer, scope.target.prompt, scope.target.position, "Target")
+    source_last = source_layer == source_model.n_layers - 1
+    skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
+                     and source_model is target_model)
+    return Resolved(
+        scope=scope, source_position=source_position, target_position=target_position,
+        source_layer=source_layer, target_layer=target_layer,
+        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
+        target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
+    )
+
+
+def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig:
+    """One ``CollectIntervention`` per source site, all read in a single forward pass."""
+    return pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
+                                intervention=pv.CollectIntervention(embed_dim=hidden_size))
+        for site in sites
+    ])
+
+
+def patch_config(site: Site, hidden_size: int) -> pv.IntervenableConfig:
+    """A ``VanillaIntervention`` that overwrites the target site with the given source representation."""
+    return pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
+                                intervention=pv.VanillaIntervention(embed_dim=hidden_size))
+    ])
+
+
+@dataclass
+class PyvenePlan:
+    """The two pyvene stages of one Patchscope, for a batch of one (positions are unpadded)."""
+
+    collect: pv.IntervenableConfig
+    collect_locations: dict
+    patch: pv.IntervenableConfig
+    patch_locations: dict
+    mapping: str
+
+
+def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePlan:
+    """The pyvene configs and ``unit_locations`` that perform `scope` (see the module docstring)."""
+    resolved = resolve(scope, models)
+    source_model = models[scope.source.model]
+    target_model = models[scope.target_model]
+    return PyvenePlan(
+        collect=collect_config([resolved.source_site], source_model.hidden_size),
+        collect_locations=base_locations([resolved.source_position]),
+        patch=patch_config(resolved.target_site, target_model.hidden_size),
+        patch_locations=base_locations([resolved.target_position]),
+        mapping=scope.mapping,
+    )

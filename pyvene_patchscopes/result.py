@@ -1,0 +1,55 @@
+"""Readouts of a Patchscope run: the target's next-token distribution (top-k) and its greedy generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .spec import Patchscope
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    """One entry of the next-token distribution."""
+
+    token: str
+    token_id: int
+    prob: float
+
+
+def top_k(logits: torch.Tensor, tokenizer: Any, k: int) -> list[TokenProb]:
+    """The k most likely next tokens under softmax(logits), decoded as text."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, ids = probs.topk(min(k, probs.shape[-1]))
+    return [TokenProb(tokenizer.decode([int(i)]), int(i), float(v)) for v, i in zip(values, ids)]
+
+
+@dataclass
+class PatchscopeResult:
+    """What the target said: its next-token distribution at the end of T and, if asked, its generation."""
+
+    scope: Patchscope
+    source_position: int  # token index i, resolved
+    target_position: int  # token index i*, resolved
+    top: list[TokenProb]
+    generation: str | None = None
+    logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+
+    @property
+    def token(self) -> str:
+        """The top-1 next token."""
+        return self.top[0].token
+
+    @property
+    def prob(self) -> float:
+        return self.top[0].prob
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spec": self.scope.to_dict(),
+            "source_position": self.source_position,
+            "target_position": self.target_position,
+            "top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.top],
+            "generation": self.generation,
+        }

@@ -1,0 +1,27 @@
+"""Shared fixtures: tiny random models for unit tests, the real SmolLM2 once per session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from pyvene_patchscopes import load_model
+    return load_model("smollm2-135m")

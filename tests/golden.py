@@ -1,0 +1,84 @@
+"""Golden references: hand-written forward hooks that read and write the same hidden states as the engine.
+
+Each prompt runs on its own (no padding) so the reference is independent of the engine's batching.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from pyvene_patchscopes.models import ModelHandle
+
+
+def block(model: nn.Module, layer: int) -> nn.Module:
+    return model.transformer.h[layer] if hasattr(model, "transformer") else model.model.layers[layer]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+
+
+def site(model: nn.Module, layer: int, after_norm: bool) -> nn.Module:
+    return final_norm(model) if after_norm else block(model, layer)
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def encode(handle: ModelHandle, prompt: str) -> torch.Tensor:
+    return handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def read(handle: ModelHandle, prompt: str, layer: int, position: int, after_norm: bool = False) -> torch.Tensor:
+    """The hidden state at (prompt, position) after block `layer` (or after the final norm)."""
+    seen = {}
+
+    def store(mod, args, out) -> None:  # returns None: a hook that returns a value replaces the output
+        seen["h"] = _hidden(out)[0, position].clone()
+
+    hook = site(handle.model, layer, after_norm).register_forward_hook(store)
+    try:
+        with torch.no_grad():
+            handle.model(encode(handle, prompt))
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
+def _writer(position: int, vector: torch.Tensor, prompt_pass_only: bool):
+    def hook(mod, args, out):
+        hidden = _hidden(out)
+        if prompt_pass_only and hidden.shape[1] == 1:
+            return out  # a KV-cached decode step: the paper patches only the prompt pass
+        hidden[0, position] = vector
+        return out
+    return hook
+
+
+def patched_logits(handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor,
+                   after_norm: bool = False) -> torch.Tensor:
+    """Last-position logits of `prompt` with `vector` written at (position, layer)."""
+    hook = site(handle.model, layer, after_norm).register_forward_hook(_writer(position, vector, False))
+    try:
+        with torch.no_grad():
+            return handle.model(encode(handle, prompt)).logits[0, -1]
+    finally:
+        hook.remove()
+
+
+def patched_generate(handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor,
+                     max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy generation with the patch on the prompt pass (KV cache on): new token ids, first-step logits."""
+    hook = block(handle.model, layer).register_forward_hook(_writer(position, vector, True))
+    tok = handle.tokenizer
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
+    ids = encode(handle, prompt)
+    try:
+        with torch.no_grad():
+            out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    finally:
+        hook.remove()
+    return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]

@@ -1,0 +1,251 @@
+"""The `patchscopes` command line: inspect, run, sweep, demo, presets. Every command takes --json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import PatchscopeError
+from .spec import Patchscope
+
+JSON_SCHEMA_VERSION = 1
+DEMO_PROMPT = "Amazon's former CEO attended Oscars"
+DEMO_POSITION = "CEO"
+
+
+def parse_layers(text: str | None, n_layers: int) -> list[int]:
+    """'all', '5', '0-29', '0,3,6' or '0-12:3' (every 3rd) -> layer indices."""
+    if text is None or text == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    for part in text.split(","):
+        span, _, step = part.partition(":")
+        if "-" in span.strip("-"):
+            lo, hi = span.split("-", 1)
+            layers.extend(range(int(lo), int(hi) + 1, int(step or 1)))
+        else:
+            layers.append(int(span))
+    return layers
+
+
+def parse_position(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _load(args: argparse.Namespace):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
+    if args.json:
+        print(json.dumps({"schema": JSON_SCHEMA_VERSION, **payload}, indent=2))
+    else:
+        print(table)
+
+
+def _cell(text: str | None, width: int = 32) -> str:
+    text = (text or "").replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def layer_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
+    for row in rows:
+        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {_cell(repr(row['token']), 14):<14} "
+                     f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
+    return "\n".join(lines)
+
+
+def _rows(results) -> list[dict[str, Any]]:
+    return [{"source_layer": r.scope.source.layer, "target_layer": r.scope.target.layer,
+             "source_position": r.source_position, "target_position": r.target_position,
+             "token": r.token, "prob": round(r.prob, 6), "generation": r.generation,
+             "top": [{"token": t.token, "prob": round(t.prob, 6)} for t in r.top]} for r in results]
+
+
+# ---- commands ---------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .engine import run
+    from .presets import build
+
+    handle = _load(args)
+    layers = parse_layers(args.layers, handle.n_layers)
+    options: dict[str, Any] = {}
+    if args.target_prompt:
+        options["target_prompt"] = args.target_prompt
+    if args.max_new_tokens is not None:
+        options["max_new_tokens"] = args.max_new_tokens
+    if args.preset == "logit-lens":
+        options["tokenizer"] = handle.tokenizer
+    scopes = [build(args.preset, args.source_prompt, parse_position(args.source_position), layer,
+                    args.target_layer, handle.name, **options) for layer in layers]
+    results = run(scopes, handle, top=args.top, progress=not args.json)
+    rows = _rows(results)
+    header = (f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
+              f"(token {results[0].source_position})\n")
+    _emit(args, {"command": "inspect", "model": handle.name, "preset": args.preset,
+                 "source_prompt": args.source_prompt, "source_position": args.source_position,
+                 "target_prompt": results[0].scope.target.prompt, "layers": rows}, header + layer_table(rows))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .engine import run
+
+    scope = Patchscope.load_json(args.spec)
+    models = {}
+    for name in {scope.source.model, scope.target_model}:
+        from .models import load_model
+
+        handle = load_model(name, device=args.device, dtype=args.dtype)
+        models[name] = handle
+    result = run(scope, models, top=args.top)[0]
+    lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
+             f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
+    lines += [f"  {t.token!r:<16} {t.prob:.4f}" for t in result.top]
+    if result.generation is not None:
+        lines.append(f"generation: {result.generation!r}")
+    _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep import sweep
+
+    handle = _load(args)
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
+    if args.target_prompt:
+        options["target_prompt"] = args.target_prompt
+    result = sweep(args.source_prompt, handle, preset=args.preset,
+                   source_position=parse_position(args.source_position),
+                   source_layers=parse_layers(args.source_layers, handle.n_layers),
+                   target_layers=parse_layers(args.target_layers, handle.n_layers), progress=not args.json,
+                   **options)
+    if args.plot:
+        result.plot(args.plot)
+    records = result.to_records()
+    table = result.to_pandas()[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
+    note = f"\nheatmap written to {args.plot}" if args.plot else ""
+    _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "plot": args.plot,
+                 "cells": records}, table + note)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The paper's Figure 1 on the embedded model: what does 'CEO' in the Amazon sentence encode per layer?"""
+    from .engine import run
+    from .presets import build
+    from .sweep import sweep
+
+    handle = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    layers = list(range(handle.n_layers))
+    scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
+              for layer in layers]
+    rows = _rows(run(scopes, handle, progress=not args.json))
+    grid = sweep(DEMO_PROMPT, handle, preset="token-identity", source_position=DEMO_POSITION,
+                 max_new_tokens=0, progress=not args.json)
+    heatmap = out / "demo_heatmap.png"
+    grid.plot(heatmap)
+    decoded = [r["source_layer"] for r in rows if "ceo" in (r["generation"] or "").lower()]
+    reading = (
+        f"How to read this: row l patches the hidden state of 'CEO' after layer l into the few-shot identity "
+        f"prompt at the same layer, and the generation is what the model says that state is; "
+        f"it decodes 'CEO' itself at {len(decoded)} of {len(layers)} layers"
+        + (f" ({decoded[0]}..{decoded[-1]})" if decoded else "") + ".\n"
+        f"The heatmap {heatmap} shows the top next token for every (source layer l, target layer l*) pair; "
+        "darker cells are more confident. Reading up a column shows how long the word survives in the residual "
+        "stream; the upper-left corner (late l patched into early l*) shows whether a late state still reads back "
+        "as the word."
+    )
+    table = (f"Patchscope demo (paper Fig. 1) on {handle.name}: {DEMO_PROMPT!r} @ {DEMO_POSITION!r}\n"
+             + layer_table(rows) + "\n\n" + reading)
+    _emit(args, {"command": "demo", "model": handle.name, "source_prompt": DEMO_PROMPT,
+                 "source_position": DEMO_POSITION, "layers": rows, "heatmap": str(heatmap),
+                 "decoded_layers": decoded}, table)
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .models import EMBEDDED
+    from .presets import PRESETS
+
+    payload = {"command": "presets", "presets": {n: p.summary for n, p in PRESETS.items()},
+               "models": list(EMBEDDED)}
+    table = "\n".join([f"{n:<20} {p.summary}" for n, p in PRESETS.items()] + ["", "models: " + ", ".join(EMBEDDED)])
+    _emit(args, payload, table)
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
+    if model:
+        parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or local path")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+
+
+def _source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source-prompt", required=True)
+    parser.add_argument("--source-position", default="-1", help="token index or substring (default -1)")
+    parser.add_argument("--preset", default="token-identity")
+    parser.add_argument("--target-prompt", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchscopes", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="what each layer's state at one position decodes to")
+    _source(p)
+    p.add_argument("--layers", default="all", help="source layers: all, 5, 0-29, 0,3,6, 0-29:3")
+    p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's)")
+    p.add_argument("--top", type=int, default=5)
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="run a Patchscope spec (JSON)")
+    p.add_argument("spec")
+    p.add_argument("--top", type=int, default=10)
+    _common(p)
+    p.set_defaults(func=cmd_run, model=None)
+
+    p = sub.add_parser("sweep", help="source layer x target layer grid, optionally as a heatmap")
+    _source(p)
+    p.add_argument("--source-layers", default="all")
+    p.add_argument("--target-layers", default="all")
+    p.add_argument("--plot", default=None, help="write the heatmap PNG here")
+    _common(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("demo", help="the paper's Figure 1 on the embedded model: table and heatmap")
+    p.add_argument("--out", default="out", help="folder for the heatmap PNG")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("presets", help="list presets and embedded models")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            args.func(args)
+    except PatchscopeError as err:
+        print(f"patchscopes: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

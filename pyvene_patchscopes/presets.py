@@ -1,0 +1,96 @@
+"""Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import SpecError, UnknownNameError
+from .spec import DEFAULT_MODEL, Patchscope, Position, Source, Target
+
+# The official code's few-shot identity prompt (patchscopes_utils / next_token_prediction.ipynb). The patch
+# goes on "?" and the model reads the answer after " ->". Measured on SmolLM2-135M, 16 words, l = l* in 0..16:
+# 16/16 decoded at every layer, against 2/16 for "cat->cat; 1135->1135; hello->hello; ?" patched at its end,
+# whose next token is always the arrow rather than the word.
+TOKEN_IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n? ->"
+ENTITY_DESCRIPTION_PROMPT = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: "
+                             "South Korean multinational major appliance and consumer electronics corporation, x")
+ATTRIBUTE_PROMPT = "The capital city of x is"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named recipe that turns a source (S, i, M, l) into a full Patchscope."""
+
+    name: str
+    summary: str
+    build: Callable[..., Patchscope]
+
+
+def token_identity(source: Source, target_layer: int | None = None, max_new_tokens: int = 4,
+                   target_prompt: str | None = None) -> Patchscope:
+    """Decode the state with the few-shot identity prompt, at l* = l by default (paper §4.1)."""
+    target = Target(target_prompt or TOKEN_IDENTITY_PROMPT, "?" if target_prompt is None else -1,
+                    source.layer if target_layer is None else target_layer)
+    return Patchscope(source, target, max_new_tokens=max_new_tokens)
+
+
+def logit_lens(source: Source, target_layer: int | None = None, max_new_tokens: int = 0,
+               target_prompt: str | None = None, tokenizer=None) -> Patchscope:
+    """T = S up to i, i* = i, l* = last layer: the model's own unembedding of the state (paper Table 1).
+
+    Without a tokenizer the source prompt must end at the source position (position -1).
+    """
+    prompt, position = target_prompt or source.prompt, source.position
+    if target_prompt is None and source.position != -1:
+        if tokenizer is None:
+            raise SpecError(f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
+                            "to cut the prompt there (allowed without one: Source.position=-1)")
+        prompt, position = _prefix_through(tokenizer, source.prompt, source.position), -1
+    return Patchscope(source, Target(prompt, position, -1 if target_layer is None else target_layer),
+                      max_new_tokens=max_new_tokens)
+
+
+def _prefix_through(tokenizer, prompt: str, position: Position) -> str:
+    from .positions import resolve_position
+
+    index = resolve_position(tokenizer, prompt, position, "Source")
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return prompt[: offsets[index][1]]
+
+
+def attribute(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
+              target_prompt: str | None = None) -> Patchscope:
+    """Attribute extraction: the subject's state replaces the placeholder x in a relation prompt (§4.2)."""
+    return Patchscope(source, Target(target_prompt or ATTRIBUTE_PROMPT, "x",
+                                     source.layer if target_layer is None else target_layer),
+                      max_new_tokens=max_new_tokens)
+
+
+def entity_description(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
+                       target_prompt: str | None = None) -> Patchscope:
+    """Describe an entity with the paper's few-shot description prompt, ending in the placeholder x (§4.3)."""
+    return Patchscope(source, Target(target_prompt or ENTITY_DESCRIPTION_PROMPT, "x",
+                                     source.layer if target_layer is None else target_layer),
+                      max_new_tokens=max_new_tokens)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    Preset("token-identity", "what token the state encodes (few-shot identity prompt, l* = l)", token_identity),
+    Preset("logit-lens", "the model's own unembedding of the state (l* = last layer, T = S)", logit_lens),
+    Preset("attribute", "an attribute of the subject (target prompt with placeholder x, 20 tokens)", attribute),
+    Preset("entity-description", "a short description of the entity (few-shot description prompt)",
+           entity_description),
+)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UnknownNameError(f"preset={name!r} is not known (allowed: {', '.join(PRESETS)})")
+    return PRESETS[name]
+
+
+def build(preset: str, source_prompt: str, source_position: Position = -1, layer: int = 0,
+          target_layer: int | None = None, model: str = DEFAULT_MODEL, **options) -> Patchscope:
+    """Build preset `preset` for one source; `options` go to the preset (target_prompt, max_new_tokens, ...)."""
+    source = Source(source_prompt, source_position, layer, model)
+    return get_preset(preset).build(source, target_layer=target_layer, **options)

@@ -1,0 +1,190 @@
+"""One test per pyvene 0.1.8 / transformers 5 pitfall (see pyvene_patchscopes/compat.py), on tiny models."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import pyvene as pv
+import torch
+
+import golden
+from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, compat, run
+from tiny import tiny_model
+
+PROMPT = "The city of Paris is large"
+
+
+def _scope(handle, l=1, t=2):
+    return Patchscope(Source(PROMPT, "Paris", l, handle.name), Target("The capital of x", "x", t))
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_bug1_raw_pyvene_removes_user_hooks_and_hidden_states():
+    """Documents the upstream bug: if this starts failing, pyvene fixed it and the guard can go."""
+    handle = tiny_model("llama", seed=1)
+    ids = golden.encode(handle, PROMPT)
+    handle.model(ids, output_hidden_states=True)  # transformers installs its capture hooks lazily, once
+    user = handle.model.model.layers[0].register_forward_hook(lambda *a: None)
+    pvm = pv.IntervenableModel([{"layer": 0, "component": "block_output"}], handle.model)
+    pvm(base={"input_ids": ids}, sources=[{"input_ids": ids}], unit_locations={"sources->base": ([[[1]]], [[[1]]])})
+    assert user.id not in handle.model.model.layers[0]._forward_hooks
+    assert len(handle.model(ids, output_hidden_states=True).hidden_states or ()) == 0
+
+
+def test_bug1_engine_keeps_hooks_and_output_hidden_states(tiny_llama):
+    handle = tiny_llama
+    ids = golden.encode(handle, PROMPT)
+    assert len(handle.model(ids, output_hidden_states=True).hidden_states) == handle.n_layers + 1
+    seen = []
+    user = handle.model.model.layers[1].register_forward_hook(lambda m, a, o: seen.append(1))
+    before = _hook_count(handle.model)
+    run([_scope(handle), _scope(handle, 3, 3).replace(max_new_tokens=3)], handle)
+    assert _hook_count(handle.model) == before
+    assert user.id in handle.model.model.layers[1]._forward_hooks and seen
+    assert len(handle.model(ids, output_hidden_states=True).hidden_states) == handle.n_layers + 1
+    user.remove()
+
+
+def test_engine_leaves_requires_grad_mode_and_config_as_found():
+    handle = tiny_model("gpt2", seed=2)
+    handle.model.train()
+    flags = [i % 2 == 0 for i, _ in enumerate(handle.model.parameters())]
+    for flag, param in zip(flags, handle.model.parameters()):
+        param.requires_grad_(flag)
+    model_type = handle.model.config.model_type
+    run(_scope(handle), handle)
+    assert handle.model.training
+    assert [p.requires_grad for p in handle.model.parameters()] == flags
+    assert handle.model.config.model_type == model_type == "gpt2"
+
+
+def _batched_write(pvm, handle, prompts, positions, locations):
+    batch = handle.tokenizer(prompts, return_tensors="pt", padding=True)
+    vec = torch.full((len(prompts), 1, handle.hidden_size), 3.0)
+    _, out = pvm(base=dict(batch), unit_locations=locations, source_representations=vec)
+    return out.logits[:, -1]
+
+
+def test_bug2_sticky_use_fast_patches_every_row_at_row0s_position():
+    handle = tiny_model("llama", seed=3)
+    prompts, positions = ["Tokyo London Berlin Rome", "Tokyo London Berlin Rome"], [1, 3]
+    with compat.pyvene_guard(handle.model):
+        pvm = pv.IntervenableModel([{"layer": 1, "component": "block_output",
+                                     "intervention": pv.VanillaIntervention(embed_dim=handle.hidden_size)}],
+                                   handle.model)
+        _batched_write(pvm, handle, prompts[:1], [2], {"base": 2})  # a short form makes use_fast sticky
+        assert pvm.use_fast
+        wrong = _batched_write(pvm, handle, prompts, positions, compat.base_locations(positions))
+        compat.reset_use_fast(pvm)
+        right = _batched_write(pvm, handle, prompts, positions, compat.base_locations(positions))
+    vec = torch.full((handle.hidden_size,), 3.0)
+    expected = golden.patched_logits(handle, prompts[1], 1, 3, vec)
+    torch.testing.assert_close(right[1], expected, atol=1e-5, rtol=0)
+    assert (wrong[1] - expected).abs().max() > 1e-3  # row 1 was written at row 0's position
+
+
+def test_bug3_flat_pair_is_read_as_source_and_base():
+    handle = tiny_model("llama", seed=4)
+    with compat.pyvene_guard(handle.model):
+        pvm = pv.IntervenableModel([{"layer": 0, "component": "block_output"}], handle.model)
+        read = pvm._broadcast_unit_locations(1, {"base": [2, 3]})
+    assert read["sources->base"][1] == [[[3]]]  # pyvene: base position 3 only, 2 taken as a source position
+    assert compat.base_locations([2, 3]) == {"sources->base": (None, [[[2], [3]]])}  # ours: two rows
+
+
+def _trainable_pvm(handle):
+    iv = pv.LowRankRotatedSpaceIntervention(embed_dim=handle.hidden_size, low_rank_dimension=2)
+    return pv.IntervenableModel([{"layer": 1, "component": "block_output", "intervention": iv}], handle.model)
+
+
+def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
+    handle = tiny_model("llama", seed=5)
+    with compat.pyvene_guard(handle.model):
+        saved = _trainable_pvm(handle)
+        saved.save_intervention(str(tmp_path), include_model=False)
+        fresh = _trainable_pvm(handle)
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            fresh.load_intervention(str(tmp_path), include_model=False)  # the upstream bug
+        compat.load_intervention_weights(fresh, tmp_path, device="cpu")
+    for key in saved.interventions:
+        for a, b in zip(saved.interventions[key].state_dict().values(), fresh.interventions[key].state_dict().values()):
+            torch.testing.assert_close(a, b)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_bug4_code_bearing_weight_file_is_refused(tmp_path):
+    handle = tiny_model("llama", seed=6)
+    with compat.pyvene_guard(handle.model):
+        pvm = _trainable_pvm(handle)
+        key = next(iter(pvm.interventions))
+        (tmp_path / f"intkey_{key}.bin").write_bytes(pickle.dumps({"w": _Payload()}))
+        with pytest.raises(PatchscopeError, match="refusing"):
+            compat.load_intervention_weights(pvm, tmp_path)
+
+
+class ScaledPatch(pv.TrainableIntervention, pv.LocalistRepresentationIntervention):
+    """A custom class whose hyper-parameter is a plain constructor argument: pyvene loses it on reload."""
+
+    def __init__(self, alpha: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.alpha = alpha
+
+    def forward(self, base, source, subspaces=None, **kwargs):
+        return base + self.alpha * source
+
+
+class BufferedScaledPatch(pv.TrainableIntervention, pv.LocalistRepresentationIntervention):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("alpha", torch.tensor(float(kwargs.get("alpha", 1.0))))
+
+    def forward(self, base, source, subspaces=None, **kwargs):
+        return base + self.alpha * source
+
+
+def test_bug5_constructor_arguments_lost_on_reload(tmp_path):
+    handle = tiny_model("llama", seed=7)
+    iv = ScaledPatch(alpha=0.25, embed_dim=handle.hidden_size)
+    with compat.pyvene_guard(handle.model):
+        pvm = pv.IntervenableModel([{"layer": 1, "component": "block_output", "intervention": iv}], handle.model)
+        pvm.save(str(tmp_path))
+        reloaded = pv.IntervenableModel.load(str(tmp_path), handle.model)
+    assert next(iter(reloaded.interventions.values())).alpha == 1.0  # upstream: 0.25 silently became 1.0
+    with pytest.raises(PatchscopeError, match="alpha"):
+        compat.reloadable_kwargs_check(iv)
+    compat.reloadable_kwargs_check(BufferedScaledPatch(alpha=0.25, embed_dim=handle.hidden_size))
+
+
+def test_bug6_gemma3_is_registered_and_matches_hooks():
+    handle = tiny_model("gemma3", seed=8)
+    from transformers import Gemma3ForCausalLM
+
+    compat.register_model_types()
+    assert Gemma3ForCausalLM in pv.type_to_module_mapping
+    scope = _scope(handle)
+    got = run(scope, handle)[0]
+    h = golden.read(handle, PROMPT, 1, got.source_position)
+    torch.testing.assert_close(got.logits, golden.patched_logits(handle, "The capital of x", 2,
+                                                                 got.target_position, h), atol=1e-5, rtol=0)
+
+
+def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_ln(tiny):
+    ids = golden.encode(tiny, PROMPT)
+    last = tiny.n_layers - 1
+    with torch.no_grad():
+        out = tiny.model(ids, output_hidden_states=True)
+    block_out = golden.read(tiny, PROMPT, last, -1)
+    after_norm = golden.read(tiny, PROMPT, last, -1, after_norm=True)
+    torch.testing.assert_close(out.hidden_states[-1][0, -1], after_norm)
+    assert (block_out - after_norm).abs().max() > 1e-2  # HF's last entry is not the block output
+    site = compat.hidden_state_site(tiny.model, last, tiny.n_layers, after_final_norm=True)
+    assert site.component == compat.final_norm_path(tiny.model) + ".output"
+    lens = Patchscope(Source(PROMPT, -1, last, tiny.name), Target(PROMPT, -1, last))
+    torch.testing.assert_close(run(lens, tiny)[0].logits, out.logits[0, -1], atol=0, rtol=0)

@@ -1,0 +1,67 @@
+"""The spec: validated on construction, compared by value, round-tripped through JSON with a version key."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from pyvene_patchscopes import Patchscope, Source, SpecError, Target
+from pyvene_patchscopes.spec import SPEC_FORMAT, SPEC_VERSION
+
+prompts = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
+positions = st.one_of(st.integers(-50, 50), prompts)
+layers = st.integers(-40, 40)
+
+
+@given(prompts, positions, layers, prompts, positions, layers, st.integers(0, 64),
+       st.sampled_from([None, "gemma3-270m"]))
+def test_spec_round_trips_through_json(sp, si, sl, tp, ti, tl, n, target_model):
+    scope = Patchscope(Source(sp, si, sl), Target(tp, ti, tl, target_model), max_new_tokens=n)
+    text = scope.to_json()
+    assert json.loads(text)["format"] == SPEC_FORMAT and json.loads(text)["version"] == SPEC_VERSION
+    assert Patchscope.from_json(text) == scope
+
+
+def test_spec_is_frozen_and_compared_by_value():
+    a = Patchscope(Source("Paris", -1, 3), Target("x", "x", 3))
+    assert a == Patchscope(Source("Paris", -1, 3), Target("x", "x", 3))
+    with pytest.raises(AttributeError):
+        a.source.layer = 4  # type: ignore[misc]
+    assert a.replace(source_layer=5, target_layer=6).source.layer == 5
+    assert a.target_model == "smollm2-135m"
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: Source(""), "Source.prompt"),
+    (lambda: Source("a", 1.5), "Source.position"),
+    (lambda: Source("a", True), "Source.position"),
+    (lambda: Source("a", -1, "3"), "Source.layer"),
+    (lambda: Target("a", "  "), "Target.position"),
+    (lambda: Patchscope(Source("a"), Target("b"), max_new_tokens=-1), "Patchscope.max_new_tokens"),
+    (lambda: Patchscope(Source("a"), Target("b"), mapping="nope"), "Patchscope.mapping"),
+])
+def test_malformed_fields_are_rejected_with_their_name(make, field):
+    with pytest.raises(SpecError, match=field.replace(".", r"\.")):
+        make()
+
+
+def test_malformed_json_is_a_clear_error():
+    with pytest.raises(SpecError, match="malformed"):
+        Patchscope.from_json("{not json")
+    with pytest.raises(SpecError, match="format"):
+        Patchscope.from_json(json.dumps({"source": {}}))
+
+
+def test_future_version_is_refused():
+    data = Patchscope(Source("a"), Target("b")).to_dict()
+    data["version"] = SPEC_VERSION + 1
+    with pytest.raises(SpecError, match=f"version={SPEC_VERSION + 1}.*upgrade"):
+        Patchscope.from_dict(data)
+
+
+def test_unknown_fields_are_refused():
+    data = Patchscope(Source("a"), Target("b")).to_dict()
+    data["source"]["colour"] = "red"
+    with pytest.raises(SpecError, match="colour"):
+        Patchscope.from_dict(data)

@@ -74,8 +74,9 @@ def _rows(results) -> list[dict[str, Any]]:
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import run
-    from .presets import build
+    from .presets import build, get_preset
 
+    get_preset(args.preset)  # fail on a bad name before loading a model
     handle = _load(args)
     layers = parse_layers(args.layers, handle.n_layers)
     options: dict[str, Any] = {}
@@ -116,8 +117,10 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from .presets import get_preset
     from .sweep import sweep
 
+    get_preset(args.preset)
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:

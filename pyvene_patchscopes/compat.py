@@ -10,7 +10,8 @@
 6. Gemma 3 is not registered with pyvene                                       -> `register_model_types`.
 7. HF's last ``hidden_states`` entry is already after the final norm; the paper's code therefore patches
    the last layer *after* the final norm (``skip_final_ln``)                   -> `hidden_state_site`.
-8. Wrapping a model freezes it (``requires_grad=False``, ``eval()``) and overwrites ``config.model_type``
+8. pyvene prints a notice to stdout on import, which would corrupt ``--json`` output -> silenced above.
+9. Wrapping a model freezes it (``requires_grad=False``, ``eval()``) and overwrites ``config.model_type``
                                                                                -> `pyvene_guard` restores them.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,9 +27,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-import pyvene as pv
-import pyvene.models.intervenable_base as pv_base
-from pyvene.models.constants import CONST_OUTPUT_HOOK
+with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight notice on import; keep stdout clean
+    import pyvene as pv
+    import pyvene.models.intervenable_base as pv_base
 
 from .errors import PatchscopeError
 
@@ -224,5 +226,5 @@ def hidden_state_site(model: nn.Module, layer: int, n_layers: int, after_final_n
 __all__ = [
     "install", "uninstall", "pyvene_guard", "intervenable", "remove_pyvene_hooks", "base_locations",
     "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
-    "register_model_types", "final_norm_path", "hidden_state_site", "Site", "CONST_OUTPUT_HOOK",
+    "register_model_types", "final_norm_path", "hidden_state_site", "Site",
 ]

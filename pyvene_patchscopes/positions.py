@@ -17,21 +17,24 @@ def token_ids(tokenizer: Any, prompt: str) -> list[int]:
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
-def _last_occurrence(prompt: str, text: str) -> int:
-    """Start of the last whole-word occurrence of `text`, else of the last plain occurrence, else -1."""
+def _last_occurrence(prompt: str, text: str, whole_word: bool) -> int:
+    """Start of the last whole-word occurrence of `text`; else, unless `whole_word`, of the last plain one; else -1."""
     pattern = re.escape(text)
     if re.match(r"\w", text[0]):
         pattern = r"(?<!\w)" + pattern
     if re.match(r"\w", text[-1]):
         pattern = pattern + r"(?!\w)"
     starts = [m.start() for m in re.finditer(pattern, prompt)]
-    return starts[-1] if starts else prompt.rfind(text)
+    if starts or whole_word:
+        return starts[-1] if starts else -1
+    return prompt.rfind(text)
 
 
 def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str) -> int:
     """The non-negative token index that `position` names in `prompt`.
 
-    `owner` is "Source" or "Target", used in error messages.
+    `owner` is "Source" or "Target", used in error messages. A target's string position is a placeholder
+    word and must match a whole word; a source's may also match inside a word.
     """
     encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
     n_tokens = len(encoding["input_ids"])
@@ -41,7 +44,7 @@ def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str
                             f"{n_tokens} tokens (allowed: {-n_tokens}..{n_tokens - 1})")
         return position % n_tokens
     text = position.strip() or position
-    start = _last_occurrence(prompt, text)
+    start = _last_occurrence(prompt, text, whole_word=owner == "Target")
     if start < 0:
         what = "placeholder" if owner == "Target" else "token"
         raise SpecError(f"{owner}.position={position!r}: the {what} is not in {owner}.prompt={prompt!r} "

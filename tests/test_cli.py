@@ -1,0 +1,76 @@
+"""The `patchscopes` CLI on the real embedded model: readable tables by default, a documented JSON schema."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyvene_patchscopes import Patchscope, Source, Target
+from pyvene_patchscopes.cli import main, parse_layers
+
+pytestmark = pytest.mark.real_model
+
+
+def _json(capsys, argv):
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("0-29:10", 30) == [0, 10, 20]
+    assert parse_layers("1,5,-1", 30) == [1, 5, -1]
+
+
+def test_inspect_json_schema(capsys, smollm2):
+    out = _json(capsys, ["inspect", "--source-prompt", "Amazon's former CEO attended Oscars",
+                         "--source-position", "CEO", "--preset", "token-identity", "--layers", "0-2", "--json"])
+    assert out["schema"] == 1 and out["command"] == "inspect" and out["model"] == "smollm2-135m"
+    assert [row["source_layer"] for row in out["layers"]] == [0, 1, 2]
+    for row in out["layers"]:
+        assert set(row) == {"source_layer", "target_layer", "source_position", "target_position", "token", "prob",
+                            "generation", "top"}
+        assert row["token"] == " CEO"
+
+
+def test_inspect_prints_a_table(capsys, smollm2):
+    assert main(["inspect", "--source-prompt", "The capital of France is", "--preset", "logit-lens",
+                 "--layers", "28,29"]) == 0
+    text = capsys.readouterr().out
+    assert "top token" in text and " 29 " in text and "Paris" in text
+
+
+def test_run_spec_file(capsys, smollm2, tmp_path):
+    spec = Patchscope(Source("Here is a country: France", "France", 4), Target("The capital city of x is", "x", 2),
+                      max_new_tokens=5).save_json(tmp_path / "spec.json")
+    out = _json(capsys, ["run", str(spec), "--json"])
+    assert out["result"]["spec"] == Patchscope.load_json(spec).to_dict()
+    assert isinstance(out["result"]["generation"], str) and len(out["result"]["top"]) == 10
+
+
+def test_sweep_writes_plot(capsys, smollm2, tmp_path):
+    out = _json(capsys, ["sweep", "--source-prompt", "Here is a word: Paris", "--source-position", "Paris",
+                         "--source-layers", "0-4:2", "--target-layers", "0,3", "--plot", str(tmp_path / "s.png"),
+                         "--json"])
+    assert len(out["cells"]) == 6 and (tmp_path / "s.png").stat().st_size > 5000
+
+
+def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
+    out = _json(capsys, ["demo", "--out", str(tmp_path), "--json"])
+    assert len(out["layers"]) == 30
+    assert {0, 1, 2, 3} <= set(out["decoded_layers"])  # early layers decode 'CEO' itself
+    assert (tmp_path / "demo_heatmap.png").stat().st_size > 20000
+
+
+def test_presets_lists_the_four_day_one_presets(capsys):
+    out = _json(capsys, ["presets", "--json"])
+    assert set(out["presets"]) == {"token-identity", "logit-lens", "attribute", "entity-description"}
+
+
+def test_json_output_is_clean_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout)["command"] == "presets"  # pyvene's import-time print would break this

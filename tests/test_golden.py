@@ -108,3 +108,16 @@ def test_to_pyvene_plan_run_by_hand_in_pyvene_gives_the_same_logits(tiny):
         _, out = patch(base={"input_ids": golden.encode(tiny, s.target.prompt)},
                        unit_locations=plan.patch_locations, source_representations=states[0].reshape(1, 1, -1))
     torch.testing.assert_close(out.logits[0, -1], run(s, tiny)[0].logits, atol=1e-6, rtol=0)
+
+
+def test_batched_generation_of_different_lengths_matches_hooks(tiny):
+    scopes = [scope(tiny, 1, 2, max_new_tokens=5),
+              scope(tiny, 0, 2, target="The capital of x", target_position="x", max_new_tokens=5)]
+    results = run(scopes, tiny, batch_size=2)
+    for s, got in zip(scopes, results):
+        n_src = len(golden.encode(tiny, s.source.prompt)[0])
+        h = golden.read(tiny, s.source.prompt, s.source.layer, s.source.position % n_src)
+        ids, first_logits = golden.patched_generate(tiny, s.target.prompt, s.target.layer, got.target_position,
+                                                    h, s.max_new_tokens)
+        assert got.generation == tiny.tokenizer.decode(ids, skip_special_tokens=True)
+        torch.testing.assert_close(got.logits, first_logits, atol=ATOL, rtol=0)

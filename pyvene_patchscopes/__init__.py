@@ -1,5 +1,5 @@
 """pyvene-patchscopes: ask a language model, in words, what one of its hidden states encodes."""
-from . import compat  # first: imports pyvene quietly
+from . import compat  # noqa: F401  (first: imports pyvene quietly)
 from .engine import run
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .models import ModelHandle, load_model, wrap_model

@@ -99,14 +99,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .engine import run
+    from .models import load_model
 
     scope = Patchscope.load_json(args.spec)
-    models = {}
-    for name in {scope.source.model, scope.target_model}:
-        from .models import load_model
-
-        handle = load_model(name, device=args.device, dtype=args.dtype)
-        models[name] = handle
+    models = {name: load_model(name, device=args.device, dtype=args.dtype)
+              for name in {scope.source.model, scope.target_model}}
     result = run(scope, models, top=args.top)[0]
     lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
              f"layer {scope.source.layer} -> target layer {scope.target.layer}"]

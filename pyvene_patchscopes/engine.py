@@ -113,13 +113,11 @@ def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
 def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
         top: int = 10, batch_size: int = 32, progress: bool | None = None) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order."""
-    single = isinstance(scopes, Patchscope)
-    scope_list = [scopes] if single else list(scopes)
+    scope_list = [scopes] if isinstance(scopes, Patchscope) else list(scopes)
     models = as_models(model)
     resolved = [resolve(scope, models) for scope in scope_list]
     states = _collect_all(resolved, models, batch_size)
-    results = _patch_all(resolved, states, models, top, batch_size, progress)
-    return results
+    return _patch_all(resolved, states, models, top, batch_size, progress)
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:

@@ -121,3 +121,17 @@ def test_batched_generation_of_different_lengths_matches_hooks(tiny):
                                                     h, s.max_new_tokens)
         assert got.generation == tiny.tokenizer.decode(ids, skip_special_tokens=True)
         torch.testing.assert_close(got.logits, first_logits, atol=ATOL, rtol=0)
+
+
+def test_bfloat16_model_matches_hooks_in_bfloat16():
+    """dtype= works end to end: states are collected, mapped in fp32 and written back in the model's dtype."""
+    from tiny import tiny_model
+
+    handle = tiny_model("llama", seed=11)
+    handle.model.to(torch.bfloat16)
+    s = scope(handle, 1, 2)
+    got = run(s, handle)[0]
+    h = golden.read(handle, s.source.prompt, 1, got.source_position)
+    want = golden.patched_logits(handle, s.target.prompt, 2, got.target_position, h).float()
+    assert handle.dtype == torch.bfloat16 and got.logits.dtype == torch.float32
+    torch.testing.assert_close(got.logits, want, atol=1e-5, rtol=0)

@@ -1,16 +1,21 @@
 """pyvene-patchscopes: ask a language model, in words, what one of its hidden states encodes."""
 from . import compat  # noqa: F401  (first: imports pyvene quietly)
+from .interventions import MappingIntervention, RerouteIntervention, register_intervention
+from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .engine import run
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .models import ModelHandle, load_model, wrap_model
 from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
-from .spec import Patchscope, Source, Target
+from .spec import Patchscope, Reroute, Source, Target
+
+compat.install_serialization()  # pyvene's own save/load: safetensors, CPU, registered classes only
 
 __all__ = [
     "Patchscope", "Source", "Target", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
-    "SinkPositionWarning",
+    "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
+    "register_intervention", "MappingIntervention", "RerouteIntervention",
 ]
 __version__ = "0.1.0"

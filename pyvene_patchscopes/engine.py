@@ -14,10 +14,11 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .compat import Site, base_locations, intervenable, per_intervention_locations, pyvene_guard
-from .mappings import build_mapping
+from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import warn_if_sink
 from .pyvene_config import Resolved, collect_config, patch_config, resolve
+from .reroute import run_reroute
 from .result import PatchscopeResult, top_k
 from .spec import Patchscope
 
@@ -79,13 +80,17 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
 
 # ---- patch -------------------------------------------------------------------------------------------
 def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
-          vectors: torch.Tensor, max_new_tokens: int = 0) -> tuple[torch.Tensor, list[str] | None]:
-    """Write vectors[r] at (prompts[r], positions[r], site); return last-position logits and generations."""
+          vectors: torch.Tensor, max_new_tokens: int = 0,
+          mapping: MappingFunction | None = None) -> tuple[torch.Tensor, list[str] | None]:
+    """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits and generations."""
     batch = Batch.encode(handle, prompts)
     where = [pad + position for pad, position in zip(batch.pad, positions)]
-    representation = vectors.to(handle.device, handle.dtype).unsqueeze(1)  # [B, 1, d]
+    if mapping is None:
+        mapping = build_mapping("identity", vectors.shape[-1], handle.hidden_size)
+    representation = vectors.to(handle.device).unsqueeze(1)  # [B, 1, d_source]; f runs inside the intervention
     with pyvene_guard(handle.model), torch.no_grad():
-        pvm = intervenable(patch_config(site, handle.hidden_size), handle.model)
+        config = patch_config(site, handle.hidden_size, mapping.to(handle.device))
+        pvm = intervenable(config, handle.model)
         key = pvm.sorted_keys[0]
         if max_new_tokens == 0:
             _, output = pvm(base=batch.inputs, unit_locations=base_locations(where),
@@ -116,12 +121,21 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     scope_list = [scopes] if isinstance(scopes, Patchscope) else list(scopes)
     models = as_models(model)
     resolved = [resolve(scope, models) for scope in scope_list]
-    states = _collect_all(resolved, models, batch_size)
-    return _patch_all(resolved, states, models, top, batch_size, progress)
+    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    plain = [r for r, item in enumerate(resolved) if item.scope.reroute is None]
+    if plain:
+        items = [resolved[r] for r in plain]
+        states = _collect_all(items, models, batch_size)
+        for r, result in zip(plain, _patch_all(items, states, models, top, batch_size, progress)):
+            results[r] = result
+    for r, item in enumerate(resolved):
+        if item.scope.reroute is not None:
+            results[r] = run_reroute(item, models[item.scope.source.model], top)
+    return results  # type: ignore[return-value]
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
-    """f(h) for every row, h read at its source: one collect pass per source model."""
+    """The source state h of every row (f is applied later, inside the patch intervention)."""
     mapped: list[torch.Tensor | None] = [None] * len(resolved)
     by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
@@ -136,26 +150,27 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
                          [resolved[r].source_site for r in rows], batch_size)
         for r in rows:
             item = resolved[r]
-            hidden = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
-            target = models[item.scope.target_model]
-            mapping = build_mapping(item.scope.mapping, handle.hidden_size, target.hidden_size)
-            mapped[r] = mapping(hidden.float().unsqueeze(0)).squeeze(0)
+            mapped[r] = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
     return mapped  # type: ignore[return-value]
 
 
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
                batch_size: int, progress: bool | None) -> list[PatchscopeResult]:
-    groups: dict[tuple[str, Site, int], list[int]] = defaultdict(list)
+    groups: dict[tuple[str, str, Site, int, MappingSpec], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        groups[(item.scope.target_model, item.target_site, item.scope.max_new_tokens)].append(row)
+        scope = item.scope
+        groups[(scope.source.model, scope.target_model, item.target_site, scope.max_new_tokens,
+                scope.mapping)].append(row)
     work = [(key, chunk) for key, rows in groups.items() for chunk in chunks(rows, batch_size)]
     show = progress if progress is not None else len(work) > 8
     results: list[PatchscopeResult | None] = [None] * len(resolved)
-    for (name, site, max_new_tokens), chunk in tqdm(work, desc="patchscopes", unit="batch", disable=not show):
+    for (source_name, name, site, max_new_tokens, spec), chunk in tqdm(work, desc="patchscopes", unit="batch",
+                                                                       disable=not show):
         handle = models[name]
+        mapping = build_mapping(spec, models[source_name].hidden_size, handle.hidden_size)
         logits, texts = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
                               [resolved[r].target_position for r in chunk],
-                              torch.stack([states[r] for r in chunk]), max_new_tokens)
+                              torch.stack([states[r] for r in chunk]), max_new_tokens, mapping)
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
                 scope=resolved[r].scope, source_position=resolved[r].source_position,

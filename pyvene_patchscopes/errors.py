@@ -10,7 +10,7 @@ class SpecError(PatchscopeError):
     """A Patchscope spec (or its JSON) is malformed, or does not fit the models it is run on."""
 
 
-class UnknownNameError(PatchscopeError, KeyError):
+class UnknownNameError(SpecError, KeyError):
     """An unknown preset, model or mapping name."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message

@@ -4,8 +4,11 @@ pyvene's getter and setter for one representation share a hook point, so a Patch
 and target differ in layer, prompt or model is two pyvene configs run in turn:
 
 1. **collect**: a ``CollectIntervention`` at the source site (S, i, M, l);
-2. **patch**:   a ``VanillaIntervention`` at the target site (T, i*, M*, l*) fed with
-   ``source_representations = f(collected)``.
+2. **patch**:   a `MappingIntervention` at the target site (T, i*, M*, l*) fed with
+   ``source_representations = collected``; it writes f(collected), so f is part of the pyvene config.
+
+A CoT Patchscope (``reroute``) reads and writes within one pass of one sequence: a single
+`RerouteIntervention` linked to both sites (see `reroute_config`).
 
 `PyvenePlan` holds both configs with their canonical ``unit_locations``; `engine` runs them.
 """
@@ -18,7 +21,8 @@ import pyvene as pv
 
 from .compat import Site, base_locations, hidden_state_site
 from .errors import SpecError, UnknownNameError
-from .mappings import build_mapping
+from .interventions import MappingIntervention, RerouteIntervention
+from .mappings import MappingFunction, build_mapping
 from .models import ModelHandle
 from .positions import resolve_position
 from .spec import Patchscope
@@ -80,11 +84,28 @@ def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig
     ])
 
 
-def patch_config(site: Site, hidden_size: int) -> pv.IntervenableConfig:
-    """A ``VanillaIntervention`` that overwrites the target site with the given source representation."""
+def patch_config(site: Site, hidden_size: int, mapping: MappingFunction) -> pv.IntervenableConfig:
+    """A `MappingIntervention` that overwrites the target site with f(source representation)."""
     return pv.IntervenableConfig(representations=[
         pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
-                                intervention=pv.VanillaIntervention(embed_dim=hidden_size))
+                                intervention=MappingIntervention(mapping=mapping, embed_dim=hidden_size))
+    ])
+
+
+def reroute_config(read: Site, write: Site, hidden_size: int, mapping: MappingFunction) -> pv.IntervenableConfig:
+    """One `RerouteIntervention` linked to the read site (first) and the write site (second) of one pass."""
+    if (read.layer, read.component) == (write.layer, write.component):
+        read_first = True  # same hook point: hooks run in registration order
+    else:
+        read_first = read.layer < write.layer
+    if not read_first:
+        raise SpecError(f"Source.layer={read.layer} > Target.layer={write.layer} cannot be rerouted within one "
+                        "pass (allowed: Source.layer <= Target.layer); the engine runs it as two passes")
+    intervention = RerouteIntervention(mapping=mapping, embed_dim=hidden_size)
+    return pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
+                                intervention=intervention, intervention_link_key=0)
+        for site in (read, write)
     ])
 
 
@@ -96,7 +117,7 @@ class PyvenePlan:
     collect_locations: dict
     patch: pv.IntervenableConfig
     patch_locations: dict
-    mapping: str
+    mapping: MappingFunction
 
 
 def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePlan:
@@ -104,10 +125,11 @@ def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePla
     resolved = resolve(scope, models)
     source_model = models[scope.source.model]
     target_model = models[scope.target_model]
+    mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)
     return PyvenePlan(
         collect=collect_config([resolved.source_site], source_model.hidden_size),
         collect_locations=base_locations([resolved.source_position]),
-        patch=patch_config(resolved.target_site, target_model.hidden_size),
+        patch=patch_config(resolved.target_site, target_model.hidden_size, mapping),
         patch_locations=base_locations([resolved.target_position]),
-        mapping=scope.mapping,
+        mapping=mapping,
     )

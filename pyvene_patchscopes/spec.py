@@ -10,6 +10,9 @@ Conventions (the paper's, and the official code's):
   last occurrence of that text in the prompt. On the target it is usually a placeholder word such as
   ``"x"``; whole-word occurrences are preferred, so ``"x"`` never matches inside ``"next"``.
 - ``model=None`` on the target means "the source's model" (M* = M).
+- ``mapping`` is f: a registered name (``"identity"``), or a `MappingSpec`/`MappingFunction` carrying
+  learned weights (an affine map); it is stored as a `MappingSpec`.
+- ``reroute`` makes S = T one sequence read and written within one pass (the CoT Patchscope, §5).
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import SpecError
+from .mappings import MappingSpec
 
 Position = Union[int, str]
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
-SPEC_VERSION = 1
+SPEC_VERSION = 2  # 2: mapping is an object {name, args}, and the optional reroute field. 1 is still read.
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -88,6 +92,23 @@ class Target:
 
 
 @dataclass(frozen=True)
+class Reroute:
+    """S = T: read (l, i) and write (l*, i*) in the same pass of one sequence (the CoT Patchscope, paper §5).
+
+    ``split`` is the character offset where the prompt's second segment starts. When given, the two
+    segments cannot attend to each other (tokens the tokenizer adds before the text, such as BOS, stay
+    visible to both); tokens generated afterwards see everything. ``None`` means plain causal attention.
+    """
+
+    split: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.split is not None and (isinstance(self.split, bool) or not isinstance(self.split, int)
+                                       or self.split < 1):
+            raise SpecError(f"Reroute.split={self.split!r} is not allowed (allowed: None, or a character offset >= 1)")
+
+
+@dataclass(frozen=True)
 class Patchscope:
     """One Patchscope: source (S, i, M, l) -> f -> target (T, i*, M*, l*), then read the target's output.
 
@@ -97,33 +118,44 @@ class Patchscope:
 
     source: Source
     target: Target
-    mapping: str = "identity"
+    mapping: "str | MappingSpec" = "identity"
     max_new_tokens: int = 0
+    reroute: Reroute | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, Source):
             raise SpecError(f"Patchscope.source={self.source!r} is not allowed (allowed: a Source)")
         if not isinstance(self.target, Target):
             raise SpecError(f"Patchscope.target={self.target!r} is not allowed (allowed: a Target)")
-        from .mappings import MAPPINGS  # local import: mappings may import spec helpers later
-
-        if self.mapping not in MAPPINGS:
-            raise SpecError(
-                f"Patchscope.mapping={self.mapping!r} is not a known mapping "
-                f"(allowed: {', '.join(sorted(MAPPINGS))})"
-            )
+        object.__setattr__(self, "mapping", MappingSpec.coerce(self.mapping))
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or not 0 <= self.max_new_tokens <= 4096:
             raise SpecError(f"Patchscope.max_new_tokens={self.max_new_tokens!r} is out of range (allowed: 0..4096)")
+        if self.reroute is not None:
+            self._check_reroute()
 
+    def _check_reroute(self) -> None:
+        if not isinstance(self.reroute, Reroute):
+            raise SpecError(f"Patchscope.reroute={self.reroute!r} is not allowed (allowed: a Reroute or None)")
+        if self.target.prompt != self.source.prompt or self.target_model != self.source.model:
+            raise SpecError("Patchscope.reroute needs Target.prompt == Source.prompt and the same model "
+                            "(allowed: one sequence, read and written within one pass)")
+        split = self.reroute.split
+        if split is not None and not split < len(self.source.prompt):
+            raise SpecError(f"Reroute.split={split} is out of range (allowed: 1..{len(self.source.prompt) - 1})")
     @property
     def target_model(self) -> str:
         """M*: the target's model name, defaulting to the source's."""
         return self.target.model or self.source.model
 
     def replace(self, **changes: Any) -> "Patchscope":
-        """A copy with some fields changed; ``source_layer=``/``target_layer=`` are shortcuts."""
+        """A copy with some fields changed; ``source_prompt=``, ``source_position=``, ``source_layer=`` and
+        ``target_layer=`` are shortcuts."""
         source, target = self.source, self.target
+        if "source_prompt" in changes:
+            source = replace(source, prompt=changes.pop("source_prompt"))
+        if "source_position" in changes:
+            source = replace(source, position=changes.pop("source_position"))
         if "source_layer" in changes:
             source = replace(source, layer=changes.pop("source_layer"))
         if "target_layer" in changes:
@@ -139,13 +171,21 @@ class Patchscope:
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {"format": SPEC_FORMAT, "version": SPEC_VERSION, **asdict(self)}
+        """The spec as JSON-able data; learned mapping weights are not included (see `save`)."""
+        return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "source": asdict(self.source),
+                "target": asdict(self.target), "mapping": self.mapping.to_dict(),
+                "max_new_tokens": self.max_new_tokens,
+                "reroute": None if self.reroute is None else asdict(self.reroute)}
 
     def to_json(self, indent: int | None = 2) -> str:
+        if self.mapping.weights:
+            raise SpecError(f"Patchscope.mapping={self.mapping.name!r} has learned weights, which one JSON file "
+                            "cannot hold (allowed: Patchscope.save(folder), which writes them as safetensors)")
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: object) -> "Patchscope":
+    def from_dict(cls, data: object, weights: dict | None = None) -> "Patchscope":
+        """Parse spec data (version 1 or 2); `weights` are the mapping's tensors when loaded from a folder."""
         if not isinstance(data, dict):
             raise SpecError(f"spec JSON must be an object, got {type(data).__name__}")
         fmt, version = data.get("format"), data.get("version")
@@ -156,26 +196,37 @@ class Patchscope:
                 f"spec version={version!r} is not supported by this library (allowed: 1..{SPEC_VERSION}); "
                 "upgrade pyvene-patchscopes to read newer specs"
             )
-        known = {"format", "version", "source", "target", "mapping", "max_new_tokens"}
+        known = {"format", "version", "source", "target", "mapping", "max_new_tokens"} | (
+            {"reroute"} if version >= 2 else set())
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"spec has unknown field(s) {unknown} (allowed: {sorted(known)})")
-        for side, klass in (("source", Source), ("target", Target)):
+        parts = {}
+        for side, klass in (("source", Source), ("target", Target), ("reroute", Reroute)):
             part = data.get(side)
+            if side == "reroute" and part is None:
+                continue
             if not isinstance(part, dict):
                 raise SpecError(f"spec field {side!r}={part!r} is not allowed (allowed: an object)")
             allowed = set(klass.__dataclass_fields__)
             if set(part) - allowed:
                 raise SpecError(f"spec {side} has unknown field(s) {sorted(set(part) - allowed)} "
                                 f"(allowed: {sorted(allowed)})")
-        rest = {k: data[k] for k in ("mapping", "max_new_tokens") if k in data}
-        return cls(source=Source(**data["source"]), target=Target(**data["target"]), **rest)
+            parts[side] = klass(**part)
+        rest: dict[str, Any] = {}
+        if "max_new_tokens" in data:
+            rest["max_new_tokens"] = data["max_new_tokens"]
+        if "mapping" in data:
+            rest["mapping"] = _mapping_from_data(data["mapping"], version, weights or {})
+        elif weights:
+            raise SpecError("spec has mapping weights but no 'mapping' field")
+        return cls(source=parts["source"], target=parts["target"], reroute=parts.get("reroute"), **rest)
 
     @classmethod
     def from_json(cls, text: str) -> "Patchscope":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise SpecError(f"spec JSON is malformed: {err}") from None
         return cls.from_dict(data)
 
@@ -188,5 +239,40 @@ class Patchscope:
     def load_json(cls, path: str | Path) -> "Patchscope":
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
+    # ---- folders (config.json + mapping.safetensors), see persist.py -----------------------------
+    def save(self, directory: str | Path, models: Any = None, description: str = "") -> Path:
+        """Write ``directory/config.json`` (and ``mapping.safetensors`` for learned weights).
 
-__all__ = ["Source", "Target", "Patchscope", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]
+        `models` (handles) records each model's size and GGUF hash or revision, checked again on load.
+        """
+        from .persist import save
+
+        return save(self, directory, models=models, description=description)
+
+    @classmethod
+    def load(cls, directory_or_name: str | Path, models: Any = None) -> "Patchscope":
+        """Load a saved folder, or a catalogue entry by name (``Patchscope.load("token-identity")``).
+
+        With `models`, check that they are the models the spec was saved with (size, hash/revision).
+        """
+        from .persist import load
+
+        return load(directory_or_name, models=models)
+
+
+def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSpec":
+    if isinstance(value, str):  # version 1, or a bare name
+        return MappingSpec(value, {}, weights)
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise SpecError(f"spec field 'mapping'={value!r} is not allowed (allowed: a name, or an object with "
+                        "'name' and 'args')")
+    extra = sorted(set(value) - {"name", "args", "weights"})
+    if extra:
+        raise SpecError(f"spec mapping has unknown field(s) {extra} (allowed: ['args', 'name', 'weights'])")
+    args = value.get("args", {})
+    if not isinstance(args, dict):
+        raise SpecError(f"spec mapping.args={args!r} is not allowed (allowed: an object)")
+    return MappingSpec(value["name"], args, weights)
+
+
+__all__ = ["Source", "Target", "Patchscope", "Reroute", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]

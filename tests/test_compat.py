@@ -104,14 +104,20 @@ def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
     handle = tiny_model("llama", seed=5)
     with compat.pyvene_guard(handle.model):
         saved = _trainable_pvm(handle)
-        saved.save_intervention(str(tmp_path), include_model=False)
+        compat._ORIGINAL_SAVE_INTERVENTION(saved, str(tmp_path / "upstream"), include_model=False)
         fresh = _trainable_pvm(handle)
-        with pytest.raises(RuntimeError, match="(?i)cuda"):
-            fresh.load_intervention(str(tmp_path), include_model=False)  # the upstream bug
-        compat.load_intervention_weights(fresh, tmp_path, device="cpu")
+        with pytest.raises(RuntimeError, match="(?i)cuda"):  # the upstream bug: map_location='cuda:0'
+            compat._ORIGINAL_LOAD_INTERVENTION(fresh, str(tmp_path / "upstream"), include_model=False)
+        compat.load_intervention_weights(fresh, tmp_path / "upstream", device="cpu")  # legacy .bin, weights_only
+        saved.save_intervention(str(tmp_path / "ours"), include_model=False)  # patched: safetensors
+        again = _trainable_pvm(handle)
+        again.load_intervention(str(tmp_path / "ours"), include_model=False)
+    assert not list((tmp_path / "ours").glob("*.bin")) and list((tmp_path / "ours").glob("*.safetensors"))
     for key in saved.interventions:
-        for a, b in zip(saved.interventions[key].state_dict().values(), fresh.interventions[key].state_dict().values()):
+        for a, b, c in zip(saved.interventions[key].state_dict().values(), fresh.interventions[key].state_dict().values(),
+                           again.interventions[key].state_dict().values()):
             torch.testing.assert_close(a, b)
+            torch.testing.assert_close(a, c)
 
 
 class _Payload:
@@ -154,8 +160,8 @@ def test_bug5_constructor_arguments_lost_on_reload(tmp_path):
     iv = ScaledPatch(alpha=0.25, embed_dim=handle.hidden_size)
     with compat.pyvene_guard(handle.model):
         pvm = pv.IntervenableModel([{"layer": 1, "component": "block_output", "intervention": iv}], handle.model)
-        pvm.save(str(tmp_path))
-        reloaded = pv.IntervenableModel.load(str(tmp_path), handle.model)
+        compat._ORIGINAL_SAVE(pvm, str(tmp_path))
+        reloaded = compat._ORIGINAL_LOAD(str(tmp_path), handle.model)
     assert next(iter(reloaded.interventions.values())).alpha == 1.0  # upstream: 0.25 silently became 1.0
     with pytest.raises(PatchscopeError, match="alpha"):
         compat.reloadable_kwargs_check(iv)

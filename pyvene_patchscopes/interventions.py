@@ -1,0 +1,146 @@
+"""Custom pyvene interventions: write f(source) at the target, and reroute a state within one forward pass.
+
+Both classes follow the rules that make pyvene 0.1.8's own ``IntervenableModel.save``/``load`` round-trip
+them (see compat.py): they live in an importable module, accept the kwargs pyvene passes, and keep every
+constructor argument in the ``state_dict`` (the mapping's name, arguments and source size as buffers), so
+an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself when its state is loaded.
+
+- `MappingIntervention`: the patch step of a Patchscope. ``base`` is the target state at i*, ``source`` the
+  state read at (S, i, M, l); it returns f(source).
+- `RerouteIntervention`: the CoT Patchscope (paper §5). One instance is linked (``intervention_link_key``)
+  to two sites of the same pass: its first call, at (l, i), holds the state; its second, at (l*, i*),
+  writes f(held). Call order is the layer order, so one pass needs l <= l*.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, TypeVar
+
+import pyvene as pv
+import torch
+
+from .errors import SpecError, UnknownNameError
+from .mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
+
+I = TypeVar("I", bound=type)
+INTERVENTIONS: dict[str, type[pv.Intervention]] = {}
+
+
+def register_intervention(name: str) -> Callable[[I], I]:
+    """Class decorator: allow a pyvene intervention class in saved configs, under a short name.
+
+    The safe loader (`compat.load_intervenable`) only builds classes found here or in pyvene itself;
+    it never imports a module named in a file.
+    """
+    def decorate(cls: I) -> I:
+        if not (isinstance(cls, type) and issubclass(cls, pv.Intervention)):
+            raise TypeError(f"@register_intervention({name!r}) needs a pyvene Intervention subclass, got {cls!r}")
+        known = INTERVENTIONS.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise SpecError(f"intervention name {name!r} is already registered to {known.__qualname__}")
+        cls.registered_name = name
+        INTERVENTIONS[name] = cls
+        return cls
+
+    return decorate
+
+
+def _text_buffer(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _buffer_text(tensor: torch.Tensor, field: str) -> str:
+    try:
+        return bytes(tensor.to(torch.uint8).tolist()).decode("utf-8")
+    except (UnicodeDecodeError, ValueError, TypeError):
+        raise SpecError(f"intervention state {field!r} is not UTF-8 text") from None
+
+
+class _MappedIntervention(pv.TrainableIntervention):
+    """Shared part: a mapping f kept as a submodule, with its name, arguments and source size as buffers."""
+
+    restores_arguments_from_state = True  # compat.reloadable_kwargs_check: constructor args live in the state
+
+    def __init__(self, mapping: MappingFunction | MappingSpec | str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        target_dim = int(self.embed_dim) if self.embed_dim is not None else None
+        if mapping is None:
+            if target_dim is None:
+                raise SpecError(f"{type(self).__name__} needs embed_dim or a mapping")
+            mapping = build_mapping("identity", target_dim, target_dim)
+        elif not isinstance(mapping, MappingFunction):
+            spec = MappingSpec.coerce(mapping)
+            source_dim = int(spec.weights["weight"].shape[1]) if "weight" in spec.weights else target_dim
+            mapping = build_mapping(spec, source_dim, target_dim)
+        if target_dim is not None and mapping.target_dim != target_dim:
+            raise SpecError(f"mapping output size {mapping.target_dim} does not match the site's hidden size "
+                            f"{target_dim} (embed_dim)")
+        self._install(mapping)
+
+    def _install(self, mapping: MappingFunction) -> None:
+        self.mapping = mapping
+        self.register_buffer("mapping_name", _text_buffer(mapping.name))
+        self.register_buffer("mapping_args", _text_buffer(json.dumps(mapping.arguments(), sort_keys=True)))
+        self.register_buffer("source_dim", torch.tensor(mapping.source_dim, dtype=torch.int64))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # pyvene rebuilds us as cls(embed_dim=...): rebuild the mapping the saved state describes first.
+        keys = [prefix + k for k in ("mapping_name", "mapping_args", "source_dim")]
+        if all(k in state_dict for k in keys):
+            name = _buffer_text(state_dict[keys[0]], "mapping_name")
+            args = json.loads(_buffer_text(state_dict[keys[1]], "mapping_args"))
+            source_dim = int(state_dict[keys[2]])
+            if name not in MAPPINGS:
+                raise UnknownNameError(f"saved intervention uses mapping {name!r}, which is not registered "
+                                       f"(allowed: {', '.join(sorted(MAPPINGS))}); import the module "
+                                       "that registers it before loading")
+            target_dim = int(self.embed_dim) if self.embed_dim is not None else source_dim
+            self._install(MAPPINGS[name](source_dim, target_dim, **args))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def mapping_spec(self) -> MappingSpec:
+        return self.mapping.to_spec()
+
+
+@register_intervention("mapping")
+class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationIntervention):
+    """Writes f(source) over the target positions: the patch step of a Patchscope (f included)."""
+
+    def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+        if source.shape[-1] != self.mapping.source_dim:
+            raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
+                            f"{self.mapping.source_dim}")
+        return self.mapping(source).to(base.dtype)
+
+
+@register_intervention("reroute")
+class RerouteIntervention(pv.SourcelessIntervention, _MappedIntervention, pv.LocalistRepresentationIntervention):
+    """One instance linked to two sites of one pass: holds the state at (l, i), writes f(state) at (l*, i*)."""
+
+    def __init__(self, mapping: MappingFunction | MappingSpec | str | None = None, **kwargs: Any) -> None:
+        super().__init__(mapping=mapping, **kwargs)
+        self._held: torch.Tensor | None = None
+
+    def forward(self, base: torch.Tensor, source: Any = None, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+        if self._held is None:  # first call of the pass: the read site (l, i)
+            self._held = base.detach().clone()
+            return base
+        held, self._held = self._held, None  # second call: the write site (l*, i*)
+        return self.mapping(held).to(base.dtype)
+
+    def reset(self) -> None:
+        """Forget a held state (after a pass that was interrupted between its two sites)."""
+        self._held = None
+
+
+def resolve_intervention(name: str) -> type[pv.Intervention]:
+    """A registered class by its short name, with a clear error otherwise."""
+    if name not in INTERVENTIONS:
+        raise UnknownNameError(f"intervention={name!r} is not registered (allowed: {', '.join(sorted(INTERVENTIONS))})")
+    return INTERVENTIONS[name]
+
+
+__all__ = ["MappingIntervention", "RerouteIntervention", "register_intervention", "INTERVENTIONS",
+           "resolve_intervention"]

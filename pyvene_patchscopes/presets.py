@@ -1,11 +1,12 @@
-"""Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description."""
+"""Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description,
+multi-hop CoT rerouting."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import SpecError, UnknownNameError
-from .spec import DEFAULT_MODEL, Patchscope, Position, Source, Target
+from .spec import DEFAULT_MODEL, Patchscope, Position, Reroute, Source, Target
 
 # The official code's few-shot identity prompt (patchscopes_utils / next_token_prediction.ipynb). The patch
 # goes on "?" and the model reads the answer after " ->". Measured on SmolLM2-135M, 16 words, l = l* in 0..16:
@@ -74,12 +75,41 @@ def entity_description(source: Source, target_layer: int | None = None, max_new_
                       max_new_tokens=max_new_tokens)
 
 
+def multihop(hop1_prompt: str, hop2_prompt: str, source_layer: int = 0, target_layer: int | None = None,
+             max_new_tokens: int = 20, isolate: bool = True, model: str = DEFAULT_MODEL) -> Patchscope:
+    """The CoT Patchscope (paper §5): S = T = [hop 2][hop 1], read and written within one pass.
+
+    E.g. hop 2 = "The current CEO of", hop 1 = "the company that created Visual Basic Script". The state of
+    hop 1's last token at layer l (which should hold hop 1's answer, Microsoft) is written at layer l* over
+    hop 2's last token, and the model generates on from the end. With ``isolate`` the two segments cannot
+    attend to each other, so the answer can only travel through the rerouted state.
+    """
+    for name, text in (("hop1_prompt", hop1_prompt), ("hop2_prompt", hop2_prompt)):
+        if not isinstance(text, str) or not text.strip():
+            raise SpecError(f"multihop {name}={text!r} is not allowed (allowed: a non-empty string)")
+    first = " ".join(hop2_prompt.split())
+    prompt = f"{first} {' '.join(hop1_prompt.split())}"
+    return Patchscope(Source(prompt, -1, source_layer, model),
+                      Target(prompt, first, source_layer if target_layer is None else target_layer),
+                      max_new_tokens=max_new_tokens, reroute=Reroute(len(first) + 1 if isolate else None))
+
+
+def _multihop_preset(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
+                     target_prompt: str | None = None, isolate: bool = True) -> Patchscope:
+    """As a preset: the source prompt is hop 1, `target_prompt` is hop 2."""
+    if target_prompt is None:
+        raise SpecError("preset 'multihop' needs target_prompt= the hop-2 prompt, e.g. 'The current CEO of'")
+    return multihop(source.prompt, target_prompt, source.layer, target_layer, max_new_tokens, isolate, source.model)
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("token-identity", "what token the state encodes (few-shot identity prompt, l* = l)", token_identity),
     Preset("logit-lens", "the model's own unembedding of the state (l* = last layer, T = S)", logit_lens),
     Preset("attribute", "an attribute of the subject (target prompt with placeholder x, 20 tokens)", attribute),
     Preset("entity-description", "a short description of the entity (few-shot description prompt)",
            entity_description),
+    Preset("multihop", "CoT Patchscope: hop 1's answer rerouted into hop 2 within one pass (S = T)",
+           _multihop_preset),
 )}
 
 

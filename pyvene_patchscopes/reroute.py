@@ -13,6 +13,7 @@ sequence: collect (l, i), then patch (l*, i*) — what the paper's code does wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,17 +73,27 @@ def encode(handle: ModelHandle, prompt: str, split: int | None) -> MaskedPrompt:
     return MaskedPrompt(ids, mask, torch.arange(n, device=handle.device)[None])
 
 
-def run_reroute(item: Resolved, handle: ModelHandle, top: int = 10) -> PatchscopeResult:
-    """Run one CoT Patchscope: the prompt pass with the reroute, then greedy decoding with the KV cache."""
-    scope = item.scope
-    sequence = encode(handle, scope.source.prompt, scope.reroute.split)
-    mapping = build_mapping(scope.mapping, handle.hidden_size, handle.hidden_size).to(handle.device)
+def prompt_pass(item: Resolved, handle: ModelHandle) -> tuple[Any, int]:
+    """The patched prompt pass of a CoT Patchscope: (model output with logits at every position, length)."""
+    sequence = encode(handle, item.scope.source.prompt, item.scope.reroute.split)
+    mapping = build_mapping(item.scope.mapping, handle.hidden_size, handle.hidden_size).to(handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
-        output = _prompt_pass(item, handle, sequence, mapping)
+        return _prompt_pass(item, handle, sequence, mapping), sequence.input_ids.shape[1]
+
+
+def run_reroute(item: Resolved, handle: ModelHandle, top: int = 10) -> PatchscopeResult:
+    """Run one CoT Patchscope: the prompt pass with the reroute, then greedy decoding with the KV cache.
+
+    With isolated segments the write at i* cannot reach the prompt's last position, so the next-token
+    ``top`` is the unpatched one; the generation (whose tokens see i*) is the readout.
+    """
+    scope = item.scope
+    output, length = prompt_pass(item, handle)
+    with pyvene_guard(handle.model), torch.no_grad():
         logits = output.logits[0, -1].float()
         generation = None
         if scope.max_new_tokens:
-            generation = _greedy(handle, output, sequence.input_ids.shape[1], scope.max_new_tokens)
+            generation = _greedy(handle, output, length, scope.max_new_tokens)
     return PatchscopeResult(scope=scope, source_position=item.source_position, target_position=item.target_position,
                             logits=logits.cpu(), top=top_k(logits, handle.tokenizer, top), generation=generation)
 
@@ -121,4 +132,4 @@ def _greedy(handle: ModelHandle, output, prompt_length: int, max_new_tokens: int
     return handle.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-__all__ = ["run_reroute", "segments", "segment_mask", "encode"]
+__all__ = ["run_reroute", "prompt_pass", "segments", "segment_mask", "encode"]

@@ -82,3 +82,69 @@ def patched_generate(handle: ModelHandle, prompt: str, layer: int, position: int
     finally:
         hook.remove()
     return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]
+
+
+def segment_mask(n_tokens: int, shared: int, first: int, dtype: torch.dtype) -> torch.Tensor:
+    """By hand: tokens [0, shared) visible to all, [shared, shared+first) and the rest never see each other."""
+    seg = [0] * shared + [1] * first + [2] * (n_tokens - shared - first)
+    allowed = torch.ones(n_tokens, n_tokens, dtype=torch.bool).tril()
+    for q in range(n_tokens):
+        for k in range(n_tokens):
+            if {seg[q], seg[k]} == {1, 2}:
+                allowed[q, k] = False
+    return torch.zeros(n_tokens, n_tokens, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: int, write_layer: int,
+             write_position: int, mask: torch.Tensor | None, max_new_tokens: int = 0):
+    """Read (read_layer, read_position) and write it at (write_layer, write_position) of the same sequence.
+
+    One pass when read_layer <= write_layer; otherwise the state comes from a first, unpatched pass.
+    Returns (all prompt logits [n, V], greedily generated ids).
+    """
+    ids = encode(handle, prompt)
+    n = ids.shape[1]
+    attention = mask if mask is not None else torch.ones_like(ids)
+    held: dict[str, torch.Tensor] = {}
+
+    def reader(mod, args, out):
+        if _hidden(out).shape[1] > 1:
+            held["h"] = _hidden(out)[0, read_position].clone()
+
+    def writer(mod, args, out):
+        if _hidden(out).shape[1] > 1:
+            _hidden(out)[0, write_position] = held["h"]
+        return out
+
+    def both(mod, args, out):
+        reader(mod, args, out)
+        return writer(mod, args, out)
+
+    hooks = []
+    try:
+        with torch.no_grad():
+            if read_layer > write_layer:
+                hooks.append(block(handle.model, read_layer).register_forward_hook(reader))
+                handle.model(ids, attention_mask=attention, position_ids=torch.arange(n)[None])
+                hooks.pop().remove()
+                hooks.append(block(handle.model, write_layer).register_forward_hook(writer))
+            elif read_layer == write_layer:
+                hooks.append(block(handle.model, read_layer).register_forward_hook(both))
+            else:
+                hooks.append(block(handle.model, read_layer).register_forward_hook(reader))
+                hooks.append(block(handle.model, write_layer).register_forward_hook(writer))
+            out = handle.model(ids, attention_mask=attention, position_ids=torch.arange(n)[None], use_cache=True)
+            logits, cache, generated = out.logits[0], out.past_key_values, []
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            for step in range(max_new_tokens):
+                generated.append(int(token))
+                if int(token) == handle.tokenizer.eos_token_id:
+                    break
+                step_out = handle.model(token, past_key_values=cache, use_cache=True,
+                                        attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
+                                        position_ids=torch.tensor([[n + step]]))
+                cache, token = step_out.past_key_values, step_out.logits[:, -1].argmax(-1, keepdim=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, generated

@@ -1,0 +1,1 @@
+"""The shipped Patchscope catalogue (installed as ``pyvene_patchscopes.catalogue``); one folder per spec."""

@@ -1,0 +1,161 @@
+"""Fit the paper's affine mapping f by least squares: ``np.linalg.lstsq`` on [X, 1] -> [Y, 1].
+
+Two settings:
+- one model, layer l -> layer l* (the tuned-lens style map to the last layer): X and Y are the states of
+  the same tokens;
+- two models of different hidden sizes (the cross-model map): the texts are tokenised by both models and
+  states are paired at every word end that is a token boundary in both, as the paper aligns prefixes.
+
+X and Y are read where the Patchscope reads and writes (see ``compat.hidden_state_site``): the source at
+layer l, the target at layer l* before the final norm unless both are the last layer of one model.
+Hidden states are gathered in batches, with a progress bar.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .compat import final_norm_path, pyvene_guard
+from .errors import SpecError
+from .mappings import Affine
+from .models import ModelHandle
+
+
+def default_texts(limit: int | None = None) -> list[str]:
+    """English prose that ships with Python (the language reference's topic texts), one paragraph each.
+
+    The paper fits on the Pile; with no dataset hub here this is the corpus that is always present.
+    Pass your own `texts` for a better-matched map.
+    """
+    from pydoc_data.topics import topics
+
+    paragraphs = (" ".join(p.split()) for text in topics.values() for p in text.split("\n\n"))
+    prose = [p for p in paragraphs if len(p) > 200 and p[:1].isupper() and p.count("(") < 4][:limit]
+    return [p[:600] for p in prose]
+
+
+def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
+    n = handle.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -n <= layer < n:
+        raise SpecError(f"{owner}={layer!r} is out of range for {handle.name} (allowed: {-n}..{n - 1})")
+    return layer % n
+
+
+@contextlib.contextmanager
+def _pre_norm_capture(handle: ModelHandle, store: list) -> Iterator[None]:
+    """Capture the input of the final norm: the last block's output before normalisation."""
+    norm = handle.model.get_submodule(final_norm_path(handle.model))
+    hook = norm.register_forward_pre_hook(lambda module, args: store.append(args[0].detach()))
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def gather(handle: ModelHandle, texts: Sequence[str], layer: int, after_final_norm: bool = False,
+           batch_size: int = 8, progress: bool | None = None, desc: str = "gather") -> list[torch.Tensor]:
+    """Per text, the states ``[n_tokens, d]`` of `layer` for every token, in order (padding removed).
+
+    ``after_final_norm`` matters only for the last layer: HF's ``hidden_states[-1]`` (after the norm) or
+    the block output before it.
+    """
+    from .engine import Batch, chunks
+
+    layer = _layer("layer", layer, handle)
+    last = layer == handle.n_layers - 1
+    out: list[torch.Tensor] = []
+    batches = list(chunks(list(texts), batch_size))
+    show = progress if progress is not None else len(batches) > 4
+    with pyvene_guard(handle.model), torch.no_grad():
+        for batch_texts in tqdm(batches, desc=desc, unit="batch", disable=not show):
+            batch = Batch.encode(handle, batch_texts)
+            captured: list[torch.Tensor] = []
+            capture = _pre_norm_capture(handle, captured) if last and not after_final_norm \
+                else contextlib.nullcontext()
+            with capture:
+                result = handle.model(**batch.inputs, output_hidden_states=True)
+            states = captured[0] if captured else result.hidden_states[layer + 1]
+            for row, pad in enumerate(batch.pad):
+                out.append(states[row, pad:].float().cpu())
+    return out
+
+
+def lstsq_affine(x: torch.Tensor, y: torch.Tensor) -> Affine:
+    """The paper's fit: ``np.linalg.lstsq([X, 1], [Y, 1])``, giving f(h) = W h + b."""
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise SpecError(f"fit needs X [n, d_source] and Y [n, d_target] with the same n, got {tuple(x.shape)} "
+                        f"and {tuple(y.shape)}")
+    if x.shape[0] <= x.shape[1]:
+        raise SpecError(f"fit has {x.shape[0]} samples for hidden size {x.shape[1]} "
+                        f"(allowed: more samples than dimensions); pass more texts")
+    ones = np.ones((x.shape[0], 1))
+    x1 = np.concatenate([x.double().numpy(), ones], axis=1)
+    y1 = np.concatenate([y.double().numpy(), ones], axis=1)
+    solution, *_ = np.linalg.lstsq(x1, y1, rcond=None)  # [d_s + 1, d_t + 1]
+    d_t = y.shape[1]
+    weight = torch.from_numpy(solution[:-1, :d_t].T.copy()).float()
+    bias = torch.from_numpy(solution[-1, :d_t].copy()).float()
+    return Affine.from_weights(weight, bias)
+
+
+def _prefix_tokens(handle: ModelHandle, text: str) -> int:
+    """How many tokens the tokenizer puts before the text (BOS, document start)."""
+    return len(handle.tokenizer(text, add_special_tokens=True)["input_ids"]) - \
+        len(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _word_end_tokens(handle: ModelHandle, text: str) -> dict[int, int]:
+    """char offset of a word end -> index (with special prefix) of the token that ends there."""
+    encoded = handle.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    prefix = _prefix_tokens(handle, text)
+    ends = {end: prefix + k for k, (_, end) in enumerate(encoded["offset_mapping"])}
+    word_ends = {k for k in range(1, len(text) + 1) if text[k - 1].isalnum() and (k == len(text) or not text[k].isalnum())}
+    return {c: ends[c] for c in word_ends if c in ends}
+
+
+def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, target_layer: int,
+                  texts: Sequence[str], batch_size: int = 8,
+                  progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """X (source states) and Y (target states) of the same tokens, read where a Patchscope reads and writes."""
+    source_layer = _layer("source_layer", source_layer, source)
+    target_layer = _layer("target_layer", target_layer, target)
+    source_last = source_layer == source.n_layers - 1
+    same = source is target
+    skip_final_ln = same and source_last and target_layer == target.n_layers - 1
+    xs = gather(source, texts, source_layer, after_final_norm=source_last, batch_size=batch_size,
+                progress=progress, desc="gather source")
+    ys = xs if same and target_layer == source_layer else \
+        gather(target, texts, target_layer, after_final_norm=skip_final_ln, batch_size=batch_size,
+               progress=progress, desc="gather target")
+    rows_x, rows_y = [], []
+    for text, x, y in zip(texts, xs, ys):
+        if same:  # the same tokens; skip the sink and the first text token
+            start = _prefix_tokens(source, text) + 1
+            rows_x.append(x[start:])
+            rows_y.append(y[start:])
+            continue
+        source_ends, target_ends = _word_end_tokens(source, text), _word_end_tokens(target, text)
+        shared = sorted(set(source_ends) & set(target_ends))[1:]  # skip the first word (sink-adjacent)
+        rows_x.append(x[[source_ends[c] for c in shared]])
+        rows_y.append(y[[target_ends[c] for c in shared]])
+    return torch.cat(rows_x), torch.cat(rows_y)
+
+
+def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | None = None, target_layer: int = -1,
+               texts: Sequence[str] | None = None, batch_size: int = 8, progress: bool | None = None) -> Affine:
+    """Fit f: (M, l) -> (M*, l*) by least squares on `texts` (default: `default_texts()`).
+
+    With ``target=None`` (M* = M) this is the tuned-lens style map from layer l to layer l*, by default
+    the last layer. With another model it is the cross-model map, of shape [d_target, d_source].
+    """
+    target = source if target is None else target
+    texts = list(texts) if texts is not None else default_texts()
+    x, y = paired_states(source, source_layer, target, target_layer, texts, batch_size, progress)
+    return lstsq_affine(x, y)
+
+
+__all__ = ["fit_affine", "lstsq_affine", "paired_states", "gather", "default_texts"]

@@ -1,0 +1,201 @@
+"""Save and load Patchscopes as folders, HF style: a versioned ``config.json`` plus ``mapping.safetensors``.
+
+``config.json`` is the spec (see spec.py) with three more keys: ``models`` (each model's size and GGUF
+hash or revision, checked against the models in hand on load), ``description``, and, inside
+``mapping``, the name of the weights file. Loading only ever parses JSON and safetensors; file names
+are checked so that nothing outside the folder is read. A bare name such as ``"token-identity"`` loads
+from the catalogue that ships with the package (the repository's ``interventions/`` folder).
+"""
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from .errors import SpecError, UnknownNameError
+from .mappings import build_mapping
+from .models import ModelHandle
+from .spec import Patchscope
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "mapping.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # a spec is a few hundred bytes; refuse to parse anything huge
+MAX_WEIGHTS_BYTES = 1 << 31
+_ENTRY = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
+_WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}\.safetensors$")
+_RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision")
+
+
+# ---- models --------------------------------------------------------------------------------------
+def model_record(handle: ModelHandle) -> dict[str, Any]:
+    """What identifies a model: its size, class, and GGUF hash or HF id/revision where known."""
+    record: dict[str, Any] = {"n_layers": handle.n_layers, "hidden_size": handle.hidden_size,
+                              "architecture": type(handle.model).__name__}
+    for key in ("gguf_file", "gguf_sha256", "hf_id", "revision"):
+        if handle.origin.get(key):
+            record[key] = handle.origin[key]
+    revision = getattr(handle.model.config, "_commit_hash", None)
+    if revision and "revision" not in record:
+        record["revision"] = revision
+    return record
+
+
+def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle]) -> None:
+    """Raise `SpecError` naming the model and the difference when a handle is not the recorded model."""
+    for name, saved in recorded.items():
+        if name not in models or not saved:
+            continue
+        here = model_record(models[name])
+        for key in _RECORD_KEYS:
+            if key in saved and key in here and saved[key] != here[key]:
+                raise SpecError(f"model {name!r} does not match the saved Patchscope: {key} is {here[key]!r} "
+                                f"in hand but {saved[key]!r} in the spec")
+
+
+# ---- save ----------------------------------------------------------------------------------------
+def save(scope: Patchscope, directory: str | Path, models: Any = None, description: str = "") -> Path:
+    """Write `scope` to `directory` (created if needed); see the module docstring for the layout."""
+    from safetensors.torch import save_file
+
+    from .engine import as_models
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = scope.to_dict()
+    if scope.mapping.weights:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in scope.mapping.weights.items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"mapping": scope.mapping.name})
+        data["mapping"]["weights"] = WEIGHTS_FILE
+    handles = as_models(models) if models is not None else {}
+    names = dict.fromkeys([scope.source.model, scope.target_model])
+    data["models"] = {name: model_record(handles[name]) if name in handles else {} for name in names}
+    data["description"] = str(description)
+    (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+# ---- load ----------------------------------------------------------------------------------------
+def read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise SpecError(f"no {CONFIG_FILE} in {directory} (allowed: a folder written by Patchscope.save)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise SpecError(f"{CONFIG_FILE} in {directory} is {path.stat().st_size} bytes "
+                        f"(allowed: at most {MAX_CONFIG_BYTES})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise SpecError(f"{CONFIG_FILE} in {directory} is malformed: {str(err)[:200]}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{CONFIG_FILE} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_weights(directory: Path, name: object) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(name, str) or not _WEIGHTS_NAME.match(name) or ".." in name:
+        raise SpecError(f"mapping.weights={name!r} is not allowed (allowed: a plain *.safetensors file name "
+                        "inside the spec's folder)")
+    path = directory / name
+    if not path.is_file():
+        raise SpecError(f"mapping weights file {name!r} is missing from {directory}")
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise SpecError(f"mapping weights file {name!r} is too large (allowed: at most {MAX_WEIGHTS_BYTES} bytes)")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise SpecError(f"mapping weights file {name!r} is not a valid safetensors file: "
+                        f"{str(err).splitlines()[0][:200]}") from None
+
+
+def load(directory_or_name: str | Path, models: Any = None) -> Patchscope:
+    """Load a saved folder or a catalogue entry; with `models`, check them and the weight shapes."""
+    from .engine import as_models
+
+    directory = locate(directory_or_name)
+    data = read_config(directory)
+    recorded = data.pop("models", {})
+    description = data.pop("description", "")
+    if not isinstance(recorded, dict) or not all(isinstance(v, dict) for v in recorded.values()):
+        raise SpecError(f"spec field 'models'={recorded!r} is not allowed (allowed: an object of objects)")
+    if not isinstance(description, str):
+        raise SpecError(f"spec field 'description'={description!r} is not allowed (allowed: a string)")
+    mapping = data.get("mapping")
+    weights = {}
+    if isinstance(mapping, dict) and "weights" in mapping:
+        weights = _read_weights(directory, mapping["weights"])
+    scope = Patchscope.from_dict(data, weights)
+    if models is not None:
+        handles = as_models(models)
+        check_models(recorded, handles)
+        source, target = handles.get(scope.source.model), handles.get(scope.target_model)
+        if source is not None and target is not None:
+            build_mapping(scope.mapping, source.hidden_size, target.hidden_size)  # shapes against the models
+    return scope
+
+
+def locate(directory_or_name: str | Path) -> Path:
+    """A folder path as given, or the catalogue folder of an entry name."""
+    path = Path(directory_or_name)
+    if path.is_dir():
+        return path
+    name = str(directory_or_name)
+    if _ENTRY.match(name):
+        entry = catalogue_root() / name
+        if entry.is_dir():
+            return entry
+    raise UnknownNameError(f"Patchscope {name!r} is neither a folder nor a catalogue entry "
+                           f"(allowed: a folder written by Patchscope.save, or one of: {', '.join(catalogue())})")
+
+
+# ---- the catalogue -------------------------------------------------------------------------------
+def catalogue_root() -> Path:
+    """Where the shipped specs live: ``pyvene_patchscopes.catalogue`` (the repository's interventions/)."""
+    return Path(str(resources.files("pyvene_patchscopes.catalogue")))
+
+
+def catalogue() -> list[str]:
+    """Names of the shipped Patchscopes, sorted."""
+    return sorted(p.name for p in catalogue_root().iterdir() if (p / CONFIG_FILE).is_file() and _ENTRY.match(p.name))
+
+
+def describe(name: str) -> str:
+    return str(read_config(locate(name)).get("description", ""))
+
+
+def iter_catalogue() -> Iterator[tuple[str, Patchscope]]:
+    for name in catalogue():
+        yield name, load(name)
+
+
+# ---- an optional hub -----------------------------------------------------------------------------
+def push_to_hub(scope: Patchscope, repo_id: str, models: Any = None, description: str = "") -> str:
+    """Upload a saved Patchscope to a Hugging Face hub repo (for users who have a hub)."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save(scope, tmp, models=models, description=description)
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=tmp, repo_id=repo_id)
+    return repo_id
+
+
+def from_hub(repo_id: str, models: Any = None, revision: str | None = None) -> Patchscope:
+    """Download a Patchscope folder (config.json and *.safetensors only) and load it."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[CONFIG_FILE, "*.safetensors"])
+    return load(folder, models=models)
+
+
+__all__ = ["save", "load", "locate", "catalogue", "catalogue_root", "describe", "iter_catalogue", "model_record",
+           "check_models", "push_to_hub", "from_hub", "CONFIG_FILE", "WEIGHTS_FILE"]

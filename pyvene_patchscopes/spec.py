@@ -17,7 +17,7 @@ Conventions (the paper's, and the official code's):
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -212,6 +212,10 @@ class Patchscope:
             if set(part) - allowed:
                 raise SpecError(f"spec {side} has unknown field(s) {sorted(set(part) - allowed)} "
                                 f"(allowed: {sorted(allowed)})")
+            required = {name for name, f in klass.__dataclass_fields__.items()
+                        if f.default is MISSING and f.default_factory is MISSING}
+            if required - set(part):
+                raise SpecError(f"spec {side} lacks required field(s) {sorted(required - set(part))}")
             parts[side] = klass(**part)
         rest: dict[str, Any] = {}
         if "max_new_tokens" in data:

@@ -1,4 +1,4 @@
-"""The `patchscopes` command line: inspect, run, sweep, demo, presets. Every command takes --json."""
+"""The `patchscopes` command line: inspect, run, sweep, demo, presets, list. Every command takes --json."""
 from __future__ import annotations
 
 import argparse
@@ -101,9 +101,17 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .engine import run
     from .models import load_model
 
-    scope = Patchscope.load_json(args.spec)
+    scope = load_spec(args.spec)
+    changes = {k: v for k, v in (("source_prompt", args.source_prompt), ("source_layer", args.source_layer),
+                                 ("target_layer", args.target_layer)) if v is not None}
+    if args.source_position is not None:
+        changes["source_position"] = parse_position(args.source_position)
+    if scope.reroute is not None and "source_prompt" in changes:
+        raise PatchscopeError("--source-prompt cannot change a multihop spec; build one with presets.multihop")
+    scope = scope.replace(**changes)
     models = {name: load_model(name, device=args.device, dtype=args.dtype)
               for name in {scope.source.model, scope.target_model}}
+    scope = load_spec(args.spec, models).replace(**changes)  # checks the models against the saved spec
     result = run(scope, models, top=args.top)[0]
     lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
              f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
@@ -111,6 +119,23 @@ def cmd_run(args: argparse.Namespace) -> None:
     if result.generation is not None:
         lines.append(f"generation: {result.generation!r}")
     _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
+
+
+def load_spec(spec: str, models: Any = None) -> Patchscope:
+    """A JSON file, a folder written by Patchscope.save, or a catalogue name."""
+    path = Path(spec)
+    if path.is_file():
+        return Patchscope.load_json(path)
+    return Patchscope.load(spec, models=models)
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    from .persist import catalogue, describe
+
+    entries = {name: describe(name) for name in catalogue()}
+    width = max((len(n) for n in entries), default=0) + 2
+    table = "\n".join(f"{name:<{width}}{text}" for name, text in entries.items())
+    _emit(args, {"command": "list", "catalogue": entries}, table)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -210,8 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("run", help="run a Patchscope spec (JSON)")
+    p = sub.add_parser("run", help="run a Patchscope: a catalogue name, a saved folder or a JSON file")
     p.add_argument("spec")
+    p.add_argument("--source-prompt", default=None, help="replace the spec's source prompt")
+    p.add_argument("--source-position", default=None, help="replace the source position (index or substring)")
+    p.add_argument("--source-layer", type=int, default=None)
+    p.add_argument("--target-layer", type=int, default=None)
     p.add_argument("--top", type=int, default=10)
     _common(p)
     p.set_defaults(func=cmd_run, model=None)
@@ -228,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="folder for the heatmap PNG")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="the shipped catalogue of Patchscopes (run one with: patchscopes run NAME)")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("presets", help="list presets and embedded models")
     _common(p, model=False)

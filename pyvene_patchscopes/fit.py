@@ -63,24 +63,31 @@ def gather(handle: ModelHandle, texts: Sequence[str], layer: int, after_final_no
     ``after_final_norm`` matters only for the last layer: HF's ``hidden_states[-1]`` (after the norm) or
     the block output before it.
     """
+    return gather_layers(handle, texts, [layer], after_final_norm, batch_size, progress, desc)[layer % handle.n_layers]
+
+
+def gather_layers(handle: ModelHandle, texts: Sequence[str], layers: Sequence[int], after_final_norm: bool = False,
+                  batch_size: int = 8, progress: bool | None = None,
+                  desc: str = "gather") -> dict[int, list[torch.Tensor]]:
+    """`gather` for several layers from the same forward passes: {layer: [per-text states]}."""
     from .engine import Batch, chunks
 
-    layer = _layer("layer", layer, handle)
-    last = layer == handle.n_layers - 1
-    out: list[torch.Tensor] = []
+    wanted = sorted({_layer("layer", layer, handle) for layer in layers})
+    last = handle.n_layers - 1
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
     batches = list(chunks(list(texts), batch_size))
     show = progress if progress is not None else len(batches) > 4
     with pyvene_guard(handle.model), torch.no_grad():
         for batch_texts in tqdm(batches, desc=desc, unit="batch", disable=not show):
             batch = Batch.encode(handle, batch_texts)
             captured: list[torch.Tensor] = []
-            capture = _pre_norm_capture(handle, captured) if last and not after_final_norm \
+            capture = _pre_norm_capture(handle, captured) if last in out and not after_final_norm \
                 else contextlib.nullcontext()
             with capture:
                 result = handle.model(**batch.inputs, output_hidden_states=True)
-            states = captured[0] if captured else result.hidden_states[layer + 1]
-            for row, pad in enumerate(batch.pad):
-                out.append(states[row, pad:].float().cpu())
+            for layer in wanted:
+                states = captured[0] if layer == last and captured else result.hidden_states[layer + 1]
+                out[layer].extend(states[row, pad:].float().cpu() for row, pad in enumerate(batch.pad))
     return out
 
 
@@ -145,6 +152,19 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
     return torch.cat(rows_x), torch.cat(rows_y)
 
 
+def fit_tuned_lens(handle: ModelHandle, layers: Sequence[int], texts: Sequence[str] | None = None,
+                   batch_size: int = 8, progress: bool | None = None) -> dict[int, Affine]:
+    """One affine map per layer to the last layer (before its final norm), from one set of forward passes."""
+    texts = list(texts) if texts is not None else default_texts()
+    last = handle.n_layers - 1
+    layers = sorted({_layer("layers", layer, handle) for layer in layers} - {last})
+    states = gather_layers(handle, texts, [*layers, last], after_final_norm=False, batch_size=batch_size,
+                           progress=progress, desc="gather layers")
+    starts = [_prefix_tokens(handle, text) + 1 for text in texts]
+    y = torch.cat([s[k:] for s, k in zip(states[last], starts)])
+    return {layer: lstsq_affine(torch.cat([s[k:] for s, k in zip(states[layer], starts)]), y) for layer in layers}
+
+
 def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | None = None, target_layer: int = -1,
                texts: Sequence[str] | None = None, batch_size: int = 8, progress: bool | None = None) -> Affine:
     """Fit f: (M, l) -> (M*, l*) by least squares on `texts` (default: `default_texts()`).
@@ -158,4 +178,5 @@ def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | Non
     return lstsq_affine(x, y)
 
 
-__all__ = ["fit_affine", "lstsq_affine", "paired_states", "gather", "default_texts"]
+__all__ = ["fit_affine", "fit_tuned_lens", "lstsq_affine", "paired_states", "gather", "gather_layers",
+           "default_texts"]

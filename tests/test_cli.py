@@ -62,9 +62,9 @@ def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
     assert (tmp_path / "demo_heatmap.png").stat().st_size > 20000
 
 
-def test_presets_lists_the_four_day_one_presets(capsys):
+def test_presets_lists_the_paper_presets(capsys):
     out = _json(capsys, ["presets", "--json"])
-    assert set(out["presets"]) == {"token-identity", "logit-lens", "attribute", "entity-description"}
+    assert set(out["presets"]) == {"token-identity", "logit-lens", "attribute", "entity-description", "multihop"}
 
 
 def test_json_output_is_clean_in_a_fresh_process():

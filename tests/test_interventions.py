@@ -7,7 +7,7 @@ import torch
 import golden
 from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
                                 register_mapping, run)
-from pyvene_patchscopes.fit import fit_affine, lstsq_affine, paired_states
+from pyvene_patchscopes.fit import fit_affine, fit_tuned_lens, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.pyvene_config import resolve
 from pyvene_patchscopes.reroute import prompt_pass, segments
@@ -167,3 +167,10 @@ def test_fit_affine_across_models_pairs_the_same_words():
     f = fit_affine(small, 2, large, 1, texts=TEXTS)
     assert f.weight.shape == (64, 48)
     assert (f(x) - y).pow(2).mean() < (y - y.mean(0)).pow(2).mean()
+
+
+def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_llama):
+    maps = fit_tuned_lens(tiny_llama, [0, 1, 2, 3], texts=TEXTS)
+    assert sorted(maps) == [0, 1, 2]  # the last layer needs no map to itself
+    single = fit_affine(tiny_llama, 1, texts=TEXTS)
+    torch.testing.assert_close(maps[1].weight, single.weight, atol=1e-4, rtol=0)

@@ -1,0 +1,106 @@
+"""Rebuild the shipped catalogue with `Patchscope.save`: ``python -m pyvene_patchscopes.catalogue.build``.
+
+Each entry is a spec for SmolLM2-135M with an example source that the model decodes correctly; use it as
+a template (``patchscopes run NAME --source-prompt ... --source-position ...``). The tuned-lens entries
+carry affine maps fitted here by least squares (``fit_affine``) from layer l to the last layer, on
+`fit.default_texts()` minus the paragraphs held out to score them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from pyvene_patchscopes import Patchscope, Source, Target, load_model, run
+from pyvene_patchscopes.fit import default_texts, fit_tuned_lens, gather_layers
+from pyvene_patchscopes.presets import ATTRIBUTE_PROMPT, build, multihop
+
+log = logging.getLogger("catalogue")
+HERE = Path(__file__).parent
+TUNED_LENS_LAYERS = (6, 12, 18, 24)
+HELD_OUT = 60
+
+ATTRIBUTES = {  # name: (target prompt with placeholder x, example source, subject)
+    "attribute-capital": (ATTRIBUTE_PROMPT, "Here is a country: France", "France"),
+    "attribute-currency": ("The official currency of x is the", "Here is a country: Japan", "Japan"),
+    "attribute-language": ("The official language of x is", "Here is a country: Germany", "Germany"),
+    "attribute-ceo": ("The CEO of x is", "Here is a company: Microsoft", "Microsoft"),
+    "attribute-largest-city": ("The largest city in x is", "Here is a country: Australia", "Australia"),
+}
+
+
+def entries(handle) -> dict[str, tuple[Patchscope, str]]:
+    out = {
+        "token-identity": (build("token-identity", "Amazon's former CEO attended Oscars", "CEO", 8),
+                           "What token a state encodes: the official few-shot identity prompt, patched at '?', l* = l "
+                           "(paper §4.1)."),
+        "logit-lens": (build("logit-lens", "The Eiffel Tower is in the city of", -1, 28),
+                       "The model's own unembedding of a state: T = S, l* = last layer, f = I (paper Table 1)."),
+        "entity-description": (build("entity-description", "Let me tell you about Albert Einstein", "Einstein", 4),
+                               "A short description of the entity at the source position (paper §4.3)."),
+        "multihop-cot": (multihop("the company that created Windows", "The current CEO of", 8, 4, max_new_tokens=12),
+                         "CoT Patchscope (paper §5), a template: S = T = [hop 2][hop 1]; hop 1's last state is rerouted over hop "
+                         "2's last token within one pass, the two segments isolated by an attention mask."),
+    }
+    for name, (prompt, source, subject) in ATTRIBUTES.items():
+        relation = name.removeprefix("attribute-").replace("-", " ")
+        out[name] = (build("attribute", source, subject, 4, target_layer=2, target_prompt=prompt),
+                     f"Attribute extraction, {relation}: the subject's state replaces x in {prompt!r} (paper §4.2).")
+    return out
+
+
+def tuned_lens(handle, texts: list[str]) -> dict[str, tuple[Patchscope, str]]:
+    out = {}
+    for layer, f in fit_tuned_lens(handle, TUNED_LENS_LAYERS, texts=texts, progress=True).items():
+        scope = build("logit-lens", "The Eiffel Tower is in the city of", -1, layer).replace(mapping=f)
+        out[f"tuned-lens-l{layer:02d}"] = (scope, f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by "
+                                                  "least squares to the last layer (paper §4.1), then the unembedding.")
+    return out
+
+
+def agreement(handle, scope: Patchscope, texts: list[str]) -> float:
+    """Share of held-out tokens whose lens top-1 equals the model's own next-token top-1."""
+    from pyvene_patchscopes.mappings import build_mapping
+
+    f = build_mapping(scope.mapping, handle.hidden_size, handle.hidden_size)
+    last = handle.n_layers - 1
+    states = gather_layers(handle, texts, [scope.source.layer, last], after_final_norm=True)
+    hits = total = 0
+    with torch.no_grad():
+        for x, y in zip(states[scope.source.layer], states[last]):
+            lens = handle.model.lm_head(handle.model.model.norm(f(x[2:])))
+            hits += int((lens.argmax(-1) == handle.model.lm_head(y[2:]).argmax(-1)).sum())
+            total += len(x) - 2
+    return hits / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--skip-tuned-lens", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    handle = load_model("smollm2-135m")
+    texts = default_texts()
+    made = entries(handle)
+    if not args.skip_tuned_lens:
+        made.update(tuned_lens(handle, texts[:-HELD_OUT]))
+        for name in [n for n in made if n.startswith("tuned-lens")]:
+            identity = made[name][0].replace(mapping="identity")
+            log.info("%s: top-1 agreement with the model on %d held-out paragraphs: tuned %.3f, logit lens %.3f",
+                     name, HELD_OUT, agreement(handle, made[name][0], texts[-HELD_OUT:]),
+                     agreement(handle, identity, texts[-HELD_OUT:]))
+    for name, (scope, description) in made.items():
+        folder = Path(args.out) / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        scope.save(folder, models=handle, description=description)
+        result = run(scope, handle)[0]
+        log.info("%-24s top %r  generation %r", name, result.token, result.generation)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The shipped catalogue (interventions/): every entry loads by name and runs on SmolLM2, the tuned lens is a
+fitted affine Patchscope, and `patchscopes list` / by-name loading work from an installed wheel."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyvene_patchscopes import Patchscope, run
+from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.persist import catalogue, catalogue_root
+
+REPO = Path(__file__).resolve().parent.parent
+EXPECTED = {  # entry -> text its example must produce (top token or generation), measured on SmolLM2-135M
+    "token-identity": "CEO",
+    "logit-lens": "Paris",
+    "attribute-capital": "Paris",
+    "attribute-currency": "yen",
+    "attribute-language": "German",
+    "attribute-largest-city": "Sydney",
+    "entity-description": "physicist",
+    "tuned-lens-l24": "Paris",
+}
+REQUIRED = {"token-identity", "logit-lens", "entity-description", "multihop-cot", "attribute-capital",
+            "attribute-currency", "attribute-ceo", "attribute-language"}
+
+
+def test_catalogue_holds_the_required_entries_in_the_save_format():
+    names = set(catalogue())
+    assert REQUIRED <= names and any(n.startswith("tuned-lens-") for n in names)
+    for name in names:
+        files = sorted(p.name for p in (catalogue_root() / name).iterdir())
+        assert files in (["config.json"], ["config.json", "mapping.safetensors"]), (name, files)
+        config = json.loads((catalogue_root() / name / "config.json").read_text())
+        assert config["version"] == 2 and config["description"]
+
+
+def test_patchscopes_list_shows_every_entry(capsys):
+    assert main(["list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["catalogue"]
+    assert sorted(listed) == catalogue() and all(listed.values())
+
+
+@pytest.mark.real_model
+def test_every_catalogue_entry_loads_against_smollm2_and_runs(smollm2):
+    for name in catalogue():
+        scope = Patchscope.load(name, models=smollm2)  # checks the GGUF hash and sizes
+        result = run(scope, smollm2)[0]
+        assert torch.isfinite(result.logits).all(), name
+        if scope.max_new_tokens:
+            assert result.generation and result.generation.strip(), name
+        if name in EXPECTED:
+            assert EXPECTED[name] in result.token + (result.generation or ""), (name, result.token, result.generation)
+
+
+@pytest.mark.real_model
+def test_tuned_lens_entries_are_fitted_affine_maps_to_the_last_layer(smollm2):
+    for name in [n for n in catalogue() if n.startswith("tuned-lens-")]:
+        scope = Patchscope.load(name, models=smollm2)
+        assert scope.mapping.name == "affine" and scope.target.layer == -1
+        assert scope.mapping.weights["weight"].shape == (576, 576)
+        assert not torch.allclose(scope.mapping.weights["weight"], torch.eye(576), atol=1e-2)
+
+
+def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # Only the wheel's copy can be imported: the checkout is not on the path and cwd is elsewhere.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)
+    code = ("import pyvene_patchscopes as ps, sys; from pyvene_patchscopes.cli import main; "
+            "assert ps.__file__.startswith(sys.argv[1]), ps.__file__; "
+            "print(ps.Patchscope.load('token-identity').target.prompt.splitlines()[0]); "
+            "sys.exit(main(['list']))")
+    done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "cat -> cat" and any(line.startswith("tuned-lens-") for line in lines)
+    assert set(catalogue()) <= {line.split()[0] for line in lines[1:] if line.strip()}

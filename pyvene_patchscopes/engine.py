@@ -14,11 +14,12 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .compat import Site, base_locations, intervenable, per_intervention_locations, pyvene_guard
+from .errors import SpecError
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import warn_if_sink
 from .pyvene_config import Resolved, collect_config, patch_config, resolve
-from .reroute import run_reroute
+from .reroute import run_reroutes
 from .result import PatchscopeResult, top_k
 from .spec import Patchscope
 
@@ -68,7 +69,7 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
         for chunk in chunks(rows, batch_size):
             batch = Batch.encode(handle, [prompts[r] for r in chunk])
             where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
-            (_, collected), _ = pvm(base=batch.inputs,
+            (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
                                     unit_locations=per_intervention_locations([where] * len(sites)))
             # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
             for site, states in zip(sites, collected):
@@ -93,7 +94,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         pvm = intervenable(config, handle.model)
         key = pvm.sorted_keys[0]
         if max_new_tokens == 0:
-            _, output = pvm(base=batch.inputs, unit_locations=base_locations(where),
+            _, output = pvm(base={**batch.inputs, "logits_to_keep": 1}, unit_locations=base_locations(where),
                             source_representations={key: representation})
             return output.logits[:, -1].float(), None
         base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
@@ -116,21 +117,34 @@ def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
 
 # ---- run ---------------------------------------------------------------------------------------------
 def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
-        top: int = 10, batch_size: int = 32, progress: bool | None = None) -> list[PatchscopeResult]:
-    """Run Patchscopes (one or many) and return one result per scope, in order."""
+        top: int = 10, batch_size: int = 32, progress: bool | None = None,
+        source_states: Sequence[torch.Tensor] | None = None) -> list[PatchscopeResult]:
+    """Run Patchscopes (one or many) and return one result per scope, in order.
+
+    ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
+    as already read at each scope's source, e.g. when an evaluation has read them once for many readouts.
+    """
     scope_list = [scopes] if isinstance(scopes, Patchscope) else list(scopes)
     models = as_models(model)
     resolved = [resolve(scope, models) for scope in scope_list]
+    if source_states is not None and len(source_states) != len(resolved):
+        raise SpecError(f"source_states has {len(source_states)} entries for {len(resolved)} scopes "
+                        "(allowed: one state per scope)")
     results: list[PatchscopeResult | None] = [None] * len(resolved)
     plain = [r for r, item in enumerate(resolved) if item.scope.reroute is None]
     if plain:
         items = [resolved[r] for r in plain]
-        states = _collect_all(items, models, batch_size)
+        states = _collect_all(items, models, batch_size) if source_states is None \
+            else [source_states[r] for r in plain]
         for r, result in zip(plain, _patch_all(items, states, models, top, batch_size, progress)):
             results[r] = result
+    rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:
-            results[r] = run_reroute(item, models[item.scope.source.model], top)
+            rerouted[item.scope.source.model].append(r)
+    for name, rows in rerouted.items():
+        for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
+            results[r] = result
     return results  # type: ignore[return-value]
 
 

@@ -4,7 +4,7 @@ Two settings:
 - one model, layer l -> layer l* (the tuned-lens style map to the last layer): X and Y are the states of
   the same tokens;
 - two models of different hidden sizes (the cross-model map): the texts are tokenised by both models and
-  states are paired at every word end that is a token boundary in both, as the paper aligns prefixes.
+  states are paired wherever both have read the same decoded prefix, as the official code aligns them.
 
 X and Y are read where the Patchscope reads and writes (see ``compat.hidden_state_site``): the source at
 layer l, the target at layer l* before the final norm unless both are the last layer of one model.
@@ -84,7 +84,7 @@ def gather_layers(handle: ModelHandle, texts: Sequence[str], layers: Sequence[in
             capture = _pre_norm_capture(handle, captured) if last in out and not after_final_norm \
                 else contextlib.nullcontext()
             with capture:
-                result = handle.model(**batch.inputs, output_hidden_states=True)
+                result = handle.model(**batch.inputs, output_hidden_states=True, logits_to_keep=1)
             for layer in wanted:
                 states = captured[0] if layer == last and captured else result.hidden_states[layer + 1]
                 out[layer].extend(states[row, pad:].float().cpu() for row, pad in enumerate(batch.pad))
@@ -115,13 +115,23 @@ def _prefix_tokens(handle: ModelHandle, text: str) -> int:
         len(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _word_end_tokens(handle: ModelHandle, text: str) -> dict[int, int]:
-    """char offset of a word end -> index (with special prefix) of the token that ends there."""
-    encoded = handle.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    prefix = _prefix_tokens(handle, text)
-    ends = {end: prefix + k for k, (_, end) in enumerate(encoded["offset_mapping"])}
-    word_ends = {k for k in range(1, len(text) + 1) if text[k - 1].isalnum() and (k == len(text) or not text[k].isalnum())}
-    return {c: ends[c] for c in word_ends if c in ends}
+def aligned_positions(text: str, source: ModelHandle, target: ModelHandle) -> list[tuple[int, int]]:
+    """Token index pairs (i, i*) at which both models have read exactly the same text.
+
+    As the official cross-model code checks before pairing states: the decoded prefix through token i in
+    the source equals the decoded prefix through token i* in the target. Indices count the tokens each
+    tokenizer puts before the text (BOS, document start); the first text token is left out (sink-adjacent).
+    """
+    ids_s = source.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids_t = target.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefixes_t = {target.tokenizer.decode(ids_t[:k + 1]): k for k in range(len(ids_t))}
+    shift_s, shift_t = _prefix_tokens(source, text), _prefix_tokens(target, text)
+    pairs = []
+    for k in range(1, len(ids_s)):
+        match = prefixes_t.get(source.tokenizer.decode(ids_s[:k + 1]))
+        if match is not None and match > 0:
+            pairs.append((shift_s + k, shift_t + match))
+    return pairs
 
 
 def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, target_layer: int,
@@ -145,10 +155,9 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
             rows_x.append(x[start:])
             rows_y.append(y[start:])
             continue
-        source_ends, target_ends = _word_end_tokens(source, text), _word_end_tokens(target, text)
-        shared = sorted(set(source_ends) & set(target_ends))[1:]  # skip the first word (sink-adjacent)
-        rows_x.append(x[[source_ends[c] for c in shared]])
-        rows_y.append(y[[target_ends[c] for c in shared]])
+        pairs = aligned_positions(text, source, target)
+        rows_x.append(x[[i for i, _ in pairs]])
+        rows_y.append(y[[j for _, j in pairs]])
     return torch.cat(rows_x), torch.cat(rows_y)
 
 
@@ -178,5 +187,5 @@ def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | Non
     return lstsq_affine(x, y)
 
 
-__all__ = ["fit_affine", "fit_tuned_lens", "lstsq_affine", "paired_states", "gather", "gather_layers",
+__all__ = ["fit_affine", "fit_tuned_lens", "aligned_positions", "lstsq_affine", "paired_states", "gather", "gather_layers",
            "default_texts"]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .compat import intervenable, per_intervention_locations, pyvene_guard
+from .errors import SpecError
 from .mappings import build_mapping
 from .models import ModelHandle
 from .pyvene_config import Resolved, collect_config, patch_config, reroute_config
@@ -25,14 +26,15 @@ from .result import PatchscopeResult, top_k
 
 
 @dataclass
-class MaskedPrompt:
-    """One tokenised prompt with its (optional) segment mask, ready for the model."""
+class MaskedBatch:
+    """Left-padded prompts with per-row additive 4D masks (causal, segments isolated where asked)."""
 
-    input_ids: torch.Tensor  # [1, n]
-    attention_mask: torch.Tensor  # [1, n] of ones, or [1, 1, n, n] additive when segments are isolated
-    position_ids: torch.Tensor  # [1, n]
+    input_ids: torch.Tensor  # [B, n]
+    attention_mask: torch.Tensor  # [B, 1, n, n] additive
+    position_ids: torch.Tensor  # [B, n]
+    pad: list[int]  # left padding per row
 
-    def inputs(self) -> dict[str, torch.Tensor]:
+    def inputs(self) -> dict[str, Any]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
                 "position_ids": self.position_ids, "use_cache": True}
 
@@ -63,73 +65,123 @@ def segment_mask(labels: list[int], dtype: torch.dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def encode(handle: ModelHandle, prompt: str, split: int | None) -> MaskedPrompt:
-    ids = handle.tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"].to(handle.device)
-    n = ids.shape[1]
-    if split is None:
-        mask = torch.ones(1, n, dtype=torch.long, device=handle.device)
-    else:
-        mask = segment_mask(segments(handle, prompt, split), handle.dtype).to(handle.device)
-    return MaskedPrompt(ids, mask, torch.arange(n, device=handle.device)[None])
+def encode(handle: ModelHandle, prompts: list[str], splits: list[int | None]) -> MaskedBatch:
+    """Tokenise and left-pad; a padding position sees only itself, so no softmax row is empty."""
+    tokenizer, dtype = handle.tokenizer, handle.dtype
+    labels = [segments(handle, p, s) for p, s in zip(prompts, splits)]
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    n = max(map(len, ids))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    mask = torch.full((len(ids), 1, n, n), torch.finfo(dtype).min, dtype=dtype)
+    input_ids = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(ids), n), dtype=torch.long)
+    pads = []
+    for row, (tokens, seg) in enumerate(zip(ids, labels)):
+        pad = n - len(tokens)
+        pads.append(pad)
+        input_ids[row, pad:] = torch.tensor(tokens)
+        position_ids[row, pad:] = torch.arange(len(tokens))
+        mask[row, 0, pad:, pad:] = segment_mask(seg, dtype)[0, 0]
+        mask[row, 0, range(pad), range(pad)] = 0
+    device = handle.device
+    return MaskedBatch(input_ids.to(device), mask.to(device), position_ids.to(device), pads)
 
 
-def prompt_pass(item: Resolved, handle: ModelHandle) -> tuple[Any, int]:
-    """The patched prompt pass of a CoT Patchscope: (model output with logits at every position, length)."""
-    sequence = encode(handle, item.scope.source.prompt, item.scope.reroute.split)
-    mapping = build_mapping(item.scope.mapping, handle.hidden_size, handle.hidden_size).to(handle.device)
+def _check_group(items: list[Resolved]) -> None:
+    first = items[0]
+    for item in items[1:]:
+        if (item.source_site, item.target_site, item.scope.mapping) != (first.source_site, first.target_site,
+                                                                         first.scope.mapping):
+            raise SpecError("a reroute batch needs one (source site, target site, mapping); group the scopes first")
+
+
+def prompt_pass(item: "Resolved | list[Resolved]", handle: ModelHandle) -> tuple[Any, MaskedBatch]:
+    """The patched prompt pass of CoT Patchscopes sharing (l, l*, f): model output (logits at every
+    position, KV cache) and the padded batch it ran on."""
+    items = item if isinstance(item, list) else [item]
+    _check_group(items)
+    batch = encode(handle, [i.scope.source.prompt for i in items], [i.scope.reroute.split for i in items])
+    mapping = build_mapping(items[0].scope.mapping, handle.hidden_size, handle.hidden_size).to(handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
-        return _prompt_pass(item, handle, sequence, mapping), sequence.input_ids.shape[1]
+        return _prompt_pass(items, handle, batch, mapping), batch
 
 
 def run_reroute(item: Resolved, handle: ModelHandle, top: int = 10) -> PatchscopeResult:
-    """Run one CoT Patchscope: the prompt pass with the reroute, then greedy decoding with the KV cache.
+    """Run one CoT Patchscope (see `run_reroutes`)."""
+    return run_reroutes([item], handle, top)[0]
+
+
+def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
+                 batch_size: int = 32) -> list[PatchscopeResult]:
+    """Run CoT Patchscopes: batches that share (l, l*, f, max_new_tokens) get one prompt pass with the
+    reroute, then batched greedy decoding from its KV cache.
 
     With isolated segments the write at i* cannot reach the prompt's last position, so the next-token
     ``top`` is the unpatched one; the generation (whose tokens see i*) is the readout.
     """
-    scope = item.scope
-    output, length = prompt_pass(item, handle)
-    with pyvene_guard(handle.model), torch.no_grad():
-        logits = output.logits[0, -1].float()
-        generation = None
-        if scope.max_new_tokens:
-            generation = _greedy(handle, output, length, scope.max_new_tokens)
-    return PatchscopeResult(scope=scope, source_position=item.source_position, target_position=item.target_position,
-                            logits=logits.cpu(), top=top_k(logits, handle.tokenizer, top), generation=generation)
+    groups: dict[tuple, list[int]] = {}
+    for k, item in enumerate(items):
+        key = (item.source_site, item.target_site, item.scope.mapping, item.scope.max_new_tokens)
+        groups.setdefault(key, []).append(k)
+    results: list[PatchscopeResult | None] = [None] * len(items)
+    for rows in groups.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            group = [items[k] for k in chunk]
+            output, batch = prompt_pass(group, handle)
+            max_new_tokens = group[0].scope.max_new_tokens
+            with pyvene_guard(handle.model), torch.no_grad():
+                logits = output.logits[:, -1].float()
+                texts = _greedy(handle, output, batch, max_new_tokens) if max_new_tokens else [None] * len(group)
+            for row, (k, item) in enumerate(zip(chunk, group)):
+                results[k] = PatchscopeResult(scope=item.scope, source_position=item.source_position,
+                                              target_position=item.target_position, logits=logits[row].cpu(),
+                                              top=top_k(logits[row], handle.tokenizer, top), generation=texts[row])
+    return results  # type: ignore[return-value]
 
 
-def _prompt_pass(item: Resolved, handle: ModelHandle, sequence: MaskedPrompt, mapping):
-    read, write = item.source_site, item.target_site
+def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch, mapping):
+    read, write = items[0].source_site, items[0].target_site
+    reads = [pad + item.source_position for pad, item in zip(batch.pad, items)]
+    writes = [pad + item.target_position for pad, item in zip(batch.pad, items)]
     if read.layer <= write.layer:  # one pass: the read site fires before (or at) the write site
         pvm = intervenable(reroute_config(read, write, handle.hidden_size, mapping), handle.model)
         next(iter(pvm.interventions.values())).reset()
-        _, output = pvm(base=sequence.inputs(),
-                        unit_locations=per_intervention_locations([[item.source_position], [item.target_position]]))
+        _, output = pvm(base=batch.inputs(), unit_locations=per_intervention_locations([reads, writes]))
         return output
     collector = intervenable(collect_config([read], handle.hidden_size), handle.model)
-    (_, collected), _ = collector(base=sequence.inputs(),
-                                  unit_locations=per_intervention_locations([[item.source_position]]))
-    state = collected[0].reshape(1, 1, -1)
+    (_, collected), _ = collector(base={**batch.inputs(), "use_cache": False, "logits_to_keep": 1},
+                                  unit_locations=per_intervention_locations([reads]))
+    states = collected[0].reshape(len(items), 1, -1)
     patcher = intervenable(patch_config(write, handle.hidden_size, mapping), handle.model)
-    _, output = patcher(base=sequence.inputs(), unit_locations=per_intervention_locations([[item.target_position]]),
-                        source_representations={patcher.sorted_keys[0]: state})
+    _, output = patcher(base=batch.inputs(), unit_locations=per_intervention_locations([writes]),
+                        source_representations={patcher.sorted_keys[0]: states})
     return output
 
 
-def _greedy(handle: ModelHandle, output, prompt_length: int, max_new_tokens: int) -> str:
-    """Greedy decoding from the patched prompt's KV cache; new tokens attend to every earlier token."""
+def _greedy(handle: ModelHandle, output, batch: MaskedBatch, max_new_tokens: int) -> list[str]:
+    """Greedy decoding from the patched prompt's KV cache; new tokens attend to every earlier real token."""
+    eos = handle.tokenizer.eos_token_id
     cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
-    tokens = []
+    rows, n = token.shape[0], batch.input_ids.shape[1]
+    real = torch.ones(rows, n, dtype=torch.long, device=handle.device)
+    for row, pad in enumerate(batch.pad):
+        real[row, :pad] = 0
+    lengths = real.sum(-1, keepdim=True)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
     for step in range(max_new_tokens):
-        tokens.append(int(token))
-        if token.item() == handle.tokenizer.eos_token_id:
+        for row in range(rows):
+            if not done[row]:
+                tokens[row].append(int(token[row]))
+                done[row] = int(token[row]) == eos
+        if all(done) or step == max_new_tokens - 1:
             break
-        length = prompt_length + step + 1
-        out = handle.model(input_ids=token, past_key_values=cache, use_cache=True,
-                           attention_mask=torch.ones(1, length, dtype=torch.long, device=handle.device),
-                           position_ids=torch.tensor([[length - 1]], device=handle.device))
+        real = torch.cat([real, torch.ones(rows, 1, dtype=torch.long, device=handle.device)], dim=1)
+        out = handle.model(input_ids=token, past_key_values=cache, use_cache=True, attention_mask=real,
+                           position_ids=lengths + step)
         cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-    return handle.tokenizer.decode(tokens, skip_special_tokens=True)
+    return handle.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
 
-__all__ = ["run_reroute", "prompt_pass", "segments", "segment_mask", "encode"]
+__all__ = ["run_reroute", "run_reroutes", "prompt_pass", "segments", "segment_mask", "encode", "MaskedBatch"]

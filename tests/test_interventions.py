@@ -7,7 +7,7 @@ import torch
 import golden
 from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
                                 register_mapping, run)
-from pyvene_patchscopes.fit import fit_affine, fit_tuned_lens, lstsq_affine, paired_states
+from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.pyvene_config import resolve
 from pyvene_patchscopes.reroute import prompt_pass, segments
@@ -159,11 +159,14 @@ def test_fit_affine_to_the_last_layer_beats_the_identity(tiny_llama):
     assert f.weight.shape == (64, 64) and fitted < 0.5 * identity
 
 
-def test_fit_affine_across_models_pairs_the_same_words():
+def test_fit_affine_across_models_pairs_states_at_the_same_decoded_prefix():
     small, large = tiny_model("gpt2", hidden=48, seed=3), tiny_model("llama", hidden=64, seed=4)
     x, y = paired_states(small, 2, large, 1, TEXTS)
-    words_per_text = len(TEXTS[0].split()) - 1  # every word end but the first is a shared token boundary
-    assert x.shape == (len(TEXTS) * words_per_text, 48) and y.shape == (x.shape[0], 64)
+    pairs = aligned_positions(TEXTS[0], small, large)
+    ids_s, ids_l = small.tokenizer(TEXTS[0])["input_ids"], large.tokenizer(TEXTS[0])["input_ids"]
+    assert pairs and all(small.tokenizer.decode(ids_s[:i + 1], skip_special_tokens=True)
+                         == large.tokenizer.decode(ids_l[:j + 1], skip_special_tokens=True) for i, j in pairs)
+    assert x.shape == (sum(len(aligned_positions(t, small, large)) for t in TEXTS), 48) and y.shape == (x.shape[0], 64)
     f = fit_affine(small, 2, large, 1, texts=TEXTS)
     assert f.weight.shape == (64, 48)
     assert (f(x) - y).pow(2).mean() < (y - y.mean(0)).pow(2).mean()
@@ -174,3 +177,19 @@ def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_ll
     assert sorted(maps) == [0, 1, 2]  # the last layer needs no map to itself
     single = fit_affine(tiny_llama, 1, texts=TEXTS)
     torch.testing.assert_close(maps[1].weight, single.weight, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("read_layer,write_layer", [(0, 2), (2, 1)])
+def test_batched_reroutes_of_different_lengths_equal_one_at_a_time(tiny_llama, read_layer, write_layer):
+    from pyvene_patchscopes.reroute import run_reroutes
+
+    hops = [(HOP1, HOP2), ("the city on the river Seine", "The largest museum of"),
+            ("a river", "The name of the longest bridge over")]
+    items = [resolve(multihop(h1, h2, read_layer, write_layer, max_new_tokens=5, isolate=isolate,
+                              model=tiny_llama.name), {tiny_llama.name: tiny_llama})
+             for h1, h2 in hops for isolate in (True, False)]
+    batched = run_reroutes(items, tiny_llama, top=3, batch_size=8)
+    for item, together in zip(items, batched):
+        alone = run_reroutes([item], tiny_llama, top=3)[0]
+        torch.testing.assert_close(together.logits, alone.logits, atol=ATOL, rtol=0)
+        assert together.generation == alone.generation

@@ -1,4 +1,4 @@
-"""The `patchscopes` command line: inspect, run, sweep, demo, presets, list. Every command takes --json."""
+"""The `patchscopes` command line: inspect, run, sweep, demo, presets, list, eval. Every command takes --json."""
 from __future__ import annotations
 
 import argparse
@@ -206,6 +206,37 @@ def cmd_presets(args: argparse.Namespace) -> None:
     _emit(args, payload, table)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import TASKS, EvalOptions, get_task, run_all, run_task
+    from .models import load_model
+
+    if args.task != "all":
+        get_task(args.task)  # a clear error before any model loads
+    handles: dict[str, Any] = {}
+
+    def load(name: str):
+        if name not in handles:
+            handles[name] = load_model(name, device=args.device, dtype=args.dtype)
+        return handles[name]
+
+    cross = args.task == "cross-model"
+    options = EvalOptions(
+        limit=args.limit, data=args.data, n_train=args.n_train, seed=args.seed, batch_size=args.batch_size,
+        layers=None if args.layers is None else parse_layers(args.layers, load(args.model).n_layers),
+        target_layers=None if args.target_layers is None else
+        parse_layers(args.target_layers, load(args.target_model if cross else args.model).n_layers),
+        progress=None if not args.json else False)
+    if args.task == "all":
+        if args.out is None:
+            raise PatchscopeError("eval all needs --out DIR (allowed: any folder; one subfolder per task)")
+        reports = run_all(load, options, args.out)
+        payload = {"command": "eval", "task": "all", "reports": [r.to_dict() for r in reports]}
+        _emit(args, payload, (Path(args.out) / "README.md").read_text())
+        return
+    report = run_task(args.task, load, options, args.out, source=args.model, target=args.target_model)
+    _emit(args, {"command": "eval", "task": args.task, "report": report.to_dict()}, report.markdown())
+
+
 # ---- parser -----------------------------------------------------------------------------------------
 def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
@@ -257,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="folder for the heatmap PNG")
     _common(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="the paper's experiments: next-token, attributes, entities, cross-model, "
+                                    "multihop, stages, or all")
+    p.add_argument("task", help="next-token | attributes | entities | cross-model | multihop | stages | all")
+    p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
+    p.add_argument("--limit", type=int, default=None, help="how many samples (texts, facts, entities, queries)")
+    p.add_argument("--layers", default=None, help="source layers: all, 5, 0-29, 0,3,6, 0-29:3 (default: the task's)")
+    p.add_argument("--target-layers", default=None, help="target layers, same forms (default: the task's)")
+    p.add_argument("--data", default=None, help="your own JSONL (facts, entities or multihop fields; see README)")
+    p.add_argument("--n-train", type=int, default=None, help="training texts for fitted maps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--target-model", default="gemma3-270m", help="M* for cross-model")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("list", help="the shipped catalogue of Patchscopes (run one with: patchscopes run NAME)")
     _common(p, model=False)

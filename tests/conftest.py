@@ -25,3 +25,9 @@ def tiny_llama():
 def smollm2():
     from pyvene_patchscopes import load_model
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from pyvene_patchscopes import load_model
+    return load_model("gemma3-270m")

@@ -47,15 +47,25 @@ def test_patchscopes_list_shows_every_entry(capsys):
 
 
 @pytest.mark.real_model
-def test_every_catalogue_entry_loads_against_smollm2_and_runs(smollm2):
+def test_every_catalogue_entry_loads_against_its_models_and_runs(smollm2, gemma3):
     for name in catalogue():
-        scope = Patchscope.load(name, models=smollm2)  # checks the GGUF hash and sizes
-        result = run(scope, smollm2)[0]
+        models = [smollm2, gemma3] if name.startswith("cross-model-") else [smollm2]
+        scope = Patchscope.load(name, models=models)  # checks the GGUF hashes and sizes
+        result = run(scope, models)[0]
         assert torch.isfinite(result.logits).all(), name
         if scope.max_new_tokens:
             assert result.generation and result.generation.strip(), name
         if name in EXPECTED:
             assert EXPECTED[name] in result.token + (result.generation or ""), (name, result.token, result.generation)
+
+
+def test_cross_model_entries_map_smollm2_states_into_gemma3():
+    names = [n for n in catalogue() if n.startswith("cross-model-smollm2-gemma3-")]
+    assert names
+    for name in names:
+        scope = Patchscope.load(name)
+        assert (scope.source.model, scope.target_model, scope.mapping.name) == ("smollm2-135m", "gemma3-270m", "affine")
+        assert scope.mapping.weights["weight"].shape == (640, 576)
 
 
 @pytest.mark.real_model
@@ -80,10 +90,13 @@ def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):
     code = ("import pyvene_patchscopes as ps, sys; from pyvene_patchscopes.cli import main; "
             "assert ps.__file__.startswith(sys.argv[1]), ps.__file__; "
             "print(ps.Patchscope.load('token-identity').target.prompt.splitlines()[0]); "
+            "from pyvene_patchscopes.evaluate.data import load_jsonl; "
+            "print(sum(len(load_jsonl(k)) for k in ('facts', 'entities', 'multihop'))); "
             "sys.exit(main(['list']))")
     done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "cat -> cat" and any(line.startswith("tuned-lens-") for line in lines)
-    assert set(catalogue()) <= {line.split()[0] for line in lines[1:] if line.strip()}
+    assert int(lines[1]) >= 300  # the evaluations' JSONL data ships in the wheel too
+    assert set(catalogue()) <= {line.split()[0] for line in lines[2:] if line.strip()}

@@ -1,0 +1,84 @@
+"""The paper's experiments as evaluations: `patchscopes eval TASK` (see each module's docstring)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UnknownNameError
+from ..models import ModelHandle
+from .common import EvalOptions
+from .report import Report, Table
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    summary: str
+    module: str
+    cross_model: bool = False
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("next-token", "§4.1 Precision@1 and surprisal per layer: logit lens, tuned lens, token identity (+ affine)",
+         "next_token"),
+    Task("attributes", "§4.2 attribute extraction over (l, l*) against a logistic-regression probe", "attributes"),
+    Task("entities", "§4.3 entity descriptions per layer, ROUGE-L, popular vs rare", "entities"),
+    Task("cross-model", "§4.4 SmolLM2-135M -> Gemma 3 270M with fitted affine maps, Precision@1 heatmaps",
+         "cross_model", cross_model=True),
+    Task("multihop", "§5 vanilla vs CoT vs CoT Patchscope with rerouting", "multihop"),
+    Task("stages", "stages of function application: abstractive vs extractive", "stages"),
+)}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UnknownNameError(f"task={name!r} is not known (allowed: {', '.join(TASKS)}, all)")
+    return TASKS[name]
+
+
+def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path | None = None,
+             source: str = "smollm2-135m", target: str = "gemma3-270m") -> Report:
+    """Run one evaluation; `load(name)` returns a model handle. Writes report.json/.md and plots into `out`."""
+    from importlib import import_module
+
+    task = get_task(name)
+    module = import_module(f".{task.module}", __name__)
+    folder = None if out is None else str(out)
+    if task.cross_model:
+        report = module.run(load(source), load(target), options, folder)
+    else:
+        report = module.run(load(source), options, folder)
+    if folder is not None:
+        report.write(folder)
+    return report
+
+
+def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path) -> list[Report]:
+    """Every task, each into ``out/TASK/``, and an index ``out/README.md`` with every headline number."""
+    start = time.perf_counter()
+    reports = [run_task(name, load, options, Path(out) / name) for name in TASKS]
+    write_index(reports, Path(out), time.perf_counter() - start)
+    return reports
+
+
+def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
+    lines = ["# Evaluation reports", "",
+             f"Written by `patchscopes eval all --out {out}` in {seconds / 60:.1f} min. Each folder has report.md "
+             "(tables), report.json (every number) and the plots.", ""]
+    for report in reports:
+        lines += [f"## [{report.title}]({report.task}/report.md)", "", f"`{report.command}` ({report.seconds:.0f} s)", ""]
+        lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
+                  for key, value in report.summary.items()]
+        lines.append("")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    (out / "summary.json").write_text(json.dumps({r.task: {"seconds": r.seconds, **r.summary} for r in reports},
+                                                 indent=1, default=float) + "\n")
+    return path
+
+
+__all__ = ["TASKS", "Task", "run_task", "run_all", "EvalOptions", "Report", "Table", "get_task"]

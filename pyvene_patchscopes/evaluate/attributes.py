@@ -1,0 +1,212 @@
+"""§4.2 Attribute extraction: the subject's state, patched over x in "The capital city of x is", names the object.
+
+Facts (subject, relation, object) come from a JSONL set (the shipped one, or the user's), filtered as the
+paper does to those the model itself completes correctly within 20 tokens. The source puts the subject
+after a short context ("Here is a country: France", read at the subject's last token) rather than at the
+start, where the attention sink would sit next to it. For each (l, l*) the target generates 20 tokens;
+a sample is correct when the object appears. Accuracy per source layer counts a fact as extracted if
+any l* works (the paper's rule). The baseline is a logistic-regression probe per layer (3-fold CV).
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import defaultdict
+from statistics import mean, pstdev
+from typing import Any
+
+import torch
+
+from ..engine import chunks, run as run_scopes
+from ..models import ModelHandle
+from ..presets import attribute
+from ..spec import Source
+from .common import EvalOptions, check_layers, generate
+from .data import load_jsonl, rows
+from .next_token import read_states
+from .probe import probe_accuracy
+from .report import Report, Table, save_figure
+from .scoring import object_in_generation
+
+COMMAND = "patchscopes eval attributes --out reports/attributes"
+MAX_NEW_TOKENS = 20
+PER_RELATION = 8  # facts per relation swept over (l, l*); the probe uses every known fact
+
+
+def source_prompt(fact: dict) -> str:
+    kind = fact["subject_kind"]
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    return f"Here is {article} {kind}: {fact['subject']}"
+
+
+def fill(template: str, subject: str) -> str:
+    """The template with its placeholder word x replaced by the subject."""
+    return re.sub(r"(?<!\w)x(?!\w)", subject, template, count=1)
+
+
+def known_facts(handle: ModelHandle, facts: list[dict], options: EvalOptions) -> tuple[list[dict], list[str]]:
+    """Facts whose plain prompt the model completes with the object (and all vanilla generations)."""
+    generations = generate(handle, [fill(f["template"], f["subject"]) for f in facts], MAX_NEW_TOKENS,
+                           options.batch_size, options.progress, desc="filter: vanilla")
+    known = [f for f, g in zip(facts, generations) if object_in_generation(g, f["object"], f.get("aliases") or ())]
+    return known, generations
+
+
+def round_robin(facts: list[dict], cap: int | None) -> list[dict]:
+    """At most `cap` facts per relation, interleaved across relations so any prefix covers them all."""
+    by_relation: dict[str, list[dict]] = defaultdict(list)
+    for fact in facts:
+        by_relation[fact["relation"]].append(fact)
+    queues = [members[:cap] for members in by_relation.values()]
+    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+
+
+def unpatched_baseline(handle: ModelHandle, facts: list[dict], options: EvalOptions) -> list[bool]:
+    """Per fact, whether the relation prompt with a literal "x" (no patch) already generates the object."""
+    templates = sorted({f["template"] for f in facts})
+    generations = dict(zip(templates, generate(handle, templates, MAX_NEW_TOKENS, options.batch_size,
+                                               options.progress, desc="baseline: x")))
+    return [object_in_generation(generations[f["template"]], f["object"], f.get("aliases") or ()) for f in facts]
+
+
+def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:
+    start = time.perf_counter()
+    n = handle.n_layers
+    layers = check_layers("--layers", options.pick("layers", range(0, n, 3)), handle)
+    target_layers = check_layers("--target-layers", options.pick("target_layers", [0, 3, 6]), handle)
+    facts = rows(load_jsonl("facts", options.data))
+    known, _ = known_facts(handle, facts, options)
+    swept = round_robin(known, options.extra.get("per_relation", PER_RELATION))[: options.limit]
+    baseline = unpatched_baseline(handle, swept, options)
+    correct = sweep(handle, swept, layers, target_layers, options)  # [fact][l][l*] -> bool
+    states = read_states_at_subject(handle, known, layers, options)
+    probe = {layer: probe_by_relation(known, states[layer], options.seed) for layer in layers}
+    report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, options)
+    report.summary["unpatched target (literal x) already names the object"] = _rate(baseline)
+    plot(report, swept, layers, target_layers, correct, probe, known, out)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def sweep(handle: ModelHandle, facts: list[dict], layers: list[int], target_layers: list[int],
+          options: EvalOptions) -> list[dict[int, dict[int, bool]]]:
+    """Run every (fact, l, l*) attribute Patchscope through the engine, 20 generated tokens each."""
+    correct: list[dict[int, dict[int, bool]]] = [defaultdict(dict) for _ in facts]
+    cells = [(k, l, t) for k in range(len(facts)) for l in layers for t in target_layers]
+    for chunk in chunks(cells, options.batch_size * 8):
+        scopes = [attribute(Source(source_prompt(facts[k]), facts[k]["subject"], l, handle.name), target_layer=t,
+                            max_new_tokens=MAX_NEW_TOKENS, target_prompt=facts[k]["template"])
+                  for k, l, t in chunk]
+        results = run_scopes(scopes, handle, top=1, batch_size=options.batch_size, progress=options.progress)
+        for (k, l, t), result in zip(chunk, results):
+            fact = facts[k]
+            correct[k][l][t] = object_in_generation(result.generation or "", fact["object"], fact.get("aliases") or ())
+    return correct
+
+
+def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[int],
+                           options: EvalOptions) -> dict[int, torch.Tensor]:
+    """The probe's features: the subject's last-token state at each layer, read in one pyvene pass."""
+    from ..positions import resolve_position
+
+    # read_states reads the last token, so cut each source prompt after the subject (it already ends there)
+    prompts = [source_prompt(f) for f in facts]
+    for prompt, fact in zip(prompts, facts):
+        assert resolve_position(handle.tokenizer, prompt, fact["subject"], "Source") == \
+            len(handle.tokenizer(prompt)["input_ids"]) - 1
+    return read_states(handle, prompts, layers, options.batch_size)
+
+
+def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> list[bool | None]:
+    """Probe correctness per fact, cross-validated within its relation (None when a relation is too small)."""
+    out: list[bool | None] = [None] * len(facts)
+    by_relation: dict[str, list[int]] = defaultdict(list)
+    for k, fact in enumerate(facts):
+        by_relation[fact["relation"]].append(k)
+    for members in by_relation.values():
+        if len(members) < 6:
+            continue
+        verdicts = probe_accuracy(features[members], [facts[k]["object"] for k in members], folds=3, seed=seed)
+        for k, verdict in zip(members, verdicts):
+            out[k] = verdict
+    return out
+
+
+def _rate(values: list[bool]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swept: list[dict], layers: list[int],
+                 target_layers: list[int], correct: list, probe: dict, options: EvalOptions) -> Report:
+    any_target = {l: [any(c[l].values()) for c in correct] for l in layers}
+    probe_known = {l: [v for v in probe[l] if v is not None] for l in layers}
+    per_layer = [[l, _rate(any_target[l]), max(_rate([c[l][t] for c in correct]) for t in target_layers),
+                  _rate(probe_known[l])] for l in layers]
+    relations = sorted({f["relation"] for f in facts})
+    relation_rows = []
+    for relation in relations:
+        members = [k for k, f in enumerate(swept) if f["relation"] == relation]
+        known_members = [k for k, f in enumerate(known) if f["relation"] == relation]
+        total = sum(f["relation"] == relation for f in facts)
+        patch = [_rate([any(correct[k][l].values()) for k in members]) for l in layers] if members else []
+        probes = [_rate([probe[l][k] for k in known_members if probe[l][k] is not None]) for l in layers]
+        probes = [p for p in probes if p == p]
+        category = next(f["category"] for f in facts if f["relation"] == relation)
+        relation_rows.append([relation, category, total, len(known_members), len(members),
+                              _mean_std(patch), _mean_std(probes)])
+    summary: dict[str, Any] = {
+        "facts in the set": len(facts), "facts the model answers (kept)": len(known),
+        "facts swept over (l, l*)": len(swept), "relations": len(relations),
+        "Patchscope accuracy, mean over source layers (any l*)": mean(r[1] for r in per_layer),
+        "probe accuracy, mean over source layers (3-fold CV)": _nanmean([r[3] for r in per_layer]),
+        "best source layer (Patchscope)": max(per_layer, key=lambda r: r[1])[0],
+    }
+    return Report(
+        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name, command=COMMAND,
+        settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
+                  "source prompt": "Here is a <kind>: <subject>", "facts": options.data or "shipped facts.jsonl",
+                  "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": options.seed},
+        summary=summary,
+        tables=[Table("Accuracy per source layer", ["l", "Patchscope (any l*)", "Patchscope (best single l*)",
+                                                    "probe (3-fold CV)"], per_layer),
+                Table("Per relation, mean ± std over source layers (as the paper's Table 2)",
+                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe"], relation_rows)],
+        notes=["A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
+               "code tests for a substring; whole words refuse 'euro' in 'European').",
+               "The Patchscope columns cover the swept facts; the probe column covers every known fact, since "
+               "the probe needs the training data. "
+               "The probe is trained per relation on the known facts' subject states; labels unseen in its "
+               "training folds count as wrong, which is why relations with one object per subject score ~0 "
+               "(the paper's Table 5 shows the same)."],
+        data={"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
+              "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept]},
+    )
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{mean(values):.2f} ± {pstdev(values):.2f}" if values else "–"
+
+
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if v == v]
+    return mean(kept) if kept else float("nan")
+
+
+def plot(report: Report, swept: list[dict], layers: list[int], target_layers: list[int], correct: list,
+         probe: dict, known: list[dict], out: str | None) -> None:
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    rows_ = report.tables[0].rows
+    axes[0].plot(layers, [r[1] for r in rows_], marker="o", label="Patchscope (any l*)")
+    axes[0].plot(layers, [r[2] for r in rows_], marker=".", label="Patchscope (best single l*)")
+    axes[0].plot(layers, [r[3] for r in rows_], marker="s", label="logistic probe (3-fold CV)")
+    axes[0].set(xlabel="source layer l", ylabel="accuracy", ylim=(0, 1), title="Accuracy per source layer")
+    axes[0].legend()
+    grid = [[_rate([c[l][t] for c in correct]) for t in target_layers] for l in layers]
+    image = axes[1].imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+    axes[1].set(xticks=range(len(target_layers)), xticklabels=target_layers, yticks=range(len(layers)),
+                yticklabels=layers, xlabel="target layer l*", ylabel="source layer l", title="Accuracy per (l, l*)")
+    figure.colorbar(image, ax=axes[1])
+    figure.suptitle(f"Attribute extraction, {report.model}")
+    save_figure(figure, out, "attributes.png", report)

@@ -1,0 +1,85 @@
+"""An evaluation's output: headline numbers, tables, figures and raw series, written as JSON and markdown."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; evaluations run headless in CI
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.3f}"
+    return str(value).replace("|", "\\|").replace("\n", "\\n")
+
+
+@dataclass
+class Report:
+    """What one `patchscopes eval TASK` run measured."""
+
+    task: str
+    title: str
+    model: str
+    command: str
+    settings: dict[str, Any]
+    summary: dict[str, Any]
+    tables: list[Table] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}", "", f"Model: `{self.model}`. Reproduce: `{self.command}` "
+                 f"({self.seconds:.0f} s on the machine that wrote this).", ""]
+        parts += [f"- {key}: {_fmt(value)}" for key, value in self.summary.items()]
+        parts.append("")
+        for table in self.tables:
+            parts += [table.markdown(), ""]
+        parts += [f"![{name}]({name})" for name in self.figures]
+        if self.notes:
+            parts += ["", *[f"- {note}" for note in self.notes]]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def write(self, out: str | Path) -> Path:
+        """Write ``report.json`` and ``report.md`` (figures are written by the task) into `out`."""
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=1, default=float) + "\n")
+        (folder / "report.md").write_text(self.markdown())
+        return folder
+
+
+def save_figure(figure: Any, out: str | Path | None, name: str, report: Report) -> None:
+    """Save a matplotlib figure as ``out/name`` and list it in the report; without `out`, just close it."""
+    import matplotlib.pyplot as plt
+
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        figure.savefig(Path(out) / name, dpi=120, bbox_inches="tight")
+        report.figures.append(name)
+    plt.close(figure)
+
+
+__all__ = ["Report", "Table", "save_figure"]

@@ -1,0 +1,101 @@
+"""Scoring functions of the paper's evaluations, pure and model-free so they can be tested on hand-made cases."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+
+def precision_at_1(patched_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+    """Per row, 1.0 when the patched argmax equals the source model's own argmax (paper §4.1, `prec_1`)."""
+    return (patched_logits.argmax(-1) == source_logits.argmax(-1)).float()
+
+
+def surprisal(patched_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
+    """Per row, -log p_source(argmax of the patched logits), in nats (the official code's surprisal)."""
+    log_probs = torch.log_softmax(source_logits.float(), dim=-1)
+    return -log_probs.gather(-1, patched_logits.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def _squash(text: str) -> str:
+    return re.sub(r"\s+", "", text).casefold()
+
+
+def object_in_generation(generation: str, answer: str, aliases: Sequence[str] = ()) -> bool:
+    """The attribute test: the object (or an alias) appears in the generation as whole words.
+
+    The official code removes spaces and tests for a substring; whole words, ignoring case and runs of
+    whitespace (a plural "s" allowed), keep that rule while refusing "euro" in "European" and "red" in "bored".
+    """
+    for candidate in (answer, *aliases):
+        words = candidate.split()
+        if not words:
+            continue
+        pattern = r"(?<!\w)" + r"\s+".join(re.escape(w) for w in words) + r"(?:e?s)?(?!\w)"
+        if re.search(pattern, generation, flags=re.IGNORECASE):
+            return True
+    return False
+
+
+def cut_at_next_example(generation: str, separators: Sequence[str] = ("\n", ",")) -> str:
+    """The generation up to the first separator: the few-shot prompt's next example is not the answer."""
+    cut = len(generation)
+    for separator in separators:
+        index = generation.find(separator, 1 if generation.startswith(separator) else 0)
+        if index >= 0:
+            cut = min(cut, index)
+    return generation[:cut]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.casefold())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 between two texts on lower-cased word tokens (longest common subsequence)."""
+    a, b = _words(candidate), _words(reference)
+    if not a or not b:
+        return 0.0
+    previous = [0] * (len(b) + 1)
+    for word in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def same_token(token_a: str, token_b: str) -> bool:
+    """Cross-vocabulary Precision@1: two decoded tokens count as the same when equal up to outer spaces."""
+    return token_a.strip() == token_b.strip() and bool(token_a.strip())
+
+
+def saturation_layer(is_answer: Sequence[bool]) -> int | None:
+    """The first layer from which the answer stays the top-1 readout up to the last layer, or None."""
+    layer = None
+    for index in range(len(is_answer) - 1, -1, -1):
+        if not is_answer[index]:
+            break
+        layer = index
+    return layer
+
+
+def starts_word(token: str, word: str) -> bool:
+    """Whether a decoded token is `word` or its first piece (at least 3 characters, so " W" is not Warsaw)."""
+    piece, whole = _squash(token), _squash(word)
+    return bool(piece) and (whole in piece or (len(piece) >= 3 and whole.startswith(piece)))
+
+
+def stages(readouts: Sequence[str], argument: str, answer: str) -> list[str]:
+    """Label each source layer's top-1 readout: 'answer', 'argument' or 'other' (Merullo et al.'s stages)."""
+    return ["answer" if starts_word(token, answer) else "argument" if starts_word(token, argument) else "other"
+            for token in readouts]
+
+
+__all__ = ["precision_at_1", "surprisal", "object_in_generation", "cut_at_next_example", "rouge_l",
+           "same_token", "saturation_layer", "starts_word", "stages"]

@@ -1,0 +1,205 @@
+"""The evaluations' scoring functions on hand-made cases, and their model-side helpers on tiny models."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from pyvene_patchscopes import Patchscope, Source, SpecError, Target, run
+from pyvene_patchscopes.evaluate import data
+from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
+from pyvene_patchscopes.evaluate.common import generate, lens_logits, sample_prefix
+from pyvene_patchscopes.evaluate.entities import description
+from pyvene_patchscopes.evaluate.next_token import read_states
+from pyvene_patchscopes.evaluate.probe import probe_accuracy
+from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
+                                                 same_token, saturation_layer, stages, starts_word, surprisal)
+from pyvene_patchscopes.fit import aligned_positions
+
+
+# ---- §4.1 metrics ---------------------------------------------------------------------------------------
+def test_precision_at_1_compares_argmaxes_and_surprisal_is_the_source_log_prob_of_the_readout():
+    source = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]]))
+    patched = torch.tensor([[5.0, 1.0, 0.0], [0.0, 1.0, 9.0]])
+    assert precision_at_1(patched, source).tolist() == [1.0, 0.0]
+    torch.testing.assert_close(surprisal(patched, source), torch.tensor([-math.log(0.7), -math.log(0.3)]))
+
+
+# ---- §4.2 object in the generation -------------------------------------------------------------------------
+@pytest.mark.parametrize("generation,answer,aliases,expected", [
+    (" Paris, the city of light", "Paris", (), True),
+    (" paris.", "Paris", (), True),
+    (" New   York City", "New York", (), True),
+    (" the euros are", "euro", (), True),
+    (" the European Union", "euro", (), False),  # a substring is not the object
+    (" bored", "red", (), False),
+    (" the US dollar", "United States dollar", ("dollar",), True),
+    (" Berlin", "Paris", (), False),
+    ("", "Paris", (), False),
+])
+def test_object_in_generation_matches_whole_words(generation, answer, aliases, expected):
+    assert object_in_generation(generation, answer, aliases) is expected
+
+
+def test_fill_replaces_only_the_placeholder_word():
+    assert fill("The capital city of x is", "France") == "The capital city of France is"
+    assert fill("x is next to the box", "Oslo") == "Oslo is next to the box"
+    assert source_prompt({"subject_kind": "animal", "subject": "owl"}) == "Here is an animal: owl"
+
+
+def test_round_robin_interleaves_relations_and_caps_each():
+    facts = [{"relation": r, "n": k} for r in "ab" for k in range(3)] + [{"relation": "c", "n": 0}]
+    picked = round_robin(facts, 2)
+    assert [(f["relation"], f["n"]) for f in picked] == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("b", 1)]
+
+
+def test_probe_learns_separable_classes_and_cannot_name_an_unseen_label():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=generator) * 4
+    labels = ["red", "green", "blue"] * 10
+    features = torch.stack([centres[k % 3] for k in range(30)]) + 0.3 * torch.randn(30, 16, generator=generator)
+    assert sum(probe_accuracy(features, labels)) >= 28
+    unique = [f"object {k}" for k in range(30)]  # one object per subject, as capitals: nothing to generalise
+    assert sum(probe_accuracy(features, unique)) == 0
+
+
+# ---- §4.3 descriptions ---------------------------------------------------------------------------------------
+def test_rouge_l_is_the_lcs_f1_of_words():
+    assert rouge_l("German physicist", "German-born theoretical physicist") == pytest.approx(2 / 3)
+    assert rouge_l("capital city of France", "Capital city of France") == 1.0
+    assert rouge_l("", "anything") == 0.0 and rouge_l("a b", "c d") == 0.0
+    assert rouge_l("b a", "a b") == pytest.approx(0.5)  # order matters: the LCS is one word
+
+
+def test_description_is_the_first_example_after_the_name():
+    assert description(" Albert Einstein: German physicist, Paris: capital") == "German physicist"
+    assert description(": American actor\nSyria: ...") == "American actor"
+    assert cut_at_next_example("a, b\nc") == "a"
+
+
+# ---- §4.4 prefix alignment across tokenizers -------------------------------------------------------------------
+def _char_tokenizer() -> PreTrainedTokenizerFast:
+    """Every character its own token (no merges), no special tokens added."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: k for k, c in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def _word_tokenizer() -> PreTrainedTokenizerFast:
+    """Whole words with their leading space, and a BOS before the text."""
+    words = ["The", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", "."]
+    vocab = {"<s>": 0, **{w: k + 1 for k, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<s>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers.processors import TemplateProcessing
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
+
+
+def test_prefix_alignment_pairs_tokens_where_both_have_read_the_same_text():
+    text = "The cat sat on the mat."
+    chars, words = SimpleNamespace(tokenizer=_char_tokenizer()), SimpleNamespace(tokenizer=_word_tokenizer())
+    pairs = aligned_positions(text, chars, words)
+    # word k (1-based after <s>) ends at these character indices; the first word is left out (sink-adjacent)
+    ends = {"cat": 6, "sat": 10, "on": 13, "the": 17, "mat": 21, ".": 22}
+    assert pairs == [(end, k + 2) for k, end in enumerate(ends.values())]
+    reverse = aligned_positions(text, words, chars)
+    assert reverse == [(j, i) for i, j in pairs]
+
+
+def test_prefix_alignment_finds_nothing_when_the_texts_read_differ():
+    chars = SimpleNamespace(tokenizer=_char_tokenizer())
+    words = SimpleNamespace(tokenizer=_word_tokenizer())
+    assert aligned_positions("A dog ran.", chars, words) == []  # every word is unknown: decodes to "<s>"
+
+
+def test_same_token_ignores_surrounding_spaces_only():
+    assert same_token(" Paris", "Paris") and not same_token(" Paris", " paris") and not same_token(" ", "")
+
+
+# ---- stages ---------------------------------------------------------------------------------------------------
+def test_stages_label_argument_then_answer_and_find_saturation():
+    readouts = [" the", " Pol", " Poland", " War", " Warsaw", " Warsaw"]
+    assert stages(readouts, "Poland", "Warsaw") == ["other", "argument", "argument", "answer", "answer", "answer"]
+    assert saturation_layer([False, True, False, True, True]) == 3
+    assert saturation_layer([True, True, False]) is None
+    assert not starts_word(" W", "Warsaw")  # too short to name the answer
+
+
+# ---- model-side helpers on tiny models -----------------------------------------------------------------------
+def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
+    prompt = "the cat sat on the mat and"
+    last = tiny_llama.n_layers - 1
+    states = read_states(tiny_llama, [prompt], [1, last], batch_size=4)
+    for layer in (1, last):
+        scope = Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last))
+        engine = run(scope, tiny_llama)[0].logits
+        torch.testing.assert_close(lens_logits(tiny_llama, states[layer], normalised=layer == last)[0], engine,
+                                   atol=1e-4, rtol=0)
+
+
+def test_sampled_prefixes_never_cut_at_the_sink_and_retokenise_the_same(tiny_llama):
+    import random
+
+    rng = random.Random(0)
+    text = "The river Seine is long and the city of Paris is large."
+    tokenizer = tiny_llama.tokenizer
+    full = tokenizer(text)["input_ids"]
+    for _ in range(20):
+        prefix = sample_prefix(tiny_llama, text, rng)
+        ids = tokenizer(prefix)["input_ids"]
+        assert len(ids) >= 3 and ids == full[: len(ids)]
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_llama):
+    prompts = ["the cat", "the river Seine is long and", "a"]
+    together = generate(tiny_llama, prompts, max_new_tokens=5, batch_size=8, progress=False)
+    alone = [generate(tiny_llama, [p], max_new_tokens=5, progress=False)[0] for p in prompts]
+    assert together == alone
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def test_shipped_facts_cover_eight_relations_of_twenty_subjects_in_both_categories():
+    facts = data.rows(data.load_jsonl("facts"))
+    by_relation: dict[str, int] = {}
+    for fact in facts:
+        by_relation[fact["relation"]] = by_relation.get(fact["relation"], 0) + 1
+        assert fill(fact["template"], fact["subject"]) != fact["template"]
+    assert len(by_relation) >= 8 and min(by_relation.values()) >= 20
+    assert {f["category"] for f in facts} == {"factual", "commonsense"}
+
+
+def test_shipped_entities_and_multihop_sets_load_with_their_fields():
+    entities = data.rows(data.load_jsonl("entities"))
+    assert {e["popularity"] for e in entities} == {"popular", "rare"}
+    queries = data.rows(data.load_jsonl("multihop"))
+    assert len(queries) >= 40 and all(q["bridge"] in q["hop2_prompt"] for q in queries)
+
+
+def test_user_jsonl_missing_a_field_or_malformed_is_refused_by_name(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"relation": "r", "subject": "s"}) + "\n")
+    with pytest.raises(SpecError, match="lacks field.*template"):
+        data.load_jsonl("facts", path)
+    path.write_text("{not json\n")
+    with pytest.raises(SpecError, match="not valid JSONL"):
+        data.load_jsonl("facts", path)
+    with pytest.raises(SpecError, match="is not a file"):
+        data.load_jsonl("facts", tmp_path / "absent.jsonl")
+
+
+def test_prose_splits_are_disjoint_and_seeded():
+    splits = data.prose_splits(50, 20, seed=3)
+    assert not set(splits["train"]["text"]) & set(splits["evaluation"]["text"])
+    assert data.prose_splits(50, 20, seed=3)["evaluation"]["text"] == splits["evaluation"]["text"]
+    with pytest.raises(SpecError, match="n_train \\+ n_eval"):
+        data.prose_splits(10_000, 1)

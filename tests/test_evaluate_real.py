@@ -1,0 +1,101 @@
+"""Every `patchscopes eval` command end to end, on a tiny slice of the real embedded models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyvene_patchscopes.cli import main
+
+pytestmark = pytest.mark.real_model
+
+
+def _eval(capsys, tmp_path: Path, task: str, *options: str) -> dict:
+    out = tmp_path / task
+    assert main(["eval", task, "--json", "--out", str(out), *options]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    assert (out / "report.md").read_text().startswith("# ")
+    assert json.loads((out / "report.json").read_text())["summary"] == report["summary"]
+    for figure in report["figures"]:
+        assert (out / figure).stat().st_size > 1000
+    return report
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_eval_next_token_logit_lens_is_exact_at_the_last_layer(capsys, tmp_path):
+    report = _eval(capsys, tmp_path, "next-token", "--limit", "6", "--n-train", "14", "--layers", "0,29")
+    assert report["summary"]["logit lens Precision@1 at the last layer"] == 1.0
+    scores = report["data"]["scores"]
+    assert set(scores) == {"logit lens", "tuned lens", "token identity", "token identity + affine"}
+    assert scores["token identity"]["29"][0] == 1.0  # l = l* = last: skip_final_ln gives the model's own output
+    assert report["figures"] == ["next_token.png"]
+
+
+def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_path):
+    facts = _jsonl(tmp_path / "facts.jsonl", [
+        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
+         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
+        for s, o in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Atlantis", "Poseidonia")]])
+    report = _eval(capsys, tmp_path, "attributes", "--data", facts, "--layers", "4", "--target-layers", "2")
+    summary = report["summary"]
+    assert summary["facts in the set"] == 4 and summary["facts the model answers (kept)"] == 3  # not Atlantis
+    swept = [row["subject"] for row in report["data"]["swept"]]
+    france = report["data"]["correct"][swept.index("France")]
+    assert france == {"4": {"2": True}}  # the catalogue's attribute-capital cell: ' Paris'
+    assert [t["title"] for t in report["tables"]][0] == "Accuracy per source layer"
+
+
+def test_eval_entities_describes_einstein_as_a_physicist(capsys, tmp_path):
+    entities = _jsonl(tmp_path / "entities.jsonl", [
+        {"entity": "Albert Einstein", "popularity": "popular", "reference": "German-born theoretical physicist"},
+        {"entity": "Tromsø", "popularity": "rare", "reference": "City in northern Norway"}])
+    report = _eval(capsys, tmp_path, "entities", "--data", entities, "--layers", "4")
+    einstein = [d for d in report["data"]["descriptions"] if d["entity"] == "Albert Einstein"][0]
+    assert "physicist" in einstein["text"] and einstein["rouge_l"] > 0.3
+
+
+def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
+    queries = _jsonl(tmp_path / "multihop.jsonl", [
+        {"hop2": "The capital of", "hop1": "the country where the Eiffel Tower stands",
+         "hop1_prompt": "The Eiffel Tower stands in the country of", "bridge": "France",
+         "hop2_prompt": "The capital of France is", "answer": "Paris", "combo": "landmark->capital"},
+        {"hop2": "The capital of", "hop1": "the country where the Kremlin stands",
+         "hop1_prompt": "The Kremlin stands in the country of", "bridge": "Russia",
+         "hop2_prompt": "The capital of Russia is", "answer": "Moscow", "combo": "landmark->capital"}])
+    report = _eval(capsys, tmp_path, "multihop", "--data", queries, "--layers", "4", "--target-layers", "4")
+    summary = report["summary"]
+    kept = summary["queries whose single hops the model answers (kept)"]
+    assert kept == 2
+    for method in ("vanilla", "CoT", "CoT Patchscope (any l, l*)"):
+        assert summary[f"{method} accuracy"].endswith(f"/{kept})")
+    assert report["data"]["kept"][0] == "The capital of the country where the Eiffel Tower stands"
+
+
+def test_eval_stages_reads_the_answer_when_the_late_layer_is_patched_with_itself(capsys, tmp_path):
+    report = _eval(capsys, tmp_path, "stages", "--limit", "2", "--layers", "27,28", "--target-layers", "28")
+    assert report["summary"]["abstractive: prompts the model answers"] >= 1  # France (the model misses Poland)
+    assert report["summary"]["extractive: prompts the model answers"] == 2
+    rows = report["tables"][0]["rows"]
+    assert [row[0] for row in rows] == [27, 28]
+    assert rows[-1][2] == 1.0 and rows[-1][5] == 1.0  # l = l* with T = S is the model itself, which answers
+
+
+def test_eval_cross_model_writes_heatmaps_for_both_mappings(capsys, tmp_path):
+    report = _eval(capsys, tmp_path, "cross-model", "--limit", "3", "--n-train", "12", "--layers", "3",
+                   "--target-layers", "0,3")
+    assert set(report["data"]) == {"affine", "identity"}
+    assert set(report["data"]["affine"]) == {"3,0", "3,3"}
+    assert report["figures"] == ["cross_model.png"]
+    assert report["model"] == "smollm2-135m -> gemma3-270m"
+
+
+def test_eval_unknown_task_and_bad_layer_exit_2(capsys):
+    assert main(["eval", "nothing"]) == 2
+    assert "task='nothing' is not known" in capsys.readouterr().err
+    assert main(["eval", "stages", "--layers", "40"]) == 2
+    assert "--layers=40 is out of range for smollm2-135m (allowed: -30..29)" in capsys.readouterr().err

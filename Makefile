@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test docs clean
+.PHONY: install demo test eval docs clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+eval: install                                  # the paper's experiments, about 26 min on 2 CPU cores
+	$(VENV)/bin/patchscopes eval all --out reports
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -25,6 +25,7 @@ EXPECTED = {  # entry -> text its example must produce (top token or generation)
     "attribute-largest-city": "Sydney",
     "entity-description": "physicist",
     "tuned-lens-l24": "Paris",
+    "cross-model-smollm2-gemma3-l24-l12": "room",  # SmolLM2 predicts ' room'; Gemma 3 reads it through the map
 }
 REQUIRED = {"token-identity", "logit-lens", "entity-description", "multihop-cot", "attribute-capital",
             "attribute-currency", "attribute-ceo", "attribute-language"}

@@ -207,7 +207,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import TASKS, EvalOptions, get_task, run_all, run_task
+    from .evaluate import EvalOptions, get_task, run_all, run_task
     from .models import load_model
 
     if args.task != "all":

@@ -13,9 +13,8 @@ from transformers import PreTrainedTokenizerFast
 from pyvene_patchscopes import Patchscope, Source, SpecError, Target, run
 from pyvene_patchscopes.evaluate import data
 from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
-from pyvene_patchscopes.evaluate.common import generate, lens_logits, sample_prefix
+from pyvene_patchscopes.evaluate.common import generate, lens_logits, read_states, sample_prefix
 from pyvene_patchscopes.evaluate.entities import description
-from pyvene_patchscopes.evaluate.next_token import read_states
 from pyvene_patchscopes.evaluate.probe import probe_accuracy
 from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
                                                  same_token, saturation_layer, stages, starts_word, surprisal)

@@ -21,9 +21,8 @@ from ..engine import chunks, run as run_scopes
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
-from .common import EvalOptions, check_layers, generate
+from .common import EvalOptions, check_layers, generate, read_states
 from .data import load_jsonl, rows
-from .next_token import read_states
 from .probe import probe_accuracy
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation
@@ -106,15 +105,9 @@ def sweep(handle: ModelHandle, facts: list[dict], layers: list[int], target_laye
 
 def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[int],
                            options: EvalOptions) -> dict[int, torch.Tensor]:
-    """The probe's features: the subject's last-token state at each layer, read in one pyvene pass."""
-    from ..positions import resolve_position
-
-    # read_states reads the last token, so cut each source prompt after the subject (it already ends there)
-    prompts = [source_prompt(f) for f in facts]
-    for prompt, fact in zip(prompts, facts):
-        assert resolve_position(handle.tokenizer, prompt, fact["subject"], "Source") == \
-            len(handle.tokenizer(prompt)["input_ids"]) - 1
-    return read_states(handle, prompts, layers, options.batch_size)
+    """The probe's features: the subject's last-token state at each layer, read in one pyvene pass (the
+    source prompt ends with the subject, so its last token is the one the Patchscope reads)."""
+    return read_states(handle, [source_prompt(f) for f in facts], layers, options.batch_size)
 
 
 def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> list[bool | None]:

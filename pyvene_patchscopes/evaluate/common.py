@@ -62,6 +62,17 @@ def lens_logits(handle: ModelHandle, states: torch.Tensor, normalised: bool = Fa
         return model.get_output_embeddings()(hidden).float()
 
 
+def read_states(handle: ModelHandle, prompts: list[str], layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """{layer: [n, d]} source states at the last token of each prompt, every layer from one pyvene pass."""
+    sites = {layer: source_site(handle, layer) for layer in layers}
+    from ..engine import collect
+    from ..positions import token_ids
+
+    last_tokens = [len(token_ids(handle.tokenizer, prompt)) - 1 for prompt in prompts]
+    collected = collect(handle, prompts, last_tokens, list(sites.values()), batch_size)
+    return {layer: torch.stack([collected[(r, site)] for r in range(len(prompts))]) for layer, site in sites.items()}
+
+
 def sample_prefix(handle: ModelHandle, text: str, rng: random.Random, tries: int = 10,
                   min_index: int = 2) -> str | None:
     """The text cut after a random token, such that re-tokenising the cut gives the same tokens.
@@ -89,11 +100,6 @@ def sample_prefixes(handle: ModelHandle, texts: Sequence[str], seed: int) -> lis
     return [p for p in prefixes if p is not None]
 
 
-def every(n_layers: int, step: int) -> list[int]:
-    """0, step, 2*step, ... and always the last layer."""
-    return sorted({*range(0, n_layers, step), n_layers - 1})
-
-
 def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
              progress: bool | None = None, desc: str = "generate") -> list[str]:
     """Greedy continuations of unpatched prompts (the vanilla baselines and the known-fact filters)."""
@@ -116,5 +122,5 @@ def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 
     return texts
 
 
-__all__ = ["EvalOptions", "check_layers", "source_site", "lens_logits", "sample_prefix", "sample_prefixes", "every",
+__all__ = ["EvalOptions", "check_layers", "source_site", "read_states", "lens_logits", "sample_prefix", "sample_prefixes",
            "generate"]

@@ -21,9 +21,9 @@ from ..fit import aligned_positions, gather_layers, lstsq_affine
 from ..mappings import Affine
 from ..models import ModelHandle
 from ..spec import Patchscope, Source, Target
-from .common import EvalOptions, check_layers, lens_logits
+from .common import EvalOptions, check_layers, lens_logits, read_states
 from .data import prose_splits
-from .next_token import IDENTITY_PROMPT, read_states
+from .next_token import IDENTITY_PROMPT
 from .report import Report, Table, save_figure
 from .scoring import same_token
 
@@ -100,9 +100,7 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
 
 def own_agreement(target: ModelHandle, prefixes: list[str], expected: list[str]) -> float:
     """How often the target model, reading the prefix itself, predicts the source's next token (a reference)."""
-    from .next_token import read_states as read
-
-    final = read(target, prefixes, [target.n_layers - 1], 16)[target.n_layers - 1]
+    final = read_states(target, prefixes, [target.n_layers - 1], 16)[target.n_layers - 1]
     tokens = [target.tokenizer.decode([int(t)]) for t in lens_logits(target, final, normalised=True).argmax(-1)]
     return sum(same_token(a, b) for a, b in zip(tokens, expected)) / max(1, len(expected))
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
-
 from ..errors import SpecError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never ask a hub
@@ -71,10 +69,6 @@ def rows(data: datasets.Dataset, limit: int | None = None) -> list[dict]:
     """The first `limit` rows as plain dicts."""
     count = len(data) if limit is None else min(limit, len(data))
     return [data[k] for k in range(count)]
-
-
-def subset(items: Sequence, limit: int | None) -> list:
-    return list(items) if limit is None else list(items)[:limit]
 
 
 __all__ = ["load_jsonl", "prose_splits", "shipped", "rows", "REQUIRED"]

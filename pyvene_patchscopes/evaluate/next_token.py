@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 
-from ..engine import chunks, collect, run as run_scopes
+from ..engine import chunks, run as run_scopes
 from ..fit import fit_tuned_lens
 from ..models import ModelHandle
-from ..positions import token_ids
 from ..presets import token_identity
 from ..spec import Source
-from .common import EvalOptions, check_layers, lens_logits, sample_prefixes, source_site
+from .common import EvalOptions, check_layers, lens_logits, read_states, sample_prefixes
 from .data import prose_splits
 from .report import Report, Table, save_figure
 from .scoring import precision_at_1, surprisal
@@ -56,14 +55,6 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     plot(report, scores, layers, out)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def read_states(handle: ModelHandle, prompts: list[str], layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """{layer: [n, d]} source states at the last token of each prompt, every layer from one pyvene pass."""
-    sites = {layer: source_site(handle, layer) for layer in layers}
-    last_tokens = [len(token_ids(handle.tokenizer, prompt)) - 1 for prompt in prompts]
-    collected = collect(handle, prompts, last_tokens, list(sites.values()), batch_size)
-    return {layer: torch.stack([collected[(r, site)] for r in range(len(prompts))]) for layer, site in sites.items()}
 
 
 def identity_readouts(handle: ModelHandle, prefixes: list[str], layers: list[int], states: dict[int, torch.Tensor],

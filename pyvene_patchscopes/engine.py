@@ -1,7 +1,13 @@
-"""The engine: collect at the source -> map with f -> patch at the target, all through pyvene.IntervenableModel.
+"""The engine: collect at the source -> map with f -> patch at the target.
 
-Rows are batched: every distinct (source prompt, position) is read once for all its source layers in
-one forward pass, and target rows that share a target site are patched together, left-padded.
+Every distinct (source prompt, position) is read once, for all its source layers, in one pyvene pass.
+The patch step has two executions of the same pyvene config:
+
+- **planned** (the default, for the decoder models `stack` supports): rows that share a target prompt
+  share its prefix and its unpatched lower layers, and are packed into batches under a token budget
+  (`plan`); see `stack` for why this is the same computation;
+- **plain**: pyvene.IntervenableModel with a `MappingIntervention`, target rows sharing a site batched
+  and left-padded. It runs for other models, and on request (``planned=False``).
 """
 from __future__ import annotations
 
@@ -17,11 +23,13 @@ from .compat import Site, base_locations, intervenable, per_intervention_locatio
 from .errors import SpecError
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
+from .plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target, pack
 from .positions import warn_if_sink
 from .pyvene_config import Resolved, collect_config, patch_config, resolve
 from .reroute import run_reroutes
-from .result import PatchscopeResult, top_k
+from .result import PatchscopeResult, decode_top, top_k, top_k_ids
 from .spec import Patchscope
+from .stack import Stack, stack_for
 
 Models = Mapping[str, ModelHandle]
 
@@ -58,11 +66,11 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 # ---- collect -----------------------------------------------------------------------------------------
-def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
-            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
-    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
-    out: dict[tuple[int, Site], torch.Tensor] = {}
-    sites = list(dict.fromkeys(sites))
+def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
+                   batch_size: int = 32) -> torch.Tensor:
+    """Hidden states at (prompts[r], positions[r]) for every site, read in one pass per batch: [rows, sites, d]."""
+    sites = list(sites)
+    out = torch.empty(len(prompts), len(sites), handle.hidden_size, dtype=handle.model.dtype, device=handle.device)
     rows = list(range(len(prompts)))
     with pyvene_guard(handle.model), torch.no_grad():
         pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
@@ -72,11 +80,16 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
             (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
                                     unit_locations=per_intervention_locations([where] * len(sites)))
             # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
-            for site, states in zip(sites, collected):
-                states = states.reshape(len(chunk), -1)
-                for k, r in enumerate(chunk):
-                    out[(r, site)] = states[k].detach().clone()
+            out[chunk[0]:chunk[-1] + 1] = torch.stack([states.reshape(len(chunk), -1) for states in collected], 1)
     return out
+
+
+def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
+            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
+    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
+    sites = list(dict.fromkeys(sites))
+    states = collect_states(handle, prompts, positions, sites, batch_size)
+    return {(r, site): states[r, k] for r in range(len(prompts)) for k, site in enumerate(sites)}
 
 
 # ---- patch -------------------------------------------------------------------------------------------
@@ -118,12 +131,16 @@ def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
 # ---- run ---------------------------------------------------------------------------------------------
 def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
         top: int = 10, batch_size: int = 32, progress: bool | None = None,
-        source_states: Sequence[torch.Tensor] | None = None) -> list[PatchscopeResult]:
+        source_states: Sequence[torch.Tensor] | None = None, planned: bool = True,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order.
 
     ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
     as already read at each scope's source, e.g. when an evaluation has read them once for many readouts.
+    ``planned=False`` patches through plain pyvene even where the planned execution applies;
+    ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens)).
     """
+    check_budget(max_batch_tokens)
     scope_list = [scopes] if isinstance(scopes, Patchscope) else list(scopes)
     models = as_models(model)
     resolved = [resolve(scope, models) for scope in scope_list]
@@ -136,8 +153,17 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
-        for r, result in zip(plain, _patch_all(items, states, models, top, batch_size, progress)):
-            results[r] = result
+        fast = [k for k, item in enumerate(items) if planned and stack_for(models[item.scope.target_model].model)]
+        slow = [k for k in range(len(items)) if k not in set(fast)]
+        if fast:
+            done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
+                                  max_batch_tokens, progress)
+            for k, result in zip(fast, done):
+                results[plain[k]] = result
+        if slow:
+            done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress)
+            for k, result in zip(slow, done):
+                results[plain[k]] = result
     rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:
@@ -166,6 +192,64 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
             item = resolved[r]
             mapped[r] = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
     return mapped  # type: ignore[return-value]
+
+
+def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models) -> list[torch.Tensor]:
+    """f(h) for every row, applied per (source model, target model, mapping) as the patch intervention would."""
+    out: list[torch.Tensor | None] = [None] * len(resolved)
+    groups: dict[tuple[str, str, MappingSpec], list[int]] = defaultdict(list)
+    for row, item in enumerate(resolved):
+        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping)].append(row)
+    for (source_name, target_name, spec), rows in groups.items():
+        target = models[target_name]
+        mapping = build_mapping(spec, models[source_name].hidden_size, target.hidden_size).to(target.device)
+        with torch.no_grad():
+            mapped = mapping(torch.stack([states[r] for r in rows]).to(target.device))
+        for k, r in enumerate(rows):
+            out[r] = mapped[k]
+    return out  # type: ignore[return-value]
+
+
+def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
+                   max_batch_tokens: int, progress: bool | None) -> list[PatchscopeResult]:
+    """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
+    vectors = _mapped(resolved, states, models)
+    groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
+                               r.scope.max_new_tokens) for r in resolved])
+    work = []
+    for group in groups:
+        handle = models[group.model]
+        ids = handle.tokenizer(group.prompt, add_special_tokens=True, return_tensors="pt")["input_ids"][0]
+        layers = [resolved[r].target_layer for r in group.rows]
+        for batch in pack(group.rows, layers, len(ids) + group.max_new_tokens, max_batch_tokens):
+            work.append((group, ids, batch))
+    show = progress if progress is not None else len(work) > 8
+    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    shared_for: dict[tuple[str, str, int], tuple[Stack, object]] = {}
+    for group, ids, batch in tqdm(work, desc="patchscopes", unit="batch", disable=not show):
+        handle = models[group.model]
+        key = (group.model, group.prompt, group.position)
+        if key not in shared_for:
+            stack = Stack(handle.model)
+            shared_for = {key: (stack, stack.share(ids, group.position))}  # one target prompt held at a time
+        stack, shared = shared_for[key]
+        decoded = stack.patched(
+            shared, torch.stack([vectors[r] for r in batch]),
+            torch.tensor([resolved[r].target_layer for r in batch]),
+            max_new_tokens=group.max_new_tokens, eos_token_id=handle.tokenizer.eos_token_id,
+            after_norm=torch.tensor([resolved[r].target_site.component != "block_output" for r in batch]),
+        )
+        texts = None if decoded.tokens is None else \
+            handle.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)
+        probs, ids = (t.tolist() for t in top_k_ids(decoded.logits, top))
+        logits = decoded.logits.cpu()
+        for k, r in enumerate(batch):
+            results[r] = PatchscopeResult(
+                scope=resolved[r].scope, source_position=resolved[r].source_position,
+                target_position=resolved[r].target_position, logits=logits[k],
+                top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
+            )
+    return results  # type: ignore[return-value]
 
 
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,

@@ -1,6 +1,7 @@
 """Resolve a spec position (int, substring or placeholder word) to a token index in a tokenized prompt."""
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import Any
@@ -13,8 +14,15 @@ class SinkPositionWarning(UserWarning):
     """The source position is token 0: the attention sink, whose huge activations wreck the target."""
 
 
+@functools.lru_cache(maxsize=8192)
+def _encode(tokenizer: Any, prompt: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """Token ids and character offsets (memoised: a sweep resolves the same prompts many times)."""
+    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    return tuple(encoding["input_ids"]), tuple(tuple(o) for o in encoding["offset_mapping"])
+
+
 def token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return list(_encode(tokenizer, prompt)[0])
 
 
 def _last_occurrence(prompt: str, text: str, whole_word: bool) -> int:
@@ -36,8 +44,8 @@ def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str
     `owner` is "Source" or "Target", used in error messages. A target's string position is a placeholder
     word and must match a whole word; a source's may also match inside a word.
     """
-    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-    n_tokens = len(encoding["input_ids"])
+    ids, offsets = _encode(tokenizer, prompt)
+    n_tokens = len(ids)
     if isinstance(position, int):
         if not -n_tokens <= position < n_tokens:
             raise SpecError(f"{owner}.position={position} is out of range for {owner}.prompt={prompt!r} of "
@@ -51,7 +59,7 @@ def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str
                         f"(allowed: an int in {-n_tokens}..{n_tokens - 1}, or a substring of the prompt)")
     last_char = start + len(text) - 1
     for index in range(n_tokens - 1, -1, -1):
-        begin, end = encoding["offset_mapping"][index]
+        begin, end = offsets[index]
         if begin <= last_char < end:
             return index
     raise SpecError(f"{owner}.position={position!r} was found in the prompt text but maps to no token "

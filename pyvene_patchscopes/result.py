@@ -1,8 +1,9 @@
 """Readouts of a Patchscope run: the target's next-token distribution (top-k) and its greedy generation."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -18,11 +19,26 @@ class TokenProb:
     prob: float
 
 
+@functools.lru_cache(maxsize=65536)
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """One token decoded as text (memoised: sweeps decode the same few tokens thousands of times)."""
+    return tokenizer.decode([token_id])
+
+
+def top_k_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probabilities and ids of the k most likely next tokens, for one row or a batch of rows."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs.topk(min(k, probs.shape[-1]), dim=-1)
+
+
+def decode_top(tokenizer: Any, probs: Sequence[float], ids: Sequence[int]) -> list[TokenProb]:
+    return [TokenProb(token_text(tokenizer, int(i)), int(i), float(v)) for v, i in zip(probs, ids)]
+
+
 def top_k(logits: torch.Tensor, tokenizer: Any, k: int) -> list[TokenProb]:
     """The k most likely next tokens under softmax(logits), decoded as text."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, ids = probs.topk(min(k, probs.shape[-1]))
-    return [TokenProb(tokenizer.decode([int(i)]), int(i), float(v)) for v, i in zip(values, ids)]
+    values, ids = top_k_ids(logits, k)
+    return decode_top(tokenizer, values.tolist(), ids.tolist())
 
 
 @dataclass

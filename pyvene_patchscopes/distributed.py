@@ -1,0 +1,57 @@
+"""Data-parallel runs with `accelerate launch`: units of work split over processes, results gathered.
+
+The split uses `datasets` sharding (`split_dataset_by_node`, contiguous shards) and the gather uses
+torch.distributed through accelerate (gloo on CPUs, NCCL on GPUs). Units are planned before the
+split, so each one is computed exactly as it would be in a single process.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def world_size() -> int:
+    """How many processes `accelerate launch` / torchrun started (1 when run plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def my_units(n_units: int, distributed: bool | None = None) -> list[int]:
+    """The unit indices this process computes: all of them unless running under several processes."""
+    if not (world_size() > 1 if distributed is None else distributed):
+        return list(range(n_units))
+    import datasets
+    from datasets.distributed import split_dataset_by_node
+
+    state = _state()
+    units = datasets.Dataset.from_dict({"unit": list(range(n_units))})
+    return list(split_dataset_by_node(units, rank=state.process_index, world_size=state.num_processes)["unit"])
+
+
+def gather_units(parts: dict[int, Any], distributed: bool | None = None) -> dict[int, Any]:
+    """Every process's {unit: result}, merged, on every process."""
+    if not (world_size() > 1 if distributed is None else distributed):
+        return parts
+    from accelerate.utils import gather_object
+
+    merged: dict[int, Any] = {}
+    for piece in gather_object([parts]):
+        merged.update(piece)
+    return merged
+
+
+def device() -> str:
+    """The device this process should load its model on (its own GPU under accelerate, else the CPU)."""
+    if world_size() > 1:
+        return str(_state().device)
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+__all__ = ["my_units", "gather_units", "world_size", "device"]

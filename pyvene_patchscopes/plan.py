@@ -1,0 +1,52 @@
+"""The execution plan of a Patchscope run: which rows share a target prompt, and the batches they run in.
+
+A plan depends only on the specs and the token budget, never on the machine or the process count, so
+that a run split over several processes computes exactly the same batches as a run in one process.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import SpecError
+
+# Tokens of context a batch may hold: rows x (target length + new tokens). 32k tokens of SmolLM2 cost
+# about 1.5 GB with 20 generated tokens (the per-row key/value cache), far less for next-token readouts.
+DEFAULT_MAX_BATCH_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """Rows that patch the same target prompt at the same position: they share the prompt's prefix."""
+
+    model: str
+    prompt: str
+    position: int
+    max_new_tokens: int
+    rows: tuple[int, ...]
+
+
+def group_by_target(keys: Sequence[tuple[str, str, int, int]]) -> list[TargetGroup]:
+    """Group row indices by (target model, target prompt, target position, max_new_tokens), in first-seen order."""
+    groups: dict[tuple[str, str, int, int], list[int]] = defaultdict(list)
+    for row, key in enumerate(keys):
+        groups[key].append(row)
+    return [TargetGroup(*key, rows=tuple(rows)) for key, rows in groups.items()]
+
+
+def check_budget(max_batch_tokens: int) -> int:
+    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
+        raise SpecError(f"max_batch_tokens={max_batch_tokens!r} is not allowed (allowed: an integer >= 1)")
+    return max_batch_tokens
+
+
+def pack(rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_batch_tokens: int) -> list[list[int]]:
+    """Batches of rows, sorted by target layer, each holding at most `max_batch_tokens` tokens (one row at least)."""
+    check_budget(max_batch_tokens)
+    size = max(1, max_batch_tokens // max(1, tokens_per_row))
+    ordered = [row for _, row in sorted(zip(layers, rows))]
+    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+
+
+__all__ = ["TargetGroup", "group_by_target", "pack", "check_budget", "DEFAULT_MAX_BATCH_TOKENS"]

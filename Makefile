@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test eval docs clean
+.PHONY: install demo test eval bench docs clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ test: install
 
 eval: install                                  # the paper's experiments, about 26 min on 2 CPU cores
 	$(VENV)/bin/patchscopes eval all --out reports
+
+bench: install                                 # official loop vs plain pyvene vs the engine, about 8 min on 2 CPU cores
+	$(PY) benchmarks/sweep.py --prompts 32 --grid-prompts 2 --out benchmarks/results/cpu.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import PatchscopeError
+from .errors import PatchscopeError, SpecError
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -39,12 +40,15 @@ def parse_position(text: str) -> int | str:
 
 
 def _load(args: argparse.Namespace):
+    from .distributed import device
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return load_model(args.model, device=device() if args.device == "auto" else args.device, dtype=args.dtype)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
+        return
     if args.json:
         print(json.dumps({"schema": JSON_SCHEMA_VERSION, **payload}, indent=2))
     else:
@@ -143,15 +147,19 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep import sweep
 
     get_preset(args.preset)
+    if (args.prompts is None) == (args.source_prompt is None):
+        raise SpecError("give exactly one of --source-prompt and --prompts")
+    prompts = args.source_prompt if args.prompts is None else \
+        [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:
         options["target_prompt"] = args.target_prompt
-    result = sweep(args.source_prompt, handle, preset=args.preset,
-                   source_position=parse_position(args.source_position),
-                   source_layers=parse_layers(args.source_layers, handle.n_layers),
-                   target_layers=parse_layers(args.target_layers, handle.n_layers), progress=not args.json,
-                   **options)
+    target_layers = "same" if args.target_layers == "same" else parse_layers(args.target_layers, handle.n_layers)
+    result = sweep(prompts, handle, preset=args.preset, source_position=parse_position(args.source_position),
+                   source_layers=parse_layers(args.source_layers, handle.n_layers), target_layers=target_layers,
+                   progress=not args.json, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
+                   keep_logits=False, **options)
     if args.plot:
         result.plot(args.plot)
     records = result.to_records()
@@ -242,12 +250,13 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
     if model:
         parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or local path")
-        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (each process's own "
+                                                             "GPU under accelerate launch)")
         parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
 
 
-def _source(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source-prompt", required=True)
+def _source(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--source-prompt", required=required)
     parser.add_argument("--source-position", default="-1", help="token index or substring (default -1)")
     parser.add_argument("--preset", default="token-identity")
     parser.add_argument("--target-prompt", default=None)
@@ -277,9 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run, model=None)
 
     p = sub.add_parser("sweep", help="source layer x target layer grid, optionally as a heatmap")
-    _source(p)
+    _source(p, required=False)
+    p.add_argument("--prompts", default=None, help="a text file of source prompts, one per line (instead of "
+                                                    "--source-prompt); split over processes under accelerate launch")
     p.add_argument("--source-layers", default="all")
-    p.add_argument("--target-layers", default="all")
+    p.add_argument("--target-layers", default="all", help="as --source-layers, or 'same' for l* = l only")
+    p.add_argument("--batch-size", type=int, default=32, help="source prompts per unit of work")
+    p.add_argument("--max-batch-tokens", type=int, default=32768, help="token budget of one patch batch")
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
     _common(p)
     p.set_defaults(func=cmd_sweep)

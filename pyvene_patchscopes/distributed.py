@@ -15,10 +15,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _state():
+def state():
+    """accelerate's process state; on machines without a GPU, processes talk over gloo (MULTI_CPU)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def my_units(n_units: int, distributed: bool | None = None) -> list[int]:
@@ -28,9 +30,9 @@ def my_units(n_units: int, distributed: bool | None = None) -> list[int]:
     import datasets
     from datasets.distributed import split_dataset_by_node
 
-    state = _state()
+    process = state()
     units = datasets.Dataset.from_dict({"unit": list(range(n_units))})
-    return list(split_dataset_by_node(units, rank=state.process_index, world_size=state.num_processes)["unit"])
+    return list(split_dataset_by_node(units, rank=process.process_index, world_size=process.num_processes)["unit"])
 
 
 def gather_units(parts: dict[int, Any], distributed: bool | None = None) -> dict[int, Any]:
@@ -48,10 +50,10 @@ def gather_units(parts: dict[int, Any], distributed: bool | None = None) -> dict
 def device() -> str:
     """The device this process should load its model on (its own GPU under accelerate, else the CPU)."""
     if world_size() > 1:
-        return str(_state().device)
+        return str(state().device)
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-__all__ = ["my_units", "gather_units", "world_size", "device"]
+__all__ = ["my_units", "gather_units", "world_size", "device", "state"]

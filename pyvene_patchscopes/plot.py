@@ -8,9 +8,9 @@ if TYPE_CHECKING:
     from .sweep import SweepResult
 
 
-def _label(token: str) -> str:
+def _label(token: str, width: int = 6) -> str:
     text = token.replace("\n", "\\n").strip() or repr(token)[1:-1]
-    return text[:6]
+    return text[:width]
 
 
 def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None):
@@ -22,6 +22,8 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     import matplotlib.pyplot as plt
     import numpy as np
 
+    if result.same_layer:
+        return _same_layer_heatmap(result, path)
     rows, cols = result.source_layers, result.target_layers
     probs = np.array([[result.cell(prompt, l, t).prob for t in cols] for l in rows])
     size = max(4.0, 0.42 * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
@@ -35,8 +37,35 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel("target layer l*")
     ax.set_ylabel("source layer l")
-    first = result.results[prompt * len(rows) * len(cols)]
+    first = result.cell(prompt, rows[0], cols[0])
     ax.set_title(f"{result.preset}: {first.scope.source.prompt!r} @ {first.scope.source.position!r}", fontsize=9)
+    return _finish(fig, ax, image, path)
+
+
+def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None):
+    """l* = l sweeps: prompts x layers, colour = top-1 probability, text = top-1 token."""
+    import matplotlib.pyplot as plt
+
+    probs = result.top_probs[:, :, 0, 0].numpy()
+    tokens = result.tokens()
+    layers = result.source_layers
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
+    image = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for p in range(len(result.prompts)):
+        for i in range(len(layers)):
+            ax.text(i, p, _label(tokens[p][i][0]), ha="center", va="center", fontsize=6,
+                    color="white" if probs[p, i] > 0.6 else "black")
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)
+    ax.set_xlabel("layer l = l*")
+    ax.set_title(f"{result.preset}, l* = l", fontsize=9)
+    return _finish(fig, ax, image, path)
+
+
+def _finish(fig, ax, image, path: str | Path | None):
+    """Colour bar, layout, and the PNG when a path is given (the figure is then closed)."""
+    import matplotlib.pyplot as plt
+
     fig.colorbar(image, ax=ax, label="p(top token)")
     fig.tight_layout()
     if path is not None:

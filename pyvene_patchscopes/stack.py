@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from torch import nn
+import transformers
 from transformers import AttentionInterface
 
 # Decoder-only models whose layers take (hidden, position_embeddings, attention_mask, past_key_values) and
@@ -147,7 +148,8 @@ class Stack:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        return type(model).__name__ in SUPPORTED
+        # the layer call below is transformers 5's signature (past_key_values=, a tensor returned)
+        return type(model).__name__ in SUPPORTED and int(transformers.__version__.split(".")[0]) >= 5
 
     @property
     def dtype(self) -> torch.dtype:

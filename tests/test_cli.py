@@ -55,6 +55,20 @@ def test_sweep_writes_plot(capsys, smollm2, tmp_path):
     assert len(out["cells"]) == 6 and (tmp_path / "s.png").stat().st_size > 5000
 
 
+def test_sweep_over_a_prompts_file_at_the_same_layer(capsys, smollm2, tmp_path):
+    (tmp_path / "prompts.txt").write_text("Here is a word: Paris\n\nHere is a word: dog\n")
+    out = _json(capsys, ["sweep", "--prompts", str(tmp_path / "prompts.txt"), "--source-layers", "1-3",
+                         "--target-layers", "same", "--plot", str(tmp_path / "same.png"), "--json"])
+    assert [(c["source_layer"], c["target_layer"]) for c in out["cells"]] == [(1, 1), (2, 2), (3, 3)] * 2
+    assert [c["token"].strip() for c in out["cells"]] == ["Paris"] * 3 + ["dog"] * 3
+    assert (tmp_path / "same.png").stat().st_size > 5000
+
+
+def test_sweep_needs_exactly_one_prompt_source(capsys, tmp_path):
+    assert main(["sweep", "--json"]) == 2
+    assert "give exactly one of --source-prompt and --prompts" in capsys.readouterr().err
+
+
 def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
     out = _json(capsys, ["demo", "--out", str(tmp_path), "--json"])
     assert len(out["layers"]) == 30

@@ -29,7 +29,7 @@ from .pyvene_config import Resolved, collect_config, patch_config, resolve
 from .reroute import run_reroutes
 from .result import PatchscopeResult, decode_top, top_k, top_k_ids
 from .spec import Patchscope
-from .stack import Stack, stack_for
+from .stack import Stack
 
 Models = Mapping[str, ModelHandle]
 
@@ -153,8 +153,9 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
-        fast = [k for k, item in enumerate(items) if planned and stack_for(models[item.scope.target_model].model)]
-        slow = [k for k in range(len(items)) if k not in set(fast)]
+        plannable = {name: planned and Stack.supports(handle.model) for name, handle in models.items()}
+        fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
+        slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
         if fast:
             done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
                                   max_batch_tokens, progress)

@@ -9,6 +9,7 @@ from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Patchscope, Reroute, Source, Target
+from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 compat.install_serialization()  # pyvene's own save/load: safetensors, CPU, registered classes only
 
@@ -16,6 +17,7 @@ __all__ = [
     "Patchscope", "Source", "Target", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
-    "register_intervention", "MappingIntervention", "RerouteIntervention",
+    "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
+    "Attribution",
 ]
 __version__ = "0.1.0"

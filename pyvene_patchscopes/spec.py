@@ -59,6 +59,29 @@ def _check_model(owner: str, model: object, optional: bool) -> None:
         raise SpecError(f"{owner}.model={model!r} is not allowed (allowed: {allowed})")
 
 
+class JsonSpec:
+    """JSON text and files for a spec class that has ``to_json()`` and ``from_dict()``."""
+
+    json_name = "spec"
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise SpecError(f"{cls.json_name} JSON is malformed: {err}") from None
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")  # type: ignore[attr-defined]
+        return path
+
+    @classmethod
+    def load_json(cls, path: str | Path):
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
 @dataclass(frozen=True)
 class Source:
     """Where the hidden state is read: prompt S, position i, model M, layer l."""
@@ -109,7 +132,7 @@ class Reroute:
 
 
 @dataclass(frozen=True)
-class Patchscope:
+class Patchscope(JsonSpec):
     """One Patchscope: source (S, i, M, l) -> f -> target (T, i*, M*, l*), then read the target's output.
 
     ``mapping`` names f in the mapping registry (``"identity"`` by default). ``max_new_tokens`` is how
@@ -226,23 +249,6 @@ class Patchscope:
             raise SpecError("spec has mapping weights but no 'mapping' field")
         return cls(source=parts["source"], target=parts["target"], reroute=parts.get("reroute"), **rest)
 
-    @classmethod
-    def from_json(cls, text: str) -> "Patchscope":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise SpecError(f"spec JSON is malformed: {err}") from None
-        return cls.from_dict(data)
-
-    def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load_json(cls, path: str | Path) -> "Patchscope":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
     # ---- folders (config.json + mapping.safetensors), see persist.py -----------------------------
     def save(self, directory: str | Path, models: Any = None, description: str = "") -> Path:
         """Write ``directory/config.json`` (and ``mapping.safetensors`` for learned weights).
@@ -279,4 +285,4 @@ def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSp
     return MappingSpec(value["name"], args, weights)
 
 
-__all__ = ["Source", "Target", "Patchscope", "Reroute", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]
+__all__ = ["Source", "Target", "Patchscope", "Reroute", "JsonSpec", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]

@@ -1,4 +1,4 @@
-"""The `patchscopes` command line: inspect, run, sweep, demo, presets, list, eval. Every command takes --json."""
+"""The `patchscopes` command line: inspect, run, sweep, demo, jacobian, presets, list, eval. Every command takes --json."""
 from __future__ import annotations
 
 import argparse
@@ -204,6 +204,48 @@ def cmd_demo(args: argparse.Namespace) -> None:
                  "decoded_layers": decoded}, table)
 
 
+def attribution_table(attribution) -> str:
+    """One line per token: position, token, score and a bar scaled to the largest score."""
+    lines = [f"{'pos':>4}  {'token':<16} {'score':>11}", "-" * 52]
+    for position, token, score, weight in zip(attribution.positions, attribution.tokens, attribution.scores,
+                                              attribution.normalised()):
+        lines.append(f"{position:>4}  {_cell(repr(token), 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
+    return "\n".join(lines)
+
+
+def output_paths(out: str) -> tuple[Path, Path]:
+    """--out FILE -> (FILE.png, FILE.html); a .png or .html suffix on FILE is replaced."""
+    path = Path(out)
+    stem = path.with_suffix("") if path.suffix.lower() in (".png", ".html", ".htm") else path
+    return stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.html"
+
+
+def cmd_jacobian(args: argparse.Namespace) -> None:
+    from .jacobian import JacobianScope, jacobian_scope
+
+    token = args.target_token
+    if token is not None and token.isdigit():
+        token = int(token)
+    spec = JacobianScope(variant=args.variant, target_position=args.target_position, target_token=token,
+                         fisher=args.fisher, rank=args.rank, model=args.model)  # a clear error before loading
+    handle = _load(args)
+    attribution = jacobian_scope(handle, args.text, JacobianScope(**{**spec.__dict__, "model": handle.name}),
+                                 progress=not args.json)
+    files: dict[str, str] = {}
+    if args.out:
+        png, html = output_paths(args.out)
+        png.parent.mkdir(parents=True, exist_ok=True)
+        attribution.plot(png)
+        attribution.to_html(html)
+        files = {"png": str(png), "html": str(html)}
+    header = (f"{spec.label} scope on {handle.name}: prediction {attribution.prediction!r} "
+              f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
+              + "top: " + ", ".join(f"{t!r} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
+    note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
+    _emit(args, {"command": "jacobian", "model": handle.name, **attribution.to_dict(), "files": files},
+          header + attribution_table(attribution) + note)
+
+
 def cmd_presets(args: argparse.Namespace) -> None:
     from .models import EMBEDDED
     from .presets import PRESETS
@@ -302,14 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("jacobian", help="Jacobian Scopes: which tokens of TEXT drive the next-token prediction")
+    p.add_argument("text")
+    p.add_argument("--variant", default="fisher", help="semantic | fisher | temperature | gradient-x-input")
+    p.add_argument("--fisher", default="low-rank", help="low-rank (top --rank eigenvectors of F) or exact")
+    p.add_argument("--rank", type=int, default=1, help="eigenvectors kept by the low-rank Fisher form")
+    p.add_argument("--target-position", type=int, default=-1, help="the prediction position (default -1: "
+                                                                    "the next token after TEXT)")
+    p.add_argument("--target-token", default=None, help="semantic / gradient-x-input: the token (text or id) "
+                                                         "whose logit is explained (default: the prediction)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--out", default=None, help="write FILE.png and FILE.html (token heatmaps)")
+    _common(p)
+    p.set_defaults(func=cmd_jacobian)
+
     p = sub.add_parser("eval", help="the paper's experiments: next-token, attributes, entities, cross-model, "
                                     "multihop, stages, or all")
-    p.add_argument("task", help="next-token | attributes | entities | cross-model | multihop | stages | all")
+    p.add_argument("task", help="next-token | attributes | entities | cross-model | multihop | stages | jacobian "
+                                "| all")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
     p.add_argument("--limit", type=int, default=None, help="how many samples (texts, facts, entities, queries)")
     p.add_argument("--layers", default=None, help="source layers: all, 5, 0-29, 0,3,6, 0-29:3 (default: the task's)")
     p.add_argument("--target-layers", default=None, help="target layers, same forms (default: the task's)")
-    p.add_argument("--data", default=None, help="your own JSONL (facts, entities or multihop fields; see README)")
+    p.add_argument("--data", default=None, help="your own JSONL (facts, entities, multihop or texts fields; see README)")
     p.add_argument("--n-train", type=int, default=None, help="training texts for fitted maps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)

@@ -30,6 +30,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
          "cross_model", cross_model=True),
     Task("multihop", "§5 vanilla vs CoT vs CoT Patchscope with rerouting", "multihop"),
     Task("stages", "stages of function application: abstractive vs extractive", "stages"),
+    Task("jacobian", "Jacobian Scopes: delete the top 5% / 20% of tokens by score, change in log p of the "
+         "prediction, vs random and gradient x input", "jacobian"),
 )}
 
 

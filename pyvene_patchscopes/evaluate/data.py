@@ -21,6 +21,7 @@ REQUIRED = {
     "facts": ("relation", "category", "subject_kind", "template", "subject", "object"),
     "entities": ("entity", "popularity", "reference"),
     "multihop": ("hop2", "hop1", "hop1_prompt", "bridge", "hop2_prompt", "answer"),
+    "texts": ("text",),
 }
 
 
@@ -30,7 +31,7 @@ def shipped(name: str) -> Path:
 
 
 def load_jsonl(kind: str, path: str | Path | None = None) -> datasets.Dataset:
-    """Load ``kind`` ('facts', 'entities', 'multihop') from `path` (default: the shipped file), checking fields."""
+    """Load ``kind`` ('facts', 'entities', 'multihop', 'texts') from `path` (default: the shipped file), checking fields."""
     if kind not in REQUIRED:
         raise SpecError(f"data kind={kind!r} is not known (allowed: {', '.join(REQUIRED)})")
     file = Path(path) if path is not None else shipped(kind)

@@ -1,0 +1,90 @@
+"""Jacobian Scopes on the real SmolLM2-135M: a plain-autograd reference, the exact Fisher form, the CLI's
+PNG and HTML, the faithfulness evaluation, and the tutorial notebook run cell by cell."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.evaluate import EvalOptions, run_task
+from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
+from test_jacobian import html_tokens
+
+pytestmark = pytest.mark.real_model
+TEXT = "The old lighthouse keeper climbed the stairs every night, and when the storm came he lit the"
+
+
+def test_semantic_scope_equals_a_plain_autograd_gradient(smollm2):
+    """‖∂z_target/∂x_t‖ from HF alone (inputs_embeds, no pyvene), for a given target token."""
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    target = tokenizer(" lamp", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        x = model.get_input_embeddings()(ids)
+    x.requires_grad_(True)
+    logit = model(inputs_embeds=x).logits[0, -1, target]
+    (grad,) = torch.autograd.grad(logit, x)
+    expected = grad[0].norm(dim=-1)
+    attribution = jacobian_scope(smollm2, TEXT, "semantic", target_token=" lamp")
+    assert attribution.target_id == target and attribution.positions[0] == 1  # the document start is not scored
+    torch.testing.assert_close(torch.tensor(attribution.scores), expected[1:], rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_exact_fisher_is_usable_and_matches_full_rank(smollm2):
+    """576 backward passes (the exact form) on a short text, against the low-rank form at k = d = 576."""
+    text = "The capital of France is"
+    exact, full = attribute(smollm2, [text], [JacobianScope("fisher", fisher="exact", model=smollm2.name),
+                                              JacobianScope("fisher", rank=576, model=smollm2.name)])
+    torch.testing.assert_close(torch.tensor(exact[0].scores), torch.tensor(full[0].scores), rtol=1e-3, atol=0)
+    assert min(exact[0].scores) > 0 and len(exact[0].scores) == 5
+
+
+def test_cli_writes_png_and_html_with_every_token(capsys, smollm2, tmp_path):
+    assert main(["jacobian", TEXT, "--variant", "fisher", "--json", "--out", str(tmp_path / "scope.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"] == "jacobian" and out["scope"]["variant"] == "fisher"
+    with torch.no_grad():
+        logits = smollm2.model(**smollm2.tokenizer(TEXT, return_tensors="pt")).logits[0, -1]
+    assert out["prediction_id"] == int(logits.argmax())
+    tokens = [t["token"] for t in out["tokens"]]
+    page = Path(out["files"]["html"]).read_text()
+    assert html_tokens(page)[0] == tokens and out["files"]["html"].endswith("scope.html")
+    assert Path(out["files"]["png"]).stat().st_size > 10_000
+    assert max(out["tokens"], key=lambda t: t["score"])["token"] == " lighthouse"
+
+
+def test_cli_refuses_a_bad_variant(capsys):
+    assert main(["jacobian", TEXT, "--variant", "entropy"]) == 2
+    assert "variant='entropy' is not known (allowed: semantic, fisher, temperature" in capsys.readouterr().err
+
+
+def test_deleting_top_tokens_hurts_more_than_random(smollm2, tmp_path):
+    options = EvalOptions(limit=8, progress=False, extra={"exact_texts": 1})
+    report = run_task("jacobian", lambda name: smollm2, options, tmp_path)
+    table = report.tables[0]
+    delta = {row[0]: row[1] for row in table.rows}
+    assert set(delta) == {"Semantic", "Fisher (k=1)", "Temperature", "gradient x input", "random"}
+    for method in ("Semantic", "Fisher (k=1)", "Temperature"):
+        assert delta[method] < delta["random"] < 0, (method, delta)
+    assert report.summary["texts"] == 8
+    assert (tmp_path / "deletion.png").exists() and (tmp_path / "report.md").exists()
+    assert len(list(tmp_path.glob("example_*.html"))) == 4
+
+
+def test_the_tutorial_runs_and_reads_the_attributed_token(smollm2):
+    notebook = json.loads((Path(__file__).parent.parent / "tutorials" / "jacobian_scopes.ipynb").read_text())
+    namespace: dict = {}
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), "jacobian_scopes.ipynb", "exec"), namespace)
+    reading = namespace["reading"]
+    assert reading.token == namespace["attribution"].top(1)[0][1] == " lighthouse"
+    rows = reading.rows()
+    assert [row["layer"] for row in rows] == list(range(0, 30, 3))
+    assert all(row["identity_token"].strip() == "lighthouse" for row in rows[:4])  # layers 0-9 decode the word
+    assert any("lighthouse" in row["description"] for row in rows)
+    assert reading.identity.source_positions[0] == reading.position

@@ -64,7 +64,7 @@ def cut(handle: ModelHandle, text: str, rng: random.Random, tries: int = 10) -> 
 def passages(handle: ModelHandle, options: EvalOptions) -> list[str]:
     limit = options.pick("limit", 128)
     if options.data is not None:
-        return [row for row in load_jsonl("texts", options.data)["text"]][:limit]
+        return list(load_jsonl("texts", options.data)["text"])[:limit]
     rng = random.Random(options.seed)
     texts = prose_splits(0, min(2 * limit, len(default_texts())), options.seed)["evaluation"]["text"]
     cuts = (cut(handle, text, rng) for text in texts)

@@ -278,15 +278,30 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
             intervention.set_interchange_dim(dims[i])
         if isinstance(intervention, pv.TrainableIntervention):
             _load_state(intervention, _read_intervention_state(directory, key, device), key)
-        elif constants[i] and not isinstance(intervention, (pv.ZeroIntervention, pv.SourcelessIntervention)):
+        elif constants[i] and not isinstance(intervention, _NO_SOURCE):
             state = _read_intervention_state(directory, key, device)
             if "source_representation" not in state:
                 raise SpecError(f"weights for intervention {key!r} lack 'source_representation'")
-            intervention.register_buffer("source_representation", state["source_representation"])
+            _set_constant_source(intervention, state["source_representation"])
         intervention.to(device)
     if include_model:
         pvm.model.load_state_dict(read_weights(directory / "model.safetensors", device), strict=False)
     return pvm
+
+
+# constant-source classes that hold no source vector: nothing to read back for them
+_NO_SOURCE = (pv.ZeroIntervention, pv.SourcelessIntervention, pv.CollectIntervention, pv.NoiseIntervention)
+
+
+def _set_constant_source(intervention: nn.Module, tensor: torch.Tensor) -> None:
+    """Give `intervention` its saved constant source (e.g. an addition's steering vector).
+
+    pyvene's constructor leaves ``source_representation = None`` as a plain attribute when no vector is
+    given, and ``register_buffer`` refuses a name that already exists, so the attribute goes first.
+    """
+    if "source_representation" not in intervention._buffers and hasattr(intervention, "source_representation"):
+        delattr(intervention, "source_representation")
+    intervention.register_buffer("source_representation", tensor)
 
 
 def _read_intervention_state(directory: Path, key: str, device) -> dict[str, torch.Tensor]:

@@ -111,6 +111,11 @@ FRESH = textwrap.dedent("""
             source = torch.load(folder + "/source.pt", weights_only=True)
             _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [3]]),
                             source_representations=dict(zip(pvm.sorted_keys, source)))
+        elif kind == "pipeline":
+            source = torch.load(folder + "/source.pt", weights_only=True)
+            (_, collected), output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [2], [4]]),
+                                         source_representations={pvm.sorted_keys[0]: source})
+            save_file({"collected": collected[0].contiguous()}, folder + "/fresh-collected.safetensors")
         else:
             _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[5], [2]]))
     save_file({"logits": output.logits.contiguous()}, out)
@@ -160,6 +165,33 @@ def test_pyvene_save_load_round_trips_the_linked_reroute_intervention_in_a_fresh
         pvm.save(str(tmp_path))
     assert not torch.allclose(output.logits, plain)
     assert torch.equal(_in_fresh_process(tmp_path, "reroute"), output.logits)
+
+
+def test_pyvene_save_load_round_trips_a_patchscope_beside_an_addition_and_a_collect(tmp_path):
+    handle = tiny_model("llama", seed=11)
+    ids = handle.tokenizer(["The city of Paris is large"], return_tensors="pt")
+    steer = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
+    interventions = [(1, MappingIntervention(mapping=random_affine(64, 64, seed=3), embed_dim=64)),
+                     (2, pv.AdditionIntervention(embed_dim=64, source_representation=steer)),
+                     (3, pv.CollectIntervention())]
+    config = pv.IntervenableConfig(representations=[
+        pv.RepresentationConfig(layer=layer, component="block_output", unit="pos", max_number_of_units=1,
+                                intervention=iv) for layer, iv in interventions])
+    source = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
+    with compat.pyvene_guard(handle.model), torch.no_grad():
+        pvm = compat.intervenable(config, handle.model)
+        (_, collected), output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [2], [4]]),
+                                     source_representations={pvm.sorted_keys[0]: source})
+        unsteered = compat.intervenable(pv.IntervenableConfig(representations=config.representations[:1]),
+                                        handle.model)
+        _, alone = unsteered(base=dict(ids), unit_locations=per_intervention_locations([[2]]),
+                             source_representations={unsteered.sorted_keys[0]: source})
+        pvm.save(str(tmp_path))
+    torch.save(source, tmp_path / "source.pt")
+    assert not torch.allclose(output.logits, alone.logits)  # the steering vector is in play
+    assert len(list(tmp_path.glob("intkey_*.safetensors"))) == 2  # the mapping and the vector; a collect has no state
+    assert torch.equal(_in_fresh_process(tmp_path, "pipeline"), output.logits)
+    assert torch.equal(load_file(str(tmp_path / "fresh-collected.safetensors"))["collected"], collected[0])
 
 
 def test_safe_loader_never_imports_modules_named_in_a_pyvene_config(tmp_path):

@@ -174,7 +174,7 @@ class Patchscope(JsonSpec):
     def replace(self, **changes: Any) -> "Patchscope":
         """A copy with some fields changed; ``source_prompt=``, ``source_position=``, ``source_layer=`` and
         ``target_layer=`` are shortcuts."""
-        source, target = self.source, self.target
+        source, target = changes.pop("source", self.source), changes.pop("target", self.target)
         if "source_prompt" in changes:
             source = replace(source, prompt=changes.pop("source_prompt"))
         if "source_position" in changes:

@@ -65,3 +65,12 @@ def test_unknown_fields_are_refused():
     data["source"]["colour"] = "red"
     with pytest.raises(SpecError, match="colour"):
         Patchscope.from_dict(data)
+
+
+def test_replace_takes_whole_sources_and_targets_as_well_as_the_shortcuts():
+    scope = Patchscope(Source("Here is a country: France", "France", 4), Target("The capital city of x is", "x", 2))
+    moved = scope.replace(source=Source("Here is a country: Japan", "Japan", 4), target_layer=3)
+    assert moved.source == Source("Here is a country: Japan", "Japan", 4) and moved.target.layer == 3
+    assert scope.replace(target=Target("The currency of x is", "x", 2)).target.prompt == "The currency of x is"
+    assert scope.replace(source_prompt="Here is a country: Japan", source_position="Japan") == \
+        scope.replace(source=Source("Here is a country: Japan", "Japan", 4))

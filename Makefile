@@ -28,5 +28,9 @@ eval: install                                  # the paper's experiments, about 
 bench: install                                 # official loop vs plain pyvene vs the engine, about 8 min on 2 CPU cores
 	$(PY) benchmarks/sweep.py --prompts 32 --grid-prompts 2 --out benchmarks/results/cpu.json
 
+docs: install                                  # the API reference, generated from the docstrings
+	$(VENV)/bin/pdoc --docformat markdown -o out/api $$($(PY) -c "import pkgutil, pyvene_patchscopes as p; \
+	  print(' '.join(['pyvene_patchscopes'] + [m.name for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]))")
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,105 @@
+"""The tutorials, executed top to bottom in a fresh Jupyter kernel (nbclient) on the real embedded models.
+
+Each notebook is committed without outputs and ends with a cell that builds ``summary``; the test runs every
+cell, then reads ``summary`` back as JSON and checks what the notebook's text claims.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.real_model
+
+TUTORIALS = Path(__file__).parent.parent / "tutorials"
+NOTEBOOKS = ["01_quickstart", "02_paper_tour", "03_in_pyvene_pipelines", "04_causal_abstraction",
+             "05_jacobian_scopes"]
+
+
+def execute(name: str, workdir: Path) -> dict:
+    """Run every cell of tutorials/NAME.ipynb in a new kernel with `workdir` as its cwd; return its summary."""
+    notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    probe = nbformat.v4.new_code_cell("import json; print(json.dumps(summary, default=str))")
+    notebook.cells.append(probe)
+    client = NotebookClient(notebook, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(workdir)}})
+    client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
+    return json.loads("".join(out["text"] for out in notebook.cells[-1].outputs if out.get("name") == "stdout"))
+
+
+def test_every_notebook_is_committed_without_outputs_and_listed_in_the_readmes():
+    readme, tutorials_readme = (TUTORIALS.parent / "README.md").read_text(), (TUTORIALS / "README.md").read_text()
+    assert sorted(p.stem for p in TUTORIALS.glob("*.ipynb")) == NOTEBOOKS
+    for name in NOTEBOOKS:
+        notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+        nbformat.validate(notebook)
+        code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+        assert all(not cell.outputs and cell.execution_count is None for cell in code), name
+        assert f"tutorials/{name}.ipynb" in readme and f"({name}.ipynb)" in tutorials_readme, name
+
+
+def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
+    summary = execute("01_quickstart", tmp_path)
+    assert summary["top"] == " CEO"
+    assert summary["decoded_layers"][:10] == list(range(10))      # the early layers all decode the word
+    assert summary["loaded_equal"] is True and summary["same_readout"] is True
+    assert (tmp_path / "ceo-identity" / "config.json").is_file() and (tmp_path / "ceo_heatmap.png").stat().st_size > 10_000
+    assert "Tokyo" in summary["catalogue_generation"]
+
+
+def test_02_paper_tour_runs_every_eval_command(tmp_path):
+    summary = execute("02_paper_tour", tmp_path)
+    assert set(summary) >= {"next-token", "attributes", "entities", "cross-model", "multihop"}
+    assert summary["next-token"]["logit lens Precision@1 at the last layer"] == 1.0
+    assert summary["entities"]["ROUGE-L at that layer, popular"] > summary["entities"]["ROUGE-L at that layer, rare"]
+    assert summary["cross-model"]["Precision@1 there, affine"] > summary["cross-model"]["Precision@1 there, identity (zero-padded)"]
+    for task in ("next-token", "attributes", "entities", "cross-model", "multihop"):
+        assert (tmp_path / "tour" / task / "report.md").is_file(), task
+
+
+def test_03_pipeline_matches_the_library_and_reloads_identically_in_a_fresh_process(tmp_path):
+    summary = execute("03_in_pyvene_pipelines", tmp_path)
+    assert summary["pipeline_top"] == summary["library_top"] == " CEO"
+    assert summary["max_logit_difference"] < 1e-3
+    before, after = summary["oscar_prob"]
+    assert after > 100 * before  # the addition steers the readout toward "Oscars"
+    assert summary["identical_after_reload"] is True
+    # and independently of the notebook's own check: reload the saved folder in another fresh process
+    command = summary["reload_command"]
+    command[3] = "test-outputs.safetensors"
+    done = subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = load_file(str(tmp_path / "ceo-pipeline-outputs.safetensors"))
+    fresh = load_file(str(tmp_path / "test-outputs.safetensors"))
+    assert torch.equal(fresh["logits"], saved["logits"]) and torch.equal(fresh["collected"], saved["collected"])
+    assert not list((tmp_path / "ceo-pipeline").glob("*.bin"))     # no pickle
+
+
+def test_04_interchange_and_patchscopes_agree_on_where_the_country_lives(tmp_path):
+    summary = execute("04_causal_abstraction", tmp_path)
+    assert summary["countries"] >= 20 and summary["pairs"] == 40
+    (iia_last_x, iia_first_is), (ps_last_x, ps_first_is) = summary["where"]["interchange (IIA)"], summary["where"]["Patchscopes"]
+    assert iia_first_is == iia_last_x + 1                         # the variable moves within one layer
+    assert abs(ps_first_is - iia_first_is) <= 1 and abs(ps_last_x - iia_last_x) <= 1
+    assert min(summary["iia_at_x"][:iia_last_x + 1]) >= 0.8 and min(summary["iia_at_last"][iia_first_is:]) >= 0.8
+    assert summary["iia_elsewhere_max"] <= 0.1 and summary["readout_control_max"] <= 0.1
+    swapped, control = summary["after_swap"]["after a swap at layer 12"], summary["after_swap"]["after a swap at layer 25"]
+    assert swapped["last token predicts the source capital"] >= 0.8 and swapped["X is the source country"] >= 0.8
+    assert control["last token predicts the base capital"] >= 0.9 and control["the model says the source capital"] <= 0.1
+
+
+def test_05_jacobian_scopes_reads_the_attributed_token(tmp_path):
+    summary = execute("05_jacobian_scopes", tmp_path)
+    assert summary["token"] == summary["top"][0][1] == " lighthouse"
+    rows = summary["rows"]
+    assert [row["layer"] for row in rows] == list(range(0, 30, 3))
+    assert all(row["identity_token"].strip() == "lighthouse" for row in rows[:4])  # layers 0-9 decode the word
+    assert any("lighthouse" in row["description"] for row in rows)
+    assert summary["identity_position"] == summary["position"]

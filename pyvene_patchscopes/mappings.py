@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, UnknownNameError
+from .files import check_finite
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
@@ -96,6 +97,7 @@ class Affine(MappingFunction):
         if weight.ndim != 2 or bias.shape != (weight.shape[0],):
             raise SpecError(f"affine weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit "
                             "(allowed: weight [d_target, d_source], bias [d_target])")
+        check_finite({"weight": weight, "bias": bias}, "Affine")
         module = cls(weight.shape[1], weight.shape[0])
         module.load_state_dict({"weight": weight.float(), "bias": bias.float()})
         return module
@@ -130,6 +132,7 @@ class MappingSpec:
         if not isinstance(self.weights, MappingType) or not all(
                 isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.weights.items()):
             raise SpecError("Patchscope.mapping.weights is not allowed (allowed: a dict of name -> tensor)")
+        check_finite(dict(self.weights), f"Patchscope.mapping={self.name!r} weight")
         object.__setattr__(self, "args", dict(self.args))
         object.__setattr__(self, "weights", {k: v.detach().cpu() for k, v in self.weights.items()})
 

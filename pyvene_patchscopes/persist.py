@@ -3,12 +3,15 @@
 ``config.json`` is the spec (see spec.py) with three more keys: ``models`` (each model's size and GGUF
 hash or revision, checked against the models in hand on load), ``description``, and, inside
 ``mapping``, the name of the weights file. Loading only ever parses JSON and safetensors; file names
-are checked so that nothing outside the folder is read. A bare name such as ``"token-identity"`` loads
-from the catalogue that ships with the package (the repository's ``interventions/`` folder).
+are checked, and links that resolve outside the folder are refused, so nothing outside the folder is read
+(see `files`). A bare name such as ``"token-identity"`` loads from the catalogue that ships with the package
+(the repository's ``interventions/`` folder); a folder is named by a path (``./token-identity``), see
+`looks_like_path`.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 from importlib import resources
 from pathlib import Path
@@ -17,14 +20,14 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .errors import SpecError, UnknownNameError
+from .files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
 from .mappings import build_mapping
 from .models import ModelHandle
 from .spec import Patchscope
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
-MAX_CONFIG_BYTES = 1 << 20  # a spec is a few hundred bytes; refuse to parse anything huge
-MAX_WEIGHTS_BYTES = 1 << 31
+MAX_CONFIG_BYTES = MAX_JSON_BYTES  # a spec is a few hundred bytes; refuse to parse anything huge
 _ENTRY = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}\.safetensors$")
 _RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision")
@@ -80,38 +83,22 @@ def save(scope: Patchscope, directory: str | Path, models: Any = None, descripti
 
 # ---- load ----------------------------------------------------------------------------------------
 def read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
+    """The folder's ``config.json`` as a dict: read only inside the folder, size-capped, content never echoed."""
+    path = inside(directory, CONFIG_FILE, "spec file")
+    if not is_file(path):
         raise SpecError(f"no {CONFIG_FILE} in {directory} (allowed: a folder written by Patchscope.save)")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise SpecError(f"{CONFIG_FILE} in {directory} is {path.stat().st_size} bytes "
-                        f"(allowed: at most {MAX_CONFIG_BYTES})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise SpecError(f"{CONFIG_FILE} in {directory} is malformed: {str(err)[:200]}") from None
+    data = read_json(path, f"{CONFIG_FILE} in {directory}", MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise SpecError(f"{CONFIG_FILE} must hold a JSON object, got {type(data).__name__}")
     return data
 
 
 def _read_weights(directory: Path, name: object) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not isinstance(name, str) or not _WEIGHTS_NAME.match(name) or ".." in name:
         raise SpecError(f"mapping.weights={name!r} is not allowed (allowed: a plain *.safetensors file name "
                         "inside the spec's folder)")
-    path = directory / name
-    if not path.is_file():
-        raise SpecError(f"mapping weights file {name!r} is missing from {directory}")
-    if path.stat().st_size > MAX_WEIGHTS_BYTES:
-        raise SpecError(f"mapping weights file {name!r} is too large (allowed: at most {MAX_WEIGHTS_BYTES} bytes)")
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise SpecError(f"mapping weights file {name!r} is not a valid safetensors file: "
-                        f"{str(err).splitlines()[0][:200]}") from None
+    return read_safetensors(inside(directory, name, "mapping weights file"), "mapping weights file",
+                            max_bytes=MAX_WEIGHTS_BYTES)
 
 
 def load(directory_or_name: str | Path, models: Any = None) -> Patchscope:
@@ -140,18 +127,33 @@ def load(directory_or_name: str | Path, models: Any = None) -> Patchscope:
     return scope
 
 
-def locate(directory_or_name: str | Path) -> Path:
-    """A folder path as given, or the catalogue folder of an entry name."""
-    path = Path(directory_or_name)
-    if path.is_dir():
-        return path
+def looks_like_path(value: str | os.PathLike) -> bool:
+    """Whether `value` names a folder rather than a catalogue entry.
+
+    The rule: a ``pathlib.Path`` (any ``os.PathLike``), or text that contains a path separator or starts
+    with ``.`` or ``~`` (``./token-identity``, ``/data/spec``, ``~/specs/x``). Anything else is a
+    catalogue name, so a folder in the working directory can never silently replace a shipped spec.
+    """
+    if isinstance(value, os.PathLike):
+        return True
+    text = str(value)
+    return "/" in text or os.sep in text or bool(os.altsep and os.altsep in text) or text.startswith((".", "~"))
+
+
+def locate(directory_or_name: str | os.PathLike) -> Path:
+    """The folder that `directory_or_name` names: a path (see `looks_like_path`) or a catalogue entry."""
+    if looks_like_path(directory_or_name):
+        path = expand(directory_or_name)
+        if is_dir(path):
+            return path
+        raise SpecError(f"Patchscope folder {str(path)!r} does not exist (allowed: a folder written by "
+                        "Patchscope.save)")
     name = str(directory_or_name)
-    if _ENTRY.match(name):
-        entry = catalogue_root() / name
-        if entry.is_dir():
-            return entry
-    raise UnknownNameError(f"Patchscope {name!r} is neither a folder nor a catalogue entry "
-                           f"(allowed: a folder written by Patchscope.save, or one of: {', '.join(catalogue())})")
+    if _ENTRY.match(name) and (catalogue_root() / name / CONFIG_FILE).is_file():
+        return catalogue_root() / name
+    hint = f"; for the folder {name!r} in the working directory, write './{name}'" if is_dir(name) else ""
+    raise UnknownNameError(f"Patchscope {name!r} is not a catalogue entry (allowed: one of: "
+                           f"{', '.join(catalogue())}; or a folder path such as ./my-spec){hint}")
 
 
 # ---- the catalogue -------------------------------------------------------------------------------
@@ -197,5 +199,5 @@ def from_hub(repo_id: str, models: Any = None, revision: str | None = None) -> P
     return load(folder, models=models)
 
 
-__all__ = ["save", "load", "locate", "catalogue", "catalogue_root", "describe", "iter_catalogue", "model_record",
+__all__ = ["save", "load", "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "iter_catalogue", "model_record",
            "check_models", "push_to_hub", "from_hub", "CONFIG_FILE", "WEIGHTS_FILE"]

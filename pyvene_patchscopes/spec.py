@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import SpecError
+from .files import MAX_JSON_BYTES, parse_json, read_text
 from .mappings import MappingSpec
 
 Position = Union[int, str]
@@ -31,9 +32,19 @@ SPEC_VERSION = 2  # 2: mapping is an object {name, args}, and the optional rerou
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def check_text(field: str, value: str) -> None:
+    """Refuse text that is not valid Unicode (lone surrogates, e.g. from undecodable command-line bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise SpecError(f"{field}={value!r} is not valid text: character {err.start} is a lone surrogate "
+                        "(allowed: text that encodes as UTF-8)") from None
+
+
 def _check_prompt(owner: str, prompt: object) -> None:
     if not isinstance(prompt, str) or not prompt.strip():
         raise SpecError(f"{owner}.prompt={prompt!r} is not allowed (allowed: a non-empty string)")
+    check_text(f"{owner}.prompt", prompt)
 
 
 def _check_position(owner: str, position: object) -> None:
@@ -44,6 +55,8 @@ def _check_position(owner: str, position: object) -> None:
         )
     if isinstance(position, str) and not position.strip():
         raise SpecError(f"{owner}.position={position!r} is not allowed (allowed: a non-empty substring)")
+    if isinstance(position, str):
+        check_text(f"{owner}.position", position)
 
 
 def _check_layer(owner: str, layer: object) -> None:
@@ -66,11 +79,7 @@ class JsonSpec:
 
     @classmethod
     def from_json(cls, text: str):
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as err:
-            raise SpecError(f"{cls.json_name} JSON is malformed: {err}") from None
-        return cls.from_dict(data)  # type: ignore[attr-defined]
+        return cls.from_dict(parse_json(text, f"{cls.json_name} JSON"))  # type: ignore[attr-defined]
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -79,7 +88,8 @@ class JsonSpec:
 
     @classmethod
     def load_json(cls, path: str | Path):
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a JSON spec file (UTF-8, at most 1 MB)."""
+        return cls.from_json(read_text(path, f"{cls.json_name} file", MAX_JSON_BYTES))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 from importlib import resources
 from pathlib import Path
 from ..errors import SpecError
+from ..files import is_file
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never ask a hub
 import datasets  # noqa: E402
@@ -35,7 +36,7 @@ def load_jsonl(kind: str, path: str | Path | None = None) -> datasets.Dataset:
     if kind not in REQUIRED:
         raise SpecError(f"data kind={kind!r} is not known (allowed: {', '.join(REQUIRED)})")
     file = Path(path) if path is not None else shipped(kind)
-    if not file.is_file():
+    if not is_file(file):
         raise SpecError(f"--data={str(file)!r} is not a file (allowed: a JSONL file with fields "
                         f"{', '.join(REQUIRED[kind])})")
     try:

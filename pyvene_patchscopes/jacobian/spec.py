@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
 from ..errors import SpecError
-from ..spec import DEFAULT_MODEL, JsonSpec
+from ..spec import DEFAULT_MODEL, JsonSpec, check_text
 
 VARIANTS = {
     "semantic": "‖w_targetᵀ J_t‖: how token t moves the target token's logit",
@@ -59,6 +59,8 @@ class JacobianScope(JsonSpec):
                                   or (isinstance(token, int) and token < 0)):
             raise SpecError(f"JacobianScope.target_token={token!r} is not allowed "
                             "(allowed: None for the prediction, a one-token string, or a token id >= 0)")
+        if isinstance(token, str):
+            check_text("JacobianScope.target_token", token)
         if token is not None and self.variant not in ("semantic", "gradient-x-input"):
             raise SpecError(f"JacobianScope.target_token={token!r} is not allowed with variant={self.variant!r} "
                             "(allowed: only with semantic and gradient-x-input, which read one token's logit)")

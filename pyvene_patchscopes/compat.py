@@ -1,7 +1,8 @@
 """Every workaround for pyvene 0.1.8 (and HF transformers 5.x) lives here, each with a test in tests/test_compat.py.
 
 1. pyvene removes *all* forward hooks from the model on every call, which kills transformers 5's
-   lazily installed ``output_hidden_states`` capture hooks and any user hook  -> `pyvene_guard`.
+   lazily installed ``output_hidden_states`` capture hooks and any user hook  -> `pyvene_guard` (and the
+   opt-in `install`) remove only the hooks pyvene registered, known by their ids.
 2. The short ``unit_locations`` forms set a sticky ``use_fast`` flag, after which every batch row is
    patched at row 0's position                                                -> `base_locations`, `reset_use_fast`.
 3. ``{"base": [2, 3]}`` is read as (source position 2, base position 3)       -> `base_locations` never emits it.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import io
 import json
@@ -38,58 +40,107 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     import pyvene.models.intervenable_base as pv_base
 
 from .errors import PatchscopeError, SpecError, UnknownNameError
+from .files import check_finite, inside, is_file, read_json, read_safetensors
 
 _ORIGINAL_REMOVE_HOOKS = pv_base.remove_forward_hooks
 
 
 # ---- 1. hooks ------------------------------------------------------------------------------------
-def _is_pyvene_hook(fn: object) -> bool:
-    return getattr(fn, "__module__", "").startswith("pyvene")
+# pyvene registers every hook it uses in IntervenableModel._intervention_getter / _intervention_setter and
+# returns their handles. While tracking is on, those two methods are wrapped to record the handles' ids, and
+# pyvene's "remove all hooks" is replaced by "remove the hooks pyvene registered": a hook is told apart by
+# the id torch gave it when pyvene added it, never by the name of the module its function comes from.
+_PYVENE_HOOKS: dict[int, "torch.utils.hooks.RemovableHandle"] = {}  # hook id -> pyvene's handle for it
+_TRACKED_METHODS = ("_intervention_getter", "_intervention_setter")
+_ORIGINAL_METHODS = {name: pv_base.IntervenableModel.__dict__[name] for name in _TRACKED_METHODS}
+_tracking_depth = 0
+
+
+def _recording(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        handlers = method(self, *args, **kwargs)
+        _PYVENE_HOOKS.update((handle.id, handle) for handle in handlers.handlers)
+        return handlers
+    return wrapper
+
+
+def _start_tracking() -> None:
+    global _tracking_depth
+    if _tracking_depth == 0:
+        for name, method in _ORIGINAL_METHODS.items():
+            setattr(pv_base.IntervenableModel, name, _recording(method))
+        pv_base.remove_forward_hooks = remove_pyvene_hooks
+    _tracking_depth += 1
+
+
+def _stop_tracking() -> None:
+    global _tracking_depth
+    _tracking_depth -= 1
+    if _tracking_depth == 0:
+        for name, method in _ORIGINAL_METHODS.items():
+            setattr(pv_base.IntervenableModel, name, method)
+        pv_base.remove_forward_hooks = _ORIGINAL_REMOVE_HOOKS
 
 
 def remove_pyvene_hooks(module: nn.Module) -> None:
-    """Remove only the hooks pyvene registered, leaving HF's capture hooks and the user's own."""
+    """Remove only the hooks pyvene registered while tracking was on; HF's and the user's own stay."""
     for sub in module.modules():
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
-            for hook_id in [k for k, fn in hooks.items() if _is_pyvene_hook(fn)]:
+            for hook_id in [k for k in hooks if k in _PYVENE_HOOKS]:
                 hooks.pop(hook_id)
                 for extra in (getattr(sub, "_forward_hooks_with_kwargs", {}),
                               getattr(sub, "_forward_pre_hooks_with_kwargs", {}),
                               getattr(sub, "_forward_hooks_always_called", {})):
                     extra.pop(hook_id, None)
+    _forget_removed_hooks()
+
+
+def _forget_removed_hooks() -> None:
+    """Drop the records of hooks that are gone (removed here, or by pyvene's own handle.remove())."""
+    for hook_id, handle in list(_PYVENE_HOOKS.items()):
+        hooks = handle.hooks_dict_ref()
+        if hooks is None or hook_id not in hooks:
+            del _PYVENE_HOOKS[hook_id]
 
 
 def install() -> None:
-    """Patch pyvene globally so that it only ever removes its own hooks (for users' own pyvene pipelines)."""
-    pv_base.remove_forward_hooks = remove_pyvene_hooks
+    """Opt-in, process-wide: pyvene removes only its own hooks, for users' own pyvene pipelines too."""
+    _start_tracking()
 
 
 def uninstall() -> None:
-    pv_base.remove_forward_hooks = _ORIGINAL_REMOVE_HOOKS
+    """Undo one `install`."""
+    if _tracking_depth > 0:
+        _stop_tracking()
 
 
 @dataclass
 class _ModelState:
-    training: bool
+    training: list[tuple[nn.Module, bool]]
     requires_grad: list[bool]
     model_type: object
 
 
 @contextlib.contextmanager
 def pyvene_guard(model: nn.Module) -> Iterator[None]:
-    """Run pyvene calls on `model` and leave it as it was: same hooks, `requires_grad`, mode and config."""
+    """Run pyvene calls on `model` and leave it as it was: same hooks, `requires_grad`, modes and config.
+
+    Every module's own training flag is recorded and restored (pyvene's wrapping calls ``model.eval()``,
+    and ``model.train(flag)`` would flatten a mix of train and eval submodules).
+    """
     params = list(model.parameters())
-    state = _ModelState(model.training, [p.requires_grad for p in params],
+    state = _ModelState([(m, m.training) for m in model.modules()], [p.requires_grad for p in params],
                         model.config.__dict__.get("model_type", None) if hasattr(model, "config") else None)
     had_model_type = hasattr(model, "config") and "model_type" in model.config.__dict__
-    previous = pv_base.remove_forward_hooks
-    pv_base.remove_forward_hooks = remove_pyvene_hooks
+    _start_tracking()
     try:
         yield
     finally:
-        pv_base.remove_forward_hooks = previous
         remove_pyvene_hooks(model)
-        model.train(state.training)
+        _stop_tracking()
+        for module, flag in state.training:
+            module.training = flag
         for param, flag in zip(params, state.requires_grad):
             param.requires_grad_(flag)
         if hasattr(model, "config"):
@@ -131,19 +182,25 @@ def reset_use_fast(pvm: pv.IntervenableModel) -> None:
 
 
 # ---- 4./5. saving and loading interventions ---------------------------------------------------------
+# The format stays pyvene's own, both ways: `save_intervenable` writes pyvene's config.json and its
+# ``intkey_<key>.bin`` / ``pytorch_model.bin`` (tensor-only state dicts, which plain pyvene reads with torch's
+# default ``weights_only=True``), plus a ``.safetensors`` twin of each. `load_intervenable` reads the
+# safetensors file where there is one, else pyvene's ``.bin`` with ``weights_only=True``: a folder written
+# by plain pyvene loads here, and a folder written here loads in plain pyvene.
 _ORIGINAL_SAVE = pv.IntervenableModel.save
 _ORIGINAL_LOAD = pv.IntervenableModel.load
 _ORIGINAL_SAVE_INTERVENTION = pv.IntervenableModel.save_intervention
 _ORIGINAL_LOAD_INTERVENTION = pv.IntervenableModel.load_intervention
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.#\-]+$")
+MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def _weights_file(directory: Path, key: str, suffix: str) -> Path:
-    """``intkey_<key><suffix>`` inside `directory`; a key that could leave the folder is refused."""
+    """``intkey_<key><suffix>`` inside `directory`; a key or link that could leave the folder is refused."""
     if not _SAFE_KEY.match(key) or ".." in key:
         raise SpecError(f"intervention key {key!r} is not allowed in a file name "
                         "(allowed: letters, digits, '_', '.', '#', '-', no '..')")
-    return directory / f"intkey_{key}{suffix}"
+    return inside(directory, f"intkey_{key}{suffix}", "weights file")
 
 
 def _stateful(intervention: nn.Module) -> bool:
@@ -151,35 +208,63 @@ def _stateful(intervention: nn.Module) -> bool:
         getattr(intervention, "source_representation", None) is not None
 
 
-def save_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path) -> list[Path]:
-    """Write each stateful intervention's ``state_dict`` as ``intkey_<key>.safetensors`` (no pickle)."""
+def _write_state(state: dict[str, torch.Tensor], safe: Path, legacy: Path) -> None:
+    """One state dict as safetensors and as pyvene's ``.bin`` (a plain dict of tensors, no other objects)."""
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(safe))
+    torch.save(tensors, legacy)
+
+
+def save_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
+                              trainable_only: bool = False) -> list[Path]:
+    """Write each stateful intervention's ``state_dict`` as ``intkey_<key>.safetensors`` and ``.bin``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for key, intervention in pvm.interventions.items():
-        if _stateful(intervention):
-            state = {k: v.detach().cpu().contiguous() for k, v in intervention.state_dict().items()}
-            path = _weights_file(directory, key, ".safetensors")
-            save_file(state, str(path))
-            written.append(path)
+        if isinstance(intervention, pv.TrainableIntervention) or (not trainable_only and _stateful(intervention)):
+            safe = _weights_file(directory, key, ".safetensors")
+            _write_state(intervention.state_dict(), safe, _weights_file(directory, key, ".bin"))
+            written.append(safe)
     return written
 
 
-def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A safetensors file, or a legacy pyvene ``.bin`` read with ``weights_only=True``; errors name the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _save_model_weights(pvm: pv.IntervenableModel, directory: Path) -> None:
+    """The model's trainable parameters, as pyvene's ``include_model`` saves them (plus a safetensors twin)."""
+    trainable = {n: p for n, p in pvm.model.named_parameters() if p.requires_grad}
+    _write_state(trainable, directory / MODEL_WEIGHTS[0], directory / MODEL_WEIGHTS[1])
 
-    if not path.is_file():
+
+def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file, or a pyvene ``.bin`` read with ``weights_only=True``; errors name the file."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, "weights file", device)
+    if not is_file(path):
         raise SpecError(f"weights file {path.name!r} is missing from {path.parent}")
     try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device=str(device))
-        return torch.load(path, map_location=device, weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as err:
         raise SpecError(f"refusing to load weights file {path.name!r}: {str(err).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise SpecError(f"weights file {path.name!r} does not hold a dict of named tensors")
+    return state
+
+
+def _read_pair(directory: Path, names: Sequence[str], device) -> dict[str, torch.Tensor]:
+    """The first of `names` (safetensors first) that exists inside `directory`."""
+    paths = [inside(directory, name, "weights file") for name in names]
+    for path in paths:
+        if is_file(path):
+            return read_weights(path, device)
+    raise SpecError(f"weights file {names[-1]!r} is missing from {directory} (looked for: {', '.join(names)})")
+
+
+def _read_intervention_state(directory: Path, key: str, device) -> dict[str, torch.Tensor]:
+    _weights_file(directory, key, "")  # the key itself must be a safe file name
+    return _read_pair(directory, [f"intkey_{key}.safetensors", f"intkey_{key}.bin"], device)
 
 
 def load_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
@@ -191,14 +276,18 @@ def load_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
     """
     directory = Path(directory)
     for key, intervention in pvm.interventions.items():
-        if not isinstance(intervention, pv.TrainableIntervention):
-            continue
-        safe = _weights_file(directory, key, ".safetensors")
-        state = read_weights(safe if safe.exists() else _weights_file(directory, key, ".bin"), device)
-        _load_state(intervention, state, key)
+        if isinstance(intervention, pv.TrainableIntervention):
+            _load_state(intervention, _read_intervention_state(directory, key, device), key)
+
+
+def load_model_weights(pvm: pv.IntervenableModel, directory: str | Path, device=None) -> None:
+    """``include_model``: the saved trainable parameters, from model.safetensors or pyvene's pytorch_model.bin."""
+    device = device if device is not None else next(pvm.model.parameters()).device
+    pvm.model.load_state_dict(_read_pair(Path(directory), MODEL_WEIGHTS, device), strict=False)
 
 
 def _load_state(intervention: nn.Module, state: dict, key: str) -> None:
+    check_finite(state, f"weights for intervention {key!r}: tensor")
     try:
         intervention.load_state_dict(state)
     except RuntimeError as err:  # missing/unexpected keys or shape mismatches
@@ -218,64 +307,87 @@ def _allowed_intervention_types() -> dict[str, type]:
 
 
 def save_intervenable(pvm: pv.IntervenableModel, directory: str | Path, include_model: bool = False) -> Path:
-    """pyvene's ``save`` with safetensors instead of pickled ``.bin`` files (same ``config.json``)."""
+    """pyvene's ``save`` (same config.json and .bin files), plus a safetensors twin of every weights file."""
     directory = Path(directory)
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... already exists"
         _ORIGINAL_SAVE(pvm, str(directory), include_model=False)
-    for stale in directory.glob("intkey_*.bin"):
-        stale.unlink()
     save_intervention_weights(pvm, directory)
     if include_model:
-        from safetensors.torch import save_file
-
-        trainable = {n: p.detach().cpu().contiguous() for n, p in pvm.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(directory / "model.safetensors"))
+        _save_model_weights(pvm, directory)
     return directory
+
+
+def _read_pyvene_config(directory: Path) -> dict:
+    path = inside(directory, "config.json", "pyvene config")
+    if not is_file(path):
+        raise SpecError(f"no pyvene config.json in {directory}")
+    raw = read_json(path, f"pyvene config.json in {directory}")
+    if not isinstance(raw, dict):
+        raise SpecError(f"pyvene config.json in {directory} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _representations(reps: list) -> list:
+    """pyvene's positional representation lists -> RepresentationConfig, with a clear error for bad ones."""
+    fields = pv.RepresentationConfig._fields
+    out = []
+    for index, opts in enumerate(reps):
+        if not isinstance(opts, list) or not 1 <= len(opts) <= len(fields):
+            raise SpecError(f"pyvene config.json representations[{index}]={opts!r:.80} is not allowed "
+                            f"(allowed: a list of at most {len(fields)} fields: {', '.join(fields)})")
+        rep = pv.RepresentationConfig(*opts)
+        if isinstance(rep.layer, bool) or not isinstance(rep.layer, int) or not isinstance(rep.component, str) \
+                or not isinstance(rep.unit, str):
+            raise SpecError(f"pyvene config.json representations[{index}] needs an int layer and string component "
+                            f"and unit, got layer={rep.layer!r:.40}, component={rep.component!r:.40}, "
+                            f"unit={rep.unit!r:.40}")
+        out.append(rep)
+    return out
 
 
 def load_intervenable(directory: str | Path, model: nn.Module, device: str | torch.device | None = None,
                       include_model: bool = False) -> pv.IntervenableModel:
-    """pyvene's ``load``, made safe: JSON + safetensors, CPU-friendly, and only known intervention classes.
+    """pyvene's ``load``, made safe: JSON + safetensors (or tensor-only .bin), CPU-friendly, known classes only.
 
     Unlike pyvene 0.1.8 it never imports a module named in the file (``get_type_from_string``), never
-    unpickles, and never assumes CUDA; intervention classes must be pyvene's own or registered with
-    `register_intervention`.
+    unpickles anything but tensors, never assumes CUDA, and reads nothing outside the folder; intervention
+    classes must be pyvene's own or registered with `register_intervention`.
     """
     directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise SpecError(f"no pyvene config.json in {directory}")
-    try:
-        raw = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpecError(f"pyvene config.json in {directory} is malformed: {err}") from None
+    raw = _read_pyvene_config(directory)
     allowed = _allowed_intervention_types()
     types, reps = raw.get("intervention_types"), raw.get("representations")
-    if not isinstance(types, list) or not isinstance(reps, list) or len(types) != len(reps):
-        raise SpecError("pyvene config.json needs equal-length lists 'intervention_types' and 'representations'")
+    if not isinstance(types, list) or not isinstance(reps, list) or len(types) != len(reps) or not types:
+        raise SpecError("pyvene config.json needs equal-length, non-empty lists 'intervention_types' and "
+                        "'representations'")
     classes = []
     for name in types:
-        if name not in allowed:
-            raise UnknownNameError(f"intervention type {name!r} is not allowed (allowed: pyvene's own classes and "
-                                   "classes registered with register_intervention); nothing was imported")
+        if not isinstance(name, str) or name not in allowed:
+            raise UnknownNameError(f"intervention type {name!r:.120} is not allowed (allowed: pyvene's own classes "
+                                   "and classes registered with register_intervention); nothing was imported")
         classes.append(allowed[name])
-    try:
-        representations = [pv.RepresentationConfig(*opts) for opts in reps]
-    except TypeError as err:
-        raise SpecError(f"pyvene config.json has a malformed representation: {err}") from None
+    representations = _representations(reps)
+    constants = raw.get("intervention_constant_sources")
+    dims = raw.get("intervention_dimensions")
+    constants = [False] * len(classes) if constants is None else constants
+    dims = [None] * len(classes) if dims is None else dims
+    if not (isinstance(constants, list) and isinstance(dims, list) and len(constants) == len(dims) == len(classes)):
+        raise SpecError("pyvene config.json 'intervention_constant_sources' and 'intervention_dimensions' must "
+                        f"be lists of {len(classes)} entries, one per intervention")
     device = device if device is not None else next(model.parameters()).device
-    config = pv.IntervenableConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
-    config.intervention_types = classes
-    config.representations = representations
-    register_model_types()
-    with contextlib.redirect_stdout(io.StringIO()):
-        pvm = pv.IntervenableModel(config, model)
-    constants = raw.get("intervention_constant_sources") or [False] * len(classes)
-    dims = raw.get("intervention_dimensions") or [None] * len(classes)
+    try:
+        config = pv.IntervenableConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
+        config.intervention_types = classes
+        config.representations = representations
+        register_model_types()
+        with contextlib.redirect_stdout(io.StringIO()):
+            pvm = pv.IntervenableModel(config, model)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NameError, RuntimeError) as err:
+        raise SpecError(f"pyvene config.json in {directory} does not fit this model: "
+                        f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
     for i, (key, intervention) in enumerate(pvm.interventions.items()):
         intervention.is_source_constant = bool(constants[i])
-        if dims[i] is not None:
-            intervention.set_interchange_dim(dims[i])
+        _set_dimension(intervention, dims[i], representations[i], model, key)
         if isinstance(intervention, pv.TrainableIntervention):
             _load_state(intervention, _read_intervention_state(directory, key, device), key)
         elif constants[i] and not isinstance(intervention, _NO_SOURCE):
@@ -285,8 +397,23 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
             _set_constant_source(intervention, state["source_representation"])
         intervention.to(device)
     if include_model:
-        pvm.model.load_state_dict(read_weights(directory / "model.safetensors", device), strict=False)
+        load_model_weights(pvm, directory, device)
     return pvm
+
+
+def _set_dimension(intervention: nn.Module, dim: object, rep, model: nn.Module, key: str) -> None:
+    """pyvene's rule: the saved interchange dimension, else the model's hidden size (per head for head_*)."""
+    if dim is None:
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is None:
+            return
+        dim = hidden // config.num_attention_heads if rep.component.startswith("head_") else hidden
+    if isinstance(dim, bool) or not (isinstance(dim, int) or (isinstance(dim, list)
+                                                              and all(isinstance(d, int) for d in dim))):
+        raise SpecError(f"pyvene config.json intervention_dimensions for {key!r} is {dim!r:.60} "
+                        "(allowed: an int, a list of ints, or null)")
+    intervention.set_interchange_dim(dim)
 
 
 # constant-source classes that hold no source vector: nothing to read back for them
@@ -302,11 +429,6 @@ def _set_constant_source(intervention: nn.Module, tensor: torch.Tensor) -> None:
     if "source_representation" not in intervention._buffers and hasattr(intervention, "source_representation"):
         delattr(intervention, "source_representation")
     intervention.register_buffer("source_representation", tensor)
-
-
-def _read_intervention_state(directory: Path, key: str, device) -> dict[str, torch.Tensor]:
-    safe = _weights_file(directory, key, ".safetensors")
-    return read_weights(safe if safe.exists() else _weights_file(directory, key, ".bin"), device)
 
 
 def _patched_save(self: pv.IntervenableModel, save_directory: str, save_to_hf_hub: bool = False,
@@ -329,25 +451,22 @@ def _patched_load(load_directory: str, model: nn.Module, local_directory: str | 
 
 
 def _patched_save_intervention(self: pv.IntervenableModel, save_directory: str, include_model: bool = True) -> None:
-    save_intervention_weights(self, save_directory)
+    save_intervention_weights(self, save_directory, trainable_only=True)
     if include_model:
-        from safetensors.torch import save_file
-
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, str(Path(save_directory) / "model.safetensors"))
+        _save_model_weights(self, Path(save_directory))
 
 
 def _patched_load_intervention(self: pv.IntervenableModel, load_directory: str, include_model: bool = True) -> None:
     load_intervention_weights(self, load_directory, next(self.model.parameters()).device)
     if include_model:
-        self.model.load_state_dict(read_weights(Path(load_directory) / "model.safetensors"), strict=False)
+        load_model_weights(self, load_directory)
 
 
 def install_serialization() -> None:
     """Route pyvene's own ``save``/``load``/``save_intervention``/``load_intervention`` through the safe versions.
 
     Done when pyvene_patchscopes is imported, so ``IntervenableModel.save``/``load`` round-trip plugin
-    interventions on CPU, in safetensors, without importing modules named in files.
+    interventions on CPU without importing modules named in files. The files stay pyvene's (see above).
     """
     pv.IntervenableModel.save = _patched_save
     pv.IntervenableModel.load = staticmethod(_patched_load)
@@ -428,6 +547,11 @@ class Site:
     component: str
     layer: int
 
+    @property
+    def after_final_norm(self) -> bool:
+        """Whether this site is the final norm's output (the paper's ``skip_final_ln``), not a block output."""
+        return self.component != "block_output"
+
 
 def hidden_state_site(model: nn.Module, layer: int, n_layers: int, after_final_norm: bool) -> Site:
     """The pyvene site of HF ``hidden_states[layer + 1]``.
@@ -445,6 +569,7 @@ __all__ = [
     "install", "uninstall", "pyvene_guard", "intervenable", "remove_pyvene_hooks", "base_locations",
     "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
     "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "install_serialization",
+    "load_model_weights",
     "uninstall_serialization",
     "register_model_types", "final_norm_path", "hidden_state_site", "Site",
 ]

@@ -109,10 +109,14 @@ def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
         with pytest.raises(RuntimeError, match="(?i)cuda"):  # the upstream bug: map_location='cuda:0'
             compat._ORIGINAL_LOAD_INTERVENTION(fresh, str(tmp_path / "upstream"), include_model=False)
         compat.load_intervention_weights(fresh, tmp_path / "upstream", device="cpu")  # legacy .bin, weights_only
-        saved.save_intervention(str(tmp_path / "ours"), include_model=False)  # patched: safetensors
+        saved.save_intervention(str(tmp_path / "ours"), include_model=False)  # patched: safetensors + pyvene's .bin
         again = _trainable_pvm(handle)
         again.load_intervention(str(tmp_path / "ours"), include_model=False)
-    assert not list((tmp_path / "ours").glob("*.bin")) and list((tmp_path / "ours").glob("*.safetensors"))
+    (safe,), (legacy,) = (tmp_path / "ours").glob("*.safetensors"), (tmp_path / "ours").glob("*.bin")
+    assert safe.stem == legacy.stem  # the same intkey_<key>, in both formats
+    from safetensors.torch import load_file
+    from_bin = torch.load(legacy, weights_only=True)  # tensors only: plain pyvene's torch.load reads it safely
+    assert from_bin.keys() == load_file(str(safe)).keys()
     for key in saved.interventions:
         for a, b, c in zip(saved.interventions[key].state_dict().values(), fresh.interventions[key].state_dict().values(),
                            again.interventions[key].state_dict().values()):

@@ -52,7 +52,7 @@ def test_catalogue_round_trip_by_name(tiny_llama, tmp_path, monkeypatch):
     loaded = Patchscope.load("my-affine", models=tiny_llama)
     assert loaded == scope
     assert torch.equal(run(scope, tiny_llama)[0].logits, run(loaded, tiny_llama)[0].logits)
-    with pytest.raises(UnknownNameError, match="neither a folder nor a catalogue entry.*my-affine"):
+    with pytest.raises(UnknownNameError, match="'no-such-entry' is not a catalogue entry.*my-affine"):
         Patchscope.load("no-such-entry")
 
 
@@ -102,6 +102,9 @@ FRESH = textwrap.dedent("""
     from pyvene_patchscopes.compat import per_intervention_locations
     from tiny import tiny_model
     folder, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+    if sys.argv[4:] == ["plain"]:  # pyvene's own load, as a user without the safe serialization has it
+        pyvene_patchscopes.compat.uninstall_serialization()
+        assert pv.IntervenableModel.load is pyvene_patchscopes.compat._ORIGINAL_LOAD
     handle = tiny_model("llama", seed=11)
     assert not torch.cuda.is_available()
     pvm = pv.IntervenableModel.load(folder, handle.model)
@@ -122,11 +125,11 @@ FRESH = textwrap.dedent("""
 """)
 
 
-def _in_fresh_process(folder: Path, kind: str) -> torch.Tensor:
+def _in_fresh_process(folder: Path, kind: str, loader: str = "safe") -> torch.Tensor:
     out = folder / "fresh.safetensors"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(out), kind], cwd=folder, env=env,
+    done = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(out), kind, loader], cwd=folder, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return load_file(str(out))["logits"]
@@ -147,8 +150,10 @@ def test_pyvene_save_load_round_trips_mapping_interventions_in_a_fresh_cpu_proce
                         source_representations=dict(zip(pvm.sorted_keys, source)))
         pvm.save(str(tmp_path))  # pyvene's own method (routed through compat by pyvene_patchscopes)
     torch.save(source, tmp_path / "source.pt")
-    assert not list(tmp_path.glob("intkey_*.bin")) and len(list(tmp_path.glob("intkey_*.safetensors"))) == 2
+    # pyvene's own files (tensor-only .bin, which plain pyvene reads) and a safetensors twin of each
+    assert len(list(tmp_path.glob("intkey_*.bin"))) == len(list(tmp_path.glob("intkey_*.safetensors"))) == 2
     assert torch.equal(_in_fresh_process(tmp_path, "mapping"), output.logits)
+    assert torch.equal(_in_fresh_process(tmp_path, "mapping", "plain"), output.logits)
 
 
 def test_pyvene_save_load_round_trips_the_linked_reroute_intervention_in_a_fresh_cpu_process(tmp_path):

@@ -11,6 +11,7 @@ The patch step has two executions of the same pyvene config:
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from .compat import Site, base_locations, intervenable, per_intervention_locations, pyvene_guard
-from .errors import SpecError
+from .errors import SpecError, UninformativeScopeWarning, check_int
+from .files import check_finite
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target, pack
@@ -35,12 +37,28 @@ Models = Mapping[str, ModelHandle]
 
 
 def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, ModelHandle]:
-    """Accept one handle, a list of handles or a name -> handle mapping."""
+    """Accept one handle, a list of handles or a name -> handle mapping.
+
+    Two different handles under one name are refused: a scope names its models, and picking one of the
+    two silently would run another model than the one meant (e.g. an A -> B Patchscope as B -> B).
+    """
     if isinstance(model, ModelHandle):
         return {model.name: model}
-    if isinstance(model, Mapping):
-        return dict(model)
-    return {handle.name: handle for handle in model}
+    items = list(model.items()) if isinstance(model, Mapping) else [(getattr(h, "name", None), h) for h in model]
+    out: dict[str, ModelHandle] = {}
+    for name, handle in items:
+        if not isinstance(handle, ModelHandle):
+            raise SpecError(f"models entry {name!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
+                            "load_model or wrap_model)")
+        known = out.get(name)
+        if known is not None and known is not handle:
+            raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "
+                            "name them apart with wrap_model(model, tokenizer, name=...) or pass a dict "
+                            "{name: handle}")
+        out[name] = handle
+    if not out:
+        raise SpecError("models is empty (allowed: one ModelHandle, a list of them, or a dict name -> handle)")
+    return out
 
 
 @dataclass
@@ -141,12 +159,14 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens)).
     """
     check_budget(max_batch_tokens)
+    top = check_int("top", top)
+    batch_size = check_int("batch_size", batch_size)
     scope_list = [scopes] if isinstance(scopes, Patchscope) else list(scopes)
     models = as_models(model)
     resolved = [resolve(scope, models) for scope in scope_list]
-    if source_states is not None and len(source_states) != len(resolved):
-        raise SpecError(f"source_states has {len(source_states)} entries for {len(resolved)} scopes "
-                        "(allowed: one state per scope)")
+    if source_states is not None:
+        check_source_states(source_states, resolved, models)
+    warn_uninformative(resolved)
     results: list[PatchscopeResult | None] = [None] * len(resolved)
     plain = [r for r, item in enumerate(resolved) if item.scope.reroute is None]
     if plain:
@@ -173,6 +193,33 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
             results[r] = result
     return results  # type: ignore[return-value]
+
+
+def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved], models: Models) -> None:
+    """One finite ``[d_source]`` tensor per scope: NaN or inf would give silent NaN probabilities."""
+    if len(states) != len(resolved):
+        raise SpecError(f"source_states has {len(states)} entries for {len(resolved)} scopes "
+                        "(allowed: one state per scope)")
+    for k, (state, item) in enumerate(zip(states, resolved)):
+        size = models[item.scope.source.model].hidden_size
+        if not isinstance(state, torch.Tensor) or tuple(state.shape) != (size,):
+            shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+            raise SpecError(f"source_states[{k}] has shape {shape} (allowed: a tensor of shape ({size},), the "
+                            "source model's hidden size)")
+        check_finite({f"source_states[{k}]": state}, "tensor")
+
+
+def warn_uninformative(resolved: list[Resolved]) -> None:
+    """Warn once about scopes whose patch cannot reach the readout (see `Resolved.informative`)."""
+    bad = [item for item in resolved if not item.informative]
+    if bad:
+        first = bad[0]
+        warnings.warn(
+            f"{len(bad)} of {len(resolved)} Patchscope(s) write after the final norm (l = l* = the last layer, "
+            f"e.g. l={first.source_layer}, l*={first.target_layer}) at target position {first.target_position}, "
+            f"before the last ({first.target_tokens - 1}), which the readout never sees: their output is the same "
+            "for every source (result.informative is False). Use l* below the last layer, or patch the target's "
+            "last position.", UninformativeScopeWarning, stacklevel=3)
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
@@ -238,7 +285,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
             shared, torch.stack([vectors[r] for r in batch]),
             torch.tensor([resolved[r].target_layer for r in batch]),
             max_new_tokens=group.max_new_tokens, eos_token_id=handle.tokenizer.eos_token_id,
-            after_norm=torch.tensor([resolved[r].target_site.component != "block_output" for r in batch]),
+            after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in batch]),
         )
         texts = None if decoded.tokens is None else \
             handle.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)
@@ -249,6 +296,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
                 target_position=resolved[r].target_position, logits=logits[k],
                 top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
+                informative=resolved[r].informative,
             )
     return results  # type: ignore[return-value]
 
@@ -275,5 +323,6 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
                 target_position=resolved[r].target_position, logits=logits[k].cpu(),
                 top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
+                informative=resolved[r].informative,
             )
     return results  # type: ignore[return-value]

@@ -1,5 +1,7 @@
-"""Exceptions raised for bad specs and bad input: each names the field, the value given and what is allowed."""
+"""Exceptions raised for bad specs and bad input (each names the field, the value given and what is allowed), and warnings."""
 from __future__ import annotations
+
+import operator
 
 
 class PatchscopeError(ValueError):
@@ -17,7 +19,32 @@ class UnknownNameError(SpecError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UninformativeScopeWarning(UserWarning):
+    """A Patchscope whose patch cannot reach the readout, so its output carries no information about the source."""
+
+
+class ContextLengthWarning(UserWarning):
+    """A prompt (plus the tokens to generate) runs past the length a rotary-position model was trained on."""
+
+
 def out_of_range(field: str, value: object, allowed: str, context: str = "") -> SpecError:
     """Build the standard message: `Target.layer=40 is out of range for smollm2-135m (-30..29)`."""
     where = f" for {context}" if context else ""
     return SpecError(f"{field}={value!r} is out of range{where} (allowed: {allowed})")
+
+
+def check_int(field: str, value: object, low: int = 1, high: int | None = None) -> int:
+    """`value` as an int in low..high (any integer type; bools refused), else a `SpecError` naming the field."""
+    number = None if isinstance(value, bool) else as_index(value)
+    if number is None or number < low or (high is not None and number > high):
+        allowed = f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
+        raise SpecError(f"{field}={value!r} is not allowed (allowed: {allowed})")
+    return number
+
+
+def as_index(value: object) -> int | None:
+    """An integer of any integer type (int, numpy, 0-d tensor) as an int; None for anything else."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None

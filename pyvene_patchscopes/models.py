@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .errors import UnknownNameError
+from .errors import PatchscopeError, SpecError, UnknownNameError
+from .files import expand, is_dir, is_file
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,14 @@ class ModelHandle:
     model: PreTrainedModel
     tokenizer: Any
     origin: dict[str, str] = field(default_factory=dict)  # where the weights came from (GGUF hash, HF id, path)
+    _context: tuple[int | None, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def context(self) -> tuple[int | None, str]:
+        """(trained maximum length, position encoding), see `context_limit`; worked out once per handle."""
+        if self._context is None:
+            self._context = context_limit(self.model)
+        return self._context
 
     @property
     def n_layers(self) -> int:
@@ -121,40 +131,109 @@ def _converted_dir(name: str, gguf: Path) -> Path:
     return folder
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from its name (float32 when None), else an `UnknownNameError` listing the names."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
+    if not isinstance(dtype, str) or dtype not in table:
         raise UnknownNameError(f"dtype={dtype!r} is not known (allowed: {', '.join(table)})")
     return table[dtype]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_KINDS = {"embedded": "an embedded model", "folder": "a local model folder",
+          "hub": "a Hugging Face hub id (this needs access to the hub)"}
+
+
+def model_source(name: object) -> tuple[str, str]:
+    """What `name` is, checked before transformers sees it: ("embedded" | "folder" | "hub", what to load).
+
+    Allowed: an embedded name (or alias), an existing folder holding a ``config.json``, or a hub id of the
+    form ``org/name``. Anything else (``../../etc``, ``/``, a URL) is refused here.
+    """
+    allowed = (f"allowed: {', '.join(EMBEDDED)}, an HF model id like 'org/model', or a local folder holding "
+               "config.json")
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownNameError(f"model={name!r} is not allowed ({allowed})")
+    key = ALIASES.get(name.lower(), name.lower())
+    if key in EMBEDDED:
+        return "embedded", key
+    path = expand(name)
+    if is_dir(path):
+        if not is_file(path / "config.json"):
+            raise UnknownNameError(f"model={name!r} is a folder without config.json ({allowed})")
+        return "folder", str(path)
+    if HUB_ID.match(name) and ".." not in name:
+        return "hub", name
+    raise UnknownNameError(f"model={name!r} is not known ({allowed})")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device that exists on this machine, else a `SpecError` naming the choices."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise SpecError(f"device={device!r} is not a device (allowed: cpu, cuda, cuda:N, mps)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SpecError(f"device={device!r}: this machine has no CUDA device (allowed: cpu)")
+        if dev.index is not None and dev.index >= count:
+            raise SpecError(f"device={device!r} is out of range (allowed: cpu, cuda, cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SpecError(f"device={device!r}: MPS is not available on this machine (allowed: cpu)")
+    elif dev.type != "cpu":
+        raise SpecError(f"device={device!r} is not supported (allowed: cpu, cuda, cuda:N, mps)")
+    return dev
+
+
 def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None) -> ModelHandle:
-    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local path."""
-    key = ALIASES.get(name.lower(), name.lower())
-    torch_dtype = _resolve_dtype(dtype)
-    if key in EMBEDDED:
-        folder = _converted_dir(key, EMBEDDED[key]())
+    """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local folder.
+
+    The name is checked before transformers sees it (see `model_source`); remote code is never trusted.
+    """
+    kind, where = model_source(name)
+    torch_dtype = resolve_dtype(dtype)
+    target = check_device(device)
+    if kind == "embedded":
+        folder = _converted_dir(where, EMBEDDED[where]())
         origin = json.loads((folder / "origin.json").read_text())
-        path, display = str(folder), key
-    elif Path(name).exists() or "/" in name:
-        path, display, origin = name, name, {"name": name}
+        path, display = str(folder), where
     else:
-        raise UnknownNameError(
-            f"model={name!r} is not known (allowed: {', '.join(EMBEDDED)}, an HF model id like 'org/model', "
-            "or a local folder)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    model.to(device)
+        path, display, origin = where, name, {"name": name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise PatchscopeError(f"model={name!r} ({_KINDS[kind]}) could not be loaded: {reason}") from None
+    model.to(target)
     model.eval()
     return ModelHandle(name=display, model=model, origin=origin,
-                       tokenizer=prepare_tokenizer(tokenizer, DOCUMENT_START.get(key)))
+                       tokenizer=prepare_tokenizer(tokenizer, DOCUMENT_START.get(where)))
+
+
+def context_limit(model: PreTrainedModel) -> tuple[int | None, str]:
+    """(the longest sequence the model was trained on, how it encodes positions: absolute, rotary or unknown).
+
+    Learned absolute positions cannot go past the limit at all (an index error); rotary ones run on but
+    extrapolate.
+    """
+    config = model.config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and leaf in ("wpe", "embed_positions", "position_embeddings"):
+            return (module.num_embeddings if limit is None else min(limit, module.num_embeddings)), "absolute"
+        if "rotary" in leaf:
+            return limit, "rotary"
+    return limit, "unknown"
 
 
 # The token each embedded model saw at the start of its training documents. SmolLM2's GGUF declares

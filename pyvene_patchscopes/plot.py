@@ -9,7 +9,8 @@ if TYPE_CHECKING:
 
 
 def _label(token: str, width: int = 6) -> str:
-    text = token.replace("\n", "\\n").strip() or repr(token)[1:-1]
+    """A cell's text: control characters escaped (no font draws them), blank tokens shown by their repr."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token).strip() or repr(token)[1:-1]
     return text[:width]
 
 
@@ -25,14 +26,17 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     if result.same_layer:
         return _same_layer_heatmap(result, path)
     rows, cols = result.source_layers, result.target_layers
-    probs = np.array([[result.cell(prompt, l, t).prob for t in cols] for l in rows])
+    cells = [[result.cell(prompt, l, t) for t in cols] for l in rows]
+    probs = np.array([[cell.prob for cell in row] for row in cells])
+    blind = np.array([[not cell.informative for cell in row] for row in cells])
     size = max(4.0, 0.42 * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
     fig, ax = plt.subplots(figsize=size)
-    image = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
-    for i, l in enumerate(rows):
-        for j, t in enumerate(cols):
-            ax.text(j, i, _label(result.cell(prompt, l, t).token), ha="center", va="center", fontsize=6,
-                    color="white" if probs[i, j] > 0.6 else "black")
+    image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
+            ax.text(j, i, _label(cell.token), ha="center", va="center", fontsize=6, color=colour)
+    _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel("target layer l*")
@@ -42,19 +46,38 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     return _finish(fig, ax, image, path)
 
 
+NO_INFORMATION = ("grey: l = l* = the last layer, written after the final norm at i* before the target's last "
+                  "position, which the readout never sees; these cells say nothing about the source")
+
+
+def _grey_out(ax, blind, fig) -> None:
+    """Hatch the cells that carry no information about the source, and say why under the figure."""
+    from matplotlib.patches import Rectangle
+
+    for i, j in zip(*blind.nonzero()):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.88", edgecolor="0.6", hatch="///",
+                               linewidth=0.3))
+    if blind.any():
+        fig.text(0.01, 0.005, NO_INFORMATION, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
+
+
 def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None):
     """l* = l sweeps: prompts x layers, colour = top-1 probability, text = top-1 token."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     probs = result.top_probs[:, :, 0, 0].numpy()
+    blind = np.zeros(probs.shape, dtype=bool) if result.informative is None else \
+        ~result.informative[:, :, 0].numpy().astype(bool)
     tokens = result.tokens()
     layers = result.source_layers
     fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
-    image = ax.imshow(probs, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for p in range(len(result.prompts)):
         for i in range(len(layers)):
-            ax.text(i, p, _label(tokens[p][i][0]), ha="center", va="center", fontsize=6,
-                    color="white" if probs[p, i] > 0.6 else "black")
+            colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
+            ax.text(i, p, _label(tokens[p][i][0]), ha="center", va="center", fontsize=6, color=colour)
+    _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)
     ax.set_xlabel("layer l = l*")

@@ -1,7 +1,6 @@
 """Resolve a spec position (int, substring or placeholder word) to a token index in a tokenized prompt."""
 from __future__ import annotations
 
-import functools
 import re
 import warnings
 from typing import Any
@@ -14,15 +13,21 @@ class SinkPositionWarning(UserWarning):
     """The source position is token 0: the attention sink, whose huge activations wreck the target."""
 
 
-@functools.lru_cache(maxsize=8192)
-def _encode(tokenizer: Any, prompt: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
-    """Token ids and character offsets (memoised: a sweep resolves the same prompts many times)."""
+Encoding = tuple[list[int], list[tuple[int, int]]]
+
+
+def encode(tokenizer: Any, prompt: str) -> Encoding:
+    """Token ids and character offsets of `prompt` as the tokenizer is set up *now*.
+
+    Not memoised: a tokenizer is mutable (BOS, added tokens, ...), and a cache keyed on the object would
+    return stale positions after a change; encoding a prompt costs tens of microseconds.
+    """
     encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-    return tuple(encoding["input_ids"]), tuple(tuple(o) for o in encoding["offset_mapping"])
+    return list(encoding["input_ids"]), [tuple(o) for o in encoding["offset_mapping"]]
 
 
 def token_ids(tokenizer: Any, prompt: str) -> list[int]:
-    return list(_encode(tokenizer, prompt)[0])
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
 def _last_occurrence(prompt: str, text: str, whole_word: bool) -> int:
@@ -38,13 +43,15 @@ def _last_occurrence(prompt: str, text: str, whole_word: bool) -> int:
     return prompt.rfind(text)
 
 
-def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str) -> int:
+def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str,
+                     encoding: Encoding | None = None) -> int:
     """The non-negative token index that `position` names in `prompt`.
 
     `owner` is "Source" or "Target", used in error messages. A target's string position is a placeholder
-    word and must match a whole word; a source's may also match inside a word.
+    word and must match a whole word; a source's may also match inside a word. `encoding` is `encode`'s
+    result when the caller already has it.
     """
-    ids, offsets = _encode(tokenizer, prompt)
+    ids, offsets = encoding if encoding is not None else encode(tokenizer, prompt)
     n_tokens = len(ids)
     if isinstance(position, int):
         if not -n_tokens <= position < n_tokens:

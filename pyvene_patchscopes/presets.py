@@ -8,11 +8,16 @@ from typing import Callable
 from .errors import SpecError, UnknownNameError
 from .spec import DEFAULT_MODEL, Patchscope, Position, Reroute, Source, Target
 
-# The official code's few-shot identity prompt (patchscopes_utils / next_token_prediction.ipynb). The patch
-# goes on "?" and the model reads the answer after " ->". Measured on SmolLM2-135M, 16 words, l = l* in 0..16:
-# 16/16 decoded at every layer, against 2/16 for "cat->cat; 1135->1135; hello->hello; ?" patched at its end,
-# whose next token is always the arrow rather than the word.
-TOKEN_IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n? ->"
+# A modification of the official few-shot identity prompt. The official next_token_prediction notebook uses
+# "cat -> cat\n1135 -> 1135\nhello -> hello\n?" with the patch on its last token "?", read at that same
+# position: what it reads is the *next* token after the patched state (the paper's next-token experiment).
+# We append " ->" and patch "?", so the model reads the patched token's *identity*, as the demonstrations
+# show it: that is what the token-identity preset asks. Measured on SmolLM2-135M, 16 words, l = l* in 0..16:
+# 16/16 decoded at every layer with " ->", against 2/16 for the prompt patched at its end, whose next token
+# is nearly always the arrow rather than the word. Pass target_prompt=OFFICIAL_TOKEN_IDENTITY_PROMPT to use the
+# official form (the preset then patches and reads its last token, "?").
+OFFICIAL_TOKEN_IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+TOKEN_IDENTITY_PROMPT = OFFICIAL_TOKEN_IDENTITY_PROMPT + " ->"
 ENTITY_DESCRIPTION_PROMPT = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: "
                              "South Korean multinational major appliance and consumer electronics corporation, x")
 ATTRIBUTE_PROMPT = "The capital city of x is"

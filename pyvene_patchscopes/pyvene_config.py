@@ -14,17 +14,18 @@ A CoT Patchscope (``reroute``) reads and writes within one pass of one sequence:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
 import pyvene as pv
 
 from .compat import Site, base_locations, hidden_state_site
-from .errors import SpecError, UnknownNameError
+from .errors import ContextLengthWarning, SpecError, UnknownNameError
 from .interventions import MappingIntervention, RerouteIntervention
 from .mappings import MappingFunction, build_mapping
 from .models import ModelHandle
-from .positions import resolve_position
+from .positions import encode, resolve_position
 from .spec import Patchscope
 
 
@@ -39,6 +40,14 @@ class Resolved:
     target_layer: int
     source_site: Site
     target_site: Site
+    target_tokens: int = 0  # tokens in the target prompt
+
+    @property
+    def informative(self) -> bool:
+        """False when the patch cannot reach the readout: written after the final norm (l = l* = the last
+        layer) at a position before the target's last, which no later position reads (its keys and values
+        were computed before the norm), so every source gives the same output."""
+        return not self.target_site.after_final_norm or self.target_position == self.target_tokens - 1
 
 
 def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
@@ -62,8 +71,14 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
     source_layer = _layer("Source", scope.source.layer, source_model)
     target_layer = _layer("Target", scope.target.layer, target_model)
-    source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position, "Source")
-    target_position = resolve_position(target_model.tokenizer, scope.target.prompt, scope.target.position, "Target")
+    source_encoding = encode(source_model.tokenizer, scope.source.prompt)
+    target_encoding = encode(target_model.tokenizer, scope.target.prompt)
+    check_context(source_model, "Source.prompt", len(source_encoding[0]))
+    check_context(target_model, "Target.prompt", len(target_encoding[0]), scope.max_new_tokens)
+    source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position, "Source",
+                                       source_encoding)
+    target_position = resolve_position(target_model.tokenizer, scope.target.prompt, scope.target.position, "Target",
+                                       target_encoding)
     source_last = source_layer == source_model.n_layers - 1
     skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
                      and source_model is target_model)
@@ -72,7 +87,25 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         source_layer=source_layer, target_layer=target_layer,
         source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
+        target_tokens=len(target_encoding[0]),
     )
+
+
+def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens: int = 0) -> None:
+    """Refuse a prompt (plus generated tokens) longer than learned absolute positions allow; warn for rotary
+    models run past their trained length, where the output is an extrapolation."""
+    limit, encoding = handle.context
+    total = n_tokens + max_new_tokens
+    if limit is None or total <= limit:
+        return
+    what = f"{field} has {n_tokens} tokens" + (f" + max_new_tokens={max_new_tokens} = {total}" if max_new_tokens
+                                                else "")
+    if encoding == "absolute":
+        raise SpecError(f"{what}, past {handle.name}'s {limit} learned positions (allowed: at most {limit} tokens "
+                        "in all, prompt and generation)")
+    warnings.warn(f"a prompt plus the tokens to generate runs past {handle.name}'s trained length of {limit} "
+                  f"tokens ({encoding} positions extrapolate; expect degraded outputs)", ContextLengthWarning,
+                  stacklevel=4)
 
 
 def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig:

@@ -136,7 +136,8 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
             for row, (k, item) in enumerate(zip(chunk, group)):
                 results[k] = PatchscopeResult(scope=item.scope, source_position=item.source_position,
                                               target_position=item.target_position, logits=logits[row].cpu(),
-                                              top=top_k(logits[row], handle.tokenizer, top), generation=texts[row])
+                                              top=top_k(logits[row], handle.tokenizer, top), generation=texts[row],
+                                              informative=item.informative)
     return results  # type: ignore[return-value]
 
 

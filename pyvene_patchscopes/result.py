@@ -1,7 +1,6 @@
 """Readouts of a Patchscope run: the target's next-token distribution (top-k) and its greedy generation."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -19,9 +18,8 @@ class TokenProb:
     prob: float
 
 
-@functools.lru_cache(maxsize=65536)
 def token_text(tokenizer: Any, token_id: int) -> str:
-    """One token decoded as text (memoised: sweeps decode the same few tokens thousands of times)."""
+    """One token decoded as text (a few microseconds; not memoised, so no tokenizer is kept alive)."""
     return tokenizer.decode([token_id])
 
 
@@ -51,6 +49,9 @@ class PatchscopeResult:
     top: list[TokenProb]
     generation: str | None = None
     logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    # False when the patch cannot reach the readout (written after the final norm at a position other than
+    # the target's last one, i.e. l = l* = the last layer): the output is the same for every source.
+    informative: bool = True
 
     @property
     def token(self) -> str:
@@ -68,4 +69,5 @@ class PatchscopeResult:
             "target_position": self.target_position,
             "top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.top],
             "generation": self.generation,
+            "informative": self.informative,
         }

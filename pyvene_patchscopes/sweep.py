@@ -11,6 +11,7 @@ computed exactly as in one process, so the result is the same bit for bit.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .distributed import gather_units, my_units
 from .engine import as_models, chunks, collect_states, run
-from .errors import SpecError
+from .errors import SpecError, UninformativeScopeWarning, as_index, check_int
 from .mappings import build_mapping
 from .models import ModelHandle
 from .plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, pack
@@ -49,6 +50,9 @@ class SweepResult:
     same_layer: bool = False              # target_layers="same": one cell per source layer, l* = l
     generations: list[str] | None = None  # flattened in cell order
     logits: torch.Tensor | None = field(default=None, repr=False)  # [P, Ls, Lt, vocab] when kept
+    # [P, Ls, Lt] bool: False where the patch cannot reach the readout (l = l* = last layer, written after the
+    # final norm before the target's last position), so the cell says nothing about the source
+    informative: torch.Tensor | None = field(default=None, repr=False)
     _results: list[PatchscopeResult] | None = field(default=None, repr=False)
 
     @property
@@ -72,6 +76,7 @@ class SweepResult:
             top=decode_top(self.tokenizer, self.top_probs[p, i, j].tolist(), self.top_ids[p, i, j].tolist()),
             generation=None if self.generations is None else self.generations[flat],
             logits=None if self.logits is None else self.logits[p, i, j],
+            informative=True if self.informative is None else bool(self.informative[p, i, j]),
         )
 
     def cell(self, prompt: int, source_layer: int, target_layer: int) -> PatchscopeResult:
@@ -95,7 +100,7 @@ class SweepResult:
         return [{
             "prompt": r.scope.source.prompt, "source_layer": r.scope.source.layer,
             "target_layer": r.scope.target.layer, "source_position": r.source_position,
-            "token": r.token, "prob": r.prob, "generation": r.generation,
+            "token": r.token, "prob": r.prob, "generation": r.generation, "informative": r.informative,
         } for r in self.results]
 
     def to_pandas(self):
@@ -137,17 +142,17 @@ def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset:
     prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
     if not prompts:
         raise SpecError("source_prompts is empty (allowed: one prompt or more)")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise SpecError(f"batch_size={batch_size!r} is not allowed (allowed: an integer >= 1)")
+    batch_size = check_int("batch_size", batch_size)
+    top = check_int("top", top)
     check_budget(max_batch_tokens)
     models = as_models(model)
     handle = next(iter(models.values()))
     every = list(range(handle.n_layers))
-    source_layers = every if source_layers is None else list(source_layers)
-    same_layer = target_layers == "same"
+    source_layers = every if source_layers is None else _layer_list("source_layers", source_layers)
+    same_layer = isinstance(target_layers, str) and target_layers == "same"
     if isinstance(target_layers, str) and not same_layer:
         raise SpecError(f"target_layers={target_layers!r} is not allowed (allowed: a list of layers, or 'same')")
-    target_layers = every if target_layers is None or same_layer else list(target_layers)
+    target_layers = every if target_layers is None or same_layer else _layer_list("target_layers", target_layers)
     build = get_preset(preset).build
     if preset == "logit-lens":
         options.setdefault("tokenizer", handle.tokenizer)
@@ -161,14 +166,13 @@ def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset:
     mine = my_units(len(units), distributed)
     parts = {}
     per_prompt = sum(len(row) for row in pairs)
-    bar = tqdm(total=sum(len(units[u]) for u in mine) * per_prompt, unit="cell", desc="sweep",
-               disable=not (progress if progress is not None else len(prompts) * per_prompt > 64))
     shared: dict[str, Any] = {}
-    for u in mine:
-        parts[u] = _unit(units[u], scope_for, pairs, models, top, planned, max_batch_tokens, keep_logits,
-                         batch_size, shared)
-        bar.update(len(units[u]) * per_prompt)
-    bar.close()
+    with tqdm(total=sum(len(units[u]) for u in mine) * per_prompt, unit="cell", desc="sweep",
+              disable=not (progress if progress is not None else len(prompts) * per_prompt > 64)) as bar:
+        for u in mine:
+            parts[u] = _unit(units[u], scope_for, pairs, models, top, planned, max_batch_tokens, keep_logits,
+                             batch_size, shared)
+            bar.update(len(units[u]) * per_prompt)
     parts = gather_units(parts, distributed)
     ordered = [parts[u] for u in range(len(units))]
     generations = None if ordered[0]["generations"] is None else [g for part in ordered for g in part["generations"]]
@@ -179,8 +183,20 @@ def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset:
         source_positions=[p for part in ordered for p in part["source_positions"]],
         target_positions=cat("target_positions"), scope_for=scope_for, same_layer=same_layer,
         tokenizer=models[scope_for(0, source_layers[0], target_layers[0]).target_model].tokenizer,
-        generations=generations, logits=cat("logits") if keep_logits else None,
+        generations=generations, logits=cat("logits") if keep_logits else None, informative=cat("informative"),
     )
+
+
+def _layer_list(field: str, layers: Any) -> list[int]:
+    """A non-empty list of int layers (their range is checked against the model when each scope resolves)."""
+    try:
+        given = list(layers)
+    except TypeError:
+        given = None
+    checked = [None if isinstance(l, bool) else as_index(l) for l in given or []]
+    if not checked or None in checked:
+        raise SpecError(f"{field}={layers!r} is not allowed (allowed: a non-empty list of int layer indices)")
+    return checked  # type: ignore[return-value]
 
 
 def _unit(prompts: Sequence[int], scope_for, pairs: list[list[tuple[int, int]]], models, top: int, planned: bool,
@@ -242,8 +258,10 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
         shared[key] = stack.share(ids, first.target_position)
     prompt_pass: Shared = shared[key]
     layers = torch.tensor([[c.target_layer for c in row] for row in cells.templates])          # [Ls, Lt]
-    after = torch.tensor([[c.target_site.component != "block_output" for c in row] for row in cells.templates])
+    after = torch.tensor([[c.target_site.after_final_norm for c in row] for row in cells.templates])
+    informative = torch.tensor([[c.informative for c in row] for row in cells.templates])
     n = len(prompts)
+    top = min(top, target.model.config.get_text_config().vocab_size)
     rows = n * n_source * n_target
     row_layers = layers.expand(n, -1, -1).reshape(-1)
     top_probs = torch.empty(rows, top)
@@ -269,6 +287,7 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
         "logits": None if logits_out is None else logits_out.reshape(*shape, -1),
         "generations": generations if max_new_tokens else None, "source_positions": positions,
         "target_positions": torch.full(shape, first.target_position, dtype=torch.long),
+        "informative": informative.expand(n, -1, -1).clone(),
     }
 
 
@@ -282,8 +301,10 @@ def _unit_by_scopes(prompts: Sequence[int], scope_for, pairs: list[list[tuple[in
                     planned: bool, max_batch_tokens: int, keep_logits: bool, batch_size: int) -> dict[str, Any]:
     """Cells whose targets differ by prompt (e.g. the logit lens) or reroute: one spec per cell through `run`."""
     scopes = [scope_for(p, l, t) for p in prompts for row in pairs for l, t in row]
-    results = run(scopes, models, top=top, batch_size=batch_size, progress=False, planned=planned,
-                  max_batch_tokens=max_batch_tokens)
+    with warnings.catch_warnings():  # a sweep marks such cells (SweepResult.informative) instead
+        warnings.simplefilter("ignore", UninformativeScopeWarning)
+        results = run(scopes, models, top=top, batch_size=batch_size, progress=False, planned=planned,
+                      max_batch_tokens=max_batch_tokens)
     shape = (len(prompts), len(pairs), len(pairs[0]))
     k = min(top, len(results[0].top))
     return {
@@ -293,6 +314,7 @@ def _unit_by_scopes(prompts: Sequence[int], scope_for, pairs: list[list[tuple[in
         "generations": None if results[0].generation is None else [r.generation for r in results],
         "source_positions": [results[q * shape[1] * shape[2]].source_position for q in range(len(prompts))],
         "target_positions": torch.tensor([r.target_position for r in results]).reshape(shape),
+        "informative": torch.tensor([r.informative for r in results]).reshape(shape),
     }
 
 

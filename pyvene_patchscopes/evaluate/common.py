@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from ..compat import Site, final_norm_path, hidden_state_site
-from ..errors import SpecError
+from ..errors import SpecError, check_int
 from ..models import ModelHandle
 
 
@@ -25,6 +25,14 @@ class EvalOptions:
     batch_size: int = 64
     progress: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "n_train"):
+            if getattr(self, name) is not None:
+                check_int(f"EvalOptions.{name}", getattr(self, name))
+        check_int("EvalOptions.batch_size", self.batch_size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise SpecError(f"EvalOptions.seed={self.seed!r} is not allowed (allowed: an integer)")
 
     def pick(self, name: str, default: Any) -> Any:
         value = getattr(self, name)

@@ -24,7 +24,9 @@ from ..compat import final_norm_path, intervenable, pyvene_guard
 from ..engine import Batch, chunks
 from ..errors import SpecError
 from ..models import ModelHandle
+from ..pyvene_config import check_context
 from ..result import token_text
+from ..spec import check_text
 from .fisher import fisher_factors, head_weight, logits
 from .result import Attribution
 from .spec import JacobianScope, TargetToken
@@ -70,11 +72,18 @@ class Rows:
         return {"sources->base": (None, [[every for _ in self.columns], [[c] for c in self.columns]])}
 
 
-def prepare(handle: ModelHandle, texts: Sequence[str], target_position: int) -> Rows:
-    """Encode `texts` (left-padded) and check the prediction position against each one."""
+def check_texts(handle: ModelHandle, texts: Sequence[str]) -> None:
+    """Non-empty, valid Unicode, and within the model's positions (see `pyvene_config.check_context`)."""
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             raise SpecError(f"text={text!r} is not allowed (allowed: a non-empty string)")
+        check_text("text", text)
+        check_context(handle, "text", len(handle.tokenizer(text, add_special_tokens=True)["input_ids"]))
+
+
+def prepare(handle: ModelHandle, texts: Sequence[str], target_position: int) -> Rows:
+    """Encode `texts` (left-padded) and check the prediction position against each one."""
+    check_texts(handle, texts)
     batch = Batch.encode(handle, texts)
     special = handle.tokenizer(list(texts), padding=True, add_special_tokens=True,
                                return_special_tokens_mask=True, return_tensors="pt")["special_tokens_mask"]
@@ -194,6 +203,8 @@ def attribute(handle: ModelHandle, texts: Sequence[str], scopes: Sequence[Jacobi
     texts = list(texts)
     if not texts:
         raise SpecError("texts is empty (allowed: one text or more)")
+    for text in texts:  # before any work (prepare checks each batch again, with its positions)
+        check_texts(handle, [text])
     if not isinstance(batch_size, int) or batch_size < 1:
         raise SpecError(f"batch_size={batch_size!r} is not allowed (allowed: an integer >= 1)")
     for scope in scopes:

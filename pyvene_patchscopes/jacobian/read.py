@@ -26,11 +26,14 @@ class AttributedReading:
     description: SweepResult
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per layer: the identity Patchscope's top token and generation, and the description."""
+        """One row per layer: the identity Patchscope's top token and generation, and the description.
+
+        ``identity_informative`` is False at the last layer, where the identity prompt's patch (after the final
+        norm, before its last token) cannot reach the readout."""
         identity = self.identity.results
         description = self.description.results
         return [{"layer": a.scope.source.layer, "identity_token": a.token, "identity_prob": a.prob,
-                 "identity": a.generation, "description": b.generation}
+                 "identity": a.generation, "identity_informative": a.informative, "description": b.generation}
                 for a, b in zip(identity, description)]
 
     def to_pandas(self):

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import PatchscopeError, SpecError
+from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
+from .files import is_dir, is_file
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -17,26 +20,78 @@ DEMO_PROMPT = "Amazon's former CEO attended Oscars"
 DEMO_POSITION = "CEO"
 
 
-def parse_layers(text: str | None, n_layers: int) -> list[int]:
-    """'all', '5', '0-29', '0,3,6' or '0-12:3' (every 3rd) -> layer indices."""
-    if text is None or text == "all":
+LAYERS_HELP = "all, 5, 0-29, 0,3,6, 0-29:3 (every 3rd); negative layers count from the end"
+_LAYER_PART = re.compile(r"^\s*(-?[0-9]{1,6})\s*(?:-\s*(-?[0-9]{1,6})\s*(?::\s*([0-9]{1,6})\s*)?)?$")
+
+
+class UsageError(PatchscopeError):
+    """A command line that argparse could not read (unknown flag, missing value, bad number)."""
+
+
+def parse_layers(text: str | None, n_layers: int, flag: str = "--layers") -> list[int]:
+    """'all', '5', '0-29', '0,3,6' or '0-12:3' (every 3rd) -> layer indices, each checked against n_layers.
+
+    Single layers keep their sign (-1 stays -1); a range's ends may be negative and are counted from the end.
+    Every value is checked before any list is built, so a huge range costs nothing.
+    """
+    if text is None or text.strip() == "all":
         return list(range(n_layers))
     layers: list[int] = []
     for part in text.split(","):
-        span, _, step = part.partition(":")
-        if "-" in span.strip("-"):
-            lo, hi = span.split("-", 1)
-            layers.extend(range(int(lo), int(hi) + 1, int(step or 1)))
-        else:
-            layers.append(int(span))
+        match = _LAYER_PART.match(part)
+        if match is None:
+            raise SpecError(f"{flag}={text!r}: {part!r} is not a layer or a range (allowed: {LAYERS_HELP})")
+        lo, hi, step = (None if g is None else int(g) for g in match.groups())
+        for value in (lo, hi):
+            if value is not None and not -n_layers <= value < n_layers:
+                raise SpecError(f"{flag}={text!r}: layer {value} is out of range (allowed: "
+                                f"{-n_layers}..{n_layers - 1})")
+        if hi is None:
+            layers.append(lo)
+            continue
+        lo, hi = lo % n_layers, hi % n_layers
+        if lo > hi or step == 0:
+            raise SpecError(f"{flag}={text!r}: {part.strip()!r} is an empty range (allowed: start <= end and a "
+                            "step >= 1)")
+        layers.extend(range(lo, hi + 1, step or 1))
     return layers
 
 
 def parse_position(text: str) -> int | str:
+    """An ASCII integer is a token index; anything else is a substring of the prompt."""
+    return int(text) if re.fullmatch(r"-?[0-9]{1,9}", text.strip()) else text
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not re.fullmatch(r"\s*[0-9]{1,9}\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed (allowed: an integer >= 1)")
+    return int(text)
+
+
+def output_file(value: str, flag: str) -> Path:
+    """A file path to write: its folder is created, and a clear error names the flag when that fails."""
+    path = Path(value)
+    _make_folder(path.parent, value, flag)
+    if is_dir(path):
+        raise PatchscopeError(f"{flag}={value!r} is a folder (allowed: a file path)")
+    return path
+
+
+def output_folder(value: str, flag: str) -> Path:
+    path = Path(value)
+    _make_folder(path, value, flag)
+    return path
+
+
+def _make_folder(folder: Path, value: str, flag: str) -> None:
     try:
-        return int(text)
-    except ValueError:
-        return text
+        folder.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise PatchscopeError(f"{flag}={value!r}: cannot create the folder {str(folder)!r} ({reason})") from None
+    if not os.access(folder, os.W_OK):
+        raise PatchscopeError(f"{flag}={value!r}: the folder {str(folder)!r} is not writable")
 
 
 def _load(args: argparse.Namespace):
@@ -44,6 +99,17 @@ def _load(args: argparse.Namespace):
     from .models import load_model
 
     return load_model(args.model, device=device() if args.device == "auto" else args.device, dtype=args.dtype)
+
+
+def _check_model_options(args: argparse.Namespace) -> None:
+    """--model, --device and --dtype checked before anything slow happens."""
+    from .models import check_device, model_source, resolve_dtype
+
+    if getattr(args, "model", None) is not None:
+        model_source(args.model)
+    if getattr(args, "device", "auto") != "auto":
+        check_device(args.device)
+    resolve_dtype(getattr(args, "dtype", None))
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
@@ -60,18 +126,25 @@ def _cell(text: str | None, width: int = 32) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+NO_INFORMATION_NOTE = ("* l = l* = the last layer, written after the final norm at i*, before the target's last "
+                       "position: the readout never sees it, so the row says nothing about the source")
+
+
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
     for row in rows:
-        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {_cell(repr(row['token']), 14):<14} "
+        token = _cell(repr(row["token"]), 13) + ("" if row.get("informative", True) else "*")
+        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} "
                      f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
+    if not all(row.get("informative", True) for row in rows):
+        lines.append(NO_INFORMATION_NOTE)
     return "\n".join(lines)
 
 
 def _rows(results) -> list[dict[str, Any]]:
     return [{"source_layer": r.scope.source.layer, "target_layer": r.scope.target.layer,
              "source_position": r.source_position, "target_position": r.target_position,
-             "token": r.token, "prob": round(r.prob, 6), "generation": r.generation,
+             "token": r.token, "prob": round(r.prob, 6), "generation": r.generation, "informative": r.informative,
              "top": [{"token": t.token, "prob": round(t.prob, 6)} for t in r.top]} for r in results]
 
 
@@ -81,6 +154,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     get_preset(args.preset)  # fail on a bad name before loading a model
+    _check_model_options(args)
     handle = _load(args)
     layers = parse_layers(args.layers, handle.n_layers)
     options: dict[str, Any] = {}
@@ -105,6 +179,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .engine import run
     from .models import load_model
 
+    _check_model_options(args)
     scope = load_spec(args.spec)
     changes = {k: v for k, v in (("source_prompt", args.source_prompt), ("source_layer", args.source_layer),
                                  ("target_layer", args.target_layer)) if v is not None}
@@ -126,11 +201,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def load_spec(spec: str, models: Any = None) -> Patchscope:
-    """A JSON file, a folder written by Patchscope.save, or a catalogue name."""
-    path = Path(spec)
-    if path.is_file():
-        return Patchscope.load_json(path)
-    return Patchscope.load(spec, models=models)
+    """A catalogue name, or a path (see `persist.looks_like_path`): a JSON file or a folder from Patchscope.save."""
+    from .persist import looks_like_path
+
+    if looks_like_path(spec) and is_file(spec):
+        return Patchscope.load_json(spec)
+    return Patchscope.load(Path(spec) if looks_like_path(spec) else spec, models=models)
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -146,24 +222,35 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from .presets import get_preset
     from .sweep import sweep
 
+    from .files import read_text
+
     get_preset(args.preset)
     if (args.prompts is None) == (args.source_prompt is None):
         raise SpecError("give exactly one of --source-prompt and --prompts")
     prompts = args.source_prompt if args.prompts is None else \
-        [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        [line for line in read_text(args.prompts, "--prompts file").splitlines() if line.strip()]
+    if not prompts:
+        raise SpecError(f"--prompts={args.prompts!r} holds no prompt (allowed: a text file, one prompt per line)")
+    plot = None if args.plot is None else output_file(args.plot, "--plot")
+    _check_model_options(args)
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:
         options["target_prompt"] = args.target_prompt
-    target_layers = "same" if args.target_layers == "same" else parse_layers(args.target_layers, handle.n_layers)
+    target_layers = "same" if args.target_layers == "same" else \
+        parse_layers(args.target_layers, handle.n_layers, "--target-layers")
     result = sweep(prompts, handle, preset=args.preset, source_position=parse_position(args.source_position),
-                   source_layers=parse_layers(args.source_layers, handle.n_layers), target_layers=target_layers,
+                   source_layers=parse_layers(args.source_layers, handle.n_layers, "--source-layers"),
+                   target_layers=target_layers,
                    progress=not args.json, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
                    keep_logits=False, **options)
-    if args.plot:
-        result.plot(args.plot)
+    if plot is not None:
+        result.plot(plot)
     records = result.to_records()
-    table = result.to_pandas()[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
+    frame = result.to_pandas()
+    frame["token"] = [t if ok else f"{t!r}*" for t, ok in zip(frame["token"], frame["informative"])]
+    table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
+    table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
     _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "plot": args.plot,
                  "cells": records}, table + note)
@@ -175,9 +262,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .presets import build
     from .sweep import sweep
 
+    out = output_folder(args.out, "--out")
+    _check_model_options(args)
     handle = _load(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     layers = list(range(handle.n_layers))
     scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
               for layer in layers]
@@ -224,17 +311,21 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
     from .jacobian import JacobianScope, jacobian_scope
 
     token = args.target_token
-    if token is not None and token.isdigit():
+    if token is not None and re.fullmatch(r"[0-9]{1,9}", token):
         token = int(token)
     spec = JacobianScope(variant=args.variant, target_position=args.target_position, target_token=token,
                          fisher=args.fisher, rank=args.rank, model=args.model)  # a clear error before loading
+    paths = None if not args.out else output_paths(args.out)
+    if paths is not None:
+        for path in paths:
+            output_file(str(path), "--out")
+    _check_model_options(args)
     handle = _load(args)
     attribution = jacobian_scope(handle, args.text, JacobianScope(**{**spec.__dict__, "model": handle.name}),
                                  progress=not args.json)
     files: dict[str, str] = {}
-    if args.out:
-        png, html = output_paths(args.out)
-        png.parent.mkdir(parents=True, exist_ok=True)
+    if paths is not None:
+        png, html = paths
         attribution.plot(png)
         attribution.to_html(html)
         files = {"png": str(png), "html": str(html)}
@@ -262,6 +353,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.task != "all":
         get_task(args.task)  # a clear error before any model loads
+    if args.out is not None:
+        output_folder(args.out, "--out")
+    _check_model_options(args)
+    if args.task == "cross-model":
+        from .models import model_source
+
+        model_source(args.target_model)
     handles: dict[str, Any] = {}
 
     def load(name: str):
@@ -274,7 +372,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         limit=args.limit, data=args.data, n_train=args.n_train, seed=args.seed, batch_size=args.batch_size,
         layers=None if args.layers is None else parse_layers(args.layers, load(args.model).n_layers),
         target_layers=None if args.target_layers is None else
-        parse_layers(args.target_layers, load(args.target_model if cross else args.model).n_layers),
+        parse_layers(args.target_layers, load(args.target_model if cross else args.model).n_layers,
+                     "--target-layers"),
         progress=None if not args.json else False)
     if args.task == "all":
         if args.out is None:
@@ -305,15 +404,22 @@ def _source(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are the library's own (one line, exit code 2, no SystemExit)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchscopes", description=__doc__)
+    parser = _Parser(prog="patchscopes", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="what each layer's state at one position decodes to")
     _source(p)
     p.add_argument("--layers", default="all", help="source layers: all, 5, 0-29, 0,3,6, 0-29:3")
     p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -323,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-position", default=None, help="replace the source position (index or substring)")
     p.add_argument("--source-layer", type=int, default=None)
     p.add_argument("--target-layer", type=int, default=None)
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=positive_int, default=10)
     _common(p)
     p.set_defaults(func=cmd_run, model=None)
 
@@ -333,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "--source-prompt); split over processes under accelerate launch")
     p.add_argument("--source-layers", default="all")
     p.add_argument("--target-layers", default="all", help="as --source-layers, or 'same' for l* = l only")
-    p.add_argument("--batch-size", type=int, default=32, help="source prompts per unit of work")
-    p.add_argument("--max-batch-tokens", type=int, default=32768, help="token budget of one patch batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="source prompts per unit of work")
+    p.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="token budget of one patch batch")
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
     _common(p)
     p.set_defaults(func=cmd_sweep)
@@ -348,12 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.add_argument("--variant", default="fisher", help="semantic | fisher | temperature | gradient-x-input")
     p.add_argument("--fisher", default="low-rank", help="low-rank (top --rank eigenvectors of F) or exact")
-    p.add_argument("--rank", type=int, default=1, help="eigenvectors kept by the low-rank Fisher form")
+    p.add_argument("--rank", type=positive_int, default=1, help="eigenvectors kept by the low-rank Fisher form")
     p.add_argument("--target-position", type=int, default=-1, help="the prediction position (default -1: "
                                                                     "the next token after TEXT)")
     p.add_argument("--target-token", default=None, help="semantic / gradient-x-input: the token (text or id) "
                                                          "whose logit is explained (default: the prediction)")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--out", default=None, help="write FILE.png and FILE.html (token heatmaps)")
     _common(p)
     p.set_defaults(func=cmd_jacobian)
@@ -363,13 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", help="next-token | attributes | entities | cross-model | multihop | stages | jacobian "
                                 "| all")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
-    p.add_argument("--limit", type=int, default=None, help="how many samples (texts, facts, entities, queries)")
+    p.add_argument("--limit", type=positive_int, default=None, help="how many samples (texts, facts, entities, "
+                                                                    "queries)")
     p.add_argument("--layers", default=None, help="source layers: all, 5, 0-29, 0,3,6, 0-29:3 (default: the task's)")
     p.add_argument("--target-layers", default=None, help="target layers, same forms (default: the task's)")
     p.add_argument("--data", default=None, help="your own JSONL (facts, entities, multihop or texts fields; see README)")
-    p.add_argument("--n-train", type=int, default=None, help="training texts for fitted maps")
+    p.add_argument("--n-train", type=positive_int, default=None, help="training texts for fitted maps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--target-model", default="gemma3-270m", help="M* for cross-model")
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -385,15 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            warnings.simplefilter("ignore", UninformativeScopeWarning)  # tables mark such rows instead
             args.func(args)
+        return 0
     except PatchscopeError as err:
-        print(f"patchscopes: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
+    # printed once the traceback is gone, so that progress bars it held have closed: the error is the last line
+    gc.collect()
+    print(f"patchscopes: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

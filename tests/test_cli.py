@@ -29,8 +29,8 @@ def test_inspect_json_schema(capsys, smollm2):
     assert [row["source_layer"] for row in out["layers"]] == [0, 1, 2]
     for row in out["layers"]:
         assert set(row) == {"source_layer", "target_layer", "source_position", "target_position", "token", "prob",
-                            "generation", "top"}
-        assert row["token"] == " CEO"
+                            "generation", "informative", "top"}
+        assert row["token"] == " CEO" and row["informative"] is True
 
 
 def test_inspect_prints_a_table(capsys, smollm2):

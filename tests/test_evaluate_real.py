@@ -98,4 +98,4 @@ def test_eval_unknown_task_and_bad_layer_exit_2(capsys):
     assert main(["eval", "nothing"]) == 2
     assert "task='nothing' is not known" in capsys.readouterr().err
     assert main(["eval", "stages", "--layers", "40"]) == 2
-    assert "--layers=40 is out of range for smollm2-135m (allowed: -30..29)" in capsys.readouterr().err
+    assert "--layers='40': layer 40 is out of range (allowed: -30..29)" in capsys.readouterr().err

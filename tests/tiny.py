@@ -55,3 +55,18 @@ def tiny_model(kind: str = "llama", layers: int = 4, hidden: int = 64, seed: int
         raise ValueError(kind)
     model.eval()
     return ModelHandle(name=f"tiny-{kind}", model=model, tokenizer=tiny_tokenizer())
+
+
+def tiny_loader(kind: str = "llama"):
+    """A stand-in for `models.load_model` in command-line tests: the same checks of the model name, device and
+    dtype, then a tiny random model under the name asked for (no embedded model is loaded)."""
+    from pyvene_patchscopes import models, wrap_model
+
+    def load(name: str = "smollm2-135m", device="cpu", dtype=None) -> ModelHandle:
+        models.model_source(name)
+        models.check_device(device)
+        models.resolve_dtype(dtype)
+        handle = tiny_model(kind, seed=0)
+        return wrap_model(handle.model, handle.tokenizer, name=name)
+
+    return load

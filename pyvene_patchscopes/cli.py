@@ -126,8 +126,8 @@ def _cell(text: str | None, width: int = 32) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-NO_INFORMATION_NOTE = ("* l = l* = the last layer, written after the final norm at i*, before the target's last "
-                       "position: the readout never sees it, so the row says nothing about the source")
+NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last position: no later layer reads it "
+                       "and the readout never sees it, so the row says nothing about the source")
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -215,11 +215,11 @@ def warn_uninformative(resolved: list[Resolved]) -> None:
     if bad:
         first = bad[0]
         warnings.warn(
-            f"{len(bad)} of {len(resolved)} Patchscope(s) write after the final norm (l = l* = the last layer, "
-            f"e.g. l={first.source_layer}, l*={first.target_layer}) at target position {first.target_position}, "
-            f"before the last ({first.target_tokens - 1}), which the readout never sees: their output is the same "
-            "for every source (result.informative is False). Use l* below the last layer, or patch the target's "
-            "last position.", UninformativeScopeWarning, stacklevel=3)
+            f"{len(bad)} of {len(resolved)} Patchscope(s) write at the target's last layer (l*={first.target_layer}) "
+            f"at position {first.target_position}, before the target's last ({first.target_tokens - 1}): no later "
+            "layer reads that state and the readout never sees it, so their output is the same for every source "
+            "(result.informative is False). Use l* below the last layer, or patch the target's last position.",
+            UninformativeScopeWarning, stacklevel=3)
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:

@@ -46,8 +46,8 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     return _finish(fig, ax, image, path)
 
 
-NO_INFORMATION = ("grey: l = l* = the last layer, written after the final norm at i* before the target's last "
-                  "position, which the readout never sees; these cells say nothing about the source")
+NO_INFORMATION = ("grey: l* = the last layer, patched before the target's last position: no later layer reads it and "
+                  "the readout never sees it, so these cells say nothing about the source")
 
 
 def _grey_out(ax, blind, fig) -> None:

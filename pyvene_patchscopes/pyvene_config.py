@@ -41,13 +41,11 @@ class Resolved:
     source_site: Site
     target_site: Site
     target_tokens: int = 0  # tokens in the target prompt
-
-    @property
-    def informative(self) -> bool:
-        """False when the patch cannot reach the readout: written after the final norm (l = l* = the last
-        layer) at a position before the target's last, which no later position reads (its keys and values
-        were computed before the norm), so every source gives the same output."""
-        return not self.target_site.after_final_norm or self.target_position == self.target_tokens - 1
+    # False when the patch cannot reach the readout: written at the target model's last layer (after its last
+    # block, or after the final norm when l = l* = last) at a position before the target's last. No later
+    # layer reads that state and the final norm and unembedding act per position, so the readout at the last
+    # token (and every generated token) is the same for every source.
+    informative: bool = True
 
 
 def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
@@ -88,6 +86,7 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
         target_tokens=len(target_encoding[0]),
+        informative=target_layer < target_model.n_layers - 1 or target_position == len(target_encoding[0]) - 1,
     )
 
 

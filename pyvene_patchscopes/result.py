@@ -49,8 +49,8 @@ class PatchscopeResult:
     top: list[TokenProb]
     generation: str | None = None
     logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
-    # False when the patch cannot reach the readout (written after the final norm at a position other than
-    # the target's last one, i.e. l = l* = the last layer): the output is the same for every source.
+    # False when the patch cannot reach the readout (written at the target's last layer at a position before
+    # its last token, which no later layer reads): the output is the same for every source.
     informative: bool = True
 
     @property

@@ -50,8 +50,8 @@ class SweepResult:
     same_layer: bool = False              # target_layers="same": one cell per source layer, l* = l
     generations: list[str] | None = None  # flattened in cell order
     logits: torch.Tensor | None = field(default=None, repr=False)  # [P, Ls, Lt, vocab] when kept
-    # [P, Ls, Lt] bool: False where the patch cannot reach the readout (l = l* = last layer, written after the
-    # final norm before the target's last position), so the cell says nothing about the source
+    # [P, Ls, Lt] bool: False where the patch cannot reach the readout (l* = the last layer, written before the
+    # target's last position), so the cell says nothing about the source
     informative: torch.Tensor | None = field(default=None, repr=False)
     _results: list[PatchscopeResult] | None = field(default=None, repr=False)
 

@@ -489,17 +489,21 @@ def test_d11_the_token_identity_prompt_is_documented_as_a_modification_of_the_of
     assert official.target.position == -1  # the official form patches and reads its last token, "?"
 
 
-def test_d11_a_patch_after_the_final_norm_before_the_last_position_is_flagged(tiny_llama):
+@pytest.mark.parametrize("source_layer", [-1, 1])  # after the final norm (l = l* = last), or after the last block
+def test_d11_a_patch_at_the_last_layer_before_the_last_position_is_flagged(tiny_llama, source_layer):
     last = tiny_llama.n_layers - 1
-    blind = [Patchscope(Source(prompt, position, last, tiny_llama.name), Target(TARGET, "x", last))
-             for prompt, position in ((SOURCE, "Paris"), ("Tokyo London Berlin Rome", "Rome"))]
+    blind = [Patchscope(Source(prompt, position, source_layer, tiny_llama.name), Target(TARGET, "x", last),
+                        max_new_tokens=3) for prompt, position in ((SOURCE, "Paris"), ("Tokyo London Berlin Rome", "Rome"))]
     with pytest.warns(UninformativeScopeWarning, match="2 of 2 Patchscope"):
         results = run(blind, tiny_llama)
     assert [r.informative for r in results] == [False, False]
     assert torch.equal(results[0].logits, results[1].logits)  # the claim: the source does not matter
+    assert results[0].generation == results[1].generation
     with pytest.warns(UninformativeScopeWarning):
         plain = run(blind, tiny_llama, planned=False)
     assert torch.equal(plain[0].logits, plain[1].logits)
+    unpatched = golden.patched_logits(tiny_llama, TARGET, 0, 0, golden.read(tiny_llama, TARGET, 0, 0))
+    torch.testing.assert_close(plain[0].logits, unpatched, atol=1e-5, rtol=0)  # as if nothing were written
     reading = Patchscope(Source(SOURCE, "Paris", last, tiny_llama.name), Target(TARGET, -1, last))
     assert run(reading, tiny_llama)[0].informative  # at the last position the readout sees the patch
     assert run(_scope(tiny_llama, last, last - 1), tiny_llama)[0].to_dict()["informative"] is True
@@ -511,17 +515,17 @@ def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, ca
     last = tiny_llama.n_layers - 1
     result = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[last - 1, last],
                    target_layers=[last - 1, last])
-    assert result.informative.tolist() == [[[True, True], [True, False]]]
-    assert [r["informative"] for r in result.to_records()] == [True, True, True, False]
+    assert result.informative.tolist() == [[[True, False], [True, False]]]  # the l* = last column
+    assert [r["informative"] for r in result.to_records()] == [True, False, True, False]
     figure = result.plot()
     hatched = [p for p in figure.axes[0].patches if p.get_hatch() == "///"]
-    assert len(hatched) == 1 and NO_INFORMATION in [t.get_text() for t in figure.texts]
+    assert len(hatched) == 2 and NO_INFORMATION in [t.get_text() for t in figure.texts]
     matplotlib.pyplot.close(figure)
     same = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[0, last], target_layers="same")
     assert same.informative[:, :, 0].tolist() == [[True, False]]
     code, out, _ = cli(capsys, "inspect", "--source-prompt", SOURCE, "--source-position", "Paris", "--layers",
                        f"{last - 1},{last}")
     lines = out.splitlines()
-    assert code == 0 and lines[-1].startswith("* l = l* = the last layer")
+    assert code == 0 and lines[-1].startswith("* l* = the last layer")
     marked = [line[10:24].rstrip().endswith("*") for line in lines[-3:-1]]  # the token column
     assert marked == [False, True]

@@ -28,8 +28,8 @@ class AttributedReading:
     def rows(self) -> list[dict[str, Any]]:
         """One row per layer: the identity Patchscope's top token and generation, and the description.
 
-        ``identity_informative`` is False at the last layer, where the identity prompt's patch (after the final
-        norm, before its last token) cannot reach the readout."""
+        ``identity_informative`` is False at the last layer, where the identity prompt's patch (before its
+        last token) cannot reach the readout."""
         identity = self.identity.results
         description = self.description.results
         return [{"layer": a.scope.source.layer, "identity_token": a.token, "identity_prob": a.prob,

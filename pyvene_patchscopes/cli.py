@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import re
@@ -501,8 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except PatchscopeError as err:
         message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
-    # printed once the traceback is gone, so that progress bars it held have closed: the error is the last line
-    gc.collect()
+    # printed once the traceback is gone (with the frames it held, progress bars have closed): the last line
     print(f"patchscopes: error: {message}", file=sys.stderr)
     return 2
 

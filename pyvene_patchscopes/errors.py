@@ -1,4 +1,4 @@
-"""Exceptions raised for bad specs and bad input (each names the field, the value given and what is allowed), and warnings."""
+"""The library's errors about bad input (each names the field, the value and what is allowed), and its warnings."""
 from __future__ import annotations
 
 import operator

@@ -115,5 +115,5 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
                             "(allowed: finite numbers only)")
 
 
-__all__ = ["expand", "is_file", "is_dir", "inside", "read_text", "parse_json", "read_json", "read_safetensors", "check_finite",
-           "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]
+__all__ = ["expand", "is_file", "is_dir", "inside", "read_text", "parse_json", "read_json", "read_safetensors",
+           "check_finite", "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]

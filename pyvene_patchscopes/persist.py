@@ -199,5 +199,6 @@ def from_hub(repo_id: str, models: Any = None, revision: str | None = None) -> P
     return load(folder, models=models)
 
 
-__all__ = ["save", "load", "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "iter_catalogue", "model_record",
+__all__ = ["save", "load", "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "iter_catalogue",
+           "model_record",
            "check_models", "push_to_hub", "from_hub", "CONFIG_FILE", "WEIGHTS_FILE"]

@@ -326,7 +326,8 @@ def test_d8_output_paths_that_cannot_be_written_name_the_flag(capsys, tiny_cli, 
 
 def test_d8_prompt_and_spec_files_must_be_utf8_and_small(capsys, tiny_cli, tmp_path):
     (tmp_path / "prompts.txt").write_bytes(b"Here is a word: caf\xe9\n")
-    assert "is not UTF-8 text (bad byte at offset 19)" in cli_error(capsys, "sweep", "--prompts", tmp_path / "prompts.txt")
+    err = cli_error(capsys, "sweep", "--prompts", tmp_path / "prompts.txt")
+    assert "is not UTF-8 text (bad byte at offset 19)" in err
     (tmp_path / "spec.json").write_bytes(b'{"format": "\xff"}')
     assert "is not UTF-8 text" in cli_error(capsys, "run", tmp_path / "spec.json")
     (tmp_path / "big.json").write_bytes(b" " * (1 << 20) + b"{}")
@@ -492,8 +493,9 @@ def test_d11_the_token_identity_prompt_is_documented_as_a_modification_of_the_of
 @pytest.mark.parametrize("source_layer", [-1, 1])  # after the final norm (l = l* = last), or after the last block
 def test_d11_a_patch_at_the_last_layer_before_the_last_position_is_flagged(tiny_llama, source_layer):
     last = tiny_llama.n_layers - 1
+    sources = ((SOURCE, "Paris"), ("Tokyo London Berlin Rome", "Rome"))
     blind = [Patchscope(Source(prompt, position, source_layer, tiny_llama.name), Target(TARGET, "x", last),
-                        max_new_tokens=3) for prompt, position in ((SOURCE, "Paris"), ("Tokyo London Berlin Rome", "Rome"))]
+                        max_new_tokens=3) for prompt, position in sources]
     with pytest.warns(UninformativeScopeWarning, match="2 of 2 Patchscope"):
         results = run(blind, tiny_llama)
     assert [r.informative for r in results] == [False, False]

@@ -101,7 +101,8 @@ def _load(args: argparse.Namespace):
 
 
 def _check_model_options(args: argparse.Namespace) -> None:
-    """--model, --device and --dtype checked before anything slow happens."""
+    """--model, --device and --dtype checked before anything slow happens (`load_model` checks them too, but
+    an evaluation may load another model first)."""
     from .models import check_device, model_source, resolve_dtype
 
     if getattr(args, "model", None) is not None:
@@ -153,7 +154,6 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     get_preset(args.preset)  # fail on a bad name before loading a model
-    _check_model_options(args)
     handle = _load(args)
     layers = parse_layers(args.layers, handle.n_layers)
     options: dict[str, Any] = {}
@@ -178,7 +178,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .engine import run
     from .models import load_model
 
-    _check_model_options(args)
     scope = load_spec(args.spec)
     changes = {k: v for k, v in (("source_prompt", args.source_prompt), ("source_layer", args.source_layer),
                                  ("target_layer", args.target_layer)) if v is not None}
@@ -231,7 +230,6 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if not prompts:
         raise SpecError(f"--prompts={args.prompts!r} holds no prompt (allowed: a text file, one prompt per line)")
     plot = None if args.plot is None else output_file(args.plot, "--plot")
-    _check_model_options(args)
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:
@@ -262,7 +260,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .sweep import sweep
 
     out = output_folder(args.out, "--out")
-    _check_model_options(args)
     handle = _load(args)
     layers = list(range(handle.n_layers))
     scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
@@ -318,7 +315,6 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
     if paths is not None:
         for path in paths:
             output_file(str(path), "--out")
-    _check_model_options(args)
     handle = _load(args)
     attribution = jacobian_scope(handle, args.text, JacobianScope(**{**spec.__dict__, "model": handle.name}),
                                  progress=not args.json)

@@ -195,12 +195,17 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.#\-]+$")
 MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
-def _weights_file(directory: Path, key: str, suffix: str) -> Path:
-    """``intkey_<key><suffix>`` inside `directory`; a key or link that could leave the folder is refused."""
+def _weights_name(key: str, suffix: str) -> str:
+    """``intkey_<key><suffix>``; a key that could leave the folder is refused."""
     if not _SAFE_KEY.match(key) or ".." in key:
         raise SpecError(f"intervention key {key!r} is not allowed in a file name "
                         "(allowed: letters, digits, '_', '.', '#', '-', no '..')")
-    return inside(directory, f"intkey_{key}{suffix}", "weights file")
+    return f"intkey_{key}{suffix}"
+
+
+def _weights_file(directory: Path, key: str, suffix: str) -> Path:
+    """``intkey_<key><suffix>`` inside `directory`; a key or link that could leave the folder is refused."""
+    return inside(directory, _weights_name(key, suffix), "weights file")
 
 
 def _stateful(intervention: nn.Module) -> bool:
@@ -263,8 +268,7 @@ def _read_pair(directory: Path, names: Sequence[str], device) -> dict[str, torch
 
 
 def _read_intervention_state(directory: Path, key: str, device) -> dict[str, torch.Tensor]:
-    _weights_file(directory, key, "")  # the key itself must be a safe file name
-    return _read_pair(directory, [f"intkey_{key}.safetensors", f"intkey_{key}.bin"], device)
+    return _read_pair(directory, [_weights_name(key, ".safetensors"), _weights_name(key, ".bin")], device)
 
 
 def load_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
@@ -311,6 +315,8 @@ def save_intervenable(pvm: pv.IntervenableModel, directory: str | Path, include_
     directory = Path(directory)
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... already exists"
         _ORIGINAL_SAVE(pvm, str(directory), include_model=False)
+    # rewrites pyvene's .bin files from CPU copies (pyvene's keep the tensors' devices, which a CPU-only
+    # reader cannot map) and writes their safetensors twins
     save_intervention_weights(pvm, directory)
     if include_model:
         _save_model_weights(pvm, directory)

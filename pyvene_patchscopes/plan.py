@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import SpecError
+from .errors import check_int
 
 # Tokens of context a batch may hold: rows x (target length + new tokens). 32k tokens of SmolLM2 cost
 # about 1.5 GB with 20 generated tokens (the per-row key/value cache), far less for next-token readouts.
@@ -36,9 +36,7 @@ def group_by_target(keys: Sequence[tuple[str, str, int, int]]) -> list[TargetGro
 
 
 def check_budget(max_batch_tokens: int) -> int:
-    if not isinstance(max_batch_tokens, int) or max_batch_tokens < 1:
-        raise SpecError(f"max_batch_tokens={max_batch_tokens!r} is not allowed (allowed: an integer >= 1)")
-    return max_batch_tokens
+    return check_int("max_batch_tokens", max_batch_tokens)
 
 
 def pack(rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_batch_tokens: int) -> list[list[int]]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..compat import final_norm_path, intervenable, pyvene_guard
 from ..engine import Batch, chunks
-from ..errors import SpecError
+from ..errors import SpecError, check_int
 from ..models import ModelHandle
 from ..pyvene_config import check_context
 from ..result import token_text
@@ -72,18 +72,17 @@ class Rows:
         return {"sources->base": (None, [[every for _ in self.columns], [[c] for c in self.columns]])}
 
 
-def check_texts(handle: ModelHandle, texts: Sequence[str]) -> None:
-    """Non-empty, valid Unicode, and within the model's positions (see `pyvene_config.check_context`)."""
+def check_texts(texts: Sequence[str]) -> None:
+    """Non-empty, valid Unicode (their length is checked by `prepare`, which tokenizes them)."""
     for text in texts:
         if not isinstance(text, str) or not text.strip():
             raise SpecError(f"text={text!r} is not allowed (allowed: a non-empty string)")
         check_text("text", text)
-        check_context(handle, "text", len(handle.tokenizer(text, add_special_tokens=True)["input_ids"]))
 
 
 def prepare(handle: ModelHandle, texts: Sequence[str], target_position: int) -> Rows:
-    """Encode `texts` (left-padded) and check the prediction position against each one."""
-    check_texts(handle, texts)
+    """Encode `texts` (left-padded) and check their lengths and the prediction position against each one."""
+    check_texts(texts)
     batch = Batch.encode(handle, texts)
     special = handle.tokenizer(list(texts), padding=True, add_special_tokens=True,
                                return_special_tokens_mask=True, return_tensors="pt")["special_tokens_mask"]
@@ -91,6 +90,7 @@ def prepare(handle: ModelHandle, texts: Sequence[str], target_position: int) -> 
     width = batch.inputs["input_ids"].shape[1]
     for row, (text, pad) in enumerate(zip(texts, batch.pad)):
         n = width - pad
+        check_context(handle, "text", n)
         if not -n <= target_position < n:
             raise SpecError(f"target_position={target_position} is out of range for {text!r} "
                             f"({n} tokens; allowed: {-n}..{n - 1})")
@@ -203,10 +203,8 @@ def attribute(handle: ModelHandle, texts: Sequence[str], scopes: Sequence[Jacobi
     texts = list(texts)
     if not texts:
         raise SpecError("texts is empty (allowed: one text or more)")
-    for text in texts:  # before any work (prepare checks each batch again, with its positions)
-        check_texts(handle, [text])
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise SpecError(f"batch_size={batch_size!r} is not allowed (allowed: an integer >= 1)")
+    check_texts(texts)  # before any work; lengths and positions are checked per batch by `prepare`
+    batch_size = check_int("batch_size", batch_size)
     for scope in scopes:
         check_scope(handle, scope)
     by_position: dict[int, list[int]] = defaultdict(list)

@@ -93,11 +93,17 @@ def _make_folder(folder: Path, value: str, flag: str) -> None:
         raise PatchscopeError(f"{flag}={value!r}: the folder {str(folder)!r} is not writable")
 
 
-def _load(args: argparse.Namespace):
+def _device(args: argparse.Namespace) -> str:
+    """--device, with 'auto' meaning this process's own GPU under accelerate launch, else the CPU."""
     from .distributed import device
+
+    return device() if args.device == "auto" else args.device
+
+
+def _load(args: argparse.Namespace):
     from .models import load_model
 
-    return load_model(args.model, device=device() if args.device == "auto" else args.device, dtype=args.dtype)
+    return load_model(args.model, device=_device(args), dtype=args.dtype)
 
 
 def _check_model_options(args: argparse.Namespace) -> None:
@@ -186,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if scope.reroute is not None and "source_prompt" in changes:
         raise PatchscopeError("--source-prompt cannot change a multihop spec; build one with presets.multihop")
     scope = scope.replace(**changes)
-    models = {name: load_model(name, device=args.device, dtype=args.dtype)
+    models = {name: load_model(name, device=_device(args), dtype=args.dtype)
               for name in {scope.source.model, scope.target_model}}
     scope = load_spec(args.spec, models).replace(**changes)  # checks the models against the saved spec
     result = run(scope, models, top=args.top)[0]
@@ -359,7 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     def load(name: str):
         if name not in handles:
-            handles[name] = load_model(name, device=args.device, dtype=args.dtype)
+            handles[name] = load_model(name, device=_device(args), dtype=args.dtype)
         return handles[name]
 
     cross = args.task == "cross-model"

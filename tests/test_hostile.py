@@ -313,6 +313,12 @@ def test_d8_bad_arguments_name_the_field(capsys, tiny_cli, argv, field):
     assert field in cli_error(capsys, *argv)
 
 
+def test_d8_device_auto_works_for_every_command_that_loads_a_model(capsys, tiny_cli, tmp_path):
+    spec = Patchscope(Source(SOURCE, "Paris", 1), Target(TARGET, "x", 2)).save_json(tmp_path / "spec.json")
+    assert cli(capsys, "run", spec, "--device", "auto")[0] == 0
+    assert cli(capsys, "inspect", "--source-prompt", SOURCE, "--layers", "1", "--device", "auto")[0] == 0
+
+
 def test_d8_output_paths_that_cannot_be_written_name_the_flag(capsys, tiny_cli, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -1,5 +1,7 @@
 """pyvene-patchscopes: ask a language model, in words, what one of its hidden states encodes."""
 from . import compat  # noqa: F401  (first: imports pyvene quietly)
+from .compat import (install_safe_serialization, load_intervenable, safe_serialization, save_intervenable,
+                     uninstall_safe_serialization)
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
 from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .engine import run
@@ -9,15 +11,19 @@ from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Patchscope, Reroute, Source, Target
+from .sweep import SweepResult, sweep
+from .fit import fit_affine, fit_tuned_lens
+from .presets import build
+from .architectures import Architecture, FAMILIES
 from .jacobian import Attribution, JacobianScope, jacobian_scope
-
-compat.install_serialization()  # pyvene's own save/load: safetensors, CPU, registered classes only
 
 __all__ = [
     "Patchscope", "Source", "Target", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
-    "Attribution",
+    "Attribution", "sweep", "SweepResult", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
+    "save_intervenable", "load_intervenable", "safe_serialization", "install_safe_serialization",
+    "uninstall_safe_serialization",
 ]
 __version__ = "0.1.0"

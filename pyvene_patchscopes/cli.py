@@ -95,7 +95,7 @@ def _make_folder(folder: Path, value: str, flag: str) -> None:
 
 def _device(args: argparse.Namespace) -> str:
     """--device, with 'auto' meaning this process's own GPU under accelerate launch, else the CPU."""
-    from .distributed import device
+    from .execution.distributed import device
 
     return device() if args.device == "auto" else args.device
 

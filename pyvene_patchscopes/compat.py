@@ -8,12 +8,13 @@
 3. ``{"base": [2, 3]}`` is read as (source position 2, base position 3)       -> `base_locations` never emits it.
 4. ``load_intervention`` hard-codes ``map_location='cuda:0'``; ``save``/``load`` pickle ``.bin`` files and
    ``load`` imports any module named in ``config.json``                         -> `save_intervenable`,
-   `load_intervenable`, `load_intervention_weights`; `install_serialization` routes pyvene's own methods there.
+   `load_intervenable`, `load_intervention_weights`; opt-in: `safe_serialization()` (or
+   `install_safe_serialization`) routes pyvene's own methods there. Importing the plugin leaves them alone.
 5. A custom class's constructor arguments are lost on reload                  -> the plugin's interventions keep
    them in their state and rebuild from it; `reloadable_kwargs_check` refuses classes that would lose them.
-6. Gemma 3 is not registered with pyvene                                       -> `register_model_types`.
-7. HF's last ``hidden_states`` entry is already after the final norm; the paper's code therefore patches
-   the last layer *after* the final norm (``skip_final_ln``)                   -> `hidden_state_site`.
+6. Qwen 3, Gemma 3, Phi-3 and OLMo 2 are not registered with pyvene          -> `register_model_types`,
+   from the architecture table, on first use.
+7. (moved) HF's last ``hidden_states`` entry is already after the final norm    -> `sites.hidden_state_site`.
 8. pyvene prints a notice to stdout on import, which would corrupt ``--json`` output -> silenced above.
 9. Wrapping a model freezes it (``requires_grad=False``, ``eval()``) and overwrites ``config.model_type``
                                                                                -> `pyvene_guard` restores them.
@@ -39,6 +40,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     import pyvene as pv
     import pyvene.models.intervenable_base as pv_base
 
+from .architectures import FAMILIES, Architecture, family, supported
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import check_finite, inside, is_file, read_json, read_safetensors
 
@@ -191,6 +193,9 @@ _ORIGINAL_SAVE = pv.IntervenableModel.save
 _ORIGINAL_LOAD = pv.IntervenableModel.load
 _ORIGINAL_SAVE_INTERVENTION = pv.IntervenableModel.save_intervention
 _ORIGINAL_LOAD_INTERVENTION = pv.IntervenableModel.load_intervention
+_SERIALIZATION_METHODS = ("save", "load", "save_intervention", "load_intervention")
+# the class's own entries (``load`` is a staticmethod there), so uninstalling puts back the very same objects
+_ORIGINAL_ENTRIES = {name: pv.IntervenableModel.__dict__[name] for name in _SERIALIZATION_METHODS}
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.#\-]+$")
 MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
@@ -468,23 +473,40 @@ def _patched_load_intervention(self: pv.IntervenableModel, load_directory: str, 
         load_model_weights(self, load_directory)
 
 
-def install_serialization() -> None:
-    """Route pyvene's own ``save``/``load``/``save_intervention``/``load_intervention`` through the safe versions.
+def install_safe_serialization() -> None:
+    """Opt-in, process-wide: route pyvene's ``save``/``load``/``save_intervention``/``load_intervention`` here.
 
-    Done when pyvene_patchscopes is imported, so ``IntervenableModel.save``/``load`` round-trip plugin
-    interventions on CPU without importing modules named in files. The files stay pyvene's (see above).
+    ``IntervenableModel.save``/``load`` then round-trip plugin interventions on CPU without importing
+    modules named in files; the files stay pyvene's (see above). `uninstall_safe_serialization` undoes it;
+    `safe_serialization` does both around a block.
     """
-    pv.IntervenableModel.save = _patched_save
-    pv.IntervenableModel.load = staticmethod(_patched_load)
-    pv.IntervenableModel.save_intervention = _patched_save_intervention
-    pv.IntervenableModel.load_intervention = _patched_load_intervention
+    _set_methods({"save": _patched_save, "load": staticmethod(_patched_load),
+                  "save_intervention": _patched_save_intervention, "load_intervention": _patched_load_intervention})
 
 
-def uninstall_serialization() -> None:
-    pv.IntervenableModel.save = _ORIGINAL_SAVE
-    pv.IntervenableModel.load = staticmethod(_ORIGINAL_LOAD)
-    pv.IntervenableModel.save_intervention = _ORIGINAL_SAVE_INTERVENTION
-    pv.IntervenableModel.load_intervention = _ORIGINAL_LOAD_INTERVENTION
+def uninstall_safe_serialization() -> None:
+    """Give pyvene back its own ``save``/``load``/``save_intervention``/``load_intervention``."""
+    _set_methods(_ORIGINAL_ENTRIES)
+
+
+def _set_methods(entries: dict[str, object]) -> None:
+    for name, entry in entries.items():
+        setattr(pv.IntervenableModel, name, entry)
+
+
+@contextlib.contextmanager
+def safe_serialization() -> Iterator[None]:
+    """Within the block, pyvene's own save/load methods are the safe ones; after it, whatever was there before.
+
+    What was installed before is put back (pyvene's originals, or an outer `install_safe_serialization`),
+    even when the block raises.
+    """
+    before = {name: pv.IntervenableModel.__dict__[name] for name in _SERIALIZATION_METHODS}
+    install_safe_serialization()
+    try:
+        yield
+    finally:
+        _set_methods(before)
 
 
 # ---- 5. constructor arguments ---------------------------------------------------------------------
@@ -515,67 +537,55 @@ def reloadable_kwargs_check(intervention: nn.Module) -> None:
 
 # ---- 6. model registry ----------------------------------------------------------------------------
 def register_model_types() -> None:
-    """Register model classes pyvene 0.1.8 lacks (Gemma 3), in place, next to the ones it knows."""
-    from pyvene.models.llama.modelings_intervenable_llama import (
-        llama_lm_type_to_dimension_mapping, llama_lm_type_to_module_mapping)
+    """Register the table's families that pyvene 0.1.8 lacks (Qwen 3, Gemma 3, Phi-3, OLMo 2), next to its own.
 
-    try:
-        from transformers import Gemma3ForCausalLM
-    except ImportError:  # older transformers
-        return
-    if Gemma3ForCausalLM in pv.type_to_module_mapping:
-        return
-    dims = dict(llama_lm_type_to_dimension_mapping)
-    for component in ("head_attention_value_output", "head_query_output", "head_key_output", "head_value_output"):
-        dims[component] = ("head_dim",)  # Gemma 3's head_dim is not hidden_size / num_heads
-    pv.type_to_module_mapping[Gemma3ForCausalLM] = copy.deepcopy(llama_lm_type_to_module_mapping)
-    pv.type_to_dimension_mapping[Gemma3ForCausalLM] = dims
-
-
-# ---- 7. where layer l lives -----------------------------------------------------------------------
-_FINAL_NORM = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm",
-               "model.decoder.final_layer_norm")
-
-
-def final_norm_path(model: nn.Module) -> str:
-    """Dotted path of the final norm that HF applies before the unembedding (and before hidden_states[-1])."""
-    names = dict(model.named_modules())
-    for path in _FINAL_NORM:
-        if path in names:
-            return path
-    raise PatchscopeError(f"cannot find the final norm of {type(model).__name__} (looked for {_FINAL_NORM})")
-
-
-@dataclass(frozen=True)
-class Site:
-    """A pyvene hook point: a component name (abstract or a raw module path) and its layer."""
-
-    component: str
-    layer: int
-
-    @property
-    def after_final_norm(self) -> bool:
-        """Whether this site is the final norm's output (the paper's ``skip_final_ln``), not a block output."""
-        return self.component != "block_output"
-
-
-def hidden_state_site(model: nn.Module, layer: int, n_layers: int, after_final_norm: bool) -> Site:
-    """The pyvene site of HF ``hidden_states[layer + 1]``.
-
-    For layers below the last it is the block output. For the last layer HF's entry is already after
-    the final norm; reading it there, and writing it there when source and target are both the last
-    layer, is what the paper's code calls ``skip_final_ln``.
+    Each borrows the module table of a family pyvene knows (``Architecture.pyvene_like``), with per-head
+    sizes read from ``config.head_dim`` where the family sets its head size so (``Architecture.head_dim``).
+    Done on first use (`intervenable`, `check_hookable`), never on import.
     """
-    if layer == n_layers - 1 and after_final_norm:
-        return Site(component=f"{final_norm_path(model)}.output", layer=layer)
-    return Site(component="block_output", layer=layer)
+    import transformers
+
+    for arch in FAMILIES:
+        if arch.pyvene_like is None:
+            continue
+        like = _pyvene_class(family(arch.pyvene_like))
+        for name in arch.classes:
+            cls = getattr(transformers, name, None)
+            if cls is None or like is None or cls in pv.type_to_module_mapping:
+                continue
+            dims = dict(pv.type_to_dimension_mapping[like])
+            if arch.head_dim:
+                for component in ("head_attention_value_output", "head_query_output", "head_key_output",
+                                  "head_value_output"):
+                    dims[component] = ("head_dim",)
+            pv.type_to_module_mapping[cls] = copy.deepcopy(pv.type_to_module_mapping[like])
+            pv.type_to_dimension_mapping[cls] = dims
+
+
+def _pyvene_class(arch: Architecture) -> type | None:
+    import transformers
+
+    for name in arch.classes:
+        cls = getattr(transformers, name, None)
+        if cls is not None and cls in pv.type_to_module_mapping:
+            return cls
+    return None
+
+
+def check_hookable(model: nn.Module) -> None:
+    """A model pyvene can hook (its class in pyvene's registry, after ours), else an error naming the families."""
+    if type(model) in pv.type_to_module_mapping:
+        return
+    register_model_types()
+    if type(model) not in pv.type_to_module_mapping:
+        raise PatchscopeError(f"{type(model).__name__} is not a family this library or pyvene knows (supported: "
+                              f"{supported()}; see architectures.py to add one)")
 
 
 __all__ = [
     "install", "uninstall", "pyvene_guard", "intervenable", "remove_pyvene_hooks", "base_locations",
     "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
-    "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "install_serialization",
-    "load_model_weights",
-    "uninstall_serialization",
-    "register_model_types", "final_norm_path", "hidden_state_site", "Site",
+    "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "load_model_weights",
+    "install_safe_serialization", "uninstall_safe_serialization", "safe_serialization",
+    "register_model_types", "check_hookable",
 ]

@@ -1,149 +1,40 @@
-"""The engine: collect at the source -> map with f -> patch at the target.
+"""The engine: collect at the source -> map with f -> patch at the target, for a list of Patchscopes.
 
 Every distinct (source prompt, position) is read once, for all its source layers, in one pyvene pass.
-The patch step has two executions of the same pyvene config:
+The patch step has two executions of the same pyvene config (see `execution`):
 
-- **planned** (the default, for the decoder models `stack` supports): rows that share a target prompt
-  share its prefix and its unpatched lower layers, and are packed into batches under a token budget
-  (`plan`); see `stack` for why this is the same computation;
+- **planned** (the default, for the families `architectures` marks so): rows that share a target prompt
+  share its prefix and its unpatched lower layers, and are packed into batches under a token budget;
+  `execution.planned` drives it, `execution.stack` explains why it is the same computation;
 - **plain**: pyvene.IntervenableModel with a `MappingIntervention`, target rows sharing a site batched
-  and left-padded. It runs for other models, and on request (``planned=False``).
+  and left-padded (`execution.plain`). It runs for other models, and on request (``planned=False``).
+
+CoT Patchscopes (``reroute``) run in `execution.reroute`.
 """
 from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
-from .compat import Site, base_locations, intervenable, per_intervention_locations, pyvene_guard
 from .errors import SpecError, UninformativeScopeWarning, check_int
+from .execution.plain import collect, patch
+from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
+from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
+from .execution.stack import stack_for
+from .execution.reroute import run_reroutes
+from .execution.batching import chunks
 from .files import check_finite
-from .mappings import MappingFunction, MappingSpec, build_mapping
+from .mappings import MappingSpec, build_mapping
 from .models import ModelHandle
-from .plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target, pack
-from .positions import warn_if_sink
-from .pyvene_config import Resolved, collect_config, patch_config, resolve
-from .reroute import run_reroutes
-from .result import PatchscopeResult, decode_top, top_k, top_k_ids
+from .positions import token_ids, warn_if_sink
+from .resolve import Models, Resolved, as_models, resolve
+from .result import PatchscopeResult, decode_top, top_k
+from .sites import Site
 from .spec import Patchscope
-from .stack import Stack
-
-Models = Mapping[str, ModelHandle]
-
-
-def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, ModelHandle]:
-    """Accept one handle, a list of handles or a name -> handle mapping.
-
-    Two different handles under one name are refused: a scope names its models, and picking one of the
-    two silently would run another model than the one meant (e.g. an A -> B Patchscope as B -> B).
-    """
-    if isinstance(model, ModelHandle):
-        return {model.name: model}
-    items = list(model.items()) if isinstance(model, Mapping) else [(getattr(h, "name", None), h) for h in model]
-    out: dict[str, ModelHandle] = {}
-    for name, handle in items:
-        if not isinstance(handle, ModelHandle):
-            raise SpecError(f"models entry {name!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
-                            "load_model or wrap_model)")
-        known = out.get(name)
-        if known is not None and known is not handle:
-            raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "
-                            "name them apart with wrap_model(model, tokenizer, name=...) or pass a dict "
-                            "{name: handle}")
-        out[name] = handle
-    if not out:
-        raise SpecError("models is empty (allowed: one ModelHandle, a list of them, or a dict name -> handle)")
-    return out
-
-
-@dataclass
-class Batch:
-    """Left-padded token ids for some prompts, with explicit position ids so padding changes nothing."""
-
-    inputs: dict[str, torch.Tensor]
-    pad: list[int]  # left-padding per row: unpadded index i sits at pad + i
-
-    @classmethod
-    def encode(cls, handle: ModelHandle, prompts: Sequence[str]) -> "Batch":
-        encoded = handle.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
-        mask = encoded["attention_mask"]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        pad = (mask.shape[1] - mask.sum(-1)).tolist()
-        inputs = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": position_ids}
-        return cls({k: v.to(handle.device) for k, v in inputs.items()}, pad)
-
-
-def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-# ---- collect -----------------------------------------------------------------------------------------
-def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
-                   batch_size: int = 32) -> torch.Tensor:
-    """Hidden states at (prompts[r], positions[r]) for every site, read in one pass per batch: [rows, sites, d]."""
-    sites = list(sites)
-    out = torch.empty(len(prompts), len(sites), handle.hidden_size, dtype=handle.model.dtype, device=handle.device)
-    rows = list(range(len(prompts)))
-    with pyvene_guard(handle.model), torch.no_grad():
-        pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
-        for chunk in chunks(rows, batch_size):
-            batch = Batch.encode(handle, [prompts[r] for r in chunk])
-            where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
-            (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
-                                    unit_locations=per_intervention_locations([where] * len(sites)))
-            # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
-            out[chunk[0]:chunk[-1] + 1] = torch.stack([states.reshape(len(chunk), -1) for states in collected], 1)
-    return out
-
-
-def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
-            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
-    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
-    sites = list(dict.fromkeys(sites))
-    states = collect_states(handle, prompts, positions, sites, batch_size)
-    return {(r, site): states[r, k] for r in range(len(prompts)) for k, site in enumerate(sites)}
-
-
-# ---- patch -------------------------------------------------------------------------------------------
-def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
-          vectors: torch.Tensor, max_new_tokens: int = 0,
-          mapping: MappingFunction | None = None) -> tuple[torch.Tensor, list[str] | None]:
-    """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits and generations."""
-    batch = Batch.encode(handle, prompts)
-    where = [pad + position for pad, position in zip(batch.pad, positions)]
-    if mapping is None:
-        mapping = build_mapping("identity", vectors.shape[-1], handle.hidden_size)
-    representation = vectors.to(handle.device).unsqueeze(1)  # [B, 1, d_source]; f runs inside the intervention
-    with pyvene_guard(handle.model), torch.no_grad():
-        config = patch_config(site, handle.hidden_size, mapping.to(handle.device))
-        pvm = intervenable(config, handle.model)
-        key = pvm.sorted_keys[0]
-        if max_new_tokens == 0:
-            _, output = pvm(base={**batch.inputs, "logits_to_keep": 1}, unit_locations=base_locations(where),
-                            source_representations={key: representation})
-            return output.logits[:, -1].float(), None
-        base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
-        _, output = pvm.generate(
-            base, unit_locations=base_locations(where), source_representations={key: representation},
-            intervene_on_prompt=True, generation_config=greedy_config(handle, max_new_tokens),
-        )
-    new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
-    texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return output.logits[0].float(), texts
-
-
-def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
-    """Greedy decoding with raw first-step logits returned, as the paper's readout uses."""
-    tokenizer = handle.tokenizer
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                            return_dict_in_generate=True, output_logits=True)
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -173,7 +64,8 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
-        plannable = {name: planned and Stack.supports(handle.model) for name, handle in models.items()}
+        targets = dict.fromkeys(item.scope.target_model for item in items)
+        plannable = {name: use_planned(models[name].model, planned) for name in targets}
         fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
         slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
         if fast:
@@ -264,40 +156,29 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
     vectors = _mapped(resolved, states, models)
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
                                r.scope.max_new_tokens) for r in resolved])
-    work = []
-    for group in groups:
-        handle = models[group.model]
-        ids = handle.tokenizer(group.prompt, add_special_tokens=True, return_tensors="pt")["input_ids"][0]
-        layers = [resolved[r].target_layer for r in group.rows]
-        for batch in pack(group.rows, layers, len(ids) + group.max_new_tokens, max_batch_tokens):
-            work.append((group, ids, batch))
-    show = progress if progress is not None else len(work) > 8
     results: list[PatchscopeResult | None] = [None] * len(resolved)
-    shared_for: dict[tuple[str, str, int], tuple[Stack, object]] = {}
-    for group, ids, batch in tqdm(work, desc="patchscopes", unit="batch", disable=not show):
-        handle = models[group.model]
-        key = (group.model, group.prompt, group.position)
-        if key not in shared_for:
-            stack = Stack(handle.model)
-            shared_for = {key: (stack, stack.share(ids, group.position))}  # one target prompt held at a time
-        stack, shared = shared_for[key]
-        decoded = stack.patched(
-            shared, torch.stack([vectors[r] for r in batch]),
-            torch.tensor([resolved[r].target_layer for r in batch]),
-            max_new_tokens=group.max_new_tokens, eos_token_id=handle.tokenizer.eos_token_id,
-            after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in batch]),
-        )
-        texts = None if decoded.tokens is None else \
-            handle.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)
-        probs, ids = (t.tolist() for t in top_k_ids(decoded.logits, top))
-        logits = decoded.logits.cpu()
-        for k, r in enumerate(batch):
-            results[r] = PatchscopeResult(
-                scope=resolved[r].scope, source_position=resolved[r].source_position,
-                target_position=resolved[r].target_position, logits=logits[k],
-                top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
-                informative=resolved[r].informative,
-            )
+    shared = SharedPrompts()
+    show = progress if progress is not None else len(resolved) > 256
+    with tqdm(total=len(resolved), desc="patchscopes", unit="scope", disable=not show) as bar:
+        for group in groups:
+            handle = models[group.model]
+            target_rows = TargetRows(
+                ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)), position=group.position,
+                layers=torch.tensor([resolved[r].target_layer for r in group.rows]),
+                after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in group.rows]),
+                vectors=lambda index, rows=group.rows: torch.stack([vectors[rows[i]] for i in index.tolist()]),
+                max_new_tokens=group.max_new_tokens)
+            out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
+                              handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update)
+            texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+            probs, ids = out.top_probs.tolist(), out.top_ids.tolist()
+            for k, r in enumerate(group.rows):
+                results[r] = PatchscopeResult(
+                    scope=resolved[r].scope, source_position=resolved[r].source_position,
+                    target_position=resolved[r].target_position, logits=out.logits[k],
+                    top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
+                    informative=resolved[r].informative,
+                )
     return results  # type: ignore[return-value]
 
 

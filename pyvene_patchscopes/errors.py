@@ -27,6 +27,10 @@ class ContextLengthWarning(UserWarning):
     """A prompt (plus the tokens to generate) runs past the length a rotary-position model was trained on."""
 
 
+class SlowPathWarning(UserWarning):
+    """A model whose family cannot take the planned execution runs on the slower plain pyvene path."""
+
+
 def out_of_range(field: str, value: object, allowed: str, context: str = "") -> SpecError:
     """Build the standard message: `Target.layer=40 is out of range for smollm2-135m (-30..29)`."""
     where = f" for {context}" if context else ""

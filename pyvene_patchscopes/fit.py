@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .compat import final_norm_path, pyvene_guard
+from .compat import pyvene_guard
+from .sites import final_norm_path
 from .errors import SpecError
 from .mappings import Affine
 from .models import ModelHandle
@@ -70,7 +71,7 @@ def gather_layers(handle: ModelHandle, texts: Sequence[str], layers: Sequence[in
                   batch_size: int = 8, progress: bool | None = None,
                   desc: str = "gather") -> dict[int, list[torch.Tensor]]:
     """`gather` for several layers from the same forward passes: {layer: [per-text states]}."""
-    from .engine import Batch, chunks
+    from .execution.batching import Batch, chunks
 
     wanted = sorted({_layer("layer", layer, handle) for layer in layers})
     last = handle.n_layers - 1

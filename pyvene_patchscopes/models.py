@@ -1,6 +1,7 @@
 """Load a language model by name: the embedded GGUF models (cached as converted weights) or any HF id or path."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -243,10 +244,11 @@ DOCUMENT_START = {"smollm2-135m": "<|endoftext|>"}
 
 
 def prepare_tokenizer(tokenizer: Any, document_start: str | None = None) -> Any:
-    """Make every prompt start with a document-start token, left-pad, and have a pad token.
+    """Make every prompt start with a document-start token, left-pad, and have a pad token, in place.
 
     The document-start token becomes position 0, the attention sink, so a user's first word is never
-    at position 0 (see README, "Position 0"). Left padding puts every row's last token at -1.
+    at position 0 (see README, "Position 0"). Left padding puts every row's last token at -1. It changes
+    the object it is given: `load_model` passes the tokenizer it made, `wrap_model` a copy of the user's.
     """
     if document_start is not None:
         tokenizer.bos_token = document_start
@@ -267,6 +269,17 @@ def _adds_bos(tokenizer: Any) -> bool:
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) -> ModelHandle:
-    """Wrap a model the user already has in memory."""
+    """Wrap a model the user already has in memory; the model and `tokenizer` are left as they are.
+
+    The handle holds a prepared copy of the tokenizer (see `prepare_tokenizer`), so the user's keeps its
+    padding side, pad and BOS tokens; and the model itself, unchanged: its mode, ``requires_grad`` and
+    device stay the user's.
+    """
+    try:
+        own = copy.deepcopy(tokenizer)
+    except (TypeError, copy.Error, RuntimeError, AttributeError) as err:
+        raise PatchscopeError(f"tokenizer of type {type(tokenizer).__name__} cannot be copied ({err}) "
+                              "(allowed: a tokenizer that copy.deepcopy can copy, as Hugging Face tokenizers "
+                              "can; the handle prepares a copy so that yours keeps its settings)") from None
     return ModelHandle(name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
-                       model=model, tokenizer=prepare_tokenizer(tokenizer))
+                       model=model, tokenizer=prepare_tokenizer(own))

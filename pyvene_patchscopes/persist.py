@@ -1,4 +1,4 @@
-"""Save and load Patchscopes as folders, HF style: a versioned ``config.json`` plus ``mapping.safetensors``.
+"""Patchscope folders, HF style: a versioned ``config.json`` plus ``mapping.safetensors``.
 
 ``config.json`` is the spec (see spec.py) with three more keys: ``models`` (each model's size and GGUF
 hash or revision, checked against the models in hand on load), ``description``, and, inside
@@ -13,17 +13,16 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from .errors import SpecError, UnknownNameError
 from .files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
-from .mappings import build_mapping
 from .models import ModelHandle
-from .spec import Patchscope
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
@@ -60,22 +59,22 @@ def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle])
 
 
 # ---- save ----------------------------------------------------------------------------------------
-def save(scope: Patchscope, directory: str | Path, models: Any = None, description: str = "") -> Path:
-    """Write `scope` to `directory` (created if needed); see the module docstring for the layout."""
-    from safetensors.torch import save_file
+def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[str, torch.Tensor],
+                 models: Mapping[str, ModelHandle], names: Sequence[str], description: str = "") -> Path:
+    """Write a spec's JSON data (and its mapping's `weights`) to `directory`, created if needed.
 
-    from .engine import as_models
+    `names` are the models the spec uses; each gets a record from `models` where a handle is given.
+    """
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    data = scope.to_dict()
-    if scope.mapping.weights:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in scope.mapping.weights.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"mapping": scope.mapping.name})
+    data = json.loads(json.dumps(data))  # a copy: the caller's dict stays as it was
+    if weights:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"mapping": data["mapping"]["name"]})
         data["mapping"]["weights"] = WEIGHTS_FILE
-    handles = as_models(models) if models is not None else {}
-    names = dict.fromkeys([scope.source.model, scope.target_model])
-    data["models"] = {name: model_record(handles[name]) if name in handles else {} for name in names}
+    data["models"] = {name: model_record(models[name]) if name in models else {} for name in dict.fromkeys(names)}
     data["description"] = str(description)
     (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return directory
@@ -101,10 +100,18 @@ def _read_weights(directory: Path, name: object) -> dict[str, torch.Tensor]:
                             max_bytes=MAX_WEIGHTS_BYTES)
 
 
-def load(directory_or_name: str | Path, models: Any = None) -> Patchscope:
-    """Load a saved folder or a catalogue entry; with `models`, check them and the weight shapes."""
-    from .engine import as_models
+@dataclass
+class Folder:
+    """What a spec folder holds: the spec's JSON data, its mapping weights, the model records, a description."""
 
+    data: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    models: dict[str, dict[str, Any]]
+    description: str
+
+
+def read_folder(directory_or_name: str | Path) -> Folder:
+    """Read a saved folder or a catalogue entry: JSON and safetensors only, nothing outside the folder."""
     directory = locate(directory_or_name)
     data = read_config(directory)
     recorded = data.pop("models", {})
@@ -117,14 +124,7 @@ def load(directory_or_name: str | Path, models: Any = None) -> Patchscope:
     weights = {}
     if isinstance(mapping, dict) and "weights" in mapping:
         weights = _read_weights(directory, mapping["weights"])
-    scope = Patchscope.from_dict(data, weights)
-    if models is not None:
-        handles = as_models(models)
-        check_models(recorded, handles)
-        source, target = handles.get(scope.source.model), handles.get(scope.target_model)
-        if source is not None and target is not None:
-            build_mapping(scope.mapping, source.hidden_size, target.hidden_size)  # shapes against the models
-    return scope
+    return Folder(data, weights, recorded, description)
 
 
 def looks_like_path(value: str | os.PathLike) -> bool:
@@ -171,34 +171,28 @@ def describe(name: str) -> str:
     return str(read_config(locate(name)).get("description", ""))
 
 
-def iter_catalogue() -> Iterator[tuple[str, Patchscope]]:
-    for name in catalogue():
-        yield name, load(name)
-
-
 # ---- an optional hub -----------------------------------------------------------------------------
-def push_to_hub(scope: Patchscope, repo_id: str, models: Any = None, description: str = "") -> str:
-    """Upload a saved Patchscope to a Hugging Face hub repo (for users who have a hub)."""
+def push_to_hub(scope: Any, repo_id: str, models: Any = None, description: str = "") -> str:
+    """Upload a Patchscope (saved with ``scope.save``) to a Hugging Face hub repo, for users who have a hub."""
     import tempfile
 
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as tmp:
-        save(scope, tmp, models=models, description=description)
+        scope.save(tmp, models=models, description=description)
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=tmp, repo_id=repo_id)
     return repo_id
 
 
-def from_hub(repo_id: str, models: Any = None, revision: str | None = None) -> Patchscope:
-    """Download a Patchscope folder (config.json and *.safetensors only) and load it."""
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """Download a Patchscope folder from the hub (config.json and *.safetensors only); load it with
+    ``Patchscope.load(path)``."""
     from huggingface_hub import snapshot_download
 
-    folder = snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[CONFIG_FILE, "*.safetensors"])
-    return load(folder, models=models)
+    return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[CONFIG_FILE, "*.safetensors"]))
 
 
-__all__ = ["save", "load", "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "iter_catalogue",
-           "model_record",
-           "check_models", "push_to_hub", "from_hub", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["write_folder", "read_folder", "Folder", "locate", "looks_like_path", "catalogue", "catalogue_root",
+           "describe", "model_record", "check_models", "push_to_hub", "download", "CONFIG_FILE", "WEIGHTS_FILE"]

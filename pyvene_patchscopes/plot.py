@@ -1,11 +1,31 @@
-"""Plots: the source layer x target layer heatmap of the paper's figures, with the top token in each cell."""
+"""Plots: the source layer x target layer heatmap of the paper's figures, with the top token in each cell.
+
+Every figure of the package is made by `subplots`, which leaves matplotlib's backend and pyplot alone.
+"""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from .sweep import SweepResult
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+             **options: Any) -> tuple["Figure", Any]:
+    """A Figure and its axes, as ``pyplot.subplots`` returns them, on the figure's own Agg canvas.
+
+    pyplot would switch or start the user's backend and keep every figure in its global registry until
+    closed; a Figure with its own canvas draws and saves without either, and is freed like any object.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(nrows, ncols, **options)
 
 
 def _label(token: str, width: int = 6) -> str:
@@ -14,13 +34,8 @@ def _label(token: str, width: int = 6) -> str:
     return text[:width]
 
 
-def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None):
+def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None) -> "Figure":
     """Draw (and optionally save) the heatmap for one source prompt; returns the matplotlib Figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
     if result.same_layer:
@@ -30,7 +45,7 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     probs = np.array([[cell.prob for cell in row] for row in cells])
     blind = np.array([[not cell.informative for cell in row] for row in cells])
     size = max(4.0, 0.42 * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
-    fig, ax = plt.subplots(figsize=size)
+    fig, ax = subplots(figsize=size)
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
@@ -61,9 +76,8 @@ def _grey_out(ax, blind, fig) -> None:
         fig.text(0.01, 0.005, NO_INFORMATION, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
 
 
-def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None):
+def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -> "Figure":
     """l* = l sweeps: prompts x layers, colour = top-1 probability, text = top-1 token."""
-    import matplotlib.pyplot as plt
     import numpy as np
 
     probs = result.top_probs[:, :, 0, 0].numpy()
@@ -71,7 +85,7 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None):
         ~result.informative[:, :, 0].numpy().astype(bool)
     tokens = result.tokens()
     layers = result.source_layers
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
+    fig, ax = subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for p in range(len(result.prompts)):
         for i in range(len(layers)):
@@ -85,13 +99,10 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None):
     return _finish(fig, ax, image, path)
 
 
-def _finish(fig, ax, image, path: str | Path | None):
-    """Colour bar, layout, and the PNG when a path is given (the figure is then closed)."""
-    import matplotlib.pyplot as plt
-
+def _finish(fig: "Figure", ax, image, path: str | Path | None) -> "Figure":
+    """Colour bar, layout, and the PNG when a path is given."""
     fig.colorbar(image, ax=ax, label="p(top token)")
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=150)
-        plt.close(fig)
     return fig

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SpecError
-from .spec import Position
+
+if TYPE_CHECKING:
+    from .spec import Position
 
 
 class SinkPositionWarning(UserWarning):

@@ -23,7 +23,7 @@ from typing import Any, Union
 
 from .errors import SpecError
 from .files import MAX_JSON_BYTES, parse_json, read_text
-from .mappings import MappingSpec
+from .mappings import MappingSpec, build_mapping
 
 Position = Union[int, str]
 
@@ -197,7 +197,7 @@ class Patchscope(JsonSpec):
 
     def to_pyvene(self, models: Any) -> Any:
         """The pyvene configs and ``unit_locations`` that perform this Patchscope (a `PyvenePlan`)."""
-        from .engine import as_models
+        from .resolve import as_models
         from .pyvene_config import to_pyvene
 
         return to_pyvene(self, as_models(models))
@@ -265,19 +265,39 @@ class Patchscope(JsonSpec):
 
         `models` (handles) records each model's size and GGUF hash or revision, checked again on load.
         """
-        from .persist import save
+        from .persist import write_folder
+        from .resolve import as_models
 
-        return save(self, directory, models=models, description=description)
+        handles = as_models(models) if models is not None else {}
+        return write_folder(directory, self.to_dict(), self.mapping.weights, handles,
+                            [self.source.model, self.target_model], description)
 
     @classmethod
     def load(cls, directory_or_name: str | Path, models: Any = None) -> "Patchscope":
         """Load a saved folder, or a catalogue entry by name (``Patchscope.load("token-identity")``).
 
-        With `models`, check that they are the models the spec was saved with (size, hash/revision).
+        A bare name is a catalogue entry; a folder is named by a path (``./my-spec``). With `models`,
+        check that they are the models the spec was saved with (size, hash/revision) and fit the mapping.
         """
-        from .persist import load
+        from .persist import check_models, read_folder
+        from .resolve import as_models
 
-        return load(directory_or_name, models=models)
+        folder = read_folder(directory_or_name)
+        scope = cls.from_dict(folder.data, folder.weights)
+        if models is not None:
+            handles = as_models(models)
+            check_models(folder.models, handles)
+            source, target = handles.get(scope.source.model), handles.get(scope.target_model)
+            if source is not None and target is not None:
+                build_mapping(scope.mapping, source.hidden_size, target.hidden_size)  # shapes against the models
+        return scope
+
+    @classmethod
+    def from_hub(cls, repo_id: str, models: Any = None, revision: str | None = None) -> "Patchscope":
+        """Download a Patchscope folder from a Hugging Face hub repo and load it (for users with a hub)."""
+        from .persist import download
+
+        return cls.load(download(repo_id, revision), models=models)
 
 
 def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSpec":

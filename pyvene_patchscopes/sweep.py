@@ -2,11 +2,11 @@
 
 The sweep is planned as a whole. Source prompts go in units of ``batch_size``; each unit reads every
 needed source layer in one pass, then all its (prompt, l, l*) rows are patched by the planned
-execution (`stack`): one shared pass of the target prompt, rows packed under ``max_batch_tokens``,
+execution (`execution.planned`): one shared pass of the target prompt, rows packed under ``max_batch_tokens``,
 each row computing only from its l* up. Results stay as tensors (top-k ids and probabilities per
 cell); `PatchscopeResult` objects are built only when asked for.
 
-Under ``accelerate launch`` the units are split over the processes (`distributed`); every unit is
+Under ``accelerate launch`` the units are split over the processes (`execution.distributed`); every unit is
 computed exactly as in one process, so the result is the same bit for bit.
 """
 from __future__ import annotations
@@ -19,18 +19,21 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import gather_units, my_units
-from .engine import as_models, chunks, collect_states, run
+from .engine import run
 from .errors import SpecError, UninformativeScopeWarning, as_index, check_int
+from .execution.batching import chunks
+from .execution.distributed import gather_units, my_units
+from .execution.plain import collect_states
+from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget
+from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
+from .execution.stack import stack_for
 from .mappings import build_mapping
 from .models import ModelHandle
-from .plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, pack
-from .positions import warn_if_sink
+from .positions import token_ids, warn_if_sink
 from .presets import get_preset
-from .pyvene_config import Resolved, resolve
-from .result import PatchscopeResult, decode_top, top_k_ids
+from .resolve import Resolved, as_models, resolve
+from .result import PatchscopeResult, decode_top
 from .spec import Patchscope, Position, Source
-from .stack import Shared, Stack, stack_for
 
 
 @dataclass
@@ -166,7 +169,7 @@ def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset:
     mine = my_units(len(units), distributed)
     parts = {}
     per_prompt = sum(len(row) for row in pairs)
-    shared: dict[str, Any] = {}
+    shared = SharedPrompts()
     with tqdm(total=sum(len(units[u]) for u in mine) * per_prompt, unit="cell", desc="sweep",
               disable=not (progress if progress is not None else len(prompts) * per_prompt > 64)) as bar:
         for u in mine:
@@ -200,7 +203,7 @@ def _layer_list(field: str, layers: Any) -> list[int]:
 
 
 def _unit(prompts: Sequence[int], scope_for, pairs: list[list[tuple[int, int]]], models, top: int, planned: bool,
-          max_batch_tokens: int, keep_logits: bool, batch_size: int, shared: dict[str, Any]) -> dict[str, Any]:
+          max_batch_tokens: int, keep_logits: bool, batch_size: int, shared: SharedPrompts) -> dict[str, Any]:
     """One unit of source prompts, all its cells: tensors shaped [prompts, Ls, columns, ...] (on the CPU)."""
     cells = _Cells([[resolve(scope_for(prompts[0], l, t), models) for l, t in row] for row in pairs])
     first = cells.templates[0][0]
@@ -218,18 +221,17 @@ def _plannable(cells: _Cells, per_prompt: list[Patchscope], models) -> bool:
     same = lambda scope: (scope.target.prompt, scope.target.position, scope.target_model, scope.max_new_tokens,  # noqa: E731
                           scope.reroute) == (first.target.prompt, first.target.position, first.target_model,
                                              first.max_new_tokens, None)
-    return (stack_for(models[first.target_model].model) is not None
+    return (use_planned(models[first.target_model].model)
             and all(same(cell.scope) for row in cells.templates for cell in row)
             and all(same(scope) for scope in per_prompt))
 
 
 def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top: int, max_batch_tokens: int,
-                  keep_logits: bool, batch_size: int, shared: dict[str, Any]) -> dict[str, Any]:
+                  keep_logits: bool, batch_size: int, shared: SharedPrompts) -> dict[str, Any]:
     n_source, n_target = cells.shape
     first = cells.templates[0][0]
     source = models[first.scope.source.model]
     target = models[first.scope.target_model]
-    max_new_tokens = first.scope.max_new_tokens
     # the source: every prompt read once, at every needed source layer
     scopes = [scope_for(p, first.scope.source.layer, first.scope.target.layer) for p in prompts]
     positions = [resolve(s, models).source_position for s in scopes]
@@ -249,52 +251,32 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
                 states[:, i].to(target.device)).to(target.model.dtype)
             for (spec, i) in specs
         ])  # [pairs, n, d_target]
-    # the target: one shared pass, then rows (prompt, l, l*) packed under the budget
-    stack = Stack(target.model)
-    ids = torch.tensor(_ids(target, first.scope.target.prompt))
-    key = f"{first.scope.target_model}\0{first.scope.target.prompt}\0{first.target_position}"
-    if key not in shared:
-        shared.clear()
-        shared[key] = stack.share(ids, first.target_position)
-    prompt_pass: Shared = shared[key]
+    # the target: rows (prompt, l, l*) in that order, run by the one planned driver
+    per_prompt = n_source * n_target
+
+    def vectors(index: torch.Tensor) -> torch.Tensor:
+        return table[pair.view(-1)[index % per_prompt], index // per_prompt]
+
+    n = len(prompts)
     layers = torch.tensor([[c.target_layer for c in row] for row in cells.templates])          # [Ls, Lt]
     after = torch.tensor([[c.target_site.after_final_norm for c in row] for row in cells.templates])
-    informative = torch.tensor([[c.informative for c in row] for row in cells.templates])
-    n = len(prompts)
-    top = min(top, target.model.config.get_text_config().vocab_size)
-    rows = n * n_source * n_target
-    row_layers = layers.expand(n, -1, -1).reshape(-1)
-    top_probs = torch.empty(rows, top)
-    top_ids = torch.empty(rows, top, dtype=torch.long)
-    logits_out = torch.empty(rows, target.model.config.vocab_size) if keep_logits else None
-    generations: list[str | None] = [None] * rows
-    for batch in pack(range(rows), row_layers.tolist(), len(ids) + max_new_tokens, max_batch_tokens):
-        index = torch.tensor(batch)
-        p, rest = index // (n_source * n_target), index % (n_source * n_target)
-        i, j = rest // n_target, rest % n_target
-        decoded = stack.patched(prompt_pass, table[pair[i, j], p], layers[i, j], max_new_tokens=max_new_tokens,
-                                eos_token_id=target.tokenizer.eos_token_id, after_norm=after[i, j])
-        probs, token_ids = top_k_ids(decoded.logits, top)
-        top_probs[index], top_ids[index] = probs.cpu(), token_ids.cpu()
-        if keep_logits:
-            logits_out[index] = decoded.logits.cpu()
-        if decoded.tokens is not None:
-            for k, text in zip(batch, target.tokenizer.batch_decode(decoded.tokens, skip_special_tokens=True)):
-                generations[k] = text
+    rows = TargetRows(ids=torch.tensor(token_ids(target.tokenizer, first.scope.target.prompt)),
+                      position=first.target_position, layers=layers.view(-1).repeat(n),
+                      after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens)
+    out = run_planned(stack_for(target.model), rows, top, max_batch_tokens, target.tokenizer.eos_token_id,
+                      keep_logits=keep_logits, shared=shared)
     shape = (n, n_source, n_target)
+    k = out.top_ids.shape[-1]
     return {
-        "top_probs": top_probs.reshape(*shape, top), "top_ids": top_ids.reshape(*shape, top),
-        "logits": None if logits_out is None else logits_out.reshape(*shape, -1),
-        "generations": generations if max_new_tokens else None, "source_positions": positions,
+        "top_probs": out.top_probs.reshape(*shape, k), "top_ids": out.top_ids.reshape(*shape, k),
+        "logits": None if out.logits is None else out.logits.reshape(*shape, -1),
+        "generations": None if out.tokens is None else
+        target.tokenizer.batch_decode(out.tokens, skip_special_tokens=True),
+        "source_positions": positions,
         "target_positions": torch.full(shape, first.target_position, dtype=torch.long),
-        "informative": informative.expand(n, -1, -1).clone(),
+        "informative": torch.tensor([[c.informative for c in row] for row in cells.templates])
+        .expand(n, -1, -1).clone(),
     }
-
-
-def _ids(handle: ModelHandle, prompt: str) -> list[int]:
-    from .positions import token_ids
-
-    return token_ids(handle.tokenizer, prompt)
 
 
 def _unit_by_scopes(prompts: Sequence[int], scope_for, pairs: list[list[tuple[int, int]]], models, top: int,

@@ -11,12 +11,30 @@ from transformers import GenerationConfig
 from pyvene_patchscopes.models import ModelHandle
 
 
+# Written by hand from each family's modeling file, apart from the library's architecture table on purpose:
+# a reference that read the table would agree with it whatever it said.
+_PATHS = {  # class name: (the decoder blocks, the final norm)
+    **dict.fromkeys(["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM"],
+                    ("model.layers", "model.norm")),
+    "GPT2LMHeadModel": ("transformer.h", "transformer.ln_f"),
+    "GPTNeoXForCausalLM": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
+}
+
+
+def _paths(model: nn.Module) -> tuple[str, str]:
+    name = type(model).__name__
+    if name not in _PATHS:
+        raise KeyError(f"golden knows no block paths of {name} (known: {', '.join(_PATHS)})")
+    return _PATHS[name]
+
+
 def block(model: nn.Module, layer: int) -> nn.Module:
-    return model.transformer.h[layer] if hasattr(model, "transformer") else model.model.layers[layer]
+    return model.get_submodule(_paths(model)[0])[layer]
 
 
 def final_norm(model: nn.Module) -> nn.Module:
-    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+    return model.get_submodule(_paths(model)[1])
 
 
 def site(model: nn.Module, layer: int, after_norm: bool) -> nn.Module:
@@ -24,6 +42,8 @@ def site(model: nn.Module, layer: int, after_norm: bool) -> nn.Module:
 
 
 def _hidden(output):
+    # transformers 5.24: every family's decoder layer returns a fresh tensor (4.x returned tuples), so an
+    # in-place write in a forward hook is what the next layer receives
     return output[0] if isinstance(output, tuple) else output
 
 

@@ -109,9 +109,10 @@ def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
         with pytest.raises(RuntimeError, match="(?i)cuda"):  # the upstream bug: map_location='cuda:0'
             compat._ORIGINAL_LOAD_INTERVENTION(fresh, str(tmp_path / "upstream"), include_model=False)
         compat.load_intervention_weights(fresh, tmp_path / "upstream", device="cpu")  # legacy .bin, weights_only
-        saved.save_intervention(str(tmp_path / "ours"), include_model=False)  # patched: safetensors + pyvene's .bin
-        again = _trainable_pvm(handle)
-        again.load_intervention(str(tmp_path / "ours"), include_model=False)
+        with compat.safe_serialization():  # the opt-in: safetensors + pyvene's .bin, read on the CPU
+            saved.save_intervention(str(tmp_path / "ours"), include_model=False)
+            again = _trainable_pvm(handle)
+            again.load_intervention(str(tmp_path / "ours"), include_model=False)
     (safe,), (legacy,) = (tmp_path / "ours").glob("*.safetensors"), (tmp_path / "ours").glob("*.bin")
     assert safe.stem == legacy.stem  # the same intkey_<key>, in both formats
     from safetensors.torch import load_file
@@ -194,8 +195,9 @@ def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_
     after_norm = golden.read(tiny, PROMPT, last, -1, after_norm=True)
     torch.testing.assert_close(out.hidden_states[-1][0, -1], after_norm)
     assert (block_out - after_norm).abs().max() > 1e-2  # HF's last entry is not the block output
-    site = compat.hidden_state_site(tiny.model, last, tiny.n_layers, after_final_norm=True)
-    assert site.component == compat.final_norm_path(tiny.model) + ".output"
+    from pyvene_patchscopes import sites
+    site = sites.hidden_state_site(tiny.model, last, tiny.n_layers, after_final_norm=True)
+    assert site.component == sites.final_norm_path(tiny.model) + ".output"
     lens = Patchscope(Source(PROMPT, -1, last, tiny.name), Target(PROMPT, -1, last))
     # equal up to float rounding: the engine unembeds only the last position (a [1, d] instead of [n, d] matmul)
     torch.testing.assert_close(run(lens, tiny)[0].logits, out.logits[0, -1], atol=1e-6, rtol=0)

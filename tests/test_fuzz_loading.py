@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, run
-from pyvene_patchscopes.pyvene_config import resolve
+from pyvene_patchscopes.resolve import resolve
 from tiny import tiny_model
 
 HANDLE = tiny_model("llama", seed=21)

@@ -12,7 +12,6 @@ import os
 import weakref
 from pathlib import Path
 
-import matplotlib
 import pytest
 import pyvene as pv
 import torch
@@ -462,9 +461,10 @@ def test_d10_a_folder_written_by_plain_pyvene_loads_with_the_plugin(tmp_path):
         assert not list((tmp_path / "plain").glob("*.safetensors"))
         expected = pvm.interventions[next(iter(pvm.interventions))].state_dict()
         fresh = tiny_model("llama", seed=9)
-        loaded = pv.IntervenableModel.load(str(tmp_path / "plain"), fresh.model, include_model=True)
-        again = _trainable_pvm(tiny_model("llama", seed=9))
-        again.load_intervention(str(tmp_path / "plain"), include_model=True)  # pyvene's own method, plugin-routed
+        with compat.safe_serialization():  # pyvene's own methods, routed through the plugin by the opt-in
+            loaded = pv.IntervenableModel.load(str(tmp_path / "plain"), fresh.model, include_model=True)
+            again = _trainable_pvm(tiny_model("llama", seed=9))
+            again.load_intervention(str(tmp_path / "plain"), include_model=True)
     for state in (loaded.interventions[next(iter(loaded.interventions))].state_dict(),
                   again.interventions[next(iter(again.interventions))].state_dict()):
         assert all(torch.equal(state[k], expected[k]) for k in expected)
@@ -476,7 +476,8 @@ def test_d10_a_folder_written_with_the_plugin_loads_in_plain_pyvene(tmp_path):
     handle = tiny_model("llama", seed=9)
     with compat.pyvene_guard(handle.model):
         pvm = _pipeline(handle)
-        pvm.save(str(tmp_path), include_model=True)  # routed through the plugin
+        with compat.safe_serialization():  # routed through the plugin by the opt-in
+            pvm.save(str(tmp_path), include_model=True)
         assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "model.safetensors", "pytorch_model.bin"}
         fresh = tiny_model("llama", seed=1)
         loaded = compat._ORIGINAL_LOAD(str(tmp_path), fresh.model, include_model=True)  # plain pyvene
@@ -528,7 +529,6 @@ def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, ca
     figure = result.plot()
     hatched = [p for p in figure.axes[0].patches if p.get_hatch() == "///"]
     assert len(hatched) == 2 and NO_INFORMATION in [t.get_text() for t in figure.texts]
-    matplotlib.pyplot.close(figure)
     same = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[0, last], target_layers="same")
     assert same.informative[:, :, 0].tolist() == [[True, False]]
     code, out, _ = cli(capsys, "inspect", "--source-prompt", SOURCE, "--source-position", "Paris", "--layers",

@@ -9,8 +9,8 @@ from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope
                                 register_mapping, run)
 from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
-from pyvene_patchscopes.pyvene_config import resolve
-from pyvene_patchscopes.reroute import prompt_pass, segments
+from pyvene_patchscopes.resolve import resolve
+from pyvene_patchscopes.execution.reroute import prompt_pass, segments
 from tiny import tiny_model
 
 ATOL = 1e-5
@@ -181,7 +181,7 @@ def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_ll
 
 @pytest.mark.parametrize("read_layer,write_layer", [(0, 2), (2, 1)])
 def test_batched_reroutes_of_different_lengths_equal_one_at_a_time(tiny_llama, read_layer, write_layer):
-    from pyvene_patchscopes.reroute import run_reroutes
+    from pyvene_patchscopes.execution.reroute import run_reroutes
 
     hops = [(HOP1, HOP2), ("the city on the river Seine", "The largest museum of"),
             ("a river", "The name of the longest bridge over")]

@@ -9,9 +9,9 @@ import torch
 
 import golden
 from pyvene_patchscopes import Patchscope, Source, Target, run
-from pyvene_patchscopes.errors import SpecError
+from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
-from pyvene_patchscopes.stack import ATTENTION, stack_for
+from pyvene_patchscopes.execution.stack import ATTENTION, stack_for
 from pyvene_patchscopes.sweep import sweep
 from test_interventions import random_affine
 from tiny import tiny_model
@@ -99,11 +99,59 @@ def test_long_target_crosses_the_sliding_window():
     assert_same(run(scopes, handle), run(scopes, handle, planned=False))
 
 
-def test_unsupported_models_use_the_plain_path():
-    handle = tiny_model("gpt2")
+def tiny_gpt_neo():
+    """A family outside the architecture table that pyvene 0.1.8 knows (GPT-Neo)."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from pyvene_patchscopes import wrap_model
+    from tiny import VOCAB, tiny_tokenizer
+
+    torch.manual_seed(0)
+    config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=128, hidden_size=64, num_layers=2,
+                          num_heads=4, attention_types=[[["global", "local"], 1]], window_size=16)
+    return wrap_model(GPTNeoForCausalLM(config).eval(), tiny_tokenizer(), name="tiny-gpt-neo")
+
+
+def test_a_family_outside_the_table_runs_on_the_plain_path_with_a_warning():
+    handle = tiny_gpt_neo()
     assert stack_for(handle.model) is None
-    s = token_identity(Source(SOURCES[0], -1, 1, handle.name), max_new_tokens=0)
-    torch.testing.assert_close(run(s, handle)[0].logits, run(s, handle, planned=False)[0].logits, atol=0, rtol=0)
+    s = token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=0, max_new_tokens=0)
+    with pytest.warns(SlowPathWarning, match="GPTNeoForCausalLM runs on the plain pyvene path"):
+        got = run(s, handle)[0]
+    torch.testing.assert_close(got.logits, run(s, handle, planned=False)[0].logits, atol=0, rtol=0)
+    # hand-written hooks on GPT-Neo's blocks: read block 1 at the source, write it after block 0 at i*
+    held = {}
+    blocks = handle.model.transformer.h
+    hidden = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    hook = blocks[1].register_forward_hook(lambda m, a, out: held.update(h=hidden(out)[0, got.source_position].clone()))
+    with torch.no_grad():
+        handle.model(handle.tokenizer(SOURCES[0], return_tensors="pt")["input_ids"])
+    hook.remove()
+
+    def write(module, args, out):
+        hidden(out)[0, got.target_position] = held["h"]
+        return out
+
+    hook = blocks[0].register_forward_hook(write)
+    with torch.no_grad():
+        want = handle.model(handle.tokenizer(s.target.prompt, return_tensors="pt")["input_ids"]).logits[0, -1]
+    hook.remove()
+    # GPT-Neo does not scale its attention scores: its logits are large, and sdpa with a mask (pyvene's
+    # batched call) and without one differ by ~6e-5
+    torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
+
+
+def test_a_model_pyvene_cannot_hook_gets_an_error_naming_the_families():
+    from pyvene_patchscopes import PatchscopeError, wrap_model
+
+    handle = tiny_model("llama")
+    odd = type("MyOwnForCausalLM", (torch.nn.Module,), {})()
+    odd.config = handle.model.config
+    odd.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
+    stranger = wrap_model(odd, handle.tokenizer, name="mine")
+    s = token_identity(Source(SOURCES[0], -1, 1, "mine"), max_new_tokens=0)
+    with pytest.raises(PatchscopeError, match=r"MyOwnForCausalLM is not a family .* \(supported: llama, mistral.*gpt_neox"):
+        run(s, stranger)
 
 
 def test_planned_run_leaves_the_model_as_it_was(model):

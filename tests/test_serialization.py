@@ -14,7 +14,8 @@ import pyvene as pv
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, persist, run)
+from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, persist, run,
+                                safe_serialization)
 from pyvene_patchscopes.compat import base_locations, per_intervention_locations
 from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
 from pyvene_patchscopes.presets import multihop
@@ -92,19 +93,20 @@ def test_version_1_specs_still_load():
     assert Patchscope.from_dict(data) == Patchscope(Source("a b", model="m"), Target("c x", "x", 1))
 
 
-# ---- pyvene's own IntervenableModel.save / load, in a fresh process on CPU ----------------------------
+# ---- pyvene's own IntervenableModel.save / load (with the opt-in), in a fresh process on CPU ------------
 FRESH = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import save_file
     import pyvene as pv
-    import pyvene_patchscopes  # registers the classes and routes pyvene's save/load through compat
+    import pyvene_patchscopes  # registers the classes; pyvene's save/load stay its own unless asked
     import test_interventions  # registers the user mapping 'test-scaled'
     from pyvene_patchscopes.compat import per_intervention_locations
     from tiny import tiny_model
     folder, out, kind = sys.argv[1], sys.argv[2], sys.argv[3]
-    if sys.argv[4:] == ["plain"]:  # pyvene's own load, as a user without the safe serialization has it
-        pyvene_patchscopes.compat.uninstall_serialization()
-        assert pv.IntervenableModel.load is pyvene_patchscopes.compat._ORIGINAL_LOAD
+    assert pv.IntervenableModel.load is pyvene_patchscopes.compat._ORIGINAL_LOAD
+    if sys.argv[4:] == ["safe"]:  # the opt-in: pyvene's own methods routed through the safe loader
+        pyvene_patchscopes.install_safe_serialization()
+        assert pv.IntervenableModel.load is not pyvene_patchscopes.compat._ORIGINAL_LOAD
     handle = tiny_model("llama", seed=11)
     assert not torch.cuda.is_available()
     pvm = pv.IntervenableModel.load(folder, handle.model)
@@ -148,7 +150,8 @@ def test_pyvene_save_load_round_trips_mapping_interventions_in_a_fresh_cpu_proce
         pvm = compat.intervenable(config, handle.model)
         _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [3]]),
                         source_representations=dict(zip(pvm.sorted_keys, source)))
-        pvm.save(str(tmp_path))  # pyvene's own method (routed through compat by pyvene_patchscopes)
+        with safe_serialization():  # pyvene's own method, routed through compat for this block
+            pvm.save(str(tmp_path))
     torch.save(source, tmp_path / "source.pt")
     # pyvene's own files (tensor-only .bin, which plain pyvene reads) and a safetensors twin of each
     assert len(list(tmp_path.glob("intkey_*.bin"))) == len(list(tmp_path.glob("intkey_*.safetensors"))) == 2
@@ -167,7 +170,8 @@ def test_pyvene_save_load_round_trips_the_linked_reroute_intervention_in_a_fresh
         pvm = compat.intervenable(config, handle.model)
         _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[5], [2]]))
         plain = handle.model(**ids).logits
-        pvm.save(str(tmp_path))
+        with safe_serialization():
+            pvm.save(str(tmp_path))
     assert not torch.allclose(output.logits, plain)
     assert torch.equal(_in_fresh_process(tmp_path, "reroute"), output.logits)
 
@@ -191,7 +195,8 @@ def test_pyvene_save_load_round_trips_a_patchscope_beside_an_addition_and_a_coll
                                         handle.model)
         _, alone = unsteered(base=dict(ids), unit_locations=per_intervention_locations([[2]]),
                              source_representations={unsteered.sorted_keys[0]: source})
-        pvm.save(str(tmp_path))
+        with safe_serialization():
+            pvm.save(str(tmp_path))
     torch.save(source, tmp_path / "source.pt")
     assert not torch.allclose(output.logits, alone.logits)  # the steering vector is in play
     assert len(list(tmp_path.glob("intkey_*.safetensors"))) == 2  # the mapping and the vector; a collect has no state
@@ -210,6 +215,8 @@ def test_safe_loader_never_imports_modules_named_in_a_pyvene_config(tmp_path):
         config["intervention_types"] = ["<class 'antigravity.Fly'>"]
         (tmp_path / "config.json").write_text(json.dumps(config))
         with pytest.raises(UnknownNameError, match="not allowed .* nothing was imported"):
+            compat.load_intervenable(tmp_path, handle.model)
+        with pytest.raises(UnknownNameError, match="not allowed .* nothing was imported"), safe_serialization():
             pv.IntervenableModel.load(str(tmp_path), handle.model)
     assert "antigravity" not in sys.modules
 

@@ -17,13 +17,15 @@ from typing import Any
 
 import torch
 
-from ..engine import chunks, run as run_scopes
+from ..engine import run as run_scopes
+from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
 from .common import EvalOptions, check_layers, generate, read_states
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation
 
@@ -187,9 +189,7 @@ def _nanmean(values: list[float]) -> float:
 
 def plot(report: Report, swept: list[dict], layers: list[int], target_layers: list[int], correct: list,
          probe: dict, known: list[dict], out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    figure, axes = subplots(1, 2, figsize=(12, 4.2))
     rows_ = report.tables[0].rows
     axes[0].plot(layers, [r[1] for r in rows_], marker="o", label="Patchscope (any l*)")
     axes[0].plot(layers, [r[2] for r in rows_], marker=".", label="Patchscope (best single l*)")

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..compat import Site, final_norm_path, hidden_state_site
+from ..sites import Site, final_norm_path, hidden_state_site
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
 
@@ -73,7 +73,7 @@ def lens_logits(handle: ModelHandle, states: torch.Tensor, normalised: bool = Fa
 def read_states(handle: ModelHandle, prompts: list[str], layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
     """{layer: [n, d]} source states at the last token of each prompt, every layer from one pyvene pass."""
     sites = {layer: source_site(handle, layer) for layer in layers}
-    from ..engine import collect
+    from ..execution.plain import collect
     from ..positions import token_ids
 
     last_tokens = [len(token_ids(handle.tokenizer, prompt)) - 1 for prompt in prompts]
@@ -114,7 +114,8 @@ def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 
     from tqdm.auto import tqdm
 
     from ..compat import pyvene_guard
-    from ..engine import Batch, chunks, greedy_config
+    from ..execution.batching import Batch, chunks
+    from ..execution.plain import greedy_config
 
     texts: list[str] = []
     batches = list(chunks(list(prompts), batch_size))

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..engine import chunks, run as run_scopes
+from ..engine import run as run_scopes
+from ..execution.batching import chunks
 from ..fit import aligned_positions, gather_layers, lstsq_affine
 from ..mappings import Affine
 from ..models import ModelHandle
@@ -24,6 +25,7 @@ from ..spec import Patchscope, Source, Target
 from .common import EvalOptions, check_layers, lens_logits, read_states
 from .data import prose_splits
 from .next_token import IDENTITY_PROMPT
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import same_token
 
@@ -135,9 +137,7 @@ def build_report(source: ModelHandle, target: ModelHandle, layers: list[int], ta
 
 
 def plot(report: Report, layers: list[int], target_layers: list[int], precision: dict, out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    figure, axes = subplots(1, 2, figsize=(11, 4.5), sharey=True)
     for axis, name in zip(axes, ("affine", "identity")):
         grid = [[precision[name][(l, t)] for t in target_layers] for l in layers]
         image = axis.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")

@@ -11,12 +11,14 @@ import time
 from statistics import mean
 from typing import Any
 
-from ..engine import chunks, run as run_scopes
+from ..engine import run as run_scopes
+from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import ENTITY_DESCRIPTION_PROMPT, entity_description
 from ..spec import Source
 from .common import EvalOptions, check_layers
 from .data import load_jsonl, rows
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import cut_at_next_example, rouge_l
 
@@ -98,9 +100,7 @@ def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], t
 
 
 def plot(report: Report, entities: list[dict], layers: list[int], scores: dict, out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.5, 4))
+    figure, axis = subplots(figsize=(6.5, 4))
     for popularity in ("popular", "rare"):
         axis.plot(layers, _curve(entities, layers, scores, popularity), marker="o", label=f"{popularity} entities")
     axis.set(xlabel="layer l = l*", ylabel="ROUGE-L", title=f"Entity description, {report.model}")

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import intervenable, pyvene_guard
-from ..engine import chunks
+from ..execution.batching import chunks
 from ..fit import default_texts
 from ..jacobian.engine import attribute, attribution_config, prepare
 from ..jacobian.result import Attribution
@@ -32,6 +32,7 @@ from ..jacobian.spec import JacobianScope
 from ..models import ModelHandle
 from .common import EvalOptions
 from .data import load_jsonl, prose_splits
+from ..plot import subplots
 from .report import Report, Table, save_figure
 
 FRACTIONS = (0.05, 0.2)
@@ -218,10 +219,8 @@ def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str,
 
 
 def plot(report: Report, per_text: list[dict[str, dict[float, float]]], out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
     methods = list(per_text[0])
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = subplots(figsize=(7, 3.6))
     width = 0.8 / len(FRACTIONS)
     for k, fraction in enumerate(FRACTIONS):
         stats = [_mean_sem([t[m][fraction] for t in per_text]) for m in methods]

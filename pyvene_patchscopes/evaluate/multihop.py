@@ -14,11 +14,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..engine import chunks, run as run_scopes
+from ..engine import run as run_scopes
+from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import multihop
 from .common import EvalOptions, check_layers, generate
 from .data import load_jsonl, rows
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation
 
@@ -115,9 +117,7 @@ def _rate_mean(values: list[float]) -> float:
 
 def plot(report: Report, passed: list[dict], layers: list[int], target_layers: list[int], patched: dict,
          out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.5, 5))
+    figure, axis = subplots(figsize=(6.5, 5))
     grid = [[_rate([patched[(k, l, t)] for k in range(len(passed))]) for t in target_layers] for l in layers]
     image = axis.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
     axis.set(xticks=range(len(target_layers)), xticklabels=target_layers, yticks=range(len(layers)), yticklabels=layers,

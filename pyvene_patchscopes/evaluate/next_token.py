@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 
-from ..engine import chunks, run as run_scopes
+from ..engine import run as run_scopes
+from ..execution.batching import chunks
 from ..fit import fit_tuned_lens
 from ..models import ModelHandle
 from ..presets import token_identity
 from ..spec import Source
 from .common import EvalOptions, check_layers, lens_logits, read_states, sample_prefixes
 from .data import prose_splits
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import precision_at_1, surprisal
 
@@ -112,9 +114,7 @@ def build_report(handle: ModelHandle, layers: list[int], scores: dict, n_eval: i
 
 
 def plot(report: Report, scores: dict, layers: list[int], out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = subplots(1, 2, figsize=(11, 4))
     for name in READOUTS:
         axes[0].plot(layers, [scores[name][l][0] for l in layers], marker=".", label=name)
         axes[1].plot(layers, [scores[name][l][1] for l in layers], marker=".", label=name)

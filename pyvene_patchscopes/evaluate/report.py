@@ -5,11 +5,10 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; evaluations run headless in CI
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -71,15 +70,12 @@ class Report:
         return folder
 
 
-def save_figure(figure: Any, out: str | Path | None, name: str, report: Report) -> None:
-    """Save a matplotlib figure as ``out/name`` and list it in the report; without `out`, just close it."""
-    import matplotlib.pyplot as plt
-
+def save_figure(figure: "Figure", out: str | Path | None, name: str, report: Report) -> None:
+    """Save a figure made by `plot.subplots` as ``out/name`` and list it in the report; without `out`, do nothing."""
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         figure.savefig(Path(out) / name, dpi=120, bbox_inches="tight")
         report.figures.append(name)
-    plt.close(figure)
 
 
 __all__ = ["Report", "Table", "save_figure"]

@@ -18,6 +18,7 @@ from ..engine import run as run_scopes
 from ..models import ModelHandle
 from ..spec import Patchscope, Source, Target
 from .common import EvalOptions, check_layers
+from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import saturation_layer, stages, starts_word
 
@@ -123,9 +124,7 @@ def build_report(handle: ModelHandle, layers: list[int], readouts: dict, kept: d
 
 
 def plot(report: Report, readouts: dict, out: str | None) -> None:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(readouts), figsize=(5 * len(readouts), 4), squeeze=False)
+    figure, axes = subplots(1, len(readouts), figsize=(5 * len(readouts), 4), squeeze=False)
     for axis, (target_layer, per) in zip(axes[0], readouts.items()):
         layers = per["layers"]
         for task, style in (("abstractive", "-"), ("extractive", "--")):

@@ -20,11 +20,13 @@ import pyvene as pv
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import final_norm_path, intervenable, pyvene_guard
-from ..engine import Batch, chunks
+from ..architectures import architecture
+from ..compat import intervenable, pyvene_guard
+from ..sites import final_norm_path
+from ..execution.batching import Batch, chunks
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
-from ..pyvene_config import check_context
+from ..resolve import check_context
 from ..result import token_text
 from ..spec import check_text
 from .fisher import fisher_factors, head_weight, logits
@@ -35,7 +37,11 @@ DIRECTION_CHUNK = 32  # directions per batched backward: bounds memory for the e
 
 
 def embedding_path(model: torch.nn.Module) -> str:
-    """Dotted path of the input embedding module, whose output is what the first block receives per token."""
+    """Dotted path of the token embedding, whose output is what the first block receives per token (plus
+    learned positions in GPT-2, added after it: a gradient there equals the gradient at the sum)."""
+    arch = architecture(model)
+    if arch is not None:
+        return arch.embed
     embedding = model.get_input_embeddings()
     for name, module in model.named_modules():
         if module is embedding:

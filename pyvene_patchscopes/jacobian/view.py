@@ -63,17 +63,14 @@ def _wrap(tokens: list[str], width: int) -> list[list[int]]:
 
 def attribution_figure(attribution: "Attribution", path: str | Path | None = None, width: int = 72):
     """Tokens laid out as text, each on a box shaded by its normalised score; a colour bar gives the scale."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg")  # writing a file needs no display
-    import matplotlib.pyplot as plt
     from matplotlib import cm, colors
+
+    from ..plot import subplots
 
     shown = [t.replace("\n", "\\n") for t in attribution.tokens] + [attribution.prediction.replace("\n", "\\n")]
     lines = _wrap(shown, width)
     char_w, line_h = 0.0105, 1 / (len(lines) + 0.5)
-    fig, ax = plt.subplots(figsize=(12, 0.6 + 0.4 * len(lines)))
+    fig, ax = subplots(figsize=(12, 0.6 + 0.4 * len(lines)))
     ax.set_axis_off()
     cmap = colors.LinearSegmentedColormap.from_list("scope", [(1, 1, 1), tuple(c / 255 for c in SHADE)])
     weights = attribution.normalised()
@@ -96,7 +93,6 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
     bar.set_label("score")
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
     return fig
 
 

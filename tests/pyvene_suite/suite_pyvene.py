@@ -14,17 +14,22 @@ the GenerationInterventionTestCase of pre-0.1.8 history) or by GPT-2 tests that 
 before v0.1.8 (the constant-source addition/subtraction/zero tests); they are re-done here offline, and the
 comment says so. Golden references come from the plain model run with torch forward hooks, never from pyvene.
 
-The file is not named ``test_*.py`` so that the main pytest run does not collect it directly. It is run twice:
-once as is and once with ``PYVENE_SUITE_WITH_PLUGIN=1``, which imports ``pyvene_patchscopes`` first; the two
-runs must give the same results, i.e. importing the plugin must not change pyvene's own offline behaviour.
+The file is not named ``test_*.py`` so that the main pytest run does not collect it directly. It is run three
+times: as is; with ``PYVENE_SUITE_WITH_PLUGIN=1``, which imports ``pyvene_patchscopes`` first; and with
+``PYVENE_SUITE_WITH_PLUGIN=safe``, which also opts in to the safe serialization. The runs must give the same
+results: importing the plugin must not change pyvene's own offline behaviour, and the opt-in must keep
+pyvene's save/load behaving as pyvene's.
 
 Left out on purpose: ``IntervenableModel.load_intervention`` is only exercised with ``torch.load`` redirected to
 the CPU, because pyvene 0.1.8 hard-codes ``map_location='cuda:0'`` there, which raises on a CPU-only machine.
 """
 import os
 
-if os.environ.get("PYVENE_SUITE_WITH_PLUGIN") == "1":
-    import pyvene_patchscopes  # noqa: F401  (the plugin under test; only its import side effects matter)
+if os.environ.get("PYVENE_SUITE_WITH_PLUGIN") in ("1", "safe"):
+    import pyvene_patchscopes  # the plugin under test
+
+    if os.environ["PYVENE_SUITE_WITH_PLUGIN"] == "safe":
+        pyvene_patchscopes.install_safe_serialization()
 
 import contextlib
 import functools

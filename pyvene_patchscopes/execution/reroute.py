@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from .compat import intervenable, per_intervention_locations, pyvene_guard
-from .errors import SpecError
-from .mappings import build_mapping
-from .models import ModelHandle
-from .pyvene_config import Resolved, collect_config, patch_config, reroute_config
-from .result import PatchscopeResult, top_k
+from ..compat import intervenable, per_intervention_locations, pyvene_guard
+from ..errors import SpecError
+from ..mappings import build_mapping
+from ..models import ModelHandle
+from ..pyvene_config import collect_config, patch_config, reroute_config
+from ..resolve import Resolved
+from ..result import PatchscopeResult, top_k
 
 
 @dataclass

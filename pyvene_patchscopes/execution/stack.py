@@ -9,7 +9,9 @@ patch and the vector written there. So the work splits into what all rows share 
 
 Rows are sorted by l*, so at layer j the rows that compute are a leading slice of the batch and no
 gather is needed. The arithmetic is the model's own (its decoder-layer modules are called directly);
-only the order of work changes. Tests hold it to the plain pyvene path within 1e-4 in fp32.
+only the order of work changes. Where each family keeps its embedding, layers, norm, rotary embedding
+and unembedding, and its quirks (learned positions, soft-capping, sliding windows), comes from
+`architectures`. Tests hold it to the plain pyvene path within 1e-4 in fp32 for every family there.
 """
 from __future__ import annotations
 
@@ -23,13 +25,11 @@ from torch import nn
 import transformers
 from transformers import AttentionInterface
 
-# Decoder-only models whose layers take (hidden, position_embeddings, attention_mask, past_key_values) and
-# whose attention reads and writes keys only through ``past_key_values.update``. Tested: Llama (SmolLM2) and
-# Gemma 3 (sliding-window layers included). Other models use the plain pyvene path.
-SUPPORTED = ("LlamaForCausalLM", "Gemma3ForCausalLM")
-
+from ..architectures import Architecture, architecture
 
 ATTENTION = "patchscopes-shared-prefix"
+# the layer call below is transformers 5's (a cache object updated in place, a tensor returned)
+_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class _LayerKeys:
@@ -63,8 +63,6 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     query [n, H, q, d]; key/value [n, kv, k, d]; prefix [1, kv, P, d]; attention_mask additive [1, 1, q, P + k].
     Same arithmetic as eager attention (float32 softmax), without materialising the prefix per row.
     """
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit soft-capping is not supported by the planned execution")
     n, heads, q, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -76,6 +74,9 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         shared = torch.bmm(_grouped(query, groups), p_keys.transpose(-1, -2))  # [kv, n*g*q, P]
         parts.insert(0, shared.view(kv_heads, n, groups, q, -1).permute(1, 0, 2, 3, 4))
     scores = torch.cat(parts, dim=-1) * scale
+    softcap = kwargs.get("softcap")
+    if softcap is not None:  # Gemma 2: tanh-capped scores, before the mask as in its eager attention
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask.unsqueeze(2)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -87,12 +88,16 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     return out.reshape(n, heads, q, d).transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTENTION, shared_prefix_attention)
+def register_attention() -> None:
+    """Make `shared_prefix_attention` known to transformers under `ATTENTION`: on first use, not on import."""
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, shared_prefix_attention)
 
 
 @contextmanager
 def _attention(model: nn.Module) -> Iterator[None]:
     """Route the model's attention through `shared_prefix_attention` for the duration, then restore it."""
+    register_attention()
     config = model.config
     before = config._attn_implementation
     config._attn_implementation = ATTENTION
@@ -132,24 +137,26 @@ class Decoded:
 class Stack:
     """One model's embedding, decoder layers, final norm and unembedding, called layer by layer."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        inner = model.model
-        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
-        self.lm_head = model.lm_head
-        config = model.config
+    def __init__(self, model: nn.Module, arch: Architecture):
+        self.model, self.arch = model, arch
+        self.embed = arch.module(model, arch.embed)
+        self.position_embed = arch.module(model, arch.position_embed) if arch.position_embed else None
+        self.layers = arch.module(model, arch.layers)
+        self.norm = arch.module(model, arch.final_norm)
+        self.rotary = arch.module(model, arch.rotary) if arch.rotary else None
+        self.lm_head = arch.module(model, arch.unembed)
+        config = model.config.get_text_config()
         self.n_layers = config.num_hidden_layers
-        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
+        self.layer_types = layer_types(config, arch)
         self.sliding_window = getattr(config, "sliding_window", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.per_type_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.softcap = getattr(config, "final_logit_softcapping", None) if arch.logit_softcap else None
+        self.per_type_rotary = self.rotary is not None and \
+            "layer_type" in inspect.signature(self.rotary.forward).parameters
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        # the layer call below is transformers 5's signature (past_key_values=, a tensor returned)
-        return type(model).__name__ in SUPPORTED and int(transformers.__version__.split(".")[0]) >= 5
+        arch = architecture(model)
+        return _TRANSFORMERS_5 and arch is not None and arch.planned
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,8 +167,18 @@ class Stack:
         return self.lm_head.weight.device
 
     # ---- pieces ----------------------------------------------------------------------------------------
-    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """What the first block receives: token embeddings (scaled inside the module for Gemma), plus learned
+        absolute position embeddings where the family has them (GPT-2)."""
+        hidden = self.embed(ids)
+        if self.position_embed is not None:
+            hidden = hidden + self.position_embed(positions)[None]
+        return hidden
+
+    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         position_ids = positions.unsqueeze(0)
+        if self.rotary is None:
+            return dict.fromkeys(self.layer_types)
         if self.per_type_rotary:
             return {kind: self.rotary(hidden, position_ids, kind) for kind in set(self.layer_types)}
         shared = self.rotary(hidden, position_ids)
@@ -183,10 +200,10 @@ class Stack:
         """Layer j on `hidden`, attending to the shared `prefix` ([1, kv, P, d]) and the rows' own `past`."""
         kind = self.layer_types[j]
         cache = _LayerKeys(*(past or (None, None)))
+        extra = {} if rotary[kind] is None else {"position_embeddings": rotary[kind]}
         with _attention(self.model):
-            out = self.layers[j](hidden, attention_mask=masks[kind], position_embeddings=rotary[kind],
-                                 position_ids=positions.unsqueeze(0), past_key_values=cache, use_cache=True,
-                                 prefix=prefix)
+            out = self.layers[j](hidden, attention_mask=masks[kind], position_ids=positions.unsqueeze(0),
+                                 use_cache=True, prefix=prefix, **{self.arch.cache_argument: cache}, **extra)
         out = out[0] if isinstance(out, tuple) else out
         return out, cache.new  # type: ignore[return-value]
 
@@ -202,7 +219,7 @@ class Stack:
         """Run the unpatched target prompt once; keep every layer's keys/values and the suffix's states."""
         ids = input_ids.to(self.device)
         positions = torch.arange(ids.shape[0], device=self.device)
-        hidden = self.embed(ids[None])
+        hidden = self._embed(ids[None], positions)
         rotary, masks = self._rotary(hidden, positions), self._masks(positions, positions)
         keys, values, states = [], [], []
         for j in range(self.n_layers):
@@ -287,7 +304,7 @@ class Stack:
             if all(done) or step == max_new_tokens - 1:
                 break
             position = torch.tensor([shared.length + step], device=self.device)
-            hidden = self.embed(token[:, None].to(self.device))
+            hidden = self._embed(token[:, None].to(self.device), position)
             rotary = self._rotary(hidden, position)
             masks = self._masks(position, torch.arange(shared.length + step + 1, device=self.device))
             for j in range(self.n_layers):
@@ -299,9 +316,19 @@ class Stack:
         return tokens
 
 
+def layer_types(config, arch: Architecture) -> list[str]:
+    """Each layer's attention kind, "full_attention" or "sliding_attention", as the family's forward decides it."""
+    n = config.num_hidden_layers
+    if arch.sliding_window == "layer types" and getattr(config, "layer_types", None):
+        return list(config.layer_types)
+    if arch.sliding_window == "every layer" and getattr(config, "sliding_window", None):
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
 def stack_for(model: nn.Module) -> Stack | None:
-    """The fast-path runner for `model`, or None when its architecture is not one the fast path supports."""
-    return Stack(model) if Stack.supports(model) else None
+    """The fast-path runner for `model`, or None when its family does not take the planned execution."""
+    return Stack(model, architecture(model)) if Stack.supports(model) else None
 
 
-__all__ = ["Stack", "Shared", "Decoded", "stack_for", "SUPPORTED"]
+__all__ = ["Stack", "Shared", "Decoded", "stack_for", "layer_types", "register_attention", "ATTENTION"]

@@ -9,7 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import check_int
+from ..errors import check_int
 
 # Tokens of context a batch may hold: rows x (target length + new tokens). 32k tokens of SmolLM2 cost
 # about 1.5 GB with 20 generated tokens (the per-row key/value cache), far less for next-token readouts.

@@ -1,0 +1,84 @@
+"""The plain path: collect and patch through pyvene's IntervenableModel, target rows batched and left-padded.
+
+It runs every model pyvene can hook, and on request (``run(..., planned=False)``). Generation is
+pyvene's ``generate`` with the patch on the prompt pass only, greedy, as the paper's readout is.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+from ..compat import base_locations, intervenable, per_intervention_locations, pyvene_guard
+from ..mappings import MappingFunction, build_mapping
+from ..models import ModelHandle
+from ..pyvene_config import collect_config, patch_config
+from ..sites import Site
+from .batching import Batch, chunks
+
+
+# ---- collect at the source -----------------------------------------------------------------------------------------
+def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
+                   batch_size: int = 32) -> torch.Tensor:
+    """Hidden states at (prompts[r], positions[r]) for every site, read in one pass per batch: [rows, sites, d]."""
+    sites = list(sites)
+    out = torch.empty(len(prompts), len(sites), handle.hidden_size, dtype=handle.model.dtype, device=handle.device)
+    rows = list(range(len(prompts)))
+    with pyvene_guard(handle.model), torch.no_grad():
+        pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
+        for chunk in chunks(rows, batch_size):
+            batch = Batch.encode(handle, [prompts[r] for r in chunk])
+            where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
+            (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
+                                    unit_locations=per_intervention_locations([where] * len(sites)))
+            # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
+            out[chunk[0]:chunk[-1] + 1] = torch.stack([states.reshape(len(chunk), -1) for states in collected], 1)
+    return out
+
+
+def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
+            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
+    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
+    sites = list(dict.fromkeys(sites))
+    states = collect_states(handle, prompts, positions, sites, batch_size)
+    return {(r, site): states[r, k] for r in range(len(prompts)) for k, site in enumerate(sites)}
+
+
+# ---- patch at the target -------------------------------------------------------------------------------------------
+def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
+          vectors: torch.Tensor, max_new_tokens: int = 0,
+          mapping: MappingFunction | None = None) -> tuple[torch.Tensor, list[str] | None]:
+    """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits and generations."""
+    batch = Batch.encode(handle, prompts)
+    where = [pad + position for pad, position in zip(batch.pad, positions)]
+    if mapping is None:
+        mapping = build_mapping("identity", vectors.shape[-1], handle.hidden_size)
+    representation = vectors.to(handle.device).unsqueeze(1)  # [B, 1, d_source]; f runs inside the intervention
+    with pyvene_guard(handle.model), torch.no_grad():
+        config = patch_config(site, handle.hidden_size, mapping.to(handle.device))
+        pvm = intervenable(config, handle.model)
+        key = pvm.sorted_keys[0]
+        if max_new_tokens == 0:
+            _, output = pvm(base={**batch.inputs, "logits_to_keep": 1}, unit_locations=base_locations(where),
+                            source_representations={key: representation})
+            return output.logits[:, -1].float(), None
+        base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
+        _, output = pvm.generate(
+            base, unit_locations=base_locations(where), source_representations={key: representation},
+            intervene_on_prompt=True, generation_config=greedy_config(handle, max_new_tokens),
+        )
+    new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
+    texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return output.logits[0].float(), texts
+
+
+def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
+    """Greedy decoding with raw first-step logits returned, as the paper's readout uses."""
+    tokenizer = handle.tokenizer
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            return_dict_in_generate=True, output_logits=True)
+
+
+__all__ = ["collect_states", "collect", "patch", "greedy_config"]

@@ -1,0 +1,124 @@
+"""The one driver of the planned execution, used by `run`, `sweep` and the evaluations.
+
+Given rows that patch one target prompt at one position (each row: a vector, its l*, whether it is
+written after the final norm), it runs the prompt once (`Stack.share`), packs the rows under the token
+budget (`plan.pack`), and patches each batch from its rows' l* up (`Stack.patched`). It returns tensors
+(top-k ids and probabilities, optionally full logits) and generated token ids; callers build results.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..architectures import architecture
+from ..errors import SlowPathWarning
+from ..result import top_k_ids
+from .plan import pack
+from .stack import Shared, Stack
+
+
+@dataclass
+class TargetRows:
+    """Rows that patch one target prompt (token ids) at one position i*."""
+
+    ids: torch.Tensor                               # [T] the target prompt's token ids
+    position: int                                   # i*
+    layers: torch.Tensor                            # [rows] l* of each row
+    after_norm: torch.Tensor                        # [rows] bool: written after the final norm (skip_final_ln)
+    vectors: Callable[[torch.Tensor], torch.Tensor]  # row indices -> the vectors f(h) written there [n, d]
+    max_new_tokens: int = 0
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.layers.shape[0])
+
+
+@dataclass
+class Readout:
+    """What the rows produced: top-k per row, full logits when kept, greedy token ids when generating."""
+
+    top_probs: torch.Tensor              # [rows, k]
+    top_ids: torch.Tensor                # [rows, k]
+    logits: torch.Tensor | None          # [rows, vocab], float32, on the CPU
+    tokens: list[list[int]] | None       # per row, up to and including EOS
+
+
+class SharedPrompts:
+    """The shared pass of the last target prompt seen, kept while rows for it keep coming (one at a time)."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: Shared | None = None
+
+    def get(self, stack: Stack, rows: TargetRows) -> Shared:
+        key = (id(stack.model), tuple(rows.ids.tolist()), rows.position)
+        if key != self.key:
+            self.key, self.value = key, stack.share(rows.ids, rows.position)
+        return self.value  # type: ignore[return-value]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout, as pyvene's path runs), every module's own flag restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def use_planned(model: nn.Module, requested: bool = True) -> bool:
+    """Whether `model` runs the planned execution; warns when it was asked for and the family cannot take it.
+
+    Python's warning filter shows the warning once per model class and call site, not once per call.
+    """
+    if not requested:
+        return False
+    if Stack.supports(model):
+        return True
+    arch = architecture(model)
+    why = arch.not_planned_because if arch is not None else "its family is not in the architecture table"
+    warnings.warn(f"{type(model).__name__} runs on the plain pyvene path, which is slower than the planned "
+                  f"execution: {why} (see architectures.py)", SlowPathWarning, stacklevel=3)
+    return False
+
+
+def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int, eos_token_id: int | None,
+                keep_logits: bool = True, shared: SharedPrompts | None = None,
+                on_batch: Callable[[int], None] | None = None) -> Readout:
+    """Patch every row of `rows` and read the end of the target prompt (and greedy tokens)."""
+    shared = shared if shared is not None else SharedPrompts()
+    vocab = stack.lm_head.weight.shape[0]
+    top = min(top, vocab)
+    n = rows.n_rows
+    top_probs, top_ids = torch.empty(n, top), torch.empty(n, top, dtype=torch.long)
+    logits_out = torch.empty(n, vocab) if keep_logits else None
+    tokens: list[list[int]] | None = [[] for _ in range(n)] if rows.max_new_tokens else None
+    tokens_per_row = len(rows.ids) + rows.max_new_tokens
+    with evaluating(stack.model), torch.no_grad():
+        prompt_pass = shared.get(stack, rows)
+        for batch in pack(range(n), rows.layers.tolist(), tokens_per_row, max_batch_tokens):
+            index = torch.tensor(batch)
+            decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
+                                    max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
+                                    after_norm=rows.after_norm[index])
+            probs, ids = top_k_ids(decoded.logits, top)
+            top_probs[index], top_ids[index] = probs.cpu(), ids.cpu()
+            if logits_out is not None:
+                logits_out[index] = decoded.logits.cpu()
+            if tokens is not None and decoded.tokens is not None:
+                for k, row in enumerate(batch):
+                    tokens[row] = decoded.tokens[k]
+            if on_batch is not None:
+                on_batch(len(batch))
+    return Readout(top_probs, top_ids, logits_out, tokens)
+
+
+__all__ = ["TargetRows", "Readout", "SharedPrompts", "run_planned", "use_planned", "evaluating"]

@@ -1,0 +1,130 @@
+"""Resolve: a Patchscope checked against its models, every index made concrete (spec + models -> rows).
+
+Layers are checked against each model's depth, positions resolved in its tokenizer, hidden sizes
+checked through the mapping f, the context length checked, and the pyvene sites chosen (`sites`).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from .compat import check_hookable
+from .errors import ContextLengthWarning, SpecError, UnknownNameError
+from .mappings import build_mapping
+from .models import ModelHandle
+from .positions import encode, resolve_position
+from .sites import Site, hidden_state_site
+
+if TYPE_CHECKING:
+    from .spec import Patchscope
+
+Models = Mapping[str, ModelHandle]
+
+
+def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, ModelHandle]:
+    """Accept one handle, a list of handles or a name -> handle mapping.
+
+    Two different handles under one name are refused: a scope names its models, and picking one of the
+    two silently would run another model than the one meant (e.g. an A -> B Patchscope as B -> B).
+    """
+    if isinstance(model, ModelHandle):
+        return {model.name: model}
+    items = list(model.items()) if isinstance(model, Mapping) else [(getattr(h, "name", None), h) for h in model]
+    out: dict[str, ModelHandle] = {}
+    for name, handle in items:
+        if not isinstance(handle, ModelHandle):
+            raise SpecError(f"models entry {name!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
+                            "load_model or wrap_model)")
+        known = out.get(name)
+        if known is not None and known is not handle:
+            raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "
+                            "name them apart with wrap_model(model, tokenizer, name=...) or pass a dict "
+                            "{name: handle}")
+        out[name] = handle
+    if not out:
+        raise SpecError("models is empty (allowed: one ModelHandle, a list of them, or a dict name -> handle)")
+    return out
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A Patchscope with every index made concrete for the models it runs on."""
+
+    scope: Patchscope
+    source_position: int
+    target_position: int
+    source_layer: int
+    target_layer: int
+    source_site: Site
+    target_site: Site
+    target_tokens: int = 0  # tokens in the target prompt
+    # False when the patch cannot reach the readout: written at the target model's last layer (after its last
+    # block, or after the final norm when l = l* = last) at a position before the target's last. No later
+    # layer reads that state and the final norm and unembedding act per position, so the readout at the last
+    # token (and every generated token) is the same for every source.
+    informative: bool = True
+
+
+def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
+    n = handle.n_layers
+    if not -n <= layer < n:
+        raise SpecError(f"{owner}.layer={layer} is out of range for {handle.name} (allowed: {-n}..{n - 1})")
+    return layer % n
+
+
+def pick_model(models: Mapping[str, ModelHandle], name: str, owner: str) -> ModelHandle:
+    if name in models:
+        return models[name]
+    raise UnknownNameError(f"{owner}.model={name!r} is not among the loaded models "
+                           f"(allowed: {', '.join(sorted(models))})")
+
+
+def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
+    """Check `scope` against its models (layers, positions, hidden sizes) and make every index concrete."""
+    source_model = pick_model(models, scope.source.model, "Source")
+    target_model = pick_model(models, scope.target_model, "Target")
+    check_hookable(source_model.model)
+    check_hookable(target_model.model)
+    build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
+    source_layer = _layer("Source", scope.source.layer, source_model)
+    target_layer = _layer("Target", scope.target.layer, target_model)
+    source_encoding = encode(source_model.tokenizer, scope.source.prompt)
+    target_encoding = encode(target_model.tokenizer, scope.target.prompt)
+    check_context(source_model, "Source.prompt", len(source_encoding[0]))
+    check_context(target_model, "Target.prompt", len(target_encoding[0]), scope.max_new_tokens)
+    source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position, "Source",
+                                       source_encoding)
+    target_position = resolve_position(target_model.tokenizer, scope.target.prompt, scope.target.position, "Target",
+                                       target_encoding)
+    source_last = source_layer == source_model.n_layers - 1
+    skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
+                     and source_model is target_model)
+    return Resolved(
+        scope=scope, source_position=source_position, target_position=target_position,
+        source_layer=source_layer, target_layer=target_layer,
+        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
+        target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
+        target_tokens=len(target_encoding[0]),
+        informative=target_layer < target_model.n_layers - 1 or target_position == len(target_encoding[0]) - 1,
+    )
+
+
+def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens: int = 0) -> None:
+    """Refuse a prompt (plus generated tokens) longer than learned absolute positions allow; warn for rotary
+    models run past their trained length, where the output is an extrapolation."""
+    limit, encoding = handle.context
+    total = n_tokens + max_new_tokens
+    if limit is None or total <= limit:
+        return
+    what = f"{field} has {n_tokens} tokens" + (f" + max_new_tokens={max_new_tokens} = {total}" if max_new_tokens
+                                                else "")
+    if encoding == "absolute":
+        raise SpecError(f"{what}, past {handle.name}'s {limit} learned positions (allowed: at most {limit} tokens "
+                        "in all, prompt and generation)")
+    warnings.warn(f"a prompt plus the tokens to generate runs past {handle.name}'s trained length of {limit} "
+                  f"tokens ({encoding} positions extrapolate; expect degraded outputs)", ContextLengthWarning,
+                  stacklevel=4)
+
+
+__all__ = ["Resolved", "resolve", "as_models", "pick_model", "check_context", "Models"]

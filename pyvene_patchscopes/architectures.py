@@ -11,9 +11,12 @@ Adding a family, step by step:
    unembedding, and the family's quirks (learned positions, soft-capping, sliding windows). Open the
    family's ``modeling_<name>.py`` in transformers and copy the paths from its ``forward``.
 2. If pyvene 0.1.8 does not know the class (``type(model) in pyvene.type_to_module_mapping`` is False),
-   set ``pyvene_like`` to a family whose pyvene table has the same module names (most decoders: "llama").
-3. Add a tiny random config of the family to ``tests/tiny.py`` (``FAMILY_CONFIGS``) and the family's
-   block and final-norm paths to ``tests/golden.py``: ``tests/test_families.py`` then runs every check
+   set ``pyvene_like`` to a family whose pyvene table has the same module names (most decoders: "llama"),
+   and ``head_dim=True`` if its config's ``head_dim`` sets the head size.
+3. Add a tiny random config of the family to ``tests/tiny.py`` (``FAMILY_CONFIGS``, with the family's
+   quirks switched on, and its quirks to ``QUIRKS`` in ``tests/test_families.py``) and the family's block
+   and final-norm paths to ``tests/golden.py`` (``_PATHS``, written by hand, not read from this table):
+   ``tests/test_families.py`` then runs every check
    (plain pyvene path against hand-written hooks, planned against plain, generation, reroute, Jacobian
    Scopes against an explicit Jacobian, the model left as it was) on it.
 4. If the planned execution cannot run the family, set ``planned=False`` and say why in

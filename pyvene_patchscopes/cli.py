@@ -1,4 +1,4 @@
-"""The `patchscopes` command line: inspect, run, sweep, demo, jacobian, presets, list, eval. Every command takes --json."""
+"""The `patchscopes` command line: inspect, run, sweep, demo, jacobian, presets, list, eval, explore."""
 from __future__ import annotations
 
 import argparse
@@ -160,6 +160,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     get_preset(args.preset)  # fail on a bad name before loading a model
+    html = None if args.html is None else output_file(args.html, "--html")
     handle = _load(args)
     layers = parse_layers(args.layers, handle.n_layers)
     options: dict[str, Any] = {}
@@ -175,9 +176,15 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     rows = _rows(results)
     header = (f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
               f"(token {results[0].source_position})\n")
+    if html is not None:
+        from .export import layers_table, write_page
+
+        write_page(html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results))])
+    note = f"\ninteractive table written to {args.html}" if args.html else ""
     _emit(args, {"command": "inspect", "model": handle.name, "preset": args.preset,
                  "source_prompt": args.source_prompt, "source_position": args.source_position,
-                 "target_prompt": results[0].scope.target.prompt, "layers": rows}, header + layer_table(rows))
+                 "target_prompt": results[0].scope.target.prompt, "layers": rows, "html": args.html},
+          header + layer_table(rows) + note)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -236,6 +243,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if not prompts:
         raise SpecError(f"--prompts={args.prompts!r} holds no prompt (allowed: a text file, one prompt per line)")
     plot = None if args.plot is None else output_file(args.plot, "--plot")
+    html = None if args.html is None else output_file(args.html, "--html")
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:
@@ -249,14 +257,17 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                    keep_logits=False, **options)
     if plot is not None:
         result.plot(plot)
+    if html is not None:
+        result.to_html(html)
     records = result.to_records()
     frame = result.to_pandas()
     frame["token"] = [t if ok else f"{t!r}*" for t, ok in zip(frame["token"], frame["informative"])]
     table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
+    note += f"\ninteractive heatmap written to {args.html}" if args.html else ""
     _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "plot": args.plot,
-                 "cells": records}, table + note)
+                 "html": args.html, "cells": records}, table + note)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -348,6 +359,24 @@ def cmd_presets(args: argparse.Namespace) -> None:
     _emit(args, payload, table)
 
 
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (allowed: 1..65535)")
+    return value
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    from .explore.app import check_installed, serve
+    from .explore.service import Explorer
+
+    check_installed()  # before the model loads: the app extra (fastapi, uvicorn)
+    explorer = Explorer(_load(args))
+    print(f"Patchscopes explorer on {explorer.handle.name}: http://{args.host}:{args.port}/  (Ctrl-C stops it)",
+          flush=True)
+    serve(explorer, host=args.host, port=args.port)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import EvalOptions, get_task, run_all, run_task
     from .models import load_model
@@ -421,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="source layers: all, 5, 0-29, 0,3,6, 0-29:3")
     p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's)")
     p.add_argument("--top", type=positive_int, default=5)
+    p.add_argument("--html", default=None, help="write the table as one self-contained HTML page here (hover a "
+                                                 "row for its top tokens; no server needed)")
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
@@ -443,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="source prompts per unit of work")
     p.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="token budget of one patch batch")
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
+    p.add_argument("--html", default=None, help="write the heatmap as one self-contained interactive HTML page "
+                                                 "here (hover a cell for its top-5; no server needed)")
     _common(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -489,6 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list presets and embedded models")
     _common(p, model=False)
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("explore", help="the interactive explorer: a local web page over one model")
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=8765)
+    p.set_defaults(func=cmd_explore)
     return parser
 
 

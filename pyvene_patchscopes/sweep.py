@@ -117,6 +117,16 @@ class SweepResult:
 
         return layer_heatmap(self, prompt=prompt, path=path)
 
+    def to_html(self, path: str | Path | None = None, prompt: int = 0) -> str:
+        """The heatmap as one self-contained interactive HTML page (hover a cell for its top-5); written to `path`
+        when given. Needs no server and loads nothing."""
+        from .export import page, sweep_grid
+
+        html = page(f"Patchscopes sweep: {self.preset}", [("heatmap", sweep_grid(self, prompt))])
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
+
 
 @dataclass
 class _Cells:

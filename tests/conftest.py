@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import tiny_model  # noqa: E402
+from browser import chromium, driver  # noqa: E402,F401  (headless Chromium for tests/test_browser.py)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -43,8 +43,11 @@ def get_task(name: str) -> Task:
 
 def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path | None = None,
              source: str = "smollm2-135m", target: str = "gemma3-270m") -> Report:
-    """Run one evaluation; `load(name)` returns a model handle. Writes report.json/.md and plots into `out`."""
+    """Run one evaluation; `load(name)` returns a model handle. Writes report.json/.md, plots and the interactive
+    heatmap page (`pages`) into `out`."""
     from importlib import import_module
+
+    from .pages import write_pages
 
     task = get_task(name)
     module = import_module(f".{task.module}", __name__)
@@ -54,6 +57,7 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
     else:
         report = module.run(load(source), options, folder)
     if folder is not None:
+        write_pages(report, folder)
         report.write(folder)
     return report
 

@@ -49,6 +49,17 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        """The inverse of `to_dict` (as read back from ``report.json``)."""
+        return cls(**{**data, "tables": [Table(**table) for table in data.get("tables", [])]})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        """A report from its ``report.json`` (or the folder holding it)."""
+        path = Path(path)
+        return cls.from_dict(json.loads((path / "report.json" if path.is_dir() else path).read_text()))
+
     def markdown(self) -> str:
         parts = [f"# {self.title}", "", f"Model: `{self.model}`. Reproduce: `{self.command}` "
                  f"({self.seconds:.0f} s on the machine that wrote this).", ""]

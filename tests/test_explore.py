@@ -1,0 +1,149 @@
+"""The explorer's service and JSON API (no browser: tests/test_browser.py drives the page in Chromium).
+
+A table row or heatmap cell must be exactly what `run` gives for the same Patchscope; bad input gets a
+422 naming the field, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from pyvene_patchscopes import Patchscope, run
+from pyvene_patchscopes.explore.app import create_app
+from pyvene_patchscopes.explore.service import Explorer, Query
+from tiny import tiny_model
+
+PROMPT = "Amazon's former CEO attended Oscars"
+
+
+@pytest.fixture(scope="module")
+def handle():
+    return tiny_model("llama", seed=2)
+
+
+@pytest.fixture(scope="module")
+def client(handle):
+    with TestClient(create_app(Explorer(handle))) as client:
+        yield client
+
+
+def wait(client: TestClient, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["state"] in ("done", "error", "cancelled"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def submit(client: TestClient, **body) -> dict:
+    response = client.post("/api/jobs", json={"prompt": PROMPT, **body})
+    assert response.status_code == 200, response.text
+    return wait(client, response.json()["id"])
+
+
+def test_the_page_and_its_scripts_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="heatmap"' in page.text and "/static/explore.js" in page.text
+    for name in ("explore.js", "heatmap.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200, name
+
+
+def test_tokens_are_the_models_own_with_the_sink_marked(client, handle):
+    tokens = client.post("/api/tokens", json={"prompt": PROMPT}).json()["tokens"]
+    ids = handle.tokenizer(PROMPT)["input_ids"]
+    assert [t["text"] for t in tokens] == [handle.tokenizer.decode([i]) for i in ids]
+    assert tokens[0]["special"] and not any(t["special"] for t in tokens[1:])
+
+
+def test_each_table_row_is_what_run_gives_for_the_same_scope(client, handle):
+    explorer = Explorer(handle)
+    position = 3
+    job = submit(client, kind="layers", position=position, preset="token-identity")
+    assert job["state"] == "done", job
+    scopes = [explorer.scope(Query(PROMPT, position), layer) for layer in range(handle.n_layers)]
+    expected = run(scopes, handle, top=5)
+    rows = job["result"]["results"]
+    assert [r["layer"] for r in rows] == list(range(handle.n_layers))
+    for row, want in zip(rows, expected):
+        assert [t[0] for t in row["top"]] == [t.token for t in want.top]
+        assert row["top"][0][1] == pytest.approx(want.top[0].prob, abs=1e-6)
+        assert row["generation"] == want.generation
+    assert [r["key"] for r in job["result"]["table"]["rows"]] == list(range(handle.n_layers))
+
+
+def test_each_heatmap_cell_is_what_run_gives_and_its_spec_reruns_it(client, handle):
+    job = submit(client, kind="grid", position=2, preset="attribute")
+    grid = job["result"]["grid"]
+    n = handle.n_layers
+    assert grid["rows"] == grid["cols"] == list(range(n)) and len(grid["cells"]) == n
+    made = client.post("/api/spec", json={"prompt": PROMPT, "position": 2, "preset": "attribute",
+                                          "source_layer": 2, "target_layer": 1}).json()
+    scope = Patchscope.from_dict(made["spec"])
+    assert (scope.source.layer, scope.target.layer, scope.target.prompt) == (2, 1, "The capital city of x is")
+    assert Patchscope.from_json(made["json"]) == scope and "patchscopes run ./cell" in made["cli"]
+    want = run(scope, handle, top=5)[0]
+    cell = grid["cells"][2][1]
+    assert cell["tip"][1].startswith(repr(want.top[0].token)) and cell["shade"] == pytest.approx(want.top[0].prob)
+    assert any(want.generation is not None and repr(want.generation) in line for line in cell["tip"])
+
+
+def test_a_custom_target_prompt_and_a_catalogue_entry_run(client, handle):
+    custom = submit(client, kind="layers", position=3, preset="custom", target_prompt="Here is a word: x")
+    assert custom["state"] == "done" and len(custom["result"]["results"]) == handle.n_layers
+    info = client.get("/api/info").json()
+    assert "attribute-capital" in info["catalogue"] and not any(n.startswith("tuned-lens") for n in info["catalogue"])
+    saved = submit(client, kind="layers", position=3, preset="attribute-capital")
+    assert saved["state"] == "done", saved
+
+
+def test_jacobian_scopes_score_the_prompts_tokens(client, handle):
+    from pyvene_patchscopes import jacobian_scope
+
+    job = submit(client, kind="jacobian", variant="semantic")
+    want = jacobian_scope(handle, PROMPT, variant="semantic")
+    assert [t["text"] for t in job["result"]["tokens"]] == list(want.tokens)
+    assert [t["score"] for t in job["result"]["tokens"]] == pytest.approx(list(want.scores), rel=1e-5)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": "   ", "kind": "layers"}, "prompt"),
+    ({"prompt": PROMPT, "kind": "layers", "position": 99}, "position"),
+    ({"prompt": PROMPT, "kind": "layers", "preset": "no-such-preset"}, "preset"),
+    ({"prompt": PROMPT, "kind": "layers", "preset": "custom", "target_prompt": "no placeholder here"},
+     "target_prompt"),
+    ({"prompt": PROMPT, "kind": "jacobian", "variant": "telepathy"}, "variant"),
+    ({"prompt": PROMPT, "kind": "dance"}, "kind"),
+])
+def test_bad_input_names_the_field_and_the_server_keeps_serving(client, body, field):
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"]["field"] == field and field.split("_")[0] in response.json()["error"]["message"].lower()
+    assert submit(client, kind="layers", position=3)["state"] == "done"
+
+
+def test_a_layer_out_of_range_in_a_spec_names_the_field(client, handle):
+    response = client.post("/api/spec", json={"prompt": PROMPT, "position": 2, "source_layer": handle.n_layers,
+                                              "target_layer": 0})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "source_layer"
+    assert f"0..{handle.n_layers - 1}" in response.json()["error"]["message"]
+
+
+def test_a_queued_job_can_be_cancelled(client):
+    first = client.post("/api/jobs", json={"prompt": PROMPT, "kind": "grid", "position": 2}).json()["id"]
+    second = client.post("/api/jobs", json={"prompt": PROMPT, "kind": "grid", "position": 3}).json()["id"]
+    assert client.delete(f"/api/jobs/{second}").json()["state"] == "cancelled"
+    assert wait(client, first)["state"] == "done" and wait(client, second)["state"] == "cancelled"
+
+
+def test_the_model_is_left_as_it_was(client, handle):
+    before = [p.detach().clone() for p in handle.model.parameters()]
+    submit(client, kind="grid", position=4)
+    submit(client, kind="jacobian")
+    assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in handle.model.modules())
+    assert not handle.model.training

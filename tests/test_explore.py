@@ -5,6 +5,7 @@ A table row or heatmap cell must be exactly what `run` gives for the same Patchs
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -147,3 +148,37 @@ def test_the_model_is_left_as_it_was(client, handle):
     assert all(torch.equal(a, b) for a, b in zip(before, handle.model.parameters()))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in handle.model.modules())
     assert not handle.model.training
+
+
+def test_the_command_serves_the_page_on_a_model_folder(tmp_path, handle):
+    """`patchscopes explore --model ./folder --port P` loads the model, prints its address and serves."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    handle.model.save_pretrained(tmp_path / "tiny")
+    handle.tokenizer.save_pretrained(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "pyvene_patchscopes.cli", "explore", "--model", str(tmp_path / "tiny"),
+               "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        line = server.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line, line + server.stderr.read()
+        deadline, page = time.time() + 60, None
+        while page is None and time.time() < deadline:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+            except OSError:
+                time.sleep(0.2)
+        assert page is not None and 'id="heatmap"' in page
+        info = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5).read())
+        assert info["n_layers"] == handle.n_layers and "token-identity" in info["presets"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

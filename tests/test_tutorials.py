@@ -52,6 +52,8 @@ def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
     assert summary["loaded_equal"] is True and summary["same_readout"] is True
     assert (tmp_path / "ceo-identity" / "config.json").is_file() and (tmp_path / "ceo_heatmap.png").stat().st_size > 10_000
     assert "Tokyo" in summary["catalogue_generation"]
+    page = (tmp_path / "ceo_grid.html").read_text()  # the interactive export, one file
+    assert "PatchscopesHeatmap" in page and "CEO" in page and "http" not in page
 
 
 def test_02_paper_tour_runs_every_eval_command(tmp_path):

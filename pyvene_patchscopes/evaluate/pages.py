@@ -88,6 +88,12 @@ def rebuild(folder: str | Path) -> list[Path]:
     return written
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m pyvene_patchscopes.evaluate.pages [reports]``; lists the pages written."""
+    args = sys.argv[1:] if argv is None else argv
+    sys.stdout.writelines(f"{page}\n" for page in rebuild(args[0] if args else "reports"))
+    return 0
+
+
 if __name__ == "__main__":
-    for page in rebuild(sys.argv[1] if len(sys.argv) > 1 else "reports"):
-        print(page)
+    sys.exit(main())

@@ -104,13 +104,15 @@ class Explorer:
         # requests are checked on the web threads with a tokenizer of their own: a fast tokenizer must not
         # be used from two threads at once, and the model's belongs to the worker
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
-        self._check_lock = threading.Lock()
-        self.catalogue = [name for name in catalogue() if name not in PRESETS and self._fits(name)]
+        self._check_lock = threading.RLock()
+        # catalogue entries read from disk once, not once per scope (a heatmap builds 900 scopes)
+        self._saved = {name: Patchscope.load(name) for name in catalogue() if name not in PRESETS}
+        self.catalogue = [name for name in self._saved if self._fits(name)]
 
     def _fits(self, name: str) -> bool:
         """Whether catalogue entry `name` runs on this one model (same-model, a mapping of this model's size)."""
         try:
-            self._resolve(self.scope(Query("a b", -1, name), 0))
+            self.check(Query("a b", -1, name), "layers")
         except FieldError:
             return False
         return True
@@ -132,8 +134,13 @@ class Explorer:
                 enumerate(zip(texts, special))]
 
     # ---- queries -> Patchscopes ----------------------------------------------------------------------
-    def scope(self, query: Query, layer: int, target_layer: int | None = None, grid: bool = False) -> Patchscope:
-        """The Patchscope that reads (prompt, position) at source layer `layer` (and l* where given)."""
+    def scope(self, query: Query, layer: int, target_layer: int | None = None, grid: bool = False,
+              tokenizer: Any = None) -> Patchscope:
+        """The Patchscope that reads (prompt, position) at source layer `layer` (and l* where given).
+
+        `tokenizer` cuts the prompt for the logit lens: the worker passes the model's own; web threads use
+        the checking copy, under the check lock (a fast tokenizer must not be shared between threads).
+        """
         source = Source(query.prompt, query.position, layer, self.handle.name)
         if query.preset == CUSTOM:  # the attribute preset's shape: the state replaces the placeholder word
             if not query.target_prompt or not re.search(rf"\b{PLACEHOLDER}\b", query.target_prompt):
@@ -144,13 +151,13 @@ class Explorer:
         elif query.preset in PRESETS:
             options: dict[str, Any] = {}
             if query.preset == "logit-lens":
-                options["tokenizer"] = self._checking.tokenizer
+                options["tokenizer"] = tokenizer if tokenizer is not None else self._checking.tokenizer
             if query.preset == "multihop":
                 raise FieldError("preset", "preset='multihop' reroutes within one pass and has no clickable "
                                            "token (allowed: the other presets, the catalogue, or custom)")
             scope = get_preset(query.preset).build(source, target_layer=target_layer, **options)
-        elif query.preset in catalogue():
-            saved = Patchscope.load(query.preset)
+        elif query.preset in self._saved:
+            saved = self._saved[query.preset]
             if saved.reroute is not None or saved.target.model not in (None, saved.source.model):
                 raise FieldError("preset", f"preset={query.preset!r} reroutes within one pass or reads across two "
                                            "models (allowed here: a catalogue entry on one model)")
@@ -175,7 +182,8 @@ class Explorer:
             raise FieldError("position", f"position={query.position} is outside the prompt's {n} tokens "
                                          f"(allowed: 0..{n - 1})")
         if kind != "jacobian":
-            self._resolve(self.scope(query, 0))
+            with self._check_lock:
+                self._resolve(self.scope(query, 0))
 
     def _resolve(self, scope: Patchscope) -> None:
         try:
@@ -192,8 +200,9 @@ class Explorer:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
                 raise FieldError(field, f"{field}={value!r} is out of range for {self.handle.name} "
                                         f"(allowed: 0..{n - 1})")
-        scope = self.scope(query, source_layer, target_layer, grid=True)
-        self._resolve(scope)
+        with self._check_lock:
+            scope = self.scope(query, source_layer, target_layer, grid=True)
+            self._resolve(scope)
         text = scope.to_json()
         python = (f"from pyvene_patchscopes import Patchscope, load_model, run\n"
                   f"scope = Patchscope.from_dict({scope.to_dict()!r})\n"
@@ -205,7 +214,8 @@ class Explorer:
     # ---- the work (on the worker thread) -------------------------------------------------------------
     def layers(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
         layers = list(range(self.handle.n_layers))
-        results = self._run([self.scope(query, l) for l in layers], step)
+        own = self.handle.tokenizer
+        results = self._run([self.scope(query, l, tokenizer=own) for l in layers], step)
         return {"table": layers_table(results), "results": [_result_json(r) for r in results],
                 "source_position": results[0].source_position}
 
@@ -228,7 +238,7 @@ class Explorer:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # uninformative cells are marked in the result instead
             if query.preset in PRESETS or query.preset == CUSTOM:
-                template = self.scope(query, sources[0], targets[0], grid=True)
+                template = self.scope(query, sources[0], targets[0], grid=True, tokenizer=self.handle.tokenizer)
                 preset = "attribute" if query.preset == CUSTOM else query.preset
                 options: dict[str, Any] = {"max_new_tokens": template.max_new_tokens}
                 if query.preset == CUSTOM:
@@ -237,7 +247,8 @@ class Explorer:
                              source_layers=sources, target_layers=targets, top=TOP, keep_logits=False,
                              progress=False, **options)
                 return [[result_cell(grid.cell(0, l, t)) for t in targets] for l in sources]
-            scopes = [self.scope(query, l, t, grid=True) for l in sources for t in targets]
+            scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l in sources
+                      for t in targets]
             results = run(scopes, self.handle, top=TOP, progress=False)
         return [[result_cell(results[i * len(targets) + j]) for j in range(len(targets))]
                 for i in range(len(sources))]

@@ -27,7 +27,7 @@ from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
 from .report import Report, Table, save_figure
-from .scoring import object_in_generation
+from .scoring import object_in_generation, rate
 
 COMMAND = "patchscopes eval attributes --out reports/attributes"
 MAX_NEW_TOKENS = 20
@@ -83,7 +83,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     states = read_states_at_subject(handle, known, layers, options)
     probe = {layer: probe_by_relation(known, states[layer], options.seed) for layer in layers}
     report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, options)
-    report.summary["unpatched target (literal x) already names the object"] = _rate(baseline)
+    report.summary["unpatched target (literal x) already names the object"] = rate(baseline)
     plot(report, swept, layers, target_layers, correct, probe, known, out)
     report.seconds = time.perf_counter() - start
     return report
@@ -127,24 +127,20 @@ def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> l
     return out
 
 
-def _rate(values: list[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swept: list[dict], layers: list[int],
                  target_layers: list[int], correct: list, probe: dict, options: EvalOptions) -> Report:
     any_target = {l: [any(c[l].values()) for c in correct] for l in layers}
     probe_known = {l: [v for v in probe[l] if v is not None] for l in layers}
-    per_layer = [[l, _rate(any_target[l]), max(_rate([c[l][t] for c in correct]) for t in target_layers),
-                  _rate(probe_known[l])] for l in layers]
+    per_layer = [[l, rate(any_target[l]), max(rate([c[l][t] for c in correct]) for t in target_layers),
+                  rate(probe_known[l])] for l in layers]
     relations = sorted({f["relation"] for f in facts})
     relation_rows = []
     for relation in relations:
         members = [k for k, f in enumerate(swept) if f["relation"] == relation]
         known_members = [k for k, f in enumerate(known) if f["relation"] == relation]
         total = sum(f["relation"] == relation for f in facts)
-        patch = [_rate([any(correct[k][l].values()) for k in members]) for l in layers] if members else []
-        probes = [_rate([probe[l][k] for k in known_members if probe[l][k] is not None]) for l in layers]
+        patch = [rate([any(correct[k][l].values()) for k in members]) for l in layers] if members else []
+        probes = [rate([probe[l][k] for k in known_members if probe[l][k] is not None]) for l in layers]
         probes = [p for p in probes if p == p]
         category = next(f["category"] for f in facts if f["relation"] == relation)
         relation_rows.append([relation, category, total, len(known_members), len(members),
@@ -196,7 +192,7 @@ def plot(report: Report, swept: list[dict], layers: list[int], target_layers: li
     axes[0].plot(layers, [r[3] for r in rows_], marker="s", label="logistic probe (3-fold CV)")
     axes[0].set(xlabel="source layer l", ylabel="accuracy", ylim=(0, 1), title="Accuracy per source layer")
     axes[0].legend()
-    grid = [[_rate([c[l][t] for c in correct]) for t in target_layers] for l in layers]
+    grid = [[rate([c[l][t] for c in correct]) for t in target_layers] for l in layers]
     image = axes[1].imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
     axes[1].set(xticks=range(len(target_layers)), xticklabels=target_layers, yticks=range(len(layers)),
                 yticklabels=layers, xlabel="target layer l*", ylabel="source layer l", title="Accuracy per (l, l*)")

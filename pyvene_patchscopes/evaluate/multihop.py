@@ -22,7 +22,7 @@ from .common import EvalOptions, check_layers, generate
 from .data import load_jsonl, rows
 from ..plot import subplots
 from .report import Report, Table, save_figure
-from .scoring import object_in_generation
+from .scoring import object_in_generation, rate
 
 COMMAND = "patchscopes eval multihop --out reports/multihop"
 MAX_NEW_TOKENS = 20
@@ -75,18 +75,14 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     return report
 
 
-def _rate(values: list[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], layers: list[int], target_layers: list[int],
                  correct: dict, patched: dict, vanilla: list[str], cot: list[str], generations: dict) -> Report:
-    pair_rate = {(l, t): _rate([patched[(k, l, t)] for k in range(len(passed))]) for l in layers for t in target_layers}
+    pair_rate = {(l, t): rate([patched[(k, l, t)] for k in range(len(passed))]) for l in layers for t in target_layers}
     best = max(pair_rate, key=pair_rate.get) if pair_rate else None
     summary: dict[str, Any] = {"two-hop queries in the set": len(items),
                                "queries whose single hops the model answers (kept)": len(passed)}
     for name, values in correct.items():
-        summary[f"{name} accuracy"] = f"{_rate(values):.3f} ({sum(values)}/{len(values)})"
+        summary[f"{name} accuracy"] = f"{rate(values):.3f} ({sum(values)}/{len(values)})"
     if best is not None:
         summary["best single (l, l*)"] = f"({best[0]}, {best[1]}): {pair_rate[best]:.3f}"
         lower = [v for (l, t), v in pair_rate.items() if t <= l]
@@ -102,7 +98,7 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
                                    "CoT prefix": COT_PREFIX, "segments isolated": True},
         summary=summary,
         tables=[Table("Accuracy (answer within 20 generated tokens)", ["method", "accuracy", "correct", "queries"],
-                      [[name, _rate(v), sum(v), len(v)] for name, v in correct.items()]),
+                      [[name, rate(v), sum(v), len(v)] for name, v in correct.items()]),
                 Table("Examples", ["query", "answer", "vanilla", "CoT", "Patchscope (l, l*): generation"], examples)],
         notes=["Only queries whose two single hops the model answers are scored, as in the paper (46 of 1,104 "
                "there, on Vicuna 13B: vanilla 19.57%, CoT 35.71%, CoT Patchscope 50%)."],
@@ -118,7 +114,7 @@ def _rate_mean(values: list[float]) -> float:
 def plot(report: Report, passed: list[dict], layers: list[int], target_layers: list[int], patched: dict,
          out: str | None) -> None:
     figure, axis = subplots(figsize=(6.5, 5))
-    grid = [[_rate([patched[(k, l, t)] for k in range(len(passed))]) for t in target_layers] for l in layers]
+    grid = [[rate([patched[(k, l, t)] for k in range(len(passed))]) for t in target_layers] for l in layers]
     image = axis.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
     axis.set(xticks=range(len(target_layers)), xticklabels=target_layers, yticks=range(len(layers)), yticklabels=layers,
              xlabel="target layer l* (write over hop 2's last token)", ylabel="source layer l (hop 1's last token)",

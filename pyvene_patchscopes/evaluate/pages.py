@@ -12,12 +12,9 @@ from typing import Any, Callable
 
 from ..export import numeric_grid, write_page
 from .report import Report
+from .scoring import rate
 
 Parts = list[tuple[str, dict[str, Any]]]
-
-
-def _rate(values: list[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def _pairs(per_pair: dict[str, float], layers: list[int], target_layers: list[int]) -> list[list[float]]:
@@ -28,7 +25,7 @@ def _pairs(per_pair: dict[str, float], layers: list[int], target_layers: list[in
 def _attributes(report: Report) -> Parts:
     layers, targets = report.settings["layers"], report.settings["target_layers"]
     correct = report.data["correct"]
-    grid = [[_rate([fact[str(l)][str(t)] for fact in correct]) for t in targets] for l in layers]
+    grid = [[rate([fact[str(l)][str(t)] for fact in correct]) for t in targets] for l in layers]
     return [("heatmap", numeric_grid(grid, layers, targets, f"Accuracy per (l, l*) over {len(correct)} facts, "
                                      f"{report.model}", "source layer l", "target layer l*", vmin=0, vmax=1))]
 

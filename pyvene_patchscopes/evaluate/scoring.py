@@ -7,6 +7,11 @@ from typing import Sequence
 import torch
 
 
+def rate(values: Sequence[bool]) -> float:
+    """The share of True values (NaN for none: an empty cell is unknown, not zero)."""
+    return sum(values) / len(values) if values else float("nan")
+
+
 def precision_at_1(patched_logits: torch.Tensor, source_logits: torch.Tensor) -> torch.Tensor:
     """Per row, 1.0 when the patched argmax equals the source model's own argmax (paper §4.1, `prec_1`)."""
     return (patched_logits.argmax(-1) == source_logits.argmax(-1)).float()

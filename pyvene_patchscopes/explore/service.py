@@ -177,7 +177,8 @@ class Explorer:
             raise FieldError("kind", f"kind={kind!r} is not known (allowed: {', '.join(KINDS)})")
         if kind == "jacobian" and query.variant not in VARIANTS:
             raise FieldError("variant", f"variant={query.variant!r} is not known (allowed: {', '.join(VARIANTS)})")
-        n = len(self.tokens(query.prompt))
+        with self._check_lock:
+            n = len(self._checking.tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
         if not -n <= query.position < n:
             raise FieldError("position", f"position={query.position} is outside the prompt's {n} tokens "
                                          f"(allowed: 0..{n - 1})")

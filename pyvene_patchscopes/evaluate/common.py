@@ -21,7 +21,8 @@ class EvalOptions:
     target_layers: Sequence[int] | None = None  # target layers l*
     data: str | None = None  # the user's own JSONL instead of the shipped set
     n_train: int | None = None  # training texts for fitted maps
-    seed: int = 0
+    seed: int = 0  # also seeds the dev/test split and the bootstrap
+    select_on: str = "dev"  # where layers are chosen: "dev" (held out, beside the oracle) or "oracle" only
     batch_size: int = 64
     progress: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +34,8 @@ class EvalOptions:
         check_int("EvalOptions.batch_size", self.batch_size)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise SpecError(f"EvalOptions.seed={self.seed!r} is not allowed (allowed: an integer)")
+        if self.select_on not in ("dev", "oracle"):
+            raise SpecError(f"EvalOptions.select_on={self.select_on!r} is not known (allowed: dev, oracle)")
 
     def pick(self, name: str, default: Any) -> Any:
         value = getattr(self, name)

@@ -400,6 +400,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     cross = args.task == "cross-model"
     options = EvalOptions(
         limit=args.limit, data=args.data, n_train=args.n_train, seed=args.seed, batch_size=args.batch_size,
+        select_on=args.select_on,
         layers=None if args.layers is None else parse_layers(args.layers, load(args.model).n_layers),
         target_layers=None if args.target_layers is None else
         parse_layers(args.target_layers, load(args.target_model if cross else args.model).n_layers,
@@ -408,7 +409,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task == "all":
         if args.out is None:
             raise PatchscopeError("eval all needs --out DIR (allowed: any folder; one subfolder per task)")
-        reports = run_all(load, options, args.out)
+        reports = run_all(load, options, args.out, model=args.model)
         payload = {"command": "eval", "task": "all", "reports": [r.to_dict() for r in reports]}
         _emit(args, payload, (Path(args.out) / "README.md").read_text())
         return
@@ -498,10 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_jacobian)
 
-    p = sub.add_parser("eval", help="the paper's experiments: next-token, attributes, entities, cross-model, "
-                                    "multihop, stages, or all")
-    p.add_argument("task", help="next-token | attributes | entities | cross-model | multihop | stages | jacobian "
-                                "| all")
+    p = sub.add_parser("eval", help="the paper's experiments: next-token, future, attributes, entities, "
+                                    "cross-model, multihop, stages, or all")
+    p.add_argument("task", help="next-token | future | attributes | entities | cross-model | multihop | stages "
+                                "| jacobian | all")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
     p.add_argument("--limit", type=positive_int, default=None, help="how many samples (texts, facts, entities, "
                                                                     "queries)")
@@ -509,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-layers", default=None, help="target layers, same forms (default: the task's)")
     p.add_argument("--data", default=None, help="your own JSONL (facts, entities, multihop or texts fields; see README)")
     p.add_argument("--n-train", type=positive_int, default=None, help="training texts for fitted maps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the samples, the dev/test split and the bootstrap")
+    p.add_argument("--select-on", choices=("dev", "oracle"), default="dev",
+                   help="choose layers on a dev split and score them on the test split, beside the oracle that "
+                        "picks them after seeing the answers (dev, the default), or report the oracle alone")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--target-model", default="gemma3-270m", help="M* for cross-model")
     _common(p)

@@ -178,6 +178,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                     target_position=resolved[r].target_position, logits=out.logits[k],
                     top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
                     informative=resolved[r].informative,
+                    generated_ids=None if out.tokens is None else list(out.tokens[k]),
                 )
     return results  # type: ignore[return-value]
 
@@ -196,7 +197,7 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                                                                        disable=not show):
         handle = models[name]
         mapping = build_mapping(spec, models[source_name].hidden_size, handle.hidden_size)
-        logits, texts = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
+        logits, texts, tokens = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
                               [resolved[r].target_position for r in chunk],
                               torch.stack([states[r] for r in chunk]), max_new_tokens, mapping)
         for k, r in enumerate(chunk):
@@ -204,6 +205,6 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
                 target_position=resolved[r].target_position, logits=logits[k].cpu(),
                 top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
-                informative=resolved[r].informative,
+                informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
             )
     return results  # type: ignore[return-value]

@@ -1,5 +1,5 @@
 """Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description,
-multi-hop CoT rerouting."""
+multi-hop CoT rerouting, and the Future Lens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,6 +21,15 @@ TOKEN_IDENTITY_PROMPT = OFFICIAL_TOKEN_IDENTITY_PROMPT + " ->"
 ENTITY_DESCRIPTION_PROMPT = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: "
                              "South Korean multinational major appliance and consumer electronics corporation, x")
 ATTRIBUTE_PROMPT = "The capital city of x is"
+# The Future Lens (Pal et al., CoNLL 2023) with a fixed prompt: the first of the "natural, normal contexts" that
+# their causal baseline patches instead of the learned soft prompt (github.com/KoyenaPal/future-lens,
+# causal_methods/module.py, GPTJModule._COMPARE_CONTEXT[10][0], the default --context_idx 0); the state goes on
+# its last token ' "'. The Patchscopes paper (Table 1) lists the learned prompt, which must be trained per model.
+# Measured on SmolLM2-135M (100 prose prefixes, l = l* in 0..28 step 2 and 29; `patchscopes eval future`), none of
+# three alternatives did better beyond the noise (±0.08) at steps 2-3: Pal et al.'s second context
+# 'The multi-tokens present here are "' (best step 2 / 3 over layers: 0.23 / 0.06), a few-shot quotation
+# prompt (0.19 / 0.08) and a few-shot "Repeat the text" prompt (0.22 / 0.06), against 0.22 / 0.10 for this one.
+FUTURE_LENS_PROMPT = 'Hello! Could you please tell me more about "'
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,15 @@ def multihop(hop1_prompt: str, hop2_prompt: str, source_layer: int = 0, target_l
                       max_new_tokens=max_new_tokens, reroute=Reroute(len(first) + 1 if isolate else None))
 
 
+def future_lens(source: Source, target_layer: int | None = None, max_new_tokens: int = 3,
+                target_prompt: str | None = None) -> Patchscope:
+    """The Future Lens: the state at (i, l) patched at l* = l into a fixed generic prompt's last token; generated
+    token j is the guess for the token j steps after i (Pal et al. 2023; the paper's Table 1)."""
+    return Patchscope(source, Target(target_prompt or FUTURE_LENS_PROMPT, -1,
+                                     source.layer if target_layer is None else target_layer),
+                      max_new_tokens=max_new_tokens)
+
+
 def _multihop_preset(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
                      target_prompt: str | None = None, isolate: bool = True) -> Patchscope:
     """As a preset: the source prompt is hop 1, `target_prompt` is hop 2."""
@@ -115,6 +133,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            entity_description),
     Preset("multihop", "CoT Patchscope: hop 1's answer rerouted into hop 2 within one pass (S = T)",
            _multihop_preset),
+    Preset("future-lens", "the tokens 1..k steps after the source position (Future Lens fixed prompt, l* = l)",
+           future_lens),
 )}
 
 

@@ -52,6 +52,10 @@ class PatchscopeResult:
     # False when the patch cannot reach the readout (written at the target's last layer at a position before
     # its last token, which no later layer reads): the output is the same for every source.
     informative: bool = True
+    # The greedy tokens behind `generation`, up to and including EOS: what a per-step score compares, since
+    # re-tokenising the text can merge tokens ("\n" "\n" -> "\n\n"). None when not generating, and on the
+    # CoT (reroute) path, which records only the text.
+    generated_ids: list[int] | None = None
 
     @property
     def token(self) -> str:

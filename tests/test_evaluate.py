@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -202,3 +203,30 @@ def test_prose_splits_are_disjoint_and_seeded():
     assert data.prose_splits(50, 20, seed=3)["evaluation"]["text"] == splits["evaluation"]["text"]
     with pytest.raises(SpecError, match="n_train \\+ n_eval"):
         data.prose_splits(10_000, 1)
+
+
+def test_eval_all_runs_attributes_and_multihop_on_both_embedded_models(monkeypatch, tmp_path):
+    """`eval all` adds the second model's columns, each in its own folder, with that model's default layer grid."""
+    import pyvene_patchscopes.evaluate as evaluate
+    from pyvene_patchscopes.evaluate import EvalOptions, Report, run_all
+
+    calls = []
+
+    def fake(name, load, options, out, source="smollm2-135m", target="gemma3-270m"):
+        calls.append((name, source, Path(out).name, options.layers))
+        model = f"{source} -> {target}" if name == "cross-model" else source
+        return Report(task=name, title=name, model=model, command=f"patchscopes eval {name}", settings={},
+                      summary={"accuracy": "0.500 [0.250, 0.750]"}, seconds=1.0)
+
+    monkeypatch.setattr(evaluate, "run_task", fake)
+    reports = run_all(lambda name: None, EvalOptions(layers=[27]), tmp_path)
+    assert [c[:3] for c in calls[-2:]] == [("attributes", "gemma3-270m", "attributes-gemma3-270m"),
+                                          ("multihop", "gemma3-270m", "multihop-gemma3-270m")]
+    assert [c[0] for c in calls[:-2]] == list(evaluate.TASKS) and {c[1] for c in calls[:-2]} == {"smollm2-135m"}
+    assert [c[3] for c in calls] == [[27]] * len(evaluate.TASKS) + [None, None]  # 27 is out of Gemma's range
+    index = (tmp_path / "README.md").read_text()
+    assert "(multihop-gemma3-270m/report.md)" in index and "(multihop/report.md)" in index
+    assert "(cross-model/report.md)" in index
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {*evaluate.TASKS, "attributes-gemma3-270m", "multihop-gemma3-270m"}
+    assert len(reports) == len(evaluate.TASKS) + 2

@@ -29,7 +29,11 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 def test_eval_next_token_logit_lens_is_exact_at_the_last_layer(capsys, tmp_path):
     report = _eval(capsys, tmp_path, "next-token", "--limit", "6", "--n-train", "14", "--layers", "0,29")
-    assert report["summary"]["logit lens Precision@1 at the last layer"] == 1.0
+    exact = report["data"]["intervals"]["logit lens Precision@1 at the last layer"]
+    assert (exact["estimate"], exact["low"], exact["high"], exact["n"]) == (1.0, 1.0, 1.0, 6)
+    assert report["summary"]["logit lens Precision@1 at the last layer"] == "1.000 [1.000, 1.000]"
+    hits = report["data"]["hits"]["token identity"]["29"]
+    assert len(hits) == 6 and report["data"]["scores"]["token identity"]["29"][0] == sum(hits) / 6
     scores = report["data"]["scores"]
     assert set(scores) == {"logit lens", "tuned lens", "token identity", "token identity + affine"}
     assert scores["token identity"]["29"][0] == 1.0  # l = l* = last: skip_final_ln gives the model's own output
@@ -47,7 +51,36 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     swept = [row["subject"] for row in report["data"]["swept"]]
     france = report["data"]["correct"][swept.index("France")]
     assert france == {"4": {"2": True}}  # the catalogue's attribute-capital cell: ' Paris'
-    assert [t["title"] for t in report["tables"]][0] == "Accuracy per source layer"
+    assert [t["title"] for t in report["tables"]][0] == "Accuracy per source layer [95% bootstrap interval]"
+    split = report["data"]["split"]  # the three known facts, split on their keys: disjoint, seeded
+    assert sorted(split["dev"] + split["test"]) == [0, 1, 2] and split["seed"] == 0
+    assert summary["(l, l*) chosen on dev"].startswith("(4, 2): dev accuracy")
+    held = report["data"]["intervals"]["Patchscope accuracy at the (l, l*) chosen on dev, test split"]
+    assert held["n"] == len(split["test"]) and held["low"] <= held["estimate"] <= held["high"]
+    kept = report["data"]["intervals"]["Patchscope accuracy, mean over source layers (oracle: any l*), all swept"]
+    assert kept["n"] == 3 and kept["estimate"] == sum(f["4"]["2"] for f in report["data"]["correct"]) / 3
+    unknown = _jsonl(tmp_path / "unknown.jsonl", [
+        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
+         "template": "The capital city of x is", "subject": "Atlantis", "object": "Poseidonia", "aliases": []}])
+    assert main(["eval", "attributes", "--data", unknown, "--layers", "4", "--target-layers", "2"]) == 2
+    assert "smollm2-135m answers none of the 1 facts" in capsys.readouterr().err
+
+
+def test_eval_attributes_and_multihop_run_on_gemma3(capsys, tmp_path):
+    """The second embedded model's columns: the same commands with --model gemma3-270m (18 layers)."""
+    facts = _jsonl(tmp_path / "facts.jsonl", [
+        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
+         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
+        for s, o in [("Ireland", "Dublin"), ("Japan", "Tokyo")]])
+    report = _eval(capsys, tmp_path, "attributes", "--model", "gemma3-270m", "--data", facts, "--layers", "3,9",
+                   "--target-layers", "2")
+    assert report["model"] == "gemma3-270m" and report["settings"]["layers"] == [3, 9]
+    assert report["command"] == "patchscopes eval attributes --model gemma3-270m --out reports/attributes-gemma3-270m"
+    assert report["summary"]["facts the model answers (kept)"] == 1  # Gemma 3 270M: Dublin, but not Tokyo
+    assert [f["subject"] for f in report["data"]["swept"]] == ["Ireland"]
+    assert set(report["data"]["correct"][0]) == {"3", "9"}
+    assert main(["eval", "multihop", "--model", "gemma3-270m", "--layers", "18"]) == 2
+    assert "layer 18 is out of range (allowed: -18..17)" in capsys.readouterr().err
 
 
 def test_eval_entities_describes_einstein_as_a_physicist(capsys, tmp_path):
@@ -71,9 +104,19 @@ def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
     summary = report["summary"]
     kept = summary["queries whose single hops the model answers (kept)"]
     assert kept == 2
-    for method in ("vanilla", "CoT", "CoT Patchscope (any l, l*)"):
-        assert summary[f"{method} accuracy"].endswith(f"/{kept})")
+    intervals = report["data"]["intervals"]
+    for method in ("vanilla", "CoT", "CoT Patchscope (oracle: any l, l*)"):
+        values = report["data"]["correct"][method]
+        assert len(values) == kept and intervals[f"{method} accuracy, all kept"]["n"] == kept
+        assert intervals[f"{method} accuracy, all kept"]["estimate"] == sum(values) / kept
     assert report["data"]["kept"][0] == "The capital of the country where the Eiffel Tower stands"
+    test = report["data"]["split"]["test"]
+    assert len(test) == 1 and intervals["CoT Patchscope (l, l* chosen on dev) accuracy, test split"]["n"] == 1
+    assert intervals["CoT Patchscope (l, l* chosen on dev) - vanilla, test split"]["test"] == "exact McNemar"
+    oracle = _eval(capsys, tmp_path / "oracle", "multihop", "--data", queries, "--layers", "4", "--target-layers", "4",
+                   "--select-on", "oracle")
+    assert "split" not in oracle["data"] and oracle["settings"]["select on"] == "oracle"
+    assert oracle["data"]["correct"] == report["data"]["correct"]
 
 
 def test_eval_stages_reads_the_answer_when_the_late_layer_is_patched_with_itself(capsys, tmp_path):
@@ -88,7 +131,7 @@ def test_eval_stages_reads_the_answer_when_the_late_layer_is_patched_with_itself
 def test_eval_cross_model_writes_heatmaps_for_both_mappings(capsys, tmp_path):
     report = _eval(capsys, tmp_path, "cross-model", "--limit", "3", "--n-train", "12", "--layers", "3",
                    "--target-layers", "0,3")
-    assert set(report["data"]) == {"affine", "identity"}
+    assert set(report["data"]) == {"affine", "identity", "intervals", "split", "held_out"}
     assert set(report["data"]["affine"]) == {"3,0", "3,3"}
     assert report["figures"] == ["cross_model.png"]
     assert report["model"] == "smollm2-135m -> gemma3-270m"

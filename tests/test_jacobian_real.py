@@ -65,11 +65,16 @@ def test_cli_refuses_a_bad_variant(capsys):
 def test_deleting_top_tokens_hurts_more_than_random(smollm2, tmp_path):
     options = EvalOptions(limit=8, progress=False, extra={"exact_texts": 1})
     report = run_task("jacobian", lambda name: smollm2, options, tmp_path)
-    table = report.tables[0]
-    delta = {row[0]: row[1] for row in table.rows}
+    intervals = report.data["intervals"]
+    delta = {row[0]: intervals[f"{row[0]} Δ log p @5%"]["estimate"] for row in report.tables[0].rows}
     assert set(delta) == {"Semantic", "Fisher (k=1)", "Temperature", "gradient x input", "random"}
+    per_text = report.data["per_text"]
     for method in ("Semantic", "Fisher (k=1)", "Temperature"):
         assert delta[method] < delta["random"] < 0, (method, delta)
+        assert delta[method] == sum(t[method]["0.05"] for t in per_text) / 8
+        versus = intervals[f"{method} - random @5%"]
+        assert versus["test"].startswith("sign-flip") and versus["difference"]["estimate"] < 0
+        assert versus["difference"]["n"] == 8 and 0 < versus["p_value"] <= 1
     assert report.summary["texts"] == 8
     assert (tmp_path / "deletion.png").exists() and (tmp_path / "report.md").exists()
     assert len(list(tmp_path.glob("example_*.html"))) == 4

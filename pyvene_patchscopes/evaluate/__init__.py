@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from ..errors import UnknownNameError
 from ..models import ModelHandle
+from ..spec import DEFAULT_MODEL
 from .common import EvalOptions
 from .report import Report, Table
 
@@ -24,6 +25,7 @@ class Task:
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("next-token", "§4.1 Precision@1 and surprisal per layer: logit lens, tuned lens, token identity (+ affine)",
          "next_token"),
+    Task("future", "Future Lens (Pal et al.): tokens 1-3 steps ahead from one state, vs the logit lens", "future"),
     Task("attributes", "§4.2 attribute extraction over (l, l*) against a logistic-regression probe", "attributes"),
     Task("entities", "§4.3 entity descriptions per layer, ROUGE-L, popular vs rare", "entities"),
     Task("cross-model", "§4.4 SmolLM2-135M -> Gemma 3 270M with fitted affine maps, Precision@1 heatmaps",
@@ -62,10 +64,27 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
     return report
 
 
-def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path) -> list[Report]:
-    """Every task, each into ``out/TASK/``, and an index ``out/README.md`` with every headline number."""
+# Tasks also run on the larger embedded model by `eval all`, so the reports hold both models side by side.
+SECOND_MODEL = "gemma3-270m"
+ON_BOTH_MODELS = ("attributes", "multihop")
+
+
+def folder_name(task: str, model: str) -> str:
+    """``TASK`` on the default model, ``TASK-MODEL`` on another (``multihop-gemma3-270m``)."""
+    return task if model == DEFAULT_MODEL else f"{task}-{model}"
+
+
+def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path,
+            model: str = DEFAULT_MODEL) -> list[Report]:
+    """Every task on `model`, each into ``out/TASK/``, then `ON_BOTH_MODELS` on the second embedded model into
+    ``out/TASK-gemma3-270m/``, and an index ``out/README.md`` with every headline number."""
     start = time.perf_counter()
-    reports = [run_task(name, load, options, Path(out) / name) for name in TASKS]
+    runs = [(name, model) for name in TASKS]
+    runs += [(name, SECOND_MODEL) for name in ON_BOTH_MODELS if model != SECOND_MODEL]
+    # Layer lists given for `model` need not fit the second model: there each task takes its own default grid.
+    second = replace(options, layers=None, target_layers=None)
+    reports = [run_task(name, load, options if source == model else second, Path(out) / folder_name(name, source),
+                        source=source) for name, source in runs]
     write_index(reports, Path(out), time.perf_counter() - start)
     return reports
 
@@ -75,16 +94,19 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
              f"Written by `patchscopes eval all --out {out}` in {seconds / 60:.1f} min. Each folder has report.md "
              "(tables), report.json (every number) and the plots.", ""]
     for report in reports:
-        lines += [f"## [{report.title}]({report.task}/report.md)", "", f"`{report.command}` ({report.seconds:.0f} s)", ""]
+        folder = folder_name(report.task, report.model) if " -> " not in report.model else report.task
+        lines += [f"## [{report.title}: {report.model}]({folder}/report.md)", "",
+                  f"`{report.command}` ({report.seconds:.0f} s)", ""]
         lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
                   for key, value in report.summary.items()]
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "README.md"
     path.write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps({r.task: {"seconds": r.seconds, **r.summary} for r in reports},
+    (out / "summary.json").write_text(json.dumps({(folder_name(r.task, r.model) if " -> " not in r.model else r.task):
+                                                  {"seconds": r.seconds, **r.summary} for r in reports},
                                                  indent=1, default=float) + "\n")
     return path
 
 
-__all__ = ["TASKS", "Task", "run_task", "run_all", "EvalOptions", "Report", "Table", "get_task"]
+__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task"]

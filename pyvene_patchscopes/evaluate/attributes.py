@@ -5,7 +5,9 @@ paper does to those the model itself completes correctly within 20 tokens. The s
 after a short context ("Here is a country: France", read at the subject's last token) rather than at the
 start, where the attention sink would sit next to it. For each (l, l*) the target generates 20 tokens;
 a sample is correct when the object appears. Accuracy per source layer counts a fact as extracted if
-any l* works (the paper's rule). The baseline is a logistic-regression probe per layer (3-fold CV).
+any l* works (the paper's rule, an oracle); beside it, l* (and the pair (l, l*)) is chosen on a dev split
+of the facts and scored on the disjoint test split. The baseline is a logistic-regression probe per layer
+(3-fold CV). Every accuracy has a 95% bootstrap interval over facts.
 """
 from __future__ import annotations
 
@@ -18,16 +20,18 @@ from typing import Any
 import torch
 
 from ..engine import run as run_scopes
+from ..errors import PatchscopeError
 from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
-from ..spec import Source
+from ..spec import DEFAULT_MODEL, Source
 from .common import EvalOptions, check_layers, generate, read_states
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation, rate
+from .stats import RESAMPLES, bootstrap, held_out, paired, record, split
 
 COMMAND = "patchscopes eval attributes --out reports/attributes"
 MAX_NEW_TOKENS = 20
@@ -77,13 +81,18 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     target_layers = check_layers("--target-layers", options.pick("target_layers", [0, 3, 6]), handle)
     facts = rows(load_jsonl("facts", options.data))
     known, _ = known_facts(handle, facts, options)
+    if not known:
+        raise PatchscopeError(f"--data: {handle.name} answers none of the {len(facts)} facts from its plain prompt, "
+                              "so none is left to extract (allowed: facts the model completes with their object "
+                              "within 20 tokens, the paper's filter)")
     swept = round_robin(known, options.extra.get("per_relation", PER_RELATION))[: options.limit]
     baseline = unpatched_baseline(handle, swept, options)
     correct = sweep(handle, swept, layers, target_layers, options)  # [fact][l][l*] -> bool
     states = read_states_at_subject(handle, known, layers, options)
     probe = {layer: probe_by_relation(known, states[layer], options.seed) for layer in layers}
     report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, options)
-    report.summary["unpatched target (literal x) already names the object"] = rate(baseline)
+    record(report.summary, report.data, "unpatched target (literal x) already names the object",
+           bootstrap(baseline, options.seed))
     plot(report, swept, layers, target_layers, correct, probe, known, out)
     report.seconds = time.perf_counter() - start
     return report
@@ -129,13 +138,95 @@ def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> l
 
 def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swept: list[dict], layers: list[int],
                  target_layers: list[int], correct: list, probe: dict, options: EvalOptions) -> Report:
+    seed = options.seed
     any_target = {l: [any(c[l].values()) for c in correct] for l in layers}
     probe_known = {l: [v for v in probe[l] if v is not None] for l in layers}
-    per_layer = [[l, rate(any_target[l]), max(rate([c[l][t] for c in correct]) for t in target_layers),
-                  rate(probe_known[l])] for l in layers]
-    relations = sorted({f["relation"] for f in facts})
-    relation_rows = []
-    for relation in relations:
+    swept_index = _indices(known, swept)  # swept fact k is known fact swept_index[k]
+    chosen = (split([f"{f['relation']}\x00{f['subject']}" for f in swept], seed)
+              if options.select_on == "dev" and len(swept) >= 2 else None)  # one fact cannot be split
+    per_layer, layer_rows, held = [], [], {}
+    for l in layers:
+        oracle = bootstrap(any_target[l], seed)
+        probe_ci = bootstrap(probe_known[l], seed)
+        row = [l, oracle.format()]
+        if chosen is not None:
+            held[l] = held_out({t: [c[l][t] for c in correct] for t in target_layers}, chosen, seed)
+            row += [f"{held[l].choice}", held[l].test.format(), held[l].oracle.format()]
+        layer_rows.append([*row, probe_ci.format()])
+        per_layer.append([l, oracle.estimate, held[l].test.estimate if held else float("nan"), probe_ci.estimate])
+    relation_rows = _relation_rows(facts, known, swept, layers, correct, probe)
+    summary: dict[str, Any] = {
+        "facts in the set": len(facts), "facts the model answers (kept)": len(known),
+        "facts swept over (l, l*)": len(swept), "relations": len(relation_rows)}
+    data: dict[str, Any] = {"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
+                            "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept]}
+    mean_any = [sum(any_target[l][k] for l in layers) / len(layers) for k in range(len(swept))]
+    record(summary, data, "Patchscope accuracy, mean over source layers (oracle: any l*), all swept",
+           bootstrap(mean_any, seed))
+    mean_probe = [_nanmean([probe[l][k] for l in layers if probe[l][k] is not None]) for k in range(len(known))]
+    record(summary, data, "probe accuracy, mean over source layers (3-fold CV), all known",
+           bootstrap([v for v in mean_probe if v == v], seed))
+    summary["best source layer (oracle: any l*)"] = max(per_layer, key=lambda r: r[1])[0]
+    if chosen is not None:
+        pair = held_out({(l, t): [c[l][t] for c in correct] for l in layers for t in target_layers}, chosen, seed)
+        l, t = pair.choice
+        summary["dev / test facts (seeded split)"] = f"{len(chosen.dev)} / {len(chosen.test)}"
+        summary["(l, l*) chosen on dev"] = f"({l}, {t}): dev accuracy {pair.dev_score:.3f}"
+        record(summary, data, "Patchscope accuracy at the (l, l*) chosen on dev, test split", pair.test)
+        record(summary, data, "Patchscope accuracy at the same l (oracle: any l*), test split",
+               bootstrap([any_target[l][k] for k in chosen.test], seed))
+        scored = [k for k in chosen.test if probe[l][swept_index[k]] is not None]
+        record(summary, data, f"Patchscope (chosen on dev) - probe at layer {l}, test facts with a probe",
+               paired([correct[k][l][t] for k in scored], [probe[l][swept_index[k]] for k in scored],
+                      ("Patchscope", "probe"), seed))
+        data["split"] = chosen.to_dict()
+        data["held_out"] = {"pair": pair.to_dict(), "per_layer": {str(l): h.to_dict() for l, h in held.items()}}
+    columns = ["l", "Patchscope, any l* (oracle), all swept"]
+    if chosen is not None:
+        columns += ["l* chosen on dev", "Patchscope at that l*, test split", "any l* (oracle), test split"]
+    return Report(
+        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name, command=command(handle.name),
+        settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
+                  "source prompt": "Here is a <kind>: <subject>", "facts": options.data or "shipped facts.jsonl",
+                  "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": seed,
+                  "select on": options.select_on, "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
+        summary=summary,
+        tables=[Table("Accuracy per source layer [95% bootstrap interval]", [*columns, "probe (3-fold CV), all known"],
+                      layer_rows),
+                Table("Per relation, mean ± std over source layers (as the paper's Table 2)",
+                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe"], relation_rows)],
+        notes=["A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
+               "code tests for a substring; whole words refuse 'euro' in 'European').",
+               "'any l* (oracle)' counts a fact as extracted if any target layer works (the paper's rule), which "
+               "picks l* after seeing the answer. 'chosen on dev' picks l* (or the pair (l, l*)) with the best "
+               "accuracy on the dev split of the swept facts and scores it on the disjoint test split.",
+               "The Patchscope columns cover the swept facts; the probe column covers every known fact, since "
+               "the probe needs the training data. "
+               "The probe is trained per relation on the known facts' subject states; labels unseen in its "
+               "training folds count as wrong, which is why relations with one object per subject score ~0 "
+               "(the paper's Table 5 shows the same).",
+               "Intervals: percentile bootstrap over facts; the Patchscope-probe comparison is an exact McNemar "
+               "test on the same test facts."],
+        data={**data, "per_layer": per_layer},
+    )
+
+
+def command(model: str) -> str:
+    """The command line that writes this report for `model` (the default model's is COMMAND)."""
+    return (COMMAND if model == DEFAULT_MODEL else
+            f"patchscopes eval attributes --model {model} --out reports/attributes-{model}")
+
+
+def _indices(known: list[dict], swept: list[dict]) -> list[int]:
+    """For each swept fact, its index among the known facts (swept facts are known facts)."""
+    position = {id(f): k for k, f in enumerate(known)}
+    return [position[id(f)] for f in swept]
+
+
+def _relation_rows(facts: list[dict], known: list[dict], swept: list[dict], layers: list[int], correct: list,
+                   probe: dict) -> list[list[Any]]:
+    rows_ = []
+    for relation in sorted({f["relation"] for f in facts}):
         members = [k for k, f in enumerate(swept) if f["relation"] == relation]
         known_members = [k for k, f in enumerate(known) if f["relation"] == relation]
         total = sum(f["relation"] == relation for f in facts)
@@ -143,35 +234,9 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
         probes = [rate([probe[l][k] for k in known_members if probe[l][k] is not None]) for l in layers]
         probes = [p for p in probes if p == p]
         category = next(f["category"] for f in facts if f["relation"] == relation)
-        relation_rows.append([relation, category, total, len(known_members), len(members),
-                              _mean_std(patch), _mean_std(probes)])
-    summary: dict[str, Any] = {
-        "facts in the set": len(facts), "facts the model answers (kept)": len(known),
-        "facts swept over (l, l*)": len(swept), "relations": len(relations),
-        "Patchscope accuracy, mean over source layers (any l*)": mean(r[1] for r in per_layer),
-        "probe accuracy, mean over source layers (3-fold CV)": _nanmean([r[3] for r in per_layer]),
-        "best source layer (Patchscope)": max(per_layer, key=lambda r: r[1])[0],
-    }
-    return Report(
-        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name, command=COMMAND,
-        settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
-                  "source prompt": "Here is a <kind>: <subject>", "facts": options.data or "shipped facts.jsonl",
-                  "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": options.seed},
-        summary=summary,
-        tables=[Table("Accuracy per source layer", ["l", "Patchscope (any l*)", "Patchscope (best single l*)",
-                                                    "probe (3-fold CV)"], per_layer),
-                Table("Per relation, mean ± std over source layers (as the paper's Table 2)",
-                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe"], relation_rows)],
-        notes=["A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
-               "code tests for a substring; whole words refuse 'euro' in 'European').",
-               "The Patchscope columns cover the swept facts; the probe column covers every known fact, since "
-               "the probe needs the training data. "
-               "The probe is trained per relation on the known facts' subject states; labels unseen in its "
-               "training folds count as wrong, which is why relations with one object per subject score ~0 "
-               "(the paper's Table 5 shows the same)."],
-        data={"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
-              "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept]},
-    )
+        rows_.append([relation, category, total, len(known_members), len(members), _mean_std(patch),
+                      _mean_std(probes)])
+    return rows_
 
 
 def _mean_std(values: list[float]) -> str:
@@ -186,9 +251,10 @@ def _nanmean(values: list[float]) -> float:
 def plot(report: Report, swept: list[dict], layers: list[int], target_layers: list[int], correct: list,
          probe: dict, known: list[dict], out: str | None) -> None:
     figure, axes = subplots(1, 2, figsize=(12, 4.2))
-    rows_ = report.tables[0].rows
-    axes[0].plot(layers, [r[1] for r in rows_], marker="o", label="Patchscope (any l*)")
-    axes[0].plot(layers, [r[2] for r in rows_], marker=".", label="Patchscope (best single l*)")
+    rows_ = report.data["per_layer"]
+    axes[0].plot(layers, [r[1] for r in rows_], marker="o", label="Patchscope (oracle: any l*)")
+    if any(r[2] == r[2] for r in rows_):
+        axes[0].plot(layers, [r[2] for r in rows_], marker=".", label="Patchscope (l* chosen on dev; test split)")
     axes[0].plot(layers, [r[3] for r in rows_], marker="s", label="logistic probe (3-fold CV)")
     axes[0].set(xlabel="source layer l", ylabel="accuracy", ylim=(0, 1), title="Accuracy per source layer")
     axes[0].legend()

@@ -6,7 +6,8 @@ and target layers l*, from states at the positions where both models have read t
 the source state is patched into the target's token-identity prompt ("cat->cat; ...; ?", read at "?") at
 l*, and Precision@1 asks whether the target's top token is the source model's own next token (compared
 as text, since the vocabularies differ). Two mappings: the fitted affine map and the identity, which
-across hidden sizes 576 -> 640 means zero-padding (a baseline with no learned alignment).
+across hidden sizes 576 -> 640 means zero-padding (a baseline with no learned alignment). The best cell is
+reported as picked on all texts (an oracle) and as chosen on a dev split and scored on the test split.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .next_token import IDENTITY_PROMPT
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import same_token
+from .stats import RESAMPLES, bootstrap, held_out, paired, record, split
 
 COMMAND = "patchscopes eval cross-model --out reports/cross-model"
 SOURCE_MODEL, TARGET_MODEL = "smollm2-135m", "gemma3-270m"
@@ -94,32 +96,60 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
             hits[name].setdefault((l, t), []).append(same_token(result.token, expected[r]))
     precision = {name: {cell: sum(v) / len(v) for cell, v in per.items()} for name, per in hits.items()}
     own = own_agreement(target, prefixes, expected)
-    report = build_report(source, target, layers, target_layers, precision, len(prefixes), own, options)
+    report = build_report(source, target, layers, target_layers, precision, prefixes, own, options)
+    add_uncertainty(report, hits, prefixes, options)
     plot(report, layers, target_layers, precision, out)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def own_agreement(target: ModelHandle, prefixes: list[str], expected: list[str]) -> float:
-    """How often the target model, reading the prefix itself, predicts the source's next token (a reference)."""
+def own_agreement(target: ModelHandle, prefixes: list[str], expected: list[str]) -> list[bool]:
+    """Per prefix, whether the target model reading the prefix itself predicts the source's next token (a
+    reference)."""
     final = read_states(target, prefixes, [target.n_layers - 1], 16)[target.n_layers - 1]
     tokens = [target.tokenizer.decode([int(t)]) for t in lens_logits(target, final, normalised=True).argmax(-1)]
-    return sum(same_token(a, b) for a, b in zip(tokens, expected)) / max(1, len(expected))
+    return [same_token(a, b) for a, b in zip(tokens, expected)]
+
+
+def add_uncertainty(report: Report, hits: dict[str, dict[tuple[int, int], list[bool]]], prefixes: list[str],
+                    options: EvalOptions) -> None:
+    """Intervals for the headline numbers, and the (l, l*) cell chosen on a dev split, scored on the test split."""
+    seed, summary, data = options.seed, report.summary, report.data
+    best = max(hits["affine"], key=lambda cell: sum(hits["affine"][cell]))
+    record(summary, data, "Precision@1 at the best cell (oracle: chosen on all texts), affine",
+           bootstrap(hits["affine"][best], seed))
+    record(summary, data, "Precision@1 there, identity (zero-padded)", bootstrap(hits["identity"][best], seed))
+    if options.select_on != "dev" or len(prefixes) < 2:
+        return
+    chosen = split(prefixes, seed)
+    held = held_out(hits["affine"], chosen, seed)
+    test = list(chosen.test)
+    l, t = held.choice
+    summary["dev / test texts (seeded split)"] = f"{len(chosen.dev)} / {len(test)}"
+    summary["(l, l*) chosen on dev, affine"] = f"({l}, {t}): dev Precision@1 {held.dev_score:.3f}"
+    on_test = {name: [hits[name][held.choice][k] for k in test] for name in ("affine", "identity")}
+    record(summary, data, "Precision@1 at the cell chosen on dev, affine, test split", held.test)
+    record(summary, data, "Precision@1 at the cell chosen on dev, identity (zero-padded), test split",
+           bootstrap(on_test["identity"], seed))
+    record(summary, data, "affine - identity at the cell chosen on dev, test split",
+           paired(on_test["affine"], on_test["identity"], ("affine", "identity"), seed))
+    data["split"] = chosen.to_dict()
+    data["held_out"] = held.to_dict()
 
 
 def build_report(source: ModelHandle, target: ModelHandle, layers: list[int], target_layers: list[int],
-                 precision: dict, n_eval: int, own: float, options: EvalOptions) -> Report:
+                 precision: dict, prefixes: list[str], own: list[bool], options: EvalOptions) -> Report:
     best = max(precision["affine"], key=precision["affine"].get)
     summary: dict[str, Any] = {
-        "evaluation texts (one aligned position each)": n_eval,
+        "evaluation texts (one aligned position each)": len(prefixes),
         "training texts (for the maps)": options.pick("n_train", 150),
-        "best (l, l*) with the affine map": f"({best[0]}, {best[1]})",
-        "Precision@1 there, affine": precision["affine"][best],
-        "Precision@1 there, identity (zero-padded)": precision["identity"][best],
-        "best Precision@1 with the identity (zero-padded)": max(precision["identity"].values()),
+        "best (l, l*) with the affine map (oracle)": f"({best[0]}, {best[1]})",
+        "best Precision@1 with the identity (zero-padded), oracle": max(precision["identity"].values()),
         "mean Precision@1 over the grid, affine": sum(precision["affine"].values()) / len(precision["affine"]),
-        "reference: the target model reading the text itself agrees with the source": own,
     }
+    data: dict[str, Any] = {name: {f"{l},{t}": v for (l, t), v in per.items()} for name, per in precision.items()}
+    record(summary, data, "reference: the target model reading the text itself agrees with the source",
+           bootstrap(own, options.seed))
     tables = [Table(f"Precision@1, {name} mapping (rows: source layer l of {source.name}; columns: target layer l* "
                     f"of {target.name})", ["l \\ l*", *map(str, target_layers)],
                     [[l, *[precision[name][(l, t)] for t in target_layers]] for l in layers])
@@ -127,12 +157,16 @@ def build_report(source: ModelHandle, target: ModelHandle, layers: list[int], ta
     return Report(
         task="cross-model", title="Cross-model patching (paper §4.4)", model=f"{source.name} -> {target.name}",
         command=COMMAND, settings={"layers": layers, "target_layers": target_layers, "target prompt": IDENTITY_PROMPT,
-                                   "seed": options.seed},
+                                   "seed": options.seed, "select on": options.select_on,
+                                   "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary, tables=tables,
         notes=["Positions are aligned by decoded prefix: a source token i and target token i* are paired when "
                "both tokenizers' decoded prefixes through them are the same string.",
-               "Precision@1 compares decoded tokens up to surrounding spaces, since the vocabularies differ."],
-        data={name: {f"{l},{t}": v for (l, t), v in per.items()} for name, per in precision.items()},
+               "Precision@1 compares decoded tokens up to surrounding spaces, since the vocabularies differ.",
+               "The 'oracle' cell is the best over all evaluation texts; the dev-chosen cell is the best on the "
+               "dev split, scored on the disjoint test split. Intervals: percentile bootstrap over texts; the "
+               "affine-identity comparison is an exact McNemar test on the same texts."],
+        data=data,
     )
 
 

@@ -3,7 +3,8 @@
 The entity's last-token state (source "Let me tell you about <entity>") is patched at l* = l over x in the
 paper's few-shot description prompt ("Syria: Country in the Middle East, ..., x"); the description is what
 the target generates after "x:" up to the next example. It is scored against a short reference with ROUGE-L,
-per layer, for popular and rare entities.
+per layer, for popular and rare entities, with 95% bootstrap intervals; the best layer is reported both as
+picked on all entities (an oracle) and as chosen on a dev split and scored on the test split.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .data import load_jsonl, rows
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import cut_at_next_example, rouge_l
+from .stats import RESAMPLES, bootstrap, record, split
 
 COMMAND = "patchscopes eval entities --out reports/entities"
 MAX_NEW_TOKENS = 20
@@ -69,33 +71,56 @@ def _curve(entities: list[dict], layers: list[int], scores: dict, popularity: st
 
 def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], texts: dict, scores: dict,
                  options: EvalOptions) -> Report:
+    seed = options.seed
     popular, rare = _curve(entities, layers, scores, "popular"), _curve(entities, layers, scores, "rare")
     best = max(range(len(layers)), key=lambda j: popular[j] if popular[j] == popular[j] else -1)
+    groups = {p: [k for k, e in enumerate(entities) if e["popularity"] == p] for p in ("popular", "rare")}
     summary: dict[str, Any] = {
         "entities": len(entities),
-        "popular / rare": f"{sum(e['popularity'] == 'popular' for e in entities)} / "
-                          f"{sum(e['popularity'] == 'rare' for e in entities)}",
-        "best layer for popular entities": layers[best],
-        "ROUGE-L at that layer, popular": popular[best],
-        "ROUGE-L at that layer, rare": rare[best],
-        "ROUGE-L mean over layers, popular": mean(v for v in popular if v == v) if popular else float("nan"),
-        "ROUGE-L mean over layers, rare": mean(v for v in rare if v == v) if rare else float("nan"),
+        "popular / rare": f"{len(groups['popular'])} / {len(groups['rare'])}",
+        "best layer for popular entities (oracle: chosen on all)": layers[best],
     }
+    data: dict[str, Any] = {"descriptions": [{"entity": entities[k]["entity"], "layer": l, "text": t,
+                                              "rouge_l": scores[(k, l)]} for (k, l), t in texts.items()]}
+    for name, members in groups.items():
+        record(summary, data, f"ROUGE-L at that layer, {name}", bootstrap([scores[(k, layers[best])] for k in members],
+                                                                           seed))
+    chosen = split([e["entity"] for e in entities], seed) if options.select_on == "dev" else None
+    dev, test = (set(chosen.dev), set(chosen.test)) if chosen else (set(), set())
+    if chosen is not None and dev & set(groups["popular"]):  # some popular entity to choose on
+        on_dev = {l: [scores[(k, l)] for k in groups["popular"] if k in dev] for l in layers}
+        layer = max(layers, key=lambda l: sum(on_dev[l]) / len(on_dev[l]))
+        summary["dev / test entities (seeded split)"] = f"{len(dev)} / {len(test)}"
+        summary["layer chosen on dev (popular entities)"] = layer
+        for name, members in groups.items():
+            record(summary, data, f"ROUGE-L at the layer chosen on dev, {name}, test split",
+                   bootstrap([scores[(k, layer)] for k in members if k in test], seed))
+        data["split"] = chosen.to_dict()
+    for name, members in groups.items():
+        record(summary, data, f"ROUGE-L mean over layers, {name}",
+               bootstrap([sum(scores[(k, l)] for l in layers) / len(layers) for k in members], seed))
+    curves = {name: {l: bootstrap([scores[(k, l)] for k in members], seed) for l in layers}
+              for name, members in groups.items()}
     examples = []
     for k in range(min(2, len(entities))):
         examples += [[entities[k]["entity"], l, texts[(k, l)], scores[(k, l)]] for l in layers]
     return Report(
         task="entities", title="Entity description (paper §4.3)", model=handle.name, command=COMMAND,
         settings={"layers (l* = l)": layers, "max_new_tokens": MAX_NEW_TOKENS, "target prompt": ENTITY_DESCRIPTION_PROMPT,
-                  "source prompt": "Let me tell you about <entity>", "entities": options.data or "shipped entities.jsonl"},
+                  "source prompt": "Let me tell you about <entity>", "entities": options.data or "shipped entities.jsonl",
+                  "seed": seed, "select on": options.select_on,
+                  "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary,
-        tables=[Table("ROUGE-L against the reference description, per layer (l* = l)",
-                      ["layer", "popular", "rare"], [[l, p, r] for l, p, r in zip(layers, popular, rare)]),
+        tables=[Table("ROUGE-L against the reference description, per layer (l* = l) [95% bootstrap interval]",
+                      ["layer", "popular", "rare"],
+                      [[l, curves["popular"][l].format(), curves["rare"][l].format()] for l in layers]),
                 Table("Example descriptions", ["entity", "layer", "description", "ROUGE-L"], examples)],
         notes=["The description is the generation after 'x' up to the next few-shot separator (comma or newline).",
-               "ROUGE-L is the F1 of the longest common subsequence of lower-cased words."],
-        data={"descriptions": [{"entity": entities[k]["entity"], "layer": l, "text": t, "rouge_l": scores[(k, l)]}
-                               for (k, l), t in texts.items()]},
+               "ROUGE-L is the F1 of the longest common subsequence of lower-cased words.",
+               "The 'oracle' layer is the best one over all entities; the dev-chosen layer is the best on the dev "
+               "split's popular entities, scored on the disjoint test split. Intervals: percentile bootstrap over "
+               "entities."],
+        data={**data, "curves": {"popular": popular, "rare": rare}},
     )
 
 

@@ -14,7 +14,6 @@ re-tokenising the cut gives the same tokens; or the user's own JSONL with a ``te
 """
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -34,10 +33,12 @@ from .common import EvalOptions
 from .data import load_jsonl, prose_splits
 from ..plot import subplots
 from .report import Report, Table, save_figure
+from .stats import RESAMPLES, bootstrap, paired, record
 
 FRACTIONS = (0.05, 0.2)
 RANDOM_DRAWS = 10
-EXACT_TEXTS = 8
+EXACT_TEXTS = 4  # exact Fisher costs d backward passes per text (~23 s each here): the 4 shortest texts
+BASELINE = "gradient x input"  # the paper's baseline, which each scope is compared with
 MIN_TOKENS, MAX_TOKENS = 24, 80
 COMMAND = "patchscopes eval jacobian --out reports/jacobian"
 
@@ -110,14 +111,6 @@ def evaluate_text(handle: ModelHandle, text: str, by_method: dict[str, Attributi
     return {name: {f: sum(v) / len(v) for f, v in per.items()} for name, per in out.items()}
 
 
-def _mean_sem(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(var / len(values))
-
-
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     def ranks(values: Sequence[float]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float64).argsort().argsort().double()
@@ -142,8 +135,10 @@ def exact_agreement(handle: ModelHandle, texts: list[str], options: EvalOptions)
                for a, b in zip(low, exact)]
     return {"texts": len(shortest), "tokens": [len(a.scores) for a in low],
             "spearman": [_spearman(a.scores, b.scores) for a, b in zip(low, exact)], "top5_overlap": overlap,
-            "delta": {name: {f: _mean_sem([d[name][f] for d in deltas])[0] for f in FRACTIONS}
-                      for name in ("Fisher (k=1)", "Fisher (exact)", "random")}}
+            "delta": {name: {f: sum(d[name][f] for d in deltas) / len(deltas) for f in FRACTIONS}
+                      for name in ("Fisher (k=1)", "Fisher (exact)", "random")},
+            "per_text_delta": {name: {f: [d[name][f] for d in deltas] for f in FRACTIONS}
+                               for name in ("Fisher (k=1)", "Fisher (exact)", "random")}}
 
 
 def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:
@@ -177,19 +172,25 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
 def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str, dict[float, float]]],
                  agreement: dict[str, Any], options: EvalOptions) -> Report:
     methods = list(per_text[0])
-    stats = {name: {f: _mean_sem([t[name][f] for t in per_text]) for f in FRACTIONS} for name in methods}
+    seed = options.seed
+    deltas = {name: {f: [t[name][f] for t in per_text] for f in FRACTIONS} for name in methods}
+    intervals = {name: {f: bootstrap(deltas[name][f], seed) for f in FRACTIONS} for name in methods}
     wins = {name: {f: sum(t[name][f] < t["random"][f] for t in per_text) / len(per_text) for f in FRACTIONS}
             for name in methods if name != "random"}
-    columns = ["method"] + [f"Δ log p, top {int(f * 100)}%" for f in FRACTIONS] + \
-        [f"± s.e.m. ({int(f * 100)}%)" for f in FRACTIONS] + ["beats random (5%)"]
-    rows = [[name] + [stats[name][f][0] for f in FRACTIONS] + [stats[name][f][1] for f in FRACTIONS]
+    columns = ["method"] + [f"Δ log p, top {int(f * 100)}% [95% CI]" for f in FRACTIONS] + ["beats random (5%)"]
+    rows = [[name] + [intervals[name][f].format(2) for f in FRACTIONS]
             + [wins[name][FRACTIONS[0]] if name in wins else float("nan")] for name in methods]
     lengths = [len(handle.tokenizer(t)["input_ids"]) - 1 for t in texts]
     summary: dict[str, Any] = {"texts": len(texts)}
+    data: dict[str, Any] = {}
     for name in methods:
-        summary[f"{name} Δ log p @5%"] = stats[name][0.05][0]
+        record(summary, data, f"{name} Δ log p @5%", intervals[name][0.05])
     for name in wins:
-        summary[f"{name} beats random @5% (mean)"] = stats[name][0.05][0] < stats["random"][0.05][0]
+        record(summary, data, f"{name} - random @5%", paired(deltas[name][0.05], deltas["random"][0.05],
+                                                             (name, "random"), seed))
+    for name in (m for m in wins if m != BASELINE):
+        record(summary, data, f"{name} - {BASELINE} @5%", paired(deltas[name][0.05], deltas[BASELINE][0.05],
+                                                                 (name, BASELINE), seed))
     tables = [Table(f"Deleting the top-scored tokens ({len(texts)} texts, {min(lengths)}-{max(lengths)} tokens, "
                     "mean change in the log-probability of the original prediction; lower = more faithful)",
                     columns, rows)]
@@ -198,23 +199,29 @@ def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str,
     tables.append(Table(f"Fisher low-rank (k=1) vs exact on the {agreement['texts']} shortest texts: per-text "
                         "Spearman rank correlation of the scores and overlap of the top-5% sets",
                         ["text", "tokens", "Spearman", "top-5% overlap"], agree_rows))
-    tables.append(Table("Same texts, Δ log p after deletion", ["method"] + [f"top {int(f * 100)}%" for f in FRACTIONS],
-                        [[name] + [agreement["delta"][name][f] for f in FRACTIONS] for name in agreement["delta"]]))
-    summary["Fisher k=1 vs exact, mean Spearman"] = sum(agreement["spearman"]) / agreement["texts"]
+    per_text_delta = agreement.get("per_text_delta")  # absent from reports written before the intervals
+    tables.append(Table("Same texts, Δ log p after deletion [95% CI]",
+                        ["method"] + [f"top {int(f * 100)}%" for f in FRACTIONS],
+                        [[name] + [bootstrap(per_text_delta[name][f], seed).format(2) if per_text_delta else
+                                   agreement["delta"][name][f] for f in FRACTIONS] for name in agreement["delta"]]))
+    record(summary, data, "Fisher k=1 vs exact, mean Spearman", bootstrap(agreement["spearman"], seed))
     notes = [
         "Deletion zeroes a token's embedding (pyvene AdditionIntervention of −x_t at the embedding output), as the "
         "paper's code sets presence = 0; the tokenizer's prefix token is never scored or deleted.",
         f"random: the mean over {RANDOM_DRAWS} random draws of the same number of tokens, per text. 'beats random' "
         "is the share of texts where the method's Δ is below random's.",
+        "Intervals: percentile bootstrap over texts; comparisons: sign-flip permutation test on the per-text "
+        "differences (the same texts under both methods).",
         "For reference, the paper (Llama-3.2-1B, LAMBADA, top 5%): Fisher (k=4) −6.91, Temperature −6.79, "
         "gradient x input −6.69, Semantic −6.68, random −0.71. Texts here are Python's documentation prose, "
         "not LAMBADA (no dataset hub is reachable).",
     ]
     return Report(task="jacobian", title="Jacobian Scopes: faithfulness by deletion", model=handle.name,
                   command=COMMAND, settings={"limit": len(texts), "seed": options.seed, "fractions": list(FRACTIONS),
-                                             "random_draws": RANDOM_DRAWS, "exact_texts": agreement["texts"]},
+                                             "random_draws": RANDOM_DRAWS, "exact_texts": agreement["texts"],
+                                             "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
                   summary=summary, tables=tables, notes=notes,
-                  data={"per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()} for t in per_text],
+                  data={**data, "per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()} for t in per_text],
                         "agreement": agreement, "texts": texts})
 
 
@@ -223,9 +230,10 @@ def plot(report: Report, per_text: list[dict[str, dict[float, float]]], out: str
     fig, ax = subplots(figsize=(7, 3.6))
     width = 0.8 / len(FRACTIONS)
     for k, fraction in enumerate(FRACTIONS):
-        stats = [_mean_sem([t[m][fraction] for t in per_text]) for m in methods]
-        ax.bar([i + k * width for i in range(len(methods))], [s[0] for s in stats], width,
-               yerr=[s[1] for s in stats], label=f"top {int(fraction * 100)}% deleted", capsize=3)
+        stats = [bootstrap([t[m][fraction] for t in per_text]) for m in methods]
+        ax.bar([i + k * width for i in range(len(methods))], [s.estimate for s in stats], width,
+               yerr=[[s.estimate - s.low for s in stats], [s.high - s.estimate for s in stats]],
+               label=f"top {int(fraction * 100)}% deleted (95% CI)", capsize=3)
     ax.set_xticks([i + width * (len(FRACTIONS) - 1) / 2 for i in range(len(methods))], methods, fontsize=8)
     ax.set_ylabel("Δ log p(prediction)")
     ax.axhline(0, color="black", linewidth=0.6)

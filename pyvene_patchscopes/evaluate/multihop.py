@@ -15,18 +15,23 @@ import time
 from typing import Any
 
 from ..engine import run as run_scopes
+from ..errors import PatchscopeError
 from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import multihop
+from ..spec import DEFAULT_MODEL
 from .common import EvalOptions, check_layers, generate
 from .data import load_jsonl, rows
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation, rate
+from .stats import RESAMPLES, bootstrap, held_out, paired, record, split
 
 COMMAND = "patchscopes eval multihop --out reports/multihop"
 MAX_NEW_TOKENS = 20
 COT_PREFIX = "Let's think step by step. "
+ORACLE = "CoT Patchscope (oracle: any l, l*)"
+HELD_OUT = "CoT Patchscope (l, l* chosen on dev)"
 
 
 def query(item: dict) -> str:
@@ -51,6 +56,10 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     target_layers = check_layers("--target-layers", options.pick("target_layers", range(0, min(n, 20), 4)), handle)
     items = rows(load_jsonl("multihop", options.data))
     passed = [q for q, ok in zip(items, single_hops(handle, items, options)) if ok][: options.limit]
+    if not passed:
+        raise PatchscopeError(f"--data: {handle.name} answers both single hops of none of the {len(items)} queries, "
+                              "so none is left to score (allowed: queries whose two hops the model answers within "
+                              "20 tokens, the paper's filter)")
     vanilla = generate(handle, [query(q) for q in passed], MAX_NEW_TOKENS, options.batch_size, options.progress,
                        desc="vanilla")
     cot = generate(handle, [COT_PREFIX + query(q) for q in passed], MAX_NEW_TOKENS, options.batch_size,
@@ -67,24 +76,51 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
                                                   progress=options.progress)):
             generations[cell] = result.generation or ""
             patched[cell] = object_in_generation(generations[cell], passed[cell[0]]["answer"])
-    correct["CoT Patchscope (any l, l*)"] = [any(patched[(k, l, t)] for l in layers for t in target_layers)
-                                            for k in range(len(passed))]
-    report = build_report(handle, items, passed, layers, target_layers, correct, patched, vanilla, cot, generations)
+    correct[ORACLE] = [any(patched[(k, l, t)] for l in layers for t in target_layers) for k in range(len(passed))]
+    report = build_report(handle, items, passed, layers, target_layers, correct, patched, vanilla, cot, generations,
+                          options)
     plot(report, passed, layers, target_layers, patched, out)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], layers: list[int], target_layers: list[int],
-                 correct: dict, patched: dict, vanilla: list[str], cot: list[str], generations: dict) -> Report:
-    pair_rate = {(l, t): rate([patched[(k, l, t)] for k in range(len(passed))]) for l in layers for t in target_layers}
+                 correct: dict[str, list[bool]], patched: dict, vanilla: list[str], cot: list[str], generations: dict,
+                 options: EvalOptions) -> Report:
+    n, seed = len(passed), options.seed
+    per_pair = {(l, t): [patched[(k, l, t)] for k in range(n)] for l in layers for t in target_layers}
+    pair_rate = {cell: rate(values) for cell, values in per_pair.items()}
     best = max(pair_rate, key=pair_rate.get) if pair_rate else None
     summary: dict[str, Any] = {"two-hop queries in the set": len(items),
-                               "queries whose single hops the model answers (kept)": len(passed)}
+                               "queries whose single hops the model answers (kept)": n}
+    data: dict[str, Any] = {"pair_accuracy": {f"{l},{t}": v for (l, t), v in pair_rate.items()},
+                            "kept": [q["hop2"] + " " + q["hop1"] for q in passed], "correct": correct}
+    rows = []
     for name, values in correct.items():
-        summary[f"{name} accuracy"] = f"{rate(values):.3f} ({sum(values)}/{len(values)})"
+        interval = bootstrap(values, seed)
+        record(summary, data, f"{name} accuracy, all kept", interval)
+        rows.append([name, "all kept", interval.n, interval.format()])
+    record(summary, data, f"{ORACLE} - vanilla, all kept", paired(correct[ORACLE], correct["vanilla"],
+                                                                  (ORACLE, "vanilla"), seed))
+    chosen = None
+    if options.select_on == "dev" and n >= 2 and per_pair:
+        chosen = split([query(q) for q in passed], seed)
+        held = held_out(per_pair, chosen, seed)
+        test = list(chosen.test)
+        summary["dev / test queries (seeded split)"] = f"{len(chosen.dev)} / {len(test)}"
+        summary["(l, l*) chosen on dev"] = f"({held.choice[0]}, {held.choice[1]}): dev accuracy {held.dev_score:.3f}"
+        on_test = {"vanilla": [correct["vanilla"][k] for k in test], "CoT": [correct["CoT"][k] for k in test],
+                   HELD_OUT: [per_pair[held.choice][k] for k in test], ORACLE: [correct[ORACLE][k] for k in test]}
+        for name, values in on_test.items():
+            interval = bootstrap(values, seed)
+            record(summary, data, f"{name} accuracy, test split", interval)
+            rows.append([name, "test split", interval.n, interval.format()])
+        record(summary, data, f"{HELD_OUT} - vanilla, test split",
+               paired(on_test[HELD_OUT], on_test["vanilla"], (HELD_OUT, "vanilla"), seed))
+        data["split"] = chosen.to_dict()
+        data["held_out"] = held.to_dict()
     if best is not None:
-        summary["best single (l, l*)"] = f"({best[0]}, {best[1]}): {pair_rate[best]:.3f}"
+        summary["best single (l, l*), oracle"] = f"({best[0]}, {best[1]}): {pair_rate[best]:.3f}"
         lower = [v for (l, t), v in pair_rate.items() if t <= l]
         upper = [v for (l, t), v in pair_rate.items() if t > l]
         summary["mean over pairs with l* <= l / l* > l"] = f"{_rate_mean(lower):.3f} / {_rate_mean(upper):.3f}"
@@ -94,17 +130,29 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
         examples.append([query(q), q["answer"], vanilla[k], cot[k], f"{hit}: {generations[(k, *hit)]}" if hit else ""])
     return Report(
         task="multihop", title="Multi-hop correction with the CoT Patchscope (paper §5)", model=handle.name,
-        command=COMMAND, settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
-                                   "CoT prefix": COT_PREFIX, "segments isolated": True},
+        command=command(handle.name), settings={
+            "layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS, "CoT prefix": COT_PREFIX,
+            "segments isolated": True, "select on": options.select_on, "seed": seed,
+            "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary,
-        tables=[Table("Accuracy (answer within 20 generated tokens)", ["method", "accuracy", "correct", "queries"],
-                      [[name, rate(v), sum(v), len(v)] for name, v in correct.items()]),
+        tables=[Table("Accuracy (answer within 20 generated tokens), with 95% bootstrap intervals",
+                      ["method", "scored on", "queries", "accuracy [95% CI]"], rows),
                 Table("Examples", ["query", "answer", "vanilla", "CoT", "Patchscope (l, l*): generation"], examples)],
         notes=["Only queries whose two single hops the model answers are scored, as in the paper (46 of 1,104 "
-               "there, on Vicuna 13B: vanilla 19.57%, CoT 35.71%, CoT Patchscope 50%)."],
-        data={"pair_accuracy": {f"{l},{t}": v for (l, t), v in pair_rate.items()},
-              "kept": [q["hop2"] + " " + q["hop1"] for q in passed]},
+               "there, on Vicuna 13B: vanilla 19.57%, CoT 35.71%, CoT Patchscope 50%).",
+               f"'{ORACLE}' counts a query as answered if any of the {len(per_pair)} layer pairs works: the "
+               "paper's rule, which picks layers after seeing the answers. "
+               + (f"'{HELD_OUT}' picks the one pair with the best accuracy on the dev split and scores it on the "
+                  "disjoint test split (the split is seeded and listed in report.json)." if chosen else
+                  "Run with --select-on dev for the held-out choice."),
+               "Intervals: percentile bootstrap over queries; paired comparisons: exact McNemar test."],
+        data=data,
     )
+
+
+def command(model: str) -> str:
+    """The command line that writes this report for `model` (the default model's is COMMAND)."""
+    return COMMAND if model == DEFAULT_MODEL else f"patchscopes eval multihop --model {model} --out reports/multihop-{model}"
 
 
 def _rate_mean(values: list[float]) -> float:

@@ -27,6 +27,7 @@ from .data import prose_splits
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .scoring import precision_at_1, surprisal
+from .stats import RESAMPLES, bootstrap, paired, record
 
 READOUTS = ("logit lens", "tuned lens", "token identity", "token identity + affine")
 # The paper's next-token target (§4.1): k identity demonstrations, patched at the last token and read there,
@@ -51,9 +52,10 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
                                       normalised=l == last) for l in layers},
     }
     logits.update(identity_readouts(handle, prefixes, layers, states, tuned, options))
-    scores = {name: {l: (float(precision_at_1(per[l], reference).mean()), float(surprisal(per[l], reference).mean()))
+    hits = {name: {l: precision_at_1(per[l], reference).tolist() for l in layers} for name, per in logits.items()}
+    scores = {name: {l: (sum(hits[name][l]) / len(hits[name][l]), float(surprisal(per[l], reference).mean()))
                      for l in layers} for name, per in logits.items()}
-    report = build_report(handle, layers, scores, len(prefixes), len(train), options)
+    report = build_report(handle, layers, scores, hits, len(prefixes), len(train), options)
     plot(report, scores, layers, out)
     report.seconds = time.perf_counter() - start
     return report
@@ -83,33 +85,48 @@ def identity_readouts(handle: ModelHandle, prefixes: list[str], layers: list[int
     return {name: {l: torch.stack(v) for l, v in per.items()} for name, per in out.items()}
 
 
-def build_report(handle: ModelHandle, layers: list[int], scores: dict, n_eval: int, n_train: int,
+def build_report(handle: ModelHandle, layers: list[int], scores: dict, hits: dict, n_eval: int, n_train: int,
                  options: EvalOptions) -> Report:
+    seed = options.seed
     middle, last = handle.n_layers // 2, handle.n_layers - 1
     upper = [l for l in layers if middle <= l < last]  # at the last layer both readouts are exact (1.0)
     beats = [l for l in upper if scores["token identity"][l][0] > scores["logit lens"][l][0]]
+    significant = [l for l in beats if paired(hits["token identity"][l], hits["logit lens"][l], seed=seed).p_value < 0.05]
     summary: dict[str, Any] = {
         "evaluation texts (one random position each)": n_eval,
         "training texts (for the fitted maps)": n_train,
     }
+    data: dict[str, Any] = {"scores": {n: {str(l): list(v) for l, v in per.items()} for n, per in scores.items()},
+                            "hits": {n: {str(l): v for l, v in per.items()} for n, per in hits.items()}}
     if last in layers:
-        summary["logit lens Precision@1 at the last layer"] = scores["logit lens"][last][0]
+        record(summary, data, "logit lens Precision@1 at the last layer", bootstrap(hits["logit lens"][last], seed))
+    # A layer fixed before looking at the results (20, the paper's figure's middle-upper region), not chosen by them.
     probe = 20 if 20 in layers else upper[len(upper) // 2] if upper else layers[-1]
     for name in READOUTS:
-        summary[f"{name} Precision@1 at layer {probe}"] = scores[name][probe][0]
+        record(summary, data, f"{name} Precision@1 at layer {probe}", bootstrap(hits[name][probe], seed))
+    for other in ("logit lens", "tuned lens"):
+        record(summary, data, f"token identity - {other} at layer {probe}",
+               paired(hits["token identity"][probe], hits[other][probe], ("token identity", other), seed))
     summary[f"layers {middle}..{last - 1} where token identity beats the logit lens"] = f"{len(beats)} of {len(upper)}"
-    columns = ["layer", *[f"P@1 {n}" for n in READOUTS], *[f"surprisal {n}" for n in READOUTS]]
-    rows = [[l, *[scores[n][l][0] for n in READOUTS], *[scores[n][l][1] for n in READOUTS]] for l in layers]
+    summary["... of which by an exact McNemar test at p < 0.05"] = f"{len(significant)} of {len(upper)}"
+    intervals = {n: {l: bootstrap(hits[n][l], seed) for l in layers} for n in READOUTS}
+    columns = ["layer", *[f"P@1 {n} [95% CI]" for n in READOUTS], *[f"surprisal {n}" for n in READOUTS]]
+    rows = [[l, *[intervals[n][l].format() for n in READOUTS], *[scores[n][l][1] for n in READOUTS]] for l in layers]
     return Report(
         task="next-token", title="Next-token prediction (paper §4.1)", model=handle.name, command=COMMAND,
-        settings={"layers": layers, "seed": options.seed, "target prompt": IDENTITY_PROMPT,
-                  "corpus": "Python's pydoc_data topics prose, split with datasets"},
-        summary=summary, tables=[Table("Precision@1 and surprisal (nats) per source layer", columns, rows)],
+        settings={"layers": layers, "seed": seed, "target prompt": IDENTITY_PROMPT,
+                  "corpus": "Python's pydoc_data topics prose, split with datasets",
+                  "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
+        summary=summary, tables=[Table("Precision@1 [95% bootstrap interval] and surprisal (nats) per source layer",
+                                       columns, rows)],
         notes=["Precision@1: the readout's top token equals the model's own next-token prediction at i; "
                "surprisal: -log p_model(readout's top token).",
                "Token identity patches l* = l at the prompt's last token '?' and reads the next token there; the logit and tuned lens are "
-               "computed exactly as the final norm and unembedding (equal to the pyvene path, tested)."],
-        data={"scores": {n: {str(l): list(v) for l, v in per.items()} for n, per in scores.items()}},
+               "computed exactly as the final norm and unembedding (equal to the pyvene path, tested).",
+               "No layer is chosen from the results here: each readout is reported at every layer, and the "
+               f"headline layer {probe} is fixed in advance. Intervals: percentile bootstrap over texts; "
+               "comparisons: exact McNemar test on the same texts."],
+        data=data,
     )
 
 

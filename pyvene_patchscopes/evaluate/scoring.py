@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ..errors import SpecError
+
 
 def rate(values: Sequence[bool]) -> float:
     """The share of True values (NaN for none: an empty cell is unknown, not zero)."""
@@ -102,5 +104,33 @@ def stages(readouts: Sequence[str], argument: str, answer: str) -> list[str]:
             for token in readouts]
 
 
+MISSING = -1  # no token at this step: the generation stopped (EOS) before it; never a hit
+
+
+def pad_ids(rows: Sequence[Sequence[int]] | torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k] token ids: each row cut to its first k ids, a shorter row padded with `MISSING`."""
+    if isinstance(rows, torch.Tensor):
+        rows = rows.tolist()
+    return torch.tensor([[int(t) for t in row[:k]] + [MISSING] * (k - len(row[:k])) for row in rows],
+                        dtype=torch.long).reshape(len(rows), k)
+
+
+def future_hits(guesses: Sequence[Sequence[int]] | torch.Tensor, reference: Sequence[Sequence[int]] | torch.Tensor,
+                k: int) -> torch.Tensor:
+    """[n, k] bool: whether the guess for the token j + 1 steps ahead is the reference token there (the Future
+    Lens's Precision@1 per step, Pal et al. 2023). Rows may be ragged; a missing guess or reference is a miss."""
+    g, r = pad_ids(guesses, k), pad_ids(reference, k)
+    if g.shape != r.shape:
+        raise SpecError(f"future_hits: {g.shape[0]} rows of guesses for {r.shape[0]} references (allowed: one "
+                         "row of guesses per reference)")
+    return (g == r) & (g != MISSING)
+
+
+def repeat_guess(top1: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
+    """[n, k]: one token per row guessed for every future step (the logit lens's bigram-style baseline)."""
+    return torch.as_tensor(top1, dtype=torch.long).reshape(-1, 1).expand(-1, k).clone()
+
+
 __all__ = ["precision_at_1", "surprisal", "object_in_generation", "cut_at_next_example", "rouge_l",
-           "same_token", "saturation_layer", "starts_word", "stages"]
+           "same_token", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids", "future_hits",
+           "repeat_guess"]

@@ -20,6 +20,7 @@ from ..spec import Patchscope, Source, Target
 from .common import EvalOptions, check_layers
 from ..plot import subplots
 from .report import Report, Table, save_figure
+from .stats import Interval, bootstrap
 from .scoring import saturation_layer, stages, starts_word
 
 COMMAND = "patchscopes eval stages --out reports/stages"
@@ -46,7 +47,8 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
             tasks[task].append((prompt.format(answer=capital), country, capital))
     kept = {task: [item for item in items if _answers(handle, item)] for task, items in tasks.items()}
     readouts = {t: readout(handle, kept, [l for l in layers if l <= t], t, options) for t in target_layers}
-    report = build_report(handle, layers, readouts, {task: len(items) for task, items in kept.items()})
+    report = build_report(handle, layers, readouts, {task: len(items) for task, items in kept.items()},
+                          options.seed)
     plot(report, readouts, out)
     report.seconds = time.perf_counter() - start
     return report
@@ -82,23 +84,25 @@ def _prob_of(handle: ModelHandle, logits: torch.Tensor, word: str) -> float:
     return float(torch.softmax(logits.float(), -1)[first])
 
 
-def _saturation(labels: list[list[str]], layers: list[int]) -> float:
+def _saturation(labels: list[list[str]], layers: list[int], seed: int = 0) -> Interval:
+    """Mean saturation layer over the prompts whose answer saturates, with its bootstrap interval."""
     found = [layers[j] for j in (saturation_layer([lab == "answer" for lab in seq]) for seq in labels) if j is not None]
-    return mean(found) if found else float("nan")
+    return bootstrap(found, seed)
 
 
 def _fraction(labels: list[list[str]], j: int, stage: str) -> float:
     return sum(seq[j] == stage for seq in labels) / len(labels) if labels else float("nan")
 
 
-def build_report(handle: ModelHandle, layers: list[int], readouts: dict, kept: dict) -> Report:
+def build_report(handle: ModelHandle, layers: list[int], readouts: dict, kept: dict, seed: int = 0) -> Report:
     summary: dict[str, Any] = {f"{task}: prompts the model answers": count for task, count in kept.items()}
     tables = []
+    intervals = {}
     for target_layer, per in readouts.items():
-        abstractive = _saturation(per["abstractive"]["labels"], per["layers"])
-        extractive = _saturation(per["extractive"]["labels"], per["layers"])
-        summary[f"l* = {target_layer}: mean saturation layer, abstractive / extractive"] = \
-            f"{abstractive:.1f} / {extractive:.1f}"
+        for task in ("abstractive", "extractive"):
+            name = f"l* = {target_layer}: mean saturation layer, {task}"
+            intervals[name] = interval = _saturation(per[task]["labels"], per["layers"], seed)
+            summary[name] = f"{interval.format(1)} (n = {interval.n})"
         rows = []
         for j, layer in enumerate(per["layers"]):
             row: list[Any] = [layer]
@@ -118,8 +122,10 @@ def build_report(handle: ModelHandle, layers: list[int], readouts: dict, kept: d
         summary=summary, tables=tables,
         notes=["'argument' = the top-1 token starts the country's name, 'answer' = it starts the capital's name.",
                "Saturation layer: the first source layer from which the answer stays top-1 for every later source "
-               "layer up to l*. Source layers above l* are not patched (their state would enter an earlier layer)."],
-        data={str(t): per for t, per in readouts.items()},
+               "layer up to l*. Source layers above l* are not patched (their state would enter an earlier layer).",
+               "Intervals: percentile bootstrap over the prompts whose answer saturates (n in the summary)."],
+        data={**{str(t): per for t, per in readouts.items()},
+              "intervals": {name: interval.to_dict() for name, interval in intervals.items()}},
     )
 
 

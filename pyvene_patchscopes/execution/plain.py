@@ -48,8 +48,10 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
 # ---- patch at the target -------------------------------------------------------------------------------------------
 def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
           vectors: torch.Tensor, max_new_tokens: int = 0,
-          mapping: MappingFunction | None = None) -> tuple[torch.Tensor, list[str] | None]:
-    """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits and generations."""
+          mapping: MappingFunction | None = None
+          ) -> tuple[torch.Tensor, list[str] | None, list[list[int]] | None]:
+    """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits, generations and
+    their token ids (per row up to and including EOS, as the planned path gives them)."""
     batch = Batch.encode(handle, prompts)
     where = [pad + position for pad, position in zip(batch.pad, positions)]
     if mapping is None:
@@ -62,7 +64,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         if max_new_tokens == 0:
             _, output = pvm(base={**batch.inputs, "logits_to_keep": 1}, unit_locations=base_locations(where),
                             source_representations={key: representation})
-            return output.logits[:, -1].float(), None
+            return output.logits[:, -1].float(), None, None
         base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
         _, output = pvm.generate(
             base, unit_locations=base_locations(where), source_representations={key: representation},
@@ -70,7 +72,13 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         )
     new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
     texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return output.logits[0].float(), texts
+    tokens = [_until_eos(row, handle.tokenizer.eos_token_id) for row in new_tokens.tolist()]
+    return output.logits[0].float(), texts, tokens
+
+
+def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    """A row of generated ids cut after its first EOS (what follows is padding)."""
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
 
 
 def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:

@@ -78,7 +78,7 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
     layers = check_layers("--layers", options.pick("layers", range(0, source.n_layers - 1, 3)), source)
     target_layers = check_layers("--target-layers", options.pick("target_layers", range(0, target.n_layers - 1, 3)),
                                  target)
-    splits = prose_splits(options.pick("n_train", 150), options.pick("limit", 32), options.seed)
+    splits = prose_splits(options.pick("n_train", 150), options.pick("limit", 64), options.seed)
     maps = fit_maps(source, target, layers, target_layers, splits["train"]["text"], options.progress)
     prefixes = eval_prefixes(source, target, splits["evaluation"]["text"], options.seed)
     last = source.n_layers - 1

@@ -37,7 +37,7 @@ from .stats import RESAMPLES, bootstrap, paired, record
 
 FRACTIONS = (0.05, 0.2)
 RANDOM_DRAWS = 10
-EXACT_TEXTS = 4  # exact Fisher costs d backward passes per text (~23 s each here): the 4 shortest texts
+EXACT_TEXTS = 8  # exact Fisher costs d backward passes per text (~23 s each here): the 8 shortest texts
 BASELINE = "gradient x input"  # the paper's baseline, which each scope is compared with
 MIN_TOKENS, MAX_TOKENS = 24, 80
 COMMAND = "patchscopes eval jacobian --out reports/jacobian"

@@ -36,7 +36,7 @@ browser:                                       # 12 s on a fresh Debian bookworm
 test: install browser
 	$(PY) -m pytest -q
 
-eval: install                                  # the paper's experiments, about 26 min on 2 CPU cores
+eval: install                                  # the paper's experiments on both embedded models, about 39 min on 2 CPU cores
 	$(VENV)/bin/patchscopes eval all --out reports
 
 bench: install                                 # official loop vs plain pyvene vs the engine, about 8 min on 2 CPU cores

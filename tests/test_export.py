@@ -218,15 +218,20 @@ def test_the_cross_model_page_holds_every_precision_of_its_report(tmp_path):
         assert grid["rows"] == [str(l) for l in layers] and grid["cols"] == [str(t) for t in targets]
         shades = [[c["shade"] for c in row] for row in grid["cells"]]
         assert shades == [[report.data[name][f"{l},{t}"] for t in targets] for l in layers]  # vmin 0, vmax 1
-    assert max(c["shade"] for row in affine["cells"] for c in row) == report.summary["Precision@1 there, affine"]
+    best = report.data["intervals"]["Precision@1 at the best cell (oracle: chosen on all texts), affine"]
+    assert max(c["shade"] for row in affine["cells"] for c in row) == pytest.approx(best["estimate"])
 
 
 def test_the_attributes_page_agrees_with_the_reports_table(tmp_path):
     report = Report.load(REPORTS / "attributes")
     [path] = write_pages(report, tmp_path)
     [part] = _Page(path.read_text(encoding="utf-8")).parts()
-    best_single = [row[2] for row in report.tables[0].rows]  # "Patchscope (best single l*)" per source layer
+    layers, targets = report.settings["layers"], report.settings["target_layers"]
+    correct = report.data["correct"]  # per fact, {l: {l*: right?}}
+    best_single = [max(sum(f[str(l)][str(t)] for f in correct) / len(correct) for t in targets) for l in layers]
     assert [max(c["shade"] for c in row) for row in part["data"]["cells"]] == pytest.approx(best_single)
+    oracle = [row[1] for row in report.data["per_layer"]]  # any l* per fact: at least the best single l*
+    assert all(o >= b - 1e-12 for o, b in zip(oracle, best_single)) and oracle != best_single
     notes = list(report.notes)
     write_pages(report, tmp_path)
     assert report.notes == notes and notes[-1].startswith("attributes.html:")  # named once, however often written

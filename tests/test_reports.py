@@ -28,14 +28,30 @@ def _folders() -> list[Path]:
     return [REPORTS / name for name in names]
 
 
-def _reported() -> set[tuple[float, float, float]]:
-    """Every (estimate, low, high) the reports hold: intervals, and the differences of paired comparisons."""
-    found = set()
+def _walk(value):
+    """Every dict and string inside a report.json value."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
+    elif isinstance(value, str):
+        yield value
+
+
+def _reported() -> tuple[set[tuple[float, float, float]], list[tuple[float, float, float]]]:
+    """Every (estimate, low, high) the reports hold: as numbers (intervals, paired differences, held-out
+    choices), and as the text of their tables and summaries (printed to 3 digits)."""
+    numbers, printed = set(), []
     for folder in _folders():
-        for value in json.loads((folder / "report.json").read_text())["data"].get("intervals", {}).values():
-            interval = value.get("difference", value)
-            found.add((interval["estimate"], interval["low"], interval["high"]))
-    return found
+        for item in _walk(json.loads((folder / "report.json").read_text())):
+            if isinstance(item, dict) and {"estimate", "low", "high"} <= set(item):
+                numbers.add((item["estimate"], item["low"], item["high"]))
+            elif isinstance(item, str):
+                printed += [tuple(float(v) for v in m.groups()) for m in INTERVAL.finditer(item)]
+    return numbers, printed
 
 
 def test_reports_hold_every_task_on_its_models_with_intervals():
@@ -53,14 +69,19 @@ def test_reports_hold_every_task_on_its_models_with_intervals():
         assert report["model"] == SECOND_MODEL and "split" in report["data"]
 
 
-@pytest.mark.parametrize("digits", [2, 3])
-def test_every_interval_in_the_readme_comes_from_a_report(digits):
-    reported = {tuple(round(v, digits) for v in triple) for triple in _reported()}
-    shown = [(m.group(0), tuple(float(v) for v in m.groups())) for m in INTERVAL.finditer(_sections())
-             if len(m.group(1).split(".")[1]) == digits]
-    assert digits == 3 or len(shown) >= 30
-    missing = [text for text, triple in shown if triple not in reported]
-    assert not missing, f"README intervals not found in reports/ at {digits} digits: {missing}"
+def test_every_interval_in_the_readme_comes_from_a_report():
+    numbers, printed = _reported()
+    shown = [(m.group(0), tuple(float(v) for v in m.groups()), len(m.group(1).split(".")[1]))
+             for m in INTERVAL.finditer(_sections())]
+    assert len(shown) >= 40
+
+    def found(triple: tuple[float, ...], digits: int) -> bool:
+        if triple in {tuple(round(v, digits) for v in t) for t in numbers}:
+            return True  # a 2-digit README value may round a table's 3-digit text: within half a unit
+        return any(all(abs(a - b) <= 0.5 * 10 ** -digits + 1e-9 for a, b in zip(triple, t)) for t in printed)
+
+    missing = [text for text, triple, digits in shown if not found(triple, digits)]
+    assert not missing, f"README intervals not found in reports/: {missing}"
 
 
 def test_no_number_in_a_readme_evaluation_table_lacks_its_interval():

@@ -58,13 +58,16 @@ def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
 
 def test_02_paper_tour_runs_every_eval_command(tmp_path):
     summary = execute("02_paper_tour", tmp_path)
-    assert set(summary) >= {"next-token", "attributes", "entities", "cross-model", "multihop"}
+    assert set(summary) >= {"next-token", "future", "attributes", "entities", "cross-model", "multihop"}
     assert summary["next-token"]["logit lens Precision@1 at the last layer"] == 1.0
     assert summary["entities"]["ROUGE-L at that layer, popular"] > summary["entities"]["ROUGE-L at that layer, rare"]
     cross = summary["cross-model"]
     assert cross["Precision@1 at the best cell (oracle: chosen on all texts), affine"] > \
         cross["Precision@1 there, identity (zero-padded)"]
-    for task in ("next-token", "attributes", "entities", "cross-model", "multihop"):
+    future = summary["future"]  # step 1 at the last layer is the model's own next token, for all 12 texts
+    assert future["step 1: future lens Precision@1 at the last layer (exact: the model's own next token)"] == 1.0
+    assert "step 2: future lens Precision@1 there, test split" in future
+    for task in ("next-token", "future", "attributes", "entities", "cross-model", "multihop"):
         assert (tmp_path / "tour" / task / "report.md").is_file(), task
 
 

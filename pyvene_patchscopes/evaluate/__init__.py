@@ -10,7 +10,7 @@ from typing import Callable
 from ..errors import UnknownNameError
 from ..models import ModelHandle
 from ..spec import DEFAULT_MODEL
-from .common import EvalOptions
+from .common import EvalOptions, folder_name
 from .report import Report, Table
 
 
@@ -67,11 +67,6 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
 # Tasks also run on the larger embedded model by `eval all`, so the reports hold both models side by side.
 SECOND_MODEL = "gemma3-270m"
 ON_BOTH_MODELS = ("attributes", "multihop")
-
-
-def folder_name(task: str, model: str) -> str:
-    """``TASK`` on the default model, ``TASK-MODEL`` on another (``multihop-gemma3-270m``)."""
-    return task if model == DEFAULT_MODEL else f"{task}-{model}"
 
 
 def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path,

@@ -24,8 +24,8 @@ from ..errors import PatchscopeError
 from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
-from ..spec import DEFAULT_MODEL, Source
-from .common import EvalOptions, check_layers, generate, read_states
+from ..spec import Source
+from .common import EvalOptions, check_layers, eval_command, generate, read_states
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
@@ -185,7 +185,8 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
     if chosen is not None:
         columns += ["l* chosen on dev", "Patchscope at that l*, test split", "any l* (oracle), test split"]
     return Report(
-        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name, command=command(handle.name),
+        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name,
+        command=eval_command("attributes", handle.name),
         settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
                   "source prompt": "Here is a <kind>: <subject>", "facts": options.data or "shipped facts.jsonl",
                   "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": seed,
@@ -209,12 +210,6 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
                "test on the same test facts."],
         data={**data, "per_layer": per_layer},
     )
-
-
-def command(model: str) -> str:
-    """The command line that writes this report for `model` (the default model's is COMMAND)."""
-    return (COMMAND if model == DEFAULT_MODEL else
-            f"patchscopes eval attributes --model {model} --out reports/attributes-{model}")
 
 
 def _indices(known: list[dict], swept: list[dict]) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 from ..sites import Site, final_norm_path, hidden_state_site
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
+from ..spec import DEFAULT_MODEL
 
 
 @dataclass
@@ -40,6 +41,17 @@ class EvalOptions:
     def pick(self, name: str, default: Any) -> Any:
         value = getattr(self, name)
         return default if value is None else value
+
+
+def folder_name(task: str, model: str) -> str:
+    """``TASK`` on the default model, ``TASK-MODEL`` on another (``multihop-gemma3-270m``)."""
+    return task if model == DEFAULT_MODEL else f"{task}-{model}"
+
+
+def eval_command(task: str, model: str) -> str:
+    """The command line that writes `task`'s report for `model` into ``reports/``."""
+    flag = "" if model == DEFAULT_MODEL else f" --model {model}"
+    return f"patchscopes eval {task}{flag} --out reports/{folder_name(task, model)}"
 
 
 def check_layers(owner: str, layers: Sequence[int], handle: ModelHandle) -> list[int]:
@@ -134,5 +146,5 @@ def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 
     return texts
 
 
-__all__ = ["EvalOptions", "check_layers", "source_site", "read_states", "lens_logits", "sample_prefix", "sample_prefixes",
+__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "source_site", "read_states", "lens_logits", "sample_prefix", "sample_prefixes",
            "generate"]

@@ -19,8 +19,7 @@ from ..errors import PatchscopeError
 from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import multihop
-from ..spec import DEFAULT_MODEL
-from .common import EvalOptions, check_layers, generate
+from .common import EvalOptions, check_layers, eval_command, generate
 from .data import load_jsonl, rows
 from ..plot import subplots
 from .report import Report, Table, save_figure
@@ -130,7 +129,7 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
         examples.append([query(q), q["answer"], vanilla[k], cot[k], f"{hit}: {generations[(k, *hit)]}" if hit else ""])
     return Report(
         task="multihop", title="Multi-hop correction with the CoT Patchscope (paper §5)", model=handle.name,
-        command=command(handle.name), settings={
+        command=eval_command("multihop", handle.name), settings={
             "layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS, "CoT prefix": COT_PREFIX,
             "segments isolated": True, "select on": options.select_on, "seed": seed,
             "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
@@ -148,11 +147,6 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
                "Intervals: percentile bootstrap over queries; paired comparisons: exact McNemar test."],
         data=data,
     )
-
-
-def command(model: str) -> str:
-    """The command line that writes this report for `model` (the default model's is COMMAND)."""
-    return COMMAND if model == DEFAULT_MODEL else f"patchscopes eval multihop --model {model} --out reports/multihop-{model}"
 
 
 def _rate_mean(values: list[float]) -> float:

@@ -123,16 +123,16 @@ def sample_prefixes(handle: ModelHandle, texts: Sequence[str], seed: int) -> lis
     return [p for p in prefixes if p is not None]
 
 
-def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
-             progress: bool | None = None, desc: str = "generate") -> list[str]:
-    """Greedy continuations of unpatched prompts (the vanilla baselines and the known-fact filters)."""
+def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
+                 progress: bool | None = None, desc: str = "generate") -> list[list[int]]:
+    """Greedy new token ids after each unpatched prompt, each row up to and including its first EOS."""
     from tqdm.auto import tqdm
 
     from ..compat import pyvene_guard
     from ..execution.batching import Batch, chunks
-    from ..execution.plain import greedy_config
+    from ..execution.plain import _until_eos, greedy_config
 
-    texts: list[str] = []
+    rows: list[list[int]] = []
     batches = list(chunks(list(prompts), batch_size))
     config = greedy_config(handle, max_new_tokens)
     with pyvene_guard(handle.model), torch.no_grad():
@@ -141,10 +141,17 @@ def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 
             batch = Batch.encode(handle, batch_prompts)
             inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
             output = handle.model.generate(**inputs, generation_config=config)
-            new = output.sequences[:, inputs["input_ids"].shape[1]:]
-            texts.extend(handle.tokenizer.batch_decode(new, skip_special_tokens=True))
-    return texts
+            new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+            rows.extend(_until_eos(row, handle.tokenizer.eos_token_id) for row in new)
+    return rows
 
 
-__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "source_site", "read_states", "lens_logits", "sample_prefix", "sample_prefixes",
-           "generate"]
+def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
+             progress: bool | None = None, desc: str = "generate") -> list[str]:
+    """Greedy continuations of unpatched prompts (the vanilla baselines and the known-fact filters)."""
+    ids = generate_ids(handle, prompts, max_new_tokens, batch_size, progress, desc)
+    return handle.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "source_site", "read_states", "lens_logits",
+           "sample_prefix", "sample_prefixes", "generate", "generate_ids"]

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 
 from ..engine import run as run_scopes
-from ..execution.batching import Batch, chunks
+from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..plot import subplots
 from ..presets import FUTURE_LENS_PROMPT, future_lens
 from ..spec import Source
-from .common import EvalOptions, check_layers, lens_logits, read_states, sample_prefixes
+from .common import EvalOptions, check_layers, generate_ids, lens_logits, read_states, sample_prefixes
 from .data import prose_splits
 from .report import Report, Table, save_figure
 from .scoring import future_hits, repeat_guess
@@ -62,18 +62,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
 
 def continuations(handle: ModelHandle, prompts: Sequence[str], k: int, batch_size: int) -> list[list[int]]:
     """The model's own greedy k next tokens after each prompt, unpatched (ids, each row up to its first EOS)."""
-    from ..compat import pyvene_guard
-    from ..execution.plain import greedy_config
-
-    eos, rows = handle.tokenizer.eos_token_id, []
-    config = greedy_config(handle, k)
-    with pyvene_guard(handle.model), torch.no_grad():
-        for batch_prompts in chunks(list(prompts), batch_size):
-            inputs = {n: v for n, v in Batch.encode(handle, batch_prompts).inputs.items() if n != "position_ids"}
-            output = handle.model.generate(**inputs, generation_config=config)
-            for row in output.sequences[:, inputs["input_ids"].shape[1]:].tolist():
-                rows.append(row[: row.index(eos) + 1] if eos in row else row)  # after EOS comes padding
-    return rows
+    return generate_ids(handle, prompts, k, batch_size, progress=False, desc="reference")
 
 
 def future_guesses(handle: ModelHandle, prefixes: list[str], layers: list[int], states: dict[int, torch.Tensor],

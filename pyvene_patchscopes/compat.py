@@ -295,7 +295,8 @@ def load_model_weights(pvm: pv.IntervenableModel, directory: str | Path, device=
 
 
 def _load_state(intervention: nn.Module, state: dict, key: str) -> None:
-    check_finite(state, f"weights for intervention {key!r}: tensor")
+    running = {k: v.dtype for k, v in intervention.state_dict().items()}  # load_state_dict casts to these
+    check_finite(state, f"weights for intervention {key!r}: tensor", running)
     try:
         intervention.load_state_dict(state)
     except RuntimeError as err:  # missing/unexpected keys or shape mismatches

@@ -98,7 +98,7 @@ def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved]
             shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
             raise SpecError(f"source_states[{k}] has shape {shape} (allowed: a tensor of shape ({size},), the "
                             "source model's hidden size)")
-        check_finite({f"source_states[{k}]": state}, "tensor")
+        check_finite({f"source_states[{k}]": state}, "tensor", models[item.scope.source.model].dtype)
 
 
 def warn_uninformative(resolved: list[Resolved]) -> None:

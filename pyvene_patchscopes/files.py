@@ -106,12 +106,37 @@ def read_safetensors(path: Path, what: str, device: str | torch.device = "cpu",
         raise SpecError(f"{what} {path.name!r} is not a valid safetensors file ({reason})") from None
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse NaN or infinite values: they would give silent NaN probabilities and arbitrary tokens."""
+FLOAT_DTYPES = "float16, bfloat16, float32, float64 (and float8, read as float32)"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str,
+                 run_dtypes: dict[str, torch.dtype] | torch.dtype | None = None) -> None:
+    """Refuse weights that would give silent NaN probabilities and arbitrary tokens.
+
+    Each tensor is checked in the dtype it will run in (`run_dtypes`, one for all or one per name; by default
+    its own, float8 read as float32): 1e300 is finite in float64 and inf in float32. Where a float runs, the
+    tensor must be a float (integers and bools would be cast without a word); where an integer runs (a
+    saved size, a text's bytes), the tensor is left alone.
+    """
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise SpecError(f"{what} {name!r} has {bad} non-finite value(s) (NaN or inf) "
+        run = run_dtypes.get(name) if isinstance(run_dtypes, dict) else run_dtypes
+        if run is None:
+            run = tensor.dtype if not tensor.is_floating_point() or tensor.element_size() > 1 else torch.float32
+        if not run.is_floating_point:
+            continue
+        if not tensor.is_floating_point():
+            raise SpecError(f"{what} {name!r} has dtype {_dtype_name(tensor.dtype)} (allowed: a floating-point "
+                            f"dtype: {FLOAT_DTYPES})")
+        cast = tensor.to(run if run.itemsize > 1 else torch.float32)
+        if not bool(torch.isfinite(cast).all()):
+            bad = int((~torch.isfinite(cast)).sum())
+            where = "" if cast.dtype == tensor.dtype else \
+                f" once cast from {_dtype_name(tensor.dtype)} to {_dtype_name(cast.dtype)}, the dtype it runs in"
+            raise SpecError(f"{what} {name!r} has {bad} non-finite value(s) (NaN or inf){where} "
                             "(allowed: finite numbers only)")
 
 

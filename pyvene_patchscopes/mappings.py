@@ -97,7 +97,7 @@ class Affine(MappingFunction):
         if weight.ndim != 2 or bias.shape != (weight.shape[0],):
             raise SpecError(f"affine weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit "
                             "(allowed: weight [d_target, d_source], bias [d_target])")
-        check_finite({"weight": weight, "bias": bias}, "Affine")
+        check_finite({"weight": weight, "bias": bias}, "Affine", torch.float32)  # the dtype Affine runs in
         module = cls(weight.shape[1], weight.shape[0])
         module.load_state_dict({"weight": weight.float(), "bias": bias.float()})
         return module
@@ -187,6 +187,9 @@ def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -
                 f"{source_dim} -> {target_dim} needs {list(expected[key].shape)}"
             )
     if spec.weights:
+        # checked in the dtype each weight runs in: a float64 1e300 passes its own check and is inf in float32
+        check_finite(dict(spec.weights), f"Patchscope.mapping={spec.name!r} weight",
+                     {k: v.dtype for k, v in expected.items()})
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in spec.weights.items()})
     return module.eval()
 

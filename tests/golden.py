@@ -4,6 +4,8 @@ Each prompt runs on its own (no padding) so the reference is independent of the 
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import GenerationConfig
@@ -154,16 +156,20 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
                 hooks.append(block(handle.model, read_layer).register_forward_hook(reader))
                 hooks.append(block(handle.model, write_layer).register_forward_hook(writer))
             out = handle.model(ids, attention_mask=attention, position_ids=torch.arange(n)[None], use_cache=True)
-            logits, cache, generated = out.logits[0], out.past_key_values, []
+            # transformers 5 takes and returns the cache as `cache` (`past_key_values` warns, and goes in 5.40)
+            new_api = "cache" in inspect.signature(handle.model.forward).parameters
+            logits, generated = out.logits[0], []
+            cache = out.cache if new_api else out.past_key_values
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             for step in range(max_new_tokens):
                 generated.append(int(token))
                 if int(token) == handle.tokenizer.eos_token_id:
                     break
-                step_out = handle.model(token, past_key_values=cache, use_cache=True,
-                                        attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
-                                        position_ids=torch.tensor([[n + step]]))
-                cache, token = step_out.past_key_values, step_out.logits[:, -1].argmax(-1, keepdim=True)
+                step_out = handle.model(token, use_cache=True, attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
+                                        position_ids=torch.tensor([[n + step]]),
+                                        **{"cache" if new_api else "past_key_values": cache})
+                cache = step_out.cache if new_api else step_out.past_key_values
+                token = step_out.logits[:, -1].argmax(-1, keepdim=True)
     finally:
         for hook in hooks:
             hook.remove()

@@ -12,6 +12,7 @@ sequence: collect (l, i), then patch (l*, i*) — what the paper's code does wit
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +165,8 @@ def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch,
 def _greedy(handle: ModelHandle, output, batch: MaskedBatch, max_new_tokens: int) -> list[str]:
     """Greedy decoding from the patched prompt's KV cache; new tokens attend to every earlier real token."""
     eos = handle.tokenizer.eos_token_id
-    cache, token = output.past_key_values, output.logits[:, -1].argmax(-1, keepdim=True)
+    keyword = cache_keyword(handle.model)
+    cache, token = returned_cache(output), output.logits[:, -1].argmax(-1, keepdim=True)
     rows, n = token.shape[0], batch.input_ids.shape[1]
     real = torch.ones(rows, n, dtype=torch.long, device=handle.device)
     for row, pad in enumerate(batch.pad):
@@ -180,10 +182,22 @@ def _greedy(handle: ModelHandle, output, batch: MaskedBatch, max_new_tokens: int
         if all(done) or step == max_new_tokens - 1:
             break
         real = torch.cat([real, torch.ones(rows, 1, dtype=torch.long, device=handle.device)], dim=1)
-        out = handle.model(input_ids=token, past_key_values=cache, use_cache=True, attention_mask=real,
-                           position_ids=lengths + step)
-        cache, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = handle.model(input_ids=token, use_cache=True, attention_mask=real, position_ids=lengths + step,
+                           **{keyword: cache})
+        cache, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     return handle.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword the model's forward takes its key/value cache by: ``cache`` in transformers 5 (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` in earlier releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward returned, under its current name or the earlier one (which now warns)."""
+    cache = output.get("cache") if hasattr(output, "get") else None
+    return cache if cache is not None else output.past_key_values
 
 
 __all__ = ["run_reroute", "run_reroutes", "prompt_pass", "segments", "segment_mask", "encode", "MaskedBatch"]

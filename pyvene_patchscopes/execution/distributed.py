@@ -1,6 +1,7 @@
 """Data-parallel runs with `accelerate launch`: units of work split over processes, results gathered.
 
-The split uses `datasets` sharding (`split_dataset_by_node`, contiguous shards) and the gather uses
+The split uses `datasets` sharding (`split_dataset_by_node`, contiguous shards; with fewer units than
+processes, one unit each to the first ones and none to the rest) and the gather uses
 torch.distributed through accelerate (gloo on CPUs, NCCL on GPUs). Units are planned before the
 split, so each one is computed exactly as it would be in a single process.
 """
@@ -31,8 +32,11 @@ def my_units(n_units: int, distributed: bool | None = None) -> list[int]:
     from datasets.distributed import split_dataset_by_node
 
     process = state()
+    rank, size = process.process_index, process.num_processes
+    if n_units < size:  # datasets refuses a shard past the last row; the processes beyond it have no work
+        return [rank] if rank < n_units else []
     units = datasets.Dataset.from_dict({"unit": list(range(n_units))})
-    return list(split_dataset_by_node(units, rank=process.process_index, world_size=process.num_processes)["unit"])
+    return list(split_dataset_by_node(units, rank=rank, world_size=size)["unit"])
 
 
 def gather_units(parts: dict[int, Any], distributed: bool | None = None) -> dict[int, Any]:

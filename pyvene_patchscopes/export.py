@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .errors import SpecError
+from .outputs import finite
 from .plot import NO_INFORMATION, _label
 
 if TYPE_CHECKING:
@@ -89,9 +90,9 @@ def numeric_grid(values: Any, rows: Sequence[Any], cols: Sequence[Any], title: s
     if len(table) != len(rows) or any(len(row) != len(cols) for row in table):
         shape = (len(table), *{len(row) for row in table})
         raise SpecError(f"values has shape {shape} (allowed: {len(rows)} rows x {len(cols)} columns, as rows, cols)")
-    finite = [v for row in table for v in row if math.isfinite(v)]
-    low = min(finite, default=0.0) if vmin is None else vmin
-    high = max(finite, default=1.0) if vmax is None else vmax
+    present = [v for row in table for v in row if math.isfinite(v)]
+    low = min(present, default=0.0) if vmin is None else vmin
+    high = max(present, default=1.0) if vmax is None else vmax
     span = high - low
 
     def cell(value: float, r: Any, c: Any) -> dict[str, Any]:
@@ -115,19 +116,9 @@ def static_file(name: str) -> str:
 def _json_for_script(data: Any) -> str:
     """JSON that a <script> element cannot end early: <, >, & and / are written as escapes (so neither
     ``</script>`` nor ``<!--`` nor any ``//`` can appear), NaN as null."""
-    text = json.dumps(_finite(data), ensure_ascii=False, allow_nan=False)
+    text = json.dumps(finite(data), ensure_ascii=False, allow_nan=False)
     return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace("/", "\\/")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
-
-
-def _finite(data: Any) -> Any:
-    if isinstance(data, float):
-        return data if math.isfinite(data) else None
-    if isinstance(data, dict):
-        return {str(k): _finite(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_finite(v) for v in data]
-    return data
 
 
 def _escape(text: str) -> str:
@@ -159,9 +150,9 @@ def page(title: str, parts: Sequence[tuple[str, dict[str, Any]]]) -> str:
 
 def write_page(path: str | Path, title: str, parts: Sequence[tuple[str, dict[str, Any]]]) -> Path:
     """Write `page(title, parts)` to `path` (UTF-8) and return the path."""
-    path = Path(path)
-    path.write_text(page(title, parts), encoding="utf-8")
-    return path
+    from .outputs import write_text
+
+    return write_text(path, page(title, parts))
 
 
 __all__ = ["sweep_grid", "layers_table", "numeric_grid", "result_cell", "page", "write_page", "static_file"]

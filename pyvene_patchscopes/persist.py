@@ -23,6 +23,7 @@ import torch
 from .errors import SpecError, UnknownNameError
 from .files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
 from .models import ModelHandle
+from .outputs import write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
@@ -76,7 +77,7 @@ def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[s
         data["mapping"]["weights"] = WEIGHTS_FILE
     data["models"] = {name: model_record(models[name]) if name in models else {} for name in dict.fromkeys(names)}
     data["description"] = str(description)
-    (directory / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_text(directory / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
     return directory
 
 

@@ -104,5 +104,7 @@ def _finish(fig: "Figure", ax, image, path: str | Path | None) -> "Figure":
     fig.colorbar(image, ax=ax, label="p(top token)")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=150)
+        from .outputs import save_figure
+
+        save_figure(fig, path, dpi=150)
     return fig

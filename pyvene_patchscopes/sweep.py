@@ -124,7 +124,9 @@ class SweepResult:
 
         html = page(f"Patchscopes sweep: {self.preset}", [("heatmap", sweep_grid(self, prompt))])
         if path is not None:
-            Path(path).write_text(html, encoding="utf-8")
+            from .outputs import write_text
+
+            write_text(path, html)
         return html
 
 

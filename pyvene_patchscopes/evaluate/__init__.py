@@ -9,6 +9,7 @@ from typing import Callable
 
 from ..errors import UnknownNameError
 from ..models import ModelHandle
+from ..outputs import write_text
 from ..spec import DEFAULT_MODEL
 from .common import EvalOptions, folder_name
 from .report import Report, Table
@@ -97,8 +98,8 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
         lines.append("")
     out.mkdir(parents=True, exist_ok=True)
     path = out / "README.md"
-    path.write_text("\n".join(lines))
-    (out / "summary.json").write_text(json.dumps({(folder_name(r.task, r.model) if " -> " not in r.model else r.task):
+    write_text(path, "\n".join(lines))
+    write_text(out / "summary.json", json.dumps({(folder_name(r.task, r.model) if " -> " not in r.model else r.task):
                                                   {"seconds": r.seconds, **r.summary} for r in reports},
                                                  indent=1, default=float) + "\n")
     return path

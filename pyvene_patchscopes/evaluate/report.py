@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..outputs import save_figure as write_figure, write_text
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -76,8 +78,8 @@ class Report:
         """Write ``report.json`` and ``report.md`` (figures are written by the task) into `out`."""
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "report.json").write_text(json.dumps(self.to_dict(), indent=1, default=float) + "\n")
-        (folder / "report.md").write_text(self.markdown())
+        write_text(folder / "report.json", json.dumps(self.to_dict(), indent=1, default=float) + "\n")
+        write_text(folder / "report.md", self.markdown())
         return folder
 
 
@@ -85,7 +87,7 @@ def save_figure(figure: "Figure", out: str | Path | None, name: str, report: Rep
     """Save a figure made by `plot.subplots` as ``out/name`` and list it in the report; without `out`, do nothing."""
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        figure.savefig(Path(out) / name, dpi=120, bbox_inches="tight")
+        write_figure(figure, Path(out) / name, dpi=120, bbox_inches="tight")
         report.figures.append(name)
 
 

@@ -52,7 +52,9 @@ class Attribution:
 
         page = attribution_html(self)
         if path is not None:
-            Path(path).write_text(page, encoding="utf-8")
+            from ..outputs import write_text
+
+            write_text(path, page)
         return page
 
     def plot(self, path: str | Path | None = None):

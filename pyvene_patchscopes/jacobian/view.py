@@ -92,7 +92,9 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
                                          cmap=cmap), ax=ax, fraction=0.025, pad=0.01)
     bar.set_label("score")
     if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        from ..outputs import save_figure
+
+        save_figure(fig, path, dpi=120, bbox_inches="tight")
     return fig
 
 

@@ -1,0 +1,175 @@
+"""Write the files a user asked for: each path checked before any work, each write a temporary file and a rename.
+
+A sweep can run for hours; an output path that cannot be written must fail before it starts, not after. So
+`check_file` and `check_folder` refuse, naming the flag or field, a path that is a device or anything but a
+regular file, a folder where a file is wanted (and the reverse), a file the same run reads (``--prompts p.txt
+--html p.txt``), a folder that cannot be created, and one the process cannot write to. Writability is probed
+by creating (and removing) a file there, since ``os.access`` says yes to root on ``/proc``. `write_text`,
+`write_bytes` and `save_figure` then write beside the target and ``os.replace`` it into place, so a crash or a
+full disk leaves the old file or none, never half of one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import stat
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from .errors import PatchscopeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# what matplotlib's Agg canvas writes (FigureCanvasAgg.get_supported_filetypes), without importing matplotlib
+FIGURE_FORMATS = ("png", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "raw", "rgba")
+
+
+def _reason(error: BaseException) -> str:
+    return getattr(error, "strerror", None) or type(error).__name__
+
+
+def _mode(path: Path) -> int | None:
+    """The file mode of `path` (links followed), None when nothing is there or the name is refused."""
+    try:
+        return path.stat().st_mode
+    except (OSError, ValueError):
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def _probe(folder: Path, value: str, flag: str) -> None:
+    """Create and remove a file in `folder`: the only test of writability that holds for root and odd mounts."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=".patchscopes-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except (OSError, ValueError) as err:
+        raise PatchscopeError(f"{flag}={value!r}: cannot write in the folder {str(folder)!r} ({_reason(err)})") from None
+
+
+def check_folder(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.PathLike] = (),
+                 given: str | os.PathLike | None = None) -> Path:
+    """A folder to write into: created when missing, refused when it is a file, a device or not writable.
+
+    `given` is the flag's value where it names a file in this folder (errors quote it, not the folder).
+    """
+    path = Path(value)
+    shown = str(value if given is None else given)
+    mode = _mode(path)
+    if mode is not None and not stat.S_ISDIR(mode):
+        what = "is not a folder" if given is None else f"is in {str(value)!r}, which is not a folder"
+        raise PatchscopeError(f"{flag}={shown!r} {what} (allowed: a folder, or a path where one can be created)")
+    for name in inputs:
+        if _same_file(path, Path(name)):
+            raise PatchscopeError(f"{flag}={shown!r} is an input of this command (allowed: another folder)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as err:
+        raise PatchscopeError(f"{flag}={shown!r}: cannot create the folder {str(path)!r} ({_reason(err)})") from None
+    _probe(path, shown, flag)
+    return path
+
+
+def check_file(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.PathLike] = (),
+               formats: Sequence[str] | None = None) -> Path:
+    """A file to write: its folder created and writable; refused when it is a folder, a device, another kind of
+    file, one of `inputs`, or (with `formats`) when its suffix is not one of them."""
+    path = Path(value)
+    if stat.S_ISDIR(_mode(path) or 0):
+        raise PatchscopeError(f"{flag}={str(value)!r} is a folder (allowed: a file path)")
+    refuse_special(value, flag)
+    suffix = path.suffix.lower().lstrip(".")
+    if formats is not None and suffix and suffix not in formats:
+        raise PatchscopeError(f"{flag}={str(value)!r} has the suffix {path.suffix!r}, which names no format it can "
+                              f"be written in (allowed: {', '.join('.' + f for f in formats)}, or none for PNG)")
+    for given in inputs:
+        if _same_file(path, Path(given)):
+            raise PatchscopeError(f"{flag}={str(value)!r} is also an input of this command, and writing it would "
+                                  "overwrite that input (allowed: another file)")
+    check_folder(path.parent, flag, given=value)
+    return path
+
+
+def refuse_special(value: str | os.PathLike, flag: str) -> None:
+    """Refuse a path that names a device, a pipe or a socket (``/dev/full``): only regular files are written."""
+    mode = _mode(Path(value))
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise PatchscopeError(f"{flag}={str(value)!r} is a device or special file, not a regular file (allowed: a "
+                              "regular file path)")
+
+
+def check_distinct(paths: Sequence[tuple[str, Path]]) -> None:
+    """Two output flags must not name the same file (the second would overwrite the first)."""
+    for k, (flag, path) in enumerate(paths):
+        for other, earlier in paths[:k]:
+            if _same_file(path, earlier):
+                raise PatchscopeError(f"{flag}={str(path)!r} is the same file as {other} (allowed: a file of its "
+                                      "own)")
+
+
+@contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path`; once the block ends without an error it replaces `path` in one rename."""
+    target = Path(path)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    os.chmod(temporary, _new_file_mode(target))  # mkstemp makes 0600; the file gets the mode open() would give
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _new_file_mode(target: Path) -> int:
+    """The mode of the file being replaced, or what ``open(path, "w")`` gives a new file under this umask."""
+    mode = _mode(target)
+    if mode is not None:
+        return stat.S_IMODE(mode)
+    mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def finite(data: Any) -> Any:
+    """JSON-able `data` with NaN and infinities as null: JSON has no such numbers (`json.dumps` writes bare NaN)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {str(k): finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with replacing(path) as temporary:
+        temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` as UTF-8 at `path`, written whole or not at all."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Path:
+    """``figure.savefig`` through a temporary file, to `path` exactly; the format comes from its suffix (none: PNG)."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    with replacing(path) as temporary:
+        figure.savefig(temporary, format=suffix if suffix in FIGURE_FORMATS else "png", **options)
+    return Path(path)
+
+
+__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "write_text", "write_bytes", "save_figure", "finite",
+           "FIGURE_FORMATS"]

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
-from .files import is_dir, is_file
+from .files import is_file
+from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -68,29 +69,22 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def output_file(value: str, flag: str) -> Path:
-    """A file path to write: its folder is created, and a clear error names the flag when that fails."""
-    path = Path(value)
-    _make_folder(path.parent, value, flag)
-    if is_dir(path):
-        raise PatchscopeError(f"{flag}={value!r} is a folder (allowed: a file path)")
-    return path
+def inputs_of(args: argparse.Namespace) -> list[str]:
+    """The files this command line reads (an output path must not be one of them)."""
+    names = [getattr(args, flag, None) for flag in ("prompts", "data", "spec")]
+    return [name for name in names if isinstance(name, str) and is_file(name)]
 
 
-def output_folder(value: str, flag: str) -> Path:
-    path = Path(value)
-    _make_folder(path, value, flag)
-    return path
+def check_outputs(args: argparse.Namespace, files: dict[str, str | None], figures: Sequence[str] = ()) -> dict[str, Path]:
+    """Every output file of the command, checked before any work (see `outputs.check_file`): flag -> path.
 
-
-def _make_folder(folder: Path, value: str, flag: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (OSError, ValueError) as err:
-        reason = getattr(err, "strerror", None) or type(err).__name__
-        raise PatchscopeError(f"{flag}={value!r}: cannot create the folder {str(folder)!r} ({reason})") from None
-    if not os.access(folder, os.W_OK):
-        raise PatchscopeError(f"{flag}={value!r}: the folder {str(folder)!r} is not writable")
+    `figures` are the flags whose file matplotlib writes; their suffix must name a format it can write.
+    """
+    inputs = inputs_of(args)
+    checked = {flag: check_file(value, flag, inputs, FIGURE_FORMATS if flag in figures else None)
+               for flag, value in files.items() if value is not None}
+    check_distinct(list(checked.items()))
+    return checked
 
 
 def _device(args: argparse.Namespace) -> str:
@@ -121,10 +115,24 @@ def _check_model_options(args: argparse.Namespace) -> None:
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
         return
-    if args.json:
-        print(json.dumps({"schema": JSON_SCHEMA_VERSION, **payload}, indent=2))
-    else:
-        print(table)
+    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, **payload}), indent=2, allow_nan=False) \
+        if args.json else table
+    try:
+        print(text, flush=True)
+    except OSError as err:  # a full disk, a closed pipe: say so once, and let nothing flush again at exit
+        _silence_stdout()
+        raise PatchscopeError(f"cannot write the output to standard output ({err.strerror or type(err).__name__})") \
+            from None
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's final flush cannot fail a second time."""
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
+        pass
 
 
 def _cell(text: str | None, width: int = 32) -> str:
@@ -160,7 +168,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     get_preset(args.preset)  # fail on a bad name before loading a model
-    html = None if args.html is None else output_file(args.html, "--html")
+    html = check_outputs(args, {"--html": args.html}).get("--html")
     handle = _load(args)
     layers = parse_layers(args.layers, handle.n_layers)
     options: dict[str, Any] = {}
@@ -198,10 +206,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         changes["source_position"] = parse_position(args.source_position)
     if scope.reroute is not None and "source_prompt" in changes:
         raise PatchscopeError("--source-prompt cannot change a multihop spec; build one with presets.multihop")
+    if args.model is not None:
+        _check_model_options(args)
+        changes.update(on_model(scope, args.model))
     scope = scope.replace(**changes)
     models = {name: load_model(name, device=_device(args), dtype=args.dtype)
               for name in {scope.source.model, scope.target_model}}
-    scope = load_spec(args.spec, models).replace(**changes)  # checks the models against the saved spec
+    scope = load_spec(args.spec, models).replace(**changes)  # checks models of the saved spec's names, if loaded
     result = run(scope, models, top=args.top)[0]
     lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
              f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
@@ -209,6 +220,19 @@ def cmd_run(args: argparse.Namespace) -> None:
     if result.generation is not None:
         lines.append(f"generation: {result.generation!r}")
     _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
+
+
+def on_model(scope: Patchscope, model: str) -> dict[str, Any]:
+    """`Patchscope.replace` changes that run a single-model spec on `model` (``run NAME --model X``); a
+    cross-model spec is refused, since its mapping was made for its own two models."""
+    if scope.target_model != scope.source.model:
+        raise PatchscopeError(f"--model={model!r} cannot replace the models of a cross-model spec "
+                              f"(Source.model={scope.source.model!r}, Target.model={scope.target_model!r}; allowed: "
+                              "--model with single-model specs only, or edit the spec's source and target models)")
+    from dataclasses import replace
+
+    target = None if scope.target.model is None else model
+    return {"source": replace(scope.source, model=model), "target": replace(scope.target, model=target)}
 
 
 def load_spec(spec: str, models: Any = None) -> Patchscope:
@@ -242,8 +266,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         [line for line in read_text(args.prompts, "--prompts file").splitlines() if line.strip()]
     if not prompts:
         raise SpecError(f"--prompts={args.prompts!r} holds no prompt (allowed: a text file, one prompt per line)")
-    plot = None if args.plot is None else output_file(args.plot, "--plot")
-    html = None if args.html is None else output_file(args.html, "--html")
+    outputs = check_outputs(args, {"--plot": args.plot, "--html": args.html}, figures=("--plot",))
+    plot, html = outputs.get("--plot"), outputs.get("--html")
     handle = _load(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
     if args.target_prompt:
@@ -276,7 +300,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .presets import build
     from .sweep import sweep
 
-    out = output_folder(args.out, "--out")
+    out = check_folder(args.out, "--out")
+    check_file(out / "demo_heatmap.png", "--out")
     handle = _load(args)
     layers = list(range(handle.n_layers))
     scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
@@ -330,8 +355,9 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
                          fisher=args.fisher, rank=args.rank, model=args.model)  # a clear error before loading
     paths = None if not args.out else output_paths(args.out)
     if paths is not None:
+        refuse_special(args.out, "--out")  # /dev/full must not become /dev/full.png
         for path in paths:
-            output_file(str(path), "--out")
+            check_outputs(args, {"--out": str(path)})
     handle = _load(args)
     attribution = jacobian_scope(handle, args.text, JacobianScope(**{**spec.__dict__, "model": handle.name}),
                                  progress=not args.json)
@@ -360,21 +386,30 @@ def cmd_presets(args: argparse.Namespace) -> None:
 
 
 def port_number(text: str) -> int:
+    if text.strip() == "0":
+        return 0
     value = positive_int(text)
     if value > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (allowed: 1..65535)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (allowed: 0..65535, 0 for any free port)")
     return value
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from .explore.app import check_installed, serve
+    from .explore.app import bind, check_installed, hosts_for, serve
     from .explore.service import Explorer
 
     check_installed()  # before the model loads: the app extra (fastapi, uvicorn)
-    explorer = Explorer(_load(args))
-    print(f"Patchscopes explorer on {explorer.handle.name}: http://{args.host}:{args.port}/  (Ctrl-C stops it)",
-          flush=True)
-    serve(explorer, host=args.host, port=args.port)
+    hosts = hosts_for(args.host, args.allow_host)
+    sock = bind(args.host, args.port)  # a port in use is refused before the model loads, not after
+    try:
+        explorer = Explorer(_load(args), max_prompt_tokens=args.max_prompt_tokens)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"Patchscopes explorer on {explorer.handle.name}: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
+    serve(explorer, sock, allowed_hosts=hosts)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -384,7 +419,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.task != "all":
         get_task(args.task)  # a clear error before any model loads
     if args.out is not None:
-        output_folder(args.out, "--out")
+        check_folder(args.out, "--out", inputs_of(args))
     _check_model_options(args)
     if args.task == "cross-model":
         from .models import model_source
@@ -530,7 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explore", help="the interactive explorer: a local web page over one model")
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=port_number, default=8765)
+    p.add_argument("--port", type=port_number, default=8765, help="port to listen on (0: any free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name the page may be reached by besides localhost, 127.0.0.1 and ::1 (repeatable); "
+                        "requests naming any other Host are refused")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=4096,
+                   help="the longest prompt the page accepts, in tokens (default 4096)")
     p.set_defaults(func=cmd_explore)
     return parser
 

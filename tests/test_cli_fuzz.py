@@ -2,7 +2,9 @@
 
 Each list picks a command, then flags with values drawn from plausible ones and hostile ones (empty text, lone
 surrogates, bad layer ranges, huge numbers, paths out of the tree, missing or non-UTF-8 files, folders that
-cannot be made, unknown devices and models). `main` must return 0, or 2 with the library's one-line error;
+cannot be made, unknown devices and models), and output paths that must be refused before any work (devices,
+read-only and pseudo-file-system folders, a suffix no figure format has, an input file reused as an output).
+`main` must return 0, or 2 with the library's one-line error;
 any exception that escapes it fails the test. Models are tiny random Llamas behind the CLI's own checks of the
 model name, device and dtype; evaluations are stubbed after the CLI has checked their options.
 """
@@ -42,9 +44,13 @@ def _files(root: Path) -> dict[str, list[str]]:
     (root / "spec-bad.json").write_bytes(b'{"format": "\xff"}')
     (root / "data.jsonl").write_text('{"text": "The capital of France is"}\n')
     (root / "folder").mkdir()
+    (root / "read-only").mkdir()
+    os.chmod(root / "read-only", 0o555)  # refused unless running as root, which may write anyway
     inputs = ["prompts.txt", "latin1.txt", "empty.txt", "missing.txt", "a-file", "folder", "spec.json",
               "spec-bad.json", "data.jsonl", "/dev/null", "/etc"]
-    outputs = ["out", "out/deeper/x", "a-file/sub", "plot.png", "folder", "/proc/forbidden/x"]
+    outputs = ["out", "out/deeper/x", "a-file/sub", "plot.png", "folder", "/proc/forbidden/x", "/dev/full",
+               "/dev/null", "/proc/x.html", "/sys/x.png", "read-only/x.png", "heat.out", "prompts.txt", "spec.json",
+               "data.jsonl", "page.html"]
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -62,6 +68,7 @@ def arguments(files: dict[str, list[str]]) -> st.SearchStrategy[list[str]]:
         "--max-new-tokens": ints, "--layers": layers, "--target-layer": ints, "--top": ints,
         "--source-layers": layers, "--target-layers": layers | st.just("same"), "--batch-size": ints,
         "--max-batch-tokens": _values(["1", "64", "32768"]), "--plot": _values(files["outputs"]),
+        "--html": _values(files["outputs"]),
         "--prompts": _values(files["inputs"]), "--out": _values(files["outputs"]),
         "--variant": _values(["semantic", "fisher", "temperature", "gradient-x-input"]),
         "--fisher": _values(["low-rank", "exact"]), "--rank": ints, "--target-position": ints,
@@ -72,13 +79,13 @@ def arguments(files: dict[str, list[str]]) -> st.SearchStrategy[list[str]]:
     }
     commands = {
         "inspect": (None, ["--source-prompt", "--source-position", "--preset", "--target-prompt", "--max-new-tokens",
-                           "--layers", "--target-layer", "--top", "--model", "--device", "--dtype"]),
+                           "--layers", "--target-layer", "--top", "--html", "--model", "--device", "--dtype"]),
         "run": (_values(["token-identity", "logit-lens", "./missing", "no-such-entry"] + files["inputs"]),
-                ["--source-prompt", "--source-position", "--source-layer", "--target-layer", "--top", "--device",
-                 "--dtype"]),
+                ["--source-prompt", "--source-position", "--source-layer", "--target-layer", "--top", "--model",
+                 "--device", "--dtype"]),
         "sweep": (None, ["--source-prompt", "--prompts", "--source-position", "--preset", "--target-prompt",
                          "--max-new-tokens", "--source-layers", "--target-layers", "--batch-size",
-                         "--max-batch-tokens", "--plot", "--model", "--device", "--dtype"]),
+                         "--max-batch-tokens", "--plot", "--html", "--model", "--device", "--dtype"]),
         "jacobian": (prompt, ["--variant", "--fisher", "--rank", "--target-position", "--target-token", "--top",
                               "--out", "--model", "--device", "--dtype"]),
         "demo": (None, ["--out", "--model", "--device", "--dtype"]),
@@ -158,5 +165,8 @@ def test_generated_argument_lists_end_in_0_or_the_librarys_one_line_error(monkey
             assert text.rstrip("\n").split("\n")[-1].startswith("patchscopes: error: "), (argv, text[-500:])
 
     one()
+    assert not [p for p in ("/dev/full.png", "/dev/full.html", "/dev/null.png", "/dev/null.html") if Path(p).exists()]
+    assert (root / "prompts.txt").read_text() == "Here is a word: dog\nThe city of Paris is large\n"  # never written
+    assert Patchscope.load_json(root / "spec.json").source.prompt == "The city of Paris is large"
     assert len(seen) >= 300
     assert codes[0] >= 30 and codes[2] >= 100, codes  # both valid runs and refusals were exercised

@@ -90,7 +90,7 @@ def main() -> None:
     from pyvene_patchscopes.explore.service import Explorer
 
     explorer = Explorer(load_model("smollm2-135m"))
-    position = next(t["index"] for t in explorer.tokens(PROMPT) if t["text"].strip() == "CEO")
+    position = next(t["index"] for t in explorer.tokens(PROMPT)["tokens"] if t["text"].strip() == "CEO")
     service = service_seconds(explorer, position, args.repeats)
     browser = browser_seconds(_serve(create_app(explorer)), args.repeats) if shutil.which("chromedriver") else []
     report = {"model": "smollm2-135m", "cells": 900, "threads": torch.get_num_threads(),

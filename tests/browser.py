@@ -38,7 +38,9 @@ def chrome(download_dir: str | Path) -> Any:
     options = webdriver.ChromeOptions()
     options.binary_location = browser_path
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW}",
-                "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions"):
+                "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
+                # names for the explorer's attack tests: another site, and a host name rebound to this machine
+                "--host-resolver-rules=MAP attacker.example 127.0.0.1, MAP evil.example 127.0.0.1"):
         options.add_argument(arg)
     options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
                                               "download.prompt_for_download": False})

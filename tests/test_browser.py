@@ -7,6 +7,8 @@ paper's Figure 1. Screenshots of every page state go to $PATCHSCOPES_SCREENSHOTS
 """
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import re
@@ -32,6 +34,7 @@ from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.persist import catalogue
+from test_explore_hostile import strict_content_type_off
 from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -413,6 +416,16 @@ def test_each_bad_input_names_its_field_on_the_page_and_the_next_request_works(d
         assert_shows(top1_by_layer(driver)[layer], want.token, f"custom target prompt, l={layer}")
 
 
+def test_a_prompt_past_the_trained_length_runs_with_the_warning_on_the_page(driver, tiny, tiny_url):
+    open_page(driver, tiny_url)
+    chips = tokenize(driver, " ".join(["word"] * 150))  # tiny Llama: 128 trained positions
+    assert len(chips) > 128 and text_of(driver, "#error") == ""
+    wait_until(lambda: "past tiny-llama's trained length of 128" in text_of(driver, "#warning"), 10,
+               "the context-length warning in #warning")  # was: swallowed by the server
+    tokenize(driver, PROMPT)
+    wait_until(lambda: text_of(driver, "#warning") == "", 10, "#warning cleared for a short prompt")
+
+
 def test_long_work_shows_progress_and_cancel_stops_it(driver):
     deep = tiny_model("llama", layers=48, seed=5)  # 2,304 cells in 6 slices: time to click Cancel
     with serve(create_app(Explorer(deep))) as url:
@@ -537,6 +550,104 @@ def test_bad_input_over_http_is_a_422_naming_the_field_and_the_server_serves_on(
         assert good.status_code == 200 and good.json()["spec"]["source"]["layer"] == 1
 
 
+# ---- another origin, a rebound host name --------------------------------------------------------------------------
+ATTACK = """<!doctype html><html><head><title>attacking</title></head><body>
+<iframe name="sink" style="display:none"></iframe>
+<script>
+const target = TARGET, body = JSON.stringify({kind: "layers", prompt: "Amazon's former CEO attended Oscars",
+                                              position: 2});
+const tries = {
+  "no-cors fetch, text body": () => fetch(target + "/api/jobs", {method: "POST", mode: "no-cors", body}),
+  "no-cors fetch, Blob body": () => fetch(target + "/api/jobs", {method: "POST", mode: "no-cors",
+                                                                  body: new Blob([body])}),
+  "cors fetch, JSON": () => fetch(target + "/api/jobs", {method: "POST", body,
+                                                         headers: {"Content-Type": "application/json"}}),
+  "cors read of /api/info": () => fetch(target + "/api/info").then((r) => r.text()),
+  "no-cors DELETE": () => fetch(target + "/api/jobs/1", {method: "DELETE", mode: "no-cors"}),
+};
+(async () => {
+  const results = {};
+  for (const [name, go] of Object.entries(tries)) {
+    try { const r = await go(); results[name] = typeof r === "string" ? "read: " + r : "sent (" + r.type + ")"; }
+    catch (error) { results[name] = "blocked"; }
+  }
+  results.beacon = navigator.sendBeacon(target + "/api/jobs", body) ? "queued" : "refused";
+  const form = document.createElement("form");
+  form.method = "POST"; form.action = target + "/api/jobs"; form.enctype = "text/plain"; form.target = "sink";
+  const field = document.createElement("input"); field.name = body.slice(0, -1) + ', "x": "'; field.value = '"}';
+  form.appendChild(field); document.body.appendChild(form); form.submit();
+  results.form = "submitted";
+  window.results = results;
+  setTimeout(() => { document.title = "done"; }, 1500);
+})();
+</script></body></html>"""
+
+
+@contextlib.contextmanager
+def attacker_site(target: str):
+    """The attack page above on 127.0.0.1, to be opened as http://attacker.example:PORT (another site)."""
+    page = ATTACK.replace("TARGET", json.dumps(target)).encode()
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://attacker.example:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("fastapi_check", ["installed", "disabled"])
+def test_another_origin_and_a_rebound_host_read_and_create_nothing(driver, fastapi_check, monkeypatch):
+    """A page elsewhere (attacker.example) tries every request a browser sends without asking; a page served under
+    a rebound name (evil.example -> 127.0.0.1) is same-origin with itself and tries to read a user's job. Both
+    with the installed FastAPI and with its own content-type check off, as FastAPI before 0.132 (setup.cfg
+    allows 0.110) has none."""
+    if fastapi_check == "disabled":
+        strict_content_type_off(monkeypatch)
+    handle = tiny_model("llama", seed=3)
+    app = create_app(Explorer(handle))
+    with serve(app) as url:
+        port = url.rsplit(":", 1)[1]
+        with httpx.Client(base_url=url, timeout=30) as own:  # the user's own job, which the attacker wants
+            job = own.post("/api/jobs", json={"kind": "jacobian", "prompt": "my secret prompt is here"}).json()["id"]
+            wait_until(lambda: own.get(f"/api/jobs/{job}").json()["state"] == "done", 60, "the user's job")
+        before = app.state.jobs.counts()
+        with attacker_site(url) as page:
+            driver.get(page)
+            wait_until(lambda: driver.title == "done", 30, "the attack page to finish")
+            results = driver.execute_script("return window.results")
+        assert results["cors read of /api/info"] == "blocked" and results["cors fetch, JSON"] == "blocked", results
+        time.sleep(0.5)  # a beacon is sent after the page asked for it
+        assert app.state.jobs.counts() == before, (results, app.state.jobs.counts())
+        assert app.state.jobs.get(job).state == "done"  # the no-cors DELETE cancelled nothing
+        driver.get(f"http://evil.example:{port}/")  # DNS rebinding: the explorer's own port, a foreign name
+        shown = driver.find_element("tag name", "body").text
+        assert '"field":"host"' in shown.replace(" ", "") and "Patchscopes explorer" not in driver.title
+        reads = driver.execute_async_script(
+            "const job = arguments[0], done = arguments[arguments.length - 1]; (async () => { const out = {};"
+            "for (const path of ['/api/info', '/api/jobs/' + job]) {"
+            "  const r = await fetch(path); out[path] = [r.status, await r.text()]; }"
+            "const made = await fetch('/api/jobs', {method: 'POST', headers: {'Content-Type': 'application/json'},"
+            "  body: JSON.stringify({kind: 'layers', prompt: 'x y', position: 1})});"
+            "out.post = [made.status, await made.text()]; done(out); })();", job)
+        assert {status for status, _ in reads.values()} == {400}, reads
+        assert not any("secret" in text for _, text in reads.values())
+        assert app.state.jobs.counts() == before
+
+
 # ---- SmolLM2: the paper's Figure 1 in the browser -----------------------------------------------------------------
 @pytest.mark.real_model
 def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_the_download(
@@ -576,7 +687,7 @@ def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
     static = REPO / "pyvene_patchscopes" / "explore" / "static"
     wanted = {f"pyvene_patchscopes/explore/static/{p.name}" for p in static.iterdir() if p.is_file()}
-    wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "service")}
+    wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service")}
     wanted |= {"pyvene_patchscopes/export.py"}
     assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/explore/static/heatmap.js"} <= wanted
     assert wanted <= names, sorted(wanted - names)

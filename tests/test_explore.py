@@ -27,7 +27,7 @@ def handle():
 
 @pytest.fixture(scope="module")
 def client(handle):
-    with TestClient(create_app(Explorer(handle))) as client:
+    with TestClient(create_app(Explorer(handle)), base_url="http://127.0.0.1") as client:
         yield client
 
 

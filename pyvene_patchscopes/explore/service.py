@@ -8,27 +8,37 @@ execution), so a table row or a heatmap cell is exactly what ``run`` gives for t
 - ``grid``: one scope per (l, l*) pair, the source layer x target layer heatmap;
 - ``jacobian``: Jacobian Scopes over the prompt's tokens for its next-token prediction.
 
-All model work runs on one worker thread (`Jobs`), so many browser tabs queue on the one model. Bad input
-raises `FieldError`, which names the field the page should point at.
+All model work runs on one worker thread (`Jobs`), so many browser tabs queue on the one model. The queue
+is bounded: a submission past `MAX_QUEUED` waiting or running jobs is refused (`QueueFull`, HTTP 429), never
+evicted later; finished jobs are kept (the last `KEEP_FINISHED`) for their pages to fetch. Job ids are random
+(a capability: only the page that made a job can read or cancel it), and Cancel stops a running job before
+its next decoder layer (`execution.interrupt`). Bad input raises `FieldError`, which names the field the page
+should point at; prompts are capped at `MAX_PROMPT_CHARS` characters and `MAX_PROMPT_TOKENS` tokens.
+
+Catalogue entries are offered only where they apply: an entry with a fitted mapping (the tuned lens) was
+fitted for one (l, l*), and its rows and cells elsewhere say so instead of reusing the map; an entry shaped
+as a lens (T = S) reads the clicked prompt itself, cut after the clicked token, as the logit lens does.
 """
 from __future__ import annotations
 
 import copy
-import itertools
+import json
 import re
+import secrets
 import shlex
 import threading
 import warnings
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from ..engine import run
 from ..errors import PatchscopeError, SpecError, UnknownNameError
+from ..execution.interrupt import checkpoints
 from ..export import layers_table, result_cell
 from ..models import ModelHandle
-from ..persist import catalogue
-from ..presets import PRESETS, get_preset
+from ..persist import WEIGHTS_FILE, catalogue
+from ..presets import PRESETS, _prefix_through, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult
 from ..spec import Patchscope, Source
@@ -42,6 +52,12 @@ GRID_SLICES = 3         # the heatmap runs in slices of source layers: progress 
 CUSTOM_NEW_TOKENS = 10
 VARIANTS = ("semantic", "fisher", "temperature")
 KINDS = ("layers", "grid", "jacobian")
+MAX_PROMPT_CHARS = 16_000   # a prompt or custom target prompt; 10 MB took 127 s to tokenize and 188 MB to answer
+MAX_PROMPT_TOKENS = 4_096   # the default cap on a prompt's tokens (Explorer(max_prompt_tokens=...), --max-prompt-tokens)
+MAX_QUEUED = 32             # jobs waiting or running; a submission past them is refused with 429
+KEEP_FINISHED = 256         # finished jobs kept for their pages to fetch, oldest dropped first
+MAX_POSITION = 10 ** 9
+NOT_APPLICABLE = "n/a"
 
 
 class FieldError(PatchscopeError):
@@ -68,20 +84,49 @@ class Query:
 
     @classmethod
     def from_json(cls, data: Any) -> "Query":
+        """The query in a request body; a field that is missing or null takes its default, any other value must
+        have the field's type (``"preset": 0`` is refused, not read as the default)."""
         if not isinstance(data, dict):
-            raise FieldError("request", "the request must be a JSON object")
-        prompt, position = data.get("prompt"), data.get("position", -1)
-        if not isinstance(prompt, str) or not prompt.strip():
+            raise FieldError("request", f"the request is {_json_type(data)} (allowed: a JSON object)")
+        prompt = text_field(data, "prompt", None)
+        if prompt is None or not prompt.strip():
             raise FieldError("prompt", "prompt is empty (allowed: some text)")
-        if isinstance(position, bool) or not isinstance(position, int):
-            raise FieldError("position", f"position={position!r} is not a token index (allowed: an integer)")
-        preset = data.get("preset") or "token-identity"
-        target_prompt = data.get("target_prompt") or None
-        variant = data.get("variant") or "semantic"
-        for field, value in (("preset", preset), ("target_prompt", target_prompt), ("variant", variant)):
-            if value is not None and not isinstance(value, str):
-                raise FieldError(field, f"{field}={value!r} is not text")
-        return cls(prompt, position, preset, target_prompt, variant)
+        position = data.get("position")
+        position = -1 if position is None else position
+        if isinstance(position, bool) or not isinstance(position, int) or abs(position) > MAX_POSITION:
+            raise FieldError("position", f"position is {_json_type(position)} (allowed: an integer token index)")
+        preset, variant = text_field(data, "preset", "token-identity"), text_field(data, "variant", "semantic")
+        for name, value in (("preset", preset), ("variant", variant)):
+            if not value:
+                raise FieldError(name, f"{name} is empty (allowed: a name, or null for the default)")
+        return cls(prompt, position, preset, text_field(data, "target_prompt", None), variant)
+
+
+def _json_type(value: Any) -> str:
+    """What a JSON value is, in words (error messages name the kind, never echo a value of any size)."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, int):
+        return "an integer" if abs(value) <= MAX_POSITION else "an integer out of range"
+    names = {float: "a number", str: "text", list: "a list", dict: "an object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def text_field(data: dict[str, Any], name: str, default: str | None) -> str | None:
+    """``data[name]`` as valid text of at most `MAX_PROMPT_CHARS` characters; missing or null gives `default`."""
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise FieldError(name, f"{name} is {_json_type(value)} (allowed: text)")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise FieldError(name, f"{name} has {len(value)} characters (allowed: at most {MAX_PROMPT_CHARS})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FieldError(name, f"{name} is not valid text: character {err.start} is a lone surrogate (allowed: "
+                               "text that encodes as UTF-8)") from None
+    return value
 
 
 def _field_of(error: Exception) -> str:
@@ -96,18 +141,51 @@ def _field_of(error: Exception) -> str:
     return "request"
 
 
+class QueueFull(PatchscopeError):
+    """The queue holds `MAX_QUEUED` jobs (or the server is stopping): the submission is refused, not kept."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A catalogue entry as the explorer uses it: the saved Patchscope, and where it applies."""
+
+    scope: Patchscope
+    fitted: tuple[int, int] | None   # (l, l*) its learned mapping was fitted for; None: any layers
+    lens: bool                       # T = S at the source position: read the clicked prompt itself
+
+    def reason(self, name: str, layer: int, target_layer: int | None) -> str | None:
+        """Why the entry does not apply at (l, l*), None where it does (l* None: the entry's own)."""
+        if self.fitted is None or (layer, self.fitted[1] if target_layer is None else target_layer) == self.fitted:
+            return None
+        return self.note(name)
+
+    def note(self, name: str) -> str:
+        assert self.fitted is not None
+        return f"{name}'s mapping was fitted for l = {self.fitted[0]} -> l* = {self.fitted[1]} only; not run here"
+
+
 class Explorer:
     """Patchscopes on one model for the page: tokens, checked queries, and the three kinds of work."""
 
-    def __init__(self, handle: ModelHandle):
+    def __init__(self, handle: ModelHandle, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
         self.handle = handle
+        self.max_prompt_tokens = int(max_prompt_tokens)
         # requests are checked on the web threads with a tokenizer of their own: a fast tokenizer must not
         # be used from two threads at once, and the model's belongs to the worker
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
         self._check_lock = threading.RLock()
         # catalogue entries read from disk once, not once per scope (a heatmap builds 900 scopes)
-        self._saved = {name: Patchscope.load(name) for name in catalogue() if name not in PRESETS}
+        self._saved = {name: self._entry(Patchscope.load(name)) for name in catalogue() if name not in PRESETS}
         self.catalogue = [name for name in self._saved if self._fits(name)]
+
+    def _entry(self, saved: Patchscope) -> Entry:
+        n = self.handle.n_layers
+        concrete = lambda layer: layer % n if -n <= layer < n else layer  # noqa: E731 (out of range stays, and fails)
+        fitted = None
+        if saved.mapping.weights:
+            fitted = (concrete(saved.source.layer), concrete(saved.target.layer))
+        lens = saved.target.prompt == saved.source.prompt and saved.target.position == saved.source.position
+        return Entry(saved, fitted, lens)
 
     def _fits(self, name: str) -> bool:
         """Whether catalogue entry `name` runs on this one model (same-model, a mapping of this model's size)."""
@@ -119,19 +197,39 @@ class Explorer:
 
     # ---- what the page shows before any work -------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        fitted = {name: list(self._saved[name].fitted) for name in self.catalogue if self._saved[name].fitted}
         return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(PRESETS),
-                "catalogue": self.catalogue, "custom": CUSTOM, "placeholder": PLACEHOLDER, "variants": list(VARIANTS)}
+                "catalogue": self.catalogue, "fitted": fitted, "custom": CUSTOM, "placeholder": PLACEHOLDER,
+                "variants": list(VARIANTS), "max_prompt_chars": MAX_PROMPT_CHARS,
+                "max_prompt_tokens": self.max_prompt_tokens}
 
-    def tokens(self, prompt: Any) -> list[dict[str, Any]]:
-        """The prompt's tokens as the model sees them; the tokenizer's own prefix (position 0) is marked."""
+    def tokens(self, prompt: Any) -> dict[str, Any]:
+        """The prompt's tokens as the model sees them (the tokenizer's own prefix, position 0, is marked), and
+        what the page should warn about."""
         query = Query.from_json({"prompt": prompt})
         with self._check_lock:
             tokenizer = self._checking.tokenizer
             encoded = tokenizer(query.prompt, add_special_tokens=True, return_special_tokens_mask=True)
             ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
+            notes = self._length_notes(len(ids))
             texts = [tokenizer.decode([i]) for i in ids]
-        return [{"index": k, "text": text, "special": bool(flag)} for k, (text, flag) in
-                enumerate(zip(texts, special))]
+        return {"tokens": [{"index": k, "text": text, "special": bool(flag)} for k, (text, flag) in
+                           enumerate(zip(texts, special))], "warnings": notes}
+
+    def _length_notes(self, n: int) -> list[str]:
+        """Refuse a prompt past the explorer's cap or a model's learned positions; note one past a rotary
+        model's trained length (`resolve.check_context` warns the same way)."""
+        if n > self.max_prompt_tokens:
+            raise FieldError("prompt", f"prompt has {n} tokens (allowed: at most {self.max_prompt_tokens} in the "
+                                       "explorer; patchscopes explore --max-prompt-tokens raises the cap)")
+        limit, encoding = self.handle.context
+        if limit is None or n <= limit:
+            return []
+        if encoding == "absolute":
+            raise FieldError("prompt", f"prompt has {n} tokens, past {self.handle.name}'s {limit} learned positions "
+                                       f"(allowed: at most {limit})")
+        return [f"the prompt has {n} tokens, past {self.handle.name}'s trained length of {limit} ({encoding} "
+                "positions extrapolate; expect degraded outputs)"]
 
     # ---- queries -> Patchscopes ----------------------------------------------------------------------
     def scope(self, query: Query, layer: int, target_layer: int | None = None, grid: bool = False,
@@ -142,49 +240,68 @@ class Explorer:
         the checking copy, under the check lock (a fast tokenizer must not be shared between threads).
         """
         source = Source(query.prompt, query.position, layer, self.handle.name)
+        tokenizer = tokenizer if tokenizer is not None else self._checking.tokenizer
         if query.preset == CUSTOM:  # the attribute preset's shape: the state replaces the placeholder word
             if not query.target_prompt or not re.search(rf"\b{PLACEHOLDER}\b", query.target_prompt):
-                raise FieldError("target_prompt", f"target_prompt={query.target_prompt!r} has no placeholder word "
+                raise FieldError("target_prompt", "target_prompt has no placeholder word "
                                                   f"{PLACEHOLDER!r} (allowed: a prompt such as 'The capital of x')")
             scope = get_preset("attribute").build(source, target_layer=target_layer, target_prompt=query.target_prompt,
                                                   max_new_tokens=CUSTOM_NEW_TOKENS)
         elif query.preset in PRESETS:
             options: dict[str, Any] = {}
             if query.preset == "logit-lens":
-                options["tokenizer"] = tokenizer if tokenizer is not None else self._checking.tokenizer
+                options["tokenizer"] = tokenizer
             if query.preset == "multihop":
                 raise FieldError("preset", "preset='multihop' reroutes within one pass and has no clickable "
                                            "token (allowed: the other presets, the catalogue, or custom)")
             scope = get_preset(query.preset).build(source, target_layer=target_layer, **options)
         elif query.preset in self._saved:
-            saved = self._saved[query.preset]
-            if saved.reroute is not None or saved.target.model not in (None, saved.source.model):
-                raise FieldError("preset", f"preset={query.preset!r} reroutes within one pass or reads across two "
-                                           "models (allowed here: a catalogue entry on one model)")
-            target = replace(saved.target, model=None,
-                             layer=saved.target.layer if target_layer is None else target_layer)
-            scope = replace(saved, source=source, target=target)
+            scope = self._entry_scope(query.preset, source, target_layer, tokenizer)
         else:
-            raise FieldError("preset", f"preset={query.preset!r} is not known (allowed: {', '.join(PRESETS)}, "
+            raise FieldError("preset", f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(PRESETS)}, "
                                        f"the catalogue entries, or {CUSTOM!r})")
         if grid:
             scope = scope.replace(max_new_tokens=min(scope.max_new_tokens, GRID_NEW_TOKENS))
         return scope
 
-    def check(self, query: Query, kind: str) -> None:
-        """Refuse a bad query before it is queued: resolving one scope checks the prompt, token and target."""
+    def _entry_scope(self, name: str, source: Source, target_layer: int | None, tokenizer: Any) -> Patchscope:
+        entry = self._saved[name]
+        saved = entry.scope
+        if saved.reroute is not None or saved.target.model not in (None, saved.source.model):
+            raise FieldError("preset", f"preset={name!r} reroutes within one pass or reads across two "
+                                       "models (allowed here: a catalogue entry on one model)")
+        target = replace(saved.target, model=None, layer=saved.target.layer if target_layer is None else target_layer)
+        if entry.lens:  # T = S: the clicked prompt, cut after the clicked token, as the logit-lens preset does
+            target = replace(target, prompt=_prefix_through(tokenizer, source.prompt, source.position), position=-1)
+        return replace(saved, source=source, target=target)
+
+    def not_applicable(self, query: Query, layer: int, target_layer: int | None = None) -> str | None:
+        """Why the query's preset does not apply at (l, l*) on this model, None where it does."""
+        entry = self._saved.get(query.preset)
+        return None if entry is None else entry.reason(query.preset, layer, target_layer)
+
+    def _layers(self, query: Query) -> list[int]:
+        """The source layers where the query's preset applies at its own l*."""
+        return [l for l in range(self.handle.n_layers) if self.not_applicable(query, l) is None]
+
+    def check(self, query: Query, kind: str) -> list[str]:
+        """Refuse a bad query before it is queued (resolving one scope checks the prompt, token and target);
+        return what the page should warn about."""
         if kind not in KINDS:
-            raise FieldError("kind", f"kind={kind!r} is not known (allowed: {', '.join(KINDS)})")
+            raise FieldError("kind", f"kind={kind[:40]!r} is not known (allowed: {', '.join(KINDS)})")
         if kind == "jacobian" and query.variant not in VARIANTS:
-            raise FieldError("variant", f"variant={query.variant!r} is not known (allowed: {', '.join(VARIANTS)})")
+            raise FieldError("variant", f"variant={query.variant[:40]!r} is not known (allowed: {', '.join(VARIANTS)})")
         with self._check_lock:
             n = len(self._checking.tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
+            notes = self._length_notes(n)
         if not -n <= query.position < n:
             raise FieldError("position", f"position={query.position} is outside the prompt's {n} tokens "
                                          f"(allowed: 0..{n - 1})")
         if kind != "jacobian":
+            layers = self._layers(query) if query.preset in self._saved else [0]
             with self._check_lock:
-                self._resolve(self.scope(query, 0))
+                self._resolve(self.scope(query, layers[0] if layers else 0))
+        return notes
 
     def _resolve(self, scope: Patchscope) -> None:
         try:
@@ -197,28 +314,52 @@ class Explorer:
     def spec(self, query: Query, source_layer: Any, target_layer: Any) -> dict[str, Any]:
         """The cell's Patchscope as spec JSON, with the Python and command lines that run it."""
         n = self.handle.n_layers
-        for field, value in (("source_layer", source_layer), ("target_layer", target_layer)):
+        for name, value in (("source_layer", source_layer), ("target_layer", target_layer)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
-                raise FieldError(field, f"{field}={value!r} is out of range for {self.handle.name} "
-                                        f"(allowed: 0..{n - 1})")
+                shown = value if isinstance(value, int) and not isinstance(value, bool) else _json_type(value)
+                raise FieldError(name, f"{name}={shown} is out of range for {self.handle.name} "
+                                       f"(allowed: 0..{n - 1})")
+        reason = self.not_applicable(query, source_layer, target_layer)
+        if reason is not None:
+            raise FieldError("source_layer", reason)
         with self._check_lock:
             scope = self.scope(query, source_layer, target_layer, grid=True)
             self._resolve(scope)
-        text = scope.to_json()
-        python = (f"from pyvene_patchscopes import Patchscope, load_model, run\n"
-                  f"scope = Patchscope.from_dict({scope.to_dict()!r})\n"
+        data, copy = scope.to_dict(), ""
+        made = f"scope = Patchscope.from_dict({data!r})"
+        if scope.mapping.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
+            data["mapping"]["weights"] = WEIGHTS_FILE
+            made = f"scope = Patchscope.load({query.preset!r}).replace(source={scope.source!r}, target={scope.target!r})"
+            copy = (f"cp \"$(python -c 'from pyvene_patchscopes.persist import catalogue_root; print(catalogue_root())')"
+                    f"/{query.preset}/{WEIGHTS_FILE}\" cell/\n")
+        text = json.dumps(data, indent=2)
+        python = (f"from pyvene_patchscopes import Patchscope, Source, Target, load_model, run\n{made}\n"
                   f"result = run(scope, load_model({self.handle.name!r}))[0]")
-        command = (f"mkdir -p cell && cat > cell/config.json <<'EOF'\n{text}\nEOF\n"
+        command = (f"mkdir -p cell && cat > cell/config.json <<'EOF'\n{text}\nEOF\n{copy}"
                    f"patchscopes run ./cell --model {shlex.quote(self.handle.name)}")
-        return {"spec": scope.to_dict(), "json": text, "python": python, "cli": command}
+        return {"spec": data, "json": text, "python": python, "cli": command}
 
     # ---- the work (on the worker thread) -------------------------------------------------------------
     def layers(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
-        layers = list(range(self.handle.n_layers))
         own = self.handle.tokenizer
-        results = self._run([self.scope(query, l, tokenizer=own) for l in layers], step)
-        return {"table": layers_table(results), "results": [_result_json(r) for r in results],
-                "source_position": results[0].source_position}
+        applies = self._layers(query)
+        results = dict(zip(applies, self._run([self.scope(query, l, tokenizer=own) for l in applies], step)))
+        table = layers_table(list(results.values()))
+        rows = {row["key"]: row for row in table["rows"]}
+        table["rows"], out = [], []
+        for l in range(self.handle.n_layers):
+            if l in results:
+                table["rows"].append(rows[l])
+                out.append(_result_json(results[l]))
+                continue
+            reason = self.not_applicable(query, l)
+            table["rows"].append({"key": l, "muted": True, "tip": [reason], "cells": [NOT_APPLICABLE, "", reason]})
+            out.append({"layer": l, "target_layer": None, "top": [], "generation": None, "informative": False,
+                        "applies": False, "reason": reason})
+        if len(results) < self.handle.n_layers:
+            table["note"] = f"rows marked {NOT_APPLICABLE}: {self._saved[query.preset].note(query.preset)}"
+        first = next(iter(results.values()))
+        return {"table": table, "results": out, "source_position": first.source_position}
 
     def grid(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
         """Every (l, l*) cell, in slices of source layers (progress, cancel): a planned sweep for the presets
@@ -231,9 +372,12 @@ class Explorer:
             step(done / len(slices))
             rows += self._grid_rows(query, part, layers)
         step(1.0)
-        return {"grid": {"title": f"{query.preset}: source layer x target layer", "row_label": "source layer l",
-                         "col_label": "target layer l*", "rows": layers, "cols": layers, "cells": rows,
-                         "origin": "lower"}}
+        grid = {"title": f"{query.preset}: source layer x target layer", "row_label": "source layer l",
+                "col_label": "target layer l*", "rows": layers, "cols": layers, "cells": rows, "origin": "lower"}
+        entry = self._saved.get(query.preset)
+        if entry is not None and entry.fitted:
+            grid["note"] = f"cells marked {NOT_APPLICABLE}: {entry.note(query.preset)}"
+        return {"grid": grid}
 
     def _grid_rows(self, query: Query, sources: list[int], targets: list[int]) -> list[list[dict[str, Any]]]:
         with warnings.catch_warnings():
@@ -248,11 +392,11 @@ class Explorer:
                              source_layers=sources, target_layers=targets, top=TOP, keep_logits=False,
                              progress=False, **options)
                 return [[result_cell(grid.cell(0, l, t)) for t in targets] for l in sources]
-            scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l in sources
-                      for t in targets]
-            results = run(scopes, self.handle, top=TOP, progress=False)
-        return [[result_cell(results[i * len(targets) + j]) for j in range(len(targets))]
-                for i in range(len(sources))]
+            pairs = [(l, t) for l in sources for t in targets if self.not_applicable(query, l, t) is None]
+            scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l, t in pairs]
+            results = dict(zip(pairs, run(scopes, self.handle, top=TOP, progress=False))) if scopes else {}
+        return [[result_cell(results[l, t]) if (l, t) in results else _not_applicable_cell(
+                    l, t, str(self.not_applicable(query, l, t))) for t in targets] for l in sources]
 
     def jacobian(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
         from ..jacobian import jacobian_scope
@@ -274,10 +418,14 @@ class Explorer:
         return results
 
 
+def _not_applicable_cell(layer: int, target_layer: int, reason: str) -> dict[str, Any]:
+    return {"label": NOT_APPLICABLE, "shade": None, "tip": [f"l = {layer}, l* = {target_layer}", reason], "muted": True}
+
+
 def _result_json(result: PatchscopeResult) -> dict[str, Any]:
     return {"layer": result.scope.source.layer, "target_layer": result.scope.target.layer,
             "top": [[t.token, t.prob] for t in result.top], "generation": result.generation,
-            "informative": result.informative}
+            "informative": result.informative, "applies": True, "reason": None}
 
 
 # ---- the queue ------------------------------------------------------------------------------------------
@@ -286,38 +434,52 @@ class Job:
     id: str
     kind: str
     query: Query
+    warnings: list[str] = field(default_factory=list)
     state: str = "queued"      # queued | running | done | error | cancelled
     progress: float = 0.0
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
-    cancel: threading.Event = None  # type: ignore[assignment]
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def to_json(self) -> dict[str, Any]:
+        """What a poll answers: the job's state and, once done, its result; the prompts are not echoed back."""
         return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 3),
-                "result": self.result, "error": self.error, "query": asdict(self.query)}
+                "result": self.result, "error": self.error, "warnings": self.warnings,
+                "position": self.query.position, "preset": self.query.preset}
 
 
 class Jobs:
-    """One worker thread runs every job on the one model, in the order they came; finished jobs are kept
-    for a while (the last `keep`) so that their pages can fetch them."""
+    """One worker thread runs every job on the one model, in the order they came.
 
-    def __init__(self, explorer: Explorer, keep: int = 256):
-        self.explorer, self.keep = explorer, keep
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._queue: list[str] = []
+    At most `max_queued` jobs wait or run at once: a submission past them raises `QueueFull` (the page's
+    429), so nothing submitted is dropped later. Finished jobs are kept (the last `keep`) so that their pages
+    can fetch them. `close` cancels what is queued, stops the running job before its next layer and joins
+    the worker, so the process can exit while no model code runs (Ctrl-C).
+    """
+
+    def __init__(self, explorer: Explorer, keep: int = KEEP_FINISHED, max_queued: int = MAX_QUEUED):
+        self.explorer, self.keep, self.max_queued = explorer, keep, max_queued
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._finished: deque[str] = deque()
+        self._running: Job | None = None
+        self._closed = False
         self._lock = threading.Condition()
-        self._ids = itertools.count(1)
         self._worker = threading.Thread(target=self._work, name="patchscopes-explorer", daemon=True)
         self._worker.start()
 
     def submit(self, kind: str, query: Query) -> Job:
-        self.explorer.check(query, kind)
+        notes = self.explorer.check(query, kind)
         with self._lock:
-            job = Job(str(next(self._ids)), kind, query, cancel=threading.Event())
+            if self._closed:
+                raise QueueFull("the explorer is shutting down (allowed: nothing more)")
+            waiting = len(self._queue) + (self._running is not None)
+            if waiting >= self.max_queued:
+                raise QueueFull(f"the queue holds {waiting} jobs (allowed: at most {self.max_queued} waiting or "
+                                "running); try again when one has finished")
+            job = Job(secrets.token_urlsafe(18), kind, query, notes)
             self._jobs[job.id] = job
-            self._queue.append(job.id)
-            while len(self._jobs) > self.keep:
-                self._jobs.popitem(last=False)
+            self._queue.append(job)
             self._lock.notify()
         return job
 
@@ -331,28 +493,65 @@ class Jobs:
             if job is not None and job.state in ("queued", "running"):
                 job.cancel.set()
                 if job.state == "queued":
+                    self._queue.remove(job)
                     job.state = "cancelled"
+                    self._finish(job)
             return job
+
+    def counts(self) -> dict[str, int]:
+        """How many jobs are in each state (kept jobs only)."""
+        with self._lock:
+            states = [job.state for job in self._jobs.values()]
+        return {state: states.count(state) for state in ("queued", "running", "done", "error", "cancelled")}
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Refuse new jobs, cancel the queued ones, stop the running one and wait for the worker; True once the
+        worker has ended within `timeout` seconds."""
+        with self._lock:
+            self._closed = True
+            while self._queue:
+                job = self._queue.popleft()
+                job.cancel.set()
+                job.state = "cancelled"
+                self._finish(job)
+            if self._running is not None:
+                self._running.cancel.set()
+            self._lock.notify_all()
+        self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _finish(self, job: Job) -> None:
+        """Keep `job` among the finished ones, dropping the oldest finished beyond `keep` (under the lock)."""
+        self._finished.append(job.id)
+        while len(self._finished) > self.keep:
+            self._jobs.pop(self._finished.popleft(), None)
 
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue:
+                while not self._queue and not self._closed:
                     self._lock.wait()
-                job = self._jobs.get(self._queue.pop(0))
-                if job is None or job.state != "queued":
-                    continue
-                job.state = "running"
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                job.state, self._running = "running", job
             self._run(job)
+            with self._lock:
+                self._running = None
+                self._finish(job)
 
     def _run(self, job: Job) -> None:
-        def step(fraction: float) -> None:
+        def check() -> None:
             if job.cancel.is_set():
                 raise Cancelled()
+
+        def step(fraction: float) -> None:
+            check()
             job.progress = fraction
 
         try:
-            job.result = getattr(self.explorer, job.kind)(job.query, step)
+            with checkpoints(self.explorer.handle.model, check):  # Cancel stops the job before its next layer
+                job.result = getattr(self.explorer, job.kind)(job.query, step)
             job.state = "done"
         except Cancelled:
             job.state = "cancelled"
@@ -362,4 +561,5 @@ class Jobs:
             job.error, job.state = {"field": _field_of(error), "message": str(error)}, "error"
 
 
-__all__ = ["Explorer", "Query", "Jobs", "Job", "FieldError", "CUSTOM", "PLACEHOLDER", "VARIANTS", "KINDS"]
+__all__ = ["Explorer", "Query", "Jobs", "Job", "Entry", "FieldError", "QueueFull", "text_field", "CUSTOM",
+           "PLACEHOLDER", "VARIANTS", "KINDS", "MAX_PROMPT_CHARS", "MAX_PROMPT_TOKENS", "MAX_QUEUED", "KEEP_FINISHED"]

@@ -7,9 +7,16 @@ const $ = (id) => document.getElementById(id);
 async function api(method, path, body) {
   const response = await fetch(path, { method, headers: { "Content-Type": "application/json" },
                                        body: body === undefined ? undefined : JSON.stringify(body) });
-  const data = await response.json();
-  if (!response.ok) throw data.error || { field: "request", message: response.statusText };
+  let data = null;
+  try { data = await response.json(); } catch (error) { data = null; }
+  if (!response.ok || data === null) {
+    throw (data && data.error) || { field: "request", message: `${response.status} ${response.statusText}` };
+  }
   return data;
+}
+
+function showWarnings(list) {
+  $("warning").textContent = (list || []).join("; ");
 }
 
 function showError(error) {
@@ -33,7 +40,10 @@ async function runJob(kind, position, onDone) {
   const body = query(kind);
   if (position !== undefined) body.position = position;
   let id;
-  try { ({ id } = await api("POST", "/api/jobs", body)); } catch (error) { showError(error); return; }
+  try {
+    const made = await api("POST", "/api/jobs", body);
+    id = made.id; showWarnings(made.warnings);
+  } catch (error) { showError(error); return; }
   state.jobs.add(id); busy();
   for (;;) {
     await new Promise((resolve) => setTimeout(resolve, 120));
@@ -53,6 +63,7 @@ async function tokenize() {
   const prompt = $("prompt").value;
   let data;
   try { data = await api("POST", "/api/tokens", { prompt }); } catch (error) { showError(error); return; }
+  showWarnings(data.warnings);
   state.prompt = prompt; state.position = null;
   const box = $("tokens"); box.replaceChildren();
   for (const token of data.tokens) {
@@ -115,8 +126,11 @@ async function start() {
   const preset = $("preset");
   for (const name of [...info.presets.filter((p) => p !== "multihop"), ...info.catalogue, info.custom]) {
     const option = document.createElement("option"); option.value = name; option.textContent = name;
+    const fitted = info.fitted[name];  // a fitted mapping applies at its own (l, l*) only
+    if (fitted) option.textContent = `${name} (l = ${fitted[0]} → l* = ${fitted[1]} only)`;
     preset.appendChild(option);
   }
+  $("prompt").maxLength = info.max_prompt_chars; $("target-prompt").maxLength = info.max_prompt_chars;
   preset.value = "token-identity";
   for (const name of info.variants) {
     const option = document.createElement("option"); option.value = name; option.textContent = name;

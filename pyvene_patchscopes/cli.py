@@ -396,13 +396,13 @@ def port_number(text: str) -> int:
 
 def cmd_explore(args: argparse.Namespace) -> None:
     from .explore.app import bind, check_installed, hosts_for, serve
-    from .explore.service import Explorer
+    from .explore.service import MAX_PROMPT_TOKENS, Explorer
 
     check_installed()  # before the model loads: the app extra (fastapi, uvicorn)
     hosts = hosts_for(args.host, args.allow_host)
     sock = bind(args.host, args.port)  # a port in use is refused before the model loads, not after
     try:
-        explorer = Explorer(_load(args), max_prompt_tokens=args.max_prompt_tokens)
+        explorer = Explorer(_load(args), max_prompt_tokens=args.max_prompt_tokens or MAX_PROMPT_TOKENS)
     except BaseException:
         sock.close()
         raise
@@ -569,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a name the page may be reached by besides localhost, 127.0.0.1 and ::1 (repeatable); "
                         "requests naming any other Host are refused")
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=4096,
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=None,
                    help="the longest prompt the page accepts, in tokens (default 4096)")
     p.set_defaults(func=cmd_explore)
     return parser

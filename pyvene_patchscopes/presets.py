@@ -60,12 +60,13 @@ def logit_lens(source: Source, target_layer: int | None = None, max_new_tokens: 
         if tokenizer is None:
             raise SpecError(f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
                             "to cut the prompt there (allowed without one: Source.position=-1)")
-        prompt, position = _prefix_through(tokenizer, source.prompt, source.position), -1
+        prompt, position = prefix_through(tokenizer, source.prompt, source.position), -1
     return Patchscope(source, Target(prompt, position, -1 if target_layer is None else target_layer),
                       max_new_tokens=max_new_tokens)
 
 
-def _prefix_through(tokenizer, prompt: str, position: Position) -> str:
+def prefix_through(tokenizer, prompt: str, position: Position) -> str:
+    """`prompt` up to and including the token at `position` (the logit lens's T = S cut at i)."""
     from .positions import resolve_position
 
     index = resolve_position(tokenizer, prompt, position, "Source")

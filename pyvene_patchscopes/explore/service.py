@@ -38,7 +38,7 @@ from ..execution.interrupt import checkpoints
 from ..export import layers_table, result_cell
 from ..models import ModelHandle
 from ..persist import WEIGHTS_FILE, catalogue
-from ..presets import PRESETS, _prefix_through, get_preset
+from ..presets import PRESETS, prefix_through, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult
 from ..spec import Patchscope, Source
@@ -272,7 +272,7 @@ class Explorer:
                                        "models (allowed here: a catalogue entry on one model)")
         target = replace(saved.target, model=None, layer=saved.target.layer if target_layer is None else target_layer)
         if entry.lens:  # T = S: the clicked prompt, cut after the clicked token, as the logit-lens preset does
-            target = replace(target, prompt=_prefix_through(tokenizer, source.prompt, source.position), position=-1)
+            target = replace(target, prompt=prefix_through(tokenizer, source.prompt, source.position), position=-1)
         return replace(saved, source=source, target=target)
 
     def not_applicable(self, query: Query, layer: int, target_layer: int | None = None) -> str | None:

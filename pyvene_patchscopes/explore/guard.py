@@ -77,7 +77,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         refusal = self.refusal(scope["method"].upper(), headers)
         if refusal is None and scope["method"].upper() in UNSAFE_METHODS:
-            body, refusal = await self._read(receive, headers)
+            body, refusal = await self._read(receive)
             if refusal is None:
                 receive = _replay(body, receive)
         if refusal is not None:
@@ -120,7 +120,7 @@ class Guard:
         return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower() \
             and not parts.path and not parts.query
 
-    async def _read(self, receive: Receive, headers: dict[str, str]) -> tuple[bytes, tuple[int, dict] | None]:
+    async def _read(self, receive: Receive) -> tuple[bytes, tuple[int, dict] | None]:
         """The whole body, refused as soon as it passes the cap (a chunked body has no Content-Length)."""
         chunks, size = [], 0
         while True:

@@ -105,7 +105,7 @@ class Query:
 def _json_type(value: Any) -> str:
     """What a JSON value is, in words (error messages name the kind, never echo a value of any size)."""
     if isinstance(value, bool):
-        return f"{str(value).lower()}"
+        return str(value).lower()
     if isinstance(value, int):
         return "an integer" if abs(value) <= MAX_POSITION else "an integer out of range"
     names = {float: "a number", str: "text", list: "a list", dict: "an object", type(None): "null"}
@@ -298,9 +298,9 @@ class Explorer:
             raise FieldError("position", f"position={query.position} is outside the prompt's {n} tokens "
                                          f"(allowed: 0..{n - 1})")
         if kind != "jacobian":
-            layers = self._layers(query) if query.preset in self._saved else [0]
+            first = (self._layers(query) or [0])[0]  # a fitted entry's own layer; none in range: 0, and resolve says why
             with self._check_lock:
-                self._resolve(self.scope(query, layers[0] if layers else 0))
+                self._resolve(self.scope(query, first))
         return notes
 
     def _resolve(self, scope: Patchscope) -> None:

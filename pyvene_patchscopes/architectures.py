@@ -1,30 +1,31 @@
-"""One entry per model family: everything the library needs to know about where a family keeps layer l.
+"""Where a model keeps layer l: found from the model itself, with a table for what cannot be found that way.
 
 The engine never hard-codes a module path. The planned execution (`execution.stack`), the sites of
 ``hidden_states`` (`sites`), pyvene's model-type registry (`compat.register_model_types`) and the
-Jacobian Scopes all read this table.
+Jacobian Scopes all read `architecture(model)`.
 
-Adding a family, step by step:
+For any causal LM, `architecture` finds the pieces from the model (`discovery`): the embeddings, the
+``ModuleList`` of decoder blocks, the final norm and the rotary embedding (what runs around the blocks in a
+two-token forward pass), and the quirks, from the config. The table below holds the ten families the
+library was first written for; an entry there overrides what was found (``tests/test_discovery.py`` holds
+the two equal). A family needs an entry only for what discovery gets wrong:
 
-1. Add an `Architecture` entry to `FAMILIES` below: the HF class names, the dotted paths of the token
-   embedding, the decoder layers, the final norm, the rotary embedding (None without one) and the
-   unembedding, and the family's quirks (learned positions, soft-capping, sliding windows). Open the
-   family's ``modeling_<name>.py`` in transformers and copy the paths from its ``forward``.
-2. If pyvene 0.1.8 does not know the class (``type(model) in pyvene.type_to_module_mapping`` is False),
-   set ``pyvene_like`` to a family whose pyvene table has the same module names (most decoders: "llama"),
-   and ``head_dim=True`` if its config's ``head_dim`` sets the head size.
-3. Add a tiny random config of the family to ``tests/tiny.py`` (``FAMILY_CONFIGS``, with the family's
-   quirks switched on, and its quirks to ``QUIRKS`` in ``tests/test_families.py``) and the family's block
-   and final-norm paths to ``tests/golden.py`` (``_PATHS``, written by hand, not read from this table):
-   ``tests/test_families.py`` then runs every check
-   (plain pyvene path against hand-written hooks, planned against plain, generation, reroute, Jacobian
-   Scopes against an explicit Jacobian, the model left as it was) on it.
-4. If the planned execution cannot run the family, set ``planned=False`` and say why in
-   ``not_planned_because``; `run` then warns once and uses the plain pyvene path. Add the README row.
+1. Add an `Architecture` entry to `FAMILIES`: the HF class names, the dotted paths of the token embedding,
+   the decoder layers, the final norm, the rotary embedding (None without one) and the unembedding, and
+   the family's quirks. Open the family's ``modeling_<name>.py`` in transformers and copy the paths.
+2. If pyvene 0.1.8 lacks the class, set ``pyvene_like`` to a family whose pyvene table has the same module
+   names (most decoders: "llama"), and ``head_dim=True`` if ``config.head_dim`` sets the head size.
+   Without an entry, a found family is registered with pyvene from its found paths, on first use.
+3. If the planned execution cannot run it, set ``planned=False`` and say why in ``not_planned_because``;
+   `run` then warns once and uses the plain pyvene path.
+
+Every causal-LM class of the installed transformers is tested on a tiny random config
+(``tests/test_every_family.py``); ``patchscopes families`` lists the path each one takes.
 """
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from .errors import PatchscopeError
 
-Positions = Literal["rotary", "partial rotary", "learned absolute"]
+Positions = Literal["rotary", "partial rotary", "learned absolute", "none"]
 SlidingWindow = Literal["none", "every layer", "layer types"]
 
 
@@ -44,7 +45,7 @@ class Architecture:
     classes: tuple[str, ...]             # HF causal-LM class names
     embed: str                           # token embedding (its output is what the first block receives)
     layers: str                          # the ModuleList of decoder blocks; block l's output is layer l
-    final_norm: str                      # applied before the unembedding (and before hidden_states[-1])
+    final_norm: str | None               # applied before the unembedding (and before hidden_states[-1]); None: none
     unembed: str = "lm_head"
     rotary: str | None = "model.rotary_emb"
     positions: Positions = "rotary"
@@ -56,8 +57,10 @@ class Architecture:
     cache_argument: str = "cache"        # the decoder layer's keyword for the key/value cache
     pyvene_like: str | None = None       # pyvene 0.1.8 lacks the class: register it with this family's table
     head_dim: bool = False               # config.head_dim sets the head size (not hidden_size / heads)
+    attention_sinks: bool = False        # a learned per-head logit in every softmax (GPT-OSS's ``sinks``)
     planned: bool = True
     not_planned_because: str = ""
+    found: bool = False                  # found from the model (`discovery`), not read from the table
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         """The submodule at a dotted path of this entry (``self.layers``, ``self.final_norm``, ...)."""
@@ -94,12 +97,47 @@ FAMILIES: tuple[Architecture, ...] = (
 _BY_CLASS = {name: entry for entry in FAMILIES for name in entry.classes}
 
 
-def architecture(model: nn.Module) -> Architecture | None:
+def table_entry(model: nn.Module) -> Architecture | None:
     """The table entry for `model`'s class (or a class it derives from), None for a family not in the table."""
     for cls in type(model).__mro__:
         if cls.__name__ in _BY_CLASS:
             return _BY_CLASS[cls.__name__]
     return None
+
+
+_FOUND: "weakref.WeakKeyDictionary[nn.Module, Architecture]" = weakref.WeakKeyDictionary()
+
+
+def found(model: nn.Module) -> Architecture:
+    """What `discovery` finds in `model`, whatever the table says (worked out once per model)."""
+    if model not in _FOUND:
+        from .discovery import found_pieces
+
+        _FOUND[model] = Architecture(**found_pieces(model))
+    return _FOUND[model]
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """Where `model` keeps its pieces: its table entry where it has one, else what is found in the model.
+
+    Raises `PatchscopeError` for an encoder or encoder-decoder model, or one whose layers cannot be found.
+    """
+    entry = table_entry(model)
+    if entry is not None:
+        from .discovery import check_decoder
+
+        check_decoder(model)
+        return entry
+    return found(model)
+
+
+def report(model: nn.Module) -> dict[str, object]:
+    """`architecture(model)` as plain data, with where it came from: what a user reads to see what was found."""
+    entry = architecture(model)
+    data = {name: getattr(entry, name) for name in entry.__dataclass_fields__}
+    data["classes"] = list(entry.classes)
+    data["source"] = "found in the model" if entry.found else "the architecture table"
+    return data
 
 
 def family(name: str) -> Architecture:
@@ -113,4 +151,4 @@ def supported() -> str:
     return ", ".join(entry.family for entry in FAMILIES)
 
 
-__all__ = ["Architecture", "FAMILIES", "architecture", "family", "supported"]
+__all__ = ["Architecture", "FAMILIES", "architecture", "table_entry", "found", "report", "family", "supported"]

@@ -12,8 +12,9 @@
    `install_safe_serialization`) routes pyvene's own methods there. Importing the plugin leaves them alone.
 5. A custom class's constructor arguments are lost on reload                  -> the plugin's interventions keep
    them in their state and rebuild from it; `reloadable_kwargs_check` refuses classes that would lose them.
-6. Qwen 3, Gemma 3, Phi-3 and OLMo 2 are not registered with pyvene          -> `register_model_types`,
-   from the architecture table, on first use.
+6. pyvene knows a few dozen classes; Qwen 3, Gemma 3, Phi-3, OLMo 2 and every family found in the model
+   (`architectures.found`) are not registered with it                       -> `register_model_types`,
+   from the architecture table and the found paths, on first use.
 7. (moved) HF's last ``hidden_states`` entry is already after the final norm    -> `sites.hidden_state_site`.
 8. pyvene prints a notice to stdout on import, which would corrupt ``--json`` output -> silenced above.
 9. Wrapping a model freezes it (``requires_grad=False``, ``eval()``) and overwrites ``config.model_type``
@@ -153,7 +154,7 @@ def pyvene_guard(model: nn.Module) -> Iterator[None]:
 
 def intervenable(config: pv.IntervenableConfig, model: nn.Module) -> pv.IntervenableModel:
     """Build a pyvene IntervenableModel; call inside `pyvene_guard(model)` so its side effects are undone."""
-    register_model_types()
+    register_model_types(model)
     pvm = pv.IntervenableModel(config, model)
     reset_use_fast(pvm)
     return pvm
@@ -390,7 +391,7 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
         config = pv.IntervenableConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
         config.intervention_types = classes
         config.representations = representations
-        register_model_types()
+        register_model_types(model)
         with contextlib.redirect_stdout(io.StringIO()):
             pvm = pv.IntervenableModel(config, model)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, NameError, RuntimeError) as err:
@@ -536,12 +537,13 @@ def reloadable_kwargs_check(intervention: nn.Module) -> None:
 
 
 # ---- 6. model registry ----------------------------------------------------------------------------
-def register_model_types() -> None:
-    """Register the table's families that pyvene 0.1.8 lacks (Qwen 3, Gemma 3, Phi-3, OLMo 2), next to its own.
+def register_model_types(model: nn.Module | None = None) -> None:
+    """Register the table's families that pyvene 0.1.8 lacks (Qwen 3, Gemma 3, Phi-3, OLMo 2), and `model`'s class.
 
-    Each borrows the module table of a family pyvene knows (``Architecture.pyvene_like``), with per-head
-    sizes read from ``config.head_dim`` where the family sets its head size so (``Architecture.head_dim``).
-    Done on first use (`intervenable`, `check_hookable`), never on import.
+    Each table family borrows the module table of a family pyvene knows (``Architecture.pyvene_like``), with
+    per-head sizes read from ``config.head_dim`` where the family sets its head size so
+    (``Architecture.head_dim``). A class pyvene lacks and the table does not hold gets the paths found in the
+    model (`found_module_table`). Done on first use (`intervenable`, `check_hookable`), never on import.
     """
     import transformers
 
@@ -560,6 +562,44 @@ def register_model_types() -> None:
                     dims[component] = ("head_dim",)
             pv.type_to_module_mapping[cls] = copy.deepcopy(pv.type_to_module_mapping[like])
             pv.type_to_dimension_mapping[cls] = dims
+    if model is not None and type(model) not in pv.type_to_module_mapping:
+        modules, dims = found_module_table(model)
+        pv.type_to_module_mapping[type(model)] = modules
+        pv.type_to_dimension_mapping[type(model)] = dims
+
+
+def found_module_table(model: nn.Module) -> tuple[dict, dict]:
+    """pyvene's two tables for `model`'s class, from its found architecture: blocks, and their attention and MLP."""
+    from pyvene.models.constants import CONST_INPUT_HOOK, CONST_OUTPUT_HOOK
+
+    from .architectures import architecture
+
+    arch = architecture(model)
+    block = f"{arch.layers}[%s]"
+    modules = {"block_input": (block, CONST_INPUT_HOOK), "block_output": (block, CONST_OUTPUT_HOOK)}
+    children = dict(arch.module(model, arch.layers)[0].named_children())
+    for name in ("self_attn", "attention", "attn", "self_attention"):
+        if name in children:
+            modules["attention_output"] = (f"{block}.{name}", CONST_OUTPUT_HOOK)
+            modules["attention_input"] = (f"{block}.{name}", CONST_INPUT_HOOK)
+            break
+    for name in ("mlp", "feed_forward", "block_sparse_moe", "ffn"):
+        if name in children:
+            modules["mlp_output"] = (f"{block}.{name}", CONST_OUTPUT_HOOK)
+            modules["mlp_input"] = (f"{block}.{name}", CONST_INPUT_HOOK)
+            break
+    text = "" if model.config.get_text_config() is model.config else _text_config_path(model.config)
+    size = (f"{text}hidden_size",)
+    return modules, {component: size for component in modules}
+
+
+def _text_config_path(config) -> str:
+    """Where a multimodal config keeps its language model's config, as pyvene's dotted lookup reads it."""
+    text = config.get_text_config()
+    for name, value in vars(config).items():
+        if value is text:
+            return f"{name}."
+    return ""
 
 
 def _pyvene_class(arch: Architecture) -> type | None:
@@ -576,10 +616,7 @@ def check_hookable(model: nn.Module) -> None:
     """A model pyvene can hook (its class in pyvene's registry, after ours), else an error naming the families."""
     if type(model) in pv.type_to_module_mapping:
         return
-    register_model_types()
-    if type(model) not in pv.type_to_module_mapping:
-        raise PatchscopeError(f"{type(model).__name__} is not a family this library or pyvene knows (supported: "
-                              f"{supported()}; see architectures.py to add one)")
+    register_model_types(model)
 
 
 __all__ = [

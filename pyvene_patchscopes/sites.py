@@ -2,8 +2,7 @@
 
 HF's last ``hidden_states`` entry is already after the final norm; the paper's code therefore reads
 the last layer there, and writes there when source and target are both the last layer
-(``skip_final_ln``). Module paths come from `architectures`; a family not in the table still works
-through pyvene when pyvene can hook it.
+(``skip_final_ln``). Module paths come from `architectures` (the table, or what is found in the model).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import FAMILIES, architecture, supported
+from .architectures import architecture
 from .errors import PatchscopeError
 
 BLOCK_OUTPUT = "block_output"  # pyvene's abstract name for a decoder block's output
@@ -30,23 +29,13 @@ class Site:
         return self.component != BLOCK_OUTPUT
 
 
-# families not in the table: the final norms of other common decoders, looked up by name
-_OTHER_FINAL_NORMS = ("model.final_layernorm", "model.decoder.final_layer_norm", "transformer.norm_f",
-                      "backbone.norm_f")
-
-
 def final_norm_path(model: nn.Module) -> str:
     """Dotted path of the final norm that HF applies before the unembedding (and before hidden_states[-1])."""
-    arch = architecture(model)
-    if arch is not None:
-        return arch.final_norm
-    names = dict(model.named_modules())
-    candidates = tuple(dict.fromkeys([entry.final_norm for entry in FAMILIES] + list(_OTHER_FINAL_NORMS)))
-    for path in candidates:
-        if path in names:
-            return path
-    raise PatchscopeError(f"cannot find the final norm of {type(model).__name__}: its family is not in the "
-                          f"architecture table (supported: {supported()}) and none of {candidates} exists")
+    path = architecture(model).final_norm
+    if path is None:
+        raise PatchscopeError(f"{type(model).__name__} has no final norm: nothing runs between its last block and "
+                              "its unembedding, so hidden_states[-1] is the last block's output")
+    return path
 
 
 def final_norm(model: nn.Module) -> nn.Module:
@@ -60,7 +49,7 @@ def hidden_state_site(model: nn.Module, layer: int, n_layers: int, after_final_n
     the final norm; reading it there, and writing it there when source and target are both the last
     layer, is what the paper's code calls ``skip_final_ln``.
     """
-    if layer == n_layers - 1 and after_final_norm:
+    if layer == n_layers - 1 and after_final_norm and architecture(model).final_norm is not None:
         return Site(component=f"{final_norm_path(model)}.output", layer=layer)
     return Site(component=BLOCK_OUTPUT, layer=layer)
 

@@ -20,12 +20,9 @@ from ..architectures import architecture
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder blocks, from the architecture table, or its longest ModuleList for other families."""
+    """The model's decoder blocks (see `architectures.architecture`)."""
     entry = architecture(model)
-    if entry is not None:
-        return list(entry.module(model, entry.layers))
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    return list(entry.module(model, entry.layers))
 
 
 @contextmanager

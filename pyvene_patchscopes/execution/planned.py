@@ -15,9 +15,9 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from ..architectures import architecture
 from ..errors import SlowPathWarning
 from ..result import top_k_ids
+from .check import planned_reason
 from .plan import pack
 from .stack import Shared, Stack
 
@@ -81,12 +81,11 @@ def use_planned(model: nn.Module, requested: bool = True) -> bool:
     """
     if not requested:
         return False
-    if Stack.supports(model):
+    why = planned_reason(model)
+    if not why:
         return True
-    arch = architecture(model)
-    why = arch.not_planned_because if arch is not None else "its family is not in the architecture table"
     warnings.warn(f"{type(model).__name__} runs on the plain pyvene path, which is slower than the planned "
-                  f"execution: {why} (see architectures.py)", SlowPathWarning, stacklevel=3)
+                  f"execution: {why}", SlowPathWarning, stacklevel=3)
     return False
 
 

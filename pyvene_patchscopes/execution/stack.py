@@ -9,14 +9,17 @@ patch and the vector written there. So the work splits into what all rows share 
 
 Rows are sorted by l*, so at layer j the rows that compute are a leading slice of the batch and no
 gather is needed. The arithmetic is the model's own (its decoder-layer modules are called directly);
-only the order of work changes. Where each family keeps its embedding, layers, norm, rotary embedding
-and unembedding, and its quirks (learned positions, soft-capping, sliding windows), comes from
-`architectures`. Tests hold it to the plain pyvene path within 1e-4 in fp32 for every family there.
+only the order of work changes. Where a model keeps its layers, norm, rotary embedding and unembedding,
+and its quirks (soft-capping, sliding windows, attention sinks), comes from `architectures`. What the
+first block receives is the model's own: its forward runs up to block 0 (learned positions, offsets and
+embedding multipliers included). Tests hold it to the plain pyvene path within 1e-4 in fp32 for every
+causal-LM class of the installed transformers that takes it; `check` verifies a found family on the model.
 """
 from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,8 +29,11 @@ import transformers
 from transformers import AttentionInterface
 
 from ..architectures import Architecture, architecture
+from ..discovery import layer_types as config_layer_types
 
 ATTENTION = "patchscopes-shared-prefix"
+# the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes
+_PREFIX: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar("patchscopes_prefix", default=None)
 # the layer call below is transformers 5's (a cache object updated in place, a tensor returned)
 _TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -57,14 +63,17 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                            prefix: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+                            **kwargs):
     """Softmax attention over [shared prefix ; the row's own keys], the prefix held once for all rows.
 
-    query [n, H, q, d]; key/value [n, kv, k, d]; prefix [1, kv, P, d]; attention_mask additive [1, 1, q, P + k].
-    Same arithmetic as eager attention (float32 softmax), without materialising the prefix per row.
+    query [n, H, q, d]; key [n, kv, k, d]; value [n, kv, k, dv] (dv differs from d in latent attention);
+    prefix [1, kv, P, ·]; attention_mask additive [1, 1, q, P + k]. Same arithmetic as eager attention
+    (float32 softmax), without materialising the prefix per row. A module with ``sinks`` (GPT-OSS) adds its
+    learned per-head logit to every softmax and drops it after, as its eager attention does.
     """
+    prefix = _PREFIX.get()
     n, heads, q, d = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, dv = key.shape[1], value.shape[-1]
     groups = heads // kv_heads
     scale = d ** -0.5 if scaling is None else scaling
     own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.transpose(-1, -2)).view(n, kv_heads, groups, q, -1)
@@ -79,13 +88,20 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         scores = scores + attention_mask.unsqueeze(2)
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:  # [H] -> one more column per head, as [n, kv, groups, q, 1]
+        column = sinks.to(scores.dtype).view(1, kv_heads, groups, 1, 1).expand(n, -1, -1, q, 1)
+        scores = torch.cat([scores, column], dim=-1)
+        scores = scores - scores.max(dim=-1, keepdim=True).values
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        probs = probs[..., :-1]
     width = probs.shape[-1] - key.shape[2]
-    out = torch.matmul(probs[..., width:].reshape(n, kv_heads, groups * q, -1), value).view(n, kv_heads, groups, q, d)
+    out = torch.matmul(probs[..., width:].reshape(n, kv_heads, groups * q, -1), value).view(n, kv_heads, groups, q, dv)
     if width:
         p_probs = probs[..., :width].permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, width)
-        out = out + torch.bmm(p_probs, prefix[1][0]).view(kv_heads, n, groups, q, d).permute(1, 0, 2, 3, 4)
-    return out.reshape(n, heads, q, d).transpose(1, 2).contiguous(), None
+        out = out + torch.bmm(p_probs, prefix[1][0]).view(kv_heads, n, groups, q, dv).permute(1, 0, 2, 3, 4)
+    return out.reshape(n, heads, q, dv).transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> None:
@@ -139,24 +155,33 @@ class Stack:
 
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model, self.arch = model, arch
-        self.embed = arch.module(model, arch.embed)
-        self.position_embed = arch.module(model, arch.position_embed) if arch.position_embed else None
         self.layers = arch.module(model, arch.layers)
-        self.norm = arch.module(model, arch.final_norm)
+        base = arch.layers.rpartition(".")[0]
+        self.base = arch.module(model, base) if base else model  # the text model whose forward embeds
+        self.norm = arch.module(model, arch.final_norm) if arch.final_norm else nn.Identity()
         self.rotary = arch.module(model, arch.rotary) if arch.rotary else None
         self.lm_head = arch.module(model, arch.unembed)
         config = model.config.get_text_config()
         self.n_layers = config.num_hidden_layers
         self.layer_types = layer_types(config, arch)
         self.sliding_window = getattr(config, "sliding_window", None)
+        self.chunk = getattr(config, "attention_chunk_size", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) if arch.logit_softcap else None
+        # Cohere multiplies its logits by ``logit_scale``, Granite divides them by ``logits_scaling``
+        self.logit_factor = float(getattr(config, "logit_scale", None) or 1.0) / \
+            float(getattr(config, "logits_scaling", None) or 1.0)
         self.per_type_rotary = self.rotary is not None and \
             "layer_type" in inspect.signature(self.rotary.forward).parameters
+        parameters = inspect.signature(self.layers[0].forward).parameters
+        self.layer_keywords = set(parameters)
+        self.any_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+        self.base_positions = "position_ids" in inspect.signature(self.base.forward).parameters
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        arch = architecture(model)
-        return _TRANSFORMERS_5 and arch is not None and arch.planned
+        from .check import planned_reason
+
+        return not planned_reason(model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -168,12 +193,23 @@ class Stack:
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What the first block receives: token embeddings (scaled inside the module for Gemma), plus learned
-        absolute position embeddings where the family has them (GPT-2)."""
-        hidden = self.embed(ids)
-        if self.position_embed is not None:
-            hidden = hidden + self.position_embed(positions)[None]
-        return hidden
+        """What the first block receives, from the model's own forward stopped there: token embeddings (scaled
+        where the family scales them), plus learned positions (GPT-2, OPT's offset) and embedding multipliers."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            raise _FirstBlockReached
+
+        handle = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before any user hook
+        extra = {"position_ids": positions[None].expand(ids.shape[0], -1)} if self.base_positions else {}
+        try:
+            self.base(input_ids=ids, use_cache=False, **extra)
+        except _FirstBlockReached:
+            pass
+        finally:
+            handle.remove()
+        return seen["hidden"]
 
     def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         position_ids = positions.unsqueeze(0)
@@ -190,6 +226,8 @@ class Stack:
         allowed = {"full_attention": k <= q}
         if self.sliding_window is not None:
             allowed["sliding_attention"] = (k <= q) & (k > q - self.sliding_window)
+        if self.chunk:  # Llama 4: attention within fixed chunks of the sequence
+            allowed["chunked_attention"] = (k <= q) & (k // self.chunk == q // self.chunk)
         low = torch.finfo(self.dtype).min
         return {kind: torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill(~m, low)[None, None]
                 for kind, m in allowed.items()}
@@ -200,15 +238,27 @@ class Stack:
         """Layer j on `hidden`, attending to the shared `prefix` ([1, kv, P, d]) and the rows' own `past`."""
         kind = self.layer_types[j]
         cache = _LayerKeys(*(past or (None, None)))
-        extra = {} if rotary[kind] is None else {"position_embeddings": rotary[kind]}
-        with _attention(self.model):
-            out = self.layers[j](hidden, attention_mask=masks[kind], position_ids=positions.unsqueeze(0),
-                                 use_cache=True, prefix=prefix, **{self.arch.cache_argument: cache}, **extra)
+        keywords = {"attention_mask": masks[kind], "position_ids": positions.unsqueeze(0), "use_cache": True,
+                    self.arch.cache_argument: cache}
+        if rotary[kind] is not None:
+            keywords["position_embeddings"] = rotary[kind]
+        if "cache_position" in self.layer_keywords:
+            keywords["cache_position"] = positions
+        if not self.any_keyword:
+            keywords = {k: v for k, v in keywords.items() if k in self.layer_keywords}
+        token = _PREFIX.set(prefix)
+        try:
+            with _attention(self.model):
+                out = self.layers[j](hidden, **keywords)
+        finally:
+            _PREFIX.reset(token)
         out = out[0] if isinstance(out, tuple) else out
         return out, cache.new  # type: ignore[return-value]
 
     def unembed(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(normed).float()
+        if self.logit_factor != 1.0:
+            logits = logits * self.logit_factor
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -316,14 +366,17 @@ class Stack:
         return tokens
 
 
+class _FirstBlockReached(Exception):
+    """Raised by the pre-hook on block 0 once the model's forward has computed that block's input."""
+
+
 def layer_types(config, arch: Architecture) -> list[str]:
     """Each layer's attention kind, "full_attention" or "sliding_attention", as the family's forward decides it."""
     n = config.num_hidden_layers
-    if arch.sliding_window == "layer types" and getattr(config, "layer_types", None):
-        return list(config.layer_types)
-    if arch.sliding_window == "every layer" and getattr(config, "sliding_window", None):
-        return ["sliding_attention"] * n
-    return ["full_attention"] * n
+    if arch.sliding_window == "none" and "chunked_attention" not in (getattr(config, "layer_types", None) or ()):
+        return ["full_attention"] * n
+    kinds = config_layer_types(config)
+    return kinds if arch.sliding_window == "layer types" or getattr(config, "sliding_window", None) else ["full_attention"] * n
 
 
 def stack_for(model: nn.Module) -> Stack | None:

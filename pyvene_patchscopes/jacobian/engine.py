@@ -39,14 +39,7 @@ DIRECTION_CHUNK = 32  # directions per batched backward: bounds memory for the e
 def embedding_path(model: torch.nn.Module) -> str:
     """Dotted path of the token embedding, whose output is what the first block receives per token (plus
     learned positions in GPT-2, added after it: a gradient there equals the gradient at the sum)."""
-    arch = architecture(model)
-    if arch is not None:
-        return arch.embed
-    embedding = model.get_input_embeddings()
-    for name, module in model.named_modules():
-        if module is embedding:
-            return name
-    raise SpecError(f"cannot find the input embedding of {type(model).__name__}")
+    return architecture(model).embed
 
 
 def attribution_config(model: torch.nn.Module, hidden_size: int, n_positions: int) -> pv.IntervenableConfig:

@@ -1,0 +1,220 @@
+"""Find where a causal LM keeps its pieces from the model itself: its modules, its config and one tiny forward pass.
+
+- the token embedding and the unembedding: ``get_input_embeddings()`` / ``get_output_embeddings()``;
+- the decoder blocks: the ``ModuleList`` of ``config.num_hidden_layers`` entries beside the embedding;
+- the final norm: what runs, in a two-token forward pass, between the last block and the unembedding;
+- the rotary embedding: the base model's child holding ``inv_freq``, run before the first block;
+- the quirks the planned execution must reproduce, from the config and the modules (soft-capping, scaled
+  embeddings, sliding windows and ``layer_types``, partial rotary, learned positions, attention sinks).
+
+Whether the planned execution may run the family is decided here from what cannot be shared exactly (layers
+that keep a recurrent state, attention outside transformers' attention interface, per-layer inputs), and
+then checked on the model itself (`execution.check`).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PatchscopeError
+
+ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# keywords the planned execution passes to a decoder layer itself; any other required one it cannot supply
+_SUPPLIED = {"hidden_states", "attention_mask", "position_ids", "position_embeddings", "use_cache",
+             "cache_position", "output_attentions", *_CACHE_KEYWORDS}
+
+
+def path_of(model: nn.Module, target: nn.Module) -> str | None:
+    """The dotted path of `target` inside `model` (None when it is not a submodule)."""
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def check_decoder(model: nn.Module) -> None:
+    """Refuse encoder-only and encoder-decoder models, and models without a language-model head."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None:
+        raise PatchscopeError(f"{name} has no Hugging Face config (allowed: a transformers causal LM)")
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise PatchscopeError(f"{name} is an encoder-decoder model; Patchscopes need a decoder-only causal LM "
+                              "(allowed: a model in transformers' causal-LM mapping whose family is not seq2seq)")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise PatchscopeError(f"{name} is an encoder ({model_type!r} models are masked LMs); Patchscopes need a "
+                              "decoder-only causal LM that reads its prompt left to right")
+    if _output_embeddings(model) is None:
+        raise PatchscopeError(f"{name} has no unembedding (get_output_embeddings() is None); Patchscopes need the "
+                              "causal-LM class with its head (for example LlamaForCausalLM, not LlamaModel)")
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def find_layers(model: nn.Module) -> str:
+    """The path of the ModuleList of ``num_hidden_layers`` decoder blocks (the one beside the embedding)."""
+    config = model.config.get_text_config()
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    matching = [name for name, m in lists if len(m) == n]
+    if not matching:
+        seen = ", ".join(f"{name or '<root>'} ({len(m)})" for name, m in lists[:8]) or "none"
+        raise PatchscopeError(f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList "
+                              f"of config.num_hidden_layers={n} blocks; ModuleLists found: {seen}")
+    embed = path_of(model, model.get_input_embeddings()) or ""
+    beside = [name for name in matching if _parent(name) == _parent(embed)]
+    return (beside or sorted(matching, key=lambda name: name.count(".")))[0]
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[str], list[str]]:
+    """The base model's direct children that run before the first block and after the last, in a tiny forward."""
+    base_module = model.get_submodule(base) if base else model
+    blocks = model.get_submodule(layers)
+    order: list[tuple[str, str]] = []  # (name, "done") in completion order
+    handles = []
+
+    def record(name: str):
+        return lambda module, args, output: order.append((name, "done"))
+
+    for name, child in base_module.named_children():
+        if child is not blocks:
+            handles.append(child.register_forward_hook(record(name)))
+    handles.append(blocks[0].register_forward_pre_hook(lambda module, args: order.append(("<first>", "start"))))
+    handles.append(blocks[-1].register_forward_hook(lambda module, args, output: order.append(("<last>", "done"))))
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([[min(3, vocab - 1), min(5, vocab - 1)]], device=device)
+    try:
+        with torch.no_grad():
+            _forward_text(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name, _ in order]
+    first, last = names.index("<first>"), len(names) - 1 - names[::-1].index("<last>")
+    prefix = f"{base}." if base else ""
+    before = [prefix + name for name in dict.fromkeys(names[:first]) if not name.startswith("<")]
+    after = [prefix + name for name in dict.fromkeys(names[last + 1:]) if not name.startswith("<")]
+    return before, after
+
+
+def _forward_text(model: nn.Module, ids: torch.Tensor) -> Any:
+    """A text-only forward pass without a cache (multimodal checkpoints take input_ids alone too)."""
+    return model(input_ids=ids, use_cache=False)
+
+
+def _config_has(config: Any, name: str) -> bool:
+    return name in config.to_dict() or hasattr(type(config), name)
+
+
+def layer_types(config: Any) -> list[str]:
+    """Each layer's attention kind as the config states it ("full_attention", "sliding_attention", or another)."""
+    n = config.num_hidden_layers
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False:
+        return ["sliding_attention"] * n
+    return ["full_attention"] * n
+
+
+def not_planned_reason(model: nn.Module, layers: str, after: list[str]) -> str:
+    """Why the shared-prefix trick cannot be exact for this model, in one line; "" when nothing stands in its way."""
+    config = model.config.get_text_config()
+    other = sorted(set(layer_types(config)) - set(ATTENTION_KINDS))
+    if other:
+        return (f"its layers of kind {', '.join(other)} are not softmax attention over keys and values (linear "
+                "attention and state-space layers keep a recurrent state), so the target prompt's prefix cannot be "
+                "computed once and shared")
+    block = model.get_submodule(layers)[0]
+    parameters = inspect.signature(block.forward).parameters
+    required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if required:
+        return (f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
+                "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone")
+    if not any(keyword in parameters for keyword in _CACHE_KEYWORDS):
+        return "its decoder layers take no key/value cache, so the shared prefix cannot reach their attention"
+    if not any(_uses_attention_interface(type(m)) for m in block.modules() if "attn" in type(m).__name__.lower()
+               or "attention" in type(m).__name__.lower()):
+        return ("its attention does not go through transformers' attention interface, so the shared prefix cannot "
+                "be given to it")
+    if len(after) > 1:
+        return (f"more than one module runs between its last block and its unembedding ({', '.join(after)}), where "
+                "the planned execution applies one final norm")
+    return ""
+
+
+def _uses_attention_interface(cls: type) -> bool:
+    """Whether the module's forward picks its attention function from transformers' interface (and so ours)."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _inverse_frequencies(module: nn.Module) -> list[torch.Tensor]:
+    """A rotary embedding's frequency buffers (``inv_freq``, or one per layer type: ``sliding_attention_inv_freq``)."""
+    return [buffer for name, buffer in module.named_buffers(recurse=False)
+            if name.endswith("inv_freq") and "original" not in name]
+
+
+def found_pieces(model: nn.Module) -> dict[str, Any]:
+    """Every field of an `architectures.Architecture`, found from `model` (see the module docstring)."""
+    check_decoder(model)
+    config = model.config.get_text_config()
+    embed = path_of(model, model.get_input_embeddings())
+    unembed = path_of(model, _output_embeddings(model))
+    if embed is None or unembed is None:
+        raise PatchscopeError(f"cannot find the embeddings of {type(model).__name__}: get_input_embeddings() or "
+                              "get_output_embeddings() is not one of its submodules")
+    layers = find_layers(model)
+    base = _parent(layers)
+    before, after = _children_in_order(model, base, layers)
+    base_module = model.get_submodule(base) if base else model
+    rotary = next((f"{base}.{name}" if base else name for name, child in base_module.named_children()
+                   if _inverse_frequencies(child)), None)
+    embedding = model.get_submodule(embed)
+    positions = [p for p in before if p not in (embed, rotary) and isinstance(model.get_submodule(p), nn.Embedding)]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kinds = getattr(config, "layer_types", None)
+    block = model.get_submodule(layers)[0]
+    cache = next((k for k in _CACHE_KEYWORDS if k in inspect.signature(block.forward).parameters), "cache")
+    reason = not_planned_reason(model, layers, after)
+    if rotary is None:
+        kind = "learned absolute" if positions else "none"
+    else:
+        widest = max(buffer.numel() for buffer in _inverse_frequencies(model.get_submodule(rotary)))
+        kind = "partial rotary" if widest * 2 < head_dim else "rotary"
+    return dict(
+        family=str(config.model_type), classes=(type(model).__name__,), embed=embed, layers=layers,
+        final_norm=after[-1] if after else None, unembed=unembed, rotary=rotary, positions=kind,
+        position_embed=positions[0] if positions else None,
+        scaled_embeddings=hasattr(embedding, "embed_scale"),
+        logit_softcap=_config_has(config, "final_logit_softcapping"),
+        attention_softcap=_config_has(config, "attn_logit_softcapping"),
+        sliding_window="layer types" if kinds else ("every layer" if getattr(config, "sliding_window", None) and
+                                                     getattr(config, "use_sliding_window", True) is not False
+                                                     else "none"),
+        cache_argument=cache, attention_sinks=any(hasattr(m, "sinks") for m in block.modules()),
+        planned=not reason, not_planned_because=reason, found=True,
+    )
+
+
+__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "path_of",
+           "ATTENTION_KINDS"]

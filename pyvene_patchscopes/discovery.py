@@ -106,6 +106,10 @@ def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[s
         for handle in handles:
             handle.remove()
     names = [name for name, _ in order]
+    if "<first>" not in names or "<last>" not in names:
+        raise PatchscopeError(f"{type(model).__name__}'s decoder layers ({layers}) did not all run in a text-only "
+                              "forward pass (cross-attention layers wait for another input); Patchscopes need a "
+                              "decoder whose every layer reads the text")
     first, last = names.index("<first>"), len(names) - 1 - names[::-1].index("<last>")
     prefix = f"{base}." if base else ""
     before = [prefix + name for name in dict.fromkeys(names[:first]) if not name.startswith("<")]
@@ -143,7 +147,8 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str]) -> str:
                 "computed once and shared")
     block = model.get_submodule(layers)[0]
     parameters = inspect.signature(block.forward).parameters
-    required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED
+    first = next(iter(parameters), None)  # the hidden states, whatever the family calls them (x, hidden)
+    required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED and n != first
                 and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     if required:
         return (f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
@@ -174,6 +179,16 @@ def _inverse_frequencies(module: nn.Module) -> list[torch.Tensor]:
             if name.endswith("inv_freq") and "original" not in name]
 
 
+def _head_size(config: Any) -> int:
+    """Each attention head's size: ``head_dim`` where the config sets it (per-layer configs may refuse it)."""
+    try:
+        size = getattr(config, "head_dim", None)
+    except (AttributeError, ValueError, RuntimeError):  # Gemma 4 keeps head_dim per layer, refusing a global read
+        size = None
+    heads = getattr(config, "num_attention_heads", None)
+    return int(size or (config.hidden_size // heads if heads else 0))
+
+
 def found_pieces(model: nn.Module) -> dict[str, Any]:
     """Every field of an `architectures.Architecture`, found from `model` (see the module docstring)."""
     check_decoder(model)
@@ -188,10 +203,9 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     before, after = _children_in_order(model, base, layers)
     base_module = model.get_submodule(base) if base else model
     rotary = next((f"{base}.{name}" if base else name for name, child in base_module.named_children()
-                   if _inverse_frequencies(child)), None)
+                   if _inverse_frequencies(child) or "rotary" in type(child).__name__.lower()), None)
     embedding = model.get_submodule(embed)
     positions = [p for p in before if p not in (embed, rotary) and isinstance(model.get_submodule(p), nn.Embedding)]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kinds = getattr(config, "layer_types", None)
     block = model.get_submodule(layers)[0]
     cache = next((k for k in _CACHE_KEYWORDS if k in inspect.signature(block.forward).parameters), "cache")
@@ -199,8 +213,10 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     if rotary is None:
         kind = "learned absolute" if positions else "none"
     else:
-        widest = max(buffer.numel() for buffer in _inverse_frequencies(model.get_submodule(rotary)))
-        kind = "partial rotary" if widest * 2 < head_dim else "rotary"
+        frequencies = _inverse_frequencies(model.get_submodule(rotary))
+        rotated = 2 * max(buffer.numel() for buffer in frequencies) if frequencies else \
+            (getattr(config, "rotary_dim", None) or _head_size(config))  # GPT-J keeps sin/cos tables instead
+        kind = "partial rotary" if rotated < _head_size(config) else "rotary"
     return dict(
         family=str(config.model_type), classes=(type(model).__name__,), embed=embed, layers=layers,
         final_norm=after[-1] if after else None, unembed=unembed, rotary=rotary, positions=kind,

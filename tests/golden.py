@@ -5,6 +5,7 @@ Each prompt runs on its own (no padding) so the reference is independent of the 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -26,9 +27,46 @@ _PATHS = {  # class name: (the decoder blocks, the final norm)
 
 def _paths(model: nn.Module) -> tuple[str, str]:
     name = type(model).__name__
-    if name not in _PATHS:
-        raise KeyError(f"golden knows no block paths of {name} (known: {', '.join(_PATHS)})")
-    return _PATHS[name]
+    if name in _PATHS:
+        return _PATHS[name]
+    if model not in _MATCHED:
+        _MATCHED[model] = _match_hidden_states(model)
+    return _MATCHED[model]
+
+
+_MATCHED: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def _match_hidden_states(model: nn.Module) -> tuple[str, str]:
+    """For a class not written above: the ModuleList whose block l outputs HF's hidden_states[l + 1], and the
+    module whose output is hidden_states[-1] (the final norm). Found by comparing outputs with what HF returns,
+    never from the library's discovery, so a wrong discovery cannot agree with its own reference."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for path, module in model.named_modules():
+        def store(mod, args, out, path=path) -> None:
+            out = _hidden(out)
+            if isinstance(out, torch.Tensor):
+                outputs.setdefault(path, out.detach().clone())
+        hooks.append(module.register_forward_hook(store))
+    try:
+        with torch.no_grad():
+            states = model(input_ids=torch.tensor([[5, 9, 17, 30]]), output_hidden_states=True,
+                           use_cache=False).hidden_states
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n = len(states) - 1
+
+    def same(path: str, state: torch.Tensor) -> bool:
+        return path in outputs and outputs[path].shape == state.shape and torch.equal(outputs[path], state)
+
+    blocks = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
+              and all(same(f"{path}.{l}", states[l + 1]) for l in range(n - 1))]
+    norms = [path for path in outputs if same(path, states[-1]) and not any(path.startswith(b) for b in blocks)]
+    if not blocks or not norms:
+        raise KeyError(f"no blocks reproduce hidden_states in {type(model).__name__} (blocks {blocks}, norm {norms})")
+    return blocks[0], norms[-1]
 
 
 def block(model: nn.Module, layer: int) -> nn.Module:

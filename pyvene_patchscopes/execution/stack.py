@@ -48,6 +48,9 @@ class _LayerKeys:
         self.keys, self.values = keys, values
         self.new: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # Llama 4 asks before its chunked attention
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.new = (key, value)
         if self.keys is None or self.keys.shape[2] == 0:
@@ -71,9 +74,9 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     (float32 softmax), without materialising the prefix per row. A module with ``sinks`` (GPT-OSS) adds its
     learned per-head logit to every softmax and drops it after, as its eager attention does.
     """
-    prefix = _PREFIX.get()
     n, heads, q, d = query.shape
     kv_heads, dv = key.shape[1], value.shape[-1]
+    prefix = _prefix_for(module, kv_heads)
     groups = heads // kv_heads
     scale = d ** -0.5 if scaling is None else scaling
     own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.transpose(-1, -2)).view(n, kv_heads, groups, q, -1)
@@ -102,6 +105,23 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         p_probs = probs[..., :width].permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, width)
         out = out + torch.bmm(p_probs, prefix[1][0]).view(kv_heads, n, groups, q, dv).permute(1, 0, 2, 3, 4)
     return out.reshape(n, heads, q, dv).transpose(1, 2).contiguous(), None
+
+
+def _prefix_for(module: nn.Module, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's shared prefix as keys/values of `kv_heads` heads, as the layer hands its own to attention.
+
+    Latent attention (DeepSeek V2/V3) caches the compressed latents and expands them with ``expand_kv``; a few
+    families (JetMoe, Doge) repeat their key/value heads before the attention function is called.
+    """
+    prefix = _PREFIX.get()
+    if prefix is None or not prefix[0].shape[2]:
+        return prefix
+    if callable(getattr(module, "expand_kv", None)):
+        prefix = module.expand_kv(*prefix)
+    repeat = kv_heads // prefix[0].shape[1]
+    if repeat > 1:
+        prefix = (prefix[0].repeat_interleave(repeat, dim=1), prefix[1].repeat_interleave(repeat, dim=1))
+    return prefix
 
 
 def register_attention() -> None:

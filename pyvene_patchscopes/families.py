@@ -1,0 +1,211 @@
+"""Every causal-LM class of the installed transformers on a tiny random config: the path each one takes, and why.
+
+The classes come from transformers' own ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, so a new release's families are
+surveyed without anyone editing a list. Every size keyword a config class takes is set to a tiny value
+(hidden 64, 4 layers, 4 heads, 2 key/value heads, 4 experts, special ids 0 and 1); a multimodal config gets a
+tiny text config. Each class then gets one verdict (`Verdict.path`):
+
+- ``planned``: the architecture is found and the planned execution reproduces the model's own forward;
+- ``plain``: it runs on the plain pyvene path, with the reason the shared prefix cannot be exact;
+- ``refused``: `architectures.architecture` refuses it, with its error;
+- ``not built``: its tiny config cannot be built or run, with the reason;
+- ``not a decoder``: an encoder, or the decoder half of an encoder-decoder model.
+
+``patchscopes families`` prints the survey; the README's family table is its `markdown`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from .errors import PatchscopeError
+
+Path = Literal["planned", "plain", "refused", "not built", "not a decoder"]
+VOCAB = 320
+MAX_PARAMETERS = 5_000_000  # a config whose sizes are not all set generically stays big: listed, not built
+_TINY = dict(hidden=64, layers=4, heads=4, kv_heads=2, ffn=128, head=16, positions=128, experts=4)
+SIZES: dict[str, object] = dict(
+    vocab_size=VOCAB, hidden_size=_TINY["hidden"], num_hidden_layers=_TINY["layers"],
+    num_attention_heads=_TINY["heads"], num_key_value_heads=_TINY["kv_heads"], intermediate_size=_TINY["ffn"],
+    head_dim=_TINY["head"], max_position_embeddings=_TINY["positions"], sliding_window=16,
+    # the same sizes under the older names (GPT-2, GPT-J, MPT, OPT, XGLM, ...)
+    n_embd=_TINY["hidden"], n_layer=_TINY["layers"], n_head=_TINY["heads"], n_positions=_TINY["positions"],
+    n_ctx=_TINY["positions"], n_inner=_TINY["ffn"], d_model=_TINY["hidden"], n_layers=_TINY["layers"],
+    n_heads=_TINY["heads"], num_layers=_TINY["layers"], num_heads=_TINY["heads"], ffn_dim=_TINY["ffn"],
+    attention_heads=_TINY["heads"], decoder_layers=_TINY["layers"], decoder_attention_heads=_TINY["heads"],
+    decoder_ffn_dim=_TINY["ffn"], dff=_TINY["ffn"], d_ff=_TINY["ffn"], rotary_dim=8, word_embed_proj_dim=64,
+    embed_dim=_TINY["hidden"], multi_query_group_num=_TINY["kv_heads"], kv_channels=_TINY["head"],
+    # mixtures of experts
+    num_local_experts=_TINY["experts"], num_experts=_TINY["experts"], n_routed_experts=_TINY["experts"],
+    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, n_shared_experts=1,
+    first_k_dense_replace=1, n_group=1, topk_group=1,
+    # latent attention: keys of nope + rope = 24 dimensions, values of 16
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+    bos_token_id=0, eos_token_id=0, pad_token_id=1,
+)
+_GENERIC = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+_VISION = dict(image_size=28, patch_size=14, num_hidden_layers=1)
+_MULTIMODAL = dict(mm_tokens_per_image=4)
+# the head size follows from these where a config has them (latent attention: nope + rope parts)
+_DERIVED_HEAD = ("qk_rope_head_dim",)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The path one causal-LM class takes, and why (empty for ``planned``)."""
+
+    name: str            # the class, e.g. "MixtralForCausalLM"
+    model_type: str      # its config's model_type, e.g. "mixtral"
+    path: Path
+    reason: str = ""
+
+
+def causal_lm_classes() -> dict[str, str]:
+    """Every causal-LM class name of the installed transformers, with the first model type mapped to it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    classes: dict[str, str] = {}
+    for model_type, name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        classes.setdefault(name, model_type)
+    return dict(sorted(classes.items()))
+
+
+def not_decoder_only(model_type: str) -> str:
+    """Why a mapped class is not a decoder-only model ("" when it is): an encoder, or half of a seq2seq model."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or \
+            model_type in auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+        return "the decoder half of an encoder-decoder model"
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "an encoder (a masked LM) run as a decoder"
+    return ""
+
+
+def _sizes_for(config_class: type) -> dict[str, object]:
+    accepted = set(inspect.signature(config_class.__init__).parameters)
+    kwargs = {k: v for k, v in SIZES.items() if k in accepted}
+    if any(k in accepted for k in _DERIVED_HEAD):
+        kwargs.pop("head_dim", None)
+    if "kv_lora_rank" in accepted and "num_key_value_heads" in kwargs:  # latent attention: one key per head
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    return kwargs
+
+
+def tiny_config(class_name: str):
+    """The class's config class with every size keyword it takes set to a tiny value (multimodal: its text one)."""
+    import transformers
+
+    config_class = getattr(transformers, class_name).config_class
+    kwargs = _sizes_for(config_class)
+    for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
+        if not isinstance(sub, type) or name not in ("text_config", "vision_config"):
+            continue
+        if sub.__name__ == "AutoConfig":  # the family's default sub-model, built from a dict of sizes
+            kwargs[name] = {**{k: SIZES[k] for k in _GENERIC}, **(_VISION if name == "vision_config" else {})}
+            continue
+        sizes = _sizes_for(sub)
+        if name == "vision_config":  # a 2 x 2 grid of patches
+            sizes.update({k: v for k, v in _VISION.items() if k in inspect.signature(sub.__init__).parameters})
+        kwargs[name] = sub(**sizes)
+    kwargs.update({k: v for k, v in _MULTIMODAL.items() if k in inspect.signature(config_class.__init__).parameters})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return config_class(**kwargs)
+
+
+def tiny_model(class_name: str, seed: int = 0) -> nn.Module:
+    """A tiny random fp32 model of `class_name` in eval mode; raises whatever building or one forward raises."""
+    import transformers
+
+    cls = getattr(transformers, class_name)
+    config = tiny_config(class_name)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        parameters = sum(p.numel() for p in cls(config).parameters())
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"its tiny config still has {parameters:,} parameters: a size it needs is not one of "
+                         "the generic keywords")
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(config).eval()
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[5, 9, 17]]), use_cache=False)
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).splitlines()[0][:160] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def verdict(class_name: str, model_type: str, model: nn.Module | None = None) -> Verdict:
+    """The path `class_name` takes on its tiny model (built here unless `model` is given)."""
+    from .architectures import architecture
+    from .execution.check import planned_reason
+
+    why = not_decoder_only(model_type)
+    if why:
+        return Verdict(class_name, model_type, "not a decoder", why)
+    if model is None:
+        try:
+            model = tiny_model(class_name)
+        except Exception as err:  # noqa: BLE001 -- any failure to build is this class's listed reason
+            reason = str(err) if isinstance(err, ValueError) and "tiny config" in str(err) else \
+                f"its tiny config does not build or run ({_first_line(err)})"
+            return Verdict(class_name, model_type, "not built", reason)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            architecture(model)
+            why = planned_reason(model)
+    except PatchscopeError as err:
+        return Verdict(class_name, model_type, "refused", str(err))
+    return Verdict(class_name, model_type, "plain" if why else "planned", why)
+
+
+def survey(progress: bool = False) -> list[Verdict]:
+    """One `Verdict` per causal-LM class of the installed transformers (about 15 s on 2 CPU cores)."""
+    from tqdm.auto import tqdm
+
+    classes = causal_lm_classes()
+    return [verdict(name, kind) for name, kind in tqdm(classes.items(), desc="families", disable=not progress)]
+
+
+def counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in verdicts:
+        out[v.path] = out.get(v.path, 0) + 1
+    return out
+
+
+def as_json(verdicts: list[Verdict]) -> str:
+    import transformers
+
+    return json.dumps({"transformers": transformers.__version__, "counts": counts(verdicts),
+                       "classes": [asdict(v) for v in verdicts]}, indent=1)
+
+
+def markdown(verdicts: list[Verdict]) -> str:
+    """The README's table: one row per class, its path and the reason, after a line of counts."""
+    import transformers
+
+    tally = counts(verdicts)
+    decoders = sum(n for path, n in tally.items() if path != "not a decoder")
+    head = (f"transformers {transformers.__version__}: {len(verdicts)} causal-LM classes, {decoders} of them "
+            "decoder-only; " + ", ".join(f"{tally.get(p, 0)} {p}" for p in ("planned", "plain", "refused",
+                                                                             "not built")) + ".")
+    rows = ["| class | model type | path | reason |", "|---|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {v.reason.replace('|', '/')} |" for v in verdicts]
+    return head + "\n\n" + "\n".join(rows)
+
+
+__all__ = ["Verdict", "SIZES", "VOCAB", "causal_lm_classes", "not_decoder_only", "tiny_config", "tiny_model",
+           "verdict", "survey", "counts", "as_json", "markdown"]

@@ -61,6 +61,9 @@ class Architecture:
     planned: bool = True
     not_planned_because: str = ""
     found: bool = False                  # found from the model (`discovery`), not read from the table
+    logit_scale: float | None = 1.0      # logits = s · unembed(y) (Cohere, Granite); None: a head of its own layers
+    final_norm_shared: bool = False      # the final norm module also runs before the first block (NanoChat):
+                                         # a hook there fires twice, so layer n-1 is read at the last block
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         """The submodule at a dotted path of this entry (``self.layers``, ``self.final_norm``, ...)."""

@@ -117,6 +117,88 @@ def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[s
     return before, after
 
 
+def check_blocks(model: nn.Module, layers: str) -> None:
+    """Refuse a model whose block l does not output one state per token that HF reports as layer l's.
+
+    Patchscopes read and write "the hidden state after block l": a tensor [batch, tokens, hidden_size] that
+    HF returns as ``hidden_states[l + 1]`` (``[l]`` in Mamba and RWKV, which leave the embeddings out).
+    """
+    blocks = model.get_submodule(layers)
+    outputs: list[Any] = []
+    calls = [0] * len(blocks)
+
+    def record(j: int):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            calls[j] += 1
+            outputs.append(output)
+        return hook
+
+    handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
+    ids = _probe_ids(model, 4)
+    try:
+        with torch.no_grad():
+            states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+    name, width = type(model).__name__, model.config.get_text_config().hidden_size
+    if max(calls) > 1:
+        raise PatchscopeError(f"{name}'s decoder layers ({layers}) run {max(calls)} times in one forward pass (a "
+                              "looped, recurrent-depth model), so layer l has no one state to read and write")
+    first = outputs[0] if outputs else None
+    if isinstance(first, list) or not isinstance(first[0] if isinstance(first, tuple) else first, torch.Tensor):
+        raise PatchscopeError(f"{name}'s decoder layers return a {type(first).__name__}, where pyvene reads a "
+                              "tensor or a tuple whose first entry is the hidden state")
+    hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
+    if tuple(hidden[-1].shape[2:]) != (width,):
+        raise PatchscopeError(f"{name}'s decoder layers output {list(hidden[-1].shape[2:])} per token, not one "
+                              f"hidden state of hidden_size={width} (several residual streams, as in "
+                              "hyper-connections); Patchscopes read and write one state per token")
+    if states is not None and not any(all(torch.equal(hidden[l], states[l + shift]) for l in range(len(hidden) - 1))
+                                      for shift in (0, 1) if len(states) >= len(hidden) + shift - 1):
+        raise PatchscopeError(f"{name}'s decoder layers ({layers}) do not output what its hidden_states report "
+                              "as their layers (a second stream or a rescaling between blocks), so layer l has no "
+                              "one state to read and write")
+
+
+def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
+    embedding = model.get_input_embeddings().weight
+    vocab = int(embedding.shape[0])
+    return (torch.arange(length, device=embedding.device)[None] * 4 + 3).clamp(max=vocab - 1)
+
+
+def softcap(config: Any) -> float | None:
+    """The final-logit soft cap c (z = c·tanh(z_raw / c)): Gemma 2's name for it, or RecurrentGemma's."""
+    value = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+    return float(value) if value else None
+
+
+def logit_scale(model: nn.Module, y_path: str, unembed: str) -> float | None:
+    """The factor s with logits = cap(s · unembed(y)), y the output of the module at `y_path` (the final norm, or
+    the last block where none runs after it); None when the logits are no scaled copy of unembed(y) (a
+    prediction head with its own layers). Cohere multiplies by ``logit_scale``, Granite divides by
+    ``logits_scaling``, MiniCPM3 divides y by its width ratio: measured here, whatever the family calls it."""
+    seen: dict[str, torch.Tensor] = {}
+    site = model.get_submodule(y_path)
+
+    def keep(module: nn.Module, args: tuple, output: Any) -> None:
+        seen["y"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = site.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=_probe_ids(model, 4), use_cache=False).logits[0, -1].double()
+            raw = model.get_submodule(unembed)(seen["y"][:, -1])[0].double()
+    finally:
+        handle.remove()
+    cap = softcap(model.config.get_text_config())
+    if cap:
+        logits = cap * torch.atanh((logits / cap).clamp(-1 + 1e-12, 1 - 1e-12))
+    scale = float((logits * raw).sum() / (raw * raw).sum().clamp_min(1e-30))
+    error = float((logits - scale * raw).abs().max() / logits.abs().max().clamp_min(1e-12))
+    return (1.0 if abs(scale - 1.0) < 1e-6 else scale) if error < 1e-4 else None
+
+
 def _forward_text(model: nn.Module, ids: torch.Tensor) -> Any:
     """A text-only forward pass without a cache (multimodal checkpoints take input_ids alone too)."""
     return model(input_ids=ids, use_cache=False)
@@ -137,14 +219,32 @@ def layer_types(config: Any) -> list[str]:
     return ["full_attention"] * n
 
 
-def not_planned_reason(model: nn.Module, layers: str, after: list[str]) -> str:
+def non_attention_kinds(model: nn.Module) -> list[str]:
+    """The layer kinds of `model` that are not softmax attention over keys and values (empty for a transformer)."""
+    from .architectures import architecture
+
+    other = sorted(set(layer_types(model.config.get_text_config())) - set(ATTENTION_KINDS))
+    if other:
+        return other
+    block = architecture(model).module(model, architecture(model).layers)[0]
+    if not any(_is_attention(type(m)) for m in block.modules()):
+        return ["recurrent (no attention module in its blocks)"]
+    return []
+
+
+def _is_attention(cls: type) -> bool:
+    name = cls.__name__.lower()
+    return "attn" in name or "attention" in name
+
+
+def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: float | None) -> str:
     """Why the shared-prefix trick cannot be exact for this model, in one line; "" when nothing stands in its way."""
     config = model.config.get_text_config()
     other = sorted(set(layer_types(config)) - set(ATTENTION_KINDS))
     if other:
-        return (f"its layers of kind {', '.join(other)} are not softmax attention over keys and values (linear "
-                "attention and state-space layers keep a recurrent state), so the target prompt's prefix cannot be "
-                "computed once and shared")
+        return (f"its layers of kind {', '.join(other)} are not softmax attention over every earlier key and value "
+                "(linear attention, state-space and convolution layers keep a recurrent state; indexed and compressed "
+                "attention choose their keys), so the target prompt's prefix cannot be computed once and shared")
     block = model.get_submodule(layers)[0]
     parameters = inspect.signature(block.forward).parameters
     first = next(iter(parameters), None)  # the hidden states, whatever the family calls them (x, hidden)
@@ -155,10 +255,12 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str]) -> str:
                 "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone")
     if not any(keyword in parameters for keyword in _CACHE_KEYWORDS):
         return "its decoder layers take no key/value cache, so the shared prefix cannot reach their attention"
-    if not any(_uses_attention_interface(type(m)) for m in block.modules() if "attn" in type(m).__name__.lower()
-               or "attention" in type(m).__name__.lower()):
+    if not any(_uses_attention_interface(type(m)) for m in block.modules() if _is_attention(type(m))):
         return ("its attention does not go through transformers' attention interface, so the shared prefix cannot "
                 "be given to it")
+    if scale is None:
+        return ("its logits are not a scaled copy of its unembedding of the final hidden state (a prediction head "
+                "of its own layers runs between them), where the planned execution unembeds that state directly")
     if len(after) > 1:
         return (f"more than one module runs between its last block and its unembedding ({', '.join(after)}), where "
                 "the planned execution applies one final norm")
@@ -199,6 +301,7 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
         raise PatchscopeError(f"cannot find the embeddings of {type(model).__name__}: get_input_embeddings() or "
                               "get_output_embeddings() is not one of its submodules")
     layers = find_layers(model)
+    check_blocks(model, layers)
     base = _parent(layers)
     before, after = _children_in_order(model, base, layers)
     base_module = model.get_submodule(base) if base else model
@@ -209,7 +312,8 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     kinds = getattr(config, "layer_types", None)
     block = model.get_submodule(layers)[0]
     cache = next((k for k in _CACHE_KEYWORDS if k in inspect.signature(block.forward).parameters), "cache")
-    reason = not_planned_reason(model, layers, after)
+    scale = logit_scale(model, after[-1] if after else f"{layers}.{len(model.get_submodule(layers)) - 1}", unembed)
+    reason = not_planned_reason(model, layers, after, scale)
     if rotary is None:
         kind = "learned absolute" if positions else "none"
     else:
@@ -229,8 +333,11 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
                                                      else "none"),
         cache_argument=cache, attention_sinks=any(hasattr(m, "sinks") for m in block.modules()),
         planned=not reason, not_planned_because=reason, found=True,
+        final_norm_shared=bool(after) and after[-1] in before,
+        logit_scale=scale,
     )
 
 
 __all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "path_of",
+           "non_attention_kinds", "softcap", "logit_scale",
            "ATTENTION_KINDS"]

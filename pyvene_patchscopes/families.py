@@ -64,6 +64,7 @@ class Verdict:
     model_type: str      # its config's model_type, e.g. "mixtral"
     path: Path
     reason: str = ""
+    reroute: str = ""    # why multi-hop rerouting is refused on it ("" where it runs, or the class does not run)
 
 
 def causal_lm_classes() -> dict[str, str]:
@@ -136,8 +137,9 @@ def tiny_model(class_name: str, seed: int = 0) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = cls(config).eval()
-        with torch.no_grad():
+        with torch.no_grad():  # both without a cache and with one (generation), as Patchscopes run it
             model(input_ids=torch.tensor([[5, 9, 17]]), use_cache=False)
+            model(input_ids=torch.tensor([[5, 9, 17]]), use_cache=True)
     return model
 
 
@@ -150,6 +152,7 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
     """The path `class_name` takes on its tiny model (built here unless `model` is given)."""
     from .architectures import architecture
     from .execution.check import planned_reason
+    from .execution.reroute import reroute_reason
 
     why = not_decoder_only(model_type)
     if why:
@@ -165,10 +168,10 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             architecture(model)
-            why = planned_reason(model)
+            why, reroute = planned_reason(model), reroute_reason(model)
     except PatchscopeError as err:
         return Verdict(class_name, model_type, "refused", str(err))
-    return Verdict(class_name, model_type, "plain" if why else "planned", why)
+    return Verdict(class_name, model_type, "plain" if why else "planned", why, reroute)
 
 
 def survey(progress: bool = False) -> list[Verdict]:

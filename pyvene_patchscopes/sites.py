@@ -49,7 +49,8 @@ def hidden_state_site(model: nn.Module, layer: int, n_layers: int, after_final_n
     the final norm; reading it there, and writing it there when source and target are both the last
     layer, is what the paper's code calls ``skip_final_ln``.
     """
-    if layer == n_layers - 1 and after_final_norm and architecture(model).final_norm is not None:
+    arch = architecture(model)
+    if layer == n_layers - 1 and after_final_norm and arch.final_norm is not None and not arch.final_norm_shared:
         return Site(component=f"{final_norm_path(model)}.output", layer=layer)
     return Site(component=BLOCK_OUTPUT, layer=layer)
 

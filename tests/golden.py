@@ -42,12 +42,15 @@ def _match_hidden_states(model: nn.Module) -> tuple[str, str]:
     module whose output is hidden_states[-1] (the final norm). Found by comparing outputs with what HF returns,
     never from the library's discovery, so a wrong discovery cannot agree with its own reference."""
     outputs: dict[str, torch.Tensor] = {}
-    hooks = []
+    calls: dict[str, int] = {}
+    head = model.get_output_embeddings()
+    hooks = [head.register_forward_pre_hook(lambda mod, args: outputs.update({"<head input>": args[0].clone()}))]
     for path, module in model.named_modules():
         def store(mod, args, out, path=path) -> None:
             out = _hidden(out)
+            calls[path] = calls.get(path, 0) + 1
             if isinstance(out, torch.Tensor):
-                outputs.setdefault(path, out.detach().clone())
+                outputs[path] = out.detach().clone()
         hooks.append(module.register_forward_hook(store))
     try:
         with torch.no_grad():
@@ -61,9 +64,21 @@ def _match_hidden_states(model: nn.Module) -> tuple[str, str]:
     def same(path: str, state: torch.Tensor) -> bool:
         return path in outputs and outputs[path].shape == state.shape and torch.equal(outputs[path], state)
 
-    blocks = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n
-              and all(same(f"{path}.{l}", states[l + 1]) for l in range(n - 1))]
-    norms = [path for path in outputs if same(path, states[-1]) and not any(path.startswith(b) for b in blocks)]
+    # HF's hidden_states[l + 1] is block l's output (Mamba and RWKV leave the embeddings out: [l] there)
+    blocks = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) in (n, n + 1)
+              and any(all(same(f"{path}.{l}", states[l + shift]) for l in range(len(m) - 1)) for shift in (0, 1))]
+    # the final norm: whatever hands the unembedding its input (the last block itself where there is no norm)
+    last = f"{blocks[0]}.{len(model.get_submodule(blocks[0])) - 1}" if blocks else ""
+    head_input = outputs.get("<head input>")
+    norms = [path for path in outputs if path != "<head input>" and head_input is not None
+             and not any(path.startswith(b + ".") for b in blocks) and same(path, head_input)]
+    if norms and calls.get(norms[-1], 1) > 1:  # NanoChat's one norm also runs before the blocks: no single
+        return blocks[0], last                 # site after it, so the last layer is the last block's output
+    if not norms and last and same(last, head_input):
+        norms = [last]
+    if not norms:  # the head reads a scaled copy (MiniCPM3 divides by width / base width): HF's last entry
+        norms = [path for path in outputs if not any(path.startswith(b + ".") for b in blocks)
+                 and path != "<head input>" and same(path, states[-1])]
     if not blocks or not norms:
         raise KeyError(f"no blocks reproduce hidden_states in {type(model).__name__} (blocks {blocks}, norm {norms})")
     return blocks[0], norms[-1]

@@ -141,7 +141,7 @@ def test_a_family_outside_the_table_runs_on_the_plain_path_with_a_warning():
     torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
 
 
-def test_a_model_pyvene_cannot_hook_gets_an_error_naming_the_families():
+def test_a_model_without_a_language_model_head_gets_an_error_naming_what_was_looked_for():
     from pyvene_patchscopes import PatchscopeError, wrap_model
 
     handle = tiny_model("llama")
@@ -150,7 +150,8 @@ def test_a_model_pyvene_cannot_hook_gets_an_error_naming_the_families():
     odd.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
     stranger = wrap_model(odd, handle.tokenizer, name="mine")
     s = token_identity(Source(SOURCES[0], -1, 1, "mine"), max_new_tokens=0)
-    with pytest.raises(PatchscopeError, match=r"MyOwnForCausalLM is not a family .* \(supported: llama, mistral.*gpt_neox"):
+    with pytest.raises(PatchscopeError, match=r"MyOwnForCausalLM has no unembedding \(get_output_embeddings\(\) is "
+                                              r"None\); Patchscopes need the causal-LM class with its head"):
         run(s, stranger)
 
 

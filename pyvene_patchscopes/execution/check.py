@@ -16,6 +16,7 @@ from ..architectures import architecture
 from .stack import _TRANSFORMERS_5, Stack
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
+MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -49,7 +50,8 @@ def probe(model: nn.Module) -> str:
 
     stack = Stack(model, architecture(model))
     vocab = int(stack.lm_head.weight.shape[0])
-    ids = (torch.arange(PROBE_LENGTH) * 7 + 3) % max(vocab - 3, 1) + 2
+    length = _probe_length(model)
+    ids = (torch.arange(length) * 7 + 3) % max(vocab - 3, 1) + 2
     ids = ids.clamp(max=vocab - 1).to(stack.device)
     limit = tolerance(stack.dtype)
     try:
@@ -69,6 +71,12 @@ def probe(model: nn.Module) -> str:
                 error = _relative(decoded.logits[row], want)
                 if error > limit:
                     return f"the planned pass's logits differ from the model's own forward by {error:.2g} (relative)"
+            last = stack.n_layers - 1  # a row patched after the final norm (skip_final_ln), with its own state
+            normed = stack.patched(shared, states[-1][0, PROBE_SPLIT][None], torch.tensor([last]),
+                                   after_norm=torch.tensor([True]))
+            error = _relative(normed.logits[0], want)
+            if error > limit:
+                return f"the planned pass's logits after the final norm differ from the model's own by {error:.2g}"
             greedy = _greedy(model, ids, PROBE_TOKENS)
             if any(tokens != greedy for tokens in decoded.tokens or []):
                 return "the planned pass's greedy tokens differ from the model's own (its decoding steps differ)"
@@ -76,6 +84,14 @@ def probe(model: nn.Module) -> str:
         message = str(err).splitlines()[0][:160] if str(err) else ""
         return f"its decoder layers cannot be called on the suffix alone ({type(err).__name__}: {message})"
     return ""
+
+
+def _probe_length(model: nn.Module) -> int:
+    """Long enough to cross a short sliding window or attention chunk (tiny and test configs), else nine tokens."""
+    config = model.config.get_text_config()
+    spans = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
+             if isinstance(w, int) and 0 < w <= MAX_CROSSED]
+    return max([PROBE_LENGTH] + [w + PROBE_SPLIT + 3 for w in spans])
 
 
 def _greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> list[int]:

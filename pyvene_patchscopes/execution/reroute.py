@@ -13,13 +13,15 @@ sequence: collect (l, i), then patch (l*, i*) — what the paper's code does wit
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..compat import intervenable, per_intervention_locations, pyvene_guard
-from ..errors import SpecError
+from ..errors import PatchscopeError, SpecError
 from ..mappings import build_mapping
 from ..models import ModelHandle
 from ..pyvene_config import collect_config, patch_config, reroute_config
@@ -108,6 +110,50 @@ def prompt_pass(item: "Resolved | list[Resolved]", handle: ModelHandle) -> tuple
         return _prompt_pass(items, handle, batch, mapping), batch
 
 
+_REASONS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def reroute_reason(model: nn.Module) -> str:
+    """Why rerouting cannot run on `model`, in one line ("" when it can); worked out once per model.
+
+    Rerouting pads its prompts, isolates the two hops with a 4D additive attention mask and decodes from the
+    key/value cache, so the model's forward must take such a mask (and read it as a causal one) and return a
+    cache. ALiBi families build their biases from a 2D mask, and recurrent layers have no mask to read.
+    """
+    if model not in _REASONS:
+        _REASONS[model] = _probe(model)
+    return _REASONS[model]
+
+
+def _probe(model: nn.Module) -> str:
+    from ..discovery import non_attention_kinds
+    from .planned import evaluating
+
+    kinds = non_attention_kinds(model)
+    if kinds:
+        return (f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate, and "
+                "rerouting isolates the two hops with one")
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([[3, 5, 7, 9, 11]], device=device).clamp(max=vocab - 1)
+    dtype = next(model.parameters()).dtype
+    mask = segment_mask([0] * ids.shape[1], dtype).to(device)
+    try:
+        with evaluating(model), torch.no_grad():
+            plain = model(input_ids=ids, use_cache=False).logits.float()
+            masked = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1], device=device)[None],
+                           use_cache=True)
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
+        first = str(err).splitlines()[0][:120] if str(err) else ""
+        return (f"its forward does not take a 4D attention mask ({type(err).__name__}: {first}), which rerouting "
+                "needs to pad its prompts and isolate the two hops")
+    if not torch.allclose(masked.logits.float(), plain, atol=1e-4, rtol=1e-3):
+        return "its forward reads a causal 4D attention mask differently from no mask, so rerouting's mask would not hold"
+    if getattr(masked, "cache", None) is None and getattr(masked, "past_key_values", None) is None:
+        return "its forward returns no key/value cache, which rerouting decodes from"
+    return ""
+
+
 def run_reroute(item: Resolved, handle: ModelHandle, top: int = 10) -> PatchscopeResult:
     """Run one CoT Patchscope (see `run_reroutes`)."""
     return run_reroutes([item], handle, top)[0]
@@ -121,6 +167,9 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
     With isolated segments the write at i* cannot reach the prompt's last position, so the next-token
     ``top`` is the unpatched one; the generation (whose tokens see i*) is the readout.
     """
+    why = reroute_reason(handle.model)
+    if why:
+        raise PatchscopeError(f"multi-hop rerouting cannot run on {type(handle.model).__name__}: {why}")
     groups: dict[tuple, list[int]] = {}
     for k, item in enumerate(items):
         key = (item.source_site, item.target_site, item.scope.mapping, item.scope.max_new_tokens)

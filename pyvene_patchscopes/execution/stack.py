@@ -187,9 +187,7 @@ class Stack:
         self.sliding_window = getattr(config, "sliding_window", None)
         self.chunk = getattr(config, "attention_chunk_size", None)
         self.softcap = getattr(config, "final_logit_softcapping", None) if arch.logit_softcap else None
-        # Cohere multiplies its logits by ``logit_scale``, Granite divides them by ``logits_scaling``
-        self.logit_factor = float(getattr(config, "logit_scale", None) or 1.0) / \
-            float(getattr(config, "logits_scaling", None) or 1.0)
+        self.logit_factor = arch.logit_scale or 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
         self.per_type_rotary = self.rotary is not None and \
             "layer_type" in inspect.signature(self.rotary.forward).parameters
         parameters = inspect.signature(self.layers[0].forward).parameters

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..architectures import architecture
 from ..compat import intervenable, pyvene_guard
-from ..sites import final_norm_path
+from ..sites import BLOCK_OUTPUT, final_norm_path
 from ..execution.batching import Batch, chunks
-from ..errors import SpecError, check_int
+from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
 from ..resolve import check_context
 from ..result import token_text
@@ -48,9 +48,22 @@ def attribution_config(model: torch.nn.Module, hidden_size: int, n_positions: in
         pv.RepresentationConfig(layer=0, component=f"{embedding_path(model)}.output", unit="pos",
                                 max_number_of_units=n_positions,
                                 intervention=pv.AdditionIntervention(embed_dim=hidden_size)),
-        pv.RepresentationConfig(layer=0, component=f"{final_norm_path(model)}.output", unit="pos",
-                                max_number_of_units=1, intervention=pv.CollectIntervention(embed_dim=hidden_size)),
+        _y_site(model, hidden_size),
     ])
+
+
+def _y_site(model: torch.nn.Module, hidden_size: int) -> pv.RepresentationConfig:
+    """Where y is read: the final norm's output; the last block's where nothing runs between it and the head
+    (TrOCR, GIT) or where the final norm also runs before the blocks (NanoChat: its one site would fire twice)."""
+    collect = dict(unit="pos", max_number_of_units=1, intervention=pv.CollectIntervention(embed_dim=hidden_size))
+    arch = architecture(model)
+    if arch.final_norm is None:
+        last = model.config.get_text_config().num_hidden_layers - 1
+        return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
+    if arch.final_norm_shared:  # the last block's output; `forward` applies the norm to it
+        last = model.config.get_text_config().num_hidden_layers - 1
+        return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
+    return pv.RepresentationConfig(layer=0, component=f"{final_norm_path(model)}.output", **collect)
 
 
 @dataclass
@@ -148,10 +161,18 @@ def pullback(forward: Forward, directions: torch.Tensor, progress: bool = False)
     parts = directions.split(DIRECTION_CHUNK)
     for chunk in tqdm(parts, desc="directions", unit="chunk", leave=False, disable=not progress):
         chunk = chunk.to(forward.y.dtype)
-        if len(chunk) == 1:
-            grad = torch.autograd.grad(forward.y, forward.delta, chunk[0], retain_graph=True)[0].unsqueeze(0)
-        else:
-            grad = torch.autograd.grad(forward.y, forward.delta, chunk, retain_graph=True, is_grads_batched=True)[0]
+        try:
+            if len(chunk) == 1:
+                grad = torch.autograd.grad(forward.y, forward.delta, chunk[0], retain_graph=True)[0].unsqueeze(0)
+            else:
+                grad = torch.autograd.grad(forward.y, forward.delta, chunk, retain_graph=True,
+                                           is_grads_batched=True)[0]
+        except RuntimeError as err:
+            if "inplace operation" not in str(err):
+                raise
+            raise PatchscopeError("Jacobian Scopes differentiate the model's forward, and autograd cannot: its forward "
+                                  "overwrites a tensor it needs for the gradient in place (RWKV's recurrent state)") \
+                from None
         yield grad
 
 
@@ -190,6 +211,9 @@ def _forward(handle: ModelHandle, pvm: pv.IntervenableModel, rows: Rows) -> Forw
     (_, collected), _ = pvm(base={**rows.batch.inputs, "logits_to_keep": 1}, unit_locations=rows.locations(),
                             source_representations={pvm.sorted_keys[0]: delta})
     y = collected[0].reshape(len(rows.columns), handle.hidden_size)
+    arch = architecture(model)
+    if arch.final_norm_shared:
+        y = arch.module(model, arch.final_norm)(y)
     with torch.no_grad():
         x = model.get_input_embeddings()(rows.batch.inputs["input_ids"])
     return Forward(delta=delta, y=y, z=logits(model, y), x=x)

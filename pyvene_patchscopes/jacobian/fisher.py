@@ -19,20 +19,34 @@ VOCAB_CHUNK = 16384
 
 def softcap(model: nn.Module) -> float | None:
     """The final-logit soft cap c (z = c·tanh(Wy / c)), as Gemma 2 has; None for most models."""
-    value = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return float(value) if value else None
+    from ..discovery import softcap as config_softcap
+
+    return config_softcap(model.config.get_text_config())
+
+
+def scale(model: nn.Module) -> float:
+    """s in z = s · W y (Cohere's logit_scale, Granite's 1 / logits_scaling), as `architectures` found it."""
+    from ..architectures import architecture
+    from ..errors import PatchscopeError
+
+    found = architecture(model).logit_scale
+    if found is None:
+        raise PatchscopeError(f"{type(model).__name__}'s logits are not a scaled copy of its unembedding of y (a "
+                              "prediction head of its own layers runs between them), so Jacobian Scopes cannot "
+                              "pull the output distribution back to y")
+    return found
 
 
 def logits(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """z(y): the model's own unembedding of final hidden states [B, d] (soft cap included)."""
-    z = model.get_output_embeddings()(y).float()
+    """z(y): the model's own unembedding of final hidden states [B, d] (its scale and soft cap included)."""
+    z = model.get_output_embeddings()(y).float() * scale(model)
     cap = softcap(model)
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def head_weight(model: nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """∂z/∂y for each row: W [V, d], or diag(1 − tanh²) W [B, V, d] under a soft cap."""
-    weight = model.get_output_embeddings().weight.to(dtype)
+    weight = model.get_output_embeddings().weight.to(dtype) * scale(model)
     cap = softcap(model)
     if cap is None:
         return weight
@@ -90,4 +104,4 @@ def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int) 
     return torch.stack(rows, 1)
 
 
-__all__ = ["softcap", "logits", "head_weight", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]
+__all__ = ["softcap", "scale", "logits", "head_weight", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]

@@ -14,7 +14,8 @@ then checked on the model itself (`execution.check`).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -136,7 +137,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
     handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
     ids = _probe_ids(model, 4)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _hooks_restored(model):
             states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
     finally:
         for handle in handles:
@@ -159,6 +160,28 @@ def check_blocks(model: nn.Module, layers: str) -> None:
         raise PatchscopeError(f"{name}'s decoder layers ({layers}) do not output what its hidden_states report "
                               "as their layers (a second stream or a rescaling between blocks), so layer l has no "
                               "one state to read and write")
+
+
+@contextmanager
+def _hooks_restored(model: nn.Module) -> Iterator[None]:
+    """Undo what transformers 5 does on a model's first ``output_hidden_states`` call: it installs output-capturing
+    hooks on every layer for good and marks the model. The user's model keeps neither."""
+    marked = {m: m.__dict__.get(_CAPTURING) for m in model.modules()}
+    hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module, (forward, pre) in hooks.items():
+            for key in set(module._forward_hooks) - forward:
+                del module._forward_hooks[key]
+            for key in set(module._forward_pre_hooks) - pre:
+                del module._forward_pre_hooks[key]
+        for module, value in marked.items():
+            if value is None:
+                module.__dict__.pop(_CAPTURING, None)
+
+
+_CAPTURING = "_output_capturing_hooks_installed"
 
 
 def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:

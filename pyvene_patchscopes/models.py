@@ -275,6 +275,9 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) 
     padding side, pad and BOS tokens; and the model itself, unchanged: its mode, ``requires_grad`` and
     device stay the user's.
     """
+    from .discovery import check_decoder
+
+    check_decoder(model)  # an encoder or encoder-decoder is refused here, naming its class
     try:
         own = copy.deepcopy(tokenizer)
     except (TypeError, copy.Error, RuntimeError, AttributeError) as err:

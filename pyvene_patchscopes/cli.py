@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -385,6 +386,23 @@ def cmd_presets(args: argparse.Namespace) -> None:
     _emit(args, payload, table)
 
 
+def cmd_families(args: argparse.Namespace) -> None:
+    import transformers
+
+    from .families import counts, markdown, survey
+
+    verdicts = survey(progress=not args.json and sys.stderr.isatty())
+    if args.markdown:
+        _emit(args, {}, markdown(verdicts))
+        return
+    width = max(len(v.name) for v in verdicts) + 2
+    rows = [f"{v.name:<{width}}{v.path:<14}{v.reason}" for v in verdicts]
+    tally = ", ".join(f"{n} {path}" for path, n in counts(verdicts).items())
+    payload = {"command": "families", "transformers": transformers.__version__, "counts": counts(verdicts),
+               "classes": [dataclasses.asdict(v) for v in verdicts]}
+    _emit(args, payload, "\n".join(rows + ["", f"transformers {transformers.__version__}: {tally}"]))
+
+
 def port_number(text: str) -> int:
     if text.strip() == "0":
         return 0
@@ -561,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list presets and embedded models")
     _common(p, model=False)
     p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("families", help="every causal-LM class of the installed transformers, on a tiny random "
+                                        "config: the path it takes (planned, plain, refused) and why")
+    p.add_argument("--markdown", action="store_true", help="the README's table")
+    _common(p, model=False)
+    p.set_defaults(func=cmd_families)
 
     p = sub.add_parser("explore", help="the interactive explorer: a local web page over one model")
     _common(p)

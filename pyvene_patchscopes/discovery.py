@@ -137,7 +137,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
     handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
     ids = _probe_ids(model, 4)
     try:
-        with torch.no_grad(), _hooks_restored(model):
+        with torch.no_grad(), hooks_restored(model):
             states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
     finally:
         for handle in handles:
@@ -163,7 +163,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
 
 
 @contextmanager
-def _hooks_restored(model: nn.Module) -> Iterator[None]:
+def hooks_restored(model: nn.Module) -> Iterator[None]:
     """Undo what transformers 5 does on a model's first ``output_hidden_states`` call: it installs output-capturing
     hooks on every layer for good and marks the model. The user's model keeps neither."""
     marked = {m: m.__dict__.get(_CAPTURING) for m in model.modules()}
@@ -273,6 +273,10 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: f
     first = next(iter(parameters), None)  # the hidden states, whatever the family calls them (x, hidden)
     required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED and n != first
                 and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    per_layer = [n for n in parameters if "per_layer" in n]
+    if per_layer:
+        return (f"its decoder layers take {', '.join(per_layer)}, per-layer inputs its model's forward computes from "
+                "the token ids of the whole sequence (Gemma 3n, Gemma 4), which the planned execution does not supply")
     if required:
         return (f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
                 "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone")
@@ -362,5 +366,5 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "path_of",
-           "non_attention_kinds", "softcap", "logit_scale",
+           "non_attention_kinds", "softcap", "logit_scale", "hooks_restored",
            "ATTENTION_KINDS"]

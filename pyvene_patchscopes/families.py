@@ -15,11 +15,12 @@ tiny text config. Each class then gets one verdict (`Verdict.path`):
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-import json
+import sys
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Iterable, Literal
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -41,9 +42,12 @@ SIZES: dict[str, object] = dict(
     attention_heads=_TINY["heads"], decoder_layers=_TINY["layers"], decoder_attention_heads=_TINY["heads"],
     decoder_ffn_dim=_TINY["ffn"], dff=_TINY["ffn"], d_ff=_TINY["ffn"], rotary_dim=8, word_embed_proj_dim=64,
     embed_dim=_TINY["hidden"], multi_query_group_num=_TINY["kv_heads"], kv_channels=_TINY["head"],
+    ffn_hidden_size=_TINY["ffn"], unpadded_vocab_size=VOCAB, sliding_window_size=16,
+    # per-layer inputs (Gemma 3n and 4)
+    vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
     # mixtures of experts
     num_local_experts=_TINY["experts"], num_experts=_TINY["experts"], n_routed_experts=_TINY["experts"],
-    num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32, n_shared_experts=1,
+    num_experts_per_tok=2, moe_intermediate_size=32, expert_ffn_hidden_size=32, zero_expert_num=2, shared_expert_intermediate_size=32, n_shared_experts=1,
     first_k_dense_replace=1, n_group=1, topk_group=1,
     # latent attention: keys of nope + rope = 24 dimensions, values of 16
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
@@ -174,12 +178,28 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
     return Verdict(class_name, model_type, "plain" if why else "planned", why, reroute)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Building a hundred odd configs makes transformers log and some kernels print: keep stdout clean (the
+    CLI's --json goes there) and transformers' verbosity as it was."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def survey(progress: bool = False) -> list[Verdict]:
     """One `Verdict` per causal-LM class of the installed transformers (about 15 s on 2 CPU cores)."""
     from tqdm.auto import tqdm
 
     classes = causal_lm_classes()
-    return [verdict(name, kind) for name, kind in tqdm(classes.items(), desc="families", disable=not progress)]
+    with _quiet():
+        return [verdict(name, kind) for name, kind in tqdm(classes.items(), desc="families", disable=not progress)]
 
 
 def counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
@@ -187,13 +207,6 @@ def counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
     for v in verdicts:
         out[v.path] = out.get(v.path, 0) + 1
     return out
-
-
-def as_json(verdicts: list[Verdict]) -> str:
-    import transformers
-
-    return json.dumps({"transformers": transformers.__version__, "counts": counts(verdicts),
-                       "classes": [asdict(v) for v in verdicts]}, indent=1)
 
 
 def markdown(verdicts: list[Verdict]) -> str:
@@ -205,10 +218,16 @@ def markdown(verdicts: list[Verdict]) -> str:
     head = (f"transformers {transformers.__version__}: {len(verdicts)} causal-LM classes, {decoders} of them "
             "decoder-only; " + ", ".join(f"{tally.get(p, 0)} {p}" for p in ("planned", "plain", "refused",
                                                                              "not built")) + ".")
-    rows = ["| class | model type | path | reason |", "|---|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {v.reason.replace('|', '/')} |" for v in verdicts]
+    rows = ["| class | model type | path | reason | multi-hop rerouting |", "|---|---|---|---|---|"]
+    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {_cell(v.reason)} | "
+             f"{('refused: ' + _cell(v.reroute)) if v.reroute else ('runs' if v.path in ('planned', 'plain') else '')} |"
+             for v in verdicts]
     return head + "\n\n" + "\n".join(rows)
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "/").replace("\n", " ")
+
+
 __all__ = ["Verdict", "SIZES", "VOCAB", "causal_lm_classes", "not_decoder_only", "tiny_config", "tiny_model",
-           "verdict", "survey", "counts", "as_json", "markdown"]
+           "verdict", "survey", "counts", "markdown"]

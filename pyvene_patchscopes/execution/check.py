@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..architectures import architecture
+from ..discovery import hooks_restored
 from .stack import _TRANSFORMERS_5, Stack
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
@@ -55,7 +56,7 @@ def probe(model: nn.Module) -> str:
     ids = ids.clamp(max=vocab - 1).to(stack.device)
     limit = tolerance(stack.dtype)
     try:
-        with evaluating(model), torch.no_grad():
+        with evaluating(model), torch.no_grad(), hooks_restored(model):
             own = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
             states = own.hidden_states
             shared = stack.share(ids, PROBE_SPLIT)

@@ -40,7 +40,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     import pyvene as pv
     import pyvene.models.intervenable_base as pv_base
 
-from .architectures import FAMILIES, Architecture, family, supported
+from .architectures import FAMILIES, Architecture, family
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import check_finite, inside, is_file, read_json, read_safetensors
 

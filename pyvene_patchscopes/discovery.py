@@ -244,12 +244,10 @@ def layer_types(config: Any) -> list[str]:
 
 def non_attention_kinds(model: nn.Module) -> list[str]:
     """The layer kinds of `model` that are not softmax attention over keys and values (empty for a transformer)."""
-    from .architectures import architecture
-
     other = sorted(set(layer_types(model.config.get_text_config())) - set(ATTENTION_KINDS))
     if other:
         return other
-    block = architecture(model).module(model, architecture(model).layers)[0]
+    block = model.get_submodule(find_layers(model))[0]
     if not any(_is_attention(type(m)) for m in block.modules()):
         return ["recurrent (no attention module in its blocks)"]
     return []

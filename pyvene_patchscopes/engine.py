@@ -24,7 +24,7 @@ from .errors import SpecError, UninformativeScopeWarning, check_int
 from .execution.plain import collect, patch
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
-from .execution.stack import stack_for
+from .execution.check import stack_for
 from .execution.reroute import run_reroutes
 from .execution.batching import chunks
 from .files import check_finite

@@ -26,7 +26,7 @@ from .execution.distributed import gather_units, my_units
 from .execution.plain import collect_states
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
-from .execution.stack import stack_for
+from .execution.check import stack_for
 from .mappings import build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink

@@ -17,7 +17,7 @@ from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, Deepsee
 import golden
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, run, wrap_model
 from pyvene_patchscopes.architectures import architecture, found, report, table_entry
-from pyvene_patchscopes.execution.stack import stack_for
+from pyvene_patchscopes.execution.check import stack_for
 from test_golden import TARGET
 from test_planned import LONG_TARGET, SOURCES
 from tiny import FAMILIES, VOCAB, tiny_model, tiny_tokenizer

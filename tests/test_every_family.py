@@ -21,7 +21,7 @@ from pyvene_patchscopes.errors import PatchscopeError, SlowPathWarning
 from pyvene_patchscopes.architectures import architecture
 from pyvene_patchscopes.discovery import non_attention_kinds
 from pyvene_patchscopes.execution.reroute import reroute_reason
-from pyvene_patchscopes.execution.stack import stack_for
+from pyvene_patchscopes.execution.check import stack_for
 from pyvene_patchscopes.presets import multihop
 from test_families import ATOL, PLANNED_ATOL, LogitReference, _assert_same_state, _state, source_state
 from test_golden import TARGET, expected, scope

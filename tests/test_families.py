@@ -169,7 +169,7 @@ def _rows_through_first_block(handle, scopes, planned: bool) -> int:
 
 def test_planned_execution_is_taken_where_the_table_says(family):
     """A Stack for the family, and rows patched at l* = 0 never pass block 0 again (plain pyvene reruns them)."""
-    from pyvene_patchscopes.execution.stack import stack_for
+    from pyvene_patchscopes.execution.check import stack_for
 
     planned = architecture(family.model).planned
     assert (stack_for(family.model) is not None) == planned, f"{family.name}: the table says planned={planned}"

@@ -11,7 +11,8 @@ import golden
 from pyvene_patchscopes import Patchscope, Source, Target, run
 from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
-from pyvene_patchscopes.execution.stack import ATTENTION, stack_for
+from pyvene_patchscopes.execution.check import stack_for
+from pyvene_patchscopes.execution.stack import ATTENTION
 from pyvene_patchscopes.sweep import sweep
 from test_interventions import random_affine
 from tiny import tiny_model

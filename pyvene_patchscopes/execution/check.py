@@ -14,7 +14,7 @@ from torch import nn
 
 from ..architectures import architecture
 from ..discovery import hooks_restored
-from .stack import _TRANSFORMERS_5, Stack
+from .stack import _TRANSFORMERS_5, Stack, evaluating
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
@@ -40,6 +40,11 @@ def planned_reason(model: nn.Module) -> str:
     return _VERDICTS[model]
 
 
+def stack_for(model: nn.Module) -> Stack | None:
+    """The planned execution's runner for `model`, or None when it runs on the plain pyvene path."""
+    return None if planned_reason(model) else Stack(model, architecture(model))
+
+
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double(), want.double()
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
@@ -47,8 +52,6 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def probe(model: nn.Module) -> str:
     """Run the planned pass against the model's own forward on a short prompt; "" if they agree."""
-    from .planned import evaluating
-
     stack = Stack(model, architecture(model))
     vocab = int(stack.lm_head.weight.shape[0])
     length = _probe_length(model)
@@ -105,4 +108,4 @@ def _greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> list[int]:
     return tokens
 
 
-__all__ = ["planned_reason", "probe", "tolerance"]
+__all__ = ["planned_reason", "probe", "tolerance", "stack_for"]

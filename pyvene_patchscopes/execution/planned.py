@@ -8,9 +8,8 @@ budget (`plan.pack`), and patches each batch from its rows' l* up (`Stack.patche
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from ..errors import SlowPathWarning
 from ..result import top_k_ids
 from .check import planned_reason
 from .plan import pack
-from .stack import Shared, Stack
+from .stack import Shared, Stack, evaluating
 
 
 @dataclass
@@ -60,18 +59,6 @@ class SharedPrompts:
         if key != self.key:
             self.key, self.value = key, stack.share(rows.ids, rows.position)
         return self.value  # type: ignore[return-value]
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no dropout, as pyvene's path runs), every module's own flag restored after."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def use_planned(model: nn.Module, requested: bool = True) -> bool:
@@ -120,4 +107,4 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
     return Readout(top_probs, top_ids, logits_out, tokens)
 
 
-__all__ = ["TargetRows", "Readout", "SharedPrompts", "run_planned", "use_planned", "evaluating"]
+__all__ = ["TargetRows", "Readout", "SharedPrompts", "run_planned", "use_planned"]

@@ -27,6 +27,7 @@ from ..models import ModelHandle
 from ..pyvene_config import collect_config, patch_config, reroute_config
 from ..resolve import Resolved
 from ..result import PatchscopeResult, top_k
+from .stack import evaluating
 
 
 @dataclass
@@ -127,12 +128,11 @@ def reroute_reason(model: nn.Module) -> str:
 
 def _probe(model: nn.Module) -> str:
     from ..discovery import non_attention_kinds
-    from .planned import evaluating
 
     kinds = non_attention_kinds(model)
     if kinds:
-        return (f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate, and "
-                "rerouting isolates the two hops with one")
+        return (f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate or skip, "
+                "and rerouting pads its prompts and isolates the two hops with one")
     vocab = int(model.get_input_embeddings().weight.shape[0])
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([[3, 5, 7, 9, 11]], device=device).clamp(max=vocab - 1)

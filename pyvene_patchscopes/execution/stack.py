@@ -28,7 +28,7 @@ from torch import nn
 import transformers
 from transformers import AttentionInterface
 
-from ..architectures import Architecture, architecture
+from ..architectures import Architecture
 from ..discovery import layer_types as config_layer_types
 
 ATTENTION = "patchscopes-shared-prefix"
@@ -143,6 +143,18 @@ def _attention(model: nn.Module) -> Iterator[None]:
         config._attn_implementation = before
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout, as pyvene's path runs), every module's own flag restored after."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 @dataclass
 class Shared:
     """The unpatched target prompt, computed once: prefix keys/values and suffix states at every layer."""
@@ -194,12 +206,6 @@ class Stack:
         self.layer_keywords = set(parameters)
         self.any_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
         self.base_positions = "position_ids" in inspect.signature(self.base.forward).parameters
-
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
-        from .check import planned_reason
-
-        return not planned_reason(model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -397,9 +403,4 @@ def layer_types(config, arch: Architecture) -> list[str]:
     return kinds if arch.sliding_window == "layer types" or getattr(config, "sliding_window", None) else ["full_attention"] * n
 
 
-def stack_for(model: nn.Module) -> Stack | None:
-    """The fast-path runner for `model`, or None when its family does not take the planned execution."""
-    return Stack(model, architecture(model)) if Stack.supports(model) else None
-
-
-__all__ = ["Stack", "Shared", "Decoded", "stack_for", "layer_types", "register_attention", "ATTENTION"]
+__all__ = ["Stack", "Shared", "Decoded", "evaluating", "layer_types", "register_attention", "ATTENTION"]

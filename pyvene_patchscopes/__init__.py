@@ -14,7 +14,7 @@ from .spec import Patchscope, Reroute, Source, Target
 from .sweep import SweepResult, sweep
 from .fit import fit_affine, fit_tuned_lens
 from .presets import build
-from .architectures import Architecture, FAMILIES
+from .architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
     "Attribution", "sweep", "SweepResult", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
+    "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "install_safe_serialization",
     "uninstall_safe_serialization",
 ]

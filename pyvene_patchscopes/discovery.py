@@ -5,11 +5,15 @@
 - the final norm: what runs, in a two-token forward pass, between the last block and the unembedding;
 - the rotary embedding: the base model's child holding ``inv_freq``, run before the first block;
 - the quirks the planned execution must reproduce, from the config and the modules (soft-capping, scaled
-  embeddings, sliding windows and ``layer_types``, partial rotary, learned positions, attention sinks).
+  embeddings, sliding windows and ``layer_types``, partial rotary, learned positions, attention sinks), and
+  the logits' scale, measured (`logit_scale`).
 
-Whether the planned execution may run the family is decided here from what cannot be shared exactly (layers
-that keep a recurrent state, attention outside transformers' attention interface, per-layer inputs), and
-then checked on the model itself (`execution.check`).
+A model is refused (`PatchscopeError`, naming what was looked for) where "the state after block l" does not
+exist: an encoder or encoder-decoder, blocks whose outputs are not HF's ``hidden_states`` (several residual
+streams, a second stream), blocks run twice per pass, layers a text-only pass does not run. Whether the
+planned execution may run the family is decided here from what cannot be shared exactly (layers that keep a
+recurrent state, attention outside transformers' attention interface, per-layer inputs), and then checked on
+the model itself (`execution.check`). Every probe here runs on a few tokens and leaves the model as it was.
 """
 from __future__ import annotations
 

@@ -215,9 +215,13 @@ def markdown(verdicts: list[Verdict]) -> str:
 
     tally = counts(verdicts)
     decoders = sum(n for path, n in tally.items() if path != "not a decoder")
+    built = decoders - tally.get("not built", 0)
+    planned = tally.get("planned", 0)
     head = (f"transformers {transformers.__version__}: {len(verdicts)} causal-LM classes, {decoders} of them "
             "decoder-only; " + ", ".join(f"{tally.get(p, 0)} {p}" for p in ("planned", "plain", "refused",
-                                                                             "not built")) + ".")
+                                                                             "not built")) +
+            f". {planned} of the {decoders} decoder-only classes ({100 * planned / max(decoders, 1):.0f}%) take the "
+            f"planned execution; of the {built} whose tiny config builds, {100 * planned / max(built, 1):.0f}%.")
     rows = ["| class | model type | path | reason | multi-hop rerouting |", "|---|---|---|---|---|"]
     rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {_cell(v.reason)} | "
              f"{('refused: ' + _cell(v.reroute)) if v.reroute else ('runs' if v.path in ('planned', 'plain') else '')} |"

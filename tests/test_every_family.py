@@ -9,14 +9,19 @@ listed with its reason (`test_every_class_has_a_path_and_a_reason`).
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import auto_tiny
 import golden
-from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
+from pyvene_patchscopes import Patchscope, Source, Target, families, jacobian_scope, run
 from pyvene_patchscopes.errors import PatchscopeError, SlowPathWarning
 from pyvene_patchscopes.architectures import architecture
 from pyvene_patchscopes.discovery import non_attention_kinds
@@ -204,3 +209,42 @@ def test_the_model_is_left_as_it_was(family):
     finally:
         hook.remove()
     assert all(p.grad is None for p in model.parameters())
+
+
+# ---- the survey: the README's table and `patchscopes families` -------------------------------------------
+# issue 24's "Why": 26 families refused before, Gemma 1 and OLMo 1 on the slow path only, and where each is now
+NAMED = {**dict.fromkeys([
+    "SmolLM3ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM", "Llama4ForCausalLM", "GraniteForCausalLM",
+    "Cohere2ForCausalLM", "Exaone4ForCausalLM", "Glm4ForCausalLM", "HeliumForCausalLM", "Ministral3ForCausalLM",
+    "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "GPTJForCausalLM",
+    "FalconForCausalLM", "OPTForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM", "GemmaForCausalLM",
+    "OlmoForCausalLM"], "planned"),
+    "Qwen3_5ForCausalLM": "plain",  # linear attention keeps a recurrent state
+    "BloomForCausalLM": "plain",    # ALiBi biases built from the whole sequence's mask
+}
+
+
+def test_the_families_named_in_the_issue_take_the_path_listed():
+    verdicts = auto_tiny.verdicts()
+    assert {name: verdicts[name].path for name in NAMED} == NAMED
+
+
+def test_the_readmes_family_table_is_the_survey():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("<!-- families:begin -->\n")[1].split("<!-- families:end -->")[0].strip()
+    assert table == families.markdown(list(auto_tiny.verdicts().values())), \
+        "the README's table is stale: paste `patchscopes families --markdown` between the markers"
+
+
+def test_the_families_command_prints_every_class_as_clean_json():
+    done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "families", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads(done.stdout)  # transformers' logging and kernels' prints kept out of stdout
+    assert (data["schema"], data["command"], data["transformers"]) == (1, "families", transformers.__version__)
+    listed = {row["name"]: row for row in data["classes"]}
+    assert list(listed) == list(families.causal_lm_classes())
+    for name, verdict in auto_tiny.verdicts().items():
+        assert (listed[name]["path"], listed[name]["reason"]) == (verdict.path, verdict.reason), name
+    assert data["counts"] == families.counts(auto_tiny.verdicts().values())

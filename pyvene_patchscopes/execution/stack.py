@@ -10,9 +10,9 @@ patch and the vector written there. So the work splits into what all rows share 
 Rows are sorted by l*, so at layer j the rows that compute are a leading slice of the batch and no
 gather is needed. The arithmetic is the model's own (its decoder-layer modules are called directly);
 only the order of work changes. Where a model keeps its layers, norm, rotary embedding and unembedding,
-and its quirks (soft-capping, sliding windows, attention sinks), comes from `architectures`. What the
-first block receives is the model's own: its forward runs up to block 0 (learned positions, offsets and
-embedding multipliers included). Tests hold it to the plain pyvene path within 1e-4 in fp32 for every
+and its quirks (soft-capping, sliding windows, attention sinks), comes from `architectures`. For a family
+found in the model (not in the table), what the first block receives is the model's own: its forward runs up
+to block 0 (learned positions, offsets and embedding multipliers included). Tests hold it to the plain pyvene path within 1e-4 in fp32 for every
 causal-LM class of the installed transformers that takes it; `check` verifies a found family on the model.
 """
 from __future__ import annotations
@@ -188,6 +188,8 @@ class Stack:
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model, self.arch = model, arch
         self.layers = arch.module(model, arch.layers)
+        self.embed = arch.module(model, arch.embed)
+        self.position_embed = arch.module(model, arch.position_embed) if arch.position_embed else None
         base = arch.layers.rpartition(".")[0]
         self.base = arch.module(model, base) if base else model  # the text model whose forward embeds
         self.norm = arch.module(model, arch.final_norm) if arch.final_norm else nn.Identity()
@@ -217,8 +219,12 @@ class Stack:
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """What the first block receives, from the model's own forward stopped there: token embeddings (scaled
-        where the family scales them), plus learned positions (GPT-2, OPT's offset) and embedding multipliers."""
+        """What the first block receives: for a table family, its embedding (scaled inside the module for Gemma)
+        plus learned positions (GPT-2); for a found one, the model's own forward stopped there (learned positions
+        with OPT's offset, embedding multipliers, norms before the blocks included)."""
+        if not self.arch.found:
+            hidden = self.embed(ids)
+            return hidden if self.position_embed is None else hidden + self.position_embed(positions)[None]
         seen: dict[str, torch.Tensor] = {}
 
         def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:

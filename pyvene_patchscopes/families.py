@@ -3,7 +3,7 @@
 The classes come from transformers' own ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, so a new release's families are
 surveyed without anyone editing a list. Every size keyword a config class takes is set to a tiny value
 (hidden 64, 4 layers, 4 heads, 2 key/value heads, 4 experts, special ids 0 and 1); a multimodal config gets a
-tiny text config. Each class then gets one verdict (`Verdict.path`):
+tiny text config. Five hybrids and layouts get the few keys their validators tie together (`_LAYOUTS`). Each class then gets one verdict (`Verdict.path`):
 
 - ``planned``: the architecture is found and the planned execution reproduces the model's own forward;
 - ``plain``: it runs on the plain pyvene path, with the reason the shared prefix cannot be exact;
@@ -53,6 +53,15 @@ SIZES: dict[str, object] = dict(
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
     bos_token_id=0, eos_token_id=0, pad_token_id=1,
 )
+# layouts the generic sizes cannot meet, by model type: which of the 4 layers attend (a hybrid whose tiny config
+# has no attention layer cannot run with a cache), and head counts a family's validator ties to the width
+_LAYOUTS: dict[str, dict[str, object]] = {
+    "gpt_neo": dict(attention_types=[[["global", "local"], 2]]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1, 3]),
+    "bailing_hybrid": dict(layer_group_size=2),
+    "mamba2": dict(num_heads=8, n_groups=1, expand=2),
+}
 _GENERIC = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
 _VISION = dict(image_size=28, patch_size=14, num_hidden_layers=1)
 _MULTIMODAL = dict(mm_tokens_per_image=4)
@@ -120,6 +129,7 @@ def tiny_config(class_name: str):
             sizes.update({k: v for k, v in _VISION.items() if k in inspect.signature(sub.__init__).parameters})
         kwargs[name] = sub(**sizes)
     kwargs.update({k: v for k, v in _MULTIMODAL.items() if k in inspect.signature(config_class.__init__).parameters})
+    kwargs.update(_LAYOUTS.get(getattr(config_class, "model_type", ""), {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return config_class(**kwargs)

@@ -125,13 +125,17 @@ def architecture(model: nn.Module) -> Architecture:
 
     Raises `PatchscopeError` for an encoder or encoder-decoder model, or one whose layers cannot be found.
     """
-    entry = table_entry(model)
-    if entry is not None:
-        from .discovery import check_decoder
+    if model not in _CHOSEN:  # asked once per resolved scope: worked out once per model
+        entry = table_entry(model)
+        if entry is not None:
+            from .discovery import check_decoder
 
-        check_decoder(model)
-        return entry
-    return found(model)
+            check_decoder(model)
+        _CHOSEN[model] = entry if entry is not None else found(model)
+    return _CHOSEN[model]
+
+
+_CHOSEN: "weakref.WeakKeyDictionary[nn.Module, Architecture]" = weakref.WeakKeyDictionary()
 
 
 def report(model: nn.Module) -> dict[str, object]:

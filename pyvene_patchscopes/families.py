@@ -3,7 +3,8 @@
 The classes come from transformers' own ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``, so a new release's families are
 surveyed without anyone editing a list. Every size keyword a config class takes is set to a tiny value
 (hidden 64, 4 layers, 4 heads, 2 key/value heads, 4 experts, special ids 0 and 1); a multimodal config gets a
-tiny text config. Five hybrids and layouts get the few keys their validators tie together (`_LAYOUTS`). Each class then gets one verdict (`Verdict.path`):
+tiny text config. Five hybrids and layouts get the few keys their validators tie together (`_LAYOUTS`).
+Each class then gets one verdict (`Verdict.path`):
 
 - ``planned``: the architecture is found and the planned execution reproduces the model's own forward;
 - ``plain``: it runs on the plain pyvene path, with the reason the shared prefix cannot be exact;
@@ -47,7 +48,8 @@ SIZES: dict[str, object] = dict(
     vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
     # mixtures of experts
     num_local_experts=_TINY["experts"], num_experts=_TINY["experts"], n_routed_experts=_TINY["experts"],
-    num_experts_per_tok=2, moe_intermediate_size=32, expert_ffn_hidden_size=32, zero_expert_num=2, shared_expert_intermediate_size=32, n_shared_experts=1,
+    num_experts_per_tok=2, moe_intermediate_size=32, expert_ffn_hidden_size=32, zero_expert_num=2,
+    shared_expert_intermediate_size=32, n_shared_experts=1,
     first_k_dense_replace=1, n_group=1, topk_group=1,
     # latent attention: keys of nope + rope = 24 dimensions, values of 16
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
@@ -233,10 +235,14 @@ def markdown(verdicts: list[Verdict]) -> str:
             f". {planned} of the {decoders} decoder-only classes ({100 * planned / max(decoders, 1):.0f}%) take the "
             f"planned execution; of the {built} whose tiny config builds, {100 * planned / max(built, 1):.0f}%.")
     rows = ["| class | model type | path | reason | multi-hop rerouting |", "|---|---|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {_cell(v.reason)} | "
-             f"{('refused: ' + _cell(v.reroute)) if v.reroute else ('runs' if v.path in ('planned', 'plain') else '')} |"
-             for v in verdicts]
+    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {_cell(v.reason)} | {_reroute_cell(v)} |" for v in verdicts]
     return head + "\n\n" + "\n".join(rows)
+
+
+def _reroute_cell(v: Verdict) -> str:
+    if v.reroute:
+        return "refused: " + _cell(v.reroute)
+    return "runs" if v.path in ("planned", "plain") else ""
 
 
 def _cell(text: str) -> str:

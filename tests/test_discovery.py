@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, Gemma3Config,
-                          Gemma3ForConditionalGeneration, GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, T5Config, T5ForConditionalGeneration)
+                          Gemma3ForConditionalGeneration, GptOssConfig, GptOssForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, T5Config, T5ForConditionalGeneration)
 
 import golden
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, run, wrap_model

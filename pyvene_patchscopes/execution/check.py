@@ -66,7 +66,8 @@ def probe(model: nn.Module) -> str:
             for j in range(stack.n_layers - 1):
                 error = _relative(shared.hidden[j], states[j + 1][0, PROBE_SPLIT:])
                 if error > limit:
-                    return f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} (relative)"
+                    return (f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} "
+                            "(relative)")
             layers = sorted({0, stack.n_layers // 2, stack.n_layers - 2} & set(range(stack.n_layers - 1)))
             vectors = torch.stack([states[j + 1][0, PROBE_SPLIT] for j in layers])
             decoded = stack.patched(shared, vectors, torch.tensor(layers), max_new_tokens=PROBE_TOKENS)

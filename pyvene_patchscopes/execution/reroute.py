@@ -141,14 +141,15 @@ def _probe(model: nn.Module) -> str:
     try:
         with evaluating(model), torch.no_grad():
             plain = model(input_ids=ids, use_cache=False).logits.float()
-            masked = model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                           use_cache=True)
+            masked = model(input_ids=ids, attention_mask=mask, use_cache=True,
+                           position_ids=torch.arange(ids.shape[1], device=device)[None])
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else ""
         return (f"its forward does not take a 4D attention mask ({type(err).__name__}: {first}), which rerouting "
                 "needs to pad its prompts and isolate the two hops")
     if not torch.allclose(masked.logits.float(), plain, atol=1e-4, rtol=1e-3):
-        return "its forward reads a causal 4D attention mask differently from no mask, so rerouting's mask would not hold"
+        return ("its forward reads a causal 4D attention mask differently from no mask, so rerouting's mask would "
+                "not hold")
     if getattr(masked, "cache", None) is None and getattr(masked, "past_key_values", None) is None:
         return "its forward returns no key/value cache, which rerouting decodes from"
     return ""

@@ -11,9 +11,10 @@ Rows are sorted by l*, so at layer j the rows that compute are a leading slice o
 gather is needed. The arithmetic is the model's own (its decoder-layer modules are called directly);
 only the order of work changes. Where a model keeps its layers, norm, rotary embedding and unembedding,
 and its quirks (soft-capping, sliding windows, attention sinks), comes from `architectures`. For a family
-found in the model (not in the table), what the first block receives is the model's own: its forward runs up
-to block 0 (learned positions, offsets and embedding multipliers included). Tests hold it to the plain pyvene path within 1e-4 in fp32 for every
-causal-LM class of the installed transformers that takes it; `check` verifies a found family on the model.
+found in the model (not in the table), what the first block receives is the model's own: its forward runs
+up to block 0 (learned positions, offsets and embedding multipliers included). Tests hold it to the plain
+pyvene path within 1e-4 in fp32 for every causal-LM class of the installed transformers that takes it;
+`check` verifies a found family on the model.
 """
 from __future__ import annotations
 
@@ -406,7 +407,9 @@ def layer_types(config, arch: Architecture) -> list[str]:
     if arch.sliding_window == "none" and "chunked_attention" not in (getattr(config, "layer_types", None) or ()):
         return ["full_attention"] * n
     kinds = config_layer_types(config)
-    return kinds if arch.sliding_window == "layer types" or getattr(config, "sliding_window", None) else ["full_attention"] * n
+    if arch.sliding_window == "layer types" or getattr(config, "sliding_window", None):
+        return kinds
+    return ["full_attention"] * n
 
 
 __all__ = ["Stack", "Shared", "Decoded", "evaluating", "layer_types", "register_attention", "ATTENTION"]

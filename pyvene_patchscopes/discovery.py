@@ -41,20 +41,30 @@ def path_of(model: nn.Module, target: nn.Module) -> str | None:
     return None
 
 
+def not_a_decoder(model_type: str) -> str:
+    """Why a model type is no decoder-only LM ("" when it is): half of a seq2seq model, or a masked-LM encoder."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or \
+            model_type in auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+        return "encoder-decoder"
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "encoder"
+    return ""
+
+
 def check_decoder(model: nn.Module) -> None:
     """Refuse encoder-only and encoder-decoder models, and models without a language-model head."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
-
     name = type(model).__name__
     config = getattr(model, "config", None)
     if config is None:
         raise PatchscopeError(f"{name} has no Hugging Face config (allowed: a transformers causal LM)")
     model_type = getattr(config, "model_type", "")
-    if getattr(config, "is_encoder_decoder", False) or model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+    kind = "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else not_a_decoder(model_type)
+    if kind == "encoder-decoder":
         raise PatchscopeError(f"{name} is an encoder-decoder model; Patchscopes need a decoder-only causal LM "
                               "(allowed: a model in transformers' causal-LM mapping whose family is not seq2seq)")
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+    if kind == "encoder":
         raise PatchscopeError(f"{name} is an encoder ({model_type!r} models are masked LMs); Patchscopes need a "
                               "decoder-only causal LM that reads its prompt left to right")
     if _output_embeddings(model) is None:
@@ -101,9 +111,7 @@ def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[s
             handles.append(child.register_forward_hook(record(name)))
     handles.append(blocks[0].register_forward_pre_hook(lambda module, args: order.append(("<first>", "start"))))
     handles.append(blocks[-1].register_forward_hook(lambda module, args, output: order.append(("<last>", "done"))))
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([[min(3, vocab - 1), min(5, vocab - 1)]], device=device)
+    ids = probe_ids(model, 2)
     try:
         with torch.no_grad():
             _forward_text(model, ids)
@@ -139,7 +147,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
         return hook
 
     handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
-    ids = _probe_ids(model, 4)
+    ids = probe_ids(model, 4)
     try:
         with torch.no_grad(), hooks_restored(model):
             states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
@@ -188,7 +196,8 @@ def hooks_restored(model: nn.Module) -> Iterator[None]:
 _CAPTURING = "_output_capturing_hooks_installed"
 
 
-def _probe_ids(model: nn.Module, length: int) -> torch.Tensor:
+def probe_ids(model: nn.Module, length: int) -> torch.Tensor:
+    """[1, length] token ids for the probes here and in `execution.reroute` (3, 7, 11, ... inside the vocabulary)."""
     embedding = model.get_input_embeddings().weight
     vocab = int(embedding.shape[0])
     return (torch.arange(length, device=embedding.device)[None] * 4 + 3).clamp(max=vocab - 1)
@@ -214,7 +223,7 @@ def logit_scale(model: nn.Module, y_path: str, unembed: str) -> float | None:
     handle = site.register_forward_hook(keep)
     try:
         with torch.no_grad():
-            logits = model(input_ids=_probe_ids(model, 4), use_cache=False).logits[0, -1].double()
+            logits = model(input_ids=probe_ids(model, 4), use_cache=False).logits[0, -1].double()
             raw = model.get_submodule(unembed)(seen["y"][:, -1])[0].double()
     finally:
         handle.remove()
@@ -368,5 +377,5 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
 
 
 __all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "path_of",
-           "non_attention_kinds", "softcap", "logit_scale", "hooks_restored",
+           "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder", "probe_ids",
            "ATTENTION_KINDS"]

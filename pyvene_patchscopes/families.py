@@ -94,14 +94,10 @@ def causal_lm_classes() -> dict[str, str]:
 
 def not_decoder_only(model_type: str) -> str:
     """Why a mapped class is not a decoder-only model ("" when it is): an encoder, or half of a seq2seq model."""
-    from transformers.models.auto import modeling_auto as auto
+    from .discovery import not_a_decoder
 
-    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or \
-            model_type in auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
-        return "the decoder half of an encoder-decoder model"
-    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return "an encoder (a masked LM) run as a decoder"
-    return ""
+    return {"encoder-decoder": "the decoder half of an encoder-decoder model",
+            "encoder": "an encoder (a masked LM) run as a decoder", "": ""}[not_a_decoder(model_type)]
 
 
 def _sizes_for(config_class: type) -> dict[str, object]:

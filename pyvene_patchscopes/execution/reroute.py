@@ -127,15 +127,14 @@ def reroute_reason(model: nn.Module) -> str:
 
 
 def _probe(model: nn.Module) -> str:
-    from ..discovery import non_attention_kinds
+    from ..discovery import non_attention_kinds, probe_ids
 
     kinds = non_attention_kinds(model)
     if kinds:
         return (f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate or skip, "
                 "and rerouting pads its prompts and isolates the two hops with one")
-    vocab = int(model.get_input_embeddings().weight.shape[0])
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([[3, 5, 7, 9, 11]], device=device).clamp(max=vocab - 1)
+    ids = probe_ids(model, 5)
+    device = ids.device
     dtype = next(model.parameters()).dtype
     mask = segment_mask([0] * ids.shape[1], dtype).to(device)
     try:

@@ -61,6 +61,8 @@ class Architecture:
     planned: bool = True
     not_planned_because: str = ""
     found: bool = False                  # found from the model (`discovery`), not read from the table
+    layered: bool = False                # found, and its logits are read from the last block's output: where the
+                                         # shared prefix cannot be exact, blocks run on the whole target (`layered`)
     logit_scale: float | None = 1.0      # logits = s · unembed(y) (Cohere, Granite); None: a head of its own layers
     final_norm_shared: bool = False      # the final norm module also runs before the first block (NanoChat):
                                          # a hook there fires twice, so layer n-1 is read at the last block

@@ -296,6 +296,11 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: f
     if not any(_uses_attention_interface(type(m)) for m in block.modules() if _is_attention(type(m))):
         return ("its attention does not go through transformers' attention interface, so the shared prefix cannot "
                 "be given to it")
+    return head_reason(after, scale)
+
+
+def head_reason(after: list[str], scale: float | None) -> str:
+    """Why the planned execution cannot read the logits from the last block's output ("" when it can)."""
     if scale is None:
         return ("its logits are not a scaled copy of its unembedding of the final hidden state (a prediction head "
                 "of its own layers runs between them), where the planned execution unembeds that state directly")
@@ -370,12 +375,12 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
                                                      getattr(config, "use_sliding_window", True) is not False
                                                      else "none"),
         cache_argument=cache, attention_sinks=any(hasattr(m, "sinks") for m in block.modules()),
-        planned=not reason, not_planned_because=reason, found=True,
+        planned=not reason, not_planned_because=reason, found=True, layered=not head_reason(after, scale),
         final_norm_shared=bool(after) and after[-1] in before,
         logit_scale=scale,
     )
 
 
-__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "path_of",
+__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "head_reason", "path_of",
            "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder", "probe_ids",
            "ATTENTION_KINDS"]

@@ -6,7 +6,9 @@ surveyed without anyone editing a list. Every size keyword a config class takes 
 tiny text config. Five hybrids and layouts get the few keys their validators tie together (`_LAYOUTS`).
 Each class then gets one verdict (`Verdict.path`):
 
-- ``planned``: the architecture is found and the planned execution reproduces the model's own forward;
+- ``planned``: the architecture is found and the planned execution reproduces hand-written hooks on the model's
+  own forward, sharing the target prompt's prefix (``execution="shared prefix"``) or, where that cannot be exact
+  (recurrent layers, position biases, attention of its own), the layers below l* (``"shared layers"``);
 - ``plain``: it runs on the plain pyvene path, with the reason the shared prefix cannot be exact;
 - ``refused``: `architectures.architecture` refuses it, with its error;
 - ``not built``: its tiny config cannot be built or run, with the reason;
@@ -80,6 +82,8 @@ class Verdict:
     path: Path
     reason: str = ""
     reroute: str = ""    # why multi-hop rerouting is refused on it ("" where it runs, or the class does not run)
+    execution: str = ""  # planned: "shared prefix", or "shared layers" where the prefix cannot be exact
+    prefix: str = ""     # for "shared layers": why the shared prefix cannot be exact
 
 
 def causal_lm_classes() -> dict[str, str]:
@@ -163,7 +167,7 @@ def _first_line(err: BaseException) -> str:
 def verdict(class_name: str, model_type: str, model: nn.Module | None = None) -> Verdict:
     """The path `class_name` takes on its tiny model (built here unless `model` is given)."""
     from .architectures import architecture
-    from .execution.check import planned_reason
+    from .execution.check import execution, planned_reason, prefix_reason
     from .execution.reroute import reroute_reason
 
     why = not_decoder_only(model_type)
@@ -180,10 +184,11 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             architecture(model)
-            why, reroute = planned_reason(model), reroute_reason(model)
+            why, reroute, kind = planned_reason(model), reroute_reason(model), execution(model)
+            prefix = prefix_reason(model) if kind == "shared layers" else ""
     except PatchscopeError as err:
         return Verdict(class_name, model_type, "refused", str(err))
-    return Verdict(class_name, model_type, "plain" if why else "planned", why, reroute)
+    return Verdict(class_name, model_type, "plain" if why else "planned", why, reroute, kind, prefix)
 
 
 @contextlib.contextmanager
@@ -225,14 +230,25 @@ def markdown(verdicts: list[Verdict]) -> str:
     decoders = sum(n for path, n in tally.items() if path != "not a decoder")
     built = decoders - tally.get("not built", 0)
     planned = tally.get("planned", 0)
+    layered = sum(v.execution == "shared layers" for v in verdicts)
     head = (f"transformers {transformers.__version__}: {len(verdicts)} causal-LM classes, {decoders} of them "
             "decoder-only; " + ", ".join(f"{tally.get(p, 0)} {p}" for p in ("planned", "plain", "refused",
                                                                              "not built")) +
             f". {planned} of the {decoders} decoder-only classes ({100 * planned / max(decoders, 1):.0f}%) take the "
-            f"planned execution; of the {built} whose tiny config builds, {100 * planned / max(built, 1):.0f}%.")
+            f"planned execution ({planned - layered} sharing the prompt's prefix, {layered} sharing the layers below "
+            f"l*); of the {built} whose tiny config builds, {100 * planned / max(built, 1):.0f}%.")
     rows = ["| class | model type | path | reason | multi-hop rerouting |", "|---|---|---|---|---|"]
-    rows += [f"| `{v.name}` | {v.model_type} | {v.path} | {_cell(v.reason)} | {_reroute_cell(v)} |" for v in verdicts]
+    rows += [f"| `{v.name}` | {v.model_type} | {_path_cell(v)} | {_cell(_reason(v))} | {_reroute_cell(v)} |"
+             for v in verdicts]
     return head + "\n\n" + "\n".join(rows)
+
+
+def _path_cell(v: Verdict) -> str:
+    return f"planned ({v.execution})" if v.path == "planned" else v.path
+
+
+def _reason(v: Verdict) -> str:
+    return f"the shared prefix cannot be exact: {v.prefix}" if v.prefix else v.reason
 
 
 def _reroute_cell(v: Verdict) -> str:

@@ -219,15 +219,17 @@ NAMED = {**dict.fromkeys([
     "Cohere2ForCausalLM", "Exaone4ForCausalLM", "Glm4ForCausalLM", "HeliumForCausalLM", "Ministral3ForCausalLM",
     "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "GPTJForCausalLM",
     "FalconForCausalLM", "OPTForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM", "GemmaForCausalLM",
-    "OlmoForCausalLM"], "planned"),
-    "Qwen3_5ForCausalLM": "plain",  # linear attention keeps a recurrent state
-    "BloomForCausalLM": "plain",    # ALiBi biases built from the whole sequence's mask
+    "OlmoForCausalLM", "Qwen3_5ForCausalLM", "BloomForCausalLM"], "planned"),
 }
+# where the shared prefix cannot be exact (issue 24 expected these on the plain path), the lower layers are shared
+SHARED_LAYERS = ["Qwen3_5ForCausalLM", "Qwen3NextForCausalLM", "JambaForCausalLM", "FalconH1ForCausalLM",
+                 "MambaForCausalLM", "BloomForCausalLM", "Gemma4ForCausalLM"]
 
 
 def test_the_families_named_in_the_issue_take_the_path_listed():
     verdicts = auto_tiny.verdicts()
     assert {name: verdicts[name].path for name in NAMED} == NAMED
+    assert {verdicts[name].execution for name in SHARED_LAYERS} == {"shared layers"}
 
 
 def test_the_readmes_family_table_is_the_survey():

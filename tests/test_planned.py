@@ -4,18 +4,22 @@ Exactness as issue 5 states it: the same top-1 token and logits within 1e-4 in f
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import golden
-from pyvene_patchscopes import Patchscope, Source, Target, run
+from pyvene_patchscopes import Patchscope, Source, Target, families, run
 from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
-from pyvene_patchscopes.execution.check import stack_for
+from pyvene_patchscopes.execution.check import execution, stack_for
+from pyvene_patchscopes.execution.layered import Layered
+from pyvene_patchscopes.models import ModelHandle
 from pyvene_patchscopes.execution.stack import ATTENTION
 from pyvene_patchscopes.sweep import sweep
 from test_interventions import random_affine
-from tiny import tiny_model
+from tiny import tiny_model, tiny_tokenizer
 
 ATOL = 1e-4
 SOURCES = ["The city of Paris is large", "Here is a word: dog", "Tokyo London Berlin Rome"]
@@ -113,13 +117,16 @@ def tiny_gpt_neo():
     return wrap_model(GPTNeoForCausalLM(config).eval(), tiny_tokenizer(), name="tiny-gpt-neo")
 
 
-def test_a_family_outside_the_table_runs_on_the_plain_path_with_a_warning():
+def test_a_family_whose_attention_the_prefix_cannot_reach_shares_its_lower_layers():
+    """GPT-Neo's attention is its own (not transformers' interface): its blocks run on the whole target, the
+    layers below l* shared, equal to the plain path and to hand-written hooks."""
     handle = tiny_gpt_neo()
-    assert stack_for(handle.model) is None
+    assert isinstance(stack_for(handle.model), Layered) and execution(handle.model) == "shared layers"
     s = token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=0, max_new_tokens=0)
-    with pytest.warns(SlowPathWarning, match="GPTNeoForCausalLM runs on the plain pyvene path"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
         got = run(s, handle)[0]
-    torch.testing.assert_close(got.logits, run(s, handle, planned=False)[0].logits, atol=0, rtol=0)
+    torch.testing.assert_close(got.logits, run(s, handle, planned=False)[0].logits, atol=1e-4, rtol=0)
     # hand-written hooks on GPT-Neo's blocks: read block 1 at the source, write it after block 0 at i*
     held = {}
     blocks = handle.model.transformer.h
@@ -140,6 +147,17 @@ def test_a_family_outside_the_table_runs_on_the_plain_path_with_a_warning():
     # GPT-Neo does not scale its attention scores: its logits are large, and sdpa with a mask (pyvene's
     # batched call) and without one differ by ~6e-5
     torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
+
+
+def test_a_family_with_a_prediction_head_of_its_own_runs_on_the_plain_path_with_a_warning():
+    handle = ModelHandle("tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"),
+                         tiny_tokenizer())
+    assert stack_for(handle.model) is None
+    s = token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=0, max_new_tokens=0)
+    with pytest.warns(SlowPathWarning, match="ModernBertDecoderForCausalLM runs on the plain pyvene path.*"
+                                             "prediction head of its own"):
+        got = run(s, handle)[0]
+    torch.testing.assert_close(got.logits, run(s, handle, planned=False)[0].logits, atol=0, rtol=0)
 
 
 def test_a_model_without_a_language_model_head_gets_an_error_naming_what_was_looked_for():

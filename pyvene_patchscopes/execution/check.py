@@ -14,11 +14,13 @@ from torch import nn
 
 from ..architectures import architecture
 from ..discovery import hooks_restored
+from .layered import Layered, writing
 from .stack import _TRANSFORMERS_5, Stack, evaluating
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
-_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+SHARED_PREFIX, SHARED_LAYERS = "shared prefix", "shared layers"
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -27,22 +29,48 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def planned_reason(model: nn.Module) -> str:
-    """Why `model` cannot take the planned execution, in one line; "" when it takes it."""
-    if not _TRANSFORMERS_5:
-        return "the planned execution calls decoder layers as transformers 5 defines them"
-    arch = architecture(model)
-    if not arch.planned:
-        return arch.not_planned_because
-    if not arch.found:
-        return ""  # a table entry: its families are tested against hand-written hooks
-    if model not in _VERDICTS:
-        _VERDICTS[model] = probe(model)
-    return _VERDICTS[model]
+    """Why `model` cannot take the planned execution, in one line; "" when it takes it (either way)."""
+    kind, why = _verdict(model)
+    return "" if kind else why
+
+
+def execution(model: nn.Module) -> str:
+    """How `model` runs its planned execution: "shared prefix", "shared layers", or "" (the plain path)."""
+    return _verdict(model)[0]
 
 
 def stack_for(model: nn.Module) -> Stack | None:
     """The planned execution's runner for `model`, or None when it runs on the plain pyvene path."""
-    return None if planned_reason(model) else Stack(model, architecture(model))
+    kind = execution(model)
+    if not kind:
+        return None
+    return (Stack if kind == SHARED_PREFIX else Layered)(model, architecture(model))
+
+
+def _verdict(model: nn.Module) -> tuple[str, str]:
+    """(the planned execution's kind or "", why the plain path instead), worked out once per model."""
+    if not _TRANSFORMERS_5:
+        return "", "the planned execution calls decoder layers as transformers 5 defines them"
+    arch = architecture(model)
+    if not arch.found:
+        return (SHARED_PREFIX, "") if arch.planned else ("", arch.not_planned_because)
+    if model not in _VERDICTS:
+        why = arch.not_planned_because or probe(model, Stack)
+        if not why:
+            _VERDICTS[model] = (SHARED_PREFIX, "")
+        elif not arch.layered:
+            _VERDICTS[model] = ("", why)
+        else:
+            whole = probe(model, Layered)
+            _VERDICTS[model] = (SHARED_LAYERS, why) if not whole else \
+                ("", f"{why}; and calling its blocks on the whole prompt, with the inputs its forward gives them, "
+                     f"fails: {whole}")
+    return _VERDICTS[model]
+
+
+def prefix_reason(model: nn.Module) -> str:
+    """Why the shared prefix cannot serve `model` ("" when it does): the reason a "shared layers" family gives."""
+    return _verdict(model)[1]
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -50,9 +78,12 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
 
 
-def probe(model: nn.Module) -> str:
-    """Run the planned pass against the model's own forward on a short prompt; "" if they agree."""
-    stack = Stack(model, architecture(model))
+def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
+    """Run `runner`'s planned pass against hand-written hooks on the model's own forward; "" if they agree.
+
+    Rows at three layers write another position's state at i* (a real patch), one row writes after the final
+    norm; their logits and greedy tokens must be the model's own with the same writes."""
+    stack = runner(model, architecture(model))
     vocab = int(stack.lm_head.weight.shape[0])
     length = _probe_length(model)
     ids = (torch.arange(length) * 7 + 3) % max(vocab - 3, 1) + 2
@@ -63,32 +94,49 @@ def probe(model: nn.Module) -> str:
             own = model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
             states = own.hidden_states
             shared = stack.share(ids, PROBE_SPLIT)
-            for j in range(stack.n_layers - 1):
-                error = _relative(shared.hidden[j], states[j + 1][0, PROBE_SPLIT:])
-                if error > limit:
-                    return (f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} "
-                            "(relative)")
+            if runner is Stack:
+                for j in range(stack.n_layers - 1):
+                    error = _relative(shared.hidden[j], states[j + 1][0, PROBE_SPLIT:])
+                    if error > limit:
+                        return (f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} "
+                                "(relative)")
             layers = sorted({0, stack.n_layers // 2, stack.n_layers - 2} & set(range(stack.n_layers - 1)))
-            vectors = torch.stack([states[j + 1][0, PROBE_SPLIT] for j in layers])
-            decoded = stack.patched(shared, vectors, torch.tensor(layers), max_new_tokens=PROBE_TOKENS)
-            want = own.logits[0, -1].float()
+            layers.append(stack.n_layers - 1)  # the last row is written after the final norm (skip_final_ln)
+            vectors = torch.stack([states[j + 1][0, PROBE_SPLIT + 1] for j in layers[:-1]] +
+                                  [stack.norm(states[-1][0, PROBE_SPLIT + 1])])
+            at, normed = torch.tensor(layers), torch.tensor([False] * (len(layers) - 1) + [True])
+            decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
+            want, greedy = _hooked(stack, ids, vectors, at, normed, PROBE_TOKENS)
             for row in range(len(layers)):
-                error = _relative(decoded.logits[row], want)
+                error = _relative(decoded.logits[row], want[row])
                 if error > limit:
-                    return f"the planned pass's logits differ from the model's own forward by {error:.2g} (relative)"
-            last = stack.n_layers - 1  # a row patched after the final norm (skip_final_ln), with its own state
-            normed = stack.patched(shared, states[-1][0, PROBE_SPLIT][None], torch.tensor([last]),
-                                   after_norm=torch.tensor([True]))
-            error = _relative(normed.logits[0], want)
-            if error > limit:
-                return f"the planned pass's logits after the final norm differ from the model's own by {error:.2g}"
-            greedy = _greedy(model, ids, PROBE_TOKENS)
-            if any(tokens != greedy for tokens in decoded.tokens or []):
+                    where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
+                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks on the "
+                            f"model's own forward by {error:.2g} (relative)")
+            if decoded.tokens != greedy:
                 return "the planned pass's greedy tokens differ from the model's own (its decoding steps differ)"
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
         message = str(err).splitlines()[0][:160] if str(err) else ""
-        return f"its decoder layers cannot be called on the suffix alone ({type(err).__name__}: {message})"
+        alone = "on the suffix alone" if runner is Stack else "with the inputs its forward gave them"
+        return f"its decoder layers cannot be called {alone} ({type(err).__name__}: {message})"
     return ""
+
+
+def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
+            steps: int) -> tuple[torch.Tensor, list[list[int]]]:
+    """The reference: the model's own forward on every row, hooks writing each row's vector at i* on every pass
+    (no cache: each step recomputes the whole sequence). Returns the first step's logits and greedy tokens."""
+    rows = vectors.shape[0]
+    sequence, tokens, first = ids[None].expand(rows, -1), [[] for _ in range(rows)], None
+    with writing(stack, PROBE_SPLIT, vectors, layers, after_norm):
+        for _ in range(steps):
+            logits = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].float()
+            first = logits if first is None else first
+            token = logits.argmax(-1)
+            for row, value in enumerate(token.tolist()):
+                tokens[row].append(value)
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+    return first, tokens  # type: ignore[return-value]
 
 
 def _probe_length(model: nn.Module) -> int:
@@ -99,14 +147,5 @@ def _probe_length(model: nn.Module) -> int:
     return max([PROBE_LENGTH] + [w + PROBE_SPLIT + 3 for w in spans])
 
 
-def _greedy(model: nn.Module, ids: torch.Tensor, steps: int) -> list[int]:
-    """The model's own greedy continuation, each step a full forward pass without a cache."""
-    sequence, tokens = ids[None], []
-    for _ in range(steps):
-        token = model(input_ids=sequence, use_cache=False).logits[0, -1].argmax()
-        tokens.append(int(token))
-        sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
-    return tokens
-
-
-__all__ = ["planned_reason", "probe", "tolerance", "stack_for"]
+__all__ = ["planned_reason", "prefix_reason", "execution", "probe", "tolerance", "stack_for", "SHARED_PREFIX",
+           "SHARED_LAYERS"]

@@ -1,0 +1,258 @@
+"""The planned execution for families the shared prefix cannot serve: the layers below l* shared, the target whole.
+
+Rows that patch one target prompt T at (i*, l*) see the unpatched prompt below l* (the patch is written after
+block l*). So the model's own forward on T runs once, and a pre-hook on every block records what the model gives
+it: its input and every keyword (rotary tables, masks, ALiBi, per-layer inputs, a hybrid's shared embeddings). A
+row then starts from block l*'s recorded output with its vector at i*, and calls blocks l*+1 … L-1 on the whole
+prompt with the keywords the model gave them. Nothing of a block's own arithmetic is replaced, so recurrent
+(state-space, linear-attention, convolution) layers, attention outside transformers' interface and position
+biases all run as in the model; only the work below l* is shared, and rows are batched across l*.
+
+A keyword that carries the batch (a mask of [1, …], BLOOM's ALiBi of [batch·heads, …]) is tiled to the rows: which
+dimension carries it is read once per model, by recording the blocks' keywords at batch 1 and at batch 2.
+Greedy tokens come from the model's own forward and cache, with hooks writing each row's vector on the prompt pass.
+`check.probe` holds each model to hand-written hooks before it takes this path.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..discovery import hooks_restored
+from .stack import Decoded, Stack
+
+# per model: for each recorded block input, the dimension that grows with the batch (None where it does not)
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, list[list[int | None]]]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Recorded:
+    """The unpatched target prompt's pass: each block's positional and keyword inputs, and each block's output."""
+
+    input_ids: torch.Tensor                         # [T]
+    split: int                                      # i*
+    calls: list[tuple[tuple, dict[str, Any]]]       # per block: (args after the hidden states, keywords)
+    outputs: list[torch.Tensor]                     # per block: its output [1, T, d]
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def suffix(self) -> int:
+        return self.length - self.split
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, (tuple, list)):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
+
+
+def _mapped(tree: Any, leaves: Iterator[Any]) -> Any:
+    """`tree` with its leaves replaced, in `_leaves` order, by the next items of `leaves`."""
+    if isinstance(tree, dict):
+        return {key: _mapped(value, leaves) for key, value in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_mapped(value, leaves) for value in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return next(leaves)
+
+
+def _batch_dim(one: Any, two: Any) -> int | None:
+    """The dimension of a block input that doubles from batch 1 to batch 2 (None: the same for every row)."""
+    if not (isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor)) or one.shape == two.shape:
+        return None
+    for dim, (a, b) in enumerate(zip(one.shape, two.shape)):
+        if b == 2 * a and a > 0:
+            return dim
+    raise ValueError(f"a block input of shape {tuple(one.shape)} at batch 1 is {tuple(two.shape)} at batch 2")
+
+
+def _tiled(value: Any, dim: int | None, rows: int) -> Any:
+    if dim is None or rows == 1:
+        return value
+    if value.shape[dim] == 1:
+        return value.expand(*[rows if d == dim else -1 for d in range(value.ndim)])
+    return value.repeat(*[rows if d == dim else 1 for d in range(value.ndim)])
+
+
+class Layered(Stack):
+    """A model's blocks called one by one on the whole target, with the inputs its own forward gave them."""
+
+    # ---- recording the model's own pass ----------------------------------------------------------------
+    def _record(self, ids: torch.Tensor) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
+        calls: list[tuple[tuple, dict]] = []
+        outputs: list[torch.Tensor] = []
+
+        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rest = args[1:] if args else ()
+            kwargs = {k: v for k, v in kwargs.items() if not (not args and k == "hidden_states")}
+            calls.append((rest, kwargs))
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+
+        handles = [h for block in self.layers for h in (
+            block.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+            block.register_forward_hook(after, with_kwargs=True, prepend=True))]
+        try:
+            with hooks_restored(self.model):
+                self.model(input_ids=ids, use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(calls) != self.n_layers:
+            raise ValueError(f"{len(calls)} of {self.n_layers} blocks ran in the model's forward")
+        return calls, outputs
+
+    def _layout(self) -> list[list[int | None]]:
+        """Which dimension of each block input carries the batch, read from the model at batch 1 and batch 2."""
+        if self.model not in _LAYOUTS:
+            ids = torch.arange(2, 6, device=self.device)[None]
+            one, _ = self._record(ids)
+            two, _ = self._record(ids.expand(2, -1))
+            _LAYOUTS[self.model] = [[_batch_dim(a, b) for a, b in zip(_leaves(x), _leaves(y))]
+                                    for x, y in zip(one, two)]
+        return _LAYOUTS[self.model]
+
+    # ---- the shared pass -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+        """Run the model's own forward on the unpatched prompt once, recording every block's inputs and output."""
+        ids = input_ids.to(self.device)
+        self._layout()
+        calls, outputs = self._record(ids[None])
+        return Recorded(ids, split, calls, outputs)
+
+    def _block(self, j: int, shared: Recorded, hidden: torch.Tensor) -> torch.Tensor:
+        rest, keywords = shared.calls[j]
+        dims = iter(self._layout()[j])
+        tiled = _mapped((rest, keywords), (_tiled(leaf, next(dims), hidden.shape[0])
+                                           for leaf in _leaves((rest, keywords))))
+        out = self.layers[j](hidden, *tiled[0], **tiled[1])
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    # ---- patched rows ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+                max_new_tokens: int = 0, eos_token_id: int | None = None,
+                after_norm: torch.Tensor | None = None) -> Decoded:
+        """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
+        rows = vectors.shape[0]
+        after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
+        key = torch.where(after_norm, torch.full_like(layers.cpu(), self.n_layers), layers.cpu())
+        order = torch.argsort(key, stable=True)
+        key = key[order]
+        vectors = vectors[order.to(vectors.device)].to(self.device, self.dtype)
+        active = torch.searchsorted(key, torch.arange(self.n_layers + 2), right=False).tolist()
+        hidden = shared.outputs[-1].expand(rows, -1, -1).clone()
+        for j in range(self.n_layers + 1):
+            start, stop = active[j - 1] if j > 0 else 0, active[j]
+            if stop > start:  # rows patched after block j-1 begin here
+                hidden[start:stop] = shared.outputs[j - 1][0]
+                hidden[start:stop, shared.split] = vectors[start:stop]
+            if j < self.n_layers and stop:
+                hidden[:stop] = self._block(j, shared, hidden[:stop])
+        last = self.norm(hidden[:, -1])
+        start = active[self.n_layers]
+        if rows > start and shared.suffix == 1:  # skip_final_ln rows: the final norm's output replaced at i*
+            last[start:] = vectors[start:]
+        logits = self.unembed(last)
+        inverse = torch.argsort(order)
+        logits = logits[inverse.to(logits.device)]
+        tokens = None
+        if max_new_tokens:
+            back = vectors[inverse.to(vectors.device)]
+            tokens = patched_greedy(self, shared.input_ids, shared.split, back, layers.cpu(), after_norm,
+                                    max_new_tokens, eos_token_id)
+        return Decoded(logits, tokens)
+
+
+@contextmanager
+def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor,
+             after_norm: torch.Tensor) -> Iterator[Callable[[], None]]:
+    """Hooks writing row b's vector at i* after block layers[b] (or into the unembedding), on the prompt pass only.
+
+    Yields a callable that ends the prompt pass (decoding steps after it are left unpatched)."""
+    state = {"prompt": True}
+
+    def writer(rows: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Any) -> Any:
+            if not state["prompt"]:
+                return None
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            hidden = hidden.clone()
+            hidden[rows, split] = vectors[rows].to(hidden.dtype)
+            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+        return hook
+
+    def unembedding(rows: torch.Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> Any:
+            if not state["prompt"]:
+                return None
+            hidden = args[0].clone()
+            hidden[rows, split] = vectors[rows].to(hidden.dtype)
+            return (hidden, *args[1:])
+        return hook
+
+    handles = []
+    try:
+        for layer in sorted(set(layers[~after_norm].tolist())):
+            rows = torch.nonzero((layers == layer) & ~after_norm).flatten()
+            handles.append(stack.layers[layer].register_forward_hook(writer(rows)))
+        if bool(after_norm.any()):
+            rows = torch.nonzero(after_norm).flatten()
+            handles.append(stack.lm_head.register_forward_pre_hook(unembedding(rows)))
+        yield lambda: state.update(prompt=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what families call their cache
+
+
+def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
+                   after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """Greedy tokens of every row from the model's own forward and cache, the patch written on the prompt pass.
+
+    A model that returns no cache recomputes the whole sequence each step, the patch written every time."""
+    model, rows = stack.model, vectors.shape[0]
+    sequence = ids.to(stack.device)[None].expand(rows, -1)
+    name = next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm) as end_prompt:
+        out = model(input_ids=sequence, use_cache=name is not None)
+        cache = getattr(out, name, None) if name else None
+        cache = cache if cache is not None else getattr(out, "past_key_values", None)
+        if cache is not None:
+            end_prompt()
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            for row, value in enumerate(token.tolist()):
+                if not done[row]:
+                    tokens[row].append(value)
+                    done[row] = value == eos_token_id
+            if all(done) or step == max_new_tokens - 1:
+                break
+            sequence = torch.cat([sequence, token[:, None]], dim=1)
+            if cache is None:
+                out = model(input_ids=sequence, use_cache=False)
+            else:
+                out = model(input_ids=token[:, None], use_cache=True, **{name: cache})  # type: ignore[arg-type]
+                fresh = getattr(out, name, None)
+                cache = fresh if fresh is not None else getattr(out, "past_key_values", cache)
+    return tokens
+
+
+__all__ = ["Layered", "Recorded", "patched_greedy", "writing"]

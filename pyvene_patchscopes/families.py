@@ -46,6 +46,11 @@ SIZES: dict[str, object] = dict(
     decoder_ffn_dim=_TINY["ffn"], dff=_TINY["ffn"], d_ff=_TINY["ffn"], rotary_dim=8, word_embed_proj_dim=64,
     embed_dim=_TINY["hidden"], multi_query_group_num=_TINY["kv_heads"], kv_channels=_TINY["head"],
     ffn_hidden_size=_TINY["ffn"], unpadded_vocab_size=VOCAB, sliding_window_size=16,
+    # the same sizes under the names of sliding-window, linear-attention and index heads, dense first blocks
+    swa_num_attention_heads=_TINY["heads"], swa_num_key_value_heads=_TINY["kv_heads"], swa_head_dim=_TINY["head"],
+    linear_num_heads=_TINY["heads"], linear_head_dim=_TINY["head"], index_n_heads=2, index_head_dim=_TINY["head"],
+    dim_head=_TINY["head"], dim_ff=_TINY["ffn"], first_dense_intermediate_size=_TINY["ffn"],
+    shared_intermediate_size=32, shared_experts_intermediate_size=32,
     # per-layer inputs (Gemma 3n and 4)
     vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
     # mixtures of experts
@@ -65,8 +70,31 @@ _LAYOUTS: dict[str, dict[str, object]] = {
     "bamba": dict(attn_layer_indices=[1, 3]),
     "bailing_hybrid": dict(layer_group_size=2),
     "mamba2": dict(num_heads=8, n_groups=1, expand=2),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
+    "kolibri1_1": dict(index_num_heads=2),
+    "dbrx": dict(attn_config=dict(rope_theta=10000.0, kv_n_heads=2, clip_qkv=8.0), d_model=64,
+                 ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
+    "gemma3n_text": dict(num_kv_shared_layers=2, activation_sparsity_pattern=[0.0] * 4),
+    "gemma4_assistant": dict(text_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                              num_hidden_layers=4, vocab_size=VOCAB, hidden_size_per_layer_input=0,
+                                              vocab_size_per_layer_input=0)),
+    "zaya": dict(num_experts_per_tok=1),
+    "zamba": dict(attn_layer_period=2, attn_layer_offset=0),
+    "zamba2": dict(layers_block_type=["mamba", "hybrid", "mamba", "hybrid"]),
+    "qwen4_exp_text": dict(indexer_budget=8, indexer_compress_ratio=2, indexer_n_heads=2, indexer_kv_heads=1,
+                           indexer_head_dim=16),
+    "longcat_flash": dict(head_dim=8, moe_topk=2),
+    "xlstm": dict(qk_dim_factor=1.0),
+    "musicgen_decoder": dict(num_codebooks=1),
+    "musicgen_melody_decoder": dict(num_codebooks=1),
+    "dots3_note_text": dict(per_layer_config={i: dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+                                                      kv_lora_rank=16, head_dim=24, qk_nope_head_dim=16, v_head_dim=16,
+                                                      qk_rope_head_dim=8) for i in (2, 3)}),
 }
-_GENERIC = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers")
+_GENERIC = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
+            "vocab_size")
 _VISION = dict(image_size=28, patch_size=14, num_hidden_layers=1)
 _MULTIMODAL = dict(mm_tokens_per_image=4)
 # the head size follows from these where a config has them (latent attention: nope + rope parts)

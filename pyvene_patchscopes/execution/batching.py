@@ -1,6 +1,12 @@
-"""Batches of prompts: left-padded token ids with explicit position ids, so padding changes nothing."""
+"""Batches of prompts: left-padded token ids with explicit position ids, so padding changes nothing.
+
+A model whose forward takes no ``position_ids`` (TrOCR's learned positions, BLOOM, Mamba) would read left
+padding as tokens, so its prompts are batched only with prompts of the same length (`exact_groups`).
+"""
 from __future__ import annotations
 
+import inspect
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -31,4 +37,19 @@ def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start:start + size]
 
 
-__all__ = ["Batch", "chunks"]
+def pads_exactly(handle: ModelHandle) -> bool:
+    """Whether left padding changes nothing for this model: its forward takes the explicit position ids."""
+    return "position_ids" in inspect.signature(handle.model.forward).parameters
+
+
+def exact_groups(handle: ModelHandle, prompts: Sequence[str]) -> list[list[int]]:
+    """Indices of `prompts` that may share a padded batch: all of them, or those of one token length each."""
+    if pads_exactly(handle) or len(set(prompts)) <= 1:
+        return [list(range(len(prompts)))]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, prompt in enumerate(prompts):
+        groups[len(handle.tokenizer(prompt, add_special_tokens=True)["input_ids"])].append(index)
+    return list(groups.values())
+
+
+__all__ = ["Batch", "chunks", "exact_groups", "pads_exactly"]

@@ -15,7 +15,7 @@ from ..mappings import MappingFunction, build_mapping
 from ..models import ModelHandle
 from ..pyvene_config import collect_config, patch_config
 from ..sites import Site
-from .batching import Batch, chunks
+from .batching import Batch, chunks, exact_groups
 
 
 # ---- collect at the source -----------------------------------------------------------------------------------------
@@ -24,16 +24,17 @@ def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Seque
     """Hidden states at (prompts[r], positions[r]) for every site, read in one pass per batch: [rows, sites, d]."""
     sites = list(sites)
     out = torch.empty(len(prompts), len(sites), handle.hidden_size, dtype=handle.model.dtype, device=handle.device)
-    rows = list(range(len(prompts)))
     with pyvene_guard(handle.model), torch.no_grad():
         pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
-        for chunk in chunks(rows, batch_size):
-            batch = Batch.encode(handle, [prompts[r] for r in chunk])
-            where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
-            (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
-                                    unit_locations=per_intervention_locations([where] * len(sites)))
-            # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
-            out[chunk[0]:chunk[-1] + 1] = torch.stack([states.reshape(len(chunk), -1) for states in collected], 1)
+        for group in exact_groups(handle, prompts):
+            for chunk in chunks(group, batch_size):
+                batch = Batch.encode(handle, [prompts[r] for r in chunk])
+                where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
+                (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
+                                        unit_locations=per_intervention_locations([where] * len(sites)))
+                # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
+                out[torch.tensor(chunk, device=out.device)] = torch.stack(
+                    [states.reshape(len(chunk), -1) for states in collected], 1)
     return out
 
 
@@ -52,6 +53,17 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
           ) -> tuple[torch.Tensor, list[str] | None, list[list[int]] | None]:
     """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits, generations and
     their token ids (per row up to and including EOS, as the planned path gives them)."""
+    groups = exact_groups(handle, prompts)
+    if len(groups) > 1:  # padding would shift this model's positions: one call per prompt length
+        parts = [(g, patch(handle, site, [prompts[r] for r in g], [positions[r] for r in g], vectors[g],
+                           max_new_tokens, mapping)) for g in groups]
+        order = torch.argsort(torch.tensor([r for g, _ in parts for r in g])).tolist()
+        logits = torch.cat([part[0] for _, part in parts])[order]
+        if not max_new_tokens:
+            return logits, None, None
+        texts = [text for _, part in parts for text in part[1]]  # type: ignore[union-attr]
+        tokens = [ids for _, part in parts for ids in part[2]]  # type: ignore[union-attr]
+        return logits, [texts[k] for k in order], [tokens[k] for k in order]
     batch = Batch.encode(handle, prompts)
     where = [pad + position for pad, position in zip(batch.pad, positions)]
     if mapping is None:

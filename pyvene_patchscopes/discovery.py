@@ -203,9 +203,12 @@ def probe_ids(model: nn.Module, length: int) -> torch.Tensor:
     return (torch.arange(length, device=embedding.device)[None] * 4 + 3).clamp(max=vocab - 1)
 
 
+_SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")  # Gemma 2, RecurrentGemma, xLSTM
+
+
 def softcap(config: Any) -> float | None:
-    """The final-logit soft cap c (z = c·tanh(z_raw / c)): Gemma 2's name for it, or RecurrentGemma's."""
-    value = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+    """The final-logit soft cap c (z = c·tanh(z_raw / c)), under the name its family gives it."""
+    value = next((getattr(config, name, None) for name in _SOFTCAPS if getattr(config, name, None)), None)
     return float(value) if value else None
 
 
@@ -338,6 +341,13 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     """Every field of an `architectures.Architecture`, found from `model` (see the module docstring)."""
     check_decoder(model)
     config = model.config.get_text_config()
+    for role, module in (("input", model.get_input_embeddings()), ("output", _output_embeddings(model))):
+        weight = getattr(module, "weight", None)
+        if module is not None and (not isinstance(weight, torch.Tensor) or weight.ndim != 2):
+            raise PatchscopeError(
+                f"{type(model).__name__}'s {role} embeddings are a {type(module).__name__}, not one matrix over "
+                "one vocabulary (several token streams, as in Musicgen's codebooks); Patchscopes read and write "
+                "one token stream")
     embed = path_of(model, model.get_input_embeddings())
     unembed = path_of(model, _output_embeddings(model))
     if embed is None or unembed is None:
@@ -369,7 +379,7 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
         final_norm=after[-1] if after else None, unembed=unembed, rotary=rotary, positions=kind,
         position_embed=positions[0] if positions else None,
         scaled_embeddings=hasattr(embedding, "embed_scale"),
-        logit_softcap=_config_has(config, "final_logit_softcapping"),
+        logit_softcap=softcap(config) is not None,
         attention_softcap=_config_has(config, "attn_logit_softcapping"),
         sliding_window="layer types" if kinds else ("every layer" if getattr(config, "sliding_window", None) and
                                                      getattr(config, "use_sliding_window", True) is not False

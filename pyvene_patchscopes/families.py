@@ -73,6 +73,7 @@ _LAYOUTS: dict[str, dict[str, object]] = {
     "cohere_compass_text": dict(rope_parameters={"full_attention": dict(rope_type="default", rope_theta=10000.0)}),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "kolibri1_1": dict(index_num_heads=2),
+    "kimi_linear": dict(layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
     "dbrx": dict(attn_config=dict(rope_theta=10000.0, kv_n_heads=2, clip_qkv=8.0), d_model=64,
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),

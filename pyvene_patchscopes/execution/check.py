@@ -14,7 +14,7 @@ from torch import nn
 
 from ..architectures import architecture
 from ..discovery import hooks_restored
-from .layered import Layered, writing
+from .layered import Layered, decode_without_cache, writing
 from .stack import _TRANSFORMERS_5, Stack, evaluating
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
@@ -113,6 +113,9 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                     where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
                     return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks on the "
                             f"model's own forward by {error:.2g} (relative)")
+            if decoded.tokens != greedy and runner is Layered:  # its cached decoding may be what differs
+                decode_without_cache(model)
+                decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
             if decoded.tokens != greedy:
                 return "the planned pass's greedy tokens differ from the model's own (its decoding steps differ)"
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
@@ -127,7 +130,7 @@ def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torc
     """The reference: the model's own forward on every row, hooks writing each row's vector at i* on every pass
     (no cache: each step recomputes the whole sequence). Returns the first step's logits and greedy tokens."""
     rows = vectors.shape[0]
-    sequence, tokens, first = ids[None].expand(rows, -1), [[] for _ in range(rows)], None
+    sequence, tokens, first = ids[None].repeat(rows, 1), [[] for _ in range(rows)], None
     with writing(stack, PROBE_SPLIT, vectors, layers, after_norm):
         for _ in range(steps):
             logits = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].float()

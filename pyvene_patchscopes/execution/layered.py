@@ -29,6 +29,14 @@ from .stack import Decoded, Stack
 
 # per model: for each recorded block input, the dimension that grows with the batch (None where it does not)
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, list[list[int | None]]]" = weakref.WeakKeyDictionary()
+# models whose batched decoding from their own cache differs from recomputing the sequence (RWKV's state at
+# batch > 1, in transformers 5.25): `check.probe` finds them, and their greedy tokens are recomputed
+_RECOMPUTE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def decode_without_cache(model: nn.Module) -> None:
+    """Greedy tokens for `model` recompute the whole sequence each step (its cached decoding is not exact)."""
+    _RECOMPUTE.add(model)
 
 
 @dataclass
@@ -227,8 +235,9 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
 
     A model that returns no cache recomputes the whole sequence each step, the patch written every time."""
     model, rows = stack.model, vectors.shape[0]
-    sequence = ids.to(stack.device)[None].expand(rows, -1)
-    name = next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
+    sequence = ids.to(stack.device)[None].repeat(rows, 1)  # not expanded: a state updated in place (RWKV) aliases
+    name = None if model in _RECOMPUTE else \
+        next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
     with hooks_restored(model), writing(stack, split, vectors, layers, after_norm) as end_prompt:
@@ -255,4 +264,4 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     return tokens
 
 
-__all__ = ["Layered", "Recorded", "patched_greedy", "writing"]
+__all__ = ["Layered", "Recorded", "decode_without_cache", "patched_greedy", "writing"]

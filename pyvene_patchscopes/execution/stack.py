@@ -30,7 +30,7 @@ import transformers
 from transformers import AttentionInterface
 
 from ..architectures import Architecture
-from ..discovery import layer_types as config_layer_types
+from ..discovery import layer_types as config_layer_types, softcap
 
 ATTENTION = "patchscopes-shared-prefix"
 # the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes
@@ -201,7 +201,7 @@ class Stack:
         self.layer_types = layer_types(config, arch)
         self.sliding_window = getattr(config, "sliding_window", None)
         self.chunk = getattr(config, "attention_chunk_size", None)
-        self.softcap = getattr(config, "final_logit_softcapping", None) if arch.logit_softcap else None
+        self.softcap = softcap(config) if arch.logit_softcap else None
         self.logit_factor = arch.logit_scale or 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
         self.per_type_rotary = self.rotary is not None and \
             "layer_type" in inspect.signature(self.rotary.forward).parameters

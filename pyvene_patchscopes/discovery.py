@@ -379,7 +379,7 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
         final_norm=after[-1] if after else None, unembed=unembed, rotary=rotary, positions=kind,
         position_embed=positions[0] if positions else None,
         scaled_embeddings=hasattr(embedding, "embed_scale"),
-        logit_softcap=softcap(config) is not None,
+        logit_softcap=any(_config_has(config, name) for name in _SOFTCAPS),
         attention_softcap=_config_has(config, "attn_logit_softcapping"),
         sliding_window="layer types" if kinds else ("every layer" if getattr(config, "sliding_window", None) and
                                                      getattr(config, "use_sliding_window", True) is not False
@@ -391,6 +391,6 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     )
 
 
-__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "head_reason", "path_of",
-           "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder", "probe_ids",
-           "ATTENTION_KINDS"]
+__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "head_reason",
+           "path_of", "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder",
+           "probe_ids", "ATTENTION_KINDS"]

@@ -20,6 +20,9 @@ from .stack import _TRANSFORMERS_5, Stack, evaluating
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
 SHARED_PREFIX, SHARED_LAYERS = "shared prefix", "shared layers"
+# families the probe passes that the family test still catches, by model type: the reason they run plain
+NOT_LAYERED = {"moshi": "its generations past the sliding window differ from hand-written hooks on its own generate "
+                        "(tests/test_every_family.py; the probe's shorter run agrees), cause not yet found"}
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -60,6 +63,8 @@ def _verdict(model: nn.Module) -> tuple[str, str]:
             _VERDICTS[model] = (SHARED_PREFIX, "")
         elif not arch.layered:
             _VERDICTS[model] = ("", why)
+        elif model.config.get_text_config().model_type in NOT_LAYERED:
+            _VERDICTS[model] = ("", f"{why}; and {NOT_LAYERED[model.config.get_text_config().model_type]}")
         else:
             whole = probe(model, Layered)
             _VERDICTS[model] = (SHARED_LAYERS, why) if not whole else \

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from ..discovery import hooks_restored
 from .stack import Decoded, Stack
@@ -195,9 +196,9 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
 
     def writer(rows: torch.Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
-            if not state["prompt"]:
-                return None
             hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if not state["prompt"] or hidden.shape[1] <= split:  # a decoding step: the patch is on the prompt
+                return None
             hidden = hidden.clone()
             hidden[rows, split] = vectors[rows].to(hidden.dtype)
             return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
@@ -205,7 +206,7 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
 
     def unembedding(rows: torch.Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple) -> Any:
-            if not state["prompt"]:
+            if not state["prompt"] or args[0].shape[1] <= split:
                 return None
             hidden = args[0].clone()
             hidden[rows, split] = vectors[rows].to(hidden.dtype)
@@ -231,36 +232,38 @@ _CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what fam
 
 def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
                    after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
-    """Greedy tokens of every row from the model's own forward and cache, the patch written on the prompt pass.
-
-    A model that returns no cache recomputes the whole sequence each step, the patch written every time."""
+    """Greedy tokens of every row from the model's own `generate` (as the plain path), the patch written on the
+    prompt pass. A model without a cache, or whose batched cache is not exact, recomputes the sequence each step."""
     model, rows = stack.model, vectors.shape[0]
     sequence = ids.to(stack.device)[None].repeat(rows, 1)  # not expanded: a state updated in place (RWKV) aliases
     name = None if model in _RECOMPUTE else \
         next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
+    if name is None:
+        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id)
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm):  # every pass over the prompt
+        out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
+    new = out[:, sequence.shape[1]:].tolist()
+    return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
+
+
+def _recomputed(stack: Stack, sequence: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
+                after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """Greedy tokens recomputing the whole sequence each step, the patch written on every pass."""
+    rows = sequence.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm) as end_prompt:
-        out = model(input_ids=sequence, use_cache=name is not None)
-        cache = getattr(out, name, None) if name else None
-        cache = cache if cache is not None else getattr(out, "past_key_values", None)
-        if cache is not None:
-            end_prompt()
+    with hooks_restored(stack.model), writing(stack, split, vectors, layers, after_norm):
         for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
+            token = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1)
             for row, value in enumerate(token.tolist()):
                 if not done[row]:
                     tokens[row].append(value)
                     done[row] = value == eos_token_id
-            if all(done) or step == max_new_tokens - 1:
+            if all(done):
                 break
             sequence = torch.cat([sequence, token[:, None]], dim=1)
-            if cache is None:
-                out = model(input_ids=sequence, use_cache=False)
-            else:
-                out = model(input_ids=token[:, None], use_cache=True, **{name: cache})  # type: ignore[arg-type]
-                fresh = getattr(out, name, None)
-                cache = fresh if fresh is not None else getattr(out, "past_key_values", cache)
     return tokens
 
 

@@ -169,7 +169,8 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 vectors=lambda index, rows=group.rows: torch.stack([vectors[rows[i]] for i in index.tolist()]),
                 max_new_tokens=group.max_new_tokens)
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
-                              handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update)
+                              handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
+                              pad_token_id=handle.tokenizer.pad_token_id)
             texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
             probs, ids = out.top_probs.tolist(), out.top_ids.tolist()
             for k, r in enumerate(group.rows):

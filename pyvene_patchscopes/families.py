@@ -90,6 +90,13 @@ _LAYOUTS: dict[str, dict[str, object]] = {
     "xlstm": dict(qk_dim_factor=1.0),
     "musicgen_decoder": dict(num_codebooks=1),
     "musicgen_melody_decoder": dict(num_codebooks=1),
+    "gemma4_unified": dict(vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                              num_attention_heads=4, mm_embed_dim=64, mm_posemb_size=16,
+                                              output_proj_dims=64)),
+    "phi4_multimodal": dict(audio_config=dict(hidden_size=64, intermediate_size=128, num_blocks=1,
+                                              num_attention_heads=4, ext_pw_out_channel=64,
+                                              depthwise_separable_out_channel=64, nemo_conv_channels=64)),
+    "blt": dict(encoder_hash_byte_group_vocab=64),
     "dots3_note_text": dict(per_layer_config={i: dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
                                                       kv_lora_rank=16, head_dim=24, qk_nope_head_dim=16, v_head_dim=16,
                                                       qk_rope_head_dim=8) for i in (2, 3)}),
@@ -150,15 +157,19 @@ def tiny_config(class_name: str):
     config_class = getattr(transformers, class_name).config_class
     kwargs = _sizes_for(config_class)
     for name, sub in (getattr(config_class, "sub_configs", None) or {}).items():
-        if not isinstance(sub, type) or name not in ("text_config", "vision_config"):
+        if not isinstance(sub, type):
             continue
         if sub.__name__ == "AutoConfig":  # the family's default sub-model, built from a dict of sizes
-            kwargs[name] = {**{k: SIZES[k] for k in _GENERIC}, **(_VISION if name == "vision_config" else {})}
+            if name in ("text_config", "vision_config"):
+                kwargs[name] = {**{k: SIZES[k] for k in _GENERIC}, **(_VISION if name == "vision_config" else {})}
             continue
         sizes = _sizes_for(sub)
-        if name == "vision_config":  # a 2 x 2 grid of patches
+        if name != "text_config":  # vision and audio towers: one layer, a 2 x 2 grid of patches
             sizes.update({k: v for k, v in _VISION.items() if k in inspect.signature(sub.__init__).parameters})
-        kwargs[name] = sub(**sizes)
+        try:
+            kwargs[name] = sub(**sizes)
+        except (ValueError, TypeError):  # a tower whose validators tie sizes the generic ones miss: its defaults
+            continue
     kwargs.update({k: v for k, v in _MULTIMODAL.items() if k in inspect.signature(config_class.__init__).parameters})
     kwargs.update(_LAYOUTS.get(getattr(config_class, "model_type", ""), {}))
     with warnings.catch_warnings():

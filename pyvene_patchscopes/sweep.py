@@ -276,7 +276,7 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
                       position=first.target_position, layers=layers.view(-1).repeat(n),
                       after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens)
     out = run_planned(stack_for(target.model), rows, top, max_batch_tokens, target.tokenizer.eos_token_id,
-                      keep_logits=keep_logits, shared=shared)
+                      keep_logits=keep_logits, shared=shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)
     k = out.top_ids.shape[-1]
     return {

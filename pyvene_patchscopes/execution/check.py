@@ -11,6 +11,7 @@ import weakref
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from ..architectures import architecture
 from ..discovery import hooks_restored
@@ -20,9 +21,6 @@ from .stack import _TRANSFORMERS_5, Stack, evaluating
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
 SHARED_PREFIX, SHARED_LAYERS = "shared prefix", "shared layers"
-# families the probe passes that the family test still catches, by model type: the reason they run plain
-NOT_LAYERED = {"moshi": "its generations past the sliding window differ from hand-written hooks on its own generate "
-                        "(tests/test_every_family.py; the probe's shorter run agrees), cause not yet found"}
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -63,8 +61,6 @@ def _verdict(model: nn.Module) -> tuple[str, str]:
             _VERDICTS[model] = (SHARED_PREFIX, "")
         elif not arch.layered:
             _VERDICTS[model] = ("", why)
-        elif model.config.get_text_config().model_type in NOT_LAYERED:
-            _VERDICTS[model] = ("", f"{why}; and {NOT_LAYERED[model.config.get_text_config().model_type]}")
         else:
             whole = probe(model, Layered)
             _VERDICTS[model] = (SHARED_LAYERS, why) if not whole else \
@@ -118,11 +114,11 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                     where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
                     return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks on the "
                             f"model's own forward by {error:.2g} (relative)")
-            if decoded.tokens != greedy and runner is Layered:  # its cached decoding may be what differs
+            if not _same_tokens(decoded.tokens, greedy) and runner is Layered:  # its batched cache may differ
                 decode_without_cache(model)
                 decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
-            if decoded.tokens != greedy:
-                return "the planned pass's greedy tokens differ from the model's own (its decoding steps differ)"
+            if not _same_tokens(decoded.tokens, greedy):
+                return "the planned pass's greedy tokens differ from the model's own generate (its decoding steps differ)"
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
         message = str(err).splitlines()[0][:160] if str(err) else ""
         alone = "on the suffix alone" if runner is Stack else "with the inputs its forward gave them"
@@ -130,21 +126,27 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
     return ""
 
 
+def _same_tokens(got: list[list[int]] | None, want: list[list[int]]) -> bool:
+    """Row by row, the reference's tokens (generate may stop early at the config's EOS) begin the planned ones."""
+    return got is not None and all(row[:len(ref)] == ref for row, ref in zip(got, want))
+
+
 def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
             steps: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """The reference: the model's own forward on every row, hooks writing each row's vector at i* on every pass
-    (no cache: each step recomputes the whole sequence). Returns the first step's logits and greedy tokens."""
+    """The reference, by hand-written hooks on the model's own forward: every row's first-step logits (one batch,
+    no cache), and its greedy tokens from the model's own `generate` on that row alone (the patch on the prompt
+    pass, as the plain path and the paper run it). Returns (logits, tokens)."""
     rows = vectors.shape[0]
-    sequence, tokens, first = ids[None].repeat(rows, 1), [[] for _ in range(rows)], None
     with writing(stack, PROBE_SPLIT, vectors, layers, after_norm):
-        for _ in range(steps):
-            logits = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].float()
-            first = logits if first is None else first
-            token = logits.argmax(-1)
-            for row, value in enumerate(token.tolist()):
-                tokens[row].append(value)
-            sequence = torch.cat([sequence, token[:, None]], dim=1)
-    return first, tokens  # type: ignore[return-value]
+        logits = stack.model(input_ids=ids[None].repeat(rows, 1), use_cache=False).logits[:, -1].float()
+    config = GenerationConfig(max_new_tokens=steps, do_sample=False, num_beams=1)
+    tokens = []
+    for row in range(rows):
+        one = slice(row, row + 1)
+        with writing(stack, PROBE_SPLIT, vectors[one], layers[one], after_norm[one]):
+            out = stack.model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), generation_config=config)
+        tokens.append(out[0, ids.shape[0]:].tolist())
+    return logits, tokens
 
 
 def _probe_length(model: nn.Module) -> int:

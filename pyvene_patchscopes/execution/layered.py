@@ -154,7 +154,7 @@ class Layered(Stack):
     @torch.no_grad()
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
-                after_norm: torch.Tensor | None = None) -> Decoded:
+                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
         rows = vectors.shape[0]
         after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
@@ -182,7 +182,7 @@ class Layered(Stack):
         if max_new_tokens:
             back = vectors[inverse.to(vectors.device)]
             tokens = patched_greedy(self, shared.input_ids, shared.split, back, layers.cpu(), after_norm,
-                                    max_new_tokens, eos_token_id)
+                                    max_new_tokens, eos_token_id, pad_token_id)
         return Decoded(logits, tokens)
 
 
@@ -231,7 +231,8 @@ _CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what fam
 
 
 def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
-                   after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+                   after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                   pad_token_id: int | None = None) -> list[list[int]]:
     """Greedy tokens of every row from the model's own `generate` (as the plain path), the patch written on the
     prompt pass. A model without a cache, or whose batched cache is not exact, recomputes the sequence each step."""
     model, rows = stack.model, vectors.shape[0]
@@ -241,7 +242,8 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     if name is None:
         return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=eos_token_id, pad_token_id=0 if eos_token_id is None else eos_token_id)
+                              eos_token_id=eos_token_id,
+                              pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
     with hooks_restored(model), writing(stack, split, vectors, layers, after_norm):  # every pass over the prompt
         out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()

@@ -78,7 +78,7 @@ def use_planned(model: nn.Module, requested: bool = True) -> bool:
 
 def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int, eos_token_id: int | None,
                 keep_logits: bool = True, shared: SharedPrompts | None = None,
-                on_batch: Callable[[int], None] | None = None) -> Readout:
+                on_batch: Callable[[int], None] | None = None, pad_token_id: int | None = None) -> Readout:
     """Patch every row of `rows` and read the end of the target prompt (and greedy tokens)."""
     shared = shared if shared is not None else SharedPrompts()
     vocab = stack.lm_head.weight.shape[0]
@@ -94,7 +94,7 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
             index = torch.tensor(batch)
             decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
                                     max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
-                                    after_norm=rows.after_norm[index])
+                                    after_norm=rows.after_norm[index], pad_token_id=pad_token_id)
             probs, ids = top_k_ids(decoded.logits, top)
             top_probs[index], top_ids[index] = probs.cpu(), ids.cpu()
             if logits_out is not None:

@@ -313,10 +313,12 @@ class Stack:
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
     def patched(self, shared: Shared, vectors: torch.Tensor, layers: torch.Tensor, max_new_tokens: int = 0,
-                eos_token_id: int | None = None, after_norm: torch.Tensor | None = None) -> Decoded:
+                eos_token_id: int | None = None, after_norm: torch.Tensor | None = None,
+                pad_token_id: int | None = None) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens).
 
         ``after_norm[b]`` marks rows patched after the final norm instead (the paper's ``skip_final_ln``).
+        ``pad_token_id`` is unused here (the rows' own decoding pads nothing); `layered` hands it to generate.
         """
         rows = vectors.shape[0]
         after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()

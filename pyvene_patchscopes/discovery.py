@@ -18,6 +18,7 @@ the model itself (`execution.check`). Every probe here runs on a few tokens and 
 from __future__ import annotations
 
 import inspect
+import weakref
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -53,6 +54,16 @@ def not_a_decoder(model_type: str) -> str:
     return ""
 
 
+def drafter(cls: type) -> bool:
+    """Whether a causal-LM class is an assistant (drafter) whose layers read another model's keys and values."""
+    forward = getattr(cls, "forward", None)
+    return forward is not None and "shared_kv_states" in inspect.signature(forward).parameters
+
+
+DRAFTER = ("an assistant (a drafter for speculative decoding) whose layers read another model's keys and values "
+           "(shared_kv_states): it does not run from a prompt alone")
+
+
 def check_decoder(model: nn.Module) -> None:
     """Refuse encoder-only and encoder-decoder models, and models without a language-model head."""
     name = type(model).__name__
@@ -60,6 +71,9 @@ def check_decoder(model: nn.Module) -> None:
     if config is None:
         raise PatchscopeError(f"{name} has no Hugging Face config (allowed: a transformers causal LM)")
     model_type = getattr(config, "model_type", "")
+    if drafter(type(model)):
+        raise PatchscopeError(f"{name} is {DRAFTER}; Patchscopes need a decoder that reads a prompt (allowed: the "
+                              "model it drafts for)")
     kind = "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else not_a_decoder(model_type)
     if kind == "encoder-decoder":
         raise PatchscopeError(f"{name} is an encoder-decoder model; Patchscopes need a decoder-only causal LM "
@@ -77,10 +91,25 @@ def _output_embeddings(model: nn.Module) -> nn.Module | None:
     return getter() if callable(getter) else None
 
 
+_KEYS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def block_count(model: nn.Module) -> int | None:
+    """How many decoder blocks the model has: ``config.num_hidden_layers``, or the config key its own hidden-state
+    recorder names instead (LongCat-Flash: ``num_layers``, each block holding two attention sublayers)."""
+    config = model.config.get_text_config()
+    if model not in _KEYS:
+        keys = [getattr((getattr(m, "_can_record_outputs", None) or {}).get("hidden_states"), "num_hidden_layers_key",
+                        None) for m in model.modules()]
+        _KEYS[model] = next((k for k in keys if isinstance(k, str)), "num_hidden_layers")
+    n = getattr(config, _KEYS[model], None)
+    n = n if isinstance(n, int) else getattr(config, "num_hidden_layers", None)
+    return int(n) if isinstance(n, int) else None
+
+
 def find_layers(model: nn.Module) -> str:
     """The path of the ModuleList of ``num_hidden_layers`` decoder blocks (the one beside the embedding)."""
-    config = model.config.get_text_config()
-    n = getattr(config, "num_hidden_layers", None)
+    n = block_count(model)
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     matching = [name for name, m in lists if len(m) == n]
     if not matching:
@@ -391,6 +420,6 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     )
 
 
-__all__ = ["found_pieces", "check_decoder", "find_layers", "layer_types", "not_planned_reason", "head_reason",
+__all__ = ["found_pieces", "check_decoder", "drafter", "DRAFTER", "block_count", "find_layers", "layer_types", "not_planned_reason", "head_reason",
            "path_of", "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder",
            "probe_ids", "ATTENTION_KINDS"]

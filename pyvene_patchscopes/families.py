@@ -118,8 +118,8 @@ class Verdict:
     path: Path
     reason: str = ""
     reroute: str = ""    # why multi-hop rerouting is refused on it ("" where it runs, or the class does not run)
-    execution: str = ""  # planned: "shared prefix", or "shared layers" where the prefix cannot be exact
-    prefix: str = ""     # for "shared layers": why the shared prefix cannot be exact
+    execution: str = ""  # planned: "shared prefix"; where the prefix cannot be exact, "shared layers" or "own forward"
+    prefix: str = ""     # for "shared layers" and "own forward": why the shared prefix cannot be exact
 
 
 def causal_lm_classes() -> dict[str, str]:
@@ -132,10 +132,15 @@ def causal_lm_classes() -> dict[str, str]:
     return dict(sorted(classes.items()))
 
 
-def not_decoder_only(model_type: str) -> str:
-    """Why a mapped class is not a decoder-only model ("" when it is): an encoder, or half of a seq2seq model."""
-    from .discovery import not_a_decoder
+def not_decoder_only(model_type: str, class_name: str | None = None) -> str:
+    """Why a mapped class is not a decoder-only model ("" when it is): an encoder, half of a seq2seq model, or a
+    drafter that reads another model's keys and values."""
+    import transformers
 
+    from .discovery import DRAFTER, drafter, not_a_decoder
+
+    if class_name is not None and drafter(getattr(transformers, class_name)):
+        return DRAFTER
     return {"encoder-decoder": "the decoder half of an encoder-decoder model",
             "encoder": "an encoder (a masked LM) run as a decoder", "": ""}[not_a_decoder(model_type)]
 
@@ -210,7 +215,7 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
     from .execution.check import execution, planned_reason, prefix_reason
     from .execution.reroute import reroute_reason
 
-    why = not_decoder_only(model_type)
+    why = not_decoder_only(model_type, class_name)
     if why:
         return Verdict(class_name, model_type, "not a decoder", why)
     if model is None:
@@ -225,7 +230,7 @@ def verdict(class_name: str, model_type: str, model: nn.Module | None = None) ->
             warnings.simplefilter("ignore")
             architecture(model)
             why, reroute, kind = planned_reason(model), reroute_reason(model), execution(model)
-            prefix = prefix_reason(model) if kind == "shared layers" else ""
+            prefix = prefix_reason(model) if kind not in ("", "shared prefix") else ""
     except PatchscopeError as err:
         return Verdict(class_name, model_type, "refused", str(err))
     return Verdict(class_name, model_type, "plain" if why else "planned", why, reroute, kind, prefix)
@@ -271,12 +276,14 @@ def markdown(verdicts: list[Verdict]) -> str:
     built = decoders - tally.get("not built", 0)
     planned = tally.get("planned", 0)
     layered = sum(v.execution == "shared layers" for v in verdicts)
+    replayed = sum(v.execution == "own forward" for v in verdicts)
     head = (f"transformers {transformers.__version__}: {len(verdicts)} causal-LM classes, {decoders} of them "
             "decoder-only; " + ", ".join(f"{tally.get(p, 0)} {p}" for p in ("planned", "plain", "refused",
                                                                              "not built")) +
             f". {planned} of the {decoders} decoder-only classes ({100 * planned / max(decoders, 1):.0f}%) take the "
-            f"planned execution ({planned - layered} sharing the prompt's prefix, {layered} sharing the layers below "
-            f"l*); of the {built} whose tiny config builds, {100 * planned / max(built, 1):.0f}%.")
+            f"planned execution ({planned - layered - replayed} sharing the prompt's prefix, {layered} sharing the "
+            f"layers below l*, {replayed} replaying them in the model's own forward); of the {built} whose tiny config "
+            f"builds, {100 * planned / max(built, 1):.0f}%.")
     rows = ["| class | model type | path | reason | multi-hop rerouting |", "|---|---|---|---|---|"]
     rows += [f"| `{v.name}` | {v.model_type} | {_path_cell(v)} | {_cell(_reason(v))} | {_reroute_cell(v)} |"
              for v in verdicts]

@@ -42,7 +42,9 @@ class ModelHandle:
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.config.get_text_config().num_hidden_layers)
+        from .discovery import block_count
+
+        return int(block_count(self.model) or self.model.config.get_text_config().num_hidden_layers)
 
     @property
     def hidden_size(self) -> int:

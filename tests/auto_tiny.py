@@ -43,7 +43,7 @@ def verdicts() -> dict[str, families.Verdict]:
     """Every causal-LM class's verdict, on the same models the tests use."""
     out = {}
     for name, kind in families.causal_lm_classes().items():
-        built = model(name) if not families.not_decoder_only(kind) else None
+        built = model(name) if not families.not_decoder_only(kind, name) else None
         out[name] = families.verdict(name, kind, built) if built is not None else families.verdict(name, kind)
     return out
 

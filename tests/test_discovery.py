@@ -64,6 +64,18 @@ def test_encoders_and_encoder_decoders_are_refused_naming_the_class(model, words
         wrap_model(built, tiny_tokenizer())
 
 
+def test_a_drafter_that_reads_another_models_keys_and_values_is_refused_naming_the_class():
+    import transformers
+
+    from pyvene_patchscopes import families
+
+    built = transformers.Gemma4AssistantForCausalLM(families.tiny_config("Gemma4AssistantForCausalLM"))
+    with pytest.raises(PatchscopeError, match="Gemma4AssistantForCausalLM is an assistant .*shared_kv_states.*"
+                                              "need a decoder that reads a prompt"):
+        wrap_model(built, tiny_tokenizer())
+    assert families.verdict("Gemma4AssistantForCausalLM", "gemma4_assistant").path == "not a decoder"
+
+
 def test_layers_that_cannot_be_found_name_what_was_looked_for():
     model = _mixtral().eval()  # not in the table: its layers are looked for
     model.config.num_hidden_layers = 7  # no ModuleList has 7 blocks

@@ -5,6 +5,7 @@ Exactness as issue 5 states it: the same top-1 token and logits within 1e-4 in f
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from pyvene_patchscopes import Patchscope, Source, Target, families, run
 from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
 from pyvene_patchscopes.execution.check import execution, stack_for
+from pyvene_patchscopes.execution import check
 from pyvene_patchscopes.execution.layered import Layered
+from pyvene_patchscopes.execution.replayed import Replayed
 from pyvene_patchscopes.models import ModelHandle
 from pyvene_patchscopes.execution.stack import ATTENTION
 from pyvene_patchscopes.sweep import sweep
@@ -149,13 +152,29 @@ def test_a_family_whose_attention_the_prefix_cannot_reach_shares_its_lower_layer
     torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
 
 
-def test_a_family_with_a_prediction_head_of_its_own_runs_on_the_plain_path_with_a_warning():
+def test_a_family_with_a_prediction_head_of_its_own_replays_its_lower_layers_in_its_own_forward():
+    """ModernBERT's decoder runs a head of its own layers before the unembedding: its rows run through its own
+    forward, the blocks below l* replayed, equal to the plain path."""
     handle = ModelHandle("tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"),
                          tiny_tokenizer())
+    assert isinstance(stack_for(handle.model), Replayed) and execution(handle.model) == "own forward"
+    scopes = [token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=layer, max_new_tokens=3)
+              for layer in (0, 2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPathWarning)
+        fast = run(scopes, handle)
+    for a, b in zip(fast, run(scopes, handle, planned=False)):
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+        assert a.generation == b.generation
+
+
+def test_a_family_no_planned_runner_reproduces_runs_on_the_plain_path_with_a_warning(monkeypatch):
+    handle = tiny_gpt_neo()
+    monkeypatch.setattr(check, "_VERDICTS", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(check, "_first_exact", lambda model, arch: ("", "a reason the probes gave"))
     assert stack_for(handle.model) is None
     s = token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=0, max_new_tokens=0)
-    with pytest.warns(SlowPathWarning, match="ModernBertDecoderForCausalLM runs on the plain pyvene path.*"
-                                             "prediction head of its own"):
+    with pytest.warns(SlowPathWarning, match="GPTNeoForCausalLM runs on the plain pyvene path.*a reason the probes"):
         got = run(s, handle)[0]
     torch.testing.assert_close(got.logits, run(s, handle, planned=False)[0].logits, atol=0, rtol=0)
 

@@ -16,11 +16,13 @@ from transformers import GenerationConfig
 from ..architectures import architecture
 from ..discovery import hooks_restored
 from .layered import Layered, decode_without_cache, writing
+from .replayed import Replayed
 from .stack import _TRANSFORMERS_5, Stack, evaluating
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
-SHARED_PREFIX, SHARED_LAYERS = "shared prefix", "shared layers"
+SHARED_PREFIX, SHARED_LAYERS, OWN_FORWARD = "shared prefix", "shared layers", "own forward"
+_RUNNERS: dict[str, type[Stack]] = {SHARED_PREFIX: Stack, SHARED_LAYERS: Layered, OWN_FORWARD: Replayed}
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str]]" = weakref.WeakKeyDictionary()
 
 
@@ -45,7 +47,7 @@ def stack_for(model: nn.Module) -> Stack | None:
     kind = execution(model)
     if not kind:
         return None
-    return (Stack if kind == SHARED_PREFIX else Layered)(model, architecture(model))
+    return _RUNNERS[kind](model, architecture(model))
 
 
 def _verdict(model: nn.Module) -> tuple[str, str]:
@@ -56,17 +58,27 @@ def _verdict(model: nn.Module) -> tuple[str, str]:
     if not arch.found:
         return (SHARED_PREFIX, "") if arch.planned else ("", arch.not_planned_because)
     if model not in _VERDICTS:
-        why = arch.not_planned_because or probe(model, Stack)
-        if not why:
-            _VERDICTS[model] = (SHARED_PREFIX, "")
-        elif not arch.layered:
-            _VERDICTS[model] = ("", why)
-        else:
-            whole = probe(model, Layered)
-            _VERDICTS[model] = (SHARED_LAYERS, why) if not whole else \
-                ("", f"{why}; and calling its blocks on the whole prompt, with the inputs its forward gives them, "
-                     f"fails: {whole}")
+        _VERDICTS[model] = _first_exact(model, arch)
     return _VERDICTS[model]
+
+
+def _first_exact(model: nn.Module, arch) -> tuple[str, str]:
+    """The first runner, from the fastest, whose probe passes: (its kind, why the shared prefix cannot serve)."""
+    why = arch.not_planned_because or probe(model, Stack)
+    if not why:
+        return SHARED_PREFIX, ""
+    failures = [why]
+    if arch.layered:
+        whole = probe(model, Layered)
+        if not whole:
+            return SHARED_LAYERS, why
+        failures.append(f"calling its blocks on the whole prompt, with the inputs its forward gives them, fails: "
+                        f"{whole}")
+    replayed = probe(model, Replayed)
+    if not replayed:
+        return OWN_FORWARD, why
+    failures.append(f"its own forward with the lower blocks replayed fails: {replayed}")
+    return "", "; and ".join(failures)
 
 
 def prefix_reason(model: nn.Module) -> str:
@@ -107,7 +119,8 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                                   [stack.norm(states[-1][0, PROBE_SPLIT + 1])])
             at, normed = torch.tensor(layers), torch.tensor([False] * (len(layers) - 1) + [True])
             decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
-            want, greedy = _hooked(stack, ids, vectors, at, normed, PROBE_TOKENS)
+            norm = stack._norm_site() if isinstance(stack, Replayed) else None  # where it writes after the norm
+            want, greedy = _hooked(stack, ids, vectors, at, normed, PROBE_TOKENS, norm)
             for row in range(len(layers)):
                 error = _relative(decoded.logits[row], want[row])
                 if error > limit:
@@ -132,18 +145,18 @@ def _same_tokens(got: list[list[int]] | None, want: list[list[int]]) -> bool:
 
 
 def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
-            steps: int) -> tuple[torch.Tensor, list[list[int]]]:
+            steps: int, norm: nn.Module | None = None) -> tuple[torch.Tensor, list[list[int]]]:
     """The reference, by hand-written hooks on the model's own forward: every row's first-step logits (one batch,
     no cache), and its greedy tokens from the model's own `generate` on that row alone (the patch on the prompt
     pass, as the plain path and the paper run it). Returns (logits, tokens)."""
     rows = vectors.shape[0]
-    with writing(stack, PROBE_SPLIT, vectors, layers, after_norm):
+    with writing(stack, PROBE_SPLIT, vectors, layers, after_norm, norm):
         logits = stack.model(input_ids=ids[None].repeat(rows, 1), use_cache=False).logits[:, -1].float()
     config = GenerationConfig(max_new_tokens=steps, do_sample=False, num_beams=1)
     tokens = []
     for row in range(rows):
         one = slice(row, row + 1)
-        with writing(stack, PROBE_SPLIT, vectors[one], layers[one], after_norm[one]):
+        with writing(stack, PROBE_SPLIT, vectors[one], layers[one], after_norm[one], norm):
             out = stack.model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), generation_config=config)
         tokens.append(out[0, ids.shape[0]:].tolist())
     return logits, tokens
@@ -158,4 +171,4 @@ def _probe_length(model: nn.Module) -> int:
 
 
 __all__ = ["planned_reason", "prefix_reason", "execution", "probe", "tolerance", "stack_for", "SHARED_PREFIX",
-           "SHARED_LAYERS"]
+           "SHARED_LAYERS", "OWN_FORWARD"]

@@ -187,9 +187,10 @@ class Layered(Stack):
 
 
 @contextmanager
-def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor,
-             after_norm: torch.Tensor) -> Iterator[Callable[[], None]]:
-    """Hooks writing row b's vector at i* after block layers[b] (or into the unembedding), on the prompt pass only.
+def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
+            norm: nn.Module | None = None) -> Iterator[Callable[[], None]]:
+    """Hooks writing row b's vector at i* after block layers[b] (or after the final norm: on `norm`'s output where
+    given, else into the unembedding), on the prompt pass only.
 
     Yields a callable that ends the prompt pass (decoding steps after it are left unpatched)."""
     state = {"prompt": True}
@@ -220,7 +221,8 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
             handles.append(stack.layers[layer].register_forward_hook(writer(rows)))
         if bool(after_norm.any()):
             rows = torch.nonzero(after_norm).flatten()
-            handles.append(stack.lm_head.register_forward_pre_hook(unembedding(rows)))
+            handles.append(norm.register_forward_hook(writer(rows)) if norm is not None else
+                           stack.lm_head.register_forward_pre_hook(unembedding(rows)))
         yield lambda: state.update(prompt=False)
     finally:
         for handle in handles:
@@ -232,7 +234,7 @@ _CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what fam
 
 def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
                    after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                   pad_token_id: int | None = None) -> list[list[int]]:
+                   pad_token_id: int | None = None, norm: nn.Module | None = None) -> list[list[int]]:
     """Greedy tokens of every row from the model's own `generate` (as the plain path), the patch written on the
     prompt pass. A model without a cache, or whose batched cache is not exact, recomputes the sequence each step."""
     model, rows = stack.model, vectors.shape[0]
@@ -240,23 +242,24 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     name = None if model in _RECOMPUTE else \
         next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
     if name is None:
-        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id)
+        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id, norm)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
-    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm):  # every pass over the prompt
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm):  # each prompt pass
         out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
 
 
 def _recomputed(stack: Stack, sequence: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
-                after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+                after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                norm: nn.Module | None = None) -> list[list[int]]:
     """Greedy tokens recomputing the whole sequence each step, the patch written on every pass."""
     rows = sequence.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    with hooks_restored(stack.model), writing(stack, split, vectors, layers, after_norm):
+    with hooks_restored(stack.model), writing(stack, split, vectors, layers, after_norm, norm):
         for step in range(max_new_tokens):
             token = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1)
             for row, value in enumerate(token.tolist()):

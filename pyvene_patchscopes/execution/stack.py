@@ -197,7 +197,7 @@ class Stack:
         self.rotary = arch.module(model, arch.rotary) if arch.rotary else None
         self.lm_head = arch.module(model, arch.unembed)
         config = model.config.get_text_config()
-        self.n_layers = config.num_hidden_layers
+        self.n_layers = len(self.layers)
         self.layer_types = layer_types(config, arch)
         self.sliding_window = getattr(config, "sliding_window", None)
         self.chunk = getattr(config, "attention_chunk_size", None)

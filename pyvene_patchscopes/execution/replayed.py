@@ -1,0 +1,93 @@
+"""The planned execution for families whose logits come from more than a norm and an unembedding.
+
+ModernBERT's decoder runs a prediction head of its own layers before its unembedding; Inkling 2 combines every
+block's output (block attention residuals) before its final norm. Neither can be read by unembedding the last
+block's output, so here the model's own forward runs the rows, with the blocks below the batch's lowest l*
+replaying the outputs recorded on the unpatched prompt instead of computing them. Rows are written at i* by
+hooks, as the plain path writes them, and everything after the last block is the model's own. The saving is
+the blocks below l* and pyvene's overhead; `check.probe` holds each model to hand-written hooks first.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..discovery import hooks_restored
+from .layered import Layered, Recorded, patched_greedy, writing
+from .stack import Decoded
+
+
+def _rows(value: Any, rows: int) -> Any:
+    """A recorded block output for `rows` rows: its tensors expanded along the batch, the rest as recorded."""
+    if isinstance(value, torch.Tensor):
+        return value.expand(rows, *value.shape[1:])
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows) for v in value)
+    return value
+
+
+class Replayed(Layered):
+    """Rows run through the model's own forward; the blocks below their lowest l* replay the unpatched outputs."""
+
+    @torch.no_grad()
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+        ids = input_ids.to(self.device)
+        outputs: list[Any] = []
+        handles = [block.register_forward_hook(lambda module, args, out: outputs.append(out), prepend=True)
+                   for block in self.layers]
+        try:
+            with hooks_restored(self.model):
+                self.model(input_ids=ids[None], use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(outputs) != self.n_layers:
+            raise ValueError(f"{len(outputs)} of {self.n_layers} blocks ran in the model's forward")
+        return Recorded(ids, split, [], outputs)
+
+    @contextmanager
+    def _replaying(self, shared: Recorded, below: int, rows: int) -> Iterator[None]:
+        """Blocks 0 .. below-1 return their recorded outputs for the duration (their own forward restored after)."""
+        replaced = []
+        try:
+            for j in range(below):
+                block = self.layers[j]
+                block.forward = lambda *args, _out=shared.outputs[j], **kwargs: _rows(_out, rows)
+                replaced.append(block)
+            yield
+        finally:
+            for block in replaced:
+                del block.forward
+
+    def _norm_site(self) -> nn.Module | None:
+        """Where a row written after the final norm goes (as the plain path's site): the norm's output, if any."""
+        arch = self.arch
+        return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
+
+    @torch.no_grad()
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+                max_new_tokens: int = 0, eos_token_id: int | None = None,
+                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
+        rows = vectors.shape[0]
+        after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
+        layers = layers.cpu()
+        norm = self._norm_site()
+        if norm is None:  # no norm of its own to write after: the last block's output, as the plain path
+            layers, after_norm = torch.where(after_norm, self.n_layers - 1, layers), torch.zeros_like(after_norm)
+        vectors = vectors.to(self.device, self.dtype)
+        lowest = int(torch.where(after_norm, self.n_layers, layers).min()) + 1
+        sequence = shared.input_ids[None].repeat(rows, 1)
+        with hooks_restored(self.model), self._replaying(shared, min(lowest, self.n_layers), rows), \
+                writing(self, shared.split, vectors, layers, after_norm, norm):
+            logits = self.model(input_ids=sequence, use_cache=False).logits[:, -1].float()
+        tokens = None
+        if max_new_tokens:
+            tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,
+                                    max_new_tokens, eos_token_id, pad_token_id, norm)
+        return Decoded(logits, tokens)
+
+
+__all__ = ["Replayed"]

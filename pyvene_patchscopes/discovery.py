@@ -114,8 +114,13 @@ def find_layers(model: nn.Module) -> str:
     matching = [name for name, m in lists if len(m) == n]
     if not matching:
         seen = ", ".join(f"{name or '<root>'} ({len(m)})" for name, m in lists[:8]) or "none"
+        key = _KEYS.get(model, "num_hidden_layers")
+        looped = "" if key == "num_hidden_layers" else \
+            (f" (its forward records config.{key}={n} hidden states, more than its config.num_hidden_layers="
+             f"{model.config.get_text_config().num_hidden_layers} blocks: blocks run more than once, as in a looped "
+             "model, so layer l has no one block to read and write)")
         raise PatchscopeError(f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList "
-                              f"of config.num_hidden_layers={n} blocks; ModuleLists found: {seen}")
+                              f"of config.{key}={n} blocks; ModuleLists found: {seen}{looped}")
     embed = path_of(model, model.get_input_embeddings()) or ""
     beside = [name for name in matching if _parent(name) == _parent(embed)]
     return (beside or sorted(matching, key=lambda name: name.count(".")))[0]
@@ -319,7 +324,7 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: f
     per_layer = [n for n in parameters if "per_layer" in n]
     if per_layer:
         return (f"its decoder layers take {', '.join(per_layer)}, per-layer inputs its model's forward computes from "
-                "the token ids of the whole sequence (Gemma 3n, Gemma 4), which the planned execution does not supply")
+                "the token ids of the whole sequence (Gemma 3n, Gemma 4), which the shared prefix does not supply")
     if required:
         return (f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
                 "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone")

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-explore docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore docs clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ eval: install                                  # the paper's experiments on both
 
 bench: install                                 # official loop vs plain pyvene vs the engine, about 8 min on 2 CPU cores
 	$(PY) benchmarks/sweep.py --prompts 32 --grid-prompts 2 --out benchmarks/results/cpu.json
+
+bench-runners: install                         # the three planned runners against the plain path, same grid, ~3 min
+	$(PY) benchmarks/runners.py --prompts 2 --out benchmarks/results/runners.json
 
 bench-explore: install browser                 # the explorer's first heatmap on SmolLM2, click to drawn, ~1 min
 	$(PY) benchmarks/explore.py --out benchmarks/results/explore.json

@@ -2,13 +2,14 @@
 
 ModernBERT's decoder runs a prediction head of its own layers before its unembedding; Inkling 2 combines every
 block's output (block attention residuals) before its final norm. Neither can be read by unembedding the last
-block's output, so here the model's own forward runs the rows, with the blocks below the batch's lowest l*
+block's output, so here the model's own forward runs the rows, one forward per l*, with the blocks up to l*
 replaying the outputs recorded on the unpatched prompt instead of computing them. Rows are written at i* by
 hooks, as the plain path writes them, and everything after the last block is the model's own. The saving is
-the blocks below l* and pyvene's overhead; `check.probe` holds each model to hand-written hooks first.
+the blocks below each row's l* and pyvene's overhead; `check.probe` holds each model to hand-written hooks.
 """
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ def _rows(value: Any, rows: int) -> Any:
 
 
 class Replayed(Layered):
-    """Rows run through the model's own forward; the blocks below their lowest l* replay the unpatched outputs."""
+    """Rows run through the model's own forward, one forward per l*; the blocks up to l* replay the unpatched outputs."""
 
     @torch.no_grad()
     def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
@@ -62,6 +63,11 @@ class Replayed(Layered):
             for block in replaced:
                 del block.forward
 
+    @property
+    def _last_only(self) -> dict[str, int]:
+        """Logits at the last position only, where the model's forward can be asked (as the plain path asks)."""
+        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+
     def _norm_site(self) -> nn.Module | None:
         """Where a row written after the final norm goes (as the plain path's site): the norm's output, if any."""
         arch = self.arch
@@ -78,11 +84,15 @@ class Replayed(Layered):
         if norm is None:  # no norm of its own to write after: the last block's output, as the plain path
             layers, after_norm = torch.where(after_norm, self.n_layers - 1, layers), torch.zeros_like(after_norm)
         vectors = vectors.to(self.device, self.dtype)
-        lowest = int(torch.where(after_norm, self.n_layers, layers).min()) + 1
-        sequence = shared.input_ids[None].repeat(rows, 1)
-        with hooks_restored(self.model), self._replaying(shared, min(lowest, self.n_layers), rows), \
-                writing(self, shared.split, vectors, layers, after_norm, norm):
-            logits = self.model(input_ids=sequence, use_cache=False).logits[:, -1].float()
+        key = torch.where(after_norm, self.n_layers, layers)
+        logits = torch.empty(rows, self.lm_head.weight.shape[0], device=self.device)
+        for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
+            group = torch.nonzero(key == value).flatten()
+            sequence = shared.input_ids[None].repeat(len(group), 1)
+            with hooks_restored(self.model), self._replaying(shared, min(value + 1, self.n_layers), len(group)), \
+                    writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm):
+                out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
+            logits[group.to(self.device)] = out.logits[:, -1].float()
         tokens = None
         if max_new_tokens:
             tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 import time
 import warnings
@@ -33,7 +32,7 @@ from pyvene_patchscopes.execution.replayed import Replayed
 from pyvene_patchscopes.execution.stack import Stack
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweep import source_prompts  # noqa: E402  (the same prompts as benchmarks/sweep.py)
+from sweep import source_prompts, write_report  # noqa: E402  (the same prompts as benchmarks/sweep.py)
 
 sweeping = importlib.import_module("pyvene_patchscopes.sweep")  # the module (the package exports its function)
 RUNNERS = {"shared prefix": Stack, "shared layers": Layered, "own forward": Replayed}
@@ -81,13 +80,9 @@ def main(argv: list[str] | None = None) -> int:
               for name, r in rows.items()]
     print("\n".join(lines) + f"\n\n{handle.name}, {args.prompts} prompts x {handle.n_layers} x {handle.n_layers} "
           f"= {cells} cells, cpu, {torch.get_num_threads()} threads")
-    if args.out:
-        report = {"model": handle.name, "prompts": args.prompts, "cells": cells, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "runners": rows,
-                  "command": " ".join(["runners.py"] + (argv if argv is not None else sys.argv[1:]))}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.out}")
+    write_report(args.out, {"model": handle.name, "prompts": args.prompts, "cells": cells,
+                            "threads": torch.get_num_threads(), "torch": torch.__version__, "runners": rows,
+                            "command": " ".join(["runners.py"] + (argv if argv is not None else sys.argv[1:]))})
     return 0
 
 

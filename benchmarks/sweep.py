@@ -226,11 +226,16 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     print(table(results, args.device, args.dtype))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"results written to {args.out}")
+    write_report(args.out, report)
     return 0
+
+
+def write_report(out: str | None, report: dict[str, Any]) -> None:
+    """The results as JSON at `out` (nothing when it is None)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results written to {out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Whether a model takes the planned execution, checked on the model itself for families found (not in the table).
+"""Which planned runner a model takes, checked on the model itself for families found (not in the table).
 
-A found family passes when nothing in its architecture rules the shared prefix out (`discovery`) and, on a
-nine-token probe, the planned pass reproduces the model's own forward: every layer's states, the logits when
-each layer's own state is written back at i*, and three greedy tokens. A family that fails runs on the
-plain pyvene path, and the reason names what differed. The verdict is worked out once per model.
+The runners are tried in order: the shared prefix (`stack`), where nothing in the architecture rules it out
+(`discovery`); the shared layers (`layered`), where the logits are a norm and an unembedding of the last block;
+the model's own forward with the lower blocks replayed (`replayed`). A runner is taken when, on a short probe,
+rows that write another position's state at three layers and after the final norm give the logits and greedy
+tokens of hand-written hooks on the model's own forward and `generate`. A family no runner reproduces runs on
+the plain pyvene path, and the reason names what differed. The verdict is worked out once per model.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ biases all run as in the model; only the work below l* is shared, and rows are b
 
 A keyword that carries the batch (a mask of [1, …], BLOOM's ALiBi of [batch·heads, …]) is tiled to the rows: which
 dimension carries it is read once per model, by recording the blocks' keywords at batch 1 and at batch 2.
-Greedy tokens come from the model's own forward and cache, with hooks writing each row's vector on the prompt pass.
+Greedy tokens come from the model's own `generate`, with hooks writing each row's vector on the prompt pass.
 `check.probe` holds each model to hand-written hooks before it takes this path.
 """
 from __future__ import annotations

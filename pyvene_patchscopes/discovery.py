@@ -425,6 +425,6 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     )
 
 
-__all__ = ["found_pieces", "check_decoder", "drafter", "DRAFTER", "block_count", "find_layers", "layer_types", "not_planned_reason", "head_reason",
-           "path_of", "non_attention_kinds", "softcap", "logit_scale", "hooks_restored", "not_a_decoder",
-           "probe_ids", "ATTENTION_KINDS"]
+__all__ = ["found_pieces", "check_decoder", "drafter", "DRAFTER", "block_count", "find_layers", "layer_types",
+           "not_planned_reason", "head_reason", "path_of", "non_attention_kinds", "softcap", "logit_scale",
+           "hooks_restored", "not_a_decoder", "probe_ids", "ATTENTION_KINDS"]

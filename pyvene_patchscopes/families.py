@@ -78,6 +78,7 @@ _LAYOUTS: dict[str, dict[str, object]] = {
                  ffn_config=dict(ffn_hidden_size=128, moe_num_experts=4, moe_top_k=2)),
     "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba", "attention"]),
     "gemma3n_text": dict(num_kv_shared_layers=2, activation_sparsity_pattern=[0.0] * 4),
+    # a drafter (listed as not a decoder); its config is built for the test that `wrap_model` refuses it
     "gemma4_assistant": dict(text_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                               num_hidden_layers=4, vocab_size=VOCAB, hidden_size_per_layer_input=0,
                                               vocab_size_per_layer_input=0)),

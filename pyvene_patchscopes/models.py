@@ -44,7 +44,7 @@ class ModelHandle:
     def n_layers(self) -> int:
         from .discovery import block_count
 
-        return int(block_count(self.model) or self.model.config.get_text_config().num_hidden_layers)
+        return int(block_count(self.model))
 
     @property
     def hidden_size(self) -> int:

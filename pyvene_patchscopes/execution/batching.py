@@ -52,4 +52,9 @@ def exact_groups(handle: ModelHandle, prompts: Sequence[str]) -> list[list[int]]
     return list(groups.values())
 
 
-__all__ = ["Batch", "chunks", "exact_groups", "pads_exactly"]
+def exact_chunks(handle: ModelHandle, prompts: Sequence[str], size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of at most `size` whose left padding changes nothing (`exact_groups`)."""
+    return [list(chunk) for group in exact_groups(handle, prompts) for chunk in chunks(group, size)]
+
+
+__all__ = ["Batch", "chunks", "exact_chunks", "exact_groups", "pads_exactly"]

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..architectures import architecture
+from ..architectures import Architecture, architecture
 from ..discovery import hooks_restored
 from .layered import Layered, decode_without_cache, writing
 from .replayed import Replayed
@@ -64,7 +64,7 @@ def _verdict(model: nn.Module) -> tuple[str, str]:
     return _VERDICTS[model]
 
 
-def _first_exact(model: nn.Module, arch) -> tuple[str, str]:
+def _first_exact(model: nn.Module, arch: Architecture) -> tuple[str, str]:
     """The first runner, from the fastest, whose probe passes: (its kind, why the shared prefix cannot serve)."""
     why = arch.not_planned_because or probe(model, Stack)
     if not why:
@@ -121,7 +121,7 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                                   [stack.norm(states[-1][0, PROBE_SPLIT + 1])])
             at, normed = torch.tensor(layers), torch.tensor([False] * (len(layers) - 1) + [True])
             decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
-            norm = stack._norm_site() if isinstance(stack, Replayed) else None  # where it writes after the norm
+            norm = stack.norm_site() if isinstance(stack, Replayed) else None  # where it writes after the norm
             want, greedy = _hooked(stack, ids, vectors, at, normed, PROBE_TOKENS, norm)
             for row in range(len(layers)):
                 error = _relative(decoded.logits[row], want[row])

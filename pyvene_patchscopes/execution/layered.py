@@ -26,7 +26,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..discovery import hooks_restored
-from .stack import Decoded, Stack
+from .stack import Decoded, Stack, TargetPass
 
 # per model: for each recorded block input, the dimension that grows with the batch (None where it does not)
 _LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, list[list[int | None]]]" = weakref.WeakKeyDictionary()
@@ -41,21 +41,43 @@ def decode_without_cache(model: nn.Module) -> None:
 
 
 @dataclass
-class Recorded:
+class Recorded(TargetPass):
     """The unpatched target prompt's pass: each block's positional and keyword inputs, and each block's output."""
 
-    input_ids: torch.Tensor                         # [T]
-    split: int                                      # i*
     calls: list[tuple[tuple, dict[str, Any]]]       # per block: (args after the hidden states, keywords)
-    outputs: list[torch.Tensor]                     # per block: its output [1, T, d]
+    outputs: list[Any]                              # per block: its output as it returned it ([1, T, d] first)
 
-    @property
-    def length(self) -> int:
-        return int(self.input_ids.shape[0])
 
-    @property
-    def suffix(self) -> int:
-        return self.length - self.split
+def hidden_of(out: Any) -> torch.Tensor:
+    """The hidden state in what a block returns: the tensor, or a tuple's (or list's) first entry."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def record_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
+                  ) -> tuple[list[tuple[tuple, dict[str, Any]]], list[Any]]:
+    """The model's own forward on `ids`: what it gave each block (args after the hidden states, keywords) and what
+    each block returned."""
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+    outputs: list[Any] = []
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args[1:], kwargs if args else {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        outputs.append(out)
+
+    handles = [h for block in blocks for h in (
+        block.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+        block.register_forward_hook(after, with_kwargs=True, prepend=True))]
+    try:
+        with hooks_restored(model):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(outputs) != len(blocks):
+        raise ValueError(f"{len(outputs)} of {len(blocks)} blocks ran in the model's forward")
+    return calls, outputs
 
 
 def _leaves(tree: Any) -> list[Any]:
@@ -97,38 +119,12 @@ def _tiled(value: Any, dim: int | None, rows: int) -> Any:
 class Layered(Stack):
     """A model's blocks called one by one on the whole target, with the inputs its own forward gave them."""
 
-    # ---- recording the model's own pass ----------------------------------------------------------------
-    def _record(self, ids: torch.Tensor) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor]]:
-        calls: list[tuple[tuple, dict]] = []
-        outputs: list[torch.Tensor] = []
-
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            rest = args[1:] if args else ()
-            kwargs = {k: v for k, v in kwargs.items() if not (not args and k == "hidden_states")}
-            calls.append((rest, kwargs))
-
-        def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-
-        handles = [h for block in self.layers for h in (
-            block.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-            block.register_forward_hook(after, with_kwargs=True, prepend=True))]
-        try:
-            with hooks_restored(self.model):
-                self.model(input_ids=ids, use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(calls) != self.n_layers:
-            raise ValueError(f"{len(calls)} of {self.n_layers} blocks ran in the model's forward")
-        return calls, outputs
-
     def _layout(self) -> list[list[int | None]]:
         """Which dimension of each block input carries the batch, read from the model at batch 1 and batch 2."""
         if self.model not in _LAYOUTS:
             ids = torch.arange(2, 6, device=self.device)[None]
-            one, _ = self._record(ids)
-            two, _ = self._record(ids.expand(2, -1))
+            one, _ = record_blocks(self.model, self.layers, ids)
+            two, _ = record_blocks(self.model, self.layers, ids.expand(2, -1))
             _LAYOUTS[self.model] = [[_batch_dim(a, b) for a, b in zip(_leaves(x), _leaves(y))]
                                     for x, y in zip(one, two)]
         return _LAYOUTS[self.model]
@@ -139,16 +135,14 @@ class Layered(Stack):
         """Run the model's own forward on the unpatched prompt once, recording every block's inputs and output."""
         ids = input_ids.to(self.device)
         self._layout()
-        calls, outputs = self._record(ids[None])
-        return Recorded(ids, split, calls, outputs)
+        return Recorded(ids, split, *record_blocks(self.model, self.layers, ids[None]))
 
     def _block(self, j: int, shared: Recorded, hidden: torch.Tensor) -> torch.Tensor:
         rest, keywords = shared.calls[j]
         dims = iter(self._layout()[j])
         tiled = _mapped((rest, keywords), (_tiled(leaf, next(dims), hidden.shape[0])
                                            for leaf in _leaves((rest, keywords))))
-        out = self.layers[j](hidden, *tiled[0], **tiled[1])
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return hidden_of(self.layers[j](hidden, *tiled[0], **tiled[1]))
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,17 +151,12 @@ class Layered(Stack):
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
         rows = vectors.shape[0]
-        after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
-        key = torch.where(after_norm, torch.full_like(layers.cpu(), self.n_layers), layers.cpu())
-        order = torch.argsort(key, stable=True)
-        key = key[order]
-        vectors = vectors[order.to(vectors.device)].to(self.device, self.dtype)
-        active = torch.searchsorted(key, torch.arange(self.n_layers + 2), right=False).tolist()
-        hidden = shared.outputs[-1].expand(rows, -1, -1).clone()
+        order, vectors, active, after_norm = self.sorted_rows(vectors, layers, after_norm)
+        hidden = hidden_of(shared.outputs[-1]).expand(rows, -1, -1).clone()  # rows written after the final norm
         for j in range(self.n_layers + 1):
             start, stop = active[j - 1] if j > 0 else 0, active[j]
             if stop > start:  # rows patched after block j-1 begin here
-                hidden[start:stop] = shared.outputs[j - 1][0]
+                hidden[start:stop] = hidden_of(shared.outputs[j - 1])[0]
                 hidden[start:stop, shared.split] = vectors[start:stop]
             if j < self.n_layers and stop:
                 hidden[:stop] = self._block(j, shared, hidden[:stop])
@@ -188,30 +177,27 @@ class Layered(Stack):
 
 @contextmanager
 def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
-            norm: nn.Module | None = None) -> Iterator[Callable[[], None]]:
+            norm: nn.Module | None = None) -> Iterator[None]:
     """Hooks writing row b's vector at i* after block layers[b] (or after the final norm: on `norm`'s output where
-    given, else into the unembedding), on the prompt pass only.
-
-    Yields a callable that ends the prompt pass (decoding steps after it are left unpatched)."""
-    state = {"prompt": True}
+    given, else into the unembedding), on every pass over the prompt; a cached decoding step (no position i*)
+    is left as it is."""
+    def written(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        if hidden.shape[1] <= split:
+            return None
+        hidden = hidden.clone()
+        hidden[rows, split] = vectors[rows].to(hidden.dtype)
+        return hidden
 
     def writer(rows: torch.Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            if not state["prompt"] or hidden.shape[1] <= split:  # a decoding step: the patch is on the prompt
-                return None
-            hidden = hidden.clone()
-            hidden[rows, split] = vectors[rows].to(hidden.dtype)
-            return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+            hidden = written(hidden_of(out), rows)
+            return None if hidden is None else (hidden, *out[1:]) if isinstance(out, tuple) else hidden
         return hook
 
     def unembedding(rows: torch.Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple) -> Any:
-            if not state["prompt"] or args[0].shape[1] <= split:
-                return None
-            hidden = args[0].clone()
-            hidden[rows, split] = vectors[rows].to(hidden.dtype)
-            return (hidden, *args[1:])
+            hidden = written(args[0], rows)
+            return None if hidden is None else (hidden, *args[1:])
         return hook
 
     handles = []
@@ -223,7 +209,7 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
             rows = torch.nonzero(after_norm).flatten()
             handles.append(norm.register_forward_hook(writer(rows)) if norm is not None else
                            stack.lm_head.register_forward_pre_hook(unembedding(rows)))
-        yield lambda: state.update(prompt=False)
+        yield
     finally:
         for handle in handles:
             handle.remove()
@@ -272,4 +258,4 @@ def _recomputed(stack: Stack, sequence: torch.Tensor, split: int, vectors: torch
     return tokens
 
 
-__all__ = ["Layered", "Recorded", "decode_without_cache", "patched_greedy", "writing"]
+__all__ = ["Layered", "Recorded", "decode_without_cache", "hidden_of", "patched_greedy", "record_blocks", "writing"]

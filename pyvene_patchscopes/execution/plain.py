@@ -15,7 +15,7 @@ from ..mappings import MappingFunction, build_mapping
 from ..models import ModelHandle
 from ..pyvene_config import collect_config, patch_config
 from ..sites import Site
-from .batching import Batch, chunks, exact_groups
+from .batching import Batch, exact_chunks, exact_groups
 
 
 # ---- collect at the source -----------------------------------------------------------------------------------------
@@ -26,15 +26,14 @@ def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Seque
     out = torch.empty(len(prompts), len(sites), handle.hidden_size, dtype=handle.model.dtype, device=handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
         pvm = intervenable(collect_config(sites, handle.hidden_size), handle.model)
-        for group in exact_groups(handle, prompts):
-            for chunk in chunks(group, batch_size):
-                batch = Batch.encode(handle, [prompts[r] for r in chunk])
-                where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
-                (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
-                                        unit_locations=per_intervention_locations([where] * len(sites)))
-                # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
-                out[torch.tensor(chunk, device=out.device)] = torch.stack(
-                    [states.reshape(len(chunk), -1) for states in collected], 1)
+        for chunk in exact_chunks(handle, prompts, batch_size):
+            batch = Batch.encode(handle, [prompts[r] for r in chunk])
+            where = [batch.pad[k] + positions[r] for k, r in enumerate(chunk)]
+            (_, collected), _ = pvm(base={**batch.inputs, "logits_to_keep": 1},  # the head's output is unused
+                                    unit_locations=per_intervention_locations([where] * len(sites)))
+            # pyvene returns, per site, a [batch, 1, d] tensor (one unit per row)
+            out[torch.tensor(chunk, device=out.device)] = torch.stack(
+                [states.reshape(len(chunk), -1) for states in collected], 1)
     return out
 
 

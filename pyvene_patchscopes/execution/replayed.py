@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..discovery import hooks_restored
-from .layered import Layered, Recorded, patched_greedy, writing
-from .stack import Decoded
+from .layered import Recorded, patched_greedy, record_blocks, writing
+from .stack import Decoded, Stack
 
 
 def _rows(value: Any, rows: int) -> Any:
@@ -30,24 +30,14 @@ def _rows(value: Any, rows: int) -> Any:
     return value
 
 
-class Replayed(Layered):
-    """Rows run through the model's own forward, one forward per l*; the blocks up to l* replay the unpatched outputs."""
+class Replayed(Stack):
+    """Rows run through the model's own forward, one forward per l*; the blocks up to l* replay the unpatched
+    outputs."""
 
     @torch.no_grad()
     def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
         ids = input_ids.to(self.device)
-        outputs: list[Any] = []
-        handles = [block.register_forward_hook(lambda module, args, out: outputs.append(out), prepend=True)
-                   for block in self.layers]
-        try:
-            with hooks_restored(self.model):
-                self.model(input_ids=ids[None], use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(outputs) != self.n_layers:
-            raise ValueError(f"{len(outputs)} of {self.n_layers} blocks ran in the model's forward")
-        return Recorded(ids, split, [], outputs)
+        return Recorded(ids, split, *record_blocks(self.model, self.layers, ids[None]))
 
     @contextmanager
     def _replaying(self, shared: Recorded, below: int, rows: int) -> Iterator[None]:
@@ -68,7 +58,7 @@ class Replayed(Layered):
         """Logits at the last position only, where the model's forward can be asked (as the plain path asks)."""
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
 
-    def _norm_site(self) -> nn.Module | None:
+    def norm_site(self) -> nn.Module | None:
         """Where a row written after the final norm goes (as the plain path's site): the norm's output, if any."""
         arch = self.arch
         return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
@@ -77,14 +67,12 @@ class Replayed(Layered):
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
-        rows = vectors.shape[0]
-        after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
-        layers = layers.cpu()
-        norm = self._norm_site()
-        if norm is None:  # no norm of its own to write after: the last block's output, as the plain path
-            layers, after_norm = torch.where(after_norm, self.n_layers - 1, layers), torch.zeros_like(after_norm)
+        rows, layers = vectors.shape[0], layers.cpu()
+        norm = self.norm_site()
+        if norm is None and after_norm is not None:  # no norm to write after: the last block's output, as plain
+            layers, after_norm = torch.where(after_norm.cpu(), self.n_layers - 1, layers), None
+        after_norm, key = self.row_keys(layers, after_norm)
         vectors = vectors.to(self.device, self.dtype)
-        key = torch.where(after_norm, self.n_layers, layers)
         logits = torch.empty(rows, self.lm_head.weight.shape[0], device=self.device)
         for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
             group = torch.nonzero(key == value).flatten()

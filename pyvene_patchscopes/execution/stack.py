@@ -157,14 +157,11 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @dataclass
-class Shared:
-    """The unpatched target prompt, computed once: prefix keys/values and suffix states at every layer."""
+class TargetPass:
+    """The unpatched target prompt T and i*, where it splits into a prefix T[:i*] and a suffix T[i*:]."""
 
     input_ids: torch.Tensor        # [T]
-    split: int                     # i*: the prefix is T[:i*], the suffix T[i*:]
-    keys: list[torch.Tensor]       # per layer [1, kv_heads, T, head_dim] (after rotary, as the cache holds them)
-    values: list[torch.Tensor]
-    hidden: list[torch.Tensor]     # per layer: the suffix's block output [S, d]
+    split: int                     # i*
 
     @property
     def length(self) -> int:
@@ -173,6 +170,15 @@ class Shared:
     @property
     def suffix(self) -> int:
         return self.length - self.split
+
+
+@dataclass
+class Shared(TargetPass):
+    """The unpatched target prompt, computed once: prefix keys/values and suffix states at every layer."""
+
+    keys: list[torch.Tensor]       # per layer [1, kv_heads, T, head_dim] (after rotary, as the cache holds them)
+    values: list[torch.Tensor]
+    hidden: list[torch.Tensor]     # per layer: the suffix's block output [S, d]
 
 
 @dataclass
@@ -321,13 +327,7 @@ class Stack:
         ``pad_token_id`` is unused here (the rows' own decoding pads nothing); `layered` hands it to generate.
         """
         rows = vectors.shape[0]
-        after_norm = torch.zeros(rows, dtype=torch.bool) if after_norm is None else after_norm.cpu()
-        order_key = torch.where(after_norm, torch.full_like(layers.cpu(), self.n_layers), layers.cpu())
-        order = torch.argsort(order_key, stable=True)
-        key = order_key[order]
-        vectors = vectors[order.to(vectors.device)].to(self.device, self.dtype)
-        # active[j] = rows patched below layer j, i.e. rows that compute layer j (a leading slice)
-        active = torch.searchsorted(key, torch.arange(self.n_layers + 2), right=False).tolist()
+        order, vectors, active, _ = self.sorted_rows(vectors, layers, after_norm)
         keep_cache = max_new_tokens > 1
         split, suffix, length = shared.split, shared.suffix, shared.length
         positions = torch.arange(split, length, device=self.device)
@@ -362,6 +362,23 @@ class Stack:
         if tokens is not None:
             tokens = [tokens[int(i)] for i in inverse]
         return Decoded(logits, tokens)
+
+    def row_keys(self, layers: torch.Tensor, after_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(after_norm, each row's key) on the CPU: the key is the row's l*, or n_layers for a row written after
+        the final norm, so that sorting by it orders rows by where they begin to differ."""
+        layers = layers.cpu()
+        after_norm = torch.zeros_like(layers, dtype=torch.bool) if after_norm is None else after_norm.cpu()
+        return after_norm, torch.where(after_norm, torch.full_like(layers, self.n_layers), layers)
+
+    def sorted_rows(self, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+        """Rows sorted by key: (the order, the vectors in it, active, after_norm in the rows' own order), where
+        active[j] counts the rows patched below layer j, i.e. the rows that compute layer j (a leading slice)."""
+        after_norm, key = self.row_keys(layers, after_norm)
+        order = torch.argsort(key, stable=True)
+        vectors = vectors[order.to(vectors.device)].to(self.device, self.dtype)
+        active = torch.searchsorted(key[order], torch.arange(self.n_layers + 2), right=False).tolist()
+        return order, vectors, active, after_norm
 
     def _row_cache(self, shared: Shared, j: int, rows: int, new_k, new_v) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row keys/values of layer j over the suffix T[i*:]: computed rows first, then unpatched ones."""
@@ -414,4 +431,4 @@ def layer_types(config, arch: Architecture) -> list[str]:
     return ["full_attention"] * n
 
 
-__all__ = ["Stack", "Shared", "Decoded", "evaluating", "layer_types", "register_attention", "ATTENTION"]
+__all__ = ["Stack", "Shared", "TargetPass", "Decoded", "evaluating", "layer_types", "register_attention", "ATTENTION"]

@@ -19,6 +19,10 @@
 8. pyvene prints a notice to stdout on import, which would corrupt ``--json`` output -> silenced above.
 9. Wrapping a model freezes it (``requires_grad=False``, ``eval()``) and overwrites ``config.model_type``
                                                                                -> `pyvene_guard` restores them.
+10. pyvene builds its gather/scatter indices on ``model.device``, the device of the model's first parameter.
+    For an offloaded model that is ``meta``, and a gather with a meta index returns uninitialised memory
+    (silently wrong readouts); for a model split over GPUs it is the first GPU, wrong for later layers
+                                                                               -> `index_on_activation_device`.
 """
 from __future__ import annotations
 
@@ -157,6 +161,20 @@ def intervenable(config: pv.IntervenableConfig, model: nn.Module) -> pv.Interven
     register_model_types(model)
     pvm = pv.IntervenableModel(config, model)
     reset_use_fast(pvm)
+    index_on_activation_device(pvm)
+    return pvm
+
+
+# ---- 10. index device ------------------------------------------------------------------------------
+def index_on_activation_device(pvm: pv.IntervenableModel) -> pv.IntervenableModel:
+    """Build this IntervenableModel's gather/scatter indices on the device of the activation they index.
+
+    pyvene passes ``device=self.get_device()`` (``model.device``) to ``gather_neurons``/``scatter_neurons``;
+    with ``device=None`` they use the activation's own device, which is right for every layout. Only this
+    instance changes (its ``get_device`` returns None); pyvene's class is left alone, and a user's own
+    IntervenableModel over an offloaded or split model can opt in with this function.
+    """
+    pvm.get_device = lambda: None  # type: ignore[method-assign]
     return pvm
 
 
@@ -624,5 +642,5 @@ __all__ = [
     "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
     "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "load_model_weights",
     "install_safe_serialization", "uninstall_safe_serialization", "safe_serialization",
-    "register_model_types", "check_hookable",
+    "register_model_types", "check_hookable", "index_on_activation_device",
 ]

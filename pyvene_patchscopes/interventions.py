@@ -83,6 +83,9 @@ class _MappedIntervention(pv.TrainableIntervention):
         self.register_buffer("mapping_args", _text_buffer(json.dumps(mapping.arguments(), sort_keys=True)))
         self.register_buffer("source_dim", torch.tensor(mapping.source_dim, dtype=torch.int64))
 
+    def _device(self) -> torch.device:
+        return self.source_dim.device  # where f's weights are (a buffer every instance has)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         # pyvene rebuilds us as cls(embed_dim=...): rebuild the mapping the saved state describes first.
@@ -112,7 +115,7 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         if source.shape[-1] != self.mapping.source_dim:
             raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
                             f"{self.mapping.source_dim}")
-        return self.mapping(source).to(base.dtype)
+        return self.mapping(source.to(self._device())).to(base.device, base.dtype)  # a split model's layer may sit on another device
 
 
 @register_intervention("reroute")
@@ -128,7 +131,7 @@ class RerouteIntervention(pv.SourcelessIntervention, _MappedIntervention, pv.Loc
             self._held = base.detach().clone()
             return base
         held, self._held = self._held, None  # second call: the write site (l*, i*)
-        return self.mapping(held).to(base.dtype)
+        return self.mapping(held.to(self._device())).to(base.device, base.dtype)
 
     def reset(self) -> None:
         """Forget a held state (after a pass that was interrupted between its two sites)."""

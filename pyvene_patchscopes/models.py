@@ -52,11 +52,16 @@ class ModelHandle:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token ids go: the input embedding's device (accelerate's execution device when offloaded)."""
+        from .devices import input_device
+
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        from .devices import dtype_of
+
+        return dtype_of(self.model)
 
     def __repr__(self) -> str:
         return (f"ModelHandle(name={self.name!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size}, "

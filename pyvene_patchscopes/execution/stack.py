@@ -29,6 +29,7 @@ from torch import nn
 import transformers
 from transformers import AttentionInterface
 
+from ..devices import input_device
 from ..architectures import Architecture
 from ..discovery import layer_types as config_layer_types, softcap
 
@@ -222,7 +223,9 @@ class Stack:
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        """Where the rows start: the input embedding's device; each block's accelerate hook (if any) moves its
+        inputs to its own device."""
+        return input_device(self.model)
 
     # ---- pieces ----------------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

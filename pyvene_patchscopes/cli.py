@@ -95,22 +95,31 @@ def _device(args: argparse.Namespace) -> str:
     return device() if args.device == "auto" else args.device
 
 
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model's device options: --device, or --device-map (with --offload-folder)."""
+    if getattr(args, "device_map", None) is None:
+        return {"device": _device(args)}
+    return {"device_map": args.device_map, "offload_folder": getattr(args, "offload_folder", None)}
+
+
 def _load(args: argparse.Namespace):
     from .models import load_model
 
-    return load_model(args.model, device=_device(args), dtype=args.dtype)
+    return load_model(args.model, dtype=args.dtype, **_placement(args))
 
 
 def _check_model_options(args: argparse.Namespace) -> None:
     """--model, --device and --dtype checked before anything slow happens (`load_model` checks them too, but
     an evaluation may load another model first)."""
-    from .models import check_device, model_source, resolve_dtype
+    from .models import check_device, check_device_map, model_source, resolve_dtype
 
     if getattr(args, "model", None) is not None:
         model_source(args.model)
     if getattr(args, "device", "auto") != "auto":
         check_device(args.device)
-    resolve_dtype(getattr(args, "dtype", None))
+    resolve_dtype(getattr(args, "dtype", None), auto=True)
+    if getattr(args, "device_map", None) is not None:
+        check_device_map(args.device_map)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
@@ -211,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         _check_model_options(args)
         changes.update(on_model(scope, args.model))
     scope = scope.replace(**changes)
-    models = {name: load_model(name, device=_device(args), dtype=args.dtype)
+    models = {name: load_model(name, dtype=args.dtype, **_placement(args))
               for name in {scope.source.model, scope.target_model}}
     scope = load_spec(args.spec, models).replace(**changes)  # checks models of the saved spec's names, if loaded
     result = run(scope, models, top=args.top)[0]
@@ -447,7 +456,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     def load(name: str):
         if name not in handles:
-            handles[name] = load_model(name, device=_device(args), dtype=args.dtype)
+            handles[name] = load_model(name, dtype=args.dtype, **_placement(args))
         return handles[name]
 
     cross = args.task == "cross-model"
@@ -477,7 +486,11 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
         parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or local path")
         parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (each process's own "
                                                              "GPU under accelerate launch)")
-        parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+        parser.add_argument("--dtype", default=None, help="auto (the checkpoint's; default for hub ids and folders), "
+                                                           "float32 (default for embedded models), bfloat16, float16")
+        parser.add_argument("--device-map", default=None, help="split or offload the model: auto, balanced, "
+                                                                "sequential (instead of --device)")
+        parser.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
 
 
 def _source(parser: argparse.ArgumentParser, required: bool = True) -> None:

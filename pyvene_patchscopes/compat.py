@@ -45,6 +45,7 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     import pyvene.models.intervenable_base as pv_base
 
 from .architectures import FAMILIES, Architecture, family
+from .devices import input_device
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import check_finite, inside, is_file, read_json, read_safetensors
 
@@ -309,7 +310,7 @@ def load_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
 
 def load_model_weights(pvm: pv.IntervenableModel, directory: str | Path, device=None) -> None:
     """``include_model``: the saved trainable parameters, from model.safetensors or pyvene's pytorch_model.bin."""
-    device = device if device is not None else next(pvm.model.parameters()).device
+    device = device if device is not None else input_device(pvm.model)
     pvm.model.load_state_dict(_read_pair(Path(directory), MODEL_WEIGHTS, device), strict=False)
 
 
@@ -404,7 +405,7 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     if not (isinstance(constants, list) and isinstance(dims, list) and len(constants) == len(dims) == len(classes)):
         raise SpecError("pyvene config.json 'intervention_constant_sources' and 'intervention_dimensions' must "
                         f"be lists of {len(classes)} entries, one per intervention")
-    device = device if device is not None else next(model.parameters()).device
+    device = device if device is not None else input_device(model)
     try:
         config = pv.IntervenableConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
         config.intervention_types = classes
@@ -487,7 +488,7 @@ def _patched_save_intervention(self: pv.IntervenableModel, save_directory: str, 
 
 
 def _patched_load_intervention(self: pv.IntervenableModel, load_directory: str, include_model: bool = True) -> None:
-    load_intervention_weights(self, load_directory, next(self.model.parameters()).device)
+    load_intervention_weights(self, load_directory, input_device(self.model))
     if include_model:
         load_model_weights(self, load_directory)
 

@@ -232,9 +232,10 @@ _CAPTURING = "_output_capturing_hooks_installed"
 
 def probe_ids(model: nn.Module, length: int) -> torch.Tensor:
     """[1, length] token ids for the probes here and in `execution.reroute` (3, 7, 11, ... inside the vocabulary)."""
-    embedding = model.get_input_embeddings().weight
-    vocab = int(embedding.shape[0])
-    return (torch.arange(length, device=embedding.device)[None] * 4 + 3).clamp(max=vocab - 1)
+    from .devices import input_device
+
+    vocab = int(model.get_input_embeddings().weight.shape[0])  # the shape is known even when offloaded
+    return (torch.arange(length, device=input_device(model))[None] * 4 + 3).clamp(max=vocab - 1)
 
 
 _SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")  # Gemma 2, RecurrentGemma, xLSTM

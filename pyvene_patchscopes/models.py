@@ -139,16 +139,19 @@ def _converted_dir(name: str, gguf: Path) -> Path:
     return folder
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """A torch dtype from its name (float32 when None), else an `UnknownNameError` listing the names."""
+def resolve_dtype(dtype: str | torch.dtype | None, auto: bool = False) -> torch.dtype | str:
+    """A torch dtype from its name (float32 when None), or "auto" where `auto` allows it (the checkpoint's own
+    dtype); else an `UnknownNameError` listing the names."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if auto and dtype == "auto":
+        return "auto"
     if not isinstance(dtype, str) or dtype not in table:
-        raise UnknownNameError(f"dtype={dtype!r} is not known (allowed: {', '.join(table)})")
+        raise UnknownNameError(f"dtype={dtype!r} is not known (allowed: {', '.join(table)}, auto)")
     return table[dtype]
 
 
@@ -200,15 +203,94 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> ModelHandle:
+# Device-map strategies accelerate computes itself; any other string or int names one device.
+MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: object) -> str | dict[str, Any]:
+    """A `device_map` whose every device exists here: a strategy, one device, or {module: device | "disk"}."""
+    allowed = f"allowed: {', '.join(MAP_STRATEGIES)}, a device, or a dict of module name -> device, 'cpu' or 'disk'"
+
+    def device_of(where: str, value: object) -> str | int:
+        if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+            raise SpecError(f"{where}={value!r} is not a device ({allowed})")
+        if value == "disk":
+            return value
+        named = f"cuda:{value}" if isinstance(value, int) else value
+        try:
+            check_device(named)
+        except SpecError as err:
+            said, prefix = str(err), f"device={named!r}"
+            rest = said[len(prefix):] if said.startswith(prefix) else f": {said}"
+            if " is not a device" in rest:
+                rest = f" is not a device ({allowed})"
+            raise SpecError(f"{where}={value!r}{rest}") from None
+        return value if isinstance(value, int) else str(value)
+
+    if isinstance(device_map, str) and device_map in MAP_STRATEGIES:
+        return device_map
+    if isinstance(device_map, dict):
+        if not device_map or not all(isinstance(k, str) for k in device_map):
+            raise SpecError(f"device_map={device_map!r} is not allowed ({allowed})")
+        return {k: device_of(f"device_map[{k!r}]", v) for k, v in device_map.items()}
+    return device_of("device_map", device_map)
+
+
+# What each quantization method needs installed (the import name, and what to pip install).
+QUANT_PACKAGES = {"bitsandbytes": ("bitsandbytes", "bitsandbytes"), "gptq": ("gptqmodel", "gptqmodel"),
+                  "awq": ("awq", "autoawq"), "torchao": ("torchao", "torchao"), "hqq": ("hqq", "hqq"),
+                  "quanto": ("optimum.quanto", "optimum-quanto"), "eetq": ("eetq", "eetq"),
+                  "compressed-tensors": ("compressed_tensors", "compressed-tensors"), "aqlm": ("aqlm", "aqlm"),
+                  "higgs": ("flute", "flute-kernel"), "vptq": ("vptq", "vptq"), "spqr": ("spqr_quant", "spqr_quant"),
+                  "bitnet": ("torch", "torch"), "fbgemm_fp8": ("fbgemm_gpu", "fbgemm-gpu"),
+                  "fp8": ("torch", "torch")}
+
+
+def check_quantization(config: object) -> None:
+    """A quantization config whose backend is installed, else one line naming the package to install."""
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method is None:
+        raise SpecError(f"quantization_config={config!r} has no quant_method (allowed: a transformers "
+                        "quantization config such as BitsAndBytesConfig, or its dict)")
+    if str(method) not in QUANT_PACKAGES:
+        return  # a method this table does not know: transformers checks it
+    module, package = QUANT_PACKAGES[str(method)]
+    if importlib.util.find_spec(module.split(".")[0]) is None or \
+            ("." in module and importlib.util.find_spec(module) is None):
+        raise PatchscopeError(f"quantization_config uses {method}, whose package is not installed here "
+                              f"(pip install {package})")
+
+
+def load_model(name: str = "smollm2-135m", device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, *, device_map: str | dict[str, Any] | None = None,
+               max_memory: dict[Any, str | int] | None = None, offload_folder: str | os.PathLike | None = None,
+               attn_implementation: str | None = None, quantization_config: Any = None) -> ModelHandle:
     """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local folder.
 
-    The name is checked before transformers sees it (see `model_source`); remote code is never trusted.
+    ``dtype``: ``"auto"`` (the checkpoint's own dtype; the default for hub ids and folders, so an 8B bf16
+    checkpoint stays bf16), or a name (``float32``, ``bfloat16``, ``float16``). The embedded GGUF models
+    load in float32 unless told otherwise. ``device`` puts the whole model on one device (default: the CPU);
+    ``device_map`` (``"auto"``, or {module: device, "cpu" or "disk"}), ``max_memory``, ``offload_folder``,
+    ``attn_implementation`` and ``quantization_config`` pass through to transformers' ``from_pretrained``
+    for models split over GPUs, offloaded or quantized. The name is checked before transformers sees it
+    (see `model_source`); remote code is never trusted.
     """
     kind, where = model_source(name)
-    torch_dtype = resolve_dtype(dtype)
-    target = check_device(device)
+    torch_dtype = resolve_dtype(dtype if dtype is not None or kind == "embedded" else "auto", auto=True)
+    if device is not None and device_map is not None:
+        raise SpecError(f"device={device!r} and device_map={device_map!r} are both given (allowed: one of them: "
+                        "device for one device, device_map for a split or offloaded model)")
+    target = check_device(device if device is not None else "cpu")
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement["device_map"] = check_device_map(device_map)
+    for key, value in (("max_memory", max_memory), ("offload_folder", offload_folder),
+                       ("attn_implementation", attn_implementation), ("quantization_config", quantization_config)):
+        if value is not None:
+            placement[key] = str(value) if key == "offload_folder" else value
+    if quantization_config is not None:
+        check_quantization(quantization_config)
     if kind == "embedded":
         folder = _converted_dir(where, EMBEDDED[where]())
         origin = json.loads((folder / "origin.json").read_text())
@@ -217,11 +299,12 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device = "cpu",
         path, display, origin = where, name, {"name": name}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, ImportError) as err:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False, **placement)
+    except (OSError, ValueError, KeyError, ImportError, TypeError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise PatchscopeError(f"model={name!r} ({_KINDS[kind]}) could not be loaded: {reason}") from None
-    model.to(target)
+    if device_map is None and quantization_config is None:
+        model.to(target)
     model.eval()
     return ModelHandle(name=display, model=model, origin=origin,
                        tokenizer=prepare_tokenizer(tokenizer, DOCUMENT_START.get(where)))

@@ -29,7 +29,7 @@ from ..models import ModelHandle
 from ..resolve import check_context
 from ..result import token_text
 from ..spec import check_text
-from .fisher import fisher_factors, head_weight, logits
+from .fisher import fisher_factors, head_rows, head_weight, logits, scale, slopes
 from .result import Attribution
 from .spec import JacobianScope, TargetToken
 
@@ -121,7 +121,7 @@ def resolve_target_token(handle: ModelHandle, token: TargetToken) -> int | None:
     """A target token given as text or id -> its id (None stays None: the prediction)."""
     if token is None:
         return None
-    vocab = handle.model.get_output_embeddings().weight.shape[0]
+    vocab = handle.model.get_output_embeddings().weight.shape[0]  # the shape is known even when offloaded
     if isinstance(token, int):
         if not 0 <= token < vocab:
             raise SpecError(f"JacobianScope.target_token={token} is out of range for {handle.name} "
@@ -184,22 +184,24 @@ def scores_for(handle: ModelHandle, scope: JacobianScope, forward: Forward, targ
                progress: bool = False) -> torch.Tensor:
     """The scope's score for every column of every row: [B, T] (float32, or float64 for a float64 model)."""
     dtype = _compute_dtype(handle)
-    rows = torch.arange(forward.y.shape[0], device=forward.y.device)
-    weight = head_weight(handle.model, forward.z, dtype)
-    if scope.variant in ("semantic", "gradient-x-input"):
-        direction = weight[target_ids] if weight.dim() == 2 else weight[rows, target_ids]
-        grad = next(pullback(forward, direction.unsqueeze(0)))[0].to(dtype)
-        if scope.variant == "semantic":
-            return grad.norm(dim=-1)
-        return (grad * forward.x.to(dtype)).norm(dim=-1)
     if scope.variant == "temperature":
         y = forward.y.detach().to(dtype)
         grad = next(pullback(forward, (y / y.norm(dim=-1, keepdim=True)).unsqueeze(0)))[0].to(dtype)
         return grad.norm(dim=-1)
-    p = torch.softmax(forward.z.to(dtype), dim=-1)
-    factors = fisher_factors(weight, p, scope.fisher, scope.rank)  # [k, B, d]
+    factor, slope = scale(handle.model), slopes(handle.model, forward.z, dtype)
+    with head_weight(handle.model) as weight:  # streamed in vocabulary chunks, loaded by accelerate if offloaded
+        if scope.variant in ("semantic", "gradient-x-input"):
+            direction = head_rows(weight, target_ids, dtype, factor, slope)
+        else:
+            p = torch.softmax(forward.z.to(dtype), dim=-1)
+            factors = fisher_factors(weight, p, scope.fisher, scope.rank, dtype, factor, slope)  # [k, B, d]
+    if scope.variant in ("semantic", "gradient-x-input"):
+        grad = next(pullback(forward, direction.unsqueeze(0).to(forward.y.device)))[0].to(dtype)
+        if scope.variant == "semantic":
+            return grad.norm(dim=-1)
+        return (grad * forward.x.to(dtype)).norm(dim=-1)
     total = torch.zeros(forward.delta.shape[:2], dtype=dtype, device=forward.delta.device)
-    for grad in pullback(forward, factors, progress=progress):
+    for grad in pullback(forward, factors.to(forward.y.device), progress=progress):
         total += (grad.to(dtype) ** 2).sum(dim=(0, -1))
     return total
 

@@ -11,6 +11,9 @@ With k = d the two agree to rounding (a test checks it), although they share no 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -44,32 +47,67 @@ def logits(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return z if cap is None else cap * torch.tanh(z / cap)
 
 
-def head_weight(model: nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """∂z/∂y for each row: W [V, d], or diag(1 − tanh²) W [B, V, d] under a soft cap."""
-    weight = model.get_output_embeddings().weight.to(dtype) * scale(model)
+@contextmanager
+def head_weight(model: nn.Module) -> Iterator[torch.Tensor]:
+    """The unembedding W [V, d] as the model stores it (its own dtype, never copied whole).
+
+    It is read through the head module: where accelerate offloads the head (to the CPU or to disk), its hook
+    loads the weight onto the execution device for the duration, as it does for a forward call.
+    """
+    from accelerate.utils import align_module_device
+
+    head = model.get_output_embeddings()
+    with align_module_device(head):
+        yield head.weight
+
+
+def slopes(model: nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """∂z/∂(Wy) per row and token under a soft cap, 1 − tanh²: [B, V]; None without one."""
     cap = softcap(model)
-    if cap is None:
-        return weight
-    slope = 1 - (z.to(dtype) / cap) ** 2  # z is already capped: tanh(z_raw / c) = z / c
-    return slope.unsqueeze(-1) * weight
+    return None if cap is None else 1 - (z.to(dtype) / cap) ** 2  # z is already capped: tanh(z_raw / c) = z / c
 
 
-def _rows(weight: torch.Tensor, row: int) -> torch.Tensor:
-    return weight if weight.dim() == 2 else weight[row]
+def head_rows(weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype, factor: float = 1.0,
+              slope: torch.Tensor | None = None) -> torch.Tensor:
+    """∂z_b[ids_b]/∂y_b for each row b: factor · slope[b, id] · W[id], [B, d]."""
+    rows = weight[ids.to(weight.device)].to(dtype) * factor
+    if slope is None:
+        return rows
+    return slope[torch.arange(len(ids), device=slope.device), ids.to(slope.device)].unsqueeze(-1).to(rows.device) * rows
 
 
-def fisher_matrix(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _chunks(weight: torch.Tensor, dtype: torch.dtype, factor: float,
+            slope: torch.Tensor | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """∂z/∂y of one row in vocabulary chunks, converted chunk by chunk: (slice, [chunk, d])."""
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        part = slice(start, start + VOCAB_CHUNK)
+        chunk = weight[part].to(dtype) * factor
+        yield part, chunk if slope is None else slope[part, None].to(chunk.device, dtype) * chunk
+
+
+def _mean(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, factor: float,
+          slope: torch.Tensor | None) -> torch.Tensor:
+    mean = torch.zeros(weight.shape[1], dtype=dtype, device=weight.device)
+    for part, chunk in _chunks(weight, dtype, factor, slope):
+        mean += chunk.T @ p[part]
+    return mean
+
+
+def fisher_matrix(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None, factor: float = 1.0,
+                  slope: torch.Tensor | None = None) -> torch.Tensor:
     """F = Wᵀ diag(p) W − w̄w̄ᵀ (w̄ = Wᵀp) for one row: weight [V, d], p [V] -> [d, d].
 
-    Summed as Σ_v p_v (w_v − w̄)(w_v − w̄)ᵀ: the same matrix without the cancellation of the two terms,
-    which costs float32 about three digits when p is peaked.
+    W here is ∂z/∂y = factor · diag(slope) · weight, streamed over the vocabulary in `dtype` (default:
+    the weight's). Summed as Σ_v p_v (w_v − w̄)(w_v − w̄)ᵀ: the same matrix without the cancellation of
+    the two terms, which costs float32 about three digits when p is peaked.
     """
-    p = p.to(weight.dtype)
-    mean = weight.T @ p
-    fisher = torch.zeros(weight.shape[1], weight.shape[1], dtype=weight.dtype, device=weight.device)
-    for start in range(0, weight.shape[0], VOCAB_CHUNK):
-        centred = weight[start:start + VOCAB_CHUNK] - mean
-        fisher += centred.T @ (p[start:start + VOCAB_CHUNK, None] * centred)
+    dtype = dtype or weight.dtype
+    p = p.to(weight.device, dtype)
+    mean = _mean(weight, p, dtype, factor, slope)
+    fisher = torch.zeros(weight.shape[1], weight.shape[1], dtype=dtype, device=weight.device)
+    for part, chunk in _chunks(weight, dtype, factor, slope):
+        centred = chunk - mean
+        fisher += centred.T @ (p[part, None] * centred)
     return fisher
 
 
@@ -80,28 +118,30 @@ def low_rank_factor(fisher: torch.Tensor, rank: int) -> torch.Tensor:
     return (values[top].clamp(min=0).sqrt().unsqueeze(-1) * vectors[:, top].T).to(fisher.dtype)
 
 
-def exact_factor(weight: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def exact_factor(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None, factor: float = 1.0,
+                 slope: torch.Tensor | None = None) -> torch.Tensor:
     """R with RᵀR = F, from A = diag(√p)(W − 1 w̄ᵀ) by a chunked (tall-skinny) QR: [min(V, d), d]."""
-    p = p.to(weight.dtype)
-    mean = weight.T @ p
+    dtype = dtype or weight.dtype
+    p = p.to(weight.device, dtype)
+    mean = _mean(weight, p, dtype, factor, slope)
     partial = []
-    for start in range(0, weight.shape[0], VOCAB_CHUNK):
-        chunk = p[start:start + VOCAB_CHUNK, None].sqrt() * (weight[start:start + VOCAB_CHUNK] - mean)
-        partial.append(torch.linalg.qr(chunk, mode="r").R)
+    for part, chunk in _chunks(weight, dtype, factor, slope):
+        partial.append(torch.linalg.qr(p[part, None].sqrt() * (chunk - mean), mode="r").R)
     stacked = torch.cat(partial)
     return stacked if len(partial) == 1 else torch.linalg.qr(stacked, mode="r").R
 
 
-def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int) -> torch.Tensor:
+def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int, dtype: torch.dtype,
+                   factor: float = 1.0, slope: torch.Tensor | None = None) -> torch.Tensor:
     """Factor rows for every batch row: [k, B, d] (k = rank for low-rank, min(V, d) for exact)."""
     rows = []
     for row in range(p.shape[0]):
-        w = _rows(weight, row)
+        own = None if slope is None else slope[row]
         if form == "exact":
-            rows.append(exact_factor(w, p[row]))
+            rows.append(exact_factor(weight, p[row], dtype, factor, own))
         else:
-            rows.append(low_rank_factor(fisher_matrix(w, p[row]), rank))
+            rows.append(low_rank_factor(fisher_matrix(weight, p[row], dtype, factor, own), rank))
     return torch.stack(rows, 1)
 
 
-__all__ = ["softcap", "scale", "logits", "head_weight", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]
+__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]

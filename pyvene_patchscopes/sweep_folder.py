@@ -1,0 +1,234 @@
+"""A sweep as a folder that outlives the process: one Parquet shard per finished unit, a manifest, resumable.
+
+``sweep(..., out=folder)`` writes ``manifest.json`` first (what the sweep is: its spec hash, the model's identity,
+the layers, the readout), then ``unit-000000.parquet``, ``unit-000001.parquet``, ... as each unit of source prompts
+finishes, each written whole to a temporary name and renamed (a killed process leaves no half shard under a
+shard's name). A rerun with the same arguments skips the units whose shard reads back whole and holds the same
+prompts; a shard that is corrupt or truncated is reported and recomputed. A folder that holds another sweep,
+or anything but a sweep, is refused and left as it is. When every unit is done, ``complete.json`` records
+the count. Under ``accelerate launch`` every process writes its own units' shards: nothing is gathered.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import PatchscopeError, SpecError
+from .files import expand, read_json
+
+FORMAT = "pyvene-patchscopes.sweep"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMPLETE = "complete.json"
+
+
+class ShardWarning(UserWarning):
+    """A shard of a sweep folder could not be read back whole; its unit is computed again."""
+
+
+def spec_hash(description: dict[str, Any]) -> str:
+    """sha256 of the sweep's description as canonical JSON: equal descriptions, equal hashes."""
+    return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def shard_path(folder: Path, unit: int) -> Path:
+    return folder / f"unit-{unit:06d}.parquet"
+
+
+def open_folder(out: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """The sweep folder `out`, created with `manifest`, or found holding this same sweep; else a `SpecError`."""
+    allowed = "allowed: a new or empty folder, or the folder of this same sweep to resume it"
+    folder = expand(out)
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"out={str(out)!r} is a file, not a folder; nothing was written ({allowed})")
+    if folder.is_dir():
+        if (folder / MANIFEST).is_file():
+            found = read_manifest(folder)
+            if found.get("spec_hash") != manifest["spec_hash"]:
+                differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
+                raise SpecError(f"out={str(out)!r} holds another sweep (it differs in {', '.join(differs) or 'spec'});"
+                                f" nothing was overwritten ({allowed})")
+            return folder
+        if any(folder.iterdir()):
+            raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "
+                            f"written ({allowed})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
+    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return folder
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    data = read_json(folder / MANIFEST, "sweep manifest")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SpecError(f"{folder / MANIFEST} is not a sweep manifest (allowed: format {FORMAT!r})")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise SpecError(f"{folder / MANIFEST}: version={version!r} is not supported (allowed: 1..{VERSION})")
+    return data
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+# ---- shards ---------------------------------------------------------------------------------------------
+def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], source_layers: list[int],
+               target_layers: list[int], same_layer: bool, tokens: list[str]) -> Any:
+    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise."""
+    import pyarrow as pa
+
+    top_ids, top_probs = part["top_ids"], part["top_probs"]          # [n, Ls, Lt, k]
+    n, n_source, n_target, k = top_ids.shape
+    cells = n * n_source * n_target
+    prompt = np.repeat(np.arange(n), n_source * n_target)
+    source = np.tile(np.repeat(np.asarray(source_layers), n_target), n)
+    target = source if same_layer else np.tile(np.asarray(target_layers), n * n_source)
+    columns = {
+        "unit": pa.array(np.full(cells, unit, dtype=np.int32)),
+        "prompt_index": pa.array((first + prompt).astype(np.int64)),
+        "prompt": pa.array([prompts[p] for p in prompt.tolist()], pa.string()),
+        "source_layer": pa.array(source.astype(np.int32)),
+        "target_layer": pa.array(target.astype(np.int32)),
+        "source_position": pa.array(np.asarray(part["source_positions"], dtype=np.int32)[prompt]),
+        "target_position": pa.array(part["target_positions"].reshape(-1).numpy().astype(np.int32)),
+        "token": pa.array(tokens, pa.string()),
+        "prob": pa.array(top_probs[..., 0].reshape(-1).numpy().astype(np.float32)),
+        "top_ids": _fixed(top_ids.reshape(cells, k).numpy().astype(np.int32), k),
+        "top_probs": _fixed(top_probs.reshape(cells, k).numpy().astype(np.float32), k),
+        "informative": pa.array(part["informative"].reshape(-1).numpy().astype(bool)),
+        "generation": pa.array(part["generations"] if part["generations"] is not None else [None] * cells,
+                               pa.string()),
+    }
+    if part.get("logits") is not None:
+        logits = part["logits"].reshape(cells, -1).numpy().astype(np.float32)
+        columns["logits"] = _fixed(logits, logits.shape[1])
+    return pa.table(columns)
+
+
+def _fixed(values: np.ndarray, width: int) -> Any:
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def write_shard(folder: Path, unit: int, table: Any) -> Path:
+    """Write a unit's table whole under a temporary name, then rename it into place (atomic on one file system)."""
+    import pyarrow.parquet as pq
+
+    path = shard_path(folder, unit)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int) -> bool:
+    """Whether `unit` has a shard that reads back whole and holds `prompts`; a corrupt one is reported (and
+    recomputed by the caller); one that holds other prompts means the input changed: a `SpecError`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = shard_path(folder, unit)
+    if not path.exists():
+        return False
+    try:
+        table = pq.read_table(path, columns=["prompt_index", "prompt"])
+    except (pa.ArrowException, OSError) as err:
+        warnings.warn(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]}); unit {unit} is "
+                      "computed again", ShardWarning, stacklevel=3)
+        return False
+    if table.num_rows != len(prompts) * cells_per_prompt:
+        warnings.warn(f"{path} holds {table.num_rows} cells where unit {unit} has "
+                      f"{len(prompts) * cells_per_prompt}; it is computed again", ShardWarning, stacklevel=3)
+        return False
+    held = table.column("prompt").to_pylist()[::cells_per_prompt]
+    if held != prompts:
+        raise SpecError(f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
+                        f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
+                        "prompts in the same order, or a new folder)")
+    return True
+
+
+def mark_complete(folder: Path, units: int, prompts: int) -> None:
+    _write_atomically(folder / COMPLETE, json.dumps({"units": units, "prompts": prompts}).encode())
+
+
+# ---- reading back ---------------------------------------------------------------------------------------
+@dataclass
+class SweepFolder:
+    """What ``sweep(..., out=folder)`` returns: the folder, its manifest, and which units this call computed."""
+
+    path: Path
+    manifest: dict[str, Any]
+    computed: list[int] = field(default_factory=list)   # units this process computed in this call
+    skipped: list[int] = field(default_factory=list)    # units this process found finished
+
+    def load(self, model: Any = None):
+        """The whole sweep as an in-memory `SweepResult` (see `SweepResult.load`)."""
+        from .sweep import SweepResult
+
+        return SweepResult.load(self.path, model)
+
+    def dataset(self):
+        """Every cell as a `datasets.Dataset`, memory-mapped from the shards (not read into memory)."""
+        return load_dataset(self.path)
+
+
+def shards(folder: Path, partial: bool = False) -> list[Path]:
+    """The folder's shards in unit order; all of them, unless `partial` (an unfinished sweep)."""
+    found = sorted(folder.glob("unit-*.parquet"))
+    if partial:
+        return found
+    if not (folder / COMPLETE).is_file():
+        raise PatchscopeError(f"{folder} is an unfinished sweep ({len(found)} unit(s) written); rerun the same sweep "
+                              "to finish it (finished units are skipped), or load it with partial=True")
+    done = read_json(folder / COMPLETE, "sweep completion record")
+    missing = sorted(set(range(int(done["units"]))) - {int(p.stem.split("-")[1]) for p in found})
+    if missing:
+        raise PatchscopeError(f"{folder} lacks the shards of unit(s) {missing[:10]}; rerun the same sweep to "
+                              "recompute them")
+    return found
+
+
+def load_dataset(folder: str | os.PathLike, partial: bool = False):
+    """The sweep's cells as a `datasets.Dataset` backed by Arrow files on disk (memory-mapped)."""
+    import datasets
+
+    path = expand(folder)
+    read_manifest(path)
+    return datasets.Dataset.from_parquet([str(p) for p in shards(path, partial)])
+
+
+def read_units(folder: Path, partial: bool = False) -> list[Any]:
+    """Every shard as an Arrow table, in unit order."""
+    import pyarrow.parquet as pq
+
+    return [pq.read_table(p) for p in shards(folder, partial)]
+
+
+def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One column of every table, concatenated, as a tensor (fixed-size lists become a last dimension)."""
+    import pyarrow as pa
+
+    column = pa.concat_arrays([chunk for t in tables for chunk in t.column(name).chunks])
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy()).to(dtype)
+    return torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
+
+
+__all__ = ["SweepFolder", "ShardWarning", "open_folder", "read_manifest", "write_shard", "finished", "unit_table",
+           "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

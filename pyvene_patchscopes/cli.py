@@ -288,7 +288,20 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                    source_layers=parse_layers(args.source_layers, handle.n_layers, "--source-layers"),
                    target_layers=target_layers,
                    progress=not args.json, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens,
-                   keep_logits=False, **options)
+                   out=args.out, readout=args.readout, **options)
+    if args.out is not None:  # the cells are in the folder; print what this process did, not every cell
+        if int(os.environ.get("RANK", "0")) == 0 and (plot is not None or html is not None):
+            loaded = result.load(handle)
+            if plot is not None:
+                loaded.plot(plot)
+            if html is not None:
+                loaded.to_html(html)
+        _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "out": str(result.path),
+                     "spec_hash": result.manifest["spec_hash"], "computed_units": result.computed,
+                     "skipped_units": result.skipped, "plot": args.plot, "html": args.html},
+              f"sweep written to {result.path} (units computed here: {len(result.computed)}, already there: "
+              f"{len(result.skipped)}); read it with SweepResult.load({str(result.path)!r})")
+        return
     if plot is not None:
         result.plot(plot)
     if html is not None:
@@ -543,6 +556,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
     p.add_argument("--html", default=None, help="write the heatmap as one self-contained interactive HTML page "
                                                  "here (hover a cell for its top-5; no server needed)")
+    p.add_argument("--out", default=None, help="write each finished unit to this folder as a Parquet shard; a rerun "
+                                                "resumes (prints a summary instead of every cell)")
+    p.add_argument("--readout", default="top", choices=["top", "logits", "generations"],
+                   help="what each cell keeps (default: top-k tokens; logits: also the full logits)")
     _common(p)
     p.set_defaults(func=cmd_sweep)
 

@@ -8,13 +8,21 @@ cell); `PatchscopeResult` objects are built only when asked for.
 
 Under ``accelerate launch`` the units are split over the processes (`execution.distributed`); every unit is
 computed exactly as in one process, so the result is the same bit for bit.
+
+With ``out=folder`` the sweep streams instead: prompts are read a unit at a time from any iterable, each
+finished unit is written as a Parquet shard, and a rerun resumes (`sweep_folder`). What a unit shares with
+the others (each (l, l*) cell resolved, each f built) is worked out once per sweep, not once per unit.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -22,18 +30,20 @@ from tqdm.auto import tqdm
 from .engine import run
 from .errors import SpecError, UninformativeScopeWarning, as_index, check_int
 from .execution.batching import chunks
-from .execution.distributed import gather_units, my_units
+from .execution.distributed import gather_units, my_units, process_slot
 from .execution.plain import collect_states
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .execution.check import stack_for
-from .mappings import build_mapping
+from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
 from .presets import get_preset
 from .resolve import Resolved, as_models, resolve
-from .result import PatchscopeResult, decode_top
+from .result import PatchscopeResult, decode_top, token_text
 from .spec import Patchscope, Position, Source
+from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, SweepFolder, column_tensor, finished, load_dataset, \
+    mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_table, write_shard
 
 
 @dataclass
@@ -56,6 +66,7 @@ class SweepResult:
     # [P, Ls, Lt] bool: False where the patch cannot reach the readout (l* = the last layer, written before the
     # target's last position), so the cell says nothing about the source
     informative: torch.Tensor | None = field(default=None, repr=False)
+    top_tokens: list[str] | None = field(default=None, repr=False)  # top-1 texts, flattened (read from a folder)
     _results: list[PatchscopeResult] | None = field(default=None, repr=False)
 
     @property
@@ -94,17 +105,78 @@ class SweepResult:
                              for j in range(shape[2])]
         return self._results
 
+    def _top_texts(self) -> list[str]:
+        """The top-1 token text of every cell, flattened in (prompt, l, l*) order."""
+        if self.top_tokens is None:
+            if self.tokenizer is None:
+                raise SpecError("this sweep was loaded without its model (allowed: SweepResult.load(folder, "
+                                "model=...) to decode tokens)")
+            self.top_tokens = top_texts(self.tokenizer, self.top_ids[..., 0])
+        return self.top_tokens
+
     def tokens(self) -> list[list[list[str]]]:
         """The top-1 token of every cell, [prompt][source layer][target layer]."""
-        ids = self.top_ids[..., 0].tolist()
-        return [[[decode_top(self.tokenizer, [0.0], [t])[0].token for t in row] for row in grid] for grid in ids]
+        texts = iter(self._top_texts())
+        shape = self.top_ids.shape[:3]
+        return [[[next(texts) for _ in range(shape[2])] for _ in range(shape[1])] for _ in range(shape[0])]
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{
-            "prompt": r.scope.source.prompt, "source_layer": r.scope.source.layer,
-            "target_layer": r.scope.target.layer, "source_position": r.source_position,
-            "token": r.token, "prob": r.prob, "generation": r.generation, "informative": r.informative,
-        } for r in self.results]
+        """One dict per cell, in (prompt, l, l*) order, built column-wise from the tensors."""
+        n, n_source, n_target = self.top_ids.shape[:3]
+        targets = [[l] for l in self.source_layers] if self.same_layer else \
+            [self.target_layers] * n_source
+        texts, probs = self._top_texts(), self.top_probs[..., 0].reshape(-1).tolist()
+        informative = [True] * len(texts) if self.informative is None else self.informative.reshape(-1).tolist()
+        generations = self.generations or [None] * len(texts)
+        cells = ((p, l, t) for p in range(n) for i, l in enumerate(self.source_layers) for t in targets[i])
+        return [{"prompt": self.prompts[p], "source_layer": l, "target_layer": t,
+                 "source_position": self.source_positions[p], "token": texts[c], "prob": probs[c],
+                 "generation": generations[c], "informative": informative[c]}
+                for c, (p, l, t) in enumerate(cells)]
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, model: ModelHandle | Any = None, partial: bool = False,
+             lazy: bool = False) -> "SweepResult | Any":
+        """Read a sweep folder written by ``sweep(..., out=folder)`` back into memory.
+
+        ``model`` (the handle the sweep ran on) makes its cells' specs and tokenizer available
+        (``cell``, ``results``, ``plot``); without it the tensors, prompts, top-1 tokens and generations load.
+        ``partial=True`` reads an unfinished sweep's finished units; ``lazy=True`` returns every cell as a
+        `datasets.Dataset` memory-mapped from the shards instead.
+        """
+        from .files import expand
+
+        path = expand(folder)
+        manifest = read_manifest(path)
+        if lazy:
+            return load_dataset(path, partial)
+        tables = read_units(path, partial)
+        if not tables:
+            raise SpecError(f"{path} holds no finished unit yet (allowed: a folder with at least one shard)")
+        same = manifest["target_layers"] == "same"
+        source_layers = list(manifest["source_layers"])
+        target_layers = source_layers if same else list(manifest["target_layers"])
+        columns = 1 if same else len(target_layers)
+        per_prompt = len(source_layers) * columns
+        prompts = [p for t in tables for p in t.column("prompt").to_pylist()[::per_prompt]]
+        shape = (len(prompts), len(source_layers), columns)
+        top_ids = column_tensor(tables, "top_ids", torch.long)
+        generations = [g for t in tables for g in t.column("generation").to_pylist()]
+        logits = column_tensor(tables, "logits", torch.float32) if "logits" in tables[0].column_names else None
+        handle = None if model is None else as_models(model)
+        return cls(
+            preset=manifest["preset"], prompts=prompts, source_layers=source_layers, target_layers=target_layers,
+            top_probs=column_tensor(tables, "top_probs", torch.float32).reshape(*shape, -1),
+            top_ids=top_ids.reshape(*shape, -1),
+            source_positions=[int(x) for t in tables for x in t.column("source_position").to_pylist()[::per_prompt]],
+            target_positions=column_tensor(tables, "target_position", torch.long).reshape(shape),
+            scope_for=_scopes_from(manifest, prompts, handle), same_layer=same,
+            tokenizer=None if handle is None else next(iter(handle.values())).tokenizer,
+            generations=None if all(g is None for g in generations) else generations,
+            logits=None if logits is None else logits.reshape(*shape, -1),
+            informative=column_tensor(tables, "informative", torch.bool).reshape(shape),
+            top_tokens=[x for t in tables for x in t.column("token").to_pylist()],
+        )
 
     def to_pandas(self):
         import pandas as pd
@@ -130,6 +202,35 @@ class SweepResult:
         return html
 
 
+def top_texts(tokenizer: Any, ids: torch.Tensor) -> list[str]:
+    """Token texts of `ids` (any shape, flattened), each distinct id decoded once."""
+    flat = ids.reshape(-1).tolist()
+    text = {i: token_text(tokenizer, i) for i in set(flat)}
+    return [text[i] for i in flat]
+
+
+def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str, ModelHandle] | None):
+    """The cells' specs of a loaded sweep, rebuilt from its manifest's preset and options."""
+    def scope_for(p: int, layer: int, target_layer: int) -> Patchscope:
+        if models is None:
+            raise SpecError("this sweep was loaded without its model (allowed: SweepResult.load(folder, model=...) "
+                            "to rebuild its cells' specs)")
+        handle = next(iter(models.values()))
+        options = dict(manifest["options"])
+        if isinstance(options.get("mapping"), dict):
+            if options["mapping"]["weights"]:
+                raise SpecError("this sweep's mapping has learned weights, which its folder records by hash only "
+                                "(allowed: the tensors, tokens and generations of SweepResult.load; rebuild a cell's "
+                                "spec with the mapping itself)")
+            options["mapping"] = MappingSpec(options["mapping"]["mapping"]["name"],
+                                             options["mapping"]["mapping"]["args"])
+        if manifest["preset"] == "logit-lens":
+            options.setdefault("tokenizer", handle.tokenizer)
+        return get_preset(manifest["preset"]).build(Source(prompts[p], manifest["source_position"], layer, handle.name),
+                                                    target_layer=target_layer, **options)
+    return scope_for
+
+
 @dataclass
 class _Cells:
     """What the sweep's cells share across prompts: resolved templates for one prompt, per (l, l*)."""
@@ -141,24 +242,32 @@ class _Cells:
         return len(self.templates), len(self.templates[0])
 
 
-def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset: str = "token-identity",
+READOUTS = ("top", "logits", "generations")
+
+
+def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = "token-identity",
           source_position: Position = -1, source_layers: Sequence[int] | None = None,
           target_layers: Sequence[int] | str | None = None, progress: bool | None = None, batch_size: int = 32,
           top: int = 10, planned: bool = True, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-          keep_logits: bool = True, distributed: bool | None = None, **options: Any) -> SweepResult:
+          keep_logits: bool = False, distributed: bool | None = None, out: str | os.PathLike | None = None,
+          readout: str = "top", **options: Any) -> "SweepResult | SweepFolder":
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
 
     ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does.
-    ``batch_size`` source prompts make one unit of work; ``max_batch_tokens`` bounds a patch batch;
-    ``keep_logits=False`` keeps only the top-``top`` tokens per cell (a 512-prompt 30 x 30 grid of
-    full SmolLM2 logits would be 90 GB). ``distributed`` splits the units over the processes of an
-    ``accelerate launch`` (default: whenever more than one process is running).
+    ``batch_size`` source prompts make one unit of work; ``max_batch_tokens`` bounds a patch batch.
+    ``readout``: ``"top"`` keeps the top-``top`` tokens per cell (and generations when generating);
+    ``"logits"`` (or ``keep_logits=True``) also keeps the full-vocabulary logits, which a 512-prompt 30 x 30
+    grid of SmolLM2 would need 90 GB for; ``"generations"`` keeps the generations and the top-1 token only.
+    ``distributed`` splits the units over the processes of an ``accelerate launch`` (default: whenever more
+    than one process is running).
+
+    ``out=folder`` streams: `source_prompts` may be any iterable (a ``datasets`` column, a generator), read
+    one unit at a time; each finished unit is written to the folder as a Parquet shard, a rerun skips the
+    finished ones, and a `SweepFolder` is returned (``.load()``, ``.dataset()``). See `sweep_folder`.
     """
-    prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
-    if not prompts:
-        raise SpecError("source_prompts is empty (allowed: one prompt or more)")
+    readout = _readout(readout, keep_logits)
     batch_size = check_int("batch_size", batch_size)
-    top = check_int("top", top)
+    top = 1 if readout == "generations" else check_int("top", top)
     check_budget(max_batch_tokens)
     models = as_models(model)
     handle = next(iter(models.values()))
@@ -172,34 +281,211 @@ def sweep(source_prompts: str | Sequence[str], model: ModelHandle | Any, preset:
     if preset == "logit-lens":
         options.setdefault("tokenizer", handle.tokenizer)
 
-    def scope_for(p: int, layer: int, target_layer: int) -> Patchscope:
-        return build(Source(prompts[p], source_position, layer, handle.name), target_layer=target_layer, **options)
+    def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
+        return build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer, **options)
 
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
                                                                    for l in source_layers]
-    units = list(chunks(list(range(len(prompts))), batch_size))
+    grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", batch_size)
+    shape = _Shape(preset, source_layers, target_layers, same_layer)
+    if out is not None:
+        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress,
+                                _manifest(grid, shape, source_position, readout, options))
+    prompts = _prompt_list(source_prompts)
+    units = list(chunks(prompts, batch_size))
     mine = my_units(len(units), distributed)
     parts = {}
-    per_prompt = sum(len(row) for row in pairs)
-    shared = SharedPrompts()
+    per_prompt = grid.cells_per_prompt
     with tqdm(total=sum(len(units[u]) for u in mine) * per_prompt, unit="cell", desc="sweep",
               disable=not (progress if progress is not None else len(prompts) * per_prompt > 64)) as bar:
         for u in mine:
-            parts[u] = _unit(units[u], scope_for, pairs, models, top, planned, max_batch_tokens, keep_logits,
-                             batch_size, shared)
+            parts[u] = grid.unit(units[u])
             bar.update(len(units[u]) * per_prompt)
     parts = gather_units(parts, distributed)
-    ordered = [parts[u] for u in range(len(units))]
+    return _assemble(shape, prompts, [parts[u] for u in range(len(units))], grid.scope_for(prompts),
+                     models[grid.make(prompts[0], source_layers[0], target_layers[0]).target_model].tokenizer)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The grid's axes, shared by every unit."""
+
+    preset: str
+    source_layers: list[int]
+    target_layers: list[int]
+    same_layer: bool
+
+
+def _readout(readout: str, keep_logits: bool) -> str:
+    if readout not in READOUTS:
+        raise SpecError(f"readout={readout!r} is not known (allowed: {', '.join(READOUTS)})")
+    if keep_logits and readout != "top" and readout != "logits":
+        raise SpecError(f"keep_logits=True and readout={readout!r} disagree (allowed: readout='logits', which is "
+                        "what keep_logits=True means)")
+    return "logits" if keep_logits else readout
+
+
+def _prompt_list(source_prompts: Any) -> list[str]:
+    prompts = [source_prompts] if isinstance(source_prompts, str) else list(source_prompts)
+    if not prompts:
+        raise SpecError("source_prompts is empty (allowed: one prompt or more)")
+    return prompts
+
+
+def _prompt_units(source_prompts: Any, batch_size: int) -> Iterator[list[str]]:
+    """The input in units of `batch_size` prompts, read lazily (a list, a generator, a `datasets` column)."""
+    if isinstance(source_prompts, str):
+        yield [source_prompts]
+        return
+    try:
+        iterator = iter(source_prompts)
+    except TypeError:
+        raise SpecError(f"source_prompts of type {type(source_prompts).__name__} is not allowed (allowed: a "
+                        "prompt, or an iterable of prompts such as a list or a datasets column)") from None
+    empty = True
+    while True:
+        unit = list(itertools.islice(iterator, batch_size))
+        if not unit:
+            break
+        empty = False
+        yield unit
+    if empty:
+        raise SpecError("source_prompts is empty (allowed: one prompt or more)")
+
+
+@dataclass
+class _Grid:
+    """How one unit of source prompts becomes its cells; what every unit shares is worked out once."""
+
+    make: Callable[[str, int, int], Patchscope]   # (source prompt, l, l*) -> the cell's spec
+    pairs: list[list[tuple[int, int]]]
+    models: dict[str, ModelHandle]
+    top: int
+    planned: bool
+    max_batch_tokens: int
+    keep_logits: bool
+    batch_size: int
+    shared: SharedPrompts = field(default_factory=SharedPrompts)
+    _cells: _Cells | None = None
+    _mappings: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def cells_per_prompt(self) -> int:
+        return sum(len(row) for row in self.pairs)
+
+    def cells(self, prompt: str) -> _Cells:
+        """Every (l, l*) cell resolved once per sweep, on the first prompt: they differ across prompts only in
+        the source prompt, which each unit resolves per prompt (`_unit_planned`)."""
+        if self._cells is None:
+            self._cells = _Cells([[resolve(self.make(prompt, l, t), self.models) for l, t in row]
+                                  for row in self.pairs])
+        return self._cells
+
+    def mapping(self, spec: Any, source: ModelHandle, target: ModelHandle):
+        """f, built once per (mapping, source model, target model) and placed on the target's device."""
+        key = (spec, source.name, target.name)
+        if key not in self._mappings:
+            self._mappings[key] = build_mapping(spec, source.hidden_size, target.hidden_size).to(target.device)
+        return self._mappings[key]
+
+    def scope_for(self, prompts: list[str]) -> Callable[[int, int, int], Patchscope]:
+        return lambda p, layer, target_layer: self.make(prompts[p], layer, target_layer)
+
+    def unit(self, prompts: list[str]) -> dict[str, Any]:
+        """One unit of source prompts, all its cells: tensors shaped [prompts, Ls, columns, ...] (on the CPU)."""
+        cells = self.cells(prompts[0])
+        first = cells.templates[0][0]
+        if not (self.planned and _plannable(cells, [self.make(p, first.scope.source.layer, first.scope.target.layer)
+                                                    for p in prompts], self.models)):
+            return _unit_by_scopes(prompts, self)
+        return _unit_planned(prompts, self, cells)
+
+
+def _assemble(shape: _Shape, prompts: list[str], ordered: list[dict[str, Any]], scope_for, tokenizer,
+              top_tokens: list[str] | None = None) -> "SweepResult":
     generations = None if ordered[0]["generations"] is None else [g for part in ordered for g in part["generations"]]
     cat = lambda key: torch.cat([part[key] for part in ordered])  # noqa: E731
     return SweepResult(
-        preset=preset, prompts=prompts, source_layers=source_layers, target_layers=target_layers,
+        preset=shape.preset, prompts=prompts, source_layers=shape.source_layers, target_layers=shape.target_layers,
         top_probs=cat("top_probs"), top_ids=cat("top_ids"),
         source_positions=[p for part in ordered for p in part["source_positions"]],
-        target_positions=cat("target_positions"), scope_for=scope_for, same_layer=same_layer,
-        tokenizer=models[scope_for(0, source_layers[0], target_layers[0]).target_model].tokenizer,
-        generations=generations, logits=cat("logits") if keep_logits else None, informative=cat("informative"),
+        target_positions=cat("target_positions"), scope_for=scope_for, same_layer=shape.same_layer,
+        tokenizer=tokenizer, generations=generations,
+        logits=cat("logits") if ordered[0].get("logits") is not None else None, informative=cat("informative"),
+        top_tokens=top_tokens,
     )
+
+
+# ---- out=folder: streamed, one shard per unit, resumable ------------------------------------------------------
+def _manifest(grid: _Grid, shape: _Shape, source_position: Position, readout: str,
+              options: dict[str, Any]) -> dict[str, Any]:
+    """What the sweep is, as the folder records it: the preset and its options (a mapping with its weights' hash)
+    make every cell's spec, so their hash tells two sweeps apart."""
+    recorded = {k: _recordable(k, v) for k, v in sorted(options.items()) if k != "tokenizer"}
+    description = {
+        "preset": shape.preset, "source_position": source_position, "source_layers": shape.source_layers,
+        "target_layers": "same" if shape.same_layer else shape.target_layers, "readout": readout, "top": grid.top,
+        "batch_size": grid.batch_size, "planned": grid.planned, "max_batch_tokens": grid.max_batch_tokens,
+        "options": recorded, "models": {name: _identity(h) for name, h in sorted(grid.models.items())},
+    }
+    return {"format": FORMAT, "version": FOLDER_VERSION, "spec_hash": spec_hash(description), **description}
+
+
+def _recordable(name: str, value: Any) -> Any:
+    """An option as JSON for the manifest: plain values as they are, a mapping by its spec and weights' hash."""
+    if isinstance(value, (MappingSpec, MappingFunction, str)) and name == "mapping":
+        spec = MappingSpec.coerce(value)
+        digest = hashlib.sha256()
+        for key in sorted(spec.weights):
+            digest.update(key.encode())
+            digest.update(spec.weights[key].float().numpy().tobytes())
+        return {"mapping": spec.to_dict(), "weights": sorted(spec.weights), "weights_sha256": digest.hexdigest()}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"option {name}={type(value).__name__} cannot be recorded in a sweep folder's manifest "
+                        "(allowed with out=: JSON values, and a mapping)") from None
+    return value
+
+
+def _identity(handle: ModelHandle) -> dict[str, Any]:
+    return {"name": handle.name, "class": type(handle.model).__name__, "origin": dict(handle.origin),
+            "dtype": str(handle.dtype).replace("torch.", ""), "n_layers": handle.n_layers,
+            "hidden_size": handle.hidden_size}
+
+
+def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str | os.PathLike,
+                     distributed: bool | None, progress: bool | None, manifest: dict[str, Any]) -> SweepFolder:
+    """Each unit this process owns (round robin under accelerate) computed unless its shard is already there."""
+    rank, size, barrier, is_main = process_slot(distributed)
+    folder = open_folder(out, manifest) if is_main else None
+    barrier()  # the main process creates the folder and its manifest before the others check it
+    folder = folder or open_folder(out, manifest)
+    done = SweepFolder(folder, manifest)
+    total = getattr(source_prompts, "__len__", None)
+    per_prompt = grid.cells_per_prompt
+    count = units = 0
+    with tqdm(total=None if total is None else len(source_prompts) * per_prompt, unit="cell", desc="sweep",
+              disable=not (progress if progress is not None else True)) as bar:
+        for u, prompts in enumerate(_prompt_units(source_prompts, grid.batch_size)):
+            first, count, units = count, count + len(prompts), u + 1
+            if u % size != rank:
+                continue
+            if finished(folder, u, prompts, per_prompt):
+                done.skipped.append(u)
+            else:
+                part = grid.unit(prompts)
+                tokenizer = grid.models[grid.make(prompts[0], *grid.pairs[0][0]).target_model].tokenizer
+                table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,
+                                   shape.same_layer, top_texts(tokenizer, part["top_ids"][..., 0]))
+                write_shard(folder, u, table)
+                done.computed.append(u)
+            bar.update(len(prompts) * per_prompt)
+    barrier()
+    if is_main:
+        mark_complete(folder, units, count)
+    barrier()
+    return done
 
 
 def _layer_list(field: str, layers: Any) -> list[int]:
@@ -214,18 +500,6 @@ def _layer_list(field: str, layers: Any) -> list[int]:
     return checked  # type: ignore[return-value]
 
 
-def _unit(prompts: Sequence[int], scope_for, pairs: list[list[tuple[int, int]]], models, top: int, planned: bool,
-          max_batch_tokens: int, keep_logits: bool, batch_size: int, shared: SharedPrompts) -> dict[str, Any]:
-    """One unit of source prompts, all its cells: tensors shaped [prompts, Ls, columns, ...] (on the CPU)."""
-    cells = _Cells([[resolve(scope_for(prompts[0], l, t), models) for l, t in row] for row in pairs])
-    first = cells.templates[0][0]
-    if not (planned and _plannable(cells, [scope_for(p, first.scope.source.layer, first.scope.target.layer)
-                                           for p in prompts], models)):
-        return _unit_by_scopes(prompts, scope_for, pairs, models, top, planned, max_batch_tokens, keep_logits,
-                               batch_size)
-    return _unit_planned(prompts, scope_for, cells, models, top, max_batch_tokens, keep_logits, batch_size, shared)
-
-
 def _plannable(cells: _Cells, per_prompt: list[Patchscope], models) -> bool:
     """Whether the cells can run as one planned grid: one target prompt and position for every prompt and
     cell (cells differ in l, l* and f only), no reroute, and a model `stack` supports."""
@@ -238,19 +512,19 @@ def _plannable(cells: _Cells, per_prompt: list[Patchscope], models) -> bool:
             and all(same(scope) for scope in per_prompt))
 
 
-def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top: int, max_batch_tokens: int,
-                  keep_logits: bool, batch_size: int, shared: SharedPrompts) -> dict[str, Any]:
+def _unit_planned(prompts: list[str], grid: _Grid, cells: _Cells) -> dict[str, Any]:
     n_source, n_target = cells.shape
     first = cells.templates[0][0]
+    models = grid.models
     source = models[first.scope.source.model]
     target = models[first.scope.target_model]
-    # the source: every prompt read once, at every needed source layer
-    scopes = [scope_for(p, first.scope.source.layer, first.scope.target.layer) for p in prompts]
+    # the source: every prompt resolved once (its position i) and read once, at every needed source layer
+    scopes = [grid.make(p, first.scope.source.layer, first.scope.target.layer) for p in prompts]
     positions = [resolve(s, models).source_position for s in scopes]
     for scope, position in zip(scopes, positions):
         warn_if_sink(position, source.tokenizer, scope.source.prompt)
     sites = [row[0].source_site for row in cells.templates]
-    states = collect_states(source, [s.source.prompt for s in scopes], positions, sites, batch_size)  # [n, Ls, d]
+    states = collect_states(source, prompts, positions, sites, grid.batch_size)  # [n, Ls, d]
     # f per (mapping, source layer): identity cells share one table
     specs: dict[tuple[Any, int], int] = {}
     pair = torch.empty(n_source, n_target, dtype=torch.long)
@@ -259,8 +533,7 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
             pair[i, j] = specs.setdefault((cell.scope.mapping, i), len(specs))
     with torch.no_grad():
         table = torch.stack([
-            build_mapping(spec, source.hidden_size, target.hidden_size).to(target.device)(
-                states[:, i].to(target.device)).to(target.model.dtype)
+            grid.mapping(spec, source, target)(states[:, i].to(target.device)).to(target.dtype)
             for (spec, i) in specs
         ])  # [pairs, n, d_target]
     # the target: rows (prompt, l, l*) in that order, run by the one planned driver
@@ -275,8 +548,8 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
     rows = TargetRows(ids=torch.tensor(token_ids(target.tokenizer, first.scope.target.prompt)),
                       position=first.target_position, layers=layers.view(-1).repeat(n),
                       after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens)
-    out = run_planned(stack_for(target.model), rows, top, max_batch_tokens, target.tokenizer.eos_token_id,
-                      keep_logits=keep_logits, shared=shared, pad_token_id=target.tokenizer.pad_token_id)
+    out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
+                      keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)
     k = out.top_ids.shape[-1]
     return {
@@ -291,20 +564,20 @@ def _unit_planned(prompts: Sequence[int], scope_for, cells: _Cells, models, top:
     }
 
 
-def _unit_by_scopes(prompts: Sequence[int], scope_for, pairs: list[list[tuple[int, int]]], models, top: int,
-                    planned: bool, max_batch_tokens: int, keep_logits: bool, batch_size: int) -> dict[str, Any]:
+def _unit_by_scopes(prompts: list[str], grid: _Grid) -> dict[str, Any]:
     """Cells whose targets differ by prompt (e.g. the logit lens) or reroute: one spec per cell through `run`."""
-    scopes = [scope_for(p, l, t) for p in prompts for row in pairs for l, t in row]
+    pairs = grid.pairs
+    scopes = [grid.make(p, l, t) for p in prompts for row in pairs for l, t in row]
     with warnings.catch_warnings():  # a sweep marks such cells (SweepResult.informative) instead
         warnings.simplefilter("ignore", UninformativeScopeWarning)
-        results = run(scopes, models, top=top, batch_size=batch_size, progress=False, planned=planned,
-                      max_batch_tokens=max_batch_tokens)
+        results = run(scopes, grid.models, top=grid.top, batch_size=grid.batch_size, progress=False,
+                      planned=grid.planned, max_batch_tokens=grid.max_batch_tokens)
     shape = (len(prompts), len(pairs), len(pairs[0]))
-    k = min(top, len(results[0].top))
+    k = min(grid.top, len(results[0].top))
     return {
         "top_probs": torch.tensor([[t.prob for t in r.top[:k]] for r in results]).reshape(*shape, k),
         "top_ids": torch.tensor([[t.token_id for t in r.top[:k]] for r in results]).reshape(*shape, k),
-        "logits": torch.stack([r.logits.float() for r in results]).reshape(*shape, -1) if keep_logits else None,
+        "logits": torch.stack([r.logits.float() for r in results]).reshape(*shape, -1) if grid.keep_logits else None,
         "generations": None if results[0].generation is None else [r.generation for r in results],
         "source_positions": [results[q * shape[1] * shape[2]].source_position for q in range(len(prompts))],
         "target_positions": torch.tensor([r.target_position for r in results]).reshape(shape),
@@ -312,4 +585,4 @@ def _unit_by_scopes(prompts: Sequence[int], scope_for, pairs: list[list[tuple[in
     }
 
 
-__all__ = ["sweep", "SweepResult"]
+__all__ = ["sweep", "SweepResult", "SweepFolder", "READOUTS"]

@@ -23,7 +23,8 @@ PROMPTS = ["The city of Paris is large", "Here is a word: dog", "Tokyo London Be
 
 
 def run_sweep(handle):
-    return sweep(PROMPTS, handle, target_layers=[0, 1, 3], max_new_tokens=3, batch_size=2, progress=False)
+    return sweep(PROMPTS, handle, target_layers=[0, 1, 3], max_new_tokens=3, batch_size=2, progress=False,
+                 keep_logits=True)
 
 
 def main(out: str) -> None:

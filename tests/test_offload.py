@@ -119,7 +119,7 @@ def test_the_planned_runners_follow_an_offloaded_model():
     moved = tiny_gpt_neo()
     cpu_offload(moved.model, execution_device=torch.device("cpu"))
     assert execution(moved.model) == "shared layers" and is_dispatched(moved.model)
-    scopes = [build("token-identity", PROMPT, -1, layer, model=normal.name).replace(max_new_tokens=3)
+    scopes = [build("token-identity", PROMPT, -1, layer, 0, model=normal.name).replace(max_new_tokens=3)
               for layer in (0, 1)]
     for a, b in zip(run(scopes, normal), run(scopes, moved)):
         assert torch.equal(a.logits, b.logits) and a.generation == b.generation

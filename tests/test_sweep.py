@@ -11,7 +11,7 @@ from pyvene_patchscopes.sweep import sweep
 def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
     prompts = ["The city of Paris is large", "Here is a word: dog"]
     grid = sweep(prompts, tiny_llama, preset="token-identity", source_layers=[0, 2, 3], target_layers=[1, 3],
-                 max_new_tokens=0, target_prompt="cat->cat; 1135->1135; hello->hello; ?")
+                 max_new_tokens=0, target_prompt="cat->cat; 1135->1135; hello->hello; ?", readout="logits")
     frame = grid.to_pandas()
     assert len(frame) == 2 * 3 * 2
     assert set(frame.columns) >= {"prompt", "source_layer", "target_layer", "token", "prob"}

@@ -1,4 +1,5 @@
-"""Data-parallel runs with `accelerate launch`: units of work split over processes, results gathered.
+"""Data-parallel runs with `accelerate launch`: units of work split over processes, results gathered (or, for a
+sweep written to a folder, each process's units written by it, with nothing gathered).
 
 The split uses `datasets` sharding (`split_dataset_by_node`, contiguous shards; with fewer units than
 processes, one unit each to the first ones and none to the rest) and the gather uses
@@ -8,7 +9,7 @@ split, so each one is computed exactly as it would be in a single process.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 
 def world_size() -> int:
@@ -39,6 +40,18 @@ def my_units(n_units: int, distributed: bool | None = None) -> list[int]:
     return list(split_dataset_by_node(units, rank=rank, world_size=size)["unit"])
 
 
+def process_slot(distributed: bool | None = None) -> tuple[int, int, Callable[[], None], bool]:
+    """(this process's rank, the number of processes, a barrier, whether it is the main process).
+
+    A streamed sweep (``out=folder``) deals unit u to rank u mod size as the input is read, so its length
+    need not be known, and more processes than units leaves the extra ones idle.
+    """
+    if not (world_size() > 1 if distributed is None else distributed):
+        return 0, 1, lambda: None, True
+    process = state()
+    return process.process_index, process.num_processes, process.wait_for_everyone, process.is_main_process
+
+
 def gather_units(parts: dict[int, Any], distributed: bool | None = None) -> dict[int, Any]:
     """Every process's {unit: result}, merged, on every process."""
     if not (world_size() > 1 if distributed is None else distributed):
@@ -60,4 +73,4 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-__all__ = ["my_units", "gather_units", "world_size", "device", "state"]
+__all__ = ["my_units", "process_slot", "gather_units", "world_size", "device", "state"]

@@ -90,7 +90,7 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
     tokens_per_row = len(rows.ids) + rows.max_new_tokens
     with evaluating(stack.model), torch.no_grad():
         prompt_pass = shared.get(stack, rows)
-        for batch in pack(range(n), rows.layers.tolist(), tokens_per_row, max_batch_tokens):
+        for batch in pack(range(n), rows.layers.tolist(), tokens_per_row, max_batch_tokens, vocab):
             index = torch.tensor(batch)
             decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
                                     max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,

@@ -460,7 +460,7 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
     rank, size, barrier, is_main = process_slot(distributed)
     folder = open_folder(out, manifest) if is_main else None
     barrier()  # the main process creates the folder and its manifest before the others check it
-    folder = folder or open_folder(out, manifest)
+    folder = folder or open_folder(out, manifest, clean=False)
     done = SweepFolder(folder, manifest)
     total = getattr(source_prompts, "__len__", None)
     per_prompt = grid.cells_per_prompt

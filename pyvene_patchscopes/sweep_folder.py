@@ -43,8 +43,11 @@ def shard_path(folder: Path, unit: int) -> Path:
     return folder / f"unit-{unit:06d}.parquet"
 
 
-def open_folder(out: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """The sweep folder `out`, created with `manifest`, or found holding this same sweep; else a `SpecError`."""
+def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = True) -> Path:
+    """The sweep folder `out`, created with `manifest`, or found holding this same sweep; else a `SpecError`.
+
+    `clean` removes shards left half-written by a killed process; only the main process does, before any
+    process starts a unit."""
     allowed = "allowed: a new or empty folder, or the folder of this same sweep to resume it"
     folder = expand(out)
     if folder.exists() and not folder.is_dir():
@@ -56,6 +59,8 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any]) -> Path:
                 differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
                 raise SpecError(f"out={str(out)!r} holds another sweep (it differs in {', '.join(differs) or 'spec'});"
                                 f" nothing was overwritten ({allowed})")
+            for stale in folder.glob(".unit-*.tmp") if clean else ():
+                stale.unlink(missing_ok=True)
             return folder
         if any(folder.iterdir()):
             raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "

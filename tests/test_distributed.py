@@ -48,3 +48,39 @@ def test_two_process_sweep_equals_single_process_sweep(tmp_path):
     assert torch.equal(split["top_probs"], single.top_probs)
     assert torch.equal(split["logits"], single.logits)  # bit for bit, not merely close
     assert ranks[0]["generations"] == ranks[1]["generations"] == single.generations
+
+
+def _launch(processes: int, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """The README's `accelerate launch ... -m pyvene_patchscopes.cli` on `processes` CPU processes (gloo)."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "pyvene_patchscopes.cli", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_eight_processes_on_two_prompts_equal_one_process_in_memory_and_written_to_a_folder(tmp_path):
+    """More processes than units: 6 of 8 have nothing to do, in memory (gathered) and with --out (each process
+    writes its own units' shards, nothing gathered); both equal one process."""
+    handle = tiny_model("llama", seed=4)
+    handle.model.save_pretrained(tmp_path / "tiny")
+    handle.tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "prompts.txt").write_text("The city of Paris is large\nHere is a word: dog\n")
+    argv = ["sweep", "--device", "auto", "--prompts", "prompts.txt", "--target-layers", "same", "--json",
+            "--model", "./tiny", "--batch-size", "1"]
+    single = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", *argv], cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = json.loads(single.stdout)["cells"]
+    assert len(alone) == 2 * handle.n_layers
+    split = _launch(8, argv, tmp_path)
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert json.loads(split.stdout)["cells"] == alone  # only the main process prints
+    written = _launch(8, [*argv, "--out", "folder"], tmp_path)
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "folder").glob("unit-*.parquet")) == ["unit-000000.parquet",
+                                                                                     "unit-000001.parquet"]
+    from pyvene_patchscopes.sweep import SweepResult
+
+    assert SweepResult.load(tmp_path / "folder").to_records() == alone

@@ -1,0 +1,37 @@
+"""Run by tests/test_sweep_folder.py in a subprocess that the test kills with SIGKILL mid-sweep.
+
+A sweep of a tiny model written to a folder, each unit slowed by a pause after it is computed (before its shard
+is written), so that the test can kill the process with some units finished and one in flight.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import tiny_model  # noqa: E402
+
+module = importlib.import_module("pyvene_patchscopes.sweep")  # the module (the package exports its function)
+
+PROMPTS = [f"The city of number {i} is large" for i in range(12)]
+
+
+def run(folder: str):
+    """The sweep both the killed process and the test's own rerun make: same model, prompts and arguments."""
+    return module.sweep(PROMPTS, tiny_model("llama", seed=5), target_layers=[0, 2, 3], max_new_tokens=2,
+                        batch_size=2, progress=False, out=folder, readout="logits")
+
+
+if __name__ == "__main__":
+    unit = module._Grid.unit
+
+    def slow(self, prompts):
+        part = unit(self, prompts)
+        time.sleep(float(sys.argv[2]))
+        return part
+
+    module._Grid.unit = slow
+    run(sys.argv[1])

@@ -1,0 +1,179 @@
+"""Sweeps that outlive the process: Parquet shards per unit, resumed after a crash, equal to an uninterrupted run.
+
+Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns), and folders that are refused.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import killed_sweep
+from pyvene_patchscopes import SpecError
+from pyvene_patchscopes.sweep import SweepResult, sweep
+from pyvene_patchscopes.sweep_folder import ShardWarning, shard_path
+
+PROMPTS = killed_sweep.PROMPTS
+TENSORS = ("top_ids", "top_probs", "logits", "target_positions", "informative")
+
+
+@pytest.fixture(scope="module")
+def model():
+    from tiny import tiny_model
+
+    return tiny_model("llama", seed=5)
+
+
+@pytest.fixture(scope="module")
+def whole(model):
+    """The same sweep in memory, uninterrupted."""
+    return sweep(PROMPTS, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
+                 readout="logits")
+
+
+def assert_same(got: SweepResult, want: SweepResult) -> None:
+    for name in TENSORS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.prompts == want.prompts and got.generations == want.generations
+    assert got.source_positions == want.source_positions and got.to_records() == want.to_records()
+
+
+def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path, model, whole):
+    folder = tmp_path / "sweep"
+    script = Path(killed_sweep.__file__)
+    process = subprocess.Popen([sys.executable, str(script), str(folder), "0.4"],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while len(list(folder.glob("unit-*.parquet"))) < 2:
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = sorted(int(p.stem.split("-")[1]) for p in folder.glob("unit-*.parquet"))
+    assert 2 <= len(written) < 6 and not (folder / "complete.json").exists()
+    with pytest.raises(Exception, match="unfinished sweep"):
+        SweepResult.load(folder)
+    partial = SweepResult.load(folder, model, partial=True)
+    assert partial.prompts == [p for u in written for p in PROMPTS[2 * u:2 * u + 2]]
+
+    resumed = killed_sweep.run(str(folder))
+    assert resumed.skipped == written  # only the unfinished units were computed again
+    assert resumed.computed == sorted(set(range(6)) - set(written))
+    assert_same(resumed.load(model), whole)
+    assert not list(folder.glob(".*.tmp"))  # the shard being written when the process died is gone
+
+
+def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path, model, whole):
+    first = killed_sweep.run(str(tmp_path / "s"))
+    assert first.computed == list(range(6)) and first.skipped == []
+    again = killed_sweep.run(str(tmp_path / "s"))
+    assert again.computed == [] and again.skipped == list(range(6))
+    assert_same(SweepResult.load(tmp_path / "s", model), whole)
+    data = SweepResult.load(tmp_path / "s", lazy=True)
+    assert data.num_rows == len(PROMPTS) * 4 * 3
+    assert data[5]["top_ids"] == whole.top_ids.reshape(-1, whole.top_ids.shape[-1])[5].tolist()
+    assert data[5]["token"] == whole.to_records()[5]["token"]
+
+
+def test_a_corrupt_shard_is_reported_and_recomputed(tmp_path, model, whole):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    path = shard_path(folder, 3)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as a full disk would leave it
+    with pytest.warns(ShardWarning, match="unit-000003.parquet is corrupt or truncated"):
+        again = killed_sweep.run(str(folder))
+    assert again.computed == [3]
+    assert_same(SweepResult.load(folder, model), whole)
+
+
+def test_a_folder_of_another_sweep_or_a_file_is_refused_and_left_as_it_is(tmp_path, model):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in target_layers\); nothing was overwritten"):
+        sweep(PROMPTS, model, target_layers=[0, 1], max_new_tokens=2, batch_size=2, progress=False, out=folder,
+              readout="logits")
+    with pytest.raises(SpecError, match="holds other source prompts than unit 0"):
+        sweep(["other"] + PROMPTS[1:], model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2,
+              progress=False, out=folder, readout="logits")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(SpecError, match="is a file, not a folder"):
+        sweep(PROMPTS, model, out=tmp_path / "file", progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(SpecError, match="holds files but no sweep manifest"):
+        sweep(PROMPTS, model, out=tmp_path / "other", progress=False)
+    assert (tmp_path / "file").read_text() == "keep" and (tmp_path / "other" / "notes.txt").read_text() == "keep"
+
+
+def test_inputs_stream_from_a_generator_or_a_datasets_column(tmp_path, model, whole):
+    import datasets
+
+    column = datasets.Dataset.from_dict({"text": PROMPTS})["text"]
+    from_column = sweep(column, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
+                        out=tmp_path / "a", readout="logits")
+    assert_same(from_column.load(model), whole)
+    pulled = []
+
+    def prompts():
+        for prompt in PROMPTS:
+            pulled.append(prompt)
+            yield prompt
+
+    folder = sweep(prompts(), model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
+                   out=tmp_path / "b", readout="logits")
+    assert pulled == PROMPTS and folder.computed == list(range(6))
+    assert_same(folder.load(model), whole)
+
+
+def test_readouts_keep_only_what_was_asked(model, whole):
+    common = dict(target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False)
+    top = sweep(PROMPTS, model, **common)
+    assert top.logits is None  # the default keeps no full-vocabulary logits
+    assert torch.equal(top.top_ids, whole.top_ids) and top.generations == whole.generations
+    text = sweep(PROMPTS, model, readout="generations", **common)
+    assert text.logits is None and text.top_ids.shape[-1] == 1
+    assert text.generations == whole.generations and torch.equal(text.top_ids[..., 0], whole.top_ids[..., 0])
+    with pytest.raises(SpecError, match=r"readout='everything' is not known \(allowed: top, logits, generations\)"):
+        sweep(PROMPTS, model, readout="everything", **common)
+
+
+def test_records_built_column_wise_equal_records_built_from_each_cells_result(whole):
+    from_results = [{"prompt": r.scope.source.prompt, "source_layer": r.scope.source.layer,
+                     "target_layer": r.scope.target.layer, "source_position": r.source_position, "token": r.token,
+                     "prob": r.prob, "generation": r.generation, "informative": r.informative}
+                    for r in whole.results]
+    assert whole.to_records() == from_results
+
+
+def test_the_cli_writes_a_sweep_folder_and_resumes_it(tmp_path, monkeypatch, capsys):
+    import json
+
+    from pyvene_patchscopes import models
+    from pyvene_patchscopes.cli import main
+    from tiny import tiny_loader
+
+    monkeypatch.setattr(models, "load_model", tiny_loader("llama"))
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:5]) + "\n")
+    argv = ["sweep", "--prompts", str(tmp_path / "prompts.txt"), "--target-layers", "same", "--batch-size", "2",
+            "--out", str(tmp_path / "s"), "--json"]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["computed_units"] == [0, 1, 2] and first["skipped_units"] == []
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["computed_units"] == [] and again["skipped_units"] == [0, 1, 2]
+    loaded = SweepResult.load(tmp_path / "s")
+    assert loaded.prompts == PROMPTS[:5] and loaded.top_ids.shape[:3] == (5, 4, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert loaded.tokens()[0][0][0] == loaded.to_records()[0]["token"]

@@ -41,13 +41,15 @@ from .spec import Patchscope
 def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
         top: int = 10, batch_size: int = 32, progress: bool | None = None,
         source_states: Sequence[torch.Tensor] | None = None, planned: bool = True,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS) -> list[PatchscopeResult]:
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = True) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order.
 
     ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
     as already read at each scope's source, e.g. when an evaluation has read them once for many readouts.
     ``planned=False`` patches through plain pyvene even where the planned execution applies;
-    ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens)).
+    ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens), and rows x vocabulary
+    for the head). ``keep_logits=False`` leaves each result's full-vocabulary ``logits`` out (None), keeping
+    its top tokens and generation: what a run of many scopes on a large-vocabulary model needs.
     """
     check_budget(max_batch_tokens)
     top = check_int("top", top)
@@ -70,11 +72,12 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
         if fast:
             done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
-                                  max_batch_tokens, progress)
+                                  max_batch_tokens, progress, keep_logits)
             for k, result in zip(fast, done):
                 results[plain[k]] = result
         if slow:
-            done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress)
+            done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress,
+                              keep_logits)
             for k, result in zip(slow, done):
                 results[plain[k]] = result
     rerouted: dict[str, list[int]] = defaultdict(list)
@@ -84,6 +87,9 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for name, rows in rerouted.items():
         for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
             results[r] = result
+    if not keep_logits:
+        for result in results:
+            result.logits = None  # type: ignore[union-attr]
     return results  # type: ignore[return-value]
 
 
@@ -151,7 +157,7 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
 
 
 def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
-                   max_batch_tokens: int, progress: bool | None) -> list[PatchscopeResult]:
+                   max_batch_tokens: int, progress: bool | None, keep_logits: bool = True) -> list[PatchscopeResult]:
     """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
     vectors = _mapped(resolved, states, models)
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
@@ -170,13 +176,14 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 max_new_tokens=group.max_new_tokens)
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
-                              pad_token_id=handle.tokenizer.pad_token_id)
+                              pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
             texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
             probs, ids = out.top_probs.tolist(), out.top_ids.tolist()
             for k, r in enumerate(group.rows):
                 results[r] = PatchscopeResult(
                     scope=resolved[r].scope, source_position=resolved[r].source_position,
-                    target_position=resolved[r].target_position, logits=out.logits[k],
+                    target_position=resolved[r].target_position,
+                    logits=None if out.logits is None else out.logits[k],
                     top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
                     informative=resolved[r].informative,
                     generated_ids=None if out.tokens is None else list(out.tokens[k]),
@@ -185,7 +192,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
 
 
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
-               batch_size: int, progress: bool | None) -> list[PatchscopeResult]:
+               batch_size: int, progress: bool | None, keep_logits: bool = True) -> list[PatchscopeResult]:
     groups: dict[tuple[str, str, Site, int, MappingSpec], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         scope = item.scope
@@ -204,7 +211,7 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
-                target_position=resolved[r].target_position, logits=logits[k].cpu(),
+                target_position=resolved[r].target_position, logits=logits[k].cpu() if keep_logits else None,
                 top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
                 informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
             )

@@ -177,3 +177,14 @@ def test_the_cli_writes_a_sweep_folder_and_resumes_it(tmp_path, monkeypatch, cap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert loaded.tokens()[0][0][0] == loaded.to_records()[0]["token"]
+
+
+def test_run_without_logits_keeps_the_top_tokens_and_generations_on_both_paths(model):
+    from pyvene_patchscopes import Source, run
+    from pyvene_patchscopes.presets import token_identity
+
+    scopes = [token_identity(Source(p, -1, 2, model.name), target_layer=1, max_new_tokens=2) for p in PROMPTS[:3]]
+    for planned in (True, False):
+        full, lean = run(scopes, model, planned=planned), run(scopes, model, planned=planned, keep_logits=False)
+        assert all(r.logits is None for r in lean) and all(r.logits is not None for r in full)
+        assert [(r.top, r.generation) for r in lean] == [(r.top, r.generation) for r in full]

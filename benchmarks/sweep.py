@@ -38,17 +38,23 @@ from pyvene_patchscopes.sweep import sweep
 
 
 def source_prompts(n: int) -> list[str]:
-    """N prose snippets from Python's own docs, each ending on a content word (the state read is its last token)."""
+    """N prose snippets from Python's own docs, each ending on a content word (the state read is its last token).
+
+    The first pass takes one snippet from the start of each paragraph; later passes start 7, 14, ... words in."""
     out = []
-    for text in default_texts():
-        words = text.split()
-        for end in range(6, min(len(words), 24)):
-            word = words[end].strip(".,;:()\"'")
-            if word.isalpha() and len(word) >= 5:
-                out.append(" ".join(words[:end] + [word]))
-                break
-        if len(out) == n:
-            return out
+    texts = [text.split() for text in default_texts()]
+    for offset in range(0, 100, 7):
+        for all_words in texts:
+            words = all_words[offset:]
+            for end in range(6, min(len(words), 24)):
+                word = words[end].strip(".,;:()\"'")
+                if word.isalpha() and len(word) >= 5:
+                    snippet = " ".join(words[:end] + [word])
+                    if snippet not in out:
+                        out.append(snippet)
+                    break
+            if len(out) == n:
+                return out
     raise SystemExit(f"--prompts {n}: only {len(out)} prompts are available")
 
 

@@ -11,7 +11,8 @@ from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Patchscope, Reroute, Source, Target
-from .sweep import SweepResult, sweep
+from .sweep import SweepFolder, SweepResult, sweep
+from .sweep_folder import ShardWarning
 from .fit import fit_affine, fit_tuned_lens
 from .presets import build
 from .architectures import Architecture, FAMILIES, architecture
@@ -22,7 +23,7 @@ __all__ = [
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
-    "Attribution", "sweep", "SweepResult", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
+    "Attribution", "sweep", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "install_safe_serialization",
     "uninstall_safe_serialization",

@@ -42,7 +42,7 @@ from .presets import get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
 from .spec import Patchscope, Position, Source
-from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, SweepFolder, column_tensor, finished, load_dataset, \
+from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
     mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_table, write_shard
 
 
@@ -200,6 +200,24 @@ class SweepResult:
 
             write_text(path, html)
         return html
+
+
+@dataclass
+class SweepFolder:
+    """What ``sweep(..., out=folder)`` returns: the folder, its manifest, and which units this call computed."""
+
+    path: Path
+    manifest: dict[str, Any]
+    computed: list[int] = field(default_factory=list)   # units this process computed in this call
+    skipped: list[int] = field(default_factory=list)    # units this process found finished
+
+    def load(self, model: Any = None):
+        """The whole sweep as an in-memory `SweepResult` (see `SweepResult.load`)."""
+        return SweepResult.load(self.path, model)
+
+    def dataset(self):
+        """Every cell as a `datasets.Dataset`, memory-mapped from the shards (not read into memory)."""
+        return load_dataset(self.path)
 
 
 def top_texts(tokenizer: Any, ids: torch.Tensor) -> list[str]:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,26 +171,6 @@ def mark_complete(folder: Path, units: int, prompts: int) -> None:
 
 
 # ---- reading back ---------------------------------------------------------------------------------------
-@dataclass
-class SweepFolder:
-    """What ``sweep(..., out=folder)`` returns: the folder, its manifest, and which units this call computed."""
-
-    path: Path
-    manifest: dict[str, Any]
-    computed: list[int] = field(default_factory=list)   # units this process computed in this call
-    skipped: list[int] = field(default_factory=list)    # units this process found finished
-
-    def load(self, model: Any = None):
-        """The whole sweep as an in-memory `SweepResult` (see `SweepResult.load`)."""
-        from .sweep import SweepResult
-
-        return SweepResult.load(self.path, model)
-
-    def dataset(self):
-        """Every cell as a `datasets.Dataset`, memory-mapped from the shards (not read into memory)."""
-        return load_dataset(self.path)
-
-
 def shards(folder: Path, partial: bool = False) -> list[Path]:
     """The folder's shards in unit order; all of them, unless `partial` (an unfinished sweep)."""
     found = sorted(folder.glob("unit-*.parquet"))
@@ -235,5 +214,5 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
     return torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
 
 
-__all__ = ["SweepFolder", "ShardWarning", "open_folder", "read_manifest", "write_shard", "finished", "unit_table",
+__all__ = ["ShardWarning", "open_folder", "read_manifest", "write_shard", "finished", "unit_table",
            "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-runners bench-explore docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-memory docs clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,12 @@ bench: install                                 # official loop vs plain pyvene v
 
 bench-runners: install                         # the three planned runners against the plain path, same grid, ~3 min
 	$(PY) benchmarks/runners.py --prompts 2 --out benchmarks/results/runners.json
+
+bench-host: install                            # host work per sweep cell, before and after issue 25, ~2 min
+	$(PY) benchmarks/host.py --prompts 8 --out benchmarks/results/host.json
+
+bench-memory: install                          # peak memory against sweep size, both embedded models, ~35 min
+	$(PY) benchmarks/memory.py --limit 10000 --out benchmarks/results/memory.json
 
 bench-explore: install browser                 # the explorer's first heatmap on SmolLM2, click to drawn, ~1 min
 	$(PY) benchmarks/explore.py --out benchmarks/results/explore.json

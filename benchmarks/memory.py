@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweep import write_report  # noqa: E402
 
 SIZES = (250, 1000, 2500, 10000)
-CONTRAST = (250, 1000)  # in memory with full logits: about 6 GB at 1,000 prompts on SmolLM2
+CONTRAST = (250, 1000)  # in memory with full logits: 12 GB at 1,000 prompts on SmolLM2
+CONTRAST_LIMIT_GIB = 12  # a contrast run whose logits (twice: the parts and their concatenation) would pass this is left out
+VOCAB = {"smollm2-135m": (30, 49152), "gemma3-270m": (18, 262144)}
 
 
 def prompts(n: int) -> list[str]:
@@ -82,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for k, model in enumerate(args.models.split(",")):
         limit = args.limit if k == 0 else min(args.limit, args.second_model_limit)
-        runs = [(n, "folder") for n in SIZES if n <= limit] + [(n, "memory+logits") for n in CONTRAST if n <= limit]
+        layers, vocab = VOCAB.get(model, (32, 128256))
+        fits = lambda n: 2 * n * layers * vocab * 4 / 2**30 <= CONTRAST_LIMIT_GIB  # noqa: E731
+        runs = [(n, "folder") for n in SIZES if n <= limit] + \
+            [(n, "memory+logits") for n in CONTRAST if n <= limit and fits(n)]
         for n, mode in runs:
             done = subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size), "--one", model,
                                    str(n), mode], capture_output=True, text=True)

@@ -7,6 +7,10 @@ an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself w
 
 - `MappingIntervention`: the patch step of a Patchscope. ``base`` is the target state at i*, ``source`` the
   state read at (S, i, M, l); it returns f(source).
+- `MixIntervention`, `AddIntervention`, `NormMatchedAddIntervention`: the write modes of the methods that read
+  a vector rather than a state. SelfIE mixes, h ← α·f(v) + (1 − α)·h, or adds, h ← h + α·f(v); Activation
+  Oracles add f(v) matched to the norm of the state it lands on, h ← h + ‖h‖·α·f(v)/‖f(v)‖. α is kept in the
+  state, so pyvene's save/load and ours rebuild it.
 - `RerouteIntervention`: the CoT Patchscope (paper §5). One instance is linked (``intervention_link_key``)
   to two sites of the same pass: its first call, at (l, i), holds the state; its second, at (l*, i*),
   writes f(held). Call order is the layer order, so one pass needs l <= l*.
@@ -118,6 +122,59 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         return self.mapping(source.to(self._device())).to(base.device, base.dtype)  # a split model's layer may sit on another device
 
 
+class _ScaledWrite(MappingIntervention):
+    """A write that combines f(source) with the target state h it lands on, with a scale α kept in the state."""
+
+    def __init__(self, mapping: MappingFunction | MappingSpec | str | None = None, alpha: float = 1.0,
+                 **kwargs: Any) -> None:
+        super().__init__(mapping=mapping, **kwargs)
+        self.register_buffer("alpha", torch.tensor(check_alpha(alpha), dtype=torch.float64))
+
+    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+        written = super().forward(base, source, subspaces, **kwargs)
+        return self.combine(base, written).to(base.dtype)
+
+
+def check_alpha(alpha: object) -> float:
+    """α as a finite float, else a `SpecError` naming it."""
+    try:
+        value = float(alpha)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(alpha, bool) or not torch.isfinite(torch.tensor(value)):
+        raise SpecError(f"alpha={alpha!r} is not allowed (allowed: a finite number)")
+    return value
+
+
+@register_intervention("mix")
+class MixIntervention(_ScaledWrite):
+    """h ← α·f(v) + (1 − α)·h (SelfIE's mixing; α = 1 is replacement)."""
+
+    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        alpha = float(self.alpha)
+        return alpha * written + (1 - alpha) * base
+
+
+@register_intervention("add")
+class AddIntervention(_ScaledWrite):
+    """h ← h + α·f(v) (SelfIE's addition; a steering vector)."""
+
+    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        return base + float(self.alpha) * written
+
+
+@register_intervention("norm-matched-add")
+class NormMatchedAddIntervention(_ScaledWrite):
+    """h ← h + ‖h‖·α·f(v)/‖f(v)‖, norms over the hidden dimension at each position (Activation Oracles)."""
+
+    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+        direction = written / written.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(written.dtype).tiny)  # 0 adds 0
+        return base + base.norm(dim=-1, keepdim=True) * float(self.alpha) * direction
+
+
 @register_intervention("reroute")
 class RerouteIntervention(pv.SourcelessIntervention, _MappedIntervention, pv.LocalistRepresentationIntervention):
     """One instance linked to two sites of one pass: holds the state at (l, i), writes f(state) at (l*, i*)."""
@@ -145,5 +202,6 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
     return INTERVENTIONS[name]
 
 
-__all__ = ["MappingIntervention", "RerouteIntervention", "register_intervention", "INTERVENTIONS",
+__all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
+           "check_alpha", "RerouteIntervention", "register_intervention", "INTERVENTIONS",
            "resolve_intervention"]

@@ -1,0 +1,112 @@
+"""SAE decoders read from sae-lens's saved format (issue 26, first part), written here by hand in that format
+(cfg.json + sae_weights.safetensors, hook names at the top level as before sae-lens 6 and under "meta" since),
+and a latent's direction written into an identity prompt through pyvene, equal to a hand-written hook."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import pyvene as pv
+import torch
+from safetensors.torch import save_file
+
+from pyvene_patchscopes import SpecError, compat
+from pyvene_patchscopes.interventions import AddIntervention
+from pyvene_patchscopes.vectors import hook_layer, load_sae
+from tiny import tiny_model
+
+IDENTITY = "cat->cat; 1135->1135; hello->hello; ?"
+
+
+def write_sae(folder, d_in: int = 64, d_sae: int = 32, hook: str = "blocks.2.hook_resid_post", meta: bool = True,
+              weights: dict | None = None) -> dict:
+    """A standard (ReLU) SAE in sae-lens's saved format, as ``SAE.save_model`` writes it."""
+    torch.manual_seed(7)
+    tensors = weights or {"W_enc": torch.randn(d_in, d_sae), "W_dec": torch.randn(d_sae, d_in),
+                          "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}
+    config = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+              "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard"}
+    if meta:
+        config["meta"] = {"model_name": "tiny-llama", "hook_name": hook, "hook_head_index": None,
+                          "prepend_bos": True, "sae_lens_version": "6.12.1"}
+    else:
+        config.update({"model_name": "tiny-llama", "hook_name": hook, "hook_layer": 2})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cfg.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    return tensors
+
+
+@pytest.mark.parametrize("meta", [True, False], ids=["sae-lens 6 (meta)", "before 6 (top level)"])
+def test_an_sae_in_sae_lens_format_loads_with_its_decoder_rows_and_layer(tmp_path, meta):
+    handle = tiny_model("llama", seed=3)
+    weights = write_sae(tmp_path / "sae", meta=meta)
+    sae = load_sae(tmp_path / "sae", handle)
+    assert (sae.layer, sae.d_in, sae.d_sae, sae.architecture) == (2, 64, 32, "standard")
+    assert torch.equal(sae.latent(5), weights["W_dec"][5])
+    with pytest.raises(SpecError, match=r"latent=32 is out of range for this SAE \(allowed: 0..31\)"):
+        sae.latent(32)
+
+
+def test_latent_k_written_through_pyvene_equals_writing_w_dec_k_by_hand(tmp_path):
+    """Latent k's direction added at the identity prompt's last position after its SAE's layer, through pyvene,
+    equals a forward hook that adds W_dec[k] there."""
+    handle = tiny_model("llama", seed=3)
+    weights = write_sae(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae", handle)
+    ids = handle.tokenizer(IDENTITY, return_tensors="pt")
+    last = ids["input_ids"].shape[1] - 1
+
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[0, last] = hidden[0, last] + 4.0 * weights["W_dec"][9]
+        return output
+
+    hook = handle.model.model.layers[sae.layer].register_forward_hook(add)
+    with torch.no_grad():
+        want = handle.model(**ids).logits[0, -1]
+    hook.remove()
+    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
+        layer=sae.layer, component="block_output", unit="pos", max_number_of_units=1,
+        intervention=AddIntervention(embed_dim=sae.d_in, alpha=4.0))])
+    with compat.pyvene_guard(handle.model), torch.no_grad():
+        pvm = compat.intervenable(config, handle.model)
+        _, out = pvm(base=dict(ids), unit_locations={"base": [[[last]]]},
+                     source_representations={pvm.sorted_keys[0]: sae.latent(9)[None, None]})
+    torch.testing.assert_close(out.logits[0, -1], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hook, layer", [("blocks.7.hook_resid_post", 7), ("blocks.7.hook_resid_pre", 6),
+                                         ("model.layers.3", 3), ("layers.0", 0)])
+def test_hook_names_map_to_the_block_output_they_are(hook, layer):
+    assert hook_layer(hook) == layer
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.3.attn.hook_z", "blocks.3.hook_mlp_out", None])
+def test_a_hook_that_is_not_a_block_output_is_refused_naming_it(hook):
+    with pytest.raises(SpecError, match=r"SAE hook_name=.* is not a residual-stream hook .*allowed: blocks"):
+        hook_layer(hook)
+
+
+def test_bad_sae_files_get_one_line_naming_the_field(tmp_path):
+    handle = tiny_model("llama", seed=3)
+    write_sae(tmp_path / "wide", d_in=96)
+    with pytest.raises(SpecError, match=r"SAE d_in=96 does not match tiny-llama's hidden size 64"):
+        load_sae(tmp_path / "wide", handle)
+    write_sae(tmp_path / "deep", hook="blocks.9.hook_resid_post")
+    with pytest.raises(SpecError, match=r"is layer 9, out of range for tiny-llama \(allowed: 0..3\)"):
+        load_sae(tmp_path / "deep", handle)
+    bad = {"W_dec": torch.full((32, 64), float("nan"))}
+    write_sae(tmp_path / "nan", weights=bad)
+    with pytest.raises(SpecError, match=r"SAE weight 'W_dec' has 2048 non-finite value"):
+        load_sae(tmp_path / "nan")
+    write_sae(tmp_path / "shape", weights={"W_dec": torch.zeros(64, 32)})
+    with pytest.raises(SpecError, match=r"SAE W_dec has shape \[64, 32\], but cfg.json says d_sae=32, d_in=64"):
+        load_sae(tmp_path / "shape")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError, match="SAE config"):
+        load_sae(tmp_path / "empty")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "cfg.json").symlink_to(tmp_path / "wide" / "cfg.json")
+    with pytest.raises(SpecError, match="resolves outside the folder"):
+        load_sae(tmp_path / "link")

@@ -61,7 +61,7 @@ def _buffer_text(tensor: torch.Tensor, field: str) -> str:
 
 
 class _MappedIntervention(pv.TrainableIntervention):
-    """Shared part: a mapping f kept as a submodule, with its name, arguments and source size as buffers."""
+    """Shared part: a mapping f kept as a submodule, with its name, arguments and sizes as buffers."""
 
     restores_arguments_from_state = True  # compat.reloadable_kwargs_check: constructor args live in the state
 
@@ -86,6 +86,7 @@ class _MappedIntervention(pv.TrainableIntervention):
         self.register_buffer("mapping_name", _text_buffer(mapping.name))
         self.register_buffer("mapping_args", _text_buffer(json.dumps(mapping.arguments(), sort_keys=True)))
         self.register_buffer("source_dim", torch.tensor(mapping.source_dim, dtype=torch.int64))
+        self.register_buffer("target_dim", torch.tensor(mapping.target_dim, dtype=torch.int64))
 
     def _device(self) -> torch.device:
         return self.source_dim.device  # where f's weights are (a buffer every instance has)
@@ -102,7 +103,14 @@ class _MappedIntervention(pv.TrainableIntervention):
                 raise UnknownNameError(f"saved intervention uses mapping {name!r}, which is not registered "
                                        f"(allowed: {', '.join(sorted(MAPPINGS))}); import the module "
                                        "that registers it before loading")
-            target_dim = int(self.embed_dim) if self.embed_dim is not None else source_dim
+            # pyvene passes embed_dim = hidden size x max_number_of_units: the saved target size is the one to
+            # use; a state saved before it was kept (no target_dim) falls back to embed_dim, as it always did
+            target_key = prefix + "target_dim"
+            if target_key in state_dict:
+                target_dim = int(state_dict[target_key])
+            else:
+                target_dim = int(self.embed_dim) if self.embed_dim is not None else source_dim
+                state_dict[target_key] = torch.tensor(target_dim, dtype=torch.int64)
             self._install(MAPPINGS[name](source_dim, target_dim, **args))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -84,10 +84,10 @@ def test_mix_with_alpha_one_is_replacement_and_add_with_alpha_zero_leaves_the_st
 @pytest.mark.parametrize("cls", list(FORMULAS), ids=lambda c: c.registered_name)
 def test_alpha_survives_save_and_load(cls, tmp_path):
     handle = tiny_model("llama", seed=3)
-    vectors = torch.randn(1, handle.hidden_size)
-    # one slot: pyvene rebuilds a loaded intervention with embed_dim = hidden size x max_number_of_units
+    vectors = torch.randn(2, handle.hidden_size)
+    # two slots: pyvene rebuilds a loaded intervention with embed_dim = hidden size x 2; the saved size is used
     config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=LAYER, component="block_output", unit="pos", max_number_of_units=1,
+        layer=LAYER, component="block_output", unit="pos", max_number_of_units=2,
         intervention=cls(embed_dim=handle.hidden_size, alpha=-2.5))])
     with compat.pyvene_guard(handle.model):
         compat.save_intervenable(compat.intervenable(config, handle.model), tmp_path)
@@ -97,9 +97,9 @@ def test_alpha_survives_save_and_load(cls, tmp_path):
     assert type(intervention) is cls and float(intervention.alpha) == -2.5
     assert INTERVENTIONS[cls.registered_name] is cls
     with compat.pyvene_guard(handle.model), torch.no_grad():
-        _, out = loaded(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[[5]]]},
+        _, out = loaded(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[[2, 5]]]},
                         source_representations={loaded.sorted_keys[0]: vectors[None]})
-    torch.testing.assert_close(out.logits[0, -1], by_hooks(handle, [5], vectors, FORMULAS[cls], -2.5),
+    torch.testing.assert_close(out.logits[0, -1], by_hooks(handle, [2, 5], vectors, FORMULAS[cls], -2.5),
                                atol=1e-5, rtol=0)
 
 
@@ -107,3 +107,27 @@ def test_alpha_survives_save_and_load(cls, tmp_path):
 def test_an_alpha_that_is_not_a_finite_number_is_refused_naming_it(alpha):
     with pytest.raises(SpecError, match=r"alpha=.* is not allowed \(allowed: a finite number\)"):
         MixIntervention(embed_dim=8, alpha=alpha)
+
+
+def test_a_state_saved_before_the_target_size_was_kept_still_loads(tmp_path):
+    """Folders written before `target_dim` was saved (one slot, as every Patchscope writes) load as before."""
+    from safetensors.torch import load_file, save_file
+
+    handle = tiny_model("llama", seed=3)
+    vectors = torch.randn(1, handle.hidden_size)
+    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
+        layer=LAYER, component="block_output", unit="pos", max_number_of_units=1,
+        intervention=MixIntervention(embed_dim=handle.hidden_size, alpha=0.25))])
+    with compat.pyvene_guard(handle.model):
+        compat.save_intervenable(compat.intervenable(config, handle.model), tmp_path)
+    for path in tmp_path.glob("intkey_*.safetensors"):
+        state = load_file(str(path))
+        assert "target_dim" in state
+        del state["target_dim"]
+        save_file(state, str(path))
+    with compat.pyvene_guard(handle.model), torch.no_grad():
+        loaded = compat.load_intervenable(tmp_path, handle.model)
+        _, out = loaded(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[[5]]]},
+                        source_representations={loaded.sorted_keys[0]: vectors[None]})
+    torch.testing.assert_close(out.logits[0, -1], by_hooks(handle, [5], vectors, FORMULAS[MixIntervention], 0.25),
+                               atol=1e-5, rtol=0)

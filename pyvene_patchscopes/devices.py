@@ -51,20 +51,6 @@ def is_dispatched(model: nn.Module) -> bool:
     return any(hook_device(part) is not None for part in model.modules())
 
 
-def devices(model: nn.Module) -> list[torch.device]:
-    """Every device the model computes on, in the order its modules come."""
-    found: dict[torch.device, None] = {}
-    for part in model.modules():
-        device = hook_device(part)
-        if device is not None:
-            found[device] = None
-    if not found:
-        for tensor in chain(model.parameters(), model.buffers()):
-            if tensor.device.type != "meta":
-                found[tensor.device] = None
-    return list(found) or [torch.device("cpu")]
-
-
 def dtype_of(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point weights (offloaded placeholders keep theirs)."""
     for tensor in model.parameters():
@@ -73,4 +59,4 @@ def dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-__all__ = ["hook_device", "module_device", "input_device", "is_dispatched", "devices", "dtype_of"]
+__all__ = ["hook_device", "module_device", "input_device", "is_dispatched", "dtype_of"]

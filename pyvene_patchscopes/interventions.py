@@ -18,6 +18,7 @@ an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself w
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Callable, TypeVar
 
 import pyvene as pv
@@ -151,8 +152,8 @@ def check_alpha(alpha: object) -> float:
     try:
         value = float(alpha)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        value = float("nan")
-    if isinstance(alpha, bool) or not torch.isfinite(torch.tensor(value)):
+        value = math.nan
+    if isinstance(alpha, bool) or not math.isfinite(value):
         raise SpecError(f"alpha={alpha!r} is not allowed (allowed: a finite number)")
     return value
 

@@ -337,7 +337,7 @@ class _Shape:
 def _readout(readout: str, keep_logits: bool) -> str:
     if readout not in READOUTS:
         raise SpecError(f"readout={readout!r} is not known (allowed: {', '.join(READOUTS)})")
-    if keep_logits and readout != "top" and readout != "logits":
+    if keep_logits and readout not in ("top", "logits"):
         raise SpecError(f"keep_logits=True and readout={readout!r} disagree (allowed: readout='logits', which is "
                         "what keep_logits=True means)")
     return "logits" if keep_logits else readout
@@ -493,7 +493,7 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
                 done.skipped.append(u)
             else:
                 part = grid.unit(prompts)
-                tokenizer = grid.models[grid.make(prompts[0], *grid.pairs[0][0]).target_model].tokenizer
+                tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
                 table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,
                                    shape.same_layer, top_texts(tokenizer, part["top_ids"][..., 0]))
                 write_shard(folder, u, table)

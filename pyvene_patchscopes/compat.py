@@ -180,13 +180,14 @@ def index_on_activation_device(pvm: pv.IntervenableModel) -> pv.IntervenableMode
 
 
 # ---- 2./3. unit locations ------------------------------------------------------------------------
-def base_locations(positions: Sequence[int], n_interventions: int = 1) -> dict:
-    """Canonical nested ``unit_locations`` for base-only interventions: one position per batch row.
+def base_locations(positions: Sequence[int] | Sequence[Sequence[int]], n_interventions: int = 1) -> dict:
+    """Canonical nested ``unit_locations`` for base-only interventions: one position per batch row, or (a
+    sequence per row) several, as many in every row.
 
     Always ``{"sources->base": (None, [[[p_row0], [p_row1], ...]] * n)}``: never an int or a flat list,
     which pyvene would read as a static location (sticky ``use_fast``) or as a (source, base) pair.
     """
-    rows = [[int(p)] for p in positions]
+    rows = [[int(q) for q in p] if isinstance(p, (list, tuple)) else [int(p)] for p in positions]
     return {"sources->base": (None, [copy.deepcopy(rows) for _ in range(n_interventions)])}
 
 

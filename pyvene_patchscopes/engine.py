@@ -33,8 +33,8 @@ from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
 from .resolve import Models, Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, top_k
-from .sites import Site
-from .spec import Patchscope
+from .spec import Patchscope, VectorSource
+from .writes import Slots
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -121,11 +121,16 @@ def warn_uninformative(resolved: list[Resolved]) -> None:
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
-    """The source state h of every row (f is applied later, inside the patch intervention)."""
+    """The source state h of every row (f is applied later, inside the patch intervention); a vector source's
+    state is its vector, on the source model's device and in its dtype, as a read state would be."""
     mapped: list[torch.Tensor | None] = [None] * len(resolved)
     by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        by_model[item.scope.source.model].append(row)
+        if isinstance(item.scope.source, VectorSource):
+            handle = models[item.scope.source.model]
+            mapped[row] = item.scope.source.tensor.to(handle.device, handle.dtype)
+        else:
+            by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
         handle = models[name]
         units = list(dict.fromkeys((resolved[r].scope.source.prompt, resolved[r].source_position) for r in rows))
@@ -143,10 +148,11 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
 def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models) -> list[torch.Tensor]:
     """f(h) for every row, applied per (source model, target model, mapping) as the patch intervention would."""
     out: list[torch.Tensor | None] = [None] * len(resolved)
-    groups: dict[tuple[str, str, MappingSpec], list[int]] = defaultdict(list)
+    groups: dict[tuple[str, str, MappingSpec, tuple[int, ...]], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping)].append(row)
-    for (source_name, target_name, spec), rows in groups.items():
+        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping,
+                tuple(states[row].shape))].append(row)
+    for (source_name, target_name, spec, _), rows in groups.items():
         target = models[target_name]
         mapping = build_mapping(spec, models[source_name].hidden_size, target.hidden_size).to(target.device)
         with torch.no_grad():
@@ -161,7 +167,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
     """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
     vectors = _mapped(resolved, states, models)
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
-                               r.scope.max_new_tokens) for r in resolved])
+                               r.scope.max_new_tokens, r.slots, r.scope.target.write) for r in resolved])
     results: list[PatchscopeResult | None] = [None] * len(resolved)
     shared = SharedPrompts()
     show = progress if progress is not None else len(resolved) > 256
@@ -172,8 +178,10 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)), position=group.position,
                 layers=torch.tensor([resolved[r].target_layer for r in group.rows]),
                 after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in group.rows]),
-                vectors=lambda index, rows=group.rows: torch.stack([vectors[rows[i]] for i in index.tolist()]),
-                max_new_tokens=group.max_new_tokens)
+                vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
+                max_new_tokens=group.max_new_tokens,
+                slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
+                alphas=torch.tensor([resolved[r].scope.target.alpha for r in group.rows]))
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
@@ -191,23 +199,32 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
     return results  # type: ignore[return-value]
 
 
+def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Rows' vectors as one tensor: [n, d]; or [n, slots, d] when any row has one vector per slot (a row with
+    one vector for all its slots is repeated at each)."""
+    if all(v.ndim == 1 for v in vectors):
+        return torch.stack(vectors)
+    slots = next(v.shape[0] for v in vectors if v.ndim == 2)
+    return torch.stack([v if v.ndim == 2 else v[None].expand(slots, -1) for v in vectors])
+
+
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
                batch_size: int, progress: bool | None, keep_logits: bool = True) -> list[PatchscopeResult]:
-    groups: dict[tuple[str, str, Site, int, MappingSpec], list[int]] = defaultdict(list)
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         scope = item.scope
         groups[(scope.source.model, scope.target_model, item.target_site, scope.max_new_tokens,
-                scope.mapping)].append(row)
+                scope.mapping, len(item.slots), scope.target.write, scope.target.alpha)].append(row)
     work = [(key, chunk) for key, rows in groups.items() for chunk in chunks(rows, batch_size)]
     show = progress if progress is not None else len(work) > 8
     results: list[PatchscopeResult | None] = [None] * len(resolved)
-    for (source_name, name, site, max_new_tokens, spec), chunk in tqdm(work, desc="patchscopes", unit="batch",
-                                                                       disable=not show):
+    for (source_name, name, site, max_new_tokens, spec, _, write, alpha), chunk in tqdm(
+            work, desc="patchscopes", unit="batch", disable=not show):
         handle = models[name]
         mapping = build_mapping(spec, models[source_name].hidden_size, handle.hidden_size)
         logits, texts, tokens = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
-                              [resolved[r].target_position for r in chunk],
-                              torch.stack([states[r] for r in chunk]), max_new_tokens, mapping)
+                              [resolved[r].slots for r in chunk],
+                              stack_vectors([states[r] for r in chunk]), max_new_tokens, mapping, write, alpha)
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
                 scope=resolved[r].scope, source_position=resolved[r].source_position,

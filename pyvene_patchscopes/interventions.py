@@ -18,7 +18,6 @@ an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself w
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Callable, TypeVar
 
 import pyvene as pv
@@ -26,6 +25,7 @@ import torch
 
 from .errors import SpecError, UnknownNameError
 from .mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
+from .writes import check_alpha, check_mode, combine
 
 I = TypeVar("I", bound=type)
 INTERVENTIONS: dict[str, type[pv.Intervention]] = {}
@@ -132,56 +132,52 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
 
 
 class _ScaledWrite(MappingIntervention):
-    """A write that combines f(source) with the target state h it lands on, with a scale α kept in the state."""
+    """A write that combines f(source) with the target state h it lands on (`writes.combine`), with a scale α
+    kept in the state."""
+
+    mode = "replace"
 
     def __init__(self, mapping: MappingFunction | MappingSpec | str | None = None, alpha: float = 1.0,
                  **kwargs: Any) -> None:
         super().__init__(mapping=mapping, **kwargs)
         self.register_buffer("alpha", torch.tensor(check_alpha(alpha), dtype=torch.float64))
 
-    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
         written = super().forward(base, source, subspaces, **kwargs)
-        return self.combine(base, written).to(base.dtype)
-
-
-def check_alpha(alpha: object) -> float:
-    """α as a finite float, else a `SpecError` naming it."""
-    try:
-        value = float(alpha)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        value = math.nan
-    if isinstance(alpha, bool) or not math.isfinite(value):
-        raise SpecError(f"alpha={alpha!r} is not allowed (allowed: a finite number)")
-    return value
+        return combine(self.mode, float(self.alpha), base, written).to(base.dtype)
 
 
 @register_intervention("mix")
 class MixIntervention(_ScaledWrite):
     """h ← α·f(v) + (1 − α)·h (SelfIE's mixing; α = 1 is replacement)."""
 
-    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
-        alpha = float(self.alpha)
-        return alpha * written + (1 - alpha) * base
+    mode = "mix"
 
 
 @register_intervention("add")
 class AddIntervention(_ScaledWrite):
     """h ← h + α·f(v) (SelfIE's addition; a steering vector)."""
 
-    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
-        return base + float(self.alpha) * written
+    mode = "add"
 
 
 @register_intervention("norm-matched-add")
 class NormMatchedAddIntervention(_ScaledWrite):
     """h ← h + ‖h‖·α·f(v)/‖f(v)‖, norms over the hidden dimension at each position (Activation Oracles)."""
 
-    def combine(self, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
-        direction = written / written.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(written.dtype).tiny)  # 0 adds 0
-        return base + base.norm(dim=-1, keepdim=True) * float(self.alpha) * direction
+    mode = "norm-matched-add"
+
+
+WRITE_INTERVENTIONS: dict[str, type[MappingIntervention]] = {
+    "replace": MappingIntervention, "mix": MixIntervention, "add": AddIntervention,
+    "norm-matched-add": NormMatchedAddIntervention}
+
+
+def write_intervention(mode: str, mapping: MappingFunction, embed_dim: int, alpha: float = 1.0) -> MappingIntervention:
+    """The registered intervention that writes f(source) in `mode` (see `writes`)."""
+    if mode == "replace":
+        return MappingIntervention(mapping=mapping, embed_dim=embed_dim)
+    return WRITE_INTERVENTIONS[check_mode("write", mode)](mapping=mapping, embed_dim=embed_dim, alpha=alpha)
 
 
 @register_intervention("reroute")
@@ -212,5 +208,5 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
 
 
 __all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
-           "check_alpha", "RerouteIntervention", "register_intervention", "INTERVENTIONS",
+           "check_alpha", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
            "resolve_intervention"]

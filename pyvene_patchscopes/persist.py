@@ -27,6 +27,8 @@ from .outputs import write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
+VECTOR_FILE = "vector.safetensors"  # a vector source's tensor, under VECTOR_KEY
+VECTOR_KEY = "vector"
 MAX_CONFIG_BYTES = MAX_JSON_BYTES  # a spec is a few hundred bytes; refuse to parse anything huge
 _ENTRY = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}\.safetensors$")
@@ -61,8 +63,10 @@ def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle])
 
 # ---- save ----------------------------------------------------------------------------------------
 def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[str, torch.Tensor],
-                 models: Mapping[str, ModelHandle], names: Sequence[str], description: str = "") -> Path:
-    """Write a spec's JSON data (and its mapping's `weights`) to `directory`, created if needed.
+                 models: Mapping[str, ModelHandle], names: Sequence[str], description: str = "",
+                 vector: torch.Tensor | None = None) -> Path:
+    """Write a spec's JSON data (and its mapping's `weights`, and a source `vector`) to `directory`, created if
+    needed.
 
     `names` are the models the spec uses; each gets a record from `models` where a handle is given.
     """
@@ -75,6 +79,9 @@ def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[s
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"mapping": data["mapping"]["name"]})
         data["mapping"]["weights"] = WEIGHTS_FILE
+    if vector is not None:
+        save_file({VECTOR_KEY: vector.detach().cpu().float().contiguous()}, str(directory / VECTOR_FILE))
+        data["source"]["file"] = VECTOR_FILE
     data["models"] = {name: model_record(models[name]) if name in models else {} for name in dict.fromkeys(names)}
     data["description"] = str(description)
     write_text(directory / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
@@ -109,6 +116,7 @@ class Folder:
     weights: dict[str, torch.Tensor]
     models: dict[str, dict[str, Any]]
     description: str
+    vector: torch.Tensor | None = None
 
 
 def read_folder(directory_or_name: str | Path) -> Folder:
@@ -125,7 +133,21 @@ def read_folder(directory_or_name: str | Path) -> Folder:
     weights = {}
     if isinstance(mapping, dict) and "weights" in mapping:
         weights = _read_weights(directory, mapping["weights"])
-    return Folder(data, weights, recorded, description)
+    return Folder(data, weights, recorded, description, _read_vector(directory, data.get("source")))
+
+
+def _read_vector(directory: Path, source: object) -> torch.Tensor | None:
+    """A vector source's tensor: the one float tensor of the file the source names (only VECTOR_FILE)."""
+    if not isinstance(source, dict) or "file" not in source:
+        return None
+    if source["file"] != VECTOR_FILE:
+        raise SpecError(f"source.file={source['file']!r} is not allowed (allowed: {VECTOR_FILE!r})")
+    tensors = read_safetensors(inside(directory, VECTOR_FILE, "vector file"), "vector file",
+                               max_bytes=MAX_WEIGHTS_BYTES)
+    if set(tensors) != {VECTOR_KEY}:
+        raise SpecError(f"vector file {VECTOR_FILE!r} holds {sorted(tensors)[:8]} (allowed: one tensor named "
+                        f"{VECTOR_KEY!r})")
+    return tensors[VECTOR_KEY]
 
 
 def looks_like_path(value: str | os.PathLike) -> bool:

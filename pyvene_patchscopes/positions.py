@@ -85,3 +85,42 @@ def warn_if_sink(index: int, tokenizer: Any, prompt: str) -> None:
             "Put the word after a short context, e.g. Source(prompt='Here is a word: Paris', position='Paris').",
             SinkPositionWarning, stacklevel=3,
         )
+
+
+def _every(prompt: str, text: str, encoding: Encoding) -> list[int]:
+    """The last token of each whole-word occurrence of `text` in `prompt`, in order."""
+    pattern = re.escape(text)
+    if re.match(r"\w", text[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.match(r"\w", text[-1]):
+        pattern = pattern + r"(?!\w)"
+    offsets = encoding[1]
+    slots = []
+    for match in re.finditer(pattern, prompt):
+        last_char = match.end() - 1
+        slots.extend(index for index in range(len(offsets) - 1, -1, -1)
+                     if offsets[index][0] <= last_char < offsets[index][1])
+    return list(dict.fromkeys(slots))
+
+
+def resolve_slots(tokenizer: Any, prompt: str, position: Any, encoding: Encoding | None = None) -> tuple[int, ...]:
+    """The token indices a target position names, sorted: one position, a tuple of them, or `Every` occurrence
+    of a placeholder. Absent placeholders, slots outside the prompt and a slot named twice are refused."""
+    from .spec import Every
+
+    encoding = encoding if encoding is not None else encode(tokenizer, prompt)
+    if isinstance(position, Every):
+        text = position.text.strip() or position.text
+        slots = _every(prompt, text, encoding)
+        if not slots:
+            raise SpecError(f"Target.position=Every({position.text!r}): the placeholder is not in "
+                            f"Target.prompt={prompt!r} (allowed: a word that occurs in the prompt)")
+        return tuple(sorted(slots))
+    if not isinstance(position, tuple):
+        return (resolve_position(tokenizer, prompt, position, "Target", encoding),)
+    slots = [resolve_position(tokenizer, prompt, one, "Target", encoding) for one in position]
+    if len(set(slots)) < len(slots):
+        twice = next(s for s in slots if slots.count(s) > 1)
+        raise SpecError(f"Target.position={list(position)!r} names token {twice} more than once (allowed: "
+                        "distinct slots)")
+    return tuple(sorted(slots))

@@ -16,13 +16,13 @@ scope's indices become concrete is `resolve`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import pyvene as pv
 
 from .compat import base_locations
 from .errors import SpecError
-from .interventions import MappingIntervention, RerouteIntervention
+from .interventions import RerouteIntervention, write_intervention
 from .mappings import MappingFunction, build_mapping
 from .models import ModelHandle
 from .resolve import resolve
@@ -41,11 +41,13 @@ def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig
     ])
 
 
-def patch_config(site: Site, hidden_size: int, mapping: MappingFunction) -> pv.IntervenableConfig:
-    """A `MappingIntervention` that overwrites the target site with f(source representation)."""
+def patch_config(site: Site, hidden_size: int, mapping: MappingFunction, write: str = "replace",
+                 alpha: float = 1.0, units: int = 1) -> pv.IntervenableConfig:
+    """The intervention that writes f(source representation) at the target site: `MappingIntervention` for
+    ``write="replace"``, else the write mode's (mix, add, norm-matched-add, with α), at `units` slots per row."""
     return pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
-                                intervention=MappingIntervention(mapping=mapping, embed_dim=hidden_size))
+        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=units,
+                                intervention=write_intervention(write, mapping, hidden_size, alpha))
     ])
 
 
@@ -70,11 +72,12 @@ def reroute_config(read: Site, write: Site, hidden_size: int, mapping: MappingFu
 class PyvenePlan:
     """The two pyvene stages of one Patchscope, for a batch of one (positions are unpadded)."""
 
-    collect: pv.IntervenableConfig
-    collect_locations: dict
+    collect: pv.IntervenableConfig | None   # None for a vector source: nothing to read
+    collect_locations: dict | None
     patch: pv.IntervenableConfig
     patch_locations: dict
     mapping: MappingFunction
+    source_representation: Any = None       # a vector source's [1, slots, d], fed as source_representations
 
 
 def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePlan:
@@ -83,10 +86,19 @@ def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePla
     source_model = models[scope.source.model]
     target_model = models[scope.target_model]
     mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)
+    vector = scope.vector_source
+    slots = resolved.slots
     return PyvenePlan(
-        collect=collect_config([resolved.source_site], source_model.hidden_size),
-        collect_locations=base_locations([resolved.source_position]),
-        patch=patch_config(resolved.target_site, target_model.hidden_size, mapping),
-        patch_locations=base_locations([resolved.target_position]),
+        collect=None if vector else collect_config([resolved.source_site], source_model.hidden_size),
+        collect_locations=None if vector else base_locations([resolved.source_position]),
+        patch=patch_config(resolved.target_site, target_model.hidden_size, mapping, scope.target.write,
+                           scope.target.alpha, len(slots)),
+        patch_locations=base_locations([slots]),
         mapping=mapping,
+        source_representation=source_representation(scope.source.tensor, len(slots)) if vector else None,  # type: ignore[union-attr]
     )
+
+
+def source_representation(vector, units: int):
+    """A vector source as pyvene's ``source_representations`` value for a batch of one: [1, units, d]."""
+    return (vector[None] if vector.ndim == 2 else vector[None, None].expand(1, units, -1)).contiguous()

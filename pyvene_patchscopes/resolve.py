@@ -13,8 +13,10 @@ from .compat import check_hookable
 from .errors import ContextLengthWarning, SpecError, UnknownNameError
 from .mappings import build_mapping
 from .models import ModelHandle
-from .positions import encode, resolve_position
+from .positions import encode, resolve_position, resolve_slots
 from .sites import Site, hidden_state_site
+
+from .spec import VectorSource
 
 if TYPE_CHECKING:
     from .spec import Patchscope
@@ -64,6 +66,11 @@ class Resolved:
     # layer reads that state and the final norm and unembedding act per position, so the readout at the last
     # token (and every generated token) is the same for every source.
     informative: bool = True
+    target_slots: tuple[int, ...] = ()  # every slot i* written, sorted; target_position is the first
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return self.target_slots or (self.target_position,)
 
 
 def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
@@ -87,16 +94,22 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     check_hookable(source_model.model)
     check_hookable(target_model.model)
     build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
-    source_layer = _layer("Source", scope.source.layer, source_model)
+    vector = scope.source if isinstance(scope.source, VectorSource) else None
+    owner = "VectorSource" if vector is not None else "Source"
+    source_layer = _layer(owner, scope.source.layer, source_model)
     target_layer = _layer("Target", scope.target.layer, target_model)
-    source_encoding = encode(source_model.tokenizer, scope.source.prompt)
     target_encoding = encode(target_model.tokenizer, scope.target.prompt)
-    check_context(source_model, "Source.prompt", len(source_encoding[0]))
     check_context(target_model, "Target.prompt", len(target_encoding[0]), scope.max_new_tokens)
-    source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position, "Source",
-                                       source_encoding)
-    target_position = resolve_position(target_model.tokenizer, scope.target.prompt, scope.target.position, "Target",
-                                       target_encoding)
+    slots = resolve_slots(target_model.tokenizer, scope.target.prompt, scope.target.position, target_encoding)
+    if vector is not None:
+        check_vector(vector, source_model, len(slots))
+        source_position = -1  # no prompt: the vector is the state
+    else:
+        source_encoding = encode(source_model.tokenizer, scope.source.prompt)
+        check_context(source_model, "Source.prompt", len(source_encoding[0]))
+        source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position,
+                                           "Source", source_encoding)
+    target_position = slots[0]
     source_last = source_layer == source_model.n_layers - 1
     skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
                      and source_model is target_model)
@@ -106,8 +119,19 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
         target_tokens=len(target_encoding[0]),
-        informative=target_layer < target_model.n_layers - 1 or target_position == len(target_encoding[0]) - 1,
+        informative=target_layer < target_model.n_layers - 1 or slots[-1] == len(target_encoding[0]) - 1,
+        target_slots=slots if scope.target.several else (),
     )
+
+
+def check_vector(vector: VectorSource, handle: ModelHandle, n_slots: int) -> None:
+    """A vector source fits its model's width, and has one row per slot when it has several."""
+    if vector.width != handle.hidden_size:
+        raise SpecError(f"VectorSource.tensor has width {vector.width}, but {handle.name}'s hidden size is "
+                        f"{handle.hidden_size} (allowed: {handle.hidden_size})")
+    if vector.tensor.ndim == 2 and vector.tensor.shape[0] != n_slots:
+        raise SpecError(f"VectorSource.tensor has {vector.tensor.shape[0]} rows for {n_slots} target slot(s) "
+                        f"(allowed: a [d] tensor, or one row per slot: [{n_slots}, d])")
 
 
 def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens: int = 0) -> None:
@@ -127,4 +151,4 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
                   stacklevel=4)
 
 
-__all__ = ["Resolved", "resolve", "as_models", "pick_model", "check_context", "Models"]
+__all__ = ["Resolved", "resolve", "check_vector", "as_models", "pick_model", "check_context", "Models"]

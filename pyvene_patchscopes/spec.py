@@ -13,22 +13,33 @@ Conventions (the paper's, and the official code's):
 - ``mapping`` is f: a registered name (``"identity"``), or a `MappingSpec`/`MappingFunction` carrying
   learned weights (an affine map); it is stored as a `MappingSpec`.
 - ``reroute`` makes S = T one sequence read and written within one pass (the CoT Patchscope, §5).
+- A source may be a vector instead of a prompt's state (`VectorSource`: an SAE latent's decoder row, a DAS
+  direction, a probe's weight row, any tensor), written as if read at layer l of M.
+- A target may name several slots (a list of positions, or `Every` occurrence of a placeholder word), and a
+  write mode with its scale α (``write``: replace, mix, add, norm-matched-add; see `writes`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
+import torch
+
 from .errors import SpecError
-from .files import MAX_JSON_BYTES, parse_json, read_text
+from .files import MAX_JSON_BYTES, check_finite, parse_json, read_text
 from .mappings import MappingSpec, build_mapping
+from .writes import WRITE_MODES, check_alpha, check_mode
 
 Position = Union[int, str]
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
-SPEC_VERSION = 2  # 2: mapping is an object {name, args}, and the optional reroute field. 1 is still read.
+# 2: mapping is an object {name, args}, and the optional reroute field. 3: vector sources, several target slots,
+# write modes. A spec that uses none of version 3's fields is still written as version 2; 1 and 2 are still read.
+SPEC_VERSION = 3
+MAX_SLOTS = 256
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -57,6 +68,35 @@ def _check_position(owner: str, position: object) -> None:
         raise SpecError(f"{owner}.position={position!r} is not allowed (allowed: a non-empty substring)")
     if isinstance(position, str):
         check_text(f"{owner}.position", position)
+
+
+@dataclass(frozen=True)
+class Every:
+    """Every whole-word occurrence of a placeholder in the target prompt: SelfIE's repeated ``_``."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise SpecError(f"Every.text={self.text!r} is not allowed (allowed: a non-empty placeholder word)")
+        check_text("Every.text", self.text)
+
+
+Slots = Union[Position, tuple, Every]
+
+
+def _target_position(position: object) -> Slots:
+    """A target position as stored: one position, a tuple of them (a list is taken as one), or `Every`."""
+    if isinstance(position, Every):
+        return position
+    if isinstance(position, (list, tuple)):
+        if not 1 <= len(position) <= MAX_SLOTS:
+            raise SpecError(f"Target.position has {len(position)} slots (allowed: 1..{MAX_SLOTS})")
+        for one in position:
+            _check_position("Target", one)
+        return tuple(position)
+    _check_position("Target", position)
+    return position  # type: ignore[return-value]
 
 
 def _check_layer(owner: str, layer: object) -> None:
@@ -108,20 +148,108 @@ class Source:
         _check_model("Source", self.model, optional=False)
 
 
+@dataclass(frozen=True, eq=False)
+class VectorSource:
+    """A source that is a vector v rather than a prompt's state, written as if read at layer l of model M.
+
+    ``tensor`` is ``[d]`` (the same vector at every target slot) or ``[slots, d]`` (one per slot); ``name`` says
+    what it is (``"sae/latent-17"``). A saved spec folder carries the tensor in ``vector.safetensors``;
+    `vectors` builds these from an SAE, a pyvene DAS intervention or a probe. Compared by value.
+    """
+
+    tensor: torch.Tensor
+    layer: int = 0
+    model: str = DEFAULT_MODEL
+    name: str = "vector"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tensor, torch.Tensor) or self.tensor.ndim not in (1, 2) or 0 in self.tensor.shape:
+            shape = list(self.tensor.shape) if isinstance(self.tensor, torch.Tensor) else type(self.tensor).__name__
+            raise SpecError(f"VectorSource.tensor={shape} is not allowed (allowed: a tensor [d], or [slots, d] "
+                            "with one vector per target slot)")
+        check_finite({"tensor": self.tensor}, "VectorSource", torch.float32)
+        _check_layer("VectorSource", self.layer)
+        _check_model("VectorSource", self.model, optional=False)
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise SpecError(f"VectorSource.name={self.name!r} is not allowed (allowed: a non-empty string)")
+        check_text("VectorSource.name", self.name)
+        object.__setattr__(self, "tensor", self.tensor.detach().cpu().float().contiguous())
+
+    @property
+    def width(self) -> int:
+        return int(self.tensor.shape[-1])
+
+    @property
+    def sha256(self) -> str:
+        """The tensor's identity: a hash of its shape and float32 bytes."""
+        digest = hashlib.sha256(json.dumps(list(self.tensor.shape)).encode())
+        digest.update(self.tensor.numpy().tobytes())
+        return digest.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VectorSource):
+            return NotImplemented
+        return (self.layer, self.model, self.name) == (other.layer, other.model, other.name) \
+            and self.tensor.shape == other.tensor.shape and torch.equal(self.tensor, other.tensor)
+
+    def __hash__(self) -> int:
+        return hash((self.layer, self.model, self.name, tuple(self.tensor.shape)))
+
+    def __repr__(self) -> str:
+        return (f"VectorSource(name={self.name!r}, shape={list(self.tensor.shape)}, layer={self.layer}, "
+                f"model={self.model!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "layer": self.layer, "model": self.model, "shape": list(self.tensor.shape),
+                "sha256": self.sha256}
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where the mapped state is written: prompt T, position i*, model M* (None = M), layer l*."""
+    """Where the mapped state is written: prompt T, position(s) i*, model M* (None = M), layer l*, and how.
+
+    ``position`` is one position, a list of them, or `Every` occurrence of a placeholder; ``write`` and
+    ``alpha`` say how f(v) lands on the state h at each slot (`writes`: replace, mix, add, norm-matched-add).
+    """
 
     prompt: str
-    position: Position = -1
+    position: Slots = -1
     layer: int = 0
     model: str | None = None
+    write: str = "replace"
+    alpha: float = 1.0
 
     def __post_init__(self) -> None:
         _check_prompt("Target", self.prompt)
-        _check_position("Target", self.position)
+        object.__setattr__(self, "position", _target_position(self.position))
         _check_layer("Target", self.layer)
         _check_model("Target", self.model, optional=True)
+        check_mode("Target.write", self.write)
+        alpha = check_alpha(self.alpha, "Target.alpha")
+        if self.write == "replace" and alpha != 1.0:
+            raise SpecError(f"Target.alpha={self.alpha!r} has no effect with write='replace' (allowed: 1.0, or "
+                            f"write in {', '.join(WRITE_MODES[1:])})")
+        object.__setattr__(self, "alpha", alpha)
+
+    @property
+    def several(self) -> bool:
+        """Whether the target names several slots (a list, or every occurrence of a placeholder)."""
+        return isinstance(self.position, (tuple, Every))
+
+    def position_data(self) -> Any:
+        if isinstance(self.position, Every):
+            return {"every": self.position.text}
+        return list(self.position) if isinstance(self.position, tuple) else self.position
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"prompt": self.prompt, "position": self.position_data(), "layer": self.layer, "model": self.model}
+        if self.write != "replace":
+            data.update(write=self.write, alpha=self.alpha)
+        return data
+
+    @property
+    def uses_version_3(self) -> bool:
+        return self.several or self.write != "replace"
 
 
 @dataclass(frozen=True)
@@ -156,8 +284,8 @@ class Patchscope(JsonSpec):
     reroute: Reroute | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, Source):
-            raise SpecError(f"Patchscope.source={self.source!r} is not allowed (allowed: a Source)")
+        if not isinstance(self.source, (Source, VectorSource)):
+            raise SpecError(f"Patchscope.source={self.source!r} is not allowed (allowed: a Source or a VectorSource)")
         if not isinstance(self.target, Target):
             raise SpecError(f"Patchscope.target={self.target!r} is not allowed (allowed: a Target)")
         object.__setattr__(self, "mapping", MappingSpec.coerce(self.mapping))
@@ -166,10 +294,22 @@ class Patchscope(JsonSpec):
             raise SpecError(f"Patchscope.max_new_tokens={self.max_new_tokens!r} is out of range (allowed: 0..4096)")
         if self.reroute is not None:
             self._check_reroute()
+        if isinstance(self.source, VectorSource) and self.source.tensor.ndim == 2 and not self.target.several:
+            raise SpecError(f"VectorSource.tensor has {self.source.tensor.shape[0]} rows, one per slot, but "
+                            f"Target.position={self.target.position!r} is one slot (allowed: a [d] tensor, or "
+                            "several target slots)")
+
+    @property
+    def vector_source(self) -> bool:
+        """Whether the source is a vector (`VectorSource`) rather than a prompt's state."""
+        return isinstance(self.source, VectorSource)
 
     def _check_reroute(self) -> None:
         if not isinstance(self.reroute, Reroute):
             raise SpecError(f"Patchscope.reroute={self.reroute!r} is not allowed (allowed: a Reroute or None)")
+        if isinstance(self.source, VectorSource) or self.target.uses_version_3:
+            raise SpecError("Patchscope.reroute reads a prompt's state and replaces it at one slot (allowed: a "
+                            "Source, one Target.position and write='replace')")
         if self.target.prompt != self.source.prompt or self.target_model != self.source.model:
             raise SpecError("Patchscope.reroute needs Target.prompt == Source.prompt and the same model "
                             "(allowed: one sequence, read and written within one pass)")
@@ -204,21 +344,29 @@ class Patchscope(JsonSpec):
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """The spec as JSON-able data; learned mapping weights are not included (see `save`)."""
-        return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "source": asdict(self.source),
-                "target": asdict(self.target), "mapping": self.mapping.to_dict(),
+        """The spec as JSON-able data; learned mapping weights and a source vector are not included (see `save`)."""
+        vector = isinstance(self.source, VectorSource)
+        version = 3 if vector or self.target.uses_version_3 else 2
+        source = self.source.to_dict() if vector else asdict(self.source)  # type: ignore[union-attr]
+        return {"format": SPEC_FORMAT, "version": version, "source": source,
+                "target": self.target.to_dict(), "mapping": self.mapping.to_dict(),
                 "max_new_tokens": self.max_new_tokens,
                 "reroute": None if self.reroute is None else asdict(self.reroute)}
 
     def to_json(self, indent: int | None = 2) -> str:
+        if isinstance(self.source, VectorSource):
+            raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which one JSON file cannot hold "
+                            "(allowed: Patchscope.save(folder), which writes it as safetensors)")
         if self.mapping.weights:
             raise SpecError(f"Patchscope.mapping={self.mapping.name!r} has learned weights, which one JSON file "
                             "cannot hold (allowed: Patchscope.save(folder), which writes them as safetensors)")
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: object, weights: dict | None = None) -> "Patchscope":
-        """Parse spec data (version 1 or 2); `weights` are the mapping's tensors when loaded from a folder."""
+    def from_dict(cls, data: object, weights: dict | None = None,
+                  vector: torch.Tensor | None = None) -> "Patchscope":
+        """Parse spec data (version 1 to 3); `weights` are the mapping's tensors and `vector` the source's tensor
+        when loaded from a folder."""
         if not isinstance(data, dict):
             raise SpecError(f"spec JSON must be an object, got {type(data).__name__}")
         fmt, version = data.get("format"), data.get("version")
@@ -234,14 +382,19 @@ class Patchscope(JsonSpec):
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"spec has unknown field(s) {unknown} (allowed: {sorted(known)})")
-        parts = {}
+        parts: dict[str, Any] = {}
         for side, klass in (("source", Source), ("target", Target), ("reroute", Reroute)):
             part = data.get(side)
             if side == "reroute" and part is None:
                 continue
             if not isinstance(part, dict):
                 raise SpecError(f"spec field {side!r}={part!r} is not allowed (allowed: an object)")
-            allowed = set(klass.__dataclass_fields__)
+            if side == "source" and version >= 3 and "sha256" in part:
+                parts[side] = _vector_from_data(part, vector)
+                continue
+            if side == "target":
+                part = _target_data(part, version)
+            allowed = set(klass.__dataclass_fields__) - ({"write", "alpha"} if version < 3 else set())
             if set(part) - allowed:
                 raise SpecError(f"spec {side} has unknown field(s) {sorted(set(part) - allowed)} "
                                 f"(allowed: {sorted(allowed)})")
@@ -269,8 +422,9 @@ class Patchscope(JsonSpec):
         from .resolve import as_models
 
         handles = as_models(models) if models is not None else {}
+        vector = self.source.tensor if isinstance(self.source, VectorSource) else None
         return write_folder(directory, self.to_dict(), self.mapping.weights, handles,
-                            [self.source.model, self.target_model], description)
+                            [self.source.model, self.target_model], description, vector=vector)
 
     @classmethod
     def load(cls, directory_or_name: str | Path, models: Any = None) -> "Patchscope":
@@ -283,7 +437,7 @@ class Patchscope(JsonSpec):
         from .resolve import as_models
 
         folder = read_folder(directory_or_name)
-        scope = cls.from_dict(folder.data, folder.weights)
+        scope = cls.from_dict(folder.data, folder.weights, folder.vector)
         if models is not None:
             handles = as_models(models)
             check_models(folder.models, handles)
@@ -298,6 +452,41 @@ class Patchscope(JsonSpec):
         from .persist import download
 
         return cls.load(download(repo_id, revision), models=models)
+
+
+def _target_data(part: dict, version: int) -> dict:
+    """A target's JSON object with its position as `Target` takes it ({"every": "_"} -> `Every`)."""
+    position = part.get("position")
+    if version >= 3 and isinstance(position, dict):
+        if set(position) != {"every"}:
+            raise SpecError(f"spec target.position={position!r} is not allowed (allowed: an int, a string, a list "
+                            "of them, or {\"every\": placeholder})")
+        return {**part, "position": Every(position["every"])}
+    if version < 3 and isinstance(position, list):
+        raise SpecError(f"spec target.position={position!r} needs version 3 (allowed in version {version}: an int "
+                        "or a string)")
+    return part
+
+
+VECTOR_FIELDS = ("name", "layer", "model", "shape", "sha256", "file")
+
+
+def _vector_from_data(part: dict, vector: torch.Tensor | None) -> VectorSource:
+    """A vector source from its JSON object and the tensor read from the folder, checked against each other."""
+    unknown = sorted(set(part) - set(VECTOR_FIELDS))
+    if unknown:
+        raise SpecError(f"spec source has unknown field(s) {unknown} (allowed: {sorted(VECTOR_FIELDS)})")
+    if vector is None:
+        raise SpecError("spec source is a vector, but no vector file was read (allowed: a folder written by "
+                        "Patchscope.save, with the source's vector.safetensors)")
+    shape = part.get("shape")
+    if shape != list(vector.shape):
+        raise SpecError(f"spec source.shape={shape!r} does not match the vector file's shape {list(vector.shape)}")
+    source = VectorSource(vector, part.get("layer", 0), part.get("model", DEFAULT_MODEL),
+                          part.get("name", "vector"))
+    if part.get("sha256") != source.sha256:
+        raise SpecError("spec source.sha256 does not match the vector file (allowed: the file saved with the spec)")
+    return source
 
 
 def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSpec":
@@ -315,4 +504,4 @@ def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSp
     return MappingSpec(value["name"], args, weights)
 
 
-__all__ = ["Source", "Target", "Patchscope", "Reroute", "JsonSpec", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]
+__all__ = ["Source", "Target", "VectorSource", "Every", "Patchscope", "Reroute", "MAX_SLOTS", "JsonSpec", "Position", "SPEC_FORMAT", "SPEC_VERSION", "DEFAULT_MODEL"]

@@ -227,3 +227,53 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
         for hook in hooks:
             hook.remove()
     return logits, generated
+
+
+# ---- write modes at several slots (issue 26): each method's formula written out by hand ---------------------------
+WRITES = {
+    "replace": lambda h, v, a: v,                                           # the paper's Patchscope
+    "mix": lambda h, v, a: a * v + (1 - a) * h,                            # SelfIE, 'normalized' (overlay_strength a)
+    "add": lambda h, v, a: h + a * v,                                       # SelfIE, 'addition'; a steering vector
+    "norm-matched-add": lambda h, v, a: h + h.norm() * a * v / v.norm(),  # Activation Oracles' steering hook
+}
+
+
+def _slot_writer(slots: list[int], vectors: torch.Tensor, write: str, alpha: float, prompt_pass_only: bool):
+    formula = WRITES[write]
+
+    def hook(mod, args, out):
+        hidden = _hidden(out)
+        if prompt_pass_only and hidden.shape[1] == 1:
+            return out
+        for k, slot in enumerate(slots):
+            hidden[0, slot] = formula(hidden[0, slot].clone(), vectors[k] if vectors.ndim == 2 else vectors, alpha)
+        return out
+    return hook
+
+
+def written_logits(handle: ModelHandle, prompt: str, layer: int, slots: list[int], vectors: torch.Tensor,
+                   write: str = "replace", alpha: float = 1.0, after_norm: bool = False) -> torch.Tensor:
+    """Last-position logits of `prompt` with `vectors` ([d], or one per slot) written at `slots` after block `layer`."""
+    hook = site(handle.model, layer, after_norm).register_forward_hook(
+        _slot_writer(slots, vectors, write, alpha, False))
+    try:
+        with torch.no_grad():
+            return handle.model(encode(handle, prompt)).logits[0, -1]
+    finally:
+        hook.remove()
+
+
+def written_generate(handle: ModelHandle, prompt: str, layer: int, slots: list[int], vectors: torch.Tensor,
+                     write: str, alpha: float, max_new_tokens: int) -> list[int]:
+    """Greedy tokens with the write on the prompt pass only (KV cache on), as SelfIE and the paper patch."""
+    hook = block(handle.model, layer).register_forward_hook(_slot_writer(slots, vectors, write, alpha, True))
+    tok = handle.tokenizer
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id)
+    ids = encode(handle, prompt)
+    try:
+        with torch.no_grad():
+            out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    finally:
+        hook.remove()
+    return out[0, ids.shape[1]:].tolist()

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..discovery import hooks_restored
+from ..writes import REPLACE_ONE, Slots
 from .stack import Decoded, Stack, TargetPass
 
 # per model: for each recorded block input, the dimension that grows with the batch (None where it does not)
@@ -148,22 +149,26 @@ class Layered(Stack):
     @torch.no_grad()
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
-                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
+                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
+                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
         rows = vectors.shape[0]
         order, vectors, active, after_norm = self.sorted_rows(vectors, layers, after_norm)
+        sorted_alphas = None if alphas is None else alphas[order.to(alphas.device)].to(self.device)
         hidden = hidden_of(shared.outputs[-1]).expand(rows, -1, -1).clone()  # rows written after the final norm
         for j in range(self.n_layers + 1):
             start, stop = active[j - 1] if j > 0 else 0, active[j]
             if stop > start:  # rows patched after block j-1 begin here
                 hidden[start:stop] = hidden_of(shared.outputs[j - 1])[0]
-                hidden[start:stop, shared.split] = vectors[start:stop]
+                slots.write(hidden[start:stop], vectors[start:stop],
+                            None if sorted_alphas is None else sorted_alphas[start:stop], shared.split)
             if j < self.n_layers and stop:
                 hidden[:stop] = self._block(j, shared, hidden[:stop])
         last = self.norm(hidden[:, -1])
         start = active[self.n_layers]
-        if rows > start and shared.suffix == 1:  # skip_final_ln rows: the final norm's output replaced at i*
-            last[start:] = vectors[start:]
+        if rows > start:  # skip_final_ln rows: the final norm's output written at i*
+            last[start:] = slots.at_last(last[start:], vectors[start:],
+                                         None if sorted_alphas is None else sorted_alphas[start:], shared.suffix)
         logits = self.unembed(last)
         inverse = torch.argsort(order)
         logits = logits[inverse.to(logits.device)]
@@ -171,21 +176,22 @@ class Layered(Stack):
         if max_new_tokens:
             back = vectors[inverse.to(vectors.device)]
             tokens = patched_greedy(self, shared.input_ids, shared.split, back, layers.cpu(), after_norm,
-                                    max_new_tokens, eos_token_id, pad_token_id)
+                                    max_new_tokens, eos_token_id, pad_token_id, slots=slots, alphas=alphas)
         return Decoded(logits, tokens)
 
 
 @contextmanager
 def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
-            norm: nn.Module | None = None) -> Iterator[None]:
-    """Hooks writing row b's vector at i* after block layers[b] (or after the final norm: on `norm`'s output where
-    given, else into the unembedding), on every pass over the prompt; a cached decoding step (no position i*)
-    is left as it is."""
+            norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
+            alphas: torch.Tensor | None = None) -> Iterator[None]:
+    """Hooks writing row b's vector at i* (and its other `slots`) after block layers[b] (or after the final norm: on
+    `norm`'s output where given, else into the unembedding), on every pass over the prompt; a cached decoding
+    step (no position i*) is left as it is."""
     def written(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        if hidden.shape[1] <= split:
+        if hidden.shape[1] <= split + slots.offsets[-1]:
             return None
         hidden = hidden.clone()
-        hidden[rows, split] = vectors[rows].to(hidden.dtype)
+        slots.written_rows(hidden, rows.to(hidden.device), vectors, alphas, split)
         return hidden
 
     def writer(rows: torch.Tensor) -> Callable:
@@ -220,7 +226,8 @@ _CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what fam
 
 def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
                    after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                   pad_token_id: int | None = None, norm: nn.Module | None = None) -> list[list[int]]:
+                   pad_token_id: int | None = None, norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
+                   alphas: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy tokens of every row from the model's own `generate` (as the plain path), the patch written on the
     prompt pass. A model without a cache, or whose batched cache is not exact, recomputes the sequence each step."""
     model, rows = stack.model, vectors.shape[0]
@@ -228,11 +235,12 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     name = None if model in _RECOMPUTE else \
         next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
     if name is None:
-        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id, norm)
+        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id, norm,
+                           slots, alphas)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
-    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm):  # each prompt pass
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):  # prompt passes
         out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
@@ -240,12 +248,13 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
 
 def _recomputed(stack: Stack, sequence: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
                 after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                norm: nn.Module | None = None) -> list[list[int]]:
+                norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
+                alphas: torch.Tensor | None = None) -> list[list[int]]:
     """Greedy tokens recomputing the whole sequence each step, the patch written on every pass."""
     rows = sequence.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
-    with hooks_restored(stack.model), writing(stack, split, vectors, layers, after_norm, norm):
+    with hooks_restored(stack.model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):
         for step in range(max_new_tokens):
             token = stack.model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1)
             for row, value in enumerate(token.tolist()):

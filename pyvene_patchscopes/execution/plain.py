@@ -46,16 +46,19 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
 
 
 # ---- patch at the target -------------------------------------------------------------------------------------------
-def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int],
+def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int] | Sequence[Sequence[int]],
           vectors: torch.Tensor, max_new_tokens: int = 0,
-          mapping: MappingFunction | None = None
+          mapping: MappingFunction | None = None, write: str = "replace", alpha: float = 1.0
           ) -> tuple[torch.Tensor, list[str] | None, list[list[int]] | None]:
     """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits, generations and
-    their token ids (per row up to and including EOS, as the planned path gives them)."""
+    their token ids (per row up to and including EOS, as the planned path gives them).
+
+    positions[r] may be several slots (as many in every row); vectors is [rows, d], or [rows, slots, d] with one
+    vector per slot. `write` and `alpha` choose the write mode (`writes`)."""
     groups = exact_groups(handle, prompts)
     if len(groups) > 1:  # padding would shift this model's positions: one call per prompt length
         parts = [(g, patch(handle, site, [prompts[r] for r in g], [positions[r] for r in g], vectors[g],
-                           max_new_tokens, mapping)) for g in groups]
+                           max_new_tokens, mapping, write, alpha)) for g in groups]
         order = torch.argsort(torch.tensor([r for g, _ in parts for r in g])).tolist()
         logits = torch.cat([part[0] for _, part in parts])[order]
         if not max_new_tokens:
@@ -64,12 +67,16 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         tokens = [ids for _, part in parts for ids in part[2]]  # type: ignore[union-attr]
         return logits, [texts[k] for k in order], [tokens[k] for k in order]
     batch = Batch.encode(handle, prompts)
-    where = [pad + position for pad, position in zip(batch.pad, positions)]
+    slots = [list(p) if isinstance(p, (list, tuple)) else [p] for p in positions]
+    where = [[pad + q for q in row] for pad, row in zip(batch.pad, slots)]
     if mapping is None:
         mapping = build_mapping("identity", vectors.shape[-1], handle.hidden_size)
-    representation = vectors.to(handle.device).unsqueeze(1)  # [B, 1, d_source]; f runs inside the intervention
+    units = len(slots[0])
+    representation = vectors.to(handle.device)  # [B, units, d_source]; f runs inside the intervention
+    representation = (representation.unsqueeze(1).expand(-1, units, -1) if representation.ndim == 2
+                      else representation).contiguous()
     with pyvene_guard(handle.model), torch.no_grad():
-        config = patch_config(site, handle.hidden_size, mapping.to(handle.device))
+        config = patch_config(site, handle.hidden_size, mapping.to(handle.device), write, alpha, units)
         pvm = intervenable(config, handle.model)
         key = pvm.sorted_keys[0]
         if max_new_tokens == 0:

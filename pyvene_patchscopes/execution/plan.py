@@ -23,21 +23,25 @@ HEAD_ELEMENTS_PER_TOKEN = 1024
 
 @dataclass(frozen=True)
 class TargetGroup:
-    """Rows that patch the same target prompt at the same position: they share the prompt's prefix."""
+    """Rows that patch the same target prompt at the same position(s), in one write mode: they share the prompt's
+    prefix. `position` is the first slot; `slots` all of them (empty for the usual one)."""
 
     model: str
     prompt: str
     position: int
     max_new_tokens: int
     rows: tuple[int, ...]
+    slots: tuple[int, ...] = ()
+    mode: str = "replace"
 
 
-def group_by_target(keys: Sequence[tuple[str, str, int, int]]) -> list[TargetGroup]:
-    """Group row indices by (target model, target prompt, target position, max_new_tokens), in first-seen order."""
-    groups: dict[tuple[str, str, int, int], list[int]] = defaultdict(list)
+def group_by_target(keys: Sequence[tuple]) -> list[TargetGroup]:
+    """Group row indices by (target model, target prompt, target position, max_new_tokens[, slots, write mode]), in
+    first-seen order."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for row, key in enumerate(keys):
         groups[key].append(row)
-    return [TargetGroup(*key, rows=tuple(rows)) for key, rows in groups.items()]
+    return [TargetGroup(*key[:4], tuple(rows), *key[4:]) for key, rows in groups.items()]
 
 
 def check_budget(max_batch_tokens: int) -> int:

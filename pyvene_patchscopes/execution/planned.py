@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import SlowPathWarning
 from ..result import top_k_ids
+from ..writes import REPLACE_ONE, Slots
 from .check import planned_reason
 from .plan import pack
 from .stack import Shared, Stack, evaluating
@@ -29,8 +30,10 @@ class TargetRows:
     position: int                                   # i*
     layers: torch.Tensor                            # [rows] l* of each row
     after_norm: torch.Tensor                        # [rows] bool: written after the final norm (skip_final_ln)
-    vectors: Callable[[torch.Tensor], torch.Tensor]  # row indices -> the vectors f(h) written there [n, d]
+    vectors: Callable[[torch.Tensor], torch.Tensor]  # row indices -> f(h) written there, [n, d] or [n, slots, d]
     max_new_tokens: int = 0
+    slots: Slots = REPLACE_ONE                       # the slots written (offsets from i*) and the write mode
+    alphas: torch.Tensor | None = None               # [rows] each row's α (None: 1)
 
     @property
     def n_rows(self) -> int:
@@ -94,7 +97,8 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
             index = torch.tensor(batch)
             decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
                                     max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
-                                    after_norm=rows.after_norm[index], pad_token_id=pad_token_id)
+                                    after_norm=rows.after_norm[index], pad_token_id=pad_token_id,
+                                    slots=rows.slots, alphas=None if rows.alphas is None else rows.alphas[index])
             probs, ids = top_k_ids(decoded.logits, top)
             top_probs[index], top_ids[index] = probs.cpu(), ids.cpu()
             if logits_out is not None:

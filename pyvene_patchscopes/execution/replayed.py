@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..discovery import hooks_restored
+from ..writes import REPLACE_ONE, Slots
 from .layered import Recorded, patched_greedy, record_blocks, writing
 from .stack import Decoded, Stack
 
@@ -66,7 +67,8 @@ class Replayed(Stack):
     @torch.no_grad()
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
-                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None) -> Decoded:
+                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
+                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None) -> Decoded:
         rows, layers = vectors.shape[0], layers.cpu()
         norm = self.norm_site()
         if norm is None and after_norm is not None:  # no norm to write after: the last block's output, as plain
@@ -78,13 +80,14 @@ class Replayed(Stack):
             group = torch.nonzero(key == value).flatten()
             sequence = shared.input_ids[None].repeat(len(group), 1)
             with hooks_restored(self.model), self._replaying(shared, min(value + 1, self.n_layers), len(group)), \
-                    writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm):
+                    writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm, slots,
+                            None if alphas is None else alphas[group.to(alphas.device)]):
                 out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
             logits[group.to(self.device)] = out.logits[:, -1].float()
         tokens = None
         if max_new_tokens:
             tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,
-                                    max_new_tokens, eos_token_id, pad_token_id, norm)
+                                    max_new_tokens, eos_token_id, pad_token_id, norm, slots, alphas)
         return Decoded(logits, tokens)
 
 

@@ -32,6 +32,7 @@ from transformers import AttentionInterface
 from ..devices import input_device
 from ..architectures import Architecture
 from ..discovery import layer_types as config_layer_types, softcap
+from ..writes import REPLACE_ONE, Slots
 
 ATTENTION = "patchscopes-shared-prefix"
 # the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes
@@ -323,14 +324,18 @@ class Stack:
     @torch.no_grad()
     def patched(self, shared: Shared, vectors: torch.Tensor, layers: torch.Tensor, max_new_tokens: int = 0,
                 eos_token_id: int | None = None, after_norm: torch.Tensor | None = None,
-                pad_token_id: int | None = None) -> Decoded:
+                pad_token_id: int | None = None, slots: Slots = REPLACE_ONE,
+                alphas: torch.Tensor | None = None) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens).
 
         ``after_norm[b]`` marks rows patched after the final norm instead (the paper's ``skip_final_ln``).
         ``pad_token_id`` is unused here (the rows' own decoding pads nothing); `layered` hands it to generate.
+        `slots` are the positions written, as offsets from i* (the first), and the write mode; ``alphas[b]`` is
+        row b's α. vectors is [rows, d], or [rows, slots, d] with one vector per slot.
         """
         rows = vectors.shape[0]
         order, vectors, active, _ = self.sorted_rows(vectors, layers, after_norm)
+        alphas = None if alphas is None else alphas[order.to(alphas.device)].to(self.device)
         keep_cache = max_new_tokens > 1
         split, suffix, length = shared.split, shared.suffix, shared.length
         positions = torch.arange(split, length, device=self.device)
@@ -343,7 +348,7 @@ class Stack:
             start, stop = active[j - 1] if j > 0 else 0, active[j]
             if stop > start:  # rows patched after block j-1 begin here
                 hidden[start:stop] = shared.hidden[j - 1]
-                hidden[start:stop, 0] = vectors[start:stop]
+                slots.write(hidden[start:stop], vectors[start:stop], None if alphas is None else alphas[start:stop])
             if j == self.n_layers:
                 break
             n = stop
@@ -357,7 +362,8 @@ class Stack:
         normed_rows = active[self.n_layers + 1] - active[self.n_layers]
         if normed_rows:  # skip_final_ln rows: the final norm's output itself is replaced at i*
             start = active[self.n_layers]
-            last[start:] = self.norm(shared.hidden[-1][-1]) if suffix > 1 else vectors[start:]
+            base = self.norm(shared.hidden[-1][-1]).expand(rows - start, -1)
+            last[start:] = slots.at_last(base, vectors[start:], None if alphas is None else alphas[start:], suffix)
         logits = self.unembed(last)
         tokens = self._greedy(shared, logits, cache, max_new_tokens, eos_token_id) if max_new_tokens else None
         inverse = torch.argsort(order)

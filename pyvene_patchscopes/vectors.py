@@ -1,4 +1,5 @@
-"""Vectors to read in words, from where researchers keep them: an SAE's decoder rows in sae-lens's saved format.
+"""Vectors to read in words, from where researchers keep them: an SAE's decoder rows (sae-lens's saved format), a
+pyvene DAS intervention's learned basis, a probe's weight rows, or any tensor; each becomes a `VectorSource`.
 
 sae-lens saves an SAE as a folder: ``cfg.json`` (``d_in``, ``d_sae``, ``architecture``, and the hook it was
 trained on, ``hook_name``, at the top level in older versions and under ``meta`` since 6.0) and
@@ -18,6 +19,8 @@ import torch
 
 from .errors import SpecError, as_index
 from .files import check_finite, expand, inside, read_json, read_safetensors
+from .models import ModelHandle
+from .spec import VectorSource
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -113,4 +116,99 @@ def check_against(sae: SAEDecoder, model: Any) -> None:
                         f"(allowed: 0..{model.n_layers - 1})")
 
 
-__all__ = ["SAEDecoder", "load_sae", "hook_layer", "check_against", "CONFIG_FILE", "WEIGHTS_FILE"]
+def vector_source(tensor: torch.Tensor, model: Any, layer: int, name: str = "vector") -> VectorSource:
+    """Any tensor ([d], or [slots, d]) as a source written as if read at `layer` of `model` (a handle or a name),
+    its width checked against the model when a handle is given."""
+    handle = model if isinstance(model, ModelHandle) else None
+    source = VectorSource(torch.as_tensor(tensor), layer, handle.name if handle else str(model), name)
+    if handle is not None:
+        if source.width != handle.hidden_size:
+            raise SpecError(f"vector {name!r} has width {source.width}, but {handle.name}'s hidden size is "
+                            f"{handle.hidden_size} (allowed: {handle.hidden_size})")
+        if not -handle.n_layers <= layer < handle.n_layers:
+            raise SpecError(f"layer={layer} is out of range for {handle.name} (allowed: {-handle.n_layers}.."
+                            f"{handle.n_layers - 1})")
+    return source
+
+
+def sae_source(sae: SAEDecoder, latent: int, model: Any) -> VectorSource:
+    """Latent k of an SAE: ``W_dec[k]`` at the layer its hook names (`load_sae`)."""
+    if isinstance(model, ModelHandle):
+        check_against(sae, model)
+    return vector_source(sae.latent(latent), model, sae.layer, f"sae:{sae.hook_name}/latent-{int(latent)}")
+
+
+def probe_source(weight: torch.Tensor, row: int, model: Any, layer: int, name: str = "probe") -> VectorSource:
+    """Row `row` of a linear probe's weight ([classes, d], as ``nn.Linear(d, classes).weight``) read at `layer`."""
+    weight = torch.as_tensor(weight)
+    if weight.ndim != 2:
+        raise SpecError(f"probe weight has shape {list(weight.shape)} (allowed: [classes, d], as nn.Linear's weight)")
+    index = None if isinstance(row, bool) else as_index(row)
+    if index is None or not 0 <= index < weight.shape[0]:
+        raise SpecError(f"row={row!r} is out of range for this probe (allowed: 0..{weight.shape[0] - 1})")
+    return vector_source(weight[index].detach(), model, layer, f"{name}/row-{index}")
+
+
+# ---- pyvene DAS ---------------------------------------------------------------------------------------------------
+def das_directions(intervention: Any) -> torch.Tensor:
+    """The learned basis of a pyvene rotated-space intervention (DAS, low-rank or boundless) as rows [k, d].
+
+    pyvene rotates h to ``h @ W`` (``rotate_layer.weight``, [d, k], orthonormal columns) and interchanges the
+    rotated coordinates: direction j in the hidden space is column j of W.
+    """
+    rotate = getattr(intervention, "rotate_layer", None)
+    weight = getattr(rotate, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise SpecError(f"{type(intervention).__name__} has no learned rotation (allowed: a pyvene "
+                        "RotatedSpaceIntervention, LowRankRotatedSpaceIntervention or BoundlessRotatedSpaceIntervention)")
+    directions = weight.detach().T.float().cpu().clone()
+    interchange = getattr(intervention, "interchange_dim", None)
+    if isinstance(interchange, torch.Tensor) and interchange.numel() == 1 and directions.shape[0] > 1:
+        directions = directions[: int(interchange)]  # a full rotation interchanges its first interchange_dim
+    return directions
+
+
+def das_source(intervenable: Any, model: ModelHandle, direction: int = 0, key: str | None = None) -> VectorSource:
+    """Direction `direction` of the DAS intervention in a pyvene `IntervenableModel` (or of a bare intervention),
+    at the layer its representation names; an intervention on another model (width, or the model wrapped) is
+    refused."""
+    intervention, layer, label = _das_intervention(intervenable, model, key)
+    directions = das_directions(intervention)
+    if directions.shape[1] != model.hidden_size:
+        raise SpecError(f"DAS intervention {label!r} has width {directions.shape[1]}, but {model.name}'s hidden size is "
+                        f"{model.hidden_size} (allowed: an intervention learned on {model.name})")
+    index = None if isinstance(direction, bool) else as_index(direction)
+    if index is None or not 0 <= index < directions.shape[0]:
+        raise SpecError(f"direction={direction!r} is out of range for DAS intervention {label!r} (allowed: "
+                        f"0..{directions.shape[0] - 1})")
+    return vector_source(directions[index], model, layer, f"das:{label}/direction-{index}")
+
+
+def _das_intervention(intervenable: Any, model: ModelHandle, key: str | None) -> tuple[Any, int, str]:
+    """(intervention, its layer, its key) from an IntervenableModel, or a bare intervention with its layer unknown."""
+    import pyvene as pv
+
+    if not isinstance(intervenable, pv.IntervenableModel):
+        if key is not None:
+            raise SpecError("key= names an intervention of an IntervenableModel (allowed: None for a bare intervention)")
+        return intervenable, 0, type(intervenable).__name__
+    if intervenable.model is not model.model:
+        raise SpecError(f"the IntervenableModel wraps {type(intervenable.model).__name__} at {id(intervenable.model):#x}, "
+                        f"not {model.name}'s model (allowed: the DAS study of {model.name})")
+    rotated = {k: (v[0] if isinstance(v, tuple) else v) for k, v in intervenable.interventions.items()
+               if hasattr(v[0] if isinstance(v, tuple) else v, "rotate_layer")}
+    if key is None and len(rotated) != 1:
+        raise SpecError(f"the IntervenableModel holds {len(rotated)} rotated-space interventions (allowed: exactly "
+                        f"one, or key= one of {sorted(rotated)})")
+    key = key if key is not None else next(iter(rotated))
+    if key not in rotated:
+        raise SpecError(f"key={key!r} is not a rotated-space intervention here (allowed: {sorted(rotated)})")
+    config = intervenable.representations[key]
+    if config.component != "block_output":
+        raise SpecError(f"DAS intervention {key!r} sits on {config.component!r} (allowed: 'block_output', the "
+                        "residual stream a Patchscope reads and writes)")
+    return rotated[key], int(config.layer), key
+
+
+__all__ = ["SAEDecoder", "load_sae", "hook_layer", "check_against", "CONFIG_FILE", "WEIGHTS_FILE", "vector_source",
+           "sae_source", "probe_source", "das_directions", "das_source"]

@@ -110,3 +110,34 @@ def test_bad_sae_files_get_one_line_naming_the_field(tmp_path):
     (tmp_path / "link" / "cfg.json").symlink_to(tmp_path / "wide" / "cfg.json")
     with pytest.raises(SpecError, match="resolves outside the folder"):
         load_sae(tmp_path / "link")
+
+
+def test_latent_ks_patchscope_equals_patching_w_dec_k_by_hand_on_both_paths(tmp_path):
+    """The acceptance: an SAE file loads, and latent k's Patchscope (replace, and the self-explanation's scaled
+    write) through `run` equals writing W_dec[k] with a hand-written hook after the SAE's layer."""
+    from golden import written_logits
+    from pyvene_patchscopes import Patchscope, Target, run
+    from pyvene_patchscopes.vectors import sae_source
+
+    handle = tiny_model("llama", seed=3)
+    weights = write_sae(tmp_path / "sae")
+    sae = load_sae(tmp_path / "sae", handle)
+    source = sae_source(sae, 9, handle)
+    assert source.name == "sae:blocks.2.hook_resid_post/latent-9" and source.layer == 2
+    assert torch.equal(source.tensor, weights["W_dec"][9])
+    last = len(handle.tokenizer(IDENTITY)["input_ids"]) - 1
+    for write, alpha in (("replace", 1.0), ("mix", 4.0), ("add", 4.0)):
+        scope = Patchscope(source, Target(IDENTITY, -1, sae.layer, write=write, alpha=alpha))
+        want = written_logits(handle, IDENTITY, sae.layer, [last], weights["W_dec"][9], write, alpha)
+        for planned in (True, False):
+            torch.testing.assert_close(run(scope, handle, planned=planned)[0].logits, want, atol=1e-5, rtol=0)
+
+
+def test_an_sae_whose_d_in_is_not_the_models_width_is_refused(tmp_path):
+    from pyvene_patchscopes.vectors import sae_source
+
+    write_sae(tmp_path / "sae", d_in=32)
+    with pytest.raises(SpecError, match=r"SAE d_in=32 does not match tiny-llama's hidden size 64"):
+        load_sae(tmp_path / "sae", tiny_model("llama"))
+    with pytest.raises(SpecError, match=r"SAE d_in=32 does not match tiny-llama's hidden size 64"):
+        sae_source(load_sae(tmp_path / "sae"), 0, tiny_model("llama"))

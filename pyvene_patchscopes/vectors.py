@@ -2,7 +2,7 @@
 pyvene DAS intervention's learned basis, a probe's weight rows, or any tensor; each becomes a `VectorSource`.
 
 sae-lens saves an SAE as a folder: ``cfg.json`` (``d_in``, ``d_sae``, ``architecture``, and the hook it was
-trained on, ``hook_name``, at the top level in older versions and under ``meta`` since 6.0) and
+trained on, ``hook_name``, at the top level in older versions and under ``metadata`` since 6.0) and
 ``sae_weights.safetensors`` (``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``, ``b_dec``). Latent k
 writes ``W_dec[k]`` into the residual stream at that hook. This module reads the folder without sae-lens:
 JSON and safetensors only, size-capped, inside the folder, every shape and value checked, and the hook named
@@ -73,8 +73,14 @@ class SAEDecoder:
 
 
 def _field(config: dict[str, Any], name: str) -> Any:
-    meta = config.get("meta") if isinstance(config.get("meta"), dict) else {}
-    return config[name] if name in config else meta.get(name)
+    """A config field at the top level (before sae-lens 6), or under ``metadata`` (6.x's ``save_model``) or
+    ``meta`` (as some 6.x releases and pretrained configs name it)."""
+    if name in config:
+        return config[name]
+    for key in ("metadata", "meta"):
+        if isinstance(config.get(key), dict) and name in config[key]:
+            return config[key][name]
+    return None
 
 
 def load_sae(folder: str | os.PathLike, model: Any = None) -> SAEDecoder:

@@ -141,3 +141,34 @@ def test_an_sae_whose_d_in_is_not_the_models_width_is_refused(tmp_path):
         load_sae(tmp_path / "sae", tiny_model("llama"))
     with pytest.raises(SpecError, match=r"SAE d_in=32 does not match tiny-llama's hidden size 64"):
         sae_source(load_sae(tmp_path / "sae"), 0, tiny_model("llama"))
+
+
+def test_an_sae_written_by_sae_lens_itself_loads_and_its_latent_patchscope_equals_w_dec_k_by_hand(tmp_path):
+    """sae-lens 6 saves with ``SAE.save_model``: its cfg.json keeps hook_name under ``metadata``."""
+    import warnings
+
+    with warnings.catch_warnings():  # transformer-lens, which sae-lens imports, warns about its own modules
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from sae_lens import SAE, StandardSAEConfig
+        from sae_lens.saes.sae import SAEMetadata
+
+    from golden import written_logits
+    from pyvene_patchscopes import Patchscope, Target, run
+    from pyvene_patchscopes.vectors import sae_source
+
+    handle = tiny_model("llama", seed=3)
+    config = StandardSAEConfig(d_in=64, d_sae=48, dtype="float32", device="cpu",
+                               metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post", model_name="tiny-llama"))
+    sae_lens_sae = SAE.from_dict(config.to_dict())
+    torch.manual_seed(11)
+    with torch.no_grad():
+        sae_lens_sae.W_dec.normal_()
+    sae_lens_sae.save_model(str(tmp_path / "by-sae-lens"))
+    sae = load_sae(tmp_path / "by-sae-lens", handle)
+    assert (sae.layer, sae.d_in, sae.d_sae, sae.hook_name) == (1, 64, 48, "blocks.1.hook_resid_post")
+    assert torch.equal(sae.directions, sae_lens_sae.W_dec.detach())
+    k, last = 17, len(handle.tokenizer(IDENTITY)["input_ids"]) - 1
+    scope = Patchscope(sae_source(sae, k, handle), Target(IDENTITY, -1, sae.layer, write="add", alpha=3.0))
+    want = written_logits(handle, IDENTITY, 1, [last], sae_lens_sae.W_dec[k].detach(), "add", 3.0)
+    for planned in (True, False):
+        torch.testing.assert_close(run(scope, handle, planned=planned)[0].logits, want, atol=1e-5, rtol=0)

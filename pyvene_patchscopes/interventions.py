@@ -147,6 +147,13 @@ class _ScaledWrite(MappingIntervention):
         return combine(self.mode, float(self.alpha), base, written).to(base.dtype)
 
 
+@register_intervention("scaled-replace")
+class ScaledReplaceIntervention(_ScaledWrite):
+    """h ← α·f(v) (self-explaining SAE latents: the decoder row times a scale replaces the state)."""
+
+    mode = "replace"
+
+
 @register_intervention("mix")
 class MixIntervention(_ScaledWrite):
     """h ← α·f(v) + (1 − α)·h (SelfIE's mixing; α = 1 is replacement)."""
@@ -169,13 +176,14 @@ class NormMatchedAddIntervention(_ScaledWrite):
 
 
 WRITE_INTERVENTIONS: dict[str, type[MappingIntervention]] = {
-    "replace": MappingIntervention, "mix": MixIntervention, "add": AddIntervention,
+    "replace": ScaledReplaceIntervention, "mix": MixIntervention, "add": AddIntervention,
     "norm-matched-add": NormMatchedAddIntervention}
 
 
 def write_intervention(mode: str, mapping: MappingFunction, embed_dim: int, alpha: float = 1.0) -> MappingIntervention:
-    """The registered intervention that writes f(source) in `mode` (see `writes`)."""
-    if mode == "replace":
+    """The registered intervention that writes f(source) in `mode` (see `writes`); plain replacement (α = 1) is
+    `MappingIntervention`, as every Patchscope before write modes."""
+    if mode == "replace" and alpha == 1.0:
         return MappingIntervention(mapping=mapping, embed_dim=embed_dim)
     return WRITE_INTERVENTIONS[check_mode("write", mode)](mapping=mapping, embed_dim=embed_dim, alpha=alpha)
 
@@ -208,5 +216,5 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
 
 
 __all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
-           "check_alpha", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
+           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
            "resolve_intervention"]

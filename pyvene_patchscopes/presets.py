@@ -1,12 +1,12 @@
 """Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description,
-multi-hop CoT rerouting, and the Future Lens."""
+multi-hop CoT rerouting, and the Future Lens; and two readers of vectors: SelfIE and self-explanation."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import SpecError, UnknownNameError
-from .spec import DEFAULT_MODEL, Patchscope, Position, Reroute, Source, Target
+from .spec import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource
 
 # A modification of the official few-shot identity prompt. The official next_token_prediction notebook uses
 # "cat -> cat\n1135 -> 1135\nhello -> hello\n?" with the patch on its last token "?", read at that same
@@ -30,6 +30,20 @@ ATTRIBUTE_PROMPT = "The capital city of x is"
 # 'The multi-tokens present here are "' (best step 2 / 3 over layers: 0.23 / 0.06), a few-shot quotation
 # prompt (0.19 / 0.08) and a few-shot "Repeat the text" prompt (0.22 / 0.06), against 0.22 / 0.10 for this one.
 FUTURE_LENS_PROMPT = 'Hello! Could you please tell me more about "'
+
+
+# SelfIE (Chen et al., 2024, arXiv:2403.10949; github.com/tonychenxyz/selfie, README and interpret()): the
+# interpretation prompt InterpretationPrompt(tokenizer, ("[INST]", 0, 0, 0, 0, 0, "[/INST] Sure, I will summarize the
+# message:")), each 0 a "_ " placeholder. The state is written at every placeholder at the input of layer k = 1 (here
+# l* = 0, block 0's output), on the prompt pass only, in the 'normalized' mode with overlay_strength 1 (a mix at
+# α = 1, which replaces). Here in SmolLM2's chat format (ChatML) instead of Llama 2's [INST] tags.
+SELFIE_PROMPT = "<|im_start|>user\n_ _ _ _ _<|im_end|>\n<|im_start|>assistant\nSure, I will summarize the message:"
+# Self-explaining SAE features (Kharlapenko, neverix, Nanda and Conmy, 2024; alignmentforum.org/posts/8ev6coxChSWcxCDy8):
+# "we give the model a prompt like 'What does X mean?', replace the residual stream on X with the decoder direction
+# times some scale, and have it generate an explanation". Their Gemma prompt asks for the meaning of the word "X" and
+# starts the answer; here in ChatML, X written at both of its occurrences, scaled by α (write="replace", alpha=α).
+SELF_EXPLANATION_PROMPT = ('<|im_start|>user\nWhat is the meaning of the word "X"?<|im_end|>\n<|im_start|>assistant\n'
+                           'The meaning of the word "X" is "')
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,23 @@ def future_lens(source: Source, target_layer: int | None = None, max_new_tokens:
                       max_new_tokens=max_new_tokens)
 
 
+def selfie(source: Source | VectorSource, target_layer: int | None = None, max_new_tokens: int = 20,
+           target_prompt: str | None = None, write: str = "mix", alpha: float = 1.0) -> Patchscope:
+    """SelfIE: the state (or vector) written at every placeholder "_" of the interpretation prompt at l* = 0 by
+    default (SelfIE's k = 1), mixed with α (α = 1 replaces, SelfIE's default); the model summarises it."""
+    return Patchscope(source, Target(target_prompt or SELFIE_PROMPT, Every("_"), 0 if target_layer is None
+                                     else target_layer, write=write, alpha=alpha), max_new_tokens=max_new_tokens)
+
+
+def self_explanation(source: Source | VectorSource, target_layer: int | None = None, max_new_tokens: int = 20,
+                     target_prompt: str | None = None, alpha: float = 1.0, write: str = "replace") -> Patchscope:
+    """Self-explanation of an SAE latent (or any vector): α·v replaces the word X at both of its occurrences in
+    "What is the meaning of the word "X"?", at l* = l by default; pick α with a scale search."""
+    return Patchscope(source, Target(target_prompt or SELF_EXPLANATION_PROMPT, Every("X"), source.layer
+                                     if target_layer is None else target_layer, write=write, alpha=alpha),
+                      max_new_tokens=max_new_tokens)
+
+
 def _multihop_preset(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
                      target_prompt: str | None = None, isolate: bool = True) -> Patchscope:
     """As a preset: the source prompt is hop 1, `target_prompt` is hop 2."""
@@ -136,6 +167,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            _multihop_preset),
     Preset("future-lens", "the tokens 1..k steps after the source position (Future Lens fixed prompt, l* = l)",
            future_lens),
+    Preset("selfie", "SelfIE: the state at every placeholder '_' of an interpretation prompt (l* = 0), summarised",
+           selfie),
+    Preset("self-explanation", "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
+           self_explanation),
 )}
 
 

@@ -31,7 +31,7 @@ import torch
 from .errors import SpecError
 from .files import MAX_JSON_BYTES, check_finite, parse_json, read_text
 from .mappings import MappingSpec, build_mapping
-from .writes import WRITE_MODES, check_alpha, check_mode
+from .writes import check_alpha, check_mode
 
 Position = Union[int, str]
 
@@ -225,11 +225,7 @@ class Target:
         _check_layer("Target", self.layer)
         _check_model("Target", self.model, optional=True)
         check_mode("Target.write", self.write)
-        alpha = check_alpha(self.alpha, "Target.alpha")
-        if self.write == "replace" and alpha != 1.0:
-            raise SpecError(f"Target.alpha={self.alpha!r} has no effect with write='replace' (allowed: 1.0, or "
-                            f"write in {', '.join(WRITE_MODES[1:])})")
-        object.__setattr__(self, "alpha", alpha)
+        object.__setattr__(self, "alpha", check_alpha(self.alpha, "Target.alpha"))
 
     @property
     def several(self) -> bool:
@@ -243,13 +239,13 @@ class Target:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"prompt": self.prompt, "position": self.position_data(), "layer": self.layer, "model": self.model}
-        if self.write != "replace":
+        if self.write != "replace" or self.alpha != 1.0:
             data.update(write=self.write, alpha=self.alpha)
         return data
 
     @property
     def uses_version_3(self) -> bool:
-        return self.several or self.write != "replace"
+        return self.several or self.write != "replace" or self.alpha != 1.0
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 One arithmetic for every path: the pyvene interventions (`interventions`) and the planned execution
 (`execution.stack`, `execution.layered`) both call `combine`, so the two paths write the same numbers.
 
-- ``replace``: h ← f(v) (the paper's Patchscope);
+- ``replace``: h ← α·f(v) (the paper's Patchscope at α = 1; self-explaining SAE latents scale the decoder row);
 - ``mix``: h ← α·f(v) + (1 − α)·h (SelfIE's ``normalized`` mode with ``overlay_strength`` α; α = 1 replaces);
 - ``add``: h ← h + α·f(v) (SelfIE's ``addition`` mode, a steering vector);
 - ``norm-matched-add``: h ← h + ‖h‖·α·f(v)/‖f(v)‖, norms over the hidden dimension at each slot (Activation
@@ -44,7 +44,7 @@ def combine(mode: str, alpha: float | torch.Tensor, base: torch.Tensor, written:
     `alpha` is a number, or a tensor that broadcasts against ``base[..., :1]`` (one α per row).
     """
     if mode == "replace":
-        return written
+        return written if isinstance(alpha, float) and alpha == 1.0 else alpha * written
     if mode == "mix":
         return alpha * written + (1 - alpha) * base
     if mode == "add":
@@ -66,7 +66,7 @@ def write_slots(hidden: torch.Tensor, offsets: torch.Tensor | list[int] | int, v
     written = vectors.to(hidden.device, hidden.dtype)
     if written.ndim == 2:
         written = written[:, None].expand(-1, index.numel(), -1)
-    if mode == "replace":
+    if mode == "replace" and alphas is None:
         hidden[:, index] = written
         return
     alpha = 1.0 if alphas is None else alphas.to(hidden.device, hidden.dtype).view(-1, 1, 1)

@@ -231,7 +231,7 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
 
 # ---- write modes at several slots (issue 26): each method's formula written out by hand ---------------------------
 WRITES = {
-    "replace": lambda h, v, a: v,                                           # the paper's Patchscope
+    "replace": lambda h, v, a: a * v,                                       # the paper's Patchscope at a = 1
     "mix": lambda h, v, a: a * v + (1 - a) * h,                            # SelfIE, 'normalized' (overlay_strength a)
     "add": lambda h, v, a: h + a * v,                                       # SelfIE, 'addition'; a steering vector
     "norm-matched-add": lambda h, v, a: h + h.norm() * a * v / v.norm(),  # Activation Oracles' steering hook

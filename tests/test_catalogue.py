@@ -26,6 +26,8 @@ EXPECTED = {  # entry -> text its example must produce (top token or generation)
     "entity-description": "physicist",
     "tuned-lens-l24": "Paris",
     "cross-model-smollm2-gemma3-l24-l12": "room",  # SmolLM2 predicts ' room'; Gemma 3 reads it through the map
+    "selfie": "Paris, France",
+    "self-explanation": "Western Europe",
 }
 REQUIRED = {"token-identity", "logit-lens", "entity-description", "multihop-cot", "attribute-capital",
             "attribute-currency", "attribute-ceo", "attribute-language"}
@@ -38,7 +40,10 @@ def test_catalogue_holds_the_required_entries_in_the_save_format():
         files = sorted(p.name for p in (catalogue_root() / name).iterdir())
         assert files in (["config.json"], ["config.json", "mapping.safetensors"]), (name, files)
         config = json.loads((catalogue_root() / name / "config.json").read_text())
-        assert config["version"] == 2 and config["description"]
+        # version 3 only where an entry uses its fields (several slots, write modes): the others stay readable by
+        # older releases
+        several = isinstance(config["target"]["position"], (list, dict))
+        assert config["version"] == (3 if several else 2) and config["description"]
 
 
 def test_patchscopes_list_shows_every_entry(capsys):

@@ -19,7 +19,7 @@ from pyvene_patchscopes.spec import Every, VectorSource
 from tiny import FAMILIES, tiny_model
 
 PROMPT = "the word x means x and x"
-ALPHAS = {"replace": 1.0, "mix": 0.6, "add": 1.5, "norm-matched-add": 0.8}
+ALPHAS = {"replace": 2.5, "mix": 0.6, "add": 1.5, "norm-matched-add": 0.8}
 SLOTS = {"one slot": 2, "three slots": Every("x")}
 
 
@@ -143,12 +143,22 @@ def test_an_alpha_that_is_not_finite_is_refused_naming_the_field(alpha):
         Target(PROMPT, "x", 1, write="add", alpha=alpha)
 
 
-def test_an_unknown_write_mode_and_an_alpha_without_effect_are_refused():
+def test_an_unknown_write_mode_is_refused_naming_the_modes():
     with pytest.raises(SpecError, match=r"Target.write='blend' is not allowed \(allowed: replace, mix, add, "
                                         r"norm-matched-add\)"):
         Target(PROMPT, "x", write="blend")
-    with pytest.raises(SpecError, match=r"Target.alpha=0.5 has no effect with write='replace'"):
-        Target(PROMPT, "x", alpha=0.5)
+
+
+def test_replace_with_alpha_writes_the_scaled_vector_and_alpha_one_is_the_papers_patchscope():
+    handle = tiny_model("llama", seed=5)
+    vector = torch.randn(64)
+    plain = Patchscope(VectorSource(vector, 1, handle.name), Target(PROMPT, "x", 1))
+    scaled = Patchscope(VectorSource(vector, 1, handle.name), Target(PROMPT, "x", 1, alpha=4.0))
+    assert "write" not in plain.to_dict()["target"] and scaled.to_dict()["target"]["alpha"] == 4.0
+    twice = Patchscope(VectorSource(4.0 * vector, 1, handle.name), Target(PROMPT, "x", 1))
+    for planned in (True, False):
+        torch.testing.assert_close(run(scaled, handle, planned=planned)[0].logits,
+                                   run(twice, handle, planned=planned)[0].logits, atol=1e-5, rtol=0)
 
 
 def test_writes_leave_the_user_model_as_it_was():

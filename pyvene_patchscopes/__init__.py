@@ -10,7 +10,7 @@ from .models import ModelHandle, load_model, wrap_model
 from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
-from .spec import Patchscope, Reroute, Source, Target
+from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
 from .sweep import SweepFolder, SweepResult, sweep
 from .sweep_folder import ShardWarning
 from .fit import fit_affine, fit_tuned_lens
@@ -19,7 +19,7 @@ from .architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
-    "Patchscope", "Source", "Target", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",

@@ -3,12 +3,27 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 from .errors import SpecError
 
-if TYPE_CHECKING:
-    from .spec import Position
+Position = Union[int, str]
+
+
+@dataclass(frozen=True)
+class Every:
+    """Every whole-word occurrence of a placeholder in the target prompt: SelfIE's repeated ``_``."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise SpecError(f"Every.text={self.text!r} is not allowed (allowed: a non-empty placeholder word)")
+        try:
+            self.text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as UTF-8)") from None
 
 
 class SinkPositionWarning(UserWarning):
@@ -106,8 +121,6 @@ def _every(prompt: str, text: str, encoding: Encoding) -> list[int]:
 def resolve_slots(tokenizer: Any, prompt: str, position: Any, encoding: Encoding | None = None) -> tuple[int, ...]:
     """The token indices a target position names, sorted: one position, a tuple of them, or `Every` occurrence
     of a placeholder. Absent placeholders, slots outside the prompt and a slot named twice are refused."""
-    from .spec import Every
-
     encoding = encoding if encoding is not None else encode(tokenizer, prompt)
     if isinstance(position, Every):
         text = position.text.strip() or position.text

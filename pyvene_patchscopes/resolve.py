@@ -16,10 +16,8 @@ from .models import ModelHandle
 from .positions import encode, resolve_position, resolve_slots
 from .sites import Site, hidden_state_site
 
-from .spec import VectorSource
-
 if TYPE_CHECKING:
-    from .spec import Patchscope
+    from .spec import Patchscope, VectorSource
 
 Models = Mapping[str, ModelHandle]
 
@@ -94,7 +92,7 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     check_hookable(source_model.model)
     check_hookable(target_model.model)
     build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
-    vector = scope.source if isinstance(scope.source, VectorSource) else None
+    vector = scope.source if scope.vector_source else None
     owner = "VectorSource" if vector is not None else "Source"
     source_layer = _layer(owner, scope.source.layer, source_model)
     target_layer = _layer("Target", scope.target.layer, target_model)

@@ -31,9 +31,8 @@ import torch
 from .errors import SpecError
 from .files import MAX_JSON_BYTES, check_finite, parse_json, read_text
 from .mappings import MappingSpec, build_mapping
+from .positions import Every, Position
 from .writes import check_alpha, check_mode
-
-Position = Union[int, str]
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
 # 2: mapping is an object {name, args}, and the optional reroute field. 3: vector sources, several target slots,
@@ -68,18 +67,6 @@ def _check_position(owner: str, position: object) -> None:
         raise SpecError(f"{owner}.position={position!r} is not allowed (allowed: a non-empty substring)")
     if isinstance(position, str):
         check_text(f"{owner}.position", position)
-
-
-@dataclass(frozen=True)
-class Every:
-    """Every whole-word occurrence of a placeholder in the target prompt: SelfIE's repeated ``_``."""
-
-    text: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise SpecError(f"Every.text={self.text!r} is not allowed (allowed: a non-empty placeholder word)")
-        check_text("Every.text", self.text)
 
 
 Slots = Union[Position, tuple, Every]

@@ -147,6 +147,11 @@ def patched_generate(handle: ModelHandle, prompt: str, layer: int, position: int
                      max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy generation with the patch on the prompt pass (KV cache on): new token ids, first-step logits."""
     hook = block(handle.model, layer).register_forward_hook(_writer(position, vector, True))
+    return _generate_hooked(handle, prompt, hook, max_new_tokens)
+
+
+def _generate_hooked(handle: ModelHandle, prompt: str, hook, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy new token ids and first-step logits of `prompt` with `hook` in place; the hook is removed after."""
     tok = handle.tokenizer
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                               eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
@@ -267,13 +272,4 @@ def written_generate(handle: ModelHandle, prompt: str, layer: int, slots: list[i
                      write: str, alpha: float, max_new_tokens: int) -> list[int]:
     """Greedy tokens with the write on the prompt pass only (KV cache on), as SelfIE and the paper patch."""
     hook = block(handle.model, layer).register_forward_hook(_slot_writer(slots, vectors, write, alpha, True))
-    tok = handle.tokenizer
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id)
-    ids = encode(handle, prompt)
-    try:
-        with torch.no_grad():
-            out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    finally:
-        hook.remove()
-    return out[0, ids.shape[1]:].tolist()
+    return _generate_hooked(handle, prompt, hook, max_new_tokens)[0]

@@ -32,7 +32,7 @@ from .mappings import MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
 from .resolve import Models, Resolved, as_models, resolve
-from .result import PatchscopeResult, decode_top, top_k
+from .result import PatchscopeResult, decode_top, entropy_of, top_k
 from .spec import Patchscope, VectorSource
 from .writes import Slots
 
@@ -41,7 +41,8 @@ from .writes import Slots
 def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
         top: int = 10, batch_size: int = 32, progress: bool | None = None,
         source_states: Sequence[torch.Tensor] | None = None, planned: bool = True,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = True) -> list[PatchscopeResult]:
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = True,
+        keep_final_states: bool = False) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order.
 
     ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
@@ -50,6 +51,8 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens), and rows x vocabulary
     for the head). ``keep_logits=False`` leaves each result's full-vocabulary ``logits`` out (None), keeping
     its top tokens and generation: what a run of many scopes on a large-vocabulary model needs.
+    ``keep_final_states=True`` keeps each result's `final_state`: the target's last block output at the last
+    written slot (what self-similarity compares with the vector written, `scales`).
     """
     check_budget(max_batch_tokens)
     top = check_int("top", top)
@@ -72,12 +75,12 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
         if fast:
             done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
-                                  max_batch_tokens, progress, keep_logits)
+                                  max_batch_tokens, progress, keep_logits, keep_final_states)
             for k, result in zip(fast, done):
                 results[plain[k]] = result
         if slow:
             done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress,
-                              keep_logits)
+                              keep_logits, keep_final_states)
             for k, result in zip(slow, done):
                 results[plain[k]] = result
     rerouted: dict[str, list[int]] = defaultdict(list)
@@ -163,7 +166,8 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
 
 
 def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
-                   max_batch_tokens: int, progress: bool | None, keep_logits: bool = True) -> list[PatchscopeResult]:
+                   max_batch_tokens: int, progress: bool | None, keep_logits: bool = True,
+                   keep_states: bool = False) -> list[PatchscopeResult]:
     """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
     vectors = _mapped(resolved, states, models)
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
@@ -181,7 +185,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
-                alphas=torch.tensor([resolved[r].scope.target.alpha for r in group.rows]))
+                alphas=torch.tensor([resolved[r].scope.target.alpha for r in group.rows]), keep_states=keep_states)
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
@@ -195,6 +199,8 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                     top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
                     informative=resolved[r].informative,
                     generated_ids=None if out.tokens is None else list(out.tokens[k]),
+                    entropy=float(out.entropy[k]) if out.entropy is not None else None,
+                    final_state=None if out.states is None else out.states[k],
                 )
     return results  # type: ignore[return-value]
 
@@ -209,7 +215,8 @@ def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
-               batch_size: int, progress: bool | None, keep_logits: bool = True) -> list[PatchscopeResult]:
+               batch_size: int, progress: bool | None, keep_logits: bool = True,
+               keep_states: bool = False) -> list[PatchscopeResult]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         scope = item.scope
@@ -222,14 +229,17 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
             work, desc="patchscopes", unit="batch", disable=not show):
         handle = models[name]
         mapping = build_mapping(spec, models[source_name].hidden_size, handle.hidden_size)
-        logits, texts, tokens = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
-                              [resolved[r].slots for r in chunk],
-                              stack_vectors([states[r] for r in chunk]), max_new_tokens, mapping, write, alpha)
+        logits, texts, tokens, kept = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
+                                            [resolved[r].slots for r in chunk],
+                                            stack_vectors([states[r] for r in chunk]), max_new_tokens, mapping, write,
+                                            alpha, keep_states)
+        entropy = entropy_of(logits).tolist()
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
                 target_position=resolved[r].target_position, logits=logits[k].cpu() if keep_logits else None,
                 top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
                 informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
+                entropy=entropy[k], final_state=None if kept is None else kept[k],
             )
     return results  # type: ignore[return-value]

@@ -29,6 +29,12 @@ def top_k_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return probs.topk(min(k, probs.shape[-1]), dim=-1)
 
 
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy in nats of softmax(logits) over the last dimension, in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def decode_top(tokenizer: Any, probs: Sequence[float], ids: Sequence[int]) -> list[TokenProb]:
     return [TokenProb(token_text(tokenizer, int(i)), int(i), float(v)) for v, i in zip(probs, ids)]
 
@@ -56,6 +62,11 @@ class PatchscopeResult:
     # re-tokenising the text can merge tokens ("\n" "\n" -> "\n\n"). None when not generating, and on the
     # CoT (reroute) path, which records only the text.
     generated_ids: list[int] | None = None
+    # The entropy (nats) of the next-token distribution at the end of T: low when the readout is confident.
+    entropy: float | None = None
+    # The target's last-layer residual (the last block's output, before the final norm) at the last written slot,
+    # kept with run(..., keep_final_states=True): what self-similarity compares with the vector written.
+    final_state: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def token(self) -> str:

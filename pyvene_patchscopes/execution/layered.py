@@ -150,7 +150,7 @@ class Layered(Stack):
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
-                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None) -> Decoded:
+                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
         rows = vectors.shape[0]
         order, vectors, active, after_norm = self.sorted_rows(vectors, layers, after_norm)
@@ -164,6 +164,7 @@ class Layered(Stack):
                             None if sorted_alphas is None else sorted_alphas[start:stop], shared.split)
             if j < self.n_layers and stop:
                 hidden[:stop] = self._block(j, shared, hidden[:stop])
+        states = hidden[:, shared.split + slots.offsets[-1]].clone() if keep_states else None
         last = self.norm(hidden[:, -1])
         start = active[self.n_layers]
         if rows > start:  # skip_final_ln rows: the final norm's output written at i*
@@ -177,7 +178,7 @@ class Layered(Stack):
             back = vectors[inverse.to(vectors.device)]
             tokens = patched_greedy(self, shared.input_ids, shared.split, back, layers.cpu(), after_norm,
                                     max_new_tokens, eos_token_id, pad_token_id, slots=slots, alphas=alphas)
-        return Decoded(logits, tokens)
+        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)])
 
 
 @contextmanager

@@ -5,7 +5,8 @@ pyvene's ``generate`` with the patch on the prompt pass only, greedy, as the pap
 """
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from transformers import GenerationConfig
@@ -48,24 +49,26 @@ def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int
 # ---- patch at the target -------------------------------------------------------------------------------------------
 def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int] | Sequence[Sequence[int]],
           vectors: torch.Tensor, max_new_tokens: int = 0,
-          mapping: MappingFunction | None = None, write: str = "replace", alpha: float = 1.0
-          ) -> tuple[torch.Tensor, list[str] | None, list[list[int]] | None]:
+          mapping: MappingFunction | None = None, write: str = "replace", alpha: float = 1.0,
+          keep_states: bool = False) -> Patched:
     """Write f(vectors[r]) at (prompts[r], positions[r], site); return last-position logits, generations and
     their token ids (per row up to and including EOS, as the planned path gives them).
 
     positions[r] may be several slots (as many in every row); vectors is [rows, d], or [rows, slots, d] with one
-    vector per slot. `write` and `alpha` choose the write mode (`writes`)."""
+    vector per slot. `write` and `alpha` choose the write mode (`writes`). ``keep_states`` also returns each row's
+    last block output at its last slot (from a hook on that block, on the prompt pass)."""
     groups = exact_groups(handle, prompts)
     if len(groups) > 1:  # padding would shift this model's positions: one call per prompt length
         parts = [(g, patch(handle, site, [prompts[r] for r in g], [positions[r] for r in g], vectors[g],
-                           max_new_tokens, mapping, write, alpha)) for g in groups]
+                           max_new_tokens, mapping, write, alpha, keep_states)) for g in groups]
         order = torch.argsort(torch.tensor([r for g, _ in parts for r in g])).tolist()
-        logits = torch.cat([part[0] for _, part in parts])[order]
+        logits = torch.cat([part.logits for _, part in parts])[order]
+        states = torch.cat([part.states for _, part in parts])[order] if keep_states else None  # type: ignore[misc]
         if not max_new_tokens:
-            return logits, None, None
-        texts = [text for _, part in parts for text in part[1]]  # type: ignore[union-attr]
-        tokens = [ids for _, part in parts for ids in part[2]]  # type: ignore[union-attr]
-        return logits, [texts[k] for k in order], [tokens[k] for k in order]
+            return Patched(logits, None, None, states)
+        texts = [text for _, part in parts for text in part.texts]  # type: ignore[union-attr]
+        tokens = [ids for _, part in parts for ids in part.tokens]  # type: ignore[union-attr]
+        return Patched(logits, [texts[k] for k in order], [tokens[k] for k in order], states)
     batch = Batch.encode(handle, prompts)
     slots = [list(p) if isinstance(p, (list, tuple)) else [p] for p in positions]
     where = [[pad + q for q in row] for pad, row in zip(batch.pad, slots)]
@@ -75,14 +78,15 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
     representation = vectors.to(handle.device)  # [B, units, d_source]; f runs inside the intervention
     representation = (representation.unsqueeze(1).expand(-1, units, -1) if representation.ndim == 2
                       else representation).contiguous()
-    with pyvene_guard(handle.model), torch.no_grad():
+    last_slots = torch.tensor([row[-1] for row in where])
+    with pyvene_guard(handle.model), torch.no_grad(), last_block_states(handle.model, last_slots, keep_states) as seen:
         config = patch_config(site, handle.hidden_size, mapping.to(handle.device), write, alpha, units)
         pvm = intervenable(config, handle.model)
         key = pvm.sorted_keys[0]
         if max_new_tokens == 0:
             _, output = pvm(base={**batch.inputs, "logits_to_keep": 1}, unit_locations=base_locations(where),
                             source_representations={key: representation})
-            return output.logits[:, -1].float(), None, None
+            return Patched(output.logits[:, -1].float(), None, None, seen.get("states"))
         base = {k: v for k, v in batch.inputs.items() if k != "position_ids"}  # generate derives them from the mask
         _, output = pvm.generate(
             base, unit_locations=base_locations(where), source_representations={key: representation},
@@ -91,7 +95,46 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
     new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
     texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     tokens = [_until_eos(row, handle.tokenizer.eos_token_id) for row in new_tokens.tolist()]
-    return output.logits[0].float(), texts, tokens
+    return Patched(output.logits[0].float(), texts, tokens, seen.get("states"))
+
+
+class Patched(NamedTuple):
+    """What `patch` returns: last-position logits, and generations with their ids (None without generation)."""
+
+    logits: torch.Tensor
+    texts: list[str] | None
+    tokens: list[list[int]] | None
+    states: torch.Tensor | None = None  # [rows, d] the last block's output at each row's last slot, when kept
+
+
+@contextmanager
+def last_block_states(model: torch.nn.Module, positions: torch.Tensor, keep: bool) -> Iterator[dict]:
+    """While open, keep the last block's output (after any write there) at `positions` (one per row) on the first
+    pass over the prompt, in ``seen["states"]``; nothing when not `keep`.
+
+    It is read as the final norm's input (a pre-hook there runs after every hook on the last block, pyvene's
+    included); a model whose final norm is shared or absent is read on its last block's output instead."""
+    seen: dict = {}
+    if not keep:
+        yield seen
+        return
+    from ..architectures import architecture
+
+    arch = architecture(model)
+
+    def keep_rows(hidden: torch.Tensor) -> None:
+        if "states" not in seen and hidden.shape[1] > int(positions.max()):
+            seen["states"] = hidden[torch.arange(hidden.shape[0]), positions.to(hidden.device)].detach().float().cpu()
+
+    if arch.final_norm and not arch.final_norm_shared:
+        handle = arch.module(model, arch.final_norm).register_forward_pre_hook(lambda m, args: keep_rows(args[0]))
+    else:
+        handle = arch.module(model, arch.layers)[-1].register_forward_hook(
+            lambda m, args, out: keep_rows(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:

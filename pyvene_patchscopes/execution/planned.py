@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SlowPathWarning
-from ..result import top_k_ids
+from ..result import entropy_of, top_k_ids
 from ..writes import REPLACE_ONE, Slots
 from .check import planned_reason
 from .plan import pack
@@ -34,6 +34,7 @@ class TargetRows:
     max_new_tokens: int = 0
     slots: Slots = REPLACE_ONE                       # the slots written (offsets from i*) and the write mode
     alphas: torch.Tensor | None = None               # [rows] each row's α (None: 1)
+    keep_states: bool = False                        # also return each row's last block output at its last slot
 
     @property
     def n_rows(self) -> int:
@@ -48,6 +49,8 @@ class Readout:
     top_ids: torch.Tensor                # [rows, k]
     logits: torch.Tensor | None          # [rows, vocab], float32, on the CPU
     tokens: list[list[int]] | None       # per row, up to and including EOS
+    entropy: torch.Tensor | None = None  # [rows] nats, of the next-token distribution
+    states: torch.Tensor | None = None   # [rows, d] the last block's output at the last slot, when kept
 
 
 class SharedPrompts:
@@ -89,6 +92,8 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
     n = rows.n_rows
     top_probs, top_ids = torch.empty(n, top), torch.empty(n, top, dtype=torch.long)
     logits_out = torch.empty(n, vocab) if keep_logits else None
+    entropy = torch.empty(n)
+    states: torch.Tensor | None = None
     tokens: list[list[int]] | None = [[] for _ in range(n)] if rows.max_new_tokens else None
     tokens_per_row = len(rows.ids) + rows.max_new_tokens
     with evaluating(stack.model), torch.no_grad():
@@ -98,8 +103,14 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
             decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
                                     max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
                                     after_norm=rows.after_norm[index], pad_token_id=pad_token_id,
-                                    slots=rows.slots, alphas=None if rows.alphas is None else rows.alphas[index])
+                                    slots=rows.slots, alphas=None if rows.alphas is None else rows.alphas[index],
+                                    keep_states=rows.keep_states)
             probs, ids = top_k_ids(decoded.logits, top)
+            entropy[index] = entropy_of(decoded.logits).cpu()
+            if decoded.states is not None:
+                if states is None:
+                    states = torch.empty(n, decoded.states.shape[-1])
+                states[index] = decoded.states.float().cpu()
             top_probs[index], top_ids[index] = probs.cpu(), ids.cpu()
             if logits_out is not None:
                 logits_out[index] = decoded.logits.cpu()
@@ -108,7 +119,7 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
                     tokens[row] = decoded.tokens[k]
             if on_batch is not None:
                 on_batch(len(batch))
-    return Readout(top_probs, top_ids, logits_out, tokens)
+    return Readout(top_probs, top_ids, logits_out, tokens, entropy, states)
 
 
 __all__ = ["TargetRows", "Readout", "SharedPrompts", "run_planned", "use_planned"]

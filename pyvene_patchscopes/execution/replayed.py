@@ -18,7 +18,7 @@ from torch import nn
 
 from ..discovery import hooks_restored
 from ..writes import REPLACE_ONE, Slots
-from .layered import Recorded, patched_greedy, record_blocks, writing
+from .layered import Recorded, hidden_of, patched_greedy, record_blocks, writing
 from .stack import Decoded, Stack
 
 
@@ -68,7 +68,7 @@ class Replayed(Stack):
     def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
-                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None) -> Decoded:
+                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
         rows, layers = vectors.shape[0], layers.cpu()
         norm = self.norm_site()
         if norm is None and after_norm is not None:  # no norm to write after: the last block's output, as plain
@@ -76,19 +76,44 @@ class Replayed(Stack):
         after_norm, key = self.row_keys(layers, after_norm)
         vectors = vectors.to(self.device, self.dtype)
         logits = torch.empty(rows, self.lm_head.weight.shape[0], device=self.device)
+        states = torch.empty(rows, self.lm_head.weight.shape[1], device=self.device, dtype=self.dtype) \
+            if keep_states else None
+        at = shared.split + slots.offsets[-1]
         for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
             group = torch.nonzero(key == value).flatten()
             sequence = shared.input_ids[None].repeat(len(group), 1)
             with hooks_restored(self.model), self._replaying(shared, min(value + 1, self.n_layers), len(group)), \
                     writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm, slots,
                             None if alphas is None else alphas[group.to(alphas.device)]):
+                seen = _last_block_at(self.layers[-1], at) if keep_states else None
                 out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
             logits[group.to(self.device)] = out.logits[:, -1].float()
+            if seen is not None:
+                seen.handle.remove()
+                states[group.to(self.device)] = seen.value  # type: ignore[index]
         tokens = None
         if max_new_tokens:
             tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,
                                     max_new_tokens, eos_token_id, pad_token_id, norm, slots, alphas)
-        return Decoded(logits, tokens)
+        return Decoded(logits, tokens, states)
+
+
+class _Seen:
+    """A forward hook that keeps a block's output at one position (the first pass over the prompt)."""
+
+    def __init__(self, module: nn.Module, position: int) -> None:
+        self.value: torch.Tensor | None = None
+        self.position = position
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple, out: Any) -> None:
+        hidden = hidden_of(out)
+        if self.value is None and hidden.shape[1] > self.position:
+            self.value = hidden[:, self.position].detach().clone()
+
+
+def _last_block_at(block: nn.Module, position: int) -> _Seen:
+    return _Seen(block, position)
 
 
 __all__ = ["Replayed"]

@@ -189,6 +189,7 @@ class Decoded:
 
     logits: torch.Tensor              # [B, vocab] at the end of T, float32
     tokens: list[list[int]] | None    # per row, up to and including EOS
+    states: torch.Tensor | None = None  # [B, d] the last block's output at the last written slot (keep_states)
 
 
 class Stack:
@@ -325,7 +326,7 @@ class Stack:
     def patched(self, shared: Shared, vectors: torch.Tensor, layers: torch.Tensor, max_new_tokens: int = 0,
                 eos_token_id: int | None = None, after_norm: torch.Tensor | None = None,
                 pad_token_id: int | None = None, slots: Slots = REPLACE_ONE,
-                alphas: torch.Tensor | None = None) -> Decoded:
+                alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens).
 
         ``after_norm[b]`` marks rows patched after the final norm instead (the paper's ``skip_final_ln``).
@@ -358,6 +359,10 @@ class Stack:
                 hidden[:n], (new_k, new_v) = self._layer(j, hidden[:n], rotary, masks, positions, prefix)
             if keep_cache:
                 cache.append(self._row_cache(shared, j, rows, new_k, new_v))
+        states = None
+        if keep_states:  # rows written after the final norm never ran a block: their last block output is shared
+            states = hidden[:, slots.offsets[-1]].clone()
+            states[active[self.n_layers]:] = shared.hidden[-1][slots.offsets[-1]]
         last = self.norm(hidden[:, -1])
         normed_rows = active[self.n_layers + 1] - active[self.n_layers]
         if normed_rows:  # skip_final_ln rows: the final norm's output itself is replaced at i*
@@ -370,7 +375,7 @@ class Stack:
         logits = logits[inverse.to(logits.device)]
         if tokens is not None:
             tokens = [tokens[int(i)] for i in inverse]
-        return Decoded(logits, tokens)
+        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)])
 
     def row_keys(self, layers: torch.Tensor, after_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(after_norm, each row's key) on the CPU: the key is the row's l*, or n_layers for a row written after

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.real_model
 
 TUTORIALS = Path(__file__).parent.parent / "tutorials"
 NOTEBOOKS = ["01_quickstart", "02_paper_tour", "03_in_pyvene_pipelines", "04_causal_abstraction",
-             "05_jacobian_scopes"]
+             "05_jacobian_scopes", "06_reading_sae_latents"]
 
 
 def execute(name: str, workdir: Path) -> dict:
@@ -113,3 +113,17 @@ def test_05_jacobian_scopes_reads_the_attributed_token(tmp_path):
     assert all(row["identity_token"].strip() == "lighthouse" for row in rows[:4])  # layers 0-9 decode the word
     assert any("lighthouse" in row["description"] for row in rows)
     assert summary["identity_position"] == summary["position"]
+
+
+def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chance(tmp_path):
+    summary = execute("06_reading_sae_latents", tmp_path)
+    assert summary["fvu"] < 0.1 and summary["latents"] == 128 and summary["alive"] >= 500
+    assert (tmp_path / "tiny-sae" / "cfg.json").is_file()              # saved in sae-lens's format, read back
+    test, control = summary["test"], summary["control"]
+    assert test["n"] == control["n"] == 64                              # scored on the held-out half only
+    # what the finding states: the reading beats another latent's words, a fixed scale beats the per-latent rule,
+    # and adding reads better than replacing at α = 128
+    assert test["estimate"] > control["estimate"] and summary["versus_control"]["difference"]["low"] > 0
+    assert summary["best_rule"]["test"]["estimate"] < test["estimate"]
+    assert summary["by_alpha"]["add"][2] > summary["by_alpha"]["replace"][2]
+    assert f"{test['estimate']:.2f} [{test['low']:.2f}, {test['high']:.2f}]" in summary["finding"]

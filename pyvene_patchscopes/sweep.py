@@ -41,6 +41,7 @@ from .positions import token_ids, warn_if_sink
 from .presets import get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
+from .writes import Slots
 from .spec import Patchscope, Position, Source
 from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
     mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_table, write_shard
@@ -522,9 +523,10 @@ def _plannable(cells: _Cells, per_prompt: list[Patchscope], models) -> bool:
     """Whether the cells can run as one planned grid: one target prompt and position for every prompt and
     cell (cells differ in l, l* and f only), no reroute, and a model `stack` supports."""
     first = cells.templates[0][0].scope
-    same = lambda scope: (scope.target.prompt, scope.target.position, scope.target_model, scope.max_new_tokens,  # noqa: E731
-                          scope.reroute) == (first.target.prompt, first.target.position, first.target_model,
-                                             first.max_new_tokens, None)
+    same = lambda scope: (scope.target.prompt, scope.target.position, scope.target.write, scope.target.alpha,  # noqa: E731
+                          scope.target_model, scope.max_new_tokens, scope.reroute) == (
+        first.target.prompt, first.target.position, first.target.write, first.target.alpha, first.target_model,
+        first.max_new_tokens, None)
     return (use_planned(models[first.target_model].model)
             and all(same(cell.scope) for row in cells.templates for cell in row)
             and all(same(scope) for scope in per_prompt))
@@ -565,7 +567,9 @@ def _unit_planned(prompts: list[str], grid: _Grid, cells: _Cells) -> dict[str, A
     after = torch.tensor([[c.target_site.after_final_norm for c in row] for row in cells.templates])
     rows = TargetRows(ids=torch.tensor(token_ids(target.tokenizer, first.scope.target.prompt)),
                       position=first.target_position, layers=layers.view(-1).repeat(n),
-                      after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens)
+                      after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens,
+                      slots=Slots(tuple(slot - first.target_position for slot in first.slots), first.scope.target.write),
+                      alphas=torch.full((layers.numel() * n,), first.scope.target.alpha))
     out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)

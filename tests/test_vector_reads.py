@@ -203,3 +203,24 @@ def test_on_smollm2_each_write_mode_equals_hooks_in_logits_top1_and_generations_
             torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
             assert got.top[0].token_id == int(want.argmax())
             assert got.generated_ids[:len(tokens)] == tokens
+
+
+def test_a_sweep_with_the_selfie_preset_writes_every_slot_on_the_planned_grid():
+    """sweep's planned grid honours several slots and the write mode (the selfie preset: every '_', mixed)."""
+    from pyvene_patchscopes import sweep
+    from pyvene_patchscopes.presets import build
+
+    handle = tiny_model("llama", seed=5)
+    prompts = ["a b c d e", "e d c b a"]
+    target_prompt = "read _ _ _ and say"
+    options = dict(target_prompt=target_prompt, alpha=0.5, max_new_tokens=0)
+    grid = sweep(prompts, handle, "selfie", source_position=-1, source_layers=[1, 2], target_layers=[0, 1],
+                 keep_logits=True, progress=False, **options)
+    scopes = [build("selfie", p, -1, l, target_layer=t, model=handle.name, **options)
+              for p in prompts for l in (1, 2) for t in (0, 1)]
+    assert all(s.target.write == "mix" and s.target.alpha == 0.5 for s in scopes)
+    want = torch.stack([r.logits for r in run(scopes, handle, planned=False)]).view(2, 2, 2, -1)
+    torch.testing.assert_close(grid.logits.float(), want, atol=1e-4, rtol=0)
+    one_slot = [s.replace(target=Target(target_prompt, "_", s.target.layer, write="mix", alpha=0.5)) for s in scopes]
+    assert not torch.allclose(torch.stack([r.logits for r in run(one_slot, handle)]).view(2, 2, 2, -1), want,
+                              atol=1e-3)  # writing one slot reads differently: the three were written

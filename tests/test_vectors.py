@@ -172,3 +172,18 @@ def test_an_sae_written_by_sae_lens_itself_loads_and_its_latent_patchscope_equal
     want = written_logits(handle, IDENTITY, 1, [last], sae_lens_sae.W_dec[k].detach(), "add", 3.0)
     for planned in (True, False):
         torch.testing.assert_close(run(scope, handle, planned=planned)[0].logits, want, atol=1e-5, rtol=0)
+
+
+def test_a_probes_weight_row_and_any_tensor_become_checked_sources():
+    from pyvene_patchscopes.vectors import probe_source, vector_source
+
+    handle = tiny_model("llama")
+    probe = torch.nn.Linear(64, 3)
+    source = probe_source(probe.weight, 2, handle, 1, name="sentiment")
+    assert torch.equal(source.tensor, probe.weight[2].detach()) and source.name == "sentiment/row-2"
+    with pytest.raises(SpecError, match=r"row=3 is out of range for this probe \(allowed: 0..2\)"):
+        probe_source(probe.weight, 3, handle, 1)
+    with pytest.raises(SpecError, match=r"vector 'v' has width 32, but tiny-llama's hidden size is 64"):
+        vector_source(torch.ones(32), handle, 1, "v")
+    with pytest.raises(SpecError, match=r"layer=4 is out of range for tiny-llama \(allowed: -4..3\)"):
+        vector_source(torch.ones(64), handle, 4)

@@ -308,6 +308,9 @@ class Patchscope(JsonSpec):
         """A copy with some fields changed; ``source_prompt=``, ``source_position=``, ``source_layer=`` and
         ``target_layer=`` are shortcuts."""
         source, target = changes.pop("source", self.source), changes.pop("target", self.target)
+        if isinstance(source, VectorSource) and {"source_prompt", "source_position"} & set(changes):
+            raise SpecError("Patchscope.replace: a VectorSource has no prompt or position (allowed for a vector "
+                            "source: source_layer=, target_layer=, source=, target=)")
         if "source_prompt" in changes:
             source = replace(source, prompt=changes.pop("source_prompt"))
         if "source_position" in changes:

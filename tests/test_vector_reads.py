@@ -7,6 +7,7 @@ to the norm of the state it lands on (`writes`).
 """
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -224,3 +225,28 @@ def test_a_sweep_with_the_selfie_preset_writes_every_slot_on_the_planned_grid():
     one_slot = [s.replace(target=Target(target_prompt, "_", s.target.layer, write="mix", alpha=0.5)) for s in scopes]
     assert not torch.allclose(torch.stack([r.logits for r in run(one_slot, handle)]).view(2, 2, 2, -1), want,
                               atol=1e-3)  # writing one slot reads differently: the three were written
+
+
+def test_several_slots_and_a_write_mode_round_trip_through_json_as_version_3():
+    from pyvene_patchscopes import Source
+
+    for position in (Every("_"), [3, "x", -1]):
+        scope = Patchscope(Source("Here is a word: Paris", "Paris", 4), Target(PROMPT, position, 0, write="mix",
+                                                                               alpha=0.25), max_new_tokens=3)
+        data = json.loads(scope.to_json())
+        assert data["version"] == 3 and data["target"]["write"] == "mix" and data["target"]["alpha"] == 0.25
+        assert Patchscope.from_json(scope.to_json()) == scope
+    data["version"] = 2  # a version-2 reader never saw lists of slots
+    with pytest.raises(SpecError, match=r"target.position=\[3, 'x', -1\] needs version 3"):
+        Patchscope.from_dict(data)
+    with pytest.raises(SpecError, match=r"is a vector .* which one JSON file cannot hold"):
+        Patchscope(VectorSource(torch.ones(64)), Target(PROMPT, "x")).to_json()
+    with pytest.raises(SpecError, match=r"Every.text='' is not allowed"):
+        Every("")
+
+
+def test_replacing_a_vector_sources_prompt_is_refused_in_one_line():
+    scope = Patchscope(VectorSource(torch.ones(64), 2), Target(PROMPT, "x", 1))
+    assert scope.replace(source_layer=3).source.layer == 3
+    with pytest.raises(SpecError, match=r"a VectorSource has no prompt or position"):
+        scope.replace(source_prompt="other")

@@ -29,10 +29,15 @@ def top_k_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return probs.topk(min(k, probs.shape[-1]), dim=-1)
 
 
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    """The entropy in nats of softmax(logits) over the last dimension, in float32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_of(logits: torch.Tensor, rows_per_chunk: int = 256) -> torch.Tensor:
+    """The entropy in nats of softmax(logits) over the last dimension, in float32; rows in chunks, so that its
+    buffers stay at `rows_per_chunk` x vocabulary whatever the batch (the planned path's head budget)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], device=logits.device)
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        logp = torch.log_softmax(flat[start:start + rows_per_chunk].float(), dim=-1)
+        out[start:start + rows_per_chunk] = -(logp.exp() * logp).sum(-1)
+    return out.reshape(logits.shape[:-1])
 
 
 def decode_top(tokenizer: Any, probs: Sequence[float], ids: Sequence[int]) -> list[TokenProb]:

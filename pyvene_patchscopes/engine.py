@@ -42,7 +42,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         top: int = 10, batch_size: int = 32, progress: bool | None = None,
         source_states: Sequence[torch.Tensor] | None = None, planned: bool = True,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = True,
-        keep_final_states: bool = False) -> list[PatchscopeResult]:
+        keep_scores: bool = False) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order.
 
     ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
@@ -51,8 +51,8 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     ``max_batch_tokens`` bounds a planned batch (rows x (target tokens + new tokens), and rows x vocabulary
     for the head). ``keep_logits=False`` leaves each result's full-vocabulary ``logits`` out (None), keeping
     its top tokens and generation: what a run of many scopes on a large-vocabulary model needs.
-    ``keep_final_states=True`` keeps each result's `final_state`: the target's last block output at the last
-    written slot (what self-similarity compares with the vector written, `scales`).
+    ``keep_scores=True`` fills each result's `entropy` (of the next token) and `final_state` (the target's last
+    block output at the last written slot): what the scale search scores (`scales`).
     """
     check_budget(max_batch_tokens)
     top = check_int("top", top)
@@ -75,12 +75,12 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
         if fast:
             done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
-                                  max_batch_tokens, progress, keep_logits, keep_final_states)
+                                  max_batch_tokens, progress, keep_logits, keep_scores)
             for k, result in zip(fast, done):
                 results[plain[k]] = result
         if slow:
             done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress,
-                              keep_logits, keep_final_states)
+                              keep_logits, keep_scores)
             for k, result in zip(slow, done):
                 results[plain[k]] = result
     rerouted: dict[str, list[int]] = defaultdict(list)
@@ -167,7 +167,7 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
 
 def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
                    max_batch_tokens: int, progress: bool | None, keep_logits: bool = True,
-                   keep_states: bool = False) -> list[PatchscopeResult]:
+                   keep_scores: bool = False) -> list[PatchscopeResult]:
     """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
     vectors = _mapped(resolved, states, models)
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
@@ -185,7 +185,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
-                alphas=torch.tensor([resolved[r].scope.target.alpha for r in group.rows]), keep_states=keep_states)
+                alphas=_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
@@ -205,6 +205,11 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
     return results  # type: ignore[return-value]
 
 
+def _alphas(values: list[float]) -> torch.Tensor | None:
+    """Each row's α, or None when every α is 1 (the paper's plain replacement: nothing to scale)."""
+    return None if all(value == 1.0 for value in values) else torch.tensor(values)
+
+
 def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
     """Rows' vectors as one tensor: [n, d]; or [n, slots, d] when any row has one vector per slot (a row with
     one vector for all its slots is repeated at each)."""
@@ -216,7 +221,7 @@ def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
 
 def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
                batch_size: int, progress: bool | None, keep_logits: bool = True,
-               keep_states: bool = False) -> list[PatchscopeResult]:
+               keep_scores: bool = False) -> list[PatchscopeResult]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         scope = item.scope
@@ -232,14 +237,14 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
         logits, texts, tokens, kept = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
                                             [resolved[r].slots for r in chunk],
                                             stack_vectors([states[r] for r in chunk]), max_new_tokens, mapping, write,
-                                            alpha, keep_states)
-        entropy = entropy_of(logits).tolist()
+                                            alpha, keep_scores)
+        entropy = entropy_of(logits).tolist() if keep_scores else None
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
                 scope=resolved[r].scope, source_position=resolved[r].source_position,
                 target_position=resolved[r].target_position, logits=logits[k].cpu() if keep_logits else None,
                 top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
                 informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
-                entropy=entropy[k], final_state=None if kept is None else kept[k],
+                entropy=None if entropy is None else entropy[k], final_state=None if kept is None else kept[k],
             )
     return results  # type: ignore[return-value]

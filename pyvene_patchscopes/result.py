@@ -67,10 +67,10 @@ class PatchscopeResult:
     # re-tokenising the text can merge tokens ("\n" "\n" -> "\n\n"). None when not generating, and on the
     # CoT (reroute) path, which records only the text.
     generated_ids: list[int] | None = None
-    # The entropy (nats) of the next-token distribution at the end of T: low when the readout is confident.
+    # Kept with run(..., keep_scores=True), what the scale search scores: the entropy (nats) of the next-token
+    # distribution at the end of T (low when the readout is confident), and the target's last-layer residual (the
+    # last block's output, before the final norm) at the last written slot, which self-similarity compares with v.
     entropy: float | None = None
-    # The target's last-layer residual (the last block's output, before the final norm) at the last written slot,
-    # kept with run(..., keep_final_states=True): what self-similarity compares with the vector written.
     final_state: torch.Tensor | None = field(default=None, repr=False)
 
     @property

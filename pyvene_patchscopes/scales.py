@@ -112,7 +112,7 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
                                       max_new_tokens=max_new_tokens))
     options: dict[str, Any] = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
     results = run(scopes, model, top=top, planned=planned, progress=progress, keep_logits=False,
-                  keep_final_states=True, **options)
+                  keep_scores=True, **options)
     n_layers = len(grid_layers) if grid_layers is not None else 1
     shape = (len(vectors), n_layers, len(alphas))
     written = torch.stack([_written(scope.source) for scope in scopes])  # type: ignore[arg-type]

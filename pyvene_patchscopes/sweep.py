@@ -569,7 +569,8 @@ def _unit_planned(prompts: list[str], grid: _Grid, cells: _Cells) -> dict[str, A
                       position=first.target_position, layers=layers.view(-1).repeat(n),
                       after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens,
                       slots=Slots(tuple(slot - first.target_position for slot in first.slots), first.scope.target.write),
-                      alphas=torch.full((layers.numel() * n,), first.scope.target.alpha))
+                      alphas=None if first.scope.target.alpha == 1.0 else
+                      torch.full((layers.numel() * n,), first.scope.target.alpha))
     out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)

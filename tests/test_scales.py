@@ -43,7 +43,7 @@ def test_final_states_and_entropy_equal_hand_written_hooks_on_both_paths(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for planned in (True, False):
-            for scope, result in zip(scopes, run(scopes, handle, planned=planned, keep_final_states=True)):
+            for scope, result in zip(scopes, run(scopes, handle, planned=planned, keep_scores=True)):
                 slots = list(resolve_slots(handle.tokenizer, PROMPT, Every("x")))
                 logits, final = _by_hooks(handle, scope.target.layer, slots, vector, scope.target.alpha,
                                           scope.target.write)

@@ -34,7 +34,7 @@ class TargetRows:
     max_new_tokens: int = 0
     slots: Slots = REPLACE_ONE                       # the slots written (offsets from i*) and the write mode
     alphas: torch.Tensor | None = None               # [rows] each row's α (None: 1)
-    keep_states: bool = False                        # also return each row's last block output at its last slot
+    keep_scores: bool = False                        # also return entropy, and the last block output at the last slot
 
     @property
     def n_rows(self) -> int:
@@ -92,7 +92,7 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
     n = rows.n_rows
     top_probs, top_ids = torch.empty(n, top), torch.empty(n, top, dtype=torch.long)
     logits_out = torch.empty(n, vocab) if keep_logits else None
-    entropy = torch.empty(n)
+    entropy = torch.empty(n) if rows.keep_scores else None
     states: torch.Tensor | None = None
     tokens: list[list[int]] | None = [[] for _ in range(n)] if rows.max_new_tokens else None
     tokens_per_row = len(rows.ids) + rows.max_new_tokens
@@ -104,9 +104,10 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
                                     max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
                                     after_norm=rows.after_norm[index], pad_token_id=pad_token_id,
                                     slots=rows.slots, alphas=None if rows.alphas is None else rows.alphas[index],
-                                    keep_states=rows.keep_states)
+                                    keep_states=rows.keep_scores)
             probs, ids = top_k_ids(decoded.logits, top)
-            entropy[index] = entropy_of(decoded.logits).cpu()
+            if entropy is not None:
+                entropy[index] = entropy_of(decoded.logits).cpu()
             if decoded.states is not None:
                 if states is None:
                     states = torch.empty(n, decoded.states.shape[-1])

@@ -60,7 +60,7 @@ def test_each_write_mode_at_one_and_three_slots_equals_hand_written_hooks_on_bot
         assert not torch.allclose(want, untouched, atol=1e-3)  # the write is in play
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_generation_writes_on_the_prompt_pass_only_on_both_paths(kind):
     handle = tiny_model(kind, seed=5)
     torch.manual_seed(3)

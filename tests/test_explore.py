@@ -134,10 +134,28 @@ def test_a_layer_out_of_range_in_a_spec_names_the_field(client, handle):
     assert f"0..{handle.n_layers - 1}" in response.json()["error"]["message"]
 
 
-def test_a_queued_job_can_be_cancelled(client):
+def test_a_queued_job_can_be_cancelled(client, monkeypatch):
+    """The first job is held on a gate while the second is cancelled, so the second is surely still queued (on a
+    tiny model the first could otherwise finish before the DELETE arrives, and the second would be running)."""
+    import threading
+
+    jobs = client.app.state.jobs
+    gate, started = threading.Event(), threading.Event()
+    real = jobs._run
+
+    def held(job):
+        started.set()
+        gate.wait(60)
+        real(job)
+
+    monkeypatch.setattr(jobs, "_run", held)
     first = client.post("/api/jobs", json={"prompt": PROMPT, "kind": "grid", "position": 2}).json()["id"]
+    assert started.wait(60)  # the worker holds the first job
     second = client.post("/api/jobs", json={"prompt": PROMPT, "kind": "grid", "position": 3}).json()["id"]
-    assert client.delete(f"/api/jobs/{second}").json()["state"] == "cancelled"
+    try:
+        assert client.delete(f"/api/jobs/{second}").json()["state"] == "cancelled"
+    finally:
+        gate.set()
     assert wait(client, first)["state"] == "done" and wait(client, second)["state"] == "cancelled"
 
 

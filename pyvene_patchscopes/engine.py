@@ -34,7 +34,7 @@ from .positions import token_ids, warn_if_sink
 from .resolve import Models, Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, entropy_of, top_k
 from .spec import Patchscope, VectorSource
-from .writes import Slots
+from .writes import Slots, row_alphas
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                 vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
-                alphas=_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
+                alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
             out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
@@ -203,11 +203,6 @@ def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models:
                     final_state=None if out.states is None else out.states[k],
                 )
     return results  # type: ignore[return-value]
-
-
-def _alphas(values: list[float]) -> torch.Tensor | None:
-    """Each row's α, or None when every α is 1 (the paper's plain replacement: nothing to scale)."""
-    return None if all(value == 1.0 for value in values) else torch.tensor(values)
 
 
 def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:

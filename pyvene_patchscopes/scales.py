@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from .engine import run
-from .errors import SpecError, check_int
+from .errors import SpecError
 from .models import ModelHandle
 from .result import PatchscopeResult
 from .spec import Patchscope, Target, VectorSource
@@ -101,7 +101,6 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
     alphas = [check_alpha(a, "alphas[]") for a in alphas]
     if not alphas:
         raise SpecError("scale_search alphas is empty (allowed: one or more finite numbers)")
-    check_int("max_new_tokens", max_new_tokens, low=0, high=4096)
     grid_layers = list(layers) if layers is not None else None
     scopes: list[Patchscope] = []
     for vector in vectors:

@@ -41,7 +41,7 @@ from .positions import token_ids, warn_if_sink
 from .presets import get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
-from .writes import Slots
+from .writes import Slots, row_alphas
 from .spec import Patchscope, Position, Source
 from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
     mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_table, write_shard
@@ -569,8 +569,7 @@ def _unit_planned(prompts: list[str], grid: _Grid, cells: _Cells) -> dict[str, A
                       position=first.target_position, layers=layers.view(-1).repeat(n),
                       after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens,
                       slots=Slots(tuple(slot - first.target_position for slot in first.slots), first.scope.target.write),
-                      alphas=None if first.scope.target.alpha == 1.0 else
-                      torch.full((layers.numel() * n,), first.scope.target.alpha))
+                      alphas=row_alphas([first.scope.target.alpha] * (layers.numel() * n)))
     out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)

@@ -109,4 +109,9 @@ class Slots:
 REPLACE_ONE = Slots()
 
 
-__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "combine", "write_slots", "Slots", "REPLACE_ONE"]
+def row_alphas(values: list[float]) -> torch.Tensor | None:
+    """Each row's α as a tensor, or None when every α is 1 (nothing to scale)."""
+    return None if all(value == 1.0 for value in values) else torch.tensor(values)
+
+
+__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "combine", "write_slots", "Slots", "REPLACE_ONE", "row_alphas"]

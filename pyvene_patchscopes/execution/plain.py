@@ -56,7 +56,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
 
     positions[r] may be several slots (as many in every row); vectors is [rows, d], or [rows, slots, d] with one
     vector per slot. `write` and `alpha` choose the write mode (`writes`). ``keep_states`` also returns each row's
-    last block output at its last slot (from a hook on that block, on the prompt pass)."""
+    last block output at its last slot, on the prompt pass (`last_block_states`)."""
     groups = exact_groups(handle, prompts)
     if len(groups) > 1:  # padding would shift this model's positions: one call per prompt length
         parts = [(g, patch(handle, site, [prompts[r] for r in g], [positions[r] for r in g], vectors[g],

@@ -85,7 +85,7 @@ class Replayed(Stack):
             with hooks_restored(self.model), self._replaying(shared, min(value + 1, self.n_layers), len(group)), \
                     writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm, slots,
                             None if alphas is None else alphas[group.to(alphas.device)]):
-                seen = _last_block_at(self.layers[-1], at) if keep_states else None
+                seen = _Seen(self.layers[-1], at) if keep_states else None
                 out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
             logits[group.to(self.device)] = out.logits[:, -1].float()
             if seen is not None:
@@ -110,10 +110,6 @@ class _Seen:
         hidden = hidden_of(out)
         if self.value is None and hidden.shape[1] > self.position:
             self.value = hidden[:, self.position].detach().clone()
-
-
-def _last_block_at(block: nn.Module, position: int) -> _Seen:
-    return _Seen(block, position)
 
 
 __all__ = ["Replayed"]

@@ -75,8 +75,7 @@ def fit_jacobian_lens(model: ModelHandle, texts: Sequence[str], layers: Sequence
         state = read_checkpoint(checkpoint, d, settings)
     show = progress if progress is not None else len(texts) > 1
     with _frozen(model.model), evaluating(model.model), hooks_restored(model.model):
-        for index in tqdm(range(len(texts)), desc="fitting J-lens", unit="prompt", disable=not show,
-                          initial=0):
+        for index in tqdm(range(len(texts)), desc="fitting J-lens", unit="prompt", disable=not show):
             if index < state["next_idx"]:
                 continue
             ids = model.tokenizer(texts[index], return_tensors="pt", truncation=True,

@@ -30,7 +30,8 @@ class ModelHandle:
     name: str
     model: PreTrainedModel
     tokenizer: Any
-    origin: dict[str, str] = field(default_factory=dict)  # where the weights came from (GGUF hash, HF id, path)
+    origin: dict[str, Any] = field(default_factory=dict)  # where the weights came from (GGUF hash, HF id, adapter)
+    peft: Any = field(default=None, repr=False, compare=False)  # the PeftModel when `model` runs a PEFT adapter
     _context: tuple[int | None, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -265,7 +266,8 @@ def check_quantization(config: object) -> None:
 def load_model(name: str = "smollm2-135m", device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, *, device_map: str | dict[str, Any] | None = None,
                max_memory: dict[Any, str | int] | None = None, offload_folder: str | os.PathLike | None = None,
-               attn_implementation: str | None = None, quantization_config: Any = None) -> ModelHandle:
+               attn_implementation: str | None = None, quantization_config: Any = None,
+               adapter: str | os.PathLike | None = None) -> ModelHandle:
     """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local folder.
 
     ``dtype``: ``"auto"`` (the checkpoint's own dtype; the default for hub ids and folders, so an 8B bf16
@@ -275,6 +277,10 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     ``attn_implementation`` and ``quantization_config`` pass through to transformers' ``from_pretrained``
     for models split over GPUs, offloaded or quantized. The name is checked before transformers sees it
     (see `model_source`); remote code is never trusted.
+
+    ``adapter``: a PEFT adapter folder (or hub id) trained on this model, e.g. a LatentQA decoder or an
+    Activation Oracle. It is checked (`adapters.apply_adapter`) and applied in place, not merged; the handle is
+    named ``"<name>+<folder name>"`` and its record carries the adapter's config and weights hash.
     """
     kind, where = model_source(name)
     torch_dtype = resolve_dtype(dtype if dtype is not None or kind == "embedded" else "auto", auto=True)
@@ -306,8 +312,14 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     if device_map is None and quantization_config is None:
         model.to(target)
     model.eval()
-    return ModelHandle(name=display, model=model, origin=origin,
-                       tokenizer=prepare_tokenizer(tokenizer, DOCUMENT_START.get(where)))
+    tokenizer = prepare_tokenizer(tokenizer, DOCUMENT_START.get(where))
+    if adapter is None:
+        return ModelHandle(name=display, model=model, origin=origin, tokenizer=tokenizer)
+    from .adapters import apply_adapter, identity
+
+    adapted, folder = apply_adapter(model, adapter, display)
+    return ModelHandle(name=f"{display}+{folder.name}", model=adapted.get_base_model(), tokenizer=tokenizer,
+                       origin={**origin, "adapter": identity(adapted)}, peft=adapted)
 
 
 def context_limit(model: PreTrainedModel) -> tuple[int | None, str]:
@@ -363,10 +375,19 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) 
 
     The handle holds a prepared copy of the tokenizer (see `prepare_tokenizer`), so the user's keeps its
     padding side, pad and BOS tokens; and the model itself, unchanged: its mode, ``requires_grad`` and
-    device stay the user's.
+    device stay the user's. A peft ``PeftModel`` (LoRA and other in-place adapters) runs as it is, with
+    whichever adapters the user has active, neither merged nor unmerged here; its record carries their
+    identity (see `adapters.identity`).
     """
+    from .adapters import identity, is_peft_model, unwrap
     from .discovery import check_decoder
 
+    peft, origin = None, {}
+    if is_peft_model(model):
+        peft, model = model, unwrap(model, "model")
+        origin = {"adapter": identity(peft)}
+        base = getattr(model.config, "name_or_path", "") or type(model).__name__
+        name = name or f"{base}+{'+'.join(a['name'] for a in origin['adapter']['adapters'])}"
     check_decoder(model)  # an encoder or encoder-decoder is refused here, naming its class
     try:
         own = copy.deepcopy(tokenizer)
@@ -375,4 +396,4 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) 
                               "(allowed: a tokenizer that copy.deepcopy can copy, as Hugging Face tokenizers "
                               "can; the handle prepares a copy so that yours keeps its settings)") from None
     return ModelHandle(name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
-                       model=model, tokenizer=prepare_tokenizer(own))
+                       model=model, tokenizer=prepare_tokenizer(own), origin=origin, peft=peft)

@@ -32,7 +32,8 @@ VECTOR_KEY = "vector"
 MAX_CONFIG_BYTES = MAX_JSON_BYTES  # a spec is a few hundred bytes; refuse to parse anything huge
 _ENTRY = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}\.safetensors$")
-_RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision")
+_RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision",
+                "adapter")
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def model_record(handle: ModelHandle) -> dict[str, Any]:
     """What identifies a model: its size, class, and GGUF hash or HF id/revision where known."""
     record: dict[str, Any] = {"n_layers": handle.n_layers, "hidden_size": handle.hidden_size,
                               "architecture": type(handle.model).__name__}
-    for key in ("gguf_file", "gguf_sha256", "hf_id", "revision"):
+    for key in ("gguf_file", "gguf_sha256", "hf_id", "revision", "adapter"):
         if handle.origin.get(key):
             record[key] = handle.origin[key]
     revision = getattr(handle.model.config, "_commit_hash", None)
@@ -55,10 +56,26 @@ def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle])
         if name not in models or not saved:
             continue
         here = model_record(models[name])
+        if ("adapter" in saved) != ("adapter" in here):
+            said = "a PEFT adapter" if "adapter" in saved else "no adapter"
+            raise SpecError(f"model {name!r} does not match the saved Patchscope: the spec was saved with {said} "
+                            f"on it, the model in hand has {'none' if 'adapter' in saved else 'one'}")
         for key in _RECORD_KEYS:
+            if key == "adapter" and key in saved and saved[key] != here[key]:
+                raise SpecError(f"model {name!r} does not match the saved Patchscope: its adapter is "
+                                f"{_adapter_summary(here[key])} in hand but {_adapter_summary(saved[key])} in the spec")
             if key in saved and key in here and saved[key] != here[key]:
                 raise SpecError(f"model {name!r} does not match the saved Patchscope: {key} is {here[key]!r} "
                                 f"in hand but {saved[key]!r} in the spec")
+
+
+def _adapter_summary(record: Any) -> str:
+    """An adapter identity in a few words: each adapter's name, type, rank and the start of its weights' hash."""
+    try:
+        return " + ".join(f"{a['name']} ({a['config'].get('peft_type')}, r={a['config'].get('r')}, weights "
+                          f"{str(a['weights_sha256'])[:12]})" for a in record["adapters"])
+    except (KeyError, TypeError, AttributeError):
+        return "a malformed adapter record"
 
 
 # ---- save ----------------------------------------------------------------------------------------

@@ -13,13 +13,19 @@ Position = Union[int, str]
 
 @dataclass(frozen=True)
 class Every:
-    """Every whole-word occurrence of a placeholder in the target prompt: SelfIE's repeated ``_``."""
+    """Every whole-word occurrence of a placeholder in the target prompt: SelfIE's repeated ``_``; with ``first=K``
+    only the first K, as an Activation Oracle's K ``" ?"`` slots ahead of a question that may end in "?"."""
 
     text: str
+    first: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
             raise SpecError(f"Every.text={self.text!r} is not allowed (allowed: a non-empty placeholder word)")
+        if self.first is not None and (isinstance(self.first, bool) or not isinstance(self.first, int)
+                                       or not 1 <= self.first <= 4096):
+            raise SpecError(f"Every.first={self.first!r} is not allowed (allowed: None for every occurrence, or an "
+                            "int in 1..4096)")
         try:
             self.text.encode("utf-8")
         except UnicodeEncodeError:
@@ -90,6 +96,13 @@ def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str
                     f"(the tokenizer gives no character offsets for it)")
 
 
+def prefix_through(tokenizer: Any, prompt: str, position: Position) -> str:
+    """`prompt` up to and including the token at `position` (the logit lens's T = S cut at i)."""
+    index = resolve_position(tokenizer, prompt, position, "Source")
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return prompt[: offsets[index][1]]
+
+
 def warn_if_sink(index: int, tokenizer: Any, prompt: str) -> None:
     """Warn when a source state would be read at position 0 (see README, 'Position 0')."""
     if index == 0:
@@ -128,6 +141,11 @@ def resolve_slots(tokenizer: Any, prompt: str, position: Any, encoding: Encoding
         if not slots:
             raise SpecError(f"Target.position=Every({position.text!r}): the placeholder is not in "
                             f"Target.prompt={prompt!r} (allowed: a word that occurs in the prompt)")
+        if position.first is not None:
+            if len(slots) < position.first:
+                raise SpecError(f"Target.position=Every({position.text!r}, first={position.first}): the placeholder "
+                                f"occurs {len(slots)} times in Target.prompt (allowed: first in 1..{len(slots)})")
+            slots = slots[:position.first]
         return tuple(sorted(slots))
     if not isinstance(position, tuple):
         return (resolve_position(tokenizer, prompt, position, "Target", encoding),)

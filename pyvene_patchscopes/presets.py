@@ -1,12 +1,13 @@
 """Ready-made Patchscopes from the paper: token identity, logit lens, attribute extraction, entity description,
-multi-hop CoT rerouting, and the Future Lens; and two readers of vectors: SelfIE and self-explanation."""
+multi-hop CoT rerouting, and the Future Lens; two readers of vectors, SelfIE and self-explanation; two trained
+decoders as M* (a PEFT adapter, see `adapters`), Activation Oracles and LatentQA; and the Jacobian lens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
 from .errors import SpecError, UnknownNameError
-from .spec import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource
+from .spec import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource, lens_target
 
 # A modification of the official few-shot identity prompt. The official next_token_prediction notebook uses
 # "cat -> cat\n1135 -> 1135\nhello -> hello\n?" with the patch on its last token "?", read at that same
@@ -45,6 +46,50 @@ SELFIE_PROMPT = "<|im_start|>user\n_ _ _ _ _<|im_end|>\n<|im_start|>assistant\nS
 SELF_EXPLANATION_PROMPT = ('<|im_start|>user\nWhat is the meaning of the word "X"?<|im_end|>\n<|im_start|>assistant\n'
                            'The meaning of the word "X" is "')
 
+# Activation Oracles (Karvonen et al., 2025; github.com/adamkarvonen/activation_oracles at 55f153f,
+# nl_probes/utils/dataset_utils.py get_introspection_prefix and nl_probes/utils/steering_hooks.py): the oracle, a LoRA
+# on the base model, gets the user turn f"Layer: {l}\n" + " ?" * K + " \n" + question in the base model's chat template
+# (a generation prompt, no system turn, thinking off). The K vectors (states read at the output of block l of the
+# base model, adapter off; 25/50/75 % of the depth, 50 % their default) are added at the first K " ?" tokens at the
+# output of block 1, matched to the norm there: h <- h + c * ||h|| * v/||v||, c = 1, on the prompt pass only.
+ORACLE_PLACEHOLDER = " ?"
+ORACLE_LAYER = 1
+ORACLE_QUESTION = "Can you describe what is happening in this text?"
+# LatentQA (Pan et al., 2024, arXiv:2412.08686; github.com/aypan17/latentqa at e40cc44, lit/configs/interpret_config.py
+# and lit/utils/activation_utils.py): the decoder (a LoRA on Llama-3-8B-Instruct, aypan17/latentqa_llama-3-8b-instruct)
+# reads states of block 15's output of the target model and has them replace, in order, the "?" placeholders of its
+# first user turn at the output of its block 0. Its chat template renames the assistant "reflect" and starts with a
+# fixed exchange (lit/utils/dataset_utils.py BASE_DIALOG); here in ChatML, as SmolLM2 and the other presets use it.
+LATENTQA_READ_LAYER, LATENTQA_WRITE_LAYER = 15, 0
+LATENTQA_QUESTION = "What type of persona will the assistant adopt?"
+LATENTQA_LLAMA3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{placeholders}<|eot_id|>"
+                   "<|start_header_id|>reflect<|end_header_id|>\n\nSure, I've analyzed the assistant.<|eot_id|>"
+                   "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+                   "<|start_header_id|>reflect<|end_header_id|>\n\n")
+LATENTQA_CHATML = ("<|im_start|>user\n{placeholders}<|im_end|>\n<|im_start|>reflect\nSure, I've analyzed the "
+                   "assistant.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>reflect\n")
+
+
+def chat_prompt(user: str, tokenizer=None) -> str:
+    """`user` as one user turn with a generation prompt: the tokenizer's own chat template where it has one
+    (thinking off, as the oracles are trained), else ChatML (SmolLM2's)."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True, enable_thinking=False)
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _slots(source: Source | VectorSource, k: int | None) -> int:
+    rows = source.tensor.shape[0] if isinstance(source, VectorSource) and source.tensor.ndim == 2 else 1
+    if k is not None and rows > 1 and k != rows:
+        raise SpecError(f"k={k} does not match the VectorSource's {rows} vectors (allowed: k={rows}, or None)")
+    return rows if k is None else k
+
+
+def oracle_prompt(question: str, source_layer: int, k: int = 1, tokenizer=None) -> str:
+    """The Activation Oracle's prompt: "Layer: l" then K placeholders " ?" then the question, chat-templated."""
+    return chat_prompt(f"Layer: {source_layer}\n{ORACLE_PLACEHOLDER * k} \n{question}", tokenizer)
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -69,23 +114,8 @@ def logit_lens(source: Source, target_layer: int | None = None, max_new_tokens: 
 
     Without a tokenizer the source prompt must end at the source position (position -1).
     """
-    prompt, position = target_prompt or source.prompt, source.position
-    if target_prompt is None and source.position != -1:
-        if tokenizer is None:
-            raise SpecError(f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
-                            "to cut the prompt there (allowed without one: Source.position=-1)")
-        prompt, position = prefix_through(tokenizer, source.prompt, source.position), -1
-    return Patchscope(source, Target(prompt, position, -1 if target_layer is None else target_layer),
+    return Patchscope(source, lens_target(source, target_layer, target_prompt, tokenizer),
                       max_new_tokens=max_new_tokens)
-
-
-def prefix_through(tokenizer, prompt: str, position: Position) -> str:
-    """`prompt` up to and including the token at `position` (the logit lens's T = S cut at i)."""
-    from .positions import resolve_position
-
-    index = resolve_position(tokenizer, prompt, position, "Source")
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return prompt[: offsets[index][1]]
 
 
 def attribute(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
@@ -149,6 +179,47 @@ def self_explanation(source: Source | VectorSource, target_layer: int | None = N
                       max_new_tokens=max_new_tokens)
 
 
+def activation_oracle(source: Source | VectorSource, target_layer: int | None = None, max_new_tokens: int = 20,
+                      target_prompt: str | None = None, question: str = ORACLE_QUESTION, k: int | None = None,
+                      decoder: str | None = None, alpha: float = 1.0, tokenizer=None) -> Patchscope:
+    """An Activation Oracle: the state (or K vectors) added, norm-matched, at the first K " ?" of the oracle prompt
+    at l* = 1 of `decoder` (the oracle: the base model with its LoRA, see `load_model(adapter=...)`)."""
+    k = _slots(source, k)
+    prompt = target_prompt or oracle_prompt(question, source.layer, k, tokenizer)
+    target = Target(prompt, Every(ORACLE_PLACEHOLDER.strip(), first=k), ORACLE_LAYER if target_layer is None
+                    else target_layer, model=decoder, write="norm-matched-add", alpha=alpha)
+    return Patchscope(source, target, max_new_tokens=max_new_tokens)
+
+
+def latentqa(source: Source | VectorSource, target_layer: int | None = None, max_new_tokens: int = 100,
+             target_prompt: str | None = None, question: str = LATENTQA_QUESTION, k: int | None = None,
+             decoder: str | None = None, template: str = LATENTQA_CHATML) -> Patchscope:
+    """LatentQA: the state (or K vectors, a read sequence) replaces the first K "?" of the decoder's dialogue at
+    l* = 0 of `decoder` (the LatentQA LoRA); read the source at layer 15 of a 32-layer model, or its equivalent."""
+    k = _slots(source, k)
+    prompt = target_prompt or template.format(placeholders=" ".join(["?"] * k), question=question)
+    target = Target(prompt, Every("?", first=k), LATENTQA_WRITE_LAYER if target_layer is None else target_layer,
+                    model=decoder)
+    return Patchscope(source, target, max_new_tokens=max_new_tokens)
+
+
+def jacobian_lens(source: Source, target_layer: int | None = None, max_new_tokens: int = 0,
+                  target_prompt: str | None = None, tokenizer=None, lens=None) -> Patchscope:
+    """The Jacobian lens (Gurnee et al., 2026): the logit lens with f = J_l, from `lens` (a `JacobianLens`, or a
+    path to a lens .pt file) or, by default, the shipped SmolLM2 lens (its fitted layers only)."""
+    from .jlens import JacobianLens
+
+    if lens is None:
+        lens = JacobianLens.from_catalogue()
+    elif not isinstance(lens, JacobianLens):
+        lens = JacobianLens.from_file(lens)
+    if source.layer not in lens.jacobians:
+        raise SpecError(f"Source.layer={source.layer!r} has no fitted J in the Jacobian lens (allowed: "
+                        f"{lens.source_layers}; fit other layers with jlens.fit_jacobian_lens)")
+    scope = logit_lens(source, target_layer, max_new_tokens, target_prompt, tokenizer)
+    return scope.replace(mapping=lens.mapping(source.layer))
+
+
 def _multihop_preset(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
                      target_prompt: str | None = None, isolate: bool = True) -> Patchscope:
     """As a preset: the source prompt is hop 1, `target_prompt` is hop 2."""
@@ -171,7 +242,16 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            selfie),
     Preset("self-explanation", "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
            self_explanation),
+    Preset("jacobian-lens", "the logit lens after J_l = E[dh_final/dh_l] (Gurnee et al., 2026; fitted layers only)",
+           jacobian_lens),
+    Preset("activation-oracle", "an Activation Oracle (a LoRA decoder): norm-matched add at K ' ?' slots, l* = 1",
+           activation_oracle),
+    Preset("latentqa", "a LatentQA decoder (a LoRA): the state replaces its '?' placeholders at l* = 0",
+           latentqa),
 )}
+
+# Presets whose M* is a trained decoder (a PEFT adapter on the model): meaningful only with decoder= that model.
+DECODER_PRESETS = ("activation-oracle", "latentqa")
 
 
 def get_preset(name: str) -> Preset:

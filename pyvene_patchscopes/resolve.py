@@ -44,7 +44,21 @@ def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, 
         out[name] = handle
     if not out:
         raise SpecError("models is empty (allowed: one ModelHandle, a list of them, or a dict name -> handle)")
+    _check_shared_weights(out)
     return out
+
+
+def _check_shared_weights(models: Mapping[str, ModelHandle]) -> None:
+    """Refuse a base model and its PEFT-adapted self under two names: peft adapts the modules in place, so the
+    "base" would run the adapter too (LatentQA and Activation Oracles read the base with the adapter off)."""
+    adapted = [(name, h) for name, h in models.items() if h.peft is not None]
+    for name, handle in adapted:
+        embedding = handle.model.get_input_embeddings()
+        for other, each in models.items():
+            if other != name and each.peft is None and each.model.get_input_embeddings() is embedding:
+                raise SpecError(f"models {other!r} and {name!r} are one model: peft applied {name!r}'s adapter in "
+                                f"place, so {other!r} runs it too (allowed: a separate base, e.g. load_model(base) "
+                                "and load_model(base, adapter=...), or a copy of the base made before get_peft_model)")
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,8 @@ class Target:
 
     def position_data(self) -> Any:
         if isinstance(self.position, Every):
-            return {"every": self.position.text}
+            first = {} if self.position.first is None else {"first": self.position.first}
+            return {"every": self.position.text, **first}
         return list(self.position) if isinstance(self.position, tuple) else self.position
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,6 +234,20 @@ class Target:
     @property
     def uses_version_3(self) -> bool:
         return self.several or self.write != "replace" or self.alpha != 1.0
+
+
+def lens_target(source: Source, target_layer: int | None = None, target_prompt: str | None = None,
+                tokenizer: Any = None) -> Target:
+    """The logit lens's target: T = S cut after i, i* = its last token, l* = the last layer (or `target_layer`)."""
+    from .positions import prefix_through
+
+    prompt, position = target_prompt or source.prompt, source.position
+    if target_prompt is None and source.position != -1:
+        if tokenizer is None:
+            raise SpecError(f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
+                            "to cut the prompt there (allowed without one: Source.position=-1)")
+        prompt, position = prefix_through(tokenizer, source.prompt, source.position), -1
+    return Target(prompt, position, -1 if target_layer is None else target_layer)
 
 
 @dataclass(frozen=True)
@@ -444,10 +459,10 @@ def _target_data(part: dict, version: int) -> dict:
     """A target's JSON object with its position as `Target` takes it ({"every": "_"} -> `Every`)."""
     position = part.get("position")
     if version >= 3 and isinstance(position, dict):
-        if set(position) != {"every"}:
+        if "every" not in position or not set(position) <= {"every", "first"}:
             raise SpecError(f"spec target.position={position!r} is not allowed (allowed: an int, a string, a list "
-                            "of them, or {\"every\": placeholder})")
-        return {**part, "position": Every(position["every"])}
+                            "of them, or {\"every\": placeholder, \"first\": K (optional)})")
+        return {**part, "position": Every(position["every"], position.get("first"))}
     if version < 3 and isinstance(position, list):
         raise SpecError(f"spec target.position={position!r} needs version 3 (allowed in version {version}: an int "
                         "or a string)")

@@ -38,12 +38,16 @@ from ..execution.interrupt import checkpoints
 from ..export import layers_table, result_cell
 from ..models import ModelHandle
 from ..persist import WEIGHTS_FILE, catalogue
-from ..presets import PRESETS, prefix_through, get_preset
+from ..positions import prefix_through
+from ..presets import DECODER_PRESETS, PRESETS, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult
 from ..spec import Patchscope, Source
 from ..sweep import sweep
 
+# The presets the page offers: each runs on the explorer's one model. The decoder presets write into a second model
+# (a PEFT adapter); the Jacobian lens comes as its catalogue entries (jacobian-lens-lNN), one fitted layer each.
+OFFERED = tuple(name for name in PRESETS if name not in (*DECODER_PRESETS, "jacobian-lens"))
 CUSTOM = "custom"
 PLACEHOLDER = "x"
 TOP = 5
@@ -198,7 +202,7 @@ class Explorer:
     # ---- what the page shows before any work -------------------------------------------------------
     def info(self) -> dict[str, Any]:
         fitted = {name: list(self._saved[name].fitted) for name in self.catalogue if self._saved[name].fitted}
-        return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(PRESETS),
+        return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(OFFERED),
                 "catalogue": self.catalogue, "fitted": fitted, "custom": CUSTOM, "placeholder": PLACEHOLDER,
                 "variants": list(VARIANTS), "max_prompt_chars": MAX_PROMPT_CHARS,
                 "max_prompt_tokens": self.max_prompt_tokens}
@@ -247,6 +251,10 @@ class Explorer:
                                                   f"{PLACEHOLDER!r} (allowed: a prompt such as 'The capital of x')")
             scope = get_preset("attribute").build(source, target_layer=target_layer, target_prompt=query.target_prompt,
                                                   max_new_tokens=CUSTOM_NEW_TOKENS)
+        elif query.preset in PRESETS and query.preset not in OFFERED:
+            raise FieldError("preset", f"preset={query.preset!r} needs what the page does not have (a trained decoder, "
+                                       "or a fitted lens: use its catalogue entries) (allowed: "
+                                       f"{', '.join(OFFERED)}, the catalogue entries, or {CUSTOM!r})")
         elif query.preset in PRESETS:
             options: dict[str, Any] = {}
             if query.preset == "logit-lens":
@@ -258,7 +266,7 @@ class Explorer:
         elif query.preset in self._saved:
             scope = self._entry_scope(query.preset, source, target_layer, tokenizer)
         else:
-            raise FieldError("preset", f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(PRESETS)}, "
+            raise FieldError("preset", f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(OFFERED)}, "
                                        f"the catalogue entries, or {CUSTOM!r})")
         if grid:
             scope = scope.replace(max_new_tokens=min(scope.max_new_tokens, GRID_NEW_TOKENS))
@@ -382,7 +390,7 @@ class Explorer:
     def _grid_rows(self, query: Query, sources: list[int], targets: list[int]) -> list[list[dict[str, Any]]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # uninformative cells are marked in the result instead
-            if query.preset in PRESETS or query.preset == CUSTOM:
+            if query.preset in OFFERED or query.preset == CUSTOM:
                 template = self.scope(query, sources[0], targets[0], grid=True, tokenizer=self.handle.tokenizer)
                 preset = "attribute" if query.preset == CUSTOM else query.preset
                 options: dict[str, Any] = {"max_new_tokens": template.max_new_tokens}

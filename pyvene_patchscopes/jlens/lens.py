@@ -15,6 +15,7 @@ Inside this library a lens travels as a Patchscope folder (JSON + safetensors), 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,13 @@ from ..mappings import MappingSpec
 MAX_FILE_BYTES = 1 << 34      # 16 GiB: a 70B model's 80 layers of 8192² fp16 are 10.7 GB
 MAX_D_MODEL = 1 << 15         # 32,768: wider than any released model's residual stream
 LENS_KEYS = ("J", "n_prompts", "source_layers", "d_model", "metadata")
+CATALOGUE_ENTRY = re.compile(r"jacobian-lens-l\d\d")
+
+
+def _entry_folder(name: str) -> Path:
+    from ..persist import locate
+
+    return locate(name)
 
 
 def _refuse(path: Path, why: str) -> SpecError:
@@ -82,12 +90,11 @@ class JacobianLens:
     def scope(self, prompt: str, position: int | str = -1, layer: int = 0, model: str | None = None,
               tokenizer: Any = None, max_new_tokens: int = 0):
         """The J-lens readout of (prompt, position, layer) as a Patchscope: the logit lens with f = J_l."""
-        from ..presets import logit_lens
-        from ..spec import DEFAULT_MODEL, Source
+        from ..spec import DEFAULT_MODEL, Patchscope, Source, lens_target
 
         source = Source(prompt, position, layer, model or DEFAULT_MODEL)
-        return logit_lens(source, tokenizer=tokenizer, max_new_tokens=max_new_tokens).replace(
-            mapping=self.mapping(layer))
+        return Patchscope(source, lens_target(source, tokenizer=tokenizer), mapping=self.mapping(layer),
+                          max_new_tokens=max_new_tokens)
 
     # ---- the reference's .pt format -------------------------------------------------------------------
     def to_file(self, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
@@ -129,6 +136,28 @@ class JacobianLens:
         if not isinstance(metadata, dict):
             raise _refuse(where, f"metadata is a {type(metadata).__name__} (allowed: a dict)")
         lens = cls({k: v.float() for k, v in jacobians.items()}, n_prompts, d_model, metadata)
+        if model is not None:
+            lens.check_model(model)
+        return lens
+
+    @classmethod
+    def from_catalogue(cls, model: Any = None) -> "JacobianLens":
+        """The shipped J-lens of SmolLM2-135M (the ``jacobian-lens-lNN`` catalogue entries, one layer each)."""
+        from ..persist import catalogue, read_config
+        from ..spec import Patchscope
+
+        names = [name for name in catalogue() if CATALOGUE_ENTRY.fullmatch(name)]
+        if not names:
+            raise SpecError("the catalogue has no Jacobian lens entries (allowed: rebuild it with "
+                            "python -m pyvene_patchscopes.catalogue.build)")
+        jacobians, n_prompts = {}, 0
+        for name in names:
+            scope = Patchscope.load(name)
+            jacobians[scope.source.layer] = scope.mapping.weights["weight"]
+            found = re.search(r"on (\d+) prose texts", str(read_config(_entry_folder(name)).get("description", "")))
+            n_prompts = int(found.group(1)) if found else n_prompts
+        lens = cls(jacobians, n_prompts, metadata={"model": Patchscope.load(names[0]).source.model,
+                                                   "source": "pyvene-patchscopes catalogue"})
         if model is not None:
             lens.check_model(model)
         return lens

@@ -178,19 +178,34 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     get_preset(args.preset)  # fail on a bad name before loading a model
+    if args.lens is not None and args.preset != "jacobian-lens":
+        raise UsageError(f"--lens is for --preset jacobian-lens, not {args.preset!r} (see: patchscopes inspect --help)")
     html = check_outputs(args, {"--html": args.html}).get("--html")
     handle = _load(args)
-    layers = parse_layers(args.layers, handle.n_layers)
-    options: dict[str, Any] = {}
+    models, options = [handle], {}
+    if args.adapter is not None:  # M* = the model with a PEFT adapter (a LatentQA decoder, an Activation Oracle)
+        from .models import load_model
+
+        decoder = load_model(args.model, dtype=args.dtype, adapter=args.adapter, **_placement(args))
+        models.append(decoder)
+    if args.preset == "jacobian-lens":
+        from .jlens import JacobianLens
+
+        options["lens"] = (JacobianLens.from_file(args.lens, model=handle) if args.lens is not None
+                           else JacobianLens.from_catalogue(model=handle))
+    layers = (options["lens"].source_layers if "lens" in options and args.layers in (None, "all")
+              else parse_layers(args.layers, handle.n_layers))
     if args.target_prompt:
         options["target_prompt"] = args.target_prompt
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
-    if args.preset == "logit-lens":
-        options["tokenizer"] = handle.tokenizer
+    if args.preset in ("logit-lens", "jacobian-lens", "activation-oracle"):  # T = S cut at i; the oracle's chat
+        options["tokenizer"] = handle.tokenizer                              # template
     scopes = [build(args.preset, args.source_prompt, parse_position(args.source_position), layer,
                     args.target_layer, handle.name, **options) for layer in layers]
-    results = run(scopes, handle, top=args.top, progress=not args.json)
+    if len(models) > 1:
+        scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
+    results = run(scopes, models, top=args.top, progress=not args.json)
     rows = _rows(results)
     header = (f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
               f"(token {results[0].source_position})\n")
@@ -532,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--html", default=None, help="write the table as one self-contained HTML page here (hover a "
                                                  "row for its top tokens; no server needed)")
+    p.add_argument("--lens", default=None, help="--preset jacobian-lens: a lens .pt file in the reference format "
+                                                 "(default: the shipped SmolLM2 lens; its layers unless --layers)")
+    p.add_argument("--adapter", default=None, help="write into the model with this PEFT adapter folder (M*: a "
+                                                    "LatentQA decoder, an Activation Oracle); read from the base")
     _common(p)
     p.set_defaults(func=cmd_inspect)
 

@@ -79,8 +79,9 @@ class SweepResult:
             if target_layer != source_layer:
                 raise SpecError(f"target_layer={target_layer}: this sweep ran l* = l only "
                                 f"(allowed: target_layer == source_layer)")
-            return prompt, self.source_layers.index(source_layer), 0
-        return prompt, self.source_layers.index(source_layer), self.target_layers.index(target_layer)
+            return prompt, _position_of("source_layer", source_layer, self.source_layers), 0
+        return (prompt, _position_of("source_layer", source_layer, self.source_layers),
+                _position_of("target_layer", target_layer, self.target_layers))
 
     def _result(self, p: int, i: int, j: int) -> PatchscopeResult:
         flat = (p * len(self.source_layers) + i) * self.columns + j
@@ -297,7 +298,7 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
         raise SpecError(f"target_layers={target_layers!r} is not allowed (allowed: a list of layers, or 'same')")
     target_layers = every if target_layers is None or same_layer else _layer_list("target_layers", target_layers)
     build = get_preset(preset).build
-    if preset == "logit-lens":
+    if preset in ("logit-lens", "jacobian-lens"):
         options.setdefault("tokenizer", handle.tokenizer)
 
     def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
@@ -505,6 +506,13 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
         mark_complete(folder, units, count)
     barrier()
     return done
+
+
+def _position_of(field: str, layer: int, layers: list[int]) -> int:
+    """Where `layer` is in a sweep's layers, as it was given (-1 is not 29), else one line naming them."""
+    if layer not in layers:
+        raise SpecError(f"{field}={layer!r} is not among this sweep's layers (allowed: {', '.join(map(str, layers))})")
+    return layers.index(layer)
 
 
 def _layer_list(field: str, layers: Any) -> list[int]:

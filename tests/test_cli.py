@@ -79,7 +79,8 @@ def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
 def test_presets_lists_the_paper_presets(capsys):
     out = _json(capsys, ["presets", "--json"])
     assert set(out["presets"]) == {"token-identity", "logit-lens", "attribute", "entity-description", "multihop",
-                                   "future-lens", "selfie", "self-explanation"}
+                                   "future-lens", "selfie", "self-explanation", "jacobian-lens", "activation-oracle",
+                                   "latentqa"}
 
 
 def test_json_output_is_clean_in_a_fresh_process():

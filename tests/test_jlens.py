@@ -228,3 +228,45 @@ def test_short_prompts_are_left_out_with_a_warning_and_bad_settings_are_refused(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit_jacobian_lens(handle, ["a b c"], layers=[1], progress=False)
+
+
+# ---- the preset, the sweep, the CLI and the shipped lens -------------------------------------------------------
+def test_the_jacobian_lens_preset_and_a_sweep_equal_the_lens_scope_on_both_paths(handle, lens):
+    from pyvene_patchscopes import sweep
+
+    prompts = [TEXTS[0], TEXTS[2]]
+    grid = sweep(prompts, handle, preset="jacobian-lens", source_layers=[0, 2], target_layers=[-1], lens=lens,
+                 keep_logits=True, progress=False)
+    for p, prompt in enumerate(prompts):
+        for layer in (0, 2):
+            scope = lens.scope(prompt, -1, layer, handle.name)
+            assert build("jacobian-lens", prompt, -1, layer, model=handle.name, lens=lens) == scope
+            want = run(scope, handle, planned=False)[0].logits
+            torch.testing.assert_close(grid.cell(p, layer, -1).logits, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(run(scope, handle)[0].logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(SpecError, match=r"target_layer=3 is not among this sweep's layers \(allowed: -1\)"):
+        grid.cell(0, 0, 3)
+    sparse = JacobianLens({0: torch.eye(64), 2: torch.eye(64)})
+    with pytest.raises(SpecError, match=r"Source.layer=1 has no fitted J in the Jacobian lens \(allowed: \[0, 2\];"):
+        build("jacobian-lens", TEXTS[0], -1, 1, model=handle.name, lens=sparse)
+
+
+def test_patchscopes_inspect_reads_a_lens_file_at_its_layers(handle, lens, tmp_path, capsys):
+    import json
+
+    from pyvene_patchscopes.cli import main
+
+    handle.model.save_pretrained(tmp_path / "tiny")
+    handle.tokenizer.save_pretrained(tmp_path / "tiny")
+    lens.to_file(tmp_path / "lens.pt")
+    assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "jacobian-lens", "--lens",
+                 str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1], "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [row["source_layer"] for row in rows] == [0, 1, 2]  # the lens's layers, not all four
+    stored = JacobianLens.from_file(tmp_path / "lens.pt")  # fp16 on disk, as the reference writes
+    for row in rows:
+        want = run(stored.scope(TEXTS[1], -1, row["source_layer"], handle.name), handle)[0]
+        assert row["token"] == want.token and abs(row["prob"] - want.prob) < 1e-5
+    assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "logit-lens", "--lens",
+                 str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1]]) == 2
+    assert "--lens is for --preset jacobian-lens, not 'logit-lens'" in capsys.readouterr().err

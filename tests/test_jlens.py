@@ -141,6 +141,22 @@ def _good(d=64):
     return {"J": {0: torch.eye(d, dtype=torch.float16)}, "n_prompts": 1, "source_layers": [0], "d_model": d}
 
 
+def test_layers_past_nine_keep_their_order_in_a_lens_file_and_a_checkpoint(tmp_path):
+    """Layers 6 and 12 (as the published lenses and the shipped one have them): read back in numeric order, so the
+    reference file's source_layers match and a checkpoint resumes (a string sort once put 12 before 6)."""
+    torch.manual_seed(0)
+    lens = JacobianLens({12: torch.randn(8, 8), 6: torch.randn(8, 8), 24: torch.randn(8, 8)})
+    torch.save({"J": {l: m.half() for l, m in lens.jacobians.items()}, "n_prompts": 3, "source_layers": [6, 12, 24],
+                "d_model": 8}, tmp_path / "reference.pt")
+    assert JacobianLens.from_file(tmp_path / "reference.pt").source_layers == [6, 12, 24]
+    settings = {"source_layers": [6, 12, 24], "target_layer": 29, "skip_first": 16, "prompts_sha256": "x"}
+    state = {"jacobian_sum": dict(lens.jacobians), "n_done": 2, "next_idx": 2}
+    fitting.write_checkpoint(tmp_path / "fit.ckpt", state, settings)
+    back = fitting.read_checkpoint(tmp_path / "fit.ckpt", 8, settings)
+    assert list(back["jacobian_sum"]) == [6, 12, 24] and back["n_done"] == 2
+    assert all(torch.equal(back["jacobian_sum"][l], lens.jacobians[l]) for l in (6, 12, 24))
+
+
 def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
     for payload in ({**_good(), "metadata": {"x": _Payload(str(marker))}}, {**_good(), "n_prompts": eval},
@@ -270,3 +286,38 @@ def test_patchscopes_inspect_reads_a_lens_file_at_its_layers(handle, lens, tmp_p
     assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "logit-lens", "--lens",
                  str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1]]) == 2
     assert "--lens is for --preset jacobian-lens, not 'logit-lens'" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_the_shipped_smollm2_lens_reads_by_hand_in_inspect_and_in_the_explorer(smollm2, capsys):
+    """The catalogue's J-lens (jacobian-lens-lNN): W_U · norm(J_l h_l) by hand equals `patchscopes inspect --preset
+    jacobian-lens` at every fitted layer, and the explorer offers each entry at its own layer only."""
+    import json
+
+    from pyvene_patchscopes.cli import main
+    from pyvene_patchscopes.explore.service import Explorer, Query
+
+    lens = JacobianLens.from_catalogue(model=smollm2)
+    assert lens.source_layers == [6, 12, 18, 24] and lens.n_prompts == 48 and lens.d_model == 576
+    prompt = "The Eiffel Tower is in the city of"
+    ids = smollm2.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = smollm2.model(ids, output_hidden_states=True).hidden_states
+        by_hand = {l: smollm2.model.lm_head(smollm2.model.model.norm(lens.jacobians[l] @ hidden[l + 1][0, -1]))
+                   for l in lens.source_layers}
+    assert main(["inspect", "--preset", "jacobian-lens", "--source-prompt", prompt, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [row["source_layer"] for row in rows] == lens.source_layers
+    for row in rows:
+        logits = by_hand[row["source_layer"]]
+        assert row["token"] == smollm2.tokenizer.decode([int(logits.argmax())])
+        assert row["prob"] == pytest.approx(float(torch.softmax(logits.float(), -1).max()), abs=1e-4)
+    assert not all(torch.equal(by_hand[l].argmax(), smollm2.model.lm_head(smollm2.model.model.norm(
+        hidden[l + 1][0, -1])).argmax()) for l in lens.source_layers)  # J is not the identity: some layer differs
+    explorer = Explorer(smollm2)
+    assert explorer.info()["fitted"]["jacobian-lens-l12"] == [12, smollm2.n_layers - 1]
+    assert "jacobian-lens" not in explorer.info()["presets"]  # offered as its catalogue entries instead
+    result = explorer.layers(Query(prompt, len(ids[0]) - 1, "jacobian-lens-l12"), lambda fraction: None)
+    applied = [row for row in result["results"] if row["applies"]]
+    assert [row["layer"] for row in applied] == [12]
+    assert applied[0]["top"][0][0] == smollm2.tokenizer.decode([int(by_hand[12].argmax())])

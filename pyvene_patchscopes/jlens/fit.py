@@ -32,7 +32,7 @@ from ..discovery import hooks_restored
 from ..errors import SpecError, check_int
 from ..execution.stack import evaluating
 from ..models import ModelHandle
-from .lens import JacobianLens, _count, _matrices, _refuse, load_pt
+from .lens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
 SKIP_FIRST = 16
 CHECKPOINT_KEYS = ("jacobian_sum", "n_done", "next_idx", "source_layers", "target_layer", "skip_first",
@@ -170,16 +170,16 @@ def read_checkpoint(path: str | os.PathLike, d_model: int, settings: dict[str, A
     if not isinstance(payload, dict) or not {"jacobian_sum", "n_done", "next_idx"} <= set(payload) \
             or set(payload) - set(CHECKPOINT_KEYS):
         keys = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
-        raise _refuse(where, f"is not a fit checkpoint: it holds {keys} (allowed: {list(CHECKPOINT_KEYS)})")
+        raise refuse_file(where, f"is not a fit checkpoint: it holds {keys} (allowed: {list(CHECKPOINT_KEYS)})")
     for key, value in settings.items():
         if key in payload and payload[key] != value:
-            raise _refuse(where, f"was written with {key}={payload[key]!r}, not {value!r}: another fit (pass "
+            raise refuse_file(where, f"was written with {key}={payload[key]!r}, not {value!r}: another fit (pass "
                           "resume=False to start over, or the same settings and texts)")
-    sums = _matrices(where, payload["jacobian_sum"], d_model, "jacobian_sum")
+    sums = read_matrices(where, payload["jacobian_sum"], d_model, "jacobian_sum")
     if list(sums) != settings["source_layers"]:
-        raise _refuse(where, f"jacobian_sum has layers {list(sums)}, this fit {settings['source_layers']}")
-    return {"jacobian_sum": sums, "n_done": _count(where, payload, "n_done", 0, 1 << 40),
-            "next_idx": _count(where, payload, "next_idx", 0, 1 << 40)}
+        raise refuse_file(where, f"jacobian_sum has layers {list(sums)}, this fit {settings['source_layers']}")
+    return {"jacobian_sum": sums, "n_done": read_count(where, payload, "n_done", 0, 1 << 40),
+            "next_idx": read_count(where, payload, "next_idx", 0, 1 << 40)}
 
 
 def _source_layer(layer: Any, n_layers: int) -> int:

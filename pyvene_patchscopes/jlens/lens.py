@@ -39,7 +39,7 @@ def _entry_folder(name: str) -> Path:
     return locate(name)
 
 
-def _refuse(path: Path, why: str) -> SpecError:
+def refuse_file(path: Path, why: str) -> SpecError:
     return SpecError(f"Jacobian lens file {path.name!r}: {why}")
 
 
@@ -118,23 +118,23 @@ class JacobianLens:
         payload = load_pt(path, "Jacobian lens file")
         where = expand(path)
         if not isinstance(payload, dict):
-            raise _refuse(where, f"holds a {type(payload).__name__} (allowed: a dict with keys {list(LENS_KEYS[:4])})")
+            raise refuse_file(where, f"holds a {type(payload).__name__} (allowed: a dict with keys {list(LENS_KEYS[:4])})")
         if "jacobian_sum" in payload:
-            raise _refuse(where, "is a fit checkpoint (jacobian_sum, n_done), not a lens (allowed: a file written "
+            raise refuse_file(where, "is a fit checkpoint (jacobian_sum, n_done), not a lens (allowed: a file written "
                           "by JacobianLens.to_file or the reference's save; resume the fit with its checkpoint=)")
         keys = set(payload)
         if not {"J", "d_model"} <= keys or keys - set(LENS_KEYS):
-            raise _refuse(where, f"has keys {sorted(map(str, keys))} (allowed: {list(LENS_KEYS[:4])}, and "
+            raise refuse_file(where, f"has keys {sorted(map(str, keys))} (allowed: {list(LENS_KEYS[:4])}, and "
                           "optionally 'metadata')")
-        d_model = _count(where, payload, "d_model", 1, MAX_D_MODEL)
-        n_prompts = _count(where, payload, "n_prompts", 0, 1 << 40) if "n_prompts" in payload else 0
-        jacobians = _matrices(where, payload["J"], d_model, "J")
+        d_model = read_count(where, payload, "d_model", 1, MAX_D_MODEL)
+        n_prompts = read_count(where, payload, "n_prompts", 0, 1 << 40) if "n_prompts" in payload else 0
+        jacobians = read_matrices(where, payload["J"], d_model, "J")
         if "source_layers" in payload and payload["source_layers"] != list(jacobians):
-            raise _refuse(where, f"source_layers={payload['source_layers']!r} do not match the layers of J "
+            raise refuse_file(where, f"source_layers={payload['source_layers']!r} do not match the layers of J "
                           f"{list(jacobians)}")
         metadata = payload.get("metadata", {})
         if not isinstance(metadata, dict):
-            raise _refuse(where, f"metadata is a {type(metadata).__name__} (allowed: a dict)")
+            raise refuse_file(where, f"metadata is a {type(metadata).__name__} (allowed: a dict)")
         lens = cls({k: v.float() for k, v in jacobians.items()}, n_prompts, d_model, metadata)
         if model is not None:
             lens.check_model(model)
@@ -183,37 +183,40 @@ def load_pt(path: str | os.PathLike, what: str) -> Any:
     if not is_file(where):
         raise SpecError(f"{what} {str(where)!r} does not exist (allowed: a file written by torch.save)")
     if where.stat().st_size > MAX_FILE_BYTES:
-        raise _refuse(where, f"is {where.stat().st_size} bytes (allowed: at most {MAX_FILE_BYTES})")
+        raise refuse_file(where, f"is {where.stat().st_size} bytes (allowed: at most {MAX_FILE_BYTES})")
     if not zipfile.is_zipfile(where):
-        raise _refuse(where, "is not a torch.save zip archive (allowed: a file written by torch.save)")
+        raise refuse_file(where, "is not a torch.save zip archive (allowed: a file written by torch.save)")
     with zipfile.ZipFile(where) as archive:
         if sum(info.file_size for info in archive.infolist()) > MAX_FILE_BYTES:
-            raise _refuse(where, f"unpacks to more than {MAX_FILE_BYTES} bytes")
+            raise refuse_file(where, f"unpacks to more than {MAX_FILE_BYTES} bytes")
     try:
         return torch.load(where, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's many refusals, reported as one line
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise _refuse(where, f"cannot be read as tensors and numbers only ({reason})") from None
+        raise refuse_file(where, f"cannot be read as tensors and numbers only ({reason})") from None
 
 
-def _count(where: Path, payload: dict, key: str, low: int, high: int) -> int:
+def read_count(where: Path, payload: dict, key: str, low: int, high: int) -> int:
+    """``payload[key]`` as an int in low..high, else one line naming the file and the key."""
     value = payload[key]
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _refuse(where, f"{key}={value!r} is not allowed (allowed: an int in {low}..{high})")
+        raise refuse_file(where, f"{key}={value!r} is not allowed (allowed: an int in {low}..{high})")
     return value
 
 
-def _matrices(where: Path, value: Any, d_model: int, key: str) -> dict[int, torch.Tensor]:
+def read_matrices(where: Path, value: Any, d_model: int, key: str) -> dict[int, torch.Tensor]:
+    """A dict layer -> checked [d_model, d_model] tensor, in layer order, else one line naming the file and key."""
     if not isinstance(value, dict) or not value:
-        raise _refuse(where, f"{key} is a {type(value).__name__} (allowed: a non-empty dict layer -> [d, d] tensor)")
+        raise refuse_file(where, f"{key} is a {type(value).__name__} (allowed: a non-empty dict layer -> [d, d] tensor)")
     out = {}
-    for layer in sorted(value, key=lambda k: (not isinstance(k, int), str(k))):
+    numbered = lambda k: isinstance(k, int) and not isinstance(k, bool)  # noqa: E731
+    for layer in sorted(value, key=lambda k: (not numbered(k), k if numbered(k) else 0, str(k))):  # 6 before 12
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < 4096:
-            raise _refuse(where, f"{key} has layer key {layer!r} (allowed: ints in 0..4095)")
+            raise refuse_file(where, f"{key} has layer key {layer!r} (allowed: ints in 0..4095)")
         try:
             out[layer] = check_matrix(value[layer], d_model, f"{key}[{layer}]")
         except SpecError as err:
-            raise _refuse(where, str(err)) from None
+            raise refuse_file(where, str(err)) from None
     return out
 
 

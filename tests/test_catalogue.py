@@ -13,7 +13,7 @@ import torch
 
 from pyvene_patchscopes import Patchscope, run
 from pyvene_patchscopes.cli import main
-from pyvene_patchscopes.persist import catalogue, catalogue_root
+from pyvene_patchscopes.persist import catalogue, catalogue_root, describe
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {  # entry -> text its example must produce (top token or generation), measured on SmolLM2-135M
@@ -25,6 +25,7 @@ EXPECTED = {  # entry -> text its example must produce (top token or generation)
     "attribute-largest-city": "Sydney",
     "entity-description": "physicist",
     "tuned-lens-l24": "Paris",
+    "jacobian-lens-l24": "Paris",
     "cross-model-smollm2-gemma3-l24-l12": "room",  # SmolLM2 predicts ' room'; Gemma 3 reads it through the map
     "selfie": "Paris, France",
     "self-explanation": "Western Europe",
@@ -81,6 +82,19 @@ def test_tuned_lens_entries_are_fitted_affine_maps_to_the_last_layer(smollm2):
         assert scope.mapping.name == "affine" and scope.target.layer == -1
         assert scope.mapping.weights["weight"].shape == (576, 576)
         assert not torch.allclose(scope.mapping.weights["weight"], torch.eye(576), atol=1e-2)
+
+
+@pytest.mark.real_model
+def test_jacobian_lens_entries_are_fitted_maps_without_bias_to_the_last_layer(smollm2):
+    names = [n for n in catalogue() if n.startswith("jacobian-lens-")]
+    assert names == ["jacobian-lens-l06", "jacobian-lens-l12", "jacobian-lens-l18", "jacobian-lens-l24"]
+    for name in names:
+        scope = Patchscope.load(name, models=smollm2)
+        assert scope.mapping.name == "affine" and scope.target.layer == -1 and scope.source.layer == int(name[-2:])
+        assert scope.mapping.weights["weight"].shape == (576, 576)
+        assert torch.count_nonzero(scope.mapping.weights["bias"]) == 0  # f(h) = J h
+        assert not torch.allclose(scope.mapping.weights["weight"], torch.eye(576), atol=1e-2)
+        assert "48 prose texts of 64 tokens" in describe(name) and "token ids sha256" in describe(name)
 
 
 def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweep import write_report  # noqa: E402
 
 from pyvene_patchscopes import load_model  # noqa: E402
+from pyvene_patchscopes.cli import parse_layers  # noqa: E402
 from pyvene_patchscopes.catalogue.build import JACOBIAN_LENS_TOKENS, jacobian_lens_texts  # noqa: E402
 from pyvene_patchscopes.evaluate.common import lens_logits, read_states, sample_prefixes  # noqa: E402
 from pyvene_patchscopes.evaluate.data import prose_splits  # noqa: E402
@@ -112,12 +113,8 @@ def main() -> int:
     parser.add_argument("--skip-crosscheck", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    if "-" in args.layers:
-        low, high = map(int, args.layers.split("-"))
-        layers = list(range(low, high + 1))
-    else:
-        layers = [int(x) for x in args.layers.split(",")]
     handle = load_model("smollm2-135m")
+    layers = parse_layers(args.layers, handle.n_layers - 1, "--layers")  # source layers: all but the last
     splits = prose_splits(250, 100, 0)  # patchscopes eval next-token's default split
     prefixes = sample_prefixes(handle, splits["evaluation"]["text"], 0)
     states = read_states(handle, prefixes, sorted({*layers, 6, 12, 18, 24, handle.n_layers - 1}), 32)

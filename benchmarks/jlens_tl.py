@@ -7,7 +7,7 @@ It loads SmolLM2 with this package's `load_model` (the same converted weights an
 does, fits `transformer_lens.tools.analysis.JacobianLens.fit` (the reference estimator) and saves it with the
 bridge's own `save` in float32.
 
-    .venv-tl/bin/python benchmarks/jlens_tl.py --texts texts.json --layers 0-28 --out tl.pt
+    .venv-tl/bin/python benchmarks/jlens_tl.py --texts texts.json --layers 6,12,18 --out tl.pt
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--texts", required=True, help="a JSON list of texts")
-    parser.add_argument("--layers", required=True, help="source layers, e.g. 0-28 or 6,12")
+    parser.add_argument("--layers", required=True, help="source layers, e.g. 6,12,18")
     parser.add_argument("--max-seq-len", type=int, default=64)
     parser.add_argument("--dim-batch", type=int, default=64)
     parser.add_argument("--skip-first", type=int, default=16)
@@ -35,11 +35,7 @@ def main() -> int:
     from pyvene_patchscopes import load_model
 
     texts = json.loads(open(args.texts).read())
-    if "-" in args.layers:
-        low, high = map(int, args.layers.split("-"))
-        layers = list(range(low, high + 1))
-    else:
-        layers = [int(x) for x in args.layers.split(",")]
+    layers = [int(x) for x in args.layers.split(",")]
     handle = load_model("smollm2-135m")
     bridge = TransformerBridge.boot_transformers(handle.model.config.name_or_path, hf_model=handle.model,
                                                  tokenizer=handle.tokenizer, device="cpu")

@@ -38,12 +38,16 @@ _RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sh
 
 # ---- models --------------------------------------------------------------------------------------
 def model_record(handle: ModelHandle) -> dict[str, Any]:
-    """What identifies a model: its size, class, and GGUF hash or HF id/revision where known."""
+    """What identifies a model: its size, class, GGUF hash or HF id/revision where known, and its PEFT adapter."""
     record: dict[str, Any] = {"n_layers": handle.n_layers, "hidden_size": handle.hidden_size,
                               "architecture": type(handle.model).__name__}
-    for key in ("gguf_file", "gguf_sha256", "hf_id", "revision", "adapter"):
+    for key in ("gguf_file", "gguf_sha256", "hf_id", "revision"):
         if handle.origin.get(key):
             record[key] = handle.origin[key]
+    if handle.peft is not None:  # hashed now, not when loaded: the adapter may have been trained since
+        from .adapters import identity
+
+        record["adapter"] = identity(handle.peft)
     revision = getattr(handle.model.config, "_commit_hash", None)
     if revision and "revision" not in record:
         record["revision"] = revision

@@ -160,6 +160,10 @@ def test_the_spec_records_the_adapter_and_refuses_another_one_on_load(tmp_path):
     with pytest.raises(SpecError, match=r"its adapter is default \(LORA, r=4, weights [0-9a-f]{12}\) in hand") as err:
         Patchscope.load(folder, models=[base, other])
     assert "\n" not in str(err.value)
+    with torch.no_grad():  # trained further in place: the record is the adapter as it is now
+        next(m for m in adapted.peft.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight.add_(0.01)
+    resaved = json.loads((scope.save(tmp_path / "again", models=[base, adapted]) / "config.json").read_text())
+    assert resaved["models"][adapted.name]["adapter"] == identity(adapted.peft) != saved[adapted.name]["adapter"]
     bare = wrap_model(copy.deepcopy(base.model), base.tokenizer, name=adapted.name)
     with pytest.raises(SpecError, match="saved with a PEFT adapter on it, the model in hand has none"):
         Patchscope.load(folder, models=[base, bare])

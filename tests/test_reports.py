@@ -1,4 +1,5 @@
-"""The README's evaluation numbers are the shipped reports' numbers, each with its interval."""
+"""The README's evaluation numbers are the shipped reports' numbers (and the J-lens benchmark's), each with its
+interval."""
 from __future__ import annotations
 
 import json
@@ -45,8 +46,9 @@ def _reported() -> tuple[set[tuple[float, float, float]], list[tuple[float, floa
     """Every (estimate, low, high) the reports hold: as numbers (intervals, paired differences, held-out
     choices), and as the text of their tables and summaries (printed to 3 digits)."""
     numbers, printed = set(), []
-    for folder in _folders():
-        for item in _walk(json.loads((folder / "report.json").read_text())):
+    # the reports, and the J-lens benchmark's next-token table (README, "The Jacobian lens")
+    for path in [*(folder / "report.json" for folder in _folders()), ROOT / "benchmarks" / "results" / "jlens.json"]:
+        for item in _walk(json.loads(path.read_text())):
             if isinstance(item, dict) and {"estimate", "low", "high"} <= set(item):
                 numbers.add((item["estimate"], item["low"], item["high"]))
             elif isinstance(item, str):

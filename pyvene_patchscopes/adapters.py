@@ -18,6 +18,7 @@ import enum
 import hashlib
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
@@ -185,11 +186,9 @@ def identity(peft_model: Any) -> dict[str, Any]:
 
 # ---- making the adapted model -------------------------------------------------------------------------------------
 def is_peft_model(model: object) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    """Whether `model` is a peft ``PeftModel``; peft is not imported for it (if peft was never imported, it is not)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def unwrap(peft_model: Any, what: str) -> nn.Module:

@@ -32,8 +32,7 @@ VECTOR_KEY = "vector"
 MAX_CONFIG_BYTES = MAX_JSON_BYTES  # a spec is a few hundred bytes; refuse to parse anything huge
 _ENTRY = re.compile(r"^[a-z0-9][a-z0-9\-]{0,63}$")
 _WEIGHTS_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}\.safetensors$")
-_RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision",
-                "adapter")
+_RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sha256", "hf_id", "revision")
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -64,10 +63,11 @@ def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle])
             said = "a PEFT adapter" if "adapter" in saved else "no adapter"
             raise SpecError(f"model {name!r} does not match the saved Patchscope: the spec was saved with {said} "
                             f"on it, the model in hand has {'none' if 'adapter' in saved else 'one'}")
+        if saved.get("adapter") != here.get("adapter"):
+            raise SpecError(f"model {name!r} does not match the saved Patchscope: its adapter is "
+                            f"{_adapter_summary(here['adapter'])} in hand but {_adapter_summary(saved['adapter'])} "
+                            "in the spec")
         for key in _RECORD_KEYS:
-            if key == "adapter" and key in saved and saved[key] != here[key]:
-                raise SpecError(f"model {name!r} does not match the saved Patchscope: its adapter is "
-                                f"{_adapter_summary(here[key])} in hand but {_adapter_summary(saved[key])} in the spec")
             if key in saved and key in here and saved[key] != here[key]:
                 raise SpecError(f"model {name!r} does not match the saved Patchscope: {key} is {here[key]!r} "
                                 f"in hand but {saved[key]!r} in the spec")

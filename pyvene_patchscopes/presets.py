@@ -203,16 +203,21 @@ def latentqa(source: Source | VectorSource, target_layer: int | None = None, max
     return Patchscope(source, target, max_new_tokens=max_new_tokens)
 
 
+def as_lens(lens=None):
+    """A `JacobianLens` as given, read from a .pt path, or (None) the shipped SmolLM2 lens: read once per sweep or
+    command, not once per scope."""
+    from .jlens import JacobianLens
+
+    if lens is None:
+        return JacobianLens.from_catalogue()
+    return lens if isinstance(lens, JacobianLens) else JacobianLens.from_file(lens)
+
+
 def jacobian_lens(source: Source, target_layer: int | None = None, max_new_tokens: int = 0,
                   target_prompt: str | None = None, tokenizer=None, lens=None) -> Patchscope:
     """The Jacobian lens (Gurnee et al., 2026): the logit lens with f = J_l, from `lens` (a `JacobianLens`, or a
     path to a lens .pt file) or, by default, the shipped SmolLM2 lens (its fitted layers only)."""
-    from .jlens import JacobianLens
-
-    if lens is None:
-        lens = JacobianLens.from_catalogue()
-    elif not isinstance(lens, JacobianLens):
-        lens = JacobianLens.from_file(lens)
+    lens = as_lens(lens)
     if source.layer not in lens.jacobians:
         raise SpecError(f"Source.layer={source.layer!r} has no fitted J in the Jacobian lens (allowed: "
                         f"{lens.source_layers}; fit other layers with jlens.fit_jacobian_lens)")

@@ -31,7 +31,7 @@ import torch
 from .errors import SpecError
 from .files import MAX_JSON_BYTES, check_finite, parse_json, read_text
 from .mappings import MappingSpec, build_mapping
-from .positions import Every, Position
+from .positions import Every, Position, prefix_through
 from .writes import check_alpha, check_mode
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
@@ -239,8 +239,6 @@ class Target:
 def lens_target(source: Source, target_layer: int | None = None, target_prompt: str | None = None,
                 tokenizer: Any = None) -> Target:
     """The logit lens's target: T = S cut after i, i* = its last token, l* = the last layer (or `target_layer`)."""
-    from .positions import prefix_through
-
     prompt, position = target_prompt or source.prompt, source.position
     if target_prompt is None and source.position != -1:
         if tokenizer is None:

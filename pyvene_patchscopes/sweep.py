@@ -38,7 +38,7 @@ from .execution.check import stack_for
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
-from .presets import get_preset
+from .presets import as_lens, get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
@@ -300,6 +300,8 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     build = get_preset(preset).build
     if preset in ("logit-lens", "jacobian-lens"):
         options.setdefault("tokenizer", handle.tokenizer)
+    if preset == "jacobian-lens":
+        options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
 
     def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
         return build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer, **options)

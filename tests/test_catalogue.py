@@ -94,7 +94,7 @@ def test_jacobian_lens_entries_are_fitted_maps_without_bias_to_the_last_layer(sm
         assert scope.mapping.weights["weight"].shape == (576, 576)
         assert torch.count_nonzero(scope.mapping.weights["bias"]) == 0  # f(h) = J h
         assert not torch.allclose(scope.mapping.weights["weight"], torch.eye(576), atol=1e-2)
-        assert "48 prose texts of 64 tokens" in describe(name) and "token ids sha256" in describe(name)
+        assert "48 prose texts of 64 tokens" in describe(name) and "texts sha256" in describe(name)
 
 
 def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import SpecError, as_index
-from ..files import expand, is_file
+from ..files import check_finite, expand, is_file
 from ..mappings import MappingSpec
 
 MAX_FILE_BYTES = 1 << 34      # 16 GiB: a 70B model's 80 layers of 8192² fp16 are 10.7 GB
@@ -32,11 +32,6 @@ MAX_D_MODEL = 1 << 15         # 32,768: wider than any released model's residual
 LENS_KEYS = ("J", "n_prompts", "source_layers", "d_model", "metadata")
 CATALOGUE_ENTRY = re.compile(r"jacobian-lens-l\d\d")
 
-
-def _entry_folder(name: str) -> Path:
-    from ..persist import locate
-
-    return locate(name)
 
 
 def refuse_file(path: Path, why: str) -> SpecError:
@@ -143,21 +138,18 @@ class JacobianLens:
     @classmethod
     def from_catalogue(cls, model: Any = None) -> "JacobianLens":
         """The shipped J-lens of SmolLM2-135M (the ``jacobian-lens-lNN`` catalogue entries, one layer each)."""
-        from ..persist import catalogue, read_config
+        from ..persist import catalogue, describe
         from ..spec import Patchscope
 
         names = [name for name in catalogue() if CATALOGUE_ENTRY.fullmatch(name)]
         if not names:
             raise SpecError("the catalogue has no Jacobian lens entries (allowed: rebuild it with "
                             "python -m pyvene_patchscopes.catalogue.build)")
-        jacobians, n_prompts = {}, 0
-        for name in names:
-            scope = Patchscope.load(name)
-            jacobians[scope.source.layer] = scope.mapping.weights["weight"]
-            found = re.search(r"on (\d+) prose texts", str(read_config(_entry_folder(name)).get("description", "")))
-            n_prompts = int(found.group(1)) if found else n_prompts
-        lens = cls(jacobians, n_prompts, metadata={"model": Patchscope.load(names[0]).source.model,
-                                                   "source": "pyvene-patchscopes catalogue"})
+        scopes = [Patchscope.load(name) for name in names]
+        found = re.search(r"on (\d+) prose texts", describe(names[0]))  # a spec has no metadata field
+        lens = cls({scope.source.layer: scope.mapping.weights["weight"] for scope in scopes},
+                   int(found.group(1)) if found else 0,
+                   metadata={"model": scopes[0].source.model, "source": "pyvene-patchscopes catalogue"})
         if model is not None:
             lens.check_model(model)
         return lens
@@ -237,11 +229,8 @@ def check_matrix(matrix: Any, d_model: int, name: str) -> torch.Tensor:
     if matrix.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise SpecError(f"{name} has dtype {str(matrix.dtype).removeprefix('torch.')} (allowed: float16, bfloat16, "
                         "float32, float64)")
-    values = matrix.float()
-    if not bool(torch.isfinite(values).all()):
-        raise SpecError(f"{name} has {int((~torch.isfinite(values)).sum())} non-finite value(s) (allowed: finite "
-                        "numbers only)")
-    return values
+    check_finite({name: matrix}, "Jacobian lens matrix", torch.float32)
+    return matrix.float()
 
 
 def logit_lens_equivalent(d_model: int, layers: list[int]) -> JacobianLens:

@@ -48,6 +48,7 @@ from .architectures import FAMILIES, Architecture, family
 from .devices import input_device
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import check_finite, inside, is_file, read_json, read_safetensors
+from .outputs import replacing, save_tensors
 
 _ORIGINAL_REMOVE_HOOKS = pv_base.remove_forward_hooks
 
@@ -240,11 +241,10 @@ def _stateful(intervention: nn.Module) -> bool:
 
 def _write_state(state: dict[str, torch.Tensor], safe: Path, legacy: Path) -> None:
     """One state dict as safetensors and as pyvene's ``.bin`` (a plain dict of tensors, no other objects)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(tensors, str(safe))
-    torch.save(tensors, legacy)
+    save_tensors(safe, tensors)
+    with replacing(legacy) as temporary:
+        torch.save(tensors, temporary)
 
 
 def save_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,

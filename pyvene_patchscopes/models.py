@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import expand, is_dir, is_file
+from .outputs import umask_modes
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def _converted_dir(name: str, gguf: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     origin = {"name": name, "gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf)}
     (tmp / "origin.json").write_text(json.dumps(origin, indent=2))
+    umask_modes(tmp)  # a cache others in the user's group may share: not mkdtemp's 0700 or safetensors' 0600
     try:
         tmp.rename(folder)
     except OSError:  # another process finished first

@@ -5,8 +5,9 @@ A sweep can run for hours; an output path that cannot be written must fail befor
 regular file, a folder where a file is wanted (and the reverse), a file the same run reads (``--prompts p.txt
 --html p.txt``), a folder that cannot be created, and one the process cannot write to. Writability is probed
 by creating (and removing) a file there, since ``os.access`` says yes to root on ``/proc``. `write_text`,
-`write_bytes` and `save_figure` then write beside the target and ``os.replace`` it into place, so a crash or a
-full disk leaves the old file or none, never half of one.
+`write_bytes`, `save_tensors` and `save_figure` (and `replacing`, for other writers) then write beside the target
+and ``os.replace`` it into place, so a crash or a full disk leaves the old file or none, never half of one; the
+file gets the mode ``open()`` would give it (the user's umask), whatever mode the writer made it with.
 """
 from __future__ import annotations
 
@@ -118,14 +119,17 @@ def check_distinct(paths: Sequence[tuple[str, Path]]) -> None:
 
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path`; once the block ends without an error it replaces `path` in one rename."""
+    """A temporary path beside `path`; once the block ends without an error it replaces `path` in one rename, with
+    the mode ``open(path, "w")`` would give it (the umask's for a new file)."""
     target = Path(path)
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     temporary = Path(name)
-    os.chmod(temporary, _new_file_mode(target))  # mkstemp makes 0600; the file gets the mode open() would give
     try:
         yield temporary
+        # after the write, not before: mkstemp makes 0600, and so do writers that replace the file themselves
+        # (safetensors' save_file writes its own temporary file and renames it over ours)
+        os.chmod(temporary, _new_file_mode(target))
         os.replace(temporary, target)
     finally:
         temporary.unlink(missing_ok=True)
@@ -134,11 +138,24 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 def _new_file_mode(target: Path) -> int:
     """The mode of the file being replaced, or what ``open(path, "w")`` gives a new file under this umask."""
     mode = _mode(target)
-    if mode is not None:
-        return stat.S_IMODE(mode)
+    return stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask()
+
+
+def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def umask_modes(folder: str | os.PathLike) -> Path:
+    """Give `folder` and everything in it the modes ``mkdir`` and ``open()`` give under the umask: for a folder
+    written whole elsewhere and renamed into place (``mkdtemp`` makes it 0700; safetensors makes files 0600)."""
+    mask = _umask()
+    root = Path(folder)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return root
 
 
 def finite(data: Any) -> Any:
@@ -163,6 +180,15 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Tensors as a safetensors file at `path`, written whole or not at all, with the mode `write_text` gives."""
+    from safetensors.torch import save_file
+
+    with replacing(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    return Path(path)
+
+
 def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Path:
     """``figure.savefig`` through a temporary file, to `path` exactly; the format comes from its suffix (none: PNG)."""
     suffix = Path(path).suffix.lower().lstrip(".")
@@ -171,5 +197,5 @@ def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Pa
     return Path(path)
 
 
-__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "write_text", "write_bytes", "save_figure", "finite",
+__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "write_text", "write_bytes", "save_tensors", "save_figure", "umask_modes", "finite",
            "FIGURE_FORMATS"]

@@ -23,7 +23,7 @@ import torch
 from .errors import SpecError, UnknownNameError
 from .files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
 from .models import ModelHandle
-from .outputs import write_text
+from .outputs import save_tensors, write_text
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
@@ -91,17 +91,15 @@ def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[s
 
     `names` are the models the spec uses; each gets a record from `models` where a handle is given.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = json.loads(json.dumps(data))  # a copy: the caller's dict stays as it was
     if weights:
         tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"mapping": data["mapping"]["name"]})
+        save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"mapping": data["mapping"]["name"]})
         data["mapping"]["weights"] = WEIGHTS_FILE
     if vector is not None:
-        save_file({VECTOR_KEY: vector.detach().cpu().float().contiguous()}, str(directory / VECTOR_FILE))
+        save_tensors(directory / VECTOR_FILE, {VECTOR_KEY: vector.detach().cpu().float().contiguous()})
         data["source"]["file"] = VECTOR_FILE
     data["models"] = {name: model_record(models[name]) if name in models else {} for name in dict.fromkeys(names)}
     data["description"] = str(description)

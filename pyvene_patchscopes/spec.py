@@ -109,9 +109,9 @@ class JsonSpec:
         return cls.from_dict(parse_json(text, f"{cls.json_name} JSON"))  # type: ignore[attr-defined]
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")  # type: ignore[attr-defined]
-        return path
+        from .outputs import write_text
+
+        return write_text(path, self.to_json() + "\n")  # type: ignore[attr-defined]
 
     @classmethod
     def load_json(cls, path: str | Path):

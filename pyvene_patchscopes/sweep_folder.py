@@ -22,6 +22,7 @@ import torch
 
 from .errors import PatchscopeError, SpecError
 from .files import expand, read_json
+from .outputs import replacing, write_bytes
 
 FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
@@ -83,9 +84,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    write_bytes(path, payload)  # a temporary file and a rename, with the umask's mode
 
 
 # ---- shards ---------------------------------------------------------------------------------------------
@@ -133,9 +132,8 @@ def write_shard(folder: Path, unit: int, table: Any) -> Path:
     import pyarrow.parquet as pq
 
     path = shard_path(folder, unit)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as temporary:
+        pq.write_table(table, temporary)
     return path
 
 

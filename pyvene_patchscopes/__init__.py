@@ -4,6 +4,7 @@ from .compat import (install_safe_serialization, load_intervenable, safe_seriali
                      uninstall_safe_serialization)
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
 from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
+from .plugins import load_plugins
 from .engine import run
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .models import ModelHandle, load_model, wrap_model
@@ -22,7 +23,7 @@ __all__ = [
     "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
-    "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
+    "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
     "Attribution", "sweep", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "install_safe_serialization",

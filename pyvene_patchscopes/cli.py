@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
 from .files import is_file
 from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
+from .plugins import PLUGIN_GROUP, import_module, load_plugins
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -519,6 +520,9 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
         parser.add_argument("--device-map", default=None, help="split or offload the model: auto, balanced, "
                                                                 "sequential (instead of --device)")
         parser.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
+        parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                            help="import MODULE first, for the mappings and interventions it registers (repeatable); "
+                                 f"installed plugins (entry-point group {PLUGIN_GROUP}) are imported too")
 
 
 def _source(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -648,9 +652,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def import_plugins(args: argparse.Namespace) -> None:
+    """For a command that loads specs or runs models: the installed plugins, then each ``--import MODULE`` in order."""
+    if getattr(args, "imports", None) is None:  # list, presets, families: nothing of the user's to know
+        return
+    load_plugins()
+    for module in args.imports:
+        import_module(module, "--import")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        import_plugins(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             warnings.simplefilter("ignore", UninformativeScopeWarning)  # tables mark such rows instead

@@ -31,6 +31,7 @@ import copy
 import functools
 import inspect
 import io
+import json
 import pickle
 import re
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ from .architectures import FAMILIES, Architecture, family
 from .devices import input_device
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .files import check_finite, inside, is_file, read_json, read_safetensors
-from .outputs import replacing, save_tensors
+from .outputs import replacing, save_tensors, write_text
+from .plugins import MAIN, check_module, module_of, unregistered
 
 _ORIGINAL_REMOVE_HOOKS = pv_base.remove_forward_hooks
 
@@ -337,7 +339,8 @@ def _allowed_intervention_types() -> dict[str, type]:
 
 
 def save_intervenable(pvm: pv.IntervenableModel, directory: str | Path, include_model: bool = False) -> Path:
-    """pyvene's ``save`` (same config.json and .bin files), plus a safetensors twin of every weights file."""
+    """pyvene's ``save`` (same config.json and .bin files), plus a safetensors twin of every weights file, and
+    ``plugins.json`` naming the module of each registered class of the user's own (when there is one)."""
     directory = Path(directory)
     with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints "Directory ... already exists"
         _ORIGINAL_SAVE(pvm, str(directory), include_model=False)
@@ -346,7 +349,89 @@ def save_intervenable(pvm: pv.IntervenableModel, directory: str | Path, include_
     save_intervention_weights(pvm, directory)
     if include_model:
         _save_model_weights(pvm, directory)
+    _write_plugin_modules(pvm, directory)
     return directory
+
+
+# ---- the modules of the user's own classes: named in plugins.json, for the error, never imported ----------------
+PLUGINS_FILE = "plugins.json"
+PLUGINS_FORMAT = "pyvene-patchscopes/plugins"
+
+
+@dataclass(frozen=True)
+class PluginModules:
+    """What ``plugins.json`` says: pyvene's type string -> module, and mapping name -> module."""
+
+    interventions: dict[str, str]
+    mappings: dict[str, str]
+
+
+def plugin_modules(pvm: pv.IntervenableModel) -> PluginModules:
+    """The modules of `pvm`'s registered intervention classes and mappings that are the user's own."""
+    from .interventions import INTERVENTIONS
+    from .mappings import MappingFunction
+
+    registered = {str(cls) for cls in INTERVENTIONS.values()}  # as the loader matches them: by pyvene's type string
+    interventions, mappings = {}, {}
+    for intervention in pvm.interventions.values():
+        module = module_of(type(intervention))
+        if str(type(intervention)) in registered and module is not None:
+            interventions[str(type(intervention))] = module
+        mapping = getattr(intervention, "mapping", None)
+        if isinstance(mapping, MappingFunction) and module_of(type(mapping)) is not None:
+            mappings[mapping.name] = module_of(type(mapping))
+    return PluginModules(interventions, mappings)
+
+
+def _write_plugin_modules(pvm: pv.IntervenableModel, directory: Path) -> None:
+    found = plugin_modules(pvm)
+    path = inside(directory, PLUGINS_FILE, "plugins file")
+    if not (found.interventions or found.mappings):
+        path.unlink(missing_ok=True)  # an earlier save's list, in this folder, no longer holds
+        return
+    write_text(path, json.dumps({"format": PLUGINS_FORMAT, "version": 1, "interventions": found.interventions,
+                                 "mappings": found.mappings}, indent=2, sort_keys=True) + "\n")
+
+
+def read_plugin_modules(directory: Path) -> PluginModules:
+    """``plugins.json`` of a pyvene folder, checked (empty when there is none); only read, never acted on."""
+    path = inside(directory, PLUGINS_FILE, "plugins file")
+    if not is_file(path):
+        return PluginModules({}, {})
+    raw = read_json(path, f"{PLUGINS_FILE} in {directory}")
+    fields = {"format", "version", "interventions", "mappings"}
+    if not isinstance(raw, dict) or set(raw) != fields or raw["format"] != PLUGINS_FORMAT \
+            or isinstance(raw["version"], bool) or raw["version"] != 1:
+        raise SpecError(f"{PLUGINS_FILE} in {directory} is not allowed (allowed: an object with {sorted(fields)}, "
+                        f"format {PLUGINS_FORMAT!r}, version 1)")
+    for part in ("interventions", "mappings"):
+        if not isinstance(raw[part], dict) or not all(isinstance(k, str) for k in raw[part]):
+            raise SpecError(f"{PLUGINS_FILE} in {directory}: {part!r} is not allowed (allowed: an object of names "
+                            "to module names)")
+        for value in raw[part].values():
+            check_module(value, f"{PLUGINS_FILE} {part} module")
+    return PluginModules(raw["interventions"], raw["mappings"])
+
+
+def _unknown_type(name: object, modules: dict[str, str]) -> UnknownNameError:
+    """A type string no allowed class has: where the folder says it comes from, or a class of `__main__`."""
+    allowed = "pyvene's own classes and classes registered with register_intervention"
+    module = modules.get(name) if isinstance(name, str) else None
+    if module is None and isinstance(name, str) and name.startswith(f"<class '{MAIN}."):
+        module = MAIN
+    if module is None:
+        return UnknownNameError(f"intervention type {name!r:.120} is not allowed (allowed: {allowed}); nothing was "
+                                "imported")
+    return unregistered(f"intervention type {name!r:.120}", module, allowed)
+
+
+def _check_mappings(modules: dict[str, str]) -> None:
+    """Every mapping the folder names a module for is registered here (else the error names that module)."""
+    from .mappings import MAPPINGS
+
+    for name, module in sorted(modules.items()):
+        if name not in MAPPINGS:
+            raise unregistered(f"the saved intervention's mapping {name!r:.80}", module, MAPPINGS)
 
 
 def _read_pyvene_config(directory: Path) -> dict:
@@ -392,12 +477,13 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     if not isinstance(types, list) or not isinstance(reps, list) or len(types) != len(reps) or not types:
         raise SpecError("pyvene config.json needs equal-length, non-empty lists 'intervention_types' and "
                         "'representations'")
+    plugins = read_plugin_modules(directory)
     classes = []
     for name in types:
         if not isinstance(name, str) or name not in allowed:
-            raise UnknownNameError(f"intervention type {name!r:.120} is not allowed (allowed: pyvene's own classes "
-                                   "and classes registered with register_intervention); nothing was imported")
+            raise _unknown_type(name, plugins.interventions)
         classes.append(allowed[name])
+    _check_mappings(plugins.mappings)
     representations = _representations(reps)
     constants = raw.get("intervention_constant_sources")
     dims = raw.get("intervention_dimensions")
@@ -644,5 +730,6 @@ __all__ = [
     "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
     "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "load_model_weights",
     "install_safe_serialization", "uninstall_safe_serialization", "safe_serialization",
-    "register_model_types", "check_hookable", "index_on_activation_device",
+    "register_model_types", "check_hookable", "index_on_activation_device", "plugin_modules", "read_plugin_modules",
+    "PluginModules", "PLUGINS_FILE",
 ]

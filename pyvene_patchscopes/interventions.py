@@ -25,6 +25,7 @@ import torch
 
 from .errors import SpecError, UnknownNameError
 from .mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
+from .plugins import unregistered
 from .writes import check_alpha, check_mode, combine
 
 I = TypeVar("I", bound=type)
@@ -35,14 +36,16 @@ def register_intervention(name: str) -> Callable[[I], I]:
     """Class decorator: allow a pyvene intervention class in saved configs, under a short name.
 
     The safe loader (`compat.load_intervenable`) only builds classes found here or in pyvene itself;
-    it never imports a module named in a file.
+    it never imports a module named in a file. A folder saved with `compat.save_intervenable` names the module
+    of each registered class of the user's own, so that a process without it can say which module to import.
     """
     def decorate(cls: I) -> I:
         if not (isinstance(cls, type) and issubclass(cls, pv.Intervention)):
             raise TypeError(f"@register_intervention({name!r}) needs a pyvene Intervention subclass, got {cls!r}")
         known = INTERVENTIONS.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            raise SpecError(f"intervention name {name!r} is already registered to {known.__qualname__}")
+        if known is not None and str(known) != str(cls):  # a class defined again (a re-run cell) is the same
+            raise SpecError(f"intervention name {name!r} is already registered to {known.__module__}."
+                            f"{known.__qualname__}")
         cls.registered_name = name
         INTERVENTIONS[name] = cls
         return cls
@@ -101,9 +104,7 @@ class _MappedIntervention(pv.TrainableIntervention):
             args = json.loads(_buffer_text(state_dict[keys[1]], "mapping_args"))
             source_dim = int(state_dict[keys[2]])
             if name not in MAPPINGS:
-                raise UnknownNameError(f"saved intervention uses mapping {name!r}, which is not registered "
-                                       f"(allowed: {', '.join(sorted(MAPPINGS))}); import the module "
-                                       "that registers it before loading")
+                raise unregistered(f"the saved intervention's mapping {name!r}", None, MAPPINGS)
             # pyvene passes embed_dim = hidden size x max_number_of_units: the saved target size is the one to
             # use; a state saved before it was kept (no target_dim) falls back to embed_dim, as it always did
             target_key = prefix + "target_dim"

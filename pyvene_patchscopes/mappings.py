@@ -3,7 +3,9 @@
 A mapping is a `MappingFunction` (an ``nn.Module`` from ``[n, d_source]`` to ``[n, d_target]``) registered
 under a short name with `register_mapping`. What a spec stores is a `MappingSpec`: the name, the
 JSON-able constructor arguments, and the learned weights (saved beside the spec as safetensors).
-Built-ins: ``identity`` (f = I) and ``affine`` (f(h) = W h + b, fitted by `fit.fit_affine`).
+Built-ins: ``identity`` (f = I) and ``affine`` (f(h) = W h + b, fitted by `fit.fit_affine`). A mapping of the
+user's own is saved with the module that registers it (`plugins`), so that a process without it can say which
+module to import.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from typing import Any, Callable, ClassVar, Mapping as MappingType, TypeVar
 import torch
 from torch import nn
 
-from .errors import SpecError, UnknownNameError
+from .errors import SpecError
 from .files import check_finite
+from .plugins import module_of, unregistered
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
@@ -56,13 +59,17 @@ def register_mapping(name: str) -> Callable[[M], M]:
         if not (isinstance(cls, type) and issubclass(cls, MappingFunction)):
             raise TypeError(f"@register_mapping({name!r}) needs a MappingFunction subclass, got {cls!r}")
         known = MAPPINGS.get(name)
-        if known is not None and known.__qualname__ != cls.__qualname__:
-            raise SpecError(f"mapping name {name!r} is already registered to {known.__module__}.{known.__qualname__}")
+        if known is not None and _where(known) != _where(cls):  # a class defined again (a re-run cell) is the same
+            raise SpecError(f"mapping name {name!r} is already registered to {'.'.join(_where(known))}")
         cls.name = name
         MAPPINGS[name] = cls
         return cls
 
     return decorate
+
+
+def _where(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
 
 
 @register_mapping("identity")
@@ -124,8 +131,7 @@ class MappingSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in MAPPINGS:
-            raise UnknownNameError(f"Patchscope.mapping={self.name!r} is not a known mapping "
-                                   f"(allowed: {', '.join(sorted(MAPPINGS))})")
+            raise unregistered(f"Patchscope.mapping={self.name!r}", None, MAPPINGS)
         if not isinstance(self.args, MappingType) or not all(isinstance(k, str) for k in self.args) \
                 or not _jsonable(dict(self.args)):
             raise SpecError(f"Patchscope.mapping.args={self.args!r} is not allowed (allowed: a JSON object)")
@@ -161,8 +167,15 @@ class MappingSpec:
         shapes = {k: tuple(v.shape) for k, v in self.weights.items()}
         return f"MappingSpec(name={self.name!r}, args={self.args!r}, weights={shapes})"
 
+    @property
+    def module(self) -> str | None:
+        """The module that registers this mapping, for a mapping of the user's own (None for a built-in one)."""
+        return module_of(MAPPINGS[self.name])
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "args": dict(self.args)}
+        """``{"name", "args"}``, and ``"module"`` for a mapping of the user's own (spec version 4)."""
+        module = self.module
+        return {"name": self.name, "args": dict(self.args), **({} if module is None else {"module": module})}
 
 
 def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -> MappingFunction:

@@ -30,14 +30,17 @@ import torch
 
 from .errors import SpecError
 from .files import MAX_JSON_BYTES, check_finite, parse_json, read_text
-from .mappings import MappingSpec, build_mapping
+from .mappings import MAPPINGS, MappingSpec, build_mapping
+from .plugins import check_module, unregistered
 from .positions import Every, Position, prefix_through
 from .writes import check_alpha, check_mode
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
 # 2: mapping is an object {name, args}, and the optional reroute field. 3: vector sources, several target slots,
-# write modes. A spec that uses none of version 3's fields is still written as version 2; 1 and 2 are still read.
-SPEC_VERSION = 3
+# write modes. 4: mapping.module, the module that registers a mapping of the user's own. Each spec is written with
+# the lowest version that holds it (one with a built-in mapping and none of version 3's fields is still version 2),
+# so older releases read it; 1 to 3 are still read.
+SPEC_VERSION = 4
 MAX_SLOTS = 256
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -345,10 +348,11 @@ class Patchscope(JsonSpec):
     def to_dict(self) -> dict[str, Any]:
         """The spec as JSON-able data; learned mapping weights and a source vector are not included (see `save`)."""
         vector = isinstance(self.source, VectorSource)
-        version = 3 if vector or self.target.uses_version_3 else 2
+        mapping = self.mapping.to_dict()
+        version = 4 if "module" in mapping else 3 if vector or self.target.uses_version_3 else 2
         source = self.source.to_dict() if vector else asdict(self.source)  # type: ignore[union-attr]
         return {"format": SPEC_FORMAT, "version": version, "source": source,
-                "target": self.target.to_dict(), "mapping": self.mapping.to_dict(),
+                "target": self.target.to_dict(), "mapping": mapping,
                 "max_new_tokens": self.max_new_tokens,
                 "reroute": None if self.reroute is None else asdict(self.reroute)}
 
@@ -364,7 +368,7 @@ class Patchscope(JsonSpec):
     @classmethod
     def from_dict(cls, data: object, weights: dict | None = None,
                   vector: torch.Tensor | None = None) -> "Patchscope":
-        """Parse spec data (version 1 to 3); `weights` are the mapping's tensors and `vector` the source's tensor
+        """Parse spec data (version 1 to 4); `weights` are the mapping's tensors and `vector` the source's tensor
         when loaded from a folder."""
         if not isinstance(data, dict):
             raise SpecError(f"spec JSON must be an object, got {type(data).__name__}")
@@ -489,17 +493,23 @@ def _vector_from_data(part: dict, vector: torch.Tensor | None) -> VectorSource:
 
 
 def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSpec":
+    """The mapping as saved; a name this process has not registered is refused naming the module the spec records
+    for it (version 4), which is never imported here."""
     if isinstance(value, str):  # version 1, or a bare name
         return MappingSpec(value, {}, weights)
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise SpecError(f"spec field 'mapping'={value!r} is not allowed (allowed: a name, or an object with "
                         "'name' and 'args')")
-    extra = sorted(set(value) - {"name", "args", "weights"})
+    fields = {"name", "args", "weights"} | ({"module"} if version >= 4 else set())
+    extra = sorted(set(value) - fields)
     if extra:
-        raise SpecError(f"spec mapping has unknown field(s) {extra} (allowed: ['args', 'name', 'weights'])")
+        raise SpecError(f"spec mapping has unknown field(s) {extra} (allowed: {sorted(fields)})")
     args = value.get("args", {})
     if not isinstance(args, dict):
         raise SpecError(f"spec mapping.args={args!r} is not allowed (allowed: an object)")
+    module = check_module(value["module"], "spec mapping.module") if "module" in value else None
+    if value["name"] not in MAPPINGS:
+        raise unregistered(f"Patchscope.mapping={value['name']!r}", module, MAPPINGS)
     return MappingSpec(value["name"], args, weights)
 
 

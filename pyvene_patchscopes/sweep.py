@@ -38,7 +38,7 @@ from .execution.check import stack_for
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
-from .presets import as_lens, get_preset
+from .presets import Preset, as_lens, get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
@@ -244,11 +244,21 @@ def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str,
                                 "spec with the mapping itself)")
             options["mapping"] = MappingSpec(options["mapping"]["mapping"]["name"],
                                              options["mapping"]["mapping"]["args"])
-        if manifest["preset"] == "logit-lens":
-            options.setdefault("tokenizer", handle.tokenizer)
-        return get_preset(manifest["preset"]).build(Source(prompts[p], manifest["source_position"], layer, handle.name),
-                                                    target_layer=target_layer, **options)
+        make = _cell_maker(get_preset(manifest["preset"]), handle, manifest["source_position"], options)
+        return make(prompts[p], layer, target_layer)
     return scope_for
+
+
+def _cell_maker(preset: Preset, handle: ModelHandle, source_position: Position,
+                options: dict[str, Any]) -> Callable[[str, int, int], Patchscope]:
+    """(source prompt, l, l*) -> the cell's spec, as the preset builds it (a fixed l* from the preset itself)."""
+    if preset.needs_tokenizer:
+        options.setdefault("tokenizer", handle.tokenizer)
+
+    def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
+        return preset.build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer,
+                            n_layers=handle.n_layers, **options)
+    return make
 
 
 @dataclass
@@ -273,7 +283,9 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
           readout: str = "top", **options: Any) -> "SweepResult | SweepFolder":
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
 
-    ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does.
+    ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that
+    fixes l* (``logit-lens``, ``jacobian-lens``: the last layer; `Preset.target_layer`) sweeps only there: one
+    column, l* = n_layers - 1 by default, and any other ``target_layers`` is refused.
     ``batch_size`` source prompts make one unit of work; ``max_batch_tokens`` bounds a patch batch.
     ``readout``: ``"top"`` keeps the top-``top`` tokens per cell (and generations when generating);
     ``"logits"`` (or ``keep_logits=True``) also keeps the full-vocabulary logits, which a 512-prompt 30 x 30
@@ -292,20 +304,16 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     models = as_models(model)
     handle = next(iter(models.values()))
     every = list(range(handle.n_layers))
+    chosen = get_preset(preset)
+    target_layers = chosen.target_layers(target_layers, handle.n_layers)  # a preset that fixes l* sweeps only there
     source_layers = every if source_layers is None else _layer_list("source_layers", source_layers)
     same_layer = isinstance(target_layers, str) and target_layers == "same"
     if isinstance(target_layers, str) and not same_layer:
         raise SpecError(f"target_layers={target_layers!r} is not allowed (allowed: a list of layers, or 'same')")
     target_layers = every if target_layers is None or same_layer else _layer_list("target_layers", target_layers)
-    build = get_preset(preset).build
-    if preset in ("logit-lens", "jacobian-lens"):
-        options.setdefault("tokenizer", handle.tokenizer)
     if preset == "jacobian-lens":
         options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
-
-    def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
-        return build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer, **options)
-
+    make = _cell_maker(chosen, handle, source_position, options)
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
                                                                    for l in source_layers]
     grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", batch_size)

@@ -575,7 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-layers", default=None, help="as --source-layers, or 'same' for l* = l only (default: "
                                                           "all; a preset that fixes l*, logit-lens and jacobian-lens,"
                                                           " only there, the last layer)")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="source prompts per unit of work")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="source prompts per unit of work (default: 32; with --out, as many as fit 256 cells, at "
+                        "least 1: one prompt a unit for a 30 x 30 grid, 8 at l* = l, so a kill loses little)")
     p.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="token budget of one patch batch")
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
     p.add_argument("--html", default=None, help="write the heatmap as one self-contained interactive HTML page "

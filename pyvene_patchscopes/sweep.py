@@ -287,6 +287,9 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that
     fixes l* (``logit-lens``, ``jacobian-lens``: the last layer; `Preset.target_layer`) sweeps only there: one
     column, l* = n_layers - 1 by default, and any other ``target_layers`` is refused.
+    Each cell generates what the preset's own Patchscope generates (its ``max_new_tokens``: token-identity 4,
+    logit-lens 0, future-lens 3, attribute 20, ...), as `build` and `run` do; ``max_new_tokens=0`` reads the
+    next token only, which is faster.
     ``batch_size`` source prompts make one unit of work: by default 32 in memory, and with ``out=`` as many as
     fit 256 cells (`sweep_folder.UNIT_CELLS`, at least one prompt, at most 32): one prompt a unit for SmolLM2's
     30 x 30 grid, 8 at l* = l. ``max_batch_tokens`` bounds a patch batch.

@@ -118,3 +118,34 @@ def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, caps
     assert code == 0 and rows[()] == rows[("--target-layer", "3")] == rows[("--target-layer", "-1")]
     assert {row["target_layer"] for row in rows[()]} == {-1}
 
+
+# ---- one default for generation (issue 36, finding 7) ---------------------------------------------------------
+@pytest.mark.parametrize("preset, tokens", [("token-identity", 4), ("future-lens", 3)])
+def test_the_cli_and_python_sweeps_generate_the_presets_own_tokens_by_default(monkeypatch, capsys, preset, tokens):
+    """Issue 36: the CLI generated nothing (max_new_tokens 0) where Python generated the preset's tokens."""
+    from tiny import tiny_loader
+
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
+                        "--source-layers", "1,2", "--target-layers", "0,2", "--json")
+    handle = tiny_loader("llama")()
+    records = sweep(PROMPT, handle, preset=preset, source_layers=[1, 2], target_layers=[0, 2],
+                    progress=False).to_records()
+    cells = json.loads(out)["cells"]
+    assert code == 0 and [c["generation"] for c in cells] == [r["generation"] for r in records]
+    single = build(preset, PROMPT, -1, 2, 0, handle.name)  # the cell (l = 2, l* = 0), as build makes it
+    assert single.max_new_tokens == tokens and run(single, handle)[0].generation == cells[2]["generation"] != ""
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
+                        "--source-layers", "1", "--target-layers", "2", "--max-new-tokens", "0", "--json")
+    assert code == 0 and json.loads(out)["cells"][0]["generation"] is None
+
+
+def test_both_helps_state_the_default_for_generation(capsys):
+    from pyvene_patchscopes.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens generated greedily after the patched prompt (default: the " \
+           "preset's own, as in Python" in text
+    doc = " ".join(sweep.__doc__.split())
+    assert "generates what the preset's own Patchscope generates (its ``max_new_tokens``" in doc

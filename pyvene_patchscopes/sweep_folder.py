@@ -30,10 +30,10 @@ FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
-# A streamed unit holds at most this many cells by default (at least one prompt): a kill loses at most one unit,
-# about 0.5 s of SmolLM2 on 2 CPU cores (1.2 s generating 4 tokens), and 20 prompts of a 30-layer model make 20
-# units of the 30 x 30 grid (900 cells a prompt: one prompt a unit) and 3 at l* = l (30 cells: 8 prompts a unit).
-# Against units of 32 prompts, CPU throughput fell by 0-15 % (README, "Sweeps that survive a crash").
+# A streamed unit holds at most this many cells by default (at least one prompt), so a kill loses at most one
+# unit: 20 prompts of a 30-layer model make 20 units of the 30 x 30 grid (900 cells a prompt: one prompt a unit)
+# and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
+# SmolLM2 on 2 CPU cores), large enough that CPU sweeps keep their speed.
 UNIT_CELLS = 256
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pyvene_patchscopes import Source, SpecError, build, run
+from pyvene_patchscopes import Patchscope, Source, SpecError, build, run
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import PRESETS, token_identity
 from pyvene_patchscopes.sweep import sweep
@@ -45,7 +45,10 @@ def test_a_logit_lens_sweep_is_the_logit_lens_at_the_last_layer_as_run_reads_it(
     assert grid.target_layers == [29] and grid.top_ids.shape[:3] == (1, 1, 1)
     cell = grid.cell(0, 20, 29)
     assert cell.scope == want.scope and cell.token == want.token != " Paris"
-    assert cell.prob == pytest.approx(want.prob, abs=1e-5)
+    assert cell.prob == pytest.approx(want.prob, abs=1e-5) and round(want.prob, 2) == 0.69
+    earlier = [Patchscope(want.scope.source, replace(want.scope.target, layer=t)) for t in (0, 10, 20)]
+    read = run(earlier, smollm2)  # what the grid labelled logit lens at l* = 0, 10, 20 (README: not the lens)
+    assert [(r.token, round(r.prob, 2)) for r in read] == [(" Paris", 0.33), (" Paris", 0.80), (" Paris", 0.81)]
 
 
 @pytest.mark.parametrize("preset", ["logit-lens", "jacobian-lens"])

@@ -178,7 +178,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .engine import run
     from .presets import build, get_preset
 
-    get_preset(args.preset)  # fail on a bad name before loading a model
+    preset = get_preset(args.preset)  # fail on a bad name before loading a model
     if args.lens is not None and args.preset != "jacobian-lens":
         raise UsageError(f"--lens is for --preset jacobian-lens, not {args.preset!r} (see: patchscopes inspect --help)")
     html = check_outputs(args, {"--html": args.html}).get("--html")
@@ -200,10 +200,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         options["target_prompt"] = args.target_prompt
     if args.max_new_tokens is not None:
         options["max_new_tokens"] = args.max_new_tokens
-    if args.preset in ("logit-lens", "jacobian-lens", "activation-oracle"):  # T = S cut at i; the oracle's chat
-        options["tokenizer"] = handle.tokenizer                              # template
+    if preset.needs_tokenizer:  # T = S cut at i; the oracle's chat template
+        options["tokenizer"] = handle.tokenizer
+    preset.check(args.target_layer, handle.n_layers, "--target-layer")  # a fixed l* (the lenses): that one only
     scopes = [build(args.preset, args.source_prompt, parse_position(args.source_position), layer,
-                    args.target_layer, handle.name, **options) for layer in layers]
+                    args.target_layer, handle.name, n_layers=handle.n_layers, **options) for layer in layers]
     if len(models) > 1:
         scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
     results = run(scopes, models, top=args.top, progress=not args.json)
@@ -285,7 +286,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
     from .files import read_text
 
-    get_preset(args.preset)
+    preset = get_preset(args.preset)
     if (args.prompts is None) == (args.source_prompt is None):
         raise SpecError("give exactly one of --source-prompt and --prompts")
     prompts = args.source_prompt if args.prompts is None else \
@@ -295,11 +296,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     outputs = check_outputs(args, {"--plot": args.plot, "--html": args.html}, figures=("--plot",))
     plot, html = outputs.get("--plot"), outputs.get("--html")
     handle = _load(args)
-    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens or 0}
+    options: dict[str, Any] = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
     if args.target_prompt:
         options["target_prompt"] = args.target_prompt
-    target_layers = "same" if args.target_layers == "same" else \
+    target_layers = None if args.target_layers is None else "same" if args.target_layers == "same" else \
         parse_layers(args.target_layers, handle.n_layers, "--target-layers")
+    target_layers = preset.target_layers(target_layers, handle.n_layers, "--target-layers")  # a fixed l*: only there
     result = sweep(prompts, handle, preset=args.preset, source_position=parse_position(args.source_position),
                    source_layers=parse_layers(args.source_layers, handle.n_layers, "--source-layers"),
                    target_layers=target_layers,
@@ -530,7 +532,10 @@ def _source(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--source-position", default="-1", help="token index or substring (default -1)")
     parser.add_argument("--preset", default="token-identity")
     parser.add_argument("--target-prompt", default=None)
-    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens generated greedily after the patched prompt (default: the preset's own, as in "
+                             "Python: token-identity 4, logit-lens 0, future-lens 3, attribute 20; 0: the next token "
+                             "only, faster)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -547,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="what each layer's state at one position decodes to")
     _source(p)
     p.add_argument("--layers", default="all", help="source layers: all, 5, 0-29, 0,3,6, 0-29:3")
-    p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's)")
+    p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's; logit-lens and "
+                                                                   "jacobian-lens fix it at the last layer)")
     p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--html", default=None, help="write the table as one self-contained HTML page here (hover a "
                                                  "row for its top tokens; no server needed)")
@@ -573,8 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="a text file of source prompts, one per line (instead of "
                                                     "--source-prompt); split over processes under accelerate launch")
     p.add_argument("--source-layers", default="all")
-    p.add_argument("--target-layers", default="all", help="as --source-layers, or 'same' for l* = l only")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="source prompts per unit of work")
+    p.add_argument("--target-layers", default=None, help="as --source-layers, or 'same' for l* = l only (default: "
+                                                          "all; a preset that fixes l*, logit-lens and jacobian-lens,"
+                                                          " only there, the last layer)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="source prompts per unit of work (default: 32; with --out, as many as fit 256 cells, at "
+                        "least 1: one prompt a unit for a 30 x 30 grid, 8 at l* = l, so a kill loses little)")
     p.add_argument("--max-batch-tokens", type=positive_int, default=32768, help="token budget of one patch batch")
     p.add_argument("--plot", default=None, help="write the heatmap PNG here")
     p.add_argument("--html", default=None, help="write the heatmap as one self-contained interactive HTML page "

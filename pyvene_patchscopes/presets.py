@@ -4,7 +4,7 @@ decoders as M* (a PEFT adapter, see `adapters`), Activation Oracles and LatentQA
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import SpecError, UnknownNameError
 from .spec import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource, lens_target
@@ -91,13 +91,71 @@ def oracle_prompt(question: str, source_layer: int, k: int = 1, tokenizer=None) 
     return chat_prompt(f"Layer: {source_layer}\n{ORACLE_PLACEHOLDER * k} \n{question}", tokenizer)
 
 
+LAST_LAYER = -1
+
+
 @dataclass(frozen=True)
 class Preset:
-    """A named recipe that turns a source (S, i, M, l) into a full Patchscope."""
+    """A named recipe that turns a source (S, i, M, l) into a full Patchscope.
+
+    ``target_layer`` is the l* the preset fixes (`LAST_LAYER`, -1: the model's last layer, for the logit lens and
+    the J-lens), or None where the caller picks l* (each recipe has its own default). ``needs_tokenizer``: the
+    recipe takes the model's tokenizer (``tokenizer=``), to cut T = S after i or for the model's chat template.
+    """
 
     name: str
     summary: str
-    build: Callable[..., Patchscope]
+    recipe: Callable[..., Patchscope]
+    target_layer: int | None = None
+    needs_tokenizer: bool = False
+
+    def build(self, source: Source | VectorSource, target_layer: int | None = None, n_layers: int | None = None,
+              **options) -> Patchscope:
+        """The preset's Patchscope for `source`; where the preset fixes l*, `target_layer` may only name it (-1 for
+        the last layer, or on a model of `n_layers` also n_layers - 1)."""
+        self.check(target_layer, n_layers)
+        return self.recipe(source, target_layer=target_layer if self.target_layer is None else self.target_layer,
+                           **options)
+
+    def allows(self, target_layer: int | None, n_layers: int | None = None) -> bool:
+        """Whether the preset reads at l* = `target_layer`: any l* where it leaves l* free; where it fixes l*, None
+        or that layer (on a model of `n_layers`, both -1 and n_layers - 1 name the last one)."""
+        if self.target_layer is None or target_layer is None:
+            return True
+        return not isinstance(target_layer, bool) and target_layer in self._names(n_layers)
+
+    def check(self, target_layer: int | None, n_layers: int | None = None, field: str = "target_layer") -> None:
+        """Refuse, in one line, an l* the preset does not read at (see `allows`)."""
+        if not self.allows(target_layer, n_layers):
+            names = " or ".join(map(str, self._names(n_layers)))
+            raise SpecError(f"{field}={target_layer!r} is not allowed: {self.fixes(n_layers)} (allowed: the "
+                            f"default, {names})")
+
+    def fixes(self, n_layers: int | None = None) -> str:
+        """The l* the preset fixes, in words: "preset 'logit-lens' fixes l* = 29, the last layer"."""
+        layer = self._names(n_layers)[0]
+        return f"preset {self.name!r} fixes l* = {layer}{', the last layer' if self.target_layer == LAST_LAYER else ''}"
+
+    def target_layers(self, target_layers: Any, n_layers: int, field: str = "target_layers") -> Any:
+        """A sweep's target layers: as given where the preset leaves l* free; where it fixes l*, that one layer
+        (by default as n_layers - 1 for the last), and anything else is refused in one line."""
+        if self.target_layer is None:
+            return target_layers
+        if target_layers is None:
+            return [self._names(n_layers)[0]]
+        given = list(target_layers) if isinstance(target_layers, (list, tuple, range)) else None
+        if given is not None and len(given) == 1 and self.allows(given[0], n_layers):
+            return given
+        names = " or ".join(f"[{layer}]" for layer in self._names(n_layers))
+        raise SpecError(f"{field}={target_layers!r} is not allowed: {self.fixes(n_layers)}, and a sweep reads it "
+                        f"only there (allowed: the default, {names})")
+
+    def _names(self, n_layers: int | None) -> list[int]:
+        """The indices that name the fixed l*: itself, and on a model of `n_layers` both its forms (29 and -1)."""
+        assert self.target_layer is not None
+        if n_layers is None:
+            return [self.target_layer]
+        return [self.target_layer % n_layers, self.target_layer % n_layers - n_layers]
 
 
 def token_identity(source: Source, target_layer: int | None = None, max_new_tokens: int = 4,
@@ -235,7 +293,8 @@ def _multihop_preset(source: Source, target_layer: int | None = None, max_new_to
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("token-identity", "what token the state encodes (few-shot identity prompt, l* = l)", token_identity),
-    Preset("logit-lens", "the model's own unembedding of the state (l* = last layer, T = S)", logit_lens),
+    Preset("logit-lens", "the model's own unembedding of the state (l* = last layer, T = S)", logit_lens,
+           target_layer=LAST_LAYER, needs_tokenizer=True),
     Preset("attribute", "an attribute of the subject (target prompt with placeholder x, 20 tokens)", attribute),
     Preset("entity-description", "a short description of the entity (few-shot description prompt)",
            entity_description),
@@ -248,9 +307,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("self-explanation", "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
            self_explanation),
     Preset("jacobian-lens", "the logit lens after J_l = E[dh_final/dh_l] (Gurnee et al., 2026; fitted layers only)",
-           jacobian_lens),
+           jacobian_lens, target_layer=LAST_LAYER, needs_tokenizer=True),
     Preset("activation-oracle", "an Activation Oracle (a LoRA decoder): norm-matched add at K ' ?' slots, l* = 1",
-           activation_oracle),
+           activation_oracle, needs_tokenizer=True),
     Preset("latentqa", "a LatentQA decoder (a LoRA): the state replaces its '?' placeholders at l* = 0",
            latentqa),
 )}
@@ -267,6 +326,9 @@ def get_preset(name: str) -> Preset:
 
 def build(preset: str, source_prompt: str, source_position: Position = -1, layer: int = 0,
           target_layer: int | None = None, model: str = DEFAULT_MODEL, **options) -> Patchscope:
-    """Build preset `preset` for one source; `options` go to the preset (target_prompt, max_new_tokens, ...)."""
+    """Build preset `preset` for one source; `options` go to the preset (target_prompt, max_new_tokens, ...).
+
+    A preset that fixes l* (`Preset.target_layer`: logit-lens and jacobian-lens, the last layer) takes
+    `target_layer` None or -1 only, or its index on a model of ``n_layers=`` (29 of 30); others are refused."""
     source = Source(source_prompt, source_position, layer, model)
     return get_preset(preset).build(source, target_layer=target_layer, **options)

@@ -38,13 +38,13 @@ from .execution.check import stack_for
 from .mappings import MappingFunction, MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
-from .presets import as_lens, get_preset
+from .presets import Preset, as_lens, get_preset
 from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
 from .spec import Patchscope, Position, Source
 from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
-    mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_table, write_shard
+    mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_prompts, unit_table, write_shard
 
 
 @dataclass
@@ -244,11 +244,21 @@ def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str,
                                 "spec with the mapping itself)")
             options["mapping"] = MappingSpec(options["mapping"]["mapping"]["name"],
                                              options["mapping"]["mapping"]["args"])
-        if manifest["preset"] == "logit-lens":
-            options.setdefault("tokenizer", handle.tokenizer)
-        return get_preset(manifest["preset"]).build(Source(prompts[p], manifest["source_position"], layer, handle.name),
-                                                    target_layer=target_layer, **options)
+        make = _cell_maker(get_preset(manifest["preset"]), handle, manifest["source_position"], options)
+        return make(prompts[p], layer, target_layer)
     return scope_for
+
+
+def _cell_maker(preset: Preset, handle: ModelHandle, source_position: Position,
+                options: dict[str, Any]) -> Callable[[str, int, int], Patchscope]:
+    """(source prompt, l, l*) -> the cell's spec, as the preset builds it (a fixed l* from the preset itself)."""
+    if preset.needs_tokenizer:
+        options.setdefault("tokenizer", handle.tokenizer)
+
+    def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
+        return preset.build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer,
+                            n_layers=handle.n_layers, **options)
+    return make
 
 
 @dataclass
@@ -263,18 +273,26 @@ class _Cells:
 
 
 READOUTS = ("top", "logits", "generations")
+BATCH_SIZE = 32  # source prompts per unit of an in-memory sweep, by default
 
 
 def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = "token-identity",
           source_position: Position = -1, source_layers: Sequence[int] | None = None,
-          target_layers: Sequence[int] | str | None = None, progress: bool | None = None, batch_size: int = 32,
-          top: int = 10, planned: bool = True, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-          keep_logits: bool = False, distributed: bool | None = None, out: str | os.PathLike | None = None,
-          readout: str = "top", **options: Any) -> "SweepResult | SweepFolder":
+          target_layers: Sequence[int] | str | None = None, progress: bool | None = None,
+          batch_size: int | None = None, top: int = 10, planned: bool = True,
+          max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = False, distributed: bool | None = None,
+          out: str | os.PathLike | None = None, readout: str = "top", **options: Any) -> "SweepResult | SweepFolder":
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
 
-    ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does.
-    ``batch_size`` source prompts make one unit of work; ``max_batch_tokens`` bounds a patch batch.
+    ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that
+    fixes l* (``logit-lens``, ``jacobian-lens``: the last layer; `Preset.target_layer`) sweeps only there: one
+    column, l* = n_layers - 1 by default, and any other ``target_layers`` is refused.
+    Each cell generates what the preset's own Patchscope generates (its ``max_new_tokens``: token-identity 4,
+    logit-lens 0, future-lens 3, attribute 20, ...), as `build` and `run` do; ``max_new_tokens=0`` reads the
+    next token only, which is faster.
+    ``batch_size`` source prompts make one unit of work: by default 32 in memory, and with ``out=`` as many as
+    fit 256 cells (`sweep_folder.UNIT_CELLS`, at least one prompt, at most 32): one prompt a unit for SmolLM2's
+    30 x 30 grid, 8 at l* = l. ``max_batch_tokens`` bounds a patch batch.
     ``readout``: ``"top"`` keeps the top-``top`` tokens per cell (and generations when generating);
     ``"logits"`` (or ``keep_logits=True``) also keeps the full-vocabulary logits, which a 512-prompt 30 x 30
     grid of SmolLM2 would need 90 GB for; ``"generations"`` keeps the generations and the top-1 token only.
@@ -286,28 +304,24 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     finished ones, and a `SweepFolder` is returned (``.load()``, ``.dataset()``). See `sweep_folder`.
     """
     readout = _readout(readout, keep_logits)
-    batch_size = check_int("batch_size", batch_size)
     top = 1 if readout == "generations" else check_int("top", top)
     check_budget(max_batch_tokens)
     models = as_models(model)
     handle = next(iter(models.values()))
     every = list(range(handle.n_layers))
+    chosen = get_preset(preset)
+    target_layers = chosen.target_layers(target_layers, handle.n_layers)  # a preset that fixes l* sweeps only there
     source_layers = every if source_layers is None else _layer_list("source_layers", source_layers)
     same_layer = isinstance(target_layers, str) and target_layers == "same"
     if isinstance(target_layers, str) and not same_layer:
         raise SpecError(f"target_layers={target_layers!r} is not allowed (allowed: a list of layers, or 'same')")
     target_layers = every if target_layers is None or same_layer else _layer_list("target_layers", target_layers)
-    build = get_preset(preset).build
-    if preset in ("logit-lens", "jacobian-lens"):
-        options.setdefault("tokenizer", handle.tokenizer)
     if preset == "jacobian-lens":
         options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
-
-    def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
-        return build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer, **options)
-
+    make = _cell_maker(chosen, handle, source_position, options)
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
                                                                    for l in source_layers]
+    batch_size = _unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
     grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", batch_size)
     shape = _Shape(preset, source_layers, target_layers, same_layer)
     if out is not None:
@@ -326,6 +340,14 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     parts = gather_units(parts, distributed)
     return _assemble(shape, prompts, [parts[u] for u in range(len(units))], grid.scope_for(prompts),
                      models[grid.make(prompts[0], source_layers[0], target_layers[0]).target_model].tokenizer)
+
+
+def _unit_size(batch_size: int | None, cells_per_prompt: int, streamed: bool) -> int:
+    """Source prompts per unit: `batch_size` where given; by default `BATCH_SIZE` in memory, and for a streamed
+    sweep as many as fit `UNIT_CELLS` cells (`sweep_folder.unit_prompts`), so that a kill loses little."""
+    if batch_size is not None:
+        return check_int("batch_size", batch_size)
+    return unit_prompts(cells_per_prompt, BATCH_SIZE) if streamed else BATCH_SIZE
 
 
 @dataclass(frozen=True)

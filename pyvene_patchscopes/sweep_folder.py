@@ -3,10 +3,13 @@
 ``sweep(..., out=folder)`` writes ``manifest.json`` first (what the sweep is: its spec hash, the model's identity,
 the layers, the readout), then ``unit-000000.parquet``, ``unit-000001.parquet``, ... as each unit of source prompts
 finishes, each written whole to a temporary name and renamed (a killed process leaves no half shard under a
-shard's name). A rerun with the same arguments skips the units whose shard reads back whole and holds the same
-prompts; a shard that is corrupt or truncated is reported and recomputed. A folder that holds another sweep,
-or anything but a sweep, is refused and left as it is. When every unit is done, ``complete.json`` records
-the count. Under ``accelerate launch`` every process writes its own units' shards: nothing is gathered.
+shard's name). A unit is small, so that a kill loses little: by default at most `UNIT_CELLS` cells (at least
+one prompt; see `unit_prompts`). A rerun with the same arguments skips the units whose shard reads back whole
+and holds the same prompts; a shard that is corrupt or truncated is reported and recomputed. A folder that holds
+another sweep with a finished unit, or anything but a sweep, is refused and left as it is; one whose sweep has
+no finished unit yet is restarted with the new settings (its manifest replaced, nothing else touched). When
+every unit is done, ``complete.json`` records the count. Under ``accelerate launch`` every process writes its own
+units' shards: nothing is gathered.
 """
 from __future__ import annotations
 
@@ -28,6 +31,11 @@ FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
+# A streamed unit holds at most this many cells by default (at least one prompt), so a kill loses at most one
+# unit: 20 prompts of a 30-layer model make 20 units of the 30 x 30 grid (900 cells a prompt: one prompt a unit)
+# and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
+# SmolLM2 on 2 CPU cores), large enough that CPU sweeps keep their speed.
+UNIT_CELLS = 256
 
 
 class ShardWarning(UserWarning):
@@ -39,6 +47,12 @@ def spec_hash(description: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def unit_prompts(cells_per_prompt: int, most: int) -> int:
+    """Source prompts per streamed unit by default: as many as fit `UNIT_CELLS` cells, at least one and at most
+    `most`. It depends on the settings only (the grid's cells per prompt), so a rerun finds the same units."""
+    return max(1, min(most, UNIT_CELLS // cells_per_prompt))
+
+
 def shard_path(folder: Path, unit: int) -> Path:
     return folder / f"unit-{unit:06d}.parquet"
 
@@ -48,7 +62,8 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
 
     `clean` removes shards left half-written by a killed process; only the main process does, before any
     process starts a unit."""
-    allowed = "allowed: a new or empty folder, or the folder of this same sweep to resume it"
+    allowed = ("allowed: a new or empty folder, the folder of this same sweep to resume it, or a sweep's folder "
+               "with no finished unit yet to restart it")
     folder = expand(out)
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"out={str(out)!r} is a file, not a folder; nothing was written ({allowed})")
@@ -56,6 +71,9 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
         if (folder / MANIFEST).is_file():
             found = read_manifest(folder)
             if found.get("spec_hash") != manifest["spec_hash"]:
+                if not started(folder):  # nothing of the other sweep is kept: it restarts with these settings
+                    _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
+                    return folder
                 differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
                 raise SpecError(f"out={str(out)!r} holds another sweep (it differs in {', '.join(differs) or 'spec'});"
                                 f" nothing was overwritten ({allowed})")
@@ -69,8 +87,17 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
-    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
     return folder
+
+
+def started(folder: Path) -> bool:
+    """Whether the sweep in `folder` has finished a unit (a shard under a shard's name) or finished outright."""
+    return (folder / COMPLETE).exists() or any(folder.glob("unit-*.parquet"))
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
@@ -212,5 +239,5 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
     return torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
 
 
-__all__ = ["ShardWarning", "open_folder", "read_manifest", "write_shard", "finished", "unit_table",
-           "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]
+__all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
+           "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

@@ -200,3 +200,27 @@ def test_the_command_serves_the_page_on_a_model_folder(tmp_path, handle):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_logit_lens_heatmap_reads_only_its_last_layer_column(client, handle):
+    """Issue 36: the logit lens fixes l* at the last layer, so only that column of its heatmap is the logit lens;
+    the others are marked n/a and a cell's spec there is refused, naming the preset and its l*."""
+    from pyvene_patchscopes import build
+
+    n = handle.n_layers
+    grid = submit(client, kind="grid", position=3, preset="logit-lens")["result"]["grid"]
+    assert grid["note"] == f"cells marked n/a: preset 'logit-lens' fixes l* = {n - 1}, the last layer"
+    for layer, row in enumerate(grid["cells"]):
+        assert [cell["label"] for cell in row[:-1]] == ["n/a"] * (n - 1)
+        want = run(build("logit-lens", PROMPT, 3, layer, model=handle.name, tokenizer=handle.tokenizer), handle,
+                   top=5)[0]
+        assert row[-1]["tip"][1].startswith(repr(want.top[0].token))
+        assert row[-1]["shade"] == pytest.approx(want.top[0].prob, abs=1e-6)
+    refused = client.post("/api/spec", json={"prompt": PROMPT, "position": 3, "preset": "logit-lens",
+                                             "source_layer": 1, "target_layer": 0})
+    assert refused.status_code == 422 and refused.json()["error"] == {
+        "field": "target_layer", "message": f"preset 'logit-lens' fixes l* = {n - 1}, the last layer; not run at "
+                                            "other l*"}
+    made = client.post("/api/spec", json={"prompt": PROMPT, "position": 3, "preset": "logit-lens",
+                                          "source_layer": 1, "target_layer": n - 1}).json()
+    assert Patchscope.from_dict(made["spec"]).target.layer == -1

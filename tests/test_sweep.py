@@ -1,10 +1,16 @@
 """Sweeps over prompts x (l, l*) as a grid: one call, a DataFrame, a heatmap; cells equal single runs."""
 from __future__ import annotations
 
+import json
+import re
+from dataclasses import replace
+
+import pytest
 import torch
 
-from pyvene_patchscopes import Source, run
-from pyvene_patchscopes.presets import token_identity
+from pyvene_patchscopes import Patchscope, Source, SpecError, build, run
+from pyvene_patchscopes.jlens import JacobianLens
+from pyvene_patchscopes.presets import PRESETS, token_identity
 from pyvene_patchscopes.sweep import sweep
 
 
@@ -22,3 +28,127 @@ def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 5000
     texts = {t.get_text() for t in figure.axes[0].texts}
     assert len(figure.axes[0].texts) == 6 and texts  # one label per cell
+
+
+# ---- presets that fix l* (issue 36, finding 1) ----------------------------------------------------------------
+PROMPT = "The city of Paris is large"
+LAST = r"preset '{}' fixes l\* = 3, the last layer"
+
+
+@pytest.mark.real_model
+def test_a_logit_lens_sweep_is_the_logit_lens_at_the_last_layer_as_run_reads_it(smollm2):
+    """Issue 36: `sweep(preset="logit-lens")` ran every l* and read 'Paris' at l* = 0, 10, 20 (p = 0.33, 0.80,
+    0.81) under the logit lens's name, where `run(build("logit-lens", ..., 20))` reads ' ' (0.69)."""
+    prompt = "The capital of France is"
+    grid = sweep(prompt, smollm2, preset="logit-lens", source_layers=[20], progress=False)
+    want = run(build("logit-lens", prompt, -1, 20), smollm2)[0]
+    assert grid.target_layers == [29] and grid.top_ids.shape[:3] == (1, 1, 1)
+    cell = grid.cell(0, 20, 29)
+    assert cell.scope == want.scope and cell.token == want.token != " Paris"
+    assert cell.prob == pytest.approx(want.prob, abs=1e-5) and round(want.prob, 2) == 0.69
+    earlier = [Patchscope(want.scope.source, replace(want.scope.target, layer=t)) for t in (0, 10, 20)]
+    read = run(earlier, smollm2)  # what the grid labelled logit lens at l* = 0, 10, 20 (README: not the lens)
+    assert [(r.token, round(r.prob, 2)) for r in read] == [(" Paris", 0.33), (" Paris", 0.80), (" Paris", 0.81)]
+
+
+@pytest.mark.parametrize("preset", ["logit-lens", "jacobian-lens"])
+def test_a_preset_that_fixes_l_star_sweeps_only_there_and_refuses_other_target_layers(tiny_llama, tmp_path, preset):
+    options = {"lens": JacobianLens({l: torch.eye(64) for l in range(4)})} if preset == "jacobian-lens" else {}
+    grid = sweep([PROMPT, "Here is a word: dog"], tiny_llama, preset=preset, progress=False, **options)
+    assert grid.target_layers == [3] and grid.top_ids.shape[:3] == (2, 4, 1)
+    for layer in range(4):
+        want = run(build(preset, "Here is a word: dog", -1, layer, model=tiny_llama.name, **options), tiny_llama)[0]
+        assert grid.cell(1, layer, 3).scope == want.scope and grid.cell(1, layer, 3).token == want.token
+    figure = grid.plot(tmp_path / "lens.png", prompt=1)  # the heatmap is that one column of source layers
+    assert len(figure.axes[0].texts) == 4 and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["3"]
+    assert sweep(PROMPT, tiny_llama, preset=preset, target_layers=[-1], progress=False, **options).target_layers == [-1]
+    for bad in ([0, 1, 2, 3], [1], range(4), "same", [3, 3]):
+        with pytest.raises(SpecError, match=rf"^target_layers={re.escape(repr(bad))} is not allowed: "
+                                            rf"{LAST.format(preset)}, and a sweep reads it only there \(allowed: the "
+                                            r"default, \[3\] or \[-1\]\)$"):
+            sweep(PROMPT, tiny_llama, preset=preset, target_layers=bad, out=tmp_path / "s", progress=False, **options)
+    assert not (tmp_path / "s").exists()  # refused before anything is written
+    with pytest.raises(SpecError, match=rf"^target_layer=1 is not allowed: preset '{preset}' fixes l\* = -1, the last "
+                                        r"layer \(allowed: the default, -1\)$"):
+        build(preset, PROMPT, -1, 2, target_layer=1, model=tiny_llama.name, **options)
+    assert build(preset, PROMPT, -1, 2, target_layer=3, n_layers=4, model=tiny_llama.name, **options) == \
+        build(preset, PROMPT, -1, 2, model=tiny_llama.name, **options)
+
+
+def test_the_fixed_l_star_is_the_presets_field_that_sweep_and_build_read(tiny_llama, monkeypatch):
+    """Any preset with `Preset.target_layer` set sweeps only there: the field, not the preset's name, decides."""
+    fixed = replace(PRESETS["token-identity"], name="identity-at-2", target_layer=2)
+    monkeypatch.setitem(PRESETS, "identity-at-2", fixed)
+    grid = sweep(PROMPT, tiny_llama, preset="identity-at-2", source_layers=[1, 3], max_new_tokens=0, progress=False)
+    assert grid.target_layers == [2]
+    assert grid.cell(0, 3, 2).scope == build("token-identity", PROMPT, -1, 3, 2, tiny_llama.name, max_new_tokens=0)
+    with pytest.raises(SpecError, match=r"^target_layers=\[1\] is not allowed: preset 'identity-at-2' fixes l\* = 2, "
+                                        r"and a sweep reads it only there \(allowed: the default, \[2\] or \[-2\]\)$"):
+        sweep(PROMPT, tiny_llama, preset="identity-at-2", target_layers=[1], progress=False)
+    assert [name for name, p in PRESETS.items() if p.target_layer is not None] == \
+        ["logit-lens", "jacobian-lens", "identity-at-2"]
+
+
+def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    from pyvene_patchscopes import models
+    from pyvene_patchscopes.cli import main
+    from tiny import tiny_loader
+
+    monkeypatch.setattr(models, "load_model", tiny_loader("llama"))
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, capsys):
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                        "--source-layers", "1,2", "--json")
+    assert code == 0 and [(c["source_layer"], c["target_layer"]) for c in json.loads(out)["cells"]] == [(1, 3), (2, 3)]
+    code, _, err = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                        "--target-layers", "0-3")
+    assert code == 2 and err == ("patchscopes: error: --target-layers=[0, 1, 2, 3] is not allowed: preset 'logit-lens' "
+                                 "fixes l* = 3, the last layer, and a sweep reads it only there (allowed: the default, "
+                                 "[3] or [-1])\n")
+    code, _, err = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                        "--target-layer", "1")
+    assert code == 2 and err == ("patchscopes: error: --target-layer=1 is not allowed: preset 'logit-lens' fixes "
+                                 "l* = 3, the last layer (allowed: the default, 3 or -1)\n")
+    rows = {}
+    for given in ([], ["--target-layer", "3"], ["--target-layer", "-1"]):
+        code, out, _ = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                            "--json", *given)
+        rows[tuple(given)] = json.loads(out)["layers"]
+    assert code == 0 and rows[()] == rows[("--target-layer", "3")] == rows[("--target-layer", "-1")]
+    assert {row["target_layer"] for row in rows[()]} == {-1}
+
+
+# ---- one default for generation (issue 36, finding 7) ---------------------------------------------------------
+@pytest.mark.parametrize("preset, tokens", [("token-identity", 4), ("future-lens", 3)])
+def test_the_cli_and_python_sweeps_generate_the_presets_own_tokens_by_default(monkeypatch, capsys, preset, tokens):
+    """Issue 36: the CLI generated nothing (max_new_tokens 0) where Python generated the preset's tokens."""
+    from tiny import tiny_loader
+
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
+                        "--source-layers", "1,2", "--target-layers", "0,2", "--json")
+    handle = tiny_loader("llama")()
+    records = sweep(PROMPT, handle, preset=preset, source_layers=[1, 2], target_layers=[0, 2],
+                    progress=False).to_records()
+    cells = json.loads(out)["cells"]
+    assert code == 0 and [c["generation"] for c in cells] == [r["generation"] for r in records]
+    single = build(preset, PROMPT, -1, 2, 0, handle.name)  # the cell (l = 2, l* = 0), as build makes it
+    assert single.max_new_tokens == tokens and run(single, handle)[0].generation == cells[2]["generation"] != ""
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
+                        "--source-layers", "1", "--target-layers", "2", "--max-new-tokens", "0", "--json")
+    assert code == 0 and json.loads(out)["cells"][0]["generation"] is None
+
+
+def test_both_helps_state_the_default_for_generation(capsys):
+    from pyvene_patchscopes.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens generated greedily after the patched prompt (default: the " \
+           "preset's own, as in Python" in text
+    doc = " ".join(sweep.__doc__.split())
+    assert "generates what the preset's own Patchscope generates (its ``max_new_tokens``" in doc

@@ -18,7 +18,7 @@ import torch
 import killed_sweep
 from pyvene_patchscopes import SpecError
 from pyvene_patchscopes.sweep import SweepResult, sweep
-from pyvene_patchscopes.sweep_folder import ShardWarning, shard_path
+from pyvene_patchscopes.sweep_folder import ShardWarning, read_manifest, shard_path, unit_prompts
 
 PROMPTS = killed_sweep.PROMPTS
 TENSORS = ("top_ids", "top_probs", "logits", "target_positions", "informative")
@@ -40,7 +40,8 @@ def whole(model):
 
 def assert_same(got: SweepResult, want: SweepResult) -> None:
     for name in TENSORS:
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
+        mine, theirs = getattr(got, name), getattr(want, name)
+        assert (mine is None and theirs is None and name == "logits") or torch.equal(mine, theirs), name
     assert got.prompts == want.prompts and got.generations == want.generations
     assert got.source_positions == want.source_positions and got.to_records() == want.to_records()
 
@@ -69,6 +70,55 @@ def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path
     assert resumed.computed == sorted(set(range(6)) - set(written))
     assert_same(resumed.load(model), whole)
     assert not list(folder.glob(".*.tmp"))  # the shard being written when the process died is gone
+
+
+@pytest.mark.parametrize("layers, units, per_unit", [("grid", 20, 1), ("same", 3, 8)])
+def test_twenty_prompts_with_default_settings_killed_after_the_first_unit_resume_bit_for_bit(tmp_path, layers, units,
+                                                                                            per_unit):
+    """Issue 36: 20 prompts were one unit (batch_size=32), so Ctrl-C kept nothing. A streamed unit now holds at most
+    UNIT_CELLS = 256 cells by default: one prompt of a 30-layer model's 30 x 30 grid (900 cells), 8 at l* = l."""
+    target_layers = None if layers == "grid" else layers
+    folder = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, killed_sweep.__file__, str(folder), "1.0", layers],
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    while not list(folder.glob("unit-*.parquet")):
+        assert process.poll() is None, "the sweep ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert [p.name for p in folder.glob("unit-*.parquet")] == ["unit-000000.parquet"]
+    assert read_manifest(folder)["batch_size"] == per_unit == unit_prompts(30 if layers == "same" else 900, 32)
+
+    resumed = killed_sweep.run_default(str(folder), target_layers)
+    assert resumed.skipped == [0] and resumed.computed == list(range(1, units))  # only the missing units
+    whole = killed_sweep.run_default(str(tmp_path / "whole"), target_layers)
+    assert whole.computed == list(range(units))
+    got, want = resumed.load(), whole.load()
+    assert got.top_ids.shape[:3] == (20, 30, 30 if layers == "grid" else 1) and got.generations is not None
+    assert_same(got, want)
+
+
+def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_path, model, whole):
+    """Issue 36: Ctrl-C before the first unit left only manifest.json, and a rerun with batch_size=2 was refused
+    ("it differs in batch_size") although nothing had been kept."""
+    folder = tmp_path / "s"
+
+    def interrupted():
+        yield from PROMPTS[:3]
+        raise KeyboardInterrupt  # Ctrl-C while the first unit of 32 prompts is read
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(interrupted(), model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=32, progress=False,
+              out=folder, readout="logits")
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"] and read_manifest(folder)["batch_size"] == 32
+    (folder / "notes.txt").write_text("keep")
+    done = sweep(PROMPTS, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False, out=folder,
+                 readout="logits")
+    assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
+    assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
+    assert_same(done.load(model), whole)
 
 
 def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path, model, whole):

@@ -257,12 +257,16 @@ class Explorer:
                                        f"{', '.join(OFFERED)}, the catalogue entries, or {CUSTOM!r})")
         elif query.preset in PRESETS:
             options: dict[str, Any] = {}
-            if query.preset == "logit-lens":
+            if PRESETS[query.preset].needs_tokenizer:
                 options["tokenizer"] = tokenizer
             if query.preset == "multihop":
                 raise FieldError("preset", "preset='multihop' reroutes within one pass and has no clickable "
                                            "token (allowed: the other presets, the catalogue, or custom)")
-            scope = get_preset(query.preset).build(source, target_layer=target_layer, **options)
+            reason = self.not_applicable(query, layer, target_layer)
+            if reason is not None:
+                raise FieldError("target_layer", reason)
+            scope = get_preset(query.preset).build(source, target_layer=target_layer, n_layers=self.handle.n_layers,
+                                                   **options)
         elif query.preset in self._saved:
             scope = self._entry_scope(query.preset, source, target_layer, tokenizer)
         else:
@@ -284,7 +288,12 @@ class Explorer:
         return replace(saved, source=source, target=target)
 
     def not_applicable(self, query: Query, layer: int, target_layer: int | None = None) -> str | None:
-        """Why the query's preset does not apply at (l, l*) on this model, None where it does."""
+        """Why the query's preset does not apply at (l, l*) on this model, None where it does (a preset that
+        fixes l*, the logit lens, applies there only)."""
+        preset = PRESETS.get(query.preset)
+        if preset is not None:
+            n = self.handle.n_layers
+            return None if preset.allows(target_layer, n) else f"{preset.fixes(n)}; not run at other l*"
         entry = self._saved.get(query.preset)
         return None if entry is None else entry.reason(query.preset, layer, target_layer)
 
@@ -328,8 +337,8 @@ class Explorer:
                 raise FieldError(name, f"{name}={shown} is out of range for {self.handle.name} "
                                        f"(allowed: 0..{n - 1})")
         reason = self.not_applicable(query, source_layer, target_layer)
-        if reason is not None:
-            raise FieldError("source_layer", reason)
+        if reason is not None:  # a preset's fixed l*, or a catalogue entry's fitted (l, l*)
+            raise FieldError("target_layer" if query.preset in PRESETS else "source_layer", reason)
         with self._check_lock:
             scope = self.scope(query, source_layer, target_layer, grid=True)
             self._resolve(scope)
@@ -382,24 +391,28 @@ class Explorer:
         step(1.0)
         grid = {"title": f"{query.preset}: source layer x target layer", "row_label": "source layer l",
                 "col_label": "target layer l*", "rows": layers, "cols": layers, "cells": rows, "origin": "lower"}
-        entry = self._saved.get(query.preset)
+        entry, preset = self._saved.get(query.preset), PRESETS.get(query.preset)
         if entry is not None and entry.fitted:
             grid["note"] = f"cells marked {NOT_APPLICABLE}: {entry.note(query.preset)}"
+        if preset is not None and preset.target_layer is not None:
+            grid["note"] = f"cells marked {NOT_APPLICABLE}: {preset.fixes(self.handle.n_layers)}"
         return {"grid": grid}
 
     def _grid_rows(self, query: Query, sources: list[int], targets: list[int]) -> list[list[dict[str, Any]]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # uninformative cells are marked in the result instead
-            if query.preset in OFFERED or query.preset == CUSTOM:
-                template = self.scope(query, sources[0], targets[0], grid=True, tokenizer=self.handle.tokenizer)
+            if query.preset in OFFERED or query.preset == CUSTOM:  # a fixed l* (the logit lens): that column only
+                swept = [t for t in targets if self.not_applicable(query, sources[0], t) is None]
+                template = self.scope(query, sources[0], swept[0], grid=True, tokenizer=self.handle.tokenizer)
                 preset = "attribute" if query.preset == CUSTOM else query.preset
                 options: dict[str, Any] = {"max_new_tokens": template.max_new_tokens}
                 if query.preset == CUSTOM:
                     options["target_prompt"] = query.target_prompt
                 grid = sweep(query.prompt, self.handle, preset=preset, source_position=query.position,
-                             source_layers=sources, target_layers=targets, top=TOP, keep_logits=False,
+                             source_layers=sources, target_layers=swept, top=TOP, keep_logits=False,
                              progress=False, **options)
-                return [[result_cell(grid.cell(0, l, t)) for t in targets] for l in sources]
+                return [[result_cell(grid.cell(0, l, t)) if t in swept else _not_applicable_cell(
+                    l, t, str(self.not_applicable(query, l, t))) for t in targets] for l in sources]
             pairs = [(l, t) for l in sources for t in targets if self.not_applicable(query, l, t) is None]
             scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l, t in pairs]
             results = dict(zip(pairs, run(scopes, self.handle, top=TOP, progress=False))) if scopes else {}

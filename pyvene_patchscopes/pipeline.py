@@ -133,7 +133,7 @@ class PyvenePlan:
         keys = representation_keys([*reps, self.patch.representations[0]])
         representations = _user_representations(source_representations, keys[:-1])
 
-        states = self.source_states().to(target.device)
+        states = self._source_states().to(target.device)
         intervention = write_intervention(self.scopes[0].target.write, self.mapping, target.hidden_size,
                                           self.scopes[0].target.alpha).to(target.device)
         intervention.set_source_representation(states)
@@ -157,7 +157,7 @@ class PyvenePlan:
             "intervene_on_prompt": True, "generation_config": greedy_config(target, new_tokens)}
         return PyveneInputs(forward=forward, generate=generate, keys=tuple(keys))
 
-    def source_states(self) -> torch.Tensor:
+    def _source_states(self) -> torch.Tensor:
         """Each row's source state h, one per slot: ``[rows, slots, d_source]`` (f is applied in the patch)."""
         handle = self.models[self.scopes[0].source.model]
         if self.source_representation is not None:  # a vector, in the source model's dtype as `run` takes it

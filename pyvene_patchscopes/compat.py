@@ -136,6 +136,11 @@ class _ModelState:
 def pyvene_guard(model: nn.Module) -> Iterator[None]:
     """Run pyvene calls on `model` and leave it as it was: same hooks, `requires_grad`, modes and config.
 
+    Build and call your own ``IntervenableModel`` inside it (``with pyvene_guard(handle.model):``). Without it
+    pyvene 0.1.8 removes every forward hook from the model on each call (HF's ``output_hidden_states`` capture
+    and your own, for good), and wrapping the model freezes it, puts it in eval mode and rewrites
+    ``config.model_type``. Inside it only the hooks pyvene adds in the block are removed.
+
     Every module's own training flag is recorded and restored (pyvene's wrapping calls ``model.eval()``,
     and ``model.train(flag)`` would flatten a mix of train and eval submodules).
     """

@@ -13,14 +13,13 @@ CoT Patchscopes (``reroute``) run in `execution.reroute`.
 """
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .errors import SpecError, UninformativeScopeWarning, check_int
+from .errors import SpecError, check_int
 from .execution.plain import collect, patch
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
@@ -31,7 +30,7 @@ from .files import check_finite
 from .mappings import MappingSpec, build_mapping
 from .models import ModelHandle
 from .positions import token_ids, warn_if_sink
-from .resolve import Models, Resolved, as_models, resolve
+from .resolve import Models, Resolved, as_models, resolve, warn_uninformative
 from .result import PatchscopeResult, decode_top, entropy_of, top_k
 from .spec import Patchscope, VectorSource
 from .writes import Slots, row_alphas
@@ -108,19 +107,6 @@ def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved]
             raise SpecError(f"source_states[{k}] has shape {shape} (allowed: a tensor of shape ({size},), the "
                             "source model's hidden size)")
         check_finite({f"source_states[{k}]": state}, "tensor", models[item.scope.source.model].dtype)
-
-
-def warn_uninformative(resolved: list[Resolved]) -> None:
-    """Warn once about scopes whose patch cannot reach the readout (see `Resolved.informative`)."""
-    bad = [item for item in resolved if not item.informative]
-    if bad:
-        first = bad[0]
-        warnings.warn(
-            f"{len(bad)} of {len(resolved)} Patchscope(s) write at the target's last layer (l*={first.target_layer}) "
-            f"at position {first.target_position}, before the target's last ({first.target_tokens - 1}): no later "
-            "layer reads that state and the readout never sees it, so their output is the same for every source "
-            "(result.informative is False). Use l* below the last layer, or patch the target's last position.",
-            UninformativeScopeWarning, stacklevel=3)
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:

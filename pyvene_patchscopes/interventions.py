@@ -125,11 +125,34 @@ class _MappedIntervention(pv.TrainableIntervention):
 class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationIntervention):
     """Writes f(source) over the target positions: the patch step of a Patchscope (f included)."""
 
-    def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None,
+                **kwargs: Any) -> torch.Tensor:
+        if source is None:  # pyvene's call of a constant source: the states given to `set_source_representation`
+            source = self.source_representation
+            if source is None:
+                raise SpecError(f"{type(self).__name__} has no source state (allowed: pyvene's sources or "
+                                "source_representations, or a constant source: set_source_representation)")
         if source.shape[-1] != self.mapping.source_dim:
             raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
                             f"{self.mapping.source_dim}")
         return self.mapping(source.to(self._device())).to(base.device, base.dtype)  # a split model's layer may sit on another device
+
+    def set_source_representation(self, source_representation: torch.Tensor) -> None:
+        """Hold `source_representation` (``[rows, slots, d_source]``) as a constant source, as pyvene's
+        AdditionIntervention holds its vector: pyvene then needs no source for this intervention, and its
+        ``save`` keeps the states in the ``state_dict``. `PyvenePlan.add_to` gives a batch's source states so."""
+        if "source_representation" not in self._buffers:
+            self.__dict__.pop("source_representation", None)  # pyvene's constructor left a plain None there
+        super().set_source_representation(source_representation)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        # a saved constant source: make room for it (a rebuilt instance has none), then load it like any buffer
+        key = prefix + "source_representation"
+        if key in state_dict and "source_representation" not in self._buffers:
+            self.set_source_representation(torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
 
 class _ScaledWrite(MappingIntervention):

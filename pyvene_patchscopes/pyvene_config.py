@@ -1,4 +1,4 @@
-"""Spec -> pyvene: resolve a Patchscope against its models and express it as pyvene intervention configs.
+"""Spec -> pyvene: the pyvene intervention configs that read a source state, write f of it, or reroute one.
 
 pyvene's getter and setter for one representation share a hook point, so a Patchscope whose source
 and target differ in layer, prompt or model is two pyvene configs run in turn:
@@ -10,26 +10,18 @@ and target differ in layer, prompt or model is two pyvene configs run in turn:
 A CoT Patchscope (``reroute``) reads and writes within one pass of one sequence: a single
 `RerouteIntervention` linked to both sites (see `reroute_config`).
 
-`PyvenePlan` holds both configs with their canonical ``unit_locations``; `engine` runs them. Where a
-scope's indices become concrete is `resolve`.
+`engine` runs these configs; `pipeline.to_pyvene` returns them, with their positions, for a pipeline of your own.
+Where a scope's indices become concrete is `resolve`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
-
 import pyvene as pv
+import torch
 
-from .compat import base_locations
 from .errors import SpecError
 from .interventions import RerouteIntervention, write_intervention
-from .mappings import MappingFunction, build_mapping
-from .models import ModelHandle
-from .resolve import resolve
+from .mappings import MappingFunction
 from .sites import Site
-
-if TYPE_CHECKING:
-    from .spec import Patchscope
 
 
 def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig:
@@ -68,37 +60,6 @@ def reroute_config(read: Site, write: Site, hidden_size: int, mapping: MappingFu
     ])
 
 
-@dataclass
-class PyvenePlan:
-    """The two pyvene stages of one Patchscope, for a batch of one (positions are unpadded)."""
-
-    collect: pv.IntervenableConfig | None   # None for a vector source: nothing to read
-    collect_locations: dict | None
-    patch: pv.IntervenableConfig
-    patch_locations: dict
-    mapping: MappingFunction
-    source_representation: Any = None       # a vector source's [1, slots, d], fed as source_representations
-
-
-def to_pyvene(scope: Patchscope, models: Mapping[str, ModelHandle]) -> PyvenePlan:
-    """The pyvene configs and ``unit_locations`` that perform `scope` (see the module docstring)."""
-    resolved = resolve(scope, models)
-    source_model = models[scope.source.model]
-    target_model = models[scope.target_model]
-    mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)
-    vector = scope.vector_source
-    slots = resolved.slots
-    return PyvenePlan(
-        collect=None if vector else collect_config([resolved.source_site], source_model.hidden_size),
-        collect_locations=None if vector else base_locations([resolved.source_position]),
-        patch=patch_config(resolved.target_site, target_model.hidden_size, mapping, scope.target.write,
-                           scope.target.alpha, len(slots)),
-        patch_locations=base_locations([slots]),
-        mapping=mapping,
-        source_representation=source_representation(scope.source.tensor, len(slots)) if vector else None,  # type: ignore[union-attr]
-    )
-
-
-def source_representation(vector, units: int):
+def source_representation(vector: torch.Tensor, units: int) -> torch.Tensor:
     """A vector source as pyvene's ``source_representations`` value for a batch of one: [1, units, d]."""
     return (vector[None] if vector.ndim == 2 else vector[None, None].expand(1, units, -1)).contiguous()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .compat import check_hookable
-from .errors import ContextLengthWarning, SpecError, UnknownNameError
+from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, UnknownNameError
 from .mappings import build_mapping
 from .models import ModelHandle
 from .positions import encode, resolve_position, resolve_slots
@@ -136,6 +136,19 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     )
 
 
+def warn_uninformative(resolved: list[Resolved]) -> None:
+    """Warn once about scopes whose patch cannot reach the readout (see `Resolved.informative`)."""
+    bad = [item for item in resolved if not item.informative]
+    if bad:
+        first = bad[0]
+        warnings.warn(
+            f"{len(bad)} of {len(resolved)} Patchscope(s) write at the target's last layer (l*={first.target_layer}) "
+            f"at position {first.target_position}, before the target's last ({first.target_tokens - 1}): no later "
+            "layer reads that state and the readout never sees it, so their output is the same for every source "
+            "(result.informative is False). Use l* below the last layer, or patch the target's last position.",
+            UninformativeScopeWarning, stacklevel=3)
+
+
 def check_vector(vector: VectorSource, handle: ModelHandle, n_slots: int) -> None:
     """A vector source fits its model's width, and has one row per slot when it has several."""
     if vector.width != handle.hidden_size:
@@ -163,4 +176,4 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
                   stacklevel=4)
 
 
-__all__ = ["Resolved", "resolve", "check_vector", "as_models", "pick_model", "check_context", "Models"]
+__all__ = ["Resolved", "resolve", "warn_uninformative", "check_vector", "as_models", "pick_model", "check_context", "Models"]

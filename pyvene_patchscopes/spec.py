@@ -338,11 +338,11 @@ class Patchscope(JsonSpec):
         return replace(self, source=source, target=target, **changes)
 
     def to_pyvene(self, models: Any) -> Any:
-        """The pyvene configs and ``unit_locations`` that perform this Patchscope (a `PyvenePlan`)."""
-        from .resolve import as_models
-        from .pyvene_config import to_pyvene
+        """The pyvene configs and positions that perform this Patchscope (a `PyvenePlan`; its ``add_to`` joins a
+        pyvene pipeline of your own)."""
+        from .pipeline import to_pyvene
 
-        return to_pyvene(self, as_models(models))
+        return to_pyvene(self, models)
 
     # ---- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -74,7 +74,9 @@ def test_02_paper_tour_runs_every_eval_command(tmp_path):
 def test_03_pipeline_matches_the_library_and_reloads_identically_in_a_fresh_process(tmp_path):
     summary = execute("03_in_pyvene_pipelines", tmp_path)
     assert summary["pipeline_top"] == summary["library_top"] == " CEO"
-    assert summary["max_logit_difference"] < 1e-3
+    assert summary["max_logit_difference"] < 1e-4
+    assert summary["pipeline_generation"] == summary["library_generation"] != ""  # through pyvene's generate
+    assert summary["pyvene_own_load"].startswith("FileNotFoundError")  # pyvene 0.1.8's load, on its own save
     before, after = summary["oscar_prob"]
     assert after > 100 * before  # the addition steers the readout toward "Oscars"
     assert summary["identical_after_reload"] is True

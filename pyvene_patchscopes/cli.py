@@ -14,6 +14,7 @@ from typing import Any, Sequence
 from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
 from .files import is_file
 from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
+from .result import show_token
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -157,7 +158,7 @@ NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
     for row in rows:
-        token = _cell(repr(row["token"]), 13) + ("" if row.get("informative", True) else "*")
+        token = show_token(row["token"], 13) + ("" if row.get("informative", True) else "*")
         lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} "
                      f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
     if not all(row.get("informative", True) for row in rows):
@@ -241,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = run(scope, models, top=args.top)[0]
     lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
              f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
-    lines += [f"  {t.token!r:<16} {t.prob:.4f}" for t in result.top]
+    lines += [f"  {show_token(t.token):<16} {t.prob:.4f}" for t in result.top]
     if result.generation is not None:
         lines.append(f"generation: {result.generation!r}")
     _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
@@ -323,7 +324,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         result.to_html(html)
     records = result.to_records()
     frame = result.to_pandas()
-    frame["token"] = [t if ok else f"{t!r}*" for t, ok in zip(frame["token"], frame["informative"])]
+    frame["token"] = [show_token(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
     table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
@@ -372,7 +373,7 @@ def attribution_table(attribution) -> str:
     lines = [f"{'pos':>4}  {'token':<16} {'score':>11}", "-" * 52]
     for position, token, score, weight in zip(attribution.positions, attribution.tokens, attribution.scores,
                                               attribution.normalised()):
-        lines.append(f"{position:>4}  {_cell(repr(token), 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
+        lines.append(f"{position:>4}  {show_token(token, 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
     return "\n".join(lines)
 
 
@@ -405,9 +406,9 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
         attribution.plot(png)
         attribution.to_html(html)
         files = {"png": str(png), "html": str(html)}
-    header = (f"{spec.label} scope on {handle.name}: prediction {attribution.prediction!r} "
+    header = (f"{spec.label} scope on {handle.name}: prediction {show_token(attribution.prediction)} "
               f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
-              + "top: " + ", ".join(f"{t!r} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
+              + "top: " + ", ".join(f"{show_token(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
     note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
     _emit(args, {"command": "jacobian", "model": handle.name, **attribution.to_dict(), "files": files},
           header + attribution_table(attribution) + note)

@@ -1,0 +1,142 @@
+"""What the command line writes, and where: a closed pipe ends it quietly, errors under --json are JSON, and a
+token is shown one way (quoted, whitespace visible) in every table, figure and page.
+
+Issue 36, finding 7. The pipes are real: the CLI runs in a subprocess whose reader closes early, as
+``patchscopes list --json | head -c 600`` does.
+"""
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
+from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.explore.service import Explorer
+from pyvene_patchscopes.export import layers_table, sweep_grid
+from pyvene_patchscopes.jacobian import JacobianScope
+from pyvene_patchscopes.jacobian.result import Attribution
+from pyvene_patchscopes.plot import CELL_WIDTH, layer_heatmap
+from pyvene_patchscopes.result import show_token
+from tiny import tiny_loader, tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+# what the fake tokenizer decodes every id to: the whitespace tokens that printed as blanks, and two that printed
+# as the same word ("Paris" in one table, "' Paris'" in another)
+DECODED = (" ", "\n", " Paris", "Paris", "  ")
+
+
+# ---- tokens, one way -------------------------------------------------------------------------------------------
+def test_show_token_quotes_so_that_whitespace_is_visible():
+    assert [show_token(t) for t in DECODED] == ["' '", "'\\n'", "' Paris'", "'Paris'", "'  '"]
+    assert show_token("it's") == '"it\'s"' and show_token("\udcff") == "'\\udcff'"  # printable on any terminal
+    assert show_token(" Washington", 8) == "' Washi…" and len(show_token(" Washington", 8)) == 8
+    assert show_token(" Paris", 8) == "' Paris'"
+
+
+def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
+    """Every token id decodes to one of `texts` (the id modulo their number), wherever a readout or an input
+    token is decoded; the CLI loads tiny random Llamas."""
+    def fake(tokenizer, token_id: int) -> str:
+        return texts[int(token_id) % len(texts)]
+
+    for module in ("result", "sweep", "jacobian.engine"):
+        monkeypatch.setattr(importlib.import_module(f"pyvene_patchscopes.{module}"), "token_text", fake)
+    monkeypatch.setattr(models, "load_model", tiny_loader())
+
+
+@pytest.fixture
+def decoded_as_whitespace(monkeypatch):
+    _decode_as(monkeypatch, DECODED)
+
+
+@pytest.fixture
+def decoded_as_blanks(monkeypatch):
+    _decode_as(monkeypatch, tuple(t for t in DECODED if t.isspace()))
+
+
+def _both(capsys, argv: list[str]) -> tuple[str, dict]:
+    """The table and the JSON of one command line."""
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert main([*argv, "--json"]) == 0
+    return table, json.loads(capsys.readouterr().out)
+
+
+def _quoted(text: str) -> list[str]:
+    return re.findall(r"'(?:[^'\\]|\\.)*'", text)
+
+
+def test_every_cli_table_shows_tokens_as_show_token(decoded_as_whitespace, capsys, tmp_path):
+    table, out = _both(capsys, ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-3",
+                                "--max-new-tokens", "0"])
+    rows = table.splitlines()[3:3 + len(out["layers"])]
+    assert [_quoted(line) for line in rows] == [[show_token(r["token"])] for r in out["layers"]]
+
+    spec = Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
+                      max_new_tokens=0).save_json(tmp_path / "spec.json")
+    table, out = _both(capsys, ["run", str(spec)])
+    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_token(t["token"])]
+                                                                  for t in out["result"]["top"]]
+
+    table, out = _both(capsys, ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2",
+                                "--target-layers", "1,2"])
+    assert sorted(_quoted(table)) == sorted(show_token(c["token"]) for c in out["cells"])  # was: the raw text
+
+    table, out = _both(capsys, ["jacobian", "The city of Paris is large", "--variant", "semantic", "--top", "3"])
+    header, _, body = table.partition("-" * 52)
+    assert show_token(out["prediction"]) in header.splitlines()[0]
+    assert [_quoted(line) for line in body.strip().splitlines()] == [[show_token(t["token"])] for t in out["tokens"]]
+
+    table, out = _both(capsys, ["demo", "--out", str(tmp_path / "demo")])
+    rows = [line for line in table.splitlines() if re.match(r"^ *\d+ +\d+ ", line)]
+    assert [_quoted(line)[0] for line in rows] == [show_token(r["token"]) for r in out["layers"]]
+
+
+def _axes_labels(figure) -> list[str]:
+    return [text.get_text() for text in figure.axes[0].texts]
+
+
+def test_figures_and_pages_show_whitespace_tokens_quoted(decoded_as_blanks, tiny_llama):
+    grid = sweep("Here is a word: dog", tiny_llama, source_layers=[0, 1, 2], target_layers=[1, 2],
+                 max_new_tokens=0, progress=False)
+    tokens = [[grid.cell(0, l, t).token for t in (1, 2)] for l in (0, 1, 2)]
+    assert {t for row in tokens for t in row} <= {" ", "\n", "  "}
+    want = [[show_token(t, CELL_WIDTH) for t in row] for row in tokens]
+    assert _axes_labels(layer_heatmap(grid)) == [label for row in want for label in row]  # was: blank cells
+    page = sweep_grid(grid)
+    assert [[cell["label"] for cell in row] for row in page["cells"]] == want
+    assert page["cells"][0][0]["tip"][1].startswith(show_token(grid.cell(0, 0, 1).top[0].token) + "  ")
+
+    same = sweep(["Here is a word: dog", "one two"], tiny_llama, source_layers=[1, 2], target_layers="same",
+                 max_new_tokens=0, progress=False)
+    assert _axes_labels(layer_heatmap(same)) == [show_token(row[0], CELL_WIDTH) for per in same.tokens()
+                                                 for row in per]
+    results = [grid.cell(0, l, 1) for l in (0, 1, 2)]
+    assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_token(r.token, 40) for r in results]
+
+
+def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
+    scope = JacobianScope(variant="semantic", model="tiny")
+    attribution = Attribution(text="a \n  Paris", scope=scope, tokens=("a", " ", "\n", "  ", " Paris"),
+                              positions=(1, 2, 3, 4, 5), scores=(0.1, 0.9, 0.5, 0.3, 0.2), target_position=5,
+                              prediction=" ", prediction_id=7, prediction_prob=0.5, target_token=" ", target_id=7)
+    page = attribution.to_html(tmp_path / "a.html")
+    spans = [html.unescape(s) for s in re.findall(r'<span class="(?:tok|pred)"[^>]*>([^<]*)</span>', page)]
+    assert spans == ["'a'", "' '", "'\\n'", "'  '", "' Paris'", "' '"]  # was: blanks and a line break
+    assert "prediction &#x27; &#x27;" in page
+    figure = attribution.plot(tmp_path / "a.png")
+    assert _axes_labels(figure) == [show_token(t) for t in (*attribution.tokens, attribution.prediction)]
+
+
+def test_the_explorers_token_chips_are_labelled_by_show_token():
+    explorer = Explorer(tiny_model("llama", seed=2))
+    tokens = explorer.tokens("one  two\nthree ")["tokens"]
+    assert [t["label"] for t in tokens] == [show_token(t["text"]) for t in tokens]  # the page draws `label`
+    assert any(t["text"].strip() != t["text"] for t in tokens)
+    script = (REPO / "pyvene_patchscopes" / "explore" / "static" / "explore.js").read_text()
+    assert "chip.textContent = token.label" in script and "textContent = token.text" not in script

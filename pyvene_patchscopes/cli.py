@@ -18,6 +18,8 @@ from .result import show_token
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
+CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool that a closed pipe ended
+ERROR_STATUS = 2
 DEMO_PROMPT = "Amazon's former CEO attended Oscars"
 DEMO_POSITION = "CEO"
 
@@ -123,27 +125,61 @@ def _check_model_options(args: argparse.Namespace) -> None:
         check_device_map(args.device_map)
 
 
+class ClosedPipe(BaseException):
+    """Standard output or error is a pipe whose reader has gone (`| head`). A BaseException, as KeyboardInterrupt
+    is, so that no ``except OSError`` or ``except Exception`` on the way (a model loader under its progress bar, a
+    dataset reader) takes it for a failure of its own; `main` ends quietly on it."""
+
+
+class _Stream:
+    """A standard stream, as `main` hands it to the command: a write to a closed pipe raises `ClosedPipe`."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise ClosedPipe from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise ClosedPipe from None
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer: the stream's own
+        return getattr(self._stream, name)
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
+    """Print the command's output: `table` for people, or with --json one object (`schema`, `command`, ...).
+
+    A closed pipe raises `ClosedPipe` (see `main`); any other failure to write (a full disk) is the one-line error.
+    """
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
         return
     text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, **payload}), indent=2, allow_nan=False) \
         if args.json else table
     try:
         print(text, flush=True)
-    except OSError as err:  # a full disk, a closed pipe: say so once, and let nothing flush again at exit
-        _silence_stdout()
+    except OSError as err:  # say so once, and let nothing flush again at exit
+        _silence(sys.stdout)
         raise PatchscopeError(f"cannot write the output to standard output ({err.strerror or type(err).__name__})") \
             from None
 
 
-def _silence_stdout() -> None:
-    """Point standard output at /dev/null, so the interpreter's final flush cannot fail a second time."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
-    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
-        pass
+def _silence(*streams: Any) -> None:
+    """Point each stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
+    "Exception ignored" and turn the exit status into 120)."""
+    for stream in streams:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
+            pass
 
 
 def _cell(text: str | None, width: int = 32) -> str:
@@ -650,6 +686,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line: exit status 0, 2 with the error on standard error, or 141, quietly, when a reader
+    closed the pipe of standard output or error early (the output, a progress bar or the error met it).
+
+    SIGPIPE keeps Python's handling (ignored: a write fails instead), so sockets are left alone; the standard
+    streams are wrapped for the command's duration so that such a failure reaches this function as `ClosedPipe`.
+    """
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (None if stream is None else _Stream(stream) for stream in streams)
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except ClosedPipe:  # `| head` stopped reading: end quietly, as Unix tools do
+        _silence(*streams)
+        return CLOSED_PIPE_STATUS
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
@@ -660,8 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PatchscopeError as err:
         message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
     # printed once the traceback is gone (with the frames it held, progress bars have closed): the last line
-    print(f"patchscopes: error: {message}", file=sys.stderr)
-    return 2
+    print(f"patchscopes: error: {message}", file=sys.stderr, flush=True)
+    return ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -6,16 +6,19 @@ Issue 36, finding 7. The pipes are real: the CLI runs in a subprocess whose read
 """
 from __future__ import annotations
 
+import fcntl
 import html
 import importlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
-from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, main
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
@@ -25,9 +28,46 @@ from pyvene_patchscopes.result import show_token
 from tiny import tiny_loader, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "pyvene_patchscopes.cli"]
+PAGE = 4096  # the smallest pipe Linux makes (F_SETPIPE_SZ rounds up to a page)
 # what the fake tokenizer decodes every id to: the whitespace tokens that printed as blanks, and two that printed
 # as the same word ("Paris" in one table, "' Paris'" in another)
 DECODED = (" ", "\n", " Paris", "Paris", "  ")
+
+
+# ---- a closed pipe ---------------------------------------------------------------------------------------------
+def _closed_early(argv: list[str], read: int, stderr_too: bool = False) -> subprocess.CompletedProcess:
+    """Run the CLI with its standard output (and, with `stderr_too`, its standard error) into a one-page pipe;
+    read `read` bytes, close the reading end, and wait: what ``| head -c READ`` does, without head's race."""
+    proc = subprocess.Popen(CLI + argv, bufsize=0, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, cwd=REPO)
+    fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PAGE)
+    head = b""
+    while len(head) < read:  # unbuffered: read no more than head would
+        head += proc.stdout.read(read - len(head)) or b""
+    proc.stdout.close()
+    error = b"" if stderr_too else proc.stderr.read()
+    proc.wait(timeout=300)
+    return subprocess.CompletedProcess(argv, proc.returncode, head, error)
+
+
+def test_list_json_into_head_c_600_ends_quietly_with_141(capsys):
+    assert main(["list", "--json"]) == 0
+    assert len(capsys.readouterr().out.encode()) > PAGE + 600  # so the CLI is still writing when head closes
+    done = _closed_early(["list", "--json"], read=600)
+    assert len(done.stdout) == 600 and done.stdout.startswith(b'{\n  "schema": 1')
+    assert done.returncode == CLOSED_PIPE_STATUS == 128 + 13, done.stderr  # was 2, with the message below
+    assert done.stderr == b"", done.stderr  # was: "patchscopes: error: cannot write ... (Broken pipe)"
+
+
+@pytest.mark.real_model
+def test_a_closed_pipe_under_progress_bars_ends_quietly_with_141():
+    argv = ["inspect", "--source-prompt", "The capital of France is", "--preset", "logit-lens", "--layers", "20,21"]
+    done = _closed_early(argv, read=0)  # standard output closed, standard error read: the bars, no error
+    assert done.returncode == CLOSED_PIPE_STATUS, done.stderr.decode()
+    assert b"patchscopes:" in done.stderr and b"error" not in done.stderr and b"Traceback" not in done.stderr
+    done = _closed_early(argv, read=0, stderr_too=True)  # `2>&1 | head`: the first progress bar meets the pipe
+    assert done.returncode == CLOSED_PIPE_STATUS  # was 1: a BrokenPipeError traceback from tqdm
 
 
 # ---- tokens, one way -------------------------------------------------------------------------------------------

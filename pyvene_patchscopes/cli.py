@@ -31,6 +31,10 @@ _LAYER_PART = re.compile(r"^\s*(-?[0-9]{1,6})\s*(?:-\s*(-?[0-9]{1,6})\s*(?::\s*(
 class UsageError(PatchscopeError):
     """A command line that argparse could not read (unknown flag, missing value, bad number)."""
 
+    def __init__(self, message: str, command: str | None = None):
+        super().__init__(message)
+        self.command = command  # the subcommand whose parser refused it; None for the top level
+
 
 def parse_layers(text: str | None, n_layers: int, flag: str = "--layers") -> list[int]:
     """'all', '5', '0-29', '0,3,6' or '0-12:3' (every 3rd) -> layer indices, each checked against n_layers.
@@ -160,8 +164,8 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None
     """
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
         return
-    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, **payload}), indent=2, allow_nan=False) \
-        if args.json else table
+    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, "command": args.command, **payload}), indent=2,
+                      allow_nan=False) if args.json else table
     try:
         print(text, flush=True)
     except OSError as err:  # say so once, and let nothing flush again at exit
@@ -570,7 +574,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are the library's own (one line, exit code 2, no SystemExit)."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see: {self.prog} --help)")
+        raise UsageError(f"{message} (see: {self.prog} --help)", command=self.prog.partition(" ")[2] or None)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's own, but an unrecognized argument is refused naming the command it was given to."""
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(known, "command", None)
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see: "
+                             f"{' '.join(filter(None, (self.prog, command)))} --help)", command=command)
+        return known
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -685,6 +698,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def json_requested(argv: Sequence[str]) -> bool:
+    """Whether --json, or a prefix of it that argparse accepts (--js), is on the command line before a lone --."""
+    words = list(argv)
+    words = words[:words.index("--")] if "--" in words else words
+    return any(len(word) > 2 and "--json".startswith(word) for word in words)
+
+
+def error_line(err: PatchscopeError, command: str | None, as_json: bool) -> str:
+    """What `main` prints on standard error for `err`: one line, `patchscopes: error: ...`, or with --json one
+    JSON object ``{"schema", "command", "error": {"type", "message", "exit_status"}}``."""
+    if as_json:
+        error = {"type": type(err).__name__, "message": str(err), "exit_status": ERROR_STATUS}
+        return json.dumps({"schema": JSON_SCHEMA_VERSION, "command": command, "error": error})
+    return "patchscopes: error: " + str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may break lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command line: exit status 0, 2 with the error on standard error, or 141, quietly, when a reader
     closed the pipe of standard output or error early (the output, a progress bar or the error met it).
@@ -704,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         with warnings.catch_warnings():
@@ -712,9 +742,10 @@ def _run(argv: list[str]) -> int:
             args.func(args)
         return 0
     except PatchscopeError as err:
-        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
+        line = error_line(err, getattr(err, "command", None) if args is None else args.command,
+                          json_requested(argv) if args is None else args.json)
     # printed once the traceback is gone (with the frames it held, progress bars have closed): the last line
-    print(f"patchscopes: error: {message}", file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
     return ERROR_STATUS
 
 

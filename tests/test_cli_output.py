@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
-from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, main
+from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, main
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
@@ -68,6 +68,70 @@ def test_a_closed_pipe_under_progress_bars_ends_quietly_with_141():
     assert b"patchscopes:" in done.stderr and b"error" not in done.stderr and b"Traceback" not in done.stderr
     done = _closed_early(argv, read=0, stderr_too=True)  # `2>&1 | head`: the first progress bar meets the pipe
     assert done.returncode == CLOSED_PIPE_STATUS  # was 1: a BrokenPipeError traceback from tqdm
+
+
+def test_a_full_standard_output_stays_the_one_line_error(tmp_path):
+    for flag, last in (([], "patchscopes: error: cannot write the output to standard output (No space left on "
+                            "device)"), (["--json"], None)):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(CLI + ["presets", *flag], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=120, cwd=tmp_path)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+        if last is not None:
+            assert done.stderr.strip() == last
+        else:
+            error = json.loads(done.stderr)["error"]
+            assert error["message"] == "cannot write the output to standard output (No space left on device)"
+
+
+# ---- errors under --json ---------------------------------------------------------------------------------------
+ERRORS = [  # argv, command, the error's type, a piece of its message
+    (["inspect", "--source-prompt", "x", "--no-such-flag", "--json"], "inspect", "UsageError",
+     "unrecognized arguments: --no-such-flag (see: patchscopes inspect --help)"),
+    (["list", "--bogus", "--js"], "list", "UsageError", "unrecognized arguments: --bogus"),
+    (["inspect", "--top", "0", "--json"], "inspect", "UsageError", "argument --top: '0' is not allowed"),
+    (["--json"], None, "UsageError", "the following arguments are required: command"),
+    (["no-such-command", "--json"], None, "UsageError", "invalid choice: 'no-such-command'"),
+    (["inspect", "--source-prompt", "x", "--preset", "telepathy", "--json"], "inspect", "UnknownNameError",
+     "preset='telepathy' is not known (allowed: token-identity"),
+    (["sweep", "--json"], "sweep", "SpecError", "give exactly one of --source-prompt and --prompts"),
+    (["inspect", "--source-prompt", "x", "--layers", "0-99", "--json"], "inspect", "SpecError",
+     "--layers='0-99': layer 99 is out of range (allowed: -4..3)"),
+    (["run", "./missing.json", "--json"], "run", "SpecError", "missing.json"),
+    (["eval", "all", "--json"], "eval", "PatchscopeError", "eval all needs --out DIR"),
+]
+
+
+@pytest.mark.parametrize("argv, command, kind, message", ERRORS, ids=[" ".join(e[0]) for e in ERRORS])
+def test_every_error_under_json_is_one_json_line_on_stderr(argv, command, kind, message, capsys, monkeypatch,
+                                                           tmp_path):
+    monkeypatch.setattr(models, "load_model", tiny_loader())
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.endswith("\n") and err.count("\n") == 1, err  # was: patchscopes: error: ...
+    line = json.loads(err)
+    assert line == {"schema": 1, "command": command, "error": {"type": kind, "message": line["error"]["message"],
+                                                                "exit_status": 2}}
+    assert message in line["error"]["message"]
+    plain = [word for word in argv if word not in ("--json", "--js")]
+    assert main(plain) == 2
+    assert capsys.readouterr().err == f"patchscopes: error: {line['error']['message']}\n"  # the same, for people
+
+
+def test_json_is_asked_for_anywhere_before_a_lone_double_dash():
+    assert json_requested(["inspect", "--json"]) and json_requested(["--json", "inspect"])
+    assert json_requested(["list", "--js"]) and not json_requested(["list", "--"])
+    assert not json_requested(["jacobian", "--", "--json"]) and not json_requested(["run", "--source-prompt=--json"])
+
+
+def test_the_readmes_json_error_is_what_the_cli_prints(capsys):
+    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    shown = re.search(r'`(\{"schema": 1, "command": "inspect", "error": .*?\}\})`', readme).group(1)
+    assert main(["inspect", "--source-prompt", "x", "--preset", "telepathy", "--json"]) == 2
+    printed = capsys.readouterr().err.strip()
+    assert re.sub(r"\(allowed: [^)]*\)", "(allowed: ...)", printed) == shown
+    assert "patchscopes list --json | head -c 600" in readme and "status 141" in readme
 
 
 # ---- tokens, one way -------------------------------------------------------------------------------------------

@@ -15,9 +15,12 @@ from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
 from .files import is_file
 from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
 from .plugins import PLUGIN_GROUP, import_module, load_plugins
+from .result import show_token
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
+CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool that a closed pipe ended
+ERROR_STATUS = 2
 DEMO_PROMPT = "Amazon's former CEO attended Oscars"
 DEMO_POSITION = "CEO"
 
@@ -28,6 +31,10 @@ _LAYER_PART = re.compile(r"^\s*(-?[0-9]{1,6})\s*(?:-\s*(-?[0-9]{1,6})\s*(?::\s*(
 
 class UsageError(PatchscopeError):
     """A command line that argparse could not read (unknown flag, missing value, bad number)."""
+
+    def __init__(self, message: str, command: str | None = None):
+        super().__init__(message)
+        self.command = command  # the subcommand whose parser refused it; None for the top level
 
 
 def parse_layers(text: str | None, n_layers: int, flag: str = "--layers") -> list[int]:
@@ -123,27 +130,61 @@ def _check_model_options(args: argparse.Namespace) -> None:
         check_device_map(args.device_map)
 
 
+class ClosedPipe(BaseException):
+    """Standard output or error is a pipe whose reader has gone (`| head`). A BaseException, as KeyboardInterrupt
+    is, so that no ``except OSError`` or ``except Exception`` on the way (a model loader under its progress bar, a
+    dataset reader) takes it for a failure of its own; `main` ends quietly on it."""
+
+
+class _Stream:
+    """A standard stream, as `main` hands it to the command: a write to a closed pipe raises `ClosedPipe`."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise ClosedPipe from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise ClosedPipe from None
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer: the stream's own
+        return getattr(self._stream, name)
+
+
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
+    """Print the command's output: `table` for people, or with --json one object (`schema`, `command`, ...).
+
+    A closed pipe raises `ClosedPipe` (see `main`); any other failure to write (a full disk) is the one-line error.
+    """
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
         return
-    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, **payload}), indent=2, allow_nan=False) \
-        if args.json else table
+    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, "command": args.command, **payload}), indent=2,
+                      allow_nan=False) if args.json else table
     try:
         print(text, flush=True)
-    except OSError as err:  # a full disk, a closed pipe: say so once, and let nothing flush again at exit
-        _silence_stdout()
+    except OSError as err:  # say so once, and let nothing flush again at exit
+        _silence(sys.stdout)
         raise PatchscopeError(f"cannot write the output to standard output ({err.strerror or type(err).__name__})") \
             from None
 
 
-def _silence_stdout() -> None:
-    """Point standard output at /dev/null, so the interpreter's final flush cannot fail a second time."""
-    try:
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, sys.stdout.fileno())
-        os.close(null)
-    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
-        pass
+def _silence(*streams: Any) -> None:
+    """Point each stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
+    "Exception ignored" and turn the exit status into 120)."""
+    for stream in streams:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
+            pass
 
 
 def _cell(text: str | None, width: int = 32) -> str:
@@ -158,7 +199,7 @@ NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
     for row in rows:
-        token = _cell(repr(row["token"]), 13) + ("" if row.get("informative", True) else "*")
+        token = show_token(row["token"], 13) + ("" if row.get("informative", True) else "*")
         lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} "
                      f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
     if not all(row.get("informative", True) for row in rows):
@@ -243,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     result = run(scope, models, top=args.top)[0]
     lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
              f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
-    lines += [f"  {t.token!r:<16} {t.prob:.4f}" for t in result.top]
+    lines += [f"  {show_token(t.token):<16} {t.prob:.4f}" for t in result.top]
     if result.generation is not None:
         lines.append(f"generation: {result.generation!r}")
     _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
@@ -326,7 +367,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         result.to_html(html)
     records = result.to_records()
     frame = result.to_pandas()
-    frame["token"] = [t if ok else f"{t!r}*" for t, ok in zip(frame["token"], frame["informative"])]
+    frame["token"] = [show_token(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
     table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
@@ -375,7 +416,7 @@ def attribution_table(attribution) -> str:
     lines = [f"{'pos':>4}  {'token':<16} {'score':>11}", "-" * 52]
     for position, token, score, weight in zip(attribution.positions, attribution.tokens, attribution.scores,
                                               attribution.normalised()):
-        lines.append(f"{position:>4}  {_cell(repr(token), 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
+        lines.append(f"{position:>4}  {show_token(token, 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
     return "\n".join(lines)
 
 
@@ -408,9 +449,9 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
         attribution.plot(png)
         attribution.to_html(html)
         files = {"png": str(png), "html": str(html)}
-    header = (f"{spec.label} scope on {handle.name}: prediction {attribution.prediction!r} "
+    header = (f"{spec.label} scope on {handle.name}: prediction {show_token(attribution.prediction)} "
               f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
-              + "top: " + ", ".join(f"{t!r} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
+              + "top: " + ", ".join(f"{show_token(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
     note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
     _emit(args, {"command": "jacobian", "model": handle.name, **attribution.to_dict(), "files": files},
           header + attribution_table(attribution) + note)
@@ -542,7 +583,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are the library's own (one line, exit code 2, no SystemExit)."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{message} (see: {self.prog} --help)")
+        raise UsageError(f"{message} (see: {self.prog} --help)", command=self.prog.partition(" ")[2] or None)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """argparse's own, but an unrecognized argument is refused naming the command it was given to."""
+        known, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(known, "command", None)
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see: "
+                             f"{' '.join(filter(None, (self.prog, command)))} --help)", command=command)
+        return known
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -671,7 +721,42 @@ def import_plugins(args: argparse.Namespace) -> None:
         import_module(module, "--import")
 
 
+def json_requested(argv: Sequence[str]) -> bool:
+    """Whether --json, or a prefix of it that argparse accepts (--js), is on the command line before a lone --."""
+    words = list(argv)
+    words = words[:words.index("--")] if "--" in words else words
+    return any(len(word) > 2 and "--json".startswith(word) for word in words)
+
+
+def error_line(err: PatchscopeError, command: str | None, as_json: bool) -> str:
+    """What `main` prints on standard error for `err`: one line, `patchscopes: error: ...`, or with --json one
+    JSON object ``{"schema", "command", "error": {"type", "message", "exit_status"}}``."""
+    if as_json:
+        error = {"type": type(err).__name__, "message": str(err), "exit_status": ERROR_STATUS}
+        return json.dumps({"schema": JSON_SCHEMA_VERSION, "command": command, "error": error})
+    return "patchscopes: error: " + str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may break lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line: exit status 0, 2 with the error on standard error, or 141, quietly, when a reader
+    closed the pipe of standard output or error early (the output, a progress bar or the error met it).
+
+    SIGPIPE keeps Python's handling (ignored: a write fails instead), so sockets are left alone; the standard
+    streams are wrapped for the command's duration so that such a failure reaches this function as `ClosedPipe`.
+    """
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (None if stream is None else _Stream(stream) for stream in streams)
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except ClosedPipe:  # `| head` stopped reading: end quietly, as Unix tools do
+        _silence(*streams)
+        return CLOSED_PIPE_STATUS
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(argv: list[str]) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         import_plugins(args)
@@ -681,10 +766,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args)
         return 0
     except PatchscopeError as err:
-        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
+        line = error_line(err, getattr(err, "command", None) if args is None else args.command,
+                          json_requested(argv) if args is None else args.json)
     # printed once the traceback is gone (with the frames it held, progress bars have closed): the last line
-    print(f"patchscopes: error: {message}", file=sys.stderr)
-    return 2
+    print(line, file=sys.stderr, flush=True)
+    return ERROR_STATUS
 
 
 if __name__ == "__main__":

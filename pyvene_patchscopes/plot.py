@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .result import show_token
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -28,10 +30,12 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(nrows, ncols, **options)
 
 
-def _label(token: str, width: int = 6) -> str:
-    """A cell's text: control characters escaped (no font draws them), blank tokens shown by their repr."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in token).strip() or repr(token)[1:-1]
-    return text[:width]
+CELL_WIDTH = 8  # characters of a heatmap cell's token, quotes included (`show_token`)
+
+
+def _label(text: str, width: int) -> str:
+    """A prompt as an axis label: control characters escaped (no font draws them), the surrounding spaces dropped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).strip()[:width]
 
 
 def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None) -> "Figure":
@@ -50,7 +54,7 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
-            ax.text(j, i, _label(cell.token), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(j, i, show_token(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -90,7 +94,7 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
     for p in range(len(result.prompts)):
         for i in range(len(layers)):
             colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
-            ax.text(i, p, _label(tokens[p][i][0]), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(i, p, show_token(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)

@@ -23,6 +23,16 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+def show_token(token: str, width: int | None = None) -> str:
+    """A token as every table, figure and page shows it: quoted as Python's ``repr`` quotes it, so whitespace
+    and control characters are visible and no two tokens look alike (``' Paris'``, ``'\\n'``, ``' '``).
+
+    Cut to `width` characters (at least 2), ending in "…", where a cell is narrower. JSON keeps the raw text.
+    """
+    text = repr(token)
+    return text if width is None or len(text) <= width else text[:max(width, 2) - 1] + "…"
+
+
 def top_k_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and ids of the k most likely next tokens, for one row or a batch of rows."""
     probs = torch.softmax(logits.float(), dim=-1)

@@ -7,6 +7,7 @@ paper's Figure 1. Screenshots of every page state go to $PATCHSCOPES_SCREENSHOTS
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import http.server
 import json
@@ -35,6 +36,7 @@ from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
+from pyvene_patchscopes.result import show_token
 from test_explore_hostile import strict_content_type_off
 from tiny import tiny_model
 
@@ -47,15 +49,17 @@ JOB_TIMEOUT = 120
 
 
 # ---- what a page shows, and what run gives --------------------------------------------------------------
-def shown(token: str) -> str:
-    """A token as a page writes it: control characters escaped, the spaces around it dropped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in token).strip()
-
-
 def assert_shows(text: str, token: str, where: str) -> None:
-    """`text` on the page is `token` (or its start, where a narrow cell cuts it after 6 characters or more)."""
-    want, text = shown(token), text.strip()
-    assert want.startswith(text) and len(text) >= min(len(want), 6), f"{where} shows {text!r}; run gives {token!r}"
+    """`text` on the page is `token` as `show_token` writes it (or its start and "…", where a narrow cell cuts
+    it after 6 characters or more)."""
+    want, text = show_token(token), text.strip()
+    cut = text.endswith("…") and want.startswith(text[:-1]) and len(text) >= 6
+    assert text == want or cut, f"{where} shows {text!r}; run gives {token!r}"
+
+
+def word_of(chip) -> str:
+    """The token a chip shows (quoted, as `show_token` writes it), without the spaces around it."""
+    return ast.literal_eval(chip.get_attribute("textContent")).strip()
 
 
 def flat(text: str) -> str:
@@ -65,7 +69,7 @@ def flat(text: str) -> str:
 def assert_tip(tip: str, result: PatchscopeResult, where: str, generation: bool = True) -> None:
     """The tooltip lists the top-5 as the export writes them (`'token'  0.123`), then the generation."""
     for entry in result.top[:TOP]:
-        line = f"{entry.token!r}  {entry.prob:.3f}"
+        line = f"{show_token(entry.token)}  {entry.prob:.3f}"
         assert flat(line) in flat(tip), f"{where}: tooltip lacks {line!r}:\n{tip}"
     if generation and result.generation:
         start = f"generated: {result.generation!r}"[:60]
@@ -142,7 +146,7 @@ def tokenize(driver, prompt: str) -> list:
 
 def chip(driver, text: str, css: str = "#tokens .chip[data-index]"):
     chips = driver.find_elements("css selector", css)
-    found = [c for c in chips if c.text.strip() == text]
+    found = [c for c in chips if word_of(c) == text]
     assert found, f"no chip {text!r} among {[c.text for c in chips]}"
     return found[0]
 
@@ -296,7 +300,7 @@ def test_the_explorer_reads_a_clicked_token_at_every_layer_as_run_does(driver, t
 
     chips = tokenize(driver, PROMPT)
     ids = tiny.tokenizer(PROMPT)["input_ids"]
-    assert [c.get_attribute("textContent") for c in chips] == [tiny.tokenizer.decode([i]) for i in ids]
+    assert [c.get_attribute("textContent") for c in chips] == [show_token(tiny.tokenizer.decode([i])) for i in ids]
     picked = chip(driver, TINY_TOKEN)
     position = int(picked.get_attribute("data-index"))
     picked.click()
@@ -345,7 +349,7 @@ def test_a_jacobian_chip_selects_its_token_and_the_table_and_heatmap_follow(driv
     assert [int(c.get_attribute("data-index")) for c in jchips] == list(attribution.positions)
     chip(driver, TINY_TOKEN).click()
     settled(driver, tiny.n_layers)
-    other = next(c for c in jchips if c.text.strip() == "Os")
+    other = next(c for c in jchips if word_of(c) == "Os")
     position = int(other.get_attribute("data-index"))
     before = cell(driver, 0, 0)
     other.click()
@@ -447,7 +451,7 @@ def test_long_work_shows_progress_and_cancel_stops_it(driver):
         assert not driver.find_element("id", "cancel").is_enabled()
         # the queue lives on: a new prompt's tokens and Jacobian chips come back
         tokenize(driver, "The capital of France is Paris")
-        wait_until(lambda: any(c.text.strip() == "Paris" for c in
+        wait_until(lambda: any(word_of(c) == "Paris" for c in
                                driver.find_elements("css selector", "#jacobian .jchip")), 60, "Jacobian chips again")
 
 
@@ -663,10 +667,10 @@ def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_
     position = int(picked.get_attribute("data-index"))
     picked.click()
     wait_until(lambda: len(table_rows(driver)) == smollm2.n_layers, 300, "SmolLM2's table")
-    assert top1_by_layer(driver)[3].strip() == "CEO"
+    assert top1_by_layer(driver)[3].strip() == "' CEO'"
     screenshot(driver, "explorer-smollm2-table")
     settled(driver, smollm2.n_layers, timeout=600)
-    assert cell(driver, 3, 3).text.strip() == "CEO"
+    assert cell(driver, 3, 3).text.strip() == "' CEO'"
     tip = tooltip_for(driver, cell(driver, 3, 3))
     assert "' CEO'" in tip
     screenshot(driver, "explorer-smollm2-heatmap-tooltip")

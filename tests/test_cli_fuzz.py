@@ -4,14 +4,16 @@ Each list picks a command, then flags with values drawn from plausible ones and 
 surrogates, bad layer ranges, huge numbers, paths out of the tree, missing or non-UTF-8 files, folders that
 cannot be made, unknown devices and models), and output paths that must be refused before any work (devices,
 read-only and pseudo-file-system folders, a suffix no figure format has, an input file reused as an output).
-`main` must return 0, or 2 with the library's one-line error;
-any exception that escapes it fails the test. Models are tiny random Llamas behind the CLI's own checks of the
+`main` must return 0, or 2 with the library's one-line error: `patchscopes: error: ...`, or with --json on the
+command line one JSON object (schema, command, error type, message, exit status); any exception that escapes it
+fails the test. Models are tiny random Llamas behind the CLI's own checks of the
 model name, device and dtype; evaluations are stubbed after the CLI has checked their options.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvene_patchscopes import Patchscope, Source, Target, models
-from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.cli import json_requested, main
 from pyvene_patchscopes.evaluate.report import Report
 from tiny import tiny_loader
 
@@ -144,6 +146,7 @@ def test_generated_argument_lists_end_in_0_or_the_librarys_one_line_error(monkey
     monkeypatch.chdir(root)
     seen: list[list[str]] = []
     codes = {0: 0, 2: 0}
+    json_errors = []
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -161,8 +164,18 @@ def test_generated_argument_lists_end_in_0_or_the_librarys_one_line_error(monkey
         codes[code] += 1
         text = err.getvalue()
         assert "Traceback" not in text, (argv, text[-1000:])
-        if code == 2:
-            assert text.rstrip("\n").split("\n")[-1].startswith("patchscopes: error: "), (argv, text[-500:])
+        if code != 2:
+            return
+        last = text.rstrip("\n").split("\n")[-1]
+        if not json_requested(argv):
+            assert last.startswith("patchscopes: error: "), (argv, text[-500:])
+            return
+        error = json.loads(last)  # every error under --json is one line of JSON
+        assert set(error) == {"schema", "command", "error"} and error["schema"] == 1, (argv, last)
+        assert error["command"] == (None if argv[0] == "no-such-command" else argv[0]), (argv, last)
+        assert set(error["error"]) == {"type", "message", "exit_status"} and error["error"]["exit_status"] == 2
+        assert error["error"]["message"] and error["error"]["type"].endswith("Error"), (argv, last)
+        json_errors.append(argv)
 
     one()
     assert not [p for p in ("/dev/full.png", "/dev/full.html", "/dev/null.png", "/dev/null.html") if Path(p).exists()]
@@ -170,3 +183,4 @@ def test_generated_argument_lists_end_in_0_or_the_librarys_one_line_error(monkey
     assert Patchscope.load_json(root / "spec.json").source.prompt == "The city of Paris is large"
     assert len(seen) >= 300
     assert codes[0] >= 30 and codes[2] >= 100, codes  # both valid runs and refusals were exercised
+    assert len(json_errors) >= 40, len(json_errors)

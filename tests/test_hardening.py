@@ -217,8 +217,9 @@ def test_f10_a_full_standard_output_is_the_one_line_error(tmp_path):
         done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"], stdout=full,
                               stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2, done.stderr
-    assert lines == ["patchscopes: error: cannot write the output to standard output (No space left on device)"]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr  # under --json, the line is JSON (issue 36)
+    assert json.loads(lines[0])["error"]["message"] == ("cannot write the output to standard output (No space left "
+                                                        "on device)")
 
 
 def test_f10_explore_on_a_port_in_use_fails_before_loading_or_printing(capsys, loads):

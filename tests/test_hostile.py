@@ -44,10 +44,13 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def cli_error(capsys, *argv) -> str:
-    """Run the CLI expecting the library's one-line error; return it."""
+    """Run the CLI expecting the library's one-line error (under --json, its message from the JSON line);
+    return it as `patchscopes: error: ...`."""
     code, _, err = cli(capsys, *argv)
     assert code == 2, err
     last = err.rstrip("\n").split("\n")[-1]  # progress bars may come first
+    if "--json" in map(str, argv):
+        last = "patchscopes: error: " + json.loads(last)["error"]["message"]
     assert last.startswith("patchscopes: error: ") and "Traceback" not in err, err
     return last
 

@@ -5,6 +5,8 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..result import show_token
+
 if TYPE_CHECKING:
     from .result import Attribution
 
@@ -13,23 +15,23 @@ SHADE = (214, 39, 40)  # matplotlib's tab:red, shared by both views
 
 def _caption(attribution: "Attribution") -> str:
     scope = attribution.scope
-    caption = (f"{scope.label} scope on {scope.model}: prediction {attribution.prediction!r} "
+    caption = (f"{scope.label} scope on {scope.model}: prediction {show_token(attribution.prediction)} "
                f"(p = {attribution.prediction_prob:.3f}) at position {attribution.target_position}")
     if scope.variant in ("semantic", "gradient-x-input") and attribution.target_id != attribution.prediction_id:
-        caption += f", target token {attribution.target_token!r}"
+        caption += f", target token {show_token(attribution.target_token)}"
     return caption
 
 
 def attribution_fragment(attribution: "Attribution") -> str:
-    """The shaded text as one <div> (what Jupyter shows)."""
+    """The shaded tokens as one <div> (what Jupyter shows), each as `show_token` writes it."""
     spans = []
     for index, (token, score, weight) in enumerate(zip(attribution.tokens, attribution.scores,
                                                       attribution.normalised())):
         colour = f"rgba({SHADE[0]},{SHADE[1]},{SHADE[2]},{weight:.3f})"
         spans.append(f'<span class="tok" data-position="{attribution.positions[index]}" '
-                     f'data-score="{score:.6g}" title="{html.escape(repr(token))}: {score:.4g}" '
-                     f'style="background:{colour}">{html.escape(token)}</span>')
-    prediction = (f'<span class="pred" title="prediction">{html.escape(attribution.prediction)}</span>')
+                     f'data-score="{score:.6g}" title="position {attribution.positions[index]}: {score:.4g}" '
+                     f'style="background:{colour}">{html.escape(show_token(token))}</span>')
+    prediction = f'<span class="pred" title="prediction">{html.escape(show_token(attribution.prediction))}</span>'
     return (f'<div class="jacobian-scope"><p class="caption">{html.escape(_caption(attribution))}</p>'
             f'<p class="text">{"".join(spans)}{prediction}</p></div>')
 
@@ -38,7 +40,8 @@ def attribution_html(attribution: "Attribution") -> str:
     """A whole HTML page with inline CSS: no scripts, no external files."""
     style = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
              ".text{font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap}"
-             ".tok{border-radius:3px}.pred{border:1px dashed #555;border-radius:3px;padding:0 2px}"
+             ".tok,.pred{margin-right:0.5ch}.tok{border-radius:3px}"
+             ".pred{border:1px dashed #555;border-radius:3px;padding:0 2px}"
              ".caption{color:#333}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>Jacobian Scope: {html.escape(attribution.scope.label)}</title><style>{style}</style></head>"
@@ -46,7 +49,7 @@ def attribution_html(attribution: "Attribution") -> str:
 
 
 def _wrap(tokens: list[str], width: int) -> list[list[int]]:
-    """Token indices per line, breaking before a token that would pass `width` characters or at newlines."""
+    """Token indices per line, breaking before a token that would pass `width` characters."""
     lines: list[list[int]] = [[]]
     used = 0
     for index, token in enumerate(tokens):
@@ -54,10 +57,7 @@ def _wrap(tokens: list[str], width: int) -> list[list[int]]:
             lines.append([])
             used = 0
         lines[-1].append(index)
-        used += len(token)
-        if token.endswith("\n"):
-            lines.append([])
-            used = 0
+        used += len(token) + 1
     return [line for line in lines if line]
 
 
@@ -67,7 +67,7 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
 
     from ..plot import subplots
 
-    shown = [t.replace("\n", "\\n") for t in attribution.tokens] + [attribution.prediction.replace("\n", "\\n")]
+    shown = [show_token(t) for t in (*attribution.tokens, attribution.prediction)]
     lines = _wrap(shown, width)
     char_w, line_h = 0.0105, 1 / (len(lines) + 0.5)
     fig, ax = subplots(figsize=(12, 0.6 + 0.4 * len(lines)))

@@ -70,7 +70,7 @@ async function tokenize() {
     const chip = document.createElement("span");
     chip.className = "chip" + (token.special ? " special" : "");
     chip.dataset.index = token.index;
-    chip.textContent = token.text;
+    chip.textContent = token.label;
     chip.title = `position ${token.index}`;
     if (!token.special) chip.addEventListener("click", () => select(token.index));
     box.appendChild(chip);
@@ -82,14 +82,14 @@ function drawJacobian(result) {
   const box = $("jacobian"); box.replaceChildren();
   for (const token of result.tokens) {
     const chip = document.createElement("span");
-    chip.className = "jchip"; chip.dataset.index = token.index; chip.textContent = token.text;
+    chip.className = "jchip"; chip.dataset.index = token.index; chip.textContent = token.label;
     chip.style.background = `rgba(214, 39, 40, ${0.08 + 0.8 * token.shade})`;
     chip.title = `score ${token.score.toPrecision(3)}: click to read this token with Patchscopes`;
     chip.addEventListener("click", () => select(token.index));
     box.appendChild(chip);
   }
   const note = document.createElement("span");
-  note.className = "hint"; note.textContent = ` → predicts ${JSON.stringify(result.prediction)} (${result.variant})`;
+  note.className = "hint"; note.textContent = ` → predicts ${result.prediction_label} (${result.variant})`;
   box.appendChild(note);
 }
 

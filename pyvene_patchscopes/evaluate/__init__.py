@@ -91,6 +91,7 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
         report = module.run(load(source), load(target), options, folder)
     else:
         report = module.run(load(source), options, folder)
+    report.check_test_split()
     if folder is not None:
         write_pages(report, folder)
         report.write(folder)
@@ -128,6 +129,7 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
         folder = folder_name(report.task, report.model) if " -> " not in report.model else report.task
         lines += [f"## [{report.title}: {report.model}]({folder}/report.md)", "",
                   f"`{report.command}` ({report.seconds:.0f} s)", ""]
+        lines += [f"- **Warning:** {warning}" for warning in report.warnings]
         lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
                   for key, value in report.summary.items()]
         lines.append("")

@@ -147,6 +147,28 @@ def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
                                    atol=1e-4, rtol=0)
 
 
+def test_attribute_logit_lens_names_the_object_when_the_logit_lens_patchscopes_top_token_begins_it(tiny_llama):
+    """The attributes baseline is the paper's logit lens on the subject's state (T = S, f = I, l* = last), run
+    here through the engine; a fact counts when that top-1 token is the first token of its object or an alias."""
+    from pyvene_patchscopes.evaluate.attributes import first_tokens, logit_lens
+
+    tokenizer, last = tiny_llama.tokenizer, tiny_llama.n_layers - 1
+    checked = set()
+    for subject in ("Paris", "the river", "a cat", "Rome", "the mat", "Seine"):  # a random model's top token is
+        prompt = source_prompt({"subject_kind": "city", "subject": subject})  # often a byte: find whole words
+        for layer in (2, last):
+            engine = run(Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last)), tiny_llama)
+            first, second = engine[0].logits.topk(2).indices.tolist()
+            top, runner_up = (tokenizer.decode([t]).strip() for t in (first, second))
+            if layer in checked or not top.isalpha() or first not in first_tokens(tokenizer, {"object": top}):
+                continue
+            facts = [{"object": top}, {"object": runner_up}, {"object": runner_up, "aliases": [top]}, {"object": " "}]
+            state = read_states(tiny_llama, [prompt], [layer], batch_size=4)[layer]
+            assert logit_lens(tiny_llama, facts, {layer: state.expand(4, -1)}) == {layer: [True, False, True, False]}
+            checked.add(layer)
+    assert checked == {2, last}
+
+
 def test_sampled_prefixes_never_cut_at_the_sink_and_retokenise_the_same(tiny_llama):
     import random
 

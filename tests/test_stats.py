@@ -242,3 +242,14 @@ def test_every_task_with_a_dev_test_split_is_checked_by_run_task(task, monkeypat
         report = evaluate.run_task(task, lambda name: None, EvalOptions(), tmp_path / task)
     assert "**Warning:** the test split holds 3 samples" in (tmp_path / task / "report.md").read_text()
     assert json.loads((tmp_path / task / "report.json").read_text())["warnings"] == report.warnings
+
+
+def test_the_small_test_split_warning_reaches_stderr_in_a_plain_python_process():
+    code = ("import pyvene_patchscopes.evaluate as e, pyvene_patchscopes.evaluate.multihop as m\n"
+            "m.run = lambda *args: e.Report(task='multihop', title='t', model='smollm2-135m', command='c', "
+            "settings={}, summary={}, data={'split': {'dev': [0], 'test': [1], 'seed': 0}})\n"
+            "e.run_task('multihop', lambda name: None, e.EvalOptions())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "SmallSampleWarning: multihop on smollm2-135m: the test split holds 1 sample (dev 1), fewer than 10" \
+        in done.stderr

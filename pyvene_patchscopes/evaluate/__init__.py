@@ -47,32 +47,36 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def data_readers() -> list[str]:
+    """The tasks that read ``--data``, in `TASKS` order."""
+    return [task.name for task in TASKS.values() if task.data is not None]
+
+
 def data_fields(markdown: bool = False) -> str:
     """What ``--data`` holds for each task that reads one: the fields of its JSONL rows (from `data.FIELDS`).
 
     Plain text for ``patchscopes eval --help``; with `markdown`, the README's table.
     """
-    readers = [task for task in TASKS.values() if task.data is not None]
-    others = ", ".join(task.name for task in TASKS.values() if task.data is None)
+    others = [name for name in TASKS if name not in data_readers()]
     if markdown:
         lines = ["| task | field | what it is |", "|---|---|---|"]
-        for task in readers:
-            lines += [f"| {f'`{task.name}`' if k == 0 else ''} | `{f.name}`{'' if f.required else ' (optional)'} | "
-                      f"{f.meaning} |" for k, f in enumerate(FIELDS[task.data])]
-        others = ", ".join(f"`{name}`" for name in others.split(", "))
-        return "\n".join(lines) + f"\n\nThe other tasks ({others}) read no `--data`; giving one is refused.\n"
+        for name in data_readers():
+            lines += [f"| {f'`{name}`' if k == 0 else ''} | `{f.name}`{'' if f.required else ' (optional)'} | "
+                      f"{f.meaning} |" for k, f in enumerate(FIELDS[TASKS[name].data])]
+        listed = ", ".join(f"`{name}`" for name in others)
+        return "\n".join(lines) + f"\n\nThe other tasks ({listed}) read no `--data`; giving one is refused.\n"
     lines = ["--data FILE is your own JSONL, one JSON object per line; for each task, the fields of a row:"]
-    for task in readers:
-        lines.append(f"  {task.name}:")
-        lines += [f"    {f.name}{'' if f.required else ' (optional)'}: {f.meaning}" for f in FIELDS[task.data]]
-    return "\n".join([*lines, f"The other tasks ({others}) read no --data."])
+    for name in data_readers():
+        lines.append(f"  {name}:")
+        lines += [f"    {f.name}{'' if f.required else ' (optional)'}: {f.meaning}" for f in FIELDS[TASKS[name].data]]
+    return "\n".join([*lines, f"The other tasks ({', '.join(others)}) read no --data."])
 
 
 def check_data(task: Task, options: EvalOptions) -> None:
     """Refuse ``--data`` for a task that reads none (before any model loads)."""
     if options.data is not None and task.data is None:
-        readers = ", ".join(t.name for t in TASKS.values() if t.data is not None)
-        raise SpecError(f"--data={options.data!r} is not read by {task.name} (allowed: --data with {readers})")
+        raise SpecError(f"--data={options.data!r} is not read by {task.name} (allowed: --data with "
+                        f"{', '.join(data_readers())})")
 
 
 def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path | None = None,
@@ -109,7 +113,7 @@ def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str |
     ``out/TASK-gemma3-270m/``, and an index ``out/README.md`` with every headline number."""
     if options.data is not None:
         raise SpecError(f"--data={options.data!r} is not allowed with eval all (allowed: --data with one task: "
-                        f"{', '.join(t.name for t in TASKS.values() if t.data is not None)})")
+                        f"{', '.join(data_readers())})")
     start = time.perf_counter()
     runs = [(name, model) for name in TASKS]
     runs += [(name, SECOND_MODEL) for name in ON_BOTH_MODELS if model != SECOND_MODEL]
@@ -143,4 +147,4 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
 
 
 __all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task",
-           "data_fields"]
+           "data_fields", "data_readers"]

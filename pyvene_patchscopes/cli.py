@@ -665,8 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_jacobian)
 
+    from .evaluate import data_fields
+
     p = sub.add_parser("eval", help="the paper's experiments: next-token, future, attributes, entities, "
-                                    "cross-model, multihop, stages, or all")
+                                    "cross-model, multihop, stages, or all", epilog=data_fields(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("task", help="next-token | future | attributes | entities | cross-model | multihop | stages "
                                 "| jacobian | all")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots")
@@ -674,7 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "queries)")
     p.add_argument("--layers", default=None, help="source layers: all, 5, 0-29, 0,3,6, 0-29:3 (default: the task's)")
     p.add_argument("--target-layers", default=None, help="target layers, same forms (default: the task's)")
-    p.add_argument("--data", default=None, help="your own JSONL (facts, entities, multihop or texts fields; see README)")
+    p.add_argument("--data", default=None, help="your own JSONL instead of the task's shipped data (its fields: "
+                                                 "below)")
     p.add_argument("--n-train", type=positive_int, default=None, help="training texts for fitted maps")
     p.add_argument("--seed", type=int, default=0, help="seeds the samples, the dev/test split and the bootstrap")
     p.add_argument("--select-on", choices=("dev", "oracle"), default="dev",

@@ -8,7 +8,8 @@ Two settings:
 
 X and Y are read where the Patchscope reads and writes (see ``compat.hidden_state_site``): the source at
 layer l, the target at layer l* before the final norm unless both are the last layer of one model.
-Hidden states are gathered in batches, with a progress bar.
+Hidden states are gathered in batches, with a progress bar; on one model every layer (and the last layer both
+before and after its norm) comes from one forward pass per batch.
 """
 from __future__ import annotations
 
@@ -71,24 +72,38 @@ def gather_layers(handle: ModelHandle, texts: Sequence[str], layers: Sequence[in
                   batch_size: int = 8, progress: bool | None = None,
                   desc: str = "gather") -> dict[int, list[torch.Tensor]]:
     """`gather` for several layers from the same forward passes: {layer: [per-text states]}."""
+    last = handle.n_layers - 1
+    wanted = sorted({_layer("layer", layer, handle) for layer in layers})
+    sites = gather_sites(handle, texts, [(layer, after_final_norm and layer == last) for layer in wanted],
+                         batch_size, progress, desc)
+    return {layer: sites[(layer, after_final_norm and layer == last)] for layer in wanted}
+
+
+def gather_sites(handle: ModelHandle, texts: Sequence[str], sites: Sequence[tuple[int, bool]], batch_size: int = 8,
+                 progress: bool | None = None, desc: str = "gather") -> dict[tuple[int, bool], list[torch.Tensor]]:
+    """States at several (layer, after_final_norm) sites, all from one forward pass per batch.
+
+    A site's ``after_final_norm`` matters only for the last layer (HF's ``hidden_states[-1]`` is after the norm;
+    the block output before it is captured at the norm's input), so the last layer may be read both ways at once.
+    Returns {(layer, after_final_norm): [per-text states [n_tokens, d]]}, keyed as `sites` gives them.
+    """
     from .execution.batching import Batch, chunks
 
-    wanted = sorted({_layer("layer", layer, handle) for layer in layers})
     last = handle.n_layers - 1
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
+    keys = list(dict.fromkeys((_layer("layer", layer, handle), bool(after)) for layer, after in sites))
+    out: dict[tuple[int, bool], list[torch.Tensor]] = {key: [] for key in keys}
     batches = list(chunks(list(texts), batch_size))
     show = progress if progress is not None else len(batches) > 4
     with pyvene_guard(handle.model), torch.no_grad():
         for batch_texts in tqdm(batches, desc=desc, unit="batch", disable=not show):
             batch = Batch.encode(handle, batch_texts)
             captured: list[torch.Tensor] = []
-            capture = _pre_norm_capture(handle, captured) if last in out and not after_final_norm \
-                else contextlib.nullcontext()
+            capture = _pre_norm_capture(handle, captured) if (last, False) in out else contextlib.nullcontext()
             with capture:
                 result = handle.model(**batch.inputs, output_hidden_states=True, logits_to_keep=1)
-            for layer in wanted:
-                states = captured[0] if layer == last and captured else result.hidden_states[layer + 1]
-                out[layer].extend(states[row, pad:].float().cpu() for row, pad in enumerate(batch.pad))
+            for layer, after in keys:
+                states = captured[0] if (layer, after) == (last, False) else result.hidden_states[layer + 1]
+                out[(layer, after)].extend(states[row, pad:].float().cpu() for row, pad in enumerate(batch.pad))
     return out
 
 
@@ -141,14 +156,17 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
     """X (source states) and Y (target states) of the same tokens, read where a Patchscope reads and writes."""
     source_layer = _layer("source_layer", source_layer, source)
     target_layer = _layer("target_layer", target_layer, target)
-    source_last = source_layer == source.n_layers - 1
+    source_site = (source_layer, source_layer == source.n_layers - 1)
     same = source is target
-    skip_final_ln = same and source_last and target_layer == target.n_layers - 1
-    xs = gather(source, texts, source_layer, after_final_norm=source_last, batch_size=batch_size,
-                progress=progress, desc="gather source")
-    ys = xs if same and target_layer == source_layer else \
-        gather(target, texts, target_layer, after_final_norm=skip_final_ln, batch_size=batch_size,
-               progress=progress, desc="gather target")
+    # the target is read before the final norm unless l = l* = the last layer of one model (skip_final_ln)
+    target_site = (target_layer, same and source_site[1] and target_layer == target.n_layers - 1)
+    if same:  # one model: both sites from the same forward passes
+        states = gather_sites(source, texts, [source_site, target_site], batch_size, progress,
+                              desc="gather source and target")
+        xs, ys = states[source_site], states[target_site]
+    else:  # two models, two passes
+        xs = gather_sites(source, texts, [source_site], batch_size, progress, desc="gather source")[source_site]
+        ys = gather_sites(target, texts, [target_site], batch_size, progress, desc="gather target")[target_site]
     rows_x, rows_y = [], []
     for text, x, y in zip(texts, xs, ys):
         if same:  # the same tokens; skip the sink and the first text token
@@ -189,4 +207,4 @@ def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | Non
 
 
 __all__ = ["fit_affine", "fit_tuned_lens", "aligned_positions", "lstsq_affine", "paired_states", "gather", "gather_layers",
-           "default_texts"]
+           "gather_sites", "default_texts"]

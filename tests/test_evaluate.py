@@ -147,6 +147,28 @@ def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
                                    atol=1e-4, rtol=0)
 
 
+def test_attribute_logit_lens_names_the_object_when_the_logit_lens_patchscopes_top_token_begins_it(tiny_llama):
+    """The attributes baseline is the paper's logit lens on the subject's state (T = S, f = I, l* = last), run
+    here through the engine; a fact counts when that top-1 token is the first token of its object or an alias."""
+    from pyvene_patchscopes.evaluate.attributes import first_tokens, logit_lens
+
+    tokenizer, last = tiny_llama.tokenizer, tiny_llama.n_layers - 1
+    checked = set()
+    for subject in ("Paris", "the river", "a cat", "Rome", "the mat", "Seine"):  # a random model's top token is
+        prompt = source_prompt({"subject_kind": "city", "subject": subject})  # often a byte: find whole words
+        for layer in (2, last):
+            engine = run(Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last)), tiny_llama)
+            first, second = engine[0].logits.topk(2).indices.tolist()
+            top, runner_up = (tokenizer.decode([t]).strip() for t in (first, second))
+            if layer in checked or not top.isalpha() or first not in first_tokens(tokenizer, {"object": top}):
+                continue
+            facts = [{"object": top}, {"object": runner_up}, {"object": runner_up, "aliases": [top]}, {"object": " "}]
+            state = read_states(tiny_llama, [prompt], [layer], batch_size=4)[layer]
+            assert logit_lens(tiny_llama, facts, {layer: state.expand(4, -1)}) == {layer: [True, False, True, False]}
+            checked.add(layer)
+    assert checked == {2, last}
+
+
 def test_sampled_prefixes_never_cut_at_the_sink_and_retokenise_the_same(tiny_llama):
     import random
 
@@ -230,3 +252,54 @@ def test_eval_all_runs_attributes_and_multihop_on_both_embedded_models(monkeypat
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {*evaluate.TASKS, "attributes-gemma3-270m", "multihop-gemma3-270m"}
     assert len(reports) == len(evaluate.TASKS) + 2
+
+
+# ---- --data: the fields a user's JSONL needs, listed from one table -------------------------------------------
+def test_eval_help_and_readme_list_the_fields_of_each_tasks_data_from_one_table(capsys):
+    from pyvene_patchscopes.cli import main
+    from pyvene_patchscopes.evaluate import TASKS, data_fields
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert data_fields() in help_text and data_fields(markdown=True) in readme
+    readers = {task.name: task.data for task in TASKS.values() if task.data is not None}
+    assert readers == {"attributes": "facts", "entities": "entities", "multihop": "multihop", "jacobian": "texts"}
+    for kind in readers.values():
+        for field in data.FIELDS[kind]:
+            assert f"    {field.name}{'' if field.required else ' (optional)'}: {field.meaning}" in help_text
+            assert f"`{field.name}`" in data_fields(markdown=True)
+        if kind != "texts":  # the shipped rows carry every listed field, so the listing is the loader's own
+            assert set(data.load_jsonl(kind).column_names) >= {f.name for f in data.FIELDS[kind]}
+    assert data.REQUIRED["facts"] == ("relation", "category", "subject_kind", "template", "subject", "object")
+
+
+def test_user_rows_lacking_each_listed_required_field_are_refused_by_its_name(tmp_path):
+    shipped = {kind: data.rows(data.load_jsonl(kind), 1)[0] for kind in ("facts", "entities", "multihop")}
+    shipped["texts"] = {"text": "The capital of France is Paris."}
+    for kind, row in shipped.items():
+        for field in data.FIELDS[kind]:
+            path = tmp_path / f"{kind}-{field.name}.jsonl"
+            path.write_text(json.dumps({"note": "other fields are ignored",
+                                        **{k: v for k, v in row.items() if k != field.name}}) + "\n")
+            if field.required:
+                with pytest.raises(SpecError, match=f"lacks field\\(s\\) {field.name} "):
+                    data.load_jsonl(kind, path)
+            else:
+                assert data.load_jsonl(kind, path).num_rows == 1
+
+
+def test_data_for_a_task_that_reads_none_or_for_eval_all_is_refused_before_any_model_loads(tmp_path):
+    from pyvene_patchscopes.evaluate import EvalOptions, run_all, run_task
+
+    def load(name):
+        raise AssertionError("no model may load")
+
+    options = EvalOptions(data=str(tmp_path / "mine.jsonl"))
+    with pytest.raises(SpecError, match=r"--data='.*mine.jsonl' is not read by next-token \(allowed: --data with "
+                                        r"attributes, entities, multihop, jacobian\)$"):
+        run_task("next-token", load, options, tmp_path / "out")
+    with pytest.raises(SpecError, match=r"is not allowed with eval all \(allowed: --data with one task: "):
+        run_all(load, options, tmp_path / "all")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "all").exists()

@@ -59,6 +59,20 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     assert held["n"] == len(split["test"]) and held["low"] <= held["estimate"] <= held["high"]
     kept = report["data"]["intervals"]["Patchscope accuracy, mean over source layers (oracle: any l*), all swept"]
     assert kept["n"] == 3 and kept["estimate"] == sum(f["4"]["2"] for f in report["data"]["correct"]) / 3
+    # the logit lens beside the probe: the same facts, the same dev/test protocol, with intervals
+    lens = report["data"]["logit_lens"]["4"]
+    assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known", "logit lens (top-1 token), all swept"]
+    intervals = report["data"]["intervals"]
+    assert intervals["logit lens accuracy, mean over source layers (top-1 token), all swept"]["estimate"] == sum(lens) / 3
+    on_test = intervals["logit lens accuracy at the l chosen on dev, test split"]
+    assert on_test["n"] == len(split["test"]) and on_test["estimate"] == sum(lens[k] for k in split["test"]) / on_test["n"]
+    versus = intervals["Patchscope (chosen on dev) - logit lens at layer 4, test split"]
+    assert versus["test"] == "exact McNemar" and versus["difference"]["n"] == len(split["test"])
+    # three known facts: a test split of one or two, which the report says supports no claim
+    assert report["warnings"] == [f"the test split holds {len(split['test'])} sample{'s' * (len(split['test']) > 1)} "
+                                  f"(dev {len(split['dev'])}), fewer than 10: its intervals support no claim (more "
+                                  "data: --data, --limit)"]
+    assert f"**Warning:** {report['warnings'][0]}." in (tmp_path / "attributes" / "report.md").read_text()
     unknown = _jsonl(tmp_path / "unknown.jsonl", [
         {"relation": "country_capital", "category": "factual", "subject_kind": "country",
          "template": "The capital city of x is", "subject": "Atlantis", "object": "Poseidonia", "aliases": []}])
@@ -112,10 +126,12 @@ def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
     assert report["data"]["kept"][0] == "The capital of the country where the Eiffel Tower stands"
     test = report["data"]["split"]["test"]
     assert len(test) == 1 and intervals["CoT Patchscope (l, l* chosen on dev) accuracy, test split"]["n"] == 1
+    assert report["warnings"][0].startswith("the test split holds 1 sample (dev 1), fewer than 10")
     assert intervals["CoT Patchscope (l, l* chosen on dev) - vanilla, test split"]["test"] == "exact McNemar"
     oracle = _eval(capsys, tmp_path / "oracle", "multihop", "--data", queries, "--layers", "4", "--target-layers", "4",
                    "--select-on", "oracle")
     assert "split" not in oracle["data"] and oracle["settings"]["select on"] == "oracle"
+    assert "warnings" not in oracle  # no test split, nothing to warn of
     assert oracle["data"]["correct"] == report["data"]["correct"]
 
 
@@ -132,6 +148,7 @@ def test_eval_cross_model_writes_heatmaps_for_both_mappings(capsys, tmp_path):
     report = _eval(capsys, tmp_path, "cross-model", "--limit", "3", "--n-train", "12", "--layers", "3",
                    "--target-layers", "0,3")
     assert set(report["data"]) == {"affine", "identity", "intervals", "split", "held_out"}
+    assert report["warnings"][0].startswith(f"the test split holds {len(report['data']['split']['test'])} sample")
     assert set(report["data"]["affine"]) == {"3,0", "3,3"}
     assert report["figures"] == ["cross_model.png"]
     assert report["model"] == "smollm2-135m -> gemma3-270m"

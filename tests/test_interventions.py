@@ -7,7 +7,7 @@ import torch
 import golden
 from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
                                 register_mapping, run)
-from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
+from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, gather, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.resolve import resolve
 from pyvene_patchscopes.execution.reroute import prompt_pass, segments
@@ -177,6 +177,26 @@ def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_ll
     assert sorted(maps) == [0, 1, 2]  # the last layer needs no map to itself
     single = fit_affine(tiny_llama, 1, texts=TEXTS)
     torch.testing.assert_close(maps[1].weight, single.weight, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("source_layer,target_layer", [(1, -1), (3, 1), (1, 2), (3, 3), (2, 2)])
+def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama, source_layer, target_layer):
+    """One forward pass per batch gives both X and Y, and the map the two passes (one per layer) gave."""
+    last = tiny_llama.n_layers - 1
+    source_last, target = source_layer == last, target_layer % tiny_llama.n_layers
+    xs = gather(tiny_llama, TEXTS, source_layer, after_final_norm=source_last, batch_size=16)
+    ys = gather(tiny_llama, TEXTS, target_layer, after_final_norm=source_last and target == last, batch_size=16)
+    starts = [len(tiny_llama.tokenizer(t)["input_ids"]) - len(tiny_llama.tokenizer(t, add_special_tokens=False)
+                                                             ["input_ids"]) + 1 for t in TEXTS]
+    two_pass = lstsq_affine(torch.cat([x[k:] for x, k in zip(xs, starts)]), torch.cat([y[k:] for y, k in zip(ys, starts)]))
+    calls = []
+    hook = tiny_llama.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        f = fit_affine(tiny_llama, source_layer, target_layer=target_layer, texts=TEXTS, batch_size=16)
+    finally:
+        hook.remove()
+    assert len(calls) == -(-len(TEXTS) // 16)  # one forward per batch of 16 texts, not one per layer read
+    assert torch.equal(f.weight, two_pass.weight) and torch.equal(f.bias, two_pass.bias)
 
 
 @pytest.mark.parametrize("read_layer,write_layer", [(0, 2), (2, 1)])

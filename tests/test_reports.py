@@ -96,3 +96,21 @@ def test_no_number_in_a_readme_evaluation_table_lacks_its_interval():
             if re.fullmatch(r"[−-]?\d+\.\d+", text):
                 bare.append(line)
     assert not bare, bare
+
+
+def test_the_attribute_reports_hold_the_logit_lens_beside_the_probe_with_the_same_protocol():
+    for folder in ("attributes", folder_name("attributes", SECOND_MODEL)):
+        report = json.loads((REPORTS / folder / "report.json").read_text())
+        data, layers, n = report["data"], report["settings"]["layers"], len(report["data"]["swept"])
+        assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known",
+                                                       "logit lens (top-1 token), all swept"]
+        assert sorted(map(int, data["logit_lens"])) == layers and {len(v) for v in data["logit_lens"].values()} == {n}
+        mean = data["intervals"]["logit lens accuracy, mean over source layers (top-1 token), all swept"]
+        assert mean["n"] == n and abs(mean["estimate"] - sum(map(sum, data["logit_lens"].values())) / n / len(layers)) < 1e-12
+        held, test = data["held_out"]["logit_lens"], data["split"]["test"]
+        assert held["test"]["n"] == len(test) >= 10  # the same test split as the Patchscope's, big enough for a claim
+        assert held["test"]["estimate"] == sum(data["logit_lens"][str(held["choice"])][k] for k in test) / len(test)
+        l, _ = data["held_out"]["pair"]["choice"]
+        versus = data["intervals"][f"Patchscope (chosen on dev) - logit lens at layer {l}, test split"]
+        assert versus["test"] == "exact McNemar" and versus["difference"]["n"] == len(test)
+        assert "warnings" not in report

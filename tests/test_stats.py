@@ -6,6 +6,8 @@ import math
 import random
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +178,78 @@ def test_select_on_is_checked():
     assert EvalOptions().select_on == "dev"
     with pytest.raises(SpecError, match="select_on='best'"):
         EvalOptions(select_on="best")
+
+
+# ---- a test split too small for an interval ----------------------------------------------------------------
+def test_a_test_split_under_the_stated_threshold_is_flagged_and_one_at_it_is_not():
+    from pyvene_patchscopes.evaluate.stats import MIN_TEST, Split, small_test_split
+
+    assert MIN_TEST == 10
+    below, at = Split(tuple(range(9)), tuple(range(9, 18)), 0), Split(tuple(range(10)), tuple(range(10, 20)), 0)
+    assert small_test_split(below) == ("the test split holds 9 samples (dev 9), fewer than 10: its intervals support "
+                                       "no claim (more data: --data, --limit)")
+    assert small_test_split(at) is None and small_test_split(None) is None
+    assert "holds 1 sample (dev 2)" in small_test_split(Split((0, 1), (2,), 0))
+    assert Split.from_dict(below.to_dict()) == below
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"A test split of fewer than {MIN_TEST} samples (`stats.MIN_TEST`) supports no interval" in readme
+
+
+def _report(test: int):
+    from pyvene_patchscopes.evaluate import Report
+
+    chosen = split([f"fact {k}" for k in range(2 * test)], seed=0)
+    assert len(chosen.test) == test
+    return Report(task="attributes", title="Attribute extraction", model="smollm2-135m", command="patchscopes eval",
+                  settings={}, summary={"accuracy, test split": "1.000 [1.000, 1.000]"},
+                  data={"split": chosen.to_dict()})
+
+
+def test_a_report_with_a_small_test_split_says_so_in_markdown_json_and_a_warning(tmp_path):
+    from pyvene_patchscopes.evaluate import Report
+    from pyvene_patchscopes.evaluate.stats import SmallSampleWarning
+
+    report = _report(1)
+    with pytest.warns(SmallSampleWarning, match=r"^attributes on smollm2-135m: the test split holds 1 sample "):
+        report.check_test_split()
+    report.check_test_split()  # said once, however often checked
+    assert report.warnings == [small := "the test split holds 1 sample (dev 1), fewer than 10: its intervals support "
+                               "no claim (more data: --data, --limit)"]
+    assert report.markdown().splitlines()[4] == f"**Warning:** {small}."
+    report.write(tmp_path)
+    assert Report.load(tmp_path).warnings == [small] and f"**Warning:** {small}." in (tmp_path / "report.md").read_text()
+    enough = _report(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough.check_test_split()
+    assert enough.warnings == [] and "warnings" not in enough.to_dict() and "Warning" not in enough.markdown()
+
+
+@pytest.mark.parametrize("task", ["attributes", "entities", "cross-model", "multihop", "future"])
+def test_every_task_with_a_dev_test_split_is_checked_by_run_task(task, monkeypatch, tmp_path):
+    """Each task that splits records its split in data["split"], and run_task checks every report for it."""
+    from importlib import import_module
+
+    from pyvene_patchscopes import evaluate
+    from pyvene_patchscopes.evaluate.stats import SmallSampleWarning
+
+    module = import_module(f"pyvene_patchscopes.evaluate.{evaluate.TASKS[task].module}")
+    source = Path(module.__file__).read_text()
+    assert "split(" in source and 'data["split"] = ' in source
+    monkeypatch.setattr(module, "run", lambda *handles_options_out: _report(3))
+    monkeypatch.setattr(import_module("pyvene_patchscopes.evaluate.pages"), "write_pages", lambda report, out: [])
+    with pytest.warns(SmallSampleWarning, match="the test split holds 3 samples"):
+        report = evaluate.run_task(task, lambda name: None, EvalOptions(), tmp_path / task)
+    assert "**Warning:** the test split holds 3 samples" in (tmp_path / task / "report.md").read_text()
+    assert json.loads((tmp_path / task / "report.json").read_text())["warnings"] == report.warnings
+
+
+def test_the_small_test_split_warning_reaches_stderr_in_a_plain_python_process():
+    code = ("import pyvene_patchscopes.evaluate as e, pyvene_patchscopes.evaluate.multihop as m\n"
+            "m.run = lambda *args: e.Report(task='multihop', title='t', model='smollm2-135m', command='c', "
+            "settings={}, summary={}, data={'split': {'dev': [0], 'test': [1], 'seed': 0}})\n"
+            "e.run_task('multihop', lambda name: None, e.EvalOptions())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "SmallSampleWarning: multihop on smollm2-135m: the test split holds 1 sample (dev 1), fewer than 10" \
+        in done.stderr

@@ -7,11 +7,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UnknownNameError
+from ..errors import SpecError, UnknownNameError
 from ..models import ModelHandle
 from ..outputs import write_text
 from ..spec import DEFAULT_MODEL
 from .common import EvalOptions, folder_name
+from .data import FIELDS
 from .report import Report, Table
 
 
@@ -21,20 +22,22 @@ class Task:
     summary: str
     module: str
     cross_model: bool = False
+    data: str | None = None  # the kind of JSONL that --data replaces (a key of data.FIELDS); None: takes none
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("next-token", "§4.1 Precision@1 and surprisal per layer: logit lens, tuned lens, token identity (+ affine)",
          "next_token"),
     Task("future", "Future Lens (Pal et al.): tokens 1-3 steps ahead from one state, vs the logit lens", "future"),
-    Task("attributes", "§4.2 attribute extraction over (l, l*) against a logistic-regression probe", "attributes"),
-    Task("entities", "§4.3 entity descriptions per layer, ROUGE-L, popular vs rare", "entities"),
+    Task("attributes", "§4.2 attribute extraction over (l, l*) against a logistic-regression probe and the logit "
+         "lens", "attributes", data="facts"),
+    Task("entities", "§4.3 entity descriptions per layer, ROUGE-L, popular vs rare", "entities", data="entities"),
     Task("cross-model", "§4.4 SmolLM2-135M -> Gemma 3 270M with fitted affine maps, Precision@1 heatmaps",
          "cross_model", cross_model=True),
-    Task("multihop", "§5 vanilla vs CoT vs CoT Patchscope with rerouting", "multihop"),
+    Task("multihop", "§5 vanilla vs CoT vs CoT Patchscope with rerouting", "multihop", data="multihop"),
     Task("stages", "stages of function application: abstractive vs extractive", "stages"),
     Task("jacobian", "Jacobian Scopes: delete the top 5% / 20% of tokens by score, change in log p of the "
-         "prediction, vs random and gradient x input", "jacobian"),
+         "prediction, vs random and gradient x input", "jacobian", data="texts"),
 )}
 
 
@@ -42,6 +45,38 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UnknownNameError(f"task={name!r} is not known (allowed: {', '.join(TASKS)}, all)")
     return TASKS[name]
+
+
+def data_readers() -> list[str]:
+    """The tasks that read ``--data``, in `TASKS` order."""
+    return [task.name for task in TASKS.values() if task.data is not None]
+
+
+def data_fields(markdown: bool = False) -> str:
+    """What ``--data`` holds for each task that reads one: the fields of its JSONL rows (from `data.FIELDS`).
+
+    Plain text for ``patchscopes eval --help``; with `markdown`, the README's table.
+    """
+    others = [name for name in TASKS if name not in data_readers()]
+    if markdown:
+        lines = ["| task | field | what it is |", "|---|---|---|"]
+        for name in data_readers():
+            lines += [f"| {f'`{name}`' if k == 0 else ''} | `{f.name}`{'' if f.required else ' (optional)'} | "
+                      f"{f.meaning} |" for k, f in enumerate(FIELDS[TASKS[name].data])]
+        listed = ", ".join(f"`{name}`" for name in others)
+        return "\n".join(lines) + f"\n\nThe other tasks ({listed}) read no `--data`; giving one is refused.\n"
+    lines = ["--data FILE is your own JSONL, one JSON object per line; for each task, the fields of a row:"]
+    for name in data_readers():
+        lines.append(f"  {name}:")
+        lines += [f"    {f.name}{'' if f.required else ' (optional)'}: {f.meaning}" for f in FIELDS[TASKS[name].data]]
+    return "\n".join([*lines, f"The other tasks ({', '.join(others)}) read no --data."])
+
+
+def check_data(task: Task, options: EvalOptions) -> None:
+    """Refuse ``--data`` for a task that reads none (before any model loads)."""
+    if options.data is not None and task.data is None:
+        raise SpecError(f"--data={options.data!r} is not read by {task.name} (allowed: --data with "
+                        f"{', '.join(data_readers())})")
 
 
 def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions, out: str | Path | None = None,
@@ -53,12 +88,14 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
     from .pages import write_pages
 
     task = get_task(name)
+    check_data(task, options)
     module = import_module(f".{task.module}", __name__)
     folder = None if out is None else str(out)
     if task.cross_model:
         report = module.run(load(source), load(target), options, folder)
     else:
         report = module.run(load(source), options, folder)
+    report.check_test_split()
     if folder is not None:
         write_pages(report, folder)
         report.write(folder)
@@ -74,6 +111,9 @@ def run_all(load: Callable[[str], ModelHandle], options: EvalOptions, out: str |
             model: str = DEFAULT_MODEL) -> list[Report]:
     """Every task on `model`, each into ``out/TASK/``, then `ON_BOTH_MODELS` on the second embedded model into
     ``out/TASK-gemma3-270m/``, and an index ``out/README.md`` with every headline number."""
+    if options.data is not None:
+        raise SpecError(f"--data={options.data!r} is not allowed with eval all (allowed: --data with one task: "
+                        f"{', '.join(data_readers())})")
     start = time.perf_counter()
     runs = [(name, model) for name in TASKS]
     runs += [(name, SECOND_MODEL) for name in ON_BOTH_MODELS if model != SECOND_MODEL]
@@ -93,6 +133,7 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
         folder = folder_name(report.task, report.model) if " -> " not in report.model else report.task
         lines += [f"## [{report.title}: {report.model}]({folder}/report.md)", "",
                   f"`{report.command}` ({report.seconds:.0f} s)", ""]
+        lines += [f"- **Warning:** {warning}" for warning in report.warnings]
         lines += [f"- {key}: {value:.3f}" if isinstance(value, float) else f"- {key}: {value}"
                   for key, value in report.summary.items()]
         lines.append("")
@@ -105,4 +146,5 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
     return path
 
 
-__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task"]
+__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task",
+           "data_fields", "data_readers"]

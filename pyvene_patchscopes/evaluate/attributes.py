@@ -6,8 +6,12 @@ after a short context ("Here is a country: France", read at the subject's last t
 start, where the attention sink would sit next to it. For each (l, l*) the target generates 20 tokens;
 a sample is correct when the object appears. Accuracy per source layer counts a fact as extracted if
 any l* works (the paper's rule, an oracle); beside it, l* (and the pair (l, l*)) is chosen on a dev split
-of the facts and scored on the disjoint test split. The baseline is a logistic-regression probe per layer
-(3-fold CV). Every accuracy has a 95% bootstrap interval over facts.
+of the facts and scored on the disjoint test split. Two baselines: a logistic-regression probe per layer
+(3-fold CV), the paper's §4.2 baseline, and the logit lens, the paper's vocabulary projection (§3.2, §4.1:
+T = S, f = I, l* = the last layer), which reads the subject's state at l through the final norm and the
+unembedding and counts a fact when its top-1 token begins the object; the logit lens needs no training, so
+it is scored on the swept facts with the Patchscope's dev/test protocol (its l chosen on dev). Every accuracy
+has a 95% bootstrap interval over facts.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
-from .common import EvalOptions, check_layers, eval_command, generate, read_states
+from .common import EvalOptions, check_layers, eval_command, generate, lens_logits, read_states
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
@@ -90,7 +94,9 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     correct = sweep(handle, swept, layers, target_layers, options)  # [fact][l][l*] -> bool
     states = read_states_at_subject(handle, known, layers, options)
     probe = {layer: probe_by_relation(known, states[layer], options.seed) for layer in layers}
-    report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, options)
+    on_swept = _indices(known, swept)
+    lens = logit_lens(handle, swept, {layer: states[layer][on_swept] for layer in layers})
+    report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, lens, options)
     record(report.summary, report.data, "unpatched target (literal x) already names the object",
            bootstrap(baseline, options.seed))
     plot(report, swept, layers, target_layers, correct, probe, known, out)
@@ -121,6 +127,24 @@ def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[
     return read_states(handle, [source_prompt(f) for f in facts], layers, options.batch_size)
 
 
+def first_tokens(tokenizer: Any, fact: dict) -> set[int]:
+    """The ids a next-token readout may name to begin the object: the first token of the object and of each
+    alias, spelled after a space and without one."""
+    names = [fact["object"], *(fact.get("aliases") or ())]
+    spellings = [tokenizer(text, add_special_tokens=False)["input_ids"] for name in names if name.strip()
+                 for text in (" " + name.strip(), name.strip())]
+    return {ids[0] for ids in spellings if ids}
+
+
+def logit_lens(handle: ModelHandle, facts: list[dict], states: dict[int, torch.Tensor]) -> dict[int, list[bool]]:
+    """Per layer l and fact, whether the logit lens of the subject's state (final norm and unembedding, exact:
+    `lens_logits`) puts a first token of the object (`first_tokens`) on top."""
+    last = handle.n_layers - 1
+    wanted = [first_tokens(handle.tokenizer, fact) for fact in facts]
+    tops = {l: lens_logits(handle, s, normalised=l == last).argmax(-1).tolist() for l, s in states.items()}
+    return {l: [token in ids for token, ids in zip(top, wanted)] for l, top in tops.items()}
+
+
 def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> list[bool | None]:
     """Probe correctness per fact, cross-validated within its relation (None when a relation is too small)."""
     out: list[bool | None] = [None] * len(facts)
@@ -137,7 +161,8 @@ def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> l
 
 
 def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swept: list[dict], layers: list[int],
-                 target_layers: list[int], correct: list, probe: dict, options: EvalOptions) -> Report:
+                 target_layers: list[int], correct: list, probe: dict, lens: dict[int, list[bool]],
+                 options: EvalOptions) -> Report:
     seed = options.seed
     any_target = {l: [any(c[l].values()) for c in correct] for l in layers}
     probe_known = {l: [v for v in probe[l] if v is not None] for l in layers}
@@ -147,25 +172,29 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
     per_layer, layer_rows, held = [], [], {}
     for l in layers:
         oracle = bootstrap(any_target[l], seed)
-        probe_ci = bootstrap(probe_known[l], seed)
+        probe_ci, lens_ci = bootstrap(probe_known[l], seed), bootstrap(lens[l], seed)
         row = [l, oracle.format()]
         if chosen is not None:
             held[l] = held_out({t: [c[l][t] for c in correct] for t in target_layers}, chosen, seed)
             row += [f"{held[l].choice}", held[l].test.format(), held[l].oracle.format()]
-        layer_rows.append([*row, probe_ci.format()])
-        per_layer.append([l, oracle.estimate, held[l].test.estimate if held else float("nan"), probe_ci.estimate])
-    relation_rows = _relation_rows(facts, known, swept, layers, correct, probe)
+        layer_rows.append([*row, probe_ci.format(), lens_ci.format()])
+        per_layer.append([l, oracle.estimate, held[l].test.estimate if held else float("nan"), probe_ci.estimate,
+                          lens_ci.estimate])
+    relation_rows = _relation_rows(facts, known, swept, layers, correct, probe, lens)
     summary: dict[str, Any] = {
         "facts in the set": len(facts), "facts the model answers (kept)": len(known),
         "facts swept over (l, l*)": len(swept), "relations": len(relation_rows)}
     data: dict[str, Any] = {"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
-                            "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept]}
+                            "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept],
+                            "logit_lens": {str(l): lens[l] for l in layers}}
     mean_any = [sum(any_target[l][k] for l in layers) / len(layers) for k in range(len(swept))]
     record(summary, data, "Patchscope accuracy, mean over source layers (oracle: any l*), all swept",
            bootstrap(mean_any, seed))
     mean_probe = [_nanmean([probe[l][k] for l in layers if probe[l][k] is not None]) for k in range(len(known))]
     record(summary, data, "probe accuracy, mean over source layers (3-fold CV), all known",
            bootstrap([v for v in mean_probe if v == v], seed))
+    record(summary, data, "logit lens accuracy, mean over source layers (top-1 token), all swept",
+           bootstrap([sum(lens[l][k] for l in layers) / len(layers) for k in range(len(swept))], seed))
     summary["best source layer (oracle: any l*)"] = max(per_layer, key=lambda r: r[1])[0]
     if chosen is not None:
         pair = held_out({(l, t): [c[l][t] for c in correct] for l in layers for t in target_layers}, chosen, seed)
@@ -179,8 +208,15 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
         record(summary, data, f"Patchscope (chosen on dev) - probe at layer {l}, test facts with a probe",
                paired([correct[k][l][t] for k in scored], [probe[l][swept_index[k]] for k in scored],
                       ("Patchscope", "probe"), seed))
+        lens_held = held_out(lens, chosen, seed)
+        summary["logit lens: l chosen on dev"] = f"{lens_held.choice}: dev accuracy {lens_held.dev_score:.3f}"
+        record(summary, data, "logit lens accuracy at the l chosen on dev, test split", lens_held.test)
+        record(summary, data, f"Patchscope (chosen on dev) - logit lens at layer {l}, test split",
+               paired([correct[k][l][t] for k in chosen.test], [lens[l][k] for k in chosen.test],
+                      ("Patchscope", "logit lens"), seed))
         data["split"] = chosen.to_dict()
-        data["held_out"] = {"pair": pair.to_dict(), "per_layer": {str(l): h.to_dict() for l, h in held.items()}}
+        data["held_out"] = {"pair": pair.to_dict(), "per_layer": {str(l): h.to_dict() for l, h in held.items()},
+                            "logit_lens": lens_held.to_dict()}
     columns = ["l", "Patchscope, any l* (oracle), all swept"]
     if chosen is not None:
         columns += ["l* chosen on dev", "Patchscope at that l*, test split", "any l* (oracle), test split"]
@@ -192,10 +228,11 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
                   "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": seed,
                   "select on": options.select_on, "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary,
-        tables=[Table("Accuracy per source layer [95% bootstrap interval]", [*columns, "probe (3-fold CV), all known"],
-                      layer_rows),
+        tables=[Table("Accuracy per source layer [95% bootstrap interval]",
+                      [*columns, "probe (3-fold CV), all known", "logit lens (top-1 token), all swept"], layer_rows),
                 Table("Per relation, mean ± std over source layers (as the paper's Table 2)",
-                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe"], relation_rows)],
+                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe", "logit lens"],
+                      relation_rows)],
         notes=["A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
                "code tests for a substring; whole words refuse 'euro' in 'European').",
                "'any l* (oracle)' counts a fact as extracted if any target layer works (the paper's rule), which "
@@ -206,8 +243,13 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
                "The probe is trained per relation on the known facts' subject states; labels unseen in its "
                "training folds count as wrong, which is why relations with one object per subject score ~0 "
                "(the paper's Table 5 shows the same).",
-               "Intervals: percentile bootstrap over facts; the Patchscope-probe comparison is an exact McNemar "
-               "test on the same test facts."],
+               "The logit lens is the paper's vocabulary projection (§3.2, §4.1: T = S, f = I, l* = the last "
+               "layer): the subject's state at l through the final norm and the unembedding. A fact counts when "
+               "its top-1 token is the first token of the object or an alias (with or without a leading space), as "
+               "the probe counts its top class; it names one token where the Patchscope generates 20. It covers "
+               "the swept facts, and its l is chosen on the same dev split.",
+               "Intervals: percentile bootstrap over facts; the Patchscope's comparisons with the probe and with "
+               "the logit lens are exact McNemar tests on the same test facts."],
         data={**data, "per_layer": per_layer},
     )
 
@@ -219,7 +261,7 @@ def _indices(known: list[dict], swept: list[dict]) -> list[int]:
 
 
 def _relation_rows(facts: list[dict], known: list[dict], swept: list[dict], layers: list[int], correct: list,
-                   probe: dict) -> list[list[Any]]:
+                   probe: dict, lens: dict[int, list[bool]]) -> list[list[Any]]:
     rows_ = []
     for relation in sorted({f["relation"] for f in facts}):
         members = [k for k, f in enumerate(swept) if f["relation"] == relation]
@@ -228,9 +270,10 @@ def _relation_rows(facts: list[dict], known: list[dict], swept: list[dict], laye
         patch = [rate([any(correct[k][l].values()) for k in members]) for l in layers] if members else []
         probes = [rate([probe[l][k] for k in known_members if probe[l][k] is not None]) for l in layers]
         probes = [p for p in probes if p == p]
+        lenses = [rate([lens[l][k] for k in members]) for l in layers] if members else []
         category = next(f["category"] for f in facts if f["relation"] == relation)
         rows_.append([relation, category, total, len(known_members), len(members), _mean_std(patch),
-                      _mean_std(probes)])
+                      _mean_std(probes), _mean_std(lenses)])
     return rows_
 
 
@@ -251,6 +294,7 @@ def plot(report: Report, swept: list[dict], layers: list[int], target_layers: li
     if any(r[2] == r[2] for r in rows_):
         axes[0].plot(layers, [r[2] for r in rows_], marker=".", label="Patchscope (l* chosen on dev; test split)")
     axes[0].plot(layers, [r[3] for r in rows_], marker="s", label="logistic probe (3-fold CV)")
+    axes[0].plot(layers, [r[4] for r in rows_], marker="^", label="logit lens (top-1 token)")
     axes[0].set(xlabel="source layer l", ylabel="accuracy", ylim=(0, 1), title="Accuracy per source layer")
     axes[0].legend()
     grid = [[rate([c[l][t] for c in correct]) for t in target_layers] for l in layers]

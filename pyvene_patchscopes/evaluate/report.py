@@ -6,8 +6,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from warnings import warn
 
 from ..outputs import save_figure as write_figure, write_text
+from .stats import SmallSampleWarning, Split, small_test_split
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,9 +49,23 @@ class Report:
     figures: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what makes a number here weaker than it looks
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field (``warnings`` only when there is one, so that reports without any read as before)."""
+        out = asdict(self)
+        if not out["warnings"]:
+            del out["warnings"]
+        return out
+
+    def check_test_split(self) -> None:
+        """Say so, in the report and as a `SmallSampleWarning` (on stderr), when its test split holds fewer than
+        `stats.MIN_TEST` samples; every task with a dev/test split records it in ``data["split"]``."""
+        held = self.data.get("split")
+        message = small_test_split(Split.from_dict(held) if held else None)
+        if message is not None and message not in self.warnings:
+            self.warnings.append(message)
+            warn(f"{self.task} on {self.model}: {message}", SmallSampleWarning, stacklevel=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
@@ -65,6 +81,7 @@ class Report:
     def markdown(self) -> str:
         parts = [f"# {self.title}", "", f"Model: `{self.model}`. Reproduce: `{self.command}` "
                  f"({self.seconds:.0f} s on the machine that wrote this).", ""]
+        parts += [*(f"**Warning:** {warning}." for warning in self.warnings), *([""] if self.warnings else [])]
         parts += [f"- {key}: {_fmt(value)}" for key, value in self.summary.items()]
         parts.append("")
         for table in self.tables:

@@ -22,6 +22,10 @@ RESAMPLES = 2000  # bootstrap resamples (the issue asks for at least 1,000)
 FLIPS = 10000  # sign flips of the permutation test
 LEVEL = 0.95
 DEV_SHARE = 0.5
+# A test split of fewer samples supports no interval. Below it a percentile bootstrap of right/wrong scores takes
+# at most n + 1 values, and a unanimous split gives a zero-width interval ([1.000, 1.000]) where the exact
+# binomial 95% interval of 1 right out of 1 spans [0.025, 1] (of 10 out of 10 still [0.69, 1]).
+MIN_TEST = 10
 Candidate = TypeVar("Candidate", bound=Hashable)
 
 
@@ -149,6 +153,11 @@ class Split:
     def to_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "dev": list(self.dev), "test": list(self.test)}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Split":
+        """The inverse of `to_dict` (as a report's ``data["split"]`` holds it)."""
+        return cls(tuple(data["dev"]), tuple(data["test"]), data["seed"])
+
 
 def split(keys: Sequence[str], seed: int = 0, dev_share: float = DEV_SHARE) -> Split:
     """Split samples named by `keys` into dev and test by a seeded hash of each key.
@@ -169,6 +178,18 @@ def split(keys: Sequence[str], seed: int = 0, dev_share: float = DEV_SHARE) -> S
     ranked.sort()
     n_dev = round(len(ranked) * dev_share)
     return Split(tuple(sorted(i for _, i in ranked[:n_dev])), tuple(sorted(i for _, i in ranked[n_dev:])), seed)
+
+
+class SmallSampleWarning(UserWarning):
+    """An evaluation's test split holds fewer than `MIN_TEST` samples, too few for its intervals to support a claim."""
+
+
+def small_test_split(split: Split | None) -> str | None:
+    """The warning a report carries when its test split holds fewer than `MIN_TEST` samples (None otherwise)."""
+    if split is None or len(split.test) >= MIN_TEST:
+        return None
+    return (f"the test split holds {len(split.test)} sample{'s' if len(split.test) != 1 else ''} (dev "
+            f"{len(split.dev)}), fewer than {MIN_TEST}: its intervals support no claim (more data: --data, --limit)")
 
 
 @dataclass(frozen=True)
@@ -212,4 +233,5 @@ def record(summary: dict[str, Any], data: dict[str, Any], name: str, value: Inte
 
 
 __all__ = ["Interval", "Comparison", "Split", "HeldOut", "bootstrap", "paired", "mcnemar", "sign_flip", "split",
-           "held_out", "record", "RESAMPLES", "FLIPS", "LEVEL", "DEV_SHARE"]
+           "held_out", "record", "small_test_split", "SmallSampleWarning", "RESAMPLES", "FLIPS", "LEVEL", "DEV_SHARE",
+           "MIN_TEST"]

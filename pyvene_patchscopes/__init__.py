@@ -5,6 +5,7 @@ from .compat import (install_safe_serialization, load_intervenable, safe_seriali
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
 from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .engine import run
+from .states import hidden_states
 from .errors import PatchscopeError, SpecError, UnknownNameError
 from .models import ModelHandle, load_model, wrap_model
 from .positions import SinkPositionWarning
@@ -19,7 +20,7 @@ from .architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
-    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SpecError, UninformativeScopeWarning, check_int
-from .execution.plain import collect, patch
+from .execution.plain import patch
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .execution.check import stack_for
@@ -30,10 +30,11 @@ from .execution.batching import chunks
 from .files import check_finite
 from .mappings import MappingSpec, build_mapping
 from .models import ModelHandle
-from .positions import token_ids, warn_if_sink
+from .positions import token_ids
 from .resolve import Models, Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, entropy_of, top_k
 from .spec import Patchscope, VectorSource
+from .states import read_states
 from .writes import Slots, row_alphas
 
 
@@ -135,16 +136,11 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
         else:
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
-        handle = models[name]
-        units = list(dict.fromkeys((resolved[r].scope.source.prompt, resolved[r].source_position) for r in rows))
-        for prompt, position in units:
-            warn_if_sink(position, handle.tokenizer, prompt)
-        unit_index = {unit: k for k, unit in enumerate(units)}
-        states = collect(handle, [u[0] for u in units], [u[1] for u in units],
-                         [resolved[r].source_site for r in rows], batch_size)
-        for r in rows:
-            item = resolved[r]
-            mapped[r] = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
+        sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
+        states = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
+                                            for r in rows], list(sites), batch_size)
+        for k, r in enumerate(rows):
+            mapped[r] = states[k, sites[resolved[r].source_site]]
     return mapped  # type: ignore[return-value]
 
 

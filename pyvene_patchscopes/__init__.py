@@ -6,7 +6,7 @@ from .interventions import MappingIntervention, RerouteIntervention, register_in
 from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .engine import run
 from .states import hidden_states
-from .errors import PatchscopeError, SpecError, UnknownNameError
+from .errors import PatchscopeError, SpecError, UnknownNameError, VectorNormWarning
 from .models import ModelHandle, load_model, wrap_model
 from .positions import SinkPositionWarning
 from .pyvene_config import PyvenePlan, to_pyvene
@@ -22,7 +22,7 @@ from .jacobian import Attribution, JacobianScope, jacobian_scope
 __all__ = [
     "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
-    "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
+    "SinkPositionWarning", "VectorNormWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
     "register_intervention", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
     "Attribution", "sweep", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",

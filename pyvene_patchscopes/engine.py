@@ -9,7 +9,8 @@ The patch step has two executions of the same pyvene config (see `execution`):
 - **plain**: pyvene.IntervenableModel with a `MappingIntervention`, target rows sharing a site batched
   and left-padded (`execution.plain`). It runs for other models, and on request (``planned=False``).
 
-CoT Patchscopes (``reroute``) run in `execution.reroute`.
+CoT Patchscopes (``reroute``) run in `execution.reroute`. Beside every vector reading, the target prompt is read
+once unpatched (the null reading, `execution.unpatched`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_tar
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .execution.check import stack_for
 from .execution.reroute import run_reroutes
+from .execution.unpatched import null_readings
 from .execution.batching import chunks
 from .files import check_finite
 from .mappings import MappingSpec, build_mapping
@@ -53,7 +55,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for the head). ``keep_logits=False`` leaves each result's full-vocabulary ``logits`` out (None), keeping
     its top tokens and generation: what a run of many scopes on a large-vocabulary model needs.
     ``keep_scores=True`` fills each result's `entropy` (of the next token) and `final_state` (the target's last
-    block output at the last written slot): what the scale search scores (`scales`).
+    block output at the end of T): what the scale search scores (`scales`).
     """
     check_budget(max_batch_tokens)
     top = check_int("top", top)
@@ -70,6 +72,9 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
+        vectors = [k for k, item in enumerate(items) if item.scope.vector_source]
+        nulls = null_readings([items[k] for k in vectors], _mapped([items[k] for k in vectors],
+                                                                   [states[k] for k in vectors], models), models, top)
         targets = dict.fromkeys(item.scope.target_model for item in items)
         plannable = {name: use_planned(models[name].model, planned) for name in targets}
         fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
@@ -84,6 +89,8 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
                               keep_logits, keep_scores)
             for k, result in zip(slow, done):
                 results[plain[k]] = result
+        for k, null in zip(vectors, nulls):
+            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation  # type: ignore[union-attr]
     rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:

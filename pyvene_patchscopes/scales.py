@@ -91,7 +91,8 @@ class ScaleSearch:
         return choices
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One flat record per (vector, l*, α), for a DataFrame."""
+        """One flat record per (vector, l*, α), for a DataFrame; ``agrees_with_null`` marks a reading that is the
+        target's own with nothing written (`PatchscopeResult.agrees_with_null`)."""
         records = []
         for v, vector in enumerate(self.vectors):
             for i in range(self.n_layers):
@@ -99,6 +100,7 @@ class ScaleSearch:
                     result = self.result(v, i, j)
                     records.append({"vector": vector.name, "target_layer": self.target_layer(v, i), "alpha": alpha,
                                     "token": result.token, "prob": result.prob, "generation": result.generation,
+                                    "agrees_with_null": result.agrees_with_null,
                                     "self_similarity": float(self.self_similarity[v, i, j]),
                                     "entropy": float(self.entropy[v, i, j])})
         return records

@@ -136,3 +136,17 @@ def test_patchscopes_run_of_a_saved_vector_spec_prints_the_null_reading(smollm2,
     text = capsys.readouterr().out
     assert text.startswith("source vector 'v' [576], layer 6 -> target layer 6")
     assert f"null reading (target unpatched): {direct.null_top[0].token!r}" in text
+
+
+def test_the_null_pass_leaves_the_users_model_as_it_was(tiny_llama):
+    modules = list(tiny_llama.model.modules())
+    hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules]  # transformers installs its own
+    tiny_llama.model.train()  # a user's model in training mode: the pass runs in eval mode, then gives the flag back
+    try:
+        result = run(Patchscope(VectorSource(torch.randn(tiny_llama.hidden_size), 1, tiny_llama.name),
+                                Target(PROMPTS[0], "x", 1), max_new_tokens=2), tiny_llama)[0]
+        assert result.null_generation is not None
+        assert all(m.training for m in modules)
+        assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules] == hooks
+    finally:
+        tiny_llama.model.eval()

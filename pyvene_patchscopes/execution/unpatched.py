@@ -29,12 +29,12 @@ from ..positions import token_ids
 from ..resolve import Models, Resolved
 from ..result import TokenProb, top_k
 from ..sites import Site, final_norm
-from .plain import _until_eos, greedy_config
+from .plain import greedy_config
 from .stack import evaluating
 
 # A written vector more than this many times smaller or larger than the median norm of the target's own states at
-# l* is flagged. An order of magnitude: inside it a scale search has room to work, outside it the reading is the
-# prompt's own (too small) or the layers above are overwhelmed (too large).
+# l* is flagged. An order of magnitude: inside it a scale search has room to work; outside it the write is next to
+# nothing beside the states there (too small) or overwhelms the layers above (too large).
 NORM_FACTOR = 10.0
 
 
@@ -44,7 +44,6 @@ class NullReading:
 
     top: list[TokenProb]
     generation: str | None
-    generated_ids: list[int] | None
     norms: dict[Site, float]  # median norm of the target's states at each site, token 0 (the sink) left out
 
 
@@ -84,9 +83,8 @@ def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: i
     finally:
         for hook in hooks:
             hook.remove()
-    generated = None if new is None else _until_eos(new, handle.tokenizer.eos_token_id)
     text = None if new is None else handle.tokenizer.decode(new, skip_special_tokens=True)
-    return NullReading(top_k(logits.float(), handle.tokenizer, top), text, generated, norms)
+    return NullReading(top_k(logits.float(), handle.tokenizer, top), text, norms)
 
 
 def _site_module(model: nn.Module, site: Site) -> nn.Module:

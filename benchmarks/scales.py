@@ -3,7 +3,7 @@
 The batched side is `scales.scale_search` on SmolLM2: 100 SAE-like latents (unit directions at layer 6) x 5 scales,
 the self-explanation prompt, α·v replacing both X at l* = 6, the next-token readout, self-similarity and entropy.
 The baseline is what a user writes without this library: per (latent, α), a forward hook on block l* that writes
-α·v at both X, a pre-hook on the final norm that keeps the last block's output at the last X, and one forward pass
+α·v at both X, a pre-hook on the final norm that keeps the last block's output at the end of T, and one forward pass
 of the prompt; entropy and self-similarity computed the same way. Both sides run in this process on the same
 cells; the report gives their rates, the ratio, and how far the two agree (top-1 and the scores).
 
@@ -57,7 +57,7 @@ def per_latent_hooks(model, directions: torch.Tensor, alphas, slots: list[int]) 
                 return out
 
             hooks = [block.register_forward_hook(write),
-                     norm.register_forward_pre_hook(lambda m, args: seen.update(h=args[0][0, slots[-1]].clone()))]
+                     norm.register_forward_pre_hook(lambda m, args: seen.update(h=args[0][0, -1].clone()))]
             try:
                 with torch.no_grad():
                     logits = model.model(**ids, logits_to_keep=1).logits[0, -1]

@@ -6,7 +6,8 @@ from .interventions import MappingIntervention, RerouteIntervention, register_in
 from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .plugins import load_plugins
 from .engine import run
-from .errors import PatchscopeError, SpecError, UnknownNameError
+from .states import hidden_states
+from .errors import PatchscopeError, SpecError, UnknownNameError, VectorNormWarning
 from .models import ModelHandle, load_model, wrap_model
 from .positions import SinkPositionWarning
 from .pipeline import PyvenePlan, to_pyvene
@@ -20,10 +21,11 @@ from .architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
-    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
-    "SinkPositionWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity", "register_mapping",
-    "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention", "jacobian_scope", "JacobianScope",
+    "SinkPositionWarning", "VectorNormWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity",
+    "register_mapping", "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention",
+    "jacobian_scope", "JacobianScope",
     "Attribution", "sweep", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "pyvene_guard", "install_safe_serialization",

@@ -282,11 +282,18 @@ def cmd_run(args: argparse.Namespace) -> None:
               for name in {scope.source.model, scope.target_model}}
     scope = load_spec(args.spec, models).replace(**changes)  # checks models of the saved spec's names, if loaded
     result = run(scope, models, top=args.top)[0]
-    lines = [f"source {scope.source.prompt!r} @ {scope.source.position!r} (token {result.source_position}), "
-             f"layer {scope.source.layer} -> target layer {scope.target.layer}"]
+    source = scope.source
+    where = (f"vector {source.name!r} {list(source.tensor.shape)}" if scope.vector_source
+             else f"{source.prompt!r} @ {source.position!r} (token {result.source_position})")
+    lines = [f"source {where}, layer {source.layer} -> target layer {scope.target.layer}"]
     lines += [f"  {show_token(t.token):<16} {t.prob:.4f}" for t in result.top]
     if result.generation is not None:
         lines.append(f"generation: {result.generation!r}")
+    if result.null_top is not None:  # a vector's reading, beside the target read with nothing written
+        null = f"{show_token(result.null_top[0].token)} {result.null_top[0].prob:.4f}" + (
+            "" if result.null_generation is None else f", generation {result.null_generation!r}")
+        lines.append(f"null reading (target unpatched): {null}; the reading "
+                     f"{'agrees with' if result.agrees_with_null else 'differs from'} it")
     _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
 
 

@@ -9,7 +9,8 @@ The patch step has two executions of the same pyvene config (see `execution`):
 - **plain**: pyvene.IntervenableModel with a `MappingIntervention`, target rows sharing a site batched
   and left-padded (`execution.plain`). It runs for other models, and on request (``planned=False``).
 
-CoT Patchscopes (``reroute``) run in `execution.reroute`.
+CoT Patchscopes (``reroute``) run in `execution.reroute`. Beside every vector reading, the target prompt is read
+once unpatched (the null reading, `execution.unpatched`).
 """
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import SpecError, check_int
-from .execution.plain import collect, patch
+from .execution.plain import patch
 from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .execution.check import stack_for
 from .execution.reroute import run_reroutes
+from .execution.unpatched import null_readings
 from .execution.batching import chunks
 from .files import check_finite
 from .mappings import MappingSpec, build_mapping
 from .models import ModelHandle
-from .positions import token_ids, warn_if_sink
+from .positions import token_ids
 from .resolve import Models, Resolved, as_models, resolve, warn_uninformative
 from .result import PatchscopeResult, decode_top, entropy_of, top_k
 from .spec import Patchscope, VectorSource
+from .states import read_states
 from .writes import Slots, row_alphas
 
 
@@ -51,7 +54,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for the head). ``keep_logits=False`` leaves each result's full-vocabulary ``logits`` out (None), keeping
     its top tokens and generation: what a run of many scopes on a large-vocabulary model needs.
     ``keep_scores=True`` fills each result's `entropy` (of the next token) and `final_state` (the target's last
-    block output at the last written slot): what the scale search scores (`scales`).
+    block output at the end of T): what the scale search scores (`scales`).
     """
     check_budget(max_batch_tokens)
     top = check_int("top", top)
@@ -68,6 +71,9 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
+        vectors = [k for k, item in enumerate(items) if item.scope.vector_source]
+        nulls = null_readings([items[k] for k in vectors], _mapped([items[k] for k in vectors],
+                                                                   [states[k] for k in vectors], models), models, top)
         targets = dict.fromkeys(item.scope.target_model for item in items)
         plannable = {name: use_planned(models[name].model, planned) for name in targets}
         fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
@@ -82,6 +88,8 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
                               keep_logits, keep_scores)
             for k, result in zip(slow, done):
                 results[plain[k]] = result
+        for k, null in zip(vectors, nulls):
+            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation  # type: ignore[union-attr]
     rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:
@@ -121,16 +129,11 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
         else:
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
-        handle = models[name]
-        units = list(dict.fromkeys((resolved[r].scope.source.prompt, resolved[r].source_position) for r in rows))
-        for prompt, position in units:
-            warn_if_sink(position, handle.tokenizer, prompt)
-        unit_index = {unit: k for k, unit in enumerate(units)}
-        states = collect(handle, [u[0] for u in units], [u[1] for u in units],
-                         [resolved[r].source_site for r in rows], batch_size)
-        for r in rows:
-            item = resolved[r]
-            mapped[r] = states[(unit_index[(item.scope.source.prompt, item.source_position)], item.source_site)]
+        sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
+        states = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
+                                            for r in rows], list(sites), batch_size)
+        for k, r in enumerate(rows):
+            mapped[r] = states[k, sites[resolved[r].source_site]]
     return mapped  # type: ignore[return-value]
 
 

@@ -31,6 +31,10 @@ class SlowPathWarning(UserWarning):
     """A model whose family cannot take the planned execution runs on the slower plain pyvene path."""
 
 
+class VectorNormWarning(UserWarning):
+    """A vector source written far smaller or larger than the target's own states at l* (`execution.unpatched`)."""
+
+
 def out_of_range(field: str, value: object, allowed: str, context: str = "") -> SpecError:
     """Build the standard message: `Target.layer=40 is out of range for smollm2-135m (-30..29)`."""
     where = f" for {context}" if context else ""

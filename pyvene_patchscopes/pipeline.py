@@ -297,7 +297,7 @@ def _user_locations(locations: dict | None, reps: list, pad: list[int],
         src, base = None, value
     field = f"unit_locations[{name!r}]" + ("[1]" if name == "sources->base" else "")
     base = _entries(field, base, reps, rows, allowed)
-    src = None if src is None else _entries(f"unit_locations['sources->base'][0]", src, reps, rows, allowed)
+    src = None if src is None else _entries("unit_locations['sources->base'][0]", src, reps, rows, allowed)
     for k, (rep, entry) in enumerate(zip(reps, base)):
         if entry is not None and rep.unit == "pos":
             base[k] = [[_padded(f"{field}[{k}][{r}]", p, pad[r], lengths[r]) for p in row]

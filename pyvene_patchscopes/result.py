@@ -79,9 +79,21 @@ class PatchscopeResult:
     generated_ids: list[int] | None = None
     # Kept with run(..., keep_scores=True), what the scale search scores: the entropy (nats) of the next-token
     # distribution at the end of T (low when the readout is confident), and the target's last-layer residual (the
-    # last block's output, before the final norm) at the last written slot, which self-similarity compares with v.
+    # last block's output, before the final norm) at the end of T, which self-similarity compares with v.
     entropy: float | None = None
     final_state: torch.Tensor | None = field(default=None, repr=False)
+    # Beside a vector reading (a `VectorSource`): the null reading, what the target prompt says with nothing written
+    # (its top-k next tokens and its generation), read once per distinct target. None for a prompt's state.
+    null_top: list[TokenProb] | None = None
+    null_generation: str | None = None
+
+    @property
+    def agrees_with_null(self) -> bool | None:
+        """Whether the reading is the null reading's: the same top-1 next token and the same generation (None
+        without a null reading). A vector whose reading agrees changed nothing visible at this scale and l*."""
+        if self.null_top is None:
+            return None
+        return self.top[0].token_id == self.null_top[0].token_id and self.generation == self.null_generation
 
     @property
     def token(self) -> str:
@@ -100,4 +112,7 @@ class PatchscopeResult:
             "top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.top],
             "generation": self.generation,
             "informative": self.informative,
+            **({} if self.null_top is None else {
+                "null_top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.null_top],
+                "null_generation": self.null_generation, "agrees_with_null": self.agrees_with_null}),
         }

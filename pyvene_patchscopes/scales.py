@@ -6,18 +6,25 @@ degenerates (Kharlapenko et al., "Self-explaining SAE features", 2024, choose th
 scores). For every (vector, l*, α) this runs one Patchscope, all of them in one batched `run` (the planned
 execution shares the target prompt and packs the rows under the token budget), and records:
 
-- **self-similarity**: cos(h_final, f(v)), with h_final the target's last block output (before the final norm) at
-  the last written slot: how much of the written direction survives to the top of the model;
+- **self-similarity**: cos(h_end, f(v)), with h_end the target's last block output (before the final norm) at the
+  end of T, where the readout is made: how much of the written direction reaches the position that answers;
 - **entropy**: the entropy (nats) of the next-token distribution at the end of T.
+
+Both are read where Kharlapenko et al.'s scripts read them (github.com/neverix/micrlhf-progress,
+``sprint/scale_tuning_gemma.py``: the residual at the prompt's last token, and the entropy of the first generated
+token). Self-similarity read at the written slot instead rises with α whatever v is, since the slot holds α·v
+itself: that made the rule pick the largest α for every vector, a random one included.
 
 The rule (`ScaleSearch.choose`): per vector, the (l*, α) that maximises
 ``self_similarity − weight · entropy / ln |V|`` (|V| the vocabulary size, so both terms lie in [0, 1]); ``weight``
-is the rule's one parameter, chosen on a dev split where an evaluation uses it (tutorial 06).
+is the rule's one parameter, chosen on a dev split where an evaluation uses it (tutorial 06). (Their scripts
+combine the two as 0.4·s/max(s) − 0.6·H/max(H) over one latent's scales, each taken relative to scale 0; here the
+scale of each term is fixed, so that one weight means the same for every vector.)
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -30,6 +37,19 @@ from .spec import Patchscope, Target, VectorSource
 from .writes import check_alpha
 
 DEFAULT_ALPHAS = (2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    """What the rule picked for one vector: its l* and α, the scores of that cell, and the readout there."""
+
+    vector: str                      # the vector's name
+    layer: int                       # l*
+    alpha: float                     # α
+    score: float                     # self_similarity − weight · entropy / ln |V|
+    self_similarity: float
+    entropy: float
+    result: PatchscopeResult = field(repr=False)
 
 
 @dataclass
@@ -59,17 +79,20 @@ class ScaleSearch:
         """The rule's score, self_similarity − weight · entropy / ln |V|, for every cell."""
         return self.self_similarity - check_alpha(weight, "weight") * self.entropy / math.log(self.vocab_size)
 
-    def choose(self, weight: float = 1.0) -> list[tuple[int, int]]:
-        """Per vector, the (layer index, alpha index) of the highest score (the first one on a tie)."""
-        flat = self.score(weight).flatten(1).argmax(1).tolist()
-        return [divmod(cell, len(self.alphas)) for cell in flat]
-
-    def chosen(self, weight: float = 1.0) -> list[PatchscopeResult]:
-        """Per vector, the readout at the (l*, α) the rule picks."""
-        return [self.result(v, layer, alpha) for v, (layer, alpha) in enumerate(self.choose(weight))]
+    def choose(self, weight: float = 1.0) -> list[ScaleChoice]:
+        """Per vector, the l* and α of the highest score (the first one on a tie), with its scores and readout."""
+        score = self.score(weight)
+        choices = []
+        for v, cell in enumerate(score.flatten(1).argmax(1).tolist()):
+            i, j = divmod(cell, len(self.alphas))
+            choices.append(ScaleChoice(self.vectors[v].name, self.target_layer(v, i), self.alphas[j],
+                                       float(score[v, i, j]), float(self.self_similarity[v, i, j]),
+                                       float(self.entropy[v, i, j]), self.result(v, i, j)))
+        return choices
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One flat record per (vector, l*, α), for a DataFrame."""
+        """One flat record per (vector, l*, α), for a DataFrame; ``agrees_with_null`` marks a reading that is the
+        target's own with nothing written (`PatchscopeResult.agrees_with_null`)."""
         records = []
         for v, vector in enumerate(self.vectors):
             for i in range(self.n_layers):
@@ -77,6 +100,7 @@ class ScaleSearch:
                     result = self.result(v, i, j)
                     records.append({"vector": vector.name, "target_layer": self.target_layer(v, i), "alpha": alpha,
                                     "token": result.token, "prob": result.prob, "generation": result.generation,
+                                    "agrees_with_null": result.agrees_with_null,
                                     "self_similarity": float(self.self_similarity[v, i, j]),
                                     "entropy": float(self.entropy[v, i, j])})
         return records
@@ -123,8 +147,8 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
 
 
 def _written(source: VectorSource) -> torch.Tensor:
-    """The vector written at the last slot (one per slot: the last row)."""
+    """The v self-similarity compares with: the vector, or its last row when it has one per slot."""
     return source.tensor if source.tensor.ndim == 1 else source.tensor[-1]
 
 
-__all__ = ["ScaleSearch", "scale_search", "DEFAULT_ALPHAS"]
+__all__ = ["ScaleSearch", "ScaleChoice", "scale_search", "DEFAULT_ALPHAS"]

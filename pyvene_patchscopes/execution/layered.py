@@ -164,7 +164,7 @@ class Layered(Stack):
                             None if sorted_alphas is None else sorted_alphas[start:stop], shared.split)
             if j < self.n_layers and stop:
                 hidden[:stop] = self._block(j, shared, hidden[:stop])
-        states = hidden[:, shared.split + slots.offsets[-1]].clone() if keep_states else None
+        states = hidden[:, -1].clone() if keep_states else None
         last = self.norm(hidden[:, -1])
         start = active[self.n_layers]
         if rows > start:  # skip_final_ln rows: the final norm's output written at i*

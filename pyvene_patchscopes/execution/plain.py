@@ -56,7 +56,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
 
     positions[r] may be several slots (as many in every row); vectors is [rows, d], or [rows, slots, d] with one
     vector per slot. `write` and `alpha` choose the write mode (`writes`). ``keep_states`` also returns each row's
-    last block output at its last slot, on the prompt pass (`last_block_states`)."""
+    last block output at the end of its prompt, on the prompt pass (`last_block_states`)."""
     groups = exact_groups(handle, prompts)
     if len(groups) > 1:  # padding would shift this model's positions: one call per prompt length
         parts = [(g, patch(handle, site, [prompts[r] for r in g], [positions[r] for r in g], vectors[g],
@@ -78,8 +78,8 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
     representation = vectors.to(handle.device)  # [B, units, d_source]; f runs inside the intervention
     representation = (representation.unsqueeze(1).expand(-1, units, -1) if representation.ndim == 2
                       else representation).contiguous()
-    last_slots = torch.tensor([row[-1] for row in where])
-    with pyvene_guard(handle.model), torch.no_grad(), last_block_states(handle.model, last_slots, keep_states) as seen:
+    ends = torch.full((len(prompts),), batch.inputs["input_ids"].shape[1] - 1)  # the end of T (left-padded)
+    with pyvene_guard(handle.model), torch.no_grad(), last_block_states(handle.model, ends, keep_states) as seen:
         config = patch_config(site, handle.hidden_size, mapping.to(handle.device), write, alpha, units)
         pvm = intervenable(config, handle.model)
         key = pvm.sorted_keys[0]
@@ -104,7 +104,7 @@ class Patched(NamedTuple):
     logits: torch.Tensor
     texts: list[str] | None
     tokens: list[list[int]] | None
-    states: torch.Tensor | None = None  # [rows, d] the last block's output at each row's last slot, when kept
+    states: torch.Tensor | None = None  # [rows, d] the last block's output at the end of each row's prompt, when kept
 
 
 @contextmanager

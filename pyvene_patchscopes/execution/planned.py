@@ -34,7 +34,7 @@ class TargetRows:
     max_new_tokens: int = 0
     slots: Slots = REPLACE_ONE                       # the slots written (offsets from i*) and the write mode
     alphas: torch.Tensor | None = None               # [rows] each row's α (None: 1)
-    keep_scores: bool = False                        # also return entropy, and the last block output at the last slot
+    keep_scores: bool = False                        # also return entropy, and the last block output at the end of T
 
     @property
     def n_rows(self) -> int:
@@ -50,7 +50,7 @@ class Readout:
     logits: torch.Tensor | None          # [rows, vocab], float32, on the CPU
     tokens: list[list[int]] | None       # per row, up to and including EOS
     entropy: torch.Tensor | None = None  # [rows] nats, of the next-token distribution
-    states: torch.Tensor | None = None   # [rows, d] the last block's output at the last slot, when kept
+    states: torch.Tensor | None = None   # [rows, d] the last block's output at the end of T, when kept
 
 
 class SharedPrompts:

@@ -78,7 +78,7 @@ class Replayed(Stack):
         logits = torch.empty(rows, self.lm_head.weight.shape[0], device=self.device)
         states = torch.empty(rows, self.lm_head.weight.shape[1], device=self.device, dtype=self.dtype) \
             if keep_states else None
-        at = shared.split + slots.offsets[-1]
+        at = shared.length - 1  # the end of T, where the readout is
         for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
             group = torch.nonzero(key == value).flatten()
             sequence = shared.input_ids[None].repeat(len(group), 1)

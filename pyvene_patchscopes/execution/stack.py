@@ -189,7 +189,7 @@ class Decoded:
 
     logits: torch.Tensor              # [B, vocab] at the end of T, float32
     tokens: list[list[int]] | None    # per row, up to and including EOS
-    states: torch.Tensor | None = None  # [B, d] the last block's output at the last written slot (keep_states)
+    states: torch.Tensor | None = None  # [B, d] the last block's output at the end of T (keep_states)
 
 
 class Stack:
@@ -361,8 +361,8 @@ class Stack:
                 cache.append(self._row_cache(shared, j, rows, new_k, new_v))
         states = None
         if keep_states:  # rows written after the final norm never ran a block: their last block output is shared
-            states = hidden[:, slots.offsets[-1]].clone()
-            states[active[self.n_layers]:] = shared.hidden[-1][slots.offsets[-1]]
+            states = hidden[:, -1].clone()
+            states[active[self.n_layers]:] = shared.hidden[-1][-1]
         last = self.norm(hidden[:, -1])
         normed_rows = active[self.n_layers + 1] - active[self.n_layers]
         if normed_rows:  # skip_final_ln rows: the final norm's output itself is replaced at i*

@@ -1,0 +1,130 @@
+"""The null reading: each target prompt that a vector is written into, run once with nothing written.
+
+A vector's reading means something only beside what the target says unpatched: a random direction often reads the
+same text as a real one, and a reading equal to the null reading says the vector changed nothing visible
+(`PatchscopeResult.agrees_with_null`). One plain forward (and greedy generation, as the readout's) runs per distinct
+(target model, target prompt, max_new_tokens), whatever the execution path of the rows.
+
+The same pass measures the target's own residual norms at every l* written, and a vector whose written size
+α·‖f(v)‖ is more than `NORM_FACTOR` times smaller or larger than the median there gets a `VectorNormWarning`
+naming both: a unit-norm vector at SelfIE's l* = 0 of SmolLM2 is 43 times smaller than the states of its prompt
+there, and its placeholders read as empty ('\n\n\n…').
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..architectures import architecture
+from ..devices import input_device
+from ..errors import VectorNormWarning
+from ..models import ModelHandle
+from ..positions import token_ids
+from ..resolve import Models, Resolved
+from ..result import TokenProb, top_k
+from ..sites import Site, final_norm
+from .plain import greedy_config
+from .stack import evaluating
+
+# A written vector more than this many times smaller or larger than the median norm of the target's own states at
+# l* is flagged. An order of magnitude: inside it a scale search has room to work; outside it the write is next to
+# nothing beside the states there (too small) or overwhelms the layers above (too large).
+NORM_FACTOR = 10.0
+
+
+@dataclass(frozen=True)
+class NullReading:
+    """What the target says with nothing written, and the size of its own states where vectors are written."""
+
+    top: list[TokenProb]
+    generation: str | None
+    norms: dict[Site, float]  # median norm of the target's states at each site, token 0 (the sink) left out
+
+
+def null_readings(items: Sequence[Resolved], written: Sequence[torch.Tensor], models: Models,
+                  top: int) -> list[NullReading]:
+    """The null reading of each vector row (`items`, with f(v) for each in `written`), computed once per distinct
+    (target model, target prompt, max_new_tokens); warns about vectors far from the norms there."""
+    targets: dict[tuple[str, str, int], list[int]] = {}
+    for k, item in enumerate(items):
+        targets.setdefault((item.scope.target_model, item.scope.target.prompt, item.scope.max_new_tokens), []).append(k)
+    readings: list[NullReading | None] = [None] * len(items)
+    for (name, prompt, max_new_tokens), rows in targets.items():
+        sites = list(dict.fromkeys(items[k].target_site for k in rows))
+        reading = read_unpatched(models[name], prompt, max_new_tokens, top, sites)
+        for k in rows:
+            readings[k] = reading
+    warn_far_norms(items, written, readings)  # type: ignore[arg-type]
+    return readings  # type: ignore[return-value]
+
+
+def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: int,
+                   sites: Sequence[Site] = ()) -> NullReading:
+    """`prompt` run unpatched on `handle`: its top-k next tokens, its greedy generation, and the median norm of its
+    states at each of `sites` on the prompt pass."""
+    ids = torch.tensor([token_ids(handle.tokenizer, prompt)], device=input_device(handle.model))
+    norms: dict[Site, float] = {}
+    hooks = [_site_module(handle.model, site).register_forward_hook(partial(_keep_norm, norms, site, ids.shape[1]))
+             for site in sites]
+    try:
+        with evaluating(handle.model), torch.no_grad():
+            if max_new_tokens:
+                out = handle.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                            generation_config=greedy_config(handle, max_new_tokens))
+                logits, new = out.logits[0][0], out.sequences[0, ids.shape[1]:].tolist()
+            else:
+                logits, new = handle.model(input_ids=ids).logits[0, -1], None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    text = None if new is None else handle.tokenizer.decode(new, skip_special_tokens=True)
+    return NullReading(top_k(logits.float(), handle.tokenizer, top), text, norms)
+
+
+def _site_module(model: nn.Module, site: Site) -> nn.Module:
+    if site.after_final_norm:
+        return final_norm(model)
+    arch = architecture(model)
+    return arch.module(model, arch.layers)[site.layer]
+
+
+def _keep_norm(norms: dict[Site, float], site: Site, length: int, module: nn.Module, args: Any, out: Any) -> None:
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
+    if site not in norms and isinstance(hidden, torch.Tensor) and hidden.ndim == 3 and hidden.shape[1] == length:
+        states = hidden[0, 1:] if length > 1 else hidden[0]  # the sink's outsized norm left out
+        norms[site] = float(states.float().norm(dim=-1).median())
+
+
+def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], readings: Sequence[NullReading]) -> None:
+    """One `VectorNormWarning` when any row writes α·‖f(v)‖ (at any of its slots) more than `NORM_FACTOR` times
+    below or above the median norm of its target's own states at l*. ``norm-matched-add`` rows are matched to it,
+    and a zero write (an ablation, or α = 0) is meant."""
+    far = []
+    for item, vector, reading in zip(items, written, readings):
+        typical = reading.norms.get(item.target_site)
+        if item.scope.target.write == "norm-matched-add" or not typical:
+            continue
+        sizes = [s for s in (abs(item.scope.target.alpha) * vector.float().norm(dim=-1).reshape(-1)).tolist() if s]
+        size = max(sizes, key=lambda s: abs(math.log(s / typical)), default=None)  # a zero write is an ablation
+        if size is not None and not 1 / NORM_FACTOR <= size / typical <= NORM_FACTOR:
+            far.append((item, size, typical))
+    if not far:
+        return
+    item, size, typical = far[0]
+    ratio = f"{typical / size:.3g}x smaller" if size < typical else f"{size / typical:.3g}x larger"
+    warnings.warn(
+        f"{len(far)} of {len(items)} vector reading(s) write a vector far from the size of the target's own states: "
+        f"{item.scope.source.name!r} writes alpha * |f(v)| = {size:.3g} at l*={item.target_layer} of "
+        f"{item.scope.target_model}, where the target prompt's states have median norm {typical:.3g} ({ratio}; "
+        f"flagged beyond {NORM_FACTOR:g}x either way). Too small, a replaced slot reads as empty and an added vector "
+        "changes little (compare result.null_top, the target unpatched); too large, it overwhelms the layers above. "
+        "Scale it with Target.alpha, or pick alpha with scales.scale_search.", VectorNormWarning, stacklevel=4)
+
+
+__all__ = ["NullReading", "null_readings", "read_unpatched", "warn_far_norms", "NORM_FACTOR"]

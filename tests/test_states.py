@@ -1,0 +1,110 @@
+"""`hidden_states(prompts, model, layers, positions)` (issue 36, finding 8): the states a Patchscope's source reads,
+in the paper's layer convention (layer l = HF ``hidden_states[l + 1]``, the last layer HF's last entry, after the
+final norm), bit-equal to the engine's own collect step and to HF's hidden_states with the offset."""
+from __future__ import annotations
+
+import re
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, SpecError, Target, hidden_states, run
+from pyvene_patchscopes.engine import _collect_all
+from pyvene_patchscopes.positions import resolve_position
+from pyvene_patchscopes.resolve import resolve
+from tiny import FAMILIES, tiny_model
+
+README = Path(__file__).parent.parent / "README.md"
+PROMPTS = ["The capital of France is Paris", "Here is a word: dog", "Tokyo London Berlin Rome and Paris"]
+
+
+def _hf(handle, prompt: str, layer: int, index: int) -> torch.Tensor:
+    """HF's own hidden_states[layer + 1] at token `index`, the prompt run alone."""
+    ids = handle.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return handle.model(ids, output_hidden_states=True).hidden_states[layer + 1][0, index]
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_states_are_hfs_hidden_states_one_layer_up_the_last_after_the_final_norm(kind):
+    handle = tiny_model(kind)
+    n = handle.n_layers
+    states = hidden_states(PROMPTS, handle, layers=[0, 1, -1], positions=["Paris", -2, 3])
+    assert states.shape == (3, 3, handle.hidden_size)
+    for p, (prompt, position) in enumerate(zip(PROMPTS, ["Paris", -2, 3])):
+        index = resolve_position(handle.tokenizer, prompt, position, "Source")
+        for k, layer in enumerate([0, 1, n - 1]):
+            torch.testing.assert_close(states[p, k], _hf(handle, prompt, layer, index), atol=1e-5, rtol=0)
+    alone = hidden_states(PROMPTS[1], handle, layers=[0, 1, -1], positions=-2)  # one prompt, unpadded: exact
+    assert torch.equal(alone, torch.stack([_hf(handle, PROMPTS[1], layer, -2) for layer in (0, 1, n - 1)]))
+
+
+def test_a_str_prompt_and_an_int_layer_drop_their_axes_and_none_is_every_layer(tiny_llama):
+    every = hidden_states(PROMPTS, tiny_llama, positions=-1)
+    assert every.shape == (3, tiny_llama.n_layers, tiny_llama.hidden_size)
+    assert hidden_states(PROMPTS, tiny_llama, 2).shape == (3, tiny_llama.hidden_size)
+    assert hidden_states(PROMPTS[0], tiny_llama, [2]).shape == (1, tiny_llama.hidden_size)
+    torch.testing.assert_close(hidden_states(PROMPTS[0], tiny_llama, 2), every[0, 2], atol=1e-5, rtol=0)  # unpadded
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_states_are_bit_equal_to_what_the_engines_collect_reads(kind):
+    handle = tiny_model(kind)
+    positions, layers = ["Paris", -2, 3], [0, 2, -1]
+    scopes = [Patchscope(Source(prompt, position, layer, handle.name), Target("x", -1, 0))
+              for prompt, position in zip(PROMPTS, positions) for layer in layers]
+    engine = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 32)
+    states = hidden_states(PROMPTS, handle, layers, positions)
+    assert torch.equal(states.flatten(0, 1), torch.stack(engine))
+
+
+def test_on_smollm2_states_equal_the_engines_and_hfs_and_run_reads_them(smollm2):
+    layers, positions = [0, 6, 15, 29], ["Paris", "dog", "Rome"]
+    states = hidden_states(PROMPTS, smollm2, layers, positions)
+    scopes = [Patchscope(Source(prompt, position, layer, smollm2.name), Target("cat->cat; 1135->1135; x", "x", layer))
+              for prompt, position in zip(PROMPTS, positions) for layer in layers]
+    engine = _collect_all([resolve(scope, {smollm2.name: smollm2}) for scope in scopes], {smollm2.name: smollm2}, 32)
+    assert torch.equal(states.flatten(0, 1), torch.stack(engine))
+    for p, (prompt, position) in enumerate(zip(PROMPTS, positions)):
+        index = resolve_position(smollm2.tokenizer, prompt, position, "Source")
+        for k, layer in enumerate(layers):  # batched with left padding here, alone in HF's call
+            torch.testing.assert_close(states[p, k], _hf(smollm2, prompt, layer, index), atol=2e-4, rtol=1e-4)
+    ours = run(scopes, smollm2, source_states=list(states.flatten(0, 1)))
+    theirs = run(scopes, smollm2)
+    assert all(torch.equal(a.logits, b.logits) for a, b in zip(ours, theirs))
+
+
+def test_position_zero_warns_as_a_source_does(tiny_llama):
+    with pytest.warns(SinkPositionWarning, match="Source.position resolves to token 0"):
+        hidden_states("Paris is large", tiny_llama, 1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SinkPositionWarning)
+        hidden_states("Paris is large", tiny_llama, 1, 1)
+
+
+def test_bad_input_gets_one_line_naming_the_field(tiny_llama):
+    with pytest.raises(SpecError, match=r"layers=4 is out of range for tiny-llama \(allowed: -4..3\)"):
+        hidden_states(PROMPTS, tiny_llama, [0, 4])
+    with pytest.raises(SpecError, match=r"positions has 2 entries for 3 prompts \(allowed: one position"):
+        hidden_states(PROMPTS, tiny_llama, 0, [1, 2])
+    with pytest.raises(SpecError, match=r"Source.position='Madrid': the token is not in Source.prompt"):
+        hidden_states(PROMPTS[0], tiny_llama, 0, "Madrid")
+    with pytest.raises(SpecError, match=r"prompts is empty"):
+        hidden_states([], tiny_llama, 0)
+    with pytest.raises(SpecError, match=r"layers is empty"):
+        hidden_states(PROMPTS, tiny_llama, [])
+    with pytest.raises(SpecError, match=r"model is a str \(allowed: a ModelHandle"):
+        hidden_states(PROMPTS, "smollm2-135m", 0)
+
+
+def test_the_readmes_example_runs_and_says_what_it_prints(smollm2, capsys):
+    section = README.read_text().split("## Reading any vector", 1)[1].split("\n## ", 1)[0]
+    blocks = [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", section, re.S)]
+    example = next(block for block in blocks if "hidden_states(" in block)
+    exec(compile(example, "README.md", "exec"), {})  # noqa: S102 (the README's own code)
+    printed = capsys.readouterr().out.splitlines()
+    shown = [line.split("# ", 1)[1] for line in example.splitlines() if line.startswith("# ")]
+    assert printed == shown

@@ -71,7 +71,7 @@ def test_future_lens_preset_patches_the_fixed_prompt_at_its_last_token_with_l_st
     assert (scope.target.position, scope.target.layer, scope.max_new_tokens) == (-1, 7, 3)
     assert future_lens(Source("x", -1, 7), target_layer=2, max_new_tokens=5).target.layer == 2
     assert future_lens(Source("x", -1, 7), target_prompt="Tell me:").target.prompt == "Tell me:"
-    assert PRESETS["future-lens"].build is future_lens
+    assert PRESETS["future-lens"].recipe is future_lens
     assert build("future-lens", "The cat sat on the", layer=4) == future_lens(Source("The cat sat on the", -1, 4))
     assert TASKS["future"].module == "future" and list(TASKS).index("future") == list(TASKS).index("next-token") + 1
 

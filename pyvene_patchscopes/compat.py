@@ -374,7 +374,7 @@ class PluginModules:
 def plugin_modules(pvm: pv.IntervenableModel) -> PluginModules:
     """The modules of `pvm`'s registered intervention classes and mappings that are the user's own."""
     from .interventions import INTERVENTIONS
-    from .mappings import MappingFunction
+    from .mappings import MAPPINGS, MappingFunction, mapping_module
 
     registered = {str(cls) for cls in INTERVENTIONS.values()}  # as the loader matches them: by pyvene's type string
     interventions, mappings = {}, {}
@@ -383,8 +383,9 @@ def plugin_modules(pvm: pv.IntervenableModel) -> PluginModules:
         if str(type(intervention)) in registered and module is not None:
             interventions[str(type(intervention))] = module
         mapping = getattr(intervention, "mapping", None)
-        if isinstance(mapping, MappingFunction) and module_of(type(mapping)) is not None:
-            mappings[mapping.name] = module_of(type(mapping))
+        # the module that registers the name the state records, as a spec records it (`MappingSpec.module`)
+        if isinstance(mapping, MappingFunction) and mapping.name in MAPPINGS and mapping_module(mapping.name):
+            mappings[mapping.name] = mapping_module(mapping.name)
     return PluginModules(interventions, mappings)
 
 
@@ -475,6 +476,8 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     unpickles anything but tensors, never assumes CUDA, and reads nothing outside the folder; intervention
     classes must be pyvene's own or registered with `register_intervention`.
     """
+    from .interventions import set_constant_source
+
     directory = Path(directory)
     raw = _read_pyvene_config(directory)
     allowed = _allowed_intervention_types()
@@ -517,7 +520,7 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
             state = _read_intervention_state(directory, key, device)
             if "source_representation" not in state:
                 raise SpecError(f"weights for intervention {key!r} lack 'source_representation'")
-            _set_constant_source(intervention, state["source_representation"])
+            set_constant_source(intervention, state["source_representation"])
         intervention.to(device)
     if include_model:
         load_model_weights(pvm, directory, device)
@@ -541,17 +544,6 @@ def _set_dimension(intervention: nn.Module, dim: object, rep, model: nn.Module, 
 
 # constant-source classes that hold no source vector: nothing to read back for them
 _NO_SOURCE = (pv.ZeroIntervention, pv.SourcelessIntervention, pv.CollectIntervention, pv.NoiseIntervention)
-
-
-def _set_constant_source(intervention: nn.Module, tensor: torch.Tensor) -> None:
-    """Give `intervention` its saved constant source (e.g. an addition's steering vector).
-
-    pyvene's constructor leaves ``source_representation = None`` as a plain attribute when no vector is
-    given, and ``register_buffer`` refuses a name that already exists, so the attribute goes first.
-    """
-    if "source_representation" not in intervention._buffers and hasattr(intervention, "source_representation"):
-        delattr(intervention, "source_representation")
-    intervention.register_buffer("source_representation", tensor)
 
 
 def _patched_save(self: pv.IntervenableModel, save_directory: str, save_to_hf_hub: bool = False,

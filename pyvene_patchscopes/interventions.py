@@ -25,7 +25,7 @@ import torch
 
 from .errors import SpecError, UnknownNameError
 from .mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
-from .plugins import unregistered
+from .plugins import claim, unregistered
 from .writes import check_alpha, check_mode, combine
 
 I = TypeVar("I", bound=type)
@@ -42,15 +42,25 @@ def register_intervention(name: str) -> Callable[[I], I]:
     def decorate(cls: I) -> I:
         if not (isinstance(cls, type) and issubclass(cls, pv.Intervention)):
             raise TypeError(f"@register_intervention({name!r}) needs a pyvene Intervention subclass, got {cls!r}")
-        known = INTERVENTIONS.get(name)
-        if known is not None and str(known) != str(cls):  # a class defined again (a re-run cell) is the same
-            raise SpecError(f"intervention name {name!r} is already registered to {known.__module__}."
-                            f"{known.__qualname__}")
+        claim(INTERVENTIONS, name, cls, "intervention")
         cls.registered_name = name
-        INTERVENTIONS[name] = cls
         return cls
 
     return decorate
+
+
+def set_constant_source(intervention: torch.nn.Module, tensor: torch.Tensor) -> None:
+    """Give a pyvene intervention a constant source, as a buffer its ``state_dict`` keeps (an addition's steering
+    vector; a `MappingIntervention`'s source states), on a fresh instance too.
+
+    pyvene's constructor leaves ``source_representation = None`` as a plain attribute when no vector is given,
+    and ``register_buffer`` refuses a name that already exists (so pyvene's own ``set_source_representation``
+    fails there): the attribute goes first.
+    """
+    if "source_representation" not in intervention._buffers and hasattr(intervention, "source_representation"):
+        delattr(intervention, "source_representation")
+    intervention.register_buffer("source_representation", tensor)
+    intervention.is_source_constant = True
 
 
 def _text_buffer(text: str) -> torch.Tensor:
@@ -141,16 +151,14 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         """Hold `source_representation` (``[rows, slots, d_source]``) as a constant source, as pyvene's
         AdditionIntervention holds its vector: pyvene then needs no source for this intervention, and its
         ``save`` keeps the states in the ``state_dict``. `PyvenePlan.add_to` gives a batch's source states so."""
-        if "source_representation" not in self._buffers:
-            self.__dict__.pop("source_representation", None)  # pyvene's constructor left a plain None there
-        super().set_source_representation(source_representation)
+        set_constant_source(self, source_representation)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
         # a saved constant source: make room for it (a rebuilt instance has none), then load it like any buffer
         key = prefix + "source_representation"
         if key in state_dict and "source_representation" not in self._buffers:
-            self.set_source_representation(torch.empty_like(state_dict[key]))
+            set_constant_source(self, torch.empty_like(state_dict[key]))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -241,4 +249,4 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
 
 __all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
            "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
-           "resolve_intervention"]
+           "resolve_intervention", "set_constant_source"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import SpecError
 from .files import check_finite
-from .plugins import module_of, unregistered
+from .plugins import claim, module_of, unregistered
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
@@ -58,18 +58,17 @@ def register_mapping(name: str) -> Callable[[M], M]:
     def decorate(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, MappingFunction)):
             raise TypeError(f"@register_mapping({name!r}) needs a MappingFunction subclass, got {cls!r}")
-        known = MAPPINGS.get(name)
-        if known is not None and _where(known) != _where(cls):  # a class defined again (a re-run cell) is the same
-            raise SpecError(f"mapping name {name!r} is already registered to {'.'.join(_where(known))}")
+        claim(MAPPINGS, name, cls, "mapping")
         cls.name = name
-        MAPPINGS[name] = cls
         return cls
 
     return decorate
 
 
-def _where(cls: type) -> tuple[str, str]:
-    return cls.__module__, cls.__qualname__
+def mapping_module(name: str) -> str | None:
+    """The module a saved file names for the mapping registered as `name`: the registered class's, whatever
+    subclass an instance is (None for a built-in mapping)."""
+    return module_of(MAPPINGS[name])
 
 
 @register_mapping("identity")
@@ -170,7 +169,7 @@ class MappingSpec:
     @property
     def module(self) -> str | None:
         """The module that registers this mapping, for a mapping of the user's own (None for a built-in one)."""
-        return module_of(MAPPINGS[self.name])
+        return mapping_module(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"name", "args"}``, and ``"module"`` for a mapping of the user's own (spec version 4)."""
@@ -207,4 +206,5 @@ def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -
     return module.eval()
 
 
-__all__ = ["MappingFunction", "MappingSpec", "MAPPINGS", "register_mapping", "build_mapping", "Identity", "Affine"]
+__all__ = ["MappingFunction", "MappingSpec", "MAPPINGS", "register_mapping", "mapping_module", "build_mapping", "Identity",
+           "Affine"]

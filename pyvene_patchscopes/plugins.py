@@ -30,6 +30,22 @@ def module_of(cls: type) -> str | None:
     return None if module == BUILT_IN or module.startswith(BUILT_IN + ".") else module
 
 
+def class_path(cls: type) -> str:
+    """``module.qualname``: how a registration names a class. Two classes with one path are one class (a notebook
+    cell or a module run again defines it anew)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def claim(registry: dict[str, type], name: str, cls: type, kind: str) -> None:
+    """Register `cls` under `name` in `registry` (`register_mapping`, `register_intervention`): the same class again
+    is allowed, another class under a taken name is refused."""
+    known = registry.get(name)
+    if known is not None and class_path(known) != class_path(cls):
+        raise SpecError(f"{kind} name {name!r} is already registered to {class_path(known)} (allowed: another name, "
+                        "or the same class again)")
+    registry[name] = cls
+
+
 def check_module(value: object, field: str) -> str:
     """A module name as a saved file gives it: a dotted Python name, else a `SpecError` naming `field`."""
     if not isinstance(value, str) or not _MODULE.match(value):
@@ -91,4 +107,5 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 
-__all__ = ["PLUGIN_GROUP", "load_plugins", "import_module", "module_of", "check_module", "unregistered"]
+__all__ = ["PLUGIN_GROUP", "load_plugins", "import_module", "module_of", "class_path", "claim", "check_module",
+           "unregistered"]

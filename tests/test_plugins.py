@@ -278,7 +278,8 @@ def test_registering_the_same_class_again_is_allowed_and_another_class_under_a_t
 
     register_mapping("twice-36")(mapping_class("notebook_36"))
     register_mapping("twice-36")(mapping_class("notebook_36"))  # a notebook cell run again
-    with pytest.raises(SpecError, match="'twice-36' is already registered to notebook_36.Twice"):
+    with pytest.raises(SpecError, match=r"^mapping name 'twice-36' is already registered to notebook_36.Twice "
+                                        r"\(allowed: another name, or the same class again\)$"):
         register_mapping("twice-36")(mapping_class("other_36"))
     import pyvene as pv
 
@@ -287,7 +288,8 @@ def test_registering_the_same_class_again_is_allowed_and_another_class_under_a_t
 
     register_intervention("keep-36")(intervention_class("notebook_36"))
     register_intervention("keep-36")(intervention_class("notebook_36"))
-    with pytest.raises(SpecError, match="'keep-36' is already registered to notebook_36.Keep"):
+    with pytest.raises(SpecError, match=r"^intervention name 'keep-36' is already registered to notebook_36.Keep "
+                                        r"\(allowed: another name, or the same class again\)$"):
         register_intervention("keep-36")(intervention_class("other_36"))
 
 
@@ -314,3 +316,24 @@ def test_a_malformed_plugins_file_is_refused_before_anything_is_built(shared, tm
     (folder / "plugins.json").write_text(json.dumps(change(plugins)))
     with pytest.raises(SpecError, match=message):
         pyvene_patchscopes.load_intervenable(folder, tiny_model("llama", seed=11).model)
+
+
+def test_an_unregistered_subclass_records_the_module_that_registers_its_name(tmp_path):
+    """A spec and a pyvene folder name one module for a mapping: the one that registers the name its state records
+    (`MappingSpec.module`), not the module of an unregistered subclass (a pyvene folder named the subclass's)."""
+    import pyvene as pv
+
+    from pyvene_patchscopes import compat, save_intervenable
+    from pyvene_patchscopes.interventions import MappingIntervention
+
+    subclass = type("Tweaked", (Scaled,), {"__module__": "notebook_sub_36"})  # not registered: its name is Scaled's
+    mapping = subclass(64, 64, 0.5)
+    handle = tiny_model("llama", seed=11)
+    scope = Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(TARGET, "x", 2), mapping=mapping)
+    assert scope.to_dict()["mapping"]["module"] == "test_interventions"
+    config = pv.IntervenableConfig([pv.RepresentationConfig(1, "block_output", "pos", 1, intervention=MappingIntervention(
+        mapping=mapping, embed_dim=64))])
+    with compat.pyvene_guard(handle.model):
+        save_intervenable(compat.intervenable(config, handle.model), tmp_path / "pyvene")
+    plugins = json.loads((tmp_path / "pyvene" / "plugins.json").read_text())
+    assert plugins["mappings"] == {mapping.name: "test_interventions"}

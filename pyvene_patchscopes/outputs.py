@@ -141,8 +141,22 @@ def _new_file_mode(target: Path) -> int:
     return stat.S_IMODE(mode) if mode is not None else 0o666 & ~_umask()
 
 
+# Linux states the process's umask here ("Umask:\t0022"); read each time, since the user may change it
+_STATUS = Path("/proc/self/status")
+
+
 def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    """The process's umask, read without changing it where the system says it (Linux); elsewhere, set and put back.
+
+    Setting it, even for a moment, would give a file another thread creates in that moment (the explorer's
+    worker) the mode of the temporary umask."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

@@ -10,17 +10,20 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pyvene as pv
 import torch
 from safetensors.torch import save_file
 
-from pyvene_patchscopes import (Patchscope, Source, Target, VectorSource, compat, save_intervenable, sweep)
+from pyvene_patchscopes import (Patchscope, Source, Target, VectorSource, compat, models, outputs, save_intervenable,
+                                sweep)
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.interventions import MappingIntervention
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.jlens.fit import write_checkpoint
+from pyvene_patchscopes.outputs import umask_modes
 from test_interventions import Scaled, random_affine
 from tiny import tiny_model
 
@@ -88,11 +91,67 @@ def test_sweep_shards_lenses_checkpoints_and_reports_keep_the_umask_mode(umask, 
 
 def test_a_folder_written_whole_elsewhere_gets_the_umask_modes(umask, tmp_path):
     """The model cache: ``mkdtemp`` (0700) filled by HF's ``save_pretrained`` (safetensors: 0600), then renamed."""
-    from pyvene_patchscopes.outputs import umask_modes
-
     folder = Path(tempfile.mkdtemp(dir=tmp_path))
     (folder / "sub").mkdir(mode=0o700)
     save_file({"w": torch.zeros(2)}, str(folder / "sub" / "model.safetensors"))
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     umask_modes(folder)
     assert modes(tmp_path) == expected(tmp_path, umask)
+
+
+def test_a_file_the_save_replaces_keeps_its_mode(umask, tiny_llama, tmp_path):
+    """The README: a file it replaces keeps its mode (a user's chmod is not undone by saving again)."""
+    scope = Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name),
+                       Target("The capital of x is", "x", 2), mapping=random_affine(64, 64))
+    scope.save(tmp_path / "affine", models=tiny_llama)
+    os.chmod(tmp_path / "affine" / "mapping.safetensors", 0o640)
+    os.chmod(tmp_path / "affine" / "config.json", 0o600)
+    scope.replace(mapping=random_affine(64, 64)).save(tmp_path / "affine", models=tiny_llama)
+    saved = modes(tmp_path)
+    assert saved["affine/mapping.safetensors"] == oct(0o640) and saved["affine/config.json"] == oct(0o600)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux states the umask in /proc/self/status")
+def test_the_umask_is_read_without_setting_it(umask, tiny_llama, tmp_path, monkeypatch):
+    """Setting the umask to read it, even for a moment, gives a file another thread creates then (the explorer's
+    worker) the temporary umask's mode: on Linux the library reads it and never sets it (issue 36 review)."""
+    calls = []
+    real = os.umask
+    monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
+    Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name), Target("The capital of x is", "x", 2),
+               mapping=random_affine(64, 64)).save(tmp_path / "affine", models=tiny_llama)
+    umask_modes(tmp_path / "affine")
+    monkeypatch.undo()
+    assert calls == [] and modes(tmp_path) == expected(tmp_path, umask)
+
+
+def test_without_proc_the_umask_is_set_and_put_back(umask, tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "_STATUS", tmp_path / "no-such-status")  # another system: the old way
+    assert outputs._umask() == umask
+    assert os.umask(umask) == umask  # put back as it was
+
+
+def test_the_converted_model_cache_gets_the_umask_modes(umask, tmp_path, monkeypatch):
+    """`_converted_dir` itself (a GGUF converted once into the cache), with the conversion stubbed: HF's
+    ``save_pretrained`` writes safetensors 0600 into ``mkdtemp``'s 0700 folder; the cache must come out as the
+    umask gives, as the user's group may share it."""
+    class Converted:
+        """What HF's from_pretrained(gguf_file=...) gives, as far as `_converted_dir` uses it."""
+
+        def __init__(self, name: str, *args, **kwargs):
+            self.name, self.config, self.hf_quantizer = name, SimpleNamespace(), object()
+
+        def save_pretrained(self, folder):
+            (Path(folder) / self.name).mkdir(mode=0o700)
+            save_file({"w": torch.zeros(2)}, str(Path(folder) / self.name / "model.safetensors"))
+
+    monkeypatch.setattr(models, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: Converted("tok")))
+    monkeypatch.setattr(models, "AutoModelForCausalLM",
+                        SimpleNamespace(from_pretrained=lambda *a, **k: Converted("weights")))
+    monkeypatch.setenv("PATCHSCOPES_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "gguf" / "tiny.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    folder = models._converted_dir("tiny", gguf)
+    assert folder.parent == tmp_path / "cache" and (folder / "weights" / "model.safetensors").is_file()
+    assert modes(tmp_path / "cache") == expected(tmp_path / "cache", umask)

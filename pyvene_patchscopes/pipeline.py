@@ -13,12 +13,19 @@ of pyvene 0.1.8's other ways fits every Patchscope beside a user's interventions
   ``CollectIntervention``'s states to its entry, so ``None`` or a placeholder beside a collect or a constant
   source fails (``TypeError``, ``IndexError``) or returns the placeholder among the collected states.
 
-So the Patchscope takes no entry in ``sources`` or ``source_representations``, and the user's interventions
-keep both.
+So the Patchscope's source state is its constant source, and the user's interventions keep ``sources`` and
+``source_representations``. The Patchscope takes ``None`` in ``sources`` (no source run for it); in
+``source_representations`` it takes an entry only when the user gives theirs (pyvene then needs one for every
+intervention): its own source states, the ones it holds.
+
+Every base a plan points into is its rows' prompts left-padded into one batch by `Batch.encode` (explicit
+position ids, so padding changes nothing): the plan's own locations, the user's positions in `add_to`, and the
+base `add_to` returns. A model whose forward takes no ``position_ids`` reads padding as tokens
+(`exact_groups`), so there the rows of one plan share one token length, in the source prompts and the target
+prompts alike.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -27,20 +34,17 @@ import torch
 
 from .compat import base_locations
 from .errors import SpecError
-from .execution.batching import Batch, pads_exactly
+from .execution.batching import Batch, exact_groups, left_pads
 from .execution.plain import collect_states, greedy_config
 from .interventions import MappingIntervention, write_intervention
 from .mappings import MappingFunction, build_mapping
 from .models import ModelHandle
-from .positions import token_ids, warn_if_sink
+from .positions import warn_if_sink
 from .pyvene_config import collect_config, patch_config, source_representation
 from .resolve import Resolved, as_models, resolve, warn_uninformative
 
 if TYPE_CHECKING:
     from .spec import Patchscope
-
-# interventions that `add_to` put into a config: a second Patchscope in the same config is refused
-_ADDED: "weakref.WeakSet[MappingIntervention]" = weakref.WeakSet()
 
 # what every row of one plan shares: one intervention at one site, with one mapping and one write
 _SHARED = (
@@ -72,7 +76,8 @@ class PyveneInputs:
     """What a pyvene pipeline holding a Patchscope takes: ``pvm(**inputs.forward)`` and
     ``pvm.generate(**inputs.generate)`` (None when the Patchscope generates nothing, max_new_tokens=0).
 
-    The base is the target prompts, left-padded as `run` pads them, so ``logits[:, -1]`` is every row's readout.
+    The base is the plan's `patch_base` (the target prompts, left-padded with explicit position ids), so
+    ``logits[:, -1]`` is every row's readout.
     ``keys`` are pyvene's intervention keys in its order; the Patchscope's is the last.
     """
 
@@ -85,15 +90,19 @@ class PyveneInputs:
 class PyvenePlan:
     """A Patchscope (or a batch of rows that share its sites) as pyvene configs and positions.
 
-    ``collect`` reads the source state (None for a vector source) and ``patch`` writes f of it; their
-    ``*_locations`` are for the rows left-padded into one batch (unpadded for a batch of one). A vector
-    source is ``source_representation``, ``[rows, slots, d]``. `positions` names each row's i, i\\* and
-    readout; `add_to` joins the Patchscope to a pipeline of your own.
+    ``collect`` reads the source state (None for a vector source) and ``patch`` writes f of it. Each runs on its
+    ``*_base`` (pyvene's ``base``: the rows' source or target prompts left-padded into one batch, with explicit
+    ``position_ids``, on the model's device) at its ``*_locations``: ``pvm(base=plan.collect_base,
+    unit_locations=plan.collect_locations)``. A vector source is ``source_representation``, ``[rows, slots, d]``.
+    `positions` names each row's i, i\\* and readout in its own prompt; `add_to` joins the Patchscope to a
+    pipeline of your own.
     """
 
     collect: pv.IntervenableConfig | None
+    collect_base: dict[str, torch.Tensor] | None
     collect_locations: dict | None
     patch: pv.IntervenableConfig
+    patch_base: dict[str, torch.Tensor]
     patch_locations: dict
     mapping: MappingFunction
     source_representation: torch.Tensor | None
@@ -110,10 +119,11 @@ class PyvenePlan:
         config's order: ``unit_locations`` as ``{"base": [...]}`` or ``{"sources->base": (src, base)}`` with one
         ``[rows][units]`` list (or None) per intervention, base positions of ``unit="pos"`` interventions counted
         in each row's own target prompt (negative from its end; the left padding is added here); ``sources``
-        one per intervention group; ``source_representations`` by key or in order. The Patchscope's entries are
-        merged in, in pyvene's order. Everything is checked before
-        anything runs; then the source states are read (on the source model, as `run` reads them) and held by
-        the patch as its constant source. Build and call the IntervenableModel inside `pyvene_guard`.
+        one per intervention group (group keys, if you set them, 0..n-1); ``source_representations`` by key or
+        in order. Locations of other units (``"h.pos"``, ...) are passed to pyvene as given, counted in the padded
+        base (`patch_base`). The Patchscope's entries are merged in, in pyvene's order. Everything is checked
+        before anything runs; then the source states are read (on the source model, as `run` reads them) and held
+        by the patch as its constant source. Build and call the IntervenableModel inside `pyvene_guard`.
         """
         if not isinstance(config, pv.IntervenableConfig):
             raise SpecError(f"config is a {type(config).__name__} (allowed: a pyvene IntervenableConfig)")
@@ -121,13 +131,11 @@ class PyvenePlan:
             raise SpecError("add_to: a rerouted (CoT) Patchscope reads and writes within its own pass (allowed: a "
                             "Patchscope without reroute; run a rerouted one with run())")
         reps = list(config.representations)
-        if any(rep.intervention in _ADDED for rep in reps):
-            raise SpecError("config already holds a Patchscope added by add_to (allowed: one per config; batch "
-                            "several rows that share its sites in one plan: to_pyvene([...], models))")
+        _check_no_patchscope(reps)
         target = self.models[self.scopes[0].target_model]
-        batch = Batch.encode(target, [scope.target.prompt for scope in self.scopes])
-        lengths = [row.target_tokens for row in self.rows]
-        base, src = _user_locations(unit_locations, reps, batch.pad, lengths)
+        pad = left_pads(self.patch_base["attention_mask"])
+        width = self.patch_base["input_ids"].shape[1]
+        base, src = _user_locations(unit_locations, reps, pad, [width - n for n in pad])
         groups = _group_keys(reps)
         sources = _per_entry("sources", sources, len(set(groups)) if groups else len(reps), "intervention group")
         keys = representation_keys([*reps, self.patch.representations[0]])
@@ -136,24 +144,23 @@ class PyvenePlan:
         states = self._source_states().to(target.device)
         intervention = write_intervention(self.scopes[0].target.write, self.mapping, target.hidden_size,
                                           self.scopes[0].target.alpha).to(target.device)
-        intervention.set_source_representation(states)
-        _ADDED.add(intervention)
-        group = max(groups) + 1 if groups else None  # pyvene runs groups in ascending order: the patch's is last
+        intervention.set_source_representation(states)  # also what marks the config as holding a Patchscope
+        group = len(set(groups)) if groups else None  # groups run in ascending order: the patch's is last
         config.representations.append(
             self.patch.representations[0]._replace(intervention=intervention, group_key=group))
         if isinstance(config.intervention_types, list):
             config.intervention_types.append(type(intervention))
 
-        patch_base = self.patch_locations["sources->base"][1][0]
-        forward: dict[str, Any] = {"base": batch.inputs, "unit_locations": {
-            "sources->base": (None if src is None else [*src, None], [*base, patch_base])}}
+        patch_at = self.patch_locations["sources->base"][1][0]
+        forward: dict[str, Any] = {"base": dict(self.patch_base), "unit_locations": {
+            "sources->base": (None if src is None else [*src, None], [*base, patch_at])}}
         if sources is not None:
             forward["sources"] = [*sources, None]
         if representations is not None:
             forward["source_representations"] = {**representations, keys[-1]: states}
         new_tokens = self.scopes[0].max_new_tokens
         generate = None if not new_tokens else {
-            **forward, "base": {k: v for k, v in batch.inputs.items() if k != "position_ids"},  # generate derives them
+            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},  # generate derives them
             "intervene_on_prompt": True, "generation_config": greedy_config(target, new_tokens)}
         return PyveneInputs(forward=forward, generate=generate, keys=tuple(keys))
 
@@ -172,11 +179,14 @@ class PyvenePlan:
 def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyvenePlan:
     """The pyvene configs and positions that perform `scopes`: one Patchscope, or a batch of rows that differ
     only in prompts, positions and source vectors (see `PyvenePlan`)."""
-    scope_list = list(scopes) if isinstance(scopes, (list, tuple)) else [scopes]
+    listed = isinstance(scopes, (list, tuple))
+    scope_list = list(scopes) if listed else [scopes]
     # a Patchscope is told by its attributes: spec imports this module, so this module cannot import spec
-    if not scope_list or not all(hasattr(scope, "target_model") for scope in scope_list):
-        raise SpecError("to_pyvene: scopes must be a Patchscope or a non-empty list of them (allowed: Patchscope, "
-                        "[Patchscope, ...])")
+    bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
+    if not scope_list or bad is not None:
+        given = "scopes=[]" if not scope_list else \
+            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"  # type: ignore[index]
+        raise SpecError(f"to_pyvene: {given} (allowed: a Patchscope, or a non-empty list of them)")
     handles = as_models(models)
     rows = [resolve(scope, handles) for scope in scope_list]
     _check_one_batch(rows)
@@ -185,17 +195,20 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     source, target = handles[scope.source.model], handles[scope.target_model]
     mapping = build_mapping(scope.mapping, source.hidden_size, target.hidden_size)
     units = len(first.slots)
-    target_pad = left_padding(target, [s.target.prompt for s in scope_list], "Target.prompt")
     vector = scope.vector_source
-    if not vector:
-        source_pad = left_padding(source, [s.source.prompt for s in scope_list], None)
+    target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")
+    source_batch = None if vector else _one_batch(source, [s.source.prompt for s in scope_list],  # type: ignore[union-attr]
+                                                  "Source.prompt")
     return PyvenePlan(
         collect=None if vector else collect_config([first.source_site], source.hidden_size),
-        collect_locations=None if vector else base_locations([pad + row.source_position
-                                                              for pad, row in zip(source_pad, rows)]),
+        collect_base=None if source_batch is None else source_batch.inputs,
+        collect_locations=None if source_batch is None else base_locations(
+            [pad + row.source_position for pad, row in zip(source_batch.pad, rows)]),
         patch=patch_config(first.target_site, target.hidden_size, mapping, scope.target.write, scope.target.alpha,
                            units),
-        patch_locations=base_locations([[pad + slot for slot in row.slots] for pad, row in zip(target_pad, rows)]),
+        patch_base=target_batch.inputs,
+        patch_locations=base_locations([[pad + slot for slot in row.slots]
+                                        for pad, row in zip(target_batch.pad, rows)]),
         mapping=mapping,
         source_representation=torch.cat([source_representation(s.source.tensor, units)  # type: ignore[union-attr]
                                          for s in scope_list]) if vector else None,
@@ -217,14 +230,27 @@ def _check_one_batch(rows: list[Resolved]) -> None:
                                 "source vectors may differ)")
 
 
-def left_padding(handle: ModelHandle, prompts: Sequence[str], field: str | None) -> list[int]:
-    """Each prompt's left padding in one batch (`Batch.encode`). With `field`, a model that reads padding as tokens
-    (no ``position_ids``) is refused prompts of different lengths."""
-    lengths = [len(token_ids(handle.tokenizer, prompt)) for prompt in prompts]
-    if field and len(set(lengths)) > 1 and not pads_exactly(handle):
-        raise SpecError(f"to_pyvene: {field} has {len(set(lengths))} token lengths, but {handle.name} reads left "
-                        "padding as tokens (its forward takes no position_ids) (allowed: one token length per plan)")
-    return [max(lengths) - n for n in lengths]
+def _one_batch(handle: ModelHandle, prompts: Sequence[str], field: str) -> Batch:
+    """`prompts` left-padded into one batch (`Batch.encode`), refused where the padding would change their states:
+    prompts of different token lengths on a model that reads padding as tokens (`exact_groups`)."""
+    batch = Batch.encode(handle, prompts)
+    if len(exact_groups(handle, prompts)) > 1:
+        width = batch.inputs["input_ids"].shape[1]
+        raise SpecError(f"to_pyvene: {field} has the token lengths {sorted({width - pad for pad in batch.pad})}, but "
+                        f"{handle.name} reads left padding as tokens (its forward takes no position_ids) (allowed: "
+                        "one token length per plan on this model)")
+    return batch
+
+
+def _check_no_patchscope(reps: list) -> None:
+    """One Patchscope per config: a `MappingIntervention` holding source states is one `add_to` added (the config
+    itself says so, a deep copy of it included)."""
+    for k, rep in enumerate(reps):
+        if isinstance(rep.intervention, MappingIntervention) and rep.intervention.is_source_constant:
+            raise SpecError(f"config.representations[{k}] already holds a Patchscope (a "
+                            f"{type(rep.intervention).__name__} with its source states, as add_to adds it) (allowed: "
+                            "one Patchscope per config; batch several rows that share its sites in one plan: "
+                            "to_pyvene([...], models))")
 
 
 def representation_keys(representations: Sequence[Any]) -> list[str]:
@@ -242,13 +268,24 @@ def representation_keys(representations: Sequence[Any]) -> list[str]:
 
 
 def _group_keys(reps: list) -> list:
-    """The user's group keys: [] when none is set (each intervention is its own group), else one per representation."""
+    """The user's group keys: [] when none is set (each intervention is its own group), else one per representation,
+    0..n-1 in the config's order: pyvene reads group g's source as ``sources[g]``."""
     keys = [rep.group_key for rep in reps]
     if all(key is None for key in keys):
         return []
-    if any(key is None for key in keys):
-        raise SpecError("config.representations mix group_key=None with group keys (allowed: all None, or a "
-                        "group_key on every representation, as pyvene requires)")
+    first = next(k for k, key in enumerate(keys) if key is not None)
+    for k, key in enumerate(keys):
+        if key is None:
+            raise SpecError(f"config.representations[{k}].group_key=None beside config.representations[{first}]."
+                            f"group_key={keys[first]!r} (allowed: all None, or a group_key on every representation, "
+                            "as pyvene requires)")
+    n = len(set(keys))
+    for k, key in enumerate(keys):
+        earlier = keys[k - 1] if k else 0
+        if isinstance(key, bool) or not isinstance(key, int) or not earlier <= key < n:
+            raise SpecError(f"config.representations[{k}].group_key={key!r} is not allowed (allowed: {n} group(s) "
+                            f"numbered 0..{n - 1} in the config's order, as pyvene reads group g's source as "
+                            "sources[g]; or all None)")
     return keys
 
 
@@ -273,8 +310,11 @@ def _user_representations(value: dict | list | None, keys: list[str]) -> dict | 
         return dict(zip(keys, value))
     if isinstance(value, dict) and set(value) == set(keys):
         return dict(value)
-    raise SpecError(f"source_representations does not name your {len(keys)} intervention(s) (allowed: a dict with "
-                    f"the keys {keys}, a list in that order, or None)")
+    given = (f"a list of {len(value)}" if isinstance(value, list) else
+             f"a dict with the keys {sorted(map(str, value))}" if isinstance(value, dict) else
+             f"a {type(value).__name__}")
+    raise SpecError(f"source_representations is {given:.200}, which does not name your {len(keys)} intervention(s) "
+                    f"(allowed: a dict with the keys {keys}, a list in that order, or None)")
 
 
 def _user_locations(locations: dict | None, reps: list, pad: list[int],
@@ -284,7 +324,8 @@ def _user_locations(locations: dict | None, reps: list, pad: list[int],
     if locations is None:
         return [None] * n, None
     allowed = (f"{{'base': [...]}} or {{'sources->base': (None or [...], [...])}}, each [...] a list of {n} "
-               f"entries, one per intervention of your config, each None or {rows} row(s) of int positions")
+               f"entries, one per intervention of your config: for a unit='pos' one None or {rows} row(s) of int "
+               "positions, for another unit pyvene's own form")
     if not isinstance(locations, dict) or len(locations) != 1 or next(iter(locations)) not in ("base", "sources->base"):
         raise SpecError(f"unit_locations={locations!r:.80} is not allowed (allowed: {allowed})")
     (name, value), = locations.items()
@@ -306,15 +347,16 @@ def _user_locations(locations: dict | None, reps: list, pad: list[int],
 
 
 def _entries(field: str, value: object, reps: list, rows: int, allowed: str) -> list:
-    """One entry per representation: None, or `rows` lists of 1..max_number_of_units ints, as many in each row."""
+    """One entry per representation. A ``unit="pos"`` one: None, or `rows` lists of 1..max_number_of_units ints, as
+    many in each row; another unit's (``"h.pos"``: heads and positions) goes to pyvene as given."""
     if not isinstance(value, list) or len(value) != len(reps):
         raise SpecError(f"{field}={value!r:.80} is not allowed (allowed: {allowed})")
     out = []
     for k, (rep, entry) in enumerate(zip(reps, value)):
         most = rep.max_number_of_units
         shape = f"None or {rows} row(s), each a list of 1..{most} int positions, e.g. {[[1] * 1] * rows}"
-        if entry is None:
-            out.append(None)
+        if entry is None or rep.unit != "pos":
+            out.append(entry)
             continue
         if not isinstance(entry, list) or len(entry) != rows:
             raise SpecError(f"{field}[{k}]={entry!r:.60} is not allowed (allowed: {shape})")
@@ -335,4 +377,4 @@ def _padded(field: str, position: int, pad: int, n_tokens: int) -> int:
     return pad + position % n_tokens
 
 
-__all__ = ["PyvenePlan", "PyveneInputs", "Positions", "to_pyvene", "representation_keys", "left_padding"]
+__all__ = ["PyvenePlan", "PyveneInputs", "Positions", "to_pyvene", "representation_keys"]

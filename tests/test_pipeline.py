@@ -4,6 +4,7 @@ models, and the README's example on SmolLM2."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import re
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 import pyvene as pv
 import torch
 
+import auto_tiny
 import golden
 from tiny import tiny_model
 from pyvene_patchscopes import (Affine, Every, MappingIntervention, Patchscope, Reroute, Source, SpecError, Target,
-                                VectorSource, load_intervenable, pyvene_guard, run, save_intervenable, to_pyvene)
+                                VectorSource, hidden_states, load_intervenable, pyvene_guard, run, save_intervenable,
+                                to_pyvene)
 
 ATOL = 1e-5  # fp32 tiny models: the pipeline and run differ only in batching and float rounding
 ROWS = [("The city of Paris is large", "Paris", "The capital city of x is"),  # three target lengths:
@@ -108,6 +111,47 @@ def test_plan_names_each_rows_source_target_and_readout_positions(tiny):
         assert plan.positions.readout[k] == lengths[k] - 1
         # the plan's own unit_locations are for the left-padded batch
         assert plan.patch_locations["sources->base"][1][0][k] == [max(lengths) - lengths[k] + slot]
+
+
+def test_the_plans_own_configs_on_its_own_bases_equal_hidden_states_and_run(tiny):
+    """``plan.collect`` on ``plan.collect_base`` at ``plan.collect_locations`` reads what `hidden_states` reads,
+    and ``plan.patch`` on ``plan.patch_base`` fed those states reads out what `run` does: one padding for both
+    sides, the one `add_to` hands to pyvene (the batch is left-padded: three lengths on each side)."""
+    batch = scopes(tiny)
+    plan = to_pyvene(batch, tiny)
+    assert len(set(left.tolist().count(0) for left in plan.collect_base["attention_mask"])) > 1  # padded rows
+    with pyvene_guard(tiny.model), torch.no_grad():
+        (_, (states,)), _ = pv.IntervenableModel(plan.collect, tiny.model)(base=plan.collect_base,
+                                                                           unit_locations=plan.collect_locations)
+        _, out = pv.IntervenableModel(plan.patch, tiny.model)(base=plan.patch_base, unit_locations=plan.patch_locations,
+                                                              source_representations=states.reshape(3, 1, -1))
+    want = hidden_states([s.source.prompt for s in batch], tiny, 1, list(plan.positions.source))
+    torch.testing.assert_close(states.reshape(3, -1), want, atol=ATOL, rtol=0)
+    for k, alone in enumerate(run(batch, tiny)):
+        torch.testing.assert_close(out.logits[k, -1], alone.logits, atol=ATOL, rtol=0)
+    call = plan.add_to(users_config(tiny.hidden_size, torch.zeros(tiny.hidden_size)), users_locations(3))
+    assert all(torch.equal(call.forward["base"][key], plan.patch_base[key]) for key in plan.patch_base)
+
+
+def test_on_a_model_that_reads_padding_as_tokens_either_side_of_one_length_only():
+    """BLOOM's forward takes no position_ids, so left padding changes its states: a plan's source prompts, like its
+    target prompts, share one token length there (the source side was padded without a check, so
+    plan.collect_locations pointed into a batch whose states differ from run's)."""
+    bloom = auto_tiny.handle("BloomForCausalLM")
+    same = ["one two three four five six", "one two three four five six"]
+    ragged = ["one two three four five six", "Here is a word: dog"]
+    lengths = sorted(len(golden.encode(bloom, text)[0]) for text in ragged)
+    assert lengths[0] != lengths[1]
+    for field, (sources, targets) in {"Source.prompt": (ragged, same), "Target.prompt": (same, ragged)}.items():
+        rows = [Patchscope(Source(text, 3, 1, model=bloom.name), Target(target, -2, 1, model=bloom.name))
+                for text, target in zip(sources, targets)]
+        with pytest.raises(SpecError) as caught:
+            to_pyvene(rows, bloom)
+        assert str(caught.value) == (f"to_pyvene: {field} has the token lengths {lengths}, but {bloom.name} reads left "
+                                     "padding as tokens (its forward takes no position_ids) (allowed: one token "
+                                     "length per plan on this model)")
+    rows = [Patchscope(Source(text, 3, 1, model=bloom.name), Target(text, -2, 1, model=bloom.name)) for text in same]
+    assert to_pyvene(rows, bloom).collect_locations == {"sources->base": (None, [[[3], [3]]])}  # no padding
 
 
 # ---- beside the user's addition and collect: run, hooks, generate ------------------------------------------------
@@ -238,6 +282,27 @@ def test_the_users_source_representations_and_group_keys_are_merged(tiny_llama):
     torch.testing.assert_close(out.logits[0, -1], want, atol=ATOL, rtol=0)
 
 
+def test_a_head_intervention_beside_the_patchscope_takes_pyvenes_own_locations(tiny_llama):
+    """A unit="h.pos" intervention's locations are pyvene's own ([heads], [positions] per row), passed as given
+    (they were refused as if they were unit="pos" positions): a collect of head 1 at position 2 of layer 1."""
+    (scope,) = scopes(tiny_llama, 1, 2, rows=ROWS[:1])
+    config = pv.IntervenableConfig([pv.RepresentationConfig(1, "head_attention_value_output", "h.pos", 1,
+                                                            intervention=pv.CollectIntervention())])
+    call = to_pyvene(scope, tiny_llama).add_to(config, unit_locations={"base": [[[[1]], [[2]]]]})
+    with pyvene_guard(tiny_llama.model), torch.no_grad():
+        (_, collected), out = pv.IntervenableModel(config, tiny_llama.model)(**call.forward)
+    torch.testing.assert_close(out.logits[0, -1], run(scope, tiny_llama)[0].logits, atol=ATOL, rtol=0)
+    seen = {}
+    attention = golden.block(tiny_llama.model, 1).self_attn
+    hook = attention.o_proj.register_forward_pre_hook(lambda module, args: seen.setdefault("heads", args[0][0, 2]))
+    try:  # layer 1 lies below the patch (l* = 2): the unpatched prompt's value there
+        hooked_logits(tiny_llama, scope.target.prompt, {})
+    finally:
+        hook.remove()
+    size = tiny_llama.hidden_size // tiny_llama.model.config.num_attention_heads
+    torch.testing.assert_close(collected[0].reshape(-1), seen["heads"][size:2 * size], atol=ATOL, rtol=0)
+
+
 # ---- bad input: one line, before anything runs ----------------------------------------------------------------------
 BAD_LOCATIONS = [
     ({"base": [[[[7]]], [[-1]]]}, "unit_locations['base'][0][0]="),        # nested one level too deep (issue 36)
@@ -287,21 +352,65 @@ def test_pyvene_alone_fails_deep_inside_on_misnesting_and_on_source_representati
 
 @pytest.mark.parametrize("extra, field", [
     ({"sources": [None]}, "sources has 1 entries (allowed: a list of 2"),
-    ({"source_representations": {"layer_0": torch.zeros(1)}}, "source_representations does not name your 2"),
+    ({"source_representations": {"layer_0": torch.zeros(1)}},
+     "source_representations is a dict with the keys ['layer_0'], which does not name your 2 intervention(s) "
+     "(allowed: a dict with the keys ['layer_0_comp_block_output_unit_pos_nunit_1#0', "),
+    ({"source_representations": [torch.zeros(1, 1, 64)]},
+     "source_representations is a list of 1, which does not name your 2 intervention(s) (allowed: "),
+    ({"source_representations": torch.zeros(1, 1, 64)}, "source_representations is a Tensor, which does not name"),
 ])
 def test_sources_and_representations_of_the_wrong_size_are_refused(tiny_llama, extra, field):
     config = users_config(64, torch.zeros(64))
-    with pytest.raises(SpecError, match=re.escape(field)):
+    with pytest.raises(SpecError, match=re.escape(field)) as caught:
         to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1), **extra)
+    assert len(config.representations) == 2 and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("keys, message", [
+    ([0, 2], "config.representations[1].group_key=2 is not allowed (allowed: 2 group(s) numbered 0..1 in the "
+             "config's order, as pyvene reads group g's source as sources[g]; or all None)"),
+    ([1, 1], "config.representations[0].group_key=1 is not allowed (allowed: 1 group(s) numbered 0..0"),
+    ([1, 0], "config.representations[1].group_key=0 is not allowed (allowed: 2 group(s) numbered 0..1"),
+    (["a", "b"], "config.representations[0].group_key='a' is not allowed"),
+    ([0, None], "config.representations[1].group_key=None beside config.representations[0].group_key=0 (allowed: "
+                "all None, or a group_key on every representation"),
+])
+def test_group_keys_other_than_0_to_n_minus_1_are_refused_before_anything_is_added(tiny_llama, keys, message):
+    """pyvene reads group g's source as sources[g]: with keys [0, 2] add_to took 2 sources, gave the patch group 3,
+    and pyvene failed with an IndexError."""
+    config = users_config(64, torch.zeros(64))
+    config.representations = [rep._replace(group_key=key) for rep, key in zip(config.representations, keys)]
+    with pytest.raises(SpecError) as caught:
+        to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1),
+                                                                         sources=[None, None])
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
     assert len(config.representations) == 2
+
+
+def test_shared_group_keys_give_the_patch_the_next_group_and_one_source_per_group(tiny_llama):
+    config = users_config(64, torch.zeros(64))
+    config.representations = [rep._replace(group_key=0) for rep in config.representations]
+    call = to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1),
+                                                                           sources=[None])
+    assert [rep.group_key for rep in config.representations] == [0, 0, 1] and call.forward["sources"] == [None, None]
+    with pyvene_guard(tiny_llama.model), torch.no_grad():
+        _, out = pv.IntervenableModel(config, tiny_llama.model)(**call.forward)
+    (scope,) = scopes(tiny_llama, rows=ROWS[:1])
+    torch.testing.assert_close(out.logits[0, -1], run(scope, tiny_llama)[0].logits, atol=ATOL, rtol=0)
 
 
 def test_a_second_patchscope_a_rerouted_one_and_mixed_rows_are_refused(tiny_llama):
     config = users_config(64, torch.zeros(64))
     plan = to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama)
     plan.add_to(config, users_locations(1))
-    with pytest.raises(SpecError, match=r"already holds a Patchscope .*\(allowed: one per config"):
+    already = r"^config.representations\[2\] already holds a Patchscope \(a MappingIntervention with its source " \
+              r"states, as add_to adds it\) \(allowed: one Patchscope per config"
+    with pytest.raises(SpecError, match=already):
         plan.add_to(config, {"base": [[[1]], [[-1]], [[5]]]})
+    other = copy.deepcopy(config)  # the copy holds a Patchscope too (it got past a registry of added interventions)
+    with pytest.raises(SpecError, match=already):
+        plan.add_to(other, {"base": [[[1]], [[-1]], [[5]]]})
+    assert len(other.representations) == 3
     mixed = scopes(tiny_llama, rows=ROWS[:2])
     mixed[1] = mixed[1].replace(target_layer=2)
     with pytest.raises(SpecError, match=r"scopes\[1\] differs from scopes\[0\] in Target.layer \(allowed: "):
@@ -313,6 +422,11 @@ def test_a_second_patchscope_a_rerouted_one_and_mixed_rows_are_refused(tiny_llam
         to_pyvene(cot, tiny_llama).add_to(users_config(64, torch.zeros(64)))
     with pytest.raises(SpecError, match=r"config is a dict \(allowed: a pyvene IntervenableConfig\)"):
         plan.add_to({})
+    for given, message in (("not a scope", "scopes is a str"), ([], "scopes=[]"),
+                           ([mixed[0], "x"], "scopes[1] is a str")):
+        with pytest.raises(SpecError, match=re.escape(f"to_pyvene: {message} (allowed: a Patchscope, or a non-empty "
+                                                      "list of them)")):
+            to_pyvene(given, tiny_llama)
 
 
 def test_a_mapping_intervention_without_a_source_or_a_constant_one_says_so():

@@ -27,9 +27,14 @@ class Batch:
         encoded = handle.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
         mask = encoded["attention_mask"]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        pad = (mask.shape[1] - mask.sum(-1)).tolist()
+        pad = left_pads(mask)
         inputs = {"input_ids": encoded["input_ids"], "attention_mask": mask, "position_ids": position_ids}
         return cls({k: v.to(handle.device) for k, v in inputs.items()}, pad)
+
+
+def left_pads(attention_mask: torch.Tensor) -> list[int]:
+    """Each row's left padding in a batch, read off its attention mask (`Batch.pad`)."""
+    return (attention_mask.shape[1] - attention_mask.sum(-1)).tolist()
 
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -57,4 +62,4 @@ def exact_chunks(handle: ModelHandle, prompts: Sequence[str], size: int) -> list
     return [list(chunk) for group in exact_groups(handle, prompts) for chunk in chunks(group, size)]
 
 
-__all__ = ["Batch", "chunks", "exact_chunks", "exact_groups", "pads_exactly"]
+__all__ = ["Batch", "chunks", "exact_chunks", "exact_groups", "left_pads", "pads_exactly"]

@@ -133,28 +133,64 @@ def _check_model_options(args: argparse.Namespace) -> None:
 class ClosedPipe(BaseException):
     """Standard output or error is a pipe whose reader has gone (`| head`). A BaseException, as KeyboardInterrupt
     is, so that no ``except OSError`` or ``except Exception`` on the way (a model loader under its progress bar, a
-    dataset reader) takes it for a failure of its own; `main` ends quietly on it."""
+    dataset reader, a logging handler) takes it for a failure of its own; `main` ends quietly on it."""
 
 
 class _Stream:
-    """A standard stream, as `main` hands it to the command: a write to a closed pipe raises `ClosedPipe`."""
+    """A standard stream, as `main` hands it to the command: every way to write to it (`write`, `writelines`,
+    `flush`, and the same on its `buffer`) turns a closed pipe into `ClosedPipe`, in whichever thread writes.
 
-    def __init__(self, stream: Any):
+    Once the pipe has closed, every later write raises it too, so the main thread learns of it at its next write
+    even where another thread met it first. `on_close` says what a closed pipe does: "raise" (a command: it ends),
+    "drop" (a server's log: the lines are dropped and it keeps serving), or None once `main` has returned (a
+    library that kept the stream, a logging handler, then writes to the stream itself).
+    """
+
+    def __init__(self, stream: Any, owner: "_Stream | None" = None):
         self._stream = stream
+        self._owner = owner or self  # a `buffer` shares its text stream's state
+        self.closed_pipe = False
+        self.on_close: str | None = "raise"
 
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            raise ClosedPipe from None
+    def _guard(self, method: Any, *args: Any, dropped: Any = None) -> Any:
+        owner = self._owner
+        if owner.on_close is None:
+            return method(*args)
+        if not owner.closed_pipe:
+            try:
+                return method(*args)
+            except BrokenPipeError:
+                owner.closed_pipe = True
+        if owner.on_close == "drop":
+            return dropped
+        raise ClosedPipe
+
+    def write(self, text: Any) -> int:
+        return self._guard(self._stream.write, text, dropped=len(text))
+
+    def writelines(self, lines: Any) -> None:
+        self._guard(self._stream.writelines, lines)
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            raise ClosedPipe from None
+        self._guard(self._stream.flush)
 
-    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer: the stream's own
+    def release(self) -> None:
+        """Hand the stream back (`main` returns): flush what is left, and point it at /dev/null if its pipe has
+        closed, here or before, and only then: standard error may still carry a later error."""
+        self.on_close = "drop"
+        try:
+            self.flush()
+        except (OSError, ValueError):  # a full disk, a closed file: the interpreter's own final flush says so
+            pass
+        self.on_close = None
+        if self.closed_pipe:
+            _silence(self._stream)
+
+    @property
+    def buffer(self) -> "_Stream":
+        return _Stream(self._stream.buffer, self._owner)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: the stream's own
         return getattr(self._stream, name)
 
 
@@ -175,16 +211,15 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None
             from None
 
 
-def _silence(*streams: Any) -> None:
-    """Point each stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
+def _silence(stream: Any) -> None:
+    """Point the stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
     "Exception ignored" and turn the exit status into 120)."""
-    for stream in streams:
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())
-            os.close(null)
-        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
-            pass
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
+        pass
 
 
 def _cell(text: str | None, width: int = 32) -> str:
@@ -513,6 +548,9 @@ def cmd_explore(args: argparse.Namespace) -> None:
         sock.close()
         raise
     port = sock.getsockname()[1]
+    for stream in (sys.stdout, sys.stderr):  # from here on they are the server's log: a reader that leaves ends
+        if isinstance(stream, _Stream):     # the log only (its lines are dropped), and the page keeps being served
+            stream.on_close = "drop"
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Patchscopes explorer on {explorer.handle.name}: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
     serve(explorer, sock, allowed_hosts=hosts)
@@ -750,20 +788,24 @@ def error_line(err: PatchscopeError, command: str | None, as_json: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command line: exit status 0, 2 with the error on standard error, or 141, quietly, when a reader
-    closed the pipe of standard output or error early (the output, a progress bar or the error met it).
+    closed the pipe of standard output or error early (the output, a progress bar or the error met it); `explore`,
+    a server, keeps serving instead, its log dropped.
 
     SIGPIPE keeps Python's handling (ignored: a write fails instead), so sockets are left alone; the standard
     streams are wrapped for the command's duration so that such a failure reaches this function as `ClosedPipe`.
+    Only a stream whose pipe closed is pointed at /dev/null afterwards.
     """
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (None if stream is None else _Stream(stream) for stream in streams)
+    wrapped = [None if stream is None else _Stream(stream) for stream in streams]
+    sys.stdout, sys.stderr = wrapped
     try:
         return _run(sys.argv[1:] if argv is None else list(argv))
     except ClosedPipe:  # `| head` stopped reading: end quietly, as Unix tools do
-        _silence(*streams)
         return CLOSED_PIPE_STATUS
     finally:
         sys.stdout, sys.stderr = streams
+        for stream in filter(None, wrapped):
+            stream.release()
 
 
 def _run(argv: list[str]) -> int:

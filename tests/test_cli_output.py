@@ -10,14 +10,18 @@ import fcntl
 import html
 import importlib
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
+from pyvene_patchscopes import Patchscope, Source, Target, cli, models, sweep
 from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, main
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
@@ -82,6 +86,64 @@ def test_a_full_standard_output_stays_the_one_line_error(tmp_path):
         else:
             error = json.loads(done.stderr)["error"]
             assert error["message"] == "cannot write the output to standard output (No space left on device)"
+
+
+@pytest.fixture
+def closed_pipe():
+    """A pipe whose reader has gone, for this process's standard output: every write to it fails (EPIPE). The
+    test sets it (pytest's own capture sets sys.stdout again after the fixtures)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(writer, "w") as stream:
+        yield stream
+
+
+@pytest.mark.parametrize("how", ["writelines", "buffer.write", "buffer.writelines"])
+def test_every_way_of_writing_to_a_closed_pipe_ends_the_command_with_141(how, closed_pipe, monkeypatch):
+    def command(args):  # a command, or a library it calls, that writes other than by `write`
+        stream = sys.stdout.buffer if how.startswith("buffer") else sys.stdout
+        text = (b"x" if how.startswith("buffer") else "x") * (4 * PAGE)  # past the stream's own buffer
+        stream.writelines([text]) if how.endswith("writelines") else stream.write(text)
+
+    monkeypatch.setattr(cli, "cmd_list", command)
+    monkeypatch.setattr(sys, "stdout", closed_pipe)
+    assert main(["list"]) == CLOSED_PIPE_STATUS  # was: BrokenPipeError out of main
+
+
+def test_a_closed_standard_output_leaves_standard_error_open(closed_pipe, monkeypatch, tmp_path):
+    with open(tmp_path / "stderr", "w") as err:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert main(["list", "--json"]) == CLOSED_PIPE_STATUS
+        print("patchscopes: a later error", file=sys.stderr, flush=True)
+    assert (tmp_path / "stderr").read_text() == "patchscopes: a later error\n"  # was: "" (sent to /dev/null)
+
+
+def test_the_explorer_keeps_serving_when_the_pipe_of_its_log_closes(tmp_path):
+    """`patchscopes explore 2>&1 | head -1`: the address is read, then the reader goes. A request the server logs
+    (uvicorn warns of an invalid one) meets the closed pipe; the server drops the line and keeps serving, as
+    Python's logging drops a record it cannot write, until Ctrl-C."""
+    handle = tiny_model("llama", seed=2)
+    handle.model.save_pretrained(tmp_path / "tiny")
+    handle.tokenizer.save_pretrained(tmp_path / "tiny")
+    server = subprocess.Popen(CLI + ["explore", "--model", str(tmp_path / "tiny"), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        lines = iter(server.stdout.readline, b"")  # the loader's lines on standard error come first
+        address = next(found for line in lines if (found := re.search(rb"http://([0-9.]+):([0-9]+)/", line)))
+        host, port = address.group(1).decode(), int(address.group(2))
+        server.stdout.close()
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")  # logged: "Invalid HTTP request received."
+        info = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/info", timeout=30).read())
+        assert info["n_layers"] == handle.n_layers  # was: connection refused, the server ended (status 141)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 # ---- errors under --json ---------------------------------------------------------------------------------------

@@ -195,7 +195,8 @@ class _Stream:
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
-    """Print the command's output: `table` for people, or with --json one object (`schema`, `command`, ...).
+    """Print the command's output: `table` for people, or with --json one object, `schema` and `command` (the
+    subcommand's name) followed by `payload`.
 
     A closed pipe raises `ClosedPipe` (see `main`); any other failure to write (a full disk) is the one-line error.
     """
@@ -292,7 +293,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
         write_page(html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results))])
     note = f"\ninteractive table written to {args.html}" if args.html else ""
-    _emit(args, {"command": "inspect", "model": handle.name, "preset": args.preset,
+    _emit(args, {"model": handle.name, "preset": args.preset,
                  "source_prompt": args.source_prompt, "source_position": args.source_position,
                  "target_prompt": results[0].scope.target.prompt, "layers": rows, "html": args.html},
           header + layer_table(rows) + note)
@@ -329,7 +330,7 @@ def cmd_run(args: argparse.Namespace) -> None:
             "" if result.null_generation is None else f", generation {result.null_generation!r}")
         lines.append(f"null reading (target unpatched): {null}; the reading "
                      f"{'agrees with' if result.agrees_with_null else 'differs from'} it")
-    _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
+    _emit(args, {"result": result.to_dict()}, "\n".join(lines))
 
 
 def on_model(scope: Patchscope, model: str) -> dict[str, Any]:
@@ -360,7 +361,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     entries = {name: describe(name) for name in catalogue()}
     width = max((len(n) for n in entries), default=0) + 2
     table = "\n".join(f"{name:<{width}}{text}" for name, text in entries.items())
-    _emit(args, {"command": "list", "catalogue": entries}, table)
+    _emit(args, {"catalogue": entries}, table)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -397,7 +398,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 loaded.plot(plot)
             if html is not None:
                 loaded.to_html(html)
-        _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "out": str(result.path),
+        _emit(args, {"model": handle.name, "preset": args.preset, "out": str(result.path),
                      "spec_hash": result.manifest["spec_hash"], "computed_units": result.computed,
                      "skipped_units": result.skipped, "plot": args.plot, "html": args.html},
               f"sweep written to {result.path} (units computed here: {len(result.computed)}, already there: "
@@ -414,7 +415,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
     note += f"\ninteractive heatmap written to {args.html}" if args.html else ""
-    _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "plot": args.plot,
+    _emit(args, {"model": handle.name, "preset": args.preset, "plot": args.plot,
                  "html": args.html, "cells": records}, table + note)
 
 
@@ -448,7 +449,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     table = (f"Patchscope demo (paper Fig. 1) on {handle.name}: {DEMO_PROMPT!r} @ {DEMO_POSITION!r}\n"
              + layer_table(rows) + "\n\n" + reading)
-    _emit(args, {"command": "demo", "model": handle.name, "source_prompt": DEMO_PROMPT,
+    _emit(args, {"model": handle.name, "source_prompt": DEMO_PROMPT,
                  "source_position": DEMO_POSITION, "layers": rows, "heatmap": str(heatmap),
                  "decoded_layers": decoded}, table)
 
@@ -495,7 +496,7 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
               f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
               + "top: " + ", ".join(f"{show_token(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
     note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
-    _emit(args, {"command": "jacobian", "model": handle.name, **attribution.to_dict(), "files": files},
+    _emit(args, {"model": handle.name, **attribution.to_dict(), "files": files},
           header + attribution_table(attribution) + note)
 
 
@@ -503,8 +504,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from .models import EMBEDDED
     from .presets import PRESETS
 
-    payload = {"command": "presets", "presets": {n: p.summary for n, p in PRESETS.items()},
-               "models": list(EMBEDDED)}
+    payload = {"presets": {n: p.summary for n, p in PRESETS.items()}, "models": list(EMBEDDED)}
     table = "\n".join([f"{n:<20} {p.summary}" for n, p in PRESETS.items()] + ["", "models: " + ", ".join(EMBEDDED)])
     _emit(args, payload, table)
 
@@ -521,7 +521,7 @@ def cmd_families(args: argparse.Namespace) -> None:
     width = max(len(v.name) for v in verdicts) + 2
     rows = [f"{v.name:<{width}}{v.path:<14}{v.reason}" for v in verdicts]
     tally = ", ".join(f"{n} {path}" for path, n in counts(verdicts).items())
-    payload = {"command": "families", "transformers": transformers.__version__, "counts": counts(verdicts),
+    payload = {"transformers": transformers.__version__, "counts": counts(verdicts),
                "classes": [dataclasses.asdict(v) for v in verdicts]}
     _emit(args, payload, "\n".join(rows + ["", f"transformers {transformers.__version__}: {tally}"]))
 
@@ -589,11 +589,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.out is None:
             raise PatchscopeError("eval all needs --out DIR (allowed: any folder; one subfolder per task)")
         reports = run_all(load, options, args.out, model=args.model)
-        payload = {"command": "eval", "task": "all", "reports": [r.to_dict() for r in reports]}
+        payload = {"task": "all", "reports": [r.to_dict() for r in reports]}
         _emit(args, payload, (Path(args.out) / "README.md").read_text())
         return
     report = run_task(args.task, load, options, args.out, source=args.model, target=args.target_model)
-    _emit(args, {"command": "eval", "task": args.task, "report": report.to_dict()}, report.markdown())
+    _emit(args, {"task": args.task, "report": report.to_dict()}, report.markdown())
 
 
 # ---- parser -----------------------------------------------------------------------------------------

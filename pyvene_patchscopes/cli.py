@@ -15,7 +15,7 @@ from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
 from .files import is_file
 from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
 from .plugins import PLUGIN_GROUP, import_module, load_plugins
-from .result import show_token
+from .result import show_text
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -223,11 +223,6 @@ def _silence(stream: Any) -> None:
         pass
 
 
-def _cell(text: str | None, width: int = 32) -> str:
-    text = (text or "").replace("\n", "\\n")
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last position: no later layer reads it "
                        "and the readout never sees it, so the row says nothing about the source")
 
@@ -235,9 +230,10 @@ NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
     for row in rows:
-        token = show_token(row["token"], 13) + ("" if row.get("informative", True) else "*")
-        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} "
-                     f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
+        token = show_text(row["token"], 11) + ("" if row.get("informative", True) else "*")
+        generation = "" if row["generation"] is None else show_text(row["generation"], 30)
+        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  "
+                     + generation)
     if not all(row.get("informative", True) for row in rows):
         lines.append(NO_INFORMATION_NOTE)
     return "\n".join(lines)
@@ -322,12 +318,12 @@ def cmd_run(args: argparse.Namespace) -> None:
     where = (f"vector {source.name!r} {list(source.tensor.shape)}" if scope.vector_source
              else f"{source.prompt!r} @ {source.position!r} (token {result.source_position})")
     lines = [f"source {where}, layer {source.layer} -> target layer {scope.target.layer}"]
-    lines += [f"  {show_token(t.token):<16} {t.prob:.4f}" for t in result.top]
+    lines += [f"  {show_text(t.token):<16} {t.prob:.4f}" for t in result.top]
     if result.generation is not None:
-        lines.append(f"generation: {result.generation!r}")
+        lines.append(f"generation: {show_text(result.generation)}")
     if result.null_top is not None:  # a vector's reading, beside the target read with nothing written
-        null = f"{show_token(result.null_top[0].token)} {result.null_top[0].prob:.4f}" + (
-            "" if result.null_generation is None else f", generation {result.null_generation!r}")
+        null = f"{show_text(result.null_top[0].token)} {result.null_top[0].prob:.4f}" + (
+            "" if result.null_generation is None else f", generation {show_text(result.null_generation)}")
         lines.append(f"null reading (target unpatched): {null}; the reading "
                      f"{'agrees with' if result.agrees_with_null else 'differs from'} it")
     _emit(args, {"result": result.to_dict()}, "\n".join(lines))
@@ -410,7 +406,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         result.to_html(html)
     records = result.to_records()
     frame = result.to_pandas()
-    frame["token"] = [show_token(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
+    frame["token"] = [show_text(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
     table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
@@ -459,7 +455,7 @@ def attribution_table(attribution) -> str:
     lines = [f"{'pos':>4}  {'token':<16} {'score':>11}", "-" * 52]
     for position, token, score, weight in zip(attribution.positions, attribution.tokens, attribution.scores,
                                               attribution.normalised()):
-        lines.append(f"{position:>4}  {show_token(token, 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
+        lines.append(f"{position:>4}  {show_text(token, 14):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
     return "\n".join(lines)
 
 
@@ -492,9 +488,9 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
         attribution.plot(png)
         attribution.to_html(html)
         files = {"png": str(png), "html": str(html)}
-    header = (f"{spec.label} scope on {handle.name}: prediction {show_token(attribution.prediction)} "
+    header = (f"{spec.label} scope on {handle.name}: prediction {show_text(attribution.prediction)} "
               f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
-              + "top: " + ", ".join(f"{show_token(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
+              + "top: " + ", ".join(f"{show_text(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
     note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
     _emit(args, {"model": handle.name, **attribution.to_dict(), "files": files},
           header + attribution_table(attribution) + note)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .result import show_token
+from .result import show_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,7 +30,7 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(nrows, ncols, **options)
 
 
-CELL_WIDTH = 8  # characters of a heatmap cell's token, quotes included (`show_token`)
+CELL_WIDTH = 7  # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
 
 
 def _label(text: str, width: int) -> str:
@@ -54,7 +54,7 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
-            ax.text(j, i, show_token(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(j, i, show_text(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -94,7 +94,7 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
     for p in range(len(result.prompts)):
         for i in range(len(layers)):
             colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
-            ax.text(i, p, show_token(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(i, p, show_text(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)

@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 
 from pyvene_patchscopes import Patchscope, Source, Target, cli, models, sweep
-from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, main
+from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, layer_table, main
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
 from pyvene_patchscopes.plot import CELL_WIDTH, layer_heatmap
-from pyvene_patchscopes.result import show_token
+from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from tiny import tiny_loader, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,11 +197,35 @@ def test_the_readmes_json_error_is_what_the_cli_prints(capsys):
 
 
 # ---- tokens, one way -------------------------------------------------------------------------------------------
-def test_show_token_quotes_so_that_whitespace_is_visible():
-    assert [show_token(t) for t in DECODED] == ["' '", "'\\n'", "' Paris'", "'Paris'", "'  '"]
-    assert show_token("it's") == '"it\'s"' and show_token("\udcff") == "'\\udcff'"  # printable on any terminal
-    assert show_token(" Washington", 8) == "' Washi…" and len(show_token(" Washington", 8)) == 8
-    assert show_token(" Paris", 8) == "' Paris'"
+def test_show_text_quotes_so_that_whitespace_is_visible():
+    assert [show_text(t) for t in DECODED] == ["' '", "'\\n'", "' Paris'", "'Paris'", "'  '"]
+    assert show_text("it's") == '"it\'s"' and show_text("\udcff") == "'\\udcff'"  # printable on any terminal
+    assert show_text(" Washington", 7) == "' Washi…'" and show_text(" Paris\n", 4) == "' Pa…'"
+    assert show_text("", 3) == "''" and show_text("abc", 1) == "'…'"
+
+
+def test_a_heatmap_cell_keeps_its_quotes_and_six_letters_of_a_word():
+    """The README's examples; the quotes have their own room (CELL_WIDTH counts the text between them)."""
+    assert show_text(" London", CELL_WIDTH) == "' London'"  # was "' Londo…": the quotes took two letters' room
+    assert show_text(" Washington", CELL_WIDTH) == "' Washi…'"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "a heatmap cell keeps 7: `' London'`, `' Washi…'`" in " ".join(readme.split()) and CELL_WIDTH == 7
+
+
+def test_generations_are_quoted_as_tokens_are_in_tables_and_pages():
+    """A generation is written as a token is (show_text), cut to the table's width; it was unquoted with only line
+    breaks escaped in inspect's table, `repr` in `run` and the tooltips, and stripped in the HTML table."""
+    generation = " Paris\n\tis  "
+    row = {"source_layer": 3, "target_layer": 3, "token": " Paris", "prob": 0.5, "generation": generation}
+    assert layer_table([row]).splitlines()[2] == "  3   3  ' Paris'        0.500  ' Paris\\n\\tis  '"
+    long = {**row, "generation": "word " * 20}
+    assert layer_table([long]).splitlines()[2].endswith("  '" + ("word " * 6)[:29] + "…'")
+    scope = Patchscope(Source("The city of Paris", -1, 3, "tiny"), Target("x", "x", 3))
+    result = PatchscopeResult(scope=scope, source_position=3, target_position=0, top=[TokenProb(" Paris", 7, 0.5)],
+                              generation=generation)
+    [html_row] = layers_table([result])["rows"]
+    assert html_row["cells"][2] == show_text(generation) == "' Paris\\n\\tis  '"  # was: Paris\\n\\tis, stripped
+    assert html_row["tip"][-1] == f"generated: {show_text(generation)}"
 
 
 def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
@@ -237,30 +261,30 @@ def _quoted(text: str) -> list[str]:
     return re.findall(r"'(?:[^'\\]|\\.)*'", text)
 
 
-def test_every_cli_table_shows_tokens_as_show_token(decoded_as_whitespace, capsys, tmp_path):
+def test_every_cli_table_shows_tokens_as_show_text(decoded_as_whitespace, capsys, tmp_path):
     table, out = _both(capsys, ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-3",
                                 "--max-new-tokens", "0"])
     rows = table.splitlines()[3:3 + len(out["layers"])]
-    assert [_quoted(line) for line in rows] == [[show_token(r["token"])] for r in out["layers"]]
+    assert [_quoted(line) for line in rows] == [[show_text(r["token"])] for r in out["layers"]]
 
     spec = Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
                       max_new_tokens=0).save_json(tmp_path / "spec.json")
     table, out = _both(capsys, ["run", str(spec)])
-    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_token(t["token"])]
+    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_text(t["token"])]
                                                                   for t in out["result"]["top"]]
 
     table, out = _both(capsys, ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2",
                                 "--target-layers", "1,2"])
-    assert sorted(_quoted(table)) == sorted(show_token(c["token"]) for c in out["cells"])  # was: the raw text
+    assert sorted(_quoted(table)) == sorted(show_text(c["token"]) for c in out["cells"])  # was: the raw text
 
     table, out = _both(capsys, ["jacobian", "The city of Paris is large", "--variant", "semantic", "--top", "3"])
     header, _, body = table.partition("-" * 52)
-    assert show_token(out["prediction"]) in header.splitlines()[0]
-    assert [_quoted(line) for line in body.strip().splitlines()] == [[show_token(t["token"])] for t in out["tokens"]]
+    assert show_text(out["prediction"]) in header.splitlines()[0]
+    assert [_quoted(line) for line in body.strip().splitlines()] == [[show_text(t["token"])] for t in out["tokens"]]
 
     table, out = _both(capsys, ["demo", "--out", str(tmp_path / "demo")])
     rows = [line for line in table.splitlines() if re.match(r"^ *\d+ +\d+ ", line)]
-    assert [_quoted(line)[0] for line in rows] == [show_token(r["token"]) for r in out["layers"]]
+    assert [_quoted(line)[0] for line in rows] == [show_text(r["token"]) for r in out["layers"]]
 
 
 def _axes_labels(figure) -> list[str]:
@@ -272,18 +296,18 @@ def test_figures_and_pages_show_whitespace_tokens_quoted(decoded_as_blanks, tiny
                  max_new_tokens=0, progress=False)
     tokens = [[grid.cell(0, l, t).token for t in (1, 2)] for l in (0, 1, 2)]
     assert {t for row in tokens for t in row} <= {" ", "\n", "  "}
-    want = [[show_token(t, CELL_WIDTH) for t in row] for row in tokens]
+    want = [[show_text(t, CELL_WIDTH) for t in row] for row in tokens]
     assert _axes_labels(layer_heatmap(grid)) == [label for row in want for label in row]  # was: blank cells
     page = sweep_grid(grid)
     assert [[cell["label"] for cell in row] for row in page["cells"]] == want
-    assert page["cells"][0][0]["tip"][1].startswith(show_token(grid.cell(0, 0, 1).top[0].token) + "  ")
+    assert page["cells"][0][0]["tip"][1].startswith(show_text(grid.cell(0, 0, 1).top[0].token) + "  ")
 
     same = sweep(["Here is a word: dog", "one two"], tiny_llama, source_layers=[1, 2], target_layers="same",
                  max_new_tokens=0, progress=False)
-    assert _axes_labels(layer_heatmap(same)) == [show_token(row[0], CELL_WIDTH) for per in same.tokens()
+    assert _axes_labels(layer_heatmap(same)) == [show_text(row[0], CELL_WIDTH) for per in same.tokens()
                                                  for row in per]
     results = [grid.cell(0, l, 1) for l in (0, 1, 2)]
-    assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_token(r.token, 40) for r in results]
+    assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_text(r.token, 40) for r in results]
 
 
 def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
@@ -296,13 +320,13 @@ def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
     assert spans == ["'a'", "' '", "'\\n'", "'  '", "' Paris'", "' '"]  # was: blanks and a line break
     assert "prediction &#x27; &#x27;" in page
     figure = attribution.plot(tmp_path / "a.png")
-    assert _axes_labels(figure) == [show_token(t) for t in (*attribution.tokens, attribution.prediction)]
+    assert _axes_labels(figure) == [show_text(t) for t in (*attribution.tokens, attribution.prediction)]
 
 
-def test_the_explorers_token_chips_are_labelled_by_show_token():
+def test_the_explorers_token_chips_are_labelled_by_show_text():
     explorer = Explorer(tiny_model("llama", seed=2))
     tokens = explorer.tokens("one  two\nthree ")["tokens"]
-    assert [t["label"] for t in tokens] == [show_token(t["text"]) for t in tokens]  # the page draws `label`
+    assert [t["label"] for t in tokens] == [show_text(t["text"]) for t in tokens]  # the page draws `label`
     assert any(t["text"].strip() != t["text"] for t in tokens)
     script = (REPO / "pyvene_patchscopes" / "explore" / "static" / "explore.js").read_text()
     assert "chip.textContent = token.label" in script and "textContent = token.text" not in script

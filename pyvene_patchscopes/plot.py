@@ -30,7 +30,8 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(nrows, ncols, **options)
 
 
-CELL_WIDTH = 7  # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
+CELL_WIDTH = 7       # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
+COLUMN_INCHES = 0.5  # a heatmap column: room for CELL_WIDTH characters and their quotes at 6 pt
 
 
 def _label(text: str, width: int) -> str:
@@ -48,7 +49,7 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     cells = [[result.cell(prompt, l, t) for t in cols] for l in rows]
     probs = np.array([[cell.prob for cell in row] for row in cells])
     blind = np.array([[not cell.informative for cell in row] for row in cells])
-    size = max(4.0, 0.42 * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
+    size = max(4.0, COLUMN_INCHES * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
     fig, ax = subplots(figsize=size)
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
     for i, row in enumerate(cells):
@@ -89,7 +90,7 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
         ~result.informative[:, :, 0].numpy().astype(bool)
     tokens = result.tokens()
     layers = result.source_layers
-    fig, ax = subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
+    fig, ax = subplots(figsize=(max(4.0, COLUMN_INCHES * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for p in range(len(result.prompts)):
         for i in range(len(layers)):

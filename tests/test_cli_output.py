@@ -18,11 +18,13 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pyvene_patchscopes import Patchscope, Source, Target, cli, models, sweep
-from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, layer_table, main
+from pyvene_patchscopes.cli import (CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table,
+                                    main)
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
@@ -210,6 +212,27 @@ def test_a_heatmap_cell_keeps_its_quotes_and_six_letters_of_a_word():
     assert show_text(" Washington", CELL_WIDTH) == "' Washi…'"
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "a heatmap cell keeps 7: `' London'`, `' Washi…'`" in " ".join(readme.split()) and CELL_WIDTH == 7
+
+
+class _Grid:
+    """What `layer_heatmap` reads of a SweepResult: SmolLM2's 30 x 30 grid, each cell a word token."""
+    same_layer, preset, source_layers, target_layers = False, "token-identity", list(range(30)), list(range(30))
+    words = (" London", " Washington", " Amazon", " Oscars", " CEO", " Paris\n", " ?", "hello")
+
+    def cell(self, prompt: int, layer: int, target_layer: int) -> SimpleNamespace:
+        source = SimpleNamespace(prompt=DEMO_PROMPT, position=DEMO_POSITION)
+        return SimpleNamespace(token=self.words[(layer + target_layer) % len(self.words)], prob=layer / 30,
+                               informative=True, scope=SimpleNamespace(source=source))
+
+
+def test_the_heatmap_labels_fit_their_cells_at_the_default_size():
+    """The demo's heatmap size (30 x 30): a word's seven characters and its quotes stay inside its cell."""
+    figure = layer_heatmap(_Grid())
+    renderer = figure.canvas.get_renderer()
+    cell = figure.axes[0].get_window_extent(renderer).width / 30
+    widths = {text.get_text(): text.get_window_extent(renderer).width for text in figure.axes[0].texts}
+    assert set(widths) == {show_text(word, CELL_WIDTH) for word in _Grid.words}
+    assert max(widths.values()) < 0.95 * cell, (cell, widths)  # ' Amazon' overflowed 0.42-inch columns
 
 
 def test_generations_are_quoted_as_tokens_are_in_tables_and_pages():

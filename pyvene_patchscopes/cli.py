@@ -15,7 +15,7 @@ from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
 from .files import is_file
 from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
 from .plugins import PLUGIN_GROUP, import_module, load_plugins
-from .result import show_token
+from .result import show_text
 from .spec import Patchscope
 
 JSON_SCHEMA_VERSION = 1
@@ -133,33 +133,70 @@ def _check_model_options(args: argparse.Namespace) -> None:
 class ClosedPipe(BaseException):
     """Standard output or error is a pipe whose reader has gone (`| head`). A BaseException, as KeyboardInterrupt
     is, so that no ``except OSError`` or ``except Exception`` on the way (a model loader under its progress bar, a
-    dataset reader) takes it for a failure of its own; `main` ends quietly on it."""
+    dataset reader, a logging handler) takes it for a failure of its own; `main` ends quietly on it."""
 
 
 class _Stream:
-    """A standard stream, as `main` hands it to the command: a write to a closed pipe raises `ClosedPipe`."""
+    """A standard stream, as `main` hands it to the command: every way to write to it (`write`, `writelines`,
+    `flush`, and the same on its `buffer`) turns a closed pipe into `ClosedPipe`, in whichever thread writes.
 
-    def __init__(self, stream: Any):
+    Once the pipe has closed, every later write raises it too, so the main thread learns of it at its next write
+    even where another thread met it first. `on_close` says what a closed pipe does: "raise" (a command: it ends),
+    "drop" (a server's log: the lines are dropped and it keeps serving), or None once `main` has returned (a
+    library that kept the stream, a logging handler, then writes to the stream itself).
+    """
+
+    def __init__(self, stream: Any, owner: "_Stream | None" = None):
         self._stream = stream
+        self._owner = owner or self  # a `buffer` shares its text stream's state
+        self.closed_pipe = False
+        self.on_close: str | None = "raise"
 
-    def write(self, text: str) -> int:
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            raise ClosedPipe from None
+    def _guard(self, method: Any, *args: Any, dropped: Any = None) -> Any:
+        owner = self._owner
+        if owner.on_close is None:
+            return method(*args)
+        if not owner.closed_pipe:
+            try:
+                return method(*args)
+            except BrokenPipeError:
+                owner.closed_pipe = True
+        if owner.on_close == "drop":
+            return dropped
+        raise ClosedPipe
+
+    def write(self, text: Any) -> int:
+        return self._guard(self._stream.write, text, dropped=len(text))
+
+    def writelines(self, lines: Any) -> None:
+        self._guard(self._stream.writelines, lines)
 
     def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            raise ClosedPipe from None
+        self._guard(self._stream.flush)
 
-    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer: the stream's own
+    def release(self) -> None:
+        """Hand the stream back (`main` returns): flush what is left, and point it at /dev/null if its pipe has
+        closed, here or before, and only then: standard error may still carry a later error."""
+        self.on_close = "drop"
+        try:
+            self.flush()
+        except (OSError, ValueError):  # a full disk, a closed file: the interpreter's own final flush says so
+            pass
+        self.on_close = None
+        if self.closed_pipe:
+            _silence(self._stream)
+
+    @property
+    def buffer(self) -> "_Stream":
+        return _Stream(self._stream.buffer, self._owner)
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding: the stream's own
         return getattr(self._stream, name)
 
 
 def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
-    """Print the command's output: `table` for people, or with --json one object (`schema`, `command`, ...).
+    """Print the command's output: `table` for people, or with --json one object, `schema` and `command` (the
+    subcommand's name) followed by `payload`.
 
     A closed pipe raises `ClosedPipe` (see `main`); any other failure to write (a full disk) is the one-line error.
     """
@@ -175,21 +212,15 @@ def _emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None
             from None
 
 
-def _silence(*streams: Any) -> None:
-    """Point each stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
+def _silence(stream: Any) -> None:
+    """Point the stream's file at /dev/null, so that the interpreter's final flush cannot fail (it would print
     "Exception ignored" and turn the exit status into 120)."""
-    for stream in streams:
-        try:
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, stream.fileno())
-            os.close(null)
-        except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
-            pass
-
-
-def _cell(text: str | None, width: int = 32) -> str:
-    text = (text or "").replace("\n", "\\n")
-    return text if len(text) <= width else text[: width - 1] + "…"
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stream.fileno())
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): nothing to silence
+        pass
 
 
 NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last position: no later layer reads it "
@@ -199,9 +230,10 @@ NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
     for row in rows:
-        token = show_token(row["token"], 13) + ("" if row.get("informative", True) else "*")
-        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} "
-                     f"{row['prob']:>6.3f}  {_cell(row['generation'])}")
+        token = show_text(row["token"], 11) + ("" if row.get("informative", True) else "*")
+        generation = "" if row["generation"] is None else show_text(row["generation"], 30)
+        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  "
+                     + generation)
     if not all(row.get("informative", True) for row in rows):
         lines.append(NO_INFORMATION_NOTE)
     return "\n".join(lines)
@@ -257,7 +289,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
         write_page(html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results))])
     note = f"\ninteractive table written to {args.html}" if args.html else ""
-    _emit(args, {"command": "inspect", "model": handle.name, "preset": args.preset,
+    _emit(args, {"model": handle.name, "preset": args.preset,
                  "source_prompt": args.source_prompt, "source_position": args.source_position,
                  "target_prompt": results[0].scope.target.prompt, "layers": rows, "html": args.html},
           header + layer_table(rows) + note)
@@ -286,15 +318,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     where = (f"vector {source.name!r} {list(source.tensor.shape)}" if scope.vector_source
              else f"{source.prompt!r} @ {source.position!r} (token {result.source_position})")
     lines = [f"source {where}, layer {source.layer} -> target layer {scope.target.layer}"]
-    lines += [f"  {show_token(t.token):<16} {t.prob:.4f}" for t in result.top]
+    lines += [f"  {show_text(t.token):<16} {t.prob:.4f}" for t in result.top]
     if result.generation is not None:
-        lines.append(f"generation: {result.generation!r}")
+        lines.append(f"generation: {show_text(result.generation)}")
     if result.null_top is not None:  # a vector's reading, beside the target read with nothing written
-        null = f"{show_token(result.null_top[0].token)} {result.null_top[0].prob:.4f}" + (
-            "" if result.null_generation is None else f", generation {result.null_generation!r}")
+        null = f"{show_text(result.null_top[0].token)} {result.null_top[0].prob:.4f}" + (
+            "" if result.null_generation is None else f", generation {show_text(result.null_generation)}")
         lines.append(f"null reading (target unpatched): {null}; the reading "
                      f"{'agrees with' if result.agrees_with_null else 'differs from'} it")
-    _emit(args, {"command": "run", "result": result.to_dict()}, "\n".join(lines))
+    _emit(args, {"result": result.to_dict()}, "\n".join(lines))
 
 
 def on_model(scope: Patchscope, model: str) -> dict[str, Any]:
@@ -325,7 +357,7 @@ def cmd_list(args: argparse.Namespace) -> None:
     entries = {name: describe(name) for name in catalogue()}
     width = max((len(n) for n in entries), default=0) + 2
     table = "\n".join(f"{name:<{width}}{text}" for name, text in entries.items())
-    _emit(args, {"command": "list", "catalogue": entries}, table)
+    _emit(args, {"catalogue": entries}, table)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -362,7 +394,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                 loaded.plot(plot)
             if html is not None:
                 loaded.to_html(html)
-        _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "out": str(result.path),
+        _emit(args, {"model": handle.name, "preset": args.preset, "out": str(result.path),
                      "spec_hash": result.manifest["spec_hash"], "computed_units": result.computed,
                      "skipped_units": result.skipped, "plot": args.plot, "html": args.html},
               f"sweep written to {result.path} (units computed here: {len(result.computed)}, already there: "
@@ -374,12 +406,12 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         result.to_html(html)
     records = result.to_records()
     frame = result.to_pandas()
-    frame["token"] = [show_token(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
+    frame["token"] = [show_text(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
     table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
     note += f"\ninteractive heatmap written to {args.html}" if args.html else ""
-    _emit(args, {"command": "sweep", "model": handle.name, "preset": args.preset, "plot": args.plot,
+    _emit(args, {"model": handle.name, "preset": args.preset, "plot": args.plot,
                  "html": args.html, "cells": records}, table + note)
 
 
@@ -413,7 +445,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
     table = (f"Patchscope demo (paper Fig. 1) on {handle.name}: {DEMO_PROMPT!r} @ {DEMO_POSITION!r}\n"
              + layer_table(rows) + "\n\n" + reading)
-    _emit(args, {"command": "demo", "model": handle.name, "source_prompt": DEMO_PROMPT,
+    _emit(args, {"model": handle.name, "source_prompt": DEMO_PROMPT,
                  "source_position": DEMO_POSITION, "layers": rows, "heatmap": str(heatmap),
                  "decoded_layers": decoded}, table)
 
@@ -423,7 +455,7 @@ def attribution_table(attribution) -> str:
     lines = [f"{'pos':>4}  {'token':<16} {'score':>11}", "-" * 52]
     for position, token, score, weight in zip(attribution.positions, attribution.tokens, attribution.scores,
                                               attribution.normalised()):
-        lines.append(f"{position:>4}  {show_token(token, 16):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
+        lines.append(f"{position:>4}  {show_text(token, 14):<16} {score:>11.4g}  {'#' * round(20 * weight)}")
     return "\n".join(lines)
 
 
@@ -456,11 +488,11 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
         attribution.plot(png)
         attribution.to_html(html)
         files = {"png": str(png), "html": str(html)}
-    header = (f"{spec.label} scope on {handle.name}: prediction {show_token(attribution.prediction)} "
+    header = (f"{spec.label} scope on {handle.name}: prediction {show_text(attribution.prediction)} "
               f"(p = {attribution.prediction_prob:.3f}) after position {attribution.target_position}\n"
-              + "top: " + ", ".join(f"{show_token(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
+              + "top: " + ", ".join(f"{show_text(t)} ({s:.3g})" for _, t, s in attribution.top(args.top)) + "\n")
     note = "".join(f"\n{kind.upper()} written to {path}" for kind, path in files.items())
-    _emit(args, {"command": "jacobian", "model": handle.name, **attribution.to_dict(), "files": files},
+    _emit(args, {"model": handle.name, **attribution.to_dict(), "files": files},
           header + attribution_table(attribution) + note)
 
 
@@ -468,8 +500,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
     from .models import EMBEDDED
     from .presets import PRESETS
 
-    payload = {"command": "presets", "presets": {n: p.summary for n, p in PRESETS.items()},
-               "models": list(EMBEDDED)}
+    payload = {"presets": {n: p.summary for n, p in PRESETS.items()}, "models": list(EMBEDDED)}
     table = "\n".join([f"{n:<20} {p.summary}" for n, p in PRESETS.items()] + ["", "models: " + ", ".join(EMBEDDED)])
     _emit(args, payload, table)
 
@@ -486,7 +517,7 @@ def cmd_families(args: argparse.Namespace) -> None:
     width = max(len(v.name) for v in verdicts) + 2
     rows = [f"{v.name:<{width}}{v.path:<14}{v.reason}" for v in verdicts]
     tally = ", ".join(f"{n} {path}" for path, n in counts(verdicts).items())
-    payload = {"command": "families", "transformers": transformers.__version__, "counts": counts(verdicts),
+    payload = {"transformers": transformers.__version__, "counts": counts(verdicts),
                "classes": [dataclasses.asdict(v) for v in verdicts]}
     _emit(args, payload, "\n".join(rows + ["", f"transformers {transformers.__version__}: {tally}"]))
 
@@ -513,6 +544,9 @@ def cmd_explore(args: argparse.Namespace) -> None:
         sock.close()
         raise
     port = sock.getsockname()[1]
+    for stream in (sys.stdout, sys.stderr):  # from here on they are the server's log: a reader that leaves ends
+        if isinstance(stream, _Stream):     # the log only (its lines are dropped), and the page keeps being served
+            stream.on_close = "drop"
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"Patchscopes explorer on {explorer.handle.name}: http://{shown}:{port}/  (Ctrl-C stops it)", flush=True)
     serve(explorer, sock, allowed_hosts=hosts)
@@ -551,11 +585,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.out is None:
             raise PatchscopeError("eval all needs --out DIR (allowed: any folder; one subfolder per task)")
         reports = run_all(load, options, args.out, model=args.model)
-        payload = {"command": "eval", "task": "all", "reports": [r.to_dict() for r in reports]}
+        payload = {"task": "all", "reports": [r.to_dict() for r in reports]}
         _emit(args, payload, (Path(args.out) / "README.md").read_text())
         return
     report = run_task(args.task, load, options, args.out, source=args.model, target=args.target_model)
-    _emit(args, {"command": "eval", "task": args.task, "report": report.to_dict()}, report.markdown())
+    _emit(args, {"task": args.task, "report": report.to_dict()}, report.markdown())
 
 
 # ---- parser -----------------------------------------------------------------------------------------
@@ -750,20 +784,24 @@ def error_line(err: PatchscopeError, command: str | None, as_json: bool) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command line: exit status 0, 2 with the error on standard error, or 141, quietly, when a reader
-    closed the pipe of standard output or error early (the output, a progress bar or the error met it).
+    closed the pipe of standard output or error early (the output, a progress bar or the error met it); `explore`,
+    a server, keeps serving instead, its log dropped.
 
     SIGPIPE keeps Python's handling (ignored: a write fails instead), so sockets are left alone; the standard
     streams are wrapped for the command's duration so that such a failure reaches this function as `ClosedPipe`.
+    Only a stream whose pipe closed is pointed at /dev/null afterwards.
     """
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (None if stream is None else _Stream(stream) for stream in streams)
+    wrapped = [None if stream is None else _Stream(stream) for stream in streams]
+    sys.stdout, sys.stderr = wrapped
     try:
         return _run(sys.argv[1:] if argv is None else list(argv))
     except ClosedPipe:  # `| head` stopped reading: end quietly, as Unix tools do
-        _silence(*streams)
         return CLOSED_PIPE_STATUS
     finally:
         sys.stdout, sys.stderr = streams
+        for stream in filter(None, wrapped):
+            stream.release()
 
 
 def _run(argv: list[str]) -> int:

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .errors import SpecError
 from .outputs import finite
 from .plot import CELL_WIDTH, NO_INFORMATION, _label
-from .result import show_token
+from .result import show_text
 
 if TYPE_CHECKING:
     from .result import PatchscopeResult
     from .sweep import SweepResult
 
 TOP = 5               # tokens listed in a tooltip
-TEXT_WIDTH = 200      # characters of a generation in a tooltip or table
+TEXT_WIDTH = 200      # characters of a generation in a tooltip or table, between its quotes (`show_text`)
 KINDS = {"heatmap": "PatchscopesHeatmap", "table": "PatchscopesTable"}
 UNINFORMATIVE = NO_INFORMATION.removeprefix("grey: ")
 
@@ -32,12 +32,12 @@ UNINFORMATIVE = NO_INFORMATION.removeprefix("grey: ")
 def result_cell(result: "PatchscopeResult") -> dict[str, Any]:
     """One heatmap cell: the top-1 token, its probability as shade, the top-5 (and generation) as tooltip."""
     tip = [f"l = {result.scope.source.layer}, l* = {result.scope.target.layer}"]
-    tip += [f"{show_token(t.token)}  {t.prob:.3f}" for t in result.top[:TOP]]
+    tip += [f"{show_text(t.token)}  {t.prob:.3f}" for t in result.top[:TOP]]
     if result.generation is not None:
-        tip.append(f"generated: {result.generation!r}"[:TEXT_WIDTH])
+        tip.append(f"generated: {show_text(result.generation, TEXT_WIDTH)}")
     if not result.informative:
         tip.append(UNINFORMATIVE)
-    return {"label": show_token(result.token, CELL_WIDTH), "shade": result.prob, "tip": tip,
+    return {"label": show_text(result.token, CELL_WIDTH), "shade": result.prob, "tip": tip,
             "muted": not result.informative}
 
 
@@ -72,8 +72,8 @@ def layers_table(results: Sequence["PatchscopeResult"]) -> dict[str, Any]:
     for result in results:
         cell = result_cell(result)
         rows.append({"key": result.scope.source.layer, "muted": cell["muted"], "tip": cell["tip"],
-                     "cells": [show_token(result.token, 40), f"{result.prob:.3f}",
-                               "" if result.generation is None else _label(result.generation, TEXT_WIDTH)]})
+                     "cells": [show_text(result.token, 40), f"{result.prob:.3f}",
+                               "" if result.generation is None else show_text(result.generation, TEXT_WIDTH)]})
     source = results[0].scope.source
     table = {"title": f"{source.model}: {source.prompt!r} @ {source.position!r}", "key_label": "l",
              "columns": ["top token", "p", "generation"], "rows": rows}

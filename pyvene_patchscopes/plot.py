@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .result import show_token
+from .result import show_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -30,7 +30,8 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(nrows, ncols, **options)
 
 
-CELL_WIDTH = 8  # characters of a heatmap cell's token, quotes included (`show_token`)
+CELL_WIDTH = 7       # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
+COLUMN_INCHES = 0.5  # a heatmap column: room for CELL_WIDTH characters and their quotes at 6 pt
 
 
 def _label(text: str, width: int) -> str:
@@ -48,13 +49,13 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     cells = [[result.cell(prompt, l, t) for t in cols] for l in rows]
     probs = np.array([[cell.prob for cell in row] for row in cells])
     blind = np.array([[not cell.informative for cell in row] for row in cells])
-    size = max(4.0, 0.42 * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
+    size = max(4.0, COLUMN_INCHES * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
     fig, ax = subplots(figsize=size)
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
     for i, row in enumerate(cells):
         for j, cell in enumerate(row):
             colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
-            ax.text(j, i, show_token(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(j, i, show_text(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -89,12 +90,12 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
         ~result.informative[:, :, 0].numpy().astype(bool)
     tokens = result.tokens()
     layers = result.source_layers
-    fig, ax = subplots(figsize=(max(4.0, 0.42 * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
+    fig, ax = subplots(figsize=(max(4.0, COLUMN_INCHES * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
     image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     for p in range(len(result.prompts)):
         for i in range(len(layers)):
             colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
-            ax.text(i, p, show_token(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+            ax.text(i, p, show_text(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)

@@ -23,14 +23,18 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def show_token(token: str, width: int | None = None) -> str:
-    """A token as every table, figure and page shows it: quoted as Python's ``repr`` quotes it, so whitespace
-    and control characters are visible and no two tokens look alike (``' Paris'``, ``'\\n'``, ``' '``).
+def show_text(text: str, width: int | None = None) -> str:
+    """A token or a generation as every table, figure and page shows it: quoted as Python's ``repr`` quotes it, so
+    whitespace and control characters are visible and no two texts look alike (``' Paris'``, ``'\\n'``, ``' '``).
 
-    Cut to `width` characters (at least 2), ending in "…", where a cell is narrower. JSON keeps the raw text.
+    `width` counts the characters between the quotes (at least 1): a longer text is cut to that many, the last
+    one "…" (``show_text(" Washington", 7) == "' Washi…'"``). JSON keeps the raw text.
     """
-    text = repr(token)
-    return text if width is None or len(text) <= width else text[:max(width, 2) - 1] + "…"
+    quoted = repr(text)
+    quote, inner = quoted[0], quoted[1:-1]
+    if width is not None and len(inner) > width:
+        inner = inner[:max(width, 1) - 1] + "…"
+    return quote + inner + quote
 
 
 def top_k_ids(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,9 +34,10 @@ from pyvene_patchscopes import Patchscope, PatchscopeResult, Source, Target, bui
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
+from pyvene_patchscopes.export import CELL_WIDTH, TEXT_WIDTH
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
-from pyvene_patchscopes.result import show_token
+from pyvene_patchscopes.result import show_text
 from test_explore_hostile import strict_content_type_off
 from tiny import tiny_model
 
@@ -50,15 +51,13 @@ JOB_TIMEOUT = 120
 
 # ---- what a page shows, and what run gives --------------------------------------------------------------
 def assert_shows(text: str, token: str, where: str) -> None:
-    """`text` on the page is `token` as `show_token` writes it (or its start and "…", where a narrow cell cuts
-    it after 6 characters or more)."""
-    want, text = show_token(token), text.strip()
-    cut = text.endswith("…") and want.startswith(text[:-1]) and len(text) >= 6
-    assert text == want or cut, f"{where} shows {text!r}; run gives {token!r}"
+    """`text` on the page is `token` as `show_text` writes it, whole or cut to a heatmap cell's width."""
+    text = text.strip()
+    assert text in (show_text(token), show_text(token, CELL_WIDTH)), f"{where} shows {text!r}; run gives {token!r}"
 
 
 def word_of(chip) -> str:
-    """The token a chip shows (quoted, as `show_token` writes it), without the spaces around it."""
+    """The token a chip shows (quoted, as `show_text` writes it), without the spaces around it."""
     return ast.literal_eval(chip.get_attribute("textContent")).strip()
 
 
@@ -69,10 +68,10 @@ def flat(text: str) -> str:
 def assert_tip(tip: str, result: PatchscopeResult, where: str, generation: bool = True) -> None:
     """The tooltip lists the top-5 as the export writes them (`'token'  0.123`), then the generation."""
     for entry in result.top[:TOP]:
-        line = f"{show_token(entry.token)}  {entry.prob:.3f}"
+        line = f"{show_text(entry.token)}  {entry.prob:.3f}"
         assert flat(line) in flat(tip), f"{where}: tooltip lacks {line!r}:\n{tip}"
     if generation and result.generation:
-        start = f"generated: {result.generation!r}"[:60]
+        start = f"generated: {show_text(result.generation, TEXT_WIDTH)}"[:60]
         assert flat(start) in flat(tip), f"{where}: tooltip lacks {start!r}:\n{tip}"
 
 
@@ -300,7 +299,7 @@ def test_the_explorer_reads_a_clicked_token_at_every_layer_as_run_does(driver, t
 
     chips = tokenize(driver, PROMPT)
     ids = tiny.tokenizer(PROMPT)["input_ids"]
-    assert [c.get_attribute("textContent") for c in chips] == [show_token(tiny.tokenizer.decode([i])) for i in ids]
+    assert [c.get_attribute("textContent") for c in chips] == [show_text(tiny.tokenizer.decode([i])) for i in ids]
     picked = chip(driver, TINY_TOKEN)
     position = int(picked.get_attribute("data-index"))
     picked.click()

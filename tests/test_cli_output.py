@@ -10,21 +10,27 @@ import fcntl
 import html
 import importlib
 import json
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
-from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, json_requested, main
+from pyvene_patchscopes import Patchscope, Source, Target, cli, models, sweep
+from pyvene_patchscopes.cli import (CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table,
+                                    main)
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
 from pyvene_patchscopes.plot import CELL_WIDTH, layer_heatmap
-from pyvene_patchscopes.result import show_token
+from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from tiny import tiny_loader, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +90,64 @@ def test_a_full_standard_output_stays_the_one_line_error(tmp_path):
             assert error["message"] == "cannot write the output to standard output (No space left on device)"
 
 
+@pytest.fixture
+def closed_pipe():
+    """A pipe whose reader has gone, for this process's standard output: every write to it fails (EPIPE). The
+    test sets it (pytest's own capture sets sys.stdout again after the fixtures)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    with open(writer, "w") as stream:
+        yield stream
+
+
+@pytest.mark.parametrize("how", ["writelines", "buffer.write", "buffer.writelines"])
+def test_every_way_of_writing_to_a_closed_pipe_ends_the_command_with_141(how, closed_pipe, monkeypatch):
+    def command(args):  # a command, or a library it calls, that writes other than by `write`
+        stream = sys.stdout.buffer if how.startswith("buffer") else sys.stdout
+        text = (b"x" if how.startswith("buffer") else "x") * (4 * PAGE)  # past the stream's own buffer
+        stream.writelines([text]) if how.endswith("writelines") else stream.write(text)
+
+    monkeypatch.setattr(cli, "cmd_list", command)
+    monkeypatch.setattr(sys, "stdout", closed_pipe)
+    assert main(["list"]) == CLOSED_PIPE_STATUS  # was: BrokenPipeError out of main
+
+
+def test_a_closed_standard_output_leaves_standard_error_open(closed_pipe, monkeypatch, tmp_path):
+    with open(tmp_path / "stderr", "w") as err:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        monkeypatch.setattr(sys, "stderr", err)
+        assert main(["list", "--json"]) == CLOSED_PIPE_STATUS
+        print("patchscopes: a later error", file=sys.stderr, flush=True)
+    assert (tmp_path / "stderr").read_text() == "patchscopes: a later error\n"  # was: "" (sent to /dev/null)
+
+
+def test_the_explorer_keeps_serving_when_the_pipe_of_its_log_closes(tmp_path):
+    """`patchscopes explore 2>&1 | head -1`: the address is read, then the reader goes. A request the server logs
+    (uvicorn warns of an invalid one) meets the closed pipe; the server drops the line and keeps serving, as
+    Python's logging drops a record it cannot write, until Ctrl-C."""
+    handle = tiny_model("llama", seed=2)
+    handle.model.save_pretrained(tmp_path / "tiny")
+    handle.tokenizer.save_pretrained(tmp_path / "tiny")
+    server = subprocess.Popen(CLI + ["explore", "--model", str(tmp_path / "tiny"), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        lines = iter(server.stdout.readline, b"")  # the loader's lines on standard error come first
+        address = next(found for line in lines if (found := re.search(rb"http://([0-9.]+):([0-9]+)/", line)))
+        host, port = address.group(1).decode(), int(address.group(2))
+        server.stdout.close()
+        with socket.create_connection((host, port), timeout=30) as sock:
+            sock.sendall(b"NOT HTTP\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 400")  # logged: "Invalid HTTP request received."
+        info = json.loads(urllib.request.urlopen(f"http://{host}:{port}/api/info", timeout=30).read())
+        assert info["n_layers"] == handle.n_layers  # was: connection refused, the server ended (status 141)
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
 # ---- errors under --json ---------------------------------------------------------------------------------------
 ERRORS = [  # argv, command, the error's type, a piece of its message
     (["inspect", "--source-prompt", "x", "--no-such-flag", "--json"], "inspect", "UsageError",
@@ -135,11 +199,56 @@ def test_the_readmes_json_error_is_what_the_cli_prints(capsys):
 
 
 # ---- tokens, one way -------------------------------------------------------------------------------------------
-def test_show_token_quotes_so_that_whitespace_is_visible():
-    assert [show_token(t) for t in DECODED] == ["' '", "'\\n'", "' Paris'", "'Paris'", "'  '"]
-    assert show_token("it's") == '"it\'s"' and show_token("\udcff") == "'\\udcff'"  # printable on any terminal
-    assert show_token(" Washington", 8) == "' Washi…" and len(show_token(" Washington", 8)) == 8
-    assert show_token(" Paris", 8) == "' Paris'"
+def test_show_text_quotes_so_that_whitespace_is_visible():
+    assert [show_text(t) for t in DECODED] == ["' '", "'\\n'", "' Paris'", "'Paris'", "'  '"]
+    assert show_text("it's") == '"it\'s"' and show_text("\udcff") == "'\\udcff'"  # printable on any terminal
+    assert show_text(" Washington", 7) == "' Washi…'" and show_text(" Paris\n", 4) == "' Pa…'"
+    assert show_text("", 3) == "''" and show_text("abc", 1) == "'…'"
+
+
+def test_a_heatmap_cell_keeps_its_quotes_and_six_letters_of_a_word():
+    """The README's examples; the quotes have their own room (CELL_WIDTH counts the text between them)."""
+    assert show_text(" London", CELL_WIDTH) == "' London'"  # was "' Londo…": the quotes took two letters' room
+    assert show_text(" Washington", CELL_WIDTH) == "' Washi…'"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "a heatmap cell keeps 7: `' London'`, `' Washi…'`" in " ".join(readme.split()) and CELL_WIDTH == 7
+
+
+class _Grid:
+    """What `layer_heatmap` reads of a SweepResult: SmolLM2's 30 x 30 grid, each cell a word token."""
+    same_layer, preset, source_layers, target_layers = False, "token-identity", list(range(30)), list(range(30))
+    words = (" London", " Washington", " Amazon", " Oscars", " CEO", " Paris\n", " ?", "hello")
+
+    def cell(self, prompt: int, layer: int, target_layer: int) -> SimpleNamespace:
+        source = SimpleNamespace(prompt=DEMO_PROMPT, position=DEMO_POSITION)
+        return SimpleNamespace(token=self.words[(layer + target_layer) % len(self.words)], prob=layer / 30,
+                               informative=True, scope=SimpleNamespace(source=source))
+
+
+def test_the_heatmap_labels_fit_their_cells_at_the_default_size():
+    """The demo's heatmap size (30 x 30): a word's seven characters and its quotes stay inside its cell."""
+    figure = layer_heatmap(_Grid())
+    renderer = figure.canvas.get_renderer()
+    cell = figure.axes[0].get_window_extent(renderer).width / 30
+    widths = {text.get_text(): text.get_window_extent(renderer).width for text in figure.axes[0].texts}
+    assert set(widths) == {show_text(word, CELL_WIDTH) for word in _Grid.words}
+    assert max(widths.values()) < 0.95 * cell, (cell, widths)  # ' Amazon' overflowed 0.42-inch columns
+
+
+def test_generations_are_quoted_as_tokens_are_in_tables_and_pages():
+    """A generation is written as a token is (show_text), cut to the table's width; it was unquoted with only line
+    breaks escaped in inspect's table, `repr` in `run` and the tooltips, and stripped in the HTML table."""
+    generation = " Paris\n\tis  "
+    row = {"source_layer": 3, "target_layer": 3, "token": " Paris", "prob": 0.5, "generation": generation}
+    assert layer_table([row]).splitlines()[2] == "  3   3  ' Paris'        0.500  ' Paris\\n\\tis  '"
+    long = {**row, "generation": "word " * 20}
+    assert layer_table([long]).splitlines()[2].endswith("  '" + ("word " * 6)[:29] + "…'")
+    scope = Patchscope(Source("The city of Paris", -1, 3, "tiny"), Target("x", "x", 3))
+    result = PatchscopeResult(scope=scope, source_position=3, target_position=0, top=[TokenProb(" Paris", 7, 0.5)],
+                              generation=generation)
+    [html_row] = layers_table([result])["rows"]
+    assert html_row["cells"][2] == show_text(generation) == "' Paris\\n\\tis  '"  # was: Paris\\n\\tis, stripped
+    assert html_row["tip"][-1] == f"generated: {show_text(generation)}"
 
 
 def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
@@ -175,30 +284,30 @@ def _quoted(text: str) -> list[str]:
     return re.findall(r"'(?:[^'\\]|\\.)*'", text)
 
 
-def test_every_cli_table_shows_tokens_as_show_token(decoded_as_whitespace, capsys, tmp_path):
+def test_every_cli_table_shows_tokens_as_show_text(decoded_as_whitespace, capsys, tmp_path):
     table, out = _both(capsys, ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-3",
                                 "--max-new-tokens", "0"])
     rows = table.splitlines()[3:3 + len(out["layers"])]
-    assert [_quoted(line) for line in rows] == [[show_token(r["token"])] for r in out["layers"]]
+    assert [_quoted(line) for line in rows] == [[show_text(r["token"])] for r in out["layers"]]
 
     spec = Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
                       max_new_tokens=0).save_json(tmp_path / "spec.json")
     table, out = _both(capsys, ["run", str(spec)])
-    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_token(t["token"])]
+    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_text(t["token"])]
                                                                   for t in out["result"]["top"]]
 
     table, out = _both(capsys, ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2",
                                 "--target-layers", "1,2"])
-    assert sorted(_quoted(table)) == sorted(show_token(c["token"]) for c in out["cells"])  # was: the raw text
+    assert sorted(_quoted(table)) == sorted(show_text(c["token"]) for c in out["cells"])  # was: the raw text
 
     table, out = _both(capsys, ["jacobian", "The city of Paris is large", "--variant", "semantic", "--top", "3"])
     header, _, body = table.partition("-" * 52)
-    assert show_token(out["prediction"]) in header.splitlines()[0]
-    assert [_quoted(line) for line in body.strip().splitlines()] == [[show_token(t["token"])] for t in out["tokens"]]
+    assert show_text(out["prediction"]) in header.splitlines()[0]
+    assert [_quoted(line) for line in body.strip().splitlines()] == [[show_text(t["token"])] for t in out["tokens"]]
 
     table, out = _both(capsys, ["demo", "--out", str(tmp_path / "demo")])
     rows = [line for line in table.splitlines() if re.match(r"^ *\d+ +\d+ ", line)]
-    assert [_quoted(line)[0] for line in rows] == [show_token(r["token"]) for r in out["layers"]]
+    assert [_quoted(line)[0] for line in rows] == [show_text(r["token"]) for r in out["layers"]]
 
 
 def _axes_labels(figure) -> list[str]:
@@ -210,18 +319,18 @@ def test_figures_and_pages_show_whitespace_tokens_quoted(decoded_as_blanks, tiny
                  max_new_tokens=0, progress=False)
     tokens = [[grid.cell(0, l, t).token for t in (1, 2)] for l in (0, 1, 2)]
     assert {t for row in tokens for t in row} <= {" ", "\n", "  "}
-    want = [[show_token(t, CELL_WIDTH) for t in row] for row in tokens]
+    want = [[show_text(t, CELL_WIDTH) for t in row] for row in tokens]
     assert _axes_labels(layer_heatmap(grid)) == [label for row in want for label in row]  # was: blank cells
     page = sweep_grid(grid)
     assert [[cell["label"] for cell in row] for row in page["cells"]] == want
-    assert page["cells"][0][0]["tip"][1].startswith(show_token(grid.cell(0, 0, 1).top[0].token) + "  ")
+    assert page["cells"][0][0]["tip"][1].startswith(show_text(grid.cell(0, 0, 1).top[0].token) + "  ")
 
     same = sweep(["Here is a word: dog", "one two"], tiny_llama, source_layers=[1, 2], target_layers="same",
                  max_new_tokens=0, progress=False)
-    assert _axes_labels(layer_heatmap(same)) == [show_token(row[0], CELL_WIDTH) for per in same.tokens()
+    assert _axes_labels(layer_heatmap(same)) == [show_text(row[0], CELL_WIDTH) for per in same.tokens()
                                                  for row in per]
     results = [grid.cell(0, l, 1) for l in (0, 1, 2)]
-    assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_token(r.token, 40) for r in results]
+    assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_text(r.token, 40) for r in results]
 
 
 def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
@@ -234,13 +343,13 @@ def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
     assert spans == ["'a'", "' '", "'\\n'", "'  '", "' Paris'", "' '"]  # was: blanks and a line break
     assert "prediction &#x27; &#x27;" in page
     figure = attribution.plot(tmp_path / "a.png")
-    assert _axes_labels(figure) == [show_token(t) for t in (*attribution.tokens, attribution.prediction)]
+    assert _axes_labels(figure) == [show_text(t) for t in (*attribution.tokens, attribution.prediction)]
 
 
-def test_the_explorers_token_chips_are_labelled_by_show_token():
+def test_the_explorers_token_chips_are_labelled_by_show_text():
     explorer = Explorer(tiny_model("llama", seed=2))
     tokens = explorer.tokens("one  two\nthree ")["tokens"]
-    assert [t["label"] for t in tokens] == [show_token(t["text"]) for t in tokens]  # the page draws `label`
+    assert [t["label"] for t in tokens] == [show_text(t["text"]) for t in tokens]  # the page draws `label`
     assert any(t["text"].strip() != t["text"] for t in tokens)
     script = (REPO / "pyvene_patchscopes" / "explore" / "static" / "explore.js").read_text()
     assert "chip.textContent = token.label" in script and "textContent = token.text" not in script

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pyvene_patchscopes import Patchscope, run
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer, Query
+from pyvene_patchscopes.result import show_text
 from tiny import tiny_model
 
 PROMPT = "Amazon's former CEO attended Oscars"
@@ -89,8 +90,8 @@ def test_each_heatmap_cell_is_what_run_gives_and_its_spec_reruns_it(client, hand
     assert Patchscope.from_json(made["json"]) == scope and "patchscopes run ./cell" in made["cli"]
     want = run(scope, handle, top=5)[0]
     cell = grid["cells"][2][1]
-    assert cell["tip"][1].startswith(repr(want.top[0].token)) and cell["shade"] == pytest.approx(want.top[0].prob)
-    assert any(want.generation is not None and repr(want.generation) in line for line in cell["tip"])
+    assert cell["tip"][1].startswith(show_text(want.top[0].token)) and cell["shade"] == pytest.approx(want.top[0].prob)
+    assert want.generation is not None and f"generated: {show_text(want.generation)}" in cell["tip"]
 
 
 def test_a_custom_target_prompt_and_a_catalogue_entry_run(client, handle):

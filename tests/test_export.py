@@ -18,12 +18,11 @@ from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.errors import SpecError, UninformativeScopeWarning
 from pyvene_patchscopes.evaluate.pages import rebuild, write_pages
 from pyvene_patchscopes.evaluate.report import Report
-from pyvene_patchscopes.export import (CELL_WIDTH, layers_table, numeric_grid, page, static_file, sweep_grid,
-                                       write_page)
+from pyvene_patchscopes.export import (CELL_WIDTH, TEXT_WIDTH, layers_table, numeric_grid, page, static_file,
+                                       sweep_grid, write_page)
 from pyvene_patchscopes.plot import _label
-from pyvene_patchscopes.result import show_token
 from pyvene_patchscopes.presets import token_identity
-from pyvene_patchscopes.result import PatchscopeResult, TokenProb
+from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from pyvene_patchscopes.spec import Source
 from pyvene_patchscopes.sweep import sweep
 
@@ -87,15 +86,15 @@ def test_sweep_page_embeds_every_cell_with_its_top_token_and_top5(grid_sweep, tm
     assert grid["row_label"] == "source layer l" and grid["col_label"] == "target layer l*"
     tokens = grid_sweep.tokens()[1]
     assert [[cell["label"] for cell in row] for row in grid["cells"]] == \
-        [[show_token(t, CELL_WIDTH) for t in row] for row in tokens]
+        [[show_text(t, CELL_WIDTH) for t in row] for row in tokens]
     assert sum(len(row) for row in grid["cells"]) == 3 * 2
     for i, l in enumerate([0, 2, 3]):
         for j, t in enumerate([1, 3]):
             cell, result = grid["cells"][i][j], grid_sweep.cell(1, l, t)
             assert cell["shade"] == pytest.approx(result.prob)
             assert cell["tip"][0] == f"l = {l}, l* = {t}"
-            assert cell["tip"][1:6] == [f"{show_token(top.token)}  {top.prob:.3f}" for top in result.top[:5]]
-            assert cell["tip"][6] == f"generated: {result.generation!r}"
+            assert cell["tip"][1:6] == [f"{show_text(top.token)}  {top.prob:.3f}" for top in result.top[:5]]
+            assert cell["tip"][6] == f"generated: {show_text(result.generation, TEXT_WIDTH)}"
             assert cell["muted"] is (not result.informative)
 
 
@@ -117,7 +116,7 @@ def test_a_same_layer_sweep_is_prompts_by_layers(tiny_llama):
     grid = sweep_grid(result)
     assert grid["rows"] == [_label(p, 24) for p in prompts] and grid["cols"] == ["1", "2"]
     assert [[c["label"] for c in row] for row in grid["cells"]] == \
-        [[show_token(row[0], CELL_WIDTH) for row in per_prompt] for per_prompt in result.tokens()]
+        [[show_text(row[0], CELL_WIDTH) for row in per_prompt] for per_prompt in result.tokens()]
     assert all(not any(line.startswith("generated") for line in c["tip"]) for row in grid["cells"] for c in row)
 
 
@@ -145,7 +144,7 @@ def test_a_token_that_closes_the_script_cannot_break_out(tmp_path):
     assert parsed.title == f"title {HOSTILE}"
     [part] = parsed.parts()
     [row] = part["data"]["rows"]
-    assert row["cells"][0] == show_token(HOSTILE, 40) and row["tip"][1] == f"{HOSTILE!r}  0.900"
+    assert row["cells"][0] == show_text(HOSTILE, 40) and row["tip"][1] == f"{HOSTILE!r}  0.900"
     assert row["tip"][2] == f"{'&amp; //x'!r}  0.100" and HOSTILE in row["cells"][2]
 
 
@@ -159,9 +158,10 @@ def test_layers_table_has_one_row_per_source_layer(tiny_llama):
     assert [row["key"] for row in table["rows"]] == [0, 1, 2, 3]
     assert table["columns"] == ["top token", "p", "generation"] and table["key_label"] == "l"
     for row, result in zip(table["rows"], results):
-        assert row["cells"] == [show_token(result.token, 40), f"{result.prob:.3f}", _label(result.generation, 200)]
-        assert row["tip"][1:7] == [f"{show_token(t.token)}  {t.prob:.3f}" for t in result.top[:5]] + \
-            [f"generated: {result.generation!r}"]
+        generation = show_text(result.generation, TEXT_WIDTH)  # quoted as the tables and the CLI write it
+        assert row["cells"] == [show_text(result.token, 40), f"{result.prob:.3f}", generation]  # was: unquoted
+        assert row["tip"][1:7] == [f"{show_text(t.token)}  {t.prob:.3f}" for t in result.top[:5]] + \
+            [f"generated: {generation}"]
     assert [row["muted"] for row in table["rows"]] == [False, False, False, True]
     assert "no later layer reads it" in table["rows"][3]["tip"][-1] and "note" in table
     with pytest.raises(SpecError, match="results is empty"):
@@ -178,7 +178,7 @@ def test_cli_sweep_html_writes_the_grid(monkeypatch, capsys, tmp_path):
     grid = _grid_of(out.read_text(encoding="utf-8"))
     assert grid["rows"] == ["0", "1", "2"] and grid["cols"] == ["1", "2"]
     labels = [cell["label"] for row in grid["cells"] for cell in row]
-    assert labels == [show_token(c["token"], CELL_WIDTH) for c in payload["cells"]]
+    assert labels == [show_text(c["token"], CELL_WIDTH) for c in payload["cells"]]
     assert [cell["shade"] for row in grid["cells"] for cell in row] == \
         pytest.approx([c["prob"] for c in payload["cells"]])
 

@@ -16,7 +16,7 @@ import torch
 from pyvene_patchscopes.sites import final_norm_path
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
-from pyvene_patchscopes.result import show_token
+from pyvene_patchscopes.result import show_text
 from pyvene_patchscopes.jacobian.fisher import exact_factor, fisher_matrix, low_rank_factor
 from tiny import tiny_model
 
@@ -265,7 +265,7 @@ def test_views_show_every_token(tmp_path):
     attribution = jacobian_scope(handle, "a <b> & 'c' \"d\"\nnext line", "semantic")
     page = attribution.to_html(tmp_path / "a.html")
     tokens, tags = html_tokens((tmp_path / "a.html").read_text())
-    assert tokens == [show_token(t) for t in attribution.tokens] and page.startswith("<!DOCTYPE html>")
+    assert tokens == [show_text(t) for t in attribution.tokens] and page.startswith("<!DOCTYPE html>")
     assert "script" not in tags and "link" not in tags  # self-contained, nothing to fetch or run
     attribution.plot(tmp_path / "a.png")
     import matplotlib.pyplot as plt

@@ -11,7 +11,7 @@ import torch
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.evaluate import EvalOptions, run_task
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
-from pyvene_patchscopes.result import show_token
+from pyvene_patchscopes.result import show_text
 from test_jacobian import html_tokens
 
 pytestmark = pytest.mark.real_model
@@ -53,7 +53,7 @@ def test_cli_writes_png_and_html_with_every_token(capsys, smollm2, tmp_path):
     assert out["prediction_id"] == int(logits.argmax())
     tokens = [t["token"] for t in out["tokens"]]
     page = Path(out["files"]["html"]).read_text()
-    assert html_tokens(page)[0] == [show_token(t) for t in tokens] and out["files"]["html"].endswith("scope.html")
+    assert html_tokens(page)[0] == [show_text(t) for t in tokens] and out["files"]["html"].endswith("scope.html")
     assert Path(out["files"]["png"]).stat().st_size > 10_000
     assert max(out["tokens"], key=lambda t: t["score"])["token"] == " lighthouse"
 

@@ -41,7 +41,7 @@ from ..persist import WEIGHTS_FILE, catalogue
 from ..positions import prefix_through
 from ..presets import DECODER_PRESETS, PRESETS, get_preset
 from ..resolve import resolve
-from ..result import PatchscopeResult, show_token
+from ..result import PatchscopeResult, show_text
 from ..spec import Patchscope, Source
 from ..sweep import sweep
 
@@ -209,7 +209,7 @@ class Explorer:
 
     def tokens(self, prompt: Any) -> dict[str, Any]:
         """The prompt's tokens as the model sees them (the tokenizer's own prefix, position 0, is marked; `text`
-        raw, `label` as `show_token` writes it), and what the page should warn about."""
+        raw, `label` as `show_text` writes it), and what the page should warn about."""
         query = Query.from_json({"prompt": prompt})
         with self._check_lock:
             tokenizer = self._checking.tokenizer
@@ -217,7 +217,7 @@ class Explorer:
             ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
             notes = self._length_notes(len(ids))
             texts = [tokenizer.decode([i]) for i in ids]
-        return {"tokens": [{"index": k, "text": text, "label": show_token(text), "special": bool(flag)}
+        return {"tokens": [{"index": k, "text": text, "label": show_text(text), "special": bool(flag)}
                            for k, (text, flag) in enumerate(zip(texts, special))], "warnings": notes}
 
     def _length_notes(self, n: int) -> list[str]:
@@ -427,8 +427,8 @@ class Explorer:
         step(1.0)
         normalised = attribution.normalised()
         return {"variant": query.variant, "prediction": attribution.prediction,
-                "prediction_label": show_token(attribution.prediction),
-                "tokens": [{"index": p, "text": t, "label": show_token(t), "score": s, "shade": n} for p, t, s, n in
+                "prediction_label": show_text(attribution.prediction),
+                "tokens": [{"index": p, "text": t, "label": show_text(t), "score": s, "shade": n} for p, t, s, n in
                            zip(attribution.positions, attribution.tokens, attribution.scores, normalised)]}
 
     def _run(self, scopes: list[Patchscope], step: Callable[[float], None]) -> list[PatchscopeResult]:

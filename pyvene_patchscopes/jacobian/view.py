@@ -5,7 +5,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..result import show_token
+from ..result import show_text
 
 if TYPE_CHECKING:
     from .result import Attribution
@@ -15,23 +15,23 @@ SHADE = (214, 39, 40)  # matplotlib's tab:red, shared by both views
 
 def _caption(attribution: "Attribution") -> str:
     scope = attribution.scope
-    caption = (f"{scope.label} scope on {scope.model}: prediction {show_token(attribution.prediction)} "
+    caption = (f"{scope.label} scope on {scope.model}: prediction {show_text(attribution.prediction)} "
                f"(p = {attribution.prediction_prob:.3f}) at position {attribution.target_position}")
     if scope.variant in ("semantic", "gradient-x-input") and attribution.target_id != attribution.prediction_id:
-        caption += f", target token {show_token(attribution.target_token)}"
+        caption += f", target token {show_text(attribution.target_token)}"
     return caption
 
 
 def attribution_fragment(attribution: "Attribution") -> str:
-    """The shaded tokens as one <div> (what Jupyter shows), each as `show_token` writes it."""
+    """The shaded tokens as one <div> (what Jupyter shows), each as `show_text` writes it."""
     spans = []
     for index, (token, score, weight) in enumerate(zip(attribution.tokens, attribution.scores,
                                                       attribution.normalised())):
         colour = f"rgba({SHADE[0]},{SHADE[1]},{SHADE[2]},{weight:.3f})"
         spans.append(f'<span class="tok" data-position="{attribution.positions[index]}" '
                      f'data-score="{score:.6g}" title="position {attribution.positions[index]}: {score:.4g}" '
-                     f'style="background:{colour}">{html.escape(show_token(token))}</span>')
-    prediction = f'<span class="pred" title="prediction">{html.escape(show_token(attribution.prediction))}</span>'
+                     f'style="background:{colour}">{html.escape(show_text(token))}</span>')
+    prediction = f'<span class="pred" title="prediction">{html.escape(show_text(attribution.prediction))}</span>'
     return (f'<div class="jacobian-scope"><p class="caption">{html.escape(_caption(attribution))}</p>'
             f'<p class="text">{"".join(spans)}{prediction}</p></div>')
 
@@ -67,7 +67,7 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
 
     from ..plot import subplots
 
-    shown = [show_token(t) for t in (*attribution.tokens, attribution.prediction)]
+    shown = [show_text(t) for t in (*attribution.tokens, attribution.prediction)]
     lines = _wrap(shown, width)
     char_w, line_h = 0.0105, 1 / (len(lines) + 0.5)
     fig, ax = subplots(figsize=(12, 0.6 + 0.4 * len(lines)))

@@ -515,19 +515,19 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
             first, count, units = count, count + len(prompts), u + 1
             if u % size != rank:
                 continue
-            if finished(folder, u, prompts, per_prompt):
+            if finished(folder, u, prompts, per_prompt, manifest["spec_hash"]):
                 done.skipped.append(u)
             else:
                 part = grid.unit(prompts)
                 tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
                 table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,
                                    shape.same_layer, top_texts(tokenizer, part["top_ids"][..., 0]))
-                write_shard(folder, u, table)
+                write_shard(folder, u, table, manifest["spec_hash"])
                 done.computed.append(u)
             bar.update(len(prompts) * per_prompt)
     barrier()
     if is_main:
-        mark_complete(folder, units, count)
+        mark_complete(folder, units, count, manifest["spec_hash"])
     barrier()
     return done
 

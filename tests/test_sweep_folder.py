@@ -5,6 +5,8 @@ Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,15 +14,18 @@ import time
 import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import killed_sweep
-from pyvene_patchscopes import SpecError
+from pyvene_patchscopes import PatchscopeError, SpecError
 from pyvene_patchscopes.sweep import SweepResult, sweep
-from pyvene_patchscopes.sweep_folder import ShardWarning, read_manifest, shard_path, unit_prompts
+from pyvene_patchscopes.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
+    unit_prompts
 
 PROMPTS = killed_sweep.PROMPTS
+sweeping = killed_sweep.module  # the module (the package exports its function under the same name)
 TENSORS = ("top_ids", "top_probs", "logits", "target_positions", "informative")
 
 
@@ -118,6 +123,104 @@ def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_
                  readout="logits")
     assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
     assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
+    assert_same(done.load(model), whole)
+
+
+# ---- a restart does not mix two sweeps (review of issue 36) --------------------------------------------------------
+SETTINGS = dict(target_layers=[0, 2, 3], batch_size=2, progress=False, readout="logits")  # killed_sweep.run's, but...
+
+
+def other_sweep(folder: Path, model) -> SweepResult:
+    """...generating nothing: another sweep (another spec hash) with the same prompts and as many cells a unit."""
+    return sweep(PROMPTS, model, max_new_tokens=0, out=folder, **SETTINGS)
+
+
+def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_this_ones(tmp_path, model, whole,
+                                                                                         monkeypatch):
+    """Sweep A's folder, with its manifest and no shard yet (A still loading its model), is restarted by sweep B
+    from a second terminal; A's unit 0 lands afterwards. It held the same prompts and as many cells, so B took it
+    for its own unit 0 and the folder mixed A's cells (no generations) into B's."""
+    a = other_sweep(tmp_path / "a", model)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    shutil.copy(a.path / "manifest.json", folder / "manifest.json")  # A has started there and written no unit yet
+
+    def restarted_then_late(out, manifest, clean=True):
+        path = open_folder(out, manifest, clean)  # B restarts the folder ...
+        shutil.copy(shard_path(a.path, 0), shard_path(path, 0))  # ... and A's unit 0 lands afterwards
+        return path
+
+    monkeypatch.setattr(sweeping, "open_folder", restarted_then_late)
+    with pytest.warns(ShardWarning, match=r"unit-000000\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}"
+                                          r"\.\.\., this folder's [0-9a-f]{12}\.\.\.\); unit 0 is computed again"):
+        b = killed_sweep.run(str(folder))
+    assert b.computed == list(range(6)) and b.skipped == []
+    assert read_manifest(folder)["spec_hash"] == b.manifest["spec_hash"] != a.manifest["spec_hash"]
+    assert pq.read_schema(shard_path(folder, 0)).metadata[SPEC_HASH_KEY].decode() == b.manifest["spec_hash"]
+    assert_same(b.load(model), whole)
+
+
+def test_a_sweep_whose_folder_another_restarted_stops_before_its_next_write(tmp_path, model, monkeypatch):
+    """The other side of the restart: A, still computing its first unit, finds B's manifest and writes nothing."""
+    b = killed_sweep.run(str(tmp_path / "b"))
+    folder = tmp_path / "s"
+    unit = sweeping._Grid.unit
+
+    def restarted_meanwhile(self, prompts):
+        part = unit(self, prompts)
+        open_folder(folder, b.manifest)  # B restarts A's folder, which has no finished unit yet
+        return part
+
+    monkeypatch.setattr(sweeping._Grid, "unit", restarted_meanwhile)
+    with pytest.raises(SpecError, match=rf"^out={re.escape(repr(str(folder)))} was restarted by another sweep while "
+                                        r"this one ran \(its manifest's spec_hash=[0-9a-f]{12}\.\.\., this sweep's "
+                                        r"[0-9a-f]{12}\.\.\.\); this sweep stops and writes nothing more there "
+                                        r"\(allowed: one sweep at a time in a folder\)$"):
+        other_sweep(folder, model)
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
+    assert read_manifest(folder) == b.manifest
+
+
+def test_loading_refuses_a_shard_of_another_sweep_and_a_rerun_recomputes_it(tmp_path, model, whole):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    a = other_sweep(tmp_path / "a", model)
+    shutil.copy(shard_path(a.path, 4), shard_path(folder, 4))  # A's late unit 4 replaced B's after B had checked it
+    message = (r"unit-000004\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}\.\.\., this folder's "
+               r"[0-9a-f]{12}\.\.\.\); rerun this folder's sweep to recompute that unit \(allowed: the shards of the "
+               r"sweep its manifest records\)$")
+    for lazy in (False, True):
+        with pytest.raises(PatchscopeError, match=message):
+            SweepResult.load(folder, model, lazy=lazy)
+    with pytest.warns(ShardWarning, match="unit-000004.parquet belongs to another sweep"):
+        again = killed_sweep.run(str(folder))
+    assert again.computed == [4] and again.skipped == [0, 1, 2, 3, 5]
+    assert_same(SweepResult.load(folder, model), whole)
+
+
+def test_a_shard_written_before_shards_named_their_sweep_is_taken_when_the_manifest_matches(tmp_path, model, whole):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    for unit in range(6):  # as the code before this wrote them: no spec hash, no unit in the Parquet metadata
+        path = shard_path(folder, unit)
+        pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+        assert SPEC_HASH_KEY not in (pq.read_schema(path).metadata or {})
+    assert_same(SweepResult.load(folder, model), whole)
+    again = killed_sweep.run(str(folder))
+    assert again.computed == [] and again.skipped == list(range(6))
+
+
+def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_path, model, whole):
+    """A process killed during its first write leaves `.unit-000000.parquet.*.tmp` beside the manifest; the restart
+    returned before the clean-up that a resume makes, so the file stayed."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    shutil.copy(other_sweep(tmp_path / "a", model).path / "manifest.json", folder / "manifest.json")
+    (folder / ".unit-000000.parquet.k1ll3d.tmp").write_bytes(b"PAR1 half a shard")
+    (folder / "notes.txt").write_text("keep")
+    done = killed_sweep.run(str(folder))
+    assert done.computed == list(range(6)) and not list(folder.glob(".*.tmp"))
+    assert (folder / "notes.txt").read_text() == "keep"
     assert_same(done.load(model), whole)
 
 

@@ -44,7 +44,8 @@ from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
 from .spec import Patchscope, Position, Source
 from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
-    mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_prompts, unit_table, write_shard
+    mark_complete, open_folder, read_manifest, read_units, recorded_unit_prompts, spec_hash, unit_prompts, unit_table, \
+    write_shard
 
 
 @dataclass
@@ -292,7 +293,9 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     next token only, which is faster.
     ``batch_size`` source prompts make one unit of work: by default 32 in memory, and with ``out=`` as many as
     fit 256 cells (`sweep_folder.UNIT_CELLS`, at least one prompt, at most 32): one prompt a unit for SmolLM2's
-    30 x 30 grid, 8 at l* = l. ``max_batch_tokens`` bounds a patch batch.
+    30 x 30 grid, 8 at l* = l. Left to its default, a folder that holds this same sweep with other units (one
+    written before that rule, 32 prompts a unit) keeps its own, so the same call resumes it.
+    ``max_batch_tokens`` bounds a patch batch.
     ``readout``: ``"top"`` keeps the top-``top`` tokens per cell (and generations when generating);
     ``"logits"`` (or ``keep_logits=True``) also keeps the full-vocabulary logits, which a 512-prompt 30 x 30
     grid of SmolLM2 would need 90 GB for; ``"generations"`` keeps the generations and the top-1 token only.
@@ -321,12 +324,16 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     make = _cell_maker(chosen, handle, source_position, options)
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
                                                                    for l in source_layers]
-    batch_size = _unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
+    given, batch_size = batch_size, _unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
     grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", batch_size)
     shape = _Shape(preset, source_layers, target_layers, same_layer)
     if out is not None:
-        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress,
-                                _manifest(grid, shape, source_position, readout, options))
+        manifest = _manifest(grid, shape, source_position, readout, options)
+        kept = recorded_unit_prompts(out, manifest) if given is None else None
+        if kept is not None and kept != batch_size:  # the folder's own units (32 before UNIT_CELLS): the call resumes
+            grid.batch_size = kept
+            manifest = _manifest(grid, shape, source_position, readout, options)
+        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress, manifest)
     prompts = _prompt_list(source_prompts)
     units = list(chunks(prompts, batch_size))
     mine = my_units(len(units), distributed)

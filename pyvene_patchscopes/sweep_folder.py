@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import PatchscopeError, SpecError
-from .files import expand, read_json
+from .files import expand, is_file, read_json
 from .outputs import replacing, write_bytes
 
 FORMAT = "pyvene-patchscopes.sweep"
@@ -57,6 +57,24 @@ def unit_prompts(cells_per_prompt: int, most: int) -> int:
     """Source prompts per streamed unit by default: as many as fit `UNIT_CELLS` cells, at least one and at most
     `most`. It depends on the settings only (the grid's cells per prompt), so a rerun finds the same units."""
     return max(1, min(most, UNIT_CELLS // cells_per_prompt))
+
+
+def recorded_unit_prompts(out: str | os.PathLike, manifest: dict[str, Any]) -> int | None:
+    """The prompts per unit (``batch_size``) of the sweep in folder `out`, where it is the sweep of `manifest` in
+    everything else, else None: with the default left, the same call keeps that folder's units (one written
+    before `UNIT_CELLS`, with 32 prompts a unit, resumes instead of being refused)."""
+    folder = expand(out)
+    if not is_file(folder / MANIFEST):
+        return None
+    try:
+        found = read_manifest(folder)
+    except SpecError:
+        return None  # open_folder refuses it, with the reason
+    size = found.get("batch_size")
+    rest = lambda m: {k: v for k, v in m.items() if k not in ("spec_hash", "batch_size")}  # noqa: E731
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or rest(found) != rest(manifest):
+        return None
+    return size
 
 
 def shard_path(folder: Path, unit: int) -> Path:
@@ -290,5 +308,5 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
 
 
 __all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
-           "check_owner",
+           "check_owner", "recorded_unit_prompts",
            "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

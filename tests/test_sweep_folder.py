@@ -224,6 +224,27 @@ def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_p
     assert_same(done.load(model), whole)
 
 
+def test_a_folder_written_with_32_prompts_a_unit_resumes_with_the_same_call(tmp_path, model):
+    """A folder from before UNIT_CELLS records batch_size 32; the same call now works out 21 prompts a unit here
+    (12 cells a prompt), so its spec hash differed and the resume was refused ("it differs in batch_size")."""
+    prompts = [f"The city of number {i} is large" for i in range(40)]
+    settings = dict(target_layers=[0, 2, 3], max_new_tokens=0, progress=False)
+    folder = tmp_path / "s"
+    old = sweep(prompts, model, batch_size=32, out=folder, **settings)  # units of 32, as the default was
+    assert old.computed == [0, 1] and unit_prompts(12, 32) == 21
+    shard_path(folder, 1).unlink()  # killed during its second unit
+    (folder / "complete.json").unlink()
+    resumed = sweep(prompts, model, out=folder, **settings)  # the same call, batch_size left to its default
+    assert resumed.skipped == [0] and resumed.computed == [1] and resumed.manifest == old.manifest
+    assert_same(resumed.load(model), sweep(prompts, model, **settings))
+    fresh = sweep(prompts, model, out=tmp_path / "fresh", **settings)
+    assert fresh.manifest["batch_size"] == 21 and fresh.computed == [0, 1]
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in batch_size\)"):
+        sweep(prompts, model, batch_size=21, out=folder, **settings)  # a batch_size given is the user's
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in target_layers\)"):
+        sweep(prompts, model, out=folder, **{**settings, "target_layers": [0, 2]})
+
+
 def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path, model, whole):
     first = killed_sweep.run(str(tmp_path / "s"))
     assert first.computed == list(range(6)) and first.skipped == []

@@ -245,6 +245,30 @@ def test_a_folder_written_with_32_prompts_a_unit_resumes_with_the_same_call(tmp_
         sweep(prompts, model, out=folder, **{**settings, "target_layers": [0, 2]})
 
 
+def test_a_streamed_unit_of_few_prompts_still_runs_forward_batches_of_32(tmp_path, monkeypatch):
+    """A streamed logit-lens sweep of a 30-layer model holds 8 prompts a unit (30 cells each); those 8 were also
+    run's forward batch, so the unit's 240 cells ran 8 at a time instead of 32."""
+    from tiny import tiny_model
+
+    model = tiny_model("llama", layers=30, seed=5)
+    batches: list[int] = []
+    real = sweeping.run
+
+    def counted(*args, **kwargs):
+        batches.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweeping, "run", counted)
+    prompts = killed_sweep.TWENTY[:8]
+    done = sweep(prompts, model, preset="logit-lens", out=tmp_path / "s", progress=False)
+    assert done.manifest["batch_size"] == 8 and done.computed == [0] and batches == [32]
+    whole = sweep(prompts, model, preset="logit-lens", progress=False)
+    assert batches == [32, 32]
+    assert_same(done.load(model), whole)
+    sweep(prompts, model, preset="logit-lens", out=tmp_path / "given", progress=False, batch_size=4)
+    assert batches == [32, 32, 4, 4]  # a batch_size given is both
+
+
 def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path, model, whole):
     first = killed_sweep.run(str(tmp_path / "s"))
     assert first.computed == list(range(6)) and first.skipped == []

@@ -386,3 +386,19 @@ def test_run_without_logits_keeps_the_top_tokens_and_generations_on_both_paths(m
         full, lean = run(scopes, model, planned=planned), run(scopes, model, planned=planned, keep_logits=False)
         assert all(r.logits is None for r in lean) and all(r.logits is not None for r in full)
         assert [(r.top, r.generation) for r in lean] == [(r.top, r.generation) for r in full]
+
+
+def test_the_readmes_streamed_against_in_memory_figures_are_the_benchmarks():
+    """README ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's (make bench-streamed)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    measured = json.loads((root / "benchmarks" / "results" / "streamed.json").read_text())
+    text = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    sweeps = measured["sweeps"]
+    assert (f"on SmolLM2, {measured['prompts']} prompts and `max_new_tokens=0`, the streamed sweep took "
+            f"**{sweeps['grid']['ratio']:.2f}x** the in-memory sweep's time on the 30 x 30 grid (one prompt a unit) "
+            f"and **{sweeps['same']['ratio']:.2f}x** at l\\* = l, with the same top-1 token in every cell") in text
+    assert measured["agree"] and sweeps["grid"]["streamed_prompts_per_unit"] == 1
+    assert sweeps["same"]["streamed_prompts_per_unit"] == unit_prompts(30, 32) == 8
+    assert all(row["top1_equal"] for row in sweeps.values())

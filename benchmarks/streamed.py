@@ -16,21 +16,19 @@ as it was before the two were kept apart.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweep import source_prompts, write_report  # noqa: E402
+from sweep import prompts_benchmark, write_report  # noqa: E402
 
-from pyvene_patchscopes import SweepResult, load_model  # noqa: E402
+from pyvene_patchscopes import SweepResult  # noqa: E402
 
 sweeping = importlib.import_module("pyvene_patchscopes.sweep")
 
@@ -88,16 +86,7 @@ def agrees(row: dict[str, Any]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_grad_enabled(False)
-    handle = load_model(args.model)
-    prompts = source_prompts(args.prompts)
+    args, handle, prompts = prompts_benchmark(__doc__, argv, 8, 2)
     common = dict(max_new_tokens=0, progress=False)
     in_memory(handle, prompts[:1], target_layers="same", **common)  # warm-up: the runner's probe, first calls
     report: dict[str, Any] = {"model": args.model, "prompts": args.prompts, "repeats": args.repeats,
@@ -121,15 +110,20 @@ def main(argv: list[str] | None = None) -> int:
         "forward_32_s": round(seconds["forward_32"], 3), "forward_unit_s": round(seconds["forward_unit"], 3),
         "speedup": round(seconds["forward_unit"] / seconds["forward_32"], 2),
         **agreement(kept["forward_32"][1], kept["forward_unit"][1])}
-    agree &= agrees(report["logit_lens_streamed"])
-    report["agree"] = agree
-    for name, row in report["sweeps"].items():
-        print(f"{name}: streamed {row['streamed_s']} s ({row['streamed_prompts_per_unit']} prompt(s) a unit), "
-              f"in memory {row['in_memory_s']} s: x{row['ratio']}")
-    print(f"logit lens streamed: forward batch 32 {seconds['forward_32']:.2f} s, the unit's "
-          f"{seconds['forward_unit']:.2f} s; results agree: {agree}")
+    report["agree"] = agree and agrees(report["logit_lens_streamed"])
+    print(summary(report))
     write_report(args.out, report)
-    return 0 if agree else 1
+    return 0 if report["agree"] else 1
+
+
+def summary(report: dict[str, Any]) -> str:
+    """The report in a few lines: each pair's seconds and ratio, and whether the results agree."""
+    lines = [f"{name}: streamed {row['streamed_s']} s ({row['streamed_prompts_per_unit']} prompt(s) a unit), in "
+             f"memory {row['in_memory_s']} s: x{row['ratio']}" for name, row in report["sweeps"].items()]
+    lens = report["logit_lens_streamed"]
+    lines.append(f"logit lens streamed: forward batch 32 {lens['forward_32_s']} s, the unit's "
+                 f"{lens['forward_unit_s']} s; results agree: {report['agree']}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-memory bench-scales bench-jlens docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-streamed bench-memory bench-scales bench-jlens docs clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,9 @@ bench-runners: install                         # the three planned runners again
 
 bench-host: install                            # host work per sweep cell, before and after issue 25, ~2 min
 	$(PY) benchmarks/host.py --prompts 8 --out benchmarks/results/host.json
+
+bench-streamed: install                        # a streamed sweep (units of 256 cells) against the same in memory, ~1 min
+	$(PY) benchmarks/streamed.py --prompts 8 --out benchmarks/results/streamed.json
 
 bench-scales: install                          # 100 latents x 5 scales batched vs per-latent hooks, ~1 min
 	$(PY) benchmarks/scales.py --latents 100 --out benchmarks/results/scales.json

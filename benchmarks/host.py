@@ -14,19 +14,15 @@ takes about as long as the host's seconds per 30 x 30 unit used to.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sweep import source_prompts, write_report  # noqa: E402
-
-from pyvene_patchscopes import load_model  # noqa: E402
+from sweep import prompts_benchmark, write_report  # noqa: E402
 
 sweeping = importlib.import_module("pyvene_patchscopes.sweep")
 
@@ -94,16 +90,7 @@ def timed(handle, prompts, before: bool) -> tuple[float, float, float, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--prompts", type=int, default=8, help="source prompts, one unit each")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_grad_enabled(False)
-    handle = load_model(args.model)
-    prompts = source_prompts(args.prompts)
+    args, handle, prompts = prompts_benchmark(__doc__, argv, 8, 3, "source prompts, one unit each")
     cells = args.prompts * handle.n_layers ** 2
     timed(handle, prompts[:1], False)  # warm-up: the runner's probe, first calls
     best = {before: [float("inf")] * 3 for before in (True, False)}

@@ -236,6 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def prompts_benchmark(doc: str, argv: list[str] | None, prompts: int, repeats: int,
+                      prompts_help: str = "source prompts") -> tuple[argparse.Namespace, Any, list[str]]:
+    """(arguments, model, prompts) of a one-process benchmark on --model over --prompts, timed --repeats times:
+    the options it shares with the others, warnings off, no gradients."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", type=int, default=prompts, help=prompts_help)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+    return args, load_model(args.model), source_prompts(args.prompts)
+
+
 def write_report(out: str | None, report: dict[str, Any]) -> None:
     """The results as JSON at `out` (nothing when it is None)."""
     if out:

@@ -282,6 +282,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
     results = run(scopes, models, top=args.top, progress=not args.json)
     rows = _rows(results)
+    if preset.target_layer is not None:  # a fixed l* shows as the sweep's column does (29 on SmolLM2, not -1)
+        fixed = preset.target_layers(None, handle.n_layers)[0]
+        rows = [{**row, "target_layer": fixed} for row in rows]
     header = (f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
               f"(token {results[0].source_position})\n")
     if html is not None:
@@ -381,7 +384,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         options["target_prompt"] = args.target_prompt
     target_layers = None if args.target_layers is None else "same" if args.target_layers == "same" else \
         parse_layers(args.target_layers, handle.n_layers, "--target-layers")
-    target_layers = preset.target_layers(target_layers, handle.n_layers, "--target-layers")  # a fixed l*: only there
+    target_layers = preset.target_layers(target_layers, handle.n_layers, "--target-layers",  # a fixed l*: only there
+                                         shown=args.target_layers)
     result = sweep(prompts, handle, preset=args.preset, source_position=parse_position(args.source_position),
                    source_layers=parse_layers(args.source_layers, handle.n_layers, "--source-layers"),
                    target_layers=target_layers,

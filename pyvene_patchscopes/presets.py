@@ -136,19 +136,21 @@ class Preset:
         layer = self._names(n_layers)[0]
         return f"preset {self.name!r} fixes l* = {layer}{', the last layer' if self.target_layer == LAST_LAYER else ''}"
 
-    def target_layers(self, target_layers: Any, n_layers: int, field: str = "target_layers") -> Any:
-        """A sweep's target layers: as given where the preset leaves l* free; where it fixes l*, that one layer
-        (by default as n_layers - 1 for the last), and anything else is refused in one line."""
+    def target_layers(self, target_layers: Any, n_layers: int, field: str = "target_layers", shown: Any = None) -> Any:
+        """A sweep's target layers: as given where the preset leaves l* free; where it fixes l*, that one layer as
+        an index (n_layers - 1 for the last, whether given as the default, as -1 or as n_layers - 1, so that the
+        column, `SweepResult.cell` and the folder's manifest name it one way), and anything else is refused in
+        one line. `shown` is the value as the user wrote it, for the refusal (the CLI's ``'0-3'``, not the parsed
+        list)."""
         if self.target_layer is None:
             return target_layers
-        if target_layers is None:
-            return [self._names(n_layers)[0]]
         given = list(target_layers) if isinstance(target_layers, (list, tuple, range)) else None
-        if given is not None and len(given) == 1 and self.allows(given[0], n_layers):
-            return given
+        if target_layers is None or (given is not None and len(given) == 1 and self.allows(given[0], n_layers)):
+            return [self._names(n_layers)[0]]
         names = " or ".join(f"[{layer}]" for layer in self._names(n_layers))
-        raise SpecError(f"{field}={target_layers!r} is not allowed: {self.fixes(n_layers)}, and a sweep reads it "
-                        f"only there (allowed: the default, {names})")
+        value = target_layers if shown is None else shown
+        raise SpecError(f"{field}={value!r} is not allowed: {self.fixes(n_layers)}, and a sweep reads it only there "
+                        f"(allowed: the default, {names})")
 
     def _names(self, n_layers: int | None) -> list[int]:
         """The indices that name the fixed l*: itself, and on a model of `n_layers` both its forms (29 and -1)."""

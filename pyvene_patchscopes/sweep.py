@@ -44,7 +44,8 @@ from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
 from .spec import Patchscope, Position, Source
 from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
-    mark_complete, open_folder, read_manifest, read_units, spec_hash, unit_prompts, unit_table, write_shard
+    mark_complete, open_folder, read_manifest, read_units, recorded_unit_prompts, spec_hash, unit_prompts, unit_table, \
+    write_shard
 
 
 @dataclass
@@ -273,7 +274,7 @@ class _Cells:
 
 
 READOUTS = ("top", "logits", "generations")
-BATCH_SIZE = 32  # source prompts per unit of an in-memory sweep, by default
+BATCH_SIZE = 32  # source prompts per unit of an in-memory sweep, and rows per forward pass in a unit, by default
 
 
 def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = "token-identity",
@@ -286,13 +287,17 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
 
     ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that
     fixes l* (``logit-lens``, ``jacobian-lens``: the last layer; `Preset.target_layer`) sweeps only there: one
-    column, l* = n_layers - 1 by default, and any other ``target_layers`` is refused.
+    column, l* = n_layers - 1 (given as the default, ``[-1]`` or ``[n_layers - 1]``), and any other ``target_layers``
+    is refused.
     Each cell generates what the preset's own Patchscope generates (its ``max_new_tokens``: token-identity 4,
     logit-lens 0, future-lens 3, attribute 20, ...), as `build` and `run` do; ``max_new_tokens=0`` reads the
     next token only, which is faster.
     ``batch_size`` source prompts make one unit of work: by default 32 in memory, and with ``out=`` as many as
     fit 256 cells (`sweep_folder.UNIT_CELLS`, at least one prompt, at most 32): one prompt a unit for SmolLM2's
-    30 x 30 grid, 8 at l* = l. ``max_batch_tokens`` bounds a patch batch.
+    30 x 30 grid, 8 at l* = l. Left to its default, a folder that holds this same sweep with other units (one
+    written before that rule, 32 prompts a unit) keeps its own, so the same call resumes it. Inside a unit the
+    forward passes take 32 rows at a time (``batch_size`` where given), however few prompts the unit holds;
+    ``max_batch_tokens`` bounds a patch batch.
     ``readout``: ``"top"`` keeps the top-``top`` tokens per cell (and generations when generating);
     ``"logits"`` (or ``keep_logits=True``) also keeps the full-vocabulary logits, which a 512-prompt 30 x 30
     grid of SmolLM2 would need 90 GB for; ``"generations"`` keeps the generations and the top-1 token only.
@@ -321,14 +326,19 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     make = _cell_maker(chosen, handle, source_position, options)
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
                                                                    for l in source_layers]
-    batch_size = _unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
-    grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", batch_size)
+    per_unit = _unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
+    grid = _Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", per_unit,
+                 BATCH_SIZE if batch_size is None else per_unit)
     shape = _Shape(preset, source_layers, target_layers, same_layer)
     if out is not None:
-        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress,
-                                _manifest(grid, shape, source_position, readout, options))
+        manifest = _manifest(grid, shape, source_position, readout, options)
+        kept = recorded_unit_prompts(out, manifest) if batch_size is None else None
+        if kept is not None and kept != per_unit:  # the folder's own units (32 before UNIT_CELLS): the call resumes
+            grid.prompts_per_unit = kept
+            manifest = _manifest(grid, shape, source_position, readout, options)
+        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress, manifest)
     prompts = _prompt_list(source_prompts)
-    units = list(chunks(prompts, batch_size))
+    units = list(chunks(prompts, per_unit))
     mine = my_units(len(units), distributed)
     parts = {}
     per_prompt = grid.cells_per_prompt
@@ -408,7 +418,8 @@ class _Grid:
     planned: bool
     max_batch_tokens: int
     keep_logits: bool
-    batch_size: int
+    prompts_per_unit: int      # source prompts per unit (a streamed unit is what a kill can lose)
+    forward_batch: int         # rows per forward pass inside a unit: the source read, and run's batches
     shared: SharedPrompts = field(default_factory=SharedPrompts)
     _cells: _Cells | None = None
     _mappings: dict[Any, Any] = field(default_factory=dict)
@@ -469,7 +480,7 @@ def _manifest(grid: _Grid, shape: _Shape, source_position: Position, readout: st
     description = {
         "preset": shape.preset, "source_position": source_position, "source_layers": shape.source_layers,
         "target_layers": "same" if shape.same_layer else shape.target_layers, "readout": readout, "top": grid.top,
-        "batch_size": grid.batch_size, "planned": grid.planned, "max_batch_tokens": grid.max_batch_tokens,
+        "batch_size": grid.prompts_per_unit, "planned": grid.planned, "max_batch_tokens": grid.max_batch_tokens,
         "options": recorded, "models": {name: _identity(h) for name, h in sorted(grid.models.items())},
     }
     return {"format": FORMAT, "version": FOLDER_VERSION, "spec_hash": spec_hash(description), **description}
@@ -511,23 +522,23 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
     count = units = 0
     with tqdm(total=None if total is None else len(source_prompts) * per_prompt, unit="cell", desc="sweep",
               disable=not (progress if progress is not None else True)) as bar:
-        for u, prompts in enumerate(_prompt_units(source_prompts, grid.batch_size)):
+        for u, prompts in enumerate(_prompt_units(source_prompts, grid.prompts_per_unit)):
             first, count, units = count, count + len(prompts), u + 1
             if u % size != rank:
                 continue
-            if finished(folder, u, prompts, per_prompt):
+            if finished(folder, u, prompts, per_prompt, manifest["spec_hash"]):
                 done.skipped.append(u)
             else:
                 part = grid.unit(prompts)
                 tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
                 table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,
                                    shape.same_layer, top_texts(tokenizer, part["top_ids"][..., 0]))
-                write_shard(folder, u, table)
+                write_shard(folder, u, table, manifest["spec_hash"])
                 done.computed.append(u)
             bar.update(len(prompts) * per_prompt)
     barrier()
     if is_main:
-        mark_complete(folder, units, count)
+        mark_complete(folder, units, count, manifest["spec_hash"])
     barrier()
     return done
 
@@ -576,7 +587,7 @@ def _unit_planned(prompts: list[str], grid: _Grid, cells: _Cells) -> dict[str, A
     for scope, position in zip(scopes, positions):
         warn_if_sink(position, source.tokenizer, scope.source.prompt)
     sites = [row[0].source_site for row in cells.templates]
-    states = collect_states(source, prompts, positions, sites, grid.batch_size)  # [n, Ls, d]
+    states = collect_states(source, prompts, positions, sites, grid.forward_batch)  # [n, Ls, d]
     # f per (mapping, source layer): identity cells share one table
     specs: dict[tuple[Any, int], int] = {}
     pair = torch.empty(n_source, n_target, dtype=torch.long)
@@ -624,7 +635,7 @@ def _unit_by_scopes(prompts: list[str], grid: _Grid) -> dict[str, Any]:
     scopes = [grid.make(p, l, t) for p in prompts for row in pairs for l, t in row]
     with warnings.catch_warnings():  # a sweep marks such cells (SweepResult.informative) instead
         warnings.simplefilter("ignore", UninformativeScopeWarning)
-        results = run(scopes, grid.models, top=grid.top, batch_size=grid.batch_size, progress=False,
+        results = run(scopes, grid.models, top=grid.top, batch_size=grid.forward_batch, progress=False,
                       planned=grid.planned, max_batch_tokens=grid.max_batch_tokens)
     shape = (len(prompts), len(pairs), len(pairs[0]))
     k = min(grid.top, len(results[0].top))

@@ -4,12 +4,14 @@
 the layers, the readout), then ``unit-000000.parquet``, ``unit-000001.parquet``, ... as each unit of source prompts
 finishes, each written whole to a temporary name and renamed (a killed process leaves no half shard under a
 shard's name). A unit is small, so that a kill loses little: by default at most `UNIT_CELLS` cells (at least
-one prompt; see `unit_prompts`). A rerun with the same arguments skips the units whose shard reads back whole
-and holds the same prompts; a shard that is corrupt or truncated is reported and recomputed. A folder that holds
-another sweep with a finished unit, or anything but a sweep, is refused and left as it is; one whose sweep has
-no finished unit yet is restarted with the new settings (its manifest replaced, nothing else touched). When
-every unit is done, ``complete.json`` records the count. Under ``accelerate launch`` every process writes its own
-units' shards: nothing is gathered.
+one prompt; see `unit_prompts`). Each shard records its sweep's spec hash and its unit in its Parquet metadata.
+A rerun with the same arguments skips the units whose shard reads back whole, belongs to this sweep and holds the
+same prompts; a shard that is corrupt, truncated or another sweep's is reported and recomputed, and loading
+refuses one of another sweep. A folder that holds another sweep with a finished unit, or anything but a sweep, is
+refused and left as it is; one whose sweep has no finished unit yet is restarted with the new settings (its
+manifest replaced, nothing else touched but half-written shards); a sweep whose folder another one restarted
+stops before its next write. When every unit is done, ``complete.json`` records the count. Under
+``accelerate launch`` every process writes its own units' shards: nothing is gathered.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import PatchscopeError, SpecError
-from .files import expand, read_json
+from .files import expand, is_file, read_json
 from .outputs import replacing, write_bytes
 
 FORMAT = "pyvene-patchscopes.sweep"
@@ -36,6 +38,10 @@ COMPLETE = "complete.json"
 # and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
 # SmolLM2 on 2 CPU cores), large enough that CPU sweeps keep their speed.
 UNIT_CELLS = 256
+# Each shard's Parquet metadata names its sweep and unit, so that a shard another sweep wrote into a restarted
+# folder is not taken for this one's (a shard without them was written before they were recorded).
+SPEC_HASH_KEY = b"pyvene_patchscopes.spec_hash"
+UNIT_KEY = b"pyvene_patchscopes.unit"
 
 
 class ShardWarning(UserWarning):
@@ -51,6 +57,24 @@ def unit_prompts(cells_per_prompt: int, most: int) -> int:
     """Source prompts per streamed unit by default: as many as fit `UNIT_CELLS` cells, at least one and at most
     `most`. It depends on the settings only (the grid's cells per prompt), so a rerun finds the same units."""
     return max(1, min(most, UNIT_CELLS // cells_per_prompt))
+
+
+def recorded_unit_prompts(out: str | os.PathLike, manifest: dict[str, Any]) -> int | None:
+    """The prompts per unit (``batch_size``) of the sweep in folder `out`, where it is the sweep of `manifest` in
+    everything else, else None: with the default left, the same call keeps that folder's units (one written
+    before `UNIT_CELLS`, with 32 prompts a unit, resumes instead of being refused)."""
+    folder = expand(out)
+    if not is_file(folder / MANIFEST):
+        return None
+    try:
+        found = read_manifest(folder)
+    except SpecError:
+        return None  # open_folder refuses it, with the reason
+    size = found.get("batch_size")
+    rest = lambda m: {k: v for k, v in m.items() if k not in ("spec_hash", "batch_size")}  # noqa: E731
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or rest(found) != rest(manifest):
+        return None
+    return size
 
 
 def shard_path(folder: Path, unit: int) -> Path:
@@ -71,12 +95,13 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
         if (folder / MANIFEST).is_file():
             found = read_manifest(folder)
             if found.get("spec_hash") != manifest["spec_hash"]:
-                if not started(folder):  # nothing of the other sweep is kept: it restarts with these settings
-                    _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
-                    return folder
-                differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
-                raise SpecError(f"out={str(out)!r} holds another sweep (it differs in {', '.join(differs) or 'spec'});"
-                                f" nothing was overwritten ({allowed})")
+                if started(folder):
+                    differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
+                    raise SpecError(f"out={str(out)!r} holds another sweep (it differs in "
+                                    f"{', '.join(differs) or 'spec'}); nothing was overwritten ({allowed})")
+                # nothing of the other sweep is kept: it restarts with these settings (a shard that sweep writes
+                # later carries its own spec hash, so this one never takes it for its own)
+                _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
             for stale in folder.glob(".unit-*.tmp") if clean else ():
                 stale.unlink(missing_ok=True)
             return folder
@@ -154,19 +179,48 @@ def _fixed(values: np.ndarray, width: int) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
 
-def write_shard(folder: Path, unit: int, table: Any) -> Path:
-    """Write a unit's table whole under a temporary name, then rename it into place (atomic on one file system)."""
+def write_shard(folder: Path, unit: int, table: Any, spec_hash: str) -> Path:
+    """Write a unit's table whole under a temporary name, then rename it into place (atomic on one file system),
+    its Parquet metadata naming the sweep (`spec_hash`) and the unit; refused if another sweep restarted the
+    folder meanwhile."""
     import pyarrow.parquet as pq
 
+    check_owner(folder, spec_hash)
     path = shard_path(folder, unit)
+    stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(),
+                                             UNIT_KEY: str(unit).encode()})
     with replacing(path) as temporary:
-        pq.write_table(table, temporary)
+        pq.write_table(stamped, temporary)
     return path
 
 
-def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int) -> bool:
-    """Whether `unit` has a shard that reads back whole and holds `prompts`; a corrupt one is reported (and
-    recomputed by the caller); one that holds other prompts means the input changed: a `SpecError`."""
+def check_owner(folder: Path, spec_hash: str) -> None:
+    """Refuse to write into `folder` once its manifest is another sweep's (a second call restarted it while this
+    one ran, before either finished a unit): this sweep stops, and the other one keeps the folder."""
+    found = read_manifest(folder).get("spec_hash")
+    if found != spec_hash:
+        raise SpecError(f"out={str(folder)!r} was restarted by another sweep while this one ran (its manifest's "
+                        f"spec_hash={str(found)[:12]}..., this sweep's {spec_hash[:12]}...); this sweep stops and "
+                        "writes nothing more there (allowed: one sweep at a time in a folder)")
+
+
+def foreign(path: Path, unit: int, spec_hash: str, metadata: dict[bytes, bytes] | None) -> str | None:
+    """Why the shard at `path` is not unit `unit` of the sweep `spec_hash`, as its Parquet metadata says, or None
+    where it is (or records neither, as shards written before these were recorded)."""
+    metadata = metadata or {}
+    held = metadata.get(SPEC_HASH_KEY, spec_hash.encode()).decode(errors="replace")
+    if held != spec_hash:
+        return f"{path} belongs to another sweep (spec_hash={held[:12]}..., this folder's {spec_hash[:12]}...)"
+    index = metadata.get(UNIT_KEY, str(unit).encode()).decode(errors="replace")
+    if index != str(unit):
+        return f"{path} holds unit {index}, not unit {unit}"
+    return None
+
+
+def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int, spec_hash: str) -> bool:
+    """Whether `unit` has a shard of this sweep (`spec_hash`) that reads back whole and holds `prompts`; a corrupt
+    one, or another sweep's, is reported (and recomputed by the caller); one that holds other prompts means the
+    input changed: a `SpecError`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -178,6 +232,10 @@ def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int)
     except (pa.ArrowException, OSError) as err:
         warnings.warn(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]}); unit {unit} is "
                       "computed again", ShardWarning, stacklevel=3)
+        return False
+    reason = foreign(path, unit, spec_hash, table.schema.metadata)
+    if reason is not None:
+        warnings.warn(f"{reason}; unit {unit} is computed again", ShardWarning, stacklevel=3)
         return False
     if table.num_rows != len(prompts) * cells_per_prompt:
         warnings.warn(f"{path} holds {table.num_rows} cells where unit {unit} has "
@@ -191,14 +249,24 @@ def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int)
     return True
 
 
-def mark_complete(folder: Path, units: int, prompts: int) -> None:
+def mark_complete(folder: Path, units: int, prompts: int, spec_hash: str) -> None:
+    check_owner(folder, spec_hash)
     _write_atomically(folder / COMPLETE, json.dumps({"units": units, "prompts": prompts}).encode())
 
 
 # ---- reading back ---------------------------------------------------------------------------------------
 def shards(folder: Path, partial: bool = False) -> list[Path]:
-    """The folder's shards in unit order; all of them, unless `partial` (an unfinished sweep)."""
+    """The folder's shards in unit order, each checked to be its manifest's sweep's; all of them, unless `partial`
+    (an unfinished sweep)."""
+    import pyarrow.parquet as pq
+
     found = sorted(folder.glob("unit-*.parquet"))
+    spec_hash = read_manifest(folder)["spec_hash"]
+    for path in found:
+        reason = foreign(path, int(path.stem.split("-")[1]), spec_hash, pq.read_schema(path).metadata)
+        if reason is not None:
+            raise PatchscopeError(f"{reason}; rerun this folder's sweep to recompute that unit (allowed: the shards "
+                                  "of the sweep its manifest records)")
     if partial:
         return found
     if not (folder / COMPLETE).is_file():
@@ -240,4 +308,5 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
 
 
 __all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
+           "check_owner", "recorded_unit_prompts",
            "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

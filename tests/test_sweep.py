@@ -61,7 +61,7 @@ def test_a_preset_that_fixes_l_star_sweeps_only_there_and_refuses_other_target_l
         assert grid.cell(1, layer, 3).scope == want.scope and grid.cell(1, layer, 3).token == want.token
     figure = grid.plot(tmp_path / "lens.png", prompt=1)  # the heatmap is that one column of source layers
     assert len(figure.axes[0].texts) == 4 and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["3"]
-    assert sweep(PROMPT, tiny_llama, preset=preset, target_layers=[-1], progress=False, **options).target_layers == [-1]
+    assert sweep(PROMPT, tiny_llama, preset=preset, target_layers=[-1], progress=False, **options).target_layers == [3]
     for bad in ([0, 1, 2, 3], [1], range(4), "same", [3, 3]):
         with pytest.raises(SpecError, match=rf"^target_layers={re.escape(repr(bad))} is not allowed: "
                                             rf"{LAST.format(preset)}, and a sweep reads it only there \(allowed: the "
@@ -73,6 +73,22 @@ def test_a_preset_that_fixes_l_star_sweeps_only_there_and_refuses_other_target_l
         build(preset, PROMPT, -1, 2, target_layer=1, model=tiny_llama.name, **options)
     assert build(preset, PROMPT, -1, 2, target_layer=3, n_layers=4, model=tiny_llama.name, **options) == \
         build(preset, PROMPT, -1, 2, model=tiny_llama.name, **options)
+
+
+@pytest.mark.parametrize("given", [[-1], [3], None])
+def test_a_fixed_l_star_given_as_minus_one_is_the_same_column_cell_and_manifest(tiny_llama, tmp_path, given):
+    """Review of issue 36: target_layers=[-1] kept -1, so its column was labelled -1, cell(p, l, 3) was refused, and
+    its folder's manifest differed from the default's ([3]) although every cell was the same."""
+    grid = sweep(PROMPT, tiny_llama, preset="logit-lens", target_layers=given, progress=False)
+    default = sweep(PROMPT, tiny_llama, preset="logit-lens", progress=False)
+    assert grid.target_layers == [3] and grid.to_records() == default.to_records()
+    assert grid.cell(0, 2, 3).token == default.cell(0, 2, 3).token
+    with pytest.raises(SpecError, match=r"^target_layer=-1 is not among this sweep's layers \(allowed: 3\)$"):
+        grid.cell(0, 2, -1)
+    folder = sweep(PROMPT, tiny_llama, preset="logit-lens", target_layers=given, progress=False, out=tmp_path / "s")
+    assert folder.manifest["target_layers"] == [3]
+    assert folder.manifest["spec_hash"] == sweep(PROMPT, tiny_llama, preset="logit-lens", progress=False,
+                                                 out=tmp_path / "default").manifest["spec_hash"]
 
 
 def test_the_fixed_l_star_is_the_presets_field_that_sweep_and_build_read(tiny_llama, monkeypatch):
@@ -106,7 +122,7 @@ def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, caps
     assert code == 0 and [(c["source_layer"], c["target_layer"]) for c in json.loads(out)["cells"]] == [(1, 3), (2, 3)]
     code, _, err = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
                         "--target-layers", "0-3")
-    assert code == 2 and err == ("patchscopes: error: --target-layers=[0, 1, 2, 3] is not allowed: preset 'logit-lens' "
+    assert code == 2 and err == ("patchscopes: error: --target-layers='0-3' is not allowed: preset 'logit-lens' "
                                  "fixes l* = 3, the last layer, and a sweep reads it only there (allowed: the default, "
                                  "[3] or [-1])\n")
     code, _, err = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
@@ -119,7 +135,28 @@ def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, caps
                             "--json", *given)
         rows[tuple(given)] = json.loads(out)["layers"]
     assert code == 0 and rows[()] == rows[("--target-layer", "3")] == rows[("--target-layer", "-1")]
-    assert {row["target_layer"] for row in rows[()]} == {-1}
+    assert {row["target_layer"] for row in rows[()]} == {3}  # l* as the sweep's column names it, not -1
+
+
+@pytest.mark.parametrize("typed", ["0-3", "1,2", "0-3:2", "-2", "3,3", "same"])
+def test_the_cli_refuses_target_layers_as_the_user_typed_them(monkeypatch, capsys, typed):
+    """Review of issue 36: `--target-layers 0-3` was refused as `--target-layers=[0, 1, 2, 3]`, the parsed list."""
+    code, out, err = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                          "--target-layers", typed)
+    assert code == 2 and out == "" and err == (
+        f"patchscopes: error: --target-layers={typed!r} is not allowed: preset 'logit-lens' fixes l* = 3, the last "
+        "layer, and a sweep reads it only there (allowed: the default, [3] or [-1])\n")
+
+
+def test_inspect_and_sweep_show_a_fixed_l_star_alike(monkeypatch, capsys):
+    """Review of issue 36: `inspect --preset logit-lens` showed l* = -1 where `sweep` showed 3 (29 on SmolLM2)."""
+    code, out, _ = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                        "--layers", "1,2")
+    lines = out.splitlines()
+    assert code == 0 and [line.split()[:2] for line in lines[3:5]] == [["1", "3"], ["2", "3"]], out
+    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
+                        "--source-layers", "1,2", "--target-layers", "-1", "--json")
+    assert code == 0 and [(c["source_layer"], c["target_layer"]) for c in json.loads(out)["cells"]] == [(1, 3), (2, 3)]
 
 
 # ---- one default for generation (issue 36, finding 7) ---------------------------------------------------------

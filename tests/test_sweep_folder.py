@@ -5,6 +5,8 @@ Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,15 +14,18 @@ import time
 import warnings
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 import killed_sweep
-from pyvene_patchscopes import SpecError
+from pyvene_patchscopes import PatchscopeError, SpecError
 from pyvene_patchscopes.sweep import SweepResult, sweep
-from pyvene_patchscopes.sweep_folder import ShardWarning, read_manifest, shard_path, unit_prompts
+from pyvene_patchscopes.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
+    unit_prompts
 
 PROMPTS = killed_sweep.PROMPTS
+sweeping = killed_sweep.module  # the module (the package exports its function under the same name)
 TENSORS = ("top_ids", "top_probs", "logits", "target_positions", "informative")
 
 
@@ -119,6 +124,149 @@ def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_
     assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
     assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
     assert_same(done.load(model), whole)
+
+
+# ---- a restart does not mix two sweeps (review of issue 36) --------------------------------------------------------
+SETTINGS = dict(target_layers=[0, 2, 3], batch_size=2, progress=False, readout="logits")  # killed_sweep.run's, but...
+
+
+def other_sweep(folder: Path, model) -> SweepResult:
+    """...generating nothing: another sweep (another spec hash) with the same prompts and as many cells a unit."""
+    return sweep(PROMPTS, model, max_new_tokens=0, out=folder, **SETTINGS)
+
+
+def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_this_ones(tmp_path, model, whole,
+                                                                                         monkeypatch):
+    """Sweep A's folder, with its manifest and no shard yet (A still loading its model), is restarted by sweep B
+    from a second terminal; A's unit 0 lands afterwards. It held the same prompts and as many cells, so B took it
+    for its own unit 0 and the folder mixed A's cells (no generations) into B's."""
+    a = other_sweep(tmp_path / "a", model)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    shutil.copy(a.path / "manifest.json", folder / "manifest.json")  # A has started there and written no unit yet
+
+    def restarted_then_late(out, manifest, clean=True):
+        path = open_folder(out, manifest, clean)  # B restarts the folder ...
+        shutil.copy(shard_path(a.path, 0), shard_path(path, 0))  # ... and A's unit 0 lands afterwards
+        return path
+
+    monkeypatch.setattr(sweeping, "open_folder", restarted_then_late)
+    with pytest.warns(ShardWarning, match=r"unit-000000\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}"
+                                          r"\.\.\., this folder's [0-9a-f]{12}\.\.\.\); unit 0 is computed again"):
+        b = killed_sweep.run(str(folder))
+    assert b.computed == list(range(6)) and b.skipped == []
+    assert read_manifest(folder)["spec_hash"] == b.manifest["spec_hash"] != a.manifest["spec_hash"]
+    assert pq.read_schema(shard_path(folder, 0)).metadata[SPEC_HASH_KEY].decode() == b.manifest["spec_hash"]
+    assert_same(b.load(model), whole)
+
+
+def test_a_sweep_whose_folder_another_restarted_stops_before_its_next_write(tmp_path, model, monkeypatch):
+    """The other side of the restart: A, still computing its first unit, finds B's manifest and writes nothing."""
+    b = killed_sweep.run(str(tmp_path / "b"))
+    folder = tmp_path / "s"
+    unit = sweeping._Grid.unit
+
+    def restarted_meanwhile(self, prompts):
+        part = unit(self, prompts)
+        open_folder(folder, b.manifest)  # B restarts A's folder, which has no finished unit yet
+        return part
+
+    monkeypatch.setattr(sweeping._Grid, "unit", restarted_meanwhile)
+    with pytest.raises(SpecError, match=rf"^out={re.escape(repr(str(folder)))} was restarted by another sweep while "
+                                        r"this one ran \(its manifest's spec_hash=[0-9a-f]{12}\.\.\., this sweep's "
+                                        r"[0-9a-f]{12}\.\.\.\); this sweep stops and writes nothing more there "
+                                        r"\(allowed: one sweep at a time in a folder\)$"):
+        other_sweep(folder, model)
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]
+    assert read_manifest(folder) == b.manifest
+
+
+def test_loading_refuses_a_shard_of_another_sweep_and_a_rerun_recomputes_it(tmp_path, model, whole):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    a = other_sweep(tmp_path / "a", model)
+    shutil.copy(shard_path(a.path, 4), shard_path(folder, 4))  # A's late unit 4 replaced B's after B had checked it
+    message = (r"unit-000004\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}\.\.\., this folder's "
+               r"[0-9a-f]{12}\.\.\.\); rerun this folder's sweep to recompute that unit \(allowed: the shards of the "
+               r"sweep its manifest records\)$")
+    for lazy in (False, True):
+        with pytest.raises(PatchscopeError, match=message):
+            SweepResult.load(folder, model, lazy=lazy)
+    with pytest.warns(ShardWarning, match="unit-000004.parquet belongs to another sweep"):
+        again = killed_sweep.run(str(folder))
+    assert again.computed == [4] and again.skipped == [0, 1, 2, 3, 5]
+    assert_same(SweepResult.load(folder, model), whole)
+
+
+def test_a_shard_written_before_shards_named_their_sweep_is_taken_when_the_manifest_matches(tmp_path, model, whole):
+    folder = tmp_path / "s"
+    killed_sweep.run(str(folder))
+    for unit in range(6):  # as the code before this wrote them: no spec hash, no unit in the Parquet metadata
+        path = shard_path(folder, unit)
+        pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+        assert SPEC_HASH_KEY not in (pq.read_schema(path).metadata or {})
+    assert_same(SweepResult.load(folder, model), whole)
+    again = killed_sweep.run(str(folder))
+    assert again.computed == [] and again.skipped == list(range(6))
+
+
+def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_path, model, whole):
+    """A process killed during its first write leaves `.unit-000000.parquet.*.tmp` beside the manifest; the restart
+    returned before the clean-up that a resume makes, so the file stayed."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    shutil.copy(other_sweep(tmp_path / "a", model).path / "manifest.json", folder / "manifest.json")
+    (folder / ".unit-000000.parquet.k1ll3d.tmp").write_bytes(b"PAR1 half a shard")
+    (folder / "notes.txt").write_text("keep")
+    done = killed_sweep.run(str(folder))
+    assert done.computed == list(range(6)) and not list(folder.glob(".*.tmp"))
+    assert (folder / "notes.txt").read_text() == "keep"
+    assert_same(done.load(model), whole)
+
+
+def test_a_folder_written_with_32_prompts_a_unit_resumes_with_the_same_call(tmp_path, model):
+    """A folder from before UNIT_CELLS records batch_size 32; the same call now works out 21 prompts a unit here
+    (12 cells a prompt), so its spec hash differed and the resume was refused ("it differs in batch_size")."""
+    prompts = [f"The city of number {i} is large" for i in range(40)]
+    settings = dict(target_layers=[0, 2, 3], max_new_tokens=0, progress=False)
+    folder = tmp_path / "s"
+    old = sweep(prompts, model, batch_size=32, out=folder, **settings)  # units of 32, as the default was
+    assert old.computed == [0, 1] and unit_prompts(12, 32) == 21
+    shard_path(folder, 1).unlink()  # killed during its second unit
+    (folder / "complete.json").unlink()
+    resumed = sweep(prompts, model, out=folder, **settings)  # the same call, batch_size left to its default
+    assert resumed.skipped == [0] and resumed.computed == [1] and resumed.manifest == old.manifest
+    assert_same(resumed.load(model), sweep(prompts, model, **settings))
+    fresh = sweep(prompts, model, out=tmp_path / "fresh", **settings)
+    assert fresh.manifest["batch_size"] == 21 and fresh.computed == [0, 1]
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in batch_size\)"):
+        sweep(prompts, model, batch_size=21, out=folder, **settings)  # a batch_size given is the user's
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in target_layers\)"):
+        sweep(prompts, model, out=folder, **{**settings, "target_layers": [0, 2]})
+
+
+def test_a_streamed_unit_of_few_prompts_still_runs_forward_batches_of_32(tmp_path, monkeypatch):
+    """A streamed logit-lens sweep of a 30-layer model holds 8 prompts a unit (30 cells each); those 8 were also
+    run's forward batch, so the unit's 240 cells ran 8 at a time instead of 32."""
+    from tiny import tiny_model
+
+    model = tiny_model("llama", layers=30, seed=5)
+    batches: list[int] = []
+    real = sweeping.run
+
+    def counted(*args, **kwargs):
+        batches.append(kwargs["batch_size"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweeping, "run", counted)
+    prompts = killed_sweep.TWENTY[:8]
+    done = sweep(prompts, model, preset="logit-lens", out=tmp_path / "s", progress=False)
+    assert done.manifest["batch_size"] == 8 and done.computed == [0] and batches == [32]
+    whole = sweep(prompts, model, preset="logit-lens", progress=False)
+    assert batches == [32, 32]
+    assert_same(done.load(model), whole)
+    sweep(prompts, model, preset="logit-lens", out=tmp_path / "given", progress=False, batch_size=4)
+    assert batches == [32, 32, 4, 4]  # a batch_size given is both
 
 
 def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path, model, whole):
@@ -238,3 +386,19 @@ def test_run_without_logits_keeps_the_top_tokens_and_generations_on_both_paths(m
         full, lean = run(scopes, model, planned=planned), run(scopes, model, planned=planned, keep_logits=False)
         assert all(r.logits is None for r in lean) and all(r.logits is not None for r in full)
         assert [(r.top, r.generation) for r in lean] == [(r.top, r.generation) for r in full]
+
+
+def test_the_readmes_streamed_against_in_memory_figures_are_the_benchmarks():
+    """README ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's (make bench-streamed)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    measured = json.loads((root / "benchmarks" / "results" / "streamed.json").read_text())
+    text = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    sweeps = measured["sweeps"]
+    assert (f"on SmolLM2, {measured['prompts']} prompts and `max_new_tokens=0`, the streamed sweep took "
+            f"**{sweeps['grid']['ratio']:.2f}x** the in-memory sweep's time on the 30 x 30 grid (one prompt a unit) "
+            f"and **{sweeps['same']['ratio']:.2f}x** at l\\* = l, with the same top-1 token in every cell") in text
+    assert measured["agree"] and sweeps["grid"]["streamed_prompts_per_unit"] == 1
+    assert sweeps["same"]["streamed_prompts_per_unit"] == unit_prompts(30, 32) == 8
+    assert all(row["top1_equal"] for row in sweeps.values())

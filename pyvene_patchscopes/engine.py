@@ -130,10 +130,10 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
         sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
-        states = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
-                                            for r in rows], list(sites), batch_size)
-        for k, r in enumerate(rows):
-            mapped[r] = states[k, sites[resolved[r].source_site]]
+        read = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
+                                          for r in rows], list(sites), batch_size)
+        for k, r in enumerate(rows):  # a view of the unit's row: many rows share one source state, never copied
+            mapped[r] = read.states[read.rows[k], sites[resolved[r].source_site]]
     return mapped  # type: ignore[return-value]
 
 

@@ -11,10 +11,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target, run
+from pyvene_patchscopes import Patchscope, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.evaluate import data
 from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
-from pyvene_patchscopes.evaluate.common import generate, lens_logits, read_states, sample_prefix
+from pyvene_patchscopes.evaluate.common import generate, lens_logits, sample_prefix
 from pyvene_patchscopes.evaluate.entities import description
 from pyvene_patchscopes.evaluate.probe import probe_accuracy
 from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
@@ -139,11 +139,11 @@ def test_stages_label_argument_then_answer_and_find_saturation():
 def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
     prompt = "the cat sat on the mat and"
     last = tiny_llama.n_layers - 1
-    states = read_states(tiny_llama, [prompt], [1, last], batch_size=4)
-    for layer in (1, last):
+    states = hidden_states([prompt], tiny_llama, [1, last], batch_size=4)
+    for k, layer in enumerate((1, last)):
         scope = Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last))
         engine = run(scope, tiny_llama)[0].logits
-        torch.testing.assert_close(lens_logits(tiny_llama, states[layer], normalised=layer == last)[0], engine,
+        torch.testing.assert_close(lens_logits(tiny_llama, states[:, k], normalised=layer == last)[0], engine,
                                    atol=1e-4, rtol=0)
 
 
@@ -163,7 +163,7 @@ def test_attribute_logit_lens_names_the_object_when_the_logit_lens_patchscopes_t
             if layer in checked or not top.isalpha() or first not in first_tokens(tokenizer, {"object": top}):
                 continue
             facts = [{"object": top}, {"object": runner_up}, {"object": runner_up, "aliases": [top]}, {"object": " "}]
-            state = read_states(tiny_llama, [prompt], [layer], batch_size=4)[layer]
+            state = hidden_states([prompt], tiny_llama, layer, batch_size=4)
             assert logit_lens(tiny_llama, facts, {layer: state.expand(4, -1)}) == {layer: [True, False, True, False]}
             checked.add(layer)
     assert checked == {2, last}

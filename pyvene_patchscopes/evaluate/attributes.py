@@ -29,7 +29,8 @@ from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
-from .common import EvalOptions, check_layers, eval_command, generate, lens_logits, read_states
+from ..states import hidden_states
+from .common import EvalOptions, check_layers, eval_command, generate, lens_logits
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
@@ -124,7 +125,8 @@ def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[
                            options: EvalOptions) -> dict[int, torch.Tensor]:
     """The probe's features: the subject's last-token state at each layer, read in one pyvene pass (the
     source prompt ends with the subject, so its last token is the one the Patchscope reads)."""
-    return read_states(handle, [source_prompt(f) for f in facts], layers, options.batch_size)
+    states = hidden_states([source_prompt(f) for f in facts], handle, layers, batch_size=options.batch_size)
+    return dict(zip(layers, states.unbind(1)))
 
 
 def first_tokens(tokenizer: Any, fact: dict) -> set[int]:

@@ -35,7 +35,7 @@ from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
 from .report import Report, Table, save_figure
-from .scoring import object_in_generation, rate
+from .scoring import first_word_id, object_in_generation, rate
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split
 
 COMMAND = "patchscopes eval attributes --out reports/attributes"
@@ -131,11 +131,12 @@ def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[
 
 def first_tokens(tokenizer: Any, fact: dict) -> set[int]:
     """The ids a next-token readout may name to begin the object: the first token of the object and of each
-    alias, spelled after a space and without one."""
+    alias that spells something (`first_word_id`: never a dummy prefix's lone space), spelled after a space and
+    without one."""
     names = [fact["object"], *(fact.get("aliases") or ())]
-    spellings = [tokenizer(text, add_special_tokens=False)["input_ids"] for name in names if name.strip()
-                 for text in (" " + name.strip(), name.strip())]
-    return {ids[0] for ids in spellings if ids}
+    ids = {first_word_id(tokenizer, text) for name in names if name.strip()
+           for text in (" " + name.strip(), name.strip())}
+    return {token for token in ids if token is not None}
 
 
 def logit_lens(handle: ModelHandle, facts: list[dict], states: dict[int, torch.Tensor]) -> dict[int, list[bool]]:

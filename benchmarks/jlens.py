@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import write_report  # noqa: E402
 
-from pyvene_patchscopes import load_model  # noqa: E402
+from pyvene_patchscopes import hidden_states, load_model  # noqa: E402
 from pyvene_patchscopes.cli import parse_layers  # noqa: E402
 from pyvene_patchscopes.catalogue.build import JACOBIAN_LENS_TOKENS, jacobian_lens_texts  # noqa: E402
-from pyvene_patchscopes.evaluate.common import lens_logits, read_states, sample_prefixes  # noqa: E402
+from pyvene_patchscopes.evaluate.common import lens_logits, sample_prefixes  # noqa: E402
 from pyvene_patchscopes.evaluate.data import prose_splits  # noqa: E402
 from pyvene_patchscopes.evaluate.scoring import precision_at_1  # noqa: E402
 from pyvene_patchscopes.evaluate.stats import bootstrap, paired  # noqa: E402
@@ -117,7 +117,8 @@ def main() -> int:
     layers = parse_layers(args.layers, handle.n_layers - 1, "--layers")  # source layers: all but the last
     splits = prose_splits(250, 100, 0)  # patchscopes eval next-token's default split
     prefixes = sample_prefixes(handle, splits["evaluation"]["text"], 0)
-    states = read_states(handle, prefixes, sorted({*layers, 6, 12, 18, 24, handle.n_layers - 1}), 32)
+    read = sorted({*layers, 6, 12, 18, 24, handle.n_layers - 1})
+    states = dict(zip(read, hidden_states(prefixes, handle, read).unbind(1)))
     report = {"model": handle.name, "device": "cpu", "torch_threads": torch.get_num_threads()}
     if not args.skip_crosscheck:
         report["crosscheck"] = crosscheck(handle, jacobian_lens_texts()[:args.prompts], layers, args.tl_python,

@@ -71,15 +71,18 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         items = [resolved[r] for r in plain]
         states = _collect_all(items, models, batch_size) if source_states is None \
             else [source_states[r] for r in plain]
-        vectors = [k for k, item in enumerate(items) if item.scope.vector_source]
-        nulls = null_readings([items[k] for k in vectors], _mapped([items[k] for k in vectors],
-                                                                   [states[k] for k in vectors], models), models, top)
         targets = dict.fromkeys(item.scope.target_model for item in items)
         plannable = {name: use_planned(models[name].model, planned) for name in targets}
         fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
         slow = [k for k, item in enumerate(items) if not plannable[item.scope.target_model]]
+        vectors = [k for k, item in enumerate(items) if item.scope.vector_source]
+        # f(h) once per row: the planned path writes it, the null reading checks a vector's norm on it; the plain
+        # path applies f inside its pyvene intervention, so only its vector rows are mapped here
+        to_map = sorted({*fast, *vectors})
+        mapped = dict(zip(to_map, _mapped([items[k] for k in to_map], [states[k] for k in to_map], models)))
+        nulls = null_readings([items[k] for k in vectors], [mapped[k] for k in vectors], models, top)
         if fast:
-            done = _patch_planned([items[k] for k in fast], [states[k] for k in fast], models, top,
+            done = _patch_planned([items[k] for k in fast], [mapped[k] for k in fast], models, top,
                                   max_batch_tokens, progress, keep_logits, keep_scores)
             for k, result in zip(fast, done):
                 results[plain[k]] = result
@@ -118,8 +121,8 @@ def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved]
 
 
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
-    """The source state h of every row (f is applied later, inside the patch intervention); a vector source's
-    state is its vector, on the source model's device and in its dtype, as a read state would be."""
+    """The source state h of every row (f is applied later: by `_mapped`, or inside the plain path's intervention);
+    a vector source's state is its vector, on the source model's device and in its dtype, as a read state would be."""
     mapped: list[torch.Tensor | None] = [None] * len(resolved)
     by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
@@ -130,10 +133,10 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
         sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
-        states = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
-                                            for r in rows], list(sites), batch_size)
-        for k, r in enumerate(rows):
-            mapped[r] = states[k, sites[resolved[r].source_site]]
+        read = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
+                                          for r in rows], list(sites), batch_size)
+        for k, r in enumerate(rows):  # a view of the unit's row: many rows share one source state, never copied
+            mapped[r] = read.states[read.rows[k], sites[resolved[r].source_site]]
     return mapped  # type: ignore[return-value]
 
 
@@ -154,11 +157,11 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
     return out  # type: ignore[return-value]
 
 
-def _patch_planned(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
+def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models: Models, top: int,
                    max_batch_tokens: int, progress: bool | None, keep_logits: bool = True,
                    keep_scores: bool = False) -> list[PatchscopeResult]:
-    """The planned execution: per target prompt, one shared pass, then batches of rows from their l* up."""
-    vectors = _mapped(resolved, states, models)
+    """The planned execution of rows whose f(h) is `vectors` (`_mapped`): per target prompt, one shared pass,
+    then batches of rows from their l* up."""
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
                                r.scope.max_new_tokens, r.slots, r.scope.target.write) for r in resolved])
     results: list[PatchscopeResult | None] = [None] * len(resolved)

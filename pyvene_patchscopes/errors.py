@@ -35,6 +35,11 @@ class VectorNormWarning(UserWarning):
     """A vector source written far smaller or larger than the target's own states at l* (`execution.unpatched`)."""
 
 
+class SmallSampleWarning(UserWarning):
+    """An evaluation report prints an interval over fewer samples than `evaluate.stats.MIN_TEST`, too few to support
+    a claim (`evaluate.report.Report.check_samples`)."""
+
+
 def out_of_range(field: str, value: object, allowed: str, context: str = "") -> SpecError:
     """Build the standard message: `Target.layer=40 is out of range for smollm2-135m (-30..29)`."""
     where = f" for {context}" if context else ""

@@ -17,7 +17,7 @@ from .positions import encode, resolve_position, resolve_slots
 from .sites import Site, hidden_state_site
 
 if TYPE_CHECKING:
-    from .spec import Patchscope, VectorSource
+    from .spec import Patchscope, Source, VectorSource
 
 Models = Mapping[str, ModelHandle]
 
@@ -117,10 +117,7 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         check_vector(vector, source_model, len(slots))
         source_position = -1  # no prompt: the vector is the state
     else:
-        source_encoding = encode(source_model.tokenizer, scope.source.prompt)
-        check_context(source_model, "Source.prompt", len(source_encoding[0]))
-        source_position = resolve_position(source_model.tokenizer, scope.source.prompt, scope.source.position,
-                                           "Source", source_encoding)
+        source_position = source_index(source_model, scope.source)
     target_position = slots[0]
     source_last = source_layer == source_model.n_layers - 1
     skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
@@ -134,6 +131,13 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         informative=target_layer < target_model.n_layers - 1 or slots[-1] == len(target_encoding[0]) - 1,
         target_slots=slots if scope.target.several else (),
     )
+
+
+def source_index(handle: ModelHandle, source: Source) -> int:
+    """The token index `source.position` names in `source.prompt`, its length checked against the model."""
+    encoding = encode(handle.tokenizer, source.prompt)
+    check_context(handle, "Source.prompt", len(encoding[0]))
+    return resolve_position(handle.tokenizer, source.prompt, source.position, "Source", encoding)
 
 
 def warn_uninformative(resolved: list[Resolved]) -> None:
@@ -176,4 +180,4 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
                   stacklevel=4)
 
 
-__all__ = ["Resolved", "resolve", "warn_uninformative", "check_vector", "as_models", "pick_model", "check_context", "Models"]
+__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "as_models", "pick_model", "check_context", "Models"]

@@ -3,12 +3,12 @@
 Layer l is the paper's: the residual stream after block l, i.e. HF ``hidden_states[l + 1]``; the last layer is
 HF's last entry, already after the final norm (see `sites`). Positions are resolved as `Source.position` is
 (an int, negative from the end, or the last token of a substring's last occurrence), with the same warning at
-position 0. The states are read by the engine's own collect step (`execution.plain.collect_states`), batched the
-same way, so ``run(scopes, model, source_states=...)`` given these states reads exactly what it reads itself.
+position 0. The states are read by the reader the engine's collect step calls (`read_states`), batched the same
+way, so ``run(scopes, model, source_states=...)`` given these states reads exactly what it reads itself.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -16,8 +16,8 @@ from .compat import check_hookable
 from .errors import SpecError, as_index
 from .execution.plain import collect_states
 from .models import ModelHandle
-from .positions import Position, encode, resolve_position, warn_if_sink
-from .resolve import check_context
+from .positions import Position, warn_if_sink
+from .resolve import source_index
 from .sites import Site, hidden_state_site
 from .spec import Source
 
@@ -43,17 +43,11 @@ def hidden_states(prompts: str | Sequence[str], model: ModelHandle, layers: int 
         raise SpecError("prompts is empty (allowed: a prompt, or a non-empty list of prompts)")
     check_hookable(model.model)
     units = [(source.prompt, source_index(model, source)) for source in sources]
-    states = read_states(model, units, [layer_site(model, layer) for layer in layer_list], batch_size)
+    read = read_states(model, units, [layer_site(model, layer) for layer in layer_list], batch_size)
+    states = read.states[torch.tensor(read.rows, device=read.states.device)]  # the rows asked for, repeats included
     if isinstance(layers, int) or as_index(layers) is not None:
         states = states[:, 0]
     return states[0] if isinstance(prompts, str) else states
-
-
-def source_index(model: ModelHandle, source: Source) -> int:
-    """The token index `source.position` names in `source.prompt`, its length checked against the model."""
-    encoding = encode(model.tokenizer, source.prompt)
-    check_context(model, "Source.prompt", len(encoding[0]))
-    return resolve_position(model.tokenizer, source.prompt, source.position, "Source", encoding)
 
 
 def layer_site(model: ModelHandle, layer: int) -> Site:
@@ -61,16 +55,28 @@ def layer_site(model: ModelHandle, layer: int) -> Site:
     return hidden_state_site(model.model, layer, model.n_layers, layer == model.n_layers - 1)
 
 
+class StatesRead(NamedTuple):
+    """What `read_states` returns: each distinct unit's states once, and where each unit asked for is."""
+
+    states: torch.Tensor  # [distinct units, sites, d], on the model's device, in its dtype
+    rows: list[int]  # rows[k]: the row of `states` that holds units[k]
+
+
 def read_states(model: ModelHandle, units: Sequence[tuple[str, int]], sites: Sequence[Site],
-                batch_size: int = 32) -> torch.Tensor:
-    """The states at each distinct (prompt, token index) of `units` at every site, in one pyvene pass per batch:
-    [units, sites, d]. Warns (`SinkPositionWarning`) for a unit at token 0. What `run`'s collect step calls."""
+                batch_size: int = 32) -> StatesRead:
+    """The states at each distinct (prompt, token index) of `units` at every site, in one pyvene pass per batch,
+    and the row each unit is in. Warns (`SinkPositionWarning`) for a unit at token 0. What `run`'s collect step,
+    `hidden_states` and the evaluations call.
+
+    Each distinct unit is read and kept once, however many units repeat it: `run` takes views of these rows
+    (a 30 x 30 sweep of 32 prompts is 28,800 rows over 32 distinct units), where a copy per unit asked for
+    would hold every unit's states at every site."""
     distinct = list(dict.fromkeys(units))
     for prompt, index in distinct:
         warn_if_sink(index, model.tokenizer, prompt)
     states = collect_states(model, [u[0] for u in distinct], [u[1] for u in distinct], sites, batch_size)
     where = {unit: k for k, unit in enumerate(distinct)}
-    return states[torch.tensor([where[unit] for unit in units], device=states.device)]
+    return StatesRead(states, [where[unit] for unit in units])
 
 
 def _positions(positions: Position | Sequence[Position], n: int) -> list[Position]:
@@ -99,4 +105,4 @@ def _layers(layers: int | Sequence[int] | None, model: ModelHandle) -> list[int]
     return out
 
 
-__all__ = ["hidden_states", "read_states", "layer_site", "source_index"]
+__all__ = ["hidden_states", "read_states", "StatesRead", "layer_site"]

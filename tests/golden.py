@@ -108,10 +108,15 @@ def encode(handle: ModelHandle, prompt: str) -> torch.Tensor:
 
 def read(handle: ModelHandle, prompt: str, layer: int, position: int, after_norm: bool = False) -> torch.Tensor:
     """The hidden state at (prompt, position) after block `layer` (or after the final norm)."""
+    return read_all(handle, prompt, layer, after_norm)[position]
+
+
+def read_all(handle: ModelHandle, prompt: str, layer: int, after_norm: bool = False) -> torch.Tensor:
+    """The hidden states at every token of `prompt` after block `layer` (or after the final norm): [tokens, d]."""
     seen = {}
 
     def store(mod, args, out) -> None:  # returns None: a hook that returns a value replaces the output
-        seen["h"] = _hidden(out)[0, position].clone()
+        seen["h"] = _hidden(out)[0].clone()
 
     hook = site(handle.model, layer, after_norm).register_forward_hook(store)
     try:

@@ -8,13 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target, run
+from pyvene_patchscopes import Patchscope, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.evaluate import data
 from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
-from pyvene_patchscopes.evaluate.common import generate, lens_logits, read_states, sample_prefix
+from pyvene_patchscopes.evaluate.common import generate, lens_logits, sample_prefix
 from pyvene_patchscopes.evaluate.entities import description
 from pyvene_patchscopes.evaluate.probe import probe_accuracy
 from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
@@ -139,11 +139,11 @@ def test_stages_label_argument_then_answer_and_find_saturation():
 def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
     prompt = "the cat sat on the mat and"
     last = tiny_llama.n_layers - 1
-    states = read_states(tiny_llama, [prompt], [1, last], batch_size=4)
-    for layer in (1, last):
+    states = hidden_states([prompt], tiny_llama, [1, last], batch_size=4)
+    for k, layer in enumerate((1, last)):
         scope = Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last))
         engine = run(scope, tiny_llama)[0].logits
-        torch.testing.assert_close(lens_logits(tiny_llama, states[layer], normalised=layer == last)[0], engine,
+        torch.testing.assert_close(lens_logits(tiny_llama, states[:, k], normalised=layer == last)[0], engine,
                                    atol=1e-4, rtol=0)
 
 
@@ -163,10 +163,54 @@ def test_attribute_logit_lens_names_the_object_when_the_logit_lens_patchscopes_t
             if layer in checked or not top.isalpha() or first not in first_tokens(tokenizer, {"object": top}):
                 continue
             facts = [{"object": top}, {"object": runner_up}, {"object": runner_up, "aliases": [top]}, {"object": " "}]
-            state = read_states(tiny_llama, [prompt], [layer], batch_size=4)[layer]
+            state = hidden_states([prompt], tiny_llama, layer, batch_size=4)
             assert logit_lens(tiny_llama, facts, {layer: state.expand(4, -1)}) == {layer: [True, False, True, False]}
             checked.add(layer)
     assert checked == {2, last}
+
+
+def _dummy_prefix_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's and Mistral's tokenizer.json, built offline: the normalizer puts '▁' before the text and turns each
+    space into '▁', so " Paris" is ['▁', '▁Paris'] while "Paris" is ['▁Paris'] (BPE; merges spell each word)."""
+    vocab, merges = {"<unk>": 0}, []
+    for word in ("▁Paris", "▁Rome", "▁Madrid"):
+        for character in word:
+            vocab.setdefault(character, len(vocab))
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                merges.append((word[:k - 1], word[k - 1]))
+                vocab[word[:k]] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_a_dummy_prefixs_lone_space_never_counts_as_the_first_token_of_an_object(monkeypatch):
+    """Issue 36 review: the attribute logit lens kept the first id of " " + object, which a dummy-prefix tokenizer
+    makes its lone '▁' for every object, so a lens whose top-1 is that space named every fact (and the stages
+    evaluation read the answer's probability off the same space). The probe and the Patchscope score text."""
+    from pyvene_patchscopes.evaluate import attributes, stages
+
+    tokenizer = _dummy_prefix_tokenizer()
+    space, paris, rome, madrid = tokenizer.convert_tokens_to_ids(["▁", "▁Paris", "▁Rome", "▁Madrid"])
+    assert tokenizer(" Paris", add_special_tokens=False)["input_ids"] == [space, paris]
+    facts = [{"object": "Paris"}, {"object": "Rome"}, {"object": "Madrid", "aliases": ["Paris"]}]
+    assert [attributes.first_tokens(tokenizer, fact) for fact in facts] == [{paris}, {rome}, {madrid, paris}]
+    vocab = len(tokenizer)
+    monkeypatch.setattr(attributes, "lens_logits",  # a lens whose top-1 token is the state's one entry
+                        lambda handle, states, normalised: torch.nn.functional.one_hot(states[:, 0], vocab).float())
+    tops = {0: torch.full((3, 1), space), 1: torch.full((3, 1), paris)}
+    handle = SimpleNamespace(tokenizer=tokenizer, n_layers=2)
+    assert attributes.logit_lens(handle, facts, tops) == {0: [False, False, False], 1: [True, False, True]}
+    on_space = torch.nn.functional.one_hot(torch.tensor(space), vocab).float() * 20
+    assert stages._prob_of(handle, on_space, "Paris") < 1e-6  # the answer's own first token, not the space
+
+    from pyvene_patchscopes.evaluate.scoring import first_word_id  # the one helper both use
+
+    assert first_word_id(tokenizer, " Paris") == first_word_id(tokenizer, "Paris") == paris
+    assert first_word_id(tokenizer, " ") is None
 
 
 def test_sampled_prefixes_never_cut_at_the_sink_and_retokenise_the_same(tiny_llama):

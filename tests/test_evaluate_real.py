@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import pyvene_patchscopes
 from pyvene_patchscopes.cli import main
 
 pytestmark = pytest.mark.real_model
@@ -71,13 +76,44 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     # three known facts: a test split of one or two, which the report says supports no claim
     assert report["warnings"] == [f"the test split holds {len(split['test'])} sample{'s' * (len(split['test']) > 1)} "
                                   f"(dev {len(split['dev'])}), fewer than 10: its intervals support no claim (more "
-                                  "data: --data, --limit)"]
+                                  "samples: a larger data file or limit)"]
     assert f"**Warning:** {report['warnings'][0]}." in (tmp_path / "attributes" / "report.md").read_text()
     unknown = _jsonl(tmp_path / "unknown.jsonl", [
         {"relation": "country_capital", "category": "factual", "subject_kind": "country",
          "template": "The capital city of x is", "subject": "Atlantis", "object": "Poseidonia", "aliases": []}])
     assert main(["eval", "attributes", "--data", unknown, "--layers", "4", "--target-layers", "2"]) == 2
     assert "smollm2-135m answers none of the 1 facts" in capsys.readouterr().err
+
+
+def test_eval_attributes_on_eight_of_the_users_facts_without_a_split_warns_in_the_report_and_on_stderr(tmp_path):
+    """Issue 36, finding 5 (review): 8 facts gave 1.000 [1.000, 1.000] with no warning. With --select-on oracle no
+    split is recorded, and the report printed intervals over the few swept facts without a word; run as a user
+    runs it, a separate process, so the SmallSampleWarning is read on stderr as they would see it."""
+    facts = _jsonl(tmp_path / "facts.jsonl", [
+        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
+         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
+        for s, o in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),
+                     ("Spain", "Madrid"), ("Egypt", "Cairo"), ("Atlantis", "Poseidonia"), ("Wakanda", "Birnin Zana")]])
+    out = tmp_path / "attributes"
+    package = Path(pyvene_patchscopes.__file__).resolve().parents[1]  # the one this process tests
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "eval", "attributes", "--json", "--data",
+                           facts, "--layers", "4", "--target-layers", "2", "--select-on", "oracle", "--out", str(out)],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)["report"]
+    swept = len(report["data"]["swept"])
+    assert report["summary"]["facts in the set"] == 8 and 1 <= swept < 10 and "split" not in report["data"]
+    kept = report["data"]["intervals"]["Patchscope accuracy, mean over source layers (oracle: any l*), all swept"]
+    assert kept["n"] == swept  # an interval printed over fewer than MIN_TEST facts...
+    [warning] = report["warnings"]  # ...is flagged in the report, its markdown and on stderr
+    assert re.fullmatch(r"\d+ of its \d+ intervals rests? on fewer than 10 samples \(the smallest, '.+', on "
+                        r"\d samples?\): (it supports|they support) no claim \(more samples: a larger data file or "
+                        r"limit\)", warning), warning
+    assert f"on {swept} sample" in warning
+    assert json.loads((out / "report.json").read_text())["warnings"] == [warning]
+    assert f"**Warning:** {warning}." in (out / "report.md").read_text()
+    assert f"SmallSampleWarning: attributes on smollm2-135m: {warning}" in done.stderr
 
 
 def test_eval_attributes_and_multihop_run_on_gemma3(capsys, tmp_path):
@@ -131,7 +167,10 @@ def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
     oracle = _eval(capsys, tmp_path / "oracle", "multihop", "--data", queries, "--layers", "4", "--target-layers", "4",
                    "--select-on", "oracle")
     assert "split" not in oracle["data"] and oracle["settings"]["select on"] == "oracle"
-    assert "warnings" not in oracle  # no test split, nothing to warn of
+    # no test split, but its intervals rest on the 2 kept queries (it said nothing of it, issue 36 review)
+    assert oracle["warnings"] == ["4 of its 4 intervals rest on fewer than 10 samples (the smallest, 'vanilla accuracy, "
+                                  "all kept', on 2 samples): they support no claim (more samples: a larger data file "
+                                  "or limit)"]
     assert oracle["data"]["correct"] == report["data"]["correct"]
 
 

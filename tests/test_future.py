@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import golden
+from pyvene_patchscopes import hidden_states
 from pyvene_patchscopes.engine import run as run_scopes
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.evaluate import TASKS, future
-from pyvene_patchscopes.evaluate.common import EvalOptions, read_states
+from pyvene_patchscopes.evaluate.common import EvalOptions
 from pyvene_patchscopes.evaluate.scoring import MISSING, future_hits, repeat_guess
 from pyvene_patchscopes.evaluate.stats import split
 from pyvene_patchscopes.positions import token_ids
@@ -130,7 +131,7 @@ def test_the_reference_is_the_models_own_greedy_continuation(smollm2):
 @pytest.mark.real_model
 def test_future_lens_generation_equals_a_hand_written_forward_hook_patch(smollm2):
     layer = 16
-    states = read_states(smollm2, PREFIXES, [layer], batch_size=2)
+    states = {layer: hidden_states(PREFIXES, smollm2, layer, batch_size=2)}
     guesses = future.future_guesses(smollm2, PREFIXES, [layer], states, EvalOptions(batch_size=4))[layer]
     position = len(token_ids(smollm2.tokenizer, FUTURE_LENS_PROMPT)) - 1  # the prompt's last token, ' "'
     scopes = [future_lens(Source(p, -1, layer, smollm2.name)) for p in PREFIXES]

@@ -7,7 +7,7 @@ import torch
 import golden
 from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
                                 register_mapping, run)
-from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, gather, lstsq_affine, paired_states
+from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.resolve import resolve
 from pyvene_patchscopes.execution.reroute import prompt_pass, segments
@@ -181,14 +181,18 @@ def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_ll
 
 @pytest.mark.parametrize("source_layer,target_layer", [(1, -1), (3, 1), (1, 2), (3, 3), (2, 2)])
 def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama, source_layer, target_layer):
-    """One forward pass per batch gives both X and Y, and the map the two passes (one per layer) gave."""
+    """One forward pass per batch gives both X and Y: the states hand-written hooks read, one pass per layer and
+    text (tests/golden.py), and the map fitted on them."""
     last = tiny_llama.n_layers - 1
-    source_last, target = source_layer == last, target_layer % tiny_llama.n_layers
-    xs = gather(tiny_llama, TEXTS, source_layer, after_final_norm=source_last, batch_size=16)
-    ys = gather(tiny_llama, TEXTS, target_layer, after_final_norm=source_last and target == last, batch_size=16)
+    source, target = source_layer % tiny_llama.n_layers, target_layer % tiny_llama.n_layers
+    xs = [golden.read_all(tiny_llama, text, source, after_norm=source == last) for text in TEXTS]
+    ys = [golden.read_all(tiny_llama, text, target, after_norm=source == target == last) for text in TEXTS]
     starts = [len(tiny_llama.tokenizer(t)["input_ids"]) - len(tiny_llama.tokenizer(t, add_special_tokens=False)
                                                              ["input_ids"]) + 1 for t in TEXTS]
-    two_pass = lstsq_affine(torch.cat([x[k:] for x, k in zip(xs, starts)]), torch.cat([y[k:] for y, k in zip(ys, starts)]))
+    x, y = torch.cat([x[k:] for x, k in zip(xs, starts)]), torch.cat([y[k:] for y, k in zip(ys, starts)])
+    read = paired_states(tiny_llama, source_layer, tiny_llama, target_layer, TEXTS, batch_size=16)
+    torch.testing.assert_close(read, (x, y), atol=1e-5, rtol=0)  # batched with left padding here
+    hooked = lstsq_affine(x, y)
     calls = []
     hook = tiny_llama.model.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
@@ -196,7 +200,8 @@ def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama,
     finally:
         hook.remove()
     assert len(calls) == -(-len(TEXTS) // 16)  # one forward per batch of 16 texts, not one per layer read
-    assert torch.equal(f.weight, two_pass.weight) and torch.equal(f.bias, two_pass.bias)
+    assert torch.equal(f.weight, lstsq_affine(*read).weight) and torch.equal(f.bias, lstsq_affine(*read).bias)
+    torch.testing.assert_close((f.weight, f.bias), (hooked.weight, hooked.bias), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("read_layer,write_layer", [(0, 2), (2, 1)])

@@ -43,6 +43,32 @@ def _scopes(handle, vector: torch.Tensor, max_new_tokens: int = 3) -> list[Patch
                                                                                     ("replace", 300.0, -1))]
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
+def test_run_maps_each_vector_row_once_for_the_norm_check_and_the_write(tiny_llama, planned, monkeypatch):
+    """Issue 36 review: run applied f to the vector rows for the norm check, then the planned patch applied it to
+    them again; the planned path now writes the f(v) the check used. The plain path applies f inside its pyvene
+    intervention, so its rows are mapped there (once per row) and for the check."""
+    from pyvene_patchscopes import engine
+
+    mapped = []
+    build = engine.build_mapping
+
+    def counted(*args, **kwargs):
+        mapping = build(*args, **kwargs)
+        mapping.register_forward_hook(lambda module, inputs, output: mapped.append(inputs[0].shape[:-1].numel()))
+        return mapping
+
+    monkeypatch.setattr(engine, "build_mapping", counted)
+    scopes = _scopes(tiny_llama, torch.randn(tiny_llama.hidden_size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = run(scopes, tiny_llama, planned=planned)
+        assert sum(mapped) == len(scopes) * (1 if planned else 2), mapped  # planned: 16 rows mapped before
+        reference = run(scopes, tiny_llama, planned=not planned)
+    for ours, theirs in zip(results, reference):
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 @pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
 def test_every_vector_reading_carries_the_unpatched_targets_reading_read_once_per_target(kind, planned, monkeypatch):

@@ -114,3 +114,27 @@ def test_the_attribute_reports_hold_the_logit_lens_beside_the_probe_with_the_sam
         versus = data["intervals"][f"Patchscope (chosen on dev) - logit lens at layer {l}, test split"]
         assert versus["test"] == "exact McNemar" and versus["difference"]["n"] == len(test)
         assert "warnings" not in report
+
+
+def test_every_shipped_report_whose_intervals_rest_on_too_few_samples_says_so():
+    """Every interval a report prints rests on stats.MIN_TEST samples or more, or the report carries the warning
+    `Report.check_samples` gives (the stages report and the Jacobian report's Fisher agreement have fewer)."""
+    import warnings
+
+    from pyvene_patchscopes.evaluate.report import Report
+
+    index = (REPORTS / "README.md").read_text()
+    flagged = []
+    for folder in _folders():
+        shipped = Report.load(folder)
+        checked = Report.load(folder)
+        checked.warnings = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checked.check_samples()
+        assert shipped.warnings == checked.warnings, folder.name
+        for warning in shipped.warnings:
+            assert f"**Warning:** {warning}." in (folder / "report.md").read_text()
+            assert f"- **Warning:** {warning}\n" in index
+            flagged.append(folder.name)
+    assert flagged == ["stages", "jacobian"]

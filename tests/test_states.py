@@ -1,6 +1,7 @@
 """`hidden_states(prompts, model, layers, positions)` (issue 36, finding 8): the states a Patchscope's source reads,
 in the paper's layer convention (layer l = HF ``hidden_states[l + 1]``, the last layer HF's last entry, after the
-final norm), bit-equal to the engine's own collect step and to HF's hidden_states with the offset."""
+final norm), equal to what the engine's collect step and hand-written hooks read, and to HF's hidden_states with the
+offset."""
 from __future__ import annotations
 
 import re
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import golden
 from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.engine import _collect_all
 from pyvene_patchscopes.positions import resolve_position
@@ -51,14 +53,35 @@ def test_a_str_prompt_and_an_int_layer_drop_their_axes_and_none_is_every_layer(t
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_states_are_bit_equal_to_what_the_engines_collect_reads(kind):
+def test_states_and_the_engines_collect_step_read_what_hand_written_hooks_read(kind):
+    """hidden_states and run's collect step each read, bit for bit, the block output (the last layer's after the
+    final norm) that a hand-written forward hook reads (tests/golden.py), each prompt read alone."""
     handle = tiny_model(kind)
-    positions, layers = ["Paris", -2, 3], [0, 2, -1]
+    n, positions, layers = handle.n_layers, ["Paris", -2, 3], [0, 2, -1]
     scopes = [Patchscope(Source(prompt, position, layer, handle.name), Target("x", -1, 0))
               for prompt, position in zip(PROMPTS, positions) for layer in layers]
-    engine = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 32)
-    states = hidden_states(PROMPTS, handle, layers, positions)
-    assert torch.equal(states.flatten(0, 1), torch.stack(engine))
+    engine = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 1)
+    states = hidden_states(PROMPTS, handle, layers, positions, batch_size=1)
+    for p, (prompt, position) in enumerate(zip(PROMPTS, positions)):
+        index = resolve_position(handle.tokenizer, prompt, position, "Source")
+        for k, layer in enumerate(layer % n for layer in layers):
+            hooked = golden.read(handle, prompt, layer, index, after_norm=layer == n - 1)
+            assert torch.equal(states[p, k], hooked) and torch.equal(engine[p * len(layers) + k], hooked)
+
+
+def test_run_keeps_each_distinct_source_state_once_however_many_rows_read_it(tiny_llama):
+    """Issue 36 review: the collect step gathered one copy of every unit's states at every source site per row,
+    so a 30 x 30 grid of 32 prompts held 28,800 x 30 states (2 GB at d = 576) where the 32 x 30 read are 2 MB.
+    Each row's state is now a view of the one tensor of distinct states."""
+    handle, layers = tiny_llama, [0, 1, 2, 3]
+    scopes = [Patchscope(Source(prompt, -1, layer, handle.name), Target("x", -1, target_layer))
+              for prompt in PROMPTS for layer in layers for target_layer in range(4)]
+    rows = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 32)
+    assert len(rows) == 48 and len({row.untyped_storage().data_ptr() for row in rows}) == 1
+    held = rows[0].untyped_storage().nbytes()
+    assert held == len(PROMPTS) * len(layers) * handle.hidden_size * rows[0].element_size()  # not 48 x 4 rows' worth
+    states = hidden_states(PROMPTS, handle, layers)  # the same batch: bit-equal
+    assert all(torch.equal(row, states[k // 16, k // 4 % 4]) for k, row in enumerate(rows))
 
 
 def test_on_smollm2_states_equal_the_engines_and_hfs_and_run_reads_them(smollm2):

@@ -14,8 +14,8 @@ import torch
 
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.evaluate.common import EvalOptions
-from pyvene_patchscopes.evaluate.stats import (RESAMPLES, Interval, bootstrap, held_out, mcnemar, paired, record,
-                                               sign_flip, split)
+from pyvene_patchscopes.evaluate.stats import (RESAMPLES, Interval, Split, bootstrap, held_out, mcnemar, paired,
+                                               record, sign_flip, split)
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------------
@@ -182,17 +182,17 @@ def test_select_on_is_checked():
 
 # ---- a test split too small for an interval ----------------------------------------------------------------
 def test_a_test_split_under_the_stated_threshold_is_flagged_and_one_at_it_is_not():
-    from pyvene_patchscopes.evaluate.stats import MIN_TEST, Split, small_test_split
+    from pyvene_patchscopes.evaluate.stats import MIN_TEST, small_test_split
 
     assert MIN_TEST == 10
     below, at = Split(tuple(range(9)), tuple(range(9, 18)), 0), Split(tuple(range(10)), tuple(range(10, 20)), 0)
     assert small_test_split(below) == ("the test split holds 9 samples (dev 9), fewer than 10: its intervals support "
-                                       "no claim (more data: --data, --limit)")
+                                       "no claim (more samples: a larger data file or limit)")
     assert small_test_split(at) is None and small_test_split(None) is None
     assert "holds 1 sample (dev 2)" in small_test_split(Split((0, 1), (2,), 0))
     assert Split.from_dict(below.to_dict()) == below
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert f"A test split of fewer than {MIN_TEST} samples (`stats.MIN_TEST`) supports no interval" in readme
+    assert f"An interval over fewer than {MIN_TEST} samples (`stats.MIN_TEST`) supports no claim" in readme
 
 
 def _report(test: int):
@@ -211,17 +211,17 @@ def test_a_report_with_a_small_test_split_says_so_in_markdown_json_and_a_warning
 
     report = _report(1)
     with pytest.warns(SmallSampleWarning, match=r"^attributes on smollm2-135m: the test split holds 1 sample "):
-        report.check_test_split()
-    report.check_test_split()  # said once, however often checked
+        report.check_samples()
+    report.check_samples()  # said once, however often checked
     assert report.warnings == [small := "the test split holds 1 sample (dev 1), fewer than 10: its intervals support "
-                               "no claim (more data: --data, --limit)"]
+                               "no claim (more samples: a larger data file or limit)"]
     assert report.markdown().splitlines()[4] == f"**Warning:** {small}."
     report.write(tmp_path)
     assert Report.load(tmp_path).warnings == [small] and f"**Warning:** {small}." in (tmp_path / "report.md").read_text()
     enough = _report(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        enough.check_test_split()
+        enough.check_samples()
     assert enough.warnings == [] and "warnings" not in enough.to_dict() and "Warning" not in enough.markdown()
 
 
@@ -242,6 +242,60 @@ def test_every_task_with_a_dev_test_split_is_checked_by_run_task(task, monkeypat
         report = evaluate.run_task(task, lambda name: None, EvalOptions(), tmp_path / task)
     assert "**Warning:** the test split holds 3 samples" in (tmp_path / task / "report.md").read_text()
     assert json.loads((tmp_path / task / "report.json").read_text())["warnings"] == report.warnings
+
+
+def _unsplit(*sizes: int):
+    """A report with no dev/test split (one fact, --select-on oracle) whose intervals rest on `sizes` samples."""
+    from pyvene_patchscopes.evaluate import Report
+
+    summary, data = {}, {}
+    for k, n in enumerate(sizes):
+        record(summary, data, f"accuracy {k}, all swept", bootstrap([True] * n))
+    record(summary, data, "a - b, all swept", paired([True] * sizes[-1], [False] * sizes[-1], ("a", "b")))
+    return Report(task="attributes", title="Attribute extraction", model="smollm2-135m", command="patchscopes eval",
+                  settings={}, summary=summary, data=data)
+
+
+def test_a_report_without_a_split_whose_intervals_rest_on_too_few_samples_says_so(monkeypatch, tmp_path):
+    """Issue 36 review: one swept fact, or --select-on oracle, records no split, and such a report printed
+    1.000 [1.000, 1.000] with no warning; every interval a report prints rests on MIN_TEST samples or is flagged."""
+    from importlib import import_module
+
+    from pyvene_patchscopes import evaluate
+    from pyvene_patchscopes.evaluate.stats import MIN_TEST, SmallSampleWarning
+
+    monkeypatch.setattr(import_module("pyvene_patchscopes.evaluate.attributes"), "run", lambda *args: _unsplit(1))
+    monkeypatch.setattr(import_module("pyvene_patchscopes.evaluate.pages"), "write_pages", lambda report, out: [])
+    with pytest.warns(SmallSampleWarning, match=r"^attributes on smollm2-135m: 2 of its 2 intervals rest on fewer"):
+        one = evaluate.run_task("attributes", lambda name: None, EvalOptions(), tmp_path)
+    assert one.summary["accuracy 0, all swept"] == "1.000 [1.000, 1.000]" and "split" not in one.data
+    assert one.warnings == ["2 of its 2 intervals rest on fewer than 10 samples (the smallest, 'accuracy 0, all "
+                            "swept', on 1 sample): they support no claim (more samples: a larger data file or limit)"]
+    assert f"**Warning:** {one.warnings[0]}." in (tmp_path / "report.md").read_text()
+
+    from pyvene_patchscopes.evaluate.stats import small_intervals
+
+    mixed = _unsplit(3, MIN_TEST, 20)  # the smallest is named; a paired difference counts by its samples
+    assert small_intervals(mixed.data["intervals"]) == (
+        "1 of its 4 intervals rests on fewer than 10 samples (the smallest, 'accuracy 0, all swept', on 3 samples): "
+        "it supports no claim (more samples: a larger data file or limit)")
+    assert small_intervals(_unsplit(MIN_TEST, 40).data["intervals"]) is None
+    assert small_intervals({"probe, all known": bootstrap([]).to_dict()}) is None  # prints '–', no number
+    assert small_intervals(_unsplit(MIN_TEST, 4).data["intervals"]).startswith("2 of its 3 intervals rest on")
+    enough = _unsplit(MIN_TEST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        enough.check_samples()
+    assert enough.warnings == []
+
+
+def test_the_small_sample_warning_is_an_error_module_warning_and_names_no_cli_flag():
+    from pyvene_patchscopes import errors
+    from pyvene_patchscopes.evaluate import stats
+
+    assert stats.SmallSampleWarning is errors.SmallSampleWarning and issubclass(errors.SmallSampleWarning, UserWarning)
+    for message in (stats.small_test_split(Split((0,), (1,), 0)), stats.small_intervals(_unsplit(2).data["intervals"])):
+        assert "--" not in message and message.endswith("(more samples: a larger data file or limit)")
 
 
 def test_the_small_test_split_warning_reaches_stderr_in_a_plain_python_process():

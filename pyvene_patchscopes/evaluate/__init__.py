@@ -95,7 +95,7 @@ def run_task(name: str, load: Callable[[str], ModelHandle], options: EvalOptions
         report = module.run(load(source), load(target), options, folder)
     else:
         report = module.run(load(source), options, folder)
-    report.check_test_split()
+    report.check_samples()
     if folder is not None:
         write_pages(report, folder)
         report.write(folder)

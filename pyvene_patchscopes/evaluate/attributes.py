@@ -29,12 +29,13 @@ from ..execution.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
-from .common import EvalOptions, check_layers, eval_command, generate, lens_logits, read_states
+from ..states import hidden_states
+from .common import EvalOptions, check_layers, eval_command, generate, lens_logits
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
 from ..plot import subplots
 from .report import Report, Table, save_figure
-from .scoring import object_in_generation, rate
+from .scoring import first_word_id, object_in_generation, rate
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split
 
 COMMAND = "patchscopes eval attributes --out reports/attributes"
@@ -124,16 +125,18 @@ def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[
                            options: EvalOptions) -> dict[int, torch.Tensor]:
     """The probe's features: the subject's last-token state at each layer, read in one pyvene pass (the
     source prompt ends with the subject, so its last token is the one the Patchscope reads)."""
-    return read_states(handle, [source_prompt(f) for f in facts], layers, options.batch_size)
+    states = hidden_states([source_prompt(f) for f in facts], handle, layers, batch_size=options.batch_size)
+    return dict(zip(layers, states.unbind(1)))
 
 
 def first_tokens(tokenizer: Any, fact: dict) -> set[int]:
     """The ids a next-token readout may name to begin the object: the first token of the object and of each
-    alias, spelled after a space and without one."""
+    alias that spells something (`first_word_id`: never a dummy prefix's lone space), spelled after a space and
+    without one."""
     names = [fact["object"], *(fact.get("aliases") or ())]
-    spellings = [tokenizer(text, add_special_tokens=False)["input_ids"] for name in names if name.strip()
-                 for text in (" " + name.strip(), name.strip())]
-    return {ids[0] for ids in spellings if ids}
+    ids = {first_word_id(tokenizer, text) for name in names if name.strip()
+           for text in (" " + name.strip(), name.strip())}
+    return {token for token in ids if token is not None}
 
 
 def logit_lens(handle: ModelHandle, facts: list[dict], states: dict[int, torch.Tensor]) -> dict[int, list[bool]]:

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..sites import Site, final_norm_path, hidden_state_site
+from ..sites import final_norm_path
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
 from ..spec import DEFAULT_MODEL
@@ -65,11 +65,6 @@ def check_layers(owner: str, layers: Sequence[int], handle: ModelHandle) -> list
     return sorted(set(checked))
 
 
-def source_site(handle: ModelHandle, layer: int) -> Site:
-    """Where the engine reads source layer l (the last layer after the final norm, as HF reports it)."""
-    return hidden_state_site(handle.model, layer, handle.n_layers, after_final_norm=layer == handle.n_layers - 1)
-
-
 def lens_logits(handle: ModelHandle, states: torch.Tensor, normalised: bool = False) -> torch.Tensor:
     """The logit-lens Patchscope's readout, computed exactly: final norm (unless `normalised`), then unembedding.
 
@@ -83,17 +78,6 @@ def lens_logits(handle: ModelHandle, states: torch.Tensor, normalised: bool = Fa
         if not normalised:
             hidden = model.get_submodule(final_norm_path(model))(hidden)
         return model.get_output_embeddings()(hidden).float()
-
-
-def read_states(handle: ModelHandle, prompts: list[str], layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """{layer: [n, d]} source states at the last token of each prompt, every layer from one pyvene pass."""
-    sites = {layer: source_site(handle, layer) for layer in layers}
-    from ..execution.plain import collect
-    from ..positions import token_ids
-
-    last_tokens = [len(token_ids(handle.tokenizer, prompt)) - 1 for prompt in prompts]
-    collected = collect(handle, prompts, last_tokens, list(sites.values()), batch_size)
-    return {layer: torch.stack([collected[(r, site)] for r in range(len(prompts))]) for layer, site in sites.items()}
 
 
 def sample_prefix(handle: ModelHandle, text: str, rng: random.Random, tries: int = 10,
@@ -153,5 +137,5 @@ def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 
     return handle.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "source_site", "read_states", "lens_logits",
+__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "lens_logits",
            "sample_prefix", "sample_prefixes", "generate", "generate_ids"]

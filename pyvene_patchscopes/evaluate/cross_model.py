@@ -23,7 +23,8 @@ from ..fit import aligned_positions, gather_layers, lstsq_affine
 from ..mappings import Affine
 from ..models import ModelHandle
 from ..spec import Patchscope, Source, Target
-from .common import EvalOptions, check_layers, lens_logits, read_states
+from ..states import hidden_states
+from .common import EvalOptions, check_layers, lens_logits
 from .data import prose_splits
 from .next_token import IDENTITY_PROMPT
 from ..plot import subplots
@@ -82,7 +83,8 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
     maps = fit_maps(source, target, layers, target_layers, splits["train"]["text"], options.progress)
     prefixes = eval_prefixes(source, target, splits["evaluation"]["text"], options.seed)
     last = source.n_layers - 1
-    states = read_states(source, prefixes, sorted({*layers, last}), options.batch_size)
+    read = sorted({*layers, last})  # the states at each prefix's last token
+    states = dict(zip(read, hidden_states(prefixes, source, read, batch_size=options.batch_size).unbind(1)))
     expected = [source.tokenizer.decode([int(t)]) for t in lens_logits(source, states[last], normalised=True).argmax(-1)]
     identity = padded_identity(source.hidden_size, target.hidden_size)
     hits: dict[str, dict[tuple[int, int], list[bool]]] = {"affine": {}, "identity": {}}
@@ -106,7 +108,7 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
 def own_agreement(target: ModelHandle, prefixes: list[str], expected: list[str]) -> list[bool]:
     """Per prefix, whether the target model reading the prefix itself predicts the source's next token (a
     reference)."""
-    final = read_states(target, prefixes, [target.n_layers - 1], 16)[target.n_layers - 1]
+    final = hidden_states(prefixes, target, -1, batch_size=16)
     tokens = [target.tokenizer.decode([int(t)]) for t in lens_logits(target, final, normalised=True).argmax(-1)]
     return [same_token(a, b) for a, b in zip(tokens, expected)]
 

@@ -22,7 +22,8 @@ from ..models import ModelHandle
 from ..plot import subplots
 from ..presets import FUTURE_LENS_PROMPT, future_lens
 from ..spec import Source
-from .common import EvalOptions, check_layers, generate_ids, lens_logits, read_states, sample_prefixes
+from ..states import hidden_states
+from .common import EvalOptions, check_layers, generate_ids, lens_logits, sample_prefixes
 from .data import prose_splits
 from .report import Report, Table, save_figure
 from .scoring import future_hits, repeat_guess
@@ -46,7 +47,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     splits = prose_splits(N_TRAIN, options.pick("limit", 100), options.seed)
     prefixes = sample_prefixes(handle, splits["evaluation"]["text"], options.seed)
     reference = continuations(handle, prefixes, K, options.batch_size)
-    states = read_states(handle, prefixes, layers, options.batch_size)
+    states = dict(zip(layers, hidden_states(prefixes, handle, layers, batch_size=options.batch_size).unbind(1)))
     lens = {l: repeat_guess(lens_logits(handle, states[l], normalised=l == last).argmax(-1), K) for l in layers}
     generated = future_guesses(handle, prefixes, layers, states, options)
     hits = {"future lens": {l: future_hits(generated[l], reference, K) for l in layers},

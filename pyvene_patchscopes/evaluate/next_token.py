@@ -22,7 +22,8 @@ from ..fit import fit_tuned_lens
 from ..models import ModelHandle
 from ..presets import token_identity
 from ..spec import Source
-from .common import EvalOptions, check_layers, lens_logits, read_states, sample_prefixes
+from ..states import hidden_states
+from .common import EvalOptions, check_layers, lens_logits, sample_prefixes
 from .data import prose_splits
 from ..plot import subplots
 from .report import Report, Table, save_figure
@@ -42,7 +43,8 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     layers = check_layers("--layers", options.pick("layers", range(handle.n_layers)), handle)
     splits = prose_splits(options.pick("n_train", 250), options.pick("limit", 100), options.seed)
     prefixes = sample_prefixes(handle, splits["evaluation"]["text"], options.seed)
-    states = read_states(handle, prefixes, sorted({*layers, last}), options.batch_size)
+    read = sorted({*layers, last})  # the states at each prefix's last token
+    states = dict(zip(read, hidden_states(prefixes, handle, read, batch_size=options.batch_size).unbind(1)))
     reference = lens_logits(handle, states[last], normalised=True)  # the model's own next-token logits
     train = splits["train"]["text"]
     tuned = fit_tuned_lens(handle, [l for l in layers if l != last], train, progress=options.progress)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from warnings import warn
 
 from ..outputs import save_figure as write_figure, write_text
-from .stats import SmallSampleWarning, Split, small_test_split
+from ..errors import SmallSampleWarning
+from .stats import Split, small_intervals, small_test_split
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,11 +59,14 @@ class Report:
             del out["warnings"]
         return out
 
-    def check_test_split(self) -> None:
-        """Say so, in the report and as a `SmallSampleWarning` (on stderr), when its test split holds fewer than
-        `stats.MIN_TEST` samples; every task with a dev/test split records it in ``data["split"]``."""
+    def check_samples(self) -> None:
+        """Say so, in the report and as a `SmallSampleWarning` (on stderr), when an interval it prints rests on
+        fewer than `stats.MIN_TEST` samples: its test split (every task with a dev/test split records it in
+        ``data["split"]``) or, split or not, any interval `stats.record` put in ``data["intervals"]`` (one swept
+        fact, ``select_on="oracle"`` and too few samples to split all leave no split)."""
         held = self.data.get("split")
-        message = small_test_split(Split.from_dict(held) if held else None)
+        message = small_test_split(Split.from_dict(held) if held else None) \
+            or small_intervals(self.data.get("intervals", {}))
         if message is not None and message not in self.warnings:
             self.warnings.append(message)
             warn(f"{self.task} on {self.model}: {message}", SmallSampleWarning, stacklevel=2)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -82,6 +82,16 @@ def same_token(token_a: str, token_b: str) -> bool:
     return token_a.strip() == token_b.strip() and bool(token_a.strip())
 
 
+def first_word_id(tokenizer: Any, text: str) -> int | None:
+    """The id of the first token of `text` that spells something (its decoded text is not blank), None when none
+    does. A tokenizer with a dummy prefix (Llama 2, Mistral) encodes " Paris" as ['▁', '▁Paris']: its first id, the
+    lone '▁', begins every word, so a readout whose top token is that space would name every object."""
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        if tokenizer.decode([token]).strip():
+            return token
+    return None
+
+
 def saturation_layer(is_answer: Sequence[bool]) -> int | None:
     """The first layer from which the answer stays the top-1 readout up to the last layer, or None."""
     layer = None
@@ -132,5 +142,5 @@ def repeat_guess(top1: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
 
 
 __all__ = ["precision_at_1", "surprisal", "object_in_generation", "cut_at_next_example", "rouge_l",
-           "same_token", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids", "future_hits",
+           "same_token", "first_word_id", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids", "future_hits",
            "repeat_guess"]

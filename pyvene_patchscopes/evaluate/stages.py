@@ -21,7 +21,7 @@ from .common import EvalOptions, check_layers
 from ..plot import subplots
 from .report import Report, Table, save_figure
 from .stats import Interval, bootstrap
-from .scoring import saturation_layer, stages, starts_word
+from .scoring import first_word_id, saturation_layer, stages, starts_word
 
 COMMAND = "patchscopes eval stages --out reports/stages"
 PAIRS = [("Poland", "Warsaw"), ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),
@@ -79,9 +79,10 @@ def _answers(handle: ModelHandle, item: tuple[str, str, str]) -> bool:
 
 
 def _prob_of(handle: ModelHandle, logits: torch.Tensor, word: str) -> float:
-    """Probability of the answer's first token (with a leading space, as it follows 'A:')."""
-    first = handle.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
-    return float(torch.softmax(logits.float(), -1)[first])
+    """Probability of the answer's first token (with a leading space, as it follows 'A:'; `first_word_id`: never a
+    dummy prefix's lone space)."""
+    first = first_word_id(handle.tokenizer, " " + word)
+    return float("nan") if first is None else float(torch.softmax(logits.float(), -1)[first])
 
 
 def _saturation(labels: list[list[str]], layers: list[int], seed: int = 0) -> Interval:

@@ -16,16 +16,18 @@ from typing import Any, Hashable, Mapping, Sequence, TypeVar
 
 import torch
 
-from ..errors import SpecError
+from ..errors import SmallSampleWarning, SpecError
 
 RESAMPLES = 2000  # bootstrap resamples (the issue asks for at least 1,000)
 FLIPS = 10000  # sign flips of the permutation test
 LEVEL = 0.95
 DEV_SHARE = 0.5
-# A test split of fewer samples supports no interval. Below it a percentile bootstrap of right/wrong scores takes
-# at most n + 1 values, and a unanimous split gives a zero-width interval ([1.000, 1.000]) where the exact
-# binomial 95% interval of 1 right out of 1 spans [0.025, 1] (of 10 out of 10 still [0.69, 1]).
+# An interval over fewer samples (a test split, or all the samples where nothing is split) supports no claim. Below
+# it a percentile bootstrap of right/wrong scores takes at most n + 1 values, and a unanimous sample gives a
+# zero-width interval ([1.000, 1.000]) where the exact binomial 95% interval of 1 right out of 1 spans [0.025, 1]
+# (of 10 out of 10 still [0.69, 1]).
 MIN_TEST = 10
+MORE = "more samples: a larger data file or limit"  # how a user of Python or the CLI gets them
 Candidate = TypeVar("Candidate", bound=Hashable)
 
 
@@ -180,16 +182,30 @@ def split(keys: Sequence[str], seed: int = 0, dev_share: float = DEV_SHARE) -> S
     return Split(tuple(sorted(i for _, i in ranked[:n_dev])), tuple(sorted(i for _, i in ranked[n_dev:])), seed)
 
 
-class SmallSampleWarning(UserWarning):
-    """An evaluation's test split holds fewer than `MIN_TEST` samples, too few for its intervals to support a claim."""
-
-
 def small_test_split(split: Split | None) -> str | None:
     """The warning a report carries when its test split holds fewer than `MIN_TEST` samples (None otherwise)."""
     if split is None or len(split.test) >= MIN_TEST:
         return None
-    return (f"the test split holds {len(split.test)} sample{'s' if len(split.test) != 1 else ''} (dev "
-            f"{len(split.dev)}), fewer than {MIN_TEST}: its intervals support no claim (more data: --data, --limit)")
+    return (f"the test split holds {_samples(len(split.test))} (dev {len(split.dev)}), fewer than {MIN_TEST}: its "
+            f"intervals support no claim ({MORE})")
+
+
+def small_intervals(intervals: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The warning a report carries when an interval it prints (``data["intervals"]``, as `record` keeps them:
+    an `Interval` or a `Comparison`'s difference) rests on fewer than `MIN_TEST` samples (None otherwise); an
+    interval over no sample prints no number and needs none."""
+    sizes = {name: value.get("difference", value)["n"] for name, value in intervals.items()}
+    small = {name: n for name, n in sizes.items() if 0 < n < MIN_TEST}
+    if not small:
+        return None
+    name, one = min(small, key=lambda key: small[key]), len(small) == 1
+    return (f"{len(small)} of its {len(sizes)} intervals {'rests' if one else 'rest'} on fewer than {MIN_TEST} "
+            f"samples (the smallest, '{name}', on {_samples(small[name])}): {'it supports' if one else 'they support'}"
+            f" no claim ({MORE})")
+
+
+def _samples(n: int) -> str:
+    return f"{n} sample{'s' if n != 1 else ''}"
 
 
 @dataclass(frozen=True)
@@ -233,5 +249,5 @@ def record(summary: dict[str, Any], data: dict[str, Any], name: str, value: Inte
 
 
 __all__ = ["Interval", "Comparison", "Split", "HeldOut", "bootstrap", "paired", "mcnemar", "sign_flip", "split",
-           "held_out", "record", "small_test_split", "SmallSampleWarning", "RESAMPLES", "FLIPS", "LEVEL", "DEV_SHARE",
+           "held_out", "record", "small_test_split", "small_intervals", "SmallSampleWarning", "RESAMPLES", "FLIPS", "LEVEL", "DEV_SHARE",
            "MIN_TEST"]

@@ -38,14 +38,6 @@ def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Seque
     return out
 
 
-def collect(handle: ModelHandle, prompts: Sequence[str], positions: Sequence[int], sites: Sequence[Site],
-            batch_size: int = 32) -> dict[tuple[int, Site], torch.Tensor]:
-    """Hidden states of row r = (prompts[r], positions[r]) at every site: {(row, site): [d] tensor}."""
-    sites = list(dict.fromkeys(sites))
-    states = collect_states(handle, prompts, positions, sites, batch_size)
-    return {(r, site): states[r, k] for r in range(len(prompts)) for k, site in enumerate(sites)}
-
-
 # ---- patch at the target -------------------------------------------------------------------------------------------
 def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int] | Sequence[Sequence[int]],
           vectors: torch.Tensor, max_new_tokens: int = 0,
@@ -150,4 +142,4 @@ def greedy_config(handle: ModelHandle, max_new_tokens: int) -> GenerationConfig:
                             return_dict_in_generate=True, output_logits=True)
 
 
-__all__ = ["collect_states", "collect", "patch", "greedy_config"]
+__all__ = ["collect_states", "patch", "greedy_config"]

@@ -258,10 +258,11 @@ def test_the_jacobian_lens_preset_and_a_sweep_equal_the_lens_scope_on_both_paths
             scope = lens.scope(prompt, -1, layer, handle.name)
             assert build("jacobian-lens", prompt, -1, layer, model=handle.name, lens=lens) == scope
             want = run(scope, handle, planned=False)[0].logits
-            torch.testing.assert_close(grid.cell(p, layer, -1).logits, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(grid.cell(p, layer, 3).logits, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(run(scope, handle)[0].logits, want, atol=1e-5, rtol=0)
-    with pytest.raises(SpecError, match=r"target_layer=3 is not among this sweep's layers \(allowed: -1\)"):
-        grid.cell(0, 0, 3)
+    assert grid.target_layers == [3]  # the fixed l* given as -1 is stored as its index, as the default names it
+    with pytest.raises(SpecError, match=r"target_layer=2 is not among this sweep's layers \(allowed: 3\)"):
+        grid.cell(0, 0, 2)
     sparse = JacobianLens({0: torch.eye(64), 2: torch.eye(64)})
     with pytest.raises(SpecError, match=r"Source.layer=1 has no fitted J in the Jacobian lens \(allowed: \[0, 2\];"):
         build("jacobian-lens", TEXTS[0], -1, 1, model=handle.name, lens=sparse)

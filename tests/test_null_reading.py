@@ -123,7 +123,7 @@ def test_a_unit_vector_in_smollm2s_selfie_preset_warns_with_the_typical_norm_the
     ids = smollm2.tokenizer(SELFIE_PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         typical = float(smollm2.model(ids, output_hidden_states=True).hidden_states[1][0, 1:].norm(dim=-1).median())
-    assert f"'unit' writes alpha * |f(v)| = 1 at l*=0 of smollm2-135m" in message
+    assert "'unit' writes alpha * |f(v)| = 1 at l*=0 of smollm2-135m" in message
     assert f"median norm {typical:.3g} ({typical:.3g}x smaller; flagged beyond 10x either way)" in message
     assert round(typical) == 43 and result.generation == "\n" * 4 and result.agrees_with_null is False
     assert "- _" in result.null_generation  # unpatched, the prompt continues with a list of its placeholders

@@ -96,7 +96,7 @@
     clear(container, tip);
     var rows = grid.rows || [], cols = grid.cols || [], cells = grid.cells || [];
     var table = element("table", "ps-heatmap");
-    if (cols.length > 20) { table.classList.add("ps-dense"); }  // a 30 x 30 grid fits a laptop's width
+    if (cols.length > 20) { table.classList.add("ps-dense"); }  /* a 30 x 30 grid fits a laptop's width */
     caption(table, grid.title);
     var body = element("tbody");
     var order = rows.map(function (_, i) { return i; });

@@ -43,9 +43,10 @@ from .resolve import Resolved, as_models, resolve
 from .result import PatchscopeResult, decode_top, token_text
 from .writes import Slots, row_alphas
 from .spec import Patchscope, Position, Source
-from .sweep_folder import FORMAT, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
-    mark_complete, open_folder, read_manifest, read_units, recorded_unit_prompts, spec_hash, unit_prompts, unit_table, \
-    write_shard
+from .sweep_folder import FORMAT, MANIFEST, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
+    mark_complete, open_folder, read_manifest, read_units, recorded_unit_prompts, spec_hash, unfinish, unit_prompts, \
+    unit_table, write_shard
+from .sweep_records import READOUTS, prompts_sha256
 
 
 @dataclass
@@ -145,12 +146,17 @@ class SweepResult:
         ``model`` (the handle the sweep ran on) makes its cells' specs and tokenizer available
         (``cell``, ``results``, ``plot``); without it the tensors, prompts, top-1 tokens and generations load.
         ``partial=True`` reads an unfinished sweep's finished units; ``lazy=True`` returns every cell as a
-        `datasets.Dataset` memory-mapped from the shards instead.
+        `datasets.Dataset` memory-mapped from the shards instead. A model other than the sweep's is refused (its
+        tokenizer would decode the cells' token ids, and its name label them), and so is a folder whose records
+        do not check (`sweep_records`).
         """
         from .files import expand
 
         path = expand(folder)
         manifest = read_manifest(path)
+        handle = None if model is None else as_models(model)
+        if handle is not None:
+            _check_models(path, manifest, handle)
         if lazy:
             return load_dataset(path, partial)
         tables = read_units(path, partial)
@@ -166,7 +172,6 @@ class SweepResult:
         top_ids = column_tensor(tables, "top_ids", torch.long)
         generations = [g for t in tables for g in t.column("generation").to_pylist()]
         logits = column_tensor(tables, "logits", torch.float32) if "logits" in tables[0].column_names else None
-        handle = None if model is None else as_models(model)
         return cls(
             preset=manifest["preset"], prompts=prompts, source_layers=source_layers, target_layers=target_layers,
             top_probs=column_tensor(tables, "top_probs", torch.float32).reshape(*shape, -1),
@@ -273,7 +278,6 @@ class _Cells:
         return len(self.templates), len(self.templates[0])
 
 
-READOUTS = ("top", "logits", "generations")
 BATCH_SIZE = 32  # source prompts per unit of an in-memory sweep, and rows per forward pass in a unit, by default
 
 
@@ -509,6 +513,19 @@ def _identity(handle: ModelHandle) -> dict[str, Any]:
             "hidden_size": handle.hidden_size}
 
 
+def _check_models(folder: Path, manifest: dict[str, Any], models: dict[str, ModelHandle]) -> None:
+    """Refuse to load a sweep with models other than those it ran on, by their identities as its manifest holds
+    them: another tokenizer would decode its cells' token ids, and another name label them."""
+    given = {name: json.loads(json.dumps(_identity(h), default=str)) for name, h in models.items()}
+    recorded = manifest["models"]
+    if given != recorded:
+        both = [(given[n], recorded[n]) for n in given.keys() & recorded.keys()]
+        differs = sorted({k for a, b in both for k in a.keys() | b.keys() if a.get(k) != b.get(k)}) or ["name"]
+        raise SpecError(f"model={', '.join(given)} is not the model this sweep ran on ({', '.join(recorded)}, as "
+                        f"{folder / MANIFEST} records it; they differ in {', '.join(differs)}) (allowed: the sweep's "
+                        "own model, or none)")
+
+
 def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str | os.PathLike,
                      distributed: bool | None, progress: bool | None, manifest: dict[str, Any]) -> SweepFolder:
     """Each unit this process owns (round robin under accelerate) computed unless its shard is already there."""
@@ -519,16 +536,19 @@ def _sweep_to_folder(source_prompts: Any, grid: _Grid, shape: _Shape, out: str |
     done = SweepFolder(folder, manifest)
     total = getattr(source_prompts, "__len__", None)
     per_prompt = grid.cells_per_prompt
-    count = units = 0
+    count, units = 0, []  # units: every unit's prompts' hash, this process's or not, for the completion record
     with tqdm(total=None if total is None else len(source_prompts) * per_prompt, unit="cell", desc="sweep",
               disable=not (progress if progress is not None else True)) as bar:
         for u, prompts in enumerate(_prompt_units(source_prompts, grid.prompts_per_unit)):
-            first, count, units = count, count + len(prompts), u + 1
+            first, count = count, count + len(prompts)
+            units.append(prompts_sha256(prompts))
             if u % size != rank:
                 continue
-            if finished(folder, u, prompts, per_prompt, manifest["spec_hash"]):
+            if finished(folder, u, prompts, manifest):
                 done.skipped.append(u)
             else:
+                if not done.computed:
+                    unfinish(folder)  # the old completion record no longer holds once a shard changes
                 part = grid.unit(prompts)
                 tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
                 table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,

@@ -4,30 +4,37 @@
 the layers, the readout), then ``unit-000000.parquet``, ``unit-000001.parquet``, ... as each unit of source prompts
 finishes, each written whole to a temporary name and renamed (a killed process leaves no half shard under a
 shard's name). A unit is small, so that a kill loses little: by default at most `UNIT_CELLS` cells (at least
-one prompt; see `unit_prompts`). Each shard records its sweep's spec hash and its unit in its Parquet metadata.
-A rerun with the same arguments skips the units whose shard reads back whole, belongs to this sweep and holds the
-same prompts; a shard that is corrupt, truncated or another sweep's is reported and recomputed, and loading
-refuses one of another sweep. A folder that holds another sweep with a finished unit, or anything but a sweep, is
-refused and left as it is; one whose sweep has no finished unit yet is restarted with the new settings (its
-manifest replaced, nothing else touched but half-written shards); a sweep whose folder another one restarted
-stops before its next write. When every unit is done, ``complete.json`` records the count. Under
-``accelerate launch`` every process writes its own units' shards: nothing is gathered.
+one prompt; see `unit_prompts`). Each shard carries its unit's key in its Parquet metadata: its sweep's spec hash,
+its unit and its prompts' hash. A rerun with the same arguments skips the units whose shard reads back whole,
+carries this unit's key, holds the same prompts and agrees with the manifest in its layer columns; any other
+shard under a unit's name (corrupt, truncated, another sweep's or unit's, without a key) is reported and
+recomputed, and loading refuses it. A folder that holds another sweep with a finished unit, or anything but a
+sweep, is refused and left as it is; one whose sweep has no finished unit yet is restarted with the new settings
+(its manifest replaced, nothing else touched but half-written shards); a sweep whose folder another one restarted
+stops before its next write. A run that computes a unit removes ``complete.json`` first; when every unit is done,
+``complete.json`` is written last, listing the units by their prompts' hashes. A rerun over other prompts (fewer,
+or more) keeps only its own units: ``load`` reads exactly the units ``complete.json`` lists, and a shard of an
+earlier run over more prompts is left on disk, not loaded (it is this sweep's, so a rerun over those prompts takes
+it back instead of computing it again). Every file read back is checked first (`sweep_records` states the rules):
+a malformed or edited one is a one-line `PatchscopeError` naming it. Under ``accelerate launch`` every process
+writes its own units' shards: nothing is gathered.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from .errors import PatchscopeError, SpecError
-from .files import expand, is_file, read_json
+from .files import MAX_JSON_BYTES, expand, inside, is_file, read_json
 from .outputs import replacing, write_bytes
+from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
+    check_completion, check_key, check_manifest, check_rows, check_schema, prompts_sha256, unit_of
 
 FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
@@ -38,10 +45,6 @@ COMPLETE = "complete.json"
 # and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
 # SmolLM2 on 2 CPU cores), large enough that CPU sweeps keep their speed.
 UNIT_CELLS = 256
-# Each shard's Parquet metadata names its sweep and unit, so that a shard another sweep wrote into a restarted
-# folder is not taken for this one's (a shard without them was written before they were recorded).
-SPEC_HASH_KEY = b"pyvene_patchscopes.spec_hash"
-UNIT_KEY = b"pyvene_patchscopes.unit"
 
 
 class ShardWarning(UserWarning):
@@ -50,7 +53,7 @@ class ShardWarning(UserWarning):
 
 def spec_hash(description: dict[str, Any]) -> str:
     """sha256 of the sweep's description as canonical JSON: equal descriptions, equal hashes."""
-    return hashlib.sha256(json.dumps(description, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return canonical_sha256(description)
 
 
 def unit_prompts(cells_per_prompt: int, most: int) -> int:
@@ -132,7 +135,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     version = data.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
         raise SpecError(f"{folder / MANIFEST}: version={version!r} is not supported (allowed: 1..{VERSION})")
-    return data
+    return check_manifest(folder / MANIFEST, data)
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
@@ -142,7 +145,8 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 # ---- shards ---------------------------------------------------------------------------------------------
 def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], source_layers: list[int],
                target_layers: list[int], same_layer: bool, tokens: list[str]) -> Any:
-    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise."""
+    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise; its
+    metadata holds the prompts' hash (`write_shard` adds the rest of the unit's key: the spec hash and the unit)."""
     import pyarrow as pa
 
     top_ids, top_probs = part["top_ids"], part["top_probs"]          # [n, Ls, Lt, k]
@@ -170,7 +174,7 @@ def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], 
     if part.get("logits") is not None:
         logits = part["logits"].reshape(cells, -1).numpy().astype(np.float32)
         columns["logits"] = _fixed(logits, logits.shape[1])
-    return pa.table(columns)
+    return pa.table(columns).replace_schema_metadata({PROMPTS_KEY: prompts_sha256(prompts).encode()})
 
 
 def _fixed(values: np.ndarray, width: int) -> Any:
@@ -190,7 +194,7 @@ def write_shard(folder: Path, unit: int, table: Any, spec_hash: str) -> Path:
     stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(),
                                              UNIT_KEY: str(unit).encode()})
     with replacing(path) as temporary:
-        pq.write_table(stamped, temporary)
+        pq.write_table(stamped, temporary, write_page_checksum=True)  # a flipped bit is caught on reading
     return path
 
 
@@ -204,96 +208,158 @@ def check_owner(folder: Path, spec_hash: str) -> None:
                         "writes nothing more there (allowed: one sweep at a time in a folder)")
 
 
-def foreign(path: Path, unit: int, spec_hash: str, metadata: dict[bytes, bytes] | None) -> str | None:
-    """Why the shard at `path` is not unit `unit` of the sweep `spec_hash`, as its Parquet metadata says, or None
-    where it is (or records neither, as shards written before these were recorded)."""
-    metadata = metadata or {}
-    held = metadata.get(SPEC_HASH_KEY, spec_hash.encode()).decode(errors="replace")
-    if held != spec_hash:
-        return f"{path} belongs to another sweep (spec_hash={held[:12]}..., this folder's {spec_hash[:12]}...)"
-    index = metadata.get(UNIT_KEY, str(unit).encode()).decode(errors="replace")
-    if index != str(unit):
-        return f"{path} holds unit {index}, not unit {unit}"
-    return None
-
-
-def finished(folder: Path, unit: int, prompts: list[str], cells_per_prompt: int, spec_hash: str) -> bool:
-    """Whether `unit` has a shard of this sweep (`spec_hash`) that reads back whole and holds `prompts`; a corrupt
-    one, or another sweep's, is reported (and recomputed by the caller); one that holds other prompts means the
-    input changed: a `SpecError`."""
+def read_shard(folder: Path, path: Path, manifest: dict[str, Any]) -> tuple[Any, tuple[int, int | None]]:
+    """The shard at `path` as an Arrow table, read whole (each page against its checksum), with its top-k and
+    logits widths, once it is a file inside `folder` (a link out of the folder is refused, as in spec, SAE and
+    adapter folders) whose columns are a shard's; else a one-line `PatchscopeError` naming it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = shard_path(folder, unit)
-    if not path.exists():
-        return False
+    inside(folder, path.name, "sweep shard")
+    if not is_file(path):
+        raise PatchscopeError(f"{path} is not a file (allowed: a Parquet shard written by a sweep)")
     try:
-        table = pq.read_table(path, columns=["prompt_index", "prompt"])
+        with pq.ParquetFile(path, page_checksum_verification=True) as shard:
+            widths = check_schema(path, shard.schema_arrow, manifest)
+            return shard.read(), widths
     except (pa.ArrowException, OSError) as err:
-        warnings.warn(f"{path} is corrupt or truncated ({str(err).splitlines()[0][:120]}); unit {unit} is "
-                      "computed again", ShardWarning, stacklevel=3)
-        return False
-    reason = foreign(path, unit, spec_hash, table.schema.metadata)
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise PatchscopeError(f"{path} is corrupt or truncated ({reason})") from None
+
+
+def _checked_prompts(path: Path, table: Any, unit: int, manifest: dict[str, Any]) -> list[str]:
+    """The unit's prompts, where the shard's key names this sweep and unit and its columns agree with the key and
+    the manifest; else a one-line `PatchscopeError` saying why."""
+    reason = check_key(path, unit, table.schema.metadata, manifest["spec_hash"])
     if reason is not None:
-        warnings.warn(f"{reason}; unit {unit} is computed again", ShardWarning, stacklevel=3)
-        return False
-    if table.num_rows != len(prompts) * cells_per_prompt:
-        warnings.warn(f"{path} holds {table.num_rows} cells where unit {unit} has "
-                      f"{len(prompts) * cells_per_prompt}; it is computed again", ShardWarning, stacklevel=3)
-        return False
-    held = table.column("prompt").to_pylist()[::cells_per_prompt]
-    if held != prompts:
-        raise SpecError(f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
-                        f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
-                        "prompts in the same order, or a new folder)")
-    return True
+        raise PatchscopeError(reason)
+    held = check_rows(path, table, unit, manifest)
+    if prompts_sha256(held) != table.schema.metadata[PROMPTS_KEY].decode():
+        raise PatchscopeError(f"{path}: its prompts do not hash to the prompts' hash in its key")
+    return held
 
 
-def mark_complete(folder: Path, units: int, prompts: int, spec_hash: str) -> None:
+def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, Any]) -> bool:
+    """Whether `unit` has a shard of this sweep that reads back whole, carries this unit's key and holds `prompts`,
+    its columns agreeing with the manifest. Any other shard there (corrupt, another sweep's or unit's, without a
+    key, other layers, other prompts in another number) is reported and recomputed by the caller; one that holds as
+    many other prompts means the input changed: a `SpecError`. A folder under a shard's name is refused."""
+    path = shard_path(folder, unit)
+    if not os.path.lexists(path):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        raise SpecError(f"{path} is a folder, not a shard, so unit {unit} cannot be written there; nothing was "
+                        "written (allowed: a shard or nothing under a shard's name: move the folder away)")
+    try:
+        held = _checked_prompts(path, read_shard(folder, path, manifest)[0], unit, manifest)
+    except PatchscopeError as err:
+        warnings.warn(f"{err}; unit {unit} is computed again", ShardWarning, stacklevel=3)
+        return False
+    if held == prompts:
+        return True
+    if len(held) != len(prompts):
+        warnings.warn(f"{path} holds {len(held)} prompt(s) where unit {unit} now has {len(prompts)}; it is computed "
+                      "again", ShardWarning, stacklevel=3)
+        return False
+    raise SpecError(f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
+                    f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
+                    "prompts in the same order, or a new folder)")
+
+
+def unfinish(folder: Path) -> None:
+    """Remove the folder's completion record before a run writes a shard: from then on it would not hold."""
+    (folder / COMPLETE).unlink(missing_ok=True)
+
+
+def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) -> None:
+    """Record the finished sweep, its `units` by their prompts' hashes, last of all its files; a rerun whose
+    units are the record's already writes nothing."""
     check_owner(folder, spec_hash)
-    _write_atomically(folder / COMPLETE, json.dumps({"units": units, "prompts": prompts}).encode())
+    record = Completion(prompts, tuple(units)).to_json()
+    path = folder / COMPLETE
+    if is_file(path) and path.stat().st_size == len(record) and path.read_bytes() == record:
+        return
+    _write_atomically(path, record)
 
 
 # ---- reading back ---------------------------------------------------------------------------------------
-def shards(folder: Path, partial: bool = False) -> list[Path]:
-    """The folder's shards in unit order, each checked to be its manifest's sweep's; all of them, unless `partial`
-    (an unfinished sweep)."""
-    import pyarrow.parquet as pq
+def completion(folder: Path, manifest: dict[str, Any], shards: int) -> Completion | None:
+    """The folder's completion record, checked and bounded by the `shards` it holds; None where there is none."""
+    path = folder / COMPLETE
+    if not os.path.lexists(path):
+        return None
+    # one sha256 a unit: the cap grows with the shards present, never with a number the file states
+    data = read_json(path, "sweep completion record", MAX_JSON_BYTES + 80 * shards)
+    return check_completion(path, data, manifest, shards)
 
-    found = sorted(folder.glob("unit-*.parquet"))
-    spec_hash = read_manifest(folder)["spec_hash"]
-    for path in found:
-        reason = foreign(path, int(path.stem.split("-")[1]), spec_hash, pq.read_schema(path).metadata)
-        if reason is not None:
-            raise PatchscopeError(f"{reason}; rerun this folder's sweep to recompute that unit (allowed: the shards "
-                                  "of the sweep its manifest records)")
-    if partial:
-        return found
-    if not (folder / COMPLETE).is_file():
-        raise PatchscopeError(f"{folder} is an unfinished sweep ({len(found)} unit(s) written); rerun the same sweep "
-                              "to finish it (finished units are skipped), or load it with partial=True")
-    done = read_json(folder / COMPLETE, "sweep completion record")
-    missing = sorted(set(range(int(done["units"]))) - {int(p.stem.split("-")[1]) for p in found})
+
+def shards(folder: Path, manifest: dict[str, Any], partial: bool = False
+           ) -> tuple[list[tuple[int, Path]], Completion | None]:
+    """The units to load, in order, each with its shard, and the completion record: exactly the record's units
+    where there is one (another shard there is not of this sweep's last run: it is left alone and not loaded),
+    else, with `partial`, every shard the folder holds under a shard's name."""
+    present = {unit: path for path in folder.glob("unit-*.parquet") if (unit := unit_of(path)) is not None}
+    record = completion(folder, manifest, len(present))
+    if record is None:
+        if not partial:
+            raise PatchscopeError(f"{folder} is an unfinished sweep ({len(present)} unit(s) written); rerun the same "
+                                  "sweep to finish it (finished units are skipped), or load it with partial=True")
+        return [(unit, present[unit]) for unit in sorted(present)], None
+    missing = [unit for unit in range(record.units) if unit not in present][:10]
     if missing:
-        raise PatchscopeError(f"{folder} lacks the shards of unit(s) {missing[:10]}; rerun the same sweep to "
-                              "recompute them")
-    return found
+        raise PatchscopeError(f"{folder} lacks the shards of unit(s) {missing}; rerun the same sweep to recompute them")
+    return [(unit, present[unit]) for unit in range(record.units)], record
+
+
+def _checked_units(folder: Path, partial: bool) -> Iterator[tuple[Path, Any]]:
+    """Every unit to load as (shard, table), read one at a time (`read_shard`), each shard checked against its key, the manifest and the completion record, and all of them against each other
+    (one top-k width, one logits width; a finished sweep's prompts)."""
+    manifest = read_manifest(folder)
+    listed, record = shards(folder, manifest, partial)
+    widths, count = None, 0
+    for unit, path in listed:
+        recorded = None if record is None else record.prompts_sha256[unit]
+        table, found = read_shard(folder, path, manifest)
+        try:
+            held = _checked_prompts(path, table, unit, manifest)
+        except PatchscopeError as err:
+            raise PatchscopeError(f"{err}; rerun this folder's sweep to recompute that unit (allowed: the shards of "
+                                  "the sweep its manifest records)") from None
+        if recorded is not None and prompts_sha256(held) != recorded:
+            raise PatchscopeError(f"{path} holds other prompts than unit {unit} of {folder / COMPLETE}; rerun the "
+                                  "same sweep to recompute it (allowed: the units the completion record lists)")
+        if widths is not None and found != widths:
+            raise PatchscopeError(f"{path} holds (top-k, logits) widths {found} where {listed[0][1].name} holds "
+                                  f"{widths} (allowed: one width for every shard of a sweep)")
+        if record is not None and unit < record.units - 1 and len(held) != manifest["batch_size"]:
+            raise PatchscopeError(f"{path} holds {len(held)} prompt(s) (allowed: batch_size={manifest['batch_size']} "
+                                  "in every unit of a finished sweep but the last)")
+        widths, count = found, count + len(held)
+        yield path, table
+    if record is not None and count != record.prompts:
+        raise PatchscopeError(f"{folder / COMPLETE}: prompts={record.prompts} where its units hold {count} (allowed: "
+                              "the record the sweep wrote)")
 
 
 def load_dataset(folder: str | os.PathLike, partial: bool = False):
-    """The sweep's cells as a `datasets.Dataset` backed by Arrow files on disk (memory-mapped)."""
+    """The sweep's cells as a `datasets.Dataset` backed by Arrow files on disk (memory-mapped), once every shard
+    is checked, one at a time (`_checked_units`: datasets reads pages without their checksums)."""
     import datasets
+    import pyarrow as pa
+    from datasets.exceptions import DatasetGenerationError
 
     path = expand(folder)
-    read_manifest(path)
-    return datasets.Dataset.from_parquet([str(p) for p in shards(path, partial)])
+    checked = [shard for shard, _ in _checked_units(path, partial)]
+    try:
+        return datasets.Dataset.from_parquet([str(p) for p in checked])
+    except (DatasetGenerationError, pa.ArrowException, OSError) as err:  # a shard changed since it was checked
+        raise PatchscopeError(f"{path}: its shards cannot be read as a dataset ({str(err).splitlines()[0][:120]})") \
+            from None
 
 
 def read_units(folder: Path, partial: bool = False) -> list[Any]:
-    """Every shard as an Arrow table, in unit order."""
-    import pyarrow.parquet as pq
-
-    return [pq.read_table(p) for p in shards(folder, partial)]
+    """Every unit's shard as an Arrow table, in unit order, each checked (`_checked_units`)."""
+    return [table for _, table in _checked_units(folder, partial)]
 
 
 def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -308,5 +374,5 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
 
 
 __all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
-           "check_owner", "recorded_unit_prompts",
+           "check_owner", "recorded_unit_prompts", "read_shard", "unfinish", "completion", "SPEC_HASH_KEY", "UNIT_KEY",
            "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

@@ -198,16 +198,21 @@ def test_loading_refuses_a_shard_of_another_sweep_and_a_rerun_recomputes_it(tmp_
     assert_same(SweepResult.load(folder, model), whole)
 
 
-def test_a_shard_written_before_shards_named_their_sweep_is_taken_when_the_manifest_matches(tmp_path, model, whole):
+def test_a_shard_written_before_shards_carried_their_units_key_is_recomputed(tmp_path, model, whole):
+    """Issue 37 (finding 7): a shard without its unit's key was taken when the manifest matched, and so was one of
+    another sweep, its metadata stripped. Such a shard is refused on load and recomputed on resume."""
     folder = tmp_path / "s"
     killed_sweep.run(str(folder))
-    for unit in range(6):  # as the code before this wrote them: no spec hash, no unit in the Parquet metadata
+    for unit in range(6):  # as the code before issue 36 wrote them: no spec hash, no unit in the Parquet metadata
         path = shard_path(folder, unit)
         pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
         assert SPEC_HASH_KEY not in (pq.read_schema(path).metadata or {})
+    with pytest.raises(PatchscopeError, match=r"unit-000000\.parquet carries no unit key"):
+        SweepResult.load(folder, model)
+    with pytest.warns(ShardWarning, match="carries no unit key"):
+        again = killed_sweep.run(str(folder))
+    assert again.computed == list(range(6)) and again.skipped == []
     assert_same(SweepResult.load(folder, model), whole)
-    again = killed_sweep.run(str(folder))
-    assert again.computed == [] and again.skipped == list(range(6))
 
 
 def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_path, model, whole):

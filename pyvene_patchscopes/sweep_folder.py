@@ -312,8 +312,9 @@ def shards(folder: Path, manifest: dict[str, Any], partial: bool = False
 
 
 def _checked_units(folder: Path, partial: bool) -> Iterator[tuple[Path, Any]]:
-    """Every unit to load as (shard, table), read one at a time (`read_shard`), each shard checked against its key, the manifest and the completion record, and all of them against each other
-    (one top-k width, one logits width; a finished sweep's prompts)."""
+    """Every unit to load as (shard, table), read one at a time (`read_shard`), each shard checked against its key,
+    the manifest and the completion record, and all of them against each other (one top-k width, one logits width;
+    a finished sweep's prompts)."""
     manifest = read_manifest(folder)
     listed, record = shards(folder, manifest, partial)
     widths, count = None, 0

@@ -194,7 +194,8 @@ EDITS = {
     "relabelled target layers": ("target_layers", [1, 2, 3], "its fields do not hash to its spec_hash"),
     "a string of layers": ("target_layers", "abcd", "target_layers='abcd' is not allowed (allowed: a list of"),
     "a number of layers": ("target_layers", 5, "target_layers=5 is not allowed (allowed: a list of"),
-    "a layer out of range": ("source_layers", [0, 9], "source_layers[1]=9 is not allowed (allowed: an integer in -4..3)"),
+    "a layer out of range": ("source_layers", [0, 9],
+                             "source_layers[1]=9 is not allowed (allowed: an integer in -4..3)"),
     "a missing field": ("source_layers", None, "source_layers=None is not allowed"),
     "a huge top": ("top", 10 ** 12, "top=1000000000000 is not allowed (allowed: an integer in 1..1048576)"),
     "no models": ("models", {}, "models={} is not allowed"),
@@ -367,7 +368,7 @@ def test_a_malformed_shard_is_refused_naming_it_and_recomputed_on_resume(tmp_pat
     assert_same(SweepResult.load(folder, model), in_memory(model))
 
 
-# ---- finding 23: a shard that links out of the folder ------------------------------------------------------------------
+# ---- finding 23: a shard that links out of the folder -------------------------------------------------------------
 def test_a_shard_that_links_out_of_the_folder_is_refused_and_replaced_on_resume(tmp_path, model):
     folder = tmp_path / "s"
     streamed(folder, model)

@@ -159,6 +159,20 @@ def test_a_local_folder_whose_weights_changed_is_refused_and_the_same_weights_re
         sweep(PROMPTS, load_model(str(model_folder)), out=tmp_path / "t", **SETTINGS)
 
 
+def test_a_folder_written_before_manifests_held_the_weights_hash_is_refused_on_resume(tmp_path):
+    """Such a folder cannot show which weights its units were computed with, so it is not resumed on any."""
+    from pyvene_patchscopes.sweep_folder import spec_hash
+
+    folder = tmp_path / "s"
+    half_run(folder, tiny_model("llama", seed=5))
+    old = read_manifest(folder)
+    del old["models"]["tiny-llama"]["weights_sha256"]
+    old["spec_hash"] = spec_hash({k: v for k, v in old.items() if k not in ("format", "version", "spec_hash")})
+    (folder / "manifest.json").write_text(json.dumps(old, indent=2, sort_keys=True))
+    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in models\.tiny-llama\.weights_sha256\)"):
+        sweep(PROMPTS, tiny_model("llama", seed=5), out=folder, **SETTINGS)
+
+
 def test_changed_weights_restart_a_folder_that_finished_no_unit(tmp_path):
     """The restart rule holds for weights as for any setting: nothing was kept, so nothing is mixed."""
     from pyvene_patchscopes import wrap_model

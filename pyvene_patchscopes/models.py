@@ -34,6 +34,7 @@ class ModelHandle:
     origin: dict[str, Any] = field(default_factory=dict)  # where the weights came from (GGUF hash, HF id, adapter)
     peft: Any = field(default=None, repr=False, compare=False)  # the PeftModel when `model` runs a PEFT adapter
     _context: tuple[int | None, str] | None = field(default=None, init=False, repr=False, compare=False)
+    _weights: tuple[tuple[Any, ...], str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def context(self) -> tuple[int | None, str]:
@@ -41,6 +42,17 @@ class ModelHandle:
         if self._context is None:
             self._context = context_limit(self.model)
         return self._context
+
+    def weights_sha256(self) -> str:
+        """sha256 of the weights the model runs with (`weights_sha256`): what a sweep folder records, for a local
+        folder or a `wrap_model` model as for an embedded one. Worked out once per handle, and again only after
+        a tensor was replaced or changed in place (its version counter moved: ``load_state_dict``, an optimizer
+        step, ``p.add_()``; an edit through ``p.data`` goes unseen)."""
+        tensors = self.model.state_dict(keep_vars=True)
+        key = tuple((name, t.data_ptr(), t._version) for name, t in tensors.items())
+        if self._weights is None or self._weights[0] != key:
+            self._weights = key, weights_sha256(self.model, tensors)
+        return self._weights[1]
 
     @property
     def n_layers(self) -> int:
@@ -112,6 +124,45 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> str:
+    """sha256 of a model's state dict: each tensor's name, dtype, shape and bytes, in name order (a tied tensor
+    once, its other names as aliases). Offloaded tensors (accelerate's ``meta`` placeholders) are read in from
+    where they live, one module at a time."""
+    digest = hashlib.sha256()
+    seen: dict[int, str] = {}
+    tensors = model.state_dict(keep_vars=True) if tensors is None else tensors
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if id(tensor) in seen:
+            digest.update(f"{name}={seen[id(tensor)]}|".encode())
+            continue
+        seen[id(tensor)] = name
+        data = _onloaded(model, name) if tensor.device.type == "meta" else tensor.detach()
+        data = data.to("cpu").contiguous()
+        digest.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{list(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _onloaded(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The tensor `name` of an offloaded model, read in from disk or its CPU copy by the accelerate hook of the
+    nearest module above it that holds one."""
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, -1, -1):
+        module = model.get_submodule(".".join(parts[:cut]))
+        if has_offloaded_params(module):
+            owner = module.get_submodule(".".join(parts[cut:-1]))
+            with align_module_device(module, torch.device("cpu")):
+                data = getattr(owner, parts[-1]).detach().clone()
+            if data.device.type != "meta":
+                return data
+    raise PatchscopeError(f"the weight {name} is on the meta device with no offloaded copy to read, so the model's "
+                          "weights cannot be hashed (allowed: a model whose every weight is loaded, or offloaded by "
+                          "accelerate)")
 
 
 def _converted_dir(name: str, gguf: Path) -> Path:

@@ -7,10 +7,15 @@ regular file, a folder where a file is wanted (and the reverse), a file the same
 by creating (and removing) a file there, since ``os.access`` says yes to root on ``/proc``. `write_text`,
 `write_bytes`, `save_tensors` and `save_figure` (and `replacing`, for other writers) then write beside the target
 and ``os.replace`` it into place, so a crash or a full disk leaves the old file or none, never half of one; the
-file gets the mode ``open()`` would give it (the user's umask), whatever mode the writer made it with.
+file gets the mode ``open()`` would give it (the user's umask), whatever mode the writer made it with. A write
+that fails (a full disk, a read-only mount) removes its temporary file and raises `WriteError`, one line naming
+the file and why ("the disk is full"). Each temporary file is locked (``flock``) while it is written, so that
+`remove_dead_temporaries` removes only those of writers that died: two processes writing into one folder
+never remove each other's.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -20,6 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from .errors import PatchscopeError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, but a file another process holds open cannot be removed there
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -117,22 +127,94 @@ def check_distinct(paths: Sequence[tuple[str, Path]]) -> None:
                                       "own)")
 
 
+class WriteError(PatchscopeError, OSError):
+    """A file could not be written (a full disk, a read-only mount): one line naming it, and an `OSError` as before
+    (with its ``errno`` and ``filename``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # the one line, not OSError's "[Errno 28] ...: 'path'"
+
+
+# Why a write failed, in words, by errno; any other error gives its own strerror.
+_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+        errno.EROFS: "the file system is read-only"}
+
+
+def _write_error(target: Path, error: OSError) -> WriteError:
+    # the system's words for the errno, not the writer's (pyarrow: "Error writing bytes to file. Detail: ...")
+    detail = f"[Errno {error.errno}] {os.strerror(error.errno)}" if error.errno else _reason(error)
+    why = _WHY.get(error.errno or 0, "the write failed")
+    raised = WriteError(f"cannot write {target}: {why} ({detail}); nothing was written there and no temporary file "
+                        "is left (allowed: a writable folder with room for it)")
+    raised.errno, raised.strerror, raised.filename = error.errno, error.strerror, str(target)
+    return raised
+
+
 @contextmanager
 def replacing(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path`; once the block ends without an error it replaces `path` in one rename, with
-    the mode ``open(path, "w")`` would give it (the umask's for a new file)."""
+    the mode ``open(path, "w")`` would give it (the umask's for a new file).
+
+    The temporary file is locked while it is written (`remove_dead_temporaries` leaves it alone), and removed if
+    anything fails; an `OSError` (a full disk, a read-only mount) becomes a one-line `WriteError` naming `path`."""
     target = Path(path)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
+    try:
+        handle, temporary = _locked_temporary(target)
+    except OSError as err:
+        raise _write_error(target, err) from None
     try:
         yield temporary
         # after the write, not before: mkstemp makes 0600, and so do writers that replace the file themselves
         # (safetensors' save_file writes its own temporary file and renames it over ours)
         os.chmod(temporary, _new_file_mode(target))
         os.replace(temporary, target)
+    except WriteError:
+        raise
+    except OSError as err:
+        raise _write_error(target, err) from None
     finally:
         temporary.unlink(missing_ok=True)
+        os.close(handle)  # the lock goes with it, after the rename: a live writer's temporary is never removed
+
+
+def _locked_temporary(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside `target`, exclusively locked through the returned descriptor."""
+    while True:
+        handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else holds it
+        except OSError:
+            return handle, Path(name)  # a file system without locks: written unlocked, as before
+        try:
+            if os.path.samestat(os.fstat(handle), os.stat(name)):
+                return handle, Path(name)
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # removed by a clean-up between mkstemp and the lock: take another name
+
+
+def remove_dead_temporaries(folder: Path, patterns: Sequence[str]) -> list[Path]:
+    """Remove the temporary files in `folder` (matching `patterns`) that no live process is writing: ones whose
+    lock (see `replacing`) is free, written by a process that died (or by code that took no lock). A live
+    writer's, in this process or another, is left. Returns what was removed; a file that cannot be removed
+    (a read-only mount) stays."""
+    removed = []
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
+        try:
+            handle = os.open(path, os.O_RDWR)  # NFS grants an exclusive lock only to a writer
+        except OSError:
+            continue  # gone meanwhile (renamed into place), or not ours to read
+        try:
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            continue  # locked: a live writer's (or gone, on a read-only mount, or where no lock can tell)
+        finally:
+            os.close(handle)
+    return removed
 
 
 def _new_file_mode(target: Path) -> int:
@@ -211,5 +293,6 @@ def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Pa
     return Path(path)
 
 
-__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "write_text", "write_bytes", "save_tensors", "save_figure", "umask_modes", "finite",
+__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "WriteError",
+           "remove_dead_temporaries", "write_text", "write_bytes", "save_tensors", "save_figure", "umask_modes", "finite",
            "FIGURE_FORMATS"]

@@ -508,9 +508,11 @@ def _recordable(name: str, value: Any) -> Any:
 
 
 def _identity(handle: ModelHandle) -> dict[str, Any]:
+    """What the folder records of a model: where it came from, and the hash of the weights it runs with (a local
+    folder's whose files may change, a `wrap_model` model's, an adapter's; not only a GGUF's)."""
     return {"name": handle.name, "class": type(handle.model).__name__, "origin": dict(handle.origin),
             "dtype": str(handle.dtype).replace("torch.", ""), "n_layers": handle.n_layers,
-            "hidden_size": handle.hidden_size}
+            "hidden_size": handle.hidden_size, "weights_sha256": handle.weights_sha256()}
 
 
 def _check_models(folder: Path, manifest: dict[str, Any], models: dict[str, ModelHandle]) -> None:

@@ -18,6 +18,16 @@ earlier run over more prompts is left on disk, not loaded (it is this sweep's, s
 it back instead of computing it again). Every file read back is checked first (`sweep_records` states the rules):
 a malformed or edited one is a one-line `PatchscopeError` naming it. Under ``accelerate launch`` every process
 writes its own units' shards: nothing is gathered.
+
+The manifest records each model's weights hash (`ModelHandle.weights_sha256`: a local folder's, a `wrap_model`
+model's, an adapter's, not only a GGUF's), so a resume on other weights is refused as any other setting is (or
+restarts a folder with no finished unit). The same sweep may run twice into one folder at once (a second
+terminal, a rerun started too early): each write goes to a temporary file of its own, locked while it is written
+(`outputs.replacing`), and the start-up clean-up removes only temporaries that no live process holds (a killed
+run's), so neither run stops the other and the folder ends as one run leaves it, bit for bit (a unit may be
+computed twice). A file is written only when its bytes change: a finished sweep rerun on a read-only mount writes
+nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
+and leaves no temporary file; one that a killed process left never blocks a retry.
 """
 from __future__ import annotations
 
@@ -32,7 +42,7 @@ import torch
 
 from .errors import PatchscopeError, SpecError
 from .files import MAX_JSON_BYTES, expand, inside, is_file, read_json
-from .outputs import replacing, write_bytes
+from .outputs import remove_dead_temporaries, replacing, write_bytes
 from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
     check_completion, check_key, check_manifest, check_rows, check_schema, prompts_sha256, unit_of
 
@@ -40,6 +50,8 @@ FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
+# The temporary files a sweep's writers make beside the files they replace (`outputs.replacing`)
+TEMPORARIES = (".unit-*.tmp", f".{MANIFEST}.*.tmp", f".{COMPLETE}.*.tmp")
 # A streamed unit holds at most this many cells by default (at least one prompt), so a kill loses at most one
 # unit: 20 prompts of a 30-layer model make 20 units of the 30 x 30 grid (900 cells a prompt: one prompt a unit)
 # and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
@@ -87,8 +99,9 @@ def shard_path(folder: Path, unit: int) -> Path:
 def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = True) -> Path:
     """The sweep folder `out`, created with `manifest`, or found holding this same sweep; else a `SpecError`.
 
-    `clean` removes shards left half-written by a killed process; only the main process does, before any
-    process starts a unit."""
+    `clean` removes the temporary files of writers that died (a shard or manifest half-written by a killed
+    process); another live run's are left, so the same sweep may run twice at once (see the module's docstring).
+    Only the main process of a distributed run cleans, before any process starts a unit."""
     allowed = ("allowed: a new or empty folder, the folder of this same sweep to resume it, or a sweep's folder "
                "with no finished unit yet to restart it")
     folder = expand(out)
@@ -99,24 +112,47 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
             found = read_manifest(folder)
             if found.get("spec_hash") != manifest["spec_hash"]:
                 if started(folder):
-                    differs = sorted(k for k in manifest if k != "spec_hash" and found.get(k) != manifest[k])
+                    differs = _differences(found, manifest)
                     raise SpecError(f"out={str(out)!r} holds another sweep (it differs in "
                                     f"{', '.join(differs) or 'spec'}); nothing was overwritten ({allowed})")
                 # nothing of the other sweep is kept: it restarts with these settings (a shard that sweep writes
                 # later carries its own spec hash, so this one never takes it for its own)
                 _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
-            for stale in folder.glob(".unit-*.tmp") if clean else ():
-                stale.unlink(missing_ok=True)
+            if clean:
+                remove_dead_temporaries(folder, TEMPORARIES)
             return folder
-        if any(folder.iterdir()):
+        if any(not _temporary(p) for p in folder.iterdir()):
+            if (folder / MANIFEST).is_file():  # another run of this sweep put its manifest in place meanwhile
+                return open_folder(out, manifest, clean)
             raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "
                             f"written ({allowed})")
+        if clean:  # a run that died before its manifest was in place left at most its temporary files
+            remove_dead_temporaries(folder, TEMPORARIES)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
     _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
     return folder
+
+
+def _temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file of a sweep's writer (a live one's, or one a killed process left)."""
+    return any(path.match(pattern) for pattern in TEMPORARIES)
+
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields in which two manifests differ, dotted down to the value (``models.tiny-llama.weights_sha256``)."""
+    names = []
+    for key in sorted(set(found) | set(wanted), key=str):
+        mine, theirs = found.get(key), wanted.get(key)
+        if key == "spec_hash" or mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            names += _differences(mine, theirs, f"{prefix}{key}.") or [f"{prefix}{key}"]
+        else:
+            names.append(f"{prefix}{key}")
+    return names
 
 
 def started(folder: Path) -> bool:
@@ -139,7 +175,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def _write_atomically(path: Path, payload: bytes) -> None:
-    write_bytes(path, payload)  # a temporary file and a rename, with the umask's mode
+    """`payload` at `path` through a temporary file and a rename, with the umask's mode; nothing is written when
+    `path` holds it already (a finished sweep rerun on a read-only mount writes nothing)."""
+    try:
+        if path.read_bytes() == payload:
+            return
+    except OSError:
+        pass  # not there yet, or unreadable: written
+    write_bytes(path, payload)
 
 
 # ---- shards ---------------------------------------------------------------------------------------------

@@ -140,12 +140,13 @@ _WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is excee
         errno.EROFS: "the file system is read-only"}
 
 
-def _write_error(target: Path, error: OSError) -> WriteError:
+def _write_error(target: Path, error: OSError, verb: str = "write") -> WriteError:
     # the system's words for the errno, not the writer's (pyarrow: "Error writing bytes to file. Detail: ...")
     detail = f"[Errno {error.errno}] {os.strerror(error.errno)}" if error.errno else _reason(error)
     why = _WHY.get(error.errno or 0, "the write failed")
-    raised = WriteError(f"cannot write {target}: {why} ({detail}); nothing was written there and no temporary file "
-                        "is left (allowed: a writable folder with room for it)")
+    done = ("nothing was written there and no temporary file is left" if verb == "write" else "it is left as it was")
+    raised = WriteError(f"cannot {verb} {target}: {why} ({detail}); {done} (allowed: a writable folder with room "
+                        "for it)")
     raised.errno, raised.strerror, raised.filename = error.errno, error.strerror, str(target)
     return raised
 
@@ -175,6 +176,17 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         temporary.unlink(missing_ok=True)
         os.close(handle)  # the lock goes with it, after the rename: a live writer's temporary is never removed
+
+
+def remove(path: str | os.PathLike) -> None:
+    """Remove the file at `path` if there is one; a failure (a read-only mount) is one line naming it."""
+    target = Path(path)
+    if not os.path.lexists(target):
+        return  # nothing to remove: a read-only mount refuses even removing nothing
+    try:
+        target.unlink()
+    except OSError as err:
+        raise _write_error(target, err, verb="remove") from None
 
 
 def _locked_temporary(target: Path) -> tuple[int, Path]:

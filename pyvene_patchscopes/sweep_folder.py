@@ -42,7 +42,7 @@ import torch
 
 from .errors import PatchscopeError, SpecError
 from .files import MAX_JSON_BYTES, expand, inside, is_file, read_json
-from .outputs import remove_dead_temporaries, replacing, write_bytes
+from .outputs import remove, remove_dead_temporaries, replacing, write_bytes
 from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
     check_completion, check_key, check_manifest, check_rows, check_schema, prompts_sha256, unit_of
 
@@ -311,7 +311,7 @@ def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, An
 
 def unfinish(folder: Path) -> None:
     """Remove the folder's completion record before a run writes a shard: from then on it would not hold."""
-    (folder / COMPLETE).unlink(missing_ok=True)
+    remove(folder / COMPLETE)
 
 
 def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) -> None:

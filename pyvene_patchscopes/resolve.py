@@ -119,13 +119,15 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     else:
         source_position = source_index(source_model, scope.source)
     target_position = slots[0]
-    source_last = source_layer == source_model.n_layers - 1
-    skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
+    # the source state after the final norm: a prompt's at the last layer (HF's last hidden_states entry), a vector's
+    # only where it says it lives there; written there again when l* is the last layer of the same model
+    source_normed = source_layer == source_model.n_layers - 1 and (vector is None or vector.after_final_norm)
+    skip_final_ln = (source_normed and target_layer == target_model.n_layers - 1
                      and source_model is target_model)
     return Resolved(
         scope=scope, source_position=source_position, target_position=target_position,
         source_layer=source_layer, target_layer=target_layer,
-        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
+        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_normed),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
         target_tokens=len(target_encoding[0]),
         informative=target_layer < target_model.n_layers - 1 or slots[-1] == len(target_encoding[0]) - 1,

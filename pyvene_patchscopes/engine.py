@@ -10,7 +10,7 @@ The patch step has two executions of the same pyvene config (see `execution`):
   and left-padded (`execution.plain`). It runs for other models, and on request (``planned=False``).
 
 CoT Patchscopes (``reroute``) run in `execution.reroute`. Beside every vector reading, the target prompt is read
-once unpatched (the null reading, `execution.unpatched`).
+once unpatched (the null reading, `execution.unpatched`); a NaN readout the write caused is refused there.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from .execution.plan import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_tar
 from .execution.planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .execution.check import stack_for
 from .execution.reroute import run_reroutes
-from .execution.unpatched import null_readings
+from .execution.unpatched import check_readouts, null_readings
 from .execution.batching import chunks
 from .files import check_finite
 from .mappings import MappingSpec, build_mapping
@@ -100,6 +100,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for name, rows in rerouted.items():
         for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
             results[r] = result
+    check_readouts(resolved, results, models)  # type: ignore[arg-type]
     if not keep_logits:
         for result in results:
             result.logits = None  # type: ignore[union-attr]

@@ -83,6 +83,9 @@ def parse_json(text: str, what: str) -> Any:
         raise SpecError(f"{what} is malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except RecursionError:
         raise SpecError(f"{what} is nested too deeply to parse (allowed: a plain JSON object)") from None
+    except ValueError as err:  # an integer past Python's 4300-digit limit on int <-> str conversion
+        raise SpecError(f"{what} holds a number too long to parse ({str(err).split(':')[0]}) (allowed: numbers of "
+                        "at most 4300 digits)") from None
 
 
 def read_json(path: str | Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:

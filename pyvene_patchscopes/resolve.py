@@ -1,7 +1,8 @@
 """Resolve: a Patchscope checked against its models, every index made concrete (spec + models -> rows).
 
 Layers are checked against each model's depth, positions resolved in its tokenizer, hidden sizes
-checked through the mapping f, the context length checked, and the pyvene sites chosen (`sites`).
+checked through the mapping f, the context length checked, α and a vector source checked in the dtypes they run
+in, and the pyvene sites chosen (`sites`).
 """
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+import torch
+
 from .compat import check_hookable
 from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, UnknownNameError
-from .mappings import build_mapping
+from .files import check_finite
+from .mappings import MappingFunction, build_mapping
 from .models import ModelHandle
 from .positions import encode, resolve_position, resolve_slots
 from .sites import Site, hidden_state_site
+from .writes import check_alpha_runs
 
 if TYPE_CHECKING:
     from .spec import Patchscope, Source, VectorSource
@@ -105,7 +110,7 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     target_model = pick_model(models, scope.target_model, "Target")
     check_hookable(source_model.model)
     check_hookable(target_model.model)
-    build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # raises on a size mismatch
+    mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
     vector = scope.source if scope.vector_source else None
     owner = "VectorSource" if vector is not None else "Source"
     source_layer = _layer(owner, scope.source.layer, source_model)
@@ -118,14 +123,17 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
         source_position = -1  # no prompt: the vector is the state
     else:
         source_position = source_index(source_model, scope.source)
+    check_write_dtypes(scope, mapping, source_model, target_model)
     target_position = slots[0]
-    source_last = source_layer == source_model.n_layers - 1
-    skip_final_ln = (source_last and target_layer == target_model.n_layers - 1
+    # the source state after the final norm: a prompt's at the last layer (HF's last hidden_states entry), a vector's
+    # only where it says it lives there; written there again when l* is the last layer of the same model
+    source_normed = source_layer == source_model.n_layers - 1 and (vector is None or vector.after_final_norm)
+    skip_final_ln = (source_normed and target_layer == target_model.n_layers - 1
                      and source_model is target_model)
     return Resolved(
         scope=scope, source_position=source_position, target_position=target_position,
         source_layer=source_layer, target_layer=target_layer,
-        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_last),
+        source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_normed),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
         target_tokens=len(target_encoding[0]),
         informative=target_layer < target_model.n_layers - 1 or slots[-1] == len(target_encoding[0]) - 1,
@@ -163,6 +171,20 @@ def check_vector(vector: VectorSource, handle: ModelHandle, n_slots: int) -> Non
                         f"(allowed: a [d] tensor, or one row per slot: [{n_slots}, d])")
 
 
+def check_write_dtypes(scope: Patchscope, mapping: MappingFunction, source: ModelHandle, target: ModelHandle) -> None:
+    """α, and a vector source's v and α·f(v), finite in the dtypes they run in, as mapping weights are: v in M's (the
+    collect step casts it there), α and α·f(v) in M*'s (the write casts them there). ``norm-matched-add`` writes
+    α·‖h‖·f(v)/‖f(v)‖, and a prompt's state h is known only at run time: a write that leaves the dtype's range
+    there is refused after the run (`execution.unpatched.check_readouts`)."""
+    written = None
+    if scope.vector_source:
+        check_finite({"tensor": scope.source.tensor}, "VectorSource", source.dtype)
+        if scope.target.write != "norm-matched-add":
+            with torch.no_grad():
+                written = mapping(scope.source.tensor.to(source.dtype))
+    check_alpha_runs(scope.target.alpha, target.dtype, written, where=target.name)
+
+
 def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens: int = 0) -> None:
     """Refuse a prompt (plus generated tokens) longer than learned absolute positions allow; warn for rotary
     models run past their trained length, where the output is an extrapolation."""
@@ -180,4 +202,4 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
                   stacklevel=4)
 
 
-__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "as_models", "pick_model", "check_context", "Models"]
+__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "check_write_dtypes", "as_models", "pick_model", "check_context", "Models"]

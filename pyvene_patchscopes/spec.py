@@ -14,7 +14,8 @@ Conventions (the paper's, and the official code's):
   learned weights (an affine map); it is stored as a `MappingSpec`.
 - ``reroute`` makes S = T one sequence read and written within one pass (the CoT Patchscope, §5).
 - A source may be a vector instead of a prompt's state (`VectorSource`: an SAE latent's decoder row, a DAS
-  direction, a probe's weight row, any tensor), written as if read at layer l of M.
+  direction, a probe's weight row, any tensor), written as if read at layer l of M. At the last layer it lives at
+  the last block's output, before the final norm, unless it says it lives after it (``after_final_norm``).
 - A target may name several slots (a list of positions, or `Every` occurrence of a placeholder word), and a
   write mode with its scale α (``write``: replace, mix, add, norm-matched-add; see `writes`).
 """
@@ -37,10 +38,11 @@ from .writes import check_alpha, check_mode
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
 # 2: mapping is an object {name, args}, and the optional reroute field. 3: vector sources, several target slots,
-# write modes. 4: mapping.module, the module that registers a mapping of the user's own. Each spec is written with
-# the lowest version that holds it (one with a built-in mapping and none of version 3's fields is still version 2),
-# so older releases read it; 1 to 3 are still read.
-SPEC_VERSION = 4
+# write modes. 4: mapping.module, the module that registers a mapping of the user's own. 5: a vector source's
+# after_final_norm (false: at the last layer it lives before the final norm; versions 3 and 4 ran every vector as
+# after it, and are read so). Each spec is written with the lowest version that holds it (one with a built-in mapping
+# and none of version 3's fields is still version 2), so older releases read it; 1 to 4 are still read.
+SPEC_VERSION = 5
 MAX_SLOTS = 256
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -145,12 +147,20 @@ class VectorSource:
     ``tensor`` is ``[d]`` (the same vector at every target slot) or ``[slots, d]`` (one per slot); ``name`` says
     what it is (``"sae/latent-17"``). A saved spec folder carries the tensor in ``vector.safetensors``;
     `vectors` builds these from an SAE, a pyvene DAS intervention or a probe. Compared by value.
+
+    ``after_final_norm`` says which space v lives in when l is the last layer (below it there is one: the block
+    output). False, the default: the residual stream at the last block's output, before the final norm, where an
+    SAE on ``blocks.{last}.hook_resid_post``, a DAS intervention on ``block_output`` and a steering vector live;
+    at l* = l it is written there and the final norm runs on it. True: after the final norm, where HF's last
+    ``hidden_states`` entry, `hidden_states` and a `Source` read the last layer; at l* = l on M it is written
+    after the final norm, as a last-layer `Source` is (the paper's ``skip_final_ln``).
     """
 
     tensor: torch.Tensor
     layer: int = 0
     model: str = DEFAULT_MODEL
     name: str = "vector"
+    after_final_norm: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, torch.Tensor) or self.tensor.ndim not in (1, 2) or 0 in self.tensor.shape:
@@ -163,6 +173,9 @@ class VectorSource:
         if not isinstance(self.name, str) or not self.name.strip():
             raise SpecError(f"VectorSource.name={self.name!r} is not allowed (allowed: a non-empty string)")
         check_text("VectorSource.name", self.name)
+        if not isinstance(self.after_final_norm, bool):
+            raise SpecError(f"VectorSource.after_final_norm={self.after_final_norm!r} is not allowed (allowed: True "
+                            "or False)")
         object.__setattr__(self, "tensor", self.tensor.detach().cpu().float().contiguous())
 
     @property
@@ -179,19 +192,24 @@ class VectorSource:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VectorSource):
             return NotImplemented
-        return (self.layer, self.model, self.name) == (other.layer, other.model, other.name) \
+        return (self.layer, self.model, self.name, self.after_final_norm) == (
+            other.layer, other.model, other.name, other.after_final_norm) \
             and self.tensor.shape == other.tensor.shape and torch.equal(self.tensor, other.tensor)
 
     def __hash__(self) -> int:
-        return hash((self.layer, self.model, self.name, tuple(self.tensor.shape)))
+        return hash((self.layer, self.model, self.name, self.after_final_norm, tuple(self.tensor.shape)))
 
     def __repr__(self) -> str:
+        normed = ", after_final_norm=True" if self.after_final_norm else ""
         return (f"VectorSource(name={self.name!r}, shape={list(self.tensor.shape)}, layer={self.layer}, "
-                f"model={self.model!r})")
+                f"model={self.model!r}{normed})")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "layer": self.layer, "model": self.model, "shape": list(self.tensor.shape),
+        """Its JSON object; ``after_final_norm: false`` is written (spec version 5) because versions 3 and 4, which
+        lack the field, mean true."""
+        data = {"name": self.name, "layer": self.layer, "model": self.model, "shape": list(self.tensor.shape),
                 "sha256": self.sha256}
+        return data if self.after_final_norm else {**data, "after_final_norm": False}
 
 
 @dataclass(frozen=True)
@@ -349,7 +367,8 @@ class Patchscope(JsonSpec):
         """The spec as JSON-able data; learned mapping weights and a source vector are not included (see `save`)."""
         vector = isinstance(self.source, VectorSource)
         mapping = self.mapping.to_dict()
-        version = 4 if "module" in mapping else 3 if vector or self.target.uses_version_3 else 2
+        version = 5 if vector and not self.source.after_final_norm else 4 if "module" in mapping \
+            else 3 if vector or self.target.uses_version_3 else 2
         source = self.source.to_dict() if vector else asdict(self.source)  # type: ignore[union-attr]
         return {"format": SPEC_FORMAT, "version": version, "source": source,
                 "target": self.target.to_dict(), "mapping": mapping,
@@ -368,7 +387,7 @@ class Patchscope(JsonSpec):
     @classmethod
     def from_dict(cls, data: object, weights: dict | None = None,
                   vector: torch.Tensor | None = None) -> "Patchscope":
-        """Parse spec data (version 1 to 4); `weights` are the mapping's tensors and `vector` the source's tensor
+        """Parse spec data (version 1 to 5); `weights` are the mapping's tensors and `vector` the source's tensor
         when loaded from a folder."""
         if not isinstance(data, dict):
             raise SpecError(f"spec JSON must be an object, got {type(data).__name__}")
@@ -393,7 +412,7 @@ class Patchscope(JsonSpec):
             if not isinstance(part, dict):
                 raise SpecError(f"spec field {side!r}={part!r} is not allowed (allowed: an object)")
             if side == "source" and version >= 3 and "sha256" in part:
-                parts[side] = _vector_from_data(part, vector)
+                parts[side] = _vector_from_data(part, vector, version)
                 continue
             if side == "target":
                 part = _target_data(part, version)
@@ -471,14 +490,16 @@ def _target_data(part: dict, version: int) -> dict:
     return part
 
 
-VECTOR_FIELDS = ("name", "layer", "model", "shape", "sha256", "file")
+VECTOR_FIELDS = ("name", "layer", "model", "shape", "sha256", "file", "after_final_norm")
 
 
-def _vector_from_data(part: dict, vector: torch.Tensor | None) -> VectorSource:
-    """A vector source from its JSON object and the tensor read from the folder, checked against each other."""
-    unknown = sorted(set(part) - set(VECTOR_FIELDS))
+def _vector_from_data(part: dict, vector: torch.Tensor | None, version: int) -> VectorSource:
+    """A vector source from its JSON object and the tensor read from the folder, checked against each other.
+    Versions 3 and 4 have no ``after_final_norm``: they ran every vector after the final norm at the last layer."""
+    fields = VECTOR_FIELDS if version >= 5 else VECTOR_FIELDS[:-1]
+    unknown = sorted(set(part) - set(fields))
     if unknown:
-        raise SpecError(f"spec source has unknown field(s) {unknown} (allowed: {sorted(VECTOR_FIELDS)})")
+        raise SpecError(f"spec source has unknown field(s) {unknown} (allowed in version {version}: {sorted(fields)})")
     if vector is None:
         raise SpecError("spec source is a vector, but no vector file was read (allowed: a folder written by "
                         "Patchscope.save, with the source's vector.safetensors)")
@@ -486,7 +507,7 @@ def _vector_from_data(part: dict, vector: torch.Tensor | None) -> VectorSource:
     if shape != list(vector.shape):
         raise SpecError(f"spec source.shape={shape!r} does not match the vector file's shape {list(vector.shape)}")
     source = VectorSource(vector, part.get("layer", 0), part.get("model", DEFAULT_MODEL),
-                          part.get("name", "vector"))
+                          part.get("name", "vector"), part.get("after_final_norm", version < 5))
     if part.get("sha256") != source.sha256:
         raise SpecError("spec source.sha256 does not match the vector file (allowed: the file saved with the spec)")
     return source

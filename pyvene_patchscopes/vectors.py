@@ -7,6 +7,12 @@ trained on, ``hook_name``, at the top level in older versions and under ``metada
 writes ``W_dec[k]`` into the residual stream at that hook. This module reads the folder without sae-lens:
 JSON and safetensors only, size-capped, inside the folder, every shape and value checked, and the hook named
 as the layer whose block output it is (the layer l of a Patchscope source).
+
+Every source built here lives in the residual stream at a block output, the last block's included: before the
+final norm (TransformerLens applies ``ln_final`` after ``blocks.{last}.hook_resid_post``; pyvene's
+``block_output`` is the block's own output). So at l* = l = the last layer it is written there and the final norm
+runs on it (`VectorSource.after_final_norm` False). A vector taken from the library's own last-layer reads
+(`hidden_states`, a `Source`), which are after the final norm, says so with ``after_final_norm=True``.
 """
 from __future__ import annotations
 
@@ -122,11 +128,14 @@ def check_against(sae: SAEDecoder, model: Any) -> None:
                         f"(allowed: 0..{model.n_layers - 1})")
 
 
-def vector_source(tensor: torch.Tensor, model: Any, layer: int, name: str = "vector") -> VectorSource:
+def vector_source(tensor: torch.Tensor, model: Any, layer: int, name: str = "vector",
+                  after_final_norm: bool = False) -> VectorSource:
     """Any tensor ([d], or [slots, d]) as a source written as if read at `layer` of `model` (a handle or a name),
-    its width checked against the model when a handle is given."""
+    its width checked against the model when a handle is given; at the last layer it lives before the final norm
+    unless `after_final_norm` (see `VectorSource`)."""
     handle = model if isinstance(model, ModelHandle) else None
-    source = VectorSource(torch.as_tensor(tensor), layer, handle.name if handle else str(model), name)
+    source = VectorSource(torch.as_tensor(tensor), layer, handle.name if handle else str(model), name,
+                          after_final_norm)
     if handle is not None:
         if source.width != handle.hidden_size:
             raise SpecError(f"vector {name!r} has width {source.width}, but {handle.name}'s hidden size is "
@@ -138,21 +147,25 @@ def vector_source(tensor: torch.Tensor, model: Any, layer: int, name: str = "vec
 
 
 def sae_source(sae: SAEDecoder, latent: int, model: Any) -> VectorSource:
-    """Latent k of an SAE: ``W_dec[k]`` at the layer its hook names (`load_sae`)."""
+    """Latent k of an SAE: ``W_dec[k]`` at the layer its hook names (`load_sae`), in the residual stream there:
+    every hook `hook_layer` accepts is a block output, so the last block's is before the final norm."""
     if isinstance(model, ModelHandle):
         check_against(sae, model)
-    return vector_source(sae.latent(latent), model, sae.layer, f"sae:{sae.hook_name}/latent-{int(latent)}")
+    return vector_source(sae.latent(latent), model, sae.layer, f"sae:{sae.hook_name}/latent-{int(latent)}",
+                         after_final_norm=False)
 
 
-def probe_source(weight: torch.Tensor, row: int, model: Any, layer: int, name: str = "probe") -> VectorSource:
-    """Row `row` of a linear probe's weight ([classes, d], as ``nn.Linear(d, classes).weight``) read at `layer`."""
+def probe_source(weight: torch.Tensor, row: int, model: Any, layer: int, name: str = "probe",
+                 after_final_norm: bool = False) -> VectorSource:
+    """Row `row` of a linear probe's weight ([classes, d], as ``nn.Linear(d, classes).weight``) read at `layer`;
+    a probe trained on the library's last-layer states (after the final norm) passes ``after_final_norm=True``."""
     weight = torch.as_tensor(weight)
     if weight.ndim != 2:
         raise SpecError(f"probe weight has shape {list(weight.shape)} (allowed: [classes, d], as nn.Linear's weight)")
     index = None if isinstance(row, bool) else as_index(row)
     if index is None or not 0 <= index < weight.shape[0]:
         raise SpecError(f"row={row!r} is out of range for this probe (allowed: 0..{weight.shape[0] - 1})")
-    return vector_source(weight[index].detach(), model, layer, f"{name}/row-{index}")
+    return vector_source(weight[index].detach(), model, layer, f"{name}/row-{index}", after_final_norm)
 
 
 # ---- pyvene DAS ---------------------------------------------------------------------------------------------------
@@ -187,7 +200,8 @@ def das_source(intervenable: Any, model: ModelHandle, direction: int = 0, key: s
     if index is None or not 0 <= index < directions.shape[0]:
         raise SpecError(f"direction={direction!r} is out of range for DAS intervention {label!r} (allowed: "
                         f"0..{directions.shape[0] - 1})")
-    return vector_source(directions[index], model, layer, f"das:{label}/direction-{index}")
+    return vector_source(directions[index], model, layer, f"das:{label}/direction-{index}",
+                         after_final_norm=False)  # pyvene's block_output: before the final norm
 
 
 def _das_intervention(intervenable: Any, model: ModelHandle, key: str | None) -> tuple[Any, int, str]:

@@ -28,14 +28,42 @@ def check_mode(field: str, mode: object) -> str:
 
 
 def check_alpha(alpha: object, field: str = "alpha") -> float:
-    """α as a finite float, else a `SpecError` naming it."""
+    """α as a finite float, else a `SpecError` naming it (an integer too large for a float, as JSON's
+    ``1000…0`` with 400 zeros parses, included)."""
     try:
         value = float(alpha)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         value = math.nan
     if isinstance(alpha, bool) or not math.isfinite(value):
-        raise SpecError(f"{field}={alpha!r} is not allowed (allowed: a finite number)")
+        raise SpecError(f"{field}={_shown(alpha)} is not allowed (allowed: a finite number)")
     return value
+
+
+def _shown(value: object) -> str:
+    """A value as an error quotes it: an integer of hundreds of digits by its size, not its digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # past Python's limit on int -> str conversion (4300 digits)
+            return "an integer of over 4300 digits"
+    return repr(value)
+
+
+def check_alpha_runs(alpha: float, dtype: torch.dtype, written: torch.Tensor | None = None,
+                     field: str = "Target.alpha", where: str = "") -> None:
+    """α as the write runs it: cast to `dtype`, the target model's, as `write_slots` casts it (1e39 is a finite
+    float and inf in float32); and α·f(v), where f(v) is known before the run (`written`, a vector source's),
+    finite in `dtype` too (3e38 · 2 overflows float32). Else a `SpecError` naming α and the largest allowed."""
+    largest, name = torch.finfo(dtype).max, str(dtype).removeprefix("torch.")
+    if not bool(torch.isfinite(torch.tensor(alpha, dtype=torch.float64).to(dtype))):
+        raise SpecError(f"{field}={alpha!r} overflows {name}, the dtype {where or 'the target'} runs in (allowed: "
+                        f"|{field}| <= {largest:.4g})")
+    if written is None or not written.numel():
+        return
+    peak = float(written.detach().double().abs().max())
+    if not bool(torch.isfinite((alpha * written.detach().double()).to(dtype)).all()):
+        raise SpecError(f"{field}={alpha!r} times f(v) overflows {name}, the dtype {where or 'the target'} runs in: "
+                        f"the largest |f(v)| is {peak:.4g} (allowed: |{field}| * {peak:.4g} <= {largest:.4g})")
 
 
 def combine(mode: str, alpha: float | torch.Tensor, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
@@ -114,4 +142,4 @@ def row_alphas(values: list[float]) -> torch.Tensor | None:
     return None if all(value == 1.0 for value in values) else torch.tensor(values)
 
 
-__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "combine", "write_slots", "Slots", "REPLACE_ONE", "row_alphas"]
+__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots", "REPLACE_ONE", "row_alphas"]

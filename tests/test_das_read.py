@@ -162,7 +162,9 @@ def test_the_spec_with_its_vector_saves_and_reruns_identically_in_a_fresh_proces
     folder = scope.save(tmp_path / "das-read", models=handle)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "vector.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["version"] == 3 and config["source"]["sha256"] == scope.source.sha256
+    # version 5: the spec records that a DAS direction (pyvene's block_output) lives before the final norm
+    assert config["version"] == 5 and config["source"]["after_final_norm"] is False
+    assert config["source"]["sha256"] == scope.source.sha256
     assert Patchscope.load(folder) == scope
     script = _FRESH.format(tests=str(Path(__file__).parent), folder=str(folder), out=str(tmp_path / "out.safetensors"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}

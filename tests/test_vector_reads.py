@@ -77,12 +77,14 @@ def test_generation_writes_on_the_prompt_pass_only_on_both_paths(kind):
 
 
 def test_a_write_after_the_final_norm_at_the_last_slot_equals_hooks_on_the_norm():
-    """l = l* = last layer on one model: the paper's skip_final_ln site, the norm's output written."""
+    """l = l* = last layer on one model, a vector that lives after the final norm (as a last-layer Source's state
+    does): the paper's skip_final_ln site, the norm's output written."""
     handle = tiny_model("llama", seed=5)
     torch.manual_seed(4)
     vector = torch.randn(handle.hidden_size)
     for write, alpha in ALPHAS.items():
-        scope = Patchscope(VectorSource(vector, 3, handle.name), Target(PROMPT, (2, -1), 3, write=write, alpha=alpha))
+        scope = Patchscope(VectorSource(vector, 3, handle.name, after_final_norm=True),
+                           Target(PROMPT, (2, -1), 3, write=write, alpha=alpha))
         slots = _slots(handle, scope)
         want = written_logits(handle, PROMPT, 3, slots, vector, write, alpha, after_norm=True)
         for planned in (True, False):

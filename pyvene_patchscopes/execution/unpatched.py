@@ -9,6 +9,11 @@ The same pass measures the target's own residual norms at every l* written, and 
 α·‖f(v)‖ is more than `NORM_FACTOR` times smaller or larger than the median there gets a `VectorNormWarning`
 naming both: a unit-norm vector at SelfIE's l* = 0 of SmolLM2 is 43 times smaller than the states of its prompt
 there, and its placeholders read as empty ('\n\n\n…').
+
+A readout of NaN probabilities is judged against the same unpatched run (`check_readouts`): where the target prompt
+unpatched reads finite ones, the write made it NaN (α·f(h), or the state it lands on, left the dtype's range, at the
+slots or in the layers above), and `run` refuses it in one line naming α; where the model itself gives NaN, the
+readout is returned as it is.
 """
 from __future__ import annotations
 
@@ -23,11 +28,11 @@ from torch import nn
 
 from ..architectures import architecture
 from ..devices import input_device
-from ..errors import VectorNormWarning
+from ..errors import SpecError, VectorNormWarning
 from ..models import ModelHandle
 from ..positions import token_ids
 from ..resolve import Models, Resolved
-from ..result import TokenProb, top_k
+from ..result import PatchscopeResult, TokenProb, top_k
 from ..sites import Site, final_norm
 from .plain import greedy_config
 from .stack import evaluating
@@ -101,6 +106,29 @@ def _keep_norm(norms: dict[Site, float], site: Site, length: int, module: nn.Mod
         norms[site] = float(states.float().norm(dim=-1).median())
 
 
+def check_readouts(items: Sequence[Resolved], results: Sequence[PatchscopeResult], models: Models) -> None:
+    """Refuse, in one line, the first readout of NaN probabilities whose target prompt reads finite ones unpatched
+    (its null reading, or one unpatched run per distinct target prompt, made only when some readout is NaN)."""
+    unpatched: dict[tuple[str, str], list[TokenProb]] = {}
+    for k, (item, result) in enumerate(zip(items, results)):
+        if all(math.isfinite(t.prob) for t in result.top):
+            continue
+        name, prompt = item.scope.target_model, item.scope.target.prompt
+        if result.null_top is not None:
+            unpatched.setdefault((name, prompt), result.null_top)
+        if (name, prompt) not in unpatched:
+            unpatched[(name, prompt)] = read_unpatched(models[name], prompt, 0, 1).top
+        if all(math.isfinite(t.prob) for t in unpatched[(name, prompt)]):
+            target = item.scope.target
+            dtype = models[name].dtype
+            raise SpecError(
+                f"Patchscope {k} reads NaN probabilities on {name}, whose target prompt unpatched reads finite ones: "
+                f"its write at l*={item.target_layer} (write={target.write!r}, Target.alpha={target.alpha!r}) leaves "
+                f"{str(dtype).removeprefix('torch.')}'s range (|x| <= {torch.finfo(dtype).max:.4g}) at the slots or "
+                "in the layers above (allowed: a write within that range: a smaller |Target.alpha|, or a source of "
+                "smaller norm)")
+
+
 def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], readings: Sequence[NullReading]) -> None:
     """One `VectorNormWarning` when any row writes α·‖f(v)‖ (at any of its slots) more than `NORM_FACTOR` times
     below or above the median norm of its target's own states at l*. ``norm-matched-add`` rows are matched to it,
@@ -127,4 +155,4 @@ def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], r
         "Scale it with Target.alpha, or pick alpha with scales.scale_search.", VectorNormWarning, stacklevel=4)
 
 
-__all__ = ["NullReading", "null_readings", "read_unpatched", "warn_far_norms", "NORM_FACTOR"]
+__all__ = ["NullReading", "null_readings", "read_unpatched", "check_readouts", "warn_far_norms", "NORM_FACTOR"]

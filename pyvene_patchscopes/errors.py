@@ -40,6 +40,22 @@ class SmallSampleWarning(UserWarning):
     a claim (`evaluate.report.Report.check_samples`)."""
 
 
+# What a model's or an adapter's name was taken for, in the line a failed load gets.
+NAME_KINDS = {"embedded": "an embedded model", "folder": "a local model folder",
+              "hub": "a Hugging Face hub id (this needs access to the hub)"}
+
+
+def first_line(err: BaseException) -> str:
+    """An error from another library, cut to its first line (or its type when it says nothing)."""
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def load_failure(field: str, name: object, kind: str, err: BaseException) -> PatchscopeError:
+    """The one line a model or an adapter that could not be loaded gets (an offline hub id, a broken folder):
+    `model='org/name' (a Hugging Face hub id (this needs access to the hub)) could not be loaded: ...`."""
+    return PatchscopeError(f"{field}={name!r} ({NAME_KINDS[kind]}) could not be loaded: {first_line(err)}")
+
+
 def out_of_range(field: str, value: object, allowed: str, context: str = "") -> SpecError:
     """Build the standard message: `Target.layer=40 is out of range for smollm2-135m (-30..29)`."""
     where = f" for {context}" if context else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ def expand(path: str | os.PathLike) -> Path:
         return Path(path).expanduser()
     except RuntimeError:
         return Path(path)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def is_hub_id(name: object) -> bool:
+    """Whether `name` has the form of a hub id, ``org/name`` (what a name that is no folder here may be)."""
+    return isinstance(name, str) and HUB_ID.match(name) is not None and ".." not in name
 
 
 def is_file(path: str | Path) -> bool:
@@ -143,5 +152,5 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str,
                             "(allowed: finite numbers only)")
 
 
-__all__ = ["expand", "is_file", "is_dir", "inside", "read_text", "parse_json", "read_json", "read_safetensors",
-           "check_finite", "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]
+__all__ = ["expand", "is_hub_id", "is_file", "is_dir", "inside", "read_text", "parse_json", "read_json",
+           "read_safetensors", "check_finite", "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .errors import PatchscopeError, SpecError, UnknownNameError
-from .files import expand, is_dir, is_file
+from .errors import PatchscopeError, SpecError, UnknownNameError, load_failure
+from .files import expand, is_dir, is_file, is_hub_id
 from .outputs import umask_modes
 
 log = logging.getLogger(__name__)
@@ -209,11 +208,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, auto: bool = False) -> torch.
     return table[dtype]
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_KINDS = {"embedded": "an embedded model", "folder": "a local model folder",
-          "hub": "a Hugging Face hub id (this needs access to the hub)"}
-
-
 def model_source(name: object) -> tuple[str, str]:
     """What `name` is, checked before transformers sees it: ("embedded" | "folder" | "hub", what to load).
 
@@ -232,7 +226,7 @@ def model_source(name: object) -> tuple[str, str]:
         if not is_file(path / "config.json"):
             raise UnknownNameError(f"model={name!r} is a folder without config.json ({allowed})")
         return "folder", str(path)
-    if HUB_ID.match(name) and ".." not in name:
+    if is_hub_id(name):
         return "hub", name
     raise UnknownNameError(f"model={name!r} is not known ({allowed})")
 
@@ -332,7 +326,8 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     (see `model_source`); remote code is never trusted.
 
     ``adapter``: a PEFT adapter folder (or hub id) trained on this model, e.g. a LatentQA decoder or an
-    Activation Oracle. It is checked (`adapters.apply_adapter`) and applied in place, not merged; the handle is
+    Activation Oracle. It is checked like a spec (`adapters.check_adapter`: its folder and config before the base
+    model loads, its tensors before peft builds anything) and applied in place, not merged; the handle is
     named ``"<name>+<folder name>"`` and its record carries the adapter's config and weights hash.
     """
     kind, where = model_source(name)
@@ -356,12 +351,16 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
         path, display = str(folder), where
     else:
         path, display, origin = where, name, {"name": name}
+    if adapter is not None:  # the adapter's folder and config are refused before the base model loads
+        from .adapters import adapter_folder, read_adapter_config
+
+        adapter = adapter_folder(adapter)
+        read_adapter_config(adapter)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False, **placement)
     except (OSError, ValueError, KeyError, ImportError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise PatchscopeError(f"model={name!r} ({_KINDS[kind]}) could not be loaded: {reason}") from None
+        raise load_failure("model", name, kind, err) from None
     if device_map is None and quantization_config is None:
         model.to(target)
     model.eval()

@@ -1,5 +1,5 @@
-"""The command line's paths (issue 37): no output overwrites an input, and the placement flags, --lens and
---adapter say what is wrong with them.
+"""The command line's paths (issue 37): no output overwrites an input, vector-source specs run from the command
+line, and the placement flags and --lens say what is wrong with them.
 
 The pair fuzzer at the end extends `tests/test_cli_fuzz.py`: every path option of each command is tried against
 every other path option of the same command, at the same path and at a path inside the other's folder. Each
@@ -21,10 +21,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from pyvene_patchscopes import Patchscope, Source, Target, cli, models
+from pyvene_patchscopes import Patchscope, Source, Target, cli, load_model, models, run
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.jlens import JacobianLens
+from pyvene_patchscopes.presets import self_explanation
+from pyvene_patchscopes.vectors import das_source, load_sae, probe_source, sae_source, vector_source
 from tiny import tiny_model
 
 SOURCE = "The city of Paris is large"
@@ -154,6 +157,57 @@ def test_every_output_is_checked_against_every_input_and_every_other_output(kit,
         _refused(argv, loads, *parts)
     assert _tree(kit["root"]) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.txt"]
+
+
+# ---- finding 16: `patchscopes run` on a spec folder of each kind of vector source ---------------------------------
+def _sae_folder(folder: Path, d: int) -> Path:
+    torch.manual_seed(3)
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "architecture": "standard",
+                                                 "metadata": {"hook_name": "blocks.2.hook_resid_post"}}))
+    save_file({"W_dec": torch.randn(8, d), "W_enc": torch.randn(d, 8), "b_enc": torch.zeros(8),
+               "b_dec": torch.zeros(d)}, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+def _vector_source(kind: str, handle, tmp_path: Path):
+    """The source of each kind, made with the documented API of `vectors.py`."""
+    d = handle.hidden_size
+    torch.manual_seed(11)
+    if kind == "tensor":
+        return vector_source(torch.randn(d), handle, 1, "random")
+    if kind == "sae latent":
+        return sae_source(load_sae(_sae_folder(tmp_path / "sae", d), handle), 5, handle)
+    if kind == "probe row":
+        return probe_source(torch.nn.Linear(d, 3).weight, 2, handle, 2)
+    import pyvene as pv
+
+    from pyvene_patchscopes import compat
+
+    config = pv.RepresentationConfig(layer=1, component="block_output", unit="pos", max_number_of_units=1,
+                                     low_rank_dimension=1, intervention=pv.LowRankRotatedSpaceIntervention(
+                                         embed_dim=d, low_rank_dimension=1))
+    with compat.pyvene_guard(handle.model):
+        study = compat.intervenable(pv.IntervenableConfig([config]), handle.model)
+        return das_source(study, handle)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "sae latent", "probe row", "das direction"])
+def test_patchscopes_run_reads_a_saved_vector_source_spec_as_python_does(kit, tmp_path, kind):
+    handle = load_model(str(kit["tiny"]))
+    source = _vector_source(kind, handle, tmp_path)
+    scope = self_explanation(source, alpha=0.05, max_new_tokens=3)  # |alpha v| near the states there
+    scope.save(tmp_path / "spec", models=handle)
+    want = run(scope, handle, top=10)[0]
+    code, out, err = _main("run", tmp_path / "spec", "--json")
+    assert code == 0, err[-600:]
+    got = json.loads(out)["result"]
+    assert [(t["token_id"], round(t["prob"], 6)) for t in got["top"]] == \
+        [(t.token_id, round(t.prob, 6)) for t in want.top]
+    assert got["generation"] == want.generation and got["agrees_with_null"] == want.agrees_with_null
+    assert got["spec"]["source"]["name"] == source.name
+    code, out, _ = _main("run", tmp_path / "spec")
+    assert code == 0 and f"source vector {source.name!r} [{handle.hidden_size}], layer {source.layer}" in out
 
 
 # ---- finding 23: what --lens is, and placement flags that would be ignored ---------------------------------------

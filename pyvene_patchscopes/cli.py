@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
-from .files import is_file
-from .outputs import FIGURE_FORMATS, check_distinct, check_file, check_folder, finite, refuse_special
+from .files import expand, is_dir, is_file, not_a_file
+from .outputs import FIGURE_FORMATS, INPUT, check_apart, check_file, check_folder, finite, refuse_special
 from .plugins import PLUGIN_GROUP, import_module, load_plugins
 from .result import show_text
 from .spec import Patchscope
@@ -23,6 +23,10 @@ CLOSED_PIPE_STATUS = 141  # 128 + SIGPIPE (13): what a shell reports for a tool 
 ERROR_STATUS = 2
 DEMO_PROMPT = "Amazon's former CEO attended Oscars"
 DEMO_POSITION = "CEO"
+DEMO_HEATMAP = "demo_heatmap.png"  # what `demo` writes into its --out folder
+# The options that name what a command reads, as (attribute, flag): each is a path only where it exists.
+INPUT_OPTIONS = (("spec", "spec"), ("prompts", "--prompts"), ("data", "--data"), ("lens", "--lens"),
+                 ("adapter", "--adapter"), ("model", "--model"), ("target_model", "--target-model"))
 
 
 LAYERS_HELP = "all, 5, 0-29, 0,3,6, 0-29:3 (every 3rd); negative layers count from the end"
@@ -78,29 +82,85 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-def inputs_of(args: argparse.Namespace) -> list[str]:
-    """The files this command line reads (an output path must not be one of them)."""
-    names = [getattr(args, flag, None) for flag in ("prompts", "data", "spec")]
-    return [name for name in names if isinstance(name, str) and is_file(name)]
+def paths_of(args: argparse.Namespace) -> list[tuple[str, str | Path, str]]:
+    """Every path this command line names, as (flag, path, role) for `outputs.check_apart`: what it reads (`INPUT`:
+    an existing file or folder; a hub id, a catalogue name or a missing file is no path here, and its reader
+    refuses it), the files it writes ("file") and the folders it writes into ("folder"). A sweep reads its --out
+    folder, all of it, as well as writing there: a rerun resumes from what is in it."""
+    paths: list[tuple[str, str | Path, str]] = []
+    for attr, flag in INPUT_OPTIONS:
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and _exists(value) and (attr != "spec" or _names_a_path(value)):
+            paths.append((flag, value, INPUT))
+    out = getattr(args, "out", None)
+    if args.command == "sweep" and out is not None:
+        paths.append(("--out", out, INPUT))
+    paths += [(flag, path, "file") for flag, path in output_files(args)]
+    for flag, folder in (("--out", out if args.command in ("sweep", "eval") else None),
+                         ("--offload-folder", getattr(args, "offload_folder", None))):
+        if folder is not None:
+            paths.append((flag, folder, "folder"))
+    return paths
+
+
+def output_files(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
+    """The files this command line writes, as (flag, file)."""
+    files = [(flag, getattr(args, attr)) for flag, attr in (("--plot", "plot"), ("--html", "html"))
+             if getattr(args, attr, None) is not None]
+    if args.command == "demo":
+        files.append(("--out", Path(args.out) / DEMO_HEATMAP))
+    if args.command == "jacobian" and args.out:
+        files += [("--out", path) for path in output_paths(args.out)]
+    return files
+
+
+def _exists(value: str) -> bool:
+    try:
+        return os.path.lexists(os.path.expanduser(value))
+    except (OSError, ValueError):
+        return False
+
+
+def _names_a_path(spec: str) -> bool:
+    from .persist import looks_like_path
+
+    return looks_like_path(spec)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Before any work, for every command: that no output is, holds or lies inside another path of the command
+    line (`outputs.check_apart`), and that the placement flags agree."""
+    check_apart(paths_of(args))
+    check_placement(args)
+
+
+def check_placement(args: argparse.Namespace) -> None:
+    """--device and --device-map place the model two ways: one of them; --offload-folder only with --device-map."""
+    device, device_map = getattr(args, "device", None), getattr(args, "device_map", None)
+    if device is not None and device_map is not None:
+        raise UsageError(f"--device={device!r} and --device-map={device_map!r} are both given (allowed: one of them: "
+                         "--device for one device, --device-map to split or offload the model)")
+    offload = getattr(args, "offload_folder", None)
+    if offload is not None and device_map is None:
+        raise UsageError(f"--offload-folder={offload!r} is given without --device-map, so nothing would be offloaded "
+                         "(allowed: --offload-folder beside --device-map)")
 
 
 def check_outputs(args: argparse.Namespace, files: dict[str, str | None], figures: Sequence[str] = ()) -> dict[str, Path]:
     """Every output file of the command, checked before any work (see `outputs.check_file`): flag -> path.
 
-    `figures` are the flags whose file matplotlib writes; their suffix must name a format it can write.
+    `figures` are the flags whose file matplotlib writes; their suffix must name a format it can write. How the
+    outputs lie to the inputs and to each other `check_options` has checked already.
     """
-    inputs = inputs_of(args)
-    checked = {flag: check_file(value, flag, inputs, FIGURE_FORMATS if flag in figures else None)
-               for flag, value in files.items() if value is not None}
-    check_distinct(list(checked.items()))
-    return checked
+    return {flag: check_file(value, flag, FIGURE_FORMATS if flag in figures else None)
+            for flag, value in files.items() if value is not None}
 
 
 def _device(args: argparse.Namespace) -> str:
     """--device, with 'auto' meaning this process's own GPU under accelerate launch, else the CPU."""
     from .execution.distributed import device
 
-    return device() if args.device == "auto" else args.device
+    return device() if args.device == "auto" else args.device or "cpu"
 
 
 def _placement(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,13 +177,13 @@ def _load(args: argparse.Namespace):
 
 
 def _check_model_options(args: argparse.Namespace) -> None:
-    """--model, --device and --dtype checked before anything slow happens (`load_model` checks them too, but
-    an evaluation may load another model first)."""
+    """--model, --device, --dtype and --device-map checked before anything slow happens (`load_model` checks them
+    too, but a command may write or load something else first)."""
     from .models import check_device, check_device_map, model_source, resolve_dtype
 
     if getattr(args, "model", None) is not None:
         model_source(args.model)
-    if getattr(args, "device", "auto") != "auto":
+    if getattr(args, "device", None) not in (None, "auto"):
         check_device(args.device)
     resolve_dtype(getattr(args, "dtype", None), auto=True)
     if getattr(args, "device_map", None) is not None:
@@ -254,6 +314,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     preset = get_preset(args.preset)  # fail on a bad name before loading a model
     if args.lens is not None and args.preset != "jacobian-lens":
         raise UsageError(f"--lens is for --preset jacobian-lens, not {args.preset!r} (see: patchscopes inspect --help)")
+    check_local_inputs(args)
     html = check_outputs(args, {"--html": args.html}).get("--html")
     handle = _load(args)
     models, options = [handle], {}
@@ -296,6 +357,20 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                  "source_prompt": args.source_prompt, "source_position": args.source_position,
                  "target_prompt": results[0].scope.target.prompt, "layers": rows, "html": args.html},
           header + layer_table(rows) + note)
+
+
+def check_local_inputs(args: argparse.Namespace) -> None:
+    """Before any model loads: --lens names a file, and --adapter a folder wherever it names a local path (an
+    ``org/name`` that is no path here is a hub id)."""
+    if args.lens is not None and not_a_file(expand(args.lens)) is not None:
+        raise SpecError(f"--lens={args.lens!r} {not_a_file(expand(args.lens))} (allowed: a Jacobian lens .pt file "
+                        "in the reference format)")
+    adapter = args.adapter
+    local = adapter is not None and (_exists(adapter) or adapter.startswith((".", "/", "~")))
+    if local and not is_dir(expand(adapter)):
+        raise SpecError(f"--adapter={adapter!r} {'is not a folder' if _exists(adapter) else 'does not exist'} "
+                        "(allowed: a PEFT adapter folder holding adapter_config.json and adapter_model.safetensors, "
+                        "or a hub id org/name)")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -425,8 +500,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .presets import build
     from .sweep import sweep
 
+    _check_model_options(args)  # before the folder is made
     out = check_folder(args.out, "--out")
-    check_file(out / "demo_heatmap.png", "--out")
+    check_file(out / DEMO_HEATMAP, "--out")
     handle = _load(args)
     layers = list(range(handle.n_layers))
     scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
@@ -434,7 +510,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     rows = _rows(run(scopes, handle, progress=not args.json))
     grid = sweep(DEMO_PROMPT, handle, preset="token-identity", source_position=DEMO_POSITION,
                  max_new_tokens=0, progress=not args.json)
-    heatmap = out / "demo_heatmap.png"
+    heatmap = out / DEMO_HEATMAP
     grid.plot(heatmap)
     decoded = [r["source_layer"] for r in rows if "ceo" in (r["generation"] or "").lower()]
     reading = (
@@ -562,9 +638,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     if args.task != "all":
         get_task(args.task)  # a clear error before any model loads
-    if args.out is not None:
-        check_folder(args.out, "--out", inputs_of(args))
     _check_model_options(args)
+    if args.out is not None:
+        check_folder(args.out, "--out")
     if args.task == "cross-model":
         from .models import model_source
 
@@ -601,13 +677,14 @@ def _common(parser: argparse.ArgumentParser, model: bool = True) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output (schema in README)")
     if model:
         parser.add_argument("--model", default="smollm2-135m", help="embedded name, HF id or local path")
-        parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, or auto (each process's own "
-                                                             "GPU under accelerate launch)")
+        parser.add_argument("--device", default=None, help="cpu (the default), cuda, cuda:1, or auto (each "
+                                                            "process's own GPU under accelerate launch)")
         parser.add_argument("--dtype", default=None, help="auto (the checkpoint's; default for hub ids and folders), "
                                                            "float32 (default for embedded models), bfloat16, float16")
         parser.add_argument("--device-map", default=None, help="split or offload the model: auto, balanced, "
                                                                 "sequential (instead of --device)")
-        parser.add_argument("--offload-folder", default=None, help="where --device-map offloads weights to disk")
+        parser.add_argument("--offload-folder", default=None, help="with --device-map: where it offloads weights "
+                                                                    "to disk")
         parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                             help="import MODULE first, for the mappings and interventions it registers (repeatable); "
                                  f"installed plugins (entry-point group {PLUGIN_GROUP}) are imported too")
@@ -812,6 +889,7 @@ def _run(argv: list[str]) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        check_options(args)
         import_plugins(args)
         with warnings.catch_warnings():
             warnings.simplefilter("default")

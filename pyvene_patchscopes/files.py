@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,22 @@ def is_dir(path: str | Path) -> bool:
         return Path(path).is_dir()
     except (OSError, ValueError):
         return False
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """None for a regular file (links followed); else what `path` is instead, to end an error's sentence:
+    ``'/dev/zero' is a device or special file, not a regular file``."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "does not exist"
+    except OSError as err:  # a loop of links, no permission
+        return f"cannot be read ({err.strerror or type(err).__name__})"
+    except ValueError:  # a NUL byte, an unencodable name
+        return "is not a name this system allows"
+    if stat.S_ISREG(mode):
+        return None
+    return "is a folder, not a file" if stat.S_ISDIR(mode) else "is a device or special file, not a regular file"
 
 
 def inside(directory: str | Path, name: str, what: str = "file") -> Path:
@@ -152,5 +169,5 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str,
                             "(allowed: finite numbers only)")
 
 
-__all__ = ["expand", "is_hub_id", "is_file", "is_dir", "inside", "read_text", "parse_json", "read_json",
+__all__ = ["expand", "is_hub_id", "is_file", "is_dir", "not_a_file", "inside", "read_text", "parse_json", "read_json",
            "read_safetensors", "check_finite", "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]

@@ -2,15 +2,16 @@
 
 A sweep can run for hours; an output path that cannot be written must fail before it starts, not after. So
 `check_file` and `check_folder` refuse, naming the flag or field, a path that is a device or anything but a
-regular file, a folder where a file is wanted (and the reverse), a file the same run reads (``--prompts p.txt
---html p.txt``), a folder that cannot be created, and one the process cannot write to. Writability is probed
-by creating (and removing) a file there, since ``os.access`` says yes to root on ``/proc``. `write_text`,
-`write_bytes`, `save_tensors` and `save_figure` (and `replacing`, for other writers) then write beside the target
-and ``os.replace`` it into place, so a crash or a full disk leaves the old file or none, never half of one; the
-file gets the mode ``open()`` would give it (the user's umask), whatever mode the writer made it with. A write
-that fails (a full disk, a read-only mount) removes its temporary file and raises `WriteError`, one line naming
-the file and why ("the disk is full"). Each temporary file is locked (``flock``) while it is written, so that
-`remove_dead_temporaries` removes only those of writers that died: two processes writing into one folder
+regular file, a folder where a file is wanted (and the reverse), a folder that cannot be created, and one the
+process cannot write to. Writability is probed by creating (and removing) a file there, since ``os.access`` says
+yes to root on ``/proc``. `check_apart` refuses an output that is, holds or lies inside anything else the same
+command reads or writes (``--prompts p.txt --html p.txt``, ``--adapter D --html D/adapter_config.json``).
+`write_text`, `write_bytes`, `save_tensors` and `save_figure` (and `replacing`, for other writers) then write
+beside the target and ``os.replace`` it into place, so a crash or a full disk leaves the old file or none, never
+half of one; the file gets the mode ``open()`` would give it (the user's umask), whatever mode the writer made it with.
+A write that fails (a full disk, a read-only mount) removes its temporary file and raises `WriteError`, one line
+naming the file and why ("the disk is full"). Each temporary file is locked (``flock``) while it is written, so
+that `remove_dead_temporaries` removes only those of writers that died: two processes writing into one folder
 never remove each other's.
 """
 from __future__ import annotations
@@ -51,9 +52,10 @@ def _mode(path: Path) -> int | None:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """Whether two existing names are one file (a hard link)."""
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except (OSError, ValueError, RuntimeError):
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except (OSError, ValueError):
         return False
 
 
@@ -67,8 +69,7 @@ def _probe(folder: Path, value: str, flag: str) -> None:
         raise PatchscopeError(f"{flag}={value!r}: cannot write in the folder {str(folder)!r} ({_reason(err)})") from None
 
 
-def check_folder(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.PathLike] = (),
-                 given: str | os.PathLike | None = None) -> Path:
+def check_folder(value: str | os.PathLike, flag: str, given: str | os.PathLike | None = None) -> Path:
     """A folder to write into: created when missing, refused when it is a file, a device or not writable.
 
     `given` is the flag's value where it names a file in this folder (errors quote it, not the folder).
@@ -79,9 +80,6 @@ def check_folder(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.
     if mode is not None and not stat.S_ISDIR(mode):
         what = "is not a folder" if given is None else f"is in {str(value)!r}, which is not a folder"
         raise PatchscopeError(f"{flag}={shown!r} {what} (allowed: a folder, or a path where one can be created)")
-    for name in inputs:
-        if _same_file(path, Path(name)):
-            raise PatchscopeError(f"{flag}={shown!r} is an input of this command (allowed: another folder)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as err:
@@ -90,10 +88,9 @@ def check_folder(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.
     return path
 
 
-def check_file(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.PathLike] = (),
-               formats: Sequence[str] | None = None) -> Path:
+def check_file(value: str | os.PathLike, flag: str, formats: Sequence[str] | None = None) -> Path:
     """A file to write: its folder created and writable; refused when it is a folder, a device, another kind of
-    file, one of `inputs`, or (with `formats`) when its suffix is not one of them."""
+    file, or (with `formats`) when its suffix is not one of them."""
     path = Path(value)
     if stat.S_ISDIR(_mode(path) or 0):
         raise PatchscopeError(f"{flag}={str(value)!r} is a folder (allowed: a file path)")
@@ -102,10 +99,6 @@ def check_file(value: str | os.PathLike, flag: str, inputs: Sequence[str | os.Pa
     if formats is not None and suffix and suffix not in formats:
         raise PatchscopeError(f"{flag}={str(value)!r} has the suffix {path.suffix!r}, which names no format it can "
                               f"be written in (allowed: {', '.join('.' + f for f in formats)}, or none for PNG)")
-    for given in inputs:
-        if _same_file(path, Path(given)):
-            raise PatchscopeError(f"{flag}={str(value)!r} is also an input of this command, and writing it would "
-                                  "overwrite that input (allowed: another file)")
     check_folder(path.parent, flag, given=value)
     return path
 
@@ -118,13 +111,56 @@ def refuse_special(value: str | os.PathLike, flag: str) -> None:
                               "regular file path)")
 
 
-def check_distinct(paths: Sequence[tuple[str, Path]]) -> None:
-    """Two output flags must not name the same file (the second would overwrite the first)."""
-    for k, (flag, path) in enumerate(paths):
-        for other, earlier in paths[:k]:
-            if _same_file(path, earlier):
-                raise PatchscopeError(f"{flag}={str(path)!r} is the same file as {other} (allowed: a file of its "
-                                      "own)")
+INPUT = "input"  # the role of a path a command reads (a file, or a folder with everything in it); see `check_apart`
+# what an output's place says, beside an input of the command and beside another of its outputs
+BESIDE_INPUT = {"same": "is also an input of this command ({other}), and writing it would overwrite that input",
+                "inside": "is inside {other}, which this command reads, and writing there could overwrite that input",
+                "holds": "holds {other}, which this command reads, and writing into it could overwrite that input"}
+BESIDE_OUTPUT = {"same": "is the same {noun} as {other}", "inside": "is inside {other}, which this command also writes",
+                 "holds": "holds {other}, which this command also writes"}
+
+
+def check_apart(paths: Sequence[tuple[str, str | os.PathLike, str]]) -> None:
+    """Refuse, before any work, an output that is, holds or lies inside another path of the same command.
+
+    `paths` are (flag, path, role): role `INPUT` for what the command reads (a file, or a folder and everything
+    in it), "file" for a file it writes and "folder" for a folder it writes into. Each output is compared with
+    every input, then with the outputs named before it; a flag is not compared with itself (a sweep's ``--out``
+    is a folder it both reads and writes). Links are followed, and a hard link is the same file.
+    """
+    where = [(flag, str(value), role, _where(value)) for flag, value, role in paths]
+    inputs = [entry for entry in where if entry[2] == INPUT]
+    outputs = [entry for entry in where if entry[2] != INPUT]
+    for k, (flag, value, role, path) in enumerate(outputs):
+        for other, given, other_role, other_path in inputs + outputs[:k]:
+            relation = None if other == flag else _relation(path, other_path)
+            if relation is None:
+                continue
+            read = other_role == INPUT
+            said = (BESIDE_INPUT if read else BESIDE_OUTPUT)[relation].format(
+                other=f"{other}={given!r}", noun="file" if role == other_role == "file" else "path")
+            allowed = ("a path apart from the command's inputs: not one of them, not inside one, not holding one"
+                       if read else "a path of its own for each output")
+            raise PatchscopeError(f"{flag}={value!r} {said} (allowed: {allowed})")
+
+
+def _where(value: str | os.PathLike) -> Path | None:
+    """`value` as an absolute path, every link that exists followed; None for a name the system refuses."""
+    try:
+        return Path(value).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def _relation(path: Path | None, other: Path | None) -> str | None:
+    """How `path` lies to `other`: "same", "inside" it, "holds" it, or None (apart, or a name that cannot be)."""
+    if path is None or other is None:
+        return None
+    if path == other or _same_file(path, other):
+        return "same"
+    if path.is_relative_to(other):
+        return "inside"
+    return "holds" if other.is_relative_to(path) else None
 
 
 class WriteError(PatchscopeError, OSError):
@@ -305,6 +341,7 @@ def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Pa
     return Path(path)
 
 
-__all__ = ["check_file", "check_folder", "check_distinct", "refuse_special", "replacing", "WriteError",
-           "remove_dead_temporaries", "write_text", "write_bytes", "save_tensors", "save_figure", "umask_modes", "finite",
+__all__ = ["check_file", "check_folder", "check_apart", "INPUT", "refuse_special", "replacing", "WriteError",
+           "remove", "remove_dead_temporaries", "write_text", "write_bytes", "save_tensors", "save_figure",
+           "umask_modes", "finite",
            "FIGURE_FORMATS"]

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import SpecError, as_index
-from ..files import check_finite, expand, is_file
+from ..files import check_finite, expand, not_a_file
 from ..mappings import MappingSpec
 
 MAX_FILE_BYTES = 1 << 34      # 16 GiB: a 70B model's 80 layers of 8192² fp16 are 10.7 GB
@@ -172,8 +172,9 @@ def load_pt(path: str | os.PathLike, what: str) -> Any:
     """A ``torch.save`` file read with ``weights_only=True`` after its zip container is checked: size-capped, and
     every stored tensor's bytes counted, so nothing large is read or allocated before the checks that follow."""
     where = expand(path)
-    if not is_file(where):
-        raise SpecError(f"{what} {str(where)!r} does not exist (allowed: a file written by torch.save)")
+    kind = not_a_file(where)
+    if kind is not None:
+        raise SpecError(f"{what} {str(where)!r} {kind} (allowed: a .pt file written by torch.save)")
     if where.stat().st_size > MAX_FILE_BYTES:
         raise refuse_file(where, f"is {where.stat().st_size} bytes (allowed: at most {MAX_FILE_BYTES})")
     if not zipfile.is_zipfile(where):

@@ -508,11 +508,22 @@ def _recordable(name: str, value: Any) -> Any:
 
 
 def _identity(handle: ModelHandle) -> dict[str, Any]:
-    """What the folder records of a model: where it came from, and the hash of the weights it runs with (a local
-    folder's whose files may change, a `wrap_model` model's, an adapter's; not only a GGUF's)."""
+    """What the folder records of a model: where it came from, the hash of the weights it runs with (a local
+    folder's whose files may change, a `wrap_model` model's, an adapter's; not only a GGUF's) and of its tokenizer
+    (another one, with the same weights, puts the slots elsewhere and decodes the ids otherwise)."""
     return {"name": handle.name, "class": type(handle.model).__name__, "origin": dict(handle.origin),
             "dtype": str(handle.dtype).replace("torch.", ""), "n_layers": handle.n_layers,
-            "hidden_size": handle.hidden_size, "weights_sha256": handle.weights_sha256()}
+            "hidden_size": handle.hidden_size, "weights_sha256": handle.weights_sha256(),
+            "tokenizer_sha256": tokenizer_sha256(handle.tokenizer)}
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """sha256 of what a tokenizer does: a fast tokenizer's whole serialized pipeline (normalizer, pre-tokenizer,
+    model, merges), else its vocabulary; with its class and special tokens either way."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    head = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map], sort_keys=True, default=str)
+    return hashlib.sha256(f"{head}\n{body}".encode()).hexdigest()
 
 
 def _check_models(folder: Path, manifest: dict[str, Any], models: dict[str, ModelHandle]) -> None:

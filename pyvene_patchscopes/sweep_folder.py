@@ -178,7 +178,9 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     """`payload` at `path` through a temporary file and a rename, with the umask's mode; nothing is written when
     `path` holds it already (a finished sweep rerun on a read-only mount writes nothing)."""
     try:
-        if path.read_bytes() == payload:
+        # only a regular file of the payload's size is read (a link to /dev/zero or a FIFO would never end)
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == len(payload) \
+                and path.read_bytes() == payload:
             return
     except OSError:
         pass  # not there yet, or unreadable: written

@@ -136,6 +136,47 @@ def test_a_resume_after_the_weights_of_a_wrapped_model_changed_in_place_is_refus
     assert resumed.skipped == [0, 1] and resumed.computed == [2, 3, 4, 5]
 
 
+def test_the_same_weights_with_another_tokenizer_are_refused_on_resume_and_on_load(tmp_path):
+    """Found by the re-check of issue 37: the manifest held the weights but not the tokenizer, so a resume with the
+    same weights and another tokenizer mixed two tokenizations' rows (computed [2], skipped [0, 1]), and load
+    decoded the ids with the other one. The tokenizer's hash is part of a model's identity now."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from pyvene_patchscopes.models import ModelHandle, prepare_tokenizer
+
+    tiny = tiny_model("llama", seed=6)
+    folder = tmp_path / "s"
+    half_run(folder, tiny)
+    backend = Tokenizer.from_str(tiny.tokenizer.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.Lowercase()  # the same vocabulary, another tokenization of PROMPTS
+    other = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                                      eos_token="<|endoftext|>", pad_token="<pad>"))
+    assert other(PROMPTS[2])["input_ids"] != tiny.tokenizer(PROMPTS[2])["input_ids"]
+    handle = ModelHandle(name=tiny.name, model=tiny.model, tokenizer=other)
+    before = files(folder)
+    with pytest.raises(SpecError, match=r"^out='[^']+' holds another sweep \(it differs in models\.tiny-llama\."
+                                        r"tokenizer_sha256\); nothing was overwritten \(allowed: [^\n]+\)$"):
+        sweep(PROMPTS, handle, out=folder, **SETTINGS)
+    assert files(folder) == before
+    done = sweep(PROMPTS, tiny, out=folder, **SETTINGS)  # its own tokenizer resumes
+    assert done.skipped == [0, 1] and done.computed == [2, 3, 4, 5]
+    with pytest.raises(SpecError, match=r"they differ in tokenizer_sha256\)"):
+        SweepResult.load(folder, handle)
+
+
+def test_a_finished_sweep_whose_complete_json_links_to_dev_zero_reruns_at_once(tmp_path):
+    """Found by the re-check of issue 37: the rerun compared complete.json with what it would write by reading it
+    whole, and a link to /dev/zero never ended (MemoryError after 4.5 s, a FIFO blocked for ever). Only a regular
+    file of the record's size is read now; the link is replaced by the record and what it pointed to is untouched."""
+    done = killed_sweep.run(str(tmp_path / "s"))
+    record = (done.path / "complete.json").read_bytes()
+    (done.path / "complete.json").unlink()
+    (done.path / "complete.json").symlink_to("/dev/zero")
+    rerun = killed_sweep.run(str(done.path))
+    assert rerun.computed == [] and not (done.path / "complete.json").is_symlink()
+    assert (done.path / "complete.json").read_bytes() == record
+
+
 def test_a_local_folder_whose_weights_changed_is_refused_and_the_same_weights_resume(tmp_path):
     """The manifest of a local model folder recorded its path only: new weights under the same path resumed."""
     from pyvene_patchscopes import load_model

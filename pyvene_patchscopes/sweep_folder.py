@@ -51,7 +51,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
 # The temporary files a sweep's writers make beside the files they replace (`outputs.replacing`)
-TEMPORARIES = (".unit-*.tmp", f".{MANIFEST}.*.tmp", f".{COMPLETE}.*.tmp")
+TEMPORARIES = (".unit-[0-9]*.parquet.*.tmp", f".{MANIFEST}.*.tmp", f".{COMPLETE}.*.tmp")
 # A streamed unit holds at most this many cells by default (at least one prompt), so a kill loses at most one
 # unit: 20 prompts of a 30-layer model make 20 units of the 30 x 30 grid (900 cells a prompt: one prompt a unit)
 # and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of

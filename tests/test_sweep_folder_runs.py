@@ -312,6 +312,19 @@ def test_a_manifest_that_does_not_fit_is_one_line_naming_it_and_leaves_nothing(t
     assert_same(done.load(), killed_sweep.run(str(tmp_path / "single")).load())
 
 
+def test_a_users_own_dot_unit_file_is_no_temporary_and_is_left_as_it_is(tmp_path):
+    """Found by the re-check of issue 37: the start-up clean-up took every `.unit-*.tmp` for a dead writer's, and
+    removed a user's `.unit-important.tmp` from the folder. Only the names a shard's writer makes are taken now;
+    a folder holding the user's file is anything but a sweep, refused and left as it is."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / ".unit-important.tmp").write_bytes(b"mine")
+    with pytest.raises(SpecError, match=r"^out='[^']+' is a folder that holds files but no sweep manifest; "
+                                        r"nothing was written"):
+        killed_sweep.run(str(folder))
+    assert files(folder) == {".unit-important.tmp": b"mine"}
+
+
 @pytest.mark.parametrize("left", [".manifest.json.k1ll3d.tmp", ".unit-000000.parquet.k1ll3d.tmp"])
 def test_a_temporary_file_a_killed_process_left_in_a_new_folder_never_blocks_a_retry(tmp_path, left):
     """A process killed while writing the manifest of a new folder (the disk full, Ctrl-C) left only its temporary

@@ -188,10 +188,12 @@ def adapted_shapes(folder: Path) -> dict[str, list[int]]:
         raise _refuse(folder, f"{ADAPTER_WEIGHTS} is not a valid safetensors file ({reason})") from None
 
 
-def check_adapter_fits(model: nn.Module, folder: Path, name: str) -> None:
+def check_adapter_fits(model: nn.Module, folder: Path, name: str,
+                       shapes: dict[str, list[int]] | None = None) -> None:
     """Refuse an adapter trained on another base model: every adapted module must exist in `model` with the widths
-    the adapter's tensors have (a LoRA A is [r, in], a LoRA B [out, r])."""
-    shapes = adapted_shapes(folder)
+    the adapter's tensors have (a LoRA A is [r, in], a LoRA B [out, r]). `shapes`: `adapted_shapes(folder)`, where
+    the caller has read them already."""
+    shapes = adapted_shapes(folder) if shapes is None else shapes
     if not shapes:
         raise _refuse(folder, f"{ADAPTER_WEIGHTS} holds no tensors")
     modules = dict(model.named_modules())
@@ -272,8 +274,9 @@ def check_adapter(model: nn.Module, adapter: str | os.PathLike, name: str) -> Pa
     widths, the tensors peft expects and their shapes, then the weights' dtypes and values. The folder is returned."""
     folder = adapter_folder(adapter)
     read_adapter_config(folder)
-    check_adapter_fits(model, folder, name)
-    check_expected_tensors(model, folder, adapted_shapes(folder))
+    shapes = adapted_shapes(folder)  # the header, read once for both checks
+    check_adapter_fits(model, folder, name, shapes)
+    check_expected_tensors(model, folder, shapes)
     check_adapter_weights(folder, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
     return folder
 

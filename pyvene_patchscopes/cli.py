@@ -362,9 +362,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def check_local_inputs(args: argparse.Namespace) -> None:
     """Before any model loads: --lens names a file, and --adapter a folder wherever it names a local path (an
     ``org/name`` that is no path here is a hub id)."""
-    if args.lens is not None and not_a_file(expand(args.lens)) is not None:
-        raise SpecError(f"--lens={args.lens!r} {not_a_file(expand(args.lens))} (allowed: a Jacobian lens .pt file "
-                        "in the reference format)")
+    kind = None if args.lens is None else not_a_file(expand(args.lens))
+    if kind is not None:
+        raise SpecError(f"--lens={args.lens!r} {kind} (allowed: a Jacobian lens .pt file in the reference format)")
     adapter = args.adapter
     local = adapter is not None and (_exists(adapter) or adapter.startswith((".", "/", "~")))
     if local and not is_dir(expand(adapter)):

@@ -21,7 +21,7 @@ intervention): its own source states, the ones it holds.
 Every base a plan points into is its rows' prompts left-padded into one batch by `Batch.encode` (explicit
 position ids, so padding changes nothing): the plan's own locations, the user's positions in `add_to`, and the
 base `add_to` returns. A model whose forward takes no ``position_ids`` reads padding as tokens
-(`exact_groups`), so there the rows of one plan share one token length, in the source prompts and the target
+(`pads_exactly`), so there the rows of one plan share one token length, in the source prompts and the target
 prompts alike.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 
 from .compat import base_locations
 from .errors import SpecError
-from .execution.batching import Batch, exact_groups, left_pads
+from .execution.batching import Batch, left_pads, pads_exactly
 from .execution.plain import collect_states, greedy_config
 from .interventions import MappingIntervention, write_intervention
 from .mappings import MappingFunction, build_mapping
@@ -232,9 +232,9 @@ def _check_one_batch(rows: list[Resolved]) -> None:
 
 def _one_batch(handle: ModelHandle, prompts: Sequence[str], field: str) -> Batch:
     """`prompts` left-padded into one batch (`Batch.encode`), refused where the padding would change their states:
-    prompts of different token lengths on a model that reads padding as tokens (`exact_groups`)."""
+    prompts of different token lengths (pads, as the batch holds them) on a model that reads padding as tokens."""
     batch = Batch.encode(handle, prompts)
-    if len(exact_groups(handle, prompts)) > 1:
+    if not pads_exactly(handle) and len(set(batch.pad)) > 1:
         width = batch.inputs["input_ids"].shape[1]
         raise SpecError(f"to_pyvene: {field} has the token lengths {sorted({width - pad for pad in batch.pad})}, but "
                         f"{handle.name} reads left padding as tokens (its forward takes no position_ids) (allowed: "

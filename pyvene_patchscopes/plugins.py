@@ -14,7 +14,7 @@ import re
 from importlib import metadata
 from typing import Iterable
 
-from .errors import PatchscopeError, SpecError, UnknownNameError
+from .errors import PatchscopeError, SpecError, UnknownNameError, first_line
 
 PLUGIN_GROUP = "pyvene_patchscopes.plugins"
 BUILT_IN = "pyvene_patchscopes"
@@ -77,11 +77,11 @@ def import_module(name: str, flag: str = "--import") -> None:
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as err:
-        raise PatchscopeError(f"{flag}={name!r} cannot be imported: {_first_line(err)} (allowed: a module on the "
+        raise PatchscopeError(f"{flag}={name!r} cannot be imported: {first_line(err)} (allowed: a module on the "
                               "Python path, e.g. a package you installed or a file NAME.py in the working "
                               "directory)") from None
     except (Exception, SystemExit) as err:  # noqa: BLE001  (the user's module may raise anything)
-        raise PatchscopeError(f"{flag}={name!r} raised {type(err).__name__} while importing: {_first_line(err)} "
+        raise PatchscopeError(f"{flag}={name!r} raised {type(err).__name__} while importing: {first_line(err)} "
                               "(allowed: a module that imports without an error)") from None
 
 
@@ -96,15 +96,10 @@ def load_plugins() -> list[str]:
         except (Exception, SystemExit) as err:  # noqa: BLE001
             package = f" of the package {point.dist.name!r}" if point.dist is not None else ""
             raise PatchscopeError(f"plugin entry point {point.name!r} = {point.value!r}{package} (group {PLUGIN_GROUP}) "
-                                  f"raised {type(err).__name__} while importing: {_first_line(err)} (allowed: an "
+                                  f"raised {type(err).__name__} while importing: {first_line(err)} (allowed: an "
                                   "installed plugin that imports without an error; fix or uninstall it)") from None
         loaded.append(point.value)
     return loaded
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 __all__ = ["PLUGIN_GROUP", "load_plugins", "import_module", "module_of", "class_path", "claim", "check_module",

@@ -44,7 +44,7 @@ from .errors import PatchscopeError, SpecError
 from .files import MAX_JSON_BYTES, expand, inside, is_file, read_json
 from .outputs import remove, remove_dead_temporaries, replacing, write_bytes
 from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
-    check_completion, check_key, check_manifest, check_rows, check_schema, prompts_sha256, unit_of
+    check_completion, check_key, check_manifest, check_rows, check_schema, key_prompts_sha256, prompts_sha256, unit_of
 
 FORMAT = "pyvene-patchscopes.sweep"
 VERSION = 1
@@ -279,7 +279,7 @@ def _checked_prompts(path: Path, table: Any, unit: int, manifest: dict[str, Any]
     if reason is not None:
         raise PatchscopeError(reason)
     held = check_rows(path, table, unit, manifest)
-    if prompts_sha256(held) != table.schema.metadata[PROMPTS_KEY].decode():
+    if prompts_sha256(held) != key_prompts_sha256(table.schema.metadata):
         raise PatchscopeError(f"{path}: its prompts do not hash to the prompts' hash in its key")
     return held
 
@@ -321,10 +321,7 @@ def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) 
     units are the record's already writes nothing."""
     check_owner(folder, spec_hash)
     record = Completion(prompts, tuple(units)).to_json()
-    path = folder / COMPLETE
-    if is_file(path) and path.stat().st_size == len(record) and path.read_bytes() == record:
-        return
-    _write_atomically(path, record)
+    _write_atomically(folder / COMPLETE, record)  # which writes nothing where the record is unchanged
 
 
 # ---- reading back ---------------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ def check_alpha_runs(alpha: float, dtype: torch.dtype, written: torch.Tensor | N
                         f"|{field}| <= {largest:.4g})")
     if written is None or not written.numel():
         return
-    peak = float(written.detach().double().abs().max())
-    if not bool(torch.isfinite((alpha * written.detach().double()).to(dtype)).all()):
+    exact = written.detach().double()
+    if not bool(torch.isfinite((alpha * exact).to(dtype)).all()):
+        peak = float(exact.abs().max())
         raise SpecError(f"{field}={alpha!r} times f(v) overflows {name}, the dtype {where or 'the target'} runs in: "
                         f"the largest |f(v)| is {peak:.4g} (allowed: |{field}| * {peak:.4g} <= {largest:.4g})")
 

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import prompts_benchmark, write_report  # noqa: E402
 
-sweeping = importlib.import_module("pyvene_patchscopes.sweep")
+sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")
 
 
 def old_records(grid) -> list[dict]:

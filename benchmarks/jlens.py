@@ -36,7 +36,7 @@ from pyvene_patchscopes.evaluate.common import lens_logits, sample_prefixes  # n
 from pyvene_patchscopes.evaluate.data import prose_splits  # noqa: E402
 from pyvene_patchscopes.evaluate.scoring import precision_at_1  # noqa: E402
 from pyvene_patchscopes.evaluate.stats import bootstrap, paired  # noqa: E402
-from pyvene_patchscopes.fit import fit_tuned_lens  # noqa: E402
+from pyvene_patchscopes.analysis.fit import fit_tuned_lens  # noqa: E402
 from pyvene_patchscopes.jlens import JacobianLens, fit_jacobian_lens  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

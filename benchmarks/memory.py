@@ -32,7 +32,7 @@ VOCAB = {"smollm2-135m": (30, 49152), "gemma3-270m": (18, 262144)}
 
 def prompts(n: int) -> list[str]:
     """N distinct prose snippets (6 to 14 words) from the English text that ships with Python."""
-    from pyvene_patchscopes.fit import default_texts
+    from pyvene_patchscopes.analysis.fit import default_texts
 
     words = " ".join(default_texts()).split()
     out = [" ".join(words[start:start + 6 + start % 9]) for start in range(0, len(words) - 16, 2)]

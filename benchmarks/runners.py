@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from pyvene_patchscopes import load_model
-from pyvene_patchscopes.architectures import architecture
+from pyvene_patchscopes.models.architectures import architecture
 from pyvene_patchscopes.execution.layered import Layered
 from pyvene_patchscopes.execution.replayed import Replayed
 from pyvene_patchscopes.execution.stack import Stack
@@ -34,7 +34,7 @@ from pyvene_patchscopes.execution.stack import Stack
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import source_prompts, write_report  # noqa: E402  (the same prompts as benchmarks/sweep.py)
 
-sweeping = importlib.import_module("pyvene_patchscopes.sweep")  # the module (the package exports its function)
+sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")  # the module (the package exports its function)
 RUNNERS = {"shared prefix": Stack, "shared layers": Layered, "own forward": Replayed}
 
 

@@ -30,7 +30,7 @@ from sweep import prompts_benchmark, write_report  # noqa: E402
 
 from pyvene_patchscopes import SweepResult  # noqa: E402
 
-sweeping = importlib.import_module("pyvene_patchscopes.sweep")
+sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")
 
 
 class UnitBatched(sweeping._Grid):

@@ -5,7 +5,7 @@
               forward hook that overwrites the block output at i*;
 (b) pyvene    a per-pair loop through plain pyvene (this package's plain path: one collect call and one
               patch call per pair);
-(c) engine    `pyvene_patchscopes.sweep`: one source pass per prompt, the planned target execution.
+(c) engine    `pyvene_patchscopes.execution.sweeps`: one source pass per prompt, the planned target execution.
 
 Work: the token-identity preset (target "cat -> cat\\n1135 -> 1135\\nhello -> hello\\n? ->", patched at "?"),
 next-token readout, (1) l* = l over all layers for N prompts, (2) the full l x l* grid for a few prompts.
@@ -32,9 +32,9 @@ from typing import Any, Callable
 import torch
 
 from pyvene_patchscopes import Source, load_model, run
-from pyvene_patchscopes.fit import default_texts
+from pyvene_patchscopes.analysis.fit import default_texts
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
-from pyvene_patchscopes.sweep import sweep
+from pyvene_patchscopes.execution.sweeps import sweep
 
 
 def source_prompts(n: int) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pyvene_patchscopes import Patchscope, Source, Target, load_model, run
-from pyvene_patchscopes.fit import default_texts, fit_tuned_lens, gather_layers
+from pyvene_patchscopes.analysis.fit import default_texts, fit_tuned_lens, gather_layers
 from pyvene_patchscopes.presets import ATTRIBUTE_PROMPT, build, multihop
 
 log = logging.getLogger("catalogue")
@@ -123,7 +123,7 @@ def jacobian_lens(handle, checkpoint: Path | None = None) -> dict[str, tuple[Pat
 
 def agreement(handle, scope: Patchscope, texts: list[str]) -> float:
     """Share of held-out tokens whose lens top-1 equals the model's own next-token top-1."""
-    from pyvene_patchscopes.mappings import build_mapping
+    from pyvene_patchscopes.spec.mappings import build_mapping
 
     f = build_mapping(scope.mapping, handle.hidden_size, handle.hidden_size)
     last = handle.n_layers - 1

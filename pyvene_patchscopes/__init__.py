@@ -3,21 +3,21 @@ from . import compat  # noqa: F401  (first: imports pyvene quietly)
 from .compat import (install_safe_serialization, load_intervenable, pyvene_guard, safe_serialization,
                      save_intervenable, uninstall_safe_serialization)
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
-from .mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
-from .plugins import load_plugins
-from .engine import run
-from .states import hidden_states
+from .spec.mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
+from .core.plugins import load_plugins
+from .execution.engine import run
+from .execution.states import hidden_states
 from .errors import PatchscopeError, SpecError, UnknownNameError, VectorNormWarning
 from .models import ModelHandle, load_model, wrap_model
-from .positions import SinkPositionWarning
-from .pipeline import PyvenePlan, to_pyvene
+from .spec.positions import SinkPositionWarning
+from .execution.pipeline import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
-from .sweep import SweepFolder, SweepResult, sweep
-from .sweep_folder import ShardWarning
-from .fit import fit_affine, fit_tuned_lens
+from .execution.sweeps import SweepFolder, SweepResult, sweep
+from .persist.sweep_folder import ShardWarning
+from .analysis.fit import fit_affine, fit_tuned_lens
 from .presets import build
-from .architectures import Architecture, FAMILIES, architecture
+from .models.architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
@@ -32,3 +32,11 @@ __all__ = [
     "uninstall_safe_serialization",
 ]
 __version__ = "0.1.0"
+
+from . import _moved  # noqa: E402  (last: the old module paths, each warning with its new one)
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    return _moved.moved_attribute(name)

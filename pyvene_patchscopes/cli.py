@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import PatchscopeError, SpecError, UninformativeScopeWarning
-from .files import expand, is_dir, is_file, not_a_file
-from .outputs import FIGURE_FORMATS, INPUT, check_apart, check_file, check_folder, finite, refuse_special
-from .plugins import PLUGIN_GROUP, import_module, load_plugins
+from .core.files import expand, is_dir, is_file, not_a_file
+from .core.outputs import FIGURE_FORMATS, INPUT, check_apart, check_file, check_folder, finite, refuse_special
+from .core.plugins import PLUGIN_GROUP, import_module, load_plugins
 from .result import show_text
 from .spec import Patchscope
 
@@ -308,7 +308,7 @@ def _rows(results) -> list[dict[str, Any]]:
 
 # ---- commands ---------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .engine import run
+    from .execution.engine import run
     from .presets import build, get_preset
 
     preset = get_preset(args.preset)  # fail on a bad name before loading a model
@@ -374,7 +374,7 @@ def check_local_inputs(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .engine import run
+    from .execution.engine import run
     from .models import load_model
 
     scope = load_spec(args.spec)
@@ -440,9 +440,9 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .presets import get_preset
-    from .sweep import sweep
+    from .execution.sweeps import sweep
 
-    from .files import read_text
+    from .core.files import read_text
 
     preset = get_preset(args.preset)
     if (args.prompts is None) == (args.source_prompt is None):
@@ -496,9 +496,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """The paper's Figure 1 on the embedded model: what does 'CEO' in the Amazon sentence encode per layer?"""
-    from .engine import run
+    from .execution.engine import run
     from .presets import build
-    from .sweep import sweep
+    from .execution.sweeps import sweep
 
     _check_model_options(args)  # before the folder is made
     out = check_folder(args.out, "--out")
@@ -588,7 +588,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_families(args: argparse.Namespace) -> None:
     import transformers
 
-    from .families import counts, markdown, survey
+    from .tools.families import counts, markdown, survey
 
     verdicts = survey(progress=not args.json and sys.stderr.isatty())
     if args.markdown:

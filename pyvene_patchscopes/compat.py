@@ -45,12 +45,12 @@ with contextlib.redirect_stdout(io.StringIO()):  # pyvene prints an nnsight noti
     import pyvene as pv
     import pyvene.models.intervenable_base as pv_base
 
-from .architectures import FAMILIES, Architecture, family
-from .devices import input_device
+from .models.architectures import FAMILIES, Architecture, family
+from .models.devices import input_device
 from .errors import PatchscopeError, SpecError, UnknownNameError
-from .files import check_finite, inside, is_file, read_json, read_safetensors
-from .outputs import replacing, save_tensors, write_text
-from .plugins import MAIN, check_module, module_of, unregistered
+from .core.files import check_finite, inside, is_file, read_json, read_safetensors
+from .core.outputs import replacing, save_tensors, write_text
+from .core.plugins import MAIN, check_module, module_of, unregistered
 
 _ORIGINAL_REMOVE_HOOKS = pv_base.remove_forward_hooks
 
@@ -374,7 +374,7 @@ class PluginModules:
 def plugin_modules(pvm: pv.IntervenableModel) -> PluginModules:
     """The modules of `pvm`'s registered intervention classes and mappings that are the user's own."""
     from .interventions import INTERVENTIONS
-    from .mappings import MAPPINGS, MappingFunction, mapping_module
+    from .spec.mappings import MAPPINGS, MappingFunction, mapping_module
 
     registered = {str(cls) for cls in INTERVENTIONS.values()}  # as the loader matches them: by pyvene's type string
     interventions, mappings = {}, {}
@@ -433,7 +433,7 @@ def _unknown_type(name: object, modules: dict[str, str]) -> UnknownNameError:
 
 def _check_mappings(modules: dict[str, str]) -> None:
     """Every mapping the folder names a module for is registered here (else the error names that module)."""
-    from .mappings import MAPPINGS
+    from .spec.mappings import MAPPINGS
 
     for name, module in sorted(modules.items()):
         if name not in MAPPINGS:
@@ -675,7 +675,7 @@ def found_module_table(model: nn.Module) -> tuple[dict, dict]:
     """pyvene's two tables for `model`'s class, from its found architecture: blocks, and their attention and MLP."""
     from pyvene.models.constants import CONST_INPUT_HOOK, CONST_OUTPUT_HOOK
 
-    from .architectures import architecture
+    from .models.architectures import architecture
 
     arch = architecture(model)
     block = f"{arch.layers}[%s]"

@@ -24,9 +24,9 @@ import pyvene as pv
 import torch
 
 from .errors import SpecError, UnknownNameError
-from .mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
-from .plugins import claim, unregistered
-from .writes import check_alpha, check_mode, combine
+from .spec.mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
+from .core.plugins import claim, unregistered
+from .spec.writes import check_alpha, check_mode, combine
 
 I = TypeVar("I", bound=type)
 INTERVENTIONS: dict[str, type[pv.Intervention]] = {}

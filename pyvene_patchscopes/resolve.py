@@ -14,12 +14,12 @@ import torch
 
 from .compat import check_hookable
 from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, UnknownNameError
-from .files import check_finite
-from .mappings import MappingFunction, build_mapping
+from .core.files import check_finite
+from .spec.mappings import MappingFunction, build_mapping
 from .models import ModelHandle
-from .positions import encode, resolve_position, resolve_slots
-from .sites import Site, hidden_state_site
-from .writes import check_alpha_runs
+from .spec.positions import encode, resolve_position, resolve_slots
+from .models.sites import Site, hidden_state_site
+from .spec.writes import check_alpha_runs
 
 if TYPE_CHECKING:
     from .spec import Patchscope, Source, VectorSource

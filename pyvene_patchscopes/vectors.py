@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import SpecError, as_index
-from .files import check_finite, expand, inside, read_json, read_safetensors
+from .core.files import check_finite, expand, inside, read_json, read_safetensors
 from .models import ModelHandle
 from .spec import VectorSource
 

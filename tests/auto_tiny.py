@@ -1,6 +1,6 @@
 """A tiny random model of every causal-LM class in the installed transformers, with the tiny tokenizer.
 
-The classes and their tiny configs come from `pyvene_patchscopes.families` (transformers' own causal-LM mapping,
+The classes and their tiny configs come from `pyvene_patchscopes.tools.families` (transformers' own causal-LM mapping,
 sizes set generically), so a new release's families are built here without anyone editing a list. Each model is
 built once per test session; `verdicts` is the same survey ``patchscopes families`` prints.
 """
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from pyvene_patchscopes import families
+from pyvene_patchscopes.tools import families
 from pyvene_patchscopes.models import ModelHandle
 from tiny import VOCAB, tiny_tokenizer
 

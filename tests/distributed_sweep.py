@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tiny_model  # noqa: E402
 
 from pyvene_patchscopes.execution.distributed import my_units, state, world_size  # noqa: E402
-from pyvene_patchscopes.sweep import sweep  # noqa: E402
+from pyvene_patchscopes.execution.sweeps import sweep  # noqa: E402
 
 PROMPTS = ["The city of Paris is large", "Here is a word: dog", "Tokyo London Berlin Rome", "one two three four",
            "The capital of France is Paris"]

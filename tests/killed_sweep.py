@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import tiny_model  # noqa: E402
 
-module = importlib.import_module("pyvene_patchscopes.sweep")  # the module (the package exports its function)
+module = importlib.import_module("pyvene_patchscopes.execution.sweeps")  # the module (the package exports its function)
 
 PROMPTS = [f"The city of number {i} is large" for i in range(12)]
 TWENTY = [f"The city of number {i} is large" for i in range(20)]

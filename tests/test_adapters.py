@@ -20,9 +20,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from golden import WRITES, _generate_hooked, block, encode, read
 from pyvene_patchscopes import Patchscope, Source, SpecError, Target, load_model, run, wrap_model
-from pyvene_patchscopes.adapters import identity
+from pyvene_patchscopes.models.adapters import identity
 from pyvene_patchscopes.errors import ContextLengthWarning, SlowPathWarning
-from pyvene_patchscopes.positions import encode as encode_with_offsets, resolve_slots
+from pyvene_patchscopes.spec.positions import encode as encode_with_offsets, resolve_slots
 from pyvene_patchscopes.presets import activation_oracle, latentqa, oracle_prompt
 from pyvene_patchscopes.spec import Every, VectorSource
 from tiny import FAMILIES, tiny_model

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, SpecError, Target, load_model, run
-from pyvene_patchscopes.adapters import adapter_folder
+from pyvene_patchscopes.models.adapters import adapter_folder
 from test_adapters import SOURCE, _lora, _refused, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
 from tiny import tiny_model
 

@@ -34,7 +34,7 @@ from pyvene_patchscopes import Patchscope, PatchscopeResult, Source, Target, bui
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
-from pyvene_patchscopes.export import CELL_WIDTH, TEXT_WIDTH
+from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.result import show_text

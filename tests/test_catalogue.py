@@ -112,7 +112,7 @@ def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):
             "print(ps.Patchscope.load('token-identity').target.prompt.splitlines()[0]); "
             "from pyvene_patchscopes.evaluate.data import load_jsonl; "
             "print(sum(len(load_jsonl(k)) for k in ('facts', 'entities', 'multihop'))); "
-            "import pyvene_patchscopes.sweep, pyvene_patchscopes.execution.planned; "
+            "import pyvene_patchscopes.execution.sweeps, pyvene_patchscopes.execution.planned; "
             "stray = [n for n, m in list(sys.modules.items()) if n.startswith('pyvene_patchscopes') "
             "and getattr(m, '__file__', None) and not m.__file__.startswith(sys.argv[1])]; "
             "assert not stray, f'modules not in the wheel: {stray}'; "

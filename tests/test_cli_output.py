@@ -29,7 +29,7 @@ from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
-from pyvene_patchscopes.plot import CELL_WIDTH, layer_heatmap
+from pyvene_patchscopes.export.figures import CELL_WIDTH, layer_heatmap
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from tiny import tiny_loader, tiny_model
 
@@ -257,7 +257,7 @@ def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
     def fake(tokenizer, token_id: int) -> str:
         return texts[int(token_id) % len(texts)]
 
-    for module in ("result", "sweep", "jacobian.engine"):
+    for module in ("result.patchscope", "execution.sweeps", "jacobian.engine"):
         monkeypatch.setattr(importlib.import_module(f"pyvene_patchscopes.{module}"), "token_text", fake)
     monkeypatch.setattr(models, "load_model", tiny_loader())
 

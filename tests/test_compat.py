@@ -195,7 +195,7 @@ def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_
     after_norm = golden.read(tiny, PROMPT, last, -1, after_norm=True)
     torch.testing.assert_close(out.hidden_states[-1][0, -1], after_norm)
     assert (block_out - after_norm).abs().max() > 1e-2  # HF's last entry is not the block output
-    from pyvene_patchscopes import sites
+    from pyvene_patchscopes.models import sites
     site = sites.hidden_state_site(tiny.model, last, tiny.n_layers, after_final_norm=True)
     assert site.component == sites.final_norm_path(tiny.model) + ".output"
     lens = Patchscope(Source(PROMPT, -1, last, tiny.name), Target(PROMPT, -1, last))

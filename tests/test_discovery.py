@@ -17,7 +17,7 @@ from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, Deepsee
 
 import golden
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, run, wrap_model
-from pyvene_patchscopes.architectures import architecture, found, report, table_entry
+from pyvene_patchscopes.models.architectures import architecture, found, report, table_entry
 from pyvene_patchscopes.execution.check import stack_for
 from test_golden import TARGET
 from test_planned import LONG_TARGET, SOURCES
@@ -67,7 +67,7 @@ def test_encoders_and_encoder_decoders_are_refused_naming_the_class(model, words
 def test_a_drafter_that_reads_another_models_keys_and_values_is_refused_naming_the_class():
     import transformers
 
-    from pyvene_patchscopes import families
+    from pyvene_patchscopes.tools import families
 
     built = transformers.Gemma4AssistantForCausalLM(families.tiny_config("Gemma4AssistantForCausalLM"))
     with pytest.raises(PatchscopeError, match="Gemma4AssistantForCausalLM is an assistant .*shared_kv_states.*"

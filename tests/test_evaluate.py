@@ -19,7 +19,7 @@ from pyvene_patchscopes.evaluate.entities import description
 from pyvene_patchscopes.evaluate.probe import probe_accuracy
 from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
                                                  same_token, saturation_layer, stages, starts_word, surprisal)
-from pyvene_patchscopes.fit import aligned_positions
+from pyvene_patchscopes.analysis.fit import aligned_positions
 
 
 # ---- §4.1 metrics ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Every causal-LM class of the installed transformers, on a tiny random config: the checks `test_families.py` runs
 on the ten table families, against hand-written hooks and an explicit Jacobian.
 
-The classes come from transformers' own mapping (`auto_tiny`, `pyvene_patchscopes.families`); the hooks find
+The classes come from transformers' own mapping (`auto_tiny`, `pyvene_patchscopes.tools.families`); the hooks find
 each model's blocks by matching HF's ``hidden_states`` (`golden`), not from the library's discovery. Classes
 on the planned execution are held to the plain path (1e-4, same top-1 and generations); classes on the plain
 path must warn once with their reason. A class whose tiny config cannot be built, or that is refused, is
@@ -21,10 +21,11 @@ import transformers
 
 import auto_tiny
 import golden
-from pyvene_patchscopes import Patchscope, Source, Target, families, jacobian_scope, run
+from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
+from pyvene_patchscopes.tools import families
 from pyvene_patchscopes.errors import PatchscopeError, SlowPathWarning
-from pyvene_patchscopes.architectures import architecture
-from pyvene_patchscopes.discovery import non_attention_kinds
+from pyvene_patchscopes.models.architectures import architecture
+from pyvene_patchscopes.models.discovery import non_attention_kinds
 from pyvene_patchscopes.execution.reroute import reroute_reason
 from pyvene_patchscopes.execution.check import stack_for
 from pyvene_patchscopes.presets import multihop

@@ -15,9 +15,9 @@ import torch
 
 import golden
 from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
-from pyvene_patchscopes.architectures import architecture
+from pyvene_patchscopes.models.architectures import architecture
 from pyvene_patchscopes.presets import multihop
-from pyvene_patchscopes.sweep import sweep
+from pyvene_patchscopes.execution.sweeps import sweep
 from test_golden import TARGET, expected, scope
 from test_interventions import HOP1, HOP2
 from test_jacobian import TEXTS, Reference, _close

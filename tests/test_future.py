@@ -8,13 +8,13 @@ import torch
 
 import golden
 from pyvene_patchscopes import hidden_states
-from pyvene_patchscopes.engine import run as run_scopes
+from pyvene_patchscopes.execution.engine import run as run_scopes
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.evaluate import TASKS, future
 from pyvene_patchscopes.evaluate.common import EvalOptions
 from pyvene_patchscopes.evaluate.scoring import MISSING, future_hits, repeat_guess
 from pyvene_patchscopes.evaluate.stats import split
-from pyvene_patchscopes.positions import token_ids
+from pyvene_patchscopes.spec.positions import token_ids
 from pyvene_patchscopes.presets import FUTURE_LENS_PROMPT, PRESETS, build, future_lens
 from pyvene_patchscopes.spec import Source
 

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import golden
 from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, models, run
 from pyvene_patchscopes.cli import main
-from pyvene_patchscopes.mappings import MappingSpec
+from pyvene_patchscopes.spec.mappings import MappingSpec
 from pyvene_patchscopes.presets import multihop
 from test_hostile import cli, cli_error
 from tiny import tiny_loader, tiny_model
@@ -189,7 +189,7 @@ def test_f10_an_input_file_is_never_an_output(capsys, loads, tmp_path):
 
 
 def test_f10_outputs_are_written_whole_through_a_rename(capsys, loads, tmp_path, monkeypatch):
-    from pyvene_patchscopes import outputs
+    from pyvene_patchscopes.core import outputs
 
     html = tmp_path / "grid.html"
     html.write_text("old page")

@@ -18,13 +18,13 @@ import torch
 from safetensors.torch import save_file
 
 import golden
-from pyvene_patchscopes import (Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError,
-                                compat, persist, run, wrap_model)
+from pyvene_patchscopes import Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError, compat, run, wrap_model
+from pyvene_patchscopes.persist import folders as persist
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.errors import ContextLengthWarning, UninformativeScopeWarning
-from pyvene_patchscopes.positions import resolve_position
+from pyvene_patchscopes.spec.positions import resolve_position
 from pyvene_patchscopes.result import top_k
-from pyvene_patchscopes.sweep import sweep
+from pyvene_patchscopes.execution.sweeps import sweep
 from test_interventions import random_affine
 from tiny import tiny_loader, tiny_model, tiny_tokenizer
 
@@ -522,7 +522,7 @@ def test_d11_a_patch_at_the_last_layer_before_the_last_position_is_flagged(tiny_
 
 
 def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, capsys, tiny_cli):
-    from pyvene_patchscopes.plot import NO_INFORMATION
+    from pyvene_patchscopes.export.figures import NO_INFORMATION
 
     last = tiny_llama.n_layers - 1
     result = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[last - 1, last],

@@ -7,7 +7,7 @@ import torch
 import golden
 from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
                                 register_mapping, run)
-from pyvene_patchscopes.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
+from pyvene_patchscopes.analysis.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.resolve import resolve
 from pyvene_patchscopes.execution.reroute import prompt_pass, segments

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from pyvene_patchscopes.sites import final_norm_path
+from pyvene_patchscopes.models.sites import final_norm_path
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
 from pyvene_patchscopes.result import show_text

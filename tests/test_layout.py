@@ -117,9 +117,9 @@ def test_compat_holds_only_the_pyvene_workarounds():
 
 def test_the_readmes_verbs_are_exported_from_the_package():
     from pyvene_patchscopes import SweepResult, build, fit_affine, sweep
-    from pyvene_patchscopes.fit import fit_affine as fit_affine_in_module
+    from pyvene_patchscopes.analysis.fit import fit_affine as fit_affine_in_module
     from pyvene_patchscopes.presets import build as build_in_module
-    from pyvene_patchscopes.sweep import SweepResult as SweepResultInModule
+    from pyvene_patchscopes.execution.sweeps import SweepResult as SweepResultInModule
 
     assert callable(sweep) and SweepResult is SweepResultInModule
     assert fit_affine is fit_affine_in_module and build is build_in_module

@@ -58,8 +58,8 @@ IMPORT_AND_PLOT = """
 
     from pyvene_patchscopes import jacobian_scope
     from pyvene_patchscopes.evaluate.report import Report, save_figure
-    from pyvene_patchscopes.plot import subplots
-    from pyvene_patchscopes.sweep import sweep
+    from pyvene_patchscopes.export.figures import subplots
+    from pyvene_patchscopes import sweep
     from tiny import tiny_model
 
     handle = tiny_model("llama")

@@ -48,7 +48,7 @@ def test_run_maps_each_vector_row_once_for_the_norm_check_and_the_write(tiny_lla
     """Issue 36 review: run applied f to the vector rows for the norm check, then the planned patch applied it to
     them again; the planned path now writes the f(v) the check used. The plain path applies f inside its pyvene
     intervention, so its rows are mapped there (once per row) and for the check."""
-    from pyvene_patchscopes import engine
+    from pyvene_patchscopes.execution import engine
 
     mapped = []
     build = engine.build_mapping

@@ -22,7 +22,7 @@ from pyvene_patchscopes import Patchscope, Source, SpecError, Target, VectorSour
     wrap_model
 from pyvene_patchscopes.presets import self_explanation
 from pyvene_patchscopes.resolve import resolve
-from pyvene_patchscopes.sites import BLOCK_OUTPUT
+from pyvene_patchscopes.models.sites import BLOCK_OUTPUT
 from pyvene_patchscopes.vectors import load_sae, sae_source, vector_source
 from test_hostile import cli, cli_error
 from test_vectors import write_sae

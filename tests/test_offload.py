@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from pyvene_patchscopes import PatchscopeError, SpecError, build, jacobian_scope, load_model, run, sweep, wrap_model
 from pyvene_patchscopes.compat import intervenable, pyvene_guard
-from pyvene_patchscopes.devices import input_device, is_dispatched
+from pyvene_patchscopes.models.devices import input_device, is_dispatched
 from pyvene_patchscopes.execution.check import execution
-from pyvene_patchscopes.pyvene_config import collect_config
-from pyvene_patchscopes.sites import Site
+from pyvene_patchscopes.plan.pyvene_config import collect_config
+from pyvene_patchscopes.models.sites import Site
 
 PROMPT = "Amazon's former CEO attended Oscars"
 SWEEP_PROMPTS = [PROMPT, "The city of Paris"]
@@ -115,7 +115,8 @@ def _tiny(kind: str):
     from test_planned import tiny_gpt_neo
     from tiny import tiny_model, tiny_tokenizer
 
-    from pyvene_patchscopes import ModelHandle, families
+    from pyvene_patchscopes import ModelHandle
+    from pyvene_patchscopes.tools import families
 
     if kind == "shared layers":
         return tiny_gpt_neo()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import golden
-from pyvene_patchscopes import Patchscope, Source, Target, families, run
+from pyvene_patchscopes import Patchscope, Source, Target, run
+from pyvene_patchscopes.tools import families
 from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
 from pyvene_patchscopes.execution.check import execution, stack_for
@@ -20,7 +21,7 @@ from pyvene_patchscopes.execution.layered import Layered
 from pyvene_patchscopes.execution.replayed import Replayed
 from pyvene_patchscopes.models import ModelHandle
 from pyvene_patchscopes.execution.stack import ATTENTION
-from pyvene_patchscopes.sweep import sweep
+from pyvene_patchscopes.execution.sweeps import sweep
 from test_interventions import random_affine
 from tiny import tiny_model, tiny_tokenizer
 

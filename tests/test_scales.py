@@ -11,8 +11,8 @@ import torch
 
 from golden import final_norm, written_logits
 from pyvene_patchscopes import Patchscope, SpecError, Target, hidden_states, run
-from pyvene_patchscopes.positions import resolve_slots
-from pyvene_patchscopes.scales import scale_search
+from pyvene_patchscopes.spec.positions import resolve_slots
+from pyvene_patchscopes.analysis.scales import scale_search
 from pyvene_patchscopes.spec import Every, VectorSource
 from tiny import FAMILIES, tiny_model
 

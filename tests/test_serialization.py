@@ -14,8 +14,8 @@ import pyvene as pv
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, persist, run,
-                                safe_serialization)
+from pyvene_patchscopes import Patchscope, Source, SpecError, Target, UnknownNameError, compat, run, safe_serialization
+from pyvene_patchscopes.persist import folders as persist
 from pyvene_patchscopes.compat import base_locations, per_intervention_locations
 from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
 from pyvene_patchscopes.presets import multihop

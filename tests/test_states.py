@@ -14,8 +14,8 @@ import torch
 
 import golden
 from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, SpecError, Target, hidden_states, run
-from pyvene_patchscopes.engine import _collect_all
-from pyvene_patchscopes.positions import resolve_position
+from pyvene_patchscopes.execution.engine import _collect_all
+from pyvene_patchscopes.spec.positions import resolve_position
 from pyvene_patchscopes.resolve import resolve
 from tiny import FAMILIES, tiny_model
 

@@ -11,7 +11,7 @@ import torch
 from pyvene_patchscopes import Patchscope, Source, SpecError, build, run
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import PRESETS, token_identity
-from pyvene_patchscopes.sweep import sweep
+from pyvene_patchscopes.execution.sweeps import sweep
 
 
 def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):

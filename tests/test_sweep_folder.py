@@ -20,8 +20,8 @@ import torch
 
 import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes.sweep import SweepResult, sweep
-from pyvene_patchscopes.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
+from pyvene_patchscopes.execution.sweeps import SweepResult, sweep
+from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
     unit_prompts
 
 PROMPTS = killed_sweep.PROMPTS

@@ -20,8 +20,8 @@ import pytest
 
 import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes.sweep import SweepResult, sweep
-from pyvene_patchscopes.sweep_folder import SPEC_HASH_KEY, ShardWarning, shard_path, spec_hash
+from pyvene_patchscopes.execution.sweeps import SweepResult, sweep
+from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, shard_path, spec_hash
 from test_sweep_folder import assert_same
 from tiny import tiny_model
 

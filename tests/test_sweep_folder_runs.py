@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import killed_sweep  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 from pyvene_patchscopes import PatchscopeError, SpecError  # noqa: E402
-from pyvene_patchscopes.sweep import SweepResult, sweep  # noqa: E402
-from pyvene_patchscopes.sweep_folder import read_manifest  # noqa: E402
+from pyvene_patchscopes.execution.sweeps import SweepResult, sweep  # noqa: E402
+from pyvene_patchscopes.persist.sweep_folder import read_manifest  # noqa: E402
 
 HERE = Path(__file__).resolve()
 PROMPTS = killed_sweep.PROMPTS
@@ -202,7 +202,7 @@ def test_a_local_folder_whose_weights_changed_is_refused_and_the_same_weights_re
 
 def test_a_folder_written_before_manifests_held_the_weights_hash_is_refused_on_resume(tmp_path):
     """Such a folder cannot show which weights its units were computed with, so it is not resumed on any."""
-    from pyvene_patchscopes.sweep_folder import spec_hash
+    from pyvene_patchscopes.persist.sweep_folder import spec_hash
 
     folder = tmp_path / "s"
     half_run(folder, tiny_model("llama", seed=5))

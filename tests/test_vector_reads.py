@@ -15,7 +15,7 @@ import torch
 
 from golden import written_generate, written_logits
 from pyvene_patchscopes import Patchscope, SpecError, Target, run
-from pyvene_patchscopes.positions import encode, resolve_slots
+from pyvene_patchscopes.spec.positions import encode, resolve_slots
 from pyvene_patchscopes.spec import Every, VectorSource
 from tiny import FAMILIES, tiny_model
 

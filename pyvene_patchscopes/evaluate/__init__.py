@@ -9,7 +9,7 @@ from typing import Callable
 
 from ..errors import SpecError, UnknownNameError
 from ..models import ModelHandle
-from ..outputs import write_text
+from ..core.outputs import write_text
 from ..spec import DEFAULT_MODEL
 from .common import EvalOptions, folder_name
 from .data import FIELDS

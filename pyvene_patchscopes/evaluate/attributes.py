@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from ..engine import run as run_scopes
+from ..execution.engine import run as run_scopes
 from ..errors import PatchscopeError
-from ..execution.batching import chunks
+from ..plan.batching import chunks
 from ..models import ModelHandle
 from ..presets import attribute
 from ..spec import Source
-from ..states import hidden_states
+from ..execution.states import hidden_states
 from .common import EvalOptions, check_layers, eval_command, generate, lens_logits
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
-from ..plot import subplots
+from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import first_word_id, object_in_generation, rate
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..sites import final_norm_path
+from ..models.sites import final_norm_path
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
 from ..spec import DEFAULT_MODEL
@@ -113,7 +113,7 @@ def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: in
     from tqdm.auto import tqdm
 
     from ..compat import pyvene_guard
-    from ..execution.batching import Batch, chunks
+    from ..plan.batching import Batch, chunks
     from ..execution.plain import _until_eos, greedy_config
 
     rows: list[list[int]] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import SpecError
-from ..files import is_file
+from ..core.files import is_file
 
 if TYPE_CHECKING:
     import datasets
@@ -91,7 +91,7 @@ def prose_splits(n_train: int, n_eval: int, seed: int = 0) -> datasets.DatasetDi
     """
     import datasets
 
-    from ..fit import default_texts
+    from ..analysis.fit import default_texts
 
     texts = default_texts()
     if n_train + n_eval > len(texts):

@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..engine import run as run_scopes
-from ..execution.batching import chunks
+from ..execution.engine import run as run_scopes
+from ..plan.batching import chunks
 from ..models import ModelHandle
-from ..plot import subplots
+from ..export.figures import subplots
 from ..presets import FUTURE_LENS_PROMPT, future_lens
 from ..spec import Source
-from ..states import hidden_states
+from ..execution.states import hidden_states
 from .common import EvalOptions, check_layers, generate_ids, lens_logits, sample_prefixes
 from .data import prose_splits
 from .report import Report, Table, save_figure

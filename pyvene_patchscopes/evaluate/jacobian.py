@@ -23,15 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import intervenable, pyvene_guard
-from ..execution.batching import chunks
-from ..fit import default_texts
+from ..plan.batching import chunks
+from ..analysis.fit import default_texts
 from ..jacobian.engine import attribute, attribution_config, prepare
 from ..jacobian.result import Attribution
 from ..jacobian.spec import JacobianScope
 from ..models import ModelHandle
 from .common import EvalOptions
 from .data import load_jsonl, prose_splits
-from ..plot import subplots
+from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .stats import RESAMPLES, bootstrap, paired, record
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from warnings import warn
 
-from ..outputs import save_figure as write_figure, write_text
+from ..core.outputs import save_figure as write_figure, write_text
 from ..errors import SmallSampleWarning
 from .stats import Split, small_intervals, small_test_split
 

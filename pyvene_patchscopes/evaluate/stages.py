@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from ..engine import run as run_scopes
+from ..execution.engine import run as run_scopes
 from ..models import ModelHandle
 from ..spec import Patchscope, Source, Target
 from .common import EvalOptions, check_layers
-from ..plot import subplots
+from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .stats import Interval, bootstrap
 from .scoring import first_word_id, saturation_layer, stages, starts_word

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..architectures import Architecture, architecture
-from ..discovery import hooks_restored
+from ..models.architectures import Architecture, architecture
+from ..models.discovery import hooks_restored
 from .layered import Layered, decode_without_cache, writing
 from .replayed import Replayed
 from .stack import _TRANSFORMERS_5, Stack, evaluating

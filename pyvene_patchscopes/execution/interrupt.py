@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..architectures import architecture
+from ..models.architectures import architecture
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

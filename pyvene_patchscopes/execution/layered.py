@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..discovery import hooks_restored
-from ..writes import REPLACE_ONE, Slots
+from ..models.discovery import hooks_restored
+from ..spec.writes import REPLACE_ONE, Slots
 from .stack import Decoded, Stack, TargetPass
 
 # per model: for each recorded block input, the dimension that grows with the batch (None where it does not)

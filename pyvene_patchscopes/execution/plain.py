@@ -12,11 +12,11 @@ import torch
 from transformers import GenerationConfig
 
 from ..compat import base_locations, intervenable, per_intervention_locations, pyvene_guard
-from ..mappings import MappingFunction, build_mapping
+from ..spec.mappings import MappingFunction, build_mapping
 from ..models import ModelHandle
-from ..pyvene_config import collect_config, patch_config
-from ..sites import Site
-from .batching import Batch, exact_chunks, exact_groups
+from ..plan.pyvene_config import collect_config, patch_config
+from ..models.sites import Site
+from ..plan.batching import Batch, exact_chunks, exact_groups
 
 
 # ---- collect at the source -----------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def last_block_states(model: torch.nn.Module, positions: torch.Tensor, keep: boo
     if not keep:
         yield seen
         return
-    from ..architectures import architecture
+    from ..models.architectures import architecture
 
     arch = architecture(model)
 

@@ -16,9 +16,9 @@ from torch import nn
 
 from ..errors import SlowPathWarning
 from ..result import entropy_of, top_k_ids
-from ..writes import REPLACE_ONE, Slots
+from ..spec.writes import REPLACE_ONE, Slots
 from .check import planned_reason
-from .plan import pack
+from ..plan.rows import pack
 from .stack import Shared, Stack, evaluating
 
 

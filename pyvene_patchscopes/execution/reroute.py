@@ -22,9 +22,9 @@ from torch import nn
 
 from ..compat import intervenable, per_intervention_locations, pyvene_guard
 from ..errors import PatchscopeError, SpecError
-from ..mappings import build_mapping
+from ..spec.mappings import build_mapping
 from ..models import ModelHandle
-from ..pyvene_config import collect_config, patch_config, reroute_config
+from ..plan.pyvene_config import collect_config, patch_config, reroute_config
 from ..resolve import Resolved
 from ..result import PatchscopeResult, top_k
 from .stack import evaluating
@@ -127,7 +127,7 @@ def reroute_reason(model: nn.Module) -> str:
 
 
 def _probe(model: nn.Module) -> str:
-    from ..discovery import non_attention_kinds, probe_ids
+    from ..models.discovery import non_attention_kinds, probe_ids
 
     kinds = non_attention_kinds(model)
     if kinds:

@@ -29,10 +29,10 @@ from torch import nn
 import transformers
 from transformers import AttentionInterface
 
-from ..devices import input_device
-from ..architectures import Architecture
-from ..discovery import layer_types as config_layer_types, softcap
-from ..writes import REPLACE_ONE, Slots
+from ..models.devices import input_device
+from ..models.architectures import Architecture
+from ..models.discovery import layer_types as config_layer_types, softcap
+from ..spec.writes import REPLACE_ONE, Slots
 
 ATTENTION = "patchscopes-shared-prefix"
 # the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes

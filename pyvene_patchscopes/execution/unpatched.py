@@ -26,14 +26,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..architectures import architecture
-from ..devices import input_device
+from ..models.architectures import architecture
+from ..models.devices import input_device
 from ..errors import SpecError, VectorNormWarning
 from ..models import ModelHandle
-from ..positions import token_ids
+from ..spec.positions import token_ids
 from ..resolve import Models, Resolved
 from ..result import PatchscopeResult, TokenProb, top_k
-from ..sites import Site, final_norm
+from ..models.sites import Site, final_norm
 from .plain import greedy_config
 from .stack import evaluating
 

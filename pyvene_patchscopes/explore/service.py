@@ -32,18 +32,18 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from ..engine import run
+from ..execution.engine import run
 from ..errors import PatchscopeError, SpecError, UnknownNameError
 from ..execution.interrupt import checkpoints
 from ..export import layers_table, result_cell
 from ..models import ModelHandle
 from ..persist import WEIGHTS_FILE, catalogue
-from ..positions import prefix_through
+from ..spec.positions import prefix_through
 from ..presets import DECODER_PRESETS, PRESETS, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult, show_text
 from ..spec import Patchscope, Source
-from ..sweep import sweep
+from ..execution.sweeps import sweep
 
 # The presets the page offers: each runs on the explorer's one model. The decoder presets write into a second model
 # (a PEFT adapter); the Jacobian lens comes as its catalogue entries (jacobian-lens-lNN), one fitted layer each.

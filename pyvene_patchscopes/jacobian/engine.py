@@ -20,15 +20,15 @@ import pyvene as pv
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import architecture
+from ..models.architectures import architecture
 from ..compat import intervenable, pyvene_guard
-from ..sites import BLOCK_OUTPUT, final_norm_path
-from ..execution.batching import Batch, chunks
+from ..models.sites import BLOCK_OUTPUT, final_norm_path
+from ..plan.batching import Batch, chunks
 from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
 from ..resolve import check_context
 from ..result import token_text
-from ..spec import check_text
+from ..spec.patchscope import check_text
 from .fisher import fisher_factors, head_rows, head_weight, logits, scale, slopes
 from .result import Attribution
 from .spec import JacobianScope, TargetToken

@@ -22,14 +22,14 @@ VOCAB_CHUNK = 16384
 
 def softcap(model: nn.Module) -> float | None:
     """The final-logit soft cap c (z = c·tanh(Wy / c)), as Gemma 2 has; None for most models."""
-    from ..discovery import softcap as config_softcap
+    from ..models.discovery import softcap as config_softcap
 
     return config_softcap(model.config.get_text_config())
 
 
 def scale(model: nn.Module) -> float:
     """s in z = s · W y (Cohere's logit_scale, Granite's 1 / logits_scaling), as `architectures` found it."""
-    from ..architectures import architecture
+    from ..models.architectures import architecture
     from ..errors import PatchscopeError
 
     found = architecture(model).logit_scale

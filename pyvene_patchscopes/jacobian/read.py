@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..models import ModelHandle
-from ..sweep import SweepResult, sweep
+from ..execution.sweeps import SweepResult, sweep
 from .engine import jacobian_scope
 from .result import Attribution
 from .spec import JacobianScope

@@ -52,7 +52,7 @@ class Attribution:
 
         page = attribution_html(self)
         if path is not None:
-            from ..outputs import write_text
+            from ..core.outputs import write_text
 
             write_text(path, page)
         return page

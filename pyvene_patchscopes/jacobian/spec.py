@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
 from ..errors import SpecError
-from ..spec import DEFAULT_MODEL, JsonSpec, check_text
+from ..spec.patchscope import DEFAULT_MODEL, JsonSpec, check_text
 
 VARIANTS = {
     "semantic": "‖w_targetᵀ J_t‖: how token t moves the target token's logit",

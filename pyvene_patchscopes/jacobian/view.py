@@ -65,7 +65,7 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
     """Tokens laid out as text, each on a box shaded by its normalised score; a colour bar gives the scale."""
     from matplotlib import cm, colors
 
-    from ..plot import subplots
+    from ..export.figures import subplots
 
     shown = [show_text(t) for t in (*attribution.tokens, attribution.prediction)]
     lines = _wrap(shown, width)
@@ -92,7 +92,7 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
                                          cmap=cmap), ax=ax, fraction=0.025, pad=0.01)
     bar.set_label("score")
     if path is not None:
-        from ..outputs import save_figure
+        from ..core.outputs import save_figure
 
         save_figure(fig, path, dpi=120, bbox_inches="tight")
     return fig

@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..architectures import architecture
-from ..discovery import hooks_restored
+from ..models.architectures import architecture
+from ..models.discovery import hooks_restored
 from ..errors import SpecError, check_int
 from ..execution.stack import evaluating
 from ..models import ModelHandle
-from .lens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
+from ..persist.jlens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
 SKIP_FIRST = 16
 CHECKPOINT_KEYS = ("jacobian_sum", "n_done", "next_idx", "source_layers", "target_layer", "skip_first",
@@ -154,7 +154,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
 def write_checkpoint(path: str | os.PathLike, state: dict[str, Any], settings: dict[str, Any]) -> Path:
     """``{jacobian_sum: {layer: fp32 [d, d]}, n_done, next_idx, source_layers, target_layer, skip_first}`` (and
     the prompts' hash), written whole or not at all."""
-    from ..outputs import replacing
+    from ..core.outputs import replacing
 
     payload = {"jacobian_sum": {l: m.float().contiguous() for l, m in state["jacobian_sum"].items()},
                "n_done": int(state["n_done"]), "next_idx": int(state["next_idx"]), **settings}

@@ -1,0 +1,115 @@
+"""Plots: the source layer x target layer heatmap of the paper's figures, with the top token in each cell.
+
+Every figure of the package is made by `subplots`, which leaves matplotlib's backend and pyplot alone.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..result import show_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from ..execution.sweeps import SweepResult
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
+             **options: Any) -> tuple["Figure", Any]:
+    """A Figure and its axes, as ``pyplot.subplots`` returns them, on the figure's own Agg canvas.
+
+    pyplot would switch or start the user's backend and keep every figure in its global registry until
+    closed; a Figure with its own canvas draws and saves without either, and is freed like any object.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(nrows, ncols, **options)
+
+
+CELL_WIDTH = 7       # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
+COLUMN_INCHES = 0.5  # a heatmap column: room for CELL_WIDTH characters and their quotes at 6 pt
+
+
+def _label(text: str, width: int) -> str:
+    """A prompt as an axis label: control characters escaped (no font draws them), the surrounding spaces dropped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).strip()[:width]
+
+
+def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None) -> "Figure":
+    """Draw (and optionally save) the heatmap for one source prompt; returns the matplotlib Figure."""
+    import numpy as np
+
+    if result.same_layer:
+        return _same_layer_heatmap(result, path)
+    rows, cols = result.source_layers, result.target_layers
+    cells = [[result.cell(prompt, l, t) for t in cols] for l in rows]
+    probs = np.array([[cell.prob for cell in row] for row in cells])
+    blind = np.array([[not cell.informative for cell in row] for row in cells])
+    size = max(4.0, COLUMN_INCHES * len(cols) + 2), max(3.0, 0.32 * len(rows) + 1.5)
+    fig, ax = subplots(figsize=size)
+    image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, origin="lower", aspect="auto")
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
+            ax.text(j, i, show_text(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+    _grey_out(ax, blind, fig)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel("target layer l*")
+    ax.set_ylabel("source layer l")
+    first = result.cell(prompt, rows[0], cols[0])
+    ax.set_title(f"{result.preset}: {first.scope.source.prompt!r} @ {first.scope.source.position!r}", fontsize=9)
+    return _finish(fig, ax, image, path)
+
+
+NO_INFORMATION = ("grey: l* = the last layer, patched before the target's last position: no later layer reads it and "
+                  "the readout never sees it, so these cells say nothing about the source")
+
+
+def _grey_out(ax, blind, fig) -> None:
+    """Hatch the cells that carry no information about the source, and say why under the figure."""
+    from matplotlib.patches import Rectangle
+
+    for i, j in zip(*blind.nonzero()):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.88", edgecolor="0.6", hatch="///",
+                               linewidth=0.3))
+    if blind.any():
+        fig.text(0.01, 0.005, NO_INFORMATION, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
+
+
+def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -> "Figure":
+    """l* = l sweeps: prompts x layers, colour = top-1 probability, text = top-1 token."""
+    import numpy as np
+
+    probs = result.top_probs[:, :, 0, 0].numpy()
+    blind = np.zeros(probs.shape, dtype=bool) if result.informative is None else \
+        ~result.informative[:, :, 0].numpy().astype(bool)
+    tokens = result.tokens()
+    layers = result.source_layers
+    fig, ax = subplots(figsize=(max(4.0, COLUMN_INCHES * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))
+    image = ax.imshow(np.where(blind, np.nan, probs), cmap="Blues", vmin=0, vmax=1, aspect="auto")
+    for p in range(len(result.prompts)):
+        for i in range(len(layers)):
+            colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
+            ax.text(i, p, show_text(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
+    _grey_out(ax, blind, fig)
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)
+    ax.set_xlabel("layer l = l*")
+    ax.set_title(f"{result.preset}, l* = l", fontsize=9)
+    return _finish(fig, ax, image, path)
+
+
+def _finish(fig: "Figure", ax, image, path: str | Path | None) -> "Figure":
+    """Colour bar, layout, and the PNG when a path is given."""
+    fig.colorbar(image, ax=ax, label="p(top token)")
+    fig.tight_layout()
+    if path is not None:
+        from ..core.outputs import save_figure
+
+        save_figure(fig, path, dpi=150)
+    return fig

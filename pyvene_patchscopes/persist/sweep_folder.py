@@ -1,0 +1,421 @@
+"""A sweep as a folder that outlives the process: one Parquet shard per finished unit, a manifest, resumable.
+
+``sweep(..., out=folder)`` writes ``manifest.json`` first (what the sweep is: its spec hash, the model's identity,
+the layers, the readout), then ``unit-000000.parquet``, ``unit-000001.parquet``, ... as each unit of source prompts
+finishes, each written whole to a temporary name and renamed (a killed process leaves no half shard under a
+shard's name). A unit is small, so that a kill loses little: by default at most `UNIT_CELLS` cells (at least
+one prompt; see `unit_prompts`). Each shard carries its unit's key in its Parquet metadata: its sweep's spec hash,
+its unit and its prompts' hash. A rerun with the same arguments skips the units whose shard reads back whole,
+carries this unit's key, holds the same prompts and agrees with the manifest in its layer columns; any other
+shard under a unit's name (corrupt, truncated, another sweep's or unit's, without a key) is reported and
+recomputed, and loading refuses it. A folder that holds another sweep with a finished unit, or anything but a
+sweep, is refused and left as it is; one whose sweep has no finished unit yet is restarted with the new settings
+(its manifest replaced, nothing else touched but half-written shards); a sweep whose folder another one restarted
+stops before its next write. A run that computes a unit removes ``complete.json`` first; when every unit is done,
+``complete.json`` is written last, listing the units by their prompts' hashes. A rerun over other prompts (fewer,
+or more) keeps only its own units: ``load`` reads exactly the units ``complete.json`` lists, and a shard of an
+earlier run over more prompts is left on disk, not loaded (it is this sweep's, so a rerun over those prompts takes
+it back instead of computing it again). Every file read back is checked first (`sweep_records` states the rules):
+a malformed or edited one is a one-line `PatchscopeError` naming it. Under ``accelerate launch`` every process
+writes its own units' shards: nothing is gathered.
+
+The manifest records each model's weights hash (`ModelHandle.weights_sha256`: a local folder's, a `wrap_model`
+model's, an adapter's, not only a GGUF's), so a resume on other weights is refused as any other setting is (or
+restarts a folder with no finished unit). The same sweep may run twice into one folder at once (a second
+terminal, a rerun started too early): each write goes to a temporary file of its own, locked while it is written
+(`outputs.replacing`), and the start-up clean-up removes only temporaries that no live process holds (a killed
+run's), so neither run stops the other and the folder ends as one run leaves it, bit for bit (a unit may be
+computed twice). A file is written only when its bytes change: a finished sweep rerun on a read-only mount writes
+nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
+and leaves no temporary file; one that a killed process left never blocks a retry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import PatchscopeError, SpecError
+from ..core.files import MAX_JSON_BYTES, expand, inside, is_file, read_json
+from ..core.outputs import remove, remove_dead_temporaries, replacing, write_bytes
+from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
+    check_completion, check_key, check_manifest, check_rows, check_schema, key_prompts_sha256, prompts_sha256, unit_of
+
+FORMAT = "pyvene-patchscopes.sweep"
+VERSION = 1
+MANIFEST = "manifest.json"
+COMPLETE = "complete.json"
+# The temporary files a sweep's writers make beside the files they replace (`outputs.replacing`)
+TEMPORARIES = (".unit-[0-9]*.parquet.*.tmp", f".{MANIFEST}.*.tmp", f".{COMPLETE}.*.tmp")
+# A streamed unit holds at most this many cells by default (at least one prompt), so a kill loses at most one
+# unit: 20 prompts of a 30-layer model make 20 units of the 30 x 30 grid (900 cells a prompt: one prompt a unit)
+# and 3 at l* = l (30 cells: 8 prompts a unit). Small enough to lose little (256 cells: about half a second of
+# SmolLM2 on 2 CPU cores), large enough that CPU sweeps keep their speed.
+UNIT_CELLS = 256
+
+
+class ShardWarning(UserWarning):
+    """A shard of a sweep folder could not be read back whole; its unit is computed again."""
+
+
+def spec_hash(description: dict[str, Any]) -> str:
+    """sha256 of the sweep's description as canonical JSON: equal descriptions, equal hashes."""
+    return canonical_sha256(description)
+
+
+def unit_prompts(cells_per_prompt: int, most: int) -> int:
+    """Source prompts per streamed unit by default: as many as fit `UNIT_CELLS` cells, at least one and at most
+    `most`. It depends on the settings only (the grid's cells per prompt), so a rerun finds the same units."""
+    return max(1, min(most, UNIT_CELLS // cells_per_prompt))
+
+
+def recorded_unit_prompts(out: str | os.PathLike, manifest: dict[str, Any]) -> int | None:
+    """The prompts per unit (``batch_size``) of the sweep in folder `out`, where it is the sweep of `manifest` in
+    everything else, else None: with the default left, the same call keeps that folder's units (one written
+    before `UNIT_CELLS`, with 32 prompts a unit, resumes instead of being refused)."""
+    folder = expand(out)
+    if not is_file(folder / MANIFEST):
+        return None
+    try:
+        found = read_manifest(folder)
+    except SpecError:
+        return None  # open_folder refuses it, with the reason
+    size = found.get("batch_size")
+    rest = lambda m: {k: v for k, v in m.items() if k not in ("spec_hash", "batch_size")}  # noqa: E731
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or rest(found) != rest(manifest):
+        return None
+    return size
+
+
+def shard_path(folder: Path, unit: int) -> Path:
+    return folder / f"unit-{unit:06d}.parquet"
+
+
+def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = True) -> Path:
+    """The sweep folder `out`, created with `manifest`, or found holding this same sweep; else a `SpecError`.
+
+    `clean` removes the temporary files of writers that died (a shard or manifest half-written by a killed
+    process); another live run's are left, so the same sweep may run twice at once (see the module's docstring).
+    Only the main process of a distributed run cleans, before any process starts a unit."""
+    allowed = ("allowed: a new or empty folder, the folder of this same sweep to resume it, or a sweep's folder "
+               "with no finished unit yet to restart it")
+    folder = expand(out)
+    if folder.exists() and not folder.is_dir():
+        raise SpecError(f"out={str(out)!r} is a file, not a folder; nothing was written ({allowed})")
+    if folder.is_dir():
+        if (folder / MANIFEST).is_file():
+            found = read_manifest(folder)
+            if found.get("spec_hash") != manifest["spec_hash"]:
+                if started(folder):
+                    differs = _differences(found, manifest)
+                    raise SpecError(f"out={str(out)!r} holds another sweep (it differs in "
+                                    f"{', '.join(differs) or 'spec'}); nothing was overwritten ({allowed})")
+                # nothing of the other sweep is kept: it restarts with these settings (a shard that sweep writes
+                # later carries its own spec hash, so this one never takes it for its own)
+                _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
+            if clean:
+                remove_dead_temporaries(folder, TEMPORARIES)
+            return folder
+        if any(not _temporary(p) for p in folder.iterdir()):
+            if (folder / MANIFEST).is_file():  # another run of this sweep put its manifest in place meanwhile
+                return open_folder(out, manifest, clean)
+            raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "
+                            f"written ({allowed})")
+        if clean:  # a run that died before its manifest was in place left at most its temporary files
+            remove_dead_temporaries(folder, TEMPORARIES)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
+    _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
+    return folder
+
+
+def _temporary(path: Path) -> bool:
+    """Whether `path` is a temporary file of a sweep's writer (a live one's, or one a killed process left)."""
+    return any(path.match(pattern) for pattern in TEMPORARIES)
+
+
+def _differences(found: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields in which two manifests differ, dotted down to the value (``models.tiny-llama.weights_sha256``)."""
+    names = []
+    for key in sorted(set(found) | set(wanted), key=str):
+        mine, theirs = found.get(key), wanted.get(key)
+        if key == "spec_hash" or mine == theirs:
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            names += _differences(mine, theirs, f"{prefix}{key}.") or [f"{prefix}{key}"]
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def started(folder: Path) -> bool:
+    """Whether the sweep in `folder` has finished a unit (a shard under a shard's name) or finished outright."""
+    return (folder / COMPLETE).exists() or any(folder.glob("unit-*.parquet"))
+
+
+def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    data = read_json(folder / MANIFEST, "sweep manifest")
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise SpecError(f"{folder / MANIFEST} is not a sweep manifest (allowed: format {FORMAT!r})")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:
+        raise SpecError(f"{folder / MANIFEST}: version={version!r} is not supported (allowed: 1..{VERSION})")
+    return check_manifest(folder / MANIFEST, data)
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    """`payload` at `path` through a temporary file and a rename, with the umask's mode; nothing is written when
+    `path` holds it already (a finished sweep rerun on a read-only mount writes nothing)."""
+    try:
+        # only a regular file of the payload's size is read (a link to /dev/zero or a FIFO would never end)
+        if path.is_file() and not path.is_symlink() and path.stat().st_size == len(payload) \
+                and path.read_bytes() == payload:
+            return
+    except OSError:
+        pass  # not there yet, or unreadable: written
+    write_bytes(path, payload)
+
+
+# ---- shards ---------------------------------------------------------------------------------------------
+def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], source_layers: list[int],
+               target_layers: list[int], same_layer: bool, tokens: list[str]) -> Any:
+    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise; its
+    metadata holds the prompts' hash (`write_shard` adds the rest of the unit's key: the spec hash and the unit)."""
+    import pyarrow as pa
+
+    top_ids, top_probs = part["top_ids"], part["top_probs"]          # [n, Ls, Lt, k]
+    n, n_source, n_target, k = top_ids.shape
+    cells = n * n_source * n_target
+    prompt = np.repeat(np.arange(n), n_source * n_target)
+    source = np.tile(np.repeat(np.asarray(source_layers), n_target), n)
+    target = source if same_layer else np.tile(np.asarray(target_layers), n * n_source)
+    columns = {
+        "unit": pa.array(np.full(cells, unit, dtype=np.int32)),
+        "prompt_index": pa.array((first + prompt).astype(np.int64)),
+        "prompt": pa.array([prompts[p] for p in prompt.tolist()], pa.string()),
+        "source_layer": pa.array(source.astype(np.int32)),
+        "target_layer": pa.array(target.astype(np.int32)),
+        "source_position": pa.array(np.asarray(part["source_positions"], dtype=np.int32)[prompt]),
+        "target_position": pa.array(part["target_positions"].reshape(-1).numpy().astype(np.int32)),
+        "token": pa.array(tokens, pa.string()),
+        "prob": pa.array(top_probs[..., 0].reshape(-1).numpy().astype(np.float32)),
+        "top_ids": _fixed(top_ids.reshape(cells, k).numpy().astype(np.int32), k),
+        "top_probs": _fixed(top_probs.reshape(cells, k).numpy().astype(np.float32), k),
+        "informative": pa.array(part["informative"].reshape(-1).numpy().astype(bool)),
+        "generation": pa.array(part["generations"] if part["generations"] is not None else [None] * cells,
+                               pa.string()),
+    }
+    if part.get("logits") is not None:
+        logits = part["logits"].reshape(cells, -1).numpy().astype(np.float32)
+        columns["logits"] = _fixed(logits, logits.shape[1])
+    return pa.table(columns).replace_schema_metadata({PROMPTS_KEY: prompts_sha256(prompts).encode()})
+
+
+def _fixed(values: np.ndarray, width: int) -> Any:
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def write_shard(folder: Path, unit: int, table: Any, spec_hash: str) -> Path:
+    """Write a unit's table whole under a temporary name, then rename it into place (atomic on one file system),
+    its Parquet metadata naming the sweep (`spec_hash`) and the unit; refused if another sweep restarted the
+    folder meanwhile."""
+    import pyarrow.parquet as pq
+
+    check_owner(folder, spec_hash)
+    path = shard_path(folder, unit)
+    stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(),
+                                             UNIT_KEY: str(unit).encode()})
+    with replacing(path) as temporary:
+        pq.write_table(stamped, temporary, write_page_checksum=True)  # a flipped bit is caught on reading
+    return path
+
+
+def check_owner(folder: Path, spec_hash: str) -> None:
+    """Refuse to write into `folder` once its manifest is another sweep's (a second call restarted it while this
+    one ran, before either finished a unit): this sweep stops, and the other one keeps the folder."""
+    found = read_manifest(folder).get("spec_hash")
+    if found != spec_hash:
+        raise SpecError(f"out={str(folder)!r} was restarted by another sweep while this one ran (its manifest's "
+                        f"spec_hash={str(found)[:12]}..., this sweep's {spec_hash[:12]}...); this sweep stops and "
+                        "writes nothing more there (allowed: one sweep at a time in a folder)")
+
+
+def read_shard(folder: Path, path: Path, manifest: dict[str, Any]) -> tuple[Any, tuple[int, int | None]]:
+    """The shard at `path` as an Arrow table, read whole (each page against its checksum), with its top-k and
+    logits widths, once it is a file inside `folder` (a link out of the folder is refused, as in spec, SAE and
+    adapter folders) whose columns are a shard's; else a one-line `PatchscopeError` naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inside(folder, path.name, "sweep shard")
+    if not is_file(path):
+        raise PatchscopeError(f"{path} is not a file (allowed: a Parquet shard written by a sweep)")
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as shard:
+            widths = check_schema(path, shard.schema_arrow, manifest)
+            return shard.read(), widths
+    except (pa.ArrowException, OSError) as err:
+        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise PatchscopeError(f"{path} is corrupt or truncated ({reason})") from None
+
+
+def _checked_prompts(path: Path, table: Any, unit: int, manifest: dict[str, Any]) -> list[str]:
+    """The unit's prompts, where the shard's key names this sweep and unit and its columns agree with the key and
+    the manifest; else a one-line `PatchscopeError` saying why."""
+    reason = check_key(path, unit, table.schema.metadata, manifest["spec_hash"])
+    if reason is not None:
+        raise PatchscopeError(reason)
+    held = check_rows(path, table, unit, manifest)
+    if prompts_sha256(held) != key_prompts_sha256(table.schema.metadata):
+        raise PatchscopeError(f"{path}: its prompts do not hash to the prompts' hash in its key")
+    return held
+
+
+def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, Any]) -> bool:
+    """Whether `unit` has a shard of this sweep that reads back whole, carries this unit's key and holds `prompts`,
+    its columns agreeing with the manifest. Any other shard there (corrupt, another sweep's or unit's, without a
+    key, other layers, other prompts in another number) is reported and recomputed by the caller; one that holds as
+    many other prompts means the input changed: a `SpecError`. A folder under a shard's name is refused."""
+    path = shard_path(folder, unit)
+    if not os.path.lexists(path):
+        return False
+    if path.is_dir() and not path.is_symlink():
+        raise SpecError(f"{path} is a folder, not a shard, so unit {unit} cannot be written there; nothing was "
+                        "written (allowed: a shard or nothing under a shard's name: move the folder away)")
+    try:
+        held = _checked_prompts(path, read_shard(folder, path, manifest)[0], unit, manifest)
+    except PatchscopeError as err:
+        warnings.warn(f"{err}; unit {unit} is computed again", ShardWarning, stacklevel=3)
+        return False
+    if held == prompts:
+        return True
+    if len(held) != len(prompts):
+        warnings.warn(f"{path} holds {len(held)} prompt(s) where unit {unit} now has {len(prompts)}; it is computed "
+                      "again", ShardWarning, stacklevel=3)
+        return False
+    raise SpecError(f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
+                    f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
+                    "prompts in the same order, or a new folder)")
+
+
+def unfinish(folder: Path) -> None:
+    """Remove the folder's completion record before a run writes a shard: from then on it would not hold."""
+    remove(folder / COMPLETE)
+
+
+def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) -> None:
+    """Record the finished sweep, its `units` by their prompts' hashes, last of all its files; a rerun whose
+    units are the record's already writes nothing."""
+    check_owner(folder, spec_hash)
+    record = Completion(prompts, tuple(units)).to_json()
+    _write_atomically(folder / COMPLETE, record)  # which writes nothing where the record is unchanged
+
+
+# ---- reading back ---------------------------------------------------------------------------------------
+def completion(folder: Path, manifest: dict[str, Any], shards: int) -> Completion | None:
+    """The folder's completion record, checked and bounded by the `shards` it holds; None where there is none."""
+    path = folder / COMPLETE
+    if not os.path.lexists(path):
+        return None
+    # one sha256 a unit: the cap grows with the shards present, never with a number the file states
+    data = read_json(path, "sweep completion record", MAX_JSON_BYTES + 80 * shards)
+    return check_completion(path, data, manifest, shards)
+
+
+def shards(folder: Path, manifest: dict[str, Any], partial: bool = False
+           ) -> tuple[list[tuple[int, Path]], Completion | None]:
+    """The units to load, in order, each with its shard, and the completion record: exactly the record's units
+    where there is one (another shard there is not of this sweep's last run: it is left alone and not loaded),
+    else, with `partial`, every shard the folder holds under a shard's name."""
+    present = {unit: path for path in folder.glob("unit-*.parquet") if (unit := unit_of(path)) is not None}
+    record = completion(folder, manifest, len(present))
+    if record is None:
+        if not partial:
+            raise PatchscopeError(f"{folder} is an unfinished sweep ({len(present)} unit(s) written); rerun the same "
+                                  "sweep to finish it (finished units are skipped), or load it with partial=True")
+        return [(unit, present[unit]) for unit in sorted(present)], None
+    missing = [unit for unit in range(record.units) if unit not in present][:10]
+    if missing:
+        raise PatchscopeError(f"{folder} lacks the shards of unit(s) {missing}; rerun the same sweep to recompute them")
+    return [(unit, present[unit]) for unit in range(record.units)], record
+
+
+def _checked_units(folder: Path, partial: bool) -> Iterator[tuple[Path, Any]]:
+    """Every unit to load as (shard, table), read one at a time (`read_shard`), each shard checked against its key,
+    the manifest and the completion record, and all of them against each other (one top-k width, one logits width;
+    a finished sweep's prompts)."""
+    manifest = read_manifest(folder)
+    listed, record = shards(folder, manifest, partial)
+    widths, count = None, 0
+    for unit, path in listed:
+        recorded = None if record is None else record.prompts_sha256[unit]
+        table, found = read_shard(folder, path, manifest)
+        try:
+            held = _checked_prompts(path, table, unit, manifest)
+        except PatchscopeError as err:
+            raise PatchscopeError(f"{err}; rerun this folder's sweep to recompute that unit (allowed: the shards of "
+                                  "the sweep its manifest records)") from None
+        if recorded is not None and prompts_sha256(held) != recorded:
+            raise PatchscopeError(f"{path} holds other prompts than unit {unit} of {folder / COMPLETE}; rerun the "
+                                  "same sweep to recompute it (allowed: the units the completion record lists)")
+        if widths is not None and found != widths:
+            raise PatchscopeError(f"{path} holds (top-k, logits) widths {found} where {listed[0][1].name} holds "
+                                  f"{widths} (allowed: one width for every shard of a sweep)")
+        if record is not None and unit < record.units - 1 and len(held) != manifest["batch_size"]:
+            raise PatchscopeError(f"{path} holds {len(held)} prompt(s) (allowed: batch_size={manifest['batch_size']} "
+                                  "in every unit of a finished sweep but the last)")
+        widths, count = found, count + len(held)
+        yield path, table
+    if record is not None and count != record.prompts:
+        raise PatchscopeError(f"{folder / COMPLETE}: prompts={record.prompts} where its units hold {count} (allowed: "
+                              "the record the sweep wrote)")
+
+
+def load_dataset(folder: str | os.PathLike, partial: bool = False):
+    """The sweep's cells as a `datasets.Dataset` backed by Arrow files on disk (memory-mapped), once every shard
+    is checked, one at a time (`_checked_units`: datasets reads pages without their checksums)."""
+    import datasets
+    import pyarrow as pa
+    from datasets.exceptions import DatasetGenerationError
+
+    path = expand(folder)
+    checked = [shard for shard, _ in _checked_units(path, partial)]
+    try:
+        return datasets.Dataset.from_parquet([str(p) for p in checked])
+    except (DatasetGenerationError, pa.ArrowException, OSError) as err:  # a shard changed since it was checked
+        raise PatchscopeError(f"{path}: its shards cannot be read as a dataset ({str(err).splitlines()[0][:120]})") \
+            from None
+
+
+def read_units(folder: Path, partial: bool = False) -> list[Any]:
+    """Every unit's shard as an Arrow table, in unit order, each checked (`_checked_units`)."""
+    return [table for _, table in _checked_units(folder, partial)]
+
+
+def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One column of every table, concatenated, as a tensor (fixed-size lists become a last dimension)."""
+    import pyarrow as pa
+
+    column = pa.concat_arrays([chunk for t in tables for chunk in t.column(name).chunks])
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy()).to(dtype)
+    return torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
+
+
+__all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
+           "check_owner", "recorded_unit_prompts", "read_shard", "unfinish", "completion", "SPEC_HASH_KEY", "UNIT_KEY",
+           "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]

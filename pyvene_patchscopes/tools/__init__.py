@@ -1,0 +1,1 @@
+"""Developer tools: the survey of every causal-LM family of the installed transformers."""

@@ -266,7 +266,7 @@ def latentqa(source: Source | VectorSource, target_layer: int | None = None, max
 def as_lens(lens=None):
     """A `JacobianLens` as given, read from a .pt path, or (None) the shipped SmolLM2 lens: read once per sweep or
     command, not once per scope."""
-    from .jlens import JacobianLens
+    from .persist.jlens import JacobianLens
 
     if lens is None:
         return JacobianLens.from_catalogue()

@@ -312,7 +312,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from .presets import build, get_preset
 
     preset = get_preset(args.preset)  # fail on a bad name before loading a model
-    if args.lens is not None and args.preset != "jacobian-lens":
+    if args.lens is not None and not preset.needs_lens:
         raise UsageError(f"--lens is for --preset jacobian-lens, not {args.preset!r} (see: patchscopes inspect --help)")
     check_local_inputs(args)
     html = check_outputs(args, {"--html": args.html}).get("--html")
@@ -323,7 +323,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
         decoder = load_model(args.model, dtype=args.dtype, adapter=args.adapter, **_placement(args))
         models.append(decoder)
-    if args.preset == "jacobian-lens":
+    if preset.needs_lens:
         from .jlens import JacobianLens
 
         options["lens"] = (JacobianLens.from_file(args.lens, model=handle) if args.lens is not None

@@ -101,6 +101,10 @@ class Preset:
     ``target_layer`` is the l* the preset fixes (`LAST_LAYER`, -1: the model's last layer, for the logit lens and
     the J-lens), or None where the caller picks l* (each recipe has its own default). ``needs_tokenizer``: the
     recipe takes the model's tokenizer (``tokenizer=``), to cut T = S after i or for the model's chat template.
+    ``needs_lens``: the recipe takes a fitted lens (``lens=``, a `JacobianLens`). ``needs_decoder``: M* is a trained
+    decoder (a PEFT adapter on the model), so the preset means something only with ``decoder=`` that model.
+    ``reroutes``: the recipe reroutes one hop's answer into another within one pass (S = T), so it reads no single
+    source state.
     """
 
     name: str
@@ -108,6 +112,9 @@ class Preset:
     recipe: Callable[..., Patchscope]
     target_layer: int | None = None
     needs_tokenizer: bool = False
+    needs_lens: bool = False
+    needs_decoder: bool = False
+    reroutes: bool = False
 
     def build(self, source: Source | VectorSource, target_layer: int | None = None, n_layers: int | None = None,
               **options) -> Patchscope:
@@ -301,7 +308,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("entity-description", "a short description of the entity (few-shot description prompt)",
            entity_description),
     Preset("multihop", "CoT Patchscope: hop 1's answer rerouted into hop 2 within one pass (S = T)",
-           _multihop_preset),
+           _multihop_preset, reroutes=True),
     Preset("future-lens", "the tokens 1..k steps after the source position (Future Lens fixed prompt, l* = l)",
            future_lens),
     Preset("selfie", "SelfIE: the state at every placeholder '_' of an interpretation prompt (l* = 0), summarised",
@@ -309,15 +316,15 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("self-explanation", "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
            self_explanation),
     Preset("jacobian-lens", "the logit lens after J_l = E[dh_final/dh_l] (Gurnee et al., 2026; fitted layers only)",
-           jacobian_lens, target_layer=LAST_LAYER, needs_tokenizer=True),
+           jacobian_lens, target_layer=LAST_LAYER, needs_tokenizer=True, needs_lens=True),
     Preset("activation-oracle", "an Activation Oracle (a LoRA decoder): norm-matched add at K ' ?' slots, l* = 1",
-           activation_oracle, needs_tokenizer=True),
+           activation_oracle, needs_tokenizer=True, needs_decoder=True),
     Preset("latentqa", "a LatentQA decoder (a LoRA): the state replaces its '?' placeholders at l* = 0",
-           latentqa),
+           latentqa, needs_decoder=True),
 )}
 
-# Presets whose M* is a trained decoder (a PEFT adapter on the model): meaningful only with decoder= that model.
-DECODER_PRESETS = ("activation-oracle", "latentqa")
+# Presets whose M* is a trained decoder (`Preset.needs_decoder`).
+DECODER_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.needs_decoder)
 
 
 def get_preset(name: str) -> Preset:

@@ -296,3 +296,28 @@ def test_the_intervention_classes_keep_the_path_saved_pyvene_configs_name():
     from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
     assert str(MappingIntervention) == "<class 'pyvene_patchscopes.interventions.MappingIntervention'>"
     assert str(RerouteIntervention) == "<class 'pyvene_patchscopes.interventions.RerouteIntervention'>"
+
+
+def _preset_name_tests(source: str) -> list[str]:
+    """`==`, `!=`, `in` and `not in` tests of a value against a preset's name, written out as a string."""
+    from pyvene_patchscopes.presets import PRESETS
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
+                                                 for op in node.ops):
+            for side in (node.left, *node.comparators):
+                names = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+                found += [f"line {node.lineno}: {n.value!r}" for n in names
+                          if isinstance(n, ast.Constant) and n.value in PRESETS]
+    return found
+
+
+def test_no_caller_tests_a_presets_name_but_reads_its_fields():
+    """What a preset needs (a tokenizer, a lens, a decoder, a fixed l*, rerouting) is a field of `Preset`; the CLI, the
+    sweep and the explorer read the field instead of comparing the name (issue 38)."""
+    tested = {str(path.relative_to(ROOT)): found for path in sorted(ROOT.rglob("*.py"))
+              if not path.is_relative_to(ROOT / "evaluate")
+              and (found := _preset_name_tests(path.read_text(encoding="utf-8")))}
+    assert tested == {}
+    assert _preset_name_tests('if args.preset == "jacobian-lens": pass') == ["line 1: 'jacobian-lens'"]

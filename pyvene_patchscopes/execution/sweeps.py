@@ -325,7 +325,7 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     if isinstance(target_layers, str) and not same_layer:
         raise SpecError(f"target_layers={target_layers!r} is not allowed (allowed: a list of layers, or 'same')")
     target_layers = every if target_layers is None or same_layer else _layer_list("target_layers", target_layers)
-    if preset == "jacobian-lens":
+    if chosen.needs_lens:
         options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
     make = _cell_maker(chosen, handle, source_position, options)
     pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]

@@ -39,7 +39,7 @@ from ..export import layers_table, result_cell
 from ..models import ModelHandle
 from ..persist import WEIGHTS_FILE, catalogue
 from ..spec.positions import prefix_through
-from ..presets import DECODER_PRESETS, PRESETS, get_preset
+from ..presets import PRESETS, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult, show_text
 from ..spec import Patchscope, Source
@@ -47,7 +47,7 @@ from ..execution.sweeps import sweep
 
 # The presets the page offers: each runs on the explorer's one model. The decoder presets write into a second model
 # (a PEFT adapter); the Jacobian lens comes as its catalogue entries (jacobian-lens-lNN), one fitted layer each.
-OFFERED = tuple(name for name in PRESETS if name not in (*DECODER_PRESETS, "jacobian-lens"))
+OFFERED = tuple(name for name, preset in PRESETS.items() if not (preset.needs_decoder or preset.needs_lens))
 CUSTOM = "custom"
 PLACEHOLDER = "x"
 TOP = 5
@@ -259,7 +259,7 @@ class Explorer:
             options: dict[str, Any] = {}
             if PRESETS[query.preset].needs_tokenizer:
                 options["tokenizer"] = tokenizer
-            if query.preset == "multihop":
+            if PRESETS[query.preset].reroutes:
                 raise FieldError("preset", "preset='multihop' reroutes within one pass and has no clickable "
                                            "token (allowed: the other presets, the catalogue, or custom)")
             reason = self.not_applicable(query, layer, target_layer)

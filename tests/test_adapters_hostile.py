@@ -97,7 +97,7 @@ def test_the_adapter_folder_and_config_are_refused_before_the_base_model_loads(o
     def loaded(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
-    monkeypatch.setattr("pyvene_patchscopes.models.AutoModelForCausalLM.from_pretrained", loaded)
+    monkeypatch.setattr("pyvene_patchscopes.models.loading.AutoModelForCausalLM.from_pretrained", loaded)
     _refused(tiny_folder, _edited(oracle, tmp_path, "nan", config=lambda c: {**c, "lora_alpha": math.nan}),
              r"lora_alpha=nan is not allowed")
     _refused(tiny_folder, "/", r"adapter '/': has no adapter_config\.json")

@@ -17,12 +17,13 @@ import pyvene as pv
 import torch
 from safetensors.torch import save_file
 
-from pyvene_patchscopes import Patchscope, Source, Target, VectorSource, compat, models, save_intervenable, sweep
+from pyvene_patchscopes import Patchscope, Source, Target, VectorSource, compat, save_intervenable, sweep
 from pyvene_patchscopes.core import outputs
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.interventions import MappingIntervention
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.jlens.fit import write_checkpoint
+from pyvene_patchscopes.models import loading
 from pyvene_patchscopes.core.outputs import umask_modes
 from test_interventions import Scaled, random_affine
 from tiny import tiny_model
@@ -145,13 +146,13 @@ def test_the_converted_model_cache_gets_the_umask_modes(umask, tmp_path, monkeyp
             (Path(folder) / self.name).mkdir(mode=0o700)
             save_file({"w": torch.zeros(2)}, str(Path(folder) / self.name / "model.safetensors"))
 
-    monkeypatch.setattr(models, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: Converted("tok")))
-    monkeypatch.setattr(models, "AutoModelForCausalLM",
+    monkeypatch.setattr(loading, "AutoTokenizer", SimpleNamespace(from_pretrained=lambda *a, **k: Converted("tok")))
+    monkeypatch.setattr(loading, "AutoModelForCausalLM",
                         SimpleNamespace(from_pretrained=lambda *a, **k: Converted("weights")))
     monkeypatch.setenv("PATCHSCOPES_CACHE", str(tmp_path / "cache"))
     gguf = tmp_path / "gguf" / "tiny.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF")
-    folder = models._converted_dir("tiny", gguf)
+    folder = loading._converted_dir("tiny", gguf)
     assert folder.parent == tmp_path / "cache" and (folder / "weights" / "model.safetensors").is_file()
     assert modes(tmp_path / "cache") == expected(tmp_path / "cache", umask)

@@ -365,7 +365,7 @@ def test_d8_a_failed_load_says_which_kind_of_model_name_it_was(tmp_path, monkeyp
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr("pyvene_patchscopes.models.AutoTokenizer.from_pretrained", offline)
+    monkeypatch.setattr("pyvene_patchscopes.models.loading.AutoTokenizer.from_pretrained", offline)
     with pytest.raises(PatchscopeError, match=r"model='org/name' \(a Hugging Face hub id .*\) could not be loaded"):
         load_model("org/name")
 

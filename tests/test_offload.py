@@ -163,8 +163,8 @@ def test_bad_placement_gets_one_line_naming_the_field(options, message):
 
 
 def test_a_device_map_naming_a_missing_device_is_refused_before_loading(monkeypatch):
-    from pyvene_patchscopes import models
+    from pyvene_patchscopes.models import loading
 
-    monkeypatch.setattr(models, "_converted_dir", lambda *a: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(loading, "_converted_dir", lambda *a: pytest.fail("loaded before the check"))
     with pytest.raises(SpecError, match="device_map=2"):
         load_model("smollm2-135m", device_map=2)

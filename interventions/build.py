@@ -1,4 +1,4 @@
-"""Rebuild the shipped catalogue with `Patchscope.save`: ``python -m pyvene_patchscopes.catalogue.build``.
+"""Rebuild the shipped catalogue with `save_patchscope`: ``python -m pyvene_patchscopes.catalogue.build``.
 
 Each entry is a spec for SmolLM2-135M with an example source that the model decodes correctly; use it as
 a template (``patchscopes run NAME --source-prompt ... --source-position ...``). The tuned-lens entries
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pyvene_patchscopes import Patchscope, Source, Target, load_model, run
+from pyvene_patchscopes import Patchscope, Source, Target, load_model, run, save_patchscope
 from pyvene_patchscopes.analysis.fit import default_texts, fit_tuned_lens, gather_layers
 from pyvene_patchscopes.presets import ATTRIBUTE_PROMPT, build, multihop
 
@@ -171,7 +171,7 @@ def main() -> None:
         if folder.exists():
             shutil.rmtree(folder)
         used = [m for m in models if m.name in (scope.source.model, scope.target_model)]
-        scope.save(folder, models=used, description=description)
+        save_patchscope(scope, folder, models=used, description=description)
         result = run(scope, used)[0]
         log.info("%-24s top %r  generation %r", name, result.token, result.generation)
 

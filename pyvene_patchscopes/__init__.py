@@ -14,6 +14,7 @@ from .execution.pipeline import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
 from .execution.sweeps import SweepFolder, SweepResult, sweep
+from .persist import load_patchscope, patchscope_from_hub, save_patchscope
 from .persist.sweep_folder import ShardWarning
 from .analysis.fit import fit_affine, fit_tuned_lens
 from .presets import build
@@ -21,7 +22,8 @@ from .models.architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
-    "Patchscope", "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "Patchscope", "save_patchscope", "load_patchscope", "patchscope_from_hub",
+    "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "VectorNormWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity",
     "register_mapping", "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention",

@@ -421,12 +421,12 @@ def on_model(scope: Patchscope, model: str) -> dict[str, Any]:
 
 
 def load_spec(spec: str, models: Any = None) -> Patchscope:
-    """A catalogue name, or a path (see `persist.looks_like_path`): a JSON file or a folder from Patchscope.save."""
-    from .persist import looks_like_path
+    """A catalogue name, or a path (see `persist.looks_like_path`): a JSON file or a folder from save_patchscope."""
+    from .persist import load_patchscope, looks_like_path
 
     if looks_like_path(spec) and is_file(spec):
         return Patchscope.load_json(spec)
-    return Patchscope.load(Path(spec) if looks_like_path(spec) else spec, models=models)
+    return load_patchscope(Path(spec) if looks_like_path(spec) else spec, models=models)
 
 
 def cmd_list(args: argparse.Namespace) -> None:

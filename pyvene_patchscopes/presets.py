@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import SpecError, UnknownNameError
-from .spec.patchscope import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource, lens_target
+from .spec import DEFAULT_MODEL, Every, Patchscope, Position, Reroute, Source, Target, VectorSource
+from .spec.parts import lens_target
 
 # A modification of the official few-shot identity prompt. The official next_token_prediction notebook uses
 # "cat -> cat\n1135 -> 1135\nhello -> hello\n?" with the patch on its last token "?", read at that same

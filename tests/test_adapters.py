@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from golden import WRITES, _generate_hooked, block, encode, read
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target, load_model, run, wrap_model
+from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, load_model, load_patchscope, run,
+                                save_patchscope, wrap_model)
 from pyvene_patchscopes.models.adapters import identity
 from pyvene_patchscopes.errors import ContextLengthWarning, SlowPathWarning
 from pyvene_patchscopes.spec.positions import encode as encode_with_offsets, resolve_slots
@@ -152,21 +153,22 @@ def test_load_model_applies_an_adapter_folder_without_merging_and_records_its_id
 def test_the_spec_records_the_adapter_and_refuses_another_one_on_load(tmp_path):
     base, adapted = _pair("llama")
     scope = Patchscope(Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, 2, 1, model=adapted.name))
-    folder = scope.save(tmp_path / "spec", models=[base, adapted])
+    folder = save_patchscope(scope, tmp_path / "spec", models=[base, adapted])
     saved = json.loads((folder / "config.json").read_text())["models"]
     assert saved[adapted.name]["adapter"] == identity(adapted.peft) and "adapter" not in saved[base.name]
-    assert Patchscope.load(folder, models=[base, adapted]) == scope
+    assert load_patchscope(folder, models=[base, adapted]) == scope
     other = wrap_model(_lora(copy.deepcopy(base.model), seed=1), base.tokenizer, name=adapted.name)
     with pytest.raises(SpecError, match=r"its adapter is default \(LORA, r=4, weights [0-9a-f]{12}\) in hand") as err:
-        Patchscope.load(folder, models=[base, other])
+        load_patchscope(folder, models=[base, other])
     assert "\n" not in str(err.value)
     with torch.no_grad():  # trained further in place: the record is the adapter as it is now
         next(m for m in adapted.peft.modules() if isinstance(m, LoraLayer)).lora_A["default"].weight.add_(0.01)
-    resaved = json.loads((scope.save(tmp_path / "again", models=[base, adapted]) / "config.json").read_text())
+    again = save_patchscope(scope, tmp_path / "again", models=[base, adapted])
+    resaved = json.loads((again / "config.json").read_text())
     assert resaved["models"][adapted.name]["adapter"] == identity(adapted.peft) != saved[adapted.name]["adapter"]
     bare = wrap_model(copy.deepcopy(base.model), base.tokenizer, name=adapted.name)
     with pytest.raises(SpecError, match="saved with a PEFT adapter on it, the model in hand has none"):
-        Patchscope.load(folder, models=[base, bare])
+        load_patchscope(folder, models=[base, bare])
 
 
 def test_a_base_and_its_adapted_self_under_two_names_are_refused():
@@ -273,9 +275,9 @@ def test_latentqa_preset_replaces_its_placeholders_at_layer_0():
 def test_every_first_k_round_trips_and_too_few_placeholders_are_refused(tmp_path):
     handle = tiny_model("llama", seed=5)
     scope = Patchscope(Source(SOURCE, "Paris", 2, handle.name), Target("a ? ? b ? c?", Every("?", first=2), 1))
-    folder = scope.save(tmp_path / "spec", models=[handle])
+    folder = save_patchscope(scope, tmp_path / "spec", models=[handle])
     assert json.loads((folder / "config.json").read_text())["target"]["position"] == {"every": "?", "first": 2}
-    assert Patchscope.load(folder) == scope
+    assert load_patchscope(folder) == scope
     assert len(_slots(handle, scope.target)) == 2
     with pytest.raises(SpecError, match=r"the placeholder occurs 4 times in Target.prompt \(allowed: first in 1..4\)"):
         run(scope.replace(target=Target("a ? ? b ? c?", Every("?", first=5), 1)), handle)

@@ -30,7 +30,8 @@ import torch
 import pyvene_patchscopes
 from browser import (MISSING, chrome, detached, downloaded, offline, requests_made, resources_loaded, screenshot,
                      serve, text_of, tooltip_for, wait_until)
-from pyvene_patchscopes import Patchscope, PatchscopeResult, Source, Target, build, jacobian_scope, run, sweep
+from pyvene_patchscopes import (Patchscope, PatchscopeResult, Source, Target, build, jacobian_scope, load_patchscope,
+                                run, sweep)
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
@@ -200,7 +201,7 @@ def click_cell_and_download(driver, row: int, col: int, folder: Path) -> tuple[P
     link.click()
     folder.mkdir()
     shutil.copy(downloaded(driver.downloads, "config.json"), folder / "config.json")
-    scope = Patchscope.load(folder)
+    scope = load_patchscope(folder)
     assert scope == Patchscope.from_dict(json.loads(lines["cell-spec"])), "#cell-spec and the download differ"
     return scope, lines
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyvene_patchscopes import Patchscope, run
+from pyvene_patchscopes import load_patchscope, run
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.persist import catalogue, catalogue_root, describe
 
@@ -57,7 +57,7 @@ def test_patchscopes_list_shows_every_entry(capsys):
 def test_every_catalogue_entry_loads_against_its_models_and_runs(smollm2, gemma3):
     for name in catalogue():
         models = [smollm2, gemma3] if name.startswith("cross-model-") else [smollm2]
-        scope = Patchscope.load(name, models=models)  # checks the GGUF hashes and sizes
+        scope = load_patchscope(name, models=models)  # checks the GGUF hashes and sizes
         result = run(scope, models)[0]
         assert torch.isfinite(result.logits).all(), name
         if scope.max_new_tokens:
@@ -70,7 +70,7 @@ def test_cross_model_entries_map_smollm2_states_into_gemma3():
     names = [n for n in catalogue() if n.startswith("cross-model-smollm2-gemma3-")]
     assert names
     for name in names:
-        scope = Patchscope.load(name)
+        scope = load_patchscope(name)
         assert (scope.source.model, scope.target_model, scope.mapping.name) == ("smollm2-135m", "gemma3-270m", "affine")
         assert scope.mapping.weights["weight"].shape == (640, 576)
 
@@ -78,7 +78,7 @@ def test_cross_model_entries_map_smollm2_states_into_gemma3():
 @pytest.mark.real_model
 def test_tuned_lens_entries_are_fitted_affine_maps_to_the_last_layer(smollm2):
     for name in [n for n in catalogue() if n.startswith("tuned-lens-")]:
-        scope = Patchscope.load(name, models=smollm2)
+        scope = load_patchscope(name, models=smollm2)
         assert scope.mapping.name == "affine" and scope.target.layer == -1
         assert scope.mapping.weights["weight"].shape == (576, 576)
         assert not torch.allclose(scope.mapping.weights["weight"], torch.eye(576), atol=1e-2)
@@ -89,7 +89,7 @@ def test_jacobian_lens_entries_are_fitted_maps_without_bias_to_the_last_layer(sm
     names = [n for n in catalogue() if n.startswith("jacobian-lens-")]
     assert names == ["jacobian-lens-l06", "jacobian-lens-l12", "jacobian-lens-l18", "jacobian-lens-l24"]
     for name in names:
-        scope = Patchscope.load(name, models=smollm2)
+        scope = load_patchscope(name, models=smollm2)
         assert scope.mapping.name == "affine" and scope.target.layer == -1 and scope.source.layer == int(name[-2:])
         assert scope.mapping.weights["weight"].shape == (576, 576)
         assert torch.count_nonzero(scope.mapping.weights["bias"]) == 0  # f(h) = J h
@@ -109,7 +109,7 @@ def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):
     env["PYTHONPATH"] = str(target)
     code = ("import pyvene_patchscopes as ps, sys; from pyvene_patchscopes.cli import main; "
             "assert ps.__file__.startswith(sys.argv[1]), ps.__file__; "
-            "print(ps.Patchscope.load('token-identity').target.prompt.splitlines()[0]); "
+            "print(ps.load_patchscope('token-identity').target.prompt.splitlines()[0]); "
             "from pyvene_patchscopes.evaluate.data import load_jsonl; "
             "print(sum(len(load_jsonl(k)) for k in ('facts', 'entities', 'multihop'))); "
             "import pyvene_patchscopes.execution.sweeps, pyvene_patchscopes.execution.planned; "

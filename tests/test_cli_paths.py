@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pyvene_patchscopes import Patchscope, Source, Target, cli, load_model, models, run
+from pyvene_patchscopes import Patchscope, Source, Target, cli, load_model, models, run, save_patchscope
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import self_explanation
@@ -52,8 +52,8 @@ def kit(tmp_path_factory) -> dict[str, Path]:
         get_peft_model(copy.deepcopy(base.model), config).save_pretrained(root / "adapter")
     JacobianLens({0: torch.eye(base.hidden_size), 1: 2 * torch.eye(base.hidden_size)}).to_file(root / "lens.pt")
     tiny = str(root / "tiny")
-    Patchscope(Source(SOURCE, "Paris", 1, tiny), Target("The capital of x is", "x", 2),
-               max_new_tokens=2).save(root / "spec")
+    save_patchscope(Patchscope(Source(SOURCE, "Paris", 1, tiny), Target("The capital of x is", "x", 2),
+                               max_new_tokens=2), root / "spec")
     (root / "prompts.txt").write_text(SOURCE + "\nHere is a word: dog\n")
     (root / "data.jsonl").write_text('{"text": "The capital of France is"}\n')
     assert _main("sweep", *SWEEP, "--model", tiny, "--out", root / "sweep")[0] == 0
@@ -197,7 +197,7 @@ def test_patchscopes_run_reads_a_saved_vector_source_spec_as_python_does(kit, tm
     handle = load_model(str(kit["tiny"]))
     source = _vector_source(kind, handle, tmp_path)
     scope = self_explanation(source, alpha=0.05, max_new_tokens=3)  # |alpha v| near the states there
-    scope.save(tmp_path / "spec", models=handle)
+    save_patchscope(scope, tmp_path / "spec", models=handle)
     want = run(scope, handle, top=10)[0]
     code, out, err = _main("run", tmp_path / "spec", "--json")
     assert code == 0, err[-600:]

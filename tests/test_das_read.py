@@ -19,7 +19,7 @@ import pyvene as pv
 import torch
 
 from golden import block, encode, read, written_logits
-from pyvene_patchscopes import Patchscope, SpecError, Target, compat, run
+from pyvene_patchscopes import Patchscope, SpecError, Target, compat, load_patchscope, run, save_patchscope, to_pyvene
 from pyvene_patchscopes.vectors import das_directions, das_source
 from tiny import tiny_model
 
@@ -110,7 +110,7 @@ def _by_hooks(handle, pvm, base_prompt: str, source_prompt: str, slot: int, vect
 def test_the_direction_is_read_by_a_patchscope_in_the_same_pyvene_pipeline(study):
     handle, pvm, _ = study
     scope = Patchscope(das_source(pvm, handle), Target(TARGET, "x", LAYER, write="add", alpha=ALPHA))
-    plan = scope.to_pyvene(handle)
+    plan = to_pyvene(scope, handle)
     slot = plan.patch_locations["sources->base"][1][0][0][0]
     trained = next(iter(pvm.interventions.values()))
     trained = trained[0] if isinstance(trained, tuple) else trained
@@ -144,10 +144,10 @@ import json, sys, torch, warnings
 warnings.simplefilter("ignore")
 sys.path.insert(0, {tests!r})
 from safetensors.torch import save_file
-from pyvene_patchscopes import Patchscope, run
+from pyvene_patchscopes import load_patchscope, run
 from tiny import tiny_model
 handle = tiny_model("llama", seed=1)
-scope = Patchscope.load({folder!r}, models=handle)
+scope = load_patchscope({folder!r}, models=handle)
 result = run(scope, handle)[0]
 save_file({{"logits": result.logits.contiguous()}}, {out!r})
 print(json.dumps({{"name": scope.source.name, "layer": scope.source.layer, "write": scope.target.write}}))
@@ -159,13 +159,13 @@ def test_the_spec_with_its_vector_saves_and_reruns_identically_in_a_fresh_proces
 
     handle, pvm, _ = study
     scope = Patchscope(das_source(pvm, handle), Target(TARGET, "x", LAYER, write="add", alpha=ALPHA), max_new_tokens=2)
-    folder = scope.save(tmp_path / "das-read", models=handle)
+    folder = save_patchscope(scope, tmp_path / "das-read", models=handle)
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "vector.safetensors"]
     config = json.loads((folder / "config.json").read_text())
     # version 5: the spec records that a DAS direction (pyvene's block_output) lives before the final norm
     assert config["version"] == 5 and config["source"]["after_final_norm"] is False
     assert config["source"]["sha256"] == scope.source.sha256
-    assert Patchscope.load(folder) == scope
+    assert load_patchscope(folder) == scope
     script = _FRESH.format(tests=str(Path(__file__).parent), folder=str(folder), out=str(tmp_path / "out.safetensors"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
@@ -192,10 +192,10 @@ def test_a_saved_vector_file_that_does_not_match_its_spec_is_refused(study, tmp_
     from safetensors.torch import save_file
 
     handle, pvm, _ = study
-    folder = Patchscope(das_source(pvm, handle), Target(TARGET, "x", LAYER)).save(tmp_path / "spec")
+    folder = save_patchscope(Patchscope(das_source(pvm, handle), Target(TARGET, "x", LAYER)), tmp_path / "spec")
     save_file({"vector": torch.ones(64)}, str(folder / "vector.safetensors"))
     with pytest.raises(SpecError, match=r"source.sha256 does not match the vector file"):
-        Patchscope.load(folder)
+        load_patchscope(folder)
     save_file({"vector": torch.ones(64), "extra": torch.ones(1)}, str(folder / "vector.safetensors"))
     with pytest.raises(SpecError, match=r"holds \['extra', 'vector'\] \(allowed: one tensor named 'vector'\)"):
-        Patchscope.load(folder)
+        load_patchscope(folder)

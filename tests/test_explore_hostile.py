@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvene_patchscopes import Patchscope, Source, Target, run
+from pyvene_patchscopes import Source, Target, load_patchscope, run
 from pyvene_patchscopes.execution.interrupt import checkpoints, decoder_layers
 from pyvene_patchscopes.explore import service
 from pyvene_patchscopes.explore.app import create_app
@@ -79,7 +79,7 @@ def test_f3_a_fitted_tuned_lens_is_run_only_at_its_own_layers_and_reads_the_clic
     assert [row["cells"][0] for row in layers["table"]["rows"]].count("n/a") == smollm2.n_layers - 1
     assert explorer.info()["fitted"]["tuned-lens-l06"] == [6, smollm2.n_layers - 1]  # the menu says so too
     # the golden reading: the tuned lens of ' banana' at layer 6, by hand (final norm, unembedding of f(h))
-    entry = Patchscope.load("tuned-lens-l06")
+    entry = load_patchscope("tuned-lens-l06")
     with torch.no_grad():
         ids = smollm2.tokenizer(prompt, return_tensors="pt")["input_ids"]
         h = smollm2.model(ids, output_hidden_states=True).hidden_states[7][0, position]

@@ -17,7 +17,8 @@ import pyvene as pv
 import torch
 from safetensors.torch import save_file
 
-from pyvene_patchscopes import Patchscope, Source, Target, VectorSource, compat, save_intervenable, sweep
+from pyvene_patchscopes import (Patchscope, Source, Target, VectorSource, compat, save_intervenable, save_patchscope,
+                                sweep)
 from pyvene_patchscopes.core import outputs
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.interventions import MappingIntervention
@@ -53,9 +54,9 @@ def expected(root: Path, mask: int) -> dict[str, str]:
 def test_spec_folders_and_json_files_keep_the_umask_mode(umask, tiny_llama, tmp_path):
     scope = Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name),
                        Target("The capital of x is", "x", 2), mapping=random_affine(64, 64))
-    scope.save(tmp_path / "affine", models=tiny_llama)
+    save_patchscope(scope, tmp_path / "affine", models=tiny_llama)
     vector = Patchscope(VectorSource(torch.randn(64), 1, tiny_llama.name), Target("The capital of x is", "x", 2))
-    vector.save(tmp_path / "vector")
+    save_patchscope(vector, tmp_path / "vector")
     scope.replace(mapping="identity").save_json(tmp_path / "spec.json")
     saved = modes(tmp_path)
     assert {"affine/mapping.safetensors", "vector/vector.safetensors", "spec.json"} <= set(saved)
@@ -104,10 +105,10 @@ def test_a_file_the_save_replaces_keeps_its_mode(umask, tiny_llama, tmp_path):
     """The README: a file it replaces keeps its mode (a user's chmod is not undone by saving again)."""
     scope = Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name),
                        Target("The capital of x is", "x", 2), mapping=random_affine(64, 64))
-    scope.save(tmp_path / "affine", models=tiny_llama)
+    save_patchscope(scope, tmp_path / "affine", models=tiny_llama)
     os.chmod(tmp_path / "affine" / "mapping.safetensors", 0o640)
     os.chmod(tmp_path / "affine" / "config.json", 0o600)
-    scope.replace(mapping=random_affine(64, 64)).save(tmp_path / "affine", models=tiny_llama)
+    save_patchscope(scope.replace(mapping=random_affine(64, 64)), tmp_path / "affine", models=tiny_llama)
     saved = modes(tmp_path)
     assert saved["affine/mapping.safetensors"] == oct(0o640) and saved["affine/config.json"] == oct(0o600)
 
@@ -119,8 +120,9 @@ def test_the_umask_is_read_without_setting_it(umask, tiny_llama, tmp_path, monke
     calls = []
     real = os.umask
     monkeypatch.setattr(os, "umask", lambda mask: calls.append(mask) or real(mask))
-    Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name), Target("The capital of x is", "x", 2),
-               mapping=random_affine(64, 64)).save(tmp_path / "affine", models=tiny_llama)
+    save_patchscope(Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name),
+                               Target("The capital of x is", "x", 2), mapping=random_affine(64, 64)),
+                    tmp_path / "affine", models=tiny_llama)
     umask_modes(tmp_path / "affine")
     monkeypatch.undo()
     assert calls == [] and modes(tmp_path) == expected(tmp_path, umask)

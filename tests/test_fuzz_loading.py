@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, run
+from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, load_patchscope, run, save_patchscope
 from pyvene_patchscopes.resolve import resolve
 from tiny import tiny_model
 
@@ -41,7 +41,7 @@ PATHS = [("version",), ("format",), ("source",), ("target",), ("mapping",), ("ma
 
 def _saved_config() -> dict:
     folder = Path(tempfile.mkdtemp())
-    BASE.save(folder, models=HANDLE)
+    save_patchscope(BASE, folder, models=HANDLE)
     config = json.loads((folder / "config.json").read_text())
     shutil.rmtree(folder)
     return config
@@ -107,7 +107,7 @@ def _write_weights(folder: Path, kind) -> None:
 def test_fuzzed_spec_folders_raise_only_documented_errors(edits, weights, raw_text):
     folder = Path(tempfile.mkdtemp())
     try:
-        BASE.save(folder, models=HANDLE)
+        save_patchscope(BASE, folder, models=HANDLE)
         config = copy.deepcopy(CONFIG)
         for op, path, value in edits:
             _set(config, path, value) if op == "set" else _delete(config, path)
@@ -115,7 +115,7 @@ def test_fuzzed_spec_folders_raise_only_documented_errors(edits, weights, raw_te
         (folder / "config.json").write_text(text)
         _write_weights(folder, weights)
         try:
-            scope = Patchscope.load(folder, models=HANDLE)
+            scope = load_patchscope(folder, models=HANDLE)
             resolve(scope, MODELS)
             event("loaded")
         except SpecError as err:
@@ -152,8 +152,8 @@ def test_random_valid_specs_round_trip_with_identical_outputs(scope):
         return  # a substring position not in the prompt: not a valid spec for this model
     folder = Path(tempfile.mkdtemp())
     try:
-        scope.save(folder, models=HANDLE)
-        loaded = Patchscope.load(folder, models=HANDLE)
+        save_patchscope(scope, folder, models=HANDLE)
+        loaded = load_patchscope(folder, models=HANDLE)
         assert loaded == scope
         before, after = run(scope, HANDLE)[0], run(loaded, HANDLE)[0]
         assert torch.equal(before.logits, after.logits) and before.generation == after.generation

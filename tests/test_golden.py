@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 import golden
-from pyvene_patchscopes import Patchscope, Source, Target, run
+from pyvene_patchscopes import Patchscope, Source, Target, run, to_pyvene
 
 ATOL = 1e-5
 SOURCE = "The city of Paris is large"
@@ -97,7 +97,7 @@ def test_to_pyvene_plan_run_by_hand_in_pyvene_gives_the_same_logits(tiny):
     from pyvene_patchscopes import compat
 
     s = scope(tiny, 1, 3, source_position=2, target_position="?")
-    plan = s.to_pyvene(tiny)
+    plan = to_pyvene(s, tiny)
     assert isinstance(plan.collect, pv.IntervenableConfig) and isinstance(plan.patch, pv.IntervenableConfig)
     assert plan.collect.representations[0].layer == 1 and plan.patch.representations[0].layer == 3
     with compat.pyvene_guard(tiny.model), torch.no_grad():

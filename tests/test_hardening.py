@@ -22,7 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 import golden
-from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, models, run
+from pyvene_patchscopes import (Affine, Patchscope, Source, SpecError, Target, load_patchscope, models, run,
+                                save_patchscope)
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.spec.mappings import MappingSpec
 from pyvene_patchscopes.presets import multihop
@@ -52,7 +53,7 @@ def _affine_folder(folder: Path, weight: torch.Tensor, bias: torch.Tensor) -> Pa
     """A saved affine Patchscope for the embedded model name (tiny sizes), its weights then replaced."""
     scope = Patchscope(Source(SOURCE, "Paris", 1), Target(TARGET, "x", 2),
                        mapping=Affine.from_weights(torch.eye(64), torch.zeros(64)))
-    scope.save(folder)
+    save_patchscope(scope, folder)
     save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(folder / "mapping.safetensors"))
     return folder
 
@@ -64,8 +65,8 @@ def test_f1_float64_weights_that_overflow_float32_are_refused_before_they_run(ti
     folder = _affine_folder(tmp_path / "spec", weight, torch.zeros(64, dtype=torch.float64))
     with pytest.raises(SpecError, match=r"'weight' has 1 non-finite value\(s\) \(NaN or inf\) once cast from "
                                         r"float64 to float32, the dtype it runs in"):
-        Patchscope.load(folder, models={"smollm2-135m": tiny_llama})
-    scope = Patchscope.load(folder)  # without models nothing is built yet; running it builds the map and refuses
+        load_patchscope(folder, models={"smollm2-135m": tiny_llama})
+    scope = load_patchscope(folder)  # without models nothing is built yet; running it builds the map and refuses
     with pytest.raises(SpecError, match="once cast from float64 to float32"):
         run(scope.replace(source=Source(SOURCE, "Paris", 1, tiny_llama.name)), tiny_llama)
     err = cli_error(capsys, "run", folder, "--json")  # was: exit 0 and bare NaN on standard output
@@ -76,7 +77,7 @@ def test_f1_float8_weights_run_as_their_float32_values_and_their_nan_is_refused(
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(64, 64, generator=generator) / 8).to(torch.float8_e4m3fn)
     folder = _affine_folder(tmp_path / "f8", weight, torch.zeros(64, dtype=torch.float8_e4m3fn))
-    scope = Patchscope.load(folder, models={"smollm2-135m": tiny_llama})  # was: a raw NotImplementedError
+    scope = load_patchscope(folder, models={"smollm2-135m": tiny_llama})  # was: a raw NotImplementedError
     scope = scope.replace(source=Source(SOURCE, "Paris", 1, tiny_llama.name))
     got = run(scope, tiny_llama)[0]
     state = golden.read(tiny_llama, SOURCE, 1, got.source_position)
@@ -85,7 +86,7 @@ def test_f1_float8_weights_run_as_their_float32_values_and_their_nan_is_refused(
     weight[5, 5] = float("nan")
     _affine_folder(folder, weight, torch.zeros(64, dtype=torch.float8_e4m3fn))
     with pytest.raises(SpecError, match=r"'weight' has 1 non-finite value"):
-        Patchscope.load(folder, models={"smollm2-135m": tiny_llama})
+        load_patchscope(folder, models={"smollm2-135m": tiny_llama})
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
@@ -94,7 +95,7 @@ def test_f1_integer_and_bool_weights_are_refused_naming_the_dtype(tiny_llama, tm
     folder = _affine_folder(tmp_path / "int", weight, torch.zeros(64).to(dtype))
     name = str(dtype).removeprefix("torch.")
     with pytest.raises(SpecError, match=rf"'(weight|bias)' has dtype {name} \(allowed: a floating-point dtype"):
-        Patchscope.load(folder, models={"smollm2-135m": tiny_llama})
+        load_patchscope(folder, models={"smollm2-135m": tiny_llama})
     with pytest.raises(SpecError, match=rf"has dtype {name} \(allowed: a floating-point dtype"):
         Affine.from_weights(weight, torch.zeros(64).to(dtype))
     spec = MappingSpec("affine", {}, {"weight": weight, "bias": torch.zeros(64).to(dtype)})

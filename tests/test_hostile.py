@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 import golden
-from pyvene_patchscopes import Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError, compat, run, wrap_model
+from pyvene_patchscopes import (Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError,
+                                compat, load_patchscope, run, save_patchscope, wrap_model)
 from pyvene_patchscopes.persist import folders as persist
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.errors import ContextLengthWarning, UninformativeScopeWarning
@@ -116,29 +117,29 @@ def _outside_safetensors(tmp_path: Path) -> Path:
 def test_d3_spec_loader_refuses_links_out_of_the_folder(tiny_llama, tmp_path):
     outside = _outside_safetensors(tmp_path)
     spec = tmp_path / "spec"
-    _scope(tiny_llama, mapping=random_affine(64, 64, seed=1)).save(spec, models=tiny_llama)
+    save_patchscope(_scope(tiny_llama, mapping=random_affine(64, 64, seed=1)), spec, models=tiny_llama)
     (spec / "mapping.safetensors").unlink()
     (spec / "mapping.safetensors").symlink_to(outside / "stolen.safetensors")
     with pytest.raises(SpecError, match="mapping weights file 'mapping.safetensors' .* resolves outside the folder"):
-        Patchscope.load(spec)
+        load_patchscope(spec)
     (spec / "config.json").rename(spec / "real.json")
     (spec / "config.json").symlink_to(outside / "secret.json")
     with pytest.raises(SpecError, match="'config.json' .* resolves outside the folder") as info:
-        Patchscope.load(spec)
+        load_patchscope(spec)
     assert SECRET not in str(info.value)
 
 
 def test_d3_spec_errors_never_echo_the_files_content(tiny_llama, tmp_path):
     spec = tmp_path / "spec"
-    _scope(tiny_llama, mapping=random_affine(64, 64, seed=1)).save(spec)
+    save_patchscope(_scope(tiny_llama, mapping=random_affine(64, 64, seed=1)), spec)
     header = json.dumps({"weight": SECRET}).encode()
     (spec / "mapping.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(SpecError, match="'mapping.safetensors' is not a valid safetensors file") as info:
-        Patchscope.load(spec)
+        load_patchscope(spec)
     assert SECRET not in str(info.value)
     (spec / "config.json").write_text('{"format": "' + SECRET + '", oops')
     with pytest.raises(SpecError, match="malformed JSON") as info:
-        Patchscope.load(spec)
+        load_patchscope(spec)
     assert SECRET not in str(info.value)
 
 
@@ -216,10 +217,10 @@ def test_d5_non_finite_mapping_weights_are_refused(tiny_llama, tmp_path):
     weight[3, 4] = float("nan")
     with pytest.raises(SpecError, match="'weight' has 1 non-finite value"):
         Affine.from_weights(weight, torch.zeros(64))
-    _scope(tiny_llama, mapping=random_affine(64, 64, seed=1)).save(tmp_path)
+    save_patchscope(_scope(tiny_llama, mapping=random_affine(64, 64, seed=1)), tmp_path)
     save_file({"weight": torch.eye(64), "bias": torch.full((64,), float("inf"))}, str(tmp_path / "mapping.safetensors"))
     with pytest.raises(SpecError, match="mapping='affine' weight 'bias' has 64 non-finite value"):
-        Patchscope.load(tmp_path)
+        load_patchscope(tmp_path)
 
 
 def test_d5_non_finite_source_states_are_refused(tiny_llama):
@@ -267,15 +268,15 @@ def test_d6_no_cache_keeps_a_tokenizer_alive(tiny_llama):
 def test_d7_a_local_folder_never_replaces_a_catalogue_entry(tiny_llama, tmp_path, monkeypatch, capsys, tiny_cli):
     monkeypatch.chdir(tmp_path)
     local = _scope(tiny_llama, 2, 3)
-    local.save(tmp_path / "token-identity")
-    shipped = Patchscope.load(persist.catalogue_root() / "token-identity")
-    assert Patchscope.load("token-identity") == shipped != local
-    assert Patchscope.load("./token-identity") == local
-    assert Patchscope.load(tmp_path / "token-identity") == local
+    save_patchscope(local, tmp_path / "token-identity")
+    shipped = load_patchscope(persist.catalogue_root() / "token-identity")
+    assert load_patchscope("token-identity") == shipped != local
+    assert load_patchscope("./token-identity") == local
+    assert load_patchscope(tmp_path / "token-identity") == local
     assert persist.looks_like_path("./x") and persist.looks_like_path("a/b") and not persist.looks_like_path("x")
     with pytest.raises(UnknownNameError, match="'my-spec' is not a catalogue entry.*write './my-spec'"):
         (tmp_path / "my-spec").mkdir()
-        Patchscope.load("my-spec")
+        load_patchscope("my-spec")
     from pyvene_patchscopes.cli import load_spec
 
     assert load_spec("token-identity") == shipped and load_spec("./token-identity") == local

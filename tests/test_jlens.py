@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from golden import block, encode
-from pyvene_patchscopes import Patchscope, SpecError, run
+from pyvene_patchscopes import SpecError, load_patchscope, run, save_patchscope
 from pyvene_patchscopes.jlens import JacobianLens, fit_jacobian_lens, logit_lens_equivalent
 from pyvene_patchscopes.jlens import fit as fitting
 from pyvene_patchscopes.presets import build
@@ -99,9 +99,9 @@ def test_a_lens_readout_equals_unembedding_the_transported_state_by_hand(handle,
 
 def test_the_lens_travels_as_a_patchscope_folder_of_json_and_safetensors(handle, lens, tmp_path):
     scope = lens.scope(TEXTS[0], -1, 2, model=handle.name)
-    folder = scope.save(tmp_path / "jlens-l2", models=handle, description="J-lens, layer 2")
+    folder = save_patchscope(scope, tmp_path / "jlens-l2", models=handle, description="J-lens, layer 2")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "mapping.safetensors"]
-    again = Patchscope.load(folder, models=handle)
+    again = load_patchscope(folder, models=handle)
     assert again == scope
     torch.testing.assert_close(run(again, handle)[0].logits, run(scope, handle)[0].logits, atol=0, rtol=0)
 

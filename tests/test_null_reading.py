@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from golden import encode
-from pyvene_patchscopes import Patchscope, Source, Target, VectorNormWarning, VectorSource, run
+from pyvene_patchscopes import (Patchscope, Source, Target, VectorNormWarning, VectorSource, load_patchscope, run,
+                                save_patchscope)
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.execution import unpatched
 from pyvene_patchscopes.presets import SELFIE_PROMPT, selfie
@@ -151,11 +152,12 @@ def test_far_norms_are_flagged_both_ways_and_norm_matched_adds_never(tiny_llama)
 
 def test_patchscopes_run_of_a_saved_vector_spec_prints_the_null_reading(smollm2, tmp_path, capsys):
     torch.manual_seed(0)
-    folder = Patchscope(VectorSource(torch.randn(smollm2.hidden_size) * 5, 6, smollm2.name, "v"),
-                        Target("The word x means", "x", 6), max_new_tokens=3).save(tmp_path / "spec")
+    scope = Patchscope(VectorSource(torch.randn(smollm2.hidden_size) * 5, 6, smollm2.name, "v"),
+                       Target("The word x means", "x", 6), max_new_tokens=3)
+    folder = save_patchscope(scope, tmp_path / "spec")
     assert main(["run", str(folder), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["result"]
-    direct = run(Patchscope.load(folder, smollm2), smollm2)[0]
+    direct = run(load_patchscope(folder, smollm2), smollm2)[0]
     assert result["null_generation"] == direct.null_generation and result["agrees_with_null"] == direct.agrees_with_null
     assert [t["token_id"] for t in result["null_top"]] == [t.token_id for t in direct.null_top]
     assert main(["run", str(folder)]) == 0

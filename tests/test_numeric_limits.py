@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import golden
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target, VectorSource, hidden_states, models, run, \
-    wrap_model
+from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, VectorSource, hidden_states, load_patchscope,
+                                models, run, save_patchscope, wrap_model)
 from pyvene_patchscopes.presets import self_explanation
 from pyvene_patchscopes.resolve import resolve
 from pyvene_patchscopes.models.sites import BLOCK_OUTPUT
@@ -250,17 +250,17 @@ def test_after_final_norm_saves_as_version_5_and_older_vector_specs_keep_their_m
     vector = torch.randn(64, generator=torch.Generator().manual_seed(2))
     for normed, version in ((False, 5), (True, 3)):
         scope = Patchscope(VectorSource(vector, LAST, llama.name, "v", normed), Target(TARGET, -1, LAST))
-        folder = scope.save(tmp_path / f"spec-{normed}")
+        folder = save_patchscope(scope, tmp_path / f"spec-{normed}")
         config = json.loads((folder / "config.json").read_text())
         assert config["version"] == version and config["source"].get("after_final_norm", True) is normed
-        assert Patchscope.load(folder) == scope and Patchscope.load(folder).source.after_final_norm is normed
+        assert load_patchscope(folder) == scope and load_patchscope(folder).source.after_final_norm is normed
     assert VectorSource(vector, LAST, llama.name) != VectorSource(vector, LAST, llama.name, after_final_norm=True)
     config = json.loads((tmp_path / "spec-False" / "config.json").read_text())
     config["version"] = 3  # a version-3 reader never saw the field
     (tmp_path / "spec-False" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SpecError, match=r"spec source has unknown field\(s\) \['after_final_norm'\] \(allowed in "
                                         r"version 3: "):
-        Patchscope.load(tmp_path / "spec-False")
+        load_patchscope(tmp_path / "spec-False")
     with pytest.raises(SpecError, match=r"^VectorSource.after_final_norm='yes' is not allowed \(allowed: True or "
                                         r"False\)$"):
         VectorSource(vector, LAST, llama.name, after_final_norm="yes")

@@ -113,6 +113,17 @@ def test_plan_names_each_rows_source_target_and_readout_positions(tiny):
         assert plan.patch_locations["sources->base"][1][0][k] == [max(lengths) - lengths[k] + slot]
 
 
+def test_the_old_method_scope_to_pyvene_warns_naming_the_function_and_gives_the_same_plan(tiny):
+    """`Patchscope.to_pyvene` is a deprecated shim of `to_pyvene(scope, models)` until 0.3.0 (issue 38)."""
+    scope = scopes(tiny)[0]
+    with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.to_pyvene\(scope, models\).* 0\.3\.0"):
+        old = scope.to_pyvene(tiny)
+    new = to_pyvene(scope, tiny)
+    assert old.positions == new.positions and old.scopes == new.scopes == (scope,)
+    assert old.patch_locations == new.patch_locations and old.collect_locations == new.collect_locations
+    assert torch.equal(old.patch_base["input_ids"], new.patch_base["input_ids"])
+
+
 def test_the_plans_own_configs_on_its_own_bases_equal_hidden_states_and_run(tiny):
     """``plan.collect`` on ``plan.collect_base`` at ``plan.collect_locations`` reads what `hidden_states` reads,
     and ``plan.patch`` on ``plan.patch_base`` fed those states reads out what `run` does: one padding for both

@@ -38,7 +38,7 @@ PLUGIN_SOURCE = README.split("```python\n# my_plugins.py\n", 1)[1].split("```", 
 SAVE = textwrap.dedent('''
     import sys, torch
     from safetensors.torch import save_file
-    from pyvene_patchscopes import Patchscope, Source, Target, compat, load_model, run
+    from pyvene_patchscopes import Patchscope, Source, Target, compat, load_model, run, save_patchscope
     import pyvene as pv
     from pyvene_patchscopes.compat import per_intervention_locations
     from pyvene_patchscopes.interventions import MappingIntervention
@@ -50,7 +50,7 @@ SAVE = textwrap.dedent('''
     handle = load_model(model)
     scope = Patchscope(Source("The city of Paris is large", "Paris", 1, handle.name),
                        Target("The capital of x is", "x", 2), mapping=Scale(64, 64, alpha=0.5))
-    scope.save(folder + "/spec")
+    save_patchscope(scope, folder + "/spec")
     logits = {"spec": run(scope, handle)[0].logits}
     config = pv.IntervenableConfig(representations=[
         pv.RepresentationConfig(layer=layer, component="block_output", unit="pos", max_number_of_units=1,
@@ -71,7 +71,7 @@ LOAD = textwrap.dedent('''
     import json, sys, torch
     from safetensors.torch import load_file
     import pyvene_patchscopes
-    from pyvene_patchscopes import Patchscope, UnknownNameError, compat, load_model, run
+    from pyvene_patchscopes import UnknownNameError, compat, load_model, load_patchscope, run
     from pyvene_patchscopes.compat import per_intervention_locations
     model, folder, how = sys.argv[1], sys.argv[2], sys.argv[3]
     before = "my_plugins" in sys.modules
@@ -83,7 +83,7 @@ LOAD = textwrap.dedent('''
     saved = load_file(folder + "/logits.safetensors")
     report = {"imported before": before}
     try:
-        scope = Patchscope.load(folder + "/spec", models=handle)
+        scope = load_patchscope(folder + "/spec", models=handle)
         report["spec"] = torch.equal(run(scope, handle)[0].logits, saved["spec"])
     except UnknownNameError as err:
         report["spec"] = str(err)

@@ -1,4 +1,4 @@
-"""Round trips with identical logits: Patchscope.save/load, pyvene's own save/load in a fresh CPU process,
+"""Round trips with identical logits: save_patchscope/load_patchscope, pyvene's own save/load in a fresh CPU process,
 and the catalogue; plus the checks that loading makes."""
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pyvene as pv
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target, UnknownNameError, compat, run, safe_serialization
+from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, load_patchscope,
+                                patchscope_from_hub, run, safe_serialization, save_patchscope)
 from pyvene_patchscopes.persist import folders as persist
 from pyvene_patchscopes.compat import base_locations, per_intervention_locations
 from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
@@ -34,9 +35,9 @@ def affine_scope(handle, source_layer=1, target_layer=2):
 
 def test_patchscope_save_load_gives_an_equal_spec_and_identical_logits(tiny_llama, tmp_path):
     scope = affine_scope(tiny_llama)
-    scope.save(tmp_path / "spec", models=tiny_llama, description="an affine test")
+    save_patchscope(scope, tmp_path / "spec", models=tiny_llama, description="an affine test")
     assert sorted(p.name for p in (tmp_path / "spec").iterdir()) == ["config.json", "mapping.safetensors"]
-    loaded = Patchscope.load(tmp_path / "spec", models=tiny_llama)
+    loaded = load_patchscope(tmp_path / "spec", models=tiny_llama)
     assert loaded == scope and loaded.mapping.weights["weight"].dtype == torch.float32
     before, after = run(scope, tiny_llama)[0], run(loaded, tiny_llama)[0]
     assert torch.equal(before.logits, after.logits) and before.generation == after.generation
@@ -48,42 +49,80 @@ def test_patchscope_save_load_gives_an_equal_spec_and_identical_logits(tiny_llam
 def test_catalogue_round_trip_by_name(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setattr(persist, "catalogue_root", lambda: tmp_path)
     scope = affine_scope(tiny_llama, 2, 0)
-    scope.save(tmp_path / "my-affine", models=tiny_llama, description="shared")
+    save_patchscope(scope, tmp_path / "my-affine", models=tiny_llama, description="shared")
     assert persist.catalogue() == ["my-affine"] and persist.describe("my-affine") == "shared"
-    loaded = Patchscope.load("my-affine", models=tiny_llama)
+    loaded = load_patchscope("my-affine", models=tiny_llama)
     assert loaded == scope
     assert torch.equal(run(scope, tiny_llama)[0].logits, run(loaded, tiny_llama)[0].logits)
     with pytest.raises(UnknownNameError, match="'no-such-entry' is not a catalogue entry.*my-affine"):
-        Patchscope.load("no-such-entry")
+        load_patchscope("no-such-entry")
 
 
 def test_loading_checks_the_models_in_hand(tiny_llama, tmp_path):
     scope = affine_scope(tiny_llama)
-    scope.save(tmp_path, models=tiny_llama)
+    save_patchscope(scope, tmp_path, models=tiny_llama)
     other = tiny_model("llama", hidden=32, seed=0)
     with pytest.raises(SpecError, match="model 'tiny-llama' does not match .* hidden_size is 32 in hand but 64"):
-        Patchscope.load(tmp_path, models=other)
+        load_patchscope(tmp_path, models=other)
     config = json.loads((tmp_path / "config.json").read_text())
     config["models"]["tiny-llama"]["gguf_sha256"] = "0" * 64
     (tmp_path / "config.json").write_text(json.dumps(config))
     tiny_llama.origin["gguf_sha256"] = "f" * 64
     try:
         with pytest.raises(SpecError, match="gguf_sha256 is 'fff.* in hand but '000"):
-            Patchscope.load(tmp_path, models=tiny_llama)
+            load_patchscope(tmp_path, models=tiny_llama)
     finally:
         del tiny_llama.origin["gguf_sha256"]
 
 
 def test_weights_that_do_not_fit_the_models_are_refused(tiny_llama, tmp_path):
-    affine_scope(tiny_llama).save(tmp_path)
+    save_patchscope(affine_scope(tiny_llama), tmp_path)
     save_file({"weight": torch.zeros(64, 32), "bias": torch.zeros(64)}, str(tmp_path / "mapping.safetensors"))
     with pytest.raises(SpecError, match=r"weight 'weight' has shape \[64, 32\], but mapping hidden size 64 -> 64"):
-        Patchscope.load(tmp_path, models=tiny_llama)
+        load_patchscope(tmp_path, models=tiny_llama)
 
 
 def test_one_json_file_cannot_hold_learned_weights(tiny_llama):
-    with pytest.raises(SpecError, match="Patchscope.save"):
+    with pytest.raises(SpecError, match=r"allowed: save_patchscope\(scope, folder\)"):
         affine_scope(tiny_llama).to_json()
+
+
+def test_save_patchscope_refuses_what_is_not_a_patchscope(tiny_llama, tmp_path):
+    with pytest.raises(SpecError, match=r"^save_patchscope: scope is a dict \(allowed: a Patchscope\)$"):
+        save_patchscope(affine_scope(tiny_llama).to_dict(), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ---- the old methods: deprecated shims of the functions until 0.3.0 (issue 38) ------------------------------------
+def test_the_old_method_patchscope_save_warns_naming_the_function_and_writes_the_same_folder(tiny_llama, tmp_path):
+    scope = affine_scope(tiny_llama)
+    with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.save_patchscope\(scope, folder.* 0\.3\.0"):
+        old = scope.save(tmp_path / "old", models=tiny_llama, description="d")
+    new = save_patchscope(scope, tmp_path / "new", models=tiny_llama, description="d")
+    assert old == tmp_path / "old" and sorted(p.name for p in old.iterdir()) == sorted(p.name for p in new.iterdir())
+    for name in ("config.json", "mapping.safetensors"):
+        assert (old / name).read_bytes() == (new / name).read_bytes(), name
+
+
+def test_the_old_method_patchscope_load_warns_naming_the_function_and_gives_the_same_scope(tiny_llama, tmp_path):
+    save_patchscope(affine_scope(tiny_llama), tmp_path, models=tiny_llama)
+    with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.load_patchscope\(name_or_folder.* 0\.3\.0"):
+        old = Patchscope.load(tmp_path, models=tiny_llama)
+    assert old == load_patchscope(tmp_path, models=tiny_llama) == affine_scope(tiny_llama)
+    with pytest.warns(DeprecationWarning, match="load_patchscope"), \
+            pytest.raises(SpecError, match="hidden_size is 32 in hand but 64"):
+        Patchscope.load(tmp_path, models=tiny_model("llama", hidden=32, seed=0))  # still checks the models
+
+
+def test_the_old_method_patchscope_from_hub_warns_naming_the_function_and_gives_the_same_scope(tiny_llama, tmp_path,
+                                                                                                monkeypatch):
+    save_patchscope(affine_scope(tiny_llama), tmp_path, models=tiny_llama)
+    asked = []
+    monkeypatch.setattr(persist, "download", lambda repo_id, revision=None: asked.append((repo_id, revision)) or tmp_path)
+    with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.patchscope_from_hub\(repo_id.* 0\.3\.0"):
+        old = Patchscope.from_hub("me/spec", models=tiny_llama, revision="v1")
+    assert old == patchscope_from_hub("me/spec", models=tiny_llama, revision="v1") == affine_scope(tiny_llama)
+    assert asked == [("me/spec", "v1"), ("me/spec", "v1")]
 
 
 def test_version_1_specs_still_load():
@@ -228,7 +267,7 @@ def test_safe_loader_refuses_a_key_that_leaves_the_folder(tmp_path):
 
 def test_reroute_spec_survives_save_and_load(tiny_llama, tmp_path):
     scope = multihop("the city of Paris", "The capital of", 1, 2, max_new_tokens=3, model=tiny_llama.name)
-    scope.save(tmp_path)
-    loaded = Patchscope.load(tmp_path, models=tiny_llama)
+    save_patchscope(scope, tmp_path)
+    loaded = load_patchscope(tmp_path, models=tiny_llama)
     assert loaded == scope
     assert run(loaded, tiny_llama)[0].generation == run(scope, tiny_llama)[0].generation

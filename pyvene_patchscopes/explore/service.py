@@ -37,7 +37,7 @@ from ..errors import PatchscopeError, SpecError, UnknownNameError
 from ..execution.interrupt import checkpoints
 from ..export import layers_table, result_cell
 from ..models import ModelHandle
-from ..persist import WEIGHTS_FILE, catalogue
+from ..persist import WEIGHTS_FILE, catalogue, load_patchscope
 from ..spec.positions import prefix_through
 from ..presets import PRESETS, get_preset
 from ..resolve import resolve
@@ -179,7 +179,7 @@ class Explorer:
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
         self._check_lock = threading.RLock()
         # catalogue entries read from disk once, not once per scope (a heatmap builds 900 scopes)
-        self._saved = {name: self._entry(Patchscope.load(name)) for name in catalogue() if name not in PRESETS}
+        self._saved = {name: self._entry(load_patchscope(name)) for name in catalogue() if name not in PRESETS}
         self.catalogue = [name for name in self._saved if self._fits(name)]
 
     def _entry(self, saved: Patchscope) -> Entry:
@@ -346,11 +346,12 @@ class Explorer:
         made = f"scope = Patchscope.from_dict({data!r})"
         if scope.mapping.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
             data["mapping"]["weights"] = WEIGHTS_FILE
-            made = f"scope = Patchscope.load({query.preset!r}).replace(source={scope.source!r}, target={scope.target!r})"
+            made = f"scope = load_patchscope({query.preset!r}).replace(source={scope.source!r}, target={scope.target!r})"
             copy = (f"cp \"$(python -c 'from pyvene_patchscopes.persist import catalogue_root; print(catalogue_root())')"
                     f"/{query.preset}/{WEIGHTS_FILE}\" cell/\n")
         text = json.dumps(data, indent=2)
-        python = (f"from pyvene_patchscopes import Patchscope, Source, Target, load_model, run\n{made}\n"
+        python = (f"from pyvene_patchscopes import Patchscope, Source, Target, load_model, load_patchscope, run\n"
+                  f"{made}\n"
                   f"result = run(scope, load_model({self.handle.name!r}))[0]")
         command = (f"mkdir -p cell && cat > cell/config.json <<'EOF'\n{text}\nEOF\n{copy}"
                    f"patchscopes run ./cell --model {shlex.quote(self.handle.name)}")

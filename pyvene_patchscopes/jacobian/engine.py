@@ -28,7 +28,7 @@ from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
 from ..resolve import check_context
 from ..result import token_text
-from ..spec.patchscope import check_text
+from ..spec.checks import check_text
 from .fisher import fisher_factors, head_rows, head_weight, logits, scale, slopes
 from .result import Attribution
 from .spec import JacobianScope, TargetToken

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Union
 
 from ..errors import SpecError
-from ..spec.patchscope import DEFAULT_MODEL, JsonSpec, check_text
+from ..spec.checks import check_text
+from ..spec.json import JsonSpec
+from ..spec.parts import DEFAULT_MODEL
 
 VARIANTS = {
     "semantic": "‖w_targetᵀ J_t‖: how token t moves the target token's logit",

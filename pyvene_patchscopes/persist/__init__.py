@@ -4,7 +4,9 @@
 re-exported here.
 """
 from .folders import (CONFIG_FILE, WEIGHTS_FILE, Folder, catalogue, catalogue_root, check_models, describe, download,
-                      locate, looks_like_path, model_record, push_to_hub, read_folder, write_folder)
+                      load_patchscope, locate, looks_like_path, model_record, patchscope_from_hub, push_to_hub,
+                      read_folder, save_patchscope, write_folder)
 
-__all__ = ["write_folder", "read_folder", "Folder", "locate", "looks_like_path", "catalogue", "catalogue_root",
+__all__ = ["save_patchscope", "load_patchscope", "patchscope_from_hub",
+           "write_folder", "read_folder", "Folder", "locate", "looks_like_path", "catalogue", "catalogue_root",
            "describe", "model_record", "check_models", "push_to_hub", "download", "CONFIG_FILE", "WEIGHTS_FILE"]

@@ -1,6 +1,7 @@
-"""Patchscope folders, HF style: a versioned ``config.json`` plus ``mapping.safetensors``.
+"""Patchscope folders, HF style: a versioned ``config.json`` plus ``mapping.safetensors``, written by
+`save_patchscope` and read by `load_patchscope`.
 
-``config.json`` is the spec (see spec.py) with three more keys: ``models`` (each model's size and GGUF
+``config.json`` is the spec (see `spec`) with three more keys: ``models`` (each model's size and GGUF
 hash or revision, checked against the models in hand on load), ``description``, and, inside
 ``mapping``, the name of the weights file. Loading only ever parses JSON and safetensors; file names
 are checked, and links that resolve outside the folder are refused, so nothing outside the folder is read
@@ -24,6 +25,9 @@ from ..errors import SpecError, UnknownNameError
 from ..core.files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
 from ..models import ModelHandle
 from ..core.outputs import save_tensors, write_text
+from ..resolve import as_models
+from ..spec import Patchscope, VectorSource
+from ..spec.mappings import build_mapping
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "mapping.safetensors"
@@ -112,7 +116,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     """The folder's ``config.json`` as a dict: read only inside the folder, size-capped, content never echoed."""
     path = inside(directory, CONFIG_FILE, "spec file")
     if not is_file(path):
-        raise SpecError(f"no {CONFIG_FILE} in {directory} (allowed: a folder written by Patchscope.save)")
+        raise SpecError(f"no {CONFIG_FILE} in {directory} (allowed: a folder written by save_patchscope)")
     data = read_json(path, f"{CONFIG_FILE} in {directory}", MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
         raise SpecError(f"{CONFIG_FILE} must hold a JSON object, got {type(data).__name__}")
@@ -189,13 +193,50 @@ def locate(directory_or_name: str | os.PathLike) -> Path:
         if is_dir(path):
             return path
         raise SpecError(f"Patchscope folder {str(path)!r} does not exist (allowed: a folder written by "
-                        "Patchscope.save)")
+                        "save_patchscope)")
     name = str(directory_or_name)
     if _ENTRY.match(name) and (catalogue_root() / name / CONFIG_FILE).is_file():
         return catalogue_root() / name
     hint = f"; for the folder {name!r} in the working directory, write './{name}'" if is_dir(name) else ""
     raise UnknownNameError(f"Patchscope {name!r} is not a catalogue entry (allowed: one of: "
                            f"{', '.join(catalogue())}; or a folder path such as ./my-spec){hint}")
+
+
+# ---- a Patchscope's folder ----------------------------------------------------------------------
+def save_patchscope(scope: Patchscope, folder: str | Path, models: Any = None, description: str = "") -> Path:
+    """Write ``folder/config.json`` (and ``mapping.safetensors`` for learned weights, ``vector.safetensors`` for a
+    vector source), created if needed.
+
+    `models` (handles) records each model's size and GGUF hash or revision, checked again on load.
+    """
+    if not isinstance(scope, Patchscope):
+        raise SpecError(f"save_patchscope: scope is a {type(scope).__name__} (allowed: a Patchscope)")
+    handles = as_models(models) if models is not None else {}
+    vector = scope.source.tensor if isinstance(scope.source, VectorSource) else None
+    return write_folder(folder, scope.to_dict(), scope.mapping.weights, handles,
+                        [scope.source.model, scope.target_model], description, vector=vector)
+
+
+def load_patchscope(name_or_folder: str | os.PathLike, models: Any = None) -> Patchscope:
+    """Load a saved folder, or a catalogue entry by name (``load_patchscope("token-identity")``).
+
+    A bare name is a catalogue entry; a folder is named by a path (``./my-spec``). With `models`,
+    check that they are the models the spec was saved with (size, hash/revision) and fit the mapping.
+    """
+    folder = read_folder(name_or_folder)
+    scope = Patchscope.from_dict(folder.data, folder.weights, folder.vector)
+    if models is not None:
+        handles = as_models(models)
+        check_models(folder.models, handles)
+        source, target = handles.get(scope.source.model), handles.get(scope.target_model)
+        if source is not None and target is not None:
+            build_mapping(scope.mapping, source.hidden_size, target.hidden_size)  # shapes against the models
+    return scope
+
+
+def patchscope_from_hub(repo_id: str, models: Any = None, revision: str | None = None) -> Patchscope:
+    """Download a Patchscope folder from a Hugging Face hub repo and load it (for users with a hub)."""
+    return load_patchscope(download(repo_id, revision), models=models)
 
 
 # ---- the catalogue -------------------------------------------------------------------------------
@@ -215,13 +256,13 @@ def describe(name: str) -> str:
 
 # ---- an optional hub -----------------------------------------------------------------------------
 def push_to_hub(scope: Any, repo_id: str, models: Any = None, description: str = "") -> str:
-    """Upload a Patchscope (saved with ``scope.save``) to a Hugging Face hub repo, for users who have a hub."""
+    """Upload a Patchscope (saved with `save_patchscope`) to a Hugging Face hub repo, for users who have a hub."""
     import tempfile
 
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as tmp:
-        scope.save(tmp, models=models, description=description)
+        save_patchscope(scope, tmp, models=models, description=description)
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=tmp, repo_id=repo_id)
@@ -230,11 +271,12 @@ def push_to_hub(scope: Any, repo_id: str, models: Any = None, description: str =
 
 def download(repo_id: str, revision: str | None = None) -> Path:
     """Download a Patchscope folder from the hub (config.json and *.safetensors only); load it with
-    ``Patchscope.load(path)``."""
+    ``load_patchscope(path)``."""
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[CONFIG_FILE, "*.safetensors"]))
 
 
-__all__ = ["write_folder", "read_folder", "Folder", "locate", "looks_like_path", "catalogue", "catalogue_root",
-           "describe", "model_record", "check_models", "push_to_hub", "download", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_patchscope", "load_patchscope", "patchscope_from_hub", "write_folder", "read_folder", "Folder",
+           "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "model_record", "check_models",
+           "push_to_hub", "download", "CONFIG_FILE", "WEIGHTS_FILE"]

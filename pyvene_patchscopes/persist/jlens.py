@@ -85,7 +85,8 @@ class JacobianLens:
     def scope(self, prompt: str, position: int | str = -1, layer: int = 0, model: str | None = None,
               tokenizer: Any = None, max_new_tokens: int = 0):
         """The J-lens readout of (prompt, position, layer) as a Patchscope: the logit lens with f = J_l."""
-        from ..spec.patchscope import DEFAULT_MODEL, Patchscope, Source, lens_target
+        from ..spec import DEFAULT_MODEL, Patchscope, Source
+        from ..spec.parts import lens_target
 
         source = Source(prompt, position, layer, model or DEFAULT_MODEL)
         return Patchscope(source, lens_target(source, tokenizer=tokenizer), mapping=self.mapping(layer),
@@ -138,14 +139,13 @@ class JacobianLens:
     @classmethod
     def from_catalogue(cls, model: Any = None) -> "JacobianLens":
         """The shipped J-lens of SmolLM2-135M (the ``jacobian-lens-lNN`` catalogue entries, one layer each)."""
-        from .folders import catalogue, describe
-        from ..spec import Patchscope
+        from .folders import catalogue, describe, load_patchscope
 
         names = [name for name in catalogue() if CATALOGUE_ENTRY.fullmatch(name)]
         if not names:
             raise SpecError("the catalogue has no Jacobian lens entries (allowed: rebuild it with "
                             "python -m pyvene_patchscopes.catalogue.build)")
-        scopes = [Patchscope.load(name) for name in names]
+        scopes = [load_patchscope(name) for name in names]
         found = re.search(r"on (\d+) prose texts", describe(names[0]))  # a spec has no metadata field
         lens = cls({scope.source.layer: scope.mapping.weights["weight"] for scope in scopes},
                    int(found.group(1)) if found else 0,

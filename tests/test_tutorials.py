@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,28 @@ def test_every_notebook_is_committed_without_outputs_and_listed_in_the_readmes()
         code = [cell for cell in notebook.cells if cell.cell_type == "code"]
         assert all(not cell.outputs and cell.execution_count is None for cell in code), name
         assert f"tutorials/{name}.ipynb" in readme and f"({name}.ipynb)" in tutorials_readme, name
+
+
+def test_the_tutorials_readme_states_each_notebooks_measured_time_of_a_few_minutes_at_most():
+    """tutorials/README.md's table gives every notebook, and nothing else, its wall time and its slowest cell's,
+    measured on 2 CPU cores."""
+    lines = (TUTORIALS / "README.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| notebook |"))
+    columns = [cell.strip() for cell in header.strip().strip("|").split("|")]
+    total, slowest = columns.index("measured time, 2 CPU cores"), columns.index("its slowest cell")
+    times = {}
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        link = re.fullmatch(r"\[(\w+)\.ipynb\]\(\1\.ipynb\)", cells[0])
+        assert link and len(cells) == len(columns), line
+        times[link.group(1)] = (cells[total], cells[slowest])
+    assert sorted(times) == NOTEBOOKS
+    for name, shown in times.items():  # whole seconds, as measured; "a few minutes" at most
+        assert all(re.fullmatch(r"[1-9]\d* s", time) for time in shown), (name, shown)
+        seconds, cell = (int(time.split()[0]) for time in shown)
+        assert cell <= seconds <= 300, (name, shown)
 
 
 def internal_names(name: str) -> list[str]:

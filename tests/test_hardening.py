@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from docs_text import page
 import golden
 from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, models, run
 from pyvene_patchscopes.cli import main
@@ -235,10 +236,9 @@ def test_f10_explore_on_a_port_in_use_fails_before_loading_or_printing(capsys, l
 # ---- 11. the README's multi-process command ---------------------------------------------------------------------
 def test_f11_the_readmes_multi_process_sweep_works_with_fewer_units_than_processes(tmp_path):
     """2 processes, 8 prompts, the default batch size (32): one unit of work, so one process has none."""
-    readme = (REPO / "README.md").read_text()
     command = ("accelerate launch --multi_gpu --num_processes 8 -m pyvene_patchscopes.cli sweep --device auto \\\n"
                "    --prompts prompts.txt --target-layers same --json > sweep.json")
-    assert command in readme  # the command tested here is the README's, with 2 processes and a tiny model
+    assert command in page("guides/sweeps")  # the command tested here is the docs', with 2 processes and a tiny model
     handle = tiny_model("llama", seed=4)
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")

@@ -20,6 +20,7 @@ import pyvene_patchscopes
 from pyvene_patchscopes import (MappingFunction, Patchscope, Source, SpecError, Target, UnknownNameError,
                                 register_intervention, register_mapping)
 from pyvene_patchscopes.cli import main
+from docs_text import page
 from test_interventions import Scaled
 from tiny import tiny_model
 
@@ -29,7 +30,7 @@ PLUGIN = "my_plugins"
 PLUGIN_GROUP = "pyvene_patchscopes.plugins"  # the entry-point group the README documents
 SOURCE, TARGET = "The city of Paris is large", "The capital of x is"
 
-README = (ROOT / "README.md").read_text()
+README = page("guides/saving")  # the page that documents plugins
 # the README's plugin module, verbatim: a mapping f(h) = alpha h and an intervention that halves the state
 PLUGIN_SOURCE = README.split("```python\n# my_plugins.py\n", 1)[1].split("```", 1)[0]
 

@@ -121,7 +121,8 @@ OTHERS = {"hook_resid_post", "hook_resid_pre", "hook_name", "W_dec", "d_in", "ou
           "quantization_config", "device_map", "save_intervention", "load_intervention", "patchscope_lens",
           "steering_hooks", "activation_utils", "scale_tuning_gemma", "causal_methods", "model_bridge",
           "LATENTQA_LLAMA3", "intkey_layer_20_comp_block_output_unit_pos_nunit_1", "overlay_strength",
-          "jacobian_sum", "n_done", "next_idx", "dim_batch", "n_prompts", "d_model", "my_plugins", "pydoc_data", "nl_probes"}
+          "jacobian_sum", "n_done", "next_idx", "dim_batch", "n_prompts", "d_model", "my_plugins", "pydoc_data",
+          "nl_probes"}
 
 
 def test_every_snake_case_name_the_pages_show_in_code_exists():

@@ -1,6 +1,6 @@
 """A Patchscope in a pyvene pipeline of the user's own (`to_pyvene(...).add_to(config)`), beside the user's
 AdditionIntervention and CollectIntervention: against `run` and hand-written hooks (tests/golden.py) on tiny
-models, and the README's example on SmolLM2."""
+models, and the docs' example (docs/guides/pyvene.md) on SmolLM2."""
 from __future__ import annotations
 
 import contextlib
@@ -332,7 +332,7 @@ def test_misnested_or_missized_locations_are_refused_in_one_line_before_pyvene_r
 
 
 def test_pyvene_alone_fails_deep_inside_on_misnesting_and_on_source_representations_beside_a_constant(tiny_llama):
-    """What the README says pyvene 0.1.8 does without add_to: why the checks, and why the constant source."""
+    """What the pyvene page says pyvene 0.1.8 does without add_to: why the checks, and why the constant source."""
     (scope,) = scopes(tiny_llama, rows=ROWS[:1])
     plan = to_pyvene(scope, tiny_llama)
     config = users_config(64, torch.zeros(64))
@@ -469,7 +469,7 @@ def test_pyvenes_own_load_fails_on_a_pipeline_with_a_collect_and_load_intervenab
             assert torch.equal(again.logits, out.logits) and torch.equal(again_collected[0], collected[0])
 
 
-# ---- the README's example, on SmolLM2 -------------------------------------------------------------------------------
+# ---- the docs' example, on SmolLM2 -----------------------------------------------------------------------------------
 def readme_pipeline_code() -> str:
     """The python blocks of the docs' pyvene page (docs/guides/pyvene.md), in order."""
     return "\n".join(code for code, _ in python_blocks(page("guides/pyvene")))

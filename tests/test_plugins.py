@@ -27,11 +27,11 @@ from tiny import tiny_model
 ROOT = Path(pyvene_patchscopes.__file__).parent.parent
 TESTS = Path(__file__).parent
 PLUGIN = "my_plugins"
-PLUGIN_GROUP = "pyvene_patchscopes.plugins"  # the entry-point group the README documents
+PLUGIN_GROUP = "pyvene_patchscopes.plugins"  # the entry-point group the docs document
 SOURCE, TARGET = "The city of Paris is large", "The capital of x is"
 
 README = page("guides/saving")  # the page that documents plugins
-# the README's plugin module, verbatim: a mapping f(h) = alpha h and an intervention that halves the state
+# the docs' plugin module, verbatim: a mapping f(h) = alpha h and an intervention that halves the state
 PLUGIN_SOURCE = README.split("```python\n# my_plugins.py\n", 1)[1].split("```", 1)[0]
 
 # process A: save a spec (f = Scale) and a pyvene folder (a MappingIntervention with f = Scale, and a Halve), and
@@ -131,7 +131,7 @@ def shared(tmp_path_factory):
     site = root / "site" / "my_plugins-0.1.dist-info"
     site.mkdir(parents=True)
     (site / "METADATA").write_text("Metadata-Version: 2.1\nName: scale-plugin-36\nVersion: 0.1\n")
-    (site / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN} = {PLUGIN}\n")  # as the README's
+    (site / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN} = {PLUGIN}\n")  # as the docs'
     for where in ("plugin", "main"):
         (root / where).mkdir()
         _python(SAVE, str(root / "tiny"), str(root / where), where, str(root / "code" / f"{PLUGIN}.py"),

@@ -79,7 +79,7 @@ def test_every_interval_in_the_readme_comes_from_a_report():
 
     def found(triple: tuple[float, ...], digits: int) -> bool:
         if triple in {tuple(round(v, digits) for v in t) for t in numbers}:
-            return True  # a 2-digit README value may round a table's 3-digit text: within half a unit
+            return True  # a 2-digit value on a page may round a table's 3-digit text: within half a unit
         return any(all(abs(a - b) <= 0.5 * 10 ** -digits + 1e-9 for a, b in zip(triple, t)) for t in printed)
 
     missing = [text for text, triple, digits in shown if not found(triple, digits)]

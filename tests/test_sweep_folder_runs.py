@@ -356,7 +356,7 @@ def test_a_shard_that_does_not_fit_is_one_line_and_the_retry_resumes(tmp_path, m
         killed_sweep.run(str(folder))
     assert type(raised.value).__name__ == "WriteError" and isinstance(raised.value, OSError)
     shown = str(raised.value).replace(str(folder), "runs/identity").split(" (allowed: ")[0] + " (allowed: ...)"
-    assert f"`{shown}`" in README  # the README's example is this error
+    assert f"`{shown}`" in README  # the page's example is this error
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"] + [f"unit-00000{u}.parquet" for u in range(3)]
     monkeypatch.undo()
     done = killed_sweep.run(str(folder))

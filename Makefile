@@ -34,6 +34,7 @@ browser:                                       # 12 s on a fresh Debian bookworm
 	  apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } || echo "$$need (apt-get failed)"
 
 test: install browser
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet   # the manual (docs/), into site/
 	$(PY) -m pytest -q
 
 eval: install                                  # the paper's experiments on both embedded models, about 39 min on 2 CPU cores
@@ -71,9 +72,8 @@ bench-memory: install                          # peak memory against sweep size,
 bench-explore: install browser                 # the explorer's first heatmap on SmolLM2, click to drawn, ~1 min
 	$(PY) benchmarks/explore.py --out benchmarks/results/explore.json
 
-docs: install                                  # the API reference, generated from the docstrings
-	$(VENV)/bin/pdoc --docformat markdown -o out/api $$($(PY) -c "import pkgutil, pyvene_patchscopes as p; \
-	  print(' '.join(['pyvene_patchscopes'] + [m.name for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]))")
+docs: install                                  # the manual with the API from the docstrings, into site/; `mkdocs serve` to browse
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out site .pytest_cache

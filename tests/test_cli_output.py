@@ -31,6 +31,7 @@ from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
 from pyvene_patchscopes.export.figures import CELL_WIDTH, layer_heatmap
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
+from docs_text import joined
 from tiny import tiny_loader, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,7 +191,7 @@ def test_json_is_asked_for_anywhere_before_a_lone_double_dash():
 
 
 def test_the_readmes_json_error_is_what_the_cli_prints(capsys):
-    readme = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    readme = joined("guides/cli")
     shown = re.search(r'`(\{"schema": 1, "command": "inspect", "error": .*?\}\})`', readme).group(1)
     assert main(["inspect", "--source-prompt", "x", "--preset", "telepathy", "--json"]) == 2
     printed = capsys.readouterr().err.strip()
@@ -207,11 +208,10 @@ def test_show_text_quotes_so_that_whitespace_is_visible():
 
 
 def test_a_heatmap_cell_keeps_its_quotes_and_six_letters_of_a_word():
-    """The README's examples; the quotes have their own room (CELL_WIDTH counts the text between them)."""
+    """The CLI page's examples; the quotes have their own room (CELL_WIDTH counts the text between them)."""
     assert show_text(" London", CELL_WIDTH) == "' London'"  # was "' Londo…": the quotes took two letters' room
     assert show_text(" Washington", CELL_WIDTH) == "' Washi…'"
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "a heatmap cell keeps 7: `' London'`, `' Washi…'`" in " ".join(readme.split()) and CELL_WIDTH == 7
+    assert "a heatmap cell keeps 7: `' London'`, `' Washi…'`" in joined("guides/cli") and CELL_WIDTH == 7
 
 
 class _Grid:

@@ -11,6 +11,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from docs_text import page
+
 from pyvene_patchscopes import Patchscope, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.evaluate import data
 from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
@@ -306,8 +308,7 @@ def test_eval_help_and_readme_list_the_fields_of_each_tasks_data_from_one_table(
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     help_text = capsys.readouterr().out
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert data_fields() in help_text and data_fields(markdown=True) in readme
+    assert data_fields() in help_text and data_fields(markdown=True) in page("guides/paper")
     readers = {task.name: task.data for task in TASKS.values() if task.data is not None}
     assert readers == {"attributes": "facts", "entities": "entities", "multihop": "multihop", "jacobian": "texts"}
     for kind in readers.values():

@@ -13,13 +13,13 @@ import json
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
 import auto_tiny
+from docs_text import page
 import golden
 from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
 from pyvene_patchscopes.tools import families
@@ -212,7 +212,7 @@ def test_the_model_is_left_as_it_was(family):
     assert all(p.grad is None for p in model.parameters())
 
 
-# ---- the survey: the README's table and `patchscopes families` -------------------------------------------
+# ---- the survey: the docs' table and `patchscopes families` -------------------------------------------
 # issue 24's "Why": 26 families refused before, Gemma 1 and OLMo 1 on the slow path only, and where each is now
 NAMED = {**dict.fromkeys([
     "SmolLM3ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
@@ -233,11 +233,10 @@ def test_the_families_named_in_the_issue_take_the_path_listed():
     assert {verdicts[name].execution for name in SHARED_LAYERS} == {"shared layers"}
 
 
-def test_the_readmes_family_table_is_the_survey():
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    table = readme.split("<!-- families:begin -->\n")[1].split("<!-- families:end -->")[0].strip()
+def test_the_docs_family_table_is_the_survey():
+    table = page("reference/families").split("<!-- families:begin -->\n")[1].split("<!-- families:end -->")[0].strip()
     assert table == families.markdown(list(auto_tiny.verdicts().values())), \
-        "the README's table is stale: paste `patchscopes families --markdown` between the markers"
+        "docs/reference/families.md's table is stale: paste `patchscopes families --markdown` between the markers"
 
 
 def test_the_families_command_prints_every_class_as_clean_json():

@@ -1,8 +1,8 @@
 """Issue 23's findings outside the explorer: weights checked in the dtype they run in, ``run --model``, output
-paths checked before any work and written whole, the README's multi-process sweep, and no deprecated calls.
+paths checked before any work and written whole, the docs' multi-process sweep, and no deprecated calls.
 
 Each test fails on the code before the fix (the finding it names) and passes after. Tiny random models behind
-the CLI's own checks; the multi-process test runs the README's ``accelerate launch`` command on 2 CPU processes.
+the CLI's own checks; the multi-process test runs the docs' ``accelerate launch`` command on 2 CPU processes.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from docs_text import page
 import golden
 from pyvene_patchscopes import (Affine, Patchscope, Source, SpecError, Target, load_patchscope, models, run,
                                 save_patchscope)
@@ -233,13 +234,12 @@ def test_f10_explore_on_a_port_in_use_fails_before_loading_or_printing(capsys, l
     assert f"patchscopes: error: --port={port}: cannot listen on 127.0.0.1:{port} (it is in use" in err
 
 
-# ---- 11. the README's multi-process command ---------------------------------------------------------------------
+# ---- 11. the docs' multi-process command -----------------------------------------------------------------------
 def test_f11_the_readmes_multi_process_sweep_works_with_fewer_units_than_processes(tmp_path):
     """2 processes, 8 prompts, the default batch size (32): one unit of work, so one process has none."""
-    readme = (REPO / "README.md").read_text()
     command = ("accelerate launch --multi_gpu --num_processes 8 -m pyvene_patchscopes.cli sweep --device auto \\\n"
                "    --prompts prompts.txt --target-layers same --json > sweep.json")
-    assert command in readme  # the command tested here is the README's, with 2 processes and a tiny model
+    assert command in page("guides/sweeps")  # the command tested here is the docs', with 2 processes and a tiny model
     handle = tiny_model("llama", seed=4)
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")

@@ -3,7 +3,7 @@ helpers imported from where they live, and old module paths that warn with their
 
 Every ``import`` counts: at module level, inside a function, and under ``if TYPE_CHECKING:``; ``import a.b.c`` (or
 ``from a.b.c import x``) also imports ``a.b``'s ``__init__`` unless the importer lives inside ``a.b``.
-The tier list is also the README's "Layout" table; a test keeps the two equal.
+The tier list is also the table of docs/developing/architecture.md; a test keeps the two equal.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pyvene_patchscopes import _moved
 
 ROOT = Path(pyvene_patchscopes.__file__).parent
 PACKAGE = "pyvene_patchscopes"
-README = ROOT.parent / "README.md"
+ARCHITECTURE = ROOT.parent / "docs" / "developing" / "architecture.md"
 
 # Lowest first. A module imports only from its own tier or a lower one. Names are relative to the package; "" is
 # the package's own __init__ (the public face).
@@ -250,9 +250,8 @@ def test_the_readmes_verbs_are_exported_from_the_package():
     assert fit_affine is fit_affine_in_module and build is build_in_module
 
 
-def test_the_readmes_layout_table_is_the_tier_list():
-    text = README.read_text(encoding="utf-8")
-    section = text[text.index("## Layout"):]
+def test_the_docs_architecture_table_is_the_tier_list():
+    section = ARCHITECTURE.read_text(encoding="utf-8")
     rows = re.findall(r"^\| (\d+) \| ([^|]+?) \| ([^|]+?) \|$", section, flags=re.M)
     assert [(int(rank), tier) for rank, tier, _ in rows] == [(rank, tier) for rank, (tier, _) in enumerate(TIERS)]
     for (_, _, listed), (_, patterns) in zip(rows, TIERS):

@@ -1,18 +1,18 @@
 """A Patchscope in a pyvene pipeline of the user's own (`to_pyvene(...).add_to(config)`), beside the user's
 AdditionIntervention and CollectIntervention: against `run` and hand-written hooks (tests/golden.py) on tiny
-models, and the README's example on SmolLM2."""
+models, and the docs' example (docs/guides/pyvene.md) on SmolLM2."""
 from __future__ import annotations
 
 import contextlib
 import copy
 import io
 import re
-from pathlib import Path
 
 import pytest
 import pyvene as pv
 import torch
 
+from docs_text import page, python_blocks
 import auto_tiny
 import golden
 from tiny import tiny_model
@@ -343,7 +343,7 @@ def test_misnested_or_missized_locations_are_refused_in_one_line_before_pyvene_r
 
 
 def test_pyvene_alone_fails_deep_inside_on_misnesting_and_on_source_representations_beside_a_constant(tiny_llama):
-    """What the README says pyvene 0.1.8 does without add_to: why the checks, and why the constant source."""
+    """What the pyvene page says pyvene 0.1.8 does without add_to: why the checks, and why the constant source."""
     (scope,) = scopes(tiny_llama, rows=ROWS[:1])
     plan = to_pyvene(scope, tiny_llama)
     config = users_config(64, torch.zeros(64))
@@ -480,12 +480,10 @@ def test_pyvenes_own_load_fails_on_a_pipeline_with_a_collect_and_load_intervenab
             assert torch.equal(again.logits, out.logits) and torch.equal(again_collected[0], collected[0])
 
 
-# ---- the README's example, on SmolLM2 -------------------------------------------------------------------------------
+# ---- the docs' example, on SmolLM2 -----------------------------------------------------------------------------------
 def readme_pipeline_code() -> str:
-    """The python blocks of the README's pyvene section, in order."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## In pyvene pipelines and causal-abstraction studies", 1)[1].split("\n## ", 1)[0]
-    return "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+    """The python blocks of the docs' pyvene page (docs/guides/pyvene.md), in order."""
+    return "\n".join(code for code, _ in python_blocks(page("guides/pyvene")))
 
 
 @pytest.mark.real_model
@@ -493,7 +491,7 @@ def test_the_readme_pipeline_example_equals_run_and_hand_written_hooks():
     code = readme_pipeline_code()
     assert len([line for line in code.splitlines() if line.strip() and not line.startswith(("import", "from"))]) <= 10
     space: dict = {}
-    exec(compile(code, "README.md", "exec"), space)  # the exact README code
+    exec(compile(code, "docs/guides/pyvene.md", "exec"), space)  # the exact code of the page
     scope, call, model = space["scope"], space["call"], space["model"]
     want = run(scope, model)[0]
     torch.testing.assert_close(space["out"].logits[0, -1], want.logits, atol=1e-4, rtol=0)

@@ -20,17 +20,18 @@ import pyvene_patchscopes
 from pyvene_patchscopes import (MappingFunction, Patchscope, Source, SpecError, Target, UnknownNameError,
                                 register_intervention, register_mapping)
 from pyvene_patchscopes.cli import main
+from docs_text import page
 from test_interventions import Scaled
 from tiny import tiny_model
 
 ROOT = Path(pyvene_patchscopes.__file__).parent.parent
 TESTS = Path(__file__).parent
 PLUGIN = "my_plugins"
-PLUGIN_GROUP = "pyvene_patchscopes.plugins"  # the entry-point group the README documents
+PLUGIN_GROUP = "pyvene_patchscopes.plugins"  # the entry-point group the docs document
 SOURCE, TARGET = "The city of Paris is large", "The capital of x is"
 
-README = (ROOT / "README.md").read_text()
-# the README's plugin module, verbatim: a mapping f(h) = alpha h and an intervention that halves the state
+README = page("guides/saving")  # the page that documents plugins
+# the docs' plugin module, verbatim: a mapping f(h) = alpha h and an intervention that halves the state
 PLUGIN_SOURCE = README.split("```python\n# my_plugins.py\n", 1)[1].split("```", 1)[0]
 
 # process A: save a spec (f = Scale) and a pyvene folder (a MappingIntervention with f = Scale, and a Halve), and
@@ -130,7 +131,7 @@ def shared(tmp_path_factory):
     site = root / "site" / "my_plugins-0.1.dist-info"
     site.mkdir(parents=True)
     (site / "METADATA").write_text("Metadata-Version: 2.1\nName: scale-plugin-36\nVersion: 0.1\n")
-    (site / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN} = {PLUGIN}\n")  # as the README's
+    (site / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN} = {PLUGIN}\n")  # as the docs'
     for where in ("plugin", "main"):
         (root / where).mkdir()
         _python(SAVE, str(root / "tiny"), str(root / where), where, str(root / "code" / f"{PLUGIN}.py"),

@@ -1,4 +1,4 @@
-"""The README's evaluation numbers are the shipped reports' numbers (and the J-lens benchmark's), each with its
+"""The docs' evaluation numbers are the shipped reports' numbers (and the J-lens benchmark's), each with its
 interval."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from docs_text import DOCS, joined, page, pages
 from pyvene_patchscopes.evaluate import ON_BOTH_MODELS, SECOND_MODEL, TASKS, folder_name
 from pyvene_patchscopes.evaluate.stats import RESAMPLES
 
@@ -17,11 +18,10 @@ INTERVAL = re.compile(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]")
 
 
 def _sections() -> str:
-    """The README's evaluation sections: `patchscopes eval`, and the Jacobian Scopes faithfulness benchmark."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    evaluation = readme[readme.index("## Reproducing the paper"):readme.index("## Jacobian Scopes")]
-    faithfulness = readme[readme.index("**Faithfulness**"):readme.index("## In pyvene pipelines")]
-    return evaluation + faithfulness
+    """The docs' evaluation pages: `patchscopes eval`, the Jacobian lens, and the Jacobian Scopes faithfulness
+    benchmark."""
+    scopes = page("guides/jacobian-scopes")
+    return page("guides/paper") + page("guides/jacobian-lens") + scopes[scopes.index("**Faithfulness**"):]
 
 
 def _folders() -> list[Path]:
@@ -46,7 +46,7 @@ def _reported() -> tuple[set[tuple[float, float, float]], list[tuple[float, floa
     """Every (estimate, low, high) the reports hold: as numbers (intervals, paired differences, held-out
     choices), and as the text of their tables and summaries (printed to 3 digits)."""
     numbers, printed = set(), []
-    # the reports, and the J-lens benchmark's next-token table (README, "The Jacobian lens")
+    # the reports, and the J-lens benchmark's next-token table (docs/guides/jacobian-lens.md)
     for path in [*(folder / "report.json" for folder in _folders()), ROOT / "benchmarks" / "results" / "jlens.json"]:
         for item in _walk(json.loads(path.read_text())):
             if isinstance(item, dict) and {"estimate", "low", "high"} <= set(item):
@@ -79,11 +79,11 @@ def test_every_interval_in_the_readme_comes_from_a_report():
 
     def found(triple: tuple[float, ...], digits: int) -> bool:
         if triple in {tuple(round(v, digits) for v in t) for t in numbers}:
-            return True  # a 2-digit README value may round a table's 3-digit text: within half a unit
+            return True  # a 2-digit value on a page may round a table's 3-digit text: within half a unit
         return any(all(abs(a - b) <= 0.5 * 10 ** -digits + 1e-9 for a, b in zip(triple, t)) for t in printed)
 
     missing = [text for text, triple, digits in shown if not found(triple, digits)]
-    assert not missing, f"README intervals not found in reports/: {missing}"
+    assert not missing, f"docs intervals not found in reports/: {missing}"
 
 
 def test_no_number_in_a_readme_evaluation_table_lacks_its_interval():
@@ -138,3 +138,46 @@ def test_every_shipped_report_whose_intervals_rest_on_too_few_samples_says_so():
             assert f"- **Warning:** {warning}\n" in index
             flagged.append(folder.name)
     assert flagged == ["stages", "jacobian"]
+
+
+def test_every_figure_of_the_benchmark_pages_is_its_results_file():
+    """docs/reference/benchmarks.md, the explorer's and the scale search's timings: each figure is the number in
+    benchmarks/results/ that its make target wrote, rounded as printed."""
+    results = {path.stem: json.loads(path.read_text()) for path in (ROOT / "benchmarks" / "results").glob("*.json")}
+    text = page("reference/benchmarks")
+    gib = 2 ** 30
+    for work, row in zip(("l\\* = l, 32 prompts (960 cells; a, b on all 960)",
+                          "30 x 30 grid, 2 prompts (1,800 cells; a, b on 150)"), results["cpu"]["results"]):
+        rate, agree = row["patchscopes_per_s"], row["top1_agreement"]["official_vs_engine"]
+        assert (f"| {work} | {rate['official']:.1f} | {rate['pyvene']:.1f} | {rate['engine']:.0f} | "
+                f"{row['c_over_a']:.0f} | {row['c_over_b']:.0f} | {row['peak_memory_bytes']['engine'] / gib:.2f} GiB | "
+                f"{round(agree * row['baseline_pairs'])}/{row['baseline_pairs']} |") in text
+    for name, runner in results["runners"]["runners"].items():
+        assert (f"| {name} | {runner['cells_per_s']:.0f} | {runner['over_plain']:.1f} | "
+                f"{runner['top1_agreement_with_shared_prefix']:.3f} |") in text
+    host = results["host"]["ms_per_cell"]
+    assert (f"host work fell from {host['before']['host']:.3f} ms to {host['after']['host']:.3f} ms per cell "
+            f"(**{results['host']['host_speedup']}x**") in " ".join(text.split())
+    names = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
+    in_memory = {(r["model"], r["prompts"]): r for r in results["memory"]["runs"] if r["mode"] == "memory+logits"}
+    for run in (r for r in results["memory"]["runs"] if r["mode"] == "folder"):
+        row = (f"| {names[run['model']]} | {run['prompts']:,} | {run['cells']:,} | {run['peak_rss_gib']:.2f} GiB | "
+               f"{run['cells_per_s']:.0f} |")
+        memory = in_memory.get((run["model"], run["prompts"]))
+        assert row + (f" {memory['peak_rss_gib']:.2f} GiB |" if memory else "") in text, row
+    explore = results["explore"]
+    assert (f"takes **{explore['median_click_to_drawn']:.1f} s from click to drawn**" in joined("guides/explorer")
+            and f"of which the sweep itself is {explore['median_service']:.1f} s" in joined("guides/explorer"))
+    scales = results["scales"]
+    assert (f"**{scales['batched_cells_per_s']} against {scales['hooks_cells_per_s']} cells/s, "
+            f"{scales['per_latent_hooks_s'] / scales['batched_s']:.1f}x**") in joined("guides/vectors")
+
+
+def test_every_figure_the_docs_show_is_a_file_of_the_repository():
+    """Each image and each link into reports/ or benchmarks/results/ names a file that is there."""
+    for name in pages():
+        for target in re.findall(r"\]\(([^)\s#]+)", page(name)):
+            if target.startswith(("http", "mailto")) or target.endswith(".md") and "reports" not in target:
+                continue
+            base = ROOT if name == "README" else (DOCS / name).parent
+            assert (base / target).exists(), (name, target)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from docs_text import page
 import golden
 from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.execution.engine import _collect_all
@@ -19,7 +19,6 @@ from pyvene_patchscopes.spec.positions import resolve_position
 from pyvene_patchscopes.resolve import resolve
 from tiny import FAMILIES, tiny_model
 
-README = Path(__file__).parent.parent / "README.md"
 PROMPTS = ["The capital of France is Paris", "Here is a word: dog", "Tokyo London Berlin Rome and Paris"]
 
 
@@ -124,10 +123,10 @@ def test_bad_input_gets_one_line_naming_the_field(tiny_llama):
 
 
 def test_the_readmes_example_runs_and_says_what_it_prints(smollm2, capsys):
-    section = README.read_text().split("## Reading any vector", 1)[1].split("\n## ", 1)[0]
+    section = page("guides/vectors")
     blocks = [textwrap.dedent(block) for block in re.findall(r"```python\n(.*?)```", section, re.S)]
     example = next(block for block in blocks if "hidden_states(" in block)
-    exec(compile(example, "README.md", "exec"), {})  # noqa: S102 (the README's own code)
+    exec(compile(example, "docs/guides/vectors.md", "exec"), {})  # noqa: S102 (the page's own code)
     printed = capsys.readouterr().out.splitlines()
     shown = [line.split("# ", 1)[1] for line in example.splitlines() if line.startswith("# ")]
     assert printed == shown

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from docs_text import joined
 import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
 from pyvene_patchscopes.execution.sweeps import SweepResult, sweep
@@ -394,12 +395,12 @@ def test_run_without_logits_keeps_the_top_tokens_and_generations_on_both_paths(m
 
 
 def test_the_readmes_streamed_against_in_memory_figures_are_the_benchmarks():
-    """README ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's (make bench-streamed)."""
+    """docs/guides/sweeps.md ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's (make bench-streamed)."""
     import json
 
     root = Path(__file__).resolve().parents[1]
     measured = json.loads((root / "benchmarks" / "results" / "streamed.json").read_text())
-    text = " ".join((root / "README.md").read_text(encoding="utf-8").split())
+    text = joined("guides/sweeps")
     sweeps = measured["sweeps"]
     assert (f"on SmolLM2, {measured['prompts']} prompts and `max_new_tokens=0`, the streamed sweep took "
             f"**{sweeps['grid']['ratio']:.2f}x** the in-memory sweep's time on the 30 x 30 grid (one prompt a unit) "

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from docs_text import joined  # noqa: E402
 import killed_sweep  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 from pyvene_patchscopes import PatchscopeError, SpecError  # noqa: E402
@@ -30,7 +31,7 @@ PROMPTS = killed_sweep.PROMPTS
 SETTINGS = dict(target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False, readout="logits")
 TENSORS = ("top_ids", "top_probs", "logits", "target_positions", "informative")
 TRIALS = 10
-README = " ".join((HERE.parents[1] / "README.md").read_text(encoding="utf-8").split())  # its lines joined
+README = joined("guides/sweeps")  # the sweeps page, its lines joined
 
 
 def assert_same(got: SweepResult, want: SweepResult) -> None:
@@ -355,7 +356,7 @@ def test_a_shard_that_does_not_fit_is_one_line_and_the_retry_resumes(tmp_path, m
         killed_sweep.run(str(folder))
     assert type(raised.value).__name__ == "WriteError" and isinstance(raised.value, OSError)
     shown = str(raised.value).replace(str(folder), "runs/identity").split(" (allowed: ")[0] + " (allowed: ...)"
-    assert f"`{shown}`" in README  # the README's example is this error
+    assert f"`{shown}`" in README  # the page's example is this error
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"] + [f"unit-00000{u}.parquet" for u in range(3)]
     monkeypatch.undo()
     done = killed_sweep.run(str(folder))

@@ -18,6 +18,8 @@ import torch
 from nbclient import NotebookClient
 from safetensors.torch import load_file
 
+from docs_text import page
+
 import pyvene_patchscopes
 
 pytestmark = pytest.mark.real_model
@@ -43,7 +45,7 @@ def execute(name: str, workdir: Path) -> dict:
 
 
 def test_every_notebook_is_committed_without_outputs_and_listed_in_the_readmes():
-    readme, tutorials_readme = (TUTORIALS.parent / "README.md").read_text(), (TUTORIALS / "README.md").read_text()
+    readme, tutorials_readme = page("tutorials/index"), (TUTORIALS / "README.md").read_text()
     assert sorted(p.stem for p in TUTORIALS.glob("*.ipynb")) == NOTEBOOKS
     for name in NOTEBOOKS:
         notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
@@ -200,8 +202,8 @@ def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chanc
     shown = [f"{i['estimate']:.2f} [{i['low']:.2f}, {i['high']:.2f}]"
              for i in (test, summary["best_fixed"]["test"], control, summary["best_rule"]["test"])]
     assert all(interval in summary["finding"] for interval in shown[:2] + shown[3:])
-    # the README's paragraph on this tutorial states the same figures
-    readme = (TUTORIALS.parent / "README.md").read_text().split("What a tiny SAE's latents say", 1)[1].split("\n- ", 1)[0]
+    # the vectors page's paragraph on this tutorial states the same figures
+    readme = page("guides/vectors").split("What a tiny SAE's latents say", 1)[1].split("\n- ", 1)[0]
     assert f"**{shown[0]}**" in readme and all(figure in readme for figure in shown[1:3])
     assert f"{summary['rule_largest_share']:.0%} of the latents" in readme
     assert f"{summary['by_alpha']['replace'][2]:.2f} of all latents at α = 128 against " \

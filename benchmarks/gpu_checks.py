@@ -38,7 +38,7 @@ def readouts(handle) -> dict[str, torch.Tensor | list]:
                      max_new_tokens=4, planned=planned, progress=False, keep_logits=True)
         out[f"sweep planned={planned}"] = grid.logits.cpu()
         out[f"generations planned={planned}"] = grid.generations
-    out["jacobian fisher"] = torch.tensor(jacobian_scope(handle, "The Eiffel Tower is in the city of", "fisher").scores)
+    out["jacobian fisher"] = torch.tensor(jacobian_scope("The Eiffel Tower is in the city of", handle, "fisher").scores)
     return out
 
 

@@ -51,7 +51,7 @@ def readout(handle, lens: JacobianLens | None, layer: int, states: torch.Tensor)
 def crosscheck(handle, texts: list[str], layers: list[int], tl_python: str, states: dict[int, torch.Tensor],
                dim_batch: int) -> dict:
     start = time.perf_counter()
-    ours = fit_jacobian_lens(handle, texts, layers, dim_batch=dim_batch, max_seq_len=JACOBIAN_LENS_TOKENS,
+    ours = fit_jacobian_lens(texts, handle, layers, dim_batch=dim_batch, max_seq_len=JACOBIAN_LENS_TOKENS,
                              progress=True)
     ours_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +86,7 @@ def next_token(handle, states: dict[int, torch.Tensor], train: list[str], seed: 
     lens = JacobianLens.from_catalogue(model=handle)
     layers, last = lens.source_layers, handle.n_layers - 1
     reference = lens_logits(handle, states[last], normalised=True)  # the model's own next-token logits
-    tuned = fit_tuned_lens(handle, layers, train, progress=True)
+    tuned = fit_tuned_lens(train, handle, layers, progress=True)
     hits = {}
     for layer in layers:
         logits = {"logit lens": readout(handle, None, layer, states[layer]),

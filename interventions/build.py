@@ -70,7 +70,7 @@ def entries(handle) -> dict[str, tuple[Patchscope, str]]:
 
 def tuned_lens(handle, texts: list[str]) -> dict[str, tuple[Patchscope, str]]:
     out = {}
-    for layer, f in fit_tuned_lens(handle, TUNED_LENS_LAYERS, texts=texts, progress=True).items():
+    for layer, f in fit_tuned_lens(texts, handle, TUNED_LENS_LAYERS, progress=True).items():
         scope = build("logit-lens", "The Eiffel Tower is in the city of", -1, layer).replace(mapping=f)
         out[f"tuned-lens-l{layer:02d}"] = (scope, f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by "
                                                   "least squares to the last layer (paper §4.1), then the unembedding.")
@@ -107,11 +107,11 @@ def jacobian_lens(handle, checkpoint: Path | None = None) -> dict[str, tuple[Pat
     """J-lens entries: f = J_l (an affine map without bias) into the logit lens, one entry per layer."""
     from pyvene_patchscopes.jlens import fit_jacobian_lens
 
-    lens = fit_jacobian_lens(handle, jacobian_lens_texts(), JACOBIAN_LENS_LAYERS, dim_batch=64,
+    lens = fit_jacobian_lens(jacobian_lens_texts(), handle, JACOBIAN_LENS_LAYERS, dim_batch=64,
                              max_seq_len=JACOBIAN_LENS_TOKENS, checkpoint=checkpoint, progress=True)
     out = {}
     for layer in lens.source_layers:
-        scope = lens.scope("The Eiffel Tower is in the city of", -1, layer, handle.name)
+        scope = build("jacobian-lens", "The Eiffel Tower is in the city of", -1, layer, model=handle.name, lens=lens)
         out[f"jacobian-lens-l{layer:02d}"] = (scope, (
             f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = E[dh_final/dh_l], the "
             f"reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} tokens (the first "

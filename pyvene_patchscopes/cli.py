@@ -560,7 +560,7 @@ def cmd_jacobian(args: argparse.Namespace) -> None:
         for path in paths:
             check_outputs(args, {"--out": str(path)})
     handle = _load(args)
-    attribution = jacobian_scope(handle, args.text, JacobianScope(**{**spec.__dict__, "model": handle.name}),
+    attribution = jacobian_scope(args.text, handle, JacobianScope(**{**spec.__dict__, "model": handle.name}),
                                  progress=not args.json)
     files: dict[str, str] = {}
     if paths is not None:

@@ -1,7 +1,7 @@
 """Custom pyvene interventions: write f(source) at the target, and reroute a state within one forward pass.
 
 Both classes follow the rules that make pyvene 0.1.8's own ``IntervenableModel.save``/``load`` round-trip
-them (see compat.py): they live in an importable module, accept the kwargs pyvene passes, and keep every
+them (see compat/): they live in an importable module, accept the kwargs pyvene passes, and keep every
 constructor argument in the ``state_dict`` (the mapping's name, arguments and source size as buffers), so
 an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself when its state is loaded.
 

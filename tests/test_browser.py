@@ -345,7 +345,7 @@ def test_a_jacobian_chip_selects_its_token_and_the_table_and_heatmap_follow(driv
     tokenize(driver, PROMPT)
     jchips = wait_until(lambda: driver.find_elements("css selector", "#jacobian .jchip[data-index]"), 30,
                         "the Jacobian Scopes chips")
-    attribution = jacobian_scope(tiny, PROMPT, variant="semantic", progress=False)
+    attribution = jacobian_scope(PROMPT, tiny, variant="semantic", progress=False)
     assert [int(c.get_attribute("data-index")) for c in jchips] == list(attribution.positions)
     chip(driver, TINY_TOKEN).click()
     settled(driver, tiny.n_layers)
@@ -532,7 +532,7 @@ def test_twenty_concurrent_jobs_each_equal_run_and_leave_the_model_as_it_was(tin
                     assert got["shade"] == pytest.approx(ran.prob, abs=1e-5), f"{where}, l={l}, l*={t}"
                     assert_tip("\n".join(got["tip"]), ran, f"{where}, l={l}, l*={t}", generation=False)
         else:
-            ran = jacobian_scope(tiny, body["prompt"], variant=body["variant"], progress=False)
+            ran = jacobian_scope(body["prompt"], tiny, variant=body["variant"], progress=False)
             assert [t["index"] for t in result["tokens"]] == list(ran.positions), where
             assert [t["score"] for t in result["tokens"]] == pytest.approx(list(ran.scores), rel=1e-4, abs=1e-7)
             assert result["prediction"] == ran.prediction, where

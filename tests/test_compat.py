@@ -1,7 +1,9 @@
-"""One test per pyvene 0.1.8 / transformers 5 pitfall (see pyvene_patchscopes/compat.py), on tiny models."""
+"""One test per pyvene 0.1.8 / transformers 5 pitfall (see pyvene_patchscopes/compat/), on tiny models."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import pyvene as pv
@@ -201,3 +203,37 @@ def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_
     lens = Patchscope(Source(PROMPT, -1, last, tiny.name), Target(PROMPT, -1, last))
     # equal up to float rounding: the engine unembeds only the last position (a [1, d] instead of [n, d] matmul)
     torch.testing.assert_close(run(lens, tiny)[0].logits, out.logits[0, -1], atol=1e-6, rtol=0)
+
+
+def test_bug8_importing_the_plugin_prints_nothing():
+    """pyvene prints an nnsight notice on import; the package imports it quietly, so ``--json`` output stays JSON."""
+    done = subprocess.run([sys.executable, "-c", "import pyvene_patchscopes"], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout == ""
+    noisy = subprocess.run([sys.executable, "-c", "import pyvene"], capture_output=True, text=True, check=True)
+    assert "nnsight" in noisy.stdout  # the notice this keeps out
+
+
+def test_each_workaround_module_says_when_it_can_go():
+    import importlib
+    import pkgutil
+
+    topics = [m.name for m in pkgutil.iter_modules(compat.__path__)]
+    assert len(topics) >= 8
+    for name in topics:
+        doc = importlib.import_module(f"{compat.__name__}.{name}").__doc__
+        assert doc and "Remove when:" in doc, name
+
+
+def test_a_name_set_on_compat_reaches_the_code_that_uses_it(tiny_llama, monkeypatch):
+    """compat is a package of topic modules; a monkeypatch through ``compat.X`` still reaches the code, as it did
+    when compat was one module."""
+    seen = []
+    real = compat.register_model_types
+    monkeypatch.setattr(compat, "register_model_types", lambda model=None: seen.append(model) or real(model))
+    config = pv.IntervenableConfig([{"layer": 1, "component": "block_output"}])
+    with compat.pyvene_guard(tiny_llama.model):
+        compat.intervenable(config, tiny_llama.model)
+    assert seen == [tiny_llama.model]
+    monkeypatch.undo()
+    assert compat.intervenable_model.register_model_types is real is compat.folders.register_model_types

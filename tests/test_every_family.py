@@ -176,7 +176,7 @@ def test_jacobian_scopes_match_the_explicit_jacobian(name):
         handle, rtol = auto_tiny.handle(name), 2e-3
     if architecture(handle.model).logit_scale is None:  # a prediction head of its own: refused, saying so
         with pytest.raises(PatchscopeError, match="not a scaled copy of its unembedding"):
-            jacobian_scope(handle, TEXTS[0], "semantic")
+            jacobian_scope(TEXTS[0], handle, "semantic")
         return
     recurrent = bool(non_attention_kinds(handle.model))
     try:
@@ -184,12 +184,12 @@ def test_jacobian_scopes_match_the_explicit_jacobian(name):
     except RuntimeError as err:  # RWKV overwrites its state in place: the library must say so
         assert "inplace operation" in str(err)
         with pytest.raises(PatchscopeError, match="autograd cannot"):
-            jacobian_scope(handle, TEXTS[0], "semantic")
+            jacobian_scope(TEXTS[0], handle, "semantic")
         return
     wanted = {"semantic": reference.semantic()} if recurrent else \
         {"semantic": reference.semantic(), "fisher": reference.fisher()}
     for variant, scores in wanted.items():
-        attribution = jacobian_scope(handle, TEXTS[0], variant, fisher="exact")
+        attribution = jacobian_scope(TEXTS[0], handle, variant, fisher="exact")
         assert attribution.prediction_id == reference.prediction
         _close(attribution, scores, rtol)
 
@@ -203,7 +203,7 @@ def test_the_model_is_left_as_it_was(family):
         if not reroute_reason(model):
             quiet_run(multihop(HOP1, HOP2, 2, 1, max_new_tokens=2, model=family.name), family)
         try:
-            jacobian_scope(family, TEXTS[0], "semantic")
+            jacobian_scope(TEXTS[0], family, "semantic")
         except PatchscopeError as err:  # RWKV, ModernBERT: see test_jacobian_scopes_match_the_explicit_jacobian
             assert ("autograd cannot" if architecture(model).logit_scale is not None else "not a scaled copy") in str(err)
         _assert_same_state(_state(model), before)

@@ -107,7 +107,7 @@ def test_jacobian_scopes_score_the_prompts_tokens(client, handle):
     from pyvene_patchscopes import jacobian_scope
 
     job = submit(client, kind="jacobian", variant="semantic")
-    want = jacobian_scope(handle, PROMPT, variant="semantic")
+    want = jacobian_scope(PROMPT, handle, variant="semantic")
     assert [t["text"] for t in job["result"]["tokens"]] == list(want.tokens)
     assert [t["score"] for t in job["result"]["tokens"]] == pytest.approx(list(want.scores), rel=1e-5)
 

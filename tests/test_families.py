@@ -257,7 +257,7 @@ def test_jacobian_scopes_match_the_explicit_jacobian(family64):
     reference = LogitReference(family64, TEXTS[0])
     wanted = {"semantic": reference.semantic(), "temperature": reference.temperature(), "fisher": reference.fisher()}
     for variant, scores in wanted.items():
-        attribution = jacobian_scope(family64, TEXTS[0], variant, fisher="exact")
+        attribution = jacobian_scope(TEXTS[0], family64, variant, fisher="exact")
         assert attribution.prediction_id == reference.prediction
         assert min(attribution.scores) >= 0 and max(attribution.scores) > 0
         _close(attribution, scores)
@@ -301,8 +301,8 @@ def test_the_model_is_left_as_it_was(family):
             sweep(SOURCES[:1], family, target_layers="same", max_new_tokens=2, progress=False, planned=planned)
             _assert_same_state(_state(model), before)
         run(multihop(HOP1, HOP2, 2, 1, max_new_tokens=2, model=family.name), family)
-        jacobian_scope(family, TEXTS[0], "fisher", rank=2)
-        jacobian_scope(family, TEXTS[0], "semantic")
+        jacobian_scope(TEXTS[0], family, "fisher", rank=2)
+        jacobian_scope(TEXTS[0], family, "semantic")
         _assert_same_state(_state(model), before)
         assert all(parameter.grad is None for parameter in parameters)
     finally:

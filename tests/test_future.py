@@ -59,10 +59,10 @@ def test_a_layer_is_chosen_on_dev_and_scored_on_test_or_else_on_all_texts():
 
 
 def test_plain_paths_generated_ids_stop_at_the_first_eos_as_the_planned_paths_do():
-    from pyvene_patchscopes.execution.plain import _until_eos
+    from pyvene_patchscopes.execution.plain import until_eos
 
-    assert _until_eos([5, 2, 2], eos_token_id=2) == [5, 2]  # after EOS, generate pads (SmolLM2 pads with EOS)
-    assert _until_eos([5, 6, 7], eos_token_id=2) == [5, 6, 7]
+    assert until_eos([5, 2, 2], eos_token_id=2) == [5, 2]  # after EOS, generate pads (SmolLM2 pads with EOS)
+    assert until_eos([5, 6, 7], eos_token_id=2) == [5, 6, 7]
 
 
 # ---- the preset ------------------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_d2_every_modules_own_training_flag_is_restored():
     run(_scope(handle), handle)
     run(_scope(handle, max_new_tokens=2), handle, planned=False)
     sweep(SOURCE, handle, source_position="Paris", source_layers=[0, 1], target_layers=[1])
-    jacobian_scope(handle, SOURCE, "semantic")
+    jacobian_scope(SOURCE, handle, "semantic")
     assert {name: m.training for name, m in handle.model.named_modules()} == flags
 
 

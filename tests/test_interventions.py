@@ -154,7 +154,7 @@ TEXTS = [f"The {w} of Paris is large and the river {v} is long and old." for w i
 
 def test_fit_affine_to_the_last_layer_beats_the_identity(tiny_llama):
     x, y = paired_states(tiny_llama, 1, tiny_llama, -1, TEXTS)
-    f = fit_affine(tiny_llama, 1, texts=TEXTS)
+    f = fit_affine(TEXTS, tiny_llama, 1)
     fitted, identity = (f(x) - y).pow(2).mean(), (x - y).pow(2).mean()
     assert f.weight.shape == (64, 64) and fitted < 0.5 * identity
 
@@ -167,15 +167,15 @@ def test_fit_affine_across_models_pairs_states_at_the_same_decoded_prefix():
     assert pairs and all(small.tokenizer.decode(ids_s[:i + 1], skip_special_tokens=True)
                          == large.tokenizer.decode(ids_l[:j + 1], skip_special_tokens=True) for i, j in pairs)
     assert x.shape == (sum(len(aligned_positions(t, small, large)) for t in TEXTS), 48) and y.shape == (x.shape[0], 64)
-    f = fit_affine(small, 2, large, 1, texts=TEXTS)
+    f = fit_affine(TEXTS, small, 2, large, 1)
     assert f.weight.shape == (64, 48)
     assert (f(x) - y).pow(2).mean() < (y - y.mean(0)).pow(2).mean()
 
 
 def test_fit_tuned_lens_fits_every_layer_from_one_gather_like_fit_affine(tiny_llama):
-    maps = fit_tuned_lens(tiny_llama, [0, 1, 2, 3], texts=TEXTS)
+    maps = fit_tuned_lens(TEXTS, tiny_llama, [0, 1, 2, 3])
     assert sorted(maps) == [0, 1, 2]  # the last layer needs no map to itself
-    single = fit_affine(tiny_llama, 1, texts=TEXTS)
+    single = fit_affine(TEXTS, tiny_llama, 1)
     torch.testing.assert_close(maps[1].weight, single.weight, atol=1e-4, rtol=0)
 
 
@@ -196,7 +196,7 @@ def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama,
     calls = []
     hook = tiny_llama.model.register_forward_hook(lambda module, args, output: calls.append(1))
     try:
-        f = fit_affine(tiny_llama, source_layer, target_layer=target_layer, texts=TEXTS, batch_size=16)
+        f = fit_affine(TEXTS, tiny_llama, source_layer, target_layer=target_layer, batch_size=16)
     finally:
         hook.remove()
     assert len(calls) == -(-len(TEXTS) // 16)  # one forward per batch of 16 texts, not one per layer read

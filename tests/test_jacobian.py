@@ -100,7 +100,7 @@ def test_every_variant_matches_the_explicit_jacobian(tiny64, text):
     expected = {"semantic": reference.semantic(), "temperature": reference.temperature(),
                 "fisher": reference.fisher(), "gradient-x-input": reference.gradient_x_input()}
     for variant, scores in expected.items():
-        attribution = jacobian_scope(tiny64, text, variant, fisher="exact")
+        attribution = jacobian_scope(text, tiny64, variant, fisher="exact")
         assert attribution.prediction_id == reference.prediction
         assert min(attribution.scores) >= 0 and max(attribution.scores) > 0
         _close(attribution, scores)
@@ -109,14 +109,14 @@ def test_every_variant_matches_the_explicit_jacobian(tiny64, text):
 @pytest.mark.parametrize("rank", [1, 3])
 def test_low_rank_fisher_matches_its_definition(tiny64, rank):
     reference = Reference(tiny64, TEXTS[0])
-    _close(jacobian_scope(tiny64, TEXTS[0], "fisher", rank=rank), reference.fisher_low_rank(rank))
+    _close(jacobian_scope(TEXTS[0], tiny64, "fisher", rank=rank), reference.fisher_low_rank(rank))
 
 
 def test_semantic_explains_a_given_target_token_and_an_earlier_position(tiny64):
     token = tiny64.tokenizer(" Paris", add_special_tokens=False)["input_ids"]
     token_id = 7 if len(token) != 1 else token[0]
     reference = Reference(tiny64, TEXTS[0], target_position=-2)
-    attribution = jacobian_scope(tiny64, TEXTS[0], "semantic", target_position=-2, target_token=token_id)
+    attribution = jacobian_scope(TEXTS[0], tiny64, "semantic", target_position=-2, target_token=token_id)
     n = len(tiny64.tokenizer(TEXTS[0])["input_ids"])
     assert attribution.target_position == n - 2 and max(attribution.positions) == n - 2  # later tokens cannot matter
     assert attribution.target_id == token_id
@@ -126,10 +126,10 @@ def test_semantic_explains_a_given_target_token_and_an_earlier_position(tiny64):
 def test_low_rank_fisher_converges_to_the_exact_form():
     """How closely the forms agree: the error falls with k and vanishes at k = d (different factorisations)."""
     handle = _model("llama")
-    exact = attribute(handle, TEXTS, [JacobianScope("fisher", fisher="exact", model=handle.name)])[0]
+    exact = attribute(TEXTS, handle, [JacobianScope("fisher", fisher="exact", model=handle.name)])[0]
     errors = []
     for rank in (1, 4, 16, handle.hidden_size):
-        low = jacobian_scope(handle, TEXTS, "fisher", rank=rank)
+        low = jacobian_scope(TEXTS, handle, "fisher", rank=rank)
         errors.append(max(max(abs(a - b) / b for a, b in zip(lo.scores, ex.scores)) for lo, ex in zip(low, exact)))
     assert errors == sorted(errors, reverse=True), errors
     assert errors[0] > 1e-3  # k = 1 is an approximation on a random model
@@ -160,10 +160,10 @@ def test_fisher_factors_reproduce_the_fisher_matrix():
 def test_a_batch_equals_texts_one_at_a_time():
     handle = _model("llama", torch.float32)
     scopes = [JacobianScope(v, model=handle.name) for v in ("semantic", "fisher", "temperature")]
-    together = attribute(handle, TEXTS, scopes, batch_size=3)
+    together = attribute(TEXTS, handle, scopes, batch_size=3)
     for s, scope in enumerate(scopes):
         for r, text in enumerate(TEXTS):
-            alone = jacobian_scope(handle, text, scope)
+            alone = jacobian_scope(text, handle, scope)
             assert together[s][r].positions == alone.positions and together[s][r].tokens == alone.tokens
             assert together[s][r].prediction_id == alone.prediction_id
             torch.testing.assert_close(torch.tensor(together[s][r].scores), torch.tensor(alone.scores),
@@ -181,8 +181,8 @@ def test_the_model_is_left_as_it_was():
     hooks_before = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
     model.train()
     with torch.no_grad():  # the engine enables gradients itself
-        jacobian_scope(handle, TEXTS[:2], "fisher", rank=2)
-        jacobian_scope(handle, TEXTS[0], "semantic")
+        jacobian_scope(TEXTS[:2], handle, "fisher", rank=2)
+        jacobian_scope(TEXTS[0], handle, "semantic")
     assert all(param.grad is None for param in params)
     assert [param.requires_grad for param in params] == [k % 2 == 0 for k in range(len(params))]
     assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks))
@@ -210,14 +210,14 @@ def test_bad_input_names_the_field():
     ]
     for kwargs, message in cases:
         with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            jacobian_scope(handle, TEXTS[0], **kwargs)
+            jacobian_scope(TEXTS[0], handle, **kwargs)
     assert handle.tokenizer(TEXTS[0])["input_ids"][0] == handle.tokenizer.bos_token_id  # a document-start prefix
     with pytest.raises(SpecError, match=re.escape("special token '<|endoftext|>'")):
-        jacobian_scope(handle, TEXTS[0], "semantic", target_position=0)
+        jacobian_scope(TEXTS[0], handle, "semantic", target_position=0)
     with pytest.raises(SpecError, match="is not the model given"):
-        jacobian_scope(handle, TEXTS[0], JacobianScope("semantic"))
+        jacobian_scope(TEXTS[0], handle, JacobianScope("semantic"))
     with pytest.raises(SpecError, match="text='' is not allowed"):
-        jacobian_scope(handle, "", "semantic")
+        jacobian_scope("", handle, "semantic")
 
 
 def test_spec_round_trips_through_json(tmp_path):
@@ -262,7 +262,7 @@ def html_tokens(page: str) -> tuple[list[str], set[str]]:
 
 def test_views_show_every_token(tmp_path):
     handle = _model("llama", torch.float32)
-    attribution = jacobian_scope(handle, "a <b> & 'c' \"d\"\nnext line", "semantic")
+    attribution = jacobian_scope("a <b> & 'c' \"d\"\nnext line", handle, "semantic")
     page = attribution.to_html(tmp_path / "a.html")
     tokens, tags = html_tokens((tmp_path / "a.html").read_text())
     assert tokens == [show_text(t) for t in attribution.tokens] and page.startswith("<!DOCTYPE html>")

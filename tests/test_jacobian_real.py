@@ -29,7 +29,7 @@ def test_semantic_scope_equals_a_plain_autograd_gradient(smollm2):
     logit = model(inputs_embeds=x).logits[0, -1, target]
     (grad,) = torch.autograd.grad(logit, x)
     expected = grad[0].norm(dim=-1)
-    attribution = jacobian_scope(smollm2, TEXT, "semantic", target_token=" lamp")
+    attribution = jacobian_scope(TEXT, smollm2, "semantic", target_token=" lamp")
     assert attribution.target_id == target and attribution.positions[0] == 1  # the document start is not scored
     torch.testing.assert_close(torch.tensor(attribution.scores), expected[1:], rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
@@ -38,7 +38,7 @@ def test_semantic_scope_equals_a_plain_autograd_gradient(smollm2):
 def test_exact_fisher_is_usable_and_matches_full_rank(smollm2):
     """576 backward passes (the exact form) on a short text, against the low-rank form at k = d = 576."""
     text = "The capital of France is"
-    exact, full = attribute(smollm2, [text], [JacobianScope("fisher", fisher="exact", model=smollm2.name),
+    exact, full = attribute([text], smollm2, [JacobianScope("fisher", fisher="exact", model=smollm2.name),
                                               JacobianScope("fisher", rank=576, model=smollm2.name)])
     torch.testing.assert_close(torch.tensor(exact[0].scores), torch.tensor(full[0].scores), rtol=1e-3, atol=0)
     assert min(exact[0].scores) > 0 and len(exact[0].scores) == 5

@@ -27,7 +27,7 @@ def handle():
 
 @pytest.fixture(scope="module")
 def lens(handle):
-    return fit_jacobian_lens(handle, TEXTS, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, progress=False)
+    return fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, progress=False)
 
 
 # ---- J = I is the logit lens ----------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def lens(handle):
 def test_the_j_lens_with_j_equal_identity_is_exactly_the_logit_lens(handle, planned):
     identity = logit_lens_equivalent(handle.hidden_size, [0, 1, 2])
     for layer in (0, 1, 2):
-        scope = identity.scope(TEXTS[0], -1, layer, model=handle.name)
+        scope = build("jacobian-lens", TEXTS[0], -1, layer, model=handle.name, lens=identity)
         plain = build("logit-lens", TEXTS[0], -1, layer, model=handle.name)
         assert scope.target == plain.target and scope.mapping.name == "affine"
         got, want = run([scope, plain], handle, planned=planned)
@@ -80,7 +80,7 @@ def test_fitting_leaves_the_model_as_it_was(handle):
     flags = [p.requires_grad for p in handle.model.parameters()]
     hooks = sum(len(m._forward_hooks) for m in handle.model.modules())
     training = handle.model.training
-    fit_jacobian_lens(handle, TEXTS[:1], layers=[1], dim_batch=64, skip_first=SKIP, progress=False)
+    fit_jacobian_lens(TEXTS[:1], handle, layers=[1], dim_batch=64, skip_first=SKIP, progress=False)
     assert [p.requires_grad for p in handle.model.parameters()] == flags
     assert sum(len(m._forward_hooks) for m in handle.model.modules()) == hooks and handle.model.training == training
 
@@ -93,12 +93,12 @@ def test_a_lens_readout_equals_unembedding_the_transported_state_by_hand(handle,
     model = handle.model
     want = model.lm_head(model.model.norm(lens.jacobians[1] @ h)).detach()
     for planned in (True, False):
-        got = run(lens.scope(TEXTS[1], -1, 1, model=handle.name), handle, planned=planned)[0]
+        got = run(build("jacobian-lens", TEXTS[1], -1, 1, model=handle.name, lens=lens), handle, planned=planned)[0]
         torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
 
 
 def test_the_lens_travels_as_a_patchscope_folder_of_json_and_safetensors(handle, lens, tmp_path):
-    scope = lens.scope(TEXTS[0], -1, 2, model=handle.name)
+    scope = build("jacobian-lens", TEXTS[0], -1, 2, model=handle.name, lens=lens)
     folder = save_patchscope(scope, tmp_path / "jlens-l2", models=handle, description="J-lens, layer 2")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "mapping.safetensors"]
     again = load_patchscope(folder, models=handle)
@@ -218,32 +218,32 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_loses_nothing(handle, lens
 
     monkeypatch.setattr(fitting, "prompt_jacobians", crashing)
     with pytest.raises(KeyboardInterrupt):
-        fit_jacobian_lens(handle, TEXTS, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, checkpoint=checkpoint,
+        fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, checkpoint=checkpoint,
                           progress=False)
     monkeypatch.setattr(fitting, "prompt_jacobians", real)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["n_done"] == saved["next_idx"] == 2 and set(saved["jacobian_sum"]) == {0, 1, 2}
     counted = []
     monkeypatch.setattr(fitting, "prompt_jacobians", lambda *a, **k: counted.append(1) or real(*a, **k))
-    resumed = fit_jacobian_lens(handle, TEXTS, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP,
+    resumed = fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP,
                                 checkpoint=checkpoint, progress=False)
     assert len(counted) == 1  # only the third prompt was computed again
     for layer in (0, 1, 2):
         torch.testing.assert_close(resumed.jacobians[layer], lens.jacobians[layer], atol=1e-6, rtol=0)
     with pytest.raises(SpecError, match=r"was written with skip_first=3, not 4: another fit \(pass resume=False"):
-        fit_jacobian_lens(handle, TEXTS, layers=[0, 1, 2], skip_first=4, checkpoint=checkpoint, progress=False)
+        fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], skip_first=4, checkpoint=checkpoint, progress=False)
 
 
 def test_short_prompts_are_left_out_with_a_warning_and_bad_settings_are_refused(handle):
     with pytest.warns(fitting.ShortPromptWarning, match=r"texts\[1\] has 4 tokens"):
-        short = fit_jacobian_lens(handle, [TEXTS[0], "a b"], layers=[1], skip_first=SKIP, progress=False)
+        short = fit_jacobian_lens([TEXTS[0], "a b"], handle, layers=[1], skip_first=SKIP, progress=False)
     assert short.n_prompts == 1
     with pytest.raises(SpecError, match=r"layers\[\]=3 is not allowed \(allowed: an integer in 0..2\)"):
-        fit_jacobian_lens(handle, TEXTS, layers=[3], progress=False)
+        fit_jacobian_lens(TEXTS, handle, layers=[3], progress=False)
     with pytest.raises(SpecError, match=r"no text has more than skip_first \+ 1 = 17 tokens"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fit_jacobian_lens(handle, ["a b c"], layers=[1], progress=False)
+            fit_jacobian_lens(["a b c"], handle, layers=[1], progress=False)
 
 
 # ---- the preset, the sweep, the CLI and the shipped lens -------------------------------------------------------
@@ -255,8 +255,7 @@ def test_the_jacobian_lens_preset_and_a_sweep_equal_the_lens_scope_on_both_paths
                  keep_logits=True, progress=False)
     for p, prompt in enumerate(prompts):
         for layer in (0, 2):
-            scope = lens.scope(prompt, -1, layer, handle.name)
-            assert build("jacobian-lens", prompt, -1, layer, model=handle.name, lens=lens) == scope
+            scope = build("jacobian-lens", prompt, -1, layer, model=handle.name, lens=lens)
             want = run(scope, handle, planned=False)[0].logits
             torch.testing.assert_close(grid.cell(p, layer, 3).logits, want, atol=1e-5, rtol=0)
             torch.testing.assert_close(run(scope, handle)[0].logits, want, atol=1e-5, rtol=0)
@@ -266,6 +265,16 @@ def test_the_jacobian_lens_preset_and_a_sweep_equal_the_lens_scope_on_both_paths
     sparse = JacobianLens({0: torch.eye(64), 2: torch.eye(64)})
     with pytest.raises(SpecError, match=r"Source.layer=1 has no fitted J in the Jacobian lens \(allowed: \[0, 2\];"):
         build("jacobian-lens", TEXTS[0], -1, 1, model=handle.name, lens=sparse)
+
+
+def test_the_lens_scope_method_warns_naming_build_and_gives_the_preset_spec(handle, lens):
+    """`JacobianLens.scope` (until 0.3.0) and the preset are one way: the same spec, tokenizer and tokens included."""
+    for position, tokenizer, tokens in ((-1, None, 0), (2, handle.tokenizer, 3)):
+        with pytest.warns(DeprecationWarning, match=r'build\("jacobian-lens", .*lens=.*removed in 0\.3\.0'):
+            old = lens.scope(TEXTS[0], position, 1, handle.name, tokenizer=tokenizer, max_new_tokens=tokens)
+        new = build("jacobian-lens", TEXTS[0], position, 1, model=handle.name, lens=lens, tokenizer=tokenizer,
+                    max_new_tokens=tokens)
+        assert old == new and new.target.layer == -1 and new.max_new_tokens == tokens
 
 
 def test_patchscopes_inspect_reads_a_lens_file_at_its_layers(handle, lens, tmp_path, capsys):
@@ -282,7 +291,8 @@ def test_patchscopes_inspect_reads_a_lens_file_at_its_layers(handle, lens, tmp_p
     assert [row["source_layer"] for row in rows] == [0, 1, 2]  # the lens's layers, not all four
     stored = JacobianLens.from_file(tmp_path / "lens.pt")  # fp16 on disk, as the reference writes
     for row in rows:
-        want = run(stored.scope(TEXTS[1], -1, row["source_layer"], handle.name), handle)[0]
+        want = run(build("jacobian-lens", TEXTS[1], -1, row["source_layer"], model=handle.name, lens=stored),
+                   handle)[0]
         assert row["token"] == want.token and abs(row["prob"] - want.prob) < 1e-5
     assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "logit-lens", "--lens",
                  str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1]]) == 2

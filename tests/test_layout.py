@@ -29,7 +29,7 @@ TIERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "core", "core.*")),
     ("data", ("spec", "spec.*", "result", "result.*")),
     ("models", ("models", "models.*")),
-    ("pyvene boundary", ("compat", "interventions")),
+    ("pyvene boundary", ("compat", "compat.*", "interventions")),
     ("resolve", ("resolve",)),
     ("persist", ("persist", "persist.*")),
     ("presets and vectors", ("presets", "vectors")),
@@ -62,7 +62,7 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 MAX_LINES = 450
 # Modules over MAX_LINES today, each split by job in a later step of issue 38: name -> lines when listed.
-OVERSIZE = {"cli": 908, "compat": 732, "execution.sweeps": 675, "explore.service": 587}
+OVERSIZE = {"cli": 908, "execution.sweeps": 675, "explore.service": 587}
 
 
 def _modules() -> dict[str, Path]:

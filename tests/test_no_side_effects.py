@@ -65,7 +65,7 @@ IMPORT_AND_PLOT = """
     handle = tiny_model("llama")
     grid = sweep("The city of Paris is large", handle, source_layers=[0, 1], target_layers=[0, 1], progress=False)
     same = sweep("The city of Paris is large", handle, source_layers=[0, 1], target_layers="same", progress=False)
-    attribution = jacobian_scope(handle, "The city of Paris is", "gradient-x-input")
+    attribution = jacobian_scope("The city of Paris is", handle, "gradient-x-input")
     figures = [grid.plot(), grid.plot("grid.png"), same.plot("same.png"), attribution.plot(),
                attribution.plot("attribution.png")]
     figure, _ = subplots(figsize=(2, 2))

@@ -47,7 +47,7 @@ def _everything(handle) -> dict[str, object]:
             out[f"sweep logits, planned={planned}"] = grid.logits
             out[f"sweep generations, planned={planned}"] = grid.generations
         for variant in ("semantic", "fisher", "temperature"):
-            out[f"jacobian {variant}"] = torch.tensor(jacobian_scope(handle, TEXT, variant).scores)
+            out[f"jacobian {variant}"] = torch.tensor(jacobian_scope(TEXT, handle, variant).scores)
     return out
 
 

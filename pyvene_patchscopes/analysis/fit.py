@@ -6,7 +6,7 @@ Two settings:
 - two models of different hidden sizes (the cross-model map): the texts are tokenised by both models and
   states are paired wherever both have read the same decoded prefix, as the official code aligns them.
 
-X and Y are read where the Patchscope reads and writes (see ``compat.hidden_state_site``): the source at
+X and Y are read where the Patchscope reads and writes (see ``models.sites.hidden_state_site``): the source at
 layer l, the target at layer l* before the final norm unless both are the last layer of one model.
 Hidden states are gathered in batches, with a progress bar; on one model every layer (and the last layer both
 before and after its norm) comes from one forward pass per batch.
@@ -25,6 +25,7 @@ from ..models.sites import final_norm_path
 from ..errors import SpecError
 from ..spec.mappings import Affine
 from ..models import ModelHandle
+from ..models.order import data_first
 
 
 def default_texts(limit: int | None = None) -> list[str]:
@@ -180,22 +181,25 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
     return torch.cat(rows_x), torch.cat(rows_y)
 
 
-def fit_tuned_lens(handle: ModelHandle, layers: Sequence[int], texts: Sequence[str] | None = None,
-                   batch_size: int = 8, progress: bool | None = None) -> dict[int, Affine]:
-    """One affine map per layer to the last layer (before its final norm), from one set of forward passes."""
+@data_first("model", "layers", "texts=None")
+def fit_tuned_lens(texts: Sequence[str] | None, model: ModelHandle, layers: Sequence[int], batch_size: int = 8,
+                   progress: bool | None = None) -> dict[int, Affine]:
+    """One affine map per layer to the last layer (before its final norm), from one set of forward passes, on
+    `texts` (None: `default_texts()`)."""
     texts = list(texts) if texts is not None else default_texts()
-    last = handle.n_layers - 1
-    layers = sorted({_layer("layers", layer, handle) for layer in layers} - {last})
-    states = gather_layers(handle, texts, [*layers, last], after_final_norm=False, batch_size=batch_size,
+    last = model.n_layers - 1
+    layers = sorted({_layer("layers", layer, model) for layer in layers} - {last})
+    states = gather_layers(model, texts, [*layers, last], after_final_norm=False, batch_size=batch_size,
                            progress=progress, desc="gather layers")
-    starts = [_prefix_tokens(handle, text) + 1 for text in texts]
+    starts = [_prefix_tokens(model, text) + 1 for text in texts]
     y = torch.cat([s[k:] for s, k in zip(states[last], starts)])
     return {layer: lstsq_affine(torch.cat([s[k:] for s, k in zip(states[layer], starts)]), y) for layer in layers}
 
 
-def fit_affine(source: ModelHandle, source_layer: int, target: ModelHandle | None = None, target_layer: int = -1,
-               texts: Sequence[str] | None = None, batch_size: int = 8, progress: bool | None = None) -> Affine:
-    """Fit f: (M, l) -> (M*, l*) by least squares on `texts` (default: `default_texts()`).
+@data_first("source", "source_layer", "target", "target_layer", "texts=None", models=("source", "target"))
+def fit_affine(texts: Sequence[str] | None, source: ModelHandle, source_layer: int, target: ModelHandle | None = None,
+               target_layer: int = -1, batch_size: int = 8, progress: bool | None = None) -> Affine:
+    """Fit f: (M, l) -> (M*, l*) by least squares on `texts` (None: `default_texts()`).
 
     With ``target=None`` (M* = M) this is the tuned-lens style map from layer l to layer l*, by default
     the last layer. With another model it is the cross-model map, of shape [d_target, d_source].

@@ -125,7 +125,7 @@ def exact_agreement(handle: ModelHandle, texts: list[str], options: EvalOptions)
     """Low-rank (k = 1) vs exact Fisher on the shortest texts: rank correlation, top-5% overlap, Δ log p."""
     count = int(options.extra.get("exact_texts", EXACT_TEXTS))
     shortest = sorted(texts, key=lambda t: len(handle.tokenizer(t)["input_ids"]))[:count]
-    low, exact = attribute(handle, shortest, [JacobianScope("fisher", model=handle.name),
+    low, exact = attribute(shortest, handle, [JacobianScope("fisher", model=handle.name),
                                               JacobianScope("fisher", fisher="exact", model=handle.name)],
                            batch_size=1, progress=options.progress)
     rng = random.Random(options.seed + 1)
@@ -152,7 +152,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     example: dict[str, Attribution] = {}
     for group in tqdm(list(chunks(texts, batch)), desc="jacobian eval", unit="batch",
                       disable=not (options.progress if options.progress is not None else True)):
-        results = attribute(handle, group, list(scopes.values()), batch_size=batch, progress=False)
+        results = attribute(group, handle, list(scopes.values()), batch_size=batch, progress=False)
         for r, text in enumerate(group):
             by_method = {name: results[s][r] for s, name in enumerate(names)}
             example = example or by_method

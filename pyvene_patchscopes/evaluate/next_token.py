@@ -47,7 +47,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     states = dict(zip(read, hidden_states(prefixes, handle, read, batch_size=options.batch_size).unbind(1)))
     reference = lens_logits(handle, states[last], normalised=True)  # the model's own next-token logits
     train = splits["train"]["text"]
-    tuned = fit_tuned_lens(handle, [l for l in layers if l != last], train, progress=options.progress)
+    tuned = fit_tuned_lens(train, handle, [l for l in layers if l != last], progress=options.progress)
     logits = {
         "logit lens": {l: lens_logits(handle, states[l], normalised=l == last) for l in layers},
         "tuned lens": {l: lens_logits(handle, tuned[l](states[l]) if l in tuned else states[l],

@@ -19,7 +19,7 @@ from ..models.architectures import Architecture, architecture
 from ..models.discovery import hooks_restored
 from .layered import Layered, decode_without_cache, writing
 from .replayed import Replayed
-from .stack import _TRANSFORMERS_5, Stack, evaluating
+from .stack import TRANSFORMERS_5, Stack, evaluating
 
 PROBE_LENGTH, PROBE_SPLIT, PROBE_TOKENS = 9, 3, 3
 MAX_CROSSED = 256  # a window up to this long is crossed by the probe; a longer one (4,096 in Mistral) is not
@@ -54,7 +54,7 @@ def stack_for(model: nn.Module) -> Stack | None:
 
 def _verdict(model: nn.Module) -> tuple[str, str]:
     """(the planned execution's kind or "", why the plain path instead), worked out once per model."""
-    if not _TRANSFORMERS_5:
+    if not TRANSFORMERS_5:
         return "", "the planned execution calls decoder layers as transformers 5 defines them"
     arch = architecture(model)
     if not arch.found:

@@ -86,7 +86,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         )
     new_tokens = output.sequences[:, batch.inputs["input_ids"].shape[1]:]
     texts = handle.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    tokens = [_until_eos(row, handle.tokenizer.eos_token_id) for row in new_tokens.tolist()]
+    tokens = [until_eos(row, handle.tokenizer.eos_token_id) for row in new_tokens.tolist()]
     return Patched(output.logits[0].float(), texts, tokens, seen.get("states"))
 
 
@@ -129,7 +129,7 @@ def last_block_states(model: torch.nn.Module, positions: torch.Tensor, keep: boo
         handle.remove()
 
 
-def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
     """A row of generated ids cut after its first EOS (what follows is padding)."""
     return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
 

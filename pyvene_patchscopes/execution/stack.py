@@ -38,7 +38,7 @@ ATTENTION = "patchscopes-shared-prefix"
 # the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes
 _PREFIX: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar("patchscopes_prefix", default=None)
 # the layer call below is transformers 5's (a cache object updated in place, a tensor returned)
-_TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class _LayerKeys:

@@ -424,7 +424,7 @@ class Explorer:
         from ..jacobian import jacobian_scope
 
         step(0.0)
-        attribution = jacobian_scope(self.handle, query.prompt, variant=query.variant, progress=False)
+        attribution = jacobian_scope(query.prompt, self.handle, variant=query.variant, progress=False)
         step(1.0)
         normalised = attribution.normalised()
         return {"variant": query.variant, "prediction": attribution.prediction,

@@ -26,6 +26,7 @@ from ..models.sites import BLOCK_OUTPUT, final_norm_path
 from ..plan.batching import Batch, chunks
 from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
+from ..models.order import data_first
 from ..resolve import check_context
 from ..result import token_text
 from ..spec.checks import check_text
@@ -221,7 +222,8 @@ def _forward(handle: ModelHandle, pvm: pv.IntervenableModel, rows: Rows) -> Forw
     return Forward(delta=delta, y=y, z=logits(model, y), x=x)
 
 
-def attribute(handle: ModelHandle, texts: Sequence[str], scopes: Sequence[JacobianScope], batch_size: int = 8,
+@data_first("model", "texts", "scopes")
+def attribute(texts: Sequence[str], model: ModelHandle, scopes: Sequence[JacobianScope], batch_size: int = 8,
               progress: bool | None = None) -> list[list[Attribution]]:
     """Every scope on every text: ``result[s][r]`` is scope s on text r. Scopes with one prediction
     position share the forward pass of each batch."""
@@ -231,7 +233,7 @@ def attribute(handle: ModelHandle, texts: Sequence[str], scopes: Sequence[Jacobi
     check_texts(texts)  # before any work; lengths and positions are checked per batch by `prepare`
     batch_size = check_int("batch_size", batch_size)
     for scope in scopes:
-        check_scope(handle, scope)
+        check_scope(model, scope)
     by_position: dict[int, list[int]] = defaultdict(list)
     for s, scope in enumerate(scopes):
         by_position[scope.target_position].append(s)
@@ -239,20 +241,20 @@ def attribute(handle: ModelHandle, texts: Sequence[str], scopes: Sequence[Jacobi
     batches = [(position, chunk) for position in by_position for chunk in chunks(list(range(len(texts))), batch_size)]
     show = progress if progress is not None else len(batches) > 2
     exact = any(scopes[s].variant == "fisher" and scopes[s].fisher == "exact" for s in range(len(scopes)))
-    with pyvene_guard(handle.model), torch.enable_grad():
+    with pyvene_guard(model.model), torch.enable_grad():
         for position, chunk in tqdm(batches, desc="jacobian scopes", unit="batch", disable=not show):
-            rows = prepare(handle, [texts[r] for r in chunk], position)
-            pvm = intervenable(attribution_config(handle.model, handle.hidden_size, rows.width), handle.model)
-            forward = _forward(handle, pvm, rows)
+            rows = prepare(model, [texts[r] for r in chunk], position)
+            pvm = intervenable(attribution_config(model.model, model.hidden_size, rows.width), model.model)
+            forward = _forward(model, pvm, rows)
             probs = torch.softmax(forward.z.detach(), dim=-1)
             predictions = probs.argmax(dim=-1)
             for s in by_position[position]:
                 scope = scopes[s]
-                given = resolve_target_token(handle, scope.target_token)
+                given = resolve_target_token(model, scope.target_token)
                 target_ids = predictions if given is None else torch.full_like(predictions, given)
-                scores = scores_for(handle, scope, forward, target_ids, progress=exact and show).detach().cpu()
+                scores = scores_for(model, scope, forward, target_ids, progress=exact and show).detach().cpu()
                 for k, r in enumerate(chunk):
-                    out[s][r] = _attribution(handle, texts[r], scope, rows, k, scores[k], probs[k], target_ids[k])
+                    out[s][r] = _attribution(model, texts[r], scope, rows, k, scores[k], probs[k], target_ids[k])
             del forward  # frees the retained graph before the next batch
     return out  # type: ignore[return-value]
 
@@ -274,7 +276,8 @@ def _attribution(handle: ModelHandle, text: str, scope: JacobianScope, rows: Row
     )
 
 
-def jacobian_scope(model: ModelHandle, text: str | Sequence[str], variant: str | JacobianScope = "fisher",
+@data_first("model", "text")
+def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str | JacobianScope = "fisher",
                    target_position: int = -1, target_token: TargetToken = None, fisher: str = "low-rank",
                    rank: int = 1, batch_size: int = 8, progress: bool | None = None) -> Attribution | list[Attribution]:
     """Score every token of `text` (or of each text in a list) for the prediction at `target_position`.
@@ -288,7 +291,7 @@ def jacobian_scope(model: ModelHandle, text: str | Sequence[str], variant: str |
         variant=variant, target_position=target_position, target_token=target_token, fisher=fisher, rank=rank,
         model=model.name)
     texts = [text] if isinstance(text, str) else list(text)
-    results = attribute(model, texts, [scope], batch_size=batch_size, progress=progress)[0]
+    results = attribute(texts, model, [scope], batch_size=batch_size, progress=progress)[0]
     return results[0] if isinstance(text, str) else results
 
 

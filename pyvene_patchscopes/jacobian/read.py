@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..models import ModelHandle
+from ..models.order import data_first
 from ..execution.sweeps import SweepResult, sweep
 from .engine import jacobian_scope
 from .result import Attribution
@@ -42,7 +43,8 @@ class AttributedReading:
         return pd.DataFrame(self.rows())
 
 
-def read_attributed(model: ModelHandle, text: str, variant: str | JacobianScope = "fisher",
+@data_first("model", "text")
+def read_attributed(text: str, model: ModelHandle, variant: str | JacobianScope = "fisher",
                     layers: Sequence[int] | None = None, rank: int = 1, identity_tokens: int = 4,
                     description_tokens: int = 12, progress: bool | None = None) -> AttributedReading:
     """Attribute the prediction after `text`, then read the top token's state at `layers` (default: all).
@@ -50,7 +52,7 @@ def read_attributed(model: ModelHandle, text: str, variant: str | JacobianScope 
     The top token is never the tokenizer's prefix (it is not scored); a Jacobian Scope can still pick the
     text's first token, whose state is close to the attention sink's, and the Patchscopes then warn.
     """
-    attribution = jacobian_scope(model, text, variant, rank=rank, progress=progress)
+    attribution = jacobian_scope(text, model, variant, rank=rank, progress=progress)
     position, token, _ = attribution.top(1)[0]
     common = dict(source_position=position, source_layers=layers, target_layers="same", progress=progress,
                   keep_logits=False)

@@ -32,6 +32,7 @@ from ..models.discovery import hooks_restored
 from ..errors import SpecError, check_int
 from ..execution.stack import evaluating
 from ..models import ModelHandle
+from ..models.order import data_first
 from ..persist.jlens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
 SKIP_FIRST = 16
@@ -47,7 +48,8 @@ class _Reached(Exception):
     """Raised after the last block: the final norm and the unembedding are not needed."""
 
 
-def fit_jacobian_lens(model: ModelHandle, texts: Sequence[str], layers: Sequence[int] | None = None,
+@data_first("model", "texts")
+def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence[int] | None = None,
                       dim_batch: int = 8, max_seq_len: int = 128, skip_first: int = SKIP_FIRST,
                       checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, resume: bool = True,
                       progress: bool | None = None) -> JacobianLens:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +85,14 @@ class JacobianLens:
 
     def scope(self, prompt: str, position: int | str = -1, layer: int = 0, model: str | None = None,
               tokenizer: Any = None, max_new_tokens: int = 0):
-        """The J-lens readout of (prompt, position, layer) as a Patchscope: the logit lens with f = J_l."""
+        """Deprecated, removed in 0.3.0: ``build("jacobian-lens", prompt, position, layer, model=..., lens=lens)``
+        gives the same Patchscope (the logit lens with f = J_l)."""
         from ..spec import DEFAULT_MODEL, Patchscope, Source
         from ..spec.parts import lens_target
+
+        warnings.warn('JacobianLens.scope is deprecated; use pyvene_patchscopes.build("jacobian-lens", prompt, '
+                      'position, layer, model=..., lens=lens), which gives the same Patchscope; JacobianLens.scope '
+                      'is removed in 0.3.0', DeprecationWarning, stacklevel=2)
 
         source = Source(prompt, position, layer, model or DEFAULT_MODEL)
         return Patchscope(source, lens_target(source, tokenizer=tokenizer), mapping=self.mapping(layer),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweep import write_report  # noqa: E402
 
 from pyvene_patchscopes import hidden_states, load_model  # noqa: E402
-from pyvene_patchscopes.cli import parse_layers  # noqa: E402
+from pyvene_patchscopes.spec.layers import parse_layers  # noqa: E402
 from pyvene_patchscopes.catalogue.build import JACOBIAN_LENS_TOKENS, jacobian_lens_texts  # noqa: E402
 from pyvene_patchscopes.evaluate.common import lens_logits, sample_prefixes  # noqa: E402
 from pyvene_patchscopes.evaluate.data import prose_splits  # noqa: E402

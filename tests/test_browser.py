@@ -696,7 +696,8 @@ def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
     static = REPO / "pyvene_patchscopes" / "explore" / "static"
     wanted = {f"pyvene_patchscopes/explore/static/{p.name}" for p in static.iterdir() if p.is_file()}
-    wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service")}
+    wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service", "query",
+                                                                 "explorer", "jobs")}
     wanted |= {"pyvene_patchscopes/export/__init__.py", "pyvene_patchscopes/export/html.py"}
     assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/explore/static/heatmap.js"} <= wanted
     assert wanted <= names, sorted(wanted - names)

@@ -22,9 +22,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from pyvene_patchscopes import Patchscope, Source, Target, cli, models, sweep
+from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
 from pyvene_patchscopes.cli import (CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table,
                                     main)
+from pyvene_patchscopes.cli.commands import list as list_command
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.jacobian import JacobianScope
@@ -108,7 +109,7 @@ def test_every_way_of_writing_to_a_closed_pipe_ends_the_command_with_141(how, cl
         text = (b"x" if how.startswith("buffer") else "x") * (4 * PAGE)  # past the stream's own buffer
         stream.writelines([text]) if how.endswith("writelines") else stream.write(text)
 
-    monkeypatch.setattr(cli, "cmd_list", command)
+    monkeypatch.setattr(list_command, "execute", command)
     monkeypatch.setattr(sys, "stdout", closed_pipe)
     assert main(["list"]) == CLOSED_PIPE_STATUS  # was: BrokenPipeError out of main
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from pyvene_patchscopes import Patchscope, Source, Target, cli, load_model, models, run, save_patchscope
+from pyvene_patchscopes.cli.commands import explore as explore_command
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import self_explanation
@@ -348,7 +349,7 @@ def test_every_path_option_against_every_other_is_refused_before_any_work_or_har
                                                                                      monkeypatch, command):
     _stub_evaluations(monkeypatch)
     served: list[list[str]] = []
-    monkeypatch.setattr(cli, "cmd_explore", lambda args: served.append(args))
+    monkeypatch.setattr(explore_command, "execute", lambda args: served.append(args))
     inputs = {name: _tree(path) for name, path in kit.items() if name != "root"}
     problems, outcomes = [], {2: 0, "apart": 0}
     for first in OPTIONS[command]:

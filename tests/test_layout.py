@@ -42,7 +42,7 @@ TIERS: list[tuple[str, tuple[str, ...]]] = [
     ("evaluate", ("evaluate", "evaluate.*")),
     ("explore", ("explore", "explore.*")),
     ("tools", ("tools", "tools.*")),
-    ("cli", ("cli",)),
+    ("cli", ("cli", "cli.*")),
     ("facade", ("", "_moved")),
 ]
 
@@ -62,7 +62,7 @@ ALLOWED: dict[tuple[str, str], str] = {
 
 MAX_LINES = 450
 # Modules over MAX_LINES today, each split by job in a later step of issue 38: name -> lines when listed.
-OVERSIZE = {"cli": 908, "execution.sweeps": 675, "explore.service": 587}
+OVERSIZE = {"execution.sweeps": 675}
 
 
 def _modules() -> dict[str, Path]:

@@ -18,7 +18,9 @@ from typing import Any, Iterable
 
 from ..errors import PatchscopeError
 from .guard import LOCAL_HOSTS, MAX_BODY_BYTES, Guard, error_body, normal_host
-from .service import Explorer, FieldError, Jobs, Query, QueueFull
+from .explorer import Explorer
+from .jobs import Jobs, QueueFull
+from .query import FieldError, Query
 
 FIELDS = {  # what each endpoint's body may hold
     "tokens": {"prompt"},

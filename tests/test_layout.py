@@ -51,9 +51,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("execution.sweeps", "export"): "SweepResult.to_html builds the page; becomes export.sweep_page (issue 38 step 2)",
     ("execution.sweeps", "export.figures"): "SweepResult.plot draws the heatmap; becomes export.sweep_figure "
                                             "(issue 38 step 2)",
-    ("jacobian.result", "jacobian.view"): "Attribution.to_html/plot draw through the view, which names Attribution "
-                                          "under TYPE_CHECKING; the view moves to export/attribution.py typed by a "
-                                          "Protocol (issue 38 step 2)",
     ("spec.patchscope", "execution.pipeline"): "Patchscope.to_pyvene; becomes a deprecated shim of "
                                                "execution.pipeline.to_pyvene (issue 38 step 2)",
     ("spec.patchscope", "persist"): "Patchscope.save/load/from_hub; become persist functions (issue 38 step 2)",

@@ -440,7 +440,8 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .presets import get_preset
-    from .execution.sweeps import sweep
+    from .execution.sweeps import load_sweep, sweep
+    from .export import sweep_figure, sweep_page
 
     from .core.files import read_text
 
@@ -468,21 +469,21 @@ def cmd_sweep(args: argparse.Namespace) -> None:
                    out=args.out, readout=args.readout, **options)
     if args.out is not None:  # the cells are in the folder; print what this process did, not every cell
         if int(os.environ.get("RANK", "0")) == 0 and (plot is not None or html is not None):
-            loaded = result.load(handle)
+            loaded = load_sweep(result.path, handle)
             if plot is not None:
-                loaded.plot(plot)
+                sweep_figure(loaded, plot)
             if html is not None:
-                loaded.to_html(html)
+                sweep_page(loaded, html)
         _emit(args, {"model": handle.name, "preset": args.preset, "out": str(result.path),
                      "spec_hash": result.manifest["spec_hash"], "computed_units": result.computed,
                      "skipped_units": result.skipped, "plot": args.plot, "html": args.html},
               f"sweep written to {result.path} (units computed here: {len(result.computed)}, already there: "
-              f"{len(result.skipped)}); read it with SweepResult.load({str(result.path)!r})")
+              f"{len(result.skipped)}); read it with load_sweep({str(result.path)!r})")
         return
     if plot is not None:
-        result.plot(plot)
+        sweep_figure(result, plot)
     if html is not None:
-        result.to_html(html)
+        sweep_page(result, html)
     records = result.to_records()
     frame = result.to_pandas()
     frame["token"] = [show_text(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
@@ -497,6 +498,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     """The paper's Figure 1 on the embedded model: what does 'CEO' in the Amazon sentence encode per layer?"""
     from .execution.engine import run
+    from .export import sweep_figure
     from .presets import build
     from .execution.sweeps import sweep
 
@@ -511,7 +513,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     grid = sweep(DEMO_PROMPT, handle, preset="token-identity", source_position=DEMO_POSITION,
                  max_new_tokens=0, progress=not args.json)
     heatmap = out / DEMO_HEATMAP
-    grid.plot(heatmap)
+    sweep_figure(grid, heatmap)
     decoded = [r["source_layer"] for r in rows if "ceo" in (r["generation"] or "").lower()]
     reading = (
         f"How to read this: row l patches the hidden state of 'CEO' after layer l into the few-shot identity "

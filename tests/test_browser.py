@@ -34,7 +34,7 @@ from pyvene_patchscopes import Patchscope, PatchscopeResult, Source, Target, bui
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
-from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH
+from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH, sweep_page
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.result import show_text
@@ -260,12 +260,12 @@ def test_missing_binaries_fail_in_one_line_naming_the_packages(monkeypatch, tmp_
     assert "apt-get install chromium chromium-driver" in message and "\n" not in message and message == MISSING
 
 
-# ---- the export (SweepResult.to_html) ----------------------------------------------------------------------
+# ---- the export (sweep_page) -------------------------------------------------------------------------------
 def test_an_exported_heatmap_is_one_file_that_shows_every_cell_and_its_top5_offline(driver, tmp_path):
     handle = tiny_model("llama", seed=4)
     result = sweep(PROMPT, handle, source_position=10, progress=False)
     page = tmp_path / "sweep.html"
-    result.to_html(page)
+    sweep_page(result, page)
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.html"], "the export wrote more than one file"
 
     offline(driver)

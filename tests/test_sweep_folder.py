@@ -4,6 +4,7 @@ Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,6 +126,30 @@ def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_
     assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
     assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
     assert_same(load_sweep(done.path, model), whole)
+
+
+def test_a_folder_whose_manifest_names_the_format_with_a_dot_still_resumes_and_loads(tmp_path, model, whole):
+    """Folders written before issue 38 name their format ``pyvene-patchscopes.sweep``; new ones write the slash, as
+    every other format of the package does. The dot is read forever: such a folder resumes (keeping its own units,
+    batch_size left to its default) and loads."""
+    folder = tmp_path / "s"
+
+    def interrupted():
+        yield from PROMPTS[:5]
+        raise KeyboardInterrupt  # units 0 and 1 are finished, unit 2 is being read
+
+    settings = dict(target_layers=[0, 2, 3], max_new_tokens=2, progress=False, out=folder, readout="logits")
+    with pytest.raises(KeyboardInterrupt):
+        sweep(interrupted(), model, batch_size=2, **settings)
+    written = json.loads((folder / "manifest.json").read_text())
+    assert written["format"] == "pyvene-patchscopes/sweep"
+    (folder / "manifest.json").write_text(json.dumps({**written, "format": "pyvene-patchscopes.sweep"}, indent=2,
+                                                     sort_keys=True))
+    resumed = sweep(PROMPTS, model, **settings)  # no batch_size: the folder's own units of 2 prompts
+    assert resumed.skipped == [0, 1] and resumed.computed == [2, 3, 4, 5]
+    assert read_manifest(folder)["format"] == "pyvene-patchscopes.sweep"  # the folder's manifest is left as it was
+    assert_same(load_sweep(folder, model), whole)
+    assert load_sweep(folder, lazy=True).num_rows == len(PROMPTS) * 4 * 3
 
 
 # ---- the old spellings: each warns, naming the new one, and gives the same result (removed in 0.3.0) ----------

@@ -693,9 +693,9 @@ def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    static = REPO / "pyvene_patchscopes" / "explore" / "static"
-    wanted = {f"pyvene_patchscopes/explore/static/{p.name}" for p in static.iterdir() if p.is_file()}
+    wanted = {f"pyvene_patchscopes/{package}/static/{p.name}" for package in ("explore", "export")
+              for p in (REPO / "pyvene_patchscopes" / package / "static").iterdir() if p.is_file()}
     wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service")}
     wanted |= {"pyvene_patchscopes/export/__init__.py", "pyvene_patchscopes/export/html.py"}
-    assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/explore/static/heatmap.js"} <= wanted
+    assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/export/static/heatmap.js"} <= wanted
     assert wanted <= names, sorted(wanted - names)

@@ -119,9 +119,8 @@ def numeric_grid(values: Any, rows: Sequence[Any], cols: Sequence[Any], title: s
 
 
 def static_file(name: str) -> str:
-    """A file of the package's ``explore/static`` folder (heatmap.js, heatmap.css), as text."""
-    return resources.files("pyvene_patchscopes").joinpath("explore").joinpath("static").joinpath(name).read_text(
-        encoding="utf-8")
+    """A file of the export's ``static`` folder (heatmap.js, heatmap.css; the explorer serves them too), as text."""
+    return resources.files("pyvene_patchscopes.export").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json_for_script(data: Any) -> str:

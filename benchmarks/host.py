@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import prompts_benchmark, write_report  # noqa: E402
 
-sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")
+sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")  # the module (the package exports a function)
+grids = importlib.import_module("pyvene_patchscopes.plan.grid")  # resolve is looked up here (cells) ...
+units = importlib.import_module("pyvene_patchscopes.execution.sweep_units")  # ... and here (each prompt's source)
 
 
 def old_records(grid) -> list[dict]:
@@ -36,7 +38,7 @@ def old_records(grid) -> list[dict]:
     } for r in grid.results]
 
 
-class Uncached(sweeping._Grid):
+class Uncached(sweeping.Grid):
     """The sweep as before: every unit resolves every cell again and builds f again."""
 
     def cells(self, prompt):
@@ -70,20 +72,20 @@ class Clock:
 def timed(handle, prompts, before: bool) -> tuple[float, float, float, object]:
     """(host seconds in the sweep, seconds of the sweep, seconds of to_records, (grid, records))."""
     clock = Clock()
-    saved = sweeping._Grid, sweeping.resolve
-    grid_class = Uncached if before else sweeping._Grid
+    saved = sweeping.Grid, grids.resolve, units.resolve
+    grid_class = Uncached if before else sweeping.Grid
 
     class Timed(grid_class):
         cells = clock.wrap(grid_class.cells)
         mapping = clock.wrap(grid_class.mapping)
 
-    sweeping._Grid, sweeping.resolve = Timed, clock.wrap(sweeping.resolve)
+    sweeping.Grid, grids.resolve, units.resolve = Timed, clock.wrap(grids.resolve), clock.wrap(units.resolve)
     try:
         start = time.perf_counter()
         grid = sweeping.sweep(prompts, handle, max_new_tokens=0, progress=False, batch_size=1, top=1)
         swept = time.perf_counter() - start
     finally:
-        sweeping._Grid, sweeping.resolve = saved
+        sweeping.Grid, grids.resolve, units.resolve = saved
     start = time.perf_counter()
     records = old_records(grid) if before else grid.to_records()
     return clock.seconds, swept, time.perf_counter() - start, (grid, records)

@@ -35,19 +35,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweep import source_prompts, write_report  # noqa: E402  (the same prompts as benchmarks/sweep.py)
 
 sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")  # the module (the package exports its function)
+units = importlib.import_module("pyvene_patchscopes.execution.sweep_units")  # where a unit looks up stack_for
 RUNNERS = {"shared prefix": Stack, "shared layers": Layered, "own forward": Replayed}
 
 
 def grid(handle, prompts: list[str], runner: type[Stack] | None, max_batch_tokens: int):
     """The l x l* token-identity grid, top-1 only, by `runner` (None: the plain pyvene path)."""
-    chosen = sweeping.stack_for
+    chosen = units.stack_for
     if runner is not None:
-        sweeping.stack_for = lambda model: runner(model, architecture(model))
+        units.stack_for = lambda model: runner(model, architecture(model))
     try:
         return sweeping.sweep(prompts, handle, max_new_tokens=0, keep_logits=False, progress=False, top=1,
                               planned=runner is not None, max_batch_tokens=max_batch_tokens)
     finally:
-        sweeping.stack_for = chosen
+        units.stack_for = chosen
 
 
 def main(argv: list[str] | None = None) -> int:

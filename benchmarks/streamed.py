@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import prompts_benchmark, write_report  # noqa: E402
 
-from pyvene_patchscopes import SweepResult  # noqa: E402
+from pyvene_patchscopes import SweepResult, load_sweep  # noqa: E402
 
 sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")
 
 
-class UnitBatched(sweeping._Grid):
+class UnitBatched(sweeping.Grid):
     """The grid as before the review of issue 36: a streamed unit's prompts were also its forward batch."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -43,16 +43,16 @@ class UnitBatched(sweeping._Grid):
 
 def streamed(handle, prompts: list[str], unit_batched: bool = False, **settings: Any) -> tuple[float, Any]:
     """(seconds, the folder read back) of the sweep written to a fresh folder."""
-    saved = sweeping._Grid
-    sweeping._Grid = UnitBatched if unit_batched else saved
+    saved = sweeping.Grid
+    sweeping.Grid = UnitBatched if unit_batched else saved
     try:
         with tempfile.TemporaryDirectory() as folder:
             start = time.perf_counter()
             done = sweeping.sweep(prompts, handle, out=Path(folder) / "sweep", **settings)
             seconds = time.perf_counter() - start
-            return seconds, (done.manifest["batch_size"], SweepResult.load(done.path))
+            return seconds, (done.manifest["batch_size"], load_sweep(done.path))
     finally:
-        sweeping._Grid = saved
+        sweeping.Grid = saved
 
 
 def in_memory(handle, prompts: list[str], **settings: Any) -> tuple[float, Any]:

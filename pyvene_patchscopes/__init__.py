@@ -13,7 +13,9 @@ from .spec.positions import SinkPositionWarning
 from .execution.pipeline import PyvenePlan, to_pyvene
 from .result import PatchscopeResult, TokenProb
 from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
-from .execution.sweeps import SweepFolder, SweepResult, sweep
+from .result.sweep import SweepFolder, SweepResult
+from .execution.sweeps import load_sweep, sweep
+from .export import sweep_figure, sweep_page
 from .persist import load_patchscope, patchscope_from_hub, save_patchscope
 from .persist.sweep_folder import ShardWarning
 from .analysis.fit import fit_affine, fit_tuned_lens
@@ -28,7 +30,7 @@ __all__ = [
     "SinkPositionWarning", "VectorNormWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity",
     "register_mapping", "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention",
     "jacobian_scope", "JacobianScope",
-    "Attribution", "sweep", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
+    "Attribution", "sweep", "load_sweep", "sweep_figure", "sweep_page", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "pyvene_guard", "install_safe_serialization",
     "uninstall_safe_serialization",

@@ -31,6 +31,7 @@ MOVED: dict[str, tuple[str, str]] = {
     "families": ("tools.families", "0.3.0"),
     "files": ("core.files", "0.3.0"),
     "fit": ("analysis.fit", "0.3.0"),
+    "jacobian.view": ("export.attribution", "0.3.0"),
     "jlens.lens": ("persist.jlens", "0.3.0"),
     "mappings": ("spec.mappings", "0.3.0"),
     "outputs": ("core.outputs", "0.3.0"),

@@ -35,14 +35,14 @@ def run_default(folder: str, target_layers: str | None = None):
 
 
 if __name__ == "__main__":
-    unit = module._Grid.unit
+    unit = module.run_unit
 
-    def slow(self, prompts):
-        part = unit(self, prompts)
+    def slow(grid, prompts):
+        part = unit(grid, prompts)
         time.sleep(float(sys.argv[2]))
         return part
 
-    module._Grid.unit = slow
+    module.run_unit = slow
     if len(sys.argv) > 3:  # the default-settings sweep: "grid" or "same"
         run_default(sys.argv[1], None if sys.argv[3] == "grid" else sys.argv[3])
     else:

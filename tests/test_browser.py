@@ -35,7 +35,7 @@ from pyvene_patchscopes import (Patchscope, PatchscopeResult, Source, Target, bu
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
-from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH
+from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH, sweep_page
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.result import show_text
@@ -261,12 +261,12 @@ def test_missing_binaries_fail_in_one_line_naming_the_packages(monkeypatch, tmp_
     assert "apt-get install chromium chromium-driver" in message and "\n" not in message and message == MISSING
 
 
-# ---- the export (SweepResult.to_html) ----------------------------------------------------------------------
+# ---- the export (sweep_page) -------------------------------------------------------------------------------
 def test_an_exported_heatmap_is_one_file_that_shows_every_cell_and_its_top5_offline(driver, tmp_path):
     handle = tiny_model("llama", seed=4)
     result = sweep(PROMPT, handle, source_position=10, progress=False)
     page = tmp_path / "sweep.html"
-    result.to_html(page)
+    sweep_page(result, page)
     assert [p.name for p in tmp_path.iterdir()] == ["sweep.html"], "the export wrote more than one file"
 
     offline(driver)
@@ -694,10 +694,10 @@ def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    static = REPO / "pyvene_patchscopes" / "explore" / "static"
-    wanted = {f"pyvene_patchscopes/explore/static/{p.name}" for p in static.iterdir() if p.is_file()}
+    wanted = {f"pyvene_patchscopes/{package}/static/{p.name}" for package in ("explore", "export")
+              for p in (REPO / "pyvene_patchscopes" / package / "static").iterdir() if p.is_file()}
     wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service", "query",
                                                                  "explorer", "jobs")}
     wanted |= {"pyvene_patchscopes/export/__init__.py", "pyvene_patchscopes/export/html.py"}
-    assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/explore/static/heatmap.js"} <= wanted
+    assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/export/static/heatmap.js"} <= wanted
     assert wanted <= names, sorted(wanted - names)

@@ -258,7 +258,7 @@ def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
     def fake(tokenizer, token_id: int) -> str:
         return texts[int(token_id) % len(texts)]
 
-    for module in ("result.patchscope", "execution.sweeps", "jacobian.engine"):
+    for module in ("result.patchscope", "result.sweep", "jacobian.engine"):
         monkeypatch.setattr(importlib.import_module(f"pyvene_patchscopes.{module}"), "token_text", fake)
     monkeypatch.setattr(models, "load_model", tiny_loader())
 

@@ -81,6 +81,6 @@ def test_eight_processes_on_two_prompts_equal_one_process_in_memory_and_written_
     assert written.returncode == 0, written.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "folder").glob("unit-*.parquet")) == ["unit-000000.parquet",
                                                                                      "unit-000001.parquet"]
-    from pyvene_patchscopes.execution.sweeps import SweepResult
+    from pyvene_patchscopes import load_sweep
 
-    assert SweepResult.load(tmp_path / "folder").to_records() == alone
+    assert load_sweep(tmp_path / "folder").to_records() == alone

@@ -19,8 +19,8 @@ from pyvene_patchscopes.errors import SpecError, UninformativeScopeWarning
 from pyvene_patchscopes.evaluate.pages import rebuild, write_pages
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.export.html import (CELL_WIDTH, TEXT_WIDTH, layers_table, numeric_grid, page, static_file,
-                                       sweep_grid, write_page)
-from pyvene_patchscopes.export.figures import _label
+                                       sweep_grid, sweep_page, write_page)
+from pyvene_patchscopes.export.figures import axis_label, sweep_figure
 from pyvene_patchscopes.presets import token_identity
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from pyvene_patchscopes.spec import Source
@@ -79,7 +79,7 @@ def grid_sweep(tiny_llama):
 
 
 def test_sweep_page_embeds_every_cell_with_its_top_token_and_top5(grid_sweep, tmp_path):
-    text = grid_sweep.to_html(tmp_path / "grid.html", prompt=1)
+    text = sweep_page(grid_sweep, tmp_path / "grid.html", prompt=1)
     assert (tmp_path / "grid.html").read_text(encoding="utf-8") == text
     grid = _grid_of(text)
     assert grid["rows"] == ["0", "2", "3"] and grid["cols"] == ["1", "3"]
@@ -99,7 +99,7 @@ def test_sweep_page_embeds_every_cell_with_its_top_token_and_top5(grid_sweep, tm
 
 
 def test_the_page_loads_nothing_and_holds_no_url(grid_sweep):
-    text = grid_sweep.to_html()
+    text = sweep_page(grid_sweep)
     parsed = _Page(text)
     assert "//" not in text and "http" not in text.lower() and "url(" not in text and "@import" not in text
     assert not any(name in ("src", "href", "action") for _, attrs in parsed.tags for name in attrs)
@@ -109,12 +109,36 @@ def test_the_page_loads_nothing_and_holds_no_url(grid_sweep):
     assert static_file("heatmap.css") in text
 
 
+def test_sweepresult_to_html_warns_naming_sweep_page_and_writes_the_same_page(grid_sweep, tmp_path):
+    """The old spelling, kept until 0.3.0."""
+    with pytest.warns(DeprecationWarning, match=r"SweepResult\.to_html\(\.\.\.\) is deprecated: use "
+                                                r"pyvene_patchscopes\.export\.sweep_page\(result, \.\.\.\) .*0\.3\.0"):
+        old = grid_sweep.to_html(tmp_path / "old.html", prompt=1)
+    assert old == sweep_page(grid_sweep, prompt=1) == (tmp_path / "old.html").read_text(encoding="utf-8")
+    assert _grid_of(old)["rows"] == ["0", "2", "3"]
+
+
+def test_sweepresult_plot_warns_naming_sweep_figure_and_draws_the_same_heatmap(grid_sweep, tmp_path):
+    """The old spelling, kept until 0.3.0."""
+    with pytest.warns(DeprecationWarning, match=r"SweepResult\.plot\(\.\.\.\) is deprecated: use pyvene_patchscopes"
+                                                r"\.export\.sweep_figure\(result, \.\.\.\) .*0\.3\.0"):
+        old = grid_sweep.plot(tmp_path / "old.png", prompt=1)
+    new = sweep_figure(grid_sweep, tmp_path / "new.png", prompt=1)
+
+    def drawn(figure) -> list[str]:
+        axes = figure.axes[0]
+        return [axes.get_title(), *(t.get_text() for t in axes.texts), *(t.get_text() for t in axes.get_yticklabels())]
+
+    assert drawn(old) == drawn(new) and len(old.axes[0].texts) == 3 * 2
+    assert (tmp_path / "old.png").stat().st_size > 5000 and (tmp_path / "new.png").is_file()
+
+
 def test_a_same_layer_sweep_is_prompts_by_layers(tiny_llama):
     prompts = ["The city of Paris is large", "Here is a word: dog", "one two three"]
     result = sweep(prompts, tiny_llama, preset="token-identity", source_layers=[1, 2], target_layers="same",
                    max_new_tokens=0, target_prompt=TARGET)
     grid = sweep_grid(result)
-    assert grid["rows"] == [_label(p, 24) for p in prompts] and grid["cols"] == ["1", "2"]
+    assert grid["rows"] == [axis_label(p, 24) for p in prompts] and grid["cols"] == ["1", "2"]
     assert [[c["label"] for c in row] for row in grid["cells"]] == \
         [[show_text(row[0], CELL_WIDTH) for row in per_prompt] for per_prompt in result.tokens()]
     assert all(not any(line.startswith("generated") for line in c["tip"]) for row in grid["cells"] for c in row)

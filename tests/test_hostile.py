@@ -523,14 +523,14 @@ def test_d11_a_patch_at_the_last_layer_before_the_last_position_is_flagged(tiny_
 
 
 def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, capsys, tiny_cli):
-    from pyvene_patchscopes.export.figures import NO_INFORMATION
+    from pyvene_patchscopes.export.figures import NO_INFORMATION, sweep_figure
 
     last = tiny_llama.n_layers - 1
     result = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[last - 1, last],
                    target_layers=[last - 1, last])
     assert result.informative.tolist() == [[[True, False], [True, False]]]  # the l* = last column
     assert [r["informative"] for r in result.to_records()] == [True, False, True, False]
-    figure = result.plot()
+    figure = sweep_figure(result)
     hatched = [p for p in figure.axes[0].patches if p.get_hatch() == "///"]
     assert len(hatched) == 2 and NO_INFORMATION in [t.get_text() for t in figure.texts]
     same = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[0, last], target_layers="same")

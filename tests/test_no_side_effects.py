@@ -59,14 +59,14 @@ IMPORT_AND_PLOT = """
     from pyvene_patchscopes import jacobian_scope
     from pyvene_patchscopes.evaluate.report import Report, save_figure
     from pyvene_patchscopes.export.figures import subplots
-    from pyvene_patchscopes import sweep
+    from pyvene_patchscopes import sweep, sweep_figure
     from tiny import tiny_model
 
     handle = tiny_model("llama")
     grid = sweep("The city of Paris is large", handle, source_layers=[0, 1], target_layers=[0, 1], progress=False)
     same = sweep("The city of Paris is large", handle, source_layers=[0, 1], target_layers="same", progress=False)
     attribution = jacobian_scope("The city of Paris is", handle, "gradient-x-input")
-    figures = [grid.plot(), grid.plot("grid.png"), same.plot("same.png"), attribution.plot(),
+    figures = [sweep_figure(grid), sweep_figure(grid, "grid.png"), sweep_figure(same, "same.png"), attribution.plot(),
                attribution.plot("attribution.png")]
     figure, _ = subplots(figsize=(2, 2))
     save_figure(figure, ".", "report.png", Report("t", "t", "tiny", "none", {}, {}))

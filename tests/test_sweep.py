@@ -12,6 +12,7 @@ from pyvene_patchscopes import Patchscope, Source, SpecError, build, run
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import PRESETS, token_identity
 from pyvene_patchscopes.execution.sweeps import sweep
+from pyvene_patchscopes.export import sweep_figure
 
 
 def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
@@ -24,7 +25,7 @@ def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
     single = run(token_identity(Source(prompts[1], -1, 2, tiny_llama.name), target_layer=3, max_new_tokens=0,
                                 target_prompt="cat->cat; 1135->1135; hello->hello; ?"), tiny_llama)[0]
     torch.testing.assert_close(grid.cell(1, 2, 3).logits, single.logits, atol=1e-5, rtol=0)
-    figure = grid.plot(tmp_path / "grid.png", prompt=1)
+    figure = sweep_figure(grid, tmp_path / "grid.png", prompt=1)
     assert (tmp_path / "grid.png").stat().st_size > 5000
     texts = {t.get_text() for t in figure.axes[0].texts}
     assert len(figure.axes[0].texts) == 6 and texts  # one label per cell
@@ -59,7 +60,7 @@ def test_a_preset_that_fixes_l_star_sweeps_only_there_and_refuses_other_target_l
     for layer in range(4):
         want = run(build(preset, "Here is a word: dog", -1, layer, model=tiny_llama.name, **options), tiny_llama)[0]
         assert grid.cell(1, layer, 3).scope == want.scope and grid.cell(1, layer, 3).token == want.token
-    figure = grid.plot(tmp_path / "lens.png", prompt=1)  # the heatmap is that one column of source layers
+    figure = sweep_figure(grid, tmp_path / "lens.png", prompt=1)  # the heatmap is that one column of source layers
     assert len(figure.axes[0].texts) == 4 and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["3"]
     assert sweep(PROMPT, tiny_llama, preset=preset, target_layers=[-1], progress=False, **options).target_layers == [3]
     for bad in ([0, 1, 2, 3], [1], range(4), "same", [3, 3]):

@@ -4,6 +4,7 @@ Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,8 @@ import torch
 from docs_text import joined
 import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes.execution.sweeps import SweepResult, sweep
+from pyvene_patchscopes import SweepResult, load_sweep, sweep
+from pyvene_patchscopes.execution import sweep_units
 from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
     unit_prompts
 
@@ -67,14 +69,14 @@ def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path
     written = sorted(int(p.stem.split("-")[1]) for p in folder.glob("unit-*.parquet"))
     assert 2 <= len(written) < 6 and not (folder / "complete.json").exists()
     with pytest.raises(Exception, match="unfinished sweep"):
-        SweepResult.load(folder)
-    partial = SweepResult.load(folder, model, partial=True)
+        load_sweep(folder)
+    partial = load_sweep(folder, model, partial=True)
     assert partial.prompts == [p for u in written for p in PROMPTS[2 * u:2 * u + 2]]
 
     resumed = killed_sweep.run(str(folder))
     assert resumed.skipped == written  # only the unfinished units were computed again
     assert resumed.computed == sorted(set(range(6)) - set(written))
-    assert_same(resumed.load(model), whole)
+    assert_same(load_sweep(resumed.path, model), whole)
     assert not list(folder.glob(".*.tmp"))  # the shard being written when the process died is gone
 
 
@@ -101,7 +103,7 @@ def test_twenty_prompts_with_default_settings_killed_after_the_first_unit_resume
     assert resumed.skipped == [0] and resumed.computed == list(range(1, units))  # only the missing units
     whole = killed_sweep.run_default(str(tmp_path / "whole"), target_layers)
     assert whole.computed == list(range(units))
-    got, want = resumed.load(), whole.load()
+    got, want = load_sweep(resumed.path), load_sweep(whole.path)
     assert got.top_ids.shape[:3] == (20, 30, 30 if layers == "grid" else 1) and got.generations is not None
     assert_same(got, want)
 
@@ -124,7 +126,56 @@ def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_
                  readout="logits")
     assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
     assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
-    assert_same(done.load(model), whole)
+    assert_same(load_sweep(done.path, model), whole)
+
+
+def test_a_folder_whose_manifest_names_the_format_with_a_dot_still_resumes_and_loads(tmp_path, model, whole):
+    """Folders written before issue 38 name their format ``pyvene-patchscopes.sweep``; new ones write the slash, as
+    every other format of the package does. The dot is read forever: such a folder resumes (keeping its own units,
+    batch_size left to its default) and loads."""
+    folder = tmp_path / "s"
+
+    def interrupted():
+        yield from PROMPTS[:5]
+        raise KeyboardInterrupt  # units 0 and 1 are finished, unit 2 is being read
+
+    settings = dict(target_layers=[0, 2, 3], max_new_tokens=2, progress=False, out=folder, readout="logits")
+    with pytest.raises(KeyboardInterrupt):
+        sweep(interrupted(), model, batch_size=2, **settings)
+    written = json.loads((folder / "manifest.json").read_text())
+    assert written["format"] == "pyvene-patchscopes/sweep"
+    (folder / "manifest.json").write_text(json.dumps({**written, "format": "pyvene-patchscopes.sweep"}, indent=2,
+                                                     sort_keys=True))
+    resumed = sweep(PROMPTS, model, **settings)  # no batch_size: the folder's own units of 2 prompts
+    assert resumed.skipped == [0, 1] and resumed.computed == [2, 3, 4, 5]
+    assert read_manifest(folder)["format"] == "pyvene-patchscopes.sweep"  # the folder's manifest is left as it was
+    assert_same(load_sweep(folder, model), whole)
+    assert load_sweep(folder, lazy=True).num_rows == len(PROMPTS) * 4 * 3
+
+
+# ---- the old spellings: each warns, naming the new one, and gives the same result (removed in 0.3.0) ----------
+def test_sweepresult_load_warns_naming_load_sweep_and_reads_the_same_sweep(tmp_path, model, whole):
+    folder = killed_sweep.run(str(tmp_path / "s")).path
+    with pytest.warns(DeprecationWarning, match=r"SweepResult\.load\(folder, \.\.\.\) is deprecated: use "
+                                                r"pyvene_patchscopes\.load_sweep\(folder, \.\.\.\) .*0\.3\.0"):
+        old = SweepResult.load(folder, model)
+    assert_same(old, whole)
+    assert_same(old, load_sweep(folder, model))
+    with pytest.warns(DeprecationWarning, match="load_sweep"):
+        lazy = SweepResult.load(folder, lazy=True)
+    assert lazy.num_rows == load_sweep(folder, lazy=True).num_rows == len(PROMPTS) * 4 * 3
+
+
+def test_sweepfolder_load_and_dataset_warn_naming_load_sweep_and_read_the_same_sweep(tmp_path, model, whole):
+    done = killed_sweep.run(str(tmp_path / "s"))
+    with pytest.warns(DeprecationWarning, match=r"SweepFolder\.load\(\.\.\.\) is deprecated: use "
+                                                r"pyvene_patchscopes\.load_sweep\(folder\.path, model\) .*0\.3\.0"):
+        old = done.load(model)
+    assert_same(old, whole)
+    with pytest.warns(DeprecationWarning, match=r"SweepFolder\.dataset\(\) is deprecated: use "
+                                                r"pyvene_patchscopes\.load_sweep\(folder\.path, lazy=True\)"):
+        data = done.dataset()
+    assert data.to_list() == load_sweep(done.path, lazy=True).to_list() and data.num_rows == len(PROMPTS) * 4 * 3
 
 
 # ---- a restart does not mix two sweeps (review of issue 36) --------------------------------------------------------
@@ -158,21 +209,21 @@ def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_
     assert b.computed == list(range(6)) and b.skipped == []
     assert read_manifest(folder)["spec_hash"] == b.manifest["spec_hash"] != a.manifest["spec_hash"]
     assert pq.read_schema(shard_path(folder, 0)).metadata[SPEC_HASH_KEY].decode() == b.manifest["spec_hash"]
-    assert_same(b.load(model), whole)
+    assert_same(load_sweep(b.path, model), whole)
 
 
 def test_a_sweep_whose_folder_another_restarted_stops_before_its_next_write(tmp_path, model, monkeypatch):
     """The other side of the restart: A, still computing its first unit, finds B's manifest and writes nothing."""
     b = killed_sweep.run(str(tmp_path / "b"))
     folder = tmp_path / "s"
-    unit = sweeping._Grid.unit
+    unit = sweeping.run_unit
 
-    def restarted_meanwhile(self, prompts):
-        part = unit(self, prompts)
+    def restarted_meanwhile(grid, prompts):
+        part = unit(grid, prompts)
         open_folder(folder, b.manifest)  # B restarts A's folder, which has no finished unit yet
         return part
 
-    monkeypatch.setattr(sweeping._Grid, "unit", restarted_meanwhile)
+    monkeypatch.setattr(sweeping, "run_unit", restarted_meanwhile)
     with pytest.raises(SpecError, match=rf"^out={re.escape(repr(str(folder)))} was restarted by another sweep while "
                                         r"this one ran \(its manifest's spec_hash=[0-9a-f]{12}\.\.\., this sweep's "
                                         r"[0-9a-f]{12}\.\.\.\); this sweep stops and writes nothing more there "
@@ -192,11 +243,11 @@ def test_loading_refuses_a_shard_of_another_sweep_and_a_rerun_recomputes_it(tmp_
                r"sweep its manifest records\)$")
     for lazy in (False, True):
         with pytest.raises(PatchscopeError, match=message):
-            SweepResult.load(folder, model, lazy=lazy)
+            load_sweep(folder, model, lazy=lazy)
     with pytest.warns(ShardWarning, match="unit-000004.parquet belongs to another sweep"):
         again = killed_sweep.run(str(folder))
     assert again.computed == [4] and again.skipped == [0, 1, 2, 3, 5]
-    assert_same(SweepResult.load(folder, model), whole)
+    assert_same(load_sweep(folder, model), whole)
 
 
 def test_a_shard_written_before_shards_carried_their_units_key_is_recomputed(tmp_path, model, whole):
@@ -209,11 +260,11 @@ def test_a_shard_written_before_shards_carried_their_units_key_is_recomputed(tmp
         pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
         assert SPEC_HASH_KEY not in (pq.read_schema(path).metadata or {})
     with pytest.raises(PatchscopeError, match=r"unit-000000\.parquet carries no unit key"):
-        SweepResult.load(folder, model)
+        load_sweep(folder, model)
     with pytest.warns(ShardWarning, match="carries no unit key"):
         again = killed_sweep.run(str(folder))
     assert again.computed == list(range(6)) and again.skipped == []
-    assert_same(SweepResult.load(folder, model), whole)
+    assert_same(load_sweep(folder, model), whole)
 
 
 def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_path, model, whole):
@@ -227,7 +278,7 @@ def test_a_restart_removes_the_half_written_shard_of_the_sweep_it_replaces(tmp_p
     done = killed_sweep.run(str(folder))
     assert done.computed == list(range(6)) and not list(folder.glob(".*.tmp"))
     assert (folder / "notes.txt").read_text() == "keep"
-    assert_same(done.load(model), whole)
+    assert_same(load_sweep(done.path, model), whole)
 
 
 def test_a_folder_written_with_32_prompts_a_unit_resumes_with_the_same_call(tmp_path, model):
@@ -242,7 +293,7 @@ def test_a_folder_written_with_32_prompts_a_unit_resumes_with_the_same_call(tmp_
     (folder / "complete.json").unlink()
     resumed = sweep(prompts, model, out=folder, **settings)  # the same call, batch_size left to its default
     assert resumed.skipped == [0] and resumed.computed == [1] and resumed.manifest == old.manifest
-    assert_same(resumed.load(model), sweep(prompts, model, **settings))
+    assert_same(load_sweep(resumed.path, model), sweep(prompts, model, **settings))
     fresh = sweep(prompts, model, out=tmp_path / "fresh", **settings)
     assert fresh.manifest["batch_size"] == 21 and fresh.computed == [0, 1]
     with pytest.raises(SpecError, match=r"holds another sweep \(it differs in batch_size\)"):
@@ -258,19 +309,19 @@ def test_a_streamed_unit_of_few_prompts_still_runs_forward_batches_of_32(tmp_pat
 
     model = tiny_model("llama", layers=30, seed=5)
     batches: list[int] = []
-    real = sweeping.run
+    real = sweep_units.run
 
     def counted(*args, **kwargs):
         batches.append(kwargs["batch_size"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sweeping, "run", counted)
+    monkeypatch.setattr(sweep_units, "run", counted)
     prompts = killed_sweep.TWENTY[:8]
     done = sweep(prompts, model, preset="logit-lens", out=tmp_path / "s", progress=False)
     assert done.manifest["batch_size"] == 8 and done.computed == [0] and batches == [32]
     whole = sweep(prompts, model, preset="logit-lens", progress=False)
     assert batches == [32, 32]
-    assert_same(done.load(model), whole)
+    assert_same(load_sweep(done.path, model), whole)
     sweep(prompts, model, preset="logit-lens", out=tmp_path / "given", progress=False, batch_size=4)
     assert batches == [32, 32, 4, 4]  # a batch_size given is both
 
@@ -280,8 +331,8 @@ def test_a_rerun_skips_every_finished_unit_and_the_folder_loads_lazily(tmp_path,
     assert first.computed == list(range(6)) and first.skipped == []
     again = killed_sweep.run(str(tmp_path / "s"))
     assert again.computed == [] and again.skipped == list(range(6))
-    assert_same(SweepResult.load(tmp_path / "s", model), whole)
-    data = SweepResult.load(tmp_path / "s", lazy=True)
+    assert_same(load_sweep(tmp_path / "s", model), whole)
+    data = load_sweep(tmp_path / "s", lazy=True)
     assert data.num_rows == len(PROMPTS) * 4 * 3
     assert data[5]["top_ids"] == whole.top_ids.reshape(-1, whole.top_ids.shape[-1])[5].tolist()
     assert data[5]["token"] == whole.to_records()[5]["token"]
@@ -295,7 +346,7 @@ def test_a_corrupt_shard_is_reported_and_recomputed(tmp_path, model, whole):
     with pytest.warns(ShardWarning, match="unit-000003.parquet is corrupt or truncated"):
         again = killed_sweep.run(str(folder))
     assert again.computed == [3]
-    assert_same(SweepResult.load(folder, model), whole)
+    assert_same(load_sweep(folder, model), whole)
 
 
 def test_a_folder_of_another_sweep_or_a_file_is_refused_and_left_as_it_is(tmp_path, model):
@@ -325,7 +376,7 @@ def test_inputs_stream_from_a_generator_or_a_datasets_column(tmp_path, model, wh
     column = datasets.Dataset.from_dict({"text": PROMPTS})["text"]
     from_column = sweep(column, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
                         out=tmp_path / "a", readout="logits")
-    assert_same(from_column.load(model), whole)
+    assert_same(load_sweep(from_column.path, model), whole)
     pulled = []
 
     def prompts():
@@ -336,7 +387,7 @@ def test_inputs_stream_from_a_generator_or_a_datasets_column(tmp_path, model, wh
     folder = sweep(prompts(), model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
                    out=tmp_path / "b", readout="logits")
     assert pulled == PROMPTS and folder.computed == list(range(6))
-    assert_same(folder.load(model), whole)
+    assert_same(load_sweep(folder.path, model), whole)
 
 
 def test_readouts_keep_only_what_was_asked(model, whole):
@@ -376,7 +427,7 @@ def test_the_cli_writes_a_sweep_folder_and_resumes_it(tmp_path, monkeypatch, cap
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["computed_units"] == [] and again["skipped_units"] == [0, 1, 2]
-    loaded = SweepResult.load(tmp_path / "s")
+    loaded = load_sweep(tmp_path / "s")
     assert loaded.prompts == PROMPTS[:5] and loaded.top_ids.shape[:3] == (5, 4, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,7 +20,7 @@ import pytest
 
 import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes.execution.sweeps import SweepResult, sweep
+from pyvene_patchscopes import SweepResult, load_sweep, sweep
 from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, shard_path, spec_hash
 from test_sweep_folder import assert_same
 from tiny import tiny_model
@@ -61,7 +61,7 @@ def refused(call, *needles: str, error: type = PatchscopeError) -> str:
 def loads(folder: Path, model, *needles: str, error: type = PatchscopeError) -> None:
     """Loading the folder, in memory and lazily, is refused in one line holding the needles."""
     for lazy in (False, True):
-        refused(lambda: SweepResult.load(folder, model, lazy=lazy), *needles, error=error)
+        refused(lambda: load_sweep(folder, model, lazy=lazy), *needles, error=error)
 
 
 def restamped(path: Path, table: pa.Table, spec_hash: str | None = None) -> None:
@@ -79,14 +79,14 @@ def test_a_rerun_over_fewer_prompts_loads_only_its_own_units_and_takes_the_other
     streamed(folder, model, SIX)
     fewer = streamed(folder, model, SIX[:4])
     assert fewer.skipped == [0, 1] and fewer.computed == []
-    assert_same(SweepResult.load(folder, model), in_memory(model, SIX[:4]))
-    assert SweepResult.load(folder, lazy=True).num_rows == 4 * CELLS == 48  # 72 before: the stale unit 2 was read
+    assert_same(load_sweep(folder, model), in_memory(model, SIX[:4]))
+    assert load_sweep(folder, lazy=True).num_rows == 4 * CELLS == 48  # 72 before: the stale unit 2 was read
     record = json.loads((folder / "complete.json").read_text())
     assert record == {"units": 2, "prompts": 4, "prompts_sha256": [prompts_sha256(SIX[:2]), prompts_sha256(SIX[2:4])]}
     assert shard_path(folder, 2).is_file()  # left alone, not loaded: it is this sweep's, for these two prompts
     again = streamed(folder, model, SIX)
     assert again.skipped == [0, 1, 2] and again.computed == []  # ... so a rerun over them takes it back
-    assert_same(SweepResult.load(folder, model), in_memory(model, SIX))
+    assert_same(load_sweep(folder, model), in_memory(model, SIX))
 
 
 def test_a_rerun_over_a_shorter_last_unit_recomputes_it(tmp_path, model):
@@ -95,7 +95,7 @@ def test_a_rerun_over_a_shorter_last_unit_recomputes_it(tmp_path, model):
     with pytest.warns(ShardWarning, match=r"unit-000002\.parquet holds 2 prompt\(s\) where unit 2 now has 1"):
         five = streamed(folder, model, SIX[:5])
     assert five.skipped == [0, 1] and five.computed == [2]
-    assert_same(SweepResult.load(folder, model), in_memory(model, SIX[:5]))
+    assert_same(load_sweep(folder, model), in_memory(model, SIX[:5]))
 
 
 def test_a_rerun_that_changes_no_unit_leaves_the_completion_record_as_it_is(tmp_path, model):
@@ -120,10 +120,10 @@ def test_a_finished_sweep_extended_and_interrupted_is_not_taken_for_finished(tmp
         streamed(folder, model, ten_then_ctrl_c())
     assert not (folder / "complete.json").exists()
     loads(folder, model, f"{folder} is an unfinished sweep (5 unit(s) written)")
-    assert_same(SweepResult.load(folder, model, partial=True), in_memory(model, PROMPTS[:10]))
+    assert_same(load_sweep(folder, model, partial=True), in_memory(model, PROMPTS[:10]))
     done = streamed(folder, model, PROMPTS)
     assert done.skipped == [0, 1, 2, 3, 4] and done.computed == [5]
-    assert_same(SweepResult.load(folder, model), in_memory(model, PROMPTS))
+    assert_same(load_sweep(folder, model), in_memory(model, PROMPTS))
 
 
 # ---- finding 6: load checks the model it is given --------------------------------------------------------------
@@ -134,7 +134,7 @@ def test_loading_with_another_model_is_refused_naming_both(tmp_path, model):
         loads(folder, other, f"model={other.name} is not the model this sweep ran on (tiny-llama, as "
                              f"{folder / 'manifest.json'} records it; they differ in", differs,
               "(allowed: the sweep's own model, or none)", error=SpecError)
-    assert_same(SweepResult.load(folder, model), in_memory(model))
+    assert_same(load_sweep(folder, model), in_memory(model))
 
 
 # ---- finding 7: a shard is taken only with its unit's key, and columns that agree ---------------------------------
@@ -148,7 +148,7 @@ def test_a_shard_without_its_units_key_is_recomputed_on_resume_and_refused_on_lo
     with pytest.warns(ShardWarning, match=r"unit-000001\.parquet carries no unit key .*; unit 1 is computed again"):
         again = streamed(folder, model)
     assert again.computed == [1] and again.skipped == [0, 2]
-    assert_same(SweepResult.load(folder, model), in_memory(model))
+    assert_same(load_sweep(folder, model), in_memory(model))
 
 
 def test_a_shard_of_other_layers_under_this_sweeps_key_is_refused_by_its_layer_columns(tmp_path, model):
@@ -160,7 +160,7 @@ def test_a_shard_of_other_layers_under_this_sweeps_key_is_refused_by_its_layer_c
                          "has 2")
     with pytest.warns(ShardWarning, match=r"column 'target_layer' .*; unit 1 is computed again"):
         assert streamed(folder, model).computed == [1]
-    assert_same(SweepResult.load(folder, model), in_memory(model))
+    assert_same(load_sweep(folder, model), in_memory(model))
     assert first.manifest["spec_hash"] != other.manifest["spec_hash"]
 
 
@@ -184,8 +184,8 @@ def test_shards_of_units_the_record_does_not_list_are_not_loaded(tmp_path, model
     shutil.copy(shard_path(longer.path, 9), shard_path(folder, 9))
     (folder / "unit-abc.parquet").write_bytes(b"not a shard")
     (folder / "unit-0000001.parquet").write_bytes(b"nor this")
-    assert_same(SweepResult.load(folder, model), in_memory(model))
-    assert SweepResult.load(folder, lazy=True).num_rows == 6 * CELLS
+    assert_same(load_sweep(folder, model), in_memory(model))
+    assert load_sweep(folder, lazy=True).num_rows == 6 * CELLS
 
 
 # ---- finding 8: the manifest checks itself, and the shards' layer columns check it ---------------------------------
@@ -292,7 +292,7 @@ def test_a_damaged_shard_is_refused_naming_it_or_reads_as_the_untampered_shard(t
         outcomes[how] = []
         for lazy in (False, True):
             try:
-                got = SweepResult.load(folder, model, lazy=lazy)
+                got = load_sweep(folder, model, lazy=lazy)
             except PatchscopeError as err:
                 assert "\n" not in str(err) and "unit-000001.parquet" in str(err), str(err)
                 outcomes[how].append("refused")
@@ -308,7 +308,7 @@ def test_a_damaged_shard_is_refused_naming_it_or_reads_as_the_untampered_shard(t
     path.write_bytes(_damaged(intact, "truncated"))
     with pytest.warns(ShardWarning, match=r"unit-000001\.parquet is corrupt or truncated"):
         assert streamed(folder, model).computed == [1]
-    assert_same(SweepResult.load(folder, model), whole)
+    assert_same(load_sweep(folder, model), whole)
 
 
 # ---- finding 22: malformed shards ------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_a_malformed_shard_is_refused_naming_it_and_recomputed_on_resume(tmp_pat
         assert again.computed == []
         return
     assert again.computed == [1] and any("unit-000001.parquet" in str(w.message) for w in caught)
-    assert_same(SweepResult.load(folder, model), in_memory(model))
+    assert_same(load_sweep(folder, model), in_memory(model))
 
 
 # ---- finding 23: a shard that links out of the folder -------------------------------------------------------------
@@ -380,4 +380,4 @@ def test_a_shard_that_links_out_of_the_folder_is_refused_and_replaced_on_resume(
     with pytest.warns(ShardWarning, match="resolves outside the folder"):
         assert streamed(folder, model).computed == [1]
     assert not shard_path(folder, 1).is_symlink() and outside.read_bytes() == kept  # the link replaced, not its file
-    assert_same(SweepResult.load(folder, model), in_memory(model))
+    assert_same(load_sweep(folder, model), in_memory(model))

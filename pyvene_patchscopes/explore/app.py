@@ -139,7 +139,8 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
     def page():
         return FileResponse(str(static / "index.html"), media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+    heatmap = ("pyvene_patchscopes.export", "static")  # heatmap.js and .css, shared with the exported pages
+    app.mount("/static", StaticFiles(directory=str(static), packages=[heatmap]), name="static")
 
     @app.get("/api/info")
     def info() -> dict:

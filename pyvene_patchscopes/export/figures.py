@@ -12,7 +12,7 @@ from ..result import show_text
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ..execution.sweeps import SweepResult
+    from ..result.sweep import SweepResult
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
@@ -34,9 +34,15 @@ CELL_WIDTH = 7       # characters of a heatmap cell's token between its quotes (
 COLUMN_INCHES = 0.5  # a heatmap column: room for CELL_WIDTH characters and their quotes at 6 pt
 
 
-def _label(text: str, width: int) -> str:
+def axis_label(text: str, width: int) -> str:
     """A prompt as an axis label: control characters escaped (no font draws them), the surrounding spaces dropped."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).strip()[:width]
+
+
+def sweep_figure(result: "SweepResult", path: str | Path | None = None, prompt: int = 0) -> "Figure":
+    """A sweep's heatmap as a matplotlib Figure (a PNG at `path` when given): source layer l x target layer l* for
+    one source prompt, colour = top-1 probability, text = top-1 token; an l* = l sweep shows prompts x layers."""
+    return layer_heatmap(result, prompt=prompt, path=path)
 
 
 def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | None = None) -> "Figure":
@@ -98,7 +104,7 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
             ax.text(i, p, show_text(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
-    ax.set_yticks(range(len(result.prompts)), [_label(t, 24) for t in result.prompts], fontsize=7)
+    ax.set_yticks(range(len(result.prompts)), [axis_label(t, 24) for t in result.prompts], fontsize=7)
     ax.set_xlabel("layer l = l*")
     ax.set_title(f"{result.preset}, l* = l", fontsize=9)
     return _finish(fig, ax, image, path)

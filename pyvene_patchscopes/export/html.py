@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import SpecError
 from ..core.outputs import finite
-from .figures import CELL_WIDTH, NO_INFORMATION, _label
+from .figures import CELL_WIDTH, NO_INFORMATION, axis_label
 from ..result import show_text
 
 if TYPE_CHECKING:
     from ..result import PatchscopeResult
-    from ..execution.sweeps import SweepResult
+    from ..result.sweep import SweepResult
 
 TOP = 5               # tokens listed in a tooltip
 TEXT_WIDTH = 200      # characters of a generation in a tooltip or table, between its quotes (`show_text`)
@@ -42,13 +42,13 @@ def result_cell(result: "PatchscopeResult") -> dict[str, Any]:
 
 
 def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
-    """The grid `plot.layer_heatmap` draws: source layer l x target layer l* for one prompt (row 0 at the
-    bottom), or for an l* = l sweep, prompts x layers (as `plot._same_layer_heatmap`; `prompt` is unused)."""
+    """The grid `figures.sweep_figure` draws: source layer l x target layer l* for one prompt (row 0 at the
+    bottom), or for an l* = l sweep, prompts x layers (`prompt` is unused)."""
     if result.same_layer:
         layers = result.source_layers
         cells = [[result_cell(result.cell(p, l, l)) for l in layers] for p in range(len(result.prompts))]
         grid = {"title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
-                "rows": [_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
+                "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
                 "origin": "upper"}
     else:
         if not 0 <= prompt < len(result.prompts):
@@ -62,6 +62,17 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     if any(cell["muted"] for row in grid["cells"] for cell in row):
         grid["note"] = NO_INFORMATION
     return grid
+
+
+def sweep_page(result: "SweepResult", path: str | Path | None = None, prompt: int = 0) -> str:
+    """A sweep's heatmap as one self-contained interactive HTML page (hover a cell for its top-5), written to `path`
+    when given. Needs no server and loads nothing."""
+    text = page(f"Patchscopes sweep: {result.preset}", [("heatmap", sweep_grid(result, prompt))])
+    if path is not None:
+        from ..core.outputs import write_text
+
+        write_text(path, text)
+    return text
 
 
 def layers_table(results: Sequence["PatchscopeResult"]) -> dict[str, Any]:
@@ -108,9 +119,8 @@ def numeric_grid(values: Any, rows: Sequence[Any], cols: Sequence[Any], title: s
 
 
 def static_file(name: str) -> str:
-    """A file of the package's ``explore/static`` folder (heatmap.js, heatmap.css), as text."""
-    return resources.files("pyvene_patchscopes").joinpath("explore").joinpath("static").joinpath(name).read_text(
-        encoding="utf-8")
+    """A file of the export's ``static`` folder (heatmap.js, heatmap.css; the explorer serves them too), as text."""
+    return resources.files("pyvene_patchscopes.export").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 def _json_for_script(data: Any) -> str:
@@ -155,4 +165,5 @@ def write_page(path: str | Path, title: str, parts: Sequence[tuple[str, dict[str
     return write_text(path, page(title, parts))
 
 
-__all__ = ["sweep_grid", "layers_table", "numeric_grid", "result_cell", "page", "write_page", "static_file"]
+__all__ = ["sweep_page", "sweep_grid", "layers_table", "numeric_grid", "result_cell", "page", "write_page",
+           "static_file"]

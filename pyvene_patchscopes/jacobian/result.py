@@ -48,7 +48,7 @@ class Attribution:
 
     def to_html(self, path: str | Path | None = None) -> str:
         """A self-contained HTML page: the text with each token shaded by its score (hover for the value)."""
-        from .view import attribution_html
+        from ..export.attribution import attribution_html
 
         page = attribution_html(self)
         if path is not None:
@@ -59,12 +59,12 @@ class Attribution:
 
     def plot(self, path: str | Path | None = None):
         """The token heatmap as a matplotlib figure (written as PNG when `path` is given)."""
-        from .view import attribution_figure
+        from ..export.attribution import attribution_figure
 
         return attribution_figure(self, path)
 
     def _repr_html_(self) -> str:  # Jupyter shows the heatmap
-        from .view import attribution_fragment
+        from ..export.attribution import attribution_fragment
 
         return attribution_fragment(self)
 

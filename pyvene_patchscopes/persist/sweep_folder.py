@@ -46,7 +46,8 @@ from ..core.outputs import remove, remove_dead_temporaries, replacing, write_byt
 from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
     check_completion, check_key, check_manifest, check_rows, check_schema, key_prompts_sha256, prompts_sha256, unit_of
 
-FORMAT = "pyvene-patchscopes.sweep"
+FORMAT = "pyvene-patchscopes/sweep"  # written; the dot spelling of folders written before issue 38 is read forever
+FORMATS = (FORMAT, "pyvene-patchscopes.sweep")
 VERSION = 1
 MANIFEST = "manifest.json"
 COMPLETE = "complete.json"
@@ -86,7 +87,7 @@ def recorded_unit_prompts(out: str | os.PathLike, manifest: dict[str, Any]) -> i
     except SpecError:
         return None  # open_folder refuses it, with the reason
     size = found.get("batch_size")
-    rest = lambda m: {k: v for k, v in m.items() if k not in ("spec_hash", "batch_size")}  # noqa: E731
+    rest = lambda m: {k: v for k, v in m.items() if k not in ("format", "spec_hash", "batch_size")}  # noqa: E731
     if isinstance(size, bool) or not isinstance(size, int) or size < 1 or rest(found) != rest(manifest):
         return None
     return size
@@ -166,7 +167,7 @@ def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     data = read_json(folder / MANIFEST, "sweep manifest")
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in FORMATS:
         raise SpecError(f"{folder / MANIFEST} is not a sweep manifest (allowed: format {FORMAT!r})")
     version = data.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= VERSION:

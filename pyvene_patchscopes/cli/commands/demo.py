@@ -26,6 +26,7 @@ def execute(args: argparse.Namespace) -> None:
     """The paper's Figure 1 on the embedded model: what does 'CEO' in the Amazon sentence encode per layer?"""
     from ...execution.engine import run
     from ...execution.sweeps import sweep
+    from ...export import sweep_figure
     from ...presets import build
 
     check_model_options(args)  # before the folder is made
@@ -39,7 +40,7 @@ def execute(args: argparse.Namespace) -> None:
     grid = sweep(DEMO_PROMPT, handle, preset="token-identity", source_position=DEMO_POSITION,
                  max_new_tokens=0, progress=not args.json)
     heatmap = out / DEMO_HEATMAP
-    grid.plot(heatmap)
+    sweep_figure(grid, heatmap)
     decoded = [r["source_layer"] for r in rows if "ceo" in (r["generation"] or "").lower()]
     reading = (
         f"How to read this: row l patches the hidden state of 'CEO' after layer l into the few-shot identity "

@@ -49,7 +49,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def execute(args: argparse.Namespace) -> None:
     from ...core.files import read_text
-    from ...execution.sweeps import sweep
+    from ...execution.sweeps import load_sweep, sweep
+    from ...export import sweep_figure, sweep_page
     from ...presets import get_preset
 
     preset = get_preset(args.preset)
@@ -76,21 +77,21 @@ def execute(args: argparse.Namespace) -> None:
                    out=args.out, readout=args.readout, **options)
     if args.out is not None:  # the cells are in the folder; print what this process did, not every cell
         if int(os.environ.get("RANK", "0")) == 0 and (plot is not None or html is not None):
-            loaded = result.load(handle)
+            loaded = load_sweep(result.path, handle)
             if plot is not None:
-                loaded.plot(plot)
+                sweep_figure(loaded, plot)
             if html is not None:
-                loaded.to_html(html)
+                sweep_page(loaded, html)
         emit(args, {"model": handle.name, "preset": args.preset, "out": str(result.path),
                     "spec_hash": result.manifest["spec_hash"], "computed_units": result.computed,
                     "skipped_units": result.skipped, "plot": args.plot, "html": args.html},
              f"sweep written to {result.path} (units computed here: {len(result.computed)}, already there: "
-             f"{len(result.skipped)}); read it with SweepResult.load({str(result.path)!r})")
+             f"{len(result.skipped)}); read it with load_sweep({str(result.path)!r})")
         return
     if plot is not None:
-        result.plot(plot)
+        sweep_figure(result, plot)
     if html is not None:
-        result.to_html(html)
+        sweep_page(result, html)
     records = result.to_records()
     frame = result.to_pandas()
     frame["token"] = [show_text(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]

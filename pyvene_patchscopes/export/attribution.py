@@ -1,19 +1,60 @@
-"""Token heatmaps of an Attribution: a self-contained HTML page and a matplotlib PNG."""
+"""Token heatmaps of an attribution (a Jacobian Scope's `Attribution`): a self-contained HTML page and a matplotlib PNG.
+
+The views read an attribution through `Scored`, the fields they draw, so that export imports nothing of
+`jacobian/` (which sits above it and imports these views).
+"""
 from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, Sequence
 
 from ..result import show_text
+from .figures import subplots
 
-if TYPE_CHECKING:
-    from .result import Attribution
+
+class ScoredScope(Protocol):
+    """What the views read of the scope that scored the tokens (a `jacobian.JacobianScope`)."""
+
+    @property
+    def label(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def variant(self) -> str: ...
+
+
+class Scored(Protocol):
+    """What the views read of an attribution (a `jacobian.Attribution`): a score per input token and the
+    prediction it explains."""
+
+    @property
+    def scope(self) -> ScoredScope: ...
+    @property
+    def tokens(self) -> Sequence[str]: ...
+    @property
+    def positions(self) -> Sequence[int]: ...
+    @property
+    def scores(self) -> Sequence[float]: ...
+    @property
+    def target_position(self) -> int: ...
+    @property
+    def prediction(self) -> str: ...
+    @property
+    def prediction_id(self) -> int: ...
+    @property
+    def prediction_prob(self) -> float: ...
+    @property
+    def target_token(self) -> str: ...
+    @property
+    def target_id(self) -> int: ...
+
+    def normalised(self) -> list[float]: ...
 
 SHADE = (214, 39, 40)  # matplotlib's tab:red, shared by both views
 
 
-def _caption(attribution: "Attribution") -> str:
+def _caption(attribution: Scored) -> str:
     scope = attribution.scope
     caption = (f"{scope.label} scope on {scope.model}: prediction {show_text(attribution.prediction)} "
                f"(p = {attribution.prediction_prob:.3f}) at position {attribution.target_position}")
@@ -22,7 +63,7 @@ def _caption(attribution: "Attribution") -> str:
     return caption
 
 
-def attribution_fragment(attribution: "Attribution") -> str:
+def attribution_fragment(attribution: Scored) -> str:
     """The shaded tokens as one <div> (what Jupyter shows), each as `show_text` writes it."""
     spans = []
     for index, (token, score, weight) in enumerate(zip(attribution.tokens, attribution.scores,
@@ -36,7 +77,7 @@ def attribution_fragment(attribution: "Attribution") -> str:
             f'<p class="text">{"".join(spans)}{prediction}</p></div>')
 
 
-def attribution_html(attribution: "Attribution") -> str:
+def attribution_html(attribution: Scored) -> str:
     """A whole HTML page with inline CSS: no scripts, no external files."""
     style = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
              ".text{font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap}"
@@ -61,11 +102,9 @@ def _wrap(tokens: list[str], width: int) -> list[list[int]]:
     return [line for line in lines if line]
 
 
-def attribution_figure(attribution: "Attribution", path: str | Path | None = None, width: int = 72):
+def attribution_figure(attribution: Scored, path: str | Path | None = None, width: int = 72):
     """Tokens laid out as text, each on a box shaded by its normalised score; a colour bar gives the scale."""
     from matplotlib import cm, colors
-
-    from ..export.figures import subplots
 
     shown = [show_text(t) for t in (*attribution.tokens, attribution.prediction)]
     lines = _wrap(shown, width)
@@ -98,4 +137,4 @@ def attribution_figure(attribution: "Attribution", path: str | Path | None = Non
     return fig
 
 
-__all__ = ["attribution_html", "attribution_fragment", "attribution_figure"]
+__all__ = ["Scored", "ScoredScope", "attribution_html", "attribution_fragment", "attribution_figure"]

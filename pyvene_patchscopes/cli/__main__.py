@@ -3,4 +3,5 @@ import sys
 
 from .entry import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (pkgutil.walk_packages, docs tools) runs nothing
+    sys.exit(main())

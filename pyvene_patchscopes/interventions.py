@@ -145,7 +145,8 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         if source.shape[-1] != self.mapping.source_dim:
             raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
                             f"{self.mapping.source_dim}")
-        return self.mapping(source.to(self._device())).to(base.device, base.dtype)  # a split model's layer may sit on another device
+        # a split model's layer may sit on another device
+        return self.mapping(source.to(self._device())).to(base.device, base.dtype)
 
     def set_source_representation(self, source_representation: torch.Tensor) -> None:
         """Hold `source_representation` (``[rows, slots, d_source]``) as a constant source, as pyvene's
@@ -248,5 +249,6 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
 
 
 __all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
-           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
-           "resolve_intervention", "set_constant_source"]
+           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS",
+           "write_intervention", "register_intervention", "INTERVENTIONS", "resolve_intervention",
+           "set_constant_source"]

@@ -146,5 +146,5 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
     return path
 
 
-__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task",
-           "data_fields", "data_readers"]
+__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions",
+           "Report", "Table", "get_task", "data_fields", "data_readers"]

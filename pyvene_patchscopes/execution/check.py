@@ -127,13 +127,14 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                 error = _relative(decoded.logits[row], want[row])
                 if error > limit:
                     where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
-                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks on the "
-                            f"model's own forward by {error:.2g} (relative)")
+                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks "
+                            f"on the model's own forward by {error:.2g} (relative)")
             if not _same_tokens(decoded.tokens, greedy) and runner is Layered:  # its batched cache may differ
                 decode_without_cache(model)
                 decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
             if not _same_tokens(decoded.tokens, greedy):
-                return "the planned pass's greedy tokens differ from the model's own generate (its decoding steps differ)"
+                return ("the planned pass's greedy tokens differ from the model's own generate (its decoding steps "
+                        "differ)")
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
         message = str(err).splitlines()[0][:160] if str(err) else ""
         alone = "on the suffix alone" if runner is Stack else "with the inputs its forward gave them"

@@ -241,7 +241,8 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
-    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):  # prompt passes
+    # the writes reach the prompt passes
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):
         out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]

@@ -160,7 +160,8 @@ class PyvenePlan:
             forward["source_representations"] = {**representations, keys[-1]: states}
         new_tokens = self.scopes[0].max_new_tokens
         generate = None if not new_tokens else {
-            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},  # generate derives them
+            # generate derives the position ids
+            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},
             "intervene_on_prompt": True, "generation_config": greedy_config(target, new_tokens)}
         return PyveneInputs(forward=forward, generate=generate, keys=tuple(keys))
 

@@ -82,7 +82,8 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     prefix = _prefix_for(module, kv_heads)
     groups = heads // kv_heads
     scale = d ** -0.5 if scaling is None else scaling
-    own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.transpose(-1, -2)).view(n, kv_heads, groups, q, -1)
+    own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.transpose(-1, -2))
+    own = own.view(n, kv_heads, groups, q, -1)
     parts = [own]
     if prefix is not None and prefix[0].shape[2]:
         p_keys = prefix[0][0]
@@ -253,7 +254,8 @@ class Stack:
             handle.remove()
         return seen["hidden"]
 
-    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _rotary(self, hidden: torch.Tensor,
+                positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         position_ids = positions.unsqueeze(0)
         if self.rotary is None:
             return dict.fromkeys(self.layer_types)
@@ -276,7 +278,8 @@ class Stack:
 
     def _layer(self, j: int, hidden: torch.Tensor, rotary, masks, positions: torch.Tensor,
                prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+               past: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Layer j on `hidden`, attending to the shared `prefix` ([1, kv, P, d]) and the rows' own `past`."""
         kind = self.layer_types[j]
         cache = _LayerKeys(*(past or (None, None)))

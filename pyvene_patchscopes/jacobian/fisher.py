@@ -144,4 +144,5 @@ def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int, 
     return torch.stack(rows, 1)
 
 
-__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]
+__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor",
+           "exact_factor", "fisher_factors"]

@@ -66,4 +66,5 @@ def pack(rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_ba
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 
 
-__all__ = ["TargetGroup", "group_by_target", "pack", "rows_per_batch", "HEAD_ELEMENTS_PER_TOKEN", "check_budget", "DEFAULT_MAX_BATCH_TOKENS"]
+__all__ = ["TargetGroup", "group_by_target", "pack", "rows_per_batch", "HEAD_ELEMENTS_PER_TOKEN", "check_budget",
+           "DEFAULT_MAX_BATCH_TOKENS"]

@@ -29,7 +29,8 @@ class Every:
         try:
             self.text.encode("utf-8")
         except UnicodeEncodeError:
-            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as UTF-8)") from None
+            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as "
+                            "UTF-8)") from None
 
 
 class SinkPositionWarning(UserWarning):

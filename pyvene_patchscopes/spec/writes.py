@@ -143,4 +143,5 @@ def row_alphas(values: list[float]) -> torch.Tensor | None:
     return None if all(value == 1.0 for value in values) else torch.tensor(values)
 
 
-__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots", "REPLACE_ONE", "row_alphas"]
+__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots",
+           "REPLACE_ONE", "row_alphas"]

@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 
 import golden
 from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, models, run
-from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.spec.mappings import MappingSpec
 from pyvene_patchscopes.presets import multihop
 from test_hostile import cli, cli_error

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import weakref
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import golden
-from pyvene_patchscopes import Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError, compat, run, wrap_model
+from pyvene_patchscopes import (Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError,
+                                compat, run, wrap_model)
 from pyvene_patchscopes.persist import folders as persist
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.errors import ContextLengthWarning, UninformativeScopeWarning

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..models.discovery import hooks_restored
+from ..models.parts import generator
 from ..spec.writes import REPLACE_ONE, Slots
 from .stack import Decoded, Stack, TargetPass
 
@@ -243,7 +244,7 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
                               pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
     # the writes reach the prompt passes
     with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):
-        out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
+        out = generator(model).generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
 

@@ -121,7 +121,7 @@ def last_block_states(model: torch.nn.Module, positions: torch.Tensor, keep: boo
     if arch.final_norm and not arch.final_norm_shared:
         handle = arch.module(model, arch.final_norm).register_forward_pre_hook(lambda m, args: keep_rows(args[0]))
     else:
-        handle = arch.module(model, arch.layers)[-1].register_forward_hook(
+        handle = arch.blocks(model)[-1].register_forward_hook(
             lambda m, args, out: keep_rows(out[0] if isinstance(out, tuple) else out))
     try:
         yield seen

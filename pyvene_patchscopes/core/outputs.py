@@ -30,7 +30,7 @@ from ..errors import PatchscopeError
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, but a file another process holds open cannot be removed there
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl (Windows): None, no locks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -133,7 +133,7 @@ class Layered(Stack):
 
     # ---- the shared pass -------------------------------------------------------------------------------
     @torch.no_grad()
-    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]  # records every block: Recorded
         """Run the model's own forward on the unpatched prompt once, recording every block's inputs and output."""
         ids = input_ids.to(self.device)
         self._layout()
@@ -148,7 +148,7 @@ class Layered(Stack):
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
                 slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:

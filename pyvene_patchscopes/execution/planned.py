@@ -65,7 +65,7 @@ class SharedPrompts:
         key = (id(stack.model), tuple(rows.ids.tolist()), rows.position)
         if key != self.key:
             self.key, self.value = key, stack.share(rows.ids, rows.position)
-        return self.value  # type: ignore[return-value]
+        return self.value  # type: ignore[return-value]  # set with key
 
 
 def use_planned(model: nn.Module, requested: bool = True) -> bool:

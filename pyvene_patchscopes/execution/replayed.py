@@ -37,7 +37,7 @@ class Replayed(Stack):
     outputs."""
 
     @torch.no_grad()
-    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]  # records every block: Recorded
         ids = input_ids.to(self.device)
         return Recorded(ids, split, *record_blocks(self.model, self.layers, ids[None]))
 
@@ -66,7 +66,7 @@ class Replayed(Stack):
         return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
 
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
                 slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:

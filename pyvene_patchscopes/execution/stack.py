@@ -297,7 +297,7 @@ class Stack:
         finally:
             _PREFIX.reset(token)
         out = out[0] if isinstance(out, tuple) else out
-        return out, cache.new  # type: ignore[return-value]
+        return out, cache.new  # type: ignore[return-value]  # the layer's update set new
 
     def unembed(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(normed).float()

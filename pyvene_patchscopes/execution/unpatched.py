@@ -66,8 +66,8 @@ def null_readings(items: Sequence[Resolved], written: Sequence[torch.Tensor], mo
         reading = read_unpatched(models[name], prompt, max_new_tokens, top, sites)
         for k in rows:
             readings[k] = reading
-    warn_far_norms(items, written, readings)  # type: ignore[arg-type]
-    return readings  # type: ignore[return-value]
+    warn_far_norms(items, written, readings)  # type: ignore[arg-type]  # every row read above
+    return readings  # type: ignore[return-value]  # every row read above
 
 
 def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: int,

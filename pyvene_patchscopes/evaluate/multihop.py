@@ -90,7 +90,7 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
     n, seed = len(passed), options.seed
     per_pair = {(l, t): [patched[(k, l, t)] for k in range(n)] for l in layers for t in target_layers}
     pair_rate = {cell: rate(values) for cell, values in per_pair.items()}
-    best = max(pair_rate, key=pair_rate.get) if pair_rate else None
+    best = max(pair_rate, key=lambda cell: pair_rate[cell]) if pair_rate else None
     summary: dict[str, Any] = {"two-hop queries in the set": len(items),
                                "queries whose single hops the model answers (kept)": n}
     data: dict[str, Any] = {"pair_accuracy": {f"{l},{t}": v for (l, t), v in pair_rate.items()},

@@ -75,7 +75,8 @@ def crosscheck(handle, texts: list[str], layers: list[int], tl_python: str, stat
     worst = max(v["max_abs_diff_over_max_abs"] for v in per_layer.values())
     return {"prompts": len(texts), "tokens_per_prompt": JACOBIAN_LENS_TOKENS, "layers": layers,
             "transformer_lens": theirs_run["transformer_lens"], "n_prompts": [ours.n_prompts, theirs.n_prompts],
-            "seconds": {"pyvene_patchscopes": round(ours_seconds, 1), "transformer_lens": round(theirs_run["seconds"], 1)},
+            "seconds": {"pyvene_patchscopes": round(ours_seconds, 1),
+                        "transformer_lens": round(theirs_run["seconds"], 1)},
             "largest_relative_difference": worst,
             "largest_frobenius_relative": max(v["frobenius_relative"] for v in per_layer.values()),
             "smallest_top1_agreement": min(v["top1_agreement"] for v in per_layer.values()),

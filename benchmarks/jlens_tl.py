@@ -43,7 +43,8 @@ def main() -> int:
         ours = handle.tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_seq_len)["input_ids"]
         theirs = bridge.to_tokens(text)[:, :args.max_seq_len]
         if not torch.equal(ours, theirs.to(ours.device)):
-            raise SystemExit(f"tokenization differs: ours {ours[0, :5].tolist()}..., bridge {theirs[0, :5].tolist()}...")
+            raise SystemExit(f"tokenization differs: ours {ours[0, :5].tolist()}...,"
+                             f" bridge {theirs[0, :5].tolist()}...")
     start = time.perf_counter()
     lens = JacobianLens.fit(bridge, texts, corpus="pydoc_data topics prose (next-token train split)",
                             source_layers=layers, dim_batch=args.dim_batch, max_seq_len=args.max_seq_len,

@@ -26,7 +26,8 @@ from sweep import write_report  # noqa: E402
 
 SIZES = (250, 1000, 2500, 10000)
 CONTRAST = (250, 1000)  # in memory with full logits: 12 GB at 1,000 prompts on SmolLM2
-CONTRAST_LIMIT_GIB = 12  # a contrast run whose logits (twice: the parts and their concatenation) would pass this is left out
+# a contrast run whose logits (twice: the parts and their concatenation) would pass this is left out
+CONTRAST_LIMIT_GIB = 12
 VOCAB = {"smollm2-135m": (30, 49152), "gemma3-270m": (18, 262144)}
 
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, model in enumerate(args.models.split(",")):
         limit = args.limit if k == 0 else min(args.limit, args.second_model_limit)
         layers, vocab = VOCAB.get(model, (32, 128256))
-        fits = lambda n: 2 * n * layers * vocab * 4 / 2**30 <= CONTRAST_LIMIT_GIB  # noqa: E731
+        fits = lambda n, layers=layers, vocab=vocab: 2 * n * layers * vocab * 4 / 2**30 <= CONTRAST_LIMIT_GIB  # noqa: E731
         runs = [(n, "folder") for n in SIZES if n <= limit] + \
             [(n, "memory+logits") for n in CONTRAST if n <= limit and fits(n)]
         for n, mode in runs:

@@ -34,7 +34,8 @@ from pyvene_patchscopes.execution.stack import Stack
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import source_prompts, write_report  # noqa: E402  (the same prompts as benchmarks/sweep.py)
 
-sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")  # the module (the package exports its function)
+# the module (the package exports its function of the same name)
+sweeping = importlib.import_module("pyvene_patchscopes.execution.sweeps")
 units = importlib.import_module("pyvene_patchscopes.execution.sweep_units")  # where a unit looks up stack_for
 RUNNERS = {"shared prefix": Stack, "shared layers": Layered, "own forward": Replayed}
 

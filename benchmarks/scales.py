@@ -57,7 +57,7 @@ def per_latent_hooks(model, directions: torch.Tensor, alphas, slots: list[int]) 
                 return out
 
             hooks = [block.register_forward_hook(write),
-                     norm.register_forward_pre_hook(lambda m, args: seen.update(h=args[0][0, -1].clone()))]
+                     norm.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(h=args[0][0, -1].clone()))]
             try:
                 with torch.no_grad():
                     logits = model.model(**ids, logits_to_keep=1).logits[0, -1]

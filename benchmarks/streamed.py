@@ -1,4 +1,4 @@
-"""Benchmark: a streamed sweep (``out=`` a folder, units by `UNIT_CELLS`) against the same sweep in memory, in one process.
+"""Benchmark, in one process: a streamed sweep (``out=`` a folder, units by `UNIT_CELLS`) against it in memory.
 
 A streamed sweep cuts its prompts into small units, so that a kill loses little (on SmolLM2: one prompt a unit of
 the 30 x 30 grid, 8 at l* = l), and writes each unit as a Parquet shard; the in-memory sweep takes 32 prompts a
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     agree = True
     for name, settings in (("grid", {}), ("same", {"target_layers": "same"})):
         settings = {**common, **settings}
-        seconds, kept = best(args.repeats, {"streamed": lambda: streamed(handle, prompts, **settings),
-                                            "in_memory": lambda: in_memory(handle, prompts, **settings)})
+        seconds, kept = best(args.repeats, {"streamed": lambda s=settings: streamed(handle, prompts, **s),
+                                            "in_memory": lambda s=settings: in_memory(handle, prompts, **s)})
         (per_unit, loaded), grid = kept["streamed"], kept["in_memory"]
         report["sweeps"][name] = {
             "cells": grid.top_ids.shape[:3].numel(), "streamed_prompts_per_unit": per_unit,

@@ -50,15 +50,16 @@ def entries(handle) -> dict[str, tuple[Patchscope, str]]:
         "entity-description": (build("entity-description", "Let me tell you about Albert Einstein", "Einstein", 4),
                                "A short description of the entity at the source position (paper §4.3)."),
         "multihop-cot": (multihop("the company that created Windows", "The current CEO of", 8, 4, max_new_tokens=12),
-                         "CoT Patchscope (paper §5), a template: S = T = [hop 2][hop 1]; hop 1's last state is rerouted over hop "
-                         "2's last token within one pass, the two segments isolated by an attention mask."),
+                         "CoT Patchscope (paper §5), a template: S = T = [hop 2][hop 1]; hop 1's last state is "
+                         "rerouted over hop 2's last token within one pass, the two segments isolated by an "
+                         "attention mask."),
         "selfie": (build("selfie", "Here is a city: Paris", "Paris", 8),
-                   "SelfIE (Chen et al., 2024): the state written at every placeholder '_' of the interpretation prompt "
-                   "at l* = 0 (SelfIE's k = 1), mixed at alpha = 1; the model summarises it. Give it a VectorSource "
-                   "to read a direction."),
+                   "SelfIE (Chen et al., 2024): the state written at every placeholder '_' of the interpretation "
+                   "prompt at l* = 0 (SelfIE's k = 1), mixed at alpha = 1; the model summarises it. Give it a "
+                   "VectorSource to read a direction."),
         "self-explanation": (build("self-explanation", "Here is a city: Paris", "Paris", 6, target_layer=2),
-                             "Self-explanation (Kharlapenko et al., 2024): alpha * v replaces the word X in 'What is the "
-                             "meaning of the word \"X\"?'. Made for SAE latents: scope.replace(source="
+                             "Self-explanation (Kharlapenko et al., 2024): alpha * v replaces the word X in 'What "
+                             "is the meaning of the word \"X\"?'. Made for SAE latents: scope.replace(source="
                              "vectors.sae_source(sae, k, model)), alpha chosen by a scale search."),
     }
     for name, (prompt, source, subject) in ATTRIBUTES.items():
@@ -72,8 +73,9 @@ def tuned_lens(handle, texts: list[str]) -> dict[str, tuple[Patchscope, str]]:
     out = {}
     for layer, f in fit_tuned_lens(texts, handle, TUNED_LENS_LAYERS, progress=True).items():
         scope = build("logit-lens", "The Eiffel Tower is in the city of", -1, layer).replace(mapping=f)
-        out[f"tuned-lens-l{layer:02d}"] = (scope, f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by "
-                                                  "least squares to the last layer (paper §4.1), then the unembedding.")
+        description = (f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by least squares to the "
+                       "last layer (paper §4.1), then the unembedding.")
+        out[f"tuned-lens-l{layer:02d}"] = (scope, description)
     return out
 
 

@@ -24,13 +24,14 @@ from .models.architectures import Architecture, FAMILIES, architecture
 from .jacobian import Attribution, JacobianScope, jacobian_scope
 
 __all__ = [
-    "Patchscope", "save_patchscope", "load_patchscope", "patchscope_from_hub",
-    "Source", "Target", "VectorSource", "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
+    "Patchscope", "save_patchscope", "load_patchscope", "patchscope_from_hub", "Source", "Target", "VectorSource",
+    "Every", "run", "hidden_states", "to_pyvene", "PyvenePlan", "load_model", "wrap_model",
     "ModelHandle", "PatchscopeResult", "TokenProb", "PatchscopeError", "SpecError", "UnknownNameError",
     "SinkPositionWarning", "VectorNormWarning", "Reroute", "MappingSpec", "MappingFunction", "Affine", "Identity",
     "register_mapping", "register_intervention", "load_plugins", "MappingIntervention", "RerouteIntervention",
     "jacobian_scope", "JacobianScope",
-    "Attribution", "sweep", "load_sweep", "sweep_figure", "sweep_page", "SweepResult", "SweepFolder", "ShardWarning", "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
+    "Attribution", "sweep", "load_sweep", "sweep_figure", "sweep_page", "SweepResult", "SweepFolder", "ShardWarning",
+    "fit_affine", "fit_tuned_lens", "build", "Architecture", "FAMILIES",
     "architecture",
     "save_intervenable", "load_intervenable", "safe_serialization", "pyvene_guard", "install_safe_serialization",
     "uninstall_safe_serialization",

@@ -74,6 +74,6 @@ def check_int(field: str, value: object, low: int = 1, high: int | None = None) 
 def as_index(value: object) -> int | None:
     """An integer of any integer type (int, numpy, 0-d tensor) as an int; None for anything else."""
     try:
-        return operator.index(value)  # type: ignore[arg-type]
+        return operator.index(value)  # type: ignore[arg-type]  # any object: what index() refuses is caught below
     except TypeError:
         return None

@@ -28,7 +28,7 @@ from .spec.mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
 from .core.plugins import claim, unregistered
 from .spec.writes import check_alpha, check_mode, combine
 
-I = TypeVar("I", bound=type)
+I = TypeVar("I", bound="type[pv.Intervention]")
 INTERVENTIONS: dict[str, type[pv.Intervention]] = {}
 
 
@@ -49,7 +49,7 @@ def register_intervention(name: str) -> Callable[[I], I]:
     return decorate
 
 
-def set_constant_source(intervention: torch.nn.Module, tensor: torch.Tensor) -> None:
+def set_constant_source(intervention: pv.Intervention, tensor: torch.Tensor) -> None:
     """Give a pyvene intervention a constant source, as a buffer its ``state_dict`` keeps (an addition's steering
     vector; a `MappingIntervention`'s source states), on a fresh instance too.
 
@@ -145,7 +145,8 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         if source.shape[-1] != self.mapping.source_dim:
             raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
                             f"{self.mapping.source_dim}")
-        return self.mapping(source.to(self._device())).to(base.device, base.dtype)  # a split model's layer may sit on another device
+        # a split model's layer may sit on another device
+        return self.mapping(source.to(self._device())).to(base.device, base.dtype)
 
     def set_source_representation(self, source_representation: torch.Tensor) -> None:
         """Hold `source_representation` (``[rows, slots, d_source]``) as a constant source, as pyvene's
@@ -174,7 +175,8 @@ class _ScaledWrite(MappingIntervention):
         super().__init__(mapping=mapping, **kwargs)
         self.register_buffer("alpha", torch.tensor(check_alpha(alpha), dtype=torch.float64))
 
-    def forward(self, base: torch.Tensor, source: torch.Tensor, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None,
+                **kwargs: Any) -> torch.Tensor:
         written = super().forward(base, source, subspaces, **kwargs)
         return combine(self.mode, float(self.alpha), base, written).to(base.dtype)
 
@@ -248,5 +250,6 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
 
 
 __all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
-           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS", "write_intervention", "register_intervention", "INTERVENTIONS",
-           "resolve_intervention", "set_constant_source"]
+           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS",
+           "write_intervention", "register_intervention", "INTERVENTIONS", "resolve_intervention",
+           "set_constant_source"]

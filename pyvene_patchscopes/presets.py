@@ -40,7 +40,8 @@ FUTURE_LENS_PROMPT = 'Hello! Could you please tell me more about "'
 # l* = 0, block 0's output), on the prompt pass only, in the 'normalized' mode with overlay_strength 1 (a mix at
 # α = 1, which replaces). Here in SmolLM2's chat format (ChatML) instead of Llama 2's [INST] tags.
 SELFIE_PROMPT = "<|im_start|>user\n_ _ _ _ _<|im_end|>\n<|im_start|>assistant\nSure, I will summarize the message:"
-# Self-explaining SAE features (Kharlapenko, neverix, Nanda and Conmy, 2024; alignmentforum.org/posts/8ev6coxChSWcxCDy8):
+# Self-explaining SAE features (Kharlapenko, neverix, Nanda and Conmy, 2024;
+# alignmentforum.org/posts/8ev6coxChSWcxCDy8):
 # "we give the model a prompt like 'What does X mean?', replace the residual stream on X with the decoder direction
 # times some scale, and have it generate an explanation". Their Gemma prompt asks for the meaning of the word "X" and
 # starts the answer; here in ChatML, X written at both of its occurrences, scaled by α (write="replace", alpha=α).

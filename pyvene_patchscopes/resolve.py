@@ -202,4 +202,5 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
                   stacklevel=4)
 
 
-__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "check_write_dtypes", "as_models", "pick_model", "check_context", "Models"]
+__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "check_write_dtypes",
+           "as_models", "pick_model", "check_context", "Models"]

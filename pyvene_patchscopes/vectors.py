@@ -179,7 +179,8 @@ def das_directions(intervention: Any) -> torch.Tensor:
     weight = getattr(rotate, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
         raise SpecError(f"{type(intervention).__name__} has no learned rotation (allowed: a pyvene "
-                        "RotatedSpaceIntervention, LowRankRotatedSpaceIntervention or BoundlessRotatedSpaceIntervention)")
+                        "RotatedSpaceIntervention, LowRankRotatedSpaceIntervention or "
+                        "BoundlessRotatedSpaceIntervention)")
     directions = weight.detach().T.float().cpu().clone()
     interchange = getattr(intervention, "interchange_dim", None)
     if isinstance(interchange, torch.Tensor) and interchange.numel() == 1 and directions.shape[0] > 1:
@@ -194,8 +195,8 @@ def das_source(intervenable: Any, model: ModelHandle, direction: int = 0, key: s
     intervention, layer, label = _das_intervention(intervenable, model, key)
     directions = das_directions(intervention)
     if directions.shape[1] != model.hidden_size:
-        raise SpecError(f"DAS intervention {label!r} has width {directions.shape[1]}, but {model.name}'s hidden size is "
-                        f"{model.hidden_size} (allowed: an intervention learned on {model.name})")
+        raise SpecError(f"DAS intervention {label!r} has width {directions.shape[1]}, but {model.name}'s hidden "
+                        f"size is {model.hidden_size} (allowed: an intervention learned on {model.name})")
     index = None if isinstance(direction, bool) else as_index(direction)
     if index is None or not 0 <= index < directions.shape[0]:
         raise SpecError(f"direction={direction!r} is out of range for DAS intervention {label!r} (allowed: "
@@ -210,11 +211,13 @@ def _das_intervention(intervenable: Any, model: ModelHandle, key: str | None) ->
 
     if not isinstance(intervenable, pv.IntervenableModel):
         if key is not None:
-            raise SpecError("key= names an intervention of an IntervenableModel (allowed: None for a bare intervention)")
+            raise SpecError("key= names an intervention of an IntervenableModel (allowed: None for a bare "
+                            "intervention)")
         return intervenable, 0, type(intervenable).__name__
     if intervenable.model is not model.model:
-        raise SpecError(f"the IntervenableModel wraps {type(intervenable.model).__name__} at {id(intervenable.model):#x}, "
-                        f"not {model.name}'s model (allowed: the DAS study of {model.name})")
+        raise SpecError(f"the IntervenableModel wraps {type(intervenable.model).__name__} at "
+                        f"{id(intervenable.model):#x}, not {model.name}'s model (allowed: the DAS study of "
+                        f"{model.name})")
     rotated = {k: (v[0] if isinstance(v, tuple) else v) for k, v in intervenable.interventions.items()
                if hasattr(v[0] if isinstance(v, tuple) else v, "rotate_layer")}
     if key is None and len(rotated) != 1:

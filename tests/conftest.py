@@ -22,6 +22,15 @@ def tiny_llama():
     return tiny_model("llama")
 
 
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """The tiny Llama saved as a local HF folder (a base model for the adapter tests)."""
+    base = tiny_model("llama", seed=5)
+    base.model.save_pretrained(tmp_path / "tiny")
+    base.tokenizer.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     from pyvene_patchscopes import load_model

@@ -228,7 +228,8 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
                 generated.append(int(token))
                 if int(token) == handle.tokenizer.eos_token_id:
                     break
-                step_out = handle.model(token, use_cache=True, attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
+                step_out = handle.model(token, use_cache=True,
+                                        attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
                                         position_ids=torch.tensor([[n + step]]),
                                         **{"cache" if new_api else "past_key_values": cache})
                 cache = step_out.cache if new_api else step_out.past_key_values

@@ -181,14 +181,6 @@ def test_a_base_and_its_adapted_self_under_two_names_are_refused():
 
 
 # ---- refusals: one line each, and nothing is loaded or run -------------------------------------------------------
-@pytest.fixture
-def tiny_folder(tmp_path):
-    base = tiny_model("llama", seed=5)
-    base.model.save_pretrained(tmp_path / "tiny")
-    base.tokenizer.save_pretrained(tmp_path / "tiny")
-    return tmp_path / "tiny"
-
-
 def _refused(folder, adapter, match: str) -> None:
     with pytest.raises(SpecError, match=match) as err:
         load_model(str(folder), adapter=adapter)

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, SpecError, Target, load_model, run
 from pyvene_patchscopes.models.adapters import adapter_folder
-from test_adapters import SOURCE, _lora, _refused, tiny_folder  # noqa: F401  (tiny_folder is a fixture)
+from test_adapters import SOURCE, _lora, _refused
 from tiny import tiny_model
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

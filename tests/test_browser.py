@@ -408,7 +408,8 @@ def test_each_bad_input_names_its_field_on_the_page_and_the_next_request_works(d
             tokenize(driver, PROMPT)
         chip(driver, TINY_TOKEN).click()
         settled(driver, tiny.n_layers)
-        assert text_of(driver, "#error") == "", f"after a bad {field}, the good request left {text_of(driver, '#error')!r}"
+        left = text_of(driver, "#error")
+        assert left == "", f"after a bad {field}, the good request left {left!r}"
     custom = "The capital city of x is"
     choose("custom")
     target.clear()

@@ -121,7 +121,8 @@ def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
     from_bin = torch.load(legacy, weights_only=True)  # tensors only: plain pyvene's torch.load reads it safely
     assert from_bin.keys() == load_file(str(safe)).keys()
     for key in saved.interventions:
-        for a, b, c in zip(saved.interventions[key].state_dict().values(), fresh.interventions[key].state_dict().values(),
+        for a, b, c in zip(saved.interventions[key].state_dict().values(),
+                           fresh.interventions[key].state_dict().values(),
                            again.interventions[key].state_dict().values()):
             torch.testing.assert_close(a, b)
             torch.testing.assert_close(a, c)

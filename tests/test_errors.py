@@ -23,7 +23,8 @@ def test_layer_out_of_range(tiny_llama):
 
 
 def test_position_out_of_range(tiny_llama):
-    with pytest.raises(SpecError, match=r"Source\.position=99 is out of range .* of \d+ tokens \(allowed: -\d+\.\.\d+\)"):
+    with pytest.raises(SpecError,
+                       match=r"Source\.position=99 is out of range .* of \d+ tokens \(allowed: -\d+\.\.\d+\)"):
         _run(tiny_llama, source=Source("The city of Paris", 99, 1, tiny_llama.name))
 
 

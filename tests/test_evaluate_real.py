@@ -66,11 +66,14 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     assert kept["n"] == 3 and kept["estimate"] == sum(f["4"]["2"] for f in report["data"]["correct"]) / 3
     # the logit lens beside the probe: the same facts, the same dev/test protocol, with intervals
     lens = report["data"]["logit_lens"]["4"]
-    assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known", "logit lens (top-1 token), all swept"]
+    assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known",
+                                                   "logit lens (top-1 token), all swept"]
     intervals = report["data"]["intervals"]
-    assert intervals["logit lens accuracy, mean over source layers (top-1 token), all swept"]["estimate"] == sum(lens) / 3
+    lens_mean = intervals["logit lens accuracy, mean over source layers (top-1 token), all swept"]
+    assert lens_mean["estimate"] == sum(lens) / 3
     on_test = intervals["logit lens accuracy at the l chosen on dev, test split"]
-    assert on_test["n"] == len(split["test"]) and on_test["estimate"] == sum(lens[k] for k in split["test"]) / on_test["n"]
+    assert on_test["n"] == len(split["test"])
+    assert on_test["estimate"] == sum(lens[k] for k in split["test"]) / on_test["n"]
     versus = intervals["Patchscope (chosen on dev) - logit lens at layer 4, test split"]
     assert versus["test"] == "exact McNemar" and versus["difference"]["n"] == len(split["test"])
     # three known facts: a test split of one or two, which the report says supports no claim
@@ -168,9 +171,9 @@ def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
                    "--select-on", "oracle")
     assert "split" not in oracle["data"] and oracle["settings"]["select on"] == "oracle"
     # no test split, but its intervals rest on the 2 kept queries (it said nothing of it, issue 36 review)
-    assert oracle["warnings"] == ["4 of its 4 intervals rest on fewer than 10 samples (the smallest, 'vanilla accuracy, "
-                                  "all kept', on 2 samples): they support no claim (more samples: a larger data file "
-                                  "or limit)"]
+    assert oracle["warnings"] == ["4 of its 4 intervals rest on fewer than 10 samples (the smallest, 'vanilla "
+                                  "accuracy, all kept', on 2 samples): they support no claim (more samples: a larger "
+                                  "data file or limit)"]
     assert oracle["data"]["correct"] == report["data"]["correct"]
 
 

@@ -29,7 +29,7 @@ from pyvene_patchscopes.execution.interrupt import checkpoints, decoder_layers
 from pyvene_patchscopes.explore import service
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.guard import MAX_BODY_BYTES
-from pyvene_patchscopes.explore.service import MAX_PROMPT_CHARS, MAX_QUEUED, Explorer, Query
+from pyvene_patchscopes.explore.service import MAX_PROMPT_CHARS, Explorer, Query
 from test_explore import wait
 from tiny import tiny_model
 
@@ -93,7 +93,8 @@ def test_f3_a_fitted_tuned_lens_is_run_only_at_its_own_layers_and_reads_the_clic
     assert labels == [(6, smollm2.n_layers - 1)] and "fitted for l = 6" in grid["note"]
     made = explorer.spec(query, 6, smollm2.n_layers - 1)
     assert made["spec"]["target"]["prompt"] == prompt[: prompt.index("banana") + len("banana")]
-    assert made["spec"]["mapping"]["weights"] == "mapping.safetensors" and "tuned-lens-l06/mapping.safetensors" in made["cli"]
+    assert made["spec"]["mapping"]["weights"] == "mapping.safetensors"
+    assert "tuned-lens-l06/mapping.safetensors" in made["cli"]
     import pyvene_patchscopes
 
     monkeypatch.setattr(pyvene_patchscopes, "load_model", lambda *args, **kwargs: smollm2)

@@ -138,7 +138,8 @@ def valid_specs(draw):
     if mapping == "affine":
         seed = draw(st.integers(0, 1000))
         generator = torch.Generator().manual_seed(seed)
-        mapping = Affine.from_weights(torch.randn(64, 64, generator=generator) / 8, torch.randn(64, generator=generator))
+        mapping = Affine.from_weights(torch.randn(64, 64, generator=generator) / 8,
+                                      torch.randn(64, generator=generator))
     return Patchscope(source, target, mapping=mapping, max_new_tokens=draw(st.integers(0, 2)))
 
 

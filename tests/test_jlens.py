@@ -42,7 +42,7 @@ def test_the_j_lens_with_j_equal_identity_is_exactly_the_logit_lens(handle, plan
         torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
 
 
-# ---- the estimator ----------------------------------------------------------------------------------------------------
+# ---- the estimator ---------------------------------------------------------------------------------------------------
 def _explicit(handle, text: str, layer: int) -> torch.Tensor:
     """By torch.autograd.functional.jacobian: mean over t in V of Σ_{t' in V} ∂h_final[t']/∂h_l[t], V = SKIP..T-2."""
     ids = encode(handle, text)
@@ -106,7 +106,7 @@ def test_the_lens_travels_as_a_patchscope_folder_of_json_and_safetensors(handle,
     torch.testing.assert_close(run(again, handle)[0].logits, run(scope, handle)[0].logits, atol=0, rtol=0)
 
 
-# ---- the reference .pt format -------------------------------------------------------------------------------------------
+# ---- the reference .pt format ----------------------------------------------------------------------------------------
 def test_the_reference_format_round_trips_and_a_file_of_only_the_reference_keys_loads(handle, lens, tmp_path):
     lens.to_file(tmp_path / "lens.pt")
     again = JacobianLens.from_file(tmp_path / "lens.pt", model=handle)
@@ -171,10 +171,12 @@ def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     (lambda p: {**p, "evil": 1}, r"has keys \['J', 'd_model', 'evil', 'n_prompts', 'source_layers'\]"),
     (lambda p: {k: v for k, v in p.items() if k != "J"}, r"has keys"),
     (lambda p: {**p, "J": torch.eye(64)}, r"J is a Tensor \(allowed: a non-empty dict"),
-    (lambda p: {**p, "J": {0: torch.nn.Parameter(torch.eye(64))}}, r"is a torch.nn.parameter.Parameter \(allowed: a plain"),
+    (lambda p: {**p, "J": {0: torch.nn.Parameter(torch.eye(64))}},
+     r"is a torch.nn.parameter.Parameter \(allowed: a plain"),
     (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}, "d_model": 1 << 20},
      r"d_model=1048576 is not allowed \(allowed: an int in 1..32768\)"),
-    (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((64, 64), (0, 0))}}, r"not a dense tensor over its own storage"),
+    (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((64, 64), (0, 0))}},
+     r"not a dense tensor over its own storage"),
     (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}},
      r"has shape \[1048576, 1048576\] \(allowed: \[d_model, d_model\] = \[64, 64\]\)"),
     (lambda p: {**p, "J": {0: torch.eye(32)}}, r"has shape \[32, 32\]"),
@@ -205,7 +207,7 @@ def test_a_file_that_is_not_a_torch_archive_and_a_lens_for_another_model_are_ref
         JacobianLens.from_file(deep, model=handle)
 
 
-# ---- the running-sum checkpoint ---------------------------------------------------------------------------------------
+# ---- the running-sum checkpoint --------------------------------------------------------------------------------------
 def test_a_killed_fit_resumes_from_its_checkpoint_and_loses_nothing(handle, lens, tmp_path, monkeypatch):
     checkpoint = tmp_path / "fit.ckpt.pt"
     real, calls = fitting.prompt_jacobians, []

@@ -133,7 +133,8 @@ def _allowed(importer: str, imported: str, via: str | None) -> bool:
 
 
 def upward_imports(graph) -> list[str]:
-    return [f"{name}:{line} imports {imported} ({kind}; tier {TIERS[tier_of(name)][0]} -> {TIERS[tier_of(imported)][0]})"
+    return [f"{name}:{line} imports {imported} ({kind}; tier {TIERS[tier_of(name)][0]} -> "
+            f"{TIERS[tier_of(imported)][0]})"
             for name, edges in graph.items() for imported, kind, line, via in edges
             if tier_of(imported) > tier_of(name) and not _allowed(name, imported, via)]
 
@@ -265,7 +266,8 @@ def test_an_old_module_path_works_and_warns_naming_the_new_one(old):
     module = importlib.import_module(f"{PACKAGE}.{new}")
     name = next(n for n in sorted(vars(module)) if not n.startswith("_"))
     proxy = importlib.import_module(f"{PACKAGE}.{old}")
-    with pytest.warns(DeprecationWarning, match=rf"{PACKAGE}\.{re.escape(old)} moved to {PACKAGE}\.{new}; .* {release}"):
+    moved = rf"{PACKAGE}\.{re.escape(old)} moved to {PACKAGE}\.{new}; .* {release}"
+    with pytest.warns(DeprecationWarning, match=moved):
         assert getattr(proxy, name) is getattr(module, name)
     assert re.fullmatch(r"\d+\.\d+\.\d+", release)
 
@@ -280,7 +282,8 @@ def test_an_old_path_monkeypatched_reaches_the_new_module_loudly(monkeypatch):
 
 
 def test_an_old_top_level_module_name_warns_but_the_verb_sweep_stays_the_function():
-    with pytest.warns(DeprecationWarning, match="pyvene_patchscopes.engine moved to pyvene_patchscopes.execution.engine"):
+    with pytest.warns(DeprecationWarning,
+                      match="pyvene_patchscopes.engine moved to pyvene_patchscopes.execution.engine"):
         from pyvene_patchscopes import engine
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -33,7 +33,8 @@ def _unpatched(handle, prompt: str, max_new_tokens: int) -> tuple[list[int], str
             if int(token) == handle.tokenizer.eos_token_id:
                 break
     new = ids[0, len(encode(handle, prompt)[0]):].tolist()
-    return [t.token_id for t in top_k(first, handle.tokenizer, 10)], handle.tokenizer.decode(new, skip_special_tokens=True)
+    return ([t.token_id for t in top_k(first, handle.tokenizer, 10)],
+            handle.tokenizer.decode(new, skip_special_tokens=True))
 
 
 def _scopes(handle, vector: torch.Tensor, max_new_tokens: int = 3) -> list[Patchscope]:
@@ -96,8 +97,8 @@ def test_every_vector_reading_carries_the_unpatched_targets_reading_read_once_pe
 def test_a_prompts_state_has_no_null_reading_and_its_json_is_unchanged(tiny_llama, monkeypatch):
     calls = []
     monkeypatch.setattr(unpatched, "read_unpatched", lambda *args, **kw: calls.append(args))
-    result = run(Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name), Target(PROMPTS[0], "x", 1)),
-                 tiny_llama)[0]
+    scope = Patchscope(Source("The city of Paris is large", "Paris", 1, tiny_llama.name), Target(PROMPTS[0], "x", 1))
+    result = run(scope, tiny_llama)[0]
     assert calls == [] and result.null_top is None and result.null_generation is None
     assert result.agrees_with_null is None and "agrees_with_null" not in result.to_dict()
 
@@ -106,8 +107,8 @@ def test_a_next_token_reading_agrees_when_its_top_token_is_the_nulls(tiny_llama)
     torch.manual_seed(3)
     vector = torch.randn(tiny_llama.hidden_size)
     with pytest.warns(VectorNormWarning, match="1 of 2 vector reading"):  # 1000·v is far larger than the states
-        nothing, strong = run([Patchscope(VectorSource(vector, 1, tiny_llama.name), Target(PROMPTS[1], -1, 1, write="add",
-                                                                                          alpha=alpha))
+        nothing, strong = run([Patchscope(VectorSource(vector, 1, tiny_llama.name),
+                                          Target(PROMPTS[1], -1, 1, write="add", alpha=alpha))
                                for alpha in (0.0, 1000.0)], tiny_llama)
     assert nothing.generation is None and nothing.null_generation is None and nothing.agrees_with_null is True
     assert strong.token != strong.null_top[0].token and strong.agrees_with_null is False

@@ -24,7 +24,7 @@ from pyvene_patchscopes.presets import self_explanation
 from pyvene_patchscopes.resolve import resolve
 from pyvene_patchscopes.models.sites import BLOCK_OUTPUT
 from pyvene_patchscopes.vectors import load_sae, sae_source, vector_source
-from test_hostile import cli, cli_error
+from test_hostile import cli_error
 from test_vectors import write_sae
 from tiny import tiny_loader, tiny_model
 

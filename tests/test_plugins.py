@@ -13,7 +13,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 import pyvene_patchscopes
@@ -304,8 +303,8 @@ def test_an_unknown_mapping_name_says_how_a_mapping_becomes_known():
 @pytest.mark.parametrize("change,message", [
     (lambda p: {**p, "extra": 1}, "plugins.json in .* is not allowed"),
     (lambda p: {**p, "version": True}, "plugins.json in .* is not allowed"),
-    (lambda p: {**p, "mappings": {"scale": "os; rm -rf /"}}, r"plugins.json mappings module='os; rm -rf /' is not allowed "
-                                                             r"\(allowed: a Python module name"),
+    (lambda p: {**p, "mappings": {"scale": "os; rm -rf /"}},
+     r"plugins.json mappings module='os; rm -rf /' is not allowed \(allowed: a Python module name"),
     (lambda p: {**p, "interventions": ["x"]}, "'interventions' is not allowed"),
 ])
 def test_a_malformed_plugins_file_is_refused_before_anything_is_built(shared, tmp_path, change, message):
@@ -332,8 +331,8 @@ def test_an_unregistered_subclass_records_the_module_that_registers_its_name(tmp
     handle = tiny_model("llama", seed=11)
     scope = Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(TARGET, "x", 2), mapping=mapping)
     assert scope.to_dict()["mapping"]["module"] == "test_interventions"
-    config = pv.IntervenableConfig([pv.RepresentationConfig(1, "block_output", "pos", 1, intervention=MappingIntervention(
-        mapping=mapping, embed_dim=64))])
+    intervention = MappingIntervention(mapping=mapping, embed_dim=64)
+    config = pv.IntervenableConfig([pv.RepresentationConfig(1, "block_output", "pos", 1, intervention=intervention)])
     with compat.pyvene_guard(handle.model):
         save_intervenable(compat.intervenable(config, handle.model), tmp_path / "pyvene")
     plugins = json.loads((tmp_path / "pyvene" / "plugins.json").read_text())

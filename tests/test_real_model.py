@@ -81,7 +81,8 @@ def test_after_a_run_no_hooks_are_left_and_hidden_states_work(smollm2):
 
 
 def test_engine_matches_hooks_on_smollm2(smollm2):
-    scope = Patchscope(Source("Amazon's former CEO attended Oscars", "CEO", 6), Target("The capital city of x is", "x", 2))
+    scope = Patchscope(Source("Amazon's former CEO attended Oscars", "CEO", 6),
+                       Target("The capital city of x is", "x", 2))
     got = run(scope, smollm2)[0]
     h = golden.read(smollm2, scope.source.prompt, 6, got.source_position)
     want = golden.patched_logits(smollm2, scope.target.prompt, 2, got.target_position, h)

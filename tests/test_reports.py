@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 
 from docs_text import DOCS, joined, page, pages
 from pyvene_patchscopes.evaluate import ON_BOTH_MODELS, SECOND_MODEL, TASKS, folder_name
@@ -106,7 +105,8 @@ def test_the_attribute_reports_hold_the_logit_lens_beside_the_probe_with_the_sam
                                                        "logit lens (top-1 token), all swept"]
         assert sorted(map(int, data["logit_lens"])) == layers and {len(v) for v in data["logit_lens"].values()} == {n}
         mean = data["intervals"]["logit lens accuracy, mean over source layers (top-1 token), all swept"]
-        assert mean["n"] == n and abs(mean["estimate"] - sum(map(sum, data["logit_lens"].values())) / n / len(layers)) < 1e-12
+        assert mean["n"] == n
+        assert abs(mean["estimate"] - sum(map(sum, data["logit_lens"].values())) / n / len(layers)) < 1e-12
         held, test = data["held_out"]["logit_lens"], data["split"]["test"]
         assert held["test"]["n"] == len(test) >= 10  # the same test split as the Patchscope's, big enough for a claim
         assert held["test"]["estimate"] == sum(data["logit_lens"][str(held["choice"])][k] for k in test) / len(test)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, load_patchscope,
                                 patchscope_from_hub, run, safe_serialization, save_patchscope)
 from pyvene_patchscopes.persist import folders as persist
-from pyvene_patchscopes.compat import base_locations, per_intervention_locations
+from pyvene_patchscopes.compat import per_intervention_locations
 from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
 from pyvene_patchscopes.presets import multihop
 from test_interventions import Scaled, random_affine
@@ -42,7 +42,8 @@ def test_patchscope_save_load_gives_an_equal_spec_and_identical_logits(tiny_llam
     before, after = run(scope, tiny_llama)[0], run(loaded, tiny_llama)[0]
     assert torch.equal(before.logits, after.logits) and before.generation == after.generation
     config = json.loads((tmp_path / "spec" / "config.json").read_text())
-    assert config["version"] == 2 and config["mapping"] == {"name": "affine", "args": {}, "weights": "mapping.safetensors"}
+    assert config["version"] == 2
+    assert config["mapping"] == {"name": "affine", "args": {}, "weights": "mapping.safetensors"}
     assert config["models"][tiny_llama.name]["hidden_size"] == 64
 
 

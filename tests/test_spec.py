@@ -29,7 +29,7 @@ def test_spec_is_frozen_and_compared_by_value():
     a = Patchscope(Source("Paris", -1, 3), Target("x", "x", 3))
     assert a == Patchscope(Source("Paris", -1, 3), Target("x", "x", 3))
     with pytest.raises(AttributeError):
-        a.source.layer = 4  # type: ignore[misc]
+        a.source.layer = 4  # type: ignore[misc]  # frozen: the assignment must raise
     assert a.replace(source_layer=5, target_layer=6).source.layer == 5
     assert a.target_model == "smollm2-135m"
 

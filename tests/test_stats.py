@@ -218,7 +218,8 @@ def test_a_report_with_a_small_test_split_says_so_in_markdown_json_and_a_warning
                                "no claim (more samples: a larger data file or limit)"]
     assert report.markdown().splitlines()[4] == f"**Warning:** {small}."
     report.write(tmp_path)
-    assert Report.load(tmp_path).warnings == [small] and f"**Warning:** {small}." in (tmp_path / "report.md").read_text()
+    assert Report.load(tmp_path).warnings == [small]
+    assert f"**Warning:** {small}." in (tmp_path / "report.md").read_text()
     enough = _report(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -24,8 +24,8 @@ import killed_sweep
 from pyvene_patchscopes import PatchscopeError, SpecError
 from pyvene_patchscopes import SweepResult, load_sweep, sweep
 from pyvene_patchscopes.execution import sweep_units
-from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest, shard_path, \
-    unit_prompts
+from pyvene_patchscopes.persist.sweep_folder import (SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest,
+                                                    shard_path, unit_prompts)
 
 PROMPTS = killed_sweep.PROMPTS
 sweeping = killed_sweep.module  # the module (the package exports its function under the same name)
@@ -353,7 +353,8 @@ def test_a_folder_of_another_sweep_or_a_file_is_refused_and_left_as_it_is(tmp_pa
     folder = tmp_path / "s"
     killed_sweep.run(str(folder))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(SpecError, match=r"holds another sweep \(it differs in target_layers\); nothing was overwritten"):
+    with pytest.raises(SpecError,
+                       match=r"holds another sweep \(it differs in target_layers\); nothing was overwritten"):
         sweep(PROMPTS, model, target_layers=[0, 1], max_new_tokens=2, batch_size=2, progress=False, out=folder,
               readout="logits")
     with pytest.raises(SpecError, match="holds other source prompts than unit 0"):

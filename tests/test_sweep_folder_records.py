@@ -61,7 +61,7 @@ def refused(call, *needles: str, error: type = PatchscopeError) -> str:
 def loads(folder: Path, model, *needles: str, error: type = PatchscopeError) -> None:
     """Loading the folder, in memory and lazily, is refused in one line holding the needles."""
     for lazy in (False, True):
-        refused(lambda: load_sweep(folder, model, lazy=lazy), *needles, error=error)
+        refused(lambda lazy=lazy: load_sweep(folder, model, lazy=lazy), *needles, error=error)
 
 
 def restamped(path: Path, table: pa.Table, spec_hash: str | None = None) -> None:

@@ -352,7 +352,8 @@ def test_a_shard_that_does_not_fit_is_one_line_and_the_retry_resumes(tmp_path, m
 
     monkeypatch.setattr(pq, "write_table", fills_up)
     with pytest.raises(PatchscopeError, match=rf"^cannot write {folder / 'unit-000003.parquet'}: the disk is full"
-                                              r" \(\[Errno 28\] No space left on device\); nothing was written") as raised:
+                                              r" \(\[Errno 28\] No space left on device\); nothing was "
+                                              "written") as raised:
         killed_sweep.run(str(folder))
     assert type(raised.value).__name__ == "WriteError" and isinstance(raised.value, OSError)
     shown = str(raised.value).replace(str(folder), "runs/identity").split(" (allowed: ")[0] + " (allowed: ...)"
@@ -377,7 +378,8 @@ def test_a_real_full_file_system_gives_the_one_line_error_and_the_freed_retry_eq
     manifest, shard, retry = runs
     assert manifest["type"] == shard["type"] == "WriteError"
     assert manifest["error"].startswith(f"cannot write {mount / 's' / 'manifest.json'}: the disk is full ([Errno 28]")
-    assert shard["error"].startswith(f"cannot write {mount / 's' / 'unit-000000.parquet'}: the disk is full ([Errno 28]")
+    unit = mount / "s" / "unit-000000.parquet"
+    assert shard["error"].startswith(f"cannot write {unit}: the disk is full ([Errno 28]")
     assert manifest["left"] == [] and shard["left"] == ["manifest.json"]  # no temporary file left either time
     assert retry == {"computed": list(range(6)), "same_files": True}
 

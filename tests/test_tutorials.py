@@ -120,7 +120,8 @@ def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
     assert summary["top"] == " CEO"
     assert summary["decoded_layers"][:10] == list(range(10))      # the early layers all decode the word
     assert summary["loaded_equal"] is True and summary["same_readout"] is True
-    assert (tmp_path / "ceo-identity" / "config.json").is_file() and (tmp_path / "ceo_heatmap.png").stat().st_size > 10_000
+    assert (tmp_path / "ceo-identity" / "config.json").is_file()
+    assert (tmp_path / "ceo_heatmap.png").stat().st_size > 10_000
     assert "Tokyo" in summary["catalogue_generation"]
     page = (tmp_path / "ceo_grid.html").read_text()  # the interactive export, one file
     assert "PatchscopesHeatmap" in page and "CEO" in page and "http" not in page
@@ -167,14 +168,17 @@ def test_03_pipeline_matches_the_library_and_reloads_identically_in_a_fresh_proc
 def test_04_interchange_and_patchscopes_agree_on_where_the_country_lives(tmp_path):
     summary = execute("04_causal_abstraction", tmp_path)
     assert summary["countries"] >= 20 and summary["pairs"] == 40
-    (iia_last_x, iia_first_is), (ps_last_x, ps_first_is) = summary["where"]["interchange (IIA)"], summary["where"]["Patchscopes"]
+    iia_last_x, iia_first_is = summary["where"]["interchange (IIA)"]
+    ps_last_x, ps_first_is = summary["where"]["Patchscopes"]
     assert iia_first_is == iia_last_x + 1                         # the variable moves within one layer
     assert abs(ps_first_is - iia_first_is) <= 1 and abs(ps_last_x - iia_last_x) <= 1
     assert min(summary["iia_at_x"][:iia_last_x + 1]) >= 0.8 and min(summary["iia_at_last"][iia_first_is:]) >= 0.8
     assert summary["iia_elsewhere_max"] <= 0.1 and summary["readout_control_max"] <= 0.1
-    swapped, control = summary["after_swap"]["after a swap at layer 12"], summary["after_swap"]["after a swap at layer 25"]
+    swapped = summary["after_swap"]["after a swap at layer 12"]
+    control = summary["after_swap"]["after a swap at layer 25"]
     assert swapped["last token predicts the source capital"] >= 0.8 and swapped["X is the source country"] >= 0.8
-    assert control["last token predicts the base capital"] >= 0.9 and control["the model says the source capital"] <= 0.1
+    assert control["last token predicts the base capital"] >= 0.9
+    assert control["the model says the source capital"] <= 0.1
 
 
 def test_05_jacobian_scopes_reads_the_attributed_token(tmp_path):

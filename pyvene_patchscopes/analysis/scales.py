@@ -138,8 +138,8 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
                   keep_scores=True, **options)
     n_layers = len(grid_layers) if grid_layers is not None else 1
     shape = (len(vectors), n_layers, len(alphas))
-    written = torch.stack([_written(scope.source) for scope in scopes])  # type: ignore[arg-type]
-    finals = torch.stack([result.final_state for result in results])  # type: ignore[misc]
+    written = torch.stack([_written(scope.source) for scope in scopes])  # type: ignore[arg-type]  # VectorSources, typed Source
+    finals = torch.stack([result.final_state for result in results])  # type: ignore[misc]  # keep_scores: every final_state is set
     similarity = torch.cosine_similarity(finals.float(), written.float(), dim=-1).view(shape)
     entropy = torch.tensor([result.entropy for result in results], dtype=torch.float32).view(shape)
     vocab = int(model.model.get_output_embeddings().weight.shape[0])

@@ -30,7 +30,7 @@ from ..errors import PatchscopeError
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, but a file another process holds open cannot be removed there
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl (Windows): None, no locks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,7 +66,8 @@ def _probe(folder: Path, value: str, flag: str) -> None:
         os.close(handle)
         os.unlink(name)
     except (OSError, ValueError) as err:
-        raise PatchscopeError(f"{flag}={value!r}: cannot write in the folder {str(folder)!r} ({_reason(err)})") from None
+        raise PatchscopeError(f"{flag}={value!r}: cannot write in the folder {str(folder)!r} "
+                              f"({_reason(err)})") from None
 
 
 def check_folder(value: str | os.PathLike, flag: str, given: str | os.PathLike | None = None) -> Path:

@@ -95,8 +95,9 @@ def load_plugins() -> list[str]:
             point.load()
         except (Exception, SystemExit) as err:  # noqa: BLE001
             package = f" of the package {point.dist.name!r}" if point.dist is not None else ""
-            raise PatchscopeError(f"plugin entry point {point.name!r} = {point.value!r}{package} (group {PLUGIN_GROUP}) "
-                                  f"raised {type(err).__name__} while importing: {first_line(err)} (allowed: an "
+            raise PatchscopeError(f"plugin entry point {point.name!r} = {point.value!r}{package} "
+                                  f"(group {PLUGIN_GROUP}) raised {type(err).__name__} while importing: "
+                                  f"{first_line(err)} (allowed: an "
                                   "installed plugin that imports without an error; fix or uninstall it)") from None
         loaded.append(point.value)
     return loaded

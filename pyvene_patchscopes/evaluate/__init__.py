@@ -58,17 +58,18 @@ def data_fields(markdown: bool = False) -> str:
     Plain text for ``patchscopes eval --help``; with `markdown`, the README's table.
     """
     others = [name for name in TASKS if name not in data_readers()]
+    readers = {task.name: task.data for task in TASKS.values() if task.data is not None}  # data_readers()' order
     if markdown:
         lines = ["| task | field | what it is |", "|---|---|---|"]
-        for name in data_readers():
+        for name, data in readers.items():
             lines += [f"| {f'`{name}`' if k == 0 else ''} | `{f.name}`{'' if f.required else ' (optional)'} | "
-                      f"{f.meaning} |" for k, f in enumerate(FIELDS[TASKS[name].data])]
+                      f"{f.meaning} |" for k, f in enumerate(FIELDS[data])]
         listed = ", ".join(f"`{name}`" for name in others)
         return "\n".join(lines) + f"\n\nThe other tasks ({listed}) read no `--data`; giving one is refused.\n"
     lines = ["--data FILE is your own JSONL, one JSON object per line; for each task, the fields of a row:"]
-    for name in data_readers():
+    for name, data in readers.items():
         lines.append(f"  {name}:")
-        lines += [f"    {f.name}{'' if f.required else ' (optional)'}: {f.meaning}" for f in FIELDS[TASKS[name].data]]
+        lines += [f"    {f.name}{'' if f.required else ' (optional)'}: {f.meaning}" for f in FIELDS[data]]
     return "\n".join([*lines, f"The other tasks ({', '.join(others)}) read no --data."])
 
 
@@ -146,5 +147,5 @@ def write_index(reports: list[Report], out: Path, seconds: float) -> Path:
     return path
 
 
-__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions", "Report", "Table", "get_task",
-           "data_fields", "data_readers"]
+__all__ = ["TASKS", "Task", "run_task", "run_all", "folder_name", "SECOND_MODEL", "ON_BOTH_MODELS", "EvalOptions",
+           "Report", "Table", "get_task", "data_fields", "data_readers"]

@@ -187,7 +187,8 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
     summary: dict[str, Any] = {
         "facts in the set": len(facts), "facts the model answers (kept)": len(known),
         "facts swept over (l, l*)": len(swept), "relations": len(relation_rows)}
-    data: dict[str, Any] = {"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
+    data: dict[str, Any] = {"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers}
+                                        for c in correct],
                             "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept],
                             "logit_lens": {str(l): lens[l] for l in layers}}
     mean_any = [sum(any_target[l][k] for l in layers) / len(layers) for k in range(len(swept))]

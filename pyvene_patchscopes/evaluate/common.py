@@ -115,6 +115,7 @@ def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: in
     from ..compat import pyvene_guard
     from ..plan.batching import Batch, chunks
     from ..execution.plain import greedy_config, until_eos
+    from ..models.parts import generator
 
     rows: list[list[int]] = []
     batches = list(chunks(list(prompts), batch_size))
@@ -124,7 +125,7 @@ def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: in
                                   disable=not (progress if progress is not None else len(batches) > 2)):
             batch = Batch.encode(handle, batch_prompts)
             inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
-            output = handle.model.generate(**inputs, generation_config=config)
+            output = generator(handle.model).generate(**inputs, generation_config=config)
             new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
             rows.extend(until_eos(row, handle.tokenizer.eos_token_id) for row in new)
     return rows

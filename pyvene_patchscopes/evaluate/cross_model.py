@@ -85,7 +85,8 @@ def run(source: ModelHandle, target: ModelHandle, options: EvalOptions, out: str
     last = source.n_layers - 1
     read = sorted({*layers, last})  # the states at each prefix's last token
     states = dict(zip(read, hidden_states(prefixes, source, read, batch_size=options.batch_size).unbind(1)))
-    expected = [source.tokenizer.decode([int(t)]) for t in lens_logits(source, states[last], normalised=True).argmax(-1)]
+    expected = [source.tokenizer.decode([int(t)])
+                for t in lens_logits(source, states[last], normalised=True).argmax(-1)]
     identity = padded_identity(source.hidden_size, target.hidden_size)
     hits: dict[str, dict[tuple[int, int], list[bool]]] = {"affine": {}, "identity": {}}
     cells = [(name, l, t, r) for name in hits for l in layers for t in target_layers for r in range(len(prefixes))]

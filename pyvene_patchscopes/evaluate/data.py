@@ -63,7 +63,8 @@ def shipped(name: str) -> Path:
 
 
 def load_jsonl(kind: str, path: str | Path | None = None) -> datasets.Dataset:
-    """Load ``kind`` ('facts', 'entities', 'multihop', 'texts') from `path` (default: the shipped file), checking fields."""
+    """Load ``kind`` ('facts', 'entities', 'multihop', 'texts') from `path` (default: the shipped file), checking
+    fields."""
     import datasets
 
     if kind not in REQUIRED:

@@ -106,8 +106,9 @@ def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], t
         examples += [[entities[k]["entity"], l, texts[(k, l)], scores[(k, l)]] for l in layers]
     return Report(
         task="entities", title="Entity description (paper §4.3)", model=handle.name, command=COMMAND,
-        settings={"layers (l* = l)": layers, "max_new_tokens": MAX_NEW_TOKENS, "target prompt": ENTITY_DESCRIPTION_PROMPT,
-                  "source prompt": "Let me tell you about <entity>", "entities": options.data or "shipped entities.jsonl",
+        settings={"layers (l* = l)": layers, "max_new_tokens": MAX_NEW_TOKENS,
+                  "target prompt": ENTITY_DESCRIPTION_PROMPT, "source prompt": "Let me tell you about <entity>",
+                  "entities": options.data or "shipped entities.jsonl",
                   "seed": seed, "select on": options.select_on,
                   "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary,

@@ -73,7 +73,8 @@ def passages(handle: ModelHandle, options: EvalOptions) -> list[str]:
     return [c for c in cuts if c is not None][:limit]
 
 
-def deleted_log_probs(handle: ModelHandle, text: str, prediction: int, deletions: Sequence[Sequence[int]]) -> list[float]:
+def deleted_log_probs(handle: ModelHandle, text: str, prediction: int,
+                      deletions: Sequence[Sequence[int]]) -> list[float]:
     """log p(prediction) after `text` with each set of positions deleted (embedding zeroed), one batch."""
     rows = prepare(handle, [text] * len(deletions), -1)
     with pyvene_guard(handle.model), torch.no_grad():
@@ -221,7 +222,8 @@ def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str,
                                              "random_draws": RANDOM_DRAWS, "exact_texts": agreement["texts"],
                                              "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
                   summary=summary, tables=tables, notes=notes,
-                  data={**data, "per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()} for t in per_text],
+                  data={**data, "per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()}
+                                             for t in per_text],
                         "agreement": agreement, "texts": texts})
 
 

@@ -83,13 +83,14 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     return report
 
 
-def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], layers: list[int], target_layers: list[int],
-                 correct: dict[str, list[bool]], patched: dict, vanilla: list[str], cot: list[str], generations: dict,
+def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], layers: list[int],
+                 target_layers: list[int], correct: dict[str, list[bool]], patched: dict, vanilla: list[str],
+                 cot: list[str], generations: dict,
                  options: EvalOptions) -> Report:
     n, seed = len(passed), options.seed
     per_pair = {(l, t): [patched[(k, l, t)] for k in range(n)] for l in layers for t in target_layers}
     pair_rate = {cell: rate(values) for cell, values in per_pair.items()}
-    best = max(pair_rate, key=pair_rate.get) if pair_rate else None
+    best = max(pair_rate, key=lambda cell: pair_rate[cell]) if pair_rate else None
     summary: dict[str, Any] = {"two-hop queries in the set": len(items),
                                "queries whose single hops the model answers (kept)": n}
     data: dict[str, Any] = {"pair_accuracy": {f"{l},{t}": v for (l, t), v in pair_rate.items()},
@@ -130,7 +131,8 @@ def build_report(handle: ModelHandle, items: list[dict], passed: list[dict], lay
     return Report(
         task="multihop", title="Multi-hop correction with the CoT Patchscope (paper §5)", model=handle.name,
         command=eval_command("multihop", handle.name), settings={
-            "layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS, "CoT prefix": COT_PREFIX,
+            "layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
+            "CoT prefix": COT_PREFIX,
             "segments isolated": True, "select on": options.select_on, "seed": seed,
             "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
         summary=summary,

@@ -93,7 +93,8 @@ def build_report(handle: ModelHandle, layers: list[int], scores: dict, hits: dic
     middle, last = handle.n_layers // 2, handle.n_layers - 1
     upper = [l for l in layers if middle <= l < last]  # at the last layer both readouts are exact (1.0)
     beats = [l for l in upper if scores["token identity"][l][0] > scores["logit lens"][l][0]]
-    significant = [l for l in beats if paired(hits["token identity"][l], hits["logit lens"][l], seed=seed).p_value < 0.05]
+    significant = [l for l in beats
+                   if paired(hits["token identity"][l], hits["logit lens"][l], seed=seed).p_value < 0.05]
     summary: dict[str, Any] = {
         "evaluation texts (one random position each)": n_eval,
         "training texts (for the fitted maps)": n_train,
@@ -123,8 +124,9 @@ def build_report(handle: ModelHandle, layers: list[int], scores: dict, hits: dic
                                        columns, rows)],
         notes=["Precision@1: the readout's top token equals the model's own next-token prediction at i; "
                "surprisal: -log p_model(readout's top token).",
-               "Token identity patches l* = l at the prompt's last token '?' and reads the next token there; the logit and tuned lens are "
-               "computed exactly as the final norm and unembedding (equal to the pyvene path, tested).",
+               "Token identity patches l* = l at the prompt's last token '?' and reads the next token there; the "
+               "logit and tuned lens are computed exactly as the final norm and unembedding (equal to the pyvene "
+               "path, tested).",
                "No layer is chosen from the results here: each readout is reported at every layer, and the "
                f"headline layer {probe} is fixed in advance. Intervals: percentile bootstrap over texts; "
                "comparisons: exact McNemar test on the same texts."],

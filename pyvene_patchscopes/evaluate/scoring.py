@@ -142,5 +142,5 @@ def repeat_guess(top1: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
 
 
 __all__ = ["precision_at_1", "surprisal", "object_in_generation", "cut_at_next_example", "rouge_l",
-           "same_token", "first_word_id", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids", "future_hits",
-           "repeat_guess"]
+           "same_token", "first_word_id", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids",
+           "future_hits", "repeat_guess"]

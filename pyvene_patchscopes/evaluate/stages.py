@@ -32,7 +32,8 @@ SHOT = ("Somalia", "Mogadishu")
 def prompts(country: str) -> dict[str, str]:
     question = f"Q: What is the capital of {SHOT[0]}?\nA: {SHOT[1]}\nQ: What is the capital of {country}?\nA:"
     return {"abstractive": question,
-            "extractive": f"The capital of {SHOT[0]} is {SHOT[1]}. The capital of {country} is {{answer}}.\n" + question}
+            "extractive": f"The capital of {SHOT[0]} is {SHOT[1]}. The capital of {country} is {{answer}}.\n"
+                          + question}
 
 
 def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:

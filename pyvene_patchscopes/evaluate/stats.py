@@ -249,5 +249,5 @@ def record(summary: dict[str, Any], data: dict[str, Any], name: str, value: Inte
 
 
 __all__ = ["Interval", "Comparison", "Split", "HeldOut", "bootstrap", "paired", "mcnemar", "sign_flip", "split",
-           "held_out", "record", "small_test_split", "small_intervals", "SmallSampleWarning", "RESAMPLES", "FLIPS", "LEVEL", "DEV_SHARE",
-           "MIN_TEST"]
+           "held_out", "record", "small_test_split", "small_intervals", "SmallSampleWarning", "RESAMPLES", "FLIPS",
+           "LEVEL", "DEV_SHARE", "MIN_TEST"]

@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 
 from ..models.architectures import Architecture, architecture
 from ..models.discovery import hooks_restored
+from ..models.parts import generator, text_config, weight_of
 from .layered import Layered, decode_without_cache, writing
 from .replayed import Replayed
 from .stack import TRANSFORMERS_5, Stack, evaluating
@@ -99,7 +100,7 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
     Rows at three layers write another position's state at i* (a real patch), one row writes after the final
     norm; their logits and greedy tokens must be the model's own with the same writes."""
     stack = runner(model, architecture(model))
-    vocab = int(stack.lm_head.weight.shape[0])
+    vocab = int(weight_of(stack.lm_head).shape[0])
     length = _probe_length(model)
     ids = (torch.arange(length) * 7 + 3) % max(vocab - 3, 1) + 2
     ids = ids.clamp(max=vocab - 1).to(stack.device)
@@ -127,13 +128,14 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                 error = _relative(decoded.logits[row], want[row])
                 if error > limit:
                     where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
-                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks on the "
-                            f"model's own forward by {error:.2g} (relative)")
+                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks "
+                            f"on the model's own forward by {error:.2g} (relative)")
             if not _same_tokens(decoded.tokens, greedy) and runner is Layered:  # its batched cache may differ
                 decode_without_cache(model)
                 decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
             if not _same_tokens(decoded.tokens, greedy):
-                return "the planned pass's greedy tokens differ from the model's own generate (its decoding steps differ)"
+                return ("the planned pass's greedy tokens differ from the model's own generate (its decoding steps "
+                        "differ)")
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
         message = str(err).splitlines()[0][:160] if str(err) else ""
         alone = "on the suffix alone" if runner is Stack else "with the inputs its forward gave them"
@@ -159,14 +161,15 @@ def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torc
     for row in range(rows):
         one = slice(row, row + 1)
         with writing(stack, PROBE_SPLIT, vectors[one], layers[one], after_norm[one], norm):
-            out = stack.model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), generation_config=config)
+            out = generator(stack.model).generate(ids[None], attention_mask=torch.ones_like(ids[None]),
+                                                  generation_config=config)
         tokens.append(out[0, ids.shape[0]:].tolist())
     return logits, tokens
 
 
 def _probe_length(model: nn.Module) -> int:
     """Long enough to cross a short sliding window or attention chunk (tiny and test configs), else nine tokens."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     spans = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
              if isinstance(w, int) and 0 < w <= MAX_CROSSED]
     return max([PROBE_LENGTH] + [w + PROBE_SPLIT + 3 for w in spans])

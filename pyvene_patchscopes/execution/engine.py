@@ -92,7 +92,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
             for k, result in zip(slow, done):
                 results[plain[k]] = result
         for k, null in zip(vectors, nulls):
-            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation  # type: ignore[union-attr]
+            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation  # type: ignore[union-attr]  # filled above
     rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:
@@ -100,11 +100,11 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for name, rows in rerouted.items():
         for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
             results[r] = result
-    check_readouts(resolved, results, models)  # type: ignore[arg-type]
+    check_readouts(resolved, results, models)  # type: ignore[arg-type]  # every row is filled by now
     if not keep_logits:
-        for result in results:
-            result.logits = None  # type: ignore[union-attr]
-    return results  # type: ignore[return-value]
+        for readout in results:
+            readout.logits = None  # type: ignore[union-attr]  # filled; keep_logits=False drops them
+    return results  # type: ignore[return-value]  # every row is filled
 
 
 def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved], models: Models) -> None:
@@ -138,7 +138,7 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
                                           for r in rows], list(sites), batch_size)
         for k, r in enumerate(rows):  # a view of the unit's row: many rows share one source state, never copied
             mapped[r] = read.states[read.rows[k], sites[resolved[r].source_site]]
-    return mapped  # type: ignore[return-value]
+    return mapped  # type: ignore[return-value]  # every vector row is filled
 
 
 def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models) -> list[torch.Tensor]:
@@ -155,7 +155,7 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
             mapped = mapping(torch.stack([states[r] for r in rows]).to(target.device))
         for k, r in enumerate(rows):
             out[r] = mapped[k]
-    return out  # type: ignore[return-value]
+    return out  # type: ignore[return-value]  # every vector row is filled
 
 
 def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models: Models, top: int,
@@ -195,7 +195,7 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                     entropy=float(out.entropy[k]) if out.entropy is not None else None,
                     final_state=None if out.states is None else out.states[k],
                 )
-    return results  # type: ignore[return-value]
+    return results  # type: ignore[return-value]  # every row is filled
 
 
 def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -235,4 +235,4 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                 informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
                 entropy=None if entropy is None else entropy[k], final_state=None if kept is None else kept[k],
             )
-    return results  # type: ignore[return-value]
+    return results  # type: ignore[return-value]  # every row is filled

@@ -22,7 +22,7 @@ from ..models.architectures import architecture
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder blocks (see `architectures.architecture`)."""
     entry = architecture(model)
-    return list(entry.module(model, entry.layers))
+    return list(entry.blocks(model))
 
 
 @contextmanager

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..models.discovery import hooks_restored
+from ..models.parts import generator
 from ..spec.writes import REPLACE_ONE, Slots
 from .stack import Decoded, Stack, TargetPass
 
@@ -132,7 +133,7 @@ class Layered(Stack):
 
     # ---- the shared pass -------------------------------------------------------------------------------
     @torch.no_grad()
-    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]  # records every block: Recorded
         """Run the model's own forward on the unpatched prompt once, recording every block's inputs and output."""
         ids = input_ids.to(self.device)
         self._layout()
@@ -147,7 +148,7 @@ class Layered(Stack):
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
                 slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
@@ -241,8 +242,9 @@ def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.T
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               eos_token_id=eos_token_id,
                               pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
-    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):  # prompt passes
-        out = model.generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
+    # the writes reach the prompt passes
+    with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):
+        out = generator(model).generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
     new = out[:, sequence.shape[1]:].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
 

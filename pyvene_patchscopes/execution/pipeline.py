@@ -160,7 +160,8 @@ class PyvenePlan:
             forward["source_representations"] = {**representations, keys[-1]: states}
         new_tokens = self.scopes[0].max_new_tokens
         generate = None if not new_tokens else {
-            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},  # generate derives them
+            # generate derives the position ids
+            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},
             "intervene_on_prompt": True, "generation_config": greedy_config(target, new_tokens)}
         return PyveneInputs(forward=forward, generate=generate, keys=tuple(keys))
 
@@ -171,7 +172,7 @@ class PyvenePlan:
             return self.source_representation.to(handle.dtype)
         for row in self.rows:
             warn_if_sink(row.source_position, handle.tokenizer, row.scope.source.prompt)
-        states = collect_states(handle, [s.source.prompt for s in self.scopes],  # type: ignore[union-attr]
+        states = collect_states(handle, [s.source.prompt for s in self.scopes],
                                 [row.source_position for row in self.rows], [self.rows[0].source_site])
         return states[:, :1].expand(-1, len(self.rows[0].slots), -1).contiguous()
 
@@ -185,7 +186,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
     if not scope_list or bad is not None:
         given = "scopes=[]" if not scope_list else \
-            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"  # type: ignore[index]
+            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"  # type: ignore[index]  # bad is set
         raise SpecError(f"to_pyvene: {given} (allowed: a Patchscope, or a non-empty list of them)")
     handles = as_models(models)
     rows = [resolve(scope, handles) for scope in scope_list]
@@ -197,7 +198,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     units = len(first.slots)
     vector = scope.vector_source
     target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")
-    source_batch = None if vector else _one_batch(source, [s.source.prompt for s in scope_list],  # type: ignore[union-attr]
+    source_batch = None if vector else _one_batch(source, [s.source.prompt for s in scope_list],  # type: ignore[union-attr]  # not a vector: a Source
                                                   "Source.prompt")
     return PyvenePlan(
         collect=None if vector else collect_config([first.source_site], source.hidden_size),
@@ -210,7 +211,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
         patch_locations=base_locations([[pad + slot for slot in row.slots]
                                         for pad, row in zip(target_batch.pad, rows)]),
         mapping=mapping,
-        source_representation=torch.cat([source_representation(s.source.tensor, units)  # type: ignore[union-attr]
+        source_representation=torch.cat([source_representation(s.source.tensor, units)  # type: ignore[union-attr]  # a VectorSource
                                          for s in scope_list]) if vector else None,
         positions=Positions(source=tuple(None if vector else row.source_position for row in rows),
                             target=tuple(row.slots for row in rows),

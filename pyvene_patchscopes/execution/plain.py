@@ -55,11 +55,11 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
                            max_new_tokens, mapping, write, alpha, keep_states)) for g in groups]
         order = torch.argsort(torch.tensor([r for g, _ in parts for r in g])).tolist()
         logits = torch.cat([part.logits for _, part in parts])[order]
-        states = torch.cat([part.states for _, part in parts])[order] if keep_states else None  # type: ignore[misc]
+        states = torch.cat([part.states for _, part in parts])[order] if keep_states else None  # type: ignore[misc]  # keep_states: set
         if not max_new_tokens:
             return Patched(logits, None, None, states)
-        texts = [text for _, part in parts for text in part.texts]  # type: ignore[union-attr]
-        tokens = [ids for _, part in parts for ids in part.tokens]  # type: ignore[union-attr]
+        texts = [text for _, part in parts for text in part.texts]  # type: ignore[union-attr]  # max_new_tokens: texts set
+        tokens = [ids for _, part in parts for ids in part.tokens]  # type: ignore[union-attr]  # max_new_tokens: tokens set
         return Patched(logits, [texts[k] for k in order], [tokens[k] for k in order], states)
     batch = Batch.encode(handle, prompts)
     slots = [list(p) if isinstance(p, (list, tuple)) else [p] for p in positions]
@@ -121,7 +121,7 @@ def last_block_states(model: torch.nn.Module, positions: torch.Tensor, keep: boo
     if arch.final_norm and not arch.final_norm_shared:
         handle = arch.module(model, arch.final_norm).register_forward_pre_hook(lambda m, args: keep_rows(args[0]))
     else:
-        handle = arch.module(model, arch.layers)[-1].register_forward_hook(
+        handle = arch.blocks(model)[-1].register_forward_hook(
             lambda m, args, out: keep_rows(out[0] if isinstance(out, tuple) else out))
     try:
         yield seen

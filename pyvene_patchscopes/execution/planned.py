@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import SlowPathWarning
+from ..models.parts import weight_of
 from ..result import entropy_of, top_k_ids
 from ..spec.writes import REPLACE_ONE, Slots
 from .check import planned_reason
@@ -64,7 +65,7 @@ class SharedPrompts:
         key = (id(stack.model), tuple(rows.ids.tolist()), rows.position)
         if key != self.key:
             self.key, self.value = key, stack.share(rows.ids, rows.position)
-        return self.value  # type: ignore[return-value]
+        return self.value  # type: ignore[return-value]  # set with key
 
 
 def use_planned(model: nn.Module, requested: bool = True) -> bool:
@@ -87,7 +88,7 @@ def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int,
                 on_batch: Callable[[int], None] | None = None, pad_token_id: int | None = None) -> Readout:
     """Patch every row of `rows` and read the end of the target prompt (and greedy tokens)."""
     shared = shared if shared is not None else SharedPrompts()
-    vocab = stack.lm_head.weight.shape[0]
+    vocab = weight_of(stack.lm_head).shape[0]
     top = min(top, vocab)
     n = rows.n_rows
     top_probs, top_ids = torch.empty(n, top), torch.empty(n, top, dtype=torch.long)

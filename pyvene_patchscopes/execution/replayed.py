@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..models.discovery import hooks_restored
+from ..models.parts import weight_of
 from ..spec.writes import REPLACE_ONE, Slots
 from .layered import Recorded, hidden_of, patched_greedy, record_blocks, writing
 from .stack import Decoded, Stack
@@ -36,7 +37,7 @@ class Replayed(Stack):
     outputs."""
 
     @torch.no_grad()
-    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]
+    def share(self, input_ids: torch.Tensor, split: int) -> Recorded:  # type: ignore[override]  # records every block: Recorded
         ids = input_ids.to(self.device)
         return Recorded(ids, split, *record_blocks(self.model, self.layers, ids[None]))
 
@@ -65,7 +66,7 @@ class Replayed(Stack):
         return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
 
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]
+    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
                 max_new_tokens: int = 0, eos_token_id: int | None = None,
                 after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
                 slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
@@ -75,8 +76,9 @@ class Replayed(Stack):
             layers, after_norm = torch.where(after_norm.cpu(), self.n_layers - 1, layers), None
         after_norm, key = self.row_keys(layers, after_norm)
         vectors = vectors.to(self.device, self.dtype)
-        logits = torch.empty(rows, self.lm_head.weight.shape[0], device=self.device)
-        states = torch.empty(rows, self.lm_head.weight.shape[1], device=self.device, dtype=self.dtype) \
+        vocab, width = weight_of(self.lm_head).shape
+        logits = torch.empty(rows, vocab, device=self.device)
+        states = torch.empty(rows, width, device=self.device, dtype=self.dtype) \
             if keep_states else None
         at = shared.length - 1  # the end of T, where the readout is
         for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
@@ -88,9 +90,9 @@ class Replayed(Stack):
                 seen = _Seen(self.layers[-1], at) if keep_states else None
                 out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
             logits[group.to(self.device)] = out.logits[:, -1].float()
-            if seen is not None:
+            if seen is not None and states is not None:
                 seen.handle.remove()
-                states[group.to(self.device)] = seen.value  # type: ignore[index]
+                states[group.to(self.device)] = seen.kept()
         tokens = None
         if max_new_tokens:
             tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,
@@ -110,6 +112,11 @@ class _Seen:
         hidden = hidden_of(out)
         if self.value is None and hidden.shape[1] > self.position:
             self.value = hidden[:, self.position].detach().clone()
+
+    def kept(self) -> torch.Tensor:
+        if self.value is None:
+            raise RuntimeError(f"the block's forward never reached position {self.position} (a pass too short)")
+        return self.value
 
 
 __all__ = ["Replayed"]

@@ -189,7 +189,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
                                               target_position=item.target_position, logits=logits[row].cpu(),
                                               top=top_k(logits[row], handle.tokenizer, top), generation=texts[row],
                                               informative=item.informative)
-    return results  # type: ignore[return-value]
+    return results  # type: ignore[return-value]  # every row filled above
 
 
 def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch, mapping):

@@ -32,11 +32,13 @@ from transformers import AttentionInterface
 from ..models.devices import input_device
 from ..models.architectures import Architecture
 from ..models.discovery import layer_types as config_layer_types, softcap
+from ..models.parts import hf_config, text_config, weight_of
 from ..spec.writes import REPLACE_ONE, Slots
 
 ATTENTION = "patchscopes-shared-prefix"
 # the shared prefix of the layer being called: read by `shared_prefix_attention` whatever keywords the layer passes
-_PREFIX: ContextVar[tuple[torch.Tensor, torch.Tensor] | None] = ContextVar("patchscopes_prefix", default=None)
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # a layer's keys and values, [rows, kv heads, positions, head size]
+_PREFIX: ContextVar[KeysValues | None] = ContextVar("patchscopes_prefix", default=None)
 # the layer call below is transformers 5's (a cache object updated in place, a tensor returned)
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -49,14 +51,14 @@ class _LayerKeys:
 
     def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None):
         self.keys, self.values = keys, values
-        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.new: KeysValues | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # Llama 4 asks before its chunked attention
         return 0 if self.keys is None else int(self.keys.shape[2])
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.new = (key, value)
-        if self.keys is None or self.keys.shape[2] == 0:
+        if self.keys is None or self.values is None or self.keys.shape[2] == 0:
             return key, value
         return torch.cat([self.keys, key], dim=2), torch.cat([self.values, value], dim=2)
 
@@ -82,7 +84,7 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     prefix = _prefix_for(module, kv_heads)
     groups = heads // kv_heads
     scale = d ** -0.5 if scaling is None else scaling
-    own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.transpose(-1, -2)).view(n, kv_heads, groups, q, -1)
+    own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.mT).view(n, kv_heads, groups, q, -1)
     parts = [own]
     if prefix is not None and prefix[0].shape[2]:
         p_keys = prefix[0][0]
@@ -104,13 +106,13 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
         probs = probs[..., :-1]
     width = probs.shape[-1] - key.shape[2]
     out = torch.matmul(probs[..., width:].reshape(n, kv_heads, groups * q, -1), value).view(n, kv_heads, groups, q, dv)
-    if width:
+    if width and prefix is not None:
         p_probs = probs[..., :width].permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, width)
         out = out + torch.bmm(p_probs, prefix[1][0]).view(kv_heads, n, groups, q, dv).permute(1, 0, 2, 3, 4)
     return out.reshape(n, heads, q, dv).transpose(1, 2).contiguous(), None
 
 
-def _prefix_for(module: nn.Module, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _prefix_for(module: nn.Module, kv_heads: int) -> KeysValues | None:
     """The layer's shared prefix as keys/values of `kv_heads` heads, as the layer hands its own to attention.
 
     Latent attention (DeepSeek V2/V3) caches the compressed latents and expands them with ``expand_kv``; a few
@@ -119,8 +121,8 @@ def _prefix_for(module: nn.Module, kv_heads: int) -> tuple[torch.Tensor, torch.T
     prefix = _PREFIX.get()
     if prefix is None or not prefix[0].shape[2]:
         return prefix
-    if callable(getattr(module, "expand_kv", None)):
-        prefix = module.expand_kv(*prefix)
+    if callable(expand := getattr(module, "expand_kv", None)):
+        prefix = expand(*prefix)
     repeat = kv_heads // prefix[0].shape[1]
     if repeat > 1:
         prefix = (prefix[0].repeat_interleave(repeat, dim=1), prefix[1].repeat_interleave(repeat, dim=1))
@@ -137,7 +139,7 @@ def register_attention() -> None:
 def _attention(model: nn.Module) -> Iterator[None]:
     """Route the model's attention through `shared_prefix_attention` for the duration, then restore it."""
     register_attention()
-    config = model.config
+    config = hf_config(model)
     before = config._attn_implementation
     config._attn_implementation = ATTENTION
     try:
@@ -197,7 +199,7 @@ class Stack:
 
     def __init__(self, model: nn.Module, arch: Architecture):
         self.model, self.arch = model, arch
-        self.layers = arch.module(model, arch.layers)
+        self.layers = arch.blocks(model)
         self.embed = arch.module(model, arch.embed)
         self.position_embed = arch.module(model, arch.position_embed) if arch.position_embed else None
         base = arch.layers.rpartition(".")[0]
@@ -205,7 +207,7 @@ class Stack:
         self.norm = arch.module(model, arch.final_norm) if arch.final_norm else nn.Identity()
         self.rotary = arch.module(model, arch.rotary) if arch.rotary else None
         self.lm_head = arch.module(model, arch.unembed)
-        config = model.config.get_text_config()
+        config = text_config(model)
         self.n_layers = len(self.layers)
         self.layer_types = layer_types(config, arch)
         self.sliding_window = getattr(config, "sliding_window", None)
@@ -221,7 +223,7 @@ class Stack:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return weight_of(self.lm_head).dtype
 
     @property
     def device(self) -> torch.device:
@@ -253,7 +255,8 @@ class Stack:
             handle.remove()
         return seen["hidden"]
 
-    def _rotary(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _rotary(self, hidden: torch.Tensor,
+                positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         position_ids = positions.unsqueeze(0)
         if self.rotary is None:
             return dict.fromkeys(self.layer_types)
@@ -275,8 +278,7 @@ class Stack:
                 for kind, m in allowed.items()}
 
     def _layer(self, j: int, hidden: torch.Tensor, rotary, masks, positions: torch.Tensor,
-               prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-               past: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+               prefix: KeysValues | None = None, past: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues]:
         """Layer j on `hidden`, attending to the shared `prefix` ([1, kv, P, d]) and the rows' own `past`."""
         kind = self.layer_types[j]
         cache = _LayerKeys(*(past or (None, None)))
@@ -295,7 +297,7 @@ class Stack:
         finally:
             _PREFIX.reset(token)
         out = out[0] if isinstance(out, tuple) else out
-        return out, cache.new  # type: ignore[return-value]
+        return out, cache.new  # type: ignore[return-value]  # the layer's update set new
 
     def unembed(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(normed).float()

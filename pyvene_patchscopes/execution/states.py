@@ -81,8 +81,8 @@ def read_states(model: ModelHandle, units: Sequence[tuple[str, int]], sites: Seq
 
 def _positions(positions: Position | Sequence[Position], n: int) -> list[Position]:
     if isinstance(positions, (str, int)) or as_index(positions) is not None:
-        return [positions] * n  # type: ignore[list-item]
-    listed = list(positions)  # type: ignore[arg-type]
+        return [positions] * n  # type: ignore[list-item]  # one Position (an integer-like too)
+    listed = list(positions)
     if len(listed) != n:
         raise SpecError(f"positions has {len(listed)} entries for {n} prompts (allowed: one position for every "
                         "prompt, or a list with one per prompt)")
@@ -93,7 +93,7 @@ def _layers(layers: int | Sequence[int] | None, model: ModelHandle) -> list[int]
     n = model.n_layers
     if layers is None:
         return list(range(n))
-    listed = [layers] if as_index(layers) is not None else list(layers)  # type: ignore[arg-type]
+    listed = [layers] if as_index(layers) is not None else list(layers)  # type: ignore[arg-type]  # not int-like: a sequence
     if not listed:
         raise SpecError(f"layers is empty (allowed: a layer or a list of layers in {-n}..{n - 1}, or None for all)")
     out = []

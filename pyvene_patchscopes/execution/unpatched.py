@@ -28,6 +28,7 @@ from torch import nn
 
 from ..models.architectures import architecture
 from ..models.devices import input_device
+from ..models.parts import generator
 from ..errors import SpecError, VectorNormWarning
 from ..models import ModelHandle
 from ..spec.positions import token_ids
@@ -65,8 +66,8 @@ def null_readings(items: Sequence[Resolved], written: Sequence[torch.Tensor], mo
         reading = read_unpatched(models[name], prompt, max_new_tokens, top, sites)
         for k in rows:
             readings[k] = reading
-    warn_far_norms(items, written, readings)  # type: ignore[arg-type]
-    return readings  # type: ignore[return-value]
+    warn_far_norms(items, written, readings)  # type: ignore[arg-type]  # every row read above
+    return readings  # type: ignore[return-value]  # every row read above
 
 
 def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: int,
@@ -80,8 +81,8 @@ def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: i
     try:
         with evaluating(handle.model), torch.no_grad():
             if max_new_tokens:
-                out = handle.model.generate(ids, attention_mask=torch.ones_like(ids),
-                                            generation_config=greedy_config(handle, max_new_tokens))
+                out = generator(handle.model).generate(ids, attention_mask=torch.ones_like(ids),
+                                                       generation_config=greedy_config(handle, max_new_tokens))
                 logits, new = out.logits[0][0], out.sequences[0, ids.shape[1]:].tolist()
             else:
                 logits, new = handle.model(input_ids=ids).logits[0, -1], None
@@ -95,8 +96,7 @@ def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: i
 def _site_module(model: nn.Module, site: Site) -> nn.Module:
     if site.after_final_norm:
         return final_norm(model)
-    arch = architecture(model)
-    return arch.module(model, arch.layers)[site.layer]
+    return architecture(model).blocks(model)[site.layer]
 
 
 def _keep_norm(norms: dict[Site, float], site: Site, length: int, module: nn.Module, args: Any, out: Any) -> None:

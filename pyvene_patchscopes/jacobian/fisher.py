@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..models.parts import text_config, unembedding, weight_of
+
 VOCAB_CHUNK = 16384
 
 
@@ -24,7 +26,7 @@ def softcap(model: nn.Module) -> float | None:
     """The final-logit soft cap c (z = c·tanh(Wy / c)), as Gemma 2 has; None for most models."""
     from ..models.discovery import softcap as config_softcap
 
-    return config_softcap(model.config.get_text_config())
+    return config_softcap(text_config(model))
 
 
 def scale(model: nn.Module) -> float:
@@ -42,7 +44,7 @@ def scale(model: nn.Module) -> float:
 
 def logits(model: nn.Module, y: torch.Tensor) -> torch.Tensor:
     """z(y): the model's own unembedding of final hidden states [B, d] (its scale and soft cap included)."""
-    z = model.get_output_embeddings()(y).float() * scale(model)
+    z = unembedding(model)(y).float() * scale(model)
     cap = softcap(model)
     return z if cap is None else cap * torch.tanh(z / cap)
 
@@ -56,9 +58,9 @@ def head_weight(model: nn.Module) -> Iterator[torch.Tensor]:
     """
     from accelerate.utils import align_module_device
 
-    head = model.get_output_embeddings()
+    head = unembedding(model)
     with align_module_device(head):
-        yield head.weight
+        yield weight_of(head)
 
 
 def slopes(model: nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -144,4 +146,5 @@ def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int, 
     return torch.stack(rows, 1)
 
 
-__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor", "exact_factor", "fisher_factors"]
+__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor",
+           "exact_factor", "fisher_factors"]

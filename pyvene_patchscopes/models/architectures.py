@@ -27,11 +27,12 @@ from __future__ import annotations
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict
 
 from torch import nn
 
 from ..errors import PatchscopeError
+from .parts import module_list
 
 Positions = Literal["rotary", "partial rotary", "learned absolute", "none"]
 SlidingWindow = Literal["none", "every layer", "layer types"]
@@ -75,8 +76,18 @@ class Architecture:
             raise PatchscopeError(f"{type(model).__name__} has no module {path!r}, which the {self.family!r} "
                                   "entry of the architecture table expects") from None
 
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        """The ``ModuleList`` of decoder blocks (at ``self.layers``)."""
+        return module_list(model, self.layers, self.module(model, self.layers))
 
-_LLAMA_LIKE = dict(embed="model.embed_tokens", layers="model.layers", final_norm="model.norm")
+
+class _Paths(TypedDict):
+    embed: str
+    layers: str
+    final_norm: str
+
+
+_LLAMA_LIKE = _Paths(embed="model.embed_tokens", layers="model.layers", final_norm="model.norm")
 
 FAMILIES: tuple[Architecture, ...] = (
     Architecture("llama", ("LlamaForCausalLM",), **_LLAMA_LIKE),

@@ -12,9 +12,11 @@ from itertools import chain
 import torch
 from torch import nn
 
+from .parts import input_embeddings
 
-def _as_device(value: object) -> torch.device:
-    return torch.device(f"cuda:{value}" if isinstance(value, int) else value)  # type: ignore[arg-type]
+
+def _as_device(value: int | str | torch.device) -> torch.device:
+    return torch.device(f"cuda:{value}" if isinstance(value, int) else value)
 
 
 def hook_device(module: nn.Module) -> torch.device | None:
@@ -42,8 +44,8 @@ def module_device(module: nn.Module) -> torch.device:
 
 def input_device(model: nn.Module) -> torch.device:
     """Where the model's token ids go: the device its input embedding computes on."""
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return module_device(embedding if isinstance(embedding, nn.Module) else model)
+    embedding = input_embeddings(model)
+    return module_device(embedding if embedding is not None else model)
 
 
 def is_dispatched(model: nn.Module) -> bool:

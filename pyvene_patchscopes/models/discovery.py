@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import PatchscopeError
+from .parts import blocks_at, input_embeddings, output_embeddings, text_config, weight_of
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -34,7 +35,7 @@ _SUPPLIED = {"hidden_states", "attention_mask", "position_ids", "position_embedd
              "cache_position", "output_attentions", *_CACHE_KEYWORDS}
 
 
-def path_of(model: nn.Module, target: nn.Module) -> str | None:
+def path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     """The dotted path of `target` inside `model` (None when it is not a submodule)."""
     for name, module in model.named_modules():
         if module is target:
@@ -81,14 +82,9 @@ def check_decoder(model: nn.Module) -> None:
     if kind == "encoder":
         raise PatchscopeError(f"{name} is an encoder ({model_type!r} models are masked LMs); Patchscopes need a "
                               "decoder-only causal LM that reads its prompt left to right")
-    if _output_embeddings(model) is None:
+    if output_embeddings(model) is None:
         raise PatchscopeError(f"{name} has no unembedding (get_output_embeddings() is None); Patchscopes need the "
                               "causal-LM class with its head (for example LlamaForCausalLM, not LlamaModel)")
-
-
-def _output_embeddings(model: nn.Module) -> nn.Module | None:
-    getter = getattr(model, "get_output_embeddings", None)
-    return getter() if callable(getter) else None
 
 
 _KEYS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -97,7 +93,7 @@ _KEYS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 def block_count(model: nn.Module) -> int | None:
     """How many decoder blocks the model has: ``config.num_hidden_layers``, or the config key its own hidden-state
     recorder names instead (LongCat-Flash: ``num_layers``, each block holding two attention sublayers)."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     if model not in _KEYS:
         keys = [getattr((getattr(m, "_can_record_outputs", None) or {}).get("hidden_states"), "num_hidden_layers_key",
                         None) for m in model.modules()]
@@ -117,11 +113,11 @@ def find_layers(model: nn.Module) -> str:
         key = _KEYS.get(model, "num_hidden_layers")
         looped = "" if key == "num_hidden_layers" else \
             (f" (its forward records config.{key}={n} hidden states, more than its config.num_hidden_layers="
-             f"{model.config.get_text_config().num_hidden_layers} blocks: blocks run more than once, as in a looped "
+             f"{text_config(model).num_hidden_layers} blocks: blocks run more than once, as in a looped "
              "model, so layer l has no one block to read and write)")
         raise PatchscopeError(f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList "
                               f"of config.{key}={n} blocks; ModuleLists found: {seen}{looped}")
-    embed = path_of(model, model.get_input_embeddings()) or ""
+    embed = path_of(model, input_embeddings(model)) or ""
     beside = [name for name in matching if _parent(name) == _parent(embed)]
     return (beside or sorted(matching, key=lambda name: name.count(".")))[0]
 
@@ -133,7 +129,7 @@ def _parent(path: str) -> str:
 def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[str], list[str]]:
     """The base model's direct children that run before the first block and after the last, in a tiny forward."""
     base_module = model.get_submodule(base) if base else model
-    blocks = model.get_submodule(layers)
+    blocks = blocks_at(model, layers)
     order: list[tuple[str, str]] = []  # (name, "done") in completion order
     handles = []
 
@@ -170,7 +166,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
     Patchscopes read and write "the hidden state after block l": a tensor [batch, tokens, hidden_size] that
     HF returns as ``hidden_states[l + 1]`` (``[l]`` in Mamba and RWKV, which leave the embeddings out).
     """
-    blocks = model.get_submodule(layers)
+    blocks = blocks_at(model, layers)
     outputs: list[Any] = []
     calls = [0] * len(blocks)
 
@@ -188,7 +184,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    name, width = type(model).__name__, model.config.get_text_config().hidden_size
+    name, width = type(model).__name__, text_config(model).hidden_size
     if max(calls) > 1:
         raise PatchscopeError(f"{name}'s decoder layers ({layers}) run {max(calls)} times in one forward pass (a "
                               "looped, recurrent-depth model), so layer l has no one state to read and write")
@@ -234,7 +230,7 @@ def probe_ids(model: nn.Module, length: int) -> torch.Tensor:
     """[1, length] token ids for the probes here and in `execution.reroute` (3, 7, 11, ... inside the vocabulary)."""
     from .devices import input_device
 
-    vocab = int(model.get_input_embeddings().weight.shape[0])  # the shape is known even when offloaded
+    vocab = int(weight_of(input_embeddings(model)).shape[0])  # the shape is known even when offloaded
     return (torch.arange(length, device=input_device(model))[None] * 4 + 3).clamp(max=vocab - 1)
 
 
@@ -265,7 +261,7 @@ def logit_scale(model: nn.Module, y_path: str, unembed: str) -> float | None:
             raw = model.get_submodule(unembed)(seen["y"][:, -1])[0].double()
     finally:
         handle.remove()
-    cap = softcap(model.config.get_text_config())
+    cap = softcap(text_config(model))
     if cap:
         logits = cap * torch.atanh((logits / cap).clamp(-1 + 1e-12, 1 - 1e-12))
     scale = float((logits * raw).sum() / (raw * raw).sum().clamp_min(1e-30))
@@ -295,10 +291,10 @@ def layer_types(config: Any) -> list[str]:
 
 def non_attention_kinds(model: nn.Module) -> list[str]:
     """The layer kinds of `model` that are not softmax attention over keys and values (empty for a transformer)."""
-    other = sorted(set(layer_types(model.config.get_text_config())) - set(ATTENTION_KINDS))
+    other = sorted(set(layer_types(text_config(model))) - set(ATTENTION_KINDS))
     if other:
         return other
-    block = model.get_submodule(find_layers(model))[0]
+    block = blocks_at(model, find_layers(model))[0]
     if not any(_is_attention(type(m)) for m in block.modules()):
         return ["recurrent (no attention module in its blocks)"]
     return []
@@ -311,13 +307,13 @@ def _is_attention(cls: type) -> bool:
 
 def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: float | None) -> str:
     """Why the shared-prefix trick cannot be exact for this model, in one line; "" when nothing stands in its way."""
-    config = model.config.get_text_config()
+    config = text_config(model)
     other = sorted(set(layer_types(config)) - set(ATTENTION_KINDS))
     if other:
         return (f"its layers of kind {', '.join(other)} are not softmax attention over every earlier key and value "
                 "(linear attention, state-space and convolution layers keep a recurrent state; indexed and compressed "
                 "attention choose their keys), so the target prompt's prefix cannot be computed once and shared")
-    block = model.get_submodule(layers)[0]
+    block = blocks_at(model, layers)[0]
     parameters = inspect.signature(block.forward).parameters
     first = next(iter(parameters), None)  # the hidden states, whatever the family calls them (x, hidden)
     required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED and n != first
@@ -348,7 +344,7 @@ def head_reason(after: list[str], scale: float | None) -> str:
     return ""
 
 
-def _uses_attention_interface(cls: type) -> bool:
+def _uses_attention_interface(cls: type[nn.Module]) -> bool:
     """Whether the module's forward picks its attention function from transformers' interface (and so ours)."""
     try:
         return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
@@ -375,16 +371,16 @@ def _head_size(config: Any) -> int:
 def found_pieces(model: nn.Module) -> dict[str, Any]:
     """Every field of an `architectures.Architecture`, found from `model` (see the module docstring)."""
     check_decoder(model)
-    config = model.config.get_text_config()
-    for role, module in (("input", model.get_input_embeddings()), ("output", _output_embeddings(model))):
+    config = text_config(model)
+    for role, module in (("input", input_embeddings(model)), ("output", output_embeddings(model))):
         weight = getattr(module, "weight", None)
         if module is not None and (not isinstance(weight, torch.Tensor) or weight.ndim != 2):
             raise PatchscopeError(
                 f"{type(model).__name__}'s {role} embeddings are a {type(module).__name__}, not one matrix over "
                 "one vocabulary (several token streams, as in Musicgen's codebooks); Patchscopes read and write "
                 "one token stream")
-    embed = path_of(model, model.get_input_embeddings())
-    unembed = path_of(model, _output_embeddings(model))
+    embed = path_of(model, input_embeddings(model))
+    unembed = path_of(model, output_embeddings(model))
     if embed is None or unembed is None:
         raise PatchscopeError(f"cannot find the embeddings of {type(model).__name__}: get_input_embeddings() or "
                               "get_output_embeddings() is not one of its submodules")
@@ -398,9 +394,9 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     embedding = model.get_submodule(embed)
     positions = [p for p in before if p not in (embed, rotary) and isinstance(model.get_submodule(p), nn.Embedding)]
     kinds = getattr(config, "layer_types", None)
-    block = model.get_submodule(layers)[0]
+    block = blocks_at(model, layers)[0]
     cache = next((k for k in _CACHE_KEYWORDS if k in inspect.signature(block.forward).parameters), "cache")
-    scale = logit_scale(model, after[-1] if after else f"{layers}.{len(model.get_submodule(layers)) - 1}", unembed)
+    scale = logit_scale(model, after[-1] if after else f"{layers}.{len(blocks_at(model, layers)) - 1}", unembed)
     reason = not_planned_reason(model, layers, after, scale)
     if rotary is None:
         kind = "learned absolute" if positions else "none"

@@ -120,7 +120,8 @@ class JacobianLens:
         payload = load_pt(path, "Jacobian lens file")
         where = expand(path)
         if not isinstance(payload, dict):
-            raise refuse_file(where, f"holds a {type(payload).__name__} (allowed: a dict with keys {list(LENS_KEYS[:4])})")
+            raise refuse_file(where, f"holds a {type(payload).__name__} (allowed: a dict with keys "
+                                     f"{list(LENS_KEYS[:4])})")
         if "jacobian_sum" in payload:
             raise refuse_file(where, "is a fit checkpoint (jacobian_sum, n_done), not a lens (allowed: a file written "
                           "by JacobianLens.to_file or the reference's save; resume the fit with its checkpoint=)")
@@ -206,7 +207,8 @@ def read_count(where: Path, payload: dict, key: str, low: int, high: int) -> int
 def read_matrices(where: Path, value: Any, d_model: int, key: str) -> dict[int, torch.Tensor]:
     """A dict layer -> checked [d_model, d_model] tensor, in layer order, else one line naming the file and key."""
     if not isinstance(value, dict) or not value:
-        raise refuse_file(where, f"{key} is a {type(value).__name__} (allowed: a non-empty dict layer -> [d, d] tensor)")
+        raise refuse_file(where, f"{key} is a {type(value).__name__} (allowed: a non-empty dict layer -> [d, d] "
+                                 "tensor)")
     out = {}
     numbered = lambda k: isinstance(k, int) and not isinstance(k, bool)  # noqa: E731
     for layer in sorted(value, key=lambda k: (not numbered(k), k if numbered(k) else 0, str(k))):  # 6 before 12
@@ -225,7 +227,8 @@ def check_matrix(matrix: Any, d_model: int, name: str) -> torch.Tensor:
     Shape and strides are checked before any value is read: a stride-0 view that claims 2⁴⁰ elements is refused
     without being materialised."""
     if type(matrix) is not torch.Tensor:
-        raise SpecError(f"{name} is a {type(matrix).__module__}.{type(matrix).__name__} (allowed: a plain torch.Tensor)")
+        raise SpecError(f"{name} is a {type(matrix).__module__}.{type(matrix).__name__} (allowed: a plain "
+                        "torch.Tensor)")
     if not 1 <= d_model <= MAX_D_MODEL:
         raise SpecError(f"{name}: d_model={d_model} is out of range (allowed: 1..{MAX_D_MODEL})")
     if tuple(matrix.shape) != (d_model, d_model):

@@ -41,7 +41,7 @@ def group_by_target(keys: Sequence[tuple]) -> list[TargetGroup]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, key in enumerate(keys):
         groups[key].append(row)
-    return [TargetGroup(*key[:4], tuple(rows), *key[4:]) for key, rows in groups.items()]
+    return [TargetGroup(key[0], key[1], key[2], key[3], tuple(rows), *key[4:]) for key, rows in groups.items()]
 
 
 def check_budget(max_batch_tokens: int) -> int:
@@ -66,4 +66,5 @@ def pack(rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_ba
     return [ordered[start:start + size] for start in range(0, len(ordered), size)]
 
 
-__all__ = ["TargetGroup", "group_by_target", "pack", "rows_per_batch", "HEAD_ELEMENTS_PER_TOKEN", "check_budget", "DEFAULT_MAX_BATCH_TOKENS"]
+__all__ = ["TargetGroup", "group_by_target", "pack", "rows_per_batch", "HEAD_ELEMENTS_PER_TOKEN", "check_budget",
+           "DEFAULT_MAX_BATCH_TOKENS"]

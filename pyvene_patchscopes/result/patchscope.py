@@ -73,7 +73,7 @@ class PatchscopeResult:
     target_position: int  # token index i*, resolved
     top: list[TokenProb]
     generation: str | None = None
-    logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]
+    logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]  # None only after run(keep_logits=False)
     # False when the patch cannot reach the readout (written at the target's last layer at a position before
     # its last token, which no later layer reads): the output is the same for every source.
     informative: bool = True

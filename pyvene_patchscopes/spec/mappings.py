@@ -156,8 +156,8 @@ class MappingSpec:
         if not isinstance(other, MappingSpec):
             return NotImplemented
         return (self.name == other.name and self.args == other.args and self.weights.keys() == other.weights.keys()
-                and all(self.weights[k].dtype == other.weights[k].dtype and torch.equal(self.weights[k], other.weights[k])
-                        for k in self.weights))
+                and all(self.weights[k].dtype == other.weights[k].dtype
+                        and torch.equal(self.weights[k], other.weights[k]) for k in self.weights))
 
     def __hash__(self) -> int:
         return hash((self.name, json.dumps(self.args, sort_keys=True), tuple(sorted(self.weights))))
@@ -206,5 +206,5 @@ def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -
     return module.eval()
 
 
-__all__ = ["MappingFunction", "MappingSpec", "MAPPINGS", "register_mapping", "mapping_module", "build_mapping", "Identity",
-           "Affine"]
+__all__ = ["MappingFunction", "MappingSpec", "MAPPINGS", "register_mapping", "mapping_module", "build_mapping",
+           "Identity", "Affine"]

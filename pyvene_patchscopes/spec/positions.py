@@ -29,7 +29,8 @@ class Every:
         try:
             self.text.encode("utf-8")
         except UnicodeEncodeError:
-            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as UTF-8)") from None
+            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as "
+                            "UTF-8)") from None
 
 
 class SinkPositionWarning(UserWarning):
@@ -123,7 +124,7 @@ def _every(prompt: str, text: str, encoding: Encoding) -> list[int]:
     if re.match(r"\w", text[-1]):
         pattern = pattern + r"(?!\w)"
     offsets = encoding[1]
-    slots = []
+    slots: list[int] = []
     for match in re.finditer(pattern, prompt):
         last_char = match.end() - 1
         slots.extend(index for index in range(len(offsets) - 1, -1, -1)

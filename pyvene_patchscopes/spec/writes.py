@@ -24,14 +24,14 @@ WRITE_MODES = ("replace", "mix", "add", "norm-matched-add")
 def check_mode(field: str, mode: object) -> str:
     if mode not in WRITE_MODES:
         raise SpecError(f"{field}={mode!r} is not allowed (allowed: {', '.join(WRITE_MODES)})")
-    return mode  # type: ignore[return-value]
+    return mode
 
 
 def check_alpha(alpha: object, field: str = "alpha") -> float:
     """α as a finite float, else a `SpecError` naming it (an integer too large for a float, as JSON's
     ``1000…0`` with 400 zeros parses, included)."""
     try:
-        value = float(alpha)  # type: ignore[arg-type]
+        value = float(alpha)  # type: ignore[arg-type]  # any object: what float() refuses is caught below
     except (TypeError, ValueError, OverflowError):
         value = math.nan
     if isinstance(alpha, bool) or not math.isfinite(value):
@@ -143,4 +143,5 @@ def row_alphas(values: list[float]) -> torch.Tensor | None:
     return None if all(value == 1.0 for value in values) else torch.tensor(values)
 
 
-__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots", "REPLACE_ONE", "row_alphas"]
+__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots",
+           "REPLACE_ONE", "row_alphas"]

@@ -23,12 +23,15 @@ import inspect
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
 from ..errors import PatchscopeError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 Path = Literal["planned", "plain", "refused", "not built", "not a decoder"]
 VOCAB = 320
@@ -146,8 +149,13 @@ def not_decoder_only(model_type: str, class_name: str | None = None) -> str:
             "encoder": "an encoder (a masked LM) run as a decoder", "": ""}[not_a_decoder(model_type)]
 
 
-def _sizes_for(config_class: type) -> dict[str, object]:
-    accepted = set(inspect.signature(config_class.__init__).parameters)
+def _keywords(config_class: type[PreTrainedConfig]) -> set[str]:
+    """The keywords the config class's constructor takes."""
+    return set(inspect.signature(config_class.__init__).parameters)
+
+
+def _sizes_for(config_class: type[PreTrainedConfig]) -> dict[str, object]:
+    accepted = _keywords(config_class)
     kwargs = {k: v for k, v in SIZES.items() if k in accepted}
     if any(k in accepted for k in _DERIVED_HEAD):
         kwargs.pop("head_dim", None)
@@ -171,7 +179,7 @@ def tiny_config(class_name: str):
             continue
         sizes = _sizes_for(sub)
         if name != "text_config":  # vision and audio towers: one layer, a 2 x 2 grid of patches
-            sizes.update({k: v for k, v in _VISION.items() if k in inspect.signature(sub.__init__).parameters})
+            sizes.update({k: v for k, v in _VISION.items() if k in _keywords(sub)})
         try:
             kwargs[name] = sub(**sizes)
         except (ValueError, TypeError):  # a tower whose validators tie sizes the generic ones miss: its defaults

@@ -177,7 +177,7 @@ def test_config_construction_forms():
     config = pv.IntervenableConfig(model_type=type(model),
                                    representations=[pv.RepresentationConfig(0, "block_output", "pos", 1)],
                                    intervention_types=pv.VanillaIntervention)
-    assert config.model_type == type(model)
+    assert config.model_type is type(model)
     assert config.intervention_types == pv.VanillaIntervention
     assert len(config.representations) == 1
     rep = config.representations[0]
@@ -280,7 +280,7 @@ def test_vanilla_interchange_matches_hook_golden(family, component):
         src_rows = [p if isinstance(p, list) else [p] for p in src_pos]
         base_rows = [p if isinstance(p, list) else [p] for p in base_pos]
 
-        def edit(h):
+        def edit(h, base_rows=base_rows, src_rows=src_rows):
             for row in range(BATCH):
                 h[row, base_rows[row]] = src_act[row, src_rows[row]]
             return h

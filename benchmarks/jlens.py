@@ -27,17 +27,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from pyvene_patchscopes.catalogue.build import JACOBIAN_LENS_TOKENS, jacobian_lens_texts  # noqa: E402
 from sweep import write_report  # noqa: E402
 
 from pyvene_patchscopes import hidden_states, load_model  # noqa: E402
-from pyvene_patchscopes.spec.layers import parse_layers  # noqa: E402
-from pyvene_patchscopes.catalogue.build import JACOBIAN_LENS_TOKENS, jacobian_lens_texts  # noqa: E402
+from pyvene_patchscopes.analysis.fit import fit_tuned_lens  # noqa: E402
 from pyvene_patchscopes.evaluate.common import lens_logits, sample_prefixes  # noqa: E402
 from pyvene_patchscopes.evaluate.data import prose_splits  # noqa: E402
 from pyvene_patchscopes.evaluate.scoring import precision_at_1  # noqa: E402
 from pyvene_patchscopes.evaluate.stats import bootstrap, paired  # noqa: E402
-from pyvene_patchscopes.analysis.fit import fit_tuned_lens  # noqa: E402
 from pyvene_patchscopes.jlens import JacobianLens, fit_jacobian_lens  # noqa: E402
+from pyvene_patchscopes.spec.layers import parse_layers  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

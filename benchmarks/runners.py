@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from pyvene_patchscopes import load_model
-from pyvene_patchscopes.models.architectures import architecture
 from pyvene_patchscopes.execution.layered import Layered
 from pyvene_patchscopes.execution.replayed import Replayed
 from pyvene_patchscopes.execution.stack import Stack
+from pyvene_patchscopes.models.architectures import architecture
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sweep import source_prompts, write_report  # noqa: E402  (the same prompts as benchmarks/sweep.py)

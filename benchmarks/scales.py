@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from sweep import write_report  # noqa: E402
 
 from pyvene_patchscopes import load_model  # noqa: E402
+from pyvene_patchscopes.analysis.scales import scale_search  # noqa: E402
 from pyvene_patchscopes.models.architectures import architecture  # noqa: E402
-from pyvene_patchscopes.spec.positions import resolve_slots  # noqa: E402
 from pyvene_patchscopes.presets import SELF_EXPLANATION_PROMPT  # noqa: E402
 from pyvene_patchscopes.result import entropy_of  # noqa: E402
-from pyvene_patchscopes.analysis.scales import scale_search  # noqa: E402
 from pyvene_patchscopes.spec import Every, VectorSource  # noqa: E402
+from pyvene_patchscopes.spec.positions import resolve_slots  # noqa: E402
 
 LAYER = 6
 ALPHAS = (8.0, 32.0, 64.0, 128.0, 256.0)

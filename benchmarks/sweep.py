@@ -33,8 +33,8 @@ import torch
 
 from pyvene_patchscopes import Source, load_model, run
 from pyvene_patchscopes.analysis.fit import default_texts
-from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
 from pyvene_patchscopes.execution.sweeps import sweep
+from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
 
 
 def source_prompts(n: int) -> list[str]:

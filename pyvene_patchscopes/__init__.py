@@ -1,27 +1,33 @@
 """pyvene-patchscopes: ask a language model, in words, what one of its hidden states encodes."""
 from . import compat  # noqa: F401  (first: imports pyvene quietly)
-from .compat import (install_safe_serialization, load_intervenable, pyvene_guard, safe_serialization,
-                     save_intervenable, uninstall_safe_serialization)
-from .interventions import MappingIntervention, RerouteIntervention, register_intervention
-from .spec.mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
+from .analysis.fit import fit_affine, fit_tuned_lens
+from .compat import (
+    install_safe_serialization,
+    load_intervenable,
+    pyvene_guard,
+    safe_serialization,
+    save_intervenable,
+    uninstall_safe_serialization,
+)
 from .core.plugins import load_plugins
-from .execution.engine import run
-from .execution.states import hidden_states
 from .errors import PatchscopeError, SpecError, UnknownNameError, VectorNormWarning
-from .models import ModelHandle, load_model, wrap_model
-from .spec.positions import SinkPositionWarning
+from .execution.engine import run
 from .execution.pipeline import PyvenePlan, to_pyvene
-from .result import PatchscopeResult, TokenProb
-from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
-from .result.sweep import SweepFolder, SweepResult
+from .execution.states import hidden_states
 from .execution.sweeps import load_sweep, sweep
 from .export import sweep_figure, sweep_page
+from .interventions import MappingIntervention, RerouteIntervention, register_intervention
+from .jacobian import Attribution, JacobianScope, jacobian_scope
+from .models import ModelHandle, load_model, wrap_model
+from .models.architectures import FAMILIES, Architecture, architecture
 from .persist import load_patchscope, patchscope_from_hub, save_patchscope
 from .persist.sweep_folder import ShardWarning
-from .analysis.fit import fit_affine, fit_tuned_lens
 from .presets import build
-from .models.architectures import Architecture, FAMILIES, architecture
-from .jacobian import Attribution, JacobianScope, jacobian_scope
+from .result import PatchscopeResult, TokenProb
+from .result.sweep import SweepFolder, SweepResult
+from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
+from .spec.mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
+from .spec.positions import SinkPositionWarning
 
 __all__ = [
     "Patchscope", "save_patchscope", "load_patchscope", "patchscope_from_hub", "Source", "Target", "VectorSource",

@@ -23,9 +23,9 @@ from typing import Any, Callable, TypeVar
 import pyvene as pv
 import torch
 
+from .core.plugins import claim, unregistered
 from .errors import SpecError, UnknownNameError
 from .spec.mappings import MAPPINGS, MappingFunction, MappingSpec, build_mapping
-from .core.plugins import claim, unregistered
 from .spec.writes import check_alpha, check_mode, combine
 
 I = TypeVar("I", bound="type[pv.Intervention]")

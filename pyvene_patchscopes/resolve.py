@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from .compat import check_hookable
-from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, UnknownNameError
 from .core.files import check_finite
-from .spec.mappings import MappingFunction, build_mapping
+from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, UnknownNameError
 from .models import ModelHandle
-from .spec.positions import encode, resolve_position, resolve_slots
 from .models.sites import Site, hidden_state_site
+from .spec.mappings import MappingFunction, build_mapping
+from .spec.positions import encode, resolve_position, resolve_slots
 from .spec.writes import check_alpha_runs
 
 if TYPE_CHECKING:

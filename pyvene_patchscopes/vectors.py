@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import SpecError, as_index
 from .core.files import check_finite, expand, inside, read_json, read_safetensors
+from .errors import SpecError, as_index
 from .models import ModelHandle
 from .spec import VectorSource
 

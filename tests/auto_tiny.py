@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from pyvene_patchscopes.tools import families
-from pyvene_patchscopes.models import ModelHandle
 from tiny import VOCAB, tiny_tokenizer
+
+from pyvene_patchscopes.models import ModelHandle
+from pyvene_patchscopes.tools import families
 
 assert families.VOCAB == VOCAB, "the surveyed configs must fit the tiny tokenizer's vocabulary"
 

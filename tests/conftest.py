@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import tiny_model  # noqa: E402
 from browser import chromium, driver  # noqa: E402,F401  (headless Chromium for tests/test_browser.py)
+from tiny import tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

@@ -13,7 +13,6 @@ from transformers import GenerationConfig
 
 from pyvene_patchscopes.models import ModelHandle
 
-
 # Written by hand from each family's modeling file, apart from the library's architecture table on purpose:
 # a reference that read the table would agree with it whatever it said.
 _PATHS = {  # class name: (the decoder blocks, the final norm)

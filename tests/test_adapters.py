@@ -13,20 +13,29 @@ import warnings
 
 import pytest
 import torch
+from golden import WRITES, _generate_hooked, block, encode, read
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
+from tiny import FAMILIES, tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from golden import WRITES, _generate_hooked, block, encode, read
-from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, load_model, load_patchscope, run,
-                                save_patchscope, wrap_model)
-from pyvene_patchscopes.models.adapters import identity
+from pyvene_patchscopes import (
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    load_model,
+    load_patchscope,
+    run,
+    save_patchscope,
+    wrap_model,
+)
 from pyvene_patchscopes.errors import ContextLengthWarning, SlowPathWarning
-from pyvene_patchscopes.spec.positions import encode as encode_with_offsets, resolve_slots
+from pyvene_patchscopes.models.adapters import identity
 from pyvene_patchscopes.presets import activation_oracle, latentqa, oracle_prompt
 from pyvene_patchscopes.spec import Every, VectorSource
-from tiny import FAMILIES, tiny_model
+from pyvene_patchscopes.spec.positions import encode as encode_with_offsets, resolve_slots
 
 PROMPT = "the word x means x and x"
 SOURCE = "The capital city of Paris is large"

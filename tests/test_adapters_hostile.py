@@ -16,12 +16,12 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_adapters import SOURCE, _lora, _refused
+from tiny import tiny_model
 from torch.overrides import TorchFunctionMode
 
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, SpecError, Target, load_model, run
 from pyvene_patchscopes.models.adapters import adapter_folder
-from test_adapters import SOURCE, _lora, _refused
-from tiny import tiny_model
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 

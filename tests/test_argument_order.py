@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from pyvene_patchscopes import SpecError, fit_affine, fit_tuned_lens, jacobian_scope
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, read_attributed
 from pyvene_patchscopes.jlens import fit_jacobian_lens
-from tiny import tiny_model
 
 TEXT = "The city of Paris is large and old"
 TEXTS = [f"The {w} of Paris is large and the river {v} is long." for w in ("city", "park") for v in

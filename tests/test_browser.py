@@ -26,12 +26,35 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from browser import (
+    MISSING,
+    chrome,
+    detached,
+    downloaded,
+    offline,
+    requests_made,
+    resources_loaded,
+    screenshot,
+    serve,
+    text_of,
+    tooltip_for,
+    wait_until,
+)
+from test_explore_hostile import strict_content_type_off
+from tiny import tiny_model
 
 import pyvene_patchscopes
-from browser import (MISSING, chrome, detached, downloaded, offline, requests_made, resources_loaded, screenshot,
-                     serve, text_of, tooltip_for, wait_until)
-from pyvene_patchscopes import (Patchscope, PatchscopeResult, Source, Target, build, jacobian_scope, load_patchscope,
-                                run, sweep)
+from pyvene_patchscopes import (
+    Patchscope,
+    PatchscopeResult,
+    Source,
+    Target,
+    build,
+    jacobian_scope,
+    load_patchscope,
+    run,
+    sweep,
+)
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
@@ -39,8 +62,6 @@ from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH, sweep_page
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.result import show_text
-from test_explore_hostile import strict_content_type_off
-from tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Amazon's former CEO attended Oscars"

@@ -18,13 +18,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+from tiny import tiny_loader
 
 from pyvene_patchscopes import Patchscope, Source, Target, models
 from pyvene_patchscopes.cli import json_requested, main
 from pyvene_patchscopes.evaluate.report import Report
-from tiny import tiny_loader
 
 EXAMPLES = 320
 

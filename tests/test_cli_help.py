@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import tiny_loader
 
 from pyvene_patchscopes import Patchscope, Source, Target, models
 from pyvene_patchscopes.cli import JSON_KEYS, build_parser, main
@@ -22,7 +23,6 @@ from pyvene_patchscopes.jacobian.spec import FISHER_FORMS, VARIANTS
 from pyvene_patchscopes.models import EMBEDDED, MAP_STRATEGIES
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.tools import families
-from tiny import tiny_loader
 
 REPO = Path(__file__).resolve().parent.parent
 VERSION = importlib.metadata.version("pyvene-patchscopes")

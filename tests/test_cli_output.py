@@ -21,19 +21,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from docs_text import joined
+from tiny import tiny_loader, tiny_model
 
 from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
-from pyvene_patchscopes.cli import (CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table,
-                                    main)
+from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table, main
 from pyvene_patchscopes.cli.commands import list as list_command
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
+from pyvene_patchscopes.export.figures import CELL_WIDTH, layer_heatmap
 from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
-from pyvene_patchscopes.export.figures import CELL_WIDTH, layer_heatmap
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
-from docs_text import joined
-from tiny import tiny_loader, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pyvene_patchscopes.cli"]

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny import tiny_model
 
 from pyvene_patchscopes import Patchscope, Source, Target, cli, load_model, models, run, save_patchscope
 from pyvene_patchscopes.cli.commands import explore as explore_command
@@ -29,7 +30,6 @@ from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.presets import self_explanation
 from pyvene_patchscopes.vectors import das_source, load_sae, probe_source, sae_source, vector_source
-from tiny import tiny_model
 
 SOURCE = "The city of Paris is large"
 SWEEP = ["--source-prompt", SOURCE, "--source-position", "Paris", "--source-layers", "1", "--target-layers", "1",

@@ -5,13 +5,13 @@ import pickle
 import subprocess
 import sys
 
+import golden
 import pytest
 import pyvene as pv
 import torch
-
-import golden
-from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, compat, run
 from tiny import tiny_model
+
+from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, compat, run
 
 PROMPT = "The city of Paris is large"
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import pyvene as pv
 import torch
-
 from golden import block, encode, read, written_logits
+from tiny import tiny_model
+
 from pyvene_patchscopes import Patchscope, SpecError, Target, compat, load_patchscope, run, save_patchscope, to_pyvene
 from pyvene_patchscopes.vectors import das_directions, das_source
-from tiny import tiny_model
 
 LAYER, POSITION = 1, 7  # the last token of each 8-token sequence
 TARGET = "the word x means"

@@ -8,20 +8,31 @@ import subprocess
 import sys
 import textwrap
 
+import golden
 import pytest
 import torch
-from torch import nn
-from transformers import (BertConfig, BertForMaskedLM, DeepseekV3Config, DeepseekV3ForCausalLM, Gemma3Config,
-                          Gemma3ForConditionalGeneration, GptOssConfig, GptOssForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, T5Config, T5ForConditionalGeneration)
-
-import golden
-from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, run, wrap_model
-from pyvene_patchscopes.models.architectures import architecture, found, report, table_entry
-from pyvene_patchscopes.execution.check import stack_for
 from test_golden import TARGET
 from test_planned import LONG_TARGET, SOURCES
 from tiny import FAMILIES, VOCAB, tiny_model, tiny_tokenizer
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GptOssConfig,
+    GptOssForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from pyvene_patchscopes import Patchscope, PatchscopeError, Source, Target, run, wrap_model
+from pyvene_patchscopes.execution.check import stack_for
+from pyvene_patchscopes.models.architectures import architecture, found, report, table_entry
 
 # what the planned execution and the sites read; pyvene_like and head_dim are how the table registers a class
 # with pyvene, and the family's name is the config's model_type ("gemma3_text" for the table's "gemma3")

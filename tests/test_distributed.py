@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from distributed_sweep import run_sweep
+from safetensors.torch import load_file
 from tiny import tiny_model
 
 HERE = Path(__file__).parent

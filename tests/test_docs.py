@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 import pytest
+from docs_text import DOCS, ROOT, page, pages, python_blocks
 
 import pyvene_patchscopes
-from docs_text import DOCS, ROOT, page, pages, python_blocks
 
 PACKAGE = ROOT / "pyvene_patchscopes"
 
@@ -149,8 +149,9 @@ def test_the_errors_page_names_every_error_and_warning_class_of_the_package():
 def test_sweep_out_prints_the_keys_the_cli_page_lists(tmp_path, capsys):
     """`patchscopes sweep --out DIR --json` prints what it computed and skipped, not the cells: the page's row for
     it lists exactly its keys (the README listed `cells` and none of the four it prints)."""
-    from pyvene_patchscopes.cli import main
     from tiny import tiny_model
+
+    from pyvene_patchscopes.cli import main
 
     handle = tiny_model("llama", seed=4)
     handle.model.save_pretrained(tmp_path / "tiny")

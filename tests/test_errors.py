@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import pytest
+from tiny import tiny_model
 
 from pyvene_patchscopes import Patchscope, Source, SpecError, Target, UnknownNameError, load_model, run
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.presets import build, get_preset
-from tiny import tiny_model
 
 
 def _run(handle, source=None, target=None, models=None):

@@ -8,20 +8,28 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from docs_text import page
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from docs_text import page
-
 from pyvene_patchscopes import Patchscope, Source, SpecError, Target, hidden_states, run
+from pyvene_patchscopes.analysis.fit import aligned_positions
 from pyvene_patchscopes.evaluate import data
 from pyvene_patchscopes.evaluate.attributes import fill, round_robin, source_prompt
 from pyvene_patchscopes.evaluate.common import generate, lens_logits, sample_prefix
 from pyvene_patchscopes.evaluate.entities import description
 from pyvene_patchscopes.evaluate.probe import probe_accuracy
-from pyvene_patchscopes.evaluate.scoring import (cut_at_next_example, object_in_generation, precision_at_1, rouge_l,
-                                                 same_token, saturation_layer, stages, starts_word, surprisal)
-from pyvene_patchscopes.analysis.fit import aligned_positions
+from pyvene_patchscopes.evaluate.scoring import (
+    cut_at_next_example,
+    object_in_generation,
+    precision_at_1,
+    rouge_l,
+    same_token,
+    saturation_layer,
+    stages,
+    starts_word,
+    surprisal,
+)
 
 
 # ---- §4.1 metrics ---------------------------------------------------------------------------------------

@@ -14,26 +14,26 @@ import subprocess
 import sys
 import warnings
 
+import auto_tiny
+import golden
 import pytest
 import torch
 import transformers
-
-import auto_tiny
 from docs_text import page
-import golden
-from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
-from pyvene_patchscopes.tools import families
-from pyvene_patchscopes.errors import PatchscopeError, SlowPathWarning
-from pyvene_patchscopes.models.architectures import architecture
-from pyvene_patchscopes.models.discovery import non_attention_kinds
-from pyvene_patchscopes.execution.reroute import reroute_reason
-from pyvene_patchscopes.execution.check import stack_for
-from pyvene_patchscopes.presets import multihop
 from test_families import ATOL, PLANNED_ATOL, LogitReference, _assert_same_state, _state, source_state
 from test_golden import TARGET, expected, scope
 from test_interventions import HOP1, HOP2, random_affine
 from test_jacobian import TEXTS, _close
 from test_planned import LONG_TARGET, SOURCES
+
+from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
+from pyvene_patchscopes.errors import PatchscopeError, SlowPathWarning
+from pyvene_patchscopes.execution.check import stack_for
+from pyvene_patchscopes.execution.reroute import reroute_reason
+from pyvene_patchscopes.models.architectures import architecture
+from pyvene_patchscopes.models.discovery import non_attention_kinds
+from pyvene_patchscopes.presets import multihop
+from pyvene_patchscopes.tools import families
 
 CLASSES = auto_tiny.runnable()
 

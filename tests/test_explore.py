@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from tiny import tiny_model
 
 from pyvene_patchscopes import Patchscope, run
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer, Query
 from pyvene_patchscopes.result import show_text
-from tiny import tiny_model
 
 PROMPT = "Amazon's former CEO attended Oscars"
 

@@ -21,17 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
+from test_explore import wait
+from tiny import tiny_model
 
-from pyvene_patchscopes import Source, Target, load_patchscope, run
+from pyvene_patchscopes import load_patchscope
 from pyvene_patchscopes.execution.interrupt import checkpoints, decoder_layers
 from pyvene_patchscopes.explore import service
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.guard import MAX_BODY_BYTES
 from pyvene_patchscopes.explore.service import MAX_PROMPT_CHARS, Explorer, Query
-from test_explore import wait
-from tiny import tiny_model
 
 PROMPT = "Amazon's former CEO attended Oscars"
 LOCAL = "http://127.0.0.1"

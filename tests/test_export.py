@@ -18,13 +18,22 @@ from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.errors import SpecError, UninformativeScopeWarning
 from pyvene_patchscopes.evaluate.pages import rebuild, write_pages
 from pyvene_patchscopes.evaluate.report import Report
-from pyvene_patchscopes.export.html import (CELL_WIDTH, TEXT_WIDTH, layers_table, numeric_grid, page, static_file,
-                                       sweep_grid, sweep_page, write_page)
+from pyvene_patchscopes.execution.sweeps import sweep
 from pyvene_patchscopes.export.figures import axis_label, sweep_figure
+from pyvene_patchscopes.export.html import (
+    CELL_WIDTH,
+    TEXT_WIDTH,
+    layers_table,
+    numeric_grid,
+    page,
+    static_file,
+    sweep_grid,
+    sweep_page,
+    write_page,
+)
 from pyvene_patchscopes.presets import token_identity
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
 from pyvene_patchscopes.spec import Source
-from pyvene_patchscopes.execution.sweeps import sweep
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 TARGET = "cat->cat; 1135->1135; hello->hello; ?"

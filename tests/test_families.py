@@ -10,19 +10,19 @@ from __future__ import annotations
 import itertools
 import time
 
+import golden
 import pytest
 import torch
-
-import golden
-from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
-from pyvene_patchscopes.models.architectures import architecture
-from pyvene_patchscopes.presets import multihop
-from pyvene_patchscopes.execution.sweeps import sweep
 from test_golden import TARGET, expected, scope
 from test_interventions import HOP1, HOP2
 from test_jacobian import TEXTS, Reference, _close
 from test_planned import LONG_TARGET, SOURCES, assert_same, varied_scopes
 from tiny import FAMILIES, tiny_config, tiny_model
+
+from pyvene_patchscopes import Patchscope, Source, Target, jacobian_scope, run
+from pyvene_patchscopes.execution.sweeps import sweep
+from pyvene_patchscopes.models.architectures import architecture
+from pyvene_patchscopes.presets import multihop
 
 ATOL = 1e-5          # the plain pyvene path against hooks, fp32 logits
 PLANNED_ATOL = 1e-4  # the planned execution against the plain path (issue 5)

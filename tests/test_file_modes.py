@@ -16,18 +16,26 @@ import pytest
 import pyvene as pv
 import torch
 from safetensors.torch import save_file
+from test_interventions import Scaled, random_affine
+from tiny import tiny_model
 
-from pyvene_patchscopes import (Patchscope, Source, Target, VectorSource, compat, save_intervenable, save_patchscope,
-                                sweep)
+from pyvene_patchscopes import (
+    Patchscope,
+    Source,
+    Target,
+    VectorSource,
+    compat,
+    save_intervenable,
+    save_patchscope,
+    sweep,
+)
 from pyvene_patchscopes.core import outputs
+from pyvene_patchscopes.core.outputs import umask_modes
 from pyvene_patchscopes.evaluate.report import Report
 from pyvene_patchscopes.interventions import MappingIntervention
 from pyvene_patchscopes.jlens import JacobianLens
 from pyvene_patchscopes.jlens.fit import write_checkpoint
 from pyvene_patchscopes.models import loading
-from pyvene_patchscopes.core.outputs import umask_modes
-from test_interventions import Scaled, random_affine
-from tiny import tiny_model
 
 MASKS = [0o022, 0o002, 0o077]
 

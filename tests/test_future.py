@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import re
 
+import golden
 import pytest
 import torch
 
-import golden
 from pyvene_patchscopes import hidden_states
-from pyvene_patchscopes.execution.engine import run as run_scopes
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.evaluate import TASKS, future
 from pyvene_patchscopes.evaluate.common import EvalOptions
 from pyvene_patchscopes.evaluate.scoring import MISSING, future_hits, repeat_guess
 from pyvene_patchscopes.evaluate.stats import split
-from pyvene_patchscopes.spec.positions import token_ids
+from pyvene_patchscopes.execution.engine import run as run_scopes
 from pyvene_patchscopes.presets import FUTURE_LENS_PROMPT, PRESETS, build, future_lens
 from pyvene_patchscopes.spec import Source
+from pyvene_patchscopes.spec.positions import token_ids
 
 PREFIXES = ["The quick brown fox jumps over the", "In the beginning God created the heaven and"]
 INTERVAL = re.compile(r"^\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]$")

@@ -10,13 +10,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from safetensors.torch import save_file
+from tiny import tiny_model
 
 from pyvene_patchscopes import Affine, Patchscope, Source, SpecError, Target, load_patchscope, run, save_patchscope
 from pyvene_patchscopes.resolve import resolve
-from tiny import tiny_model
 
 HANDLE = tiny_model("llama", seed=21)
 MODELS = {HANDLE.name: HANDLE}

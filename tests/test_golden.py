@@ -1,9 +1,9 @@
 """The engine (pyvene) against hand-written forward hooks, on tiny random GPT-2 and Llama models: 1e-5 in logits."""
 from __future__ import annotations
 
+import golden
 import torch
 
-import golden
 from pyvene_patchscopes import Patchscope, Source, Target, run, to_pyvene
 
 ATOL = 1e-5

@@ -17,19 +17,27 @@ import sys
 import warnings
 from pathlib import Path
 
+import golden
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from docs_text import page
-import golden
-from pyvene_patchscopes import (Affine, Patchscope, Source, SpecError, Target, load_patchscope, models, run,
-                                save_patchscope)
-from pyvene_patchscopes.cli import main
-from pyvene_patchscopes.spec.mappings import MappingSpec
-from pyvene_patchscopes.presets import multihop
+from safetensors.torch import save_file
 from test_hostile import cli, cli_error
 from tiny import tiny_loader, tiny_model
+
+from pyvene_patchscopes import (
+    Affine,
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    load_patchscope,
+    models,
+    run,
+    save_patchscope,
+)
+from pyvene_patchscopes.presets import multihop
+from pyvene_patchscopes.spec.mappings import MappingSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "The city of Paris is large"

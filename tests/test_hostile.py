@@ -11,22 +11,34 @@ import json
 import weakref
 from pathlib import Path
 
+import golden
 import pytest
 import pyvene as pv
 import torch
 from safetensors.torch import save_file
-
-import golden
-from pyvene_patchscopes import (Affine, Patchscope, PatchscopeError, Source, SpecError, Target, UnknownNameError,
-                                compat, load_patchscope, run, save_patchscope, wrap_model)
-from pyvene_patchscopes.persist import folders as persist
-from pyvene_patchscopes.cli import main
-from pyvene_patchscopes.errors import ContextLengthWarning, UninformativeScopeWarning
-from pyvene_patchscopes.spec.positions import resolve_position
-from pyvene_patchscopes.result import top_k
-from pyvene_patchscopes.execution.sweeps import sweep
 from test_interventions import random_affine
 from tiny import tiny_loader, tiny_model, tiny_tokenizer
+
+from pyvene_patchscopes import (
+    Affine,
+    Patchscope,
+    PatchscopeError,
+    Source,
+    SpecError,
+    Target,
+    UnknownNameError,
+    compat,
+    load_patchscope,
+    run,
+    save_patchscope,
+    wrap_model,
+)
+from pyvene_patchscopes.cli import main
+from pyvene_patchscopes.errors import ContextLengthWarning, UninformativeScopeWarning
+from pyvene_patchscopes.execution.sweeps import sweep
+from pyvene_patchscopes.persist import folders as persist
+from pyvene_patchscopes.result import top_k
+from pyvene_patchscopes.spec.positions import resolve_position
 
 SOURCE = "The city of Paris is large"
 TARGET = "The capital of x is"

@@ -1,17 +1,26 @@
 """Mapping and rerouting interventions against hand-written hooks, and the mapping registry, on tiny models."""
 from __future__ import annotations
 
+import golden
 import pytest
 import torch
+from tiny import tiny_model
 
-import golden
-from pyvene_patchscopes import (Affine, MappingFunction, MappingSpec, Patchscope, Source, SpecError, Target,
-                                register_mapping, run)
+from pyvene_patchscopes import (
+    Affine,
+    MappingFunction,
+    MappingSpec,
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    register_mapping,
+    run,
+)
 from pyvene_patchscopes.analysis.fit import aligned_positions, fit_affine, fit_tuned_lens, lstsq_affine, paired_states
+from pyvene_patchscopes.execution.reroute import prompt_pass, segments
 from pyvene_patchscopes.presets import multihop
 from pyvene_patchscopes.resolve import resolve
-from pyvene_patchscopes.execution.reroute import prompt_pass, segments
-from tiny import tiny_model
 
 ATOL = 1e-5
 SOURCE = "The city of Paris is large"

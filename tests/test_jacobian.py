@@ -12,13 +12,13 @@ import re
 
 import pytest
 import torch
+from tiny import tiny_model
 
-from pyvene_patchscopes.models.sites import final_norm_path
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
-from pyvene_patchscopes.result import show_text
 from pyvene_patchscopes.jacobian.fisher import exact_factor, fisher_matrix, low_rank_factor
-from tiny import tiny_model
+from pyvene_patchscopes.models.sites import final_norm_path
+from pyvene_patchscopes.result import show_text
 
 TEXTS = ["The capital of France is", "cat dog one two three", "Here is a word: dog"]
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_jacobian import html_tokens
 
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.evaluate import EvalOptions, run_task
 from pyvene_patchscopes.jacobian import JacobianScope, attribute, jacobian_scope
 from pyvene_patchscopes.result import show_text
-from test_jacobian import html_tokens
 
 pytestmark = pytest.mark.real_model
 TEXT = "The old lighthouse keeper climbed the stairs every night, and when the storm came he lit the"

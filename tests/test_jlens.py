@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
-
 from golden import block, encode
-from pyvene_patchscopes import SpecError, load_patchscope, run, save_patchscope
-from pyvene_patchscopes.jlens import JacobianLens, fit_jacobian_lens, logit_lens_equivalent
-from pyvene_patchscopes.jlens import fit as fitting
-from pyvene_patchscopes.presets import build
 from tiny import tiny_model
+
+from pyvene_patchscopes import SpecError, load_patchscope, run, save_patchscope
+from pyvene_patchscopes.jlens import JacobianLens, fit as fitting, fit_jacobian_lens, logit_lens_equivalent
+from pyvene_patchscopes.presets import build
 
 TEXTS = ["the cat sat on the mat and the dog", "a b c d e f g h i j k", "one two three four five six seven"]
 SKIP = 3

@@ -13,10 +13,15 @@ from pathlib import Path
 import pytest
 import pyvene as pv
 import torch
-
-from pyvene_patchscopes import (UnknownNameError, compat, install_safe_serialization, safe_serialization,
-                                uninstall_safe_serialization)
 from tiny import tiny_model
+
+from pyvene_patchscopes import (
+    UnknownNameError,
+    compat,
+    install_safe_serialization,
+    safe_serialization,
+    uninstall_safe_serialization,
+)
 
 TESTS = Path(__file__).parent
 METHODS = ("save", "load", "save_intervention", "load_intervention")

@@ -8,16 +8,24 @@ import warnings
 
 import pytest
 import torch
-
 from golden import encode
-from pyvene_patchscopes import (Patchscope, Source, Target, VectorNormWarning, VectorSource, load_patchscope, run,
-                                save_patchscope)
+from tiny import tiny_model
+
+from pyvene_patchscopes import (
+    Patchscope,
+    Source,
+    Target,
+    VectorNormWarning,
+    VectorSource,
+    load_patchscope,
+    run,
+    save_patchscope,
+)
 from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.execution import unpatched
 from pyvene_patchscopes.presets import SELFIE_PROMPT, selfie
 from pyvene_patchscopes.result import top_k
 from pyvene_patchscopes.spec import Every
-from tiny import tiny_model
 
 PROMPTS = ["the word x means x and", "The capital city of x is"]
 

@@ -14,19 +14,30 @@ from __future__ import annotations
 import json
 import math
 
+import golden
 import pytest
 import torch
-
-import golden
-from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, VectorSource, hidden_states, load_patchscope,
-                                models, run, save_patchscope, wrap_model)
-from pyvene_patchscopes.presets import self_explanation
-from pyvene_patchscopes.resolve import resolve
-from pyvene_patchscopes.models.sites import BLOCK_OUTPUT
-from pyvene_patchscopes.vectors import load_sae, sae_source, vector_source
 from test_hostile import cli_error
 from test_vectors import write_sae
 from tiny import tiny_loader, tiny_model
+
+from pyvene_patchscopes import (
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    VectorSource,
+    hidden_states,
+    load_patchscope,
+    models,
+    run,
+    save_patchscope,
+    wrap_model,
+)
+from pyvene_patchscopes.models.sites import BLOCK_OUTPUT
+from pyvene_patchscopes.presets import self_explanation
+from pyvene_patchscopes.resolve import resolve
+from pyvene_patchscopes.vectors import load_sae, sae_source, vector_source
 
 SOURCE = "The city of Paris is large"
 TARGET = "The capital of x is"

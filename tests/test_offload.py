@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from pyvene_patchscopes import PatchscopeError, SpecError, build, jacobian_scope, load_model, run, sweep, wrap_model
 from pyvene_patchscopes.compat import intervenable, pyvene_guard
-from pyvene_patchscopes.models.devices import input_device, is_dispatched
 from pyvene_patchscopes.execution.check import execution
-from pyvene_patchscopes.plan.pyvene_config import collect_config
+from pyvene_patchscopes.models.devices import input_device, is_dispatched
 from pyvene_patchscopes.models.sites import Site
+from pyvene_patchscopes.plan.pyvene_config import collect_config
 
 PROMPT = "Amazon's former CEO attended Oscars"
 SWEEP_PROMPTS = [PROMPT, "The city of Paris"]

@@ -8,17 +8,31 @@ import copy
 import io
 import re
 
+import auto_tiny
+import golden
 import pytest
 import pyvene as pv
 import torch
-
 from docs_text import page, python_blocks
-import auto_tiny
-import golden
 from tiny import tiny_model
-from pyvene_patchscopes import (Affine, Every, MappingIntervention, Patchscope, Reroute, Source, SpecError, Target,
-                                VectorSource, hidden_states, load_intervenable, pyvene_guard, run, save_intervenable,
-                                to_pyvene)
+
+from pyvene_patchscopes import (
+    Affine,
+    Every,
+    MappingIntervention,
+    Patchscope,
+    Reroute,
+    Source,
+    SpecError,
+    Target,
+    VectorSource,
+    hidden_states,
+    load_intervenable,
+    pyvene_guard,
+    run,
+    save_intervenable,
+    to_pyvene,
+)
 
 ATOL = 1e-5  # fp32 tiny models: the pipeline and run differ only in batching and float rounding
 ROWS = [("The city of Paris is large", "Paris", "The capital city of x is"),  # three target lengths:

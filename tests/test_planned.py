@@ -7,23 +7,23 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import golden
 import pytest
 import torch
-
-import golden
-from pyvene_patchscopes import Patchscope, Source, Target, run
-from pyvene_patchscopes.tools import families
-from pyvene_patchscopes.errors import SlowPathWarning, SpecError
-from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
-from pyvene_patchscopes.execution.check import execution, stack_for
-from pyvene_patchscopes.execution import check
-from pyvene_patchscopes.execution.layered import Layered
-from pyvene_patchscopes.execution.replayed import Replayed
-from pyvene_patchscopes.models import ModelHandle
-from pyvene_patchscopes.execution.stack import ATTENTION
-from pyvene_patchscopes.execution.sweeps import sweep
 from test_interventions import random_affine
 from tiny import tiny_model, tiny_tokenizer
+
+from pyvene_patchscopes import Patchscope, Source, Target, run
+from pyvene_patchscopes.errors import SlowPathWarning, SpecError
+from pyvene_patchscopes.execution import check
+from pyvene_patchscopes.execution.check import execution, stack_for
+from pyvene_patchscopes.execution.layered import Layered
+from pyvene_patchscopes.execution.replayed import Replayed
+from pyvene_patchscopes.execution.stack import ATTENTION
+from pyvene_patchscopes.execution.sweeps import sweep
+from pyvene_patchscopes.models import ModelHandle
+from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity
+from pyvene_patchscopes.tools import families
 
 ATOL = 1e-4
 SOURCES = ["The city of Paris is large", "Here is a word: dog", "Tokyo London Berlin Rome"]
@@ -110,10 +110,10 @@ def test_long_target_crosses_the_sliding_window():
 
 def tiny_gpt_neo():
     """A family outside the architecture table that pyvene 0.1.8 knows (GPT-Neo)."""
+    from tiny import VOCAB, tiny_tokenizer
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     from pyvene_patchscopes import wrap_model
-    from tiny import VOCAB, tiny_tokenizer
 
     torch.manual_seed(0)
     config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=128, hidden_size=64, num_layers=2,

@@ -13,15 +13,23 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
-import pyvene_patchscopes
-from pyvene_patchscopes import (MappingFunction, Patchscope, Source, SpecError, Target, UnknownNameError,
-                                register_intervention, register_mapping)
-from pyvene_patchscopes.cli import main
 from docs_text import page
+from safetensors.torch import load_file
 from test_interventions import Scaled
 from tiny import tiny_model
+
+import pyvene_patchscopes
+from pyvene_patchscopes import (
+    MappingFunction,
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    UnknownNameError,
+    register_intervention,
+    register_mapping,
+)
+from pyvene_patchscopes.cli import main
 
 ROOT = Path(pyvene_patchscopes.__file__).parent.parent
 TESTS = Path(__file__).parent

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import warnings
 
+import golden
 import pytest
 import torch
 
-import golden
-from pyvene_patchscopes import (Patchscope, SinkPositionWarning, Source, Target, load_model, run)
+from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, Target, load_model, run
 from pyvene_patchscopes.presets import build
 
 pytestmark = pytest.mark.real_model

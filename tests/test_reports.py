@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-
 from docs_text import DOCS, joined, page, pages
+
 from pyvene_patchscopes.evaluate import ON_BOTH_MODELS, SECOND_MODEL, TASKS, folder_name
 from pyvene_patchscopes.evaluate.stats import RESAMPLES
 

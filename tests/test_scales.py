@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
-
 from golden import final_norm, written_logits
+from tiny import FAMILIES, tiny_model
+
 from pyvene_patchscopes import Patchscope, SpecError, Target, hidden_states, run
-from pyvene_patchscopes.spec.positions import resolve_slots
 from pyvene_patchscopes.analysis.scales import scale_search
 from pyvene_patchscopes.spec import Every, VectorSource
-from tiny import FAMILIES, tiny_model
+from pyvene_patchscopes.spec.positions import resolve_slots
 
 PROMPT = "the word x means x and"
 

@@ -13,15 +13,26 @@ import pytest
 import pyvene as pv
 import torch
 from safetensors.torch import load_file, save_file
-
-from pyvene_patchscopes import (Patchscope, Source, SpecError, Target, UnknownNameError, compat, load_patchscope,
-                                patchscope_from_hub, run, safe_serialization, save_patchscope)
-from pyvene_patchscopes.persist import folders as persist
-from pyvene_patchscopes.compat import per_intervention_locations
-from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
-from pyvene_patchscopes.presets import multihop
 from test_interventions import Scaled, random_affine
 from tiny import tiny_model
+
+from pyvene_patchscopes import (
+    Patchscope,
+    Source,
+    SpecError,
+    Target,
+    UnknownNameError,
+    compat,
+    load_patchscope,
+    patchscope_from_hub,
+    run,
+    safe_serialization,
+    save_patchscope,
+)
+from pyvene_patchscopes.compat import per_intervention_locations
+from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
+from pyvene_patchscopes.persist import folders as persist
+from pyvene_patchscopes.presets import multihop
 
 SOURCE = "The city of Paris is large"
 TARGET = "The capital of x is"
@@ -119,7 +130,8 @@ def test_the_old_method_patchscope_from_hub_warns_naming_the_function_and_gives_
                                                                                                 monkeypatch):
     save_patchscope(affine_scope(tiny_llama), tmp_path, models=tiny_llama)
     asked = []
-    monkeypatch.setattr(persist, "download", lambda repo_id, revision=None: asked.append((repo_id, revision)) or tmp_path)
+    monkeypatch.setattr(persist, "download",
+                        lambda repo_id, revision=None: asked.append((repo_id, revision)) or tmp_path)
     with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.patchscope_from_hub\(repo_id.* 0\.3\.0"):
         old = Patchscope.from_hub("me/spec", models=tiny_llama, revision="v1")
     assert old == patchscope_from_hub("me/spec", models=tiny_llama, revision="v1") == affine_scope(tiny_llama)

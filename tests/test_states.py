@@ -8,16 +8,16 @@ import re
 import textwrap
 import warnings
 
+import golden
 import pytest
 import torch
-
 from docs_text import page
-import golden
+from tiny import FAMILIES, tiny_model
+
 from pyvene_patchscopes import Patchscope, SinkPositionWarning, Source, SpecError, Target, hidden_states, run
 from pyvene_patchscopes.execution.engine import _collect_all
-from pyvene_patchscopes.spec.positions import resolve_position
 from pyvene_patchscopes.resolve import resolve
-from tiny import FAMILIES, tiny_model
+from pyvene_patchscopes.spec.positions import resolve_position
 
 PROMPTS = ["The capital of France is Paris", "Here is a word: dog", "Tokyo London Berlin Rome and Paris"]
 

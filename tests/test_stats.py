@@ -11,13 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from docs_text import page
 
 from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.evaluate.common import EvalOptions
-from pyvene_patchscopes.evaluate.stats import (RESAMPLES, Interval, Split, bootstrap, held_out, mcnemar, paired,
-                                               record, sign_flip, split)
+from pyvene_patchscopes.evaluate.stats import (
+    RESAMPLES,
+    Interval,
+    Split,
+    bootstrap,
+    held_out,
+    mcnemar,
+    paired,
+    record,
+    sign_flip,
+    split,
+)
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------------
@@ -193,7 +202,8 @@ def test_a_test_split_under_the_stated_threshold_is_flagged_and_one_at_it_is_not
     assert small_test_split(at) is None and small_test_split(None) is None
     assert "holds 1 sample (dev 2)" in small_test_split(Split((0, 1), (2,), 0))
     assert Split.from_dict(below.to_dict()) == below
-    assert f"An interval over fewer than {MIN_TEST} samples (`stats.MIN_TEST`) supports no claim" in page("guides/paper")
+    claim = f"An interval over fewer than {MIN_TEST} samples (`stats.MIN_TEST`) supports no claim"
+    assert claim in page("guides/paper")
 
 
 def _report(test: int):

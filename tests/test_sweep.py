@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pyvene_patchscopes import Patchscope, Source, SpecError, build, run
-from pyvene_patchscopes.jlens import JacobianLens
-from pyvene_patchscopes.presets import PRESETS, token_identity
 from pyvene_patchscopes.execution.sweeps import sweep
 from pyvene_patchscopes.export import sweep_figure
+from pyvene_patchscopes.jlens import JacobianLens
+from pyvene_patchscopes.presets import PRESETS, token_identity
 
 
 def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
@@ -107,9 +107,10 @@ def test_the_fixed_l_star_is_the_presets_field_that_sweep_and_build_read(tiny_ll
 
 
 def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    from tiny import tiny_loader
+
     from pyvene_patchscopes import models
     from pyvene_patchscopes.cli import main
-    from tiny import tiny_loader
 
     monkeypatch.setattr(models, "load_model", tiny_loader("llama"))
     code = main(list(argv))

@@ -15,17 +15,22 @@ import time
 import warnings
 from pathlib import Path
 
+import killed_sweep
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from docs_text import joined
-import killed_sweep
-from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes import SweepResult, load_sweep, sweep
+
+from pyvene_patchscopes import PatchscopeError, SpecError, SweepResult, load_sweep, sweep
 from pyvene_patchscopes.execution import sweep_units
-from pyvene_patchscopes.persist.sweep_folder import (SPEC_HASH_KEY, ShardWarning, open_folder, read_manifest,
-                                                    shard_path, unit_prompts)
+from pyvene_patchscopes.persist.sweep_folder import (
+    SPEC_HASH_KEY,
+    ShardWarning,
+    open_folder,
+    read_manifest,
+    shard_path,
+    unit_prompts,
+)
 
 PROMPTS = killed_sweep.PROMPTS
 sweeping = killed_sweep.module  # the module (the package exports its function under the same name)
@@ -414,9 +419,10 @@ def test_records_built_column_wise_equal_records_built_from_each_cells_result(wh
 def test_the_cli_writes_a_sweep_folder_and_resumes_it(tmp_path, monkeypatch, capsys):
     import json
 
+    from tiny import tiny_loader
+
     from pyvene_patchscopes import models
     from pyvene_patchscopes.cli import main
-    from tiny import tiny_loader
 
     monkeypatch.setattr(models, "load_model", tiny_loader("llama"))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:5]) + "\n")
@@ -447,7 +453,8 @@ def test_run_without_logits_keeps_the_top_tokens_and_generations_on_both_paths(m
 
 
 def test_the_readmes_streamed_against_in_memory_figures_are_the_benchmarks():
-    """docs/guides/sweeps.md ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's (make bench-streamed)."""
+    """docs/guides/sweeps.md ("A streamed unit is small"): the ratios are benchmarks/results/streamed.json's
+    (make bench-streamed)."""
     import json
 
     root = Path(__file__).resolve().parents[1]

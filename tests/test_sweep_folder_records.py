@@ -13,17 +13,16 @@ import shutil
 import warnings
 from pathlib import Path
 
+import killed_sweep
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import killed_sweep
-from pyvene_patchscopes import PatchscopeError, SpecError
-from pyvene_patchscopes import SweepResult, load_sweep, sweep
-from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, shard_path, spec_hash
 from test_sweep_folder import assert_same
 from tiny import tiny_model
+
+from pyvene_patchscopes import PatchscopeError, SpecError, SweepResult, load_sweep, sweep
+from pyvene_patchscopes.persist.sweep_folder import SPEC_HASH_KEY, ShardWarning, shard_path, spec_hash
 
 PROMPTS = killed_sweep.TWENTY[:12]
 SIX = PROMPTS[:6]

@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from docs_text import joined  # noqa: E402
 import killed_sweep  # noqa: E402
+from docs_text import joined  # noqa: E402
 from tiny import tiny_model  # noqa: E402
-from pyvene_patchscopes import PatchscopeError, SpecError  # noqa: E402
-from pyvene_patchscopes import SweepResult, load_sweep, sweep  # noqa: E402
+
+from pyvene_patchscopes import PatchscopeError, SpecError, SweepResult, load_sweep, sweep  # noqa: E402  # noqa: E402
 from pyvene_patchscopes.persist.sweep_folder import read_manifest  # noqa: E402
 
 HERE = Path(__file__).resolve()
@@ -143,6 +143,7 @@ def test_the_same_weights_with_another_tokenizer_are_refused_on_resume_and_on_lo
     decoded the ids with the other one. The tokenizer's hash is part of a model's identity now."""
     from tokenizers import Tokenizer, normalizers
     from transformers import PreTrainedTokenizerFast
+
     from pyvene_patchscopes.models import ModelHandle, prepare_tokenizer
 
     tiny = tiny_model("llama", seed=6)

@@ -15,10 +15,9 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from docs_text import page
 from nbclient import NotebookClient
 from safetensors.torch import load_file
-
-from docs_text import page
 
 import pyvene_patchscopes
 

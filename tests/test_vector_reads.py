@@ -12,12 +12,12 @@ import warnings
 
 import pytest
 import torch
-
 from golden import written_generate, written_logits
-from pyvene_patchscopes import Patchscope, SpecError, Target, run
-from pyvene_patchscopes.spec.positions import encode, resolve_slots
-from pyvene_patchscopes.spec import Every, VectorSource
 from tiny import FAMILIES, tiny_model
+
+from pyvene_patchscopes import Patchscope, SpecError, Target, run
+from pyvene_patchscopes.spec import Every, VectorSource
+from pyvene_patchscopes.spec.positions import encode, resolve_slots
 
 PROMPT = "the word x means x and x"
 ALPHAS = {"replace": 2.5, "mix": 0.6, "add": 1.5, "norm-matched-add": 0.8}
@@ -94,8 +94,9 @@ def test_a_write_after_the_final_norm_at_the_last_slot_equals_hooks_on_the_norm(
 
 def test_a_vector_source_equals_the_state_it_was_read_from():
     """Reading a prompt's state and writing it as a vector gives the same readout as the prompt source."""
-    from pyvene_patchscopes import Source
     from golden import read
+
+    from pyvene_patchscopes import Source
 
     handle = tiny_model("llama", seed=5)
     source = Source("a b c d e", 3, 2, handle.name)

@@ -9,11 +9,11 @@ import pytest
 import pyvene as pv
 import torch
 from safetensors.torch import save_file
+from tiny import tiny_model
 
 from pyvene_patchscopes import SpecError, compat
 from pyvene_patchscopes.interventions import AddIntervention
 from pyvene_patchscopes.vectors import hook_layer, load_sae
-from tiny import tiny_model
 
 IDENTITY = "cat->cat; 1135->1135; hello->hello; ?"
 
@@ -116,6 +116,7 @@ def test_latent_ks_patchscope_equals_patching_w_dec_k_by_hand_on_both_paths(tmp_
     """The acceptance: an SAE file loads, and latent k's Patchscope (replace, and the self-explanation's scaled
     write) through `run` equals writing W_dec[k] with a hand-written hook after the SAE's layer."""
     from golden import written_logits
+
     from pyvene_patchscopes import Patchscope, Target, run
     from pyvene_patchscopes.vectors import sae_source
 
@@ -153,6 +154,7 @@ def test_an_sae_written_by_sae_lens_itself_loads_and_its_latent_patchscope_equal
         from sae_lens.saes.sae import SAEMetadata
 
     from golden import written_logits
+
     from pyvene_patchscopes import Patchscope, Target, run
     from pyvene_patchscopes.vectors import sae_source
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import pytest
 import pyvene as pv
 import torch
+from tiny import tiny_model
 
 from pyvene_patchscopes import SpecError, compat
-from pyvene_patchscopes.interventions import (INTERVENTIONS, AddIntervention, MixIntervention,
-                                              NormMatchedAddIntervention)
-from tiny import tiny_model
+from pyvene_patchscopes.interventions import INTERVENTIONS, AddIntervention, MixIntervention, NormMatchedAddIntervention
 
 PROMPT = "The city of Paris is large and old"
 FORMULAS = {

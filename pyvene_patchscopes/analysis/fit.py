@@ -21,11 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..compat import pyvene_guard
-from ..models.sites import final_norm_path
 from ..errors import SpecError
-from ..spec.mappings import Affine
 from ..models import ModelHandle
 from ..models.order import data_first
+from ..models.sites import final_norm_path
+from ..spec.mappings import Affine
 
 
 def default_texts(limit: int | None = None) -> list[str]:
@@ -210,5 +210,6 @@ def fit_affine(texts: Sequence[str] | None, source: ModelHandle, source_layer: i
     return lstsq_affine(x, y)
 
 
-__all__ = ["fit_affine", "fit_tuned_lens", "aligned_positions", "lstsq_affine", "paired_states", "gather", "gather_layers",
+__all__ = ["fit_affine", "fit_tuned_lens", "aligned_positions", "lstsq_affine", "paired_states", "gather",
+           "gather_layers",
            "gather_sites", "default_texts"]

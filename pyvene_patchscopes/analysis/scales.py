@@ -29,8 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..execution.engine import run
 from ..errors import SpecError
+from ..execution.engine import run
 from ..models import ModelHandle
 from ..result import PatchscopeResult
 from ..spec import Patchscope, Target, VectorSource

@@ -10,7 +10,8 @@ unneeded); `tests/test_compat.py` holds one test per numbered pitfall.
 4. ``load_intervention`` assumes CUDA, ``save``/``load`` pickle, and ``load`` imports modules named in a file
                                                                              -> `weights`, `folders`
    (`save_intervenable`, `load_intervenable`), `plugins_file` (``plugins.json``), and the opt-in
-   `opt_in_serialization` (`safe_serialization`, `install_safe_serialization`). Importing the plugin leaves pyvene's methods alone.
+   `opt_in_serialization` (`safe_serialization`, `install_safe_serialization`).
+   Importing the plugin leaves pyvene's methods alone.
 5. a custom class's constructor arguments are lost on reload                 -> `constructor_args`:
                                                                                 `reloadable_kwargs_check`.
 6. Qwen 3, Gemma 3, Phi-3, OLMo 2 and found families are not registered      -> `registry`: `register_model_types`.
@@ -38,28 +39,59 @@ with contextlib.redirect_stdout(io.StringIO()):  # #8: pyvene prints an nnsight 
     import pyvene  # noqa: F401
     import pyvene.models.intervenable_base  # noqa: F401
 
-from . import constructor_args, folders, hooks, index_device, intervenable_model, locations, opt_in_serialization, \
-    plugins_file, registry, weights
+from . import (
+    constructor_args,
+    folders,
+    hooks,
+    index_device,
+    intervenable_model,
+    locations,
+    opt_in_serialization,
+    plugins_file,
+    registry,
+    weights,
+)
 from .constructor_args import reloadable_kwargs_check
-from .folders import load_intervenable, save_intervenable
-from .hooks import install, pyvene_guard, remove_pyvene_hooks, uninstall
+
+# the one-module compat's other names: pyvene's own methods, the hook records, constants
+from .folders import (
+    PYVENE_SAVE,  # noqa: F401
+    load_intervenable,
+    save_intervenable,
+)
+from .hooks import PYVENE_HOOKS, PYVENE_REMOVE_HOOKS, install, pyvene_guard, remove_pyvene_hooks, uninstall  # noqa: F401
 from .index_device import index_on_activation_device
 from .intervenable_model import intervenable
 from .locations import base_locations, per_intervention_locations, reset_use_fast
-from .plugins_file import PLUGINS_FILE, PluginModules, plugin_modules, read_plugin_modules
-from .registry import check_hookable, register_model_types
-from .opt_in_serialization import install_safe_serialization, safe_serialization, uninstall_safe_serialization
-from .weights import load_intervention_weights, load_model_weights, read_weights, \
-    save_intervention_weights
-
-# the one-module compat's other names: pyvene's own methods, the hook records, constants
-from .folders import PYVENE_SAVE  # noqa: F401
-from .hooks import PYVENE_HOOKS, PYVENE_REMOVE_HOOKS  # noqa: F401
-from .opt_in_serialization import (PYVENE_ENTRIES, PYVENE_LOAD, PYVENE_LOAD_INTERVENTION,  # noqa: F401
-                                   PYVENE_SAVE_INTERVENTION)
-from .plugins_file import PLUGINS_FORMAT  # noqa: F401
-from .registry import found_module_table  # noqa: F401
-from .weights import MODEL_WEIGHTS, weights_file  # noqa: F401
+from .opt_in_serialization import (  # noqa: F401
+    PYVENE_ENTRIES,
+    PYVENE_LOAD,
+    PYVENE_LOAD_INTERVENTION,
+    PYVENE_SAVE_INTERVENTION,
+    install_safe_serialization,
+    safe_serialization,
+    uninstall_safe_serialization,
+)
+from .plugins_file import (
+    PLUGINS_FILE,
+    PLUGINS_FORMAT,  # noqa: F401
+    PluginModules,
+    plugin_modules,
+    read_plugin_modules,
+)
+from .registry import (
+    check_hookable,
+    found_module_table,  # noqa: F401
+    register_model_types,
+)
+from .weights import (  # noqa: F401
+    MODEL_WEIGHTS,
+    load_intervention_weights,
+    load_model_weights,
+    read_weights,
+    save_intervention_weights,
+    weights_file,
+)
 
 # their private names in the one-module compat, kept as aliases (the tests compare against them)
 _ALIASES = {"_ORIGINAL_SAVE": "PYVENE_SAVE", "_ORIGINAL_LOAD": "PYVENE_LOAD",

@@ -24,8 +24,13 @@ from ..errors import SpecError
 from ..models.devices import input_device
 from .plugins_file import check_mappings, read_plugin_modules, unknown_type, write_plugin_modules
 from .registry import register_model_types
-from .weights import load_model_weights, load_state, read_intervention_state, save_intervention_weights, \
-    save_model_weights
+from .weights import (
+    load_model_weights,
+    load_state,
+    read_intervention_state,
+    save_intervention_weights,
+    save_model_weights,
+)
 
 PYVENE_SAVE = pv.IntervenableModel.save
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ..core.outputs import write_text
 from ..errors import SpecError, UnknownNameError
 from ..models import ModelHandle
-from ..core.outputs import write_text
 from ..spec import DEFAULT_MODEL
 from .common import EvalOptions, folder_name
 from .data import FIELDS

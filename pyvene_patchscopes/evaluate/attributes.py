@@ -23,17 +23,17 @@ from typing import Any
 
 import torch
 
-from ..execution.engine import run as run_scopes
 from ..errors import PatchscopeError
-from ..plan.batching import chunks
+from ..execution.engine import run as run_scopes
+from ..execution.states import hidden_states
+from ..export.figures import subplots
 from ..models import ModelHandle
+from ..plan.batching import chunks
 from ..presets import attribute
 from ..spec import Source
-from ..execution.states import hidden_states
 from .common import EvalOptions, check_layers, eval_command, generate, lens_logits
 from .data import load_jsonl, rows
 from .probe import probe_accuracy
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import first_word_id, object_in_generation, rate
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split

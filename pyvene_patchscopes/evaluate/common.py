@@ -7,9 +7,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..models.sites import final_norm_path
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
+from ..models.sites import final_norm_path
 from ..spec import DEFAULT_MODEL
 
 
@@ -113,9 +113,9 @@ def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: in
     from tqdm.auto import tqdm
 
     from ..compat import pyvene_guard
-    from ..plan.batching import Batch, chunks
     from ..execution.plain import greedy_config, until_eos
     from ..models.parts import generator
+    from ..plan.batching import Batch, chunks
 
     rows: list[list[int]] = []
     batches = list(chunks(list(prompts), batch_size))

@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from ..execution.engine import run as run_scopes
-from ..plan.batching import chunks
 from ..analysis.fit import aligned_positions, gather_layers, lstsq_affine
-from ..spec.mappings import Affine
-from ..models import ModelHandle
-from ..spec import Patchscope, Source, Target
+from ..execution.engine import run as run_scopes
 from ..execution.states import hidden_states
+from ..export.figures import subplots
+from ..models import ModelHandle
+from ..plan.batching import chunks
+from ..spec import Patchscope, Source, Target
+from ..spec.mappings import Affine
 from .common import EvalOptions, check_layers, lens_logits
 from .data import prose_splits
 from .next_token import IDENTITY_PROMPT
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import same_token
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split

@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import SpecError
 from ..core.files import is_file
+from ..errors import SpecError
 
 if TYPE_CHECKING:
     import datasets

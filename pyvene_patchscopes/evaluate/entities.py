@@ -13,13 +13,13 @@ from statistics import mean
 from typing import Any
 
 from ..execution.engine import run as run_scopes
-from ..plan.batching import chunks
+from ..export.figures import subplots
 from ..models import ModelHandle
+from ..plan.batching import chunks
 from ..presets import ENTITY_DESCRIPTION_PROMPT, entity_description
 from ..spec import Source
 from .common import EvalOptions, check_layers
 from .data import load_jsonl, rows
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import cut_at_next_example, rouge_l
 from .stats import RESAMPLES, bootstrap, record, split

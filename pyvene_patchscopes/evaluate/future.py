@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import torch
 
 from ..execution.engine import run as run_scopes
-from ..plan.batching import chunks
-from ..models import ModelHandle
+from ..execution.states import hidden_states
 from ..export.figures import subplots
+from ..models import ModelHandle
+from ..plan.batching import chunks
 from ..presets import FUTURE_LENS_PROMPT, future_lens
 from ..spec import Source
-from ..execution.states import hidden_states
 from .common import EvalOptions, check_layers, generate_ids, lens_logits, sample_prefixes
 from .data import prose_splits
 from .report import Report, Table, save_figure

@@ -22,16 +22,16 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..compat import intervenable, pyvene_guard
-from ..plan.batching import chunks
 from ..analysis.fit import default_texts
+from ..compat import intervenable, pyvene_guard
+from ..export.figures import subplots
 from ..jacobian.engine import attribute, attribution_config, prepare
 from ..jacobian.result import Attribution
 from ..jacobian.spec import JacobianScope
 from ..models import ModelHandle
+from ..plan.batching import chunks
 from .common import EvalOptions
 from .data import load_jsonl, prose_splits
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .stats import RESAMPLES, bootstrap, paired, record
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..execution.engine import run as run_scopes
 from ..errors import PatchscopeError
-from ..plan.batching import chunks
+from ..execution.engine import run as run_scopes
+from ..export.figures import subplots
 from ..models import ModelHandle
+from ..plan.batching import chunks
 from ..presets import multihop
 from .common import EvalOptions, check_layers, eval_command, generate
 from .data import load_jsonl, rows
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import object_in_generation, rate
 from .stats import RESAMPLES, bootstrap, held_out, paired, record, split

@@ -16,16 +16,16 @@ from typing import Any
 
 import torch
 
-from ..execution.engine import run as run_scopes
-from ..plan.batching import chunks
 from ..analysis.fit import fit_tuned_lens
+from ..execution.engine import run as run_scopes
+from ..execution.states import hidden_states
+from ..export.figures import subplots
 from ..models import ModelHandle
+from ..plan.batching import chunks
 from ..presets import token_identity
 from ..spec import Source
-from ..execution.states import hidden_states
 from .common import EvalOptions, check_layers, lens_logits, sample_prefixes
 from .data import prose_splits
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
 from .scoring import precision_at_1, surprisal
 from .stats import RESAMPLES, bootstrap, paired, record

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 
 from ..execution.engine import run as run_scopes
+from ..export.figures import subplots
 from ..models import ModelHandle
 from ..spec import Patchscope, Source, Target
 from .common import EvalOptions, check_layers
-from ..export.figures import subplots
 from .report import Report, Table, save_figure
-from .stats import Interval, bootstrap
 from .scoring import first_word_id, saturation_layer, stages, starts_word
+from .stats import Interval, bootstrap
 
 COMMAND = "patchscopes eval stages --out reports/stages"
 PAIRS = [("Poland", "Warsaw"), ("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),

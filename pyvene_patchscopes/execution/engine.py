@@ -20,23 +20,23 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import SpecError, check_int
-from .plain import patch
-from ..plan.rows import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
-from .planned import SharedPrompts, TargetRows, run_planned, use_planned
-from .check import stack_for
-from .reroute import run_reroutes
-from .unpatched import check_readouts, null_readings
-from ..plan.batching import chunks
 from ..core.files import check_finite
-from ..spec.mappings import MappingSpec, build_mapping
+from ..errors import SpecError, check_int
 from ..models import ModelHandle
-from ..spec.positions import token_ids
+from ..plan.batching import chunks
+from ..plan.rows import DEFAULT_MAX_BATCH_TOKENS, check_budget, group_by_target
 from ..resolve import Models, Resolved, as_models, resolve, warn_uninformative
 from ..result import PatchscopeResult, decode_top, entropy_of, top_k
 from ..spec import Patchscope, VectorSource
-from .states import read_states
+from ..spec.mappings import MappingSpec, build_mapping
+from ..spec.positions import token_ids
 from ..spec.writes import Slots, row_alphas
+from .check import stack_for
+from .plain import patch
+from .planned import SharedPrompts, TargetRows, run_planned, use_planned
+from .reroute import run_reroutes
+from .states import read_states
+from .unpatched import check_readouts, null_readings
 
 
 # ---- run ---------------------------------------------------------------------------------------------

@@ -34,14 +34,14 @@ import torch
 
 from ..compat import base_locations
 from ..errors import SpecError
-from ..plan.batching import Batch, left_pads, pads_exactly
-from .plain import collect_states, greedy_config
 from ..interventions import MappingIntervention, write_intervention
-from ..spec.mappings import MappingFunction, build_mapping
 from ..models import ModelHandle
-from ..spec.positions import warn_if_sink
+from ..plan.batching import Batch, left_pads, pads_exactly
 from ..plan.pyvene_config import collect_config, patch_config, source_representation
 from ..resolve import Resolved, as_models, resolve, warn_uninformative
+from ..spec.mappings import MappingFunction, build_mapping
+from ..spec.positions import warn_if_sink
+from .plain import collect_states, greedy_config
 
 if TYPE_CHECKING:
     from ..spec import Patchscope

@@ -12,11 +12,11 @@ import torch
 from transformers import GenerationConfig
 
 from ..compat import base_locations, intervenable, per_intervention_locations, pyvene_guard
-from ..spec.mappings import MappingFunction, build_mapping
 from ..models import ModelHandle
-from ..plan.pyvene_config import collect_config, patch_config
 from ..models.sites import Site
 from ..plan.batching import Batch, exact_chunks, exact_groups
+from ..plan.pyvene_config import collect_config, patch_config
+from ..spec.mappings import MappingFunction, build_mapping
 
 
 # ---- collect at the source -----------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ from torch import nn
 
 from ..errors import SlowPathWarning
 from ..models.parts import weight_of
+from ..plan.rows import pack
 from ..result import entropy_of, top_k_ids
 from ..spec.writes import REPLACE_ONE, Slots
 from .check import planned_reason
-from ..plan.rows import pack
 from .stack import Shared, Stack, evaluating
 
 

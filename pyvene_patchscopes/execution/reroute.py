@@ -22,11 +22,11 @@ from torch import nn
 
 from ..compat import intervenable, per_intervention_locations, pyvene_guard
 from ..errors import PatchscopeError, SpecError
-from ..spec.mappings import build_mapping
 from ..models import ModelHandle
 from ..plan.pyvene_config import collect_config, patch_config, reroute_config
 from ..resolve import Resolved
 from ..result import PatchscopeResult, top_k
+from ..spec.mappings import build_mapping
 from .stack import evaluating
 
 

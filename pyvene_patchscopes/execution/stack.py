@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import nn
 import transformers
+from torch import nn
 from transformers import AttentionInterface
 
-from ..models.devices import input_device
 from ..models.architectures import Architecture
+from ..models.devices import input_device
 from ..models.discovery import layer_types as config_layer_types, softcap
 from ..models.parts import hf_config, text_config, weight_of
 from ..spec.writes import REPLACE_ONE, Slots

@@ -14,12 +14,12 @@ import torch
 
 from ..compat import check_hookable
 from ..errors import SpecError, as_index
-from .plain import collect_states
 from ..models import ModelHandle
-from ..spec.positions import Position, warn_if_sink
-from ..resolve import source_index
 from ..models.sites import Site, hidden_state_site
+from ..resolve import source_index
 from ..spec import Source
+from ..spec.positions import Position, warn_if_sink
+from .plain import collect_states
 
 
 def hidden_states(prompts: str | Sequence[str], model: ModelHandle, layers: int | Sequence[int] | None = None,

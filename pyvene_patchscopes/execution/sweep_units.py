@@ -83,7 +83,8 @@ def _unit_planned(prompts: list[str], grid: Grid, cells: Cells) -> dict[str, Any
     rows = TargetRows(ids=torch.tensor(token_ids(target.tokenizer, first.scope.target.prompt)),
                       position=first.target_position, layers=layers.view(-1).repeat(n),
                       after_norm=after.view(-1).repeat(n), vectors=vectors, max_new_tokens=first.scope.max_new_tokens,
-                      slots=Slots(tuple(slot - first.target_position for slot in first.slots), first.scope.target.write),
+                      slots=Slots(tuple(slot - first.target_position for slot in first.slots),
+                                  first.scope.target.write),
                       alphas=row_alphas([first.scope.target.alpha] * (layers.numel() * n)))
     out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)

@@ -28,13 +28,36 @@ from tqdm.auto import tqdm
 from ..core.files import expand
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
-from ..persist.sweep_folder import FORMAT, MANIFEST, VERSION as FOLDER_VERSION, column_tensor, finished, load_dataset, \
-    mark_complete, open_folder, read_manifest, read_units, recorded_unit_prompts, spec_hash, unfinish, unit_table, \
-    write_shard
+from ..persist.sweep_folder import (
+    FORMAT,
+    MANIFEST,
+    VERSION as FOLDER_VERSION,
+    column_tensor,
+    finished,
+    load_dataset,
+    mark_complete,
+    open_folder,
+    read_manifest,
+    read_units,
+    recorded_unit_prompts,
+    spec_hash,
+    unfinish,
+    unit_table,
+    write_shard,
+)
 from ..persist.sweep_records import READOUTS, prompts_sha256
 from ..plan.batching import chunks
-from ..plan.grid import BATCH_SIZE, Grid, Shape, cell_maker, check_readout, layer_list, prompt_list, prompt_units, \
-    unit_size
+from ..plan.grid import (
+    BATCH_SIZE,
+    Grid,
+    Shape,
+    cell_maker,
+    check_readout,
+    layer_list,
+    prompt_list,
+    prompt_units,
+    unit_size,
+)
 from ..plan.rows import DEFAULT_MAX_BATCH_TOKENS, check_budget
 from ..presets import as_lens, get_preset
 from ..resolve import as_models

@@ -26,15 +26,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from ..errors import SpecError, VectorNormWarning
+from ..models import ModelHandle
 from ..models.architectures import architecture
 from ..models.devices import input_device
 from ..models.parts import generator
-from ..errors import SpecError, VectorNormWarning
-from ..models import ModelHandle
-from ..spec.positions import token_ids
+from ..models.sites import Site, final_norm
 from ..resolve import Models, Resolved
 from ..result import PatchscopeResult, TokenProb, top_k
-from ..models.sites import Site, final_norm
+from ..spec.positions import token_ids
 from .plain import greedy_config
 from .stack import evaluating
 

@@ -17,8 +17,8 @@ from importlib import resources
 from typing import Any, Iterable
 
 from ..errors import PatchscopeError
-from .guard import LOCAL_HOSTS, MAX_BODY_BYTES, Guard, error_body, normal_host
 from .explorer import Explorer
+from .guard import LOCAL_HOSTS, MAX_BODY_BYTES, Guard, error_body, normal_host
 from .jobs import Jobs, QueueFull
 from .query import FieldError, Query
 

@@ -14,10 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..errors import SpecError
 from ..core.outputs import finite
-from .figures import CELL_WIDTH, NO_INFORMATION, axis_label
+from ..errors import SpecError
 from ..result import show_text
+from .figures import CELL_WIDTH, NO_INFORMATION, axis_label
 
 if TYPE_CHECKING:
     from ..result import PatchscopeResult

@@ -20,13 +20,13 @@ import pyvene as pv
 import torch
 from tqdm.auto import tqdm
 
-from ..models.architectures import architecture
 from ..compat import intervenable, pyvene_guard
-from ..models.sites import BLOCK_OUTPUT, final_norm_path
-from ..plan.batching import Batch, chunks
 from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
+from ..models.architectures import architecture
 from ..models.order import data_first
+from ..models.sites import BLOCK_OUTPUT, final_norm_path
+from ..plan.batching import Batch, chunks
 from ..resolve import check_context
 from ..result import token_text
 from ..spec.checks import check_text

@@ -31,8 +31,8 @@ def softcap(model: nn.Module) -> float | None:
 
 def scale(model: nn.Module) -> float:
     """s in z = s · W y (Cohere's logit_scale, Granite's 1 / logits_scaling), as `architectures` found it."""
-    from ..models.architectures import architecture
     from ..errors import PatchscopeError
+    from ..models.architectures import architecture
 
     found = architecture(model).logit_scale
     if found is None:

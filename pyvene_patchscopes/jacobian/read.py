@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..execution.sweeps import SweepResult, sweep
 from ..models import ModelHandle
 from ..models.order import data_first
-from ..execution.sweeps import SweepResult, sweep
 from .engine import jacobian_scope
 from .result import Attribution
 from .spec import JacobianScope

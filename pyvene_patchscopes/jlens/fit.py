@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.architectures import architecture
-from ..models.discovery import hooks_restored
 from ..errors import SpecError, check_int
 from ..execution.stack import evaluating
 from ..models import ModelHandle
+from ..models.architectures import architecture
+from ..models.discovery import hooks_restored
 from ..models.order import data_first
 from ..persist.jlens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
@@ -152,7 +152,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
     return jacobians
 
 
-# ---- the running-sum checkpoint, in the reference's form --------------------------------------------------------------
+# ---- the running-sum checkpoint, in the reference's form ---------------------------------------------------------
 def write_checkpoint(path: str | os.PathLike, state: dict[str, Any], settings: dict[str, Any]) -> Path:
     """``{jacobian_sum: {layer: fp32 [d, d]}, n_done, next_idx, source_layers, target_layer, skip_first}`` (and
     the prompts' hash), written whole or not at all."""

@@ -8,8 +8,7 @@ re-exported here. A test that stubs a name that `load_model` looks up (``AutoTok
 from .handle import ModelHandle, context_limit, prepare_tokenizer, wrap_model
 from .hashes import file_sha256, weights_sha256
 from .loading import ALIASES, DOCUMENT_START, EMBEDDED, cache_root, load_model, model_source
-from .placement import (MAP_STRATEGIES, QUANT_PACKAGES, check_device, check_device_map, check_quantization,
-                        resolve_dtype)
+from .placement import MAP_STRATEGIES, QUANT_PACKAGES, check_device, check_device_map, check_quantization, resolve_dtype
 
 __all__ = ["ModelHandle", "load_model", "wrap_model", "model_source", "prepare_tokenizer", "context_limit",
            "EMBEDDED", "ALIASES", "DOCUMENT_START", "cache_root", "file_sha256", "weights_sha256", "resolve_dtype",

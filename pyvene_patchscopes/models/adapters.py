@@ -31,8 +31,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from ..errors import PatchscopeError, SpecError, first_line, load_failure
 from ..core.files import check_finite, expand, inside, is_dir, is_file, is_hub_id, read_json
+from ..errors import PatchscopeError, SpecError, first_line, load_failure
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

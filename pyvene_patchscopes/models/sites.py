@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .architectures import architecture
 from ..errors import PatchscopeError
+from .architectures import architecture
 
 BLOCK_OUTPUT = "block_output"  # pyvene's abstract name for a decoder block's output
 

@@ -21,10 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import SpecError, UnknownNameError
 from ..core.files import MAX_JSON_BYTES, MAX_WEIGHTS_BYTES, expand, inside, is_dir, is_file, read_json, read_safetensors
-from ..models import ModelHandle
 from ..core.outputs import save_tensors, write_text
+from ..errors import SpecError, UnknownNameError
+from ..models import ModelHandle
 from ..resolve import as_models
 from ..spec import Patchscope, VectorSource
 from ..spec.mappings import build_mapping

@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import SpecError, as_index
 from ..core.files import check_finite, expand, not_a_file
+from ..errors import SpecError, as_index
 from ..spec.mappings import MappingSpec
 
 MAX_FILE_BYTES = 1 << 34      # 16 GiB: a 70B model's 80 layers of 8192² fp16 are 10.7 GB

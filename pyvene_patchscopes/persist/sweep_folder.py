@@ -40,11 +40,24 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..errors import PatchscopeError, SpecError
 from ..core.files import MAX_JSON_BYTES, expand, inside, is_file, read_json
 from ..core.outputs import remove, remove_dead_temporaries, replacing, write_bytes
-from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY, Completion, canonical_sha256, \
-    check_completion, check_key, check_manifest, check_rows, check_schema, key_prompts_sha256, prompts_sha256, unit_of
+from ..errors import PatchscopeError, SpecError
+from .sweep_records import (
+    PROMPTS_KEY,
+    SPEC_HASH_KEY,
+    UNIT_KEY,
+    Completion,
+    canonical_sha256,
+    check_completion,
+    check_key,
+    check_manifest,
+    check_rows,
+    check_schema,
+    key_prompts_sha256,
+    prompts_sha256,
+    unit_of,
+)
 
 FORMAT = "pyvene-patchscopes/sweep"  # written; the dot spelling of folders written before issue 38 is read forever
 FORMATS = (FORMAT, "pyvene-patchscopes.sweep")

@@ -20,8 +20,8 @@ import torch
 
 from ..errors import SpecError
 from ..interventions import RerouteIntervention, write_intervention
-from ..spec.mappings import MappingFunction
 from ..models.sites import Site
+from ..spec.mappings import MappingFunction
 
 
 def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig:

@@ -17,9 +17,9 @@ from typing import Any, Callable, ClassVar, Mapping as MappingType, TypeVar
 import torch
 from torch import nn
 
-from ..errors import SpecError
 from ..core.files import check_finite
 from ..core.plugins import claim, module_of, unregistered
+from ..errors import SpecError
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 

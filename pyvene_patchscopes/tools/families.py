@@ -220,9 +220,9 @@ def _first_line(err: BaseException) -> str:
 
 def verdict(class_name: str, model_type: str, model: nn.Module | None = None) -> Verdict:
     """The path `class_name` takes on its tiny model (built here unless `model` is given)."""
-    from ..models.architectures import architecture
     from ..execution.check import execution, planned_reason, prefix_reason
     from ..execution.reroute import reroute_reason
+    from ..models.architectures import architecture
 
     why = not_decoder_only(model_type, class_name)
     if why:

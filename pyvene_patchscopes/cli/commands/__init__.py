@@ -1,7 +1,17 @@
 """The commands, one module each: `register(commands)` adds its subcommand (options, help lines, an example) and
 sets `execute(args)` to run it."""
-from . import demo, explore, families, inspect, jacobian, presets, run, sweep
-from . import eval as eval_command, list as list_command
+from . import (
+    demo,
+    eval as eval_command,
+    explore,
+    families,
+    inspect,
+    jacobian,
+    list as list_command,
+    presets,
+    run,
+    sweep,
+)
 
 # In the order `patchscopes --help` lists them.
 COMMANDS = (inspect, run, sweep, demo, jacobian, eval_command, list_command, presets, families, explore)

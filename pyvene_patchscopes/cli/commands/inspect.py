@@ -7,8 +7,17 @@ import dataclasses
 from ...core.files import expand, is_dir, not_a_file
 from ...errors import SpecError
 from ...spec.layers import parse_layers
-from ..options import (UsageError, layers_option, load, model_options, output_options, parse_position, placement,
-                       positive_int, source_options)
+from ..options import (
+    UsageError,
+    layers_option,
+    load,
+    model_options,
+    output_options,
+    parse_position,
+    placement,
+    positive_int,
+    source_options,
+)
 from ..output import emit, layer_table, result_rows
 from ..paths import check_outputs, exists
 

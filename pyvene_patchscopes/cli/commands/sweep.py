@@ -8,8 +8,7 @@ from typing import Any
 from ...errors import SpecError
 from ...result import show_text
 from ...spec.layers import parse_layers
-from ..options import (layers_option, load, model_options, output_options, parse_position, positive_int,
-                       source_options)
+from ..options import layers_option, load, model_options, output_options, parse_position, positive_int, source_options
 from ..output import NO_INFORMATION_NOTE, emit
 from ..paths import check_outputs
 

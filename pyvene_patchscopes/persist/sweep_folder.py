@@ -27,8 +27,8 @@ terminal, a rerun started too early): each write goes to a temporary file of its
 run's), so neither run stops the other and the folder ends as one run leaves it, bit for bit (a unit may be
 computed twice). Two sweeps over other prompts (which the manifest does not hold) cannot mix their units: each step
 that checks the folder and then writes it holds the folder's lock, and the one that finds the other's unit stops in
-one line (`sweep_lock`). A file is written only when its bytes change: a finished sweep rerun on a read-only mount writes
-nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
+one line (`sweep_lock`). A file is written only when its bytes change: a finished sweep rerun on a read-only mount
+writes nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
 and leaves no temporary file; one that a killed process left never blocks a retry.
 """
 from __future__ import annotations

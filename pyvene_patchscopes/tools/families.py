@@ -277,7 +277,8 @@ def counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
 
 
 def markdown(verdicts: list[Verdict]) -> str:
-    """The manual's table (docs/reference/families.md): one row per class, its path and the reason, after a line of counts."""
+    """The manual's table (docs/reference/families.md): one row per class, its path and the reason, after a line
+    of counts."""
     import transformers
 
     tally = counts(verdicts)

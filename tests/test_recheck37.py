@@ -118,10 +118,10 @@ def test_a_complete_json_that_is_a_folder_is_refused_in_one_line_before_any_work
     (folder / "complete.json").mkdir()
     before = sorted(p.name for p in folder.iterdir())
 
-    def computed(self, prompts):
+    def computed(grid, prompts):
         raise AssertionError("a unit was computed")
 
-    monkeypatch.setattr(sweeping._Grid, "unit", computed)
+    monkeypatch.setattr(sweeping, "run_unit", computed)
     for prompts in (PROMPTS["first"][:4], PROMPTS["first"][:6]):  # all units finished, then one more to compute
         with pytest.raises(SpecError) as raised:
             sweeping.sweep(prompts, model, out=folder, **SETTINGS)

@@ -32,15 +32,19 @@ NOTEBOOKS = ["01_quickstart", "02_paper_tour", "03_in_pyvene_pipelines", "04_cau
 PUBLIC_ONLY = ["03_in_pyvene_pipelines"]
 
 
-def execute(name: str, workdir: Path) -> dict:
-    """Run every cell of tutorials/NAME.ipynb in a new kernel with `workdir` as its cwd; return its summary."""
+def execute(name: str, workdir: Path, cpu: bool = False) -> dict:
+    """Run every cell of tutorials/NAME.ipynb in a new kernel with `workdir` as its cwd; return its summary (with
+    `cpu`, the pair (summary, the vector instructions torch's kernels used there))."""
     notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
-    probe = nbformat.v4.new_code_cell("import json; print(json.dumps(summary, default=str))")
+    probe = nbformat.v4.new_code_cell("import json, torch; print(json.dumps([summary, "
+                                      "torch.backends.cpu.get_cpu_capability()], default=str))")
     notebook.cells.append(probe)
     client = NotebookClient(notebook, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(workdir)}})
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-    return json.loads("".join(out["text"] for out in notebook.cells[-1].outputs if out.get("name") == "stdout"))
+    summary, capability = json.loads("".join(out["text"] for out in notebook.cells[-1].outputs
+                                             if out.get("name") == "stdout"))
+    return (summary, capability) if cpu else summary
 
 
 def test_every_notebook_is_committed_without_outputs_and_listed_in_the_readmes():
@@ -197,8 +201,15 @@ def test_05_jacobian_scopes_reads_the_attributed_token(tmp_path):
     assert summary["identity_position"] == summary["position"]
 
 
-def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chance(tmp_path):
-    summary = execute("06_reading_sae_latents", tmp_path)
+@pytest.fixture(scope="module")
+def tutorial_06(tmp_path_factory) -> tuple[Path, dict, str]:
+    """Tutorial 06 run once for its two tests: the folder it ran in, its summary, and torch's CPU kernels."""
+    workdir = tmp_path_factory.mktemp("tutorial_06")
+    return (workdir, *execute("06_reading_sae_latents", workdir, cpu=True))
+
+
+def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chance(tutorial_06):
+    tmp_path, summary, _ = tutorial_06
     assert summary["fvu"] < 0.1 and summary["latents"] == 128 and summary["alive"] >= 500
     assert (tmp_path / "tiny-sae" / "cfg.json").is_file()              # saved in sae-lens's format, read back
     test, control = summary["test"], summary["control"]
@@ -214,7 +225,29 @@ def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chanc
     assert all(interval in summary["finding"] for interval in shown[:2] + shown[3:])
     # the vectors page's paragraph on this tutorial states the same figures
     readme = page("guides/vectors").split("What a tiny SAE's latents say", 1)[1].split("\n- ", 1)[0]
+    readme = " ".join(readme.split())                                   # its lines wrapped as one paragraph
     assert f"**{shown[0]}**" in readme and all(figure in readme for figure in shown[1:3])
     assert f"{summary['rule_largest_share']:.0%} of the latents" in readme
     assert f"{summary['by_alpha']['replace'][2]:.2f} of all latents at α = 128 against " \
            f"{summary['by_alpha']['add'][2]:.2f} for adding" in readme
+    versus = summary["versus_control"]
+    assert f"(difference {versus['difference']['estimate']:.2f} [{versus['difference']['low']:.2f}, " \
+           f"{versus['difference']['high']:.2f}], exact McNemar p = {versus['p_value']:.3f})" in readme
+    write, how, value = summary["choice"].values()             # the choice the page names in bold
+    assert (write, how, value) == ("add", "fixed alpha", 128.0) and "**adding at one fixed scale, α = 128**" in readme
+    rule_write, _, weight = summary["best_rule"]["choice"]
+    assert rule_write == "add" and f"(adding, weight {weight:g})" in readme
+
+
+def test_06_prints_the_same_figures_with_torchs_avx2_kernels(tutorial_06, tmp_path, monkeypatch):
+    """The tutorial runs in float64 so that its figures do not depend on the CPU: in float32, CI's machine and this
+    one rounded differently and the notebook chose another α and read 0.28 against 0.16. Rerun with torch, oneDNN
+    and MKL held to AVX2, every figure is the same, the fraction of variance unexplained to 1e-9."""
+    _, native, native_kernels = tutorial_06
+    for variable, value in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}.items():
+        monkeypatch.setenv(variable, value)                     # the new kernel inherits them
+    forced, kernels = execute("06_reading_sae_latents", tmp_path, cpu=True)
+    assert kernels == "AVX2", (kernels, native_kernels)
+    assert forced["fvu"] == pytest.approx(native["fvu"], rel=1e-9, abs=0)
+    assert {**forced, "fvu": None} == {**native, "fvu": None}

@@ -103,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             best[before] = [min(a, b) for a, b in zip(best[before], seconds)]
     (grid_before, rec_before), (grid_after, rec_after) = kept[True], kept[False]
     same = torch.equal(grid_before.top_ids, grid_after.top_ids) and rec_before == rec_after
-    ms = lambda seconds: round(1000 * seconds / cells, 4)  # noqa: E731
-    side = lambda before: {"resolve_and_f": ms(best[before][0]), "to_records": ms(best[before][2]),  # noqa: E731
-                           "host": ms(best[before][0] + best[before][2]), "sweep_wall": ms(best[before][1])}
+
+    def ms(seconds: float) -> float:
+        return round(1000 * seconds / cells, 4)
+
+    def side(before: bool) -> dict[str, float]:
+        return {"resolve_and_f": ms(best[before][0]), "to_records": ms(best[before][2]),
+                "host": ms(best[before][0] + best[before][2]), "sweep_wall": ms(best[before][1])}
+
     report = {
         "model": args.model, "grid": f"{handle.n_layers} x {handle.n_layers}", "prompts": args.prompts,
         "cells": cells, "units": args.prompts, "repeats": args.repeats,

@@ -115,11 +115,12 @@ def jacobian_lens(handle, checkpoint: Path | None = None) -> dict[str, tuple[Pat
     for layer in lens.source_layers:
         scope = build("jacobian-lens", "The Eiffel Tower is in the city of", -1, layer, model=handle.name, lens=lens)
         out[f"jacobian-lens-l{layer:02d}"] = (scope, (
-            f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = E[dh_final/dh_l], the "
-            f"reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} tokens (the first "
-            f"{JACOBIAN_LENS_PROMPTS} of the train split of `patchscopes eval next-token`, seed 0; texts sha256 "
-            f"{lens.metadata['prompts_sha256'][:16]}; the first 16 positions and the last left out), then the final "
-            "norm and unembedding. All layers: pyvene_patchscopes.jlens.JacobianLens.from_catalogue()."))
+            f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = "
+            f"E[dh_final/dh_l], the reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} "
+            f"tokens (the first {JACOBIAN_LENS_PROMPTS} of the train split of `patchscopes eval next-token`, seed "
+            f"0; texts sha256 {lens.metadata['prompts_sha256'][:16]}; the first 16 positions and the last left "
+            "out), then the final norm and unembedding. All layers: "
+            "pyvene_patchscopes.jlens.JacobianLens.from_catalogue()."))
     return out
 
 

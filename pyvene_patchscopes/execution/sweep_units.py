@@ -38,10 +38,14 @@ def _plannable(cells: Cells, per_prompt: list[Patchscope], models) -> bool:
     """Whether the cells can run as one planned grid: one target prompt and position for every prompt and
     cell (cells differ in l, l* and f only), no reroute, and a model `stack` supports."""
     first = cells.templates[0][0].scope
-    same = lambda scope: (scope.target.prompt, scope.target.position, scope.target.write, scope.target.alpha,  # noqa: E731
-                          scope.target_model, scope.max_new_tokens, scope.reroute) == (
-        first.target.prompt, first.target.position, first.target.write, first.target.alpha, first.target_model,
-        first.max_new_tokens, None)
+
+    def key(scope: Patchscope) -> tuple:
+        target = scope.target
+        return target.prompt, target.position, target.write, target.alpha, scope.target_model, scope.max_new_tokens
+
+    def same(scope: Patchscope) -> bool:
+        return key(scope) == key(first) and scope.reroute is None
+
     return (use_planned(models[first.target_model].model)
             and all(same(cell.scope) for row in cells.templates for cell in row)
             and all(same(scope) for scope in per_prompt))

@@ -299,7 +299,7 @@ def test_the_attention_function_is_registered_on_first_use_not_on_import(tmp_pat
         from transformers import AttentionInterface
         import pyvene_patchscopes
         from pyvene_patchscopes import Source, run
-        from pyvene_patchscopes.execution.stack import ATTENTION
+        from pyvene_patchscopes.execution.prefix_attention import ATTENTION
         from pyvene_patchscopes.presets import token_identity
         from tiny import tiny_model
         after_import = ATTENTION in AttentionInterface._global_mapping

@@ -18,8 +18,8 @@ from pyvene_patchscopes.errors import SlowPathWarning, SpecError
 from pyvene_patchscopes.execution import check
 from pyvene_patchscopes.execution.check import execution, stack_for
 from pyvene_patchscopes.execution.layered import Layered
+from pyvene_patchscopes.execution.prefix_attention import ATTENTION
 from pyvene_patchscopes.execution.replayed import Replayed
-from pyvene_patchscopes.execution.stack import ATTENTION
 from pyvene_patchscopes.execution.sweeps import sweep
 from pyvene_patchscopes.models import ModelHandle
 from pyvene_patchscopes.presets import TOKEN_IDENTITY_PROMPT, token_identity

@@ -32,7 +32,7 @@ TIERS: list[tuple[str, tuple[str, ...]]] = [
     ("pyvene boundary", ("compat", "compat.*", "interventions")),
     ("resolve", ("resolve",)),
     ("persist", ("persist", "persist.*")),
-    ("presets and vectors", ("presets", "vectors")),
+    ("presets and vectors", ("presets", "presets.*", "vectors")),
     ("plan", ("plan", "plan.*")),
     ("execution", ("execution", "execution.*")),
     ("export", ("export", "export.*")),

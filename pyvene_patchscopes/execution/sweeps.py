@@ -29,21 +29,23 @@ from ..core.files import expand
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
 from ..persist.sweep_folder import (
-    FORMAT,
-    MANIFEST,
-    VERSION as FOLDER_VERSION,
-    column_tensor,
     finished,
-    load_dataset,
     mark_complete,
     open_folder,
-    read_manifest,
-    read_units,
     recorded_unit_prompts,
     spec_hash,
     unfinish,
     unit_table,
     write_shard,
+)
+from ..persist.sweep_reader import (
+    FORMAT,
+    MANIFEST,
+    VERSION as FOLDER_VERSION,
+    column_tensor,
+    load_dataset,
+    read_manifest,
+    read_units,
 )
 from ..persist.sweep_records import READOUTS, prompts_sha256
 from ..plan.batching import chunks

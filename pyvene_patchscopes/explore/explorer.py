@@ -7,9 +7,7 @@ table row or a heatmap cell is exactly what ``run`` gives for the same scope:
 - ``grid``: one scope per (l, l*) pair, the source layer x target layer heatmap;
 - ``jacobian``: Jacobian Scopes over the prompt's tokens for its next-token prediction.
 
-Catalogue entries are offered only where they apply: an entry with a fitted mapping (the tuned lens) was
-fitted for one (l, l*), and its rows and cells elsewhere say so instead of reusing the map; an entry shaped
-as a lens (T = S) reads the clicked prompt itself, cut after the clicked token, as the logit lens does.
+Catalogue entries are offered only where they apply (`entries`).
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ import re
 import shlex
 import threading
 import warnings
-from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ..errors import SpecError, UnknownNameError
@@ -32,7 +29,7 @@ from ..presets import PRESETS, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult, show_text
 from ..spec import Patchscope, Source
-from ..spec.positions import prefix_through
+from .entries import Entry
 from .query import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, FieldError, Query, field_of, json_type
 
 # The presets the page offers: each runs on the explorer's one model. The decoder presets write into a second model
@@ -49,25 +46,6 @@ KINDS = ("layers", "grid", "jacobian")
 NOT_APPLICABLE = "n/a"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A catalogue entry as the explorer uses it: the saved Patchscope, and where it applies."""
-
-    scope: Patchscope
-    fitted: tuple[int, int] | None   # (l, l*) its learned mapping was fitted for; None: any layers
-    lens: bool                       # T = S at the source position: read the clicked prompt itself
-
-    def reason(self, name: str, layer: int, target_layer: int | None) -> str | None:
-        """Why the entry does not apply at (l, l*), None where it does (l* None: the entry's own)."""
-        if self.fitted is None or (layer, self.fitted[1] if target_layer is None else target_layer) == self.fitted:
-            return None
-        return self.note(name)
-
-    def note(self, name: str) -> str:
-        assert self.fitted is not None
-        return f"{name}'s mapping was fitted for l = {self.fitted[0]} -> l* = {self.fitted[1]} only; not run here"
-
-
 class Explorer:
     """Patchscopes on one model for the page: tokens, checked queries, and the three kinds of work."""
 
@@ -79,17 +57,9 @@ class Explorer:
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
         self._check_lock = threading.RLock()
         # catalogue entries read from disk once, not once per scope (a heatmap builds 900 scopes)
-        self._saved = {name: self._entry(load_patchscope(name)) for name in catalogue() if name not in PRESETS}
+        self._saved = {name: Entry.of(load_patchscope(name), handle.n_layers) for name in catalogue()
+                       if name not in PRESETS}
         self.catalogue = [name for name in self._saved if self._fits(name)]
-
-    def _entry(self, saved: Patchscope) -> Entry:
-        n = self.handle.n_layers
-        concrete = lambda layer: layer % n if -n <= layer < n else layer  # noqa: E731 (out of range stays, and fails)
-        fitted = None
-        if saved.mapping.weights:
-            fitted = (concrete(saved.source.layer), concrete(saved.target.layer))
-        lens = saved.target.prompt == saved.source.prompt and saved.target.position == saved.source.position
-        return Entry(saved, fitted, lens)
 
     def _fits(self, name: str) -> bool:
         """Whether catalogue entry `name` runs on this one model (same-model, a mapping of this model's size)."""
@@ -168,24 +138,13 @@ class Explorer:
             scope = get_preset(query.preset).build(source, target_layer=target_layer, n_layers=self.handle.n_layers,
                                                    **options)
         elif query.preset in self._saved:
-            scope = self._entry_scope(query.preset, source, target_layer, tokenizer)
+            scope = self._saved[query.preset].at(query.preset, source, target_layer, tokenizer)
         else:
             raise FieldError("preset", f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(OFFERED)}, "
                                        f"the catalogue entries, or {CUSTOM!r})")
         if grid:
             scope = scope.replace(max_new_tokens=min(scope.max_new_tokens, GRID_NEW_TOKENS))
         return scope
-
-    def _entry_scope(self, name: str, source: Source, target_layer: int | None, tokenizer: Any) -> Patchscope:
-        entry = self._saved[name]
-        saved = entry.scope
-        if saved.reroute is not None or saved.target.model not in (None, saved.source.model):
-            raise FieldError("preset", f"preset={name!r} reroutes within one pass or reads across two "
-                                       "models (allowed here: a catalogue entry on one model)")
-        target = replace(saved.target, model=None, layer=saved.target.layer if target_layer is None else target_layer)
-        if entry.lens:  # T = S: the clicked prompt, cut after the clicked token, as the logit-lens preset does
-            target = replace(target, prompt=prefix_through(tokenizer, source.prompt, source.position), position=-1)
-        return replace(saved, source=source, target=target)
 
     def not_applicable(self, query: Query, layer: int, target_layer: int | None = None) -> str | None:
         """Why the query's preset does not apply at (l, l*) on this model, None where it does (a preset that

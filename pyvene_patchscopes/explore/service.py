@@ -3,7 +3,8 @@
 `query` checks what the page sends (`Query`, `FieldError`); `explorer` turns it into Patchscopes and runs them
 (`Explorer`); `jobs` queues that work on one worker thread (`Jobs`). `app` serves these over HTTP.
 """
-from .explorer import CUSTOM, KINDS, OFFERED, PLACEHOLDER, VARIANTS, Entry, Explorer
+from .entries import Entry
+from .explorer import CUSTOM, KINDS, OFFERED, PLACEHOLDER, VARIANTS, Explorer
 from .jobs import KEEP_FINISHED, MAX_QUEUED, Job, Jobs, QueueFull
 from .query import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, FieldError, Query, text_field
 

@@ -21,7 +21,7 @@ from tiny import tiny_model
 from torch.overrides import TorchFunctionMode
 
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, SpecError, Target, load_model, run
-from pyvene_patchscopes.models.adapters import adapter_folder
+from pyvene_patchscopes.models.adapter_checks import adapter_folder
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 

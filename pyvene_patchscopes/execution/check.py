@@ -16,8 +16,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..models.architectures import Architecture, architecture
-from ..models.discovery import hooks_restored
 from ..models.parts import generator, text_config, weight_of
+from ..models.probes import hooks_restored
 from .layered import Layered, decode_without_cache, writing
 from .replayed import Replayed
 from .stack import TRANSFORMERS_5, Stack, evaluating

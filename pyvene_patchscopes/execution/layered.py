@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..models.discovery import hooks_restored
 from ..models.parts import generator
+from ..models.probes import hooks_restored
 from ..spec.writes import REPLACE_ONE, Slots
 from .stack import Decoded, Stack, TargetPass
 

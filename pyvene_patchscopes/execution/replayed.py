@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..models.discovery import hooks_restored
 from ..models.parts import weight_of
+from ..models.probes import hooks_restored
 from ..spec.writes import REPLACE_ONE, Slots
 from .layered import Recorded, hidden_of, patched_greedy, record_blocks, writing
 from .stack import Decoded, Stack

@@ -127,7 +127,8 @@ def reroute_reason(model: nn.Module) -> str:
 
 
 def _probe(model: nn.Module) -> str:
-    from ..models.discovery import non_attention_kinds, probe_ids
+    from ..models.discovery import non_attention_kinds
+    from ..models.probes import probe_ids
 
     kinds = non_attention_kinds(model)
     if kinds:

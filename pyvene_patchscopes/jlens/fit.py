@@ -31,8 +31,8 @@ from ..errors import SpecError, check_int
 from ..execution.stack import evaluating
 from ..models import ModelHandle
 from ..models.architectures import architecture
-from ..models.discovery import hooks_restored
 from ..models.order import data_first
+from ..models.probes import hooks_restored
 from ..persist.jlens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
 SKIP_FIRST = 16

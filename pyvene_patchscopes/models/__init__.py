@@ -1,5 +1,6 @@
 """Models: load one by name or wrap one in memory (`loading`, `handle`), where its weights sit (`placement`), what
-identifies them (`hashes`), and what it is made of (`architectures`, `discovery`, `devices`, `adapters`, `sites`).
+identifies them (`hashes`), and what it is made of (`architectures`, `discovery`, `probes`, `devices`, `adapters`,
+`adapter_checks`, `sites`).
 
 ``from pyvene_patchscopes.models import load_model`` keeps working: the names of the old ``models`` module are
 re-exported here. A test that stubs a name that `load_model` looks up (``AutoTokenizer``, ``_converted_dir``) patches

@@ -13,20 +13,21 @@ exist: an encoder or encoder-decoder, blocks whose outputs are not HF's ``hidden
 streams, a second stream), blocks run twice per pass, layers a text-only pass does not run. Whether the
 planned execution may run the family is decided here from what cannot be shared exactly (layers that keep a
 recurrent state, attention outside transformers' attention interface, per-layer inputs), and then checked on
-the model itself (`execution.check`). Every probe here runs on a few tokens and leaves the model as it was.
+the model itself (`execution.check`). Every probe (`probes`, `logit_scale`) runs on a few tokens and leaves the
+model as it was.
 """
 from __future__ import annotations
 
 import inspect
 import weakref
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import PatchscopeError
-from .parts import blocks_at, input_embeddings, output_embeddings, text_config, weight_of
+from .parts import blocks_at, input_embeddings, output_embeddings, text_config
+from .probes import check_blocks, children_in_order, hooks_restored, probe_ids
 
 ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
@@ -126,114 +127,6 @@ def _parent(path: str) -> str:
     return path.rpartition(".")[0]
 
 
-def _children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[str], list[str]]:
-    """The base model's direct children that run before the first block and after the last, in a tiny forward."""
-    base_module = model.get_submodule(base) if base else model
-    blocks = blocks_at(model, layers)
-    order: list[tuple[str, str]] = []  # (name, "done") in completion order
-    handles = []
-
-    def record(name: str):
-        return lambda module, args, output: order.append((name, "done"))
-
-    for name, child in base_module.named_children():
-        if child is not blocks:
-            handles.append(child.register_forward_hook(record(name)))
-    handles.append(blocks[0].register_forward_pre_hook(lambda module, args: order.append(("<first>", "start"))))
-    handles.append(blocks[-1].register_forward_hook(lambda module, args, output: order.append(("<last>", "done"))))
-    ids = probe_ids(model, 2)
-    try:
-        with torch.no_grad():
-            _forward_text(model, ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    names = [name for name, _ in order]
-    if "<first>" not in names or "<last>" not in names:
-        raise PatchscopeError(f"{type(model).__name__}'s decoder layers ({layers}) did not all run in a text-only "
-                              "forward pass (cross-attention layers wait for another input); Patchscopes need a "
-                              "decoder whose every layer reads the text")
-    first, last = names.index("<first>"), len(names) - 1 - names[::-1].index("<last>")
-    prefix = f"{base}." if base else ""
-    before = [prefix + name for name in dict.fromkeys(names[:first]) if not name.startswith("<")]
-    after = [prefix + name for name in dict.fromkeys(names[last + 1:]) if not name.startswith("<")]
-    return before, after
-
-
-def check_blocks(model: nn.Module, layers: str) -> None:
-    """Refuse a model whose block l does not output one state per token that HF reports as layer l's.
-
-    Patchscopes read and write "the hidden state after block l": a tensor [batch, tokens, hidden_size] that
-    HF returns as ``hidden_states[l + 1]`` (``[l]`` in Mamba and RWKV, which leave the embeddings out).
-    """
-    blocks = blocks_at(model, layers)
-    outputs: list[Any] = []
-    calls = [0] * len(blocks)
-
-    def record(j: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            calls[j] += 1
-            outputs.append(output)
-        return hook
-
-    handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
-    ids = probe_ids(model, 4)
-    try:
-        with torch.no_grad(), hooks_restored(model):
-            states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
-    finally:
-        for handle in handles:
-            handle.remove()
-    name, width = type(model).__name__, text_config(model).hidden_size
-    if max(calls) > 1:
-        raise PatchscopeError(f"{name}'s decoder layers ({layers}) run {max(calls)} times in one forward pass (a "
-                              "looped, recurrent-depth model), so layer l has no one state to read and write")
-    first = outputs[0] if outputs else None
-    if isinstance(first, list) or not isinstance(first[0] if isinstance(first, tuple) else first, torch.Tensor):
-        raise PatchscopeError(f"{name}'s decoder layers return a {type(first).__name__}, where pyvene reads a "
-                              "tensor or a tuple whose first entry is the hidden state")
-    hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
-    if tuple(hidden[-1].shape[2:]) != (width,):
-        raise PatchscopeError(f"{name}'s decoder layers output {list(hidden[-1].shape[2:])} per token, not one "
-                              f"hidden state of hidden_size={width} (several residual streams, as in "
-                              "hyper-connections); Patchscopes read and write one state per token")
-    if states is not None and not any(all(torch.equal(hidden[l], states[l + shift]) for l in range(len(hidden) - 1))
-                                      for shift in (0, 1) if len(states) >= len(hidden) + shift - 1):
-        raise PatchscopeError(f"{name}'s decoder layers ({layers}) do not output what its hidden_states report "
-                              "as their layers (a second stream or a rescaling between blocks), so layer l has no "
-                              "one state to read and write")
-
-
-@contextmanager
-def hooks_restored(model: nn.Module) -> Iterator[None]:
-    """Undo what transformers 5 does on a model's first ``output_hidden_states`` call: it installs output-capturing
-    hooks on every layer for good and marks the model. The user's model keeps neither."""
-    marked = {m: m.__dict__.get(_CAPTURING) for m in model.modules()}
-    hooks = {m: (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
-    try:
-        yield
-    finally:
-        for module, (forward, pre) in hooks.items():
-            for key in set(module._forward_hooks) - forward:
-                del module._forward_hooks[key]
-            for key in set(module._forward_pre_hooks) - pre:
-                del module._forward_pre_hooks[key]
-        for module, value in marked.items():
-            if value is None:
-                module.__dict__.pop(_CAPTURING, None)
-
-
-_CAPTURING = "_output_capturing_hooks_installed"
-
-
-def probe_ids(model: nn.Module, length: int) -> torch.Tensor:
-    """[1, length] token ids for the probes here and in `execution.reroute` (3, 7, 11, ... inside the vocabulary)."""
-    from .devices import input_device
-
-    vocab = int(weight_of(input_embeddings(model)).shape[0])  # the shape is known even when offloaded
-    return (torch.arange(length, device=input_device(model))[None] * 4 + 3).clamp(max=vocab - 1)
-
-
 _SOFTCAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")  # Gemma 2, RecurrentGemma, xLSTM
 
 
@@ -267,11 +160,6 @@ def logit_scale(model: nn.Module, y_path: str, unembed: str) -> float | None:
     scale = float((logits * raw).sum() / (raw * raw).sum().clamp_min(1e-30))
     error = float((logits - scale * raw).abs().max() / logits.abs().max().clamp_min(1e-12))
     return (1.0 if abs(scale - 1.0) < 1e-6 else scale) if error < 1e-4 else None
-
-
-def _forward_text(model: nn.Module, ids: torch.Tensor) -> Any:
-    """A text-only forward pass without a cache (multimodal checkpoints take input_ids alone too)."""
-    return model(input_ids=ids, use_cache=False)
 
 
 def _config_has(config: Any, name: str) -> bool:
@@ -387,7 +275,7 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     layers = find_layers(model)
     check_blocks(model, layers)
     base = _parent(layers)
-    before, after = _children_in_order(model, base, layers)
+    before, after = children_in_order(model, base, layers)
     base_module = model.get_submodule(base) if base else model
     rotary = next((f"{base}.{name}" if base else name for name, child in base_module.named_children()
                    if _inverse_frequencies(child) or "rotary" in type(child).__name__.lower()), None)
@@ -422,6 +310,7 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
     )
 
 
+# hooks_restored and probe_ids live in probes; they stay importable from here, where they were before the split.
 __all__ = ["found_pieces", "check_decoder", "drafter", "DRAFTER", "block_count", "find_layers", "layer_types",
            "not_planned_reason", "head_reason", "path_of", "non_attention_kinds", "softcap", "logit_scale",
            "hooks_restored", "not_a_decoder", "probe_ids", "ATTENTION_KINDS"]

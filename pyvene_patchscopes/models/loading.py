@@ -132,8 +132,8 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     (see `model_source`); remote code is never trusted.
 
     ``adapter``: a PEFT adapter folder (or hub id) trained on this model, e.g. a LatentQA decoder or an
-    Activation Oracle. It is checked like a spec (`adapters.check_adapter`: its folder and config before the base
-    model loads, its tensors before peft builds anything) and applied in place, not merged; the handle is
+    Activation Oracle. It is checked like a spec (`adapter_checks.check_adapter`: its folder and config before the
+    base model loads, its tensors before peft builds anything) and applied in place, not merged; the handle is
     named ``"<name>+<folder name>"`` and its record carries the adapter's config and weights hash.
     """
     kind, where = model_source(name)
@@ -158,7 +158,7 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     else:
         path, display, origin = where, name, {"name": name}
     if adapter is not None:  # the adapter's folder and config are refused before the base model loads
-        from .adapters import adapter_folder, read_adapter_config
+        from .adapter_checks import adapter_folder, read_adapter_config
 
         adapter = adapter_folder(adapter)
         read_adapter_config(adapter)

@@ -110,7 +110,7 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     target_model = pick_model(models, scope.target_model, "Target")
     check_hookable(source_model.model)
     check_hookable(target_model.model)
-    mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
+    mapping = build_mapping(scope.mapping_spec, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
     vector = scope.source if scope.vector_source else None
     owner = "VectorSource" if vector is not None else "Source"
     source_layer = _layer(owner, scope.source.layer, source_model)

@@ -146,7 +146,7 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
     out: list[torch.Tensor | None] = [None] * len(resolved)
     groups: dict[tuple[str, str, MappingSpec, tuple[int, ...]], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping,
+        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping_spec,
                 tuple(states[row].shape))].append(row)
     for (source_name, target_name, spec, _), rows in groups.items():
         target = models[target_name]

@@ -27,7 +27,7 @@ prompts alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 import pyvene as pv
 import torch
@@ -181,7 +181,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     """The pyvene configs and positions that perform `scopes`: one Patchscope, or a batch of rows that differ
     only in prompts, positions and source vectors (see `PyvenePlan`)."""
     listed = isinstance(scopes, (list, tuple))
-    scope_list = list(scopes) if listed else [scopes]
+    scope_list = list(scopes) if isinstance(scopes, (list, tuple)) else [cast("Patchscope", scopes)]  # checked below
     # a Patchscope is told by its attributes: spec imports this module, so this module cannot import spec
     bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
     if not scope_list or bad is not None:
@@ -194,7 +194,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     warn_uninformative(rows)
     first, scope = rows[0], scope_list[0]
     source, target = handles[scope.source.model], handles[scope.target_model]
-    mapping = build_mapping(scope.mapping, source.hidden_size, target.hidden_size)
+    mapping = build_mapping(scope.mapping_spec, source.hidden_size, target.hidden_size)
     units = len(first.slots)
     vector = scope.vector_source
     target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")

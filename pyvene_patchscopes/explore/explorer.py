@@ -86,7 +86,7 @@ class Explorer:
         n = self.handle.n_layers
         concrete = lambda layer: layer % n if -n <= layer < n else layer  # noqa: E731 (out of range stays, and fails)
         fitted = None
-        if saved.mapping.weights:
+        if saved.mapping_spec.weights:
             fitted = (concrete(saved.source.layer), concrete(saved.target.layer))
         lens = saved.target.prompt == saved.source.prompt and saved.target.position == saved.source.position
         return Entry(saved, fitted, lens)
@@ -244,7 +244,7 @@ class Explorer:
             self._resolve(scope)
         data, copy = scope.to_dict(), ""
         made = f"scope = Patchscope.from_dict({data!r})"
-        if scope.mapping.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
+        if scope.mapping_spec.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
             data["mapping"]["weights"] = WEIGHTS_FILE
             made = (f"scope = load_patchscope({query.preset!r}).replace(source={scope.source!r}, "
                     f"target={scope.target!r})")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, overload
 
 import pyvene as pv
 import torch
@@ -274,6 +274,24 @@ def _attribution(handle: ModelHandle, text: str, scope: JacobianScope, rows: Row
         prediction_prob=float(probs[prediction]),
         target_token=token_text(handle.tokenizer, int(target_id)), target_id=int(target_id),
     )
+
+
+@overload
+def jacobian_scope(text: str, model: ModelHandle, variant: str | JacobianScope = ..., target_position: int = ...,
+                   target_token: TargetToken = ..., fisher: str = ..., rank: int = ..., batch_size: int = ...,
+                   progress: bool | None = ...) -> Attribution: ...
+
+
+@overload
+def jacobian_scope(text: list[str] | tuple[str, ...], model: ModelHandle, variant: str | JacobianScope = ...,
+                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
+                   batch_size: int = ..., progress: bool | None = ...) -> list[Attribution]: ...
+
+
+@overload
+def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str | JacobianScope = ...,
+                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
+                   batch_size: int = ..., progress: bool | None = ...) -> Attribution | list[Attribution]: ...
 
 
 @data_first("model", "text")

@@ -171,8 +171,8 @@ class PyvenePlan:
         if self.source_representation is not None:  # a vector, in the source model's dtype as `run` takes it
             return self.source_representation.to(handle.dtype)
         for row in self.rows:
-            warn_if_sink(row.source_position, handle.tokenizer, row.scope.source.prompt)
-        states = collect_states(handle, [s.source.prompt for s in self.scopes],
+            warn_if_sink(row.source_position, handle.tokenizer, row.scope.prompt_source.prompt)
+        states = collect_states(handle, [s.prompt_source.prompt for s in self.scopes],
                                 [row.source_position for row in self.rows], [self.rows[0].source_site])
         return states[:, :1].expand(-1, len(self.rows[0].slots), -1).contiguous()
 

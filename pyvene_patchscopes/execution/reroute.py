@@ -105,7 +105,7 @@ def prompt_pass(item: "Resolved | list[Resolved]", handle: ModelHandle) -> tuple
     position, KV cache) and the padded batch it ran on."""
     items = item if isinstance(item, list) else [item]
     _check_group(items)
-    batch = encode(handle, [i.scope.source.prompt for i in items], [i.scope.reroute.split for i in items])
+    batch = encode(handle, [i.scope.prompt_source.prompt for i in items], [i.scope.reroute.split for i in items])
     mapping = build_mapping(items[0].scope.mapping_spec, handle.hidden_size, handle.hidden_size).to(handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
         return _prompt_pass(items, handle, batch, mapping), batch

@@ -88,7 +88,8 @@ class Explorer:
         fitted = None
         if saved.mapping_spec.weights:
             fitted = (concrete(saved.source.layer), concrete(saved.target.layer))
-        lens = saved.target.prompt == saved.source.prompt and saved.target.position == saved.source.position
+        source = saved.prompt_source
+        lens = saved.target.prompt == source.prompt and saved.target.position == source.position
         return Entry(saved, fitted, lens)
 
     def _fits(self, name: str) -> bool:

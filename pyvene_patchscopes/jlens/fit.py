@@ -72,7 +72,7 @@ def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence
         raise SpecError("texts must be a non-empty list of non-empty strings")
     settings = {"source_layers": sources, "target_layer": n_layers - 1, "skip_first": skip_first,
                 "prompts_sha256": _prompts_hash(texts, max_seq_len)}
-    state = {"jacobian_sum": {l: torch.zeros(d, d) for l in sources}, "n_done": 0, "next_idx": 0}
+    state: dict[str, Any] = {"jacobian_sum": {l: torch.zeros(d, d) for l in sources}, "n_done": 0, "next_idx": 0}
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, d, settings)
     show = progress if progress is not None else len(texts) > 1

@@ -78,6 +78,14 @@ class Patchscope(JsonSpec):
         return cast(MappingSpec, self.mapping)  # __post_init__ coerced it; the field's type is what __init__ takes
 
     @property
+    def prompt_source(self) -> Source:
+        """The source as a prompt's state (S, i, M, l); a vector source has no prompt or position."""
+        if isinstance(self.source, VectorSource):
+            raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which has no prompt or position "
+                            "(allowed here: a Source)")
+        return self.source
+
+    @property
     def vector_source(self) -> bool:
         """Whether the source is a vector (`VectorSource`) rather than a prompt's state."""
         return isinstance(self.source, VectorSource)

@@ -39,7 +39,7 @@ def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Seque
 
 
 # ---- patch at the target -------------------------------------------------------------------------------------------
-def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int] | Sequence[Sequence[int]],
+def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int | Sequence[int]],
           vectors: torch.Tensor, max_new_tokens: int = 0,
           mapping: MappingFunction | None = None, write: str = "replace", alpha: float = 1.0,
           keep_states: bool = False) -> Patched:

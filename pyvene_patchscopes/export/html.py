@@ -47,9 +47,10 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     if result.same_layer:
         layers = result.source_layers
         cells = [[result_cell(result.cell(p, l, l)) for l in layers] for p in range(len(result.prompts))]
-        grid = {"title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
-                "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
-                "origin": "upper"}
+        grid: dict[str, Any] = {
+            "title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
+            "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
+            "origin": "upper"}
     else:
         if not 0 <= prompt < len(result.prompts):
             raise SpecError(f"prompt={prompt} is out of range for this sweep (allowed: 0..{len(result.prompts) - 1})")

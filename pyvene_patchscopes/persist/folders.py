@@ -142,7 +142,7 @@ class Folder:
     vector: torch.Tensor | None = None
 
 
-def read_folder(directory_or_name: str | Path) -> Folder:
+def read_folder(directory_or_name: str | os.PathLike) -> Folder:
     """Read a saved folder or a catalogue entry: JSON and safetensors only, nothing outside the folder."""
     directory = locate(directory_or_name)
     data = read_config(directory)

@@ -15,6 +15,7 @@ once unpatched (the null reading, `execution.unpatched`); a NaN readout the writ
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -175,7 +176,7 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                 ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)), position=group.position,
                 layers=torch.tensor([resolved[r].target_layer for r in group.rows]),
                 after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in group.rows]),
-                vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
+                vectors=partial(_rows_of, vectors, group.rows),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
                 alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
@@ -196,6 +197,11 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                     final_state=None if out.states is None else out.states[k],
                 )
     return results  # type: ignore[return-value]  # every row is filled
+
+
+def _rows_of(vectors: list[torch.Tensor], rows: Sequence[int], index: torch.Tensor) -> torch.Tensor:
+    """The vectors of a group's rows `index` (positions in `rows`), stacked as `TargetRows.vectors` gives them."""
+    return stack_vectors([vectors[rows[i]] for i in index.tolist()])
 
 
 def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -102,7 +102,7 @@ class Explorer:
 
     # ---- what the page shows before any work -------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        fitted = {name: list(self._saved[name].fitted) for name in self.catalogue if self._saved[name].fitted}
+        fitted = {name: list(layers) for name in self.catalogue if (layers := self._saved[name].fitted)}
         return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(OFFERED),
                 "catalogue": self.catalogue, "fitted": fitted, "custom": CUSTOM, "placeholder": PLACEHOLDER,
                 "variants": list(VARIANTS), "max_prompt_chars": MAX_PROMPT_CHARS,

@@ -59,10 +59,10 @@ def _y_site(model: torch.nn.Module, hidden_size: int) -> pv.RepresentationConfig
     collect = dict(unit="pos", max_number_of_units=1, intervention=pv.CollectIntervention(embed_dim=hidden_size))
     arch = architecture(model)
     if arch.final_norm is None:
-        last = len(arch.module(model, arch.layers)) - 1
+        last = len(arch.blocks(model)) - 1
         return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
     if arch.final_norm_shared:  # the last block's output; `forward` applies the norm to it
-        last = len(arch.module(model, arch.layers)) - 1
+        last = len(arch.blocks(model)) - 1
         return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
     return pv.RepresentationConfig(layer=0, component=f"{final_norm_path(model)}.output", **collect)
 

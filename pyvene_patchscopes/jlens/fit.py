@@ -108,7 +108,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
     """One prompt's J_l for every source layer: [d_out, d_in], float32 on the CPU (the module docstring's steps)."""
     hf = model.model
     arch = architecture(hf)
-    blocks = arch.module(hf, arch.layers)
+    blocks = arch.blocks(hf)
     n_layers, d, length = len(blocks), model.hidden_size, int(ids.shape[0])
     valid = torch.arange(skip_first, length - 1)
     seen: dict[int, torch.Tensor] = {}

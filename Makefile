@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-streamed bench-memory bench-scales bench-jlens docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-streamed bench-memory bench-scales bench-jlens typecheck docs clean
 
 install: $(VENV)/.installed
 
@@ -33,8 +33,7 @@ browser:                                       # 12 s on a fresh Debian bookworm
 	{ $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive \
 	  apt-get install -y -qq --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; } || echo "$$need (apt-get failed)"
 
-# ruff (configured in pyproject.toml) lints the package, tests, benchmarks, tools and tutorials, in 0.1 s here; mypy
-# type-checks the package, in 27 s on 2 cores from cold (it reads torch's stubs) and 1 s from its .mypy_cache
+# ruff (configured in pyproject.toml) lints the package, tests, benchmarks, tools and tutorials, in 0.1 s here
 test: install browser
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet   # the manual (docs/), into site/
 	$(VENV)/bin/ruff check .
@@ -74,6 +73,9 @@ bench-memory: install                          # peak memory against sweep size,
 
 bench-explore: install browser                 # the explorer's first heatmap on SmolLM2, click to drawn, ~1 min
 	$(PY) benchmarks/explore.py --out benchmarks/results/explore.json
+
+typecheck: install                             # mypy on the package (pyproject.toml), 27 s cold on 2 cores, 1 s cached;
+	$(VENV)/bin/mypy                           # not yet clean, so not yet part of `make test` (issue 38)
 
 docs: install                                  # the manual with the API from the docstrings, into site/; `mkdocs serve` to browse
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -3,6 +3,7 @@ multi-hop CoT rerouting, and the Future Lens; two readers of vectors, SelfIE and
 decoders as M* (a PEFT adapter, see `adapters`), Activation Oracles and LatentQA; and the Jacobian lens."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,8 +124,26 @@ class Preset:
         """The preset's Patchscope for `source`; where the preset fixes l*, `target_layer` may only name it (-1 for
         the last layer, or on a model of `n_layers` also n_layers - 1)."""
         self.check(target_layer, n_layers)
+        self.check_options(options)
         return self.recipe(source, target_layer=target_layer if self.target_layer is None else self.target_layer,
                            **options)
+
+    def options(self) -> tuple[str, ...] | None:
+        """The options the recipe takes by name (beside the source and l*); None where it takes any (``**options``)."""
+        parameters = list(inspect.signature(self.recipe).parameters.values())[1:]
+        if any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return None
+        return tuple(p.name for p in parameters if p.name != "target_layer" and p.kind is not p.VAR_POSITIONAL)
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Refuse, in one line, an option the recipe does not take (``write=`` to token-identity), before it runs."""
+        allowed = self.options()
+        unknown = [name for name in options if allowed is not None and name not in allowed]
+        if unknown:
+            shown = " ".join(repr(options[unknown[0]]).split())
+            shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
+            raise SpecError(f"{unknown[0]}={shown} is not allowed: preset {self.name!r} takes no option "
+                            f"{unknown[0]!r} (allowed: {', '.join(allowed or ())})")
 
     def allows(self, target_layer: int | None, n_layers: int | None = None) -> bool:
         """Whether the preset reads at l* = `target_layer`: any l* where it leaves l* free; where it fixes l*, None

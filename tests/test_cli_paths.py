@@ -289,7 +289,7 @@ def _inside(value: str) -> str:
 
 
 def _writes(command: str, option: str, value: str) -> list[Path]:
-    """What the option makes the command write, as the README says (jacobian: FILE.png and FILE.html; demo: its
+    """What the option makes the command write, as docs/guides/cli.md says (jacobian: FILE.png and FILE.html; demo: its
     heatmap in the folder; the others the path itself)."""
     if option == "--out" and command == "jacobian":
         stem = Path(value).with_suffix("") if Path(value).suffix in (".png", ".html", ".htm") else Path(value)

@@ -322,3 +322,13 @@ def test_no_caller_tests_a_presets_name_but_reads_its_fields():
               and (found := _preset_name_tests(path.read_text(encoding="utf-8")))}
     assert tested == {}
     assert _preset_name_tests('if args.preset == "jacobian-lens": pass') == ["line 1: 'jacobian-lens'"]
+
+
+def test_the_architecture_pages_tree_names_every_folder_and_root_module_with_its_job():
+    """docs/developing/architecture.md draws the package as a tree, one line per folder or root module saying its
+    job; a folder or root module added without a line there fails here."""
+    tree = ARCHITECTURE.read_text(encoding="utf-8").split("pyvene_patchscopes/\n", 1)[1].split("```", 1)[0]
+    drawn = {line.split()[0] for line in tree.splitlines() if line.startswith("  ") and not line.startswith("   ")}
+    folders = {f"{path.name}/" for path in ROOT.iterdir() if (path / "__init__.py").is_file()}
+    modules = {path.name for path in ROOT.glob("*.py")}
+    assert drawn == folders | modules

@@ -48,7 +48,7 @@ def test_a_logit_lens_sweep_is_the_logit_lens_at_the_last_layer_as_run_reads_it(
     assert cell.scope == want.scope and cell.token == want.token != " Paris"
     assert cell.prob == pytest.approx(want.prob, abs=1e-5) and round(want.prob, 2) == 0.69
     earlier = [Patchscope(want.scope.source, replace(want.scope.target, layer=t)) for t in (0, 10, 20)]
-    read = run(earlier, smollm2)  # what the grid labelled logit lens at l* = 0, 10, 20 (README: not the lens)
+    read = run(earlier, smollm2)  # what the grid labelled logit lens at l* = 0, 10, 20 (guides/sweeps.md: not the lens)
     assert [(r.token, round(r.prob, 2)) for r in read] == [(" Paris", 0.33), (" Paris", 0.80), (" Paris", 0.81)]
 
 

@@ -54,10 +54,9 @@ def test_every_notebook_is_committed_without_outputs_and_listed_in_the_readmes()
         assert f"tutorials/{name}.ipynb" in readme and f"({name}.ipynb)" in tutorials_readme, name
 
 
-def test_the_tutorials_readme_states_each_notebooks_measured_time_of_a_few_minutes_at_most():
-    """tutorials/README.md's table gives every notebook, and nothing else, its wall time and its slowest cell's,
-    measured on 2 CPU cores."""
-    lines = (TUTORIALS / "README.md").read_text().splitlines()
+def measured_times(text: str) -> dict[str, tuple[str, str]]:
+    """The table of `text` whose header starts "| notebook |": each notebook's measured time and slowest cell."""
+    lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| notebook |"))
     columns = [cell.strip() for cell in header.strip().strip("|").split("|")]
     total, slowest = columns.index("measured time, 2 CPU cores"), columns.index("its slowest cell")
@@ -69,6 +68,14 @@ def test_the_tutorials_readme_states_each_notebooks_measured_time_of_a_few_minut
         link = re.fullmatch(r"\[(\w+)\.ipynb\]\(\1\.ipynb\)", cells[0])
         assert link and len(cells) == len(columns), line
         times[link.group(1)] = (cells[total], cells[slowest])
+    return times
+
+
+def test_the_tutorials_readme_states_each_notebooks_measured_time_of_a_few_minutes_at_most():
+    """tutorials/README.md's table gives every notebook, and nothing else, its wall time and its slowest cell's,
+    measured on 2 CPU cores; the manual's tutorials page shows the same figures."""
+    times = measured_times((TUTORIALS / "README.md").read_text())
+    assert measured_times(page("tutorials/index")) == times
     assert sorted(times) == NOTEBOOKS
     for name, shown in times.items():  # whole seconds, as measured; "a few minutes" at most
         assert all(re.fullmatch(r"[1-9]\d* s", time) for time in shown), (name, shown)

@@ -31,7 +31,7 @@ def hidden_states(prompts: str | Sequence[str], model: ModelHandle, layers: int 
     prompt or a list with one per prompt. The tensor is on the model's device, in its dtype.
 
     The data comes first and the model second, as in `run(scopes, model)`, `sweep(prompts, model)` and
-    `scales.scale_search(vectors, model)`.
+    `analysis.scales.scale_search(vectors, model)`.
     """
     if not isinstance(model, ModelHandle):
         raise SpecError(f"model is a {type(model).__name__} (allowed: a ModelHandle from load_model or wrap_model)")

@@ -152,7 +152,8 @@ def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], r
         f"{item.scope.target_model}, where the target prompt's states have median norm {typical:.3g} ({ratio}; "
         f"flagged beyond {NORM_FACTOR:g}x either way). Too small, a replaced slot reads as empty and an added vector "
         "changes little (compare result.null_top, the target unpatched); too large, it overwhelms the layers above. "
-        "Scale it with Target.alpha, or pick alpha with scales.scale_search.", VectorNormWarning, stacklevel=4)
+        "Scale it with Target.alpha, or pick alpha with pyvene_patchscopes.analysis.scales.scale_search.",
+        VectorNormWarning, stacklevel=4)
 
 
 __all__ = ["NullReading", "null_readings", "read_unpatched", "check_readouts", "warn_far_norms", "NORM_FACTOR"]

@@ -13,7 +13,8 @@ An adapter folder is someone else's, checked like a spec before peft loads anyth
 ranks integers; every adapted module is matched against the base model's names and widths, so an adapter trained on
 another base model gets one line rather than peft's shape error or a silent partial load; every tensor peft expects
 is present with the shape the config gives it (checked on a copy of the model on the meta device, so a false ``r``
-allocates nothing); and every tensor is a float, finite in the dtype it runs in.
+allocates nothing), and no other tensor is (peft would load it into the base model); every tensor is a float, finite
+in the dtype it runs in; and each LoRA's update, scale * B @ A, is bounded within the range the forward computes in.
 """
 from __future__ import annotations
 
@@ -218,12 +219,16 @@ def check_adapter_fits(model: nn.Module, folder: Path, name: str,
                                       f"{width})")
 
 
-def check_expected_tensors(model: nn.Module, folder: Path, shapes: dict[str, list[int]]) -> None:
-    """Every tensor peft will load for this config on this model is in the file, with the shape the config gives it.
+def check_expected_tensors(model: nn.Module, folder: Path, shapes: dict[str, list[int]]) -> dict[str, float]:
+    """Every tensor peft will load for this config on this model is in the file, with the shape the config gives it,
+    and the file holds no other: the LoRA scale (alpha / r, as peft computes it) of each adapted module is returned.
 
     peft builds the adapter on a copy of the model on the meta device (no memory), so ``r`` = 262,144 against
     weights of rank 4 is refused before peft allocates anything, and a missing tensor is refused rather than left
-    at peft's initialisation (random with ``init_lora_weights: false``: each load a different adapter)."""
+    at peft's initialisation (random with ``init_lora_weights: false``: each load a different adapter). peft loads
+    non-strictly, so a tensor the config does not account for (``base_model.model.lm_head.weight`` without
+    ``modules_to_save``) would overwrite the base model's weights: refused, and so is a wrongly shaped one, before
+    peft's own error."""
     peft = _peft()
     try:
         with warnings.catch_warnings():  # the real load below warns, if at all
@@ -235,20 +240,37 @@ def check_expected_tensors(model: nn.Module, folder: Path, shapes: dict[str, lis
             with torch.device("meta"):  # the model and the adapter peft builds in it: no memory
                 built = peft.get_peft_model(type(model)(copy.deepcopy(model.config)), config)
             expected = peft.get_peft_model_state_dict(built, save_embedding_layers=False)
+            # an adapted embedding or head is saved whole beside its LoRA (peft's save_embedding_layers="auto")
+            adapted = [getattr(built, f"get_{side}_embeddings")() for side in ("input", "output")]
+            allowed = set(peft.get_peft_model_state_dict(built, save_embedding_layers=True)) if any(
+                hasattr(layer, "base_layer") for layer in adapted) else set(expected)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, OverflowError, AttributeError) as err:
         raise _refuse(folder, f"could not be loaded by peft: {first_line(err)}") from None
+    extra = sorted(set(shapes) - allowed)
+    if extra:
+        raise _refuse(folder, f"{ADAPTER_WEIGHTS} holds {len(extra)} tensor(s) that {ADAPTER_CONFIG} does not account "
+                              f"for, first {extra[0]!r} (shape {shapes[extra[0]]}): peft would load it into the base "
+                              f"model, overwriting its weights (allowed: the {len(allowed)} tensors peft expects for "
+                              "this config, as its save_pretrained writes them; a module's whole copy only where "
+                              "modules_to_save names it)")
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise _refuse(folder, f"{ADAPTER_WEIGHTS} lacks {len(missing)} of the {len(expected)} tensors peft expects for "
                               f"this config, first {missing[0]!r} (allowed: every tensor peft expects, as its "
                               "save_pretrained writes them; peft would leave the missing ones at their initialisation)")
     for key, tensor in sorted(expected.items()):
+        if list(tensor.shape) != shapes[key] and _PARAMETER.search(key) is None:  # a whole module's copy
+            raise _refuse(folder, f"{ADAPTER_WEIGHTS} {key!r} has shape {shapes[key]}, but the base model's module "
+                                  f"has {list(tensor.shape)} (allowed: a copy of the base model's module, as "
+                                  "modules_to_save saves it)")
         if list(tensor.shape) != shapes[key]:
             ranks = ", ".join(f"{field}={getattr(config, field)!r}" for field in ("r", "rank_pattern")
                               if getattr(config, field, None))
             raise _refuse(folder, f"{ADAPTER_WEIGHTS} {key!r} has shape {shapes[key]}, but {ADAPTER_CONFIG} ({ranks}) "
                                   f"makes peft expect {list(tensor.shape)} (allowed: the r and rank_pattern the "
                                   "weights were saved with)")
+    return {name: float(module.scaling["default"]) for name, module in built.named_modules()
+            if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling}
 
 
 def run_dtype(key: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -259,14 +281,40 @@ def run_dtype(key: str, model_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if model_dtype == torch.float64 else torch.float32
 
 
-def check_adapter_weights(folder: Path, model_dtype: torch.dtype) -> None:
-    """Every tensor a float, finite in the dtype it runs in (1e300 in float64 is inf in float32), read one at a time."""
+def check_adapter_weights(folder: Path, model_dtype: torch.dtype, scales: dict[str, float] | None = None) -> None:
+    """Every tensor a float, finite in the dtype it runs in (1e300 in float64 is inf in float32), read one at a time;
+    then each LoRA module's update within range (`check_update`), with its `scales` (`check_expected_tensors`)."""
     from safetensors import safe_open
 
     with safe_open(str(inside(folder, ADAPTER_WEIGHTS, "adapter file")), framework="pt") as handle:
-        for key in handle.keys():
+        keys = set(handle.keys())
+        for key in sorted(keys):
             check_finite({key: handle.get_tensor(key)}, f"adapter {str(folder)!r}: {ADAPTER_WEIGHTS} tensor",
                          run_dtype(key, model_dtype))
+        for module, scale in sorted((scales or {}).items()):
+            pair = [f"{module}.lora_{side}.weight" for side in ("A", "B")]
+            if all(key in keys for key in pair):
+                check_update(folder, module, scale, *(handle.get_tensor(key) for key in pair), model_dtype)
+
+
+def check_update(folder: Path, module: str, scale: float, a: torch.Tensor, b: torch.Tensor,
+                 model_dtype: torch.dtype) -> None:
+    """Refuse a LoRA whose update, scale * B @ A, can leave the range the forward computes in, each entry finite:
+    lora_alpha 1e30 (finite in float32) or a lora_B of 3e38 gave NaN readouts. A cheap bound, in float64: for an
+    input whose entries are at most 1 in size, no output entry of the update exceeds |scale| * ||B|| * ||A|| (the
+    largest absolute row sums). It must be finite in the model's dtype (the update is added to its outputs), and its
+    square summed over the module's outputs finite in float32 (the norm that follows sums squares in float32)."""
+    if a.ndim != 2 or b.ndim != 2:
+        return  # a convolution's LoRA: not bounded here
+    bound = abs(scale) * float(b.double().abs().sum(1).max()) * float(a.double().abs().sum(1).max())
+    limit = min(float(torch.finfo(model_dtype).max), math.sqrt(float(torch.finfo(torch.float32).max) / b.shape[0]))
+    if not bound <= limit:
+        name = module.removeprefix(_PREFIX)
+        raise _refuse(folder, f"the update of {name!r}, scale {scale:.4g} (lora_alpha / r) * lora_B @ lora_A, can "
+                              f"reach {bound:.4g} for an input of entries at most 1, beyond what the forward computes "
+                              f"finitely in {str(model_dtype).removeprefix('torch.')} (allowed: an update bounded by "
+                              f"{limit:.4g} here, |scale| * the largest row sums of |lora_B| and |lora_A|: a smaller "
+                              "lora_alpha or smaller weights)")
 
 
 def check_adapter(model: nn.Module, adapter: str | os.PathLike, name: str) -> Path:
@@ -276,8 +324,9 @@ def check_adapter(model: nn.Module, adapter: str | os.PathLike, name: str) -> Pa
     read_adapter_config(folder)
     shapes = adapted_shapes(folder)  # the header, read once for both checks
     check_adapter_fits(model, folder, name, shapes)
-    check_expected_tensors(model, folder, shapes)
-    check_adapter_weights(folder, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32))
+    scales = check_expected_tensors(model, folder, shapes)
+    check_adapter_weights(folder, next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32),
+                          scales)
     return folder
 
 

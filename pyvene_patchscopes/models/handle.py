@@ -95,7 +95,7 @@ def prepare_tokenizer(tokenizer: Any, document_start: str | None = None) -> Any:
     """Make every prompt start with a document-start token, left-pad, and have a pad token, in place.
 
     The document-start token becomes position 0, the attention sink, so a user's first word is never
-    at position 0 (see README, "Position 0"). Left padding puts every row's last token at -1. It changes
+    at position 0 (see docs/concepts.md, "Position 0"). Left padding puts every row's last token at -1. It changes
     the object it is given: `load_model` passes the tokenizer it made, `wrap_model` a copy of the user's.
     """
     if document_start is not None:

@@ -25,8 +25,10 @@ restarts a folder with no finished unit). The same sweep may run twice into one 
 terminal, a rerun started too early): each write goes to a temporary file of its own, locked while it is written
 (`outputs.replacing`), and the start-up clean-up removes only temporaries that no live process holds (a killed
 run's), so neither run stops the other and the folder ends as one run leaves it, bit for bit (a unit may be
-computed twice). A file is written only when its bytes change: a finished sweep rerun on a read-only mount writes
-nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
+computed twice). Two sweeps over other prompts (which the manifest does not hold) cannot mix their units: each step
+that checks the folder and then writes it holds the folder's lock, and the one that finds the other's unit stops in
+one line (`sweep_lock`). A file is written only when its bytes change: a finished sweep rerun on a read-only mount
+writes nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
 and leaves no temporary file; one that a killed process left never blocks a retry.
 """
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 from ..core.files import MAX_JSON_BYTES, expand, inside, is_file, read_json
 from ..core.outputs import remove, remove_dead_temporaries, replacing, write_bytes
 from ..errors import PatchscopeError, SpecError
+from .sweep_lock import check_unchanged, check_unit_free, check_units_hold, forget, locked, seen
 from .sweep_records import (
     PROMPTS_KEY,
     SPEC_HASH_KEY,
@@ -121,7 +124,16 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
     folder = expand(out)
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"out={str(out)!r} is a file, not a folder; nothing was written ({allowed})")
-    if folder.is_dir():
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
+    with locked(folder):  # one run at a time checks the folder and writes its manifest
+        forget(folder)
+        if (folder / COMPLETE).is_dir() and not (folder / COMPLETE).is_symlink():  # no write could replace it
+            raise SpecError(f"{folder / COMPLETE} is a folder, not a file: it is not the completion record a sweep "
+                            "writes, and nothing was written (allowed: a regular file written by a sweep, or nothing: "
+                            "move it away)")
         if (folder / MANIFEST).is_file():
             found = read_manifest(folder)
             if found.get("spec_hash") != manifest["spec_hash"]:
@@ -136,17 +148,11 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
                 remove_dead_temporaries(folder, TEMPORARIES)
             return folder
         if any(not _temporary(p) for p in folder.iterdir()):
-            if (folder / MANIFEST).is_file():  # another run of this sweep put its manifest in place meanwhile
-                return open_folder(out, manifest, clean)
             raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "
                             f"written ({allowed})")
         if clean:  # a run that died before its manifest was in place left at most its temporary files
             remove_dead_temporaries(folder, TEMPORARIES)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SpecError(f"out={str(out)!r} cannot be created ({err.strerror or type(err).__name__})") from None
-    _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
+        _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
     return folder
 
 
@@ -248,12 +254,14 @@ def write_shard(folder: Path, unit: int, table: Any, spec_hash: str) -> Path:
     folder meanwhile."""
     import pyarrow.parquet as pq
 
-    check_owner(folder, spec_hash)
     path = shard_path(folder, unit)
     stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(),
                                              UNIT_KEY: str(unit).encode()})
-    with replacing(path) as temporary:
-        pq.write_table(stamped, temporary, write_page_checksum=True)  # a flipped bit is caught on reading
+    with locked(folder):  # checked and replaced in one step: no other sweep writes between (`sweep_lock`)
+        check_owner(folder, spec_hash)
+        check_unit_free(folder, path, unit, key_prompts_sha256(stamped.schema.metadata), COMPLETE)
+        with replacing(path) as temporary:
+            pq.write_table(stamped, temporary, write_page_checksum=True)  # a flipped bit is caught on reading
     return path
 
 
@@ -304,6 +312,7 @@ def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, An
     key, other layers, other prompts in another number) is reported and recomputed by the caller; one that holds as
     many other prompts means the input changed: a `SpecError`. A folder under a shard's name is refused."""
     path = shard_path(folder, unit)
+    seen(path, unit, prompts_sha256(prompts))  # what `write_shard` expects to find there, unless another sweep wrote
     if not os.path.lexists(path):
         return False
     if path.is_dir() and not path.is_symlink():
@@ -326,16 +335,21 @@ def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, An
 
 
 def unfinish(folder: Path) -> None:
-    """Remove the folder's completion record before a run writes a shard: from then on it would not hold."""
-    remove(folder / COMPLETE)
+    """Remove the folder's completion record before a run writes a shard: from then on it would not hold. Refused
+    where another sweep over other prompts wrote a unit this run checked: its record is left as it is."""
+    with locked(folder):
+        check_unchanged(folder)
+        remove(folder / COMPLETE)
 
 
 def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) -> None:
     """Record the finished sweep, its `units` by their prompts' hashes, last of all its files; a rerun whose
     units are the record's already writes nothing."""
-    check_owner(folder, spec_hash)
     record = Completion(prompts, tuple(units)).to_json()
-    _write_atomically(folder / COMPLETE, record)  # which writes nothing where the record is unchanged
+    with locked(folder):  # every unit's shard checked to hold its prompts, then the record written, in one step
+        check_owner(folder, spec_hash)
+        check_units_hold(folder, [shard_path(folder, unit) for unit in range(len(units))], units, spec_hash)
+        _write_atomically(folder / COMPLETE, record)  # which writes nothing where the record is unchanged
 
 
 # ---- reading back ---------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def prefix_through(tokenizer: Any, prompt: str, position: Position) -> str:
 
 
 def warn_if_sink(index: int, tokenizer: Any, prompt: str) -> None:
-    """Warn when a source state would be read at position 0 (see README, 'Position 0')."""
+    """Warn when a source state would be read at position 0 (see docs/concepts.md, 'Position 0')."""
     if index == 0:
         first = tokenizer.convert_ids_to_tokens(token_ids(tokenizer, prompt)[:1])
         warnings.warn(

@@ -14,7 +14,7 @@ Each class then gets one verdict (`Verdict.path`):
 - ``not built``: its tiny config cannot be built or run, with the reason;
 - ``not a decoder``: an encoder, or the decoder half of an encoder-decoder model.
 
-``patchscopes families`` prints the survey; the README's family table is its `markdown`.
+``patchscopes families`` prints the survey; the manual's family table (docs/reference/families.md) is its `markdown`.
 """
 from __future__ import annotations
 
@@ -277,7 +277,8 @@ def counts(verdicts: Iterable[Verdict]) -> dict[str, int]:
 
 
 def markdown(verdicts: list[Verdict]) -> str:
-    """The README's table: one row per class, its path and the reason, after a line of counts."""
+    """The manual's table (docs/reference/families.md): one row per class, its path and the reason, after a line
+    of counts."""
     import transformers
 
     tally = counts(verdicts)

@@ -15,7 +15,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("families", help="every causal-LM class of the installed transformers, on a tiny random "
                                              "config: the path it takes (planned, plain, refused) and why",
                             epilog=f"example: {EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--markdown", action="store_true", help="print the README's table instead (default: off)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the manual's family table (docs/reference/families.md) instead (default: off)")
     output_options(p, "families")
     p.set_defaults(func=execute)
 

@@ -3,6 +3,7 @@ multi-hop CoT rerouting, and the Future Lens; two readers of vectors, SelfIE and
 decoders as M* (a PEFT adapter, see `adapters`), Activation Oracles and LatentQA; and the Jacobian lens."""
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -97,6 +98,16 @@ def oracle_prompt(question: str, source_layer: int, k: int = 1, tokenizer=None) 
 LAST_LAYER = -1
 
 
+@functools.cache
+def recipe_options(recipe: Callable[..., Patchscope]) -> tuple[str, ...] | None:
+    """What `Preset.options` reads from a recipe's signature, once per recipe: `Preset.build` checks the options of
+    every cell of a sweep."""
+    parameters = list(inspect.signature(recipe).parameters.values())[1:]
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.name != "target_layer" and p.kind is not p.VAR_POSITIONAL)
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named recipe that turns a source (S, i, M, l) into a full Patchscope.
@@ -130,10 +141,7 @@ class Preset:
 
     def options(self) -> tuple[str, ...] | None:
         """The options the recipe takes by name (beside the source and l*); None where it takes any (``**options``)."""
-        parameters = list(inspect.signature(self.recipe).parameters.values())[1:]
-        if any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return None
-        return tuple(p.name for p in parameters if p.name != "target_layer" and p.kind is not p.VAR_POSITIONAL)
+        return recipe_options(self.recipe)
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse, in one line, an option the recipe does not take (``write=`` to token-identity), before it runs."""

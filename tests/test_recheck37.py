@@ -259,3 +259,14 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def test_the_lock_checks_read_a_completion_record_only_when_it_is_a_regular_file(tmp_path):
+    """A complete.json linked to /dev/zero made a rerun read without end (issue 37, 4786c36); the lock's own reader
+    of the record (a shard about to be written) refuses it the same way, as no record, instead of reading on."""
+    from pyvene_patchscopes.persist import sweep_lock
+
+    (tmp_path / "complete.json").symlink_to("/dev/zero")
+    assert sweep_lock._listed(tmp_path, "complete.json") is None
+    (tmp_path / "real.json").write_text('{"prompts_sha256": ["a", "b"]}')
+    assert sweep_lock._listed(tmp_path, "real.json") == ["a", "b"]

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..core.files import is_file
 from ..errors import SpecError
 from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY
 
@@ -108,7 +109,10 @@ def _key(path: Path) -> dict[bytes, bytes] | None:
 
 
 def _listed(folder: Path, name: str) -> list[str] | None:
-    """The prompts' hashes that the folder's completion record lists, None where there is no readable one."""
+    """The prompts' hashes that the folder's completion record lists, None where there is no readable one (or it
+    is no regular file: a link to /dev/zero would read without end)."""
+    if not is_file(folder / name):
+        return None
     try:
         data = json.loads((folder / name).read_bytes())
     except (OSError, ValueError):

@@ -38,10 +38,11 @@ def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, 
         return {model.name: model}
     items = list(model.items()) if isinstance(model, Mapping) else [(getattr(h, "name", None), h) for h in model]
     out: dict[str, ModelHandle] = {}
-    for name, handle in items:
+    for key, handle in items:
         if not isinstance(handle, ModelHandle):
-            raise SpecError(f"models entry {name!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
+            raise SpecError(f"models entry {key!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
                             "load_model or wrap_model)")
+        name = handle.name if key is None else key  # a listed handle goes under its own name
         known = out.get(name)
         if known is not None and known is not handle:
             raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "

@@ -27,6 +27,7 @@ from ..plan.pyvene_config import collect_config, patch_config, reroute_config
 from ..resolve import Resolved
 from ..result import PatchscopeResult, top_k
 from ..spec.mappings import build_mapping
+from ..spec.parts import Reroute
 from .stack import evaluating
 
 
@@ -100,12 +101,19 @@ def _check_group(items: list[Resolved]) -> None:
             raise SpecError("a reroute batch needs one (source site, target site, mapping); group the scopes first")
 
 
+def _reroute(item: Resolved) -> Reroute:
+    if item.scope.reroute is None:
+        raise SpecError("a reroute batch holds a scope without Patchscope.reroute (allowed: reroute scopes only); "
+                        "run() sends the others to the two-pass path")
+    return item.scope.reroute
+
+
 def prompt_pass(item: "Resolved | list[Resolved]", handle: ModelHandle) -> tuple[Any, MaskedBatch]:
     """The patched prompt pass of CoT Patchscopes sharing (l, l*, f): model output (logits at every
     position, KV cache) and the padded batch it ran on."""
     items = item if isinstance(item, list) else [item]
     _check_group(items)
-    batch = encode(handle, [i.scope.prompt_source.prompt for i in items], [i.scope.reroute.split for i in items])
+    batch = encode(handle, [i.scope.prompt_source.prompt for i in items], [_reroute(i).split for i in items])
     mapping = build_mapping(items[0].scope.mapping_spec, handle.hidden_size, handle.hidden_size).to(handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
         return _prompt_pass(items, handle, batch, mapping), batch

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ..errors import PatchscopeError
 from ..models.architectures import Architecture, architecture
 from ..models.discovery import hooks_restored
 from ..models.parts import generator, text_config, weight_of
@@ -52,15 +51,6 @@ def stack_for(model: nn.Module) -> Stack | None:
     if not kind:
         return None
     return _RUNNERS[kind](model, architecture(model))
-
-
-def planned_stack(model: nn.Module) -> Stack:
-    """`stack_for(model)`, for a caller that chose the planned execution: an error where `model` runs plainly."""
-    stack = stack_for(model)
-    if stack is None:
-        raise PatchscopeError(f"{type(model).__name__} has no planned execution here (allowed: the plain pyvene path, "
-                              f"planned=False)")
-    return stack
 
 
 def _verdict(model: nn.Module) -> tuple[str, str]:

@@ -32,7 +32,6 @@ from ..spec import Patchscope, VectorSource
 from ..spec.mappings import MappingSpec, build_mapping
 from ..spec.positions import token_ids
 from ..spec.writes import Slots, row_alphas
-from .check import planned_stack
 from .plain import patch
 from .planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .reroute import run_reroutes
@@ -180,7 +179,7 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
                 alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
-            out = run_planned(planned_stack(handle.model), target_rows, top, max_batch_tokens,
+            out = run_planned(handle.model, target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
             texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)

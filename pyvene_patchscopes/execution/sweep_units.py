@@ -18,7 +18,6 @@ from ..resolve import resolve
 from ..spec import Patchscope
 from ..spec.positions import token_ids, warn_if_sink
 from ..spec.writes import Slots, row_alphas
-from .check import planned_stack
 from .engine import run
 from .plain import collect_states
 from .planned import TargetRows, run_planned, use_planned
@@ -86,7 +85,7 @@ def _unit_planned(prompts: Sequence[str], grid: Grid, cells: Cells) -> dict[str,
                       slots=Slots(tuple(slot - first.target_position for slot in first.slots),
                                   first.scope.target.write),
                       alphas=row_alphas([first.scope.target.alpha] * (layers.numel() * n)))
-    out = run_planned(planned_stack(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
+    out = run_planned(target.model, rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)
     k = out.top_ids.shape[-1]

@@ -58,14 +58,13 @@ class SharedPrompts:
     """The shared pass of the last target prompt seen, kept while rows for it keep coming (one at a time)."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: Shared | None = None
+        self.seen: tuple[tuple, Shared] | None = None  # (model, prompt ids, position), its shared pass
 
     def get(self, stack: Stack, rows: TargetRows) -> Shared:
         key = (id(stack.model), tuple(rows.ids.tolist()), rows.position)
-        if key != self.key:
-            self.key, self.value = key, stack.share(rows.ids, rows.position)
-        return self.value  # type: ignore[return-value]  # set with key
+        if self.seen is None or self.seen[0] != key:
+            self.seen = key, stack.share(rows.ids, rows.position)
+        return self.seen[1]
 
 
 def use_planned(model: nn.Module, requested: bool = True) -> bool:

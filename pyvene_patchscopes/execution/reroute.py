@@ -182,7 +182,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
     for k, item in enumerate(items):
         key = (item.source_site, item.target_site, item.scope.mapping, item.scope.max_new_tokens)
         groups.setdefault(key, []).append(k)
-    results: list[PatchscopeResult | None] = [None] * len(items)
+    results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     for rows in groups.values():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -197,7 +197,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
                                               target_position=item.target_position, logits=logits[row].cpu(),
                                               top=top_k(logits[row], handle.tokenizer, top), generation=texts[row],
                                               informative=item.informative)
-    return results  # type: ignore[return-value]  # every row filled above
+    return [results[k] for k in range(len(items))]
 
 
 def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch, mapping):

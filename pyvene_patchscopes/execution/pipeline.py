@@ -185,8 +185,8 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     # a Patchscope is told by its attributes: spec imports this module, so this module cannot import spec
     bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
     if not scope_list or bad is not None:
-        given = "scopes=[]" if not scope_list else \
-            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"  # type: ignore[index]  # bad is set
+        given = "scopes=[]" if bad is None else \
+            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"
         raise SpecError(f"to_pyvene: {given} (allowed: a Patchscope, or a non-empty list of them)")
     handles = as_models(models)
     rows = [resolve(scope, handles) for scope in scope_list]
@@ -198,7 +198,7 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     units = len(first.slots)
     vector = scope.vector_source
     target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")
-    source_batch = None if vector else _one_batch(source, [s.source.prompt for s in scope_list],  # type: ignore[union-attr]  # not a vector: a Source
+    source_batch = None if vector else _one_batch(source, [s.prompt_source.prompt for s in scope_list],
                                                   "Source.prompt")
     return PyvenePlan(
         collect=None if vector else collect_config([first.source_site], source.hidden_size),

@@ -88,6 +88,9 @@ class _MappedIntervention(pv.TrainableIntervention):
             mapping = build_mapping("identity", target_dim, target_dim)
         elif not isinstance(mapping, MappingFunction):
             spec = MappingSpec.coerce(mapping)
+            if target_dim is None:
+                raise SpecError(f"{type(self).__name__} needs embed_dim to build mapping {spec.name!r} (allowed: "
+                                "embed_dim, or a built MappingFunction)")
             source_dim = int(spec.weights["weight"].shape[1]) if "weight" in spec.weights else target_dim
             mapping = build_mapping(spec, source_dim, target_dim)
         if target_dim is not None and mapping.target_dim != target_dim:

@@ -18,6 +18,7 @@ from .errors import ContextLengthWarning, SpecError, UninformativeScopeWarning, 
 from .models import ModelHandle
 from .models.sites import Site, hidden_state_site
 from .spec.mappings import MappingFunction, build_mapping
+from .spec.parts import VectorSource
 from .spec.positions import encode, resolve_position, resolve_slots
 from .spec.writes import check_alpha_runs
 
@@ -37,10 +38,11 @@ def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, 
         return {model.name: model}
     items = list(model.items()) if isinstance(model, Mapping) else [(getattr(h, "name", None), h) for h in model]
     out: dict[str, ModelHandle] = {}
-    for name, handle in items:
+    for key, handle in items:
         if not isinstance(handle, ModelHandle):
-            raise SpecError(f"models entry {name!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
+            raise SpecError(f"models entry {key!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
                             "load_model or wrap_model)")
+        name = handle.name if key is None else key  # a listed handle goes under its own name
         known = out.get(name)
         if known is not None and known is not handle:
             raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "
@@ -110,16 +112,16 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     target_model = pick_model(models, scope.target_model, "Target")
     check_hookable(source_model.model)
     check_hookable(target_model.model)
-    mapping = build_mapping(scope.mapping, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
-    vector = scope.source if scope.vector_source else None
+    mapping = build_mapping(scope.mapping_spec, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
+    vector = scope.source if isinstance(scope.source, VectorSource) else None
     owner = "VectorSource" if vector is not None else "Source"
     source_layer = _layer(owner, scope.source.layer, source_model)
     target_layer = _layer("Target", scope.target.layer, target_model)
     target_encoding = encode(target_model.tokenizer, scope.target.prompt)
     check_context(target_model, "Target.prompt", len(target_encoding[0]), scope.max_new_tokens)
     slots = resolve_slots(target_model.tokenizer, scope.target.prompt, scope.target.position, target_encoding)
-    if vector is not None:
-        check_vector(vector, source_model, len(slots))
+    if isinstance(scope.source, VectorSource):
+        check_vector(scope.source, source_model, len(slots))
         source_position = -1  # no prompt: the vector is the state
     else:
         source_position = source_index(source_model, scope.source)
@@ -177,7 +179,7 @@ def check_write_dtypes(scope: Patchscope, mapping: MappingFunction, source: Mode
     α·‖h‖·f(v)/‖f(v)‖, and a prompt's state h is known only at run time: a write that leaves the dtype's range
     there is refused after the run (`execution.unpatched.check_readouts`)."""
     written = None
-    if scope.vector_source:
+    if isinstance(scope.source, VectorSource):
         check_finite({"tensor": scope.source.tensor}, "VectorSource", source.dtype)
         if scope.target.write != "norm-matched-add":
             with torch.no_grad():

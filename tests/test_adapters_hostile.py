@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from pyvene_patchscopes import Patchscope, PatchscopeError, Source, SpecError, Target, load_model, run
 from pyvene_patchscopes.models.adapter_checks import adapter_folder
+from pyvene_patchscopes.models.adapters import unwrap
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -250,3 +251,16 @@ def test_an_adapter_hub_id_offline_gets_the_line_a_model_hub_id_gets(tiny_folder
     with pytest.raises(PatchscopeError, match=r"^model='org/model' \(a Hugging Face hub id \(this needs access to the "
                                               r"hub\)\) could not be loaded: \S"):
         load_model("org/model")
+
+
+def test_a_peft_model_around_a_module_that_is_not_a_transformers_model_is_refused_naming_it():
+    class Wrapper:  # what unwrap reads of a PeftModel
+        peft_config: dict = {}
+
+        def get_base_model(self) -> torch.nn.Module:
+            inner = torch.nn.Linear(2, 2)
+            inner.config = {"hidden_size": 2}  # a config is not enough: the handle runs a transformers model
+            return inner
+
+    with pytest.raises(PatchscopeError, match=r"^model wraps a Linear, not a transformers model$"):
+        unwrap(Wrapper(), "model")

@@ -454,6 +454,12 @@ def test_a_second_patchscope_a_rerouted_one_and_mixed_rows_are_refused(tiny_llam
             to_pyvene(given, tiny_llama)
 
 
+def test_a_mapping_intervention_without_embed_dim_names_the_mapping_it_cannot_build():
+    with pytest.raises(SpecError, match=r"^MappingIntervention needs embed_dim to build mapping 'affine' \(allowed: "
+                                        r"embed_dim, or a built MappingFunction\)$"):
+        MappingIntervention(mapping="affine")
+
+
 def test_a_mapping_intervention_without_a_source_or_a_constant_one_says_so():
     with pytest.raises(SpecError, match=r"has no source state \(allowed: pyvene's sources or source_representations"):
         MappingIntervention(embed_dim=4)(torch.zeros(1, 1, 4), None)

@@ -4,9 +4,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
-from pyvene_patchscopes import Patchscope, Source, SpecError, Target
+from pyvene_patchscopes import (
+    Affine,
+    MappingSpec,
+    Patchscope,
+    PatchscopeError,
+    PatchscopeResult,
+    Source,
+    SpecError,
+    Target,
+    TokenProb,
+    VectorSource,
+)
 from pyvene_patchscopes.spec import SPEC_FORMAT, SPEC_VERSION
 
 prompts = st.text(min_size=1, max_size=40).filter(lambda s: s.strip())
@@ -76,3 +88,33 @@ def test_replace_takes_whole_sources_and_targets_as_well_as_the_shortcuts():
     assert scope.replace(target=Target("The currency of x is", "x", 2)).target.prompt == "The currency of x is"
     assert scope.replace(source_prompt="Here is a country: Japan", source_position="Japan") == \
         scope.replace(source=Source("Here is a country: Japan", "Japan", 4))
+
+
+def test_mapping_spec_is_f_as_stored_whatever_the_caller_gave():
+    source, target = Source("Paris", -1, 3), Target("x", "x", 3)
+    assert Patchscope(source, target).mapping_spec == MappingSpec("identity")
+    fitted = Affine.from_weights(2 * torch.eye(4), torch.ones(4))
+    spec = Patchscope(source, target, mapping=fitted).mapping_spec
+    assert isinstance(spec, MappingSpec) and spec.name == "affine"
+    assert torch.equal(spec.weights["weight"], fitted.weight.detach())
+
+
+def test_prompt_source_is_the_source_and_refuses_a_vector_naming_it():
+    source = Source("Here is a country: France", "France", 4)
+    assert Patchscope(source, Target("x", "x", 3)).prompt_source is source
+    vector = Patchscope(VectorSource(torch.ones(4), 3, "smollm2-135m", "ones"), Target("x", "x", 3))
+    with pytest.raises(SpecError, match=r"^Patchscope\.source is a vector \('ones'\), which has no prompt or "
+                                        r"position \(allowed here: a Source\)$"):
+        vector.prompt_source
+
+
+def test_kept_logits_are_the_logits_or_an_error_naming_keep_logits():
+    scope = Patchscope(Source("Paris", -1, 3), Target("x", "x", 3))
+    logits = torch.arange(5.0)
+    kept = PatchscopeResult(scope, 1, 1, [TokenProb("a", 4, 0.5)], logits=logits)
+    assert kept.kept_logits is logits
+    dropped = PatchscopeResult(scope, 1, 1, [TokenProb("a", 4, 0.5)])
+    assert dropped.logits is None
+    with pytest.raises(PatchscopeError, match=r"logits is None: this run dropped them \(allowed: run\(\.\.\., "
+                                              r"keep_logits=True\), the default\)$"):
+        dropped.kept_logits

@@ -25,10 +25,10 @@ DISTRIBUTION = "pyvene-patchscopes"
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are the library's own (one line, exit code 2, no SystemExit)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UsageError(f"{message} (see: {self.prog} --help)", command=self.prog.partition(" ")[2] or None)
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_args(self, args=None, namespace=None):
         """argparse's own, but an unrecognized argument is refused naming the command it was given to."""
         known, extras = self.parse_known_args(args, namespace)
         if extras:

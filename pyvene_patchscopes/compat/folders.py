@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
+from typing import Protocol
 
 import pyvene as pv
 import torch
@@ -149,12 +150,18 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     return pvm
 
 
-def _set_dimension(intervention: nn.Module, dim: object, rep, model: nn.Module, key: str) -> None:
+class _Dimensioned(Protocol):
+    """A pyvene intervention, as far as `_set_dimension` uses it."""
+
+    def set_interchange_dim(self, interchange_dim: int | list[int]) -> None: ...
+
+
+def _set_dimension(intervention: _Dimensioned, dim: object, rep, model: nn.Module, key: str) -> None:
     """pyvene's rule: the saved interchange dimension, else the model's hidden size (per head for head_*)."""
     if dim is None:
         config = getattr(model, "config", None)
         hidden = getattr(config, "hidden_size", None)
-        if hidden is None:
+        if config is None or hidden is None:
             return
         dim = hidden // config.num_attention_heads if rep.component.startswith("head_") else hidden
     if isinstance(dim, bool) or not (isinstance(dim, int) or (isinstance(dim, list)

@@ -21,5 +21,5 @@ def index_on_activation_device(pvm: pv.IntervenableModel) -> pv.IntervenableMode
     instance changes (its ``get_device`` returns None); pyvene's class is left alone, and a user's own
     IntervenableModel over an offloaded or split model can opt in with this function.
     """
-    pvm.get_device = lambda: None  # type: ignore[method-assign]
+    pvm.get_device = lambda: None
     return pvm

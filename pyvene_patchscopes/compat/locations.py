@@ -25,7 +25,7 @@ def base_locations(positions: Sequence[int] | Sequence[Sequence[int]], n_interve
     Always ``{"sources->base": (None, [[[p_row0], [p_row1], ...]] * n)}``: never an int or a flat list,
     which pyvene would read as a static location (sticky ``use_fast``) or as a (source, base) pair.
     """
-    rows = [[int(q) for q in p] if isinstance(p, (list, tuple)) else [int(p)] for p in positions]
+    rows = [[int(q) for q in p] if isinstance(p, Sequence) else [int(p)] for p in positions]
     return {"sources->base": (None, [copy.deepcopy(rows) for _ in range(n_interventions)])}
 
 

@@ -47,8 +47,8 @@ def plugin_modules(pvm: pv.IntervenableModel) -> PluginModules:
             interventions[str(type(intervention))] = module
         mapping = getattr(intervention, "mapping", None)
         # the module that registers the name the state records, as a spec records it (`MappingSpec.module`)
-        if isinstance(mapping, MappingFunction) and mapping.name in MAPPINGS and mapping_module(mapping.name):
-            mappings[mapping.name] = mapping_module(mapping.name)
+        if isinstance(mapping, MappingFunction) and mapping.name in MAPPINGS and (home := mapping_module(mapping.name)):
+            mappings[mapping.name] = home
     return PluginModules(interventions, mappings)
 
 

@@ -17,6 +17,7 @@ import pyvene as pv
 from torch import nn
 
 from ..models.architectures import FAMILIES, Architecture, architecture, family
+from ..models.parts import hf_config
 
 
 def register_model_types(model: nn.Module | None = None) -> None:
@@ -57,7 +58,7 @@ def found_module_table(model: nn.Module) -> tuple[dict, dict]:
     arch = architecture(model)
     block = f"{arch.layers}[%s]"
     modules = {"block_input": (block, CONST_INPUT_HOOK), "block_output": (block, CONST_OUTPUT_HOOK)}
-    children = dict(arch.module(model, arch.layers)[0].named_children())
+    children = dict(arch.blocks(model)[0].named_children())
     for name in ("self_attn", "attention", "attn", "self_attention"):
         if name in children:
             modules["attention_output"] = (f"{block}.{name}", CONST_OUTPUT_HOOK)
@@ -68,7 +69,8 @@ def found_module_table(model: nn.Module) -> tuple[dict, dict]:
             modules["mlp_output"] = (f"{block}.{name}", CONST_OUTPUT_HOOK)
             modules["mlp_input"] = (f"{block}.{name}", CONST_INPUT_HOOK)
             break
-    text = "" if model.config.get_text_config() is model.config else _text_config_path(model.config)
+    config = hf_config(model)
+    text = "" if config.get_text_config() is config else _text_config_path(config)
     size = (f"{text}hidden_size",)
     return modules, {component: size for component in modules}
 

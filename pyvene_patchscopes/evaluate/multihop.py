@@ -35,7 +35,7 @@ HELD_OUT = "CoT Patchscope (l, l* chosen on dev)"
 
 def query(item: dict) -> str:
     """The two-hop prompt [hop 2][hop 1], spelled exactly as the multihop preset builds it."""
-    return multihop(item["hop1"], item["hop2"]).source.prompt
+    return multihop(item["hop1"], item["hop2"]).prompt_source.prompt
 
 
 def single_hops(handle: ModelHandle, items: list[dict], options: EvalOptions) -> list[bool]:

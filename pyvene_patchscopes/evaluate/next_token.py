@@ -83,7 +83,7 @@ def identity_readouts(handle: ModelHandle, prefixes: list[str], layers: list[int
         results = run_scopes(scopes, handle, top=1, batch_size=options.batch_size, progress=options.progress,
                              source_states=given)
         for (name, layer), result in zip(keys, results):
-            out[name][layer].append(result.logits)
+            out[name][layer].append(result.kept_logits)
     return {name: {l: torch.stack(v) for l, v in per.items()} for name, per in out.items()}
 
 

@@ -66,7 +66,7 @@ def readout(handle: ModelHandle, kept: dict, layers: list[int], target_layer: in
         for k, (_, country, capital) in enumerate(items):
             chunk = results[k * len(layers):(k + 1) * len(layers)]
             labels.append(stages([r.token for r in chunk], country, capital))
-            probs.append([_prob_of(handle, r.logits, capital) for r in chunk])
+            probs.append([_prob_of(handle, r.kept_logits, capital) for r in chunk])
         out[task] = {"labels": labels, "answer_prob": probs}
     return out
 

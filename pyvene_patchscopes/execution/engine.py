@@ -15,6 +15,7 @@ once unpatched (the null reading, `execution.unpatched`); a NaN readout the writ
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -31,7 +32,6 @@ from ..spec import Patchscope, VectorSource
 from ..spec.mappings import MappingSpec, build_mapping
 from ..spec.positions import token_ids
 from ..spec.writes import Slots, row_alphas
-from .check import stack_for
 from .plain import patch
 from .planned import SharedPrompts, TargetRows, run_planned, use_planned
 from .reroute import run_reroutes
@@ -65,7 +65,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     if source_states is not None:
         check_source_states(source_states, resolved, models)
     warn_uninformative(resolved)
-    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     plain = [r for r, item in enumerate(resolved) if item.scope.reroute is None]
     if plain:
         items = [resolved[r] for r in plain]
@@ -92,7 +92,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
             for k, result in zip(slow, done):
                 results[plain[k]] = result
         for k, null in zip(vectors, nulls):
-            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation  # type: ignore[union-attr]  # filled above
+            results[plain[k]].null_top, results[plain[k]].null_generation = null.top, null.generation
     rerouted: dict[str, list[int]] = defaultdict(list)
     for r, item in enumerate(resolved):
         if item.scope.reroute is not None:
@@ -100,11 +100,12 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     for name, rows in rerouted.items():
         for r, result in zip(rows, run_reroutes([resolved[r] for r in rows], models[name], top, batch_size)):
             results[r] = result
-    check_readouts(resolved, results, models)  # type: ignore[arg-type]  # every row is filled by now
+    readouts = [results[r] for r in range(len(resolved))]
+    check_readouts(resolved, readouts, models)
     if not keep_logits:
-        for readout in results:
-            readout.logits = None  # type: ignore[union-attr]  # filled; keep_logits=False drops them
-    return results  # type: ignore[return-value]  # every row is filled
+        for readout in readouts:
+            readout.logits = None  # keep_logits=False drops them
+    return readouts
 
 
 def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved], models: Models) -> None:
@@ -124,7 +125,7 @@ def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved]
 def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> list[torch.Tensor]:
     """The source state h of every row (f is applied later: by `_mapped`, or inside the plain path's intervention);
     a vector source's state is its vector, on the source model's device and in its dtype, as a read state would be."""
-    mapped: list[torch.Tensor | None] = [None] * len(resolved)
+    mapped: dict[int, torch.Tensor] = {}  # row -> its state, every row filled below
     by_model: dict[str, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         if isinstance(item.scope.source, VectorSource):
@@ -134,19 +135,19 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
         sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
-        read = read_states(models[name], [(resolved[r].scope.source.prompt, resolved[r].source_position)
+        read = read_states(models[name], [(resolved[r].scope.prompt_source.prompt, resolved[r].source_position)
                                           for r in rows], list(sites), batch_size)
         for k, r in enumerate(rows):  # a view of the unit's row: many rows share one source state, never copied
             mapped[r] = read.states[read.rows[k], sites[resolved[r].source_site]]
-    return mapped  # type: ignore[return-value]  # every vector row is filled
+    return [mapped[r] for r in range(len(resolved))]
 
 
 def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models) -> list[torch.Tensor]:
     """f(h) for every row, applied per (source model, target model, mapping) as the patch intervention would."""
-    out: list[torch.Tensor | None] = [None] * len(resolved)
+    out: dict[int, torch.Tensor] = {}  # row -> f(h), every row filled below
     groups: dict[tuple[str, str, MappingSpec, tuple[int, ...]], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping,
+        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping_spec,
                 tuple(states[row].shape))].append(row)
     for (source_name, target_name, spec, _), rows in groups.items():
         target = models[target_name]
@@ -155,7 +156,7 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
             mapped = mapping(torch.stack([states[r] for r in rows]).to(target.device))
         for k, r in enumerate(rows):
             out[r] = mapped[k]
-    return out  # type: ignore[return-value]  # every vector row is filled
+    return [out[r] for r in range(len(resolved))]
 
 
 def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models: Models, top: int,
@@ -165,7 +166,7 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
     then batches of rows from their l* up."""
     groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
                                r.scope.max_new_tokens, r.slots, r.scope.target.write) for r in resolved])
-    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     shared = SharedPrompts()
     show = progress if progress is not None else len(resolved) > 256
     with tqdm(total=len(resolved), desc="patchscopes", unit="scope", disable=not show) as bar:
@@ -175,11 +176,11 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                 ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)), position=group.position,
                 layers=torch.tensor([resolved[r].target_layer for r in group.rows]),
                 after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in group.rows]),
-                vectors=lambda index, rows=group.rows: stack_vectors([vectors[rows[i]] for i in index.tolist()]),
+                vectors=partial(_rows_of, vectors, group.rows),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
                 alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
-            out = run_planned(stack_for(handle.model), target_rows, top, max_batch_tokens,
+            out = run_planned(handle.model, target_rows, top, max_batch_tokens,
                               handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
                               pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
             texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
@@ -195,7 +196,12 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
                     entropy=float(out.entropy[k]) if out.entropy is not None else None,
                     final_state=None if out.states is None else out.states[k],
                 )
-    return results  # type: ignore[return-value]  # every row is filled
+    return [results[r] for r in range(len(resolved))]
+
+
+def _rows_of(vectors: list[torch.Tensor], rows: Sequence[int], index: torch.Tensor) -> torch.Tensor:
+    """The vectors of a group's rows `index` (positions in `rows`), stacked as `TargetRows.vectors` gives them."""
+    return stack_vectors([vectors[rows[i]] for i in index.tolist()])
 
 
 def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
@@ -217,7 +223,7 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                 scope.mapping, len(item.slots), scope.target.write, scope.target.alpha)].append(row)
     work = [(key, chunk) for key, rows in groups.items() for chunk in chunks(rows, batch_size)]
     show = progress if progress is not None else len(work) > 8
-    results: list[PatchscopeResult | None] = [None] * len(resolved)
+    results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     for (source_name, name, site, max_new_tokens, spec, _, write, alpha), chunk in tqdm(
             work, desc="patchscopes", unit="batch", disable=not show):
         handle = models[name]
@@ -235,4 +241,4 @@ def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Mod
                 informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
                 entropy=None if entropy is None else entropy[k], final_state=None if kept is None else kept[k],
             )
-    return results  # type: ignore[return-value]  # every row is filled
+    return [results[r] for r in range(len(resolved))]

@@ -27,7 +27,7 @@ prompts alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, cast
 
 import pyvene as pv
 import torch
@@ -179,8 +179,8 @@ class PyvenePlan:
         if self.source_representation is not None:  # a vector, in the source model's dtype as `run` takes it
             return self.source_representation.to(handle.dtype)
         for row in self.rows:
-            warn_if_sink(row.source_position, handle.tokenizer, row.scope.source.prompt)
-        states = collect_states(handle, [s.source.prompt for s in self.scopes],
+            warn_if_sink(row.source_position, handle.tokenizer, row.scope.prompt_source.prompt)
+        states = collect_states(handle, [s.prompt_source.prompt for s in self.scopes],
                                 [row.source_position for row in self.rows], [self.rows[0].source_site])
         return states[:, :1].expand(-1, len(self.rows[0].slots), -1).contiguous()
 
@@ -189,12 +189,12 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     """The pyvene configs and positions that perform `scopes`: one Patchscope, or a batch of rows that differ
     only in prompts, positions and source vectors (see `PyvenePlan`)."""
     listed = isinstance(scopes, (list, tuple))
-    scope_list = list(scopes) if listed else [scopes]
+    scope_list = list(scopes) if isinstance(scopes, (list, tuple)) else [cast("Patchscope", scopes)]  # checked below
     # a Patchscope is told by its attributes: spec imports this module, so this module cannot import spec
     bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
     if not scope_list or bad is not None:
-        given = "scopes=[]" if not scope_list else \
-            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"  # type: ignore[index]  # bad is set
+        given = "scopes=[]" if bad is None else \
+            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"
         raise SpecError(f"to_pyvene: {given} (allowed: a Patchscope, or a non-empty list of them)")
     handles = as_models(models)
     rows = [resolve(scope, handles) for scope in scope_list]
@@ -202,11 +202,11 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     warn_uninformative(rows)
     first, scope = rows[0], scope_list[0]
     source, target = handles[scope.source.model], handles[scope.target_model]
-    mapping = build_mapping(scope.mapping, source.hidden_size, target.hidden_size)
+    mapping = build_mapping(scope.mapping_spec, source.hidden_size, target.hidden_size)
     units = len(first.slots)
     vector = scope.vector_source
     target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")
-    source_batch = None if vector else _one_batch(source, [s.source.prompt for s in scope_list],  # type: ignore[union-attr]  # not a vector: a Source
+    source_batch = None if vector else _one_batch(source, [s.prompt_source.prompt for s in scope_list],
                                                   "Source.prompt")
     return PyvenePlan(
         collect=None if vector else collect_config([first.source_site], source.hidden_size),

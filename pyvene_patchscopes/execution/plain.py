@@ -39,7 +39,7 @@ def collect_states(handle: ModelHandle, prompts: Sequence[str], positions: Seque
 
 
 # ---- patch at the target -------------------------------------------------------------------------------------------
-def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int] | Sequence[Sequence[int]],
+def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Sequence[int | Sequence[int]],
           vectors: torch.Tensor, max_new_tokens: int = 0,
           mapping: MappingFunction | None = None, write: str = "replace", alpha: float = 1.0,
           keep_states: bool = False) -> Patched:
@@ -62,7 +62,7 @@ def patch(handle: ModelHandle, site: Site, prompts: Sequence[str], positions: Se
         tokens = [ids for _, part in parts for ids in part.tokens]  # type: ignore[union-attr]  # max_new_tokens: tokens set
         return Patched(logits, [texts[k] for k in order], [tokens[k] for k in order], states)
     batch = Batch.encode(handle, prompts)
-    slots = [list(p) if isinstance(p, (list, tuple)) else [p] for p in positions]
+    slots = [list(p) if isinstance(p, Sequence) else [p] for p in positions]
     where = [[pad + q for q in row] for pad, row in zip(batch.pad, slots)]
     if mapping is None:
         mapping = build_mapping("identity", vectors.shape[-1], handle.hidden_size)

@@ -14,12 +14,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import SlowPathWarning
+from ..errors import PatchscopeError, SlowPathWarning
 from ..models.parts import weight_of
 from ..plan.rows import pack
 from ..result import entropy_of, top_k_ids
 from ..spec.writes import REPLACE_ONE, Slots
-from .check import planned_reason
+from .check import planned_reason, stack_for
 from .stack import Shared, Stack, evaluating
 
 
@@ -58,14 +58,13 @@ class SharedPrompts:
     """The shared pass of the last target prompt seen, kept while rows for it keep coming (one at a time)."""
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: Shared | None = None
+        self.seen: tuple[tuple, Shared] | None = None  # (model, prompt ids, position), its shared pass
 
     def get(self, stack: Stack, rows: TargetRows) -> Shared:
         key = (id(stack.model), tuple(rows.ids.tolist()), rows.position)
-        if key != self.key:
-            self.key, self.value = key, stack.share(rows.ids, rows.position)
-        return self.value  # type: ignore[return-value]  # set with key
+        if self.seen is None or self.seen[0] != key:
+            self.seen = key, stack.share(rows.ids, rows.position)
+        return self.seen[1]
 
 
 def use_planned(model: nn.Module, requested: bool = True) -> bool:
@@ -83,10 +82,21 @@ def use_planned(model: nn.Module, requested: bool = True) -> bool:
     return False
 
 
-def run_planned(stack: Stack, rows: TargetRows, top: int, max_batch_tokens: int, eos_token_id: int | None,
+def _planned_stack(model: nn.Module) -> Stack:
+    """`stack_for(model)`, for a caller that chose the planned execution: an error where `model` runs plainly."""
+    stack = stack_for(model)
+    if stack is None:
+        raise PatchscopeError(f"{type(model).__name__} has no planned execution here (allowed: the plain pyvene path, "
+                              "planned=False)")
+    return stack
+
+
+def run_planned(model: nn.Module, rows: TargetRows, top: int, max_batch_tokens: int, eos_token_id: int | None,
                 keep_logits: bool = True, shared: SharedPrompts | None = None,
                 on_batch: Callable[[int], None] | None = None, pad_token_id: int | None = None) -> Readout:
-    """Patch every row of `rows` and read the end of the target prompt (and greedy tokens)."""
+    """Patch every row of `rows` in `model` (its planned execution, `use_planned`) and read the end of the target
+    prompt (and greedy tokens)."""
+    stack = _planned_stack(model)
     shared = shared if shared is not None else SharedPrompts()
     vocab = weight_of(stack.lm_head).shape[0]
     top = min(top, vocab)

@@ -27,6 +27,7 @@ from ..plan.pyvene_config import collect_config, patch_config, reroute_config
 from ..resolve import Resolved
 from ..result import PatchscopeResult, top_k
 from ..spec.mappings import build_mapping
+from ..spec.parts import Reroute
 from .stack import evaluating
 
 
@@ -100,13 +101,20 @@ def _check_group(items: list[Resolved]) -> None:
             raise SpecError("a reroute batch needs one (source site, target site, mapping); group the scopes first")
 
 
+def _reroute(item: Resolved) -> Reroute:
+    if item.scope.reroute is None:
+        raise SpecError("a reroute batch holds a scope without Patchscope.reroute (allowed: reroute scopes only); "
+                        "run() sends the others to the two-pass path")
+    return item.scope.reroute
+
+
 def prompt_pass(item: "Resolved | list[Resolved]", handle: ModelHandle) -> tuple[Any, MaskedBatch]:
     """The patched prompt pass of CoT Patchscopes sharing (l, l*, f): model output (logits at every
     position, KV cache) and the padded batch it ran on."""
     items = item if isinstance(item, list) else [item]
     _check_group(items)
-    batch = encode(handle, [i.scope.source.prompt for i in items], [i.scope.reroute.split for i in items])
-    mapping = build_mapping(items[0].scope.mapping, handle.hidden_size, handle.hidden_size).to(handle.device)
+    batch = encode(handle, [i.scope.prompt_source.prompt for i in items], [_reroute(i).split for i in items])
+    mapping = build_mapping(items[0].scope.mapping_spec, handle.hidden_size, handle.hidden_size).to(handle.device)
     with pyvene_guard(handle.model), torch.no_grad():
         return _prompt_pass(items, handle, batch, mapping), batch
 
@@ -175,7 +183,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
     for k, item in enumerate(items):
         key = (item.source_site, item.target_site, item.scope.mapping, item.scope.max_new_tokens)
         groups.setdefault(key, []).append(k)
-    results: list[PatchscopeResult | None] = [None] * len(items)
+    results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     for rows in groups.values():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
@@ -190,7 +198,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
                                               target_position=item.target_position, logits=logits[row].cpu(),
                                               top=top_k(logits[row], handle.tokenizer, top), generation=texts[row],
                                               informative=item.informative)
-    return results  # type: ignore[return-value]  # every row filled above
+    return [results[k] for k in range(len(items))]
 
 
 def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch, mapping):

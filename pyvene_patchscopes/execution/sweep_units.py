@@ -8,7 +8,7 @@ a family `stack` does not support) run through `run`.
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -18,13 +18,12 @@ from ..resolve import resolve
 from ..spec import Patchscope
 from ..spec.positions import token_ids, warn_if_sink
 from ..spec.writes import Slots, row_alphas
-from .check import stack_for
 from .engine import run
 from .plain import collect_states
 from .planned import TargetRows, run_planned, use_planned
 
 
-def run_unit(grid: Grid, prompts: list[str]) -> dict[str, Any]:
+def run_unit(grid: Grid, prompts: Sequence[str]) -> dict[str, Any]:
     """One unit of source prompts, all its cells: tensors shaped [prompts, Ls, columns, ...] (on the CPU)."""
     cells = grid.cells(prompts[0])
     first = cells.templates[0][0]
@@ -51,7 +50,7 @@ def _plannable(cells: Cells, per_prompt: list[Patchscope], models) -> bool:
             and all(same(scope) for scope in per_prompt))
 
 
-def _unit_planned(prompts: list[str], grid: Grid, cells: Cells) -> dict[str, Any]:
+def _unit_planned(prompts: Sequence[str], grid: Grid, cells: Cells) -> dict[str, Any]:
     n_source, n_target = cells.shape
     first = cells.templates[0][0]
     models = grid.models
@@ -61,7 +60,7 @@ def _unit_planned(prompts: list[str], grid: Grid, cells: Cells) -> dict[str, Any
     scopes = [grid.make(p, first.scope.source.layer, first.scope.target.layer) for p in prompts]
     positions = [resolve(s, models).source_position for s in scopes]
     for scope, position in zip(scopes, positions):
-        warn_if_sink(position, source.tokenizer, scope.source.prompt)
+        warn_if_sink(position, source.tokenizer, scope.prompt_source.prompt)
     sites = [row[0].source_site for row in cells.templates]
     states = collect_states(source, prompts, positions, sites, grid.forward_batch)  # [n, Ls, d]
     # f per (mapping, source layer): identity cells share one table
@@ -90,7 +89,7 @@ def _unit_planned(prompts: list[str], grid: Grid, cells: Cells) -> dict[str, Any
                       slots=Slots(tuple(slot - first.target_position for slot in first.slots),
                                   first.scope.target.write),
                       alphas=row_alphas([first.scope.target.alpha] * (layers.numel() * n)))
-    out = run_planned(stack_for(target.model), rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
+    out = run_planned(target.model, rows, grid.top, grid.max_batch_tokens, target.tokenizer.eos_token_id,
                       keep_logits=grid.keep_logits, shared=grid.shared, pad_token_id=target.tokenizer.pad_token_id)
     shape = (n, n_source, n_target)
     k = out.top_ids.shape[-1]
@@ -106,7 +105,7 @@ def _unit_planned(prompts: list[str], grid: Grid, cells: Cells) -> dict[str, Any
     }
 
 
-def _unit_by_scopes(prompts: list[str], grid: Grid) -> dict[str, Any]:
+def _unit_by_scopes(prompts: Sequence[str], grid: Grid) -> dict[str, Any]:
     """Cells whose targets differ by prompt (e.g. the logit lens) or reroute: one spec per cell through `run`."""
     pairs = grid.pairs
     scopes = [grid.make(p, l, t) for p in prompts for row in pairs for l, t in row]
@@ -119,7 +118,8 @@ def _unit_by_scopes(prompts: list[str], grid: Grid) -> dict[str, Any]:
     return {
         "top_probs": torch.tensor([[t.prob for t in r.top[:k]] for r in results]).reshape(*shape, k),
         "top_ids": torch.tensor([[t.token_id for t in r.top[:k]] for r in results]).reshape(*shape, k),
-        "logits": torch.stack([r.logits.float() for r in results]).reshape(*shape, -1) if grid.keep_logits else None,
+        "logits": torch.stack([r.kept_logits.float() for r in results]).reshape(*shape, -1) if grid.keep_logits
+        else None,
         "generations": None if results[0].generation is None else [r.generation for r in results],
         "source_positions": [results[q * shape[1] * shape[2]].source_position for q in range(len(prompts))],
         "target_positions": torch.tensor([r.target_position for r in results]).reshape(shape),

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, overload
 
 import torch
 from tqdm.auto import tqdm
@@ -91,12 +91,38 @@ def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str,
     return scope_for
 
 
+@overload
+def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
+          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
+          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
+          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
+          distributed: bool | None = ..., out: None = ..., readout: str = ..., **options: Any) -> SweepResult: ...
+
+
+@overload  # out=folder streams into the folder
+def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
+          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
+          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
+          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
+          distributed: bool | None = ..., *, out: str | os.PathLike, readout: str = ...,
+          **options: Any) -> SweepFolder: ...
+
+
+@overload
+def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
+          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
+          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
+          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
+          distributed: bool | None = ..., out: str | os.PathLike | None = ..., readout: str = ...,
+          **options: Any) -> SweepResult | SweepFolder: ...
+
+
 def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = "token-identity",
           source_position: Position = -1, source_layers: Sequence[int] | None = None,
           target_layers: Sequence[int] | str | None = None, progress: bool | None = None,
           batch_size: int | None = None, top: int = 10, planned: bool = True,
           max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = False, distributed: bool | None = None,
-          out: str | os.PathLike | None = None, readout: str = "top", **options: Any) -> "SweepResult | SweepFolder":
+          out: str | os.PathLike | None = None, readout: str = "top", **options: Any) -> SweepResult | SweepFolder:
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
 
     ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that

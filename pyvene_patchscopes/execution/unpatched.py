@@ -34,6 +34,7 @@ from ..models.parts import generator
 from ..models.sites import Site, final_norm
 from ..resolve import Models, Resolved
 from ..result import PatchscopeResult, TokenProb, top_k
+from ..spec.parts import VectorSource
 from ..spec.positions import token_ids
 from .plain import greedy_config
 from .stack import evaluating
@@ -57,17 +58,15 @@ def null_readings(items: Sequence[Resolved], written: Sequence[torch.Tensor], mo
                   top: int) -> list[NullReading]:
     """The null reading of each vector row (`items`, with f(v) for each in `written`), computed once per distinct
     (target model, target prompt, max_new_tokens); warns about vectors far from the norms there."""
-    targets: dict[tuple[str, str, int], list[int]] = {}
-    for k, item in enumerate(items):
-        targets.setdefault((item.scope.target_model, item.scope.target.prompt, item.scope.max_new_tokens), []).append(k)
-    readings: list[NullReading | None] = [None] * len(items)
-    for (name, prompt, max_new_tokens), rows in targets.items():
-        sites = list(dict.fromkeys(items[k].target_site for k in rows))
-        reading = read_unpatched(models[name], prompt, max_new_tokens, top, sites)
-        for k in rows:
-            readings[k] = reading
-    warn_far_norms(items, written, readings)  # type: ignore[arg-type]  # every row read above
-    return readings  # type: ignore[return-value]  # every row read above
+    keys = [(item.scope.target_model, item.scope.target.prompt, item.scope.max_new_tokens) for item in items]
+    sites: dict[tuple[str, str, int], list[Site]] = {}
+    for key, item in zip(keys, items):
+        sites.setdefault(key, []).append(item.target_site)
+    read = {key: read_unpatched(models[key[0]], key[1], key[2], top, list(dict.fromkeys(at)))
+            for key, at in sites.items()}
+    readings = [read[key] for key in keys]
+    warn_far_norms(items, written, readings)
+    return readings
 
 
 def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: int,
@@ -136,19 +135,20 @@ def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], r
     far = []
     for item, vector, reading in zip(items, written, readings):
         typical = reading.norms.get(item.target_site)
-        if item.scope.target.write == "norm-matched-add" or not typical:
+        source = item.scope.source
+        if item.scope.target.write == "norm-matched-add" or not typical or not isinstance(source, VectorSource):
             continue
         sizes = [s for s in (abs(item.scope.target.alpha) * vector.float().norm(dim=-1).reshape(-1)).tolist() if s]
         size = max(sizes, key=lambda s: abs(math.log(s / typical)), default=None)  # a zero write is an ablation
         if size is not None and not 1 / NORM_FACTOR <= size / typical <= NORM_FACTOR:
-            far.append((item, size, typical))
+            far.append((item, source.name, size, typical))
     if not far:
         return
-    item, size, typical = far[0]
+    item, name, size, typical = far[0]
     ratio = f"{typical / size:.3g}x smaller" if size < typical else f"{size / typical:.3g}x larger"
     warnings.warn(
         f"{len(far)} of {len(items)} vector reading(s) write a vector far from the size of the target's own states: "
-        f"{item.scope.source.name!r} writes alpha * |f(v)| = {size:.3g} at l*={item.target_layer} of "
+        f"{name!r} writes alpha * |f(v)| = {size:.3g} at l*={item.target_layer} of "
         f"{item.scope.target_model}, where the target prompt's states have median norm {typical:.3g} ({ratio}; "
         f"flagged beyond {NORM_FACTOR:g}x either way). Too small, a replaced slot reads as empty and an added vector "
         "changes little (compare result.null_top, the target unpatched); too large, it overwhelms the layers above. "

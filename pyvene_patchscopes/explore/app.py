@@ -9,7 +9,7 @@ Every request passes `guard.Guard` first (trusted Host, own Origin, JSON posts, 
 parsed here, strictly (UTF-8, no ``NaN``, no unknown fields), and every 4xx, FastAPI's own included, has
 one shape: ``{"error": {"field": ..., "message": ...}}``.
 """
-# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (fastapi.Request) at once
+# no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at once
 import contextlib
 import json
 import socket
@@ -87,6 +87,7 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
     is the queue, and `app.state.jobs.close()` runs when the app shuts down.
     """
     fastapi = _fastapi()
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
@@ -147,12 +148,12 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
         return explorer.info()
 
     @app.post("/api/tokens")
-    async def tokens(request: fastapi.Request):
+    async def tokens(request: Request):
         data = await body_of(request, "tokens")
         return explorer.tokens(data.get("prompt"))
 
     @app.post("/api/jobs")
-    async def submit(request: fastapi.Request):
+    async def submit(request: Request):
         data = await body_of(request, "jobs")
         kind = data.get("kind")
         if not isinstance(kind, str):
@@ -175,7 +176,7 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
         return job_json(job_id, cancel=True)
 
     @app.post("/api/spec")
-    async def spec(request: fastapi.Request):
+    async def spec(request: Request):
         data = await body_of(request, "spec")
         return explorer.spec(Query.from_json(data), data.get("source_layer"), data.get("target_layer"))
 

@@ -28,9 +28,10 @@ class Entry:
         """The entry `saved` on a model of `n` layers: its fitted (l, l*) made concrete, and whether T = S."""
         concrete = lambda layer: layer % n if -n <= layer < n else layer  # noqa: E731 (out of range stays, and fails)
         fitted = None
-        if saved.mapping.weights:
+        if saved.mapping_spec.weights:
             fitted = (concrete(saved.source.layer), concrete(saved.target.layer))
-        lens = saved.target.prompt == saved.source.prompt and saved.target.position == saved.source.position
+        source = saved.prompt_source
+        lens = saved.target.prompt == source.prompt and saved.target.position == source.position
         return cls(saved, fitted, lens)
 
     def reason(self, name: str, layer: int, target_layer: int | None) -> str | None:

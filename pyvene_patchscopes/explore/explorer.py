@@ -71,7 +71,7 @@ class Explorer:
 
     # ---- what the page shows before any work -------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        fitted = {name: list(self._saved[name].fitted) for name in self.catalogue if self._saved[name].fitted}
+        fitted = {name: list(layers) for name in self.catalogue if (layers := self._saved[name].fitted)}
         return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(OFFERED),
                 "catalogue": self.catalogue, "fitted": fitted, "custom": CUSTOM, "placeholder": PLACEHOLDER,
                 "variants": list(VARIANTS), "max_prompt_chars": MAX_PROMPT_CHARS,
@@ -203,7 +203,7 @@ class Explorer:
             self._resolve(scope)
         data, copy = scope.to_dict(), ""
         made = f"scope = Patchscope.from_dict({data!r})"
-        if scope.mapping.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
+        if scope.mapping_spec.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
             data["mapping"]["weights"] = WEIGHTS_FILE
             made = (f"scope = load_patchscope({query.preset!r}).replace(source={scope.source!r}, "
                     f"target={scope.target!r})")

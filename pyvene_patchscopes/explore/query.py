@@ -7,7 +7,7 @@ Bad input raises `FieldError`, which names the field the page should point at; p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 from ..errors import PatchscopeError
 
@@ -62,6 +62,14 @@ def json_type(value: Any) -> str:
         return "an integer" if abs(value) <= MAX_POSITION else "an integer out of range"
     names = {float: "a number", str: "text", list: "a list", dict: "an object", type(None): "null"}
     return names.get(type(value), type(value).__name__)
+
+
+@overload
+def text_field(data: dict[str, Any], name: str, default: str) -> str: ...
+
+
+@overload
+def text_field(data: dict[str, Any], name: str, default: None) -> str | None: ...
 
 
 def text_field(data: dict[str, Any], name: str, default: str | None) -> str | None:

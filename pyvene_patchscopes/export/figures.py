@@ -67,8 +67,8 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_xlabel("target layer l*")
     ax.set_ylabel("source layer l")
-    first = result.cell(prompt, rows[0], cols[0])
-    ax.set_title(f"{result.preset}: {first.scope.source.prompt!r} @ {first.scope.source.position!r}", fontsize=9)
+    first = result.cell(prompt, rows[0], cols[0]).scope.prompt_source
+    ax.set_title(f"{result.preset}: {first.prompt!r} @ {first.position!r}", fontsize=9)
     return _finish(fig, ax, image, path)
 
 

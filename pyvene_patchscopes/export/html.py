@@ -47,15 +47,16 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     if result.same_layer:
         layers = result.source_layers
         cells = [[result_cell(result.cell(p, l, l)) for l in layers] for p in range(len(result.prompts))]
-        grid = {"title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
-                "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
-                "origin": "upper"}
+        grid: dict[str, Any] = {
+            "title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
+            "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
+            "origin": "upper"}
     else:
         if not 0 <= prompt < len(result.prompts):
             raise SpecError(f"prompt={prompt} is out of range for this sweep (allowed: 0..{len(result.prompts) - 1})")
         cells = [[result_cell(result.cell(prompt, l, t)) for t in result.target_layers] for l in result.source_layers]
         scope = result.cell(prompt, result.source_layers[0], result.target_layers[0]).scope
-        grid = {"title": f"{result.preset}: {scope.source.prompt!r} @ {scope.source.position!r}",
+        grid = {"title": f"{result.preset}: {scope.prompt_source.prompt!r} @ {scope.prompt_source.position!r}",
                 "row_label": "source layer l", "col_label": "target layer l*",
                 "rows": [str(l) for l in result.source_layers], "cols": [str(t) for t in result.target_layers],
                 "cells": cells, "origin": "lower"}
@@ -85,7 +86,7 @@ def layers_table(results: Sequence["PatchscopeResult"]) -> dict[str, Any]:
         rows.append({"key": result.scope.source.layer, "muted": cell["muted"], "tip": cell["tip"],
                      "cells": [show_text(result.token, 40), f"{result.prob:.3f}",
                                "" if result.generation is None else show_text(result.generation, TEXT_WIDTH)]})
-    source = results[0].scope.source
+    source = results[0].scope.prompt_source
     table = {"title": f"{source.model}: {source.prompt!r} @ {source.position!r}", "key_label": "l",
              "columns": ["top token", "p", "generation"], "rows": rows}
     if any(row["muted"] for row in rows):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, overload
 
 import pyvene as pv
 import torch
@@ -25,7 +25,7 @@ from ..errors import PatchscopeError, SpecError, check_int
 from ..models import ModelHandle
 from ..models.architectures import architecture
 from ..models.order import data_first
-from ..models.sites import BLOCK_OUTPUT, final_norm_path
+from ..models.sites import BLOCK_OUTPUT, final_norm, final_norm_path
 from ..plan.batching import Batch, chunks
 from ..resolve import check_context
 from ..result import token_text
@@ -59,10 +59,10 @@ def _y_site(model: torch.nn.Module, hidden_size: int) -> pv.RepresentationConfig
     collect = dict(unit="pos", max_number_of_units=1, intervention=pv.CollectIntervention(embed_dim=hidden_size))
     arch = architecture(model)
     if arch.final_norm is None:
-        last = len(arch.module(model, arch.layers)) - 1
+        last = len(arch.blocks(model)) - 1
         return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
     if arch.final_norm_shared:  # the last block's output; `forward` applies the norm to it
-        last = len(arch.module(model, arch.layers)) - 1
+        last = len(arch.blocks(model)) - 1
         return pv.RepresentationConfig(layer=last, component=BLOCK_OUTPUT, **collect)
     return pv.RepresentationConfig(layer=0, component=f"{final_norm_path(model)}.output", **collect)
 
@@ -216,7 +216,7 @@ def _forward(handle: ModelHandle, pvm: pv.IntervenableModel, rows: Rows) -> Forw
     y = collected[0].reshape(len(rows.columns), handle.hidden_size)
     arch = architecture(model)
     if arch.final_norm_shared:
-        y = arch.module(model, arch.final_norm)(y)
+        y = final_norm(model)(y)
     with torch.no_grad():
         x = model.get_input_embeddings()(rows.batch.inputs["input_ids"])
     return Forward(delta=delta, y=y, z=logits(model, y), x=x)
@@ -237,7 +237,7 @@ def attribute(texts: Sequence[str], model: ModelHandle, scopes: Sequence[Jacobia
     by_position: dict[int, list[int]] = defaultdict(list)
     for s, scope in enumerate(scopes):
         by_position[scope.target_position].append(s)
-    out: list[list[Attribution | None]] = [[None] * len(texts) for _ in scopes]
+    found: dict[tuple[int, int], Attribution] = {}  # (scope, text) -> its attribution
     batches = [(position, chunk) for position in by_position for chunk in chunks(list(range(len(texts))), batch_size)]
     show = progress if progress is not None else len(batches) > 2
     exact = any(scopes[s].variant == "fisher" and scopes[s].fisher == "exact" for s in range(len(scopes)))
@@ -254,9 +254,9 @@ def attribute(texts: Sequence[str], model: ModelHandle, scopes: Sequence[Jacobia
                 target_ids = predictions if given is None else torch.full_like(predictions, given)
                 scores = scores_for(model, scope, forward, target_ids, progress=exact and show).detach().cpu()
                 for k, r in enumerate(chunk):
-                    out[s][r] = _attribution(model, texts[r], scope, rows, k, scores[k], probs[k], target_ids[k])
+                    found[s, r] = _attribution(model, texts[r], scope, rows, k, scores[k], probs[k], target_ids[k])
             del forward  # frees the retained graph before the next batch
-    return out  # type: ignore[return-value]
+    return [[found[s, r] for r in range(len(texts))] for s in range(len(scopes))]
 
 
 def _attribution(handle: ModelHandle, text: str, scope: JacobianScope, rows: Rows, k: int, scores: torch.Tensor,
@@ -274,6 +274,24 @@ def _attribution(handle: ModelHandle, text: str, scope: JacobianScope, rows: Row
         prediction_prob=float(probs[prediction]),
         target_token=token_text(handle.tokenizer, int(target_id)), target_id=int(target_id),
     )
+
+
+@overload
+def jacobian_scope(text: str, model: ModelHandle, variant: str | JacobianScope = ..., target_position: int = ...,
+                   target_token: TargetToken = ..., fisher: str = ..., rank: int = ..., batch_size: int = ...,
+                   progress: bool | None = ...) -> Attribution: ...
+
+
+@overload
+def jacobian_scope(text: list[str] | tuple[str, ...], model: ModelHandle, variant: str | JacobianScope = ...,
+                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
+                   batch_size: int = ..., progress: bool | None = ...) -> list[Attribution]: ...
+
+
+@overload
+def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str | JacobianScope = ...,
+                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
+                   batch_size: int = ..., progress: bool | None = ...) -> Attribution | list[Attribution]: ...
 
 
 @data_first("model", "text")

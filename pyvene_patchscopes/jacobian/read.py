@@ -54,8 +54,8 @@ def read_attributed(text: str, model: ModelHandle, variant: str | JacobianScope 
     """
     attribution = jacobian_scope(text, model, variant, rank=rank, progress=progress)
     position, token, _ = attribution.top(1)[0]
-    common = dict(source_position=position, source_layers=layers, target_layers="same", progress=progress,
-                  keep_logits=False)
+    common: dict[str, Any] = dict(source_position=position, source_layers=layers, target_layers="same",
+                                  progress=progress, keep_logits=False)
     identity = sweep(text, model, preset="token-identity", max_new_tokens=identity_tokens, **common)
     description = sweep(text, model, preset="entity-description", max_new_tokens=description_tokens, **common)
     return AttributedReading(attribution, position, token, identity, description)

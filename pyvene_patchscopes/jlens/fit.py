@@ -72,7 +72,7 @@ def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence
         raise SpecError("texts must be a non-empty list of non-empty strings")
     settings = {"source_layers": sources, "target_layer": n_layers - 1, "skip_first": skip_first,
                 "prompts_sha256": _prompts_hash(texts, max_seq_len)}
-    state = {"jacobian_sum": {l: torch.zeros(d, d) for l in sources}, "n_done": 0, "next_idx": 0}
+    state: dict[str, Any] = {"jacobian_sum": {l: torch.zeros(d, d) for l in sources}, "n_done": 0, "next_idx": 0}
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, d, settings)
     show = progress if progress is not None else len(texts) > 1
@@ -108,7 +108,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
     """One prompt's J_l for every source layer: [d_out, d_in], float32 on the CPU (the module docstring's steps)."""
     hf = model.model
     arch = architecture(hf)
-    blocks = arch.module(hf, arch.layers)
+    blocks = arch.blocks(hf)
     n_layers, d, length = len(blocks), model.hidden_size, int(ids.shape[0])
     valid = torch.arange(skip_first, length - 1)
     seen: dict[int, torch.Tensor] = {}

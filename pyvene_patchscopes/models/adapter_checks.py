@@ -24,6 +24,7 @@ from torch import nn
 
 from ..core.files import check_finite, expand, inside, is_dir, is_file, is_hub_id, read_json
 from ..errors import PatchscopeError, SpecError, first_line, load_failure
+from .parts import text_config
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -59,7 +60,7 @@ def adapter_folder(adapter: str | os.PathLike) -> Path:
     is downloaded from the hub (those two files only); offline, it gets the line a model's hub id gets."""
     folder = expand(adapter)
     if not is_dir(folder):
-        if is_hub_id(adapter):
+        if isinstance(adapter, str) and is_hub_id(adapter):
             folder = _download(adapter)
         else:
             raise SpecError(f"adapter={str(adapter)!r} is not a folder (allowed: a folder written by peft's "
@@ -184,7 +185,7 @@ def check_adapter_fits(model: nn.Module, folder: Path, name: str,
     if not shapes:
         raise refused(folder, f"{ADAPTER_WEIGHTS} holds no tensors")
     modules = dict(model.named_modules())
-    width = int(model.config.get_text_config().hidden_size)
+    width = int(text_config(model).hidden_size)
     for key, shape in shapes.items():
         match = _PARAMETER.search(key)
         if match is None:
@@ -280,7 +281,8 @@ def check_adapter_weights(folder: Path, model_dtype: torch.dtype, scales: dict[s
         for module, scale in sorted((scales or {}).items()):
             pair = [f"{module}.lora_{side}.weight" for side in ("A", "B")]
             if all(key in keys for key in pair):
-                check_update(folder, module, scale, *(handle.get_tensor(key) for key in pair), model_dtype)
+                a, b = (handle.get_tensor(key) for key in pair)
+                check_update(folder, module, scale, a, b, model_dtype)
 
 
 def check_update(folder: Path, module: str, scale: float, a: torch.Tensor, b: torch.Tensor,

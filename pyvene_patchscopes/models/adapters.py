@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from ..errors import PatchscopeError, first_line
 from .adapter_checks import (
@@ -84,13 +85,13 @@ def is_peft_model(model: object) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def unwrap(peft_model: Any, what: str) -> nn.Module:
+def unwrap(peft_model: Any, what: str) -> PreTrainedModel:
     """The transformers model inside a PeftModel, whose adapted layers run the adapter (checked to be in place)."""
     for name, config in peft_model.peft_config.items():
         if getattr(config, "is_prompt_learning", False):
             check_peft_type(str(_json_safe(config.peft_type)), f"{what}[{name}]")
     inner = peft_model.get_base_model()
-    if not isinstance(inner, nn.Module) or not hasattr(inner, "config"):
+    if not isinstance(inner, PreTrainedModel):
         raise PatchscopeError(f"{what} wraps a {type(inner).__name__}, not a transformers model")
     return inner
 

@@ -50,7 +50,11 @@ class ModelHandle:
     def n_layers(self) -> int:
         from .discovery import block_count
 
-        return int(block_count(self.model))
+        n = block_count(self.model)
+        if n is None:  # wrap_model found the blocks by this count: only a config edited since lacks it
+            raise PatchscopeError(f"{type(self.model).__name__}'s config names no layer count "
+                                  "(allowed: a config with num_hidden_layers)")
+        return n
 
     @property
     def hidden_size(self) -> int:

@@ -33,7 +33,7 @@ def weights_sha256(model: torch.nn.Module, tensors: dict[str, torch.Tensor] | No
         data = _onloaded(model, name) if tensor.device.type == "meta" else tensor.detach()
         data = data.to("cpu").contiguous()
         digest.update(f"{name}|{str(data.dtype).removeprefix('torch.')}|{list(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().data if data.numel() else b"")  # the bytes, uncopied
     return digest.hexdigest()
 
 

@@ -70,7 +70,7 @@ def _converted_dir(name: str, gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantized to fp32 on load; drop the GGUF marker so HF lets us save them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on PreTrainedModel
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,8 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     except (OSError, ValueError, KeyError, ImportError, TypeError) as err:
         raise load_failure("model", name, kind, err) from None
     if device_map is None and quantization_config is None:
-        model.to(target)
+        placed: torch.nn.Module = model  # transformers types PreTrainedModel.to through functools.wraps, unbound
+        placed.to(target)
     model.eval()
     tokenizer = prepare_tokenizer(tokenizer, DOCUMENT_START.get(where))
     if adapter is None:

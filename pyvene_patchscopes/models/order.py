@@ -74,7 +74,7 @@ def data_first(*old: str, models: tuple[str, ...] = ("model",)) -> Callable[[Ver
                     check_model(name, value)
             return verb(*bound.args, **bound.kwargs)
 
-        return call  # type: ignore[return-value]
+        return call  # type: ignore[return-value]  # takes the verb's arguments (or the old order): typed as the verb
 
     return decorate
 

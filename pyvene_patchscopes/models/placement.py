@@ -50,7 +50,7 @@ def check_device(device: str | torch.device) -> torch.device:
 MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def check_device_map(device_map: object) -> str | dict[str, Any]:
+def check_device_map(device_map: object) -> str | int | dict[str, Any]:
     """A `device_map` whose every device exists here: a strategy, one device, or {module: device | "disk"}."""
     allowed = f"allowed: {', '.join(MAP_STRATEGIES)}, a device, or a dict of module name -> device, 'cpu' or 'disk'"
 

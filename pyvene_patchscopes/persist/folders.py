@@ -142,7 +142,7 @@ class Folder:
     vector: torch.Tensor | None = None
 
 
-def read_folder(directory_or_name: str | Path) -> Folder:
+def read_folder(directory_or_name: str | os.PathLike) -> Folder:
     """Read a saved folder or a catalogue entry: JSON and safetensors only, nothing outside the folder."""
     directory = locate(directory_or_name)
     data = read_config(directory)
@@ -213,7 +213,7 @@ def save_patchscope(scope: Patchscope, folder: str | Path, models: Any = None, d
         raise SpecError(f"save_patchscope: scope is a {type(scope).__name__} (allowed: a Patchscope)")
     handles = as_models(models) if models is not None else {}
     vector = scope.source.tensor if isinstance(scope.source, VectorSource) else None
-    return write_folder(folder, scope.to_dict(), scope.mapping.weights, handles,
+    return write_folder(folder, scope.to_dict(), scope.mapping_spec.weights, handles,
                         [scope.source.model, scope.target_model], description, vector=vector)
 
 
@@ -230,7 +230,7 @@ def load_patchscope(name_or_folder: str | os.PathLike, models: Any = None) -> Pa
         check_models(folder.models, handles)
         source, target = handles.get(scope.source.model), handles.get(scope.target_model)
         if source is not None and target is not None:
-            build_mapping(scope.mapping, source.hidden_size, target.hidden_size)  # shapes against the models
+            build_mapping(scope.mapping_spec, source.hidden_size, target.hidden_size)  # shapes against the models
     return scope
 
 

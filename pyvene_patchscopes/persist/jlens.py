@@ -154,7 +154,7 @@ class JacobianLens:
                             "python -m pyvene_patchscopes.catalogue.build)")
         scopes = [load_patchscope(name) for name in names]
         found = re.search(r"on (\d+) prose texts", describe(names[0]))  # a spec has no metadata field
-        lens = cls({scope.source.layer: scope.mapping.weights["weight"] for scope in scopes},
+        lens = cls({scope.source.layer: scope.mapping_spec.weights["weight"] for scope in scopes},
                    int(found.group(1)) if found else 0,
                    metadata={"model": scopes[0].source.model, "source": "pyvene-patchscopes catalogue"})
         if model is not None:

@@ -28,7 +28,7 @@ from .sweep_records import PROMPTS_KEY, SPEC_HASH_KEY, UNIT_KEY
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # no fcntl (Windows): None, no locks
 
 ALLOWED = "allowed: one sweep at a time in a folder, or the same sweep over the same prompts"
 # What lay under each shard's name when `finished` checked its unit: path -> (signature, unit, prompts' hash)

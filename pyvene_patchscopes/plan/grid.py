@@ -150,9 +150,10 @@ def layer_list(field: str, layers: Any) -> list[int]:
     except TypeError:
         given = None
     checked = [None if isinstance(l, bool) else as_index(l) for l in given or []]
-    if not checked or None in checked:
+    ints = [l for l in checked if l is not None]
+    if not checked or len(ints) < len(checked):
         raise SpecError(f"{field}={layers!r} is not allowed (allowed: a non-empty list of int layer indices)")
-    return checked  # type: ignore[return-value]
+    return ints
 
 
 __all__ = ["BATCH_SIZE", "Grid", "Cells", "Shape", "cell_maker", "unit_size", "check_readout", "prompt_list",

@@ -6,6 +6,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import PatchscopeError
 from ..spec import Patchscope
 
 
@@ -73,7 +74,7 @@ class PatchscopeResult:
     target_position: int  # token index i*, resolved
     top: list[TokenProb]
     generation: str | None = None
-    logits: torch.Tensor = field(default=None, repr=False)  # type: ignore[assignment]  # None only after run(keep_logits=False)
+    logits: torch.Tensor | None = field(default=None, repr=False)  # None only after run(keep_logits=False)
     # False when the patch cannot reach the readout (written at the target's last layer at a position before
     # its last token, which no later layer reads): the output is the same for every source.
     informative: bool = True
@@ -107,6 +108,14 @@ class PatchscopeResult:
     @property
     def prob(self) -> float:
         return self.top[0].prob
+
+    @property
+    def kept_logits(self) -> torch.Tensor:
+        """`logits`, which a run kept (its default); an error where ``run(keep_logits=False)`` dropped them."""
+        if self.logits is None:
+            raise PatchscopeError("PatchscopeResult.logits is None: this run dropped them (allowed: run(..., "
+                                  "keep_logits=True), the default)")
+        return self.logits
 
     def to_dict(self) -> dict[str, Any]:
         return {

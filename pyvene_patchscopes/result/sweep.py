@@ -10,7 +10,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -108,7 +108,7 @@ class SweepResult:
             [self.target_layers] * n_source
         texts, probs = self._top_texts(), self.top_probs[..., 0].reshape(-1).tolist()
         informative = [True] * len(texts) if self.informative is None else self.informative.reshape(-1).tolist()
-        generations = self.generations or [None] * len(texts)
+        generations: Sequence[str | None] = self.generations or [None] * len(texts)
         cells = ((p, l, t) for p in range(n) for i, l in enumerate(self.source_layers) for t in targets[i])
         return [{"prompt": self.prompts[p], "source_layer": l, "target_layer": t,
                  "source_position": self.source_positions[p], "token": texts[c], "prob": probs[c],

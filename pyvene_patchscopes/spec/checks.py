@@ -26,7 +26,7 @@ def check_prompt(owner: str, prompt: object) -> None:
     check_text(f"{owner}.prompt", prompt)
 
 
-def check_position(owner: str, position: object) -> None:
+def check_position(owner: str, position: object) -> Position:
     if isinstance(position, bool) or not isinstance(position, (int, str)):
         raise SpecError(
             f"{owner}.position={position!r} is not allowed (allowed: an int token index, "
@@ -36,6 +36,7 @@ def check_position(owner: str, position: object) -> None:
         raise SpecError(f"{owner}.position={position!r} is not allowed (allowed: a non-empty substring)")
     if isinstance(position, str):
         check_text(f"{owner}.position", position)
+    return position
 
 
 def target_position(position: object) -> Slots:
@@ -48,8 +49,7 @@ def target_position(position: object) -> Slots:
         for one in position:
             check_position("Target", one)
         return tuple(position)
-    check_position("Target", position)
-    return position  # type: ignore[return-value]
+    return check_position("Target", position)
 
 
 def check_layer(owner: str, layer: object) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
@@ -29,17 +29,23 @@ class JsonSpec:
 
     json_name = "spec"
 
+    if TYPE_CHECKING:  # what the spec class provides
+        @classmethod
+        def from_dict(cls, data: object) -> Self: ...
+
+        def to_json(self) -> str: ...
+
     @classmethod
-    def from_json(cls, text: str):
-        return cls.from_dict(parse_json(text, f"{cls.json_name} JSON"))  # type: ignore[attr-defined]
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(parse_json(text, f"{cls.json_name} JSON"))
 
     def save_json(self, path: str | Path) -> Path:
         from ..core.outputs import write_text
 
-        return write_text(path, self.to_json() + "\n")  # type: ignore[attr-defined]
+        return write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def load_json(cls, path: str | Path):
+    def load_json(cls, path: str | Path) -> Self:
         """Read a JSON spec file (UTF-8, at most 1 MB)."""
         return cls.from_json(read_text(path, f"{cls.json_name} file", MAX_JSON_BYTES))
 

@@ -22,7 +22,8 @@ def parse_layers(text: str | None, n_layers: int, flag: str = "--layers") -> lis
         match = _LAYER_PART.match(part)
         if match is None:
             raise SpecError(f"{flag}={text!r}: {part!r} is not a layer or a range (allowed: {LAYERS_HELP})")
-        lo, hi, step = (None if g is None else int(g) for g in match.groups())
+        lo = int(match.group(1))  # the first number is always there
+        hi, step = (None if g is None else int(g) for g in match.groups()[1:])
         for value in (lo, hi):
             if value is not None and not -n_layers <= value < n_layers:
                 raise SpecError(f"{flag}={text!r}: layer {value} is out of range (allowed: "

@@ -25,13 +25,13 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..errors import SpecError
 from .json import SPEC_FORMAT, JsonSpec, scope_fields
-from .mappings import MappingSpec
+from .mappings import MappingFunction, MappingSpec
 from .parts import Reroute, Source, Target, VectorSource
 
 REMOVED_IN = "0.3.0"  # the release without the deprecated methods at the end of `Patchscope`
@@ -50,9 +50,9 @@ class Patchscope(JsonSpec):
     many tokens the target generates greedily after the patched prompt pass (0 = next-token only).
     """
 
-    source: Source
+    source: Source | VectorSource
     target: Target
-    mapping: "str | MappingSpec" = "identity"
+    mapping: "str | MappingSpec | MappingFunction" = "identity"  # stored as a MappingSpec: see `mapping_spec`
     max_new_tokens: int = 0
     reroute: Reroute | None = None
 
@@ -71,6 +71,19 @@ class Patchscope(JsonSpec):
             raise SpecError(f"VectorSource.tensor has {self.source.tensor.shape[0]} rows, one per slot, but "
                             f"Target.position={self.target.position!r} is one slot (allowed: a [d] tensor, or "
                             "several target slots)")
+
+    @property
+    def mapping_spec(self) -> MappingSpec:
+        """f as the `MappingSpec` that `__post_init__` stored in ``mapping`` (whatever the caller gave)."""
+        return cast(MappingSpec, self.mapping)  # __post_init__ coerced it; the field's type is what __init__ takes
+
+    @property
+    def prompt_source(self) -> Source:
+        """The source as a prompt's state (S, i, M, l); a vector source has no prompt or position."""
+        if isinstance(self.source, VectorSource):
+            raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which has no prompt or position "
+                            "(allowed here: a Source)")
+        return self.source
 
     @property
     def vector_source(self) -> bool:
@@ -116,10 +129,10 @@ class Patchscope(JsonSpec):
         """The spec as JSON-able data; learned mapping weights and a source vector are not included (see
         `save_patchscope`)."""
         vector = isinstance(self.source, VectorSource)
-        mapping = self.mapping.to_dict()
-        version = 5 if vector and not self.source.after_final_norm else 4 if "module" in mapping \
-            else 3 if vector or self.target.uses_version_3 else 2
-        source = self.source.to_dict() if vector else asdict(self.source)  # type: ignore[union-attr]
+        mapping = self.mapping_spec.to_dict()
+        version = 5 if isinstance(self.source, VectorSource) and not self.source.after_final_norm \
+            else 4 if "module" in mapping else 3 if vector or self.target.uses_version_3 else 2
+        source = self.source.to_dict() if isinstance(self.source, VectorSource) else asdict(self.source)
         return {"format": SPEC_FORMAT, "version": version, "source": source,
                 "target": self.target.to_dict(), "mapping": mapping,
                 "max_new_tokens": self.max_new_tokens,
@@ -129,8 +142,8 @@ class Patchscope(JsonSpec):
         if isinstance(self.source, VectorSource):
             raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which one JSON file cannot hold "
                             "(allowed: save_patchscope(scope, folder), which writes it as safetensors)")
-        if self.mapping.weights:
-            raise SpecError(f"Patchscope.mapping={self.mapping.name!r} has learned weights, which one JSON file "
+        if self.mapping_spec.weights:
+            raise SpecError(f"Patchscope.mapping={self.mapping_spec.name!r} has learned weights, which one JSON file "
                             "cannot hold (allowed: save_patchscope(scope, folder), which writes them as safetensors)")
         return json.dumps(self.to_dict(), indent=indent)
 

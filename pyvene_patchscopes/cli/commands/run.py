@@ -9,7 +9,7 @@ from typing import Any
 from ...core.files import is_file
 from ...errors import PatchscopeError
 from ...result import show_text
-from ...spec import Patchscope
+from ...spec import Patchscope, VectorSource
 from ..options import check_model_options, model_options, output_options, parse_position, placement, positive_int
 from ..output import emit
 
@@ -54,7 +54,7 @@ def execute(args: argparse.Namespace) -> None:
     scope = load_spec(args.spec, models).replace(**changes)  # checks models of the saved spec's names, if loaded
     result = run(scope, models, top=args.top)[0]
     source = scope.source
-    where = (f"vector {source.name!r} {list(source.tensor.shape)}" if scope.vector_source
+    where = (f"vector {source.name!r} {list(source.tensor.shape)}" if isinstance(source, VectorSource)
              else f"{source.prompt!r} @ {source.position!r} (token {result.source_position})")
     lines = [f"source {where}, layer {source.layer} -> target layer {scope.target.layer}"]
     lines += [f"  {show_text(t.token):<16} {t.prob:.4f}" for t in result.top]

@@ -5,6 +5,7 @@ Starts the explorer on the embedded model in this process, opens the page in hea
 heatmap cells are drawn; also times the same work without the browser (the service alone), so the two
 can be told apart. Run: ``.venv/bin/python benchmarks/explore.py`` (``make bench-explore``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,8 @@ def browser_seconds(url: str, repeats: int) -> list[float]:
             start = time.perf_counter()
             chip.click()
             WebDriverWait(driver, 300, poll_frequency=0.02).until(
-                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap td.ps-cell")) == 900)
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#heatmap td.ps-cell")) == 900
+            )
             times.append(time.perf_counter() - start)
     finally:
         driver.quit()
@@ -93,15 +95,22 @@ def main() -> None:
     position = next(t["index"] for t in explorer.tokens(PROMPT)["tokens"] if t["text"].strip() == "CEO")
     service = service_seconds(explorer, position, args.repeats)
     browser = browser_seconds(_serve(create_app(explorer)), args.repeats) if shutil.which("chromedriver") else []
-    report = {"model": "smollm2-135m", "cells": 900, "threads": torch.get_num_threads(),
-              "service_seconds": service, "click_to_drawn_seconds": browser,
-              "median_service": statistics.median(service),
-              "median_click_to_drawn": statistics.median(browser) if browser else None}
+    report = {
+        "model": "smollm2-135m",
+        "cells": 900,
+        "threads": torch.get_num_threads(),
+        "service_seconds": service,
+        "click_to_drawn_seconds": browser,
+        "median_service": statistics.median(service),
+        "median_click_to_drawn": statistics.median(browser) if browser else None,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"first heatmap of 'CEO' on SmolLM2 (30 x 30 = 900 cells, {report['threads']} threads): service "
-          f"{report['median_service']:.2f} s median of {args.repeats}; click to drawn in Chromium "
-          + (f"{report['median_click_to_drawn']:.2f} s" if browser else "not measured (no chromedriver)"))
+    print(
+        f"first heatmap of 'CEO' on SmolLM2 (30 x 30 = 900 cells, {report['threads']} threads): service "
+        f"{report['median_service']:.2f} s median of {args.repeats}; click to drawn in Chromium "
+        + (f"{report['median_click_to_drawn']:.2f} s" if browser else "not measured (no chromedriver)")
+    )
 
 
 if __name__ == "__main__":

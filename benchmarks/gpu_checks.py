@@ -10,6 +10,7 @@ other kernels on another device).
 
     python benchmarks/gpu_checks.py --out benchmarks/results/gpu_checks.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,16 @@ def readouts(handle) -> dict[str, torch.Tensor | list]:
     scopes = [build("token-identity", PROMPT, 4, layer) for layer in (3, 12, 20)]
     for planned in (True, False):
         out[f"run planned={planned}"] = torch.stack([r.logits for r in run(scopes, handle, planned=planned)]).cpu()
-        grid = sweep([PROMPT, "The city of Paris"], handle, source_layers=[2, 12], target_layers=[1, 12, 29],
-                     max_new_tokens=4, planned=planned, progress=False, keep_logits=True)
+        grid = sweep(
+            [PROMPT, "The city of Paris"],
+            handle,
+            source_layers=[2, 12],
+            target_layers=[1, 12, 29],
+            max_new_tokens=4,
+            planned=planned,
+            progress=False,
+            keep_logits=True,
+        )
         out[f"sweep planned={planned}"] = grid.logits.cpu()
         out[f"generations planned={planned}"] = grid.generations
     out["jacobian fisher"] = torch.tensor(jacobian_scope("The Eiffel Tower is in the city of", handle, "fisher").scores)
@@ -43,13 +52,14 @@ def readouts(handle) -> dict[str, torch.Tensor | list]:
 
 
 def compare(want: dict, got: dict) -> dict[str, float | bool]:
-    return {key: (want[key] == got[key]) if isinstance(want[key], list) else
-            float((want[key] - got[key]).abs().max()) for key in want}
+    return {
+        key: (want[key] == got[key]) if isinstance(want[key], list) else float((want[key] - got[key]).abs().max())
+        for key in want
+    }
 
 
 def layout(ends: str, middle: str, split: str | None = None) -> dict[str, str]:
-    where = {"model.embed_tokens": ends, "model.rotary_emb": "cuda:0", "model.norm": split or "cuda:0",
-             "lm_head": ends}
+    where = {"model.embed_tokens": ends, "model.rotary_emb": "cuda:0", "model.norm": split or "cuda:0", "lm_head": ends}
     for i in range(30):
         where[f"model.layers.{i}"] = middle if 10 <= i < 14 else (split if split and i >= 15 else "cuda:0")
     return where
@@ -75,10 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        sweep(source_prompts(512), handle, target_layers="same", max_new_tokens=0, batch_size=512, progress=False,
-              max_batch_tokens=1048576, out=Path(folder) / "s")
-        report["streamed_sweep_512"] = {"seconds": round(time.perf_counter() - start, 2),
-                                        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+        sweep(
+            source_prompts(512),
+            handle,
+            target_layers="same",
+            max_new_tokens=0,
+            batch_size=512,
+            progress=False,
+            max_batch_tokens=1048576,
+            out=Path(folder) / "s",
+        )
+        report["streamed_sweep_512"] = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        }
     print(report)
     write_report(args.out, report)
     worst = [v for part in ("two_devices", "offloaded") for v in dict(report.get(part, {})).values()]

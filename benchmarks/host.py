@@ -12,6 +12,7 @@ takes about as long as the host's seconds per 30 x 30 unit used to.
 
     python benchmarks/host.py --prompts 8 --out benchmarks/results/host.json
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,11 +32,19 @@ units = importlib.import_module("pyvene_patchscopes.execution.sweep_units")  # .
 
 def old_records(grid) -> list[dict]:
     """``to_records`` as it was: one `PatchscopeResult` per cell, then a dict from it."""
-    return [{
-        "prompt": r.scope.source.prompt, "source_layer": r.scope.source.layer, "target_layer": r.scope.target.layer,
-        "source_position": r.source_position, "token": r.token, "prob": r.prob, "generation": r.generation,
-        "informative": r.informative,
-    } for r in grid.results]
+    return [
+        {
+            "prompt": r.scope.source.prompt,
+            "source_layer": r.scope.source.layer,
+            "target_layer": r.scope.target.layer,
+            "source_position": r.source_position,
+            "token": r.token,
+            "prob": r.prob,
+            "generation": r.generation,
+            "informative": r.informative,
+        }
+        for r in grid.results
+    ]
 
 
 class Uncached(sweeping.Grid):
@@ -66,6 +75,7 @@ class Clock:
                 self.depth -= 1
                 if self.depth == 0:
                     self.seconds += time.perf_counter() - start
+
         return timed
 
 
@@ -93,7 +103,7 @@ def timed(handle, prompts, before: bool) -> tuple[float, float, float, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args, handle, prompts = prompts_benchmark(__doc__, argv, 8, 3, "source prompts, one unit each")
-    cells = args.prompts * handle.n_layers ** 2
+    cells = args.prompts * handle.n_layers**2
     timed(handle, prompts[:1], False)  # warm-up: the runner's probe, first calls
     best = {before: [float("inf")] * 3 for before in (True, False)}
     kept = {}
@@ -108,18 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         return round(1000 * seconds / cells, 4)
 
     def side(before: bool) -> dict[str, float]:
-        return {"resolve_and_f": ms(best[before][0]), "to_records": ms(best[before][2]),
-                "host": ms(best[before][0] + best[before][2]), "sweep_wall": ms(best[before][1])}
+        return {
+            "resolve_and_f": ms(best[before][0]),
+            "to_records": ms(best[before][2]),
+            "host": ms(best[before][0] + best[before][2]),
+            "sweep_wall": ms(best[before][1]),
+        }
 
     report = {
-        "model": args.model, "grid": f"{handle.n_layers} x {handle.n_layers}", "prompts": args.prompts,
-        "cells": cells, "units": args.prompts, "repeats": args.repeats,
+        "model": args.model,
+        "grid": f"{handle.n_layers} x {handle.n_layers}",
+        "prompts": args.prompts,
+        "cells": cells,
+        "units": args.prompts,
+        "repeats": args.repeats,
         "ms_per_cell": {"before": side(True), "after": side(False)},
         "host_speedup": round((best[True][0] + best[True][2]) / (best[False][0] + best[False][2]), 1),
         "identical_results": same,
     }
-    print(f"ms per cell: before {report['ms_per_cell']['before']}, after {report['ms_per_cell']['after']}; "
-          f"host x{report['host_speedup']}; identical: {same}")
+    print(
+        f"ms per cell: before {report['ms_per_cell']['before']}, after {report['ms_per_cell']['after']}; "
+        f"host x{report['host_speedup']}; identical: {same}"
+    )
     write_report(args.out, report)
     return 0 if same else 1
 

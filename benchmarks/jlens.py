@@ -14,6 +14,7 @@ tuned lens on the next-token evaluation, on SmolLM2-135M.
 
     make bench-jlens    # python benchmarks/jlens.py --prompts 4 --out benchmarks/results/jlens.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,35 @@ def readout(handle, lens: JacobianLens | None, layer: int, states: torch.Tensor)
     return lens_logits(handle, moved)
 
 
-def crosscheck(handle, texts: list[str], layers: list[int], tl_python: str, states: dict[int, torch.Tensor],
-               dim_batch: int) -> dict:
+def crosscheck(
+    handle, texts: list[str], layers: list[int], tl_python: str, states: dict[int, torch.Tensor], dim_batch: int
+) -> dict:
     start = time.perf_counter()
-    ours = fit_jacobian_lens(texts, handle, layers, dim_batch=dim_batch, max_seq_len=JACOBIAN_LENS_TOKENS,
-                             progress=True)
+    ours = fit_jacobian_lens(
+        texts, handle, layers, dim_batch=dim_batch, max_seq_len=JACOBIAN_LENS_TOKENS, progress=True
+    )
     ours_seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "texts.json").write_text(json.dumps(texts))
-        done = subprocess.run([tl_python, str(HERE / "jlens_tl.py"), "--texts", str(Path(tmp) / "texts.json"),
-                               "--layers", ",".join(map(str, layers)), "--max-seq-len", str(JACOBIAN_LENS_TOKENS),
-                               "--dim-batch", str(dim_batch), "--out", str(Path(tmp) / "tl.pt")],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [
+                tl_python,
+                str(HERE / "jlens_tl.py"),
+                "--texts",
+                str(Path(tmp) / "texts.json"),
+                "--layers",
+                ",".join(map(str, layers)),
+                "--max-seq-len",
+                str(JACOBIAN_LENS_TOKENS),
+                "--dim-batch",
+                str(dim_batch),
+                "--out",
+                str(Path(tmp) / "tl.pt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise SystemExit(f"the TransformerLens side failed:\n{done.stderr[-3000:]}")
         theirs_run = json.loads(done.stdout.strip().splitlines()[-1])
@@ -69,18 +87,24 @@ def crosscheck(handle, texts: list[str], layers: list[int], tl_python: str, stat
         a, b = ours.jacobians[layer], theirs.jacobians[layer]
         top_a = readout(handle, ours, layer, states[layer]).argmax(-1)
         top_b = readout(handle, theirs, layer, states[layer]).argmax(-1)
-        per_layer[str(layer)] = {"max_abs_diff_over_max_abs": float((a - b).abs().max() / b.abs().max()),
-                                 "frobenius_relative": float(torch.linalg.norm(a - b) / torch.linalg.norm(b)),
-                                 "top1_agreement": float((top_a == top_b).float().mean())}
+        per_layer[str(layer)] = {
+            "max_abs_diff_over_max_abs": float((a - b).abs().max() / b.abs().max()),
+            "frobenius_relative": float(torch.linalg.norm(a - b) / torch.linalg.norm(b)),
+            "top1_agreement": float((top_a == top_b).float().mean()),
+        }
     worst = max(v["max_abs_diff_over_max_abs"] for v in per_layer.values())
-    return {"prompts": len(texts), "tokens_per_prompt": JACOBIAN_LENS_TOKENS, "layers": layers,
-            "transformer_lens": theirs_run["transformer_lens"], "n_prompts": [ours.n_prompts, theirs.n_prompts],
-            "seconds": {"pyvene_patchscopes": round(ours_seconds, 1),
-                        "transformer_lens": round(theirs_run["seconds"], 1)},
-            "largest_relative_difference": worst,
-            "largest_frobenius_relative": max(v["frobenius_relative"] for v in per_layer.values()),
-            "smallest_top1_agreement": min(v["top1_agreement"] for v in per_layer.values()),
-            "per_layer": per_layer}
+    return {
+        "prompts": len(texts),
+        "tokens_per_prompt": JACOBIAN_LENS_TOKENS,
+        "layers": layers,
+        "transformer_lens": theirs_run["transformer_lens"],
+        "n_prompts": [ours.n_prompts, theirs.n_prompts],
+        "seconds": {"pyvene_patchscopes": round(ours_seconds, 1), "transformer_lens": round(theirs_run["seconds"], 1)},
+        "largest_relative_difference": worst,
+        "largest_frobenius_relative": max(v["frobenius_relative"] for v in per_layer.values()),
+        "smallest_top1_agreement": min(v["top1_agreement"] for v in per_layer.values()),
+        "per_layer": per_layer,
+    }
 
 
 def next_token(handle, states: dict[int, torch.Tensor], train: list[str], seed: int = 0) -> dict:
@@ -90,19 +114,26 @@ def next_token(handle, states: dict[int, torch.Tensor], train: list[str], seed: 
     tuned = fit_tuned_lens(train, handle, layers, progress=True)
     hits = {}
     for layer in layers:
-        logits = {"logit lens": readout(handle, None, layer, states[layer]),
-                  "tuned lens": lens_logits(handle, tuned[layer](states[layer])),
-                  "jacobian lens": readout(handle, lens, layer, states[layer])}
+        logits = {
+            "logit lens": readout(handle, None, layer, states[layer]),
+            "tuned lens": lens_logits(handle, tuned[layer](states[layer])),
+            "jacobian lens": readout(handle, lens, layer, states[layer]),
+        }
         hits[layer] = {name: precision_at_1(value, reference).tolist() for name, value in logits.items()}
     table = {}
     for layer in layers:
         row = {name: bootstrap(h, seed).to_dict() for name, h in hits[layer].items()}
         for other in ("logit lens", "tuned lens"):
-            row[f"jacobian lens - {other}"] = paired(hits[layer]["jacobian lens"], hits[layer][other],
-                                                     ("jacobian lens", other), seed).to_dict()
+            row[f"jacobian lens - {other}"] = paired(
+                hits[layer]["jacobian lens"], hits[layer][other], ("jacobian lens", other), seed
+            ).to_dict()
         table[str(layer)] = row
-    return {"evaluation_prefixes": len(reference), "jacobian_lens_prompts": lens.n_prompts,
-            "tuned_lens_training_texts": len(train), "precision_at_1": table}
+    return {
+        "evaluation_prefixes": len(reference),
+        "jacobian_lens_prompts": lens.n_prompts,
+        "tuned_lens_training_texts": len(train),
+        "precision_at_1": table,
+    }
 
 
 def main() -> int:
@@ -122,13 +153,20 @@ def main() -> int:
     states = dict(zip(read, hidden_states(prefixes, handle, read).unbind(1)))
     report = {"model": handle.name, "device": "cpu", "torch_threads": torch.get_num_threads()}
     if not args.skip_crosscheck:
-        report["crosscheck"] = crosscheck(handle, jacobian_lens_texts()[:args.prompts], layers, args.tl_python,
-                                          states, args.dim_batch)
+        report["crosscheck"] = crosscheck(
+            handle, jacobian_lens_texts()[: args.prompts], layers, args.tl_python, states, args.dim_batch
+        )
         print(json.dumps({k: v for k, v in report["crosscheck"].items() if k != "per_layer"}, indent=2))
     report["next_token"] = next_token(handle, states, list(splits["train"]["text"]))
     for layer, row in report["next_token"]["precision_at_1"].items():
-        print(layer, {k: (round(v["estimate"], 3), round(v["low"], 3), round(v["high"], 3))
-                      for k, v in row.items() if "estimate" in v})
+        print(
+            layer,
+            {
+                k: (round(v["estimate"], 3), round(v["low"], 3), round(v["high"], 3))
+                for k, v in row.items()
+                if "estimate" in v
+            },
+        )
     write_report(args.out, report)
     return 0
 

@@ -9,6 +9,7 @@ bridge's own `save` in float32.
 
     .venv-tl/bin/python benchmarks/jlens_tl.py --texts texts.json --layers 6,12,18 --out tl.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,22 +38,39 @@ def main() -> int:
     texts = json.loads(open(args.texts).read())
     layers = [int(x) for x in args.layers.split(",")]
     handle = load_model("smollm2-135m")
-    bridge = TransformerBridge.boot_transformers(handle.model.config.name_or_path, hf_model=handle.model,
-                                                 tokenizer=handle.tokenizer, device="cpu")
+    bridge = TransformerBridge.boot_transformers(
+        handle.model.config.name_or_path, hf_model=handle.model, tokenizer=handle.tokenizer, device="cpu"
+    )
     for text in texts:  # the same token ids on both sides, or the comparison means nothing
         ours = handle.tokenizer(text, return_tensors="pt", truncation=True, max_length=args.max_seq_len)["input_ids"]
-        theirs = bridge.to_tokens(text)[:, :args.max_seq_len]
+        theirs = bridge.to_tokens(text)[:, : args.max_seq_len]
         if not torch.equal(ours, theirs.to(ours.device)):
-            raise SystemExit(f"tokenization differs: ours {ours[0, :5].tolist()}...,"
-                             f" bridge {theirs[0, :5].tolist()}...")
+            raise SystemExit(
+                f"tokenization differs: ours {ours[0, :5].tolist()}..., bridge {theirs[0, :5].tolist()}..."
+            )
     start = time.perf_counter()
-    lens = JacobianLens.fit(bridge, texts, corpus="pydoc_data topics prose (next-token train split)",
-                            source_layers=layers, dim_batch=args.dim_batch, max_seq_len=args.max_seq_len,
-                            skip_first_positions=args.skip_first, show_progress=True)
+    lens = JacobianLens.fit(
+        bridge,
+        texts,
+        corpus="pydoc_data topics prose (next-token train split)",
+        source_layers=layers,
+        dim_batch=args.dim_batch,
+        max_seq_len=args.max_seq_len,
+        skip_first_positions=args.skip_first,
+        show_progress=True,
+    )
     seconds = time.perf_counter() - start
     lens.save(args.out, dtype=torch.float32)
-    print(json.dumps({"transformer_lens": version("transformer-lens"), "seconds": seconds,
-                      "n_prompts": lens.n_prompts, "source_layers": lens.source_layers}))
+    print(
+        json.dumps(
+            {
+                "transformer_lens": version("transformer-lens"),
+                "seconds": seconds,
+                "n_prompts": lens.n_prompts,
+                "source_layers": lens.source_layers,
+            }
+        )
+    )
     return 0
 
 

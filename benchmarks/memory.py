@@ -10,6 +10,7 @@ source prompts as a `datasets` column, and sweeps token identity at l* = l over 
 
     python benchmarks/memory.py --limit 10000 --out benchmarks/results/memory.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def prompts(n: int) -> list[str]:
     from pyvene_patchscopes.analysis.fit import default_texts
 
     words = " ".join(default_texts()).split()
-    out = [" ".join(words[start:start + 6 + start % 9]) for start in range(0, len(words) - 16, 2)]
+    out = [" ".join(words[start : start + 6 + start % 9]) for start in range(0, len(words) - 16, 2)]
     if len(out) < n:
         raise SystemExit(f"only {len(out)} prompts available (asked for {n})")
     return out[:n]
@@ -56,18 +57,40 @@ def measure(model: str, n: int, mode: str, batch_size: int) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         if mode == "folder":
-            done = sweep(column, handle, target_layers="same", max_new_tokens=0, batch_size=batch_size,
-                         progress=False, out=Path(folder) / "sweep")
+            done = sweep(
+                column,
+                handle,
+                target_layers="same",
+                max_new_tokens=0,
+                batch_size=batch_size,
+                progress=False,
+                out=Path(folder) / "sweep",
+            )
             cells = len(list((Path(folder) / "sweep").glob("unit-*.parquet")))
         else:
-            done = sweep(list(column), handle, target_layers="same", max_new_tokens=0, batch_size=batch_size,
-                         progress=False, keep_logits=True)
+            done = sweep(
+                list(column),
+                handle,
+                target_layers="same",
+                max_new_tokens=0,
+                batch_size=batch_size,
+                progress=False,
+                keep_logits=True,
+            )
             cells = int(done.top_ids[..., 0].numel())
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"model": model, "prompts": n, "mode": mode, "layers": handle.n_layers,
-            "cells": n * handle.n_layers, "shards_or_cells": cells, "seconds": round(seconds, 1),
-            "cells_per_s": round(n * handle.n_layers / seconds, 1), "peak_rss_gib": round(peak, 3)}
+    return {
+        "model": model,
+        "prompts": n,
+        "mode": mode,
+        "layers": handle.n_layers,
+        "cells": n * handle.n_layers,
+        "shards_or_cells": cells,
+        "seconds": round(seconds, 1),
+        "cells_per_s": round(n * handle.n_layers / seconds, 1),
+        "peak_rss_gib": round(peak, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         limit = args.limit if k == 0 else min(args.limit, args.second_model_limit)
         layers, vocab = VOCAB.get(model, (32, 128256))
         fits = lambda n, layers=layers, vocab=vocab: 2 * n * layers * vocab * 4 / 2**30 <= CONTRAST_LIMIT_GIB  # noqa: E731
-        runs = [(n, "folder") for n in SIZES if n <= limit] + \
-            [(n, "memory+logits") for n in CONTRAST if n <= limit and fits(n)]
+        runs = [(n, "folder") for n in SIZES if n <= limit] + [
+            (n, "memory+logits") for n in CONTRAST if n <= limit and fits(n)
+        ]
         for n, mode in runs:
-            done = subprocess.run([sys.executable, __file__, "--batch-size", str(args.batch_size), "--one", model,
-                                   str(n), mode], capture_output=True, text=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--batch-size", str(args.batch_size), "--one", model, str(n), mode],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise SystemExit(done.stderr[-2000:])
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -99,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     flat = {}
     for model in {r["model"] for r in rows}:
         streamed = [r["peak_rss_gib"] for r in rows if r["model"] == model and r["mode"] == "folder"]
-        flat[model] = {"smallest_n_gib": streamed[0], "largest_n_gib": streamed[-1],
-                       "growth_gib": round(streamed[-1] - streamed[0], 3)}
+        flat[model] = {
+            "smallest_n_gib": streamed[0],
+            "largest_n_gib": streamed[-1],
+            "growth_gib": round(streamed[-1] - streamed[0], 3),
+        }
     write_report(args.out, {"runs": rows, "streamed_peak": flat, "batch_size": args.batch_size})
     return 0
 

@@ -13,6 +13,7 @@ third. Reported: cells per second, the ratio to the plain path, and top-1 agreem
 
     python benchmarks/runners.py --prompts 2 --out benchmarks/results/runners.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,16 @@ def grid(handle, prompts: list[str], runner: type[Stack] | None, max_batch_token
     if runner is not None:
         units.stack_for = lambda model: runner(model, architecture(model))
     try:
-        return sweeping.sweep(prompts, handle, max_new_tokens=0, keep_logits=False, progress=False, top=1,
-                              planned=runner is not None, max_batch_tokens=max_batch_tokens)
+        return sweeping.sweep(
+            prompts,
+            handle,
+            max_new_tokens=0,
+            keep_logits=False,
+            progress=False,
+            top=1,
+            planned=runner is not None,
+            max_batch_tokens=max_batch_tokens,
+        )
     finally:
         units.stack_for = chosen
 
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     handle = load_model(args.model)
     prompts = source_prompts(args.prompts)
-    cells = args.prompts * handle.n_layers ** 2
+    cells = args.prompts * handle.n_layers**2
     rows: dict[str, dict[str, Any]] = {}
     reference = None
     for name, runner in [*RUNNERS.items(), ("plain", None)]:
@@ -72,19 +81,34 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         top1 = result.top_ids[..., 0]
         reference = top1 if reference is None else reference
-        rows[name] = {"seconds": seconds, "cells_per_s": cells / seconds,
-                      "top1_agreement_with_shared_prefix": float((top1 == reference).float().mean())}
+        rows[name] = {
+            "seconds": seconds,
+            "cells_per_s": cells / seconds,
+            "top1_agreement_with_shared_prefix": float((top1 == reference).float().mean()),
+        }
     for row in rows.values():
         row["over_plain"] = row["cells_per_s"] / rows["plain"]["cells_per_s"]
     lines = ["| runner | cells/s | x plain | top-1 = shared prefix |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['cells_per_s']:.0f} | {r['over_plain']:.1f} | "
-              f"{r['top1_agreement_with_shared_prefix']:.3f} |"
-              for name, r in rows.items()]
-    print("\n".join(lines) + f"\n\n{handle.name}, {args.prompts} prompts x {handle.n_layers} x {handle.n_layers} "
-          f"= {cells} cells, cpu, {torch.get_num_threads()} threads")
-    write_report(args.out, {"model": handle.name, "prompts": args.prompts, "cells": cells,
-                            "threads": torch.get_num_threads(), "torch": torch.__version__, "runners": rows,
-                            "command": " ".join(["runners.py"] + (argv if argv is not None else sys.argv[1:]))})
+    lines += [
+        f"| {name} | {r['cells_per_s']:.0f} | {r['over_plain']:.1f} | {r['top1_agreement_with_shared_prefix']:.3f} |"
+        for name, r in rows.items()
+    ]
+    print(
+        "\n".join(lines) + f"\n\n{handle.name}, {args.prompts} prompts x {handle.n_layers} x {handle.n_layers} "
+        f"= {cells} cells, cpu, {torch.get_num_threads()} threads"
+    )
+    write_report(
+        args.out,
+        {
+            "model": handle.name,
+            "prompts": args.prompts,
+            "cells": cells,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "runners": rows,
+            "command": " ".join(["runners.py"] + (argv if argv is not None else sys.argv[1:])),
+        },
+    )
     return 0
 
 

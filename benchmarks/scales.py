@@ -9,6 +9,7 @@ cells; the report gives their rates, the ratio, and how far the two agree (top-1
 
     python benchmarks/scales.py --latents 100 --out benchmarks/results/scales.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def per_latent_hooks(model, directions: torch.Tensor, alphas, slots: list[int]) 
                 hidden[0, slots] = alpha * v
                 return out
 
-            hooks = [block.register_forward_hook(write),
-                     norm.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(h=args[0][0, -1].clone()))]
+            hooks = [
+                block.register_forward_hook(write),
+                norm.register_forward_pre_hook(lambda m, args, seen=seen: seen.update(h=args[0][0, -1].clone())),
+            ]
             try:
                 with torch.no_grad():
                     logits = model.model(**ids, logits_to_keep=1).logits[0, -1]
@@ -94,15 +97,23 @@ def main() -> int:
 
     top = torch.tensor([r.top[0].token_id for r in search.results])
     report = {
-        "model": model.name, "latents": args.latents, "alphas": list(ALPHAS), "cells": cells, "target_layer": LAYER,
-        "prompt": SELF_EXPLANATION_PROMPT, "threads": torch.get_num_threads(),
-        "batched_s": round(batched, 2), "per_latent_hooks_s": round(hooks, 2),
-        "batched_cells_per_s": round(cells / batched, 1), "hooks_cells_per_s": round(cells / hooks, 1),
+        "model": model.name,
+        "latents": args.latents,
+        "alphas": list(ALPHAS),
+        "cells": cells,
+        "target_layer": LAYER,
+        "prompt": SELF_EXPLANATION_PROMPT,
+        "threads": torch.get_num_threads(),
+        "batched_s": round(batched, 2),
+        "per_latent_hooks_s": round(hooks, 2),
+        "batched_cells_per_s": round(cells / batched, 1),
+        "hooks_cells_per_s": round(cells / hooks, 1),
         "speedup": round(hooks / batched, 2),
         "top1_agreement": float((top == base["top"]).float().mean()),
         "max_entropy_difference": float((search.entropy.flatten() - base["entropy"]).abs().max()),
         "max_self_similarity_difference": float(
-            (search.self_similarity.flatten() - base["self_similarity"]).abs().max()),
+            (search.self_similarity.flatten() - base["self_similarity"]).abs().max()
+        ),
         "date": time.strftime("%Y-%m-%d"),
     }
     for key, value in report.items():

@@ -14,6 +14,7 @@ as it was before the two were kept apart.
 
     python benchmarks/streamed.py --prompts 8 --out benchmarks/results/streamed.json
 """
+
 from __future__ import annotations
 
 import importlib
@@ -89,27 +90,49 @@ def main(argv: list[str] | None = None) -> int:
     args, handle, prompts = prompts_benchmark(__doc__, argv, 8, 2)
     common = dict(max_new_tokens=0, progress=False)
     in_memory(handle, prompts[:1], target_layers="same", **common)  # warm-up: the runner's probe, first calls
-    report: dict[str, Any] = {"model": args.model, "prompts": args.prompts, "repeats": args.repeats,
-                              "max_new_tokens": 0, "sweeps": {}}
+    report: dict[str, Any] = {
+        "model": args.model,
+        "prompts": args.prompts,
+        "repeats": args.repeats,
+        "max_new_tokens": 0,
+        "sweeps": {},
+    }
     agree = True
     for name, settings in (("grid", {}), ("same", {"target_layers": "same"})):
         settings = {**common, **settings}
-        seconds, kept = best(args.repeats, {"streamed": lambda s=settings: streamed(handle, prompts, **s),
-                                            "in_memory": lambda s=settings: in_memory(handle, prompts, **s)})
+        seconds, kept = best(
+            args.repeats,
+            {
+                "streamed": lambda s=settings: streamed(handle, prompts, **s),
+                "in_memory": lambda s=settings: in_memory(handle, prompts, **s),
+            },
+        )
         (per_unit, loaded), grid = kept["streamed"], kept["in_memory"]
         report["sweeps"][name] = {
-            "cells": grid.top_ids.shape[:3].numel(), "streamed_prompts_per_unit": per_unit,
-            "streamed_s": round(seconds["streamed"], 3), "in_memory_s": round(seconds["in_memory"], 3),
-            "ratio": round(seconds["streamed"] / seconds["in_memory"], 2), **agreement(loaded, grid)}
+            "cells": grid.top_ids.shape[:3].numel(),
+            "streamed_prompts_per_unit": per_unit,
+            "streamed_s": round(seconds["streamed"], 3),
+            "in_memory_s": round(seconds["in_memory"], 3),
+            "ratio": round(seconds["streamed"] / seconds["in_memory"], 2),
+            **agreement(loaded, grid),
+        }
         agree &= agrees(report["sweeps"][name])
     lens = {**common, "preset": "logit-lens"}
-    seconds, kept = best(args.repeats, {"forward_32": lambda: streamed(handle, prompts, **lens),
-                                        "forward_unit": lambda: streamed(handle, prompts, True, **lens)})
+    seconds, kept = best(
+        args.repeats,
+        {
+            "forward_32": lambda: streamed(handle, prompts, **lens),
+            "forward_unit": lambda: streamed(handle, prompts, True, **lens),
+        },
+    )
     report["logit_lens_streamed"] = {
-        "cells": kept["forward_32"][1].top_ids.shape[:3].numel(), "prompts_per_unit": kept["forward_32"][0],
-        "forward_32_s": round(seconds["forward_32"], 3), "forward_unit_s": round(seconds["forward_unit"], 3),
+        "cells": kept["forward_32"][1].top_ids.shape[:3].numel(),
+        "prompts_per_unit": kept["forward_32"][0],
+        "forward_32_s": round(seconds["forward_32"], 3),
+        "forward_unit_s": round(seconds["forward_unit"], 3),
         "speedup": round(seconds["forward_unit"] / seconds["forward_32"], 2),
-        **agreement(kept["forward_32"][1], kept["forward_unit"][1])}
+        **agreement(kept["forward_32"][1], kept["forward_unit"][1]),
+    }
     report["agree"] = agree and agrees(report["logit_lens_streamed"])
     print(summary(report))
     write_report(args.out, report)
@@ -118,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary(report: dict[str, Any]) -> str:
     """The report in a few lines: each pair's seconds and ratio, and whether the results agree."""
-    lines = [f"{name}: streamed {row['streamed_s']} s ({row['streamed_prompts_per_unit']} prompt(s) a unit), in "
-             f"memory {row['in_memory_s']} s: x{row['ratio']}" for name, row in report["sweeps"].items()]
+    lines = [
+        f"{name}: streamed {row['streamed_s']} s ({row['streamed_prompts_per_unit']} prompt(s) a unit), in "
+        f"memory {row['in_memory_s']} s: x{row['ratio']}"
+        for name, row in report["sweeps"].items()
+    ]
     lens = report["logit_lens_streamed"]
-    lines.append(f"logit lens streamed: forward batch 32 {lens['forward_32_s']} s, the unit's "
-                 f"{lens['forward_unit_s']} s; results agree: {report['agree']}")
+    lines.append(
+        f"logit lens streamed: forward batch 32 {lens['forward_32_s']} s, the unit's "
+        f"{lens['forward_unit_s']} s; results agree: {report['agree']}"
+    )
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ with (c) on the pairs they ran.
     python benchmarks/sweep.py --device cuda --dtype bfloat16 --prompts 512 --baseline-pairs 300 \\
         --max-batch-tokens 1048576 --out benchmarks/results/h100.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -140,8 +141,9 @@ def official_loop(handle, pairs: list[tuple[str, int, int]]) -> list[int]:
 def pyvene_loop(handle, pairs: list[tuple[str, int, int]]) -> list[int]:
     out = []
     for prompt, layer_source, layer_target in pairs:
-        scope = token_identity(Source(prompt, -1, layer_source, handle.name), target_layer=layer_target,
-                               max_new_tokens=0)
+        scope = token_identity(
+            Source(prompt, -1, layer_source, handle.name), target_layer=layer_target, max_new_tokens=0
+        )
         out.append(run(scope, handle, planned=False, progress=False)[0].top[0].token_id)
     return out
 
@@ -154,13 +156,24 @@ def evenly(items: list, k: int) -> list:
 
 def workload(name: str, handle, prompts: list[str], same_layer: bool, baseline_pairs: int, args) -> dict[str, Any]:
     layers = list(range(handle.n_layers))
-    cells = [(p, l, l) for p in range(len(prompts)) for l in layers] if same_layer else \
-        [(p, l, t) for p in range(len(prompts)) for l in layers for t in layers]
+    cells = (
+        [(p, l, l) for p in range(len(prompts)) for l in layers]
+        if same_layer
+        else [(p, l, t) for p in range(len(prompts)) for l in layers for t in layers]
+    )
 
     def engine():
-        return sweep(prompts, handle, target_layers="same" if same_layer else None, max_new_tokens=0,
-                     keep_logits=False, progress=False, batch_size=args.source_batch,
-                     max_batch_tokens=args.max_batch_tokens, top=1)
+        return sweep(
+            prompts,
+            handle,
+            target_layers="same" if same_layer else None,
+            max_new_tokens=0,
+            keep_logits=False,
+            progress=False,
+            batch_size=args.source_batch,
+            max_batch_tokens=args.max_batch_tokens,
+            top=1,
+        )
 
     engine()  # warm-up: allocator, kernels
     grid, c_seconds, c_memory = timed(args.device, engine)
@@ -170,36 +183,44 @@ def workload(name: str, handle, prompts: list[str], same_layer: bool, baseline_p
     expected = [int(top1[p, l, 0 if same_layer else t]) for p, l, t in subset]
     official_loop(handle, pairs[:2])  # warm-up
     a_ids, a_seconds, a_memory = timed(args.device, lambda: official_loop(handle, pairs))
-    b_ids, b_seconds, b_memory = ([], 0.0, 0) if args.skip_pyvene else \
-        timed(args.device, lambda: pyvene_loop(handle, pairs))
+    b_ids, b_seconds, b_memory = (
+        ([], 0.0, 0) if args.skip_pyvene else timed(args.device, lambda: pyvene_loop(handle, pairs))
+    )
     rate = {"official": len(pairs) / a_seconds, "engine": len(cells) / c_seconds}
     if not args.skip_pyvene:
         rate["pyvene"] = len(pairs) / b_seconds
     result = {
-        "work": name, "prompts": len(prompts), "cells": len(cells), "baseline_pairs": len(pairs),
+        "work": name,
+        "prompts": len(prompts),
+        "cells": len(cells),
+        "baseline_pairs": len(pairs),
         "seconds": {"official": a_seconds, "pyvene": b_seconds or None, "engine": c_seconds},
         "patchscopes_per_s": rate,
         "peak_memory_bytes": {"official": a_memory, "pyvene": b_memory or None, "engine": c_memory},
         "c_over_a": rate["engine"] / rate["official"],
         "c_over_b": rate["engine"] / rate["pyvene"] if "pyvene" in rate else None,
-        "top1_agreement": {"official_vs_engine": sum(x == y for x, y in zip(a_ids, expected)) / len(pairs),
-                           "pyvene_vs_engine": (sum(x == y for x, y in zip(b_ids, expected)) / len(pairs))
-                           if b_ids else None},
+        "top1_agreement": {
+            "official_vs_engine": sum(x == y for x, y in zip(a_ids, expected)) / len(pairs),
+            "pyvene_vs_engine": (sum(x == y for x, y in zip(b_ids, expected)) / len(pairs)) if b_ids else None,
+        },
     }
     return result
 
 
 def table(results: list[dict[str, Any]], device: str, dtype: str) -> str:
     memory = "GPU peak" if device.startswith("cuda") else "RSS peak"
-    lines = [f"| work | (a) official /s | (b) pyvene /s | (c) engine /s | c/a | c/b | {memory} (c) | top-1 a=c |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| work | (a) official /s | (b) pyvene /s | (c) engine /s | c/a | c/b | {memory} (c) | top-1 a=c |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         rate = r["patchscopes_per_s"]
         lines.append(
             f"| {r['work']} ({r['prompts']} prompts, {r['cells']} cells) | {rate['official']:.1f} | "
             f"{rate.get('pyvene', float('nan')):.1f} | {rate['engine']:.0f} | {r['c_over_a']:.0f} | "
             f"{(r['c_over_b'] or float('nan')):.0f} | {r['peak_memory_bytes']['engine'] / 2**30:.2f} GiB | "
-            f"{r['top1_agreement']['official_vs_engine']:.3f} |")
+            f"{r['top1_agreement']['official_vs_engine']:.3f} |"
+        )
     return "\n".join(lines) + f"\n\n{device}, {dtype}"
 
 
@@ -210,10 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--prompts", type=int, default=32, help="N source prompts for the l* = l sweep")
     parser.add_argument("--grid-prompts", type=int, default=2, help="prompts for the full l x l* grid (0: skip)")
-    parser.add_argument("--baseline-pairs", type=int, default=0,
-                        help="pairs timed for (a) and (b), evenly spaced over the work (0: all)")
-    parser.add_argument("--grid-baseline-pairs", type=int, default=150,
-                        help="pairs timed for (a) and (b) on the grid work (0: all)")
+    parser.add_argument(
+        "--baseline-pairs",
+        type=int,
+        default=0,
+        help="pairs timed for (a) and (b), evenly spaced over the work (0: all)",
+    )
+    parser.add_argument(
+        "--grid-baseline-pairs", type=int, default=150, help="pairs timed for (a) and (b) on the grid work (0: all)"
+    )
     parser.add_argument("--max-batch-tokens", type=int, default=32768)
     parser.add_argument("--source-batch", type=int, default=512, help="source prompts read per pass")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -226,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     handle = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     results = [workload("l* = l", handle, source_prompts(args.prompts), True, args.baseline_pairs, args)]
     if args.grid_prompts:
-        results.append(workload("l x l* grid", handle, source_prompts(args.grid_prompts), False,
-                                args.grid_baseline_pairs, args))
+        results.append(
+            workload("l x l* grid", handle, source_prompts(args.grid_prompts), False, args.grid_baseline_pairs, args)
+        )
     report = {
-        "model": handle.name, "device": args.device, "dtype": args.dtype,
+        "model": handle.name,
+        "device": args.device,
+        "dtype": args.dtype,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "results": results,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": results,
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
     }
     print(table(results, args.device, args.dtype))
@@ -239,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def prompts_benchmark(doc: str, argv: list[str] | None, prompts: int, repeats: int,
-                      prompts_help: str = "source prompts") -> tuple[argparse.Namespace, Any, list[str]]:
+def prompts_benchmark(
+    doc: str, argv: list[str] | None, prompts: int, repeats: int, prompts_help: str = "source prompts"
+) -> tuple[argparse.Namespace, Any, list[str]]:
     """(arguments, model, prompts) of a one-process benchmark on --model over --prompts, timed --repeats times:
     the options it shares with the others, warnings off, no gradients."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])

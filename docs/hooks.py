@@ -1,6 +1,7 @@
 """mkdocs hook: docstrings write shapes as [prompt][source layer][target layer], which autorefs reads as
 cross-references. A target with a space can never name a Python object, so its "not found" is dropped; every
 other unresolved reference still fails `mkdocs build --strict`."""
+
 from __future__ import annotations
 
 import logging

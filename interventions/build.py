@@ -5,6 +5,7 @@ a template (``patchscopes run NAME --source-prompt ... --source-position ...``).
 carry affine maps fitted here by least squares (``fit_affine``) from layer l to the last layer, on
 `fit.default_texts()` minus the paragraphs held out to score them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,30 +43,43 @@ ATTRIBUTES = {  # name: (target prompt with placeholder x, example source, subje
 
 def entries(handle) -> dict[str, tuple[Patchscope, str]]:
     out = {
-        "token-identity": (build("token-identity", "Amazon's former CEO attended Oscars", "CEO", 8),
-                           "What token a state encodes: the official few-shot identity prompt, patched at '?', l* = l "
-                           "(paper §4.1)."),
-        "logit-lens": (build("logit-lens", "The Eiffel Tower is in the city of", -1, 28),
-                       "The model's own unembedding of a state: T = S, l* = last layer, f = I (paper Table 1)."),
-        "entity-description": (build("entity-description", "Let me tell you about Albert Einstein", "Einstein", 4),
-                               "A short description of the entity at the source position (paper §4.3)."),
-        "multihop-cot": (multihop("the company that created Windows", "The current CEO of", 8, 4, max_new_tokens=12),
-                         "CoT Patchscope (paper §5), a template: S = T = [hop 2][hop 1]; hop 1's last state is "
-                         "rerouted over hop 2's last token within one pass, the two segments isolated by an "
-                         "attention mask."),
-        "selfie": (build("selfie", "Here is a city: Paris", "Paris", 8),
-                   "SelfIE (Chen et al., 2024): the state written at every placeholder '_' of the interpretation "
-                   "prompt at l* = 0 (SelfIE's k = 1), mixed at alpha = 1; the model summarises it. Give it a "
-                   "VectorSource to read a direction."),
-        "self-explanation": (build("self-explanation", "Here is a city: Paris", "Paris", 6, target_layer=2),
-                             "Self-explanation (Kharlapenko et al., 2024): alpha * v replaces the word X in 'What "
-                             "is the meaning of the word \"X\"?'. Made for SAE latents: scope.replace(source="
-                             "vectors.sae_source(sae, k, model)), alpha chosen by a scale search."),
+        "token-identity": (
+            build("token-identity", "Amazon's former CEO attended Oscars", "CEO", 8),
+            "What token a state encodes: the official few-shot identity prompt, patched at '?', l* = l (paper §4.1).",
+        ),
+        "logit-lens": (
+            build("logit-lens", "The Eiffel Tower is in the city of", -1, 28),
+            "The model's own unembedding of a state: T = S, l* = last layer, f = I (paper Table 1).",
+        ),
+        "entity-description": (
+            build("entity-description", "Let me tell you about Albert Einstein", "Einstein", 4),
+            "A short description of the entity at the source position (paper §4.3).",
+        ),
+        "multihop-cot": (
+            multihop("the company that created Windows", "The current CEO of", 8, 4, max_new_tokens=12),
+            "CoT Patchscope (paper §5), a template: S = T = [hop 2][hop 1]; hop 1's last state is "
+            "rerouted over hop 2's last token within one pass, the two segments isolated by an "
+            "attention mask.",
+        ),
+        "selfie": (
+            build("selfie", "Here is a city: Paris", "Paris", 8),
+            "SelfIE (Chen et al., 2024): the state written at every placeholder '_' of the interpretation "
+            "prompt at l* = 0 (SelfIE's k = 1), mixed at alpha = 1; the model summarises it. Give it a "
+            "VectorSource to read a direction.",
+        ),
+        "self-explanation": (
+            build("self-explanation", "Here is a city: Paris", "Paris", 6, target_layer=2),
+            "Self-explanation (Kharlapenko et al., 2024): alpha * v replaces the word X in 'What "
+            'is the meaning of the word "X"?\'. Made for SAE latents: scope.replace(source='
+            "vectors.sae_source(sae, k, model)), alpha chosen by a scale search.",
+        ),
     }
     for name, (prompt, source, subject) in ATTRIBUTES.items():
         relation = name.removeprefix("attribute-").replace("-", " ")
-        out[name] = (build("attribute", source, subject, 4, target_layer=2, target_prompt=prompt),
-                     f"Attribute extraction, {relation}: the subject's state replaces x in {prompt!r} (paper §4.2).")
+        out[name] = (
+            build("attribute", source, subject, 4, target_layer=2, target_prompt=prompt),
+            f"Attribute extraction, {relation}: the subject's state replaces x in {prompt!r} (paper §4.2).",
+        )
     return out
 
 
@@ -73,8 +87,10 @@ def tuned_lens(handle, texts: list[str]) -> dict[str, tuple[Patchscope, str]]:
     out = {}
     for layer, f in fit_tuned_lens(texts, handle, TUNED_LENS_LAYERS, progress=True).items():
         scope = build("logit-lens", "The Eiffel Tower is in the city of", -1, layer).replace(mapping=f)
-        description = (f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by least squares to the "
-                       "last layer (paper §4.1), then the unembedding.")
+        description = (
+            f"Tuned-lens-style Patchscope from layer {layer}: f affine, fitted by least squares to the "
+            "last layer (paper §4.1), then the unembedding."
+        )
         out[f"tuned-lens-l{layer:02d}"] = (scope, description)
     return out
 
@@ -89,13 +105,18 @@ def cross_model(source, target, texts: list[str]) -> dict[str, tuple[Patchscope,
     maps = fit_maps(source, target, layers, target_layers, texts, progress=True)
     out = {}
     for l, t in CROSS_MODEL_CELLS:
-        scope = Patchscope(Source("He opened the door and walked into the", -1, l, source.name),
-                           Target(IDENTITY_PROMPT, -1, t, target.name), mapping=maps[(l, t)])
+        scope = Patchscope(
+            Source("He opened the door and walked into the", -1, l, source.name),
+            Target(IDENTITY_PROMPT, -1, t, target.name),
+            mapping=maps[(l, t)],
+        )
         out[f"cross-model-smollm2-gemma3-l{l:02d}-l{t:02d}"] = (
-            scope, f"Cross-model token identity (paper §4.4): SmolLM2-135M's layer-{l} state, mapped by an affine "
-                   f"map fitted by least squares on prefix-aligned states, read by Gemma 3 270M at layer {t} with "
-                   f"'cat->cat; 1135->1135; hello->hello; ?'. Precision@1 of {CROSS_MODEL_CELLS[(l, t)]:.2f} on the 64 "
-                   "positions of reports/cross-model: mostly frequent tokens transfer.")
+            scope,
+            f"Cross-model token identity (paper §4.4): SmolLM2-135M's layer-{l} state, mapped by an affine "
+            f"map fitted by least squares on prefix-aligned states, read by Gemma 3 270M at layer {t} with "
+            f"'cat->cat; 1135->1135; hello->hello; ?'. Precision@1 of {CROSS_MODEL_CELLS[(l, t)]:.2f} on the 64 "
+            "positions of reports/cross-model: mostly frequent tokens transfer.",
+        )
     return out
 
 
@@ -109,18 +130,29 @@ def jacobian_lens(handle, checkpoint: Path | None = None) -> dict[str, tuple[Pat
     """J-lens entries: f = J_l (an affine map without bias) into the logit lens, one entry per layer."""
     from pyvene_patchscopes.jlens import fit_jacobian_lens
 
-    lens = fit_jacobian_lens(jacobian_lens_texts(), handle, JACOBIAN_LENS_LAYERS, dim_batch=64,
-                             max_seq_len=JACOBIAN_LENS_TOKENS, checkpoint=checkpoint, progress=True)
+    lens = fit_jacobian_lens(
+        jacobian_lens_texts(),
+        handle,
+        JACOBIAN_LENS_LAYERS,
+        dim_batch=64,
+        max_seq_len=JACOBIAN_LENS_TOKENS,
+        checkpoint=checkpoint,
+        progress=True,
+    )
     out = {}
     for layer in lens.source_layers:
         scope = build("jacobian-lens", "The Eiffel Tower is in the city of", -1, layer, model=handle.name, lens=lens)
-        out[f"jacobian-lens-l{layer:02d}"] = (scope, (
-            f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = "
-            f"E[dh_final/dh_l], the reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} "
-            f"tokens (the first {JACOBIAN_LENS_PROMPTS} of the train split of `patchscopes eval next-token`, seed "
-            f"0; texts sha256 {lens.metadata['prompts_sha256'][:16]}; the first 16 positions and the last left "
-            "out), then the final norm and unembedding. All layers: "
-            "pyvene_patchscopes.jlens.JacobianLens.from_catalogue()."))
+        out[f"jacobian-lens-l{layer:02d}"] = (
+            scope,
+            (
+                f"Jacobian lens from layer {layer} (Gurnee et al., 2026): f(h) = J_l h with J_l = "
+                f"E[dh_final/dh_l], the reference estimator on {lens.n_prompts} prose texts of {JACOBIAN_LENS_TOKENS} "
+                f"tokens (the first {JACOBIAN_LENS_PROMPTS} of the train split of `patchscopes eval next-token`, seed "
+                f"0; texts sha256 {lens.metadata['prompts_sha256'][:16]}; the first 16 positions and the last left "
+                "out), then the final norm and unembedding. All layers: "
+                "pyvene_patchscopes.jlens.JacobianLens.from_catalogue()."
+            ),
+        )
     return out
 
 
@@ -156,9 +188,13 @@ def main() -> None:
         made.update(tuned_lens(handle, texts[:-HELD_OUT]))
         for name in [n for n in made if n.startswith("tuned-lens")]:
             identity = made[name][0].replace(mapping="identity")
-            log.info("%s: top-1 agreement with the model on %d held-out paragraphs: tuned %.3f, logit lens %.3f",
-                     name, HELD_OUT, agreement(handle, made[name][0], texts[-HELD_OUT:]),
-                     agreement(handle, identity, texts[-HELD_OUT:]))
+            log.info(
+                "%s: top-1 agreement with the model on %d held-out paragraphs: tuned %.3f, logit lens %.3f",
+                name,
+                HELD_OUT,
+                agreement(handle, made[name][0], texts[-HELD_OUT:]),
+                agreement(handle, identity, texts[-HELD_OUT:]),
+            )
     if not args.skip_jacobian_lens:
         checkpoint = Path(args.jacobian_lens_checkpoint) if args.jacobian_lens_checkpoint else None
         made.update(jacobian_lens(handle, checkpoint))

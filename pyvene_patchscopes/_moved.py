@@ -10,6 +10,7 @@ Why not a shim file per path: importing a submodule sets the parent's attribute 
 ``sweep.py`` would replace the exported function ``pyvene_patchscopes.sweep`` with a module. A ``sys.modules``
 entry never touches the package's attributes.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """The library's errors about bad input (each names the field, the value and what is allowed), and its warnings."""
+
 from __future__ import annotations
 
 import operator
@@ -41,8 +42,11 @@ class SmallSampleWarning(UserWarning):
 
 
 # What a model's or an adapter's name was taken for, in the line a failed load gets.
-NAME_KINDS = {"embedded": "an embedded model", "folder": "a local model folder",
-              "hub": "a Hugging Face hub id (this needs access to the hub)"}
+NAME_KINDS = {
+    "embedded": "an embedded model",
+    "folder": "a local model folder",
+    "hub": "a Hugging Face hub id (this needs access to the hub)",
+}
 
 
 def first_line(err: BaseException) -> str:

@@ -15,6 +15,7 @@ an instance that pyvene rebuilds as ``cls(embed_dim=...)`` reconfigures itself w
   to two sites of the same pass: its first call, at (l, i), holds the state; its second, at (l*, i*),
   writes f(held). Call order is the layer order, so one pass needs l <= l*.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,6 +40,7 @@ def register_intervention(name: str) -> Callable[[I], I]:
     it never imports a module named in a file. A folder saved with `compat.save_intervenable` names the module
     of each registered class of the user's own, so that a process without it can say which module to import.
     """
+
     def decorate(cls: I) -> I:
         if not (isinstance(cls, type) and issubclass(cls, pv.Intervention)):
             raise TypeError(f"@register_intervention({name!r}) needs a pyvene Intervention subclass, got {cls!r}")
@@ -89,13 +91,17 @@ class _MappedIntervention(pv.TrainableIntervention):
         elif not isinstance(mapping, MappingFunction):
             spec = MappingSpec.coerce(mapping)
             if target_dim is None:
-                raise SpecError(f"{type(self).__name__} needs embed_dim to build mapping {spec.name!r} (allowed: "
-                                "embed_dim, or a built MappingFunction)")
+                raise SpecError(
+                    f"{type(self).__name__} needs embed_dim to build mapping {spec.name!r} (allowed: "
+                    "embed_dim, or a built MappingFunction)"
+                )
             source_dim = int(spec.weights["weight"].shape[1]) if "weight" in spec.weights else target_dim
             mapping = build_mapping(spec, source_dim, target_dim)
         if target_dim is not None and mapping.target_dim != target_dim:
-            raise SpecError(f"mapping output size {mapping.target_dim} does not match the site's hidden size "
-                            f"{target_dim} (embed_dim)")
+            raise SpecError(
+                f"mapping output size {mapping.target_dim} does not match the site's hidden size "
+                f"{target_dim} (embed_dim)"
+            )
         self._install(mapping)
 
     def _install(self, mapping: MappingFunction) -> None:
@@ -108,8 +114,9 @@ class _MappedIntervention(pv.TrainableIntervention):
     def _device(self) -> torch.device:
         return self.source_dim.device  # where f's weights are (a buffer every instance has)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # pyvene rebuilds us as cls(embed_dim=...): rebuild the mapping the saved state describes first.
         keys = [prefix + k for k in ("mapping_name", "mapping_args", "source_dim")]
         if all(k in state_dict for k in keys):
@@ -127,8 +134,9 @@ class _MappedIntervention(pv.TrainableIntervention):
                 target_dim = int(self.embed_dim) if self.embed_dim is not None else source_dim
                 state_dict[target_key] = torch.tensor(target_dim, dtype=torch.int64)
             self._install(MAPPINGS[name](source_dim, target_dim, **args))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def mapping_spec(self) -> MappingSpec:
         return self.mapping.to_spec()
@@ -138,16 +146,20 @@ class _MappedIntervention(pv.TrainableIntervention):
 class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationIntervention):
     """Writes f(source) over the target positions: the patch step of a Patchscope (f included)."""
 
-    def forward(self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None, **kwargs: Any
+    ) -> torch.Tensor:
         if source is None:  # pyvene's call of a constant source: the states given to `set_source_representation`
             source = self.source_representation
             if source is None:
-                raise SpecError(f"{type(self).__name__} has no source state (allowed: pyvene's sources or "
-                                "source_representations, or a constant source: set_source_representation)")
+                raise SpecError(
+                    f"{type(self).__name__} has no source state (allowed: pyvene's sources or "
+                    "source_representations, or a constant source: set_source_representation)"
+                )
         if source.shape[-1] != self.mapping.source_dim:
-            raise SpecError(f"source state has size {source.shape[-1]}, but the mapping expects "
-                            f"{self.mapping.source_dim}")
+            raise SpecError(
+                f"source state has size {source.shape[-1]}, but the mapping expects {self.mapping.source_dim}"
+            )
         # a split model's layer may sit on another device
         return self.mapping(source.to(self._device())).to(base.device, base.dtype)
 
@@ -157,14 +169,16 @@ class MappingIntervention(_MappedIntervention, pv.LocalistRepresentationInterven
         ``save`` keeps the states in the ``state_dict``. `PyvenePlan.add_to` gives a batch's source states so."""
         set_constant_source(self, source_representation)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # a saved constant source: make room for it (a rebuilt instance has none), then load it like any buffer
         key = prefix + "source_representation"
         if key in state_dict and "source_representation" not in self._buffers:
             set_constant_source(self, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class _ScaledWrite(MappingIntervention):
@@ -173,13 +187,15 @@ class _ScaledWrite(MappingIntervention):
 
     mode = "replace"
 
-    def __init__(self, mapping: MappingFunction | MappingSpec | str | None = None, alpha: float = 1.0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, mapping: MappingFunction | MappingSpec | str | None = None, alpha: float = 1.0, **kwargs: Any
+    ) -> None:
         super().__init__(mapping=mapping, **kwargs)
         self.register_buffer("alpha", torch.tensor(check_alpha(alpha), dtype=torch.float64))
 
-    def forward(self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, base: torch.Tensor, source: torch.Tensor | None, subspaces: Any = None, **kwargs: Any
+    ) -> torch.Tensor:
         written = super().forward(base, source, subspaces, **kwargs)
         return combine(self.mode, float(self.alpha), base, written).to(base.dtype)
 
@@ -213,8 +229,11 @@ class NormMatchedAddIntervention(_ScaledWrite):
 
 
 WRITE_INTERVENTIONS: dict[str, type[MappingIntervention]] = {
-    "replace": ScaledReplaceIntervention, "mix": MixIntervention, "add": AddIntervention,
-    "norm-matched-add": NormMatchedAddIntervention}
+    "replace": ScaledReplaceIntervention,
+    "mix": MixIntervention,
+    "add": AddIntervention,
+    "norm-matched-add": NormMatchedAddIntervention,
+}
 
 
 def write_intervention(mode: str, mapping: MappingFunction, embed_dim: int, alpha: float = 1.0) -> MappingIntervention:
@@ -252,7 +271,18 @@ def resolve_intervention(name: str) -> type[pv.Intervention]:
     return INTERVENTIONS[name]
 
 
-__all__ = ["MappingIntervention", "MixIntervention", "AddIntervention", "NormMatchedAddIntervention",
-           "check_alpha", "ScaledReplaceIntervention", "RerouteIntervention", "WRITE_INTERVENTIONS",
-           "write_intervention", "register_intervention", "INTERVENTIONS", "resolve_intervention",
-           "set_constant_source"]
+__all__ = [
+    "MappingIntervention",
+    "MixIntervention",
+    "AddIntervention",
+    "NormMatchedAddIntervention",
+    "check_alpha",
+    "ScaledReplaceIntervention",
+    "RerouteIntervention",
+    "WRITE_INTERVENTIONS",
+    "write_intervention",
+    "register_intervention",
+    "INTERVENTIONS",
+    "resolve_intervention",
+    "set_constant_source",
+]

@@ -4,6 +4,7 @@ Layers are checked against each model's depth, positions resolved in its tokeniz
 checked through the mapping f, the context length checked, α and a vector source checked in the dtypes they run
 in, and the pyvene sites chosen (`sites`).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -40,14 +41,18 @@ def as_models(model: ModelHandle | Models | Sequence[ModelHandle]) -> dict[str, 
     out: dict[str, ModelHandle] = {}
     for key, handle in items:
         if not isinstance(handle, ModelHandle):
-            raise SpecError(f"models entry {key!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
-                            "load_model or wrap_model)")
+            raise SpecError(
+                f"models entry {key!r} is a {type(handle).__name__} (allowed: a ModelHandle from "
+                "load_model or wrap_model)"
+            )
         name = handle.name if key is None else key  # a listed handle goes under its own name
         known = out.get(name)
         if known is not None and known is not handle:
-            raise SpecError(f"two different models are both named {name!r} (allowed: one model per name); "
-                            "name them apart with wrap_model(model, tokenizer, name=...) or pass a dict "
-                            "{name: handle}")
+            raise SpecError(
+                f"two different models are both named {name!r} (allowed: one model per name); "
+                "name them apart with wrap_model(model, tokenizer, name=...) or pass a dict "
+                "{name: handle}"
+            )
         out[name] = handle
     if not out:
         raise SpecError("models is empty (allowed: one ModelHandle, a list of them, or a dict name -> handle)")
@@ -63,9 +68,11 @@ def _check_shared_weights(models: Mapping[str, ModelHandle]) -> None:
         embedding = handle.model.get_input_embeddings()
         for other, each in models.items():
             if other != name and each.peft is None and each.model.get_input_embeddings() is embedding:
-                raise SpecError(f"models {other!r} and {name!r} are one model: peft applied {name!r}'s adapter in "
-                                f"place, so {other!r} runs it too (allowed: a separate base, e.g. load_model(base) "
-                                "and load_model(base, adapter=...), or a copy of the base made before get_peft_model)")
+                raise SpecError(
+                    f"models {other!r} and {name!r} are one model: peft applied {name!r}'s adapter in "
+                    f"place, so {other!r} runs it too (allowed: a separate base, e.g. load_model(base) "
+                    "and load_model(base, adapter=...), or a copy of the base made before get_peft_model)"
+                )
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,9 @@ def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
 def pick_model(models: Mapping[str, ModelHandle], name: str, owner: str) -> ModelHandle:
     if name in models:
         return models[name]
-    raise UnknownNameError(f"{owner}.model={name!r} is not among the loaded models "
-                           f"(allowed: {', '.join(sorted(models))})")
+    raise UnknownNameError(
+        f"{owner}.model={name!r} is not among the loaded models (allowed: {', '.join(sorted(models))})"
+    )
 
 
 def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
@@ -130,11 +138,13 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     # the source state after the final norm: a prompt's at the last layer (HF's last hidden_states entry), a vector's
     # only where it says it lives there; written there again when l* is the last layer of the same model
     source_normed = source_layer == source_model.n_layers - 1 and (vector is None or vector.after_final_norm)
-    skip_final_ln = (source_normed and target_layer == target_model.n_layers - 1
-                     and source_model is target_model)
+    skip_final_ln = source_normed and target_layer == target_model.n_layers - 1 and source_model is target_model
     return Resolved(
-        scope=scope, source_position=source_position, target_position=target_position,
-        source_layer=source_layer, target_layer=target_layer,
+        scope=scope,
+        source_position=source_position,
+        target_position=target_position,
+        source_layer=source_layer,
+        target_layer=target_layer,
         source_site=hidden_state_site(source_model.model, source_layer, source_model.n_layers, source_normed),
         target_site=hidden_state_site(target_model.model, target_layer, target_model.n_layers, skip_final_ln),
         target_tokens=len(target_encoding[0]),
@@ -160,17 +170,23 @@ def warn_uninformative(resolved: list[Resolved]) -> None:
             f"at position {first.target_position}, before the target's last ({first.target_tokens - 1}): no later "
             "layer reads that state and the readout never sees it, so their output is the same for every source "
             "(result.informative is False). Use l* below the last layer, or patch the target's last position.",
-            UninformativeScopeWarning, stacklevel=3)
+            UninformativeScopeWarning,
+            stacklevel=3,
+        )
 
 
 def check_vector(vector: VectorSource, handle: ModelHandle, n_slots: int) -> None:
     """A vector source fits its model's width, and has one row per slot when it has several."""
     if vector.width != handle.hidden_size:
-        raise SpecError(f"VectorSource.tensor has width {vector.width}, but {handle.name}'s hidden size is "
-                        f"{handle.hidden_size} (allowed: {handle.hidden_size})")
+        raise SpecError(
+            f"VectorSource.tensor has width {vector.width}, but {handle.name}'s hidden size is "
+            f"{handle.hidden_size} (allowed: {handle.hidden_size})"
+        )
     if vector.tensor.ndim == 2 and vector.tensor.shape[0] != n_slots:
-        raise SpecError(f"VectorSource.tensor has {vector.tensor.shape[0]} rows for {n_slots} target slot(s) "
-                        f"(allowed: a [d] tensor, or one row per slot: [{n_slots}, d])")
+        raise SpecError(
+            f"VectorSource.tensor has {vector.tensor.shape[0]} rows for {n_slots} target slot(s) "
+            f"(allowed: a [d] tensor, or one row per slot: [{n_slots}, d])"
+        )
 
 
 def check_write_dtypes(scope: Patchscope, mapping: MappingFunction, source: ModelHandle, target: ModelHandle) -> None:
@@ -194,15 +210,31 @@ def check_context(handle: ModelHandle, field: str, n_tokens: int, max_new_tokens
     total = n_tokens + max_new_tokens
     if limit is None or total <= limit:
         return
-    what = f"{field} has {n_tokens} tokens" + (f" + max_new_tokens={max_new_tokens} = {total}" if max_new_tokens
-                                                else "")
+    what = f"{field} has {n_tokens} tokens" + (
+        f" + max_new_tokens={max_new_tokens} = {total}" if max_new_tokens else ""
+    )
     if encoding == "absolute":
-        raise SpecError(f"{what}, past {handle.name}'s {limit} learned positions (allowed: at most {limit} tokens "
-                        "in all, prompt and generation)")
-    warnings.warn(f"a prompt plus the tokens to generate runs past {handle.name}'s trained length of {limit} "
-                  f"tokens ({encoding} positions extrapolate; expect degraded outputs)", ContextLengthWarning,
-                  stacklevel=4)
+        raise SpecError(
+            f"{what}, past {handle.name}'s {limit} learned positions (allowed: at most {limit} tokens "
+            "in all, prompt and generation)"
+        )
+    warnings.warn(
+        f"a prompt plus the tokens to generate runs past {handle.name}'s trained length of {limit} "
+        f"tokens ({encoding} positions extrapolate; expect degraded outputs)",
+        ContextLengthWarning,
+        stacklevel=4,
+    )
 
 
-__all__ = ["Resolved", "resolve", "source_index", "warn_uninformative", "check_vector", "check_write_dtypes",
-           "as_models", "pick_model", "check_context", "Models"]
+__all__ = [
+    "Resolved",
+    "resolve",
+    "source_index",
+    "warn_uninformative",
+    "check_vector",
+    "check_write_dtypes",
+    "as_models",
+    "pick_model",
+    "check_context",
+    "Models",
+]

@@ -14,6 +14,7 @@ final norm (TransformerLens applies ``ln_final`` after ``blocks.{last}.hook_resi
 runs on it (`VectorSource.after_final_norm` False). A vector taken from the library's own last-layer reads
 (`hidden_states`, a `Source`), which are after the final norm, says so with ``after_final_norm=True``.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,12 +34,13 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 # hook names -> (pattern, offset): the hook is the output of block (captured index + offset)
 _HOOKS = (
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),   # TransformerLens names: after block l
-    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),   # before block l = after block l - 1
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),  # TransformerLens names: after block l
+    (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),  # before block l = after block l - 1
     (re.compile(r"^(?:model\.)?(?:layers|h)\.(\d+)$"), 0),  # a Hugging Face block's own output
 )
-HOOKS_ALLOWED = ("blocks.L.hook_resid_post, blocks.L.hook_resid_pre (L >= 1), model.layers.L: the residual "
-                 "stream at a block output")
+HOOKS_ALLOWED = (
+    "blocks.L.hook_resid_post, blocks.L.hook_resid_pre (L >= 1), model.layers.L: the residual stream at a block output"
+)
 
 
 def hook_layer(hook_name: object) -> int:
@@ -48,15 +50,17 @@ def hook_layer(hook_name: object) -> int:
             match = pattern.match(hook_name)
             if match and int(match.group(1)) + offset >= 0:
                 return int(match.group(1)) + offset
-    raise SpecError(f"SAE hook_name={hook_name!r} is not a residual-stream hook this library can write at "
-                    f"(allowed: {HOOKS_ALLOWED})")
+    raise SpecError(
+        f"SAE hook_name={hook_name!r} is not a residual-stream hook this library can write at "
+        f"(allowed: {HOOKS_ALLOWED})"
+    )
 
 
 @dataclass(frozen=True)
 class SAEDecoder:
     """An SAE's decoder: one direction per latent, written at block output `layer` (``W_dec``, [d_sae, d_in])."""
 
-    directions: torch.Tensor   # [d_sae, d_in]
+    directions: torch.Tensor  # [d_sae, d_in]
     layer: int
     hook_name: str
     architecture: str
@@ -108,11 +112,18 @@ def load_sae(folder: str | os.PathLike, model: Any = None) -> SAEDecoder:
         raise SpecError(f"SAE weights {WEIGHTS_FILE!r} have no 'W_dec' (found: {sorted(weights)[:8]})")
     decoder = weights["W_dec"]
     if tuple(decoder.shape) != (sizes["d_sae"], sizes["d_in"]):
-        raise SpecError(f"SAE W_dec has shape {list(decoder.shape)}, but cfg.json says d_sae={sizes['d_sae']}, "
-                        f"d_in={sizes['d_in']} (allowed: [d_sae, d_in])")
+        raise SpecError(
+            f"SAE W_dec has shape {list(decoder.shape)}, but cfg.json says d_sae={sizes['d_sae']}, "
+            f"d_in={sizes['d_in']} (allowed: [d_sae, d_in])"
+        )
     check_finite({"W_dec": decoder}, "SAE weight", torch.float32)
-    sae = SAEDecoder(decoder.float(), layer, str(_field(config, "hook_name")), str(config.get("architecture", "")),
-                     str(config.get("normalize_activations", "none")))
+    sae = SAEDecoder(
+        decoder.float(),
+        layer,
+        str(_field(config, "hook_name")),
+        str(config.get("architecture", "")),
+        str(config.get("normalize_activations", "none")),
+    )
     if model is not None:
         check_against(sae, model)
     return sae
@@ -121,28 +132,35 @@ def load_sae(folder: str | os.PathLike, model: Any = None) -> SAEDecoder:
 def check_against(sae: SAEDecoder, model: Any) -> None:
     """The SAE fits `model` (a `ModelHandle`): same width, and its layer exists."""
     if sae.d_in != model.hidden_size:
-        raise SpecError(f"SAE d_in={sae.d_in} does not match {model.name}'s hidden size {model.hidden_size} "
-                        f"(allowed: an SAE trained on {model.name}'s residual stream)")
+        raise SpecError(
+            f"SAE d_in={sae.d_in} does not match {model.name}'s hidden size {model.hidden_size} "
+            f"(allowed: an SAE trained on {model.name}'s residual stream)"
+        )
     if not 0 <= sae.layer < model.n_layers:
-        raise SpecError(f"SAE hook_name={sae.hook_name!r} is layer {sae.layer}, out of range for {model.name} "
-                        f"(allowed: 0..{model.n_layers - 1})")
+        raise SpecError(
+            f"SAE hook_name={sae.hook_name!r} is layer {sae.layer}, out of range for {model.name} "
+            f"(allowed: 0..{model.n_layers - 1})"
+        )
 
 
-def vector_source(tensor: torch.Tensor, model: Any, layer: int, name: str = "vector",
-                  after_final_norm: bool = False) -> VectorSource:
+def vector_source(
+    tensor: torch.Tensor, model: Any, layer: int, name: str = "vector", after_final_norm: bool = False
+) -> VectorSource:
     """Any tensor ([d], or [slots, d]) as a source written as if read at `layer` of `model` (a handle or a name),
     its width checked against the model when a handle is given; at the last layer it lives before the final norm
     unless `after_final_norm` (see `VectorSource`)."""
     handle = model if isinstance(model, ModelHandle) else None
-    source = VectorSource(torch.as_tensor(tensor), layer, handle.name if handle else str(model), name,
-                          after_final_norm)
+    source = VectorSource(torch.as_tensor(tensor), layer, handle.name if handle else str(model), name, after_final_norm)
     if handle is not None:
         if source.width != handle.hidden_size:
-            raise SpecError(f"vector {name!r} has width {source.width}, but {handle.name}'s hidden size is "
-                            f"{handle.hidden_size} (allowed: {handle.hidden_size})")
+            raise SpecError(
+                f"vector {name!r} has width {source.width}, but {handle.name}'s hidden size is "
+                f"{handle.hidden_size} (allowed: {handle.hidden_size})"
+            )
         if not -handle.n_layers <= layer < handle.n_layers:
-            raise SpecError(f"layer={layer} is out of range for {handle.name} (allowed: {-handle.n_layers}.."
-                            f"{handle.n_layers - 1})")
+            raise SpecError(
+                f"layer={layer} is out of range for {handle.name} (allowed: {-handle.n_layers}..{handle.n_layers - 1})"
+            )
     return source
 
 
@@ -151,12 +169,14 @@ def sae_source(sae: SAEDecoder, latent: int, model: Any) -> VectorSource:
     every hook `hook_layer` accepts is a block output, so the last block's is before the final norm."""
     if isinstance(model, ModelHandle):
         check_against(sae, model)
-    return vector_source(sae.latent(latent), model, sae.layer, f"sae:{sae.hook_name}/latent-{int(latent)}",
-                         after_final_norm=False)
+    return vector_source(
+        sae.latent(latent), model, sae.layer, f"sae:{sae.hook_name}/latent-{int(latent)}", after_final_norm=False
+    )
 
 
-def probe_source(weight: torch.Tensor, row: int, model: Any, layer: int, name: str = "probe",
-                 after_final_norm: bool = False) -> VectorSource:
+def probe_source(
+    weight: torch.Tensor, row: int, model: Any, layer: int, name: str = "probe", after_final_norm: bool = False
+) -> VectorSource:
     """Row `row` of a linear probe's weight ([classes, d], as ``nn.Linear(d, classes).weight``) read at `layer`;
     a probe trained on the library's last-layer states (after the final norm) passes ``after_final_norm=True``."""
     weight = torch.as_tensor(weight)
@@ -178,9 +198,11 @@ def das_directions(intervention: Any) -> torch.Tensor:
     rotate = getattr(intervention, "rotate_layer", None)
     weight = getattr(rotate, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise SpecError(f"{type(intervention).__name__} has no learned rotation (allowed: a pyvene "
-                        "RotatedSpaceIntervention, LowRankRotatedSpaceIntervention or "
-                        "BoundlessRotatedSpaceIntervention)")
+        raise SpecError(
+            f"{type(intervention).__name__} has no learned rotation (allowed: a pyvene "
+            "RotatedSpaceIntervention, LowRankRotatedSpaceIntervention or "
+            "BoundlessRotatedSpaceIntervention)"
+        )
     directions = weight.detach().T.float().cpu().clone()
     interchange = getattr(intervention, "interchange_dim", None)
     if isinstance(interchange, torch.Tensor) and interchange.numel() == 1 and directions.shape[0] > 1:
@@ -195,14 +217,19 @@ def das_source(intervenable: Any, model: ModelHandle, direction: int = 0, key: s
     intervention, layer, label = _das_intervention(intervenable, model, key)
     directions = das_directions(intervention)
     if directions.shape[1] != model.hidden_size:
-        raise SpecError(f"DAS intervention {label!r} has width {directions.shape[1]}, but {model.name}'s hidden "
-                        f"size is {model.hidden_size} (allowed: an intervention learned on {model.name})")
+        raise SpecError(
+            f"DAS intervention {label!r} has width {directions.shape[1]}, but {model.name}'s hidden "
+            f"size is {model.hidden_size} (allowed: an intervention learned on {model.name})"
+        )
     index = None if isinstance(direction, bool) else as_index(direction)
     if index is None or not 0 <= index < directions.shape[0]:
-        raise SpecError(f"direction={direction!r} is out of range for DAS intervention {label!r} (allowed: "
-                        f"0..{directions.shape[0] - 1})")
-    return vector_source(directions[index], model, layer, f"das:{label}/direction-{index}",
-                         after_final_norm=False)  # pyvene's block_output: before the final norm
+        raise SpecError(
+            f"direction={direction!r} is out of range for DAS intervention {label!r} (allowed: "
+            f"0..{directions.shape[0] - 1})"
+        )
+    return vector_source(
+        directions[index], model, layer, f"das:{label}/direction-{index}", after_final_norm=False
+    )  # pyvene's block_output: before the final norm
 
 
 def _das_intervention(intervenable: Any, model: ModelHandle, key: str | None) -> tuple[Any, int, str]:
@@ -211,27 +238,48 @@ def _das_intervention(intervenable: Any, model: ModelHandle, key: str | None) ->
 
     if not isinstance(intervenable, pv.IntervenableModel):
         if key is not None:
-            raise SpecError("key= names an intervention of an IntervenableModel (allowed: None for a bare "
-                            "intervention)")
+            raise SpecError(
+                "key= names an intervention of an IntervenableModel (allowed: None for a bare intervention)"
+            )
         return intervenable, 0, type(intervenable).__name__
     if intervenable.model is not model.model:
-        raise SpecError(f"the IntervenableModel wraps {type(intervenable.model).__name__} at "
-                        f"{id(intervenable.model):#x}, not {model.name}'s model (allowed: the DAS study of "
-                        f"{model.name})")
-    rotated = {k: (v[0] if isinstance(v, tuple) else v) for k, v in intervenable.interventions.items()
-               if hasattr(v[0] if isinstance(v, tuple) else v, "rotate_layer")}
+        raise SpecError(
+            f"the IntervenableModel wraps {type(intervenable.model).__name__} at "
+            f"{id(intervenable.model):#x}, not {model.name}'s model (allowed: the DAS study of "
+            f"{model.name})"
+        )
+    rotated = {
+        k: (v[0] if isinstance(v, tuple) else v)
+        for k, v in intervenable.interventions.items()
+        if hasattr(v[0] if isinstance(v, tuple) else v, "rotate_layer")
+    }
     if key is None and len(rotated) != 1:
-        raise SpecError(f"the IntervenableModel holds {len(rotated)} rotated-space interventions (allowed: exactly "
-                        f"one, or key= one of {sorted(rotated)})")
+        raise SpecError(
+            f"the IntervenableModel holds {len(rotated)} rotated-space interventions (allowed: exactly "
+            f"one, or key= one of {sorted(rotated)})"
+        )
     key = key if key is not None else next(iter(rotated))
     if key not in rotated:
         raise SpecError(f"key={key!r} is not a rotated-space intervention here (allowed: {sorted(rotated)})")
     config = intervenable.representations[key]
     if config.component != "block_output":
-        raise SpecError(f"DAS intervention {key!r} sits on {config.component!r} (allowed: 'block_output', the "
-                        "residual stream a Patchscope reads and writes)")
+        raise SpecError(
+            f"DAS intervention {key!r} sits on {config.component!r} (allowed: 'block_output', the "
+            "residual stream a Patchscope reads and writes)"
+        )
     return rotated[key], int(config.layer), key
 
 
-__all__ = ["SAEDecoder", "load_sae", "hook_layer", "check_against", "CONFIG_FILE", "WEIGHTS_FILE", "vector_source",
-           "sae_source", "probe_source", "das_directions", "das_source"]
+__all__ = [
+    "SAEDecoder",
+    "load_sae",
+    "hook_layer",
+    "check_against",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "vector_source",
+    "sae_source",
+    "probe_source",
+    "das_directions",
+    "das_source",
+]

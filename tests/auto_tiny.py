@@ -4,6 +4,7 @@ The classes and their tiny configs come from `pyvene_patchscopes.tools.families`
 sizes set generically), so a new release's families are built here without anyone editing a list. Each model is
 built once per test session; `verdicts` is the same survey ``patchscopes families`` prints.
 """
+
 from __future__ import annotations
 
 import functools

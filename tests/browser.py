@@ -6,6 +6,7 @@ Debian packages are missing, every browser test fails with one line that names t
 them as root). Helpers: `offline` cuts the page's network and `requests_made` lists what the page asked for,
 `serve` runs a FastAPI app on a free 127.0.0.1 port, `screenshot` keeps a PNG of each page state.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ from typing import Any, Callable, Iterator
 import pytest
 
 PACKAGES = "chromium chromium-driver"
-MISSING = (f"the browser tests need Debian's headless Chromium: apt-get install {PACKAGES} "
-           f"(make test installs them as root)")
+MISSING = (
+    f"the browser tests need Debian's headless Chromium: apt-get install {PACKAGES} (make test installs them as root)"
+)
 WINDOW = "1400,1000"
 
 
@@ -37,13 +39,21 @@ def chrome(download_dir: str | Path) -> Any:
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser_path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size={WINDOW}",
-                "--disable-dev-shm-usage", "--no-first-run", "--disable-extensions",
-                # names for the explorer's attack tests: another site, and a host name rebound to this machine
-                "--host-resolver-rules=MAP attacker.example 127.0.0.1, MAP evil.example 127.0.0.1"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--window-size={WINDOW}",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-extensions",
+        # names for the explorer's attack tests: another site, and a host name rebound to this machine
+        "--host-resolver-rules=MAP attacker.example 127.0.0.1, MAP evil.example 127.0.0.1",
+    ):
         options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(download_dir),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
+    )
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
     driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
@@ -84,14 +94,18 @@ def driver(chromium) -> Iterator[Any]:
 def offline(driver: Any) -> None:
     """Cut the page off the network: any request it makes fails (file:// pages still load)."""
     driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": True, "latency": 0,
-                                                                "downloadThroughput": -1, "uploadThroughput": -1})
+    driver.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
 
 
 def online(driver: Any) -> None:
     driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {"offline": False, "latency": 0,
-                                                                "downloadThroughput": -1, "uploadThroughput": -1})
+    driver.execute_cdp_cmd(
+        "Network.emulateNetworkConditions",
+        {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+    )
 
 
 def requests_made(driver: Any) -> list[str]:
@@ -110,8 +124,7 @@ def resources_loaded(driver: Any) -> list[str]:
 
 
 # ---- waiting, looking, downloading --------------------------------------------------------------------
-def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "the page",
-               every: float = 0.05) -> Any:
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "the page", every: float = 0.05) -> Any:
     """Poll `condition` until it returns something truthy; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -161,16 +174,19 @@ def tooltip_for(driver: Any, cell: Any, css: str = "div.ps-tooltip", timeout: fl
 
     text = wait_until(shown, timeout, f"one visible {css} on hover")
     moved = {k: round(cell.rect[k] - before[k]) for k in ("x", "y")}
-    assert moved == {"x": 0, "y": 0}, (f"hovering moved the cell by {moved} px: the tooltip is in the page's flow "
-                                       f"(is its position: fixed style loaded?)")
+    assert moved == {"x": 0, "y": 0}, (
+        f"hovering moved the cell by {moved} px: the tooltip is in the page's flow "
+        f"(is its position: fixed style loaded?)"
+    )
     return text
 
 
 def downloaded(folder: Path, name: str, timeout: float = 10.0) -> Path:
     """Wait for the browser to finish saving `folder/name`."""
     path = Path(folder) / name
-    wait_until(lambda: path.is_file() and not list(Path(folder).glob("*.crdownload")), timeout,
-               f"the download of {name}")
+    wait_until(
+        lambda: path.is_file() and not list(Path(folder).glob("*.crdownload")), timeout, f"the download of {name}"
+    )
     return path
 
 

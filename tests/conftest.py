@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random models for unit tests, the real SmolLM2 once per session."""
+
 from __future__ import annotations
 
 import sys
@@ -34,10 +35,12 @@ def tiny_folder(tmp_path):
 @pytest.fixture(scope="session")
 def smollm2():
     from pyvene_patchscopes import load_model
+
     return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
 def gemma3():
     from pyvene_patchscopes import load_model
+
     return load_model("gemma3-270m")

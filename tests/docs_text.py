@@ -1,4 +1,5 @@
 """The manual as the tests read it: a page of docs/ by its name, or the README; and the Python blocks in them."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,11 @@ def joined(name: str) -> str:
 
 def pages() -> list[str]:
     """Every page's name (docs/**/*.md, then the README)."""
-    return sorted(p.relative_to(DOCS).with_suffix("").as_posix() for p in DOCS.rglob("*.md")
-                  if "reports" not in p.relative_to(DOCS).parts) + ["README"]
+    return sorted(
+        p.relative_to(DOCS).with_suffix("").as_posix()
+        for p in DOCS.rglob("*.md")
+        if "reports" not in p.relative_to(DOCS).parts
+    ) + ["README"]
 
 
 def python_blocks(text: str) -> list[tuple[str, str | None]]:
@@ -36,10 +40,10 @@ def python_blocks(text: str) -> list[tuple[str, str | None]]:
     while i < len(lines):
         line = lines[i]
         if line.strip() == "```python":
-            indent = line[:len(line) - len(line.lstrip())]
+            indent = line[: len(line) - len(line.lstrip())]
             end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```" and lines[j].startswith(indent))
             marker = MARKER.fullmatch(previous.strip())
-            blocks.append((textwrap.dedent("\n".join(lines[i + 1:end])) + "\n", marker.group(1) if marker else None))
+            blocks.append((textwrap.dedent("\n".join(lines[i + 1 : end])) + "\n", marker.group(1) if marker else None))
             i, previous = end + 1, ""
             continue
         if line.strip():

@@ -2,6 +2,7 @@
 
 Each prompt runs on its own (no padding) so the reference is independent of the engine's batching.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -16,9 +17,19 @@ from pyvene_patchscopes.models import ModelHandle
 # Written by hand from each family's modeling file, apart from the library's architecture table on purpose:
 # a reference that read the table would agree with it whatever it said.
 _PATHS = {  # class name: (the decoder blocks, the final norm)
-    **dict.fromkeys(["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "Olmo2ForCausalLM"],
-                    ("model.layers", "model.norm")),
+    **dict.fromkeys(
+        [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+            "Gemma2ForCausalLM",
+            "Gemma3ForCausalLM",
+            "Phi3ForCausalLM",
+            "Olmo2ForCausalLM",
+        ],
+        ("model.layers", "model.norm"),
+    ),
     "GPT2LMHeadModel": ("transformer.h", "transformer.ln_f"),
     "GPTNeoXForCausalLM": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
 }
@@ -45,16 +56,19 @@ def _match_hidden_states(model: nn.Module) -> tuple[str, str]:
     head = model.get_output_embeddings()
     hooks = [head.register_forward_pre_hook(lambda mod, args: outputs.update({"<head input>": args[0].clone()}))]
     for path, module in model.named_modules():
+
         def store(mod, args, out, path=path) -> None:
             out = _hidden(out)
             calls[path] = calls.get(path, 0) + 1
             if isinstance(out, torch.Tensor):
                 outputs[path] = out.detach().clone()
+
         hooks.append(module.register_forward_hook(store))
     try:
         with torch.no_grad():
-            states = model(input_ids=torch.tensor([[5, 9, 17, 30]]), output_hidden_states=True,
-                           use_cache=False).hidden_states
+            states = model(
+                input_ids=torch.tensor([[5, 9, 17, 30]]), output_hidden_states=True, use_cache=False
+            ).hidden_states
     finally:
         for hook in hooks:
             hook.remove()
@@ -64,20 +78,34 @@ def _match_hidden_states(model: nn.Module) -> tuple[str, str]:
         return path in outputs and outputs[path].shape == state.shape and torch.equal(outputs[path], state)
 
     # HF's hidden_states[l + 1] is block l's output (Mamba and RWKV leave the embeddings out: [l] there)
-    blocks = [path for path, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) in (n, n + 1)
-              and any(all(same(f"{path}.{l}", states[l + shift]) for l in range(len(m) - 1)) for shift in (0, 1))]
+    blocks = [
+        path
+        for path, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) in (n, n + 1)
+        and any(all(same(f"{path}.{l}", states[l + shift]) for l in range(len(m) - 1)) for shift in (0, 1))
+    ]
     # the final norm: whatever hands the unembedding its input (the last block itself where there is no norm)
     last = f"{blocks[0]}.{len(model.get_submodule(blocks[0])) - 1}" if blocks else ""
     head_input = outputs.get("<head input>")
-    norms = [path for path in outputs if path != "<head input>" and head_input is not None
-             and not any(path.startswith(b + ".") for b in blocks) and same(path, head_input)]
+    norms = [
+        path
+        for path in outputs
+        if path != "<head input>"
+        and head_input is not None
+        and not any(path.startswith(b + ".") for b in blocks)
+        and same(path, head_input)
+    ]
     if norms and calls.get(norms[-1], 1) > 1:  # NanoChat's one norm also runs before the blocks: no single
-        return blocks[0], last                 # site after it, so the last layer is the last block's output
+        return blocks[0], last  # site after it, so the last layer is the last block's output
     if not norms and last and same(last, head_input):
         norms = [last]
     if not norms:  # the head reads a scaled copy (MiniCPM3 divides by width / base width): HF's last entry
-        norms = [path for path in outputs if not any(path.startswith(b + ".") for b in blocks)
-                 and path != "<head input>" and same(path, states[-1])]
+        norms = [
+            path
+            for path in outputs
+            if not any(path.startswith(b + ".") for b in blocks) and path != "<head input>" and same(path, states[-1])
+        ]
     if not blocks or not norms:
         raise KeyError(f"no blocks reproduce hidden_states in {type(model).__name__} (blocks {blocks}, norm {norms})")
     return blocks[0], norms[-1]
@@ -133,11 +161,13 @@ def _writer(position: int, vector: torch.Tensor, prompt_pass_only: bool):
             return out  # a KV-cached decode step: the paper patches only the prompt pass
         hidden[0, position] = vector
         return out
+
     return hook
 
 
-def patched_logits(handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor,
-                   after_norm: bool = False) -> torch.Tensor:
+def patched_logits(
+    handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor, after_norm: bool = False
+) -> torch.Tensor:
     """Last-position logits of `prompt` with `vector` written at (position, layer)."""
     hook = site(handle.model, layer, after_norm).register_forward_hook(_writer(position, vector, False))
     try:
@@ -147,8 +177,9 @@ def patched_logits(handle: ModelHandle, prompt: str, layer: int, position: int, 
         hook.remove()
 
 
-def patched_generate(handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor,
-                     max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+def patched_generate(
+    handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor, max_new_tokens: int
+) -> tuple[list[int], torch.Tensor]:
     """Greedy generation with the patch on the prompt pass (KV cache on): new token ids, first-step logits."""
     hook = block(handle.model, layer).register_forward_hook(_writer(position, vector, True))
     return _generate_hooked(handle, prompt, hook, max_new_tokens)
@@ -157,15 +188,21 @@ def patched_generate(handle: ModelHandle, prompt: str, layer: int, position: int
 def _generate_hooked(handle: ModelHandle, prompt: str, hook, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Greedy new token ids and first-step logits of `prompt` with `hook` in place; the hook is removed after."""
     tok = handle.tokenizer
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                              eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     ids = encode(handle, prompt)
     try:
         with torch.no_grad():
             out = handle.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
     finally:
         hook.remove()
-    return out.sequences[0, ids.shape[1]:].tolist(), out.logits[0][0]
+    return out.sequences[0, ids.shape[1] :].tolist(), out.logits[0][0]
 
 
 def segment_mask(n_tokens: int, shared: int, first: int, dtype: torch.dtype) -> torch.Tensor:
@@ -179,8 +216,16 @@ def segment_mask(n_tokens: int, shared: int, first: int, dtype: torch.dtype) -> 
     return torch.zeros(n_tokens, n_tokens, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
-def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: int, write_layer: int,
-             write_position: int, mask: torch.Tensor | None, max_new_tokens: int = 0):
+def rerouted(
+    handle: ModelHandle,
+    prompt: str,
+    read_layer: int,
+    read_position: int,
+    write_layer: int,
+    write_position: int,
+    mask: torch.Tensor | None,
+    max_new_tokens: int = 0,
+):
     """Read (read_layer, read_position) and write it at (write_layer, write_position) of the same sequence.
 
     One pass when read_layer <= write_layer; otherwise the state comes from a first, unpatched pass.
@@ -227,10 +272,13 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
                 generated.append(int(token))
                 if int(token) == handle.tokenizer.eos_token_id:
                     break
-                step_out = handle.model(token, use_cache=True,
-                                        attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
-                                        position_ids=torch.tensor([[n + step]]),
-                                        **{"cache" if new_api else "past_key_values": cache})
+                step_out = handle.model(
+                    token,
+                    use_cache=True,
+                    attention_mask=torch.ones(1, n + step + 1, dtype=torch.long),
+                    position_ids=torch.tensor([[n + step]]),
+                    **{"cache" if new_api else "past_key_values": cache},
+                )
                 cache = step_out.cache if new_api else step_out.past_key_values
                 token = step_out.logits[:, -1].argmax(-1, keepdim=True)
     finally:
@@ -241,9 +289,9 @@ def rerouted(handle: ModelHandle, prompt: str, read_layer: int, read_position: i
 
 # ---- write modes at several slots (issue 26): each method's formula written out by hand ---------------------------
 WRITES = {
-    "replace": lambda h, v, a: a * v,                                       # the paper's Patchscope at a = 1
-    "mix": lambda h, v, a: a * v + (1 - a) * h,                            # SelfIE, 'normalized' (overlay_strength a)
-    "add": lambda h, v, a: h + a * v,                                       # SelfIE, 'addition'; a steering vector
+    "replace": lambda h, v, a: a * v,  # the paper's Patchscope at a = 1
+    "mix": lambda h, v, a: a * v + (1 - a) * h,  # SelfIE, 'normalized' (overlay_strength a)
+    "add": lambda h, v, a: h + a * v,  # SelfIE, 'addition'; a steering vector
     "norm-matched-add": lambda h, v, a: h + h.norm() * a * v / v.norm(),  # Activation Oracles' steering hook
 }
 
@@ -258,14 +306,24 @@ def _slot_writer(slots: list[int], vectors: torch.Tensor, write: str, alpha: flo
         for k, slot in enumerate(slots):
             hidden[0, slot] = formula(hidden[0, slot].clone(), vectors[k] if vectors.ndim == 2 else vectors, alpha)
         return out
+
     return hook
 
 
-def written_logits(handle: ModelHandle, prompt: str, layer: int, slots: list[int], vectors: torch.Tensor,
-                   write: str = "replace", alpha: float = 1.0, after_norm: bool = False) -> torch.Tensor:
+def written_logits(
+    handle: ModelHandle,
+    prompt: str,
+    layer: int,
+    slots: list[int],
+    vectors: torch.Tensor,
+    write: str = "replace",
+    alpha: float = 1.0,
+    after_norm: bool = False,
+) -> torch.Tensor:
     """Last-position logits of `prompt` with `vectors` ([d], or one per slot) written at `slots` after block `layer`."""
     hook = site(handle.model, layer, after_norm).register_forward_hook(
-        _slot_writer(slots, vectors, write, alpha, False))
+        _slot_writer(slots, vectors, write, alpha, False)
+    )
     try:
         with torch.no_grad():
             return handle.model(encode(handle, prompt)).logits[0, -1]
@@ -273,8 +331,16 @@ def written_logits(handle: ModelHandle, prompt: str, layer: int, slots: list[int
         hook.remove()
 
 
-def written_generate(handle: ModelHandle, prompt: str, layer: int, slots: list[int], vectors: torch.Tensor,
-                     write: str, alpha: float, max_new_tokens: int) -> list[int]:
+def written_generate(
+    handle: ModelHandle,
+    prompt: str,
+    layer: int,
+    slots: list[int],
+    vectors: torch.Tensor,
+    write: str,
+    alpha: float,
+    max_new_tokens: int,
+) -> list[int]:
     """Greedy tokens with the write on the prompt pass only (KV cache on), as SelfIE and the paper patch."""
     hook = block(handle.model, layer).register_forward_hook(_slot_writer(slots, vectors, write, alpha, True))
     return _generate_hooked(handle, prompt, hook, max_new_tokens)[0]

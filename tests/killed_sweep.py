@@ -5,6 +5,7 @@ is written), so that the test can kill the process with some units finished and 
 of 12 prompts in units of 2; `run_default` is 20 prompts with the default settings (units by `UNIT_CELLS`) on a
 30-layer model, the full 30 x 30 grid or (``"same"``) l* = l.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,14 +25,23 @@ TWENTY = [f"The city of number {i} is large" for i in range(20)]
 
 def run(folder: str):
     """The sweep both the killed process and the test's own rerun make: same model, prompts and arguments."""
-    return module.sweep(PROMPTS, tiny_model("llama", seed=5), target_layers=[0, 2, 3], max_new_tokens=2,
-                        batch_size=2, progress=False, out=folder, readout="logits")
+    return module.sweep(
+        PROMPTS,
+        tiny_model("llama", seed=5),
+        target_layers=[0, 2, 3],
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+        out=folder,
+        readout="logits",
+    )
 
 
 def run_default(folder: str, target_layers: str | None = None):
     """20 prompts, every setting at its default but the layers' (None: the whole grid) and the progress bar."""
-    return module.sweep(TWENTY, tiny_model("llama", layers=30, seed=5), target_layers=target_layers, progress=False,
-                        out=folder)
+    return module.sweep(
+        TWENTY, tiny_model("llama", layers=30, seed=5), target_layers=target_layers, progress=False, out=folder
+    )
 
 
 if __name__ == "__main__":

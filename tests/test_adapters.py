@@ -4,6 +4,7 @@ adapted forward on both paths, the base model left as it was, the adapter's iden
 The golden reference calls the PeftModel itself (its own forward, adapters as peft runs them) with a forward hook on
 the block that writes at the slots, as pyvene's tests patch by hand.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,16 @@ def _pair(kind: str, seed: int = 5):
     return base, wrap_model(peft_model, base.tokenizer, name=f"{base.name}+lora")
 
 
-def _hooked_logits(peft_model, handle, prompt: str, layer: int, slots: list[int], vectors: torch.Tensor,
-                   write: str = "replace", alpha: float = 1.0) -> torch.Tensor:
+def _hooked_logits(
+    peft_model,
+    handle,
+    prompt: str,
+    layer: int,
+    slots: list[int],
+    vectors: torch.Tensor,
+    write: str = "replace",
+    alpha: float = 1.0,
+) -> torch.Tensor:
     """Last-position logits of the PeftModel's own forward with `vectors` written at `slots` after block `layer`."""
     formula = WRITES[write]
 
@@ -86,8 +95,11 @@ def _lora_state(peft_model) -> dict[str, torch.Tensor]:
 
 
 def _slots(handle, target) -> list[int]:
-    return list(resolve_slots(handle.tokenizer, target.prompt, target.position,
-                              encode_with_offsets(handle.tokenizer, target.prompt)))
+    return list(
+        resolve_slots(
+            handle.tokenizer, target.prompt, target.position, encode_with_offsets(handle.tokenizer, target.prompt)
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -95,9 +107,13 @@ def test_a_patchscope_into_a_lora_decoder_equals_hooks_on_the_adapted_forward_on
     base, adapted = _pair(kind)
     peft_model = adapted.peft
     before_base, before_state = _logits(base.model, base, PROMPT), _lora_state(peft_model)
-    scopes = [Patchscope(Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, 2, 1, model=adapted.name)),
-              Patchscope(Source(SOURCE, "Paris", 2, base.name),
-                         Target(PROMPT, Every("x"), 1, model=adapted.name, write="norm-matched-add", alpha=0.7))]
+    scopes = [
+        Patchscope(Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, 2, 1, model=adapted.name)),
+        Patchscope(
+            Source(SOURCE, "Paris", 2, base.name),
+            Target(PROMPT, Every("x"), 1, model=adapted.name, write="norm-matched-add", alpha=0.7),
+        ),
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowPathWarning)  # the planned execution runs the adapted model
         planned = run(scopes, [base, adapted], top=3)
@@ -110,8 +126,9 @@ def test_a_patchscope_into_a_lora_decoder_equals_hooks_on_the_adapted_forward_on
             torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
             assert got.top[0].token_id == int(want.argmax())
         with peft_model.disable_adapter():
-            unadapted = _hooked_logits(peft_model, adapted, PROMPT, 1, slots, state, scope.target.write,
-                                       scope.target.alpha)
+            unadapted = _hooked_logits(
+                peft_model, adapted, PROMPT, 1, slots, state, scope.target.write, scope.target.alpha
+            )
         assert not torch.allclose(unadapted, want, atol=1e-3)  # the adapter is in play
     # the base model and the adapter are as they were: nothing merged, unmerged, disabled or changed
     torch.testing.assert_close(_logits(base.model, base, PROMPT), before_base, atol=0, rtol=0)
@@ -124,8 +141,11 @@ def test_a_patchscope_into_a_lora_decoder_equals_hooks_on_the_adapted_forward_on
 
 def test_generation_through_a_lora_decoder_equals_hooks_on_both_paths():
     base, adapted = _pair("llama")
-    scope = Patchscope(Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, Every("x"), 1, model=adapted.name,
-                                                                     write="add", alpha=2.0), max_new_tokens=4)
+    scope = Patchscope(
+        Source(SOURCE, "Paris", 2, base.name),
+        Target(PROMPT, Every("x"), 1, model=adapted.name, write="add", alpha=2.0),
+        max_new_tokens=4,
+    )
     planned, plain = run(scope, [base, adapted])[0], run(scope, [base, adapted], planned=False)[0]
     state = read(base, SOURCE, 2, planned.source_position)
     slots = _slots(adapted, scope.target)
@@ -197,12 +217,24 @@ def _refused(folder, adapter, match: str) -> None:
 
 
 def test_an_adapter_for_a_base_model_of_another_width_is_refused(tiny_folder, tmp_path):
-    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                          num_attention_heads=4, num_key_value_heads=2))
+    narrow = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     _lora(narrow).save_pretrained(tmp_path / "narrow")
-    _refused(tiny_folder, tmp_path / "narrow", r"adapts 'model\.layers\.\d+\.\S+' with (input|output) width \d+, but "
-                                               r".*'s has \d+, so it was trained on another base model \(allowed: an "
-                                               r"adapter for .*, hidden size 64\)")
+    _refused(
+        tiny_folder,
+        tmp_path / "narrow",
+        r"adapts 'model\.layers\.\d+\.\S+' with (input|output) width \d+, but "
+        r".*'s has \d+, so it was trained on another base model \(allowed: an "
+        r"adapter for .*, hidden size 64\)",
+    )
 
 
 def test_an_adapter_for_a_base_model_with_other_module_names_is_refused(tiny_folder, tmp_path):
@@ -230,8 +262,9 @@ def test_a_pickled_adapter_and_a_prompt_learning_adapter_are_refused(tiny_folder
     prefix = tmp_path / "prefix"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(copy.deepcopy(base.model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
-                       ).save_pretrained(prefix)
+        get_peft_model(
+            copy.deepcopy(base.model), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+        ).save_pretrained(prefix)
     _refused(tiny_folder, prefix, r"is a PREFIX_TUNING adapter, which adds virtual tokens")
     _refused(tiny_folder, tmp_path / "nowhere", r"adapter='.*nowhere' is not a folder")
     empty = tmp_path / "empty"
@@ -245,8 +278,9 @@ def test_activation_oracle_preset_adds_norm_matched_at_the_first_k_placeholders_
     base, adapted = _pair("llama")
     torch.manual_seed(3)
     vectors = torch.randn(3, base.hidden_size)
-    scope = activation_oracle(VectorSource(vectors, 2, base.name, "three"), decoder=adapted.name,
-                              question="What is it?", max_new_tokens=0)
+    scope = activation_oracle(
+        VectorSource(vectors, 2, base.name, "three"), decoder=adapted.name, question="What is it?", max_new_tokens=0
+    )
     assert scope.target.prompt == oracle_prompt("What is it?", 2, 3) and scope.target.layer == 1
     assert (scope.target.write, scope.target.alpha) == ("norm-matched-add", 1.0)
     slots = _slots(adapted, scope.target)
@@ -291,8 +325,13 @@ def test_an_activation_oracle_on_smollm2_with_a_lora_equals_hooks_on_both_paths(
     peft_model = _lora(copy.deepcopy(smollm2.model), targets=["q_proj", "v_proj"], r=2)
     oracle = wrap_model(peft_model, smollm2.tokenizer, name="smollm2-135m+oracle")
     states = torch.stack([read(smollm2, "Here is a city: Paris", 15, p) for p in (-3, -2, -1)])
-    scope = activation_oracle(VectorSource(states, 15, smollm2.name, "paris"), decoder=oracle.name,
-                              tokenizer=smollm2.tokenizer, question="Which city is it?", max_new_tokens=0)
+    scope = activation_oracle(
+        VectorSource(states, 15, smollm2.name, "paris"),
+        decoder=oracle.name,
+        tokenizer=smollm2.tokenizer,
+        question="Which city is it?",
+        max_new_tokens=0,
+    )
     assert "Layer: 15\n ? ? ? \nWhich city is it?" in scope.target.prompt
     slots = _slots(oracle, scope.target)
     assert slots == list(range(slots[0], slots[0] + 3))  # SmolLM2 has " ?" as one token: three in a row
@@ -312,10 +351,13 @@ def test_other_in_place_tuners_equal_hooks_on_both_paths(tuner, tmp_path):
     from peft import IA3Config, LoHaConfig
 
     base = tiny_model("llama", seed=5)
-    config = {"loha": LoHaConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
-              "ia3": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                               init_ia3_weights=False),
-              "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)}
+    config = {
+        "loha": LoHaConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+        "ia3": IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        ),
+        "dora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False),
+    }
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -325,8 +367,9 @@ def test_other_in_place_tuners_equal_hooks_on_both_paths(tuner, tmp_path):
     peft_model.save_pretrained(tmp_path / tuner)
     adapted = load_model(str(tmp_path / "tiny"), adapter=tmp_path / tuner)
     assert adapted.origin["adapter"]["adapters"][0]["config"]["peft_type"] == tuner.upper().replace("DORA", "LORA")
-    scope = Patchscope(Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, Every("x"), 1, model=adapted.name,
-                                                                     write="mix", alpha=0.5))
+    scope = Patchscope(
+        Source(SOURCE, "Paris", 2, base.name), Target(PROMPT, Every("x"), 1, model=adapted.name, write="mix", alpha=0.5)
+    )
     state = read(base, SOURCE, 2, run(scope, [base, adapted])[0].source_position)
     want = _hooked_logits(adapted.peft, adapted, PROMPT, 1, _slots(adapted, scope.target), state, "mix", 0.5)
     for planned in (True, False):
@@ -345,13 +388,33 @@ def test_patchscopes_inspect_writes_into_an_adapter_and_reads_the_base(tmp_path,
     base.tokenizer.save_pretrained(tmp_path / "tiny")
     _lora(copy.deepcopy(base.model)).save_pretrained(tmp_path / "oracle")
     folder = str(tmp_path / "tiny")
-    assert main(["inspect", "--model", folder, "--adapter", str(tmp_path / "oracle"), "--preset", "activation-oracle",
-                 "--source-prompt", SOURCE, "--source-position", "Paris", "--layers", "1,2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                folder,
+                "--adapter",
+                str(tmp_path / "oracle"),
+                "--preset",
+                "activation-oracle",
+                "--source-prompt",
+                SOURCE,
+                "--source-position",
+                "Paris",
+                "--layers",
+                "1,2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     reader, oracle = load_model(folder), load_model(folder, adapter=tmp_path / "oracle")
     for row in out["layers"]:
-        scope = activation_oracle(Source(SOURCE, "Paris", row["source_layer"], reader.name), decoder=oracle.name,
-                                  tokenizer=reader.tokenizer)
+        scope = activation_oracle(
+            Source(SOURCE, "Paris", row["source_layer"], reader.name), decoder=oracle.name, tokenizer=reader.tokenizer
+        )
         want = run(scope, [reader, oracle], top=5)[0]
         assert row["token"] == want.token and abs(row["prob"] - want.prob) < 1e-5
         assert [t["token"] for t in row["top"]] == [t.token for t in want.top]

@@ -4,6 +4,7 @@ Each folder below was loaded on the base commit without a word (NaN weights, mis
 load), or failed with a traceback, or walked the whole filesystem. Here each is refused in one line before peft
 loads anything, or loads exactly as the clean folder does.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,6 +56,7 @@ def _first_value(value: float):
     def change(tensor):
         tensor.view(-1)[0] = value
         return tensor
+
     return change
 
 
@@ -65,42 +67,87 @@ def _prob(folder, tiny_folder) -> float:
 
 
 # ---- 9. weights and scalars: finite, float, in the dtype they run in -----------------------------------------------
-@pytest.mark.parametrize("case, tensors, config, match", [
-    ("nan-B", lambda w: _set(w, "lora_B", _first_value(math.nan)), None,
-     r"adapter_model\.safetensors tensor '\S+lora_B\.weight' has 1 non-finite value\(s\) \(NaN or inf\) "
-     r"\(allowed: finite numbers only\)"),
-    ("inf-B", lambda w: _set(w, "lora_B", _first_value(math.inf)), None, r"'\S+lora_B\.weight' has 1 non-finite"),
-    ("float64-1e300", lambda w: _set(w, "lora_A", lambda t: _first_value(1e300)(t.double())), None,
-     r"'\S+lora_A\.weight' has 1 non-finite value\(s\) \(NaN or inf\) once cast from float64 to float32, the "
-     r"dtype it runs in"),
-    ("int32", lambda w: _set(w, "lora_A", lambda t: (t * 100).to(torch.int32)), None,
-     r"'\S+lora_A\.weight' has dtype int32 \(allowed: a floating-point dtype"),
-    ("alpha-nan", None, lambda c: {**c, "lora_alpha": math.nan},
-     r"adapter_config\.json lora_alpha=nan is not allowed \(allowed: a finite number"),
-    ("alpha-inf", None, lambda c: {**c, "lora_alpha": math.inf}, r"adapter_config\.json lora_alpha=inf is not allowed"),
-    ("alpha-float32-overflow", None, lambda c: {**c, "lora_alpha": 1e39},
-     r"lora_alpha=1e\+39 is not allowed \(allowed: a finite number within float32's range"),
-    ("alpha-pattern-nan", None, lambda c: {**c, "alpha_pattern": {"q_proj": math.nan}},
-     r"adapter_config\.json alpha_pattern\['q_proj'\]=nan is not allowed"),
-    ("dropout-nan", None, lambda c: {**c, "lora_dropout": math.nan},
-     r"adapter_config\.json lora_dropout=nan is not allowed \(allowed: finite numbers"),
-    ("r-float", None, lambda c: {**c, "r": 4.5},
-     r"adapter_config\.json r=4\.5 is not allowed \(allowed: an integer >= 1"),
-])
-def test_non_finite_or_non_float_adapter_weights_and_scalars_are_refused(case, tensors, config, match, oracle,
-                                                                         tiny_folder, tmp_path):
+@pytest.mark.parametrize(
+    "case, tensors, config, match",
+    [
+        (
+            "nan-B",
+            lambda w: _set(w, "lora_B", _first_value(math.nan)),
+            None,
+            r"adapter_model\.safetensors tensor '\S+lora_B\.weight' has 1 non-finite value\(s\) \(NaN or inf\) "
+            r"\(allowed: finite numbers only\)",
+        ),
+        ("inf-B", lambda w: _set(w, "lora_B", _first_value(math.inf)), None, r"'\S+lora_B\.weight' has 1 non-finite"),
+        (
+            "float64-1e300",
+            lambda w: _set(w, "lora_A", lambda t: _first_value(1e300)(t.double())),
+            None,
+            r"'\S+lora_A\.weight' has 1 non-finite value\(s\) \(NaN or inf\) once cast from float64 to float32, the "
+            r"dtype it runs in",
+        ),
+        (
+            "int32",
+            lambda w: _set(w, "lora_A", lambda t: (t * 100).to(torch.int32)),
+            None,
+            r"'\S+lora_A\.weight' has dtype int32 \(allowed: a floating-point dtype",
+        ),
+        (
+            "alpha-nan",
+            None,
+            lambda c: {**c, "lora_alpha": math.nan},
+            r"adapter_config\.json lora_alpha=nan is not allowed \(allowed: a finite number",
+        ),
+        (
+            "alpha-inf",
+            None,
+            lambda c: {**c, "lora_alpha": math.inf},
+            r"adapter_config\.json lora_alpha=inf is not allowed",
+        ),
+        (
+            "alpha-float32-overflow",
+            None,
+            lambda c: {**c, "lora_alpha": 1e39},
+            r"lora_alpha=1e\+39 is not allowed \(allowed: a finite number within float32's range",
+        ),
+        (
+            "alpha-pattern-nan",
+            None,
+            lambda c: {**c, "alpha_pattern": {"q_proj": math.nan}},
+            r"adapter_config\.json alpha_pattern\['q_proj'\]=nan is not allowed",
+        ),
+        (
+            "dropout-nan",
+            None,
+            lambda c: {**c, "lora_dropout": math.nan},
+            r"adapter_config\.json lora_dropout=nan is not allowed \(allowed: finite numbers",
+        ),
+        (
+            "r-float",
+            None,
+            lambda c: {**c, "r": 4.5},
+            r"adapter_config\.json r=4\.5 is not allowed \(allowed: an integer >= 1",
+        ),
+    ],
+)
+def test_non_finite_or_non_float_adapter_weights_and_scalars_are_refused(
+    case, tensors, config, match, oracle, tiny_folder, tmp_path
+):
     """On the base commit each of these loaded: prob=nan and an arbitrary token, or int32 cast without a word."""
     _refused(tiny_folder, _edited(oracle, tmp_path, case, tensors, config), match)
 
 
-def test_the_adapter_folder_and_config_are_refused_before_the_base_model_loads(oracle, tiny_folder, tmp_path,
-                                                                               monkeypatch):
+def test_the_adapter_folder_and_config_are_refused_before_the_base_model_loads(
+    oracle, tiny_folder, tmp_path, monkeypatch
+):
     def loaded(*args, **kwargs):
         raise AssertionError("the base model was loaded")
 
     monkeypatch.setattr("pyvene_patchscopes.models.loading.AutoModelForCausalLM.from_pretrained", loaded)
-    _refused(tiny_folder, _edited(oracle, tmp_path, "nan", config=lambda c: {**c, "lora_alpha": math.nan}),
-             r"lora_alpha=nan is not allowed")
+    _refused(
+        tiny_folder,
+        _edited(oracle, tmp_path, "nan", config=lambda c: {**c, "lora_alpha": math.nan}),
+        r"lora_alpha=nan is not allowed",
+    )
     _refused(tiny_folder, "/", r"adapter '/': has no adapter_config\.json")
 
 
@@ -110,9 +157,10 @@ def test_a_nan_lm_head_saved_under_modules_to_save_is_refused(tiny_folder, tmp_p
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(tiny_model("llama", seed=5).model),
-                                    LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"],
-                                               init_lora_weights=False))
+        peft_model = get_peft_model(
+            copy.deepcopy(tiny_model("llama", seed=5).model),
+            LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], init_lora_weights=False),
+        )
     peft_model.save_pretrained(tmp_path / "head")
     assert any(k.endswith("lm_head.weight") for k in load_file(str(tmp_path / "head" / WEIGHTS)))
     assert math.isfinite(_prob(tmp_path / "head", tiny_folder))
@@ -128,8 +176,24 @@ def test_the_cli_refuses_a_nan_adapter_in_one_line(oracle, tiny_folder, tmp_path
     from pyvene_patchscopes.cli import main
 
     bad = _edited(oracle, tmp_path, "nan", tensors=lambda w: _set(w, "lora_B", _first_value(math.nan)))
-    code = main(["inspect", "--model", str(tiny_folder), "--adapter", str(bad), "--preset", "activation-oracle",
-                 "--source-prompt", SOURCE, "--source-position", "Paris", "--layers", "1", "--json"])
+    code = main(
+        [
+            "inspect",
+            "--model",
+            str(tiny_folder),
+            "--adapter",
+            str(bad),
+            "--preset",
+            "activation-oracle",
+            "--source-prompt",
+            SOURCE,
+            "--source-position",
+            "Paris",
+            "--layers",
+            "1",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in err
     assert "non-finite" in json.loads(err.strip().splitlines()[-1])["error"]["message"]
@@ -139,13 +203,20 @@ def test_the_cli_refuses_a_nan_adapter_in_one_line(oracle, tiny_folder, tmp_path
 def test_an_adapter_missing_tensors_is_refused_rather_than_filled_at_random(oracle, tiny_folder, tmp_path):
     """With init_lora_weights false, peft filled the missing lora_B at random: three loads, three adapters."""
     bad = _edited(oracle, tmp_path, "no-B", tensors=lambda w: {k: v for k, v in w.items() if "lora_B" not in k})
-    _refused(tiny_folder, bad, r"adapter_model\.safetensors lacks 28 of the 56 tensors peft expects for this "
-                               r"config, first 'base_model\.model\.model\.layers\.0\.\S+\.lora_B\.weight' \(allowed: "
-                               r"every tensor peft expects")
-    one = _edited(oracle, tmp_path, "one-missing", tensors=lambda w: {k: v for k, v in w.items()
-                                                                      if k != max(w)})
-    _refused(tiny_folder, one, r"lacks 1 of the \d+ tensors peft expects for this config, first "
-                               rf"'{max(load_file(str(oracle / WEIGHTS)))}'")
+    _refused(
+        tiny_folder,
+        bad,
+        r"adapter_model\.safetensors lacks 28 of the 56 tensors peft expects for this "
+        r"config, first 'base_model\.model\.model\.layers\.0\.\S+\.lora_B\.weight' \(allowed: "
+        r"every tensor peft expects",
+    )
+    one = _edited(oracle, tmp_path, "one-missing", tensors=lambda w: {k: v for k, v in w.items() if k != max(w)})
+    _refused(
+        tiny_folder,
+        one,
+        r"lacks 1 of the \d+ tensors peft expects for this config, first "
+        rf"'{max(load_file(str(oracle / WEIGHTS)))}'",
+    )
 
 
 # ---- 14. r against the weights' own shapes, before peft allocates --------------------------------------------------
@@ -173,16 +244,28 @@ def test_a_large_r_is_refused_before_peft_allocates_anything(tiny_folder, tmp_pa
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: calls.append(a) or real(*a, **k))
     large = _edited(tmp_path / "small", tmp_path, "large", config=lambda c: {**c, "r": 65536})
     with Allocations(65536 * 64) as allocations:
-        _refused(tiny_folder, large, r"adapter_model\.safetensors '\S+q_proj\.lora_A\.weight' has shape \[4, 64\], "
-                                     r"but adapter_config\.json \(r=65536\) makes peft expect \[65536, 64\] \(allowed: "
-                                     r"the r and rank_pattern the weights were saved with\)")
+        _refused(
+            tiny_folder,
+            large,
+            r"adapter_model\.safetensors '\S+q_proj\.lora_A\.weight' has shape \[4, 64\], "
+            r"but adapter_config\.json \(r=65536\) makes peft expect \[65536, 64\] \(allowed: "
+            r"the r and rank_pattern the weights were saved with\)",
+        )
     assert allocations.made == []  # the adapter peft would build was built on the meta device only
     pattern = _edited(tmp_path / "small", tmp_path, "pattern", config=lambda c: {**c, "rank_pattern": {"q_proj": 512}})
-    _refused(tiny_folder, pattern, r"has shape \[4, 64\], but adapter_config\.json \(r=4, rank_pattern="
-                                   r"\{'q_proj': 512\}\) makes peft expect \[512, 64\]")
+    _refused(
+        tiny_folder,
+        pattern,
+        r"has shape \[4, 64\], but adapter_config\.json \(r=4, rank_pattern="
+        r"\{'q_proj': 512\}\) makes peft expect \[512, 64\]",
+    )
     zero = _edited(tmp_path / "small", tmp_path, "zero", config=lambda c: {**c, "rank_pattern": {"q_proj": 0}})
-    _refused(tiny_folder, zero, r"adapter_config\.json rank_pattern\['q_proj'\]=0 is not allowed \(allowed: an "
-                                r"integer >= 1\)")
+    _refused(
+        tiny_folder,
+        zero,
+        r"adapter_config\.json rank_pattern\['q_proj'\]=0 is not allowed \(allowed: an "
+        r"integer >= 1\)",
+    )
     assert calls == []  # peft never built the adapter for real
     assert len(load_model(str(tiny_folder), adapter=tmp_path / "small").origin["adapter"]["adapters"]) == 1
     assert len(calls) == 1
@@ -192,18 +275,28 @@ def test_a_large_r_is_refused_before_peft_allocates_anything(tiny_folder, tmp_pa
 @pytest.fixture
 def no_walking(monkeypatch):
     """Any listing of a folder fails the test: resolving an adapter folder looks at its two files only."""
+
     def walked(*args, **kwargs):
         raise AssertionError("the adapter folder was walked")
 
-    for owner, name in ((pathlib.Path, "rglob"), (pathlib.Path, "glob"), (pathlib.Path, "iterdir"), (os, "walk"),
-                        (os, "scandir"), (os, "listdir")):
+    for owner, name in (
+        (pathlib.Path, "rglob"),
+        (pathlib.Path, "glob"),
+        (pathlib.Path, "iterdir"),
+        (os, "walk"),
+        (os, "scandir"),
+        (os, "listdir"),
+    ):
         monkeypatch.setattr(owner, name, walked)
 
 
 def test_the_root_and_home_folders_are_refused_without_walking_them(tmp_path, monkeypatch, no_walking):
     """On the base commit `--adapter /` walked the filesystem for 35 s and failed on '/proc/1/cwd'."""
-    with pytest.raises(SpecError, match=r"adapter '/': has no adapter_config\.json \(allowed: a folder written by "
-                                        r"peft's save_pretrained"):
+    with pytest.raises(
+        SpecError,
+        match=r"adapter '/': has no adapter_config\.json \(allowed: a folder written by "
+        r"peft's save_pretrained",
+    ):
         adapter_folder("/")
     home = tmp_path / "home"
     (home / "deep" / "er").mkdir(parents=True)
@@ -226,15 +319,21 @@ def test_a_symlink_loop_in_an_adapter_folder_is_one_line_or_ignored(oracle, tiny
     """On the base commit: RuntimeError: Symlink loop."""
     clean = _edited(oracle, tmp_path, "clean")
     os.symlink(oracle / "loop", oracle / "loop")
-    assert load_model(str(tiny_folder), adapter=oracle).origin["adapter"] == \
-        load_model(str(tiny_folder), adapter=clean).origin["adapter"]  # an entry the loader never reads
+    assert (
+        load_model(str(tiny_folder), adapter=oracle).origin["adapter"]
+        == load_model(str(tiny_folder), adapter=clean).origin["adapter"]
+    )  # an entry the loader never reads
     looped = tmp_path / "looped"
     looped.mkdir()
     (looped / WEIGHTS).write_bytes((oracle / WEIGHTS).read_bytes())
     os.symlink(looped / "a", looped / CONFIG)
     os.symlink(looped / CONFIG, looped / "a")
-    _refused(tiny_folder, looped, r"'adapter_config\.json' is a loop of symbolic links \(allowed: files inside the "
-                                  r"adapter folder\)")
+    _refused(
+        tiny_folder,
+        looped,
+        r"'adapter_config\.json' is a loop of symbolic links \(allowed: files inside the "
+        r"adapter folder\)",
+    )
 
 
 # ---- 21. a hub id with no network ----------------------------------------------------------------------------------
@@ -244,12 +343,18 @@ def test_an_adapter_hub_id_offline_gets_the_line_a_model_hub_id_gets(tiny_folder
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)  # so that 'org/adapter' is not a folder here
-    with pytest.raises(PatchscopeError, match=r"^adapter='org/adapter' \(a Hugging Face hub id \(this needs access to "
-                                              r"the hub\)\) could not be loaded: \S") as err:
+    with pytest.raises(
+        PatchscopeError,
+        match=r"^adapter='org/adapter' \(a Hugging Face hub id \(this needs access to "
+        r"the hub\)\) could not be loaded: \S",
+    ) as err:
         load_model(str(tiny_folder), adapter="org/adapter")
     assert "\n" not in str(err.value)
-    with pytest.raises(PatchscopeError, match=r"^model='org/model' \(a Hugging Face hub id \(this needs access to the "
-                                              r"hub\)\) could not be loaded: \S"):
+    with pytest.raises(
+        PatchscopeError,
+        match=r"^model='org/model' \(a Hugging Face hub id \(this needs access to the "
+        r"hub\)\) could not be loaded: \S",
+    ):
         load_model("org/model")
 
 

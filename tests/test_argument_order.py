@@ -1,6 +1,7 @@
 """One argument order for every verb: the data first, the model second (issue 38). The old order (model first) of
 `jacobian_scope`, `attribute`, `read_attributed`, `fit_jacobian_lens`, `fit_tuned_lens` and `fit_affine` still
 works until 0.3.0: it warns, naming the new order, and gives the same result."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,11 @@ from pyvene_patchscopes.jacobian import JacobianScope, attribute, read_attribute
 from pyvene_patchscopes.jlens import fit_jacobian_lens
 
 TEXT = "The city of Paris is large and old"
-TEXTS = [f"The {w} of Paris is large and the river {v} is long." for w in ("city", "park") for v in
-         ("Seine", "Rhine", "Loire", "Thames", "Danube", "Nile", "Volga", "Tiber")]
+TEXTS = [
+    f"The {w} of Paris is large and the river {v} is long."
+    for w in ("city", "park")
+    for v in ("Seine", "Rhine", "Loire", "Thames", "Danube", "Nile", "Volga", "Tiber")
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,13 @@ def test_attribute_takes_the_texts_first_and_the_model_first_warns(handle):
 
 
 def test_read_attributed_takes_the_text_first_and_the_model_first_warns(handle):
-    new = read_attributed(TEXT, handle, "semantic", layers=[0, 2], identity_tokens=1, description_tokens=2,
-                          progress=False)
+    new = read_attributed(
+        TEXT, handle, "semantic", layers=[0, 2], identity_tokens=1, description_tokens=2, progress=False
+    )
     with _old(r"call read_attributed\(text, model\)"):
-        old = read_attributed(handle, TEXT, "semantic", layers=[0, 2], identity_tokens=1, description_tokens=2,
-                              progress=False)
+        old = read_attributed(
+            handle, TEXT, "semantic", layers=[0, 2], identity_tokens=1, description_tokens=2, progress=False
+        )
     assert new.rows() == old.rows() and [row["layer"] for row in new.rows()] == [0, 2]
     assert new.position == old.position and new.attribution.scores == old.attribution.scores
 

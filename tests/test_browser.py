@@ -5,6 +5,7 @@ Patchscope; an export must show every cell with no network at all; bad input mus
 and the next request must still work. Tiny random models keep this fast; SmolLM2 reads "CEO" once, as in the
 paper's Figure 1. Screenshots of every page state go to $PATCHSCOPES_SCREENSHOTS (default: the temp dir).
 """
+
 from __future__ import annotations
 
 import ast
@@ -65,7 +66,7 @@ from pyvene_patchscopes.result import show_text
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Amazon's former CEO attended Oscars"
-TINY_TOKEN = "EO"          # the tiny tokenizer splits " CEO" into " C" + "EO"
+TINY_TOKEN = "EO"  # the tiny tokenizer splits " CEO" into " C" + "EO"
 ATTRIBUTE_PROMPT = "The capital city of x is"
 TOP = 5
 JOB_TIMEOUT = 120
@@ -103,8 +104,9 @@ def assert_same_top(got: list, want: PatchscopeResult, where: str) -> None:
     assert [prob for _, prob in got] == pytest.approx([t.prob for t in want.top[:TOP]], abs=1e-5), where
 
 
-def expected(handle, prompt: str, position: int, preset: str = "token-identity", target_prompt: str | None = None,
-             pairs=None) -> list[PatchscopeResult]:
+def expected(
+    handle, prompt: str, position: int, preset: str = "token-identity", target_prompt: str | None = None, pairs=None
+) -> list[PatchscopeResult]:
     """`run` of the preset's Patchscope at every source layer at the preset's own l* (or at each (l, l*) of
     `pairs`), as `presets.build` makes it; a custom target prompt is patched at its placeholder x."""
     pairs = [(layer, None) for layer in range(handle.n_layers)] if pairs is None else pairs
@@ -115,8 +117,18 @@ def expected(handle, prompt: str, position: int, preset: str = "token-identity",
             scopes.append(Patchscope(Source(prompt, position, layer, handle.name), target, max_new_tokens=4))
         else:
             options = {"tokenizer": handle.tokenizer} if preset == "logit-lens" else {}
-            scopes.append(build(preset, prompt, position, layer=layer, target_layer=target_layer,
-                                model=handle.name, n_layers=handle.n_layers, **options))
+            scopes.append(
+                build(
+                    preset,
+                    prompt,
+                    position,
+                    layer=layer,
+                    target_layer=target_layer,
+                    model=handle.name,
+                    n_layers=handle.n_layers,
+                    **options,
+                )
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UninformativeScopeWarning)  # such cells are marked; the page greys them
         return run(scopes, handle, top=TOP, progress=False)
@@ -130,13 +142,15 @@ def model_state(handle) -> dict:
     """Everything a Patchscope must leave as it found it: weights, hooks, training and requires_grad flags."""
     model = handle.model
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-            "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-            "grads": [n for n, p in model.named_parameters() if p.grad is not None],
-            "training": {n: m.training for n, m in model.named_modules()},
-            "hooks": {n: sum(len(getattr(m, h)) for h in hooks) for n, m in model.named_modules()},
-            "global_hooks": [len(getattr(torch.nn.modules.module, f"_global{h}")) for h in hooks]}
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grads": [n for n, p in model.named_parameters() if p.grad is not None],
+        "training": {n: m.training for n, m in model.named_modules()},
+        "hooks": {n: sum(len(getattr(m, h)) for h in hooks) for n, m in model.named_modules()},
+        "global_hooks": [len(getattr(torch.nn.modules.module, f"_global{h}")) for h in hooks],
+    }
 
 
 def assert_same_state(before: dict, after: dict) -> None:
@@ -161,8 +175,7 @@ def tokenize(driver, prompt: str) -> list:
     box.send_keys(prompt)
     driver.find_element("id", "tokenize").click()
     wait_until(lambda: all(detached(c) for c in old), 30, "the old token chips going away")
-    return wait_until(lambda: driver.find_elements("css selector", "#tokens .chip[data-index]"), 30,
-                      "the token chips")
+    return wait_until(lambda: driver.find_elements("css selector", "#tokens .chip[data-index]"), 30, "the token chips")
 
 
 def chip(driver, text: str, css: str = "#tokens .chip[data-index]"):
@@ -183,7 +196,7 @@ def heatmap_cells(driver, css: str = "#heatmap") -> list:
 def settled(driver, n_layers: int, timeout: float = JOB_TIMEOUT) -> None:
     """Wait for the clicked token's table (one row per layer), heatmap (l x l*) and an idle page."""
     wait_until(lambda: len(table_rows(driver)) == n_layers, timeout, f"the table's {n_layers} rows")
-    wait_until(lambda: len(heatmap_cells(driver)) == n_layers ** 2, timeout, f"the heatmap's {n_layers ** 2} cells")
+    wait_until(lambda: len(heatmap_cells(driver)) == n_layers**2, timeout, f"the heatmap's {n_layers**2} cells")
     wait_until(lambda: text_of(driver, "#status") == "ready", timeout, "#status 'ready'")
 
 
@@ -192,8 +205,10 @@ def cell(driver, row: int, col: int, css: str = "#heatmap"):
 
 
 def top1_by_layer(driver) -> dict[int, str]:
-    return {int(tr.get_attribute("data-key")): tr.find_element("css selector", "td.ps-top1").text
-            for tr in table_rows(driver)}
+    return {
+        int(tr.get_attribute("data-key")): tr.find_element("css selector", "td.ps-top1").text
+        for tr in table_rows(driver)
+    }
 
 
 def assert_table_is_run(driver, handle, prompt: str, position: int) -> None:
@@ -213,10 +228,19 @@ def only_from(driver, url: str) -> None:
 def click_cell_and_download(driver, row: int, col: int, folder: Path) -> tuple[Patchscope, dict]:
     """Click a heatmap cell; return the Patchscope its downloaded config.json holds, and the shown lines."""
     cell(driver, row, col).click()
-    wait_until(lambda: text_of(driver, "#cell-spec") and driver.find_element("id", "download-spec")
-               .get_attribute("href").split(":")[0] in ("data", "blob", "http"), 30, "the clicked cell's spec")
-    lines = {name: driver.find_element("id", name).get_attribute("textContent")
-             for name in ("cell-spec", "python-line", "cli-line")}
+    wait_until(
+        lambda: (
+            text_of(driver, "#cell-spec")
+            and driver.find_element("id", "download-spec").get_attribute("href").split(":")[0]
+            in ("data", "blob", "http")
+        ),
+        30,
+        "the clicked cell's spec",
+    )
+    lines = {
+        name: driver.find_element("id", name).get_attribute("textContent")
+        for name in ("cell-spec", "python-line", "cli-line")
+    }
     link = driver.find_element("id", "download-spec")
     assert link.get_attribute("download") == "config.json"
     link.click()
@@ -264,8 +288,10 @@ def test_the_browser_is_debians_chromium_and_offline_cuts_every_request(driver):
 
     app = FastAPI()
     app.get("/ping")(lambda: {"pong": 1})
-    fetch = ("const done = arguments[arguments.length - 1]; fetch('/ping').then(r => r.json())"
-             ".then(j => done('pong ' + j.pong), e => done('failed'))")
+    fetch = (
+        "const done = arguments[arguments.length - 1]; fetch('/ping').then(r => r.json())"
+        ".then(j => done('pong ' + j.pong), e => done('failed'))"
+    )
     with serve(app) as url:
         driver.get(url + "/ping")
         assert driver.execute_async_script(fetch) == "pong 1"
@@ -334,15 +360,15 @@ def test_the_explorer_reads_a_clicked_token_at_every_layer_as_run_does(driver, t
         l, t = int(td.get_attribute("data-row")), int(td.get_attribute("data-col"))
         assert_shows(td.text, grid[l, t].token, f"heatmap cell l={l}, l*={t}")
     for l, t in ((0, 1), (2, 3), (3, 0)):
-        assert_tip(tooltip_for(driver, cell(driver, l, t)), grid[l, t], f"heatmap cell l={l}, l*={t}",
-                   generation=False)
+        assert_tip(tooltip_for(driver, cell(driver, l, t)), grid[l, t], f"heatmap cell l={l}, l*={t}", generation=False)
     screenshot(driver, "explorer-tiny-heatmap-tooltip")
     assert text_of(driver, "#error") == ""
     only_from(driver, tiny_url)
 
 
-def test_a_clicked_cells_spec_downloads_loads_and_reruns_to_the_same_token(driver, tiny, tiny_url, tmp_path,
-                                                                           monkeypatch):
+def test_a_clicked_cells_spec_downloads_loads_and_reruns_to_the_same_token(
+    driver, tiny, tiny_url, tmp_path, monkeypatch
+):
     open_page(driver, tiny_url)
     tokenize(driver, PROMPT)
     picked = chip(driver, TINY_TOKEN)
@@ -364,8 +390,9 @@ def test_a_clicked_cells_spec_downloads_loads_and_reruns_to_the_same_token(drive
 def test_a_jacobian_chip_selects_its_token_and_the_table_and_heatmap_follow(driver, tiny, tiny_url):
     open_page(driver, tiny_url)
     tokenize(driver, PROMPT)
-    jchips = wait_until(lambda: driver.find_elements("css selector", "#jacobian .jchip[data-index]"), 30,
-                        "the Jacobian Scopes chips")
+    jchips = wait_until(
+        lambda: driver.find_elements("css selector", "#jacobian .jchip[data-index]"), 30, "the Jacobian Scopes chips"
+    )
     attribution = jacobian_scope(PROMPT, tiny, variant="semantic", progress=False)
     assert [int(c.get_attribute("data-index")) for c in jchips] == list(attribution.positions)
     chip(driver, TINY_TOKEN).click()
@@ -390,8 +417,9 @@ def test_each_bad_input_names_its_field_on_the_page_and_the_next_request_works(d
     preset, target = driver.find_element("id", "preset"), driver.find_element("id", "target-prompt")
 
     def choose(value: str) -> None:
-        driver.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))",
-                              preset, value)
+        driver.execute_script(
+            "arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('change'))", preset, value
+        )
 
     def empty_prompt():
         box = driver.find_element("id", "prompt")
@@ -405,8 +433,11 @@ def test_each_bad_input_names_its_field_on_the_page_and_the_next_request_works(d
         driver.execute_script("showCell({rows: [99], cols: [0]}, 0, 0)")
 
     def unknown_preset():
-        driver.execute_script("const o = document.createElement('option'); o.value = o.textContent = "
-                              "'no-such-preset'; arguments[0].appendChild(o)", preset)
+        driver.execute_script(
+            "const o = document.createElement('option'); o.value = o.textContent = "
+            "'no-such-preset'; arguments[0].appendChild(o)",
+            preset,
+        )
         choose("no-such-preset")
         chip(driver, TINY_TOKEN).click()
 
@@ -416,8 +447,13 @@ def test_each_bad_input_names_its_field_on_the_page_and_the_next_request_works(d
         target.send_keys("The capital city of France is")
         chip(driver, TINY_TOKEN).click()
 
-    cases = [(empty_prompt, "prompt"), (position_outside, "position"), (layer_out_of_range, "layer"),
-             (unknown_preset, "preset"), (custom_without_placeholder, "target_prompt")]
+    cases = [
+        (empty_prompt, "prompt"),
+        (position_outside, "position"),
+        (layer_out_of_range, "layer"),
+        (unknown_preset, "preset"),
+        (custom_without_placeholder, "target_prompt"),
+    ]
     for make_it, field in cases:
         make_it()
         error = wait_until(lambda: text_of(driver, "#error"), 30, f"#error for a bad {field}")
@@ -447,8 +483,11 @@ def test_a_prompt_past_the_trained_length_runs_with_the_warning_on_the_page(driv
     open_page(driver, tiny_url)
     chips = tokenize(driver, " ".join(["word"] * 150))  # tiny Llama: 128 trained positions
     assert len(chips) > 128 and text_of(driver, "#error") == ""
-    wait_until(lambda: "past tiny-llama's trained length of 128" in text_of(driver, "#warning"), 10,
-               "the context-length warning in #warning")  # was: swallowed by the server
+    wait_until(
+        lambda: "past tiny-llama's trained length of 128" in text_of(driver, "#warning"),
+        10,
+        "the context-length warning in #warning",
+    )  # was: swallowed by the server
     tokenize(driver, PROMPT)
     wait_until(lambda: text_of(driver, "#warning") == "", 10, "#warning cleared for a short prompt")
 
@@ -460,29 +499,38 @@ def test_long_work_shows_progress_and_cancel_stops_it(driver):
         tokenize(driver, PROMPT)
         wait_until(lambda: driver.find_elements("css selector", "#jacobian .jchip"), 30, "the Jacobian chips")
         chip(driver, TINY_TOKEN).click()
-        wait_until(lambda: text_of(driver, "#status") != "ready" and driver.find_element("id", "cancel").is_enabled(),
-                   10, "#status busy and #cancel enabled")
-        wait_until(lambda: float(driver.find_element("id", "progress").get_attribute("value")) > 0, 30,
-                   "#progress moving")
+        wait_until(
+            lambda: text_of(driver, "#status") != "ready" and driver.find_element("id", "cancel").is_enabled(),
+            10,
+            "#status busy and #cancel enabled",
+        )
+        wait_until(
+            lambda: float(driver.find_element("id", "progress").get_attribute("value")) > 0, 30, "#progress moving"
+        )
         screenshot(driver, "explorer-deep-progress")
         driver.find_element("id", "cancel").click()
         wait_until(lambda: text_of(driver, "#status") == "ready", 60, "#status 'ready' after cancel")
         screenshot(driver, "explorer-deep-cancelled")
-        assert len(heatmap_cells(driver)) < deep.n_layers ** 2, "the grid ran to the end despite cancel"
+        assert len(heatmap_cells(driver)) < deep.n_layers**2, "the grid ran to the end despite cancel"
         assert "cancel" in text_of(driver, "#error")
         assert not driver.find_element("id", "cancel").is_enabled()
         # the queue lives on: a new prompt's tokens and Jacobian chips come back
         tokenize(driver, "The capital of France is Paris")
-        wait_until(lambda: any(word_of(c) == "Paris" for c in
-                               driver.find_elements("css selector", "#jacobian .jchip")), 60, "Jacobian chips again")
+        wait_until(
+            lambda: any(word_of(c) == "Paris" for c in driver.find_elements("css selector", "#jacobian .jchip")),
+            60,
+            "Jacobian chips again",
+        )
 
 
 # ---- the HTTP API under load ----------------------------------------------------------------------------------
 CONCURRENT = [  # kind, prompt, position, preset, target prompt / variant
-    ("layers", PROMPT, 10, "token-identity", None), ("layers", PROMPT, 4, "logit-lens", None),
-    ("layers", PROMPT, 1, "attribute", None), ("layers", PROMPT, 21, "entity-description", None),
-    ("layers", PROMPT, 7, "custom", ATTRIBUTE_PROMPT), ("layers", "The capital of France is Paris", 9,
-                                                        "token-identity", None),
+    ("layers", PROMPT, 10, "token-identity", None),
+    ("layers", PROMPT, 4, "logit-lens", None),
+    ("layers", PROMPT, 1, "attribute", None),
+    ("layers", PROMPT, 21, "entity-description", None),
+    ("layers", PROMPT, 7, "custom", ATTRIBUTE_PROMPT),
+    ("layers", "The capital of France is Paris", 9, "token-identity", None),
     ("layers", "The capital of France is Paris", 5, "attribute", None),
     ("layers", "The capital of France is Paris", 2, "logit-lens", None),
     ("layers", "Tokyo London Berlin Rome", 5, "token-identity", None),
@@ -491,7 +539,8 @@ CONCURRENT = [  # kind, prompt, position, preset, target prompt / variant
     ("layers", "one two three four five six", 3, "token-identity", None),
     ("layers", "one two three four five six", 20, "logit-lens", None),
     ("layers", "Here is a word: dog", -1, "attribute", None),
-    ("grid", PROMPT, 10, "token-identity", None), ("grid", "Tokyo London Berlin Rome", 3, "logit-lens", None),
+    ("grid", PROMPT, 10, "token-identity", None),
+    ("grid", "Tokyo London Berlin Rome", 3, "logit-lens", None),
     ("grid", "The capital of France is Paris", 9, "attribute", None),
     ("jacobian", PROMPT, -1, "token-identity", "semantic"),
     ("jacobian", "The capital of France is Paris", -1, "token-identity", "fisher"),
@@ -516,10 +565,17 @@ def submit_and_wait(url: str, body: dict, start: threading.Barrier) -> dict:
 
 def test_twenty_concurrent_jobs_each_equal_run_and_leave_the_model_as_it_was(tiny, tiny_url):
     assert len(set(CONCURRENT)) == 20
-    bodies = [{"kind": kind, "prompt": prompt, "position": position, "preset": preset,
-               "target_prompt": extra if preset == "custom" else None,
-               "variant": extra if kind == "jacobian" else "semantic"}
-              for kind, prompt, position, preset, extra in CONCURRENT]
+    bodies = [
+        {
+            "kind": kind,
+            "prompt": prompt,
+            "position": position,
+            "preset": preset,
+            "target_prompt": extra if preset == "custom" else None,
+            "variant": extra if kind == "jacobian" else "semantic",
+        }
+        for kind, prompt, position, preset, extra in CONCURRENT
+    ]
     before = model_state(tiny)
     start = threading.Barrier(len(bodies))
     with ThreadPoolExecutor(len(bodies)) as pool:
@@ -561,16 +617,28 @@ def test_twenty_concurrent_jobs_each_equal_run_and_leave_the_model_as_it_was(tin
     assert_same_state(before, model_state(tiny))
 
 
-@pytest.mark.parametrize("path, body, field", [
-    ("/api/tokens", {"prompt": ""}, "prompt"),
-    ("/api/jobs", {"kind": "layers", "prompt": "   ", "position": 1}, "prompt"),
-    ("/api/jobs", {"kind": "layers", "prompt": PROMPT, "position": 99}, "position"),
-    ("/api/spec", {"prompt": PROMPT, "position": 10, "source_layer": 99, "target_layer": 0}, "source_layer"),
-    ("/api/spec", {"prompt": PROMPT, "position": 10, "source_layer": 0, "target_layer": -5}, "target_layer"),
-    ("/api/jobs", {"kind": "layers", "prompt": PROMPT, "position": 10, "preset": "no-such-preset"}, "preset"),
-    ("/api/jobs", {"kind": "layers", "prompt": PROMPT, "position": 10, "preset": "custom",
-                   "target_prompt": "The capital city of France is"}, "target_prompt"),
-])
+@pytest.mark.parametrize(
+    "path, body, field",
+    [
+        ("/api/tokens", {"prompt": ""}, "prompt"),
+        ("/api/jobs", {"kind": "layers", "prompt": "   ", "position": 1}, "prompt"),
+        ("/api/jobs", {"kind": "layers", "prompt": PROMPT, "position": 99}, "position"),
+        ("/api/spec", {"prompt": PROMPT, "position": 10, "source_layer": 99, "target_layer": 0}, "source_layer"),
+        ("/api/spec", {"prompt": PROMPT, "position": 10, "source_layer": 0, "target_layer": -5}, "target_layer"),
+        ("/api/jobs", {"kind": "layers", "prompt": PROMPT, "position": 10, "preset": "no-such-preset"}, "preset"),
+        (
+            "/api/jobs",
+            {
+                "kind": "layers",
+                "prompt": PROMPT,
+                "position": 10,
+                "preset": "custom",
+                "target_prompt": "The capital city of France is",
+            },
+            "target_prompt",
+        ),
+    ],
+)
 def test_bad_input_over_http_is_a_422_naming_the_field_and_the_server_serves_on(tiny_url, path, body, field):
     with httpx.Client(base_url=tiny_url, timeout=30) as client:
         refused = client.post(path, json=body)
@@ -673,7 +741,9 @@ def test_another_origin_and_a_rebound_host_read_and_create_nothing(driver, fasta
             "  const r = await fetch(path); out[path] = [r.status, await r.text()]; }"
             "const made = await fetch('/api/jobs', {method: 'POST', headers: {'Content-Type': 'application/json'},"
             "  body: JSON.stringify({kind: 'layers', prompt: 'x y', position: 1})});"
-            "out.post = [made.status, await made.text()]; done(out); })();", job)
+            "out.post = [made.status, await made.text()]; done(out); })();",
+            job,
+        )
         assert {status for status, _ in reads.values()} == {400}, reads
         assert not any("secret" in text for _, text in reads.values())
         assert app.state.jobs.counts() == before
@@ -682,7 +752,8 @@ def test_another_origin_and_a_rebound_host_read_and_create_nothing(driver, fasta
 # ---- SmolLM2: the paper's Figure 1 in the browser -----------------------------------------------------------------
 @pytest.mark.real_model
 def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_the_download(
-        driver, smollm2, smollm2_url, tmp_path):
+    driver, smollm2, smollm2_url, tmp_path
+):
     open_page(driver, smollm2_url)
     tokenize(driver, PROMPT)
     picked = chip(driver, "CEO")
@@ -703,8 +774,9 @@ def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_
     assert_tip(tip, reran, "SmolLM2 cell l=3, l*=3")
     # the page's command line, as a user would paste it into a shell
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(["bash", "-c", lines["cli-line"]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        ["bash", "-c", lines["cli-line"]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     printed = re.search(r"' CEO'\s+([0-9.]+)", done.stdout)
     assert printed and float(printed.group(1)) == pytest.approx(reran.prob, abs=1e-3), done.stdout
@@ -713,13 +785,34 @@ def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_
 
 # ---- packaging --------------------------------------------------------------------------------------------------
 def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     names = set(zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist())
-    wanted = {f"pyvene_patchscopes/{package}/static/{p.name}" for package in ("explore", "export")
-              for p in (REPO / "pyvene_patchscopes" / package / "static").iterdir() if p.is_file()}
-    wanted |= {f"pyvene_patchscopes/explore/{m}.py" for m in ("__init__", "app", "guard", "service", "query",
-                                                                 "explorer", "jobs")}
+    wanted = {
+        f"pyvene_patchscopes/{package}/static/{p.name}"
+        for package in ("explore", "export")
+        for p in (REPO / "pyvene_patchscopes" / package / "static").iterdir()
+        if p.is_file()
+    }
+    wanted |= {
+        f"pyvene_patchscopes/explore/{m}.py"
+        for m in ("__init__", "app", "guard", "service", "query", "explorer", "jobs")
+    }
     wanted |= {"pyvene_patchscopes/export/__init__.py", "pyvene_patchscopes/export/html.py"}
     assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/export/static/heatmap.js"} <= wanted
     assert wanted <= names, sorted(wanted - names)

@@ -1,5 +1,6 @@
 """The shipped catalogue (interventions/): every entry loads by name and runs on SmolLM2, the tuned lens is a
 fitted affine Patchscope, and `patchscopes list` / by-name loading work from an installed wheel."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ EXPECTED = {  # entry -> text its example must produce (top token or generation)
     "selfie": "Paris, France",
     "self-explanation": "Western Europe",
 }
-REQUIRED = {"token-identity", "logit-lens", "entity-description", "multihop-cot", "attribute-capital",
-            "attribute-currency", "attribute-ceo", "attribute-language"}
+REQUIRED = {
+    "token-identity",
+    "logit-lens",
+    "entity-description",
+    "multihop-cot",
+    "attribute-capital",
+    "attribute-currency",
+    "attribute-ceo",
+    "attribute-language",
+}
 
 
 def test_catalogue_holds_the_required_entries_in_the_save_format():
@@ -99,26 +108,48 @@ def test_jacobian_lens_entries_are_fitted_maps_without_bias_to_the_last_layer(sm
 
 def test_catalogue_and_list_work_from_an_installed_wheel(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(wheel_dir.glob("*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     # Only the wheel's copy can be imported: the checkout is not on the path and cwd is elsewhere.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
-    code = ("import pyvene_patchscopes as ps, sys; from pyvene_patchscopes.cli import main; "
-            "assert ps.__file__.startswith(sys.argv[1]), ps.__file__; "
-            "print(ps.load_patchscope('token-identity').target.prompt.splitlines()[0]); "
-            "from pyvene_patchscopes.evaluate.data import load_jsonl; "
-            "print(sum(len(load_jsonl(k)) for k in ('facts', 'entities', 'multihop'))); "
-            "import pyvene_patchscopes.execution.sweeps, pyvene_patchscopes.execution.planned; "
-            "stray = [n for n, m in list(sys.modules.items()) if n.startswith('pyvene_patchscopes') "
-            "and getattr(m, '__file__', None) and not m.__file__.startswith(sys.argv[1])]; "
-            "assert not stray, f'modules not in the wheel: {stray}'; "
-            "sys.exit(main(['list']))")
-    done = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import pyvene_patchscopes as ps, sys; from pyvene_patchscopes.cli import main; "
+        "assert ps.__file__.startswith(sys.argv[1]), ps.__file__; "
+        "print(ps.load_patchscope('token-identity').target.prompt.splitlines()[0]); "
+        "from pyvene_patchscopes.evaluate.data import load_jsonl; "
+        "print(sum(len(load_jsonl(k)) for k in ('facts', 'entities', 'multihop'))); "
+        "import pyvene_patchscopes.execution.sweeps, pyvene_patchscopes.execution.planned; "
+        "stray = [n for n, m in list(sys.modules.items()) if n.startswith('pyvene_patchscopes') "
+        "and getattr(m, '__file__', None) and not m.__file__.startswith(sys.argv[1])]; "
+        "assert not stray, f'modules not in the wheel: {stray}'; "
+        "sys.exit(main(['list']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(target)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == "cat -> cat" and any(line.startswith("tuned-lens-") for line in lines)

@@ -1,4 +1,5 @@
 """The `patchscopes` CLI on the real embedded model: readable tables by default, a documented JSON schema."""
+
 from __future__ import annotations
 
 import json
@@ -23,42 +24,94 @@ def test_parse_layers():
 
 
 def test_inspect_json_schema(capsys, smollm2):
-    out = _json(capsys, ["inspect", "--source-prompt", "Amazon's former CEO attended Oscars",
-                         "--source-position", "CEO", "--preset", "token-identity", "--layers", "0-2", "--json"])
+    out = _json(
+        capsys,
+        [
+            "inspect",
+            "--source-prompt",
+            "Amazon's former CEO attended Oscars",
+            "--source-position",
+            "CEO",
+            "--preset",
+            "token-identity",
+            "--layers",
+            "0-2",
+            "--json",
+        ],
+    )
     assert out["schema"] == 1 and out["command"] == "inspect" and out["model"] == "smollm2-135m"
     assert [row["source_layer"] for row in out["layers"]] == [0, 1, 2]
     for row in out["layers"]:
-        assert set(row) == {"source_layer", "target_layer", "source_position", "target_position", "token", "prob",
-                            "generation", "informative", "top"}
+        assert set(row) == {
+            "source_layer",
+            "target_layer",
+            "source_position",
+            "target_position",
+            "token",
+            "prob",
+            "generation",
+            "informative",
+            "top",
+        }
         assert row["token"] == " CEO" and row["informative"] is True
 
 
 def test_inspect_prints_a_table(capsys, smollm2):
-    assert main(["inspect", "--source-prompt", "The capital of France is", "--preset", "logit-lens",
-                 "--layers", "28,29"]) == 0
+    assert (
+        main(["inspect", "--source-prompt", "The capital of France is", "--preset", "logit-lens", "--layers", "28,29"])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "top token" in text and " 29 " in text and "Paris" in text
 
 
 def test_run_spec_file(capsys, smollm2, tmp_path):
-    spec = Patchscope(Source("Here is a country: France", "France", 4), Target("The capital city of x is", "x", 2),
-                      max_new_tokens=5).save_json(tmp_path / "spec.json")
+    spec = Patchscope(
+        Source("Here is a country: France", "France", 4), Target("The capital city of x is", "x", 2), max_new_tokens=5
+    ).save_json(tmp_path / "spec.json")
     out = _json(capsys, ["run", str(spec), "--json"])
     assert out["result"]["spec"] == Patchscope.load_json(spec).to_dict()
     assert isinstance(out["result"]["generation"], str) and len(out["result"]["top"]) == 10
 
 
 def test_sweep_writes_plot(capsys, smollm2, tmp_path):
-    out = _json(capsys, ["sweep", "--source-prompt", "Here is a word: Paris", "--source-position", "Paris",
-                         "--source-layers", "0-4:2", "--target-layers", "0,3", "--plot", str(tmp_path / "s.png"),
-                         "--json"])
+    out = _json(
+        capsys,
+        [
+            "sweep",
+            "--source-prompt",
+            "Here is a word: Paris",
+            "--source-position",
+            "Paris",
+            "--source-layers",
+            "0-4:2",
+            "--target-layers",
+            "0,3",
+            "--plot",
+            str(tmp_path / "s.png"),
+            "--json",
+        ],
+    )
     assert len(out["cells"]) == 6 and (tmp_path / "s.png").stat().st_size > 5000
 
 
 def test_sweep_over_a_prompts_file_at_the_same_layer(capsys, smollm2, tmp_path):
     (tmp_path / "prompts.txt").write_text("Here is a word: Paris\n\nHere is a word: dog\n")
-    out = _json(capsys, ["sweep", "--prompts", str(tmp_path / "prompts.txt"), "--source-layers", "1-3",
-                         "--target-layers", "same", "--plot", str(tmp_path / "same.png"), "--json"])
+    out = _json(
+        capsys,
+        [
+            "sweep",
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--source-layers",
+            "1-3",
+            "--target-layers",
+            "same",
+            "--plot",
+            str(tmp_path / "same.png"),
+            "--json",
+        ],
+    )
     assert [(c["source_layer"], c["target_layer"]) for c in out["cells"]] == [(1, 1), (2, 2), (3, 3)] * 2
     assert [c["token"].strip() for c in out["cells"]] == ["Paris"] * 3 + ["dog"] * 3
     assert (tmp_path / "same.png").stat().st_size > 5000
@@ -78,15 +131,29 @@ def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
 
 def test_presets_lists_the_paper_presets(capsys):
     out = _json(capsys, ["presets", "--json"])
-    assert set(out["presets"]) == {"token-identity", "logit-lens", "attribute", "entity-description", "multihop",
-                                   "future-lens", "selfie", "self-explanation", "jacobian-lens", "activation-oracle",
-                                   "latentqa"}
+    assert set(out["presets"]) == {
+        "token-identity",
+        "logit-lens",
+        "attribute",
+        "entity-description",
+        "multihop",
+        "future-lens",
+        "selfie",
+        "self-explanation",
+        "jacobian-lens",
+        "activation-oracle",
+        "latentqa",
+    }
 
 
 def test_json_output_is_clean_in_a_fresh_process():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(proc.stdout)["command"] == "presets"  # pyvene's import-time print would break this

@@ -9,6 +9,7 @@ command line one JSON object (schema, command, error type, message, exit status)
 fails the test. Models are tiny random Llamas behind the CLI's own checks of the
 model name, device and dtype; evaluations are stubbed after the CLI has checked their options.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,42 @@ from pyvene_patchscopes.evaluate.report import Report
 
 EXAMPLES = 320
 
-HOSTILE = ["", " ", "\udcff", "x \ud800", "²", "\x00", "\n", "-1", "0", "-0", "5-", "a", "0-3:0", "1-0", "3:2",
-           "0-3000000", "9" * 40, "1e9", "nan", "../../etc", "/", "https://example.com/model", "org/name", "all",
-           "same", "cuda:7", "toaster", "--json", "--help", "💥", "a" * 300, "1,,2", "-9", "3-1:-1"]
+HOSTILE = [
+    "",
+    " ",
+    "\udcff",
+    "x \ud800",
+    "²",
+    "\x00",
+    "\n",
+    "-1",
+    "0",
+    "-0",
+    "5-",
+    "a",
+    "0-3:0",
+    "1-0",
+    "3:2",
+    "0-3000000",
+    "9" * 40,
+    "1e9",
+    "nan",
+    "../../etc",
+    "/",
+    "https://example.com/model",
+    "org/name",
+    "all",
+    "same",
+    "cuda:7",
+    "toaster",
+    "--json",
+    "--help",
+    "💥",
+    "a" * 300,
+    "1,,2",
+    "-9",
+    "3-1:-1",
+]
 hostile = st.sampled_from(HOSTILE) | st.text(max_size=10)
 PROMPTS = ["Amazon's former CEO attended Oscars", "The city of Paris is large", "Here is a word: dog"]
 
@@ -40,18 +74,45 @@ def _files(root: Path) -> dict[str, list[str]]:
     (root / "latin1.txt").write_bytes(b"caf\xe9\n")
     (root / "empty.txt").write_text("\n")
     (root / "a-file").write_text("not a folder")
-    Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
-               max_new_tokens=2).save_json(root / "spec.json")
+    Patchscope(
+        Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2), max_new_tokens=2
+    ).save_json(root / "spec.json")
     (root / "spec-bad.json").write_bytes(b'{"format": "\xff"}')
     (root / "data.jsonl").write_text('{"text": "The capital of France is"}\n')
     (root / "folder").mkdir()
     (root / "read-only").mkdir()
     os.chmod(root / "read-only", 0o555)  # refused unless running as root, which may write anyway
-    inputs = ["prompts.txt", "latin1.txt", "empty.txt", "missing.txt", "a-file", "folder", "spec.json",
-              "spec-bad.json", "data.jsonl", "/dev/null", "/etc"]
-    outputs = ["out", "out/deeper/x", "a-file/sub", "plot.png", "folder", "/proc/forbidden/x", "/dev/full",
-               "/dev/null", "/proc/x.html", "/sys/x.png", "read-only/x.png", "heat.out", "prompts.txt", "spec.json",
-               "data.jsonl", "page.html"]
+    inputs = [
+        "prompts.txt",
+        "latin1.txt",
+        "empty.txt",
+        "missing.txt",
+        "a-file",
+        "folder",
+        "spec.json",
+        "spec-bad.json",
+        "data.jsonl",
+        "/dev/null",
+        "/etc",
+    ]
+    outputs = [
+        "out",
+        "out/deeper/x",
+        "a-file/sub",
+        "plot.png",
+        "folder",
+        "/proc/forbidden/x",
+        "/dev/full",
+        "/dev/null",
+        "/proc/x.html",
+        "/sys/x.png",
+        "read-only/x.png",
+        "heat.out",
+        "prompts.txt",
+        "spec.json",
+        "data.jsonl",
+        "page.html",
+    ]
     return {"inputs": inputs, "outputs": outputs}
 
 
@@ -63,37 +124,121 @@ def arguments(files: dict[str, list[str]]) -> st.SearchStrategy[list[str]]:
     ints, layers = _values(["0", "1", "2", "3", "-1", "5"]), _values(["0", "1,3", "0-3", "all", "-1", "1-3:2"])
     prompt, position = _values(PROMPTS), _values(["-1", "1", "CEO", "Paris", "dog", "x"])
     flags = {
-        "--source-prompt": prompt, "--target-prompt": _values(["The capital of x is", "cat -> cat; x ->"]),
-        "--source-position": position, "--preset": _values(["token-identity", "logit-lens", "attribute",
-                                                             "entity-description", "multihop"]),
-        "--max-new-tokens": ints, "--layers": layers, "--target-layer": ints, "--top": ints,
-        "--source-layers": layers, "--target-layers": layers | st.just("same"), "--batch-size": ints,
-        "--max-batch-tokens": _values(["1", "64", "32768"]), "--plot": _values(files["outputs"]),
+        "--source-prompt": prompt,
+        "--target-prompt": _values(["The capital of x is", "cat -> cat; x ->"]),
+        "--source-position": position,
+        "--preset": _values(["token-identity", "logit-lens", "attribute", "entity-description", "multihop"]),
+        "--max-new-tokens": ints,
+        "--layers": layers,
+        "--target-layer": ints,
+        "--top": ints,
+        "--source-layers": layers,
+        "--target-layers": layers | st.just("same"),
+        "--batch-size": ints,
+        "--max-batch-tokens": _values(["1", "64", "32768"]),
+        "--plot": _values(files["outputs"]),
         "--html": _values(files["outputs"]),
-        "--prompts": _values(files["inputs"]), "--out": _values(files["outputs"]),
+        "--prompts": _values(files["inputs"]),
+        "--out": _values(files["outputs"]),
         "--variant": _values(["semantic", "fisher", "temperature", "gradient-x-input"]),
-        "--fisher": _values(["low-rank", "exact"]), "--rank": ints, "--target-position": ints,
-        "--target-token": _values([" Paris", "7", "²"]), "--limit": ints, "--n-train": ints, "--seed": ints,
-        "--data": _values(files["inputs"]), "--target-model": _values(["gemma3-270m", "smollm2-135m"]),
-        "--source-layer": ints, "--model": _values(["smollm2-135m", "gemma3-270m"]),
-        "--device": _values(["cpu", "auto"]), "--dtype": _values(["float32", "bfloat16", "fp16"]),
+        "--fisher": _values(["low-rank", "exact"]),
+        "--rank": ints,
+        "--target-position": ints,
+        "--target-token": _values([" Paris", "7", "²"]),
+        "--limit": ints,
+        "--n-train": ints,
+        "--seed": ints,
+        "--data": _values(files["inputs"]),
+        "--target-model": _values(["gemma3-270m", "smollm2-135m"]),
+        "--source-layer": ints,
+        "--model": _values(["smollm2-135m", "gemma3-270m"]),
+        "--device": _values(["cpu", "auto"]),
+        "--dtype": _values(["float32", "bfloat16", "fp16"]),
     }
     commands = {
-        "inspect": (None, ["--source-prompt", "--source-position", "--preset", "--target-prompt", "--max-new-tokens",
-                           "--layers", "--target-layer", "--top", "--html", "--model", "--device", "--dtype"]),
-        "run": (_values(["token-identity", "logit-lens", "./missing", "no-such-entry"] + files["inputs"]),
-                ["--source-prompt", "--source-position", "--source-layer", "--target-layer", "--top", "--model",
-                 "--device", "--dtype"]),
-        "sweep": (None, ["--source-prompt", "--prompts", "--source-position", "--preset", "--target-prompt",
-                         "--max-new-tokens", "--source-layers", "--target-layers", "--batch-size",
-                         "--max-batch-tokens", "--plot", "--html", "--model", "--device", "--dtype"]),
-        "jacobian": (prompt, ["--variant", "--fisher", "--rank", "--target-position", "--target-token", "--top",
-                              "--out", "--model", "--device", "--dtype"]),
+        "inspect": (
+            None,
+            [
+                "--source-prompt",
+                "--source-position",
+                "--preset",
+                "--target-prompt",
+                "--max-new-tokens",
+                "--layers",
+                "--target-layer",
+                "--top",
+                "--html",
+                "--model",
+                "--device",
+                "--dtype",
+            ],
+        ),
+        "run": (
+            _values(["token-identity", "logit-lens", "./missing", "no-such-entry"] + files["inputs"]),
+            [
+                "--source-prompt",
+                "--source-position",
+                "--source-layer",
+                "--target-layer",
+                "--top",
+                "--model",
+                "--device",
+                "--dtype",
+            ],
+        ),
+        "sweep": (
+            None,
+            [
+                "--source-prompt",
+                "--prompts",
+                "--source-position",
+                "--preset",
+                "--target-prompt",
+                "--max-new-tokens",
+                "--source-layers",
+                "--target-layers",
+                "--batch-size",
+                "--max-batch-tokens",
+                "--plot",
+                "--html",
+                "--model",
+                "--device",
+                "--dtype",
+            ],
+        ),
+        "jacobian": (
+            prompt,
+            [
+                "--variant",
+                "--fisher",
+                "--rank",
+                "--target-position",
+                "--target-token",
+                "--top",
+                "--out",
+                "--model",
+                "--device",
+                "--dtype",
+            ],
+        ),
         "demo": (None, ["--out", "--model", "--device", "--dtype"]),
-        "eval": (_values(["next-token", "attributes", "entities", "cross-model", "multihop", "stages", "jacobian",
-                          "all"]),
-                 ["--out", "--limit", "--layers", "--target-layers", "--data", "--n-train", "--seed", "--batch-size",
-                  "--target-model", "--model", "--device", "--dtype"]),
+        "eval": (
+            _values(["next-token", "attributes", "entities", "cross-model", "multihop", "stages", "jacobian", "all"]),
+            [
+                "--out",
+                "--limit",
+                "--layers",
+                "--target-layers",
+                "--data",
+                "--n-train",
+                "--seed",
+                "--batch-size",
+                "--target-model",
+                "--model",
+                "--device",
+                "--dtype",
+            ],
+        ),
         "list": (None, []),
         "presets": (None, []),
     }
@@ -147,8 +292,13 @@ def test_generated_argument_lists_end_in_0_or_the_librarys_one_line_error(monkey
     codes = {0: 0, 2: 0}
     json_errors = []
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(arguments(files))
     def one(argv: list[str]) -> None:
         seen.append(argv)

@@ -1,6 +1,7 @@
 """The command line describes itself: `--version`, a help line for every option naming its default and its
 choices, an example at the end of each command's `--help`, one module per command registering its own
 subcommand, and the keys of each command's --json object written down once (`cli.output.JSON_KEYS`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,14 @@ REPO = Path(__file__).resolve().parent.parent
 VERSION = importlib.metadata.version("pyvene-patchscopes")
 # Options whose values the library checks (so that its errors stay what they were): the help names each value
 # of the table that allows them.
-CHOICES = {"--preset": PRESETS, "--variant": VARIANTS, "--fisher": FISHER_FORMS, "--device-map": MAP_STRATEGIES,
-           "--model": EMBEDDED, "task": [*TASKS, "all"]}
+CHOICES = {
+    "--preset": PRESETS,
+    "--variant": VARIANTS,
+    "--fisher": FISHER_FORMS,
+    "--device-map": MAP_STRATEGIES,
+    "--model": EMBEDDED,
+    "task": [*TASKS, "all"],
+}
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -40,16 +47,24 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
 def _help_lines(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each argument's help line as --help prints it (%(default)s filled in), by its flag or positional name."""
     formatter = parser._get_formatter()
-    return {(a.option_strings[-1] if a.option_strings else a.dest): formatter._expand_help(a)
-            for a in parser._actions if a.help is not None and not isinstance(a, argparse._HelpAction)}
+    return {
+        (a.option_strings[-1] if a.option_strings else a.dest): formatter._expand_help(a)
+        for a in parser._actions
+        if a.help is not None and not isinstance(a, argparse._HelpAction)
+    }
 
 
 def test_version_prints_the_installed_packages_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"patchscopes {VERSION}\n"
-    proc = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "--version"], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyvene_patchscopes.cli", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert (proc.returncode, proc.stdout) == (0, f"patchscopes {VERSION}\n"), proc.stderr[-800:]
 
 
@@ -104,25 +119,54 @@ def test_each_command_module_registers_its_own_subcommand():
 def test_every_json_output_key_is_listed_in_cli_json_keys(capsys, monkeypatch, tmp_path):
     """Each command's --json object holds "schema", "command" and then its `JSON_KEYS` entry, in that order."""
     monkeypatch.setattr(models, "load_model", tiny_loader())
-    monkeypatch.setattr(families, "survey", lambda progress=False: [families.Verdict("TinyForCausalLM", "tiny",
-                                                                                     "planned")])
-    monkeypatch.setattr("pyvene_patchscopes.evaluate.run_task", lambda name, load, options, out=None, source="",
-                        target="": Report(task=name, title=name, model=source, command="", settings={}, summary={}))
-    spec = Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
-                      max_new_tokens=0).save_json(tmp_path / "spec.json")
-    sweep = ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-1", "--target-layers", "1",
-             "--max-new-tokens", "0"]
-    runs = {"list": ["list"], "presets": ["presets"], "run": ["run", str(spec)],
-            "inspect": ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-1", "--max-new-tokens", "0"],
-            "sweep": sweep, "sweep --out": [*sweep, "--out", str(tmp_path / "grid")],
-            "demo": ["demo", "--out", str(tmp_path / "demo")],
-            "jacobian": ["jacobian", "The city of Paris is large", "--variant", "semantic"],
-            "eval": ["eval", "next-token", "--limit", "1"], "families": ["families"],
-            "families --markdown": ["families", "--markdown"]}
+    monkeypatch.setattr(
+        families, "survey", lambda progress=False: [families.Verdict("TinyForCausalLM", "tiny", "planned")]
+    )
+    monkeypatch.setattr(
+        "pyvene_patchscopes.evaluate.run_task",
+        lambda name, load, options, out=None, source="", target="": Report(
+            task=name, title=name, model=source, command="", settings={}, summary={}
+        ),
+    )
+    spec = Patchscope(
+        Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2), max_new_tokens=0
+    ).save_json(tmp_path / "spec.json")
+    sweep = [
+        "sweep",
+        "--source-prompt",
+        "Here is a word: dog",
+        "--source-layers",
+        "0-1",
+        "--target-layers",
+        "1",
+        "--max-new-tokens",
+        "0",
+    ]
+    runs = {
+        "list": ["list"],
+        "presets": ["presets"],
+        "run": ["run", str(spec)],
+        "inspect": ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-1", "--max-new-tokens", "0"],
+        "sweep": sweep,
+        "sweep --out": [*sweep, "--out", str(tmp_path / "grid")],
+        "demo": ["demo", "--out", str(tmp_path / "demo")],
+        "jacobian": ["jacobian", "The city of Paris is large", "--variant", "semantic"],
+        "eval": ["eval", "next-token", "--limit", "1"],
+        "families": ["families"],
+        "families --markdown": ["families", "--markdown"],
+    }
     assert sorted(runs) == sorted(set(JSON_KEYS) - {"eval all", "explore"})  # eval all: every task; explore serves
     for shape, argv in runs.items():
         assert main([*argv, "--json"]) == 0, (shape, capsys.readouterr().err[-800:])
         printed = json.loads(capsys.readouterr().out)
         assert list(printed) == ["schema", "command", *JSON_KEYS[shape]], shape
-    assert JSON_KEYS["sweep --out"] == ("model", "preset", "out", "spec_hash", "computed_units", "skipped_units",
-                                        "plot", "html")  # the docs' schema of `sweep --out` (issue 38)
+    assert JSON_KEYS["sweep --out"] == (
+        "model",
+        "preset",
+        "out",
+        "spec_hash",
+        "computed_units",
+        "skipped_units",
+        "plot",
+        "html",
+    )  # the docs' schema of `sweep --out` (issue 38)

@@ -4,6 +4,7 @@ token is shown one way (quoted, whitespace visible) in every table, figure and p
 Issue 36, finding 7. The pipes are real: the CLI runs in a subprocess whose reader closes early, as
 ``patchscopes list --json | head -c 600`` does.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -46,8 +47,13 @@ DECODED = (" ", "\n", " Paris", "Paris", "  ")
 def _closed_early(argv: list[str], read: int, stderr_too: bool = False) -> subprocess.CompletedProcess:
     """Run the CLI with its standard output (and, with `stderr_too`, its standard error) into a one-page pipe;
     read `read` bytes, close the reading end, and wait: what ``| head -c READ`` does, without head's race."""
-    proc = subprocess.Popen(CLI + argv, bufsize=0, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        CLI + argv,
+        bufsize=0,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if stderr_too else subprocess.PIPE,
+        cwd=REPO,
+    )
     fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, PAGE)
     head = b""
     while len(head) < read:  # unbuffered: read no more than head would
@@ -78,11 +84,14 @@ def test_a_closed_pipe_under_progress_bars_ends_quietly_with_141():
 
 
 def test_a_full_standard_output_stays_the_one_line_error(tmp_path):
-    for flag, last in (([], "patchscopes: error: cannot write the output to standard output (No space left on "
-                            "device)"), (["--json"], None)):
+    for flag, last in (
+        ([], "patchscopes: error: cannot write the output to standard output (No space left on device)"),
+        (["--json"], None),
+    ):
         with open("/dev/full", "w") as full:
-            done = subprocess.run(CLI + ["presets", *flag], stdout=full, stderr=subprocess.PIPE, text=True,
-                                  timeout=120, cwd=tmp_path)
+            done = subprocess.run(
+                CLI + ["presets", *flag], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path
+            )
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
         if last is not None:
             assert done.stderr.strip() == last
@@ -129,9 +138,13 @@ def test_the_explorer_keeps_serving_when_the_pipe_of_its_log_closes(tmp_path):
     handle = tiny_model("llama", seed=2)
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")
-    server = subprocess.Popen(CLI + ["explore", "--model", str(tmp_path / "tiny"), "--port", "0"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    server = subprocess.Popen(
+        CLI + ["explore", "--model", str(tmp_path / "tiny"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     try:
         lines = iter(server.stdout.readline, b"")  # the loader's lines on standard error come first
         address = next(found for line in lines if (found := re.search(rb"http://([0-9.]+):([0-9]+)/", line)))
@@ -151,33 +164,47 @@ def test_the_explorer_keeps_serving_when_the_pipe_of_its_log_closes(tmp_path):
 
 # ---- errors under --json ---------------------------------------------------------------------------------------
 ERRORS = [  # argv, command, the error's type, a piece of its message
-    (["inspect", "--source-prompt", "x", "--no-such-flag", "--json"], "inspect", "UsageError",
-     "unrecognized arguments: --no-such-flag (see: patchscopes inspect --help)"),
+    (
+        ["inspect", "--source-prompt", "x", "--no-such-flag", "--json"],
+        "inspect",
+        "UsageError",
+        "unrecognized arguments: --no-such-flag (see: patchscopes inspect --help)",
+    ),
     (["list", "--bogus", "--js"], "list", "UsageError", "unrecognized arguments: --bogus"),
     (["inspect", "--top", "0", "--json"], "inspect", "UsageError", "argument --top: '0' is not allowed"),
     (["--json"], None, "UsageError", "the following arguments are required: command"),
     (["no-such-command", "--json"], None, "UsageError", "invalid choice: 'no-such-command'"),
-    (["inspect", "--source-prompt", "x", "--preset", "telepathy", "--json"], "inspect", "UnknownNameError",
-     "preset='telepathy' is not known (allowed: token-identity"),
+    (
+        ["inspect", "--source-prompt", "x", "--preset", "telepathy", "--json"],
+        "inspect",
+        "UnknownNameError",
+        "preset='telepathy' is not known (allowed: token-identity",
+    ),
     (["sweep", "--json"], "sweep", "SpecError", "give exactly one of --source-prompt and --prompts"),
-    (["inspect", "--source-prompt", "x", "--layers", "0-99", "--json"], "inspect", "SpecError",
-     "--layers='0-99': layer 99 is out of range (allowed: -4..3)"),
+    (
+        ["inspect", "--source-prompt", "x", "--layers", "0-99", "--json"],
+        "inspect",
+        "SpecError",
+        "--layers='0-99': layer 99 is out of range (allowed: -4..3)",
+    ),
     (["run", "./missing.json", "--json"], "run", "SpecError", "missing.json"),
     (["eval", "all", "--json"], "eval", "PatchscopeError", "eval all needs --out DIR"),
 ]
 
 
 @pytest.mark.parametrize("argv, command, kind, message", ERRORS, ids=[" ".join(e[0]) for e in ERRORS])
-def test_every_error_under_json_is_one_json_line_on_stderr(argv, command, kind, message, capsys, monkeypatch,
-                                                           tmp_path):
+def test_every_error_under_json_is_one_json_line_on_stderr(argv, command, kind, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(models, "load_model", tiny_loader())
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.endswith("\n") and err.count("\n") == 1, err  # was: patchscopes: error: ...
     line = json.loads(err)
-    assert line == {"schema": 1, "command": command, "error": {"type": kind, "message": line["error"]["message"],
-                                                                "exit_status": 2}}
+    assert line == {
+        "schema": 1,
+        "command": command,
+        "error": {"type": kind, "message": line["error"]["message"], "exit_status": 2},
+    }
     assert message in line["error"]["message"]
     plain = [word for word in argv if word not in ("--json", "--js")]
     assert main(plain) == 2
@@ -216,13 +243,18 @@ def test_a_heatmap_cell_keeps_its_quotes_and_six_letters_of_a_word():
 
 class _Grid:
     """What `layer_heatmap` reads of a SweepResult: SmolLM2's 30 x 30 grid, each cell a word token."""
+
     same_layer, preset, source_layers, target_layers = False, "token-identity", list(range(30)), list(range(30))
     words = (" London", " Washington", " Amazon", " Oscars", " CEO", " Paris\n", " ?", "hello")
 
     def cell(self, prompt: int, layer: int, target_layer: int) -> SimpleNamespace:
         source = SimpleNamespace(prompt=DEMO_PROMPT, position=DEMO_POSITION)
-        return SimpleNamespace(token=self.words[(layer + target_layer) % len(self.words)], prob=layer / 30,
-                               informative=True, scope=SimpleNamespace(source=source))
+        return SimpleNamespace(
+            token=self.words[(layer + target_layer) % len(self.words)],
+            prob=layer / 30,
+            informative=True,
+            scope=SimpleNamespace(source=source),
+        )
 
 
 def test_the_heatmap_labels_fit_their_cells_at_the_default_size():
@@ -244,8 +276,9 @@ def test_generations_are_quoted_as_tokens_are_in_tables_and_pages():
     long = {**row, "generation": "word " * 20}
     assert layer_table([long]).splitlines()[2].endswith("  '" + ("word " * 6)[:29] + "…'")
     scope = Patchscope(Source("The city of Paris", -1, 3, "tiny"), Target("x", "x", 3))
-    result = PatchscopeResult(scope=scope, source_position=3, target_position=0, top=[TokenProb(" Paris", 7, 0.5)],
-                              generation=generation)
+    result = PatchscopeResult(
+        scope=scope, source_position=3, target_position=0, top=[TokenProb(" Paris", 7, 0.5)], generation=generation
+    )
     [html_row] = layers_table([result])["rows"]
     assert html_row["cells"][2] == show_text(generation) == "' Paris\\n\\tis  '"  # was: Paris\\n\\tis, stripped
     assert html_row["tip"][-1] == f"generated: {show_text(generation)}"
@@ -254,6 +287,7 @@ def test_generations_are_quoted_as_tokens_are_in_tables_and_pages():
 def _decode_as(monkeypatch, texts: tuple[str, ...]) -> None:
     """Every token id decodes to one of `texts` (the id modulo their number), wherever a readout or an input
     token is decoded; the CLI loads tiny random Llamas."""
+
     def fake(tokenizer, token_id: int) -> str:
         return texts[int(token_id) % len(texts)]
 
@@ -285,19 +319,21 @@ def _quoted(text: str) -> list[str]:
 
 
 def test_every_cli_table_shows_tokens_as_show_text(decoded_as_whitespace, capsys, tmp_path):
-    table, out = _both(capsys, ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-3",
-                                "--max-new-tokens", "0"])
-    rows = table.splitlines()[3:3 + len(out["layers"])]
+    table, out = _both(
+        capsys, ["inspect", "--source-prompt", "The city of Paris", "--layers", "0-3", "--max-new-tokens", "0"]
+    )
+    rows = table.splitlines()[3 : 3 + len(out["layers"])]
     assert [_quoted(line) for line in rows] == [[show_text(r["token"])] for r in out["layers"]]
 
-    spec = Patchscope(Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2),
-                      max_new_tokens=0).save_json(tmp_path / "spec.json")
+    spec = Patchscope(
+        Source("The city of Paris is large", "Paris", 1), Target("The capital of x is", "x", 2), max_new_tokens=0
+    ).save_json(tmp_path / "spec.json")
     table, out = _both(capsys, ["run", str(spec)])
-    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_text(t["token"])]
-                                                                  for t in out["result"]["top"]]
+    assert [_quoted(line) for line in table.splitlines()[1:]] == [[show_text(t["token"])] for t in out["result"]["top"]]
 
-    table, out = _both(capsys, ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2",
-                                "--target-layers", "1,2"])
+    table, out = _both(
+        capsys, ["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2", "--target-layers", "1,2"]
+    )
     assert sorted(_quoted(table)) == sorted(show_text(c["token"]) for c in out["cells"])  # was: the raw text
 
     table, out = _both(capsys, ["jacobian", "The city of Paris is large", "--variant", "semantic", "--top", "3"])
@@ -315,8 +351,14 @@ def _axes_labels(figure) -> list[str]:
 
 
 def test_figures_and_pages_show_whitespace_tokens_quoted(decoded_as_blanks, tiny_llama):
-    grid = sweep("Here is a word: dog", tiny_llama, source_layers=[0, 1, 2], target_layers=[1, 2],
-                 max_new_tokens=0, progress=False)
+    grid = sweep(
+        "Here is a word: dog",
+        tiny_llama,
+        source_layers=[0, 1, 2],
+        target_layers=[1, 2],
+        max_new_tokens=0,
+        progress=False,
+    )
     tokens = [[grid.cell(0, l, t).token for t in (1, 2)] for l in (0, 1, 2)]
     assert {t for row in tokens for t in row} <= {" ", "\n", "  "}
     want = [[show_text(t, CELL_WIDTH) for t in row] for row in tokens]
@@ -325,19 +367,34 @@ def test_figures_and_pages_show_whitespace_tokens_quoted(decoded_as_blanks, tiny
     assert [[cell["label"] for cell in row] for row in page["cells"]] == want
     assert page["cells"][0][0]["tip"][1].startswith(show_text(grid.cell(0, 0, 1).top[0].token) + "  ")
 
-    same = sweep(["Here is a word: dog", "one two"], tiny_llama, source_layers=[1, 2], target_layers="same",
-                 max_new_tokens=0, progress=False)
-    assert _axes_labels(layer_heatmap(same)) == [show_text(row[0], CELL_WIDTH) for per in same.tokens()
-                                                 for row in per]
+    same = sweep(
+        ["Here is a word: dog", "one two"],
+        tiny_llama,
+        source_layers=[1, 2],
+        target_layers="same",
+        max_new_tokens=0,
+        progress=False,
+    )
+    assert _axes_labels(layer_heatmap(same)) == [show_text(row[0], CELL_WIDTH) for per in same.tokens() for row in per]
     results = [grid.cell(0, l, 1) for l in (0, 1, 2)]
     assert [row["cells"][0] for row in layers_table(results)["rows"]] == [show_text(r.token, 40) for r in results]
 
 
 def test_jacobian_views_show_whitespace_tokens_quoted(tmp_path):
     scope = JacobianScope(variant="semantic", model="tiny")
-    attribution = Attribution(text="a \n  Paris", scope=scope, tokens=("a", " ", "\n", "  ", " Paris"),
-                              positions=(1, 2, 3, 4, 5), scores=(0.1, 0.9, 0.5, 0.3, 0.2), target_position=5,
-                              prediction=" ", prediction_id=7, prediction_prob=0.5, target_token=" ", target_id=7)
+    attribution = Attribution(
+        text="a \n  Paris",
+        scope=scope,
+        tokens=("a", " ", "\n", "  ", " Paris"),
+        positions=(1, 2, 3, 4, 5),
+        scores=(0.1, 0.9, 0.5, 0.3, 0.2),
+        target_position=5,
+        prediction=" ",
+        prediction_id=7,
+        prediction_prob=0.5,
+        target_token=" ",
+        target_id=7,
+    )
     page = attribution.to_html(tmp_path / "a.html")
     spans = [html.unescape(s) for s in re.findall(r'<span class="(?:tok|pred)"[^>]*>([^<]*)</span>', page)]
     assert spans == ["'a'", "' '", "'\\n'", "'  '", "' Paris'", "' '"]  # was: blanks and a line break

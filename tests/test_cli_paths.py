@@ -8,6 +8,7 @@ the lens, the spec folder, the prompts, the data, a finished sweep folder) hashe
 an output would be, hold or lie inside an input, it is refused before any work: no model loaded, nothing written.
 Models are tiny random Llamas saved as folders, loaded by the real `load_model`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,18 @@ from pyvene_patchscopes.presets import self_explanation
 from pyvene_patchscopes.vectors import das_source, load_sae, probe_source, sae_source, vector_source
 
 SOURCE = "The city of Paris is large"
-SWEEP = ["--source-prompt", SOURCE, "--source-position", "Paris", "--source-layers", "1", "--target-layers", "1",
-         "--max-new-tokens", "0"]
+SWEEP = [
+    "--source-prompt",
+    SOURCE,
+    "--source-position",
+    "Paris",
+    "--source-layers",
+    "1",
+    "--target-layers",
+    "1",
+    "--max-new-tokens",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +64,23 @@ def kit(tmp_path_factory) -> dict[str, Path]:
         get_peft_model(copy.deepcopy(base.model), config).save_pretrained(root / "adapter")
     JacobianLens({0: torch.eye(base.hidden_size), 1: 2 * torch.eye(base.hidden_size)}).to_file(root / "lens.pt")
     tiny = str(root / "tiny")
-    save_patchscope(Patchscope(Source(SOURCE, "Paris", 1, tiny), Target("The capital of x is", "x", 2),
-                               max_new_tokens=2), root / "spec")
+    save_patchscope(
+        Patchscope(Source(SOURCE, "Paris", 1, tiny), Target("The capital of x is", "x", 2), max_new_tokens=2),
+        root / "spec",
+    )
     (root / "prompts.txt").write_text(SOURCE + "\nHere is a word: dog\n")
     (root / "data.jsonl").write_text('{"text": "The capital of France is"}\n')
     assert _main("sweep", *SWEEP, "--model", tiny, "--out", root / "sweep")[0] == 0
-    return {"root": root, "tiny": root / "tiny", "adapter": root / "adapter", "lens": root / "lens.pt",
-            "spec": root / "spec", "prompts": root / "prompts.txt", "data": root / "data.jsonl",
-            "sweep": root / "sweep"}
+    return {
+        "root": root,
+        "tiny": root / "tiny",
+        "adapter": root / "adapter",
+        "lens": root / "lens.pt",
+        "spec": root / "spec",
+        "prompts": root / "prompts.txt",
+        "data": root / "data.jsonl",
+        "sweep": root / "sweep",
+    }
 
 
 def _main(*argv) -> tuple[int, str, str]:
@@ -75,8 +95,10 @@ def _tree(path: Path) -> dict[str, str]:
     path = Path(path)
     if path.is_file():
         return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {p.relative_to(path).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*"))}
+    return {
+        p.relative_to(path).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+    }
 
 
 @pytest.fixture
@@ -104,26 +126,41 @@ def _refused(argv: list, loads: list[str], *parts: str) -> str:
 
 
 # ---- finding 1: an output that is, or lies inside, an input of the same command -----------------------------------
-@pytest.mark.parametrize("case", ["lens", "adapter config", "adapter weights", "sweep manifest", "sweep shard",
-                                  "sweep folder"])
+@pytest.mark.parametrize(
+    "case", ["lens", "adapter config", "adapter weights", "sweep manifest", "sweep shard", "sweep folder"]
+)
 def test_an_output_is_refused_where_it_would_overwrite_the_commands_input(kit, loads, tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)
     tiny, sweep = str(kit["tiny"]), kit["sweep"]
     inspect = ["inspect", "--model", tiny, "--source-prompt", SOURCE, "--source-position", "Paris", "--layers", "1"]
     argv, parts = {
-        "lens": (inspect + ["--preset", "jacobian-lens", "--lens", kit["lens"], "--html", kit["lens"]],
-                 (f"--html='{kit['lens']}' is also an input of this command (--lens='{kit['lens']}')",)),
-        "adapter config": (inspect + ["--adapter", kit["adapter"], "--html", kit["adapter"] / "adapter_config.json"],
-                           (f"--html='{kit['adapter'] / 'adapter_config.json'}' is inside --adapter="
-                            f"'{kit['adapter']}', which this command reads",)),
-        "adapter weights": (inspect + ["--adapter", kit["adapter"], "--html",
-                                       kit["adapter"] / "adapter_model.safetensors"], ("--adapter=",)),
-        "sweep manifest": (["sweep", *SWEEP, "--model", tiny, "--out", sweep, "--html", sweep / "manifest.json"],
-                           (f"--html='{sweep / 'manifest.json'}' is inside --out='{sweep}'",)),
-        "sweep shard": (["sweep", *SWEEP, "--model", tiny, "--out", sweep, "--html", sweep / "unit-000000.parquet"],
-                        ("--out=",)),
-        "sweep folder": (["sweep", *SWEEP, "--model", tiny, "--out", "grid", "--html", "grid"],
-                         ("--html='grid' is also an input of this command (--out='grid')",)),
+        "lens": (
+            inspect + ["--preset", "jacobian-lens", "--lens", kit["lens"], "--html", kit["lens"]],
+            (f"--html='{kit['lens']}' is also an input of this command (--lens='{kit['lens']}')",),
+        ),
+        "adapter config": (
+            inspect + ["--adapter", kit["adapter"], "--html", kit["adapter"] / "adapter_config.json"],
+            (
+                f"--html='{kit['adapter'] / 'adapter_config.json'}' is inside --adapter="
+                f"'{kit['adapter']}', which this command reads",
+            ),
+        ),
+        "adapter weights": (
+            inspect + ["--adapter", kit["adapter"], "--html", kit["adapter"] / "adapter_model.safetensors"],
+            ("--adapter=",),
+        ),
+        "sweep manifest": (
+            ["sweep", *SWEEP, "--model", tiny, "--out", sweep, "--html", sweep / "manifest.json"],
+            (f"--html='{sweep / 'manifest.json'}' is inside --out='{sweep}'",),
+        ),
+        "sweep shard": (
+            ["sweep", *SWEEP, "--model", tiny, "--out", sweep, "--html", sweep / "unit-000000.parquet"],
+            ("--out=",),
+        ),
+        "sweep folder": (
+            ["sweep", *SWEEP, "--model", tiny, "--out", "grid", "--html", "grid"],
+            ("--html='grid' is also an input of this command (--out='grid')",),
+        ),
     }[case]
     before = {name: _tree(path) for name, path in kit.items() if name != "root"}
     line = _refused(argv, loads, *parts, "(allowed: ")
@@ -139,19 +176,29 @@ def test_every_output_is_checked_against_every_input_and_every_other_output(kit,
     tiny, spec = str(kit["tiny"]), str(kit["spec"])
     (tmp_path / "hard.txt").hardlink_to(kit["prompts"])
     cases = [
-        (["run", spec, "--device-map", "cpu", "--offload-folder", Path(spec) / "weights"],
-         ("--offload-folder=", f"is inside spec='{spec}'")),
+        (
+            ["run", spec, "--device-map", "cpu", "--offload-folder", Path(spec) / "weights"],
+            ("--offload-folder=", f"is inside spec='{spec}'"),
+        ),
         (["eval", "next-token", "--model", tiny, "--out", Path(tiny) / "reports"], (f"--model='{tiny}'",)),
-        (["eval", "next-token", "--model", tiny, "--data", kit["data"], "--out", kit["root"]],
-         (f"--out='{kit['root']}' holds ",)),
+        (
+            ["eval", "next-token", "--model", tiny, "--data", kit["data"], "--out", kit["root"]],
+            (f"--out='{kit['root']}' holds ",),
+        ),
         (["demo", "--model", tiny, "--out", tiny], (f"--out='{tiny}/demo_heatmap.png' is inside --model='{tiny}'",)),
         (["jacobian", SOURCE, "--model", tiny, "--out", Path(tiny) / "config"], ("--out=", "--model=")),
-        (["sweep", "--prompts", "hard.txt", "--model", tiny, "--plot", kit["prompts"]],
-         (f"--plot='{kit['prompts']}' is also an input of this command (--prompts='hard.txt')",)),
-        (["sweep", *SWEEP, "--model", tiny, "--plot", "x/heat.png", "--html", "x"],
-         ("--html='x' holds --plot='x/heat.png', which this command also writes",)),
-        (["sweep", *SWEEP, "--model", tiny, "--device-map", "cpu", "--offload-folder", "o", "--html", "o/x.html"],
-         ("--offload-folder='o' holds --html='o/x.html', which this command also writes",)),
+        (
+            ["sweep", "--prompts", "hard.txt", "--model", tiny, "--plot", kit["prompts"]],
+            (f"--plot='{kit['prompts']}' is also an input of this command (--prompts='hard.txt')",),
+        ),
+        (
+            ["sweep", *SWEEP, "--model", tiny, "--plot", "x/heat.png", "--html", "x"],
+            ("--html='x' holds --plot='x/heat.png', which this command also writes",),
+        ),
+        (
+            ["sweep", *SWEEP, "--model", tiny, "--device-map", "cpu", "--offload-folder", "o", "--html", "o/x.html"],
+            ("--offload-folder='o' holds --html='o/x.html', which this command also writes",),
+        ),
     ]
     before = _tree(kit["root"])
     for argv, parts in cases:
@@ -164,10 +211,15 @@ def test_every_output_is_checked_against_every_input_and_every_other_output(kit,
 def _sae_folder(folder: Path, d: int) -> Path:
     torch.manual_seed(3)
     folder.mkdir()
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "architecture": "standard",
-                                                 "metadata": {"hook_name": "blocks.2.hook_resid_post"}}))
-    save_file({"W_dec": torch.randn(8, d), "W_enc": torch.randn(d, 8), "b_enc": torch.zeros(8),
-               "b_dec": torch.zeros(d)}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {"d_in": d, "d_sae": 8, "architecture": "standard", "metadata": {"hook_name": "blocks.2.hook_resid_post"}}
+        )
+    )
+    save_file(
+        {"W_dec": torch.randn(8, d), "W_enc": torch.randn(d, 8), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d)},
+        str(folder / "sae_weights.safetensors"),
+    )
     return folder
 
 
@@ -185,9 +237,14 @@ def _vector_source(kind: str, handle, tmp_path: Path):
 
     from pyvene_patchscopes import compat
 
-    config = pv.RepresentationConfig(layer=1, component="block_output", unit="pos", max_number_of_units=1,
-                                     low_rank_dimension=1, intervention=pv.LowRankRotatedSpaceIntervention(
-                                         embed_dim=d, low_rank_dimension=1))
+    config = pv.RepresentationConfig(
+        layer=1,
+        component="block_output",
+        unit="pos",
+        max_number_of_units=1,
+        low_rank_dimension=1,
+        intervention=pv.LowRankRotatedSpaceIntervention(embed_dim=d, low_rank_dimension=1),
+    )
     with compat.pyvene_guard(handle.model):
         study = compat.intervenable(pv.IntervenableConfig([config]), handle.model)
         return das_source(study, handle)
@@ -203,8 +260,9 @@ def test_patchscopes_run_reads_a_saved_vector_source_spec_as_python_does(kit, tm
     code, out, err = _main("run", tmp_path / "spec", "--json")
     assert code == 0, err[-600:]
     got = json.loads(out)["result"]
-    assert [(t["token_id"], round(t["prob"], 6)) for t in got["top"]] == \
-        [(t.token_id, round(t.prob, 6)) for t in want.top]
+    assert [(t["token_id"], round(t["prob"], 6)) for t in got["top"]] == [
+        (t.token_id, round(t.prob, 6)) for t in want.top
+    ]
     assert got["generation"] == want.generation and got["agrees_with_null"] == want.agrees_with_null
     assert got["spec"]["source"]["name"] == source.name
     code, out, _ = _main("run", tmp_path / "spec")
@@ -212,44 +270,82 @@ def test_patchscopes_run_reads_a_saved_vector_source_spec_as_python_does(kit, tm
 
 
 # ---- finding 23: what --lens is, and placement flags that would be ignored ---------------------------------------
-@pytest.mark.parametrize("lens, what", [("/dev/zero", "is a device or special file, not a regular file"),
-                                        ("folder", "is a folder, not a file")])
+@pytest.mark.parametrize(
+    "lens, what",
+    [("/dev/zero", "is a device or special file, not a regular file"), ("folder", "is a folder, not a file")],
+)
 def test_lens_that_is_no_file_says_what_it_is(kit, loads, tmp_path, monkeypatch, lens, what):
     monkeypatch.chdir(tmp_path)
     if lens == "folder":
         lens = str(kit["adapter"])
-    _refused(["inspect", "--model", kit["tiny"], "--source-prompt", SOURCE, "--preset", "jacobian-lens", "--lens",
-              lens], loads, f"--lens='{lens}' {what} (allowed: a Jacobian lens .pt file")
+    _refused(
+        ["inspect", "--model", kit["tiny"], "--source-prompt", SOURCE, "--preset", "jacobian-lens", "--lens", lens],
+        loads,
+        f"--lens='{lens}' {what} (allowed: a Jacobian lens .pt file",
+    )
     with pytest.raises(cli.SpecError, match=f"Jacobian lens file '{lens}' {what}"):
         JacobianLens.from_file(lens)
 
 
 @pytest.mark.parametrize("adapter, what", [("./missing", "does not exist"), ("lens", "is not a folder")])
-def test_an_adapter_that_is_no_folder_is_refused_before_the_model_loads(kit, loads, tmp_path, monkeypatch, adapter,
-                                                                        what):
+def test_an_adapter_that_is_no_folder_is_refused_before_the_model_loads(
+    kit, loads, tmp_path, monkeypatch, adapter, what
+):
     monkeypatch.chdir(tmp_path)
     adapter = str(kit["lens"]) if adapter == "lens" else adapter
-    _refused(["inspect", "--model", kit["tiny"], "--source-prompt", SOURCE, "--adapter", adapter], loads,
-             f"--adapter='{adapter}' {what} (allowed: a PEFT adapter folder")
+    _refused(
+        ["inspect", "--model", kit["tiny"], "--source-prompt", SOURCE, "--adapter", adapter],
+        loads,
+        f"--adapter='{adapter}' {what} (allowed: a PEFT adapter folder",
+    )
 
 
-@pytest.mark.parametrize("command", [["inspect", "--source-prompt", SOURCE], ["sweep", "--source-prompt", SOURCE],
-                                     ["run", "token-identity"], ["demo"], ["jacobian", SOURCE],
-                                     ["eval", "next-token"], ["explore"]], ids=lambda command: command[0])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "--source-prompt", SOURCE],
+        ["sweep", "--source-prompt", SOURCE],
+        ["run", "token-identity"],
+        ["demo"],
+        ["jacobian", SOURCE],
+        ["eval", "next-token"],
+        ["explore"],
+    ],
+    ids=lambda command: command[0],
+)
 def test_placement_flags_that_would_be_ignored_are_refused(kit, loads, tmp_path, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     model = ["--model", str(kit["tiny"])]
-    _refused(command + model + ["--offload-folder", "offload"], loads,
-             "--offload-folder='offload' is given without --device-map", "(allowed: ")
-    _refused(command + model + ["--device", "cpu", "--device-map", "auto"], loads,
-             "--device='cpu' and --device-map='auto' are both given (allowed: one of them")
+    _refused(
+        command + model + ["--offload-folder", "offload"],
+        loads,
+        "--offload-folder='offload' is given without --device-map",
+        "(allowed: ",
+    )
+    _refused(
+        command + model + ["--device", "cpu", "--device-map", "auto"],
+        loads,
+        "--device='cpu' and --device-map='auto' are both given (allowed: one of them",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_device_map_with_an_offload_folder_still_runs(kit, loads, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, out, err = _main("inspect", "--model", kit["tiny"], "--source-prompt", SOURCE, "--layers", "1",
-                           "--device-map", "cpu", "--offload-folder", "offload", "--json")
+    code, out, err = _main(
+        "inspect",
+        "--model",
+        kit["tiny"],
+        "--source-prompt",
+        SOURCE,
+        "--layers",
+        "1",
+        "--device-map",
+        "cpu",
+        "--offload-folder",
+        "offload",
+        "--json",
+    )
     assert code == 0, err[-600:]
     assert loads == [str(kit["tiny"])] and json.loads(out)["layers"][0]["source_layer"] == 1
 
@@ -270,10 +366,18 @@ READS = {"--lens", "--adapter", "--prompts", "--data", "spec", "--model", "--tar
 def _own(command: str, option: str, kit: dict[str, Path]) -> str:
     """The option's own value: an input of the kit, or an output path in the working folder."""
     if option == "--out":  # "./": an adapter named by a relative org/name would be a hub id (not a path)
-        return {"sweep": str(kit["sweep"]), "demo": "./demo-out", "jacobian": "./jac/france",
-                "eval": "./eval-out"}[command]
-    inputs = {"--lens": "lens", "--adapter": "adapter", "--prompts": "prompts", "--data": "data", "spec": "spec",
-              "--model": "tiny", "--target-model": "tiny"}
+        return {"sweep": str(kit["sweep"]), "demo": "./demo-out", "jacobian": "./jac/france", "eval": "./eval-out"}[
+            command
+        ]
+    inputs = {
+        "--lens": "lens",
+        "--adapter": "adapter",
+        "--prompts": "prompts",
+        "--data": "data",
+        "spec": "spec",
+        "--model": "tiny",
+        "--target-model": "tiny",
+    }
     if option in inputs:
         return str(kit[inputs[option]])
     return {"--html": "./page.html", "--plot": "./heat.png", "--offload-folder": "./offload"}[option]
@@ -308,11 +412,16 @@ def _clash(command: str, values: dict[str, str]) -> list[str]:
     """The output options that would write where an existing input is, inside it or around it, or where another
     output goes."""
     writes = {o: _writes(command, o, v) for o, v in values.items()}
-    reads = {o: Path(v) for o, v in values.items() if (o in READS or (o, command) == ("--out", "sweep"))
-             and Path(v).exists()}
-    return [o for o, paths in writes.items() for p in paths
-            if any(_overlap(p, r) for other, r in reads.items() if other != o)
-            or any(_overlap(p, q) for other, qs in writes.items() if other != o for q in qs)]
+    reads = {
+        o: Path(v) for o, v in values.items() if (o in READS or (o, command) == ("--out", "sweep")) and Path(v).exists()
+    }
+    return [
+        o
+        for o, paths in writes.items()
+        for p in paths
+        if any(_overlap(p, r) for other, r in reads.items() if other != o)
+        or any(_overlap(p, q) for other, qs in writes.items() if other != o for q in qs)
+    ]
 
 
 NAMED = re.compile(r"(?:--[a-z-]+|spec)='")
@@ -320,18 +429,32 @@ NAMED = re.compile(r"(?:--[a-z-]+|spec)='")
 
 def _argv(command: str, values: dict[str, str], kit: dict[str, Path]) -> list[str]:
     model = values.get("--model", str(kit["tiny"]))
-    argv = {"inspect": ["inspect", "--source-prompt", SOURCE, "--source-position", "Paris", "--layers", "1",
-                        "--max-new-tokens", "0"],
-            "run": ["run", values.get("spec", str(kit["spec"]))],
-            "sweep": ["sweep", *(SWEEP[2:] if "--prompts" in values else SWEEP)],
-            "demo": ["demo"], "jacobian": ["jacobian", SOURCE], "eval": ["eval", "next-token"],
-            "explore": ["explore", "--port", "0"]}[command] + ["--model", model]
+    argv = {
+        "inspect": [
+            "inspect",
+            "--source-prompt",
+            SOURCE,
+            "--source-position",
+            "Paris",
+            "--layers",
+            "1",
+            "--max-new-tokens",
+            "0",
+        ],
+        "run": ["run", values.get("spec", str(kit["spec"]))],
+        "sweep": ["sweep", *(SWEEP[2:] if "--prompts" in values else SWEEP)],
+        "demo": ["demo"],
+        "jacobian": ["jacobian", SOURCE],
+        "eval": ["eval", "next-token"],
+        "explore": ["explore", "--port", "0"],
+    }[command] + ["--model", model]
     if "--lens" in values:
         argv += ["--preset", "jacobian-lens"]
     if "--offload-folder" in values:
         argv += ["--device-map", "cpu"]
-    return argv + [text for option, value in values.items() if option not in ("spec", "--model")
-                   for text in (option, value)]
+    return argv + [
+        text for option, value in values.items() if option not in ("spec", "--model") for text in (option, value)
+    ]
 
 
 def _stub_evaluations(monkeypatch) -> None:
@@ -345,8 +468,9 @@ def _stub_evaluations(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("command", list(OPTIONS))
-def test_every_path_option_against_every_other_is_refused_before_any_work_or_harmless(kit, loads, tmp_path,
-                                                                                     monkeypatch, command):
+def test_every_path_option_against_every_other_is_refused_before_any_work_or_harmless(
+    kit, loads, tmp_path, monkeypatch, command
+):
     _stub_evaluations(monkeypatch)
     served: list[list[str]] = []
     monkeypatch.setattr(explore_command, "execute", lambda args: served.append(args))
@@ -368,11 +492,20 @@ def test_every_path_option_against_every_other_is_refused_before_any_work_or_har
                 code, _, err = _main(*argv)
                 line = err.rstrip("\n").split("\n")[-1]
                 written = {p.relative_to(work).as_posix() for p in work.rglob("*")}
-                if code not in (0, 2) or "Traceback" in err or (code == 2 and not line.startswith(
-                        "patchscopes: error: ")):
+                if (
+                    code not in (0, 2)
+                    or "Traceback" in err
+                    or (code == 2 and not line.startswith("patchscopes: error: "))
+                ):
                     problems.append((argv, code, err[-400:]))
-                if clash and (code != 2 or not any(f"{o}=" in line for o in clash) or len(NAMED.findall(line)) < 2
-                              or loads or written or served):
+                if clash and (
+                    code != 2
+                    or not any(f"{o}=" in line for o in clash)
+                    or len(NAMED.findall(line)) < 2
+                    or loads
+                    or written
+                    or served
+                ):
                     problems.append(("not refused before any work", argv, code, line, list(loads), written))
                 outcomes["apart" if not clash else code] = outcomes.get("apart" if not clash else code, 0) + 1
     after = {name: _tree(path) for name, path in kit.items() if name != "root"}

@@ -1,4 +1,5 @@
 """One test per pyvene 0.1.8 / transformers 5 pitfall (see pyvene_patchscopes/compat/), on tiny models."""
+
 from __future__ import annotations
 
 import pickle
@@ -74,9 +75,16 @@ def test_bug2_sticky_use_fast_patches_every_row_at_row0s_position():
     handle = tiny_model("llama", seed=3)
     prompts, positions = ["Tokyo London Berlin Rome", "Tokyo London Berlin Rome"], [1, 3]
     with compat.pyvene_guard(handle.model):
-        pvm = pv.IntervenableModel([{"layer": 1, "component": "block_output",
-                                     "intervention": pv.VanillaIntervention(embed_dim=handle.hidden_size)}],
-                                   handle.model)
+        pvm = pv.IntervenableModel(
+            [
+                {
+                    "layer": 1,
+                    "component": "block_output",
+                    "intervention": pv.VanillaIntervention(embed_dim=handle.hidden_size),
+                }
+            ],
+            handle.model,
+        )
         _batched_write(pvm, handle, prompts[:1], [2], {"base": 2})  # a short form makes use_fast sticky
         assert pvm.use_fast
         wrong = _batched_write(pvm, handle, prompts, positions, compat.base_locations(positions))
@@ -118,12 +126,15 @@ def test_bug4_load_intervention_weights_on_cpu_without_pickle(tmp_path):
     (safe,), (legacy,) = (tmp_path / "ours").glob("*.safetensors"), (tmp_path / "ours").glob("*.bin")
     assert safe.stem == legacy.stem  # the same intkey_<key>, in both formats
     from safetensors.torch import load_file
+
     from_bin = torch.load(legacy, weights_only=True)  # tensors only: plain pyvene's torch.load reads it safely
     assert from_bin.keys() == load_file(str(safe)).keys()
     for key in saved.interventions:
-        for a, b, c in zip(saved.interventions[key].state_dict().values(),
-                           fresh.interventions[key].state_dict().values(),
-                           again.interventions[key].state_dict().values()):
+        for a, b, c in zip(
+            saved.interventions[key].state_dict().values(),
+            fresh.interventions[key].state_dict().values(),
+            again.interventions[key].state_dict().values(),
+        ):
             torch.testing.assert_close(a, b)
             torch.testing.assert_close(a, c)
 
@@ -185,8 +196,9 @@ def test_bug6_gemma3_is_registered_and_matches_hooks():
     scope = _scope(handle)
     got = run(scope, handle)[0]
     h = golden.read(handle, PROMPT, 1, got.source_position)
-    torch.testing.assert_close(got.logits, golden.patched_logits(handle, "The capital of x", 2,
-                                                                 got.target_position, h), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        got.logits, golden.patched_logits(handle, "The capital of x", 2, got.target_position, h), atol=1e-5, rtol=0
+    )
 
 
 def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_ln(tiny):
@@ -199,6 +211,7 @@ def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_
     torch.testing.assert_close(out.hidden_states[-1][0, -1], after_norm)
     assert (block_out - after_norm).abs().max() > 1e-2  # HF's last entry is not the block output
     from pyvene_patchscopes.models import sites
+
     site = sites.hidden_state_site(tiny.model, last, tiny.n_layers, after_final_norm=True)
     assert site.component == sites.final_norm_path(tiny.model) + ".output"
     lens = Patchscope(Source(PROMPT, -1, last, tiny.name), Target(PROMPT, -1, last))
@@ -208,8 +221,9 @@ def test_bug7_last_hidden_state_is_after_final_norm_and_handled_like_skip_final_
 
 def test_bug8_importing_the_plugin_prints_nothing():
     """pyvene prints an nnsight notice on import; the package imports it quietly, so ``--json`` output stays JSON."""
-    done = subprocess.run([sys.executable, "-c", "import pyvene_patchscopes"], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import pyvene_patchscopes"], capture_output=True, text=True, check=True
+    )
     assert done.stdout == ""
     noisy = subprocess.run([sys.executable, "-c", "import pyvene"], capture_output=True, text=True, check=True)
     assert "nnsight" in noisy.stdout  # the notice this keeps out

@@ -6,6 +6,7 @@ The direction is trained here with pyvene's LowRankRotatedSpaceIntervention, tak
 config; both are checked against hand-written hooks. The spec, vector included, saves and reruns bit for bit in a
 fresh process.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,25 @@ ALPHA = 3.0
 
 def _das_config(handle) -> pv.RepresentationConfig:
     torch.manual_seed(0)
-    return pv.RepresentationConfig(layer=LAYER, component="block_output", unit="pos", max_number_of_units=1,
-                                   low_rank_dimension=1, intervention=pv.LowRankRotatedSpaceIntervention(
-                                       embed_dim=handle.hidden_size, low_rank_dimension=1))
+    return pv.RepresentationConfig(
+        layer=LAYER,
+        component="block_output",
+        unit="pos",
+        max_number_of_units=1,
+        low_rank_dimension=1,
+        intervention=pv.LowRankRotatedSpaceIntervention(embed_dim=handle.hidden_size, low_rank_dimension=1),
+    )
 
 
 def _pairs(handle, n: int = 16):
     """Base and source sequences of one length (BOS, then random tokens); the label is what the source itself
     predicts."""
     g = torch.Generator().manual_seed(7)
+
     def make() -> dict:
         ids = torch.cat([torch.zeros(n, 1, dtype=torch.long), torch.randint(60, 120, (n, 7), generator=g)], 1)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
     base, source = make(), make()
     with torch.no_grad():
         labels = handle.model(**source).logits[:, -1].argmax(-1)
@@ -114,10 +122,18 @@ def test_the_direction_is_read_by_a_patchscope_in_the_same_pyvene_pipeline(study
     slot = plan.patch_locations["sources->base"][1][0][0][0]
     trained = next(iter(pvm.interventions.values()))
     trained = trained[0] if isinstance(trained, tuple) else trained
-    das = pv.RepresentationConfig(layer=LAYER, component="block_output", unit="pos", max_number_of_units=1,
-                                  low_rank_dimension=1, intervention=trained)  # the study's trained intervention
-    base, source = dict(handle.tokenizer(TARGET, return_tensors="pt")), dict(handle.tokenizer("e d c b a",
-                                                                                             return_tensors="pt"))
+    das = pv.RepresentationConfig(
+        layer=LAYER,
+        component="block_output",
+        unit="pos",
+        max_number_of_units=1,
+        low_rank_dimension=1,
+        intervention=trained,
+    )  # the study's trained intervention
+    base, source = (
+        dict(handle.tokenizer(TARGET, return_tensors="pt")),
+        dict(handle.tokenizer("e d c b a", return_tensors="pt")),
+    )
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pipeline = compat.intervenable(pv.IntervenableConfig([das, plan.patch.representations[0]]), handle.model)
         second = pipeline.sorted_keys[1]
@@ -127,10 +143,11 @@ def test_the_direction_is_read_by_a_patchscope_in_the_same_pyvene_pipeline(study
         # pyvene 0.1.8 feeds either `sources` or `source_representations`, not both: the DAS study's source state is
         # read first and handed over as a representation, as the Patchscope's vector is
         state = read(handle, "e d c b a", LAYER, src_last)
-        _, out = pipeline(base=base,
-                          unit_locations={"sources->base": (None, [[[base_last]], [[slot]]])},
-                          source_representations={pipeline.sorted_keys[0]: state[None, None],
-                                                  second: plan.source_representation})
+        _, out = pipeline(
+            base=base,
+            unit_locations={"sources->base": (None, [[[base_last]], [[slot]]])},
+            source_representations={pipeline.sorted_keys[0]: state[None, None], second: plan.source_representation},
+        )
     want = _by_hooks(handle, pvm, TARGET, "e d c b a", slot, scope.source.tensor)
     torch.testing.assert_close(out.logits[0, -1], want, atol=1e-4, rtol=0)  # the issue's 1e-4 in fp32 logits
     alone = written_logits(handle, TARGET, LAYER, [slot], scope.source.tensor, "add", ALPHA)
@@ -170,10 +187,14 @@ def test_the_spec_with_its_vector_saves_and_reruns_identically_in_a_fresh_proces
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"name": scope.source.name, "layer": LAYER,
-                                                                "write": "add"}
-    torch.testing.assert_close(load_file(str(tmp_path / "out.safetensors"))["logits"], run(scope, handle)[0].logits,
-                               atol=0, rtol=0)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "name": scope.source.name,
+        "layer": LAYER,
+        "write": "add",
+    }
+    torch.testing.assert_close(
+        load_file(str(tmp_path / "out.safetensors"))["logits"], run(scope, handle)[0].logits, atol=0, rtol=0
+    )
 
 
 def test_a_das_intervention_of_another_model_is_refused(study):

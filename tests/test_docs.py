@@ -1,5 +1,6 @@
 """The manual (docs/, built by mkdocs) and the README: the site builds strictly, with the API from the docstrings;
 the pages say what the code does; every Python block in them runs here or says why not."""
+
 from __future__ import annotations
 
 import ast
@@ -21,8 +22,13 @@ PACKAGE = ROOT / "pyvene_patchscopes"
 
 def test_mkdocs_builds_the_site_strictly_with_the_api_from_the_docstrings(tmp_path):
     """As `make test` builds it: a missing page, a broken link or an unresolved reference fails the build."""
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path)],
-                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert built.returncode == 0, built.stderr
     api = (tmp_path / "reference" / "api" / "index.html").read_text(encoding="utf-8")
     documented = set(re.findall(r'id="pyvene_patchscopes\.(\w+)"', api))
@@ -72,7 +78,7 @@ def test_the_python_blocks_of_a_page_run_in_order(name, tmp_path, monkeypatch):
 @pytest.mark.real_model
 def test_the_ten_line_example_prints_what_its_comment_says(capsys, monkeypatch, tmp_path):
     """The README's example, which Getting started repeats: its `# ` line under the print is the printed line."""
-    (code, _), = python_blocks(page("README"))
+    ((code, _),) = python_blocks(page("README"))
     assert python_blocks(page("getting-started"))[0][0] == code
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README's own code)
@@ -111,26 +117,80 @@ def _names_in_code() -> set[str]:
 
 
 # names the pages show in code that belong to other projects (sae-lens, pyvene, peft, transformers, the paper's code)
-OTHERS = {"hook_resid_post", "hook_resid_pre", "hook_name", "W_dec", "d_in", "output_hidden_states",
-          "skip_final_ln", "cpu_offload", "load_in_4bit", "init_lora_weights", "modules_to_save", "lora_alpha",
-          "rank_pattern", "alpha_pattern", "lora_B", "adapter_model", "adapter_config", "position_ids",
-          "use_fast", "unit_locations", "source_representation", "source_representations", "split_dataset_by_node",
-          "num_hidden_layers", "num_layers", "logit_scale", "logits_scaling", "layer_types", "shared_kv_states",
-          "weights_only", "trust_remote_code", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "get_input_embeddings",
-          "get_output_embeddings", "hidden_states", "max_memory", "offload_folder", "attn_implementation",
-          "quantization_config", "device_map", "save_intervention", "load_intervention", "patchscope_lens",
-          "steering_hooks", "activation_utils", "scale_tuning_gemma", "causal_methods", "model_bridge",
-          "LATENTQA_LLAMA3", "intkey_layer_20_comp_block_output_unit_pos_nunit_1", "overlay_strength",
-          "jacobian_sum", "n_done", "next_idx", "dim_batch", "n_prompts", "d_model", "my_plugins", "pydoc_data",
-          "nl_probes"}
+OTHERS = {
+    "hook_resid_post",
+    "hook_resid_pre",
+    "hook_name",
+    "W_dec",
+    "d_in",
+    "output_hidden_states",
+    "skip_final_ln",
+    "cpu_offload",
+    "load_in_4bit",
+    "init_lora_weights",
+    "modules_to_save",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_B",
+    "adapter_model",
+    "adapter_config",
+    "position_ids",
+    "use_fast",
+    "unit_locations",
+    "source_representation",
+    "source_representations",
+    "split_dataset_by_node",
+    "num_hidden_layers",
+    "num_layers",
+    "logit_scale",
+    "logits_scaling",
+    "layer_types",
+    "shared_kv_states",
+    "weights_only",
+    "trust_remote_code",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "get_input_embeddings",
+    "get_output_embeddings",
+    "hidden_states",
+    "max_memory",
+    "offload_folder",
+    "attn_implementation",
+    "quantization_config",
+    "device_map",
+    "save_intervention",
+    "load_intervention",
+    "patchscope_lens",
+    "steering_hooks",
+    "activation_utils",
+    "scale_tuning_gemma",
+    "causal_methods",
+    "model_bridge",
+    "LATENTQA_LLAMA3",
+    "intkey_layer_20_comp_block_output_unit_pos_nunit_1",
+    "overlay_strength",
+    "jacobian_sum",
+    "n_done",
+    "next_idx",
+    "dim_batch",
+    "n_prompts",
+    "d_model",
+    "my_plugins",
+    "pydoc_data",
+    "nl_probes",
+}
 
 
 def test_every_snake_case_name_the_pages_show_in_code_exists():
     """A name in backticks with an underscore (a function, a field, a key) is one the code has: the README named
     `interpret_vectors`, which never existed."""
     known = _names_in_code() | OTHERS
-    shown = {name for page_name in pages() for span in re.findall(r"`([^`\n]+)`", page(page_name))
-             for name in re.findall(r"(?<![\w./-])([a-z][a-z0-9]*_[a-z0-9_]+)(?=\W|$)", span)}
+    shown = {
+        name
+        for page_name in pages()
+        for span in re.findall(r"`([^`\n]+)`", page(page_name))
+        for name in re.findall(r"(?<![\w./-])([a-z][a-z0-9]*_[a-z0-9_]+)(?=\W|$)", span)
+    }
     assert "interpret_vectors" not in shown
     assert not sorted(shown - known), sorted(shown - known)
 
@@ -140,7 +200,8 @@ def test_the_errors_page_names_every_error_and_warning_class_of_the_package():
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ClassDef) and any(
-                    getattr(base, "id", "").endswith(("Error", "Warning", "Full")) for base in node.bases):
+                getattr(base, "id", "").endswith(("Error", "Warning", "Full")) for base in node.bases
+            ):
                 classes.add(node.name)
     text = page("reference/errors")
     assert len(classes) >= 14 and all(f"| `{name}` |" in text for name in classes), sorted(classes)
@@ -156,9 +217,29 @@ def test_sweep_out_prints_the_keys_the_cli_page_lists(tmp_path, capsys):
     handle = tiny_model("llama", seed=4)
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")
-    assert main(["sweep", "--model", str(tmp_path / "tiny"), "--source-prompt", "Here is a word: Paris",
-                 "--source-position", "Paris", "--source-layers", "1", "--target-layers", "1",
-                 "--max-new-tokens", "0", "--out", str(tmp_path / "grid"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--source-prompt",
+                "Here is a word: Paris",
+                "--source-position",
+                "Paris",
+                "--source-layers",
+                "1",
+                "--target-layers",
+                "1",
+                "--max-new-tokens",
+                "0",
+                "--out",
+                str(tmp_path / "grid"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     row = next(line for line in page("guides/cli").splitlines() if line.startswith("| `sweep --out DIR` |"))
     listed = re.findall(r"`(\w+)`", row.split("|")[2].split(";")[0])

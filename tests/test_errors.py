@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the field, the value given and the allowed range, before any forward pass."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from pyvene_patchscopes.presets import build, get_preset
 
 
 def _run(handle, source=None, target=None, models=None):
-    scope = Patchscope(source or Source("The city of Paris", "Paris", 1, handle.name),
-                       target or Target("The capital of x", "x", 1))
+    scope = Patchscope(
+        source or Source("The city of Paris", "Paris", 1, handle.name), target or Target("The capital of x", "x", 1)
+    )
     return run(scope, models or handle)
 
 
@@ -23,8 +25,9 @@ def test_layer_out_of_range(tiny_llama):
 
 
 def test_position_out_of_range(tiny_llama):
-    with pytest.raises(SpecError,
-                       match=r"Source\.position=99 is out of range .* of \d+ tokens \(allowed: -\d+\.\.\d+\)"):
+    with pytest.raises(
+        SpecError, match=r"Source\.position=99 is out of range .* of \d+ tokens \(allowed: -\d+\.\.\d+\)"
+    ):
         _run(tiny_llama, source=Source("The city of Paris", 99, 1, tiny_llama.name))
 
 

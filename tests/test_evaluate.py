@@ -1,4 +1,5 @@
 """The evaluations' scoring functions on hand-made cases, and their model-side helpers on tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -41,17 +42,20 @@ def test_precision_at_1_compares_argmaxes_and_surprisal_is_the_source_log_prob_o
 
 
 # ---- §4.2 object in the generation -------------------------------------------------------------------------
-@pytest.mark.parametrize("generation,answer,aliases,expected", [
-    (" Paris, the city of light", "Paris", (), True),
-    (" paris.", "Paris", (), True),
-    (" New   York City", "New York", (), True),
-    (" the euros are", "euro", (), True),
-    (" the European Union", "euro", (), False),  # a substring is not the object
-    (" bored", "red", (), False),
-    (" the US dollar", "United States dollar", ("dollar",), True),
-    (" Berlin", "Paris", (), False),
-    ("", "Paris", (), False),
-])
+@pytest.mark.parametrize(
+    "generation,answer,aliases,expected",
+    [
+        (" Paris, the city of light", "Paris", (), True),
+        (" paris.", "Paris", (), True),
+        (" New   York City", "New York", (), True),
+        (" the euros are", "euro", (), True),
+        (" the European Union", "euro", (), False),  # a substring is not the object
+        (" bored", "red", (), False),
+        (" the US dollar", "United States dollar", ("dollar",), True),
+        (" Berlin", "Paris", (), False),
+        ("", "Paris", (), False),
+    ],
+)
 def test_object_in_generation_matches_whole_words(generation, answer, aliases, expected):
     assert object_in_generation(generation, answer, aliases) is expected
 
@@ -111,6 +115,7 @@ def _word_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     from tokenizers.processors import TemplateProcessing
+
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>")
 
@@ -153,8 +158,9 @@ def test_lens_logits_equal_the_pyvene_logit_lens_patchscope(tiny_llama):
     for k, layer in enumerate((1, last)):
         scope = Patchscope(Source(prompt, -1, layer, tiny_llama.name), Target(prompt, -1, last))
         engine = run(scope, tiny_llama)[0].logits
-        torch.testing.assert_close(lens_logits(tiny_llama, states[:, k], normalised=layer == last)[0], engine,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            lens_logits(tiny_llama, states[:, k], normalised=layer == last)[0], engine, atol=1e-4, rtol=0
+        )
 
 
 def test_attribute_logit_lens_names_the_object_when_the_logit_lens_patchscopes_top_token_begins_it(tiny_llama):
@@ -188,12 +194,13 @@ def _dummy_prefix_tokenizer() -> PreTrainedTokenizerFast:
             vocab.setdefault(character, len(vocab))
         for k in range(2, len(word) + 1):
             if word[:k] not in vocab:
-                merges.append((word[:k - 1], word[k - 1]))
+                merges.append((word[: k - 1], word[k - 1]))
                 vocab[word[:k]] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
 
 
@@ -209,8 +216,11 @@ def test_a_dummy_prefixs_lone_space_never_counts_as_the_first_token_of_an_object
     facts = [{"object": "Paris"}, {"object": "Rome"}, {"object": "Madrid", "aliases": ["Paris"]}]
     assert [attributes.first_tokens(tokenizer, fact) for fact in facts] == [{paris}, {rome}, {madrid, paris}]
     vocab = len(tokenizer)
-    monkeypatch.setattr(attributes, "lens_logits",  # a lens whose top-1 token is the state's one entry
-                        lambda handle, states, normalised: torch.nn.functional.one_hot(states[:, 0], vocab).float())
+    monkeypatch.setattr(
+        attributes,
+        "lens_logits",  # a lens whose top-1 token is the state's one entry
+        lambda handle, states, normalised: torch.nn.functional.one_hot(states[:, 0], vocab).float(),
+    )
     tops = {0: torch.full((3, 1), space), 1: torch.full((3, 1), paris)}
     handle = SimpleNamespace(tokenizer=tokenizer, n_layers=2)
     assert attributes.logit_lens(handle, facts, tops) == {0: [False, False, False], 1: [True, False, True]}
@@ -291,13 +301,22 @@ def test_eval_all_runs_attributes_and_multihop_on_both_embedded_models(monkeypat
     def fake(name, load, options, out, source="smollm2-135m", target="gemma3-270m"):
         calls.append((name, source, Path(out).name, options.layers))
         model = f"{source} -> {target}" if name == "cross-model" else source
-        return Report(task=name, title=name, model=model, command=f"patchscopes eval {name}", settings={},
-                      summary={"accuracy": "0.500 [0.250, 0.750]"}, seconds=1.0)
+        return Report(
+            task=name,
+            title=name,
+            model=model,
+            command=f"patchscopes eval {name}",
+            settings={},
+            summary={"accuracy": "0.500 [0.250, 0.750]"},
+            seconds=1.0,
+        )
 
     monkeypatch.setattr(evaluate, "run_task", fake)
     reports = run_all(lambda name: None, EvalOptions(layers=[27]), tmp_path)
-    assert [c[:3] for c in calls[-2:]] == [("attributes", "gemma3-270m", "attributes-gemma3-270m"),
-                                          ("multihop", "gemma3-270m", "multihop-gemma3-270m")]
+    assert [c[:3] for c in calls[-2:]] == [
+        ("attributes", "gemma3-270m", "attributes-gemma3-270m"),
+        ("multihop", "gemma3-270m", "multihop-gemma3-270m"),
+    ]
     assert [c[0] for c in calls[:-2]] == list(evaluate.TASKS) and {c[1] for c in calls[:-2]} == {"smollm2-135m"}
     assert [c[3] for c in calls] == [[27]] * len(evaluate.TASKS) + [None, None]  # 27 is out of Gemma's range
     index = (tmp_path / "README.md").read_text()
@@ -334,8 +353,10 @@ def test_user_rows_lacking_each_listed_required_field_are_refused_by_its_name(tm
     for kind, row in shipped.items():
         for field in data.FIELDS[kind]:
             path = tmp_path / f"{kind}-{field.name}.jsonl"
-            path.write_text(json.dumps({"note": "other fields are ignored",
-                                        **{k: v for k, v in row.items() if k != field.name}}) + "\n")
+            path.write_text(
+                json.dumps({"note": "other fields are ignored", **{k: v for k, v in row.items() if k != field.name}})
+                + "\n"
+            )
             if field.required:
                 with pytest.raises(SpecError, match=f"lacks field\\(s\\) {field.name} "):
                     data.load_jsonl(kind, path)
@@ -350,8 +371,11 @@ def test_data_for_a_task_that_reads_none_or_for_eval_all_is_refused_before_any_m
         raise AssertionError("no model may load")
 
     options = EvalOptions(data=str(tmp_path / "mine.jsonl"))
-    with pytest.raises(SpecError, match=r"--data='.*mine.jsonl' is not read by next-token \(allowed: --data with "
-                                        r"attributes, entities, multihop, jacobian\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"--data='.*mine.jsonl' is not read by next-token \(allowed: --data with "
+        r"attributes, entities, multihop, jacobian\)$",
+    ):
         run_task("next-token", load, options, tmp_path / "out")
     with pytest.raises(SpecError, match=r"is not allowed with eval all \(allowed: --data with one task: "):
         run_all(load, options, tmp_path / "all")

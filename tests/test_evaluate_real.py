@@ -1,4 +1,5 @@
 """Every `patchscopes eval` command end to end, on a tiny slice of the real embedded models."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,21 @@ def test_eval_next_token_logit_lens_is_exact_at_the_last_layer(capsys, tmp_path)
 
 
 def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_path):
-    facts = _jsonl(tmp_path / "facts.jsonl", [
-        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
-         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
-        for s, o in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Atlantis", "Poseidonia")]])
+    facts = _jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {
+                "relation": "country_capital",
+                "category": "factual",
+                "subject_kind": "country",
+                "template": "The capital city of x is",
+                "subject": s,
+                "object": o,
+                "aliases": [],
+            }
+            for s, o in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Atlantis", "Poseidonia")]
+        ],
+    )
     report = _eval(capsys, tmp_path, "attributes", "--data", facts, "--layers", "4", "--target-layers", "2")
     summary = report["summary"]
     assert summary["facts in the set"] == 4 and summary["facts the model answers (kept)"] == 3  # not Atlantis
@@ -66,8 +78,10 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     assert kept["n"] == 3 and kept["estimate"] == sum(f["4"]["2"] for f in report["data"]["correct"]) / 3
     # the logit lens beside the probe: the same facts, the same dev/test protocol, with intervals
     lens = report["data"]["logit_lens"]["4"]
-    assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known",
-                                                   "logit lens (top-1 token), all swept"]
+    assert report["tables"][0]["columns"][-2:] == [
+        "probe (3-fold CV), all known",
+        "logit lens (top-1 token), all swept",
+    ]
     intervals = report["data"]["intervals"]
     lens_mean = intervals["logit lens accuracy, mean over source layers (top-1 token), all swept"]
     assert lens_mean["estimate"] == sum(lens) / 3
@@ -77,13 +91,26 @@ def test_eval_attributes_extracts_a_capital_from_the_users_facts(capsys, tmp_pat
     versus = intervals["Patchscope (chosen on dev) - logit lens at layer 4, test split"]
     assert versus["test"] == "exact McNemar" and versus["difference"]["n"] == len(split["test"])
     # three known facts: a test split of one or two, which the report says supports no claim
-    assert report["warnings"] == [f"the test split holds {len(split['test'])} sample{'s' * (len(split['test']) > 1)} "
-                                  f"(dev {len(split['dev'])}), fewer than 10: its intervals support no claim (more "
-                                  "samples: a larger data file or limit)"]
+    assert report["warnings"] == [
+        f"the test split holds {len(split['test'])} sample{'s' * (len(split['test']) > 1)} "
+        f"(dev {len(split['dev'])}), fewer than 10: its intervals support no claim (more "
+        "samples: a larger data file or limit)"
+    ]
     assert f"**Warning:** {report['warnings'][0]}." in (tmp_path / "attributes" / "report.md").read_text()
-    unknown = _jsonl(tmp_path / "unknown.jsonl", [
-        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
-         "template": "The capital city of x is", "subject": "Atlantis", "object": "Poseidonia", "aliases": []}])
+    unknown = _jsonl(
+        tmp_path / "unknown.jsonl",
+        [
+            {
+                "relation": "country_capital",
+                "category": "factual",
+                "subject_kind": "country",
+                "template": "The capital city of x is",
+                "subject": "Atlantis",
+                "object": "Poseidonia",
+                "aliases": [],
+            }
+        ],
+    )
     assert main(["eval", "attributes", "--data", unknown, "--layers", "4", "--target-layers", "2"]) == 2
     assert "smollm2-135m answers none of the 1 facts" in capsys.readouterr().err
 
@@ -92,17 +119,58 @@ def test_eval_attributes_on_eight_of_the_users_facts_without_a_split_warns_in_th
     """Issue 36, finding 5 (review): 8 facts gave 1.000 [1.000, 1.000] with no warning. With --select-on oracle no
     split is recorded, and the report printed intervals over the few swept facts without a word; run as a user
     runs it, a separate process, so the SmallSampleWarning is read on stderr as they would see it."""
-    facts = _jsonl(tmp_path / "facts.jsonl", [
-        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
-         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
-        for s, o in [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"),
-                     ("Spain", "Madrid"), ("Egypt", "Cairo"), ("Atlantis", "Poseidonia"), ("Wakanda", "Birnin Zana")]])
+    facts = _jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {
+                "relation": "country_capital",
+                "category": "factual",
+                "subject_kind": "country",
+                "template": "The capital city of x is",
+                "subject": s,
+                "object": o,
+                "aliases": [],
+            }
+            for s, o in [
+                ("France", "Paris"),
+                ("Japan", "Tokyo"),
+                ("Italy", "Rome"),
+                ("Germany", "Berlin"),
+                ("Spain", "Madrid"),
+                ("Egypt", "Cairo"),
+                ("Atlantis", "Poseidonia"),
+                ("Wakanda", "Birnin Zana"),
+            ]
+        ],
+    )
     out = tmp_path / "attributes"
     package = Path(pyvene_patchscopes.__file__).resolve().parents[1]  # the one this process tests
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "eval", "attributes", "--json", "--data",
-                           facts, "--layers", "4", "--target-layers", "2", "--select-on", "oracle", "--out", str(out)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyvene_patchscopes.cli",
+            "eval",
+            "attributes",
+            "--json",
+            "--data",
+            facts,
+            "--layers",
+            "4",
+            "--target-layers",
+            "2",
+            "--select-on",
+            "oracle",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)["report"]
     swept = len(report["data"]["swept"])
@@ -110,9 +178,12 @@ def test_eval_attributes_on_eight_of_the_users_facts_without_a_split_warns_in_th
     kept = report["data"]["intervals"]["Patchscope accuracy, mean over source layers (oracle: any l*), all swept"]
     assert kept["n"] == swept  # an interval printed over fewer than MIN_TEST facts...
     [warning] = report["warnings"]  # ...is flagged in the report, its markdown and on stderr
-    assert re.fullmatch(r"\d+ of its \d+ intervals rests? on fewer than 10 samples \(the smallest, '.+', on "
-                        r"\d samples?\): (it supports|they support) no claim \(more samples: a larger data file or "
-                        r"limit\)", warning), warning
+    assert re.fullmatch(
+        r"\d+ of its \d+ intervals rests? on fewer than 10 samples \(the smallest, '.+', on "
+        r"\d samples?\): (it supports|they support) no claim \(more samples: a larger data file or "
+        r"limit\)",
+        warning,
+    ), warning
     assert f"on {swept} sample" in warning
     assert json.loads((out / "report.json").read_text())["warnings"] == [warning]
     assert f"**Warning:** {warning}." in (out / "report.md").read_text()
@@ -121,12 +192,34 @@ def test_eval_attributes_on_eight_of_the_users_facts_without_a_split_warns_in_th
 
 def test_eval_attributes_and_multihop_run_on_gemma3(capsys, tmp_path):
     """The second embedded model's columns: the same commands with --model gemma3-270m (18 layers)."""
-    facts = _jsonl(tmp_path / "facts.jsonl", [
-        {"relation": "country_capital", "category": "factual", "subject_kind": "country",
-         "template": "The capital city of x is", "subject": s, "object": o, "aliases": []}
-        for s, o in [("Ireland", "Dublin"), ("Japan", "Tokyo")]])
-    report = _eval(capsys, tmp_path, "attributes", "--model", "gemma3-270m", "--data", facts, "--layers", "3,9",
-                   "--target-layers", "2")
+    facts = _jsonl(
+        tmp_path / "facts.jsonl",
+        [
+            {
+                "relation": "country_capital",
+                "category": "factual",
+                "subject_kind": "country",
+                "template": "The capital city of x is",
+                "subject": s,
+                "object": o,
+                "aliases": [],
+            }
+            for s, o in [("Ireland", "Dublin"), ("Japan", "Tokyo")]
+        ],
+    )
+    report = _eval(
+        capsys,
+        tmp_path,
+        "attributes",
+        "--model",
+        "gemma3-270m",
+        "--data",
+        facts,
+        "--layers",
+        "3,9",
+        "--target-layers",
+        "2",
+    )
     assert report["model"] == "gemma3-270m" and report["settings"]["layers"] == [3, 9]
     assert report["command"] == "patchscopes eval attributes --model gemma3-270m --out reports/attributes-gemma3-270m"
     assert report["summary"]["facts the model answers (kept)"] == 1  # Gemma 3 270M: Dublin, but not Tokyo
@@ -137,22 +230,42 @@ def test_eval_attributes_and_multihop_run_on_gemma3(capsys, tmp_path):
 
 
 def test_eval_entities_describes_einstein_as_a_physicist(capsys, tmp_path):
-    entities = _jsonl(tmp_path / "entities.jsonl", [
-        {"entity": "Albert Einstein", "popularity": "popular", "reference": "German-born theoretical physicist"},
-        {"entity": "Tromsø", "popularity": "rare", "reference": "City in northern Norway"}])
+    entities = _jsonl(
+        tmp_path / "entities.jsonl",
+        [
+            {"entity": "Albert Einstein", "popularity": "popular", "reference": "German-born theoretical physicist"},
+            {"entity": "Tromsø", "popularity": "rare", "reference": "City in northern Norway"},
+        ],
+    )
     report = _eval(capsys, tmp_path, "entities", "--data", entities, "--layers", "4")
     einstein = [d for d in report["data"]["descriptions"] if d["entity"] == "Albert Einstein"][0]
     assert "physicist" in einstein["text"] and einstein["rouge_l"] > 0.3
 
 
 def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
-    queries = _jsonl(tmp_path / "multihop.jsonl", [
-        {"hop2": "The capital of", "hop1": "the country where the Eiffel Tower stands",
-         "hop1_prompt": "The Eiffel Tower stands in the country of", "bridge": "France",
-         "hop2_prompt": "The capital of France is", "answer": "Paris", "combo": "landmark->capital"},
-        {"hop2": "The capital of", "hop1": "the country where the Kremlin stands",
-         "hop1_prompt": "The Kremlin stands in the country of", "bridge": "Russia",
-         "hop2_prompt": "The capital of Russia is", "answer": "Moscow", "combo": "landmark->capital"}])
+    queries = _jsonl(
+        tmp_path / "multihop.jsonl",
+        [
+            {
+                "hop2": "The capital of",
+                "hop1": "the country where the Eiffel Tower stands",
+                "hop1_prompt": "The Eiffel Tower stands in the country of",
+                "bridge": "France",
+                "hop2_prompt": "The capital of France is",
+                "answer": "Paris",
+                "combo": "landmark->capital",
+            },
+            {
+                "hop2": "The capital of",
+                "hop1": "the country where the Kremlin stands",
+                "hop1_prompt": "The Kremlin stands in the country of",
+                "bridge": "Russia",
+                "hop2_prompt": "The capital of Russia is",
+                "answer": "Moscow",
+                "combo": "landmark->capital",
+            },
+        ],
+    )
     report = _eval(capsys, tmp_path, "multihop", "--data", queries, "--layers", "4", "--target-layers", "4")
     summary = report["summary"]
     kept = summary["queries whose single hops the model answers (kept)"]
@@ -167,13 +280,26 @@ def test_eval_multihop_reports_three_accuracies_with_counts(capsys, tmp_path):
     assert len(test) == 1 and intervals["CoT Patchscope (l, l* chosen on dev) accuracy, test split"]["n"] == 1
     assert report["warnings"][0].startswith("the test split holds 1 sample (dev 1), fewer than 10")
     assert intervals["CoT Patchscope (l, l* chosen on dev) - vanilla, test split"]["test"] == "exact McNemar"
-    oracle = _eval(capsys, tmp_path / "oracle", "multihop", "--data", queries, "--layers", "4", "--target-layers", "4",
-                   "--select-on", "oracle")
+    oracle = _eval(
+        capsys,
+        tmp_path / "oracle",
+        "multihop",
+        "--data",
+        queries,
+        "--layers",
+        "4",
+        "--target-layers",
+        "4",
+        "--select-on",
+        "oracle",
+    )
     assert "split" not in oracle["data"] and oracle["settings"]["select on"] == "oracle"
     # no test split, but its intervals rest on the 2 kept queries (it said nothing of it, issue 36 review)
-    assert oracle["warnings"] == ["4 of its 4 intervals rest on fewer than 10 samples (the smallest, 'vanilla "
-                                  "accuracy, all kept', on 2 samples): they support no claim (more samples: a larger "
-                                  "data file or limit)"]
+    assert oracle["warnings"] == [
+        "4 of its 4 intervals rest on fewer than 10 samples (the smallest, 'vanilla "
+        "accuracy, all kept', on 2 samples): they support no claim (more samples: a larger "
+        "data file or limit)"
+    ]
     assert oracle["data"]["correct"] == report["data"]["correct"]
 
 
@@ -187,8 +313,9 @@ def test_eval_stages_reads_the_answer_when_the_late_layer_is_patched_with_itself
 
 
 def test_eval_cross_model_writes_heatmaps_for_both_mappings(capsys, tmp_path):
-    report = _eval(capsys, tmp_path, "cross-model", "--limit", "3", "--n-train", "12", "--layers", "3",
-                   "--target-layers", "0,3")
+    report = _eval(
+        capsys, tmp_path, "cross-model", "--limit", "3", "--n-train", "12", "--layers", "3", "--target-layers", "0,3"
+    )
     assert set(report["data"]) == {"affine", "identity", "intervals", "split", "held_out"}
     assert report["warnings"][0].startswith(f"the test split holds {len(report['data']['split']['test'])} sample")
     assert set(report["data"]["affine"]) == {"3,0", "3,3"}

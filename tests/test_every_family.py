@@ -7,6 +7,7 @@ on the planned execution are held to the plain path (1e-4, same top-1 and genera
 path must warn once with their reason. A class whose tiny config cannot be built, or that is refused, is
 listed with its reason (`test_every_class_has_a_path_and_a_reason`).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,7 @@ def test_the_path_taken_is_the_one_listed(family, name):
 
 def test_plain_pyvene_path_matches_hand_written_hooks(family):
     last = family.n_layers - 1
-    scopes = [scope(family, 1, 2), scope(family, 2, 1, source_position=3, target_position=2),
-              scope(family, last, last)]
+    scopes = [scope(family, 1, 2), scope(family, 2, 1, source_position=3, target_position=2), scope(family, last, last)]
     for s, got in zip(scopes, quiet_run(scopes, family, planned=False)):
         torch.testing.assert_close(got.logits, expected(family, s), atol=ATOL, rtol=0)
 
@@ -96,11 +96,12 @@ def test_planned_execution_equals_plain_and_hooks(family, name):
         return
     last = family.n_layers - 1
     f = random_affine(family.hidden_size, family.hidden_size, seed=5)
-    scopes = [Patchscope(Source(SOURCES[0], -1, 1, family.name), Target(TARGET, -2, 2)),
-              Patchscope(Source(SOURCES[1], -2, 3, family.name), Target(LONG_TARGET, "x", 0), max_new_tokens=6),
-              Patchscope(Source(SOURCES[2], -1, 0, family.name), Target("The capital city of x is", 1, 1),
-                         mapping=f),
-              Patchscope(Source(SOURCES[0], -1, last, family.name), Target(TARGET, -1, last))]
+    scopes = [
+        Patchscope(Source(SOURCES[0], -1, 1, family.name), Target(TARGET, -2, 2)),
+        Patchscope(Source(SOURCES[1], -2, 3, family.name), Target(LONG_TARGET, "x", 0), max_new_tokens=6),
+        Patchscope(Source(SOURCES[2], -1, 0, family.name), Target("The capital city of x is", 1, 1), mapping=f),
+        Patchscope(Source(SOURCES[0], -1, last, family.name), Target(TARGET, -1, last)),
+    ]
     fast, slow = run(scopes, family), quiet_run(scopes, family, planned=False)
     for s, a, b in zip(scopes, fast, slow):
         assert a.top[0].token_id == b.top[0].token_id, s
@@ -154,9 +155,10 @@ class LogitJacobian:
         finally:
             hook.remove()
         eye = torch.eye(logits.shape[0], dtype=logits.dtype)
-        rows = eye.split(32) if every_row else [eye[self.prediction:self.prediction + 1]]  # 32 at a time
-        self.logit_jacobian = torch.cat([torch.autograd.grad(logits, delta, chunk, retain_graph=True,
-                                                             is_grads_batched=True)[0] for chunk in rows])
+        rows = eye.split(32) if every_row else [eye[self.prediction : self.prediction + 1]]  # 32 at a time
+        self.logit_jacobian = torch.cat(
+            [torch.autograd.grad(logits, delta, chunk, retain_graph=True, is_grads_batched=True)[0] for chunk in rows]
+        )
 
     def semantic(self) -> torch.Tensor:
         row = self.logit_jacobian[self.prediction if len(self.logit_jacobian) > 1 else 0]
@@ -186,8 +188,11 @@ def test_jacobian_scopes_match_the_explicit_jacobian(name):
         with pytest.raises(PatchscopeError, match="autograd cannot"):
             jacobian_scope(TEXTS[0], handle, "semantic")
         return
-    wanted = {"semantic": reference.semantic()} if recurrent else \
-        {"semantic": reference.semantic(), "fisher": reference.fisher()}
+    wanted = (
+        {"semantic": reference.semantic()}
+        if recurrent
+        else {"semantic": reference.semantic(), "fisher": reference.fisher()}
+    )
     for variant, scores in wanted.items():
         attribution = jacobian_scope(TEXTS[0], handle, variant, fisher="exact")
         assert attribution.prediction_id == reference.prediction
@@ -215,17 +220,51 @@ def test_the_model_is_left_as_it_was(family):
 
 # ---- the survey: the docs' table and `patchscopes families` -------------------------------------------
 # issue 24's "Why": 26 families refused before, Gemma 1 and OLMo 1 on the slow path only, and where each is now
-NAMED = {**dict.fromkeys([
-    "SmolLM3ForCausalLM", "Olmo3ForCausalLM", "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-    "MixtralForCausalLM", "GptOssForCausalLM", "DeepseekV3ForCausalLM", "Llama4ForCausalLM", "GraniteForCausalLM",
-    "Cohere2ForCausalLM", "Exaone4ForCausalLM", "Glm4ForCausalLM", "HeliumForCausalLM", "Ministral3ForCausalLM",
-    "StableLmForCausalLM", "Starcoder2ForCausalLM", "PhiForCausalLM", "PhimoeForCausalLM", "GPTJForCausalLM",
-    "FalconForCausalLM", "OPTForCausalLM", "Ernie4_5ForCausalLM", "SeedOssForCausalLM", "GemmaForCausalLM",
-    "OlmoForCausalLM", "Qwen3_5ForCausalLM", "BloomForCausalLM"], "planned"),
+NAMED = {
+    **dict.fromkeys(
+        [
+            "SmolLM3ForCausalLM",
+            "Olmo3ForCausalLM",
+            "OlmoeForCausalLM",
+            "Qwen2MoeForCausalLM",
+            "Qwen3MoeForCausalLM",
+            "MixtralForCausalLM",
+            "GptOssForCausalLM",
+            "DeepseekV3ForCausalLM",
+            "Llama4ForCausalLM",
+            "GraniteForCausalLM",
+            "Cohere2ForCausalLM",
+            "Exaone4ForCausalLM",
+            "Glm4ForCausalLM",
+            "HeliumForCausalLM",
+            "Ministral3ForCausalLM",
+            "StableLmForCausalLM",
+            "Starcoder2ForCausalLM",
+            "PhiForCausalLM",
+            "PhimoeForCausalLM",
+            "GPTJForCausalLM",
+            "FalconForCausalLM",
+            "OPTForCausalLM",
+            "Ernie4_5ForCausalLM",
+            "SeedOssForCausalLM",
+            "GemmaForCausalLM",
+            "OlmoForCausalLM",
+            "Qwen3_5ForCausalLM",
+            "BloomForCausalLM",
+        ],
+        "planned",
+    ),
 }
 # where the shared prefix cannot be exact (issue 24 expected these on the plain path), the lower layers are shared
-SHARED_LAYERS = ["Qwen3_5ForCausalLM", "Qwen3NextForCausalLM", "JambaForCausalLM", "FalconH1ForCausalLM",
-                 "MambaForCausalLM", "BloomForCausalLM", "Gemma4ForCausalLM"]
+SHARED_LAYERS = [
+    "Qwen3_5ForCausalLM",
+    "Qwen3NextForCausalLM",
+    "JambaForCausalLM",
+    "FalconH1ForCausalLM",
+    "MambaForCausalLM",
+    "BloomForCausalLM",
+    "Gemma4ForCausalLM",
+]
 
 
 def test_the_families_named_in_the_issue_take_the_path_listed():
@@ -236,13 +275,18 @@ def test_the_families_named_in_the_issue_take_the_path_listed():
 
 def test_the_docs_family_table_is_the_survey():
     table = page("reference/families").split("<!-- families:begin -->\n")[1].split("<!-- families:end -->")[0].strip()
-    assert table == families.markdown(list(auto_tiny.verdicts().values())), \
+    assert table == families.markdown(list(auto_tiny.verdicts().values())), (
         "docs/reference/families.md's table is stale: paste `patchscopes families --markdown` between the markers"
+    )
 
 
 def test_the_families_command_prints_every_class_as_clean_json():
-    done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "families", "--json"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyvene_patchscopes.cli", "families", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     data = json.loads(done.stdout)  # transformers' logging and kernels' prints kept out of stdout
     assert (data["schema"], data["command"], data["transformers"]) == (1, "families", transformers.__version__)

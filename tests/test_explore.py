@@ -3,6 +3,7 @@
 A table row or heatmap cell must be exactly what `run` gives for the same Patchscope; bad input gets a
 422 naming the field, and the server keeps serving.
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,9 @@ def test_each_heatmap_cell_is_what_run_gives_and_its_spec_reruns_it(client, hand
     grid = job["result"]["grid"]
     n = handle.n_layers
     assert grid["rows"] == grid["cols"] == list(range(n)) and len(grid["cells"]) == n
-    made = client.post("/api/spec", json={"prompt": PROMPT, "position": 2, "preset": "attribute",
-                                          "source_layer": 2, "target_layer": 1}).json()
+    made = client.post(
+        "/api/spec", json={"prompt": PROMPT, "position": 2, "preset": "attribute", "source_layer": 2, "target_layer": 1}
+    ).json()
     scope = Patchscope.from_dict(made["spec"])
     assert (scope.source.layer, scope.target.layer, scope.target.prompt) == (2, 1, "The capital city of x is")
     assert Patchscope.from_json(made["json"]) == scope and "patchscopes run ./cell" in made["cli"]
@@ -112,15 +114,20 @@ def test_jacobian_scopes_score_the_prompts_tokens(client, handle):
     assert [t["score"] for t in job["result"]["tokens"]] == pytest.approx(list(want.scores), rel=1e-5)
 
 
-@pytest.mark.parametrize("body,field", [
-    ({"prompt": "   ", "kind": "layers"}, "prompt"),
-    ({"prompt": PROMPT, "kind": "layers", "position": 99}, "position"),
-    ({"prompt": PROMPT, "kind": "layers", "preset": "no-such-preset"}, "preset"),
-    ({"prompt": PROMPT, "kind": "layers", "preset": "custom", "target_prompt": "no placeholder here"},
-     "target_prompt"),
-    ({"prompt": PROMPT, "kind": "jacobian", "variant": "telepathy"}, "variant"),
-    ({"prompt": PROMPT, "kind": "dance"}, "kind"),
-])
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"prompt": "   ", "kind": "layers"}, "prompt"),
+        ({"prompt": PROMPT, "kind": "layers", "position": 99}, "position"),
+        ({"prompt": PROMPT, "kind": "layers", "preset": "no-such-preset"}, "preset"),
+        (
+            {"prompt": PROMPT, "kind": "layers", "preset": "custom", "target_prompt": "no placeholder here"},
+            "target_prompt",
+        ),
+        ({"prompt": PROMPT, "kind": "jacobian", "variant": "telepathy"}, "variant"),
+        ({"prompt": PROMPT, "kind": "dance"}, "kind"),
+    ],
+)
 def test_bad_input_names_the_field_and_the_server_keeps_serving(client, body, field):
     response = client.post("/api/jobs", json=body)
     assert response.status_code == 422
@@ -130,8 +137,9 @@ def test_bad_input_names_the_field_and_the_server_keeps_serving(client, body, fi
 
 
 def test_a_layer_out_of_range_in_a_spec_names_the_field(client, handle):
-    response = client.post("/api/spec", json={"prompt": PROMPT, "position": 2, "source_layer": handle.n_layers,
-                                              "target_layer": 0})
+    response = client.post(
+        "/api/spec", json={"prompt": PROMPT, "position": 2, "source_layer": handle.n_layers, "target_layer": 0}
+    )
     assert response.status_code == 422 and response.json()["error"]["field"] == "source_layer"
     assert f"0..{handle.n_layers - 1}" in response.json()["error"]["message"]
 
@@ -183,10 +191,23 @@ def test_the_command_serves_the_page_on_a_model_folder(tmp_path, handle):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "pyvene_patchscopes.cli", "explore", "--model", str(tmp_path / "tiny"),
-               "--port", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    command = [
+        sys.executable,
+        "-m",
+        "pyvene_patchscopes.cli",
+        "explore",
+        "--model",
+        str(tmp_path / "tiny"),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     try:
         line = server.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, line + server.stderr.read()
@@ -214,15 +235,21 @@ def test_the_logit_lens_heatmap_reads_only_its_last_layer_column(client, handle)
     assert grid["note"] == f"cells marked n/a: preset 'logit-lens' fixes l* = {n - 1}, the last layer"
     for layer, row in enumerate(grid["cells"]):
         assert [cell["label"] for cell in row[:-1]] == ["n/a"] * (n - 1)
-        want = run(build("logit-lens", PROMPT, 3, layer, model=handle.name, tokenizer=handle.tokenizer), handle,
-                   top=5)[0]
+        want = run(build("logit-lens", PROMPT, 3, layer, model=handle.name, tokenizer=handle.tokenizer), handle, top=5)[
+            0
+        ]
         assert row[-1]["tip"][1].startswith(repr(want.top[0].token))
         assert row[-1]["shade"] == pytest.approx(want.top[0].prob, abs=1e-6)
-    refused = client.post("/api/spec", json={"prompt": PROMPT, "position": 3, "preset": "logit-lens",
-                                             "source_layer": 1, "target_layer": 0})
+    refused = client.post(
+        "/api/spec",
+        json={"prompt": PROMPT, "position": 3, "preset": "logit-lens", "source_layer": 1, "target_layer": 0},
+    )
     assert refused.status_code == 422 and refused.json()["error"] == {
-        "field": "target_layer", "message": f"preset 'logit-lens' fixes l* = {n - 1}, the last layer; not run at "
-                                            "other l*"}
-    made = client.post("/api/spec", json={"prompt": PROMPT, "position": 3, "preset": "logit-lens",
-                                          "source_layer": 1, "target_layer": n - 1}).json()
+        "field": "target_layer",
+        "message": f"preset 'logit-lens' fixes l* = {n - 1}, the last layer; not run at other l*",
+    }
+    made = client.post(
+        "/api/spec",
+        json={"prompt": PROMPT, "position": 3, "preset": "logit-lens", "source_layer": 1, "target_layer": n - 1},
+    ).json()
     assert Patchscope.from_dict(made["spec"]).target.layer == -1

@@ -5,6 +5,7 @@ and a fuzzer over every endpoint (no 500, no traceback, every 4xx in the library
 Tiny random models, except where the finding is about the shipped catalogue on SmolLM2. The browser's view of
 the same attacks (another origin, a rebound host name) is in tests/test_browser.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,16 @@ from pyvene_patchscopes.explore.service import MAX_PROMPT_CHARS, Explorer, Query
 
 PROMPT = "Amazon's former CEO attended Oscars"
 LOCAL = "http://127.0.0.1"
-ENDPOINTS = [("GET", "/"), ("GET", "/api/info"), ("POST", "/api/tokens"), ("POST", "/api/jobs"),
-             ("GET", "/api/jobs/x"), ("DELETE", "/api/jobs/x"), ("POST", "/api/spec"), ("GET", "/static/explore.js")]
+ENDPOINTS = [
+    ("GET", "/"),
+    ("GET", "/api/info"),
+    ("POST", "/api/tokens"),
+    ("POST", "/api/jobs"),
+    ("GET", "/api/jobs/x"),
+    ("DELETE", "/api/jobs/x"),
+    ("POST", "/api/spec"),
+    ("GET", "/static/explore.js"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +75,17 @@ def assert_error_shape(response, status: int | None = None, field: str | None = 
 def test_f3_a_fitted_tuned_lens_is_run_only_at_its_own_layers_and_reads_the_clicked_prompt(smollm2, monkeypatch):
     explorer = Explorer(smollm2)
     prompt = "I ate a banana for breakfast"
-    position = next(k for k, i in enumerate(smollm2.tokenizer(prompt)["input_ids"])
-                    if smollm2.tokenizer.decode([i]) == " banana")
+    position = next(
+        k for k, i in enumerate(smollm2.tokenizer(prompt)["input_ids"]) if smollm2.tokenizer.decode([i]) == " banana"
+    )
     query = Query(prompt, position, "tuned-lens-l06")
     layers = explorer.layers(query, lambda fraction: None)
     applied = [row for row in layers["results"] if row["applies"]]
     assert [row["layer"] for row in applied] == [6]  # was: all 30 rows, each with the layer-6 map
     skipped = [row for row in layers["results"] if not row["applies"]]
-    assert len(skipped) == smollm2.n_layers - 1 and all("fitted for l = 6 -> l* = 29 only" in r["reason"]
-                                                        for r in skipped)
+    assert len(skipped) == smollm2.n_layers - 1 and all(
+        "fitted for l = 6 -> l* = 29 only" in r["reason"] for r in skipped
+    )
     assert [row["cells"][0] for row in layers["table"]["rows"]].count("n/a") == smollm2.n_layers - 1
     assert explorer.info()["fitted"]["tuned-lens-l06"] == [6, smollm2.n_layers - 1]  # the menu says so too
     # the golden reading: the tuned lens of ' banana' at layer 6, by hand (final norm, unembedding of f(h))
@@ -114,8 +125,11 @@ def test_f4_bodies_and_prompts_past_their_caps_are_refused_with_the_cap_named(cl
     assert len(refused.content) < 500
     long = "word " * (MAX_PROMPT_CHARS // 5 + 1)
     for path in ("/api/tokens", "/api/jobs"):
-        error = assert_error_shape(client.post(path, json={"prompt": long, "kind": "layers"} if path == "/api/jobs"
-                                               else {"prompt": long}), 422, "prompt")
+        error = assert_error_shape(
+            client.post(path, json={"prompt": long, "kind": "layers"} if path == "/api/jobs" else {"prompt": long}),
+            422,
+            "prompt",
+        )
         assert f"(allowed: at most {MAX_PROMPT_CHARS})" in error["message"]
     widest = {"prompt": "\u00e9" * MAX_PROMPT_CHARS, "target_prompt": "\u00e9" * MAX_PROMPT_CHARS, "kind": "layers"}
     assert len(json.dumps(widest)) < MAX_BODY_BYTES  # the caps agree: two full prompts, \u-escaped, are let through
@@ -128,8 +142,9 @@ def test_f4_the_token_cap_and_the_context_warning_reach_the_page(handle):
         assert "past tiny-llama's trained length of 128" in tokens["warnings"][0]  # was: never shown
         made = client.post("/api/jobs", json={"prompt": past, "kind": "jacobian"}).json()
         assert "trained length of 128" in made["warnings"][0] and wait(client, made["id"])["warnings"]
-        error = assert_error_shape(client.post("/api/jobs", json={"prompt": " ".join(["Paris"] * 250),
-                                                                 "kind": "layers"}), 422, "prompt")
+        error = assert_error_shape(
+            client.post("/api/jobs", json={"prompt": " ".join(["Paris"] * 250), "kind": "layers"}), 422, "prompt"
+        )
         assert "(allowed: at most 200 in the explorer" in error["message"]
 
 
@@ -231,7 +246,7 @@ def test_f5_two_thousand_submissions_are_each_run_or_refused_with_429(handle, mo
                 continue
             assert response.status_code == 200, response.text
             accepted.append((k, response.json()["id"]))
-        recent = accepted[-service.KEEP_FINISHED:]
+        recent = accepted[-service.KEEP_FINISHED :]
         states = [wait(client, job_id)["state"] for _, job_id in recent]
         deadline = time.time() + 120
         while len(ran) < len(accepted) and time.time() < deadline:
@@ -251,8 +266,9 @@ def test_f5_job_ids_are_unguessable_and_another_clients_job_cannot_be_named(clie
 
 
 # ---- 6, 7. foreign hosts and origins ---------------------------------------------------------------------------
-@pytest.mark.parametrize("host", ["evil.example:8765", "evil.example", "127.0.0.1.evil.example", "[::2]:80", "",
-                                  "localhost:x", "a:b:c"])
+@pytest.mark.parametrize(
+    "host", ["evil.example:8765", "evil.example", "127.0.0.1.evil.example", "[::2]:80", "", "localhost:x", "a:b:c"]
+)
 def test_f6_a_foreign_host_reads_and_creates_nothing(handle, host):
     app = create_app(Explorer(handle))
     with TestClient(app, base_url=LOCAL) as client:
@@ -286,17 +302,21 @@ def strict_content_type_off(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("fastapi_check", ["installed", "disabled"])
-@pytest.mark.parametrize("headers, status, field", [
-    ({"Content-Type": "text/plain"}, 415, "content-type"),           # a no-cors fetch with a text body, a form
-    ({}, 415, "content-type"),                                        # sendBeacon / fetch with a Blob, no type
-    ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "content-type"),
-    ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "origin"),
-    ({"Content-Type": "application/json", "Origin": "http://127.0.0.1:9999"}, 403, "origin"),
-    ({"Content-Type": "application/json", "Origin": "null"}, 403, "origin"),
-    ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "origin"),
-])
-def test_f7_requests_from_another_origin_create_nothing_whatever_fastapis_version(handle, monkeypatch, fastapi_check,
-                                                                                   headers, status, field):
+@pytest.mark.parametrize(
+    "headers, status, field",
+    [
+        ({"Content-Type": "text/plain"}, 415, "content-type"),  # a no-cors fetch with a text body, a form
+        ({}, 415, "content-type"),  # sendBeacon / fetch with a Blob, no type
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "content-type"),
+        ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403, "origin"),
+        ({"Content-Type": "application/json", "Origin": "http://127.0.0.1:9999"}, 403, "origin"),
+        ({"Content-Type": "application/json", "Origin": "null"}, 403, "origin"),
+        ({"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403, "origin"),
+    ],
+)
+def test_f7_requests_from_another_origin_create_nothing_whatever_fastapis_version(
+    handle, monkeypatch, fastapi_check, headers, status, field
+):
     if fastapi_check == "disabled":
         strict_content_type_off(monkeypatch)
     app = create_app(Explorer(handle))
@@ -305,8 +325,15 @@ def test_f7_requests_from_another_origin_create_nothing_whatever_fastapis_versio
         for path in ("/api/jobs", "/api/tokens", "/api/spec"):
             assert_error_shape(client.post(path, content=body, headers=headers), status, field)
         assert sum(app.state.jobs.counts().values()) == 0
-        own = client.post("/api/jobs", content=body, headers={"Content-Type": "application/json; charset=utf-8",
-                                                               "Origin": LOCAL, "Sec-Fetch-Site": "same-origin"})
+        own = client.post(
+            "/api/jobs",
+            content=body,
+            headers={
+                "Content-Type": "application/json; charset=utf-8",
+                "Origin": LOCAL,
+                "Sec-Fetch-Site": "same-origin",
+            },
+        )
         assert own.status_code == 200 and wait(client, own.json()["id"])["state"] == "done"
 
 
@@ -325,18 +352,25 @@ def test_f8_ctrl_c_while_a_job_runs_stops_the_server_cleanly(smollm2):
     """On SmolLM2, whose matrix products keep the worker inside torch most of the time: a tiny model's worker is
     nearly always in Python, where the old exit happened to survive."""
     command = [sys.executable, "-m", "pyvene_patchscopes.cli", "explore", "--port", "0"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    server = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     try:
         line = server.stdout.readline()
         assert "http://127.0.0.1:" in line, line + server.stderr.read()
         url = line.split("http://", 1)[1].split("/", 1)[0]
         jobs, deadline = [], time.time() + 60
         for position in (5, 6, 7, 8):  # several seconds of work queued: one is surely running at Ctrl-C
-            body = json.dumps({"prompt": " ".join(["one two three four five six"] * 60), "kind": "grid",
-                               "position": position}).encode()
-            request = urllib.request.Request(f"http://{url}/api/jobs", data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            body = json.dumps(
+                {"prompt": " ".join(["one two three four five six"] * 60), "kind": "grid", "position": position}
+            ).encode()
+            request = urllib.request.Request(
+                f"http://{url}/api/jobs", data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
             while True:  # the socket is bound before the address is printed; this only waits out a slow start
                 try:
                     jobs.append(json.loads(urllib.request.urlopen(request, timeout=30).read())["id"])
@@ -345,8 +379,10 @@ def test_f8_ctrl_c_while_a_job_runs_stops_the_server_cleanly(smollm2):
                     assert time.time() < deadline, "the explorer never answered"
                     time.sleep(0.2)
         job = jobs[1]
-        while json.loads(urllib.request.urlopen(f"http://{url}/api/jobs/{job}", timeout=30).read())["state"] \
-                != "running" and time.time() < deadline:
+        while (
+            json.loads(urllib.request.urlopen(f"http://{url}/api/jobs/{job}", timeout=30).read())["state"] != "running"
+            and time.time() < deadline
+        ):
             time.sleep(0.05)
         time.sleep(0.3)  # well inside the model's forward passes
         server.send_signal(signal.SIGINT)
@@ -363,29 +399,35 @@ def test_f8_ctrl_c_while_a_job_runs_stops_the_server_cleanly(smollm2):
 LONE = '"The \\udcff city"'  # a lone surrogate, as JSON writes it
 
 
-@pytest.mark.parametrize("path, text, field", [
-    ("/api/tokens", '{"prompt": ' + LONE + '}', "prompt"),
-    ("/api/jobs", '{"kind": "layers", "prompt": ' + LONE + '}', "prompt"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": "custom", "target_prompt": ' + LONE + '}',
-     "target_prompt"),
-    ("/api/spec", '{"prompt": ' + LONE + ', "source_layer": 0, "target_layer": 0}', "prompt"),
-    ("/api/jobs", "NaN", "request"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "position": NaN}', "request"),
-    ("/api/tokens", '{"prompt": Infinity}', "request"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": 0}', "preset"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": false}', "preset"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": ""}', "preset"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "variant": []}', "variant"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "target_prompt": 0}', "target_prompt"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "position": 1e400}', "position"),
-    ("/api/jobs", '{"kind": 0, "prompt": "a b"}', "kind"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b", "surprise": 1}', "surprise"),
-    ("/api/jobs", "[1, 2]", "request"),
-    ("/api/jobs", "", "request"),
-    ("/api/jobs", '{"kind": "layers", "prompt": "a b"', "request"),
-    ("/api/spec", '{"prompt": "a b", "source_layer": true, "target_layer": 0}', "source_layer"),
-    ("/api/tokens", "[" * 100000, "request"),
-])
+@pytest.mark.parametrize(
+    "path, text, field",
+    [
+        ("/api/tokens", '{"prompt": ' + LONE + "}", "prompt"),
+        ("/api/jobs", '{"kind": "layers", "prompt": ' + LONE + "}", "prompt"),
+        (
+            "/api/jobs",
+            '{"kind": "layers", "prompt": "a b", "preset": "custom", "target_prompt": ' + LONE + "}",
+            "target_prompt",
+        ),
+        ("/api/spec", '{"prompt": ' + LONE + ', "source_layer": 0, "target_layer": 0}', "prompt"),
+        ("/api/jobs", "NaN", "request"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "position": NaN}', "request"),
+        ("/api/tokens", '{"prompt": Infinity}', "request"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": 0}', "preset"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": false}', "preset"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": ""}', "preset"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "variant": []}', "variant"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "target_prompt": 0}', "target_prompt"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "position": 1e400}', "position"),
+        ("/api/jobs", '{"kind": 0, "prompt": "a b"}', "kind"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "surprise": 1}', "surprise"),
+        ("/api/jobs", "[1, 2]", "request"),
+        ("/api/jobs", "", "request"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b"', "request"),
+        ("/api/spec", '{"prompt": "a b", "source_layer": true, "target_layer": 0}', "source_layer"),
+        ("/api/tokens", "[" * 100000, "request"),
+    ],
+)
 def test_f9_bad_bodies_are_a_4xx_naming_the_field_never_a_500(client, path, text, field):
     response = client.post(path, content=text.encode("utf-8"), headers={"Content-Type": "application/json"})
     error = assert_error_shape(response, field=field)
@@ -393,9 +435,17 @@ def test_f9_bad_bodies_are_a_4xx_naming_the_field_never_a_500(client, path, text
     assert client.post("/api/tokens", json={"prompt": PROMPT}).status_code == 200  # and it serves on
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/no-such-page", 404), ("PUT", "/api/jobs", 405),
-                                                  ("GET", "/api/tokens", 405), ("POST", "/api/info", 405),
-                                                  ("GET", "/docs", 404), ("GET", "/openapi.json", 404)])
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("GET", "/no-such-page", 404),
+        ("PUT", "/api/jobs", 405),
+        ("GET", "/api/tokens", 405),
+        ("POST", "/api/info", 405),
+        ("GET", "/docs", 404),
+        ("GET", "/openapi.json", 404),
+    ],
+)
 def test_f9_fastapis_own_errors_have_the_librarys_shape(client, method, path, status):
     response = client.request(method, path, content=b"{}", headers={"Content-Type": "application/json"})
     assert "detail" not in response.text
@@ -403,39 +453,67 @@ def test_f9_fastapis_own_errors_have_the_librarys_shape(client, method, path, st
 
 
 # ---- the fuzzer over every endpoint -----------------------------------------------------------------------------
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                                        max_size=5), max_leaves=12)
-FIELD_VALUES = {"kind": st.sampled_from(["layers", "grid", "jacobian", "dance", ""]) | json_values,
-                "prompt": st.sampled_from([PROMPT, "a", " ", "\udcff", "x" * 20000]) | json_values,
-                "position": st.integers(-40, 40) | json_values,
-                "preset": st.sampled_from(["token-identity", "logit-lens", "attribute", "custom", "multihop",
-                                           "tuned-lens-l06", "attribute-capital", "nope"]) | json_values,
-                "target_prompt": st.sampled_from(["The capital of x is", "no placeholder", None]) | json_values,
-                "variant": st.sampled_from(["semantic", "fisher", "temperature", "nope"]) | json_values,
-                "source_layer": st.integers(-5, 8) | json_values, "target_layer": st.integers(-5, 8) | json_values}
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=12,
+)
+FIELD_VALUES = {
+    "kind": st.sampled_from(["layers", "grid", "jacobian", "dance", ""]) | json_values,
+    "prompt": st.sampled_from([PROMPT, "a", " ", "\udcff", "x" * 20000]) | json_values,
+    "position": st.integers(-40, 40) | json_values,
+    "preset": st.sampled_from(
+        [
+            "token-identity",
+            "logit-lens",
+            "attribute",
+            "custom",
+            "multihop",
+            "tuned-lens-l06",
+            "attribute-capital",
+            "nope",
+        ]
+    )
+    | json_values,
+    "target_prompt": st.sampled_from(["The capital of x is", "no placeholder", None]) | json_values,
+    "variant": st.sampled_from(["semantic", "fisher", "temperature", "nope"]) | json_values,
+    "source_layer": st.integers(-5, 8) | json_values,
+    "target_layer": st.integers(-5, 8) | json_values,
+}
 objects = st.fixed_dictionaries({}, optional={**FIELD_VALUES, "extra": json_values})
-bodies = (objects.map(lambda d: json.dumps(d).encode("utf-8", "surrogatepass")) | json_values.map(
-    lambda v: json.dumps(v).encode()) | st.binary(max_size=64) | st.sampled_from(
-    [b"NaN", b"-Infinity", b"\xff\xfe", b"", b"{", b'{"prompt": "\\ud800"}', b"[" * 5000]))
-PLAUSIBLE = {"kind": ["layers", "grid", "jacobian"], "prompt": [PROMPT, "Here is a word: dog"], "position": [-1, 2, 3],
-             "preset": ["token-identity", "logit-lens", "attribute", "custom"], "variant": ["semantic", "fisher"],
-             "target_prompt": ["The capital of x is", None], "source_layer": [0, 1, 3], "target_layer": [0, 2]}
-plausible = st.fixed_dictionaries({"kind": st.sampled_from(PLAUSIBLE["kind"]),
-                                   "prompt": st.sampled_from(PLAUSIBLE["prompt"])},
-                                  optional={k: st.sampled_from(v) for k, v in PLAUSIBLE.items()
-                                            if k not in ("kind", "prompt")})
-hostile_requests = st.tuples(st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS", "HEAD"]),
-                             st.sampled_from([p for _, p in ENDPOINTS] + ["/api/jobs/" + "9" * 30, "/api",
-                                                                         "/static/../setup.cfg", "/api/jobs/%00"]),
-                             st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain",
-                                              None]),
-                             st.sampled_from([None, LOCAL, "http://evil.example"]),
-                             bodies)
+bodies = (
+    objects.map(lambda d: json.dumps(d).encode("utf-8", "surrogatepass"))
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | st.binary(max_size=64)
+    | st.sampled_from([b"NaN", b"-Infinity", b"\xff\xfe", b"", b"{", b'{"prompt": "\\ud800"}', b"[" * 5000])
+)
+PLAUSIBLE = {
+    "kind": ["layers", "grid", "jacobian"],
+    "prompt": [PROMPT, "Here is a word: dog"],
+    "position": [-1, 2, 3],
+    "preset": ["token-identity", "logit-lens", "attribute", "custom"],
+    "variant": ["semantic", "fisher"],
+    "target_prompt": ["The capital of x is", None],
+    "source_layer": [0, 1, 3],
+    "target_layer": [0, 2],
+}
+plausible = st.fixed_dictionaries(
+    {"kind": st.sampled_from(PLAUSIBLE["kind"]), "prompt": st.sampled_from(PLAUSIBLE["prompt"])},
+    optional={k: st.sampled_from(v) for k, v in PLAUSIBLE.items() if k not in ("kind", "prompt")},
+)
+hostile_requests = st.tuples(
+    st.sampled_from(["GET", "POST", "DELETE", "PUT", "OPTIONS", "HEAD"]),
+    st.sampled_from(
+        [p for _, p in ENDPOINTS] + ["/api/jobs/" + "9" * 30, "/api", "/static/../setup.cfg", "/api/jobs/%00"]
+    ),
+    st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None]),
+    st.sampled_from([None, LOCAL, "http://evil.example"]),
+    bodies,
+)
 # well-formed requests with plausible fields, so that the endpoints' own checks (not only the guard) are reached
-valid_requests = st.tuples(st.sampled_from(ENDPOINTS), st.sampled_from([None, LOCAL]),
-                           plausible.map(lambda d: json.dumps(d).encode())).map(
-    lambda r: (r[0][0], r[0][1], "application/json", r[1], r[2]))
+valid_requests = st.tuples(
+    st.sampled_from(ENDPOINTS), st.sampled_from([None, LOCAL]), plausible.map(lambda d: json.dumps(d).encode())
+).map(lambda r: (r[0][0], r[0][1], "application/json", r[1], r[2]))
 requests = st.one_of(hostile_requests, valid_requests)
 
 
@@ -444,8 +522,13 @@ def test_fuzzing_every_endpoint_gives_no_500_and_every_4xx_in_one_shape(handle):
     codes: dict[int, int] = {}
     with TestClient(app, base_url=LOCAL) as client:  # a 500 would raise here (raise_server_exceptions)
 
-        @settings(max_examples=400, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=400,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(requests)
         def one(request) -> None:
             method, path, kind, origin, body = request

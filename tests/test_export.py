@@ -3,6 +3,7 @@
 The page is read back here as a browser's HTML parser would split it (html.parser); how it draws and hovers
 is tested in a real browser elsewhere (tests/test_browser*.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,8 +84,15 @@ def _grid_of(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def grid_sweep(tiny_llama):
-    return sweep(["The city of Paris is large", "Here is a word: dog"], tiny_llama, preset="token-identity",
-                 source_layers=[0, 2, 3], target_layers=[1, 3], max_new_tokens=2, target_prompt=TARGET)
+    return sweep(
+        ["The city of Paris is large", "Here is a word: dog"],
+        tiny_llama,
+        preset="token-identity",
+        source_layers=[0, 2, 3],
+        target_layers=[1, 3],
+        max_new_tokens=2,
+        target_prompt=TARGET,
+    )
 
 
 def test_sweep_page_embeds_every_cell_with_its_top_token_and_top5(grid_sweep, tmp_path):
@@ -94,8 +102,9 @@ def test_sweep_page_embeds_every_cell_with_its_top_token_and_top5(grid_sweep, tm
     assert grid["rows"] == ["0", "2", "3"] and grid["cols"] == ["1", "3"]
     assert grid["row_label"] == "source layer l" and grid["col_label"] == "target layer l*"
     tokens = grid_sweep.tokens()[1]
-    assert [[cell["label"] for cell in row] for row in grid["cells"]] == \
-        [[show_text(t, CELL_WIDTH) for t in row] for row in tokens]
+    assert [[cell["label"] for cell in row] for row in grid["cells"]] == [
+        [show_text(t, CELL_WIDTH) for t in row] for row in tokens
+    ]
     assert sum(len(row) for row in grid["cells"]) == 3 * 2
     for i, l in enumerate([0, 2, 3]):
         for j, t in enumerate([1, 3]):
@@ -120,8 +129,11 @@ def test_the_page_loads_nothing_and_holds_no_url(grid_sweep):
 
 def test_sweepresult_to_html_warns_naming_sweep_page_and_writes_the_same_page(grid_sweep, tmp_path):
     """The old spelling, kept until 0.3.0."""
-    with pytest.warns(DeprecationWarning, match=r"SweepResult\.to_html\(\.\.\.\) is deprecated: use "
-                                                r"pyvene_patchscopes\.export\.sweep_page\(result, \.\.\.\) .*0\.3\.0"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"SweepResult\.to_html\(\.\.\.\) is deprecated: use "
+        r"pyvene_patchscopes\.export\.sweep_page\(result, \.\.\.\) .*0\.3\.0",
+    ):
         old = grid_sweep.to_html(tmp_path / "old.html", prompt=1)
     assert old == sweep_page(grid_sweep, prompt=1) == (tmp_path / "old.html").read_text(encoding="utf-8")
     assert _grid_of(old)["rows"] == ["0", "2", "3"]
@@ -129,8 +141,11 @@ def test_sweepresult_to_html_warns_naming_sweep_page_and_writes_the_same_page(gr
 
 def test_sweepresult_plot_warns_naming_sweep_figure_and_draws_the_same_heatmap(grid_sweep, tmp_path):
     """The old spelling, kept until 0.3.0."""
-    with pytest.warns(DeprecationWarning, match=r"SweepResult\.plot\(\.\.\.\) is deprecated: use pyvene_patchscopes"
-                                                r"\.export\.sweep_figure\(result, \.\.\.\) .*0\.3\.0"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"SweepResult\.plot\(\.\.\.\) is deprecated: use pyvene_patchscopes"
+        r"\.export\.sweep_figure\(result, \.\.\.\) .*0\.3\.0",
+    ):
         old = grid_sweep.plot(tmp_path / "old.png", prompt=1)
     new = sweep_figure(grid_sweep, tmp_path / "new.png", prompt=1)
 
@@ -144,20 +159,29 @@ def test_sweepresult_plot_warns_naming_sweep_figure_and_draws_the_same_heatmap(g
 
 def test_a_same_layer_sweep_is_prompts_by_layers(tiny_llama):
     prompts = ["The city of Paris is large", "Here is a word: dog", "one two three"]
-    result = sweep(prompts, tiny_llama, preset="token-identity", source_layers=[1, 2], target_layers="same",
-                   max_new_tokens=0, target_prompt=TARGET)
+    result = sweep(
+        prompts,
+        tiny_llama,
+        preset="token-identity",
+        source_layers=[1, 2],
+        target_layers="same",
+        max_new_tokens=0,
+        target_prompt=TARGET,
+    )
     grid = sweep_grid(result)
     assert grid["rows"] == [axis_label(p, 24) for p in prompts] and grid["cols"] == ["1", "2"]
-    assert [[c["label"] for c in row] for row in grid["cells"]] == \
-        [[show_text(row[0], CELL_WIDTH) for row in per_prompt] for per_prompt in result.tokens()]
+    assert [[c["label"] for c in row] for row in grid["cells"]] == [
+        [show_text(row[0], CELL_WIDTH) for row in per_prompt] for per_prompt in result.tokens()
+    ]
     assert all(not any(line.startswith("generated") for line in c["tip"]) for row in grid["cells"] for c in row)
 
 
 def test_uninformative_cells_are_muted_and_say_why(tiny_llama):
     # the attribute preset writes at "x" of "The capital city of x is": at l* = the last layer (3), before the
     # target's last token, no later layer reads it
-    result = sweep("Here is a word: dog", tiny_llama, preset="attribute", source_layers=[1], target_layers=[2, 3],
-                   max_new_tokens=0)
+    result = sweep(
+        "Here is a word: dog", tiny_llama, preset="attribute", source_layers=[1], target_layers=[2, 3], max_new_tokens=0
+    )
     [[informative, blind]] = sweep_grid(result)["cells"]
     assert informative["muted"] is False and blind["muted"] is True
     assert "no later layer reads it" in blind["tip"][-1] and "no later layer" not in " ".join(informative["tip"])
@@ -166,9 +190,13 @@ def test_uninformative_cells_are_muted_and_say_why(tiny_llama):
 
 def test_a_token_that_closes_the_script_cannot_break_out(tmp_path):
     scope = token_identity(Source(f"a {HOSTILE} b", -1, 0, "tiny"), target_layer=0)
-    result = PatchscopeResult(scope=scope, source_position=1, target_position=3,
-                              top=[TokenProb(HOSTILE, 7, 0.9), TokenProb("&amp; //x", 8, 0.1)],
-                              generation=f"{HOSTILE} http://example.com")
+    result = PatchscopeResult(
+        scope=scope,
+        source_position=1,
+        target_position=3,
+        top=[TokenProb(HOSTILE, 7, 0.9), TokenProb("&amp; //x", 8, 0.1)],
+        generation=f"{HOSTILE} http://example.com",
+    )
     path = write_page(tmp_path / "hostile.html", f"title {HOSTILE}", [("table", layers_table([result]))])
     text = path.read_text(encoding="utf-8")
     parsed = _Page(text)
@@ -193,8 +221,9 @@ def test_layers_table_has_one_row_per_source_layer(tiny_llama):
     for row, result in zip(table["rows"], results):
         generation = show_text(result.generation, TEXT_WIDTH)  # quoted as the tables and the CLI write it
         assert row["cells"] == [show_text(result.token, 40), f"{result.prob:.3f}", generation]  # was: unquoted
-        assert row["tip"][1:7] == [f"{show_text(t.token)}  {t.prob:.3f}" for t in result.top[:5]] + \
-            [f"generated: {generation}"]
+        assert row["tip"][1:7] == [f"{show_text(t.token)}  {t.prob:.3f}" for t in result.top[:5]] + [
+            f"generated: {generation}"
+        ]
     assert [row["muted"] for row in table["rows"]] == [False, False, False, True]
     assert "no later layer reads it" in table["rows"][3]["tip"][-1] and "note" in table
     with pytest.raises(SpecError, match="results is empty"):
@@ -204,16 +233,34 @@ def test_layers_table_has_one_row_per_source_layer(tiny_llama):
 def test_cli_sweep_html_writes_the_grid(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(models, "load_model", tiny_loader())
     out = tmp_path / "sub" / "grid.html"
-    assert main(["sweep", "--source-prompt", "Here is a word: dog", "--source-layers", "0-2",
-                 "--target-layers", "1,2", "--max-new-tokens", "1", "--html", str(out), "--json"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--source-prompt",
+                "Here is a word: dog",
+                "--source-layers",
+                "0-2",
+                "--target-layers",
+                "1,2",
+                "--max-new-tokens",
+                "1",
+                "--html",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
     payload = json.loads(capsys.readouterr().out)
     assert payload["html"] == str(out)
     grid = _grid_of(out.read_text(encoding="utf-8"))
     assert grid["rows"] == ["0", "1", "2"] and grid["cols"] == ["1", "2"]
     labels = [cell["label"] for row in grid["cells"] for cell in row]
     assert labels == [show_text(c["token"], CELL_WIDTH) for c in payload["cells"]]
-    assert [cell["shade"] for row in grid["cells"] for cell in row] == \
-        pytest.approx([c["prob"] for c in payload["cells"]])
+    assert [cell["shade"] for row in grid["cells"] for cell in row] == pytest.approx(
+        [c["prob"] for c in payload["cells"]]
+    )
 
 
 def test_cli_inspect_html_writes_the_table(monkeypatch, capsys, tmp_path):
@@ -228,8 +275,16 @@ def test_cli_inspect_html_writes_the_table(monkeypatch, capsys, tmp_path):
 
 
 def test_numeric_grid_formats_shades_and_mutes_missing_values():
-    grid = numeric_grid([[0.0, 0.5], [1.0, float("nan")]], [0, 6], [0, 3], "accuracy", "source layer l",
-                        "target layer l*", vmin=0, vmax=1)
+    grid = numeric_grid(
+        [[0.0, 0.5], [1.0, float("nan")]],
+        [0, 6],
+        [0, 3],
+        "accuracy",
+        "source layer l",
+        "target layer l*",
+        vmin=0,
+        vmax=1,
+    )
     assert [[c["label"] for c in row] for row in grid["cells"]] == [["0.00", "0.50"], ["1.00", "–"]]
     assert [c["shade"] for c in grid["cells"][0]] == [0.0, 0.5] and grid["cells"][1][1]["muted"] is True
     assert grid["cells"][0][1]["tip"] == ["source layer l=0, target layer l*=3: 0.5"]
@@ -290,5 +345,6 @@ def test_rebuild_writes_pages_only_for_heatmap_tasks_and_keeps_every_number(tmp_
 def test_the_shipped_report_pages_are_what_the_code_writes_now(task, tmp_path):
     [path] = write_pages(Report.load(REPORTS / task), tmp_path)
     shipped = REPORTS / task / path.name
-    assert shipped.read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), \
+    assert shipped.read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
         f"{shipped} is stale: run python -m pyvene_patchscopes.evaluate.pages reports"
+    )

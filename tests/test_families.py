@@ -5,6 +5,7 @@ Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3, Phi-3, OLMo 2, GPT-2 and GPT-Neo
 quirks switched on (`tiny.FAMILY_CONFIGS`): grouped-query attention, sliding windows on every layer or on
 some, soft-capping, partial rotary positions, parallel residuals, norms on the queries and keys.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,7 +25,7 @@ from pyvene_patchscopes.execution.sweeps import sweep
 from pyvene_patchscopes.models.architectures import architecture
 from pyvene_patchscopes.presets import multihop
 
-ATOL = 1e-5          # the plain pyvene path against hooks, fp32 logits
+ATOL = 1e-5  # the plain pyvene path against hooks, fp32 logits
 PLANNED_ATOL = 1e-4  # the planned execution against the plain path (issue 5)
 SLIDING = tuple(kind for kind in FAMILIES if getattr(tiny_config(kind), "sliding_window", None))
 
@@ -130,9 +131,14 @@ def test_plain_pyvene_path_matches_hand_written_hooks(family):
     """l < l*, l > l*, l = l*, the last layer after the final norm on both sides (skip_final_ln), positions
     other than the last."""
     last = family.n_layers - 1
-    scopes = [scope(family, 1, 3), scope(family, 3, 1, source_position=3, target_position=2),
-              scope(family, 2, 2, source_position=-2, target_position=4), scope(family, last, last),
-              scope(family, 0, last, source_position=2), scope(family, last, 0, target_position=1)]
+    scopes = [
+        scope(family, 1, 3),
+        scope(family, 3, 1, source_position=3, target_position=2),
+        scope(family, 2, 2, source_position=-2, target_position=4),
+        scope(family, last, last),
+        scope(family, 0, last, source_position=2),
+        scope(family, last, 0, target_position=1),
+    ]
     for s, got in zip(scopes, run(scopes, family, planned=False)):
         torch.testing.assert_close(got.logits, expected(family, s), atol=ATOL, rtol=0)
 
@@ -181,8 +187,11 @@ def test_planned_execution_is_taken_where_the_table_says(family):
 @pytest.mark.parametrize("name", SLIDING)
 def test_long_target_crosses_the_sliding_window(name):
     handle = tiny_model(name, seed=6)
-    scopes = [Patchscope(Source(p, -1, l, handle.name), Target(LONG_TARGET + " " + LONG_TARGET, "x", t),
-                         max_new_tokens=12) for p in SOURCES[:2] for l, t in [(0, 1), (2, 0), (3, 3)]]
+    scopes = [
+        Patchscope(Source(p, -1, l, handle.name), Target(LONG_TARGET + " " + LONG_TARGET, "x", t), max_new_tokens=12)
+        for p in SOURCES[:2]
+        for l, t in [(0, 1), (2, 0), (3, 3)]
+    ]
     assert len(golden.encode(handle, scopes[0].target.prompt)[0]) > 2 * handle.model.config.sliding_window
     plain = run(scopes, handle, planned=False)
     assert_same(run(scopes, handle), plain)
@@ -196,14 +205,17 @@ def test_long_target_crosses_the_sliding_window(name):
 # ---- (c) generation ----------------------------------------------------------------------------------
 def test_generations_match_hand_written_hooks_on_both_paths(family):
     """Greedy generation with the patch on the prompt pass only (KV cache on), as the paper generates."""
-    scopes = [scope(family, 1, 2, max_new_tokens=6),
-              scope(family, 3, 0, target="The capital of x", target_position="x", max_new_tokens=6),
-              scope(family, 0, 1, target=LONG_TARGET, target_position="x", max_new_tokens=8)]
+    scopes = [
+        scope(family, 1, 2, max_new_tokens=6),
+        scope(family, 3, 0, target="The capital of x", target_position="x", max_new_tokens=6),
+        scope(family, 0, 1, target=LONG_TARGET, target_position="x", max_new_tokens=8),
+    ]
     planned, plain = run(scopes, family), run(scopes, family, planned=False)
     for s, fast, slow in zip(scopes, planned, plain):
         h = source_state(family, s, slow.source_position)
-        ids, first = golden.patched_generate(family, s.target.prompt, s.target.layer, slow.target_position, h,
-                                             s.max_new_tokens)
+        ids, first = golden.patched_generate(
+            family, s.target.prompt, s.target.layer, slow.target_position, h, s.max_new_tokens
+        )
         want = family.tokenizer.decode(ids, skip_special_tokens=True)
         assert slow.generation == want and fast.generation == want
         torch.testing.assert_close(slow.logits, first, atol=ATOL, rtol=0)
@@ -217,8 +229,9 @@ def test_reroute_matches_hand_written_hooks(family, read_layer, write_layer, iso
     n = len(golden.encode(family, s.source.prompt)[0])
     first = len(family.tokenizer(HOP2, add_special_tokens=False)["input_ids"])
     mask = golden.segment_mask(n, 1, first, family.dtype) if isolate else None
-    logits, ids = golden.rerouted(family, s.source.prompt, read_layer, n - 1, write_layer, first, mask,
-                                  max_new_tokens=4)
+    logits, ids = golden.rerouted(
+        family, s.source.prompt, read_layer, n - 1, write_layer, first, mask, max_new_tokens=4
+    )
     got = run(s, family)[0]
     assert (got.source_position, got.target_position) == (n - 1, first)
     torch.testing.assert_close(got.logits, logits[-1], atol=ATOL, rtol=0)
@@ -237,8 +250,9 @@ class LogitReference(Reference):
         def logits_of(delta):
             return model(inputs_embeds=(self.x + delta).unsqueeze(0)).logits[0, -1]
 
-        self.logit_jacobian = torch.autograd.functional.jacobian(logits_of, torch.zeros_like(self.x),
-                                                                 vectorize=True)  # [V, T, d]
+        self.logit_jacobian = torch.autograd.functional.jacobian(
+            logits_of, torch.zeros_like(self.x), vectorize=True
+        )  # [V, T, d]
         with torch.no_grad():
             self.p = torch.softmax(model(ids).logits[0, -1].to(torch.float64), -1)
         self.prediction = int(self.p.argmax())
@@ -266,8 +280,9 @@ def test_jacobian_scopes_match_the_explicit_jacobian(family64):
 # ---- (f) the model left as it was -------------------------------------------------------------------
 def _state(model: torch.nn.Module) -> dict:
     return {
-        "tensors": {name: t.detach().clone() for name, t in itertools.chain(model.named_parameters(),
-                                                                           model.named_buffers())},
+        "tensors": {
+            name: t.detach().clone() for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+        },
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "training": {name: m.training for name, m in model.named_modules()},
         "hooks": {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()},
@@ -289,8 +304,10 @@ def test_the_model_is_left_as_it_was(family):
     training flags, hooks (the user's stay, none are added), the attention implementation, the model type."""
     model = family.model
     parameters = list(model.parameters())
-    user_hooks = [golden.block(model, 0).register_forward_hook(lambda mod, args, out: None),
-                  golden.block(model, 1).register_forward_pre_hook(lambda mod, args: None)]
+    user_hooks = [
+        golden.block(model, 0).register_forward_hook(lambda mod, args, out: None),
+        golden.block(model, 1).register_forward_pre_hook(lambda mod, args: None),
+    ]
     try:
         for k, parameter in enumerate(parameters):
             parameter.requires_grad_(k % 2 == 0)

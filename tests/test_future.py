@@ -1,4 +1,5 @@
 """The Future Lens (Pal et al., CoNLL 2023): its scoring, its preset, and its evaluation on SmolLM2."""
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,7 @@ def test_future_hits_scores_each_step_on_its_own():
 
 
 def test_a_generation_that_stops_early_misses_its_later_steps():
-    assert future_hits([[1], [1, 2]], [[1, 2, 3], [1, 2, 3]], 3).tolist() == [[True, False, False],
-                                                                              [True, True, False]]
+    assert future_hits([[1], [1, 2]], [[1, 2, 3], [1, 2, 3]], 3).tolist() == [[True, False, False], [True, True, False]]
     # both stopped after one token: the absent steps are misses, not matches of two absences
     assert future_hits([[1]], [[1]], 3).tolist() == [[True, False, False]]
     assert future_hits(torch.tensor([[MISSING, 2, 3]]), [[MISSING, 2, 3]], 3).tolist() == [[False, True, True]]
@@ -96,14 +96,19 @@ def test_eval_future_reports_three_steps_per_layer_with_intervals(report):
     assert all(INTERVAL.match(cell) for row in table.rows for cell in row[1:])
     n = report.summary["evaluation texts (one random position each)"]
     assert n >= 3 and set(report.data["hits"]) == {"future lens", "logit lens (repeated)"}
-    assert all(len(rows) == n and all(len(r) == 3 for r in rows) for per in report.data["hits"].values()
-               for rows in per.values())
+    assert all(
+        len(rows) == n and all(len(r) == 3 for r in rows)
+        for per in report.data["hits"].values()
+        for rows in per.values()
+    )
     dev, test = report.data["split"]["dev"], report.data["split"]["test"]
     assert sorted(dev + test) == list(range(n)) and not set(dev) & set(test)
     for step in (1, 2, 3):
         assert report.data["chosen layers"][f"step {step}"]["future lens"] in (16, 29)
-        assert "exact McNemar" in report.summary[f"step {step}: future lens - logit lens (repeated) at that layer, "
-                                                 "test split"]
+        assert (
+            "exact McNemar"
+            in report.summary[f"step {step}: future lens - logit lens (repeated) at that layer, test split"]
+        )
     assert report.figures == ["future.png"] and (out / "future.png").stat().st_size > 1000
 
 
@@ -112,8 +117,10 @@ def test_future_lens_step_1_at_the_last_layer_is_the_models_own_next_token(repor
     report, _ = report
     for method in ("future lens", "logit lens (repeated)"):  # both read the final-normed state's unembedding there
         assert {row[0] for row in report.data["hits"][method]["29"]} == {1}
-    assert report.summary["step 1: future lens Precision@1 at the last layer (exact: the model's own next token)"] \
+    assert (
+        report.summary["step 1: future lens Precision@1 at the last layer (exact: the model's own next token)"]
         == "1.000 [1.000, 1.000]"
+    )
 
 
 @pytest.mark.real_model
@@ -122,9 +129,14 @@ def test_the_reference_is_the_models_own_greedy_continuation(smollm2):
     for prefix, ids in zip(PREFIXES, reference):
         alone = smollm2.tokenizer(prefix, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = smollm2.model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=3,
-                                         do_sample=False, pad_token_id=smollm2.tokenizer.pad_token_id)
-        assert ids == out[0, alone.shape[1]:].tolist()
+            out = smollm2.model.generate(
+                alone,
+                attention_mask=torch.ones_like(alone),
+                max_new_tokens=3,
+                do_sample=False,
+                pad_token_id=smollm2.tokenizer.pad_token_id,
+            )
+        assert ids == out[0, alone.shape[1] :].tolist()
     assert smollm2.tokenizer.decode(reference[0]).startswith(" lazy")
 
 

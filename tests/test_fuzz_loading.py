@@ -1,5 +1,6 @@
 """Hostile and malformed saved specs: loading only ever raises the library's documented errors (SpecError and
 its subclasses), runs no code, reads nothing outside the folder; valid specs round-trip exactly."""
+
 from __future__ import annotations
 
 import copy
@@ -19,23 +20,66 @@ from pyvene_patchscopes.resolve import resolve
 
 HANDLE = tiny_model("llama", seed=21)
 MODELS = {HANDLE.name: HANDLE}
-BASE = Patchscope(Source("The city of Paris is large", "Paris", 1, HANDLE.name), Target("The capital of x is", "x", 2),
-                  mapping=Affine.from_weights(torch.eye(64) * 0.5, torch.zeros(64)), max_new_tokens=2)
+BASE = Patchscope(
+    Source("The city of Paris is large", "Paris", 1, HANDLE.name),
+    Target("The capital of x is", "x", 2),
+    mapping=Affine.from_weights(torch.eye(64) * 0.5, torch.zeros(64)),
+    max_new_tokens=2,
+)
 SENTINEL = Path(tempfile.gettempdir()) / "pyvene-patchscopes-fuzz-sentinel"
 
 json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(10 ** 30), max_value=10 ** 30), st.floats(allow_nan=False),
-    st.text(max_size=20), st.sampled_from(["../../etc/passwd", "..", "/tmp/x.safetensors", "identity", "affine",
-                                           "x", "Paris", "__import__('os')", "mapping.safetensors", "nope"]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.sampled_from(
+        [
+            "../../etc/passwd",
+            "..",
+            "/tmp/x.safetensors",
+            "identity",
+            "affine",
+            "x",
+            "Paris",
+            "__import__('os')",
+            "mapping.safetensors",
+            "nope",
+        ]
+    ),
 )
-json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                             st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                          max_leaves=6)
-PATHS = [("version",), ("format",), ("source",), ("target",), ("mapping",), ("max_new_tokens",), ("reroute",),
-         ("models",), ("description",), ("source", "prompt"), ("source", "position"), ("source", "layer"),
-         ("source", "model"), ("target", "prompt"), ("target", "position"), ("target", "layer"), ("target", "model"),
-         ("mapping", "name"), ("mapping", "args"), ("mapping", "weights"), ("models", HANDLE.name),
-         ("models", HANDLE.name, "hidden_size"), ("extra",), ("source", "extra")]
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=6,
+)
+PATHS = [
+    ("version",),
+    ("format",),
+    ("source",),
+    ("target",),
+    ("mapping",),
+    ("max_new_tokens",),
+    ("reroute",),
+    ("models",),
+    ("description",),
+    ("source", "prompt"),
+    ("source", "position"),
+    ("source", "layer"),
+    ("source", "model"),
+    ("target", "prompt"),
+    ("target", "position"),
+    ("target", "layer"),
+    ("target", "model"),
+    ("mapping", "name"),
+    ("mapping", "args"),
+    ("mapping", "weights"),
+    ("models", HANDLE.name),
+    ("models", HANDLE.name, "hidden_size"),
+    ("extra",),
+    ("source", "extra"),
+]
 
 
 def _saved_config() -> dict:
@@ -66,10 +110,14 @@ def _delete(data: dict, path: tuple) -> None:
 
 
 weights_files = st.one_of(
-    st.just("valid"), st.just("missing"), st.binary(max_size=64).map(lambda b: ("raw", b)),
+    st.just("valid"),
+    st.just("missing"),
+    st.binary(max_size=64).map(lambda b: ("raw", b)),
     st.integers(min_value=1, max_value=200).map(lambda n: ("truncated", n)),
     st.tuples(st.integers(1, 80), st.integers(1, 80)).map(lambda s: ("shape", s)),
-    st.just("extra-key"), st.just("int-dtype"), st.just("pickle"),
+    st.just("extra-key"),
+    st.just("int-dtype"),
+    st.just("pickle"),
 )
 
 
@@ -78,8 +126,15 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.touch, (SENTINEL,))
-edits = st.lists(st.one_of(st.tuples(st.just("set"), st.sampled_from(PATHS), json_value),
-                           st.tuples(st.just("delete"), st.sampled_from(PATHS), st.none())), max_size=4)
+
+
+edits = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.sampled_from(PATHS), json_value),
+        st.tuples(st.just("delete"), st.sampled_from(PATHS), st.none()),
+    ),
+    max_size=4,
+)
 
 
 def _write_weights(folder: Path, kind) -> None:
@@ -91,8 +146,9 @@ def _write_weights(folder: Path, kind) -> None:
     elif kind == "pickle":
         path.write_bytes(pickle.dumps({"weight": _Payload()}))
     elif kind == "int-dtype":
-        save_file({"weight": torch.ones(64, 64, dtype=torch.int64), "bias": torch.zeros(64, dtype=torch.int64)},
-                  str(path))
+        save_file(
+            {"weight": torch.ones(64, 64, dtype=torch.int64), "bias": torch.zeros(64, dtype=torch.int64)}, str(path)
+        )
     elif isinstance(kind, tuple) and kind[0] == "raw":
         path.write_bytes(kind[1])
     elif isinstance(kind, tuple) and kind[0] == "truncated":
@@ -130,15 +186,17 @@ prompts = st.sampled_from(["The city of Paris is large", "A cat sat on the mat",
 
 @st.composite
 def valid_specs(draw):
-    source = Source(draw(prompts), draw(st.sampled_from([-1, -2, 2, "the", "cat"])),
-                    draw(st.integers(-4, 3)), HANDLE.name)
+    source = Source(
+        draw(prompts), draw(st.sampled_from([-1, -2, 2, "the", "cat"])), draw(st.integers(-4, 3)), HANDLE.name
+    )
     target = Target(draw(prompts), draw(st.sampled_from([-1, 3, "the"])), draw(st.integers(-4, 3)))
     mapping = draw(st.sampled_from(["identity", "affine"]))
     if mapping == "affine":
         seed = draw(st.integers(0, 1000))
         generator = torch.Generator().manual_seed(seed)
-        mapping = Affine.from_weights(torch.randn(64, 64, generator=generator) / 8,
-                                      torch.randn(64, generator=generator))
+        mapping = Affine.from_weights(
+            torch.randn(64, 64, generator=generator) / 8, torch.randn(64, generator=generator)
+        )
     return Patchscope(source, target, mapping=mapping, max_new_tokens=draw(st.integers(0, 2)))
 
 

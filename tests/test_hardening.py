@@ -4,6 +4,7 @@ paths checked before any work and written whole, the docs' multi-process sweep, 
 Each test fails on the code before the fix (the finding it names) and passes after. Tiny random models behind
 the CLI's own checks; the multi-process test runs the docs' ``accelerate launch`` command on 2 CPU processes.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -60,8 +61,9 @@ def loads(monkeypatch) -> list[str]:
 
 def _affine_folder(folder: Path, weight: torch.Tensor, bias: torch.Tensor) -> Path:
     """A saved affine Patchscope for the embedded model name (tiny sizes), its weights then replaced."""
-    scope = Patchscope(Source(SOURCE, "Paris", 1), Target(TARGET, "x", 2),
-                       mapping=Affine.from_weights(torch.eye(64), torch.zeros(64)))
+    scope = Patchscope(
+        Source(SOURCE, "Paris", 1), Target(TARGET, "x", 2), mapping=Affine.from_weights(torch.eye(64), torch.zeros(64))
+    )
     save_patchscope(scope, folder)
     save_file({"weight": weight.contiguous(), "bias": bias.contiguous()}, str(folder / "mapping.safetensors"))
     return folder
@@ -72,8 +74,11 @@ def test_f1_float64_weights_that_overflow_float32_are_refused_before_they_run(ti
     weight = torch.eye(64, dtype=torch.float64)
     weight[0, 0] = 1e300  # finite in float64, inf in the float32 the map runs in
     folder = _affine_folder(tmp_path / "spec", weight, torch.zeros(64, dtype=torch.float64))
-    with pytest.raises(SpecError, match=r"'weight' has 1 non-finite value\(s\) \(NaN or inf\) once cast from "
-                                        r"float64 to float32, the dtype it runs in"):
+    with pytest.raises(
+        SpecError,
+        match=r"'weight' has 1 non-finite value\(s\) \(NaN or inf\) once cast from "
+        r"float64 to float32, the dtype it runs in",
+    ):
         load_patchscope(folder, models={"smollm2-135m": tiny_llama})
     scope = load_patchscope(folder)  # without models nothing is built yet; running it builds the map and refuses
     with pytest.raises(SpecError, match="once cast from float64 to float32"):
@@ -165,17 +170,23 @@ def test_f2_run_model_is_refused_for_a_cross_model_spec_naming_the_field(capsys,
 SWEEP = ["sweep", "--source-prompt", SOURCE, "--source-layers", "1", "--target-layers", "1,2"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (SWEEP + ["--html", "/dev/full"], "--html='/dev/full' is a device or special file"),
-    (SWEEP + ["--plot", "/dev/null"], "--plot='/dev/null' is a device or special file"),
-    (SWEEP + ["--html", "/proc/x.html"], "--html='/proc/x.html': cannot write in the folder '/proc'"),
-    (SWEEP + ["--plot", "heat.out"], "--plot='heat.out' has the suffix '.out', which names no format"),
-    (SWEEP + ["--plot", "same.png", "--html", "same.png"], "--html='same.png' is the same file as --plot"),
-    (["inspect", "--source-prompt", SOURCE, "--layers", "1", "--html", "/dev/full"], "--html='/dev/full' is a device"),
-    (["jacobian", SOURCE, "--out", "/dev/full"], "--out='/dev/full' is a device or special file"),
-    (["demo", "--out", "/proc/out"], "--out='/proc/out': cannot create the folder"),
-    (["eval", "next-token", "--out", "/dev/full"], "--out='/dev/full' is not a folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (SWEEP + ["--html", "/dev/full"], "--html='/dev/full' is a device or special file"),
+        (SWEEP + ["--plot", "/dev/null"], "--plot='/dev/null' is a device or special file"),
+        (SWEEP + ["--html", "/proc/x.html"], "--html='/proc/x.html': cannot write in the folder '/proc'"),
+        (SWEEP + ["--plot", "heat.out"], "--plot='heat.out' has the suffix '.out', which names no format"),
+        (SWEEP + ["--plot", "same.png", "--html", "same.png"], "--html='same.png' is the same file as --plot"),
+        (
+            ["inspect", "--source-prompt", SOURCE, "--layers", "1", "--html", "/dev/full"],
+            "--html='/dev/full' is a device",
+        ),
+        (["jacobian", SOURCE, "--out", "/dev/full"], "--out='/dev/full' is a device or special file"),
+        (["demo", "--out", "/proc/out"], "--out='/proc/out': cannot create the folder"),
+        (["eval", "next-token", "--out", "/dev/full"], "--out='/dev/full' is not a folder"),
+    ],
+)
 def test_f10_output_paths_are_refused_before_any_work(capsys, loads, tmp_path, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert message in cli_error(capsys, *argv)
@@ -224,12 +235,19 @@ def test_f10_outputs_are_written_whole_through_a_rename(capsys, loads, tmp_path,
 
 def test_f10_a_full_standard_output_is_the_one_line_error(tmp_path):
     with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"], stdout=full,
-                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
+        done = subprocess.run(
+            [sys.executable, "-m", "pyvene_patchscopes.cli", "presets", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr  # under --json, the line is JSON (issue 36)
-    assert json.loads(lines[0])["error"]["message"] == ("cannot write the output to standard output (No space left "
-                                                        "on device)")
+    assert json.loads(lines[0])["error"]["message"] == (
+        "cannot write the output to standard output (No space left on device)"
+    )
 
 
 def test_f10_explore_on_a_port_in_use_fails_before_loading_or_printing(capsys, loads):
@@ -245,28 +263,70 @@ def test_f10_explore_on_a_port_in_use_fails_before_loading_or_printing(capsys, l
 # ---- 11. the docs' multi-process command -----------------------------------------------------------------------
 def test_f11_the_readmes_multi_process_sweep_works_with_fewer_units_than_processes(tmp_path):
     """2 processes, 8 prompts, the default batch size (32): one unit of work, so one process has none."""
-    command = ("accelerate launch --multi_gpu --num_processes 8 -m pyvene_patchscopes.cli sweep --device auto \\\n"
-               "    --prompts prompts.txt --target-layers same --json > sweep.json")
+    command = (
+        "accelerate launch --multi_gpu --num_processes 8 -m pyvene_patchscopes.cli sweep --device auto \\\n"
+        "    --prompts prompts.txt --target-layers same --json > sweep.json"
+    )
     assert command in page("guides/sweeps")  # the command tested here is the docs', with 2 processes and a tiny model
     handle = tiny_model("llama", seed=4)
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")
-    prompts = ["The city of Paris is large", "Here is a word: dog", "Tokyo London Berlin Rome", "one two three",
-               "The capital of France is Paris", "Amazon's former CEO attended Oscars", "cat -> cat", "five six"]
+    prompts = [
+        "The city of Paris is large",
+        "Here is a word: dog",
+        "Tokyo London Berlin Rome",
+        "one two three",
+        "The capital of France is Paris",
+        "Amazon's former CEO attended Oscars",
+        "cat -> cat",
+        "five six",
+    ]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = ["sweep", "--device", "auto", "--prompts", "prompts.txt", "--target-layers", "same", "--json",
-            "--model", "./tiny"]
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-              "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "pyvene_patchscopes.cli", *argv]
+    argv = [
+        "sweep",
+        "--device",
+        "auto",
+        "--prompts",
+        "prompts.txt",
+        "--target-layers",
+        "same",
+        "--json",
+        "--model",
+        "./tiny",
+    ]
+    launch = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "pyvene_patchscopes.cli",
+        *argv,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]  # was: IndexError in split_dataset_by_node, exit 1
-    single = subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", *argv], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, "-m", "pyvene_patchscopes.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     split, alone = json.loads(done.stdout), json.loads(single.stdout)  # only the main process prints
     assert len(alone["cells"]) == len(prompts) * handle.n_layers
@@ -295,8 +355,9 @@ def test_f11_units_are_split_contiguously_and_extra_processes_get_none(monkeypat
 
 # ---- 12. no deprecated calls ------------------------------------------------------------------------------------
 def test_f12_multihop_rerouting_uses_the_current_cache_keyword(tiny_llama):
-    scope = multihop("the company that created Windows", "The current CEO of", 1, 2, max_new_tokens=3,
-                     model=tiny_llama.name)
+    scope = multihop(
+        "the company that created Windows", "The current CEO of", 1, 2, max_new_tokens=3, model=tiny_llama.name
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers 5.24: past_key_values is removed in 5.40
         warnings.simplefilter("error", DeprecationWarning)

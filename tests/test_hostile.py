@@ -4,6 +4,7 @@ Every bad input must end in the library's own error (`PatchscopeError` and its s
 line, exit code 2 and one line `patchscopes: error: ...`) whose message names the field and the value;
 every silent wrong answer must become a right one or a refusal. Tiny random models throughout.
 """
+
 from __future__ import annotations
 
 import gc
@@ -80,8 +81,9 @@ def test_d1_two_models_under_one_name_are_refused_not_silently_swapped():
     a = wrap_model(tiny_model("llama", seed=1).model, tiny_tokenizer())
     b = wrap_model(tiny_model("llama", seed=2).model, tiny_tokenizer())
     assert a.name == b.name == "LlamaForCausalLM"  # no name_or_path: both are named after their class
-    scope = Patchscope(Source("Here is a word: dog", "dog", 1, a.name), Target("cat -> cat; x ->", "x", 1,
-                                                                                   model=b.name))
+    scope = Patchscope(
+        Source("Here is a word: dog", "dog", 1, a.name), Target("cat -> cat; x ->", "x", 1, model=b.name)
+    )
     with pytest.raises(SpecError, match="two different models are both named 'LlamaForCausalLM'.*name="):
         run(scope, [a, b])
     assert torch.equal(run(scope, [a, a])[0].logits, run(scope, a)[0].logits)  # one handle twice is fine
@@ -95,8 +97,9 @@ def test_d1_named_apart_the_cross_model_result_is_a_into_b():
     state = golden.read(a, "Here is a word: dog", 1, got.source_position)
     expected = golden.patched_logits(b, "cat -> cat; x ->", 1, got.target_position, state)
     torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=0)
-    assert not torch.allclose(got.logits, run(scope.replace(source=Source("Here is a word: dog", "dog", 1, "b")),
-                                              [a, b])[0].logits)
+    assert not torch.allclose(
+        got.logits, run(scope.replace(source=Source("Here is a word: dog", "dog", 1, "b")), [a, b])[0].logits
+    )
 
 
 # ---- 2. per-module training flags -------------------------------------------------------------------
@@ -156,9 +159,13 @@ def test_d3_spec_errors_never_echo_the_files_content(tiny_llama, tmp_path):
 
 def _trainable_pvm(handle):
     """A trainable pyvene intervention whose rank lives in its representation, so pyvene can rebuild it."""
-    return pv.IntervenableModel(pv.IntervenableConfig(
-        representations=[pv.RepresentationConfig(1, "block_output", "pos", 1, low_rank_dimension=2)],
-        intervention_types=pv.LowRankRotatedSpaceIntervention), handle.model)
+    return pv.IntervenableModel(
+        pv.IntervenableConfig(
+            representations=[pv.RepresentationConfig(1, "block_output", "pos", 1, low_rank_dimension=2)],
+            intervention_types=pv.LowRankRotatedSpaceIntervention,
+        ),
+        handle.model,
+    )
 
 
 def test_d3_pyvene_loaders_refuse_links_out_of_the_folder(tmp_path):
@@ -309,20 +316,23 @@ def test_d8_layer_ranges_parse_with_steps_and_negative_ends():
     assert parse_layers(" 2 - 4 ", 30) == [2, 3, 4]
 
 
-@pytest.mark.parametrize("argv, field", [
-    (["inspect", "--source-prompt", SOURCE, "--top", "0"], "--top"),
-    (["inspect", "--source-prompt", SOURCE, "--top", "-1"], "--top"),
-    (["inspect", "--source-prompt", SOURCE, "--device", "cuda:7"], "device='cuda:7'"),
-    (["inspect", "--source-prompt", SOURCE, "--device", "toaster"], "device='toaster'"),
-    (["inspect", "--source-prompt", "\udcff\udcfe", "--layers", "1"], "Source.prompt="),
-    (["inspect", "--source-prompt", SOURCE, "--source-position", "\udcff", "--layers", "1"], "Source.position="),
-    (["inspect", "--source-prompt", SOURCE, "--target-prompt", "x \ud800", "--layers", "1"], "Target.prompt="),
-    (["jacobian", SOURCE, "--variant", "semantic", "--target-token", "²"], "JacobianScope.target_token='²'"),
-    (["jacobian", "\udcff", "--variant", "semantic"], "text="),
-    (["sweep", "--prompts", "no-such-file.txt"], "--prompts file 'no-such-file.txt'"),
-    (["inspect", "--source-prompt", SOURCE, "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["inspect", "--source-prompt", SOURCE, "--target-layer", "x"], "--target-layer"),
-])
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["inspect", "--source-prompt", SOURCE, "--top", "0"], "--top"),
+        (["inspect", "--source-prompt", SOURCE, "--top", "-1"], "--top"),
+        (["inspect", "--source-prompt", SOURCE, "--device", "cuda:7"], "device='cuda:7'"),
+        (["inspect", "--source-prompt", SOURCE, "--device", "toaster"], "device='toaster'"),
+        (["inspect", "--source-prompt", "\udcff\udcfe", "--layers", "1"], "Source.prompt="),
+        (["inspect", "--source-prompt", SOURCE, "--source-position", "\udcff", "--layers", "1"], "Source.position="),
+        (["inspect", "--source-prompt", SOURCE, "--target-prompt", "x \ud800", "--layers", "1"], "Target.prompt="),
+        (["jacobian", SOURCE, "--variant", "semantic", "--target-token", "²"], "JacobianScope.target_token='²'"),
+        (["jacobian", "\udcff", "--variant", "semantic"], "text="),
+        (["sweep", "--prompts", "no-such-file.txt"], "--prompts file 'no-such-file.txt'"),
+        (["inspect", "--source-prompt", SOURCE, "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["inspect", "--source-prompt", SOURCE, "--target-layer", "x"], "--target-layer"),
+    ],
+)
 def test_d8_bad_arguments_name_the_field(capsys, tiny_cli, argv, field):
     assert field in cli_error(capsys, *argv)
 
@@ -396,8 +406,8 @@ def test_d9_counts_and_layer_lists_are_checked(tiny_llama):
 
 def test_d9_top_larger_than_the_vocabulary_is_clamped_on_both_paths(tiny_llama):
     vocab = tiny_llama.model.config.vocab_size
-    planned = sweep(SOURCE, tiny_llama, source_layers=[1], target_layers=[1, 2], top=10 ** 6)
-    plain = sweep(SOURCE, tiny_llama, source_layers=[1], target_layers=[1, 2], top=10 ** 6, planned=False)
+    planned = sweep(SOURCE, tiny_llama, source_layers=[1], target_layers=[1, 2], top=10**6)
+    plain = sweep(SOURCE, tiny_llama, source_layers=[1], target_layers=[1, 2], top=10**6, planned=False)
     assert planned.top_ids.shape[-1] == plain.top_ids.shape[-1] == vocab
     assert torch.equal(planned.top_ids[..., 0], plain.top_ids[..., 0])
 
@@ -409,8 +419,7 @@ def test_d9_prompts_past_learned_positions_are_refused_up_front():
         run(Patchscope(Source(long, -1, 1, handle.name), Target(TARGET, "x", 1)), handle)
     near = " ".join(["word"] * 120)
     with pytest.raises(SpecError, match=r"Target.prompt has \d+ tokens \+ max_new_tokens=20 = \d+, past"):
-        run(Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(near + " x", "x", 1), max_new_tokens=20),
-            handle)
+        run(Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(near + " x", "x", 1), max_new_tokens=20), handle)
 
 
 def test_d9_rotary_models_warn_past_their_trained_length(tiny_llama):
@@ -426,15 +435,18 @@ def _pyvene_folder(tmp_path, handle) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: {**c, "representations": [["a"]]}, r"representations\[0\] needs an int layer"),
-    (lambda c: {**c, "representations": [[1, "block_output", "pos", 1] + [None] * 20]}, r"at most \d+ fields"),
-    (lambda c: {**c, "representations": [{"layer": 1}]}, r"representations\[0\]=.* is not allowed"),
-    (lambda c: {**c, "representations": [[1, "no_such_component", "pos", 1]]}, "does not fit this model"),
-    (lambda c: {**c, "intervention_types": ["<class 'os.system'>"]}, "is not allowed .* nothing was imported"),
-    (lambda c: {**c, "intervention_dimensions": ["x"]}, "intervention_dimensions for"),
-    (lambda c: {**c, "intervention_constant_sources": []}, "must be lists of 1 entries"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: {**c, "representations": [["a"]]}, r"representations\[0\] needs an int layer"),
+        (lambda c: {**c, "representations": [[1, "block_output", "pos", 1] + [None] * 20]}, r"at most \d+ fields"),
+        (lambda c: {**c, "representations": [{"layer": 1}]}, r"representations\[0\]=.* is not allowed"),
+        (lambda c: {**c, "representations": [[1, "no_such_component", "pos", 1]]}, "does not fit this model"),
+        (lambda c: {**c, "intervention_types": ["<class 'os.system'>"]}, "is not allowed .* nothing was imported"),
+        (lambda c: {**c, "intervention_dimensions": ["x"]}, "intervention_dimensions for"),
+        (lambda c: {**c, "intervention_constant_sources": []}, "must be lists of 1 entries"),
+    ],
+)
 def test_d9_malformed_pyvene_configs_get_the_librarys_error(tmp_path, change, message):
     handle = tiny_model("llama", seed=5)
     folder = _pyvene_folder(tmp_path, handle)
@@ -480,8 +492,10 @@ def test_d10_a_folder_written_by_plain_pyvene_loads_with_the_plugin(tmp_path):
             loaded = pv.IntervenableModel.load(str(tmp_path / "plain"), fresh.model, include_model=True)
             again = _trainable_pvm(tiny_model("llama", seed=9))
             again.load_intervention(str(tmp_path / "plain"), include_model=True)
-    for state in (loaded.interventions[next(iter(loaded.interventions))].state_dict(),
-                  again.interventions[next(iter(again.interventions))].state_dict()):
+    for state in (
+        loaded.interventions[next(iter(loaded.interventions))].state_dict(),
+        again.interventions[next(iter(again.interventions))].state_dict(),
+    ):
         assert all(torch.equal(state[k], expected[k]) for k in expected)
     assert torch.equal(fresh.model.lm_head.weight, handle.model.lm_head.weight)
     assert torch.equal(fresh.model(ids).logits, handle.model(ids).logits)
@@ -497,8 +511,10 @@ def test_d10_a_folder_written_with_the_plugin_loads_in_plain_pyvene(tmp_path):
         fresh = tiny_model("llama", seed=1)
         loaded = compat._ORIGINAL_LOAD(str(tmp_path), fresh.model, include_model=True)  # plain pyvene
     key = next(iter(pvm.interventions))
-    assert all(torch.equal(a, b) for a, b in zip(pvm.interventions[key].state_dict().values(),
-                                                 loaded.interventions[key].state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(pvm.interventions[key].state_dict().values(), loaded.interventions[key].state_dict().values())
+    )
     assert torch.equal(fresh.model.lm_head.weight, handle.model.lm_head.weight)
 
 
@@ -516,8 +532,10 @@ def test_d11_the_token_identity_prompt_is_documented_as_a_modification_of_the_of
 def test_d11_a_patch_at_the_last_layer_before_the_last_position_is_flagged(tiny_llama, source_layer):
     last = tiny_llama.n_layers - 1
     sources = ((SOURCE, "Paris"), ("Tokyo London Berlin Rome", "Rome"))
-    blind = [Patchscope(Source(prompt, position, source_layer, tiny_llama.name), Target(TARGET, "x", last),
-                        max_new_tokens=3) for prompt, position in sources]
+    blind = [
+        Patchscope(Source(prompt, position, source_layer, tiny_llama.name), Target(TARGET, "x", last), max_new_tokens=3)
+        for prompt, position in sources
+    ]
     with pytest.warns(UninformativeScopeWarning, match="2 of 2 Patchscope"):
         results = run(blind, tiny_llama)
     assert [r.informative for r in results] == [False, False]
@@ -537,8 +555,9 @@ def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, ca
     from pyvene_patchscopes.export.figures import NO_INFORMATION, sweep_figure
 
     last = tiny_llama.n_layers - 1
-    result = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[last - 1, last],
-                   target_layers=[last - 1, last])
+    result = sweep(
+        SOURCE, tiny_llama, source_position="Paris", source_layers=[last - 1, last], target_layers=[last - 1, last]
+    )
     assert result.informative.tolist() == [[[True, False], [True, False]]]  # the l* = last column
     assert [r["informative"] for r in result.to_records()] == [True, False, True, False]
     figure = sweep_figure(result)
@@ -546,8 +565,9 @@ def test_d11_sweeps_tables_and_heatmaps_mark_such_cells(tiny_llama, tmp_path, ca
     assert len(hatched) == 2 and NO_INFORMATION in [t.get_text() for t in figure.texts]
     same = sweep(SOURCE, tiny_llama, source_position="Paris", source_layers=[0, last], target_layers="same")
     assert same.informative[:, :, 0].tolist() == [[True, False]]
-    code, out, _ = cli(capsys, "inspect", "--source-prompt", SOURCE, "--source-position", "Paris", "--layers",
-                       f"{last - 1},{last}")
+    code, out, _ = cli(
+        capsys, "inspect", "--source-prompt", SOURCE, "--source-position", "Paris", "--layers", f"{last - 1},{last}"
+    )
     lines = out.splitlines()
     assert code == 0 and lines[-1].startswith("* l* = the last layer")
     marked = [line[10:24].rstrip().endswith("*") for line in lines[-3:-1]]  # the token column

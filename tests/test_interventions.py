@@ -1,4 +1,5 @@
 """Mapping and rerouting interventions against hand-written hooks, and the mapping registry, on tiny models."""
+
 from __future__ import annotations
 
 import golden
@@ -30,8 +31,10 @@ HOP2, HOP1 = "The capital of", "the city of Paris"
 
 def random_affine(source_dim: int, target_dim: int, seed: int = 0) -> Affine:
     generator = torch.Generator().manual_seed(seed)
-    return Affine.from_weights(torch.randn(target_dim, source_dim, generator=generator) / source_dim ** 0.5,
-                               torch.randn(target_dim, generator=generator) * 0.1)
+    return Affine.from_weights(
+        torch.randn(target_dim, source_dim, generator=generator) / source_dim**0.5,
+        torch.randn(target_dim, generator=generator) * 0.1,
+    )
 
 
 @register_mapping("test-scaled")
@@ -97,8 +100,7 @@ def _forward_calls(model):
 
 @pytest.mark.parametrize("read_layer,write_layer", [(0, 2), (1, 1), (2, 1)])
 @pytest.mark.parametrize("isolate", [True, False])
-def test_reroute_matches_hand_written_hooks_with_and_without_segment_mask(tiny_llama, read_layer, write_layer,
-                                                                          isolate):
+def test_reroute_matches_hand_written_hooks_with_and_without_segment_mask(tiny_llama, read_layer, write_layer, isolate):
     handle = tiny_llama
     s = multihop(HOP1, HOP2, read_layer, write_layer, max_new_tokens=4, isolate=isolate, model=handle.name)
     n = len(golden.encode(handle, s.source.prompt)[0])
@@ -106,8 +108,9 @@ def test_reroute_matches_hand_written_hooks_with_and_without_segment_mask(tiny_l
     mask = golden.segment_mask(n, 1, first, handle.dtype) if isolate else None
     item = resolve(s, {handle.name: handle})
     assert (item.source_position, item.target_position) == (n - 1, first)  # last of hop 1, last of hop 2
-    want_logits, want_ids = golden.rerouted(handle, s.source.prompt, read_layer, n - 1, write_layer, first, mask,
-                                            max_new_tokens=4)
+    want_logits, want_ids = golden.rerouted(
+        handle, s.source.prompt, read_layer, n - 1, write_layer, first, mask, max_new_tokens=4
+    )
     calls, hook = _forward_calls(handle.model)
     try:
         output, _ = prompt_pass(item, handle)
@@ -156,9 +159,32 @@ def test_lstsq_affine_recovers_a_known_affine_map():
         lstsq_affine(x[:10], x[:10])
 
 
-TEXTS = [f"The {w} of Paris is large and the river {v} is long and old." for w in ("city", "house", "park", "road")
-         for v in ("Seine", "Rhine", "Loire", "Thames", "Danube", "Nile", "Volga", "Ganges", "Indus", "Congo",
-                   "Niger", "Tiber", "Elbe", "Oder", "Rhone", "Po", "Ebro", "Douro", "Tagus", "Vistula")]
+TEXTS = [
+    f"The {w} of Paris is large and the river {v} is long and old."
+    for w in ("city", "house", "park", "road")
+    for v in (
+        "Seine",
+        "Rhine",
+        "Loire",
+        "Thames",
+        "Danube",
+        "Nile",
+        "Volga",
+        "Ganges",
+        "Indus",
+        "Congo",
+        "Niger",
+        "Tiber",
+        "Elbe",
+        "Oder",
+        "Rhone",
+        "Po",
+        "Ebro",
+        "Douro",
+        "Tagus",
+        "Vistula",
+    )
+]
 
 
 def test_fit_affine_to_the_last_layer_beats_the_identity(tiny_llama):
@@ -173,8 +199,11 @@ def test_fit_affine_across_models_pairs_states_at_the_same_decoded_prefix():
     x, y = paired_states(small, 2, large, 1, TEXTS)
     pairs = aligned_positions(TEXTS[0], small, large)
     ids_s, ids_l = small.tokenizer(TEXTS[0])["input_ids"], large.tokenizer(TEXTS[0])["input_ids"]
-    assert pairs and all(small.tokenizer.decode(ids_s[:i + 1], skip_special_tokens=True)
-                         == large.tokenizer.decode(ids_l[:j + 1], skip_special_tokens=True) for i, j in pairs)
+    assert pairs and all(
+        small.tokenizer.decode(ids_s[: i + 1], skip_special_tokens=True)
+        == large.tokenizer.decode(ids_l[: j + 1], skip_special_tokens=True)
+        for i, j in pairs
+    )
     assert x.shape == (sum(len(aligned_positions(t, small, large)) for t in TEXTS), 48) and y.shape == (x.shape[0], 64)
     f = fit_affine(TEXTS, small, 2, large, 1)
     assert f.weight.shape == (64, 48)
@@ -196,8 +225,12 @@ def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama,
     source, target = source_layer % tiny_llama.n_layers, target_layer % tiny_llama.n_layers
     xs = [golden.read_all(tiny_llama, text, source, after_norm=source == last) for text in TEXTS]
     ys = [golden.read_all(tiny_llama, text, target, after_norm=source == target == last) for text in TEXTS]
-    starts = [len(tiny_llama.tokenizer(t)["input_ids"]) - len(tiny_llama.tokenizer(t, add_special_tokens=False)
-                                                             ["input_ids"]) + 1 for t in TEXTS]
+    starts = [
+        len(tiny_llama.tokenizer(t)["input_ids"])
+        - len(tiny_llama.tokenizer(t, add_special_tokens=False)["input_ids"])
+        + 1
+        for t in TEXTS
+    ]
     x, y = torch.cat([x[k:] for x, k in zip(xs, starts)]), torch.cat([y[k:] for y, k in zip(ys, starts)])
     read = paired_states(tiny_llama, source_layer, tiny_llama, target_layer, TEXTS, batch_size=16)
     torch.testing.assert_close(read, (x, y), atol=1e-5, rtol=0)  # batched with left padding here
@@ -217,11 +250,19 @@ def test_fit_affine_on_one_model_reads_source_and_target_in_one_pass(tiny_llama,
 def test_batched_reroutes_of_different_lengths_equal_one_at_a_time(tiny_llama, read_layer, write_layer):
     from pyvene_patchscopes.execution.reroute import run_reroutes
 
-    hops = [(HOP1, HOP2), ("the city on the river Seine", "The largest museum of"),
-            ("a river", "The name of the longest bridge over")]
-    items = [resolve(multihop(h1, h2, read_layer, write_layer, max_new_tokens=5, isolate=isolate,
-                              model=tiny_llama.name), {tiny_llama.name: tiny_llama})
-             for h1, h2 in hops for isolate in (True, False)]
+    hops = [
+        (HOP1, HOP2),
+        ("the city on the river Seine", "The largest museum of"),
+        ("a river", "The name of the longest bridge over"),
+    ]
+    items = [
+        resolve(
+            multihop(h1, h2, read_layer, write_layer, max_new_tokens=5, isolate=isolate, model=tiny_llama.name),
+            {tiny_llama.name: tiny_llama},
+        )
+        for h1, h2 in hops
+        for isolate in (True, False)
+    ]
     batched = run_reroutes(items, tiny_llama, top=3, batch_size=8)
     for item, together in zip(items, batched):
         alone = run_reroutes([item], tiny_llama, top=3)[0]

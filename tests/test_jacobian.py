@@ -4,6 +4,7 @@ The reference runs the plain HF body on ``inputs_embeds + delta`` and takes the 
 post-norm state at the prediction position) with ``torch.autograd.functional.jacobian``; each variant's
 score is then written out from its definition. The library only ever computes vector-Jacobian products.
 """
+
 from __future__ import annotations
 
 import html.parser
@@ -97,8 +98,12 @@ def _close(attribution, expected: torch.Tensor, rtol: float = 1e-4) -> None:
 @pytest.mark.parametrize("text", TEXTS[:2])
 def test_every_variant_matches_the_explicit_jacobian(tiny64, text):
     reference = Reference(tiny64, text)
-    expected = {"semantic": reference.semantic(), "temperature": reference.temperature(),
-                "fisher": reference.fisher(), "gradient-x-input": reference.gradient_x_input()}
+    expected = {
+        "semantic": reference.semantic(),
+        "temperature": reference.temperature(),
+        "fisher": reference.fisher(),
+        "gradient-x-input": reference.gradient_x_input(),
+    }
     for variant, scores in expected.items():
         attribution = jacobian_scope(text, tiny64, variant, fisher="exact")
         assert attribution.prediction_id == reference.prediction
@@ -146,6 +151,7 @@ def test_fisher_factors_reproduce_the_fisher_matrix():
     r = exact_factor(weight, p)  # chunked QR: 5000 rows in one chunk, so also check a split one
     torch.testing.assert_close(r.T @ r, fisher, rtol=1e-10, atol=1e-12)
     from pyvene_patchscopes.jacobian import fisher as fisher_module
+
     previous = fisher_module.VOCAB_CHUNK
     fisher_module.VOCAB_CHUNK = 700
     try:
@@ -166,8 +172,9 @@ def test_a_batch_equals_texts_one_at_a_time():
             alone = jacobian_scope(text, handle, scope)
             assert together[s][r].positions == alone.positions and together[s][r].tokens == alone.tokens
             assert together[s][r].prediction_id == alone.prediction_id
-            torch.testing.assert_close(torch.tensor(together[s][r].scores), torch.tensor(alone.scores),
-                                       rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(
+                torch.tensor(together[s][r].scores), torch.tensor(alone.scores), rtol=1e-4, atol=1e-7
+            )
 
 
 def test_the_model_is_left_as_it_was():
@@ -185,8 +192,9 @@ def test_the_model_is_left_as_it_was():
         jacobian_scope(TEXTS[0], handle, "semantic")
     assert all(param.grad is None for param in params)
     assert [param.requires_grad for param in params] == [k % 2 == 0 for k in range(len(params))]
-    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks))
-            for name, m in model.named_modules()} == hooks_before
+    assert {
+        name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()
+    } == hooks_before
     assert model.training
     calls.clear()
     model(torch.tensor([[1, 2, 3]]))
@@ -225,8 +233,12 @@ def test_spec_round_trips_through_json(tmp_path):
     assert JacobianScope.from_json(spec.to_json()) == spec
     assert JacobianScope.load_json(spec.save_json(tmp_path / "scope.json")) == spec
     data = spec.to_dict()
-    for change, message in [({"version": 2}, "version=2 is not supported"), ({"format": "x"}, "format='x'"),
-                            ({"colour": 1}, "unknown field"), ({"rank": -1}, "rank=-1")]:
+    for change, message in [
+        ({"version": 2}, "version=2 is not supported"),
+        ({"format": "x"}, "format='x'"),
+        ({"colour": 1}, "unknown field"),
+        ({"rank": -1}, "rank=-1"),
+    ]:
         with pytest.raises(SpecError, match=message):
             JacobianScope.from_dict({**data, **change})
     with pytest.raises(SpecError, match="malformed"):
@@ -269,6 +281,7 @@ def test_views_show_every_token(tmp_path):
     assert "script" not in tags and "link" not in tags  # self-contained, nothing to fetch or run
     attribution.plot(tmp_path / "a.png")
     import matplotlib.pyplot as plt
+
     image = plt.imread(tmp_path / "a.png")
     assert image.shape[0] > 50 and image.shape[1] > 500
     assert attribution.to_dict()["tokens"][0]["token"] == attribution.tokens[0]
@@ -278,6 +291,7 @@ def test_views_show_every_token(tmp_path):
 def test_eval_texts_come_from_the_users_jsonl_or_cut_prose(tmp_path):
     from pyvene_patchscopes.evaluate import EvalOptions
     from pyvene_patchscopes.evaluate.jacobian import MAX_TOKENS, MIN_TOKENS, passages
+
     handle = _model("llama", torch.float32)
     path = tmp_path / "texts.jsonl"
     path.write_text('{"text": "The capital of France is"}\n{"text": "cat dog one"}\n{"text": "a b"}\n')

@@ -1,5 +1,6 @@
 """Jacobian Scopes on the real SmolLM2-135M: a plain-autograd reference, the exact Fisher form, the CLI's
 PNG and HTML, and the faithfulness evaluation (the tutorial runs in tests/test_tutorials.py)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def test_semantic_scope_equals_a_plain_autograd_gradient(smollm2):
 def test_exact_fisher_is_usable_and_matches_full_rank(smollm2):
     """576 backward passes (the exact form) on a short text, against the low-rank form at k = d = 576."""
     text = "The capital of France is"
-    exact, full = attribute([text], smollm2, [JacobianScope("fisher", fisher="exact", model=smollm2.name),
-                                              JacobianScope("fisher", rank=576, model=smollm2.name)])
+    exact, full = attribute(
+        [text],
+        smollm2,
+        [
+            JacobianScope("fisher", fisher="exact", model=smollm2.name),
+            JacobianScope("fisher", rank=576, model=smollm2.name),
+        ],
+    )
     torch.testing.assert_close(torch.tensor(exact[0].scores), torch.tensor(full[0].scores), rtol=1e-3, atol=0)
     assert min(exact[0].scores) > 0 and len(exact[0].scores) == 5
 

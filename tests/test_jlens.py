@@ -1,6 +1,7 @@
 """The Jacobian lens (issue 27): J = I is the logit lens exactly, a fitted lens equals an explicit
 `torch.autograd.functional.jacobian` average, the reference .pt format round-trips, hostile files are refused with no
 code run, and a killed fit resumes from its running-sum checkpoint and loses nothing."""
+
 from __future__ import annotations
 
 import os
@@ -113,8 +114,12 @@ def test_the_reference_format_round_trips_and_a_file_of_only_the_reference_keys_
     for layer in lens.source_layers:  # fp16 on disk, as the published lenses
         torch.testing.assert_close(again.jacobians[layer], lens.jacobians[layer].half().float(), atol=0, rtol=0)
     # exactly what the reference's JacobianLens.save writes: four keys, J a dict of fp16 matrices
-    reference = {"J": {l: m.to(torch.float16) for l, m in lens.jacobians.items()}, "n_prompts": 3,
-                 "source_layers": [0, 1, 2], "d_model": 64}
+    reference = {
+        "J": {l: m.to(torch.float16) for l, m in lens.jacobians.items()},
+        "n_prompts": 3,
+        "source_layers": [0, 1, 2],
+        "d_model": 64,
+    }
     torch.save(reference, tmp_path / "reference.pt")
     loaded = JacobianLens.from_file(tmp_path / "reference.pt", model=handle)
     assert loaded.metadata == {} and torch.equal(loaded.jacobians[1], reference["J"][1].float())
@@ -145,8 +150,15 @@ def test_layers_past_nine_keep_their_order_in_a_lens_file_and_a_checkpoint(tmp_p
     reference file's source_layers match and a checkpoint resumes (a string sort once put 12 before 6)."""
     torch.manual_seed(0)
     lens = JacobianLens({12: torch.randn(8, 8), 6: torch.randn(8, 8), 24: torch.randn(8, 8)})
-    torch.save({"J": {l: m.half() for l, m in lens.jacobians.items()}, "n_prompts": 3, "source_layers": [6, 12, 24],
-                "d_model": 8}, tmp_path / "reference.pt")
+    torch.save(
+        {
+            "J": {l: m.half() for l, m in lens.jacobians.items()},
+            "n_prompts": 3,
+            "source_layers": [6, 12, 24],
+            "d_model": 8,
+        },
+        tmp_path / "reference.pt",
+    )
     assert JacobianLens.from_file(tmp_path / "reference.pt").source_layers == [6, 12, 24]
     settings = {"source_layers": [6, 12, 24], "target_layer": 29, "skip_first": 16, "prompts_sha256": "x"}
     state = {"jacobian_sum": dict(lens.jacobians), "n_done": 2, "next_idx": 2}
@@ -158,35 +170,64 @@ def test_layers_past_nine_keep_their_order_in_a_lens_file_and_a_checkpoint(tmp_p
 
 def test_a_pickled_callable_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "ran"
-    for payload in ({**_good(), "metadata": {"x": _Payload(str(marker))}}, {**_good(), "n_prompts": eval},
-                    _Payload(str(marker))):
+    for payload in (
+        {**_good(), "metadata": {"x": _Payload(str(marker))}},
+        {**_good(), "n_prompts": eval},
+        _Payload(str(marker)),
+    ):
         path = _saved(tmp_path, payload)
         with pytest.raises(SpecError, match=r"cannot be read as tensors and numbers only"):
             JacobianLens.from_file(path)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda p: {**p, "evil": 1}, r"has keys \['J', 'd_model', 'evil', 'n_prompts', 'source_layers'\]"),
-    (lambda p: {k: v for k, v in p.items() if k != "J"}, r"has keys"),
-    (lambda p: {**p, "J": torch.eye(64)}, r"J is a Tensor \(allowed: a non-empty dict"),
-    (lambda p: {**p, "J": {0: torch.nn.Parameter(torch.eye(64))}},
-     r"is a torch.nn.parameter.Parameter \(allowed: a plain"),
-    (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}, "d_model": 1 << 20},
-     r"d_model=1048576 is not allowed \(allowed: an int in 1..32768\)"),
-    (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((64, 64), (0, 0))}},
-     r"not a dense tensor over its own storage"),
-    (lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}},
-     r"has shape \[1048576, 1048576\] \(allowed: \[d_model, d_model\] = \[64, 64\]\)"),
-    (lambda p: {**p, "J": {0: torch.eye(32)}}, r"has shape \[32, 32\]"),
-    (lambda p: {**p, "J": {0: torch.full((64, 64), float("inf"))}}, r"4096 non-finite value"),
-    (lambda p: {**p, "J": {0: torch.eye(64, dtype=torch.int32)}}, r"has dtype int32"),
-    (lambda p: {**p, "J": {"0": torch.eye(64)}}, r"has layer key '0'"),
-    (lambda p: {**p, "source_layers": [3]}, r"source_layers=\[3\] do not match the layers of J \[0\]"),
-    (lambda p: {**p, "n_prompts": -1}, r"n_prompts=-1 is not allowed"),
-    (lambda p: {"jacobian_sum": p["J"], "n_done": 1, "next_idx": 1}, r"is a fit checkpoint"),
-], ids=["extra key", "no J", "J a tensor", "tensor subclass", "2^40 elements", "stride 0", "2^40 elements, d 64",
-        "wrong width", "non-finite", "integers", "string layer", "source_layers", "negative count", "checkpoint"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda p: {**p, "evil": 1}, r"has keys \['J', 'd_model', 'evil', 'n_prompts', 'source_layers'\]"),
+        (lambda p: {k: v for k, v in p.items() if k != "J"}, r"has keys"),
+        (lambda p: {**p, "J": torch.eye(64)}, r"J is a Tensor \(allowed: a non-empty dict"),
+        (
+            lambda p: {**p, "J": {0: torch.nn.Parameter(torch.eye(64))}},
+            r"is a torch.nn.parameter.Parameter \(allowed: a plain",
+        ),
+        (
+            lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}, "d_model": 1 << 20},
+            r"d_model=1048576 is not allowed \(allowed: an int in 1..32768\)",
+        ),
+        (
+            lambda p: {**p, "J": {0: torch.zeros(1).as_strided((64, 64), (0, 0))}},
+            r"not a dense tensor over its own storage",
+        ),
+        (
+            lambda p: {**p, "J": {0: torch.zeros(1).as_strided((1 << 20, 1 << 20), (0, 0))}},
+            r"has shape \[1048576, 1048576\] \(allowed: \[d_model, d_model\] = \[64, 64\]\)",
+        ),
+        (lambda p: {**p, "J": {0: torch.eye(32)}}, r"has shape \[32, 32\]"),
+        (lambda p: {**p, "J": {0: torch.full((64, 64), float("inf"))}}, r"4096 non-finite value"),
+        (lambda p: {**p, "J": {0: torch.eye(64, dtype=torch.int32)}}, r"has dtype int32"),
+        (lambda p: {**p, "J": {"0": torch.eye(64)}}, r"has layer key '0'"),
+        (lambda p: {**p, "source_layers": [3]}, r"source_layers=\[3\] do not match the layers of J \[0\]"),
+        (lambda p: {**p, "n_prompts": -1}, r"n_prompts=-1 is not allowed"),
+        (lambda p: {"jacobian_sum": p["J"], "n_done": 1, "next_idx": 1}, r"is a fit checkpoint"),
+    ],
+    ids=[
+        "extra key",
+        "no J",
+        "J a tensor",
+        "tensor subclass",
+        "2^40 elements",
+        "stride 0",
+        "2^40 elements, d 64",
+        "wrong width",
+        "non-finite",
+        "integers",
+        "string layer",
+        "source_layers",
+        "negative count",
+        "checkpoint",
+    ],
+)
 def test_a_malformed_lens_file_is_refused_in_one_line(tmp_path, change, message):
     path = _saved(tmp_path, change(_good()))
     with pytest.raises(SpecError, match=message) as caught:
@@ -219,15 +260,17 @@ def test_a_killed_fit_resumes_from_its_checkpoint_and_loses_nothing(handle, lens
 
     monkeypatch.setattr(fitting, "prompt_jacobians", crashing)
     with pytest.raises(KeyboardInterrupt):
-        fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, checkpoint=checkpoint,
-                          progress=False)
+        fit_jacobian_lens(
+            TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, checkpoint=checkpoint, progress=False
+        )
     monkeypatch.setattr(fitting, "prompt_jacobians", real)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["n_done"] == saved["next_idx"] == 2 and set(saved["jacobian_sum"]) == {0, 1, 2}
     counted = []
     monkeypatch.setattr(fitting, "prompt_jacobians", lambda *a, **k: counted.append(1) or real(*a, **k))
-    resumed = fit_jacobian_lens(TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP,
-                                checkpoint=checkpoint, progress=False)
+    resumed = fit_jacobian_lens(
+        TEXTS, handle, layers=[0, 1, 2], dim_batch=16, skip_first=SKIP, checkpoint=checkpoint, progress=False
+    )
     assert len(counted) == 1  # only the third prompt was computed again
     for layer in (0, 1, 2):
         torch.testing.assert_close(resumed.jacobians[layer], lens.jacobians[layer], atol=1e-6, rtol=0)
@@ -252,8 +295,16 @@ def test_the_jacobian_lens_preset_and_a_sweep_equal_the_lens_scope_on_both_paths
     from pyvene_patchscopes import sweep
 
     prompts = [TEXTS[0], TEXTS[2]]
-    grid = sweep(prompts, handle, preset="jacobian-lens", source_layers=[0, 2], target_layers=[-1], lens=lens,
-                 keep_logits=True, progress=False)
+    grid = sweep(
+        prompts,
+        handle,
+        preset="jacobian-lens",
+        source_layers=[0, 2],
+        target_layers=[-1],
+        lens=lens,
+        keep_logits=True,
+        progress=False,
+    )
     for p, prompt in enumerate(prompts):
         for layer in (0, 2):
             scope = build("jacobian-lens", prompt, -1, layer, model=handle.name, lens=lens)
@@ -273,8 +324,16 @@ def test_the_lens_scope_method_warns_naming_build_and_gives_the_preset_spec(hand
     for position, tokenizer, tokens in ((-1, None, 0), (2, handle.tokenizer, 3)):
         with pytest.warns(DeprecationWarning, match=r'build\("jacobian-lens", .*lens=.*removed in 0\.3\.0'):
             old = lens.scope(TEXTS[0], position, 1, handle.name, tokenizer=tokenizer, max_new_tokens=tokens)
-        new = build("jacobian-lens", TEXTS[0], position, 1, model=handle.name, lens=lens, tokenizer=tokenizer,
-                    max_new_tokens=tokens)
+        new = build(
+            "jacobian-lens",
+            TEXTS[0],
+            position,
+            1,
+            model=handle.name,
+            lens=lens,
+            tokenizer=tokenizer,
+            max_new_tokens=tokens,
+        )
         assert old == new and new.target.layer == -1 and new.max_new_tokens == tokens
 
 
@@ -286,17 +345,45 @@ def test_patchscopes_inspect_reads_a_lens_file_at_its_layers(handle, lens, tmp_p
     handle.model.save_pretrained(tmp_path / "tiny")
     handle.tokenizer.save_pretrained(tmp_path / "tiny")
     lens.to_file(tmp_path / "lens.pt")
-    assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "jacobian-lens", "--lens",
-                 str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1], "--json"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--preset",
+                "jacobian-lens",
+                "--lens",
+                str(tmp_path / "lens.pt"),
+                "--source-prompt",
+                TEXTS[1],
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert [row["source_layer"] for row in rows] == [0, 1, 2]  # the lens's layers, not all four
     stored = JacobianLens.from_file(tmp_path / "lens.pt")  # fp16 on disk, as the reference writes
     for row in rows:
-        want = run(build("jacobian-lens", TEXTS[1], -1, row["source_layer"], model=handle.name, lens=stored),
-                   handle)[0]
+        want = run(build("jacobian-lens", TEXTS[1], -1, row["source_layer"], model=handle.name, lens=stored), handle)[0]
         assert row["token"] == want.token and abs(row["prob"] - want.prob) < 1e-5
-    assert main(["inspect", "--model", str(tmp_path / "tiny"), "--preset", "logit-lens", "--lens",
-                 str(tmp_path / "lens.pt"), "--source-prompt", TEXTS[1]]) == 2
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                str(tmp_path / "tiny"),
+                "--preset",
+                "logit-lens",
+                "--lens",
+                str(tmp_path / "lens.pt"),
+                "--source-prompt",
+                TEXTS[1],
+            ]
+        )
+        == 2
+    )
     assert "--lens is for --preset jacobian-lens, not 'logit-lens'" in capsys.readouterr().err
 
 
@@ -315,8 +402,10 @@ def test_the_shipped_smollm2_lens_reads_by_hand_in_inspect_and_in_the_explorer(s
     ids = smollm2.tokenizer(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         hidden = smollm2.model(ids, output_hidden_states=True).hidden_states
-        by_hand = {l: smollm2.model.lm_head(smollm2.model.model.norm(lens.jacobians[l] @ hidden[l + 1][0, -1]))
-                   for l in lens.source_layers}
+        by_hand = {
+            l: smollm2.model.lm_head(smollm2.model.model.norm(lens.jacobians[l] @ hidden[l + 1][0, -1]))
+            for l in lens.source_layers
+        }
     assert main(["inspect", "--preset", "jacobian-lens", "--source-prompt", prompt, "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert [row["source_layer"] for row in rows] == lens.source_layers
@@ -324,8 +413,10 @@ def test_the_shipped_smollm2_lens_reads_by_hand_in_inspect_and_in_the_explorer(s
         logits = by_hand[row["source_layer"]]
         assert row["token"] == smollm2.tokenizer.decode([int(logits.argmax())])
         assert row["prob"] == pytest.approx(float(torch.softmax(logits.float(), -1).max()), abs=1e-4)
-    assert not all(torch.equal(by_hand[l].argmax(), smollm2.model.lm_head(smollm2.model.model.norm(
-        hidden[l + 1][0, -1])).argmax()) for l in lens.source_layers)  # J is not the identity: some layer differs
+    assert not all(
+        torch.equal(by_hand[l].argmax(), smollm2.model.lm_head(smollm2.model.model.norm(hidden[l + 1][0, -1])).argmax())
+        for l in lens.source_layers
+    )  # J is not the identity: some layer differs
     explorer = Explorer(smollm2)
     assert explorer.info()["fitted"]["jacobian-lens-l12"] == [12, smollm2.n_layers - 1]
     assert "jacobian-lens" not in explorer.info()["presets"]  # offered as its catalogue entries instead

@@ -5,6 +5,7 @@ Every ``import`` counts: at module level, inside a function, and under ``if TYPE
 ``from a.b.c import x``) also imports ``a.b``'s ``__init__`` unless the importer lives inside ``a.b``.
 The tier list is also the table of docs/developing/architecture.md; a test keeps the two equal.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,13 +50,13 @@ TIERS: list[tuple[str, tuple[str, ...]]] = [
 # The imports that still break the rule, each named: (importer, imported) -> why, and the step that removes it.
 ALLOWED: dict[tuple[str, str], str] = {
     ("result.sweep", "execution.sweeps"): "SweepResult.load, SweepFolder.load/dataset: deprecated shims of "
-                                          "execution.sweeps.load_sweep, removed in 0.3.0",
+    "execution.sweeps.load_sweep, removed in 0.3.0",
     ("result.sweep", "export"): "SweepResult.plot/to_html: deprecated shims of export.sweep_figure/sweep_page, "
-                                "removed in 0.3.0",
+    "removed in 0.3.0",
     ("spec.patchscope", "execution.pipeline"): "the deprecated shim Patchscope.to_pyvene of "
-                                               "pyvene_patchscopes.to_pyvene; removed in 0.3.0",
+    "pyvene_patchscopes.to_pyvene; removed in 0.3.0",
     ("spec.patchscope", "persist"): "the deprecated shims Patchscope.save/load/from_hub of "
-                                    "save_patchscope/load_patchscope/patchscope_from_hub; removed in 0.3.0",
+    "save_patchscope/load_patchscope/patchscope_from_hub; removed in 0.3.0",
 }
 
 MAX_LINES = 450
@@ -80,10 +81,19 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
     """(imported module, kind, line, via) for every package import in `name`'s source. kind: "module", "lazy" or
     "type"; via: the explicit target when the edge is the implied ``__init__`` of its package, else None."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    typed = {id(node) for branch in ast.walk(tree) if isinstance(branch, ast.If)
-             and "TYPE_CHECKING" in ast.unparse(branch.test) for stmt in branch.body for node in ast.walk(stmt)}
-    nested = {id(node) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
-              for node in ast.walk(fn)}
+    typed = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for stmt in branch.body
+        for node in ast.walk(stmt)
+    }
+    nested = {
+        id(node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+    }
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
 
@@ -100,10 +110,10 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = [p for p in package.split(".") if p]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             elif node.module == PACKAGE or (node.module or "").startswith(PACKAGE + "."):
-                module = node.module[len(PACKAGE) + 1:]
+                module = node.module[len(PACKAGE) + 1 :]
             else:
                 continue
             for alias in node.names:
@@ -111,8 +121,8 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[tuple[st
                 add(full if full in modules else module, node)
         elif isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith(PACKAGE + ".") and alias.name[len(PACKAGE) + 1:] in modules:
-                    add(alias.name[len(PACKAGE) + 1:], node)
+                if alias.name.startswith(PACKAGE + ".") and alias.name[len(PACKAGE) + 1 :] in modules:
+                    add(alias.name[len(PACKAGE) + 1 :], node)
     return [edge for edge in found if edge[0] in modules]
 
 
@@ -133,10 +143,12 @@ def _allowed(importer: str, imported: str, via: str | None) -> bool:
 
 
 def upward_imports(graph) -> list[str]:
-    return [f"{name}:{line} imports {imported} ({kind}; tier {TIERS[tier_of(name)][0]} -> "
-            f"{TIERS[tier_of(imported)][0]})"
-            for name, edges in graph.items() for imported, kind, line, via in edges
-            if tier_of(imported) > tier_of(name) and not _allowed(name, imported, via)]
+    return [
+        f"{name}:{line} imports {imported} ({kind}; tier {TIERS[tier_of(name)][0]} -> {TIERS[tier_of(imported)][0]})"
+        for name, edges in graph.items()
+        for imported, kind, line, via in edges
+        if tier_of(imported) > tier_of(name) and not _allowed(name, imported, via)
+    ]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -210,7 +222,8 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_module_is_over_the_line_limit_but_those_listed_for_a_split():
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {
-        name: sizes[name] for name in OVERSIZE if sizes.get(name, 0) > MAX_LINES}
+        name: sizes[name] for name in OVERSIZE if sizes.get(name, 0) > MAX_LINES
+    }
     assert all(sizes.get(name, 0) > MAX_LINES for name in OVERSIZE), "a split module leaves OVERSIZE"
 
 
@@ -274,6 +287,7 @@ def test_an_old_module_path_works_and_warns_naming_the_new_one(old):
 
 def test_an_old_path_monkeypatched_reaches_the_new_module_loudly(monkeypatch):
     from pyvene_patchscopes.core import outputs
+
     proxy = importlib.import_module(f"{PACKAGE}.outputs")
     with pytest.warns(DeprecationWarning, match="core.outputs"):
         setattr(proxy, "_probe_of_test_layout", 1)
@@ -282,8 +296,9 @@ def test_an_old_path_monkeypatched_reaches_the_new_module_loudly(monkeypatch):
 
 
 def test_an_old_top_level_module_name_warns_but_the_verb_sweep_stays_the_function():
-    with pytest.warns(DeprecationWarning,
-                      match="pyvene_patchscopes.engine moved to pyvene_patchscopes.execution.engine"):
+    with pytest.warns(
+        DeprecationWarning, match="pyvene_patchscopes.engine moved to pyvene_patchscopes.execution.engine"
+    ):
         from pyvene_patchscopes import engine
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -295,6 +310,7 @@ def test_an_old_top_level_module_name_warns_but_the_verb_sweep_stays_the_functio
 
 def test_the_intervention_classes_keep_the_path_saved_pyvene_configs_name():
     from pyvene_patchscopes.interventions import MappingIntervention, RerouteIntervention
+
     assert str(MappingIntervention) == "<class 'pyvene_patchscopes.interventions.MappingIntervention'>"
     assert str(RerouteIntervention) == "<class 'pyvene_patchscopes.interventions.RerouteIntervention'>"
 
@@ -305,21 +321,28 @@ def _preset_name_tests(source: str) -> list[str]:
 
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Compare) and all(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn))
-                                                 for op in node.ops):
+        if isinstance(node, ast.Compare) and all(
+            isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops
+        ):
             for side in (node.left, *node.comparators):
                 names = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
-                found += [f"line {node.lineno}: {n.value!r}" for n in names
-                          if isinstance(n, ast.Constant) and n.value in PRESETS]
+                found += [
+                    f"line {node.lineno}: {n.value!r}"
+                    for n in names
+                    if isinstance(n, ast.Constant) and n.value in PRESETS
+                ]
     return found
 
 
 def test_no_caller_tests_a_presets_name_but_reads_its_fields():
     """What a preset needs (a tokenizer, a lens, a decoder, a fixed l*, rerouting) is a field of `Preset`; the CLI, the
     sweep and the explorer read the field instead of comparing the name (issue 38)."""
-    tested = {str(path.relative_to(ROOT)): found for path in sorted(ROOT.rglob("*.py"))
-              if not path.is_relative_to(ROOT / "evaluate")
-              and (found := _preset_name_tests(path.read_text(encoding="utf-8")))}
+    tested = {
+        str(path.relative_to(ROOT)): found
+        for path in sorted(ROOT.rglob("*.py"))
+        if not path.is_relative_to(ROOT / "evaluate")
+        and (found := _preset_name_tests(path.read_text(encoding="utf-8")))
+    }
     assert tested == {}
     assert _preset_name_tests('if args.preset == "jacobian-lens": pass') == ["line 1: 'jacobian-lens'"]
 

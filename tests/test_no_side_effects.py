@@ -1,6 +1,7 @@
 """Importing the plugin changes nothing outside it: pyvene's save/load, matplotlib's backend, the environment,
 the user's tokenizer and model stay as they were, each checked in a fresh Python process; the safe
 serialization is there only on request (`safe_serialization`)."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,9 @@ def fresh_process(script: str, cwd: Path, drop: tuple[str, ...] = ()) -> dict:
     """Run `script` in a new interpreter (tests/ importable, CPU only); return the JSON its last line prints."""
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -188,8 +190,13 @@ WRAP = """
 
 def test_wrap_model_leaves_the_users_tokenizer_and_model_as_they_were(tmp_path):
     seen = fresh_process(WRAP, tmp_path)
-    assert seen["before"] == {"padding_side": "right", "pad_token": None, "bos_token": "<|endoftext|>",
-                              "add_bos_token": False, "ids": seen["before"]["ids"]}
+    assert seen["before"] == {
+        "padding_side": "right",
+        "pad_token": None,
+        "bos_token": "<|endoftext|>",
+        "add_bos_token": False,
+        "ids": seen["before"]["ids"],
+    }
     assert seen["after_wrap"] == seen["after_run"] == seen["before"]
     # the handle's own copy is the prepared one: left padding, a pad token, the document-start token first
     assert seen["same_object"] is False
@@ -231,11 +238,13 @@ def _methods_now() -> dict:
 
 def _unregistered_pipeline(handle) -> pv.IntervenableModel:
     """A plain pyvene pipeline whose class is defined here and never registered: the safe loader refuses it."""
+
     class Unregistered(pv.VanillaIntervention):
         pass
 
-    return pv.IntervenableModel([{"layer": 1, "component": "block_output", "intervention": Unregistered()}],
-                                handle.model)
+    return pv.IntervenableModel(
+        [{"layer": 1, "component": "block_output", "intervention": Unregistered()}], handle.model
+    )
 
 
 def test_safe_serialization_installs_for_the_block_and_gives_pyvene_its_own_methods_back(tmp_path):
@@ -274,9 +283,19 @@ def test_safe_serialization_inside_an_install_keeps_the_install():
 def test_a_folder_saved_under_the_opt_in_loads_in_plain_pyvene_and_back(tmp_path):
     handle = tiny_model("llama", seed=4)
     with compat.pyvene_guard(handle.model):
-        pvm = pv.IntervenableModel(pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-            layer=1, component="block_output", low_rank_dimension=2,
-            intervention=pv.LowRankRotatedSpaceIntervention(embed_dim=64, low_rank_dimension=2))]), handle.model)
+        pvm = pv.IntervenableModel(
+            pv.IntervenableConfig(
+                representations=[
+                    pv.RepresentationConfig(
+                        layer=1,
+                        component="block_output",
+                        low_rank_dimension=2,
+                        intervention=pv.LowRankRotatedSpaceIntervention(embed_dim=64, low_rank_dimension=2),
+                    )
+                ]
+            ),
+            handle.model,
+        )
         with safe_serialization():
             pvm.save(str(tmp_path / "safe"))
         plain = pv.IntervenableModel.load(str(tmp_path / "safe"), handle.model)  # pyvene's own load
@@ -294,7 +313,8 @@ def test_a_folder_saved_under_the_opt_in_loads_in_plain_pyvene_and_back(tmp_path
 # ---- the planned execution's attention function ----------------------------------------------------------
 def test_the_attention_function_is_registered_on_first_use_not_on_import(tmp_path):
     """transformers' attention registry is left alone by the import; a planned run adds our function, once."""
-    out = fresh_process("""
+    out = fresh_process(
+        """
         import json, warnings
         from transformers import AttentionInterface
         import pyvene_patchscopes
@@ -309,7 +329,9 @@ def test_the_attention_function_is_registered_on_first_use_not_on_import(tmp_pat
         print(json.dumps({"after_import": after_import,
                           "after_run": ATTENTION in AttentionInterface._global_mapping,
                           "model_attention": handle.model.config._attn_implementation}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert out["after_import"] is False
     assert out["after_run"] is True
     assert out["model_attention"] != "patchscopes-shared-prefix"  # the model's own setting came back

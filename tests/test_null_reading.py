@@ -1,6 +1,7 @@
 """Beside every vector reading, the null reading (issue 36, finding 8): the target prompt run with nothing written,
 read once per distinct target on both execution paths, with `agrees_with_null`; and the warning for a vector far
 smaller or larger than the target's own states at l*."""
+
 from __future__ import annotations
 
 import json
@@ -40,17 +41,25 @@ def _unpatched(handle, prompt: str, max_new_tokens: int) -> tuple[list[int], str
             ids = torch.cat([ids, token.view(1, 1)], 1)
             if int(token) == handle.tokenizer.eos_token_id:
                 break
-    new = ids[0, len(encode(handle, prompt)[0]):].tolist()
-    return ([t.token_id for t in top_k(first, handle.tokenizer, 10)],
-            handle.tokenizer.decode(new, skip_special_tokens=True))
+    new = ids[0, len(encode(handle, prompt)[0]) :].tolist()
+    return (
+        [t.token_id for t in top_k(first, handle.tokenizer, 10)],
+        handle.tokenizer.decode(new, skip_special_tokens=True),
+    )
 
 
 def _scopes(handle, vector: torch.Tensor, max_new_tokens: int = 3) -> list[Patchscope]:
     """Per target prompt and l*: 0·v added at x (nothing written), and 300·v replacing the last token's state."""
-    return [Patchscope(VectorSource(vector, 1, handle.name, "v"), Target(prompt, position, layer, write=write,
-                                                                         alpha=alpha), max_new_tokens=max_new_tokens)
-            for prompt in PROMPTS for layer in (0, 2) for write, alpha, position in (("add", 0.0, "x"),
-                                                                                    ("replace", 300.0, -1))]
+    return [
+        Patchscope(
+            VectorSource(vector, 1, handle.name, "v"),
+            Target(prompt, position, layer, write=write, alpha=alpha),
+            max_new_tokens=max_new_tokens,
+        )
+        for prompt in PROMPTS
+        for layer in (0, 2)
+        for write, alpha, position in (("add", 0.0, "x"), ("replace", 300.0, -1))
+    ]
 
 
 @pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
@@ -115,9 +124,15 @@ def test_a_next_token_reading_agrees_when_its_top_token_is_the_nulls(tiny_llama)
     torch.manual_seed(3)
     vector = torch.randn(tiny_llama.hidden_size)
     with pytest.warns(VectorNormWarning, match="1 of 2 vector reading"):  # 1000·v is far larger than the states
-        nothing, strong = run([Patchscope(VectorSource(vector, 1, tiny_llama.name),
-                                          Target(PROMPTS[1], -1, 1, write="add", alpha=alpha))
-                               for alpha in (0.0, 1000.0)], tiny_llama)
+        nothing, strong = run(
+            [
+                Patchscope(
+                    VectorSource(vector, 1, tiny_llama.name), Target(PROMPTS[1], -1, 1, write="add", alpha=alpha)
+                )
+                for alpha in (0.0, 1000.0)
+            ],
+            tiny_llama,
+        )
     assert nothing.generation is None and nothing.null_generation is None and nothing.agrees_with_null is True
     assert strong.token != strong.null_top[0].token and strong.agrees_with_null is False
 
@@ -149,8 +164,10 @@ def test_far_norms_are_flagged_both_ways_and_norm_matched_adds_never(tiny_llama)
         typical = float(tiny_llama.model(ids, output_hidden_states=True).hidden_states[2][0, 1:].norm(dim=-1).median())
 
     def scope(alpha: float, write: str = "replace") -> Patchscope:
-        return Patchscope(VectorSource(vector, 1, tiny_llama.name, "v"), Target(PROMPTS[0], Every("x"), 1, write=write,
-                                                                                 alpha=alpha))
+        return Patchscope(
+            VectorSource(vector, 1, tiny_llama.name, "v"), Target(PROMPTS[0], Every("x"), 1, write=write, alpha=alpha)
+        )
+
     for alpha, flagged in ((typical / 20, "smaller"), (typical * 20, "larger")):
         with pytest.warns(VectorNormWarning, match=rf"1 of 1 vector reading\(s\).*\(20x {flagged}"):
             run(scope(alpha), tiny_llama)
@@ -161,8 +178,11 @@ def test_far_norms_are_flagged_both_ways_and_norm_matched_adds_never(tiny_llama)
 
 def test_patchscopes_run_of_a_saved_vector_spec_prints_the_null_reading(smollm2, tmp_path, capsys):
     torch.manual_seed(0)
-    scope = Patchscope(VectorSource(torch.randn(smollm2.hidden_size) * 5, 6, smollm2.name, "v"),
-                       Target("The word x means", "x", 6), max_new_tokens=3)
+    scope = Patchscope(
+        VectorSource(torch.randn(smollm2.hidden_size) * 5, 6, smollm2.name, "v"),
+        Target("The word x means", "x", 6),
+        max_new_tokens=3,
+    )
     folder = save_patchscope(scope, tmp_path / "spec")
     assert main(["run", str(folder), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)["result"]
@@ -180,8 +200,14 @@ def test_the_null_pass_leaves_the_users_model_as_it_was(tiny_llama):
     hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules]  # transformers installs its own
     tiny_llama.model.train()  # a user's model in training mode: the pass runs in eval mode, then gives the flag back
     try:
-        result = run(Patchscope(VectorSource(torch.randn(tiny_llama.hidden_size), 1, tiny_llama.name),
-                                Target(PROMPTS[0], "x", 1), max_new_tokens=2), tiny_llama)[0]
+        result = run(
+            Patchscope(
+                VectorSource(torch.randn(tiny_llama.hidden_size), 1, tiny_llama.name),
+                Target(PROMPTS[0], "x", 1),
+                max_new_tokens=2,
+            ),
+            tiny_llama,
+        )[0]
         assert result.null_generation is not None
         assert all(m.training for m in modules)
         assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules] == hooks

@@ -9,6 +9,7 @@ OverflowError.
 ``blocks.{last}.hook_resid_post`` lives), unless it says ``after_final_norm=True``; each is held to hand-written
 hooks at that site.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,10 @@ def test_an_alpha_finite_as_a_float_but_inf_in_float32_is_refused_before_anythin
             scope = Patchscope(source, Target(TARGET, "x", 1, write=write, alpha=alpha))
             with Forwards(llama.model) as forwards, pytest.raises(SpecError) as err:
                 run(scope, llama, planned=planned)
-            assert str(err.value) == (f"Target.alpha={alpha!r} overflows float32, the dtype tiny-llama runs in "
-                                      "(allowed: |Target.alpha| <= 3.403e+38)")
+            assert str(err.value) == (
+                f"Target.alpha={alpha!r} overflows float32, the dtype tiny-llama runs in "
+                "(allowed: |Target.alpha| <= 3.403e+38)"
+            )
             assert forwards.count == 0
 
 
@@ -93,16 +96,18 @@ def test_alpha_times_a_vector_that_overflows_float32_is_refused_before_anything_
         scope = Patchscope(VectorSource(big, 1, llama.name), Target(TARGET, "x", 1, write=write, alpha=2.0))
         with Forwards(llama.model) as forwards, pytest.raises(SpecError) as err:
             run(scope, llama, planned=planned)
-        assert str(err.value) == ("Target.alpha=2.0 times f(v) overflows float32, the dtype tiny-llama runs in: the "
-                                  "largest |f(v)| is 3e+38 (allowed: |Target.alpha| * 3e+38 <= 3.403e+38)")
+        assert str(err.value) == (
+            "Target.alpha=2.0 times f(v) overflows float32, the dtype tiny-llama runs in: the "
+            "largest |f(v)| is 3e+38 (allowed: |Target.alpha| * 3e+38 <= 3.403e+38)"
+        )
         assert forwards.count == 0
 
 
 @PATHS
-@pytest.mark.parametrize("write, layer, position", [("replace", 1, "x"), ("add", 1, "x"),
-                                                    ("norm-matched-add", LAST, -1)])
-def test_a_prompt_state_times_alpha_that_overflows_is_an_error_not_nan_readings(llama, planned, write, layer,
-                                                                                position):
+@pytest.mark.parametrize(
+    "write, layer, position", [("replace", 1, "x"), ("add", 1, "x"), ("norm-matched-add", LAST, -1)]
+)
+def test_a_prompt_state_times_alpha_that_overflows_is_an_error_not_nan_readings(llama, planned, write, layer, position):
     """α = 3e38 is finite in float32, and so is the state read at (S, Paris, the last layer), up to 2.45 in size;
     their product is not (nor is α·‖h‖ at the end of T after the final norm, ‖h‖ = 8). The state is known only at
     run time: the NaN readout, beside the target's finite one unpatched, is refused."""
@@ -115,7 +120,8 @@ def test_a_prompt_state_times_alpha_that_overflows_is_an_error_not_nan_readings(
         f"Patchscope 0 reads NaN probabilities on tiny-llama, whose target prompt unpatched reads finite ones: its "
         f"write at l*={layer} (write={write!r}, Target.alpha=3e+38) leaves float32's range (|x| <= 3.403e+38) at the "
         "slots or in the layers above (allowed: a write within that range: a smaller |Target.alpha|, or a source of "
-        "smaller norm)")
+        "smaller norm)"
+    )
 
 
 def test_a_model_that_gives_nan_by_itself_still_returns_its_readout(llama):
@@ -124,8 +130,9 @@ def test_a_model_that_gives_nan_by_itself_still_returns_its_readout(llama):
     handle = tiny_model("llama")
     with torch.no_grad():
         handle.model.lm_head.weight[7, 0] = float("nan")
-    result = run(Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(TARGET, "x", 1, write="add", alpha=2.0)),
-                 handle)[0]
+    result = run(
+        Patchscope(Source(SOURCE, "Paris", 1, handle.name), Target(TARGET, "x", 1, write="add", alpha=2.0)), handle
+    )[0]
     assert all(math.isnan(t.prob) for t in result.top)
 
 
@@ -134,23 +141,32 @@ def test_alpha_and_vectors_are_checked_in_a_half_precision_models_own_dtype():
     tiny = tiny_model("llama")
     half = wrap_model(tiny.model.half(), tiny.tokenizer, name="tiny-fp16")
     with Forwards(half.model) as forwards:
-        with pytest.raises(SpecError, match=r"^Target.alpha=100000.0 overflows float16, the dtype tiny-fp16 runs in "
-                                            r"\(allowed: \|Target.alpha\| <= 6.55e\+04\)$"):
-            run(Patchscope(Source(SOURCE, "Paris", 1, half.name), Target(TARGET, "x", 1, write="add", alpha=1e5)),
-                half)
+        with pytest.raises(
+            SpecError,
+            match=r"^Target.alpha=100000.0 overflows float16, the dtype tiny-fp16 runs in "
+            r"\(allowed: \|Target.alpha\| <= 6.55e\+04\)$",
+        ):
+            run(Patchscope(Source(SOURCE, "Paris", 1, half.name), Target(TARGET, "x", 1, write="add", alpha=1e5)), half)
         vector = torch.zeros(64)
         vector[5] = 1e5
-        with pytest.raises(SpecError, match=r"^VectorSource 'tensor' has 1 non-finite value\(s\) \(NaN or inf\) once "
-                                            r"cast from float32 to float16, the dtype it runs in"):
+        with pytest.raises(
+            SpecError,
+            match=r"^VectorSource 'tensor' has 1 non-finite value\(s\) \(NaN or inf\) once "
+            r"cast from float32 to float16, the dtype it runs in",
+        ):
             run(Patchscope(VectorSource(vector, 1, half.name), Target(TARGET, "x", 1)), half)
-        with pytest.raises(SpecError, match=r"^Target.alpha=8.0 times f\(v\) overflows float16.*largest \|f\(v\)\| is "
-                                            r"1e\+04"):
+        with pytest.raises(
+            SpecError,
+            match=r"^Target.alpha=8.0 times f\(v\) overflows float16.*largest \|f\(v\)\| is "
+            r"1e\+04",
+        ):
             run(Patchscope(VectorSource(vector / 10, 1, half.name), Target(TARGET, "x", 1, alpha=8.0)), half)
         assert forwards.count == 0
     bf16 = wrap_model(tiny_model("llama").model.bfloat16(), tiny.tokenizer, name="tiny-bf16")
     with pytest.raises(SpecError, match=r"^Target.alpha=3.4e\+38 overflows bfloat16, .*<= 3.39e\+38\)$"):
-        resolve(Patchscope(Source(SOURCE, "Paris", 1, bf16.name), Target(TARGET, "x", 1, alpha=3.4e38)),
-                {bf16.name: bf16})
+        resolve(
+            Patchscope(Source(SOURCE, "Paris", 1, bf16.name), Target(TARGET, "x", 1, alpha=3.4e38)), {bf16.name: bf16}
+        )
 
 
 def _spec_text(alpha_text: str) -> str:
@@ -161,20 +177,25 @@ def _spec_text(alpha_text: str) -> str:
 def test_a_json_alpha_out_of_a_floats_range_gets_one_line_naming_the_field():
     """Python's json reads 1e400 as inf, and 1 with 400 zeros as an int that no float holds (OverflowError before);
     an int past Python's 4300-digit limit fails to parse at all (ValueError before)."""
-    cases = {"1e400": "Target.alpha=inf is not allowed (allowed: a finite number)",
-             "-1e400": "Target.alpha=-inf is not allowed (allowed: a finite number)",
-             "1" + "0" * 400: "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)",
-             "-1" + "0" * 400: "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)"}
+    cases = {
+        "1e400": "Target.alpha=inf is not allowed (allowed: a finite number)",
+        "-1e400": "Target.alpha=-inf is not allowed (allowed: a finite number)",
+        "1" + "0" * 400: "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)",
+        "-1" + "0" * 400: "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)",
+    }
     for text, message in cases.items():
         with pytest.raises(SpecError) as err:
             Patchscope.from_json(_spec_text(text))
         assert str(err.value) == message
-    with pytest.raises(SpecError, match=r"^spec JSON holds a number too long to parse \(Exceeds the limit \(4300 "
-                                        r"digits\) for integer string conversion\) \(allowed: numbers of at most 4300 "
-                                        r"digits\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^spec JSON holds a number too long to parse \(Exceeds the limit \(4300 "
+        r"digits\) for integer string conversion\) \(allowed: numbers of at most 4300 "
+        r"digits\)$",
+    ):
         Patchscope.from_json(_spec_text("1" + "0" * 5000))
     with pytest.raises(SpecError, match=r"^Target.alpha=an integer of 401 digits is not allowed"):
-        Target(TARGET, "x", 2, alpha=10 ** 400)
+        Target(TARGET, "x", 2, alpha=10**400)
 
 
 @pytest.fixture
@@ -182,14 +203,21 @@ def tiny_cli(monkeypatch):
     monkeypatch.setattr(models, "load_model", tiny_loader())
 
 
-@pytest.mark.parametrize("alpha_text, message", [
-    ("1" + "0" * 400, "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)"),
-    ("1e400", "Target.alpha=inf is not allowed (allowed: a finite number)"),
-    ("1e39", "Target.alpha=1e+39 overflows float32, the dtype smollm2-135m runs in (allowed: |Target.alpha| <= "
-             "3.403e+38)"),
-])
-def test_the_cli_refuses_a_json_spec_whose_alpha_is_out_of_range_in_one_line(tmp_path, capsys, tiny_cli, alpha_text,
-                                                                             message):
+@pytest.mark.parametrize(
+    "alpha_text, message",
+    [
+        ("1" + "0" * 400, "Target.alpha=an integer of 401 digits is not allowed (allowed: a finite number)"),
+        ("1e400", "Target.alpha=inf is not allowed (allowed: a finite number)"),
+        (
+            "1e39",
+            "Target.alpha=1e+39 overflows float32, the dtype smollm2-135m runs in (allowed: |Target.alpha| <= "
+            "3.403e+38)",
+        ),
+    ],
+)
+def test_the_cli_refuses_a_json_spec_whose_alpha_is_out_of_range_in_one_line(
+    tmp_path, capsys, tiny_cli, alpha_text, message
+):
     spec = tmp_path / "spec.json"
     spec.write_text(_spec_text(alpha_text))
     assert cli_error(capsys, "run", spec) == f"patchscopes: error: {message}"
@@ -231,8 +259,7 @@ def test_an_sae_on_the_last_blocks_hook_resid_post_is_written_before_the_final_n
     explained = resolve(self_explanation(source, alpha=0.1), {llama.name: llama})
     assert explained.target_layer == LAST and explained.target_site.component == BLOCK_OUTPUT
     scope = Patchscope(source, Target(TARGET, -1, LAST, write="replace", alpha=0.1))  # |α·v| 0.8, the target's 0.3
-    want = golden.written_logits(llama, TARGET, LAST, [_last_slot(llama, TARGET)], weights["W_dec"][9], "replace",
-                                 0.1)
+    want = golden.written_logits(llama, TARGET, LAST, [_last_slot(llama, TARGET)], weights["W_dec"][9], "replace", 0.1)
     torch.testing.assert_close(run(scope, llama, planned=planned)[0].logits, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(_final_state(llama, scope, planned), 0.1 * weights["W_dec"][9], atol=1e-6, rtol=0)
 
@@ -247,8 +274,9 @@ def test_a_vector_that_says_it_lives_after_the_final_norm_reads_as_the_last_laye
     scope = Patchscope(normed, Target(TARGET, -1, LAST))
     assert resolve(scope, {llama.name: llama}).target_site.after_final_norm
     want = golden.written_logits(llama, TARGET, LAST, [_last_slot(llama, TARGET)], state, after_norm=True)
-    as_source = run(Patchscope(Source(SOURCE, "Paris", LAST, llama.name), Target(TARGET, -1, LAST)), llama,
-                    planned=planned)[0].logits
+    as_source = run(
+        Patchscope(Source(SOURCE, "Paris", LAST, llama.name), Target(TARGET, -1, LAST)), llama, planned=planned
+    )[0].logits
     for logits in (run(scope, llama, planned=planned)[0].logits, as_source):
         torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
     below = Patchscope(VectorSource(state, 1, llama.name, after_final_norm=True), Target(TARGET, -1, 1))
@@ -269,9 +297,15 @@ def test_after_final_norm_saves_as_version_5_and_older_vector_specs_keep_their_m
     config = json.loads((tmp_path / "spec-False" / "config.json").read_text())
     config["version"] = 3  # a version-3 reader never saw the field
     (tmp_path / "spec-False" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(SpecError, match=r"spec source has unknown field\(s\) \['after_final_norm'\] \(allowed in "
-                                        r"version 3: "):
+    with pytest.raises(
+        SpecError,
+        match=r"spec source has unknown field\(s\) \['after_final_norm'\] \(allowed in "
+        r"version 3: ",
+    ):
         load_patchscope(tmp_path / "spec-False")
-    with pytest.raises(SpecError, match=r"^VectorSource.after_final_norm='yes' is not allowed \(allowed: True or "
-                                        r"False\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^VectorSource.after_final_norm='yes' is not allowed \(allowed: True or "
+        r"False\)$",
+    ):
         VectorSource(vector, LAST, llama.name, after_final_norm="yes")

@@ -4,6 +4,7 @@ loaded normally: run, sweep and generation on both paths, and Jacobian Scopes, t
 These are the layouts a 70B model is loaded in (``device_map="auto"`` overflowing a GPU offloads the embedding, the
 tied head or middle layers); on this CPU the same accelerate hooks move the weights in from disk or from a CPU copy.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -42,8 +43,16 @@ def _everything(handle) -> dict[str, object]:
         for planned in (True, False):
             results = run(scopes, handle, planned=planned)
             out[f"run logits, planned={planned}"] = torch.stack([r.logits for r in results])
-            grid = sweep(SWEEP_PROMPTS, handle, source_layers=[2, 12], target_layers=[1, 12, 29], max_new_tokens=4,
-                         planned=planned, progress=False, keep_logits=True)
+            grid = sweep(
+                SWEEP_PROMPTS,
+                handle,
+                source_layers=[2, 12],
+                target_layers=[1, 12, 29],
+                max_new_tokens=4,
+                planned=planned,
+                progress=False,
+                keep_logits=True,
+            )
             out[f"sweep logits, planned={planned}"] = grid.logits
             out[f"sweep generations, planned={planned}"] = grid.generations
         for variant in ("semantic", "fisher", "temperature"):
@@ -62,10 +71,14 @@ def _offloaded(smollm2, tmp_path, layout: str):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         cpu_offload(model, execution_device=torch.device("cpu"))
     else:
-        ends, middle = {"embedding and head on disk": ("disk", "cpu"), "middle layers on disk": ("cpu", "disk"),
-                        "both on disk": ("disk", "disk")}[layout]
-        model = AutoModelForCausalLM.from_pretrained(folder, device_map=_map(ends, middle),
-                                                     offload_folder=str(tmp_path), dtype=torch.float32)
+        ends, middle = {
+            "embedding and head on disk": ("disk", "cpu"),
+            "middle layers on disk": ("cpu", "disk"),
+            "both on disk": ("disk", "disk"),
+        }[layout]
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, device_map=_map(ends, middle), offload_folder=str(tmp_path), dtype=torch.float32
+        )
     return wrap_model(model, smollm2.tokenizer, name=smollm2.name)
 
 
@@ -122,8 +135,9 @@ def _tiny(kind: str):
         return tiny_gpt_neo()
     if kind == "own forward":
         torch.manual_seed(0)
-        return ModelHandle("tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"),
-                           tiny_tokenizer())
+        return ModelHandle(
+            "tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"), tiny_tokenizer()
+        )
     return tiny_model("llama", seed=2)
 
 
@@ -134,8 +148,9 @@ def test_each_planned_runner_follows_an_offloaded_model(runner):
     normal, moved = _tiny(runner), _tiny(runner)
     cpu_offload(moved.model, execution_device=torch.device("cpu"))
     assert is_dispatched(moved.model) and execution(moved.model) == execution(normal.model) == runner
-    scopes = [build("token-identity", PROMPT, -1, layer, 0, model=normal.name).replace(max_new_tokens=3)
-              for layer in (0, 1)]
+    scopes = [
+        build("token-identity", PROMPT, -1, layer, 0, model=normal.name).replace(max_new_tokens=3) for layer in (0, 1)
+    ]
     for planned in (True, False):
         for a, b in zip(run(scopes, normal, planned=planned), run(scopes, moved, planned=planned)):
             assert a.generation == b.generation
@@ -148,14 +163,19 @@ def test_each_planned_runner_follows_an_offloaded_model(runner):
     assert input_device(moved.model) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"device_map": {"model": "cuda:3"}}, r"device_map\['model'\]='cuda:3': this machine has no CUDA device"),
-    ({"device_map": "everywhere"}, r"device_map='everywhere' is not a device \(allowed: auto, balanced"),
-    ({"device": "cpu", "device_map": "auto"}, "are both given"),
-    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
-     r"uses bitsandbytes, whose package is not installed here \(pip install bitsandbytes\)"),
-    ({"dtype": "int8"}, r"dtype='int8' is not known \(allowed: .*auto\)"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"device_map": {"model": "cuda:3"}}, r"device_map\['model'\]='cuda:3': this machine has no CUDA device"),
+        ({"device_map": "everywhere"}, r"device_map='everywhere' is not a device \(allowed: auto, balanced"),
+        ({"device": "cpu", "device_map": "auto"}, "are both given"),
+        (
+            {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
+            r"uses bitsandbytes, whose package is not installed here \(pip install bitsandbytes\)",
+        ),
+        ({"dtype": "int8"}, r"dtype='int8' is not known \(allowed: .*auto\)"),
+    ],
+)
 def test_bad_placement_gets_one_line_naming_the_field(options, message):
     with pytest.raises(PatchscopeError, match=message) as caught:
         load_model("smollm2-135m", **options)

@@ -4,6 +4,7 @@ whose module moved comes with a DeprecationWarning naming the new path and the r
 any other name comes with no warning at all. The old spellings of the verbs (argument order, the spec's and the
 sweep result's methods) each have their own test beside the new spelling: test_argument_order, test_serialization,
 test_pipeline, test_export, test_sweep_folder and test_jlens."""
+
 from __future__ import annotations
 
 import importlib

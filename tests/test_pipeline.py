@@ -1,6 +1,7 @@
 """A Patchscope in a pyvene pipeline of the user's own (`to_pyvene(...).add_to(config)`), beside the user's
 AdditionIntervention and CollectIntervention: against `run` and hand-written hooks (tests/golden.py) on tiny
 models, and the docs' example (docs/guides/pyvene.md) on SmolLM2."""
+
 from __future__ import annotations
 
 import contextlib
@@ -35,17 +36,24 @@ from pyvene_patchscopes import (
 )
 
 ATOL = 1e-5  # fp32 tiny models: the pipeline and run differ only in batching and float rounding
-ROWS = [("The city of Paris is large", "Paris", "The capital city of x is"),  # three target lengths:
-        ("Here is a word: dog", "dog", "Here x"),                               # the batch is left-padded
-        ("one two three four five six", 3, "x is x")]
-ADD_LAYER, COLLECT_LAYER = 0, 3   # the user's addition (before every l* here) and collect (the last layer)
+ROWS = [
+    ("The city of Paris is large", "Paris", "The capital city of x is"),  # three target lengths:
+    ("Here is a word: dog", "dog", "Here x"),  # the batch is left-padded
+    ("one two three four five six", 3, "x is x"),
+]
+ADD_LAYER, COLLECT_LAYER = 0, 3  # the user's addition (before every l* here) and collect (the last layer)
 
 
 def scopes(handle, source_layer=1, target_layer=1, max_new_tokens=0, rows=ROWS):
     """Token identity rows: the source word's state written over "x" in the target prompt."""
-    return [Patchscope(Source(prompt, position, source_layer, model=handle.name),
-                       Target(text, "x", target_layer, model=handle.name), max_new_tokens=max_new_tokens)
-            for prompt, position, text in rows]
+    return [
+        Patchscope(
+            Source(prompt, position, source_layer, model=handle.name),
+            Target(text, "x", target_layer, model=handle.name),
+            max_new_tokens=max_new_tokens,
+        )
+        for prompt, position, text in rows
+    ]
 
 
 def hidden(out):
@@ -54,8 +62,9 @@ def hidden(out):
 
 def hooked_logits(handle, prompt: str, hooks: dict) -> torch.Tensor:
     """Last-position logits of `prompt` with forward hooks {layer: [hook, ...]} on its blocks, removed after."""
-    handles = [golden.block(handle.model, layer).register_forward_hook(hook)
-               for layer, each in hooks.items() for hook in each]
+    handles = [
+        golden.block(handle.model, layer).register_forward_hook(hook) for layer, each in hooks.items() for hook in each
+    ]
     try:
         with torch.no_grad():
             return handle.model(golden.encode(handle, prompt)).logits[0, -1]
@@ -66,11 +75,18 @@ def hooked_logits(handle, prompt: str, hooks: dict) -> torch.Tensor:
 
 def users_config(hidden: int, vector: torch.Tensor) -> pv.IntervenableConfig:
     """The user's own pipeline: a steering addition and a collect, in pyvene's own terms."""
-    return pv.IntervenableConfig([
-        pv.RepresentationConfig(ADD_LAYER, "block_output", "pos", 1,
-                                intervention=pv.AdditionIntervention(embed_dim=hidden,
-                                                                     source_representation=vector[None])),
-        pv.RepresentationConfig(COLLECT_LAYER, "block_output", "pos", 1, intervention=pv.CollectIntervention())])
+    return pv.IntervenableConfig(
+        [
+            pv.RepresentationConfig(
+                ADD_LAYER,
+                "block_output",
+                "pos",
+                1,
+                intervention=pv.AdditionIntervention(embed_dim=hidden, source_representation=vector[None]),
+            ),
+            pv.RepresentationConfig(COLLECT_LAYER, "block_output", "pos", 1, intervention=pv.CollectIntervention()),
+        ]
+    )
 
 
 def users_locations(rows: int, add_at: int = 1) -> dict:
@@ -119,7 +135,7 @@ def test_plan_names_each_rows_source_target_and_readout_positions(tiny):
         ids = golden.encode(tiny, prompt)[0].tolist()
         i = plan.positions.source[k]
         if isinstance(word, str):
-            assert tiny.tokenizer.decode(ids[: i + 1]).endswith(word)   # i is the word's last token
+            assert tiny.tokenizer.decode(ids[: i + 1]).endswith(word)  # i is the word's last token
         (slot,) = plan.positions.target[k]
         assert tiny.tokenizer.decode(golden.encode(tiny, scope.target.prompt)[0][slot]).strip() == "x"
         assert plan.positions.readout[k] == lengths[k] - 1
@@ -146,10 +162,12 @@ def test_the_plans_own_configs_on_its_own_bases_equal_hidden_states_and_run(tiny
     plan = to_pyvene(batch, tiny)
     assert len(set(left.tolist().count(0) for left in plan.collect_base["attention_mask"])) > 1  # padded rows
     with pyvene_guard(tiny.model), torch.no_grad():
-        (_, (states,)), _ = pv.IntervenableModel(plan.collect, tiny.model)(base=plan.collect_base,
-                                                                           unit_locations=plan.collect_locations)
-        _, out = pv.IntervenableModel(plan.patch, tiny.model)(base=plan.patch_base, unit_locations=plan.patch_locations,
-                                                              source_representations=states.reshape(3, 1, -1))
+        (_, (states,)), _ = pv.IntervenableModel(plan.collect, tiny.model)(
+            base=plan.collect_base, unit_locations=plan.collect_locations
+        )
+        _, out = pv.IntervenableModel(plan.patch, tiny.model)(
+            base=plan.patch_base, unit_locations=plan.patch_locations, source_representations=states.reshape(3, 1, -1)
+        )
     want = hidden_states([s.source.prompt for s in batch], tiny, 1, list(plan.positions.source))
     torch.testing.assert_close(states.reshape(3, -1), want, atol=ATOL, rtol=0)
     for k, alone in enumerate(run(batch, tiny)):
@@ -168,13 +186,17 @@ def test_on_a_model_that_reads_padding_as_tokens_either_side_of_one_length_only(
     lengths = sorted(len(golden.encode(bloom, text)[0]) for text in ragged)
     assert lengths[0] != lengths[1]
     for field, (sources, targets) in {"Source.prompt": (ragged, same), "Target.prompt": (same, ragged)}.items():
-        rows = [Patchscope(Source(text, 3, 1, model=bloom.name), Target(target, -2, 1, model=bloom.name))
-                for text, target in zip(sources, targets)]
+        rows = [
+            Patchscope(Source(text, 3, 1, model=bloom.name), Target(target, -2, 1, model=bloom.name))
+            for text, target in zip(sources, targets)
+        ]
         with pytest.raises(SpecError) as caught:
             to_pyvene(rows, bloom)
-        assert str(caught.value) == (f"to_pyvene: {field} has the token lengths {lengths}, but {bloom.name} reads left "
-                                     "padding as tokens (its forward takes no position_ids) (allowed: one token "
-                                     "length per plan on this model)")
+        assert str(caught.value) == (
+            f"to_pyvene: {field} has the token lengths {lengths}, but {bloom.name} reads left "
+            "padding as tokens (its forward takes no position_ids) (allowed: one token "
+            "length per plan on this model)"
+        )
     rows = [Patchscope(Source(text, 3, 1, model=bloom.name), Target(text, -2, 1, model=bloom.name)) for text in same]
     assert to_pyvene(rows, bloom).collect_locations == {"sources->base": (None, [[[3], [3]]])}  # no padding
 
@@ -222,8 +244,9 @@ def test_generation_through_pyvenes_generate_equals_run(tiny):
 @pytest.mark.parametrize("source_layer, target_layer", [(2, 1), (0, 2)])
 def test_a_cross_layer_patch_equals_run(tiny_llama, source_layer, target_layer):
     batch = scopes(tiny_llama, source_layer, target_layer)
-    logits, _, _, _ = through_pipeline(tiny_llama, to_pyvene(batch, tiny_llama),
-                                       users_config(64, torch.zeros(64)), users_locations(3))
+    logits, _, _, _ = through_pipeline(
+        tiny_llama, to_pyvene(batch, tiny_llama), users_config(64, torch.zeros(64)), users_locations(3)
+    )
     for k, want in enumerate(run(batch, tiny_llama)):
         torch.testing.assert_close(logits[k], want.logits, atol=ATOL, rtol=0)
 
@@ -231,9 +254,13 @@ def test_a_cross_layer_patch_equals_run(tiny_llama, source_layer, target_layer):
 def test_a_vector_source_written_at_every_slot_equals_run(tiny_llama):
     rows = [(None, None, "x and x is"), (None, None, "one x two x")]
     vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
-    batch = [Patchscope(VectorSource(v, 1, model=tiny_llama.name),
-                        Target(text, Every("x"), 2, model=tiny_llama.name, write="add", alpha=2.0))
-             for v, (_, _, text) in zip(vectors, rows)]
+    batch = [
+        Patchscope(
+            VectorSource(v, 1, model=tiny_llama.name),
+            Target(text, Every("x"), 2, model=tiny_llama.name, write="add", alpha=2.0),
+        )
+        for v, (_, _, text) in zip(vectors, rows)
+    ]
     plan = to_pyvene(batch, tiny_llama)
     assert plan.positions.source == (None, None) and all(len(slots) == 2 for slots in plan.positions.target)
     logits, _, _, _ = through_pipeline(tiny_llama, plan, users_config(64, torch.zeros(64)), users_locations(2))
@@ -245,11 +272,16 @@ def test_a_cross_model_patch_through_an_affine_map_equals_run(tiny_llama):
     source = tiny_model("gpt2", hidden=32, seed=3)
     generator = torch.Generator().manual_seed(2)
     f = Affine.from_weights(torch.randn(64, 32, generator=generator) / 4, torch.randn(64, generator=generator))
-    batch = [Patchscope(Source(prompt, position, 2, model=source.name), Target(text, "x", 1, model=tiny_llama.name),
-                        mapping=f) for prompt, position, text in ROWS]
+    batch = [
+        Patchscope(
+            Source(prompt, position, 2, model=source.name), Target(text, "x", 1, model=tiny_llama.name), mapping=f
+        )
+        for prompt, position, text in ROWS
+    ]
     models = [source, tiny_llama]
-    logits, _, _, _ = through_pipeline(tiny_llama, to_pyvene(batch, models), users_config(64, torch.zeros(64)),
-                                       users_locations(3))
+    logits, _, _, _ = through_pipeline(
+        tiny_llama, to_pyvene(batch, models), users_config(64, torch.zeros(64)), users_locations(3)
+    )
     for k, want in enumerate(run(batch, models)):
         torch.testing.assert_close(logits[k], want.logits, atol=ATOL, rtol=0)
 
@@ -270,40 +302,62 @@ def test_the_users_interchange_reads_their_sources_beside_the_patchscope(tiny_ll
     """A VanillaIntervention fed by the user's own `sources`: pyvene's source run, untouched by the Patchscope."""
     (scope,) = scopes(tiny_llama, 1, 2, rows=ROWS[:1])
     donor = "Tokyo London Berlin Rome"
-    config = pv.IntervenableConfig([
-        pv.RepresentationConfig(ADD_LAYER, "block_output", "pos", 1, intervention=pv.VanillaIntervention()),
-        pv.RepresentationConfig(COLLECT_LAYER, "block_output", "pos", 1, intervention=pv.CollectIntervention())])
+    config = pv.IntervenableConfig(
+        [
+            pv.RepresentationConfig(ADD_LAYER, "block_output", "pos", 1, intervention=pv.VanillaIntervention()),
+            pv.RepresentationConfig(COLLECT_LAYER, "block_output", "pos", 1, intervention=pv.CollectIntervention()),
+        ]
+    )
     donor_inputs = dict(tiny_llama.tokenizer(donor, return_tensors="pt"))
     logits, _, call, _ = through_pipeline(
-        tiny_llama, to_pyvene(scope, tiny_llama), config, {"sources->base": ([[[2]], None], [[[1]], [[-1]]])},
-        sources=[donor_inputs, None])
+        tiny_llama,
+        to_pyvene(scope, tiny_llama),
+        config,
+        {"sources->base": ([[[2]], None], [[[1]], [[-1]]])},
+        sources=[donor_inputs, None],
+    )
     assert call.forward["sources"] == [donor_inputs, None, None]
     swapped = golden.read(tiny_llama, donor, ADD_LAYER, 2)
     plan_row = to_pyvene(scope, tiny_llama).rows[0]
     h = golden.read(tiny_llama, scope.source.prompt, 1, plan_row.source_position)
-    want = hooked_logits(tiny_llama, scope.target.prompt, {
-        ADD_LAYER: [lambda m, a, out: hidden(out).__setitem__((0, 1), swapped)],
-        2: [lambda m, a, out: hidden(out).__setitem__((0, plan_row.target_position), h)]})
+    want = hooked_logits(
+        tiny_llama,
+        scope.target.prompt,
+        {
+            ADD_LAYER: [lambda m, a, out: hidden(out).__setitem__((0, 1), swapped)],
+            2: [lambda m, a, out: hidden(out).__setitem__((0, plan_row.target_position), h)],
+        },
+    )
     torch.testing.assert_close(logits[0], want, atol=ATOL, rtol=0)
 
 
 def test_the_users_source_representations_and_group_keys_are_merged(tiny_llama):
     (scope,) = scopes(tiny_llama, 1, 2, rows=ROWS[:1])
     vector = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
-    config = pv.IntervenableConfig([
-        pv.RepresentationConfig(ADD_LAYER, "block_output", "pos", 1, intervention=pv.VanillaIntervention(),
-                                group_key=0)])
-    call = to_pyvene(scope, tiny_llama).add_to(config, unit_locations={"base": [[[1]]]},
-                                               source_representations=[vector])
+    config = pv.IntervenableConfig(
+        [
+            pv.RepresentationConfig(
+                ADD_LAYER, "block_output", "pos", 1, intervention=pv.VanillaIntervention(), group_key=0
+            )
+        ]
+    )
+    call = to_pyvene(scope, tiny_llama).add_to(
+        config, unit_locations={"base": [[[1]]]}, source_representations=[vector]
+    )
     assert [rep.group_key for rep in config.representations] == [0, 1]  # the patch runs in a group after the user's
     assert list(call.forward["source_representations"]) == list(call.keys)
     with pyvene_guard(tiny_llama.model), torch.no_grad():
         _, out = pv.IntervenableModel(config, tiny_llama.model)(**call.forward)
     plan_row = to_pyvene(scope, tiny_llama).rows[0]
     h = golden.read(tiny_llama, scope.source.prompt, 1, plan_row.source_position)
-    want = hooked_logits(tiny_llama, scope.target.prompt, {
-        ADD_LAYER: [lambda m, a, out: hidden(out).__setitem__((0, 1), vector[0, 0])],
-        2: [lambda m, a, out: hidden(out).__setitem__((0, plan_row.target_position), h)]})
+    want = hooked_logits(
+        tiny_llama,
+        scope.target.prompt,
+        {
+            ADD_LAYER: [lambda m, a, out: hidden(out).__setitem__((0, 1), vector[0, 0])],
+            2: [lambda m, a, out: hidden(out).__setitem__((0, plan_row.target_position), h)],
+        },
+    )
     torch.testing.assert_close(out.logits[0, -1], want, atol=ATOL, rtol=0)
 
 
@@ -311,8 +365,9 @@ def test_a_head_intervention_beside_the_patchscope_takes_pyvenes_own_locations(t
     """A unit="h.pos" intervention's locations are pyvene's own ([heads], [positions] per row), passed as given
     (they were refused as if they were unit="pos" positions): a collect of head 1 at position 2 of layer 1."""
     (scope,) = scopes(tiny_llama, 1, 2, rows=ROWS[:1])
-    config = pv.IntervenableConfig([pv.RepresentationConfig(1, "head_attention_value_output", "h.pos", 1,
-                                                            intervention=pv.CollectIntervention())])
+    config = pv.IntervenableConfig(
+        [pv.RepresentationConfig(1, "head_attention_value_output", "h.pos", 1, intervention=pv.CollectIntervention())]
+    )
     call = to_pyvene(scope, tiny_llama).add_to(config, unit_locations={"base": [[[[1]], [[2]]]]})
     with pyvene_guard(tiny_llama.model), torch.no_grad():
         (_, collected), out = pv.IntervenableModel(config, tiny_llama.model)(**call.forward)
@@ -325,17 +380,17 @@ def test_a_head_intervention_beside_the_patchscope_takes_pyvenes_own_locations(t
     finally:
         hook.remove()
     size = tiny_llama.hidden_size // tiny_llama.model.config.num_attention_heads
-    torch.testing.assert_close(collected[0].reshape(-1), seen["heads"][size:2 * size], atol=ATOL, rtol=0)
+    torch.testing.assert_close(collected[0].reshape(-1), seen["heads"][size : 2 * size], atol=ATOL, rtol=0)
 
 
 # ---- bad input: one line, before anything runs ----------------------------------------------------------------------
 BAD_LOCATIONS = [
-    ({"base": [[[[7]]], [[-1]]]}, "unit_locations['base'][0][0]="),        # nested one level too deep (issue 36)
-    ({"base": 3}, "unit_locations['base']=3"),                             # pyvene's short form
-    ({"base": [[[1]]]}, "unit_locations['base']=[[[1]]]"),                  # one entry for two interventions
-    ({"base": [[[1], [2]], [[-1]]]}, "unit_locations['base'][0]="),         # two rows for a batch of one
-    ({"base": [[[1, 2]], [[-1]]]}, "unit_locations['base'][0][0]="),        # two units where the config has one
-    ({"base": [[[40]], [[-1]]]}, "unit_locations['base'][0][0]=40"),         # past the target prompt
+    ({"base": [[[[7]]], [[-1]]]}, "unit_locations['base'][0][0]="),  # nested one level too deep (issue 36)
+    ({"base": 3}, "unit_locations['base']=3"),  # pyvene's short form
+    ({"base": [[[1]]]}, "unit_locations['base']=[[[1]]]"),  # one entry for two interventions
+    ({"base": [[[1], [2]], [[-1]]]}, "unit_locations['base'][0]="),  # two rows for a batch of one
+    ({"base": [[[1, 2]], [[-1]]]}, "unit_locations['base'][0][0]="),  # two units where the config has one
+    ({"base": [[[40]], [[-1]]]}, "unit_locations['base'][0][0]=40"),  # past the target prompt
     ({"sources->base": [[[1]], [[-1]]]}, "unit_locations['sources->base']="),
     ({"base": [[[1]], [[-1]]], "sources->base": (None, [[[1]], [[-1]]])}, "unit_locations="),
 ]
@@ -368,22 +423,35 @@ def test_pyvene_alone_fails_deep_inside_on_misnesting_and_on_source_representati
     with pyvene_guard(tiny_llama.model), torch.no_grad():
         pvm = pv.IntervenableModel(config, tiny_llama.model)
         with pytest.raises(RuntimeError, match="expand"):  # the user's addition nested one level too deep
-            pvm(base=base, unit_locations={"base": [[[[1]]], [[-1]], [[slot]]]},
-                source_representations={key: torch.zeros(1, 1, 64) for key in pvm.sorted_keys})
+            pvm(
+                base=base,
+                unit_locations={"base": [[[[1]]], [[-1]], [[slot]]]},
+                source_representations={key: torch.zeros(1, 1, 64) for key in pvm.sorted_keys},
+            )
         with pytest.raises(TypeError):  # no entry to give the addition and the collect
-            pvm(base=base, unit_locations={"base": [[[1]], [[-1]], [[slot]]]},
-                source_representations={**dict.fromkeys(pvm.sorted_keys), pvm.sorted_keys[-1]: torch.zeros(1, 1, 64)})
+            pvm(
+                base=base,
+                unit_locations={"base": [[[1]], [[-1]], [[slot]]]},
+                source_representations={**dict.fromkeys(pvm.sorted_keys), pvm.sorted_keys[-1]: torch.zeros(1, 1, 64)},
+            )
 
 
-@pytest.mark.parametrize("extra, field", [
-    ({"sources": [None]}, "sources has 1 entries (allowed: a list of 2"),
-    ({"source_representations": {"layer_0": torch.zeros(1)}},
-     "source_representations is a dict with the keys ['layer_0'], which does not name your 2 intervention(s) "
-     "(allowed: a dict with the keys ['layer_0_comp_block_output_unit_pos_nunit_1#0', "),
-    ({"source_representations": [torch.zeros(1, 1, 64)]},
-     "source_representations is a list of 1, which does not name your 2 intervention(s) (allowed: "),
-    ({"source_representations": torch.zeros(1, 1, 64)}, "source_representations is a Tensor, which does not name"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ({"sources": [None]}, "sources has 1 entries (allowed: a list of 2"),
+        (
+            {"source_representations": {"layer_0": torch.zeros(1)}},
+            "source_representations is a dict with the keys ['layer_0'], which does not name your 2 intervention(s) "
+            "(allowed: a dict with the keys ['layer_0_comp_block_output_unit_pos_nunit_1#0', ",
+        ),
+        (
+            {"source_representations": [torch.zeros(1, 1, 64)]},
+            "source_representations is a list of 1, which does not name your 2 intervention(s) (allowed: ",
+        ),
+        ({"source_representations": torch.zeros(1, 1, 64)}, "source_representations is a Tensor, which does not name"),
+    ],
+)
 def test_sources_and_representations_of_the_wrong_size_are_refused(tiny_llama, extra, field):
     config = users_config(64, torch.zeros(64))
     with pytest.raises(SpecError, match=re.escape(field)) as caught:
@@ -391,23 +459,33 @@ def test_sources_and_representations_of_the_wrong_size_are_refused(tiny_llama, e
     assert len(config.representations) == 2 and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("keys, message", [
-    ([0, 2], "config.representations[1].group_key=2 is not allowed (allowed: 2 group(s) numbered 0..1 in the "
-             "config's order, as pyvene reads group g's source as sources[g]; or all None)"),
-    ([1, 1], "config.representations[0].group_key=1 is not allowed (allowed: 1 group(s) numbered 0..0"),
-    ([1, 0], "config.representations[1].group_key=0 is not allowed (allowed: 2 group(s) numbered 0..1"),
-    (["a", "b"], "config.representations[0].group_key='a' is not allowed"),
-    ([0, None], "config.representations[1].group_key=None beside config.representations[0].group_key=0 (allowed: "
-                "all None, or a group_key on every representation"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (
+            [0, 2],
+            "config.representations[1].group_key=2 is not allowed (allowed: 2 group(s) numbered 0..1 in the "
+            "config's order, as pyvene reads group g's source as sources[g]; or all None)",
+        ),
+        ([1, 1], "config.representations[0].group_key=1 is not allowed (allowed: 1 group(s) numbered 0..0"),
+        ([1, 0], "config.representations[1].group_key=0 is not allowed (allowed: 2 group(s) numbered 0..1"),
+        (["a", "b"], "config.representations[0].group_key='a' is not allowed"),
+        (
+            [0, None],
+            "config.representations[1].group_key=None beside config.representations[0].group_key=0 (allowed: "
+            "all None, or a group_key on every representation",
+        ),
+    ],
+)
 def test_group_keys_other_than_0_to_n_minus_1_are_refused_before_anything_is_added(tiny_llama, keys, message):
     """pyvene reads group g's source as sources[g]: with keys [0, 2] add_to took 2 sources, gave the patch group 3,
     and pyvene failed with an IndexError."""
     config = users_config(64, torch.zeros(64))
     config.representations = [rep._replace(group_key=key) for rep, key in zip(config.representations, keys)]
     with pytest.raises(SpecError) as caught:
-        to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1),
-                                                                         sources=[None, None])
+        to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(
+            config, users_locations(1), sources=[None, None]
+        )
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
     assert len(config.representations) == 2
 
@@ -415,8 +493,7 @@ def test_group_keys_other_than_0_to_n_minus_1_are_refused_before_anything_is_add
 def test_shared_group_keys_give_the_patch_the_next_group_and_one_source_per_group(tiny_llama):
     config = users_config(64, torch.zeros(64))
     config.representations = [rep._replace(group_key=0) for rep in config.representations]
-    call = to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1),
-                                                                           sources=[None])
+    call = to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama).add_to(config, users_locations(1), sources=[None])
     assert [rep.group_key for rep in config.representations] == [0, 0, 1] and call.forward["sources"] == [None, None]
     with pyvene_guard(tiny_llama.model), torch.no_grad():
         _, out = pv.IntervenableModel(config, tiny_llama.model)(**call.forward)
@@ -428,8 +505,10 @@ def test_a_second_patchscope_a_rerouted_one_and_mixed_rows_are_refused(tiny_llam
     config = users_config(64, torch.zeros(64))
     plan = to_pyvene(scopes(tiny_llama, rows=ROWS[:1]), tiny_llama)
     plan.add_to(config, users_locations(1))
-    already = r"^config.representations\[2\] already holds a Patchscope \(a MappingIntervention with its source " \
-              r"states, as add_to adds it\) \(allowed: one Patchscope per config"
+    already = (
+        r"^config.representations\[2\] already holds a Patchscope \(a MappingIntervention with its source "
+        r"states, as add_to adds it\) \(allowed: one Patchscope per config"
+    )
     with pytest.raises(SpecError, match=already):
         plan.add_to(config, {"base": [[[1]], [[-1]], [[5]]]})
     other = copy.deepcopy(config)  # the copy holds a Patchscope too (it got past a registry of added interventions)
@@ -441,22 +520,32 @@ def test_a_second_patchscope_a_rerouted_one_and_mixed_rows_are_refused(tiny_llam
     with pytest.raises(SpecError, match=r"scopes\[1\] differs from scopes\[0\] in Target.layer \(allowed: "):
         to_pyvene(mixed, tiny_llama)
     text = "the company that created Windows The current CEO of"
-    cot = Patchscope(Source(text, "Windows", 1, model=tiny_llama.name), Target(text, "of", 2, model=tiny_llama.name),
-                     reroute=Reroute())
+    cot = Patchscope(
+        Source(text, "Windows", 1, model=tiny_llama.name),
+        Target(text, "of", 2, model=tiny_llama.name),
+        reroute=Reroute(),
+    )
     with pytest.raises(SpecError, match=r"rerouted .*\(allowed: a Patchscope without reroute"):
         to_pyvene(cot, tiny_llama).add_to(users_config(64, torch.zeros(64)))
     with pytest.raises(SpecError, match=r"config is a dict \(allowed: a pyvene IntervenableConfig\)"):
         plan.add_to({})
-    for given, message in (("not a scope", "scopes is a str"), ([], "scopes=[]"),
-                           ([mixed[0], "x"], "scopes[1] is a str")):
-        with pytest.raises(SpecError, match=re.escape(f"to_pyvene: {message} (allowed: a Patchscope, or a non-empty "
-                                                      "list of them)")):
+    for given, message in (
+        ("not a scope", "scopes is a str"),
+        ([], "scopes=[]"),
+        ([mixed[0], "x"], "scopes[1] is a str"),
+    ):
+        with pytest.raises(
+            SpecError, match=re.escape(f"to_pyvene: {message} (allowed: a Patchscope, or a non-empty list of them)")
+        ):
             to_pyvene(given, tiny_llama)
 
 
 def test_a_mapping_intervention_without_embed_dim_names_the_mapping_it_cannot_build():
-    with pytest.raises(SpecError, match=r"^MappingIntervention needs embed_dim to build mapping 'affine' \(allowed: "
-                                        r"embed_dim, or a built MappingFunction\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^MappingIntervention needs embed_dim to build mapping 'affine' \(allowed: "
+        r"embed_dim, or a built MappingFunction\)$",
+    ):
         MappingIntervention(mapping="affine")
 
 
@@ -516,14 +605,18 @@ def test_the_readme_pipeline_example_equals_run_and_hand_written_hooks():
     want = run(scope, model)[0]
     torch.testing.assert_close(space["out"].logits[0, -1], want.logits, atol=1e-4, rtol=0)
     prompt_length = call.forward["base"]["input_ids"].shape[1]
-    assert model.tokenizer.decode(space["generated"].sequences[0, prompt_length:],
-                                  skip_special_tokens=True) == want.generation != ""
+    assert (
+        model.tokenizer.decode(space["generated"].sequences[0, prompt_length:], skip_special_tokens=True)
+        == want.generation
+        != ""
+    )
     # the user's steering vector on (h(Oscars) - h(CEO) at layer 8): the same pipeline against hand-written hooks
     plan_row = to_pyvene(scope, model).rows[0]
     add = space["config"].representations[0]
     oscars = len(golden.encode(model, scope.source.prompt)[0]) - 1
-    vector = golden.read(model, scope.source.prompt, add.layer, oscars) - \
-        golden.read(model, scope.source.prompt, add.layer, plan_row.source_position)
+    vector = golden.read(model, scope.source.prompt, add.layer, oscars) - golden.read(
+        model, scope.source.prompt, add.layer, plan_row.source_position
+    )
     add.intervention.source_representation.copy_(vector[None])
     with pyvene_guard(model.model), torch.no_grad():
         (_, collected), out = space["pvm"](**call.forward)

@@ -2,6 +2,7 @@
 
 Exactness as issue 5 states it: the same top-1 token and logits within 1e-4 in fp32, the same generations.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -47,8 +48,7 @@ def varied_scopes(handle) -> list[Patchscope]:
             scopes.append(Patchscope(source, Target(TOKEN_IDENTITY_PROMPT, "?", t), max_new_tokens=0))
             scopes.append(Patchscope(source, Target("cat->cat; 1135->1135; hello->hello; ?", -1, t)))
             scopes.append(Patchscope(source, Target(LONG_TARGET, "x", t), max_new_tokens=6))
-            scopes.append(Patchscope(source, Target("The capital city of x is", 1, t), max_new_tokens=0,
-                                     mapping=f))
+            scopes.append(Patchscope(source, Target("The capital city of x is", 1, t), max_new_tokens=0, mapping=f))
     return scopes
 
 
@@ -83,12 +83,17 @@ def test_tight_token_budget_changes_batches_not_results(model):
 def test_rows_compute_only_the_layers_above_their_target_layer():
     handle = tiny_model("llama", layers=4, seed=4)
     seen: dict[int, list[int]] = {j: [] for j in range(4)}
-    hooks = [layer.register_forward_pre_hook(lambda mod, args, kwargs, j=j: seen[j].append(args[0].shape[0]),
-                                             with_kwargs=True)
-             for j, layer in enumerate(handle.model.model.layers)]
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kwargs, j=j: seen[j].append(args[0].shape[0]), with_kwargs=True
+        )
+        for j, layer in enumerate(handle.model.model.layers)
+    ]
     try:
-        scopes = [token_identity(Source(SOURCES[0], -1, 0, handle.name), target_layer=t, max_new_tokens=0)
-                  for t in [0, 2, 3, 1, 0]]
+        scopes = [
+            token_identity(Source(SOURCES[0], -1, 0, handle.name), target_layer=t, max_new_tokens=0)
+            for t in [0, 2, 3, 1, 0]
+        ]
         run(scopes, handle)
     finally:
         for hook in hooks:
@@ -102,8 +107,11 @@ def test_rows_compute_only_the_layers_above_their_target_layer():
 
 def test_long_target_crosses_the_sliding_window():
     handle = tiny_model("gemma3", seed=6)  # sliding_window=16: the target and its generation are longer
-    scopes = [Patchscope(Source(p, -1, l, handle.name), Target(LONG_TARGET + " " + LONG_TARGET, "x", t),
-                         max_new_tokens=12) for p in SOURCES for l, t in [(0, 1), (2, 0), (3, 3)]]
+    scopes = [
+        Patchscope(Source(p, -1, l, handle.name), Target(LONG_TARGET + " " + LONG_TARGET, "x", t), max_new_tokens=12)
+        for p in SOURCES
+        for l, t in [(0, 1), (2, 0), (3, 3)]
+    ]
     assert len(handle.tokenizer(scopes[0].target.prompt)["input_ids"]) > 2 * handle.model.config.sliding_window
     assert_same(run(scopes, handle), run(scopes, handle, planned=False))
 
@@ -116,8 +124,15 @@ def tiny_gpt_neo():
     from pyvene_patchscopes import wrap_model
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=VOCAB, max_position_embeddings=128, hidden_size=64, num_layers=2,
-                          num_heads=4, attention_types=[[["global", "local"], 1]], window_size=16)
+    config = GPTNeoConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1]],
+        window_size=16,
+    )
     return wrap_model(GPTNeoForCausalLM(config).eval(), tiny_tokenizer(), name="tiny-gpt-neo")
 
 
@@ -156,11 +171,13 @@ def test_a_family_whose_attention_the_prefix_cannot_reach_shares_its_lower_layer
 def test_a_family_with_a_prediction_head_of_its_own_replays_its_lower_layers_in_its_own_forward():
     """ModernBERT's decoder runs a head of its own layers before the unembedding: its rows run through its own
     forward, the blocks below l* replayed, equal to the plain path."""
-    handle = ModelHandle("tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"),
-                         tiny_tokenizer())
+    handle = ModelHandle(
+        "tiny-modernbert-decoder", families.tiny_model("ModernBertDecoderForCausalLM"), tiny_tokenizer()
+    )
     assert isinstance(stack_for(handle.model), Replayed) and execution(handle.model) == "own forward"
-    scopes = [token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=layer, max_new_tokens=3)
-              for layer in (0, 2)]
+    scopes = [
+        token_identity(Source(SOURCES[0], -1, 1, handle.name), target_layer=layer, max_new_tokens=3) for layer in (0, 2)
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowPathWarning)
         fast = run(scopes, handle)
@@ -187,8 +204,11 @@ def test_a_model_without_a_language_model_head_gets_an_error_naming_what_was_loo
     odd = type("MyOwnForCausalLM", (torch.nn.Module,), {})()
     odd.config = handle.model.config
     odd.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))
-    with pytest.raises(PatchscopeError, match=r"MyOwnForCausalLM has no unembedding \(get_output_embeddings\(\) is "
-                                              r"None\); Patchscopes need the causal-LM class with its head"):
+    with pytest.raises(
+        PatchscopeError,
+        match=r"MyOwnForCausalLM has no unembedding \(get_output_embeddings\(\) is "
+        r"None\); Patchscopes need the causal-LM class with its head",
+    ):
         wrap_model(odd, handle.tokenizer, name="mine")
 
 

@@ -3,6 +3,7 @@ one process and loaded in another, fresh one: refused with the module to import 
 when it is (by ``import``, by ``patchscopes run --import``, by an installed entry point); and nothing is imported
 because a file names it.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ PLUGIN_SOURCE = README.split("```python\n# my_plugins.py\n", 1)[1].split("```", 
 
 # process A: save a spec (f = Scale) and a pyvene folder (a MappingIntervention with f = Scale, and a Halve), and
 # the logits each gives here; where = "plugin" (an importable module) or "main" (the classes defined in __main__)
-SAVE = textwrap.dedent('''
+SAVE = textwrap.dedent("""
     import sys, torch
     from safetensors.torch import save_file
     from pyvene_patchscopes import Patchscope, Source, Target, compat, load_model, run, save_patchscope
@@ -72,10 +73,10 @@ SAVE = textwrap.dedent('''
                         source_representations={pvm.sorted_keys[0]: source})
         compat.save_intervenable(pvm, folder + "/pyvene")
     save_file({**logits, "pyvene": output.logits.contiguous(), "source": source}, folder + "/logits.safetensors")
-''')
+""")
 
 # process B: load both (importing the plugin first or not), run them, and say what happened
-LOAD = textwrap.dedent('''
+LOAD = textwrap.dedent("""
     import json, sys, torch
     from safetensors.torch import load_file
     import pyvene_patchscopes
@@ -106,24 +107,35 @@ LOAD = textwrap.dedent('''
         report["pyvene"] = str(err)
     report["imported after"] = "my_plugins" in sys.modules
     print(json.dumps(report))
-''')
+""")
 
 
 def _env(*paths: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), str(ROOT), str(TESTS)]),
-            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([*map(str, paths), str(ROOT), str(TESTS)]),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def _python(code: str, *args: str, paths: tuple[Path, ...] = (), cwd: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", code, *args], env=_env(*paths), cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], env=_env(*paths), cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]) if code is LOAD else {}
 
 
 def _cli(*argv: str, paths: tuple[Path, ...] = (), cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyvene_patchscopes.cli", *argv], env=_env(*paths), cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pyvene_patchscopes.cli", *argv],
+        env=_env(*paths),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +153,15 @@ def shared(tmp_path_factory):
     (site / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\n{PLUGIN} = {PLUGIN}\n")  # as the docs'
     for where in ("plugin", "main"):
         (root / where).mkdir()
-        _python(SAVE, str(root / "tiny"), str(root / where), where, str(root / "code" / f"{PLUGIN}.py"),
-                paths=(root / "code",), cwd=root)
+        _python(
+            SAVE,
+            str(root / "tiny"),
+            str(root / where),
+            where,
+            str(root / "code" / f"{PLUGIN}.py"),
+            paths=(root / "code",),
+            cwd=root,
+        )
     return root
 
 
@@ -152,8 +171,12 @@ def test_a_saved_spec_records_the_module_of_its_custom_mapping_as_version_4(shar
     assert config["mapping"] == {"name": "scale", "args": {"alpha": 0.5}, "module": PLUGIN}
     assert "weights" not in config["mapping"] and not (shared / "plugin" / "spec" / "mapping.safetensors").exists()
     plugins = json.loads((shared / "plugin" / "pyvene" / "plugins.json").read_text())
-    assert plugins == {"format": "pyvene-patchscopes/plugins", "version": 1, "mappings": {"scale": PLUGIN},
-                       "interventions": {f"<class '{PLUGIN}.Halve'>": PLUGIN}}
+    assert plugins == {
+        "format": "pyvene-patchscopes/plugins",
+        "version": 1,
+        "mappings": {"scale": PLUGIN},
+        "interventions": {f"<class '{PLUGIN}.Halve'>": PLUGIN},
+    }
     main_config = json.loads((shared / "main" / "spec" / "config.json").read_text())
     assert main_config["mapping"]["module"] == "__main__"
 
@@ -178,16 +201,21 @@ def test_built_in_specs_keep_their_versions_and_fields(tiny_llama, tmp_path):
 def test_a_fresh_process_without_the_plugin_names_its_module_and_imports_nothing(shared):
     report = _python(LOAD, str(shared / "tiny"), str(shared / "plugin"), "none", paths=(shared / "code",), cwd=shared)
     assert not report["imported before"] and not report["imported after"]
-    assert f"Patchscope.mapping='scale' is registered by the module '{PLUGIN}', which this process has not " \
-           f"imported; import it first (in Python: import {PLUGIN}; on the command line: patchscopes run " \
-           f"--import {PLUGIN} ...) (allowed: affine, identity)" == report["spec"]
-    assert report["pyvene"].startswith(f"intervention type \"<class '{PLUGIN}.Halve'>\" is registered by the module "
-                                       f"'{PLUGIN}'") and f"--import {PLUGIN}" in report["pyvene"]
+    assert (
+        f"Patchscope.mapping='scale' is registered by the module '{PLUGIN}', which this process has not "
+        f"imported; import it first (in Python: import {PLUGIN}; on the command line: patchscopes run "
+        f"--import {PLUGIN} ...) (allowed: affine, identity)" == report["spec"]
+    )
+    assert (
+        report["pyvene"].startswith(
+            f"intervention type \"<class '{PLUGIN}.Halve'>\" is registered by the module '{PLUGIN}'"
+        )
+        and f"--import {PLUGIN}" in report["pyvene"]
+    )
 
 
 def test_a_fresh_process_that_imports_the_plugin_loads_both_with_identical_logits(shared):
-    report = _python(LOAD, str(shared / "tiny"), str(shared / "plugin"), "import", paths=(shared / "code",),
-                     cwd=shared)
+    report = _python(LOAD, str(shared / "tiny"), str(shared / "plugin"), "import", paths=(shared / "code",), cwd=shared)
     assert report["spec"] is True and report["pyvene"] is True
 
 
@@ -212,8 +240,9 @@ def test_a_pyvene_folder_names_the_module_of_a_custom_mapping_alone(shared, tmp_
     config["intervention_types"][1] = "<class 'pyvene.models.interventions.ZeroIntervention'>"
     (folder / "config.json").write_text(json.dumps(config))
     handle = tiny_model("llama", seed=11)
-    with pytest.raises(UnknownNameError, match=f"the saved intervention's mapping 'scale' is registered by the "
-                                               f"module '{PLUGIN}'"):
+    with pytest.raises(
+        UnknownNameError, match=f"the saved intervention's mapping 'scale' is registered by the module '{PLUGIN}'"
+    ):
         pyvene_patchscopes.load_intervenable(folder, handle.model)
     assert PLUGIN not in sys.modules
 
@@ -244,15 +273,24 @@ def test_an_installed_entry_point_is_loaded_by_the_cli_and_by_load_plugins_never
 
 
 # ---- --import and entry points that fail: one line naming the flag (or entry point) and the value ---------------
-@pytest.mark.parametrize("value,message", [
-    ("no_such_plugin_36", "--import='no_such_plugin_36' cannot be imported: No module named 'no_such_plugin_36' "
-                          "(allowed: a module on the Python path"),
-    ("broken_plugin_36", "--import='broken_plugin_36' raised RuntimeError while importing: boom at import "
-                         "(allowed: a module that imports without an error)"),
-    ("exiting_plugin_36", "--import='exiting_plugin_36' raised SystemExit while importing: 3"),
-    ("../etc/passwd", "--import='../etc/passwd' is not a module name (allowed: a Python module name"),
-    ("", "--import='' is not a module name"),
-])
+@pytest.mark.parametrize(
+    "value,message",
+    [
+        (
+            "no_such_plugin_36",
+            "--import='no_such_plugin_36' cannot be imported: No module named 'no_such_plugin_36' "
+            "(allowed: a module on the Python path",
+        ),
+        (
+            "broken_plugin_36",
+            "--import='broken_plugin_36' raised RuntimeError while importing: boom at import "
+            "(allowed: a module that imports without an error)",
+        ),
+        ("exiting_plugin_36", "--import='exiting_plugin_36' raised SystemExit while importing: 3"),
+        ("../etc/passwd", "--import='../etc/passwd' is not a module name (allowed: a Python module name"),
+        ("", "--import='' is not a module name"),
+    ],
+)
 def test_a_bad_import_is_one_line_naming_the_flag_and_nothing_runs(value, message, tmp_path, monkeypatch, capsys):
     (tmp_path / "broken_plugin_36.py").write_text("raise RuntimeError('boom at import\\nsecond line')\n")
     (tmp_path / "exiting_plugin_36.py").write_text("import sys\nsys.exit(3)\n")
@@ -274,9 +312,11 @@ def test_a_broken_installed_plugin_is_one_line_naming_it_and_its_package(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     assert main(["inspect", "--source-prompt", "a b c", "--import", "json"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"patchscopes: error: plugin entry point 'broken' = 'broken_entry_36' of the package "
-                   f"'broken-dist-36' (group {PLUGIN_GROUP}) raised ImportError while importing: needs torch 9 "
-                   "(allowed: an installed plugin that imports without an error; fix or uninstall it)\n")
+    assert err == (
+        f"patchscopes: error: plugin entry point 'broken' = 'broken_entry_36' of the package "
+        f"'broken-dist-36' (group {PLUGIN_GROUP}) raised ImportError while importing: needs torch 9 "
+        "(allowed: an installed plugin that imports without an error; fix or uninstall it)\n"
+    )
     assert main(["presets"]) == 0  # commands that load no spec and run no model import no plugin
 
 
@@ -286,8 +326,11 @@ def test_registering_the_same_class_again_is_allowed_and_another_class_under_a_t
 
     register_mapping("twice-36")(mapping_class("notebook_36"))
     register_mapping("twice-36")(mapping_class("notebook_36"))  # a notebook cell run again
-    with pytest.raises(SpecError, match=r"^mapping name 'twice-36' is already registered to notebook_36.Twice "
-                                        r"\(allowed: another name, or the same class again\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^mapping name 'twice-36' is already registered to notebook_36.Twice "
+        r"\(allowed: another name, or the same class again\)$",
+    ):
         register_mapping("twice-36")(mapping_class("other_36"))
     import pyvene as pv
 
@@ -296,25 +339,36 @@ def test_registering_the_same_class_again_is_allowed_and_another_class_under_a_t
 
     register_intervention("keep-36")(intervention_class("notebook_36"))
     register_intervention("keep-36")(intervention_class("notebook_36"))
-    with pytest.raises(SpecError, match=r"^intervention name 'keep-36' is already registered to notebook_36.Keep "
-                                        r"\(allowed: another name, or the same class again\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^intervention name 'keep-36' is already registered to notebook_36.Keep "
+        r"\(allowed: another name, or the same class again\)$",
+    ):
         register_intervention("keep-36")(intervention_class("other_36"))
 
 
 def test_an_unknown_mapping_name_says_how_a_mapping_becomes_known():
-    with pytest.raises(UnknownNameError, match=r"Patchscope.mapping='nope' is not registered; a class of your own is "
-                                               r"known once the module that registers it is imported .*--import "
-                                               r"MODULE\) \(allowed: .*affine, identity"):
+    with pytest.raises(
+        UnknownNameError,
+        match=r"Patchscope.mapping='nope' is not registered; a class of your own is "
+        r"known once the module that registers it is imported .*--import "
+        r"MODULE\) \(allowed: .*affine, identity",
+    ):
         Patchscope(Source(SOURCE), Target(TARGET), mapping="nope")
 
 
-@pytest.mark.parametrize("change,message", [
-    (lambda p: {**p, "extra": 1}, "plugins.json in .* is not allowed"),
-    (lambda p: {**p, "version": True}, "plugins.json in .* is not allowed"),
-    (lambda p: {**p, "mappings": {"scale": "os; rm -rf /"}},
-     r"plugins.json mappings module='os; rm -rf /' is not allowed \(allowed: a Python module name"),
-    (lambda p: {**p, "interventions": ["x"]}, "'interventions' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda p: {**p, "extra": 1}, "plugins.json in .* is not allowed"),
+        (lambda p: {**p, "version": True}, "plugins.json in .* is not allowed"),
+        (
+            lambda p: {**p, "mappings": {"scale": "os; rm -rf /"}},
+            r"plugins.json mappings module='os; rm -rf /' is not allowed \(allowed: a Python module name",
+        ),
+        (lambda p: {**p, "interventions": ["x"]}, "'interventions' is not allowed"),
+    ],
+)
 def test_a_malformed_plugins_file_is_refused_before_anything_is_built(shared, tmp_path, change, message):
     import shutil
 

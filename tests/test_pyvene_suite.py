@@ -6,6 +6,7 @@ interventions, generation). It runs here three times in fresh processes: plainly
 first, and with the plugin's safe serialization installed (`install_safe_serialization`); every run must pass
 every test.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,24 @@ def _outcomes(tmp_path: Path, plugin: str) -> dict[str, str]:
     """Each test's outcome with PYVENE_SUITE_WITH_PLUGIN=`plugin` ('0': none, '1': imported, 'safe': opted in)."""
     report = tmp_path / f"suite-{plugin}.xml"
     env = {**os.environ, "PYVENE_SUITE_WITH_PLUGIN": plugin}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
-                           f"--junitxml={report}", str(SUITE)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--noconftest",
+            f"--junitxml={report}",
+            str(SUITE),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     cases = ElementTree.parse(report).getroot().iter("testcase")
     outcomes = {case.get("name"): next((child.tag for child in case), "passed") for case in cases}
     assert outcomes, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,4 +1,5 @@
 """A small, deliberate set of checks on the real embedded SmolLM2-135M (and the Gemma 3 270M load)."""
+
 from __future__ import annotations
 
 import warnings
@@ -13,12 +14,27 @@ from pyvene_patchscopes.presets import build
 pytestmark = pytest.mark.real_model
 
 PROMPTS = [
-    "The capital of France is", "Water boils at a temperature of", "The opposite of hot is",
-    "Amazon's former CEO attended", "Once upon a time, there was a", "The largest planet in the solar system is",
-    "2 + 2 =", "In Python, you define a function with the keyword", "The sun rises in the", "My favourite colour is",
-    "Shakespeare wrote Romeo and", "The chemical symbol for gold is", "Monday, Tuesday,", "The Eiffel Tower is in",
-    "Dogs are loyal", "She opened the door and", "def add(a, b):\n    return", "The speed of light is",
-    "Paris is the capital of", "A, B, C, D,", "The quick brown fox jumps over the lazy",
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The opposite of hot is",
+    "Amazon's former CEO attended",
+    "Once upon a time, there was a",
+    "The largest planet in the solar system is",
+    "2 + 2 =",
+    "In Python, you define a function with the keyword",
+    "The sun rises in the",
+    "My favourite colour is",
+    "Shakespeare wrote Romeo and",
+    "The chemical symbol for gold is",
+    "Monday, Tuesday,",
+    "The Eiffel Tower is in",
+    "Dogs are loyal",
+    "She opened the door and",
+    "def add(a, b):\n    return",
+    "The speed of light is",
+    "Paris is the capital of",
+    "A, B, C, D,",
+    "The quick brown fox jumps over the lazy",
 ]
 
 
@@ -81,8 +97,9 @@ def test_after_a_run_no_hooks_are_left_and_hidden_states_work(smollm2):
 
 
 def test_engine_matches_hooks_on_smollm2(smollm2):
-    scope = Patchscope(Source("Amazon's former CEO attended Oscars", "CEO", 6),
-                       Target("The capital city of x is", "x", 2))
+    scope = Patchscope(
+        Source("Amazon's former CEO attended Oscars", "CEO", 6), Target("The capital city of x is", "x", 2)
+    )
     got = run(scope, smollm2)[0]
     h = golden.read(smollm2, scope.source.prompt, 6, got.source_position)
     want = golden.patched_logits(smollm2, scope.target.prompt, 2, got.target_position, h)
@@ -92,8 +109,10 @@ def test_engine_matches_hooks_on_smollm2(smollm2):
 def test_gemma3_loads_and_runs_through_pyvene():
     gemma = load_model("gemma3-270m")
     assert (gemma.n_layers, gemma.hidden_size) == (18, 640)
-    scope = Patchscope(Source("The city of Paris", "Paris", 3, "gemma3-270m"),
-                       Target("cat -> cat\n1135 -> 1135\nhello -> hello\n? ->", "?", 3))
+    scope = Patchscope(
+        Source("The city of Paris", "Paris", 3, "gemma3-270m"),
+        Target("cat -> cat\n1135 -> 1135\nhello -> hello\n? ->", "?", 3),
+    )
     got = run(scope, gemma)[0]
     h = golden.read(gemma, scope.source.prompt, 3, got.source_position)
     want = golden.patched_logits(gemma, scope.target.prompt, 3, got.target_position, h)

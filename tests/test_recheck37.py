@@ -6,6 +6,7 @@ exited 0, one's shards holding the other's prompts. B: an adapter's extra tensor
 float32, gave NaN readouts. Minor: ``complete.json`` as a folder failed after the work as "the write failed"; an
 option a preset does not take raised a raw TypeError; a wrongly shaped extra tensor got peft's cut-off error.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,16 +38,24 @@ def oracle(tmp_path):
     _lora(copy.deepcopy(tiny_model("llama", seed=5).model)).save_pretrained(tmp_path / "oracle")
     return tmp_path / "oracle"
 
-PROMPTS = {"first": [f"The city of number {i} is large" for i in range(12)],
-           "other": [f"Another text number {i} here" for i in range(12)]}
+
+PROMPTS = {
+    "first": [f"The city of number {i} is large" for i in range(12)],
+    "other": [f"Another text number {i} here" for i in range(12)],
+}
 SETTINGS = dict(target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False, readout="logits")
 TRIALS = 4
 
 
 # ---- E: two sweeps over other prompts started into one folder at once ----------------------------------------------
 def _worker(role: str, base: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE), "race", role, str(base)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, str(HERE), "race", role, str(base)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_two_sweeps_over_other_prompts_started_at_once_one_owns_the_folder_the_other_is_refused(tmp_path):
@@ -125,9 +134,11 @@ def test_a_complete_json_that_is_a_folder_is_refused_in_one_line_before_any_work
     for prompts in (PROMPTS["first"][:4], PROMPTS["first"][:6]):  # all units finished, then one more to compute
         with pytest.raises(SpecError) as raised:
             sweeping.sweep(prompts, model, out=folder, **SETTINGS)
-        assert str(raised.value) == (f"{folder / 'complete.json'} is a folder, not a file: it is not the completion "
-                                     "record a sweep writes, and nothing was written (allowed: a regular file written "
-                                     "by a sweep, or nothing: move it away)")
+        assert str(raised.value) == (
+            f"{folder / 'complete.json'} is a folder, not a file: it is not the completion "
+            "record a sweep writes, and nothing was written (allowed: a regular file written "
+            "by a sweep, or nothing: move it away)"
+        )
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
@@ -143,23 +154,31 @@ def no_peft_load(monkeypatch):
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", loaded)
 
 
-@pytest.mark.parametrize("key, shape, fill", [
-    ("base_model.model.lm_head.weight", [320, 64], 0.0),  # the base model's head, zeroed
-    ("base_model.model.model.embed_tokens.weight", [320, 64], 100.0),  # its embeddings, 100 everywhere
-    ("base_model.model.lm_head.weight", [3], 0.0),  # minor 3: wrongly shaped, peft's error was cut off
-])
-def test_a_tensor_the_adapter_config_does_not_account_for_is_refused_before_peft(key, shape, fill, oracle,
-                                                                                 tiny_folder, tmp_path, no_peft_load):
+@pytest.mark.parametrize(
+    "key, shape, fill",
+    [
+        ("base_model.model.lm_head.weight", [320, 64], 0.0),  # the base model's head, zeroed
+        ("base_model.model.model.embed_tokens.weight", [320, 64], 100.0),  # its embeddings, 100 everywhere
+        ("base_model.model.lm_head.weight", [3], 0.0),  # minor 3: wrongly shaped, peft's error was cut off
+    ],
+)
+def test_a_tensor_the_adapter_config_does_not_account_for_is_refused_before_peft(
+    key, shape, fill, oracle, tiny_folder, tmp_path, no_peft_load
+):
     """On f0d46ba the first two loaded (prob 0.0031 and 0.0048 against the clean 0.0049): peft loads non-strictly,
     so they overwrote the base model's weights; the third failed with "Error(s) in loading state_dict for
     PeftModel:" and nothing more."""
     bad = _edited(oracle, tmp_path, "extra", tensors=lambda w: {**w, key: torch.full(shape, fill)})
-    _refused(tiny_folder, bad, rf"^adapter '[^']+': adapter_model\.safetensors holds 1 tensor\(s\) that "
-                               rf"adapter_config\.json does not account for, first '{re.escape(key)}' \(shape "
-                               rf"{re.escape(str(shape))}\): peft would load it into the base model, overwriting its "
-                               r"weights \(allowed: the 56 tensors peft expects for this config, as its "
-                               r"save_pretrained writes them; a module's whole copy only where modules_to_save "
-                               r"names it\)$")
+    _refused(
+        tiny_folder,
+        bad,
+        rf"^adapter '[^']+': adapter_model\.safetensors holds 1 tensor\(s\) that "
+        rf"adapter_config\.json does not account for, first '{re.escape(key)}' \(shape "
+        rf"{re.escape(str(shape))}\): peft would load it into the base model, overwriting its "
+        r"weights \(allowed: the 56 tensors peft expects for this config, as its "
+        r"save_pretrained writes them; a module's whole copy only where modules_to_save "
+        r"names it\)$",
+    )
 
 
 def test_a_wrongly_shaped_modules_to_save_copy_is_refused_before_peft(tiny_folder, tmp_path, no_peft_load):
@@ -168,14 +187,24 @@ def test_a_wrongly_shaped_modules_to_save_copy_is_refused_before_peft(tiny_folde
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(tiny_model("llama", seed=5).model),
-                                    LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        peft_model = get_peft_model(
+            copy.deepcopy(tiny_model("llama", seed=5).model),
+            LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+        )
     peft_model.save_pretrained(tmp_path / "head")
-    bad = _edited(tmp_path / "head", tmp_path, "bad-head",
-                  tensors=lambda w: {**w, "base_model.model.lm_head.weight": torch.zeros(3)})
-    _refused(tiny_folder, bad, r"^adapter '[^']+': adapter_model\.safetensors 'base_model\.model\.lm_head\.weight' has "
-                               r"shape \[3\], but the base model's module has \[320, 64\] \(allowed: a copy of the "
-                               r"base model's module, as modules_to_save saves it\)$")
+    bad = _edited(
+        tmp_path / "head",
+        tmp_path,
+        "bad-head",
+        tensors=lambda w: {**w, "base_model.model.lm_head.weight": torch.zeros(3)},
+    )
+    _refused(
+        tiny_folder,
+        bad,
+        r"^adapter '[^']+': adapter_model\.safetensors 'base_model\.model\.lm_head\.weight' has "
+        r"shape \[3\], but the base model's module has \[320, 64\] \(allowed: a copy of the "
+        r"base model's module, as modules_to_save saves it\)$",
+    )
 
 
 def test_an_adapter_whose_embeddings_are_adapted_still_loads_with_their_saved_copy(tiny_folder, tmp_path):
@@ -185,8 +214,10 @@ def test_an_adapter_whose_embeddings_are_adapted_still_loads_with_their_saved_co
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = get_peft_model(copy.deepcopy(tiny_model("llama", seed=5).model),
-                                    LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+        peft_model = get_peft_model(
+            copy.deepcopy(tiny_model("llama", seed=5).model),
+            LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False),
+        )
         peft_model.save_pretrained(tmp_path / "embedding")
     assert any("embed_tokens.base_layer" in key for key in load_file(str(tmp_path / "embedding" / WEIGHTS)))
     assert 0 < _prob(tmp_path / "embedding", tiny_folder) <= 1
@@ -197,22 +228,31 @@ def _fill_b(value: float):
         key = next(k for k in sorted(weights) if "lora_B" in k)
         weights[key] = weights[key].clone().fill_(value)
         return weights
+
     return change
 
 
-@pytest.mark.parametrize("case, tensors, config", [
-    ("alpha-1e30", None, lambda c: {**c, "lora_alpha": 1e30}),  # finite in float32: the old check let it by
-    ("lora-B-3e38", _fill_b(3e38), None),  # each entry finite in float32; B @ A is not
-])
-def test_an_adapter_whose_update_overflows_the_forward_is_refused(case, tensors, config, oracle, tiny_folder,
-                                                                  tmp_path, no_peft_load):
+@pytest.mark.parametrize(
+    "case, tensors, config",
+    [
+        ("alpha-1e30", None, lambda c: {**c, "lora_alpha": 1e30}),  # finite in float32: the old check let it by
+        ("lora-B-3e38", _fill_b(3e38), None),  # each entry finite in float32; B @ A is not
+    ],
+)
+def test_an_adapter_whose_update_overflows_the_forward_is_refused(
+    case, tensors, config, oracle, tiny_folder, tmp_path, no_peft_load
+):
     """On f0d46ba both loaded and read prob=nan (alpha) or a uniform 0.003125 = 1/320 (lora_B)."""
     bad = _edited(oracle, tmp_path, case, tensors, config)
-    _refused(tiny_folder, bad, r"^adapter '[^']+': the update of 'model\.layers\.\d+\.\S+', scale \S+ \(lora_alpha / "
-                               r"r\) \* lora_B @ lora_A, can reach \S+ for an input of entries at most 1, beyond what "
-                               r"the forward computes finitely in float32 \(allowed: an update bounded by \S+ here, "
-                               r"\|scale\| \* the largest row sums of \|lora_B\| and \|lora_A\|: a smaller lora_alpha "
-                               r"or smaller weights\)$")
+    _refused(
+        tiny_folder,
+        bad,
+        r"^adapter '[^']+': the update of 'model\.layers\.\d+\.\S+', scale \S+ \(lora_alpha / "
+        r"r\) \* lora_B @ lora_A, can reach \S+ for an input of entries at most 1, beyond what "
+        r"the forward computes finitely in float32 \(allowed: an update bounded by \S+ here, "
+        r"\|scale\| \* the largest row sums of \|lora_B\| and \|lora_A\|: a smaller lora_alpha "
+        r"or smaller weights\)$",
+    )
 
 
 def test_an_adapter_with_a_large_but_sound_alpha_still_loads(oracle, tiny_folder, tmp_path):
@@ -228,10 +268,18 @@ def test_a_sweep_with_an_option_its_preset_does_not_take_is_refused_in_one_line(
     from pyvene_patchscopes.execution.sweeps import sweep
 
     with pytest.raises(SpecError) as raised:
-        sweep(PROMPTS["first"][:2], tiny_model("llama", seed=5), preset="token-identity", write="add", alpha=1e39,
-              **SETTINGS)
-    assert str(raised.value) == ("write='add' is not allowed: preset 'token-identity' takes no option 'write' "
-                                 "(allowed: max_new_tokens, target_prompt)")
+        sweep(
+            PROMPTS["first"][:2],
+            tiny_model("llama", seed=5),
+            preset="token-identity",
+            write="add",
+            alpha=1e39,
+            **SETTINGS,
+        )
+    assert str(raised.value) == (
+        "write='add' is not allowed: preset 'token-identity' takes no option 'write' "
+        "(allowed: max_new_tokens, target_prompt)"
+    )
 
 
 def test_every_preset_refuses_an_option_it_does_not_take_and_names_its_own():
@@ -243,12 +291,23 @@ def test_every_preset_refuses_an_option_it_does_not_take_and_names_its_own():
         assert allowed and "max_new_tokens" in allowed and "target_prompt" in allowed, name
         with pytest.raises(SpecError) as raised:
             build(name, "The capital city of Paris", "Paris", 1, target_prompt="The CEO of", bogus=1)
-        assert str(raised.value) == (f"bogus=1 is not allowed: preset {name!r} takes no option 'bogus' (allowed: "
-                                     f"{', '.join(allowed)})"), name
+        assert str(raised.value) == (
+            f"bogus=1 is not allowed: preset {name!r} takes no option 'bogus' (allowed: {', '.join(allowed)})"
+        ), name
         if preset.needs_lens:
             continue  # its recipe reads a fitted lens, which `as_lens` tests
-        assert build(name, "The capital city of Paris", "Paris", 1, target_prompt="The CEO of x", max_new_tokens=1,
-                     **({"tokenizer": None} if "tokenizer" in allowed else {})).max_new_tokens == 1, name
+        assert (
+            build(
+                name,
+                "The capital city of Paris",
+                "Paris",
+                1,
+                target_prompt="The CEO of x",
+                max_new_tokens=1,
+                **({"tokenizer": None} if "tokenizer" in allowed else {}),
+            ).max_new_tokens
+            == 1
+        ), name
 
 
 def main(argv: list[str]) -> None:

@@ -1,5 +1,6 @@
 """The docs' evaluation numbers are the shipped reports' numbers (and the J-lens benchmark's), each with its
 interval."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def _sections() -> str:
     """The docs' evaluation pages: `patchscopes eval`, the Jacobian lens, and the Jacobian Scopes faithfulness
     benchmark."""
     scopes = page("guides/jacobian-scopes")
-    return page("guides/paper") + page("guides/jacobian-lens") + scopes[scopes.index("**Faithfulness**"):]
+    return page("guides/paper") + page("guides/jacobian-lens") + scopes[scopes.index("**Faithfulness**") :]
 
 
 def _folders() -> list[Path]:
@@ -72,14 +73,16 @@ def test_reports_hold_every_task_on_its_models_with_intervals():
 
 def test_every_interval_in_the_readme_comes_from_a_report():
     numbers, printed = _reported()
-    shown = [(m.group(0), tuple(float(v) for v in m.groups()), len(m.group(1).split(".")[1]))
-             for m in INTERVAL.finditer(_sections())]
+    shown = [
+        (m.group(0), tuple(float(v) for v in m.groups()), len(m.group(1).split(".")[1]))
+        for m in INTERVAL.finditer(_sections())
+    ]
     assert len(shown) >= 40
 
     def found(triple: tuple[float, ...], digits: int) -> bool:
         if triple in {tuple(round(v, digits) for v in t) for t in numbers}:
             return True  # a 2-digit value on a page may round a table's 3-digit text: within half a unit
-        return any(all(abs(a - b) <= 0.5 * 10 ** -digits + 1e-9 for a, b in zip(triple, t)) for t in printed)
+        return any(all(abs(a - b) <= 0.5 * 10**-digits + 1e-9 for a, b in zip(triple, t)) for t in printed)
 
     missing = [text for text, triple, digits in shown if not found(triple, digits)]
     assert not missing, f"docs intervals not found in reports/: {missing}"
@@ -101,8 +104,10 @@ def test_the_attribute_reports_hold_the_logit_lens_beside_the_probe_with_the_sam
     for folder in ("attributes", folder_name("attributes", SECOND_MODEL)):
         report = json.loads((REPORTS / folder / "report.json").read_text())
         data, layers, n = report["data"], report["settings"]["layers"], len(report["data"]["swept"])
-        assert report["tables"][0]["columns"][-2:] == ["probe (3-fold CV), all known",
-                                                       "logit lens (top-1 token), all swept"]
+        assert report["tables"][0]["columns"][-2:] == [
+            "probe (3-fold CV), all known",
+            "logit lens (top-1 token), all swept",
+        ]
         assert sorted(map(int, data["logit_lens"])) == layers and {len(v) for v in data["logit_lens"].values()} == {n}
         mean = data["intervals"]["logit lens accuracy, mean over source layers (top-1 token), all swept"]
         assert mean["n"] == n
@@ -145,32 +150,45 @@ def test_every_figure_of_the_benchmark_pages_is_its_results_file():
     benchmarks/results/ that its make target wrote, rounded as printed."""
     results = {path.stem: json.loads(path.read_text()) for path in (ROOT / "benchmarks" / "results").glob("*.json")}
     text = page("reference/benchmarks")
-    gib = 2 ** 30
-    for work, row in zip(("l\\* = l, 32 prompts (960 cells; a, b on all 960)",
-                          "30 x 30 grid, 2 prompts (1,800 cells; a, b on 150)"), results["cpu"]["results"]):
+    gib = 2**30
+    for work, row in zip(
+        ("l\\* = l, 32 prompts (960 cells; a, b on all 960)", "30 x 30 grid, 2 prompts (1,800 cells; a, b on 150)"),
+        results["cpu"]["results"],
+    ):
         rate, agree = row["patchscopes_per_s"], row["top1_agreement"]["official_vs_engine"]
-        assert (f"| {work} | {rate['official']:.1f} | {rate['pyvene']:.1f} | {rate['engine']:.0f} | "
-                f"{row['c_over_a']:.0f} | {row['c_over_b']:.0f} | {row['peak_memory_bytes']['engine'] / gib:.2f} GiB | "
-                f"{round(agree * row['baseline_pairs'])}/{row['baseline_pairs']} |") in text
+        assert (
+            f"| {work} | {rate['official']:.1f} | {rate['pyvene']:.1f} | {rate['engine']:.0f} | "
+            f"{row['c_over_a']:.0f} | {row['c_over_b']:.0f} | {row['peak_memory_bytes']['engine'] / gib:.2f} GiB | "
+            f"{round(agree * row['baseline_pairs'])}/{row['baseline_pairs']} |"
+        ) in text
     for name, runner in results["runners"]["runners"].items():
-        assert (f"| {name} | {runner['cells_per_s']:.0f} | {runner['over_plain']:.1f} | "
-                f"{runner['top1_agreement_with_shared_prefix']:.3f} |") in text
+        assert (
+            f"| {name} | {runner['cells_per_s']:.0f} | {runner['over_plain']:.1f} | "
+            f"{runner['top1_agreement_with_shared_prefix']:.3f} |"
+        ) in text
     host = results["host"]["ms_per_cell"]
-    assert (f"host work fell from {host['before']['host']:.3f} ms to {host['after']['host']:.3f} ms per cell "
-            f"(**{results['host']['host_speedup']}x**") in " ".join(text.split())
+    assert (
+        f"host work fell from {host['before']['host']:.3f} ms to {host['after']['host']:.3f} ms per cell "
+        f"(**{results['host']['host_speedup']}x**"
+    ) in " ".join(text.split())
     names = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma 3 270M"}
     in_memory = {(r["model"], r["prompts"]): r for r in results["memory"]["runs"] if r["mode"] == "memory+logits"}
     for run in (r for r in results["memory"]["runs"] if r["mode"] == "folder"):
-        row = (f"| {names[run['model']]} | {run['prompts']:,} | {run['cells']:,} | {run['peak_rss_gib']:.2f} GiB | "
-               f"{run['cells_per_s']:.0f} |")
+        row = (
+            f"| {names[run['model']]} | {run['prompts']:,} | {run['cells']:,} | {run['peak_rss_gib']:.2f} GiB | "
+            f"{run['cells_per_s']:.0f} |"
+        )
         memory = in_memory.get((run["model"], run["prompts"]))
         assert row + (f" {memory['peak_rss_gib']:.2f} GiB |" if memory else "") in text, row
     explore = results["explore"]
-    assert (f"takes **{explore['median_click_to_drawn']:.1f} s from click to drawn**" in joined("guides/explorer")
-            and f"of which the sweep itself is {explore['median_service']:.1f} s" in joined("guides/explorer"))
+    assert f"takes **{explore['median_click_to_drawn']:.1f} s from click to drawn**" in joined(
+        "guides/explorer"
+    ) and f"of which the sweep itself is {explore['median_service']:.1f} s" in joined("guides/explorer")
     scales = results["scales"]
-    assert (f"**{scales['batched_cells_per_s']} against {scales['hooks_cells_per_s']} cells/s, "
-            f"{scales['per_latent_hooks_s'] / scales['batched_s']:.1f}x**") in joined("guides/vectors")
+    assert (
+        f"**{scales['batched_cells_per_s']} against {scales['hooks_cells_per_s']} cells/s, "
+        f"{scales['per_latent_hooks_s'] / scales['batched_s']:.1f}x**"
+    ) in joined("guides/vectors")
 
 
 def test_every_figure_the_docs_show_is_a_file_of_the_repository():

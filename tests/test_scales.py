@@ -1,6 +1,7 @@
 """Scale search (issue 26): every (vector, l*, α) in one batched run, each readout scored by self-similarity (the
 target's last block output at the end of T against v) and entropy, on both paths, equal to hand-written hooks; and
 the stated rule that picks l* and α, which no longer prefers the largest α for a random vector (issue 36)."""
+
 from __future__ import annotations
 
 import math
@@ -36,17 +37,20 @@ def test_final_states_and_entropy_equal_hand_written_hooks_on_both_paths(kind):
     handle = tiny_model(kind, seed=6)
     torch.manual_seed(8)
     vector = torch.randn(handle.hidden_size)
-    scopes = [Patchscope(VectorSource(vector, 1, handle.name), Target(PROMPT, Every("x"), layer, write=write,
-                                                                      alpha=alpha))
-              for layer in (1, 3) for write, alpha in (("replace", 3.0), ("add", 2.0))]
+    scopes = [
+        Patchscope(VectorSource(vector, 1, handle.name), Target(PROMPT, Every("x"), layer, write=write, alpha=alpha))
+        for layer in (1, 3)
+        for write, alpha in (("replace", 3.0), ("add", 2.0))
+    ]
     slots = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for planned in (True, False):
             for scope, result in zip(scopes, run(scopes, handle, planned=planned, keep_scores=True)):
                 slots = list(resolve_slots(handle.tokenizer, PROMPT, Every("x")))
-                logits, final = _by_hooks(handle, scope.target.layer, slots, vector, scope.target.alpha,
-                                          scope.target.write)
+                logits, final = _by_hooks(
+                    handle, scope.target.layer, slots, vector, scope.target.alpha, scope.target.write
+                )
                 torch.testing.assert_close(result.final_state, final, atol=1e-4, rtol=0)
                 p = torch.softmax(logits, -1)
                 assert result.entropy == pytest.approx(float(-(p * p.log()).sum()), abs=1e-4)
@@ -82,8 +86,10 @@ def test_scale_search_runs_every_cell_once_and_scores_it(smollm2):
         i, j = [2, 6].index(choice.layer), alphas.index(choice.alpha)
         assert score[v, i, j] == score[v].max() and choice.score == pytest.approx(float(score[v].max()))
         assert choice.vector == f"random-{v}" and choice.result is search.result(v, i, j)
-        assert (choice.self_similarity, choice.entropy) == (float(search.self_similarity[v, i, j]),
-                                                             float(search.entropy[v, i, j]))
+        assert (choice.self_similarity, choice.entropy) == (
+            float(search.self_similarity[v, i, j]),
+            float(search.entropy[v, i, j]),
+        )
     best = [divmod(int(search.self_similarity[v].flatten().argmax()), 3) for v in range(3)]
     assert [(c.layer, c.alpha) for c in search.choose(weight=0.0)] == [([2, 6][i], alphas[j]) for i, j in best]
 
@@ -118,11 +124,21 @@ def test_the_readmes_paris_example_the_rule_picks_the_scale_that_names_paris(smo
     """README, "Scale search": the state of "Paris" (layer 6, normalised) read at l* = 2 at five scales."""
     state = hidden_states("Here is a city: Paris", smollm2, 6, "Paris")
     assert round(float(state.norm())) == 121
-    search = scale_search([VectorSource(state / state.norm(), 6, smollm2.name, "paris")], smollm2,
-                          alphas=[1.0, 8.0, 32.0, 128.0, 512.0], layers=[2], max_new_tokens=8)
+    search = scale_search(
+        [VectorSource(state / state.norm(), 6, smollm2.name, "paris")],
+        smollm2,
+        alphas=[1.0, 8.0, 32.0, 128.0, 512.0],
+        layers=[2],
+        max_new_tokens=8,
+    )
     readings = [search.result(0, 0, j).generation for j in range(5)]
-    assert readings == ['to make a difference" or "to', 'assistant" or "assistant.', 'Achievement" or "Achie',
-                        'Paris" in French. It is a', 'Monde" in French. It refers']
+    assert readings == [
+        'to make a difference" or "to',
+        'assistant" or "assistant.',
+        'Achievement" or "Achie',
+        'Paris" in French. It is a',
+        'Monde" in French. It refers',
+    ]
     assert int(search.entropy[0, 0].argmin()) == 3 and round(float(search.entropy[0, 0, 3]), 2) == 4.89
     choice = search.choose(weight=1.0)[0]
     assert (choice.layer, choice.alpha) == (2, 128.0) and choice.result.generation == readings[3]

@@ -1,5 +1,6 @@
 """Round trips with identical logits: save_patchscope/load_patchscope, pyvene's own save/load in a fresh CPU process,
 and the catalogue; plus the checks that loading makes."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ TESTS = Path(__file__).parent
 
 
 def affine_scope(handle, source_layer=1, target_layer=2):
-    return Patchscope(Source(SOURCE, "Paris", source_layer, handle.name), Target(TARGET, "x", target_layer),
-                      mapping=random_affine(handle.hidden_size, handle.hidden_size, seed=7), max_new_tokens=3)
+    return Patchscope(
+        Source(SOURCE, "Paris", source_layer, handle.name),
+        Target(TARGET, "x", target_layer),
+        mapping=random_affine(handle.hidden_size, handle.hidden_size, seed=7),
+        max_new_tokens=3,
+    )
 
 
 def test_patchscope_save_load_gives_an_equal_spec_and_identical_logits(tiny_llama, tmp_path):
@@ -121,17 +126,21 @@ def test_the_old_method_patchscope_load_warns_naming_the_function_and_gives_the_
     with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.load_patchscope\(name_or_folder.* 0\.3\.0"):
         old = Patchscope.load(tmp_path, models=tiny_llama)
     assert old == load_patchscope(tmp_path, models=tiny_llama) == affine_scope(tiny_llama)
-    with pytest.warns(DeprecationWarning, match="load_patchscope"), \
-            pytest.raises(SpecError, match="hidden_size is 32 in hand but 64"):
+    with (
+        pytest.warns(DeprecationWarning, match="load_patchscope"),
+        pytest.raises(SpecError, match="hidden_size is 32 in hand but 64"),
+    ):
         Patchscope.load(tmp_path, models=tiny_model("llama", hidden=32, seed=0))  # still checks the models
 
 
-def test_the_old_method_patchscope_from_hub_warns_naming_the_function_and_gives_the_same_scope(tiny_llama, tmp_path,
-                                                                                                monkeypatch):
+def test_the_old_method_patchscope_from_hub_warns_naming_the_function_and_gives_the_same_scope(
+    tiny_llama, tmp_path, monkeypatch
+):
     save_patchscope(affine_scope(tiny_llama), tmp_path, models=tiny_llama)
     asked = []
-    monkeypatch.setattr(persist, "download",
-                        lambda repo_id, revision=None: asked.append((repo_id, revision)) or tmp_path)
+    monkeypatch.setattr(
+        persist, "download", lambda repo_id, revision=None: asked.append((repo_id, revision)) or tmp_path
+    )
     with pytest.warns(DeprecationWarning, match=r"use pyvene_patchscopes\.patchscope_from_hub\(repo_id.* 0\.3\.0"):
         old = Patchscope.from_hub("me/spec", models=tiny_llama, revision="v1")
     assert old == patchscope_from_hub("me/spec", models=tiny_llama, revision="v1") == affine_scope(tiny_llama)
@@ -139,9 +148,14 @@ def test_the_old_method_patchscope_from_hub_warns_naming_the_function_and_gives_
 
 
 def test_version_1_specs_still_load():
-    data = {"format": "pyvene-patchscopes/patchscope", "version": 1, "source": {"prompt": "a b", "position": -1,
-            "layer": 0, "model": "m"}, "target": {"prompt": "c x", "position": "x", "layer": 1, "model": None},
-            "mapping": "identity", "max_new_tokens": 0}
+    data = {
+        "format": "pyvene-patchscopes/patchscope",
+        "version": 1,
+        "source": {"prompt": "a b", "position": -1, "layer": 0, "model": "m"},
+        "target": {"prompt": "c x", "position": "x", "layer": 1, "model": None},
+        "mapping": "identity",
+        "max_new_tokens": 0,
+    }
     assert Patchscope.from_dict(data) == Patchscope(Source("a b", model="m"), Target("c x", "x", 1))
 
 
@@ -181,10 +195,19 @@ FRESH = textwrap.dedent("""
 
 def _in_fresh_process(folder: Path, kind: str, loader: str = "safe") -> torch.Tensor:
     out = folder / "fresh.safetensors"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", FRESH, str(folder), str(out), kind, loader], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH, str(folder), str(out), kind, loader],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return load_file(str(out))["logits"]
 
@@ -192,16 +215,26 @@ def _in_fresh_process(folder: Path, kind: str, loader: str = "safe") -> torch.Te
 def test_pyvene_save_load_round_trips_mapping_interventions_in_a_fresh_cpu_process(tmp_path):
     handle = tiny_model("llama", seed=11)
     ids = handle.tokenizer(["The city of Paris is large"], return_tensors="pt")
-    interventions = [MappingIntervention(mapping=random_affine(64, 64, seed=3), embed_dim=64),
-                     MappingIntervention(mapping=Scaled(64, 64, alpha=0.25), embed_dim=64)]
-    config = pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=layer, component="block_output", unit="pos", max_number_of_units=1,
-                                intervention=iv) for layer, iv in zip((1, 2), interventions)])
+    interventions = [
+        MappingIntervention(mapping=random_affine(64, 64, seed=3), embed_dim=64),
+        MappingIntervention(mapping=Scaled(64, 64, alpha=0.25), embed_dim=64),
+    ]
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=layer, component="block_output", unit="pos", max_number_of_units=1, intervention=iv
+            )
+            for layer, iv in zip((1, 2), interventions)
+        ]
+    )
     source = [torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(k)) for k in range(2)]
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pvm = compat.intervenable(config, handle.model)
-        _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [3]]),
-                        source_representations=dict(zip(pvm.sorted_keys, source)))
+        _, output = pvm(
+            base=dict(ids),
+            unit_locations=per_intervention_locations([[2], [3]]),
+            source_representations=dict(zip(pvm.sorted_keys, source)),
+        )
         with safe_serialization():  # pyvene's own method, routed through compat for this block
             pvm.save(str(tmp_path))
     torch.save(source, tmp_path / "source.pt")
@@ -215,9 +248,19 @@ def test_pyvene_save_load_round_trips_the_linked_reroute_intervention_in_a_fresh
     handle = tiny_model("llama", seed=11)
     ids = handle.tokenizer(["The city of Paris is large"], return_tensors="pt")
     reroute = RerouteIntervention(mapping=Scaled(64, 64, alpha=2.0), embed_dim=64)
-    config = pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=layer, component="block_output", unit="pos", max_number_of_units=1,
-                                intervention=reroute, intervention_link_key=0) for layer in (1, 2)])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=layer,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=1,
+                intervention=reroute,
+                intervention_link_key=0,
+            )
+            for layer in (1, 2)
+        ]
+    )
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pvm = compat.intervenable(config, handle.model)
         _, output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[5], [2]]))
@@ -232,21 +275,33 @@ def test_pyvene_save_load_round_trips_a_patchscope_beside_an_addition_and_a_coll
     handle = tiny_model("llama", seed=11)
     ids = handle.tokenizer(["The city of Paris is large"], return_tensors="pt")
     steer = torch.randn(1, 64, generator=torch.Generator().manual_seed(5))
-    interventions = [(1, MappingIntervention(mapping=random_affine(64, 64, seed=3), embed_dim=64)),
-                     (2, pv.AdditionIntervention(embed_dim=64, source_representation=steer)),
-                     (3, pv.CollectIntervention())]
-    config = pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=layer, component="block_output", unit="pos", max_number_of_units=1,
-                                intervention=iv) for layer, iv in interventions])
+    interventions = [
+        (1, MappingIntervention(mapping=random_affine(64, 64, seed=3), embed_dim=64)),
+        (2, pv.AdditionIntervention(embed_dim=64, source_representation=steer)),
+        (3, pv.CollectIntervention()),
+    ]
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=layer, component="block_output", unit="pos", max_number_of_units=1, intervention=iv
+            )
+            for layer, iv in interventions
+        ]
+    )
     source = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0))
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pvm = compat.intervenable(config, handle.model)
-        (_, collected), output = pvm(base=dict(ids), unit_locations=per_intervention_locations([[2], [2], [4]]),
-                                     source_representations={pvm.sorted_keys[0]: source})
-        unsteered = compat.intervenable(pv.IntervenableConfig(representations=config.representations[:1]),
-                                        handle.model)
-        _, alone = unsteered(base=dict(ids), unit_locations=per_intervention_locations([[2]]),
-                             source_representations={unsteered.sorted_keys[0]: source})
+        (_, collected), output = pvm(
+            base=dict(ids),
+            unit_locations=per_intervention_locations([[2], [2], [4]]),
+            source_representations={pvm.sorted_keys[0]: source},
+        )
+        unsteered = compat.intervenable(pv.IntervenableConfig(representations=config.representations[:1]), handle.model)
+        _, alone = unsteered(
+            base=dict(ids),
+            unit_locations=per_intervention_locations([[2]]),
+            source_representations={unsteered.sorted_keys[0]: source},
+        )
         with safe_serialization():
             pvm.save(str(tmp_path))
     torch.save(source, tmp_path / "source.pt")
@@ -259,9 +314,20 @@ def test_pyvene_save_load_round_trips_a_patchscope_beside_an_addition_and_a_coll
 def test_safe_loader_never_imports_modules_named_in_a_pyvene_config(tmp_path):
     handle = tiny_model("llama", seed=11)
     with compat.pyvene_guard(handle.model):
-        pvm = compat.intervenable(pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-            layer=1, component="block_output", unit="pos", max_number_of_units=1,
-            intervention=pv.VanillaIntervention(embed_dim=64))]), handle.model)
+        pvm = compat.intervenable(
+            pv.IntervenableConfig(
+                representations=[
+                    pv.RepresentationConfig(
+                        layer=1,
+                        component="block_output",
+                        unit="pos",
+                        max_number_of_units=1,
+                        intervention=pv.VanillaIntervention(embed_dim=64),
+                    )
+                ]
+            ),
+            handle.model,
+        )
         pvm.save(str(tmp_path))
         config = json.loads((tmp_path / "config.json").read_text())
         config["intervention_types"] = ["<class 'antigravity.Fly'>"]

@@ -1,4 +1,5 @@
 """The spec: validated on construction, compared by value, round-tripped through JSON with a version key."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ positions = st.one_of(st.integers(-50, 50), prompts)
 layers = st.integers(-40, 40)
 
 
-@given(prompts, positions, layers, prompts, positions, layers, st.integers(0, 64),
-       st.sampled_from([None, "gemma3-270m"]))
+@given(
+    prompts, positions, layers, prompts, positions, layers, st.integers(0, 64), st.sampled_from([None, "gemma3-270m"])
+)
 def test_spec_round_trips_through_json(sp, si, sl, tp, ti, tl, n, target_model):
     scope = Patchscope(Source(sp, si, sl), Target(tp, ti, tl, target_model), max_new_tokens=n)
     text = scope.to_json()
@@ -46,15 +48,18 @@ def test_spec_is_frozen_and_compared_by_value():
     assert a.target_model == "smollm2-135m"
 
 
-@pytest.mark.parametrize("make, field", [
-    (lambda: Source(""), "Source.prompt"),
-    (lambda: Source("a", 1.5), "Source.position"),
-    (lambda: Source("a", True), "Source.position"),
-    (lambda: Source("a", -1, "3"), "Source.layer"),
-    (lambda: Target("a", "  "), "Target.position"),
-    (lambda: Patchscope(Source("a"), Target("b"), max_new_tokens=-1), "Patchscope.max_new_tokens"),
-    (lambda: Patchscope(Source("a"), Target("b"), mapping="nope"), "Patchscope.mapping"),
-])
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: Source(""), "Source.prompt"),
+        (lambda: Source("a", 1.5), "Source.position"),
+        (lambda: Source("a", True), "Source.position"),
+        (lambda: Source("a", -1, "3"), "Source.layer"),
+        (lambda: Target("a", "  "), "Target.position"),
+        (lambda: Patchscope(Source("a"), Target("b"), max_new_tokens=-1), "Patchscope.max_new_tokens"),
+        (lambda: Patchscope(Source("a"), Target("b"), mapping="nope"), "Patchscope.mapping"),
+    ],
+)
 def test_malformed_fields_are_rejected_with_their_name(make, field):
     with pytest.raises(SpecError, match=field.replace(".", r"\.")):
         make()
@@ -86,8 +91,9 @@ def test_replace_takes_whole_sources_and_targets_as_well_as_the_shortcuts():
     moved = scope.replace(source=Source("Here is a country: Japan", "Japan", 4), target_layer=3)
     assert moved.source == Source("Here is a country: Japan", "Japan", 4) and moved.target.layer == 3
     assert scope.replace(target=Target("The currency of x is", "x", 2)).target.prompt == "The currency of x is"
-    assert scope.replace(source_prompt="Here is a country: Japan", source_position="Japan") == \
-        scope.replace(source=Source("Here is a country: Japan", "Japan", 4))
+    assert scope.replace(source_prompt="Here is a country: Japan", source_position="Japan") == scope.replace(
+        source=Source("Here is a country: Japan", "Japan", 4)
+    )
 
 
 def test_mapping_spec_is_f_as_stored_whatever_the_caller_gave():
@@ -103,8 +109,11 @@ def test_prompt_source_is_the_source_and_refuses_a_vector_naming_it():
     source = Source("Here is a country: France", "France", 4)
     assert Patchscope(source, Target("x", "x", 3)).prompt_source is source
     vector = Patchscope(VectorSource(torch.ones(4), 3, "smollm2-135m", "ones"), Target("x", "x", 3))
-    with pytest.raises(SpecError, match=r"^Patchscope\.source is a vector \('ones'\), which has no prompt or "
-                                        r"position \(allowed here: a Source\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^Patchscope\.source is a vector \('ones'\), which has no prompt or "
+        r"position \(allowed here: a Source\)$",
+    ):
         vector.prompt_source
 
 
@@ -115,6 +124,9 @@ def test_kept_logits_are_the_logits_or_an_error_naming_keep_logits():
     assert kept.kept_logits is logits
     dropped = PatchscopeResult(scope, 1, 1, [TokenProb("a", 4, 0.5)])
     assert dropped.logits is None
-    with pytest.raises(PatchscopeError, match=r"logits is None: this run dropped them \(allowed: run\(\.\.\., "
-                                              r"keep_logits=True\), the default\)$"):
+    with pytest.raises(
+        PatchscopeError,
+        match=r"logits is None: this run dropped them \(allowed: run\(\.\.\., "
+        r"keep_logits=True\), the default\)$",
+    ):
         dropped.kept_logits

@@ -2,6 +2,7 @@
 in the paper's layer convention (layer l = HF ``hidden_states[l + 1]``, the last layer HF's last entry, after the
 final norm), equal to what the engine's collect step and hand-written hooks read, and to HF's hidden_states with the
 offset."""
+
 from __future__ import annotations
 
 import re
@@ -57,8 +58,11 @@ def test_states_and_the_engines_collect_step_read_what_hand_written_hooks_read(k
     final norm) that a hand-written forward hook reads (tests/golden.py), each prompt read alone."""
     handle = tiny_model(kind)
     n, positions, layers = handle.n_layers, ["Paris", -2, 3], [0, 2, -1]
-    scopes = [Patchscope(Source(prompt, position, layer, handle.name), Target("x", -1, 0))
-              for prompt, position in zip(PROMPTS, positions) for layer in layers]
+    scopes = [
+        Patchscope(Source(prompt, position, layer, handle.name), Target("x", -1, 0))
+        for prompt, position in zip(PROMPTS, positions)
+        for layer in layers
+    ]
     engine = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 1)
     states = hidden_states(PROMPTS, handle, layers, positions, batch_size=1)
     for p, (prompt, position) in enumerate(zip(PROMPTS, positions)):
@@ -73,8 +77,12 @@ def test_run_keeps_each_distinct_source_state_once_however_many_rows_read_it(tin
     so a 30 x 30 grid of 32 prompts held 28,800 x 30 states (2 GB at d = 576) where the 32 x 30 read are 2 MB.
     Each row's state is now a view of the one tensor of distinct states."""
     handle, layers = tiny_llama, [0, 1, 2, 3]
-    scopes = [Patchscope(Source(prompt, -1, layer, handle.name), Target("x", -1, target_layer))
-              for prompt in PROMPTS for layer in layers for target_layer in range(4)]
+    scopes = [
+        Patchscope(Source(prompt, -1, layer, handle.name), Target("x", -1, target_layer))
+        for prompt in PROMPTS
+        for layer in layers
+        for target_layer in range(4)
+    ]
     rows = _collect_all([resolve(scope, {handle.name: handle}) for scope in scopes], {handle.name: handle}, 32)
     assert len(rows) == 48 and len({row.untyped_storage().data_ptr() for row in rows}) == 1
     held = rows[0].untyped_storage().nbytes()
@@ -86,8 +94,11 @@ def test_run_keeps_each_distinct_source_state_once_however_many_rows_read_it(tin
 def test_on_smollm2_states_equal_the_engines_and_hfs_and_run_reads_them(smollm2):
     layers, positions = [0, 6, 15, 29], ["Paris", "dog", "Rome"]
     states = hidden_states(PROMPTS, smollm2, layers, positions)
-    scopes = [Patchscope(Source(prompt, position, layer, smollm2.name), Target("cat->cat; 1135->1135; x", "x", layer))
-              for prompt, position in zip(PROMPTS, positions) for layer in layers]
+    scopes = [
+        Patchscope(Source(prompt, position, layer, smollm2.name), Target("cat->cat; 1135->1135; x", "x", layer))
+        for prompt, position in zip(PROMPTS, positions)
+        for layer in layers
+    ]
     engine = _collect_all([resolve(scope, {smollm2.name: smollm2}) for scope in scopes], {smollm2.name: smollm2}, 32)
     assert torch.equal(states.flatten(0, 1), torch.stack(engine))
     for p, (prompt, position) in enumerate(zip(PROMPTS, positions)):

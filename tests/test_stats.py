@@ -1,4 +1,5 @@
 """The evaluations' statistics: bootstrap intervals, paired tests, and the seeded dev/test split."""
+
 from __future__ import annotations
 
 import json
@@ -142,12 +143,25 @@ def test_split_depends_on_the_seed_and_not_on_the_order():
 
 def test_split_is_stable_across_processes():
     """The side of each sample comes from sha256, not Python's per-process salted hash()."""
-    code = ("import json, sys; from pyvene_patchscopes.evaluate.stats import split; "
-            "print(json.dumps(split(json.loads(sys.argv[1]), seed=7).to_dict()))")
-    other = subprocess.run([sys.executable, "-c", code, json.dumps(KEYS)], capture_output=True, text=True,
-                           check=True, env={"PYTHONHASHSEED": "12345", "PATH": ""}).stdout
-    assert hash("salted") != int(subprocess.run([sys.executable, "-c", "print(hash('salted'))"], capture_output=True,
-                                                text=True, env={"PYTHONHASHSEED": "12345"}).stdout)
+    code = (
+        "import json, sys; from pyvene_patchscopes.evaluate.stats import split; "
+        "print(json.dumps(split(json.loads(sys.argv[1]), seed=7).to_dict()))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(KEYS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": ""},
+    ).stdout
+    assert hash("salted") != int(
+        subprocess.run(
+            [sys.executable, "-c", "print(hash('salted'))"],
+            capture_output=True,
+            text=True,
+            env={"PYTHONHASHSEED": "12345"},
+        ).stdout
+    )
     assert json.loads(other) == split(KEYS, seed=7).to_dict()
 
 
@@ -197,8 +211,10 @@ def test_a_test_split_under_the_stated_threshold_is_flagged_and_one_at_it_is_not
 
     assert MIN_TEST == 10
     below, at = Split(tuple(range(9)), tuple(range(9, 18)), 0), Split(tuple(range(10)), tuple(range(10, 20)), 0)
-    assert small_test_split(below) == ("the test split holds 9 samples (dev 9), fewer than 10: its intervals support "
-                                       "no claim (more samples: a larger data file or limit)")
+    assert small_test_split(below) == (
+        "the test split holds 9 samples (dev 9), fewer than 10: its intervals support "
+        "no claim (more samples: a larger data file or limit)"
+    )
     assert small_test_split(at) is None and small_test_split(None) is None
     assert "holds 1 sample (dev 2)" in small_test_split(Split((0, 1), (2,), 0))
     assert Split.from_dict(below.to_dict()) == below
@@ -211,9 +227,15 @@ def _report(test: int):
 
     chosen = split([f"fact {k}" for k in range(2 * test)], seed=0)
     assert len(chosen.test) == test
-    return Report(task="attributes", title="Attribute extraction", model="smollm2-135m", command="patchscopes eval",
-                  settings={}, summary={"accuracy, test split": "1.000 [1.000, 1.000]"},
-                  data={"split": chosen.to_dict()})
+    return Report(
+        task="attributes",
+        title="Attribute extraction",
+        model="smollm2-135m",
+        command="patchscopes eval",
+        settings={},
+        summary={"accuracy, test split": "1.000 [1.000, 1.000]"},
+        data={"split": chosen.to_dict()},
+    )
 
 
 def test_a_report_with_a_small_test_split_says_so_in_markdown_json_and_a_warning(tmp_path):
@@ -224,8 +246,10 @@ def test_a_report_with_a_small_test_split_says_so_in_markdown_json_and_a_warning
     with pytest.warns(SmallSampleWarning, match=r"^attributes on smollm2-135m: the test split holds 1 sample "):
         report.check_samples()
     report.check_samples()  # said once, however often checked
-    assert report.warnings == [small := "the test split holds 1 sample (dev 1), fewer than 10: its intervals support "
-                               "no claim (more samples: a larger data file or limit)"]
+    assert report.warnings == [
+        small := "the test split holds 1 sample (dev 1), fewer than 10: its intervals support "
+        "no claim (more samples: a larger data file or limit)"
+    ]
     assert report.markdown().splitlines()[4] == f"**Warning:** {small}."
     report.write(tmp_path)
     assert Report.load(tmp_path).warnings == [small]
@@ -264,8 +288,15 @@ def _unsplit(*sizes: int):
     for k, n in enumerate(sizes):
         record(summary, data, f"accuracy {k}, all swept", bootstrap([True] * n))
     record(summary, data, "a - b, all swept", paired([True] * sizes[-1], [False] * sizes[-1], ("a", "b")))
-    return Report(task="attributes", title="Attribute extraction", model="smollm2-135m", command="patchscopes eval",
-                  settings={}, summary=summary, data=data)
+    return Report(
+        task="attributes",
+        title="Attribute extraction",
+        model="smollm2-135m",
+        command="patchscopes eval",
+        settings={},
+        summary=summary,
+        data=data,
+    )
 
 
 def test_a_report_without_a_split_whose_intervals_rest_on_too_few_samples_says_so(monkeypatch, tmp_path):
@@ -281,8 +312,10 @@ def test_a_report_without_a_split_whose_intervals_rest_on_too_few_samples_says_s
     with pytest.warns(SmallSampleWarning, match=r"^attributes on smollm2-135m: 2 of its 2 intervals rest on fewer"):
         one = evaluate.run_task("attributes", lambda name: None, EvalOptions(), tmp_path)
     assert one.summary["accuracy 0, all swept"] == "1.000 [1.000, 1.000]" and "split" not in one.data
-    assert one.warnings == ["2 of its 2 intervals rest on fewer than 10 samples (the smallest, 'accuracy 0, all "
-                            "swept', on 1 sample): they support no claim (more samples: a larger data file or limit)"]
+    assert one.warnings == [
+        "2 of its 2 intervals rest on fewer than 10 samples (the smallest, 'accuracy 0, all "
+        "swept', on 1 sample): they support no claim (more samples: a larger data file or limit)"
+    ]
     assert f"**Warning:** {one.warnings[0]}." in (tmp_path / "report.md").read_text()
 
     from pyvene_patchscopes.evaluate.stats import small_intervals
@@ -290,7 +323,8 @@ def test_a_report_without_a_split_whose_intervals_rest_on_too_few_samples_says_s
     mixed = _unsplit(3, MIN_TEST, 20)  # the smallest is named; a paired difference counts by its samples
     assert small_intervals(mixed.data["intervals"]) == (
         "1 of its 4 intervals rests on fewer than 10 samples (the smallest, 'accuracy 0, all swept', on 3 samples): "
-        "it supports no claim (more samples: a larger data file or limit)")
+        "it supports no claim (more samples: a larger data file or limit)"
+    )
     assert small_intervals(_unsplit(MIN_TEST, 40).data["intervals"]) is None
     assert small_intervals({"probe, all known": bootstrap([]).to_dict()}) is None  # prints '–', no number
     assert small_intervals(_unsplit(MIN_TEST, 4).data["intervals"]).startswith("2 of its 3 intervals rest on")
@@ -311,11 +345,15 @@ def test_the_small_sample_warning_is_an_error_module_warning_and_names_no_cli_fl
 
 
 def test_the_small_test_split_warning_reaches_stderr_in_a_plain_python_process():
-    code = ("import pyvene_patchscopes.evaluate as e, pyvene_patchscopes.evaluate.multihop as m\n"
-            "m.run = lambda *args: e.Report(task='multihop', title='t', model='smollm2-135m', command='c', "
-            "settings={}, summary={}, data={'split': {'dev': [0], 'test': [1], 'seed': 0}})\n"
-            "e.run_task('multihop', lambda name: None, e.EvalOptions())\n")
+    code = (
+        "import pyvene_patchscopes.evaluate as e, pyvene_patchscopes.evaluate.multihop as m\n"
+        "m.run = lambda *args: e.Report(task='multihop', title='t', model='smollm2-135m', command='c', "
+        "settings={}, summary={}, data={'split': {'dev': [0], 'test': [1], 'seed': 0}})\n"
+        "e.run_task('multihop', lambda name: None, e.EvalOptions())\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "SmallSampleWarning: multihop on smollm2-135m: the test split holds 1 sample (dev 1), fewer than 10" \
+    assert (
+        "SmallSampleWarning: multihop on smollm2-135m: the test split holds 1 sample (dev 1), fewer than 10"
         in done.stderr
+    )

@@ -1,4 +1,5 @@
 """Sweeps over prompts x (l, l*) as a grid: one call, a DataFrame, a heatmap; cells equal single runs."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,28 @@ from pyvene_patchscopes.presets import PRESETS, token_identity
 
 def test_sweep_grid_cells_equal_single_runs_and_plot(tiny_llama, tmp_path):
     prompts = ["The city of Paris is large", "Here is a word: dog"]
-    grid = sweep(prompts, tiny_llama, preset="token-identity", source_layers=[0, 2, 3], target_layers=[1, 3],
-                 max_new_tokens=0, target_prompt="cat->cat; 1135->1135; hello->hello; ?", readout="logits")
+    grid = sweep(
+        prompts,
+        tiny_llama,
+        preset="token-identity",
+        source_layers=[0, 2, 3],
+        target_layers=[1, 3],
+        max_new_tokens=0,
+        target_prompt="cat->cat; 1135->1135; hello->hello; ?",
+        readout="logits",
+    )
     frame = grid.to_pandas()
     assert len(frame) == 2 * 3 * 2
     assert set(frame.columns) >= {"prompt", "source_layer", "target_layer", "token", "prob"}
-    single = run(token_identity(Source(prompts[1], -1, 2, tiny_llama.name), target_layer=3, max_new_tokens=0,
-                                target_prompt="cat->cat; 1135->1135; hello->hello; ?"), tiny_llama)[0]
+    single = run(
+        token_identity(
+            Source(prompts[1], -1, 2, tiny_llama.name),
+            target_layer=3,
+            max_new_tokens=0,
+            target_prompt="cat->cat; 1135->1135; hello->hello; ?",
+        ),
+        tiny_llama,
+    )[0]
     torch.testing.assert_close(grid.cell(1, 2, 3).logits, single.logits, atol=1e-5, rtol=0)
     figure = sweep_figure(grid, tmp_path / "grid.png", prompt=1)
     assert (tmp_path / "grid.png").stat().st_size > 5000
@@ -64,16 +80,23 @@ def test_a_preset_that_fixes_l_star_sweeps_only_there_and_refuses_other_target_l
     assert len(figure.axes[0].texts) == 4 and [t.get_text() for t in figure.axes[0].get_xticklabels()] == ["3"]
     assert sweep(PROMPT, tiny_llama, preset=preset, target_layers=[-1], progress=False, **options).target_layers == [3]
     for bad in ([0, 1, 2, 3], [1], range(4), "same", [3, 3]):
-        with pytest.raises(SpecError, match=rf"^target_layers={re.escape(repr(bad))} is not allowed: "
-                                            rf"{LAST.format(preset)}, and a sweep reads it only there \(allowed: the "
-                                            r"default, \[3\] or \[-1\]\)$"):
+        with pytest.raises(
+            SpecError,
+            match=rf"^target_layers={re.escape(repr(bad))} is not allowed: "
+            rf"{LAST.format(preset)}, and a sweep reads it only there \(allowed: the "
+            r"default, \[3\] or \[-1\]\)$",
+        ):
             sweep(PROMPT, tiny_llama, preset=preset, target_layers=bad, out=tmp_path / "s", progress=False, **options)
     assert not (tmp_path / "s").exists()  # refused before anything is written
-    with pytest.raises(SpecError, match=rf"^target_layer=1 is not allowed: preset '{preset}' fixes l\* = -1, the last "
-                                        r"layer \(allowed: the default, -1\)$"):
+    with pytest.raises(
+        SpecError,
+        match=rf"^target_layer=1 is not allowed: preset '{preset}' fixes l\* = -1, the last "
+        r"layer \(allowed: the default, -1\)$",
+    ):
         build(preset, PROMPT, -1, 2, target_layer=1, model=tiny_llama.name, **options)
-    assert build(preset, PROMPT, -1, 2, target_layer=3, n_layers=4, model=tiny_llama.name, **options) == \
-        build(preset, PROMPT, -1, 2, model=tiny_llama.name, **options)
+    assert build(preset, PROMPT, -1, 2, target_layer=3, n_layers=4, model=tiny_llama.name, **options) == build(
+        preset, PROMPT, -1, 2, model=tiny_llama.name, **options
+    )
 
 
 @pytest.mark.parametrize("given", [[-1], [3], None])
@@ -88,8 +111,12 @@ def test_a_fixed_l_star_given_as_minus_one_is_the_same_column_cell_and_manifest(
         grid.cell(0, 2, -1)
     folder = sweep(PROMPT, tiny_llama, preset="logit-lens", target_layers=given, progress=False, out=tmp_path / "s")
     assert folder.manifest["target_layers"] == [3]
-    assert folder.manifest["spec_hash"] == sweep(PROMPT, tiny_llama, preset="logit-lens", progress=False,
-                                                 out=tmp_path / "default").manifest["spec_hash"]
+    assert (
+        folder.manifest["spec_hash"]
+        == sweep(PROMPT, tiny_llama, preset="logit-lens", progress=False, out=tmp_path / "default").manifest[
+            "spec_hash"
+        ]
+    )
 
 
 def test_the_fixed_l_star_is_the_presets_field_that_sweep_and_build_read(tiny_llama, monkeypatch):
@@ -99,11 +126,17 @@ def test_the_fixed_l_star_is_the_presets_field_that_sweep_and_build_read(tiny_ll
     grid = sweep(PROMPT, tiny_llama, preset="identity-at-2", source_layers=[1, 3], max_new_tokens=0, progress=False)
     assert grid.target_layers == [2]
     assert grid.cell(0, 3, 2).scope == build("token-identity", PROMPT, -1, 3, 2, tiny_llama.name, max_new_tokens=0)
-    with pytest.raises(SpecError, match=r"^target_layers=\[1\] is not allowed: preset 'identity-at-2' fixes l\* = 2, "
-                                        r"and a sweep reads it only there \(allowed: the default, \[2\] or \[-2\]\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^target_layers=\[1\] is not allowed: preset 'identity-at-2' fixes l\* = 2, "
+        r"and a sweep reads it only there \(allowed: the default, \[2\] or \[-2\]\)$",
+    ):
         sweep(PROMPT, tiny_llama, preset="identity-at-2", target_layers=[1], progress=False)
-    assert [name for name, p in PRESETS.items() if p.target_layer is not None] == \
-        ["logit-lens", "jacobian-lens", "identity-at-2"]
+    assert [name for name, p in PRESETS.items() if p.target_layer is not None] == [
+        "logit-lens",
+        "jacobian-lens",
+        "identity-at-2",
+    ]
 
 
 def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
@@ -119,22 +152,39 @@ def _cli(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, capsys):
-    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                        "--source-layers", "1,2", "--json")
+    code, out, _ = _cli(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--source-prompt",
+        PROMPT,
+        "--preset",
+        "logit-lens",
+        "--source-layers",
+        "1,2",
+        "--json",
+    )
     assert code == 0 and [(c["source_layer"], c["target_layer"]) for c in json.loads(out)["cells"]] == [(1, 3), (2, 3)]
-    code, _, err = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                        "--target-layers", "0-3")
-    assert code == 2 and err == ("patchscopes: error: --target-layers='0-3' is not allowed: preset 'logit-lens' "
-                                 "fixes l* = 3, the last layer, and a sweep reads it only there (allowed: the default, "
-                                 "[3] or [-1])\n")
-    code, _, err = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                        "--target-layer", "1")
-    assert code == 2 and err == ("patchscopes: error: --target-layer=1 is not allowed: preset 'logit-lens' fixes "
-                                 "l* = 3, the last layer (allowed: the default, 3 or -1)\n")
+    code, _, err = _cli(
+        monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens", "--target-layers", "0-3"
+    )
+    assert code == 2 and err == (
+        "patchscopes: error: --target-layers='0-3' is not allowed: preset 'logit-lens' "
+        "fixes l* = 3, the last layer, and a sweep reads it only there (allowed: the default, "
+        "[3] or [-1])\n"
+    )
+    code, _, err = _cli(
+        monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens", "--target-layer", "1"
+    )
+    assert code == 2 and err == (
+        "patchscopes: error: --target-layer=1 is not allowed: preset 'logit-lens' fixes "
+        "l* = 3, the last layer (allowed: the default, 3 or -1)\n"
+    )
     rows = {}
     for given in ([], ["--target-layer", "3"], ["--target-layer", "-1"]):
-        code, out, _ = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                            "--json", *given)
+        code, out, _ = _cli(
+            monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens", "--json", *given
+        )
         rows[tuple(given)] = json.loads(out)["layers"]
     assert code == 0 and rows[()] == rows[("--target-layer", "3")] == rows[("--target-layer", "-1")]
     assert {row["target_layer"] for row in rows[()]} == {3}  # l* as the sweep's column names it, not -1
@@ -143,21 +193,41 @@ def test_the_cli_sweeps_and_inspects_a_fixed_l_star_only_there(monkeypatch, caps
 @pytest.mark.parametrize("typed", ["0-3", "1,2", "0-3:2", "-2", "3,3", "same"])
 def test_the_cli_refuses_target_layers_as_the_user_typed_them(monkeypatch, capsys, typed):
     """Review of issue 36: `--target-layers 0-3` was refused as `--target-layers=[0, 1, 2, 3]`, the parsed list."""
-    code, out, err = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                          "--target-layers", typed)
-    assert code == 2 and out == "" and err == (
-        f"patchscopes: error: --target-layers={typed!r} is not allowed: preset 'logit-lens' fixes l* = 3, the last "
-        "layer, and a sweep reads it only there (allowed: the default, [3] or [-1])\n")
+    code, out, err = _cli(
+        monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens", "--target-layers", typed
+    )
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            f"patchscopes: error: --target-layers={typed!r} is not allowed: preset 'logit-lens' fixes l* = 3, the last "
+            "layer, and a sweep reads it only there (allowed: the default, [3] or [-1])\n"
+        )
+    )
 
 
 def test_inspect_and_sweep_show_a_fixed_l_star_alike(monkeypatch, capsys):
     """Review of issue 36: `inspect --preset logit-lens` showed l* = -1 where `sweep` showed 3 (29 on SmolLM2)."""
-    code, out, _ = _cli(monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                        "--layers", "1,2")
+    code, out, _ = _cli(
+        monkeypatch, capsys, "inspect", "--source-prompt", PROMPT, "--preset", "logit-lens", "--layers", "1,2"
+    )
     lines = out.splitlines()
     assert code == 0 and [line.split()[:2] for line in lines[3:5]] == [["1", "3"], ["2", "3"]], out
-    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", "logit-lens",
-                        "--source-layers", "1,2", "--target-layers", "-1", "--json")
+    code, out, _ = _cli(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--source-prompt",
+        PROMPT,
+        "--preset",
+        "logit-lens",
+        "--source-layers",
+        "1,2",
+        "--target-layers",
+        "-1",
+        "--json",
+    )
     assert code == 0 and [(c["source_layer"], c["target_layer"]) for c in json.loads(out)["cells"]] == [(1, 3), (2, 3)]
 
 
@@ -167,17 +237,44 @@ def test_the_cli_and_python_sweeps_generate_the_presets_own_tokens_by_default(mo
     """Issue 36: the CLI generated nothing (max_new_tokens 0) where Python generated the preset's tokens."""
     from tiny import tiny_loader
 
-    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
-                        "--source-layers", "1,2", "--target-layers", "0,2", "--json")
+    code, out, _ = _cli(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--source-prompt",
+        PROMPT,
+        "--preset",
+        preset,
+        "--source-layers",
+        "1,2",
+        "--target-layers",
+        "0,2",
+        "--json",
+    )
     handle = tiny_loader("llama")()
-    records = sweep(PROMPT, handle, preset=preset, source_layers=[1, 2], target_layers=[0, 2],
-                    progress=False).to_records()
+    records = sweep(
+        PROMPT, handle, preset=preset, source_layers=[1, 2], target_layers=[0, 2], progress=False
+    ).to_records()
     cells = json.loads(out)["cells"]
     assert code == 0 and [c["generation"] for c in cells] == [r["generation"] for r in records]
     single = build(preset, PROMPT, -1, 2, 0, handle.name)  # the cell (l = 2, l* = 0), as build makes it
     assert single.max_new_tokens == tokens and run(single, handle)[0].generation == cells[2]["generation"] != ""
-    code, out, _ = _cli(monkeypatch, capsys, "sweep", "--source-prompt", PROMPT, "--preset", preset,
-                        "--source-layers", "1", "--target-layers", "2", "--max-new-tokens", "0", "--json")
+    code, out, _ = _cli(
+        monkeypatch,
+        capsys,
+        "sweep",
+        "--source-prompt",
+        PROMPT,
+        "--preset",
+        preset,
+        "--source-layers",
+        "1",
+        "--target-layers",
+        "2",
+        "--max-new-tokens",
+        "0",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["cells"][0]["generation"] is None
 
 
@@ -187,7 +284,9 @@ def test_both_helps_state_the_default_for_generation(capsys):
     with pytest.raises(SystemExit):
         main(["sweep", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--max-new-tokens MAX_NEW_TOKENS tokens generated greedily after the patched prompt (default: the " \
-           "preset's own, as in Python" in text
+    assert (
+        "--max-new-tokens MAX_NEW_TOKENS tokens generated greedily after the patched prompt (default: the "
+        "preset's own, as in Python" in text
+    )
     doc = " ".join(sweep.__doc__.split())
     assert "generates what the preset's own Patchscope generates (its ``max_new_tokens``" in doc

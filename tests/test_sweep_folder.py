@@ -2,6 +2,7 @@
 
 Also: readouts that keep less, streamed inputs (generators, ``datasets`` columns), and folders that are refused.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def model():
 @pytest.fixture(scope="module")
 def whole(model):
     """The same sweep in memory, uninterrupted."""
-    return sweep(PROMPTS, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
-                 readout="logits")
+    return sweep(
+        PROMPTS, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False, readout="logits"
+    )
 
 
 def assert_same(got: SweepResult, want: SweepResult) -> None:
@@ -62,8 +64,9 @@ def assert_same(got: SweepResult, want: SweepResult) -> None:
 def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path, model, whole):
     folder = tmp_path / "sweep"
     script = Path(killed_sweep.__file__)
-    process = subprocess.Popen([sys.executable, str(script), str(folder), "0.4"],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(folder), "0.4"], env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.monotonic() + 240
     while len(list(folder.glob("unit-*.parquet"))) < 2:
         assert process.poll() is None, "the sweep ended before it could be killed"
@@ -76,7 +79,7 @@ def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path
     with pytest.raises(Exception, match="unfinished sweep"):
         load_sweep(folder)
     partial = load_sweep(folder, model, partial=True)
-    assert partial.prompts == [p for u in written for p in PROMPTS[2 * u:2 * u + 2]]
+    assert partial.prompts == [p for u in written for p in PROMPTS[2 * u : 2 * u + 2]]
 
     resumed = killed_sweep.run(str(folder))
     assert resumed.skipped == written  # only the unfinished units were computed again
@@ -86,14 +89,16 @@ def test_a_sweep_killed_mid_run_resumes_and_equals_an_uninterrupted_run(tmp_path
 
 
 @pytest.mark.parametrize("layers, units, per_unit", [("grid", 20, 1), ("same", 3, 8)])
-def test_twenty_prompts_with_default_settings_killed_after_the_first_unit_resume_bit_for_bit(tmp_path, layers, units,
-                                                                                            per_unit):
+def test_twenty_prompts_with_default_settings_killed_after_the_first_unit_resume_bit_for_bit(
+    tmp_path, layers, units, per_unit
+):
     """Issue 36: 20 prompts were one unit (batch_size=32), so Ctrl-C kept nothing. A streamed unit now holds at most
     UNIT_CELLS = 256 cells by default: one prompt of a 30-layer model's 30 x 30 grid (900 cells), 8 at l* = l."""
     target_layers = None if layers == "grid" else layers
     folder = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, killed_sweep.__file__, str(folder), "1.0", layers],
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [sys.executable, killed_sweep.__file__, str(folder), "1.0", layers], env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.monotonic() + 240
     while not list(folder.glob("unit-*.parquet")):
         assert process.poll() is None, "the sweep ended before it could be killed"
@@ -123,12 +128,28 @@ def test_a_folder_whose_sweep_finished_no_unit_restarts_with_other_settings(tmp_
         raise KeyboardInterrupt  # Ctrl-C while the first unit of 32 prompts is read
 
     with pytest.raises(KeyboardInterrupt):
-        sweep(interrupted(), model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=32, progress=False,
-              out=folder, readout="logits")
+        sweep(
+            interrupted(),
+            model,
+            target_layers=[0, 2, 3],
+            max_new_tokens=2,
+            batch_size=32,
+            progress=False,
+            out=folder,
+            readout="logits",
+        )
     assert [p.name for p in folder.iterdir()] == ["manifest.json"] and read_manifest(folder)["batch_size"] == 32
     (folder / "notes.txt").write_text("keep")
-    done = sweep(PROMPTS, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False, out=folder,
-                 readout="logits")
+    done = sweep(
+        PROMPTS,
+        model,
+        target_layers=[0, 2, 3],
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+        out=folder,
+        readout="logits",
+    )
     assert done.computed == list(range(6)) and read_manifest(folder)["batch_size"] == 2  # the manifest is replaced
     assert (folder / "notes.txt").read_text() == "keep"  # and nothing else is touched
     assert_same(load_sweep(done.path, model), whole)
@@ -149,8 +170,9 @@ def test_a_folder_whose_manifest_names_the_format_with_a_dot_still_resumes_and_l
         sweep(interrupted(), model, batch_size=2, **settings)
     written = json.loads((folder / "manifest.json").read_text())
     assert written["format"] == "pyvene-patchscopes/sweep"
-    (folder / "manifest.json").write_text(json.dumps({**written, "format": "pyvene-patchscopes.sweep"}, indent=2,
-                                                     sort_keys=True))
+    (folder / "manifest.json").write_text(
+        json.dumps({**written, "format": "pyvene-patchscopes.sweep"}, indent=2, sort_keys=True)
+    )
     resumed = sweep(PROMPTS, model, **settings)  # no batch_size: the folder's own units of 2 prompts
     assert resumed.skipped == [0, 1] and resumed.computed == [2, 3, 4, 5]
     assert read_manifest(folder)["format"] == "pyvene-patchscopes.sweep"  # the folder's manifest is left as it was
@@ -161,8 +183,11 @@ def test_a_folder_whose_manifest_names_the_format_with_a_dot_still_resumes_and_l
 # ---- the old spellings: each warns, naming the new one, and gives the same result (removed in 0.3.0) ----------
 def test_sweepresult_load_warns_naming_load_sweep_and_reads_the_same_sweep(tmp_path, model, whole):
     folder = killed_sweep.run(str(tmp_path / "s")).path
-    with pytest.warns(DeprecationWarning, match=r"SweepResult\.load\(folder, \.\.\.\) is deprecated: use "
-                                                r"pyvene_patchscopes\.load_sweep\(folder, \.\.\.\) .*0\.3\.0"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"SweepResult\.load\(folder, \.\.\.\) is deprecated: use "
+        r"pyvene_patchscopes\.load_sweep\(folder, \.\.\.\) .*0\.3\.0",
+    ):
         old = SweepResult.load(folder, model)
     assert_same(old, whole)
     assert_same(old, load_sweep(folder, model))
@@ -173,12 +198,18 @@ def test_sweepresult_load_warns_naming_load_sweep_and_reads_the_same_sweep(tmp_p
 
 def test_sweepfolder_load_and_dataset_warn_naming_load_sweep_and_read_the_same_sweep(tmp_path, model, whole):
     done = killed_sweep.run(str(tmp_path / "s"))
-    with pytest.warns(DeprecationWarning, match=r"SweepFolder\.load\(\.\.\.\) is deprecated: use "
-                                                r"pyvene_patchscopes\.load_sweep\(folder\.path, model\) .*0\.3\.0"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"SweepFolder\.load\(\.\.\.\) is deprecated: use "
+        r"pyvene_patchscopes\.load_sweep\(folder\.path, model\) .*0\.3\.0",
+    ):
         old = done.load(model)
     assert_same(old, whole)
-    with pytest.warns(DeprecationWarning, match=r"SweepFolder\.dataset\(\) is deprecated: use "
-                                                r"pyvene_patchscopes\.load_sweep\(folder\.path, lazy=True\)"):
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"SweepFolder\.dataset\(\) is deprecated: use "
+        r"pyvene_patchscopes\.load_sweep\(folder\.path, lazy=True\)",
+    ):
         data = done.dataset()
     assert data.to_list() == load_sweep(done.path, lazy=True).to_list() and data.num_rows == len(PROMPTS) * 4 * 3
 
@@ -192,8 +223,9 @@ def other_sweep(folder: Path, model) -> SweepResult:
     return sweep(PROMPTS, model, max_new_tokens=0, out=folder, **SETTINGS)
 
 
-def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_this_ones(tmp_path, model, whole,
-                                                                                         monkeypatch):
+def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_this_ones(
+    tmp_path, model, whole, monkeypatch
+):
     """Sweep A's folder, with its manifest and no shard yet (A still loading its model), is restarted by sweep B
     from a second terminal; A's unit 0 lands afterwards. It held the same prompts and as many cells, so B took it
     for its own unit 0 and the folder mixed A's cells (no generations) into B's."""
@@ -208,8 +240,11 @@ def test_a_shard_of_the_other_sweep_that_lands_after_a_restart_is_not_taken_for_
         return path
 
     monkeypatch.setattr(sweeping, "open_folder", restarted_then_late)
-    with pytest.warns(ShardWarning, match=r"unit-000000\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}"
-                                          r"\.\.\., this folder's [0-9a-f]{12}\.\.\.\); unit 0 is computed again"):
+    with pytest.warns(
+        ShardWarning,
+        match=r"unit-000000\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}"
+        r"\.\.\., this folder's [0-9a-f]{12}\.\.\.\); unit 0 is computed again",
+    ):
         b = killed_sweep.run(str(folder))
     assert b.computed == list(range(6)) and b.skipped == []
     assert read_manifest(folder)["spec_hash"] == b.manifest["spec_hash"] != a.manifest["spec_hash"]
@@ -229,10 +264,13 @@ def test_a_sweep_whose_folder_another_restarted_stops_before_its_next_write(tmp_
         return part
 
     monkeypatch.setattr(sweeping, "run_unit", restarted_meanwhile)
-    with pytest.raises(SpecError, match=rf"^out={re.escape(repr(str(folder)))} was restarted by another sweep while "
-                                        r"this one ran \(its manifest's spec_hash=[0-9a-f]{12}\.\.\., this sweep's "
-                                        r"[0-9a-f]{12}\.\.\.\); this sweep stops and writes nothing more there "
-                                        r"\(allowed: one sweep at a time in a folder\)$"):
+    with pytest.raises(
+        SpecError,
+        match=rf"^out={re.escape(repr(str(folder)))} was restarted by another sweep while "
+        r"this one ran \(its manifest's spec_hash=[0-9a-f]{12}\.\.\., this sweep's "
+        r"[0-9a-f]{12}\.\.\.\); this sweep stops and writes nothing more there "
+        r"\(allowed: one sweep at a time in a folder\)$",
+    ):
         other_sweep(folder, model)
     assert [p.name for p in folder.iterdir()] == ["manifest.json"]
     assert read_manifest(folder) == b.manifest
@@ -243,9 +281,11 @@ def test_loading_refuses_a_shard_of_another_sweep_and_a_rerun_recomputes_it(tmp_
     killed_sweep.run(str(folder))
     a = other_sweep(tmp_path / "a", model)
     shutil.copy(shard_path(a.path, 4), shard_path(folder, 4))  # A's late unit 4 replaced B's after B had checked it
-    message = (r"unit-000004\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}\.\.\., this folder's "
-               r"[0-9a-f]{12}\.\.\.\); rerun this folder's sweep to recompute that unit \(allowed: the shards of the "
-               r"sweep its manifest records\)$")
+    message = (
+        r"unit-000004\.parquet belongs to another sweep \(spec_hash=[0-9a-f]{12}\.\.\., this folder's "
+        r"[0-9a-f]{12}\.\.\.\); rerun this folder's sweep to recompute that unit \(allowed: the shards of the "
+        r"sweep its manifest records\)$"
+    )
     for lazy in (False, True):
         with pytest.raises(PatchscopeError, match=message):
             load_sweep(folder, model, lazy=lazy)
@@ -358,13 +398,30 @@ def test_a_folder_of_another_sweep_or_a_file_is_refused_and_left_as_it_is(tmp_pa
     folder = tmp_path / "s"
     killed_sweep.run(str(folder))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    with pytest.raises(SpecError,
-                       match=r"holds another sweep \(it differs in target_layers\); nothing was overwritten"):
-        sweep(PROMPTS, model, target_layers=[0, 1], max_new_tokens=2, batch_size=2, progress=False, out=folder,
-              readout="logits")
+    with pytest.raises(
+        SpecError, match=r"holds another sweep \(it differs in target_layers\); nothing was overwritten"
+    ):
+        sweep(
+            PROMPTS,
+            model,
+            target_layers=[0, 1],
+            max_new_tokens=2,
+            batch_size=2,
+            progress=False,
+            out=folder,
+            readout="logits",
+        )
     with pytest.raises(SpecError, match="holds other source prompts than unit 0"):
-        sweep(["other"] + PROMPTS[1:], model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2,
-              progress=False, out=folder, readout="logits")
+        sweep(
+            ["other"] + PROMPTS[1:],
+            model,
+            target_layers=[0, 2, 3],
+            max_new_tokens=2,
+            batch_size=2,
+            progress=False,
+            out=folder,
+            readout="logits",
+        )
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     (tmp_path / "file").write_text("keep")
     with pytest.raises(SpecError, match="is a file, not a folder"):
@@ -380,8 +437,16 @@ def test_inputs_stream_from_a_generator_or_a_datasets_column(tmp_path, model, wh
     import datasets
 
     column = datasets.Dataset.from_dict({"text": PROMPTS})["text"]
-    from_column = sweep(column, model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
-                        out=tmp_path / "a", readout="logits")
+    from_column = sweep(
+        column,
+        model,
+        target_layers=[0, 2, 3],
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+        out=tmp_path / "a",
+        readout="logits",
+    )
     assert_same(load_sweep(from_column.path, model), whole)
     pulled = []
 
@@ -390,8 +455,16 @@ def test_inputs_stream_from_a_generator_or_a_datasets_column(tmp_path, model, wh
             pulled.append(prompt)
             yield prompt
 
-    folder = sweep(prompts(), model, target_layers=[0, 2, 3], max_new_tokens=2, batch_size=2, progress=False,
-                   out=tmp_path / "b", readout="logits")
+    folder = sweep(
+        prompts(),
+        model,
+        target_layers=[0, 2, 3],
+        max_new_tokens=2,
+        batch_size=2,
+        progress=False,
+        out=tmp_path / "b",
+        readout="logits",
+    )
     assert pulled == PROMPTS and folder.computed == list(range(6))
     assert_same(load_sweep(folder.path, model), whole)
 
@@ -409,10 +482,19 @@ def test_readouts_keep_only_what_was_asked(model, whole):
 
 
 def test_records_built_column_wise_equal_records_built_from_each_cells_result(whole):
-    from_results = [{"prompt": r.scope.source.prompt, "source_layer": r.scope.source.layer,
-                     "target_layer": r.scope.target.layer, "source_position": r.source_position, "token": r.token,
-                     "prob": r.prob, "generation": r.generation, "informative": r.informative}
-                    for r in whole.results]
+    from_results = [
+        {
+            "prompt": r.scope.source.prompt,
+            "source_layer": r.scope.source.layer,
+            "target_layer": r.scope.target.layer,
+            "source_position": r.source_position,
+            "token": r.token,
+            "prob": r.prob,
+            "generation": r.generation,
+            "informative": r.informative,
+        }
+        for r in whole.results
+    ]
     assert whole.to_records() == from_results
 
 
@@ -426,8 +508,18 @@ def test_the_cli_writes_a_sweep_folder_and_resumes_it(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(models, "load_model", tiny_loader("llama"))
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS[:5]) + "\n")
-    argv = ["sweep", "--prompts", str(tmp_path / "prompts.txt"), "--target-layers", "same", "--batch-size", "2",
-            "--out", str(tmp_path / "s"), "--json"]
+    argv = [
+        "sweep",
+        "--prompts",
+        str(tmp_path / "prompts.txt"),
+        "--target-layers",
+        "same",
+        "--batch-size",
+        "2",
+        "--out",
+        str(tmp_path / "s"),
+        "--json",
+    ]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["computed_units"] == [0, 1, 2] and first["skipped_units"] == []
@@ -461,9 +553,11 @@ def test_the_readmes_streamed_against_in_memory_figures_are_the_benchmarks():
     measured = json.loads((root / "benchmarks" / "results" / "streamed.json").read_text())
     text = joined("guides/sweeps")
     sweeps = measured["sweeps"]
-    assert (f"on SmolLM2, {measured['prompts']} prompts and `max_new_tokens=0`, the streamed sweep took "
-            f"**{sweeps['grid']['ratio']:.2f}x** the in-memory sweep's time on the 30 x 30 grid (one prompt a unit) "
-            f"and **{sweeps['same']['ratio']:.2f}x** at l\\* = l, with the same top-1 token in every cell") in text
+    assert (
+        f"on SmolLM2, {measured['prompts']} prompts and `max_new_tokens=0`, the streamed sweep took "
+        f"**{sweeps['grid']['ratio']:.2f}x** the in-memory sweep's time on the 30 x 30 grid (one prompt a unit) "
+        f"and **{sweeps['same']['ratio']:.2f}x** at l\\* = l, with the same top-1 token in every cell"
+    ) in text
     assert measured["agree"] and sweeps["grid"]["streamed_prompts_per_unit"] == 1
     assert sweeps["same"]["streamed_prompts_per_unit"] == unit_prompts(30, 32) == 8
     assert all(row["top1_equal"] for row in sweeps.values())

@@ -5,6 +5,7 @@ Stale units of an earlier run, a finished record that no longer holds, another m
 sweep, unit or prompts, a hand-edited manifest, sizes that would build huge sets, damaged or malformed files, and
 shards that link out of the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -130,9 +131,15 @@ def test_loading_with_another_model_is_refused_naming_both(tmp_path, model):
     folder = tmp_path / "s"
     streamed(folder, model)
     for other, differs in ((tiny_model("gpt2"), "name"), (tiny_model("llama", layers=5, seed=5), "n_layers")):
-        loads(folder, other, f"model={other.name} is not the model this sweep ran on (tiny-llama, as "
-                             f"{folder / 'manifest.json'} records it; they differ in", differs,
-              "(allowed: the sweep's own model, or none)", error=SpecError)
+        loads(
+            folder,
+            other,
+            f"model={other.name} is not the model this sweep ran on (tiny-llama, as "
+            f"{folder / 'manifest.json'} records it; they differ in",
+            differs,
+            "(allowed: the sweep's own model, or none)",
+            error=SpecError,
+        )
     assert_same(load_sweep(folder, model), in_memory(model))
 
 
@@ -155,8 +162,9 @@ def test_a_shard_of_other_layers_under_this_sweeps_key_is_refused_by_its_layer_c
     first = streamed(folder, model)
     other = streamed(tmp_path / "o", model, target_layers=[0, 1, 3])
     restamped(shard_path(folder, 1), pq.read_table(shard_path(other.path, 1)))  # this shard's key, the other's cells
-    loads(folder, model, "unit-000001.parquet: column 'target_layer' holds 1 at row 1 where this sweep's manifest "
-                         "has 2")
+    loads(
+        folder, model, "unit-000001.parquet: column 'target_layer' holds 1 at row 1 where this sweep's manifest has 2"
+    )
     with pytest.warns(ShardWarning, match=r"column 'target_layer' .*; unit 1 is computed again"):
         assert streamed(folder, model).computed == [1]
     assert_same(load_sweep(folder, model), in_memory(model))
@@ -193,10 +201,13 @@ EDITS = {
     "relabelled target layers": ("target_layers", [1, 2, 3], "its fields do not hash to its spec_hash"),
     "a string of layers": ("target_layers", "abcd", "target_layers='abcd' is not allowed (allowed: a list of"),
     "a number of layers": ("target_layers", 5, "target_layers=5 is not allowed (allowed: a list of"),
-    "a layer out of range": ("source_layers", [0, 9],
-                             "source_layers[1]=9 is not allowed (allowed: an integer in -4..3)"),
+    "a layer out of range": (
+        "source_layers",
+        [0, 9],
+        "source_layers[1]=9 is not allowed (allowed: an integer in -4..3)",
+    ),
     "a missing field": ("source_layers", None, "source_layers=None is not allowed"),
-    "a huge top": ("top", 10 ** 12, "top=1000000000000 is not allowed (allowed: an integer in 1..1048576)"),
+    "a huge top": ("top", 10**12, "top=1000000000000 is not allowed (allowed: an integer in 1..1048576)"),
     "no models": ("models", {}, "models={} is not allowed"),
     "a bool batch": ("batch_size", True, "batch_size=True is not allowed"),
 }
@@ -226,28 +237,31 @@ def test_a_manifest_edited_with_its_hash_is_refused_by_the_shards_columns(tmp_pa
     streamed(folder, model)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["target_layers"] = [1, 2, 3]
-    manifest["spec_hash"] = spec_hash({k: v for k, v in manifest.items()
-                                       if k not in ("format", "version", "spec_hash")})
+    manifest["spec_hash"] = spec_hash(
+        {k: v for k, v in manifest.items() if k not in ("format", "version", "spec_hash")}
+    )
     (folder / "manifest.json").write_text(json.dumps(manifest))
     for unit in range(3):
-        restamped(shard_path(folder, unit), pq.read_table(shard_path(folder, unit)),
-                  spec_hash=manifest["spec_hash"])
-    loads(folder, None, "unit-000000.parquet: column 'target_layer' holds 0 at row 0 where this sweep's manifest "
-                        "has 1")
+        restamped(shard_path(folder, unit), pq.read_table(shard_path(folder, unit)), spec_hash=manifest["spec_hash"])
+    loads(folder, None, "unit-000000.parquet: column 'target_layer' holds 0 at row 0 where this sweep's manifest has 1")
 
 
 # ---- finding 13: sizes read from complete.json are bounded before use ----------------------------------------------
 RECORDS = {
-    "a million units": ({"units": 10 ** 6}, "complete.json: units=1000000 but the folder holds 3 shard(s)"),
-    "1e11 units": ({"units": 10 ** 11}, "complete.json: units=100000000000 but the folder holds 3 shard(s)"),
+    "a million units": ({"units": 10**6}, "complete.json: units=1000000 but the folder holds 3 shard(s)"),
+    "1e11 units": ({"units": 10**11}, "complete.json: units=100000000000 but the folder holds 3 shard(s)"),
     "1e11 as a float": ({"units": 1e11}, "complete.json: units=100000000000.0 is not allowed (allowed: an integer"),
     "a list": ([3, 6], "complete.json: the record=[3, 6] is not allowed"),
     "an empty object": ({}, "complete.json: units=None is not allowed"),
     "a string": ("done", "complete.json: the record='done' is not allowed"),
-    "no hashes": ({"units": 3, "prompts": 6}, "complete.json: prompts_sha256=None is not allowed (allowed: a list "
-                                              "of 3 sha256 hex digests"),
-    "too many prompts": ({"prompts": 10 ** 9}, "complete.json: prompts=1000000000 is not allowed (allowed: an "
-                                               "integer in 3..6)"),
+    "no hashes": (
+        {"units": 3, "prompts": 6},
+        "complete.json: prompts_sha256=None is not allowed (allowed: a list of 3 sha256 hex digests",
+    ),
+    "too many prompts": (
+        {"prompts": 10**9},
+        "complete.json: prompts=1000000000 is not allowed (allowed: an integer in 3..6)",
+    ),
     "prompts off by one": ({"prompts": 5}, "complete.json: prompts=5 where its units hold 6"),
 }
 
@@ -272,7 +286,7 @@ def _damaged(data: bytes, how: str) -> bytes:
     if how == "garbage":
         return bytes(range(256)) * 8
     offset = int(how.split()[1]) * len(data) // 16
-    return data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1:]
+    return data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1 :]
 
 
 DAMAGE = ["truncated", "empty", "garbage"] + [f"flipped {i}" for i in range(16)]
@@ -317,8 +331,11 @@ def test_a_folder_under_a_shards_name_is_refused_on_load_and_on_resume(tmp_path,
     shard_path(folder, 1).unlink()
     shard_path(folder, 1).mkdir()
     loads(folder, model, "unit-000001.parquet is not a file (allowed: a Parquet shard")
-    refused(lambda: streamed(folder, model), "unit-000001.parquet is a folder, not a shard, so unit 1 cannot be "
-                                             "written there; nothing was written", error=SpecError)
+    refused(
+        lambda: streamed(folder, model),
+        "unit-000001.parquet is a folder, not a shard, so unit 1 cannot be written there; nothing was written",
+        error=SpecError,
+    )
     assert shard_path(folder, 1).is_dir()
 
 
@@ -331,21 +348,27 @@ def _narrower(table: pa.Table) -> pa.Table:
     for name in ("top_ids", "top_probs"):
         column = table.column(name).combine_chunks()
         values = column.flatten().to_numpy().reshape(len(column), -1)[:, :5].reshape(-1)
-        table = table.set_column(table.schema.get_field_index(name), name,
-                                 pa.FixedSizeListArray.from_arrays(pa.array(values), 5))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.FixedSizeListArray.from_arrays(pa.array(values), 5)
+        )
     return table
 
 
 SHARD_EDITS = {
     "a missing column": (lambda t: t.drop_columns(["token"]), "its columns lack ['token'] and add []"),
-    "another k": (_narrower, "unit-000001.parquet holds (top-k, logits) widths (5, None) where unit-000000.parquet "
-                             "holds (10, None)"),
-    "a column of another type": (lambda t: t.set_column(t.schema.get_field_index("prob"), "prob",
-                                                        t.column("prob").cast(pa.string())),
-                                 "column 'prob' has type string (allowed: float)"),
+    "another k": (
+        _narrower,
+        "unit-000001.parquet holds (top-k, logits) widths (5, None) where unit-000000.parquet holds (10, None)",
+    ),
+    "a column of another type": (
+        lambda t: t.set_column(t.schema.get_field_index("prob"), "prob", t.column("prob").cast(pa.string())),
+        "column 'prob' has type string (allowed: float)",
+    ),
     "an extra column": (lambda t: t.append_column("note", pa.array(["x"] * t.num_rows)), "and add ['note']"),
-    "another unit's rows": (lambda t: t.set_column(0, "unit", pa.array(np.full(t.num_rows, 2, np.int32))),
-                            "column 'unit' holds 2 at row 0 where this sweep's manifest has 1"),
+    "another unit's rows": (
+        lambda t: t.set_column(0, "unit", pa.array(np.full(t.num_rows, 2, np.int32))),
+        "column 'unit' holds 2 at row 0 where this sweep's manifest has 1",
+    ),
     "rows of a prompt cut": (lambda t: t.slice(0, t.num_rows - 1), "23 rows (allowed: 12 a prompt"),
 }
 

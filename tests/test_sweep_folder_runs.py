@@ -3,6 +3,7 @@ read-only mount, and the weights a folder was written with (issue 37, findings 2
 
 Run as a script, this file is the worker the tests start in subprocesses (see `main` at the bottom).
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,13 @@ def files(folder: Path) -> dict[str, bytes]:
 
 
 def worker(*args: str, prefix: tuple[str, ...] = (), timeout: float = 300) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, sys.executable, str(HERE), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [*prefix, sys.executable, str(HERE), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, list[dict], str]:
@@ -82,9 +88,14 @@ def test_two_processes_running_the_same_sweep_into_one_folder_both_finish_ten_ti
 
 def test_two_different_sweeps_started_into_one_folder_at_the_same_instant_one_is_refused(tmp_path):
     """Held before (15 of 15 in the hostile test): kept so with the locks. The refused one says why in one line."""
-    wants = {"first": load_sweep(killed_sweep.run(str(tmp_path / "single")).path),
-             "other": load_sweep(sweep(PROMPTS, tiny_model("llama", seed=5), out=tmp_path / "other-single",
-                                       **{**SETTINGS, "max_new_tokens": 0}).path)}
+    wants = {
+        "first": load_sweep(killed_sweep.run(str(tmp_path / "single")).path),
+        "other": load_sweep(
+            sweep(
+                PROMPTS, tiny_model("llama", seed=5), out=tmp_path / "other-single", **{**SETTINGS, "max_new_tokens": 0}
+            ).path
+        ),
+    }
     first, other = worker("different", "first", str(tmp_path)), worker("different", "other", str(tmp_path))
     outcomes = dict(zip(("first", "other"), (finish(first), finish(other))))
     for role, (code, runs, err) in outcomes.items():
@@ -124,8 +135,11 @@ def test_a_resume_after_the_weights_of_a_wrapped_model_changed_in_place_is_refus
     with torch.no_grad():
         weight.mul_(2)  # in place: the same tensor, another version
     before = files(folder)
-    with pytest.raises(SpecError, match=r"^out='[^']+' holds another sweep \(it differs in models\.mine\."
-                                        r"weights_sha256\); nothing was overwritten \(allowed: [^\n]+\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^out='[^']+' holds another sweep \(it differs in models\.mine\."
+        r"weights_sha256\); nothing was overwritten \(allowed: [^\n]+\)$",
+    ):
         sweep(PROMPTS, handle, out=folder, **SETTINGS)
     assert files(folder) == before
     recorded = read_manifest(folder)["models"]["mine"]["weights_sha256"]
@@ -151,13 +165,19 @@ def test_the_same_weights_with_another_tokenizer_are_refused_on_resume_and_on_lo
     half_run(folder, tiny)
     backend = Tokenizer.from_str(tiny.tokenizer.backend_tokenizer.to_str())
     backend.normalizer = normalizers.Lowercase()  # the same vocabulary, another tokenization of PROMPTS
-    other = prepare_tokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
-                                                      eos_token="<|endoftext|>", pad_token="<pad>"))
+    other = prepare_tokenizer(
+        PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<pad>"
+        )
+    )
     assert other(PROMPTS[2])["input_ids"] != tiny.tokenizer(PROMPTS[2])["input_ids"]
     handle = ModelHandle(name=tiny.name, model=tiny.model, tokenizer=other)
     before = files(folder)
-    with pytest.raises(SpecError, match=r"^out='[^']+' holds another sweep \(it differs in models\.tiny-llama\."
-                                        r"tokenizer_sha256\); nothing was overwritten \(allowed: [^\n]+\)$"):
+    with pytest.raises(
+        SpecError,
+        match=r"^out='[^']+' holds another sweep \(it differs in models\.tiny-llama\."
+        r"tokenizer_sha256\); nothing was overwritten \(allowed: [^\n]+\)$",
+    ):
         sweep(PROMPTS, handle, out=folder, **SETTINGS)
     assert files(folder) == before
     done = sweep(PROMPTS, tiny, out=folder, **SETTINGS)  # its own tokenizer resumes
@@ -243,10 +263,19 @@ def test_an_offloaded_models_weights_hash_equals_the_same_model_loaded_whole(tmp
 
     tiny = tiny_model("llama", seed=5)
     tiny.model.save_pretrained(tmp_path / "model")
-    where = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
-             "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=where, dtype=torch.float32,
-                                                     offload_folder=str(tmp_path / "offload"))
+    where = {
+        "model.embed_tokens": "disk",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.layers.3": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "disk",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=where, dtype=torch.float32, offload_folder=str(tmp_path / "offload")
+    )
     assert offloaded.model.embed_tokens.weight.device.type == "meta"
     handle = wrap_model(offloaded, tiny.tokenizer, name="tiny-llama")
     assert handle.weights_sha256() == weights_sha256(tiny.model) == tiny.weights_sha256()
@@ -283,9 +312,14 @@ def test_an_unfinished_sweep_on_a_read_only_mount_is_refused_in_one_line(tmp_pat
     before = files(folder)
     code, runs, err = finish(worker("rerun", str(folder), prefix=read_only(folder)))
     assert code == 0, err.strip().splitlines()[-1:]
-    assert runs == [{"error": f"cannot write {folder / 'unit-000005.parquet'}: the file system is read-only "
-                              "([Errno 30] Read-only file system); nothing was written there and no temporary file "
-                              "is left (allowed: a writable folder with room for it)", "type": "WriteError"}]
+    assert runs == [
+        {
+            "error": f"cannot write {folder / 'unit-000005.parquet'}: the file system is read-only "
+            "([Errno 30] Read-only file system); nothing was written there and no temporary file "
+            "is left (allowed: a writable folder with room for it)",
+            "type": "WriteError",
+        }
+    ]
     assert files(folder) == before
 
 
@@ -302,9 +336,12 @@ def test_a_manifest_that_does_not_fit_is_one_line_naming_it_and_leaves_nothing(t
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(RealPath, "write_bytes", full)
-    with pytest.raises(PatchscopeError, match=rf"^cannot write {folder / 'manifest.json'}: the disk is full \(\[Errno "
-                                              r"28\] No space left on device\); nothing was written there and no "
-                                              r"temporary file is left \(allowed: [^\n]+\)$") as raised:
+    with pytest.raises(
+        PatchscopeError,
+        match=rf"^cannot write {folder / 'manifest.json'}: the disk is full \(\[Errno "
+        r"28\] No space left on device\); nothing was written there and no "
+        r"temporary file is left \(allowed: [^\n]+\)$",
+    ) as raised:
         killed_sweep.run(str(folder))
     assert isinstance(raised.value, OSError) and raised.value.errno == 28  # an OSError still, for who catches one
     assert list(folder.iterdir()) == []
@@ -321,8 +358,11 @@ def test_a_users_own_dot_unit_file_is_no_temporary_and_is_left_as_it_is(tmp_path
     folder = tmp_path / "s"
     folder.mkdir()
     (folder / ".unit-important.tmp").write_bytes(b"mine")
-    with pytest.raises(SpecError, match=r"^out='[^']+' is a folder that holds files but no sweep manifest; "
-                                        r"nothing was written"):
+    with pytest.raises(
+        SpecError,
+        match=r"^out='[^']+' is a folder that holds files but no sweep manifest; "
+        r"nothing was written",
+    ):
         killed_sweep.run(str(folder))
     assert files(folder) == {".unit-important.tmp": b"mine"}
 
@@ -352,9 +392,12 @@ def test_a_shard_that_does_not_fit_is_one_line_and_the_retry_resumes(tmp_path, m
         return real(table, where, **options)
 
     monkeypatch.setattr(pq, "write_table", fills_up)
-    with pytest.raises(PatchscopeError, match=rf"^cannot write {folder / 'unit-000003.parquet'}: the disk is full"
-                                              r" \(\[Errno 28\] No space left on device\); nothing was "
-                                              "written") as raised:
+    with pytest.raises(
+        PatchscopeError,
+        match=rf"^cannot write {folder / 'unit-000003.parquet'}: the disk is full"
+        r" \(\[Errno 28\] No space left on device\); nothing was "
+        "written",
+    ) as raised:
         killed_sweep.run(str(folder))
     assert type(raised.value).__name__ == "WriteError" and isinstance(raised.value, OSError)
     shown = str(raised.value).replace(str(folder), "runs/identity").split(" (allowed: ")[0] + " (allowed: ...)"
@@ -373,8 +416,14 @@ def test_a_real_full_file_system_gives_the_one_line_error_and_the_freed_retry_eq
     single = killed_sweep.run(str(tmp_path / "single"))
     mount = tmp_path / "mount"
     mount.mkdir()
-    code, runs, err = finish(worker("full", str(mount), str(single.path), prefix=(
-        "unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(mount))))
+    code, runs, err = finish(
+        worker(
+            "full",
+            str(mount),
+            str(single.path),
+            prefix=("unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$@"', str(mount)),
+        )
+    )
     assert code == 0, err.strip().splitlines()[-1:]
     manifest, shard, retry = runs
     assert manifest["type"] == shard["type"] == "WriteError"
@@ -422,8 +471,9 @@ def _race(role: str, base: Path) -> None:
                 time.sleep(0.001)
             waited = True
         done = sweep(PROMPTS, model, out=folder, **SETTINGS)
-        print(json.dumps({"computed": done.computed, "skipped": done.skipped, "waited_for_a_write": waited}),
-              flush=True)
+        print(
+            json.dumps({"computed": done.computed, "skipped": done.skipped, "waited_for_a_write": waited}), flush=True
+        )
 
 
 def _different(role: str, base: Path) -> None:

@@ -3,6 +3,7 @@
 Each notebook is committed without outputs and ends with a cell that builds ``summary``; the test runs every
 cell, then reads ``summary`` back as JSON and checks what the notebook's text claims.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,14 @@ import pyvene_patchscopes
 pytestmark = pytest.mark.real_model
 
 TUTORIALS = Path(__file__).parent.parent / "tutorials"
-NOTEBOOKS = ["01_quickstart", "02_paper_tour", "03_in_pyvene_pipelines", "04_causal_abstraction",
-             "05_jacobian_scopes", "06_reading_sae_latents"]
+NOTEBOOKS = [
+    "01_quickstart",
+    "02_paper_tour",
+    "03_in_pyvene_pipelines",
+    "04_causal_abstraction",
+    "05_jacobian_scopes",
+    "06_reading_sae_latents",
+]
 # the tutorials that use only the package's public names (issue 36 requires it of 03); the others still import
 # from its modules (01: sweep; 02: cli, evaluate.data, presets; 04: compat, evaluate.data, presets, sweep;
 # 05: jacobian; 06: evaluate.stats, fit, presets, scales, spec, vectors)
@@ -36,14 +43,17 @@ def execute(name: str, workdir: Path, cpu: bool = False) -> dict:
     """Run every cell of tutorials/NAME.ipynb in a new kernel with `workdir` as its cwd; return its summary (with
     `cpu`, the pair (summary, the vector instructions torch's kernels used there))."""
     notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
-    probe = nbformat.v4.new_code_cell("import json, torch; print(json.dumps([summary, "
-                                      "torch.backends.cpu.get_cpu_capability()], default=str))")
+    probe = nbformat.v4.new_code_cell(
+        "import json, torch; print(json.dumps([summary, torch.backends.cpu.get_cpu_capability()], default=str))"
+    )
     notebook.cells.append(probe)
-    client = NotebookClient(notebook, timeout=900, kernel_name="python3",
-                            resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    )
     client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
-    summary, capability = json.loads("".join(out["text"] for out in notebook.cells[-1].outputs
-                                             if out.get("name") == "stdout"))
+    summary, capability = json.loads(
+        "".join(out["text"] for out in notebook.cells[-1].outputs if out.get("name") == "stdout")
+    )
     return (summary, capability) if cpu else summary
 
 
@@ -65,7 +75,7 @@ def measured_times(text: str) -> dict[str, tuple[str, str]]:
     columns = [cell.strip() for cell in header.strip().strip("|").split("|")]
     total, slowest = columns.index("measured time, 2 CPU cores"), columns.index("its slowest cell")
     times = {}
-    for line in lines[lines.index(header) + 2:]:
+    for line in lines[lines.index(header) + 2 :]:
         if not line.startswith("|"):
             break
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -92,16 +102,22 @@ def internal_names(name: str) -> list[str]:
     code cells, and in the code they write for another process to run (a string that parses as Python)."""
     public = set(pyvene_patchscopes.__all__)
     notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
-    sources = ["\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
-               for cell in notebook.cells if cell.cell_type == "code"]
+    sources = [
+        "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!")))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
     found: list[str] = []
     while sources:
         tree = ast.parse(sources.pop())
         aliases = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pyvene_patchscopes"):
-                found += [f"{node.module}.{alias.name}" for alias in node.names
-                          if node.module != "pyvene_patchscopes" or alias.name not in public]
+                found += [
+                    f"{node.module}.{alias.name}"
+                    for alias in node.names
+                    if node.module != "pyvene_patchscopes" or alias.name not in public
+                ]
             elif isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name == "pyvene_patchscopes":
@@ -114,8 +130,14 @@ def internal_names(name: str) -> list[str]:
                 except SyntaxError:
                     continue
                 sources.append(node.value)
-        found += [f"pyvene_patchscopes.{node.attr}" for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-                  and isinstance(node.value, ast.Name) and node.value.id in aliases and node.attr not in public]
+        found += [
+            f"pyvene_patchscopes.{node.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr not in public
+        ]
     return found
 
 
@@ -128,7 +150,7 @@ def test_the_tutorials_that_use_public_names_only_import_nothing_else():
 def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
     summary = execute("01_quickstart", tmp_path)
     assert summary["top"] == " CEO"
-    assert summary["decoded_layers"][:10] == list(range(10))      # the early layers all decode the word
+    assert summary["decoded_layers"][:10] == list(range(10))  # the early layers all decode the word
     assert summary["loaded_equal"] is True and summary["same_readout"] is True
     assert (tmp_path / "ceo-identity" / "config.json").is_file()
     assert (tmp_path / "ceo_heatmap.png").stat().st_size > 10_000
@@ -143,8 +165,10 @@ def test_02_paper_tour_runs_every_eval_command(tmp_path):
     assert summary["next-token"]["logit lens Precision@1 at the last layer"] == 1.0
     assert summary["entities"]["ROUGE-L at that layer, popular"] > summary["entities"]["ROUGE-L at that layer, rare"]
     cross = summary["cross-model"]
-    assert cross["Precision@1 at the best cell (oracle: chosen on all texts), affine"] > \
-        cross["Precision@1 there, identity (zero-padded)"]
+    assert (
+        cross["Precision@1 at the best cell (oracle: chosen on all texts), affine"]
+        > cross["Precision@1 there, identity (zero-padded)"]
+    )
     future = summary["future"]  # step 1 at the last layer is the model's own next token, for all 12 texts
     assert future["step 1: future lens Precision@1 at the last layer (exact: the model's own next token)"] == 1.0
     assert "step 2: future lens Precision@1 there, test split" in future
@@ -170,8 +194,8 @@ def test_03_pipeline_matches_the_library_and_reloads_identically_in_a_fresh_proc
     fresh = load_file(str(tmp_path / "test-outputs.safetensors"))
     assert torch.equal(fresh["logits"], saved["logits"]) and torch.equal(fresh["collected"], saved["collected"])
     for legacy in (tmp_path / "ceo-pipeline").glob("intkey_*.bin"):  # pyvene's own files, for plain pyvene
-        twin = load_file(str(legacy.with_suffix(".safetensors")))   # what the plugin reads instead
-        plain = torch.load(legacy, weights_only=True)                # tensors only: no code in it
+        twin = load_file(str(legacy.with_suffix(".safetensors")))  # what the plugin reads instead
+        plain = torch.load(legacy, weights_only=True)  # tensors only: no code in it
         assert plain.keys() == twin.keys() and all(torch.equal(plain[k], twin[k]) for k in twin)
 
 
@@ -180,9 +204,9 @@ def test_04_interchange_and_patchscopes_agree_on_where_the_country_lives(tmp_pat
     assert summary["countries"] >= 20 and summary["pairs"] == 40
     iia_last_x, iia_first_is = summary["where"]["interchange (IIA)"]
     ps_last_x, ps_first_is = summary["where"]["Patchscopes"]
-    assert iia_first_is == iia_last_x + 1                         # the variable moves within one layer
+    assert iia_first_is == iia_last_x + 1  # the variable moves within one layer
     assert abs(ps_first_is - iia_first_is) <= 1 and abs(ps_last_x - iia_last_x) <= 1
-    assert min(summary["iia_at_x"][:iia_last_x + 1]) >= 0.8 and min(summary["iia_at_last"][iia_first_is:]) >= 0.8
+    assert min(summary["iia_at_x"][: iia_last_x + 1]) >= 0.8 and min(summary["iia_at_last"][iia_first_is:]) >= 0.8
     assert summary["iia_elsewhere_max"] <= 0.1 and summary["readout_control_max"] <= 0.1
     swapped = summary["after_swap"]["after a swap at layer 12"]
     control = summary["after_swap"]["after a swap at layer 25"]
@@ -211,29 +235,35 @@ def tutorial_06(tmp_path_factory) -> tuple[Path, dict, str]:
 def test_06_self_explanation_names_what_activates_a_latent_more_often_than_chance(tutorial_06):
     tmp_path, summary, _ = tutorial_06
     assert summary["fvu"] < 0.1 and summary["latents"] == 128 and summary["alive"] >= 500
-    assert (tmp_path / "tiny-sae" / "cfg.json").is_file()              # saved in sae-lens's format, read back
+    assert (tmp_path / "tiny-sae" / "cfg.json").is_file()  # saved in sae-lens's format, read back
     test, control = summary["test"], summary["control"]
-    assert test["n"] == control["n"] == 64                              # scored on the held-out half only
+    assert test["n"] == control["n"] == 64  # scored on the held-out half only
     # what the finding states: the reading beats another latent's words, adding reads better than replacing at
     # α = 128, and the per-latent rule no longer gives the largest scale to (nearly) every latent (issue 36: it did,
     # reading self-similarity at the written slot, which holds α·v itself)
     assert test["estimate"] > control["estimate"] and summary["versus_control"]["difference"]["low"] > 0
     assert summary["by_alpha"]["add"][2] > summary["by_alpha"]["replace"][2]
     assert summary["rule_largest_share"] < 0.5
-    shown = [f"{i['estimate']:.2f} [{i['low']:.2f}, {i['high']:.2f}]"
-             for i in (test, summary["best_fixed"]["test"], control, summary["best_rule"]["test"])]
+    shown = [
+        f"{i['estimate']:.2f} [{i['low']:.2f}, {i['high']:.2f}]"
+        for i in (test, summary["best_fixed"]["test"], control, summary["best_rule"]["test"])
+    ]
     assert all(interval in summary["finding"] for interval in shown[:2] + shown[3:])
     # the vectors page's paragraph on this tutorial states the same figures
     readme = page("guides/vectors").split("What a tiny SAE's latents say", 1)[1].split("\n- ", 1)[0]
-    readme = " ".join(readme.split())                                   # its lines wrapped as one paragraph
+    readme = " ".join(readme.split())  # its lines wrapped as one paragraph
     assert f"**{shown[0]}**" in readme and all(figure in readme for figure in shown[1:3])
     assert f"{summary['rule_largest_share']:.0%} of the latents" in readme
-    assert f"{summary['by_alpha']['replace'][2]:.2f} of all latents at α = 128 against " \
-           f"{summary['by_alpha']['add'][2]:.2f} for adding" in readme
+    assert (
+        f"{summary['by_alpha']['replace'][2]:.2f} of all latents at α = 128 against "
+        f"{summary['by_alpha']['add'][2]:.2f} for adding" in readme
+    )
     versus = summary["versus_control"]
-    assert f"(difference {versus['difference']['estimate']:.2f} [{versus['difference']['low']:.2f}, " \
-           f"{versus['difference']['high']:.2f}], exact McNemar p = {versus['p_value']:.3f})" in readme
-    write, how, value = summary["choice"].values()             # the choice the page names in bold
+    assert (
+        f"(difference {versus['difference']['estimate']:.2f} [{versus['difference']['low']:.2f}, "
+        f"{versus['difference']['high']:.2f}], exact McNemar p = {versus['p_value']:.3f})" in readme
+    )
+    write, how, value = summary["choice"].values()  # the choice the page names in bold
     assert (write, how, value) == ("add", "fixed alpha", 128.0) and "**adding at one fixed scale, α = 128**" in readme
     rule_write, _, weight = summary["best_rule"]["choice"]
     assert rule_write == "add" and f"(adding, weight {weight:g})" in readme
@@ -244,9 +274,12 @@ def test_06_prints_the_same_figures_with_torchs_avx2_kernels(tutorial_06, tmp_pa
     one rounded differently and the notebook chose another α and read 0.28 against 0.16. Rerun with torch, oneDNN
     and MKL held to AVX2, every figure is the same, the fraction of variance unexplained to 1e-9."""
     _, native, native_kernels = tutorial_06
-    for variable, value in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}.items():
-        monkeypatch.setenv(variable, value)                     # the new kernel inherits them
+    for variable, value in {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }.items():
+        monkeypatch.setenv(variable, value)  # the new kernel inherits them
     forced, kernels = execute("06_reading_sae_latents", tmp_path, cpu=True)
     assert kernels == "AVX2", (kernels, native_kernels)
     assert forced["fvu"] == pytest.approx(native["fvu"], rel=1e-9, abs=0)

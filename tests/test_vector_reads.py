@@ -5,6 +5,7 @@ A vector source is written as if read at layer l (SelfIE, Activation Oracles, se
 target may name a list of slots or `Every` occurrence of a placeholder, and the write mixes, adds or adds matched
 to the norm of the state it lands on (`writes`).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,22 @@ def _scopes(handle, layer: int, vectors: dict[str, torch.Tensor], max_new_tokens
     for write, alpha in ALPHAS.items():
         for name, position in SLOTS.items():
             target = Target(PROMPT, position, layer, write=write, alpha=alpha)
-            scopes.append(Patchscope(VectorSource(vectors[name], layer, handle.name, f"v/{write}/{name}"), target,
-                                     max_new_tokens=max_new_tokens))
+            scopes.append(
+                Patchscope(
+                    VectorSource(vectors[name], layer, handle.name, f"v/{write}/{name}"),
+                    target,
+                    max_new_tokens=max_new_tokens,
+                )
+            )
     return scopes
 
 
 def _slots(handle, scope) -> list[int]:
-    return list(resolve_slots(handle.tokenizer, scope.target.prompt, scope.target.position,
-                              encode(handle.tokenizer, scope.target.prompt)))
+    return list(
+        resolve_slots(
+            handle.tokenizer, scope.target.prompt, scope.target.position, encode(handle.tokenizer, scope.target.prompt)
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -71,9 +80,10 @@ def test_generation_writes_on_the_prompt_pass_only_on_both_paths(kind):
         planned = run(scopes, handle, top=3)
         plain = run(scopes, handle, top=3, planned=False)
     for scope, fast, slow in zip(scopes, planned, plain):
-        want = written_generate(handle, PROMPT, 0, _slots(handle, scope), scope.source.tensor, scope.target.write,
-                                scope.target.alpha, 4)
-        assert fast.generated_ids[:len(want)] == want and slow.generated_ids[:len(want)] == want
+        want = written_generate(
+            handle, PROMPT, 0, _slots(handle, scope), scope.source.tensor, scope.target.write, scope.target.alpha, 4
+        )
+        assert fast.generated_ids[: len(want)] == want and slow.generated_ids[: len(want)] == want
 
 
 def test_a_write_after_the_final_norm_at_the_last_slot_equals_hooks_on_the_norm():
@@ -83,8 +93,10 @@ def test_a_write_after_the_final_norm_at_the_last_slot_equals_hooks_on_the_norm(
     torch.manual_seed(4)
     vector = torch.randn(handle.hidden_size)
     for write, alpha in ALPHAS.items():
-        scope = Patchscope(VectorSource(vector, 3, handle.name, after_final_norm=True),
-                           Target(PROMPT, (2, -1), 3, write=write, alpha=alpha))
+        scope = Patchscope(
+            VectorSource(vector, 3, handle.name, after_final_norm=True),
+            Target(PROMPT, (2, -1), 3, write=write, alpha=alpha),
+        )
         slots = _slots(handle, scope)
         want = written_logits(handle, PROMPT, 3, slots, vector, write, alpha, after_norm=True)
         for planned in (True, False):
@@ -110,8 +122,11 @@ def test_a_vector_source_equals_the_state_it_was_read_from():
 def test_a_vector_of_the_wrong_width_is_refused_naming_the_width():
     handle = tiny_model("llama")
     scope = Patchscope(VectorSource(torch.randn(10), 1, handle.name), Target(PROMPT, "x", 1))
-    with pytest.raises(SpecError, match=r"VectorSource.tensor has width 10, but tiny-llama's hidden size is 64 "
-                                        r"\(allowed: 64\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"VectorSource.tensor has width 10, but tiny-llama's hidden size is 64 "
+        r"\(allowed: 64\)",
+    ):
         run(scope, handle)
 
 
@@ -148,8 +163,11 @@ def test_an_alpha_that_is_not_finite_is_refused_naming_the_field(alpha):
 
 
 def test_an_unknown_write_mode_is_refused_naming_the_modes():
-    with pytest.raises(SpecError, match=r"Target.write='blend' is not allowed \(allowed: replace, mix, add, "
-                                        r"norm-matched-add\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"Target.write='blend' is not allowed \(allowed: replace, mix, add, "
+        r"norm-matched-add\)",
+    ):
         Target(PROMPT, "x", write="blend")
 
 
@@ -161,16 +179,21 @@ def test_replace_with_alpha_writes_the_scaled_vector_and_alpha_one_is_the_papers
     assert "write" not in plain.to_dict()["target"] and scaled.to_dict()["target"]["alpha"] == 4.0
     twice = Patchscope(VectorSource(4.0 * vector, 1, handle.name), Target(PROMPT, "x", 1))
     for planned in (True, False):
-        torch.testing.assert_close(run(scaled, handle, planned=planned)[0].logits,
-                                   run(twice, handle, planned=planned)[0].logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            run(scaled, handle, planned=planned)[0].logits,
+            run(twice, handle, planned=planned)[0].logits,
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_writes_leave_the_user_model_as_it_was():
     handle = tiny_model("llama", seed=5)
     before = {k: v.clone() for k, v in handle.model.state_dict().items()}
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in handle.model.modules())
-    scope = Patchscope(VectorSource(torch.randn(64), 1, handle.name), Target(PROMPT, Every("x"), 1, write="add",
-                                                                            alpha=2.0))
+    scope = Patchscope(
+        VectorSource(torch.randn(64), 1, handle.name), Target(PROMPT, Every("x"), 1, write="add", alpha=2.0)
+    )
     run(scope, handle)
     run(scope, handle, planned=False)
     assert all(torch.equal(v, handle.model.state_dict()[k]) for k, v in before.items())
@@ -185,28 +208,41 @@ def test_on_smollm2_each_write_mode_equals_hooks_in_logits_top1_and_generations_
     from golden import read
 
     state = read(smollm2, "<|endoftext|>The Eiffel Tower is in Paris", 6, -1)
-    per_slot = torch.stack([read(smollm2, "<|endoftext|>The Eiffel Tower is in Paris", 6, p) for p in (-5, -4, -3,
-                                                                                                      -2, -1)])
+    per_slot = torch.stack(
+        [read(smollm2, "<|endoftext|>The Eiffel Tower is in Paris", 6, p) for p in (-5, -4, -3, -2, -1)]
+    )
     scopes = []
     for write, alpha in ALPHAS.items():
         alpha = {"add": 0.5, "norm-matched-add": 0.3}.get(write, alpha)
-        scopes.append(Patchscope(VectorSource(state, 6, smollm2.name), Target(SELFIE_LIKE, -1, 1, write=write,
-                                                                              alpha=alpha), max_new_tokens=5))
-        scopes.append(Patchscope(VectorSource(per_slot, 6, smollm2.name),
-                                 Target(SELFIE_LIKE, Every("_"), 1, write=write, alpha=alpha), max_new_tokens=5))
+        scopes.append(
+            Patchscope(
+                VectorSource(state, 6, smollm2.name),
+                Target(SELFIE_LIKE, -1, 1, write=write, alpha=alpha),
+                max_new_tokens=5,
+            )
+        )
+        scopes.append(
+            Patchscope(
+                VectorSource(per_slot, 6, smollm2.name),
+                Target(SELFIE_LIKE, Every("_"), 1, write=write, alpha=alpha),
+                max_new_tokens=5,
+            )
+        )
     planned = run(scopes, smollm2, top=3)
     plain = run(scopes, smollm2, top=3, planned=False)
     for scope, fast, slow in zip(scopes, planned, plain):
         slots = _slots(smollm2, scope)
         assert len(slots) == (5 if scope.target.several else 1)
-        want = written_logits(smollm2, SELFIE_LIKE, 1, slots, scope.source.tensor, scope.target.write,
-                              scope.target.alpha)
-        tokens = written_generate(smollm2, SELFIE_LIKE, 1, slots, scope.source.tensor, scope.target.write,
-                                  scope.target.alpha, 5)
+        want = written_logits(
+            smollm2, SELFIE_LIKE, 1, slots, scope.source.tensor, scope.target.write, scope.target.alpha
+        )
+        tokens = written_generate(
+            smollm2, SELFIE_LIKE, 1, slots, scope.source.tensor, scope.target.write, scope.target.alpha, 5
+        )
         for got in (fast, slow):
             torch.testing.assert_close(got.logits, want, atol=1e-4, rtol=0)
             assert got.top[0].token_id == int(want.argmax())
-            assert got.generated_ids[:len(tokens)] == tokens
+            assert got.generated_ids[: len(tokens)] == tokens
 
 
 def test_a_sweep_with_the_selfie_preset_writes_every_slot_on_the_planned_grid():
@@ -218,24 +254,41 @@ def test_a_sweep_with_the_selfie_preset_writes_every_slot_on_the_planned_grid():
     prompts = ["a b c d e", "e d c b a"]
     target_prompt = "read _ _ _ and say"
     options = dict(target_prompt=target_prompt, alpha=0.5, max_new_tokens=0)
-    grid = sweep(prompts, handle, "selfie", source_position=-1, source_layers=[1, 2], target_layers=[0, 1],
-                 keep_logits=True, progress=False, **options)
-    scopes = [build("selfie", p, -1, l, target_layer=t, model=handle.name, **options)
-              for p in prompts for l in (1, 2) for t in (0, 1)]
+    grid = sweep(
+        prompts,
+        handle,
+        "selfie",
+        source_position=-1,
+        source_layers=[1, 2],
+        target_layers=[0, 1],
+        keep_logits=True,
+        progress=False,
+        **options,
+    )
+    scopes = [
+        build("selfie", p, -1, l, target_layer=t, model=handle.name, **options)
+        for p in prompts
+        for l in (1, 2)
+        for t in (0, 1)
+    ]
     assert all(s.target.write == "mix" and s.target.alpha == 0.5 for s in scopes)
     want = torch.stack([r.logits for r in run(scopes, handle, planned=False)]).view(2, 2, 2, -1)
     torch.testing.assert_close(grid.logits.float(), want, atol=1e-4, rtol=0)
     one_slot = [s.replace(target=Target(target_prompt, "_", s.target.layer, write="mix", alpha=0.5)) for s in scopes]
-    assert not torch.allclose(torch.stack([r.logits for r in run(one_slot, handle)]).view(2, 2, 2, -1), want,
-                              atol=1e-3)  # writing one slot reads differently: the three were written
+    assert not torch.allclose(
+        torch.stack([r.logits for r in run(one_slot, handle)]).view(2, 2, 2, -1), want, atol=1e-3
+    )  # writing one slot reads differently: the three were written
 
 
 def test_several_slots_and_a_write_mode_round_trip_through_json_as_version_3():
     from pyvene_patchscopes import Source
 
     for position in (Every("_"), [3, "x", -1]):
-        scope = Patchscope(Source("Here is a word: Paris", "Paris", 4), Target(PROMPT, position, 0, write="mix",
-                                                                               alpha=0.25), max_new_tokens=3)
+        scope = Patchscope(
+            Source("Here is a word: Paris", "Paris", 4),
+            Target(PROMPT, position, 0, write="mix", alpha=0.25),
+            max_new_tokens=3,
+        )
         data = json.loads(scope.to_json())
         assert data["version"] == 3 and data["target"]["write"] == "mix" and data["target"]["alpha"] == 0.25
         assert Patchscope.from_json(scope.to_json()) == scope

@@ -1,6 +1,7 @@
 """SAE decoders read from sae-lens's saved format (issue 26, first part), written here by hand in that format
 (cfg.json + sae_weights.safetensors, hook names at the top level as before sae-lens 6 and under "meta" since),
 and a latent's direction written into an identity prompt through pyvene, equal to a hand-written hook."""
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,40 @@ from pyvene_patchscopes.vectors import hook_layer, load_sae
 IDENTITY = "cat->cat; 1135->1135; hello->hello; ?"
 
 
-def write_sae(folder, d_in: int = 64, d_sae: int = 32, hook: str = "blocks.2.hook_resid_post", meta: bool = True,
-              weights: dict | None = None) -> dict:
+def write_sae(
+    folder,
+    d_in: int = 64,
+    d_sae: int = 32,
+    hook: str = "blocks.2.hook_resid_post",
+    meta: bool = True,
+    weights: dict | None = None,
+) -> dict:
     """A standard (ReLU) SAE in sae-lens's saved format, as ``SAE.save_model`` writes it."""
     torch.manual_seed(7)
-    tensors = weights or {"W_enc": torch.randn(d_in, d_sae), "W_dec": torch.randn(d_sae, d_in),
-                          "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_in)}
-    config = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-              "normalize_activations": "none", "reshape_activations": "none", "architecture": "standard"}
+    tensors = weights or {
+        "W_enc": torch.randn(d_in, d_sae),
+        "W_dec": torch.randn(d_sae, d_in),
+        "b_enc": torch.zeros(d_sae),
+        "b_dec": torch.zeros(d_in),
+    }
+    config = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "architecture": "standard",
+    }
     if meta:
-        config["meta"] = {"model_name": "tiny-llama", "hook_name": hook, "hook_head_index": None,
-                          "prepend_bos": True, "sae_lens_version": "6.12.1"}
+        config["meta"] = {
+            "model_name": "tiny-llama",
+            "hook_name": hook,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "sae_lens_version": "6.12.1",
+        }
     else:
         config.update({"model_name": "tiny-llama", "hook_name": hook, "hook_layer": 2})
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,18 +90,31 @@ def test_latent_k_written_through_pyvene_equals_writing_w_dec_k_by_hand(tmp_path
     with torch.no_grad():
         want = handle.model(**ids).logits[0, -1]
     hook.remove()
-    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=sae.layer, component="block_output", unit="pos", max_number_of_units=1,
-        intervention=AddIntervention(embed_dim=sae.d_in, alpha=4.0))])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=sae.layer,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=1,
+                intervention=AddIntervention(embed_dim=sae.d_in, alpha=4.0),
+            )
+        ]
+    )
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pvm = compat.intervenable(config, handle.model)
-        _, out = pvm(base=dict(ids), unit_locations={"base": [[[last]]]},
-                     source_representations={pvm.sorted_keys[0]: sae.latent(9)[None, None]})
+        _, out = pvm(
+            base=dict(ids),
+            unit_locations={"base": [[[last]]]},
+            source_representations={pvm.sorted_keys[0]: sae.latent(9)[None, None]},
+        )
     torch.testing.assert_close(out.logits[0, -1], want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("hook, layer", [("blocks.7.hook_resid_post", 7), ("blocks.7.hook_resid_pre", 6),
-                                         ("model.layers.3", 3), ("layers.0", 0)])
+@pytest.mark.parametrize(
+    "hook, layer",
+    [("blocks.7.hook_resid_post", 7), ("blocks.7.hook_resid_pre", 6), ("model.layers.3", 3), ("layers.0", 0)],
+)
 def test_hook_names_map_to_the_block_output_they_are(hook, layer):
     assert hook_layer(hook) == layer
 
@@ -159,8 +196,13 @@ def test_an_sae_written_by_sae_lens_itself_loads_and_its_latent_patchscope_equal
     from pyvene_patchscopes.vectors import sae_source
 
     handle = tiny_model("llama", seed=3)
-    config = StandardSAEConfig(d_in=64, d_sae=48, dtype="float32", device="cpu",
-                               metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post", model_name="tiny-llama"))
+    config = StandardSAEConfig(
+        d_in=64,
+        d_sae=48,
+        dtype="float32",
+        device="cpu",
+        metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post", model_name="tiny-llama"),
+    )
     sae_lens_sae = SAE.from_dict(config.to_dict())
     torch.manual_seed(11)
     with torch.no_grad():

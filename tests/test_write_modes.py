@@ -4,6 +4,7 @@ interventions, at one slot and at several, equal to hand-written hooks; α survi
 SelfIE (Chen et al., 2024) mixes h ← α·v + (1 − α)·h or adds h ← h + α·v at placeholder positions; Activation
 Oracles add h ← h + ‖h‖·α·v/‖v‖. Here they are checked through pyvene's IntervenableModel on tiny models.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,7 @@ PROMPT = "The city of Paris is large and old"
 FORMULAS = {
     MixIntervention: lambda h, v, a: a * v + (1 - a) * h,
     AddIntervention: lambda h, v, a: h + a * v,
-    NormMatchedAddIntervention: lambda h, v, a: h + h.norm(dim=-1, keepdim=True) * a * v / v.norm(dim=-1,
-                                                                                                     keepdim=True),
+    NormMatchedAddIntervention: lambda h, v, a: h + h.norm(dim=-1, keepdim=True) * a * v / v.norm(dim=-1, keepdim=True),
 }
 LAYER = 1
 
@@ -31,6 +31,7 @@ def _blocks(handle):
 
 def by_hooks(handle, slots: list[int], vectors: torch.Tensor, formula, alpha: float) -> torch.Tensor:
     """The golden reference: a forward hook on block LAYER that rewrites the state at each slot."""
+
     def write(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         for k, slot in enumerate(slots):
@@ -46,13 +47,24 @@ def by_hooks(handle, slots: list[int], vectors: torch.Tensor, formula, alpha: fl
 
 
 def by_pyvene(handle, slots: list[int], vectors: torch.Tensor, cls, alpha: float) -> torch.Tensor:
-    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=LAYER, component="block_output", unit="pos", max_number_of_units=len(slots),
-        intervention=cls(embed_dim=handle.hidden_size, alpha=alpha))])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=LAYER,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=len(slots),
+                intervention=cls(embed_dim=handle.hidden_size, alpha=alpha),
+            )
+        ]
+    )
     with compat.pyvene_guard(handle.model), torch.no_grad():
         pvm = compat.intervenable(config, handle.model)
-        _, out = pvm(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[slots]]},
-                     source_representations={pvm.sorted_keys[0]: vectors[None]})
+        _, out = pvm(
+            base=dict(handle.tokenizer(PROMPT, return_tensors="pt")),
+            unit_locations={"base": [[slots]]},
+            source_representations={pvm.sorted_keys[0]: vectors[None]},
+        )
     return out.logits[0, -1]
 
 
@@ -85,9 +97,17 @@ def test_alpha_survives_save_and_load(cls, tmp_path):
     handle = tiny_model("llama", seed=3)
     vectors = torch.randn(2, handle.hidden_size)
     # two slots: pyvene rebuilds a loaded intervention with embed_dim = hidden size x 2; the saved size is used
-    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=LAYER, component="block_output", unit="pos", max_number_of_units=2,
-        intervention=cls(embed_dim=handle.hidden_size, alpha=-2.5))])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=LAYER,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=2,
+                intervention=cls(embed_dim=handle.hidden_size, alpha=-2.5),
+            )
+        ]
+    )
     with compat.pyvene_guard(handle.model):
         compat.save_intervenable(compat.intervenable(config, handle.model), tmp_path)
         loaded = compat.load_intervenable(tmp_path, handle.model)
@@ -96,10 +116,14 @@ def test_alpha_survives_save_and_load(cls, tmp_path):
     assert type(intervention) is cls and float(intervention.alpha) == -2.5
     assert INTERVENTIONS[cls.registered_name] is cls
     with compat.pyvene_guard(handle.model), torch.no_grad():
-        _, out = loaded(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[[2, 5]]]},
-                        source_representations={loaded.sorted_keys[0]: vectors[None]})
-    torch.testing.assert_close(out.logits[0, -1], by_hooks(handle, [2, 5], vectors, FORMULAS[cls], -2.5),
-                               atol=1e-5, rtol=0)
+        _, out = loaded(
+            base=dict(handle.tokenizer(PROMPT, return_tensors="pt")),
+            unit_locations={"base": [[[2, 5]]]},
+            source_representations={loaded.sorted_keys[0]: vectors[None]},
+        )
+    torch.testing.assert_close(
+        out.logits[0, -1], by_hooks(handle, [2, 5], vectors, FORMULAS[cls], -2.5), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "big", True, None])
@@ -114,9 +138,17 @@ def test_a_state_saved_before_the_target_size_was_kept_still_loads(tmp_path):
 
     handle = tiny_model("llama", seed=3)
     vectors = torch.randn(1, handle.hidden_size)
-    config = pv.IntervenableConfig(representations=[pv.RepresentationConfig(
-        layer=LAYER, component="block_output", unit="pos", max_number_of_units=1,
-        intervention=MixIntervention(embed_dim=handle.hidden_size, alpha=0.25))])
+    config = pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=LAYER,
+                component="block_output",
+                unit="pos",
+                max_number_of_units=1,
+                intervention=MixIntervention(embed_dim=handle.hidden_size, alpha=0.25),
+            )
+        ]
+    )
     with compat.pyvene_guard(handle.model):
         compat.save_intervenable(compat.intervenable(config, handle.model), tmp_path)
     for path in tmp_path.glob("intkey_*.safetensors"):
@@ -126,7 +158,11 @@ def test_a_state_saved_before_the_target_size_was_kept_still_loads(tmp_path):
         save_file(state, str(path))
     with compat.pyvene_guard(handle.model), torch.no_grad():
         loaded = compat.load_intervenable(tmp_path, handle.model)
-        _, out = loaded(base=dict(handle.tokenizer(PROMPT, return_tensors="pt")), unit_locations={"base": [[[5]]]},
-                        source_representations={loaded.sorted_keys[0]: vectors[None]})
-    torch.testing.assert_close(out.logits[0, -1], by_hooks(handle, [5], vectors, FORMULAS[MixIntervention], 0.25),
-                               atol=1e-5, rtol=0)
+        _, out = loaded(
+            base=dict(handle.tokenizer(PROMPT, return_tensors="pt")),
+            unit_locations={"base": [[[5]]]},
+            source_representations={loaded.sorted_keys[0]: vectors[None]},
+        )
+    torch.testing.assert_close(
+        out.logits[0, -1], by_hooks(handle, [5], vectors, FORMULAS[MixIntervention], 0.25), atol=1e-5, rtol=0
+    )

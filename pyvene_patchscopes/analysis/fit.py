@@ -11,6 +11,7 @@ layer l, the target at layer l* before the final norm unless both are the last l
 Hidden states are gathered in batches, with a progress bar; on one model every layer (and the last layer both
 before and after its norm) comes from one forward pass per batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,8 +60,15 @@ def _pre_norm_capture(handle: ModelHandle, store: list) -> Iterator[None]:
         hook.remove()
 
 
-def gather(handle: ModelHandle, texts: Sequence[str], layer: int, after_final_norm: bool = False,
-           batch_size: int = 8, progress: bool | None = None, desc: str = "gather") -> list[torch.Tensor]:
+def gather(
+    handle: ModelHandle,
+    texts: Sequence[str],
+    layer: int,
+    after_final_norm: bool = False,
+    batch_size: int = 8,
+    progress: bool | None = None,
+    desc: str = "gather",
+) -> list[torch.Tensor]:
     """Per text, the states ``[n_tokens, d]`` of `layer` for every token, in order (padding removed).
 
     ``after_final_norm`` matters only for the last layer: HF's ``hidden_states[-1]`` (after the norm) or
@@ -69,19 +77,32 @@ def gather(handle: ModelHandle, texts: Sequence[str], layer: int, after_final_no
     return gather_layers(handle, texts, [layer], after_final_norm, batch_size, progress, desc)[layer % handle.n_layers]
 
 
-def gather_layers(handle: ModelHandle, texts: Sequence[str], layers: Sequence[int], after_final_norm: bool = False,
-                  batch_size: int = 8, progress: bool | None = None,
-                  desc: str = "gather") -> dict[int, list[torch.Tensor]]:
+def gather_layers(
+    handle: ModelHandle,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    after_final_norm: bool = False,
+    batch_size: int = 8,
+    progress: bool | None = None,
+    desc: str = "gather",
+) -> dict[int, list[torch.Tensor]]:
     """`gather` for several layers from the same forward passes: {layer: [per-text states]}."""
     last = handle.n_layers - 1
     wanted = sorted({_layer("layer", layer, handle) for layer in layers})
-    sites = gather_sites(handle, texts, [(layer, after_final_norm and layer == last) for layer in wanted],
-                         batch_size, progress, desc)
+    sites = gather_sites(
+        handle, texts, [(layer, after_final_norm and layer == last) for layer in wanted], batch_size, progress, desc
+    )
     return {layer: sites[(layer, after_final_norm and layer == last)] for layer in wanted}
 
 
-def gather_sites(handle: ModelHandle, texts: Sequence[str], sites: Sequence[tuple[int, bool]], batch_size: int = 8,
-                 progress: bool | None = None, desc: str = "gather") -> dict[tuple[int, bool], list[torch.Tensor]]:
+def gather_sites(
+    handle: ModelHandle,
+    texts: Sequence[str],
+    sites: Sequence[tuple[int, bool]],
+    batch_size: int = 8,
+    progress: bool | None = None,
+    desc: str = "gather",
+) -> dict[tuple[int, bool], list[torch.Tensor]]:
     """States at several (layer, after_final_norm) sites, all from one forward pass per batch.
 
     A site's ``after_final_norm`` matters only for the last layer (HF's ``hidden_states[-1]`` is after the norm;
@@ -111,11 +132,14 @@ def gather_sites(handle: ModelHandle, texts: Sequence[str], sites: Sequence[tupl
 def lstsq_affine(x: torch.Tensor, y: torch.Tensor) -> Affine:
     """The paper's fit: ``np.linalg.lstsq([X, 1], [Y, 1])``, giving f(h) = W h + b."""
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
-        raise SpecError(f"fit needs X [n, d_source] and Y [n, d_target] with the same n, got {tuple(x.shape)} "
-                        f"and {tuple(y.shape)}")
+        raise SpecError(
+            f"fit needs X [n, d_source] and Y [n, d_target] with the same n, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if x.shape[0] <= x.shape[1]:
-        raise SpecError(f"fit has {x.shape[0]} samples for hidden size {x.shape[1]} "
-                        f"(allowed: more samples than dimensions); pass more texts")
+        raise SpecError(
+            f"fit has {x.shape[0]} samples for hidden size {x.shape[1]} "
+            f"(allowed: more samples than dimensions); pass more texts"
+        )
     ones = np.ones((x.shape[0], 1))
     x1 = np.concatenate([x.double().numpy(), ones], axis=1)
     y1 = np.concatenate([y.double().numpy(), ones], axis=1)
@@ -128,8 +152,9 @@ def lstsq_affine(x: torch.Tensor, y: torch.Tensor) -> Affine:
 
 def _prefix_tokens(handle: ModelHandle, text: str) -> int:
     """How many tokens the tokenizer puts before the text (BOS, document start)."""
-    return len(handle.tokenizer(text, add_special_tokens=True)["input_ids"]) - \
-        len(handle.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(handle.tokenizer(text, add_special_tokens=True)["input_ids"]) - len(
+        handle.tokenizer(text, add_special_tokens=False)["input_ids"]
+    )
 
 
 def aligned_positions(text: str, source: ModelHandle, target: ModelHandle) -> list[tuple[int, int]]:
@@ -141,19 +166,25 @@ def aligned_positions(text: str, source: ModelHandle, target: ModelHandle) -> li
     """
     ids_s = source.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids_t = target.tokenizer(text, add_special_tokens=False)["input_ids"]
-    prefixes_t = {target.tokenizer.decode(ids_t[:k + 1]): k for k in range(len(ids_t))}
+    prefixes_t = {target.tokenizer.decode(ids_t[: k + 1]): k for k in range(len(ids_t))}
     shift_s, shift_t = _prefix_tokens(source, text), _prefix_tokens(target, text)
     pairs = []
     for k in range(1, len(ids_s)):
-        match = prefixes_t.get(source.tokenizer.decode(ids_s[:k + 1]))
+        match = prefixes_t.get(source.tokenizer.decode(ids_s[: k + 1]))
         if match is not None and match > 0:
             pairs.append((shift_s + k, shift_t + match))
     return pairs
 
 
-def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, target_layer: int,
-                  texts: Sequence[str], batch_size: int = 8,
-                  progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_states(
+    source: ModelHandle,
+    source_layer: int,
+    target: ModelHandle,
+    target_layer: int,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """X (source states) and Y (target states) of the same tokens, read where a Patchscope reads and writes."""
     source_layer = _layer("source_layer", source_layer, source)
     target_layer = _layer("target_layer", target_layer, target)
@@ -162,8 +193,9 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
     # the target is read before the final norm unless l = l* = the last layer of one model (skip_final_ln)
     target_site = (target_layer, same and source_site[1] and target_layer == target.n_layers - 1)
     if same:  # one model: both sites from the same forward passes
-        states = gather_sites(source, texts, [source_site, target_site], batch_size, progress,
-                              desc="gather source and target")
+        states = gather_sites(
+            source, texts, [source_site, target_site], batch_size, progress, desc="gather source and target"
+        )
         xs, ys = states[source_site], states[target_site]
     else:  # two models, two passes
         xs = gather_sites(source, texts, [source_site], batch_size, progress, desc="gather source")[source_site]
@@ -182,23 +214,42 @@ def paired_states(source: ModelHandle, source_layer: int, target: ModelHandle, t
 
 
 @data_first("model", "layers", "texts=None")
-def fit_tuned_lens(texts: Sequence[str] | None, model: ModelHandle, layers: Sequence[int], batch_size: int = 8,
-                   progress: bool | None = None) -> dict[int, Affine]:
+def fit_tuned_lens(
+    texts: Sequence[str] | None,
+    model: ModelHandle,
+    layers: Sequence[int],
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> dict[int, Affine]:
     """One affine map per layer to the last layer (before its final norm), from one set of forward passes, on
     `texts` (None: `default_texts()`)."""
     texts = list(texts) if texts is not None else default_texts()
     last = model.n_layers - 1
     layers = sorted({_layer("layers", layer, model) for layer in layers} - {last})
-    states = gather_layers(model, texts, [*layers, last], after_final_norm=False, batch_size=batch_size,
-                           progress=progress, desc="gather layers")
+    states = gather_layers(
+        model,
+        texts,
+        [*layers, last],
+        after_final_norm=False,
+        batch_size=batch_size,
+        progress=progress,
+        desc="gather layers",
+    )
     starts = [_prefix_tokens(model, text) + 1 for text in texts]
     y = torch.cat([s[k:] for s, k in zip(states[last], starts)])
     return {layer: lstsq_affine(torch.cat([s[k:] for s, k in zip(states[layer], starts)]), y) for layer in layers}
 
 
 @data_first("source", "source_layer", "target", "target_layer", "texts=None", models=("source", "target"))
-def fit_affine(texts: Sequence[str] | None, source: ModelHandle, source_layer: int, target: ModelHandle | None = None,
-               target_layer: int = -1, batch_size: int = 8, progress: bool | None = None) -> Affine:
+def fit_affine(
+    texts: Sequence[str] | None,
+    source: ModelHandle,
+    source_layer: int,
+    target: ModelHandle | None = None,
+    target_layer: int = -1,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> Affine:
     """Fit f: (M, l) -> (M*, l*) by least squares on `texts` (None: `default_texts()`).
 
     With ``target=None`` (M* = M) this is the tuned-lens style map from layer l to layer l*, by default
@@ -210,6 +261,14 @@ def fit_affine(texts: Sequence[str] | None, source: ModelHandle, source_layer: i
     return lstsq_affine(x, y)
 
 
-__all__ = ["fit_affine", "fit_tuned_lens", "aligned_positions", "lstsq_affine", "paired_states", "gather",
-           "gather_layers",
-           "gather_sites", "default_texts"]
+__all__ = [
+    "fit_affine",
+    "fit_tuned_lens",
+    "aligned_positions",
+    "lstsq_affine",
+    "paired_states",
+    "gather",
+    "gather_layers",
+    "gather_sites",
+    "default_texts",
+]

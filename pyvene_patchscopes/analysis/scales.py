@@ -21,6 +21,7 @@ is the rule's one parameter, chosen on a dev split where an evaluation uses it (
 combine the two as 0.4·s/max(s) − 0.6·H/max(H) over one latent's scales, each taken relative to scale 0; here the
 scale of each term is fixed, so that one weight means the same for every vector.)
 """
+
 from __future__ import annotations
 
 import math
@@ -43,10 +44,10 @@ DEFAULT_ALPHAS = (2.0, 4.0, 8.0, 16.0, 32.0)
 class ScaleChoice:
     """What the rule picked for one vector: its l* and α, the scores of that cell, and the readout there."""
 
-    vector: str                      # the vector's name
-    layer: int                       # l*
-    alpha: float                     # α
-    score: float                     # self_similarity − weight · entropy / ln |V|
+    vector: str  # the vector's name
+    layer: int  # l*
+    alpha: float  # α
+    score: float  # self_similarity − weight · entropy / ln |V|
     self_similarity: float
     entropy: float
     result: PatchscopeResult = field(repr=False)
@@ -57,9 +58,9 @@ class ScaleSearch:
     """Readouts and scores of every (vector, l*, α): tensors are [vectors, layers, alphas]."""
 
     vectors: list[VectorSource]
-    layers: list[int] | None          # the l* searched; None: each vector's own layer (l* = l)
+    layers: list[int] | None  # the l* searched; None: each vector's own layer (l* = l)
     alphas: list[float]
-    results: list[PatchscopeResult]   # in the order vector, then layer, then alpha
+    results: list[PatchscopeResult]  # in the order vector, then layer, then alpha
     self_similarity: torch.Tensor
     entropy: torch.Tensor
     vocab_size: int
@@ -85,9 +86,17 @@ class ScaleSearch:
         choices = []
         for v, cell in enumerate(score.flatten(1).argmax(1).tolist()):
             i, j = divmod(cell, len(self.alphas))
-            choices.append(ScaleChoice(self.vectors[v].name, self.target_layer(v, i), self.alphas[j],
-                                       float(score[v, i, j]), float(self.self_similarity[v, i, j]),
-                                       float(self.entropy[v, i, j]), self.result(v, i, j)))
+            choices.append(
+                ScaleChoice(
+                    self.vectors[v].name,
+                    self.target_layer(v, i),
+                    self.alphas[j],
+                    float(score[v, i, j]),
+                    float(self.self_similarity[v, i, j]),
+                    float(self.entropy[v, i, j]),
+                    self.result(v, i, j),
+                )
+            )
         return choices
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -98,18 +107,34 @@ class ScaleSearch:
             for i in range(self.n_layers):
                 for j, alpha in enumerate(self.alphas):
                     result = self.result(v, i, j)
-                    records.append({"vector": vector.name, "target_layer": self.target_layer(v, i), "alpha": alpha,
-                                    "token": result.token, "prob": result.prob, "generation": result.generation,
-                                    "agrees_with_null": result.agrees_with_null,
-                                    "self_similarity": float(self.self_similarity[v, i, j]),
-                                    "entropy": float(self.entropy[v, i, j])})
+                    records.append(
+                        {
+                            "vector": vector.name,
+                            "target_layer": self.target_layer(v, i),
+                            "alpha": alpha,
+                            "token": result.token,
+                            "prob": result.prob,
+                            "generation": result.generation,
+                            "agrees_with_null": result.agrees_with_null,
+                            "self_similarity": float(self.self_similarity[v, i, j]),
+                            "entropy": float(self.entropy[v, i, j]),
+                        }
+                    )
         return records
 
 
-def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Target | None = None,
-                 alphas: Sequence[float] = DEFAULT_ALPHAS, layers: Sequence[int] | None = None,
-                 max_new_tokens: int = 0, top: int = 10, planned: bool = True,
-                 progress: bool | None = None, max_batch_tokens: int | None = None) -> ScaleSearch:
+def scale_search(
+    vectors: Sequence[VectorSource],
+    model: ModelHandle,
+    target: Target | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    layers: Sequence[int] | None = None,
+    max_new_tokens: int = 0,
+    top: int = 10,
+    planned: bool = True,
+    progress: bool | None = None,
+    max_batch_tokens: int | None = None,
+) -> ScaleSearch:
     """Write each vector at every α (and every l* in `layers`) into `target` and score each readout.
 
     `target` gives T, the slots and the write mode (its ``alpha`` and ``layer`` are replaced); by default the
@@ -120,8 +145,10 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
 
     vectors = list(vectors)
     if not vectors or not all(isinstance(v, VectorSource) for v in vectors):
-        raise SpecError("scale_search vectors must be a non-empty list of VectorSource (allowed: e.g. "
-                        "[vectors.sae_source(sae, k, model) for k in latents])")
+        raise SpecError(
+            "scale_search vectors must be a non-empty list of VectorSource (allowed: e.g. "
+            "[vectors.sae_source(sae, k, model) for k in latents])"
+        )
     alphas = [check_alpha(a, "alphas[]") for a in alphas]
     if not alphas:
         raise SpecError("scale_search alphas is empty (allowed: one or more finite numbers)")
@@ -131,11 +158,13 @@ def scale_search(vectors: Sequence[VectorSource], model: ModelHandle, target: Ta
         base = self_explanation(vector) if target is None else Patchscope(vector, target)
         for layer in grid_layers if grid_layers is not None else [vector.layer]:
             for alpha in alphas:
-                scopes.append(replace(base, target=replace(base.target, layer=layer, alpha=alpha),
-                                      max_new_tokens=max_new_tokens))
+                scopes.append(
+                    replace(base, target=replace(base.target, layer=layer, alpha=alpha), max_new_tokens=max_new_tokens)
+                )
     options: dict[str, Any] = {} if max_batch_tokens is None else {"max_batch_tokens": max_batch_tokens}
-    results = run(scopes, model, top=top, planned=planned, progress=progress, keep_logits=False,
-                  keep_scores=True, **options)
+    results = run(
+        scopes, model, top=top, planned=planned, progress=progress, keep_logits=False, keep_scores=True, **options
+    )
     n_layers = len(grid_layers) if grid_layers is not None else 1
     shape = (len(vectors), n_layers, len(alphas))
     written = torch.stack([_written(scope.source) for scope in scopes])  # type: ignore[arg-type]  # VectorSources, typed Source

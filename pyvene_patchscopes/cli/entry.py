@@ -1,4 +1,5 @@
 """The entry point: the `patchscopes` parser, built from the command modules, and `main`, which runs a command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,11 @@ class _Parser(argparse.ArgumentParser):
         known, extras = self.parse_known_args(args, namespace)
         if extras:
             command = getattr(known, "command", None)
-            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see: "
-                             f"{' '.join(filter(None, (self.prog, command)))} --help)", command=command)
+            raise UsageError(
+                f"unrecognized arguments: {' '.join(extras)} (see: "
+                f"{' '.join(filter(None, (self.prog, command)))} --help)",
+                command=command,
+            )
         return known
 
 
@@ -48,10 +52,14 @@ def version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser; each command module registers its own subcommand."""
-    parser = _Parser(prog="patchscopes", description=DESCRIPTION,
-                     epilog="Each command's --help lists its options, their defaults and an example.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}",
-                        help="print the package version and exit")
+    parser = _Parser(
+        prog="patchscopes",
+        description=DESCRIPTION,
+        epilog="Each command's --help lists its options, their defaults and an example.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {version()}", help="print the package version and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(commands)
@@ -70,7 +78,7 @@ def import_plugins(args: argparse.Namespace) -> None:
 def json_requested(argv: Sequence[str]) -> bool:
     """Whether --json, or a prefix of it that argparse accepts (--js), is on the command line before a lone --."""
     words = list(argv)
-    words = words[:words.index("--")] if "--" in words else words
+    words = words[: words.index("--")] if "--" in words else words
     return any(len(word) > 2 and "--json".startswith(word) for word in words)
 
 
@@ -117,12 +125,23 @@ def _run(argv: list[str]) -> int:
             args.func(args)
         return 0
     except PatchscopeError as err:
-        line = error_line(err, getattr(err, "command", None) if args is None else args.command,
-                          json_requested(argv) if args is None else args.json)
+        line = error_line(
+            err,
+            getattr(err, "command", None) if args is None else args.command,
+            json_requested(argv) if args is None else args.json,
+        )
     # printed once the traceback is gone (with the frames it held, progress bars have closed): the last line
     print(line, file=sys.stderr, flush=True)
     return ERROR_STATUS
 
 
-__all__ = ["CLOSED_PIPE_STATUS", "ERROR_STATUS", "build_parser", "version", "import_plugins", "json_requested",
-           "error_line", "main"]
+__all__ = [
+    "CLOSED_PIPE_STATUS",
+    "ERROR_STATUS",
+    "build_parser",
+    "version",
+    "import_plugins",
+    "json_requested",
+    "error_line",
+    "main",
+]

@@ -1,5 +1,6 @@
 """The option groups commands share (model and device, source, layers, output), their argparse types, and the
 model options read back: each help line names its default and its choices."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,45 +55,82 @@ def output_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--json", action="store_true", help=json_help(command))
 
 
-def model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
-                  shown: str = "%(default)s") -> None:
+def model_options(
+    parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL, shown: str = "%(default)s"
+) -> None:
     """The model and where it runs: --model, --device, --dtype, --device-map, --offload-folder, --import."""
     group = parser.add_argument_group("model and device")
-    group.add_argument("--model", default=default, help=f"an embedded name ({', '.join(EMBEDDED)}), a Hugging Face "
-                                                        f"id or a local folder (default: {shown})")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, or auto (each process's own GPU "
-                                                      "under accelerate launch) (default: cpu)")
-    group.add_argument("--dtype", default=None, help=f"{DTYPES} (default: auto, the checkpoint's own, for hub ids "
-                                                     "and folders; float32 for embedded models)")
-    group.add_argument("--device-map", default=None, help=f"split or offload the model: {', '.join(MAP_STRATEGIES)}"
-                                                          " (instead of --device) (default: none, all on --device)")
-    group.add_argument("--offload-folder", default=None, help="with --device-map: where it offloads weights to "
-                                                              "disk (default: none)")
-    group.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                       help="import MODULE first, for the mappings and interventions it registers (repeatable); "
-                            f"installed plugins (entry-point group {PLUGIN_GROUP}) are imported too (default: none)")
+    group.add_argument(
+        "--model",
+        default=default,
+        help=f"an embedded name ({', '.join(EMBEDDED)}), a Hugging Face id or a local folder (default: {shown})",
+    )
+    group.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:1, mps, or auto (each process's own GPU under accelerate launch) (default: cpu)",
+    )
+    group.add_argument(
+        "--dtype",
+        default=None,
+        help=f"{DTYPES} (default: auto, the checkpoint's own, for hub ids and folders; float32 for embedded models)",
+    )
+    group.add_argument(
+        "--device-map",
+        default=None,
+        help=f"split or offload the model: {', '.join(MAP_STRATEGIES)}"
+        " (instead of --device) (default: none, all on --device)",
+    )
+    group.add_argument(
+        "--offload-folder", default=None, help="with --device-map: where it offloads weights to disk (default: none)"
+    )
+    group.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, for the mappings and interventions it registers (repeatable); "
+        f"installed plugins (entry-point group {PLUGIN_GROUP}) are imported too (default: none)",
+    )
 
 
 def source_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The source S, i and the preset that reads it: --source-prompt, --source-position, --preset, --target-prompt,
     --max-new-tokens."""
-    parser.add_argument("--source-prompt", required=required,
-                        help="S: the prompt whose hidden states are read (required)" if required else
-                        "S: the prompt whose hidden states are read (default: none; give it or --prompts)")
-    parser.add_argument("--source-position", default="-1", help="i: a token index or a substring of the prompt "
-                                                                "(default: %(default)s, the last token)")
-    parser.add_argument("--preset", default="token-identity", help=f"the Patchscope: {', '.join(PRESETS)} "
-                                                                   "(default: %(default)s; see: patchscopes presets)")
-    parser.add_argument("--target-prompt", default=None, help="T: replaces the preset's target prompt (default: "
-                                                              "the preset's own)")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="tokens generated greedily after the patched prompt (default: the preset's own, as in "
-                             "Python: token-identity 4, logit-lens 0, future-lens 3, attribute 20; 0: the next token "
-                             "only, faster)")
+    parser.add_argument(
+        "--source-prompt",
+        required=required,
+        help="S: the prompt whose hidden states are read (required)"
+        if required
+        else "S: the prompt whose hidden states are read (default: none; give it or --prompts)",
+    )
+    parser.add_argument(
+        "--source-position",
+        default="-1",
+        help="i: a token index or a substring of the prompt (default: %(default)s, the last token)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="token-identity",
+        help=f"the Patchscope: {', '.join(PRESETS)} (default: %(default)s; see: patchscopes presets)",
+    )
+    parser.add_argument(
+        "--target-prompt", default=None, help="T: replaces the preset's target prompt (default: the preset's own)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated greedily after the patched prompt (default: the preset's own, as in "
+        "Python: token-identity 4, logit-lens 0, future-lens 3, attribute 20; 0: the next token "
+        "only, faster)",
+    )
 
 
-def layers_option(parser: argparse.ArgumentParser, flag: str, default: str | None, what: str,
-                  shown: str = "%(default)s") -> None:
+def layers_option(
+    parser: argparse.ArgumentParser, flag: str, default: str | None, what: str, shown: str = "%(default)s"
+) -> None:
     """A layer list, read by `spec.layers.parse_layers`."""
     parser.add_argument(flag, default=default, help=f"{what}: {LAYERS_HELP} (default: {shown})")
 
@@ -133,5 +171,18 @@ def check_model_options(args: argparse.Namespace) -> None:
         check_device_map(args.device_map)
 
 
-__all__ = ["DEFAULT_MODEL", "UsageError", "parse_position", "positive_int", "port_number", "output_options",
-           "model_options", "source_options", "layers_option", "device", "placement", "load", "check_model_options"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "UsageError",
+    "parse_position",
+    "positive_int",
+    "port_number",
+    "output_options",
+    "model_options",
+    "source_options",
+    "layers_option",
+    "device",
+    "placement",
+    "load",
+    "check_model_options",
+]

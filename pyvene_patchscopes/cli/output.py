@@ -1,4 +1,5 @@
 """What a command prints: its table for people, or with --json one JSON object whose keys `JSON_KEYS` lists."""
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,19 @@ JSON_KEYS: dict[str, tuple[str, ...]] = {
     "sweep": ("model", "preset", "plot", "html", "cells"),
     "sweep --out": ("model", "preset", "out", "spec_hash", "computed_units", "skipped_units", "plot", "html"),
     "demo": ("model", "source_prompt", "source_position", "layers", "heatmap", "decoded_layers"),
-    "jacobian": ("model", "text", "scope", "target_position", "prediction", "prediction_id", "prediction_prob",
-                 "target_token", "target_id", "tokens", "files"),
+    "jacobian": (
+        "model",
+        "text",
+        "scope",
+        "target_position",
+        "prediction",
+        "prediction_id",
+        "prediction_prob",
+        "target_token",
+        "target_id",
+        "tokens",
+        "files",
+    ),
     "eval": ("task", "report"),
     "eval all": ("task", "reports"),
     "list": ("catalogue",),
@@ -33,8 +45,10 @@ JSON_KEYS: dict[str, tuple[str, ...]] = {
     "families --markdown": (),
     "explore": (),  # a server: it prints its address, never a JSON object
 }
-NO_INFORMATION_NOTE = ("* l* = the last layer, patched before the target's last position: no later layer reads it "
-                       "and the readout never sees it, so the row says nothing about the source")
+NO_INFORMATION_NOTE = (
+    "* l* = the last layer, patched before the target's last position: no later layer reads it "
+    "and the readout never sees it, so the row says nothing about the source"
+)
 
 
 def json_help(command: str) -> str:
@@ -42,10 +56,13 @@ def json_help(command: str) -> str:
     shapes = [(name.partition(" ")[2], keys) for name, keys in JSON_KEYS.items() if name.split(" ")[0] == command]
     if not any(keys for _, keys in shapes):
         return "print an error as one JSON line on standard error (default: off)"
-    held = "; ".join(f"{command} {option}: " * bool(option) + (", ".join(keys) or "nothing more")
-                     for option, keys in shapes)
-    return (f"print one JSON object instead of the table: schema, command, then {held}; an error is one JSON line "
-            "on standard error (default: off)")
+    held = "; ".join(
+        f"{command} {option}: " * bool(option) + (", ".join(keys) or "nothing more") for option, keys in shapes
+    )
+    return (
+        f"print one JSON object instead of the table: schema, command, then {held}; an error is one JSON line "
+        "on standard error (default: off)"
+    )
 
 
 def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
@@ -56,14 +73,20 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
     """
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch, the main process speaks for all
         return
-    text = json.dumps(finite({"schema": JSON_SCHEMA_VERSION, "command": args.command, **payload}), indent=2,
-                      allow_nan=False) if args.json else table
+    text = (
+        json.dumps(
+            finite({"schema": JSON_SCHEMA_VERSION, "command": args.command, **payload}), indent=2, allow_nan=False
+        )
+        if args.json
+        else table
+    )
     try:
         print(text, flush=True)
     except OSError as err:  # say so once, and let nothing flush again at exit
         silence(sys.stdout)
-        raise PatchscopeError(f"cannot write the output to standard output ({err.strerror or type(err).__name__})") \
-            from None
+        raise PatchscopeError(
+            f"cannot write the output to standard output ({err.strerror or type(err).__name__})"
+        ) from None
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -72,8 +95,9 @@ def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         token = show_text(row["token"], 11) + ("" if row.get("informative", True) else "*")
         generation = "" if row["generation"] is None else show_text(row["generation"], 30)
-        lines.append(f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  "
-                     + generation)
+        lines.append(
+            f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  " + generation
+        )
     if not all(row.get("informative", True) for row in rows):
         lines.append(NO_INFORMATION_NOTE)
     return "\n".join(lines)
@@ -81,11 +105,20 @@ def layer_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def result_rows(results) -> list[dict[str, Any]]:
     """Patchscope results as the JSON rows of `inspect` and `demo`."""
-    return [{"source_layer": r.scope.source.layer, "target_layer": r.scope.target.layer,
-             "source_position": r.source_position, "target_position": r.target_position,
-             "token": r.token, "prob": round(r.prob, 6), "generation": r.generation, "informative": r.informative,
-             "top": [{"token": t.token, "prob": round(t.prob, 6)} for t in r.top]} for r in results]
+    return [
+        {
+            "source_layer": r.scope.source.layer,
+            "target_layer": r.scope.target.layer,
+            "source_position": r.source_position,
+            "target_position": r.target_position,
+            "token": r.token,
+            "prob": round(r.prob, 6),
+            "generation": r.generation,
+            "informative": r.informative,
+            "top": [{"token": t.token, "prob": round(t.prob, 6)} for t in r.top],
+        }
+        for r in results
+    ]
 
 
-__all__ = ["JSON_SCHEMA_VERSION", "JSON_KEYS", "NO_INFORMATION_NOTE", "json_help", "emit", "layer_table",
-           "result_rows"]
+__all__ = ["JSON_SCHEMA_VERSION", "JSON_KEYS", "NO_INFORMATION_NOTE", "json_help", "emit", "layer_table", "result_rows"]

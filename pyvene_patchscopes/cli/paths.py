@@ -1,5 +1,6 @@
 """The paths a command line names, checked before any work: no output is, holds or lies inside another path, and
 each output file can be written; the placement flags agree."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,15 @@ from .options import UsageError
 
 DEMO_HEATMAP = "demo_heatmap.png"  # what `demo` writes into its --out folder
 # The options that name what a command reads, as (attribute, flag): each is a path only where it exists.
-INPUT_OPTIONS = (("spec", "spec"), ("prompts", "--prompts"), ("data", "--data"), ("lens", "--lens"),
-                 ("adapter", "--adapter"), ("model", "--model"), ("target_model", "--target-model"))
+INPUT_OPTIONS = (
+    ("spec", "spec"),
+    ("prompts", "--prompts"),
+    ("data", "--data"),
+    ("lens", "--lens"),
+    ("adapter", "--adapter"),
+    ("model", "--model"),
+    ("target_model", "--target-model"),
+)
 
 
 def paths_of(args: argparse.Namespace) -> list[tuple[str, str | Path, str]]:
@@ -30,8 +38,10 @@ def paths_of(args: argparse.Namespace) -> list[tuple[str, str | Path, str]]:
     if args.command == "sweep" and out is not None:
         paths.append(("--out", out, INPUT))
     paths += [(flag, path, "file") for flag, path in output_files(args)]
-    for flag, folder in (("--out", out if args.command in ("sweep", "eval") else None),
-                         ("--offload-folder", getattr(args, "offload_folder", None))):
+    for flag, folder in (
+        ("--out", out if args.command in ("sweep", "eval") else None),
+        ("--offload-folder", getattr(args, "offload_folder", None)),
+    ):
         if folder is not None:
             paths.append((flag, folder, "folder"))
     return paths
@@ -39,8 +49,11 @@ def paths_of(args: argparse.Namespace) -> list[tuple[str, str | Path, str]]:
 
 def output_files(args: argparse.Namespace) -> list[tuple[str, str | Path]]:
     """The files this command line writes, as (flag, file)."""
-    files = [(flag, getattr(args, attr)) for flag, attr in (("--plot", "plot"), ("--html", "html"))
-             if getattr(args, attr, None) is not None]
+    files = [
+        (flag, getattr(args, attr))
+        for flag, attr in (("--plot", "plot"), ("--html", "html"))
+        if getattr(args, attr, None) is not None
+    ]
     if args.command == "demo":
         files.append(("--out", Path(args.out) / DEMO_HEATMAP))
     if args.command == "jacobian" and args.out:
@@ -80,24 +93,42 @@ def check_placement(args: argparse.Namespace) -> None:
     """--device and --device-map place the model two ways: one of them; --offload-folder only with --device-map."""
     device, device_map = getattr(args, "device", None), getattr(args, "device_map", None)
     if device is not None and device_map is not None:
-        raise UsageError(f"--device={device!r} and --device-map={device_map!r} are both given (allowed: one of them: "
-                         "--device for one device, --device-map to split or offload the model)")
+        raise UsageError(
+            f"--device={device!r} and --device-map={device_map!r} are both given (allowed: one of them: "
+            "--device for one device, --device-map to split or offload the model)"
+        )
     offload = getattr(args, "offload_folder", None)
     if offload is not None and device_map is None:
-        raise UsageError(f"--offload-folder={offload!r} is given without --device-map, so nothing would be offloaded "
-                         "(allowed: --offload-folder beside --device-map)")
+        raise UsageError(
+            f"--offload-folder={offload!r} is given without --device-map, so nothing would be offloaded "
+            "(allowed: --offload-folder beside --device-map)"
+        )
 
 
-def check_outputs(args: argparse.Namespace, files: dict[str, str | None],
-                  figures: Sequence[str] = ()) -> dict[str, Path]:
+def check_outputs(
+    args: argparse.Namespace, files: dict[str, str | None], figures: Sequence[str] = ()
+) -> dict[str, Path]:
     """Every output file of the command, checked before any work (see `outputs.check_file`): flag -> path.
 
     `figures` are the flags whose file matplotlib writes; their suffix must name a format it can write. How the
     outputs lie to the inputs and to each other `check_options` has checked already.
     """
-    return {flag: check_file(value, flag, FIGURE_FORMATS if flag in figures else None)
-            for flag, value in files.items() if value is not None}
+    return {
+        flag: check_file(value, flag, FIGURE_FORMATS if flag in figures else None)
+        for flag, value in files.items()
+        if value is not None
+    }
 
 
-__all__ = ["DEMO_HEATMAP", "INPUT_OPTIONS", "paths_of", "output_files", "output_paths", "exists", "names_a_path",
-           "check_options", "check_placement", "check_outputs"]
+__all__ = [
+    "DEMO_HEATMAP",
+    "INPUT_OPTIONS",
+    "paths_of",
+    "output_files",
+    "output_paths",
+    "exists",
+    "names_a_path",
+    "check_options",
+    "check_placement",
+    "check_outputs",
+]

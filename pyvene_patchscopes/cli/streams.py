@@ -1,4 +1,5 @@
 """Standard output and error while a command runs: a reader that closed its pipe (`| head`) ends the command quietly."""
+
 from __future__ import annotations
 
 import os

@@ -28,6 +28,7 @@ Every name is defined in its topic module and re-exported here. Setting a name o
 ``monkeypatch.setattr(compat, ...)``) sets it in the topic modules that hold it too, so that the code using it sees
 the change, as it did when compat was one module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -94,15 +95,30 @@ from .weights import (  # noqa: F401
 )
 
 # their private names in the one-module compat, kept as aliases (the tests compare against them)
-_ALIASES = {"_ORIGINAL_SAVE": "PYVENE_SAVE", "_ORIGINAL_LOAD": "PYVENE_LOAD",
-            "_ORIGINAL_SAVE_INTERVENTION": "PYVENE_SAVE_INTERVENTION",
-            "_ORIGINAL_LOAD_INTERVENTION": "PYVENE_LOAD_INTERVENTION", "_ORIGINAL_ENTRIES": "PYVENE_ENTRIES",
-            "_ORIGINAL_REMOVE_HOOKS": "PYVENE_REMOVE_HOOKS", "_PYVENE_HOOKS": "PYVENE_HOOKS",
-            "_weights_file": "weights_file"}
+_ALIASES = {
+    "_ORIGINAL_SAVE": "PYVENE_SAVE",
+    "_ORIGINAL_LOAD": "PYVENE_LOAD",
+    "_ORIGINAL_SAVE_INTERVENTION": "PYVENE_SAVE_INTERVENTION",
+    "_ORIGINAL_LOAD_INTERVENTION": "PYVENE_LOAD_INTERVENTION",
+    "_ORIGINAL_ENTRIES": "PYVENE_ENTRIES",
+    "_ORIGINAL_REMOVE_HOOKS": "PYVENE_REMOVE_HOOKS",
+    "_PYVENE_HOOKS": "PYVENE_HOOKS",
+    "_weights_file": "weights_file",
+}
 globals().update({alias: globals()[name] for alias, name in _ALIASES.items()})
 
-_TOPICS = (constructor_args, folders, hooks, index_device, intervenable_model, locations, opt_in_serialization,
-           plugins_file, registry, weights)
+_TOPICS = (
+    constructor_args,
+    folders,
+    hooks,
+    index_device,
+    intervenable_model,
+    locations,
+    opt_in_serialization,
+    plugins_file,
+    registry,
+    weights,
+)
 _ABSENT = object()
 
 
@@ -122,10 +138,29 @@ class _Workarounds(types.ModuleType):
 sys.modules[__name__].__class__ = _Workarounds
 
 __all__ = [
-    "install", "uninstall", "pyvene_guard", "intervenable", "remove_pyvene_hooks", "base_locations",
-    "per_intervention_locations", "reset_use_fast", "load_intervention_weights", "reloadable_kwargs_check",
-    "save_intervenable", "load_intervenable", "save_intervention_weights", "read_weights", "load_model_weights",
-    "install_safe_serialization", "uninstall_safe_serialization", "safe_serialization",
-    "register_model_types", "check_hookable", "index_on_activation_device", "plugin_modules", "read_plugin_modules",
-    "PluginModules", "PLUGINS_FILE",
+    "install",
+    "uninstall",
+    "pyvene_guard",
+    "intervenable",
+    "remove_pyvene_hooks",
+    "base_locations",
+    "per_intervention_locations",
+    "reset_use_fast",
+    "load_intervention_weights",
+    "reloadable_kwargs_check",
+    "save_intervenable",
+    "load_intervenable",
+    "save_intervention_weights",
+    "read_weights",
+    "load_model_weights",
+    "install_safe_serialization",
+    "uninstall_safe_serialization",
+    "safe_serialization",
+    "register_model_types",
+    "check_hookable",
+    "index_on_activation_device",
+    "plugin_modules",
+    "read_plugin_modules",
+    "PluginModules",
+    "PLUGINS_FILE",
 ]

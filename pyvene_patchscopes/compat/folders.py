@@ -9,6 +9,7 @@ tests/test_serialization.py (test_pyvene_save_load_*, test_safe_loader_*).
 Remove when: pyvene's ``load`` builds only known classes without importing named modules, reads tensors only, on
 any device, inside the folder (not so on main as of 9e33390), and the pinned pyvene is that release.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,11 @@ def _allowed_intervention_types() -> dict[str, type]:
 
     from ..interventions import INTERVENTIONS
 
-    allowed = {str(obj): obj for obj in vars(builtin).values()
-               if isinstance(obj, type) and issubclass(obj, builtin.Intervention)}
+    allowed = {
+        str(obj): obj
+        for obj in vars(builtin).values()
+        if isinstance(obj, type) and issubclass(obj, builtin.Intervention)
+    }
     allowed.update({str(cls): cls for cls in INTERVENTIONS.values()})
     return allowed
 
@@ -79,20 +83,29 @@ def _representations(reps: list) -> list:
     out = []
     for index, opts in enumerate(reps):
         if not isinstance(opts, list) or not 1 <= len(opts) <= len(fields):
-            raise SpecError(f"pyvene config.json representations[{index}]={opts!r:.80} is not allowed "
-                            f"(allowed: a list of at most {len(fields)} fields: {', '.join(fields)})")
+            raise SpecError(
+                f"pyvene config.json representations[{index}]={opts!r:.80} is not allowed "
+                f"(allowed: a list of at most {len(fields)} fields: {', '.join(fields)})"
+            )
         rep = pv.RepresentationConfig(*opts)
-        if isinstance(rep.layer, bool) or not isinstance(rep.layer, int) or not isinstance(rep.component, str) \
-                or not isinstance(rep.unit, str):
-            raise SpecError(f"pyvene config.json representations[{index}] needs an int layer and string component "
-                            f"and unit, got layer={rep.layer!r:.40}, component={rep.component!r:.40}, "
-                            f"unit={rep.unit!r:.40}")
+        if (
+            isinstance(rep.layer, bool)
+            or not isinstance(rep.layer, int)
+            or not isinstance(rep.component, str)
+            or not isinstance(rep.unit, str)
+        ):
+            raise SpecError(
+                f"pyvene config.json representations[{index}] needs an int layer and string component "
+                f"and unit, got layer={rep.layer!r:.40}, component={rep.component!r:.40}, "
+                f"unit={rep.unit!r:.40}"
+            )
         out.append(rep)
     return out
 
 
-def load_intervenable(directory: str | Path, model: nn.Module, device: str | torch.device | None = None,
-                      include_model: bool = False) -> pv.IntervenableModel:
+def load_intervenable(
+    directory: str | Path, model: nn.Module, device: str | torch.device | None = None, include_model: bool = False
+) -> pv.IntervenableModel:
     """pyvene's ``load``, made safe: JSON + safetensors (or tensor-only .bin), CPU-friendly, known classes only.
 
     Unlike pyvene 0.1.8 it never imports a module named in the file (``get_type_from_string``), never
@@ -106,8 +119,9 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     allowed = _allowed_intervention_types()
     types, reps = raw.get("intervention_types"), raw.get("representations")
     if not isinstance(types, list) or not isinstance(reps, list) or len(types) != len(reps) or not types:
-        raise SpecError("pyvene config.json needs equal-length, non-empty lists 'intervention_types' and "
-                        "'representations'")
+        raise SpecError(
+            "pyvene config.json needs equal-length, non-empty lists 'intervention_types' and 'representations'"
+        )
     plugins = read_plugin_modules(directory)
     classes = []
     for name in types:
@@ -121,8 +135,10 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
     constants = [False] * len(classes) if constants is None else constants
     dims = [None] * len(classes) if dims is None else dims
     if not (isinstance(constants, list) and isinstance(dims, list) and len(constants) == len(dims) == len(classes)):
-        raise SpecError("pyvene config.json 'intervention_constant_sources' and 'intervention_dimensions' must "
-                        f"be lists of {len(classes)} entries, one per intervention")
+        raise SpecError(
+            "pyvene config.json 'intervention_constant_sources' and 'intervention_dimensions' must "
+            f"be lists of {len(classes)} entries, one per intervention"
+        )
     device = device if device is not None else input_device(model)
     try:
         config = pv.IntervenableConfig.from_dict({k: v for k, v in raw.items() if k != "transformers_version"})
@@ -132,8 +148,10 @@ def load_intervenable(directory: str | Path, model: nn.Module, device: str | tor
         with contextlib.redirect_stdout(io.StringIO()):
             pvm = pv.IntervenableModel(config, model)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, NameError, RuntimeError) as err:
-        raise SpecError(f"pyvene config.json in {directory} does not fit this model: "
-                        f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from None
+        raise SpecError(
+            f"pyvene config.json in {directory} does not fit this model: "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        ) from None
     for i, (key, intervention) in enumerate(pvm.interventions.items()):
         intervention.is_source_constant = bool(constants[i])
         _set_dimension(intervention, dims[i], representations[i], model, key)
@@ -164,10 +182,13 @@ def _set_dimension(intervention: _Dimensioned, dim: object, rep, model: nn.Modul
         if config is None or hidden is None:
             return
         dim = hidden // config.num_attention_heads if rep.component.startswith("head_") else hidden
-    if isinstance(dim, bool) or not (isinstance(dim, int) or (isinstance(dim, list)
-                                                              and all(isinstance(d, int) for d in dim))):
-        raise SpecError(f"pyvene config.json intervention_dimensions for {key!r} is {dim!r:.60} "
-                        "(allowed: an int, a list of ints, or null)")
+    if isinstance(dim, bool) or not (
+        isinstance(dim, int) or (isinstance(dim, list) and all(isinstance(d, int) for d in dim))
+    ):
+        raise SpecError(
+            f"pyvene config.json intervention_dimensions for {key!r} is {dim!r:.60} "
+            "(allowed: an int, a list of ints, or null)"
+        )
     intervention.set_interchange_dim(dim)
 
 

@@ -12,6 +12,7 @@ tests/test_hostile.py (test_d2_*, test_d4_*).
 Remove when: pyvene removes only the hooks it registered and leaves the wrapped model's flags and config alone
 (#1 and #9 are open upstream; not fixed on main as of 9e33390, 2026-03), and the pinned pyvene is that release.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ def _recording(method):
         handlers = method(self, *args, **kwargs)
         PYVENE_HOOKS.update((handle.id, handle) for handle in handlers.handlers)
         return handlers
+
     return wrapper
 
 
@@ -68,9 +70,11 @@ def remove_pyvene_hooks(module: nn.Module) -> None:
         for hooks in (sub._forward_hooks, sub._forward_pre_hooks):
             for hook_id in [k for k in hooks if k in PYVENE_HOOKS]:
                 hooks.pop(hook_id)
-                for extra in (getattr(sub, "_forward_hooks_with_kwargs", {}),
-                              getattr(sub, "_forward_pre_hooks_with_kwargs", {}),
-                              getattr(sub, "_forward_hooks_always_called", {})):
+                for extra in (
+                    getattr(sub, "_forward_hooks_with_kwargs", {}),
+                    getattr(sub, "_forward_pre_hooks_with_kwargs", {}),
+                    getattr(sub, "_forward_hooks_always_called", {}),
+                ):
                     extra.pop(hook_id, None)
     _forget_removed_hooks()
 
@@ -114,8 +118,11 @@ def pyvene_guard(model: nn.Module) -> Iterator[None]:
     and ``model.train(flag)`` would flatten a mix of train and eval submodules).
     """
     params = list(model.parameters())
-    state = _ModelState([(m, m.training) for m in model.modules()], [p.requires_grad for p in params],
-                        model.config.__dict__.get("model_type", None) if hasattr(model, "config") else None)
+    state = _ModelState(
+        [(m, m.training) for m in model.modules()],
+        [p.requires_grad for p in params],
+        model.config.__dict__.get("model_type", None) if hasattr(model, "config") else None,
+    )
     had_model_type = hasattr(model, "config") and "model_type" in model.config.__dict__
     _start_tracking()
     try:

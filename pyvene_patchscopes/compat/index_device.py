@@ -8,6 +8,7 @@ Test: tests/test_offload.py (test_bug10_raw_pyvene_indexes_on_meta_and_the_worka
 Remove when: pyvene builds the indices on the activation's device (``device=None`` in ``gather_neurons`` /
 ``scatter_neurons``; not so on main as of 9e33390), and the pinned pyvene is that release.
 """
+
 from __future__ import annotations
 
 import pyvene as pv

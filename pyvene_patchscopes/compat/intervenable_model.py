@@ -4,6 +4,7 @@ Call `intervenable` inside `pyvene_guard(model)` (#1, #9), which undoes what wra
 Remove when: each workaround it applies is removed (see `locations`, `registry`, `index_device`); then it is
 ``pv.IntervenableModel(config, model)``.
 """
+
 from __future__ import annotations
 
 import pyvene as pv

@@ -10,6 +10,7 @@ test_bug3_flat_pair_is_read_as_source_and_base).
 Remove when: pyvene's ``_broadcast_unit_locations`` neither makes ``use_fast`` sticky nor reads a flat pair as
 (source, base) (upstream issue #33; not fixed on main as of 9e33390), and the pinned pyvene is that release.
 """
+
 from __future__ import annotations
 
 import copy

@@ -7,6 +7,7 @@ Tests: tests/test_compat.py (test_bug4_load_intervention_weights_on_cpu_without_
 tests/test_no_side_effects.py (test_safe_serialization_*, test_a_folder_saved_under_the_opt_in_*).
 Remove when: `folders` and `weights` are removed (pyvene's own methods are then safe).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,13 @@ _SERIALIZATION_METHODS = ("save", "load", "save_intervention", "load_interventio
 PYVENE_ENTRIES = {name: pv.IntervenableModel.__dict__[name] for name in _SERIALIZATION_METHODS}
 
 
-def _patched_save(self: pv.IntervenableModel, save_directory: str, save_to_hf_hub: bool = False,
-                  hf_repo_name: str = "my-awesome-model", include_model: bool = False) -> None:
+def _patched_save(
+    self: pv.IntervenableModel,
+    save_directory: str,
+    save_to_hf_hub: bool = False,
+    hf_repo_name: str = "my-awesome-model",
+    include_model: bool = False,
+) -> None:
     save_intervenable(self, save_directory, include_model=include_model)
     if save_to_hf_hub:  # optional: only for users with a hub
         from huggingface_hub import HfApi
@@ -38,8 +44,13 @@ def _patched_save(self: pv.IntervenableModel, save_directory: str, save_to_hf_hu
         HfApi().upload_folder(folder_path=str(save_directory), repo_id=hf_repo_name)
 
 
-def _patched_load(load_directory: str, model: nn.Module, local_directory: str | None = None,
-                  from_huggingface_hub: bool = False, include_model: bool = False) -> pv.IntervenableModel:
+def _patched_load(
+    load_directory: str,
+    model: nn.Module,
+    local_directory: str | None = None,
+    from_huggingface_hub: bool = False,
+    include_model: bool = False,
+) -> pv.IntervenableModel:
     if from_huggingface_hub or not Path(load_directory).exists():
         from huggingface_hub import snapshot_download
 
@@ -66,8 +77,14 @@ def install_safe_serialization() -> None:
     modules named in files; the files stay pyvene's (see above). `uninstall_safe_serialization` undoes it;
     `safe_serialization` does both around a block.
     """
-    _set_methods({"save": _patched_save, "load": staticmethod(_patched_load),
-                  "save_intervention": _patched_save_intervention, "load_intervention": _patched_load_intervention})
+    _set_methods(
+        {
+            "save": _patched_save,
+            "load": staticmethod(_patched_load),
+            "save_intervention": _patched_save_intervention,
+            "load_intervention": _patched_load_intervention,
+        }
+    )
 
 
 def uninstall_safe_serialization() -> None:

@@ -9,6 +9,7 @@ Tests: tests/test_plugins.py (plugins.json), tests/test_serialization.py
 Remove when: pyvene's ``load`` stops importing modules named in ``config.json`` and can name the module a class
 needs (not so on main as of 9e33390), and the pinned pyvene is that release.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,15 @@ def write_plugin_modules(pvm: pv.IntervenableModel, directory: Path) -> None:
     if not (found.interventions or found.mappings):
         path.unlink(missing_ok=True)  # an earlier save's list, in this folder, no longer holds
         return
-    write_text(path, json.dumps({"format": PLUGINS_FORMAT, "version": 1, "interventions": found.interventions,
-                                 "mappings": found.mappings}, indent=2, sort_keys=True) + "\n")
+    write_text(
+        path,
+        json.dumps(
+            {"format": PLUGINS_FORMAT, "version": 1, "interventions": found.interventions, "mappings": found.mappings},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n",
+    )
 
 
 def read_plugin_modules(directory: Path) -> PluginModules:
@@ -69,14 +77,22 @@ def read_plugin_modules(directory: Path) -> PluginModules:
         return PluginModules({}, {})
     raw = read_json(path, f"{PLUGINS_FILE} in {directory}")
     fields = {"format", "version", "interventions", "mappings"}
-    if not isinstance(raw, dict) or set(raw) != fields or raw["format"] != PLUGINS_FORMAT \
-            or isinstance(raw["version"], bool) or raw["version"] != 1:
-        raise SpecError(f"{PLUGINS_FILE} in {directory} is not allowed (allowed: an object with {sorted(fields)}, "
-                        f"format {PLUGINS_FORMAT!r}, version 1)")
+    if (
+        not isinstance(raw, dict)
+        or set(raw) != fields
+        or raw["format"] != PLUGINS_FORMAT
+        or isinstance(raw["version"], bool)
+        or raw["version"] != 1
+    ):
+        raise SpecError(
+            f"{PLUGINS_FILE} in {directory} is not allowed (allowed: an object with {sorted(fields)}, "
+            f"format {PLUGINS_FORMAT!r}, version 1)"
+        )
     for part in ("interventions", "mappings"):
         if not isinstance(raw[part], dict) or not all(isinstance(k, str) for k in raw[part]):
-            raise SpecError(f"{PLUGINS_FILE} in {directory}: {part!r} is not allowed (allowed: an object of names "
-                            "to module names)")
+            raise SpecError(
+                f"{PLUGINS_FILE} in {directory}: {part!r} is not allowed (allowed: an object of names to module names)"
+            )
         for value in raw[part].values():
             check_module(value, f"{PLUGINS_FILE} {part} module")
     return PluginModules(raw["interventions"], raw["mappings"])
@@ -89,8 +105,9 @@ def unknown_type(name: object, modules: dict[str, str]) -> UnknownNameError:
     if module is None and isinstance(name, str) and name.startswith(f"<class '{MAIN}."):
         module = MAIN
     if module is None:
-        return UnknownNameError(f"intervention type {name!r:.120} is not allowed (allowed: {allowed}); nothing was "
-                                "imported")
+        return UnknownNameError(
+            f"intervention type {name!r:.120} is not allowed (allowed: {allowed}); nothing was imported"
+        )
     return unregistered(f"intervention type {name!r:.120}", module, allowed)
 
 

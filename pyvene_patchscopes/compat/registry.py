@@ -9,6 +9,7 @@ Remove when: the pinned pyvene registers every family in `models.architectures.F
 OLMo 2, not Gemma 3 or Phi-3, as of 9e33390) and matches subclasses; the found-paths part stays until pyvene can
 hook a class it was never told about.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,8 +41,12 @@ def register_model_types(model: nn.Module | None = None) -> None:
                 continue
             dims = dict(pv.type_to_dimension_mapping[like])
             if arch.head_dim:
-                for component in ("head_attention_value_output", "head_query_output", "head_key_output",
-                                  "head_value_output"):
+                for component in (
+                    "head_attention_value_output",
+                    "head_query_output",
+                    "head_key_output",
+                    "head_value_output",
+                ):
                     dims[component] = ("head_dim",)
             pv.type_to_module_mapping[cls] = copy.deepcopy(pv.type_to_module_mapping[like])
             pv.type_to_dimension_mapping[cls] = dims

@@ -10,6 +10,7 @@ Remove when: pyvene's ``load_intervention`` takes a ``map_location`` (or default
 ``weights_only=True`` (not so on main as of 9e33390; the cuda:0 default came with v0.1.8, PR #219), and the pinned
 pyvene is that release.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -33,8 +34,10 @@ MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 def _weights_name(key: str, suffix: str) -> str:
     """``intkey_<key><suffix>``; a key that could leave the folder is refused."""
     if not _SAFE_KEY.match(key) or ".." in key:
-        raise SpecError(f"intervention key {key!r} is not allowed in a file name "
-                        "(allowed: letters, digits, '_', '.', '#', '-', no '..')")
+        raise SpecError(
+            f"intervention key {key!r} is not allowed in a file name "
+            "(allowed: letters, digits, '_', '.', '#', '-', no '..')"
+        )
     return f"intkey_{key}{suffix}"
 
 
@@ -44,8 +47,10 @@ def weights_file(directory: Path, key: str, suffix: str) -> Path:
 
 
 def _stateful(intervention: nn.Module) -> bool:
-    return isinstance(intervention, pv.TrainableIntervention) or \
-        getattr(intervention, "source_representation", None) is not None
+    return (
+        isinstance(intervention, pv.TrainableIntervention)
+        or getattr(intervention, "source_representation", None) is not None
+    )
 
 
 def _write_state(state: dict[str, torch.Tensor], safe: Path, legacy: Path) -> None:
@@ -56,8 +61,9 @@ def _write_state(state: dict[str, torch.Tensor], safe: Path, legacy: Path) -> No
         torch.save(tensors, temporary)
 
 
-def save_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
-                              trainable_only: bool = False) -> list[Path]:
+def save_intervention_weights(
+    pvm: pv.IntervenableModel, directory: str | Path, trainable_only: bool = False
+) -> list[Path]:
     """Write each stateful intervention's ``state_dict`` as ``intkey_<key>.safetensors`` and ``.bin``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -86,8 +92,9 @@ def read_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, to
         state = torch.load(path, map_location=device, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as err:
         raise SpecError(f"refusing to load weights file {path.name!r}: {str(err).splitlines()[0][:200]}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise SpecError(f"weights file {path.name!r} does not hold a dict of named tensors")
     return state
 
@@ -105,8 +112,9 @@ def read_intervention_state(directory: Path, key: str, device) -> dict[str, torc
     return _read_pair(directory, [_weights_name(key, ".safetensors"), _weights_name(key, ".bin")], device)
 
 
-def load_intervention_weights(pvm: pv.IntervenableModel, directory: str | Path,
-                              device: str | torch.device = "cpu") -> None:
+def load_intervention_weights(
+    pvm: pv.IntervenableModel, directory: str | Path, device: str | torch.device = "cpu"
+) -> None:
     """What ``IntervenableModel.load_intervention`` should do: load on `device`, never execute pickled code.
 
     Reads ``intkey_<key>.safetensors`` if present, else pyvene's ``intkey_<key>.bin`` with

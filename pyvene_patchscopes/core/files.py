@@ -5,6 +5,7 @@ refuses names that leave the folder and symbolic links that resolve outside it; 
 cap and without echoing the file's content in errors; safetensors errors are reduced to their first
 clause, since safetensors quotes the header it failed to parse.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,10 @@ def inside(directory: str | Path, name: str, what: str = "file") -> Path:
     except (OSError, RuntimeError) as err:  # a missing folder, or a loop of links
         raise SpecError(f"{what} {name!r} in {folder} cannot be resolved ({type(err).__name__})") from None
     if not target.is_relative_to(root):
-        raise SpecError(f"{what} {name!r} in {folder} resolves outside the folder (allowed: files inside it; "
-                        "symbolic links that leave the folder are refused)")
+        raise SpecError(
+            f"{what} {name!r} in {folder} resolves outside the folder (allowed: files inside it; "
+            "symbolic links that leave the folder are refused)"
+        )
     return path
 
 
@@ -110,16 +113,19 @@ def parse_json(text: str, what: str) -> Any:
     except RecursionError:
         raise SpecError(f"{what} is nested too deeply to parse (allowed: a plain JSON object)") from None
     except ValueError as err:  # an integer past Python's 4300-digit limit on int <-> str conversion
-        raise SpecError(f"{what} holds a number too long to parse ({str(err).split(':')[0]}) (allowed: numbers of "
-                        "at most 4300 digits)") from None
+        raise SpecError(
+            f"{what} holds a number too long to parse ({str(err).split(':')[0]}) (allowed: numbers of "
+            "at most 4300 digits)"
+        ) from None
 
 
 def read_json(path: str | Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
     return parse_json(read_text(path, what, max_bytes), what)
 
 
-def read_safetensors(path: Path, what: str, device: str | torch.device = "cpu",
-                     max_bytes: int = MAX_WEIGHTS_BYTES) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: Path, what: str, device: str | torch.device = "cpu", max_bytes: int = MAX_WEIGHTS_BYTES
+) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file (no code can run); the error names the file, not its content."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -142,8 +148,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_finite(tensors: dict[str, torch.Tensor], what: str,
-                 run_dtypes: dict[str, torch.dtype] | torch.dtype | None = None) -> None:
+def check_finite(
+    tensors: dict[str, torch.Tensor], what: str, run_dtypes: dict[str, torch.dtype] | torch.dtype | None = None
+) -> None:
     """Refuse weights that would give silent NaN probabilities and arbitrary tokens.
 
     Each tensor is checked in the dtype it will run in (`run_dtypes`, one for all or one per name; by default
@@ -158,16 +165,36 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str,
         if not run.is_floating_point:
             continue
         if not tensor.is_floating_point():
-            raise SpecError(f"{what} {name!r} has dtype {_dtype_name(tensor.dtype)} (allowed: a floating-point "
-                            f"dtype: {FLOAT_DTYPES})")
+            raise SpecError(
+                f"{what} {name!r} has dtype {_dtype_name(tensor.dtype)} (allowed: a floating-point "
+                f"dtype: {FLOAT_DTYPES})"
+            )
         cast = tensor.to(run if run.itemsize > 1 else torch.float32)
         if not bool(torch.isfinite(cast).all()):
             bad = int((~torch.isfinite(cast)).sum())
-            where = "" if cast.dtype == tensor.dtype else \
-                f" once cast from {_dtype_name(tensor.dtype)} to {_dtype_name(cast.dtype)}, the dtype it runs in"
-            raise SpecError(f"{what} {name!r} has {bad} non-finite value(s) (NaN or inf){where} "
-                            "(allowed: finite numbers only)")
+            where = (
+                ""
+                if cast.dtype == tensor.dtype
+                else f" once cast from {_dtype_name(tensor.dtype)} to {_dtype_name(cast.dtype)}, the dtype it runs in"
+            )
+            raise SpecError(
+                f"{what} {name!r} has {bad} non-finite value(s) (NaN or inf){where} (allowed: finite numbers only)"
+            )
 
 
-__all__ = ["expand", "is_hub_id", "is_file", "is_dir", "not_a_file", "inside", "read_text", "parse_json", "read_json",
-           "read_safetensors", "check_finite", "MAX_JSON_BYTES", "MAX_TEXT_BYTES", "MAX_WEIGHTS_BYTES"]
+__all__ = [
+    "expand",
+    "is_hub_id",
+    "is_file",
+    "is_dir",
+    "not_a_file",
+    "inside",
+    "read_text",
+    "parse_json",
+    "read_json",
+    "read_safetensors",
+    "check_finite",
+    "MAX_JSON_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_WEIGHTS_BYTES",
+]

@@ -14,6 +14,7 @@ naming the file and why ("the disk is full"). Each temporary file is locked (``f
 that `remove_dead_temporaries` removes only those of writers that died: two processes writing into one folder
 never remove each other's.
 """
+
 from __future__ import annotations
 
 import errno
@@ -66,8 +67,9 @@ def _probe(folder: Path, value: str, flag: str) -> None:
         os.close(handle)
         os.unlink(name)
     except (OSError, ValueError) as err:
-        raise PatchscopeError(f"{flag}={value!r}: cannot write in the folder {str(folder)!r} "
-                              f"({_reason(err)})") from None
+        raise PatchscopeError(
+            f"{flag}={value!r}: cannot write in the folder {str(folder)!r} ({_reason(err)})"
+        ) from None
 
 
 def check_folder(value: str | os.PathLike, flag: str, given: str | os.PathLike | None = None) -> Path:
@@ -98,8 +100,10 @@ def check_file(value: str | os.PathLike, flag: str, formats: Sequence[str] | Non
     refuse_special(value, flag)
     suffix = path.suffix.lower().lstrip(".")
     if formats is not None and suffix and suffix not in formats:
-        raise PatchscopeError(f"{flag}={str(value)!r} has the suffix {path.suffix!r}, which names no format it can "
-                              f"be written in (allowed: {', '.join('.' + f for f in formats)}, or none for PNG)")
+        raise PatchscopeError(
+            f"{flag}={str(value)!r} has the suffix {path.suffix!r}, which names no format it can "
+            f"be written in (allowed: {', '.join('.' + f for f in formats)}, or none for PNG)"
+        )
     check_folder(path.parent, flag, given=value)
     return path
 
@@ -108,17 +112,23 @@ def refuse_special(value: str | os.PathLike, flag: str) -> None:
     """Refuse a path that names a device, a pipe or a socket (``/dev/full``): only regular files are written."""
     mode = _mode(Path(value))
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise PatchscopeError(f"{flag}={str(value)!r} is a device or special file, not a regular file (allowed: a "
-                              "regular file path)")
+        raise PatchscopeError(
+            f"{flag}={str(value)!r} is a device or special file, not a regular file (allowed: a regular file path)"
+        )
 
 
 INPUT = "input"  # the role of a path a command reads (a file, or a folder with everything in it); see `check_apart`
 # what an output's place says, beside an input of the command and beside another of its outputs
-BESIDE_INPUT = {"same": "is also an input of this command ({other}), and writing it would overwrite that input",
-                "inside": "is inside {other}, which this command reads, and writing there could overwrite that input",
-                "holds": "holds {other}, which this command reads, and writing into it could overwrite that input"}
-BESIDE_OUTPUT = {"same": "is the same {noun} as {other}", "inside": "is inside {other}, which this command also writes",
-                 "holds": "holds {other}, which this command also writes"}
+BESIDE_INPUT = {
+    "same": "is also an input of this command ({other}), and writing it would overwrite that input",
+    "inside": "is inside {other}, which this command reads, and writing there could overwrite that input",
+    "holds": "holds {other}, which this command reads, and writing into it could overwrite that input",
+}
+BESIDE_OUTPUT = {
+    "same": "is the same {noun} as {other}",
+    "inside": "is inside {other}, which this command also writes",
+    "holds": "holds {other}, which this command also writes",
+}
 
 
 def check_apart(paths: Sequence[tuple[str, str | os.PathLike, str]]) -> None:
@@ -139,9 +149,13 @@ def check_apart(paths: Sequence[tuple[str, str | os.PathLike, str]]) -> None:
                 continue
             read = other_role == INPUT
             said = (BESIDE_INPUT if read else BESIDE_OUTPUT)[relation].format(
-                other=f"{other}={given!r}", noun="file" if role == other_role == "file" else "path")
-            allowed = ("a path apart from the command's inputs: not one of them, not inside one, not holding one"
-                       if read else "a path of its own for each output")
+                other=f"{other}={given!r}", noun="file" if role == other_role == "file" else "path"
+            )
+            allowed = (
+                "a path apart from the command's inputs: not one of them, not inside one, not holding one"
+                if read
+                else "a path of its own for each output"
+            )
             raise PatchscopeError(f"{flag}={value!r} {said} (allowed: {allowed})")
 
 
@@ -173,17 +187,21 @@ class WriteError(PatchscopeError, OSError):
 
 
 # Why a write failed, in words, by errno; any other error gives its own strerror.
-_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-        errno.EROFS: "the file system is read-only"}
+_WHY = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EROFS: "the file system is read-only",
+}
 
 
 def _write_error(target: Path, error: OSError, verb: str = "write") -> WriteError:
     # the system's words for the errno, not the writer's (pyarrow: "Error writing bytes to file. Detail: ...")
     detail = f"[Errno {error.errno}] {os.strerror(error.errno)}" if error.errno else _reason(error)
     why = _WHY.get(error.errno or 0, "the write failed")
-    done = ("nothing was written there and no temporary file is left" if verb == "write" else "it is left as it was")
-    raised = WriteError(f"cannot {verb} {target}: {why} ({detail}); {done} (allowed: a writable folder with room "
-                        "for it)")
+    done = "nothing was written there and no temporary file is left" if verb == "write" else "it is left as it was"
+    raised = WriteError(
+        f"cannot {verb} {target}: {why} ({detail}); {done} (allowed: a writable folder with room for it)"
+    )
     raised.errno, raised.strerror, raised.filename = error.errno, error.strerror, str(target)
     return raised
 
@@ -342,7 +360,21 @@ def save_figure(figure: "Figure", path: str | os.PathLike, **options: Any) -> Pa
     return Path(path)
 
 
-__all__ = ["check_file", "check_folder", "check_apart", "INPUT", "refuse_special", "replacing", "WriteError",
-           "remove", "remove_dead_temporaries", "write_text", "write_bytes", "save_tensors", "save_figure",
-           "umask_modes", "finite",
-           "FIGURE_FORMATS"]
+__all__ = [
+    "check_file",
+    "check_folder",
+    "check_apart",
+    "INPUT",
+    "refuse_special",
+    "replacing",
+    "WriteError",
+    "remove",
+    "remove_dead_temporaries",
+    "write_text",
+    "write_bytes",
+    "save_tensors",
+    "save_figure",
+    "umask_modes",
+    "finite",
+    "FIGURE_FORMATS",
+]

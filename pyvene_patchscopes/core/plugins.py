@@ -7,6 +7,7 @@ explicit ways are ``import my_plugins`` in Python, ``--import my_plugins`` on th
 and, for installed packages, the entry-point group ``pyvene_patchscopes.plugins`` (`load_plugins`), which the
 command line loads and Python loads on request. Importing ``pyvene_patchscopes`` loads none of them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,8 +42,10 @@ def claim(registry: dict[str, type], name: str, cls: type, kind: str) -> None:
     is allowed, another class under a taken name is refused."""
     known = registry.get(name)
     if known is not None and class_path(known) != class_path(cls):
-        raise SpecError(f"{kind} name {name!r} is already registered to {class_path(known)} (allowed: another name, "
-                        "or the same class again)")
+        raise SpecError(
+            f"{kind} name {name!r} is already registered to {class_path(known)} (allowed: another name, "
+            "or the same class again)"
+        )
     registry[name] = cls
 
 
@@ -58,16 +61,22 @@ def unregistered(what: str, module: str | None, allowed: str | Iterable[str]) ->
     (`module`); `allowed` is the registered names, or a phrase for them."""
     known = f"(allowed: {allowed if isinstance(allowed, str) else ', '.join(sorted(allowed))})"
     if module is None:
-        return UnknownNameError(f"{what} is not registered; a class of your own is known once the module that "
-                                "registers it is imported (in Python: import it; on the command line: --import "
-                                f"MODULE) {known}")
+        return UnknownNameError(
+            f"{what} is not registered; a class of your own is known once the module that "
+            "registers it is imported (in Python: import it; on the command line: --import "
+            f"MODULE) {known}"
+        )
     if module == MAIN:
-        return UnknownNameError(f"{what} was registered in {MAIN} (a script or notebook) of the process that saved "
-                                "it, which no other process can import; move the class into an importable module, "
-                                f"import that, and save again {known}")
-    return UnknownNameError(f"{what} is registered by the module {module!r}, which this process has not imported; "
-                            f"import it first (in Python: import {module}; on the command line: patchscopes run "
-                            f"--import {module} ...) {known}")
+        return UnknownNameError(
+            f"{what} was registered in {MAIN} (a script or notebook) of the process that saved "
+            "it, which no other process can import; move the class into an importable module, "
+            f"import that, and save again {known}"
+        )
+    return UnknownNameError(
+        f"{what} is registered by the module {module!r}, which this process has not imported; "
+        f"import it first (in Python: import {module}; on the command line: patchscopes run "
+        f"--import {module} ...) {known}"
+    )
 
 
 def import_module(name: str, flag: str = "--import") -> None:
@@ -77,12 +86,16 @@ def import_module(name: str, flag: str = "--import") -> None:
     try:
         importlib.import_module(name)
     except ModuleNotFoundError as err:
-        raise PatchscopeError(f"{flag}={name!r} cannot be imported: {first_line(err)} (allowed: a module on the "
-                              "Python path, e.g. a package you installed or a file NAME.py in the working "
-                              "directory)") from None
+        raise PatchscopeError(
+            f"{flag}={name!r} cannot be imported: {first_line(err)} (allowed: a module on the "
+            "Python path, e.g. a package you installed or a file NAME.py in the working "
+            "directory)"
+        ) from None
     except (Exception, SystemExit) as err:  # noqa: BLE001  (the user's module may raise anything)
-        raise PatchscopeError(f"{flag}={name!r} raised {type(err).__name__} while importing: {first_line(err)} "
-                              "(allowed: a module that imports without an error)") from None
+        raise PatchscopeError(
+            f"{flag}={name!r} raised {type(err).__name__} while importing: {first_line(err)} "
+            "(allowed: a module that imports without an error)"
+        ) from None
 
 
 def load_plugins() -> list[str]:
@@ -95,13 +108,23 @@ def load_plugins() -> list[str]:
             point.load()
         except (Exception, SystemExit) as err:  # noqa: BLE001
             package = f" of the package {point.dist.name!r}" if point.dist is not None else ""
-            raise PatchscopeError(f"plugin entry point {point.name!r} = {point.value!r}{package} "
-                                  f"(group {PLUGIN_GROUP}) raised {type(err).__name__} while importing: "
-                                  f"{first_line(err)} (allowed: an "
-                                  "installed plugin that imports without an error; fix or uninstall it)") from None
+            raise PatchscopeError(
+                f"plugin entry point {point.name!r} = {point.value!r}{package} "
+                f"(group {PLUGIN_GROUP}) raised {type(err).__name__} while importing: "
+                f"{first_line(err)} (allowed: an "
+                "installed plugin that imports without an error; fix or uninstall it)"
+            ) from None
         loaded.append(point.value)
     return loaded
 
 
-__all__ = ["PLUGIN_GROUP", "load_plugins", "import_module", "module_of", "class_path", "claim", "check_module",
-           "unregistered"]
+__all__ = [
+    "PLUGIN_GROUP",
+    "load_plugins",
+    "import_module",
+    "module_of",
+    "class_path",
+    "claim",
+    "check_module",
+    "unregistered",
+]

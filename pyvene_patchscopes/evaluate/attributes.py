@@ -13,6 +13,7 @@ unembedding and counts a fact when its top-1 token begins the object; the logit 
 it is scored on the swept facts with the Patchscope's dev/test protocol (its l chosen on dev). Every accuracy
 has a 95% bootstrap interval over facts.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,14 @@ def fill(template: str, subject: str) -> str:
 
 def known_facts(handle: ModelHandle, facts: list[dict], options: EvalOptions) -> tuple[list[dict], list[str]]:
     """Facts whose plain prompt the model completes with the object (and all vanilla generations)."""
-    generations = generate(handle, [fill(f["template"], f["subject"]) for f in facts], MAX_NEW_TOKENS,
-                           options.batch_size, options.progress, desc="filter: vanilla")
+    generations = generate(
+        handle,
+        [fill(f["template"], f["subject"]) for f in facts],
+        MAX_NEW_TOKENS,
+        options.batch_size,
+        options.progress,
+        desc="filter: vanilla",
+    )
     known = [f for f, g in zip(facts, generations) if object_in_generation(g, f["object"], f.get("aliases") or ())]
     return known, generations
 
@@ -74,8 +81,12 @@ def round_robin(facts: list[dict], cap: int | None) -> list[dict]:
 def unpatched_baseline(handle: ModelHandle, facts: list[dict], options: EvalOptions) -> list[bool]:
     """Per fact, whether the relation prompt with a literal "x" (no patch) already generates the object."""
     templates = sorted({f["template"] for f in facts})
-    generations = dict(zip(templates, generate(handle, templates, MAX_NEW_TOKENS, options.batch_size,
-                                               options.progress, desc="baseline: x")))
+    generations = dict(
+        zip(
+            templates,
+            generate(handle, templates, MAX_NEW_TOKENS, options.batch_size, options.progress, desc="baseline: x"),
+        )
+    )
     return [object_in_generation(generations[f["template"]], f["object"], f.get("aliases") or ()) for f in facts]
 
 
@@ -87,9 +98,11 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     facts = rows(load_jsonl("facts", options.data))
     known, _ = known_facts(handle, facts, options)
     if not known:
-        raise PatchscopeError(f"--data: {handle.name} answers none of the {len(facts)} facts from its plain prompt, "
-                              "so none is left to extract (allowed: facts the model completes with their object "
-                              "within 20 tokens, the paper's filter)")
+        raise PatchscopeError(
+            f"--data: {handle.name} answers none of the {len(facts)} facts from its plain prompt, "
+            "so none is left to extract (allowed: facts the model completes with their object "
+            "within 20 tokens, the paper's filter)"
+        )
     swept = round_robin(known, options.extra.get("per_relation", PER_RELATION))[: options.limit]
     baseline = unpatched_baseline(handle, swept, options)
     correct = sweep(handle, swept, layers, target_layers, options)  # [fact][l][l*] -> bool
@@ -98,22 +111,33 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     on_swept = _indices(known, swept)
     lens = logit_lens(handle, swept, {layer: states[layer][on_swept] for layer in layers})
     report = build_report(handle, facts, known, swept, layers, target_layers, correct, probe, lens, options)
-    record(report.summary, report.data, "unpatched target (literal x) already names the object",
-           bootstrap(baseline, options.seed))
+    record(
+        report.summary,
+        report.data,
+        "unpatched target (literal x) already names the object",
+        bootstrap(baseline, options.seed),
+    )
     plot(report, swept, layers, target_layers, correct, probe, known, out)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def sweep(handle: ModelHandle, facts: list[dict], layers: list[int], target_layers: list[int],
-          options: EvalOptions) -> list[dict[int, dict[int, bool]]]:
+def sweep(
+    handle: ModelHandle, facts: list[dict], layers: list[int], target_layers: list[int], options: EvalOptions
+) -> list[dict[int, dict[int, bool]]]:
     """Run every (fact, l, l*) attribute Patchscope through the engine, 20 generated tokens each."""
     correct: list[dict[int, dict[int, bool]]] = [defaultdict(dict) for _ in facts]
     cells = [(k, l, t) for k in range(len(facts)) for l in layers for t in target_layers]
     for chunk in chunks(cells, options.batch_size * 8):
-        scopes = [attribute(Source(source_prompt(facts[k]), facts[k]["subject"], l, handle.name), target_layer=t,
-                            max_new_tokens=MAX_NEW_TOKENS, target_prompt=facts[k]["template"])
-                  for k, l, t in chunk]
+        scopes = [
+            attribute(
+                Source(source_prompt(facts[k]), facts[k]["subject"], l, handle.name),
+                target_layer=t,
+                max_new_tokens=MAX_NEW_TOKENS,
+                target_prompt=facts[k]["template"],
+            )
+            for k, l, t in chunk
+        ]
         results = run_scopes(scopes, handle, top=1, batch_size=options.batch_size, progress=options.progress)
         for (k, l, t), result in zip(chunk, results):
             fact = facts[k]
@@ -121,8 +145,9 @@ def sweep(handle: ModelHandle, facts: list[dict], layers: list[int], target_laye
     return correct
 
 
-def read_states_at_subject(handle: ModelHandle, facts: list[dict], layers: list[int],
-                           options: EvalOptions) -> dict[int, torch.Tensor]:
+def read_states_at_subject(
+    handle: ModelHandle, facts: list[dict], layers: list[int], options: EvalOptions
+) -> dict[int, torch.Tensor]:
     """The probe's features: the subject's last-token state at each layer, read in one pyvene pass (the
     source prompt ends with the subject, so its last token is the one the Patchscope reads)."""
     states = hidden_states([source_prompt(f) for f in facts], handle, layers, batch_size=options.batch_size)
@@ -134,8 +159,9 @@ def first_tokens(tokenizer: Any, fact: dict) -> set[int]:
     alias that spells something (`first_word_id`: never a dummy prefix's lone space), spelled after a space and
     without one."""
     names = [fact["object"], *(fact.get("aliases") or ())]
-    ids = {first_word_id(tokenizer, text) for name in names if name.strip()
-           for text in (" " + name.strip(), name.strip())}
+    ids = {
+        first_word_id(tokenizer, text) for name in names if name.strip() for text in (" " + name.strip(), name.strip())
+    }
     return {token for token in ids if token is not None}
 
 
@@ -163,15 +189,27 @@ def probe_by_relation(facts: list[dict], features: torch.Tensor, seed: int) -> l
     return out
 
 
-def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swept: list[dict], layers: list[int],
-                 target_layers: list[int], correct: list, probe: dict, lens: dict[int, list[bool]],
-                 options: EvalOptions) -> Report:
+def build_report(
+    handle: ModelHandle,
+    facts: list[dict],
+    known: list[dict],
+    swept: list[dict],
+    layers: list[int],
+    target_layers: list[int],
+    correct: list,
+    probe: dict,
+    lens: dict[int, list[bool]],
+    options: EvalOptions,
+) -> Report:
     seed = options.seed
     any_target = {l: [any(c[l].values()) for c in correct] for l in layers}
     probe_known = {l: [v for v in probe[l] if v is not None] for l in layers}
     swept_index = _indices(known, swept)  # swept fact k is known fact swept_index[k]
-    chosen = (split([f"{f['relation']}\x00{f['subject']}" for f in swept], seed)
-              if options.select_on == "dev" and len(swept) >= 2 else None)  # one fact cannot be split
+    chosen = (
+        split([f"{f['relation']}\x00{f['subject']}" for f in swept], seed)
+        if options.select_on == "dev" and len(swept) >= 2
+        else None
+    )  # one fact cannot be split
     per_layer, layer_rows, held = [], [], {}
     for l in layers:
         oracle = bootstrap(any_target[l], seed)
@@ -181,24 +219,41 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
             held[l] = held_out({t: [c[l][t] for c in correct] for t in target_layers}, chosen, seed)
             row += [f"{held[l].choice}", held[l].test.format(), held[l].oracle.format()]
         layer_rows.append([*row, probe_ci.format(), lens_ci.format()])
-        per_layer.append([l, oracle.estimate, held[l].test.estimate if held else float("nan"), probe_ci.estimate,
-                          lens_ci.estimate])
+        per_layer.append(
+            [l, oracle.estimate, held[l].test.estimate if held else float("nan"), probe_ci.estimate, lens_ci.estimate]
+        )
     relation_rows = _relation_rows(facts, known, swept, layers, correct, probe, lens)
     summary: dict[str, Any] = {
-        "facts in the set": len(facts), "facts the model answers (kept)": len(known),
-        "facts swept over (l, l*)": len(swept), "relations": len(relation_rows)}
-    data: dict[str, Any] = {"correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers}
-                                        for c in correct],
-                            "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept],
-                            "logit_lens": {str(l): lens[l] for l in layers}}
+        "facts in the set": len(facts),
+        "facts the model answers (kept)": len(known),
+        "facts swept over (l, l*)": len(swept),
+        "relations": len(relation_rows),
+    }
+    data: dict[str, Any] = {
+        "correct": [{str(l): {str(t): v for t, v in c[l].items()} for l in layers} for c in correct],
+        "swept": [{k: f[k] for k in ("relation", "subject", "object")} for f in swept],
+        "logit_lens": {str(l): lens[l] for l in layers},
+    }
     mean_any = [sum(any_target[l][k] for l in layers) / len(layers) for k in range(len(swept))]
-    record(summary, data, "Patchscope accuracy, mean over source layers (oracle: any l*), all swept",
-           bootstrap(mean_any, seed))
+    record(
+        summary,
+        data,
+        "Patchscope accuracy, mean over source layers (oracle: any l*), all swept",
+        bootstrap(mean_any, seed),
+    )
     mean_probe = [_nanmean([probe[l][k] for l in layers if probe[l][k] is not None]) for k in range(len(known))]
-    record(summary, data, "probe accuracy, mean over source layers (3-fold CV), all known",
-           bootstrap([v for v in mean_probe if v == v], seed))
-    record(summary, data, "logit lens accuracy, mean over source layers (top-1 token), all swept",
-           bootstrap([sum(lens[l][k] for l in layers) / len(layers) for k in range(len(swept))], seed))
+    record(
+        summary,
+        data,
+        "probe accuracy, mean over source layers (3-fold CV), all known",
+        bootstrap([v for v in mean_probe if v == v], seed),
+    )
+    record(
+        summary,
+        data,
+        "logit lens accuracy, mean over source layers (top-1 token), all swept",
+        bootstrap([sum(lens[l][k] for l in layers) / len(layers) for k in range(len(swept))], seed),
+    )
     summary["best source layer (oracle: any l*)"] = max(per_layer, key=lambda r: r[1])[0]
     if chosen is not None:
         pair = held_out({(l, t): [c[l][t] for c in correct] for l in layers for t in target_layers}, chosen, seed)
@@ -206,54 +261,95 @@ def build_report(handle: ModelHandle, facts: list[dict], known: list[dict], swep
         summary["dev / test facts (seeded split)"] = f"{len(chosen.dev)} / {len(chosen.test)}"
         summary["(l, l*) chosen on dev"] = f"({l}, {t}): dev accuracy {pair.dev_score:.3f}"
         record(summary, data, "Patchscope accuracy at the (l, l*) chosen on dev, test split", pair.test)
-        record(summary, data, "Patchscope accuracy at the same l (oracle: any l*), test split",
-               bootstrap([any_target[l][k] for k in chosen.test], seed))
+        record(
+            summary,
+            data,
+            "Patchscope accuracy at the same l (oracle: any l*), test split",
+            bootstrap([any_target[l][k] for k in chosen.test], seed),
+        )
         scored = [k for k in chosen.test if probe[l][swept_index[k]] is not None]
-        record(summary, data, f"Patchscope (chosen on dev) - probe at layer {l}, test facts with a probe",
-               paired([correct[k][l][t] for k in scored], [probe[l][swept_index[k]] for k in scored],
-                      ("Patchscope", "probe"), seed))
+        record(
+            summary,
+            data,
+            f"Patchscope (chosen on dev) - probe at layer {l}, test facts with a probe",
+            paired(
+                [correct[k][l][t] for k in scored],
+                [probe[l][swept_index[k]] for k in scored],
+                ("Patchscope", "probe"),
+                seed,
+            ),
+        )
         lens_held = held_out(lens, chosen, seed)
         summary["logit lens: l chosen on dev"] = f"{lens_held.choice}: dev accuracy {lens_held.dev_score:.3f}"
         record(summary, data, "logit lens accuracy at the l chosen on dev, test split", lens_held.test)
-        record(summary, data, f"Patchscope (chosen on dev) - logit lens at layer {l}, test split",
-               paired([correct[k][l][t] for k in chosen.test], [lens[l][k] for k in chosen.test],
-                      ("Patchscope", "logit lens"), seed))
+        record(
+            summary,
+            data,
+            f"Patchscope (chosen on dev) - logit lens at layer {l}, test split",
+            paired(
+                [correct[k][l][t] for k in chosen.test],
+                [lens[l][k] for k in chosen.test],
+                ("Patchscope", "logit lens"),
+                seed,
+            ),
+        )
         data["split"] = chosen.to_dict()
-        data["held_out"] = {"pair": pair.to_dict(), "per_layer": {str(l): h.to_dict() for l, h in held.items()},
-                            "logit_lens": lens_held.to_dict()}
+        data["held_out"] = {
+            "pair": pair.to_dict(),
+            "per_layer": {str(l): h.to_dict() for l, h in held.items()},
+            "logit_lens": lens_held.to_dict(),
+        }
     columns = ["l", "Patchscope, any l* (oracle), all swept"]
     if chosen is not None:
         columns += ["l* chosen on dev", "Patchscope at that l*, test split", "any l* (oracle), test split"]
     return Report(
-        task="attributes", title="Attribute extraction (paper §4.2)", model=handle.name,
+        task="attributes",
+        title="Attribute extraction (paper §4.2)",
+        model=handle.name,
         command=eval_command("attributes", handle.name),
-        settings={"layers": layers, "target_layers": target_layers, "max_new_tokens": MAX_NEW_TOKENS,
-                  "source prompt": "Here is a <kind>: <subject>", "facts": options.data or "shipped facts.jsonl",
-                  "per relation (swept)": options.extra.get("per_relation", PER_RELATION), "seed": seed,
-                  "select on": options.select_on, "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
+        settings={
+            "layers": layers,
+            "target_layers": target_layers,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "source prompt": "Here is a <kind>: <subject>",
+            "facts": options.data or "shipped facts.jsonl",
+            "per relation (swept)": options.extra.get("per_relation", PER_RELATION),
+            "seed": seed,
+            "select on": options.select_on,
+            "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval",
+        },
         summary=summary,
-        tables=[Table("Accuracy per source layer [95% bootstrap interval]",
-                      [*columns, "probe (3-fold CV), all known", "logit lens (top-1 token), all swept"], layer_rows),
-                Table("Per relation, mean ± std over source layers (as the paper's Table 2)",
-                      ["relation", "category", "facts", "known", "swept", "Patchscope", "probe", "logit lens"],
-                      relation_rows)],
-        notes=["A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
-               "code tests for a substring; whole words refuse 'euro' in 'European').",
-               "'any l* (oracle)' counts a fact as extracted if any target layer works (the paper's rule), which "
-               "picks l* after seeing the answer. 'chosen on dev' picks l* (or the pair (l, l*)) with the best "
-               "accuracy on the dev split of the swept facts and scores it on the disjoint test split.",
-               "The Patchscope columns cover the swept facts; the probe column covers every known fact, since "
-               "the probe needs the training data. "
-               "The probe is trained per relation on the known facts' subject states; labels unseen in its "
-               "training folds count as wrong, which is why relations with one object per subject score ~0 "
-               "(the paper's Table 5 shows the same).",
-               "The logit lens is the paper's vocabulary projection (§3.2, §4.1: T = S, f = I, l* = the last "
-               "layer): the subject's state at l through the final norm and the unembedding. A fact counts when "
-               "its top-1 token is the first token of the object or an alias (with or without a leading space), as "
-               "the probe counts its top class; it names one token where the Patchscope generates 20. It covers "
-               "the swept facts, and its l is chosen on the same dev split.",
-               "Intervals: percentile bootstrap over facts; the Patchscope's comparisons with the probe and with "
-               "the logit lens are exact McNemar tests on the same test facts."],
+        tables=[
+            Table(
+                "Accuracy per source layer [95% bootstrap interval]",
+                [*columns, "probe (3-fold CV), all known", "logit lens (top-1 token), all swept"],
+                layer_rows,
+            ),
+            Table(
+                "Per relation, mean ± std over source layers (as the paper's Table 2)",
+                ["relation", "category", "facts", "known", "swept", "Patchscope", "probe", "logit lens"],
+                relation_rows,
+            ),
+        ],
+        notes=[
+            "A sample is correct when the object appears as whole words in 20 greedy tokens (the official "
+            "code tests for a substring; whole words refuse 'euro' in 'European').",
+            "'any l* (oracle)' counts a fact as extracted if any target layer works (the paper's rule), which "
+            "picks l* after seeing the answer. 'chosen on dev' picks l* (or the pair (l, l*)) with the best "
+            "accuracy on the dev split of the swept facts and scores it on the disjoint test split.",
+            "The Patchscope columns cover the swept facts; the probe column covers every known fact, since "
+            "the probe needs the training data. "
+            "The probe is trained per relation on the known facts' subject states; labels unseen in its "
+            "training folds count as wrong, which is why relations with one object per subject score ~0 "
+            "(the paper's Table 5 shows the same).",
+            "The logit lens is the paper's vocabulary projection (§3.2, §4.1: T = S, f = I, l* = the last "
+            "layer): the subject's state at l through the final norm and the unembedding. A fact counts when "
+            "its top-1 token is the first token of the object or an alias (with or without a leading space), as "
+            "the probe counts its top class; it names one token where the Patchscope generates 20. It covers "
+            "the swept facts, and its l is chosen on the same dev split.",
+            "Intervals: percentile bootstrap over facts; the Patchscope's comparisons with the probe and with "
+            "the logit lens are exact McNemar tests on the same test facts.",
+        ],
         data={**data, "per_layer": per_layer},
     )
 
@@ -264,8 +360,15 @@ def _indices(known: list[dict], swept: list[dict]) -> list[int]:
     return [position[id(f)] for f in swept]
 
 
-def _relation_rows(facts: list[dict], known: list[dict], swept: list[dict], layers: list[int], correct: list,
-                   probe: dict, lens: dict[int, list[bool]]) -> list[list[Any]]:
+def _relation_rows(
+    facts: list[dict],
+    known: list[dict],
+    swept: list[dict],
+    layers: list[int],
+    correct: list,
+    probe: dict,
+    lens: dict[int, list[bool]],
+) -> list[list[Any]]:
     rows_ = []
     for relation in sorted({f["relation"] for f in facts}):
         members = [k for k, f in enumerate(swept) if f["relation"] == relation]
@@ -276,8 +379,18 @@ def _relation_rows(facts: list[dict], known: list[dict], swept: list[dict], laye
         probes = [p for p in probes if p == p]
         lenses = [rate([lens[l][k] for k in members]) for l in layers] if members else []
         category = next(f["category"] for f in facts if f["relation"] == relation)
-        rows_.append([relation, category, total, len(known_members), len(members), _mean_std(patch),
-                      _mean_std(probes), _mean_std(lenses)])
+        rows_.append(
+            [
+                relation,
+                category,
+                total,
+                len(known_members),
+                len(members),
+                _mean_std(patch),
+                _mean_std(probes),
+                _mean_std(lenses),
+            ]
+        )
     return rows_
 
 
@@ -290,8 +403,16 @@ def _nanmean(values: list[float]) -> float:
     return mean(kept) if kept else float("nan")
 
 
-def plot(report: Report, swept: list[dict], layers: list[int], target_layers: list[int], correct: list,
-         probe: dict, known: list[dict], out: str | None) -> None:
+def plot(
+    report: Report,
+    swept: list[dict],
+    layers: list[int],
+    target_layers: list[int],
+    correct: list,
+    probe: dict,
+    known: list[dict],
+    out: str | None,
+) -> None:
     figure, axes = subplots(1, 2, figsize=(12, 4.2))
     rows_ = report.data["per_layer"]
     axes[0].plot(layers, [r[1] for r in rows_], marker="o", label="Patchscope (oracle: any l*)")
@@ -303,8 +424,15 @@ def plot(report: Report, swept: list[dict], layers: list[int], target_layers: li
     axes[0].legend()
     grid = [[rate([c[l][t] for c in correct]) for t in target_layers] for l in layers]
     image = axes[1].imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
-    axes[1].set(xticks=range(len(target_layers)), xticklabels=target_layers, yticks=range(len(layers)),
-                yticklabels=layers, xlabel="target layer l*", ylabel="source layer l", title="Accuracy per (l, l*)")
+    axes[1].set(
+        xticks=range(len(target_layers)),
+        xticklabels=target_layers,
+        yticks=range(len(layers)),
+        yticklabels=layers,
+        xlabel="target layer l*",
+        ylabel="source layer l",
+        title="Accuracy per (l, l*)",
+    )
     figure.colorbar(image, ax=axes[1])
     figure.suptitle(f"Attribute extraction, {report.model}")
     save_figure(figure, out, "attributes.png", report)

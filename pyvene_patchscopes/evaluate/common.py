@@ -1,4 +1,5 @@
 """What every evaluation shares: its options, layer grids, the exact lens readout, and sampled prefixes."""
+
 from __future__ import annotations
 
 import random
@@ -80,8 +81,9 @@ def lens_logits(handle: ModelHandle, states: torch.Tensor, normalised: bool = Fa
         return model.get_output_embeddings()(hidden).float()
 
 
-def sample_prefix(handle: ModelHandle, text: str, rng: random.Random, tries: int = 10,
-                  min_index: int = 2) -> str | None:
+def sample_prefix(
+    handle: ModelHandle, text: str, rng: random.Random, tries: int = 10, min_index: int = 2
+) -> str | None:
     """The text cut after a random token, such that re-tokenising the cut gives the same tokens.
 
     Index 0 (the document start, an attention sink) and the first text token are never chosen. Like
@@ -107,8 +109,14 @@ def sample_prefixes(handle: ModelHandle, texts: Sequence[str], seed: int) -> lis
     return [p for p in prefixes if p is not None]
 
 
-def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
-                 progress: bool | None = None, desc: str = "generate") -> list[list[int]]:
+def generate_ids(
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    desc: str = "generate",
+) -> list[list[int]]:
     """Greedy new token ids after each unpatched prompt, each row up to and including its first EOS."""
     from tqdm.auto import tqdm
 
@@ -121,22 +129,38 @@ def generate_ids(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: in
     batches = list(chunks(list(prompts), batch_size))
     config = greedy_config(handle, max_new_tokens)
     with pyvene_guard(handle.model), torch.no_grad():
-        for batch_prompts in tqdm(batches, desc=desc, unit="batch",
-                                  disable=not (progress if progress is not None else len(batches) > 2)):
+        for batch_prompts in tqdm(
+            batches, desc=desc, unit="batch", disable=not (progress if progress is not None else len(batches) > 2)
+        ):
             batch = Batch.encode(handle, batch_prompts)
             inputs = {k: v for k, v in batch.inputs.items() if k != "position_ids"}
             output = generator(handle.model).generate(**inputs, generation_config=config)
-            new = output.sequences[:, inputs["input_ids"].shape[1]:].tolist()
+            new = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
             rows.extend(until_eos(row, handle.tokenizer.eos_token_id) for row in new)
     return rows
 
 
-def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 64,
-             progress: bool | None = None, desc: str = "generate") -> list[str]:
+def generate(
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    max_new_tokens: int = 20,
+    batch_size: int = 64,
+    progress: bool | None = None,
+    desc: str = "generate",
+) -> list[str]:
     """Greedy continuations of unpatched prompts (the vanilla baselines and the known-fact filters)."""
     ids = generate_ids(handle, prompts, max_new_tokens, batch_size, progress, desc)
     return handle.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-__all__ = ["EvalOptions", "folder_name", "eval_command", "check_layers", "lens_logits",
-           "sample_prefix", "sample_prefixes", "generate", "generate_ids"]
+__all__ = [
+    "EvalOptions",
+    "folder_name",
+    "eval_command",
+    "check_layers",
+    "lens_logits",
+    "sample_prefix",
+    "sample_prefixes",
+    "generate",
+    "generate_ids",
+]

@@ -5,6 +5,7 @@ Shipped with the package (``pyvene_patchscopes/evaluate/data/``): ``facts.jsonl`
 texts, can be the user's own JSONL (``--data``) with the fields `FIELDS` lists: the one table that the
 loader checks, ``patchscopes eval --help`` prints and the README shows.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,8 +33,7 @@ FIELDS: dict[str, tuple[Field, ...]] = {
     "facts": (
         Field("relation", "the relation's name, e.g. country_capital (facts are grouped by it)"),
         Field("category", "factual or commonsense (shown in the per-relation table)"),
-        Field("subject_kind", 'what the subject is, e.g. country (the source prompt is "Here is a country: '
-                              'France")'),
+        Field("subject_kind", 'what the subject is, e.g. country (the source prompt is "Here is a country: France")'),
         Field("template", 'the relation prompt with the placeholder word x, e.g. "The capital city of x is"'),
         Field("subject", "e.g. France; its last token's state is read"),
         Field("object", "the answer the generation must name, e.g. Paris"),
@@ -71,16 +71,18 @@ def load_jsonl(kind: str, path: str | Path | None = None) -> datasets.Dataset:
         raise SpecError(f"data kind={kind!r} is not known (allowed: {', '.join(REQUIRED)})")
     file = Path(path) if path is not None else shipped(kind)
     if not is_file(file):
-        raise SpecError(f"--data={str(file)!r} is not a file (allowed: a JSONL file with fields "
-                        f"{', '.join(REQUIRED[kind])})")
+        raise SpecError(
+            f"--data={str(file)!r} is not a file (allowed: a JSONL file with fields {', '.join(REQUIRED[kind])})"
+        )
     try:  # a path that is a local file: datasets reads it without asking a hub (a test proves it)
         data = datasets.Dataset.from_json(str(file), keep_in_memory=True)
     except Exception as error:  # datasets raises several types for malformed JSON
         raise SpecError(f"--data={str(file)!r} is not valid JSONL ({type(error).__name__}: {error})") from error
     missing = [field for field in REQUIRED[kind] if field not in data.column_names]
     if missing:
-        raise SpecError(f"--data={str(file)!r} lacks field(s) {', '.join(missing)} "
-                        f"(allowed: rows with {', '.join(REQUIRED[kind])})")
+        raise SpecError(
+            f"--data={str(file)!r} lacks field(s) {', '.join(missing)} (allowed: rows with {', '.join(REQUIRED[kind])})"
+        )
     return data
 
 
@@ -96,11 +98,14 @@ def prose_splits(n_train: int, n_eval: int, seed: int = 0) -> datasets.DatasetDi
 
     texts = default_texts()
     if n_train + n_eval > len(texts):
-        raise SpecError(f"n_train + n_eval = {n_train + n_eval} is out of range (allowed: up to {len(texts)} "
-                        "paragraphs of the shipped prose)")
+        raise SpecError(
+            f"n_train + n_eval = {n_train + n_eval} is out of range (allowed: up to {len(texts)} "
+            "paragraphs of the shipped prose)"
+        )
     corpus = datasets.Dataset.from_dict({"text": texts}).shuffle(seed=seed)
-    return datasets.DatasetDict(train=corpus.select(range(n_train)),
-                                evaluation=corpus.select(range(n_train, n_train + n_eval)))
+    return datasets.DatasetDict(
+        train=corpus.select(range(n_train)), evaluation=corpus.select(range(n_train, n_train + n_eval))
+    )
 
 
 def rows(data: datasets.Dataset, limit: int | None = None) -> list[dict]:

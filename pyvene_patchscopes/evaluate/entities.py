@@ -6,6 +6,7 @@ the target generates after "x:" up to the next example. It is scored against a s
 per layer, for popular and rare entities, with 95% bootstrap intervals; the best layer is reported both as
 picked on all entities (an oracle) and as chosen on a dev split and scored on the test split.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,10 +45,16 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     cells = [(k, l) for k in range(len(entities)) for l in layers]
     texts: dict[tuple[int, int], str] = {}
     for chunk in chunks(cells, options.batch_size * 8):
-        scopes = [entity_description(Source(f"Let me tell you about {entities[k]['entity']}", entities[k]["entity"], l,
-                                            handle.name), max_new_tokens=MAX_NEW_TOKENS) for k, l in chunk]
-        for cell, result in zip(chunk, run_scopes(scopes, handle, top=1, batch_size=options.batch_size,
-                                                  progress=options.progress)):
+        scopes = [
+            entity_description(
+                Source(f"Let me tell you about {entities[k]['entity']}", entities[k]["entity"], l, handle.name),
+                max_new_tokens=MAX_NEW_TOKENS,
+            )
+            for k, l in chunk
+        ]
+        for cell, result in zip(
+            chunk, run_scopes(scopes, handle, top=1, batch_size=options.batch_size, progress=options.progress)
+        ):
             texts[cell] = description(result.generation or "")
     scores = {cell: rouge_l(text, entities[cell[0]]["reference"]) for cell, text in texts.items()}
     report = build_report(handle, entities, layers, texts, scores, options)
@@ -69,8 +76,9 @@ def _curve(entities: list[dict], layers: list[int], scores: dict, popularity: st
     return [mean(scores[(k, l)] for k in members) if members else float("nan") for l in layers]
 
 
-def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], texts: dict, scores: dict,
-                 options: EvalOptions) -> Report:
+def build_report(
+    handle: ModelHandle, entities: list[dict], layers: list[int], texts: dict, scores: dict, options: EvalOptions
+) -> Report:
     seed = options.seed
     popular, rare = _curve(entities, layers, scores, "popular"), _curve(entities, layers, scores, "rare")
     best = max(range(len(layers)), key=lambda j: popular[j] if popular[j] == popular[j] else -1)
@@ -80,11 +88,19 @@ def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], t
         "popular / rare": f"{len(groups['popular'])} / {len(groups['rare'])}",
         "best layer for popular entities (oracle: chosen on all)": layers[best],
     }
-    data: dict[str, Any] = {"descriptions": [{"entity": entities[k]["entity"], "layer": l, "text": t,
-                                              "rouge_l": scores[(k, l)]} for (k, l), t in texts.items()]}
+    data: dict[str, Any] = {
+        "descriptions": [
+            {"entity": entities[k]["entity"], "layer": l, "text": t, "rouge_l": scores[(k, l)]}
+            for (k, l), t in texts.items()
+        ]
+    }
     for name, members in groups.items():
-        record(summary, data, f"ROUGE-L at that layer, {name}", bootstrap([scores[(k, layers[best])] for k in members],
-                                                                           seed))
+        record(
+            summary,
+            data,
+            f"ROUGE-L at that layer, {name}",
+            bootstrap([scores[(k, layers[best])] for k in members], seed),
+        )
     chosen = split([e["entity"] for e in entities], seed) if options.select_on == "dev" else None
     dev, test = (set(chosen.dev), set(chosen.test)) if chosen else (set(), set())
     if chosen is not None and dev & set(groups["popular"]):  # some popular entity to choose on
@@ -93,34 +109,58 @@ def build_report(handle: ModelHandle, entities: list[dict], layers: list[int], t
         summary["dev / test entities (seeded split)"] = f"{len(dev)} / {len(test)}"
         summary["layer chosen on dev (popular entities)"] = layer
         for name, members in groups.items():
-            record(summary, data, f"ROUGE-L at the layer chosen on dev, {name}, test split",
-                   bootstrap([scores[(k, layer)] for k in members if k in test], seed))
+            record(
+                summary,
+                data,
+                f"ROUGE-L at the layer chosen on dev, {name}, test split",
+                bootstrap([scores[(k, layer)] for k in members if k in test], seed),
+            )
         data["split"] = chosen.to_dict()
     for name, members in groups.items():
-        record(summary, data, f"ROUGE-L mean over layers, {name}",
-               bootstrap([sum(scores[(k, l)] for l in layers) / len(layers) for k in members], seed))
-    curves = {name: {l: bootstrap([scores[(k, l)] for k in members], seed) for l in layers}
-              for name, members in groups.items()}
+        record(
+            summary,
+            data,
+            f"ROUGE-L mean over layers, {name}",
+            bootstrap([sum(scores[(k, l)] for l in layers) / len(layers) for k in members], seed),
+        )
+    curves = {
+        name: {l: bootstrap([scores[(k, l)] for k in members], seed) for l in layers}
+        for name, members in groups.items()
+    }
     examples = []
     for k in range(min(2, len(entities))):
         examples += [[entities[k]["entity"], l, texts[(k, l)], scores[(k, l)]] for l in layers]
     return Report(
-        task="entities", title="Entity description (paper §4.3)", model=handle.name, command=COMMAND,
-        settings={"layers (l* = l)": layers, "max_new_tokens": MAX_NEW_TOKENS,
-                  "target prompt": ENTITY_DESCRIPTION_PROMPT, "source prompt": "Let me tell you about <entity>",
-                  "entities": options.data or "shipped entities.jsonl",
-                  "seed": seed, "select on": options.select_on,
-                  "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
+        task="entities",
+        title="Entity description (paper §4.3)",
+        model=handle.name,
+        command=COMMAND,
+        settings={
+            "layers (l* = l)": layers,
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "target prompt": ENTITY_DESCRIPTION_PROMPT,
+            "source prompt": "Let me tell you about <entity>",
+            "entities": options.data or "shipped entities.jsonl",
+            "seed": seed,
+            "select on": options.select_on,
+            "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval",
+        },
         summary=summary,
-        tables=[Table("ROUGE-L against the reference description, per layer (l* = l) [95% bootstrap interval]",
-                      ["layer", "popular", "rare"],
-                      [[l, curves["popular"][l].format(), curves["rare"][l].format()] for l in layers]),
-                Table("Example descriptions", ["entity", "layer", "description", "ROUGE-L"], examples)],
-        notes=["The description is the generation after 'x' up to the next few-shot separator (comma or newline).",
-               "ROUGE-L is the F1 of the longest common subsequence of lower-cased words.",
-               "The 'oracle' layer is the best one over all entities; the dev-chosen layer is the best on the dev "
-               "split's popular entities, scored on the disjoint test split. Intervals: percentile bootstrap over "
-               "entities."],
+        tables=[
+            Table(
+                "ROUGE-L against the reference description, per layer (l* = l) [95% bootstrap interval]",
+                ["layer", "popular", "rare"],
+                [[l, curves["popular"][l].format(), curves["rare"][l].format()] for l in layers],
+            ),
+            Table("Example descriptions", ["entity", "layer", "description", "ROUGE-L"], examples),
+        ],
+        notes=[
+            "The description is the generation after 'x' up to the next few-shot separator (comma or newline).",
+            "ROUGE-L is the F1 of the longest common subsequence of lower-cased words.",
+            "The 'oracle' layer is the best one over all entities; the dev-chosen layer is the best on the dev "
+            "split's popular entities, scored on the disjoint test split. Intervals: percentile bootstrap over "
+            "entities.",
+        ],
         data={**data, "curves": {"popular": popular, "rare": rare}},
     )
 

@@ -9,6 +9,7 @@ cut after i, as token ids. Two readouts of the state h at (i, l), both scored by
   baseline: what the state says about the next token, and nothing more).
 Layers are chosen per step on a seeded dev half of the texts and scored on the other half.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,11 +51,15 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     states = dict(zip(layers, hidden_states(prefixes, handle, layers, batch_size=options.batch_size).unbind(1)))
     lens = {l: repeat_guess(lens_logits(handle, states[l], normalised=l == last).argmax(-1), K) for l in layers}
     generated = future_guesses(handle, prefixes, layers, states, options)
-    hits = {"future lens": {l: future_hits(generated[l], reference, K) for l in layers},
-            "logit lens (repeated)": {l: future_hits(lens[l], reference, K) for l in layers}}
+    hits = {
+        "future lens": {l: future_hits(generated[l], reference, K) for l in layers},
+        "logit lens (repeated)": {l: future_hits(lens[l], reference, K) for l in layers},
+    }
     short = {l: sum(len(g) < K for g in generated[l]) for l in layers}
-    intervals = {name: {l: [bootstrap(per[l][:, j].float(), options.seed) for j in range(K)] for l in layers}
-                 for name, per in hits.items()}
+    intervals = {
+        name: {l: [bootstrap(per[l][:, j].float(), options.seed) for j in range(K)] for l in layers}
+        for name, per in hits.items()
+    }
     report = build_report(handle, layers, prefixes, hits, intervals, short, options)
     plot(report, layers, intervals, out)
     report.seconds = time.perf_counter() - start
@@ -66,15 +71,22 @@ def continuations(handle: ModelHandle, prompts: Sequence[str], k: int, batch_siz
     return generate_ids(handle, prompts, k, batch_size, progress=False, desc="reference")
 
 
-def future_guesses(handle: ModelHandle, prefixes: list[str], layers: list[int], states: dict[int, torch.Tensor],
-                   options: EvalOptions) -> dict[int, list[list[int]]]:
+def future_guesses(
+    handle: ModelHandle, prefixes: list[str], layers: list[int], states: dict[int, torch.Tensor], options: EvalOptions
+) -> dict[int, list[list[int]]]:
     """{l: per prefix, the future lens's K generated ids} through the engine, from the states read once."""
     out: dict[int, list[list[int]]] = {l: [] for l in layers}
     for chunk in chunks(list(range(len(prefixes))), max(1, options.batch_size // 2)):  # bounds the results' logits
         keys = [(r, l) for r in chunk for l in layers]
         scopes = [future_lens(Source(prefixes[r], -1, l, handle.name), max_new_tokens=K) for r, l in keys]
-        results = run_scopes(scopes, handle, top=1, batch_size=options.batch_size, progress=options.progress,
-                             source_states=[states[l][r] for r, l in keys])
+        results = run_scopes(
+            scopes,
+            handle,
+            top=1,
+            batch_size=options.batch_size,
+            progress=options.progress,
+            source_states=[states[l][r] for r, l in keys],
+        )
         for (_, l), result in zip(keys, results):
             out[l].append(result.generated_ids or [])
     return out
@@ -90,8 +102,14 @@ def choose_layer(per_layer: dict[int, list[float]], chosen: Split | None, seed: 
     return layer, bootstrap(per_layer[layer], seed), list(range(len(per_layer[layer])))
 
 
-def headlines(layers: list[int], prefixes: list[str], hits: dict[str, dict[int, torch.Tensor]],
-              options: EvalOptions, summary: dict[str, Any], data: dict[str, Any]) -> None:
+def headlines(
+    layers: list[int],
+    prefixes: list[str],
+    hits: dict[str, dict[int, torch.Tensor]],
+    options: EvalOptions,
+    summary: dict[str, Any],
+    data: dict[str, Any],
+) -> None:
     """Per step j: the future lens's layer chosen on dev, its test Precision@1, the baseline's there, the two
     paired, and the baseline at its own dev-chosen layer."""
     seed, (lens, base) = options.seed, METHODS
@@ -110,18 +128,31 @@ def headlines(layers: list[int], prefixes: list[str], hits: dict[str, dict[int, 
         at_layer = [per[base][layer][k] for k in scored]
         summary[f"{step}: future lens layer, {where}"] = layer
         record(summary, data, f"{step}: future lens Precision@1 there, {scored_on}", interval)
-        record(summary, data, f"{step}: logit lens (repeated) Precision@1 at that layer, {scored_on}",
-               bootstrap(at_layer, seed))
-        record(summary, data, f"{step}: future lens - logit lens (repeated) at that layer, {scored_on}",
-               paired([per[lens][layer][k] for k in scored], at_layer, (lens, base), seed))
+        record(
+            summary,
+            data,
+            f"{step}: logit lens (repeated) Precision@1 at that layer, {scored_on}",
+            bootstrap(at_layer, seed),
+        )
+        record(
+            summary,
+            data,
+            f"{step}: future lens - logit lens (repeated) at that layer, {scored_on}",
+            paired([per[lens][layer][k] for k in scored], at_layer, (lens, base), seed),
+        )
         summary[f"{step}: logit lens (repeated) layer, {where}"] = own
-        record(summary, data, f"{step}: logit lens (repeated) Precision@1 at its own layer, {scored_on}",
-               own_interval)
+        record(summary, data, f"{step}: logit lens (repeated) Precision@1 at its own layer, {scored_on}", own_interval)
 
 
-def build_report(handle: ModelHandle, layers: list[int], prefixes: list[str], hits: dict[str, dict[int, torch.Tensor]],
-                 intervals: dict[str, dict[int, list[Interval]]], short: dict[int, int],
-                 options: EvalOptions) -> Report:
+def build_report(
+    handle: ModelHandle,
+    layers: list[int],
+    prefixes: list[str],
+    hits: dict[str, dict[int, torch.Tensor]],
+    intervals: dict[str, dict[int, list[Interval]]],
+    short: dict[int, int],
+    options: EvalOptions,
+) -> Report:
     seed, last = options.seed, handle.n_layers - 1
     summary: dict[str, Any] = {"evaluation texts (one random position each)": len(prefixes)}
     data: dict[str, Any] = {
@@ -129,42 +160,58 @@ def build_report(handle: ModelHandle, layers: list[int], prefixes: list[str], hi
         "short generations (stopped at EOS before K tokens)": {str(l): n for l, n in short.items()},
     }
     if last in layers:
-        record(summary, data, "step 1: future lens Precision@1 at the last layer (exact: the model's own next "
-               "token)", intervals["future lens"][last][0])
-    summary["future-lens generations stopped by EOS before K tokens (misses after it)"] = \
+        record(
+            summary,
+            data,
+            "step 1: future lens Precision@1 at the last layer (exact: the model's own next token)",
+            intervals["future lens"][last][0],
+        )
+    summary["future-lens generations stopped by EOS before K tokens (misses after it)"] = (
         f"{sum(short.values())} of {len(prefixes) * len(layers)}"
+    )
     headlines(layers, prefixes, hits, options, summary, data)
-    data["precision"] = {name: {str(l): [i.to_dict() for i in per[l]] for l in layers}
-                         for name, per in intervals.items()}
+    data["precision"] = {
+        name: {str(l): [i.to_dict() for i in per[l]] for l in layers} for name, per in intervals.items()
+    }
     columns = ["layer", *[f"{name} step {j + 1}" for name in METHODS for j in range(K)]]
     rows = [[l, *[str(intervals[name][l][j]) for name in METHODS for j in range(K)]] for l in layers]
     default = default_layers(handle)
     return Report(
-        task="future", title="Future Lens (Pal et al., CoNLL 2023): tokens 1-3 steps ahead", model=handle.name,
+        task="future",
+        title="Future Lens (Pal et al., CoNLL 2023): tokens 1-3 steps ahead",
+        model=handle.name,
         command=COMMAND,
-        settings={"target prompt": FUTURE_LENS_PROMPT, "K (steps ahead)": K, "layers": layers,
-                  "default layers": f"every second layer and the last ({len(default)} of {handle.n_layers}), "
-                                    "so that the run takes about 75 s on a 2-core CPU",
-                  "seed": seed, "select on": options.select_on,
-                  "layers chosen on": "dev split (50%)" if options.select_on == "dev" else "all texts (oracle)",
-                  "corpus": "Python's pydoc_data topics prose, split with datasets (next-token's evaluation texts)",
-                  "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
+        settings={
+            "target prompt": FUTURE_LENS_PROMPT,
+            "K (steps ahead)": K,
+            "layers": layers,
+            "default layers": f"every second layer and the last ({len(default)} of {handle.n_layers}), "
+            "so that the run takes about 75 s on a 2-core CPU",
+            "seed": seed,
+            "select on": options.select_on,
+            "layers chosen on": "dev split (50%)" if options.select_on == "dev" else "all texts (oracle)",
+            "corpus": "Python's pydoc_data topics prose, split with datasets (next-token's evaluation texts)",
+            "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval",
+        },
         summary=summary,
-        tables=[Table("Precision@1 [95% bootstrap interval] per source layer l and step j (token i + j)",
-                      columns, rows)],
-        notes=[f"The target prompt {FUTURE_LENS_PROMPT!r} is the first fixed context of Pal et al.'s causal "
-               "baseline (github.com/KoyenaPal/future-lens, causal_methods/module.py); the Future Lens proper and "
-               "the Patchscopes paper (Table 1) use a learned soft prompt instead, which must be trained per model.",
-               "The state is patched at l* = l on the prompt's last token, K tokens are generated greedily and "
-               "compared with the reference by token id. Pal et al. score step j under teacher forcing, with the "
-               "true tokens before it; here each step follows the lens's own earlier guesses. A generation that "
-               "stops at EOS misses its later steps.",
-               "Step 1 at the last layer is exactly the model's own next token: the state there is already "
-               "normalised and patched after the final norm, so the readout is its unembedding.",
-               "The logit lens (repeated) guesses its top-1 next token for every step, so its step-2 and step-3 "
-               "hits are repeats in the text.",
-               "Each step's layer is chosen on the dev half of the texts and scored on the test half; the paired "
-               "comparison is an exact McNemar test on the same test texts. Intervals: percentile bootstrap."],
+        tables=[
+            Table("Precision@1 [95% bootstrap interval] per source layer l and step j (token i + j)", columns, rows)
+        ],
+        notes=[
+            f"The target prompt {FUTURE_LENS_PROMPT!r} is the first fixed context of Pal et al.'s causal "
+            "baseline (github.com/KoyenaPal/future-lens, causal_methods/module.py); the Future Lens proper and "
+            "the Patchscopes paper (Table 1) use a learned soft prompt instead, which must be trained per model.",
+            "The state is patched at l* = l on the prompt's last token, K tokens are generated greedily and "
+            "compared with the reference by token id. Pal et al. score step j under teacher forcing, with the "
+            "true tokens before it; here each step follows the lens's own earlier guesses. A generation that "
+            "stops at EOS misses its later steps.",
+            "Step 1 at the last layer is exactly the model's own next token: the state there is already "
+            "normalised and patched after the final norm, so the readout is its unembedding.",
+            "The logit lens (repeated) guesses its top-1 next token for every step, so its step-2 and step-3 "
+            "hits are repeats in the text.",
+            "Each step's layer is chosen on the dev half of the texts and scored on the test half; the paired "
+            "comparison is an exact McNemar test on the same test texts. Intervals: percentile bootstrap.",
+        ],
         data=data,
     )
 
@@ -176,9 +223,10 @@ def plot(report: Report, layers: list[int], intervals: dict[str, dict[int, list[
     for j, axis in enumerate(axes):
         for name in METHODS:
             step = [intervals[name][l][j] for l in layers]
-            line, = axis.plot(layers, [i.estimate for i in step], marker=".", label=name)
-            axis.fill_between(layers, [i.low for i in step], [i.high for i in step], color=line.get_color(),
-                              alpha=0.2, linewidth=0)
+            (line,) = axis.plot(layers, [i.estimate for i in step], marker=".", label=name)
+            axis.fill_between(
+                layers, [i.low for i in step], [i.high for i in step], color=line.get_color(), alpha=0.2, linewidth=0
+            )
         axis.set(xlabel="source layer l (l* = l)", title=f"step {j + 1}: token i + {j + 1}", ylim=(0, 1.02))
     axes[0].set_ylabel("Precision@1 (95% bootstrap band)")
     axes[0].legend()

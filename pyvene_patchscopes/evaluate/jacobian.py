@@ -12,6 +12,7 @@ compares the low-rank Fisher form with the exact one on the shortest texts (it c
 Data: English prose shipped with Python (`datasets` split), each cut at a random token 24..80 so that
 re-tokenising the cut gives the same tokens; or the user's own JSONL with a ``text`` field.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,9 +45,15 @@ COMMAND = "patchscopes eval jacobian --out reports/jacobian"
 
 
 def scopes_for(handle: ModelHandle) -> dict[str, JacobianScope]:
-    return {name: JacobianScope(variant=variant, model=handle.name) for name, variant in (
-        ("Semantic", "semantic"), ("Fisher (k=1)", "fisher"), ("Temperature", "temperature"),
-        ("gradient x input", "gradient-x-input"))}
+    return {
+        name: JacobianScope(variant=variant, model=handle.name)
+        for name, variant in (
+            ("Semantic", "semantic"),
+            ("Fisher (k=1)", "fisher"),
+            ("Temperature", "temperature"),
+            ("gradient x input", "gradient-x-input"),
+        )
+    }
 
 
 def cut(handle: ModelHandle, text: str, rng: random.Random, tries: int = 10) -> str | None:
@@ -73,8 +80,9 @@ def passages(handle: ModelHandle, options: EvalOptions) -> list[str]:
     return [c for c in cuts if c is not None][:limit]
 
 
-def deleted_log_probs(handle: ModelHandle, text: str, prediction: int,
-                      deletions: Sequence[Sequence[int]]) -> list[float]:
+def deleted_log_probs(
+    handle: ModelHandle, text: str, prediction: int, deletions: Sequence[Sequence[int]]
+) -> list[float]:
     """log p(prediction) after `text` with each set of positions deleted (embedding zeroed), one batch."""
     rows = prepare(handle, [text] * len(deletions), -1)
     with pyvene_guard(handle.model), torch.no_grad():
@@ -84,8 +92,11 @@ def deleted_log_probs(handle: ModelHandle, text: str, prediction: int,
         for row, positions in enumerate(deletions):
             keep[row, [rows.batch.pad[row] + p for p in positions]] = 0
         delta = -(1 - keep).unsqueeze(-1) * x
-        _, output = pvm(base={**rows.batch.inputs, "logits_to_keep": 1}, unit_locations=rows.locations(),
-                        source_representations={pvm.sorted_keys[0]: delta})
+        _, output = pvm(
+            base={**rows.batch.inputs, "logits_to_keep": 1},
+            unit_locations=rows.locations(),
+            source_representations={pvm.sorted_keys[0]: delta},
+        )
     return torch.log_softmax(output.logits[:, -1].float(), dim=-1)[:, prediction].tolist()
 
 
@@ -94,8 +105,9 @@ def deletions_for(attribution: Attribution, fraction: float) -> list[int]:
     return [position for position, _, _ in attribution.top(count)]
 
 
-def evaluate_text(handle: ModelHandle, text: str, by_method: dict[str, Attribution],
-                  rng: random.Random) -> dict[str, dict[float, float]]:
+def evaluate_text(
+    handle: ModelHandle, text: str, by_method: dict[str, Attribution], rng: random.Random
+) -> dict[str, dict[float, float]]:
     """Δ log p of the prediction per method and fraction for one text (random: mean over the draws)."""
     any_one = next(iter(by_method.values()))
     positions = list(any_one.positions)
@@ -126,20 +138,36 @@ def exact_agreement(handle: ModelHandle, texts: list[str], options: EvalOptions)
     """Low-rank (k = 1) vs exact Fisher on the shortest texts: rank correlation, top-5% overlap, Δ log p."""
     count = int(options.extra.get("exact_texts", EXACT_TEXTS))
     shortest = sorted(texts, key=lambda t: len(handle.tokenizer(t)["input_ids"]))[:count]
-    low, exact = attribute(shortest, handle, [JacobianScope("fisher", model=handle.name),
-                                              JacobianScope("fisher", fisher="exact", model=handle.name)],
-                           batch_size=1, progress=options.progress)
+    low, exact = attribute(
+        shortest,
+        handle,
+        [JacobianScope("fisher", model=handle.name), JacobianScope("fisher", fisher="exact", model=handle.name)],
+        batch_size=1,
+        progress=options.progress,
+    )
     rng = random.Random(options.seed + 1)
-    deltas = [evaluate_text(handle, text, {"Fisher (k=1)": a, "Fisher (exact)": b}, rng)
-              for text, a, b in zip(shortest, low, exact)]
-    overlap = [len(set(deletions_for(a, 0.05)) & set(deletions_for(b, 0.05))) / len(deletions_for(a, 0.05))
-               for a, b in zip(low, exact)]
-    return {"texts": len(shortest), "tokens": [len(a.scores) for a in low],
-            "spearman": [_spearman(a.scores, b.scores) for a, b in zip(low, exact)], "top5_overlap": overlap,
-            "delta": {name: {f: sum(d[name][f] for d in deltas) / len(deltas) for f in FRACTIONS}
-                      for name in ("Fisher (k=1)", "Fisher (exact)", "random")},
-            "per_text_delta": {name: {f: [d[name][f] for d in deltas] for f in FRACTIONS}
-                               for name in ("Fisher (k=1)", "Fisher (exact)", "random")}}
+    deltas = [
+        evaluate_text(handle, text, {"Fisher (k=1)": a, "Fisher (exact)": b}, rng)
+        for text, a, b in zip(shortest, low, exact)
+    ]
+    overlap = [
+        len(set(deletions_for(a, 0.05)) & set(deletions_for(b, 0.05))) / len(deletions_for(a, 0.05))
+        for a, b in zip(low, exact)
+    ]
+    return {
+        "texts": len(shortest),
+        "tokens": [len(a.scores) for a in low],
+        "spearman": [_spearman(a.scores, b.scores) for a, b in zip(low, exact)],
+        "top5_overlap": overlap,
+        "delta": {
+            name: {f: sum(d[name][f] for d in deltas) / len(deltas) for f in FRACTIONS}
+            for name in ("Fisher (k=1)", "Fisher (exact)", "random")
+        },
+        "per_text_delta": {
+            name: {f: [d[name][f] for d in deltas] for f in FRACTIONS}
+            for name in ("Fisher (k=1)", "Fisher (exact)", "random")
+        },
+    }
 
 
 def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:
@@ -151,8 +179,12 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     per_text: list[dict[str, dict[float, float]]] = []
     batch = min(options.batch_size, 8)
     example: dict[str, Attribution] = {}
-    for group in tqdm(list(chunks(texts, batch)), desc="jacobian eval", unit="batch",
-                      disable=not (options.progress if options.progress is not None else True)):
+    for group in tqdm(
+        list(chunks(texts, batch)),
+        desc="jacobian eval",
+        unit="batch",
+        disable=not (options.progress if options.progress is not None else True),
+    ):
         results = attribute(group, handle, list(scopes.values()), batch_size=batch, progress=False)
         for r, text in enumerate(group):
             by_method = {name: results[s][r] for s, name in enumerate(names)}
@@ -170,41 +202,85 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     return report
 
 
-def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str, dict[float, float]]],
-                 agreement: dict[str, Any], options: EvalOptions) -> Report:
+def build_report(
+    handle: ModelHandle,
+    texts: list[str],
+    per_text: list[dict[str, dict[float, float]]],
+    agreement: dict[str, Any],
+    options: EvalOptions,
+) -> Report:
     methods = list(per_text[0])
     seed = options.seed
     deltas = {name: {f: [t[name][f] for t in per_text] for f in FRACTIONS} for name in methods}
     intervals = {name: {f: bootstrap(deltas[name][f], seed) for f in FRACTIONS} for name in methods}
-    wins = {name: {f: sum(t[name][f] < t["random"][f] for t in per_text) / len(per_text) for f in FRACTIONS}
-            for name in methods if name != "random"}
+    wins = {
+        name: {f: sum(t[name][f] < t["random"][f] for t in per_text) / len(per_text) for f in FRACTIONS}
+        for name in methods
+        if name != "random"
+    }
     columns = ["method"] + [f"Δ log p, top {int(f * 100)}% [95% CI]" for f in FRACTIONS] + ["beats random (5%)"]
-    rows = [[name] + [intervals[name][f].format(2) for f in FRACTIONS]
-            + [wins[name][FRACTIONS[0]] if name in wins else float("nan")] for name in methods]
+    rows = [
+        [name]
+        + [intervals[name][f].format(2) for f in FRACTIONS]
+        + [wins[name][FRACTIONS[0]] if name in wins else float("nan")]
+        for name in methods
+    ]
     lengths = [len(handle.tokenizer(t)["input_ids"]) - 1 for t in texts]
     summary: dict[str, Any] = {"texts": len(texts)}
     data: dict[str, Any] = {}
     for name in methods:
         record(summary, data, f"{name} Δ log p @5%", intervals[name][0.05])
     for name in wins:
-        record(summary, data, f"{name} - random @5%", paired(deltas[name][0.05], deltas["random"][0.05],
-                                                             (name, "random"), seed))
+        record(
+            summary,
+            data,
+            f"{name} - random @5%",
+            paired(deltas[name][0.05], deltas["random"][0.05], (name, "random"), seed),
+        )
     for name in (m for m in wins if m != BASELINE):
-        record(summary, data, f"{name} - {BASELINE} @5%", paired(deltas[name][0.05], deltas[BASELINE][0.05],
-                                                                 (name, BASELINE), seed))
-    tables = [Table(f"Deleting the top-scored tokens ({len(texts)} texts, {min(lengths)}-{max(lengths)} tokens, "
-                    "mean change in the log-probability of the original prediction; lower = more faithful)",
-                    columns, rows)]
-    agree_rows = [[f"{k + 1}", agreement["tokens"][k], agreement["spearman"][k], agreement["top5_overlap"][k]]
-                  for k in range(agreement["texts"])]
-    tables.append(Table(f"Fisher low-rank (k=1) vs exact on the {agreement['texts']} shortest texts: per-text "
-                        "Spearman rank correlation of the scores and overlap of the top-5% sets",
-                        ["text", "tokens", "Spearman", "top-5% overlap"], agree_rows))
+        record(
+            summary,
+            data,
+            f"{name} - {BASELINE} @5%",
+            paired(deltas[name][0.05], deltas[BASELINE][0.05], (name, BASELINE), seed),
+        )
+    tables = [
+        Table(
+            f"Deleting the top-scored tokens ({len(texts)} texts, {min(lengths)}-{max(lengths)} tokens, "
+            "mean change in the log-probability of the original prediction; lower = more faithful)",
+            columns,
+            rows,
+        )
+    ]
+    agree_rows = [
+        [f"{k + 1}", agreement["tokens"][k], agreement["spearman"][k], agreement["top5_overlap"][k]]
+        for k in range(agreement["texts"])
+    ]
+    tables.append(
+        Table(
+            f"Fisher low-rank (k=1) vs exact on the {agreement['texts']} shortest texts: per-text "
+            "Spearman rank correlation of the scores and overlap of the top-5% sets",
+            ["text", "tokens", "Spearman", "top-5% overlap"],
+            agree_rows,
+        )
+    )
     per_text_delta = agreement.get("per_text_delta")  # absent from reports written before the intervals
-    tables.append(Table("Same texts, Δ log p after deletion [95% CI]",
-                        ["method"] + [f"top {int(f * 100)}%" for f in FRACTIONS],
-                        [[name] + [bootstrap(per_text_delta[name][f], seed).format(2) if per_text_delta else
-                                   agreement["delta"][name][f] for f in FRACTIONS] for name in agreement["delta"]]))
+    tables.append(
+        Table(
+            "Same texts, Δ log p after deletion [95% CI]",
+            ["method"] + [f"top {int(f * 100)}%" for f in FRACTIONS],
+            [
+                [name]
+                + [
+                    bootstrap(per_text_delta[name][f], seed).format(2)
+                    if per_text_delta
+                    else agreement["delta"][name][f]
+                    for f in FRACTIONS
+                ]
+                for name in agreement["delta"]
+            ],
+        )
+    )
     record(summary, data, "Fisher k=1 vs exact, mean Spearman", bootstrap(agreement["spearman"], seed))
     notes = [
         "Deletion zeroes a token's embedding (pyvene AdditionIntervention of −x_t at the embedding output), as the "
@@ -217,14 +293,29 @@ def build_report(handle: ModelHandle, texts: list[str], per_text: list[dict[str,
         "gradient x input −6.69, Semantic −6.68, random −0.71. Texts here are Python's documentation prose, "
         "not LAMBADA (no dataset hub is reachable).",
     ]
-    return Report(task="jacobian", title="Jacobian Scopes: faithfulness by deletion", model=handle.name,
-                  command=COMMAND, settings={"limit": len(texts), "seed": options.seed, "fractions": list(FRACTIONS),
-                                             "random_draws": RANDOM_DRAWS, "exact_texts": agreement["texts"],
-                                             "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval"},
-                  summary=summary, tables=tables, notes=notes,
-                  data={**data, "per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()}
-                                             for t in per_text],
-                        "agreement": agreement, "texts": texts})
+    return Report(
+        task="jacobian",
+        title="Jacobian Scopes: faithfulness by deletion",
+        model=handle.name,
+        command=COMMAND,
+        settings={
+            "limit": len(texts),
+            "seed": options.seed,
+            "fractions": list(FRACTIONS),
+            "random_draws": RANDOM_DRAWS,
+            "exact_texts": agreement["texts"],
+            "bootstrap": f"{RESAMPLES} resamples, 95% percentile interval",
+        },
+        summary=summary,
+        tables=tables,
+        notes=notes,
+        data={
+            **data,
+            "per_text": [{m: {str(f): v for f, v in d.items()} for m, d in t.items()} for t in per_text],
+            "agreement": agreement,
+            "texts": texts,
+        },
+    )
 
 
 def plot(report: Report, per_text: list[dict[str, dict[float, float]]], out: str | None) -> None:
@@ -233,9 +324,14 @@ def plot(report: Report, per_text: list[dict[str, dict[float, float]]], out: str
     width = 0.8 / len(FRACTIONS)
     for k, fraction in enumerate(FRACTIONS):
         stats = [bootstrap([t[m][fraction] for t in per_text]) for m in methods]
-        ax.bar([i + k * width for i in range(len(methods))], [s.estimate for s in stats], width,
-               yerr=[[s.estimate - s.low for s in stats], [s.high - s.estimate for s in stats]],
-               label=f"top {int(fraction * 100)}% deleted (95% CI)", capsize=3)
+        ax.bar(
+            [i + k * width for i in range(len(methods))],
+            [s.estimate for s in stats],
+            width,
+            yerr=[[s.estimate - s.low for s in stats], [s.high - s.estimate for s in stats]],
+            label=f"top {int(fraction * 100)}% deleted (95% CI)",
+            capsize=3,
+        )
     ax.set_xticks([i + width * (len(FRACTIONS) - 1) / 2 for i in range(len(methods))], methods, fontsize=8)
     ax.set_ylabel("Δ log p(prediction)")
     ax.axhline(0, color="black", linewidth=0.6)

@@ -4,6 +4,7 @@ Each page is written beside its PNG (``attributes.png`` -> ``attributes.html``) 
 since it needs only what ``report.json`` holds, the pages of finished runs can be rebuilt without rerunning
 them: ``python -m pyvene_patchscopes.evaluate.pages reports``.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,30 +27,71 @@ def _attributes(report: Report) -> Parts:
     layers, targets = report.settings["layers"], report.settings["target_layers"]
     correct = report.data["correct"]
     grid = [[rate([fact[str(l)][str(t)] for fact in correct]) for t in targets] for l in layers]
-    return [("heatmap", numeric_grid(grid, layers, targets, f"Accuracy per (l, l*) over {len(correct)} facts, "
-                                     f"{report.model}", "source layer l", "target layer l*", vmin=0, vmax=1))]
+    return [
+        (
+            "heatmap",
+            numeric_grid(
+                grid,
+                layers,
+                targets,
+                f"Accuracy per (l, l*) over {len(correct)} facts, {report.model}",
+                "source layer l",
+                "target layer l*",
+                vmin=0,
+                vmax=1,
+            ),
+        )
+    ]
 
 
 def _cross_model(report: Report) -> Parts:
     layers, targets = report.settings["layers"], report.settings["target_layers"]
     source, _, target = report.model.partition(" -> ")
-    return [("heatmap", numeric_grid(_pairs(report.data[name], layers, targets), layers, targets,
-                                     f"Precision@1, {name} mapping: source layer l of {source}, target layer l* "
-                                     f"of {target}", "source layer l", "target layer l*", vmin=0, vmax=1))
-            for name in ("affine", "identity")]
+    return [
+        (
+            "heatmap",
+            numeric_grid(
+                _pairs(report.data[name], layers, targets),
+                layers,
+                targets,
+                f"Precision@1, {name} mapping: source layer l of {source}, target layer l* of {target}",
+                "source layer l",
+                "target layer l*",
+                vmin=0,
+                vmax=1,
+            ),
+        )
+        for name in ("affine", "identity")
+    ]
 
 
 def _multihop(report: Report) -> Parts:
     layers, targets = report.settings["layers"], report.settings["target_layers"]
     grid = _pairs(report.data["pair_accuracy"], layers, targets)
-    return [("heatmap", numeric_grid(grid, layers, targets, f"CoT Patchscope accuracy per (l, l*) over "
-                                     f"{len(report.data['kept'])} queries: hop 1's last token at l, written over "
-                                     "hop 2's last token at l*", "source layer l", "target layer l*",
-                                     vmin=0, vmax=1))]
+    return [
+        (
+            "heatmap",
+            numeric_grid(
+                grid,
+                layers,
+                targets,
+                f"CoT Patchscope accuracy per (l, l*) over "
+                f"{len(report.data['kept'])} queries: hop 1's last token at l, written over "
+                "hop 2's last token at l*",
+                "source layer l",
+                "target layer l*",
+                vmin=0,
+                vmax=1,
+            ),
+        )
+    ]
 
 
 HEATMAPS: dict[str, Callable[[Report], Parts]] = {
-    "attributes": _attributes, "cross-model": _cross_model, "multihop": _multihop}
+    "attributes": _attributes,
+    "cross-model": _cross_model,
+    "multihop": _multihop,
+}
 
 
 def page_name(report: Report) -> str:

@@ -1,4 +1,5 @@
 """The paper's baseline for attribute extraction: a multinomial logistic-regression probe, k-fold CV."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,8 +7,9 @@ from typing import Sequence
 import torch
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2,
-                 steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float = 1e-2, steps: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [d, c] and bias [c] of an L2-regularised softmax regression, fitted with L-BFGS."""
     weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)

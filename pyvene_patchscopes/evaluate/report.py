@@ -1,4 +1,5 @@
 """An evaluation's output: headline numbers, tables, figures and raw series, written as JSON and markdown."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,12 @@ class Table:
     rows: list[list[Any]]
 
     def markdown(self) -> str:
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines = [
+            f"**{self.title}**",
+            "",
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "|".join("---" for _ in self.columns) + "|",
+        ]
         lines += ["| " + " | ".join(_fmt(value) for value in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
@@ -65,8 +70,9 @@ class Report:
         ``data["split"]``) or, split or not, any interval `stats.record` put in ``data["intervals"]`` (one swept
         fact, ``select_on="oracle"`` and too few samples to split all leave no split)."""
         held = self.data.get("split")
-        message = small_test_split(Split.from_dict(held) if held else None) \
-            or small_intervals(self.data.get("intervals", {}))
+        message = small_test_split(Split.from_dict(held) if held else None) or small_intervals(
+            self.data.get("intervals", {})
+        )
         if message is not None and message not in self.warnings:
             self.warnings.append(message)
             warn(f"{self.task} on {self.model}: {message}", SmallSampleWarning, stacklevel=2)
@@ -83,8 +89,13 @@ class Report:
         return cls.from_dict(json.loads((path / "report.json" if path.is_dir() else path).read_text()))
 
     def markdown(self) -> str:
-        parts = [f"# {self.title}", "", f"Model: `{self.model}`. Reproduce: `{self.command}` "
-                 f"({self.seconds:.0f} s on the machine that wrote this).", ""]
+        parts = [
+            f"# {self.title}",
+            "",
+            f"Model: `{self.model}`. Reproduce: `{self.command}` "
+            f"({self.seconds:.0f} s on the machine that wrote this).",
+            "",
+        ]
         parts += [*(f"**Warning:** {warning}." for warning in self.warnings), *([""] if self.warnings else [])]
         parts += [f"- {key}: {_fmt(value)}" for key, value in self.summary.items()]
         parts.append("")

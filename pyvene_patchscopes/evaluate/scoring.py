@@ -1,4 +1,5 @@
 """Scoring functions of the paper's evaluations, pure and model-free so they can be tested on hand-made cases."""
+
 from __future__ import annotations
 
 import re
@@ -110,8 +111,10 @@ def starts_word(token: str, word: str) -> bool:
 
 def stages(readouts: Sequence[str], argument: str, answer: str) -> list[str]:
     """Label each source layer's top-1 readout: 'answer', 'argument' or 'other' (Merullo et al.'s stages)."""
-    return ["answer" if starts_word(token, answer) else "argument" if starts_word(token, argument) else "other"
-            for token in readouts]
+    return [
+        "answer" if starts_word(token, answer) else "argument" if starts_word(token, argument) else "other"
+        for token in readouts
+    ]
 
 
 MISSING = -1  # no token at this step: the generation stopped (EOS) before it; never a hit
@@ -121,18 +124,22 @@ def pad_ids(rows: Sequence[Sequence[int]] | torch.Tensor, k: int) -> torch.Tenso
     """[n, k] token ids: each row cut to its first k ids, a shorter row padded with `MISSING`."""
     if isinstance(rows, torch.Tensor):
         rows = rows.tolist()
-    return torch.tensor([[int(t) for t in row[:k]] + [MISSING] * (k - len(row[:k])) for row in rows],
-                        dtype=torch.long).reshape(len(rows), k)
+    return torch.tensor(
+        [[int(t) for t in row[:k]] + [MISSING] * (k - len(row[:k])) for row in rows], dtype=torch.long
+    ).reshape(len(rows), k)
 
 
-def future_hits(guesses: Sequence[Sequence[int]] | torch.Tensor, reference: Sequence[Sequence[int]] | torch.Tensor,
-                k: int) -> torch.Tensor:
+def future_hits(
+    guesses: Sequence[Sequence[int]] | torch.Tensor, reference: Sequence[Sequence[int]] | torch.Tensor, k: int
+) -> torch.Tensor:
     """[n, k] bool: whether the guess for the token j + 1 steps ahead is the reference token there (the Future
     Lens's Precision@1 per step, Pal et al. 2023). Rows may be ragged; a missing guess or reference is a miss."""
     g, r = pad_ids(guesses, k), pad_ids(reference, k)
     if g.shape != r.shape:
-        raise SpecError(f"future_hits: {g.shape[0]} rows of guesses for {r.shape[0]} references (allowed: one "
-                         "row of guesses per reference)")
+        raise SpecError(
+            f"future_hits: {g.shape[0]} rows of guesses for {r.shape[0]} references (allowed: one "
+            "row of guesses per reference)"
+        )
     return (g == r) & (g != MISSING)
 
 
@@ -141,6 +148,19 @@ def repeat_guess(top1: Sequence[int] | torch.Tensor, k: int) -> torch.Tensor:
     return torch.as_tensor(top1, dtype=torch.long).reshape(-1, 1).expand(-1, k).clone()
 
 
-__all__ = ["precision_at_1", "surprisal", "object_in_generation", "cut_at_next_example", "rouge_l",
-           "same_token", "first_word_id", "saturation_layer", "starts_word", "stages", "MISSING", "pad_ids",
-           "future_hits", "repeat_guess"]
+__all__ = [
+    "precision_at_1",
+    "surprisal",
+    "object_in_generation",
+    "cut_at_next_example",
+    "rouge_l",
+    "same_token",
+    "first_word_id",
+    "saturation_layer",
+    "starts_word",
+    "stages",
+    "MISSING",
+    "pad_ids",
+    "future_hits",
+    "repeat_guess",
+]

@@ -7,6 +7,7 @@ test on the per-sample differences otherwise. Layers are chosen on a development
 disjoint test split (`split`, `held_out`); the "oracle" that picks layers after seeing the answers stays
 beside it, labelled as such. All of it is seeded: the same call gives the same numbers on any machine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,14 @@ class Interval:
         return f"{self.estimate:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"estimate": self.estimate, "low": self.low, "high": self.high, "n": self.n,
-                "resamples": self.resamples, "level": self.level}
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "n": self.n,
+            "resamples": self.resamples,
+            "level": self.level,
+        }
 
 
 @dataclass(frozen=True)
@@ -71,13 +78,19 @@ class Comparison:
         return f"{self.difference.format()}, p = {self.p_value:.3g} ({self.test})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "difference": self.difference.to_dict(), "p_value": self.p_value,
-                "test": self.test}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "difference": self.difference.to_dict(),
+            "p_value": self.p_value,
+            "test": self.test,
+        }
 
 
 def _values(values: Sequence[float] | torch.Tensor, owner: str) -> torch.Tensor:
-    tensor = torch.as_tensor([float(v) for v in values] if not isinstance(values, torch.Tensor) else values,
-                             dtype=torch.float64).flatten()
+    tensor = torch.as_tensor(
+        [float(v) for v in values] if not isinstance(values, torch.Tensor) else values, dtype=torch.float64
+    ).flatten()
     if torch.isnan(tensor).any():
         raise SpecError(f"{owner} holds NaN (allowed: one finite value per sample; drop unknown samples first)")
     return tensor
@@ -88,8 +101,9 @@ def _check_resamples(resamples: int) -> None:
         raise SpecError(f"resamples={resamples!r} is not allowed (allowed: a positive integer)")
 
 
-def bootstrap(values: Sequence[float] | torch.Tensor, seed: int = 0, resamples: int = RESAMPLES,
-              level: float = LEVEL) -> Interval:
+def bootstrap(
+    values: Sequence[float] | torch.Tensor, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
+) -> Interval:
     """The mean of per-sample `values` (bools count as 0/1) with its percentile-bootstrap interval."""
     _check_resamples(resamples)
     if not 0 < level < 1:
@@ -112,7 +126,7 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
     discordant = only_a + only_b
     if discordant == 0:
         return 1.0
-    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2 ** discordant
+    tail = sum(math.comb(discordant, k) for k in range(min(only_a, only_b) + 1)) / 2**discordant
     return min(1.0, 2 * tail)
 
 
@@ -129,18 +143,30 @@ def sign_flip(differences: Sequence[float] | torch.Tensor, seed: int = 0, flips:
     return (extreme + 1) / (flips + 1)
 
 
-def paired(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("a", "b"), seed: int = 0,
-           resamples: int = RESAMPLES) -> Comparison:
+def paired(
+    a: Sequence[float],
+    b: Sequence[float],
+    names: tuple[str, str] = ("a", "b"),
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+) -> Comparison:
     """Compare two methods on the same samples: the bootstrapped mean of a - b, and a paired test."""
     if len(a) != len(b):
-        raise SpecError(f"paired: {names[0]} has {len(a)} samples and {names[1]} has {len(b)} (allowed: the same "
-                        "samples, scored by both methods)")
+        raise SpecError(
+            f"paired: {names[0]} has {len(a)} samples and {names[1]} has {len(b)} (allowed: the same "
+            "samples, scored by both methods)"
+        )
     x, y = _values(a, names[0]), _values(b, names[1])
     binary = all(v in (0.0, 1.0) for v in [*x.tolist(), *y.tolist()])
     difference = bootstrap(x - y, seed, resamples)
     if binary:
-        return Comparison(names[0], names[1], difference, mcnemar([v == 1 for v in x.tolist()],
-                                                                 [v == 1 for v in y.tolist()]), "exact McNemar")
+        return Comparison(
+            names[0],
+            names[1],
+            difference,
+            mcnemar([v == 1 for v in x.tolist()], [v == 1 for v in y.tolist()]),
+            "exact McNemar",
+        )
     return Comparison(names[0], names[1], difference, sign_flip(x - y, seed), f"sign-flip permutation, {FLIPS} flips")
 
 
@@ -186,8 +212,10 @@ def small_test_split(split: Split | None) -> str | None:
     """The warning a report carries when its test split holds fewer than `MIN_TEST` samples (None otherwise)."""
     if split is None or len(split.test) >= MIN_TEST:
         return None
-    return (f"the test split holds {_samples(len(split.test))} (dev {len(split.dev)}), fewer than {MIN_TEST}: its "
-            f"intervals support no claim ({MORE})")
+    return (
+        f"the test split holds {_samples(len(split.test))} (dev {len(split.dev)}), fewer than {MIN_TEST}: its "
+        f"intervals support no claim ({MORE})"
+    )
 
 
 def small_intervals(intervals: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -199,9 +227,11 @@ def small_intervals(intervals: Mapping[str, Mapping[str, Any]]) -> str | None:
     if not small:
         return None
     name, one = min(small, key=lambda key: small[key]), len(small) == 1
-    return (f"{len(small)} of its {len(sizes)} intervals {'rests' if one else 'rest'} on fewer than {MIN_TEST} "
-            f"samples (the smallest, '{name}', on {_samples(small[name])}): {'it supports' if one else 'they support'}"
-            f" no claim ({MORE})")
+    return (
+        f"{len(small)} of its {len(sizes)} intervals {'rests' if one else 'rest'} on fewer than {MIN_TEST} "
+        f"samples (the smallest, '{name}', on {_samples(small[name])}): {'it supports' if one else 'they support'}"
+        f" no claim ({MORE})"
+    )
 
 
 def _samples(n: int) -> str:
@@ -218,12 +248,17 @@ class HeldOut:
     oracle: Interval  # per test sample, the best candidate for that sample: chosen after seeing its answer
 
     def to_dict(self) -> dict[str, Any]:
-        return {"choice": list(self.choice) if isinstance(self.choice, tuple) else self.choice,
-                "dev_score": self.dev_score, "test": self.test.to_dict(), "oracle": self.oracle.to_dict()}
+        return {
+            "choice": list(self.choice) if isinstance(self.choice, tuple) else self.choice,
+            "dev_score": self.dev_score,
+            "test": self.test.to_dict(),
+            "oracle": self.oracle.to_dict(),
+        }
 
 
-def held_out(per_sample: Mapping[Candidate, Sequence[float]], chosen_split: Split, seed: int = 0,
-             resamples: int = RESAMPLES) -> HeldOut:
+def held_out(
+    per_sample: Mapping[Candidate, Sequence[float]], chosen_split: Split, seed: int = 0, resamples: int = RESAMPLES
+) -> HeldOut:
     """Choose the candidate with the best mean on the dev samples (ties: the first), score it on the test ones.
 
     `per_sample` maps each candidate to its per-sample scores over all samples, in the split's indexing.
@@ -235,7 +270,7 @@ def held_out(per_sample: Mapping[Candidate, Sequence[float]], chosen_split: Spli
         return sum(float(values[i]) for i in indices) / len(indices) if indices else float("nan")
 
     dev_scores = {c: mean_on(v, chosen_split.dev) for c, v in per_sample.items()}
-    choice = max(dev_scores, key=lambda c: (dev_scores[c] if dev_scores[c] == dev_scores[c] else -math.inf))
+    choice = max(dev_scores, key=lambda c: dev_scores[c] if dev_scores[c] == dev_scores[c] else -math.inf)
     test = bootstrap([float(per_sample[choice][i]) for i in chosen_split.test], seed, resamples)
     best = [max(float(v[i]) for v in per_sample.values()) for i in chosen_split.test]
     return HeldOut(choice, dev_scores[choice], test, bootstrap(best, seed, resamples))
@@ -248,6 +283,24 @@ def record(summary: dict[str, Any], data: dict[str, Any], name: str, value: Inte
     data.setdefault("intervals", {})[name] = value.to_dict()
 
 
-__all__ = ["Interval", "Comparison", "Split", "HeldOut", "bootstrap", "paired", "mcnemar", "sign_flip", "split",
-           "held_out", "record", "small_test_split", "small_intervals", "SmallSampleWarning", "RESAMPLES", "FLIPS",
-           "LEVEL", "DEV_SHARE", "MIN_TEST"]
+__all__ = [
+    "Interval",
+    "Comparison",
+    "Split",
+    "HeldOut",
+    "bootstrap",
+    "paired",
+    "mcnemar",
+    "sign_flip",
+    "split",
+    "held_out",
+    "record",
+    "small_test_split",
+    "small_intervals",
+    "SmallSampleWarning",
+    "RESAMPLES",
+    "FLIPS",
+    "LEVEL",
+    "DEV_SHARE",
+    "MIN_TEST",
+]

@@ -7,6 +7,7 @@ rows that write another position's state at three layers and after the final nor
 tokens of hand-written hooks on the model's own forward and `generate`. A family no runner reproduces runs on
 the plain pyvene path, and the reason names what differed. The verdict is worked out once per model.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -75,8 +76,9 @@ def _first_exact(model: nn.Module, arch: Architecture) -> tuple[str, str]:
         whole = probe(model, Layered)
         if not whole:
             return SHARED_LAYERS, why
-        failures.append(f"calling its blocks on the whole prompt, with the inputs its forward gives them, fails: "
-                        f"{whole}")
+        failures.append(
+            f"calling its blocks on the whole prompt, with the inputs its forward gives them, fails: {whole}"
+        )
     replayed = probe(model, Replayed)
     if not replayed:
         return OWN_FORWARD, why
@@ -114,12 +116,15 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                 for j in range(stack.n_layers - 1):
                     error = _relative(shared.hidden[j], states[j + 1][0, PROBE_SPLIT:])
                     if error > limit:
-                        return (f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} "
-                                "(relative)")
+                        return (
+                            f"the planned pass differs from the model's own forward at layer {j} by {error:.2g} "
+                            "(relative)"
+                        )
             layers = sorted({0, stack.n_layers // 2, stack.n_layers - 2} & set(range(stack.n_layers - 1)))
             layers.append(stack.n_layers - 1)  # the last row is written after the final norm (skip_final_ln)
-            vectors = torch.stack([states[j + 1][0, PROBE_SPLIT + 1] for j in layers[:-1]] +
-                                  [stack.norm(states[-1][0, PROBE_SPLIT + 1])])
+            vectors = torch.stack(
+                [states[j + 1][0, PROBE_SPLIT + 1] for j in layers[:-1]] + [stack.norm(states[-1][0, PROBE_SPLIT + 1])]
+            )
             at, normed = torch.tensor(layers), torch.tensor([False] * (len(layers) - 1) + [True])
             decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
             norm = stack.norm_site() if isinstance(stack, Replayed) else None  # where it writes after the norm
@@ -128,14 +133,17 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
                 error = _relative(decoded.logits[row], want[row])
                 if error > limit:
                     where = "after the final norm" if normed[row] else f"at layer {layers[row]}"
-                    return (f"the planned pass's logits for a row patched {where} differ from hand-written hooks "
-                            f"on the model's own forward by {error:.2g} (relative)")
+                    return (
+                        f"the planned pass's logits for a row patched {where} differ from hand-written hooks "
+                        f"on the model's own forward by {error:.2g} (relative)"
+                    )
             if not _same_tokens(decoded.tokens, greedy) and runner is Layered:  # its batched cache may differ
                 decode_without_cache(model)
                 decoded = stack.patched(shared, vectors, at, max_new_tokens=PROBE_TOKENS, after_norm=normed)
             if not _same_tokens(decoded.tokens, greedy):
-                return ("the planned pass's greedy tokens differ from the model's own generate (its decoding steps "
-                        "differ)")
+                return (
+                    "the planned pass's greedy tokens differ from the model's own generate (its decoding steps differ)"
+                )
     except (RuntimeError, TypeError, ValueError, KeyError, AttributeError, IndexError, NotImplementedError) as err:
         message = str(err).splitlines()[0][:160] if str(err) else ""
         alone = "on the suffix alone" if runner is Stack else "with the inputs its forward gave them"
@@ -145,11 +153,18 @@ def probe(model: nn.Module, runner: type[Stack] = Stack) -> str:
 
 def _same_tokens(got: list[list[int]] | None, want: list[list[int]]) -> bool:
     """Row by row, the reference's tokens (generate may stop early at the config's EOS) begin the planned ones."""
-    return got is not None and all(row[:len(ref)] == ref for row, ref in zip(got, want))
+    return got is not None and all(row[: len(ref)] == ref for row, ref in zip(got, want))
 
 
-def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
-            steps: int, norm: nn.Module | None = None) -> tuple[torch.Tensor, list[list[int]]]:
+def _hooked(
+    stack: Stack,
+    ids: torch.Tensor,
+    vectors: torch.Tensor,
+    layers: torch.Tensor,
+    after_norm: torch.Tensor,
+    steps: int,
+    norm: nn.Module | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
     """The reference, by hand-written hooks on the model's own forward: every row's first-step logits (one batch,
     no cache), and its greedy tokens from the model's own `generate` on that row alone (the patch on the prompt
     pass, as the plain path and the paper run it). Returns (logits, tokens)."""
@@ -161,19 +176,32 @@ def _hooked(stack: Stack, ids: torch.Tensor, vectors: torch.Tensor, layers: torc
     for row in range(rows):
         one = slice(row, row + 1)
         with writing(stack, PROBE_SPLIT, vectors[one], layers[one], after_norm[one], norm):
-            out = generator(stack.model).generate(ids[None], attention_mask=torch.ones_like(ids[None]),
-                                                  generation_config=config)
-        tokens.append(out[0, ids.shape[0]:].tolist())
+            out = generator(stack.model).generate(
+                ids[None], attention_mask=torch.ones_like(ids[None]), generation_config=config
+            )
+        tokens.append(out[0, ids.shape[0] :].tolist())
     return logits, tokens
 
 
 def _probe_length(model: nn.Module) -> int:
     """Long enough to cross a short sliding window or attention chunk (tiny and test configs), else nine tokens."""
     config = text_config(model)
-    spans = [w for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
-             if isinstance(w, int) and 0 < w <= MAX_CROSSED]
+    spans = [
+        w
+        for w in (getattr(config, "sliding_window", None), getattr(config, "attention_chunk_size", None))
+        if isinstance(w, int) and 0 < w <= MAX_CROSSED
+    ]
     return max([PROBE_LENGTH] + [w + PROBE_SPLIT + 3 for w in spans])
 
 
-__all__ = ["planned_reason", "prefix_reason", "execution", "probe", "tolerance", "stack_for", "SHARED_PREFIX",
-           "SHARED_LAYERS", "OWN_FORWARD"]
+__all__ = [
+    "planned_reason",
+    "prefix_reason",
+    "execution",
+    "probe",
+    "tolerance",
+    "stack_for",
+    "SHARED_PREFIX",
+    "SHARED_LAYERS",
+    "OWN_FORWARD",
+]

@@ -6,6 +6,7 @@ processes, one unit each to the first ones and none to the rest) and the gather 
 torch.distributed through accelerate (gloo on CPUs, NCCL on GPUs). Units are planned before the
 split, so each one is computed exactly as it would be in a single process.
 """
+
 from __future__ import annotations
 
 import os

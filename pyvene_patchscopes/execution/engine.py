@@ -12,6 +12,7 @@ The patch step has two executions of the same pyvene config (see `execution`):
 CoT Patchscopes (``reroute``) run in `execution.reroute`. Beside every vector reading, the target prompt is read
 once unpatched (the null reading, `execution.unpatched`); a NaN readout the write caused is refused there.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -40,11 +41,18 @@ from .unpatched import check_readouts, null_readings
 
 
 # ---- run ---------------------------------------------------------------------------------------------
-def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models | Sequence[ModelHandle],
-        top: int = 10, batch_size: int = 32, progress: bool | None = None,
-        source_states: Sequence[torch.Tensor] | None = None, planned: bool = True,
-        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = True,
-        keep_scores: bool = False) -> list[PatchscopeResult]:
+def run(
+    scopes: Patchscope | Sequence[Patchscope],
+    model: ModelHandle | Models | Sequence[ModelHandle],
+    top: int = 10,
+    batch_size: int = 32,
+    progress: bool | None = None,
+    source_states: Sequence[torch.Tensor] | None = None,
+    planned: bool = True,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    keep_logits: bool = True,
+    keep_scores: bool = False,
+) -> list[PatchscopeResult]:
     """Run Patchscopes (one or many) and return one result per scope, in order.
 
     ``source_states`` (one ``[d_source]`` tensor per scope) skips the collect step: the states are taken
@@ -69,8 +77,7 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
     plain = [r for r, item in enumerate(resolved) if item.scope.reroute is None]
     if plain:
         items = [resolved[r] for r in plain]
-        states = _collect_all(items, models, batch_size) if source_states is None \
-            else [source_states[r] for r in plain]
+        states = _collect_all(items, models, batch_size) if source_states is None else [source_states[r] for r in plain]
         targets = dict.fromkeys(item.scope.target_model for item in items)
         plannable = {name: use_planned(models[name].model, planned) for name in targets}
         fast = [k for k, item in enumerate(items) if plannable[item.scope.target_model]]
@@ -82,13 +89,29 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
         mapped = dict(zip(to_map, _mapped([items[k] for k in to_map], [states[k] for k in to_map], models)))
         nulls = null_readings([items[k] for k in vectors], [mapped[k] for k in vectors], models, top)
         if fast:
-            done = _patch_planned([items[k] for k in fast], [mapped[k] for k in fast], models, top,
-                                  max_batch_tokens, progress, keep_logits, keep_scores)
+            done = _patch_planned(
+                [items[k] for k in fast],
+                [mapped[k] for k in fast],
+                models,
+                top,
+                max_batch_tokens,
+                progress,
+                keep_logits,
+                keep_scores,
+            )
             for k, result in zip(fast, done):
                 results[plain[k]] = result
         if slow:
-            done = _patch_all([items[k] for k in slow], [states[k] for k in slow], models, top, batch_size, progress,
-                              keep_logits, keep_scores)
+            done = _patch_all(
+                [items[k] for k in slow],
+                [states[k] for k in slow],
+                models,
+                top,
+                batch_size,
+                progress,
+                keep_logits,
+                keep_scores,
+            )
             for k, result in zip(slow, done):
                 results[plain[k]] = result
         for k, null in zip(vectors, nulls):
@@ -111,14 +134,17 @@ def run(scopes: Patchscope | Sequence[Patchscope], model: ModelHandle | Models |
 def check_source_states(states: Sequence[torch.Tensor], resolved: list[Resolved], models: Models) -> None:
     """One finite ``[d_source]`` tensor per scope: NaN or inf would give silent NaN probabilities."""
     if len(states) != len(resolved):
-        raise SpecError(f"source_states has {len(states)} entries for {len(resolved)} scopes "
-                        "(allowed: one state per scope)")
+        raise SpecError(
+            f"source_states has {len(states)} entries for {len(resolved)} scopes (allowed: one state per scope)"
+        )
     for k, (state, item) in enumerate(zip(states, resolved)):
         size = models[item.scope.source.model].hidden_size
         if not isinstance(state, torch.Tensor) or tuple(state.shape) != (size,):
             shape = tuple(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-            raise SpecError(f"source_states[{k}] has shape {shape} (allowed: a tensor of shape ({size},), the "
-                            "source model's hidden size)")
+            raise SpecError(
+                f"source_states[{k}] has shape {shape} (allowed: a tensor of shape ({size},), the "
+                "source model's hidden size)"
+            )
         check_finite({f"source_states[{k}]": state}, "tensor", models[item.scope.source.model].dtype)
 
 
@@ -135,8 +161,12 @@ def _collect_all(resolved: list[Resolved], models: Models, batch_size: int) -> l
             by_model[item.scope.source.model].append(row)
     for name, rows in by_model.items():
         sites = {site: k for k, site in enumerate(dict.fromkeys(resolved[r].source_site for r in rows))}
-        read = read_states(models[name], [(resolved[r].scope.prompt_source.prompt, resolved[r].source_position)
-                                          for r in rows], list(sites), batch_size)
+        read = read_states(
+            models[name],
+            [(resolved[r].scope.prompt_source.prompt, resolved[r].source_position) for r in rows],
+            list(sites),
+            batch_size,
+        )
         for k, r in enumerate(rows):  # a view of the unit's row: many rows share one source state, never copied
             mapped[r] = read.states[read.rows[k], sites[resolved[r].source_site]]
     return [mapped[r] for r in range(len(resolved))]
@@ -147,8 +177,9 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
     out: dict[int, torch.Tensor] = {}  # row -> f(h), every row filled below
     groups: dict[tuple[str, str, MappingSpec, tuple[int, ...]], list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
-        groups[(item.scope.source.model, item.scope.target_model, item.scope.mapping_spec,
-                tuple(states[row].shape))].append(row)
+        groups[
+            (item.scope.source.model, item.scope.target_model, item.scope.mapping_spec, tuple(states[row].shape))
+        ].append(row)
     for (source_name, target_name, spec, _), rows in groups.items():
         target = models[target_name]
         mapping = build_mapping(spec, models[source_name].hidden_size, target.hidden_size).to(target.device)
@@ -159,13 +190,31 @@ def _mapped(resolved: list[Resolved], states: list[torch.Tensor], models: Models
     return [out[r] for r in range(len(resolved))]
 
 
-def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models: Models, top: int,
-                   max_batch_tokens: int, progress: bool | None, keep_logits: bool = True,
-                   keep_scores: bool = False) -> list[PatchscopeResult]:
+def _patch_planned(
+    resolved: list[Resolved],
+    vectors: list[torch.Tensor],
+    models: Models,
+    top: int,
+    max_batch_tokens: int,
+    progress: bool | None,
+    keep_logits: bool = True,
+    keep_scores: bool = False,
+) -> list[PatchscopeResult]:
     """The planned execution of rows whose f(h) is `vectors` (`_mapped`): per target prompt, one shared pass,
     then batches of rows from their l* up."""
-    groups = group_by_target([(r.scope.target_model, r.scope.target.prompt, r.target_position,
-                               r.scope.max_new_tokens, r.slots, r.scope.target.write) for r in resolved])
+    groups = group_by_target(
+        [
+            (
+                r.scope.target_model,
+                r.scope.target.prompt,
+                r.target_position,
+                r.scope.max_new_tokens,
+                r.slots,
+                r.scope.target.write,
+            )
+            for r in resolved
+        ]
+    )
     results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     shared = SharedPrompts()
     show = progress if progress is not None else len(resolved) > 256
@@ -173,24 +222,37 @@ def _patch_planned(resolved: list[Resolved], vectors: list[torch.Tensor], models
         for group in groups:
             handle = models[group.model]
             target_rows = TargetRows(
-                ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)), position=group.position,
+                ids=torch.tensor(token_ids(handle.tokenizer, group.prompt)),
+                position=group.position,
                 layers=torch.tensor([resolved[r].target_layer for r in group.rows]),
                 after_norm=torch.tensor([resolved[r].target_site.after_final_norm for r in group.rows]),
                 vectors=partial(_rows_of, vectors, group.rows),
                 max_new_tokens=group.max_new_tokens,
                 slots=Slots(tuple(slot - group.position for slot in group.slots), group.mode),
-                alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]), keep_scores=keep_scores)
-            out = run_planned(handle.model, target_rows, top, max_batch_tokens,
-                              handle.tokenizer.eos_token_id, shared=shared, on_batch=bar.update,
-                              pad_token_id=handle.tokenizer.pad_token_id, keep_logits=keep_logits)
+                alphas=row_alphas([resolved[r].scope.target.alpha for r in group.rows]),
+                keep_scores=keep_scores,
+            )
+            out = run_planned(
+                handle.model,
+                target_rows,
+                top,
+                max_batch_tokens,
+                handle.tokenizer.eos_token_id,
+                shared=shared,
+                on_batch=bar.update,
+                pad_token_id=handle.tokenizer.pad_token_id,
+                keep_logits=keep_logits,
+            )
             texts = None if out.tokens is None else handle.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
             probs, ids = out.top_probs.tolist(), out.top_ids.tolist()
             for k, r in enumerate(group.rows):
                 results[r] = PatchscopeResult(
-                    scope=resolved[r].scope, source_position=resolved[r].source_position,
+                    scope=resolved[r].scope,
+                    source_position=resolved[r].source_position,
                     target_position=resolved[r].target_position,
                     logits=None if out.logits is None else out.logits[k],
-                    top=decode_top(handle.tokenizer, probs[k], ids[k]), generation=None if texts is None else texts[k],
+                    top=decode_top(handle.tokenizer, probs[k], ids[k]),
+                    generation=None if texts is None else texts[k],
                     informative=resolved[r].informative,
                     generated_ids=None if out.tokens is None else list(out.tokens[k]),
                     entropy=float(out.entropy[k]) if out.entropy is not None else None,
@@ -213,32 +275,63 @@ def stack_vectors(vectors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([v if v.ndim == 2 else v[None].expand(slots, -1) for v in vectors])
 
 
-def _patch_all(resolved: list[Resolved], states: list[torch.Tensor], models: Models, top: int,
-               batch_size: int, progress: bool | None, keep_logits: bool = True,
-               keep_scores: bool = False) -> list[PatchscopeResult]:
+def _patch_all(
+    resolved: list[Resolved],
+    states: list[torch.Tensor],
+    models: Models,
+    top: int,
+    batch_size: int,
+    progress: bool | None,
+    keep_logits: bool = True,
+    keep_scores: bool = False,
+) -> list[PatchscopeResult]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for row, item in enumerate(resolved):
         scope = item.scope
-        groups[(scope.source.model, scope.target_model, item.target_site, scope.max_new_tokens,
-                scope.mapping, len(item.slots), scope.target.write, scope.target.alpha)].append(row)
+        groups[
+            (
+                scope.source.model,
+                scope.target_model,
+                item.target_site,
+                scope.max_new_tokens,
+                scope.mapping,
+                len(item.slots),
+                scope.target.write,
+                scope.target.alpha,
+            )
+        ].append(row)
     work = [(key, chunk) for key, rows in groups.items() for chunk in chunks(rows, batch_size)]
     show = progress if progress is not None else len(work) > 8
     results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     for (source_name, name, site, max_new_tokens, spec, _, write, alpha), chunk in tqdm(
-            work, desc="patchscopes", unit="batch", disable=not show):
+        work, desc="patchscopes", unit="batch", disable=not show
+    ):
         handle = models[name]
         mapping = build_mapping(spec, models[source_name].hidden_size, handle.hidden_size)
-        logits, texts, tokens, kept = patch(handle, site, [resolved[r].scope.target.prompt for r in chunk],
-                                            [resolved[r].slots for r in chunk],
-                                            stack_vectors([states[r] for r in chunk]), max_new_tokens, mapping, write,
-                                            alpha, keep_scores)
+        logits, texts, tokens, kept = patch(
+            handle,
+            site,
+            [resolved[r].scope.target.prompt for r in chunk],
+            [resolved[r].slots for r in chunk],
+            stack_vectors([states[r] for r in chunk]),
+            max_new_tokens,
+            mapping,
+            write,
+            alpha,
+            keep_scores,
+        )
         entropy = entropy_of(logits).tolist() if keep_scores else None
         for k, r in enumerate(chunk):
             results[r] = PatchscopeResult(
-                scope=resolved[r].scope, source_position=resolved[r].source_position,
-                target_position=resolved[r].target_position, logits=logits[k].cpu() if keep_logits else None,
-                top=top_k(logits[k], handle.tokenizer, top), generation=None if texts is None else texts[k],
-                informative=resolved[r].informative, generated_ids=None if tokens is None else tokens[k],
-                entropy=None if entropy is None else entropy[k], final_state=None if kept is None else kept[k],
+                scope=resolved[r].scope,
+                source_position=resolved[r].source_position,
+                target_position=resolved[r].target_position,
+                logits=logits[k].cpu() if keep_logits else None,
+                top=top_k(logits[k], handle.tokenizer, top),
+                generation=None if texts is None else texts[k],
+                informative=resolved[r].informative,
+                generated_ids=None if tokens is None else tokens[k],
+                entropy=None if entropy is None else entropy[k],
+                final_state=None if kept is None else kept[k],
             )
     return [results[r] for r in range(len(resolved))]

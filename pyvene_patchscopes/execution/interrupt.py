@@ -7,6 +7,7 @@ output tensor, which lives and dies with the autograd graph). ``check`` stops th
 act only on the thread that opened the block, so the same model can serve other threads meanwhile, and they
 are removed when the block ends, raise or not: the model is left as it was.
 """
+
 from __future__ import annotations
 
 import threading

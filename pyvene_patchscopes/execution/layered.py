@@ -13,6 +13,7 @@ dimension carries it is read once per model, by recording the blocks' keywords a
 Greedy tokens come from the model's own `generate`, with hooks writing each row's vector on the prompt pass.
 `check.probe` holds each model to hand-written hooks before it takes this path.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -46,8 +47,8 @@ def decode_without_cache(model: nn.Module) -> None:
 class Recorded(TargetPass):
     """The unpatched target prompt's pass: each block's positional and keyword inputs, and each block's output."""
 
-    calls: list[tuple[tuple, dict[str, Any]]]       # per block: (args after the hidden states, keywords)
-    outputs: list[Any]                              # per block: its output as it returned it ([1, T, d] first)
+    calls: list[tuple[tuple, dict[str, Any]]]  # per block: (args after the hidden states, keywords)
+    outputs: list[Any]  # per block: its output as it returned it ([1, T, d] first)
 
 
 def hidden_of(out: Any) -> torch.Tensor:
@@ -55,8 +56,9 @@ def hidden_of(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def record_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
-                  ) -> tuple[list[tuple[tuple, dict[str, Any]]], list[Any]]:
+def record_blocks(
+    model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
+) -> tuple[list[tuple[tuple, dict[str, Any]]], list[Any]]:
     """The model's own forward on `ids`: what it gave each block (args after the hidden states, keywords) and what
     each block returned."""
     calls: list[tuple[tuple, dict[str, Any]]] = []
@@ -68,9 +70,14 @@ def record_blocks(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor
     def after(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         outputs.append(out)
 
-    handles = [h for block in blocks for h in (
-        block.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-        block.register_forward_hook(after, with_kwargs=True, prepend=True))]
+    handles = [
+        h
+        for block in blocks
+        for h in (
+            block.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
+            block.register_forward_hook(after, with_kwargs=True, prepend=True),
+        )
+    ]
     try:
         with hooks_restored(model):
             model(input_ids=ids, use_cache=False)
@@ -127,8 +134,9 @@ class Layered(Stack):
             ids = torch.arange(2, 6, device=self.device)[None]
             one, _ = record_blocks(self.model, self.layers, ids)
             two, _ = record_blocks(self.model, self.layers, ids.expand(2, -1))
-            _LAYOUTS[self.model] = [[_batch_dim(a, b) for a, b in zip(_leaves(x), _leaves(y))]
-                                    for x, y in zip(one, two)]
+            _LAYOUTS[self.model] = [
+                [_batch_dim(a, b) for a, b in zip(_leaves(x), _leaves(y))] for x, y in zip(one, two)
+            ]
         return _LAYOUTS[self.model]
 
     # ---- the shared pass -------------------------------------------------------------------------------
@@ -142,16 +150,26 @@ class Layered(Stack):
     def _block(self, j: int, shared: Recorded, hidden: torch.Tensor) -> torch.Tensor:
         rest, keywords = shared.calls[j]
         dims = iter(self._layout()[j])
-        tiled = _mapped((rest, keywords), (_tiled(leaf, next(dims), hidden.shape[0])
-                                           for leaf in _leaves((rest, keywords))))
+        tiled = _mapped(
+            (rest, keywords), (_tiled(leaf, next(dims), hidden.shape[0]) for leaf in _leaves((rest, keywords)))
+        )
         return hidden_of(self.layers[j](hidden, *tiled[0], **tiled[1]))
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
-                max_new_tokens: int = 0, eos_token_id: int | None = None,
-                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
-                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
+    def patched(
+        self,
+        shared: Recorded,
+        vectors: torch.Tensor,
+        layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
+        max_new_tokens: int = 0,
+        eos_token_id: int | None = None,
+        after_norm: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+        slots: Slots = REPLACE_ONE,
+        alphas: torch.Tensor | None = None,
+        keep_states: bool = False,
+    ) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
         rows = vectors.shape[0]
         order, vectors, active, after_norm = self.sorted_rows(vectors, layers, after_norm)
@@ -161,34 +179,58 @@ class Layered(Stack):
             start, stop = active[j - 1] if j > 0 else 0, active[j]
             if stop > start:  # rows patched after block j-1 begin here
                 hidden[start:stop] = hidden_of(shared.outputs[j - 1])[0]
-                slots.write(hidden[start:stop], vectors[start:stop],
-                            None if sorted_alphas is None else sorted_alphas[start:stop], shared.split)
+                slots.write(
+                    hidden[start:stop],
+                    vectors[start:stop],
+                    None if sorted_alphas is None else sorted_alphas[start:stop],
+                    shared.split,
+                )
             if j < self.n_layers and stop:
                 hidden[:stop] = self._block(j, shared, hidden[:stop])
         states = hidden[:, -1].clone() if keep_states else None
         last = self.norm(hidden[:, -1])
         start = active[self.n_layers]
         if rows > start:  # skip_final_ln rows: the final norm's output written at i*
-            last[start:] = slots.at_last(last[start:], vectors[start:],
-                                         None if sorted_alphas is None else sorted_alphas[start:], shared.suffix)
+            last[start:] = slots.at_last(
+                last[start:], vectors[start:], None if sorted_alphas is None else sorted_alphas[start:], shared.suffix
+            )
         logits = self.unembed(last)
         inverse = torch.argsort(order)
         logits = logits[inverse.to(logits.device)]
         tokens = None
         if max_new_tokens:
             back = vectors[inverse.to(vectors.device)]
-            tokens = patched_greedy(self, shared.input_ids, shared.split, back, layers.cpu(), after_norm,
-                                    max_new_tokens, eos_token_id, pad_token_id, slots=slots, alphas=alphas)
+            tokens = patched_greedy(
+                self,
+                shared.input_ids,
+                shared.split,
+                back,
+                layers.cpu(),
+                after_norm,
+                max_new_tokens,
+                eos_token_id,
+                pad_token_id,
+                slots=slots,
+                alphas=alphas,
+            )
         return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)])
 
 
 @contextmanager
-def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor,
-            norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
-            alphas: torch.Tensor | None = None) -> Iterator[None]:
+def writing(
+    stack: Stack,
+    split: int,
+    vectors: torch.Tensor,
+    layers: torch.Tensor,
+    after_norm: torch.Tensor,
+    norm: nn.Module | None = None,
+    slots: Slots = REPLACE_ONE,
+    alphas: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Hooks writing row b's vector at i* (and its other `slots`) after block layers[b] (or after the final norm: on
     `norm`'s output where given, else into the unembedding), on every pass over the prompt; a cached decoding
     step (no position i*) is left as it is."""
+
     def written(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         if hidden.shape[1] <= split + slots.offsets[-1]:
             return None
@@ -200,12 +242,14 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
         def hook(module: nn.Module, args: tuple, out: Any) -> Any:
             hidden = written(hidden_of(out), rows)
             return None if hidden is None else (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
         return hook
 
     def unembedding(rows: torch.Tensor) -> Callable:
         def hook(module: nn.Module, args: tuple) -> Any:
             hidden = written(args[0], rows)
             return None if hidden is None else (hidden, *args[1:])
+
         return hook
 
     handles = []
@@ -215,8 +259,11 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
             handles.append(stack.layers[layer].register_forward_hook(writer(rows)))
         if bool(after_norm.any()):
             rows = torch.nonzero(after_norm).flatten()
-            handles.append(norm.register_forward_hook(writer(rows)) if norm is not None else
-                           stack.lm_head.register_forward_pre_hook(unembedding(rows)))
+            handles.append(
+                norm.register_forward_hook(writer(rows))
+                if norm is not None
+                else stack.lm_head.register_forward_pre_hook(unembedding(rows))
+            )
         yield
     finally:
         for handle in handles:
@@ -226,33 +273,60 @@ def writing(stack: Stack, split: int, vectors: torch.Tensor, layers: torch.Tenso
 _CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state")  # what families call their cache
 
 
-def patched_greedy(stack: Stack, ids: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
-                   after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                   pad_token_id: int | None = None, norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
-                   alphas: torch.Tensor | None = None) -> list[list[int]]:
+def patched_greedy(
+    stack: Stack,
+    ids: torch.Tensor,
+    split: int,
+    vectors: torch.Tensor,
+    layers: torch.Tensor,
+    after_norm: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int | None = None,
+    norm: nn.Module | None = None,
+    slots: Slots = REPLACE_ONE,
+    alphas: torch.Tensor | None = None,
+) -> list[list[int]]:
     """Greedy tokens of every row from the model's own `generate` (as the plain path), the patch written on the
     prompt pass. A model without a cache, or whose batched cache is not exact, recomputes the sequence each step."""
     model, rows = stack.model, vectors.shape[0]
     sequence = ids.to(stack.device)[None].repeat(rows, 1)  # not expanded: a state updated in place (RWKV) aliases
-    name = None if model in _RECOMPUTE else \
-        next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
+    name = (
+        None
+        if model in _RECOMPUTE
+        else next((n for n in _CACHE_NAMES if n in inspect.signature(model.forward).parameters), None)
+    )
     if name is None:
-        return _recomputed(stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id, norm,
-                           slots, alphas)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=eos_token_id,
-                              pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id)
+        return _recomputed(
+            stack, sequence, split, vectors, layers, after_norm, max_new_tokens, eos_token_id, norm, slots, alphas
+        )
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id if pad_token_id is not None else eos_token_id,
+    )
     # the writes reach the prompt passes
     with hooks_restored(model), writing(stack, split, vectors, layers, after_norm, norm, slots, alphas):
         out = generator(model).generate(sequence, attention_mask=torch.ones_like(sequence), generation_config=config)
-    new = out[:, sequence.shape[1]:].tolist()
+    new = out[:, sequence.shape[1] :].tolist()
     return [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in new]
 
 
-def _recomputed(stack: Stack, sequence: torch.Tensor, split: int, vectors: torch.Tensor, layers: torch.Tensor,
-                after_norm: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
-                norm: nn.Module | None = None, slots: Slots = REPLACE_ONE,
-                alphas: torch.Tensor | None = None) -> list[list[int]]:
+def _recomputed(
+    stack: Stack,
+    sequence: torch.Tensor,
+    split: int,
+    vectors: torch.Tensor,
+    layers: torch.Tensor,
+    after_norm: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    norm: nn.Module | None = None,
+    slots: Slots = REPLACE_ONE,
+    alphas: torch.Tensor | None = None,
+) -> list[list[int]]:
     """Greedy tokens recomputing the whole sequence each step, the patch written on every pass."""
     rows = sequence.shape[0]
     tokens: list[list[int]] = [[] for _ in range(rows)]

@@ -24,6 +24,7 @@ base `add_to` returns. A model whose forward takes no ``position_ids`` reads pad
 (`pads_exactly`), so there the rows of one plan share one token length, in the source prompts and the target
 prompts alike.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,12 +57,17 @@ if TYPE_CHECKING:
 
 # what every row of one plan shares: one intervention at one site, with one mapping and one write
 _SHARED = (
-    ("Source.model", lambda r: r.scope.source.model), ("Target.model", lambda r: r.scope.target_model),
+    ("Source.model", lambda r: r.scope.source.model),
+    ("Target.model", lambda r: r.scope.target_model),
     ("the source kind (prompt or vector)", lambda r: r.scope.vector_source),
-    ("Source.layer", lambda r: r.source_layer), ("Target.layer", lambda r: r.target_layer),
-    ("the target site", lambda r: r.target_site), ("mapping", lambda r: r.scope.mapping),
-    ("Target.write", lambda r: r.scope.target.write), ("Target.alpha", lambda r: r.scope.target.alpha),
-    ("the number of target slots", lambda r: len(r.slots)), ("max_new_tokens", lambda r: r.scope.max_new_tokens),
+    ("Source.layer", lambda r: r.source_layer),
+    ("Target.layer", lambda r: r.target_layer),
+    ("the target site", lambda r: r.target_site),
+    ("mapping", lambda r: r.scope.mapping),
+    ("Target.write", lambda r: r.scope.target.write),
+    ("Target.alpha", lambda r: r.scope.target.alpha),
+    ("the number of target slots", lambda r: len(r.slots)),
+    ("max_new_tokens", lambda r: r.scope.max_new_tokens),
     ("reroute", lambda r: r.scope.reroute),
 )
 
@@ -119,8 +125,13 @@ class PyvenePlan:
     rows: tuple[Resolved, ...]
     models: Mapping[str, ModelHandle]
 
-    def add_to(self, config: pv.IntervenableConfig, unit_locations: dict | None = None,
-               sources: list | None = None, source_representations: dict | list | None = None) -> PyveneInputs:
+    def add_to(
+        self,
+        config: pv.IntervenableConfig,
+        unit_locations: dict | None = None,
+        sources: list | None = None,
+        source_representations: dict | list | None = None,
+    ) -> PyveneInputs:
         """Add this Patchscope's patch to `config`, after your own representations, and return the inputs.
 
         Give your own interventions' arguments as pyvene takes them, for your interventions only, in your
@@ -136,8 +147,10 @@ class PyvenePlan:
         if not isinstance(config, pv.IntervenableConfig):
             raise SpecError(f"config is a {type(config).__name__} (allowed: a pyvene IntervenableConfig)")
         if self.scopes[0].reroute is not None:
-            raise SpecError("add_to: a rerouted (CoT) Patchscope reads and writes within its own pass (allowed: a "
-                            "Patchscope without reroute; run a rerouted one with run())")
+            raise SpecError(
+                "add_to: a rerouted (CoT) Patchscope reads and writes within its own pass (allowed: a "
+                "Patchscope without reroute; run a rerouted one with run())"
+            )
         reps = list(config.representations)
         check_no_patchscope(reps)
         target = self.models[self.scopes[0].target_model]
@@ -150,27 +163,38 @@ class PyvenePlan:
         representations = user_representations(source_representations, keys[:-1])
 
         states = self._source_states().to(target.device)
-        intervention = write_intervention(self.scopes[0].target.write, self.mapping, target.hidden_size,
-                                          self.scopes[0].target.alpha).to(target.device)
+        intervention = write_intervention(
+            self.scopes[0].target.write, self.mapping, target.hidden_size, self.scopes[0].target.alpha
+        ).to(target.device)
         intervention.set_source_representation(states)  # also what marks the config as holding a Patchscope
         group = len(set(groups)) if groups else None  # groups run in ascending order: the patch's is last
         config.representations.append(
-            self.patch.representations[0]._replace(intervention=intervention, group_key=group))
+            self.patch.representations[0]._replace(intervention=intervention, group_key=group)
+        )
         if isinstance(config.intervention_types, list):
             config.intervention_types.append(type(intervention))
 
         patch_at = self.patch_locations["sources->base"][1][0]
-        forward: dict[str, Any] = {"base": dict(self.patch_base), "unit_locations": {
-            "sources->base": (None if src is None else [*src, None], [*base, patch_at])}}
+        forward: dict[str, Any] = {
+            "base": dict(self.patch_base),
+            "unit_locations": {"sources->base": (None if src is None else [*src, None], [*base, patch_at])},
+        }
         if sources is not None:
             forward["sources"] = [*sources, None]
         if representations is not None:
             forward["source_representations"] = {**representations, keys[-1]: states}
         new_tokens = self.scopes[0].max_new_tokens
-        generate = None if not new_tokens else {
-            # generate derives the position ids
-            **forward, "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},
-            "intervene_on_prompt": True, "generation_config": greedy_config(target, new_tokens)}
+        generate = (
+            None
+            if not new_tokens
+            else {
+                # generate derives the position ids
+                **forward,
+                "base": {k: v for k, v in self.patch_base.items() if k != "position_ids"},
+                "intervene_on_prompt": True,
+                "generation_config": greedy_config(target, new_tokens),
+            }
+        )
         return PyveneInputs(forward=forward, generate=generate, keys=tuple(keys))
 
     def _source_states(self) -> torch.Tensor:
@@ -180,8 +204,12 @@ class PyvenePlan:
             return self.source_representation.to(handle.dtype)
         for row in self.rows:
             warn_if_sink(row.source_position, handle.tokenizer, row.scope.prompt_source.prompt)
-        states = collect_states(handle, [s.prompt_source.prompt for s in self.scopes],
-                                [row.source_position for row in self.rows], [self.rows[0].source_site])
+        states = collect_states(
+            handle,
+            [s.prompt_source.prompt for s in self.scopes],
+            [row.source_position for row in self.rows],
+            [self.rows[0].source_site],
+        )
         return states[:, :1].expand(-1, len(self.rows[0].slots), -1).contiguous()
 
 
@@ -193,8 +221,11 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     # a Patchscope is told by its attributes: spec imports this module, so this module cannot import spec
     bad = next((k for k, scope in enumerate(scope_list) if not hasattr(scope, "target_model")), None)
     if not scope_list or bad is not None:
-        given = "scopes=[]" if bad is None else \
-            f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"
+        given = (
+            "scopes=[]"
+            if bad is None
+            else f"{f'scopes[{bad}]' if listed else 'scopes'} is a {type(scope_list[bad]).__name__}"
+        )
         raise SpecError(f"to_pyvene: {given} (allowed: a Patchscope, or a non-empty list of them)")
     handles = as_models(models)
     rows = [resolve(scope, handles) for scope in scope_list]
@@ -206,25 +237,36 @@ def to_pyvene(scopes: Patchscope | Sequence[Patchscope], models: Any) -> PyveneP
     units = len(first.slots)
     vector = scope.vector_source
     target_batch = _one_batch(target, [s.target.prompt for s in scope_list], "Target.prompt")
-    source_batch = None if vector else _one_batch(source, [s.prompt_source.prompt for s in scope_list],
-                                                  "Source.prompt")
+    source_batch = None if vector else _one_batch(source, [s.prompt_source.prompt for s in scope_list], "Source.prompt")
     return PyvenePlan(
         collect=None if vector else collect_config([first.source_site], source.hidden_size),
         collect_base=None if source_batch is None else source_batch.inputs,
-        collect_locations=None if source_batch is None else base_locations(
-            [pad + row.source_position for pad, row in zip(source_batch.pad, rows)]),
-        patch=patch_config(first.target_site, target.hidden_size, mapping, scope.target.write, scope.target.alpha,
-                           units),
+        collect_locations=None
+        if source_batch is None
+        else base_locations([pad + row.source_position for pad, row in zip(source_batch.pad, rows)]),
+        patch=patch_config(
+            first.target_site, target.hidden_size, mapping, scope.target.write, scope.target.alpha, units
+        ),
         patch_base=target_batch.inputs,
-        patch_locations=base_locations([[pad + slot for slot in row.slots]
-                                        for pad, row in zip(target_batch.pad, rows)]),
+        patch_locations=base_locations(
+            [[pad + slot for slot in row.slots] for pad, row in zip(target_batch.pad, rows)]
+        ),
         mapping=mapping,
-        source_representation=torch.cat([source_representation(s.source.tensor, units)  # type: ignore[union-attr]  # a VectorSource
-                                         for s in scope_list]) if vector else None,
-        positions=Positions(source=tuple(None if vector else row.source_position for row in rows),
-                            target=tuple(row.slots for row in rows),
-                            readout=tuple(row.target_tokens - 1 for row in rows)),
-        scopes=tuple(scope_list), rows=tuple(rows),
+        source_representation=torch.cat(
+            [
+                source_representation(s.source.tensor, units)  # type: ignore[union-attr]  # a VectorSource
+                for s in scope_list
+            ]
+        )
+        if vector
+        else None,
+        positions=Positions(
+            source=tuple(None if vector else row.source_position for row in rows),
+            target=tuple(row.slots for row in rows),
+            readout=tuple(row.target_tokens - 1 for row in rows),
+        ),
+        scopes=tuple(scope_list),
+        rows=tuple(rows),
         models={name: handles[name] for name in (scope.source.model, scope.target_model)},
     )
 
@@ -234,9 +276,11 @@ def _check_one_batch(rows: list[Resolved]) -> None:
     for k, row in enumerate(rows[1:], 1):
         for field, value in _SHARED:
             if value(row) != value(rows[0]):
-                raise SpecError(f"to_pyvene: scopes[{k}] differs from scopes[0] in {field} (allowed: rows of one "
-                                "plan share models, layers, mapping, write and slot count; prompts, positions and "
-                                "source vectors may differ)")
+                raise SpecError(
+                    f"to_pyvene: scopes[{k}] differs from scopes[0] in {field} (allowed: rows of one "
+                    "plan share models, layers, mapping, write and slot count; prompts, positions and "
+                    "source vectors may differ)"
+                )
 
 
 def _one_batch(handle: ModelHandle, prompts: Sequence[str], field: str) -> Batch:
@@ -245,9 +289,11 @@ def _one_batch(handle: ModelHandle, prompts: Sequence[str], field: str) -> Batch
     batch = Batch.encode(handle, prompts)
     if not pads_exactly(handle) and len(set(batch.pad)) > 1:
         width = batch.inputs["input_ids"].shape[1]
-        raise SpecError(f"to_pyvene: {field} has the token lengths {sorted({width - pad for pad in batch.pad})}, but "
-                        f"{handle.name} reads left padding as tokens (its forward takes no position_ids) (allowed: "
-                        "one token length per plan on this model)")
+        raise SpecError(
+            f"to_pyvene: {field} has the token lengths {sorted({width - pad for pad in batch.pad})}, but "
+            f"{handle.name} reads left padding as tokens (its forward takes no position_ids) (allowed: "
+            "one token length per plan on this model)"
+        )
     return batch
 
 

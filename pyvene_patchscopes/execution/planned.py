@@ -5,6 +5,7 @@ written after the final norm), it runs the prompt once (`Stack.share`), packs th
 budget (`plan.pack`), and patches each batch from its rows' l* up (`Stack.patched`). It returns tensors
 (top-k ids and probabilities, optionally full logits) and generated token ids; callers build results.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,15 +28,15 @@ from .stack import Shared, Stack, evaluating
 class TargetRows:
     """Rows that patch one target prompt (token ids) at one position i*."""
 
-    ids: torch.Tensor                               # [T] the target prompt's token ids
-    position: int                                   # i*
-    layers: torch.Tensor                            # [rows] l* of each row
-    after_norm: torch.Tensor                        # [rows] bool: written after the final norm (skip_final_ln)
+    ids: torch.Tensor  # [T] the target prompt's token ids
+    position: int  # i*
+    layers: torch.Tensor  # [rows] l* of each row
+    after_norm: torch.Tensor  # [rows] bool: written after the final norm (skip_final_ln)
     vectors: Callable[[torch.Tensor], torch.Tensor]  # row indices -> f(h) written there, [n, d] or [n, slots, d]
     max_new_tokens: int = 0
-    slots: Slots = REPLACE_ONE                       # the slots written (offsets from i*) and the write mode
-    alphas: torch.Tensor | None = None               # [rows] each row's α (None: 1)
-    keep_scores: bool = False                        # also return entropy, and the last block output at the end of T
+    slots: Slots = REPLACE_ONE  # the slots written (offsets from i*) and the write mode
+    alphas: torch.Tensor | None = None  # [rows] each row's α (None: 1)
+    keep_scores: bool = False  # also return entropy, and the last block output at the end of T
 
     @property
     def n_rows(self) -> int:
@@ -46,12 +47,12 @@ class TargetRows:
 class Readout:
     """What the rows produced: top-k per row, full logits when kept, greedy token ids when generating."""
 
-    top_probs: torch.Tensor              # [rows, k]
-    top_ids: torch.Tensor                # [rows, k]
-    logits: torch.Tensor | None          # [rows, vocab], float32, on the CPU
-    tokens: list[list[int]] | None       # per row, up to and including EOS
+    top_probs: torch.Tensor  # [rows, k]
+    top_ids: torch.Tensor  # [rows, k]
+    logits: torch.Tensor | None  # [rows, vocab], float32, on the CPU
+    tokens: list[list[int]] | None  # per row, up to and including EOS
     entropy: torch.Tensor | None = None  # [rows] nats, of the next-token distribution
-    states: torch.Tensor | None = None   # [rows, d] the last block's output at the end of T, when kept
+    states: torch.Tensor | None = None  # [rows, d] the last block's output at the end of T, when kept
 
 
 class SharedPrompts:
@@ -77,8 +78,11 @@ def use_planned(model: nn.Module, requested: bool = True) -> bool:
     why = planned_reason(model)
     if not why:
         return True
-    warnings.warn(f"{type(model).__name__} runs on the plain pyvene path, which is slower than the planned "
-                  f"execution: {why}", SlowPathWarning, stacklevel=3)
+    warnings.warn(
+        f"{type(model).__name__} runs on the plain pyvene path, which is slower than the planned execution: {why}",
+        SlowPathWarning,
+        stacklevel=3,
+    )
     return False
 
 
@@ -86,14 +90,23 @@ def _planned_stack(model: nn.Module) -> Stack:
     """`stack_for(model)`, for a caller that chose the planned execution: an error where `model` runs plainly."""
     stack = stack_for(model)
     if stack is None:
-        raise PatchscopeError(f"{type(model).__name__} has no planned execution here (allowed: the plain pyvene path, "
-                              "planned=False)")
+        raise PatchscopeError(
+            f"{type(model).__name__} has no planned execution here (allowed: the plain pyvene path, planned=False)"
+        )
     return stack
 
 
-def run_planned(model: nn.Module, rows: TargetRows, top: int, max_batch_tokens: int, eos_token_id: int | None,
-                keep_logits: bool = True, shared: SharedPrompts | None = None,
-                on_batch: Callable[[int], None] | None = None, pad_token_id: int | None = None) -> Readout:
+def run_planned(
+    model: nn.Module,
+    rows: TargetRows,
+    top: int,
+    max_batch_tokens: int,
+    eos_token_id: int | None,
+    keep_logits: bool = True,
+    shared: SharedPrompts | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    pad_token_id: int | None = None,
+) -> Readout:
     """Patch every row of `rows` in `model` (its planned execution, `use_planned`) and read the end of the target
     prompt (and greedy tokens)."""
     stack = _planned_stack(model)
@@ -111,11 +124,18 @@ def run_planned(model: nn.Module, rows: TargetRows, top: int, max_batch_tokens: 
         prompt_pass = shared.get(stack, rows)
         for batch in pack(range(n), rows.layers.tolist(), tokens_per_row, max_batch_tokens, vocab):
             index = torch.tensor(batch)
-            decoded = stack.patched(prompt_pass, rows.vectors(index), rows.layers[index],
-                                    max_new_tokens=rows.max_new_tokens, eos_token_id=eos_token_id,
-                                    after_norm=rows.after_norm[index], pad_token_id=pad_token_id,
-                                    slots=rows.slots, alphas=None if rows.alphas is None else rows.alphas[index],
-                                    keep_states=rows.keep_scores)
+            decoded = stack.patched(
+                prompt_pass,
+                rows.vectors(index),
+                rows.layers[index],
+                max_new_tokens=rows.max_new_tokens,
+                eos_token_id=eos_token_id,
+                after_norm=rows.after_norm[index],
+                pad_token_id=pad_token_id,
+                slots=rows.slots,
+                alphas=None if rows.alphas is None else rows.alphas[index],
+                keep_states=rows.keep_scores,
+            )
             probs, ids = top_k_ids(decoded.logits, top)
             if entropy is not None:
                 entropy[index] = entropy_of(decoded.logits).cpu()

@@ -5,6 +5,7 @@
 prefix beside the row's own keys and values; `LayerKeys` stands in for HF's cache to hand the row's earlier keys and
 values over and take its new ones back.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -49,9 +50,16 @@ def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(n, heads // groups, groups, q, d).permute(1, 0, 2, 3, 4).reshape(heads // groups, -1, d)
 
 
-def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                            **kwargs):
+def shared_prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
     """Softmax attention over [shared prefix ; the row's own keys], the prefix held once for all rows.
 
     query [n, H, q, d]; key [n, kv, k, d]; value [n, kv, k, dv] (dv differs from d in latent attention);
@@ -63,7 +71,7 @@ def shared_prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     kv_heads, dv = key.shape[1], value.shape[-1]
     prefix = _prefix_for(module, kv_heads)
     groups = heads // kv_heads
-    scale = d ** -0.5 if scaling is None else scaling
+    scale = d**-0.5 if scaling is None else scaling
     own = torch.matmul(query.reshape(n, kv_heads, groups * q, d), key.mT).view(n, kv_heads, groups, q, -1)
     parts = [own]
     if prefix is not None and prefix[0].shape[2]:

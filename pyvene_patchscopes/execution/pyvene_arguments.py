@@ -5,6 +5,7 @@ it makes before anything runs (one Patchscope per config, group keys as pyvene n
 intervention) and the forms pyvene takes: its representation keys, your ``source_representations`` by key, and your
 ``unit_locations`` with ``pos`` positions counted in each row's own target prompt moved into the left-padded batch.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -18,10 +19,12 @@ def check_no_patchscope(reps: list) -> None:
     itself says so, a deep copy of it included)."""
     for k, rep in enumerate(reps):
         if isinstance(rep.intervention, MappingIntervention) and rep.intervention.is_source_constant:
-            raise SpecError(f"config.representations[{k}] already holds a Patchscope (a "
-                            f"{type(rep.intervention).__name__} with its source states, as add_to adds it) (allowed: "
-                            "one Patchscope per config; batch several rows that share its sites in one plan: "
-                            "to_pyvene([...], models))")
+            raise SpecError(
+                f"config.representations[{k}] already holds a Patchscope (a "
+                f"{type(rep.intervention).__name__} with its source states, as add_to adds it) (allowed: "
+                "one Patchscope per config; batch several rows that share its sites in one plan: "
+                "to_pyvene([...], models))"
+            )
 
 
 def representation_keys(representations: Sequence[Any]) -> list[str]:
@@ -30,9 +33,11 @@ def representation_keys(representations: Sequence[Any]) -> list[str]:
     keys = []
     for rep in representations:
         unit = rep.unit.replace(".", "_")
-        proposal = (f"comp_{rep.component.replace('.', '_')}_unit_{unit}_nunit_{rep.max_number_of_units}"
-                    if "." in rep.component else
-                    f"layer_{rep.layer}_comp_{rep.component}_unit_{unit}_nunit_{rep.max_number_of_units}")
+        proposal = (
+            f"comp_{rep.component.replace('.', '_')}_unit_{unit}_nunit_{rep.max_number_of_units}"
+            if "." in rep.component
+            else f"layer_{rep.layer}_comp_{rep.component}_unit_{unit}_nunit_{rep.max_number_of_units}"
+        )
         counts[proposal] = counts.get(proposal, -1) + 1
         keys.append(f"{proposal}#{counts[proposal]}")
     return keys
@@ -47,16 +52,20 @@ def group_keys(reps: list) -> list:
     first = next(k for k, key in enumerate(keys) if key is not None)
     for k, key in enumerate(keys):
         if key is None:
-            raise SpecError(f"config.representations[{k}].group_key=None beside config.representations[{first}]."
-                            f"group_key={keys[first]!r} (allowed: all None, or a group_key on every representation, "
-                            "as pyvene requires)")
+            raise SpecError(
+                f"config.representations[{k}].group_key=None beside config.representations[{first}]."
+                f"group_key={keys[first]!r} (allowed: all None, or a group_key on every representation, "
+                "as pyvene requires)"
+            )
     n = len(set(keys))
     for k, key in enumerate(keys):
         earlier = keys[k - 1] if k else 0
         if isinstance(key, bool) or not isinstance(key, int) or not earlier <= key < n:
-            raise SpecError(f"config.representations[{k}].group_key={key!r} is not allowed (allowed: {n} group(s) "
-                            f"numbered 0..{n - 1} in the config's order, as pyvene reads group g's source as "
-                            "sources[g]; or all None)")
+            raise SpecError(
+                f"config.representations[{k}].group_key={key!r} is not allowed (allowed: {n} group(s) "
+                f"numbered 0..{n - 1} in the config's order, as pyvene reads group g's source as "
+                "sources[g]; or all None)"
+            )
     return keys
 
 
@@ -68,8 +77,9 @@ def per_entry(field: str, value: list | None, count: int, what: str) -> list | N
         value = [value]
     if not isinstance(value, list) or len(value) != count:
         size = len(value) if isinstance(value, list) else type(value).__name__
-        raise SpecError(f"{field} has {size} entries (allowed: a list of {count}, one per {what} of your config, "
-                        "or None)")
+        raise SpecError(
+            f"{field} has {size} entries (allowed: a list of {count}, one per {what} of your config, or None)"
+        )
     return list(value)
 
 
@@ -81,29 +91,38 @@ def user_representations(value: dict | list | None, keys: list[str]) -> dict | N
         return dict(zip(keys, value))
     if isinstance(value, dict) and set(value) == set(keys):
         return dict(value)
-    given = (f"a list of {len(value)}" if isinstance(value, list) else
-             f"a dict with the keys {sorted(map(str, value))}" if isinstance(value, dict) else
-             f"a {type(value).__name__}")
-    raise SpecError(f"source_representations is {given:.200}, which does not name your {len(keys)} intervention(s) "
-                    f"(allowed: a dict with the keys {keys}, a list in that order, or None)")
+    given = (
+        f"a list of {len(value)}"
+        if isinstance(value, list)
+        else f"a dict with the keys {sorted(map(str, value))}"
+        if isinstance(value, dict)
+        else f"a {type(value).__name__}"
+    )
+    raise SpecError(
+        f"source_representations is {given:.200}, which does not name your {len(keys)} intervention(s) "
+        f"(allowed: a dict with the keys {keys}, a list in that order, or None)"
+    )
 
 
-def user_locations(locations: dict | None, reps: list, pad: list[int],
-                    lengths: list[int]) -> tuple[list, list | None]:
+def user_locations(locations: dict | None, reps: list, pad: list[int], lengths: list[int]) -> tuple[list, list | None]:
     """The user's base and source locations, one entry per representation, checked; ``pos`` base positions padded."""
     n, rows = len(reps), len(pad)
     if locations is None:
         return [None] * n, None
-    allowed = (f"{{'base': [...]}} or {{'sources->base': (None or [...], [...])}}, each [...] a list of {n} "
-               f"entries, one per intervention of your config: for a unit='pos' one None or {rows} row(s) of int "
-               "positions, for another unit pyvene's own form")
+    allowed = (
+        f"{{'base': [...]}} or {{'sources->base': (None or [...], [...])}}, each [...] a list of {n} "
+        f"entries, one per intervention of your config: for a unit='pos' one None or {rows} row(s) of int "
+        "positions, for another unit pyvene's own form"
+    )
     if not isinstance(locations, dict) or len(locations) != 1 or next(iter(locations)) not in ("base", "sources->base"):
         raise SpecError(f"unit_locations={locations!r:.80} is not allowed (allowed: {allowed})")
-    (name, value), = locations.items()
+    ((name, value),) = locations.items()
     if name == "sources->base":
         if not isinstance(value, tuple) or len(value) != 2:
-            raise SpecError(f"unit_locations['sources->base']={value!r:.80} is not allowed (allowed: a pair (source "
-                            "locations or None, base locations))")
+            raise SpecError(
+                f"unit_locations['sources->base']={value!r:.80} is not allowed (allowed: a pair (source "
+                "locations or None, base locations))"
+            )
         src, base = value
     else:
         src, base = None, value
@@ -112,8 +131,9 @@ def user_locations(locations: dict | None, reps: list, pad: list[int],
     src = None if src is None else _entries("unit_locations['sources->base'][0]", src, reps, rows, allowed)
     for k, (rep, entry) in enumerate(zip(reps, base)):
         if entry is not None and rep.unit == "pos":
-            base[k] = [[_padded(f"{field}[{k}][{r}]", p, pad[r], lengths[r]) for p in row]
-                       for r, row in enumerate(entry)]
+            base[k] = [
+                [_padded(f"{field}[{k}][{r}]", p, pad[r], lengths[r]) for p in row] for r, row in enumerate(entry)
+            ]
     return base, src
 
 
@@ -132,10 +152,16 @@ def _entries(field: str, value: object, reps: list, rows: int, allowed: str) -> 
         if not isinstance(entry, list) or len(entry) != rows:
             raise SpecError(f"{field}[{k}]={entry!r:.60} is not allowed (allowed: {shape})")
         for r, row in enumerate(entry):
-            if not isinstance(row, list) or not 1 <= len(row) <= most or len(row) != len(entry[0]) or \
-                    not all(isinstance(p, int) and not isinstance(p, bool) for p in row):
-                raise SpecError(f"{field}[{k}][{r}]={row!r:.60} is not allowed (allowed: a list of 1..{most} int "
-                                f"positions, as many in every row; the entry is {shape})")
+            if (
+                not isinstance(row, list)
+                or not 1 <= len(row) <= most
+                or len(row) != len(entry[0])
+                or not all(isinstance(p, int) and not isinstance(p, bool) for p in row)
+            ):
+                raise SpecError(
+                    f"{field}[{k}][{r}]={row!r:.60} is not allowed (allowed: a list of 1..{most} int "
+                    f"positions, as many in every row; the entry is {shape})"
+                )
         out.append([list(row) for row in entry])
     return out
 
@@ -143,10 +169,18 @@ def _entries(field: str, value: object, reps: list, rows: int, allowed: str) -> 
 def _padded(field: str, position: int, pad: int, n_tokens: int) -> int:
     """A position in a row's own target prompt (negative from its end) as its index in the left-padded batch."""
     if not -n_tokens <= position < n_tokens:
-        raise SpecError(f"{field}={position} is out of range for a target prompt of {n_tokens} tokens "
-                        f"(allowed: {-n_tokens}..{n_tokens - 1})")
+        raise SpecError(
+            f"{field}={position} is out of range for a target prompt of {n_tokens} tokens "
+            f"(allowed: {-n_tokens}..{n_tokens - 1})"
+        )
     return pad + position % n_tokens
 
 
-__all__ = ["check_no_patchscope", "group_keys", "per_entry", "representation_keys", "user_locations",
-           "user_representations"]
+__all__ = [
+    "check_no_patchscope",
+    "group_keys",
+    "per_entry",
+    "representation_keys",
+    "user_locations",
+    "user_representations",
+]

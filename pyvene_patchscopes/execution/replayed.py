@@ -7,6 +7,7 @@ replaying the outputs recorded on the unpatched prompt instead of computing them
 hooks, as the plain path writes them, and everything after the last block is the model's own. The saving is
 the blocks below each row's l* and pyvene's overhead; `check.probe` holds each model to hand-written hooks.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -66,10 +67,19 @@ class Replayed(Stack):
         return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
 
     @torch.no_grad()
-    def patched(self, shared: Recorded, vectors: torch.Tensor, layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
-                max_new_tokens: int = 0, eos_token_id: int | None = None,
-                after_norm: torch.Tensor | None = None, pad_token_id: int | None = None,
-                slots: Slots = REPLACE_ONE, alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
+    def patched(
+        self,
+        shared: Recorded,
+        vectors: torch.Tensor,
+        layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
+        max_new_tokens: int = 0,
+        eos_token_id: int | None = None,
+        after_norm: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+        slots: Slots = REPLACE_ONE,
+        alphas: torch.Tensor | None = None,
+        keep_states: bool = False,
+    ) -> Decoded:
         rows, layers = vectors.shape[0], layers.cpu()
         norm = self.norm_site()
         if norm is None and after_norm is not None:  # no norm to write after: the last block's output, as plain
@@ -78,15 +88,25 @@ class Replayed(Stack):
         vectors = vectors.to(self.device, self.dtype)
         vocab, width = weight_of(self.lm_head).shape
         logits = torch.empty(rows, vocab, device=self.device)
-        states = torch.empty(rows, width, device=self.device, dtype=self.dtype) \
-            if keep_states else None
+        states = torch.empty(rows, width, device=self.device, dtype=self.dtype) if keep_states else None
         at = shared.length - 1  # the end of T, where the readout is
         for value in sorted(set(key.tolist())):  # one forward per l*: the blocks up to it replayed
             group = torch.nonzero(key == value).flatten()
             sequence = shared.input_ids[None].repeat(len(group), 1)
-            with hooks_restored(self.model), self._replaying(shared, min(value + 1, self.n_layers), len(group)), \
-                    writing(self, shared.split, vectors[group], layers[group], after_norm[group], norm, slots,
-                            None if alphas is None else alphas[group.to(alphas.device)]):
+            with (
+                hooks_restored(self.model),
+                self._replaying(shared, min(value + 1, self.n_layers), len(group)),
+                writing(
+                    self,
+                    shared.split,
+                    vectors[group],
+                    layers[group],
+                    after_norm[group],
+                    norm,
+                    slots,
+                    None if alphas is None else alphas[group.to(alphas.device)],
+                ),
+            ):
                 seen = _Seen(self.layers[-1], at) if keep_states else None
                 out = self.model(input_ids=sequence, use_cache=False, **self._last_only)
             logits[group.to(self.device)] = out.logits[:, -1].float()
@@ -95,8 +115,20 @@ class Replayed(Stack):
                 states[group.to(self.device)] = seen.kept()
         tokens = None
         if max_new_tokens:
-            tokens = patched_greedy(self, shared.input_ids, shared.split, vectors, layers, after_norm,
-                                    max_new_tokens, eos_token_id, pad_token_id, norm, slots, alphas)
+            tokens = patched_greedy(
+                self,
+                shared.input_ids,
+                shared.split,
+                vectors,
+                layers,
+                after_norm,
+                max_new_tokens,
+                eos_token_id,
+                pad_token_id,
+                norm,
+                slots,
+                alphas,
+            )
         return Decoded(logits, tokens, states)
 
 

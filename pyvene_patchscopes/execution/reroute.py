@@ -10,6 +10,7 @@ When l <= l* this is one pyvene pass with one `RerouteIntervention` linked to bo
 the read comes later in the pass than the write, so it runs as two passes over the same masked
 sequence: collect (l, i), then patch (l*, i*) — what the paper's code does with S = T.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,8 +42,12 @@ class MaskedBatch:
     pad: list[int]  # left padding per row
 
     def inputs(self) -> dict[str, Any]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "position_ids": self.position_ids, "use_cache": True}
+        return {
+            "input_ids": self.input_ids,
+            "attention_mask": self.attention_mask,
+            "position_ids": self.position_ids,
+            "use_cache": True,
+        }
 
 
 def segments(handle: ModelHandle, prompt: str, split: int | None) -> list[int]:
@@ -96,15 +101,20 @@ def encode(handle: ModelHandle, prompts: list[str], splits: list[int | None]) ->
 def _check_group(items: list[Resolved]) -> None:
     first = items[0]
     for item in items[1:]:
-        if (item.source_site, item.target_site, item.scope.mapping) != (first.source_site, first.target_site,
-                                                                         first.scope.mapping):
+        if (item.source_site, item.target_site, item.scope.mapping) != (
+            first.source_site,
+            first.target_site,
+            first.scope.mapping,
+        ):
             raise SpecError("a reroute batch needs one (source site, target site, mapping); group the scopes first")
 
 
 def _reroute(item: Resolved) -> Reroute:
     if item.scope.reroute is None:
-        raise SpecError("a reroute batch holds a scope without Patchscope.reroute (allowed: reroute scopes only); "
-                        "run() sends the others to the two-pass path")
+        raise SpecError(
+            "a reroute batch holds a scope without Patchscope.reroute (allowed: reroute scopes only); "
+            "run() sends the others to the two-pass path"
+        )
     return item.scope.reroute
 
 
@@ -140,8 +150,10 @@ def _probe(model: nn.Module) -> str:
 
     kinds = non_attention_kinds(model)
     if kinds:
-        return (f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate or skip, "
-                "and rerouting pads its prompts and isolates the two hops with one")
+        return (
+            f"its layers of kind {', '.join(kinds)} keep a state that no attention mask can isolate or skip, "
+            "and rerouting pads its prompts and isolates the two hops with one"
+        )
     ids = probe_ids(model, 5)
     device = ids.device
     dtype = next(model.parameters()).dtype
@@ -149,15 +161,22 @@ def _probe(model: nn.Module) -> str:
     try:
         with evaluating(model), torch.no_grad():
             plain = model(input_ids=ids, use_cache=False).logits.float()
-            masked = model(input_ids=ids, attention_mask=mask, use_cache=True,
-                           position_ids=torch.arange(ids.shape[1], device=device)[None])
+            masked = model(
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=True,
+                position_ids=torch.arange(ids.shape[1], device=device)[None],
+            )
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as err:
         first = str(err).splitlines()[0][:120] if str(err) else ""
-        return (f"its forward does not take a 4D attention mask ({type(err).__name__}: {first}), which rerouting "
-                "needs to pad its prompts and isolate the two hops")
+        return (
+            f"its forward does not take a 4D attention mask ({type(err).__name__}: {first}), which rerouting "
+            "needs to pad its prompts and isolate the two hops"
+        )
     if not torch.allclose(masked.logits.float(), plain, atol=1e-4, rtol=1e-3):
-        return ("its forward reads a causal 4D attention mask differently from no mask, so rerouting's mask would "
-                "not hold")
+        return (
+            "its forward reads a causal 4D attention mask differently from no mask, so rerouting's mask would not hold"
+        )
     if getattr(masked, "cache", None) is None and getattr(masked, "past_key_values", None) is None:
         return "its forward returns no key/value cache, which rerouting decodes from"
     return ""
@@ -168,8 +187,9 @@ def run_reroute(item: Resolved, handle: ModelHandle, top: int = 10) -> Patchscop
     return run_reroutes([item], handle, top)[0]
 
 
-def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
-                 batch_size: int = 32) -> list[PatchscopeResult]:
+def run_reroutes(
+    items: list[Resolved], handle: ModelHandle, top: int = 10, batch_size: int = 32
+) -> list[PatchscopeResult]:
     """Run CoT Patchscopes: batches that share (l, l*, f, max_new_tokens) get one prompt pass with the
     reroute, then batched greedy decoding from its KV cache.
 
@@ -186,7 +206,7 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
     results: dict[int, PatchscopeResult] = {}  # row -> its readout, every row filled below
     for rows in groups.values():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             group = [items[k] for k in chunk]
             output, batch = prompt_pass(group, handle)
             max_new_tokens = group[0].scope.max_new_tokens
@@ -194,10 +214,15 @@ def run_reroutes(items: list[Resolved], handle: ModelHandle, top: int = 10,
                 logits = output.logits[:, -1].float()
                 texts = _greedy(handle, output, batch, max_new_tokens) if max_new_tokens else [None] * len(group)
             for row, (k, item) in enumerate(zip(chunk, group)):
-                results[k] = PatchscopeResult(scope=item.scope, source_position=item.source_position,
-                                              target_position=item.target_position, logits=logits[row].cpu(),
-                                              top=top_k(logits[row], handle.tokenizer, top), generation=texts[row],
-                                              informative=item.informative)
+                results[k] = PatchscopeResult(
+                    scope=item.scope,
+                    source_position=item.source_position,
+                    target_position=item.target_position,
+                    logits=logits[row].cpu(),
+                    top=top_k(logits[row], handle.tokenizer, top),
+                    generation=texts[row],
+                    informative=item.informative,
+                )
     return [results[k] for k in range(len(items))]
 
 
@@ -211,12 +236,17 @@ def _prompt_pass(items: list[Resolved], handle: ModelHandle, batch: MaskedBatch,
         _, output = pvm(base=batch.inputs(), unit_locations=per_intervention_locations([reads, writes]))
         return output
     collector = intervenable(collect_config([read], handle.hidden_size), handle.model)
-    (_, collected), _ = collector(base={**batch.inputs(), "use_cache": False, "logits_to_keep": 1},
-                                  unit_locations=per_intervention_locations([reads]))
+    (_, collected), _ = collector(
+        base={**batch.inputs(), "use_cache": False, "logits_to_keep": 1},
+        unit_locations=per_intervention_locations([reads]),
+    )
     states = collected[0].reshape(len(items), 1, -1)
     patcher = intervenable(patch_config(write, handle.hidden_size, mapping), handle.model)
-    _, output = patcher(base=batch.inputs(), unit_locations=per_intervention_locations([writes]),
-                        source_representations={patcher.sorted_keys[0]: states})
+    _, output = patcher(
+        base=batch.inputs(),
+        unit_locations=per_intervention_locations([writes]),
+        source_representations={patcher.sorted_keys[0]: states},
+    )
     return output
 
 
@@ -240,8 +270,9 @@ def _greedy(handle: ModelHandle, output, batch: MaskedBatch, max_new_tokens: int
         if all(done) or step == max_new_tokens - 1:
             break
         real = torch.cat([real, torch.ones(rows, 1, dtype=torch.long, device=handle.device)], dim=1)
-        out = handle.model(input_ids=token, use_cache=True, attention_mask=real, position_ids=lengths + step,
-                           **{keyword: cache})
+        out = handle.model(
+            input_ids=token, use_cache=True, attention_mask=real, position_ids=lengths + step, **{keyword: cache}
+        )
         cache, token = returned_cache(out), out.logits[:, -1].argmax(-1, keepdim=True)
     return handle.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 

@@ -17,6 +17,7 @@ positions, offsets and embedding multipliers included). Tests hold it to the pla
 1e-4 in fp32 for every causal-LM class of the installed transformers that takes it; `check` verifies a
 found family on the model.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -55,8 +56,8 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 class TargetPass:
     """The unpatched target prompt T and i*, where it splits into a prefix T[:i*] and a suffix T[i*:]."""
 
-    input_ids: torch.Tensor        # [T]
-    split: int                     # i*
+    input_ids: torch.Tensor  # [T]
+    split: int  # i*
 
     @property
     def length(self) -> int:
@@ -71,17 +72,17 @@ class TargetPass:
 class Shared(TargetPass):
     """The unpatched target prompt, computed once: prefix keys/values and suffix states at every layer."""
 
-    keys: list[torch.Tensor]       # per layer [1, kv_heads, T, head_dim] (after rotary, as the cache holds them)
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, T, head_dim] (after rotary, as the cache holds them)
     values: list[torch.Tensor]
-    hidden: list[torch.Tensor]     # per layer: the suffix's block output [S, d]
+    hidden: list[torch.Tensor]  # per layer: the suffix's block output [S, d]
 
 
 @dataclass
 class Decoded:
     """What a batch of patched rows produced: first-step logits and, when generating, the greedy tokens."""
 
-    logits: torch.Tensor              # [B, vocab] at the end of T, float32
-    tokens: list[list[int]] | None    # per row, up to and including EOS
+    logits: torch.Tensor  # [B, vocab] at the end of T, float32
+    tokens: list[list[int]] | None  # per row, up to and including EOS
     states: torch.Tensor | None = None  # [B, d] the last block's output at the end of T (keep_states)
 
 
@@ -105,8 +106,9 @@ class Stack:
         self.chunk = getattr(config, "attention_chunk_size", None)
         self.softcap = softcap(config) if arch.logit_softcap else None
         self.logit_factor = arch.logit_scale or 1.0  # Cohere's logit_scale, Granite's 1 / logits_scaling
-        self.per_type_rotary = self.rotary is not None and \
-            "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.per_type_rotary = (
+            self.rotary is not None and "layer_type" in inspect.signature(self.rotary.forward).parameters
+        )
         parameters = inspect.signature(self.layers[0].forward).parameters
         self.layer_keywords = set(parameters)
         self.any_keyword = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
@@ -146,8 +148,9 @@ class Stack:
             handle.remove()
         return seen["hidden"]
 
-    def _rotary(self, hidden: torch.Tensor,
-                positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
+    def _rotary(
+        self, hidden: torch.Tensor, positions: torch.Tensor
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor] | None]:
         position_ids = positions.unsqueeze(0)
         if self.rotary is None:
             return dict.fromkeys(self.layer_types)
@@ -165,16 +168,30 @@ class Stack:
         if self.chunk:  # Llama 4: attention within fixed chunks of the sequence
             allowed["chunked_attention"] = (k <= q) & (k // self.chunk == q // self.chunk)
         low = torch.finfo(self.dtype).min
-        return {kind: torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill(~m, low)[None, None]
-                for kind, m in allowed.items()}
+        return {
+            kind: torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill(~m, low)[None, None]
+            for kind, m in allowed.items()
+        }
 
-    def _layer(self, j: int, hidden: torch.Tensor, rotary, masks, positions: torch.Tensor,
-               prefix: KeysValues | None = None, past: KeysValues | None = None) -> tuple[torch.Tensor, KeysValues]:
+    def _layer(
+        self,
+        j: int,
+        hidden: torch.Tensor,
+        rotary,
+        masks,
+        positions: torch.Tensor,
+        prefix: KeysValues | None = None,
+        past: KeysValues | None = None,
+    ) -> tuple[torch.Tensor, KeysValues]:
         """Layer j on `hidden`, attending to the shared `prefix` ([1, kv, P, d]) and the rows' own `past`."""
         kind = self.layer_types[j]
         cache = LayerKeys(*(past or (None, None)))
-        keywords = {"attention_mask": masks[kind], "position_ids": positions.unsqueeze(0), "use_cache": True,
-                    self.arch.cache_argument: cache}
+        keywords = {
+            "attention_mask": masks[kind],
+            "position_ids": positions.unsqueeze(0),
+            "use_cache": True,
+            self.arch.cache_argument: cache,
+        }
         if rotary[kind] is not None:
             keywords["position_embeddings"] = rotary[kind]
         if "cache_position" in self.layer_keywords:
@@ -212,10 +229,19 @@ class Stack:
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def patched(self, shared: Shared, vectors: torch.Tensor, layers: torch.Tensor, max_new_tokens: int = 0,
-                eos_token_id: int | None = None, after_norm: torch.Tensor | None = None,
-                pad_token_id: int | None = None, slots: Slots = REPLACE_ONE,
-                alphas: torch.Tensor | None = None, keep_states: bool = False) -> Decoded:
+    def patched(
+        self,
+        shared: Shared,
+        vectors: torch.Tensor,
+        layers: torch.Tensor,
+        max_new_tokens: int = 0,
+        eos_token_id: int | None = None,
+        after_norm: torch.Tensor | None = None,
+        pad_token_id: int | None = None,
+        slots: Slots = REPLACE_ONE,
+        alphas: torch.Tensor | None = None,
+        keep_states: bool = False,
+    ) -> Decoded:
         """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens).
 
         ``after_norm[b]`` marks rows patched after the final norm instead (the paper's ``skip_final_ln``).
@@ -251,7 +277,7 @@ class Stack:
         states = None
         if keep_states:  # rows written after the final norm never ran a block: their last block output is shared
             states = hidden[:, -1].clone()
-            states[active[self.n_layers]:] = shared.hidden[-1][-1]
+            states[active[self.n_layers] :] = shared.hidden[-1][-1]
         last = self.norm(hidden[:, -1])
         normed_rows = active[self.n_layers + 1] - active[self.n_layers]
         if normed_rows:  # skip_final_ln rows: the final norm's output itself is replaced at i*
@@ -273,8 +299,9 @@ class Stack:
         after_norm = torch.zeros_like(layers, dtype=torch.bool) if after_norm is None else after_norm.cpu()
         return after_norm, torch.where(after_norm, torch.full_like(layers, self.n_layers), layers)
 
-    def sorted_rows(self, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    def sorted_rows(
+        self, vectors: torch.Tensor, layers: torch.Tensor, after_norm: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
         """Rows sorted by key: (the order, the vectors in it, active, after_norm in the rows' own order), where
         active[j] counts the rows patched below layer j, i.e. the rows that compute layer j (a leading slice)."""
         after_norm, key = self.row_keys(layers, after_norm)
@@ -286,14 +313,20 @@ class Stack:
     def _row_cache(self, shared: Shared, j: int, rows: int, new_k, new_v) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row keys/values of layer j over the suffix T[i*:]: computed rows first, then unpatched ones."""
         n = 0 if new_k is None else new_k.shape[0]
-        keys = shared.keys[j][:, :, shared.split:].expand(rows, -1, -1, -1).clone()
-        values = shared.values[j][:, :, shared.split:].expand(rows, -1, -1, -1).clone()
+        keys = shared.keys[j][:, :, shared.split :].expand(rows, -1, -1, -1).clone()
+        values = shared.values[j][:, :, shared.split :].expand(rows, -1, -1, -1).clone()
         if n:
             keys[:n], values[:n] = new_k, new_v
         return keys, values
 
-    def _greedy(self, shared: Shared, logits: torch.Tensor, cache: list[tuple[torch.Tensor, torch.Tensor]],
-                max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    def _greedy(
+        self,
+        shared: Shared,
+        logits: torch.Tensor,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        max_new_tokens: int,
+        eos_token_id: int | None,
+    ) -> list[list[int]]:
         """Greedy decoding from the patched prompt's per-row cache (the patch is on the prompt pass only)."""
         rows = logits.shape[0]
         token = logits.argmax(-1)
@@ -312,7 +345,7 @@ class Stack:
             masks = self._masks(position, torch.arange(shared.length + step + 1, device=self.device))
             for j in range(self.n_layers):
                 keys, values = cache[j]
-                prefix = (shared.keys[j][:, :, :shared.split], shared.values[j][:, :, :shared.split])
+                prefix = (shared.keys[j][:, :, : shared.split], shared.values[j][:, :, : shared.split])
                 hidden, (k, v) = self._layer(j, hidden, rotary, masks, position, prefix, (keys, values))
                 cache[j] = (torch.cat([keys, k], 2), torch.cat([values, v], 2))
             token = self.unembed(self.norm(hidden[:, -1])).argmax(-1)

@@ -6,6 +6,7 @@ HF's last entry, already after the final norm (see `sites`). Positions are resol
 position 0. The states are read by the reader the engine's collect step calls (`read_states`), batched the same
 way, so ``run(scopes, model, source_states=...)`` given these states reads exactly what it reads itself.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -22,8 +23,13 @@ from ..spec.positions import Position, warn_if_sink
 from .plain import collect_states
 
 
-def hidden_states(prompts: str | Sequence[str], model: ModelHandle, layers: int | Sequence[int] | None = None,
-                  positions: Position | Sequence[Position] = -1, batch_size: int = 32) -> torch.Tensor:
+def hidden_states(
+    prompts: str | Sequence[str],
+    model: ModelHandle,
+    layers: int | Sequence[int] | None = None,
+    positions: Position | Sequence[Position] = -1,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """The hidden states of `model` at `positions` of `prompts`, after each of `layers`: [prompts, layers, d].
 
     `prompts` is one prompt or a list (a single string drops the prompt axis); `layers` one layer or a list
@@ -62,8 +68,9 @@ class StatesRead(NamedTuple):
     rows: list[int]  # rows[k]: the row of `states` that holds units[k]
 
 
-def read_states(model: ModelHandle, units: Sequence[tuple[str, int]], sites: Sequence[Site],
-                batch_size: int = 32) -> StatesRead:
+def read_states(
+    model: ModelHandle, units: Sequence[tuple[str, int]], sites: Sequence[Site], batch_size: int = 32
+) -> StatesRead:
     """The states at each distinct (prompt, token index) of `units` at every site, in one pyvene pass per batch,
     and the row each unit is in. Warns (`SinkPositionWarning`) for a unit at token 0. What `run`'s collect step,
     `hidden_states` and the evaluations call.
@@ -84,8 +91,10 @@ def _positions(positions: Position | Sequence[Position], n: int) -> list[Positio
         return [positions] * n  # type: ignore[list-item]  # one Position (an integer-like too)
     listed = list(positions)
     if len(listed) != n:
-        raise SpecError(f"positions has {len(listed)} entries for {n} prompts (allowed: one position for every "
-                        "prompt, or a list with one per prompt)")
+        raise SpecError(
+            f"positions has {len(listed)} entries for {n} prompts (allowed: one position for every "
+            "prompt, or a list with one per prompt)"
+        )
     return listed
 
 

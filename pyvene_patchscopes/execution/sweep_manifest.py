@@ -1,5 +1,6 @@
 """What a sweep folder records of its run, and the check against it: the manifest (the preset, its options with a
 mapping by its weights' hash, the models' identities) and the refusal of a model other than the sweep's own."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,16 +17,24 @@ from ..spec import Position
 from ..spec.mappings import MappingFunction, MappingSpec
 
 
-def folder_manifest(grid: Grid, shape: Shape, source_position: Position, readout: str,
-                    options: dict[str, Any]) -> dict[str, Any]:
+def folder_manifest(
+    grid: Grid, shape: Shape, source_position: Position, readout: str, options: dict[str, Any]
+) -> dict[str, Any]:
     """What the sweep is, as the folder records it: the preset and its options (a mapping with its weights' hash)
     make every cell's spec, so their hash tells two sweeps apart."""
     recorded = {k: recordable(k, v) for k, v in sorted(options.items()) if k != "tokenizer"}
     description = {
-        "preset": shape.preset, "source_position": source_position, "source_layers": shape.source_layers,
-        "target_layers": "same" if shape.same_layer else shape.target_layers, "readout": readout, "top": grid.top,
-        "batch_size": grid.prompts_per_unit, "planned": grid.planned, "max_batch_tokens": grid.max_batch_tokens,
-        "options": recorded, "models": {name: model_identity(h) for name, h in sorted(grid.models.items())},
+        "preset": shape.preset,
+        "source_position": source_position,
+        "source_layers": shape.source_layers,
+        "target_layers": "same" if shape.same_layer else shape.target_layers,
+        "readout": readout,
+        "top": grid.top,
+        "batch_size": grid.prompts_per_unit,
+        "planned": grid.planned,
+        "max_batch_tokens": grid.max_batch_tokens,
+        "options": recorded,
+        "models": {name: model_identity(h) for name, h in sorted(grid.models.items())},
     }
     return {"format": FORMAT, "version": FOLDER_VERSION, "spec_hash": spec_hash(description), **description}
 
@@ -42,8 +51,10 @@ def recordable(name: str, value: Any) -> Any:
     try:
         json.dumps(value)
     except (TypeError, ValueError):
-        raise SpecError(f"option {name}={type(value).__name__} cannot be recorded in a sweep folder's manifest "
-                        "(allowed with out=: JSON values, and a mapping)") from None
+        raise SpecError(
+            f"option {name}={type(value).__name__} cannot be recorded in a sweep folder's manifest "
+            "(allowed with out=: JSON values, and a mapping)"
+        ) from None
     return value
 
 
@@ -51,10 +62,16 @@ def model_identity(handle: ModelHandle) -> dict[str, Any]:
     """What the folder records of a model: where it came from, the hash of the weights it runs with (a local
     folder's whose files may change, a `wrap_model` model's, an adapter's; not only a GGUF's) and of its tokenizer
     (another one, with the same weights, puts the slots elsewhere and decodes the ids otherwise)."""
-    return {"name": handle.name, "class": type(handle.model).__name__, "origin": dict(handle.origin),
-            "dtype": str(handle.dtype).replace("torch.", ""), "n_layers": handle.n_layers,
-            "hidden_size": handle.hidden_size, "weights_sha256": handle.weights_sha256(),
-            "tokenizer_sha256": tokenizer_sha256(handle.tokenizer)}
+    return {
+        "name": handle.name,
+        "class": type(handle.model).__name__,
+        "origin": dict(handle.origin),
+        "dtype": str(handle.dtype).replace("torch.", ""),
+        "n_layers": handle.n_layers,
+        "hidden_size": handle.hidden_size,
+        "weights_sha256": handle.weights_sha256(),
+        "tokenizer_sha256": tokenizer_sha256(handle.tokenizer),
+    }
 
 
 def tokenizer_sha256(tokenizer: Any) -> str:
@@ -74,6 +91,8 @@ def check_models(folder: Path, manifest: dict[str, Any], models: dict[str, Model
     if given != recorded:
         both = [(given[n], recorded[n]) for n in given.keys() & recorded.keys()]
         differs = sorted({k for a, b in both for k in a.keys() | b.keys() if a.get(k) != b.get(k)}) or ["name"]
-        raise SpecError(f"model={', '.join(given)} is not the model this sweep ran on ({', '.join(recorded)}, as "
-                        f"{folder / MANIFEST} records it; they differ in {', '.join(differs)}) (allowed: the sweep's "
-                        "own model, or none)")
+        raise SpecError(
+            f"model={', '.join(given)} is not the model this sweep ran on ({', '.join(recorded)}, as "
+            f"{folder / MANIFEST} records it; they differ in {', '.join(differs)}) (allowed: the sweep's "
+            "own model, or none)"
+        )

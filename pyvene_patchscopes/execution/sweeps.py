@@ -14,6 +14,7 @@ With ``out=folder`` the sweep streams instead: prompts are read a unit at a time
 finished unit is written as a Parquet shard, and a rerun resumes (`persist.sweep_folder`). What a unit shares with
 the others (each (l, l*) cell resolved, each f built) is worked out once per sweep, not once per unit.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,56 +68,113 @@ from .sweep_units import run_unit
 
 def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str, ModelHandle] | None):
     """The cells' specs of a loaded sweep, rebuilt from its manifest's preset and options."""
+
     def scope_for(p: int, layer: int, target_layer: int) -> Patchscope:
         if models is None:
-            raise SpecError("this sweep was loaded without its model (allowed: load_sweep(folder, model=...) to "
-                            "rebuild its cells' specs)")
+            raise SpecError(
+                "this sweep was loaded without its model (allowed: load_sweep(folder, model=...) to "
+                "rebuild its cells' specs)"
+            )
         handle = next(iter(models.values()))
         options = dict(manifest["options"])
         if isinstance(options.get("mapping"), dict):
             if options["mapping"]["weights"]:
-                raise SpecError("this sweep's mapping has learned weights, which its folder records by hash only "
-                                "(allowed: the tensors, tokens and generations of load_sweep; rebuild a cell's "
-                                "spec with the mapping itself)")
-            options["mapping"] = MappingSpec(options["mapping"]["mapping"]["name"],
-                                             options["mapping"]["mapping"]["args"])
+                raise SpecError(
+                    "this sweep's mapping has learned weights, which its folder records by hash only "
+                    "(allowed: the tensors, tokens and generations of load_sweep; rebuild a cell's "
+                    "spec with the mapping itself)"
+                )
+            options["mapping"] = MappingSpec(
+                options["mapping"]["mapping"]["name"], options["mapping"]["mapping"]["args"]
+            )
         make = cell_maker(get_preset(manifest["preset"]), handle, manifest["source_position"], options)
         return make(prompts[p], layer, target_layer)
+
     return scope_for
 
 
 @overload
-def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
-          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
-          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
-          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
-          distributed: bool | None = ..., out: None = ..., readout: str = ..., **options: Any) -> SweepResult: ...
+def sweep(
+    source_prompts: str | Iterable[str],
+    model: ModelHandle | Any,
+    preset: str = ...,
+    source_position: Position = ...,
+    source_layers: Sequence[int] | None = ...,
+    target_layers: Sequence[int] | str | None = ...,
+    progress: bool | None = ...,
+    batch_size: int | None = ...,
+    top: int = ...,
+    planned: bool = ...,
+    max_batch_tokens: int = ...,
+    keep_logits: bool = ...,
+    distributed: bool | None = ...,
+    out: None = ...,
+    readout: str = ...,
+    **options: Any,
+) -> SweepResult: ...
 
 
 @overload  # out=folder streams into the folder
-def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
-          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
-          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
-          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
-          distributed: bool | None = ..., *, out: str | os.PathLike, readout: str = ...,
-          **options: Any) -> SweepFolder: ...
+def sweep(
+    source_prompts: str | Iterable[str],
+    model: ModelHandle | Any,
+    preset: str = ...,
+    source_position: Position = ...,
+    source_layers: Sequence[int] | None = ...,
+    target_layers: Sequence[int] | str | None = ...,
+    progress: bool | None = ...,
+    batch_size: int | None = ...,
+    top: int = ...,
+    planned: bool = ...,
+    max_batch_tokens: int = ...,
+    keep_logits: bool = ...,
+    distributed: bool | None = ...,
+    *,
+    out: str | os.PathLike,
+    readout: str = ...,
+    **options: Any,
+) -> SweepFolder: ...
 
 
 @overload
-def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = ...,
-          source_position: Position = ..., source_layers: Sequence[int] | None = ...,
-          target_layers: Sequence[int] | str | None = ..., progress: bool | None = ..., batch_size: int | None = ...,
-          top: int = ..., planned: bool = ..., max_batch_tokens: int = ..., keep_logits: bool = ...,
-          distributed: bool | None = ..., out: str | os.PathLike | None = ..., readout: str = ...,
-          **options: Any) -> SweepResult | SweepFolder: ...
+def sweep(
+    source_prompts: str | Iterable[str],
+    model: ModelHandle | Any,
+    preset: str = ...,
+    source_position: Position = ...,
+    source_layers: Sequence[int] | None = ...,
+    target_layers: Sequence[int] | str | None = ...,
+    progress: bool | None = ...,
+    batch_size: int | None = ...,
+    top: int = ...,
+    planned: bool = ...,
+    max_batch_tokens: int = ...,
+    keep_logits: bool = ...,
+    distributed: bool | None = ...,
+    out: str | os.PathLike | None = ...,
+    readout: str = ...,
+    **options: Any,
+) -> SweepResult | SweepFolder: ...
 
 
-def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset: str = "token-identity",
-          source_position: Position = -1, source_layers: Sequence[int] | None = None,
-          target_layers: Sequence[int] | str | None = None, progress: bool | None = None,
-          batch_size: int | None = None, top: int = 10, planned: bool = True,
-          max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, keep_logits: bool = False, distributed: bool | None = None,
-          out: str | os.PathLike | None = None, readout: str = "top", **options: Any) -> SweepResult | SweepFolder:
+def sweep(
+    source_prompts: str | Iterable[str],
+    model: ModelHandle | Any,
+    preset: str = "token-identity",
+    source_position: Position = -1,
+    source_layers: Sequence[int] | None = None,
+    target_layers: Sequence[int] | str | None = None,
+    progress: bool | None = None,
+    batch_size: int | None = None,
+    top: int = 10,
+    planned: bool = True,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    keep_logits: bool = False,
+    distributed: bool | None = None,
+    out: str | os.PathLike | None = None,
+    readout: str = "top",
+    **options: Any,
+) -> SweepResult | SweepFolder:
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
 
     ``target_layers="same"`` runs l* = l only (one cell per source layer), as token identity does. A preset that
@@ -159,11 +217,22 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     if chosen.needs_lens:
         options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
     make = cell_maker(chosen, handle, source_position, options)
-    pairs = [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers]
-                                                                   for l in source_layers]
+    pairs = (
+        [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers] for l in source_layers]
+    )
     per_unit = unit_size(batch_size, sum(map(len, pairs)), streamed=out is not None)
-    grid = Grid(make, pairs, models, top, planned, max_batch_tokens, readout == "logits", per_unit,
-                BATCH_SIZE if batch_size is None else per_unit, SharedPrompts())
+    grid = Grid(
+        make,
+        pairs,
+        models,
+        top,
+        planned,
+        max_batch_tokens,
+        readout == "logits",
+        per_unit,
+        BATCH_SIZE if batch_size is None else per_unit,
+        SharedPrompts(),
+    )
     shape = Shape(preset, source_layers, target_layers, same_layer)
     if out is not None:
         manifest = folder_manifest(grid, shape, source_position, readout, options)
@@ -177,34 +246,64 @@ def sweep(source_prompts: str | Iterable[str], model: ModelHandle | Any, preset:
     mine = my_units(len(units), distributed)
     parts = {}
     per_prompt = grid.cells_per_prompt
-    with tqdm(total=sum(len(units[u]) for u in mine) * per_prompt, unit="cell", desc="sweep",
-              disable=not (progress if progress is not None else len(prompts) * per_prompt > 64)) as bar:
+    with tqdm(
+        total=sum(len(units[u]) for u in mine) * per_prompt,
+        unit="cell",
+        desc="sweep",
+        disable=not (progress if progress is not None else len(prompts) * per_prompt > 64),
+    ) as bar:
         for u in mine:
             parts[u] = run_unit(grid, units[u])
             bar.update(len(units[u]) * per_prompt)
     parts = gather_units(parts, distributed)
-    return _assemble(shape, prompts, [parts[u] for u in range(len(units))], grid.scope_for(prompts),
-                     models[grid.make(prompts[0], source_layers[0], target_layers[0]).target_model].tokenizer)
+    return _assemble(
+        shape,
+        prompts,
+        [parts[u] for u in range(len(units))],
+        grid.scope_for(prompts),
+        models[grid.make(prompts[0], source_layers[0], target_layers[0]).target_model].tokenizer,
+    )
 
 
-def _assemble(shape: Shape, prompts: list[str], ordered: list[dict[str, Any]], scope_for, tokenizer,
-              top_tokens: list[str] | None = None) -> "SweepResult":
+def _assemble(
+    shape: Shape,
+    prompts: list[str],
+    ordered: list[dict[str, Any]],
+    scope_for,
+    tokenizer,
+    top_tokens: list[str] | None = None,
+) -> "SweepResult":
     generations = None if ordered[0]["generations"] is None else [g for part in ordered for g in part["generations"]]
     cat = lambda key: torch.cat([part[key] for part in ordered])  # noqa: E731
     return SweepResult(
-        preset=shape.preset, prompts=prompts, source_layers=shape.source_layers, target_layers=shape.target_layers,
-        top_probs=cat("top_probs"), top_ids=cat("top_ids"),
+        preset=shape.preset,
+        prompts=prompts,
+        source_layers=shape.source_layers,
+        target_layers=shape.target_layers,
+        top_probs=cat("top_probs"),
+        top_ids=cat("top_ids"),
         source_positions=[p for part in ordered for p in part["source_positions"]],
-        target_positions=cat("target_positions"), scope_for=scope_for, same_layer=shape.same_layer,
-        tokenizer=tokenizer, generations=generations,
-        logits=cat("logits") if ordered[0].get("logits") is not None else None, informative=cat("informative"),
+        target_positions=cat("target_positions"),
+        scope_for=scope_for,
+        same_layer=shape.same_layer,
+        tokenizer=tokenizer,
+        generations=generations,
+        logits=cat("logits") if ordered[0].get("logits") is not None else None,
+        informative=cat("informative"),
         top_tokens=top_tokens,
     )
 
 
 # ---- out=folder: streamed, one shard per unit, resumable ------------------------------------------------------
-def _sweep_to_folder(source_prompts: Any, grid: Grid, shape: Shape, out: str | os.PathLike,
-                     distributed: bool | None, progress: bool | None, manifest: dict[str, Any]) -> SweepFolder:
+def _sweep_to_folder(
+    source_prompts: Any,
+    grid: Grid,
+    shape: Shape,
+    out: str | os.PathLike,
+    distributed: bool | None,
+    progress: bool | None,
+    manifest: dict[str, Any],
+) -> SweepFolder:
     """Each unit this process owns (round robin under accelerate) computed unless its shard is already there."""
     rank, size, barrier, is_main = process_slot(distributed)
     folder = open_folder(out, manifest) if is_main else None
@@ -214,8 +313,12 @@ def _sweep_to_folder(source_prompts: Any, grid: Grid, shape: Shape, out: str | o
     total = getattr(source_prompts, "__len__", None)
     per_prompt = grid.cells_per_prompt
     count, units = 0, []  # units: every unit's prompts' hash, this process's or not, for the completion record
-    with tqdm(total=None if total is None else len(source_prompts) * per_prompt, unit="cell", desc="sweep",
-              disable=not (progress if progress is not None else True)) as bar:
+    with tqdm(
+        total=None if total is None else len(source_prompts) * per_prompt,
+        unit="cell",
+        desc="sweep",
+        disable=not (progress if progress is not None else True),
+    ) as bar:
         for u, prompts in enumerate(prompt_units(source_prompts, grid.prompts_per_unit)):
             first, count = count, count + len(prompts)
             units.append(prompts_sha256(prompts))
@@ -228,8 +331,16 @@ def _sweep_to_folder(source_prompts: Any, grid: Grid, shape: Shape, out: str | o
                     unfinish(folder)  # the old completion record no longer holds once a shard changes
                 part = run_unit(grid, prompts)
                 tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
-                table = unit_table(u, first, prompts, part, shape.source_layers, shape.target_layers,
-                                   shape.same_layer, top_texts(tokenizer, part["top_ids"][..., 0]))
+                table = unit_table(
+                    u,
+                    first,
+                    prompts,
+                    part,
+                    shape.source_layers,
+                    shape.target_layers,
+                    shape.same_layer,
+                    top_texts(tokenizer, part["top_ids"][..., 0]),
+                )
                 write_shard(folder, u, table, manifest["spec_hash"])
                 done.computed.append(u)
             bar.update(len(prompts) * per_prompt)
@@ -240,8 +351,9 @@ def _sweep_to_folder(source_prompts: Any, grid: Grid, shape: Shape, out: str | o
     return done
 
 
-def load_sweep(folder: str | os.PathLike, model: ModelHandle | Any = None, partial: bool = False,
-               lazy: bool = False) -> SweepResult | Any:
+def load_sweep(
+    folder: str | os.PathLike, model: ModelHandle | Any = None, partial: bool = False, lazy: bool = False
+) -> SweepResult | Any:
     """Read a sweep folder written by ``sweep(..., out=folder)`` back into memory, as a `SweepResult`.
 
     ``model`` (the handle the sweep ran on) makes its cells' specs and tokenizer available (``cell``, ``results``,
@@ -272,12 +384,16 @@ def load_sweep(folder: str | os.PathLike, model: ModelHandle | Any = None, parti
     generations = [g for t in tables for g in t.column("generation").to_pylist()]
     logits = column_tensor(tables, "logits", torch.float32) if "logits" in tables[0].column_names else None
     return SweepResult(
-        preset=manifest["preset"], prompts=prompts, source_layers=source_layers, target_layers=target_layers,
+        preset=manifest["preset"],
+        prompts=prompts,
+        source_layers=source_layers,
+        target_layers=target_layers,
         top_probs=column_tensor(tables, "top_probs", torch.float32).reshape(*shape, -1),
         top_ids=top_ids.reshape(*shape, -1),
         source_positions=[int(x) for t in tables for x in t.column("source_position").to_pylist()[::per_prompt]],
         target_positions=column_tensor(tables, "target_position", torch.long).reshape(shape),
-        scope_for=_scopes_from(manifest, prompts, handle), same_layer=same,
+        scope_for=_scopes_from(manifest, prompts, handle),
+        same_layer=same,
         tokenizer=None if handle is None else next(iter(handle.values())).tokenizer,
         generations=None if all(g is None for g in generations) else generations,
         logits=None if logits is None else logits.reshape(*shape, -1),

@@ -15,6 +15,7 @@ unpatched reads finite ones, the write made it NaN (α·f(h), or the state it la
 slots or in the layers above), and `run` refuses it in one line naming α; where the model itself gives NaN, the
 readout is returned as it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,35 +55,41 @@ class NullReading:
     norms: dict[Site, float]  # median norm of the target's states at each site, token 0 (the sink) left out
 
 
-def null_readings(items: Sequence[Resolved], written: Sequence[torch.Tensor], models: Models,
-                  top: int) -> list[NullReading]:
+def null_readings(
+    items: Sequence[Resolved], written: Sequence[torch.Tensor], models: Models, top: int
+) -> list[NullReading]:
     """The null reading of each vector row (`items`, with f(v) for each in `written`), computed once per distinct
     (target model, target prompt, max_new_tokens); warns about vectors far from the norms there."""
     keys = [(item.scope.target_model, item.scope.target.prompt, item.scope.max_new_tokens) for item in items]
     sites: dict[tuple[str, str, int], list[Site]] = {}
     for key, item in zip(keys, items):
         sites.setdefault(key, []).append(item.target_site)
-    read = {key: read_unpatched(models[key[0]], key[1], key[2], top, list(dict.fromkeys(at)))
-            for key, at in sites.items()}
+    read = {
+        key: read_unpatched(models[key[0]], key[1], key[2], top, list(dict.fromkeys(at))) for key, at in sites.items()
+    }
     readings = [read[key] for key in keys]
     warn_far_norms(items, written, readings)
     return readings
 
 
-def read_unpatched(handle: ModelHandle, prompt: str, max_new_tokens: int, top: int,
-                   sites: Sequence[Site] = ()) -> NullReading:
+def read_unpatched(
+    handle: ModelHandle, prompt: str, max_new_tokens: int, top: int, sites: Sequence[Site] = ()
+) -> NullReading:
     """`prompt` run unpatched on `handle`: its top-k next tokens, its greedy generation, and the median norm of its
     states at each of `sites` on the prompt pass."""
     ids = torch.tensor([token_ids(handle.tokenizer, prompt)], device=input_device(handle.model))
     norms: dict[Site, float] = {}
-    hooks = [_site_module(handle.model, site).register_forward_hook(partial(_keep_norm, norms, site, ids.shape[1]))
-             for site in sites]
+    hooks = [
+        _site_module(handle.model, site).register_forward_hook(partial(_keep_norm, norms, site, ids.shape[1]))
+        for site in sites
+    ]
     try:
         with evaluating(handle.model), torch.no_grad():
             if max_new_tokens:
-                out = generator(handle.model).generate(ids, attention_mask=torch.ones_like(ids),
-                                                       generation_config=greedy_config(handle, max_new_tokens))
-                logits, new = out.logits[0][0], out.sequences[0, ids.shape[1]:].tolist()
+                out = generator(handle.model).generate(
+                    ids, attention_mask=torch.ones_like(ids), generation_config=greedy_config(handle, max_new_tokens)
+                )
+                logits, new = out.logits[0][0], out.sequences[0, ids.shape[1] :].tolist()
             else:
                 logits, new = handle.model(input_ids=ids).logits[0, -1], None
     finally:
@@ -125,7 +132,8 @@ def check_readouts(items: Sequence[Resolved], results: Sequence[PatchscopeResult
                 f"its write at l*={item.target_layer} (write={target.write!r}, Target.alpha={target.alpha!r}) leaves "
                 f"{str(dtype).removeprefix('torch.')}'s range (|x| <= {torch.finfo(dtype).max:.4g}) at the slots or "
                 "in the layers above (allowed: a write within that range: a smaller |Target.alpha|, or a source of "
-                "smaller norm)")
+                "smaller norm)"
+            )
 
 
 def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], readings: Sequence[NullReading]) -> None:
@@ -153,7 +161,9 @@ def warn_far_norms(items: Sequence[Resolved], written: Sequence[torch.Tensor], r
         f"flagged beyond {NORM_FACTOR:g}x either way). Too small, a replaced slot reads as empty and an added vector "
         "changes little (compare result.null_top, the target unpatched); too large, it overwhelms the layers above. "
         "Scale it with Target.alpha, or pick alpha with pyvene_patchscopes.analysis.scales.scale_search.",
-        VectorNormWarning, stacklevel=4)
+        VectorNormWarning,
+        stacklevel=4,
+    )
 
 
 __all__ = ["NullReading", "null_readings", "read_unpatched", "check_readouts", "warn_far_norms", "NORM_FACTOR"]

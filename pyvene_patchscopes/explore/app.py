@@ -9,6 +9,7 @@ Every request passes `guard.Guard` first (trusted Host, own Origin, JSON posts, 
 parsed here, strictly (UTF-8, no ``NaN``, no unknown fields), and every 4xx, FastAPI's own included, has
 one shape: ``{"error": {"field": ..., "message": ...}}``.
 """
+
 # no `from __future__ import annotations`: FastAPI reads the endpoints' annotations (Request) at once
 import contextlib
 import json
@@ -36,8 +37,9 @@ def check_installed() -> None:
     try:
         import uvicorn  # noqa: F401
     except ImportError:
-        raise PatchscopeError("the explorer needs the app extra: pip install 'pyvene-patchscopes[app]' "
-                              "(fastapi, uvicorn)") from None
+        raise PatchscopeError(
+            "the explorer needs the app extra: pip install 'pyvene-patchscopes[app]' (fastapi, uvicorn)"
+        ) from None
 
 
 def _fastapi():
@@ -46,8 +48,9 @@ def _fastapi():
         import fastapi.responses
         import fastapi.staticfiles
     except ImportError:
-        raise PatchscopeError("the explorer needs the app extra: pip install 'pyvene-patchscopes[app]' "
-                              "(fastapi, uvicorn)") from None
+        raise PatchscopeError(
+            "the explorer needs the app extra: pip install 'pyvene-patchscopes[app]' (fastapi, uvicorn)"
+        ) from None
     return fastapi
 
 
@@ -64,15 +67,18 @@ def parse_body(body: bytes, endpoint: str) -> dict[str, Any]:
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as err:
-        raise FieldError("request", f"the body is malformed JSON: {err.msg} at line {err.lineno} column "
-                                    f"{err.colno}") from None
+        raise FieldError(
+            "request", f"the body is malformed JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
     except RecursionError:
         raise FieldError("request", "the body is nested too deeply (allowed: a flat JSON object)") from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise FieldError("request", "the body holds a number too long to read (allowed: ordinary numbers)") from None
     if not isinstance(data, dict):
-        raise FieldError("request", "the body is not a JSON object (allowed: an object with the fields "
-                                    f"{', '.join(sorted(FIELDS[endpoint]))})")
+        raise FieldError(
+            "request",
+            f"the body is not a JSON object (allowed: an object with the fields {', '.join(sorted(FIELDS[endpoint]))})",
+        )
     unknown = sorted(set(data) - FIELDS[endpoint])
     if unknown:
         shown = ", ".join(repr(k[:40]) for k in unknown[:5])
@@ -100,8 +106,9 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
         yield
         jobs.close()
 
-    app = fastapi.FastAPI(title="Patchscopes explorer", docs_url=None, redoc_url=None, openapi_url=None,
-                          lifespan=lifespan)
+    app = fastapi.FastAPI(
+        title="Patchscopes explorer", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
     app.state.jobs = jobs
     static = resources.files("pyvene_patchscopes.explore") / "static"
 
@@ -120,7 +127,8 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
     async def http_error(request, error: HTTPException):  # noqa: ARG001
         field = "path" if error.status_code in (404, 405) else "request"
         message = {404: "no such page or endpoint", 405: "this method is not allowed here"}.get(
-            error.status_code, str(error.detail))
+            error.status_code, str(error.detail)
+        )
         return refuse(error.status_code, field, message)
 
     @app.exception_handler(Exception)
@@ -129,8 +137,9 @@ def create_app(explorer: Explorer, allowed_hosts: Iterable[str] = LOCAL_HOSTS, m
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, error: RequestValidationError):  # noqa: ARG001
-        where = next((str(part) for e in error.errors() for part in reversed(e.get("loc", ())) if part != "body"),
-                     "request")
+        where = next(
+            (str(part) for e in error.errors() for part in reversed(e.get("loc", ())) if part != "body"), "request"
+        )
         return refuse(422, where, "the request does not fit this endpoint")
 
     async def body_of(request, endpoint: str) -> dict[str, Any]:
@@ -199,8 +208,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         reason = "it is in use" if err.errno in (98, 48) else (err.strerror or type(err).__name__)
-        raise PatchscopeError(f"--port={port}: cannot listen on {host}:{port} ({reason}; allowed: a free port, e.g. "
-                              "--port 0 for any)") from None
+        raise PatchscopeError(
+            f"--port={port}: cannot listen on {host}:{port} ({reason}; allowed: a free port, e.g. --port 0 for any)"
+        ) from None
     return sock
 
 
@@ -210,8 +220,9 @@ def hosts_for(host: str, allow: Iterable[str] = ()) -> list[str]:
     return list(dict.fromkeys(n for n in names if n and n not in ("0.0.0.0", "::")))
 
 
-def serve(explorer: Explorer, sock: socket.socket, allowed_hosts: Iterable[str] = LOCAL_HOSTS,
-          log_level: str = "warning") -> None:
+def serve(
+    explorer: Explorer, sock: socket.socket, allowed_hosts: Iterable[str] = LOCAL_HOSTS, log_level: str = "warning"
+) -> None:
     """Run the explorer on the bound `sock` until interrupted (``patchscopes explore``); on Ctrl-C the running
     job stops before its next layer and the worker is joined before the process exits."""
     check_installed()

@@ -5,6 +5,7 @@ Catalogue entries are offered only where they apply: an entry with a fitted mapp
 fitted for one (l, l*), and its rows and cells elsewhere say so instead of reusing the map; an entry shaped
 as a lens (T = S) reads the clicked prompt itself, cut after the clicked token, as the logit lens does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -20,8 +21,8 @@ class Entry:
     """A catalogue entry as the explorer uses it: the saved Patchscope, and where it applies."""
 
     scope: Patchscope
-    fitted: tuple[int, int] | None   # (l, l*) its learned mapping was fitted for; None: any layers
-    lens: bool                       # T = S at the source position: read the clicked prompt itself
+    fitted: tuple[int, int] | None  # (l, l*) its learned mapping was fitted for; None: any layers
+    lens: bool  # T = S at the source position: read the clicked prompt itself
 
     @classmethod
     def of(cls, saved: Patchscope, n: int) -> Entry:
@@ -49,8 +50,11 @@ class Entry:
         `tokenizer` cuts the clicked prompt where the entry is a lens."""
         saved = self.scope
         if saved.reroute is not None or saved.target.model not in (None, saved.source.model):
-            raise FieldError("preset", f"preset={name!r} reroutes within one pass or reads across two "
-                                       "models (allowed here: a catalogue entry on one model)")
+            raise FieldError(
+                "preset",
+                f"preset={name!r} reroutes within one pass or reads across two "
+                "models (allowed here: a catalogue entry on one model)",
+            )
         target = replace(saved.target, model=None, layer=saved.target.layer if target_layer is None else target_layer)
         if self.lens:  # T = S: the clicked prompt, cut after the clicked token, as the logit-lens preset does
             target = replace(target, prompt=prefix_through(tokenizer, source.prompt, source.position), position=-1)

@@ -9,6 +9,7 @@ table row or a heatmap cell is exactly what ``run`` gives for the same scope:
 
 Catalogue entries are offered only where they apply (`entries`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,8 @@ OFFERED = tuple(name for name, preset in PRESETS.items() if not (preset.needs_de
 CUSTOM = "custom"
 PLACEHOLDER = "x"
 TOP = 5
-GRID_NEW_TOKENS = 2     # the heatmap's generations: each token more costs ~1.6 s on 900 SmolLM2 cells (2 CPU cores)
-GRID_SLICES = 3         # the heatmap runs in slices of source layers: progress and cancel between them
+GRID_NEW_TOKENS = 2  # the heatmap's generations: each token more costs ~1.6 s on 900 SmolLM2 cells (2 CPU cores)
+GRID_SLICES = 3  # the heatmap runs in slices of source layers: progress and cancel between them
 CUSTOM_NEW_TOKENS = 10
 VARIANTS = ("semantic", "fisher", "temperature")
 KINDS = ("layers", "grid", "jacobian")
@@ -57,8 +58,9 @@ class Explorer:
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
         self._check_lock = threading.RLock()
         # catalogue entries read from disk once, not once per scope (a heatmap builds 900 scopes)
-        self._saved = {name: Entry.of(load_patchscope(name), handle.n_layers) for name in catalogue()
-                       if name not in PRESETS}
+        self._saved = {
+            name: Entry.of(load_patchscope(name), handle.n_layers) for name in catalogue() if name not in PRESETS
+        }
         self.catalogue = [name for name in self._saved if self._fits(name)]
 
     def _fits(self, name: str) -> bool:
@@ -72,10 +74,18 @@ class Explorer:
     # ---- what the page shows before any work -------------------------------------------------------
     def info(self) -> dict[str, Any]:
         fitted = {name: list(layers) for name in self.catalogue if (layers := self._saved[name].fitted)}
-        return {"model": self.handle.name, "n_layers": self.handle.n_layers, "presets": list(OFFERED),
-                "catalogue": self.catalogue, "fitted": fitted, "custom": CUSTOM, "placeholder": PLACEHOLDER,
-                "variants": list(VARIANTS), "max_prompt_chars": MAX_PROMPT_CHARS,
-                "max_prompt_tokens": self.max_prompt_tokens}
+        return {
+            "model": self.handle.name,
+            "n_layers": self.handle.n_layers,
+            "presets": list(OFFERED),
+            "catalogue": self.catalogue,
+            "fitted": fitted,
+            "custom": CUSTOM,
+            "placeholder": PLACEHOLDER,
+            "variants": list(VARIANTS),
+            "max_prompt_chars": MAX_PROMPT_CHARS,
+            "max_prompt_tokens": self.max_prompt_tokens,
+        }
 
     def tokens(self, prompt: Any) -> dict[str, Any]:
         """The prompt's tokens as the model sees them (the tokenizer's own prefix, position 0, is marked; `text`
@@ -87,27 +97,41 @@ class Explorer:
             ids, special = encoded["input_ids"], encoded["special_tokens_mask"]
             notes = self._length_notes(len(ids))
             texts = [tokenizer.decode([i]) for i in ids]
-        return {"tokens": [{"index": k, "text": text, "label": show_text(text), "special": bool(flag)}
-                           for k, (text, flag) in enumerate(zip(texts, special))], "warnings": notes}
+        return {
+            "tokens": [
+                {"index": k, "text": text, "label": show_text(text), "special": bool(flag)}
+                for k, (text, flag) in enumerate(zip(texts, special))
+            ],
+            "warnings": notes,
+        }
 
     def _length_notes(self, n: int) -> list[str]:
         """Refuse a prompt past the explorer's cap or a model's learned positions; note one past a rotary
         model's trained length (`resolve.check_context` warns the same way)."""
         if n > self.max_prompt_tokens:
-            raise FieldError("prompt", f"prompt has {n} tokens (allowed: at most {self.max_prompt_tokens} in the "
-                                       "explorer; patchscopes explore --max-prompt-tokens raises the cap)")
+            raise FieldError(
+                "prompt",
+                f"prompt has {n} tokens (allowed: at most {self.max_prompt_tokens} in the "
+                "explorer; patchscopes explore --max-prompt-tokens raises the cap)",
+            )
         limit, encoding = self.handle.context
         if limit is None or n <= limit:
             return []
         if encoding == "absolute":
-            raise FieldError("prompt", f"prompt has {n} tokens, past {self.handle.name}'s {limit} learned positions "
-                                       f"(allowed: at most {limit})")
-        return [f"the prompt has {n} tokens, past {self.handle.name}'s trained length of {limit} ({encoding} "
-                "positions extrapolate; expect degraded outputs)"]
+            raise FieldError(
+                "prompt",
+                f"prompt has {n} tokens, past {self.handle.name}'s {limit} learned positions "
+                f"(allowed: at most {limit})",
+            )
+        return [
+            f"the prompt has {n} tokens, past {self.handle.name}'s trained length of {limit} ({encoding} "
+            "positions extrapolate; expect degraded outputs)"
+        ]
 
     # ---- queries -> Patchscopes ----------------------------------------------------------------------
-    def scope(self, query: Query, layer: int, target_layer: int | None = None, grid: bool = False,
-              tokenizer: Any = None) -> Patchscope:
+    def scope(
+        self, query: Query, layer: int, target_layer: int | None = None, grid: bool = False, tokenizer: Any = None
+    ) -> Patchscope:
         """The Patchscope that reads (prompt, position) at source layer `layer` (and l* where given).
 
         `tokenizer` cuts the prompt for the logit lens: the worker passes the model's own; web threads use
@@ -117,31 +141,45 @@ class Explorer:
         tokenizer = tokenizer if tokenizer is not None else self._checking.tokenizer
         if query.preset == CUSTOM:  # the attribute preset's shape: the state replaces the placeholder word
             if not query.target_prompt or not re.search(rf"\b{PLACEHOLDER}\b", query.target_prompt):
-                raise FieldError("target_prompt", "target_prompt has no placeholder word "
-                                                  f"{PLACEHOLDER!r} (allowed: a prompt such as 'The capital of x')")
-            scope = get_preset("attribute").build(source, target_layer=target_layer, target_prompt=query.target_prompt,
-                                                  max_new_tokens=CUSTOM_NEW_TOKENS)
+                raise FieldError(
+                    "target_prompt",
+                    "target_prompt has no placeholder word "
+                    f"{PLACEHOLDER!r} (allowed: a prompt such as 'The capital of x')",
+                )
+            scope = get_preset("attribute").build(
+                source, target_layer=target_layer, target_prompt=query.target_prompt, max_new_tokens=CUSTOM_NEW_TOKENS
+            )
         elif query.preset in PRESETS and query.preset not in OFFERED:
-            raise FieldError("preset", f"preset={query.preset!r} needs what the page does not have (a trained decoder, "
-                                       "or a fitted lens: use its catalogue entries) (allowed: "
-                                       f"{', '.join(OFFERED)}, the catalogue entries, or {CUSTOM!r})")
+            raise FieldError(
+                "preset",
+                f"preset={query.preset!r} needs what the page does not have (a trained decoder, "
+                "or a fitted lens: use its catalogue entries) (allowed: "
+                f"{', '.join(OFFERED)}, the catalogue entries, or {CUSTOM!r})",
+            )
         elif query.preset in PRESETS:
             options: dict[str, Any] = {}
             if PRESETS[query.preset].needs_tokenizer:
                 options["tokenizer"] = tokenizer
             if PRESETS[query.preset].reroutes:
-                raise FieldError("preset", "preset='multihop' reroutes within one pass and has no clickable "
-                                           "token (allowed: the other presets, the catalogue, or custom)")
+                raise FieldError(
+                    "preset",
+                    "preset='multihop' reroutes within one pass and has no clickable "
+                    "token (allowed: the other presets, the catalogue, or custom)",
+                )
             reason = self.not_applicable(query, layer, target_layer)
             if reason is not None:
                 raise FieldError("target_layer", reason)
-            scope = get_preset(query.preset).build(source, target_layer=target_layer, n_layers=self.handle.n_layers,
-                                                   **options)
+            scope = get_preset(query.preset).build(
+                source, target_layer=target_layer, n_layers=self.handle.n_layers, **options
+            )
         elif query.preset in self._saved:
             scope = self._saved[query.preset].at(query.preset, source, target_layer, tokenizer)
         else:
-            raise FieldError("preset", f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(OFFERED)}, "
-                                       f"the catalogue entries, or {CUSTOM!r})")
+            raise FieldError(
+                "preset",
+                f"preset={query.preset[:80]!r} is not known (allowed: {', '.join(OFFERED)}, "
+                f"the catalogue entries, or {CUSTOM!r})",
+            )
         if grid:
             scope = scope.replace(max_new_tokens=min(scope.max_new_tokens, GRID_NEW_TOKENS))
         return scope
@@ -171,8 +209,9 @@ class Explorer:
             n = len(self._checking.tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
             notes = self._length_notes(n)
         if not -n <= query.position < n:
-            raise FieldError("position", f"position={query.position} is outside the prompt's {n} tokens "
-                                         f"(allowed: 0..{n - 1})")
+            raise FieldError(
+                "position", f"position={query.position} is outside the prompt's {n} tokens (allowed: 0..{n - 1})"
+            )
         if kind != "jacobian":
             first = (self._layers(query) or [0])[0]  # a fitted entry's own layer; none in range: 0, resolve says why
             with self._check_lock:
@@ -193,8 +232,7 @@ class Explorer:
         for name, value in (("source_layer", source_layer), ("target_layer", target_layer)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
                 shown = value if isinstance(value, int) and not isinstance(value, bool) else json_type(value)
-                raise FieldError(name, f"{name}={shown} is out of range for {self.handle.name} "
-                                       f"(allowed: 0..{n - 1})")
+                raise FieldError(name, f"{name}={shown} is out of range for {self.handle.name} (allowed: 0..{n - 1})")
         reason = self.not_applicable(query, source_layer, target_layer)
         if reason is not None:  # a preset's fixed l*, or a catalogue entry's fitted (l, l*)
             raise FieldError("target_layer" if query.preset in PRESETS else "source_layer", reason)
@@ -205,16 +243,23 @@ class Explorer:
         made = f"scope = Patchscope.from_dict({data!r})"
         if scope.mapping_spec.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
             data["mapping"]["weights"] = WEIGHTS_FILE
-            made = (f"scope = load_patchscope({query.preset!r}).replace(source={scope.source!r}, "
-                    f"target={scope.target!r})")
-            copy = ("cp \"$(python -c 'from pyvene_patchscopes.persist import catalogue_root; "
-                    f"print(catalogue_root())')/{query.preset}/{WEIGHTS_FILE}\" cell/\n")
+            made = (
+                f"scope = load_patchscope({query.preset!r}).replace(source={scope.source!r}, target={scope.target!r})"
+            )
+            copy = (
+                "cp \"$(python -c 'from pyvene_patchscopes.persist import catalogue_root; "
+                f"print(catalogue_root())')/{query.preset}/{WEIGHTS_FILE}\" cell/\n"
+            )
         text = json.dumps(data, indent=2)
-        python = (f"from pyvene_patchscopes import Patchscope, Source, Target, load_model, load_patchscope, run\n"
-                  f"{made}\n"
-                  f"result = run(scope, load_model({self.handle.name!r}))[0]")
-        command = (f"mkdir -p cell && cat > cell/config.json <<'EOF'\n{text}\nEOF\n{copy}"
-                   f"patchscopes run ./cell --model {shlex.quote(self.handle.name)}")
+        python = (
+            f"from pyvene_patchscopes import Patchscope, Source, Target, load_model, load_patchscope, run\n"
+            f"{made}\n"
+            f"result = run(scope, load_model({self.handle.name!r}))[0]"
+        )
+        command = (
+            f"mkdir -p cell && cat > cell/config.json <<'EOF'\n{text}\nEOF\n{copy}"
+            f"patchscopes run ./cell --model {shlex.quote(self.handle.name)}"
+        )
         return {"spec": data, "json": text, "python": python, "cli": command}
 
     # ---- the work (on the worker thread) -------------------------------------------------------------
@@ -232,8 +277,17 @@ class Explorer:
                 continue
             reason = self.not_applicable(query, l)
             table["rows"].append({"key": l, "muted": True, "tip": [reason], "cells": [NOT_APPLICABLE, "", reason]})
-            out.append({"layer": l, "target_layer": None, "top": [], "generation": None, "informative": False,
-                        "applies": False, "reason": reason})
+            out.append(
+                {
+                    "layer": l,
+                    "target_layer": None,
+                    "top": [],
+                    "generation": None,
+                    "informative": False,
+                    "applies": False,
+                    "reason": reason,
+                }
+            )
         if len(results) < self.handle.n_layers:
             table["note"] = f"rows marked {NOT_APPLICABLE}: {self._saved[query.preset].note(query.preset)}"
         first = next(iter(results.values()))
@@ -244,14 +298,21 @@ class Explorer:
         (top-k only, no full logits), `run` for catalogue entries."""
         layers = list(range(self.handle.n_layers))
         size = -(-len(layers) // GRID_SLICES)
-        slices = [layers[k:k + size] for k in range(0, len(layers), size)]
+        slices = [layers[k : k + size] for k in range(0, len(layers), size)]
         rows: list[list[dict[str, Any]]] = []
         for done, part in enumerate(slices):
             step(done / len(slices))
             rows += self._grid_rows(query, part, layers)
         step(1.0)
-        grid = {"title": f"{query.preset}: source layer x target layer", "row_label": "source layer l",
-                "col_label": "target layer l*", "rows": layers, "cols": layers, "cells": rows, "origin": "lower"}
+        grid = {
+            "title": f"{query.preset}: source layer x target layer",
+            "row_label": "source layer l",
+            "col_label": "target layer l*",
+            "rows": layers,
+            "cols": layers,
+            "cells": rows,
+            "origin": "lower",
+        }
         entry, preset = self._saved.get(query.preset), PRESETS.get(query.preset)
         if entry is not None and entry.fitted:
             grid["note"] = f"cells marked {NOT_APPLICABLE}: {entry.note(query.preset)}"
@@ -269,16 +330,39 @@ class Explorer:
                 options: dict[str, Any] = {"max_new_tokens": template.max_new_tokens}
                 if query.preset == CUSTOM:
                     options["target_prompt"] = query.target_prompt
-                grid = sweep(query.prompt, self.handle, preset=preset, source_position=query.position,
-                             source_layers=sources, target_layers=swept, top=TOP, keep_logits=False,
-                             progress=False, **options)
-                return [[result_cell(grid.cell(0, l, t)) if t in swept else _not_applicable_cell(
-                    l, t, str(self.not_applicable(query, l, t))) for t in targets] for l in sources]
+                grid = sweep(
+                    query.prompt,
+                    self.handle,
+                    preset=preset,
+                    source_position=query.position,
+                    source_layers=sources,
+                    target_layers=swept,
+                    top=TOP,
+                    keep_logits=False,
+                    progress=False,
+                    **options,
+                )
+                return [
+                    [
+                        result_cell(grid.cell(0, l, t))
+                        if t in swept
+                        else _not_applicable_cell(l, t, str(self.not_applicable(query, l, t)))
+                        for t in targets
+                    ]
+                    for l in sources
+                ]
             pairs = [(l, t) for l in sources for t in targets if self.not_applicable(query, l, t) is None]
             scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l, t in pairs]
             results = dict(zip(pairs, run(scopes, self.handle, top=TOP, progress=False))) if scopes else {}
-        return [[result_cell(results[l, t]) if (l, t) in results else _not_applicable_cell(
-                    l, t, str(self.not_applicable(query, l, t))) for t in targets] for l in sources]
+        return [
+            [
+                result_cell(results[l, t])
+                if (l, t) in results
+                else _not_applicable_cell(l, t, str(self.not_applicable(query, l, t)))
+                for t in targets
+            ]
+            for l in sources
+        ]
 
     def jacobian(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
         from ..jacobian import jacobian_scope
@@ -287,10 +371,15 @@ class Explorer:
         attribution = jacobian_scope(query.prompt, self.handle, variant=query.variant, progress=False)
         step(1.0)
         normalised = attribution.normalised()
-        return {"variant": query.variant, "prediction": attribution.prediction,
-                "prediction_label": show_text(attribution.prediction),
-                "tokens": [{"index": p, "text": t, "label": show_text(t), "score": s, "shade": n} for p, t, s, n in
-                           zip(attribution.positions, attribution.tokens, attribution.scores, normalised)]}
+        return {
+            "variant": query.variant,
+            "prediction": attribution.prediction,
+            "prediction_label": show_text(attribution.prediction),
+            "tokens": [
+                {"index": p, "text": t, "label": show_text(t), "score": s, "shade": n}
+                for p, t, s, n in zip(attribution.positions, attribution.tokens, attribution.scores, normalised)
+            ],
+        }
 
     def _run(self, scopes: list[Patchscope], step: Callable[[float], None]) -> list[PatchscopeResult]:
         step(0.0)
@@ -306,9 +395,15 @@ def _not_applicable_cell(layer: int, target_layer: int, reason: str) -> dict[str
 
 
 def _result_json(result: PatchscopeResult) -> dict[str, Any]:
-    return {"layer": result.scope.source.layer, "target_layer": result.scope.target.layer,
-            "top": [[t.token, t.prob] for t in result.top], "generation": result.generation,
-            "informative": result.informative, "applies": True, "reason": None}
+    return {
+        "layer": result.scope.source.layer,
+        "target_layer": result.scope.target.layer,
+        "top": [[t.token, t.prob] for t in result.top],
+        "generation": result.generation,
+        "informative": result.informative,
+        "applies": True,
+        "reason": None,
+    }
 
 
 __all__ = ["Explorer", "Entry", "OFFERED", "CUSTOM", "PLACEHOLDER", "VARIANTS", "KINDS", "NOT_APPLICABLE"]

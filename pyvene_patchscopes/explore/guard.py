@@ -18,6 +18,7 @@ refused unless the request comes from the page itself:
 
 Every refusal is ``{"error": {"field": ..., "message": ...}}``, as the app's own errors are.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,9 +45,9 @@ def split_host(value: str) -> tuple[str, str] | None:
     value = value.strip().lower()
     if value.startswith("["):
         end = value.find("]")
-        if end < 0 or (value[end + 1:] and not value[end + 1:].startswith(":")):
+        if end < 0 or (value[end + 1 :] and not value[end + 1 :].startswith(":")):
             return None
-        host, port = value[1:end], value[end + 2:]
+        host, port = value[1:end], value[end + 2 :]
     else:
         host, _, port = value.partition(":")
         if ":" in port:
@@ -90,20 +91,25 @@ class Guard:
         host = split_host(headers.get("host", ""))
         if host is None or (host[0] not in self.allowed and not self.any_host):
             shown = headers.get("host", "")[:80]
-            return 400, error_body("host", f"Host {shown!r} is not one this explorer serves (allowed: "
-                                           f"{', '.join(sorted(self.allowed))}; patchscopes explore --allow-host "
-                                           "NAME adds one)")
+            return 400, error_body(
+                "host",
+                f"Host {shown!r} is not one this explorer serves (allowed: "
+                f"{', '.join(sorted(self.allowed))}; patchscopes explore --allow-host "
+                "NAME adds one)",
+            )
         origin = headers.get("origin")
         if origin is not None and not self._own_origin(origin, headers["host"]):
-            return 403, error_body("origin", f"requests from the page {origin[:80]!r} are refused (allowed: the "
-                                             "explorer's own page)")
+            return 403, error_body(
+                "origin", f"requests from the page {origin[:80]!r} are refused (allowed: the explorer's own page)"
+            )
         if headers.get("sec-fetch-site", "").lower() == "cross-site":
             return 403, error_body("origin", "cross-site requests are refused (allowed: the explorer's own page)")
         if method == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != JSON_TYPE:
-                return 415, error_body("content-type", f"Content-Type {kind or 'missing'!r} is refused (allowed: "
-                                                       f"{JSON_TYPE})")
+                return 415, error_body(
+                    "content-type", f"Content-Type {kind or 'missing'!r} is refused (allowed: {JSON_TYPE})"
+                )
         length = headers.get("content-length", "0").strip()
         if not length.isdigit():
             return 400, error_body("content-length", "Content-Length is not a number of bytes")
@@ -117,8 +123,12 @@ class Guard:
             parts = urlsplit(origin.strip())
         except ValueError:
             return False
-        return parts.scheme in ("http", "https") and parts.netloc.lower() == host.strip().lower() \
-            and not parts.path and not parts.query
+        return (
+            parts.scheme in ("http", "https")
+            and parts.netloc.lower() == host.strip().lower()
+            and not parts.path
+            and not parts.query
+        )
 
     async def _read(self, receive: Receive) -> tuple[bytes, tuple[int, dict] | None]:
         """The whole body, refused as soon as it passes the cap (a chunked body has no Content-Length)."""
@@ -130,8 +140,12 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return b"", (413, error_body("request", f"the body has more than {self.max_body} bytes (allowed: "
-                                                        f"at most {self.max_body})"))
+                return b"", (
+                    413,
+                    error_body(
+                        "request", f"the body has more than {self.max_body} bytes (allowed: at most {self.max_body})"
+                    ),
+                )
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), None
@@ -153,8 +167,13 @@ def _replay(body: bytes, original: Receive) -> Receive:
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 

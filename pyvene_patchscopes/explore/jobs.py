@@ -5,6 +5,7 @@ running jobs is refused (`QueueFull`, HTTP 429), never evicted later; finished j
 `KEEP_FINISHED`) for their pages to fetch. Job ids are random (a capability: only the page that made a job can
 read or cancel it), and Cancel stops a running job before its next decoder layer (`execution.interrupt`).
 """
+
 from __future__ import annotations
 
 import secrets
@@ -18,13 +19,12 @@ from ..execution.interrupt import checkpoints
 from .explorer import Explorer
 from .query import FieldError, Query, field_of
 
-MAX_QUEUED = 32             # jobs waiting or running; a submission past them is refused with 429
-KEEP_FINISHED = 256         # finished jobs kept for their pages to fetch, oldest dropped first
+MAX_QUEUED = 32  # jobs waiting or running; a submission past them is refused with 429
+KEEP_FINISHED = 256  # finished jobs kept for their pages to fetch, oldest dropped first
 
 
 class QueueFull(PatchscopeError):
     """The queue holds `MAX_QUEUED` jobs (or the server is stopping): the submission is refused, not kept."""
-
 
 
 class Cancelled(Exception):
@@ -37,7 +37,7 @@ class Job:
     kind: str
     query: Query
     warnings: list[str] = field(default_factory=list)
-    state: str = "queued"      # queued | running | done | error | cancelled
+    state: str = "queued"  # queued | running | done | error | cancelled
     progress: float = 0.0
     result: dict[str, Any] | None = None
     error: dict[str, str] | None = None
@@ -45,9 +45,17 @@ class Job:
 
     def to_json(self) -> dict[str, Any]:
         """What a poll answers: the job's state and, once done, its result; the prompts are not echoed back."""
-        return {"id": self.id, "kind": self.kind, "state": self.state, "progress": round(self.progress, 3),
-                "result": self.result, "error": self.error, "warnings": self.warnings,
-                "position": self.query.position, "preset": self.query.preset}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": self.state,
+            "progress": round(self.progress, 3),
+            "result": self.result,
+            "error": self.error,
+            "warnings": self.warnings,
+            "position": self.query.position,
+            "preset": self.query.preset,
+        }
 
 
 class Jobs:
@@ -77,8 +85,10 @@ class Jobs:
                 raise QueueFull("the explorer is shutting down (allowed: nothing more)")
             waiting = len(self._queue) + (self._running is not None)
             if waiting >= self.max_queued:
-                raise QueueFull(f"the queue holds {waiting} jobs (allowed: at most {self.max_queued} waiting or "
-                                "running); try again when one has finished")
+                raise QueueFull(
+                    f"the queue holds {waiting} jobs (allowed: at most {self.max_queued} waiting or "
+                    "running); try again when one has finished"
+                )
             job = Job(secrets.token_urlsafe(18), kind, query, notes)
             self._jobs[job.id] = job
             self._queue.append(job)

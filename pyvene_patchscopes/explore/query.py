@@ -4,6 +4,7 @@ A `Query` is a source prompt, a token of it, a preset or a custom target prompt 
 Bad input raises `FieldError`, which names the field the page should point at; prompts are capped at
 `MAX_PROMPT_CHARS` characters (and, by the explorer, at `MAX_PROMPT_TOKENS` tokens).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,9 +12,9 @@ from typing import Any, overload
 
 from ..errors import PatchscopeError
 
-MAX_PROMPT_CHARS = 16_000   # a prompt or custom target prompt; 10 MB took 127 s to tokenize and 188 MB to answer
-MAX_PROMPT_TOKENS = 4_096   # the default cap on a prompt's tokens (Explorer(max_prompt_tokens=), --max-prompt-tokens)
-MAX_POSITION = 10 ** 9
+MAX_PROMPT_CHARS = 16_000  # a prompt or custom target prompt; 10 MB took 127 s to tokenize and 188 MB to answer
+MAX_PROMPT_TOKENS = 4_096  # the default cap on a prompt's tokens (Explorer(max_prompt_tokens=), --max-prompt-tokens)
+MAX_POSITION = 10**9
 
 
 class FieldError(PatchscopeError):
@@ -84,22 +85,40 @@ def text_field(data: dict[str, Any], name: str, default: str | None) -> str | No
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise FieldError(name, f"{name} is not valid text: character {err.start} is a lone surrogate (allowed: "
-                               "text that encodes as UTF-8)") from None
+        raise FieldError(
+            name,
+            f"{name} is not valid text: character {err.start} is a lone surrogate (allowed: "
+            "text that encodes as UTF-8)",
+        ) from None
     return value
 
 
 def field_of(error: Exception) -> str:
     """Which input a library error is about, from the field it names (Source.position, Target.layer, ...)."""
     text = str(error)
-    for needle, field in (("Source.position", "position"), ("Target.position", "target_prompt"),
-                          ("Target.prompt", "target_prompt"), ("Source.layer", "source_layer"),
-                          ("Target.layer", "target_layer"), ("Source.prompt", "prompt"), ("preset", "preset"),
-                          ("variant", "variant"), ("text", "prompt")):
+    for needle, field in (
+        ("Source.position", "position"),
+        ("Target.position", "target_prompt"),
+        ("Target.prompt", "target_prompt"),
+        ("Source.layer", "source_layer"),
+        ("Target.layer", "target_layer"),
+        ("Source.prompt", "prompt"),
+        ("preset", "preset"),
+        ("variant", "variant"),
+        ("text", "prompt"),
+    ):
         if needle in text:
             return field
     return "request"
 
 
-__all__ = ["FieldError", "Query", "json_type", "text_field", "field_of", "MAX_PROMPT_CHARS", "MAX_PROMPT_TOKENS",
-           "MAX_POSITION"]
+__all__ = [
+    "FieldError",
+    "Query",
+    "json_type",
+    "text_field",
+    "field_of",
+    "MAX_PROMPT_CHARS",
+    "MAX_PROMPT_TOKENS",
+    "MAX_POSITION",
+]

@@ -3,6 +3,7 @@
 The views read an attribution through `Scored`, the fields they draw, so that export imports nothing of
 `jacobian/` (which sits above it and imports these views).
 """
+
 from __future__ import annotations
 
 import html
@@ -51,13 +52,16 @@ class Scored(Protocol):
 
     def normalised(self) -> list[float]: ...
 
+
 SHADE = (214, 39, 40)  # matplotlib's tab:red, shared by both views
 
 
 def _caption(attribution: Scored) -> str:
     scope = attribution.scope
-    caption = (f"{scope.label} scope on {scope.model}: prediction {show_text(attribution.prediction)} "
-               f"(p = {attribution.prediction_prob:.3f}) at position {attribution.target_position}")
+    caption = (
+        f"{scope.label} scope on {scope.model}: prediction {show_text(attribution.prediction)} "
+        f"(p = {attribution.prediction_prob:.3f}) at position {attribution.target_position}"
+    )
     if scope.variant in ("semantic", "gradient-x-input") and attribution.target_id != attribution.prediction_id:
         caption += f", target token {show_text(attribution.target_token)}"
     return caption
@@ -66,27 +70,36 @@ def _caption(attribution: Scored) -> str:
 def attribution_fragment(attribution: Scored) -> str:
     """The shaded tokens as one <div> (what Jupyter shows), each as `show_text` writes it."""
     spans = []
-    for index, (token, score, weight) in enumerate(zip(attribution.tokens, attribution.scores,
-                                                      attribution.normalised())):
+    for index, (token, score, weight) in enumerate(
+        zip(attribution.tokens, attribution.scores, attribution.normalised())
+    ):
         colour = f"rgba({SHADE[0]},{SHADE[1]},{SHADE[2]},{weight:.3f})"
-        spans.append(f'<span class="tok" data-position="{attribution.positions[index]}" '
-                     f'data-score="{score:.6g}" title="position {attribution.positions[index]}: {score:.4g}" '
-                     f'style="background:{colour}">{html.escape(show_text(token))}</span>')
+        spans.append(
+            f'<span class="tok" data-position="{attribution.positions[index]}" '
+            f'data-score="{score:.6g}" title="position {attribution.positions[index]}: {score:.4g}" '
+            f'style="background:{colour}">{html.escape(show_text(token))}</span>'
+        )
     prediction = f'<span class="pred" title="prediction">{html.escape(show_text(attribution.prediction))}</span>'
-    return (f'<div class="jacobian-scope"><p class="caption">{html.escape(_caption(attribution))}</p>'
-            f'<p class="text">{"".join(spans)}{prediction}</p></div>')
+    return (
+        f'<div class="jacobian-scope"><p class="caption">{html.escape(_caption(attribution))}</p>'
+        f'<p class="text">{"".join(spans)}{prediction}</p></div>'
+    )
 
 
 def attribution_html(attribution: Scored) -> str:
     """A whole HTML page with inline CSS: no scripts, no external files."""
-    style = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
-             ".text{font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap}"
-             ".tok,.pred{margin-right:0.5ch}.tok{border-radius:3px}"
-             ".pred{border:1px dashed #555;border-radius:3px;padding:0 2px}"
-             ".caption{color:#333}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
-            f"<title>Jacobian Scope: {html.escape(attribution.scope.label)}</title><style>{style}</style></head>"
-            f"<body>{attribution_fragment(attribution)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:60em}"
+        ".text{font-family:monospace;font-size:15px;line-height:1.9;white-space:pre-wrap}"
+        ".tok,.pred{margin-right:0.5ch}.tok{border-radius:3px}"
+        ".pred{border:1px dashed #555;border-radius:3px;padding:0 2px}"
+        ".caption{color:#333}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        f"<title>Jacobian Scope: {html.escape(attribution.scope.label)}</title><style>{style}</style></head>"
+        f"<body>{attribution_fragment(attribution)}</body></html>\n"
+    )
 
 
 def _wrap(tokens: list[str], width: int) -> list[list[int]]:
@@ -119,16 +132,30 @@ def attribution_figure(attribution: Scored, path: str | Path | None = None, widt
             token = shown[index]
             is_prediction = index == len(attribution.tokens)
             face = "white" if is_prediction else cmap(weights[index])
-            ax.text(x, 1 - (row + 0.75) * line_h, token, family="monospace", fontsize=11, va="center",
-                    bbox={"boxstyle": "square,pad=0.15", "facecolor": face,
-                          "edgecolor": "black" if is_prediction else face,
-                          "linestyle": "--" if is_prediction else "-"})
+            ax.text(
+                x,
+                1 - (row + 0.75) * line_h,
+                token,
+                family="monospace",
+                fontsize=11,
+                va="center",
+                bbox={
+                    "boxstyle": "square,pad=0.15",
+                    "facecolor": face,
+                    "edgecolor": "black" if is_prediction else face,
+                    "linestyle": "--" if is_prediction else "-",
+                },
+            )
             x += char_w * (max(len(token), 1) + 0.6)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title(_caption(attribution), fontsize=10, loc="left")
-    bar = fig.colorbar(cm.ScalarMappable(norm=colors.Normalize(0, max(attribution.scores, default=1.0)),
-                                         cmap=cmap), ax=ax, fraction=0.025, pad=0.01)
+    bar = fig.colorbar(
+        cm.ScalarMappable(norm=colors.Normalize(0, max(attribution.scores, default=1.0)), cmap=cmap),
+        ax=ax,
+        fraction=0.025,
+        pad=0.01,
+    )
     bar.set_label("score")
     if path is not None:
         from ..core.outputs import save_figure

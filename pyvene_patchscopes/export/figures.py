@@ -2,6 +2,7 @@
 
 Every figure of the package is made by `subplots`, which leaves matplotlib's backend and pyplot alone.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,7 @@ if TYPE_CHECKING:
     from ..result.sweep import SweepResult
 
 
-def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
-             **options: Any) -> tuple["Figure", Any]:
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **options: Any) -> tuple["Figure", Any]:
     """A Figure and its axes, as ``pyplot.subplots`` returns them, on the figure's own Agg canvas.
 
     pyplot would switch or start the user's backend and keep every figure in its global registry until
@@ -30,7 +30,7 @@ def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float],
     return figure, figure.subplots(nrows, ncols, **options)
 
 
-CELL_WIDTH = 7       # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
+CELL_WIDTH = 7  # characters of a heatmap cell's token between its quotes (`show_text`): " London" whole
 COLUMN_INCHES = 0.5  # a heatmap column: room for CELL_WIDTH characters and their quotes at 6 pt
 
 
@@ -72,8 +72,10 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
     return _finish(fig, ax, image, path)
 
 
-NO_INFORMATION = ("grey: l* = the last layer, patched before the target's last position: no later layer reads it and "
-                  "the readout never sees it, so these cells say nothing about the source")
+NO_INFORMATION = (
+    "grey: l* = the last layer, patched before the target's last position: no later layer reads it and "
+    "the readout never sees it, so these cells say nothing about the source"
+)
 
 
 def _grey_out(ax, blind, fig) -> None:
@@ -81,8 +83,7 @@ def _grey_out(ax, blind, fig) -> None:
     from matplotlib.patches import Rectangle
 
     for i, j in zip(*blind.nonzero()):
-        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.88", edgecolor="0.6", hatch="///",
-                               linewidth=0.3))
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.88", edgecolor="0.6", hatch="///", linewidth=0.3))
     if blind.any():
         fig.text(0.01, 0.005, NO_INFORMATION, fontsize=5.5, color="0.35", ha="left", va="bottom", wrap=True)
 
@@ -92,8 +93,11 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
     import numpy as np
 
     probs = result.top_probs[:, :, 0, 0].numpy()
-    blind = np.zeros(probs.shape, dtype=bool) if result.informative is None else \
-        ~result.informative[:, :, 0].numpy().astype(bool)
+    blind = (
+        np.zeros(probs.shape, dtype=bool)
+        if result.informative is None
+        else ~result.informative[:, :, 0].numpy().astype(bool)
+    )
     tokens = result.tokens()
     layers = result.source_layers
     fig, ax = subplots(figsize=(max(4.0, COLUMN_INCHES * len(layers) + 2), max(2.5, 0.32 * len(result.prompts) + 1.5)))

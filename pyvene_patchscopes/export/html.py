@@ -5,6 +5,7 @@ column j (a target layer l*), each ``{label, shade (0..1), tip (lines), muted}``
 `PatchscopesTable.render` draws: one row per source layer. `page` puts any of them in one HTML file that
 needs no server and loads nothing: script, style and data are inline, and no URL appears in it.
 """
+
 from __future__ import annotations
 
 import html
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
     from ..result import PatchscopeResult
     from ..result.sweep import SweepResult
 
-TOP = 5               # tokens listed in a tooltip
-TEXT_WIDTH = 200      # characters of a generation in a tooltip or table, between its quotes (`show_text`)
+TOP = 5  # tokens listed in a tooltip
+TEXT_WIDTH = 200  # characters of a generation in a tooltip or table, between its quotes (`show_text`)
 KINDS = {"heatmap": "PatchscopesHeatmap", "table": "PatchscopesTable"}
 UNINFORMATIVE = NO_INFORMATION.removeprefix("grey: ")
 
@@ -37,8 +38,12 @@ def result_cell(result: "PatchscopeResult") -> dict[str, Any]:
         tip.append(f"generated: {show_text(result.generation, TEXT_WIDTH)}")
     if not result.informative:
         tip.append(UNINFORMATIVE)
-    return {"label": show_text(result.token, CELL_WIDTH), "shade": result.prob, "tip": tip,
-            "muted": not result.informative}
+    return {
+        "label": show_text(result.token, CELL_WIDTH),
+        "shade": result.prob,
+        "tip": tip,
+        "muted": not result.informative,
+    }
 
 
 def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
@@ -48,18 +53,28 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
         layers = result.source_layers
         cells = [[result_cell(result.cell(p, l, l)) for l in layers] for p in range(len(result.prompts))]
         grid: dict[str, Any] = {
-            "title": f"{result.preset}, l* = l", "row_label": "source prompt", "col_label": "layer l = l*",
-            "rows": [axis_label(p, 24) for p in result.prompts], "cols": [str(l) for l in layers], "cells": cells,
-            "origin": "upper"}
+            "title": f"{result.preset}, l* = l",
+            "row_label": "source prompt",
+            "col_label": "layer l = l*",
+            "rows": [axis_label(p, 24) for p in result.prompts],
+            "cols": [str(l) for l in layers],
+            "cells": cells,
+            "origin": "upper",
+        }
     else:
         if not 0 <= prompt < len(result.prompts):
             raise SpecError(f"prompt={prompt} is out of range for this sweep (allowed: 0..{len(result.prompts) - 1})")
         cells = [[result_cell(result.cell(prompt, l, t)) for t in result.target_layers] for l in result.source_layers]
         scope = result.cell(prompt, result.source_layers[0], result.target_layers[0]).scope
-        grid = {"title": f"{result.preset}: {scope.prompt_source.prompt!r} @ {scope.prompt_source.position!r}",
-                "row_label": "source layer l", "col_label": "target layer l*",
-                "rows": [str(l) for l in result.source_layers], "cols": [str(t) for t in result.target_layers],
-                "cells": cells, "origin": "lower"}
+        grid = {
+            "title": f"{result.preset}: {scope.prompt_source.prompt!r} @ {scope.prompt_source.position!r}",
+            "row_label": "source layer l",
+            "col_label": "target layer l*",
+            "rows": [str(l) for l in result.source_layers],
+            "cols": [str(t) for t in result.target_layers],
+            "cells": cells,
+            "origin": "lower",
+        }
     if any(cell["muted"] for row in grid["cells"] for cell in row):
         grid["note"] = NO_INFORMATION
     return grid
@@ -83,19 +98,41 @@ def layers_table(results: Sequence["PatchscopeResult"]) -> dict[str, Any]:
     rows = []
     for result in results:
         cell = result_cell(result)
-        rows.append({"key": result.scope.source.layer, "muted": cell["muted"], "tip": cell["tip"],
-                     "cells": [show_text(result.token, 40), f"{result.prob:.3f}",
-                               "" if result.generation is None else show_text(result.generation, TEXT_WIDTH)]})
+        rows.append(
+            {
+                "key": result.scope.source.layer,
+                "muted": cell["muted"],
+                "tip": cell["tip"],
+                "cells": [
+                    show_text(result.token, 40),
+                    f"{result.prob:.3f}",
+                    "" if result.generation is None else show_text(result.generation, TEXT_WIDTH),
+                ],
+            }
+        )
     source = results[0].scope.prompt_source
-    table = {"title": f"{source.model}: {source.prompt!r} @ {source.position!r}", "key_label": "l",
-             "columns": ["top token", "p", "generation"], "rows": rows}
+    table = {
+        "title": f"{source.model}: {source.prompt!r} @ {source.position!r}",
+        "key_label": "l",
+        "columns": ["top token", "p", "generation"],
+        "rows": rows,
+    }
     if any(row["muted"] for row in rows):
         table["note"] = NO_INFORMATION.replace("grey:", "grey rows:", 1)
     return table
 
 
-def numeric_grid(values: Any, rows: Sequence[Any], cols: Sequence[Any], title: str, row_label: str, col_label: str,
-                 fmt: str = "{:.2f}", vmin: float | None = None, vmax: float | None = None) -> dict[str, Any]:
+def numeric_grid(
+    values: Any,
+    rows: Sequence[Any],
+    cols: Sequence[Any],
+    title: str,
+    row_label: str,
+    col_label: str,
+    fmt: str = "{:.2f}",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> dict[str, Any]:
     """A grid of numbers (an evaluation's heatmap): label = the formatted value, shade = the value scaled
     to 0..1 between `vmin` and `vmax` (default: the grid's own range), row 0 at the bottom. NaN cells are muted."""
     table = [[float(v) for v in row] for row in (values.tolist() if hasattr(values, "tolist") else values)]
@@ -111,12 +148,22 @@ def numeric_grid(values: Any, rows: Sequence[Any], cols: Sequence[Any], title: s
         if not math.isfinite(value):
             return {"label": "–", "shade": None, "tip": [f"{row_label}={r}, {col_label}={c}: no data"], "muted": True}
         shade = min(1.0, max(0.0, (value - low) / span)) if span > 0 else 0.5
-        return {"label": fmt.format(value), "shade": shade, "tip": [f"{row_label}={r}, {col_label}={c}: {value:.4g}"],
-                "muted": False}
+        return {
+            "label": fmt.format(value),
+            "shade": shade,
+            "tip": [f"{row_label}={r}, {col_label}={c}: {value:.4g}"],
+            "muted": False,
+        }
 
-    return {"title": title, "row_label": row_label, "col_label": col_label, "rows": [str(r) for r in rows],
-            "cols": [str(c) for c in cols], "origin": "lower",
-            "cells": [[cell(v, r, c) for v, c in zip(row, cols)] for row, r in zip(table, rows)]}
+    return {
+        "title": title,
+        "row_label": row_label,
+        "col_label": col_label,
+        "rows": [str(r) for r in rows],
+        "cols": [str(c) for c in cols],
+        "origin": "lower",
+        "cells": [[cell(v, r, c) for v, c in zip(row, cols)] for row, r in zip(table, rows)],
+    }
 
 
 def static_file(name: str) -> str:
@@ -128,8 +175,14 @@ def _json_for_script(data: Any) -> str:
     """JSON that a <script> element cannot end early: <, >, & and / are written as escapes (so neither
     ``</script>`` nor ``<!--`` nor any ``//`` can appear), NaN as null."""
     text = json.dumps(finite(data), ensure_ascii=False, allow_nan=False)
-    return (text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e").replace("/", "\\/")
-            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+    return (
+        text.replace("&", "\\u0026")
+        .replace("<", "\\u003c")
+        .replace(">", "\\u003e")
+        .replace("/", "\\/")
+        .replace("\u2028", "\\u2028")
+        .replace("\u2029", "\\u2029")
+    )
 
 
 def _escape(text: str) -> str:
@@ -152,11 +205,13 @@ def page(title: str, parts: Sequence[tuple[str, dict[str, Any]]]) -> str:
     data = [{"kind": kind, "renderer": KINDS[kind], "data": part} for kind, part in parts]
     containers = "".join(f'<div class="ps-part" id="ps-part-{k}"></div>\n' for k in range(len(parts)))
     style = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.2em}.ps-part{margin:1em 0}"
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
-            f"<title>{_escape(title)}</title>\n<style>{style}\n{static_file('heatmap.css')}</style>\n</head>\n"
-            f"<body>\n<h1>{_escape(title)}</h1>\n{containers}"
-            f'<script type="application/json" id="ps-data">{_json_for_script(data)}</script>\n'
-            f"<script>{static_file('heatmap.js')}</script>\n<script>{BOOT}</script>\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">\n'
+        f"<title>{_escape(title)}</title>\n<style>{style}\n{static_file('heatmap.css')}</style>\n</head>\n"
+        f"<body>\n<h1>{_escape(title)}</h1>\n{containers}"
+        f'<script type="application/json" id="ps-data">{_json_for_script(data)}</script>\n'
+        f"<script>{static_file('heatmap.js')}</script>\n<script>{BOOT}</script>\n</body></html>\n"
+    )
 
 
 def write_page(path: str | Path, title: str, parts: Sequence[tuple[str, dict[str, Any]]]) -> Path:
@@ -166,5 +221,13 @@ def write_page(path: str | Path, title: str, parts: Sequence[tuple[str, dict[str
     return write_text(path, page(title, parts))
 
 
-__all__ = ["sweep_page", "sweep_grid", "layers_table", "numeric_grid", "result_cell", "page", "write_page",
-           "static_file"]
+__all__ = [
+    "sweep_page",
+    "sweep_grid",
+    "layers_table",
+    "numeric_grid",
+    "result_cell",
+    "page",
+    "write_page",
+    "static_file",
+]

@@ -10,6 +10,7 @@ A score needs vᵀJ_t for a few directions v in y-space (the target token's unem
 Fisher factor rows), so each direction is one vector-Jacobian product ``autograd.grad(y, delta, v)``;
 many directions go through one batched backward (``is_grads_batched``). J itself is never formed.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -45,12 +46,18 @@ def embedding_path(model: torch.nn.Module) -> str:
 
 def attribution_config(model: torch.nn.Module, hidden_size: int, n_positions: int) -> pv.IntervenableConfig:
     """Add ``delta`` at the embedding output (all positions); collect y after the final norm (one position)."""
-    return pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=0, component=f"{embedding_path(model)}.output", unit="pos",
-                                max_number_of_units=n_positions,
-                                intervention=pv.AdditionIntervention(embed_dim=hidden_size)),
-        _y_site(model, hidden_size),
-    ])
+    return pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=0,
+                component=f"{embedding_path(model)}.output",
+                unit="pos",
+                max_number_of_units=n_positions,
+                intervention=pv.AdditionIntervention(embed_dim=hidden_size),
+            ),
+            _y_site(model, hidden_size),
+        ]
+    )
 
 
 def _y_site(model: torch.nn.Module, hidden_size: int) -> pv.RepresentationConfig:
@@ -97,22 +104,26 @@ def prepare(handle: ModelHandle, texts: Sequence[str], target_position: int) -> 
     """Encode `texts` (left-padded) and check their lengths and the prediction position against each one."""
     check_texts(texts)
     batch = Batch.encode(handle, texts)
-    special = handle.tokenizer(list(texts), padding=True, add_special_tokens=True,
-                               return_special_tokens_mask=True, return_tensors="pt")["special_tokens_mask"]
+    special = handle.tokenizer(
+        list(texts), padding=True, add_special_tokens=True, return_special_tokens_mask=True, return_tensors="pt"
+    )["special_tokens_mask"]
     columns, scored = [], []
     width = batch.inputs["input_ids"].shape[1]
     for row, (text, pad) in enumerate(zip(texts, batch.pad)):
         n = width - pad
         check_context(handle, "text", n)
         if not -n <= target_position < n:
-            raise SpecError(f"target_position={target_position} is out of range for {text!r} "
-                            f"({n} tokens; allowed: {-n}..{n - 1})")
+            raise SpecError(
+                f"target_position={target_position} is out of range for {text!r} ({n} tokens; allowed: {-n}..{n - 1})"
+            )
         column = pad + target_position % n
         own = [c for c in range(pad, column + 1) if not special[row, c]]
         if not own or special[row, column]:
-            raise SpecError(f"target_position={target_position} is the tokenizer's special token "
-                            f"{handle.tokenizer.convert_ids_to_tokens(int(batch.inputs['input_ids'][row, column]))!r}"
-                            f" in {text!r} (allowed: the position of one of the text's own tokens)")
+            raise SpecError(
+                f"target_position={target_position} is the tokenizer's special token "
+                f"{handle.tokenizer.convert_ids_to_tokens(int(batch.inputs['input_ids'][row, column]))!r}"
+                f" in {text!r} (allowed: the position of one of the text's own tokens)"
+            )
         columns.append(column)
         scored.append(own)
     return Rows(batch, columns, scored)
@@ -125,24 +136,30 @@ def resolve_target_token(handle: ModelHandle, token: TargetToken) -> int | None:
     vocab = handle.model.get_output_embeddings().weight.shape[0]  # the shape is known even when offloaded
     if isinstance(token, int):
         if not 0 <= token < vocab:
-            raise SpecError(f"JacobianScope.target_token={token} is out of range for {handle.name} "
-                            f"(allowed: 0..{vocab - 1})")
+            raise SpecError(
+                f"JacobianScope.target_token={token} is out of range for {handle.name} (allowed: 0..{vocab - 1})"
+            )
         return token
     ids = handle.tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         pieces = handle.tokenizer.convert_ids_to_tokens(ids)
-        raise SpecError(f"JacobianScope.target_token={token!r} is {len(ids)} tokens for {handle.name} {pieces} "
-                        "(allowed: text that is a single token, e.g. with its leading space, or a token id)")
+        raise SpecError(
+            f"JacobianScope.target_token={token!r} is {len(ids)} tokens for {handle.name} {pieces} "
+            "(allowed: text that is a single token, e.g. with its leading space, or a token id)"
+        )
     return int(ids[0])
 
 
 def check_scope(handle: ModelHandle, scope: JacobianScope) -> None:
     if scope.model != handle.name:
-        raise SpecError(f"JacobianScope.model={scope.model!r} is not the model given ({handle.name!r}); "
-                        "build the spec with model=handle.name")
+        raise SpecError(
+            f"JacobianScope.model={scope.model!r} is not the model given ({handle.name!r}); "
+            "build the spec with model=handle.name"
+        )
     if scope.variant == "fisher" and scope.fisher == "low-rank" and scope.rank > handle.hidden_size:
-        raise SpecError(f"JacobianScope.rank={scope.rank} is out of range for {handle.name} "
-                        f"(allowed: 1..{handle.hidden_size})")
+        raise SpecError(
+            f"JacobianScope.rank={scope.rank} is out of range for {handle.name} (allowed: 1..{handle.hidden_size})"
+        )
     resolve_target_token(handle, scope.target_token)
 
 
@@ -166,14 +183,14 @@ def pullback(forward: Forward, directions: torch.Tensor, progress: bool = False)
             if len(chunk) == 1:
                 grad = torch.autograd.grad(forward.y, forward.delta, chunk[0], retain_graph=True)[0].unsqueeze(0)
             else:
-                grad = torch.autograd.grad(forward.y, forward.delta, chunk, retain_graph=True,
-                                           is_grads_batched=True)[0]
+                grad = torch.autograd.grad(forward.y, forward.delta, chunk, retain_graph=True, is_grads_batched=True)[0]
         except RuntimeError as err:
             if "inplace operation" not in str(err):
                 raise
-            raise PatchscopeError("Jacobian Scopes differentiate the model's forward, and autograd cannot: its forward "
-                                  "overwrites a tensor it needs for the gradient in place (RWKV's recurrent state)") \
-                from None
+            raise PatchscopeError(
+                "Jacobian Scopes differentiate the model's forward, and autograd cannot: its forward "
+                "overwrites a tensor it needs for the gradient in place (RWKV's recurrent state)"
+            ) from None
         yield grad
 
 
@@ -181,8 +198,9 @@ def _compute_dtype(handle: ModelHandle) -> torch.dtype:
     return torch.float64 if handle.dtype == torch.float64 else torch.float32
 
 
-def scores_for(handle: ModelHandle, scope: JacobianScope, forward: Forward, target_ids: torch.Tensor,
-               progress: bool = False) -> torch.Tensor:
+def scores_for(
+    handle: ModelHandle, scope: JacobianScope, forward: Forward, target_ids: torch.Tensor, progress: bool = False
+) -> torch.Tensor:
     """The scope's score for every column of every row: [B, T] (float32, or float64 for a float64 model)."""
     dtype = _compute_dtype(handle)
     if scope.variant == "temperature":
@@ -209,10 +227,14 @@ def scores_for(handle: ModelHandle, scope: JacobianScope, forward: Forward, targ
 
 def _forward(handle: ModelHandle, pvm: pv.IntervenableModel, rows: Rows) -> Forward:
     model = handle.model
-    delta = torch.zeros(len(rows.columns), rows.width, handle.hidden_size, dtype=handle.dtype,
-                        device=handle.device, requires_grad=True)
-    (_, collected), _ = pvm(base={**rows.batch.inputs, "logits_to_keep": 1}, unit_locations=rows.locations(),
-                            source_representations={pvm.sorted_keys[0]: delta})
+    delta = torch.zeros(
+        len(rows.columns), rows.width, handle.hidden_size, dtype=handle.dtype, device=handle.device, requires_grad=True
+    )
+    (_, collected), _ = pvm(
+        base={**rows.batch.inputs, "logits_to_keep": 1},
+        unit_locations=rows.locations(),
+        source_representations={pvm.sorted_keys[0]: delta},
+    )
     y = collected[0].reshape(len(rows.columns), handle.hidden_size)
     arch = architecture(model)
     if arch.final_norm_shared:
@@ -223,8 +245,13 @@ def _forward(handle: ModelHandle, pvm: pv.IntervenableModel, rows: Rows) -> Forw
 
 
 @data_first("model", "texts", "scopes")
-def attribute(texts: Sequence[str], model: ModelHandle, scopes: Sequence[JacobianScope], batch_size: int = 8,
-              progress: bool | None = None) -> list[list[Attribution]]:
+def attribute(
+    texts: Sequence[str],
+    model: ModelHandle,
+    scopes: Sequence[JacobianScope],
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> list[list[Attribution]]:
     """Every scope on every text: ``result[s][r]`` is scope s on text r. Scopes with one prediction
     position share the forward pass of each batch."""
     texts = list(texts)
@@ -259,45 +286,88 @@ def attribute(texts: Sequence[str], model: ModelHandle, scopes: Sequence[Jacobia
     return [[found[s, r] for r in range(len(texts))] for s in range(len(scopes))]
 
 
-def _attribution(handle: ModelHandle, text: str, scope: JacobianScope, rows: Rows, k: int, scores: torch.Tensor,
-                 probs: torch.Tensor, target_id: torch.Tensor) -> Attribution:
+def _attribution(
+    handle: ModelHandle,
+    text: str,
+    scope: JacobianScope,
+    rows: Rows,
+    k: int,
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    target_id: torch.Tensor,
+) -> Attribution:
     ids = rows.batch.inputs["input_ids"][k]
     pad = rows.batch.pad[k]
     prediction = int(probs.argmax())
     return Attribution(
-        text=text, scope=scope,
+        text=text,
+        scope=scope,
         tokens=tuple(token_text(handle.tokenizer, int(ids[c])) for c in rows.scored[k]),
         positions=tuple(c - pad for c in rows.scored[k]),
         scores=tuple(float(scores[c]) for c in rows.scored[k]),
         target_position=rows.columns[k] - pad,
-        prediction=token_text(handle.tokenizer, prediction), prediction_id=prediction,
+        prediction=token_text(handle.tokenizer, prediction),
+        prediction_id=prediction,
         prediction_prob=float(probs[prediction]),
-        target_token=token_text(handle.tokenizer, int(target_id)), target_id=int(target_id),
+        target_token=token_text(handle.tokenizer, int(target_id)),
+        target_id=int(target_id),
     )
 
 
 @overload
-def jacobian_scope(text: str, model: ModelHandle, variant: str | JacobianScope = ..., target_position: int = ...,
-                   target_token: TargetToken = ..., fisher: str = ..., rank: int = ..., batch_size: int = ...,
-                   progress: bool | None = ...) -> Attribution: ...
+def jacobian_scope(
+    text: str,
+    model: ModelHandle,
+    variant: str | JacobianScope = ...,
+    target_position: int = ...,
+    target_token: TargetToken = ...,
+    fisher: str = ...,
+    rank: int = ...,
+    batch_size: int = ...,
+    progress: bool | None = ...,
+) -> Attribution: ...
 
 
 @overload
-def jacobian_scope(text: list[str] | tuple[str, ...], model: ModelHandle, variant: str | JacobianScope = ...,
-                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
-                   batch_size: int = ..., progress: bool | None = ...) -> list[Attribution]: ...
+def jacobian_scope(
+    text: list[str] | tuple[str, ...],
+    model: ModelHandle,
+    variant: str | JacobianScope = ...,
+    target_position: int = ...,
+    target_token: TargetToken = ...,
+    fisher: str = ...,
+    rank: int = ...,
+    batch_size: int = ...,
+    progress: bool | None = ...,
+) -> list[Attribution]: ...
 
 
 @overload
-def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str | JacobianScope = ...,
-                   target_position: int = ..., target_token: TargetToken = ..., fisher: str = ..., rank: int = ...,
-                   batch_size: int = ..., progress: bool | None = ...) -> Attribution | list[Attribution]: ...
+def jacobian_scope(
+    text: str | Sequence[str],
+    model: ModelHandle,
+    variant: str | JacobianScope = ...,
+    target_position: int = ...,
+    target_token: TargetToken = ...,
+    fisher: str = ...,
+    rank: int = ...,
+    batch_size: int = ...,
+    progress: bool | None = ...,
+) -> Attribution | list[Attribution]: ...
 
 
 @data_first("model", "text")
-def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str | JacobianScope = "fisher",
-                   target_position: int = -1, target_token: TargetToken = None, fisher: str = "low-rank",
-                   rank: int = 1, batch_size: int = 8, progress: bool | None = None) -> Attribution | list[Attribution]:
+def jacobian_scope(
+    text: str | Sequence[str],
+    model: ModelHandle,
+    variant: str | JacobianScope = "fisher",
+    target_position: int = -1,
+    target_token: TargetToken = None,
+    fisher: str = "low-rank",
+    rank: int = 1,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> Attribution | list[Attribution]:
     """Score every token of `text` (or of each text in a list) for the prediction at `target_position`.
 
     `variant` is 'semantic', 'fisher', 'temperature' or 'gradient-x-input', or a `JacobianScope` spec.
@@ -305,13 +375,33 @@ def jacobian_scope(text: str | Sequence[str], model: ModelHandle, variant: str |
     prediction. `fisher` is 'low-rank' (top `rank` eigenvectors of F) or 'exact'. A `JacobianScope`
     given as `variant` carries all of these itself. Returns one `Attribution` for a string, a list for a list.
     """
-    scope = variant if isinstance(variant, JacobianScope) else JacobianScope(
-        variant=variant, target_position=target_position, target_token=target_token, fisher=fisher, rank=rank,
-        model=model.name)
+    scope = (
+        variant
+        if isinstance(variant, JacobianScope)
+        else JacobianScope(
+            variant=variant,
+            target_position=target_position,
+            target_token=target_token,
+            fisher=fisher,
+            rank=rank,
+            model=model.name,
+        )
+    )
     texts = [text] if isinstance(text, str) else list(text)
     results = attribute(texts, model, [scope], batch_size=batch_size, progress=progress)[0]
     return results[0] if isinstance(text, str) else results
 
 
-__all__ = ["jacobian_scope", "attribute", "attribution_config", "embedding_path", "prepare", "Rows", "Forward",
-           "pullback", "scores_for", "resolve_target_token", "DIRECTION_CHUNK"]
+__all__ = [
+    "jacobian_scope",
+    "attribute",
+    "attribution_config",
+    "embedding_path",
+    "prepare",
+    "Rows",
+    "Forward",
+    "pullback",
+    "scores_for",
+    "resolve_target_token",
+    "DIRECTION_CHUNK",
+]

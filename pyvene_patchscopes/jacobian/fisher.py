@@ -9,6 +9,7 @@ F = Σ_i g_i g_iᵀ, so the scores need one vector-Jacobian product per factor r
 
 With k = d the two agree to rounding (a test checks it), although they share no factorisation.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -36,9 +37,11 @@ def scale(model: nn.Module) -> float:
 
     found = architecture(model).logit_scale
     if found is None:
-        raise PatchscopeError(f"{type(model).__name__}'s logits are not a scaled copy of its unembedding of y (a "
-                              "prediction head of its own layers runs between them), so Jacobian Scopes cannot "
-                              "pull the output distribution back to y")
+        raise PatchscopeError(
+            f"{type(model).__name__}'s logits are not a scaled copy of its unembedding of y (a "
+            "prediction head of its own layers runs between them), so Jacobian Scopes cannot "
+            "pull the output distribution back to y"
+        )
     return found
 
 
@@ -69,8 +72,9 @@ def slopes(model: nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return None if cap is None else 1 - (z.to(dtype) / cap) ** 2  # z is already capped: tanh(z_raw / c) = z / c
 
 
-def head_rows(weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype, factor: float = 1.0,
-              slope: torch.Tensor | None = None) -> torch.Tensor:
+def head_rows(
+    weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype, factor: float = 1.0, slope: torch.Tensor | None = None
+) -> torch.Tensor:
     """∂z_b[ids_b]/∂y_b for each row b: factor · slope[b, id] · W[id], [B, d]."""
     rows = weight[ids.to(weight.device)].to(dtype) * factor
     if slope is None:
@@ -78,8 +82,9 @@ def head_rows(weight: torch.Tensor, ids: torch.Tensor, dtype: torch.dtype, facto
     return slope[torch.arange(len(ids), device=slope.device), ids.to(slope.device)].unsqueeze(-1).to(rows.device) * rows
 
 
-def _chunks(weight: torch.Tensor, dtype: torch.dtype, factor: float,
-            slope: torch.Tensor | None) -> Iterator[tuple[slice, torch.Tensor]]:
+def _chunks(
+    weight: torch.Tensor, dtype: torch.dtype, factor: float, slope: torch.Tensor | None
+) -> Iterator[tuple[slice, torch.Tensor]]:
     """∂z/∂y of one row in vocabulary chunks, converted chunk by chunk: (slice, [chunk, d])."""
     for start in range(0, weight.shape[0], VOCAB_CHUNK):
         part = slice(start, start + VOCAB_CHUNK)
@@ -87,16 +92,22 @@ def _chunks(weight: torch.Tensor, dtype: torch.dtype, factor: float,
         yield part, chunk if slope is None else slope[part, None].to(chunk.device, dtype) * chunk
 
 
-def _mean(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, factor: float,
-          slope: torch.Tensor | None) -> torch.Tensor:
+def _mean(
+    weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, factor: float, slope: torch.Tensor | None
+) -> torch.Tensor:
     mean = torch.zeros(weight.shape[1], dtype=dtype, device=weight.device)
     for part, chunk in _chunks(weight, dtype, factor, slope):
         mean += chunk.T @ p[part]
     return mean
 
 
-def fisher_matrix(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None, factor: float = 1.0,
-                  slope: torch.Tensor | None = None) -> torch.Tensor:
+def fisher_matrix(
+    weight: torch.Tensor,
+    p: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    factor: float = 1.0,
+    slope: torch.Tensor | None = None,
+) -> torch.Tensor:
     """F = Wᵀ diag(p) W − w̄w̄ᵀ (w̄ = Wᵀp) for one row: weight [V, d], p [V] -> [d, d].
 
     W here is ∂z/∂y = factor · diag(slope) · weight, streamed over the vocabulary in `dtype` (default:
@@ -120,8 +131,13 @@ def low_rank_factor(fisher: torch.Tensor, rank: int) -> torch.Tensor:
     return (values[top].clamp(min=0).sqrt().unsqueeze(-1) * vectors[:, top].T).to(fisher.dtype)
 
 
-def exact_factor(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None = None, factor: float = 1.0,
-                 slope: torch.Tensor | None = None) -> torch.Tensor:
+def exact_factor(
+    weight: torch.Tensor,
+    p: torch.Tensor,
+    dtype: torch.dtype | None = None,
+    factor: float = 1.0,
+    slope: torch.Tensor | None = None,
+) -> torch.Tensor:
     """R with RᵀR = F, from A = diag(√p)(W − 1 w̄ᵀ) by a chunked (tall-skinny) QR: [min(V, d), d]."""
     dtype = dtype or weight.dtype
     p = p.to(weight.device, dtype)
@@ -133,8 +149,15 @@ def exact_factor(weight: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | Non
     return stacked if len(partial) == 1 else torch.linalg.qr(stacked, mode="r").R
 
 
-def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int, dtype: torch.dtype,
-                   factor: float = 1.0, slope: torch.Tensor | None = None) -> torch.Tensor:
+def fisher_factors(
+    weight: torch.Tensor,
+    p: torch.Tensor,
+    form: str,
+    rank: int,
+    dtype: torch.dtype,
+    factor: float = 1.0,
+    slope: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Factor rows for every batch row: [k, B, d] (k = rank for low-rank, min(V, d) for exact)."""
     rows = []
     for row in range(p.shape[0]):
@@ -146,5 +169,15 @@ def fisher_factors(weight: torch.Tensor, p: torch.Tensor, form: str, rank: int, 
     return torch.stack(rows, 1)
 
 
-__all__ = ["softcap", "scale", "logits", "head_weight", "head_rows", "slopes", "fisher_matrix", "low_rank_factor",
-           "exact_factor", "fisher_factors"]
+__all__ = [
+    "softcap",
+    "scale",
+    "logits",
+    "head_weight",
+    "head_rows",
+    "slopes",
+    "fisher_matrix",
+    "low_rank_factor",
+    "exact_factor",
+    "fisher_factors",
+]

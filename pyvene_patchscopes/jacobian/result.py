@@ -1,4 +1,5 @@
 """What a Jacobian Scope returns for one text: a score per input token, the prediction it explains."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,12 +40,19 @@ class Attribution:
         return [s / peak if peak > 0 else 0.0 for s in self.scores]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "scope": self.scope.to_dict(), "target_position": self.target_position,
-                "prediction": self.prediction, "prediction_id": self.prediction_id,
-                "prediction_prob": self.prediction_prob, "target_token": self.target_token,
-                "target_id": self.target_id,
-                "tokens": [{"position": p, "token": t, "score": s}
-                           for p, t, s in zip(self.positions, self.tokens, self.scores)]}
+        return {
+            "text": self.text,
+            "scope": self.scope.to_dict(),
+            "target_position": self.target_position,
+            "prediction": self.prediction,
+            "prediction_id": self.prediction_id,
+            "prediction_prob": self.prediction_prob,
+            "target_token": self.target_token,
+            "target_id": self.target_id,
+            "tokens": [
+                {"position": p, "token": t, "score": s} for p, t, s in zip(self.positions, self.tokens, self.scores)
+            ],
+        }
 
     def to_html(self, path: str | Path | None = None) -> str:
         """A self-contained HTML page: the text with each token shaded by its score (hover for the value)."""

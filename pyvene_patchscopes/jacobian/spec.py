@@ -12,6 +12,7 @@ position), seen through one output direction:
 
 J_t = ∂y/∂x_t, where x_t is token t's embedding as the first block receives it.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,24 +54,34 @@ class JacobianScope(JsonSpec):
         if self.variant not in VARIANTS:
             raise SpecError(f"JacobianScope.variant={self.variant!r} is not known (allowed: {', '.join(VARIANTS)})")
         if isinstance(self.target_position, bool) or not isinstance(self.target_position, int):
-            raise SpecError(f"JacobianScope.target_position={self.target_position!r} is not allowed "
-                            "(allowed: an int token index, negative from the end)")
+            raise SpecError(
+                f"JacobianScope.target_position={self.target_position!r} is not allowed "
+                "(allowed: an int token index, negative from the end)"
+            )
         token = self.target_token
-        if token is not None and (isinstance(token, bool) or not isinstance(token, (str, int))
-                                  or (isinstance(token, str) and not token)
-                                  or (isinstance(token, int) and token < 0)):
-            raise SpecError(f"JacobianScope.target_token={token!r} is not allowed "
-                            "(allowed: None for the prediction, a one-token string, or a token id >= 0)")
+        if token is not None and (
+            isinstance(token, bool)
+            or not isinstance(token, (str, int))
+            or (isinstance(token, str) and not token)
+            or (isinstance(token, int) and token < 0)
+        ):
+            raise SpecError(
+                f"JacobianScope.target_token={token!r} is not allowed "
+                "(allowed: None for the prediction, a one-token string, or a token id >= 0)"
+            )
         if isinstance(token, str):
             check_text("JacobianScope.target_token", token)
         if token is not None and self.variant not in ("semantic", "gradient-x-input"):
-            raise SpecError(f"JacobianScope.target_token={token!r} is not allowed with variant={self.variant!r} "
-                            "(allowed: only with semantic and gradient-x-input, which read one token's logit)")
+            raise SpecError(
+                f"JacobianScope.target_token={token!r} is not allowed with variant={self.variant!r} "
+                "(allowed: only with semantic and gradient-x-input, which read one token's logit)"
+            )
         if self.fisher not in FISHER_FORMS:
             raise SpecError(f"JacobianScope.fisher={self.fisher!r} is not known (allowed: {', '.join(FISHER_FORMS)})")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise SpecError(f"JacobianScope.rank={self.rank!r} is not allowed (allowed: an integer >= 1, "
-                            "at most the hidden size)")
+            raise SpecError(
+                f"JacobianScope.rank={self.rank!r} is not allowed (allowed: an integer >= 1, at most the hidden size)"
+            )
         if not isinstance(self.model, str) or not self.model.strip():
             raise SpecError(f"JacobianScope.model={self.model!r} is not allowed (allowed: a model name)")
 
@@ -96,14 +107,15 @@ class JacobianScope(JsonSpec):
         if fmt != JACOBIAN_FORMAT:
             raise SpecError(f"spec format={fmt!r} is not allowed (allowed: {JACOBIAN_FORMAT!r})")
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= JACOBIAN_VERSION:
-            raise SpecError(f"spec version={version!r} is not supported by this library "
-                            f"(allowed: 1..{JACOBIAN_VERSION}); upgrade pyvene-patchscopes to read newer specs")
+            raise SpecError(
+                f"spec version={version!r} is not supported by this library "
+                f"(allowed: 1..{JACOBIAN_VERSION}); upgrade pyvene-patchscopes to read newer specs"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"format", "version"})
         if unknown:
             raise SpecError(f"Jacobian Scope spec has unknown field(s) {unknown} (allowed: {sorted(known)})")
         return cls(**{k: v for k, v in data.items() if k in known})
-
 
 
 __all__ = ["JacobianScope", "VARIANTS", "FISHER_FORMS", "JACOBIAN_FORMAT", "JACOBIAN_VERSION"]

@@ -14,6 +14,7 @@ The estimator (anthropics/jacobian-lens ``jlens/fitting.py``, TransformerLens ``
 A checkpoint in the reference's running-sum form (``jacobian_sum``, ``n_done``, ``next_idx`` with the settings) is
 written atomically every ``checkpoint_every`` prompts; a fit that is killed resumes from it and loses nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,15 @@ from ..models.probes import hooks_restored
 from ..persist.jlens import JacobianLens, load_pt, read_count, read_matrices, refuse_file
 
 SKIP_FIRST = 16
-CHECKPOINT_KEYS = ("jacobian_sum", "n_done", "next_idx", "source_layers", "target_layer", "skip_first",
-                   "prompts_sha256")
+CHECKPOINT_KEYS = (
+    "jacobian_sum",
+    "n_done",
+    "next_idx",
+    "source_layers",
+    "target_layer",
+    "skip_first",
+    "prompts_sha256",
+)
 
 
 class ShortPromptWarning(UserWarning):
@@ -49,10 +57,18 @@ class _Reached(Exception):
 
 
 @data_first("model", "texts")
-def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence[int] | None = None,
-                      dim_batch: int = 8, max_seq_len: int = 128, skip_first: int = SKIP_FIRST,
-                      checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 1, resume: bool = True,
-                      progress: bool | None = None) -> JacobianLens:
+def fit_jacobian_lens(
+    texts: Sequence[str],
+    model: ModelHandle,
+    layers: Sequence[int] | None = None,
+    dim_batch: int = 8,
+    max_seq_len: int = 128,
+    skip_first: int = SKIP_FIRST,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = True,
+    progress: bool | None = None,
+) -> JacobianLens:
     """Fit J_l for every source layer in `layers` (default: all but the last) on `texts` (see the module docstring).
 
     With ``checkpoint``, the running sum is saved there every ``checkpoint_every`` prompts and a rerun resumes from
@@ -70,8 +86,12 @@ def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence
     texts = list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise SpecError("texts must be a non-empty list of non-empty strings")
-    settings = {"source_layers": sources, "target_layer": n_layers - 1, "skip_first": skip_first,
-                "prompts_sha256": _prompts_hash(texts, max_seq_len)}
+    settings = {
+        "source_layers": sources,
+        "target_layer": n_layers - 1,
+        "skip_first": skip_first,
+        "prompts_sha256": _prompts_hash(texts, max_seq_len),
+    }
     state: dict[str, Any] = {"jacobian_sum": {l: torch.zeros(d, d) for l in sources}, "n_done": 0, "next_idx": 0}
     if checkpoint is not None and resume and Path(checkpoint).exists():
         state = read_checkpoint(checkpoint, d, settings)
@@ -80,12 +100,16 @@ def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence
         for index in tqdm(range(len(texts)), desc="fitting J-lens", unit="prompt", disable=not show):
             if index < state["next_idx"]:
                 continue
-            ids = model.tokenizer(texts[index], return_tensors="pt", truncation=True,
-                                  max_length=max_seq_len)["input_ids"]
+            ids = model.tokenizer(texts[index], return_tensors="pt", truncation=True, max_length=max_seq_len)[
+                "input_ids"
+            ]
             if ids.shape[1] <= skip_first + 1:
-                warnings.warn(f"texts[{index}] has {ids.shape[1]} tokens, too few for a valid position after "
-                              f"skip_first={skip_first} (allowed: at least {skip_first + 2}); it is left out",
-                              ShortPromptWarning, stacklevel=2)
+                warnings.warn(
+                    f"texts[{index}] has {ids.shape[1]} tokens, too few for a valid position after "
+                    f"skip_first={skip_first} (allowed: at least {skip_first + 2}); it is left out",
+                    ShortPromptWarning,
+                    stacklevel=2,
+                )
             else:
                 for layer, matrix in prompt_jacobians(model, ids[0], sources, dim_batch, skip_first).items():
                     state["jacobian_sum"][layer] += matrix
@@ -94,17 +118,28 @@ def fit_jacobian_lens(texts: Sequence[str], model: ModelHandle, layers: Sequence
             if checkpoint is not None and (state["next_idx"] % checkpoint_every == 0 or index == len(texts) - 1):
                 write_checkpoint(checkpoint, state, settings)
     if not state["n_done"]:
-        raise SpecError(f"no text has more than skip_first + 1 = {skip_first + 1} tokens (allowed: longer texts, "
-                        "or a smaller skip_first)")
-    metadata = {"estimator": "reference (anthropics/jacobian-lens)", "target_layer": n_layers - 1,
-                "skip_first": skip_first, "dim_batch": dim_batch, "max_seq_len": max_seq_len, "model": model.name,
-                "hook_convention": "block output (resid_post)", "prompts_sha256": settings["prompts_sha256"]}
-    return JacobianLens({l: s / state["n_done"] for l, s in state["jacobian_sum"].items()}, state["n_done"], d,
-                        metadata)
+        raise SpecError(
+            f"no text has more than skip_first + 1 = {skip_first + 1} tokens (allowed: longer texts, "
+            "or a smaller skip_first)"
+        )
+    metadata = {
+        "estimator": "reference (anthropics/jacobian-lens)",
+        "target_layer": n_layers - 1,
+        "skip_first": skip_first,
+        "dim_batch": dim_batch,
+        "max_seq_len": max_seq_len,
+        "model": model.name,
+        "hook_convention": "block output (resid_post)",
+        "prompts_sha256": settings["prompts_sha256"],
+    }
+    return JacobianLens(
+        {l: s / state["n_done"] for l, s in state["jacobian_sum"].items()}, state["n_done"], d, metadata
+    )
 
 
-def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], dim_batch: int,
-                     skip_first: int) -> dict[int, torch.Tensor]:
+def prompt_jacobians(
+    model: ModelHandle, ids: torch.Tensor, sources: list[int], dim_batch: int, skip_first: int
+) -> dict[int, torch.Tensor]:
     """One prompt's J_l for every source layer: [d_out, d_in], float32 on the CPU (the module docstring's steps)."""
     hf = model.model
     arch = architecture(hf)
@@ -123,6 +158,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
             if layer == n_layers - 1:
                 raise _Reached
             return out
+
         return hook
 
     handles = [blocks[l].register_forward_hook(record(l)) for l in sorted(set(sources) | {n_layers - 1})]
@@ -145,7 +181,7 @@ def prompt_jacobians(model: ModelHandle, ids: torch.Tensor, sources: list[int], 
                 cotangent[rows[:n, None], positions[None, :], start + rows[:n, None]] = 1.0
                 grads = torch.autograd.grad(target, inputs, cotangent, retain_graph=k < len(starts) - 1)
                 for layer, grad in zip(sources, grads):
-                    jacobians[layer][start:start + n] = grad[:n, positions].float().mean(1).cpu()
+                    jacobians[layer][start : start + n] = grad[:n, positions].float().mean(1).cpu()
     finally:
         for handle in handles:
             handle.remove()
@@ -158,8 +194,12 @@ def write_checkpoint(path: str | os.PathLike, state: dict[str, Any], settings: d
     the prompts' hash), written whole or not at all."""
     from ..core.outputs import replacing
 
-    payload = {"jacobian_sum": {l: m.float().contiguous() for l, m in state["jacobian_sum"].items()},
-               "n_done": int(state["n_done"]), "next_idx": int(state["next_idx"]), **settings}
+    payload = {
+        "jacobian_sum": {l: m.float().contiguous() for l, m in state["jacobian_sum"].items()},
+        "n_done": int(state["n_done"]),
+        "next_idx": int(state["next_idx"]),
+        **settings,
+    }
     with replacing(path) as temporary:
         torch.save(payload, temporary)
     return Path(path)
@@ -169,19 +209,28 @@ def read_checkpoint(path: str | os.PathLike, d_model: int, settings: dict[str, A
     """A checkpoint read as tensors and numbers only and checked against this fit's settings."""
     where = Path(path)
     payload = load_pt(path, "Jacobian lens checkpoint")
-    if not isinstance(payload, dict) or not {"jacobian_sum", "n_done", "next_idx"} <= set(payload) \
-            or set(payload) - set(CHECKPOINT_KEYS):
+    if (
+        not isinstance(payload, dict)
+        or not {"jacobian_sum", "n_done", "next_idx"} <= set(payload)
+        or set(payload) - set(CHECKPOINT_KEYS)
+    ):
         keys = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
         raise refuse_file(where, f"is not a fit checkpoint: it holds {keys} (allowed: {list(CHECKPOINT_KEYS)})")
     for key, value in settings.items():
         if key in payload and payload[key] != value:
-            raise refuse_file(where, f"was written with {key}={payload[key]!r}, not {value!r}: another fit (pass "
-                          "resume=False to start over, or the same settings and texts)")
+            raise refuse_file(
+                where,
+                f"was written with {key}={payload[key]!r}, not {value!r}: another fit (pass "
+                "resume=False to start over, or the same settings and texts)",
+            )
     sums = read_matrices(where, payload["jacobian_sum"], d_model, "jacobian_sum")
     if list(sums) != settings["source_layers"]:
         raise refuse_file(where, f"jacobian_sum has layers {list(sums)}, this fit {settings['source_layers']}")
-    return {"jacobian_sum": sums, "n_done": read_count(where, payload, "n_done", 0, 1 << 40),
-            "next_idx": read_count(where, payload, "next_idx", 0, 1 << 40)}
+    return {
+        "jacobian_sum": sums,
+        "n_done": read_count(where, payload, "n_done", 0, 1 << 40),
+        "next_idx": read_count(where, payload, "next_idx", 0, 1 << 40),
+    }
 
 
 def _source_layer(layer: Any, n_layers: int) -> int:
@@ -208,5 +257,11 @@ class _frozen:
             parameter.requires_grad_(flag)
 
 
-__all__ = ["fit_jacobian_lens", "prompt_jacobians", "write_checkpoint", "read_checkpoint", "ShortPromptWarning",
-           "SKIP_FIRST"]
+__all__ = [
+    "fit_jacobian_lens",
+    "prompt_jacobians",
+    "write_checkpoint",
+    "read_checkpoint",
+    "ShortPromptWarning",
+    "SKIP_FIRST",
+]

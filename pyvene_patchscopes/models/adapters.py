@@ -7,6 +7,7 @@ place), so pyvene, the hooks and the planned execution see an ordinary transform
 their low-rank update. Nothing here merges or unmerges an adapter, or enables or disables one: the model runs as the
 user left it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,9 +36,23 @@ from .adapter_checks import (
 )
 
 # The config fields that change the adapted forward (what `identity` records besides the weights' hash).
-IDENTITY_FIELDS = ("peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "use_rslora", "use_dora",
-                   "fan_in_fan_out", "bias", "modules_to_save", "layers_to_transform", "layers_pattern",
-                   "rank_pattern", "alpha_pattern", "lora_bias")
+IDENTITY_FIELDS = (
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "bias",
+    "modules_to_save",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "lora_bias",
+)
 
 
 # ---- identity -----------------------------------------------------------------------------------------------------
@@ -73,8 +88,13 @@ def identity(peft_model: Any) -> dict[str, Any]:
     for name in names:
         config = peft_model.peft_config[name].to_dict()
         weights = peft.get_peft_model_state_dict(peft_model, adapter_name=name)
-        adapters.append({"name": name, "config": {k: _json_safe(config[k]) for k in IDENTITY_FIELDS if k in config},
-                         "weights_sha256": tensors_sha256(weights.items())})
+        adapters.append(
+            {
+                "name": name,
+                "config": {k: _json_safe(config[k]) for k in IDENTITY_FIELDS if k in config},
+                "weights_sha256": tensors_sha256(weights.items()),
+            }
+        )
     return {"adapters": adapters}
 
 
@@ -112,5 +132,16 @@ def apply_adapter(model: nn.Module, adapter: str | os.PathLike, name: str) -> tu
 
 # adapter_folder, read_adapter_config, check_adapter_fits and the file names live in adapter_checks; they stay
 # importable from here, where they were before the split.
-__all__ = ["adapter_folder", "read_adapter_config", "check_adapter_fits", "check_adapter", "apply_adapter", "identity",
-           "unwrap", "is_peft_model", "tensors_sha256", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+__all__ = [
+    "adapter_folder",
+    "read_adapter_config",
+    "check_adapter_fits",
+    "check_adapter",
+    "apply_adapter",
+    "identity",
+    "unwrap",
+    "is_peft_model",
+    "tensors_sha256",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+]

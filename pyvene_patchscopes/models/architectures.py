@@ -22,6 +22,7 @@ the two equal). A family needs an entry only for what discovery gets wrong:
 Every causal-LM class of the installed transformers is tested on a tiny random config
 (``tests/test_every_family.py``); ``patchscopes families`` lists the path each one takes.
 """
+
 from __future__ import annotations
 
 import operator
@@ -42,39 +43,41 @@ SlidingWindow = Literal["none", "every layer", "layer types"]
 class Architecture:
     """Where one family keeps its pieces, and the quirks the planned execution must reproduce."""
 
-    family: str                          # the name users see ("llama")
-    classes: tuple[str, ...]             # HF causal-LM class names
-    embed: str                           # token embedding (its output is what the first block receives)
-    layers: str                          # the ModuleList of decoder blocks; block l's output is layer l
-    final_norm: str | None               # applied before the unembedding (and before hidden_states[-1]); None: none
+    family: str  # the name users see ("llama")
+    classes: tuple[str, ...]  # HF causal-LM class names
+    embed: str  # token embedding (its output is what the first block receives)
+    layers: str  # the ModuleList of decoder blocks; block l's output is layer l
+    final_norm: str | None  # applied before the unembedding (and before hidden_states[-1]); None: none
     unembed: str = "lm_head"
     rotary: str | None = "model.rotary_emb"
     positions: Positions = "rotary"
-    position_embed: str | None = None    # learned absolute positions, added to the token embedding (GPT-2)
-    scaled_embeddings: bool = False      # the embedding module itself multiplies by sqrt(d) (Gemma)
-    logit_softcap: bool = False          # tanh soft-capping of the logits, config.final_logit_softcapping
-    attention_softcap: bool = False      # tanh soft-capping of attention scores, config.attn_logit_softcapping
+    position_embed: str | None = None  # learned absolute positions, added to the token embedding (GPT-2)
+    scaled_embeddings: bool = False  # the embedding module itself multiplies by sqrt(d) (Gemma)
+    logit_softcap: bool = False  # tanh soft-capping of the logits, config.final_logit_softcapping
+    attention_softcap: bool = False  # tanh soft-capping of attention scores, config.attn_logit_softcapping
     sliding_window: SlidingWindow = "none"  # "every layer": config.sliding_window; "layer types": per layer
-    cache_argument: str = "cache"        # the decoder layer's keyword for the key/value cache
-    pyvene_like: str | None = None       # pyvene 0.1.8 lacks the class: register it with this family's table
-    head_dim: bool = False               # config.head_dim sets the head size (not hidden_size / heads)
-    attention_sinks: bool = False        # a learned per-head logit in every softmax (GPT-OSS's ``sinks``)
+    cache_argument: str = "cache"  # the decoder layer's keyword for the key/value cache
+    pyvene_like: str | None = None  # pyvene 0.1.8 lacks the class: register it with this family's table
+    head_dim: bool = False  # config.head_dim sets the head size (not hidden_size / heads)
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS's ``sinks``)
     planned: bool = True
     not_planned_because: str = ""
-    found: bool = False                  # found from the model (`discovery`), not read from the table
-    layered: bool = False                # found, and its logits are read from the last block's output: where the
-                                         # shared prefix cannot be exact, blocks run on the whole target (`layered`)
-    logit_scale: float | None = 1.0      # logits = s · unembed(y) (Cohere, Granite); None: a head of its own layers
-    final_norm_shared: bool = False      # the final norm module also runs before the first block (NanoChat):
-                                         # a hook there fires twice, so layer n-1 is read at the last block
+    found: bool = False  # found from the model (`discovery`), not read from the table
+    layered: bool = False  # found, and its logits are read from the last block's output: where the
+    # shared prefix cannot be exact, blocks run on the whole target (`layered`)
+    logit_scale: float | None = 1.0  # logits = s · unembed(y) (Cohere, Granite); None: a head of its own layers
+    final_norm_shared: bool = False  # the final norm module also runs before the first block (NanoChat):
+    # a hook there fires twice, so layer n-1 is read at the last block
 
     def module(self, model: nn.Module, path: str) -> nn.Module:
         """The submodule at a dotted path of this entry (``self.layers``, ``self.final_norm``, ...)."""
         try:
             return operator.attrgetter(path)(model)
         except AttributeError:
-            raise PatchscopeError(f"{type(model).__name__} has no module {path!r}, which the {self.family!r} "
-                                  "entry of the architecture table expects") from None
+            raise PatchscopeError(
+                f"{type(model).__name__} has no module {path!r}, which the {self.family!r} "
+                "entry of the architecture table expects"
+            ) from None
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The ``ModuleList`` of decoder blocks (at ``self.layers``)."""
@@ -93,22 +96,58 @@ FAMILIES: tuple[Architecture, ...] = (
     Architecture("llama", ("LlamaForCausalLM",), **_LLAMA_LIKE),
     Architecture("mistral", ("MistralForCausalLM",), sliding_window="every layer", **_LLAMA_LIKE),
     Architecture("qwen2", ("Qwen2ForCausalLM",), sliding_window="layer types", **_LLAMA_LIKE),
-    Architecture("qwen3", ("Qwen3ForCausalLM",), sliding_window="layer types", pyvene_like="llama",
-                 head_dim=True, **_LLAMA_LIKE),
-    Architecture("gemma2", ("Gemma2ForCausalLM",), scaled_embeddings=True, logit_softcap=True,
-                 attention_softcap=True, sliding_window="layer types", **_LLAMA_LIKE),
-    Architecture("gemma3", ("Gemma3ForCausalLM",), scaled_embeddings=True, logit_softcap=True,
-                 attention_softcap=True, sliding_window="layer types", pyvene_like="llama", head_dim=True,
-                 **_LLAMA_LIKE),
-    Architecture("phi3", ("Phi3ForCausalLM",), positions="partial rotary", sliding_window="every layer",
-                 pyvene_like="llama", **_LLAMA_LIKE),
+    Architecture(
+        "qwen3", ("Qwen3ForCausalLM",), sliding_window="layer types", pyvene_like="llama", head_dim=True, **_LLAMA_LIKE
+    ),
+    Architecture(
+        "gemma2",
+        ("Gemma2ForCausalLM",),
+        scaled_embeddings=True,
+        logit_softcap=True,
+        attention_softcap=True,
+        sliding_window="layer types",
+        **_LLAMA_LIKE,
+    ),
+    Architecture(
+        "gemma3",
+        ("Gemma3ForCausalLM",),
+        scaled_embeddings=True,
+        logit_softcap=True,
+        attention_softcap=True,
+        sliding_window="layer types",
+        pyvene_like="llama",
+        head_dim=True,
+        **_LLAMA_LIKE,
+    ),
+    Architecture(
+        "phi3",
+        ("Phi3ForCausalLM",),
+        positions="partial rotary",
+        sliding_window="every layer",
+        pyvene_like="llama",
+        **_LLAMA_LIKE,
+    ),
     Architecture("olmo2", ("Olmo2ForCausalLM",), pyvene_like="llama", **_LLAMA_LIKE),
-    Architecture("gpt2", ("GPT2LMHeadModel",), embed="transformer.wte", layers="transformer.h",
-                 final_norm="transformer.ln_f", rotary=None, positions="learned absolute",
-                 position_embed="transformer.wpe"),
-    Architecture("gpt_neox", ("GPTNeoXForCausalLM",), embed="gpt_neox.embed_in", layers="gpt_neox.layers",
-                 final_norm="gpt_neox.final_layer_norm", rotary="gpt_neox.rotary_emb",
-                 positions="partial rotary", cache_argument="layer_past"),
+    Architecture(
+        "gpt2",
+        ("GPT2LMHeadModel",),
+        embed="transformer.wte",
+        layers="transformer.h",
+        final_norm="transformer.ln_f",
+        rotary=None,
+        positions="learned absolute",
+        position_embed="transformer.wpe",
+    ),
+    Architecture(
+        "gpt_neox",
+        ("GPTNeoXForCausalLM",),
+        embed="gpt_neox.embed_in",
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        rotary="gpt_neox.rotary_emb",
+        positions="partial rotary",
+        cache_argument="layer_past",
+    ),
 )
 _BY_CLASS = {name: entry for entry in FAMILIES for name in entry.classes}
 

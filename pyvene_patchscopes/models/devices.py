@@ -5,6 +5,7 @@ A model loaded with ``device_map`` (layers on several GPUs, or offloaded to the 
 through a hook on the module (``module._hf_hook``). Such a module computes on the hook's ``execution_device``;
 its ``.weight`` is an empty placeholder. Every device this package asks for comes from here.
 """
+
 from __future__ import annotations
 
 from itertools import chain

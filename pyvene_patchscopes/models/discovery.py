@@ -16,6 +16,7 @@ recurrent state, attention outside transformers' attention interface, per-layer 
 the model itself (`execution.check`). Every probe (`probes`, `logit_scale`) runs on a few tokens and leaves the
 model as it was.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,16 @@ from .probes import check_blocks, children_in_order, hooks_restored, probe_ids
 ATTENTION_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # keywords the planned execution passes to a decoder layer itself; any other required one it cannot supply
-_SUPPLIED = {"hidden_states", "attention_mask", "position_ids", "position_embeddings", "use_cache",
-             "cache_position", "output_attentions", *_CACHE_KEYWORDS}
+_SUPPLIED = {
+    "hidden_states",
+    "attention_mask",
+    "position_ids",
+    "position_embeddings",
+    "use_cache",
+    "cache_position",
+    "output_attentions",
+    *_CACHE_KEYWORDS,
+}
 
 
 def path_of(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -48,8 +57,10 @@ def not_a_decoder(model_type: str) -> str:
     """Why a model type is no decoder-only LM ("" when it is): half of a seq2seq model, or a masked-LM encoder."""
     from transformers.models.auto import modeling_auto as auto
 
-    if model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES or \
-            model_type in auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES:
+    if (
+        model_type in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+        or model_type in auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES
+    ):
         return "encoder-decoder"
     if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "encoder"
@@ -62,8 +73,10 @@ def drafter(cls: type) -> bool:
     return forward is not None and "shared_kv_states" in inspect.signature(forward).parameters
 
 
-DRAFTER = ("an assistant (a drafter for speculative decoding) whose layers read another model's keys and values "
-           "(shared_kv_states): it does not run from a prompt alone")
+DRAFTER = (
+    "an assistant (a drafter for speculative decoding) whose layers read another model's keys and values "
+    "(shared_kv_states): it does not run from a prompt alone"
+)
 
 
 def check_decoder(model: nn.Module) -> None:
@@ -74,18 +87,25 @@ def check_decoder(model: nn.Module) -> None:
         raise PatchscopeError(f"{name} has no Hugging Face config (allowed: a transformers causal LM)")
     model_type = getattr(config, "model_type", "")
     if drafter(type(model)):
-        raise PatchscopeError(f"{name} is {DRAFTER}; Patchscopes need a decoder that reads a prompt (allowed: the "
-                              "model it drafts for)")
+        raise PatchscopeError(
+            f"{name} is {DRAFTER}; Patchscopes need a decoder that reads a prompt (allowed: the model it drafts for)"
+        )
     kind = "encoder-decoder" if getattr(config, "is_encoder_decoder", False) else not_a_decoder(model_type)
     if kind == "encoder-decoder":
-        raise PatchscopeError(f"{name} is an encoder-decoder model; Patchscopes need a decoder-only causal LM "
-                              "(allowed: a model in transformers' causal-LM mapping whose family is not seq2seq)")
+        raise PatchscopeError(
+            f"{name} is an encoder-decoder model; Patchscopes need a decoder-only causal LM "
+            "(allowed: a model in transformers' causal-LM mapping whose family is not seq2seq)"
+        )
     if kind == "encoder":
-        raise PatchscopeError(f"{name} is an encoder ({model_type!r} models are masked LMs); Patchscopes need a "
-                              "decoder-only causal LM that reads its prompt left to right")
+        raise PatchscopeError(
+            f"{name} is an encoder ({model_type!r} models are masked LMs); Patchscopes need a "
+            "decoder-only causal LM that reads its prompt left to right"
+        )
     if output_embeddings(model) is None:
-        raise PatchscopeError(f"{name} has no unembedding (get_output_embeddings() is None); Patchscopes need the "
-                              "causal-LM class with its head (for example LlamaForCausalLM, not LlamaModel)")
+        raise PatchscopeError(
+            f"{name} has no unembedding (get_output_embeddings() is None); Patchscopes need the "
+            "causal-LM class with its head (for example LlamaForCausalLM, not LlamaModel)"
+        )
 
 
 _KEYS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -96,8 +116,10 @@ def block_count(model: nn.Module) -> int | None:
     recorder names instead (LongCat-Flash: ``num_layers``, each block holding two attention sublayers)."""
     config = text_config(model)
     if model not in _KEYS:
-        keys = [getattr((getattr(m, "_can_record_outputs", None) or {}).get("hidden_states"), "num_hidden_layers_key",
-                        None) for m in model.modules()]
+        keys = [
+            getattr((getattr(m, "_can_record_outputs", None) or {}).get("hidden_states"), "num_hidden_layers_key", None)
+            for m in model.modules()
+        ]
         _KEYS[model] = next((k for k in keys if isinstance(k, str)), "num_hidden_layers")
     n = getattr(config, _KEYS[model], None)
     n = n if isinstance(n, int) else getattr(config, "num_hidden_layers", None)
@@ -112,12 +134,19 @@ def find_layers(model: nn.Module) -> str:
     if not matching:
         seen = ", ".join(f"{name or '<root>'} ({len(m)})" for name, m in lists[:8]) or "none"
         key = _KEYS.get(model, "num_hidden_layers")
-        looped = "" if key == "num_hidden_layers" else \
-            (f" (its forward records config.{key}={n} hidden states, more than its config.num_hidden_layers="
-             f"{text_config(model).num_hidden_layers} blocks: blocks run more than once, as in a looped "
-             "model, so layer l has no one block to read and write)")
-        raise PatchscopeError(f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList "
-                              f"of config.{key}={n} blocks; ModuleLists found: {seen}{looped}")
+        looped = (
+            ""
+            if key == "num_hidden_layers"
+            else (
+                f" (its forward records config.{key}={n} hidden states, more than its config.num_hidden_layers="
+                f"{text_config(model).num_hidden_layers} blocks: blocks run more than once, as in a looped "
+                "model, so layer l has no one block to read and write)"
+            )
+        )
+        raise PatchscopeError(
+            f"cannot find the decoder layers of {type(model).__name__}: looked for a ModuleList "
+            f"of config.{key}={n} blocks; ModuleLists found: {seen}{looped}"
+        )
     embed = path_of(model, input_embeddings(model)) or ""
     beside = [name for name in matching if _parent(name) == _parent(embed)]
     return (beside or sorted(matching, key=lambda name: name.count(".")))[0]
@@ -198,37 +227,55 @@ def not_planned_reason(model: nn.Module, layers: str, after: list[str], scale: f
     config = text_config(model)
     other = sorted(set(layer_types(config)) - set(ATTENTION_KINDS))
     if other:
-        return (f"its layers of kind {', '.join(other)} are not softmax attention over every earlier key and value "
-                "(linear attention, state-space and convolution layers keep a recurrent state; indexed and compressed "
-                "attention choose their keys), so the target prompt's prefix cannot be computed once and shared")
+        return (
+            f"its layers of kind {', '.join(other)} are not softmax attention over every earlier key and value "
+            "(linear attention, state-space and convolution layers keep a recurrent state; indexed and compressed "
+            "attention choose their keys), so the target prompt's prefix cannot be computed once and shared"
+        )
     block = blocks_at(model, layers)[0]
     parameters = inspect.signature(block.forward).parameters
     first = next(iter(parameters), None)  # the hidden states, whatever the family calls them (x, hidden)
-    required = [n for n, p in parameters.items() if p.default is p.empty and n not in _SUPPLIED and n != first
-                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    required = [
+        n
+        for n, p in parameters.items()
+        if p.default is p.empty
+        and n not in _SUPPLIED
+        and n != first
+        and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
     per_layer = [n for n in parameters if "per_layer" in n]
     if per_layer:
-        return (f"its decoder layers take {', '.join(per_layer)}, per-layer inputs its model's forward computes from "
-                "the token ids of the whole sequence (Gemma 3n, Gemma 4), which the shared prefix does not supply")
+        return (
+            f"its decoder layers take {', '.join(per_layer)}, per-layer inputs its model's forward computes from "
+            "the token ids of the whole sequence (Gemma 3n, Gemma 4), which the shared prefix does not supply"
+        )
     if required:
-        return (f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
-                "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone")
+        return (
+            f"its decoder layers need {', '.join(required)}, which its model's forward computes for the whole "
+            "sequence (per-layer inputs or position biases), so a layer cannot run on the suffix alone"
+        )
     if not any(keyword in parameters for keyword in _CACHE_KEYWORDS):
         return "its decoder layers take no key/value cache, so the shared prefix cannot reach their attention"
     if not any(_uses_attention_interface(type(m)) for m in block.modules() if _is_attention(type(m))):
-        return ("its attention does not go through transformers' attention interface, so the shared prefix cannot "
-                "be given to it")
+        return (
+            "its attention does not go through transformers' attention interface, so the shared prefix cannot "
+            "be given to it"
+        )
     return head_reason(after, scale)
 
 
 def head_reason(after: list[str], scale: float | None) -> str:
     """Why the planned execution cannot read the logits from the last block's output ("" when it can)."""
     if scale is None:
-        return ("its logits are not a scaled copy of its unembedding of the final hidden state (a prediction head "
-                "of its own layers runs between them), where the planned execution unembeds that state directly")
+        return (
+            "its logits are not a scaled copy of its unembedding of the final hidden state (a prediction head "
+            "of its own layers runs between them), where the planned execution unembeds that state directly"
+        )
     if len(after) > 1:
-        return (f"more than one module runs between its last block and its unembedding ({', '.join(after)}), where "
-                "the planned execution applies one final norm")
+        return (
+            f"more than one module runs between its last block and its unembedding ({', '.join(after)}), where "
+            "the planned execution applies one final norm"
+        )
     return ""
 
 
@@ -242,8 +289,11 @@ def _uses_attention_interface(cls: type[nn.Module]) -> bool:
 
 def _inverse_frequencies(module: nn.Module) -> list[torch.Tensor]:
     """A rotary embedding's frequency buffers (``inv_freq``, or one per layer type: ``sliding_attention_inv_freq``)."""
-    return [buffer for name, buffer in module.named_buffers(recurse=False)
-            if name.endswith("inv_freq") and "original" not in name]
+    return [
+        buffer
+        for name, buffer in module.named_buffers(recurse=False)
+        if name.endswith("inv_freq") and "original" not in name
+    ]
 
 
 def _head_size(config: Any) -> int:
@@ -266,19 +316,28 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
             raise PatchscopeError(
                 f"{type(model).__name__}'s {role} embeddings are a {type(module).__name__}, not one matrix over "
                 "one vocabulary (several token streams, as in Musicgen's codebooks); Patchscopes read and write "
-                "one token stream")
+                "one token stream"
+            )
     embed = path_of(model, input_embeddings(model))
     unembed = path_of(model, output_embeddings(model))
     if embed is None or unembed is None:
-        raise PatchscopeError(f"cannot find the embeddings of {type(model).__name__}: get_input_embeddings() or "
-                              "get_output_embeddings() is not one of its submodules")
+        raise PatchscopeError(
+            f"cannot find the embeddings of {type(model).__name__}: get_input_embeddings() or "
+            "get_output_embeddings() is not one of its submodules"
+        )
     layers = find_layers(model)
     check_blocks(model, layers)
     base = _parent(layers)
     before, after = children_in_order(model, base, layers)
     base_module = model.get_submodule(base) if base else model
-    rotary = next((f"{base}.{name}" if base else name for name, child in base_module.named_children()
-                   if _inverse_frequencies(child) or "rotary" in type(child).__name__.lower()), None)
+    rotary = next(
+        (
+            f"{base}.{name}" if base else name
+            for name, child in base_module.named_children()
+            if _inverse_frequencies(child) or "rotary" in type(child).__name__.lower()
+        ),
+        None,
+    )
     embedding = model.get_submodule(embed)
     positions = [p for p in before if p not in (embed, rotary) and isinstance(model.get_submodule(p), nn.Embedding)]
     kinds = getattr(config, "layer_types", None)
@@ -290,27 +349,60 @@ def found_pieces(model: nn.Module) -> dict[str, Any]:
         kind = "learned absolute" if positions else "none"
     else:
         frequencies = _inverse_frequencies(model.get_submodule(rotary))
-        rotated = 2 * max(buffer.numel() for buffer in frequencies) if frequencies else \
-            (getattr(config, "rotary_dim", None) or _head_size(config))  # GPT-J keeps sin/cos tables instead
+        rotated = (
+            2 * max(buffer.numel() for buffer in frequencies)
+            if frequencies
+            else (getattr(config, "rotary_dim", None) or _head_size(config))
+        )  # GPT-J keeps sin/cos tables instead
         kind = "partial rotary" if rotated < _head_size(config) else "rotary"
     return dict(
-        family=str(config.model_type), classes=(type(model).__name__,), embed=embed, layers=layers,
-        final_norm=after[-1] if after else None, unembed=unembed, rotary=rotary, positions=kind,
+        family=str(config.model_type),
+        classes=(type(model).__name__,),
+        embed=embed,
+        layers=layers,
+        final_norm=after[-1] if after else None,
+        unembed=unembed,
+        rotary=rotary,
+        positions=kind,
         position_embed=positions[0] if positions else None,
         scaled_embeddings=hasattr(embedding, "embed_scale"),
         logit_softcap=any(_config_has(config, name) for name in _SOFTCAPS),
         attention_softcap=_config_has(config, "attn_logit_softcapping"),
-        sliding_window="layer types" if kinds else ("every layer" if getattr(config, "sliding_window", None) and
-                                                     getattr(config, "use_sliding_window", True) is not False
-                                                     else "none"),
-        cache_argument=cache, attention_sinks=any(hasattr(m, "sinks") for m in block.modules()),
-        planned=not reason, not_planned_because=reason, found=True, layered=not head_reason(after, scale),
+        sliding_window="layer types"
+        if kinds
+        else (
+            "every layer"
+            if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) is not False
+            else "none"
+        ),
+        cache_argument=cache,
+        attention_sinks=any(hasattr(m, "sinks") for m in block.modules()),
+        planned=not reason,
+        not_planned_because=reason,
+        found=True,
+        layered=not head_reason(after, scale),
         final_norm_shared=bool(after) and after[-1] in before,
         logit_scale=scale,
     )
 
 
 # hooks_restored and probe_ids live in probes; they stay importable from here, where they were before the split.
-__all__ = ["found_pieces", "check_decoder", "drafter", "DRAFTER", "block_count", "find_layers", "layer_types",
-           "not_planned_reason", "head_reason", "path_of", "non_attention_kinds", "softcap", "logit_scale",
-           "hooks_restored", "not_a_decoder", "probe_ids", "ATTENTION_KINDS"]
+__all__ = [
+    "found_pieces",
+    "check_decoder",
+    "drafter",
+    "DRAFTER",
+    "block_count",
+    "find_layers",
+    "layer_types",
+    "not_planned_reason",
+    "head_reason",
+    "path_of",
+    "non_attention_kinds",
+    "softcap",
+    "logit_scale",
+    "hooks_restored",
+    "not_a_decoder",
+    "probe_ids",
+    "ATTENTION_KINDS",
+]

@@ -1,5 +1,6 @@
 """The model handle: a loaded causal LM with its prepared tokenizer and the facts a Patchscope needs about it, made by
 `load_model` or, from a model already in memory, by `wrap_model`."""
+
 from __future__ import annotations
 
 import copy
@@ -52,8 +53,9 @@ class ModelHandle:
 
         n = block_count(self.model)
         if n is None:  # wrap_model found the blocks by this count: only a config edited since lacks it
-            raise PatchscopeError(f"{type(self.model).__name__}'s config names no layer count "
-                                  "(allowed: a config with num_hidden_layers)")
+            raise PatchscopeError(
+                f"{type(self.model).__name__}'s config names no layer count (allowed: a config with num_hidden_layers)"
+            )
         return n
 
     @property
@@ -74,8 +76,10 @@ class ModelHandle:
         return dtype_of(self.model)
 
     def __repr__(self) -> str:
-        return (f"ModelHandle(name={self.name!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size}, "
-                f"device={self.device}, dtype={self.dtype})")
+        return (
+            f"ModelHandle(name={self.name!r}, n_layers={self.n_layers}, hidden_size={self.hidden_size}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
 
 
 def context_limit(model: PreTrainedModel) -> tuple[int | None, str]:
@@ -107,8 +111,11 @@ def prepare_tokenizer(tokenizer: Any, document_start: str | None = None) -> Any:
     if tokenizer.bos_token is not None and not _adds_bos(tokenizer):
         tokenizer.add_bos_token = True
         if not _adds_bos(tokenizer):
-            log.warning("tokenizer %s does not prepend %s; position 0 will be the prompt's first word",
-                        type(tokenizer).__name__, tokenizer.bos_token)
+            log.warning(
+                "tokenizer %s does not prepend %s; position 0 will be the prompt's first word",
+                type(tokenizer).__name__,
+                tokenizer.bos_token,
+            )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -142,11 +149,18 @@ def wrap_model(model: PreTrainedModel, tokenizer: Any, name: str | None = None) 
     try:
         own = copy.deepcopy(tokenizer)
     except (TypeError, copy.Error, RuntimeError, AttributeError) as err:
-        raise PatchscopeError(f"tokenizer of type {type(tokenizer).__name__} cannot be copied ({err}) "
-                              "(allowed: a tokenizer that copy.deepcopy can copy, as Hugging Face tokenizers "
-                              "can; the handle prepares a copy so that yours keeps its settings)") from None
-    return ModelHandle(name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
-                       model=model, tokenizer=prepare_tokenizer(own), origin=origin, peft=peft)
+        raise PatchscopeError(
+            f"tokenizer of type {type(tokenizer).__name__} cannot be copied ({err}) "
+            "(allowed: a tokenizer that copy.deepcopy can copy, as Hugging Face tokenizers "
+            "can; the handle prepares a copy so that yours keeps its settings)"
+        ) from None
+    return ModelHandle(
+        name=name or getattr(model.config, "name_or_path", "") or type(model).__name__,
+        model=model,
+        tokenizer=prepare_tokenizer(own),
+        origin=origin,
+        peft=peft,
+    )
 
 
 __all__ = ["ModelHandle", "context_limit", "prepare_tokenizer", "wrap_model"]

@@ -1,4 +1,5 @@
 """Hashes that identify weights: a file's sha256, and a model's state dict's (read in from where offloaded)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -51,9 +52,11 @@ def _onloaded(model: torch.nn.Module, name: str) -> torch.Tensor:
                 data = getattr(owner, parts[-1]).detach().clone()
             if data.device.type != "meta":
                 return data
-    raise PatchscopeError(f"the weight {name} is on the meta device with no offloaded copy to read, so the model's "
-                          "weights cannot be hashed (allowed: a model whose every weight is loaded, or offloaded by "
-                          "accelerate)")
+    raise PatchscopeError(
+        f"the weight {name} is on the meta device with no offloaded copy to read, so the model's "
+        "weights cannot be hashed (allowed: a model whose every weight is loaded, or offloaded by "
+        "accelerate)"
+    )
 
 
 __all__ = ["file_sha256", "weights_sha256"]

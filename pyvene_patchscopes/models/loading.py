@@ -1,4 +1,5 @@
 """Load a language model by name: the embedded GGUF models (cached as converted weights) or any HF id or path."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -93,8 +94,7 @@ def model_source(name: object) -> tuple[str, str]:
     Allowed: an embedded name (or alias), an existing folder holding a ``config.json``, or a hub id of the
     form ``org/name``. Anything else (``../../etc``, ``/``, a URL) is refused here.
     """
-    allowed = (f"allowed: {', '.join(EMBEDDED)}, an HF model id like 'org/model', or a local folder holding "
-               "config.json")
+    allowed = f"allowed: {', '.join(EMBEDDED)}, an HF model id like 'org/model', or a local folder holding config.json"
     if not isinstance(name, str) or not name.strip():
         raise UnknownNameError(f"model={name!r} is not allowed ({allowed})")
     key = ALIASES.get(name.lower(), name.lower())
@@ -116,11 +116,18 @@ def model_source(name: object) -> tuple[str, str]:
 DOCUMENT_START = {"smollm2-135m": "<|endoftext|>"}
 
 
-def load_model(name: str = "smollm2-135m", device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, *, device_map: str | dict[str, Any] | None = None,
-               max_memory: dict[Any, str | int] | None = None, offload_folder: str | os.PathLike | None = None,
-               attn_implementation: str | None = None, quantization_config: Any = None,
-               adapter: str | os.PathLike | None = None) -> ModelHandle:
+def load_model(
+    name: str = "smollm2-135m",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str | int] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    adapter: str | os.PathLike | None = None,
+) -> ModelHandle:
     """Load an embedded model by name (``smollm2-135m``, ``gemma3-270m``) or any HF model id or local folder.
 
     ``dtype``: ``"auto"`` (the checkpoint's own dtype; the default for hub ids and folders, so an 8B bf16
@@ -139,14 +146,20 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     kind, where = model_source(name)
     torch_dtype = resolve_dtype(dtype if dtype is not None or kind == "embedded" else "auto", auto=True)
     if device is not None and device_map is not None:
-        raise SpecError(f"device={device!r} and device_map={device_map!r} are both given (allowed: one of them: "
-                        "device for one device, device_map for a split or offloaded model)")
+        raise SpecError(
+            f"device={device!r} and device_map={device_map!r} are both given (allowed: one of them: "
+            "device for one device, device_map for a split or offloaded model)"
+        )
     target = check_device(device if device is not None else "cpu")
     placement: dict[str, Any] = {}
     if device_map is not None:
         placement["device_map"] = check_device_map(device_map)
-    for key, value in (("max_memory", max_memory), ("offload_folder", offload_folder),
-                       ("attn_implementation", attn_implementation), ("quantization_config", quantization_config)):
+    for key, value in (
+        ("max_memory", max_memory),
+        ("offload_folder", offload_folder),
+        ("attn_implementation", attn_implementation),
+        ("quantization_config", quantization_config),
+    ):
         if value is not None:
             placement[key] = str(value) if key == "offload_folder" else value
     if quantization_config is not None:
@@ -177,8 +190,13 @@ def load_model(name: str = "smollm2-135m", device: str | torch.device | None = N
     from .adapters import apply_adapter, identity
 
     adapted, folder = apply_adapter(model, adapter, display)
-    return ModelHandle(name=f"{display}+{folder.name}", model=adapted.get_base_model(), tokenizer=tokenizer,
-                       origin={**origin, "adapter": identity(adapted)}, peft=adapted)
+    return ModelHandle(
+        name=f"{display}+{folder.name}",
+        model=adapted.get_base_model(),
+        tokenizer=tokenizer,
+        origin={**origin, "adapter": identity(adapted)},
+        peft=adapted,
+    )
 
 
 __all__ = ["EMBEDDED", "ALIASES", "DOCUMENT_START", "cache_root", "model_source", "load_model"]

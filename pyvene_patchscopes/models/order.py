@@ -7,6 +7,7 @@ their old parameter order: a call whose first argument is a model uses the old o
 a model. It warns ``DeprecationWarning`` naming the new order, then binds its positional arguments by the old
 names; no call changes meaning. Remove the decorators in 0.3.0.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,20 +47,23 @@ def data_first(*old: str, models: tuple[str, ...] = ("model",)) -> Callable[[Ver
 
     def decorate(verb: Verb) -> Verb:
         signature = inspect.signature(verb)
-        params = [p.name for p in signature.parameters.values()
-                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        params = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
         order = [*names, *(p for p in params if p not in names)]  # the old positional order, in full
-        new = ", ".join(params[:len(names)])
-        message = (f"{verb.__name__}({', '.join(old)}) is the old argument order; call {verb.__name__}({new}) "
-                   f"(the data first, the model second); the old order is removed in {REMOVED_IN}")
+        new = ", ".join(params[: len(names)])
+        message = (
+            f"{verb.__name__}({', '.join(old)}) is the old argument order; call {verb.__name__}({new}) "
+            f"(the data first, the model second); the old order is removed in {REMOVED_IN}"
+        )
 
         @functools.wraps(verb)
         def call(*args: Any, **kwargs: Any) -> Any:
             if args and is_model(args[0]):
                 warnings.warn(message, DeprecationWarning, stacklevel=2)
                 if len(args) > len(order):
-                    raise TypeError(f"{verb.__name__}() takes at most {len(order)} positional arguments in the old "
-                                    f"order ({len(args)} given)")
+                    raise TypeError(
+                        f"{verb.__name__}() takes at most {len(order)} positional arguments in the old "
+                        f"order ({len(args)} given)"
+                    )
                 for name, value in zip(order, args):
                     if name in kwargs:
                         raise TypeError(f"{verb.__name__}() got multiple values for argument {name!r}")

@@ -4,6 +4,7 @@
 ``ModuleList`` of its decoder blocks and a head's ``weight`` are narrower. These read each once, check what they
 got, and say what it is; a model that holds something else is refused with a `PatchscopeError` naming it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,9 @@ def hf_config(model: nn.Module) -> PreTrainedConfig:
     """The model's transformers config (``model.config``)."""
     config = getattr(model, "config", None)
     if not isinstance(config, PreTrainedConfig):
-        raise PatchscopeError(f"{type(model).__name__}.config is a {type(config).__name__} (allowed: a transformers "
-                              "PreTrainedConfig)")
+        raise PatchscopeError(
+            f"{type(model).__name__}.config is a {type(config).__name__} (allowed: a transformers PreTrainedConfig)"
+        )
     return config
 
 
@@ -30,8 +32,9 @@ def text_config(model: nn.Module) -> PreTrainedConfig:
 def module_list(model: nn.Module, path: str, module: nn.Module) -> nn.ModuleList:
     """`module`, found at `path` in `model`, as the ``ModuleList`` of decoder blocks that it must be."""
     if not isinstance(module, nn.ModuleList):
-        raise PatchscopeError(f"{type(model).__name__}.{path} is a {type(module).__name__} (allowed: the ModuleList "
-                              "of decoder blocks)")
+        raise PatchscopeError(
+            f"{type(model).__name__}.{path} is a {type(module).__name__} (allowed: the ModuleList of decoder blocks)"
+        )
     return module
 
 
@@ -60,8 +63,10 @@ def unembedding(model: nn.Module) -> nn.Module:
     """The model's unembedding, which the caller needs: refused where ``get_output_embeddings()`` gives none."""
     head = output_embeddings(model)
     if head is None:
-        raise PatchscopeError(f"{type(model).__name__} has no unembedding (get_output_embeddings() is None) "
-                              "(allowed: the causal-LM class with its head, for example LlamaForCausalLM)")
+        raise PatchscopeError(
+            f"{type(model).__name__} has no unembedding (get_output_embeddings() is None) "
+            "(allowed: the causal-LM class with its head, for example LlamaForCausalLM)"
+        )
     return head
 
 
@@ -76,10 +81,21 @@ def weight_of(module: nn.Module | None) -> torch.Tensor:
 def generator(model: nn.Module) -> GenerationMixin:
     """The model as transformers' ``GenerationMixin``, whose ``generate`` the readouts call."""
     if not isinstance(model, GenerationMixin):
-        raise PatchscopeError(f"{type(model).__name__} has no generate (allowed: a transformers causal LM, a "
-                              "GenerationMixin such as LlamaForCausalLM)")
+        raise PatchscopeError(
+            f"{type(model).__name__} has no generate (allowed: a transformers causal LM, a "
+            "GenerationMixin such as LlamaForCausalLM)"
+        )
     return model
 
 
-__all__ = ["hf_config", "text_config", "module_list", "blocks_at", "input_embeddings", "output_embeddings",
-           "unembedding", "weight_of", "generator"]
+__all__ = [
+    "hf_config",
+    "text_config",
+    "module_list",
+    "blocks_at",
+    "input_embeddings",
+    "output_embeddings",
+    "unembedding",
+    "weight_of",
+    "generator",
+]

@@ -1,5 +1,6 @@
 """Where and how a model's weights sit, checked before transformers sees them: dtype, device, device map, quantization
 backend."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -17,8 +18,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, auto: bool = False) -> torch.
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if auto and dtype == "auto":
         return "auto"
     if not isinstance(dtype, str) or dtype not in table:
@@ -64,7 +71,7 @@ def check_device_map(device_map: object) -> str | int | dict[str, Any]:
             check_device(named)
         except SpecError as err:
             said, prefix = str(err), f"device={named!r}"
-            rest = said[len(prefix):] if said.startswith(prefix) else f": {said}"
+            rest = said[len(prefix) :] if said.startswith(prefix) else f": {said}"
             if " is not a device" in rest:
                 rest = f" is not a device ({allowed})"
             raise SpecError(f"{where}={value!r}{rest}") from None
@@ -80,13 +87,23 @@ def check_device_map(device_map: object) -> str | int | dict[str, Any]:
 
 
 # What each quantization method needs installed (the import name, and what to pip install).
-QUANT_PACKAGES = {"bitsandbytes": ("bitsandbytes", "bitsandbytes"), "gptq": ("gptqmodel", "gptqmodel"),
-                  "awq": ("awq", "autoawq"), "torchao": ("torchao", "torchao"), "hqq": ("hqq", "hqq"),
-                  "quanto": ("optimum.quanto", "optimum-quanto"), "eetq": ("eetq", "eetq"),
-                  "compressed-tensors": ("compressed_tensors", "compressed-tensors"), "aqlm": ("aqlm", "aqlm"),
-                  "higgs": ("flute", "flute-kernel"), "vptq": ("vptq", "vptq"), "spqr": ("spqr_quant", "spqr_quant"),
-                  "bitnet": ("torch", "torch"), "fbgemm_fp8": ("fbgemm_gpu", "fbgemm-gpu"),
-                  "fp8": ("torch", "torch")}
+QUANT_PACKAGES = {
+    "bitsandbytes": ("bitsandbytes", "bitsandbytes"),
+    "gptq": ("gptqmodel", "gptqmodel"),
+    "awq": ("awq", "autoawq"),
+    "torchao": ("torchao", "torchao"),
+    "hqq": ("hqq", "hqq"),
+    "quanto": ("optimum.quanto", "optimum-quanto"),
+    "eetq": ("eetq", "eetq"),
+    "compressed-tensors": ("compressed_tensors", "compressed-tensors"),
+    "aqlm": ("aqlm", "aqlm"),
+    "higgs": ("flute", "flute-kernel"),
+    "vptq": ("vptq", "vptq"),
+    "spqr": ("spqr_quant", "spqr_quant"),
+    "bitnet": ("torch", "torch"),
+    "fbgemm_fp8": ("fbgemm_gpu", "fbgemm-gpu"),
+    "fp8": ("torch", "torch"),
+}
 
 
 def check_quantization(config: object) -> None:
@@ -94,16 +111,26 @@ def check_quantization(config: object) -> None:
     method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
     method = getattr(method, "value", method)
     if method is None:
-        raise SpecError(f"quantization_config={config!r} has no quant_method (allowed: a transformers "
-                        "quantization config such as BitsAndBytesConfig, or its dict)")
+        raise SpecError(
+            f"quantization_config={config!r} has no quant_method (allowed: a transformers "
+            "quantization config such as BitsAndBytesConfig, or its dict)"
+        )
     if str(method) not in QUANT_PACKAGES:
         return  # a method this table does not know: transformers checks it
     module, package = QUANT_PACKAGES[str(method)]
-    if importlib.util.find_spec(module.split(".")[0]) is None or \
-            ("." in module and importlib.util.find_spec(module) is None):
-        raise PatchscopeError(f"quantization_config uses {method}, whose package is not installed here "
-                              f"(pip install {package})")
+    if importlib.util.find_spec(module.split(".")[0]) is None or (
+        "." in module and importlib.util.find_spec(module) is None
+    ):
+        raise PatchscopeError(
+            f"quantization_config uses {method}, whose package is not installed here (pip install {package})"
+        )
 
 
-__all__ = ["resolve_dtype", "check_device", "MAP_STRATEGIES", "check_device_map", "QUANT_PACKAGES",
-           "check_quantization"]
+__all__ = [
+    "resolve_dtype",
+    "check_device",
+    "MAP_STRATEGIES",
+    "check_device_map",
+    "QUANT_PACKAGES",
+    "check_quantization",
+]

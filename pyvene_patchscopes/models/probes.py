@@ -8,6 +8,7 @@
 - `check_blocks`: a model is refused where block l does not output what HF reports as layer l's hidden state (blocks
   run twice per pass, several residual streams, a second stream).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -44,13 +45,15 @@ def children_in_order(model: nn.Module, base: str, layers: str) -> tuple[list[st
             handle.remove()
     names = [name for name, _ in order]
     if "<first>" not in names or "<last>" not in names:
-        raise PatchscopeError(f"{type(model).__name__}'s decoder layers ({layers}) did not all run in a text-only "
-                              "forward pass (cross-attention layers wait for another input); Patchscopes need a "
-                              "decoder whose every layer reads the text")
+        raise PatchscopeError(
+            f"{type(model).__name__}'s decoder layers ({layers}) did not all run in a text-only "
+            "forward pass (cross-attention layers wait for another input); Patchscopes need a "
+            "decoder whose every layer reads the text"
+        )
     first, last = names.index("<first>"), len(names) - 1 - names[::-1].index("<last>")
     prefix = f"{base}." if base else ""
     before = [prefix + name for name in dict.fromkeys(names[:first]) if not name.startswith("<")]
-    after = [prefix + name for name in dict.fromkeys(names[last + 1:]) if not name.startswith("<")]
+    after = [prefix + name for name in dict.fromkeys(names[last + 1 :]) if not name.startswith("<")]
     return before, after
 
 
@@ -68,6 +71,7 @@ def check_blocks(model: nn.Module, layers: str) -> None:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             calls[j] += 1
             outputs.append(output)
+
         return hook
 
     handles = [block.register_forward_hook(record(j)) for j, block in enumerate(blocks)]
@@ -80,22 +84,33 @@ def check_blocks(model: nn.Module, layers: str) -> None:
             handle.remove()
     name, width = type(model).__name__, text_config(model).hidden_size
     if max(calls) > 1:
-        raise PatchscopeError(f"{name}'s decoder layers ({layers}) run {max(calls)} times in one forward pass (a "
-                              "looped, recurrent-depth model), so layer l has no one state to read and write")
+        raise PatchscopeError(
+            f"{name}'s decoder layers ({layers}) run {max(calls)} times in one forward pass (a "
+            "looped, recurrent-depth model), so layer l has no one state to read and write"
+        )
     first = outputs[0] if outputs else None
     if isinstance(first, list) or not isinstance(first[0] if isinstance(first, tuple) else first, torch.Tensor):
-        raise PatchscopeError(f"{name}'s decoder layers return a {type(first).__name__}, where pyvene reads a "
-                              "tensor or a tuple whose first entry is the hidden state")
+        raise PatchscopeError(
+            f"{name}'s decoder layers return a {type(first).__name__}, where pyvene reads a "
+            "tensor or a tuple whose first entry is the hidden state"
+        )
     hidden = [out[0] if isinstance(out, tuple) else out for out in outputs]
     if tuple(hidden[-1].shape[2:]) != (width,):
-        raise PatchscopeError(f"{name}'s decoder layers output {list(hidden[-1].shape[2:])} per token, not one "
-                              f"hidden state of hidden_size={width} (several residual streams, as in "
-                              "hyper-connections); Patchscopes read and write one state per token")
-    if states is not None and not any(all(torch.equal(hidden[l], states[l + shift]) for l in range(len(hidden) - 1))
-                                      for shift in (0, 1) if len(states) >= len(hidden) + shift - 1):
-        raise PatchscopeError(f"{name}'s decoder layers ({layers}) do not output what its hidden_states report "
-                              "as their layers (a second stream or a rescaling between blocks), so layer l has no "
-                              "one state to read and write")
+        raise PatchscopeError(
+            f"{name}'s decoder layers output {list(hidden[-1].shape[2:])} per token, not one "
+            f"hidden state of hidden_size={width} (several residual streams, as in "
+            "hyper-connections); Patchscopes read and write one state per token"
+        )
+    if states is not None and not any(
+        all(torch.equal(hidden[l], states[l + shift]) for l in range(len(hidden) - 1))
+        for shift in (0, 1)
+        if len(states) >= len(hidden) + shift - 1
+    ):
+        raise PatchscopeError(
+            f"{name}'s decoder layers ({layers}) do not output what its hidden_states report "
+            "as their layers (a second stream or a rescaling between blocks), so layer l has no "
+            "one state to read and write"
+        )
 
 
 @contextmanager

@@ -4,6 +4,7 @@ HF's last ``hidden_states`` entry is already after the final norm; the paper's c
 the last layer there, and writes there when source and target are both the last layer
 (``skip_final_ln``). Module paths come from `architectures` (the table, or what is found in the model).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,10 @@ def final_norm_path(model: nn.Module) -> str:
     """Dotted path of the final norm that HF applies before the unembedding (and before hidden_states[-1])."""
     path = architecture(model).final_norm
     if path is None:
-        raise PatchscopeError(f"{type(model).__name__} has no final norm: nothing runs between its last block and "
-                              "its unembedding, so hidden_states[-1] is the last block's output")
+        raise PatchscopeError(
+            f"{type(model).__name__} has no final norm: nothing runs between its last block and "
+            "its unembedding, so hidden_states[-1] is the last block's output"
+        )
     return path
 
 

@@ -9,6 +9,7 @@ are checked, and links that resolve outside the folder are refused, so nothing o
 (the repository's ``interventions/`` folder); a folder is named by a path (``./token-identity``), see
 `looks_like_path`.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ _RECORD_KEYS = ("n_layers", "hidden_size", "architecture", "gguf_file", "gguf_sh
 # ---- models --------------------------------------------------------------------------------------
 def model_record(handle: ModelHandle) -> dict[str, Any]:
     """What identifies a model: its size, class, GGUF hash or HF id/revision where known, and its PEFT adapter."""
-    record: dict[str, Any] = {"n_layers": handle.n_layers, "hidden_size": handle.hidden_size,
-                              "architecture": type(handle.model).__name__}
+    record: dict[str, Any] = {
+        "n_layers": handle.n_layers,
+        "hidden_size": handle.hidden_size,
+        "architecture": type(handle.model).__name__,
+    }
     for key in ("gguf_file", "gguf_sha256", "hf_id", "revision"):
         if handle.origin.get(key):
             record[key] = handle.origin[key]
@@ -65,31 +69,46 @@ def check_models(recorded: Mapping[str, Any], models: Mapping[str, ModelHandle])
         here = model_record(models[name])
         if ("adapter" in saved) != ("adapter" in here):
             said = "a PEFT adapter" if "adapter" in saved else "no adapter"
-            raise SpecError(f"model {name!r} does not match the saved Patchscope: the spec was saved with {said} "
-                            f"on it, the model in hand has {'none' if 'adapter' in saved else 'one'}")
+            raise SpecError(
+                f"model {name!r} does not match the saved Patchscope: the spec was saved with {said} "
+                f"on it, the model in hand has {'none' if 'adapter' in saved else 'one'}"
+            )
         if saved.get("adapter") != here.get("adapter"):
-            raise SpecError(f"model {name!r} does not match the saved Patchscope: its adapter is "
-                            f"{_adapter_summary(here['adapter'])} in hand but {_adapter_summary(saved['adapter'])} "
-                            "in the spec")
+            raise SpecError(
+                f"model {name!r} does not match the saved Patchscope: its adapter is "
+                f"{_adapter_summary(here['adapter'])} in hand but {_adapter_summary(saved['adapter'])} "
+                "in the spec"
+            )
         for key in _RECORD_KEYS:
             if key in saved and key in here and saved[key] != here[key]:
-                raise SpecError(f"model {name!r} does not match the saved Patchscope: {key} is {here[key]!r} "
-                                f"in hand but {saved[key]!r} in the spec")
+                raise SpecError(
+                    f"model {name!r} does not match the saved Patchscope: {key} is {here[key]!r} "
+                    f"in hand but {saved[key]!r} in the spec"
+                )
 
 
 def _adapter_summary(record: Any) -> str:
     """An adapter identity in a few words: each adapter's name, type, rank and the start of its weights' hash."""
     try:
-        return " + ".join(f"{a['name']} ({a['config'].get('peft_type')}, r={a['config'].get('r')}, weights "
-                          f"{str(a['weights_sha256'])[:12]})" for a in record["adapters"])
+        return " + ".join(
+            f"{a['name']} ({a['config'].get('peft_type')}, r={a['config'].get('r')}, weights "
+            f"{str(a['weights_sha256'])[:12]})"
+            for a in record["adapters"]
+        )
     except (KeyError, TypeError, AttributeError):
         return "a malformed adapter record"
 
 
 # ---- save ----------------------------------------------------------------------------------------
-def write_folder(directory: str | Path, data: dict[str, Any], weights: Mapping[str, torch.Tensor],
-                 models: Mapping[str, ModelHandle], names: Sequence[str], description: str = "",
-                 vector: torch.Tensor | None = None) -> Path:
+def write_folder(
+    directory: str | Path,
+    data: dict[str, Any],
+    weights: Mapping[str, torch.Tensor],
+    models: Mapping[str, ModelHandle],
+    names: Sequence[str],
+    description: str = "",
+    vector: torch.Tensor | None = None,
+) -> Path:
     """Write a spec's JSON data (and its mapping's `weights`, and a source `vector`) to `directory`, created if
     needed.
 
@@ -125,10 +144,13 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 def _read_weights(directory: Path, name: object) -> dict[str, torch.Tensor]:
     if not isinstance(name, str) or not _WEIGHTS_NAME.match(name) or ".." in name:
-        raise SpecError(f"mapping.weights={name!r} is not allowed (allowed: a plain *.safetensors file name "
-                        "inside the spec's folder)")
-    return read_safetensors(inside(directory, name, "mapping weights file"), "mapping weights file",
-                            max_bytes=MAX_WEIGHTS_BYTES)
+        raise SpecError(
+            f"mapping.weights={name!r} is not allowed (allowed: a plain *.safetensors file name "
+            "inside the spec's folder)"
+        )
+    return read_safetensors(
+        inside(directory, name, "mapping weights file"), "mapping weights file", max_bytes=MAX_WEIGHTS_BYTES
+    )
 
 
 @dataclass
@@ -165,11 +187,13 @@ def _read_vector(directory: Path, source: object) -> torch.Tensor | None:
         return None
     if source["file"] != VECTOR_FILE:
         raise SpecError(f"source.file={source['file']!r} is not allowed (allowed: {VECTOR_FILE!r})")
-    tensors = read_safetensors(inside(directory, VECTOR_FILE, "vector file"), "vector file",
-                               max_bytes=MAX_WEIGHTS_BYTES)
+    tensors = read_safetensors(
+        inside(directory, VECTOR_FILE, "vector file"), "vector file", max_bytes=MAX_WEIGHTS_BYTES
+    )
     if set(tensors) != {VECTOR_KEY}:
-        raise SpecError(f"vector file {VECTOR_FILE!r} holds {sorted(tensors)[:8]} (allowed: one tensor named "
-                        f"{VECTOR_KEY!r})")
+        raise SpecError(
+            f"vector file {VECTOR_FILE!r} holds {sorted(tensors)[:8]} (allowed: one tensor named {VECTOR_KEY!r})"
+        )
     return tensors[VECTOR_KEY]
 
 
@@ -192,14 +216,17 @@ def locate(directory_or_name: str | os.PathLike) -> Path:
         path = expand(directory_or_name)
         if is_dir(path):
             return path
-        raise SpecError(f"Patchscope folder {str(path)!r} does not exist (allowed: a folder written by "
-                        "save_patchscope)")
+        raise SpecError(
+            f"Patchscope folder {str(path)!r} does not exist (allowed: a folder written by save_patchscope)"
+        )
     name = str(directory_or_name)
     if _ENTRY.match(name) and (catalogue_root() / name / CONFIG_FILE).is_file():
         return catalogue_root() / name
     hint = f"; for the folder {name!r} in the working directory, write './{name}'" if is_dir(name) else ""
-    raise UnknownNameError(f"Patchscope {name!r} is not a catalogue entry (allowed: one of: "
-                           f"{', '.join(catalogue())}; or a folder path such as ./my-spec){hint}")
+    raise UnknownNameError(
+        f"Patchscope {name!r} is not a catalogue entry (allowed: one of: "
+        f"{', '.join(catalogue())}; or a folder path such as ./my-spec){hint}"
+    )
 
 
 # ---- a Patchscope's folder ----------------------------------------------------------------------
@@ -213,8 +240,15 @@ def save_patchscope(scope: Patchscope, folder: str | Path, models: Any = None, d
         raise SpecError(f"save_patchscope: scope is a {type(scope).__name__} (allowed: a Patchscope)")
     handles = as_models(models) if models is not None else {}
     vector = scope.source.tensor if isinstance(scope.source, VectorSource) else None
-    return write_folder(folder, scope.to_dict(), scope.mapping_spec.weights, handles,
-                        [scope.source.model, scope.target_model], description, vector=vector)
+    return write_folder(
+        folder,
+        scope.to_dict(),
+        scope.mapping_spec.weights,
+        handles,
+        [scope.source.model, scope.target_model],
+        description,
+        vector=vector,
+    )
 
 
 def load_patchscope(name_or_folder: str | os.PathLike, models: Any = None) -> Patchscope:
@@ -277,6 +311,22 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=[CONFIG_FILE, "*.safetensors"]))
 
 
-__all__ = ["save_patchscope", "load_patchscope", "patchscope_from_hub", "write_folder", "read_folder", "Folder",
-           "locate", "looks_like_path", "catalogue", "catalogue_root", "describe", "model_record", "check_models",
-           "push_to_hub", "download", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = [
+    "save_patchscope",
+    "load_patchscope",
+    "patchscope_from_hub",
+    "write_folder",
+    "read_folder",
+    "Folder",
+    "locate",
+    "looks_like_path",
+    "catalogue",
+    "catalogue_root",
+    "describe",
+    "model_record",
+    "check_models",
+    "push_to_hub",
+    "download",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+]

@@ -31,6 +31,7 @@ one line (`sweep_lock`). A file is written only when its bytes change: a finishe
 writes nothing. A write that fails (a full disk, a read-only mount) is one line naming the file (`outputs.WriteError`)
 and leaves no temporary file; one that a killed process left never blocks a retry.
 """
+
 from __future__ import annotations
 
 import json
@@ -119,8 +120,10 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
     `clean` removes the temporary files of writers that died (a shard or manifest half-written by a killed
     process); another live run's are left, so the same sweep may run twice at once (see the module's docstring).
     Only the main process of a distributed run cleans, before any process starts a unit."""
-    allowed = ("allowed: a new or empty folder, the folder of this same sweep to resume it, or a sweep's folder "
-               "with no finished unit yet to restart it")
+    allowed = (
+        "allowed: a new or empty folder, the folder of this same sweep to resume it, or a sweep's folder "
+        "with no finished unit yet to restart it"
+    )
     folder = expand(out)
     if folder.exists() and not folder.is_dir():
         raise SpecError(f"out={str(out)!r} is a file, not a folder; nothing was written ({allowed})")
@@ -131,16 +134,20 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
     with locked(folder):  # one run at a time checks the folder and writes its manifest
         forget(folder)
         if (folder / COMPLETE).is_dir() and not (folder / COMPLETE).is_symlink():  # no write could replace it
-            raise SpecError(f"{folder / COMPLETE} is a folder, not a file: it is not the completion record a sweep "
-                            "writes, and nothing was written (allowed: a regular file written by a sweep, or nothing: "
-                            "move it away)")
+            raise SpecError(
+                f"{folder / COMPLETE} is a folder, not a file: it is not the completion record a sweep "
+                "writes, and nothing was written (allowed: a regular file written by a sweep, or nothing: "
+                "move it away)"
+            )
         if (folder / MANIFEST).is_file():
             found = read_manifest(folder)
             if found.get("spec_hash") != manifest["spec_hash"]:
                 if started(folder):
                     differs = _differences(found, manifest)
-                    raise SpecError(f"out={str(out)!r} holds another sweep (it differs in "
-                                    f"{', '.join(differs) or 'spec'}); nothing was overwritten ({allowed})")
+                    raise SpecError(
+                        f"out={str(out)!r} holds another sweep (it differs in "
+                        f"{', '.join(differs) or 'spec'}); nothing was overwritten ({allowed})"
+                    )
                 # nothing of the other sweep is kept: it restarts with these settings (a shard that sweep writes
                 # later carries its own spec hash, so this one never takes it for its own)
                 _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
@@ -148,8 +155,9 @@ def open_folder(out: str | os.PathLike, manifest: dict[str, Any], clean: bool = 
                 remove_dead_temporaries(folder, TEMPORARIES)
             return folder
         if any(not _temporary(p) for p in folder.iterdir()):
-            raise SpecError(f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was "
-                            f"written ({allowed})")
+            raise SpecError(
+                f"out={str(out)!r} is a folder that holds files but no sweep manifest; nothing was written ({allowed})"
+            )
         if clean:  # a run that died before its manifest was in place left at most its temporary files
             remove_dead_temporaries(folder, TEMPORARIES)
         _write_atomically(folder / MANIFEST, _manifest_bytes(manifest))
@@ -189,8 +197,12 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     `path` holds it already (a finished sweep rerun on a read-only mount writes nothing)."""
     try:
         # only a regular file of the payload's size is read (a link to /dev/zero or a FIFO would never end)
-        if path.is_file() and not path.is_symlink() and path.stat().st_size == len(payload) \
-                and path.read_bytes() == payload:
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and path.stat().st_size == len(payload)
+            and path.read_bytes() == payload
+        ):
             return
     except OSError:
         pass  # not there yet, or unreadable: written
@@ -198,13 +210,21 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 
 
 # ---- shards ---------------------------------------------------------------------------------------------
-def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], source_layers: list[int],
-               target_layers: list[int], same_layer: bool, tokens: list[str]) -> Any:
+def unit_table(
+    unit: int,
+    first: int,
+    prompts: list[str],
+    part: dict[str, Any],
+    source_layers: list[int],
+    target_layers: list[int],
+    same_layer: bool,
+    tokens: list[str],
+) -> Any:
     """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise; its
     metadata holds the prompts' hash (`write_shard` adds the rest of the unit's key: the spec hash and the unit)."""
     import pyarrow as pa
 
-    top_ids, top_probs = part["top_ids"], part["top_probs"]          # [n, Ls, Lt, k]
+    top_ids, top_probs = part["top_ids"], part["top_probs"]  # [n, Ls, Lt, k]
     n, n_source, n_target, k = top_ids.shape
     cells = n * n_source * n_target
     prompt = np.repeat(np.arange(n), n_source * n_target)
@@ -223,8 +243,7 @@ def unit_table(unit: int, first: int, prompts: list[str], part: dict[str, Any], 
         "top_ids": _fixed(top_ids.reshape(cells, k).numpy().astype(np.int32), k),
         "top_probs": _fixed(top_probs.reshape(cells, k).numpy().astype(np.float32), k),
         "informative": pa.array(part["informative"].reshape(-1).numpy().astype(bool)),
-        "generation": pa.array(part["generations"] if part["generations"] is not None else [None] * cells,
-                               pa.string()),
+        "generation": pa.array(part["generations"] if part["generations"] is not None else [None] * cells, pa.string()),
     }
     if part.get("logits") is not None:
         logits = part["logits"].reshape(cells, -1).numpy().astype(np.float32)
@@ -245,8 +264,9 @@ def write_shard(folder: Path, unit: int, table: Any, spec_hash: str) -> Path:
     import pyarrow.parquet as pq
 
     path = shard_path(folder, unit)
-    stamped = table.replace_schema_metadata({**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(),
-                                             UNIT_KEY: str(unit).encode()})
+    stamped = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), SPEC_HASH_KEY: spec_hash.encode(), UNIT_KEY: str(unit).encode()}
+    )
     with locked(folder):  # checked and replaced in one step: no other sweep writes between (`sweep_lock`)
         check_owner(folder, spec_hash)
         check_unit_free(folder, path, unit, key_prompts_sha256(stamped.schema.metadata), COMPLETE)
@@ -260,9 +280,11 @@ def check_owner(folder: Path, spec_hash: str) -> None:
     one ran, before either finished a unit): this sweep stops, and the other one keeps the folder."""
     found = read_manifest(folder).get("spec_hash")
     if found != spec_hash:
-        raise SpecError(f"out={str(folder)!r} was restarted by another sweep while this one ran (its manifest's "
-                        f"spec_hash={str(found)[:12]}..., this sweep's {spec_hash[:12]}...); this sweep stops and "
-                        "writes nothing more there (allowed: one sweep at a time in a folder)")
+        raise SpecError(
+            f"out={str(folder)!r} was restarted by another sweep while this one ran (its manifest's "
+            f"spec_hash={str(found)[:12]}..., this sweep's {spec_hash[:12]}...); this sweep stops and "
+            "writes nothing more there (allowed: one sweep at a time in a folder)"
+        )
 
 
 def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, Any]) -> bool:
@@ -275,8 +297,10 @@ def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, An
     if not os.path.lexists(path):
         return False
     if path.is_dir() and not path.is_symlink():
-        raise SpecError(f"{path} is a folder, not a shard, so unit {unit} cannot be written there; nothing was "
-                        "written (allowed: a shard or nothing under a shard's name: move the folder away)")
+        raise SpecError(
+            f"{path} is a folder, not a shard, so unit {unit} cannot be written there; nothing was "
+            "written (allowed: a shard or nothing under a shard's name: move the folder away)"
+        )
     try:
         held = checked_prompts(path, read_shard(folder, path, manifest)[0], unit, manifest)
     except PatchscopeError as err:
@@ -285,12 +309,17 @@ def finished(folder: Path, unit: int, prompts: list[str], manifest: dict[str, An
     if held == prompts:
         return True
     if len(held) != len(prompts):
-        warnings.warn(f"{path} holds {len(held)} prompt(s) where unit {unit} now has {len(prompts)}; it is computed "
-                      "again", ShardWarning, stacklevel=3)
+        warnings.warn(
+            f"{path} holds {len(held)} prompt(s) where unit {unit} now has {len(prompts)}; it is computed again",
+            ShardWarning,
+            stacklevel=3,
+        )
         return False
-    raise SpecError(f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
-                    f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
-                    "prompts in the same order, or a new folder)")
+    raise SpecError(
+        f"{path} holds other source prompts than unit {unit} of this sweep (first: {held[0]!r} "
+        f"vs {prompts[0]!r}); the input changed since the folder was written (allowed: the same "
+        "prompts in the same order, or a new folder)"
+    )
 
 
 def unfinish(folder: Path) -> None:
@@ -311,6 +340,26 @@ def mark_complete(folder: Path, units: list[str], prompts: int, spec_hash: str) 
         _write_atomically(folder / COMPLETE, record)  # which writes nothing where the record is unchanged
 
 
-__all__ = ["ShardWarning", "UNIT_CELLS", "unit_prompts", "open_folder", "read_manifest", "write_shard", "finished",
-           "check_owner", "recorded_unit_prompts", "read_shard", "unfinish", "completion", "SPEC_HASH_KEY", "UNIT_KEY",
-           "unit_table", "shards", "load_dataset", "read_units", "spec_hash", "mark_complete", "column_tensor"]
+__all__ = [
+    "ShardWarning",
+    "UNIT_CELLS",
+    "unit_prompts",
+    "open_folder",
+    "read_manifest",
+    "write_shard",
+    "finished",
+    "check_owner",
+    "recorded_unit_prompts",
+    "read_shard",
+    "unfinish",
+    "completion",
+    "SPEC_HASH_KEY",
+    "UNIT_KEY",
+    "unit_table",
+    "shards",
+    "load_dataset",
+    "read_units",
+    "spec_hash",
+    "mark_complete",
+    "column_tensor",
+]

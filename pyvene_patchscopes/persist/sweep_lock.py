@@ -13,6 +13,7 @@ lists holds its prompts. Of two sweeps over other prompts started into one folde
 other's unit is refused in one line naming the folder, and no shard holds prompts that the record does not list.
 A file system without locks (some network mounts) runs unlocked, as before.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,11 @@ def forget(folder: Path) -> None:
 
 
 def _refuse_other(folder: Path, path: Path, unit: int) -> SpecError:
-    return SpecError(f"out={str(folder)!r} is being written by another sweep over other source prompts: {path.name} "
-                     f"now holds other prompts than unit {unit} of this sweep; this sweep stops and writes nothing "
-                     f"more there ({ALLOWED})")
+    return SpecError(
+        f"out={str(folder)!r} is being written by another sweep over other source prompts: {path.name} "
+        f"now holds other prompts than unit {unit} of this sweep; this sweep stops and writes nothing "
+        f"more there ({ALLOWED})"
+    )
 
 
 def _changed(path: Path, before: tuple[int, int, int, int] | None, prompts_sha256: str) -> bool:
@@ -130,9 +133,11 @@ def check_unit_free(folder: Path, path: Path, unit: int, prompts_sha256: str, re
         raise _refuse_other(folder, path, unit)
     listed = _listed(folder, record)
     if listed is not None and unit < len(listed) and listed[unit] != prompts_sha256:
-        raise SpecError(f"out={str(folder)!r} was finished by another sweep over other source prompts while this one "
-                        f"ran: its {record} lists other prompts for unit {unit}; this sweep stops and writes nothing "
-                        f"more there ({ALLOWED})")
+        raise SpecError(
+            f"out={str(folder)!r} was finished by another sweep over other source prompts while this one "
+            f"ran: its {record} lists other prompts for unit {unit}; this sweep stops and writes nothing "
+            f"more there ({ALLOWED})"
+        )
 
 
 def check_units_hold(folder: Path, paths: list[Path], units: list[str], spec_hash: str) -> None:
@@ -145,9 +150,11 @@ def check_units_hold(folder: Path, paths: list[Path], units: list[str], spec_has
             continue
         held = [key.get(name, b"").decode(errors="replace") for name in (SPEC_HASH_KEY, UNIT_KEY, PROMPTS_KEY)]
         if held != [spec_hash, str(unit), prompts]:
-            raise SpecError(f"out={str(folder)!r} was written by another sweep over other source prompts while this "
-                            f"one ran: {path.name} holds other prompts than unit {unit} of this sweep, so this sweep "
-                            f"records no completion there ({ALLOWED})")
+            raise SpecError(
+                f"out={str(folder)!r} was written by another sweep over other source prompts while this "
+                f"one ran: {path.name} holds other prompts than unit {unit} of this sweep, so this sweep "
+                f"records no completion there ({ALLOWED})"
+            )
 
 
 __all__ = ["locked", "seen", "forget", "check_unchanged", "check_unit_free", "check_units_hold"]

@@ -6,6 +6,7 @@ completion record, and the units to load, as Arrow tables, a ``datasets.Dataset`
 there, of an earlier run over more prompts, is left on disk and not loaded). A malformed or edited file is a
 one-line `PatchscopeError` naming it.
 """
+
 from __future__ import annotations
 
 import os
@@ -87,8 +88,9 @@ def completion(folder: Path, manifest: dict[str, Any], shards: int) -> Completio
     return check_completion(path, data, manifest, shards)
 
 
-def shards(folder: Path, manifest: dict[str, Any], partial: bool = False
-           ) -> tuple[list[tuple[int, Path]], Completion | None]:
+def shards(
+    folder: Path, manifest: dict[str, Any], partial: bool = False
+) -> tuple[list[tuple[int, Path]], Completion | None]:
     """The units to load, in order, each with its shard, and the completion record: exactly the record's units
     where there is one (another shard there is not of this sweep's last run: it is left alone and not loaded),
     else, with `partial`, every shard the folder holds under a shard's name."""
@@ -96,8 +98,10 @@ def shards(folder: Path, manifest: dict[str, Any], partial: bool = False
     record = completion(folder, manifest, len(present))
     if record is None:
         if not partial:
-            raise PatchscopeError(f"{folder} is an unfinished sweep ({len(present)} unit(s) written); rerun the same "
-                                  "sweep to finish it (finished units are skipped), or load it with partial=True")
+            raise PatchscopeError(
+                f"{folder} is an unfinished sweep ({len(present)} unit(s) written); rerun the same "
+                "sweep to finish it (finished units are skipped), or load it with partial=True"
+            )
         return [(unit, present[unit]) for unit in sorted(present)], None
     missing = [unit for unit in range(record.units) if unit not in present][:10]
     if missing:
@@ -118,22 +122,32 @@ def _checked_units(folder: Path, partial: bool) -> Iterator[tuple[Path, Any]]:
         try:
             held = checked_prompts(path, table, unit, manifest)
         except PatchscopeError as err:
-            raise PatchscopeError(f"{err}; rerun this folder's sweep to recompute that unit (allowed: the shards of "
-                                  "the sweep its manifest records)") from None
+            raise PatchscopeError(
+                f"{err}; rerun this folder's sweep to recompute that unit (allowed: the shards of "
+                "the sweep its manifest records)"
+            ) from None
         if recorded is not None and prompts_sha256(held) != recorded:
-            raise PatchscopeError(f"{path} holds other prompts than unit {unit} of {folder / COMPLETE}; rerun the "
-                                  "same sweep to recompute it (allowed: the units the completion record lists)")
+            raise PatchscopeError(
+                f"{path} holds other prompts than unit {unit} of {folder / COMPLETE}; rerun the "
+                "same sweep to recompute it (allowed: the units the completion record lists)"
+            )
         if widths is not None and found != widths:
-            raise PatchscopeError(f"{path} holds (top-k, logits) widths {found} where {listed[0][1].name} holds "
-                                  f"{widths} (allowed: one width for every shard of a sweep)")
+            raise PatchscopeError(
+                f"{path} holds (top-k, logits) widths {found} where {listed[0][1].name} holds "
+                f"{widths} (allowed: one width for every shard of a sweep)"
+            )
         if record is not None and unit < record.units - 1 and len(held) != manifest["batch_size"]:
-            raise PatchscopeError(f"{path} holds {len(held)} prompt(s) (allowed: batch_size={manifest['batch_size']} "
-                                  "in every unit of a finished sweep but the last)")
+            raise PatchscopeError(
+                f"{path} holds {len(held)} prompt(s) (allowed: batch_size={manifest['batch_size']} "
+                "in every unit of a finished sweep but the last)"
+            )
         widths, count = found, count + len(held)
         yield path, table
     if record is not None and count != record.prompts:
-        raise PatchscopeError(f"{folder / COMPLETE}: prompts={record.prompts} where its units hold {count} (allowed: "
-                              "the record the sweep wrote)")
+        raise PatchscopeError(
+            f"{folder / COMPLETE}: prompts={record.prompts} where its units hold {count} (allowed: "
+            "the record the sweep wrote)"
+        )
 
 
 def load_dataset(folder: str | os.PathLike, partial: bool = False):
@@ -148,8 +162,9 @@ def load_dataset(folder: str | os.PathLike, partial: bool = False):
     try:
         return datasets.Dataset.from_parquet([str(p) for p in checked])
     except (DatasetGenerationError, pa.ArrowException, OSError) as err:  # a shard changed since it was checked
-        raise PatchscopeError(f"{path}: its shards cannot be read as a dataset ({str(err).splitlines()[0][:120]})") \
-            from None
+        raise PatchscopeError(
+            f"{path}: its shards cannot be read as a dataset ({str(err).splitlines()[0][:120]})"
+        ) from None
 
 
 def read_units(folder: Path, partial: bool = False) -> list[Any]:
@@ -167,5 +182,18 @@ def column_tensor(tables: list[Any], name: str, dtype: torch.dtype) -> torch.Ten
         return torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).copy()).to(dtype)
     return torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
 
-__all__ = ["FORMAT", "MANIFEST", "COMPLETE", "VERSION", "read_manifest", "read_shard", "checked_prompts", "completion",
-           "shards", "load_dataset", "read_units", "column_tensor"]
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "COMPLETE",
+    "VERSION",
+    "read_manifest",
+    "read_shard",
+    "checked_prompts",
+    "completion",
+    "shards",
+    "load_dataset",
+    "read_units",
+    "column_tensor",
+]

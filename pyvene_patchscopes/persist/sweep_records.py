@@ -18,6 +18,7 @@ A sweep folder is a record that checks itself (the rules `sweep_folder` reads an
 
 Every refusal is one line (`PatchscopeError`) naming the file and the field.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,9 @@ def prompts_sha256(prompts: list[str]) -> str:
 
 def _refuse(path: Path, field: str, value: Any, allowed: str) -> SpecError:
     shown = repr(value)
-    return SpecError(f"{path}: {field}={shown[:60] + '...' if len(shown) > 60 else shown} is not allowed "
-                           f"(allowed: {allowed})")
+    return SpecError(
+        f"{path}: {field}={shown[:60] + '...' if len(shown) > 60 else shown} is not allowed (allowed: {allowed})"
+    )
 
 
 def _int(path: Path, field: str, value: Any, low: int, high: int) -> int:
@@ -109,8 +111,10 @@ def check_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(data.get("options"), dict):
         raise _refuse(path, "options", data.get("options"), "an object of the preset's options")
     if canonical_sha256({k: v for k, v in data.items() if k not in _HASHED_OUT}) != held:
-        raise SpecError(f"{path}: its fields do not hash to its spec_hash={held[:12]}... (it was edited after "
-                              "the sweep wrote it; allowed: the manifest as the sweep wrote it)")
+        raise SpecError(
+            f"{path}: its fields do not hash to its spec_hash={held[:12]}... (it was edited after "
+            "the sweep wrote it; allowed: the manifest as the sweep wrote it)"
+        )
     return data
 
 
@@ -125,15 +129,16 @@ class Completion:
     """What ``complete.json`` records: the finished sweep's units (each by its prompts' hash) and prompt count."""
 
     prompts: int
-    prompts_sha256: tuple[str, ...]   # one per unit, in unit order
+    prompts_sha256: tuple[str, ...]  # one per unit, in unit order
 
     @property
     def units(self) -> int:
         return len(self.prompts_sha256)
 
     def to_json(self) -> bytes:
-        return json.dumps({"units": self.units, "prompts": self.prompts,
-                           "prompts_sha256": list(self.prompts_sha256)}).encode()
+        return json.dumps(
+            {"units": self.units, "prompts": self.prompts, "prompts_sha256": list(self.prompts_sha256)}
+        ).encode()
 
 
 def check_completion(path: Path, data: Any, manifest: dict[str, Any], shards: int) -> Completion:
@@ -144,14 +149,24 @@ def check_completion(path: Path, data: Any, manifest: dict[str, Any], shards: in
     units = data.get("units")
     number = None if isinstance(units, bool) else as_index(units)
     if number is not None and number > shards:
-        raise PatchscopeError(f"{path}: units={number} but the folder holds {shards} shard(s); rerun the same sweep "
-                              "to recompute the missing ones (allowed: at most one unit per shard)")
+        raise PatchscopeError(
+            f"{path}: units={number} but the folder holds {shards} shard(s); rerun the same sweep "
+            "to recompute the missing ones (allowed: at most one unit per shard)"
+        )
     units = _int(path, "units", units, 1, max(1, shards))
     hashes = data.get("prompts_sha256")
-    if not isinstance(hashes, list) or len(hashes) != units or not all(
-            isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes):
-        raise _refuse(path, "prompts_sha256", hashes, f"a list of {units} sha256 hex digests, one per unit (a record "
-                      "written before units were recorded by their prompts: rerun the same sweep to rewrite it)")
+    if (
+        not isinstance(hashes, list)
+        or len(hashes) != units
+        or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in hashes)
+    ):
+        raise _refuse(
+            path,
+            "prompts_sha256",
+            hashes,
+            f"a list of {units} sha256 hex digests, one per unit (a record "
+            "written before units were recorded by their prompts: rerun the same sweep to rewrite it)",
+        )
     prompts = _int(path, "prompts", data.get("prompts"), units, units * manifest["batch_size"])
     return Completion(prompts, tuple(hashes))
 
@@ -162,10 +177,22 @@ def shard_columns() -> dict[str, Any]:
     ``readout="logits"``."""
     import pyarrow as pa
 
-    return {"unit": pa.int32(), "prompt_index": pa.int64(), "prompt": pa.string(), "source_layer": pa.int32(),
-            "target_layer": pa.int32(), "source_position": pa.int32(), "target_position": pa.int32(),
-            "token": pa.string(), "prob": pa.float32(), "top_ids": pa.int32(), "top_probs": pa.float32(),
-            "informative": pa.bool_(), "generation": pa.string(), "logits": pa.float32()}
+    return {
+        "unit": pa.int32(),
+        "prompt_index": pa.int64(),
+        "prompt": pa.string(),
+        "source_layer": pa.int32(),
+        "target_layer": pa.int32(),
+        "source_position": pa.int32(),
+        "target_position": pa.int32(),
+        "token": pa.string(),
+        "prob": pa.float32(),
+        "top_ids": pa.int32(),
+        "top_probs": pa.float32(),
+        "informative": pa.bool_(),
+        "generation": pa.string(),
+        "logits": pa.float32(),
+    }
 
 
 LIST_COLUMNS = ("top_ids", "top_probs", "logits")
@@ -183,14 +210,20 @@ def check_schema(path: Path, schema: Any, manifest: dict[str, Any]) -> tuple[int
     missing = [name for name in wanted if name not in names]
     if missing or len(names) != len(wanted):
         extra = sorted(names - set(wanted))
-        raise PatchscopeError(f"{path}: its columns lack {missing} and add {extra} (allowed: the columns of a shard "
-                              f"of readout={manifest['readout']!r}: {', '.join(wanted)})")
+        raise PatchscopeError(
+            f"{path}: its columns lack {missing} and add {extra} (allowed: the columns of a shard "
+            f"of readout={manifest['readout']!r}: {', '.join(wanted)})"
+        )
     widths = {}
     for name, item in wanted.items():
         kind = schema.field(name).type
         listed = name in LIST_COLUMNS
-        if listed and not (pa.types.is_fixed_size_list(kind) and kind.value_type == item) or \
-                not listed and kind != item:
+        if (
+            listed
+            and not (pa.types.is_fixed_size_list(kind) and kind.value_type == item)
+            or not listed
+            and kind != item
+        ):
             allowed = f"fixed-size lists of {item}" if listed else str(item)
             raise PatchscopeError(f"{path}: column {name!r} has type {kind} (allowed: {allowed})")
         if listed:
@@ -198,8 +231,10 @@ def check_schema(path: Path, schema: Any, manifest: dict[str, Any]) -> tuple[int
     k = widths["top_ids"]
     most = 1 if manifest["readout"] == "generations" else manifest["top"]
     if widths["top_probs"] != k or not 1 <= k <= most:
-        raise PatchscopeError(f"{path}: top_ids holds {k} and top_probs {widths['top_probs']} tokens a cell (allowed: "
-                              f"one width in 1..{most}, the manifest's top)")
+        raise PatchscopeError(
+            f"{path}: top_ids holds {k} and top_probs {widths['top_probs']} tokens a cell (allowed: "
+            f"one width in 1..{most}, the manifest's top)"
+        )
     return k, widths.get("logits")
 
 
@@ -208,11 +243,15 @@ def check_key(path: Path, unit: int, metadata: dict[bytes, bytes] | None, spec_h
     metadata = metadata or {}
     held = {key: metadata.get(key, b"").decode(errors="replace") for key in (SPEC_HASH_KEY, UNIT_KEY, PROMPTS_KEY)}
     if not all(held.values()):
-        return (f"{path} carries no unit key (its spec hash, unit and prompts' hash; a shard written before shards "
-                "carried one, or not by a sweep)")
+        return (
+            f"{path} carries no unit key (its spec hash, unit and prompts' hash; a shard written before shards "
+            "carried one, or not by a sweep)"
+        )
     if held[SPEC_HASH_KEY] != spec_hash:
-        return (f"{path} belongs to another sweep (spec_hash={held[SPEC_HASH_KEY][:12]}..., this folder's "
-                f"{spec_hash[:12]}...)")
+        return (
+            f"{path} belongs to another sweep (spec_hash={held[SPEC_HASH_KEY][:12]}..., this folder's "
+            f"{spec_hash[:12]}...)"
+        )
     if held[UNIT_KEY] != str(unit):
         return f"{path} holds unit {held[UNIT_KEY][:20]}, not unit {unit}"
     if not _SHA256.fullmatch(held[PROMPTS_KEY]):
@@ -230,26 +269,38 @@ def check_rows(path: Path, table: Any, unit: int, manifest: dict[str, Any]) -> l
     per_prompt = cells_per_prompt(manifest)
     size = manifest["batch_size"]
     if table.num_rows == 0 or table.num_rows % per_prompt or table.num_rows > size * per_prompt:
-        raise PatchscopeError(f"{path}: {table.num_rows} rows (allowed: {per_prompt} a prompt, the manifest's layers, "
-                              f"for 1..{size} prompts)")
+        raise PatchscopeError(
+            f"{path}: {table.num_rows} rows (allowed: {per_prompt} a prompt, the manifest's layers, "
+            f"for 1..{size} prompts)"
+        )
     n = table.num_rows // per_prompt
     prompt = np.repeat(np.arange(n), per_prompt)
     source = np.repeat(np.asarray(manifest["source_layers"]), per_prompt // len(manifest["source_layers"]))
-    target = source if manifest["target_layers"] == "same" else \
-        np.tile(np.asarray(manifest["target_layers"]), len(manifest["source_layers"]))
-    expected = {"unit": np.full(len(prompt), unit), "prompt_index": unit * size + prompt,
-                "source_layer": np.tile(source, n), "target_layer": np.tile(target, n)}
+    target = (
+        source
+        if manifest["target_layers"] == "same"
+        else np.tile(np.asarray(manifest["target_layers"]), len(manifest["source_layers"]))
+    )
+    expected = {
+        "unit": np.full(len(prompt), unit),
+        "prompt_index": unit * size + prompt,
+        "source_layer": np.tile(source, n),
+        "target_layer": np.tile(target, n),
+    }
     for name, want in expected.items():
         got = table.column(name).to_numpy()
         if not np.array_equal(got, want):
             at = int(np.flatnonzero(got != want)[0])
-            raise PatchscopeError(f"{path}: column {name!r} holds {got[at]} at row {at} where this sweep's manifest "
-                                  f"has {want[at]} (allowed: the unit's cells in (prompt, l, l*) order)")
+            raise PatchscopeError(
+                f"{path}: column {name!r} holds {got[at]} at row {at} where this sweep's manifest "
+                f"has {want[at]} (allowed: the unit's cells in (prompt, l, l*) order)"
+            )
     texts = table.column("prompt").to_pylist()
     prompts = texts[::per_prompt]
     if texts != [p for p in prompts for _ in range(per_prompt)]:
-        raise PatchscopeError(f"{path}: column 'prompt' changes within a prompt's cells (allowed: one prompt for "
-                              f"each {per_prompt} cells)")
+        raise PatchscopeError(
+            f"{path}: column 'prompt' changes within a prompt's cells (allowed: one prompt for each {per_prompt} cells)"
+        )
     return prompts
 
 
@@ -260,6 +311,20 @@ def unit_of(path: Path) -> int | None:
     return unit if unit is not None and path.name == f"unit-{unit:06d}.parquet" else None
 
 
-__all__ = ["READOUTS", "SPEC_HASH_KEY", "UNIT_KEY", "PROMPTS_KEY", "Completion", "canonical_sha256",
-           "prompts_sha256", "check_manifest", "check_completion", "check_schema", "check_key", "check_rows",
-           "cells_per_prompt", "unit_of", "shard_columns"]
+__all__ = [
+    "READOUTS",
+    "SPEC_HASH_KEY",
+    "UNIT_KEY",
+    "PROMPTS_KEY",
+    "Completion",
+    "canonical_sha256",
+    "prompts_sha256",
+    "check_manifest",
+    "check_completion",
+    "check_schema",
+    "check_key",
+    "check_rows",
+    "cells_per_prompt",
+    "unit_of",
+    "shard_columns",
+]

@@ -3,6 +3,7 @@
 A model whose forward takes no ``position_ids`` (TrOCR's learned positions, BLOOM, Mamba) would read left
 padding as tokens, so its prompts are batched only with prompts of the same length (`exact_groups`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -39,7 +40,7 @@ def left_pads(attention_mask: torch.Tensor) -> list[int]:
 
 def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def pads_exactly(handle: ModelHandle) -> bool:

@@ -4,6 +4,7 @@ What a sweep is, before it runs: each cell's spec made by the preset, the cells 
 once per (mapping, source, target), the prompts read a unit at a time. `execution.sweep_units` runs a unit;
 `execution.sweeps` runs them all.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,15 +21,21 @@ from ..spec import Patchscope, Position, Source
 from ..spec.mappings import build_mapping
 
 
-def cell_maker(preset: Preset, handle: ModelHandle, source_position: Position,
-               options: dict[str, Any]) -> Callable[[str, int, int], Patchscope]:
+def cell_maker(
+    preset: Preset, handle: ModelHandle, source_position: Position, options: dict[str, Any]
+) -> Callable[[str, int, int], Patchscope]:
     """(source prompt, l, l*) -> the cell's spec, as the preset builds it (a fixed l* from the preset itself)."""
     if preset.needs_tokenizer:
         options.setdefault("tokenizer", handle.tokenizer)
 
     def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
-        return preset.build(Source(prompt, source_position, layer, handle.name), target_layer=target_layer,
-                            n_layers=handle.n_layers, **options)
+        return preset.build(
+            Source(prompt, source_position, layer, handle.name),
+            target_layer=target_layer,
+            n_layers=handle.n_layers,
+            **options,
+        )
+
     return make
 
 
@@ -69,8 +76,10 @@ def check_readout(readout: str, keep_logits: bool) -> str:
     if readout not in READOUTS:
         raise SpecError(f"readout={readout!r} is not known (allowed: {', '.join(READOUTS)})")
     if keep_logits and readout not in ("top", "logits"):
-        raise SpecError(f"keep_logits=True and readout={readout!r} disagree (allowed: readout='logits', which is "
-                        "what keep_logits=True means)")
+        raise SpecError(
+            f"keep_logits=True and readout={readout!r} disagree (allowed: readout='logits', which is "
+            "what keep_logits=True means)"
+        )
     return "logits" if keep_logits else readout
 
 
@@ -90,8 +99,10 @@ def prompt_units(source_prompts: Any, batch_size: int) -> Iterator[list[str]]:
     try:
         iterator = iter(source_prompts)
     except TypeError:
-        raise SpecError(f"source_prompts of type {type(source_prompts).__name__} is not allowed (allowed: a "
-                        "prompt, or an iterable of prompts such as a list or a datasets column)") from None
+        raise SpecError(
+            f"source_prompts of type {type(source_prompts).__name__} is not allowed (allowed: a "
+            "prompt, or an iterable of prompts such as a list or a datasets column)"
+        ) from None
     empty = True
     while True:
         unit = list(itertools.islice(iterator, batch_size))
@@ -107,16 +118,16 @@ def prompt_units(source_prompts: Any, batch_size: int) -> Iterator[list[str]]:
 class Grid:
     """How one unit of source prompts becomes its cells; what every unit shares is worked out once."""
 
-    make: Callable[[str, int, int], Patchscope]   # (source prompt, l, l*) -> the cell's spec
+    make: Callable[[str, int, int], Patchscope]  # (source prompt, l, l*) -> the cell's spec
     pairs: list[list[tuple[int, int]]]
     models: dict[str, ModelHandle]
     top: int
     planned: bool
     max_batch_tokens: int
     keep_logits: bool
-    prompts_per_unit: int      # source prompts per unit (a streamed unit is what a kill can lose)
-    forward_batch: int         # rows per forward pass inside a unit: the source read, and run's batches
-    shared: Any = None         # execution.planned.SharedPrompts: the target prompt's shared pass, across units
+    prompts_per_unit: int  # source prompts per unit (a streamed unit is what a kill can lose)
+    forward_batch: int  # rows per forward pass inside a unit: the source read, and run's batches
+    shared: Any = None  # execution.planned.SharedPrompts: the target prompt's shared pass, across units
     _cells: Cells | None = None
     _mappings: dict[Any, Any] = field(default_factory=dict)
 
@@ -128,8 +139,7 @@ class Grid:
         """Every (l, l*) cell resolved once per sweep, on the first prompt: they differ across prompts only in
         the source prompt, which each unit resolves per prompt (`execution.sweep_units`)."""
         if self._cells is None:
-            self._cells = Cells([[resolve(self.make(prompt, l, t), self.models) for l, t in row]
-                                 for row in self.pairs])
+            self._cells = Cells([[resolve(self.make(prompt, l, t), self.models) for l, t in row] for row in self.pairs])
         return self._cells
 
     def mapping(self, spec: Any, source: ModelHandle, target: ModelHandle):
@@ -156,5 +166,15 @@ def layer_list(field: str, layers: Any) -> list[int]:
     return ints
 
 
-__all__ = ["BATCH_SIZE", "Grid", "Cells", "Shape", "cell_maker", "unit_size", "check_readout", "prompt_list",
-           "prompt_units", "layer_list"]
+__all__ = [
+    "BATCH_SIZE",
+    "Grid",
+    "Cells",
+    "Shape",
+    "cell_maker",
+    "unit_size",
+    "check_readout",
+    "prompt_list",
+    "prompt_units",
+    "layer_list",
+]

@@ -13,6 +13,7 @@ A CoT Patchscope (``reroute``) reads and writes within one pass of one sequence:
 `engine` runs these configs; `pipeline.to_pyvene` returns them, with their positions, for a pipeline of your own.
 Where a scope's indices become concrete is `resolve`.
 """
+
 from __future__ import annotations
 
 import pyvene as pv
@@ -26,21 +27,36 @@ from ..spec.mappings import MappingFunction
 
 def collect_config(sites: list[Site], hidden_size: int) -> pv.IntervenableConfig:
     """One ``CollectIntervention`` per source site, all read in a single forward pass."""
-    return pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
-                                intervention=pv.CollectIntervention(embed_dim=hidden_size))
-        for site in sites
-    ])
+    return pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=site.layer,
+                component=site.component,
+                unit="pos",
+                max_number_of_units=1,
+                intervention=pv.CollectIntervention(embed_dim=hidden_size),
+            )
+            for site in sites
+        ]
+    )
 
 
-def patch_config(site: Site, hidden_size: int, mapping: MappingFunction, write: str = "replace",
-                 alpha: float = 1.0, units: int = 1) -> pv.IntervenableConfig:
+def patch_config(
+    site: Site, hidden_size: int, mapping: MappingFunction, write: str = "replace", alpha: float = 1.0, units: int = 1
+) -> pv.IntervenableConfig:
     """The intervention that writes f(source representation) at the target site: `MappingIntervention` for
     ``write="replace"``, else the write mode's (mix, add, norm-matched-add, with α), at `units` slots per row."""
-    return pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=units,
-                                intervention=write_intervention(write, mapping, hidden_size, alpha))
-    ])
+    return pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=site.layer,
+                component=site.component,
+                unit="pos",
+                max_number_of_units=units,
+                intervention=write_intervention(write, mapping, hidden_size, alpha),
+            )
+        ]
+    )
 
 
 def reroute_config(read: Site, write: Site, hidden_size: int, mapping: MappingFunction) -> pv.IntervenableConfig:
@@ -50,14 +66,24 @@ def reroute_config(read: Site, write: Site, hidden_size: int, mapping: MappingFu
     else:
         read_first = read.layer < write.layer
     if not read_first:
-        raise SpecError(f"Source.layer={read.layer} > Target.layer={write.layer} cannot be rerouted within one "
-                        "pass (allowed: Source.layer <= Target.layer); the engine runs it as two passes")
+        raise SpecError(
+            f"Source.layer={read.layer} > Target.layer={write.layer} cannot be rerouted within one "
+            "pass (allowed: Source.layer <= Target.layer); the engine runs it as two passes"
+        )
     intervention = RerouteIntervention(mapping=mapping, embed_dim=hidden_size)
-    return pv.IntervenableConfig(representations=[
-        pv.RepresentationConfig(layer=site.layer, component=site.component, unit="pos", max_number_of_units=1,
-                                intervention=intervention, intervention_link_key=0)
-        for site in (read, write)
-    ])
+    return pv.IntervenableConfig(
+        representations=[
+            pv.RepresentationConfig(
+                layer=site.layer,
+                component=site.component,
+                unit="pos",
+                max_number_of_units=1,
+                intervention=intervention,
+                intervention_link_key=0,
+            )
+            for site in (read, write)
+        ]
+    )
 
 
 def source_representation(vector: torch.Tensor, units: int) -> torch.Tensor:

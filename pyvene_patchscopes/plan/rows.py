@@ -3,6 +3,7 @@
 A plan depends only on the specs and the token budget, never on the machine or the process count, so
 that a run split over several processes computes exactly the same batches as a run in one process.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -57,14 +58,22 @@ def rows_per_batch(tokens_per_row: int, max_batch_tokens: int, vocab: int = 0) -
     return max(1, size)
 
 
-def pack(rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_batch_tokens: int,
-         vocab: int = 0) -> list[list[int]]:
+def pack(
+    rows: Sequence[int], layers: Sequence[int], tokens_per_row: int, max_batch_tokens: int, vocab: int = 0
+) -> list[list[int]]:
     """Batches of rows, sorted by target layer, each within the budget of `rows_per_batch`."""
     check_budget(max_batch_tokens)
     size = rows_per_batch(tokens_per_row, max_batch_tokens, vocab)
     ordered = [row for _, row in sorted(zip(layers, rows))]
-    return [ordered[start:start + size] for start in range(0, len(ordered), size)]
+    return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
-__all__ = ["TargetGroup", "group_by_target", "pack", "rows_per_batch", "HEAD_ELEMENTS_PER_TOKEN", "check_budget",
-           "DEFAULT_MAX_BATCH_TOKENS"]
+__all__ = [
+    "TargetGroup",
+    "group_by_target",
+    "pack",
+    "rows_per_batch",
+    "HEAD_ELEMENTS_PER_TOKEN",
+    "check_budget",
+    "DEFAULT_MAX_BATCH_TOKENS",
+]

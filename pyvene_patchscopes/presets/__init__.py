@@ -6,6 +6,7 @@ decoders as M* (a PEFT adapter, see `adapters`), Activation Oracles and LatentQA
 presets (`Preset`, `PRESETS`, `build`). ``from pyvene_patchscopes.presets import build`` keeps working: the old
 module's names are re-exported here.
 """
+
 from .prompts import (
     ATTRIBUTE_PROMPT,
     ENTITY_DESCRIPTION_PROMPT,
@@ -41,10 +42,41 @@ from .recipes import (
 )
 from .table import DECODER_PRESETS, LAST_LAYER, PRESETS, Preset, build, get_preset, recipe_options
 
-__all__ = ["Preset", "PRESETS", "DECODER_PRESETS", "LAST_LAYER", "get_preset", "build", "recipe_options",
-           "token_identity", "logit_lens", "attribute", "entity_description", "multihop", "future_lens", "selfie",
-           "self_explanation", "activation_oracle", "latentqa", "as_lens", "jacobian_lens",
-           "OFFICIAL_TOKEN_IDENTITY_PROMPT", "TOKEN_IDENTITY_PROMPT", "ENTITY_DESCRIPTION_PROMPT", "ATTRIBUTE_PROMPT",
-           "FUTURE_LENS_PROMPT", "SELFIE_PROMPT", "SELF_EXPLANATION_PROMPT", "ORACLE_PLACEHOLDER", "ORACLE_LAYER",
-           "ORACLE_QUESTION", "LATENTQA_READ_LAYER", "LATENTQA_WRITE_LAYER", "LATENTQA_QUESTION", "LATENTQA_LLAMA3",
-           "LATENTQA_CHATML", "chat_prompt", "oracle_prompt"]
+__all__ = [
+    "Preset",
+    "PRESETS",
+    "DECODER_PRESETS",
+    "LAST_LAYER",
+    "get_preset",
+    "build",
+    "recipe_options",
+    "token_identity",
+    "logit_lens",
+    "attribute",
+    "entity_description",
+    "multihop",
+    "future_lens",
+    "selfie",
+    "self_explanation",
+    "activation_oracle",
+    "latentqa",
+    "as_lens",
+    "jacobian_lens",
+    "OFFICIAL_TOKEN_IDENTITY_PROMPT",
+    "TOKEN_IDENTITY_PROMPT",
+    "ENTITY_DESCRIPTION_PROMPT",
+    "ATTRIBUTE_PROMPT",
+    "FUTURE_LENS_PROMPT",
+    "SELFIE_PROMPT",
+    "SELF_EXPLANATION_PROMPT",
+    "ORACLE_PLACEHOLDER",
+    "ORACLE_LAYER",
+    "ORACLE_QUESTION",
+    "LATENTQA_READ_LAYER",
+    "LATENTQA_WRITE_LAYER",
+    "LATENTQA_QUESTION",
+    "LATENTQA_LLAMA3",
+    "LATENTQA_CHATML",
+    "chat_prompt",
+    "oracle_prompt",
+]

@@ -1,6 +1,7 @@
 """The prompts the presets patch into, each with its source and what was measured: the identity, description and
 attribute prompts of the paper, the Future Lens's context, SelfIE's and self-explanation's interpretation prompts,
 and the Activation Oracle's and LatentQA's dialogues (with `chat_prompt` and `oracle_prompt`, which build them)."""
+
 from __future__ import annotations
 
 # A modification of the official few-shot identity prompt. The official next_token_prediction notebook uses
@@ -13,8 +14,10 @@ from __future__ import annotations
 # official form (the preset then patches and reads its last token, "?").
 OFFICIAL_TOKEN_IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 TOKEN_IDENTITY_PROMPT = OFFICIAL_TOKEN_IDENTITY_PROMPT + " ->"
-ENTITY_DESCRIPTION_PROMPT = ("Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: "
-                             "South Korean multinational major appliance and consumer electronics corporation, x")
+ENTITY_DESCRIPTION_PROMPT = (
+    "Syria: Country in the Middle East, Leonardo DiCaprio: American actor, Samsung: "
+    "South Korean multinational major appliance and consumer electronics corporation, x"
+)
 ATTRIBUTE_PROMPT = "The capital city of x is"
 # The Future Lens (Pal et al., CoNLL 2023) with a fixed prompt: the first of the "natural, normal contexts" that
 # their causal baseline patches instead of the learned soft prompt (github.com/KoyenaPal/future-lens,
@@ -38,8 +41,10 @@ SELFIE_PROMPT = "<|im_start|>user\n_ _ _ _ _<|im_end|>\n<|im_start|>assistant\nS
 # "we give the model a prompt like 'What does X mean?', replace the residual stream on X with the decoder direction
 # times some scale, and have it generate an explanation". Their Gemma prompt asks for the meaning of the word "X" and
 # starts the answer; here in ChatML, X written at both of its occurrences, scaled by α (write="replace", alpha=α).
-SELF_EXPLANATION_PROMPT = ('<|im_start|>user\nWhat is the meaning of the word "X"?<|im_end|>\n<|im_start|>assistant\n'
-                           'The meaning of the word "X" is "')
+SELF_EXPLANATION_PROMPT = (
+    '<|im_start|>user\nWhat is the meaning of the word "X"?<|im_end|>\n<|im_start|>assistant\n'
+    'The meaning of the word "X" is "'
+)
 
 # Activation Oracles (Karvonen et al., 2025; github.com/adamkarvonen/activation_oracles at 55f153f,
 # nl_probes/utils/dataset_utils.py get_introspection_prefix and nl_probes/utils/steering_hooks.py): the oracle, a LoRA
@@ -57,20 +62,25 @@ ORACLE_QUESTION = "Can you describe what is happening in this text?"
 # fixed exchange (lit/utils/dataset_utils.py BASE_DIALOG); here in ChatML, as SmolLM2 and the other presets use it.
 LATENTQA_READ_LAYER, LATENTQA_WRITE_LAYER = 15, 0
 LATENTQA_QUESTION = "What type of persona will the assistant adopt?"
-LATENTQA_LLAMA3 = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{placeholders}<|eot_id|>"
-                   "<|start_header_id|>reflect<|end_header_id|>\n\nSure, I've analyzed the assistant.<|eot_id|>"
-                   "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
-                   "<|start_header_id|>reflect<|end_header_id|>\n\n")
-LATENTQA_CHATML = ("<|im_start|>user\n{placeholders}<|im_end|>\n<|im_start|>reflect\nSure, I've analyzed the "
-                   "assistant.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>reflect\n")
+LATENTQA_LLAMA3 = (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{placeholders}<|eot_id|>"
+    "<|start_header_id|>reflect<|end_header_id|>\n\nSure, I've analyzed the assistant.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n{question}<|eot_id|>"
+    "<|start_header_id|>reflect<|end_header_id|>\n\n"
+)
+LATENTQA_CHATML = (
+    "<|im_start|>user\n{placeholders}<|im_end|>\n<|im_start|>reflect\nSure, I've analyzed the "
+    "assistant.<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>reflect\n"
+)
 
 
 def chat_prompt(user: str, tokenizer=None) -> str:
     """`user` as one user turn with a generation prompt: the tokenizer's own chat template where it has one
     (thinking off, as the oracles are trained), else ChatML (SmolLM2's)."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
     return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -79,7 +89,22 @@ def oracle_prompt(question: str, source_layer: int, k: int = 1, tokenizer=None) 
     return chat_prompt(f"Layer: {source_layer}\n{ORACLE_PLACEHOLDER * k} \n{question}", tokenizer)
 
 
-__all__ = ["OFFICIAL_TOKEN_IDENTITY_PROMPT", "TOKEN_IDENTITY_PROMPT", "ENTITY_DESCRIPTION_PROMPT", "ATTRIBUTE_PROMPT",
-           "FUTURE_LENS_PROMPT", "SELFIE_PROMPT", "SELF_EXPLANATION_PROMPT", "ORACLE_PLACEHOLDER", "ORACLE_LAYER",
-           "ORACLE_QUESTION", "LATENTQA_READ_LAYER", "LATENTQA_WRITE_LAYER", "LATENTQA_QUESTION", "LATENTQA_LLAMA3",
-           "LATENTQA_CHATML", "chat_prompt", "oracle_prompt"]
+__all__ = [
+    "OFFICIAL_TOKEN_IDENTITY_PROMPT",
+    "TOKEN_IDENTITY_PROMPT",
+    "ENTITY_DESCRIPTION_PROMPT",
+    "ATTRIBUTE_PROMPT",
+    "FUTURE_LENS_PROMPT",
+    "SELFIE_PROMPT",
+    "SELF_EXPLANATION_PROMPT",
+    "ORACLE_PLACEHOLDER",
+    "ORACLE_LAYER",
+    "ORACLE_QUESTION",
+    "LATENTQA_READ_LAYER",
+    "LATENTQA_WRITE_LAYER",
+    "LATENTQA_QUESTION",
+    "LATENTQA_LLAMA3",
+    "LATENTQA_CHATML",
+    "chat_prompt",
+    "oracle_prompt",
+]

@@ -1,5 +1,6 @@
 """The named presets: the `Preset` type (what each needs, the l* it fixes, the options it takes), the `PRESETS`
 table, `get_preset` and `build`."""
+
 from __future__ import annotations
 
 import functools
@@ -58,14 +59,16 @@ class Preset:
     needs_decoder: bool = False
     reroutes: bool = False
 
-    def build(self, source: Source | VectorSource, target_layer: int | None = None, n_layers: int | None = None,
-              **options) -> Patchscope:
+    def build(
+        self, source: Source | VectorSource, target_layer: int | None = None, n_layers: int | None = None, **options
+    ) -> Patchscope:
         """The preset's Patchscope for `source`; where the preset fixes l*, `target_layer` may only name it (-1 for
         the last layer, or on a model of `n_layers` also n_layers - 1)."""
         self.check(target_layer, n_layers)
         self.check_options(options)
-        return self.recipe(source, target_layer=target_layer if self.target_layer is None else self.target_layer,
-                           **options)
+        return self.recipe(
+            source, target_layer=target_layer if self.target_layer is None else self.target_layer, **options
+        )
 
     def options(self) -> tuple[str, ...] | None:
         """The options the recipe takes by name (beside the source and l*); None where it takes any (``**options``)."""
@@ -78,8 +81,10 @@ class Preset:
         if unknown:
             shown = " ".join(repr(options[unknown[0]]).split())
             shown = shown if len(shown) <= 60 else f"{shown[:57]}..."
-            raise SpecError(f"{unknown[0]}={shown} is not allowed: preset {self.name!r} takes no option "
-                            f"{unknown[0]!r} (allowed: {', '.join(allowed or ())})")
+            raise SpecError(
+                f"{unknown[0]}={shown} is not allowed: preset {self.name!r} takes no option "
+                f"{unknown[0]!r} (allowed: {', '.join(allowed or ())})"
+            )
 
     def allows(self, target_layer: int | None, n_layers: int | None = None) -> bool:
         """Whether the preset reads at l* = `target_layer`: any l* where it leaves l* free; where it fixes l*, None
@@ -92,8 +97,9 @@ class Preset:
         """Refuse, in one line, an l* the preset does not read at (see `allows`)."""
         if not self.allows(target_layer, n_layers):
             names = " or ".join(map(str, self._names(n_layers)))
-            raise SpecError(f"{field}={target_layer!r} is not allowed: {self.fixes(n_layers)} (allowed: the "
-                            f"default, {names})")
+            raise SpecError(
+                f"{field}={target_layer!r} is not allowed: {self.fixes(n_layers)} (allowed: the default, {names})"
+            )
 
     def fixes(self, n_layers: int | None = None) -> str:
         """The l* the preset fixes, in words: "preset 'logit-lens' fixes l* = 29, the last layer"."""
@@ -113,8 +119,10 @@ class Preset:
             return [self._names(n_layers)[0]]
         names = " or ".join(f"[{layer}]" for layer in self._names(n_layers))
         value = target_layers if shown is None else shown
-        raise SpecError(f"{field}={value!r} is not allowed: {self.fixes(n_layers)}, and a sweep reads it only there "
-                        f"(allowed: the default, {names})")
+        raise SpecError(
+            f"{field}={value!r} is not allowed: {self.fixes(n_layers)}, and a sweep reads it only there "
+            f"(allowed: the default, {names})"
+        )
 
     def _names(self, n_layers: int | None) -> list[int]:
         """The indices that name the fixed l*: itself, and on a model of `n_layers` both its forms (29 and -1)."""
@@ -124,36 +132,78 @@ class Preset:
         return [self.target_layer % n_layers, self.target_layer % n_layers - n_layers]
 
 
-def _multihop_preset(source: Source, target_layer: int | None = None, max_new_tokens: int = 20,
-                     target_prompt: str | None = None, isolate: bool = True) -> Patchscope:
+def _multihop_preset(
+    source: Source,
+    target_layer: int | None = None,
+    max_new_tokens: int = 20,
+    target_prompt: str | None = None,
+    isolate: bool = True,
+) -> Patchscope:
     """As a preset: the source prompt is hop 1, `target_prompt` is hop 2."""
     if target_prompt is None:
         raise SpecError("preset 'multihop' needs target_prompt= the hop-2 prompt, e.g. 'The current CEO of'")
     return multihop(source.prompt, target_prompt, source.layer, target_layer, max_new_tokens, isolate, source.model)
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (
-    Preset("token-identity", "what token the state encodes (few-shot identity prompt, l* = l)", token_identity),
-    Preset("logit-lens", "the model's own unembedding of the state (l* = last layer, T = S)", logit_lens,
-           target_layer=LAST_LAYER, needs_tokenizer=True),
-    Preset("attribute", "an attribute of the subject (target prompt with placeholder x, 20 tokens)", attribute),
-    Preset("entity-description", "a short description of the entity (few-shot description prompt)",
-           entity_description),
-    Preset("multihop", "CoT Patchscope: hop 1's answer rerouted into hop 2 within one pass (S = T)",
-           _multihop_preset, reroutes=True),
-    Preset("future-lens", "the tokens 1..k steps after the source position (Future Lens fixed prompt, l* = l)",
-           future_lens),
-    Preset("selfie", "SelfIE: the state at every placeholder '_' of an interpretation prompt (l* = 0), summarised",
-           selfie),
-    Preset("self-explanation", "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
-           self_explanation),
-    Preset("jacobian-lens", "the logit lens after J_l = E[dh_final/dh_l] (Gurnee et al., 2026; fitted layers only)",
-           jacobian_lens, target_layer=LAST_LAYER, needs_tokenizer=True, needs_lens=True),
-    Preset("activation-oracle", "an Activation Oracle (a LoRA decoder): norm-matched add at K ' ?' slots, l* = 1",
-           activation_oracle, needs_tokenizer=True, needs_decoder=True),
-    Preset("latentqa", "a LatentQA decoder (a LoRA): the state replaces its '?' placeholders at l* = 0",
-           latentqa, needs_decoder=True),
-)}
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("token-identity", "what token the state encodes (few-shot identity prompt, l* = l)", token_identity),
+        Preset(
+            "logit-lens",
+            "the model's own unembedding of the state (l* = last layer, T = S)",
+            logit_lens,
+            target_layer=LAST_LAYER,
+            needs_tokenizer=True,
+        ),
+        Preset("attribute", "an attribute of the subject (target prompt with placeholder x, 20 tokens)", attribute),
+        Preset(
+            "entity-description", "a short description of the entity (few-shot description prompt)", entity_description
+        ),
+        Preset(
+            "multihop",
+            "CoT Patchscope: hop 1's answer rerouted into hop 2 within one pass (S = T)",
+            _multihop_preset,
+            reroutes=True,
+        ),
+        Preset(
+            "future-lens",
+            "the tokens 1..k steps after the source position (Future Lens fixed prompt, l* = l)",
+            future_lens,
+        ),
+        Preset(
+            "selfie",
+            "SelfIE: the state at every placeholder '_' of an interpretation prompt (l* = 0), summarised",
+            selfie,
+        ),
+        Preset(
+            "self-explanation",
+            "what a vector (an SAE latent) means: α·v replaces the word X (l* = l)",
+            self_explanation,
+        ),
+        Preset(
+            "jacobian-lens",
+            "the logit lens after J_l = E[dh_final/dh_l] (Gurnee et al., 2026; fitted layers only)",
+            jacobian_lens,
+            target_layer=LAST_LAYER,
+            needs_tokenizer=True,
+            needs_lens=True,
+        ),
+        Preset(
+            "activation-oracle",
+            "an Activation Oracle (a LoRA decoder): norm-matched add at K ' ?' slots, l* = 1",
+            activation_oracle,
+            needs_tokenizer=True,
+            needs_decoder=True,
+        ),
+        Preset(
+            "latentqa",
+            "a LatentQA decoder (a LoRA): the state replaces its '?' placeholders at l* = 0",
+            latentqa,
+            needs_decoder=True,
+        ),
+    )
+}
 
 # Presets whose M* is a trained decoder (`Preset.needs_decoder`).
 DECODER_PRESETS = tuple(name for name, preset in PRESETS.items() if preset.needs_decoder)
@@ -165,8 +215,15 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build(preset: str, source_prompt: str, source_position: Position = -1, layer: int = 0,
-          target_layer: int | None = None, model: str = DEFAULT_MODEL, **options) -> Patchscope:
+def build(
+    preset: str,
+    source_prompt: str,
+    source_position: Position = -1,
+    layer: int = 0,
+    target_layer: int | None = None,
+    model: str = DEFAULT_MODEL,
+    **options,
+) -> Patchscope:
     """Build preset `preset` for one source; `options` go to the preset (target_prompt, max_new_tokens, ...).
 
     A preset that fixes l* (`Preset.target_layer`: logit-lens and jacobian-lens, the last layer) takes

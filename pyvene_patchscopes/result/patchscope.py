@@ -1,4 +1,5 @@
 """Readouts of a Patchscope run: the target's next-token distribution (top-k) and its greedy generation."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ def show_text(text: str, width: int | None = None) -> str:
     quoted = repr(text)
     quote, inner = quoted[0], quoted[1:-1]
     if width is not None and len(inner) > width:
-        inner = inner[:max(width, 1) - 1] + "…"
+        inner = inner[: max(width, 1) - 1] + "…"
     return quote + inner + quote
 
 
@@ -50,8 +51,8 @@ def entropy_of(logits: torch.Tensor, rows_per_chunk: int = 256) -> torch.Tensor:
     flat = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], device=logits.device)
     for start in range(0, flat.shape[0], rows_per_chunk):
-        logp = torch.log_softmax(flat[start:start + rows_per_chunk].float(), dim=-1)
-        out[start:start + rows_per_chunk] = -(logp.exp() * logp).sum(-1)
+        logp = torch.log_softmax(flat[start : start + rows_per_chunk].float(), dim=-1)
+        out[start : start + rows_per_chunk] = -(logp.exp() * logp).sum(-1)
     return out.reshape(logits.shape[:-1])
 
 
@@ -113,8 +114,10 @@ class PatchscopeResult:
     def kept_logits(self) -> torch.Tensor:
         """`logits`, which a run kept (its default); an error where ``run(keep_logits=False)`` dropped them."""
         if self.logits is None:
-            raise PatchscopeError("PatchscopeResult.logits is None: this run dropped them (allowed: run(..., "
-                                  "keep_logits=True), the default)")
+            raise PatchscopeError(
+                "PatchscopeResult.logits is None: this run dropped them (allowed: run(..., "
+                "keep_logits=True), the default)"
+            )
         return self.logits
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +128,13 @@ class PatchscopeResult:
             "top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.top],
             "generation": self.generation,
             "informative": self.informative,
-            **({} if self.null_top is None else {
-                "null_top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.null_top],
-                "null_generation": self.null_generation, "agrees_with_null": self.agrees_with_null}),
+            **(
+                {}
+                if self.null_top is None
+                else {
+                    "null_top": [{"token": t.token, "token_id": t.token_id, "prob": t.prob} for t in self.null_top],
+                    "null_generation": self.null_generation,
+                    "agrees_with_null": self.agrees_with_null,
+                }
+            ),
         }

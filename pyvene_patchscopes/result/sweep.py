@@ -4,6 +4,7 @@ A `SweepResult` holds the grid [prompt, source layer l, target layer l*] of top-
 `PatchscopeResult` of a cell is built only when asked for. Running a sweep and reading a folder back are
 `execution.sweeps` (`sweep`, `load_sweep`); its figure and page are `export` (`sweep_figure`, `sweep_page`).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,11 @@ REMOVED_IN = "0.3.0"  # the release that removes the deprecated methods below
 
 
 def _deprecated(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated: use {new} (the old spelling is removed in {REMOVED_IN})",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} is deprecated: use {new} (the old spelling is removed in {REMOVED_IN})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 @dataclass
@@ -34,13 +38,13 @@ class SweepResult:
     prompts: list[str]
     source_layers: list[int]
     target_layers: list[int]
-    top_probs: torch.Tensor              # [P, Ls, Lt, k]
-    top_ids: torch.Tensor                # [P, Ls, Lt, k]
+    top_probs: torch.Tensor  # [P, Ls, Lt, k]
+    top_ids: torch.Tensor  # [P, Ls, Lt, k]
     source_positions: list[int]
-    target_positions: torch.Tensor       # [P, Ls, Lt]
+    target_positions: torch.Tensor  # [P, Ls, Lt]
     scope_for: Callable[[int, int, int], Patchscope] = field(repr=False)
     tokenizer: Any = field(repr=False)
-    same_layer: bool = False              # target_layers="same": one cell per source layer, l* = l
+    same_layer: bool = False  # target_layers="same": one cell per source layer, l* = l
     generations: list[str] | None = None  # flattened in cell order
     logits: torch.Tensor | None = field(default=None, repr=False)  # [P, Ls, Lt, vocab] when kept
     # [P, Ls, Lt] bool: False where the patch cannot reach the readout (l* = the last layer, written before the
@@ -56,18 +60,23 @@ class SweepResult:
     def _index(self, prompt: int, source_layer: int, target_layer: int) -> tuple[int, int, int]:
         if self.same_layer:
             if target_layer != source_layer:
-                raise SpecError(f"target_layer={target_layer}: this sweep ran l* = l only "
-                                f"(allowed: target_layer == source_layer)")
+                raise SpecError(
+                    f"target_layer={target_layer}: this sweep ran l* = l only (allowed: target_layer == source_layer)"
+                )
             return prompt, _position_of("source_layer", source_layer, self.source_layers), 0
-        return (prompt, _position_of("source_layer", source_layer, self.source_layers),
-                _position_of("target_layer", target_layer, self.target_layers))
+        return (
+            prompt,
+            _position_of("source_layer", source_layer, self.source_layers),
+            _position_of("target_layer", target_layer, self.target_layers),
+        )
 
     def _result(self, p: int, i: int, j: int) -> PatchscopeResult:
         flat = (p * len(self.source_layers) + i) * self.columns + j
         target_layer = self.source_layers[i] if self.same_layer else self.target_layers[j]
         return PatchscopeResult(
             scope=self.scope_for(p, self.source_layers[i], target_layer),
-            source_position=self.source_positions[p], target_position=int(self.target_positions[p, i, j]),
+            source_position=self.source_positions[p],
+            target_position=int(self.target_positions[p, i, j]),
             top=decode_top(self.tokenizer, self.top_probs[p, i, j].tolist(), self.top_ids[p, i, j].tolist()),
             generation=None if self.generations is None else self.generations[flat],
             logits=None if self.logits is None else self.logits[p, i, j],
@@ -82,16 +91,18 @@ class SweepResult:
         """One result per cell, in (prompt, source layer, target layer) order."""
         if self._results is None:
             shape = self.top_ids.shape[:3]
-            self._results = [self._result(p, i, j) for p in range(shape[0]) for i in range(shape[1])
-                             for j in range(shape[2])]
+            self._results = [
+                self._result(p, i, j) for p in range(shape[0]) for i in range(shape[1]) for j in range(shape[2])
+            ]
         return self._results
 
     def _top_texts(self) -> list[str]:
         """The top-1 token text of every cell, flattened in (prompt, l, l*) order."""
         if self.top_tokens is None:
             if self.tokenizer is None:
-                raise SpecError("this sweep was loaded without its model (allowed: load_sweep(folder, model=...) to "
-                                "decode tokens)")
+                raise SpecError(
+                    "this sweep was loaded without its model (allowed: load_sweep(folder, model=...) to decode tokens)"
+                )
             self.top_tokens = top_texts(self.tokenizer, self.top_ids[..., 0])
         return self.top_tokens
 
@@ -104,20 +115,29 @@ class SweepResult:
     def to_records(self) -> list[dict[str, Any]]:
         """One dict per cell, in (prompt, l, l*) order, built column-wise from the tensors."""
         n, n_source, n_target = self.top_ids.shape[:3]
-        targets = [[l] for l in self.source_layers] if self.same_layer else \
-            [self.target_layers] * n_source
+        targets = [[l] for l in self.source_layers] if self.same_layer else [self.target_layers] * n_source
         texts, probs = self._top_texts(), self.top_probs[..., 0].reshape(-1).tolist()
         informative = [True] * len(texts) if self.informative is None else self.informative.reshape(-1).tolist()
         generations: Sequence[str | None] = self.generations or [None] * len(texts)
         cells = ((p, l, t) for p in range(n) for i, l in enumerate(self.source_layers) for t in targets[i])
-        return [{"prompt": self.prompts[p], "source_layer": l, "target_layer": t,
-                 "source_position": self.source_positions[p], "token": texts[c], "prob": probs[c],
-                 "generation": generations[c], "informative": informative[c]}
-                for c, (p, l, t) in enumerate(cells)]
+        return [
+            {
+                "prompt": self.prompts[p],
+                "source_layer": l,
+                "target_layer": t,
+                "source_position": self.source_positions[p],
+                "token": texts[c],
+                "prob": probs[c],
+                "generation": generations[c],
+                "informative": informative[c],
+            }
+            for c, (p, l, t) in enumerate(cells)
+        ]
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, model: Any = None, partial: bool = False,
-             lazy: bool = False) -> "SweepResult | Any":
+    def load(
+        cls, folder: str | os.PathLike, model: Any = None, partial: bool = False, lazy: bool = False
+    ) -> "SweepResult | Any":
         """Deprecated: `pyvene_patchscopes.load_sweep(folder, model, partial, lazy)`; removed in 0.3.0."""
         _deprecated("SweepResult.load(folder, ...)", "pyvene_patchscopes.load_sweep(folder, ...)")
         from ..execution.sweeps import load_sweep
@@ -150,8 +170,8 @@ class SweepFolder:
 
     path: Path
     manifest: dict[str, Any]
-    computed: list[int] = field(default_factory=list)   # units this process computed in this call
-    skipped: list[int] = field(default_factory=list)    # units this process found finished
+    computed: list[int] = field(default_factory=list)  # units this process computed in this call
+    skipped: list[int] = field(default_factory=list)  # units this process found finished
 
     def load(self, model: Any = None) -> SweepResult:
         """Deprecated: `pyvene_patchscopes.load_sweep(folder.path, model)`; removed in 0.3.0."""

@@ -1,4 +1,5 @@
 """The spec's field checks: each refuses a bad value with one line naming the field, the value and what is allowed."""
+
 from __future__ import annotations
 
 from typing import Union
@@ -16,8 +17,10 @@ def check_text(field: str, value: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise SpecError(f"{field}={value!r} is not valid text: character {err.start} is a lone surrogate "
-                        "(allowed: text that encodes as UTF-8)") from None
+        raise SpecError(
+            f"{field}={value!r} is not valid text: character {err.start} is a lone surrogate "
+            "(allowed: text that encodes as UTF-8)"
+        ) from None
 
 
 def check_prompt(owner: str, prompt: object) -> None:
@@ -65,5 +68,13 @@ def check_model(owner: str, model: object, optional: bool) -> None:
         raise SpecError(f"{owner}.model={model!r} is not allowed (allowed: {allowed})")
 
 
-__all__ = ["MAX_SLOTS", "Slots", "check_text", "check_prompt", "check_position", "target_position", "check_layer",
-           "check_model"]
+__all__ = [
+    "MAX_SLOTS",
+    "Slots",
+    "check_text",
+    "check_prompt",
+    "check_position",
+    "target_position",
+    "check_layer",
+    "check_model",
+]

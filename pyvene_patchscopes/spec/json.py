@@ -1,5 +1,6 @@
 """Spec JSON: the format and its versions, the `JsonSpec` mixin (text and files), and spec data read back (version 1
 to 5) into a Patchscope's fields, every field checked."""
+
 from __future__ import annotations
 
 from dataclasses import MISSING
@@ -30,6 +31,7 @@ class JsonSpec:
     json_name = "spec"
 
     if TYPE_CHECKING:  # what the spec class provides
+
         @classmethod
         def from_dict(cls, data: object) -> Self: ...
 
@@ -64,7 +66,8 @@ def scope_fields(data: object, weights: dict | None = None, vector: torch.Tensor
             "upgrade pyvene-patchscopes to read newer specs"
         )
     known = {"format", "version", "source", "target", "mapping", "max_new_tokens"} | (
-        {"reroute"} if version >= 2 else set())
+        {"reroute"} if version >= 2 else set()
+    )
     unknown = sorted(set(data) - known)
     if unknown:
         raise SpecError(f"spec has unknown field(s) {unknown} (allowed: {sorted(known)})")
@@ -82,10 +85,14 @@ def scope_fields(data: object, weights: dict | None = None, vector: torch.Tensor
             part = _target_data(part, version)
         allowed = set(klass.__dataclass_fields__) - ({"write", "alpha"} if version < 3 else set())
         if set(part) - allowed:
-            raise SpecError(f"spec {side} has unknown field(s) {sorted(set(part) - allowed)} "
-                            f"(allowed: {sorted(allowed)})")
-        required = {name for name, f in klass.__dataclass_fields__.items()
-                    if f.default is MISSING and f.default_factory is MISSING}
+            raise SpecError(
+                f"spec {side} has unknown field(s) {sorted(set(part) - allowed)} (allowed: {sorted(allowed)})"
+            )
+        required = {
+            name
+            for name, f in klass.__dataclass_fields__.items()
+            if f.default is MISSING and f.default_factory is MISSING
+        }
         if required - set(part):
             raise SpecError(f"spec {side} lacks required field(s) {sorted(required - set(part))}")
         parts[side] = klass(**part)
@@ -104,12 +111,15 @@ def _target_data(part: dict, version: int) -> dict:
     position = part.get("position")
     if version >= 3 and isinstance(position, dict):
         if "every" not in position or not set(position) <= {"every", "first"}:
-            raise SpecError(f"spec target.position={position!r} is not allowed (allowed: an int, a string, a list "
-                            "of them, or {\"every\": placeholder, \"first\": K (optional)})")
+            raise SpecError(
+                f"spec target.position={position!r} is not allowed (allowed: an int, a string, a list "
+                'of them, or {"every": placeholder, "first": K (optional)})'
+            )
         return {**part, "position": Every(position["every"], position.get("first"))}
     if version < 3 and isinstance(position, list):
-        raise SpecError(f"spec target.position={position!r} needs version 3 (allowed in version {version}: an int "
-                        "or a string)")
+        raise SpecError(
+            f"spec target.position={position!r} needs version 3 (allowed in version {version}: an int or a string)"
+        )
     return part
 
 
@@ -124,13 +134,20 @@ def _vector_from_data(part: dict, vector: torch.Tensor | None, version: int) -> 
     if unknown:
         raise SpecError(f"spec source has unknown field(s) {unknown} (allowed in version {version}: {sorted(fields)})")
     if vector is None:
-        raise SpecError("spec source is a vector, but no vector file was read (allowed: a folder written by "
-                        "save_patchscope, with the source's vector.safetensors)")
+        raise SpecError(
+            "spec source is a vector, but no vector file was read (allowed: a folder written by "
+            "save_patchscope, with the source's vector.safetensors)"
+        )
     shape = part.get("shape")
     if shape != list(vector.shape):
         raise SpecError(f"spec source.shape={shape!r} does not match the vector file's shape {list(vector.shape)}")
-    source = VectorSource(vector, part.get("layer", 0), part.get("model", DEFAULT_MODEL),
-                          part.get("name", "vector"), part.get("after_final_norm", version < 5))
+    source = VectorSource(
+        vector,
+        part.get("layer", 0),
+        part.get("model", DEFAULT_MODEL),
+        part.get("name", "vector"),
+        part.get("after_final_norm", version < 5),
+    )
     if part.get("sha256") != source.sha256:
         raise SpecError("spec source.sha256 does not match the vector file (allowed: the file saved with the spec)")
     return source
@@ -142,8 +159,9 @@ def _mapping_from_data(value: object, version: int, weights: dict) -> "MappingSp
     if isinstance(value, str):  # version 1, or a bare name
         return MappingSpec(value, {}, weights)
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        raise SpecError(f"spec field 'mapping'={value!r} is not allowed (allowed: a name, or an object with "
-                        "'name' and 'args')")
+        raise SpecError(
+            f"spec field 'mapping'={value!r} is not allowed (allowed: a name, or an object with 'name' and 'args')"
+        )
     fields = {"name", "args", "weights"} | ({"module"} if version >= 4 else set())
     extra = sorted(set(value) - fields)
     if extra:

@@ -1,4 +1,5 @@
 """Layer lists as a command line writes them ('all', '5', '0-29', '0,3,6', '0-29:3'), each layer checked."""
+
 from __future__ import annotations
 
 import re
@@ -26,15 +27,17 @@ def parse_layers(text: str | None, n_layers: int, flag: str = "--layers") -> lis
         hi, step = (None if g is None else int(g) for g in match.groups()[1:])
         for value in (lo, hi):
             if value is not None and not -n_layers <= value < n_layers:
-                raise SpecError(f"{flag}={text!r}: layer {value} is out of range (allowed: "
-                                f"{-n_layers}..{n_layers - 1})")
+                raise SpecError(
+                    f"{flag}={text!r}: layer {value} is out of range (allowed: {-n_layers}..{n_layers - 1})"
+                )
         if hi is None:
             layers.append(lo)
             continue
         lo, hi = lo % n_layers, hi % n_layers
         if lo > hi or step == 0:
-            raise SpecError(f"{flag}={text!r}: {part.strip()!r} is an empty range (allowed: start <= end and a "
-                            "step >= 1)")
+            raise SpecError(
+                f"{flag}={text!r}: {part.strip()!r} is an empty range (allowed: start <= end and a step >= 1)"
+            )
         layers.extend(range(lo, hi + 1, step or 1))
     return layers
 

@@ -7,6 +7,7 @@ Built-ins: ``identity`` (f = I) and ``affine`` (f(h) = W h + b, fitted by `fit.f
 user's own is saved with the module that registers it (`plugins`), so that a process without it can say which
 module to import.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,10 @@ class Affine(MappingFunction):
     def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor) -> "Affine":
         weight, bias = torch.as_tensor(weight), torch.as_tensor(bias)
         if weight.ndim != 2 or bias.shape != (weight.shape[0],):
-            raise SpecError(f"affine weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit "
-                            "(allowed: weight [d_target, d_source], bias [d_target])")
+            raise SpecError(
+                f"affine weight {tuple(weight.shape)} and bias {tuple(bias.shape)} do not fit "
+                "(allowed: weight [d_target, d_source], bias [d_target])"
+            )
         check_finite({"weight": weight, "bias": bias}, "Affine", torch.float32)  # the dtype Affine runs in
         module = cls(weight.shape[1], weight.shape[0])
         module.load_state_dict({"weight": weight.float(), "bias": bias.float()})
@@ -131,11 +134,15 @@ class MappingSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in MAPPINGS:
             raise unregistered(f"Patchscope.mapping={self.name!r}", None, MAPPINGS)
-        if not isinstance(self.args, MappingType) or not all(isinstance(k, str) for k in self.args) \
-                or not _jsonable(dict(self.args)):
+        if (
+            not isinstance(self.args, MappingType)
+            or not all(isinstance(k, str) for k in self.args)
+            or not _jsonable(dict(self.args))
+        ):
             raise SpecError(f"Patchscope.mapping.args={self.args!r} is not allowed (allowed: a JSON object)")
         if not isinstance(self.weights, MappingType) or not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.weights.items()):
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in self.weights.items()
+        ):
             raise SpecError("Patchscope.mapping.weights is not allowed (allowed: a dict of name -> tensor)")
         check_finite(dict(self.weights), f"Patchscope.mapping={self.name!r} weight")
         object.__setattr__(self, "args", dict(self.args))
@@ -149,15 +156,23 @@ class MappingSpec:
             return mapping.to_spec()
         if isinstance(mapping, str):
             return cls(mapping)
-        raise SpecError(f"Patchscope.mapping={mapping!r} is not allowed "
-                        "(allowed: a mapping name, a MappingSpec or a MappingFunction)")
+        raise SpecError(
+            f"Patchscope.mapping={mapping!r} is not allowed "
+            "(allowed: a mapping name, a MappingSpec or a MappingFunction)"
+        )
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MappingSpec):
             return NotImplemented
-        return (self.name == other.name and self.args == other.args and self.weights.keys() == other.weights.keys()
-                and all(self.weights[k].dtype == other.weights[k].dtype
-                        and torch.equal(self.weights[k], other.weights[k]) for k in self.weights))
+        return (
+            self.name == other.name
+            and self.args == other.args
+            and self.weights.keys() == other.weights.keys()
+            and all(
+                self.weights[k].dtype == other.weights[k].dtype and torch.equal(self.weights[k], other.weights[k])
+                for k in self.weights
+            )
+        )
 
     def __hash__(self) -> int:
         return hash((self.name, json.dumps(self.args, sort_keys=True), tuple(sorted(self.weights))))
@@ -187,11 +202,15 @@ def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -
         raise SpecError(f"Patchscope.mapping.args={spec.args!r} do not fit mapping {spec.name!r}: {err}") from None
     expected = module.state_dict()
     if expected and not spec.weights:
-        raise SpecError(f"Patchscope.mapping={spec.name!r} needs learned weights (keys {sorted(expected)}); "
-                        "fit one with fit_affine(...) or load a saved Patchscope")
+        raise SpecError(
+            f"Patchscope.mapping={spec.name!r} needs learned weights (keys {sorted(expected)}); "
+            "fit one with fit_affine(...) or load a saved Patchscope"
+        )
     if set(spec.weights) != set(expected):
-        raise SpecError(f"Patchscope.mapping weights have keys {sorted(spec.weights)} "
-                        f"(allowed for {spec.name!r}: {sorted(expected)})")
+        raise SpecError(
+            f"Patchscope.mapping weights have keys {sorted(spec.weights)} "
+            f"(allowed for {spec.name!r}: {sorted(expected)})"
+        )
     for key, tensor in spec.weights.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise SpecError(
@@ -200,11 +219,20 @@ def build_mapping(spec: "MappingSpec | str", source_dim: int, target_dim: int) -
             )
     if spec.weights:
         # checked in the dtype each weight runs in: a float64 1e300 passes its own check and is inf in float32
-        check_finite(dict(spec.weights), f"Patchscope.mapping={spec.name!r} weight",
-                     {k: v.dtype for k, v in expected.items()})
+        check_finite(
+            dict(spec.weights), f"Patchscope.mapping={spec.name!r} weight", {k: v.dtype for k, v in expected.items()}
+        )
         module.load_state_dict({k: v.to(expected[k].dtype) for k, v in spec.weights.items()})
     return module.eval()
 
 
-__all__ = ["MappingFunction", "MappingSpec", "MAPPINGS", "register_mapping", "mapping_module", "build_mapping",
-           "Identity", "Affine"]
+__all__ = [
+    "MappingFunction",
+    "MappingSpec",
+    "MAPPINGS",
+    "register_mapping",
+    "mapping_module",
+    "build_mapping",
+    "Identity",
+    "Affine",
+]

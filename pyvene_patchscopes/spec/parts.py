@@ -1,5 +1,6 @@
 """The spec's parts: where a state is read (`Source`, `VectorSource`), where it is written (`Target`, `lens_target`),
 and rerouting within one sequence (`Reroute`); each a frozen dataclass checked on construction."""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,10 @@ class VectorSource:
     def __post_init__(self) -> None:
         if not isinstance(self.tensor, torch.Tensor) or self.tensor.ndim not in (1, 2) or 0 in self.tensor.shape:
             shape = list(self.tensor.shape) if isinstance(self.tensor, torch.Tensor) else type(self.tensor).__name__
-            raise SpecError(f"VectorSource.tensor={shape} is not allowed (allowed: a tensor [d], or [slots, d] "
-                            "with one vector per target slot)")
+            raise SpecError(
+                f"VectorSource.tensor={shape} is not allowed (allowed: a tensor [d], or [slots, d] "
+                "with one vector per target slot)"
+            )
         check_finite({"tensor": self.tensor}, "VectorSource", torch.float32)
         check_layer("VectorSource", self.layer)
         check_model("VectorSource", self.model, optional=False)
@@ -68,8 +71,9 @@ class VectorSource:
             raise SpecError(f"VectorSource.name={self.name!r} is not allowed (allowed: a non-empty string)")
         check_text("VectorSource.name", self.name)
         if not isinstance(self.after_final_norm, bool):
-            raise SpecError(f"VectorSource.after_final_norm={self.after_final_norm!r} is not allowed (allowed: True "
-                            "or False)")
+            raise SpecError(
+                f"VectorSource.after_final_norm={self.after_final_norm!r} is not allowed (allowed: True or False)"
+            )
         object.__setattr__(self, "tensor", self.tensor.detach().cpu().float().contiguous())
 
     @property
@@ -86,23 +90,33 @@ class VectorSource:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VectorSource):
             return NotImplemented
-        return (self.layer, self.model, self.name, self.after_final_norm) == (
-            other.layer, other.model, other.name, other.after_final_norm) \
-            and self.tensor.shape == other.tensor.shape and torch.equal(self.tensor, other.tensor)
+        return (
+            (self.layer, self.model, self.name, self.after_final_norm)
+            == (other.layer, other.model, other.name, other.after_final_norm)
+            and self.tensor.shape == other.tensor.shape
+            and torch.equal(self.tensor, other.tensor)
+        )
 
     def __hash__(self) -> int:
         return hash((self.layer, self.model, self.name, self.after_final_norm, tuple(self.tensor.shape)))
 
     def __repr__(self) -> str:
         normed = ", after_final_norm=True" if self.after_final_norm else ""
-        return (f"VectorSource(name={self.name!r}, shape={list(self.tensor.shape)}, layer={self.layer}, "
-                f"model={self.model!r}{normed})")
+        return (
+            f"VectorSource(name={self.name!r}, shape={list(self.tensor.shape)}, layer={self.layer}, "
+            f"model={self.model!r}{normed})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Its JSON object; ``after_final_norm: false`` is written (spec version 5) because versions 3 and 4, which
         lack the field, mean true."""
-        data = {"name": self.name, "layer": self.layer, "model": self.model, "shape": list(self.tensor.shape),
-                "sha256": self.sha256}
+        data = {
+            "name": self.name,
+            "layer": self.layer,
+            "model": self.model,
+            "shape": list(self.tensor.shape),
+            "sha256": self.sha256,
+        }
         return data if self.after_final_norm else {**data, "after_final_norm": False}
 
 
@@ -151,14 +165,17 @@ class Target:
         return self.several or self.write != "replace" or self.alpha != 1.0
 
 
-def lens_target(source: Source, target_layer: int | None = None, target_prompt: str | None = None,
-                tokenizer: Any = None) -> Target:
+def lens_target(
+    source: Source, target_layer: int | None = None, target_prompt: str | None = None, tokenizer: Any = None
+) -> Target:
     """The logit lens's target: T = S cut after i, i* = its last token, l* = the last layer (or `target_layer`)."""
     prompt, position = target_prompt or source.prompt, source.position
     if target_prompt is None and source.position != -1:
         if tokenizer is None:
-            raise SpecError(f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
-                            "to cut the prompt there (allowed without one: Source.position=-1)")
+            raise SpecError(
+                f"logit-lens at Source.position={source.position!r} needs the model's tokenizer "
+                "to cut the prompt there (allowed without one: Source.position=-1)"
+            )
         prompt, position = prefix_through(tokenizer, source.prompt, source.position), -1
     return Target(prompt, position, -1 if target_layer is None else target_layer)
 
@@ -175,8 +192,9 @@ class Reroute:
     split: int | None = None
 
     def __post_init__(self) -> None:
-        if self.split is not None and (isinstance(self.split, bool) or not isinstance(self.split, int)
-                                       or self.split < 1):
+        if self.split is not None and (
+            isinstance(self.split, bool) or not isinstance(self.split, int) or self.split < 1
+        ):
             raise SpecError(f"Reroute.split={self.split!r} is not allowed (allowed: None, or a character offset >= 1)")
 
 

@@ -19,6 +19,7 @@ Conventions (the paper's, and the official code's):
 - A target may name several slots (a list of positions, or `Every` occurrence of a placeholder word), and a
   write mode with its scale α (``write``: replace, mix, add, norm-matched-add; see `writes`).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ REMOVED_IN = "0.3.0"  # the release without the deprecated methods at the end of
 
 
 def _moved_method(old: str, new: str) -> None:
-    warnings.warn(f"{old} is deprecated: use {new}; the method is removed in {REMOVED_IN}", DeprecationWarning,
-                  stacklevel=3)
+    warnings.warn(
+        f"{old} is deprecated: use {new}; the method is removed in {REMOVED_IN}", DeprecationWarning, stacklevel=3
+    )
 
 
 @dataclass(frozen=True)
@@ -62,15 +64,20 @@ class Patchscope(JsonSpec):
         if not isinstance(self.target, Target):
             raise SpecError(f"Patchscope.target={self.target!r} is not allowed (allowed: a Target)")
         object.__setattr__(self, "mapping", MappingSpec.coerce(self.mapping))
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or not 0 <= self.max_new_tokens <= 4096:
+        if (
+            isinstance(self.max_new_tokens, bool)
+            or not isinstance(self.max_new_tokens, int)
+            or not 0 <= self.max_new_tokens <= 4096
+        ):
             raise SpecError(f"Patchscope.max_new_tokens={self.max_new_tokens!r} is out of range (allowed: 0..4096)")
         if self.reroute is not None:
             self._check_reroute()
         if isinstance(self.source, VectorSource) and self.source.tensor.ndim == 2 and not self.target.several:
-            raise SpecError(f"VectorSource.tensor has {self.source.tensor.shape[0]} rows, one per slot, but "
-                            f"Target.position={self.target.position!r} is one slot (allowed: a [d] tensor, or "
-                            "several target slots)")
+            raise SpecError(
+                f"VectorSource.tensor has {self.source.tensor.shape[0]} rows, one per slot, but "
+                f"Target.position={self.target.position!r} is one slot (allowed: a [d] tensor, or "
+                "several target slots)"
+            )
 
     @property
     def mapping_spec(self) -> MappingSpec:
@@ -81,8 +88,10 @@ class Patchscope(JsonSpec):
     def prompt_source(self) -> Source:
         """The source as a prompt's state (S, i, M, l); a vector source has no prompt or position."""
         if isinstance(self.source, VectorSource):
-            raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which has no prompt or position "
-                            "(allowed here: a Source)")
+            raise SpecError(
+                f"Patchscope.source is a vector ({self.source.name!r}), which has no prompt or position "
+                "(allowed here: a Source)"
+            )
         return self.source
 
     @property
@@ -94,14 +103,19 @@ class Patchscope(JsonSpec):
         if not isinstance(self.reroute, Reroute):
             raise SpecError(f"Patchscope.reroute={self.reroute!r} is not allowed (allowed: a Reroute or None)")
         if isinstance(self.source, VectorSource) or self.target.uses_version_3:
-            raise SpecError("Patchscope.reroute reads a prompt's state and replaces it at one slot (allowed: a "
-                            "Source, one Target.position and write='replace')")
+            raise SpecError(
+                "Patchscope.reroute reads a prompt's state and replaces it at one slot (allowed: a "
+                "Source, one Target.position and write='replace')"
+            )
         if self.target.prompt != self.source.prompt or self.target_model != self.source.model:
-            raise SpecError("Patchscope.reroute needs Target.prompt == Source.prompt and the same model "
-                            "(allowed: one sequence, read and written within one pass)")
+            raise SpecError(
+                "Patchscope.reroute needs Target.prompt == Source.prompt and the same model "
+                "(allowed: one sequence, read and written within one pass)"
+            )
         split = self.reroute.split
         if split is not None and not split < len(self.source.prompt):
             raise SpecError(f"Reroute.split={split} is out of range (allowed: 1..{len(self.source.prompt) - 1})")
+
     @property
     def target_model(self) -> str:
         """M*: the target's model name, defaulting to the source's."""
@@ -112,8 +126,10 @@ class Patchscope(JsonSpec):
         ``target_layer=`` are shortcuts."""
         source, target = changes.pop("source", self.source), changes.pop("target", self.target)
         if isinstance(source, VectorSource) and {"source_prompt", "source_position"} & set(changes):
-            raise SpecError("Patchscope.replace: a VectorSource has no prompt or position (allowed for a vector "
-                            "source: source_layer=, target_layer=, source=, target=)")
+            raise SpecError(
+                "Patchscope.replace: a VectorSource has no prompt or position (allowed for a vector "
+                "source: source_layer=, target_layer=, source=, target=)"
+            )
         if "source_prompt" in changes:
             source = replace(source, prompt=changes.pop("source_prompt"))
         if "source_position" in changes:
@@ -130,26 +146,41 @@ class Patchscope(JsonSpec):
         `save_patchscope`)."""
         vector = isinstance(self.source, VectorSource)
         mapping = self.mapping_spec.to_dict()
-        version = 5 if isinstance(self.source, VectorSource) and not self.source.after_final_norm \
-            else 4 if "module" in mapping else 3 if vector or self.target.uses_version_3 else 2
+        version = (
+            5
+            if isinstance(self.source, VectorSource) and not self.source.after_final_norm
+            else 4
+            if "module" in mapping
+            else 3
+            if vector or self.target.uses_version_3
+            else 2
+        )
         source = self.source.to_dict() if isinstance(self.source, VectorSource) else asdict(self.source)
-        return {"format": SPEC_FORMAT, "version": version, "source": source,
-                "target": self.target.to_dict(), "mapping": mapping,
-                "max_new_tokens": self.max_new_tokens,
-                "reroute": None if self.reroute is None else asdict(self.reroute)}
+        return {
+            "format": SPEC_FORMAT,
+            "version": version,
+            "source": source,
+            "target": self.target.to_dict(),
+            "mapping": mapping,
+            "max_new_tokens": self.max_new_tokens,
+            "reroute": None if self.reroute is None else asdict(self.reroute),
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         if isinstance(self.source, VectorSource):
-            raise SpecError(f"Patchscope.source is a vector ({self.source.name!r}), which one JSON file cannot hold "
-                            "(allowed: save_patchscope(scope, folder), which writes it as safetensors)")
+            raise SpecError(
+                f"Patchscope.source is a vector ({self.source.name!r}), which one JSON file cannot hold "
+                "(allowed: save_patchscope(scope, folder), which writes it as safetensors)"
+            )
         if self.mapping_spec.weights:
-            raise SpecError(f"Patchscope.mapping={self.mapping_spec.name!r} has learned weights, which one JSON file "
-                            "cannot hold (allowed: save_patchscope(scope, folder), which writes them as safetensors)")
+            raise SpecError(
+                f"Patchscope.mapping={self.mapping_spec.name!r} has learned weights, which one JSON file "
+                "cannot hold (allowed: save_patchscope(scope, folder), which writes them as safetensors)"
+            )
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: object, weights: dict | None = None,
-                  vector: torch.Tensor | None = None) -> "Patchscope":
+    def from_dict(cls, data: object, weights: dict | None = None, vector: torch.Tensor | None = None) -> "Patchscope":
         """Parse spec data (version 1 to 5); `weights` are the mapping's tensors and `vector` the source's tensor
         when loaded from a folder."""
         return cls(**scope_fields(data, weights, vector))

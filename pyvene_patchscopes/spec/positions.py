@@ -1,4 +1,5 @@
 """Resolve a spec position (int, substring or placeholder word) to a token index in a tokenized prompt."""
+
 from __future__ import annotations
 
 import re
@@ -22,15 +23,18 @@ class Every:
     def __post_init__(self) -> None:
         if not isinstance(self.text, str) or not self.text.strip():
             raise SpecError(f"Every.text={self.text!r} is not allowed (allowed: a non-empty placeholder word)")
-        if self.first is not None and (isinstance(self.first, bool) or not isinstance(self.first, int)
-                                       or not 1 <= self.first <= 4096):
-            raise SpecError(f"Every.first={self.first!r} is not allowed (allowed: None for every occurrence, or an "
-                            "int in 1..4096)")
+        if self.first is not None and (
+            isinstance(self.first, bool) or not isinstance(self.first, int) or not 1 <= self.first <= 4096
+        ):
+            raise SpecError(
+                f"Every.first={self.first!r} is not allowed (allowed: None for every occurrence, or an int in 1..4096)"
+            )
         try:
             self.text.encode("utf-8")
         except UnicodeEncodeError:
-            raise SpecError(f"Every.text={self.text!r} is not valid text (allowed: text that encodes as "
-                            "UTF-8)") from None
+            raise SpecError(
+                f"Every.text={self.text!r} is not valid text (allowed: text that encodes as UTF-8)"
+            ) from None
 
 
 class SinkPositionWarning(UserWarning):
@@ -67,8 +71,9 @@ def _last_occurrence(prompt: str, text: str, whole_word: bool) -> int:
     return prompt.rfind(text)
 
 
-def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str,
-                     encoding: Encoding | None = None) -> int:
+def resolve_position(
+    tokenizer: Any, prompt: str, position: Position, owner: str, encoding: Encoding | None = None
+) -> int:
     """The non-negative token index that `position` names in `prompt`.
 
     `owner` is "Source" or "Target", used in error messages. A target's string position is a placeholder
@@ -79,22 +84,28 @@ def resolve_position(tokenizer: Any, prompt: str, position: Position, owner: str
     n_tokens = len(ids)
     if isinstance(position, int):
         if not -n_tokens <= position < n_tokens:
-            raise SpecError(f"{owner}.position={position} is out of range for {owner}.prompt={prompt!r} of "
-                            f"{n_tokens} tokens (allowed: {-n_tokens}..{n_tokens - 1})")
+            raise SpecError(
+                f"{owner}.position={position} is out of range for {owner}.prompt={prompt!r} of "
+                f"{n_tokens} tokens (allowed: {-n_tokens}..{n_tokens - 1})"
+            )
         return position % n_tokens
     text = position.strip() or position
     start = _last_occurrence(prompt, text, whole_word=owner == "Target")
     if start < 0:
         what = "placeholder" if owner == "Target" else "token"
-        raise SpecError(f"{owner}.position={position!r}: the {what} is not in {owner}.prompt={prompt!r} "
-                        f"(allowed: an int in {-n_tokens}..{n_tokens - 1}, or a substring of the prompt)")
+        raise SpecError(
+            f"{owner}.position={position!r}: the {what} is not in {owner}.prompt={prompt!r} "
+            f"(allowed: an int in {-n_tokens}..{n_tokens - 1}, or a substring of the prompt)"
+        )
     last_char = start + len(text) - 1
     for index in range(n_tokens - 1, -1, -1):
         begin, end = offsets[index]
         if begin <= last_char < end:
             return index
-    raise SpecError(f"{owner}.position={position!r} was found in the prompt text but maps to no token "
-                    f"(the tokenizer gives no character offsets for it)")
+    raise SpecError(
+        f"{owner}.position={position!r} was found in the prompt text but maps to no token "
+        f"(the tokenizer gives no character offsets for it)"
+    )
 
 
 def prefix_through(tokenizer: Any, prompt: str, position: Position) -> str:
@@ -112,7 +123,8 @@ def warn_if_sink(index: int, tokenizer: Any, prompt: str) -> None:
             f"Source.position resolves to token 0 ({first[0]!r}) of {prompt!r}. The first token is the "
             "attention sink: its hidden state has outsized norms and patching it usually wrecks the target. "
             "Put the word after a short context, e.g. Source(prompt='Here is a word: Paris', position='Paris').",
-            SinkPositionWarning, stacklevel=3,
+            SinkPositionWarning,
+            stacklevel=3,
         )
 
 
@@ -127,8 +139,9 @@ def _every(prompt: str, text: str, encoding: Encoding) -> list[int]:
     slots: list[int] = []
     for match in re.finditer(pattern, prompt):
         last_char = match.end() - 1
-        slots.extend(index for index in range(len(offsets) - 1, -1, -1)
-                     if offsets[index][0] <= last_char < offsets[index][1])
+        slots.extend(
+            index for index in range(len(offsets) - 1, -1, -1) if offsets[index][0] <= last_char < offsets[index][1]
+        )
     return list(dict.fromkeys(slots))
 
 
@@ -140,19 +153,24 @@ def resolve_slots(tokenizer: Any, prompt: str, position: Any, encoding: Encoding
         text = position.text.strip() or position.text
         slots = _every(prompt, text, encoding)
         if not slots:
-            raise SpecError(f"Target.position=Every({position.text!r}): the placeholder is not in "
-                            f"Target.prompt={prompt!r} (allowed: a word that occurs in the prompt)")
+            raise SpecError(
+                f"Target.position=Every({position.text!r}): the placeholder is not in "
+                f"Target.prompt={prompt!r} (allowed: a word that occurs in the prompt)"
+            )
         if position.first is not None:
             if len(slots) < position.first:
-                raise SpecError(f"Target.position=Every({position.text!r}, first={position.first}): the placeholder "
-                                f"occurs {len(slots)} times in Target.prompt (allowed: first in 1..{len(slots)})")
-            slots = slots[:position.first]
+                raise SpecError(
+                    f"Target.position=Every({position.text!r}, first={position.first}): the placeholder "
+                    f"occurs {len(slots)} times in Target.prompt (allowed: first in 1..{len(slots)})"
+                )
+            slots = slots[: position.first]
         return tuple(sorted(slots))
     if not isinstance(position, tuple):
         return (resolve_position(tokenizer, prompt, position, "Target", encoding),)
     slots = [resolve_position(tokenizer, prompt, one, "Target", encoding) for one in position]
     if len(set(slots)) < len(slots):
         twice = next(s for s in slots if slots.count(s) > 1)
-        raise SpecError(f"Target.position={list(position)!r} names token {twice} more than once (allowed: "
-                        "distinct slots)")
+        raise SpecError(
+            f"Target.position={list(position)!r} names token {twice} more than once (allowed: distinct slots)"
+        )
     return tuple(sorted(slots))

@@ -9,6 +9,7 @@ One arithmetic for every path: the pyvene interventions (`interventions`) and th
 - ``norm-matched-add``: h ← h + ‖h‖·α·f(v)/‖f(v)‖, norms over the hidden dimension at each slot (Activation
   Oracles' steering hook, with α their coefficient).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,22 +50,27 @@ def _shown(value: object) -> str:
     return repr(value)
 
 
-def check_alpha_runs(alpha: float, dtype: torch.dtype, written: torch.Tensor | None = None,
-                     field: str = "Target.alpha", where: str = "") -> None:
+def check_alpha_runs(
+    alpha: float, dtype: torch.dtype, written: torch.Tensor | None = None, field: str = "Target.alpha", where: str = ""
+) -> None:
     """α as the write runs it: cast to `dtype`, the target model's, as `write_slots` casts it (1e39 is a finite
     float and inf in float32); and α·f(v), where f(v) is known before the run (`written`, a vector source's),
     finite in `dtype` too (3e38 · 2 overflows float32). Else a `SpecError` naming α and the largest allowed."""
     largest, name = torch.finfo(dtype).max, str(dtype).removeprefix("torch.")
     if not bool(torch.isfinite(torch.tensor(alpha, dtype=torch.float64).to(dtype))):
-        raise SpecError(f"{field}={alpha!r} overflows {name}, the dtype {where or 'the target'} runs in (allowed: "
-                        f"|{field}| <= {largest:.4g})")
+        raise SpecError(
+            f"{field}={alpha!r} overflows {name}, the dtype {where or 'the target'} runs in (allowed: "
+            f"|{field}| <= {largest:.4g})"
+        )
     if written is None or not written.numel():
         return
     exact = written.detach().double()
     if not bool(torch.isfinite((alpha * exact).to(dtype)).all()):
         peak = float(exact.abs().max())
-        raise SpecError(f"{field}={alpha!r} times f(v) overflows {name}, the dtype {where or 'the target'} runs in: "
-                        f"the largest |f(v)| is {peak:.4g} (allowed: |{field}| * {peak:.4g} <= {largest:.4g})")
+        raise SpecError(
+            f"{field}={alpha!r} times f(v) overflows {name}, the dtype {where or 'the target'} runs in: "
+            f"the largest |f(v)| is {peak:.4g} (allowed: |{field}| * {peak:.4g} <= {largest:.4g})"
+        )
 
 
 def combine(mode: str, alpha: float | torch.Tensor, base: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
@@ -84,8 +90,13 @@ def combine(mode: str, alpha: float | torch.Tensor, base: torch.Tensor, written:
     raise SpecError(f"write={mode!r} is not allowed (allowed: {', '.join(WRITE_MODES)})")
 
 
-def write_slots(hidden: torch.Tensor, offsets: torch.Tensor | list[int] | int, vectors: torch.Tensor,
-                mode: str = "replace", alphas: torch.Tensor | None = None) -> None:
+def write_slots(
+    hidden: torch.Tensor,
+    offsets: torch.Tensor | list[int] | int,
+    vectors: torch.Tensor,
+    mode: str = "replace",
+    alphas: torch.Tensor | None = None,
+) -> None:
     """In place: ``hidden[r, offsets]`` ← combine(hidden[r, offsets], vectors[r]) for every row r.
 
     hidden [rows, tokens, d]; vectors [rows, d] (the same at every slot) or [rows, slots, d] (one per slot);
@@ -102,8 +113,6 @@ def write_slots(hidden: torch.Tensor, offsets: torch.Tensor | list[int] | int, v
     hidden[:, index] = combine(mode, alpha, hidden[:, index], written).to(hidden.dtype)
 
 
-
-
 @dataclass(frozen=True)
 class Slots:
     """Where and how a batch of rows writes, relative to the first slot i* (the planned path's split)."""
@@ -115,16 +124,19 @@ class Slots:
         """In place, every row of `hidden` [rows, tokens, d] at positions ``at + offsets``."""
         write_slots(hidden, [at + offset for offset in self.offsets], vectors, self.mode, alphas)
 
-    def written_rows(self, hidden: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor,
-                     alphas: torch.Tensor | None, at: int = 0) -> None:
+    def written_rows(
+        self, hidden: torch.Tensor, rows: torch.Tensor, vectors: torch.Tensor, alphas: torch.Tensor | None, at: int = 0
+    ) -> None:
         """In place, rows `rows` of `hidden` (a gathered copy is written and put back)."""
         part = hidden[rows]
-        self.write(part, vectors[rows.to(vectors.device)],
-                   None if alphas is None else alphas[rows.to(alphas.device)], at)
+        self.write(
+            part, vectors[rows.to(vectors.device)], None if alphas is None else alphas[rows.to(alphas.device)], at
+        )
         hidden[rows] = part
 
-    def at_last(self, base: torch.Tensor, vectors: torch.Tensor, alphas: torch.Tensor | None,
-                suffix: int) -> torch.Tensor:
+    def at_last(
+        self, base: torch.Tensor, vectors: torch.Tensor, alphas: torch.Tensor | None, suffix: int
+    ) -> torch.Tensor:
         """The last position's state after the write, for rows written after the final norm: `base` [rows, d] is
         the unpatched normed state there; it changes only when a slot is the last position (offset suffix - 1)."""
         if suffix - 1 not in self.offsets:
@@ -143,5 +155,14 @@ def row_alphas(values: list[float]) -> torch.Tensor | None:
     return None if all(value == 1.0 for value in values) else torch.tensor(values)
 
 
-__all__ = ["WRITE_MODES", "check_mode", "check_alpha", "check_alpha_runs", "combine", "write_slots", "Slots",
-           "REPLACE_ONE", "row_alphas"]
+__all__ = [
+    "WRITE_MODES",
+    "check_mode",
+    "check_alpha",
+    "check_alpha_runs",
+    "combine",
+    "write_slots",
+    "Slots",
+    "REPLACE_ONE",
+    "row_alphas",
+]

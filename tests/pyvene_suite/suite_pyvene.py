@@ -23,6 +23,7 @@ pyvene's save/load behaving as pyvene's.
 Left out on purpose: ``IntervenableModel.load_intervention`` is only exercised with ``torch.load`` redirected to
 the CPU, because pyvene 0.1.8 hard-codes ``map_location='cuda:0'`` there, which raises on a CPU-only machine.
 """
+
 import os
 
 if os.environ.get("PYVENE_SUITE_WITH_PLUGIN") in ("1", "safe"):
@@ -57,26 +58,43 @@ ATOL = 1e-5
 @functools.lru_cache(maxsize=None)
 def gpt2():
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=3, n_head=HEADS,
-                        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0, summary_first_dropout=0.0,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=HIDDEN,
+        n_layer=3,
+        n_head=HEADS,
+        attn_pdrop=0.0,
+        embd_pdrop=0.0,
+        resid_pdrop=0.0,
+        summary_first_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 @functools.lru_cache(maxsize=None)
 def llama():
     torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                         num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=HEADS,
-                         max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 @functools.lru_cache(maxsize=None)
 def mlp():
     torch.manual_seed(2)
-    config = MLPConfig(h_dim=4, n_layer=1, pdrop=0.0, num_classes=5, include_bias=False,
-                       squeeze_output=False)
+    config = MLPConfig(h_dim=4, n_layer=1, pdrop=0.0, num_classes=5, include_bias=False, squeeze_output=False)
     return MLPForClassification(config).eval()
 
 
@@ -150,12 +168,16 @@ def capture(model, module, input_ids, pre=False):
 def run_patched(model, module, input_ids, edit, pre=False):
     """Logits of `model` when `module`'s output (or input, with `pre`) is replaced by `edit(clone)`."""
     if pre:
+
         def hook(m, args):
             return (edit(args[0].clone()),) + tuple(args[1:])
+
         handle = module.register_forward_pre_hook(hook)
     else:
+
         def hook(m, a, out):
             return _replace_first(out, edit(_first(out).clone()))
+
         handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
@@ -174,9 +196,11 @@ def nested(positions):
 # plus the dict / list / single-dict forms used by IntervenableBasicTestCase's (hub-based) lazy demos.
 def test_config_construction_forms():
     model = gpt2()
-    config = pv.IntervenableConfig(model_type=type(model),
-                                   representations=[pv.RepresentationConfig(0, "block_output", "pos", 1)],
-                                   intervention_types=pv.VanillaIntervention)
+    config = pv.IntervenableConfig(
+        model_type=type(model),
+        representations=[pv.RepresentationConfig(0, "block_output", "pos", 1)],
+        intervention_types=pv.VanillaIntervention,
+    )
     assert config.model_type is type(model)
     assert config.intervention_types == pv.VanillaIntervention
     assert len(config.representations) == 1
@@ -189,8 +213,12 @@ def test_config_construction_forms():
     assert as_dict.representations == as_list.representations == [pv.RepresentationConfig(2, "mlp_output")]
     assert as_dict.intervention_types == pv.VanillaIntervention
 
-    typed = pv.IntervenableConfig([{"layer": 0, "intervention_type": pv.AdditionIntervention},
-                                   {"layer": 1, "intervention_type": pv.ZeroIntervention}])
+    typed = pv.IntervenableConfig(
+        [
+            {"layer": 0, "intervention_type": pv.AdditionIntervention},
+            {"layer": 1, "intervention_type": pv.ZeroIntervention},
+        ]
+    )
     assert typed.intervention_types == [pv.AdditionIntervention, pv.ZeroIntervention]
     typed.add_intervention({"layer": 2, "component": "block_output", "intervention_type": pv.CollectIntervention})
     assert len(typed.representations) == 3
@@ -199,8 +227,9 @@ def test_config_construction_forms():
     with pytest.raises(ValueError):  # a type on some representations only
         pv.IntervenableConfig([{"layer": 0, "intervention_type": pv.AdditionIntervention}, {"layer": 1}])
     with pytest.raises(ValueError):  # both a type and an instance
-        pv.IntervenableConfig({"intervention_type": pv.VanillaIntervention,
-                               "intervention": pv.VanillaIntervention(embed_dim=HIDDEN)})
+        pv.IntervenableConfig(
+            {"intervention_type": pv.VanillaIntervention, "intervention": pv.VanillaIntervention(embed_dim=HIDDEN)}
+        )
     with pytest.raises(ValueError):  # an unsupported representation format
         pv.IntervenableConfig(["block_output"])
 
@@ -212,10 +241,14 @@ def test_config_construction_forms():
 # Mirrors InterventionUtilsTestCase::test_initialization_positive.
 def test_intervenable_model_initial_state():
     model = gpt2()
-    config = pv.IntervenableConfig(model_type=type(model),
-                                   representations=[pv.RepresentationConfig(0, "block_output", "pos", 1),
-                                                    pv.RepresentationConfig(1, "block_output", "pos", 1)],
-                                   intervention_types=pv.VanillaIntervention)
+    config = pv.IntervenableConfig(
+        model_type=type(model),
+        representations=[
+            pv.RepresentationConfig(0, "block_output", "pos", 1),
+            pv.RepresentationConfig(1, "block_output", "pos", 1),
+        ],
+        intervention_types=pv.VanillaIntervention,
+    )
     pvm = pv.IntervenableModel(config, model)
     assert pvm.mode == "parallel"
     assert pvm.is_model_stateless is True
@@ -250,9 +283,13 @@ def test_unknown_component_is_rejected():
 def test_original_output_equals_plain_model(family):
     model = MODELS[family]()
     base = ids(10)
-    pvm = pv.IntervenableModel(pv.IntervenableConfig(
-        [pv.RepresentationConfig(0, "block_output", "pos", 1, subspace_partition=[[0, 8], [8, HIDDEN]])],
-        intervention_types=pv.VanillaIntervention), model)
+    pvm = pv.IntervenableModel(
+        pv.IntervenableConfig(
+            [pv.RepresentationConfig(0, "block_output", "pos", 1, subspace_partition=[[0, 8], [8, HIDDEN]])],
+            intervention_types=pv.VanillaIntervention,
+        ),
+        model,
+    )
     with torch.no_grad():
         golden = model(input_ids=base).logits
         original, _ = pvm({"input_ids": base}, output_original_output=True)
@@ -273,9 +310,11 @@ def test_vanilla_interchange_matches_hook_golden(family, component):
     base, source = ids(20), ids(21)
     module = site(family, model, component, layer)
     src_act = capture(model, module, source)
-    cases = [([2] * BATCH, [2] * BATCH),                        # one position
-             ([[1, 4]] * BATCH, [[1, 4]] * BATCH),              # several positions
-             ([[0], [3], [5]], [[5], [1], [2]])]                # per-row source and base positions
+    cases = [
+        ([2] * BATCH, [2] * BATCH),  # one position
+        ([[1, 4]] * BATCH, [[1, 4]] * BATCH),  # several positions
+        ([[0], [3], [5]], [[5], [1], [2]]),
+    ]  # per-row source and base positions
     for src_pos, base_pos in cases:
         src_rows = [p if isinstance(p, list) else [p] for p in src_pos]
         base_rows = [p if isinstance(p, list) else [p] for p in base_pos]
@@ -284,13 +323,19 @@ def test_vanilla_interchange_matches_hook_golden(family, component):
             for row in range(BATCH):
                 h[row, base_rows[row]] = src_act[row, src_rows[row]]
             return h
+
         golden = run_patched(model, module, base, edit)
-        pvm = pv.IntervenableModel(pv.IntervenableConfig(
-            [pv.RepresentationConfig(layer, component, "pos", len(base_rows[0]))],
-            intervention_types=pv.VanillaIntervention), model)
+        pvm = pv.IntervenableModel(
+            pv.IntervenableConfig(
+                [pv.RepresentationConfig(layer, component, "pos", len(base_rows[0]))],
+                intervention_types=pv.VanillaIntervention,
+            ),
+            model,
+        )
         with torch.no_grad():
-            _, out = pvm({"input_ids": base}, [{"input_ids": source}],
-                         {"sources->base": (nested(src_rows), nested(base_rows))})
+            _, out = pvm(
+                {"input_ids": base}, [{"input_ids": source}], {"sources->base": (nested(src_rows), nested(base_rows))}
+            )
         assert torch.allclose(out.logits, golden, atol=ATOL), (family, component, src_pos, base_pos)
         assert not torch.allclose(out.logits, model(input_ids=base).logits, atol=ATOL)
 
@@ -312,10 +357,15 @@ def test_head_interchange_matches_hook_golden(family):
             for pos in positions:
                 h[:, pos, head] = src_act[:, pos, head]
         return h.view(BATCH, SEQ, HIDDEN)
+
     golden = run_patched(model, module, base, edit, pre=True)
-    pvm = pv.IntervenableModel(pv.IntervenableConfig(
-        [pv.RepresentationConfig(layer, "head_attention_value_output", "h.pos", len(positions))],
-        intervention_types=pv.VanillaIntervention), model)
+    pvm = pv.IntervenableModel(
+        pv.IntervenableConfig(
+            [pv.RepresentationConfig(layer, "head_attention_value_output", "h.pos", len(positions))],
+            intervention_types=pv.VanillaIntervention,
+        ),
+        model,
+    )
     loc = [[[heads] * BATCH, [positions] * BATCH]]
     with torch.no_grad():
         _, out = pvm({"input_ids": base}, [{"input_ids": source}], {"sources->base": (loc, loc)})
@@ -332,10 +382,13 @@ def test_unit_locations_forms_are_equivalent():
 
     def fresh():
         return pv.IntervenableModel({"layer": 1, "component": "block_output"}, model)
+
     results = {}
-    for name, loc in {"nested": {"sources->base": ([[[2]] * BATCH], [[[2]] * BATCH])},
-                      "pair": {"sources->base": (2, 2)},
-                      "int": {"sources->base": 2}}.items():
+    for name, loc in {
+        "nested": {"sources->base": ([[[2]] * BATCH], [[[2]] * BATCH])},
+        "pair": {"sources->base": (2, 2)},
+        "int": {"sources->base": 2},
+    }.items():
         pvm = fresh()
         with torch.no_grad():
             results[name] = pvm(base, [source], loc)[1].logits
@@ -347,9 +400,15 @@ def test_unit_locations_forms_are_equivalent():
     vec = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(3))
     outs = []
     for loc in ({"base": 2}, {"sources->base": (None, [[[2]] * BATCH])}, {"base": [[[2]] * BATCH]}):
-        pvm = pv.IntervenableModel({"layer": 1, "component": "block_output",
-                                    "intervention_type": pv.VanillaIntervention, "source_representation": vec},
-                                   model)
+        pvm = pv.IntervenableModel(
+            {
+                "layer": 1,
+                "component": "block_output",
+                "intervention_type": pv.VanillaIntervention,
+                "source_representation": vec,
+            },
+            model,
+        )
         with torch.no_grad():
             outs.append(pvm(base, unit_locations=loc)[1].logits)
     assert torch.allclose(outs[0], outs[1], atol=ATOL) and torch.allclose(outs[1], outs[2], atol=ATOL)
@@ -362,17 +421,26 @@ def test_constant_source_interventions_match_hook_golden(kind):
     model = gpt2()
     layer, component = 2, "mlp_output"
     vec = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(4))
-    cls = {"vanilla": pv.VanillaIntervention, "addition": pv.AdditionIntervention,
-           "subtraction": pv.SubtractionIntervention, "zero": pv.ZeroIntervention}[kind]
+    cls = {
+        "vanilla": pv.VanillaIntervention,
+        "addition": pv.AdditionIntervention,
+        "subtraction": pv.SubtractionIntervention,
+        "zero": pv.ZeroIntervention,
+    }[kind]
     rows = [[1], [3], [0]]
     base = ids(50)
 
     def edit(h):
         for row in range(BATCH):
             p = rows[row][0]
-            h[row, p] = {"vanilla": vec, "addition": h[row, p] + vec, "subtraction": h[row, p] - vec,
-                         "zero": torch.zeros_like(vec)}[kind]
+            h[row, p] = {
+                "vanilla": vec,
+                "addition": h[row, p] + vec,
+                "subtraction": h[row, p] - vec,
+                "zero": torch.zeros_like(vec),
+            }[kind]
         return h
+
     golden = run_patched(model, site("gpt2", model, component, layer), base, edit)
     rep = {"layer": layer, "component": component, "intervention_type": cls}
     if kind != "zero":
@@ -390,8 +458,15 @@ def test_collect_intervention_returns_activations():
     model = gpt2()
     base = ids(60)
     rows = [[1, 4], [0, 2], [5, 3]]
-    pvm = pv.IntervenableModel({"layer": 1, "component": "block_output", "max_number_of_units": 2,
-                                "intervention_type": pv.CollectIntervention}, model)
+    pvm = pv.IntervenableModel(
+        {
+            "layer": 1,
+            "component": "block_output",
+            "max_number_of_units": 2,
+            "intervention_type": pv.CollectIntervention,
+        },
+        model,
+    )
     with torch.no_grad():
         (original, collected), out = pvm({"input_ids": base}, unit_locations={"base": [rows]})
     act = capture(model, site("gpt2", model, "block_output", 1), base)
@@ -453,8 +528,13 @@ def test_collect_intervention_tensor_semantics():
     subspaces = [[1, 0], [0, 1], [1, 2]]
     base = torch.arange(36).view(2, 3, 6)
     out = pv.CollectIntervention(subspace_partition=partition)(base, None, subspaces=subspaces)
-    expected = torch.stack([torch.cat([base[:, row, list(range(*partition[k]))] for k in parts], dim=-1)
-                            for row, parts in enumerate(subspaces)], dim=1)
+    expected = torch.stack(
+        [
+            torch.cat([base[:, row, list(range(*partition[k]))] for k in parts], dim=-1)
+            for row, parts in enumerate(subspaces)
+        ],
+        dim=1,
+    )
     assert torch.equal(out, expected)
     with pytest.raises(AssertionError):  # a collect intervention takes no source
         pv.CollectIntervention(subspace_partition=partition)(base, torch.arange(6), subspaces=subspaces)
@@ -498,8 +578,9 @@ def test_rotated_space_interventions_algebra():
 # test_trainable_backward (hub-based upstream): gradients reach the intervention and not the frozen model.
 def test_trainable_interventions_get_gradients():
     model = gpt2()
-    pvm = pv.IntervenableModel({"layer": 1, "component": "block_output",
-                                "intervention_type": pv.BoundlessRotatedSpaceIntervention}, model)
+    pvm = pv.IntervenableModel(
+        {"layer": 1, "component": "block_output", "intervention_type": pv.BoundlessRotatedSpaceIntervention}, model
+    )
     brs = next(iter(pvm.interventions.values()))
     assert pvm.count_parameters() == sum(p.numel() for p in brs.parameters() if p.requires_grad)
     _, out = pvm({"input_ids": ids(70)}, [{"input_ids": ids(71)}], {"sources->base": 3})
@@ -533,14 +614,27 @@ def test_subspace_partition_in_forward(cls):
     base, source = {"input_ids": ids(80)}, {"input_ids": ids(81)}
     loc = {"sources->base": ([[[2]] * BATCH], [[[2]] * BATCH])}
     torch.manual_seed(7)
-    with_partition = pv.IntervenableModel(pv.IntervenableConfig(
-        [pv.RepresentationConfig(0, "block_output", "pos", 1, low_rank_dimension=HIDDEN,
-                                 subspace_partition=[[0, 6], [6, HIDDEN]])], intervention_types=cls), model)
-    explicit = pv.IntervenableModel(pv.IntervenableConfig(
-        [pv.RepresentationConfig(0, "block_output", "pos", 1, low_rank_dimension=HIDDEN)],
-        intervention_types=cls), model, use_fast=True)
+    with_partition = pv.IntervenableModel(
+        pv.IntervenableConfig(
+            [
+                pv.RepresentationConfig(
+                    0, "block_output", "pos", 1, low_rank_dimension=HIDDEN, subspace_partition=[[0, 6], [6, HIDDEN]]
+                )
+            ],
+            intervention_types=cls,
+        ),
+        model,
+    )
+    explicit = pv.IntervenableModel(
+        pv.IntervenableConfig(
+            [pv.RepresentationConfig(0, "block_output", "pos", 1, low_rank_dimension=HIDDEN)], intervention_types=cls
+        ),
+        model,
+        use_fast=True,
+    )
     next(iter(explicit.interventions.values())).load_state_dict(
-        next(iter(with_partition.interventions.values())).state_dict())
+        next(iter(with_partition.interventions.values())).state_dict()
+    )
     with torch.no_grad():
         _, a = with_partition(base, [source], loc, subspaces=[[[0]] * BATCH])
         _, b = explicit(base, [source], loc, subspaces=[[list(range(6))] * BATCH])
@@ -552,6 +646,7 @@ def test_subspace_partition_in_forward(cls):
         def edit(h):
             h[:, 2, :6] = src_act[:, 2, :6]
             return h
+
         assert torch.allclose(a.logits, run_patched(model, module, base["input_ids"], edit), atol=ATOL)
 
 
@@ -565,9 +660,18 @@ def _mlp_head(model, act):
 
 
 def _mlp_config(linked, partition, cls=pv.VanillaIntervention, low_rank=None):
-    reps = [pv.RepresentationConfig(0, "mlp_activation", "pos", 1, low_rank_dimension=low_rank,
-                                    subspace_partition=partition, intervention_link_key=0 if linked else None)
-            for _ in range(2)]
+    reps = [
+        pv.RepresentationConfig(
+            0,
+            "mlp_activation",
+            "pos",
+            1,
+            low_rank_dimension=low_rank,
+            subspace_partition=partition,
+            intervention_link_key=0 if linked else None,
+        )
+        for _ in range(2)
+    ]
     return pv.IntervenableConfig(reps, intervention_types=cls)
 
 
@@ -581,13 +685,21 @@ def test_mlp_subspace_interchange():
     act = _mlp_act(model, base).clone()
     act[..., 1:3] = _mlp_act(model, src1)[..., 1:3]
     with torch.no_grad():
-        _, out = pvm({"inputs_embeds": base}, [{"inputs_embeds": src1}, None],
-                     {"sources->base": ([[[0]] * b, None], [[[0]] * b, None])}, subspaces=[[[0]] * b, None])
+        _, out = pvm(
+            {"inputs_embeds": base},
+            [{"inputs_embeds": src1}, None],
+            {"sources->base": ([[[0]] * b, None], [[[0]] * b, None])},
+            subspaces=[[[0]] * b, None],
+        )
     assert out[0].shape == (b, 1, 5)
     assert torch.allclose(out[0], _mlp_head(model, act), atol=ATOL)
     with pytest.raises(IndexError):
-        pvm({"inputs_embeds": base}, [{"inputs_embeds": src1}], {"sources->base": ([[[0]] * b], [[[0]] * b])},
-            subspaces=0)
+        pvm(
+            {"inputs_embeds": base},
+            [{"inputs_embeds": src1}],
+            {"sources->base": ([[[0]] * b], [[[0]] * b])},
+            subspaces=0,
+        )
 
 
 # Mirrors InterventionWithMLPTestCase::test_intervention_link_positive, test_no_intervention_link_positive
@@ -626,8 +738,9 @@ def test_mlp_linked_and_unlinked_interventions():
     act[..., 1:3] = a2[..., 1:3]
     assert torch.allclose(split[0], _mlp_head(model, act), atol=ATOL)
 
-    trainable = pv.IntervenableModel(_mlp_config(False, [[0, 1], [1, 2]], pv.LowRankRotatedSpaceIntervention,
-                                                 low_rank=2), model)
+    trainable = pv.IntervenableModel(
+        _mlp_config(False, [[0, 1], [1, 2]], pv.LowRankRotatedSpaceIntervention, low_rank=2), model
+    )
     _, out = trainable(*inputs, loc, subspaces=[[[0]] * b, [[1]] * b])
     out[0].sum().backward()  # runs (upstream notes the gradient is not exact here)
     assert any(p.grad is not None for v in trainable.interventions.values() for p in v.parameters())
@@ -637,9 +750,12 @@ def test_mlp_linked_and_unlinked_interventions():
 def _two_block_outputs(cls, low_rank=None):
     return pv.IntervenableConfig(
         model_type=type(gpt2()),
-        representations=[pv.RepresentationConfig(0, "block_output", "pos", 1, low_rank_dimension=low_rank),
-                         pv.RepresentationConfig(1, "block_output", "pos", 1, low_rank_dimension=low_rank)],
-        intervention_types=cls)
+        representations=[
+            pv.RepresentationConfig(0, "block_output", "pos", 1, low_rank_dimension=low_rank),
+            pv.RepresentationConfig(1, "block_output", "pos", 1, low_rank_dimension=low_rank),
+        ],
+        intervention_types=cls,
+    )
 
 
 # Mirrors InterventionUtilsTestCase::test_local_non_trainable_save_positive.
@@ -667,8 +783,9 @@ def test_save_trainable_writes_one_bin_per_intervention(tmp_path):
         if file.endswith(".bin"):
             binary_count += 1
     assert binary_count == 2
-    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == \
-        sorted(f"intkey_{k}.bin" for k in pvm.interventions)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".bin")) == sorted(
+        f"intkey_{k}.bin" for k in pvm.interventions
+    )
 
     pvm.save(save_directory=str(tmp_path / "with_model"), include_model=True)  # frozen model: empty dict
     assert (tmp_path / "with_model" / "pytorch_model.bin").is_file()
@@ -677,8 +794,9 @@ def test_save_trainable_writes_one_bin_per_intervention(tmp_path):
 
 # Mirrors InterventionUtilsTestCase::test_local_load_positive (Vanilla, RotatedSpace, LowRankRotatedSpace),
 # with the equality of the two outputs actually asserted.
-@pytest.mark.parametrize("cls", [pv.VanillaIntervention, pv.RotatedSpaceIntervention,
-                                 pv.LowRankRotatedSpaceIntervention])
+@pytest.mark.parametrize(
+    "cls", [pv.VanillaIntervention, pv.RotatedSpaceIntervention, pv.LowRankRotatedSpaceIntervention]
+)
 def test_load_round_trip_gives_identical_outputs(tmp_path, cls):
     model = gpt2()
     torch.manual_seed(10)
@@ -705,10 +823,18 @@ def test_load_round_trip_gives_identical_outputs(tmp_path, cls):
 def test_save_load_constant_source_round_trip(tmp_path):
     model = gpt2()
     vec = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(12))
-    pvm = pv.IntervenableModel([{"layer": 1, "component": "block_output",
-                                 "intervention_type": pv.AdditionIntervention, "source_representation": vec},
-                                {"layer": 2, "component": "block_output",
-                                 "intervention_type": pv.ZeroIntervention}], model)
+    pvm = pv.IntervenableModel(
+        [
+            {
+                "layer": 1,
+                "component": "block_output",
+                "intervention_type": pv.AdditionIntervention,
+                "source_representation": vec,
+            },
+            {"layer": 2, "component": "block_output", "intervention_type": pv.ZeroIntervention},
+        ],
+        model,
+    )
     pvm.save(save_directory=str(tmp_path))
     key_add, key_zero = list(pvm.interventions)
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".bin")) == [f"intkey_{key_add}.bin"]
@@ -745,6 +871,7 @@ def test_save_intervention_and_load_intervention(tmp_path, monkeypatch):
     def cpu_load(f, *args, **kwargs):
         kwargs["map_location"] = "cpu"
         return real_load(f, *args, **kwargs)
+
     monkeypatch.setattr(torch, "load", cpu_load)
     other.load_intervention(str(tmp_path / "weights"), include_model=False)
     monkeypatch.undo()
@@ -773,6 +900,7 @@ def _hooked_generate(model, module, edit_first, edit_later):
         h = edit_first(h) if calls["n"] == 0 else edit_later(h)
         calls["n"] += 1
         return _replace_first(out, h)
+
     handle = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
@@ -795,14 +923,25 @@ def test_generate_with_intervention():
         def edit(h):
             h[:, pos] += vec
             return h
+
         return edit
-    rep = {"layer": 1, "component": "block_output", "intervention_type": pv.AdditionIntervention,
-           "source_representation": vec}
+
+    rep = {
+        "layer": 1,
+        "component": "block_output",
+        "intervention_type": pv.AdditionIntervention,
+        "source_representation": vec,
+    }
 
     pvm = pv.IntervenableModel(rep, model)
     with torch.no_grad():
-        original, on_prompt = pvm.generate(_prompt(), unit_locations={"base": [[[4]] * 2]},
-                                           intervene_on_prompt=True, output_original_output=True, **GEN)
+        original, on_prompt = pvm.generate(
+            _prompt(),
+            unit_locations={"base": [[[4]] * 2]},
+            intervene_on_prompt=True,
+            output_original_output=True,
+            **GEN,
+        )
     assert torch.equal(original, plain)
     assert torch.equal(on_prompt, _hooked_generate(model, module, add_at(4), keep))
     assert not torch.equal(on_prompt, plain)
@@ -813,9 +952,15 @@ def test_generate_with_intervention():
     assert torch.equal(on_tokens, _hooked_generate(model, module, keep, add_at(0)))
     assert not torch.equal(on_tokens, plain)
 
-    noop = pv.IntervenableModel([{"layer": l, "component": "mlp_output", "intervention": (lambda b, s: b)}
-                                 for l in range(3)], model)
+    noop = pv.IntervenableModel(
+        [{"layer": l, "component": "mlp_output", "intervention": (lambda b, s: b)} for l in range(3)], model
+    )
     with torch.no_grad():
-        _, same = noop.generate(_prompt(), sources=[{"input_ids": ids(101, batch=2, seq=5)}] * 3,
-                                unit_locations={"sources->base": 0}, intervene_on_prompt=True, **GEN)
+        _, same = noop.generate(
+            _prompt(),
+            sources=[{"input_ids": ids(101, batch=2, seq=5)}] * 3,
+            unit_locations={"sources->base": 0},
+            intervene_on_prompt=True,
+            **GEN,
+        )
     assert torch.equal(same, plain)

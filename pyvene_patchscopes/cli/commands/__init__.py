@@ -1,5 +1,6 @@
 """The commands, one module each: `register(commands)` adds its subcommand (options, help lines, an example) and
 sets `execute(args)` to run it."""
+
 from . import (
     demo,
     eval as eval_command,

@@ -1,4 +1,5 @@
 """`patchscopes demo`: the paper's Figure 1 on the embedded model, as a table and a heatmap."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,12 @@ EXAMPLE = "patchscopes demo --out out"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("demo", help="the paper's Figure 1 on the embedded model: table and heatmap",
-                            epilog=f"example: {EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser(
+        "demo",
+        help="the paper's Figure 1 on the embedded model: table and heatmap",
+        epilog=f"example: {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="out", help=f"folder for the heatmap PNG, {DEMO_HEATMAP} (default: %(default)s)")
     output_options(p, "demo")
     model_options(p)
@@ -34,11 +39,19 @@ def execute(args: argparse.Namespace) -> None:
     check_file(out / DEMO_HEATMAP, "--out")
     handle = load(args)
     layers = list(range(handle.n_layers))
-    scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
-              for layer in layers]
+    scopes = [
+        build("token-identity", DEMO_PROMPT, DEMO_POSITION, layer, model=handle.name, max_new_tokens=4)
+        for layer in layers
+    ]
     rows = result_rows(run(scopes, handle, progress=not args.json))
-    grid = sweep(DEMO_PROMPT, handle, preset="token-identity", source_position=DEMO_POSITION,
-                 max_new_tokens=0, progress=not args.json)
+    grid = sweep(
+        DEMO_PROMPT,
+        handle,
+        preset="token-identity",
+        source_position=DEMO_POSITION,
+        max_new_tokens=0,
+        progress=not args.json,
+    )
     heatmap = out / DEMO_HEATMAP
     sweep_figure(grid, heatmap)
     decoded = [r["source_layer"] for r in rows if "ceo" in (r["generation"] or "").lower()]
@@ -46,14 +59,28 @@ def execute(args: argparse.Namespace) -> None:
         f"How to read this: row l patches the hidden state of 'CEO' after layer l into the few-shot identity "
         f"prompt at the same layer, and the generation is what the model says that state is; "
         f"it decodes 'CEO' itself at {len(decoded)} of {len(layers)} layers"
-        + (f" ({decoded[0]}..{decoded[-1]})" if decoded else "") + ".\n"
+        + (f" ({decoded[0]}..{decoded[-1]})" if decoded else "")
+        + ".\n"
         f"The heatmap {heatmap} shows the top next token for every (source layer l, target layer l*) pair; "
         "darker cells are more confident. Reading up a column shows how long the word survives in the residual "
         "stream; the upper-left corner (late l patched into early l*) shows whether a late state still reads back "
         "as the word."
     )
-    table = (f"Patchscope demo (paper Fig. 1) on {handle.name}: {DEMO_PROMPT!r} @ {DEMO_POSITION!r}\n"
-             + layer_table(rows) + "\n\n" + reading)
-    emit(args, {"model": handle.name, "source_prompt": DEMO_PROMPT,
-                "source_position": DEMO_POSITION, "layers": rows, "heatmap": str(heatmap),
-                "decoded_layers": decoded}, table)
+    table = (
+        f"Patchscope demo (paper Fig. 1) on {handle.name}: {DEMO_PROMPT!r} @ {DEMO_POSITION!r}\n"
+        + layer_table(rows)
+        + "\n\n"
+        + reading
+    )
+    emit(
+        args,
+        {
+            "model": handle.name,
+            "source_prompt": DEMO_PROMPT,
+            "source_position": DEMO_POSITION,
+            "layers": rows,
+            "heatmap": str(heatmap),
+            "decoded_layers": decoded,
+        },
+        table,
+    )

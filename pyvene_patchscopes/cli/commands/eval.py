@@ -1,4 +1,5 @@
 """`patchscopes eval`: the paper's experiments, one task or all, written as reports."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,28 +19,49 @@ SELECT_ON = ("dev", "oracle")
 def register(commands: argparse._SubParsersAction) -> None:
     from ...evaluate import TASKS, data_fields
 
-    p = commands.add_parser("eval", help="the paper's experiments: next-token, future, attributes, entities, "
-                                         "cross-model, multihop, stages, or all",
-                            epilog=f"{data_fields()}\n\nexample: {EXAMPLE}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser(
+        "eval",
+        help="the paper's experiments: next-token, future, attributes, entities, cross-model, multihop, stages, or all",
+        epilog=f"{data_fields()}\n\nexample: {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("task", help=" | ".join([*TASKS, "all"]))
-    p.add_argument("--out", default=None, help="folder for report.md, report.json and the plots (default: none, "
-                                               "the report is printed only; eval all needs it)")
-    p.add_argument("--limit", type=positive_int, default=None, help="how many samples (texts, facts, entities, "
-                                                                    "queries) (default: the task's)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for report.md, report.json and the plots (default: none, "
+        "the report is printed only; eval all needs it)",
+    )
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="how many samples (texts, facts, entities, queries) (default: the task's)",
+    )
     layers_option(p, "--layers", None, "source layers", shown="the task's")
     layers_option(p, "--target-layers", None, "target layers", shown="the task's")
-    p.add_argument("--data", default=None, help="your own JSONL instead of the task's shipped data (its fields: "
-                                                 "below) (default: the task's shipped data)")
-    p.add_argument("--n-train", type=positive_int, default=None, help="training texts for fitted maps (default: "
-                                                                      "the task's)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the samples, the dev/test split and the bootstrap "
-                                                       "(default: %(default)s)")
-    p.add_argument("--select-on", choices=SELECT_ON, default="dev",
-                   help="dev: choose layers on a dev split and score them on the test split, beside the oracle that "
-                        "picks them after seeing the answers; oracle: report the oracle alone (default: %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward pass (default: "
-                                                                       "%(default)s)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your own JSONL instead of the task's shipped data (its fields: below) (default: the task's shipped data)",
+    )
+    p.add_argument(
+        "--n-train", type=positive_int, default=None, help="training texts for fitted maps (default: the task's)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the samples, the dev/test split and the bootstrap (default: %(default)s)",
+    )
+    p.add_argument(
+        "--select-on",
+        choices=SELECT_ON,
+        default="dev",
+        help="dev: choose layers on a dev split and score them on the test split, beside the oracle that "
+        "picks them after seeing the answers; oracle: report the oracle alone (default: %(default)s)",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward pass (default: %(default)s)")
     p.add_argument("--target-model", default="gemma3-270m", help="M* for cross-model (default: %(default)s)")
     output_options(p, "eval")
     model_options(p)
@@ -68,13 +90,20 @@ def execute(args: argparse.Namespace) -> None:
 
     cross = args.task == "cross-model"
     options = EvalOptions(
-        limit=args.limit, data=args.data, n_train=args.n_train, seed=args.seed, batch_size=args.batch_size,
+        limit=args.limit,
+        data=args.data,
+        n_train=args.n_train,
+        seed=args.seed,
+        batch_size=args.batch_size,
         select_on=args.select_on,
         layers=None if args.layers is None else parse_layers(args.layers, load(args.model).n_layers),
-        target_layers=None if args.target_layers is None else
-        parse_layers(args.target_layers, load(args.target_model if cross else args.model).n_layers,
-                     "--target-layers"),
-        progress=None if not args.json else False)
+        target_layers=None
+        if args.target_layers is None
+        else parse_layers(
+            args.target_layers, load(args.target_model if cross else args.model).n_layers, "--target-layers"
+        ),
+        progress=None if not args.json else False,
+    )
     if args.task == "all":
         if args.out is None:
             raise PatchscopeError("eval all needs --out DIR (allowed: any folder; one subfolder per task)")

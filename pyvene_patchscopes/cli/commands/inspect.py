@@ -1,4 +1,5 @@
 """`patchscopes inspect`: what each layer's state at one position decodes to, one row per source layer."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,25 +22,46 @@ from ..options import (
 from ..output import emit, layer_table, result_rows
 from ..paths import check_outputs, exists
 
-EXAMPLE = ("patchscopes inspect --source-prompt \"Amazon's former CEO attended Oscars\" --source-position CEO "
-           "--layers 0-9")
+EXAMPLE = (
+    'patchscopes inspect --source-prompt "Amazon\'s former CEO attended Oscars" --source-position CEO --layers 0-9'
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("inspect", help="what each layer's state at one position decodes to",
-                            epilog=f"example: {EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser(
+        "inspect",
+        help="what each layer's state at one position decodes to",
+        epilog=f"example: {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     source_options(p)
     layers_option(p, "--layers", "all", "source layers l")
-    p.add_argument("--target-layer", type=int, default=None, help="fixed l* (default: the preset's; logit-lens and "
-                                                                   "jacobian-lens fix it at the last layer)")
+    p.add_argument(
+        "--target-layer",
+        type=int,
+        default=None,
+        help="fixed l* (default: the preset's; logit-lens and jacobian-lens fix it at the last layer)",
+    )
     p.add_argument("--top", type=positive_int, default=5, help="top tokens kept per row (default: %(default)s)")
-    p.add_argument("--html", default=None, help="write the table as one self-contained HTML page here (hover a "
-                                                 "row for its top tokens; no server needed) (default: none)")
-    p.add_argument("--lens", default=None, help="--preset jacobian-lens: a lens .pt file in the reference format "
-                                                 "(default: the shipped SmolLM2 lens; its layers unless --layers)")
-    p.add_argument("--adapter", default=None, help="write into the model with this PEFT adapter folder (M*: a "
-                                                    "LatentQA decoder, an Activation Oracle); read from the base "
-                                                    "(default: none)")
+    p.add_argument(
+        "--html",
+        default=None,
+        help="write the table as one self-contained HTML page here (hover a "
+        "row for its top tokens; no server needed) (default: none)",
+    )
+    p.add_argument(
+        "--lens",
+        default=None,
+        help="--preset jacobian-lens: a lens .pt file in the reference format "
+        "(default: the shipped SmolLM2 lens; its layers unless --layers)",
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="write into the model with this PEFT adapter folder (M*: a "
+        "LatentQA decoder, an Activation Oracle); read from the base "
+        "(default: none)",
+    )
     output_options(p, "inspect")
     model_options(p)
     p.set_defaults(func=execute)
@@ -64,10 +86,16 @@ def execute(args: argparse.Namespace) -> None:
     if preset.needs_lens:
         from ...jlens import JacobianLens
 
-        options["lens"] = (JacobianLens.from_file(args.lens, model=handle) if args.lens is not None
-                           else JacobianLens.from_catalogue(model=handle))
-    layers = (options["lens"].source_layers if "lens" in options and args.layers in (None, "all")
-              else parse_layers(args.layers, handle.n_layers))
+        options["lens"] = (
+            JacobianLens.from_file(args.lens, model=handle)
+            if args.lens is not None
+            else JacobianLens.from_catalogue(model=handle)
+        )
+    layers = (
+        options["lens"].source_layers
+        if "lens" in options and args.layers in (None, "all")
+        else parse_layers(args.layers, handle.n_layers)
+    )
     if args.target_prompt:
         options["target_prompt"] = args.target_prompt
     if args.max_new_tokens is not None:
@@ -75,8 +103,19 @@ def execute(args: argparse.Namespace) -> None:
     if preset.needs_tokenizer:  # T = S cut at i; the oracle's chat template
         options["tokenizer"] = handle.tokenizer
     preset.check(args.target_layer, handle.n_layers, "--target-layer")  # a fixed l* (the lenses): that one only
-    scopes = [build(args.preset, args.source_prompt, parse_position(args.source_position), layer,
-                    args.target_layer, handle.name, n_layers=handle.n_layers, **options) for layer in layers]
+    scopes = [
+        build(
+            args.preset,
+            args.source_prompt,
+            parse_position(args.source_position),
+            layer,
+            args.target_layer,
+            handle.name,
+            n_layers=handle.n_layers,
+            **options,
+        )
+        for layer in layers
+    ]
     if len(models) > 1:
         scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
     results = run(scopes, models, top=args.top, progress=not args.json)
@@ -84,17 +123,28 @@ def execute(args: argparse.Namespace) -> None:
     if preset.target_layer is not None:  # a fixed l* shows as the sweep's column does (29 on SmolLM2, not -1)
         fixed = preset.target_layers(None, handle.n_layers)[0]
         rows = [{**row, "target_layer": fixed} for row in rows]
-    header = (f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
-              f"(token {results[0].source_position})\n")
+    header = (
+        f"{args.preset} on {handle.name}: {args.source_prompt!r} @ {args.source_position!r} "
+        f"(token {results[0].source_position})\n"
+    )
     if html is not None:
         from ...export import layers_table, write_page
 
         write_page(html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results))])
     note = f"\ninteractive table written to {args.html}" if args.html else ""
-    emit(args, {"model": handle.name, "preset": args.preset,
-                "source_prompt": args.source_prompt, "source_position": args.source_position,
-                "target_prompt": results[0].scope.target.prompt, "layers": rows, "html": args.html},
-         header + layer_table(rows) + note)
+    emit(
+        args,
+        {
+            "model": handle.name,
+            "preset": args.preset,
+            "source_prompt": args.source_prompt,
+            "source_position": args.source_position,
+            "target_prompt": results[0].scope.target.prompt,
+            "layers": rows,
+            "html": args.html,
+        },
+        header + layer_table(rows) + note,
+    )
 
 
 def check_local_inputs(args: argparse.Namespace) -> None:
@@ -106,6 +156,8 @@ def check_local_inputs(args: argparse.Namespace) -> None:
     adapter = args.adapter
     local = adapter is not None and (exists(adapter) or adapter.startswith((".", "/", "~")))
     if local and not is_dir(expand(adapter)):
-        raise SpecError(f"--adapter={adapter!r} {'is not a folder' if exists(adapter) else 'does not exist'} "
-                        "(allowed: a PEFT adapter folder holding adapter_config.json and adapter_model.safetensors, "
-                        "or a hub id org/name)")
+        raise SpecError(
+            f"--adapter={adapter!r} {'is not a folder' if exists(adapter) else 'does not exist'} "
+            "(allowed: a PEFT adapter folder holding adapter_config.json and adapter_model.safetensors, "
+            "or a hub id org/name)"
+        )

@@ -1,4 +1,5 @@
 """`patchscopes list`: the shipped catalogue of Patchscopes, each with what it reads."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,12 @@ EXAMPLE = "patchscopes list --json"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("list", help="the shipped catalogue of Patchscopes (run one with: patchscopes run NAME)",
-                            epilog=f"example: {EXAMPLE}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser(
+        "list",
+        help="the shipped catalogue of Patchscopes (run one with: patchscopes run NAME)",
+        epilog=f"example: {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     output_options(p, "list")
     p.set_defaults(func=execute)
 

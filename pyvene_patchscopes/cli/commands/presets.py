@@ -1,4 +1,5 @@
 """`patchscopes presets`: the paper's Patchscopes as presets, and the embedded models."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,12 @@ EXAMPLE = "patchscopes presets"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("presets", help="list presets and embedded models", epilog=f"example: {EXAMPLE}",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser(
+        "presets",
+        help="list presets and embedded models",
+        epilog=f"example: {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     output_options(p, "presets")
     p.set_defaults(func=execute)
 

@@ -157,11 +157,11 @@ class Layered(Stack):
 
     # ---- patched rows ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def patched(
+    def patched(  # type: ignore[override]  # reads a Recorded, not a Shared
         self,
         shared: Recorded,
         vectors: torch.Tensor,
-        layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
+        layers: torch.Tensor,
         max_new_tokens: int = 0,
         eos_token_id: int | None = None,
         after_norm: torch.Tensor | None = None,

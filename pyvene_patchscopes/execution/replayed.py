@@ -67,11 +67,11 @@ class Replayed(Stack):
         return None if arch.final_norm is None or arch.final_norm_shared else arch.module(self.model, arch.final_norm)
 
     @torch.no_grad()
-    def patched(
+    def patched(  # type: ignore[override]  # reads a Recorded, not a Shared
         self,
         shared: Recorded,
         vectors: torch.Tensor,
-        layers: torch.Tensor,  # type: ignore[override]  # reads a Recorded
+        layers: torch.Tensor,
         max_new_tokens: int = 0,
         eos_token_id: int | None = None,
         after_norm: torch.Tensor | None = None,

@@ -247,3 +247,13 @@ def test_sweep_out_prints_the_keys_the_cli_page_lists(tmp_path, capsys):
     assert printed["computed_units"] == [0] and printed["skipped_units"] == [] and "cells" not in printed
     cells = next(line for line in page("guides/cli").splitlines() if line.startswith("| `sweep` |"))
     assert "`cells`" in cells and "without `--out`" in cells
+
+
+def test_the_testing_page_names_every_step_of_make_test():
+    """docs/developing/testing.md says what `make test` runs; each command of the Makefile's test recipe is there."""
+    makefile = (ROOT / "Makefile").read_text().split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    steps = [line.split("#", 1)[0].strip() for line in makefile.splitlines()[1:] if line.startswith("\t")]
+    commands = [re.sub(r"^(NO_MKDOCS_2_WARNING=1 )?\$\((VENV)\)/bin/|^\$\(PY\) -m ", "", step) for step in steps]
+    assert commands == ["mkdocs build --strict --quiet", "ruff check .", "ruff format --check .", "mypy", "pytest -q"]
+    text = " ".join(page("developing/testing").split())
+    assert all(f"`{command.removesuffix(' --quiet')}" in text for command in commands), text[:400]

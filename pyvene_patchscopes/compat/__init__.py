@@ -37,8 +37,8 @@ import sys
 import types
 
 with contextlib.redirect_stdout(io.StringIO()):  # #8: pyvene prints an nnsight notice on import; keep stdout clean
-    import pyvene  # noqa: F401
-    import pyvene.models.intervenable_base  # noqa: F401
+    import pyvene  # noqa: F401  (imported here for its notice to go nowhere: #8)
+    import pyvene.models.intervenable_base  # noqa: F401  (the same, for its submodules)
 
 from . import (
     constructor_args,
@@ -56,42 +56,49 @@ from .constructor_args import reloadable_kwargs_check
 
 # the one-module compat's other names: pyvene's own methods, the hook records, constants
 from .folders import (
-    PYVENE_SAVE,  # noqa: F401
+    PYVENE_SAVE as PYVENE_SAVE,
     load_intervenable,
     save_intervenable,
 )
-from .hooks import PYVENE_HOOKS, PYVENE_REMOVE_HOOKS, install, pyvene_guard, remove_pyvene_hooks, uninstall  # noqa: F401
+from .hooks import (
+    PYVENE_HOOKS as PYVENE_HOOKS,
+    PYVENE_REMOVE_HOOKS as PYVENE_REMOVE_HOOKS,
+    install,
+    pyvene_guard,
+    remove_pyvene_hooks,
+    uninstall,
+)
 from .index_device import index_on_activation_device
 from .intervenable_model import intervenable
 from .locations import base_locations, per_intervention_locations, reset_use_fast
-from .opt_in_serialization import (  # noqa: F401
-    PYVENE_ENTRIES,
-    PYVENE_LOAD,
-    PYVENE_LOAD_INTERVENTION,
-    PYVENE_SAVE_INTERVENTION,
+from .opt_in_serialization import (
+    PYVENE_ENTRIES as PYVENE_ENTRIES,
+    PYVENE_LOAD as PYVENE_LOAD,
+    PYVENE_LOAD_INTERVENTION as PYVENE_LOAD_INTERVENTION,
+    PYVENE_SAVE_INTERVENTION as PYVENE_SAVE_INTERVENTION,
     install_safe_serialization,
     safe_serialization,
     uninstall_safe_serialization,
 )
 from .plugins_file import (
     PLUGINS_FILE,
-    PLUGINS_FORMAT,  # noqa: F401
+    PLUGINS_FORMAT as PLUGINS_FORMAT,
     PluginModules,
     plugin_modules,
     read_plugin_modules,
 )
 from .registry import (
     check_hookable,
-    found_module_table,  # noqa: F401
+    found_module_table as found_module_table,
     register_model_types,
 )
-from .weights import (  # noqa: F401
-    MODEL_WEIGHTS,
+from .weights import (
+    MODEL_WEIGHTS as MODEL_WEIGHTS,
     load_intervention_weights,
     load_model_weights,
     read_weights,
     save_intervention_weights,
-    weights_file,
+    weights_file as weights_file,
 )
 
 # their private names in the one-module compat, kept as aliases (the tests compare against them)

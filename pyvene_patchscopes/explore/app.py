@@ -35,7 +35,7 @@ def check_installed() -> None:
     """Refuse at once, naming the extra, when fastapi or uvicorn is missing."""
     _fastapi()
     try:
-        import uvicorn  # noqa: F401
+        import uvicorn  # noqa: F401  (only whether it imports)
     except ImportError:
         raise PatchscopeError(
             "the explorer needs the app extra: pip install 'pyvene-patchscopes[app]' (fastapi, uvicorn)"

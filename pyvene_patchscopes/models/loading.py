@@ -71,7 +71,7 @@ def _converted_dir(name: str, gguf: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The weights are de-quantized to fp32 on load; drop the GGUF marker so HF lets us save them.
-    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained, undeclared on PreTrainedModel
+    setattr(model, "hf_quantizer", None)  # from_pretrained sets it; PreTrainedModel does not declare it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     folder.parent.mkdir(parents=True, exist_ok=True)

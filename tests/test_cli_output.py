@@ -253,7 +253,7 @@ class _Grid:
             token=self.words[(layer + target_layer) % len(self.words)],
             prob=layer / 30,
             informative=True,
-            scope=SimpleNamespace(source=source),
+            scope=SimpleNamespace(source=source, prompt_source=source),
         )
 
 

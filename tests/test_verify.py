@@ -14,7 +14,17 @@ import torch
 from docs_text import page, python_blocks
 from tiny import FAMILIES, tiny_model
 
-from pyvene_patchscopes import Patchscope, PatchscopeResult, Source, SpecError, Target, TokenProb, VectorSource, run
+from pyvene_patchscopes import (
+    Patchscope,
+    PatchscopeResult,
+    Source,
+    SpecError,
+    Target,
+    TokenProb,
+    VectorSource,
+    run,
+    sweep,
+)
 from pyvene_patchscopes.execution.verify import (
     SELF_CHECK_SCORE,
     SUPPORTED_P_VALUE,
@@ -281,3 +291,11 @@ def test_the_guides_example_prints_what_its_comments_say():
         exec(compile(code, "docs/guides/verify.md", "exec"), {})  # noqa: S102 (the page's own code)
     shown = [line.removeprefix("# ") for line in code.splitlines() if line.startswith("# ")]
     assert printed.getvalue().splitlines() == shown, printed.getvalue()
+
+
+def test_a_sweep_is_verified_cell_by_cell_and_last_takes_only_the_last_position(tiny_llama):
+    grid = sweep(SOURCE, tiny_llama, preset="token-identity", source_position="CEO", target_layers="same")
+    checks = verify(grid, tiny_llama, TINY)
+    assert [c.reading for c in checks] == [r.token for r in grid.results] and len(checks) == tiny_llama.n_layers
+    last = verify(grid, tiny_llama, dataclasses.replace(TINY, positions="last"))
+    assert all(a.disruption != b.disruption for a, b in zip(checks, last))  # fewer positions: another mean

@@ -169,10 +169,17 @@ def patched_logits(
     handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor, after_norm: bool = False
 ) -> torch.Tensor:
     """Last-position logits of `prompt` with `vector` written at (position, layer)."""
+    return patched_all_logits(handle, prompt, layer, position, vector, after_norm)[-1]
+
+
+def patched_all_logits(
+    handle: ModelHandle, prompt: str, layer: int, position: int, vector: torch.Tensor, after_norm: bool = False
+) -> torch.Tensor:
+    """The logits at every position of `prompt` with `vector` written at (position, layer): [tokens, vocab]."""
     hook = site(handle.model, layer, after_norm).register_forward_hook(_writer(position, vector, False))
     try:
         with torch.no_grad():
-            return handle.model(encode(handle, prompt)).logits[0, -1]
+            return handle.model(encode(handle, prompt)).logits[0]
     finally:
         hook.remove()
 

@@ -99,7 +99,8 @@ class Resolved:
         return self.target_slots or (self.target_position,)
 
 
-def _layer(owner: str, layer: int, handle: ModelHandle) -> int:
+def concrete_layer(owner: str, layer: int, handle: ModelHandle) -> int:
+    """`layer` checked against the model's layers and made non-negative; `owner` names the field."""
     n = handle.n_layers
     if not -n <= layer < n:
         raise SpecError(f"{owner}.layer={layer} is out of range for {handle.name} (allowed: {-n}..{n - 1})")
@@ -123,8 +124,8 @@ def resolve(scope: Patchscope, models: Mapping[str, ModelHandle]) -> Resolved:
     mapping = build_mapping(scope.mapping_spec, source_model.hidden_size, target_model.hidden_size)  # checks the sizes
     vector = scope.source if isinstance(scope.source, VectorSource) else None
     owner = "VectorSource" if vector is not None else "Source"
-    source_layer = _layer(owner, scope.source.layer, source_model)
-    target_layer = _layer("Target", scope.target.layer, target_model)
+    source_layer = concrete_layer(owner, scope.source.layer, source_model)
+    target_layer = concrete_layer("Target", scope.target.layer, target_model)
     target_encoding = encode(target_model.tokenizer, scope.target.prompt)
     check_context(target_model, "Target.prompt", len(target_encoding[0]), scope.max_new_tokens)
     slots = resolve_slots(target_model.tokenizer, scope.target.prompt, scope.target.position, target_encoding)

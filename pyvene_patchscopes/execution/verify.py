@@ -27,7 +27,7 @@ from ..models import ModelHandle
 from ..models.sites import Site, hidden_state_site
 from ..plan.batching import Batch
 from ..plan.pyvene_config import patch_config
-from ..resolve import Models, as_models, source_index
+from ..resolve import Models, as_models, concrete_layer, source_index
 from ..result import PatchscopeResult, SweepResult
 from ..result.verify import Verification
 from ..spec import Patchscope, VectorSource
@@ -168,11 +168,7 @@ def _plan(k: int, result: PatchscopeResult, models: Models, settings: VerifySett
     text = _reading(k, result, settings.reading)
     reading = carried(handle.tokenizer, settings.carrier, text, f"results[{k}] reading")
     n = handle.n_layers
-    if not -n <= scope.source.layer < n:
-        raise SpecError(
-            f"results[{k}] Source.layer={scope.source.layer} is out of range for {name} (allowed: {-n}..{n - 1})"
-        )
-    layer = scope.source.layer % n
+    layer = concrete_layer(f"results[{k}] Source", scope.source.layer, handle)
     if isinstance(scope.source, VectorSource):
         if scope.source.tensor.ndim != 1:
             raise SpecError(

@@ -16,6 +16,7 @@ from .execution.engine import run
 from .execution.pipeline import PyvenePlan, to_pyvene
 from .execution.states import hidden_states
 from .execution.sweeps import load_sweep, sweep
+from .execution.verify import verify
 from .export import sweep_figure, sweep_page
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
 from .jacobian import Attribution, JacobianScope, jacobian_scope
@@ -26,9 +27,11 @@ from .persist.sweep_folder import ShardWarning
 from .presets import build
 from .result import PatchscopeResult, TokenProb
 from .result.sweep import SweepFolder, SweepResult
+from .result.verify import Verification
 from .spec import Every, Patchscope, Reroute, Source, Target, VectorSource
 from .spec.mappings import Affine, Identity, MappingFunction, MappingSpec, register_mapping
 from .spec.positions import SinkPositionWarning
+from .spec.verify import VerifySettings
 
 __all__ = [
     "Patchscope",
@@ -73,6 +76,9 @@ __all__ = [
     "SweepResult",
     "SweepFolder",
     "ShardWarning",
+    "verify",
+    "VerifySettings",
+    "Verification",
     "fit_affine",
     "fit_tuned_lens",
     "build",

@@ -79,21 +79,28 @@ def verify(
     batch_size: int = 32,
 ) -> list[Verification]:
     """Check each result's reading by putting it back (see the module's docstring); one `Verification` per result,
-    in order. The check runs on the source model M, where h came from (a cross-model reading's text goes into M's
-    carrier). Every input is checked before anything runs."""
-    settings = VerifySettings() if settings is None else settings
-    if not isinstance(settings, VerifySettings):
+    in order. `settings` default to each result's own (``Patchscope.verify``, saved with the spec), else to
+    `VerifySettings()`. The check runs on the source model M, where h came from (a cross-model reading's text goes
+    into M's carrier). Every input is checked before anything runs."""
+    if settings is not None and not isinstance(settings, VerifySettings):
         raise SpecError(f"settings is a {type(settings).__name__} (allowed: a VerifySettings, or None)")
     batch_size = check_int("batch_size", batch_size)
     listed = _listed(results)
     models = as_models(model)
-    plans = [_plan(k, result, models, settings) for k, result in enumerate(listed)]
-    controls = {name: control_words(models[name], settings) for name in dict.fromkeys(p.name for p in plans)}
+    chosen = [settings or _own_settings(result) for result in listed]
+    plans = [_plan(k, result, models, chosen[k]) for k, result in enumerate(listed)]
+    groups = list(dict.fromkeys((p.name, s) for p, s in zip(plans, chosen)))
+    controls = {(name, s): control_words(models[name], s) for name, s in groups}
     out: dict[int, Verification] = {}
-    for name in controls:
-        rows = [k for k, p in enumerate(plans) if p.name == name]
-        out.update(_verify_model(models[name], [plans[k] for k in rows], rows, controls[name], settings, batch_size))
+    for name, s in groups:
+        rows = [k for k, p in enumerate(plans) if (p.name, chosen[k]) == (name, s)]
+        out.update(_verify_model(models[name], [plans[k] for k in rows], rows, controls[(name, s)], s, batch_size))
     return [out[k] for k in range(len(plans))]
+
+
+def _own_settings(result: PatchscopeResult) -> VerifySettings:
+    own = getattr(result.scope, "verify", None)
+    return own if isinstance(own, VerifySettings) else VerifySettings()
 
 
 def _listed(results: object) -> list[PatchscopeResult]:

@@ -18,6 +18,7 @@ import torch
 from ..errors import SpecError
 from ..spec import Patchscope
 from .patchscope import PatchscopeResult, decode_top, token_text
+from .verify import Verification, verify_columns
 
 REMOVED_IN = "0.3.0"  # the release that removes the deprecated methods below
 
@@ -51,6 +52,8 @@ class SweepResult:
     # target's last position), so the cell says nothing about the source
     informative: torch.Tensor | None = field(default=None, repr=False)
     top_tokens: list[str] | None = field(default=None, repr=False)  # top-1 texts, flattened (read from a folder)
+    # each cell's check (sweep(..., verify=True)), flattened in cell order; None when the sweep was not verified
+    verifications: list[Verification] | None = field(default=None, repr=False)
     _results: list[PatchscopeResult] | None = field(default=None, repr=False)
 
     @property
@@ -120,6 +123,7 @@ class SweepResult:
         informative = [True] * len(texts) if self.informative is None else self.informative.reshape(-1).tolist()
         generations: Sequence[str | None] = self.generations or [None] * len(texts)
         cells = ((p, l, t) for p in range(n) for i, l in enumerate(self.source_layers) for t in targets[i])
+        checks = [{}] * len(texts) if self.verifications is None else [verify_columns(v) for v in self.verifications]
         return [
             {
                 "prompt": self.prompts[p],
@@ -130,6 +134,7 @@ class SweepResult:
                 "prob": probs[c],
                 "generation": generations[c],
                 "informative": informative[c],
+                **checks[c],
             }
             for c, (p, l, t) in enumerate(cells)
         ]

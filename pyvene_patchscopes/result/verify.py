@@ -44,4 +44,29 @@ class Verification:
         return asdict(self)
 
 
-__all__ = ["Verification", "VERDICTS"]
+VERIFY_COLUMNS = (
+    "verdict",
+    "verify_score",
+    "verify_p_value",
+    "verify_disruption",
+    "verify_control_median",
+    "verify_self_score",
+    "verify_cosine",
+)
+"""The columns a verified sweep adds to each cell's record, shard row and JSON (`verify_columns`)."""
+
+
+def verify_columns(check: Verification) -> dict[str, Any]:
+    """A cell's check as the flat columns of `VERIFY_COLUMNS` (the controls' own D stay in the `Verification`)."""
+    return {
+        "verdict": check.verdict,
+        "verify_score": check.score,
+        "verify_p_value": check.p_value,
+        "verify_disruption": check.disruption,
+        "verify_control_median": check.control_median,
+        "verify_self_score": check.self_score,
+        "verify_cosine": check.cosine,
+    }
+
+
+__all__ = ["Verification", "VERDICTS", "VERIFY_COLUMNS", "verify_columns"]

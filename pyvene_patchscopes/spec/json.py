@@ -15,6 +15,7 @@ from ..errors import SpecError
 from .mappings import MAPPINGS, MappingSpec
 from .parts import DEFAULT_MODEL, Reroute, Source, Target, VectorSource
 from .positions import Every
+from .verify import VerifySettings
 
 SPEC_FORMAT = "pyvene-patchscopes/patchscope"
 # 2: mapping is an object {name, args}, and the optional reroute field. 3: vector sources, several target slots,
@@ -65,7 +66,7 @@ def scope_fields(data: object, weights: dict | None = None, vector: torch.Tensor
             f"spec version={version!r} is not supported by this library (allowed: 1..{SPEC_VERSION}); "
             "upgrade pyvene-patchscopes to read newer specs"
         )
-    known = {"format", "version", "source", "target", "mapping", "max_new_tokens"} | (
+    known = {"format", "version", "source", "target", "mapping", "max_new_tokens", "verify"} | (
         {"reroute"} if version >= 2 else set()
     )
     unknown = sorted(set(data) - known)
@@ -103,6 +104,8 @@ def scope_fields(data: object, weights: dict | None = None, vector: torch.Tensor
         rest["mapping"] = _mapping_from_data(data["mapping"], version, weights or {})
     elif weights:
         raise SpecError("spec has mapping weights but no 'mapping' field")
+    if data.get("verify") is not None:
+        rest["verify"] = VerifySettings.from_dict(data["verify"])
     return {"source": parts["source"], "target": parts["target"], "reroute": parts.get("reroute"), **rest}
 
 

@@ -34,6 +34,7 @@ from ..errors import SpecError
 from .json import SPEC_FORMAT, JsonSpec, scope_fields
 from .mappings import MappingFunction, MappingSpec
 from .parts import Reroute, Source, Target, VectorSource
+from .verify import VerifySettings
 
 REMOVED_IN = "0.3.0"  # the release without the deprecated methods at the end of `Patchscope`
 
@@ -49,7 +50,8 @@ class Patchscope(JsonSpec):
     """One Patchscope: source (S, i, M, l) -> f -> target (T, i*, M*, l*), then read the target's output.
 
     ``mapping`` names f in the mapping registry (``"identity"`` by default). ``max_new_tokens`` is how
-    many tokens the target generates greedily after the patched prompt pass (0 = next-token only).
+    many tokens the target generates greedily after the patched prompt pass (0 = next-token only). ``verify``, when
+    set, is how `verify` checks the reading (saved with the spec, so that a verified reading reruns exactly).
     """
 
     source: Source | VectorSource
@@ -57,6 +59,7 @@ class Patchscope(JsonSpec):
     mapping: "str | MappingSpec | MappingFunction" = "identity"  # stored as a MappingSpec: see `mapping_spec`
     max_new_tokens: int = 0
     reroute: Reroute | None = None
+    verify: VerifySettings | None = None  # how `verify` checks the reading, kept so that a check reruns exactly
 
     def __post_init__(self) -> None:
         if not isinstance(self.source, (Source, VectorSource)):
@@ -72,6 +75,8 @@ class Patchscope(JsonSpec):
             raise SpecError(f"Patchscope.max_new_tokens={self.max_new_tokens!r} is out of range (allowed: 0..4096)")
         if self.reroute is not None:
             self._check_reroute()
+        if self.verify is not None and not isinstance(self.verify, VerifySettings):
+            raise SpecError(f"Patchscope.verify={self.verify!r} is not allowed (allowed: a VerifySettings or None)")
         if isinstance(self.source, VectorSource) and self.source.tensor.ndim == 2 and not self.target.several:
             raise SpecError(
                 f"VectorSource.tensor has {self.source.tensor.shape[0]} rows, one per slot, but "
@@ -164,6 +169,7 @@ class Patchscope(JsonSpec):
             "mapping": mapping,
             "max_new_tokens": self.max_new_tokens,
             "reroute": None if self.reroute is None else asdict(self.reroute),
+            **({} if self.verify is None else {"verify": self.verify.to_dict()}),
         }
 
     def to_json(self, indent: int | None = 2) -> str:

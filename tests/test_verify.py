@@ -22,7 +22,9 @@ from pyvene_patchscopes import (
     Target,
     TokenProb,
     VectorSource,
+    load_patchscope,
     run,
+    save_patchscope,
     sweep,
 )
 from pyvene_patchscopes.execution.check import execution, stack_for
@@ -203,6 +205,22 @@ def test_a_vector_source_gets_the_cosine_only(tiny_llama):
     assert (check.disruption, check.score, check.p_value, check.controls) == (None, None, None, None)
     expected = torch.cosine_similarity(h, state_of(tiny_llama, TINY, 1, "Paris"), 0)
     assert check.cosine == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_the_settings_are_saved_with_the_spec_and_the_check_reruns_from_them(tiny_llama, tmp_path):
+    scope = build("token-identity", SOURCE, "CEO", 2, model=tiny_llama.name)
+    assert "verify" not in scope.to_dict()  # a spec without settings is written (and hashed) as before
+    settings = dataclasses.replace(TINY, seed=3, positions="last")
+    save_patchscope(scope.replace(verify=settings), tmp_path / "spec", tiny_llama)
+    loaded = load_patchscope(tmp_path / "spec", tiny_llama)
+    assert loaded.verify == settings and loaded.to_dict()["verify"] == settings.to_dict()
+    result = run(loaded, tiny_llama)[0]
+    again = verify(result, tiny_llama)[0]  # no settings passed: the spec's own
+    assert again == verify(result, tiny_llama, settings)[0]
+    assert again != verify(result, tiny_llama, TINY)[0]  # positions="last" gives another D
+    with pytest.raises(SpecError, match=r"^Patchscope.verify='last' is not allowed") as error:
+        scope.replace(verify="last")
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.real_model

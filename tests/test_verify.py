@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import warnings
 
 import golden
 import pytest
@@ -17,6 +18,7 @@ from tiny import FAMILIES, tiny_model
 from pyvene_patchscopes import (
     Patchscope,
     PatchscopeResult,
+    SinkPositionWarning,
     Source,
     SpecError,
     Target,
@@ -316,8 +318,11 @@ def test_bad_readings_and_sources_are_refused_before_anything_runs(tiny_llama, c
         ([good], "token", r"settings is a str \(allowed: a VerifySettings, or None\)"),
     ]
     for results, settings, message in cases:
-        with pytest.raises(SpecError, match=message) as err:
+        with pytest.raises(SpecError, match=message) as err, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             verify(results, tiny_llama, settings)
+        sink = [w for w in seen if issubclass(w.category, SinkPositionWarning)]
+        assert len(sink) == (1 if "token 0" in message else 0)  # the existing sink warning, then the error
         assert "\n" not in str(err.value)
     assert calls[0] == 0
 

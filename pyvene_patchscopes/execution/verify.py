@@ -29,7 +29,7 @@ from ..resolve import Models, as_models, concrete_layer, source_index
 from ..result import PatchscopeResult, SweepResult
 from ..result.verify import Verification
 from ..spec import Patchscope, VectorSource
-from ..spec.positions import encode, token_ids
+from ..spec.positions import encode, token_ids, warn_if_sink
 from ..spec.verify import CONTROL_WORDS, PLACEHOLDER, VerifySettings
 from .disruption import disruptions
 from .states import layer_site, read_states
@@ -186,7 +186,8 @@ def _plan(k: int, result: PatchscopeResult, models: Models, settings: VerifySett
         site = hidden_state_site(handle.model, layer, n, layer == n - 1 and scope.source.after_final_norm)
         return Plan(name, site, reading, text, vector=scope.source.tensor)
     position = source_index(handle, scope.source)
-    if position == 0:
+    if position == 0:  # the existing sink warning, then the refusal: nothing runs
+        warn_if_sink(position, handle.tokenizer, scope.source.prompt)
         first = handle.tokenizer.convert_ids_to_tokens(token_ids(handle.tokenizer, scope.source.prompt)[:1])[0]
         raise SpecError(
             f"results[{k}] Source.position resolves to token 0 ({first!r}), the attention sink, which no carrier "

@@ -16,7 +16,7 @@ from .execution.engine import run
 from .execution.pipeline import PyvenePlan, to_pyvene
 from .execution.states import hidden_states
 from .execution.sweeps import load_sweep, sweep
-from .execution.verify import verify
+from .execution.verify import put_back, verify
 from .export import sweep_figure, sweep_page
 from .interventions import MappingIntervention, RerouteIntervention, register_intervention
 from .jacobian import Attribution, JacobianScope, jacobian_scope
@@ -77,6 +77,7 @@ __all__ = [
     "SweepFolder",
     "ShardWarning",
     "verify",
+    "put_back",
     "VerifySettings",
     "Verification",
     "fit_affine",

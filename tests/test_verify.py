@@ -28,6 +28,7 @@ from pyvene_patchscopes import (
     run,
     save_patchscope,
     sweep,
+    to_pyvene,
 )
 from pyvene_patchscopes.execution.check import execution, stack_for
 from pyvene_patchscopes.execution.layered import Layered
@@ -39,6 +40,7 @@ from pyvene_patchscopes.execution.verify import (
     carried,
     control_words,
     judge,
+    put_back,
     verify,
 )
 from pyvene_patchscopes.presets import build
@@ -139,6 +141,27 @@ def test_disruption_equals_hand_written_hooks_on_a_family_whose_blocks_run_whole
     assert isinstance(stack_for(handle.model), Layered)  # the planned path calls its blocks on the whole of S
     for layer in range(handle.n_layers):
         check_against_hooks(handle, TINY, layer, ["hello", "Paris"], planned)
+
+
+def test_a_reading_put_back_is_a_patchscope_whose_readout_gives_the_last_positions_d(tiny_llama):
+    """`put_back`: the re-injection as a Patchscope (carrier -> (S, i, l)); `run` reads S's last position, so its
+    KL from the unpatched model is D with positions="last"; `to_pyvene` gives it as pyvene configs."""
+    position = resolve_position(tiny_llama.tokenizer, SOURCE, "CEO", "Source")
+    with torch.no_grad():
+        original = torch.log_softmax(tiny_llama.model(golden.encode(tiny_llama, SOURCE)).logits[0, -1].float(), -1)
+    for layer in range(tiny_llama.n_layers - 1):  # at the last layer S's last position never sees i: D = 0 there
+        result = reading(tiny_llama, layer, "hello")
+        scope = put_back(result, tiny_llama, settings=TINY)
+        assert (scope.target.prompt, scope.target.position, scope.target.layer) == (SOURCE, position, layer)
+        assert scope.source.prompt == "cat->hello" and scope.source.layer == layer
+        patched = torch.log_softmax(run(scope, tiny_llama)[0].logits.float(), -1)
+        kl = float((original.exp() * (original - patched)).sum())
+        check = verify(result, tiny_llama, dataclasses.replace(TINY, positions="last"))[0]
+        assert kl > 1e-5 and abs(check.disruption - kl) <= 1e-5, (layer, check.disruption, kl)
+        other = put_back(result, tiny_llama, "Paris", TINY)
+        assert other.source.prompt == "cat->Paris" and other.target == scope.target
+        plan = to_pyvene(scope, tiny_llama)
+        assert plan.positions.source == (scope.source.position,) and plan.positions.target == ((position,),)
 
 
 def test_the_two_paths_give_the_same_verification(tiny_llama):

@@ -28,7 +28,7 @@ from ..models.sites import Site, hidden_state_site
 from ..resolve import Models, as_models, concrete_layer, source_index
 from ..result import PatchscopeResult, SweepResult
 from ..result.verify import Verification
-from ..spec import Patchscope, VectorSource
+from ..spec import Patchscope, Source, Target, VectorSource
 from ..spec.positions import encode, token_ids, warn_if_sink
 from ..spec.verify import CONTROL_WORDS, PLACEHOLDER, VerifySettings
 from .disruption import disruptions
@@ -288,6 +288,30 @@ def _verify_model(
     return out
 
 
+def put_back(
+    result: PatchscopeResult,
+    model: ModelHandle | Models | Sequence[ModelHandle],
+    text: str | None = None,
+    settings: VerifySettings | None = None,
+) -> Patchscope:
+    """The re-injection of `text` (the result's reading by default) as a Patchscope of its own: the source is the
+    text's last token in the carrier at layer l on M, the target h's place, (S, i, l) on M. So `run` reads it (its
+    readout is S's last position: the patched distribution that ``positions="last"`` compares), and `to_pyvene`
+    gives it as pyvene configs that join your own `IntervenableModel` (``add_to``)."""
+    models = as_models(model)
+    chosen = settings or _own_settings(result)
+    plan = _plan(0, result, models, chosen)
+    if plan.prompt is None:
+        raise SpecError("results[0] has a vector source, with no prompt S to put a text back into (allowed: a Source)")
+    handle = models[plan.name]
+    layer = concrete_layer("results[0] Source", result.scope.source.layer, handle)
+    what = plan.reading if text is None else carried(handle.tokenizer, chosen.carrier, text, "text")
+    return Patchscope(
+        Source(what.prompt, what.last, layer, model=plan.name),
+        Target(plan.prompt, plan.position, layer, model=plan.name),
+    )
+
+
 def _rank(d: float, controls: dict[str, float]) -> tuple[float | None, float]:
     """The score 1 - D / upper_median(controls) (None where the controls do not disrupt S at all) and the rank p-value
     (1 + the controls with D <= d) / (1 + the controls): a tie counts against the reading, and the reading itself is
@@ -327,6 +351,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = [
     "verify",
+    "put_back",
     "control_words",
     "carried",
     "judge",

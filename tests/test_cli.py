@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from docs_text import joined, page
 
-from pyvene_patchscopes import Patchscope, Source, Target
-from pyvene_patchscopes.cli import main, parse_layers
+from pyvene_patchscopes import Patchscope, Source, Target, VerifySettings, run, verify
+from pyvene_patchscopes.cli import DEMO_POSITION, DEMO_PROMPT, layer_table, main, parse_layers
+from pyvene_patchscopes.cli.commands.demo import verdicts_line
+from pyvene_patchscopes.execution.verify import SELF_CHECK_SCORE
+from pyvene_patchscopes.presets import build
+from pyvene_patchscopes.result.verify import VERIFY_COLUMNS, verify_columns
 
 pytestmark = pytest.mark.real_model
 
@@ -122,11 +128,58 @@ def test_sweep_needs_exactly_one_prompt_source(capsys, tmp_path):
     assert "give exactly one of --source-prompt and --prompts" in capsys.readouterr().err
 
 
-def test_demo_reproduces_figure_1(capsys, smollm2, tmp_path):
+def test_demo_reproduces_figure_1_with_each_reading_verified(capsys, smollm2, tmp_path):
     out = _json(capsys, ["demo", "--out", str(tmp_path), "--json"])
     assert len(out["layers"]) == 30
     assert {0, 1, 2, 3} <= set(out["decoded_layers"])  # early layers decode 'CEO' itself
     assert (tmp_path / "demo_heatmap.png").stat().st_size > 20000
+    # the verdict column: each row's reading checked by verify itself, called here on the same readings
+    scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, l, max_new_tokens=4) for l in range(30)]
+    results = run(scopes, smollm2, progress=False)
+    checks = verify(results, smollm2)
+    assert [row["token"] for row in out["layers"]] == [r.token for r in results]
+    numbers = [key for key in VERIFY_COLUMNS if key != "verdict"]
+    for row, check in zip(out["layers"], checks):  # the demo's batches of 64 rows against verify's default 32
+        golden = verify_columns(check)
+        assert row["verdict"] == golden["verdict"], row["source_layer"]
+        assert [row[key] for key in numbers] == pytest.approx([golden[key] for key in numbers], abs=1e-5)
+    by_layer = {row["source_layer"]: row for row in out["layers"]}
+    assert by_layer[2]["verdict"] == by_layer[10]["verdict"] == "supported"  # issue 39: ' CEO' there
+    verdicts = {
+        token: {row["verdict"] for row in out["layers"] if row["token"] == token} for token in (" CEO", " hello")
+    }
+    assert verdicts == {" CEO": {"supported"}, " hello": {"cannot tell"}}  # as Getting started says
+    the_rows_getting_started_shows_are_the_demos(out["layers"])
+
+
+def the_rows_getting_started_shows_are_the_demos(rows: list[dict]) -> None:
+    """Getting started quotes some of the demo's rows, with their verdicts, and the line under the table."""
+    block = (
+        page("getting-started")
+        .split("Some of the rows `make demo` printed here:\n\n```text\n", 1)[1]
+        .split("\n```", 1)[0]
+    )
+    printed = layer_table(rows).splitlines()
+    shown = block.splitlines()
+    assert shown[:2] == printed[:2]  # the header, with its verdict column
+    p = re.compile(r"(?<=  )\d\.\d{3}(?=  )")
+    for line in shown[2:]:
+        layer = int(line.split()[0])
+        assert p.sub("p", line) == p.sub("p", printed[2 + layer]), layer
+        assert float(p.search(line)[0]) == pytest.approx(rows[layer]["prob"], abs=0.002), layer
+    text = joined("getting-started")
+    said = re.search(r"below the table: \*([^*]+)\*", text)[1]
+    assert said in verdicts_line(rows)
+    controls = re.search(r"compared with (\d+) random words", text)[1]
+    assert int(controls) == VerifySettings().controls
+    first, below = re.search(
+        r"from layer (\d+) on, even the source token's own text put back the same way scores "
+        r"below ([0-9.]+)",
+        text,
+    ).groups()
+    assert float(below) == SELF_CHECK_SCORE
+    low = [row["source_layer"] for row in rows if row["verify_self_score"] < SELF_CHECK_SCORE]
+    assert low == list(range(int(first), len(rows)))  # the self-check fails from there to the last layer
 
 
 def test_presets_lists_the_paper_presets(capsys):

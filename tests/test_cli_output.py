@@ -25,15 +25,18 @@ import pytest
 from docs_text import joined
 from tiny import tiny_loader, tiny_model
 
-from pyvene_patchscopes import Patchscope, Source, Target, models, sweep
+from pyvene_patchscopes import Patchscope, Source, Target, models, run, sweep, verify
 from pyvene_patchscopes.cli import CLOSED_PIPE_STATUS, DEMO_POSITION, DEMO_PROMPT, json_requested, layer_table, main
 from pyvene_patchscopes.cli.commands import list as list_command
+from pyvene_patchscopes.errors import SpecError
 from pyvene_patchscopes.explore.service import Explorer
 from pyvene_patchscopes.export import layers_table, sweep_grid
 from pyvene_patchscopes.export.figures import CELL_WIDTH, layer_heatmap
 from pyvene_patchscopes.jacobian import JacobianScope
 from pyvene_patchscopes.jacobian.result import Attribution
+from pyvene_patchscopes.presets import build
 from pyvene_patchscopes.result import PatchscopeResult, TokenProb, show_text
+from pyvene_patchscopes.result.verify import VERIFY_COLUMNS
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "pyvene_patchscopes.cli"]
@@ -344,6 +347,21 @@ def test_every_cli_table_shows_tokens_as_show_text(decoded_as_whitespace, capsys
     table, out = _both(capsys, ["demo", "--out", str(tmp_path / "demo")])
     rows = [line for line in table.splitlines() if re.match(r"^ *\d+ +\d+ ", line)]
     assert [_quoted(line)[0] for line in rows] == [show_text(r["token"]) for r in out["layers"]]
+
+
+def test_the_demo_on_a_model_verify_refuses_prints_its_table_with_the_reason(monkeypatch, capsys, tmp_path):
+    """A tiny tokenizer has too few single-token control words for verify's defaults: the demo still prints every
+    row, its verdict column says `not checked`, and the line under the table is verify's own refusal."""
+    monkeypatch.setattr(models, "load_model", tiny_loader())
+    handle = tiny_loader()()
+    scopes = [build("token-identity", DEMO_PROMPT, DEMO_POSITION, l, max_new_tokens=4) for l in range(handle.n_layers)]
+    with pytest.raises(SpecError) as refused:
+        verify(run(scopes, handle, progress=False), handle)
+    table, out = _both(capsys, ["demo", "--out", str(tmp_path / "demo")])
+    rows = [line for line in table.splitlines() if re.match(r"^ *\d+ +\d+ ", line)]
+    assert len(rows) == len(out["layers"]) == handle.n_layers and all("  not checked  " in row for row in rows)
+    assert f"No reading was verified on this model (verdict: null): {refused.value}" in table
+    assert all(row[key] is None for row in out["layers"] for key in VERIFY_COLUMNS)
 
 
 def _axes_labels(figure) -> list[str]:

@@ -33,10 +33,10 @@ NOTEBOOKS = [
     "05_jacobian_scopes",
     "06_reading_sae_latents",
 ]
-# the tutorials that use only the package's public names (issue 36 requires it of 03); the others still import
-# from its modules (01: sweep; 02: cli, evaluate.data, presets; 04: compat, evaluate.data, presets, sweep;
-# 05: jacobian; 06: evaluate.stats, fit, presets, scales, spec, vectors)
-PUBLIC_ONLY = ["03_in_pyvene_pipelines"]
+# the tutorials that use only the package's public names (issue 36 requires it of 03, issue 39 of 01's verify
+# cells); the others still import from its modules (02: cli, evaluate.data, presets; 04: compat, evaluate.data,
+# presets, sweep; 05: jacobian; 06: evaluate.stats, fit, presets, scales, spec, vectors)
+PUBLIC_ONLY = ["01_quickstart", "03_in_pyvene_pipelines"]
 
 
 def execute(name: str, workdir: Path, cpu: bool = False) -> dict:
@@ -147,8 +147,20 @@ def test_the_tutorials_that_use_public_names_only_import_nothing_else():
     assert "pyvene_patchscopes.compat" in internal_names("04_causal_abstraction")  # the check sees an internal import
 
 
-def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
+def notebook_code(name: str) -> str:
+    notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    return "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
+
+
+def markdown(name: str) -> str:
+    """The markdown cells of tutorials/NAME.ipynb, their lines joined by single spaces."""
+    notebook = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
+    return " ".join(" ".join(cell.source.split()) for cell in notebook.cells if cell.cell_type == "markdown")
+
+
+def test_01_quickstart_inspects_ceo_verifies_each_layer_and_round_trips_the_spec(tmp_path, smollm2):
     summary = execute("01_quickstart", tmp_path)
+    the_verify_cells_say_what_verify_says(summary, smollm2)
     assert summary["top"] == " CEO"
     assert summary["decoded_layers"][:10] == list(range(10))  # the early layers all decode the word
     assert summary["loaded_equal"] is True and summary["same_readout"] is True
@@ -157,6 +169,41 @@ def test_01_quickstart_inspects_ceo_and_round_trips_the_spec(tmp_path):
     assert "Tokyo" in summary["catalogue_generation"]
     page = (tmp_path / "ceo_grid.html").read_text()  # the interactive export, one file
     assert "PatchscopesHeatmap" in page and "CEO" in page and "http" not in page
+
+
+def the_verify_cells_say_what_verify_says(summary: dict, model) -> None:
+    """01's verdict per layer is verify's own, called here on the same readings (at the layers its text names and
+    where the verdict changes), and each figure its text states is the run's."""
+    from pyvene_patchscopes import VerifySettings, run, verify
+    from pyvene_patchscopes.execution.verify import SELF_CHECK_SCORE
+    from pyvene_patchscopes.presets import build
+
+    verdict = {layer: v for v, layers in summary["verdicts"].items() for layer in layers}
+    assert sorted(verdict) == list(range(model.n_layers))
+    unsure = summary["cannot_tell_layer"]
+    picked = sorted({2, 10, unsure - 1, unsure, model.n_layers - 1})
+    scopes = [build("token-identity", "Amazon's former CEO attended Oscars", "CEO", l) for l in picked]
+    checks = verify(run(scopes, model, progress=False), model)
+    assert [verdict[layer] for layer in picked] == [check.verdict for check in checks]
+    first = checks[picked.index(unsure)]
+    assert summary["cannot_tell_self_score"] == pytest.approx(first.self_score, abs=1e-5)
+    assert summary["self_text"] == first.self_text and summary["controls"] == VerifySettings().controls
+    text = markdown("01_quickstart")
+    stated = int(re.search(r"changes its mind at layer (\d+)", text)[1])
+    assert stated == len(summary["decoded_layers"]) == summary["decoded_layers"][-1] + 1  # 0 .. stated-1 read CEO
+    on, below = re.search(r"scores below ([0-9.]+).* from layer (\d+) on, the first layer that reads", text).groups()[
+        ::-1
+    ]
+    assert int(on) == unsure == stated and float(below) == SELF_CHECK_SCORE > summary["cannot_tell_self_score"]
+    assert verdict[unsure] == "cannot tell" and all(v != "supported" for layer, v in verdict.items() if layer > unsure)
+    assert f"own text, `{summary['self_text']!r}`" in text
+    assert summary["hello_verdicts"] == ["cannot tell"]  # flagged, and not called wrong either
+    layers = [int(l) for l in re.search(r"at layers (\d+) and (\d+), where the self-check passes", text).groups()]
+    assert summary["hello_early"] == {str(l): "not supported" for l in layers}  # JSON keys
+    assert all(verdict[l] == "supported" for l in layers)  # the self-check passes there: ' CEO' is the reading
+    assert f"{VerifySettings().controls} shipped control words drawn with seed {VerifySettings().seed}" in (
+        notebook_code("01_quickstart")
+    )
 
 
 def test_02_paper_tour_runs_every_eval_command(tmp_path):

@@ -90,13 +90,18 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per source layer: l, l*, the top token (* where the row cannot say anything), p and the generation."""
-    lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
+    """One line per source layer: l, l*, the top token (* where the row cannot say anything), p, the verdict where the
+    rows were verified, and the generation."""
+    verified = all("verdict" in row for row in rows)
+    verdict = f"{'verdict':<13}  " * verified
+    lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  {verdict}generation", "-" * (64 + len(verdict))]
     for row in rows:
         token = show_text(row["token"], 11) + ("" if row.get("informative", True) else "*")
         generation = "" if row["generation"] is None else show_text(row["generation"], 30)
+        verdict = f"{row['verdict'] or 'not checked':<13}  " if verified else ""
         lines.append(
-            f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  " + generation
+            f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  {verdict}"
+            + generation
         )
     if not all(row.get("informative", True) for row in rows):
         lines.append(NO_INFORMATION_NOTE)

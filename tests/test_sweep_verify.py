@@ -1,18 +1,22 @@
 """A verified sweep (issue 39): ``sweep(..., verify=...)`` gives each cell the check `verify` gives it computed
 directly, shares the controls of one (S, l) across every l*, writes the verify columns to its shards and reads them
-back, keeps its settings in the manifest's hash, and refuses bad input in one line before anything runs."""
+back, keeps its settings in the manifest's hash, and refuses bad input in one line before anything runs; the CLI's
+``--verify`` prints the verdict column and its --json carries the columns."""
 
 from __future__ import annotations
 
 import json
+import shlex
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from docs_text import page
 from test_sweep_folder_records import loads, refused, restamped
 from tiny import tiny_model
 
 from pyvene_patchscopes import SpecError, load_sweep, sweep, verify
+from pyvene_patchscopes.cli import main
 from pyvene_patchscopes.execution.sweep_manifest import tokenizer_sha256
 from pyvene_patchscopes.execution.sweep_verify import verify_settings
 from pyvene_patchscopes.persist.sweep_folder import shard_path
@@ -196,3 +200,43 @@ def test_settings_the_sweep_cannot_check_are_refused_in_one_line(tmp_path, model
         "VerifySettings(reading='generation') but the sweep's cells generate nothing (max_new_tokens=0)",
         error=SpecError,
     )
+
+
+# ---- the command line (SmolLM2: one prompt, a few layers) --------------------------------------------------------
+CEO = ["--source-prompt", "Amazon's former CEO attended Oscars", "--source-position", "CEO", "--max-new-tokens", "0"]
+
+
+def docs_command() -> tuple[list[str], list[str]]:
+    """The `patchscopes inspect --verify` command docs/guides/verify.md shows, and the table it shows under it."""
+    text = page("guides/verify")
+    block = text[text.index("$ patchscopes inspect") :]
+    lines = block[: block.index("```")].strip().splitlines()
+    return shlex.split(lines[0].removeprefix("$ "))[1:], lines[1:]
+
+
+@pytest.mark.real_model
+def test_inspect_verify_prints_the_verdict_column_the_guide_shows_and_json_carries_the_columns(capsys, smollm2):
+    argv, shown = docs_command()
+    assert "--verify" in argv and main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.rstrip() for line in printed[1:]] == shown  # after the header naming the prompt
+    assert main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert all(set(VERIFY_COLUMNS) <= set(row) for row in rows)
+    assert [row["verdict"] for row in rows] == ["supported", "supported", "cannot tell"]
+
+
+@pytest.mark.real_model
+def test_sweep_verify_json_carries_the_columns_verify_computes(capsys, smollm2):
+    layers = ["--source-layers", "2", "--target-layers", "2,10"]
+    assert main(["sweep", *CEO, *layers, "--verify", "--json"]) == 0
+    cells = json.loads(capsys.readouterr().out)["cells"]
+    grid = sweep(CEO[1], smollm2, source_position="CEO", source_layers=[2], target_layers=[2, 10], max_new_tokens=0)
+    wanted = [verify_columns(c) for c in verify(grid, smollm2)]
+    assert [c["verdict"] for c in cells] == [w["verdict"] for w in wanted] == ["supported", "supported"]
+    for cell, want in zip(cells, wanted):
+        assert all(abs(cell[k] - want[k]) <= 1e-6 for k in VERIFY_COLUMNS[1:]), (cell, want)
+    assert main(["sweep", *CEO, *layers, "--verify"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["source_layer", "target_layer", "token", "prob", "verdict"]
+    assert all(line.endswith(" supported") and "not supported" not in line for line in table[1:])

@@ -90,13 +90,19 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
 
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per source layer: l, l*, the top token (* where the row cannot say anything), p and the generation."""
-    lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  generation", "-" * 64]
+    """One line per source layer: l, l*, the top token (* where the row cannot say anything), p, the verdict where
+    the rows were verified (`--verify`) and the generation."""
+    verified = bool(rows) and "verdict" in rows[0]
+    head = f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  " + (f"{'verdict':<13}  " if verified else "")
+    lines = [head + "generation", "-" * (64 + 15 * verified)]
     for row in rows:
         token = show_text(row["token"], 11) + ("" if row.get("informative", True) else "*")
         generation = "" if row["generation"] is None else show_text(row["generation"], 30)
+        verdict = f"{row['verdict']:<13}  " if verified else ""
         lines.append(
-            f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  " + generation
+            f"{row['source_layer']:>3} {row['target_layer']:>3}  {token:<14} {row['prob']:>6.3f}  "
+            + verdict
+            + generation
         )
     if not all(row.get("informative", True) for row in rows):
         lines.append(NO_INFORMATION_NOTE)

@@ -6,12 +6,19 @@ back, keeps its settings in the manifest's hash, and refuses bad input in one li
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from docs_text import page
+from test_distributed import free_port
 from test_sweep_folder_records import loads, refused, restamped
 from tiny import tiny_model
 
@@ -21,7 +28,7 @@ from pyvene_patchscopes.execution.sweep_manifest import tokenizer_sha256
 from pyvene_patchscopes.execution.sweep_verify import verify_settings
 from pyvene_patchscopes.persist.sweep_folder import shard_path
 from pyvene_patchscopes.plan.batching import Batch
-from pyvene_patchscopes.result.verify import VERIFY_COLUMNS, verify_columns
+from pyvene_patchscopes.result.verify import VERIFY_COLUMNS, Verification, verify_columns
 from pyvene_patchscopes.spec.verify import VerifySettings
 
 PROMPTS = ["Amazon's former CEO attended Oscars", "The city of Paris is large", "Tokyo London Berlin Rome"]
@@ -170,6 +177,25 @@ def test_a_padded_call_leaves_the_tokenizers_hash_as_it_was(model):
     Batch.encode(model, ["a", "a longer prompt"])
     assert model.tokenizer.backend_tokenizer.padding is not None  # the state the hash must ignore
     assert tokenizer_sha256(model.tokenizer) == before
+
+
+def test_under_accelerate_launch_each_process_checks_its_own_units(tmp_path, model):
+    """Two CPU processes (gloo), one prompt a unit: the gathered checks are one process's."""
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    script = Path(__file__).with_name("distributed_verify.py")
+    done = subprocess.run([*command, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = [Verification(**check) for check in json.loads((tmp_path / "checks.json").read_text())]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process runs
+    try:
+        single = sweep(PROMPTS, model, verify=TINY, batch_size=1, **GRID).verifications
+    finally:
+        torch.set_num_threads(threads)
+    same_checks(split, single)
 
 
 # ---- bad input: one line, before anything runs -------------------------------------------------------------------

@@ -135,6 +135,17 @@ def layers_option(
     parser.add_argument(flag, default=default, help=f"{what}: {LAYERS_HELP} (default: {shown})")
 
 
+def verify_option(parser: argparse.ArgumentParser) -> None:
+    """--verify: each row's reading put back against control words (`verify`, default `VerifySettings()`)."""
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="test each reading by putting it back where it was read, against 32 control words (verify, on the "
+        "source model), and print its verdict: supported, not supported or cannot tell; --json adds the verify "
+        "columns (default: off)",
+    )
+
+
 # ---- the model options, read ------------------------------------------------------------------------
 def device(args: argparse.Namespace) -> str:
     """--device, with 'auto' meaning this process's own GPU under accelerate launch, else the CPU."""
@@ -185,4 +196,5 @@ __all__ = [
     "placement",
     "load",
     "check_model_options",
+    "verify_option",
 ]

@@ -91,8 +91,8 @@ def emit(args: argparse.Namespace, payload: dict[str, Any], table: str) -> None:
 
 def layer_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per source layer: l, l*, the top token (* where the row cannot say anything), p, the verdict where the
-    rows were verified, and the generation."""
-    verified = all("verdict" in row for row in rows)
+    rows were verified (`--verify`, the demo), and the generation."""
+    verified = bool(rows) and all("verdict" in row for row in rows)
     verdict = f"{'verdict':<13}  " * verified
     lines = [f"{'l':>3} {'l*':>3}  {'top token':<14} {'p':>6}  {verdict}generation", "-" * (64 + len(verdict))]
     for row in rows:

@@ -15,13 +15,20 @@ from ..persist.sweep_reader import FORMAT, MANIFEST, VERSION as FOLDER_VERSION
 from ..plan.grid import Grid, Shape
 from ..spec import Position
 from ..spec.mappings import MappingFunction, MappingSpec
+from ..spec.verify import VerifySettings
 
 
 def folder_manifest(
-    grid: Grid, shape: Shape, source_position: Position, readout: str, options: dict[str, Any]
+    grid: Grid,
+    shape: Shape,
+    source_position: Position,
+    readout: str,
+    options: dict[str, Any],
+    verify: VerifySettings | None = None,
 ) -> dict[str, Any]:
     """What the sweep is, as the folder records it: the preset and its options (a mapping with its weights' hash)
-    make every cell's spec, so their hash tells two sweeps apart."""
+    make every cell's spec, so their hash tells two sweeps apart; so do the verify settings of a verified sweep
+    (recorded only when set, so that a folder written before them keeps its hash)."""
     recorded = {k: recordable(k, v) for k, v in sorted(options.items()) if k != "tokenizer"}
     description = {
         "preset": shape.preset,
@@ -35,6 +42,7 @@ def folder_manifest(
         "max_batch_tokens": grid.max_batch_tokens,
         "options": recorded,
         "models": {name: model_identity(h) for name, h in sorted(grid.models.items())},
+        **({} if verify is None else {"verify": verify.to_dict()}),
     }
     return {"format": FORMAT, "version": FOLDER_VERSION, "spec_hash": spec_hash(description), **description}
 
@@ -78,6 +86,12 @@ def tokenizer_sha256(tokenizer: Any) -> str:
     """sha256 of what a tokenizer does: a fast tokenizer's whole serialized pipeline (normalizer, pre-tokenizer,
     model, merges), else its vocabulary; with its class and special tokens either way."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and (backend.padding is not None or backend.truncation is not None):
+        # a padded call leaves its padding on the backend until the next unpadded one (transformers' managed
+        # section): what the last call asked for, not what the tokenizer does, so it is left out of the hash
+        backend = type(backend).from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
     body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     head = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map], sort_keys=True, default=str)
     return hashlib.sha256(f"{head}\n{body}".encode()).hexdigest()

@@ -60,10 +60,13 @@ from ..resolve import as_models
 from ..result.sweep import SweepFolder, SweepResult, top_texts
 from ..spec import Patchscope, Position
 from ..spec.mappings import MappingSpec
+from ..spec.verify import VerifySettings
 from .distributed import gather_units, my_units, process_slot
 from .planned import SharedPrompts
 from .sweep_manifest import check_models, folder_manifest
 from .sweep_units import run_unit
+from .sweep_verify import check_cell, check_verifiable, recorded_checks, recorded_settings, verify_settings
+from .verify import verify as verify_cells
 
 
 def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str, ModelHandle] | None):
@@ -87,7 +90,9 @@ def _scopes_from(manifest: dict[str, Any], prompts: list[str], models: dict[str,
             options["mapping"] = MappingSpec(
                 options["mapping"]["mapping"]["name"], options["mapping"]["mapping"]["args"]
             )
-        make = cell_maker(get_preset(manifest["preset"]), handle, manifest["source_position"], options)
+        make = cell_maker(
+            get_preset(manifest["preset"]), handle, manifest["source_position"], options, recorded_settings(manifest)
+        )
         return make(prompts[p], layer, target_layer)
 
     return scope_for
@@ -110,6 +115,7 @@ def sweep(
     distributed: bool | None = ...,
     out: None = ...,
     readout: str = ...,
+    verify: bool | VerifySettings = ...,
     **options: Any,
 ) -> SweepResult: ...
 
@@ -132,6 +138,7 @@ def sweep(
     *,
     out: str | os.PathLike,
     readout: str = ...,
+    verify: bool | VerifySettings = ...,
     **options: Any,
 ) -> SweepFolder: ...
 
@@ -153,6 +160,7 @@ def sweep(
     distributed: bool | None = ...,
     out: str | os.PathLike | None = ...,
     readout: str = ...,
+    verify: bool | VerifySettings = ...,
     **options: Any,
 ) -> SweepResult | SweepFolder: ...
 
@@ -173,6 +181,7 @@ def sweep(
     distributed: bool | None = None,
     out: str | os.PathLike | None = None,
     readout: str = "top",
+    verify: bool | VerifySettings = False,
     **options: Any,
 ) -> SweepResult | SweepFolder:
     """Run `preset` for every prompt x source layer x target layer (all layers by default).
@@ -195,17 +204,24 @@ def sweep(
     grid of SmolLM2 would need 90 GB for; ``"generations"`` keeps the generations and the top-1 token only.
     ``distributed`` splits the units over the processes of an ``accelerate launch`` (default: whenever more
     than one process is running).
+    ``verify=True`` (or a `VerifySettings`; True is `VerifySettings()`) checks every cell's reading with `verify` on
+    the source model, one unit at a time, in the process that computed it: the result's ``verifications`` (cell
+    order) and its records, or the shards' `VERIFY_COLUMNS`; the settings are each cell's ``Patchscope.verify`` and
+    part of a folder's manifest (`execution.sweep_verify`).
 
     ``out=folder`` streams: `source_prompts` may be any iterable (a ``datasets`` column, a generator), read
     one unit at a time; each finished unit is written to the folder as a Parquet shard, a rerun skips the
     finished ones, and a `SweepFolder` is returned: read it with `load_sweep` (``lazy=True``: as a
     ``datasets.Dataset``). See `persist.sweep_folder`.
     """
+    settings = verify_settings(verify)
     readout = check_readout(readout, keep_logits)
     top = 1 if readout == "generations" else check_int("top", top)
     check_budget(max_batch_tokens)
     models = as_models(model)
     handle = next(iter(models.values()))
+    if settings is not None:
+        check_verifiable(settings, handle)
     every = list(range(handle.n_layers))
     chosen = get_preset(preset)
     target_layers = chosen.target_layers(target_layers, handle.n_layers)  # a preset that fixes l* sweeps only there
@@ -216,7 +232,7 @@ def sweep(
     target_layers = every if target_layers is None or same_layer else layer_list("target_layers", target_layers)
     if chosen.needs_lens:
         options["lens"] = as_lens(options.get("lens"))  # read once, not once per cell
-    make = cell_maker(chosen, handle, source_position, options)
+    make = cell_maker(chosen, handle, source_position, options, settings)
     pairs = (
         [[(l, l)] for l in source_layers] if same_layer else [[(l, t) for t in target_layers] for l in source_layers]
     )
@@ -235,12 +251,12 @@ def sweep(
     )
     shape = Shape(preset, source_layers, target_layers, same_layer)
     if out is not None:
-        manifest = folder_manifest(grid, shape, source_position, readout, options)
+        manifest = folder_manifest(grid, shape, source_position, readout, options, settings)
         kept = recorded_unit_prompts(out, manifest) if batch_size is None else None
         if kept is not None and kept != per_unit:  # the folder's own units (32 before UNIT_CELLS): the call resumes
             grid.prompts_per_unit = kept
-            manifest = folder_manifest(grid, shape, source_position, readout, options)
-        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress, manifest)
+            manifest = folder_manifest(grid, shape, source_position, readout, options, settings)
+        return _sweep_to_folder(source_prompts, grid, shape, out, distributed, progress, manifest, settings)
     prompts = prompt_list(source_prompts)
     units = list(chunks(prompts, per_unit))
     mine = my_units(len(units), distributed)
@@ -253,16 +269,27 @@ def sweep(
         disable=not (progress if progress is not None else len(prompts) * per_prompt > 64),
     ) as bar:
         for u in mine:
-            parts[u] = run_unit(grid, units[u])
+            parts[u] = _run_unit(grid, shape, list(units[u]), settings)
             bar.update(len(units[u]) * per_prompt)
     parts = gather_units(parts, distributed)
-    return _assemble(
-        shape,
-        prompts,
-        [parts[u] for u in range(len(units))],
-        grid.scope_for(prompts),
-        models[grid.make(prompts[0], source_layers[0], target_layers[0]).target_model].tokenizer,
-    )
+    ordered = [parts[u] for u in range(len(units))]
+    return _assemble(shape, prompts, ordered, grid.scope_for(prompts), _tokenizer(grid, prompts))
+
+
+def _tokenizer(grid: Grid, prompts: list[str]) -> Any:
+    """The target model M*'s tokenizer, which decodes every cell's token ids."""
+    return grid.models[grid.make(prompts[0], *grid.pairs[0][0]).target_model].tokenizer
+
+
+def _run_unit(grid: Grid, shape: Shape, prompts: list[str], settings: VerifySettings | None) -> dict[str, Any]:
+    """One unit's cells (`run_unit`), and where the sweep verifies, their checks in cell order under
+    ``"verifications"``: the unit's cells in one `verify` call, so that one (S, l) shares its controls across l*."""
+    if settings is None:
+        return run_unit(grid, prompts)
+    check_cell(settings, grid.make(prompts[0], *grid.pairs[0][0]))
+    part = run_unit(grid, prompts)
+    unit = _assemble(shape, prompts, [part], grid.scope_for(prompts), _tokenizer(grid, prompts))
+    return {**part, "verifications": verify_cells(unit, grid.models, settings, grid.forward_batch)}
 
 
 def _assemble(
@@ -291,6 +318,7 @@ def _assemble(
         logits=cat("logits") if ordered[0].get("logits") is not None else None,
         informative=cat("informative"),
         top_tokens=top_tokens,
+        verifications=[v for part in ordered for v in part["verifications"]] if "verifications" in ordered[0] else None,
     )
 
 
@@ -303,6 +331,7 @@ def _sweep_to_folder(
     distributed: bool | None,
     progress: bool | None,
     manifest: dict[str, Any],
+    settings: VerifySettings | None,
 ) -> SweepFolder:
     """Each unit this process owns (round robin under accelerate) computed unless its shard is already there."""
     rank, size, barrier, is_main = process_slot(distributed)
@@ -329,8 +358,8 @@ def _sweep_to_folder(
             else:
                 if not done.computed:
                     unfinish(folder)  # the old completion record no longer holds once a shard changes
-                part = run_unit(grid, prompts)
-                tokenizer = grid.models[grid.cells(prompts[0]).templates[0][0].scope.target_model].tokenizer
+                part = _run_unit(grid, shape, prompts, settings)
+                tokenizer = _tokenizer(grid, prompts)
                 table = unit_table(
                     u,
                     first,
@@ -340,6 +369,7 @@ def _sweep_to_folder(
                     shape.target_layers,
                     shape.same_layer,
                     top_texts(tokenizer, part["top_ids"][..., 0]),
+                    part.get("verifications"),
                 )
                 write_shard(folder, u, table, manifest["spec_hash"])
                 done.computed.append(u)
@@ -373,6 +403,7 @@ def load_sweep(
     tables = read_units(path, partial)
     if not tables:
         raise SpecError(f"{path} holds no finished unit yet (allowed: a folder with at least one shard)")
+    settings = recorded_settings(manifest)
     same = manifest["target_layers"] == "same"
     source_layers = list(manifest["source_layers"])
     target_layers = source_layers if same else list(manifest["target_layers"])
@@ -399,6 +430,7 @@ def load_sweep(
         logits=None if logits is None else logits.reshape(*shape, -1),
         informative=column_tensor(tables, "informative", torch.bool).reshape(shape),
         top_tokens=[x for t in tables for x in t.column("token").to_pylist()],
+        verifications=None if settings is None else recorded_checks(tables, settings),
     )
 
 

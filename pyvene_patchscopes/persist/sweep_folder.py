@@ -45,6 +45,7 @@ import numpy as np
 from ..core.files import expand, is_file
 from ..core.outputs import remove, remove_dead_temporaries, replacing, write_bytes
 from ..errors import PatchscopeError, SpecError
+from ..result.verify import Verification, verify_columns
 from .sweep_lock import check_unchanged, check_unit_free, check_units_hold, forget, locked, seen
 from .sweep_reader import (
     COMPLETE,
@@ -66,6 +67,7 @@ from .sweep_records import (
     canonical_sha256,
     key_prompts_sha256,
     prompts_sha256,
+    verify_column_types,
 )
 
 # The temporary files a sweep's writers make beside the files they replace (`outputs.replacing`)
@@ -219,9 +221,11 @@ def unit_table(
     target_layers: list[int],
     same_layer: bool,
     tokens: list[str],
+    checks: list[Verification] | None = None,
 ) -> Any:
-    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise; its
-    metadata holds the prompts' hash (`write_shard` adds the rest of the unit's key: the spec hash and the unit)."""
+    """One unit's cells as an Arrow table, one row per (prompt, l, l*) in that order, built column-wise, with the
+    `VERIFY_COLUMNS` of each cell's check where the sweep verifies (`checks`, in cell order); its metadata holds the
+    prompts' hash (`write_shard` adds the rest of the unit's key: the spec hash and the unit)."""
     import pyarrow as pa
 
     top_ids, top_probs = part["top_ids"], part["top_probs"]  # [n, Ls, Lt, k]
@@ -248,6 +252,10 @@ def unit_table(
     if part.get("logits") is not None:
         logits = part["logits"].reshape(cells, -1).numpy().astype(np.float32)
         columns["logits"] = _fixed(logits, logits.shape[1])
+    if checks is not None:
+        flat = [verify_columns(check) for check in checks]
+        for name, kind in verify_column_types().items():
+            columns[name] = pa.array([row[name] for row in flat], kind)
     return pa.table(columns).replace_schema_metadata({PROMPTS_KEY: prompts_sha256(prompts).encode()})
 
 

@@ -9,7 +9,10 @@ A sweep folder is a record that checks itself (the rules `sweep_folder` reads an
   ``complete.json``), and where its own columns agree with its key and the manifest: the ``unit`` and
   ``prompt_index`` columns (unit u holds the prompts ``u * batch_size`` on), the prompts (which hash to the key),
   the ``source_layer`` and ``target_layer`` columns (the manifest's layers, in cell order), the column types, and
-  one top-k width for the whole folder (at most the manifest's ``top``; 1 for ``readout="generations"``).
+  one top-k width for the whole folder (at most the manifest's ``top``; 1 for ``readout="generations"``). A verified
+  sweep's manifest records its ``verify`` settings (checked as `VerifySettings`), and its shards add the
+  `VERIFY_COLUMNS`: a verdict of `VERDICTS` in every row, numbers null or finite, a p-value in 0..1, a cosine in
+  -1..1.
 - ``complete.json`` is ``{"units": n, "prompts": count, "prompts_sha256": [one per unit]}``, written last, when
   every unit is done; a run that computes a unit removes it first. Its sizes are bounded by the shards the folder
   holds before anything is built from them. A finished folder loads exactly the units it lists, each with that
@@ -31,6 +34,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import PatchscopeError, SpecError, as_index
+from ..result.verify import VERDICTS, VERIFY_COLUMNS
+from ..spec.verify import VerifySettings
 
 READOUTS = ("top", "logits", "generations")
 # Each shard's Parquet metadata holds its unit's key: the sweep (spec hash), the unit, and its prompts' hash.
@@ -110,6 +115,11 @@ def check_manifest(path: Path, data: dict[str, Any]) -> dict[str, Any]:
         raise _refuse(path, "planned", data.get("planned"), "true or false")
     if not isinstance(data.get("options"), dict):
         raise _refuse(path, "options", data.get("options"), "an object of the preset's options")
+    if "verify" in data:
+        try:
+            VerifySettings.from_dict(data["verify"])
+        except SpecError:
+            raise _refuse(path, "verify", data["verify"], "the settings of VerifySettings.to_dict()") from None
     if canonical_sha256({k: v for k, v in data.items() if k not in _HASHED_OUT}) != held:
         raise SpecError(
             f"{path}: its fields do not hash to its spec_hash={held[:12]}... (it was edited after "
@@ -198,6 +208,19 @@ def shard_columns() -> dict[str, Any]:
 LIST_COLUMNS = ("top_ids", "top_probs", "logits")
 
 
+def verify_column_types() -> dict[str, Any]:
+    """The `VERIFY_COLUMNS` a verified sweep's shard adds (its manifest records ``verify``), with their Arrow types:
+    the verdict as text, the numbers as float64 (null where a check has none, e.g. no score where the controls do
+    not disrupt S)."""
+    import pyarrow as pa
+
+    return {name: pa.string() if name == "verdict" else pa.float64() for name in VERIFY_COLUMNS}
+
+
+# The range each verify column's values must lie in (a cosine and a p-value are bounded; the rest finite)
+_VERIFY_BOUNDS = {"verify_p_value": (0.0, 1.0), "verify_cosine": (-1.0 - 1e-3, 1.0 + 1e-3)}
+
+
 def check_schema(path: Path, schema: Any, manifest: dict[str, Any]) -> tuple[int, int | None]:
     """The shard's columns and their types against what a shard of this sweep holds: its (top-k width, logits
     width or None)."""
@@ -206,6 +229,8 @@ def check_schema(path: Path, schema: Any, manifest: dict[str, Any]) -> tuple[int
     wanted = shard_columns()
     if manifest["readout"] != "logits":
         del wanted["logits"]
+    if "verify" in manifest:
+        wanted.update(verify_column_types())
     names = set(schema.names)
     missing = [name for name in wanted if name not in names]
     if missing or len(names) != len(wanted):
@@ -301,7 +326,30 @@ def check_rows(path: Path, table: Any, unit: int, manifest: dict[str, Any]) -> l
         raise PatchscopeError(
             f"{path}: column 'prompt' changes within a prompt's cells (allowed: one prompt for each {per_prompt} cells)"
         )
+    if "verify" in manifest:
+        check_verify_values(path, table)
     return prompts
+
+
+def check_verify_values(path: Path, table: Any) -> None:
+    """A verified shard's verify columns hold what a check can: a verdict of `VERDICTS` in every row, and numbers
+    that are null or finite, a p-value in 0..1 and a cosine in -1..1."""
+    verdicts = table.column("verdict").to_pylist()
+    bad = [k for k, v in enumerate(verdicts) if v not in VERDICTS]
+    if bad:
+        raise PatchscopeError(
+            f"{path}: column 'verdict' holds {verdicts[bad[0]]!r} at row {bad[0]} (allowed: {', '.join(VERDICTS)})"
+        )
+    for name in VERIFY_COLUMNS[1:]:
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        low, high = _VERIFY_BOUNDS.get(name, (-np.inf, np.inf))
+        wrong = np.flatnonzero(~np.isnan(values) & ~((values >= low) & (values <= high) & np.isfinite(values)))
+        if len(wrong):
+            at = int(wrong[0])
+            raise PatchscopeError(
+                f"{path}: column {name!r} holds {values[at]} at row {at} (allowed: null or a finite number"
+                + (f" in {low:g}..{high:g})" if name in _VERIFY_BOUNDS else ")")
+            )
 
 
 def unit_of(path: Path) -> int | None:
@@ -327,4 +375,6 @@ __all__ = [
     "cells_per_prompt",
     "unit_of",
     "shard_columns",
+    "verify_column_types",
+    "check_verify_values",
 ]

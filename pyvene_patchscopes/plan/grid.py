@@ -19,22 +19,29 @@ from ..presets import Preset
 from ..resolve import Resolved, resolve
 from ..spec import Patchscope, Position, Source
 from ..spec.mappings import build_mapping
+from ..spec.verify import VerifySettings
 
 
 def cell_maker(
-    preset: Preset, handle: ModelHandle, source_position: Position, options: dict[str, Any]
+    preset: Preset,
+    handle: ModelHandle,
+    source_position: Position,
+    options: dict[str, Any],
+    verify: VerifySettings | None = None,
 ) -> Callable[[str, int, int], Patchscope]:
-    """(source prompt, l, l*) -> the cell's spec, as the preset builds it (a fixed l* from the preset itself)."""
+    """(source prompt, l, l*) -> the cell's spec, as the preset builds it (a fixed l* from the preset itself), with
+    the sweep's `VerifySettings` where it verifies (``Patchscope.verify``)."""
     if preset.needs_tokenizer:
         options.setdefault("tokenizer", handle.tokenizer)
 
     def make(prompt: str, layer: int, target_layer: int) -> Patchscope:
-        return preset.build(
+        scope = preset.build(
             Source(prompt, source_position, layer, handle.name),
             target_layer=target_layer,
             n_layers=handle.n_layers,
             **options,
         )
+        return scope if verify is None else scope.replace(verify=verify)
 
     return make
 

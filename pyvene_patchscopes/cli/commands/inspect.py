@@ -18,6 +18,7 @@ from ..options import (
     placement,
     positive_int,
     source_options,
+    verify_option,
 )
 from ..output import emit, layer_table, result_rows
 from ..paths import check_outputs, exists
@@ -62,6 +63,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "LatentQA decoder, an Activation Oracle); read from the base "
         "(default: none)",
     )
+    verify_option(p)
     output_options(p, "inspect")
     model_options(p)
     p.set_defaults(func=execute)
@@ -120,6 +122,11 @@ def execute(args: argparse.Namespace) -> None:
         scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
     results = run(scopes, models, top=args.top, progress=not args.json)
     rows = result_rows(results)
+    if args.verify:  # on the source model M, where h came from
+        from ...execution.verify import verify
+        from ...result.verify import verify_columns
+
+        rows = [{**row, **verify_columns(check)} for row, check in zip(rows, verify(results, models))]
     if preset.target_layer is not None:  # a fixed l* shows as the sweep's column does (29 on SmolLM2, not -1)
         fixed = preset.target_layers(None, handle.n_layers)[0]
         rows = [{**row, "target_layer": fixed} for row in rows]

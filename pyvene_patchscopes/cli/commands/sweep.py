@@ -9,7 +9,16 @@ from typing import Any
 from ...errors import SpecError
 from ...result import show_text
 from ...spec.layers import parse_layers
-from ..options import layers_option, load, model_options, output_options, parse_position, positive_int, source_options
+from ..options import (
+    layers_option,
+    load,
+    model_options,
+    output_options,
+    parse_position,
+    positive_int,
+    source_options,
+    verify_option,
+)
 from ..output import NO_INFORMATION_NOTE, emit
 from ..paths import check_outputs
 
@@ -77,6 +86,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "(also the full logits) or generations (the generations and the top token only) "
         "(default: %(default)s)",
     )
+    verify_option(p)
     output_options(p, "sweep")
     model_options(p)
     p.set_defaults(func=execute)
@@ -129,6 +139,7 @@ def execute(args: argparse.Namespace) -> None:
         max_batch_tokens=args.max_batch_tokens,
         out=args.out,
         readout=args.readout,
+        verify=args.verify,
         **options,
     )
     if args.out is not None:  # the cells are in the folder; print what this process did, not every cell
@@ -161,7 +172,8 @@ def execute(args: argparse.Namespace) -> None:
     records = result.to_records()
     frame = result.to_pandas()
     frame["token"] = [show_text(t) + ("" if ok else "*") for t, ok in zip(frame["token"], frame["informative"])]
-    table = frame[["source_layer", "target_layer", "token", "prob"]].to_string(index=False)
+    shown = ["source_layer", "target_layer", "token", "prob", *(["verdict"] if args.verify else [])]
+    table = frame[shown].to_string(index=False)
     table += "" if frame["informative"].all() else "\n" + NO_INFORMATION_NOTE
     note = f"\nheatmap written to {args.plot}" if args.plot else ""
     note += f"\ninteractive heatmap written to {args.html}" if args.html else ""

@@ -164,6 +164,16 @@ def test_a_reading_put_back_is_a_patchscope_whose_readout_gives_the_last_positio
         assert plan.positions.source == (scope.source.position,) and plan.positions.target == ((position,),)
 
 
+def test_the_progress_bar_counts_every_row_put_back(tiny_llama, capsys):
+    results = [reading(tiny_llama, layer, "hello") for layer in (0, 1)]
+    for planned in (True, False):
+        verify(results, tiny_llama, TINY, planned=planned, progress=True)
+        rows = 2 * (len(TINY.controls) + 2)  # per layer: the controls, the reading, the source token's own text
+        assert f"{rows}row" in capsys.readouterr().err.replace(" ", "").split("verify:")[-1], planned
+    verify(results, tiny_llama, TINY)  # two results: no bar by default
+    assert "verify" not in capsys.readouterr().err
+
+
 def test_the_two_paths_give_the_same_verification(tiny_llama):
     results = [reading(tiny_llama, layer, text) for layer in range(tiny_llama.n_layers) for text in ("hello", "Paris")]
     fast, plain = verify(results, tiny_llama, TINY), verify(results, tiny_llama, TINY, planned=False)

@@ -11,7 +11,7 @@ hand-written hooks).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,17 +40,20 @@ def disruptions(
     positions: str = "from_source",
     batch_size: int = 64,
     planned: bool = True,
+    on_rows: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """D for each row r of `vectors` ([rows, d]) written in place of the state at (prompt, position, sites[r]): the
     mean over the named positions of KL(original || patched) of the next-token distributions, in float32: [rows].
     Runs the planned execution where the model takes it (`use_planned`): one pass of the prompt for every row, the
-    rows packed across layers; else the plain pyvene path, one intervention per site."""
+    rows packed across layers; else the plain pyvene path, one intervention per site. `on_rows` hears each batch's
+    row count (a progress bar's update)."""
+    done = on_rows or (lambda rows: None)
     if use_planned(handle.model, planned):
-        return _planned(handle, prompt, position, sites, vectors, positions, batch_size)
+        return _planned(handle, prompt, position, sites, vectors, positions, batch_size, done)
     found = torch.empty(len(sites))
     for site in dict.fromkeys(sites):
         index = torch.tensor([r for r, s in enumerate(sites) if s == site])
-        found[index] = _plain(handle, prompt, position, site, vectors[index], positions, batch_size)
+        found[index] = _plain(handle, prompt, position, site, vectors[index], positions, batch_size, done)
     return found
 
 
@@ -74,6 +77,7 @@ def _planned(
     vectors: torch.Tensor,
     positions: str,
     batch_size: int,
+    done: Callable[[int], object],
 ) -> torch.Tensor:
     stack = stack_for(handle.model)
     assert stack is not None  # use_planned said so
@@ -95,6 +99,7 @@ def _planned(
             )
             assert decoded.suffix is not None  # keep_suffix
             found[index] = kl_from(original, _kept(decoded.suffix, positions)).cpu()
+            done(len(index))
     return found
 
 
@@ -106,6 +111,7 @@ def _plain(
     vectors: torch.Tensor,
     positions: str,
     batch_size: int,
+    done: Callable[[int], object],
 ) -> torch.Tensor:
     batch = Batch.encode(handle, [prompt])
     found = []
@@ -123,6 +129,7 @@ def _plain(
                 source_representations={key: chunk[:, None].contiguous()},
             )
             found.append(kl_from(original, _kept(output.logits[:, position:], positions)).cpu())
+            done(len(chunk))
     return torch.cat(found)
 
 

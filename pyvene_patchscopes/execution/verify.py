@@ -21,6 +21,7 @@ from collections import defaultdict
 from typing import Iterable, NamedTuple, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
@@ -76,12 +77,14 @@ def verify(
     settings: VerifySettings | None = None,
     batch_size: int = 64,
     planned: bool = True,
+    progress: bool | None = None,
 ) -> list[Verification]:
     """Check each result's reading by putting it back (see the module's docstring); one `Verification` per result,
-    in order. `settings` default to each result's own (``Patchscope.verify``, saved with the spec), else to
-    `VerifySettings()`. The check runs on the source model M, where h came from (a cross-model reading's text goes
-    into M's carrier). The disruptions run on the planned execution where M takes it (`disruption`), else, or with
-    ``planned=False``, as pyvene interventions. Every input is checked before anything runs."""
+        in order. `settings` default to each result's own (``Patchscope.verify``, saved with the spec), else to
+        `VerifySettings()`. The check runs on the source model M, where h came from (a cross-model reading's text goes
+        into M's carrier). The disruptions run on the planned execution where M takes it (`disruption`), else, or with
+        ``planned=False``, as pyvene interventions. ``progress`` shows a bar of the rows put back (None: for more than
+    64 results). Every input is checked before anything runs."""
     if settings is not None and not isinstance(settings, VerifySettings):
         raise SpecError(f"settings is a {type(settings).__name__} (allowed: a VerifySettings, or None)")
     batch_size = check_int("batch_size", batch_size)
@@ -92,10 +95,13 @@ def verify(
     groups = list(dict.fromkeys((p.name, s) for p, s in zip(plans, chosen)))
     controls = {(name, s): control_words(models[name], s) for name, s in groups}
     out: dict[int, Verification] = {}
-    for name, s in groups:
-        rows = [k for k, p in enumerate(plans) if (p.name, chosen[k]) == (name, s)]
-        chosen_plans = [plans[k] for k in rows]
-        out.update(_verify_model(models[name], chosen_plans, rows, controls[(name, s)], s, batch_size, planned))
+    show = progress if progress is not None else len(plans) > 64
+    with tqdm(desc="verify", unit="row", disable=not show) as bar:  # rows put back, as they finish
+        for name, s in groups:
+            rows = [k for k, p in enumerate(plans) if (p.name, chosen[k]) == (name, s)]
+            chosen_plans = [plans[k] for k in rows]
+            found = _verify_model(models[name], chosen_plans, rows, controls[(name, s)], s, batch_size, planned, bar)
+            out.update(found)
     return [out[k] for k in range(len(plans))]
 
 
@@ -217,6 +223,7 @@ def _verify_model(
     settings: VerifySettings,
     batch_size: int,
     planned: bool,
+    bar: tqdm,
 ) -> dict[int, Verification]:
     """The checks of one model's readings: every carrier state read in one pass per batch, then the rows of every
     layer l put back at one (S, i) together (`disruptions`), the controls of each (S, i, l) shared by its readings."""
@@ -260,9 +267,8 @@ def _verify_model(
         }
         texts = [(site, t) for site, listed in rows_of.items() for t in listed]
         vectors = torch.stack([state((t.prompt, t.last), site) for site, t in texts])
-        found = disruptions(
-            handle, prompt, position, [site for site, _ in texts], vectors, settings.positions, batch_size, planned
-        )
+        at = [site for site, _ in texts]
+        found = disruptions(handle, prompt, position, at, vectors, settings.positions, batch_size, planned, bar.update)
         d = dict(zip(texts, found.tolist()))
         for site in rows_of:
             control_d = {w: d[(site, words[w])] for w in controls}

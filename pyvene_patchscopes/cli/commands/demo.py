@@ -52,7 +52,7 @@ def execute(args: argparse.Namespace) -> None:
     results = run(scopes, handle, progress=not args.json)
     try:  # against the default settings' 32 control words: a layer's rows (the controls, the reading, the
         # self-check) fit one batch of 64, where verify's default 32 would run a second batch of one or two
-        columns = [verify_columns(check) for check in verify(results, handle, batch_size=64)]
+        columns = [verify_columns(check) for check in verify(results, handle, progress=not args.json)]
         refused = None
     except SpecError as err:  # a model of the user's (--model) whose tokenizer verify refuses: the table stays
         columns, refused = [dict.fromkeys(VERIFY_COLUMNS)] * len(results), str(err)

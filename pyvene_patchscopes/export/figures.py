@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from ..result.sweep import SweepResult
+    from ..result.verify import Verification
 
 
 def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **options: Any) -> tuple["Figure", Any]:
@@ -66,7 +67,7 @@ def layer_heatmap(result: "SweepResult", prompt: int = 0, path: str | Path | Non
             colour = "grey" if blind[i, j] else "white" if probs[i, j] > 0.6 else "black"
             ax.text(j, i, show_text(cell.token, CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
-    checks = verdicts(result)
+    checks = _verdicts(result)
     legend = 0.0 if checks is None else _mark(fig, ax, checks[prompt], blind)
     ax.set_xticks(range(len(cols)), cols, fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -103,19 +104,26 @@ LEGEND_INCHES = 0.36  # the legend's two lines at 6 pt, under the axes
 NOTE_INCHES = 0.22  # the grey cells' note, under the legend
 
 
-def verdicts(result: "SweepResult") -> list[list[list[str]]] | None:
-    """Each cell's verdict, [prompt][source layer][target layer] as `SweepResult.tokens`; None for an unverified
-    sweep."""
+def cell_checks(result: "SweepResult") -> list[list[list["Verification | None"]]]:
+    """Each cell's verification, [prompt][source layer][target layer] as `SweepResult.tokens`; None in every cell of
+    an unverified sweep."""
+    n, n_source, n_target = result.top_ids.shape[:3]
     checks = result.verifications
     if checks is None:
-        return None
-    n, n_source, n_target = result.top_ids.shape[:3]
+        return [[[None] * n_target for _ in range(n_source)] for _ in range(n)]
     if len(checks) != n * n_source * n_target:
         raise SpecError(
             f"SweepResult.verifications has {len(checks)} entries (allowed: one per cell, {n * n_source * n_target})"
         )
-    flat = iter(check.verdict for check in checks)
+    flat = iter(checks)
     return [[[next(flat) for _ in range(n_target)] for _ in range(n_source)] for _ in range(n)]
+
+
+def _verdicts(result: "SweepResult") -> list[list[list[str]]] | None:
+    """Each cell's verdict, ordered as `cell_checks`; None for an unverified sweep."""
+    if result.verifications is None:
+        return None
+    return [[[c.verdict if c is not None else "" for c in cells] for cells in row] for row in cell_checks(result)]
 
 
 def _not_supported(i: float, j: float, **options: Any):
@@ -171,8 +179,8 @@ def _same_layer_heatmap(result: "SweepResult", path: str | Path | None = None) -
             colour = "grey" if blind[p, i] else "white" if probs[p, i] > 0.6 else "black"
             ax.text(i, p, show_text(tokens[p][i][0], CELL_WIDTH), ha="center", va="center", fontsize=6, color=colour)
     _grey_out(ax, blind, fig)
-    checks = verdicts(result)
-    legend = 0.0 if checks is None else _mark(fig, ax, [[cell[0] for cell in row] for row in checks], blind)
+    checks = _verdicts(result)
+    legend = 0.0 if checks is None else _mark(fig, ax, [[cells[0] for cells in row] for row in checks], blind)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_yticks(range(len(result.prompts)), [axis_label(t, 24) for t in result.prompts], fontsize=7)
     ax.set_xlabel("layer l = l*")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..core.outputs import finite
 from ..errors import SpecError
 from ..result import show_text
-from .figures import CELL_WIDTH, NO_INFORMATION, VERDICT_MARKS, axis_label, verdicts
+from .figures import CELL_WIDTH, NO_INFORMATION, VERDICT_MARKS, axis_label, cell_checks
 
 if TYPE_CHECKING:
     from ..result import PatchscopeResult
@@ -72,7 +72,7 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     """The grid `figures.sweep_figure` draws: source layer l x target layer l* for one prompt (row 0 at the
     bottom), or for an l* = l sweep, prompts x layers (`prompt` is unused); with each cell's verdict and the
     legend of their marks when the sweep is verified."""
-    checks = _checks(result)
+    checks = cell_checks(result)
     if result.same_layer:
         layers = result.source_layers
         cells = [
@@ -110,15 +110,6 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     if result.verifications is not None:
         grid["legend"] = verdict_legend(cell["verdict"] for row in grid["cells"] for cell in row)
     return grid
-
-
-def _checks(result: "SweepResult") -> list[list[list["Verification | None"]]]:
-    """Each cell's verification, [prompt][source layer][target layer]; None everywhere for an unverified sweep."""
-    n, n_source, n_target = result.top_ids.shape[:3]
-    if verdicts(result) is None:  # also checks that there is one per cell
-        return [[[None] * n_target for _ in range(n_source)] for _ in range(n)]
-    flat = iter(result.verifications or ())
-    return [[[next(flat) for _ in range(n_target)] for _ in range(n_source)] for _ in range(n)]
 
 
 def sweep_page(result: "SweepResult", path: str | Path | None = None, prompt: int = 0) -> str:

@@ -156,7 +156,9 @@ def _mark(fig, ax, checks: list[list[str]], blind) -> float:
     fig.set_figheight(height)
     below = (NOTE_INCHES if blind.any() else 0.02) / height
     handles = [MARKS[v](0, 0, label=VERDICT_MARKS[v]) for v in shown]
-    fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.01, below), fontsize=6, frameon=False)
+    fig.legend(
+        handles=handles, loc="lower left", bbox_to_anchor=(0.01, below), fontsize=6, frameon=False, handleheight=1.6
+    )
     return below + LEGEND_INCHES / height
 
 

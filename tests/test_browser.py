@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
@@ -42,6 +43,7 @@ from browser import (
     wait_until,
 )
 from test_explore_hostile import strict_content_type_off
+from test_verify import TINY
 from tiny import tiny_model
 
 import pyvene_patchscopes
@@ -55,11 +57,13 @@ from pyvene_patchscopes import (
     load_patchscope,
     run,
     sweep,
+    verify,
 )
 from pyvene_patchscopes.errors import UninformativeScopeWarning
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer
-from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH, sweep_page
+from pyvene_patchscopes.export.figures import VERDICT_MARKS
+from pyvene_patchscopes.export.html import CELL_WIDTH, TEXT_WIDTH, sweep_page, verdict_line
 from pyvene_patchscopes.persist import catalogue
 from pyvene_patchscopes.presets import PRESETS
 from pyvene_patchscopes.result import show_text
@@ -70,6 +74,9 @@ TINY_TOKEN = "EO"  # the tiny tokenizer splits " CEO" into " C" + "EO"
 ATTRIBUTE_PROMPT = "The capital city of x is"
 TOP = 5
 JOB_TIMEOUT = 120
+VERIFY = dataclasses.replace(TINY, positions="last")  # on the tiny Llama: not supported, and cannot tell at l = 3
+RED = "rgb(214, 39, 40)"  # heatmap.css's outline of a reading that is not supported
+HATCH = "rgba(0, 0, 0, 0.38)"  # ... and its cross-hatching where the test cannot tell (a grey cell's hatch is lighter)
 
 
 # ---- what a page shows, and what run gives --------------------------------------------------------------
@@ -271,6 +278,12 @@ def tiny():
 @pytest.fixture(scope="module")
 def tiny_url(tiny):
     with serve(create_app(Explorer(tiny))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tiny_verify_url(tiny):
+    with serve(create_app(Explorer(tiny, verify=VERIFY))) as url:
         yield url
 
 
@@ -749,6 +762,80 @@ def test_another_origin_and_a_rebound_host_read_and_create_nothing(driver, fasta
         assert app.state.jobs.counts() == before
 
 
+# ---- verification (issue 39) -------------------------------------------------------------------------------------
+def assert_marked(driver, node, verdict: str, where: str) -> None:
+    """`node` (a cell or a row) carries `verdict` as data-verdict and class, and a cell shows its mark."""
+    assert node.get_attribute("data-verdict") == verdict, where
+    assert "ps-" + verdict.replace(" ", "-") in node.get_attribute("class").split(), where
+    if node.tag_name != "td":
+        return
+    style = driver.execute_script(
+        "const s = getComputedStyle(arguments[0]); return [s.boxShadow, s.backgroundImage];", node
+    )
+    assert (RED in style[0]) == (verdict == "not supported"), (where, style)
+    assert (HATCH in style[1]) == (verdict == "cannot tell"), (where, style)
+
+
+def test_an_exported_verified_heatmap_marks_each_cell_by_its_verdict_with_a_legend(driver, tmp_path):
+    handle = tiny_model("llama", seed=4)
+    result = sweep(PROMPT, handle, source_position=10, progress=False)
+    result.verifications = verify(result, handle, VERIFY)
+    page = tmp_path / "verified.html"
+    sweep_page(result, page)
+    offline(driver)
+    driver.get(page.as_uri())
+    cells = wait_until(lambda: heatmap_cells(driver, "body"), 10, "the exported heatmap's cells")
+    verdicts = [c.verdict for c in result.verifications]
+    for td in cells:
+        row, col = int(td.get_attribute("data-row")), int(td.get_attribute("data-col"))
+        assert_marked(driver, td, verdicts[row * handle.n_layers + col], f"export cell l={row}, l*={col}")
+    shown = [v for v in VERDICT_MARKS if v in verdicts]
+    legend = driver.find_elements("css selector", ".ps-legend-item")
+    assert len(set(verdicts)) >= 2 and [flat(e.text) for e in legend] == [flat(VERDICT_MARKS[v]) for v in shown]
+    screenshot(driver, "export-heatmap-verified")
+
+
+def test_with_verify_ticked_each_row_and_cell_shows_the_verdict_verify_gives_on_the_same_results(
+    driver, tiny, tiny_verify_url
+):
+    open_page(driver, tiny_verify_url)
+    box = driver.find_element("id", "verify")
+    assert not box.is_selected()
+    box.click()
+    tokenize(driver, PROMPT)
+    picked = chip(driver, TINY_TOKEN)
+    position = int(picked.get_attribute("data-index"))
+    picked.click()
+    settled(driver, tiny.n_layers)
+    screenshot(driver, "explorer-tiny-verified")
+
+    rows = dict(zip(range(tiny.n_layers), verify(expected(tiny, PROMPT, position), tiny, VERIFY)))  # the golden
+    assert driver.find_element("css selector", "#layers thead tr").text.split()[-1] == "verdict"
+    for tr in table_rows(driver):
+        want = rows[int(tr.get_attribute("data-key"))]
+        assert tr.find_element("css selector", "td.ps-verdict").text == want.verdict
+        assert_marked(driver, tr, want.verdict, f"table row l={tr.get_attribute('data-key')}")
+    pairs = every_pair(tiny)
+    cells = dict(zip(pairs, verify(expected(tiny, PROMPT, position, pairs=pairs), tiny, VERIFY)))
+    for td in heatmap_cells(driver):
+        l, t = int(td.get_attribute("data-row")), int(td.get_attribute("data-col"))
+        assert_marked(driver, td, cells[l, t].verdict, f"heatmap cell l={l}, l*={t}")
+    assert len({c.verdict for c in cells.values()}) >= 2, "the marks are not told apart"
+    for l, t in ((0, 1), (3, 2)):
+        assert flat(verdict_line(cells[l, t])) in flat(tooltip_for(driver, cell(driver, l, t))), (l, t)
+    shown = [v for v in VERDICT_MARKS if v in {c.verdict for c in cells.values()}]
+    legend = driver.find_elements("css selector", "#heatmap .ps-legend-item")
+    assert [flat(e.text) for e in legend] == [flat(VERDICT_MARKS[v]) for v in shown]
+    screenshot(driver, "explorer-tiny-verified-tooltip")
+
+    driver.find_element("id", "verify").click()  # unticked: the same token again, without verdicts
+    settled(driver, tiny.n_layers)
+    assert driver.find_elements("css selector", "#layers [data-verdict], #heatmap [data-verdict], .ps-legend") == []
+    assert driver.find_element("css selector", "#layers thead tr").text.split()[-1] == "generation"
+    assert text_of(driver, "#error") == ""
+    only_from(driver, tiny_verify_url)
+
+
 # ---- SmolLM2: the paper's Figure 1 in the browser -----------------------------------------------------------------
 @pytest.mark.real_model
 def test_smollm2_explorer_reads_CEO_at_layer_3_and_its_heatmap_cell_reruns_from_the_download(
@@ -811,7 +898,7 @@ def test_the_wheel_ships_the_explorer_and_every_file_its_pages_load(tmp_path):
     }
     wanted |= {
         f"pyvene_patchscopes/explore/{m}.py"
-        for m in ("__init__", "app", "guard", "service", "query", "explorer", "jobs")
+        for m in ("__init__", "app", "guard", "service", "query", "explorer", "jobs", "verdicts")
     }
     wanted |= {"pyvene_patchscopes/export/__init__.py", "pyvene_patchscopes/export/html.py"}
     assert {"pyvene_patchscopes/explore/static/index.html", "pyvene_patchscopes/export/static/heatmap.js"} <= wanted

@@ -6,18 +6,22 @@ A table row or heatmap cell must be exactly what `run` gives for the same Patchs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from test_verify import TINY
 from tiny import tiny_model
 
-from pyvene_patchscopes import Patchscope, run
+from pyvene_patchscopes import Patchscope, run, verify
 from pyvene_patchscopes.explore.app import create_app
 from pyvene_patchscopes.explore.service import Explorer, Query
+from pyvene_patchscopes.export.figures import VERDICT_MARKS
 from pyvene_patchscopes.result import show_text
+from pyvene_patchscopes.result.verify import VERIFY_COLUMNS, verify_columns
 
 PROMPT = "Amazon's former CEO attended Oscars"
 
@@ -253,3 +257,30 @@ def test_the_logit_lens_heatmap_reads_only_its_last_layer_column(client, handle)
         json={"prompt": PROMPT, "position": 3, "preset": "logit-lens", "source_layer": 1, "target_layer": n - 1},
     ).json()
     assert Patchscope.from_dict(made["spec"]).target.layer == -1
+
+
+def test_a_verified_job_gives_each_row_and_cell_the_numbers_verify_gives_on_the_same_results(handle):
+    settings = dataclasses.replace(TINY, positions="last")
+    explorer = Explorer(handle, verify=settings)
+    assert explorer.info()["verify"] == settings.to_dict()
+    with TestClient(create_app(explorer), base_url="http://127.0.0.1") as client:
+        job = submit(client, kind="layers", position=3, preset="token-identity", verify=True)
+        scopes = [explorer.scope(Query(PROMPT, 3), layer) for layer in range(handle.n_layers)]
+        golden = [verify_columns(c) for c in verify(run(scopes, handle, top=5), handle, settings)]
+        for row, want in zip(job["result"]["results"], golden):
+            assert {k: row[k] for k in VERIFY_COLUMNS} == pytest.approx(want, abs=1e-6), row["layer"]
+        assert [r["verdict"] for r in job["result"]["table"]["rows"]] == [w["verdict"] for w in golden]
+        # a catalogue entry's heatmap runs cell by cell (`run`), not as a planned sweep: its verdicts too
+        grid = submit(client, kind="grid", position=3, preset="attribute-capital", verify=True)["result"]["grid"]
+        pairs = [(l, t) for l in range(handle.n_layers) for t in range(handle.n_layers)]
+        cells = [explorer.scope(Query(PROMPT, 3, "attribute-capital"), l, t, grid=True) for l, t in pairs]
+        want = dict(zip(pairs, verify(run(cells, handle, top=5), handle, settings)))
+        for l, t in pairs:
+            assert grid["cells"][l][t]["verdict"] == want[l, t].verdict, (l, t)
+        shown = {c.verdict for c in want.values()}
+        assert [e["verdict"] for e in grid["legend"]] == [v for v in VERDICT_MARKS if v in shown] and len(shown) >= 2
+        body = {"prompt": PROMPT, "position": 3, "preset": "token-identity", "source_layer": 1, "target_layer": 1}
+        made = client.post("/api/spec", json={**body, "verify": True}).json()
+        assert Patchscope.from_dict(made["spec"]).verify == settings  # the download reruns the same check
+        assert "verify" not in client.post("/api/spec", json=body).json()["spec"]
+        assert "verdict" not in submit(client, kind="layers", position=3)["result"]["results"][0]

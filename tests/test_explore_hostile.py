@@ -417,6 +417,9 @@ LONE = '"The \\udcff city"'  # a lone surrogate, as JSON writes it
         ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": false}', "preset"),
         ("/api/jobs", '{"kind": "layers", "prompt": "a b", "preset": ""}', "preset"),
         ("/api/jobs", '{"kind": "layers", "prompt": "a b", "variant": []}', "variant"),
+        ("/api/jobs", '{"kind": "layers", "prompt": "a b", "verify": "yes"}', "verify"),
+        ("/api/jobs", '{"kind": "grid", "prompt": "a b", "verify": 1}', "verify"),
+        ("/api/spec", '{"prompt": "a b", "verify": [], "source_layer": 0, "target_layer": 0}', "verify"),
         ("/api/jobs", '{"kind": "layers", "prompt": "a b", "target_prompt": 0}', "target_prompt"),
         ("/api/jobs", '{"kind": "layers", "prompt": "a b", "position": 1e400}', "position"),
         ("/api/jobs", '{"kind": 0, "prompt": "a b"}', "kind"),
@@ -452,6 +455,17 @@ def test_f9_fastapis_own_errors_have_the_librarys_shape(client, method, path, st
     assert_error_shape(response, status)
 
 
+def test_verify_with_settings_that_do_not_fit_the_model_is_refused_in_one_line_before_it_runs(client):
+    # the explorer's default VerifySettings draw 32 shipped words, which the tiny tokenizer splits in the carrier
+    body = {"kind": "layers", "prompt": PROMPT, "position": 3, "verify": True}
+    kept = sum(client.app.state.jobs.counts().values())
+    error = assert_error_shape(client.post("/api/jobs", json=body), 422, field="verify")
+    assert error["message"].startswith("verify: VerifySettings.controls=32 but only ") and "\n" not in error["message"]
+    assert "(allowed: " in error["message"]
+    assert sum(client.app.state.jobs.counts().values()) == kept  # nothing was queued
+    assert client.post("/api/jobs", json={**body, "verify": False}).status_code == 200  # and it serves on
+
+
 # ---- the fuzzer over every endpoint -----------------------------------------------------------------------------
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -477,6 +491,7 @@ FIELD_VALUES = {
     | json_values,
     "target_prompt": st.sampled_from(["The capital of x is", "no placeholder", None]) | json_values,
     "variant": st.sampled_from(["semantic", "fisher", "temperature", "nope"]) | json_values,
+    "verify": st.booleans() | json_values,
     "source_layer": st.integers(-5, 8) | json_values,
     "target_layer": st.integers(-5, 8) | json_values,
 }

@@ -25,8 +25,18 @@ from .query import FieldError, Query
 
 FIELDS = {  # what each endpoint's body may hold
     "tokens": {"prompt"},
-    "jobs": {"kind", "prompt", "position", "preset", "target_prompt", "variant"},
-    "spec": {"kind", "prompt", "position", "preset", "target_prompt", "variant", "source_layer", "target_layer"},
+    "jobs": {"kind", "prompt", "position", "preset", "target_prompt", "variant", "verify"},
+    "spec": {
+        "kind",
+        "prompt",
+        "position",
+        "preset",
+        "target_prompt",
+        "variant",
+        "verify",
+        "source_layer",
+        "target_layer",
+    },
 }
 MAX_ID_CHARS = 64
 

@@ -7,7 +7,8 @@ table row or a heatmap cell is exactly what ``run`` gives for the same scope:
 - ``grid``: one scope per (l, l*) pair, the source layer x target layer heatmap;
 - ``jacobian``: Jacobian Scopes over the prompt's tokens for its next-token prediction.
 
-Catalogue entries are offered only where they apply (`entries`).
+Catalogue entries are offered only where they apply (`entries`). A query with ``verify`` also checks each row's and
+cell's reading by putting it back (`execution.verify`, with the explorer's `VerifySettings`; `verdicts`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ from ..errors import SpecError, UnknownNameError
 from ..execution.engine import run
 from ..execution.sweeps import sweep
 from ..export import layers_table, result_cell
+from ..export.html import verdict_legend
 from ..models import ModelHandle
 from ..persist import WEIGHTS_FILE, catalogue, load_patchscope
 from ..presets import PRESETS, get_preset
 from ..resolve import resolve
 from ..result import PatchscopeResult, show_text
+from ..result.verify import Verification
 from ..spec import Patchscope, Source
+from ..spec.verify import VerifySettings
 from .entries import Entry
 from .query import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, FieldError, Query, field_of, json_type
+from .verdicts import check_settings, checks, verdict_json
 
 # The presets the page offers: each runs on the explorer's one model. The decoder presets write into a second model
 # (a PEFT adapter); the Jacobian lens comes as its catalogue entries (jacobian-lens-lNN), one fitted layer each.
@@ -50,9 +55,12 @@ NOT_APPLICABLE = "n/a"
 class Explorer:
     """Patchscopes on one model for the page: tokens, checked queries, and the three kinds of work."""
 
-    def __init__(self, handle: ModelHandle, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+    def __init__(
+        self, handle: ModelHandle, max_prompt_tokens: int = MAX_PROMPT_TOKENS, verify: VerifySettings | None = None
+    ):
         self.handle = handle
         self.max_prompt_tokens = int(max_prompt_tokens)
+        self.verify = verify or VerifySettings()  # how a query with verify checks its readings
         # requests are checked on the web threads with a tokenizer of their own: a fast tokenizer must not
         # be used from two threads at once, and the model's belongs to the worker
         self._checking = ModelHandle(handle.name, handle.model, copy.deepcopy(handle.tokenizer), handle.origin)
@@ -85,6 +93,7 @@ class Explorer:
             "variants": list(VARIANTS),
             "max_prompt_chars": MAX_PROMPT_CHARS,
             "max_prompt_tokens": self.max_prompt_tokens,
+            "verify": self.verify.to_dict(),
         }
 
     def tokens(self, prompt: Any) -> dict[str, Any]:
@@ -216,6 +225,8 @@ class Explorer:
             first = (self._layers(query) or [0])[0]  # a fitted entry's own layer; none in range: 0, resolve says why
             with self._check_lock:
                 self._resolve(self.scope(query, first))
+                if query.verify:
+                    check_settings(self._checking, self.verify)
         return notes
 
     def _resolve(self, scope: Patchscope) -> None:
@@ -239,6 +250,8 @@ class Explorer:
         with self._check_lock:
             scope = self.scope(query, source_layer, target_layer, grid=True)
             self._resolve(scope)
+        if query.verify:  # saved with the spec, so that the cell's check reruns exactly
+            scope = scope.replace(verify=self.verify)
         data, copy = scope.to_dict(), ""
         made = f"scope = Patchscope.from_dict({data!r})"
         if scope.mapping_spec.weights:  # a fitted map lives in the catalogue entry's safetensors file, not in JSON
@@ -267,16 +280,18 @@ class Explorer:
         own = self.handle.tokenizer
         applies = self._layers(query)
         results = dict(zip(applies, self._run([self.scope(query, l, tokenizer=own) for l in applies], step)))
-        table = layers_table(list(results.values()))
+        verified = self._checks(query, results)
+        table = layers_table(list(results.values()), list(verified.values()) if verified else None)
         rows = {row["key"]: row for row in table["rows"]}
         table["rows"], out = [], []
         for l in range(self.handle.n_layers):
             if l in results:
                 table["rows"].append(rows[l])
-                out.append(_result_json(results[l]))
+                out.append({**_result_json(results[l]), **verdict_json(verified.get(l))})
                 continue
             reason = self.not_applicable(query, l)
-            table["rows"].append({"key": l, "muted": True, "tip": [reason], "cells": [NOT_APPLICABLE, "", reason]})
+            cells = [NOT_APPLICABLE, "", reason] + ([""] if verified else [])
+            table["rows"].append({"key": l, "muted": True, "tip": [reason], "cells": cells})
             out.append(
                 {
                     "layer": l,
@@ -318,6 +333,8 @@ class Explorer:
             grid["note"] = f"cells marked {NOT_APPLICABLE}: {entry.note(query.preset)}"
         if preset is not None and preset.target_layer is not None:
             grid["note"] = f"cells marked {NOT_APPLICABLE}: {preset.fixes(self.handle.n_layers)}"
+        if query.verify:
+            grid["legend"] = verdict_legend(cell.get("verdict") for row in rows for cell in row)
         return {"grid": grid}
 
     def _grid_rows(self, query: Query, sources: list[int], targets: list[int]) -> list[list[dict[str, Any]]]:
@@ -342,9 +359,12 @@ class Explorer:
                     progress=False,
                     **options,
                 )
+                if query.verify:
+                    grid.verifications = checks(grid, self.handle, self.verify)
+                verified = dict(zip([(l, t) for l in sources for t in swept], grid.verifications or []))
                 return [
                     [
-                        result_cell(grid.cell(0, l, t))
+                        result_cell(grid.cell(0, l, t), verified.get((l, t)))
                         if t in swept
                         else _not_applicable_cell(l, t, str(self.not_applicable(query, l, t)))
                         for t in targets
@@ -354,15 +374,22 @@ class Explorer:
             pairs = [(l, t) for l in sources for t in targets if self.not_applicable(query, l, t) is None]
             scopes = [self.scope(query, l, t, grid=True, tokenizer=self.handle.tokenizer) for l, t in pairs]
             results = dict(zip(pairs, run(scopes, self.handle, top=TOP, progress=False))) if scopes else {}
+        verified = self._checks(query, results)
         return [
             [
-                result_cell(results[l, t])
+                result_cell(results[l, t], verified.get((l, t)))
                 if (l, t) in results
                 else _not_applicable_cell(l, t, str(self.not_applicable(query, l, t)))
                 for t in targets
             ]
             for l in sources
         ]
+
+    def _checks(self, query: Query, results: dict[Any, PatchscopeResult]) -> dict[Any, Verification]:
+        """Each result's verification by its key, where the query asks for them (none else)."""
+        if not query.verify or not results:
+            return {}
+        return dict(zip(results, checks(list(results.values()), self.handle, self.verify)))
 
     def jacobian(self, query: Query, step: Callable[[float], None]) -> dict[str, Any]:
         from ..jacobian import jacobian_scope

@@ -1,6 +1,7 @@
 """What the page may send the explorer: a `Query`, its fields checked, and `FieldError` naming the field at fault.
 
-A `Query` is a source prompt, a token of it, a preset or a custom target prompt with the placeholder ``x``.
+A `Query` is a source prompt, a token of it, a preset or a custom target prompt with the placeholder ``x``, and
+whether to verify each reading (``verify``: true or false).
 Bad input raises `FieldError`, which names the field the page should point at; prompts are capped at
 `MAX_PROMPT_CHARS` characters (and, by the explorer, at `MAX_PROMPT_TOKENS` tokens).
 """
@@ -34,6 +35,7 @@ class Query:
     preset: str = "token-identity"
     target_prompt: str | None = None
     variant: str = "semantic"
+    verify: bool = False  # check each reading by putting it back (`execution.verify`)
 
     @classmethod
     def from_json(cls, data: Any) -> "Query":
@@ -52,7 +54,10 @@ class Query:
         for name, value in (("preset", preset), ("variant", variant)):
             if not value:
                 raise FieldError(name, f"{name} is empty (allowed: a name, or null for the default)")
-        return cls(prompt, position, preset, text_field(data, "target_prompt", None), variant)
+        verify = data.get("verify")
+        if verify is not None and not isinstance(verify, bool):
+            raise FieldError("verify", f"verify is {json_type(verify)} (allowed: true or false)")
+        return cls(prompt, position, preset, text_field(data, "target_prompt", None), variant, bool(verify))
 
 
 def json_type(value: Any) -> str:

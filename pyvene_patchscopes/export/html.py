@@ -1,8 +1,9 @@
 """Interactive exports: heatmaps and layer tables as data for ``heatmap.js``, and self-contained HTML pages.
 
 A grid is what `PatchscopesHeatmap.render` draws: cells[i][j] for row i (a source layer l, or a prompt) and
-column j (a target layer l*), each ``{label, shade (0..1), tip (lines), muted}``. A table is what
-`PatchscopesTable.render` draws: one row per source layer. `page` puts any of them in one HTML file that
+column j (a target layer l*), each ``{label, shade (0..1), tip (lines), muted}``, and ``verdict`` where the cell's
+reading was verified (the grid then has a ``legend``). A table is what `PatchscopesTable.render` draws: one row per
+source layer, with a verdict column where the rows were verified. `page` puts any of them in one HTML file that
 needs no server and loads nothing: script, style and data are inline, and no URL appears in it.
 """
 
@@ -18,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..core.outputs import finite
 from ..errors import SpecError
 from ..result import show_text
-from .figures import CELL_WIDTH, NO_INFORMATION, axis_label
+from .figures import CELL_WIDTH, NO_INFORMATION, VERDICT_MARKS, axis_label, cell_checks
 
 if TYPE_CHECKING:
     from ..result import PatchscopeResult
     from ..result.sweep import SweepResult
+    from ..result.verify import Verification
 
 TOP = 5  # tokens listed in a tooltip
 TEXT_WIDTH = 200  # characters of a generation in a tooltip or table, between its quotes (`show_text`)
@@ -30,28 +32,53 @@ KINDS = {"heatmap": "PatchscopesHeatmap", "table": "PatchscopesTable"}
 UNINFORMATIVE = NO_INFORMATION.removeprefix("grey: ")
 
 
-def result_cell(result: "PatchscopeResult") -> dict[str, Any]:
-    """One heatmap cell: the top-1 token, its probability as shade, the top-5 (and generation) as tooltip."""
+def result_cell(result: "PatchscopeResult", check: "Verification | None" = None) -> dict[str, Any]:
+    """One heatmap cell: the top-1 token, its probability as shade, the top-5 (and generation) as tooltip; and the
+    verdict of `check`, the reading's verification, when given."""
     tip = [f"l = {result.scope.source.layer}, l* = {result.scope.target.layer}"]
     tip += [f"{show_text(t.token)}  {t.prob:.3f}" for t in result.top[:TOP]]
     if result.generation is not None:
         tip.append(f"generated: {show_text(result.generation, TEXT_WIDTH)}")
     if not result.informative:
         tip.append(UNINFORMATIVE)
-    return {
+    cell = {
         "label": show_text(result.token, CELL_WIDTH),
         "shade": result.prob,
         "tip": tip,
         "muted": not result.informative,
     }
+    if check is not None:
+        cell["verdict"] = check.verdict
+        tip.append(verdict_line(check))
+    return cell
+
+
+def verdict_line(check: "Verification") -> str:
+    """A verification in one line of a tooltip: the verdict and why (the reason gives the score and p-value where
+    they decided it; where the test cannot tell, the reading's own score follows)."""
+    line = f"verify: {check.verdict}: {check.reason}"
+    if check.verdict == "cannot tell" and check.score is not None:
+        line += f"; the reading scores {check.score:+.2f}"
+    return line
+
+
+def verdict_legend(verdicts_shown: Any) -> list[dict[str, str]]:
+    """What a heatmap's marks mean, for the verdicts among `verdicts_shown` that are marked."""
+    present = set(verdicts_shown)
+    return [{"verdict": verdict, "text": text} for verdict, text in VERDICT_MARKS.items() if verdict in present]
 
 
 def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     """The grid `figures.sweep_figure` draws: source layer l x target layer l* for one prompt (row 0 at the
-    bottom), or for an l* = l sweep, prompts x layers (`prompt` is unused)."""
+    bottom), or for an l* = l sweep, prompts x layers (`prompt` is unused); with each cell's verdict and the
+    legend of their marks when the sweep is verified."""
+    checks = cell_checks(result)
     if result.same_layer:
         layers = result.source_layers
-        cells = [[result_cell(result.cell(p, l, l)) for l in layers] for p in range(len(result.prompts))]
+        cells = [
+            [result_cell(result.cell(p, l, l), checks[p][i][0]) for i, l in enumerate(layers)]
+            for p in range(len(result.prompts))
+        ]
         grid: dict[str, Any] = {
             "title": f"{result.preset}, l* = l",
             "row_label": "source prompt",
@@ -64,7 +91,10 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
     else:
         if not 0 <= prompt < len(result.prompts):
             raise SpecError(f"prompt={prompt} is out of range for this sweep (allowed: 0..{len(result.prompts) - 1})")
-        cells = [[result_cell(result.cell(prompt, l, t)) for t in result.target_layers] for l in result.source_layers]
+        cells = [
+            [result_cell(result.cell(prompt, l, t), checks[prompt][i][j]) for j, t in enumerate(result.target_layers)]
+            for i, l in enumerate(result.source_layers)
+        ]
         scope = result.cell(prompt, result.source_layers[0], result.target_layers[0]).scope
         grid = {
             "title": f"{result.preset}: {scope.prompt_source.prompt!r} @ {scope.prompt_source.position!r}",
@@ -77,6 +107,8 @@ def sweep_grid(result: "SweepResult", prompt: int = 0) -> dict[str, Any]:
         }
     if any(cell["muted"] for row in grid["cells"] for cell in row):
         grid["note"] = NO_INFORMATION
+    if result.verifications is not None:
+        grid["legend"] = verdict_legend(cell["verdict"] for row in grid["cells"] for cell in row)
     return grid
 
 
@@ -91,30 +123,37 @@ def sweep_page(result: "SweepResult", path: str | Path | None = None, prompt: in
     return text
 
 
-def layers_table(results: Sequence["PatchscopeResult"]) -> dict[str, Any]:
-    """One row per source layer, as `patchscopes inspect` prints: top-1 token, its probability, the generation."""
+def layers_table(
+    results: Sequence["PatchscopeResult"], checks: Sequence["Verification"] | None = None
+) -> dict[str, Any]:
+    """One row per source layer, as `patchscopes inspect` prints: top-1 token, its probability, the generation; and
+    the verdict of each row's verification in `checks` (one per result, as `verify` returns them) when given."""
     if not results:
         raise SpecError("results is empty (allowed: one PatchscopeResult or more)")
+    if checks is not None and len(checks) != len(results):
+        raise SpecError(f"checks has {len(checks)} entries (allowed: one per result, {len(results)})")
     rows = []
-    for result in results:
-        cell = result_cell(result)
-        rows.append(
-            {
-                "key": result.scope.source.layer,
-                "muted": cell["muted"],
-                "tip": cell["tip"],
-                "cells": [
-                    show_text(result.token, 40),
-                    f"{result.prob:.3f}",
-                    "" if result.generation is None else show_text(result.generation, TEXT_WIDTH),
-                ],
-            }
-        )
+    for k, result in enumerate(results):
+        cell = result_cell(result, None if checks is None else checks[k])
+        row = {
+            "key": result.scope.source.layer,
+            "muted": cell["muted"],
+            "tip": cell["tip"],
+            "cells": [
+                show_text(result.token, 40),
+                f"{result.prob:.3f}",
+                "" if result.generation is None else show_text(result.generation, TEXT_WIDTH),
+            ],
+        }
+        if "verdict" in cell:
+            row["verdict"] = cell["verdict"]
+            row["cells"].append(cell["verdict"])
+        rows.append(row)
     source = results[0].scope.prompt_source
     table = {
         "title": f"{source.model}: {source.prompt!r} @ {source.position!r}",
         "key_label": "l",
-        "columns": ["top token", "p", "generation"],
+        "columns": ["top token", "p", "generation"] + ([] if checks is None else ["verdict"]),
         "rows": rows,
     }
     if any(row["muted"] for row in rows):
@@ -227,6 +266,8 @@ __all__ = [
     "layers_table",
     "numeric_grid",
     "result_cell",
+    "verdict_line",
+    "verdict_legend",
     "page",
     "write_page",
     "static_file",

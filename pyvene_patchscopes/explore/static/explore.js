@@ -33,7 +33,7 @@ function busy() {
 function query(kind) {
   return { kind, prompt: state.prompt, position: state.position, preset: $("preset").value,
            target_prompt: $("preset").value === "custom" ? $("target-prompt").value : null,
-           variant: $("variant").value };
+           variant: $("variant").value, verify: $("verify").checked };
 }
 
 async function runJob(kind, position, onDone) {
@@ -140,6 +140,7 @@ async function start() {
   $("prompt").addEventListener("keydown", (event) => { if (event.key === "Enter") tokenize(); });
   $("cancel").addEventListener("click", cancelAll);
   $("variant").addEventListener("change", () => { if (state.prompt) runJob("jacobian", -1, drawJacobian); });
+  $("verify").addEventListener("change", () => { if (state.position !== null) select(state.position); });
   busy();
 }
 start();

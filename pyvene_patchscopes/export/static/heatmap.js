@@ -2,15 +2,19 @@
 
    PatchscopesHeatmap.render(container, grid, options)
      grid = {title, row_label, col_label, rows: [labels], cols: [labels], cells: [[cell]],
-             origin: "lower" (row 0 at the bottom, as the paper's heatmaps) or "upper" (default), note: str}
-     cell = {label: str, shade: 0..1 or null, tip: [str], muted: bool}; cells[i][j]: row i, column j
-     draws <table class="ps-heatmap"> with one <td class="ps-cell" data-row=i data-col=j> per cell;
-     options.onClick(i, j, cell) on a click.
+             origin: "lower" (row 0 at the bottom, as the paper's heatmaps) or "upper" (default), note: str,
+             legend: [{verdict, text}] (what a verified grid's marks mean)}
+     cell = {label: str, shade: 0..1 or null, tip: [str], muted: bool, verdict: str (verified cells only)};
+     cells[i][j]: row i, column j
+     draws <table class="ps-heatmap"> with one <td class="ps-cell" data-row=i data-col=j> per cell; a verified
+     cell also has data-verdict and the class ps-supported, ps-not-supported or ps-cannot-tell (its mark), and
+     the legend is a <div class="ps-legend"> under the table; options.onClick(i, j, cell) on a click.
    PatchscopesTable.render(container, table, options)
-     table = {title, key_label, columns: [str] (one per cell), rows: [{key, cells: [str], tip: [str], muted}],
-              note: str}
+     table = {title, key_label, columns: [str] (one per cell), rows: [{key, cells: [str], tip: [str], muted,
+              verdict: str (verified rows only, also their last cell)}], note: str}
      draws <table class="ps-layers"> with one <tr data-key=key> per row (the key in its <th>, the first
-     cell with class ps-top1); options.onClick(row) on a click.
+     cell with class ps-top1); a verified row has data-verdict and the verdict's class (as a cell's), its
+     last cell the class ps-verdict; options.onClick(row) on a click.
    Both replace what they drew before in the container and return the <table>. Hovering shows the cell's
    (or row's) tip in the container's one <div class="ps-tooltip">. */
 (function () {
@@ -75,6 +79,27 @@
     if (text) { container.appendChild(element("p", "ps-note", text)); }
   }
 
+  /* a verified cell or row: its verdict as data-verdict and as a class ("not supported" -> ps-not-supported) */
+  function verdict(node, text) {
+    if (typeof text !== "string" || !text) { return; }
+    node.setAttribute("data-verdict", text);
+    node.classList.add("ps-" + text.replace(/[^a-z]+/g, "-"));
+  }
+
+  function legend(container, entries) {
+    if (!entries || !entries.length) { return; }
+    var box = element("div", "ps-legend");
+    entries.forEach(function (entry) {
+      var item = element("span", "ps-legend-item");
+      var swatch = element("span", "ps-swatch");
+      verdict(swatch, entry.verdict);
+      item.appendChild(swatch);
+      item.appendChild(document.createTextNode(" " + entry.text));
+      box.appendChild(item);
+    });
+    container.appendChild(box);
+  }
+
   /* hover and click on the table, by delegation: `find` maps an event target to [node, tip lines, click args] */
   function wire(table, tip, find, onClick) {
     var current = null;
@@ -116,6 +141,7 @@
         td.setAttribute("data-row", String(i));
         td.setAttribute("data-col", String(j));
         if (cell.muted) { td.classList.add("ps-muted"); }
+        verdict(td, cell.verdict);
         if (typeof cell.shade === "number" && isFinite(cell.shade)) {
           if (!cell.muted) {
             td.style.backgroundColor = blues(cell.shade);
@@ -148,6 +174,7 @@
     table.appendChild(body);
     table.appendChild(foot);
     container.appendChild(table);
+    legend(container, grid.legend);
     note(container, grid.note);
     wire(table, tip, function (target) {
       var td = target.closest ? target.closest("td.ps-cell") : null;
@@ -178,11 +205,14 @@
       tr.setAttribute("data-key", String(row.key));
       tr.setAttribute("data-index", String(k));
       if (row.muted) { tr.classList.add("ps-muted"); }
+      verdict(tr, row.verdict);
       var key = element("th", "ps-key", row.key);
       key.scope = "row";
       tr.appendChild(key);
-      (row.cells || []).forEach(function (text, j) {
-        tr.appendChild(element("td", j === 0 ? "ps-top1" : null, text));
+      var texts = row.cells || [];
+      texts.forEach(function (text, j) {
+        var last = row.verdict && j === texts.length - 1;
+        tr.appendChild(element("td", j === 0 ? "ps-top1" : last ? "ps-verdict" : null, text));
       });
       body.appendChild(tr);
     });

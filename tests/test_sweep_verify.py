@@ -241,7 +241,9 @@ def docs_command() -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.real_model
-def test_inspect_verify_prints_the_verdict_column_the_guide_shows_and_json_carries_the_columns(capsys, smollm2):
+def test_inspect_verify_prints_the_verdict_column_the_guide_shows_and_json_carries_the_columns(
+    capsys, smollm2, tmp_path
+):
     argv, shown = docs_command()
     assert "--verify" in argv and main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
@@ -250,6 +252,11 @@ def test_inspect_verify_prints_the_verdict_column_the_guide_shows_and_json_carri
     rows = json.loads(capsys.readouterr().out)["layers"]
     assert all(set(VERIFY_COLUMNS) <= set(row) for row in rows)
     assert [row["verdict"] for row in rows] == ["supported", "supported", "cannot tell"]
+    page_path = tmp_path / "inspect.html"
+    assert main([*argv, "--html", str(page_path)]) == 0
+    capsys.readouterr()
+    html = page_path.read_text(encoding="utf-8")  # the page's table carries the same verdicts
+    assert html.count('"supported"') >= 2 and '"cannot tell"' in html
 
 
 @pytest.mark.real_model

@@ -122,11 +122,13 @@ def execute(args: argparse.Namespace) -> None:
         scopes = [s.replace(target=dataclasses.replace(s.target, model=models[1].name)) for s in scopes]
     results = run(scopes, models, top=args.top, progress=not args.json)
     rows = result_rows(results)
+    checks = None
     if args.verify:  # on the source model M, where h came from
         from ...execution.verify import verify
         from ...result.verify import verify_columns
 
-        rows = [{**row, **verify_columns(check)} for row, check in zip(rows, verify(results, models))]
+        checks = verify(results, models, progress=not args.json)
+        rows = [{**row, **verify_columns(check)} for row, check in zip(rows, checks)]
     if preset.target_layer is not None:  # a fixed l* shows as the sweep's column does (29 on SmolLM2, not -1)
         fixed = preset.target_layers(None, handle.n_layers)[0]
         rows = [{**row, "target_layer": fixed} for row in rows]
@@ -137,7 +139,9 @@ def execute(args: argparse.Namespace) -> None:
     if html is not None:
         from ...export import layers_table, write_page
 
-        write_page(html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results))])
+        write_page(
+            html, f"Patchscopes inspect: {args.preset} on {handle.name}", [("table", layers_table(results, checks))]
+        )
     note = f"\ninteractive table written to {args.html}" if args.html else ""
     emit(
         args,

@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 # through sudo -n); where it cannot, it prints one line naming them and the browser tests fail with that line.
 BROWSER_PACKAGES := chromium chromium-driver
 
-.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-streamed bench-memory bench-scales bench-jlens typecheck docs clean
+.PHONY: install browser demo test eval bench bench-runners bench-explore bench-host bench-streamed bench-memory bench-scales bench-verify bench-jlens typecheck docs clean
 
 install: $(VENV)/.installed
 
@@ -59,6 +59,9 @@ bench-streamed: install                        # a streamed sweep (units of 256 
 
 bench-scales: install                          # 100 latents x 5 scales batched vs per-latent hooks, ~1 min
 	$(PY) benchmarks/scales.py --latents 100 --out benchmarks/results/scales.json
+
+bench-verify: install                          # verify on the demo grid vs the sweep and a hooked loop, ~4 min
+	$(PY) benchmarks/verify.py --out benchmarks/results/verify.json
 
 # TransformerLens 4.x needs its own environment (sae-lens, in the dev extras, pins transformer-lens below 4)
 $(VENV)-tl/.installed: setup.cfg pyproject.toml

@@ -201,6 +201,23 @@ def test_every_figure_of_the_benchmark_pages_is_its_results_file():
         f"**{scales['batched_cells_per_s']} against {scales['hooks_cells_per_s']} cells/s, "
         f"{scales['per_latent_hooks_s'] / scales['batched_s']:.1f}x**"
     ) in joined("guides/vectors")
+    check = results["verify"]
+    for grid, cells, sweep_s, verify_s, share, rate in (
+        ("l\\* = l", "cells", "sweep_s", "verify_s", "verify_over_sweep", "verify_cells_per_s"),
+        ("l x l\\*", "full_grid_cells", "full_sweep_s", "full_verify_s", "full_verify_over_sweep", None),
+    ):
+        shown = f"{check[share]:.1f}" if rate else f"{check[share]:.2f}"
+        last = f"{check[rate]:.1f}" if rate else f"{check['full_verify_cells_per_s']:.0f}"
+        row = f"| {grid} | {check[cells]} | {check[sweep_s]:.2f} s | {check[verify_s]:.2f} s | {shown} | {last} |"
+        assert row in text, row
+    loop = f"**{check['speedup_over_loop']:.1f}x a loop of one hooked forward per text**"
+    assert loop in text and loop in joined("guides/verify")
+    assert check["max_d_difference_loop"] < 1e-4 and check["max_d_difference_plain"] < 1e-4
+    flat = " ".join(text.split())
+    assert f"({check['loop_cells_per_s']:.2f} cells/s) and {check['speedup_over_plain']:.1f}x its own" in flat
+    assert f"agree on every D to {max(check['max_d_difference_loop'], check['max_d_difference_plain']):.0e}" in flat
+    assert f"It still costs {check['verify_over_sweep']:.0f} times the sweep there" in flat
+    assert f"verifying costs {check['full_verify_over_sweep']:.2f} times the sweep" in flat
 
 
 def test_every_figure_the_docs_show_is_a_file_of_the_repository():

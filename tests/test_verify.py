@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import warnings
 
 import golden
 import pytest
@@ -17,14 +18,19 @@ from tiny import FAMILIES, tiny_model
 from pyvene_patchscopes import (
     Patchscope,
     PatchscopeResult,
+    SinkPositionWarning,
     Source,
     SpecError,
     Target,
     TokenProb,
     VectorSource,
+    load_patchscope,
     run,
+    save_patchscope,
     sweep,
 )
+from pyvene_patchscopes.execution.check import execution, stack_for
+from pyvene_patchscopes.execution.layered import Layered
 from pyvene_patchscopes.execution.verify import (
     SELF_CHECK_SCORE,
     SUPPORTED_P_VALUE,
@@ -75,9 +81,11 @@ def by_hand(handle, settings: VerifySettings, layer: int, texts: list[str], posi
     return out
 
 
-def check_against_hooks(handle, settings: VerifySettings, layer: int, readings: list[str]) -> list[Verification]:
+def check_against_hooks(
+    handle, settings: VerifySettings, layer: int, readings: list[str], planned: bool = True
+) -> list[Verification]:
     results = [reading(handle, layer, text) for text in readings]
-    checks = verify(results, handle, settings)
+    checks = verify(results, handle, settings, planned=planned)
     position = resolve_position(handle.tokenizer, SOURCE, "CEO", "Source")
     own = handle.tokenizer.decode(golden.encode(handle, SOURCE)[0, position])
     words = list(settings.controls)
@@ -106,18 +114,40 @@ def state_of(handle, settings: VerifySettings, layer: int, text: str) -> torch.T
     return golden.read(handle, before + word, layer, -1, after_norm=layer == handle.n_layers - 1)
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_disruption_equals_hand_written_hooks_on_every_tiny_family(kind):
+def test_disruption_equals_hand_written_hooks_on_every_tiny_family(kind, planned):
     handle = tiny_model(kind)
+    assert execution(handle.model) == "shared prefix"  # the planned path is the shared-prefix stack
     for layer in range(handle.n_layers):  # the last layer is read and written after the final norm
-        check_against_hooks(handle, TINY, layer, ["hello", "Paris"])
+        check_against_hooks(handle, TINY, layer, ["hello", "Paris"], planned)
 
 
 @pytest.mark.real_model
-def test_disruption_equals_hand_written_hooks_on_smollm2(smollm2):
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
+def test_disruption_equals_hand_written_hooks_on_smollm2(smollm2, planned):
     settings = VerifySettings(controls=TABLE_WORDS[:9])
     for layer in (2, smollm2.n_layers - 1):
-        check_against_hooks(smollm2, settings, layer, [" CEO", " hello"])
+        check_against_hooks(smollm2, settings, layer, [" CEO", " hello"], planned)
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "plain"])
+def test_disruption_equals_hand_written_hooks_on_a_family_whose_blocks_run_whole(planned):
+    from test_planned import tiny_gpt_neo
+
+    handle = tiny_gpt_neo()
+    assert isinstance(stack_for(handle.model), Layered)  # the planned path calls its blocks on the whole of S
+    for layer in range(handle.n_layers):
+        check_against_hooks(handle, TINY, layer, ["hello", "Paris"], planned)
+
+
+def test_the_two_paths_give_the_same_verification(tiny_llama):
+    results = [reading(tiny_llama, layer, text) for layer in range(tiny_llama.n_layers) for text in ("hello", "Paris")]
+    fast, plain = verify(results, tiny_llama, TINY), verify(results, tiny_llama, TINY, planned=False)
+    for a, b in zip(fast, plain):
+        assert a.verdict == b.verdict and a.controls is not None and b.controls is not None
+        assert abs(a.disruption - b.disruption) <= 1e-5 and a.disruption > 1e-5
+        assert max(abs(a.controls[w] - b.controls[w]) for w in a.controls) <= 1e-5
 
 
 # ---- the demo ------------------------------------------------------------------------------------------------------
@@ -177,6 +207,22 @@ def test_a_vector_source_gets_the_cosine_only(tiny_llama):
     assert (check.disruption, check.score, check.p_value, check.controls) == (None, None, None, None)
     expected = torch.cosine_similarity(h, state_of(tiny_llama, TINY, 1, "Paris"), 0)
     assert check.cosine == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_the_settings_are_saved_with_the_spec_and_the_check_reruns_from_them(tiny_llama, tmp_path):
+    scope = build("token-identity", SOURCE, "CEO", 2, model=tiny_llama.name)
+    assert "verify" not in scope.to_dict()  # a spec without settings is written (and hashed) as before
+    settings = dataclasses.replace(TINY, seed=3, positions="last")
+    save_patchscope(scope.replace(verify=settings), tmp_path / "spec", tiny_llama)
+    loaded = load_patchscope(tmp_path / "spec", tiny_llama)
+    assert loaded.verify == settings and loaded.to_dict()["verify"] == settings.to_dict()
+    result = run(loaded, tiny_llama)[0]
+    again = verify(result, tiny_llama)[0]  # no settings passed: the spec's own
+    assert again == verify(result, tiny_llama, settings)[0]
+    assert again != verify(result, tiny_llama, TINY)[0]  # positions="last" gives another D
+    with pytest.raises(SpecError, match=r"^Patchscope.verify='last' is not allowed") as error:
+        scope.replace(verify="last")
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.real_model
@@ -272,8 +318,11 @@ def test_bad_readings_and_sources_are_refused_before_anything_runs(tiny_llama, c
         ([good], "token", r"settings is a str \(allowed: a VerifySettings, or None\)"),
     ]
     for results, settings, message in cases:
-        with pytest.raises(SpecError, match=message) as err:
+        with pytest.raises(SpecError, match=message) as err, warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
             verify(results, tiny_llama, settings)
+        sink = [w for w in seen if issubclass(w.category, SinkPositionWarning)]
+        assert len(sink) == (1 if "token 0" in message else 0)  # the existing sink warning, then the error
         assert "\n" not in str(err.value)
     assert calls[0] == 0
 

@@ -169,8 +169,10 @@ class Layered(Stack):
         slots: Slots = REPLACE_ONE,
         alphas: torch.Tensor | None = None,
         keep_states: bool = False,
+        keep_suffix: bool = False,
     ) -> Decoded:
-        """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits."""
+        """Write vectors[b] at (T, i*) after block layers[b] (or after the final norm); the end-of-T logits (and,
+        with `keep_suffix`, those at every position from i* on)."""
         rows = vectors.shape[0]
         order, vectors, active, after_norm = self.sorted_rows(vectors, layers, after_norm)
         sorted_alphas = None if alphas is None else alphas[order.to(alphas.device)].to(self.device)
@@ -197,6 +199,13 @@ class Layered(Stack):
         logits = self.unembed(last)
         inverse = torch.argsort(order)
         logits = logits[inverse.to(logits.device)]
+        every = None
+        if keep_suffix:  # rows written after the final norm: the normed unpatched suffix, written at i*
+            normed = self.norm(hidden[:, shared.split :])
+            if rows > start:
+                sorted_start = None if sorted_alphas is None else sorted_alphas[start:]
+                slots.write(normed[start:], vectors[start:], sorted_start)
+            every = self.unembed(normed)[inverse.to(normed.device)]
         tokens = None
         if max_new_tokens:
             back = vectors[inverse.to(vectors.device)]
@@ -213,7 +222,11 @@ class Layered(Stack):
                 slots=slots,
                 alphas=alphas,
             )
-        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)])
+        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)], every)
+
+    def suffix_logits(self, shared: Recorded) -> torch.Tensor:  # type: ignore[override]  # reads a Recorded
+        """The unpatched prompt's logits at every position from i* on: [T - i*, vocab], float32."""
+        return self.unembed(self.norm(hidden_of(shared.outputs[-1])[0, shared.split :]))
 
 
 @contextmanager

@@ -84,6 +84,7 @@ class Decoded:
     logits: torch.Tensor  # [B, vocab] at the end of T, float32
     tokens: list[list[int]] | None  # per row, up to and including EOS
     states: torch.Tensor | None = None  # [B, d] the last block's output at the end of T (keep_states)
+    suffix: torch.Tensor | None = None  # [B, T - i*, vocab] float32 logits at every position from i* on (keep_suffix)
 
 
 class Stack:
@@ -241,8 +242,10 @@ class Stack:
         slots: Slots = REPLACE_ONE,
         alphas: torch.Tensor | None = None,
         keep_states: bool = False,
+        keep_suffix: bool = False,
     ) -> Decoded:
-        """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens).
+        """Write vectors[b] at (T, i*) after block layers[b]; return the end-of-T logits (and greedy tokens; with
+        `keep_suffix`, the logits at every position from i* on).
 
         ``after_norm[b]`` marks rows patched after the final norm instead (the paper's ``skip_final_ln``).
         ``pad_token_id`` is unused here (the rows' own decoding pads nothing); `layered` hands it to generate.
@@ -290,7 +293,19 @@ class Stack:
         logits = logits[inverse.to(logits.device)]
         if tokens is not None:
             tokens = [tokens[int(i)] for i in inverse]
-        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)])
+        every = None
+        if keep_suffix:  # rows written after the final norm start from the normed unpatched suffix
+            normed = self.norm(hidden)
+            if normed_rows:
+                start = active[self.n_layers]
+                normed[start:] = self.norm(shared.hidden[-1])
+                slots.write(normed[start:], vectors[start:], None if alphas is None else alphas[start:])
+            every = self.unembed(normed)[inverse.to(normed.device)]
+        return Decoded(logits, tokens, None if states is None else states[inverse.to(states.device)], every)
+
+    def suffix_logits(self, shared: Shared) -> torch.Tensor:
+        """The unpatched prompt's logits at every position from i* on: [T - i*, vocab], float32."""
+        return self.unembed(self.norm(shared.hidden[-1]))
 
     def row_keys(self, layers: torch.Tensor, after_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(after_norm, each row's key) on the CPU: the key is the row's l*, or n_layers for a row written after

@@ -6,9 +6,10 @@ is the mean KL(original || patched) of S's next-token distributions over the pos
 on, by default). Control words put back the same way give D's null distribution; the source token's own text put
 back gives the self-check, which says whether the layer can be judged at all (`judge`).
 
-Both steps are pyvene interventions, the two configs `run` uses (`plan.pyvene_config`): a ``CollectIntervention``
-reads the carrier states (`states.read_states`), and a `MappingIntervention` fed with them
-(``source_representations``) is the interchange intervention at (S, i, l). Every text put back at one (S, i, l),
+A pyvene ``CollectIntervention`` reads the carrier states (`states.read_states`). The interchange intervention at
+(S, i, l) runs on the planned execution where the model takes it, S computed once and each row from l up; else, or
+with ``planned=False``, as a pyvene `MappingIntervention` fed with them (``source_representations``), the config `run`
+uses (`disruption`). Every text put back at one (S, i, l),
 readings, self-check and controls, is one batch of rows over the same S; the controls of one (S, i, l) are shared by
 every reading of it (in a sweep, by every l*).
 """
@@ -21,19 +22,16 @@ from typing import Iterable, NamedTuple, Sequence
 
 import torch
 
-from ..compat import base_locations, intervenable, pyvene_guard
 from ..errors import SpecError, check_int
 from ..models import ModelHandle
 from ..models.sites import Site, hidden_state_site
-from ..plan.batching import Batch
-from ..plan.pyvene_config import patch_config
 from ..resolve import Models, as_models, concrete_layer, source_index
 from ..result import PatchscopeResult, SweepResult
 from ..result.verify import Verification
 from ..spec import Patchscope, VectorSource
-from ..spec.mappings import build_mapping
-from ..spec.positions import encode, token_ids
+from ..spec.positions import encode, token_ids, warn_if_sink
 from ..spec.verify import CONTROL_WORDS, PLACEHOLDER, VerifySettings
+from .disruption import disruptions
 from .states import layer_site, read_states
 
 SUPPORTED_SCORE = 0.5
@@ -76,12 +74,14 @@ def verify(
     results: PatchscopeResult | Sequence[PatchscopeResult] | SweepResult,
     model: ModelHandle | Models | Sequence[ModelHandle],
     settings: VerifySettings | None = None,
-    batch_size: int = 32,
+    batch_size: int = 64,
+    planned: bool = True,
 ) -> list[Verification]:
     """Check each result's reading by putting it back (see the module's docstring); one `Verification` per result,
     in order. `settings` default to each result's own (``Patchscope.verify``, saved with the spec), else to
     `VerifySettings()`. The check runs on the source model M, where h came from (a cross-model reading's text goes
-    into M's carrier). Every input is checked before anything runs."""
+    into M's carrier). The disruptions run on the planned execution where M takes it (`disruption`), else, or with
+    ``planned=False``, as pyvene interventions. Every input is checked before anything runs."""
     if settings is not None and not isinstance(settings, VerifySettings):
         raise SpecError(f"settings is a {type(settings).__name__} (allowed: a VerifySettings, or None)")
     batch_size = check_int("batch_size", batch_size)
@@ -94,7 +94,8 @@ def verify(
     out: dict[int, Verification] = {}
     for name, s in groups:
         rows = [k for k, p in enumerate(plans) if (p.name, chosen[k]) == (name, s)]
-        out.update(_verify_model(models[name], [plans[k] for k in rows], rows, controls[(name, s)], s, batch_size))
+        chosen_plans = [plans[k] for k in rows]
+        out.update(_verify_model(models[name], chosen_plans, rows, controls[(name, s)], s, batch_size, planned))
     return [out[k] for k in range(len(plans))]
 
 
@@ -185,7 +186,8 @@ def _plan(k: int, result: PatchscopeResult, models: Models, settings: VerifySett
         site = hidden_state_site(handle.model, layer, n, layer == n - 1 and scope.source.after_final_norm)
         return Plan(name, site, reading, text, vector=scope.source.tensor)
     position = source_index(handle, scope.source)
-    if position == 0:
+    if position == 0:  # the existing sink warning, then the refusal: nothing runs
+        warn_if_sink(position, handle.tokenizer, scope.source.prompt)
         first = handle.tokenizer.convert_ids_to_tokens(token_ids(handle.tokenizer, scope.source.prompt)[:1])[0]
         raise SpecError(
             f"results[{k}] Source.position resolves to token 0 ({first!r}), the attention sink, which no carrier "
@@ -214,9 +216,10 @@ def _verify_model(
     controls: list[str],
     settings: VerifySettings,
     batch_size: int,
+    planned: bool,
 ) -> dict[int, Verification]:
-    """The checks of one model's readings: every carrier state read in one pass per batch, then one batch of rows
-    per (S, i, l)."""
+    """The checks of one model's readings: every carrier state read in one pass per batch, then the rows of every
+    layer l put back at one (S, i) together (`disruptions`), the controls of each (S, i, l) shared by its readings."""
     words = {w: carried(handle.tokenizer, settings.carrier, w, "control") for w in controls}
     units = [(c.prompt, c.last) for c in words.values()]
     units += [(p.reading.prompt, p.reading.last) for p in plans]
@@ -237,7 +240,7 @@ def _verify_model(
     groups: dict[tuple, list[int]] = defaultdict(list)
     for k, p in enumerate(plans):
         if p.vector is None:
-            groups[(p.prompt, p.position, p.site)].append(k)
+            groups[(p.prompt, p.position)].append(k)
         else:
             h = p.vector.to(handle.device)
             out[rows[k]] = Verification(
@@ -246,67 +249,43 @@ def _verify_model(
                 "a vector source has no prompt S to put the reading back into: the reconstruction cosine only",
                 _cosine(h, state((p.reading.prompt, p.reading.last), p.site)),
             )
-    for (prompt, position, site), members in groups.items():
+    for (prompt, position), members in groups.items():
         own = plans[members[0]].own
         assert own is not None  # a prompt's state: set by _plan
-        texts = list(dict.fromkeys([*words.values(), *(plans[k].reading for k in members), own]))
-        vectors = torch.stack([state((t.prompt, t.last), site) for t in texts])
-        found = disruptions(handle, prompt, position, site, vectors, settings.positions, batch_size)
+        rows_of = {  # per site of this (S, i): the texts put back there, controls first
+            site: list(
+                dict.fromkeys([*words.values(), *(plans[k].reading for k in members if plans[k].site == site), own])
+            )
+            for site in dict.fromkeys(plans[k].site for k in members)
+        }
+        texts = [(site, t) for site, listed in rows_of.items() for t in listed]
+        vectors = torch.stack([state((t.prompt, t.last), site) for site, t in texts])
+        found = disruptions(
+            handle, prompt, position, [site for site, _ in texts], vectors, settings.positions, batch_size, planned
+        )
         d = dict(zip(texts, found.tolist()))
-        control_d = {w: d[words[w]] for w in controls}
-        self_score, _ = _rank(d[own], control_d)
-        h = state((prompt, position), site)
-        for k in members:
-            p = plans[k]
-            score, p_value = _rank(d[p.reading], control_d)
-            verdict, reason = judge(score, p_value, self_score)
-            out[rows[k]] = Verification(
-                reading=p.text,
-                verdict=verdict,
-                reason=reason,
-                cosine=_cosine(h, state((p.reading.prompt, p.reading.last), site)),
-                disruption=d[p.reading],
-                controls=control_d,
-                control_median=upper_median(control_d.values()),
-                score=score,
-                p_value=p_value,
-                self_text=p.own_text,
-                self_score=self_score,
-            )
+        for site in rows_of:
+            control_d = {w: d[(site, words[w])] for w in controls}
+            self_score, _ = _rank(d[(site, own)], control_d)
+            h = state((prompt, position), site)
+            for k in (k for k in members if plans[k].site == site):
+                p = plans[k]
+                score, p_value = _rank(d[(site, p.reading)], control_d)
+                verdict, reason = judge(score, p_value, self_score)
+                out[rows[k]] = Verification(
+                    reading=p.text,
+                    verdict=verdict,
+                    reason=reason,
+                    cosine=_cosine(h, state((p.reading.prompt, p.reading.last), site)),
+                    disruption=d[(site, p.reading)],
+                    controls=control_d,
+                    control_median=upper_median(control_d.values()),
+                    score=score,
+                    p_value=p_value,
+                    self_text=p.own_text,
+                    self_score=self_score,
+                )
     return out
-
-
-def disruptions(
-    handle: ModelHandle,
-    prompt: str,
-    position: int,
-    site: Site,
-    vectors: torch.Tensor,
-    positions: str = "from_source",
-    batch_size: int = 32,
-) -> torch.Tensor:
-    """D for each row of `vectors` ([rows, d]) written in place of the state at (prompt, position, site): the mean
-    over the named positions of KL(original || patched) of the next-token distributions, in float32: [rows]."""
-    batch = Batch.encode(handle, [prompt])
-    n = batch.inputs["input_ids"].shape[1]
-    keep = slice(position, n) if positions == "from_source" else slice(n - 1, n)
-    found = []
-    with pyvene_guard(handle.model), torch.no_grad():
-        original = torch.log_softmax(handle.model(**batch.inputs).logits[0, keep].float(), -1)
-        identity = build_mapping("identity", handle.hidden_size, handle.hidden_size).to(handle.device)
-        pvm = intervenable(patch_config(site, handle.hidden_size, identity), handle.model)
-        key = pvm.sorted_keys[0]
-        for start in range(0, len(vectors), batch_size):
-            chunk = vectors[start : start + batch_size].to(handle.device)
-            inputs = {name: value.repeat(len(chunk), 1) for name, value in batch.inputs.items()}
-            _, output = pvm(
-                base=inputs,
-                unit_locations=base_locations([position] * len(chunk)),
-                source_representations={key: chunk[:, None].contiguous()},
-            )
-            patched = torch.log_softmax(output.logits[:, keep].float(), -1)
-            found.append((original.exp() * (original - patched)).sum(-1).mean(-1))
-    return torch.cat(found).cpu()
 
 
 def _rank(d: float, controls: dict[str, float]) -> tuple[float | None, float]:
@@ -348,7 +327,6 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 __all__ = [
     "verify",
-    "disruptions",
     "control_words",
     "carried",
     "judge",

@@ -299,6 +299,10 @@ def test_the_verify_guide_states_both_reports_figures_and_the_evaluations_page_i
         figure = Interval(**report["data"]["intervals"]["AUROC of the score for a right reading, all layers"])
         assert f"{name}: AUROC {figure.format(2)}" in paper
         assert report["settings"]["words"] == 20 and report["settings"]["entities"] == 20  # the sizes the guide states
+    smol, gemma = (round(report["seconds"]) for report in _verify_reports())
+    assert f"take {smol} s on SmolLM2-135M and {gemma} s on Gemma 3 270M" in " ".join(text.split())
+    minutes = re.search(r"in (\d+\.\d) min\.", (REPORTS / "README.md").read_text()).group(1)
+    assert f"{minutes} minutes on this 2-core CPU" in paper  # eval all's time, verify on both models included
 
 
 def test_the_verify_guides_counts_of_failures_are_the_reports():

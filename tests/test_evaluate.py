@@ -291,7 +291,7 @@ def test_prose_splits_are_disjoint_and_seeded():
         data.prose_splits(10_000, 1)
 
 
-def test_eval_all_runs_attributes_and_multihop_on_both_embedded_models(monkeypatch, tmp_path):
+def test_eval_all_runs_attributes_multihop_and_verify_on_both_embedded_models(monkeypatch, tmp_path):
     """`eval all` adds the second model's columns, each in its own folder, with that model's default layer grid."""
     import pyvene_patchscopes.evaluate as evaluate
     from pyvene_patchscopes.evaluate import EvalOptions, Report, run_all
@@ -313,18 +313,19 @@ def test_eval_all_runs_attributes_and_multihop_on_both_embedded_models(monkeypat
 
     monkeypatch.setattr(evaluate, "run_task", fake)
     reports = run_all(lambda name: None, EvalOptions(layers=[27]), tmp_path)
-    assert [c[:3] for c in calls[-2:]] == [
+    assert [c[:3] for c in calls[-3:]] == [
         ("attributes", "gemma3-270m", "attributes-gemma3-270m"),
         ("multihop", "gemma3-270m", "multihop-gemma3-270m"),
+        ("verify", "gemma3-270m", "verify-gemma3-270m"),
     ]
-    assert [c[0] for c in calls[:-2]] == list(evaluate.TASKS) and {c[1] for c in calls[:-2]} == {"smollm2-135m"}
-    assert [c[3] for c in calls] == [[27]] * len(evaluate.TASKS) + [None, None]  # 27 is out of Gemma's range
+    assert [c[0] for c in calls[:-3]] == list(evaluate.TASKS) and {c[1] for c in calls[:-3]} == {"smollm2-135m"}
+    assert [c[3] for c in calls] == [[27]] * len(evaluate.TASKS) + [None] * 3  # 27 is out of Gemma's range
     index = (tmp_path / "README.md").read_text()
     assert "(multihop-gemma3-270m/report.md)" in index and "(multihop/report.md)" in index
-    assert "(cross-model/report.md)" in index
+    assert "(cross-model/report.md)" in index and "(verify-gemma3-270m/report.md)" in index
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary) == {*evaluate.TASKS, "attributes-gemma3-270m", "multihop-gemma3-270m"}
-    assert len(reports) == len(evaluate.TASKS) + 2
+    assert set(summary) == {*evaluate.TASKS, *(f"{task}-gemma3-270m" for task in evaluate.ON_BOTH_MODELS)}
+    assert len(reports) == len(evaluate.TASKS) + 3
 
 
 # ---- --data: the fields a user's JSONL needs, listed from one table -------------------------------------------

@@ -328,3 +328,21 @@ def test_eval_unknown_task_and_bad_layer_exit_2(capsys):
     assert "task='nothing' is not known" in capsys.readouterr().err
     assert main(["eval", "stages", "--layers", "40"]) == 2
     assert "--layers='40': layer 40 is out of range (allowed: -30..29)" in capsys.readouterr().err
+
+
+def test_eval_verify_on_two_words_reproduces_the_shipped_reports_rows(capsys, tmp_path):
+    """A slice of `eval verify` (2 words and 2 entities, layers 2 and 20) gives the shipped report's rows for them: the
+    right early readings supported, the late ' hello' not, and Einstein's early description naming him."""
+    report = _eval(capsys, tmp_path, "verify", "--limit", "2", "--layers", "2,20")
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "reports" / "verify" / "report.json").read_text())
+    rows = report["data"]["readings"]
+    assert [w["prompt"] for w in report["data"]["words"]] == [w["prompt"] for w in shipped["data"]["words"][:2]]
+    expected = [m for m in shipped["data"]["readings"] if m["word"] < 2 and m["layer"] in (2, 20)]
+    assert [(m["word"], m["layer"], m["reading"], m["right"], m["verdict"]) for m in rows] == [
+        (m["word"], m["layer"], m["reading"], m["right"], m["verdict"]) for m in expected
+    ]
+    assert [m["score"] for m in rows] == pytest.approx([m["score"] for m in expected], abs=1e-3)
+    early = {m["layer"]: m for m in rows if m["word"] == 0}
+    assert early[2]["right"] and early[2]["verdict"] == "supported" and early[20]["reading"] == " hello"
+    einstein = report["data"]["entities"]["descriptions"][0]
+    assert einstein["layer"] == 2 and einstein["right"] and einstein["verdict"] == "supported"

@@ -10,7 +10,7 @@ from pathlib import Path
 from docs_text import DOCS, joined, page, pages
 
 from pyvene_patchscopes.evaluate import ON_BOTH_MODELS, SECOND_MODEL, TASKS, folder_name
-from pyvene_patchscopes.evaluate.stats import RESAMPLES
+from pyvene_patchscopes.evaluate.stats import RESAMPLES, Interval
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORTS = ROOT / "reports"
@@ -18,10 +18,22 @@ INTERVAL = re.compile(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]")
 
 
 def _sections() -> str:
-    """The docs' evaluation pages: `patchscopes eval`, the Jacobian lens, and the Jacobian Scopes faithfulness
-    benchmark."""
+    """The docs' evaluation pages: `patchscopes eval`, the Jacobian lens, the Jacobian Scopes faithfulness
+    benchmark, and whether verify works."""
     scopes = page("guides/jacobian-scopes")
-    return page("guides/paper") + page("guides/jacobian-lens") + scopes[scopes.index("**Faithfulness**") :]
+    return (
+        page("guides/paper")
+        + page("guides/jacobian-lens")
+        + scopes[scopes.index("**Faithfulness**") :]
+        + _verify_section()
+    )
+
+
+def _verify_section() -> str:
+    text = page("guides/verify")
+    start = text.index("## Does the test work?")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
 
 
 def _folders() -> list[Path]:
@@ -216,3 +228,113 @@ def test_every_figure_the_docs_show_is_a_file_of_the_repository():
                 continue
             base = ROOT if name == "README" else (DOCS / name).parent
             assert (base / target).exists(), (name, target)
+
+
+VERIFY_REPORTS = {"verify": "SmolLM2-135M", folder_name("verify", SECOND_MODEL): "Gemma 3 270M"}
+
+
+def _verify_reports() -> list[dict]:
+    return [json.loads((REPORTS / folder / "report.json").read_text()) for folder in VERIFY_REPORTS]
+
+
+def verify_tables() -> list[str]:
+    """The rows of the two tables in docs/guides/verify.md's "Does the test work?", built from the two reports: each
+    figure there is its report's, rounded to 2 digits."""
+
+    def interval(report: dict, name: str) -> str:
+        return Interval(**report["data"]["intervals"][name]).format(2)
+
+    def both(report: dict, what: str) -> str:
+        return " / ".join(interval(report, f"{kind} of {what}, test split") for kind in ("precision", "recall"))
+
+    cells = {
+        "readings: words × layers": lambda r: r["summary"]["words (one per prose text) x layers = readings"].replace(
+            " x ", " × "
+        ),
+        "right readings (top-1 token = the word)": lambda r: str(
+            r["summary"]["readings right (top-1 token = the source word)"]
+        ),
+        "verdicts: supported / not supported / cannot tell": lambda r: r["summary"][
+            "verdicts supported / not supported / cannot tell"
+        ],
+        "**AUROC of the score for a right reading**": lambda r: (
+            "**" + interval(r, "AUROC of the score for a right reading, all layers") + "**"
+        ),
+        "AUROC where the verdict is not *cannot tell*": lambda r: interval(
+            r, "AUROC where the verdict is not 'cannot tell'"
+        ),
+        "dev / test words": lambda r: r["summary"]["dev / test words (seeded split)"],
+        "precision / recall of *supported*, test split": lambda r: both(r, "'supported'"),
+        "threshold chosen on dev (best F1)": lambda r: f"score ≥ {r['data']['threshold']:.2f}",
+        "precision / recall of that threshold, test split": lambda r: both(r, "score >= threshold"),
+        "**AUROC for a description that names the entity**": lambda r: (
+            "**" + interval(r, "AUROC of the score for a description that names the entity") + "**"
+        ),
+        "descriptions naming the entity / scored": lambda r: " / ".join(
+            r["summary"]["descriptions naming the entity / scored / all"].split(" / ")[:2]
+        ),
+    }
+    reports = _verify_reports()
+    rows = [f"| {label} | " + " | ".join(cell(r) for r in reports) + " |" for label, cell in cells.items()]
+    layers = max(len(r["settings"]["layers"]) for r in reports)
+    for layer in range(layers):
+        row = [str(layer)]
+        for r in reports:
+            if layer in r["settings"]["layers"]:
+                at = [m for m in r["data"]["readings"] if m["layer"] == layer]
+                auroc = Interval(**r["data"]["per_layer"][str(layer)]).format(2)
+                row += [f"{sum(m['right'] for m in at)} / {len(at)}", auroc]
+            else:
+                row += ["", ""]
+        rows.append("| " + " | ".join(row) + " |")
+    return rows
+
+
+def test_the_verify_guide_states_both_reports_figures_and_the_evaluations_page_its_auroc():
+    text = _verify_section()
+    missing = [row for row in verify_tables() if row not in text]
+    assert not missing, missing
+    paper = joined("guides/paper")
+    for report, name in zip(_verify_reports(), VERIFY_REPORTS.values()):
+        figure = Interval(**report["data"]["intervals"]["AUROC of the score for a right reading, all layers"])
+        assert f"{name}: AUROC {figure.format(2)}" in paper
+        assert report["settings"]["words"] == 20 and report["settings"]["entities"] == 20  # the sizes the guide states
+    smol, gemma = (round(report["seconds"]) for report in _verify_reports())
+    assert f"take {smol} s on SmolLM2-135M and {gemma} s on Gemma 3 270M" in " ".join(text.split())
+    minutes = re.search(r"in (\d+\.\d) min\.", (REPORTS / "README.md").read_text()).group(1)
+    assert f"{minutes} minutes on this 2-core CPU" in paper  # eval all's time, verify on both models included
+
+
+def test_the_verify_guides_counts_of_failures_are_the_reports():
+    """The prose of "Does the test work?": the near misses called supported, the right readings it abstains on or
+    rejects, the layers where every reading is wrong, and the entities behind the descriptions that name theirs."""
+    text = " ".join(_verify_section().split())
+    reports = _verify_reports()
+    readings = [m for r in reports for m in r["data"]["readings"]]
+    wrong_supported = sum(m["verdict"] == "supported" and not m["right"] for m in readings)
+    assert f"Over all {len(readings)} readings, {wrong_supported} wrong ones were called *supported*" in text
+    right = [m for m in readings if m["right"]]
+    cannot, rejected = (sum(m["verdict"] == v for m in right) for v in ("cannot tell", "not supported"))
+    assert f"{cannot} right readings get *cannot tell*, and {rejected} get *not supported*" in text
+    onsets = []
+    for r in reports:
+        layers = r["settings"]["layers"]
+        wrong_from = min(l for l in layers if not any(m["right"] for m in r["data"]["readings"] if m["layer"] >= l))
+        onsets.append(f"from layer {wrong_from} of {len(layers)}")
+    assert f"{onsets[0]} on SmolLM2 and {onsets[1]} on Gemma 3" in text
+    smol = reports[0]["data"]
+    lone = [m for m in smol["readings"] if m["right"] and m["layer"] in (16, 17)]
+    word = smol["words"][lone[0]["word"]]["word"]
+    assert {m["word"] for m in lone} == {lone[0]["word"]} and len(lone) == 2
+    assert f"(`' {word}'`) scores {lone[0]['score']:.2f} and {lone[1]['score']:.2f}".replace("-", "−") in text
+    naming = [
+        {r["data"]["entities"]["names"][m["entity"]] for m in r["data"]["entities"]["descriptions"] if m["right"]}
+        for r in reports
+    ]
+    assert f"from {len(naming[0])} and {len(naming[1])} entities" in text
+    amazon = [
+        m
+        for m in smol["entities"]["descriptions"]
+        if m["right"] and smol["entities"]["names"][m["entity"]] == "Amazon River"
+    ]
+    assert f"on SmolLM2 {len(amazon)} of the 36 are the Amazon River's" in text

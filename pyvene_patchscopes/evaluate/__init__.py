@@ -57,6 +57,12 @@ TASKS: dict[str, Task] = {
             "jacobian",
             data="texts",
         ),
+        Task(
+            "verify",
+            "whether to trust verify: AUROC of its score for a right token-identity reading (per layer) and for "
+            "an entity description that names the entity; precision and recall of 'supported'",
+            "verify",
+        ),
     )
 }
 
@@ -134,7 +140,7 @@ def run_task(
 
 # Tasks also run on the larger embedded model by `eval all`, so the reports hold both models side by side.
 SECOND_MODEL = "gemma3-270m"
-ON_BOTH_MODELS = ("attributes", "multihop")
+ON_BOTH_MODELS = ("attributes", "multihop", "verify")
 
 
 def run_all(

@@ -27,6 +27,8 @@ from .stats import RESAMPLES, bootstrap, record, split
 
 COMMAND = "patchscopes eval entities --out reports/entities"
 MAX_NEW_TOKENS = 20
+SOURCE_PROMPT = "Let me tell you about {entity}"
+EARLY_LAYERS = 16  # the paper's §4.3 reads the entity's resolution in the early layers: l = 0..15 by default
 
 
 def description(generation: str) -> str:
@@ -39,15 +41,15 @@ def description(generation: str) -> str:
 
 def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:
     start = time.perf_counter()
-    layers = check_layers("--layers", options.pick("layers", range(0, min(16, handle.n_layers))), handle)
+    layers = check_layers("--layers", options.pick("layers", range(min(EARLY_LAYERS, handle.n_layers))), handle)
     entities = rows(load_jsonl("entities", options.data))
-    entities = _balanced(entities, options.limit)
+    entities = balanced(entities, options.limit)
     cells = [(k, l) for k in range(len(entities)) for l in layers]
     texts: dict[tuple[int, int], str] = {}
     for chunk in chunks(cells, options.batch_size * 8):
         scopes = [
             entity_description(
-                Source(f"Let me tell you about {entities[k]['entity']}", entities[k]["entity"], l, handle.name),
+                Source(SOURCE_PROMPT.format(entity=entities[k]["entity"]), entities[k]["entity"], l, handle.name),
                 max_new_tokens=MAX_NEW_TOKENS,
             )
             for k, l in chunk
@@ -63,7 +65,7 @@ def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Re
     return report
 
 
-def _balanced(entities: list[dict], limit: int | None) -> list[dict]:
+def balanced(entities: list[dict], limit: int | None) -> list[dict]:
     """The first `limit` entities, alternating popular and rare so a small slice has both."""
     groups = [[e for e in entities if e["popularity"] == p] for p in ("popular", "rare")]
     mixed = [g[k] for k in range(max(map(len, groups))) for g in groups if k < len(g)]
@@ -139,7 +141,7 @@ def build_report(
             "layers (l* = l)": layers,
             "max_new_tokens": MAX_NEW_TOKENS,
             "target prompt": ENTITY_DESCRIPTION_PROMPT,
-            "source prompt": "Let me tell you about <entity>",
+            "source prompt": SOURCE_PROMPT.format(entity="<entity>"),
             "entities": options.data or "shipped entities.jsonl",
             "seed": seed,
             "select on": options.select_on,

@@ -83,6 +83,50 @@ def same_token(token_a: str, token_b: str) -> bool:
     return token_a.strip() == token_b.strip() and bool(token_a.strip())
 
 
+def auroc(scores: Sequence[float], right: Sequence[bool]) -> float:
+    """The area under the ROC curve of `scores` for `right`: the chance that a random right item scores above a random
+    wrong one, ties counting half (the Mann-Whitney U over the product of the two counts); NaN with only one class."""
+    n_right = sum(1 for r in right if r)
+    n_wrong = len(right) - n_right
+    if n_right == 0 or n_wrong == 0:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda k: scores[k])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):  # tied scores share the mean of their ranks (1-based)
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in order[start : end + 1]:
+            ranks[k] = (start + end) / 2 + 1
+        start = end + 1
+    rank_sum = sum(rank for rank, r in zip(ranks, right) if r)
+    return (rank_sum - n_right * (n_right + 1) / 2) / (n_right * n_wrong)
+
+
+def precision_recall(predicted: Sequence[bool], right: Sequence[bool]) -> tuple[float, float]:
+    """Precision (the share of predicted items that are right) and recall (the share of right items predicted); NaN
+    where nothing is predicted or nothing is right."""
+    hits = sum(1 for p, r in zip(predicted, right) if p and r)
+    return hits / sum(predicted) if any(predicted) else float("nan"), hits / sum(right) if any(right) else float("nan")
+
+
+def best_threshold(scores: Sequence[float], right: Sequence[bool]) -> float:
+    """The threshold t that maximises the F1 of "score >= t" for `right`, over the scores themselves (ties: the highest
+    t); what the verify evaluation chooses on its dev split and scores on its test split."""
+    best, chosen = -1.0, float("inf")
+    for t in sorted(set(scores), reverse=True):
+        precision, recall = precision_recall([s >= t for s in scores], right)
+        f1 = (
+            0.0
+            if precision != precision or recall != recall or precision + recall == 0
+            else 2 * precision * recall / (precision + recall)
+        )
+        if f1 > best:
+            best, chosen = f1, t
+    return chosen
+
+
 def first_word_id(tokenizer: Any, text: str) -> int | None:
     """The id of the first token of `text` that spells something (its decoded text is not blank), None when none
     does. A tokenizer with a dummy prefix (Llama 2, Mistral) encodes " Paris" as ['▁', '▁Paris']: its first id, the
@@ -155,6 +199,9 @@ __all__ = [
     "cut_at_next_example",
     "rouge_l",
     "same_token",
+    "auroc",
+    "precision_recall",
+    "best_threshold",
     "first_word_id",
     "saturation_layer",
     "starts_word",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, Hashable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -96,27 +96,58 @@ def _values(values: Sequence[float] | torch.Tensor, owner: str) -> torch.Tensor:
     return tensor
 
 
-def _check_resamples(resamples: int) -> None:
+def _check_resamples(resamples: int, level: float = LEVEL) -> None:
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise SpecError(f"resamples={resamples!r} is not allowed (allowed: a positive integer)")
+    if not 0 < level < 1:
+        raise SpecError(f"level={level!r} is out of range (allowed: 0 < level < 1)")
 
 
 def bootstrap(
     values: Sequence[float] | torch.Tensor, seed: int = 0, resamples: int = RESAMPLES, level: float = LEVEL
 ) -> Interval:
     """The mean of per-sample `values` (bools count as 0/1) with its percentile-bootstrap interval."""
-    _check_resamples(resamples)
-    if not 0 < level < 1:
-        raise SpecError(f"level={level!r} is out of range (allowed: 0 < level < 1)")
+    _check_resamples(resamples, level)
     data = _values(values, "bootstrap values")
     n = len(data)
     if n == 0:
         return Interval(float("nan"), float("nan"), float("nan"), 0, resamples, level)
     generator = torch.Generator().manual_seed(seed)
     means = data[torch.randint(n, (resamples, n), generator=generator)].mean(1)
+    return Interval(float(data.mean()), *_percentiles(means, level), n, resamples, level)
+
+
+def _percentiles(draws: torch.Tensor, level: float) -> tuple[float, float]:
+    """The two-sided `level` percentile interval of the bootstrap draws."""
     tail = (1 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return Interval(float(data.mean()), low, high, n, resamples, level)
+    low, high = torch.quantile(draws, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def bootstrap_groups(
+    groups: Sequence[Sequence[Any]],
+    statistic: Callable[[list[Any]], float],
+    seed: int = 0,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+) -> Interval:
+    """`statistic` of the pooled members of `groups` (an AUROC, a precision), with a percentile-bootstrap interval that
+    resamples whole groups: the readings of one word at every layer share that word, so the word, not the reading, is
+    the independent sample (a cluster bootstrap). A resample where the statistic is undefined (NaN: an AUROC with one
+    class, a precision with nothing predicted) is left out; `n` is the number of groups."""
+    _check_resamples(resamples, level)
+    pooled = [member for group in groups for member in group]
+    estimate = float(statistic(pooled)) if pooled else float("nan")
+    if math.isnan(estimate):
+        return Interval(float("nan"), float("nan"), float("nan"), len(groups), resamples, level)
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for picks in torch.randint(len(groups), (resamples, len(groups)), generator=generator).tolist():
+        value = float(statistic([member for k in picks for member in groups[k]]))
+        if not math.isnan(value):
+            draws.append(value)
+    low, high = _percentiles(torch.tensor(draws, dtype=torch.float64), level)
+    return Interval(estimate, low, high, len(groups), resamples, level)
 
 
 def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> float:
@@ -289,6 +320,7 @@ __all__ = [
     "Split",
     "HeldOut",
     "bootstrap",
+    "bootstrap_groups",
     "paired",
     "mcnemar",
     "sign_flip",

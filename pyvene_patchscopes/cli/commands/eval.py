@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser(
         "eval",
-        help="the paper's experiments: next-token, future, attributes, entities, cross-model, multihop, stages, or all",
+        help=f"the paper's experiments and the checks beside them: {', '.join(TASKS)}, or all",
         epilog=f"{data_fields()}\n\nexample: {EXAMPLE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -249,6 +249,7 @@ class _Grid:
 
     same_layer, preset, source_layers, target_layers = False, "token-identity", list(range(30)), list(range(30))
     words = (" London", " Washington", " Amazon", " Oscars", " CEO", " Paris\n", " ?", "hello")
+    verifications = None  # not verified: no verdict marks
 
     def cell(self, prompt: int, layer: int, target_layer: int) -> SimpleNamespace:
         source = SimpleNamespace(prompt=DEMO_PROMPT, position=DEMO_POSITION)

@@ -27,7 +27,7 @@ from ..execution.verify import verify
 from ..export.figures import subplots
 from ..models import ModelHandle
 from ..presets import entity_description, token_identity
-from ..result.verify import Verification
+from ..result.verify import Verification, verify_columns
 from ..spec import Source
 from ..spec.positions import encode
 from ..spec.verify import VerifySettings
@@ -166,14 +166,10 @@ def read_entities(handle: ModelHandle, entities: list[dict], layers: list[int], 
 
 
 def _columns(check: Verification) -> dict[str, Any]:
-    """What a row keeps of its check (the controls' own D stay out: the report would hold 32 numbers per reading)."""
-    return {
-        "score": check.score,
-        "p_value": check.p_value,
-        "verdict": check.verdict,
-        "self_score": check.self_score,
-        "cosine": check.cosine,
-    }
+    """What a row keeps of its check: `verify_columns` without the ``verify_`` prefix, less D and the controls' median
+    (the score holds their ratio; the controls' own D stay out: the report would hold 32 numbers per reading)."""
+    dropped = ("verify_disruption", "verify_control_median")
+    return {key.removeprefix("verify_"): value for key, value in verify_columns(check).items() if key not in dropped}
 
 
 def run(handle: ModelHandle, options: EvalOptions, out: str | None = None) -> Report:

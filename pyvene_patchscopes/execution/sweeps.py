@@ -283,13 +283,15 @@ def _tokenizer(grid: Grid, prompts: list[str]) -> Any:
 
 def _run_unit(grid: Grid, shape: Shape, prompts: list[str], settings: VerifySettings | None) -> dict[str, Any]:
     """One unit's cells (`run_unit`), and where the sweep verifies, their checks in cell order under
-    ``"verifications"``: the unit's cells in one `verify` call, so that one (S, l) shares its controls across l*."""
+    ``"verifications"``: the unit's cells in one `verify` call, so that one (S, l) shares its controls across l*, on
+    the sweep's path (``planned``), under the sweep's own progress bar."""
     if settings is None:
         return run_unit(grid, prompts)
     check_cell(settings, grid.make(prompts[0], *grid.pairs[0][0]))
     part = run_unit(grid, prompts)
     unit = _assemble(shape, prompts, [part], grid.scope_for(prompts), _tokenizer(grid, prompts))
-    return {**part, "verifications": verify_cells(unit, grid.models, settings, grid.forward_batch)}
+    checks = verify_cells(unit, grid.models, settings, grid.forward_batch, grid.planned, progress=False)  # sweep's bar
+    return {**part, "verifications": checks}
 
 
 def _assemble(

@@ -31,7 +31,8 @@ def checks(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a position-0 source or a long prompt is reported by the job itself
-            return verify(results if isinstance(results, SweepResult) else list(results), handle, settings)
+            listed = results if isinstance(results, SweepResult) else list(results)
+            return verify(listed, handle, settings, progress=False)  # the page shows the job's own progress
     except (SpecError, UnknownNameError) as error:
         raise FieldError("verify", f"verify: {error}") from None
 

@@ -50,8 +50,7 @@ def execute(args: argparse.Namespace) -> None:
         for layer in layers
     ]
     results = run(scopes, handle, progress=not args.json)
-    try:  # against the default settings' 32 control words: a layer's rows (the controls, the reading, the
-        # self-check) fit one batch of 64, where verify's default 32 would run a second batch of one or two
+    try:  # the default settings (32 controls); verify's own batches of 64 rows hold a layer's rows and more
         columns = [verify_columns(check) for check in verify(results, handle, progress=not args.json)]
         refused = None
     except SpecError as err:  # a model of the user's (--model) whose tokenizer verify refuses: the table stays
